@@ -1,0 +1,61 @@
+# The README and .ci/run call these targets; nothing else is needed on a fresh machine of this kind.
+PY ?= python3
+PIP ?= $(PY) -m pip
+CARGO_PROFILE ?= ci
+export MATURIN_PEP517_ARGS ?= --profile $(CARGO_PROFILE)
+# Tests and demos never reach for the network except loopback.
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: help setup build proto demo test test-rust test-python lint fmt bench-smoke ci services clean
+
+help:
+	@echo "make demo   - install and run 'evcore demo' on the embedded default"
+	@echo "make test   - install test dependencies, start services if needed, run cargo and pytest"
+	@echo "make lint   - ruff, mypy --strict, cargo fmt --check, cargo clippy -D warnings"
+
+# Python dependencies (runtime and dev) without building the package itself.
+setup:
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "maturin>=1.8,<2" "grpcio-tools>=1.66" "mypy-protobuf>=3.6"
+	$(PIP) install -q -e '.[dev]' --no-build-isolation
+
+# Build the Rust extension into python/evcore (editable install) and generate protobuf code.
+build: proto
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+
+proto:
+	$(PY) tools/gen_proto.py
+
+demo: setup build
+	evcore demo
+
+services:
+	bash .ci/services
+
+test: setup build services test-rust test-python
+
+test-rust:
+	cargo test --workspace --profile $(CARGO_PROFILE)
+
+test-python:
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint:
+	ruff check python tests bench
+	ruff format --check python tests bench
+	mypy
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --profile $(CARGO_PROFILE) -- -D warnings
+
+fmt:
+	ruff format python tests bench
+	ruff check --fix python tests bench
+	cargo fmt --all
+
+bench-smoke:
+	evcore bench allocator --quick --json
+
+ci: test lint bench-smoke
+
+clean:
+	rm -rf target python/evcore/_core*.so python/evcore/v1

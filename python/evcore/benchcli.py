@@ -1,0 +1,46 @@
+"""``evcore bench NAME``: runs a benchmark kept in the repository's ``bench/`` folder.
+
+Benchmarks are not part of the installed package; they live in ``bench/bench_<name>.py`` with a
+``main(argv) -> int`` function and print the JSON described in ``bench/README.md`` with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+from pathlib import Path
+from typing import Any
+
+
+def bench_dir() -> Path:
+    env = os.environ.get("EVCORE_BENCH_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "bench"
+
+
+def available() -> list[str]:
+    d = bench_dir()
+    return sorted(p.stem.removeprefix("bench_").replace("_", "-") for p in d.glob("bench_*.py"))
+
+
+def _run(args: argparse.Namespace) -> int:
+    name: str = args.name
+    path = bench_dir() / f"bench_{name.replace('-', '_')}.py"
+    if not path.exists():
+        raise SystemExit(f"unknown benchmark {name!r}; available: {', '.join(available()) or 'none'}")
+    module: dict[str, Any] = runpy.run_path(str(path), run_name="evcore_bench")
+    return int(module["main"](list(args.rest)))
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark against its in-process reference",
+        description="Run bench/bench_NAME.py. Pass --json for machine-readable output, "
+        "--quick for a smoke run; other flags go to the benchmark (see `evcore bench NAME --help`).",
+    )
+    p.add_argument("name", help="allocator, planner, ocpp or control-loop")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    p.set_defaults(func=_run)
