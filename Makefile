@@ -35,7 +35,7 @@ services:
 test: setup build services test-rust test-python
 
 test-rust:
-	cargo test --workspace --profile $(CARGO_PROFILE)
+	cargo test -p evcore-core --profile $(CARGO_PROFILE)
 
 test-python:
 	$(PY) -m pytest -q -p no:cacheprovider
