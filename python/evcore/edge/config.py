@@ -1,0 +1,130 @@
+"""The site file's ``[edge]`` section: every knob of the control loop, validated once.
+
+What this module owns: parsing and checking ``[edge]`` into a frozen ``EdgeConfig``. Every error is
+an ``EdgeConfigError`` naming ``[edge].<key>`` and what was wrong. It never decides a setpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+POLICIES: tuple[str, ...] = (
+    "uncontrolled",
+    "fair_share",
+    "least_laxity",
+    "planner_cost",
+    "planner_peak",
+)
+
+
+class EdgeConfigError(ValueError):
+    """The ``[edge]`` section is wrong; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    """Control-loop settings (seconds, amperes and watts as the names say)."""
+
+    # Loop.
+    tick_s: float = 1.0
+    policy: str = "fair_share"
+    # Dispatch: send a setpoint only when it moved by more than this.
+    deadband_a: float = 1.0
+    deadband_w: float = 500.0
+    # Increases wait until every pending decrease was accepted, or this long after it left.
+    settle_s: float = 5.0
+    # Failsafe: every TxProfile falls back to the failsafe level at most this long after it was
+    # sent; profiles are refreshed ``refresh_lead_s`` before they end.
+    failsafe_after_s: float = 120.0
+    refresh_lead_s: float = 30.0
+    # A charger whose profile rises at expiry rises this much later than the others fall.
+    fallback_guard_s: float = 10.0
+    # Telemetry older than this is stale: the charger counts at its last allowed maximum.
+    stale_after_s: float = 30.0
+    # Session switching (fed to the allocator / envelope).
+    min_on_s: float = 60.0
+    min_off_s: float = 180.0
+    max_switches: int = 10
+    # Ignored profile: drawing more than setpoint + ignore_threshold_a for ignore_after_s marks the
+    # charger suspect (its measured draw is then covered); after fault_after_s it is faulted and
+    # reported.
+    ignore_threshold_a: float = 2.0
+    ignore_after_s: float = 10.0
+    fault_after_s: float = 60.0
+    # Grid signals: decreases for a curtailment leave this long before T1.
+    curtail_lead_s: float = 15.0
+    # Local planning.
+    replan_every_s: float = 300.0
+    plan_budget_s: float = 0.2
+    cloud_plan_fresh_s: float = 900.0
+    # Nothing in the control path waits on the network longer than this.
+    network_timeout_s: float = 0.5
+    # Restart: at most this many profiles per second leave while the edge recovers.
+    restart_max_profiles_per_s: float = 200.0
+    # Store / audit: wait at most this long for a record to become durable; past it, no setpoint
+    # leaves.
+    audit_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "policy":
+                if value not in POLICIES:
+                    raise EdgeConfigError(
+                        f"[edge].policy: unknown policy {value!r}; "
+                        f"expected one of {', '.join(POLICIES)}"
+                    )
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise EdgeConfigError(f"[edge].{f.name}: expected a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise EdgeConfigError(
+                    f"[edge].{f.name}: must be a finite non-negative number, got {value!r}"
+                )
+        for name in (
+            "tick_s",
+            "failsafe_after_s",
+            "restart_max_profiles_per_s",
+            "network_timeout_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise EdgeConfigError(
+                    f"[edge].{name}: must be positive, got {getattr(self, name)!r}"
+                )
+        if self.refresh_lead_s >= self.failsafe_after_s:
+            raise EdgeConfigError(
+                f"[edge].refresh_lead_s: must be below failsafe_after_s ({self.failsafe_after_s}), "
+                f"got {self.refresh_lead_s}"
+            )
+        if self.fallback_guard_s >= self.failsafe_after_s - self.refresh_lead_s:
+            raise EdgeConfigError(
+                "[edge].fallback_guard_s: must be below failsafe_after_s - refresh_lead_s "
+                f"({self.failsafe_after_s - self.refresh_lead_s}), got {self.fallback_guard_s}"
+            )
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any] | None) -> EdgeConfig:
+        """Build from the ``[edge]`` table of a site file; unknown keys are an error."""
+        if table is None:
+            return cls()
+        if not isinstance(table, Mapping):
+            raise EdgeConfigError(f"[edge]: expected a table, got {type(table).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in known:
+                raise EdgeConfigError(
+                    f"[edge].{key}: unknown key; known keys: {', '.join(sorted(known))}"
+                )
+            if key == "max_switches":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise EdgeConfigError(
+                        f"[edge].max_switches: expected an integer, got {value!r}"
+                    )
+            elif key != "policy" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            kwargs[key] = value
+        return cls(**kwargs)

@@ -1,0 +1,575 @@
+"""The closed control loop: events and ticks in, enforced setpoints out, decreases first.
+
+What this module owns: *when* to decide and *what leaves*. On an event that can require a decrease
+(status, transaction, connection, boot, a meter value showing overdraw, a grid signal, a plan, an
+accepted decrease) or on the periodic tick it builds the decision: curtailments in force, failsafe
+levels, plan targets, then ``CorePort.decide`` (allocator + envelope, Rust). It records the decision
+in the audit log (durable before anything leaves), then hands the changed setpoints to the OCPP
+central system: decreases at once, increases only once every pending decrease was accepted or
+settled.
+
+What it must never do: send a value that did not come out of ``CorePort.decide`` or
+``CorePort.failsafe_levels`` (itself the envelope) in the same decision; wait on the network inside
+a decision (every await has a bound); read the wall clock except through ``self.clock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from evcore.clock import Clock
+from evcore.edge import failsafe
+from evcore.edge.config import EdgeConfig
+from evcore.edge.dispatch import Change, ChangeKind, PendingDecrease, next_settle_at, plan_dispatch
+from evcore.edge.faults import FaultChange, check_ignored
+from evcore.edge.grid import Curtailment, CurtailmentBook, PricePoint, merge_prices
+from evcore.edge.ports import AuditSink, ChargerGateway, CorePort, EnforcedSetpoints
+from evcore.edge.state import ChargerState, SiteState
+
+log = logging.getLogger("evcore.edge")
+
+# Triggers that may require a decrease: decide at once rather than at the next tick.
+URGENT = frozenset(
+    {
+        "status",
+        "transaction",
+        "connection",
+        "boot",
+        "overdraw",
+        "grid",
+        "plan",
+        "accepted",
+        "operator",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanTargets:
+    """A schedule the allocator follows while valid: per charger (step_start, step_s, target)."""
+
+    source: str  # "cloud" or "local"
+    version: str
+    received_at: float  # wall
+    rows: Mapping[str, Sequence[tuple[float, float, float]]]
+
+    def targets_at(self, t: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for cid, steps in self.rows.items():
+            for start, step_s, target in steps:
+                if start <= t < start + step_s:
+                    out[cid] = target
+                    break
+        return out
+
+    def ends_at(self) -> float:
+        return max((s + d for steps in self.rows.values() for s, d, _ in steps), default=-math.inf)
+
+
+@dataclass
+class SentProfile:
+    """One profile that left, for benchmarks and tests (times from the controller's clock)."""
+
+    charger_id: str
+    purpose: str
+    value: float
+    kind: ChangeKind
+    decision: int
+    left_mono: float
+    valid_to: float | None
+
+
+@dataclass
+class ControllerStats:
+    decisions: int = 0
+    profiles_sent: int = 0
+    audit_failures: int = 0
+    core_failures: int = 0
+    faults_reported: list[tuple[str, str]] = field(default_factory=list)
+    last_decision_s: float = 0.0
+
+
+class EdgeController:
+    def __init__(
+        self,
+        *,
+        state: SiteState,
+        core: CorePort,
+        gateway: ChargerGateway,
+        clock: Clock,
+        cfg: EdgeConfig,
+        node_ids: Sequence[str],
+        audit: AuditSink | None = None,
+        on_sent: Callable[[SentProfile], None] | None = None,
+        on_fault: Callable[[str, str], None] | None = None,
+        config_version: str = "",
+    ) -> None:
+        self.state = state
+        self.core = core
+        self.gateway = gateway
+        self.clock = clock
+        self.cfg = cfg
+        self.audit = audit
+        self.on_sent = on_sent
+        self.on_fault = on_fault
+        self.config_version = config_version
+        self.curtailments = CurtailmentBook(node_ids, cfg.curtail_lead_s)
+        self.prices: list[PricePoint] = []
+        self.cloud_plan: PlanTargets | None = None
+        self.local_plan: PlanTargets | None = None
+        self.stats = ControllerStats()
+        self.pending: dict[str, PendingDecrease] = {}
+        self.failsafe: dict[str, float] = {}
+        self._failsafe_key: tuple[tuple[str, float], ...] | None = None
+        self._triggers: set[str] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._sends: set[asyncio.Task[None]] = set()
+        self._increase_tokens = cfg.restart_max_profiles_per_s
+        self._tokens_at: float | None = None
+        self._lock = asyncio.Lock()
+        self._dc = frozenset(c.charger_id for c in state.chargers.values() if c.is_dc)
+
+    # ---- events (synchronous: they only update state and wake the loop) --------------------
+    def notify(self, trigger: str) -> None:
+        self._triggers.add(trigger)
+        if trigger in URGENT:
+            self._wake.set()
+
+    def on_event(self, ev: Any) -> None:
+        """Apply an ``evcore.ocpp.events`` event; dispatches on the class name."""
+        kind = type(ev).__name__
+        now_m = self.clock.monotonic()
+        st = self.state
+        if kind == "MeterSample":
+            if st.on_meter(ev.charger_id, ev.site_phase_a, ev.power_w, ev.session_energy_wh, now_m):
+                c = st.chargers[ev.charger_id]
+                change = check_ignored(c, now_m, self.cfg)
+                if change is FaultChange.FAULTED:
+                    self._report_fault(c)
+                if change is not None or _overdraws(c):
+                    self.notify("overdraw")
+                else:
+                    self.notify("meter")
+        elif kind == "StatusEvent":
+            if ev.charger_id is None:
+                for c in st.station_chargers(ev.ocpp_id):
+                    c.online = True
+                self.notify("status")
+            elif ev.charger_id in st.chargers:
+                st.on_status(ev.charger_id, ev.status)
+                self.notify("status")
+        elif kind == "TransactionEvent":
+            if st.on_transaction(ev.charger_id, ev.kind, ev.transaction_id, self.clock.now()):
+                self.notify("transaction")
+        elif kind == "ConnectionEvent":
+            if st.on_connection(ev.ocpp_id, ev.connected):
+                self.notify("connection")
+        elif kind == "BootEvent":
+            if st.on_boot(ev.ocpp_id):
+                self.notify("boot")
+        elif kind == "ProfileResult":
+            pass  # results come back through the awaited set_limit
+
+    def post_curtailment(self, c: Curtailment) -> None:
+        """A grid signal: at most ``max_kw`` at ``node_id`` from ``start`` to ``end``."""
+        self.curtailments.add(c)
+        self.notify("grid")
+
+    def cancel_curtailment(self, signal_id: str) -> bool:
+        found = self.curtailments.cancel(signal_id)
+        if found:
+            self.notify("grid")
+        return found
+
+    def post_prices(self, points: Sequence[PricePoint]) -> None:
+        self.prices = merge_prices(self.prices, points)
+        self.notify("prices")
+
+    def set_plan(self, plan: PlanTargets) -> None:
+        if plan.source == "cloud":
+            self.cloud_plan = plan
+        else:
+            self.local_plan = plan
+        self.notify("plan")
+
+    def set_session(
+        self,
+        charger_id: str,
+        *,
+        energy_requested_kwh: float | None = None,
+        departure: float | None = None,
+        priority: float | None = None,
+        available: bool | None = None,
+    ) -> None:
+        c = self.state.chargers[charger_id]
+        for name, value in (
+            ("energy_requested_kwh", energy_requested_kwh),
+            ("departure", departure),
+            ("priority", priority),
+        ):
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(
+                    f"set_session {charger_id}: {name} must be finite and >= 0, got {value!r}"
+                )
+        if energy_requested_kwh is not None:
+            c.energy_requested_kwh = energy_requested_kwh
+        if departure is not None:
+            c.departure = departure
+        if priority is not None:
+            c.priority = priority
+        if available is not None:
+            c.available = available
+        self.notify("operator")
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    # ---- the loop ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Decide on urgent events at once and on every tick until ``stop()``."""
+        try:
+            while not self._stopping:
+                await self._wait(self._next_wake_in())
+                if self._stopping:
+                    break
+                triggers = self._triggers or {"tick"}
+                self._triggers = set()
+                try:
+                    await self.decide(",".join(sorted(triggers)))
+                except Exception:  # the loop must outlive one bad decision
+                    log.exception("decision failed (triggers %s)", sorted(triggers))
+        finally:
+            for t in list(self._sends):
+                t.cancel()
+            if self._sends:
+                await asyncio.gather(*self._sends, return_exceptions=True)
+
+    async def _wait(self, seconds: float) -> None:
+        if self._wake.is_set():
+            self._wake.clear()
+            return
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (sleeper, waker):
+                if not t.done():
+                    t.cancel()
+            self._wake.clear()
+
+    def _next_wake_in(self) -> float:
+        now_m = self.clock.monotonic()
+        now_w = self.clock.now()
+        waits = [self.cfg.tick_s]
+        settle = next_settle_at(self.pending.values(), self.cfg.settle_s)
+        if settle is not None:
+            waits.append(settle - now_m)
+        change = self.curtailments.next_change(now_w)
+        if change is not None:
+            waits.append(change - now_w)
+        for c in self.state.chargers.values():
+            if c.expires_at is not None and c.sent is not None:
+                due = failsafe.refresh_at(
+                    c.expires_at, c.sent, self.failsafe.get(c.charger_id, 0.0), self.cfg
+                )
+                waits.append(due - now_w)
+        return max(0.0, min(waits))
+
+    # ---- one decision ---------------------------------------------------------------------
+    async def decide(self, trigger: str = "manual") -> dict[str, Any] | None:
+        """Allocate + enforce, record, and send what changed; returns the audit record."""
+        async with self._lock:
+            return await self._decide(trigger)
+
+    async def _decide(self, trigger: str) -> dict[str, Any] | None:
+        cfg = self.cfg
+        if cfg.policy == "uncontrolled":
+            return None  # the twin's baseline: the edge sends nothing at all
+        now_w = self.clock.now()
+        now_m = self.clock.monotonic()
+        self.curtailments.prune(now_w)
+        self._prune_pending(now_m)
+        caps_now = self.curtailments.caps_kw(now_w)
+        self._refresh_failsafe(now_w)
+        targets = self._targets(now_w)
+        try:
+            enforced = self.core.decide(
+                self.state,
+                now_wall=now_w,
+                now_mono=now_m,
+                caps_kw=caps_now,
+                targets=targets,
+                failsafe=self.failsafe,
+                cfg=cfg,
+            )
+        except Exception:
+            # Nothing leaves without the envelope: keep what the chargers hold (they fall back to
+            # the failsafe level on their own when their profiles expire).
+            self.stats.core_failures += 1
+            log.exception("core decision failed; nothing sent")
+            return None
+        self.stats.decisions += 1
+        decision_no = self.stats.decisions
+        changes = self._plan_changes(enforced, now_w, now_m)
+        if not changes:
+            return None
+        record = self._record(decision_no, trigger, now_w, enforced, changes, caps_now, targets)
+        if not await self._append_audit(record):
+            return None
+        for purpose, ch, valid_to in changes:
+            self._send(decision_no, purpose, ch, valid_to, now_m)
+        self.stats.last_decision_s = self.clock.monotonic() - now_m
+        return record
+
+    def _plan_changes(
+        self, enforced: EnforcedSetpoints, now_w: float, now_m: float
+    ) -> list[tuple[str, Change, float | None]]:
+        cfg = self.cfg
+        st = self.state
+        fs = self.failsafe
+        # TxDefault (failsafe level) on every online charger whose default is not the current one.
+        default_now = {cid: fs[cid] for cid, c in st.chargers.items() if c.online and cid in fs}
+        default_cur = {cid: st.chargers[cid].tx_default for cid in default_now}
+        force_default = {cid for cid in default_now if st.chargers[cid].needs_resend}
+        # TxProfiles on chargers with a transaction.
+        active = {
+            cid: enforced.setpoints[cid]
+            for cid, c in st.chargers.items()
+            if c.online and c.transaction_id is not None and cid in enforced.setpoints
+        }
+        cur = {cid: st.chargers[cid].current for cid in active}
+        force = {
+            cid
+            for cid in active
+            if (c := st.chargers[cid]).expires_at is not None
+            and c.sent is not None
+            and now_w >= failsafe.refresh_at(c.expires_at, c.sent, fs.get(cid, 0.0), cfg)
+        }
+        pending = list(self.pending.values())
+        d_plan = plan_dispatch(
+            default_now,
+            default_cur,
+            dc_ids=self._dc,
+            deadband_a=0.0,
+            deadband_w=0.0,
+            pending=pending,
+            now_s=now_m,
+            settle_s=cfg.settle_s,
+            force=force_default,
+        )
+        t_plan = plan_dispatch(
+            active,
+            cur,
+            dc_ids=self._dc,
+            deadband_a=cfg.deadband_a,
+            deadband_w=cfg.deadband_w,
+            pending=pending,
+            now_s=now_m,
+            settle_s=cfg.settle_s,
+            force=force,
+        )
+        decreases = [("tx_default", c) for c in d_plan.decreases] + [
+            ("tx", c) for c in t_plan.decreases
+        ]
+        if decreases:
+            increases: list[tuple[str, Change]] = []
+        else:
+            increases = [("tx_default", c) for c in d_plan.increases] + [
+                ("tx", c) for c in t_plan.increases
+            ]
+            increases = increases[: self._take_increase_tokens(len(increases), now_m)]
+        refreshes = [("tx_default", c) for c in d_plan.refreshes] + [
+            ("tx", c) for c in t_plan.refreshes
+        ]
+        out: list[tuple[str, Change, float | None]] = []
+        for purpose, ch in [*decreases, *refreshes, *increases]:
+            vt = (
+                None
+                if purpose == "tx_default"
+                else failsafe.valid_to(now_w, ch.new, fs.get(ch.charger_id, 0.0), cfg)
+            )
+            out.append((purpose, ch, vt))
+        return out
+
+    def _take_increase_tokens(self, wanted: int, now_m: float) -> int:
+        rate = self.cfg.restart_max_profiles_per_s
+        if self._tokens_at is not None:
+            self._increase_tokens = min(
+                rate, self._increase_tokens + (now_m - self._tokens_at) * rate
+            )
+        self._tokens_at = now_m
+        n = min(wanted, int(self._increase_tokens))
+        self._increase_tokens -= n
+        if n < wanted:
+            self.notify("held")
+        return n
+
+    def _send(
+        self, decision: int, purpose: str, ch: Change, valid_to: float | None, now_m: float
+    ) -> None:
+        c = self.state.chargers[ch.charger_id]
+        fs = self.failsafe.get(ch.charger_id, 0.0)
+        if purpose == "tx":
+            self.state.on_sent(
+                ch.charger_id, ch.new, now_m, valid_to if valid_to is not None else 0.0
+            )
+            if ch.kind is ChangeKind.DECREASE:
+                self.pending[ch.charger_id] = PendingDecrease(ch.charger_id, now_m, False)
+        else:
+            c.tx_default = None  # unknown until accepted
+            if ch.kind is ChangeKind.DECREASE:
+                self.pending["default:" + ch.charger_id] = PendingDecrease(
+                    ch.charger_id, now_m, False
+                )
+        kwargs: dict[str, Any] = {"purpose": purpose}
+        if c.is_dc:
+            kwargs["limit_w"] = ch.new
+        else:
+            kwargs["limit_a"] = ch.new
+        if purpose == "tx":
+            kwargs["valid_to"] = valid_to
+            if not c.is_dc:
+                kwargs["final_limit_a"] = fs
+        sent = SentProfile(ch.charger_id, purpose, ch.new, ch.kind, decision, now_m, valid_to)
+        self.stats.profiles_sent += 1
+        task = asyncio.ensure_future(self._await_result(sent, kwargs))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+        if self.on_sent is not None:
+            self.on_sent(sent)
+
+    async def _await_result(self, sent: SentProfile, kwargs: dict[str, Any]) -> None:
+        try:
+            result = await self.gateway.set_limit(sent.charger_id, **kwargs)
+            accepted = bool(result.accepted)
+        except Exception:
+            log.exception("set_limit %s failed", sent.charger_id)
+            accepted = False
+        c = self.state.chargers[sent.charger_id]
+        key = sent.charger_id if sent.purpose == "tx" else "default:" + sent.charger_id
+        if sent.purpose == "tx":
+            self.state.on_result(sent.charger_id, sent.value, accepted)
+        elif accepted:
+            c.tx_default = sent.value
+            if c.transaction_id is None:
+                # An idle charger's TxDefault is all it holds.
+                c.sent = c.holding = sent.value
+                c.accepted = True
+                c.needs_resend = False
+        p = self.pending.get(key)
+        if p is not None and accepted and p.sent_at_s == sent.left_mono:
+            self.pending[key] = PendingDecrease(p.charger_id, p.sent_at_s, True)
+            self.notify("accepted")
+        elif not accepted:
+            self.notify("rejected")
+
+    def _prune_pending(self, now_m: float) -> None:
+        s = self.cfg.settle_s
+        for key in [k for k, p in self.pending.items() if p.accepted or now_m - p.sent_at_s >= s]:
+            del self.pending[key]
+
+    # ---- failsafe, plans -------------------------------------------------------------------
+    def _refresh_failsafe(self, now_w: float) -> None:
+        caps = self.curtailments.caps_kw(now_w, failsafe.horizon_s(self.cfg))
+        key = tuple(sorted(caps.items()))
+        if key != self._failsafe_key:
+            self.failsafe = self.core.failsafe_levels(caps)
+            self._failsafe_key = key
+
+    def _targets(self, now_w: float) -> dict[str, float] | None:
+        cfg = self.cfg
+        if cfg.policy in ("fair_share", "least_laxity"):
+            return None
+        cloud = self.cloud_plan
+        if (
+            cloud is not None
+            and now_w - cloud.received_at <= cfg.cloud_plan_fresh_s
+            and cloud.ends_at() > now_w
+        ):
+            return cloud.targets_at(now_w)
+        local = self.local_plan
+        if local is not None and local.ends_at() > now_w:
+            return local.targets_at(now_w)
+        return None
+
+    # ---- audit ----------------------------------------------------------------------------
+    def _record(
+        self,
+        decision: int,
+        trigger: str,
+        now_w: float,
+        enforced: EnforcedSetpoints,
+        changes: Sequence[tuple[str, Change, float | None]],
+        caps: Mapping[str, float],
+        targets: Mapping[str, float] | None,
+    ) -> dict[str, Any]:
+        plan = (
+            self.cloud_plan
+            if targets is not None and self.cloud_plan is not None
+            else self.local_plan
+        )
+        return {
+            "decision": decision,
+            "at": now_w,
+            "trigger": trigger,
+            "policy": self.cfg.policy,
+            "config_version": self.config_version,
+            "plan_version": plan.version if (plan is not None and targets is not None) else "",
+            "inputs_digest": enforced.inputs_digest,
+            "curtailments_kw": dict(caps),
+            "setpoints": [
+                {
+                    "charger_id": ch.charger_id,
+                    "purpose": purpose,
+                    "kind": ch.kind.value,
+                    "old": ch.old,
+                    "new": ch.new,
+                    "unit": "W" if ch.charger_id in self._dc else "A",
+                    "valid_to": vt,
+                    "failsafe": self.failsafe.get(ch.charger_id),
+                    "binding": enforced.binding.get(ch.charger_id, ""),
+                }
+                for purpose, ch, vt in changes
+            ],
+        }
+
+    async def _append_audit(self, record: Mapping[str, Any]) -> bool:
+        if self.audit is None:
+            return True
+        try:
+            res = self.audit.append(record)
+            if inspect.isawaitable(res):
+                await asyncio.wait_for(res, self.cfg.audit_timeout_s)
+            return True
+        except Exception:
+            # Not durable, so nothing of this decision may leave.
+            self.stats.audit_failures += 1
+            log.exception("audit append failed; decision %s not sent", record.get("decision"))
+            return False
+
+    def _report_fault(self, c: ChargerState) -> None:
+        self.stats.faults_reported.append((c.charger_id, c.fault_reason))
+        log.warning("charger %s faulted: %s", c.charger_id, c.fault_reason)
+        if self.on_fault is not None:
+            with contextlib.suppress(Exception):
+                self.on_fault(c.charger_id, c.fault_reason)
+
+
+def _overdraws(c: ChargerState) -> bool:
+    """A fresh measurement above what the charger was allowed: others may need to come down now."""
+    if c.holding is None:
+        return False
+    if c.is_dc:
+        return c.measured_w is not None and c.measured_w > c.holding * 1.05 + 500.0
+    m = c.measured_max_a()
+    return m is not None and m > c.holding + 1.0

@@ -1,0 +1,114 @@
+"""Which of a decision's safe setpoints leave now, and in what order.
+
+What this module owns: the deadband, decreases first, and holding increases until every pending
+decrease was accepted by its charger (CALLRESULT Accepted) or ``settle_s`` passed since it left.
+Pure functions of their inputs; the controller re-decides when a decrease is accepted or settles, so
+a held increase is recomputed against the then-current state rather than sent stale.
+
+What it must never do: change a value. Every value it returns is one the envelope produced in the
+same decision. The deadband suppresses small *increases* only: the envelope sized everyone else's
+headroom with this decision's lower value, so a decrease always leaves, however small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+# Differences below this are float noise, not a change (A or W).
+_EPS = 1e-6
+
+
+class ChangeKind(StrEnum):
+    DECREASE = "decrease"
+    INCREASE = "increase"
+    REFRESH = "refresh"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    charger_id: str
+    old: float | None  # what the charger holds or was last sent; None = unknown
+    new: float
+    kind: ChangeKind
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDecrease:
+    """A decrease that left and is not yet known to be in force."""
+
+    charger_id: str
+    sent_at_s: float  # clock.monotonic() when it left
+    accepted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchPlan:
+    decreases: tuple[Change, ...]
+    increases: tuple[Change, ...]
+    refreshes: tuple[Change, ...]
+    held: tuple[Change, ...]  # increases withheld until the decreases settle
+
+    @property
+    def to_send(self) -> tuple[Change, ...]:
+        """In sending order: decreases (largest first), refreshes, then increases."""
+        return self.decreases + self.refreshes + self.increases
+
+    def __len__(self) -> int:
+        return len(self.decreases) + len(self.increases) + len(self.refreshes)
+
+
+def decreases_settled(pending: Collection[PendingDecrease], now_s: float, settle_s: float) -> bool:
+    """True when no decrease is still on its way: each was accepted or ``settle_s`` has passed."""
+    return all(p.accepted or now_s - p.sent_at_s >= settle_s for p in pending)
+
+
+def next_settle_at(pending: Collection[PendingDecrease], settle_s: float) -> float | None:
+    """When the last unaccepted decrease settles by time (monotonic), or None if none waits."""
+    waits = [p.sent_at_s + settle_s for p in pending if not p.accepted]
+    return max(waits) if waits else None
+
+
+def plan_dispatch(
+    safe: Mapping[str, float],
+    current: Mapping[str, float | None],
+    *,
+    dc_ids: Collection[str] = (),
+    deadband_a: float,
+    deadband_w: float,
+    pending: Collection[PendingDecrease] = (),
+    now_s: float,
+    settle_s: float,
+    force: Collection[str] = (),
+) -> DispatchPlan:
+    """Split a decision's safe setpoints into what leaves now and what waits.
+
+    ``safe``: the envelope's setpoints (A per phase for AC, W for DC). ``current``: per charger
+    what it was last sent (pending or accepted); missing or None means unknown, which always sends.
+    ``force``: chargers whose profile must be re-sent unchanged (reboot, reconnect, refresh).
+    Increases wait while a pending decrease (from earlier decisions or this one) is unsettled.
+    """
+    decreases: list[Change] = []
+    increases: list[Change] = []
+    refreshes: list[Change] = []
+    for cid, new in safe.items():
+        old = current.get(cid)
+        band = deadband_w if cid in dc_ids else deadband_a
+        if old is None:
+            # Unknown: the charger may hold anything up to its max; sending is always a decrease
+            # of what the envelope counted.
+            decreases.append(Change(cid, None, new, ChangeKind.DECREASE))
+        elif new < old - _EPS:
+            decreases.append(Change(cid, old, new, ChangeKind.DECREASE))
+        elif new > old + _EPS and (new - old > band or old <= _EPS):
+            # Leaving zero is a switch, never noise: it is not held back by the deadband.
+            increases.append(Change(cid, old, new, ChangeKind.INCREASE))
+        elif cid in force:
+            # Unchanged (or an increase inside the deadband): re-send what the charger holds.
+            refreshes.append(Change(cid, old, old, ChangeKind.REFRESH))
+    decreases.sort(key=lambda c: -(c.old - c.new) if c.old is not None else float("-inf"))
+    held: list[Change] = []
+    if decreases or not decreases_settled(pending, now_s, settle_s):
+        held, increases = increases, []
+    return DispatchPlan(tuple(decreases), tuple(increases), tuple(refreshes), tuple(held))

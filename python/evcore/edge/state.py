@@ -1,0 +1,227 @@
+"""The edge's picture of the site: sessions, measurements and their ages, sent and confirmed
+setpoints, faults.
+
+What this module owns: applying events (status, meter values, transactions, connections, profile
+results) to per-charger state, with every time taken from the one clock (``monotonic`` for ages and
+timeouts, ``now`` for wall instants). It never decides a setpoint and never judges what is safe:
+ages and confirmation flags go to the core's envelope as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+# Statuses in which a vehicle is plugged in (1.6 ChargePointStatus / 2.0.1 ConnectorStatus
+# "Occupied" + transaction).
+_PLUGGED = frozenset(
+    {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing", "Occupied"}
+)
+_UNAVAILABLE = frozenset({"Unavailable", "Faulted"})
+
+
+@dataclass(slots=True)
+class ChargerState:
+    charger_id: str
+    ocpp_id: str
+    is_dc: bool
+    min_value: float  # min_a (AC) or min_w (DC)
+    max_value: float  # max_a (AC) or max_w (DC)
+
+    online: bool = False
+    status: str = "Unknown"
+    plugged: bool = False
+    transaction_id: str | None = None
+    session_started_at: float | None = None  # wall
+
+    # Measurement, per SITE phase (A); None where not measured. DC: measured_w.
+    measured_a: tuple[float | None, float | None, float | None] = (None, None, None)
+    measured_w: float | None = None
+    measured_at: float | None = None  # monotonic
+    session_energy_wh: float = 0.0
+
+    # Setpoints (charger unit). ``sent``: the last TxProfile value that left; ``accepted``: whether
+    # its CALLRESULT said Accepted; ``holding``: the last value the charger accepted.
+    sent: float | None = None
+    sent_at: float | None = None  # monotonic
+    accepted: bool = False
+    holding: float | None = None
+    expires_at: float | None = None  # wall, validTo of the TxProfile in force
+    tx_default: float | None = None  # TxDefault level the charger accepted
+    needs_resend: bool = True  # profiles unknown (boot, reconnect, restart)
+
+    # Switching history for the envelope's on/off rules (monotonic).
+    on_since: float | None = None
+    off_since: float | None = None
+    switches: int = 0
+
+    # Ignored-profile detection.
+    suspect_since: float | None = None  # monotonic
+    faulted: bool = False
+    fault_reason: str = ""
+
+    # Demand (sessions): energy still wanted, departure (wall), priority weight.
+    energy_requested_kwh: float | None = None
+    departure: float | None = None
+    priority: float = 1.0
+    available: bool = True  # operator availability
+
+    def measured_max_a(self) -> float | None:
+        vals = [v for v in self.measured_a if v is not None and math.isfinite(v)]
+        return max(vals) if vals else None
+
+    def age_s(self, now_mono: float) -> float:
+        return math.inf if self.measured_at is None else max(0.0, now_mono - self.measured_at)
+
+    @property
+    def current(self) -> float | None:
+        """What the charger was last told (pending or accepted); None when unknown."""
+        if self.needs_resend:
+            return None
+        return self.sent
+
+    @property
+    def demand_active(self) -> bool:
+        return self.online and self.plugged and self.available and not self.faulted
+
+
+@dataclass
+class SiteState:
+    chargers: dict[str, ChargerState]
+    by_ocpp: dict[tuple[str, int], str] = field(default_factory=dict)
+    other_load_a: dict[str, tuple[tuple[float, float, float], float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_chargers(cls, specs: Iterable[ChargerState], evse_ids: Mapping[str, int]) -> SiteState:
+        chargers = {c.charger_id: c for c in specs}
+        by_ocpp = {
+            (c.ocpp_id, evse_ids.get(c.charger_id, 1)): c.charger_id for c in chargers.values()
+        }
+        return cls(chargers=chargers, by_ocpp=by_ocpp)
+
+    def __getitem__(self, charger_id: str) -> ChargerState:
+        return self.chargers[charger_id]
+
+    def station_chargers(self, ocpp_id: str) -> list[ChargerState]:
+        return [c for c in self.chargers.values() if c.ocpp_id == ocpp_id]
+
+    # ---- events -------------------------------------------------------------------------------
+    def on_connection(self, ocpp_id: str, connected: bool) -> list[str]:
+        changed = []
+        for c in self.station_chargers(ocpp_id):
+            c.online = connected
+            # Whatever the charger holds after a (re)connect is unknown until we re-send.
+            c.needs_resend = True
+            changed.append(c.charger_id)
+        return changed
+
+    def on_boot(self, ocpp_id: str) -> list[str]:
+        # Some chargers lose profiles on reboot: treat every profile as gone.
+        changed = []
+        for c in self.station_chargers(ocpp_id):
+            c.online = True
+            c.needs_resend = True
+            c.tx_default = None
+            changed.append(c.charger_id)
+        return changed
+
+    def on_status(self, charger_id: str, status: str) -> bool:
+        c = self.chargers.get(charger_id)
+        if c is None:
+            return False
+        was = c.plugged
+        c.status = status
+        c.online = True
+        c.plugged = status in _PLUGGED
+        if status in _UNAVAILABLE:
+            c.plugged = False
+        if was and not c.plugged:
+            self._end_session(c)
+        return was != c.plugged
+
+    def on_meter(
+        self,
+        charger_id: str,
+        site_phase_a: tuple[float | None, float | None, float | None],
+        power_w: float | None,
+        session_energy_wh: float | None,
+        now_mono: float,
+    ) -> bool:
+        c = self.chargers.get(charger_id)
+        if c is None:
+            return False
+        c.measured_a = site_phase_a
+        c.measured_w = power_w
+        c.measured_at = now_mono
+        c.online = True
+        if session_energy_wh is not None and math.isfinite(session_energy_wh):
+            c.session_energy_wh = session_energy_wh
+        return True
+
+    def on_transaction(
+        self, charger_id: str, kind: str, transaction_id: str, now_wall: float
+    ) -> bool:
+        c = self.chargers.get(charger_id)
+        if c is None:
+            return False
+        if kind == "started":
+            if c.transaction_id != transaction_id:
+                c.transaction_id = transaction_id
+                c.session_started_at = now_wall
+                c.session_energy_wh = 0.0
+                c.switches = 0
+            c.plugged = True
+        elif kind == "ended":
+            if c.transaction_id == transaction_id:
+                self._end_session(c)
+        elif kind == "updated" and c.transaction_id is None:
+            c.transaction_id = transaction_id
+            c.plugged = True
+        return True
+
+    def on_sent(self, charger_id: str, value: float, now_mono: float, expires_at: float) -> None:
+        c = self.chargers[charger_id]
+        prev = c.sent
+        c.sent = value
+        c.sent_at = now_mono
+        c.accepted = False
+        c.expires_at = expires_at
+        c.needs_resend = False
+        was_on = prev is not None and prev > 0
+        if value > 0 and not was_on:
+            c.on_since = now_mono
+            if prev is not None:
+                c.switches += 1
+        elif value <= 0 and (was_on or prev is None):
+            c.off_since = now_mono
+            if prev is not None:
+                c.switches += 1
+
+    def on_result(self, charger_id: str, value: float, accepted: bool) -> None:
+        c = self.chargers.get(charger_id)
+        if c is None or c.sent != value:
+            return  # an answer to a superseded value
+        c.accepted = accepted
+        if accepted:
+            c.holding = value
+        else:
+            # Unknown what it holds now: re-send next decision; the envelope counts it at max.
+            c.needs_resend = True
+
+    def _end_session(self, c: ChargerState) -> None:
+        c.transaction_id = None
+        c.session_started_at = None
+        c.energy_requested_kwh = None
+        c.departure = None
+        c.suspect_since = None
+        # The TxProfile died with the transaction: the charger is back on its TxDefault.
+        c.sent = c.tx_default
+        c.holding = c.tx_default
+        c.accepted = c.tx_default is not None
+        c.expires_at = None
+
+    def set_other_load(
+        self, node_id: str, load_a: tuple[float, float, float], now_mono: float
+    ) -> None:
+        self.other_load_a[node_id] = (load_a, now_mono)
