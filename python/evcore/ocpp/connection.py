@@ -1,0 +1,236 @@
+"""One station's WebSocket session: the OCPP-J framing, fast validation and call plumbing.
+
+Built on the ``ocpp`` library's ``ChargePoint`` (its ``@on`` routing, action enums, schemas and
+error codes) but with its slow or unsafe defaults replaced: schema validators are compiled once and
+run inline (no thread pool), a malformed frame gets a CALLERROR and the connection lives on, an
+unhandled action gets ``NotImplemented`` in every version, and outgoing CALLs are matched by id with
+a timeout on the injected clock. Handlers receive the validated camelCase payload, return a
+camelCase dict, and must never await an outgoing call (they enqueue; see ``queue.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ocpp.charge_point import ChargePoint as _LibChargePoint
+
+from evcore.clock import Clock
+from evcore.ocpp import validation
+from evcore.ocpp.metering import MeterValueError
+from evcore.ocpp.queue import CallOutcome
+
+if TYPE_CHECKING:
+    from evcore.ocpp.server import CentralSystem, Station
+
+LOG = logging.getLogger("evcore.ocpp")
+
+_ids = itertools.count(1)
+
+
+class HandlerError(Exception):
+    """Raised by a handler to answer with a CALLERROR (``code`` as the version names it)."""
+
+    def __init__(self, code: str, description: str) -> None:
+        super().__init__(description)
+        self.code = code
+        self.description = description
+
+
+class StationConnection(_LibChargePoint):  # type: ignore[misc]
+    """Base class for the 1.6 and 2.0.1 sessions; subclasses hold the ``@on`` handlers."""
+
+    version: str = ""
+    #: The CALLERROR code for a frame that is not valid OCPP-J at all.
+    frame_error_code: str = "FormationViolation"
+    format_error_code: str = "FormationViolation"
+
+    def __init__(self, station: Station, ws: Any, csms: CentralSystem, clock: Clock) -> None:
+        super().__init__(station.ocpp_id, ws, response_timeout=csms.config.call_timeout_s)
+        self.station = station
+        self.csms = csms
+        self.clock = clock
+        self.ws = ws
+        self._pending: dict[str, tuple[str, asyncio.Future[CallOutcome]]] = {}
+        self._after_reply: list[Callable[[], None]] = []
+        self.closed = False
+
+    # ---- receiving -------------------------------------------------------------------------
+    async def start(self) -> None:
+        async for raw in self.ws:
+            await self.route_message(raw)
+
+    async def route_message(self, raw: str | bytes) -> None:
+        try:
+            if isinstance(raw, bytes):
+                raw = raw.decode("utf-8")
+            msg = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            await self._send_error("-1", self.frame_error_code, "frame is not valid JSON")
+            return
+        if not isinstance(msg, list) or not msg or not isinstance(msg[0], int):
+            await self._send_error(
+                _guess_id(msg), self.frame_error_code, "frame is not an OCPP-J array"
+            )
+            return
+        kind = msg[0]
+        if kind == 2:
+            if (
+                len(msg) != 4
+                or not isinstance(msg[1], str)
+                or not isinstance(msg[2], str)
+                or not isinstance(msg[3], dict)
+            ):
+                await self._send_error(
+                    _guess_id(msg),
+                    self.frame_error_code,
+                    "CALL must be [2, messageId, action, {payload}]",
+                )
+                return
+            await self._handle_frame_call(msg[1], msg[2], msg[3])
+        elif kind == 3 and len(msg) == 3 and isinstance(msg[1], str):
+            self._resolve_result(msg[1], msg[2])
+        elif kind == 4 and len(msg) >= 4 and isinstance(msg[1], str):
+            self._resolve_error(msg[1], str(msg[2]), str(msg[3]))
+        else:
+            await self._send_error(
+                _guess_id(msg), self.frame_error_code, f"unknown or malformed message type {kind}"
+            )
+
+    async def _handle_frame_call(self, unique_id: str, action: str, payload: dict[str, Any]) -> None:
+        handlers = self.route_map.get(action)
+        handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = (
+            handlers.get("_on_action") if handlers else None
+        )
+        if handler is None:
+            await self._send_error(unique_id, "NotImplemented", f"no handler for {action}")
+            return
+        try:
+            validation.validate(self.version, action, payload, response=False)
+        except validation.SchemaError as exc:
+            await self._send_error(unique_id, exc.code, exc.description)
+            return
+        except KeyError:
+            await self._send_error(unique_id, "NotImplemented", f"{action} unknown in {self.version}")
+            return
+        try:
+            response = await handler(payload)
+        except HandlerError as exc:
+            await self._send_error(unique_id, exc.code, exc.description)
+            self._after_reply.clear()
+            return
+        except MeterValueError as exc:
+            await self._send_error(unique_id, "PropertyConstraintViolation", str(exc))
+            self._after_reply.clear()
+            return
+        except Exception:  # a bug in a handler must not end the connection
+            LOG.exception("%s: handler for %s failed", self.id, action)
+            await self._send_error(unique_id, "InternalError", f"{action} could not be handled")
+            self._after_reply.clear()
+            return
+        try:
+            validation.validate(self.version, action, response, response=True)
+        except validation.SchemaError as exc:  # our own bug: say so rather than send garbage
+            LOG.error("%s: invalid %s response %r: %s", self.id, action, response, exc)
+            await self._send_error(unique_id, "InternalError", "invalid response built")
+            self._after_reply.clear()
+            return
+        await self._send_text(json.dumps([3, unique_id, response], separators=(",", ":")))
+        after, self._after_reply = self._after_reply, []
+        for fn in after:
+            fn()
+
+    def after_reply(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the CALLRESULT of the current handler has been sent."""
+        self._after_reply.append(fn)
+
+    def _resolve_result(self, unique_id: str, payload: Any) -> None:
+        entry = self._pending.pop(unique_id, None)
+        if entry is None:
+            LOG.warning("%s: CALLRESULT for unknown id %s ignored", self.id, unique_id)
+            return
+        action, fut = entry
+        if fut.done():
+            return
+        now = self.clock.now()
+        if not isinstance(payload, dict):
+            fut.set_result(CallOutcome("CallError", None, "FormatViolation", "result not an object"))
+            return
+        try:
+            validation.validate(self.version, action, payload, response=True)
+        except (validation.SchemaError, KeyError) as exc:
+            fut.set_result(
+                CallOutcome(
+                    "CallError",
+                    payload,
+                    getattr(exc, "code", "FormatViolation"),
+                    f"invalid {action} response: {exc}",
+                    answered_at=now,
+                )
+            )
+            return
+        fut.set_result(CallOutcome("Result", payload, answered_at=now))
+
+    def _resolve_error(self, unique_id: str, code: str, description: str) -> None:
+        entry = self._pending.pop(unique_id, None)
+        if entry is None:
+            LOG.warning("%s: CALLERROR for unknown id %s ignored", self.id, unique_id)
+            return
+        _, fut = entry
+        if not fut.done():
+            fut.set_result(
+                CallOutcome("CallError", None, code, description, answered_at=self.clock.now())
+            )
+
+    # ---- sending ---------------------------------------------------------------------------
+    async def _send_text(self, text: str) -> None:
+        try:
+            await self.ws.send(text)
+        except Exception as exc:  # connection gone; the receive loop will end it
+            LOG.info("%s: send failed: %s", self.id, exc)
+
+    async def _send_error(self, unique_id: str, code: str, description: str) -> None:
+        await self._send_text(
+            json.dumps([4, unique_id, code, description[:500], {}], separators=(",", ":"))
+        )
+
+    async def call_raw(self, action: str, payload: dict[str, Any], timeout_s: float) -> CallOutcome:
+        """Send one CALL and wait for its answer (the queue worker is the only caller)."""
+        try:
+            validation.validate(self.version, action, payload, response=False)
+        except (validation.SchemaError, KeyError) as exc:
+            return CallOutcome("CallError", None, "InternalError", f"refused to send {action}: {exc}")
+        unique_id = f"cs{next(_ids)}"
+        fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+        self._pending[unique_id] = (action, fut)
+        sent_at = self.clock.now()
+        await self._send_text(json.dumps([2, unique_id, action, payload], separators=(",", ":")))
+        timer = asyncio.ensure_future(self.clock.sleep(timeout_s))
+        try:
+            await asyncio.wait({fut, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+        self._pending.pop(unique_id, None)
+        if fut.done():
+            outcome = fut.result()
+        else:
+            fut.cancel()
+            outcome = CallOutcome("Timeout", detail=f"no answer to {action} in {timeout_s} s")
+        outcome.sent_at = sent_at
+        return outcome
+
+    def fail_pending(self, status: str) -> None:
+        for _, fut in self._pending.values():
+            if not fut.done():
+                fut.set_result(CallOutcome(status, detail="connection closed"))
+        self._pending.clear()
+
+
+def _guess_id(msg: Any) -> str:
+    if isinstance(msg, list) and len(msg) > 1 and isinstance(msg[1], str):
+        return msg[1]
+    return "-1"

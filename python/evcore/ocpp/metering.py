@@ -1,0 +1,179 @@
+"""Turning OCPP sampled values into SI numbers on the site's phases.
+
+Owns: units and multipliers (1.6 units such as ``kW``/``kWh``; 2.0.1 ``unitOfMeasure`` with a
+power-of-ten multiplier), the charger-terminal → site-phase mapping from the site file's wiring, and
+timestamp parsing (bad or zone-less timestamps are refused). Never keeps state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+_PHASE_INDEX = {
+    "L1": 0,
+    "L2": 1,
+    "L3": 2,
+    "L1-N": 0,
+    "L2-N": 1,
+    "L3-N": 2,
+    "L1-L2": 0,
+    "L2-L3": 1,
+    "L3-L1": 2,
+}
+
+_SCALE = {"W": 1.0, "kW": 1000.0, "Wh": 1.0, "kWh": 1000.0, "A": 1.0, "Percent": 1.0, "V": 1.0}
+
+
+class MeterValueError(ValueError):
+    """A sampled value could not be read; the message names the field."""
+
+
+def parse_timestamp(value: Any, *, field: str = "timestamp") -> float:
+    """An RFC 3339 timestamp with a zone → seconds since the epoch. Raises MeterValueError."""
+    if not isinstance(value, str):
+        raise MeterValueError(f"{field}: expected an RFC 3339 string, got {value!r}")
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise MeterValueError(f"{field}: not a valid RFC 3339 timestamp: {value!r}") from None
+    if dt.tzinfo is None:
+        raise MeterValueError(f"{field}: timestamp without a time zone: {value!r}")
+    return dt.timestamp()
+
+
+@dataclass(slots=True)
+class Reading:
+    """One meterValue entry reduced to the figures the control needs (SI units)."""
+
+    at: float
+    terminal_a: list[float | None]
+    power_w: float | None = None
+    energy_register_wh: float | None = None
+    offered_a: float | None = None
+    soc_percent: float | None = None
+    context: str | None = None
+
+
+def _number(version: str, sv: Mapping[str, Any], idx: int) -> float:
+    raw = sv.get("value")
+    if version == "1.6":
+        try:
+            value = float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise MeterValueError(
+                f"sampledValue[{idx}].value: not a number: {raw!r}"
+            ) from None
+        unit = sv.get("unit")
+        scale = _SCALE.get(unit, 1.0) if unit else 1.0
+    else:
+        if not isinstance(raw, (int, float)):
+            raise MeterValueError(f"sampledValue[{idx}].value: not a number: {raw!r}")
+        value = float(raw)
+        uom = sv.get("unitOfMeasure") or {}
+        unit = uom.get("unit")
+        scale = _SCALE.get(unit, 1.0) if unit else 1.0
+        mult = uom.get("multiplier", 0)
+        if mult:
+            scale *= 10.0 ** int(mult)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise MeterValueError(f"sampledValue[{idx}].value: not finite: {raw!r}")
+    return value * scale
+
+
+def parse_meter_value(
+    version: str, meter_value: Mapping[str, Any], *, terminals: int, field: str = "meterValue"
+) -> Reading:
+    """Read one ``meterValue`` entry. ``terminals`` is how many phase terminals the charger has."""
+    at = parse_timestamp(meter_value.get("timestamp"), field=f"{field}.timestamp")
+    reading = Reading(at=at, terminal_a=[None, None, None])
+    power_phases: list[float] = []
+    power_total: float | None = None
+    for i, sv in enumerate(meter_value.get("sampledValue") or ()):
+        measurand = sv.get("measurand") or "Energy.Active.Import.Register"
+        if measurand not in (
+            "Energy.Active.Import.Register",
+            "Current.Import",
+            "Power.Active.Import",
+            "Current.Offered",
+            "SoC",
+        ):
+            continue
+        value = _number(version, sv, i)
+        phase = sv.get("phase")
+        if reading.context is None:
+            reading.context = sv.get("context")
+        if measurand == "Current.Import":
+            if phase is None:
+                if terminals == 1:
+                    reading.terminal_a[0] = value
+                else:
+                    # A phase-less current on a multi-phase charger: the same on every terminal.
+                    reading.terminal_a = [value, value, value]
+            elif phase in _PHASE_INDEX:
+                reading.terminal_a[_PHASE_INDEX[phase]] = value
+        elif measurand == "Power.Active.Import":
+            if phase in _PHASE_INDEX:
+                power_phases.append(value)
+            else:
+                power_total = value
+        elif measurand == "Energy.Active.Import.Register":
+            if phase is None:
+                reading.energy_register_wh = value
+        elif measurand == "Current.Offered":
+            reading.offered_a = value
+        elif measurand == "SoC":
+            reading.soc_percent = value
+    if power_total is not None:
+        reading.power_w = power_total
+    elif power_phases:
+        reading.power_w = sum(power_phases)
+    return reading
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseMap:
+    """How one charger's terminals land on the site's phases (from the site file)."""
+
+    wiring: str
+    #: Site phase index for each charger terminal in use.
+    site_index: tuple[int, ...]
+
+    @property
+    def terminals(self) -> int:
+        return 1 if self.wiring in ("line_to_neutral", "line_to_line") else 3
+
+    def to_site(
+        self, terminal_a: Sequence[float | None]
+    ) -> tuple[float | None, float | None, float | None]:
+        out: list[float | None] = [None, None, None]
+        if self.wiring == "line_to_line":
+            # The branch current flows out on line a and back on line b: both carry it.
+            current = terminal_a[0]
+            a, b = self.site_index[0], self.site_index[1]
+            out[a] = current
+            out[b] = current
+            if current is not None:
+                for k in range(3):
+                    if out[k] is None:
+                        out[k] = 0.0
+        elif self.wiring == "line_to_neutral":
+            out[self.site_index[0]] = terminal_a[0]
+            if terminal_a[0] is not None:
+                for k in range(3):
+                    if out[k] is None:
+                        out[k] = 0.0
+        else:
+            for term, site_idx in enumerate(self.site_index):
+                out[site_idx] = terminal_a[term]
+        return (out[0], out[1], out[2])
+
+
+def phase_map_for(wiring: str, phases: Sequence[str], phase_names: Sequence[str]) -> PhaseMap:
+    try:
+        idx = tuple(list(phase_names).index(p) for p in phases)
+    except ValueError:
+        raise ValueError(f"phases {list(phases)!r} not among site phases {list(phase_names)!r}") from None
+    return PhaseMap(wiring=wiring, site_index=idx)

@@ -1,0 +1,175 @@
+"""The one place where OCPP events become contract messages on the bus and rows in the store.
+
+Converts :mod:`evcore.ocpp.events` to ``evcore.v1`` protobuf messages, publishes them on
+``Subjects(site).telemetry|status|transaction(charger)`` and hands them to the telemetry store.
+Switching bus or store implementations is a change here only. It never alters an event.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Protocol
+
+from evcore.ocpp.events import MeterSample, OcppEvent, StatusEvent, TransactionEvent
+
+LOG = logging.getLogger("evcore.ocpp")
+
+
+class TelemetryStore(Protocol):
+    """What the central system needs from the store (``evcore.store``)."""
+
+    async def append_meter_samples(self, samples: Any) -> Any: ...
+
+    async def record_status(self, status: Any) -> Any: ...
+
+    async def record_transaction(self, tx: Any) -> Any: ...
+
+
+class BusLike(Protocol):
+    async def publish(
+        self, subject: str, payload: Any, *, event_id: str | None = None, critical: bool = False
+    ) -> Any: ...
+
+
+_STATE = {
+    "Available": 1,
+    "Preparing": 2,
+    "Charging": 3,
+    "SuspendedEV": 4,
+    "SuspendedEVSE": 5,
+    "Finishing": 6,
+    "Reserved": 7,
+    "Unavailable": 8,
+    "Faulted": 9,
+    "Occupied": 10,
+}
+_KIND = {"started": 1, "updated": 2, "ended": 3}
+
+
+def _ts(msg_field: Any, t: float) -> None:
+    msg_field.FromNanoseconds(int(round(t * 1e9)))
+
+
+def meter_to_proto(ev: MeterSample, received_at: float) -> Any:
+    from evcore.v1 import meter_pb2
+
+    m = meter_pb2.MeterSample(
+        charger_id=ev.charger_id,
+        transaction_id=ev.transaction_id or "",
+        current_a=[math.nan if v is None else v for v in ev.site_phase_a],
+    )
+    _ts(m.sampled_at, ev.at)
+    _ts(m.received_at, received_at)
+    if ev.power_w is not None:
+        m.power_w = ev.power_w
+    if ev.energy_register_wh is not None:
+        m.energy_register_wh = ev.energy_register_wh
+    if ev.offered_a is not None:
+        m.offered_current_a = ev.offered_a
+    if ev.soc_percent is not None:
+        m.soc_percent = ev.soc_percent
+    return m
+
+
+def status_to_proto(ev: StatusEvent, received_at: float) -> Any:
+    from evcore.v1 import status_pb2
+
+    m = status_pb2.ChargerStatus(
+        charger_id=ev.charger_id or ev.ocpp_id,
+        evse_id=ev.evse_id,
+        state=_STATE.get(ev.status, 0),  # type: ignore[arg-type]
+        error_code="" if ev.error_code == "NoError" else ev.error_code,
+        connected=True,
+    )
+    _ts(m.reported_at, ev.at)
+    _ts(m.received_at, received_at)
+    return m
+
+
+def transaction_to_proto(ev: TransactionEvent, received_at: float, evse_id: int) -> Any:
+    from evcore.v1 import transaction_pb2
+
+    m = transaction_pb2.TransactionEvent(
+        transaction_id=ev.transaction_id,
+        charger_id=ev.charger_id,
+        evse_id=evse_id,
+        kind=_KIND[ev.kind],  # type: ignore[arg-type]
+        id_tag=ev.id_tag or "",
+        stop_reason=(ev.reason or "") if ev.kind == "ended" else "",
+        offline=ev.offline,
+    )
+    if ev.meter_start_wh is not None:
+        m.meter_start_wh = ev.meter_start_wh
+    if ev.kind == "ended" and ev.meter_now_wh is not None:
+        m.meter_stop_wh = ev.meter_now_wh
+    _ts(m.occurred_at, ev.at)
+    _ts(m.received_at, received_at)
+    return m
+
+
+class EventPublisher:
+    """Publishes status, meter and transaction events; awaited before the CALLRESULT is sent."""
+
+    def __init__(
+        self,
+        site_id: str,
+        bus: BusLike | None,
+        store: TelemetryStore | None,
+        *,
+        clock_now: Any = None,
+        evse_of: Any = None,
+    ) -> None:
+        self.site_id = site_id
+        self.bus = bus
+        self.store = store
+        self._subjects: Any = None
+        self._now = clock_now
+        self.evse_of = evse_of
+        if bus is not None:
+            from evcore.bus.subjects import Subjects
+
+            self._subjects = Subjects(site_id)
+
+    @property
+    def active(self) -> bool:
+        return self.bus is not None or self.store is not None
+
+    async def publish(self, event: OcppEvent) -> None:
+        if self.bus is None and self.store is None:
+            return
+        received = self._now() if self._now is not None else event.at  # type: ignore[union-attr]
+        if isinstance(event, MeterSample):
+            msg = meter_to_proto(event, received)
+            if self.bus is not None:
+                await self.bus.publish(
+                    self._subjects.telemetry(event.charger_id),
+                    msg,
+                    event_id=f"meter:{event.charger_id}:{round(event.at * 1000)}",
+                )
+            if self.store is not None:
+                await self.store.append_meter_samples([msg])
+        elif isinstance(event, StatusEvent):
+            msg = status_to_proto(event, received)
+            charger = event.charger_id or event.ocpp_id
+            if self.bus is not None:
+                await self.bus.publish(
+                    self._subjects.status(charger),
+                    msg,
+                    event_id=f"status:{charger}:{event.evse_id}:{round(event.at * 1000)}:{event.status}",
+                )
+            if self.store is not None:
+                await self.store.record_status(msg)
+        elif isinstance(event, TransactionEvent):
+            evse = self.evse_of(event.charger_id) if self.evse_of is not None else 0
+            msg = transaction_to_proto(event, received, evse)
+            if self.bus is not None:
+                await self.bus.publish(
+                    self._subjects.transaction(event.charger_id),
+                    msg,
+                    event_id=f"tx:{event.charger_id}:{event.transaction_id}:{event.kind}:"
+                    f"{round(event.at * 1000)}",
+                    critical=True,
+                )
+            if self.store is not None:
+                await self.store.record_transaction(msg)

@@ -1,0 +1,1090 @@
+"""The OCPP central system (CSMS): WebSocket server, station registry, events and commands.
+
+Owns: who may connect (known stations only, security profiles 0–3, subprotocol ``ocpp1.6`` or
+``ocpp2.0.1``), one session per station (a second connection replaces the first), transactions
+(deduplicated across reconnects and offline replays; session energy from register differences),
+the per-station call queue and the typed command API the edge controller uses. It never decides a
+setpoint: ``set_limit`` sends what the edge asks, after the edge's envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import inspect
+import logging
+import math
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from evcore.clock import Clock
+from evcore.ocpp import v16, v201, validation
+from evcore.ocpp.config import OcppConfig, parse_ocpp_section
+from evcore.ocpp.connection import HandlerError, StationConnection
+from evcore.ocpp.events import (
+    BootEvent,
+    ConfigurationEvent,
+    ConnectionEvent,
+    MeterSample,
+    NotificationEvent,
+    OcppEvent,
+    ProfilePurpose,
+    ProfileResult,
+    SecurityEvent,
+    StatusEvent,
+    TransactionEvent,
+)
+from evcore.ocpp.metering import PhaseMap, parse_meter_value, phase_map_for
+from evcore.ocpp.publish import EventPublisher
+from evcore.ocpp.queue import CallOutcome, QueuedCall, StationCallQueue
+
+LOG = logging.getLogger("evcore.ocpp")
+
+SUBPROTOCOLS = ("ocpp2.0.1", "ocpp1.6")
+_VERSION_OF = {"ocpp1.6": "1.6", "ocpp2.0.1": "2.0.1"}
+_CONNECTION_CLASS: dict[str, type[StationConnection]] = {
+    "1.6": v16.Connection16,
+    "2.0.1": v201.Connection201,
+}
+
+Listener = Callable[[OcppEvent], "Awaitable[None] | None"]
+
+
+# ---- what the central system knows about the site --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChargerInfo:
+    """One site charger as the protocol needs it (from the site file's ``[[chargers]]``)."""
+
+    charger_id: str
+    ocpp_id: str
+    evse_id: int
+    connector_id: int
+    kind: str
+    wiring: str
+    phase_map: PhaseMap
+    voltage_v: float
+
+    @property
+    def number_phases(self) -> int:
+        return self.phase_map.terminals
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _site_phase_names(site: Any) -> list[str]:
+    for candidate in (site, _get(site, "site"), _get(site, "meta")):
+        names = _get(candidate, "phase_names") if candidate is not None else None
+        if names:
+            return list(names)
+    return ["L1", "L2", "L3"]
+
+
+def _site_id(site: Any) -> str:
+    for candidate in (_get(site, "id"), _get(site, "site_id"), _get(_get(site, "site"), "id")):
+        if isinstance(candidate, str):
+            return candidate
+    return "site"
+
+
+def chargers_of(site: Any) -> list[ChargerInfo]:
+    specs = _get(site, "chargers") or []
+    if isinstance(specs, Mapping):
+        specs = list(specs.values())
+    names = _site_phase_names(site)
+    out = []
+    for spec in specs:
+        wiring = _get(spec, "wiring", "three_phase")
+        out.append(
+            ChargerInfo(
+                charger_id=_get(spec, "id"),
+                ocpp_id=_get(spec, "ocpp_id") or _get(spec, "id"),
+                evse_id=int(_get(spec, "evse_id", 1) or 1),
+                connector_id=int(_get(spec, "connector_id", 1) or 1),
+                kind=_get(spec, "kind", "ac") or "ac",
+                wiring=wiring,
+                phase_map=phase_map_for(wiring, list(_get(spec, "phases")), names),
+                voltage_v=float(_get(spec, "voltage_v", 230.0) or 230.0),
+            )
+        )
+    return out
+
+
+# ---- requests and results ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LimitRequest:
+    charger_id: str
+    purpose: ProfilePurpose
+    limit_a: float | None
+    limit_w: float | None
+    valid_to: float | None
+    final_limit: float | None
+    wire_limit: float
+    wire_final: float | None
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Outcome of a command: ``status`` ``Result`` means the station answered ``payload``."""
+
+    action: str
+    status: str
+    payload: dict[str, Any] | None = None
+    error_code: str | None = None
+    detail: str = ""
+
+    @property
+    def response_status(self) -> str | None:
+        if self.payload is None:
+            return None
+        value = self.payload.get("status")
+        return value if isinstance(value, str) else None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "Result" and self.response_status in (None, "Accepted", "Unlocked")
+
+
+@dataclass(frozen=True)
+class CompositeSchedule:
+    charger_id: str
+    status: str
+    start: float | None
+    unit: str | None
+    #: (start offset in s, limit in ``unit``, number of phases or None)
+    periods: list[tuple[int, float, int | None]]
+    detail: str = ""
+
+    def limit_at(self, t: float) -> float | None:
+        if self.start is None or not self.periods:
+            return None
+        offset = t - self.start
+        current = None
+        for start, limit, _ in self.periods:
+            if start <= offset:
+                current = limit
+        return current
+
+
+@dataclass
+class TxState:
+    transaction_id: str
+    charger_id: str | None
+    evse_id: int | None
+    id_tag: str | None
+    meter_start_wh: float | None
+    last_register_wh: float | None = None
+    started_at: float | None = None
+    ended: bool = False
+    seen_seq: set[int] = field(default_factory=set)
+
+    def session_energy_wh(self) -> float | None:
+        if self.meter_start_wh is None or self.last_register_wh is None:
+            return None
+        return self.last_register_wh - self.meter_start_wh
+
+
+@dataclass
+class Station:
+    ocpp_id: str
+    chargers: dict[int, ChargerInfo]
+    queue: StationCallQueue
+    connection: StationConnection | None = None
+    version: str | None = None
+    boot: BootEvent | None = None
+    configuration: dict[str, str] = field(default_factory=dict)
+    transactions: dict[str, TxState] = field(default_factory=dict)
+    start_keys: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    active_tx: dict[int, str] = field(default_factory=dict)
+    status: dict[tuple[int, int], str] = field(default_factory=dict)
+    last_seen: float | None = None
+    worker: asyncio.Task[None] | None = None
+
+    def charger(self, evse_id: int | None) -> ChargerInfo | None:
+        if evse_id is None:
+            return None
+        return self.chargers.get(evse_id)
+
+
+@dataclass(frozen=True)
+class StationState:
+    ocpp_id: str
+    connected: bool
+    version: str | None
+    boot: BootEvent | None
+    configuration: dict[str, str]
+    active_transactions: dict[int, str]
+    status: dict[tuple[int, int], str]
+    queued_calls: int
+
+
+# ---- the central system ------------------------------------------------------------------------
+
+
+class CentralSystem:
+    """OCPP 1.6J / 2.0.1 central system for one site. See docs/ocpp.md."""
+
+    def __init__(
+        self,
+        site: Any,
+        *,
+        clock: Clock,
+        bus: Any = None,
+        store: Any = None,
+        config: OcppConfig | None = None,
+    ) -> None:
+        self.site = site
+        self.clock = clock
+        sections = _get(site, "sections") or {}
+        self.config = config if config is not None else parse_ocpp_section(sections.get("ocpp"))
+        self._chargers = {c.charger_id: c for c in chargers_of(site)}
+        self._stations: dict[str, Station] = {}
+        for c in self._chargers.values():
+            st = self._stations.get(c.ocpp_id)
+            if st is None:
+                st = Station(c.ocpp_id, {}, StationCallQueue(self.config.queue_bound))
+                self._stations[c.ocpp_id] = st
+            if c.evse_id in st.chargers:
+                raise ValueError(
+                    f"chargers {st.chargers[c.evse_id].charger_id!r} and {c.charger_id!r} share "
+                    f"station {c.ocpp_id!r} EVSE {c.evse_id}"
+                )
+            st.chargers[c.evse_id] = c
+        self._listeners: list[Listener] = []
+        self._publisher = EventPublisher(
+            _site_id(site),
+            bus,
+            store,
+            clock_now=clock.now,
+            evse_of=lambda cid: self._chargers[cid].evse_id,
+        )
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._profile_ids: dict[tuple[str, int, str], int] = {}
+        self._last_limit: dict[tuple[str, int, str], float] = {}
+        self._tx_counter = int(clock.now()) % 2_000_000 * 1000
+        self._port = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def add_listener(self, callback: Listener) -> None:
+        """``callback(event)`` for every event; may return an awaitable (run as an owned task)."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Listener) -> None:
+        self._listeners.remove(callback)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        cfg = self.config
+        if cfg.security_profile < 2 and not cfg.tls_cert:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        assert cfg.tls_cert is not None
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        if cfg.tls_client_ca:
+            ctx.load_verify_locations(cfg.tls_client_ca)
+            profiles = {cfg.profile_for(s) for s in self._stations}
+            ctx.verify_mode = ssl.CERT_REQUIRED if profiles == {3} else ssl.CERT_OPTIONAL
+        return ctx
+
+    async def start(self) -> None:
+        for version in ("1.6", "2.0.1"):
+            validation.precompile(
+                version, ["BootNotification", "Heartbeat", "StatusNotification", "MeterValues"]
+            )
+        self._tls = self._ssl_context()
+        self._server = await serve(
+            self._session,
+            self.config.host,
+            self.config.port,
+            process_request=self._process_request,
+            select_subprotocol=self._select_subprotocol,
+            subprotocols=list(SUBPROTOCOLS),
+            ssl=self._tls,
+            compression=None,
+            ping_interval=None,
+            max_queue=64,
+        )
+        sock = next(iter(self._server.sockets))
+        self._port = sock.getsockname()[1]
+        for st in self._stations.values():
+            st.worker = asyncio.create_task(self._worker(st), name=f"ocpp-queue-{st.ocpp_id}")
+
+    async def stop(self) -> None:
+        for st in self._stations.values():
+            if st.worker is not None:
+                st.worker.cancel()
+            st.queue.fail_all("NotConnected", "central system stopped")
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for t in list(self._tasks):
+            t.cancel()
+        workers = [st.worker for st in self._stations.values() if st.worker is not None]
+        await asyncio.gather(*workers, *self._tasks, return_exceptions=True)
+        for st in self._stations.values():
+            st.worker = None
+
+    async def __aenter__(self) -> CentralSystem:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- handshake -----------------------------------------------------------------------
+    def _station_from_path(self, path: str) -> str | None:
+        path = path.split("?", 1)[0]
+        prefix = self.config.path_prefix + "/"
+        if not path.startswith(prefix):
+            return None
+        rest = path[len(prefix) :]
+        if rest.endswith("/"):
+            rest = rest[:-1]
+        if not rest or "/" in rest:
+            return None
+        return unquote(rest)
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        ocpp_id = self._station_from_path(request.path)
+        if ocpp_id is None or ocpp_id not in self._stations:
+            LOG.warning("refused unknown station at %r", request.path)
+            return connection.respond(HTTPStatus.NOT_FOUND, "unknown charging station\n")
+        offered = [
+            p.strip()
+            for h in request.headers.get_all("Sec-WebSocket-Protocol")
+            for p in h.split(",")
+        ]
+        if not any(p in SUBPROTOCOLS for p in offered):
+            return connection.respond(
+                HTTPStatus.BAD_REQUEST,
+                "offer subprotocol ocpp1.6 or ocpp2.0.1 in Sec-WebSocket-Protocol\n",
+            )
+        profile = self.config.profile_for(ocpp_id)
+        tls = self._tls is not None
+        if profile >= 2 and not tls:
+            return connection.respond(HTTPStatus.FORBIDDEN, "this station requires TLS\n")
+        if profile == 3:
+            return self._check_client_cert(connection, ocpp_id)
+        if profile in (1, 2):
+            return self._check_basic_auth(connection, request, ocpp_id)
+        return None
+
+    def _unauthorized(self, connection: ServerConnection, why: str) -> Response:
+        response = connection.respond(HTTPStatus.UNAUTHORIZED, f"{why}\n")
+        response.headers["WWW-Authenticate"] = 'Basic realm="ocpp", charset="UTF-8"'
+        return response
+
+    def _check_basic_auth(
+        self, connection: ServerConnection, request: Request, ocpp_id: str
+    ) -> Response | None:
+        header = request.headers.get("Authorization")
+        if header is None or not header.startswith("Basic "):
+            return self._unauthorized(connection, "Basic authentication required")
+        try:
+            user, _, password = base64.b64decode(header[6:], validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return self._unauthorized(connection, "malformed Authorization header")
+        creds = self.config.credentials_for(ocpp_id)
+        ok = False
+        if creds is not None and user == ocpp_id.encode():
+            for expected in creds.passwords():
+                ok |= hmac.compare_digest(password, expected)
+        if not ok:
+            LOG.warning("station %s: wrong username or password", ocpp_id)
+            return self._unauthorized(connection, "wrong username or password")
+        return None
+
+    def _check_client_cert(self, connection: ServerConnection, ocpp_id: str) -> Response | None:
+        cert = connection.transport.get_extra_info("peercert") if connection.transport else None
+        if not cert:
+            return self._unauthorized(connection, "client certificate required")
+        cn = None
+        for rdn in cert.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    cn = value
+        creds = self.config.credentials_for(ocpp_id)
+        expected = (creds.serial if creds and creds.serial else None) or ocpp_id
+        if cn != expected:
+            LOG.warning("station %s: certificate CN %r, expected %r", ocpp_id, cn, expected)
+            return self._unauthorized(connection, "certificate does not name this station")
+        return None
+
+    def _select_subprotocol(
+        self, connection: ServerConnection, subprotocols: Iterable[str]
+    ) -> str | None:
+        for p in subprotocols:
+            if p in SUBPROTOCOLS:
+                return p
+        return None
+
+    # ---- sessions ------------------------------------------------------------------------
+    async def _session(self, ws: ServerConnection) -> None:
+        ocpp_id = self._station_from_path(ws.request.path if ws.request else "")
+        version = _VERSION_OF.get(ws.subprotocol or "")
+        if ocpp_id is None or version is None:
+            await ws.close(1002, "no OCPP subprotocol")
+            return
+        st = self._stations[ocpp_id]
+        conn = _CONNECTION_CLASS[version](st, ws, self, self.clock)
+        old = st.connection
+        st.connection = conn
+        st.version = version
+        st.last_seen = self.clock.now()
+        if old is not None:
+            old.closed = True
+            old.fail_pending("Disconnected")
+            self._emit(ConnectionEvent(ocpp_id, False, old.version, self.clock.now(), "replaced"))
+            self._spawn(old.ws.close(1001, "replaced by a newer connection"))
+        self._emit(ConnectionEvent(ocpp_id, True, version, self.clock.now()))
+        reason = "closed"
+        try:
+            await conn.start()
+        except ConnectionClosed:
+            pass
+        except Exception:
+            LOG.exception("station %s: session failed", ocpp_id)
+            reason = "error"
+        finally:
+            conn.closed = True
+            conn.fail_pending("Disconnected")
+            if st.connection is conn:
+                st.connection = None
+                st.queue.fail_all("Disconnected", "station disconnected")
+                self._emit(ConnectionEvent(ocpp_id, False, version, self.clock.now(), reason))
+
+    async def _worker(self, st: Station) -> None:
+        while True:
+            item = await st.queue.get()
+            conn = st.connection
+            if conn is None or conn.closed:
+                _resolve(item, CallOutcome("NotConnected", detail="station not connected"))
+                continue
+            try:
+                built = item.builder()
+            except Exception as exc:
+                LOG.exception("station %s: building %s failed", st.ocpp_id, item.label)
+                _resolve(item, CallOutcome("CallError", error_code="InternalError", detail=str(exc)))
+                continue
+            if isinstance(built, CallOutcome):
+                _resolve(item, built)
+                continue
+            action, payload = built
+            outcome = await conn.call_raw(action, payload, self.config.call_timeout_s)
+            _resolve(item, outcome)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _emit(self, event: OcppEvent) -> None:
+        for cb in self._listeners:
+            try:
+                result = cb(event)
+            except Exception:
+                LOG.exception("listener failed on %r", event)
+                continue
+            if inspect.isawaitable(result):
+                self._spawn(result)
+
+    # ---- state ---------------------------------------------------------------------------
+    def connected(self) -> set[str]:
+        """OCPP ids of the stations connected now."""
+        return {s.ocpp_id for s in self._stations.values() if s.connection is not None}
+
+    def is_connected(self, charger_or_station: str) -> bool:
+        st, _ = self._target(charger_or_station)
+        return st.connection is not None
+
+    def station_state(self, charger_or_station: str) -> StationState:
+        st, _ = self._target(charger_or_station)
+        return StationState(
+            ocpp_id=st.ocpp_id,
+            connected=st.connection is not None,
+            version=st.version,
+            boot=st.boot,
+            configuration=dict(st.configuration),
+            active_transactions=dict(st.active_tx),
+            status=dict(st.status),
+            queued_calls=len(st.queue),
+        )
+
+    def charger(self, charger_id: str) -> ChargerInfo:
+        try:
+            return self._chargers[charger_id]
+        except KeyError:
+            raise KeyError(f"unknown charger {charger_id!r}") from None
+
+    def _target(self, charger_or_station: str) -> tuple[Station, ChargerInfo | None]:
+        c = self._chargers.get(charger_or_station)
+        if c is not None:
+            return self._stations[c.ocpp_id], c
+        st = self._stations.get(charger_or_station)
+        if st is None:
+            raise KeyError(f"unknown charger or station {charger_or_station!r}")
+        return st, None
+
+    # ---- events from the handlers (never await a call here) ------------------------------
+    def _on_boot(
+        self,
+        conn: StationConnection,
+        *,
+        vendor: str,
+        model: str,
+        serial: str | None,
+        firmware: str | None,
+        reason: str | None,
+    ) -> None:
+        st = conn.station
+        ev = BootEvent(st.ocpp_id, conn.version, self.clock.now(), vendor, model, serial, firmware, reason)
+        st.boot = ev
+        self._emit(ev)
+        if self.config.configure_on_boot:
+            conn.after_reply(lambda: self._spawn(self._configure(st, conn)))
+
+    async def _configure(self, st: Station, conn: StationConnection) -> None:
+        mod = v16 if conn.version == "1.6" else v201
+        calls = mod.configure_calls(self.config.measurands, self.config.sample_interval_s)
+        results: dict[str, str] = {}
+        for action, payload in calls:
+            out = await self._enqueue(st, lambda a=action, p=payload: (a, p), label=action)
+            if action == "ChangeConfiguration":
+                key = payload["key"]
+                results[key] = (
+                    out.payload.get("status", "?") if out.status == "Result" and out.payload
+                    else out.status
+                )
+            else:
+                names = [
+                    f"{d['component']['name']}.{d['variable']['name']}"
+                    for d in payload["setVariableData"]
+                ]
+                if out.status == "Result" and out.payload:
+                    for r in out.payload.get("setVariableResult", []):
+                        results[f"{r['component']['name']}.{r['variable']['name']}"] = r[
+                            "attributeStatus"
+                        ]
+                else:
+                    results.update(dict.fromkeys(names, out.status))
+        st.configuration = results
+        self._emit(ConfigurationEvent(st.ocpp_id, self.clock.now(), results))
+
+    async def _on_status(
+        self, st: Station, evse_id: int, connector_id: int, status: str, error: str, at: float
+    ) -> None:
+        charger = st.charger(evse_id)
+        st.status[(evse_id, connector_id)] = status
+        ev = StatusEvent(
+            charger.charger_id if charger else None,
+            st.ocpp_id,
+            evse_id,
+            connector_id,
+            status,
+            error,
+            at,
+        )
+        self._emit(ev)
+        await self._publisher.publish(ev)
+
+    def _next_tx_id(self) -> str:
+        self._tx_counter += 1
+        return str(self._tx_counter)
+
+    async def _on_start_1_6(
+        self, st: Station, *, connector_id: int, id_tag: str, meter_start_wh: float, at: float
+    ) -> int:
+        key = (connector_id, id_tag, meter_start_wh, round(at, 3))
+        existing = st.start_keys.get(key)
+        if existing is not None:  # a replay or a retry after a lost answer: same transaction
+            return int(existing)
+        charger = st.charger(connector_id)
+        if charger is None:
+            raise HandlerError("PropertyConstraintViolation", f"unknown connectorId {connector_id}")
+        tx_id = self._next_tx_id()
+        st.start_keys[key] = tx_id
+        tx = TxState(tx_id, charger.charger_id, connector_id, id_tag, meter_start_wh, meter_start_wh, at)
+        st.transactions[tx_id] = tx
+        st.active_tx[connector_id] = tx_id
+        await self._tx_event(st, tx, "started", at)
+        return int(tx_id)
+
+    async def _tx_event(
+        self, st: Station, tx: TxState, kind: str, at: float, reason: str | None = None,
+        offline: bool = False,
+    ) -> None:
+        if tx.charger_id is None:
+            return
+        ev = TransactionEvent(
+            charger_id=tx.charger_id,
+            ocpp_id=st.ocpp_id,
+            transaction_id=tx.transaction_id,
+            kind=kind,  # type: ignore[arg-type]
+            at=at,
+            id_tag=tx.id_tag,
+            meter_start_wh=tx.meter_start_wh,
+            meter_now_wh=tx.last_register_wh,
+            session_energy_wh=tx.session_energy_wh(),
+            reason=reason,
+            offline=offline,
+        )
+        self._emit(ev)
+        await self._publisher.publish(ev)
+
+    async def _on_stop(
+        self, st: Station, tx_id: str, *, meter_stop_wh: float, at: float, reason: str | None
+    ) -> None:
+        tx = st.transactions.get(tx_id)
+        if tx is not None and tx.ended:
+            return  # duplicate stop (replay): already counted
+        if tx is None:
+            tx = TxState(tx_id, None, None, None, None)
+            st.transactions[tx_id] = tx
+        tx.last_register_wh = meter_stop_wh
+        tx.ended = True
+        if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == tx_id:
+            del st.active_tx[tx.evse_id]
+        await self._tx_event(st, tx, "ended", at, reason)
+
+    async def _on_transaction_event_2_0_1(
+        self,
+        st: Station,
+        *,
+        event_type: str,
+        transaction_id: str,
+        seq_no: int,
+        evse_id: int | None,
+        id_tag: str | None,
+        at: float,
+        meter_values: list[dict[str, Any]],
+        reason: str | None,
+        offline: bool,
+    ) -> None:
+        tx = st.transactions.get(transaction_id)
+        if tx is not None and seq_no in tx.seen_seq:
+            return  # replayed message: already handled
+        if tx is None:
+            if evse_id is None and len(st.chargers) == 1:
+                evse_id = next(iter(st.chargers))
+            charger = st.charger(evse_id)
+            tx = TxState(
+                transaction_id,
+                charger.charger_id if charger else None,
+                evse_id,
+                id_tag,
+                None,
+                started_at=at,
+            )
+            st.transactions[transaction_id] = tx
+            new = True
+        else:
+            new = False
+            if id_tag and tx.id_tag is None:
+                tx.id_tag = id_tag
+        tx.seen_seq.add(seq_no)
+        for i, mv in enumerate(meter_values):
+            await self._on_meter_value(st, tx.evse_id, mv, transaction_id, f"meterValue[{i}]")
+        if tx.ended:
+            return
+        if event_type == "Ended":
+            tx.ended = True
+            if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == transaction_id:
+                del st.active_tx[tx.evse_id]
+            await self._tx_event(st, tx, "ended", at, reason, offline)
+        elif new:
+            if tx.evse_id is not None:
+                st.active_tx[tx.evse_id] = transaction_id
+            await self._tx_event(st, tx, "started", at, None, offline)
+        else:
+            await self._tx_event(st, tx, "updated", at, None, offline)
+
+    async def _on_meter_value(
+        self,
+        st: Station,
+        evse_id: int | None,
+        mv: dict[str, Any],
+        tx_id: str | None,
+        where: str,
+    ) -> None:
+        tx = st.transactions.get(tx_id) if tx_id is not None else None
+        if evse_id is None and tx is not None:
+            evse_id = tx.evse_id
+        if evse_id is not None and evse_id != 0 and evse_id not in st.chargers:
+            raise HandlerError("PropertyConstraintViolation", f"unknown EVSE/connector {evse_id}")
+        charger = st.charger(evse_id)
+        if charger is None:
+            return  # station-level meter (connector 0): not a charger's draw
+        reading = parse_meter_value(
+            st.version or "1.6", mv, terminals=charger.phase_map.terminals, field=where
+        )
+        if reading.at > self.clock.now() + self.config.max_clock_skew_s:
+            raise HandlerError("PropertyConstraintViolation", f"{where}.timestamp in the future")
+        if tx is None and tx_id is None:
+            active = st.active_tx.get(charger.evse_id)
+            tx = st.transactions.get(active) if active else None
+        if tx is not None and reading.energy_register_wh is not None:
+            if tx.meter_start_wh is None:
+                tx.meter_start_wh = reading.energy_register_wh
+            if not tx.ended:
+                tx.last_register_wh = reading.energy_register_wh
+        t = reading.terminal_a
+        sample = MeterSample(
+            charger_id=charger.charger_id,
+            ocpp_id=st.ocpp_id,
+            at=reading.at,
+            site_phase_a=charger.phase_map.to_site(t),
+            terminal_a=(t[0], t[1], t[2]),
+            power_w=reading.power_w,
+            energy_register_wh=reading.energy_register_wh,
+            offered_a=reading.offered_a,
+            soc_percent=reading.soc_percent,
+            transaction_id=tx.transaction_id if tx is not None else tx_id,
+            session_energy_wh=tx.session_energy_wh() if tx is not None else None,
+            context=reading.context,
+        )
+        self._emit(sample)
+        await self._publisher.publish(sample)
+
+    async def _on_security(self, st: Station, kind: str, info: str | None, at: float) -> None:
+        ev = SecurityEvent(st.ocpp_id, at, kind, info)
+        self._emit(ev)
+        await self._publisher.publish(ev)
+
+    def _on_notification(self, st: Station, action: str, payload: dict[str, Any]) -> None:
+        self._emit(NotificationEvent(st.ocpp_id, self.clock.now(), action, dict(payload)))
+
+    # ---- commands ------------------------------------------------------------------------
+    async def _enqueue(
+        self,
+        st: Station,
+        builder: Callable[[], tuple[str, dict[str, Any]] | CallOutcome],
+        *,
+        label: str,
+        decrease: bool = False,
+        supersede_key: Any = None,
+    ) -> CallOutcome:
+        if st.connection is None:
+            return CallOutcome("NotConnected", detail=f"station {st.ocpp_id} not connected")
+        fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+        st.queue.put(QueuedCall(builder, fut, decrease, supersede_key, label=label))
+        return await fut
+
+    async def _command(
+        self, target: str, build16: Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]],
+        build201: Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]],
+    ) -> CommandResult:
+        st, charger = self._target(target)
+        sent: list[str] = []
+
+        def builder() -> tuple[str, dict[str, Any]] | CallOutcome:
+            try:
+                action, payload = (build16 if st.version == "1.6" else build201)(st, charger)
+            except VersionMismatch as exc:
+                return CallOutcome("NotSupported", detail=str(exc))
+            sent.append(action)
+            return action, payload
+
+        out = await self._enqueue(st, builder, label="command")
+        action = sent[0] if sent else ""
+        return CommandResult(action, out.status, out.payload, out.error_code, out.detail)
+
+    def _round(self, value: float, unit: str) -> float:
+        if unit == "A" and self.config.whole_amperes:
+            return float(math.floor(value + 1e-9))
+        if unit == "W":
+            return float(math.floor(value + 1e-9))
+        return math.floor(value * 10 + 1e-9) / 10.0
+
+    async def set_limit(
+        self,
+        charger_id: str,
+        *,
+        limit_a: float | None = None,
+        limit_w: float | None = None,
+        valid_to: float | None = None,
+        final_limit_a: float | None = None,
+        final_limit_w: float | None = None,
+        purpose: ProfilePurpose = "tx",
+    ) -> ProfileResult:
+        """Send one charging limit (A for AC, W for DC) as the right profile kind.
+
+        Enqueued on the station's queue: a decrease goes before other calls, a newer limit for
+        the same charger and purpose supersedes this one while it is still queued. Returns when
+        the charger answered, or the request was superseded, timed out or could not be sent.
+        Values are rounded DOWN to what the wire allows (whole amperes if configured, else 0.1).
+        """
+        charger = self.charger(charger_id)
+        if purpose not in ("tx", "tx_default", "station_max"):
+            raise ValueError(f"set_limit: purpose must be tx, tx_default or station_max, got {purpose!r}")
+        if (limit_a is None) == (limit_w is None):
+            raise ValueError("set_limit: give exactly one of limit_a and limit_w")
+        if charger.kind == "dc" and limit_w is None:
+            raise ValueError(f"set_limit: {charger_id} is a DC charger; give limit_w")
+        unit = "A" if limit_a is not None else "W"
+        value = limit_a if limit_a is not None else limit_w
+        assert value is not None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"set_limit: limit must be a finite number >= 0, got {value!r}")
+        final = final_limit_a if unit == "A" else final_limit_w
+        if final is not None and valid_to is None:
+            raise ValueError("set_limit: a final limit needs valid_to (when it takes over)")
+        if final is not None and (not math.isfinite(final) or final < 0):
+            raise ValueError(f"set_limit: final limit must be >= 0, got {final!r}")
+        req = LimitRequest(
+            charger_id,
+            purpose,
+            limit_a,
+            limit_w,
+            valid_to,
+            final,
+            self._round(value, unit),
+            self._round(final, unit) if final is not None else None,
+        )
+        st = self._stations[charger.ocpp_id]
+        now = self.clock.now()
+        evse_key = 0 if purpose == "station_max" else charger.evse_id
+        key = (st.ocpp_id, evse_key, purpose)
+        pid = self._profile_ids.get(key)
+        if pid is None:
+            pid = 100 + len(self._profile_ids)
+            self._profile_ids[key] = pid
+        prev = self._last_limit.get(key)
+        decrease = prev is None or req.wire_limit < prev
+        self._last_limit[key] = req.wire_limit
+
+        def builder() -> tuple[str, dict[str, Any]] | CallOutcome:
+            tx_id = None
+            if purpose == "tx":
+                tx_id = st.active_tx.get(charger.evse_id)
+                if tx_id is None:
+                    return CallOutcome("NoTransaction", detail="a TxProfile needs an active transaction")
+            mod = v16 if st.version == "1.6" else v201
+            return mod.set_charging_profile(
+                charger, req, profile_id=pid, stack_level=self.config.stack_level,
+                transaction_id=tx_id, now=self.clock.now(),
+            )
+
+        out = await self._enqueue(
+            st, builder, label=f"limit {charger_id} {purpose}", decrease=decrease, supersede_key=key
+        )
+        if out.status == "Result" and out.payload is not None:
+            status = str(out.payload.get("status", "?"))
+        else:
+            status = out.status
+        if status != "Accepted" and status != "Superseded" and self._last_limit.get(key) == req.wire_limit:
+            self._last_limit.pop(key, None)  # unknown state at the charger: next request is a decrease
+        result = ProfileResult(
+            charger_id=charger_id,
+            purpose=purpose,
+            status=status,
+            limit_a=req.wire_limit if unit == "A" else None,
+            limit_w=req.wire_limit if unit == "W" else None,
+            profile_id=pid,
+            requested_at=now,
+            answered_at=out.answered_at,
+            detail=out.detail or (out.error_code or ""),
+        )
+        self._emit(result)
+        return result
+
+    async def clear_profile(
+        self,
+        charger_id: str,
+        *,
+        purpose: ProfilePurpose | None = None,
+        stack_level: int | None = None,
+    ) -> CommandResult:
+        """Clear the profiles this central system set for a charger (by purpose if given)."""
+        charger = self.charger(charger_id)
+        profile_id = None
+        if purpose is not None:
+            evse_key = 0 if purpose == "station_max" else charger.evse_id
+            key = (charger.ocpp_id, evse_key, purpose)
+            profile_id = self._profile_ids.get(key)
+            self._last_limit.pop(key, None)
+        evse = None if purpose == "station_max" else charger.evse_id
+        return await self._command(
+            charger_id,
+            lambda st, c: v16.clear_charging_profile(evse, purpose, profile_id, stack_level),
+            lambda st, c: v201.clear_charging_profile(
+                evse, purpose, profile_id if purpose is not None else None, stack_level
+            ),
+        )
+
+    async def get_composite_schedule(
+        self, charger_id: str, *, duration_s: int = 3600, unit: str | None = None
+    ) -> CompositeSchedule:
+        charger = self.charger(charger_id)
+        res = await self._command(
+            charger_id,
+            lambda st, c: v16.composite_schedule(charger.evse_id, duration_s, unit),
+            lambda st, c: v201.composite_schedule(charger.evse_id, duration_s, unit),
+        )
+        if res.status != "Result" or res.payload is None:
+            return CompositeSchedule(charger_id, res.status, None, None, [], res.detail)
+        st = self._stations[charger.ocpp_id]
+        parse = v16.parse_composite if st.version == "1.6" else v201.parse_composite
+        start, unit_got, periods = parse(res.payload)
+        return CompositeSchedule(charger_id, str(res.payload.get("status")), start, unit_got, periods)
+
+    async def remote_start(self, charger_id: str, id_tag: str, *, remote_start_id: int = 1) -> CommandResult:
+        charger = self.charger(charger_id)
+        return await self._command(
+            charger_id,
+            lambda st, c: (
+                "RemoteStartTransaction",
+                {"connectorId": charger.evse_id, "idTag": id_tag},
+            ),
+            lambda st, c: (
+                "RequestStartTransaction",
+                {
+                    "evseId": charger.evse_id,
+                    "remoteStartId": remote_start_id,
+                    "idToken": {"idToken": id_tag, "type": "Central"},
+                },
+            ),
+        )
+
+    async def remote_stop(self, charger_id: str, transaction_id: str | None = None) -> CommandResult:
+        charger = self.charger(charger_id)
+        st = self._stations[charger.ocpp_id]
+        tx = transaction_id or st.active_tx.get(charger.evse_id)
+        if tx is None:
+            return CommandResult("RemoteStopTransaction", "NoTransaction", detail="no active transaction")
+        return await self._command(
+            charger_id,
+            lambda st, c: ("RemoteStopTransaction", {"transactionId": int(tx)}),
+            lambda st, c: ("RequestStopTransaction", {"transactionId": tx}),
+        )
+
+    async def change_availability(self, target: str, *, operative: bool) -> CommandResult:
+        st, charger = self._target(target)
+        evse = charger.evse_id if charger else 0
+        payload201: dict[str, Any] = {"operationalStatus": "Operative" if operative else "Inoperative"}
+        if charger is not None:
+            payload201["evse"] = {"id": evse}
+        return await self._command(
+            target,
+            lambda s, c: (
+                "ChangeAvailability",
+                {"connectorId": evse, "type": "Operative" if operative else "Inoperative"},
+            ),
+            lambda s, c: ("ChangeAvailability", payload201),
+        )
+
+    async def reset(self, target: str, *, hard: bool = False) -> CommandResult:
+        return await self._command(
+            target,
+            lambda s, c: ("Reset", {"type": "Hard" if hard else "Soft"}),
+            lambda s, c: ("Reset", {"type": "Immediate" if hard else "OnIdle"}),
+        )
+
+    async def trigger_message(self, target: str, message: str) -> CommandResult:
+        """``message`` as the version names it, e.g. ``MeterValues``, ``StatusNotification``."""
+        st, charger = self._target(target)
+
+        def b16(s: Station, c: ChargerInfo | None) -> tuple[str, dict[str, Any]]:
+            p: dict[str, Any] = {"requestedMessage": message}
+            if c is not None:
+                p["connectorId"] = c.evse_id
+            return "TriggerMessage", p
+
+        def b201(s: Station, c: ChargerInfo | None) -> tuple[str, dict[str, Any]]:
+            p: dict[str, Any] = {"requestedMessage": message}
+            if c is not None:
+                p["evse"] = {"id": c.evse_id}
+            return "TriggerMessage", p
+
+        return await self._command(target, b16, b201)
+
+    async def get_configuration(self, target: str, keys: list[str] | None = None) -> CommandResult:
+        """OCPP 1.6 only."""
+        return await self._command(
+            target,
+            lambda s, c: ("GetConfiguration", {"key": keys} if keys else {}),
+            _only_16("GetConfiguration"),
+        )
+
+    async def change_configuration(self, target: str, key: str, value: str) -> CommandResult:
+        """OCPP 1.6 only."""
+        return await self._command(
+            target,
+            lambda s, c: ("ChangeConfiguration", {"key": key, "value": value}),
+            _only_16("ChangeConfiguration"),
+        )
+
+    async def get_variables(self, target: str, variables: list[tuple[str, str]]) -> CommandResult:
+        """OCPP 2.0.1 only: ``[(component, variable), …]``."""
+        data = [{"component": {"name": c}, "variable": {"name": v}} for c, v in variables]
+        return await self._command(
+            target, _only_201("GetVariables"), lambda s, c: ("GetVariables", {"getVariableData": data})
+        )
+
+    async def set_variables(
+        self, target: str, variables: list[tuple[str, str, str]]
+    ) -> CommandResult:
+        """OCPP 2.0.1 only: ``[(component, variable, value), …]``."""
+        data = [
+            {"component": {"name": c}, "variable": {"name": v}, "attributeValue": val}
+            for c, v, val in variables
+        ]
+        return await self._command(
+            target, _only_201("SetVariables"), lambda s, c: ("SetVariables", {"setVariableData": data})
+        )
+
+    async def unlock_connector(self, charger_id: str) -> CommandResult:
+        charger = self.charger(charger_id)
+        return await self._command(
+            charger_id,
+            lambda s, c: ("UnlockConnector", {"connectorId": charger.evse_id}),
+            lambda s, c: (
+                "UnlockConnector",
+                {"evseId": charger.evse_id, "connectorId": charger.connector_id},
+            ),
+        )
+
+
+class VersionMismatch(Exception):
+    pass
+
+
+def _only_16(action: str) -> Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]]:
+    def f(s: Station, c: ChargerInfo | None) -> tuple[str, dict[str, Any]]:
+        raise VersionMismatch(f"{action} exists only in OCPP 1.6; station {s.ocpp_id} speaks {s.version}")
+
+    return f
+
+
+def _only_201(action: str) -> Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]]:
+    def f(s: Station, c: ChargerInfo | None) -> tuple[str, dict[str, Any]]:
+        raise VersionMismatch(f"{action} exists only in OCPP 2.0.1; station {s.ocpp_id} speaks {s.version}")
+
+    return f
+
+
+def _resolve(item: QueuedCall, outcome: CallOutcome) -> None:
+    if not item.future.done():
+        item.future.set_result(outcome)

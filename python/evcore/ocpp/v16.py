@@ -1,0 +1,223 @@
+"""OCPP 1.6J: handlers for what a charge point sends, builders for what the central system sends.
+
+Protocol only: this module turns 1.6 frames into the central system's events and the edge's
+requests into 1.6 payloads. It never decides a limit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ocpp.routing import on
+from ocpp.v16.enums import Action
+
+from evcore.ocpp.connection import HandlerError, StationConnection
+from evcore.ocpp.metering import parse_timestamp
+
+if TYPE_CHECKING:
+    from evcore.ocpp.server import ChargerInfo, LimitRequest
+
+PURPOSE = {
+    "tx": "TxProfile",
+    "tx_default": "TxDefaultProfile",
+    "station_max": "ChargePointMaxProfile",
+}
+
+
+def iso(t: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Connection16(StationConnection):
+    version = "1.6"
+    frame_error_code = "FormationViolation"
+    format_error_code = "FormationViolation"
+
+    @on(Action.boot_notification)
+    async def on_boot(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_boot(
+            self,
+            vendor=p["chargePointVendor"],
+            model=p["chargePointModel"],
+            serial=p.get("chargePointSerialNumber") or p.get("chargeBoxSerialNumber"),
+            firmware=p.get("firmwareVersion"),
+            reason=None,
+        )
+        return {
+            "status": "Accepted",
+            "currentTime": iso(self.clock.now()),
+            "interval": self.csms.config.heartbeat_interval_s,
+        }
+
+    @on(Action.heartbeat)
+    async def on_heartbeat(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"currentTime": iso(self.clock.now())}
+
+    @on(Action.status_notification)
+    async def on_status(self, p: dict[str, Any]) -> dict[str, Any]:
+        at = self._ts(p.get("timestamp")) if p.get("timestamp") else self.clock.now()
+        await self.csms._on_status(
+            self.station, p["connectorId"], 1, p["status"], p["errorCode"], at
+        )
+        return {}
+
+    @on(Action.authorize)
+    async def on_authorize(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"idTagInfo": {"status": "Accepted"}}
+
+    @on(Action.start_transaction)
+    async def on_start_transaction(self, p: dict[str, Any]) -> dict[str, Any]:
+        at = self._ts(p["timestamp"])
+        tx_id = await self.csms._on_start_1_6(
+            self.station,
+            connector_id=p["connectorId"],
+            id_tag=p["idTag"],
+            meter_start_wh=float(p["meterStart"]),
+            at=at,
+        )
+        return {"transactionId": tx_id, "idTagInfo": {"status": "Accepted"}}
+
+    @on(Action.stop_transaction)
+    async def on_stop_transaction(self, p: dict[str, Any]) -> dict[str, Any]:
+        at = self._ts(p["timestamp"])
+        for i, mv in enumerate(p.get("transactionData") or ()):
+            await self.csms._on_meter_value(
+                self.station, None, mv, str(p["transactionId"]), f"transactionData[{i}]"
+            )
+        await self.csms._on_stop(
+            self.station,
+            str(p["transactionId"]),
+            meter_stop_wh=float(p["meterStop"]),
+            at=at,
+            reason=p.get("reason", "Local"),
+        )
+        return {"idTagInfo": {"status": "Accepted"}} if p.get("idTag") else {}
+
+    @on(Action.meter_values)
+    async def on_meter_values(self, p: dict[str, Any]) -> dict[str, Any]:
+        tx = p.get("transactionId")
+        evse = p["connectorId"]
+        for i, mv in enumerate(p["meterValue"]):
+            await self.csms._on_meter_value(
+                self.station, evse, mv, str(tx) if tx is not None else None, f"meterValue[{i}]"
+            )
+        return {}
+
+    @on(Action.security_event_notification)
+    async def on_security_event(self, p: dict[str, Any]) -> dict[str, Any]:
+        await self.csms._on_security(
+            self.station, p["type"], p.get("techInfo"), self._ts(p["timestamp"])
+        )
+        return {}
+
+    @on(Action.firmware_status_notification)
+    async def on_firmware_status(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_notification(self.station, "FirmwareStatusNotification", p)
+        return {}
+
+    @on(Action.diagnostics_status_notification)
+    async def on_diagnostics_status(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_notification(self.station, "DiagnosticsStatusNotification", p)
+        return {}
+
+    @on(Action.log_status_notification)
+    async def on_log_status(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_notification(self.station, "LogStatusNotification", p)
+        return {}
+
+    @on(Action.data_transfer)
+    async def on_data_transfer(self, p: dict[str, Any]) -> dict[str, Any]:
+        if p["vendorId"] not in self.csms.config.data_transfer_vendor_ids:
+            return {"status": "UnknownVendorId"}
+        self.csms._on_notification(self.station, "DataTransfer", p)
+        return {"status": "Accepted"}
+
+    def _ts(self, value: Any) -> float:
+        at = parse_timestamp(value)
+        if at > self.clock.now() + self.csms.config.max_clock_skew_s:
+            raise HandlerError("PropertyConstraintViolation", f"timestamp in the future: {value}")
+        return at
+
+
+# ---- builders: (action, payload) for what the central system sends ------------------------------
+
+
+def configure_calls(measurands: tuple[str, ...], interval_s: int) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        ("ChangeConfiguration", {"key": "MeterValuesSampledData", "value": ",".join(measurands)}),
+        ("ChangeConfiguration", {"key": "MeterValueSampleInterval", "value": str(interval_s)}),
+    ]
+
+
+def set_charging_profile(
+    charger: ChargerInfo, req: LimitRequest, *, profile_id: int, stack_level: int,
+    transaction_id: str | None, now: float,
+) -> tuple[str, dict[str, Any]]:
+    connector = 0 if req.purpose == "station_max" else charger.evse_id
+    unit = "W" if req.limit_w is not None else "A"
+    periods: list[dict[str, Any]] = []
+    first: dict[str, Any] = {"startPeriod": 0, "limit": req.wire_limit}
+    if unit == "A":
+        first["numberPhases"] = charger.number_phases
+    periods.append(first)
+    profile: dict[str, Any] = {
+        "chargingProfileId": profile_id,
+        "stackLevel": stack_level,
+        "chargingProfilePurpose": PURPOSE[req.purpose],
+        "chargingProfileKind": "Absolute",
+        "chargingSchedule": {
+            "startSchedule": iso(now),
+            "chargingRateUnit": unit,
+            "chargingSchedulePeriod": periods,
+        },
+    }
+    if req.valid_to is not None and req.wire_final is not None:
+        final = {"startPeriod": max(1, int(req.valid_to - now)), "limit": req.wire_final}
+        if unit == "A":
+            final["numberPhases"] = charger.number_phases
+        periods.append(final)
+    elif req.valid_to is not None:
+        profile["validTo"] = iso(req.valid_to)
+    if req.purpose == "tx":
+        assert transaction_id is not None
+        profile["transactionId"] = int(transaction_id)
+    return "SetChargingProfile", {"connectorId": connector, "csChargingProfiles": profile}
+
+
+def clear_charging_profile(
+    connector_id: int | None, purpose: str | None, profile_id: int | None, stack_level: int | None
+) -> tuple[str, dict[str, Any]]:
+    p: dict[str, Any] = {}
+    if profile_id is not None:
+        p["id"] = profile_id
+    if connector_id is not None:
+        p["connectorId"] = connector_id
+    if purpose is not None:
+        p["chargingProfilePurpose"] = PURPOSE[purpose]
+    if stack_level is not None:
+        p["stackLevel"] = stack_level
+    return "ClearChargingProfile", p
+
+
+def composite_schedule(
+    connector_id: int, duration_s: int, unit: str | None
+) -> tuple[str, dict[str, Any]]:
+    p: dict[str, Any] = {"connectorId": connector_id, "duration": duration_s}
+    if unit is not None:
+        p["chargingRateUnit"] = unit
+    return "GetCompositeSchedule", p
+
+
+def parse_composite(payload: dict[str, Any]) -> tuple[float | None, str | None, list[tuple[int, float, int | None]]]:
+    sched = payload.get("chargingSchedule")
+    if not sched:
+        return None, None, []
+    start = payload.get("scheduleStart") or sched.get("startSchedule")
+    periods = [
+        (int(p["startPeriod"]), float(p["limit"]), p.get("numberPhases"))
+        for p in sched.get("chargingSchedulePeriod", ())
+    ]
+    return (parse_timestamp(start) if start else None), sched.get("chargingRateUnit"), periods
+

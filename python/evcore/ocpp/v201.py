@@ -1,0 +1,227 @@
+"""OCPP 2.0.1: handlers for what a charging station sends, builders for what the CSMS sends.
+
+Protocol only: frames become events, requests become payloads; no limit is decided here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ocpp.routing import on
+from ocpp.v201.enums import Action
+
+from evcore.ocpp.connection import HandlerError, StationConnection
+from evcore.ocpp.metering import parse_timestamp
+from evcore.ocpp.v16 import iso
+
+if TYPE_CHECKING:
+    from evcore.ocpp.server import ChargerInfo, LimitRequest
+
+PURPOSE = {
+    "tx": "TxProfile",
+    "tx_default": "TxDefaultProfile",
+    "station_max": "ChargingStationMaxProfile",
+}
+
+
+class Connection201(StationConnection):
+    version = "2.0.1"
+    frame_error_code = "RpcFrameworkError"
+    format_error_code = "FormatViolation"
+
+    @on(Action.boot_notification)
+    async def on_boot(self, p: dict[str, Any]) -> dict[str, Any]:
+        cs = p["chargingStation"]
+        self.csms._on_boot(
+            self,
+            vendor=cs["vendorName"],
+            model=cs["model"],
+            serial=cs.get("serialNumber"),
+            firmware=cs.get("firmwareVersion"),
+            reason=p["reason"],
+        )
+        return {
+            "status": "Accepted",
+            "currentTime": iso(self.clock.now()),
+            "interval": self.csms.config.heartbeat_interval_s,
+        }
+
+    @on(Action.heartbeat)
+    async def on_heartbeat(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"currentTime": iso(self.clock.now())}
+
+    @on(Action.status_notification)
+    async def on_status(self, p: dict[str, Any]) -> dict[str, Any]:
+        at = self._ts(p["timestamp"])
+        await self.csms._on_status(
+            self.station, p["evseId"], p["connectorId"], p["connectorStatus"], "NoError", at
+        )
+        return {}
+
+    @on(Action.authorize)
+    async def on_authorize(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"idTokenInfo": {"status": "Accepted"}}
+
+    @on(Action.transaction_event)
+    async def on_transaction_event(self, p: dict[str, Any]) -> dict[str, Any]:
+        at = self._ts(p["timestamp"])
+        info = p["transactionInfo"]
+        evse = p.get("evse") or {}
+        id_token = (p.get("idToken") or {}).get("idToken")
+        await self.csms._on_transaction_event_2_0_1(
+            self.station,
+            event_type=p["eventType"],
+            transaction_id=info["transactionId"],
+            seq_no=p["seqNo"],
+            evse_id=evse.get("id"),
+            id_tag=id_token,
+            at=at,
+            meter_values=p.get("meterValue") or [],
+            reason=info.get("stoppedReason"),
+            offline=bool(p.get("offline", False)),
+        )
+        out: dict[str, Any] = {}
+        if id_token is not None:
+            out["idTokenInfo"] = {"status": "Accepted"}
+        return out
+
+    @on(Action.meter_values)
+    async def on_meter_values(self, p: dict[str, Any]) -> dict[str, Any]:
+        evse = p["evseId"]
+        for i, mv in enumerate(p["meterValue"]):
+            await self.csms._on_meter_value(self.station, evse, mv, None, f"meterValue[{i}]")
+        return {}
+
+    @on(Action.security_event_notification)
+    async def on_security_event(self, p: dict[str, Any]) -> dict[str, Any]:
+        await self.csms._on_security(
+            self.station, p["type"], p.get("techInfo"), self._ts(p["timestamp"])
+        )
+        return {}
+
+    @on(Action.firmware_status_notification)
+    async def on_firmware_status(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_notification(self.station, "FirmwareStatusNotification", p)
+        return {}
+
+    @on(Action.log_status_notification)
+    async def on_log_status(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_notification(self.station, "LogStatusNotification", p)
+        return {}
+
+    @on(Action.notify_ev_charging_needs)
+    async def on_ev_charging_needs(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_notification(self.station, "NotifyEVChargingNeeds", p)
+        return {"status": "Accepted"}
+
+    @on(Action.data_transfer)
+    async def on_data_transfer(self, p: dict[str, Any]) -> dict[str, Any]:
+        if p["vendorId"] not in self.csms.config.data_transfer_vendor_ids:
+            return {"status": "UnknownVendorId"}
+        self.csms._on_notification(self.station, "DataTransfer", p)
+        return {"status": "Accepted"}
+
+    def _ts(self, value: Any) -> float:
+        at = parse_timestamp(value)
+        if at > self.clock.now() + self.csms.config.max_clock_skew_s:
+            raise HandlerError("PropertyConstraintViolation", f"timestamp in the future: {value}")
+        return at
+
+
+def configure_calls(measurands: tuple[str, ...], interval_s: int) -> list[tuple[str, dict[str, Any]]]:
+    def var(component: str, name: str, value: str) -> dict[str, Any]:
+        return {
+            "component": {"name": component},
+            "variable": {"name": name},
+            "attributeValue": value,
+        }
+
+    m = ",".join(measurands)
+    return [
+        (
+            "SetVariables",
+            {
+                "setVariableData": [
+                    var("SampledDataCtrlr", "TxUpdatedMeasurands", m),
+                    var("SampledDataCtrlr", "TxUpdatedInterval", str(interval_s)),
+                    var("AlignedDataCtrlr", "Measurands", m),
+                    var("AlignedDataCtrlr", "Interval", str(interval_s)),
+                ]
+            },
+        )
+    ]
+
+
+def set_charging_profile(
+    charger: ChargerInfo, req: LimitRequest, *, profile_id: int, stack_level: int,
+    transaction_id: str | None, now: float,
+) -> tuple[str, dict[str, Any]]:
+    evse = 0 if req.purpose == "station_max" else charger.evse_id
+    unit = "W" if req.limit_w is not None else "A"
+    first: dict[str, Any] = {"startPeriod": 0, "limit": req.wire_limit}
+    if unit == "A":
+        first["numberPhases"] = charger.number_phases
+    periods = [first]
+    profile: dict[str, Any] = {
+        "id": profile_id,
+        "stackLevel": stack_level,
+        "chargingProfilePurpose": PURPOSE[req.purpose],
+        "chargingProfileKind": "Absolute",
+        "chargingSchedule": [
+            {
+                "id": profile_id,
+                "startSchedule": iso(now),
+                "chargingRateUnit": unit,
+                "chargingSchedulePeriod": periods,
+            }
+        ],
+    }
+    if req.valid_to is not None and req.wire_final is not None:
+        final: dict[str, Any] = {"startPeriod": max(1, int(req.valid_to - now)), "limit": req.wire_final}
+        if unit == "A":
+            final["numberPhases"] = charger.number_phases
+        periods.append(final)
+    elif req.valid_to is not None:
+        profile["validTo"] = iso(req.valid_to)
+    if req.purpose == "tx":
+        assert transaction_id is not None
+        profile["transactionId"] = transaction_id
+    return "SetChargingProfile", {"evseId": evse, "chargingProfile": profile}
+
+
+def clear_charging_profile(
+    evse_id: int | None, purpose: str | None, profile_id: int | None, stack_level: int | None
+) -> tuple[str, dict[str, Any]]:
+    p: dict[str, Any] = {}
+    if profile_id is not None:
+        p["chargingProfileId"] = profile_id
+    crit: dict[str, Any] = {}
+    if evse_id is not None:
+        crit["evseId"] = evse_id
+    if purpose is not None:
+        crit["chargingProfilePurpose"] = PURPOSE[purpose]
+    if stack_level is not None:
+        crit["stackLevel"] = stack_level
+    if crit:
+        p["chargingProfileCriteria"] = crit
+    return "ClearChargingProfile", p
+
+
+def composite_schedule(evse_id: int, duration_s: int, unit: str | None) -> tuple[str, dict[str, Any]]:
+    p: dict[str, Any] = {"evseId": evse_id, "duration": duration_s}
+    if unit is not None:
+        p["chargingRateUnit"] = unit
+    return "GetCompositeSchedule", p
+
+
+def parse_composite(
+    payload: dict[str, Any],
+) -> tuple[float | None, str | None, list[tuple[int, float, int | None]]]:
+    sched = payload.get("schedule")
+    if not sched:
+        return None, None, []
+    periods = [
+        (int(p["startPeriod"]), float(p["limit"]), p.get("numberPhases"))
+        for p in sched.get("chargingSchedulePeriod", ())
+    ]
+    return parse_timestamp(sched["scheduleStart"]), sched.get("chargingRateUnit"), periods
