@@ -149,7 +149,14 @@ class EdgeController:
         now_m = self.clock.monotonic()
         st = self.state
         if kind == "MeterSample":
-            if st.on_meter(ev.charger_id, ev.site_phase_a, ev.power_w, ev.session_energy_wh, now_m):
+            if st.on_meter(
+                ev.charger_id,
+                ev.site_phase_a,
+                ev.power_w,
+                ev.session_energy_wh,
+                now_m,
+                ev.terminal_a,
+            ):
                 c = st.chargers[ev.charger_id]
                 change = check_ignored(c, now_m, self.cfg)
                 if change is FaultChange.FAULTED:

@@ -35,8 +35,10 @@ class ChargerState:
     transaction_id: str | None = None
     session_started_at: float | None = None  # wall
 
-    # Measurement, per SITE phase (A); None where not measured. DC: measured_w.
+    # Measurement per SITE phase and per charger TERMINAL (its L1..L3), A; None where not measured.
+    # DC: measured_w as well.
     measured_a: tuple[float | None, float | None, float | None] = (None, None, None)
+    terminal_a: tuple[float | None, float | None, float | None] = (None, None, None)
     measured_w: float | None = None
     measured_at: float | None = None  # monotonic
     session_energy_wh: float = 0.0
@@ -147,11 +149,13 @@ class SiteState:
         power_w: float | None,
         session_energy_wh: float | None,
         now_mono: float,
+        terminal_a: tuple[float | None, float | None, float | None] | None = None,
     ) -> bool:
         c = self.chargers.get(charger_id)
         if c is None:
             return False
         c.measured_a = site_phase_a
+        c.terminal_a = terminal_a if terminal_a is not None else site_phase_a
         c.measured_w = power_w
         c.measured_at = now_mono
         c.online = True

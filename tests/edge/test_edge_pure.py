@@ -1,0 +1,203 @@
+"""Unit tests of the edge's pure functions: dispatch, failsafe timing, grid book, faults, config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from evcore.edge import failsafe
+from evcore.edge.config import EdgeConfig, EdgeConfigError
+from evcore.edge.dispatch import (
+    ChangeKind,
+    PendingDecrease,
+    decreases_settled,
+    next_settle_at,
+    plan_dispatch,
+)
+from evcore.edge.faults import FaultChange, check_ignored
+from evcore.edge.grid import (
+    Curtailment,
+    CurtailmentBook,
+    GridSignalError,
+    PricePoint,
+    merge_prices,
+    price_at,
+)
+from evcore.edge.state import ChargerState
+
+
+def _plan(safe, current, **kw):
+    base = dict(deadband_a=1.0, deadband_w=500.0, now_s=100.0, settle_s=5.0)
+    base.update(kw)
+    return plan_dispatch(safe, current, **base)
+
+
+# ---- dispatch -------------------------------------------------------------------------------
+def test_decreases_leave_and_increases_wait_in_the_same_decision() -> None:
+    p = _plan({"a": 10.0, "b": 20.0, "c": 16.0}, {"a": 16.0, "b": 10.0, "c": 16.0})
+    assert [c.charger_id for c in p.decreases] == ["a"]
+    assert p.increases == ()
+    assert [c.charger_id for c in p.held] == ["b"]
+    assert [c.charger_id for c in p.to_send] == ["a"]
+
+
+def test_increases_leave_when_no_decrease_is_pending() -> None:
+    p = _plan({"b": 20.0}, {"b": 10.0})
+    assert [(c.charger_id, c.kind) for c in p.increases] == [("b", ChangeKind.INCREASE)]
+    assert p.held == ()
+
+
+def test_increases_wait_for_an_unaccepted_decrease_until_settle() -> None:
+    pend = [PendingDecrease("a", 97.0, False)]
+    held = _plan({"b": 20.0}, {"b": 10.0}, pending=pend, now_s=100.0)
+    assert held.increases == () and len(held.held) == 1
+    settled = _plan({"b": 20.0}, {"b": 10.0}, pending=pend, now_s=102.0)
+    assert len(settled.increases) == 1
+    accepted = _plan({"b": 20.0}, {"b": 10.0}, pending=[PendingDecrease("a", 99.9, True)])
+    assert len(accepted.increases) == 1
+
+
+def test_deadband_suppresses_small_increases_but_never_a_decrease() -> None:
+    p = _plan({"a": 16.5, "b": 15.9}, {"a": 16.0, "b": 16.0})
+    assert p.increases == () and p.held == ()
+    assert [c.charger_id for c in p.decreases] == ["b"]
+
+
+def test_leaving_zero_is_never_inside_the_deadband() -> None:
+    p = _plan({"a": 6.0}, {"a": 0.0}, deadband_a=10.0)
+    assert [c.charger_id for c in p.increases] == ["a"]
+
+
+def test_unknown_state_always_sends_as_a_decrease_and_force_refreshes() -> None:
+    p = _plan({"a": 8.0, "b": 10.0}, {"a": None, "b": 10.0}, force={"b"})
+    assert [c.charger_id for c in p.decreases] == ["a"]
+    assert [(c.charger_id, c.new) for c in p.refreshes] == [("b", 10.0)]
+
+
+def test_dc_uses_the_watt_deadband_and_decreases_sort_largest_first() -> None:
+    p = _plan(
+        {"dc": 10_300.0, "x": 6.0, "y": 20.0},
+        {"dc": 10_000.0, "x": 16.0, "y": 32.0},
+        dc_ids={"dc"},
+    )
+    assert [c.charger_id for c in p.decreases] == ["y", "x"]
+    assert p.held == ()  # 300 W is inside the 500 W deadband
+
+
+def test_settle_helpers() -> None:
+    pend = [PendingDecrease("a", 10.0, False), PendingDecrease("b", 12.0, True)]
+    assert not decreases_settled(pend, 14.0, 5.0)
+    assert decreases_settled(pend, 15.0, 5.0)
+    assert next_settle_at(pend, 5.0) == 15.0
+    assert next_settle_at([PendingDecrease("b", 12.0, True)], 5.0) is None
+
+
+# ---- failsafe timing ------------------------------------------------------------------------
+@pytest.mark.parametrize("now", [0.0, 1_767_225_600.0, 1_767_225_655.5, 1_767_225_659.999])
+def test_profiles_end_within_failsafe_after_s_and_refresh_comes_first(now: float) -> None:
+    cfg = EdgeConfig(failsafe_after_s=120.0, refresh_lead_s=30.0, fallback_guard_s=10.0)
+    falling = failsafe.valid_to(now, 16.0, 8.0, cfg)
+    rising = failsafe.valid_to(now, 0.0, 8.0, cfg)
+    assert now < falling <= now + cfg.failsafe_after_s
+    assert rising == falling + cfg.fallback_guard_s <= now + cfg.failsafe_after_s
+    for vt, sp in ((falling, 16.0), (rising, 0.0)):
+        due = failsafe.refresh_at(vt, sp, 8.0, cfg)
+        assert now < due < vt
+    # Shared instants: two profiles sent apart within one window expire together.
+    assert failsafe.valid_to(now + 1e-3, 16.0, 8.0, cfg) in (falling, falling + 80.0)
+
+
+def test_config_rejects_a_guard_that_leaves_no_spacing() -> None:
+    with pytest.raises(EdgeConfigError, match="fallback_guard_s"):
+        EdgeConfig(failsafe_after_s=60.0, refresh_lead_s=30.0, fallback_guard_s=30.0)
+
+
+# ---- config ---------------------------------------------------------------------------------
+def test_config_from_table_names_the_bad_key() -> None:
+    cfg = EdgeConfig.from_table({"tick_s": 2, "policy": "planner_cost", "max_switches": 4})
+    assert cfg.tick_s == 2.0 and cfg.policy == "planner_cost" and cfg.max_switches == 4
+    with pytest.raises(EdgeConfigError, match=r"\[edge\]\.tick_sec: unknown key"):
+        EdgeConfig.from_table({"tick_sec": 1})
+    with pytest.raises(EdgeConfigError, match=r"\[edge\]\.deadband_a"):
+        EdgeConfig.from_table({"deadband_a": math.nan})
+    with pytest.raises(EdgeConfigError, match=r"\[edge\]\.policy"):
+        EdgeConfig.from_table({"policy": "greedy"})
+    with pytest.raises(EdgeConfigError, match=r"\[edge\]\.settle_s"):
+        EdgeConfig.from_table({"settle_s": "5"})
+    with pytest.raises(EdgeConfigError, match=r"\[edge\]\.max_switches"):
+        EdgeConfig.from_table({"max_switches": 2.5})
+
+
+# ---- grid -----------------------------------------------------------------------------------
+def test_curtailment_book_lead_release_and_validation() -> None:
+    book = CurtailmentBook({"grid", "F1"}, lead_s=15.0)
+    book.add(Curtailment("c1", "grid", 50.0, 1000.0, 2000.0))
+    book.add(Curtailment("c2", "grid", 40.0, 1500.0, 1600.0))
+    assert book.caps_kw(900.0) == {}
+    assert book.caps_kw(985.0) == {"grid": 50.0}  # in force from T1 - lead
+    assert book.caps_kw(1490.0) == {"grid": 40.0}
+    assert book.caps_kw(900.0, horizon_s=700.0) == {"grid": 40.0}
+    assert book.caps_kw(2000.0) == {}  # released at T2
+    assert book.next_change(900.0) == 985.0
+    assert book.next_change(1700.0) == 2000.0
+    book.add(Curtailment("c1", "grid", 60.0, 1000.0, 2000.0))  # same id replaces
+    assert book.caps_kw(1000.0) == {"grid": 60.0}
+    assert book.cancel("c1") and not book.cancel("c1")
+    book.prune(1600.0)
+    assert len(book) == 0
+    for bad, msg in (
+        (Curtailment("x", "nope", 1.0, 0.0, 1.0), "unknown node_id"),
+        (Curtailment("x", "F1", -1.0, 0.0, 1.0), "max_kw"),
+        (Curtailment("x", "F1", math.inf, 0.0, 1.0), "max_kw"),
+        (Curtailment("x", "F1", 1.0, 5.0, 5.0), "end"),
+        (Curtailment("", "F1", 1.0, 0.0, 5.0), "signal_id"),
+    ):
+        with pytest.raises(GridSignalError, match=msg):
+            book.add(bad)
+
+
+def test_price_updates_replace_from_their_first_step() -> None:
+    old = [PricePoint(0.0, 0.30), PricePoint(3600.0, 0.20), PricePoint(7200.0, 0.10)]
+    new = merge_prices(old, [PricePoint(3600.0, 0.50)])
+    assert [(p.start, p.price_per_kwh) for p in new] == [(0.0, 0.30), (3600.0, 0.50)]
+    assert price_at(new, 4000.0) == 0.50 and price_at(new, -1.0) is None
+    with pytest.raises(GridSignalError):
+        merge_prices(old, [PricePoint(0.0, math.nan)])
+
+
+# ---- ignored profile ------------------------------------------------------------------------
+def _charger(holding: float, measured: float, at: float) -> ChargerState:
+    c = ChargerState("cp", "CP", False, 6.0, 32.0)
+    c.sent = c.holding = holding
+    c.accepted = True
+    c.sent_at = 0.0
+    c.measured_a = (measured, measured, None)
+    c.measured_at = at
+    return c
+
+
+def test_a_charger_that_ignores_its_profile_becomes_suspect_then_faulted() -> None:
+    cfg = EdgeConfig(settle_s=5.0, ignore_threshold_a=2.0, ignore_after_s=10.0, fault_after_s=20.0)
+    c = _charger(10.0, 16.0, 3.0)
+    assert check_ignored(c, 3.0, cfg) is None  # not settled yet: no judgement
+    c.measured_at = 6.0
+    assert check_ignored(c, 6.0, cfg) is FaultChange.SUSPECT
+    c.measured_at = 20.0
+    assert check_ignored(c, 20.0, cfg) is None and not c.faulted
+    c.measured_at = 36.0
+    assert check_ignored(c, 36.0, cfg) is FaultChange.FAULTED
+    assert c.faulted and "ignores its profile" in c.fault_reason
+    assert check_ignored(c, 40.0, cfg) is None  # reported once
+
+
+def test_a_charger_that_complies_again_is_cleared() -> None:
+    cfg = EdgeConfig(settle_s=5.0, ignore_threshold_a=2.0)
+    c = _charger(10.0, 16.0, 6.0)
+    assert check_ignored(c, 6.0, cfg) is FaultChange.SUSPECT
+    c.measured_a = (10.5, 10.4, None)
+    c.measured_at = 8.0
+    assert check_ignored(c, 8.0, cfg) is FaultChange.CLEARED
+    assert c.suspect_since is None and not c.faulted
+    c.measured_a = (11.9, 0.0, None)  # within the threshold
+    assert check_ignored(c, 9.0, cfg) is None
