@@ -1,0 +1,324 @@
+//! After the solve: the objective of any schedule, the 6 A rounding pass, exact limit checks and
+//! the binding-constraint report.
+
+use super::input::{at, PlanInput};
+use super::model::{LimitCon, Model};
+use super::{BindingConstraint, ObjectiveTerms};
+
+pub(crate) struct Evaluation {
+    pub terms: ObjectiveTerms,
+    pub delivered_kwh: Vec<f64>,
+    pub shortfall_kwh: Vec<f64>,
+    pub peak_kw: f64,
+}
+
+fn kwh_per_unit(model: &Model, input: &PlanInput, v: usize) -> f64 {
+    let var = model.vars[v];
+    model.sessions[var.session].vehicle_kw_per_unit * var.frac * input.step_s[var.step] / 3600.0
+}
+
+/// The model's objective for rates `y` (one per `x` variable), with the other variables at
+/// their best values: shortfall = requested − delivered, import = max(0, net), peak = max window.
+pub(crate) fn evaluate(model: &Model, input: &PlanInput, y: &[f64]) -> Evaluation {
+    let w = &input.weights;
+    let mut t = ObjectiveTerms::default();
+    let mut delivered = vec![0.0; input.sessions.len()];
+    let root = input
+        .nodes
+        .iter()
+        .position(|n| n.parent.is_none())
+        .unwrap_or(0);
+    let mut net = vec![0.0; model.steps];
+    for k in 0..model.steps {
+        net[k] = at(&input.nodes[root].other_load_kw, k) - at(&input.pv_kw, k);
+    }
+    for (v, var) in model.vars.iter().enumerate() {
+        let s = &model.sessions[var.session];
+        delivered[var.session] += kwh_per_unit(model, input, v) * y[v];
+        net[var.step] += var.frac * s.site_kw_per_unit * y[v];
+        t.charge_early += model.q[v] * y[v];
+        let d_h = input.step_s[var.step] / 3600.0;
+        t.equal_share += w.equal_share * d_h * (y[v] / s.max_rate).powi(2);
+    }
+    for s in &model.sessions {
+        for j in 1..s.n_vars {
+            let (a, b) = (s.first_var + j - 1, s.first_var + j);
+            t.smooth += w.smooth * ((y[b] - y[a]) / s.max_rate).powi(2);
+        }
+    }
+    let mut shortfall = vec![0.0; input.sessions.len()];
+    for (i, s) in model.sessions.iter().enumerate() {
+        shortfall[i] = (s.energy_kwh - delivered[i]).max(0.0);
+        t.non_delivery += w.non_delivery_per_kwh * s.priority * shortfall[i];
+    }
+    let g: Vec<f64> = net.iter().map(|v| v.max(0.0)).collect();
+    for k in 0..model.steps {
+        t.energy_cost += at(&input.price_per_kwh, k) * g[k] * input.step_s[k] / 3600.0;
+    }
+    if model.d_var.is_some() {
+        let mut peak = input.peak_floor_kw;
+        for r in &model.demand {
+            let avg: f64 = r.coefs.iter().map(|&(k, c)| c * g[k]).sum::<f64>() + r.past_kw;
+            peak = peak.max(avg);
+        }
+        t.demand_charge = input.demand_charge_per_kw * peak;
+    }
+    t.total = t.energy_cost
+        + t.demand_charge
+        + t.non_delivery
+        + t.charge_early
+        + t.equal_share
+        + t.smooth;
+    Evaluation {
+        terms: t,
+        delivered_kwh: delivered,
+        shortfall_kwh: shortfall,
+        peak_kw: g.iter().cloned().fold(0.0, f64::max),
+    }
+}
+
+/// Value of a limit's left-hand side for rates `y`: |Σ c·y| (A) or Σ kW·y.
+pub(crate) fn limit_value(l: &LimitCon, y: &[f64]) -> f64 {
+    let (mut re, mut im) = (0.0, 0.0);
+    for &(v, cr, ci) in &l.entries {
+        re += cr * y[v];
+        im += ci * y[v];
+    }
+    if l.phase.is_some() {
+        (re * re + im * im).sqrt()
+    } else {
+        re
+    }
+}
+
+fn tightened(h: f64, margin_rel: f64) -> f64 {
+    h - margin_rel * (h.abs() + 1.0)
+}
+
+/// Limits exceeded by `y` beyond `margin_rel`-tightened headroom: (limit index, value).
+pub(crate) fn violations(model: &Model, y: &[f64], margin_rel: f64) -> Vec<(usize, f64)> {
+    model
+        .limits
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let v = limit_value(l, y);
+            (v > tightened(l.headroom, margin_rel) + 1e-9).then_some((i, v))
+        })
+        .collect()
+}
+
+pub(crate) fn describe(
+    model: &Model,
+    input: &PlanInput,
+    l: &LimitCon,
+    kind: &str,
+) -> BindingConstraint {
+    let kind = if kind.is_empty() || kind == "phase_limit" {
+        if l.phase.is_some() {
+            "phase_limit"
+        } else {
+            "power_limit"
+        }
+    } else {
+        kind
+    };
+    BindingConstraint {
+        kind: kind.into(),
+        node: input.nodes[l.node].id.clone(),
+        phase: l.phase,
+        step: l.step,
+        step_start_s: model.step_start_s[l.step],
+        headroom: l.headroom,
+    }
+}
+
+/// Constraints with (almost) no slack at the relaxed optimum `x`.
+pub(crate) fn binding(
+    model: &Model,
+    input: &PlanInput,
+    x: &[f64],
+    margin_rel: f64,
+) -> Vec<BindingConstraint> {
+    let mut out: Vec<BindingConstraint> = model
+        .limits
+        .iter()
+        .filter(|l| {
+            let h = tightened(l.headroom, margin_rel);
+            limit_value(l, x) >= h - 1e-4 * h.abs().max(1.0)
+        })
+        .map(|l| describe(model, input, l, ""))
+        .collect();
+    if model.d_var.is_some() {
+        let ev = evaluate(model, input, x);
+        let peak = if input.demand_charge_per_kw > 0.0 {
+            ev.terms.demand_charge / input.demand_charge_per_kw
+        } else {
+            0.0
+        };
+        if peak > input.peak_floor_kw + 1e-6 {
+            let mut net = vec![0.0; model.steps];
+            let root = input
+                .nodes
+                .iter()
+                .position(|n| n.parent.is_none())
+                .unwrap_or(0);
+            for (k, v) in net.iter_mut().enumerate() {
+                *v = at(&input.nodes[root].other_load_kw, k) - at(&input.pv_kw, k);
+            }
+            for (v, var) in model.vars.iter().enumerate() {
+                net[var.step] += var.frac * model.sessions[var.session].site_kw_per_unit * x[v];
+            }
+            for r in &model.demand {
+                let avg: f64 = r
+                    .coefs
+                    .iter()
+                    .map(|&(k, c)| c * net[k].max(0.0))
+                    .sum::<f64>()
+                    + r.past_kw;
+                if avg >= peak - 1e-4 * peak.max(1.0) {
+                    let step = r.coefs.first().map(|c| c.0).unwrap_or(0);
+                    out.push(BindingConstraint {
+                        kind: "demand_peak".into(),
+                        node: input.nodes[root].id.clone(),
+                        phase: None,
+                        step,
+                        step_start_s: r.window_start_s,
+                        headroom: peak,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Turn the relaxed rates into rates that obey the 6 A rule (0 or within [min, max]) and every
+/// hard limit: rates below the minimum go to 0, then as many as fit are raised to the minimum
+/// (largest relaxed rate first), then sessions that lost energy are topped up where headroom
+/// allows (earliest step first). Raising only ever uses headroom measured conservatively
+/// (|Σ + c·δ| ≤ |Σ| + |c|·δ), so every step keeps every limit.
+pub(crate) fn round(model: &Model, input: &PlanInput, x: &[f64], margin_rel: f64) -> Vec<f64> {
+    let nx = model.n_x;
+    let mut y: Vec<f64> = (0..nx)
+        .map(|v| {
+            let s = &model.sessions[model.vars[v].session];
+            x[v].clamp(0.0, s.max_rate)
+        })
+        .collect();
+    let mut limits_of_var: Vec<Vec<usize>> = vec![Vec::new(); nx];
+    for (i, l) in model.limits.iter().enumerate() {
+        for &(v, _, _) in &l.entries {
+            limits_of_var[v].push(i);
+        }
+    }
+    let target_kwh = {
+        let ev = evaluate(model, input, &y);
+        ev.delivered_kwh
+    };
+    let mut candidates: Vec<(usize, f64)> = Vec::new();
+    for v in 0..nx {
+        let s = &model.sessions[model.vars[v].session];
+        if y[v] < s.min_rate {
+            if y[v] > 1e-6 {
+                candidates.push((v, y[v]));
+            }
+            y[v] = 0.0;
+        }
+    }
+    // Tiny solver noise on rates that should be 0.
+    let mut lhs: Vec<f64> = model.limits.iter().map(|l| limit_value(l, &y)).collect();
+    let mut delivered = evaluate(model, input, &y).delivered_kwh;
+
+    // Largest room a rate `v` can grow by without leaving any limit (conservative bound).
+    let room = |v: usize, lhs: &[f64]| -> f64 {
+        let mut r = f64::INFINITY;
+        for &i in &limits_of_var[v] {
+            let l = &model.limits[i];
+            let (cr, ci) = l
+                .entries
+                .iter()
+                .find(|e| e.0 == v)
+                .map(|e| (e.1, e.2))
+                .unwrap_or((0.0, 0.0));
+            let c = if l.phase.is_some() {
+                (cr * cr + ci * ci).sqrt()
+            } else {
+                cr
+            };
+            if c > 0.0 {
+                r = r.min((tightened(l.headroom, margin_rel) - lhs[i]) / c);
+            }
+        }
+        r.max(0.0)
+    };
+    let recompute = |v: usize, y: &[f64], lhs: &mut [f64]| {
+        for &i in &limits_of_var[v] {
+            lhs[i] = limit_value(&model.limits[i], y);
+        }
+    };
+
+    candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for &(v, _) in &candidates {
+        let si = model.vars[v].session;
+        let s = &model.sessions[si];
+        let add_kwh = kwh_per_unit(model, input, v) * s.min_rate;
+        if delivered[si] + add_kwh > s.energy_kwh + 1e-9 {
+            continue;
+        }
+        if room(v, &lhs) >= s.min_rate {
+            y[v] = s.min_rate;
+            recompute(v, &y, &mut lhs);
+            delivered[si] += add_kwh;
+        }
+    }
+    // Top up sessions that lost energy in rounding, earliest steps first.
+    for (si, s) in model.sessions.iter().enumerate() {
+        let mut need = target_kwh[si] - delivered[si];
+        if need <= 1e-9 {
+            continue;
+        }
+        for v in s.first_var..s.first_var + s.n_vars {
+            if need <= 1e-9 {
+                break;
+            }
+            let per = kwh_per_unit(model, input, v);
+            if per <= 0.0 {
+                continue;
+            }
+            let r = room(v, &lhs);
+            let want = need / per;
+            let new = if y[v] >= s.min_rate {
+                (y[v] + r.min(want)).min(s.max_rate)
+            } else if r >= s.min_rate {
+                // Switching on: at least the minimum, if the energy allows it.
+                let v_new = want.max(s.min_rate).min(r).min(s.max_rate);
+                if (v_new - want) * per > 1e-9 {
+                    continue;
+                }
+                v_new
+            } else {
+                continue;
+            };
+            if new > y[v] {
+                need -= (new - y[v]) * per;
+                y[v] = new;
+                recompute(v, &y, &mut lhs);
+            }
+        }
+        delivered[si] = target_kwh[si] - need.max(0.0);
+    }
+    // Last line of defence: anything still above a true limit is switched off there.
+    loop {
+        let bad = violations(model, &y, 0.0);
+        if bad.is_empty() {
+            break;
+        }
+        for (i, _) in bad {
+            for &(v, _, _) in &model.limits[i].entries {
+                y[v] = 0.0;
+            }
+        }
+    }
+    y
+}

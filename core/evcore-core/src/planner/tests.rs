@@ -1,0 +1,295 @@
+//! Hand-solvable cases with known optima, plus the guarantees the rest of evcore relies on.
+
+use super::*;
+
+const T0: f64 = 1_699_999_200.0; // clock-aligned to 15 min
+
+fn node(id: &str, parent: Option<&str>, limit_a: f64) -> PlanNode {
+    PlanNode {
+        id: id.into(),
+        parent: parent.map(Into::into),
+        phase_limit_a: [vec![limit_a], vec![limit_a], vec![limit_a]],
+        other_load_a: [vec![0.0], vec![0.0], vec![0.0]],
+        power_limit_kw: None,
+        other_load_kw: vec![0.0],
+    }
+}
+
+fn ac(id: &str, parent: &str, wiring: Wiring, phases: &[usize], v: f64, max_a: f64) -> PlanCharger {
+    PlanCharger {
+        id: id.into(),
+        parent: parent.into(),
+        kind: ChargerKind::Ac,
+        wiring,
+        phases: phases.to_vec(),
+        voltage_v: v,
+        min_a: None,
+        max_a: Some(max_a),
+        min_w: None,
+        max_w: None,
+        efficiency: 0.95,
+    }
+}
+
+fn session(id: &str, charger: &str, hours: f64, kwh: f64) -> PlanSession {
+    PlanSession {
+        id: id.into(),
+        charger_id: charger.into(),
+        arrival_s: T0 - 60.0,
+        departure_s: T0 + hours * 3600.0,
+        energy_requested_kwh: kwh,
+        max_a: None,
+        max_w: None,
+        priority: 1.0,
+    }
+}
+
+fn input(step_s: Vec<f64>, price: Vec<f64>) -> PlanInput {
+    PlanInput {
+        start_s: T0,
+        step_s,
+        price_per_kwh: price,
+        pv_kw: vec![0.0],
+        demand_charge_per_kw: 0.0,
+        demand_window_s: 900.0,
+        peak_floor_kw: 0.0,
+        current_window_energy_kwh: 0.0,
+        weights: PlanWeights {
+            non_delivery_per_kwh: 10.0,
+            charge_early_per_kwh: 0.0,
+            equal_share: 0.0,
+            smooth: 0.0,
+        },
+        nodes: vec![node("root", None, 100.0)],
+        chargers: vec![],
+        sessions: vec![],
+    }
+}
+
+fn targets(out: &PlanOutput, session: usize) -> Vec<f64> {
+    out.rows
+        .iter()
+        .filter(|r| r.session == session)
+        .map(|r| r.target)
+        .collect()
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+#[test]
+fn single_session_gets_exactly_its_energy_at_the_price() {
+    let mut inp = input(vec![3600.0], vec![0.1]);
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    inp.sessions = vec![session("s1", "c1", 1.0, 2.3)];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Optimal);
+    let t = targets(&out, 0);
+    assert_eq!(t.len(), 1);
+    assert!(close(t[0], 10.0, 1e-5), "{t:?}");
+    assert!(close(out.summary.objective_relaxed, 0.23, 1e-5));
+    assert!(close(out.summary.terms.energy_cost, 0.23, 1e-5));
+    assert!(out.summary.shortfall_kwh[0] < 1e-6);
+}
+
+#[test]
+fn energy_moves_to_the_cheap_step() {
+    let mut inp = input(vec![3600.0, 3600.0], vec![0.3, 0.1]);
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    inp.sessions = vec![session("s1", "c1", 2.0, 2.3)];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    let t = targets(&out, 0);
+    assert!(t[0].abs() < 1e-4 && close(t[1], 10.0, 1e-5), "{t:?}");
+    assert!(close(out.summary.objective_relaxed, 0.23, 1e-5));
+}
+
+#[test]
+fn binding_phase_limit_goes_to_priority_and_rounding_keeps_the_limit() {
+    let mut inp = input(vec![3600.0], vec![0.1]);
+    inp.nodes = vec![node("root", None, 20.0)];
+    inp.chargers = vec![
+        ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 16.0),
+        ac("c2", "root", Wiring::LineToNeutral, &[0], 230.0, 16.0),
+    ];
+    let mut s1 = session("s1", "c1", 1.0, 3.68);
+    s1.priority = 2.0;
+    inp.sessions = vec![s1, session("s2", "c2", 1.0, 3.68)];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Optimal);
+    // Relaxed: 16 A and 4 A; 0.1·20·0.23 + 10·(3.68 − 0.92).
+    assert!(close(out.summary.objective_relaxed, 0.46 + 27.6, 1e-5));
+    // 4 A is below the 6 A minimum and 6 A does not fit under 20 A: rounded to 0.
+    assert!(close(targets(&out, 0)[0], 16.0, 1e-5));
+    assert_eq!(targets(&out, 1)[0], 0.0);
+    assert!(out
+        .summary
+        .binding
+        .iter()
+        .any(|b| b.kind == "phase_limit" && b.node == "root" && b.phase == Some(0)));
+    assert!(check_schedule(&inp, &out.rows).unwrap().is_empty());
+}
+
+#[test]
+fn line_to_line_loads_meet_the_exact_cone() {
+    // AB and CA loads both load line A: |I_A| = sqrt(x1² + x2² + x1·x2) ≤ 30·√3 → x1 = x2 = 30.
+    let mut inp = input(vec![3600.0], vec![0.0]);
+    let mut root = node("root", None, 1000.0);
+    root.phase_limit_a[0] = vec![30.0 * 3f64.sqrt()];
+    inp.nodes = vec![root];
+    inp.chargers = vec![
+        ac("ab", "root", Wiring::LineToLine, &[0, 1], 208.0, 40.0),
+        ac("ca", "root", Wiring::LineToLine, &[2, 0], 208.0, 40.0),
+    ];
+    inp.sessions = vec![
+        session("s1", "ab", 1.0, 10.0),
+        session("s2", "ca", 1.0, 10.0),
+    ];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Optimal);
+    assert_eq!(out.summary.second_order_cones, 1, "line A mixes two angles");
+    for s in 0..2 {
+        let t = targets(&out, s)[0];
+        assert!(close(t, 30.0, 1e-4), "session {s}: {t}");
+    }
+    // A linear I_AB + I_CA check would have allowed only 26 A each.
+    assert!(check_schedule(&inp, &out.rows).unwrap().is_empty());
+}
+
+#[test]
+fn demand_charge_flattens_the_profile() {
+    let mut inp = input(vec![900.0, 900.0], vec![0.0]);
+    inp.demand_charge_per_kw = 1.0;
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    inp.sessions = vec![session("s1", "c1", 0.5, 2.3)];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    let t = targets(&out, 0);
+    assert!(close(t[0], 20.0, 1e-4) && close(t[1], 20.0, 1e-4), "{t:?}");
+    assert!(close(out.summary.objective_relaxed, 4.6, 1e-5));
+
+    // The period's peak is a floor: under it, the demand term is constant.
+    inp.peak_floor_kw = 10.0;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert!(close(out.summary.objective_relaxed, 10.0, 1e-5));
+}
+
+#[test]
+fn impossible_limit_is_a_status_not_an_error() {
+    let mut inp = input(vec![3600.0], vec![0.1]);
+    let mut root = node("root", None, 20.0);
+    root.other_load_a[0] = vec![25.0];
+    inp.nodes = vec![root];
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    inp.sessions = vec![session("s1", "c1", 1.0, 2.3)];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Infeasible);
+    assert!(out.rows.is_empty());
+    assert_eq!(out.summary.binding[0].node, "root");
+}
+
+#[test]
+fn too_much_demand_degrades_to_as_much_as_possible() {
+    let mut inp = input(vec![3600.0], vec![0.1]);
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    inp.sessions = vec![session("s1", "c1", 1.0, 50.0)];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Optimal);
+    assert!(close(targets(&out, 0)[0], 32.0, 1e-6));
+    assert!(close(
+        out.summary.shortfall_kwh[0],
+        50.0 - 32.0 * 0.23,
+        1e-5
+    ));
+}
+
+#[test]
+fn bad_input_names_the_field() {
+    let mut inp = input(vec![3600.0], vec![0.1]);
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    inp.sessions = vec![session("s1", "c1", 1.0, f64::NAN)];
+    let err = plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
+    let PlanError::Input { field, .. } = &err;
+    assert_eq!(field, "sessions[0](s1).energy_requested_kwh");
+
+    inp.sessions = vec![session("s1", "c1", 1.0, 2.0)];
+    inp.price_per_kwh = vec![-0.1];
+    let PlanError::Input { field, .. } = plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
+    assert_eq!(field, "price_per_kwh[0]");
+
+    inp.price_per_kwh = vec![0.1];
+    inp.chargers[0].min_a = Some(3.0);
+    let PlanError::Input { field, .. } = plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
+    assert_eq!(field, "chargers[0](c1).min_a");
+}
+
+#[test]
+fn replanning_with_same_structure_reuses_the_solver() {
+    let mut inp = input(vec![3600.0, 3600.0], vec![0.3, 0.1]);
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    inp.sessions = vec![session("s1", "c1", 2.0, 2.3)];
+    let mut p = Planner::default();
+    let a = p.plan(&inp, 5.0).unwrap();
+    assert!(!a.summary.reused_solver);
+    inp.price_per_kwh = vec![0.1, 0.3];
+    let b = p.plan(&inp, 5.0).unwrap();
+    assert!(b.summary.reused_solver);
+    let t = targets(&b, 0);
+    assert!(close(t[0], 10.0, 1e-5) && t[1].abs() < 1e-4, "{t:?}");
+    // A new session changes the structure: a fresh solver, still correct.
+    inp.chargers
+        .push(ac("c2", "root", Wiring::LineToNeutral, &[1], 230.0, 32.0));
+    inp.sessions.push(session("s2", "c2", 2.0, 2.3));
+    let c = p.plan(&inp, 5.0).unwrap();
+    assert!(!c.summary.reused_solver);
+    assert!(close(c.summary.objective_relaxed, 0.46, 1e-5));
+}
+
+#[test]
+fn rounded_schedules_obey_the_six_amp_rule_and_every_limit() {
+    // A crowded line-to-line site: many sessions, a tight transformer.
+    let mut inp = input(vec![300.0; 12], vec![0.2]);
+    inp.weights = PlanWeights::default();
+    inp.nodes = vec![node("root", None, 90.0), node("p1", Some("root"), 60.0)];
+    let pairs = [[0usize, 1usize], [1, 2], [2, 0]];
+    for i in 0..12 {
+        let parent = if i % 2 == 0 { "root" } else { "p1" };
+        inp.chargers.push(ac(
+            &format!("c{i}"),
+            parent,
+            Wiring::LineToLine,
+            &pairs[i % 3],
+            208.0,
+            32.0,
+        ));
+        let mut s = session(
+            &format!("s{i}"),
+            &format!("c{i}"),
+            0.5 + (i as f64) * 0.05,
+            4.0 + i as f64,
+        );
+        s.arrival_s = T0 + (i as f64) * 120.0;
+        inp.sessions.push(s);
+    }
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert!(out.summary.status.has_schedule());
+    for r in &out.rows {
+        assert!(
+            r.target == 0.0 || (r.target >= 6.0 && r.target <= 32.0 + 1e-9),
+            "{r:?}"
+        );
+    }
+    assert!(check_schedule(&inp, &out.rows).unwrap().is_empty());
+    // Rounding never costs more energy than the relaxation could deliver.
+    let relaxed_short = out.summary.terms_relaxed.non_delivery;
+    assert!(out.summary.terms.non_delivery >= relaxed_short - 1e-6);
+}
+
+#[test]
+fn a_tiny_budget_gives_a_status() {
+    let mut inp = input(vec![300.0; 144], vec![0.2]);
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    inp.sessions = vec![session("s1", "c1", 12.0, 20.0)];
+    let out = plan(&inp, PlannerSettings::default(), 1e-9).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::TimeLimit);
+    assert!(out.rows.is_empty());
+}
