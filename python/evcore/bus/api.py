@@ -1,0 +1,279 @@
+"""The one bus interface every component talks to, and the types around it.
+
+The bus moves bytes (usually serialised ``evcore.v1`` protobuf messages) between components; it
+knows subjects and delivery, never meaning. Two implementations pass the same test suite:
+:class:`evcore.bus.inprocess.InProcessBus` (embedded default, no broker) and
+:class:`evcore.bus.natsbus.NatsBus` (NATS JetStream). Build one with
+:func:`evcore.bus.bus_from_config`.
+
+Delivery classes, chosen from the subject (``evcore.<site>.<kind>…``) or ``critical=True``:
+
+* critical (``audit``, ``transaction``, ``setpoint``): accepted only once fsynced to the disk outbox
+  (NATS) or appended to the stream (in-process); published in order, never dropped;
+* sampled (``telemetry``): the latest value per subject wins when the sender falls behind; every
+  replaced sample is counted in ``stats.telemetry_dropped``;
+* normal: a bounded queue; overflow drops the oldest and counts it.
+
+``publish`` never waits on the network: the control path stays live when the broker is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar, runtime_checkable
+
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
+
+log = logging.getLogger("evcore.bus")
+
+Payload = bytes | ProtoMessage
+
+
+class BusError(Exception):
+    """Base class of the bus's own errors."""
+
+
+class BusUnavailable(BusError):
+    """The broker cannot be reached (request/reply needs it; publish never raises this)."""
+
+
+class BusTimeout(BusError, TimeoutError):
+    """A request got no reply within its timeout."""
+
+
+class NoResponders(BusError):
+    """A request went to a subject nobody serves."""
+
+
+class BadPayload(BusError, ValueError):
+    """A received payload is not what the subscriber expects.
+
+    Raised from a handler, it is logged with its reason, counted in ``stats.rejected``, acknowledged
+    (never redelivered), and the subscriber lives on."""
+
+
+@dataclass
+class BusMessage:
+    """A message as a handler receives it."""
+
+    subject: str
+    data: bytes
+    event_id: str
+    # Number of times this message was delivered to a durable consumer (1 on first delivery).
+    delivery_count: int = 1
+    reply_to: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    _responder: Callable[[bytes], Awaitable[None]] | None = field(default=None, repr=False)
+
+    async def respond(self, payload: Payload) -> None:
+        """Answer a request (``bus.request``); an error when the message was not a request."""
+        if self._responder is None:
+            raise BusError(f"message on {self.subject!r} is not a request; nothing to respond to")
+        await self._responder(to_bytes(payload))
+
+
+Handler = Callable[[BusMessage], Awaitable[None]]
+
+
+@runtime_checkable
+class Subscription(Protocol):
+    """A live subscription or durable consumer; ``stop`` ends delivery (a durable keeps its
+    place)."""
+
+    @property
+    def subject(self) -> str: ...
+
+    async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class ProcessedIdStore(Protocol):
+    """Where a consumer keeps the ids of events whose effects it stored
+    (see ``dedupe.ProcessedIds``)."""
+
+    def contains(self, event_id: str) -> bool: ...
+
+    def add(self, event_id: str) -> None: ...
+
+
+@dataclass
+class BusStats:
+    """Counters for monitoring and tests; all only ever increase except the gauges noted."""
+
+    published: int = 0  # accepted by publish()
+    sent: int = 0  # handed to the broker / stream and confirmed where it confirms
+    delivered: int = 0  # handler invocations that returned normally
+    rejected: int = 0  # payloads a handler rejected (BadPayload / DecodeError)
+    handler_errors: int = 0  # other handler exceptions (durable consumers get a redelivery)
+    duplicates_dropped: int = 0  # deliveries skipped because the event id was already processed
+    telemetry_dropped: int = 0  # telemetry samples replaced by a newer one before being sent
+    queue_dropped: int = 0  # normal events dropped because the send queue was full
+    slow_consumer_dropped: int = 0  # messages a slow subscriber lost (its queue was full)
+    send_failures: int = 0  # broker publish attempts that failed (retried for critical events)
+    outbox_pending: int = 0  # gauge: critical events accepted but not yet confirmed by the broker
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A JetStream stream (and its in-process equivalent): which subjects it stores, how long."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float = 7 * 24 * 3600.0
+    max_msgs: int = -1
+    max_bytes: int = -1
+    # Window in which JetStream drops a repeated Nats-Msg-Id (consumers dedupe beyond it).
+    duplicate_window_s: float = 120.0
+    replicas: int = 1
+    storage: str = "file"  # "file" or "memory"
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """The bus interface. Subjects come from :class:`evcore.bus.subjects.Subjects`."""
+
+    @property
+    def site_id(self) -> str: ...
+
+    @property
+    def stats(self) -> BusStats: ...
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker is reachable now (always true in-process)."""
+        ...
+
+    async def start(self) -> None:
+        """Connect (in the background when the broker is down), create streams, resume outbox."""
+        ...
+
+    async def close(self) -> None:
+        """Stop consumers and subscriptions, drain what can be sent, close."""
+        ...
+
+    async def publish(
+        self,
+        subject: str,
+        payload: Payload,
+        *,
+        event_id: str | None = None,
+        critical: bool = False,
+    ) -> str:
+        """Accept one event for delivery and return its event id (the ``Nats-Msg-Id``).
+
+        ``event_id`` defaults to the ``event_id`` field of an ``evcore.v1.Event`` payload, else a
+        new UUID. Critical events (by subject kind or ``critical=True``) are durable on return.
+        """
+        ...
+
+    async def subscribe(
+        self, subject_pattern: str, handler: Handler, *, queue: str | None = None
+    ) -> Subscription:
+        """Live delivery of matching messages (at most once; nothing stored). With ``queue``, each
+        message goes to one member of the group. A slow handler never stalls the publisher: its
+        backlog is bounded and overflow is counted in ``stats.slow_consumer_dropped``."""
+        ...
+
+    async def request(self, subject: str, payload: Payload, *, timeout_s: float) -> bytes:
+        """Send a request and wait for one reply.
+
+        Raises BusTimeout, NoResponders, or BusUnavailable (NATS only)."""
+        ...
+
+    async def consume(
+        self,
+        subject_pattern: str,
+        *,
+        durable: str,
+        handler: Handler,
+        dedupe: ProcessedIdStore | None = None,
+    ) -> Subscription:
+        """Durable, at-least-once consumption of stored events, in order.
+
+        Resumes from where ``durable`` left off. A message is acknowledged only after ``handler``
+        returned; a handler exception makes it redelivered (``BadPayload`` is acknowledged and
+        counted instead). With ``dedupe``, ids already in the store are skipped, and ids are added
+        after the handler returned."""
+        ...
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything accepted so far reached the broker/stream; False on timeout."""
+        ...
+
+
+def to_bytes(payload: Payload) -> bytes:
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    if isinstance(payload, ProtoMessage):
+        return payload.SerializeToString(deterministic=True)
+    raise TypeError(f"payload must be bytes or a protobuf message, got {type(payload).__name__}")
+
+
+def event_id_for(payload: Payload, event_id: str | None) -> str:
+    """The id to publish under: the explicit one, an Event envelope's, or a new UUID."""
+    if event_id is not None:
+        if not event_id or any(c in event_id for c in "\r\n"):
+            raise ValueError(f"event_id must be a non-empty single-line string, got {event_id!r}")
+        return event_id
+    if isinstance(payload, ProtoMessage):
+        desc = payload.DESCRIPTOR
+        if "event_id" in desc.fields_by_name:
+            found = getattr(payload, "event_id", "")
+            if isinstance(found, str) and found:
+                return found
+    return uuid.uuid4().hex
+
+
+M = TypeVar("M", bound=ProtoMessage)
+
+
+def decode(message_type: type[M], data: bytes) -> M:
+    """Parse ``data`` as ``message_type``; a clear :class:`BadPayload` when it is not one."""
+    msg = message_type()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise BadPayload(
+            f"payload of {len(data)} bytes is not a valid "
+            f"{message_type.DESCRIPTOR.full_name}: {exc}"
+        ) from exc
+    if msg.DESCRIPTOR.full_name == "evcore.v1.Event":
+        if not getattr(msg, "event_id", ""):
+            raise BadPayload("evcore.v1.Event without event_id")
+        if msg.WhichOneof("payload") is None:
+            raise BadPayload(f"evcore.v1.Event {getattr(msg, 'event_id', '')!r} has no payload")
+    return msg
+
+
+def decoded(message_type: type[M], handler: Callable[[BusMessage, M], Awaitable[None]]) -> Handler:
+    """Adapt a typed handler: the bus hands it the parsed message; bad payloads are rejected."""
+
+    async def _handle(msg: BusMessage) -> None:
+        await handler(msg, decode(message_type, msg.data))
+
+    return _handle
+
+
+async def run_handler(handler: Handler, msg: BusMessage, stats: BusStats, where: str) -> str:
+    """Run a handler with the bus's error policy. Returns "ok", "rejected" or "error"."""
+    try:
+        await handler(msg)
+    except (BadPayload, DecodeError) as exc:
+        stats.rejected += 1
+        log.warning(
+            "bus %s: rejected payload on %s (event %s): %s", where, msg.subject, msg.event_id, exc
+        )
+        return "rejected"
+    except Exception:
+        stats.handler_errors += 1
+        log.exception("bus %s: handler failed on %s (event %s)", where, msg.subject, msg.event_id)
+        return "error"
+    stats.delivered += 1
+    return "ok"

@@ -1,0 +1,160 @@
+"""The ``[bus]`` section of the site file, validated, and the default streams of a site.
+
+See docs/bus.md for every key. Errors name the key and the value that was wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evcore.bus.api import StreamSpec
+from evcore.bus.subjects import Subjects
+
+KINDS = ("inprocess", "nats")
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    kind: str = "inprocess"
+    # NATS server URLs (a cluster: several); only for kind = "nats".
+    urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    # Directory of the disk-backed outbox for critical events (NATS only); one SQLite file per site.
+    outbox_dir: Path = Path("var/outbox")
+    # Connection name shown in NATS monitoring.
+    name: str = "evcore"
+    # Stream retention.
+    events_max_age_s: float = 30 * 24 * 3600.0
+    telemetry_max_age_s: float = 24 * 3600.0
+    telemetry_max_bytes: int = 1 << 30
+    duplicate_window_s: float = 120.0
+    replicas: int = 1
+    storage: str = "file"
+    # Bounded queues: per subscription backlog and the normal-event send queue.
+    subscriber_queue_size: int = 10_000
+    send_queue_size: int = 10_000
+    # Broker timing.
+    connect_timeout_s: float = 2.0
+    reconnect_wait_s: float = 0.5
+    publish_timeout_s: float = 2.0
+    # Credentials (NATS): a token or a .creds file; never logged.
+    token: str = field(default="", repr=False)
+    creds_file: str = ""
+    # Whether this process creates/updates the site's streams (edge: yes; a restricted client: no).
+    manage_streams: bool = True
+
+    def streams(self, site_id: str) -> list[StreamSpec]:
+        return default_streams(site_id, self)
+
+
+def default_streams(site_id: str, cfg: BusConfig | None = None) -> list[StreamSpec]:
+    """Two streams per site: events (kept long) and telemetry (short, size-capped)."""
+    c = cfg or BusConfig()
+    s = Subjects(site_id)
+    base = f"EVCORE_{s.site_token}"
+    return [
+        StreamSpec(
+            name=f"{base}_EVENTS",
+            subjects=(
+                s.audit,
+                s.transaction(),
+                s.setpoint(),
+                s.status(),
+                s.plan,
+                s.grid,
+                s.decision,
+                s.topology,
+                s.tariff,
+            ),
+            max_age_s=c.events_max_age_s,
+            duplicate_window_s=c.duplicate_window_s,
+            replicas=c.replicas,
+            storage=c.storage,
+        ),
+        StreamSpec(
+            name=f"{base}_TELEMETRY",
+            subjects=(s.telemetry(),),
+            max_age_s=c.telemetry_max_age_s,
+            max_bytes=c.telemetry_max_bytes,
+            duplicate_window_s=min(c.duplicate_window_s, 30.0),
+            replicas=c.replicas,
+            storage=c.storage,
+        ),
+    ]
+
+
+def _num(sec: Mapping[str, Any], key: str, default: float, *, positive: bool = True) -> float:
+    v = sec.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"[bus] {key} must be a number, got {v!r}")
+    if positive and not v > 0:
+        raise ValueError(f"[bus] {key} must be > 0, got {v!r}")
+    return float(v)
+
+
+def _int(sec: Mapping[str, Any], key: str, default: int) -> int:
+    v = sec.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"[bus] {key} must be a positive integer, got {v!r}")
+    return v
+
+
+def parse_bus_config(section: Mapping[str, Any] | None) -> BusConfig:
+    """Validate a ``[bus]`` table (``None``: the embedded default)."""
+    sec: Mapping[str, Any] = section or {}
+    if not isinstance(sec, Mapping):
+        raise ValueError(f"[bus] must be a table, got {type(sec).__name__}")
+    known = set(BusConfig.__dataclass_fields__) | {"url"}
+    unknown = sorted(set(sec) - known)
+    if unknown:
+        raise ValueError(f"[bus] unknown key(s): {', '.join(unknown)}")
+    kind = sec.get("kind", "inprocess")
+    if kind not in KINDS:
+        raise ValueError(f"[bus] kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if "url" in sec and "urls" in sec:
+        raise ValueError("[bus] give either url or urls, not both")
+    raw_urls = sec.get("urls", [sec["url"]] if "url" in sec else list(BusConfig.urls))
+    if isinstance(raw_urls, str):
+        raw_urls = [raw_urls]
+    if not isinstance(raw_urls, list | tuple) or not raw_urls:
+        raise ValueError(f"[bus] urls must be a non-empty list of nats:// URLs, got {raw_urls!r}")
+    for u in raw_urls:
+        if not isinstance(u, str) or not u.startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise ValueError(f"[bus] url {u!r} must start with nats://, tls://, ws:// or wss://")
+    storage = sec.get("storage", "file")
+    if storage not in ("file", "memory"):
+        raise ValueError(f"[bus] storage must be 'file' or 'memory', got {storage!r}")
+    replicas = _int(sec, "replicas", 1)
+    if replicas > 5:
+        raise ValueError(f"[bus] replicas must be 1..5 (JetStream limit), got {replicas}")
+    outbox = sec.get("outbox_dir", "var/outbox")
+    if not isinstance(outbox, str) or not outbox:
+        raise ValueError(f"[bus] outbox_dir must be a path string, got {outbox!r}")
+    for key in ("name", "token", "creds_file"):
+        if key in sec and not isinstance(sec[key], str):
+            raise ValueError(f"[bus] {key} must be a string, got {sec[key]!r}")
+    manage = sec.get("manage_streams", True)
+    if not isinstance(manage, bool):
+        raise ValueError(f"[bus] manage_streams must be true or false, got {manage!r}")
+    return BusConfig(
+        kind=kind,
+        urls=tuple(raw_urls),
+        outbox_dir=Path(outbox),
+        name=sec.get("name", "evcore"),
+        events_max_age_s=_num(sec, "events_max_age_s", BusConfig.events_max_age_s),
+        telemetry_max_age_s=_num(sec, "telemetry_max_age_s", BusConfig.telemetry_max_age_s),
+        telemetry_max_bytes=_int(sec, "telemetry_max_bytes", BusConfig.telemetry_max_bytes),
+        duplicate_window_s=_num(sec, "duplicate_window_s", BusConfig.duplicate_window_s),
+        replicas=replicas,
+        storage=storage,
+        subscriber_queue_size=_int(sec, "subscriber_queue_size", BusConfig.subscriber_queue_size),
+        send_queue_size=_int(sec, "send_queue_size", BusConfig.send_queue_size),
+        connect_timeout_s=_num(sec, "connect_timeout_s", BusConfig.connect_timeout_s),
+        reconnect_wait_s=_num(sec, "reconnect_wait_s", BusConfig.reconnect_wait_s),
+        publish_timeout_s=_num(sec, "publish_timeout_s", BusConfig.publish_timeout_s),
+        token=sec.get("token", ""),
+        creds_file=sec.get("creds_file", ""),
+        manage_streams=manage,
+    )

@@ -1,0 +1,383 @@
+"""The embedded bus: everything in this process, no broker (``evcore demo``, a single-box edge).
+
+It behaves like the NATS bus as far as components can tell: the same subjects and wildcards, queue
+groups, request/reply, streams with limits and a duplicate window, durable consumers that resume
+where they left off (within this process's life) and acknowledge only after the handler returned.
+Nothing survives the process: a single-box edge keeps its durable records in its store, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from evcore.bus.api import (
+    BusMessage,
+    BusStats,
+    BusTimeout,
+    Handler,
+    NoResponders,
+    Payload,
+    ProcessedIdStore,
+    StreamSpec,
+    event_id_for,
+    run_handler,
+    to_bytes,
+)
+from evcore.bus.streams import stream_for_pattern, stream_for_subject
+from evcore.bus.subjects import Subjects, subject_matches, validate_subject
+from evcore.clock import Clock, WallClock
+
+log = logging.getLogger("evcore.bus.inprocess")
+
+
+@dataclass
+class _Stored:
+    seq: int
+    subject: str
+    data: bytes
+    event_id: str
+    stored_at: float
+
+
+@dataclass
+class _Stream:
+    spec: StreamSpec
+    msgs: deque[_Stored] = field(default_factory=deque)
+    last_seq: int = 0
+    bytes: int = 0
+    recent_ids: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def trim(self, now: float) -> None:
+        s = self.spec
+        while self.msgs and (
+            (s.max_msgs > 0 and len(self.msgs) > s.max_msgs)
+            or (s.max_bytes > 0 and self.bytes > s.max_bytes)
+            or (s.max_age_s > 0 and now - self.msgs[0].stored_at > s.max_age_s)
+        ):
+            old = self.msgs.popleft()
+            self.bytes -= len(old.data)
+        while self.recent_ids:
+            first_id, t = next(iter(self.recent_ids.items()))
+            if now - t <= s.duplicate_window_s:
+                break
+            del self.recent_ids[first_id]
+
+
+class _LiveSub:
+    def __init__(
+        self,
+        bus: InProcessBus,
+        pattern: str,
+        handler: Handler,
+        queue: str | None,
+        maxsize: int,
+    ) -> None:
+        self._bus = bus
+        self._pattern = pattern
+        self.queue_group = queue
+        self._handler = handler
+        self._inbox: deque[BusMessage] = deque()
+        self._maxsize = maxsize
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @property
+    def subject(self) -> str:
+        return self._pattern
+
+    def matches(self, subject: str) -> bool:
+        return subject_matches(self._pattern, subject)
+
+    def offer(self, msg: BusMessage) -> None:
+        if len(self._inbox) >= self._maxsize:
+            self._inbox.popleft()
+            self._bus.stats.slow_consumer_dropped += 1
+        self._inbox.append(msg)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"bus-sub:{self._pattern}"
+        )
+
+    async def _run(self) -> None:
+        while not self.closed:
+            if not self._inbox:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            msg = self._inbox.popleft()
+            await run_handler(self._handler, msg, self._bus.stats, f"subscribe {self._pattern}")
+
+    async def stop(self) -> None:
+        self.closed = True
+        self._bus._remove_sub(self)
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class _Durable:
+    """A durable consumer's position: everything below ``next_seq`` is acknowledged."""
+
+    def __init__(self, stream: _Stream, pattern: str) -> None:
+        self.stream = stream
+        self.pattern = pattern
+        self.next_seq = 1
+        self.deliveries: dict[int, int] = {}
+        self.active = False
+
+
+class _DurableRun:
+    def __init__(
+        self,
+        bus: InProcessBus,
+        durable: _Durable,
+        handler: Handler,
+        dedupe: ProcessedIdStore | None,
+        name: str,
+    ) -> None:
+        self._bus = bus
+        self._d = durable
+        self._handler = handler
+        self._dedupe = dedupe
+        self._name = name
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def subject(self) -> str:
+        return self._d.pattern
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"bus-consume:{self._name}"
+        )
+
+    def _next(self) -> _Stored | None:
+        for m in self._d.stream.msgs:
+            if m.seq >= self._d.next_seq and subject_matches(self._d.pattern, m.subject):
+                return m
+        return None
+
+    async def _run(self) -> None:
+        stats = self._bus.stats
+        attempt = 0
+        while True:
+            m = self._next()
+            if m is None:
+                self._d.stream.changed.clear()
+                # Re-check after clearing: a publish between _next() and clear() must not be missed.
+                if self._next() is None:
+                    await self._d.stream.changed.wait()
+                continue
+            if self._dedupe is not None and self._dedupe.contains(m.event_id):
+                stats.duplicates_dropped += 1
+                self._d.next_seq = m.seq + 1
+                continue
+            count = self._d.deliveries.get(m.seq, 0) + 1
+            self._d.deliveries[m.seq] = count
+            msg = BusMessage(
+                subject=m.subject, data=m.data, event_id=m.event_id, delivery_count=count
+            )
+            outcome = await run_handler(self._handler, msg, stats, f"consume {self._name}")
+            if outcome == "error":
+                attempt += 1
+                await self._bus.clock.sleep(min(0.05 * 2 ** min(attempt, 5), 1.0))
+                continue
+            attempt = 0
+            if outcome == "ok" and self._dedupe is not None:
+                self._dedupe.add(m.event_id)
+            self._d.deliveries.pop(m.seq, None)
+            self._d.next_seq = m.seq + 1
+
+    async def stop(self) -> None:
+        self._d.active = False
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._bus._runs.discard(self)
+
+
+class InProcessBus:
+    """The bus inside one process. See :class:`evcore.bus.api.Bus` for the contract."""
+
+    def __init__(
+        self,
+        site_id: str,
+        *,
+        clock: Clock | None = None,
+        streams: Sequence[StreamSpec] | None = None,
+        subscriber_queue_size: int = 10_000,
+    ) -> None:
+        from evcore.bus.config import default_streams
+
+        self._site_id = site_id
+        self.subjects = Subjects(site_id)
+        self.clock: Clock = clock or WallClock()
+        self._stats = BusStats()
+        self._specs = list(streams) if streams is not None else default_streams(site_id)
+        self._streams: dict[str, _Stream] = {}
+        self._subs: list[_LiveSub] = []
+        self._durables: dict[tuple[str, str], _Durable] = {}
+        self._runs: set[_DurableRun] = set()
+        self._rr = itertools.count()
+        self._queue_size = subscriber_queue_size
+        self._started = False
+
+    @property
+    def site_id(self) -> str:
+        return self._site_id
+
+    @property
+    def stats(self) -> BusStats:
+        return self._stats
+
+    @property
+    def connected(self) -> bool:
+        return self._started
+
+    @property
+    def streams(self) -> list[StreamSpec]:
+        return list(self._specs)
+
+    async def start(self) -> None:
+        for spec in self._specs:
+            self._streams.setdefault(spec.name, _Stream(spec))
+        self._started = True
+
+    async def close(self) -> None:
+        for run in list(self._runs):
+            await run.stop()
+        for sub in list(self._subs):
+            await sub.stop()
+        self._started = False
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("bus not started: call await bus.start() first")
+
+    def _remove_sub(self, sub: _LiveSub) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+
+    def _fan_out(self, msg: BusMessage) -> int:
+        groups: dict[str, list[_LiveSub]] = {}
+        delivered = 0
+        for sub in self._subs:
+            if not sub.matches(msg.subject):
+                continue
+            if sub.queue_group:
+                groups.setdefault(sub.queue_group, []).append(sub)
+            else:
+                sub.offer(msg)
+                delivered += 1
+        for members in groups.values():
+            members[next(self._rr) % len(members)].offer(msg)
+            delivered += 1
+        return delivered
+
+    async def publish(
+        self,
+        subject: str,
+        payload: Payload,
+        *,
+        event_id: str | None = None,
+        critical: bool = False,
+    ) -> str:
+        self._require_started()
+        validate_subject(subject, wildcards=False)
+        data = to_bytes(payload)
+        eid = event_id_for(payload, event_id)
+        self._stats.published += 1
+        spec = stream_for_subject(self._specs, subject)
+        if spec is not None:
+            st = self._streams[spec.name]
+            now = self.clock.now()
+            st.trim(now)
+            if eid in st.recent_ids:
+                return eid  # a retried publish: stored once, like JetStream's duplicate window
+            st.last_seq += 1
+            st.msgs.append(_Stored(st.last_seq, subject, data, eid, now))
+            st.bytes += len(data)
+            st.recent_ids[eid] = now
+            st.trim(now)
+            st.changed.set()
+        self._stats.sent += 1
+        self._fan_out(BusMessage(subject=subject, data=data, event_id=eid))
+        return eid
+
+    async def subscribe(
+        self, subject_pattern: str, handler: Handler, *, queue: str | None = None
+    ) -> _LiveSub:
+        self._require_started()
+        validate_subject(subject_pattern, wildcards=True)
+        sub = _LiveSub(self, subject_pattern, handler, queue, self._queue_size)
+        self._subs.append(sub)
+        sub.start()
+        return sub
+
+    async def request(self, subject: str, payload: Payload, *, timeout_s: float) -> bytes:
+        self._require_started()
+        validate_subject(subject, wildcards=False)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def respond(data: bytes) -> None:
+            if not fut.done():
+                fut.set_result(data)
+
+        inbox = f"_INBOX.{uuid.uuid4().hex}"
+        msg = BusMessage(
+            subject=subject,
+            data=to_bytes(payload),
+            event_id=uuid.uuid4().hex,
+            reply_to=inbox,
+            _responder=respond,
+        )
+        if self._fan_out(msg) == 0:
+            raise NoResponders(f"no responder on {subject!r}")
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError as exc:
+            raise BusTimeout(f"no reply on {subject!r} within {timeout_s} s") from exc
+
+    async def consume(
+        self,
+        subject_pattern: str,
+        *,
+        durable: str,
+        handler: Handler,
+        dedupe: ProcessedIdStore | None = None,
+    ) -> _DurableRun:
+        self._require_started()
+        validate_subject(subject_pattern, wildcards=True)
+        if not durable:
+            raise ValueError("consume: durable name must not be empty")
+        spec = stream_for_pattern(self._specs, subject_pattern)
+        key = (spec.name, durable)
+        d = self._durables.get(key)
+        if d is None:
+            d = _Durable(self._streams[spec.name], subject_pattern)
+            self._durables[key] = d
+        elif d.pattern != subject_pattern:
+            raise ValueError(
+                f"durable {durable!r} on stream {spec.name} already filters {d.pattern!r}, "
+                f"not {subject_pattern!r}"
+            )
+        if d.active:
+            raise ValueError(f"durable {durable!r} on stream {spec.name} is already being consumed")
+        d.active = True
+        run = _DurableRun(self, d, handler, dedupe, durable)
+        self._runs.add(run)
+        run.start()
+        return run
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        return True

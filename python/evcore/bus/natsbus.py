@@ -1,0 +1,621 @@
+"""The bus on NATS with JetStream (``nats-py``).
+
+* Streams (per site: events and telemetry) are created or updated by :meth:`NatsBus.start`.
+* Every stored publish carries ``Nats-Msg-Id`` = the event id, so a retried publish is stored once.
+* Critical events go through the disk-backed :class:`~evcore.bus.outbox.Outbox` and a pump sends
+  them in order, removing each only after JetStream acknowledged it; the pump waits out broker
+  outages.
+* Telemetry is coalesced per subject (latest wins) while the sender is behind or the broker is away;
+  other events wait in a bounded queue. ``publish`` therefore never waits on the network.
+* Durable consumers are pull consumers with explicit acks, acknowledged after the handler returned.
+
+The first connection is made in the background: an edge starts and keeps controlling while the
+broker is down, and subscriptions/consumers registered meanwhile are attached once it is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg as NatsMsg
+from nats.js import api as jsapi
+
+from evcore.bus.api import (
+    BusMessage,
+    BusStats,
+    BusTimeout,
+    BusUnavailable,
+    Handler,
+    NoResponders,
+    Payload,
+    ProcessedIdStore,
+    StreamSpec,
+    event_id_for,
+    run_handler,
+    to_bytes,
+)
+from evcore.bus.config import BusConfig
+from evcore.bus.outbox import Outbox
+from evcore.bus.streams import stream_for_pattern, stream_for_subject
+from evcore.bus.subjects import (
+    CRITICAL_KINDS,
+    SAMPLED_KINDS,
+    Subjects,
+    escape_token,
+    validate_subject,
+)
+from evcore.clock import Clock, WallClock
+
+log = logging.getLogger("evcore.bus.nats")
+
+MSG_ID = "Nats-Msg-Id"
+_PUMP_WINDOW = 64
+
+
+class _NatsSub:
+    def __init__(self, bus: NatsBus, pattern: str, handler: Handler, queue: str | None) -> None:
+        self._bus = bus
+        self._pattern = pattern
+        self._handler = handler
+        self._queue = queue or ""
+        self._sub: Any = None
+        self.closed = False
+
+    @property
+    def subject(self) -> str:
+        return self._pattern
+
+    async def _on_msg(self, m: NatsMsg) -> None:
+        headers = dict(m.headers or {})
+        responder: Callable[[bytes], Awaitable[None]] | None = None
+        if m.reply:
+            nc = self._bus._nc
+            reply = m.reply
+
+            async def responder(data: bytes) -> None:
+                if nc is None:
+                    raise BusUnavailable("not connected; cannot respond")
+                await nc.publish(reply, data)
+
+        msg = BusMessage(
+            subject=m.subject,
+            data=m.data,
+            event_id=headers.get(MSG_ID, ""),
+            reply_to=m.reply or "",
+            headers=headers,
+            _responder=responder,
+        )
+        await run_handler(self._handler, msg, self._bus.stats, f"subscribe {self._pattern}")
+
+    async def attach(self, nc: NatsClient) -> None:
+        if self.closed or self._sub is not None:
+            return
+        self._sub = await nc.subscribe(
+            self._pattern,
+            queue=self._queue,
+            cb=self._on_msg,
+            pending_msgs_limit=self._bus.config.subscriber_queue_size,
+        )
+
+    async def stop(self) -> None:
+        self.closed = True
+        self._bus._subs.discard(self)
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+class _NatsConsumer:
+    def __init__(
+        self,
+        bus: NatsBus,
+        pattern: str,
+        stream: str,
+        durable: str,
+        handler: Handler,
+        dedupe: ProcessedIdStore | None,
+    ) -> None:
+        self._bus = bus
+        self._pattern = pattern
+        self._stream = stream
+        self._durable = durable
+        self._handler = handler
+        self._dedupe = dedupe
+        self._task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @property
+    def subject(self) -> str:
+        return self._pattern
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"bus-consume:{self._durable}"
+            )
+
+    async def _subscribe(self) -> Any:
+        bus = self._bus
+        await bus._ready.wait()
+        assert bus._js is not None
+        cfg = jsapi.ConsumerConfig(
+            durable_name=self._durable,
+            ack_policy=jsapi.AckPolicy.EXPLICIT,
+            deliver_policy=jsapi.DeliverPolicy.ALL,
+            ack_wait=bus.ack_wait_s,
+            max_ack_pending=1024,
+            filter_subject=self._pattern,
+        )
+        return await bus._js.pull_subscribe(
+            self._pattern, durable=self._durable, stream=self._stream, config=cfg
+        )
+
+    async def _run(self) -> None:
+        bus = self._bus
+        stats = bus.stats
+        sub: Any = None
+        attempt = 0
+        while not self.closed:
+            try:
+                if sub is None:
+                    sub = await self._subscribe()
+                try:
+                    msgs = await sub.fetch(batch=64, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                attempt = 0
+                for i, m in enumerate(msgs):
+                    outcome = await self._handle(m, stats)
+                    if outcome == "error":
+                        # Keep order: hand back this one and the rest of the batch, then back off.
+                        for rest in msgs[i:]:
+                            with contextlib.suppress(Exception):
+                                await rest.nak(delay=0.2)
+                        await bus.clock.sleep(0.2)
+                        break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                if attempt in (1, 10) or attempt % 100 == 0:
+                    log.warning("consumer %s on %s: %r; retrying", self._durable, self._stream, exc)
+                if isinstance(exc, nats.js.errors.NotFoundError):
+                    sub = None  # the consumer or stream vanished (e.g. a memory-only restart)
+                await bus.clock.sleep(min(bus.config.reconnect_wait_s * attempt, 2.0))
+
+    async def _handle(self, m: NatsMsg, stats: BusStats) -> str:
+        headers = dict(m.headers or {})
+        event_id = headers.get(MSG_ID, "")
+        try:
+            delivered = int(m.metadata.num_delivered)
+        except Exception:
+            delivered = 1
+        if self._dedupe is not None and event_id and self._dedupe.contains(event_id):
+            stats.duplicates_dropped += 1
+            await m.ack()
+            return "ok"
+        msg = BusMessage(
+            subject=m.subject,
+            data=m.data,
+            event_id=event_id,
+            delivery_count=delivered,
+            headers=headers,
+        )
+        outcome = await run_handler(self._handler, msg, stats, f"consume {self._durable}")
+        if outcome == "error":
+            return outcome
+        if outcome == "ok" and self._dedupe is not None and event_id:
+            self._dedupe.add(event_id)
+        if outcome == "rejected":
+            await m.term()
+        else:
+            await m.ack()
+        return outcome
+
+    async def stop(self) -> None:
+        self.closed = True
+        self._bus._consumers.discard(self)
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class NatsBus:
+    """The bus over NATS JetStream. See :class:`evcore.bus.api.Bus` for the contract."""
+
+    def __init__(
+        self,
+        site_id: str,
+        config: BusConfig | None = None,
+        *,
+        clock: Clock | None = None,
+        streams: Sequence[StreamSpec] | None = None,
+        outbox_path: Path | None = None,
+        ack_wait_s: float = 30.0,
+    ) -> None:
+        self._site_id = site_id
+        self.config = config or BusConfig(kind="nats")
+        self.subjects = Subjects(site_id)
+        self.clock: Clock = clock or WallClock()
+        self._stats = BusStats()
+        self._specs = list(streams) if streams is not None else self.config.streams(site_id)
+        self.outbox = Outbox(
+            outbox_path or self.config.outbox_dir / f"{escape_token(site_id)}.sqlite"
+        )
+        self.ack_wait_s = ack_wait_s
+        self._nc: NatsClient | None = None
+        self._js: Any = None
+        self._ready = asyncio.Event()
+        self._subs: set[_NatsSub] = set()
+        self._consumers: set[_NatsConsumer] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._latest: OrderedDict[str, tuple[bytes, str, str | None]] = OrderedDict()
+        self._queue: deque[tuple[str, bytes, str, str | None]] = deque()
+        self._send_wake = asyncio.Event()
+        self._in_flight = 0
+        self._started = False
+        self._closing = False
+
+    @property
+    def site_id(self) -> str:
+        return self._site_id
+
+    @property
+    def stats(self) -> BusStats:
+        self._stats.outbox_pending = self.outbox.pending
+        return self._stats
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._ready.is_set() and bool(self._nc.is_connected)
+
+    @property
+    def streams(self) -> list[StreamSpec]:
+        return list(self._specs)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._started:
+            return
+        await self.outbox.open()
+        self._started = True
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._connect_loop(), name="bus-nats-connect"),
+            loop.create_task(self._pump(), name="bus-nats-outbox"),
+            loop.create_task(self._sender(), name="bus-nats-sender"),
+        ]
+        # Wait briefly for the broker; without it the bus still accepts events (outbox, queues).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), self.config.connect_timeout_s)
+
+    async def _error_cb(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self._stats.slow_consumer_dropped += 1
+            return
+        log.debug("nats error: %r", exc)
+
+    async def _disconnected_cb(self) -> None:
+        log.info("bus: disconnected from NATS; critical events wait in the outbox")
+
+    async def _reconnected_cb(self) -> None:
+        log.info("bus: reconnected to NATS")
+        self.outbox.nonempty.set() if self.outbox.pending else None
+        self._send_wake.set()
+
+    async def _connect_loop(self) -> None:
+        cfg = self.config
+        opts: dict[str, Any] = {
+            "servers": list(cfg.urls),
+            "name": cfg.name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": cfg.reconnect_wait_s,
+            "connect_timeout": cfg.connect_timeout_s,
+            "error_cb": self._error_cb,
+            "disconnected_cb": self._disconnected_cb,
+            "reconnected_cb": self._reconnected_cb,
+            "pending_size": 8 * 1024 * 1024,
+        }
+        if cfg.token:
+            opts["token"] = cfg.token
+        if cfg.creds_file:
+            opts["user_credentials"] = cfg.creds_file
+        nc = NatsClient()
+        # With max_reconnect_attempts=-1, connect() keeps trying until a server answers.
+        await nc.connect(**opts)
+        self._nc = nc
+        self._js = nc.jetstream(timeout=cfg.publish_timeout_s)
+        while not self._closing:
+            try:
+                if cfg.manage_streams:
+                    await self._ensure_streams()
+                break
+            except Exception as exc:
+                log.warning("bus: creating streams failed: %r; retrying", exc)
+                await self.clock.sleep(cfg.reconnect_wait_s)
+        for s in list(self._subs):
+            await s.attach(nc)
+        self._ready.set()
+        self._send_wake.set()
+
+    async def _ensure_streams(self) -> None:
+        assert self._js is not None
+        for spec in self._specs:
+            conf = jsapi.StreamConfig(
+                name=spec.name,
+                subjects=list(spec.subjects),
+                retention=jsapi.RetentionPolicy.LIMITS,
+                discard=jsapi.DiscardPolicy.OLD,
+                max_age=spec.max_age_s if spec.max_age_s > 0 else None,
+                max_msgs=spec.max_msgs,
+                max_bytes=spec.max_bytes,
+                duplicate_window=spec.duplicate_window_s,
+                num_replicas=spec.replicas,
+                storage=jsapi.StorageType.FILE
+                if spec.storage == "file"
+                else jsapi.StorageType.MEMORY,
+            )
+            try:
+                await self._js.stream_info(spec.name)
+            except nats.js.errors.NotFoundError:
+                await self._js.add_stream(conf)
+            else:
+                await self._js.update_stream(conf)
+
+    async def delete_streams(self) -> None:
+        """Remove this site's streams (tests and decommissioning only)."""
+        if self._js is None:
+            return
+        for spec in self._specs:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self._js.delete_stream(spec.name)
+
+    async def close(self) -> None:
+        if not self._started:
+            return
+        self._closing = True
+        for c in list(self._consumers):
+            await c.stop()
+        for s in list(self._subs):
+            await s.stop()
+        if self.connected:
+            await self.flush(timeout_s=self.config.publish_timeout_s)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        await self.outbox.close()
+        self._ready.clear()
+        self._started = False
+
+    # -- publishing ------------------------------------------------------------------------------
+    def _require_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("bus not started: call await bus.start() first")
+
+    async def publish(
+        self,
+        subject: str,
+        payload: Payload,
+        *,
+        event_id: str | None = None,
+        critical: bool = False,
+    ) -> str:
+        self._require_started()
+        validate_subject(subject, wildcards=False)
+        data = to_bytes(payload)
+        eid = event_id_for(payload, event_id)
+        kind = self.subjects.kind_of(subject)
+        stream = stream_for_subject(self._specs, subject)
+        if critical or kind in CRITICAL_KINDS:
+            if stream is None:
+                raise ValueError(f"critical event on {subject!r}, which no stream stores")
+            await self.outbox.append(subject, eid, data, self.clock.now())
+            self._stats.published += 1
+            return eid
+        self._stats.published += 1
+        stream_name = stream.name if stream is not None else None
+        if kind in SAMPLED_KINDS:
+            if subject in self._latest:
+                self._stats.telemetry_dropped += 1
+                # Latest wins, but the subject keeps its turn in the queue.
+            self._latest[subject] = (data, eid, stream_name)
+        else:
+            if len(self._queue) >= self.config.send_queue_size:
+                self._queue.popleft()
+                self._stats.queue_dropped += 1
+            self._queue.append((subject, data, eid, stream_name))
+        self._send_wake.set()
+        return eid
+
+    async def _send_one(self, subject: str, data: bytes, eid: str, stream: str | None) -> None:
+        assert self._nc is not None
+        headers = {MSG_ID: eid}
+        if stream is None:
+            await self._nc.publish(subject, data, headers=headers)
+        else:
+            await self._js.publish(
+                subject,
+                data,
+                timeout=self.config.publish_timeout_s,
+                stream=stream,
+                headers=headers,
+            )
+
+    async def _sender(self) -> None:
+        """Sends telemetry (latest per subject) and normal events; never blocks publish()."""
+        while True:
+            if not (self._latest or self._queue) or not self.connected:
+                self._send_wake.clear()
+                if not self.connected:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._send_wake.wait(), 0.5)
+                else:
+                    await self._send_wake.wait()
+                continue
+            # Alternate fairly: one normal event, then one telemetry subject.
+            item: tuple[str, bytes, str, str | None]
+            from_queue = bool(self._queue)
+            if from_queue:
+                item = self._queue.popleft()
+            else:
+                subject, (data, eid, stream) = self._latest.popitem(last=False)
+                item = (subject, data, eid, stream)
+            self._in_flight += 1
+            try:
+                await self._send_one(*item)
+                self._stats.sent += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._stats.send_failures += 1
+                log.debug("bus: send on %s failed: %r", item[0], exc)
+                if from_queue:
+                    if len(self._queue) >= self.config.send_queue_size:
+                        self._stats.queue_dropped += 1
+                    else:
+                        self._queue.appendleft(item)
+                elif item[0] not in self._latest:
+                    self._latest[item[0]] = (item[1], item[2], item[3])
+                    self._latest.move_to_end(item[0], last=False)
+                else:
+                    self._stats.telemetry_dropped += 1
+                await self.clock.sleep(self.config.reconnect_wait_s)
+            finally:
+                self._in_flight -= 1
+
+    async def _pump(self) -> None:
+        """Sends the outbox in order; an entry leaves the outbox only after JetStream stored it."""
+        ob = self.outbox
+        failures = 0
+        window = _PUMP_WINDOW
+        while True:
+            if ob.pending == 0:
+                ob.nonempty.clear()
+                await ob.nonempty.wait()
+                continue
+            if not self.connected:
+                await self._wait_connected(0.5)
+                continue
+            entries = await ob.peek(window)
+            if not entries:
+                await self.clock.sleep(0.01)
+                continue
+            done_seq = 0
+            try:
+                futs: list[asyncio.Future[Any]] = []
+                for e in entries:
+                    stream = stream_for_subject(self._specs, e.subject)
+                    futs.append(
+                        await self._js.publish_async(
+                            e.subject,
+                            e.payload,
+                            wait_stall=self.config.publish_timeout_s,
+                            stream=stream.name if stream else None,
+                            headers={MSG_ID: e.event_id},
+                        )
+                    )
+                for e, f in zip(entries, futs, strict=True):
+                    ack = await asyncio.wait_for(f, self.config.publish_timeout_s)
+                    if not getattr(ack, "duplicate", False):
+                        self._stats.sent += 1
+                    done_seq = e.seq
+                failures = 0
+                window = _PUMP_WINDOW
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self._stats.send_failures += 1
+                window = 1  # after a failure, go one by one until the broker confirms again
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("bus: outbox publish failed (%d pending): %r", ob.pending, exc)
+                await self.clock.sleep(min(self.config.reconnect_wait_s * failures, 2.0))
+            if done_seq:
+                await ob.remove_through(done_seq)
+
+    async def _wait_connected(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout_s)
+        if not self.connected:
+            await self.clock.sleep(min(timeout_s, 0.1))
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        async def drained() -> None:
+            # Polls several sources (outbox count, queues, in-flight sends); not control timing.
+            while self.outbox.pending or self._latest or self._queue or self._in_flight:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            if self._nc is not None and self.connected:
+                await self._nc.flush(timeout=max(1, int(timeout_s)))
+
+        try:
+            await asyncio.wait_for(drained(), timeout_s)
+        except (TimeoutError, nats.errors.Error):
+            return False
+        return True
+
+    # -- receiving -------------------------------------------------------------------------------
+    async def subscribe(
+        self, subject_pattern: str, handler: Handler, *, queue: str | None = None
+    ) -> _NatsSub:
+        self._require_started()
+        validate_subject(subject_pattern, wildcards=True)
+        sub = _NatsSub(self, subject_pattern, handler, queue)
+        self._subs.add(sub)
+        if self._ready.is_set() and self._nc is not None:
+            await sub.attach(self._nc)
+            await self._nc.flush()
+        return sub
+
+    async def request(self, subject: str, payload: Payload, *, timeout_s: float) -> bytes:
+        self._require_started()
+        validate_subject(subject, wildcards=False)
+        if not self.connected or self._nc is None:
+            raise BusUnavailable(f"broker unreachable; cannot request {subject!r}")
+        try:
+            reply = await self._nc.request(subject, to_bytes(payload), timeout=timeout_s)
+        except nats.errors.NoRespondersError as exc:
+            raise NoResponders(f"no responder on {subject!r}") from exc
+        except nats.errors.TimeoutError as exc:
+            raise BusTimeout(f"no reply on {subject!r} within {timeout_s} s") from exc
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError) as exc:
+            raise BusUnavailable(f"broker connection lost during request on {subject!r}") from exc
+        return bytes(reply.data)
+
+    async def consume(
+        self,
+        subject_pattern: str,
+        *,
+        durable: str,
+        handler: Handler,
+        dedupe: ProcessedIdStore | None = None,
+    ) -> _NatsConsumer:
+        self._require_started()
+        validate_subject(subject_pattern, wildcards=True)
+        if not durable:
+            raise ValueError("consume: durable name must not be empty")
+        spec = stream_for_pattern(self._specs, subject_pattern)
+        c = _NatsConsumer(self, subject_pattern, spec.name, escape_token(durable), handler, dedupe)
+        self._consumers.add(c)
+        c.start()
+        return c
+
+    def new_inbox(self) -> str:
+        return f"_INBOX.{uuid.uuid4().hex}"

@@ -1,0 +1,147 @@
+"""Disk-backed outbox for events that must not be lost (audit, transactions, setpoints).
+
+``append`` returns only after the entry is committed and fsynced (SQLite, WAL,
+``synchronous=FULL``); concurrent appends share one commit (group commit). Entries are read back in
+the order they were accepted and removed only after the broker confirmed them, so a crash at any
+point either leaves an entry to be re-sent (under the same event id: JetStream's duplicate window
+and the consumers' processed-id stores drop the repeat) or it was already confirmed. All SQLite work
+runs on one worker thread so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    accepted_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    seq: int
+    subject: str
+    event_id: str
+    payload: bytes
+
+
+class Outbox:
+    """An ordered, durable queue of events waiting for the broker."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evcore-outbox")
+        self._db: sqlite3.Connection | None = None
+        self._pending: list[tuple[str, str, bytes, float, asyncio.Future[int]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._count = 0
+        self.nonempty = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        """Entries accepted and not yet removed."""
+        return self._count
+
+    def _open_sync(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        self._db = db
+        row = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(row[0])
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._count = await loop.run_in_executor(self._exec, self._open_sync)
+        if self._count:
+            self.nonempty.set()
+
+    def _insert_sync(self, rows: list[tuple[str, str, bytes, float]]) -> list[int]:
+        assert self._db is not None
+        db = self._db
+        seqs: list[int] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for row in rows:
+                cur = db.execute(
+                    "INSERT INTO outbox(subject, event_id, payload, accepted_at) VALUES (?,?,?,?)",
+                    row,
+                )
+                seqs.append(int(cur.lastrowid or 0))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return seqs
+
+    async def append(self, subject: str, event_id: str, payload: bytes, accepted_at: float) -> int:
+        """Accept one entry; returns its sequence number once it is on disk."""
+        if self._db is None:
+            raise RuntimeError(f"outbox {self.path} is not open")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((subject, event_id, payload, accepted_at, fut))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        return await fut
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                seqs = await loop.run_in_executor(
+                    self._exec, self._insert_sync, [b[:4] for b in batch]
+                )
+            except Exception as exc:
+                for b in batch:
+                    if not b[4].done():
+                        b[4].set_exception(exc)
+                continue
+            self._count += len(batch)
+            self.nonempty.set()
+            for b, seq in zip(batch, seqs, strict=True):
+                if not b[4].done():
+                    b[4].set_result(seq)
+
+    def _read_sync(self, limit: int) -> list[OutboxEntry]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT seq, subject, event_id, payload FROM outbox ORDER BY seq LIMIT ?", (limit,)
+        ).fetchall()
+        return [OutboxEntry(int(r[0]), str(r[1]), str(r[2]), bytes(r[3])) for r in rows]
+
+    async def peek(self, limit: int = 256) -> list[OutboxEntry]:
+        """The oldest entries, in acceptance order."""
+        return await asyncio.get_running_loop().run_in_executor(self._exec, self._read_sync, limit)
+
+    def _delete_sync(self, upto_seq: int) -> int:
+        assert self._db is not None
+        cur = self._db.execute("DELETE FROM outbox WHERE seq <= ?", (upto_seq,))
+        return int(cur.rowcount)
+
+    async def remove_through(self, seq: int) -> None:
+        """Remove every entry up to and including ``seq`` (they were confirmed in order)."""
+        n = await asyncio.get_running_loop().run_in_executor(self._exec, self._delete_sync, seq)
+        self._count = max(0, self._count - n)
+        if self._count == 0 and not self._pending:
+            self.nonempty.clear()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        db, self._db = self._db, None
+        if db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._exec, db.close)
+        self._exec.shutdown(wait=True)
