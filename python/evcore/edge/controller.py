@@ -473,6 +473,7 @@ class EdgeController:
                 c.sent = c.holding = sent.value
                 c.accepted = True
                 c.needs_resend = False
+                c.profile_unknown = False
         p = self.pending.get(key)
         if p is not None and accepted and p.sent_at_s == sent.left_mono:
             self.pending[key] = PendingDecrease(p.charger_id, p.sent_at_s, True)

@@ -51,7 +51,10 @@ class ChargerState:
     holding: float | None = None
     expires_at: float | None = None  # wall, validTo of the TxProfile in force
     tx_default: float | None = None  # TxDefault level the charger accepted
-    needs_resend: bool = True  # profiles unknown (boot, reconnect, restart)
+    needs_resend: bool = True  # must be sent again (boot, reconnect, rejection, restart)
+    # What the charger enforces is unknown (edge start, boot: profiles may be lost). The envelope
+    # counts such a charger at its maximum until a profile is accepted.
+    profile_unknown: bool = True
 
     # Switching history for the envelope's on/off rules (monotonic).
     on_since: float | None = None
@@ -124,6 +127,7 @@ class SiteState:
         for c in self.station_chargers(ocpp_id):
             c.online = True
             c.needs_resend = True
+            c.profile_unknown = True
             c.tx_default = None
             changed.append(c.charger_id)
         return changed
@@ -209,6 +213,7 @@ class SiteState:
         c.accepted = accepted
         if accepted:
             c.holding = value
+            c.profile_unknown = False
         else:
             # Unknown what it holds now: re-send next decision; the envelope counts it at max.
             c.needs_resend = True

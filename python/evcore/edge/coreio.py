@@ -1,0 +1,288 @@
+"""The Rust allocator and envelope behind ``CorePort``: site state in, enforced setpoints out.
+
+What this module owns: turning ``SiteState`` into the core's per-charger and per-node columns
+(docs/envelope.md), calling ``evcore.allocator.allocate`` (which runs the envelope in the same
+call), and reading back the setpoints and their reasons. Curtailments become a curtailed copy of the
+topology (a node's ``power_limit_kw`` lowered, never raised), loaded and validated by the core. The
+failsafe level is the core's fair-share allocation with every charger connected and asking for its
+maximum, nothing measured (non-charger load at its configured maximum) on that topology.
+
+What it must never do: compute, clamp or round a setpoint itself. Values pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from evcore.edge.config import EdgeConfig
+from evcore.edge.ports import EnforcedSetpoints
+from evcore.edge.state import ChargerState, SiteState
+
+F64 = npt.NDArray[np.float64]
+
+
+def _priority_from_laxity(chargers: Sequence[ChargerState], now_wall: float) -> dict[str, float]:
+    """``least_laxity``: weights that favour the least laxity (the core still enforces everything).
+
+    Laxity = time to departure − time needed at full rate. Rank 0 (least laxity) gets weight
+    2**(n-1) relative to the last rank, capped to keep the weights finite and > 0.
+    """
+    lax: list[tuple[float, str]] = []
+    for c in chargers:
+        if c.departure is None or c.energy_requested_kwh is None:
+            lax.append((math.inf, c.charger_id))
+            continue
+        remaining_kwh = max(0.0, c.energy_requested_kwh - c.session_energy_wh / 1000.0)
+        rate_kw = c.max_value / 1000.0 if c.is_dc else c.max_value * 230.0 * 3 / 1000.0
+        need_s = remaining_kwh / rate_kw * 3600.0 if rate_kw > 0 else math.inf
+        lax.append((c.departure - now_wall - need_s, c.charger_id))
+    lax.sort()
+    n = len(lax)
+    return {cid: 2.0 ** min(40, n - 1 - i) for i, (_, cid) in enumerate(lax)}
+
+
+class RustCore:
+    """``CorePort`` on ``evcore._core`` through the core room's typed facade."""
+
+    def __init__(self, site: Any, site_table: Mapping[str, Any]) -> None:
+        from evcore.allocator import allocate  # the core room's facade
+
+        self._allocate = allocate
+        self._site = site
+        self._site_table = dict(site_table)
+        self._topologies: dict[tuple[tuple[str, float], ...], Any] = {(): site}
+        self.charger_ids: list[str] = list(site.charger_ids)
+        self.node_ids: list[str] = list(site.node_ids)
+        self._index = {cid: i for i, cid in enumerate(self.charger_ids)}
+        self._is_dc = np.array([site.charger(cid).kind == "dc" for cid in self.charger_ids])
+        self._max_a = np.array([float(site.charger(cid).max_a) for cid in self.charger_ids])
+
+    # ---- topology under curtailments -----------------------------------------------------------
+    def topology(self, caps_kw: Mapping[str, float]) -> Any:
+        key = tuple(sorted(caps_kw.items()))
+        topo = self._topologies.get(key)
+        if topo is None:
+            from evcore.site import load_site_dict
+
+            table = copy.deepcopy(self._site_table)
+            for node in table.get("nodes", []):
+                cap = caps_kw.get(node.get("id"))
+                if cap is not None:
+                    old = node.get("power_limit_kw")
+                    node["power_limit_kw"] = cap if old is None else min(float(old), cap)
+            topo = load_site_dict(table)
+            if len(self._topologies) > 64:
+                self._topologies = {(): self._site}
+            self._topologies[key] = topo
+        return topo
+
+    # ---- columns --------------------------------------------------------------------------------
+    def _columns(
+        self,
+        state: SiteState,
+        *,
+        now_mono: float,
+        failsafe: Mapping[str, float],
+        requested: Mapping[str, float],
+    ) -> dict[str, Any]:
+        n = len(self.charger_ids)
+        nan = math.nan
+        cols: dict[str, Any] = {
+            "charger_id": self.charger_ids,
+            "requested_a": np.zeros(n),
+            "requested_w": np.zeros(n),
+            "measured_l1_a": np.full(n, nan),
+            "measured_l2_a": np.full(n, nan),
+            "measured_l3_a": np.full(n, nan),
+            "measured_age_s": np.full(n, math.inf),
+            "last_sent_a": np.full(n, nan),
+            "last_sent_w": np.full(n, nan),
+            "last_sent_confirmed": np.zeros(n, dtype=bool),
+            "connected": np.zeros(n, dtype=bool),
+            "faulted": np.zeros(n, dtype=bool),
+            "profile_unknown": np.zeros(n, dtype=bool),
+            "on_since_s": np.full(n, nan),
+            "off_since_s": np.full(n, nan),
+            "switches": np.zeros(n),
+        }
+        for i, cid in enumerate(self.charger_ids):
+            c = state.chargers[cid]
+            active = c.demand_active and c.transaction_id is not None
+            cols["connected"][i] = active
+            cols["faulted"][i] = c.faulted
+            req = requested.get(cid, 0.0) if active else 0.0
+            cols["requested_w" if c.is_dc else "requested_a"][i] = req
+            if c.measured_at is not None:
+                cols["measured_age_s"][i] = max(0.0, now_mono - c.measured_at)
+                for k, v in enumerate(c.terminal_a):
+                    if v is not None:
+                        cols[f"measured_l{k + 1}_a"][i] = v
+            unit = "last_sent_w" if c.is_dc else "last_sent_a"
+            # Unknown (edge start, boot): counted at the charger's maximum by the envelope.
+            cols["profile_unknown"][i] = c.profile_unknown
+            if active:
+                # What it was last sent counts until the charger accepted it (a re-send after a
+                # reconnect or rejection is not confirmed yet either).
+                cols[unit][i] = c.sent if c.sent is not None else nan
+                cols["last_sent_confirmed"][i] = c.accepted and not c.needs_resend
+            else:
+                # Idle: the charger may start drawing its TxDefault (failsafe) level at any moment,
+                # before the edge hears of the car. Count it there ("unconfirmed" = held).
+                cols[unit][i] = max(failsafe.get(cid, 0.0), c.tx_default or 0.0)
+                cols["last_sent_confirmed"][i] = False
+            if c.on_since is not None:
+                cols["on_since_s"][i] = c.on_since
+            if c.off_since is not None:
+                cols["off_since_s"][i] = c.off_since
+            cols["switches"][i] = float(c.switches)
+        return cols
+
+    def _nodes(self, state: SiteState, now_mono: float) -> dict[str, Any]:
+        nn = len(self.node_ids)
+        cols: dict[str, Any] = {
+            "node_id": self.node_ids,
+            "other_load_l1_a": np.full(nn, math.nan),
+            "other_load_l2_a": np.full(nn, math.nan),
+            "other_load_l3_a": np.full(nn, math.nan),
+            "other_load_age_s": np.full(nn, math.inf),
+        }
+        for j, nid in enumerate(self.node_ids):
+            got = state.other_load_a.get(nid)
+            if got is not None:
+                (l1, l2, l3), at = got
+                cols["other_load_l1_a"][j] = l1
+                cols["other_load_l2_a"][j] = l2
+                cols["other_load_l3_a"][j] = l3
+                cols["other_load_age_s"][j] = max(0.0, now_mono - at)
+        return cols
+
+    def _call(
+        self,
+        topo: Any,
+        chargers: dict[str, Any],
+        nodes: dict[str, Any],
+        demand: dict[str, Any],
+        params: dict[str, float],
+        explain: bool,
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        result = self._allocate(topo, chargers, nodes, demand, params=params, explain=explain)
+        setpoint_a = np.asarray(result.column("setpoint_a"), dtype=np.float64)
+        setpoint_w = np.asarray(result.column("setpoint_w"), dtype=np.float64)
+        reasons = result.column("reason") if explain else None
+        out: dict[str, float] = {}
+        why: dict[str, str] = {}
+        for i, cid in enumerate(self.charger_ids):
+            out[cid] = float(setpoint_w[i] if self._is_dc[i] else setpoint_a[i])
+            if reasons is not None:
+                why[cid] = str(reasons[i])
+        return out, why
+
+    # ---- CorePort -------------------------------------------------------------------------------
+    def decide(
+        self,
+        state: SiteState,
+        *,
+        now_wall: float,
+        now_mono: float,
+        caps_kw: Mapping[str, float],
+        targets: Mapping[str, float] | None,
+        failsafe: Mapping[str, float],
+        cfg: EdgeConfig,
+    ) -> EnforcedSetpoints:
+        n = len(self.charger_ids)
+        chargers = [state.chargers[cid] for cid in self.charger_ids]
+        requested = {c.charger_id: c.max_value for c in chargers}
+        cols = self._columns(state, now_mono=now_mono, failsafe=failsafe, requested=requested)
+        nodes = self._nodes(state, now_mono)
+        weights = _priority_from_laxity(chargers, now_wall) if cfg.policy == "least_laxity" else {}
+        demand: dict[str, Any] = {
+            "charger_id": self.charger_ids,
+            "energy_wanted_kwh": np.full(n, math.inf),
+            "departure_s": np.full(n, math.nan),
+            "priority": np.ones(n),
+            "target_a": np.full(n, math.nan),
+            "target_w": np.full(n, math.nan),
+            "behind_plan": np.zeros(n, dtype=bool),
+        }
+        for i, c in enumerate(chargers):
+            if c.energy_requested_kwh is not None:
+                demand["energy_wanted_kwh"][i] = max(
+                    0.0, c.energy_requested_kwh - c.session_energy_wh / 1000.0
+                )
+            if c.departure is not None:
+                # The core's clock for departures is the monotonic one of this decision.
+                demand["departure_s"][i] = now_mono + (c.departure - now_wall)
+            demand["priority"][i] = max(1e-9, c.priority * weights.get(c.charger_id, 1.0))
+            if targets is not None and c.charger_id in targets:
+                demand["target_w" if c.is_dc else "target_a"][i] = targets[c.charger_id]
+        params = {
+            "now_s": now_mono,
+            "stale_after_s": cfg.stale_after_s,
+            "min_on_s": cfg.min_on_s,
+            "min_off_s": cfg.min_off_s,
+            "max_switches": float(cfg.max_switches),
+        }
+        setpoints, why = self._call(self.topology(caps_kw), cols, nodes, demand, params, True)
+        digest = hashlib.blake2b(
+            b"".join(
+                np.ascontiguousarray(v).tobytes()
+                for k, v in sorted(cols.items())
+                if isinstance(v, np.ndarray)
+            ),
+            digest_size=16,
+        ).hexdigest()
+        return EnforcedSetpoints(setpoints, why, digest)
+
+    def failsafe_levels(self, caps_kw: Mapping[str, float]) -> dict[str, float]:
+        n = len(self.charger_ids)
+        nan = math.nan
+        cols: dict[str, Any] = {
+            "charger_id": self.charger_ids,
+            "requested_a": self._max_a.copy(),
+            "requested_w": np.array(
+                [
+                    float(self._site.charger(cid).max_w) if self._is_dc[i] else 0.0
+                    for i, cid in enumerate(self.charger_ids)
+                ]
+            ),
+            "measured_l1_a": np.full(n, nan),
+            "measured_l2_a": np.full(n, nan),
+            "measured_l3_a": np.full(n, nan),
+            "measured_age_s": np.full(n, math.inf),
+            "last_sent_a": np.zeros(n),
+            "last_sent_w": np.zeros(n),
+            "last_sent_confirmed": np.ones(n, dtype=bool),
+            "connected": np.ones(n, dtype=bool),
+            "faulted": np.zeros(n, dtype=bool),
+            "profile_unknown": np.zeros(n, dtype=bool),
+            "on_since_s": np.full(n, nan),
+            "off_since_s": np.full(n, nan),
+            "switches": np.zeros(n),
+        }
+        nn = len(self.node_ids)
+        nodes: dict[str, Any] = {
+            "node_id": self.node_ids,
+            "other_load_l1_a": np.full(nn, nan),
+            "other_load_l2_a": np.full(nn, nan),
+            "other_load_l3_a": np.full(nn, nan),
+            "other_load_age_s": np.full(nn, math.inf),
+        }
+        demand: dict[str, Any] = {
+            "charger_id": self.charger_ids,
+            "energy_wanted_kwh": np.full(n, math.inf),
+            "departure_s": np.full(n, nan),
+            "priority": np.ones(n),
+            "target_a": np.full(n, nan),
+            "target_w": np.full(n, nan),
+            "behind_plan": np.zeros(n, dtype=bool),
+        }
+        params = {"now_s": 0.0, "stale_after_s": 0.0}
+        levels, _ = self._call(self.topology(caps_kw), cols, nodes, demand, params, False)
+        return levels

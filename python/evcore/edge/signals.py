@@ -1,0 +1,92 @@
+"""Grid signals and plans from the bus (``evcore.v1`` protobuf) into the controller.
+
+What this module owns: decoding ``GridSignal`` and ``Plan`` messages into ``Curtailment``,
+``PricePoint`` and ``PlanTargets``, with a ``BadPayload`` naming the field when a message is wrong
+(the bus logs and counts it, and the subscriber lives on). It never decides a setpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from evcore.bus import BadPayload, Bus, BusMessage, Subjects, Subscription
+from evcore.edge.controller import EdgeController, PlanTargets
+from evcore.edge.grid import Curtailment, GridSignalError, PricePoint
+from evcore.v1 import grid_pb2, plan_pb2
+
+
+def _ts(msg: Any) -> float:
+    return float(msg.seconds) + float(msg.nanos) * 1e-9
+
+
+def apply_grid_signal(ctrl: EdgeController, data: bytes) -> str:
+    """Decode one ``GridSignal`` and hand it to the controller; returns what it was."""
+    sig = grid_pb2.GridSignal()
+    try:
+        sig.ParseFromString(data)
+    except Exception as exc:
+        raise BadPayload(f"grid signal: not a GridSignal ({exc})") from exc
+    kind = sig.WhichOneof("signal")
+    if kind == "curtailment":
+        c = sig.curtailment
+        sid = c.curtailment_id or sig.signal_id
+        if c.cancelled:
+            ctrl.cancel_curtailment(sid)
+            return "cancelled"
+        if not c.HasField("start") or not c.HasField("end"):
+            raise BadPayload(f"curtailment {sid}: start and end are required")
+        try:
+            ctrl.post_curtailment(Curtailment(sid, c.node_id, c.max_kw, _ts(c.start), _ts(c.end)))
+        except GridSignalError as exc:
+            raise BadPayload(str(exc)) from exc
+        return "curtailment"
+    if kind == "price_update":
+        points = []
+        for i, p in enumerate(sig.price_update.tariff.prices):
+            if not math.isfinite(p.price_per_kwh):
+                raise BadPayload(f"price_update.tariff.prices[{i}].price_per_kwh: not finite")
+            points.append(PricePoint(_ts(p.start), p.price_per_kwh))
+        try:
+            ctrl.post_prices(points)
+        except GridSignalError as exc:
+            raise BadPayload(str(exc)) from exc
+        return "price_update"
+    raise BadPayload(f"grid signal {sig.signal_id!r}: no curtailment or price_update")
+
+
+def plan_from_proto(data: bytes, received_at: float, known: Callable[[str], bool]) -> PlanTargets:
+    plan = plan_pb2.Plan()
+    try:
+        plan.ParseFromString(data)
+    except Exception as exc:
+        raise BadPayload(f"plan: not a Plan ({exc})") from exc
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for i, r in enumerate(plan.rows):
+        if not known(r.charger_id):
+            raise BadPayload(f"plan {plan.plan_id}: rows[{i}].charger_id {r.charger_id!r} unknown")
+        target = r.target_a if r.HasField("target_a") else r.target_w
+        if not (math.isfinite(target) and target >= 0 and math.isfinite(r.step_s) and r.step_s > 0):
+            raise BadPayload(f"plan {plan.plan_id}: rows[{i}] target/step_s must be finite, >= 0")
+        rows.setdefault(r.charger_id, []).append((_ts(r.step_start), r.step_s, target))
+    source = "local" if plan.source == "edge" else "cloud"
+    return PlanTargets(source, f"{plan.plan_id}@{plan.plan_version}", received_at, rows)
+
+
+async def subscribe_signals(bus: Bus, ctrl: EdgeController) -> list[Subscription]:
+    """Grid signals and cloud plans over the bus (live subscriptions: never blocks the loop)."""
+    subjects = Subjects(bus.site_id)
+
+    async def on_grid(msg: BusMessage) -> None:
+        apply_grid_signal(ctrl, msg.data)
+
+    async def on_plan(msg: BusMessage) -> None:
+        plan = plan_from_proto(msg.data, ctrl.clock.now(), lambda cid: cid in ctrl.state.chargers)
+        if plan.source == "cloud":
+            ctrl.set_plan(plan)
+
+    return [
+        await bus.subscribe(subjects.grid, on_grid),
+        await bus.subscribe(subjects.plan, on_plan),
+    ]
