@@ -445,8 +445,7 @@ class EdgeController:
             kwargs["limit_a"] = ch.new
         if purpose == "tx":
             kwargs["valid_to"] = valid_to
-            if not c.is_dc:
-                kwargs["final_limit_a"] = fs
+            kwargs["final_limit_w" if c.is_dc else "final_limit_a"] = fs
         sent = SentProfile(ch.charger_id, purpose, ch.new, ch.kind, decision, now_m, valid_to)
         self.stats.profiles_sent += 1
         task = asyncio.ensure_future(self._await_result(sent, kwargs))

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from evcore.edge.config import EdgeConfig
 from evcore.edge.state import SiteState
+from evcore.ocpp.events import ProfilePurpose
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,8 @@ class ChargerGateway(Protocol):
         limit_w: float | None = None,
         valid_to: float | None = None,
         final_limit_a: float | None = None,
-        purpose: str = "tx",
+        final_limit_w: float | None = None,
+        purpose: ProfilePurpose = "tx",
     ) -> ProfileOutcome: ...
 
 

@@ -1,0 +1,183 @@
+"""``evcore edge``: the controller wired to the central system, the bus, the store and the API.
+
+What this module owns: building and running the parts of one edge process in one ``TaskGroup`` —
+the OCPP central system (events → controller), the controller loop, grid signals and cloud plans
+from the bus, the local planner, the audit log and store (when their rooms provide them), and the
+gRPC API over the controller's ``EdgeFacade``. Shutdown on a signal: stop the loop, the API, the
+central system, then drain the bus.
+
+What it must never do: decide or alter a setpoint (that is ``controller`` + the core), or block the
+control loop on the network (every bus/API/store call here is bounded or runs beside the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from evcore.clock import Clock
+from evcore.edge.config import EdgeConfig
+from evcore.edge.controller import EdgeController, SentProfile
+from evcore.edge.ports import AuditSink, ChargerGateway, CorePort
+from evcore.edge.state import ChargerState, SiteState
+
+log = logging.getLogger("evcore.edge")
+
+
+def read_site_table(path: str | Path) -> dict[str, Any]:
+    """The raw site file (TOML) as a dict; an error names the file."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise SystemExit(f"evcore edge: site file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SystemExit(f"evcore edge: site file {p} is not valid TOML: {exc}") from None
+
+
+def charger_states(site_table: Mapping[str, Any]) -> tuple[SiteState, list[str]]:
+    """Per-charger state from the site file's ``[[chargers]]`` (ids, kind, min/max) and node ids.
+
+    The core has already validated the topology (``load_site``); this only reads the fields the
+    controller keeps per charger, with the defaults of docs/site-file.md.
+    """
+    specs: list[ChargerState] = []
+    evse: dict[str, int] = {}
+    for ch in site_table.get("chargers", []):
+        cid = str(ch["id"])
+        is_dc = ch.get("kind", "ac") == "dc"
+        if is_dc:
+            lo, hi = float(ch.get("min_w", 0.0)), float(ch["max_w"])
+        else:
+            lo, hi = float(ch.get("min_a", 6.0)), float(ch["max_a"])
+        specs.append(ChargerState(cid, str(ch.get("ocpp_id", cid)), is_dc, lo, hi))
+        evse[cid] = int(ch.get("evse_id", 1))
+    nodes = [str(n["id"]) for n in site_table.get("nodes", [])]
+    return SiteState.from_chargers(specs, evse), nodes
+
+
+def build_controller(
+    site_table: Mapping[str, Any],
+    *,
+    core: CorePort,
+    gateway: ChargerGateway,
+    clock: Clock,
+    cfg: EdgeConfig | None = None,
+    audit: AuditSink | None = None,
+    on_sent: Any = None,
+) -> EdgeController:
+    """A controller for the site (also the twin's entry point: pass its clock and gateway)."""
+    state, nodes = charger_states(site_table)
+    cfg = cfg if cfg is not None else EdgeConfig.from_table(site_table.get("edge"))
+    return EdgeController(
+        state=state,
+        core=core,
+        gateway=gateway,
+        clock=clock,
+        cfg=cfg,
+        node_ids=nodes,
+        audit=audit,
+        on_sent=on_sent,
+        config_version=_config_version(site_table),
+    )
+
+
+def _config_version(site_table: Mapping[str, Any]) -> str:
+    import hashlib
+    import json
+
+    blob = json.dumps(site_table, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+class EdgeApp:
+    """One edge process: ``await EdgeApp.from_file(path, clock).run()`` until ``stop()``."""
+
+    def __init__(
+        self,
+        site: Any,
+        site_table: Mapping[str, Any],
+        *,
+        clock: Clock,
+        cfg: EdgeConfig | None = None,
+        bus: Any = None,
+        store: Any = None,
+        audit: AuditSink | None = None,
+        on_sent: Any = None,
+    ) -> None:
+        from evcore.edge.coreio import RustCore
+        from evcore.ocpp import CentralSystem
+
+        self.site = site
+        self.site_table = site_table
+        self.clock = clock
+        self.bus = bus
+        self.store = store
+        self.central = CentralSystem(site, clock=clock, bus=bus, store=store)
+        self.core = RustCore(site, site_table)
+        self.controller = build_controller(
+            site_table,
+            core=self.core,
+            gateway=self.central,
+            clock=clock,
+            cfg=cfg,
+            audit=audit,
+            on_sent=on_sent,
+        )
+        self.central.add_listener(self.controller.on_event)
+        self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    @classmethod
+    def from_file(cls, path: str | Path, clock: Clock, **kwargs: Any) -> EdgeApp:
+        from evcore.site import load_site
+
+        table = read_site_table(path)
+        site = load_site(path)
+        return cls(site, table, clock=clock, **kwargs)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        ctrl = self.controller
+        if self.bus is not None:
+            await self.bus.start()
+        await self.central.start()
+        subs: list[Any] = []
+        try:
+            if self.bus is not None:
+                from evcore.edge.signals import subscribe_signals
+
+                subs = await subscribe_signals(self.bus, ctrl)
+            async with asyncio.TaskGroup() as tg:
+                loop_task = tg.create_task(ctrl.run())
+                self.ready.set()
+                await self._stop.wait()
+                ctrl.stop()
+                await loop_task
+        finally:
+            for s in subs:
+                with contextlib.suppress(Exception):
+                    await s.stop()
+            await self.central.stop()
+            if self.bus is not None:
+                with contextlib.suppress(Exception):
+                    await self.bus.close()
+
+
+def log_sent(sent: SentProfile) -> None:
+    log.debug(
+        "sent %s %s %.1f (%s, decision %d)",
+        sent.charger_id,
+        sent.purpose,
+        sent.value,
+        sent.kind.value,
+        sent.decision,
+    )

@@ -1,0 +1,71 @@
+"""``evcore edge --config SITE_FILE``: run the edge controller for one site until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from evcore.clock import WallClock
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from evcore.edge.app import EdgeApp, read_site_table
+    from evcore.edge.config import EdgeConfig, EdgeConfigError
+
+    clock = WallClock()
+    table = read_site_table(args.config)
+    try:
+        cfg = EdgeConfig.from_table(table.get("edge"))
+        if args.policy:
+            cfg = EdgeConfig.from_table({**table.get("edge", {}), "policy": args.policy})
+    except EdgeConfigError as exc:
+        print(f"evcore edge: {args.config}: {exc}")
+        return 2
+    bus: Any = None
+    if "bus" in table:
+        from evcore.bus import bus_from_config
+
+        bus = bus_from_config(table.get("bus"), str(table["site"]["id"]), clock)
+    try:
+        app = EdgeApp.from_file(args.config, clock, cfg=cfg, bus=bus)
+    except (ValueError, KeyError) as exc:
+        print(f"evcore edge: {args.config}: {exc}")
+        return 2
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, app.stop)
+    runner = asyncio.ensure_future(app.run())
+    await app.ready.wait()
+    print(f"evcore edge: site {table['site']['id']} OCPP on port {app.central.port}", flush=True)
+    await runner
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "edge",
+        help="run the edge controller for a site",
+        description="Run the closed control loop (OCPP central system, allocator and envelope, "
+        "failsafes, grid signals) for the site file. Stops on SIGINT/SIGTERM. See docs/edge.md.",
+    )
+    p.add_argument(
+        "--config", required=True, help="site file (TOML) with an optional [edge] section"
+    )
+    p.add_argument(
+        "--policy",
+        choices=("uncontrolled", "fair_share", "least_laxity", "planner_cost", "planner_peak"),
+        help="override [edge] policy",
+    )
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    p.set_defaults(func=_run)
