@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "evcore.site.cli",
     "evcore.benchcli",
+    "evcore.sim.cli",
     "evcore.edge.cli",
 )
 
