@@ -1,0 +1,208 @@
+"""``EdgeFacade``: what the edge API (``evcore.api``) reads and steers, over the running controller.
+
+What this module owns: plain-data views of the controller's state (site, sessions, setpoints, node
+caps, faults, recent decisions) and the operator's levers (availability, priority, departure, grid
+signals). Every lever goes through the controller as an event, so the next decision — allocator and
+envelope — applies it; nothing here sets a setpoint. Authentication and roles are the API's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from evcore.edge.controller import EdgeController, SentProfile
+from evcore.edge.faults import is_suspect
+from evcore.edge.grid import Curtailment, GridSignalError, PricePoint
+
+
+class FacadeError(ValueError):
+    """A request named something unknown or carried a bad value; the message says which."""
+
+
+class ControllerFacade:
+    """``EdgeFacade`` over one ``EdgeController``."""
+
+    def __init__(self, controller: EdgeController, *, keep_decisions: int = 1000) -> None:
+        self.ctrl = controller
+        self._decisions: deque[dict[str, Any]] = deque(maxlen=keep_decisions)
+        self._watchers: set[asyncio.Queue[dict[str, Any]]] = set()
+        prev = controller.on_sent
+
+        def _on_sent(sent: SentProfile) -> None:
+            if prev is not None:
+                prev(sent)
+            self._broadcast(
+                {
+                    "kind": "setpoint",
+                    "charger_id": sent.charger_id,
+                    "purpose": sent.purpose,
+                    "value": sent.value,
+                    "decision": sent.decision,
+                }
+            )
+
+        controller.on_sent = _on_sent
+
+    # ---- reads --------------------------------------------------------------------------------
+    def site_state(self) -> dict[str, Any]:
+        ctrl = self.ctrl
+        now_w = ctrl.clock.now()
+        return {
+            "at": now_w,
+            "policy": ctrl.cfg.policy,
+            "decisions": ctrl.stats.decisions,
+            "profiles_sent": ctrl.stats.profiles_sent,
+            "curtailments_kw": ctrl.curtailments.caps_kw(now_w),
+            "failsafe": dict(ctrl.failsafe),
+            "chargers": [self.charger(cid) for cid in ctrl.state.chargers],
+            "faults": [{"charger_id": c, "reason": r} for c, r in ctrl.stats.faults_reported],
+        }
+
+    def charger(self, charger_id: str) -> dict[str, Any]:
+        c = self._get(charger_id)
+        now_m = self.ctrl.clock.monotonic()
+        return {
+            "charger_id": c.charger_id,
+            "ocpp_id": c.ocpp_id,
+            "online": c.online,
+            "status": c.status,
+            "plugged": c.plugged,
+            "available": c.available,
+            "transaction_id": c.transaction_id,
+            "unit": "W" if c.is_dc else "A",
+            "setpoint": c.sent,
+            "accepted": c.accepted,
+            "tx_default": c.tx_default,
+            "valid_to": c.expires_at,
+            "measured_a": list(c.measured_a),
+            "measured_w": c.measured_w,
+            "measurement_age_s": None if c.measured_at is None else c.age_s(now_m),
+            "suspect": is_suspect(c, now_m, self.ctrl.cfg),
+            "faulted": c.faulted,
+            "fault_reason": c.fault_reason,
+        }
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "charger_id": c.charger_id,
+                "transaction_id": c.transaction_id,
+                "started_at": c.session_started_at,
+                "energy_delivered_kwh": c.session_energy_wh / 1000.0,
+                "energy_requested_kwh": c.energy_requested_kwh,
+                "departure": c.departure,
+                "priority": c.priority,
+            }
+            for c in self.ctrl.state.chargers.values()
+            if c.transaction_id is not None
+        ]
+
+    def setpoints(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "charger_id": c.charger_id,
+                "unit": "W" if c.is_dc else "A",
+                "setpoint": c.sent,
+                "accepted": c.accepted,
+                "valid_to": c.expires_at,
+                "failsafe": self.ctrl.failsafe.get(c.charger_id),
+            }
+            for c in self.ctrl.state.chargers.values()
+        ]
+
+    def recent_decisions(
+        self, *, charger_id: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for d in reversed(self._decisions):
+            if charger_id is None or any(s["charger_id"] == charger_id for s in d["setpoints"]):
+                out.append(d)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def record_decision(self, record: Mapping[str, Any]) -> None:
+        """Called with every audit record the controller appends (see ``AuditTee``)."""
+        self._decisions.append(dict(record))
+        self._broadcast({"kind": "decision", "decision": record.get("decision")})
+
+    async def watch(self) -> AsyncIterator[dict[str, Any]]:
+        """Changes as they happen (setpoints sent, decisions); ends when the consumer stops."""
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        self._watchers.add(q)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._watchers.discard(q)
+
+    def _broadcast(self, item: dict[str, Any]) -> None:
+        for q in list(self._watchers):
+            if q.full():
+                # A slow watcher loses its oldest item, never stalls the loop.
+                q.get_nowait()
+            q.put_nowait(item)
+
+    # ---- steering -----------------------------------------------------------------------------
+    def set_availability(self, charger_id: str, available: bool) -> None:
+        self._get(charger_id)
+        self.ctrl.set_session(charger_id, available=available)
+
+    def set_priority(self, charger_id: str, priority: float) -> None:
+        self._get(charger_id)
+        if not (math.isfinite(priority) and priority > 0):
+            raise FacadeError(f"priority for {charger_id}: must be a finite number > 0")
+        self.ctrl.set_session(charger_id, priority=priority)
+
+    def set_departure(
+        self, charger_id: str, departure: float, energy_requested_kwh: float | None = None
+    ) -> None:
+        self._get(charger_id)
+        try:
+            self.ctrl.set_session(
+                charger_id, departure=departure, energy_requested_kwh=energy_requested_kwh
+            )
+        except ValueError as exc:
+            raise FacadeError(str(exc)) from exc
+
+    def post_curtailment(
+        self, signal_id: str, node_id: str, max_kw: float, start: float, end: float
+    ) -> None:
+        try:
+            self.ctrl.post_curtailment(Curtailment(signal_id, node_id, max_kw, start, end))
+        except GridSignalError as exc:
+            raise FacadeError(str(exc)) from exc
+
+    def cancel_curtailment(self, signal_id: str) -> bool:
+        return self.ctrl.cancel_curtailment(signal_id)
+
+    def post_prices(self, points: list[tuple[float, float]]) -> None:
+        try:
+            self.ctrl.post_prices([PricePoint(t, p) for t, p in points])
+        except GridSignalError as exc:
+            raise FacadeError(str(exc)) from exc
+
+    def _get(self, charger_id: str) -> Any:
+        c = self.ctrl.state.chargers.get(charger_id)
+        if c is None:
+            raise FacadeError(f"unknown charger_id {charger_id!r}")
+        return c
+
+
+class AuditTee:
+    """Audit sink that appends to the durable log first, then shows the record to the facade."""
+
+    def __init__(self, log: Any, facade: ControllerFacade) -> None:
+        self._log = log
+        self._facade = facade
+
+    async def append(self, decision: Mapping[str, Any]) -> None:
+        if self._log is not None:
+            res = self._log.append(decision)
+            if asyncio.iscoroutine(res) or isinstance(res, asyncio.Future):
+                await res
+        self._facade.record_decision(decision)
