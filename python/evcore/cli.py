@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evcore.benchcli",
     "evcore.sim.cli",
     "evcore.edge.cli",
+    "evcore.audit.cli",
 )
 
 

@@ -1,0 +1,225 @@
+"""``evcore audit verify`` and ``evcore audit show``: check and explain the decision trail.
+
+Both read a store named by ``--config SITE_FILE`` (its ``[store]`` section) or ``--store URL``
+(``sqlite:DIR``, a directory, or ``postgresql://…?schema=NAME``). They only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from evcore.audit.chain import verify_chain
+from evcore.clock import Clock, WallClock
+from evcore.store import SqlStore, StoreError, open_store, open_store_url
+from evcore.v1.audit_pb2 import AuditRecord
+from evcore.v1.setpoint_pb2 import BindingReason
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_time(text: str, clock: Clock) -> float:
+    """ISO 8601 (``2026-01-01T08:00:00Z``; naive means UTC), epoch seconds, or an age such as
+    ``15m``, ``2h``, ``1d`` (that long before now)."""
+    t = text.strip()
+    m = _RELATIVE.match(t)
+    if m:
+        return clock.now() - float(m.group(1)) * _UNIT_S[m.group(2)]
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"time {text!r} is not ISO 8601 (2026-01-01T08:00:00Z), epoch seconds or an age "
+            "like 15m / 2h / 1d"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def store_from_args(args: argparse.Namespace) -> SqlStore:
+    if args.store:
+        return open_store_url(args.store, Path.cwd(), must_exist=True)
+    if not args.config:
+        raise StoreError("name the store: --config SITE_FILE or --store URL")
+    path = Path(args.config)
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise StoreError(f"cannot read site file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise StoreError(f"site file {path} is not valid TOML: {exc}") from exc
+    section = doc.get("store")
+    if section is not None and not isinstance(section, dict):
+        raise StoreError(f"site file {path}: [store] must be a table")
+    return open_store(section, path.resolve().parent, must_exist=True)
+
+
+def _iso(seconds: float) -> str:
+    return (
+        datetime.fromtimestamp(seconds, tz=UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def _binding_name(value: int) -> str:
+    try:
+        name = BindingReason.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        return str(value)
+    return name.removeprefix("BINDING_REASON_").lower()
+
+
+def explain(record: AuditRecord, charger_id: str | None = None) -> list[str]:
+    """Lines a person reads: the decision, then per charger the setpoint and what bound it."""
+    t = record.decided_at.seconds + record.decided_at.nanos / 1e9
+    lines = [
+        f"#{record.seq} {_iso(t)} decision {record.decision_id} trigger {record.trigger}"
+        f" plan v{record.plan_version} config {record.config_version or '-'}"
+    ]
+    sent = {sp.charger_id: sp for sp in record.setpoints}
+    bound = {b.charger_id: b for b in record.bindings}
+    for cid in sorted(set(sent) | set(bound)):
+        if charger_id is not None and cid != charger_id:
+            continue
+        sp = sent.get(cid)
+        b = bound.get(cid)
+        if sp is not None:
+            value = f"{sp.setpoint_a:g} A" if sp.HasField("setpoint_a") else f"{sp.setpoint_w:g} W"
+            action = f"sent {value}"
+        else:
+            action = "unchanged"
+        reason = (sp.reason if sp is not None and sp.reason else "") or (b.reason if b else "")
+        code = _binding_name(
+            (sp.binding if sp is not None and sp.binding else 0) or (b.binding if b else 0)
+        )
+        lines.append(f"  {cid}: {action} [{code}] {reason}".rstrip())
+    return lines
+
+
+async def _verify(args: argparse.Namespace) -> int:
+    store = store_from_args(args)
+    try:
+        report = await verify_chain(store)
+    finally:
+        await store.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "records": report.records,
+                    "head_seq": None if report.head is None else report.head.seq,
+                    "head_hash": None if report.head is None else report.head.hash,
+                    "problem_count": report.problem_count,
+                    "problems": report.problems,
+                    "store": store.description,
+                }
+            )
+        )
+    else:
+        print(f"{report.summary()} ({store.description})")
+        for p in report.problems:
+            print(f"  - {p}")
+        if report.problem_count > len(report.problems):
+            print(f"  … and {report.problem_count - len(report.problems)} more")
+    return 0 if report.ok else 1
+
+
+async def _show(args: argparse.Namespace) -> int:
+    clock = WallClock()
+    since_s = parse_time(args.since, clock) if args.since else None
+    until_s = parse_time(args.until, clock) if args.until else None
+    store = store_from_args(args)
+    try:
+        records = await store.audit_records(
+            charger_id=args.charger,
+            since_s=since_s,
+            until_s=until_s,
+            limit=args.limit,
+            newest_first=True,
+        )
+    finally:
+        await store.close()
+    records.reverse()  # the newest `limit`, printed oldest first
+    if args.json:
+        out: list[dict[str, Any]] = [
+            json_format.MessageToDict(r, preserving_proto_field_name=True) for r in records
+        ]
+        print(json.dumps(out))
+        return 0
+    if not records:
+        who = f" for charger {args.charger}" if args.charger else ""
+        print(f"no decisions{who} in that period ({store.description})")
+        return 0
+    for r in records:
+        print("\n".join(explain(r, args.charger)))
+    return 0
+
+
+def _run(coro_fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(asyncio.run(coro_fn(args)))
+        except (StoreError, ValueError) as exc:
+            print(f"evcore audit: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", metavar="SITE_FILE", help="site file whose [store] to read")
+    g.add_argument(
+        "--store", metavar="URL", help="sqlite:DIR, a directory, or postgresql://…?schema=NAME"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("audit", help="verify and explain the decision audit trail")
+    asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    v = asub.add_parser(
+        "verify",
+        help="check every record's hash, the chain links and the head",
+        description="Exit 0 when the chain is intact, 1 when a record was changed, removed or "
+        "the chain truncated, 2 when the store cannot be read.",
+    )
+    _add_store_args(v)
+    v.set_defaults(func=_run(_verify))
+    s = asub.add_parser("show", help="explain decisions: setpoints sent and what bound them")
+    _add_store_args(s)
+    s.add_argument("--charger", metavar="ID", help="only decisions concerning this charger")
+    s.add_argument("--since", metavar="T", help="ISO 8601, epoch seconds, or an age (15m, 2h, 1d)")
+    s.add_argument("--until", metavar="T", help="same forms as --since")
+    s.add_argument("--limit", type=int, default=200, help="at most this many (newest) decisions")
+    s.set_defaults(func=_run(_show))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m evcore.audit.cli verify …``: the same commands without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="evcore")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["audit", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""``AuditLog``: the edge's decision journal. ``append`` returns only once the record is durable.
+
+The edge controller calls ``await audit.append(decision)`` after the Rust envelope produced the
+setpoints and BEFORE any of them is sent; when it returns, the record (and the chain head) is
+committed with full durability in the store. The record is then handed to the bus as a critical
+event (disk outbox) on ``evcore.<site>.audit``, wrapped in an ``evcore.v1.Event`` whose id is
+derived from the record's hash, so a republish after a crash is dropped by consumers as a repeat.
+
+The audit log records; it never changes a decision, and a failure to publish never blocks the edge
+(the record is already durable and is republished on the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from evcore.audit.chain import VerifyReport, seal, verify_chain
+from evcore.clock import Clock
+from evcore.store.base import AuditChainConflict, Store
+from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
+from evcore.v1.event_pb2 import Event
+from evcore.v1.setpoint_pb2 import Setpoint
+
+log = logging.getLogger("evcore.audit")
+
+# Meta key holding the highest seq known to have been accepted by the bus.
+PUBLISHED_MARK = "audit.published_seq"
+# How often the publish mark is written (republishing a few records after a crash is harmless).
+PUBLISHED_MARK_EVERY = 32
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One decision of the edge as it is handed to the audit log (before it is sealed)."""
+
+    decision_id: str
+    # What triggered it: "tick", "meter:C1", "status:C2", "grid:curtailment-7", "plan", "api:…".
+    trigger: str
+    # When it was decided; None takes the audit log's clock.
+    decided_at_s: float | None = None
+    # The setpoints that will be sent, each with its reason in words.
+    setpoints: Sequence[Setpoint] = ()
+    # Per charger considered, the constraint that bound it (also for unchanged chargers).
+    bindings: Sequence[ChargerBinding] = ()
+    inputs_digest: str = ""
+    plan_version: int = 0
+    config_version: str = ""
+    edge_id: str = ""
+
+
+def digest_inputs(inputs: Any) -> str:
+    """SHA-256 hex of a decision's inputs: bytes as they are, anything else as canonical JSON
+    (sorted keys; objects with ``tolist()``, e.g. numpy arrays, are converted)."""
+    if isinstance(inputs, bytes | bytearray | memoryview):
+        return hashlib.sha256(bytes(inputs)).hexdigest()
+
+    def default(o: Any) -> Any:
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        if hasattr(o, "__dict__"):
+            return vars(o)
+        raise TypeError(f"cannot digest a {type(o).__name__}")
+
+    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    whole = int(seconds // 1)
+    ts.seconds = whole
+    ts.nanos = min(999_999_999, round((seconds - whole) * 1e9))
+    return ts
+
+
+def build_record(
+    decision: Decision | AuditRecord, *, edge_id: str = "", now_s: float | None = None
+) -> AuditRecord:
+    """The unsealed record for a decision; raises ``ValueError`` naming what is missing."""
+    if isinstance(decision, AuditRecord):
+        record = AuditRecord()
+        record.CopyFrom(decision)
+        record.seq = 0
+        record.prev_hash = ""
+        record.hash = ""
+    else:
+        record = AuditRecord(
+            decision_id=decision.decision_id,
+            trigger=decision.trigger,
+            inputs_digest=decision.inputs_digest,
+            plan_version=decision.plan_version,
+            config_version=decision.config_version,
+            edge_id=decision.edge_id or edge_id,
+        )
+        decided_at_s = decision.decided_at_s if decision.decided_at_s is not None else now_s
+        if decided_at_s is not None:
+            record.decided_at.CopyFrom(_timestamp(decided_at_s))
+        record.setpoints.extend(decision.setpoints)
+        record.bindings.extend(decision.bindings)
+    if not record.edge_id:
+        record.edge_id = edge_id
+    if not record.decision_id:
+        raise ValueError("decision has no decision_id")
+    if not record.trigger:
+        raise ValueError(f"decision {record.decision_id!r} has no trigger")
+    if not record.HasField("decided_at"):
+        raise ValueError(f"decision {record.decision_id!r} has no decided_at")
+    explained = {b.charger_id for b in record.bindings if b.reason}
+    for i, sp in enumerate(record.setpoints):
+        if not sp.charger_id:
+            raise ValueError(f"decision {record.decision_id!r}: setpoint #{i} has no charger_id")
+        if not sp.HasField("setpoint_a") and not sp.HasField("setpoint_w"):
+            raise ValueError(
+                f"decision {record.decision_id!r}: setpoint for {sp.charger_id!r} has neither "
+                "setpoint_a nor setpoint_w"
+            )
+        if sp.decision_id and sp.decision_id != record.decision_id:
+            raise ValueError(
+                f"decision {record.decision_id!r}: setpoint for {sp.charger_id!r} belongs to "
+                f"decision {sp.decision_id!r}"
+            )
+        sp.decision_id = record.decision_id
+        if not sp.HasField("decided_at"):
+            sp.decided_at.CopyFrom(record.decided_at)
+        if not sp.reason and sp.charger_id not in explained:
+            raise ValueError(
+                f"decision {record.decision_id!r}: setpoint for {sp.charger_id!r} has no reason "
+                "(every setpoint must say in words what bound it)"
+            )
+    return record
+
+
+class AuditLog:
+    """Append-only, hash-chained decision records in a :class:`Store`, mirrored to the bus."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock,
+        bus: Any | None = None,
+        site_id: str = "",
+        edge_id: str = "edge",
+    ) -> None:
+        if bus is not None and not site_id:
+            raise ValueError("AuditLog: site_id is required to publish on the bus")
+        self._store = store
+        self._clock = clock
+        self._bus = bus
+        self._site_id = site_id
+        self._edge_id = edge_id
+        self._lock = asyncio.Lock()
+        self._head_seq = -1
+        self._head_hash = ""
+        self._opened = False
+        self._published_seq = -1
+        self._mark_written = -1
+        self.publish_failures = 0
+
+    @property
+    def head_seq(self) -> int:
+        """Seq of the last durable record (-1 when the chain is empty)."""
+        return self._head_seq
+
+    async def open(self) -> None:
+        """Load the chain head; republish records the bus may not have accepted before a crash."""
+        async with self._lock:
+            await self._load_head()
+            self._opened = True
+            if self._bus is None:
+                return
+            mark = await self._store.get_meta(PUBLISHED_MARK)
+            self._published_seq = self._mark_written = int(mark) if mark else -1
+            pending = await self._store.audit_records(after_seq=self._published_seq)
+            for record in pending:
+                await self._publish(record)
+            if pending:
+                await self._write_mark(force=True)
+                log.info("audit: republished %d record(s) after restart", len(pending))
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._bus is not None and self._opened:
+                await self._write_mark(force=True)
+
+    async def _load_head(self) -> None:
+        head = await self._store.audit_head()
+        self._head_seq = -1 if head is None else head.seq
+        self._head_hash = "" if head is None else head.hash
+
+    async def append(self, decision: Decision | AuditRecord) -> AuditRecord:
+        """Seal the decision onto the chain and make it durable; returns the stored record.
+
+        Only after this returns may the decision's setpoints be sent.
+        """
+        record = build_record(decision, edge_id=self._edge_id, now_s=self._clock.now())
+        async with self._lock:
+            if not self._opened:
+                await self._load_head()
+                self._opened = True
+            sealed = seal(record, seq=self._head_seq + 1, prev_hash=self._head_hash)
+            try:
+                await self._store.append_audit(sealed)
+            except AuditChainConflict:
+                # Another writer moved the head (or our view is stale): reload once and retry.
+                await self._load_head()
+                sealed = seal(record, seq=self._head_seq + 1, prev_hash=self._head_hash)
+                await self._store.append_audit(sealed)
+            self._head_seq = sealed.seq
+            self._head_hash = sealed.hash
+            if self._bus is not None:
+                await self._publish(sealed)
+                await self._write_mark(force=False)
+        return sealed
+
+    async def _publish(self, record: AuditRecord) -> None:
+        assert self._bus is not None
+        from evcore.bus.subjects import Subjects
+
+        event = Event(
+            event_id=f"audit-{record.hash}",
+            site_id=self._site_id,
+            source=f"edge:{record.edge_id or self._edge_id}",
+        )
+        event.time.CopyFrom(record.decided_at)
+        event.audit.CopyFrom(record)
+        try:
+            await self._bus.publish(
+                Subjects(self._site_id).audit, event, event_id=event.event_id, critical=True
+            )
+        except Exception:  # the record is durable; it is republished on the next open()
+            self.publish_failures += 1
+            log.exception("audit: publishing seq %d failed; it stays pending", record.seq)
+            return
+        self._published_seq = max(self._published_seq, record.seq)
+
+    async def _write_mark(self, *, force: bool) -> None:
+        # The mark only moves over a gap-free prefix: publish failures keep it behind.
+        if self.publish_failures:
+            return
+        due = self._published_seq - self._mark_written >= PUBLISHED_MARK_EVERY
+        if self._published_seq > self._mark_written and (force or due):
+            await self._store.set_meta(PUBLISHED_MARK, str(self._published_seq))
+            self._mark_written = self._published_seq
+
+    async def recent(
+        self,
+        *,
+        charger_id: str | None = None,
+        since_s: float | None = None,
+        limit: int = 50,
+    ) -> list[AuditRecord]:
+        """The newest decisions first (optionally those concerning one charger)."""
+        return await self._store.audit_records(
+            charger_id=charger_id, since_s=since_s, limit=limit, newest_first=True
+        )
+
+    async def verify(self) -> VerifyReport:
+        return await verify_chain(self._store)

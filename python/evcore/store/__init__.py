@@ -1,0 +1,99 @@
+"""Persistence for the edge: one :class:`Store` interface, an embedded SQLite implementation
+(default) and a PostgreSQL one, chosen by the site file's ``[store]`` section (docs/store.md).
+
+    store = open_store(site.sections.get("store"), base_dir)
+    await store.open()          # connects and applies migrations; optional (lazy otherwise)
+    ...
+    await store.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from evcore.store.base import (
+    AuditChainConflict,
+    AuditHead,
+    SessionRecord,
+    SetpointRecord,
+    Store,
+    StoreConfig,
+    StoreConfigError,
+    StoredAuditRow,
+    StoreError,
+    StoreUnavailable,
+    TransactionRecord,
+)
+from evcore.store.sql import SqlStore
+
+__all__ = [
+    "AuditChainConflict",
+    "AuditHead",
+    "SessionRecord",
+    "SetpointRecord",
+    "SqlStore",
+    "Store",
+    "StoreConfig",
+    "StoreConfigError",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredAuditRow",
+    "TransactionRecord",
+    "open_store",
+    "open_store_url",
+]
+
+
+def open_store(
+    section: Mapping[str, object] | None, base_dir: Path | str, *, must_exist: bool = False
+) -> SqlStore:
+    """Build the store the ``[store]`` section names (embedded when absent); relative paths are
+    taken from ``base_dir`` (the site file's directory). Nothing is opened until ``open()``.
+    ``must_exist`` makes opening fail instead of creating an empty store (read-only tools)."""
+    cfg = StoreConfig.from_section(section)
+    if cfg.kind == "postgres":
+        from evcore.store.postgres import postgres_store
+
+        return postgres_store(
+            cfg.dsn,
+            cfg.schema,
+            telemetry_retention_s=cfg.telemetry_retention_s,
+            connect_timeout_s=cfg.connect_timeout_s,
+            must_exist=must_exist,
+        )
+    from evcore.store.sqlite import sqlite_store
+
+    directory = Path(cfg.path)
+    if not directory.is_absolute():
+        directory = Path(base_dir) / directory
+    return sqlite_store(
+        directory, telemetry_retention_s=cfg.telemetry_retention_s, must_exist=must_exist
+    )
+
+
+def open_store_url(url: str, base_dir: Path | str = ".", *, must_exist: bool = False) -> SqlStore:
+    """A store from a URL: ``sqlite:DIR`` / ``sqlite:///abs/dir`` / a plain directory, or
+    ``postgresql://user@host:port/db?schema=NAME`` (schema defaults to ``evcore``)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        schema = next((v for k, v in query if k == "schema"), "evcore")
+        rest = [(k, v) for k, v in query if k != "schema"]
+        dsn = urlunsplit(parts._replace(query=urlencode(rest)))
+        return open_store(
+            {"kind": "postgres", "dsn": dsn, "schema": schema}, base_dir, must_exist=must_exist
+        )
+    if url.startswith("sqlite:"):
+        path = url.removeprefix("sqlite:")
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise StoreConfigError(f"store URL {url!r} names no directory")
+        return open_store({"kind": "embedded", "path": path}, base_dir, must_exist=must_exist)
+    if "://" in url:
+        raise StoreConfigError(
+            f"store URL {url!r}: scheme must be sqlite: or postgresql:// (or give a directory)"
+        )
+    return open_store({"kind": "embedded", "path": url}, base_dir, must_exist=must_exist)

@@ -1,0 +1,857 @@
+"""The SQL core shared by the embedded (SQLite) and PostgreSQL stores.
+
+Each database connection is owned by one worker thread (a single-thread executor), so blocking
+drivers (``sqlite3``, psycopg's synchronous connection) never block the event loop and one
+connection never sees two transactions at once. Every public method is one transaction. SQL is
+written once with ``?`` placeholders; the PostgreSQL backend rewrites them to ``%s``.
+
+This module must never interpret a record beyond the keys it indexes by, and never rewrite one.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from evcore.store.base import (
+    AuditChainConflict,
+    AuditHead,
+    SessionRecord,
+    SetpointRecord,
+    StoredAuditRow,
+    StoreError,
+    TransactionRecord,
+)
+from evcore.store.migrations import Migration, statements
+from evcore.v1.audit_pb2 import AuditRecord
+from evcore.v1.meter_pb2 import MeterSample
+from evcore.v1.setpoint_pb2 import Setpoint
+from evcore.v1.status_pb2 import ChargerStatus
+from evcore.v1.transaction_pb2 import TransactionEvent, TransactionEventKind
+
+log = logging.getLogger("evcore.store")
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor we use (placeholders already in the backend's style)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Tx:
+    """One transaction's cursor; SQL uses ``?`` placeholders whatever the backend."""
+
+    def __init__(self, cursor: Cursor, translate: Callable[[str], str]) -> None:
+        self._cur = cursor
+        self._translate = translate
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._cur.execute(self._translate(sql), tuple(params))
+        return int(self._cur.rowcount)
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        self._cur.execute(self._translate(sql), tuple(params))
+        row = self._cur.fetchone()
+        return None if row is None else tuple(row)
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        self._cur.execute(self._translate(sql), tuple(params))
+        return [tuple(r) for r in self._cur.fetchall()]
+
+
+class Backend(abc.ABC):
+    """One database connection, its thread, and how to open a transaction on it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcore-store-{name}")
+
+    @abc.abstractmethod
+    def connect(self) -> None:
+        """Open the connection if it is not open (called in the worker thread)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def transaction(self) -> contextlib.AbstractContextManager[Tx]: ...
+
+    @abc.abstractmethod
+    def migrations(self) -> Sequence[Migration]: ...
+
+    @abc.abstractmethod
+    def lock_for_migration(self, tx: Tx) -> None:
+        """Keep other processes from migrating at the same time (inside the migration's tx)."""
+
+    def on_error(self, exc: BaseException) -> BaseException:
+        """Map a driver error to the store's errors (and drop a broken connection)."""
+        return exc
+
+    def migrate(self) -> int:
+        """Apply pending migrations, each in its own transaction; returns the schema version."""
+        with self.transaction() as tx:
+            self.lock_for_migration(tx)
+            tx.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+        version = 0
+        for m in self.migrations():
+            with self.transaction() as tx:
+                self.lock_for_migration(tx)
+                if tx.one("SELECT 1 FROM schema_migrations WHERE version = ?", (m.version,)):
+                    version = m.version
+                    continue
+                for stmt in statements(m.sql):
+                    tx.execute(stmt)
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at)"
+                    " VALUES (?, ?, CURRENT_TIMESTAMP)",
+                    (m.version, m.name),
+                )
+                log.info("store %s: applied migration %d (%s)", self.name, m.version, m.name)
+                version = m.version
+        return version
+
+    def schema_version(self) -> int:
+        with self.transaction() as tx:
+            row = tx.one("SELECT MAX(version) FROM schema_migrations")
+        return int(row[0]) if row and row[0] is not None else 0
+
+
+def ts_s(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def ts_us(ts: Timestamp) -> int:
+    return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+def sample_time_s(msg: MeterSample | ChargerStatus) -> float:
+    """When a sample/status happened: the charger's stamp, else the edge's receive time."""
+    if isinstance(msg, MeterSample):
+        if msg.HasField("sampled_at"):
+            return ts_s(msg.sampled_at)
+    elif msg.HasField("reported_at"):
+        return ts_s(msg.reported_at)
+    if msg.HasField("received_at"):
+        return ts_s(msg.received_at)
+    raise ValueError(
+        f"{type(msg).__name__} for charger {msg.charger_id!r} has neither "
+        f"{'sampled_at' if isinstance(msg, MeterSample) else 'reported_at'} nor received_at"
+    )
+
+
+def _opt(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+_SESSION_COLS = (
+    "session_id, charger_id, started_at_s, transaction_id, id_tag, departure_s,"
+    " energy_requested_kwh, priority, meter_start_wh, energy_delivered_kwh, ended_at_s,"
+    " updated_at_s"
+)
+_TX_COLS = (
+    "charger_id, transaction_id, evse_id, id_tag, started_at_s, meter_start_wh, ended_at_s,"
+    " meter_stop_wh, stop_reason, event_count"
+)
+
+
+def _session(row: Row) -> SessionRecord:
+    return SessionRecord(
+        session_id=row[0],
+        charger_id=row[1],
+        started_at_s=float(row[2]),
+        transaction_id=row[3],
+        id_tag=row[4],
+        departure_s=_opt(row[5]),
+        energy_requested_kwh=_opt(row[6]),
+        priority=int(row[7]),
+        meter_start_wh=_opt(row[8]),
+        energy_delivered_kwh=float(row[9]),
+        ended_at_s=_opt(row[10]),
+        updated_at_s=float(row[11]),
+    )
+
+
+def _transaction(row: Row) -> TransactionRecord:
+    return TransactionRecord(
+        charger_id=row[0],
+        transaction_id=row[1],
+        evse_id=int(row[2]),
+        id_tag=row[3],
+        started_at_s=_opt(row[4]),
+        meter_start_wh=_opt(row[5]),
+        ended_at_s=_opt(row[6]),
+        meter_stop_wh=_opt(row[7]),
+        stop_reason=row[8],
+        event_count=int(row[9]),
+    )
+
+
+def _setpoint(row: Row) -> SetpointRecord:
+    sp = Setpoint()
+    sp.ParseFromString(bytes(row[0]))
+    return SetpointRecord(
+        setpoint=sp, sent_at_s=float(row[1]), confirmed=bool(row[2]), confirmed_at_s=_opt(row[3])
+    )
+
+
+def _parse(cls: Callable[[], T], payload: Any) -> T:
+    msg = cls()
+    msg.ParseFromString(bytes(payload))  # type: ignore[attr-defined]
+    return msg
+
+
+def _require_id(value: str, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+
+
+def audit_charger_ids(record: AuditRecord) -> list[str]:
+    """Chargers an audit record concerns: those with a setpoint or a binding in it."""
+    found = {sp.charger_id for sp in record.setpoints} | {b.charger_id for b in record.bindings}
+    return sorted(c for c in found if c)
+
+
+class SqlStore:
+    """:class:`evcore.store.base.Store` over two backends: committed records and telemetry.
+
+    The two may be the same database (PostgreSQL: two connections to one schema) or two files
+    (SQLite: ``records.sqlite`` with ``synchronous=FULL``, ``telemetry.sqlite`` with ``NORMAL``).
+    """
+
+    def __init__(
+        self,
+        records: Backend,
+        telemetry: Backend,
+        *,
+        telemetry_retention_s: float,
+        description: str,
+    ) -> None:
+        self._records = records
+        self._telemetry = telemetry
+        self._retention_s = telemetry_retention_s
+        self._description = description
+        self._open_lock = asyncio.Lock()
+        self._opened = False
+        self._closed = False
+
+    # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @property
+    def telemetry_retention_s(self) -> float:
+        return self._retention_s
+
+    def _backends(self) -> list[Backend]:
+        return (
+            [self._records]
+            if self._telemetry is self._records
+            else [
+                self._records,
+                self._telemetry,
+            ]
+        )
+
+    async def open(self) -> None:
+        async with self._open_lock:
+            if self._closed:
+                raise StoreError(f"store {self._description} is closed")
+            if self._opened:
+                return
+            loop = asyncio.get_running_loop()
+            for b in self._backends():
+                await loop.run_in_executor(b.executor, self._guard(b, b.connect))
+                await loop.run_in_executor(b.executor, self._guard(b, b.migrate))
+            self._opened = True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        for b in self._backends():
+            try:
+                await loop.run_in_executor(b.executor, b.close)
+            finally:
+                b.executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> SqlStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @staticmethod
+    def _guard(b: Backend, fn: Callable[[], T]) -> Callable[[], T]:
+        def run() -> T:
+            try:
+                return fn()
+            except (StoreError, ValueError):
+                raise
+            except Exception as exc:
+                raise b.on_error(exc) from exc
+
+        return run
+
+    async def _run(self, b: Backend, fn: Callable[[Tx], T]) -> T:
+        if not self._opened:
+            await self.open()
+
+        def in_tx() -> T:
+            b.connect()
+            with b.transaction() as tx:
+                return fn(tx)
+
+        return await asyncio.get_running_loop().run_in_executor(b.executor, self._guard(b, in_tx))
+
+    async def schema_version(self) -> int:
+        if not self._opened:
+            await self.open()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._records.executor, self._guard(self._records, self._records.schema_version)
+        )
+
+    # -- sessions -------------------------------------------------------------------------------
+    async def upsert_session(self, session: SessionRecord) -> None:
+        _require_id(session.session_id, "session_id")
+        _require_id(session.charger_id, "charger_id of session " + repr(session.session_id))
+        s = session
+        params = (
+            s.session_id,
+            s.charger_id,
+            float(s.started_at_s),
+            s.transaction_id,
+            s.id_tag,
+            _opt(s.departure_s),
+            _opt(s.energy_requested_kwh),
+            int(s.priority),
+            _opt(s.meter_start_wh),
+            float(s.energy_delivered_kwh),
+            _opt(s.ended_at_s),
+            float(s.updated_at_s),
+        )
+        updates = ", ".join(
+            f"{c.strip()} = excluded.{c.strip()}" for c in _SESSION_COLS.split(",")[1:]
+        )
+
+        def op(tx: Tx) -> None:
+            tx.execute(
+                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES ({', '.join('?' * 12)})"
+                f" ON CONFLICT (session_id) DO UPDATE SET {updates}",
+                params,
+            )
+
+        await self._run(self._records, op)
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        def op(tx: Tx) -> SessionRecord | None:
+            row = tx.one(
+                f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)
+            )
+            return None if row is None else _session(row)
+
+        return await self._run(self._records, op)
+
+    async def list_open_sessions(self, charger_id: str | None = None) -> list[SessionRecord]:
+        def op(tx: Tx) -> list[SessionRecord]:
+            sql = f"SELECT {_SESSION_COLS} FROM sessions WHERE ended_at_s IS NULL"
+            params: tuple[Any, ...] = ()
+            if charger_id is not None:
+                sql += " AND charger_id = ?"
+                params = (charger_id,)
+            return [_session(r) for r in tx.all(sql + " ORDER BY started_at_s, session_id", params)]
+
+        return await self._run(self._records, op)
+
+    async def list_sessions(
+        self, *, since_s: float | None = None, limit: int | None = None
+    ) -> list[SessionRecord]:
+        def op(tx: Tx) -> list[SessionRecord]:
+            sql = f"SELECT {_SESSION_COLS} FROM sessions"
+            params: list[Any] = []
+            if since_s is not None:
+                sql += " WHERE started_at_s >= ?"
+                params.append(float(since_s))
+            sql += " ORDER BY started_at_s DESC, session_id"
+            if limit is not None:
+                sql += " LIMIT ?"
+                params.append(int(limit))
+            return [_session(r) for r in tx.all(sql, params)]
+
+        return await self._run(self._records, op)
+
+    # -- transactions ---------------------------------------------------------------------------
+    async def record_transaction(self, tx_event: TransactionEvent) -> bool:
+        ev = TransactionEvent()
+        ev.CopyFrom(tx_event)
+        _require_id(ev.charger_id, "TransactionEvent.charger_id")
+        _require_id(
+            ev.transaction_id, f"TransactionEvent.transaction_id (charger {ev.charger_id!r})"
+        )
+        if ev.kind == TransactionEventKind.TRANSACTION_EVENT_KIND_UNSPECIFIED:
+            raise ValueError(
+                f"TransactionEvent {ev.transaction_id!r} of charger {ev.charger_id!r} has no kind"
+            )
+        if not ev.HasField("occurred_at"):
+            raise ValueError(
+                f"TransactionEvent {ev.transaction_id!r} of charger {ev.charger_id!r} "
+                "has no occurred_at"
+            )
+        occurred_s = ts_s(ev.occurred_at)
+        key = (
+            ev.charger_id,
+            ev.transaction_id,
+            int(ev.kind),
+            int(ev.seq_no),
+            ts_us(ev.occurred_at),
+        )
+        payload = ev.SerializeToString(deterministic=True)
+
+        def op(tx: Tx) -> bool:
+            inserted = tx.execute(
+                "INSERT INTO transaction_events"
+                " (charger_id, transaction_id, kind, seq_no, occurred_at_us, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (*key, payload),
+            )
+            if inserted == 0:
+                return False
+            tx.execute(
+                "INSERT INTO transactions (charger_id, transaction_id, evse_id, id_tag)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (ev.charger_id, ev.transaction_id, int(ev.evse_id), ev.id_tag),
+            )
+            sets = ["event_count = event_count + 1"]
+            params: list[Any] = []
+            if ev.id_tag:
+                sets.append("id_tag = ?")
+                params.append(ev.id_tag)
+            if ev.evse_id:
+                sets.append("evse_id = ?")
+                params.append(int(ev.evse_id))
+            if ev.HasField("meter_start_wh"):
+                sets.append("meter_start_wh = ?")
+                params.append(ev.meter_start_wh)
+            if ev.kind == TransactionEventKind.TRANSACTION_EVENT_KIND_STARTED:
+                # The earliest start wins (a replayed start may arrive after an update).
+                sets.append(
+                    "started_at_s = CASE WHEN started_at_s IS NULL OR started_at_s > ? THEN ?"
+                    " ELSE started_at_s END"
+                )
+                params += [occurred_s, occurred_s]
+            elif ev.kind == TransactionEventKind.TRANSACTION_EVENT_KIND_ENDED:
+                sets.append("ended_at_s = ?")
+                params.append(occurred_s)
+                sets.append("stop_reason = ?")
+                params.append(ev.stop_reason)
+                if ev.HasField("meter_stop_wh"):
+                    sets.append("meter_stop_wh = ?")
+                    params.append(ev.meter_stop_wh)
+            # An update or end seen before its start (offline replay order): start no later than it.
+            if ev.kind != TransactionEventKind.TRANSACTION_EVENT_KIND_STARTED:
+                sets.append(
+                    "started_at_s = CASE WHEN started_at_s IS NULL THEN ? ELSE started_at_s END"
+                )
+                params.append(occurred_s)
+            tx.execute(
+                f"UPDATE transactions SET {', '.join(sets)}"
+                " WHERE charger_id = ? AND transaction_id = ?",
+                (*params, ev.charger_id, ev.transaction_id),
+            )
+            return True
+
+        return await self._run(self._records, op)
+
+    async def get_transaction(
+        self, charger_id: str, transaction_id: str
+    ) -> TransactionRecord | None:
+        def op(tx: Tx) -> TransactionRecord | None:
+            row = tx.one(
+                f"SELECT {_TX_COLS} FROM transactions WHERE charger_id = ? AND transaction_id = ?",
+                (charger_id, transaction_id),
+            )
+            return None if row is None else _transaction(row)
+
+        return await self._run(self._records, op)
+
+    async def list_open_transactions(self) -> list[TransactionRecord]:
+        def op(tx: Tx) -> list[TransactionRecord]:
+            rows = tx.all(
+                f"SELECT {_TX_COLS} FROM transactions WHERE ended_at_s IS NULL"
+                " ORDER BY charger_id, transaction_id"
+            )
+            return [_transaction(r) for r in rows]
+
+        return await self._run(self._records, op)
+
+    async def transaction_events(
+        self, charger_id: str, transaction_id: str
+    ) -> list[TransactionEvent]:
+        def op(tx: Tx) -> list[TransactionEvent]:
+            rows = tx.all(
+                "SELECT payload FROM transaction_events WHERE charger_id = ? AND transaction_id = ?"
+                " ORDER BY occurred_at_us, seq_no, kind",
+                (charger_id, transaction_id),
+            )
+            return [_parse(TransactionEvent, r[0]) for r in rows]
+
+        return await self._run(self._records, op)
+
+    # -- setpoints ------------------------------------------------------------------------------
+    async def record_setpoint_sent(self, setpoint: Setpoint, sent_at_s: float) -> None:
+        _require_id(setpoint.charger_id, "Setpoint.charger_id")
+        if not setpoint.HasField("setpoint_a") and not setpoint.HasField("setpoint_w"):
+            raise ValueError(
+                f"Setpoint for charger {setpoint.charger_id!r} has neither setpoint_a "
+                "nor setpoint_w"
+            )
+        payload = setpoint.SerializeToString(deterministic=True)
+
+        def op(tx: Tx) -> None:
+            tx.execute(
+                "INSERT INTO setpoints_last"
+                " (charger_id, decision_id, payload, sent_at_s, confirmed, confirmed_at_s)"
+                " VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (charger_id) DO UPDATE SET"
+                " decision_id = excluded.decision_id, payload = excluded.payload,"
+                " sent_at_s = excluded.sent_at_s, confirmed = excluded.confirmed,"
+                " confirmed_at_s = NULL",
+                (setpoint.charger_id, setpoint.decision_id, payload, float(sent_at_s), False),
+            )
+
+        await self._run(self._records, op)
+
+    async def confirm_setpoint(
+        self, charger_id: str, decision_id: str, confirmed_at_s: float
+    ) -> bool:
+        def op(tx: Tx) -> bool:
+            n = tx.execute(
+                "UPDATE setpoints_last SET confirmed = ?, confirmed_at_s = ?"
+                " WHERE charger_id = ? AND decision_id = ?",
+                (True, float(confirmed_at_s), charger_id, decision_id),
+            )
+            return n > 0
+
+        return await self._run(self._records, op)
+
+    async def last_setpoint(self, charger_id: str) -> SetpointRecord | None:
+        def op(tx: Tx) -> SetpointRecord | None:
+            row = tx.one(
+                "SELECT payload, sent_at_s, confirmed, confirmed_at_s FROM setpoints_last"
+                " WHERE charger_id = ?",
+                (charger_id,),
+            )
+            return None if row is None else _setpoint(row)
+
+        return await self._run(self._records, op)
+
+    async def last_setpoints(self) -> dict[str, SetpointRecord]:
+        def op(tx: Tx) -> dict[str, SetpointRecord]:
+            rows = tx.all(
+                "SELECT payload, sent_at_s, confirmed, confirmed_at_s, charger_id"
+                " FROM setpoints_last ORDER BY charger_id"
+            )
+            return {r[4]: _setpoint(r) for r in rows}
+
+        return await self._run(self._records, op)
+
+    # -- telemetry ------------------------------------------------------------------------------
+    async def append_meter_samples(self, samples: Iterable[MeterSample]) -> int:
+        rows: list[tuple[str, float, bytes]] = []
+        for i, s in enumerate(samples):
+            if not s.charger_id:
+                raise ValueError(f"meter sample #{i} has no charger_id; nothing was stored")
+            rows.append((s.charger_id, sample_time_s(s), s.SerializeToString(deterministic=True)))
+        if not rows:
+            return 0
+
+        def op(tx: Tx) -> int:
+            for r in rows:
+                tx.execute(
+                    "INSERT INTO meter_samples (charger_id, t_s, payload) VALUES (?, ?, ?)", r
+                )
+            return len(rows)
+
+        return await self._run(self._telemetry, op)
+
+    async def record_status(self, status: ChargerStatus) -> None:
+        _require_id(status.charger_id, "ChargerStatus.charger_id")
+        row = (
+            status.charger_id,
+            sample_time_s(status),
+            status.SerializeToString(deterministic=True),
+        )
+
+        def op(tx: Tx) -> None:
+            tx.execute(
+                "INSERT INTO status_history (charger_id, t_s, payload) VALUES (?, ?, ?)", row
+            )
+            # The latest by time wins: a late, older status does not overwrite a newer one.
+            tx.execute(
+                "INSERT INTO status_latest (charger_id, t_s, payload) VALUES (?, ?, ?)"
+                " ON CONFLICT (charger_id) DO UPDATE SET t_s = excluded.t_s,"
+                " payload = excluded.payload WHERE status_latest.t_s <= excluded.t_s",
+                row,
+            )
+
+        await self._run(self._telemetry, op)
+
+    @staticmethod
+    def _range(
+        sql: str, charger_id: str, since_s: float | None, until_s: float | None
+    ) -> tuple[str, list[Any]]:
+        params: list[Any] = [charger_id]
+        if since_s is not None:
+            sql += " AND t_s >= ?"
+            params.append(float(since_s))
+        if until_s is not None:
+            sql += " AND t_s < ?"
+            params.append(float(until_s))
+        return sql + " ORDER BY t_s", params
+
+    async def meter_samples(
+        self,
+        charger_id: str,
+        *,
+        since_s: float | None = None,
+        until_s: float | None = None,
+        limit: int | None = None,
+    ) -> list[MeterSample]:
+        sql, params = self._range(
+            "SELECT payload FROM meter_samples WHERE charger_id = ?", charger_id, since_s, until_s
+        )
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+
+        def op(tx: Tx) -> list[MeterSample]:
+            return [_parse(MeterSample, r[0]) for r in tx.all(sql, params)]
+
+        return await self._run(self._telemetry, op)
+
+    async def status_history(
+        self, charger_id: str, *, since_s: float | None = None, until_s: float | None = None
+    ) -> list[ChargerStatus]:
+        sql, params = self._range(
+            "SELECT payload FROM status_history WHERE charger_id = ?", charger_id, since_s, until_s
+        )
+
+        def op(tx: Tx) -> list[ChargerStatus]:
+            return [_parse(ChargerStatus, r[0]) for r in tx.all(sql, params)]
+
+        return await self._run(self._telemetry, op)
+
+    async def latest_statuses(self) -> dict[str, ChargerStatus]:
+        def op(tx: Tx) -> dict[str, ChargerStatus]:
+            rows = tx.all("SELECT charger_id, payload FROM status_latest ORDER BY charger_id")
+            return {r[0]: _parse(ChargerStatus, r[1]) for r in rows}
+
+        return await self._run(self._telemetry, op)
+
+    async def purge_telemetry(self, older_than_s: float) -> int:
+        cutoff = float(older_than_s)
+
+        def op(tx: Tx) -> int:
+            n = tx.execute("DELETE FROM meter_samples WHERE t_s < ?", (cutoff,))
+            n += tx.execute("DELETE FROM status_history WHERE t_s < ?", (cutoff,))
+            return n
+
+        return await self._run(self._telemetry, op)
+
+    async def purge_expired(self, now_s: float) -> int:
+        return await self.purge_telemetry(now_s - self._retention_s)
+
+    # -- audit ----------------------------------------------------------------------------------
+    async def append_audit(self, record: AuditRecord) -> None:
+        if not record.hash:
+            raise ValueError(f"audit record {record.decision_id!r} is not sealed (empty hash)")
+        _require_id(record.decision_id, "AuditRecord.decision_id")
+        if not record.HasField("decided_at"):
+            raise ValueError(f"audit record {record.decision_id!r} has no decided_at")
+        payload = record.SerializeToString(deterministic=True)
+        chargers = audit_charger_ids(record)
+        seq = int(record.seq)
+
+        def op(tx: Tx) -> None:
+            same = tx.one(
+                "SELECT seq, hash FROM audit_records WHERE decision_id = ?", (record.decision_id,)
+            )
+            if same is not None:
+                if int(same[0]) == seq and same[1] == record.hash:
+                    return  # a retry of a committed append: already durable
+                raise AuditChainConflict(
+                    f"decision {record.decision_id!r} is already recorded as seq {same[0]}"
+                )
+            head = tx.one("SELECT seq, hash FROM audit_head WHERE id = 1")
+            want_seq = 0 if head is None else int(head[0]) + 1
+            want_prev = "" if head is None else str(head[1])
+            if seq != want_seq or record.prev_hash != want_prev:
+                raise AuditChainConflict(
+                    f"audit record {record.decision_id!r} (seq {seq}, "
+                    f"prev {record.prev_hash[:12]!r})"
+                    f" does not extend the head (next seq {want_seq}, head {want_prev[:12]!r})"
+                )
+            tx.execute(
+                "INSERT INTO audit_records"
+                " (seq, decision_id, decided_at_s, prev_hash, hash, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    seq,
+                    record.decision_id,
+                    ts_s(record.decided_at),
+                    record.prev_hash,
+                    record.hash,
+                    payload,
+                ),
+            )
+            for c in chargers:
+                tx.execute("INSERT INTO audit_chargers (charger_id, seq) VALUES (?, ?)", (c, seq))
+            tx.execute(
+                "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT (id)"
+                " DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                (seq, record.hash),
+            )
+
+        await self._run(self._records, op)
+
+    async def audit_head(self) -> AuditHead | None:
+        def op(tx: Tx) -> AuditHead | None:
+            row = tx.one("SELECT seq, hash FROM audit_head WHERE id = 1")
+            return None if row is None else AuditHead(seq=int(row[0]), hash=str(row[1]))
+
+        return await self._run(self._records, op)
+
+    async def audit_records(
+        self,
+        *,
+        charger_id: str | None = None,
+        since_s: float | None = None,
+        until_s: float | None = None,
+        after_seq: int | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[AuditRecord]:
+        sql = "SELECT r.payload FROM audit_records r"
+        where: list[str] = []
+        params: list[Any] = []
+        if charger_id is not None:
+            sql += " JOIN audit_chargers c ON c.seq = r.seq"
+            where.append("c.charger_id = ?")
+            params.append(charger_id)
+        if since_s is not None:
+            where.append("r.decided_at_s >= ?")
+            params.append(float(since_s))
+        if until_s is not None:
+            where.append("r.decided_at_s < ?")
+            params.append(float(until_s))
+        if after_seq is not None:
+            where.append("r.seq > ?")
+            params.append(int(after_seq))
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY r.seq" + (" DESC" if newest_first else "")
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+
+        def op(tx: Tx) -> list[AuditRecord]:
+            return [_parse(AuditRecord, r[0]) for r in tx.all(sql, params)]
+
+        return await self._run(self._records, op)
+
+    async def audit_rows(self, *, after_seq: int = -1, limit: int = 1000) -> list[StoredAuditRow]:
+        def op(tx: Tx) -> list[StoredAuditRow]:
+            rows = tx.all(
+                "SELECT seq, decision_id, decided_at_s, prev_hash, hash, payload FROM audit_records"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (int(after_seq), int(limit)),
+            )
+            return [
+                StoredAuditRow(int(r[0]), str(r[1]), float(r[2]), str(r[3]), str(r[4]), bytes(r[5]))
+                for r in rows
+            ]
+
+        return await self._run(self._records, op)
+
+    # -- meta -----------------------------------------------------------------------------------
+    async def get_meta(self, key: str) -> str | None:
+        def op(tx: Tx) -> str | None:
+            row = tx.one("SELECT value FROM meta WHERE key = ?", (key,))
+            return None if row is None else str(row[0])
+
+        return await self._run(self._records, op)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        def op(tx: Tx) -> None:
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+        await self._run(self._records, op)
+
+    # -- processed ids --------------------------------------------------------------------------
+    async def mark_processed(self, consumer: str, event_id: str, at_s: float) -> bool:
+        _require_id(consumer, "consumer")
+        _require_id(event_id, "event_id")
+
+        def op(tx: Tx) -> bool:
+            n = tx.execute(
+                "INSERT INTO processed_events (consumer, event_id, processed_at_s) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (consumer, event_id, float(at_s)),
+            )
+            return n > 0
+
+        return await self._run(self._records, op)
+
+    async def is_processed(self, consumer: str, event_id: str) -> bool:
+        def op(tx: Tx) -> bool:
+            row = tx.one(
+                "SELECT 1 FROM processed_events WHERE consumer = ? AND event_id = ?",
+                (consumer, event_id),
+            )
+            return row is not None
+
+        return await self._run(self._records, op)
+
+    async def purge_processed(self, older_than_s: float) -> int:
+        def op(tx: Tx) -> int:
+            return tx.execute(
+                "DELETE FROM processed_events WHERE processed_at_s < ?", (float(older_than_s),)
+            )
+
+        return await self._run(self._records, op)
+
+
+def identity(sql: str) -> str:
+    return sql
+
+
+@functools.lru_cache(maxsize=512)
+def qmark_to_format(sql: str) -> str:
+    """``?`` → ``%s`` for psycopg (our SQL has no literal ``?`` or ``%``)."""
+    return sql.replace("%", "%%").replace("?", "%s")

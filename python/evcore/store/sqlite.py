@@ -1,0 +1,125 @@
+"""The embedded store: two SQLite files in WAL mode under one directory.
+
+``records.sqlite`` holds what must never be lost (sessions, transactions, setpoints, the audit
+chain, processed event ids) with ``synchronous=FULL``: a commit has been fsynced when it returns, so
+neither a killed process nor a power cut loses it. ``telemetry.sqlite`` holds meter samples and
+status history with ``synchronous=NORMAL``: a killed process loses nothing committed, a power cut
+may lose the last few transactions (WAL: never corruption). Separate files also keep a telemetry
+burst from delaying an audit commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from evcore.store.base import StoreUnavailable
+from evcore.store.migrations import SQLITE_RECORDS, SQLITE_TELEMETRY, Migration
+from evcore.store.sql import Backend, SqlStore, Tx, identity
+
+RECORDS_FILE = "records.sqlite"
+TELEMETRY_FILE = "telemetry.sqlite"
+
+
+class SqliteBackend(Backend):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str,
+        migrations: Sequence[Migration],
+        name: str,
+        must_exist: bool = False,
+    ) -> None:
+        super().__init__(name)
+        self._must_exist = must_exist
+        self.path = path
+        self._synchronous = synchronous
+        self._migrations = migrations
+        self._conn: sqlite3.Connection | None = None
+
+    def connect(self) -> None:
+        if self._conn is not None:
+            return
+        if self._must_exist and not self.path.exists():
+            raise StoreUnavailable(
+                f"no embedded store at {self.path.parent} ({self.path.name} missing)"
+            )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise StoreUnavailable(f"{self.path}: could not switch to WAL (got {mode!r})")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
+        self._conn = conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        self.connect()
+        conn = self._conn
+        assert conn is not None
+        cur = conn.cursor()
+        # IMMEDIATE takes the write lock up front: a read-then-write (the audit head check) cannot
+        # be overtaken by another writer process.
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield Tx(cur, identity)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+        finally:
+            cur.close()
+
+    def migrations(self) -> Sequence[Migration]:
+        return self._migrations
+
+    def lock_for_migration(self, tx: Tx) -> None:
+        pass  # BEGIN IMMEDIATE already excludes other writers
+
+    def on_error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, sqlite3.OperationalError):
+            return StoreUnavailable(f"SQLite store {self.path}: {exc}")
+        return exc
+
+
+def sqlite_store(
+    directory: Path, *, telemetry_retention_s: float, must_exist: bool = False
+) -> SqlStore:
+    """The embedded store in ``directory``; ``must_exist`` refuses to create a new one (for tools
+    that only read, so a mistyped path is an error rather than an empty store)."""
+    directory = Path(directory)
+    records = SqliteBackend(
+        directory / RECORDS_FILE,
+        synchronous="FULL",
+        migrations=SQLITE_RECORDS,
+        name="records",
+        must_exist=must_exist,
+    )
+    telemetry = SqliteBackend(
+        directory / TELEMETRY_FILE,
+        synchronous="NORMAL",
+        migrations=SQLITE_TELEMETRY,
+        name="telemetry",
+        must_exist=must_exist,
+    )
+    return SqlStore(
+        records,
+        telemetry,
+        telemetry_retention_s=telemetry_retention_s,
+        description=f"sqlite:{directory}",
+    )
