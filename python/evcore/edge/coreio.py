@@ -20,12 +20,20 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 
 from evcore.edge.config import EdgeConfig
 from evcore.edge.ports import EnforcedSetpoints
 from evcore.edge.state import ChargerState, SiteState
 
 F64 = npt.NDArray[np.float64]
+
+
+def _allocate_fn() -> Any:
+    """``evcore._core.allocate``: allocation and envelope in one Rust call (docs/envelope.md)."""
+    from evcore._core import allocate
+
+    return allocate
 
 
 def _priority_from_laxity(chargers: Sequence[ChargerState], now_wall: float) -> dict[str, float]:
@@ -52,9 +60,7 @@ class RustCore:
     """``CorePort`` on ``evcore._core`` through the core room's typed facade."""
 
     def __init__(self, site: Any, site_table: Mapping[str, Any]) -> None:
-        from evcore.allocator import allocate  # the core room's facade
-
-        self._allocate = allocate
+        self._allocate = _allocate_fn()
         self._site = site
         self._site_table = dict(site_table)
         self._topologies: dict[tuple[tuple[str, float], ...], Any] = {(): site}
@@ -69,7 +75,7 @@ class RustCore:
         key = tuple(sorted(caps_kw.items()))
         topo = self._topologies.get(key)
         if topo is None:
-            from evcore.site import load_site_dict
+            from evcore.site import load_site
 
             table = copy.deepcopy(self._site_table)
             for node in table.get("nodes", []):
@@ -77,7 +83,7 @@ class RustCore:
                 if cap is not None:
                     old = node.get("power_limit_kw")
                     node["power_limit_kw"] = cap if old is None else min(float(old), cap)
-            topo = load_site_dict(table)
+            topo = load_site(table)
             if len(self._topologies) > 64:
                 self._topologies = {(): self._site}
             self._topologies[key] = topo
@@ -172,7 +178,9 @@ class RustCore:
         params: dict[str, float],
         explain: bool,
     ) -> tuple[dict[str, float], dict[str, str]]:
-        result = self._allocate(topo, chargers, nodes, demand, params=params, explain=explain)
+        batch = pa.RecordBatch.from_pydict({**chargers, **demand})
+        node_batch = pa.RecordBatch.from_pydict(nodes)
+        result = self._allocate(topo.topology, batch, node_batch, params=params, explain=explain)
         setpoint_a = np.asarray(result.column("setpoint_a"), dtype=np.float64)
         setpoint_w = np.asarray(result.column("setpoint_w"), dtype=np.float64)
         reasons = result.column("reason") if explain else None
