@@ -171,9 +171,15 @@ class PhaseMap:
         return (out[0], out[1], out[2])
 
 
-def phase_map_for(wiring: str, phases: Sequence[str], phase_names: Sequence[str]) -> PhaseMap:
+def phase_map_for(
+    wiring: str, phases: Sequence[str | int], phase_names: Sequence[str]
+) -> PhaseMap:
+    """``phases``: the site phases the charger's terminals land on, as names or indices."""
     try:
-        idx = tuple(list(phase_names).index(p) for p in phases)
+        idx = tuple(
+            p if isinstance(p, int) and 0 <= p < 3 else list(phase_names).index(str(p))
+            for p in phases
+        )
     except ValueError:
         raise ValueError(f"phases {list(phases)!r} not among site phases {list(phase_names)!r}") from None
     return PhaseMap(wiring=wiring, site_index=idx)

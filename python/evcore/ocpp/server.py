@@ -253,7 +253,12 @@ class CentralSystem:
         self.site = site
         self.clock = clock
         sections = _get(site, "sections") or {}
-        self.config = config if config is not None else parse_ocpp_section(sections.get("ocpp"))
+        if config is None:
+            path = _get(site, "path")
+            config = parse_ocpp_section(
+                sections.get("ocpp"), base_dir=path.parent if path is not None else None
+            )
+        self.config = config
         self._chargers = {c.charger_id: c for c in chargers_of(site)}
         self._stations: dict[str, Station] = {}
         for c in self._chargers.values():

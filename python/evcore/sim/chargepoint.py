@@ -1,0 +1,1042 @@
+"""Simulated OCPP charge points (1.6J and 2.0.1), many per process.
+
+Owns one simulated station: its WebSocket session to a central system, its connectors (EVSEs) with
+an EV model each, the charging profiles it holds and the composite schedule it applies (stack
+levels, purposes, validity, TxDefault fallback, after a settable delay), its meter (register, power,
+per-terminal current) and the MeterValues it reports, and misbehaviour on command (disconnect, go
+offline and replay, ignore profiles, send garbage, stop reporting, lose profiles on reboot). It
+validates every CALL the central system sends against the OCPP schemas and records violations.
+
+It talks to the rest only through its OCPP socket; time comes from the injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import logging
+import math
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from evcore.clock import Clock
+from evcore.ocpp import validation
+from evcore.ocpp.metering import parse_timestamp
+from evcore.ocpp.v16 import iso
+from evcore.sim.ev import EV, MIN_PILOT_A
+
+LOG = logging.getLogger("evcore.sim")
+
+_PURPOSE = {
+    "ChargePointMaxProfile": "max",
+    "ChargingStationMaxProfile": "max",
+    "TxDefaultProfile": "default",
+    "TxProfile": "tx",
+}
+
+
+@dataclass
+class HeldProfile:
+    """A charging profile as the simulated station keeps it."""
+
+    id: int
+    evse: int
+    purpose: str  # "max", "default" or "tx"
+    stack: int
+    tx_id: str | None
+    kind: str
+    valid_from: float | None
+    valid_to: float | None
+    start: float | None
+    duration: float | None
+    unit: str
+    periods: list[tuple[float, float, int | None]]
+    received_at: float = 0.0
+
+
+class TxRef:
+    """One transaction's id as the station learns it (1.6: from the StartTransaction answer)."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, tx_id: str | None = None) -> None:
+        self.id = tx_id
+
+
+@dataclass
+class SimConnector:
+    """One EVSE with one connector and its electrical model."""
+
+    evse_id: int = 1
+    connector_id: int = 1
+    kind: str = "ac"
+    wiring: str = "three_phase"
+    voltage_v: float = 230.0
+    max_a: float = 32.0
+    steps_a: tuple[float, ...] | None = None
+    max_w: float = 50_000.0
+    efficiency: float = 0.95
+    aux_w: float = 0.0
+    charger_id: str | None = None
+    register_wh: float = 1_000_000.0
+    # state
+    ev: EV | None = None
+    id_tag: str = "EVCORE-SIM"
+    status: str = "Available"
+    tx_ref: TxRef = field(default_factory=TxRef)
+    tx_active: bool = False
+    tx_start_register_wh: float = 0.0
+    tx_started_at: float | None = None
+    available: bool = True
+    #: What the charger currently allows (A per phase for AC, W for DC), after steps and pilot.
+    offered: float = 0.0
+    terminal_a: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    power_w: float = 0.0
+
+    @property
+    def tx_id(self) -> str | None:
+        return self.tx_ref.id
+
+    @property
+    def terminals(self) -> int:
+        return 1 if self.wiring in ("line_to_neutral", "line_to_line") else 3
+
+    @property
+    def hardware_limit(self) -> float:
+        return self.max_w if self.kind == "dc" else self.max_a
+
+
+@dataclass
+class Misbehaviour:
+    ignore_profiles: bool = False  # answer Accepted, never apply
+    reject_profiles: bool = False  # answer Rejected
+    stop_reporting: bool = False  # no MeterValues
+    lose_profiles_on_reboot: bool = False
+    refuse_config_keys: set[str] = field(default_factory=set)  # ChangeConfiguration/SetVariables
+    unanswered_actions: set[str] = field(default_factory=set)  # never answer these CALLs
+    lose_answer_to: set[str] = field(default_factory=set)  # drop the link when this answer arrives
+    #: CALLs of these actions wait for ``answer_gate`` before they are answered.
+    gated_actions: set[str] = field(default_factory=set)
+    answer_gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Out:
+    action: str
+    build: Callable[[], dict[str, Any]]
+    tx_related: bool
+    future: asyncio.Future[dict[str, Any] | None] | None = None
+    on_result: Callable[[dict[str, Any]], None] | None = None
+
+
+_SIM_ACTIONS_16 = (
+    "SetChargingProfile ClearChargingProfile GetCompositeSchedule RemoteStartTransaction "
+    "RemoteStopTransaction ChangeAvailability Reset TriggerMessage GetConfiguration "
+    "ChangeConfiguration UnlockConnector DataTransfer"
+).split()
+_SIM_ACTIONS_201 = (
+    "SetChargingProfile ClearChargingProfile GetCompositeSchedule RequestStartTransaction "
+    "RequestStopTransaction ChangeAvailability Reset TriggerMessage GetVariables SetVariables "
+    "UnlockConnector DataTransfer"
+).split()
+
+
+class SimChargePoint:
+    """A simulated station with one or more connectors, speaking OCPP ``version``."""
+
+    def __init__(
+        self,
+        ocpp_id: str,
+        connectors: list[SimConnector],
+        *,
+        url: str,
+        clock: Clock,
+        version: str = "1.6",
+        password: str | None = None,
+        username: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        apply_delay_s: float = 1.0,
+        tick_s: float = 0.1,
+        sample_interval_s: float = 10.0,
+        reconnect_delay_s: float = 1.0,
+        call_timeout_s: float = 10.0,
+        vendor: str = "evcore",
+        model: str = "SimCP",
+        serial: str | None = None,
+        subprotocols: list[str] | None = None,
+    ) -> None:
+        if version not in ("1.6", "2.0.1"):
+            raise ValueError(f"version must be '1.6' or '2.0.1', got {version!r}")
+        if not connectors:
+            raise ValueError("a station needs at least one connector")
+        self.ocpp_id = ocpp_id
+        self.version = version
+        self.connectors = {c.evse_id: c for c in connectors}
+        self.url = url
+        self.clock = clock
+        self.password = password
+        self.username = username or ocpp_id
+        self.ssl_context = ssl_context
+        self.apply_delay_s = apply_delay_s
+        self.tick_s = tick_s
+        self.sample_interval_s = sample_interval_s
+        self.reconnect_delay_s = reconnect_delay_s
+        self.call_timeout_s = call_timeout_s
+        self.vendor, self.model, self.serial = vendor, model, serial or ocpp_id
+        self.subprotocols = subprotocols or ["ocpp1.6" if version == "1.6" else "ocpp2.0.1"]
+        self.misbehaviour = Misbehaviour()
+        #: Measurands the station reports (a fresh station reports only the register).
+        self.measurands: list[str] = ["Energy.Active.Import.Register"]
+        self.config: dict[str, str] = {
+            "MeterValuesSampledData": "Energy.Active.Import.Register",
+            "MeterValueSampleInterval": str(int(sample_interval_s)),
+            "HeartbeatInterval": "300",
+        }
+        self.variables: dict[str, str] = {
+            "SampledDataCtrlr.TxUpdatedMeasurands": "Energy.Active.Import.Register",
+            "SampledDataCtrlr.TxUpdatedInterval": str(int(sample_interval_s)),
+            "AlignedDataCtrlr.Measurands": "Energy.Active.Import.Register",
+            "AlignedDataCtrlr.Interval": "0",
+        }
+        self.profiles: list[HeldProfile] = []
+        self._pending_profiles: list[tuple[float, HeldProfile]] = []
+        # observations for tests and scenarios
+        self.received: list[tuple[str, dict[str, Any]]] = []
+        self.invalid_calls: list[str] = []
+        self.call_errors: list[list[Any]] = []
+        self.results: list[tuple[str, dict[str, Any]]] = []
+        self.last_error: BaseException | None = None
+        self.boot_status: str | None = None
+        self.connections = 0
+        self.connected = asyncio.Event()
+        # internals
+        self._ws: ClientConnection | None = None
+        self._outbox: deque[_Out] = deque()
+        self._outbox_changed = asyncio.Event()
+        self._pending: dict[str, tuple[str, asyncio.Future[list[Any]]]] = {}
+        self._ids = itertools.count(1)
+        self._seq = itertools.count(0)
+        self._tx_counter = itertools.count(1)
+        self._need_boot = True
+        self._stopping = False
+        self._offline_until = 0.0
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._last_tick: float | None = None
+        self._last_sample: float | None = None
+        self._force_drop = asyncio.Event()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._stopping = False
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"sim-{self.ocpp_id}"),
+            asyncio.create_task(self._ticker(), name=f"sim-tick-{self.ocpp_id}"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def wait_connected(self, timeout_s: float = 5.0) -> None:
+        await asyncio.wait_for(self.connected.wait(), timeout_s)
+
+    async def wait_idle(self, timeout_s: float = 5.0) -> None:
+        """Wait until every queued message was sent and answered."""
+
+        async def idle() -> None:
+            while self._outbox:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(idle(), timeout_s)
+
+    def _headers(self) -> dict[str, str]:
+        if self.password is None:
+            return {}
+        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            wait = self._offline_until - self.clock.now()
+            if wait > 0:
+                await self.clock.sleep(wait)
+                continue
+            try:
+                async with connect(
+                    self.url,
+                    subprotocols=self.subprotocols,  # type: ignore[arg-type]
+                    additional_headers=self._headers(),
+                    ssl=self.ssl_context,
+                    open_timeout=10,
+                    compression=None,
+                    ping_interval=None,
+                ) as ws:
+                    self._ws = ws
+                    self.connections += 1
+                    self._force_drop.clear()
+                    await self._session(ws)
+            except (OSError, InvalidStatus, ConnectionClosed, TimeoutError) as exc:
+                self.last_error = exc
+            finally:
+                self._ws = None
+                self.connected.clear()
+                for _, fut in self._pending.values():
+                    if not fut.done():
+                        fut.cancel()
+                self._pending.clear()
+            if self._stopping:
+                break
+            await self.clock.sleep(self.reconnect_delay_s)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        receiver = asyncio.create_task(self._receive(ws))
+        sender = asyncio.create_task(self._sender(ws))
+        dropper = asyncio.create_task(self._force_drop.wait())
+        try:
+            if self._need_boot:
+                self._enqueue_front_boot()
+            self.connected.set()
+            await asyncio.wait({receiver, sender, dropper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (receiver, sender, dropper):
+                t.cancel()
+            await asyncio.gather(receiver, sender, dropper, return_exceptions=True)
+            if not ws.state.name == "CLOSED":
+                await ws.close()
+
+    # ---- misbehaviour and control ----------------------------------------------------------
+    async def disconnect(self) -> None:
+        """Drop the connection now; the station reconnects after ``reconnect_delay_s``."""
+        self._force_drop.set()
+
+    async def go_offline(self, duration_s: float) -> None:
+        """Drop the connection and stay away ``duration_s``; transaction messages queue up and are
+        replayed in order when the station is back (as real stations do)."""
+        self._offline_until = self.clock.now() + duration_s
+        self._force_drop.set()
+
+    async def reboot(self) -> None:
+        """Restart: drop the link, boot again; lose profiles if so misbehaving."""
+        if self.misbehaviour.lose_profiles_on_reboot:
+            self.profiles.clear()
+            self._pending_profiles.clear()
+        self._need_boot = True
+        self._force_drop.set()
+
+    async def send_raw(self, text: str) -> None:
+        """Send an arbitrary frame (garbage) on the live connection."""
+        if self._ws is None:
+            raise RuntimeError(f"{self.ocpp_id}: not connected")
+        await self._ws.send(text)
+
+    def plug_in(self, evse_id: int, ev: EV, *, id_tag: str = "EVCORE-SIM", start: bool = True) -> None:
+        c = self.connectors[evse_id]
+        if c.ev is not None:
+            raise RuntimeError(f"{self.ocpp_id} EVSE {evse_id}: a vehicle is already plugged in")
+        c.ev = ev
+        c.id_tag = id_tag
+        self._set_status(c, "Preparing")
+        if start:
+            self._start_transaction(c)
+
+    def unplug(self, evse_id: int, *, reason: str = "EVDisconnected") -> None:
+        c = self.connectors[evse_id]
+        if c.tx_active:
+            self._stop_transaction(c, reason)
+        c.ev = None
+        self._set_status(c, "Available")
+
+    def terminal_a(self, evse_id: int) -> tuple[float, float, float]:
+        t = self.connectors[evse_id].terminal_a
+        return (t[0], t[1], t[2])
+
+    # ---- outgoing ------------------------------------------------------------------------
+    def _enqueue(self, out: _Out, *, front: bool = False) -> None:
+        if self._ws is None and not out.tx_related:
+            return  # offline: only transaction messages are kept (OCPP offline behaviour)
+        if front:
+            self._outbox.appendleft(out)
+        else:
+            self._outbox.append(out)
+        self._outbox_changed.set()
+
+    def call(self, action: str, payload: dict[str, Any]) -> asyncio.Future[dict[str, Any] | None]:
+        """Queue one CALL; the future gets the CALLRESULT payload (None on CALLERROR)."""
+        fut: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Out(action, lambda: payload, False, fut))
+        if self._ws is None and not fut.done():
+            fut.set_result(None)
+        return fut
+
+    def _enqueue_front_boot(self) -> None:
+        if self.version == "1.6":
+            payload: dict[str, Any] = {
+                "chargePointVendor": self.vendor,
+                "chargePointModel": self.model,
+                "chargePointSerialNumber": self.serial,
+            }
+        else:
+            payload = {
+                "reason": "PowerUp",
+                "chargingStation": {
+                    "vendorName": self.vendor,
+                    "model": self.model,
+                    "serialNumber": self.serial,
+                },
+            }
+
+        def booted(result: dict[str, Any]) -> None:
+            self.boot_status = result.get("status")
+            if self.boot_status == "Accepted":
+                self._need_boot = False
+                for c in self.connectors.values():
+                    self._set_status(c, c.status, force=True)
+
+        self._outbox.appendleft(_Out("BootNotification", lambda: payload, True, on_result=booted))
+        self._outbox_changed.set()
+
+    async def _sender(self, ws: ClientConnection) -> None:
+        while True:
+            while not self._outbox:
+                self._outbox_changed.clear()
+                await self._outbox_changed.wait()
+            out = self._outbox[0]
+            if self._need_boot and out.action != "BootNotification":
+                self._enqueue_front_boot()
+                continue
+            payload = out.build()
+            unique_id = f"{self.ocpp_id}-{next(self._ids)}"
+            fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            self._pending[unique_id] = (out.action, fut)
+            await ws.send(json.dumps([2, unique_id, out.action, payload]))
+            timer = asyncio.ensure_future(self.clock.sleep(self.call_timeout_s))
+            try:
+                await asyncio.wait({fut, timer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                timer.cancel()
+            self._pending.pop(unique_id, None)
+            if not fut.done():
+                fut.cancel()
+                LOG.warning("%s: no answer to %s", self.ocpp_id, out.action)
+                self._outbox.popleft()
+                if out.future is not None and not out.future.done():
+                    out.future.set_result(None)
+                continue
+            frame = fut.result()
+            if out.action in self.misbehaviour.lose_answer_to:
+                # The answer "gets lost": drop the link; the message stays queued and is resent.
+                self.misbehaviour.lose_answer_to.discard(out.action)
+                self._force_drop.set()
+                return
+            self._outbox.popleft()
+            if frame[0] == 3:
+                result = frame[2]
+                self.results.append((out.action, result))
+                if out.on_result is not None:
+                    out.on_result(result)
+                if out.future is not None and not out.future.done():
+                    out.future.set_result(result)
+            else:
+                self.call_errors.append(frame)
+                if out.future is not None and not out.future.done():
+                    out.future.set_result(None)
+
+    # ---- incoming ------------------------------------------------------------------------
+    async def _receive(self, ws: ClientConnection) -> None:
+        async for raw in ws:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                self.invalid_calls.append(f"not JSON: {raw!r}")
+                continue
+            if not isinstance(msg, list) or not msg:
+                self.invalid_calls.append(f"not an array: {raw!r}")
+                continue
+            if msg[0] in (3, 4):
+                entry = self._pending.get(msg[1])
+                if entry is not None and not entry[1].done():
+                    entry[1].set_result(msg)
+                elif msg[0] == 4:
+                    self.call_errors.append(msg)
+                continue
+            if msg[0] == 2 and len(msg) == 4:
+                await self._handle_call(ws, msg[1], msg[2], msg[3])
+
+    async def _handle_call(
+        self, ws: ClientConnection, unique_id: str, action: str, payload: dict[str, Any]
+    ) -> None:
+        self.received.append((action, payload))
+        if action in self.misbehaviour.unanswered_actions:
+            return
+        if action in self.misbehaviour.gated_actions:
+            await self.misbehaviour.answer_gate.wait()
+        handlers = _SIM_ACTIONS_16 if self.version == "1.6" else _SIM_ACTIONS_201
+        if action not in handlers:
+            await ws.send(json.dumps([4, unique_id, "NotImplemented", f"sim has no {action}", {}]))
+            return
+        try:
+            validation.validate(self.version, action, payload, response=False)
+        except (validation.SchemaError, KeyError) as exc:
+            self.invalid_calls.append(f"{action}: {exc}")
+            code = getattr(exc, "code", "FormationViolation")
+            await ws.send(json.dumps([4, unique_id, code, str(exc), {}]))
+            return
+        after: list[Callable[[], None]] = []
+        response = getattr(self, "_on_" + action)(payload, after)
+        validation.validate(self.version, action, response, response=True)
+        await ws.send(json.dumps([3, unique_id, response]))
+        for fn in after:
+            fn()
+
+    # ---- transactions and status ---------------------------------------------------------
+    def _set_status(self, c: SimConnector, status: str, *, force: bool = False) -> None:
+        if c.status == status and not force:
+            return
+        c.status = status
+        now = iso(self.clock.now())
+        if self.version == "1.6":
+            payload: dict[str, Any] = {
+                "connectorId": c.evse_id,
+                "errorCode": "NoError",
+                "status": status,
+                "timestamp": now,
+            }
+        else:
+            status201 = {
+                "Preparing": "Occupied",
+                "Charging": "Occupied",
+                "SuspendedEV": "Occupied",
+                "SuspendedEVSE": "Occupied",
+                "Finishing": "Occupied",
+            }.get(status, status)
+            payload = {
+                "timestamp": now,
+                "connectorStatus": status201,
+                "evseId": c.evse_id,
+                "connectorId": c.connector_id,
+            }
+        self._enqueue(_Out("StatusNotification", lambda: payload, False))
+
+    def _meter_value(self, c: SimConnector, context: str, *, full: bool = True) -> dict[str, Any]:
+        sampled: list[dict[str, Any]] = []
+
+        def add(measurand: str, value: float, unit: str, phase: str | None = None) -> None:
+            sv: dict[str, Any] = {"measurand": measurand, "context": context}
+            if self.version == "1.6":
+                sv["value"] = f"{value:.3f}"
+                sv["unit"] = unit
+            else:
+                sv["value"] = round(value, 3)
+                sv["unitOfMeasure"] = {"unit": unit}
+            if phase is not None:
+                sv["phase"] = phase
+            sampled.append(sv)
+
+        measurands = set(self.measurands) if full else {"Energy.Active.Import.Register"}
+        if "Energy.Active.Import.Register" in measurands:
+            add("Energy.Active.Import.Register", c.register_wh, "Wh")
+        if "Power.Active.Import" in measurands:
+            add("Power.Active.Import", c.power_w, "W")
+        if "Current.Import" in measurands:
+            for i in range(c.terminals):
+                add("Current.Import", c.terminal_a[i], "A", f"L{i + 1}")
+        if "Current.Offered" in measurands and c.kind == "ac":
+            add("Current.Offered", c.offered, "A")
+        if "SoC" in measurands and c.ev is not None:
+            add("SoC", c.ev.soc_percent, "Percent")
+        return {"timestamp": iso(self.clock.now()), "sampledValue": sampled}
+
+    def _start_transaction(self, c: SimConnector) -> None:
+        c.tx_active = True
+        c.tx_start_register_wh = c.register_wh
+        c.tx_started_at = self.clock.now()
+        offline = self._ws is None
+        ref = c.tx_ref = TxRef()
+        if self.version == "1.6":
+            payload = {
+                "connectorId": c.evse_id,
+                "idTag": c.id_tag,
+                "meterStart": int(c.register_wh),
+                "timestamp": iso(self.clock.now()),
+            }
+
+            def started(result: dict[str, Any]) -> None:
+                ref.id = str(result["transactionId"])
+
+            self._enqueue(_Out("StartTransaction", lambda: payload, True, on_result=started))
+        else:
+            ref.id = f"{self.ocpp_id}-tx{next(self._tx_counter)}"
+            ev_payload = self._tx_event(c, "Started", "CablePluggedIn", offline, full=False)
+            self._enqueue(_Out("TransactionEvent", lambda: ev_payload, True))
+        self._set_status(c, "Charging")
+
+    def _tx_event(
+        self, c: SimConnector, event_type: str, trigger: str, offline: bool, *, full: bool = True,
+        reason: str | None = None,
+    ) -> dict[str, Any]:
+        info: dict[str, Any] = {"transactionId": c.tx_id}
+        if reason is not None:
+            info["stoppedReason"] = reason
+        context = {
+            "Started": "Transaction.Begin",
+            "Ended": "Transaction.End",
+        }.get(event_type, "Sample.Periodic")
+        p: dict[str, Any] = {
+            "eventType": event_type,
+            "timestamp": iso(self.clock.now()),
+            "triggerReason": trigger,
+            "seqNo": next(self._seq),
+            "transactionInfo": info,
+            "evse": {"id": c.evse_id, "connectorId": c.connector_id},
+            "meterValue": [self._meter_value(c, context, full=full)],
+        }
+        if offline:
+            p["offline"] = True
+        if event_type == "Started":
+            p["idToken"] = {"idToken": c.id_tag, "type": "Central"}
+        return p
+
+    def _stop_transaction(self, c: SimConnector, reason: str) -> None:
+        offline = self._ws is None
+        c.tx_active = False
+        if self.version == "1.6":
+            register = int(c.register_wh)
+            at = iso(self.clock.now())
+            ref = c.tx_ref
+
+            def build() -> dict[str, Any]:
+                return {
+                    "transactionId": int(ref.id) if ref.id is not None else -1,
+                    "meterStop": register,
+                    "timestamp": at,
+                    "reason": reason,
+                }
+
+            self._enqueue(_Out("StopTransaction", build, True))
+        else:
+            p = self._tx_event(c, "Ended", "EVDeparted" if reason == "EVDisconnected" else "RemoteStop",
+                               offline, full=False, reason=reason)
+            self._enqueue(_Out("TransactionEvent", lambda: p, True))
+        c.terminal_a = [0.0, 0.0, 0.0]
+        c.power_w = 0.0
+        self._set_status(c, "Finishing")
+
+    def _send_meter_values(self, c: SimConnector, context: str = "Sample.Periodic") -> None:
+        if self.version == "1.6":
+            mv = self._meter_value(c, context)
+            ref = c.tx_ref if c.tx_active else None
+
+            def build() -> dict[str, Any]:
+                p: dict[str, Any] = {"connectorId": c.evse_id, "meterValue": [mv]}
+                if ref is not None and ref.id is not None:
+                    p["transactionId"] = int(ref.id)
+                return p
+
+            self._enqueue(_Out("MeterValues", build, c.tx_active))
+        elif c.tx_active:
+            p = self._tx_event(c, "Updated", "MeterValuePeriodic", self._ws is None)
+            self._enqueue(_Out("TransactionEvent", lambda: p, True))
+        else:
+            payload = {"evseId": c.evse_id, "meterValue": [self._meter_value(c, context)]}
+            self._enqueue(_Out("MeterValues", lambda: payload, False))
+
+    # ---- physics -------------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        while True:
+            await self.clock.sleep(self.tick_s)
+            self.step()
+
+    def step(self) -> None:
+        """Advance the connectors to the clock's now: apply due profiles, charge, sample."""
+        now = self.clock.now()
+        last = self._last_tick if self._last_tick is not None else now
+        dt = max(0.0, now - last)
+        self._last_tick = now
+        due = [p for t, p in self._pending_profiles if t <= now]
+        if due:
+            self._pending_profiles = [(t, p) for t, p in self._pending_profiles if t > now]
+            for p in due:
+                self._install(p)
+        for c in self.connectors.values():
+            self._advance(c, now, dt)
+        if self._last_sample is None:
+            self._last_sample = now
+        elif now - self._last_sample >= self.sample_interval_s - 1e-9:
+            self._last_sample = now
+            if not self.misbehaviour.stop_reporting:
+                for c in self.connectors.values():
+                    if c.tx_active:
+                        self._send_meter_values(c)
+
+    def _advance(self, c: SimConnector, now: float, dt: float) -> None:
+        limit = self.limit_at(c.evse_id, now)
+        if c.kind == "dc":
+            c.offered = max(0.0, min(limit, c.max_w)) if c.available else 0.0
+        else:
+            allowed = max(0.0, min(limit, c.max_a)) if c.available else 0.0
+            if c.steps_a:
+                allowed = max((s for s in c.steps_a if s <= allowed + 1e-9), default=0.0)
+            c.offered = allowed if allowed >= MIN_PILOT_A else 0.0
+        # Energy over the step at the draw of the previous state (explicit Euler).
+        if dt > 0 and c.power_w > 0:
+            energy = c.power_w * dt / 3600.0
+            c.register_wh += energy
+            if c.ev is not None:
+                c.ev.add_energy(energy * (c.efficiency if c.kind == "dc" else 1.0))
+        if not c.tx_active or c.ev is None:
+            c.terminal_a = [0.0, 0.0, 0.0]
+            c.power_w = 0.0
+            return
+        if c.kind == "dc":
+            p_dc = c.ev.dc_draw_w(c.offered)
+            c.power_w = p_dc / c.efficiency + (c.aux_w if p_dc > 0 else 0.0)
+            line = c.power_w / (3.0 * c.voltage_v)
+            c.terminal_a = [line, line, line]
+        else:
+            draw = c.ev.ac_draw_a(c.offered)
+            if c.terminals == 1 or c.ev.phases == 1:
+                c.terminal_a = [draw, 0.0, 0.0]
+                c.power_w = draw * c.voltage_v
+            else:
+                n = min(3, c.ev.phases)
+                c.terminal_a = [draw if i < n else 0.0 for i in range(3)]
+                c.power_w = draw * c.voltage_v * n
+        status = "Charging" if c.power_w > 0 else ("SuspendedEV" if c.offered > 0 else "SuspendedEVSE")
+        if c.status in ("Charging", "SuspendedEV", "SuspendedEVSE"):
+            self._set_status(c, status)
+
+    # ---- profiles and the composite schedule ---------------------------------------------
+    def _install(self, p: HeldProfile) -> None:
+        self.profiles = [
+            q
+            for q in self.profiles
+            if q.id != p.id and not (q.evse == p.evse and q.purpose == p.purpose and q.stack == p.stack)
+        ]
+        self.profiles.append(p)
+
+    def _profile_value(self, p: HeldProfile, c: SimConnector, t: float) -> float | None:
+        if p.valid_from is not None and t < p.valid_from:
+            return None
+        if p.valid_to is not None and t >= p.valid_to:
+            return None
+        start = p.start
+        if start is None:
+            start = c.tx_started_at if p.kind == "Relative" and c.tx_started_at else p.received_at
+        offset = t - start
+        if p.kind == "Recurring" and offset >= 0:
+            offset = offset % 86400.0
+        if offset < 0 or (p.duration is not None and offset >= p.duration):
+            return None
+        value = None
+        for start_period, limit, phases in p.periods:
+            if start_period <= offset:
+                value = self._to_unit(c, limit, p.unit, phases)
+        return value
+
+    def _to_unit(self, c: SimConnector, limit: float, unit: str, phases: int | None) -> float:
+        n = phases or (3 if c.terminals == 3 else 1)
+        if c.kind == "dc":
+            return limit if unit == "W" else limit * c.voltage_v * 3
+        if unit == "A":
+            return limit
+        return limit / (c.voltage_v * n)
+
+    def limit_at(self, evse_id: int, t: float) -> float:
+        """The composite limit of ``evse_id`` at ``t`` (A per phase for AC, W for DC)."""
+        c = self.connectors[evse_id]
+
+        def best(cands: list[HeldProfile]) -> float | None:
+            for p in sorted(cands, key=lambda q: -q.stack):
+                v = self._profile_value(p, c, t)
+                if v is not None:
+                    return v
+            return None
+
+        tx_limit = None
+        if c.tx_active and c.tx_id is not None:
+            tx_limit = best([p for p in self.profiles if p.purpose == "tx" and p.evse == evse_id
+                             and (p.tx_id is None or p.tx_id == c.tx_id)])
+        if tx_limit is None:
+            tx_limit = best([p for p in self.profiles if p.purpose == "default" and p.evse == evse_id])
+        if tx_limit is None:
+            tx_limit = best([p for p in self.profiles if p.purpose == "default" and p.evse == 0])
+        max_limit = best([p for p in self.profiles if p.purpose == "max"])
+        value = c.hardware_limit
+        for v in (tx_limit, max_limit):
+            if v is not None:
+                value = min(value, v)
+        return value
+
+    def composite(self, evse_id: int, duration_s: int) -> list[tuple[int, float]]:
+        """The composite schedule from now for ``duration_s``: [(offset_s, limit)]."""
+        now = self.clock.now()
+        c = self.connectors[evse_id]
+        marks = {0.0}
+        for p in self.profiles:
+            start = p.start if p.start is not None else p.received_at
+            for t in (p.valid_from, p.valid_to):
+                if t is not None:
+                    marks.add(t - now)
+            for sp, _, _ in p.periods:
+                marks.add(start + sp - now)
+            if p.duration is not None:
+                marks.add(start + p.duration - now)
+        del c
+        out: list[tuple[int, float]] = []
+        for m in sorted(x for x in marks if 0 <= x < duration_s):
+            v = self.limit_at(evse_id, now + math.ceil(m))
+            if not out or out[-1][1] != v:
+                out.append((int(math.ceil(m)), v))
+        return out
+
+    def _parse_profile(self, evse: int, raw: dict[str, Any]) -> HeldProfile:
+        if self.version == "1.6":
+            sched = raw["chargingSchedule"]
+            pid = raw["chargingProfileId"]
+            tx = raw.get("transactionId")
+        else:
+            sched = raw["chargingSchedule"][0]
+            pid = raw["id"]
+            tx = raw.get("transactionId")
+        start = sched.get("startSchedule")
+        return HeldProfile(
+            id=int(pid),
+            evse=evse,
+            purpose=_PURPOSE[raw["chargingProfilePurpose"]],
+            stack=int(raw["stackLevel"]),
+            tx_id=str(tx) if tx is not None else None,
+            kind=raw["chargingProfileKind"],
+            valid_from=parse_timestamp(raw["validFrom"]) if raw.get("validFrom") else None,
+            valid_to=parse_timestamp(raw["validTo"]) if raw.get("validTo") else None,
+            start=parse_timestamp(start) if start else None,
+            duration=float(sched["duration"]) if sched.get("duration") is not None else None,
+            unit=sched["chargingRateUnit"],
+            periods=[
+                (float(p["startPeriod"]), float(p["limit"]), p.get("numberPhases"))
+                for p in sched["chargingSchedulePeriod"]
+            ],
+            received_at=self.clock.now(),
+        )
+
+    # ---- handlers for CALLs from the central system ---------------------------------------
+    def _on_SetChargingProfile(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        if self.version == "1.6":
+            evse, raw = p["connectorId"], p["csChargingProfiles"]
+        else:
+            evse, raw = p["evseId"], p["chargingProfile"]
+        if self.misbehaviour.reject_profiles:
+            return {"status": "Rejected"}
+        profile = self._parse_profile(evse, raw)
+        if profile.purpose == "tx":
+            c = self.connectors.get(evse)
+            if c is None or not c.tx_active or (profile.tx_id is not None and profile.tx_id != c.tx_id):
+                return {"status": "Rejected"}
+        if evse != 0 and evse not in self.connectors:
+            return {"status": "Rejected"}
+        if not self.misbehaviour.ignore_profiles:
+            self._pending_profiles.append((self.clock.now() + self.apply_delay_s, profile))
+        return {"status": "Accepted"}
+
+    def _on_ClearChargingProfile(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        if self.version == "1.6":
+            pid, evse = p.get("id"), p.get("connectorId")
+            purpose, stack = p.get("chargingProfilePurpose"), p.get("stackLevel")
+        else:
+            crit = p.get("chargingProfileCriteria") or {}
+            pid, evse = p.get("chargingProfileId"), crit.get("evseId")
+            purpose, stack = crit.get("chargingProfilePurpose"), crit.get("stackLevel")
+
+        def match(q: HeldProfile) -> bool:
+            if pid is not None:
+                return q.id == pid
+            return (
+                (evse is None or q.evse == evse)
+                and (purpose is None or q.purpose == _PURPOSE[purpose])
+                and (stack is None or q.stack == stack)
+            )
+
+        before = len(self.profiles) + len(self._pending_profiles)
+        self.profiles = [q for q in self.profiles if not match(q)]
+        self._pending_profiles = [(t, q) for t, q in self._pending_profiles if not match(q)]
+        removed = before != len(self.profiles) + len(self._pending_profiles)
+        return {"status": "Accepted" if removed else "Unknown"}
+
+    def _on_GetCompositeSchedule(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        evse = p["connectorId"] if self.version == "1.6" else p["evseId"]
+        if evse not in self.connectors:
+            return {"status": "Rejected"}
+        c = self.connectors[evse]
+        unit = p.get("chargingRateUnit") or ("W" if c.kind == "dc" else "A")
+        periods = []
+        for offset, limit in self.composite(evse, int(p["duration"])):
+            value = limit
+            if c.kind == "ac" and unit == "W":
+                value = limit * c.voltage_v * c.terminals
+            periods.append({"startPeriod": offset, "limit": round(value, 1)})
+        now = iso(self.clock.now())
+        if self.version == "1.6":
+            return {
+                "status": "Accepted",
+                "connectorId": evse,
+                "scheduleStart": now,
+                "chargingSchedule": {
+                    "duration": int(p["duration"]),
+                    "startSchedule": now,
+                    "chargingRateUnit": unit,
+                    "chargingSchedulePeriod": periods,
+                },
+            }
+        return {
+            "status": "Accepted",
+            "schedule": {
+                "evseId": evse,
+                "duration": int(p["duration"]),
+                "scheduleStart": now,
+                "chargingRateUnit": unit,
+                "chargingSchedulePeriod": periods,
+            },
+        }
+
+    def _remote_start(self, evse: int | None, id_tag: str, after: list[Callable[[], None]]) -> bool:
+        c = self.connectors.get(evse) if evse is not None else next(iter(self.connectors.values()))
+        if c is None or c.tx_active or not c.available:
+            return False
+        c.id_tag = id_tag
+
+        def go() -> None:
+            if c.ev is None:
+                c.ev = EV()
+            self._start_transaction(c)
+
+        after.append(go)
+        return True
+
+    def _on_RemoteStartTransaction(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        ok = self._remote_start(p.get("connectorId"), p["idTag"], after)
+        return {"status": "Accepted" if ok else "Rejected"}
+
+    def _on_RequestStartTransaction(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        ok = self._remote_start(p.get("evseId"), p["idToken"]["idToken"], after)
+        return {"status": "Accepted" if ok else "Rejected"}
+
+    def _remote_stop(self, tx_id: str, after: list[Callable[[], None]]) -> bool:
+        for c in self.connectors.values():
+            if c.tx_active and c.tx_id == tx_id:
+                after.append(lambda c=c: self._stop_transaction(c, "Remote"))  # type: ignore[misc]
+                return True
+        return False
+
+    def _on_RemoteStopTransaction(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        return {"status": "Accepted" if self._remote_stop(str(p["transactionId"]), after) else "Rejected"}
+
+    def _on_RequestStopTransaction(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        return {"status": "Accepted" if self._remote_stop(p["transactionId"], after) else "Rejected"}
+
+    def _on_ChangeAvailability(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        if self.version == "1.6":
+            evse, operative = p["connectorId"], p["type"] == "Operative"
+        else:
+            evse, operative = (p.get("evse") or {}).get("id", 0), p["operationalStatus"] == "Operative"
+        targets = list(self.connectors.values()) if evse == 0 else [self.connectors[evse]] if evse in self.connectors else []
+        if not targets:
+            return {"status": "Rejected"}
+        for c in targets:
+            c.available = operative
+            if not c.tx_active:
+                after.append(lambda c=c: self._set_status(c, "Available" if operative else "Unavailable"))  # type: ignore[misc]
+        return {"status": "Accepted"}
+
+    def _on_Reset(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        after.append(lambda: asyncio.ensure_future(self.reboot()) and None)
+        return {"status": "Accepted"}
+
+    def _on_TriggerMessage(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        what = p["requestedMessage"]
+        evse = p.get("connectorId") if self.version == "1.6" else (p.get("evse") or {}).get("id")
+        cons = [self.connectors[evse]] if evse in self.connectors else list(self.connectors.values())
+        if what == "MeterValues":
+            after.extend([lambda c=c: self._send_meter_values(c, "Trigger") for c in cons])  # type: ignore[misc]
+        elif what == "StatusNotification":
+            after.extend([lambda c=c: self._set_status(c, c.status, force=True) for c in cons])  # type: ignore[misc]
+        elif what == "Heartbeat":
+            after.append(lambda: self._enqueue(_Out("Heartbeat", dict, False)))
+        elif what == "BootNotification":
+            after.append(self._enqueue_front_boot)
+        else:
+            return {"status": "NotImplemented"}
+        return {"status": "Accepted"}
+
+    def _apply_setting(self, key: str, value: str) -> None:
+        if key in ("MeterValuesSampledData", "SampledDataCtrlr.TxUpdatedMeasurands"):
+            self.measurands = [m.strip() for m in value.split(",") if m.strip()]
+        elif key in ("MeterValueSampleInterval", "SampledDataCtrlr.TxUpdatedInterval"):
+            self.sample_interval_s = max(1.0, float(value))
+
+    def _on_GetConfiguration(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        keys = p.get("key") or list(self.config)
+        known = [{"key": k, "readonly": False, "value": self.config[k]} for k in keys if k in self.config]
+        unknown = [k for k in keys if k not in self.config]
+        out: dict[str, Any] = {"configurationKey": known}
+        if unknown:
+            out["unknownKey"] = unknown
+        return out
+
+    def _on_ChangeConfiguration(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        key, value = p["key"], p["value"]
+        if key not in self.config:
+            return {"status": "NotSupported"}
+        if key in self.misbehaviour.refuse_config_keys:
+            return {"status": "Rejected"}
+        self.config[key] = value
+        self._apply_setting(key, value)
+        return {"status": "Accepted"}
+
+    def _on_GetVariables(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        results = []
+        for d in p["getVariableData"]:
+            name = f"{d['component']['name']}.{d['variable']['name']}"
+            r: dict[str, Any] = {"component": d["component"], "variable": d["variable"]}
+            if name in self.variables:
+                r["attributeStatus"] = "Accepted"
+                r["attributeValue"] = self.variables[name]
+            else:
+                r["attributeStatus"] = "UnknownVariable"
+            results.append(r)
+        return {"getVariableResult": results}
+
+    def _on_SetVariables(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        results = []
+        for d in p["setVariableData"]:
+            name = f"{d['component']['name']}.{d['variable']['name']}"
+            if name not in self.variables:
+                status = "UnknownVariable"
+            elif name in self.misbehaviour.refuse_config_keys:
+                status = "Rejected"
+            else:
+                status = "Accepted"
+                self.variables[name] = d["attributeValue"]
+                self._apply_setting(name, d["attributeValue"])
+            results.append({"attributeStatus": status, "component": d["component"], "variable": d["variable"]})
+        return {"setVariableResult": results}
+
+    def _on_UnlockConnector(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        evse = p["connectorId"] if self.version == "1.6" else p["evseId"]
+        if evse not in self.connectors:
+            return {"status": "NotSupported" if self.version == "1.6" else "UnknownConnector"}
+        return {"status": "Unlocked"}
+
+    def _on_DataTransfer(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+        return {"status": "UnknownVendorId"}

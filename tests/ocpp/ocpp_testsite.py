@@ -1,0 +1,117 @@
+"""Shared helpers for the OCPP tests: a small site, a running central system and a fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from evcore.clock import WallClock
+from evcore.ocpp import CentralSystem, OcppEvent
+from evcore.site import Site, load_site
+from evcore.sim.fleet import Fleet
+
+PASSWORDS = {
+    "CPA": "password-of-cpa-16",
+    "CPB": "password-of-cpb-201",
+    "CPM": "password-of-cpm-multi",
+    "CPC": "password-of-cpc-l2n",
+}
+
+SITE: dict[str, Any] = {
+    "site": {"id": "ocpp-test"},
+    "nodes": [
+        {"id": "grid", "kind": "grid", "phase_limit_a": 200.0},
+        {"id": "F1", "parent": "grid", "phase_limit_a": 63.0},
+    ],
+    "chargers": [
+        # 1.6, three-phase with phase rotation: charger L1 is site L2.
+        {"id": "cp-a", "ocpp_id": "CPA", "parent": "F1", "wiring": "three_phase",
+         "phases": ["L2", "L3", "L1"], "voltage_v": 230.0, "max_a": 32.0},
+        # 2.0.1, three-phase.
+        {"id": "cp-b", "ocpp_id": "CPB", "parent": "F1", "wiring": "three_phase",
+         "phases": ["L1", "L2", "L3"], "voltage_v": 230.0, "max_a": 32.0},
+        # 1.6 station with two EVSEs (one call queue).
+        {"id": "cp-m1", "ocpp_id": "CPM", "evse_id": 1, "parent": "grid", "wiring": "three_phase",
+         "phases": ["L1", "L2", "L3"], "voltage_v": 230.0, "max_a": 32.0},
+        {"id": "cp-m2", "ocpp_id": "CPM", "evse_id": 2, "parent": "grid", "wiring": "three_phase",
+         "phases": ["L1", "L2", "L3"], "voltage_v": 230.0, "max_a": 32.0},
+        # single-phase charger on site L3.
+        {"id": "cp-c", "ocpp_id": "CPC", "parent": "grid", "wiring": "line_to_neutral",
+         "phases": ["L3"], "voltage_v": 230.0, "max_a": 32.0},
+    ],
+    "ocpp": {
+        "port": 0,
+        "security_profile": 1,
+        "credentials": dict(PASSWORDS),
+        "sample_interval_s": 1,
+        "call_timeout_s": 3,
+        "data_transfer_vendor_ids": ["com.evcore"],
+    },
+}
+
+VERSIONS = {"CPA": "1.6", "CPB": "2.0.1", "CPM": "1.6", "CPC": "2.0.1"}
+
+
+def make_site(**ocpp_overrides: Any) -> Site:
+    data = copy.deepcopy(SITE)
+    data["ocpp"].update(ocpp_overrides)
+    return load_site(data)
+
+
+@dataclass
+class Rig:
+    site: Site
+    cs: CentralSystem
+    fleet: Fleet
+    events: list[OcppEvent] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"ws://127.0.0.1:{self.cs.port}/ocpp"
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    async def until(self, pred: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        async def poll() -> None:
+            while not pred():
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(poll(), timeout_s)
+
+
+@asynccontextmanager
+async def rig(
+    *, connect: bool = True, versions: dict[str, str] | None = None, **ocpp: Any
+) -> AsyncIterator[Rig]:
+    site = make_site(**ocpp)
+    clock = WallClock()
+    cs = CentralSystem(site, clock=clock)
+    events: list[OcppEvent] = []
+    cs.add_listener(events.append)
+    await cs.start()
+    fleet = Fleet(
+        site,
+        url=f"ws://127.0.0.1:{cs.port}/ocpp",
+        clock=clock,
+        version=versions or VERSIONS,
+        passwords=PASSWORDS,
+        apply_delay_s=0.1,
+        tick_s=0.05,
+        sample_interval_s=1.0,
+        reconnect_delay_s=0.2,
+    )
+    r = Rig(site, cs, fleet, events)
+    try:
+        if connect:
+            await fleet.start()
+            await fleet.wait_connected()
+            await r.until(lambda: all(s.boot_status == "Accepted" for s in fleet.stations.values()))
+        yield r
+    finally:
+        await fleet.stop()
+        await cs.stop()
