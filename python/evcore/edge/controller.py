@@ -545,6 +545,8 @@ class EdgeController:
                     "valid_to": vt,
                     "failsafe": self.failsafe.get(ch.charger_id),
                     "binding": enforced.binding.get(ch.charger_id, ""),
+                    "code": enforced.codes.get(ch.charger_id, "none"),
+                    "binding_node": enforced.binding_node.get(ch.charger_id, ""),
                 }
                 for purpose, ch, vt in changes
             ],

@@ -69,6 +69,8 @@ class RustCore:
         self._index = {cid: i for i, cid in enumerate(self.charger_ids)}
         self._is_dc = np.array([site.charger(cid).kind == "dc" for cid in self.charger_ids])
         self._max_a = np.array([float(site.charger(cid).max_a) for cid in self.charger_ids])
+        self.last_codes: dict[str, str] = {}
+        self.last_nodes: dict[str, str] = {}
 
     # ---- topology under curtailments -----------------------------------------------------------
     def topology(self, caps_kw: Mapping[str, float]) -> Any:
@@ -183,13 +185,23 @@ class RustCore:
         result = self._allocate(topo.topology, batch, node_batch, params=params, explain=explain)
         setpoint_a = np.asarray(result.column("setpoint_a"), dtype=np.float64)
         setpoint_w = np.asarray(result.column("setpoint_w"), dtype=np.float64)
-        reasons = result.column("reason") if explain else None
+        reasons = result.column("reason").to_pylist() if explain else None
         out: dict[str, float] = {}
         why: dict[str, str] = {}
         for i, cid in enumerate(self.charger_ids):
             out[cid] = float(setpoint_w[i] if self._is_dc[i] else setpoint_a[i])
             if reasons is not None:
                 why[cid] = str(reasons[i])
+        self.last_codes = dict(
+            zip(self.charger_ids, result.column("binding").to_pylist(), strict=True)
+        )
+        self.last_nodes = {
+            cid: node
+            for cid, node in zip(
+                self.charger_ids, result.column("binding_node").to_pylist(), strict=True
+            )
+            if node
+        }
         return out, why
 
     # ---- CorePort -------------------------------------------------------------------------------
@@ -246,7 +258,7 @@ class RustCore:
             ),
             digest_size=16,
         ).hexdigest()
-        return EnforcedSetpoints(setpoints, why, digest)
+        return EnforcedSetpoints(setpoints, why, digest, self.last_codes, self.last_nodes)
 
     def failsafe_levels(self, caps_kw: Mapping[str, float]) -> dict[str, float]:
         n = len(self.charger_ids)

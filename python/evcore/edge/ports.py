@@ -27,6 +27,9 @@ class EnforcedSetpoints:
     binding: Mapping[str, str] = field(default_factory=dict)
     #: digest of the inputs the core saw (for the audit record).
     inputs_digest: str = ""
+    #: per charger the core's binding code (``evcore._core.binding_codes()``) and node id.
+    codes: Mapping[str, str] = field(default_factory=dict)
+    binding_node: Mapping[str, str] = field(default_factory=dict)
 
 
 class CorePort(Protocol):

@@ -1,0 +1,152 @@
+"""The controller's decision records into the audit log and the store; recovery after a restart.
+
+What this module owns: converting a decision record (``EdgeController._record``) into the audit
+room's ``evcore.audit.Decision`` with ``evcore.v1.Setpoint`` messages, appending it (durable when
+``append`` returns — the controller sends nothing before), remembering sent setpoints in the store,
+and reading sessions and last setpoints back after a restart. It records; it never changes a value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from evcore.edge.state import SiteState
+from evcore.v1 import setpoint_pb2
+
+log = logging.getLogger("evcore.edge")
+
+# Core binding codes (``evcore._core.binding_codes()``) → the contract's BindingReason.
+_REASON = {
+    "none": setpoint_pb2.BINDING_REASON_NONE,
+    "demand": setpoint_pb2.BINDING_REASON_VEHICLE_DEMAND,
+    "plan": setpoint_pb2.BINDING_REASON_PLAN_TARGET,
+    "admission": setpoint_pb2.BINDING_REASON_MIN_CURRENT_OR_STEP,
+    "hysteresis": setpoint_pb2.BINDING_REASON_SWITCHING_RULE,
+    "disconnected": setpoint_pb2.BINDING_REASON_NO_SESSION,
+    "fault": setpoint_pb2.BINDING_REASON_FAULTED,
+    "charger_max": setpoint_pb2.BINDING_REASON_CHARGER_MAX,
+    "min_current": setpoint_pb2.BINDING_REASON_MIN_CURRENT_OR_STEP,
+    "step": setpoint_pb2.BINDING_REASON_MIN_CURRENT_OR_STEP,
+    "ramp": setpoint_pb2.BINDING_REASON_SWITCHING_RULE,
+    "node_phase": setpoint_pb2.BINDING_REASON_NODE_PHASE_LIMIT,
+    "node_power": setpoint_pb2.BINDING_REASON_NODE_POWER_LIMIT,
+    "unbalance": setpoint_pb2.BINDING_REASON_UNBALANCE_LIMIT,
+    "stale_telemetry": setpoint_pb2.BINDING_REASON_STALE_TELEMETRY,
+    "unconfirmed_decrease": setpoint_pb2.BINDING_REASON_NODE_PHASE_LIMIT,
+    "unknown_profile": setpoint_pb2.BINDING_REASON_NODE_PHASE_LIMIT,
+    "failsafe": setpoint_pb2.BINDING_REASON_FAILSAFE,
+}
+
+
+def _ts(msg: Any, seconds: float) -> None:
+    whole = int(seconds // 1)
+    msg.seconds = whole
+    msg.nanos = min(999_999_999, round((seconds - whole) * 1e9))
+
+
+def setpoints_of(record: Mapping[str, Any], decision_id: str) -> list[setpoint_pb2.Setpoint]:
+    out: list[setpoint_pb2.Setpoint] = []
+    for sp in record["setpoints"]:
+        msg = setpoint_pb2.Setpoint(charger_id=sp["charger_id"], decision_id=decision_id)
+        if sp["unit"] == "W":
+            msg.setpoint_w = float(sp["new"])
+        else:
+            msg.setpoint_a = float(sp["new"])
+        code = "failsafe" if sp["purpose"] == "tx_default" else sp.get("code", "none")
+        msg.binding = _REASON.get(code, setpoint_pb2.BINDING_REASON_UNSPECIFIED)
+        reason = sp.get("binding") or ""
+        if sp["purpose"] == "tx_default":
+            reason = f"TxDefault failsafe level {float(sp['new']):g} {sp['unit']}"
+        msg.reason = reason or f"{sp['kind']} to {float(sp['new']):g} {sp['unit']}"
+        if sp.get("binding_node"):
+            msg.binding_node_id = sp["binding_node"]
+        _ts(msg.decided_at, float(record["at"]))
+        if sp.get("valid_to") is not None:
+            _ts(msg.valid_until, float(sp["valid_to"]))
+        out.append(msg)
+    return out
+
+
+class AuditRecorder:
+    """``AuditSink`` over ``evcore.audit.AuditLog`` (+ the store's last-setpoint table)."""
+
+    def __init__(self, audit_log: Any, store: Any = None, *, edge_id: str = "edge") -> None:
+        self.audit_log = audit_log
+        self.store = store
+        self.edge_id = edge_id
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.store_failures = 0
+
+    async def append(self, record: Mapping[str, Any]) -> None:
+        from evcore.audit.log import Decision
+
+        decision_id = f"{self.edge_id}-{record['decision']}-{int(float(record['at']) * 1000)}"
+        setpoints = setpoints_of(record, decision_id)
+        plan_version = record.get("plan_version") or ""
+        decision = Decision(
+            decision_id=decision_id,
+            trigger=str(record["trigger"]),
+            decided_at_s=float(record["at"]),
+            setpoints=setpoints,
+            inputs_digest=str(record.get("inputs_digest", "")),
+            plan_version=int(plan_version.rsplit("@", 1)[-1]) if "@" in plan_version else 0,
+            config_version=str(record.get("config_version", "")),
+            edge_id=self.edge_id,
+        )
+        await self.audit_log.append(decision)
+        if self.store is not None:
+            # Last-setpoint bookkeeping is for restart recovery, not for this decision's safety
+            # (the audit record above is): it runs beside the send, owned here.
+            task = asyncio.ensure_future(self._remember(setpoints, float(record["at"])))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _remember(self, setpoints: list[setpoint_pb2.Setpoint], at: float) -> None:
+        for sp in setpoints:
+            try:
+                await self.store.record_setpoint_sent(sp, at)
+            except Exception:
+                self.store_failures += 1
+                log.exception("store: recording setpoint for %s failed", sp.charger_id)
+                return
+
+    async def confirm(self, charger_id: str, decision_id: str, at: float) -> None:
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.confirm_setpoint(charger_id, decision_id, at)
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def recover(state: SiteState, store: Any) -> int:
+    """Load last setpoints and open sessions from the store into ``state``; returns how many.
+
+    Recovered values are *unconfirmed*: the charger may have fallen back or rebooted since, so the
+    envelope keeps counting each charger at least at its last value (or its maximum while its
+    profile state is unknown) until the charger accepts a fresh profile.
+    """
+    n = 0
+    last = await store.last_setpoints()
+    for cid, rec in last.items():
+        c = state.chargers.get(cid)
+        if c is None:
+            continue
+        sp = rec.setpoint
+        value = sp.setpoint_w if sp.HasField("setpoint_w") else sp.setpoint_a
+        c.sent = float(value)
+        c.accepted = False
+        c.needs_resend = True
+        n += 1
+    with contextlib.suppress(Exception):
+        for tx in await store.list_open_transactions():
+            c = state.chargers.get(tx.charger_id)
+            if c is not None and c.transaction_id is None:
+                c.transaction_id = tx.transaction_id
+                c.plugged = True
+    return n
