@@ -39,6 +39,7 @@ def _lower(c: ChargerSpec) -> float:
 
 class Uncontrolled:
     name = "uncontrolled"
+    baseline = True  # the twin sends nothing: chargers allow their own maximum
     in_loop: tuple[str, ...] = ("no controller: chargers at their maximum",)
 
     def __init__(self, site: SiteSpec) -> None:

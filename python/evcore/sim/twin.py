@@ -18,6 +18,7 @@ age, not the physics), or hide a violation by averaging.
 
 from __future__ import annotations
 
+import asyncio
 import cmath
 import math
 import sys
@@ -33,6 +34,7 @@ from evcore.sim.arrivals import Arrivals, generate, max_rate_kw
 from evcore.sim.scenario import (
     CONTROLLED_POLICIES,
     ChargerSpec,
+    FaultSpec,
     Scenario,
     SessionSpec,
     SiteSpec,
@@ -376,38 +378,531 @@ class Meter:
 # ---------------------------------------------------------------------------------------------
 # The in-process loop
 # ---------------------------------------------------------------------------------------------
-WIRED_FAULTS = ("charger_offline", "meter_stuck", "profile_ignored", "profiles_lost_on_reboot",
-                "edge_restart")
+WIRED_FAULTS = (
+    "charger_offline",
+    "meter_stuck",
+    "profile_ignored",
+    "profiles_lost_on_reboot",
+    "edge_restart",
+)
 
 
 @dataclass
-class _ChargerState:
-    applied: float = 0.0  # what the charger enforces now
-    pending: list[tuple[float, float]] = field(default_factory=list)  # (apply at, value)
-    last_sent: float = 0.0
+class Point:
+    """One charger as the plant holds it: its profiles, its car, its meter."""
+
+    car: Car | None = None
+    tx: float | None = None  # TxProfile value (only while a transaction runs)
+    tx_valid_to: float | None = None  # s after start
+    tx_final: float | None = None  # level after valid_to
+    default: float | None = None  # TxDefaultProfile value
+    pending: list[tuple[float, str, float, float | None, float | None]] = field(
+        default_factory=list
+    )  # (apply at, purpose, value, valid_to, final)
     offline: bool = False
     meter_stuck: bool = False
-    reported: float = 0.0
+    transaction: str | None = None
+    reported: float = 0.0  # per-phase A (AC) or W (DC) in the last report
     reported_kwh: float = 0.0
     report_t: float = -math.inf
 
 
-def _progress(label: str, frac: float, wall0: float, enabled: bool) -> None:
+PlantListener = Callable[[str, int, Any], None]
+
+
+class SitePlant:
+    """The simulated site on the virtual clock: chargers that hold profiles, cars that draw
+    current, the scenario's arrivals, faults and grid signals, and the meter.
+
+    Drivers (a controller loop, or the edge over a gateway) send profiles with ``send_profile``
+    and hear about the site through ``listeners`` — ``("plug"|"unplug"|"meter"|"fault"|
+    "fault_end"|"signal", charger index, payload)`` — exactly what a charger would report.
+    """
+
+    def __init__(
+        self,
+        sc: Scenario,
+        arr: Arrivals,
+        clock: VirtualClock,
+        *,
+        series_points: int = 600,
+        chosen: str | None = None,
+    ) -> None:
+        self.sc = sc
+        self.arr = arr
+        self.clock = clock
+        self.site = sc.site
+        self.n = len(sc.site.chargers)
+        self.cidx = {c.id: k for k, c in enumerate(sc.site.chargers)}
+        self.lines = LineModel(sc.site)
+        self.meter = Meter(sc, self.lines, max(sc.duration_s / series_points, 1.0))
+        self.points = [Point() for _ in range(self.n)]
+        self.delivered: dict[str, float] = {}
+        self.chosen = chosen or _busiest_charger(arr, sc.site)
+        self.chosen_k = self.cidx[self.chosen]
+        self.listeners: list[PlantListener] = []
+        self.profiles_received = 0
+        self.faults_injected: list[str] = []
+        self.not_wired = sorted({f.kind for f in sc.faults if f.kind not in WIRED_FAULTS})
+        self.node_index = {nid: i for i, nid in enumerate(self.lines.node_ids)}
+        self._t = 0.0
+        self._wake = asyncio.Event()
+        self._next_meter = 0.0
+        self._next_sample = 0.0
+        self._sample_every = max(sc.duration_s / 200.0, 1.0)
+        self._tx_seq = 0
+        events: list[tuple[float, int, str, Any]] = []
+        for s in arr.sessions:
+            events.append((s.arrival_s, 1, "arrive", s))
+            events.append((s.departure_s, 0, "depart", s))
+        for f in sc.faults:
+            if f.kind in WIRED_FAULTS:
+                events.append((f.at_s, 2, "fault", f))
+                if f.duration_s > 0:
+                    events.append((f.at_s + f.duration_s, 2, "fault_end", f))
+        for g in sc.grid_signals:
+            events.append((g.start_s, 3, "signal", g))
+            events.append((g.end_s, 3, "signal", g))
+        events.sort(key=lambda e: (e[0], e[1]))
+        self._events = events
+        self._ev_i = 0
+        self.progress: Callable[[float], None] | None = None
+
+    # -- what the chargers and cars do -----------------------------------------------------------
+    def now_s(self) -> float:
+        return self.clock.now() - self.sc.start
+
+    def limit_of(self, k: int, t: float) -> float:
+        """The current (A) or power (W) charger k allows now (its composite schedule)."""
+        p = self.points[k]
+        c = self.site.chargers[k]
+        if p.car is not None and p.car.ignores_profile:
+            return math.inf
+        if p.transaction is not None and p.tx is not None:
+            if p.tx_valid_to is None or t < p.tx_valid_to:
+                return p.tx
+            if p.tx_final is not None:
+                return p.tx_final
+        if p.default is not None:
+            return p.default
+        return c.max_w if c.kind == "dc" else c.max_a
+
+    def draw(self, k: int, t: float) -> float:
+        car = self.points[k].car
+        return 0.0 if car is None else car.draw(self.limit_of(k, t))
+
+    def _currents(self, t: float) -> tuple[F64, float, list[float]]:
+        la = np.zeros(self.n, dtype=np.float64)
+        kw = 0.0
+        draws = [0.0] * self.n
+        v_ln = self.site.voltage_ln_v
+        for k, p in enumerate(self.points):
+            if p.car is None:
+                continue
+            d = p.car.draw(self.limit_of(k, t))
+            draws[k] = d
+            ch = self.site.chargers[k]
+            if ch.kind == "dc":
+                la[k] = dc_line_current_a(ch, d, v_ln)
+                kw += d / 1000.0
+            else:
+                la[k] = d
+                kw += d * self.lines.watts_per_a[k] / 1000.0
+        return la, kw, draws
+
+    def _limits_kw(self, t: float) -> F64:
+        lim = self.lines.power_limit_kw.copy()
+        for g in self.sc.grid_signals:
+            if g.start_s <= t < g.end_s:
+                i = self.node_index[g.node]
+                lim[i] = min(lim[i], g.limit_kw)
+        return lim
+
+    def _advance(self) -> None:
+        """Account for [last instant, now) with the currents that held over it."""
+        t1 = self.now_s()
+        t0 = self._t
+        if t1 <= t0:
+            return
+        la, charger_kw, draws = self._currents(t0)
+        self.meter.interval(t0, t1, la, self._limits_kw(t0), charger_kw)
+        dt_h = (t1 - t0) / 3600.0
+        for k, p in enumerate(self.points):
+            car = p.car
+            if car is None or draws[k] <= 0:
+                continue
+            e = _car_kw(car, la[k], self.lines.watts_per_a[k], self.site.voltage_ln_v) * dt_h
+            car.delivered_kwh = min(car.session.energy_kwh, car.delivered_kwh + e)
+        while self._next_sample <= t1 and self._next_sample < self.sc.duration_s:
+            ts = self._next_sample
+            s = self.meter.series
+            for p in self.points:
+                if p.car is not None:
+                    s.soc.setdefault(p.car.session.id, []).append((ts, p.car.soc))
+            ck = self.points[self.chosen_k]
+            s.chosen_t.append(ts)
+            s.chosen_setpoint.append(self.limit_of(self.chosen_k, ts) if ck.car else 0.0)
+            s.chosen_measured.append(draws[self.chosen_k])
+            self._next_sample += self._sample_every
+            if self.progress is not None:
+                self.progress(ts / self.sc.duration_s)
+        self._t = t1
+
+    def _next_change(self, t: float) -> float:
+        nxt = min(self._next_meter, self.sc.duration_s)
+        if self._ev_i < len(self._events):
+            nxt = min(nxt, self._events[self._ev_i][0])
+        la, _, draws = self._currents(t)
+        for k, p in enumerate(self.points):
+            for at, *_ in p.pending:
+                nxt = min(nxt, at)
+            if p.tx_valid_to is not None and p.tx_valid_to > t:
+                nxt = min(nxt, p.tx_valid_to)
+            car = p.car
+            if car is not None and draws[k] > 0:
+                p_kw = _car_kw(car, la[k], self.lines.watts_per_a[k], self.site.voltage_ln_v)
+                if p_kw > 0:
+                    nxt = min(nxt, t + car.remaining_kwh / p_kw * 3600.0 + 1e-6)
+                    # CC-CV: the taper changes the draw continuously; re-sample it each minute.
+                    if car.soc > 0.8:
+                        nxt = min(nxt, t + 60.0)
+        return max(nxt, t + 1e-3)
+
+    # -- inputs from drivers ---------------------------------------------------------------------
+    def send_profile(
+        self,
+        k: int,
+        purpose: str,
+        value: float,
+        *,
+        delay_s: float,
+        valid_to_s: float | None = None,
+        final: float | None = None,
+    ) -> bool:
+        """A profile reaches charger k; it takes effect ``delay_s`` later. False if offline."""
+        p = self.points[k]
+        if p.offline:
+            return False
+        self._advance()
+        self.profiles_received += 1
+        t = self.now_s()
+        # A newer profile of the same purpose replaces one not yet in effect.
+        p.pending = [x for x in p.pending if x[1] != purpose]
+        p.pending.append((t + delay_s, purpose, value, valid_to_s, final))
+        self._wake.set()
+        return True
+
+    def _emit(self, kind: str, k: int, payload: Any) -> None:
+        for cb in list(self.listeners):
+            cb(kind, k, payload)
+
+    def report(self, k: int) -> dict[str, Any]:
+        """What charger k's meter says now (frozen while its meter is stuck)."""
+        p = self.points[k]
+        t = self.now_s()
+        if not p.meter_stuck:
+            p.reported = self.draw(k, t)
+            p.reported_kwh = p.car.delivered_kwh if p.car is not None else 0.0
+            p.report_t = t
+        ch = self.site.chargers[k]
+        phase_a = [0.0, 0.0, 0.0]
+        if p.car is not None and p.reported > 0:
+            line = (
+                dc_line_current_a(ch, p.reported, self.site.voltage_ln_v)
+                if ch.kind == "dc"
+                else p.reported
+            )
+            mags = np.abs(self.lines.contrib[k]) * line
+            phase_a = [float(x) for x in mags]
+        power_w = (
+            p.reported
+            if ch.kind == "dc"
+            else p.reported * float(self.lines.watts_per_a[k])
+        )
+        soc = p.car.soc * 100.0 if p.car is not None else None
+        return {
+            "site_phase_a": tuple(phase_a),
+            "power_w": power_w if p.car is not None else 0.0,
+            "session_energy_wh": p.reported_kwh * 1000.0,
+            "soc_percent": soc,
+            "transaction_id": p.transaction,
+            "value": p.reported,
+        }
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _process_due(self, t: float) -> None:
+        for k, p in enumerate(self.points):
+            if p.pending:
+                keep = []
+                for item in p.pending:
+                    at, purpose, value, vt, fin = item
+                    if at <= t + 1e-9:
+                        if purpose == "tx_default":
+                            p.default = value
+                        elif p.transaction is not None:
+                            p.tx, p.tx_valid_to, p.tx_final = value, vt, fin
+                    else:
+                        keep.append(item)
+                p.pending = keep
+        while self._ev_i < len(self._events) and self._events[self._ev_i][0] <= t + 1e-9:
+            _, _, kind, payload = self._events[self._ev_i]
+            self._ev_i += 1
+            if kind == "arrive":
+                s: SessionSpec = payload
+                k = self.cidx[s.charger_id]
+                p = self.points[k]
+                p.car = Car(s, self.site.chargers[k])
+                self._tx_seq += 1
+                p.transaction = f"tx{self._tx_seq}"
+                p.tx = p.tx_valid_to = p.tx_final = None
+                self.lines.plug(k, s.vehicle.phases)
+                self.delivered[s.id] = 0.0
+                self._emit("plug", k, s)
+            elif kind == "depart":
+                s = payload
+                k = self.cidx[s.charger_id]
+                p = self.points[k]
+                if p.car is not None and p.car.session.id == s.id:
+                    self.delivered[s.id] = p.car.delivered_kwh
+                    p.car = None
+                    tx = p.transaction
+                    p.transaction = None
+                    p.tx = p.tx_valid_to = p.tx_final = None
+                    self._emit("unplug", k, (s, tx))
+            elif kind in ("fault", "fault_end"):
+                self._fault(kind == "fault", payload)
+            elif kind == "signal":
+                self._emit("signal", -1, payload)
+        if t >= self._next_meter - 1e-9:
+            for k in range(self.n):
+                if not self.points[k].offline:
+                    self._emit("meter", k, self.report(k))
+            self._next_meter += self.sc.meter_interval_s
+
+    def _fault(self, on: bool, f: FaultSpec) -> None:
+        k = self.cidx[f.charger] if f.charger else -1
+        if on:
+            self.faults_injected.append(f"{f.kind}@{f.at_s / 3600:.2f}h")
+        p = self.points[k] if k >= 0 else None
+        if f.kind == "charger_offline" and p is not None:
+            p.offline = on
+        elif f.kind == "meter_stuck" and p is not None:
+            p.meter_stuck = on
+        elif f.kind == "profile_ignored" and p is not None and p.car is not None:
+            p.car.ignores_profile = on
+        elif f.kind == "profiles_lost_on_reboot" and p is not None and on:
+            # The charger reboots and forgets every profile: it allows its maximum until told.
+            p.tx = p.tx_valid_to = p.tx_final = p.default = None
+            p.pending.clear()
+        self._emit("fault" if on else "fault_end", k, f)
+
+    async def run(self) -> None:
+        end = self.sc.duration_s
+        while True:
+            self._advance()
+            t = self.now_s()
+            self._process_due(t)
+            if t >= end - 1e-9:
+                break
+            nxt = self._next_change(t)
+            self._wake.clear()
+            sleeper = asyncio.ensure_future(self.clock.sleep(nxt - t))
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (sleeper, waker):
+                    if not task.done():
+                        task.cancel()
+        for p in self.points:
+            if p.car is not None:
+                self.delivered[p.car.session.id] = p.car.delivered_kwh
+
+    def result(
+        self, policy: str, backend: str, in_loop: tuple[str, ...], wall_s: float
+    ) -> PolicyResult:
+        sessions = self.arr.sessions
+        req_total = float(sum(s.energy_kwh for s in sessions))
+        del_total = float(sum(self.delivered.get(s.id, 0.0) for s in sessions))
+        met = sum(1 for s in sessions if self.delivered.get(s.id, 0.0) >= s.energy_kwh - 0.05)
+        m = self.meter
+        peak = m.demand_peak_kw()
+        return PolicyResult(
+            policy=policy,
+            backend=backend,
+            in_loop=in_loop,
+            sessions=len(sessions),
+            sessions_met=met,
+            energy_requested_kwh=req_total,
+            energy_delivered_kwh=del_total,
+            energy_cost=float(m.energy_cost),
+            currency=self.sc.tariff.currency,
+            peak_kw=float(peak),
+            peak_instant_kw=float(m.peak_instant_kw),
+            site_limit_kw=float(self.lines.power_limit_kw[self.lines.root]),
+            demand_charge=float(peak * self.sc.demand_charge.price_per_kw),
+            max_utilisation=float(m.max_util),
+            max_utilisation_at=m.max_util_at,
+            violations=m.violations,
+            violations_kw=m.violations_kw,
+            setpoints_sent=self.profiles_received,
+            faults_injected=tuple(self.faults_injected),
+            faults_not_wired=tuple(self.not_wired),
+            sim_seconds=self.sc.duration_s,
+            wall_seconds=wall_s,
+            series=m.series,
+        )
+
+
+def _progress_bar(label: str, enabled: bool) -> Callable[[float], None] | None:
     if not enabled:
-        return
-    if not sys.stderr.isatty():  # a log file gets one line per policy, not a redrawn bar
+        return None
+    wall0 = time.monotonic()  # wall time for the bar only, never for the model
+    tty = sys.stderr.isatty()
+    last = [-1]
+
+    def show(frac: float) -> None:
+        pct = int(frac * 100)
+        if pct == last[0]:
+            return
+        last[0] = pct
+        if not tty:
+            if frac >= 1.0:
+                sys.stderr.write(f"{label:<14} done in {time.monotonic() - wall0:5.1f}s\n")
+            return
+        filled = int(frac * 30)
+        sys.stderr.write(
+            f"\r{label:<14} [{'#' * filled}{'.' * (30 - filled)}] {pct:3d}% "
+            f"{time.monotonic() - wall0:5.1f}s"
+        )
         if frac >= 1.0:
-            sys.stderr.write(f"{label:<14} done in {time.monotonic() - wall0:5.1f}s\n")
-        return
-    width = 30
-    filled = int(frac * width)
-    sys.stderr.write(
-        f"\r{label:<14} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
-        f"{time.monotonic() - wall0:5.1f}s"  # wall time for the bar only, never for the model
-    )
-    if frac >= 1.0:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+class TickDriver:
+    """Runs a ``Controller`` (``decide(SiteView)``) on the plant: on every plug, unplug, fault and
+    grid signal at once, and every ``control_interval_s``. Lower before raise: decreases take
+    effect after the profile delay, increases only after the settle time on top."""
+
+    def __init__(self, plant: SitePlant, controller: Controller) -> None:
+        self.plant = plant
+        self.controller = controller
+        self.sc = plant.sc
+        self.last_sent = np.full(plant.n, -1.0)
+        self._wake = asyncio.Event()
+        self._reasons: list[str] = ["start"]
+        plant.listeners.append(self._on_plant)
+
+    def _on_plant(self, kind: str, k: int, payload: Any) -> None:
+        if kind in ("plug", "unplug", "fault", "fault_end", "signal"):
+            if kind == "plug":
+                self._reasons.append(f"arrive {payload.id}")
+                self.last_sent[k] = -1.0
+            elif kind == "unplug":
+                self._reasons.append(f"depart {payload[0].id}")
+                self.last_sent[k] = -1.0
+            elif kind == "signal":
+                self._reasons.append("grid signal")
+            else:
+                self._reasons.append(f"{kind} {payload.kind}")
+                if kind == "fault" and payload.kind == "edge_restart":
+                    restart = getattr(self.controller, "restart", None)
+                    if callable(restart):
+                        restart()
+                if kind == "fault_end" and payload.kind in ("charger_offline",):
+                    self.last_sent[k] = -1.0
+            self._wake.set()
+
+    def view(self) -> SiteView:
+        pl = self.plant
+        sc = self.sc
+        now = sc.start + pl.now_s()
+        pts = pl.points
+        return SiteView(
+            now=now,
+            connected=np.array([p.car is not None for p in pts]),
+            session_ids=[p.car.session.id if p.car else None for p in pts],
+            energy_requested_kwh=np.array([p.car.session.energy_kwh if p.car else 0.0 for p in pts]),
+            energy_delivered_kwh=np.array([p.reported_kwh for p in pts]),
+            departure=np.array(
+                [sc.start + p.car.session.departure_s if p.car else math.inf for p in pts]
+            ),
+            arrival=np.array([sc.start + p.car.session.arrival_s if p.car else math.inf for p in pts]),
+            measured=np.array([p.reported for p in pts]),
+            measured_age_s=np.array([now - (sc.start + p.report_t) for p in pts]),
+            last_setpoint=self.last_sent.copy(),
+            node_power_limit_kw={
+                g.node: g.limit_kw
+                for g in sc.grid_signals
+                if g.start_s <= now - sc.start < g.end_s
+            },
+            curtailments=[
+                (sc.start + g.start_s, sc.start + g.end_s, g.node, g.limit_kw)
+                for g in sc.grid_signals
+            ],
+            events=list(self._reasons),
+        )
+
+    async def run(self) -> None:
+        pl = self.plant
+        # Commissioning: every charger holds a TxDefault of 0 until its first decision, so a car
+        # never draws before the controller has counted it.
+        if getattr(self.controller, "baseline", False):
+            return  # no controller at all: every charger allows its own maximum
+        if True:
+            for k in range(pl.n):
+                pl.send_profile(k, "tx_default", 0.0, delay_s=0.0)
+        next_tick = 0.0
+        while pl.now_s() < self.sc.duration_s - 1e-9:
+            t = pl.now_s()
+            if t >= next_tick - 1e-9:
+                next_tick += self.sc.control_interval_s
+            sp = np.asarray(self.controller.decide(self.view()), dtype=np.float64)
+            self._reasons = []
+            for k in range(pl.n):
+                p = pl.points[k]
+                new = float(sp[k])
+                if p.offline or p.car is None:
+                    continue
+                if self.last_sent[k] >= 0 and abs(new - self.last_sent[k]) < 0.05:
+                    continue
+                current = pl.limit_of(k, t)
+                delay = self.sc.profile_delay_s + (0.0 if new <= current else self.sc.settle_s)
+                if pl.send_profile(k, "tx", new, delay_s=delay):
+                    self.last_sent[k] = new
+            self._wake.clear()
+            sleeper = asyncio.ensure_future(pl.clock.sleep(max(next_tick - t, 1e-3)))
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (sleeper, waker):
+                    if not task.done():
+                        task.cancel()
+
+
+async def drive(clock: VirtualClock, plant: SitePlant, *drivers: Any) -> None:
+    """Run the plant and its drivers until the scenario ends, on the virtual clock."""
+    loop = asyncio.get_running_loop()
+    clock.install_executor(loop)
+    plant_task = asyncio.ensure_future(plant.run())
+    tasks = [asyncio.ensure_future(d.run()) for d in drivers]
+    try:
+        await clock.run_until(plant.sc.start + plant.sc.duration_s)
+        await plant_task
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for d in drivers:
+            close = getattr(d, "close", None)
+            if close is not None:
+                res = close()
+                if asyncio.iscoroutine(res):
+                    await res
 
 
 def run_policy(
@@ -421,278 +916,17 @@ def run_policy(
     series_points: int = 600,
     backend: str = "in-process",
 ) -> PolicyResult:
-    """Play ``sc`` against ``controller`` and measure the site."""
+    """Play ``sc`` against ``controller`` (called per tick and on events) and measure the site."""
     wall0 = time.monotonic()
-    clock = VirtualClock(sc.start)
     arr = arrivals if arrivals is not None else generate(sc, seed)
-    site = sc.site
-    n = len(site.chargers)
-    cidx = {c.id: k for k, c in enumerate(site.chargers)}
-    lines = LineModel(site)
-    meter = Meter(sc, lines, max(sc.duration_s / series_points, 1.0))
-    chosen = sc.report_charger or _busiest_charger(arr, site)
-    chosen_k = cidx[chosen]
-    state = [_ChargerState() for _ in range(n)]
-    cars: list[Car | None] = [None] * n
-    delivered: dict[str, float] = {}
-    limits_kw = lines.power_limit_kw.copy()
-    node_index = {nid: i for i, nid in enumerate(lines.node_ids)}
-    curtail = [
-        (sc.start + g.start_s, sc.start + g.end_s, g.node, g.limit_kw) for g in sc.grid_signals
-    ]
-    setpoints_sent = 0
-    faults_injected: list[str] = []
-    not_wired = sorted({f.kind for f in sc.faults if f.kind not in WIRED_FAULTS})
-
-    # event list: (time s after start, order, kind, payload)
-    events: list[tuple[float, int, str, Any]] = []
-    for s in arr.sessions:
-        events.append((s.arrival_s, 1, "arrive", s))
-        events.append((s.departure_s, 0, "depart", s))
-    for f in sc.faults:
-        if f.kind in WIRED_FAULTS:
-            events.append((f.at_s, 2, "fault", f))
-            if f.duration_s > 0:
-                events.append((f.at_s + f.duration_s, 2, "fault_end", f))
-    for g in sc.grid_signals:
-        events.append((g.start_s, 3, "signal", None))
-        events.append((g.end_s, 3, "signal", None))
-    events.sort(key=lambda e: (e[0], e[1]))
-    ev_i = 0
-    t = 0.0
-    next_tick = 0.0
-    next_meter = 0.0
-    end = sc.duration_s
-    progress_every = max(end / 100.0, 1.0)
-    next_progress = 0.0
-    decide_now = True
-    reasons: list[str] = ["start"]
-
-    def current_line_a() -> tuple[F64, float]:
-        la = np.zeros(n, dtype=np.float64)
-        kw = 0.0
-        for k, car in enumerate(cars):
-            if car is None:
-                continue
-            ch = site.chargers[k]
-            st = state[k]
-            allowed = math.inf if st.offline and car.ignores_profile else st.applied
-            d = car.draw(allowed)
-            if ch.kind == "dc":
-                la[k] = dc_line_current_a(ch, d, site.voltage_ln_v)
-                kw += d / 1000.0
-            else:
-                la[k] = d
-                kw += d * lines.watts_per_a[k] / 1000.0
-        return la, kw
-
-    def report(k: int, now: float) -> None:
-        st = state[k]
-        car = cars[k]
-        if st.offline or st.meter_stuck:
-            return
-        if car is None:
-            st.reported, st.reported_kwh = 0.0, 0.0
-        else:
-            allowed = st.applied
-            st.reported = car.draw(allowed)
-            st.reported_kwh = car.delivered_kwh
-        st.report_t = now
-
-    def view() -> SiteView:
-        now = sc.start + t
-        connected = np.array([c is not None for c in cars])
-        req = np.array([c.session.energy_kwh if c else 0.0 for c in cars])
-        dep = np.array([sc.start + c.session.departure_s if c else math.inf for c in cars])
-        arv = np.array([sc.start + c.session.arrival_s if c else math.inf for c in cars])
-        measured = np.array([s.reported for s in state])
-        age = np.array([now - (sc.start + s.report_t) for s in state])
-        lims = {
-            node: lim for (a, b, node, lim) in curtail if a <= now < b
-        }
-        return SiteView(
-            now=now,
-            connected=connected,
-            session_ids=[c.session.id if c else None for c in cars],
-            energy_requested_kwh=req,
-            energy_delivered_kwh=np.array([s.reported_kwh for s in state]),
-            departure=dep,
-            arrival=arv,
-            measured=measured,
-            measured_age_s=age,
-            last_setpoint=np.array([s.last_sent for s in state]),
-            node_power_limit_kw=lims,
-            curtailments=list(curtail),
-            events=list(reasons),
-        )
-
-    while t < end - 1e-9:
-        # 1. events due now
-        while ev_i < len(events) and events[ev_i][0] <= t + 1e-9:
-            _, _, kind, payload = events[ev_i]
-            ev_i += 1
-            if kind == "arrive":
-                s: SessionSpec = payload
-                k = cidx[s.charger_id]
-                cars[k] = Car(s, site.chargers[k])
-                lines.plug(k, s.vehicle.phases)
-                delivered[s.id] = 0.0
-                report(k, t)
-                reasons.append(f"arrive {s.id}")
-                decide_now = True
-            elif kind == "depart":
-                s = payload
-                k = cidx[s.charger_id]
-                car = cars[k]
-                if car is not None and car.session.id == s.id:
-                    delivered[s.id] = car.delivered_kwh
-                    cars[k] = None
-                    report(k, t)
-                    reasons.append(f"depart {s.id}")
-                    decide_now = True
-            elif kind in ("fault", "fault_end"):
-                f = payload
-                on = kind == "fault"
-                if on:
-                    faults_injected.append(f"{f.kind}@{f.at_s / 3600:.2f}h")
-                k = cidx[f.charger] if f.charger else -1
-                if f.kind == "charger_offline":
-                    state[k].offline = on
-                elif f.kind == "meter_stuck":
-                    state[k].meter_stuck = on
-                elif f.kind == "profile_ignored":
-                    car = cars[k]
-                    if car is not None:
-                        car.ignores_profile = on
-                elif f.kind == "profiles_lost_on_reboot" and on:
-                    # The charger reboots and forgets its profiles: it falls back to its own
-                    # maximum until the controller re-sends (it learns of it from the report).
-                    state[k].applied = site.chargers[k].max_a or site.chargers[k].max_w
-                    state[k].pending.clear()
-                    state[k].last_sent = -1.0
-                    report(k, t)
-                elif f.kind == "edge_restart" and on:
-                    restart = getattr(controller, "restart", None)
-                    if callable(restart):
-                        restart()
-                reasons.append(f"{kind} {f.kind}")
-                decide_now = True
-            elif kind == "signal":
-                limits_kw = lines.power_limit_kw.copy()
-                decide_now = True
-                reasons.append("grid signal")
-        now_abs = sc.start + t
-        limits_kw = lines.power_limit_kw.copy()
-        for a, b, node, lim in curtail:
-            if a <= now_abs < b:
-                i = node_index[node]
-                limits_kw[i] = min(limits_kw[i], lim)
-        # 2. profiles that take effect now
-        for k in range(n):
-            st = state[k]
-            if st.pending:
-                keep = []
-                for at, val in st.pending:
-                    if at <= t + 1e-9:
-                        st.applied = val
-                    else:
-                        keep.append((at, val))
-                st.pending = keep
-        # 3. meter reports
-        if t >= next_meter - 1e-9:
-            for k in range(n):
-                report(k, t)
-            next_meter += sc.meter_interval_s
-        # 4. control decision
-        if t >= next_tick - 1e-9 or decide_now:
-            if t >= next_tick - 1e-9:
-                next_tick += sc.control_interval_s
-                reasons.append("tick")
-            clock.set_time(now_abs)
-            sp = np.asarray(controller.decide(view()), dtype=np.float64)
-            reasons = []
-            decide_now = False
-            for k in range(n):
-                st = state[k]
-                new = float(sp[k])
-                if st.offline:
-                    continue
-                if abs(new - st.last_sent) < 0.05 and st.last_sent >= 0:
-                    continue
-                setpoints_sent += 1
-                st.last_sent = new
-                # Lower before you raise: decreases take effect after the profile delay,
-                # increases only after the settle time on top.
-                delay = sc.profile_delay_s + (0.0 if new <= st.applied else sc.settle_s)
-                st.pending = [p for p in st.pending if p[1] < new and p[0] < t + delay]
-                st.pending.append((t + delay, new))
-        # 5. the next instant anything changes
-        nxt = min(next_tick, next_meter, end)
-        if ev_i < len(events):
-            nxt = min(nxt, events[ev_i][0])
-        for st in state:
-            for at, _ in st.pending:
-                nxt = min(nxt, at)
-        la, charger_kw = current_line_a()
-        for k, car in enumerate(cars):  # a car finishing its request changes the currents
-            if car is None or la[k] <= 0:
-                continue
-            p_kw = _car_kw(car, la[k], lines.watts_per_a[k], site.voltage_ln_v)
-            if p_kw > 0:
-                nxt = min(nxt, t + car.remaining_kwh / p_kw * 3600.0 + 1e-6)
-        nxt = max(nxt, t + 1e-3)
-        meter.interval(t, nxt, la, limits_kw, charger_kw)
-        dt_h = (nxt - t) / 3600.0
-        for k, car in enumerate(cars):
-            if car is None or la[k] <= 0:
-                continue
-            p_kw = _car_kw(car, la[k], lines.watts_per_a[k], site.voltage_ln_v)
-            car.delivered_kwh = min(car.session.energy_kwh, car.delivered_kwh + p_kw * dt_h)
-            sid = car.session.id
-            meter.series.soc.setdefault(sid, [])
-        if t >= next_progress:
-            _record_soc(meter.series, cars, t)
-            ck = cars[chosen_k]
-            meter.series.chosen_t.append(t)
-            meter.series.chosen_setpoint.append(state[chosen_k].applied if ck else 0.0)
-            meter.series.chosen_measured.append(ck.draw(state[chosen_k].applied) if ck else 0.0)
-            _progress(policy, t / end, wall0, progress)
-            next_progress += progress_every
-        t = nxt
-    _progress(policy, 1.0, wall0, progress)
-    for car in cars:
-        if car is not None:
-            delivered[car.session.id] = car.delivered_kwh
-    req_total = float(sum(s.energy_kwh for s in arr.sessions))
-    del_total = float(sum(delivered.get(s.id, 0.0) for s in arr.sessions))
-    met = sum(1 for s in arr.sessions if delivered.get(s.id, 0.0) >= s.energy_kwh - 0.05)
-    peak = meter.demand_peak_kw()
-    series = meter.series
-    return PolicyResult(
-        policy=policy,
-        backend=backend,
-        in_loop=controller.in_loop,
-        sessions=len(arr.sessions),
-        sessions_met=met,
-        energy_requested_kwh=req_total,
-        energy_delivered_kwh=del_total,
-        energy_cost=float(meter.energy_cost),
-        currency=sc.tariff.currency,
-        peak_kw=float(peak),
-        peak_instant_kw=meter.peak_instant_kw,
-        site_limit_kw=float(lines.power_limit_kw[lines.root]),
-        demand_charge=float(peak * sc.demand_charge.price_per_kw),
-        max_utilisation=float(meter.max_util),
-        max_utilisation_at=meter.max_util_at,
-        violations=meter.violations,
-        violations_kw=meter.violations_kw,
-        setpoints_sent=setpoints_sent,
-        faults_injected=tuple(faults_injected),
-        faults_not_wired=tuple(not_wired),
-        sim_seconds=end,
-        wall_seconds=time.monotonic() - wall0,
-        series=series,
-    )
+    clock = VirtualClock(sc.start)
+    plant = SitePlant(sc, arr, clock, series_points=series_points, chosen=sc.report_charger)
+    plant.progress = _progress_bar(policy, progress)
+    driver = TickDriver(plant, controller)
+    asyncio.run(drive(clock, plant, driver))
+    if plant.progress is not None:
+        plant.progress(1.0)
+    return plant.result(policy, backend, controller.in_loop, time.monotonic() - wall0)
 
 
 def _car_kw(car: Car, line_a: float, watts_per_a: float, v_ln: float) -> float:
