@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from evcore.bus.api import StreamSpec
-from evcore.bus.subjects import Subjects
+from evcore.bus.subjects import Subjects, name_token
 
 KINDS = ("inprocess", "nats")
 
@@ -53,7 +53,7 @@ def default_streams(site_id: str, cfg: BusConfig | None = None) -> list[StreamSp
     """Two streams per site: events (kept long) and telemetry (short, size-capped)."""
     c = cfg or BusConfig()
     s = Subjects(site_id)
-    base = f"EVCORE_{s.site_token}"
+    base = f"EVCORE_{name_token(site_id)}"
     return [
         StreamSpec(
             name=f"{base}_EVENTS",

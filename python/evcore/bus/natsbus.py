@@ -53,6 +53,7 @@ from evcore.bus.subjects import (
     SAMPLED_KINDS,
     Subjects,
     escape_token,
+    name_token,
     validate_subject,
 )
 from evcore.clock import Clock, WallClock
@@ -61,6 +62,7 @@ log = logging.getLogger("evcore.bus.nats")
 
 MSG_ID = "Nats-Msg-Id"
 _PUMP_WINDOW = 64
+_FETCH_EXPIRY_S = 1.0
 
 
 class _NatsSub:
@@ -172,10 +174,16 @@ class _NatsConsumer:
                 if sub is None:
                     sub = await self._subscribe()
                 try:
-                    msgs = await sub.fetch(batch=64, timeout=1.0)
+                    msgs = await sub.fetch(batch=64, timeout=_FETCH_EXPIRY_S)
                 except nats.errors.TimeoutError:
                     continue
                 attempt = 0
+                if self.closed:
+                    # Stopping: hand the batch back at once so the next consumer gets it in order.
+                    for m in msgs:
+                        with contextlib.suppress(Exception):
+                            await m.nak()
+                    break
                 for i, m in enumerate(msgs):
                     outcome = await self._handle(m, stats)
                     if outcome == "error":
@@ -194,6 +202,9 @@ class _NatsConsumer:
                 if isinstance(exc, nats.js.errors.NotFoundError):
                     sub = None  # the consumer or stream vanished (e.g. a memory-only restart)
                 await bus.clock.sleep(min(bus.config.reconnect_wait_s * attempt, 2.0))
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _handle(self, m: NatsMsg, stats: BusStats) -> str:
         headers = dict(m.headers or {})
@@ -225,11 +236,18 @@ class _NatsConsumer:
         return outcome
 
     async def stop(self) -> None:
+        """Finish the message in hand, return any fetched ones, then stop (the durable stays)."""
         self.closed = True
         self._bus._consumers.discard(self)
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task = self._task
+        if task is not None and task is not asyncio.current_task():
+            # A pull request in flight may still bring messages: let the loop receive and nak
+            # them (bounded by the fetch expiry) rather than leave them to the ack timeout.
+            try:
+                await asyncio.wait_for(asyncio.shield(task), _FETCH_EXPIRY_S + 2.0)
+            except (TimeoutError, Exception):
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
 
 class NatsBus:
@@ -612,7 +630,7 @@ class NatsBus:
         if not durable:
             raise ValueError("consume: durable name must not be empty")
         spec = stream_for_pattern(self._specs, subject_pattern)
-        c = _NatsConsumer(self, subject_pattern, spec.name, escape_token(durable), handler, dedupe)
+        c = _NatsConsumer(self, subject_pattern, spec.name, name_token(durable), handler, dedupe)
         self._consumers.add(c)
         c.start()
         return c

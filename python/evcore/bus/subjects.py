@@ -32,6 +32,23 @@ def escape_token(raw: str) -> str:
     return "".join(out)
 
 
+def name_token(raw: str) -> str:
+    """Encode an id for a JetStream stream or consumer name: ``[A-Za-z0-9-]`` and ``_XX`` only.
+
+    JetStream puts stream and consumer names into ack subjects; a ``%`` there breaks pull consumers
+    (nats-server 2.9), so names use a stricter, still reversible, escape than subjects.
+    """
+    if raw == "":
+        raise ValueError("stream or consumer name part must not be empty")
+    out: list[str] = []
+    for ch in raw:
+        if ch in _SAFE and ch != "_":
+            out.append(ch)
+        else:
+            out.extend(f"_{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
 def unescape_token(token: str) -> str:
     """Invert :func:`escape_token`; raises ``ValueError`` on a token it could not have produced."""
     data = bytearray()

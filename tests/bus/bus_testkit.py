@@ -1,0 +1,118 @@
+"""Helpers for the bus tests: private nats-server processes, a NATS bus factory, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from evcore.bus import BusConfig
+from evcore.bus.natsbus import NatsBus
+from evcore.clock import WallClock
+
+SHARED_NATS = os.environ.get("EVCORE_TEST_NATS_URL", "nats://127.0.0.1:4222")
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def unique_site() -> str:
+    # A dot and a space on purpose: the site id must be escaped into one subject token.
+    return f"t.{uuid.uuid4().hex[:10]} x"
+
+
+class NatsServer:
+    """One nats-server with JetStream on a loopback port, its store in ``store_dir``."""
+
+    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.store_dir = store_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert self.proc is None
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                NATS_SERVER,
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self.store_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not port_open(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server on port {self.port} did not start")
+            time.sleep(0.02)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+async def wait_until(pred: object, timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll ``pred()`` until true (tests only; never used for control timing)."""
+    assert callable(pred)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@contextlib.contextmanager
+def killed_on_exit(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def make_nats_bus(site: str, url: str, outbox: Path, **cfg: object) -> NatsBus:
+    conf = BusConfig(
+        kind="nats",
+        urls=(url,),
+        outbox_dir=outbox,
+        reconnect_wait_s=0.1,
+        connect_timeout_s=1.0,
+        publish_timeout_s=1.0,
+        **cfg,  # type: ignore[arg-type]
+    )
+    return NatsBus(site, conf, clock=WallClock(), ack_wait_s=2.0)

@@ -1,0 +1,53 @@
+"""Fixtures for the bus suite: a bus of each kind against the real nats-server, and private
+nats-server processes (own port, own store dir) that tests may kill and restart."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from bus_testkit import SHARED_NATS, NatsServer, make_nats_bus, unique_site
+from evcore.bus import Bus, InProcessBus
+from evcore.bus.natsbus import NatsBus
+from evcore.clock import WallClock
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    srv = NatsServer(tmp_path / "nats-store")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.fixture
+def stopped_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A server that is not running yet (the test starts it)."""
+    srv = NatsServer(tmp_path / "nats-store")
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.fixture(params=["inprocess", "nats"])
+async def bus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Bus]:
+    """The same contract, both implementations; the NATS one on the shared server."""
+    site = unique_site()
+    b: Bus
+    if request.param == "nats":
+        b = make_nats_bus(site, SHARED_NATS, tmp_path / "outbox")
+    else:
+        b = InProcessBus(site, clock=WallClock())
+    await b.start()
+    if request.param == "nats":
+        assert b.connected, f"shared nats-server at {SHARED_NATS} unreachable (run make services)"
+    try:
+        yield b
+    finally:
+        if isinstance(b, NatsBus):
+            await b.delete_streams()
+        await b.close()
