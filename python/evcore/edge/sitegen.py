@@ -21,6 +21,7 @@ def depot_table(
     site_id: str = "bench-depot",
     edge: dict[str, Any] | None = None,
     power_limit_kw: float | None = None,
+    sample_interval_s: int = 1,
 ) -> dict[str, Any]:
     """A depot: grid → ceil(N / per_feeder) feeders → chargers (three-phase, 32 A).
 
@@ -69,7 +70,12 @@ def depot_table(
         "site": {"id": site_id, "phase_names": ["L1", "L2", "L3"], "voltage_ln_v": 230.0},
         "nodes": nodes,
         "chargers": chargers,
-        "ocpp": {"host": "127.0.0.1", "port": 0, "security_profile": 0},
+        "ocpp": {
+            "host": "127.0.0.1",
+            "port": 0,
+            "security_profile": 0,
+            "sample_interval_s": sample_interval_s,
+        },
     }
     if edge:
         table["edge"] = dict(edge)
