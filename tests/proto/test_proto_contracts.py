@@ -1,0 +1,273 @@
+"""Checks on proto/: generated code is current, the wire format only grows, every field is
+documented, units are in names, times are Timestamps."""
+
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import gen_proto  # noqa: E402
+import wire_lock  # noqa: E402
+
+FDP = descriptor_pb2.FieldDescriptorProto
+GENERATED = ROOT / "python" / "evcore" / "v1"
+
+
+@pytest.fixture(scope="module")
+def fds() -> descriptor_pb2.FileDescriptorSet:
+    return wire_lock.describe()
+
+
+def _generated_files(root: Path) -> dict[str, Path]:
+    return {
+        str(p.relative_to(root)): p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts
+    }
+
+
+def test_generated_code_matches_proto(tmp_path: Path) -> None:
+    """python/evcore/v1 must be exactly what protoc makes from proto/ now (run `make proto`)."""
+    gen_proto.generate(tmp_path)
+    fresh = _generated_files(tmp_path / "evcore" / "v1")
+    assert fresh, "no code generated from proto/"
+    assert GENERATED.is_dir(), "python/evcore/v1 missing: run `make proto`"
+    current = _generated_files(GENERATED)
+    missing = sorted(fresh.keys() - current.keys())
+    stale = sorted(current.keys() - fresh.keys())
+    differ = sorted(
+        name
+        for name in fresh.keys() & current.keys()
+        if not filecmp.cmp(fresh[name], current[name], shallow=False)
+    )
+    assert not (missing or stale or differ), (
+        f"generated code disagrees with proto/ (run `make proto`): missing={missing} "
+        f"stale={stale} differ={differ}"
+    )
+
+
+def test_generated_check_detects_drift(tmp_path: Path) -> None:
+    """The comparison above is not vacuous: editing a .proto changes the generated code."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    gen_proto.generate(tmp_path / "a")
+    proto_copy = tmp_path / "proto"
+    shutil.copytree(ROOT / "proto", proto_copy)
+    f = proto_copy / "evcore" / "v1" / "plan.proto"
+    f.write_text(
+        f.read_text().replace(
+            "double step_s = 4;", "double step_s = 4;\n  // x\n  bool extra = 99;"
+        )
+    )
+    old = gen_proto.PROTO
+    try:
+        gen_proto.PROTO = proto_copy
+        gen_proto.generate(tmp_path / "b")
+    finally:
+        gen_proto.PROTO = old
+    a = (tmp_path / "a" / "evcore" / "v1" / "plan_pb2.py").read_bytes()
+    b = (tmp_path / "b" / "evcore" / "v1" / "plan_pb2.py").read_bytes()
+    assert a != b
+
+
+def test_wire_format_matches_lock(fds: descriptor_pb2.FileDescriptorSet) -> None:
+    breaking, additive = wire_lock.compare(wire_lock.load_lock(), wire_lock.snapshot(fds))
+    assert not breaking, f"breaking wire changes: {breaking}"
+    assert not additive, (
+        f"additive changes not yet accepted (run `python3 tools/wire_lock.py --update` and commit "
+        f"proto/wire.lock.json): {additive}"
+    )
+
+
+def _edited_snapshot(tmp_path: Path, file: str, old: str, new: str) -> dict[str, Any]:
+    proto_copy = tmp_path / "proto"
+    shutil.copytree(ROOT / "proto", proto_copy)
+    f = proto_copy / "evcore" / "v1" / file
+    text = f.read_text()
+    assert old in text, f"test edit anchor {old!r} not in {file}"
+    f.write_text(text.replace(old, new))
+    return wire_lock.snapshot(wire_lock.describe(proto_copy))
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "expect"),
+    [
+        ("setpoint.proto", "optional double setpoint_a = 2;", "", "removed without reserving"),
+        (
+            "setpoint.proto",
+            "optional double setpoint_a = 2;",
+            "optional double setpoint_a = 20;",
+            "renumbered 2 -> 20",
+        ),
+        (
+            "setpoint.proto",
+            "optional double setpoint_a = 2;",
+            "optional float setpoint_a = 2;",
+            "changed type",
+        ),
+        (
+            "setpoint.proto",
+            "string decision_id = 6;",
+            "repeated string decision_id = 6;",
+            "changed label",
+        ),
+        ("setpoint.proto", "string decision_id = 6;", "string decision = 6;", "changed name"),
+        (
+            "setpoint.proto",
+            "BINDING_REASON_CURTAILMENT = 6;",
+            "BINDING_REASON_CURTAILMENT = 16;",
+            "renumbered 6 -> 16",
+        ),
+        ("tariff.proto", "DemandCharge", "DemandTariff", "message .evcore.v1.DemandCharge removed"),
+        ("grid.proto", "    Curtailment curtailment = 3;\n", "", "removed without reserving"),
+    ],
+)
+def test_breaking_changes_are_detected(
+    tmp_path: Path, file: str, old: str, new: str, expect: str
+) -> None:
+    breaking, _ = wire_lock.compare(
+        wire_lock.load_lock(), _edited_snapshot(tmp_path, file, old, new)
+    )
+    assert any(expect in b for b in breaking), breaking
+
+
+def test_additive_changes_and_reserved_removals_are_not_breaking(tmp_path: Path) -> None:
+    # Field 7 (objective) goes away with its number reserved; a new field 11 arrives.
+    snap = _edited_snapshot(
+        tmp_path,
+        "plan.proto",
+        "  double objective = 7;\n",
+        "  reserved 7;\n  double objective_eur = 11;\n",
+    )
+    breaking, additive = wire_lock.compare(wire_lock.load_lock(), snap)
+    assert breaking == []
+    assert additive == [".evcore.v1.Plan.objective_eur = 11 added"]
+
+
+def _comment(locations: dict[tuple[int, ...], Any], path: tuple[int, ...]) -> str:
+    loc = locations.get(path)
+    if loc is None:
+        return ""
+    return (loc.leading_comments + loc.trailing_comments).strip()
+
+
+def test_every_message_field_and_enum_is_documented(
+    fds: descriptor_pb2.FileDescriptorSet,
+) -> None:
+    undocumented: list[str] = []
+    for fd in fds.file:
+        if not fd.name.startswith("evcore/"):
+            continue
+        locs = {tuple(loc.path): loc for loc in fd.source_code_info.location}
+
+        def walk(
+            m: Any, path: tuple[int, ...], prefix: str, locs: dict[tuple[int, ...], Any] = locs
+        ) -> None:
+            name = f"{prefix}.{m.name}"
+            if not _comment(locs, path):
+                undocumented.append(f"message {name}")
+            for i, f in enumerate(m.field):
+                if not _comment(locs, (*path, 2, i)):
+                    undocumented.append(f"field {name}.{f.name}")
+            for i, nested in enumerate(m.nested_type):
+                walk(nested, (*path, 3, i), name, locs)
+
+        for i, m in enumerate(fd.message_type):
+            walk(m, (4, i), fd.package)
+        for i, e in enumerate(fd.enum_type):
+            if not _comment(locs, (5, i)):
+                undocumented.append(f"enum {fd.package}.{e.name}")
+    assert not undocumented, f"{len(undocumented)} undocumented: {undocumented}"
+
+
+UNIT_SUFFIXES = (
+    "_a",
+    "_w",
+    "_kw",
+    "_kwh",
+    "_wh",
+    "_v",
+    "_s",
+    "_hz",
+    "_percent",
+    "_per_kwh",
+    "_per_kw",
+    "_ratio",
+)
+# A ratio; a cost in the tariff's currency; a rank.
+UNITLESS = {"efficiency", "objective", "priority"}
+
+
+def test_units_in_numeric_field_names(fds: descriptor_pb2.FileDescriptorSet) -> None:
+    bad: list[str] = []
+    for fd in fds.file:
+        if not fd.name.startswith("evcore/"):
+            continue
+        for m in fd.message_type:
+            for f in m.field:
+                if f.type in (FDP.TYPE_DOUBLE, FDP.TYPE_FLOAT) and not (
+                    f.name.endswith(UNIT_SUFFIXES) or f.name in UNITLESS
+                ):
+                    bad.append(f"{m.name}.{f.name}")
+    assert not bad, f"numeric fields without a unit in their name: {bad}"
+
+
+def test_times_are_timestamps(fds: descriptor_pb2.FileDescriptorSet) -> None:
+    bad: list[str] = []
+    for fd in fds.file:
+        if not fd.name.startswith("evcore/"):
+            continue
+        for m in fd.message_type:
+            for f in m.field:
+                timeish = f.name.endswith(("_at", "_time")) or f.name in (
+                    "time",
+                    "start",
+                    "end",
+                    "departure",
+                    "step_start",
+                    "valid_until",
+                )
+                if timeish and f.type_name != ".google.protobuf.Timestamp":
+                    bad.append(f"{m.name}.{f.name}")
+    assert not bad, f"time fields that are not google.protobuf.Timestamp: {bad}"
+
+
+def test_event_envelope_roundtrip_every_payload() -> None:
+    from evcore.v1 import event_pb2
+
+    oneof = event_pb2.Event.DESCRIPTOR.oneofs_by_name["payload"]
+    assert len(oneof.fields) >= 10
+    for field in oneof.fields:
+        ev = event_pb2.Event(event_id=f"id-{field.name}", site_id="depot")
+        getattr(ev, field.name).SetInParent()
+        back = event_pb2.Event.FromString(ev.SerializeToString())
+        assert back.WhichOneof("payload") == field.name
+        assert back.event_id == f"id-{field.name}"
+
+
+def test_generated_modules_import_with_stubs() -> None:
+    for name in (
+        "topology",
+        "status",
+        "meter",
+        "transaction",
+        "setpoint",
+        "plan",
+        "tariff",
+        "grid",
+        "audit",
+        "event",
+    ):
+        spec = importlib.util.find_spec(f"evcore.v1.{name}_pb2")
+        assert spec is not None and spec.origin is not None, name
+        assert Path(spec.origin).with_suffix(".pyi").exists(), f"no type stub for {name}_pb2"
