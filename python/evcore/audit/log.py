@@ -16,8 +16,9 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -81,11 +82,90 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
+def record_from_mapping(decision: Mapping[str, Any], *, edge_id: str = "") -> AuditRecord:
+    """The record for a decision in the edge controller's plain-data shape::
+
+        {"decision": 42, "at": 1767225605.0, "trigger": "meter:C1", "config_version": "…",
+         "plan_version": 3 | "", "inputs_digest": "…", "policy": "…", "curtailments_kw": {…},
+         "setpoints": [{"charger_id", "purpose", "kind", "old", "new", "unit": "A" | "W",
+                        "valid_to", "failsafe", "binding": "held at 16 A: …"}, …],
+         "bindings": [{"charger_id", "reason", "binding_node_id"}, …]}   # optional
+
+    ``decision_id`` is ``"<decision>@<ISO time>"`` unless the mapping has a ``decision_id``: the
+    controller's counter restarts with the process, the time makes the id unique across restarts.
+    """
+    try:
+        at_s = float(decision["at"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"decision {decision.get('decision')!r}: 'at' (epoch seconds) missing"
+        ) from None
+    decision_id = str(decision.get("decision_id") or "")
+    if not decision_id:
+        if decision.get("decision") is None:
+            raise ValueError("decision mapping has neither 'decision_id' nor 'decision'")
+        stamp = datetime.fromtimestamp(at_s, tz=UTC).isoformat(timespec="microseconds")
+        decision_id = f"{decision['decision']}@{stamp.replace('+00:00', 'Z')}"
+    plan_version = decision.get("plan_version") or 0
+    record = AuditRecord(
+        decision_id=decision_id,
+        trigger=str(decision.get("trigger") or ""),
+        inputs_digest=str(decision.get("inputs_digest") or ""),
+        plan_version=int(plan_version) if str(plan_version).isdigit() else 0,
+        config_version=str(decision.get("config_version") or ""),
+        edge_id=str(decision.get("edge_id") or edge_id),
+    )
+    record.decided_at.CopyFrom(_timestamp(at_s))
+    for i, sp in enumerate(decision.get("setpoints") or ()):
+        cid = str(sp.get("charger_id") or "")
+        if not cid:
+            raise ValueError(f"decision {decision_id!r}: setpoint #{i} has no charger_id")
+        out = Setpoint(charger_id=cid, decision_id=decision_id)
+        new = sp.get("new")
+        if new is not None:
+            if str(sp.get("unit", "A")).upper() == "W":
+                out.setpoint_w = float(new)
+            else:
+                out.setpoint_a = float(new)
+        purpose = str(sp.get("purpose") or "tx")
+        reason = str(sp.get("binding") or sp.get("reason") or "")
+        old = sp.get("old")
+        change = "" if old is None else f" (was {float(old):g})"
+        out.reason = reason or f"{purpose} profile{change}: no binding constraint reported"
+        if purpose not in ("", "tx") and reason:
+            out.reason = f"{purpose}: {reason}"
+        code = sp.get("binding_code")
+        if isinstance(code, int):
+            out.binding = code  # type: ignore[assignment]
+        node = sp.get("binding_node_id")
+        if node:
+            out.binding_node_id = str(node)
+        out.decided_at.CopyFrom(record.decided_at)
+        valid_to = sp.get("valid_to")
+        if valid_to is not None:
+            out.valid_until.CopyFrom(_timestamp(float(valid_to)))
+        record.setpoints.append(out)
+    for b in decision.get("bindings") or ():
+        record.bindings.append(
+            ChargerBinding(
+                charger_id=str(b.get("charger_id") or ""),
+                reason=str(b.get("reason") or ""),
+                binding_node_id=str(b.get("binding_node_id") or ""),
+            )
+        )
+    return record
+
+
 def build_record(
-    decision: Decision | AuditRecord, *, edge_id: str = "", now_s: float | None = None
+    decision: Decision | AuditRecord | Mapping[str, Any],
+    *,
+    edge_id: str = "",
+    now_s: float | None = None,
 ) -> AuditRecord:
     """The unsealed record for a decision; raises ``ValueError`` naming what is missing."""
-    if isinstance(decision, AuditRecord):
+    if isinstance(decision, Mapping):
+        record = record_from_mapping(decision, edge_id=edge_id)
+    elif isinstance(decision, AuditRecord):
         record = AuditRecord()
         record.CopyFrom(decision)
         record.seq = 0
@@ -196,7 +276,7 @@ class AuditLog:
         self._head_seq = -1 if head is None else head.seq
         self._head_hash = "" if head is None else head.hash
 
-    async def append(self, decision: Decision | AuditRecord) -> AuditRecord:
+    async def append(self, decision: Decision | AuditRecord | Mapping[str, Any]) -> AuditRecord:
         """Seal the decision onto the chain and make it durable; returns the stored record.
 
         Only after this returns may the decision's setpoints be sent.

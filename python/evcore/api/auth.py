@@ -1,0 +1,292 @@
+"""Who may call what on the edge API: bearer tokens (and optional mTLS identities) with roles,
+enforced by a ``grpc.aio.ServerInterceptor`` before any handler runs.
+
+Roles: ``viewer`` reads; ``operator`` reads and steers; ``grid_operator`` posts grid signals. A call
+without credentials, or with a token that is not configured, gets UNAUTHENTICATED; a known caller
+without the method's role gets PERMISSION_DENIED. Either way the handler never runs, so nothing
+changes. Health checks need no credentials; reflection needs any valid identity.
+
+Tokens are configured by their SHA-256 (``token_sha256``) so the site file holds no secret; a plain
+``token`` is accepted for tests and development. This module never logs a token.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import inspect
+import logging
+import tomllib
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+log = logging.getLogger("evcore.api.auth")
+
+VIEWER = "viewer"
+OPERATOR = "operator"
+GRID_OPERATOR = "grid_operator"
+ROLES = frozenset({VIEWER, OPERATOR, GRID_OPERATOR})
+
+_SERVICE = "/evcore.v1.EdgeApi/"
+_READ = frozenset({VIEWER, OPERATOR})
+_STEER = frozenset({OPERATOR})
+_GRID = frozenset({GRID_OPERATOR})
+
+#: Roles allowed per method; a method not listed (and not open) needs any valid identity.
+METHOD_ROLES: Mapping[str, frozenset[str]] = {
+    _SERVICE + "GetSiteState": _READ,
+    _SERVICE + "ListSessions": _READ,
+    _SERVICE + "ListSetpoints": _READ,
+    _SERVICE + "GetNodeUtilisation": _READ,
+    _SERVICE + "WatchChanges": _READ,
+    _SERVICE + "ListDecisions": _READ,
+    _SERVICE + "SetChargerAvailability": _STEER,
+    _SERVICE + "SetSessionPriority": _STEER,
+    _SERVICE + "SetSessionDeparture": _STEER,
+    _SERVICE + "PostGridSignal": _GRID,
+}
+#: Methods anyone may call (load balancers, orchestrators).
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+class AuthConfigError(ValueError):
+    """The ``[api]`` token or client configuration is wrong; the message names the entry."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    name: str
+    roles: frozenset[str]
+    # "token" or "mtls"
+    via: str = "token"
+
+
+#: The caller of the RPC being handled (set by the interceptor, read by handlers for logs).
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "evcore_api_principal", default=None
+)
+
+
+def token_sha256(token: str) -> str:
+    """The hex digest to put in ``token_sha256`` for a token."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _roles(entry: Mapping[str, Any], where: str) -> frozenset[str]:
+    roles = entry.get("roles")
+    if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
+        raise AuthConfigError(f"{where}: roles must be a non-empty list of strings")
+    unknown = sorted(set(roles) - ROLES)
+    if unknown:
+        raise AuthConfigError(
+            f"{where}: unknown role(s) {', '.join(unknown)}; known: {', '.join(sorted(ROLES))}"
+        )
+    return frozenset(roles)
+
+
+@dataclass
+class Credentials:
+    """Configured tokens (by digest) and mTLS client identities (by certificate common name)."""
+
+    tokens: dict[str, Principal] = field(default_factory=dict)
+    clients: dict[str, Principal] = field(default_factory=dict)
+
+    @staticmethod
+    def from_config(
+        tokens: Iterable[Mapping[str, Any]] = (),
+        clients: Iterable[Mapping[str, Any]] = (),
+        *,
+        source: str = "[api]",
+    ) -> Credentials:
+        creds = Credentials()
+        for i, t in enumerate(tokens):
+            name = str(t.get("name") or f"token-{i + 1}")
+            where = f"{source} tokens[{i}] ({name})"
+            digest = t.get("token_sha256")
+            plain = t.get("token")
+            if (digest is None) == (plain is None):
+                raise AuthConfigError(f"{where}: give exactly one of token_sha256 or token")
+            if plain is not None:
+                if not isinstance(plain, str) or len(plain) < 16:
+                    raise AuthConfigError(f"{where}: token must be a string of at least 16 chars")
+                digest = token_sha256(plain)
+            if not isinstance(digest, str) or len(digest) != 64:
+                raise AuthConfigError(f"{where}: token_sha256 must be 64 hex digits")
+            try:
+                bytes.fromhex(digest)
+            except ValueError:
+                raise AuthConfigError(f"{where}: token_sha256 must be 64 hex digits") from None
+            digest = digest.lower()
+            if digest in creds.tokens:
+                raise AuthConfigError(f"{where}: the same token is configured twice")
+            creds.tokens[digest] = Principal(name, _roles(t, where), "token")
+        for i, c in enumerate(clients):
+            cn = c.get("common_name")
+            where = f"{source} clients[{i}]"
+            if not isinstance(cn, str) or not cn:
+                raise AuthConfigError(f"{where}: common_name must be a non-empty string")
+            creds.clients[cn] = Principal(cn, _roles(c, f"{where} ({cn})"), "mtls")
+        return creds
+
+    def merge_file(self, path: Path) -> None:
+        """Add ``[[tokens]]`` / ``[[clients]]`` from a TOML file (kept out of the site file)."""
+        try:
+            with path.open("rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise AuthConfigError(f"cannot read tokens file {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise AuthConfigError(f"tokens file {path} is not valid TOML: {exc}") from exc
+        more = Credentials.from_config(
+            doc.get("tokens", []), doc.get("clients", []), source=str(path)
+        )
+        for digest, p in more.tokens.items():
+            if digest in self.tokens:
+                raise AuthConfigError(f"{path}: token {p.name!r} is already configured")
+            self.tokens[digest] = p
+        self.clients.update(more.clients)
+
+    def by_token(self, token: str) -> Principal | None:
+        digest = token_sha256(token)
+        # Constant-time compare against every configured digest (no early exit on a match).
+        found: Principal | None = None
+        for known, principal in self.tokens.items():
+            if hmac.compare_digest(known, digest):
+                found = principal
+        return found
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` header; ``""`` for a malformed one."""
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return ""
+            return token.strip()
+    return None
+
+
+class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every call and checks the method's roles before its handler runs."""
+
+    def __init__(self, credentials: Credentials, *, mtls: bool = False) -> None:
+        self._creds = credentials
+        self._mtls = mtls
+        self.denied = 0
+        self.unauthenticated = 0
+
+    def _principal(self, metadata: Any, context: Any) -> tuple[Principal | None, str]:
+        token = bearer_token(metadata)
+        if token is not None:
+            if token == "":
+                return None, "malformed authorization header (expected 'Bearer <token>')"
+            p = self._creds.by_token(token)
+            return p, "" if p is not None else "unknown token"
+        if self._mtls:
+            ctx = context.auth_context() if context is not None else {}
+            names = ctx.get("x509_common_name") or []
+            for raw in names:
+                cn = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+                p = self._creds.clients.get(cn)
+                if p is not None:
+                    return p, ""
+            if names:
+                return None, "client certificate not mapped to any role"
+        return None, "no credentials (send 'authorization: Bearer <token>')"
+
+    async def _check(self, method: str, metadata: Any, context: Any) -> Principal:
+        principal, why = self._principal(metadata, context)
+        if principal is None:
+            self.unauthenticated += 1
+            log.info("api: %s refused: %s", method, why)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+            raise AssertionError("unreachable: abort raises")
+        allowed = METHOD_ROLES.get(method)
+        if allowed is not None and not (allowed & principal.roles):
+            self.denied += 1
+            log.warning(
+                "api: %s denied to %s (roles %s; needs one of %s)",
+                method,
+                principal.name,
+                ",".join(sorted(principal.roles)),
+                ",".join(sorted(allowed)),
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method.rsplit('/', 1)[-1]} needs role {' or '.join(sorted(allowed))}",
+            )
+            raise AssertionError("unreachable: abort raises")
+        current_principal.set(principal)
+        return principal
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method in OPEN_METHODS:
+            return handler
+        metadata = handler_call_details.invocation_metadata
+        return _wrap(handler, lambda context: self._check(method, metadata, context))
+
+
+def _wrap(handler: Any, check: Callable[[Any], Awaitable[Principal]]) -> Any:
+    """The same handler with ``check`` run first, in the call's own task and context."""
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Any) -> Any:
+            await check(context)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Any) -> Any:
+            await check(context)
+            async for item in _stream(inner_us(request, context)):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(request_iterator: Any, context: Any) -> Any:
+            await check(context)
+            return await inner_su(request_iterator, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(request_iterator: Any, context: Any) -> Any:
+        await check(context)
+        async for item in _stream(inner_ss(request_iterator, context)):
+            yield item
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+async def _stream(result: Any) -> Any:
+    """Yield from an async-generator handler; await a handler that writes with ``context.write``."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    elif inspect.isawaitable(result):
+        await result

@@ -1,0 +1,448 @@
+"""The edge API server: ``EdgeApi`` over ``grpc.aio``, with auth, health and reflection.
+
+``EdgeApiServer(facade, config, site_id=…, clock=…, store=…)`` serves the facade; ``start()`` binds
+the socket (``listen``; port 0 picks a free port, see ``port``), ``stop(grace_s)`` drains. Reads
+and steering go only through the :class:`EdgeFacade`; decisions come from the audit trail in the
+store when one is given (durable across restarts), else from the facade. Handlers never decide a
+setpoint: steering is an event for the controller's next decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from evcore.api import convert
+from evcore.api.auth import AuthInterceptor, Credentials, current_principal
+from evcore.api.facade import EdgeFacade
+from evcore.audit.log import record_from_mapping
+from evcore.clock import Clock
+from evcore.store.base import Store
+from evcore.v1 import edge_api_pb2 as pb
+from evcore.v1 import edge_api_pb2_grpc as pb_grpc
+from evcore.v1.audit_pb2 import AuditRecord
+
+log = logging.getLogger("evcore.api")
+
+T = TypeVar("T")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeApi"].full_name
+DEFAULT_DECISIONS = 50
+MAX_DECISIONS = 1000
+WATCH_QUEUE = 1000
+
+
+class ApiConfigError(ValueError):
+    """The ``[api]`` section is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+    # With a client CA, clients must present a certificate signed by it (mTLS).
+    client_ca_file: Path | None = None
+
+
+@dataclass
+class ApiConfig:
+    """The validated ``[api]`` section (docs/api.md)."""
+
+    listen: str = "127.0.0.1:50051"
+    credentials: Credentials = field(default_factory=Credentials)
+    tls: TlsConfig | None = None
+    reflection: bool = True
+    enabled: bool = True
+
+    @staticmethod
+    def from_section(section: Mapping[str, Any] | None, base_dir: Path | str) -> ApiConfig:
+        s = dict(section or {})
+        known = {"enabled", "listen", "tokens", "tokens_file", "clients", "tls", "reflection"}
+        unknown = sorted(set(s) - known)
+        if unknown:
+            raise ApiConfigError(f"[api]: unknown key(s) {', '.join(unknown)}")
+        base = Path(base_dir)
+        listen = s.get("listen", "127.0.0.1:50051")
+        if not isinstance(listen, str) or ":" not in listen:
+            raise ApiConfigError(f"[api] listen must be 'host:port', got {listen!r}")
+        creds = Credentials.from_config(s.get("tokens", []), s.get("clients", []))
+        if s.get("tokens_file"):
+            p = Path(str(s["tokens_file"]))
+            creds.merge_file(p if p.is_absolute() else base / p)
+        tls: TlsConfig | None = None
+        if s.get("tls") is not None:
+            t = s["tls"]
+            if not isinstance(t, Mapping) or "cert_file" not in t or "key_file" not in t:
+                raise ApiConfigError("[api.tls] needs cert_file and key_file")
+
+            def path(key: str) -> Path:
+                p = Path(str(t[key]))
+                return p if p.is_absolute() else base / p
+
+            tls = TlsConfig(
+                path("cert_file"),
+                path("key_file"),
+                path("client_ca_file") if t.get("client_ca_file") else None,
+            )
+        if creds.clients and (tls is None or tls.client_ca_file is None):
+            raise ApiConfigError("[api] clients (mTLS identities) need [api.tls] client_ca_file")
+        if not creds.tokens and not creds.clients:
+            log.warning("[api]: no tokens or clients configured; every call will be refused")
+        return ApiConfig(
+            listen=listen,
+            credentials=creds,
+            tls=tls,
+            reflection=bool(s.get("reflection", True)),
+            enabled=bool(s.get("enabled", True)),
+        )
+
+
+async def _maybe(value: T | Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _actor() -> str:
+    p = current_principal.get()
+    return "unknown" if p is None else p.name
+
+
+class EdgeApiService(pb_grpc.EdgeApiServicer):
+    """The handlers; every one reads or steers through the facade only."""
+
+    def __init__(
+        self, facade: EdgeFacade, *, site_id: str, clock: Clock, store: Store | None = None
+    ) -> None:
+        self._facade = facade
+        self._site_id = site_id
+        self._clock = clock
+        self._store = store
+        self._watchers: set[asyncio.Queue[pb.Change]] = set()
+
+    # -- errors ---------------------------------------------------------------------------------
+    async def _call(self, context: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a facade call; its errors become status codes naming what was wrong."""
+        try:
+            return await _maybe(fn(*args, **kwargs))
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc).strip("'\""))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _require(context: Any, ok: bool, message: str) -> None:
+        if not ok:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    # -- reads ----------------------------------------------------------------------------------
+    async def GetSiteState(self, request: pb.GetSiteStateRequest, context: Any) -> pb.SiteState:
+        d = await self._call(context, self._facade.site_state)
+        return convert.site_state(d, site_id=self._site_id, now_s=self._clock.now())
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Any
+    ) -> pb.ListSessionsResponse:
+        rows = await self._call(context, self._facade.sessions)
+        views = [convert.session_view(r) for r in rows]
+        if request.charger_id:
+            views = [v for v in views if v.charger_id == request.charger_id]
+        return pb.ListSessionsResponse(sessions=sorted(views, key=lambda v: v.charger_id))
+
+    async def ListSetpoints(
+        self, request: pb.ListSetpointsRequest, context: Any
+    ) -> pb.ListSetpointsResponse:
+        rows = await self._call(context, self._facade.setpoints)
+        views = [convert.setpoint_view(r) for r in rows]
+        if request.charger_id:
+            views = [v for v in views if v.charger_id == request.charger_id]
+        return pb.ListSetpointsResponse(setpoints=sorted(views, key=lambda v: v.charger_id))
+
+    async def GetNodeUtilisation(
+        self, request: pb.GetNodeUtilisationRequest, context: Any
+    ) -> pb.GetNodeUtilisationResponse:
+        rows = await self._call(context, self._facade.node_utilisation)
+        out = pb.GetNodeUtilisationResponse(nodes=[convert.node_utilisation(r) for r in rows])
+        out.observed_at.CopyFrom(convert.timestamp(self._clock.now()))
+        return out
+
+    async def ListDecisions(
+        self, request: pb.ListDecisionsRequest, context: Any
+    ) -> pb.ListDecisionsResponse:
+        limit = min(request.limit or DEFAULT_DECISIONS, MAX_DECISIONS)
+        since_s = convert.seconds(request.since) if request.HasField("since") else None
+        charger = request.charger_id or None
+        records: list[AuditRecord]
+        if self._store is not None:
+            records = await self._store.audit_records(
+                charger_id=charger, since_s=since_s, limit=limit, newest_first=True
+            )
+        else:
+            rows = await self._call(
+                context, self._facade.recent_decisions, charger_id=charger, limit=limit
+            )
+            records = [record_from_mapping(r) for r in rows]
+            if since_s is not None:
+                records = [r for r in records if convert.seconds(r.decided_at) >= since_s]
+        return pb.ListDecisionsResponse(decisions=records)
+
+    async def WatchChanges(
+        self, request: pb.WatchChangesRequest, context: Any
+    ) -> AsyncIterator[pb.Change]:
+        queue: asyncio.Queue[pb.Change] = asyncio.Queue(maxsize=WATCH_QUEUE)
+        self._watchers.add(queue)
+
+        async def pump() -> None:
+            async for item in self._facade.watch():
+                self._offer(queue, convert.change(item, now_s=self._clock.now()))
+
+        pump_task = asyncio.create_task(pump(), name="evcore-api-watch-pump")
+        try:
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({get, pump_task}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    if pump_task.exception() is not None:
+                        log.error("api: watch source failed: %r", pump_task.exception())
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, "change feed ended")
+                    return
+                change = get.result()
+                if (
+                    request.charger_id
+                    and change.charger_id
+                    and change.charger_id != request.charger_id
+                ):
+                    continue
+                if request.charger_id and not change.charger_id and change.kind != "decision":
+                    continue
+                yield change
+        finally:
+            self._watchers.discard(queue)
+            pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump_task
+
+    @staticmethod
+    def _offer(queue: asyncio.Queue[pb.Change], change: pb.Change) -> None:
+        if queue.full():
+            queue.get_nowait()  # a slow watcher loses its oldest change, never stalls anyone
+        queue.put_nowait(change)
+
+    def _broadcast(self, kind: str, charger_id: str, detail: str) -> None:
+        c = pb.Change(kind=kind, charger_id=charger_id, detail=detail)
+        c.observed_at.CopyFrom(convert.timestamp(self._clock.now()))
+        for q in list(self._watchers):
+            self._offer(q, c)
+
+    # -- steering -------------------------------------------------------------------------------
+    async def _session_guard(self, context: Any, charger_id: str, transaction_id: str) -> None:
+        """The charger has a session (and it is ``transaction_id`` when one was named)."""
+        await self._require(context, bool(charger_id), "charger_id is required")
+        sessions = await self._call(context, self._facade.sessions)
+        current = [s for s in sessions if str(s.get("charger_id")) == charger_id]
+        if not current:
+            state = await self._call(context, self._facade.site_state)
+            known = {str(c.get("charger_id")) for c in state.get("chargers") or ()}
+            if charger_id not in known:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown charger_id {charger_id!r}")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"no session at charger {charger_id!r}"
+            )
+        tx = str(current[0].get("transaction_id") or "")
+        if transaction_id and tx != transaction_id:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"charger {charger_id!r} now has transaction {tx!r}, not {transaction_id!r}",
+            )
+
+    async def SetChargerAvailability(
+        self, request: pb.SetChargerAvailabilityRequest, context: Any
+    ) -> pb.SteeringResponse:
+        await self._require(context, bool(request.charger_id), "charger_id is required")
+        await self._call(
+            context, self._facade.set_availability, request.charger_id, request.available
+        )
+        what = "available" if request.available else "unavailable (held at 0 A)"
+        detail = f"{request.charger_id} set {what} by {_actor()}"
+        if request.reason:
+            detail += f": {request.reason}"
+        log.info("api: %s", detail)
+        self._broadcast("availability", request.charger_id, detail)
+        return pb.SteeringResponse(detail=detail)
+
+    async def SetSessionPriority(
+        self, request: pb.SetSessionPriorityRequest, context: Any
+    ) -> pb.SteeringResponse:
+        await self._require(
+            context,
+            math.isfinite(request.priority) and request.priority > 0,
+            f"priority must be a finite number > 0, got {request.priority!r}",
+        )
+        await self._session_guard(context, request.charger_id, request.transaction_id)
+        await self._call(context, self._facade.set_priority, request.charger_id, request.priority)
+        detail = f"priority of the session at {request.charger_id} set to {request.priority:g}"
+        detail += f" by {_actor()}"
+        log.info("api: %s", detail)
+        self._broadcast("priority", request.charger_id, detail)
+        return pb.SteeringResponse(detail=detail)
+
+    async def SetSessionDeparture(
+        self, request: pb.SetSessionDepartureRequest, context: Any
+    ) -> pb.SteeringResponse:
+        await self._require(context, request.HasField("departure"), "departure is required")
+        energy: float | None = None
+        if request.HasField("energy_requested_kwh"):
+            energy = request.energy_requested_kwh
+            await self._require(
+                context,
+                math.isfinite(energy) and energy >= 0,
+                f"energy_requested_kwh must be a finite number >= 0, got {energy!r}",
+            )
+        departure_s = convert.seconds(request.departure)
+        await self._session_guard(context, request.charger_id, request.transaction_id)
+        await self._call(
+            context, self._facade.set_departure, request.charger_id, departure_s, energy
+        )
+        detail = f"departure of the session at {request.charger_id} set to " + (
+            request.departure.ToJsonString()
+        )
+        if energy is not None:
+            detail += f", {energy:g} kWh wanted"
+        detail += f" by {_actor()}"
+        log.info("api: %s", detail)
+        self._broadcast("departure", request.charger_id, detail)
+        return pb.SteeringResponse(detail=detail)
+
+    async def PostGridSignal(
+        self, request: pb.PostGridSignalRequest, context: Any
+    ) -> pb.PostGridSignalResponse:
+        sig = request.signal
+        which = sig.WhichOneof("signal")
+        await self._require(context, which is not None, "signal has neither curtailment nor prices")
+        if which == "curtailment":
+            c = sig.curtailment
+            sid = c.curtailment_id or sig.signal_id
+            await self._require(context, bool(sid), "curtailment_id (or signal_id) is required")
+            if c.cancelled:
+                found = await self._call(context, self._facade.cancel_curtailment, sid)
+                detail = f"curtailment {sid} " + ("cancelled" if found else "was not in force")
+            else:
+                await self._require(context, bool(c.node_id), "curtailment node_id is required")
+                await self._require(
+                    context,
+                    math.isfinite(c.max_kw) and c.max_kw >= 0,
+                    f"curtailment max_kw must be a finite number >= 0, got {c.max_kw!r}",
+                )
+                await self._require(
+                    context,
+                    c.HasField("start") and c.HasField("end"),
+                    "curtailment start and end are required",
+                )
+                start_s, end_s = convert.seconds(c.start), convert.seconds(c.end)
+                await self._require(context, end_s > start_s, "curtailment end must be after start")
+                await self._call(
+                    context, self._facade.post_curtailment, sid, c.node_id, c.max_kw, start_s, end_s
+                )
+                detail = (
+                    f"curtailment {sid}: at most {c.max_kw:g} kW at {c.node_id} from "
+                    f"{c.start.ToJsonString()} to {c.end.ToJsonString()}"
+                )
+        else:
+            prices = sig.price_update.tariff.prices
+            await self._require(context, len(prices) > 0, "price update has no prices")
+            points = sorted((convert.seconds(p.start), p.price_per_kwh) for p in prices)
+            await self._require(
+                context,
+                all(math.isfinite(p) for _, p in points),
+                "price_per_kwh must be finite",
+            )
+            await self._call(context, self._facade.post_prices, points)
+            sid = sig.signal_id or sig.price_update.tariff.tariff_id
+            detail = f"price update {sid}: {len(points)} interval(s)"
+        detail += f" (from {_actor()})"
+        log.info("api: grid signal %s", detail)
+        self._broadcast("grid_signal", "", detail)
+        return pb.PostGridSignalResponse(signal_id=sid, detail=detail)
+
+
+class EdgeApiServer:
+    """The gRPC server around :class:`EdgeApiService`, with auth, health and reflection."""
+
+    def __init__(
+        self,
+        facade: EdgeFacade,
+        config: ApiConfig,
+        *,
+        site_id: str,
+        clock: Clock,
+        store: Store | None = None,
+    ) -> None:
+        self.config = config
+        self.service = EdgeApiService(facade, site_id=site_id, clock=clock, store=store)
+        mtls = config.tls is not None and config.tls.client_ca_file is not None
+        self.auth = AuthInterceptor(config.credentials, mtls=mtls)
+        self.health = health_aio.HealthServicer()
+        self._server: aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and serve; returns the bound port."""
+        server = aio.server(interceptors=[self.auth])
+        pb_grpc.add_EdgeApiServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.config.reflection:
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
+        tls = self.config.tls
+        try:
+            if tls is None:
+                port = server.add_insecure_port(self.config.listen)
+            else:
+                creds = grpc.ssl_server_credentials(
+                    [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                    root_certificates=(
+                        tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+                    ),
+                    require_client_auth=tls.client_ca_file is not None,
+                )
+                port = server.add_secure_port(self.config.listen, creds)
+        except OSError as exc:
+            raise ApiConfigError(f"[api.tls]: cannot read certificate or key: {exc}") from exc
+        except RuntimeError as exc:
+            raise ApiConfigError(f"[api] cannot listen on {self.config.listen}: {exc}") from exc
+        if port == 0:
+            raise ApiConfigError(f"[api] cannot listen on {self.config.listen}")
+        await server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        self.port = int(port)
+        log.info("api: EdgeApi listening on %s (port %d)", self.config.listen, port)
+        return self.port
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+        self._server = None
