@@ -80,6 +80,8 @@ class AuditRecorder:
         self.edge_id = edge_id
         self._tasks: set[asyncio.Task[None]] = set()
         self.store_failures = 0
+        #: Decision numbers whose record is durable (for tests: nothing leaves before its record).
+        self.durable: set[int] = set()
 
     async def append(self, record: Mapping[str, Any]) -> None:
         from evcore.audit.log import Decision
@@ -98,6 +100,7 @@ class AuditRecorder:
             edge_id=self.edge_id,
         )
         await self.audit_log.append(decision)
+        self.durable.add(int(record["decision"]))
         if self.store is not None:
             # Last-setpoint bookkeeping is for restart recovery, not for this decision's safety
             # (the audit record above is): it runs beside the send, owned here.
