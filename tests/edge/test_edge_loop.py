@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from evcore.checker import node_power_kw
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import SentProfile

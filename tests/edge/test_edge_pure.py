@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from evcore.edge import failsafe
 from evcore.edge.config import EdgeConfig, EdgeConfigError
 from evcore.edge.dispatch import (
