@@ -474,7 +474,8 @@ fn violated(v: f64, limit: f64) -> bool {
     !(v <= limit + TOL_A * (1.0 + limit.abs()))
 }
 
-/// The first violated constraint of every node, top of the tree first.
+/// Violated constraints, top of the tree first; per-phase and kW limits first, unbalance only
+/// once those hold (lowering a charger can raise unbalance, never a line current).
 fn find_violations(topo: &Topology, loads: &NodeLoads, exempt: &[[bool; 5]]) -> Vec<(usize, Constraint)> {
     let mut out = Vec::new();
     for &n in topo.node_order() {
@@ -489,7 +490,12 @@ fn find_violations(topo: &Topology, loads: &NodeLoads, exempt: &[[bool; 5]]) -> 
                 out.push((n, Constraint::Power));
             }
         }
-        if let Some(u) = node.unbalance_limit_a {
+    }
+    if !out.is_empty() {
+        return out;
+    }
+    for &n in topo.node_order() {
+        if let Some(u) = topo.nodes[n].unbalance_limit_a {
             let (v, h, l) = unbalance_at(topo, loads, n);
             if !exempt[n][4] && violated(v, u) {
                 out.push((n, Constraint::Unbalance(h, l)));
@@ -732,17 +738,33 @@ pub(crate) fn enforce_limits(
             if !violated(v, limit) {
                 continue;
             }
-            let members: Vec<usize> = topo
+            let mut members: Vec<usize> = topo
                 .chargers_below(n)
                 .iter()
                 .copied()
                 .filter(|&c| cnt.s[c] > 0.0 && (last_resort || contributes(topo, c, k)))
                 .collect();
-            let saved: Vec<f64> = members.iter().map(|&c| cnt.s[c]).collect();
+            if members.is_empty() {
+                // Nothing that helps directly is still on: lower everything below the node.
+                members = topo.chargers_below(n).iter().copied().filter(|&c| cnt.s[c] > 0.0).collect();
+            }
+            let mut saved: Vec<f64> = members.iter().map(|&c| cnt.s[c]).collect();
             for &c in &members {
                 cnt.s[c] = 0.0;
             }
-            let floor = single_node_value(topo, cnt, &sub, n, k, &mut scratch);
+            let mut floor = single_node_value(topo, cnt, &sub, n, k, &mut scratch);
+            if violated(floor, limit) && matches!(k, Constraint::Unbalance(_, _)) {
+                // Lowering the high phase alone cannot do it: cap everything below the node.
+                for (j, &c) in members.iter().enumerate() {
+                    cnt.s[c] = saved[j];
+                }
+                members = topo.chargers_below(n).iter().copied().filter(|&c| cnt.s[c] > 0.0).collect();
+                saved = members.iter().map(|&c| cnt.s[c]).collect();
+                for &c in &members {
+                    cnt.s[c] = 0.0;
+                }
+                floor = single_node_value(topo, cnt, &sub, n, k, &mut scratch);
+            }
             let stale = cnt.other_stale[n];
             let code = match k {
                 Constraint::Phase(_) if stale => Binding::StaleTelemetry,
@@ -756,8 +778,12 @@ pub(crate) fn enforce_limits(
                 Constraint::Power => None,
             };
             if violated(floor, limit) {
-                // Even 0 cannot satisfy it: everything it controls stays at 0.
-                exempt[n][exempt_slot(k)] = true;
+                // Even 0 cannot satisfy it: everything it controls stays at 0. Unbalance may still
+                // be cured by lowering other chargers, so it is exempted only once all are at 0.
+                let all_off = topo.chargers_below(n).iter().all(|&c| cnt.s[c] == 0.0);
+                if !matches!(k, Constraint::Unbalance(_, _)) || all_off {
+                    exempt[n][exempt_slot(k)] = true;
+                }
                 for &c in &members {
                     dec.binding[c] = code;
                     dec.binding_node[c] = Some(n);

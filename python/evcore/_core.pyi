@@ -1,0 +1,66 @@
+"""Hand-kept stubs for the compiled core ``evcore._core`` (keep in step with core/evcore-py)."""
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class EvcoreError(Exception): ...
+
+class SiteConfigError(EvcoreError, ValueError):
+    node: str
+    field: str
+
+class InputError(EvcoreError, ValueError):
+    column: str
+    row: int | None
+
+class SolverError(EvcoreError, RuntimeError): ...
+
+class Topology:
+    @staticmethod
+    def from_json(text: str) -> Topology: ...
+    @property
+    def site_id(self) -> str: ...
+    @property
+    def phase_names(self) -> list[str]: ...
+    @property
+    def voltage_ln_v(self) -> float: ...
+    @property
+    def n_nodes(self) -> int: ...
+    @property
+    def n_chargers(self) -> int: ...
+    @property
+    def node_ids(self) -> list[str]: ...
+    @property
+    def charger_ids(self) -> list[str]: ...
+    def nodes(self) -> list[dict[str, Any]]: ...
+    def chargers(self) -> list[dict[str, Any]]: ...
+    def line_coefficients(
+        self,
+    ) -> tuple[
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64],
+    ]: ...
+    def ancestors(self, charger: int) -> npt.NDArray[np.int64]: ...
+
+def enforce(
+    topology: Topology,
+    chargers: Any,
+    nodes: Any,
+    params: dict[str, float] | None = None,
+    explain: bool = True,
+) -> Any: ...
+def allocate(
+    topology: Topology,
+    chargers: Any,
+    nodes: Any,
+    params: dict[str, float] | None = None,
+    explain: bool = True,
+) -> Any: ...
+def binding_codes() -> list[str]: ...
