@@ -1,0 +1,318 @@
+"""One suite, both stores: every test runs on the embedded SQLite store and on PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from evcore.store import (
+    AuditChainConflict,
+    SessionRecord,
+    SqlStore,
+    StoreConfigError,
+    StoreUnavailable,
+    open_store,
+    open_store_url,
+)
+from evcore.store.migrations import POSTGRES, SQLITE_RECORDS
+from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
+from evcore.v1.meter_pb2 import MeterSample
+from evcore.v1.setpoint_pb2 import Setpoint
+from evcore.v1.status_pb2 import ChargerStatus, ConnectorState
+from evcore.v1.transaction_pb2 import TransactionEvent, TransactionEventKind
+from google.protobuf.timestamp_pb2 import Timestamp
+
+T0 = 1_767_225_600.0
+K = TransactionEventKind
+
+
+def ts(seconds: float) -> Timestamp:
+    t = Timestamp()
+    t.seconds = int(seconds)
+    t.nanos = int(round((seconds - int(seconds)) * 1e9))
+    return t
+
+
+def tx_event(
+    kind: int, charger: str = "C1", tx: str = "T1", at: float = T0, **kw: object
+) -> TransactionEvent:
+    ev = TransactionEvent(charger_id=charger, transaction_id=tx, kind=kind, **kw)  # type: ignore[arg-type]
+    ev.occurred_at.CopyFrom(ts(at))
+    return ev
+
+
+def sample(charger: str, at: float, amps: float) -> MeterSample:
+    s = MeterSample(
+        charger_id=charger, current_a=[amps, amps, amps], energy_register_wh=1000 + at - T0
+    )
+    s.sampled_at.CopyFrom(ts(at))
+    return s
+
+
+def status(charger: str, at: float, state: int) -> ChargerStatus:
+    s = ChargerStatus(charger_id=charger, state=state, connected=True)  # type: ignore[arg-type]
+    s.reported_at.CopyFrom(ts(at))
+    return s
+
+
+async def test_migrations_are_versioned_and_reopening_keeps_data(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    latest = (
+        POSTGRES[-1].version if store_section["kind"] == "postgres" else SQLITE_RECORDS[-1].version
+    )
+    assert await store.schema_version() == latest
+    await store.upsert_session(SessionRecord("S1", "C1", T0))
+    await store.close()
+    again = open_store(store_section, tmp_path)
+    await again.open()
+    try:
+        assert await again.schema_version() == latest
+        got = await again.get_session("S1")
+        assert got is not None and got.charger_id == "C1"
+    finally:
+        await again.close()
+
+
+async def test_sessions_upsert_get_and_list_open(store: SqlStore) -> None:
+    await store.upsert_session(SessionRecord("S1", "C1", T0, transaction_id="T1", priority=1))
+    await store.upsert_session(SessionRecord("S2", "C2", T0 + 60, departure_s=T0 + 3600))
+    await store.upsert_session(SessionRecord("S3", "C3", T0 + 120, ended_at_s=T0 + 500))
+    # An update replaces every field.
+    await store.upsert_session(
+        SessionRecord("S1", "C1", T0, transaction_id="T1", priority=5, energy_requested_kwh=20.0)
+    )
+    s1 = await store.get_session("S1")
+    assert s1 is not None
+    assert (s1.priority, s1.energy_requested_kwh, s1.is_open) == (5, 20.0, True)
+    assert await store.get_session("nope") is None
+    open_ids = [s.session_id for s in await store.list_open_sessions()]
+    assert open_ids == ["S1", "S2"]
+    assert [s.session_id for s in await store.list_open_sessions("C2")] == ["S2"]
+    recent = await store.list_sessions(since_s=T0 + 30)
+    assert [s.session_id for s in recent] == ["S3", "S2"]
+    assert len(await store.list_sessions(limit=1)) == 1
+    with pytest.raises(ValueError, match="session_id"):
+        await store.upsert_session(SessionRecord("", "C1", T0))
+
+
+async def test_transactions_are_idempotent_by_charger_and_id(store: SqlStore) -> None:
+    start = tx_event(K.TRANSACTION_EVENT_KIND_STARTED, id_tag="TAG", meter_start_wh=1000.0)
+    assert await store.record_transaction(start) is True
+    # A reconnect repeats the same start: stored once.
+    assert await store.record_transaction(start) is False
+    upd = tx_event(K.TRANSACTION_EVENT_KIND_UPDATED, at=T0 + 60, seq_no=2)
+    assert await store.record_transaction(upd) is True
+    # The same transaction id on another charger is another transaction.
+    assert await store.record_transaction(tx_event(K.TRANSACTION_EVENT_KIND_STARTED, charger="C2"))
+    opened = await store.list_open_transactions()
+    assert [(t.charger_id, t.transaction_id) for t in opened] == [("C1", "T1"), ("C2", "T1")]
+    end = tx_event(
+        K.TRANSACTION_EVENT_KIND_ENDED,
+        at=T0 + 3600,
+        meter_stop_wh=12_000.0,
+        stop_reason="EVDisconnected",
+    )
+    assert await store.record_transaction(end) is True
+    assert await store.record_transaction(end) is False
+    t = await store.get_transaction("C1", "T1")
+    assert t is not None
+    assert t.started_at_s == pytest.approx(T0)
+    assert t.ended_at_s == pytest.approx(T0 + 3600)
+    assert t.energy_wh == pytest.approx(11_000.0)
+    assert (t.id_tag, t.stop_reason, t.event_count, t.is_open) == (
+        "TAG",
+        "EVDisconnected",
+        3,
+        False,
+    )
+    events = await store.transaction_events("C1", "T1")
+    assert [e.kind for e in events] == [
+        K.TRANSACTION_EVENT_KIND_STARTED,
+        K.TRANSACTION_EVENT_KIND_UPDATED,
+        K.TRANSACTION_EVENT_KIND_ENDED,
+    ]
+    assert [(t.charger_id) for t in await store.list_open_transactions()] == ["C2"]
+
+
+async def test_offline_replay_out_of_order_keeps_earliest_start(store: SqlStore) -> None:
+    # The end arrives before the start (offline queue replay): the start time is still the start's.
+    await store.record_transaction(
+        tx_event(K.TRANSACTION_EVENT_KIND_ENDED, at=T0 + 900, meter_stop_wh=5.0)
+    )
+    await store.record_transaction(
+        tx_event(K.TRANSACTION_EVENT_KIND_STARTED, at=T0, meter_start_wh=1.0)
+    )
+    t = await store.get_transaction("C1", "T1")
+    assert (
+        t is not None and t.started_at_s == pytest.approx(T0) and t.energy_wh == pytest.approx(4.0)
+    )
+
+
+async def test_bad_transaction_event_is_refused_and_nothing_stored(store: SqlStore) -> None:
+    with pytest.raises(ValueError, match="no kind"):
+        await store.record_transaction(tx_event(K.TRANSACTION_EVENT_KIND_UNSPECIFIED))
+    no_time = TransactionEvent(
+        charger_id="C1", transaction_id="T9", kind=K.TRANSACTION_EVENT_KIND_STARTED
+    )
+    with pytest.raises(ValueError, match="occurred_at"):
+        await store.record_transaction(no_time)
+    with pytest.raises(ValueError, match="charger_id"):
+        await store.record_transaction(tx_event(K.TRANSACTION_EVENT_KIND_STARTED, charger=""))
+    assert await store.list_open_transactions() == []
+
+
+async def test_setpoints_last_sent_and_confirmation(store: SqlStore) -> None:
+    sp = Setpoint(charger_id="C1", setpoint_a=16.0, decision_id="D1", reason="held at 16 A")
+    await store.record_setpoint_sent(sp, T0)
+    last = await store.last_setpoint("C1")
+    assert last is not None and last.setpoint.setpoint_a == 16.0 and not last.confirmed
+    # A confirmation for an older decision does not confirm the newer setpoint.
+    assert await store.confirm_setpoint("C1", "D0", T0 + 1) is False
+    assert await store.confirm_setpoint("C1", "D1", T0 + 2) is True
+    last = await store.last_setpoint("C1")
+    assert last is not None and last.confirmed and last.confirmed_at_s == pytest.approx(T0 + 2)
+    # A new setpoint is unconfirmed again.
+    await store.record_setpoint_sent(
+        Setpoint(charger_id="C1", setpoint_a=10.0, decision_id="D2"), T0 + 5
+    )
+    await store.record_setpoint_sent(
+        Setpoint(charger_id="DC1", setpoint_w=50_000.0, decision_id="D2"), T0 + 5
+    )
+    all_last = await store.last_setpoints()
+    assert sorted(all_last) == ["C1", "DC1"]
+    assert all_last["C1"].setpoint.setpoint_a == 10.0 and not all_last["C1"].confirmed
+    assert all_last["DC1"].setpoint.setpoint_w == 50_000.0
+    with pytest.raises(ValueError, match="neither setpoint_a nor setpoint_w"):
+        await store.record_setpoint_sent(Setpoint(charger_id="C2", decision_id="D3"), T0)
+    assert await store.last_setpoint("C2") is None
+
+
+async def test_telemetry_append_query_and_retention(store: SqlStore) -> None:
+    n = await store.append_meter_samples(sample("C1", T0 + i, float(i)) for i in range(10))
+    assert n == 10
+    await store.append_meter_samples([sample("C2", T0 + 5, 7.0)])
+    got = await store.meter_samples("C1", since_s=T0 + 3, until_s=T0 + 6)
+    assert [s.current_a[0] for s in got] == [3.0, 4.0, 5.0]
+    assert len(await store.meter_samples("C1", limit=4)) == 4
+    assert [s.charger_id for s in await store.meter_samples("C2")] == ["C2"]
+    # A batch with one bad sample is refused whole.
+    bad = [sample("C1", T0 + 100, 1.0), MeterSample(current_a=[1.0])]
+    with pytest.raises(ValueError, match="#1 has no charger_id"):
+        await store.append_meter_samples(bad)
+    assert len(await store.meter_samples("C1")) == 10
+    # Retention: purge what is older than now - retention.
+    removed = await store.purge_expired(T0 + 5 + store.telemetry_retention_s)
+    assert removed == 5
+    assert [s.current_a[0] for s in await store.meter_samples("C1")] == [5.0, 6.0, 7.0, 8.0, 9.0]
+
+
+async def test_status_history_and_latest(store: SqlStore) -> None:
+    await store.record_status(status("C1", T0, ConnectorState.CONNECTOR_STATE_AVAILABLE))
+    await store.record_status(status("C1", T0 + 10, ConnectorState.CONNECTOR_STATE_CHARGING))
+    # A late, older status is history but does not replace the latest.
+    await store.record_status(status("C1", T0 + 5, ConnectorState.CONNECTOR_STATE_PREPARING))
+    latest = await store.latest_statuses()
+    assert latest["C1"].state == ConnectorState.CONNECTOR_STATE_CHARGING
+    hist = await store.status_history("C1")
+    assert [h.state for h in hist] == [
+        ConnectorState.CONNECTOR_STATE_AVAILABLE,
+        ConnectorState.CONNECTOR_STATE_PREPARING,
+        ConnectorState.CONNECTOR_STATE_CHARGING,
+    ]
+    assert await store.purge_telemetry(T0 + 7) == 2
+    assert len(await store.status_history("C1")) == 1
+    assert "C1" in await store.latest_statuses()  # the latest survives the purge
+    with pytest.raises(ValueError, match="neither reported_at nor received_at"):
+        await store.record_status(ChargerStatus(charger_id="C1"))
+
+
+def _sealed(seq: int, prev: str, decision: str, chargers: list[str]) -> AuditRecord:
+    r = AuditRecord(seq=seq, prev_hash=prev, decision_id=decision, trigger="tick", hash=f"h{seq}")
+    r.decided_at.CopyFrom(ts(T0 + seq))
+    for c in chargers:
+        r.setpoints.append(Setpoint(charger_id=c, setpoint_a=6.0, reason="r"))
+    r.bindings.append(ChargerBinding(charger_id="C9", reason="no session"))
+    return r
+
+
+async def test_audit_append_extends_head_only(store: SqlStore) -> None:
+    assert await store.audit_head() is None
+    await store.append_audit(_sealed(0, "", "D0", ["C1"]))
+    await store.append_audit(_sealed(1, "h0", "D1", ["C2"]))
+    head = await store.audit_head()
+    assert head is not None and (head.seq, head.hash) == (1, "h1")
+    # A retry of the committed append is a no-op.
+    await store.append_audit(_sealed(1, "h0", "D1", ["C2"]))
+    with pytest.raises(AuditChainConflict):
+        await store.append_audit(_sealed(1, "h0", "D1b", ["C2"]))  # seq already taken
+    with pytest.raises(AuditChainConflict):
+        await store.append_audit(_sealed(2, "wrong", "D2", ["C2"]))  # does not link to the head
+    with pytest.raises(AuditChainConflict):
+        await store.append_audit(_sealed(2, "h1", "D0", ["C2"]))  # decision id reused
+    with pytest.raises(ValueError, match="not sealed"):
+        r = _sealed(2, "h1", "D2", [])
+        r.hash = ""
+        await store.append_audit(r)
+    head = await store.audit_head()
+    assert head is not None and head.seq == 1
+    assert [r.decision_id for r in await store.audit_records(charger_id="C1")] == ["D0"]
+    assert [r.decision_id for r in await store.audit_records(charger_id="C9")] == ["D0", "D1"]
+    assert [r.decision_id for r in await store.audit_records(newest_first=True, limit=1)] == ["D1"]
+    assert [r.decision_id for r in await store.audit_records(since_s=T0 + 0.5)] == ["D1"]
+    rows = await store.audit_rows(after_seq=0)
+    assert [(r.seq, r.prev_hash) for r in rows] == [(1, "h0")]
+
+
+async def test_processed_ids_and_meta(store: SqlStore) -> None:
+    assert await store.mark_processed("edge", "ev-1", T0) is True
+    assert await store.mark_processed("edge", "ev-1", T0 + 1) is False
+    assert await store.mark_processed("cloud", "ev-1", T0) is True
+    assert await store.is_processed("edge", "ev-1")
+    assert not await store.is_processed("edge", "ev-2")
+    assert await store.purge_processed(T0 + 0.5) == 2
+    assert not await store.is_processed("edge", "ev-1")
+    assert await store.get_meta("k") is None
+    await store.set_meta("k", "1")
+    await store.set_meta("k", "2")
+    assert await store.get_meta("k") == "2"
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(StoreConfigError, match="unknown key"):
+        open_store({"kind": "embedded", "pth": "x"}, tmp_path)
+    with pytest.raises(StoreConfigError, match="kind must be"):
+        open_store({"kind": "mongo"}, tmp_path)
+    with pytest.raises(StoreConfigError, match="needs dsn"):
+        open_store({"kind": "postgres"}, tmp_path)
+    with pytest.raises(StoreConfigError, match="telemetry_retention_s"):
+        open_store({"telemetry_retention_s": -1}, tmp_path)
+    with pytest.raises(StoreConfigError, match="schema"):
+        open_store({"kind": "postgres", "dsn": "host=x", "schema": "a; drop"}, tmp_path)
+    with pytest.raises(StoreConfigError, match="scheme"):
+        open_store_url("mysql://x/y")
+    s = open_store({"path": "var/s"}, tmp_path)
+    assert s.description == f"sqlite:{tmp_path / 'var/s'}"
+    pg = open_store_url("postgresql://postgres@127.0.0.1:5432/test?schema=abc")
+    assert pg.description.endswith("/test#abc")
+
+
+async def test_read_only_tools_do_not_create_a_store(tmp_path: Path) -> None:
+    s = open_store_url(str(tmp_path / "missing"), must_exist=True)
+    with pytest.raises(StoreUnavailable, match="no embedded store"):
+        await s.open()
+    assert not (tmp_path / "missing").exists()
+
+
+async def test_unreachable_postgres_is_a_clear_error(tmp_path: Path) -> None:
+    s = open_store(
+        {
+            "kind": "postgres",
+            "dsn": "host=127.0.0.1 port=1 user=postgres dbname=test",
+            "connect_timeout_s": 1,
+        },
+        tmp_path,
+    )
+    with pytest.raises(StoreUnavailable, match="cannot connect"):
+        await s.open()
+    await s.close()
