@@ -86,11 +86,16 @@ class Rig:
 
 @asynccontextmanager
 async def rig(
-    *, connect: bool = True, versions: dict[str, str] | None = None, **ocpp: Any
+    *,
+    connect: bool = True,
+    versions: dict[str, str] | None = None,
+    bus: Any = None,
+    store: Any = None,
+    **ocpp: Any,
 ) -> AsyncIterator[Rig]:
     site = make_site(**ocpp)
     clock = WallClock()
-    cs = CentralSystem(site, clock=clock)
+    cs = CentralSystem(site, clock=clock, bus=bus, store=store)
     events: list[OcppEvent] = []
     cs.add_listener(events.append)
     await cs.start()
