@@ -29,7 +29,7 @@ K = TransactionEventKind
 def ts(seconds: float) -> Timestamp:
     t = Timestamp()
     t.seconds = int(seconds)
-    t.nanos = int(round((seconds - int(seconds)) * 1e9))
+    t.nanos = round((seconds - int(seconds)) * 1e9)
     return t
 
 

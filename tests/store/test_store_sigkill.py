@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,30 +18,31 @@ ACKED_BEFORE_KILL = 40
 async def test_sigkill_loses_no_committed_record(
     store_section: dict[str, object], tmp_path: Path
 ) -> None:
-    env = dict(os.environ)
-    proc = subprocess.Popen(
-        [sys.executable, str(WRITER), json.dumps(store_section), str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(WRITER),
+        json.dumps(store_section),
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     acked: list[int] = []
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            acked.append(int(line))
-            if len(acked) >= ACKED_BEFORE_KILL:
+        while len(acked) < ACKED_BEFORE_KILL:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+            if not line:
                 break
+            acked.append(int(line))
         # Kill while it is in the middle of its next writes.
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        await asyncio.wait_for(proc.wait(), timeout=30)
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-            proc.wait()
+            await proc.wait()
     assert proc.stderr is not None
-    err = proc.stderr.read()
+    err = (await proc.stderr.read()).decode()
     assert proc.returncode == -signal.SIGKILL, err
     assert len(acked) == ACKED_BEFORE_KILL, err
 
