@@ -1,0 +1,354 @@
+"""The audit trail on both stores: durable before append returns, hash-chained, tampering detected
+by ``evcore audit verify``, decisions explained by ``evcore audit show``, mirrored to the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from evcore.audit import AuditLog, Decision, record_hash, verify_chain
+from evcore.audit.cli import main as audit_main
+from evcore.audit.log import build_record
+from evcore.bus.api import BusMessage
+from evcore.bus.inprocess import InProcessBus
+from evcore.bus.subjects import Subjects
+from evcore.clock import ManualClock
+from evcore.store import SqlStore, open_store
+from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
+from evcore.v1.event_pb2 import Event
+from evcore.v1.setpoint_pb2 import BindingReason, Setpoint
+from psycopg import sql as pgsql
+
+REASON_C1 = "held at 16 A: feeder F2 phase L1 at 63 of 63 A"
+
+
+def decision(i: int) -> Decision:
+    return Decision(
+        decision_id=f"D{i}",
+        trigger="meter:C1" if i % 2 else "tick",
+        inputs_digest=f"{i:064x}",
+        plan_version=3,
+        config_version="cfg-abc",
+        setpoints=[
+            Setpoint(
+                charger_id="C1",
+                setpoint_a=16.0,
+                binding=BindingReason.BINDING_REASON_NODE_PHASE_LIMIT,
+                binding_node_id="F2",
+                reason=REASON_C1,
+            ),
+            Setpoint(charger_id="C2", setpoint_a=0.0, reason=f"paused {i}: no session"),
+        ],
+        bindings=[ChargerBinding(charger_id="C3", reason="unchanged at 6 A: charger minimum")],
+    )
+
+
+async def fill(store: SqlStore, clock: ManualClock, n: int) -> list[AuditRecord]:
+    log = AuditLog(store, clock=clock)
+    out = []
+    for i in range(n):
+        clock.advance(10)
+        out.append(await log.append(decision(i)))
+    return out
+
+
+def raw_sql(
+    section: dict[str, object], tmp_path: Path, statement: str, params: tuple[Any, ...] = ()
+) -> None:
+    """Tamper with the database behind the store's back."""
+    if section["kind"] == "embedded":
+        conn = sqlite3.connect(Path(str(section["path"])) / "records.sqlite")
+        with conn:
+            conn.execute(statement, params)
+        conn.close()
+        return
+    with psycopg.connect(str(section["dsn"]), autocommit=True) as pg:
+        pg.execute(
+            pgsql.SQL("SET search_path TO {}").format(pgsql.Identifier(str(section["schema"])))
+        )
+        pg.execute(statement.replace("?", "%s"), params)  # type: ignore[arg-type]
+
+
+async def test_append_is_durable_and_chained(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    clock = ManualClock()
+    records = await fill(store, clock, 3)
+    # A second connection (another process would see the same) finds every record at once.
+    other = open_store(store_section, tmp_path)
+    try:
+        stored = await other.audit_records()
+    finally:
+        await other.close()
+    assert [r.decision_id for r in stored] == ["D0", "D1", "D2"]
+    assert [r.seq for r in stored] == [0, 1, 2]
+    assert stored[0].prev_hash == ""
+    for prev, cur in itertools.pairwise(stored):
+        assert cur.prev_hash == prev.hash
+    for r, s in zip(records, stored, strict=True):
+        assert r == s
+        assert record_hash(s) == s.hash
+    assert stored[1].setpoints[0].reason == REASON_C1
+    assert stored[1].setpoints[0].decision_id == "D1"  # stamped with the decision
+    assert stored[1].decided_at.seconds == int(ManualClock().now()) + 20
+    report = await verify_chain(store)
+    assert report.ok and report.records == 3 and report.head is not None and report.head.seq == 2
+
+
+async def test_verify_detects_changed_record(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    records = await fill(store, ManualClock(), 5)
+    forged = AuditRecord()
+    forged.CopyFrom(records[2])
+    forged.setpoints[0].setpoint_a = 32.0  # someone claims a higher setpoint was sent
+    raw_sql(
+        store_section,
+        tmp_path,
+        "UPDATE audit_records SET payload = ? WHERE seq = 2",
+        (forged.SerializeToString(),),
+    )
+    report = await verify_chain(store)
+    assert not report.ok
+    assert any("seq 2" in p and "content changed" in p for p in report.problems)
+
+
+async def test_verify_detects_rehashed_record(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    """Changing a record and recomputing its own hash still breaks the link from the next one."""
+    records = await fill(store, ManualClock(), 5)
+    forged = AuditRecord()
+    forged.CopyFrom(records[1])
+    forged.trigger = "operator"
+    forged.hash = ""
+    forged.hash = record_hash(forged)
+    raw_sql(
+        store_section,
+        tmp_path,
+        "UPDATE audit_records SET payload = ?, hash = ? WHERE seq = 1",
+        (forged.SerializeToString(), forged.hash),
+    )
+    report = await verify_chain(store)
+    assert not report.ok
+    assert any(p.startswith("seq 2: prev_hash does not match") for p in report.problems)
+
+
+async def test_verify_detects_removed_record(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    await fill(store, ManualClock(), 5)
+    raw_sql(store_section, tmp_path, "DELETE FROM audit_records WHERE seq = 2")
+    report = await verify_chain(store)
+    assert not report.ok
+    assert any("seq 2: record(s) removed" in p for p in report.problems)
+
+
+async def test_verify_detects_truncation(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    await fill(store, ManualClock(), 5)
+    raw_sql(store_section, tmp_path, "DELETE FROM audit_records WHERE seq >= 3")
+    report = await verify_chain(store)
+    assert not report.ok
+    assert any(
+        "truncated: head says seq 4, last stored record is seq 2" in p for p in report.problems
+    )
+
+
+async def test_verify_detects_emptied_chain_and_lost_head(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    await fill(store, ManualClock(), 3)
+    raw_sql(store_section, tmp_path, "DELETE FROM audit_head")
+    report = await verify_chain(store)
+    assert not report.ok and "head is missing" in report.problems[0]
+    raw_sql(store_section, tmp_path, "INSERT INTO audit_head (id, seq, hash) VALUES (1, 2, 'x')")
+    raw_sql(store_section, tmp_path, "DELETE FROM audit_records")
+    report = await verify_chain(store)
+    assert not report.ok and "every record was removed" in report.problems[0]
+
+
+async def test_append_after_a_stale_head_relinks(store: SqlStore) -> None:
+    """Two logs on one store (e.g. a restarted edge racing the old one): the chain stays whole."""
+    clock = ManualClock()
+    a = AuditLog(store, clock=clock)
+    b = AuditLog(store, clock=clock)
+    await a.append(decision(0))
+    await b.append(decision(1))  # b read the head lazily: fine
+    await a.append(decision(2))  # a's head is stale: conflict, reload, relink
+    await asyncio.gather(a.append(decision(3)), b.append(decision(4)))
+    report = await verify_chain(store)
+    assert report.ok, report.problems
+    assert report.records == 5
+
+
+def test_decision_without_reason_is_refused() -> None:
+    d = Decision(
+        "D1", "tick", decided_at_s=1.0, setpoints=[Setpoint(charger_id="C1", setpoint_a=8.0)]
+    )
+    with pytest.raises(ValueError, match="has no reason"):
+        build_record(d)
+    with pytest.raises(ValueError, match="no trigger"):
+        build_record(Decision("D1", "", decided_at_s=1.0))
+    with pytest.raises(ValueError, match="neither setpoint_a nor setpoint_w"):
+        build_record(
+            Decision("D1", "t", decided_at_s=1.0, setpoints=[Setpoint(charger_id="C1", reason="x")])
+        )
+
+
+async def test_controller_mapping_is_recorded_with_its_reasons(store: SqlStore) -> None:
+    clock = ManualClock()
+    log = AuditLog(store, clock=clock, edge_id="edge-1")
+    controller_decision = {
+        "decision": 7,
+        "at": clock.now(),
+        "trigger": "status:C2",
+        "config_version": "cfg-1",
+        "plan_version": 4,
+        "inputs_digest": "ab" * 32,
+        "setpoints": [
+            {
+                "charger_id": "C1",
+                "purpose": "tx",
+                "old": 32.0,
+                "new": 16.0,
+                "unit": "A",
+                "valid_to": clock.now() + 300,
+                "binding": REASON_C1,
+            },
+            {
+                "charger_id": "DC1",
+                "purpose": "tx",
+                "old": None,
+                "new": 50_000.0,
+                "unit": "W",
+                "binding": "held at 50 kW: charger maximum",
+            },
+            {
+                "charger_id": "C2",
+                "purpose": "tx_default",
+                "old": 6.0,
+                "new": 0.0,
+                "unit": "A",
+                "binding": "",
+            },
+        ],
+    }
+    rec = await log.append(controller_decision)
+    assert rec.decision_id.startswith("7@2026-01-01T00:00:00")
+    assert (rec.trigger, rec.plan_version, rec.config_version, rec.edge_id) == (
+        "status:C2",
+        4,
+        "cfg-1",
+        "edge-1",
+    )
+    by = {s.charger_id: s for s in rec.setpoints}
+    assert by["C1"].setpoint_a == 16.0 and by["C1"].reason == REASON_C1
+    assert by["DC1"].setpoint_w == 50_000.0 and not by["DC1"].HasField("setpoint_a")
+    assert "tx_default" in by["C2"].reason  # no binding reported: still says what was sent
+    # The controller's counter restarts with the process; ids stay unique by time.
+    clock.advance(1)
+    again = await log.append(dict(controller_decision, at=clock.now()))
+    assert again.decision_id != rec.decision_id
+    assert (await verify_chain(store)).ok
+
+
+def site_file(tmp_path: Path, section: dict[str, object]) -> Path:
+    lines = ["[site]", 'id = "depot"', "", "[store]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in section.items()]
+    path = tmp_path / "site.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def test_cli_verify_and_show(
+    store: SqlStore,
+    store_section: dict[str, object],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clock = ManualClock()
+    await fill(store, clock, 4)
+    site = site_file(tmp_path, store_section)
+    assert await asyncio.to_thread(audit_main, ["verify", "--config", str(site)]) == 0
+    assert "audit chain OK: 4 records" in capsys.readouterr().out
+
+    # show: only decisions at/after --since, only lines about the charger asked for.
+    since = "2026-01-01T00:00:25Z"
+    assert (
+        await asyncio.to_thread(
+            audit_main, ["show", "--config", str(site), "--charger", "C1", "--since", since]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "decision D2" in out and "decision D3" in out and "decision D1" not in out
+    assert f"C1: sent 16 A [node_phase_limit] {REASON_C1}" in out
+    assert "C2:" not in out
+    assert (
+        await asyncio.to_thread(
+            audit_main, ["show", "--config", str(site), "--charger", "C3", "--json"]
+        )
+        == 0
+    )
+    shown = json.loads(capsys.readouterr().out)
+    assert [d["decision_id"] for d in shown] == ["D0", "D1", "D2", "D3"]
+
+    raw_sql(store_section, tmp_path, "DELETE FROM audit_records WHERE seq = 3")
+    assert await asyncio.to_thread(audit_main, ["verify", "--config", str(site), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is False and result["records"] == 3
+    assert any("truncated" in p for p in result["problems"])
+
+
+def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert audit_main(["verify", "--store", str(tmp_path / "nowhere")]) == 2
+    assert "no embedded store" in capsys.readouterr().err
+    assert audit_main(["show", "--store", str(tmp_path), "--since", "yesterday-ish"]) == 2
+    assert "not ISO 8601" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[store\n")
+    assert audit_main(["verify", "--config", str(bad)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+async def test_records_are_published_and_republished_after_a_crash(store: SqlStore) -> None:
+    clock = ManualClock()
+    # A log without a bus stands for an edge killed after the commit, before the outbox took it.
+    await fill(store, clock, 3)
+    bus = InProcessBus("depot", clock=clock)
+    await bus.start()
+    got: list[Event] = []
+
+    async def on_audit(msg: BusMessage) -> None:
+        ev = Event()
+        ev.ParseFromString(msg.data)
+        got.append(ev)
+
+    await bus.subscribe(Subjects("depot").audit, on_audit)
+    log = AuditLog(store, clock=clock, bus=bus, site_id="depot")
+    await log.open()  # republishes the three pending records
+    rec = await log.append(decision(3))
+    await bus.flush()
+    for _ in range(100):
+        if len(got) >= 4:
+            break
+        await asyncio.sleep(0.01)
+    assert [e.audit.seq for e in got] == [0, 1, 2, 3]
+    assert got[3].event_id == f"audit-{rec.hash}" and got[3].audit == rec
+    await log.close()
+    # Reopened: everything was accepted, nothing is sent twice.
+    got.clear()
+    again = AuditLog(store, clock=clock, bus=bus, site_id="depot")
+    await again.open()
+    await bus.flush()
+    await asyncio.sleep(0.05)
+    assert got == []
+    await bus.close()
