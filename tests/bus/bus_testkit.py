@@ -14,9 +14,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from evcore.bus import BusConfig
+from evcore.bus import BusConfig, BusMessage, ProcessedIds
 from evcore.bus.natsbus import NatsBus
 from evcore.clock import WallClock
+from evcore.v1 import audit_pb2
 
 SHARED_NATS = os.environ.get("EVCORE_TEST_NATS_URL", "nats://127.0.0.1:4222")
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
@@ -116,3 +117,26 @@ def make_nats_bus(site: str, url: str, outbox: Path, **cfg: object) -> NatsBus:
         **cfg,  # type: ignore[arg-type]
     )
     return NatsBus(site, conf, clock=WallClock(), ack_wait_s=2.0)
+
+
+class AuditSink:
+    """A consumer that applies each audit record once: effect and id in one SQLite transaction."""
+
+    def __init__(self, db: Path) -> None:
+        self.ids = ProcessedIds(db, "audit-sink")
+        self.ids.db.execute("CREATE TABLE IF NOT EXISTS applied(seq INTEGER, event_id TEXT)")
+        self.ids.db.commit()
+        self.calls = 0
+
+    async def handle(self, m: BusMessage) -> None:
+        self.calls += 1
+        rec = audit_pb2.AuditRecord.FromString(m.data)
+        self.ids.db.execute("INSERT INTO applied VALUES (?, ?)", (rec.seq, m.event_id))
+        self.ids.add(m.event_id, commit=False)
+        self.ids.db.commit()
+
+    def applied(self) -> list[int]:
+        return [int(r[0]) for r in self.ids.db.execute("SELECT seq FROM applied ORDER BY rowid")]
+
+    def count(self) -> int:
+        return int(self.ids.db.execute("SELECT COUNT(*) FROM applied").fetchone()[0])

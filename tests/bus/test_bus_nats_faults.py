@@ -8,33 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from bus_testkit import NatsServer, make_nats_bus, unique_site, wait_until
-from evcore.bus import BusMessage, BusUnavailable, ProcessedIds, Subjects
+from bus_testkit import AuditSink, NatsServer, make_nats_bus, unique_site, wait_until
+from evcore.bus import BusMessage, BusUnavailable, Subjects
 from evcore.bus.natsbus import NatsBus
 from evcore.v1 import audit_pb2, meter_pb2
-
-
-class AuditSink:
-    """A consumer that applies each audit record once: effect and id in one SQLite transaction."""
-
-    def __init__(self, db: Path) -> None:
-        self.ids = ProcessedIds(db, "audit-sink")
-        self.ids.db.execute("CREATE TABLE IF NOT EXISTS applied(seq INTEGER, event_id TEXT)")
-        self.ids.db.commit()
-        self.calls = 0
-
-    async def handle(self, m: BusMessage) -> None:
-        self.calls += 1
-        rec = audit_pb2.AuditRecord.FromString(m.data)
-        self.ids.db.execute("INSERT INTO applied VALUES (?, ?)", (rec.seq, m.event_id))
-        self.ids.add(m.event_id, commit=False)
-        self.ids.db.commit()
-
-    def applied(self) -> list[int]:
-        return [int(r[0]) for r in self.ids.db.execute("SELECT seq FROM applied ORDER BY rowid")]
-
-    def count(self) -> int:
-        return int(self.ids.db.execute("SELECT COUNT(*) FROM applied").fetchone()[0])
 
 
 async def start_sink(site: str, url: str, tmp_path: Path) -> tuple[NatsBus, AuditSink]:
