@@ -7,6 +7,7 @@ Switching bus or store implementations is a change here only. It never alters an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from typing import Any, Protocol
@@ -108,6 +109,41 @@ def transaction_to_proto(ev: TransactionEvent, received_at: float, evse_id: int)
     return m
 
 
+class _GroupCommit:
+    """Meter samples that arrive while a store write is running go to the store in one write.
+
+    Every caller still waits until its own sample is stored; under load one write carries many
+    samples (group commit), so storing costs one transaction per batch, not per frame.
+    """
+
+    def __init__(self, store: TelemetryStore) -> None:
+        self.store = store
+        self._pending: list[tuple[Any, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def append(self, msg: Any) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((msg, fut))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        await fut
+
+    async def _write(self) -> None:
+        await asyncio.sleep(0)  # let the frames already read this loop turn join the batch
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self.store.append_meter_samples([m for m, _ in batch])
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            else:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+
+
 class EventPublisher:
     """Publishes status, meter and transaction events; awaited before the CALLRESULT is sent."""
 
@@ -124,6 +160,7 @@ class EventPublisher:
         self.bus = bus
         self.store = store
         self._subjects: Any = None
+        self._meter_writer = _GroupCommit(store) if store is not None else None
         self._now = clock_now
         self.evse_of = evse_of
         if bus is not None:
@@ -147,8 +184,8 @@ class EventPublisher:
                     msg,
                     event_id=f"meter:{event.charger_id}:{round(event.at * 1000)}",
                 )
-            if self.store is not None:
-                await self.store.append_meter_samples([msg])
+            if self._meter_writer is not None:
+                await self._meter_writer.append(msg)
         elif isinstance(event, StatusEvent):
             msg = status_to_proto(event, received)
             charger = event.charger_id or event.ocpp_id
