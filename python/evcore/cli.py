@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evcore.sim.cli",
     "evcore.edge.cli",
     "evcore.audit.cli",
+    "evcore.ocpp.cli",
 )
 
 
