@@ -12,13 +12,13 @@ def run_comparison(sc: Scenario, *, backend: str = "auto", progress: bool = Fals
     if backend not in ("auto", "stack", "in-process"):
         raise ValueError(f"unknown backend {backend!r} (auto, stack, in-process)")
     if backend in ("auto", "stack"):
-        try:
-            from evcore.sim import stack
-        except ImportError as e:
-            if backend == "stack":
-                raise RuntimeError(f"the full stack is not available in this build: {e}") from e
-        else:
+        from evcore.sim import stack
+
+        ok, why = stack.available()
+        if ok:
             return stack.compare_stack(sc, progress=progress)
+        if backend == "stack":
+            raise RuntimeError(f"the full stack is not available in this build: {why}")
     cmp = compare(sc, make_controller, progress=progress, backend="in-process")
     cmp.notes.append(
         "in-process loop: the controller is called directly on simulated time; OCPP over "

@@ -218,12 +218,14 @@ class Scenario:
     plan_horizon_h: float
     policies: tuple[str, ...]
     report_charger: str | None
+    physics_step_s: float
     site: SiteSpec
     arrivals: ArrivalsSpec
     tariff: TariffSpec
     demand_charge: DemandChargeSpec
     grid_signals: tuple[GridSignal, ...]
     faults: tuple[FaultSpec, ...]
+    edge: Mapping[str, Any] = field(default_factory=dict)  # [edge] overrides for the stack
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,6 +658,7 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
         plan_step_s=_num(sc, "plan_step_s", w, 900.0, positive=True),
         plan_horizon_h=_num(sc, "plan_horizon_h", w, 24.0, positive=True),
         policies=tuple(str(p) for p in policies),
+        physics_step_s=_num(sc, "physics_step_s", w, 5.0, positive=True),
         report_charger=str(report_charger) if report_charger is not None else None,
         site=site,
         arrivals=_arrivals(doc.get("arrivals"), base),
@@ -663,7 +666,18 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
         demand_charge=dc,
         grid_signals=tuple(signals),
         faults=tuple(faults),
+        edge=_edge_table(doc.get("edge")),
     )
+
+
+def _edge_table(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ScenarioError("[edge]: expected a table")
+    if "policy" in raw:
+        raise ScenarioError("[edge].policy: the twin sets the policy; list them in [scenario].policies")
+    return dict(raw)
 
 
 def load_scenario(ref: str | Path) -> Scenario:

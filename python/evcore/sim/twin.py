@@ -129,6 +129,29 @@ class LineModel:
             self.watts_per_a[k] = c.voltage_v * len(used)
         self.contrib[k] = v
 
+    def terminal_map(self) -> C128:
+        """(chargers, 3 terminals, 3 site lines): the phasor each terminal ampere adds per line."""
+        site = self.site
+        out = np.zeros((len(site.chargers), 3, 3), dtype=np.complex128)
+        for k, c in enumerate(site.chargers):
+            if c.kind == "dc" or c.wiring == "three_phase":
+                for i, p in enumerate(c.phases):
+                    out[k, i, p] += self.unit[p]
+            elif c.wiring == "line_to_neutral":
+                out[k, 0, c.phases[0]] += self.unit[c.phases[0]]
+            else:
+                a, b = c.phases
+                u = self.unit[a] - self.unit[b]
+                u = u / abs(u)
+                out[k, 0, a] += u
+                out[k, 0, b] -= u
+        return out
+
+    def evaluate_terminals(self, terminal_a: F64, tmap: C128) -> F64:
+        """Node line currents (n_nodes, 3) from per-charger terminal currents (chargers, 3)."""
+        per_charger = np.einsum("kt,ktl->kl", terminal_a, tmap)
+        return np.abs(self.membership @ per_charger + self.other_acc_phasor)
+
     def evaluate(
         self, line_a: F64, extra_kw: F64 | None = None
     ) -> tuple[F64, F64]:
@@ -321,11 +344,14 @@ class Meter:
         line_a: F64,
         kw_limit: F64,
         charger_kw: float,
+        *,
+        node_currents: tuple[F64, F64] | None = None,
     ) -> None:
-        """Record [t0, t1) (seconds after the start) with constant charger currents ``line_a``."""
+        """Record [t0, t1) (seconds after the start) with constant charger currents ``line_a``
+        (or the node line currents and kW given directly)."""
         if t1 <= t0:
             return
-        cur, kw = self.lines.evaluate(line_a)
+        cur, kw = node_currents if node_currents is not None else self.lines.evaluate(line_a)
         n = _samples_in(t0, t1)
         with np.errstate(divide="ignore", invalid="ignore"):
             util = np.where(self.lines.limit_a > 0, cur / self.lines.limit_a, np.where(cur > 0, np.inf, 0.0))

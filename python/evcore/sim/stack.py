@@ -1,0 +1,482 @@
+"""The twin on the real stack: edge controller + Rust core + OCPP central system over loopback
+WebSockets, against the simulated charge points and vehicles, all on the virtual clock.
+
+Per policy this builds, in one event loop: ``EdgeApp`` (central system on an ephemeral loopback
+port, the controller with ``RustCore``, the embedded default: no broker, no database), a ``Fleet``
+of simulated stations (``evcore.sim.chargepoint``) that connect to it over WebSockets, and the
+twin's meter. The scenario plugs vehicles in and out of the simulated stations, injects faults into
+them and posts grid signals and prices to the controller the way the bus would. For the planner
+policies the twin runs the core planner (``evcore.planner``) every ``plan_interval_s`` and on
+arrivals/departures and hands the controller a local plan (``EdgeController.set_plan``), unless the
+edge plans by itself.
+
+The meter samples the stations' terminal currents at every physics step of the stations (their
+state is constant in between), so counting the 100 ms samples of each step is exact. Time is the
+``VirtualClock``: it jumps only once every socket, queue and task has gone quiet.
+
+What this module must never do: send a profile itself (every limit leaves through the edge and the
+central system), or read the wall clock for anything but the progress bar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from evcore.sim.arrivals import Arrivals, generate
+from evcore.sim.scenario import CONTROLLED_POLICIES, FaultSpec, Scenario, SessionSpec
+from evcore.sim.twin import (
+    Comparison,
+    LineModel,
+    Meter,
+    PolicyResult,
+    _busiest_charger,
+    _progress_bar,
+)
+from evcore.sim.vclock import VirtualClock
+
+log = logging.getLogger("evcore.sim")
+
+# Faults the stack backend can inject (the rest need a broker or a cloud, absent in the embedded
+# default).
+STACK_FAULTS = frozenset(
+    {"charger_offline", "meter_stuck", "profile_ignored", "profiles_lost_on_reboot", "edge_restart"}
+)
+IN_LOOP = (
+    "edge controller (evcore.edge: dispatch, failsafe, faults, grid signals)",
+    "Rust allocator + envelope (evcore._core via edge RustCore)",
+    "OCPP 1.6J central system over loopback WebSockets (evcore.ocpp)",
+    "simulated charge points + EV models (evcore.sim.chargepoint/ev/fleet)",
+)
+
+
+def available() -> tuple[bool, str]:
+    """Whether this build has every part the stack backend needs (and why not)."""
+    try:
+        import evcore.edge.app  # noqa: F401
+        import evcore.ocpp  # noqa: F401
+        import evcore.sim.fleet  # noqa: F401
+        from evcore.site import load_site  # noqa: F401
+    except ImportError as e:
+        return False, str(e)
+    return True, ""
+
+
+def edge_table(sc: Scenario, policy: str) -> dict[str, Any]:
+    """The site file the twin's edge runs with: the scenario's site plus twin defaults for
+    ``[ocpp]`` (loopback, ephemeral port, no auth on the closed loop) and ``[edge]``."""
+    table: dict[str, Any] = copy.deepcopy(dict(sc.site.raw))
+    ocpp = dict(table.get("ocpp", {}))
+    ocpp.update(
+        {
+            "host": "127.0.0.1",
+            "port": 0,
+            "security_profile": 0,
+            "sample_interval_s": max(1, round(sc.meter_interval_s)),
+        }
+    )
+    table["ocpp"] = ocpp
+    edge = {
+        "tick_s": sc.control_interval_s,
+        "stale_after_s": max(30.0, 2.5 * sc.meter_interval_s),
+        "failsafe_after_s": 600.0,
+        "refresh_lead_s": 60.0,
+        "settle_s": sc.settle_s,
+    }
+    edge.update(sc.edge)
+    edge["policy"] = policy
+    table["edge"] = edge
+    for k in ("bus", "store", "api"):
+        table.pop(k, None)
+    return table
+
+
+class StackRun:
+    """One policy on the real stack (see the module docstring)."""
+
+    def __init__(
+        self,
+        sc: Scenario,
+        policy: str,
+        arr: Arrivals,
+        *,
+        progress: Callable[[float], None] | None = None,
+        series_points: int = 600,
+    ) -> None:
+        self.sc = sc
+        self.policy = policy
+        self.arr = arr
+        self.progress = progress
+        self.clock = VirtualClock(sc.start)
+        self.lines = LineModel(sc.site)
+        self.tmap = self.lines.terminal_map()
+        self.meter = Meter(sc, self.lines, max(sc.duration_s / series_points, 1.0))
+        self.chosen = sc.report_charger or _busiest_charger(arr, sc.site)
+        self.cids = [c.id for c in sc.site.chargers]
+        self.chosen_k = self.cids.index(self.chosen)
+        self.delivered: dict[str, float] = {}
+        self.plugged: dict[str, tuple[SessionSpec, Any, float]] = {}
+        self.faults_injected: list[str] = []
+        self.not_wired = sorted({f.kind for f in sc.faults if f.kind not in STACK_FAULTS})
+        self.notes: list[str] = []
+        self.plans = 0
+        self.plan_failures = 0
+        self._app: Any = None
+        self._fleet: Any = None
+
+    # -- the scenario's actions ------------------------------------------------------------------
+    def _ev(self, s: SessionSpec) -> Any:
+        from evcore.sim.ev import EV
+
+        v = s.vehicle
+        target = min(1.0, s.soc_arrival + s.energy_kwh / v.battery_kwh)
+        return EV(
+            capacity_kwh=v.battery_kwh,
+            soc=s.soc_arrival,
+            onboard_limit_a=v.max_a,
+            phases=v.phases,
+            target_soc=target,
+            max_dc_power_w=v.max_dc_kw * 1000.0,
+        )
+
+    def _delivered_kwh(self, s: SessionSpec, ev: Any) -> float:
+        return float(min(s.energy_kwh, max(0.0, (ev.soc - s.soc_arrival) * ev.capacity_kwh)))
+
+    async def _sessions(self) -> None:
+        events: list[tuple[float, int, str, SessionSpec]] = []
+        for s in self.arr.sessions:
+            events.append((s.arrival_s, 1, "arrive", s))
+            events.append((s.departure_s, 0, "depart", s))
+        events.sort(key=lambda e: (e[0], e[1]))
+        ctrl = self._app.controller
+        for at, _, kind, s in events:
+            await self._sleep_until(at)
+            if kind == "arrive":
+                ev = self._ev(s)
+                self._fleet.plug_in(s.charger_id, ev, id_tag=f"twin-{s.id}")
+                self.plugged[s.charger_id] = (s, ev, at)
+                # What a driver's app (or ISO 15118 / NotifyEVChargingNeeds) tells the edge.
+                ctrl.set_session(
+                    s.charger_id,
+                    energy_requested_kwh=s.energy_kwh,
+                    departure=self.sc.start + s.departure_s,
+                )
+                self._replan.set()
+            else:
+                got = self.plugged.pop(s.charger_id, None)
+                if got is not None:
+                    self.delivered[s.id] = self._delivered_kwh(s, got[1])
+                self._fleet.unplug(s.charger_id)
+                self._replan.set()
+
+    async def _sleep_until(self, t_s: float) -> None:
+        wait = self.sc.start + t_s - self.clock.now()
+        if wait > 0:
+            await self.clock.sleep(wait)
+
+    async def _faults(self) -> None:
+        evs: list[tuple[float, bool, FaultSpec]] = []
+        for f in self.sc.faults:
+            if f.kind not in STACK_FAULTS:
+                continue
+            evs.append((f.at_s, True, f))
+            if f.duration_s > 0:
+                evs.append((f.at_s + f.duration_s, False, f))
+        evs.sort(key=lambda e: (e[0], not e[1]))
+        for at, on, f in evs:
+            await self._sleep_until(at)
+            await self._fault(on, f)
+
+    async def _fault(self, on: bool, f: FaultSpec) -> None:
+        if on:
+            self.faults_injected.append(f"{f.kind}@{f.at_s / 3600:.2f}h")
+        if f.kind == "edge_restart":
+            if on:
+                await self._restart_edge()
+            return
+        assert f.charger is not None
+        sim, _ = self._fleet.station(f.charger)
+        if f.kind == "charger_offline" and on:
+            await sim.go_offline(max(f.duration_s, 1.0))
+        elif f.kind == "meter_stuck":
+            # The station stops sending meter values (the edge sees them go stale).
+            sim.misbehaviour.stop_reporting = on
+        elif f.kind == "profile_ignored":
+            sim.misbehaviour.ignore_profiles = on
+        elif f.kind == "profiles_lost_on_reboot" and on:
+            sim.misbehaviour.lose_profiles_on_reboot = True
+            await sim.reboot()
+
+    async def _restart_edge(self) -> None:
+        """The edge process restarts: a new controller with empty state takes over the same
+        central system; every station is asked to report its status and meter values again."""
+        from evcore.edge.app import build_controller
+
+        app = self._app
+        old = app.controller
+        old.stop()
+        app.central.remove_listener(old.on_event)
+        new = build_controller(
+            app.site_table, core=app.core, gateway=app.central, clock=self.clock, cfg=old.cfg
+        )
+        for cid, (s, _, _) in self.plugged.items():
+            # Session demand comes back from the store / the drivers' apps in a real restart.
+            new.set_session(
+                cid, energy_requested_kwh=s.energy_kwh, departure=self.sc.start + s.departure_s
+            )
+        for c in self.sc.grid_signals:
+            new.post_curtailment(self._curtailment(c))
+        new.post_prices(self._prices())
+        app.controller = new
+        app.central.add_listener(new.on_event)
+        self._edge_task = asyncio.ensure_future(new.run())
+        for ocpp_id in list(self._fleet.stations):
+            for msg in ("StatusNotification", "MeterValues"):
+                asyncio.ensure_future(app.central.trigger_message(ocpp_id, msg))
+
+    def _curtailment(self, g: Any) -> Any:
+        from evcore.edge.grid import Curtailment
+
+        return Curtailment(
+            signal_id=f"{g.node}@{g.start_s:.0f}",
+            node_id=g.node,
+            max_kw=g.limit_kw,
+            start=self.sc.start + g.start_s,
+            end=self.sc.start + g.end_s,
+        )
+
+    def _prices(self) -> list[Any]:
+        from evcore.edge.grid import PricePoint
+
+        step = 900.0
+        n = int(math.ceil(self.sc.duration_s / step)) + 1
+        return [
+            PricePoint(
+                start=self.sc.start + i * step,
+                price_per_kwh=self.sc.tariff.price_at(self.sc.start + i * step),
+            )
+            for i in range(n)
+        ]
+
+    # -- planning (when the edge does not plan by itself) ---------------------------------------
+    async def _planner(self) -> None:
+        from evcore.sim import twinplan
+
+        planner = twinplan.TwinPlanner(self.sc, self.policy)
+        next_plan = 0.0
+        while True:
+            now = self.clock.now() - self.sc.start
+            if now >= next_plan or self._replan.is_set():
+                self._replan.clear()
+                plan = planner.plan(self.clock.now(), self._app.controller.state)
+                self.plans += 1
+                if plan is None:
+                    self.plan_failures += 1
+                else:
+                    self._app.controller.set_plan(plan)
+                next_plan = now + self.sc.plan_interval_s
+            sleeper = asyncio.ensure_future(self.clock.sleep(max(next_plan - now, 1.0)))
+            waker = asyncio.ensure_future(self._replan.wait())
+            try:
+                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (sleeper, waker):
+                    t.cancel()
+
+    # -- the meter ---------------------------------------------------------------------------------
+    def _sample_state(self) -> tuple[Any, Any, float, list[float], list[float]]:
+        fleet = self._fleet
+        n = len(self.cids)
+        term = np.zeros((n, 3))
+        power_kw = np.zeros(n)
+        offered = [0.0] * n
+        measured = [0.0] * n
+        for k, cid in enumerate(self.cids):
+            c = fleet.connector(cid)
+            term[k] = c.terminal_a
+            power_kw[k] = c.power_w / 1000.0
+            offered[k] = float(c.offered)
+            measured[k] = float(c.power_w if c.kind == "dc" else c.terminal_a[0])
+        cur = self.lines.evaluate_terminals(term, self.tmap)
+        kw = self.lines.membership @ power_kw + self.lines.other_acc_kw
+        return cur, kw, float(power_kw.sum()), offered, measured
+
+    def _limits_kw(self, t: float) -> Any:
+        lim = self.lines.power_limit_kw.copy()
+        for g in self.sc.grid_signals:
+            if g.start_s <= t < g.end_s:
+                i = self.lines.node_ids.index(g.node)
+                lim[i] = min(lim[i], g.limit_kw)
+        return lim
+
+    async def _metering(self, step_s: float) -> None:
+        end = self.sc.duration_s
+        t_prev = 0.0
+        state = self._sample_state()
+        sample_every = max(end / 200.0, step_s)
+        next_sample = 0.0
+        while t_prev < end - 1e-9:
+            await self._sleep_until(min(t_prev + step_s, end))
+            t = self.clock.now() - self.sc.start
+            cur, kw, charger_kw, offered, measured = state
+            self.meter.interval(
+                t_prev, t, np.zeros(0), self._limits_kw(t_prev), charger_kw, node_currents=(cur, kw)
+            )
+            if t_prev >= next_sample:
+                s = self.meter.series
+                for _cid, (sess, ev, _) in self.plugged.items():
+                    s.soc.setdefault(sess.id, []).append((t_prev, float(ev.soc)))
+                s.chosen_t.append(t_prev)
+                s.chosen_setpoint.append(offered[self.chosen_k])
+                s.chosen_measured.append(measured[self.chosen_k])
+                next_sample += sample_every
+                if self.progress is not None:
+                    self.progress(t_prev / end)
+            t_prev = t
+            state = self._sample_state()
+
+    # -- one run -------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        from evcore.edge.app import EdgeApp
+        from evcore.edge.config import EdgeConfig
+        from evcore.sim.fleet import Fleet
+        from evcore.site import load_site
+
+        loop = asyncio.get_running_loop()
+        self.clock.install_executor(loop)
+        table = edge_table(self.sc, self.policy)
+        site = load_site(table)
+        cfg = EdgeConfig.from_table(table["edge"])
+        app = EdgeApp(site, table, clock=self.clock, cfg=cfg)
+        self._app = app
+        self._replan = asyncio.Event()
+        app_task = asyncio.ensure_future(app.run())
+        await asyncio.wait_for(app.ready.wait(), 30.0)
+        for g in self.sc.grid_signals:
+            app.controller.post_curtailment(self._curtailment(g))
+        app.controller.post_prices(self._prices())
+        port = app.central.port
+        step_s = self.sc.physics_step_s
+        fleet = Fleet(
+            site,
+            url=f"ws://127.0.0.1:{port}/ocpp",
+            clock=self.clock,
+            version="1.6",
+            apply_delay_s=self.sc.profile_delay_s,
+            tick_s=step_s,
+            sample_interval_s=self.sc.meter_interval_s,
+            reconnect_delay_s=5.0,
+        )
+        self._fleet = fleet
+        await fleet.start()
+        await fleet.wait_connected(30.0)
+        await self.clock.drain()
+        tasks = [
+            asyncio.ensure_future(self._sessions()),
+            asyncio.ensure_future(self._faults()),
+            asyncio.ensure_future(self._metering(step_s)),
+        ]
+        if self.policy in ("planner_cost", "planner_peak") and not getattr(
+            app.controller, "plans_locally", False
+        ):
+            tasks.append(asyncio.ensure_future(self._planner()))
+        try:
+            await self.clock.run_until(self.sc.start + self.sc.duration_s)
+            await tasks[2]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for cid, (s, ev, _) in list(self.plugged.items()):
+                self.delivered[s.id] = self._delivered_kwh(s, ev)
+                del self.plugged[cid]
+            await fleet.stop()
+            app.stop()
+            edge_task = getattr(self, "_edge_task", None)
+            if edge_task is not None:
+                app.controller.stop()
+                await asyncio.gather(edge_task, return_exceptions=True)
+            await asyncio.wait_for(asyncio.gather(app_task, return_exceptions=True), 30.0)
+
+    def result(self, wall_s: float) -> PolicyResult:
+        sessions = self.arr.sessions
+        req = float(sum(s.energy_kwh for s in sessions))
+        dlv = float(sum(self.delivered.get(s.id, 0.0) for s in sessions))
+        met = sum(1 for s in sessions if self.delivered.get(s.id, 0.0) >= s.energy_kwh - 0.05)
+        m = self.meter
+        peak = m.demand_peak_kw()
+        in_loop = IN_LOOP
+        if self.policy == "uncontrolled":
+            in_loop = (
+                "uncontrolled: the edge sends nothing; OCPP + simulated charge points in the loop",
+            )
+        elif self.policy.startswith("planner"):
+            in_loop = (*IN_LOOP, "Rust planner (evcore.planner, Clarabel) run by the twin")
+        ctrl = self._app.controller if self._app is not None else None
+        sent = int(getattr(getattr(ctrl, "stats", None), "profiles_sent", 0))
+        return PolicyResult(
+            policy=self.policy,
+            backend="stack",
+            in_loop=in_loop,
+            sessions=len(sessions),
+            sessions_met=met,
+            energy_requested_kwh=req,
+            energy_delivered_kwh=dlv,
+            energy_cost=float(m.energy_cost),
+            currency=self.sc.tariff.currency,
+            peak_kw=float(peak),
+            peak_instant_kw=float(m.peak_instant_kw),
+            site_limit_kw=float(self.lines.power_limit_kw[self.lines.root]),
+            demand_charge=float(peak * self.sc.demand_charge.price_per_kw),
+            max_utilisation=float(m.max_util),
+            max_utilisation_at=m.max_util_at,
+            violations=m.violations,
+            violations_kw=m.violations_kw,
+            setpoints_sent=sent,
+            faults_injected=tuple(self.faults_injected),
+            faults_not_wired=tuple(self.not_wired),
+            sim_seconds=self.sc.duration_s,
+            wall_seconds=wall_s,
+            series=m.series,
+        )
+
+
+def run_stack_policy(
+    sc: Scenario, policy: str, arr: Arrivals, *, progress: bool = False
+) -> tuple[PolicyResult, list[str]]:
+    wall0 = time.monotonic()
+    bar = _progress_bar(policy, progress)
+    run = StackRun(sc, policy, arr, progress=bar)
+    asyncio.run(run.run())
+    if bar is not None:
+        bar(1.0)
+    notes = list(run.notes)
+    if run.plan_failures:
+        notes.append(f"{policy}: {run.plan_failures} of {run.plans} plans failed (allocator only)")
+    return run.result(time.monotonic() - wall0), notes
+
+
+def compare_stack(sc: Scenario, *, seed: int | None = None, progress: bool = False) -> Comparison:
+    ok, why = available()
+    if not ok:
+        raise ImportError(why)
+    s = sc.seed if seed is None else seed
+    arr = generate(sc, s)
+    results = []
+    notes: list[str] = []
+    for p in sc.policies:
+        r, n = run_stack_policy(sc, p, arr, progress=progress)
+        results.append(r)
+        notes.extend(n)
+    for r in results:
+        if r.policy in CONTROLLED_POLICIES and r.violations:
+            notes.append(f"{r.policy}: {r.violations} node-phase samples over a limit")
+    chosen = sc.report_charger or _busiest_charger(arr, sc.site)
+    return Comparison(sc, s, arr, results, chosen, notes)

@@ -1,0 +1,154 @@
+"""Local planning for the twin's planner policies, on the core planner (``evcore.planner``).
+
+Builds a ``PlanRequest`` from the scenario (topology, tariff, demand charge, grid signals) and the
+edge's view of the sessions (``SiteState``: energy still wanted, departure), and turns the plan into
+the edge's ``PlanTargets``. ``planner_cost`` minimises energy cost plus the demand charge;
+``planner_peak`` minimises the site peak first (the price only breaks ties).
+
+It never sends anything: the targets go to the edge's allocator, whose output still passes the
+envelope. The solver's wall-clock budget is generous on purpose — a plan cut short by a busy
+machine would make a twin run depend on the machine, and the twin must be reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from evcore.sim.scenario import Scenario
+
+PLAN_BUDGET_S = 10.0
+PEAK_WEIGHT_PER_KW = 50.0  # planner_peak: demand charge used in the objective
+PEAK_PRICE_SCALE = 0.01  # planner_peak: energy price only as a tie-breaker
+
+
+class TwinPlanner:
+    def __init__(self, sc: Scenario, policy: str) -> None:
+        from evcore.planner import Planner
+
+        if policy not in ("planner_cost", "planner_peak"):
+            raise ValueError(f"TwinPlanner: not a planner policy: {policy!r}")
+        self.sc = sc
+        self.policy = policy
+        self.planner = Planner()
+        self.version = 0
+        self.last_status = ""
+
+    def request(self, now: float, sessions: list[Any]) -> Any:
+        from evcore.planner import PlanCharger, PlanNode, PlanRequest, step_grid
+
+        sc = self.sc
+        site = sc.site
+        last_departure = max((float(s.departure) for s in sessions), default=now + 3600.0)
+        horizon = min(sc.plan_horizon_h * 3600.0, max(900.0, last_departure - now))
+        steps = step_grid(horizon)
+        mids = []
+        t = now
+        for d in steps:
+            mids.append(t + d / 2)
+            t += d
+        prices = [sc.tariff.price_at(m) for m in mids]
+        dc = sc.demand_charge.price_per_kw
+        if self.policy == "planner_peak":
+            prices = [p * PEAK_PRICE_SCALE for p in prices]
+            dc = max(dc, PEAK_WEIGHT_PER_KW)
+        nodes = []
+        for n in site.nodes:
+            pl: float | list[float] | None = n.power_limit_kw
+            caps = [
+                min(
+                    [g.limit_kw for g in sc.grid_signals
+                     if g.node == n.id and sc.start + g.start_s <= m < sc.start + g.end_s]
+                    + ([n.power_limit_kw] if n.power_limit_kw is not None else [math.inf])
+                )
+                for m in mids
+            ]
+            if any(math.isfinite(c) for c in caps):
+                big = 1e6
+                pl = [c if math.isfinite(c) else big for c in caps]
+            nodes.append(
+                PlanNode(
+                    id=n.id,
+                    parent=n.parent,
+                    phase_limit_a=list(n.phase_limit_a),
+                    # not measured in the twin's edge: the planner counts it at its maximum
+                    other_load_a=list(n.other_load_max_a),
+                    power_limit_kw=pl,
+                )
+            )
+        chargers = []
+        for c in site.chargers:
+            if c.kind == "dc":
+                chargers.append(
+                    PlanCharger(
+                        id=c.id, parent=c.parent, wiring="three_phase", phases=list(c.phases),
+                        voltage_v=c.voltage_v, kind="dc", max_w=c.max_w,
+                        min_w=c.min_w or None, efficiency=c.efficiency,
+                    )
+                )
+            else:
+                chargers.append(
+                    PlanCharger(
+                        id=c.id, parent=c.parent, wiring=c.wiring, phases=list(c.phases),
+                        voltage_v=c.voltage_v, max_a=c.max_a, min_a=c.min_a,
+                    )
+                )
+        return PlanRequest(
+            start=now,
+            step_s=steps,
+            price_per_kwh=prices,
+            nodes=nodes,
+            chargers=chargers,
+            sessions=sessions,
+            demand_charge_per_kw=dc,
+            demand_window_s=sc.demand_charge.window_min * 60.0,
+            phase_names=site.phase_names,
+        )
+
+    def sessions_from_state(self, now: float, state: Any) -> list[Any]:
+        from evcore.planner import PlanSession
+
+        out = []
+        for cid, c in sorted(state.chargers.items()):
+            if c.transaction_id is None or c.energy_requested_kwh is None or c.departure is None:
+                continue
+            remaining = max(0.0, c.energy_requested_kwh - c.session_energy_wh / 1000.0)
+            if remaining <= 0.01 or c.departure <= now + 60.0:
+                continue
+            out.append(
+                PlanSession(
+                    id=str(c.transaction_id),
+                    charger_id=cid,
+                    arrival=now,
+                    departure=float(c.departure),
+                    energy_requested_kwh=remaining,
+                    priority=float(c.priority),
+                )
+            )
+        return out
+
+    def plan(self, now: float, state: Any) -> Any | None:
+        """A local ``PlanTargets`` for the edge, or None (no session, or the plan failed)."""
+        from evcore.edge.controller import PlanTargets
+
+        sessions = self.sessions_from_state(now, state)
+        if not sessions:
+            return None
+        res = self.planner.plan(self.request(now, sessions), PLAN_BUDGET_S)
+        self.last_status = res.status
+        if not res.ok:
+            return None
+        cols = res.schedule.to_pydict()
+        rows: dict[str, list[tuple[float, float, float]]] = {}
+        for cid, start, dur, ta, tw in zip(
+            cols["charger_id"], cols["step_start"], cols["step_s"], cols["target_a"],
+            cols["target_w"], strict=True,
+        ):
+            target = tw if ta is None else ta
+            if target is None:
+                continue
+            rows.setdefault(cid, []).append((start.timestamp(), float(dur), float(target)))
+        self.version += 1
+        return PlanTargets(
+            source="local", version=f"twin-{self.version}", received_at=now, rows=rows
+        )
