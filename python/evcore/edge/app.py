@@ -74,7 +74,12 @@ def build_controller(
 ) -> EdgeController:
     """A controller for the site (also the twin's entry point: pass its clock and gateway)."""
     state, nodes = charger_states(site_table)
-    cfg = cfg if cfg is not None else EdgeConfig.from_table(site_table.get("edge"))
+    if cfg is None:
+        edge = dict(site_table.get("edge") or {})
+        if "resolution_a" not in edge:
+            whole = bool((site_table.get("ocpp") or {}).get("whole_amperes", True))
+            edge["resolution_a"] = 1.0 if whole else 0.1
+        cfg = EdgeConfig.from_table(edge)
     return EdgeController(
         state=state,
         core=core,

@@ -34,6 +34,10 @@ class EdgeConfig:
     # Dispatch: send a setpoint only when it moved by more than this.
     deadband_a: float = 1.0
     deadband_w: float = 500.0
+    # What a charger can be told: the central system rounds limits down to this (``[ocpp]
+    # whole_amperes``: 1 A, else 0.1 A); values equal at this resolution are not a change.
+    resolution_a: float = 1.0
+    resolution_w: float = 1.0
     # Increases wait until every pending decrease was accepted, or this long after it left.
     settle_s: float = 5.0
     # Failsafe: every TxProfile falls back to the failsafe level at most this long after it was

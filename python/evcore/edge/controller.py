@@ -346,8 +346,7 @@ class EdgeController:
         fs = self.failsafe
         # TxDefault (failsafe level) on every online charger whose default is not the current one.
         default_now = {cid: fs[cid] for cid, c in st.chargers.items() if c.online and cid in fs}
-        default_cur = {cid: st.chargers[cid].tx_default for cid in default_now}
-        force_default = {cid for cid in default_now if st.chargers[cid].needs_resend}
+        default_cur = {cid: st.chargers[cid].tx_default_sent for cid in default_now}
         # TxProfiles on chargers with a transaction.
         active = {
             cid: enforced.setpoints[cid]
@@ -372,7 +371,8 @@ class EdgeController:
             pending=pending,
             now_s=now_m,
             settle_s=cfg.settle_s,
-            force=force_default,
+            resolution_a=cfg.resolution_a,
+            resolution_w=cfg.resolution_w,
         )
         t_plan = plan_dispatch(
             active,
@@ -383,6 +383,8 @@ class EdgeController:
             pending=pending,
             now_s=now_m,
             settle_s=cfg.settle_s,
+            resolution_a=cfg.resolution_a,
+            resolution_w=cfg.resolution_w,
             force=force,
         )
         decreases = [("tx_default", c) for c in d_plan.decreases] + [
@@ -433,7 +435,8 @@ class EdgeController:
             if ch.kind is ChangeKind.DECREASE:
                 self.pending[ch.charger_id] = PendingDecrease(ch.charger_id, now_m, False)
         else:
-            c.tx_default = None  # unknown until accepted
+            # The charger holds the old default (``tx_default``) until it accepts the new one.
+            c.tx_default_sent = ch.new
             if ch.kind is ChangeKind.DECREASE:
                 self.pending["default:" + ch.charger_id] = PendingDecrease(
                     ch.charger_id, now_m, False
@@ -473,6 +476,8 @@ class EdgeController:
                 c.accepted = True
                 c.needs_resend = False
                 c.profile_unknown = False
+        elif c.tx_default_sent == sent.value:
+            c.tx_default_sent = None  # refused or lost: send again next decision
         p = self.pending.get(key)
         if p is not None and accepted and p.sent_at_s == sent.left_mono:
             self.pending[key] = PendingDecrease(p.charger_id, p.sent_at_s, True)

@@ -12,6 +12,7 @@ headroom with this decision's lower value, so a decrease always leaves, however 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -59,6 +60,11 @@ class DispatchPlan:
         return len(self.decreases) + len(self.increases) + len(self.refreshes)
 
 
+def _wire(x: float, res: float) -> float:
+    """The limit the charger receives for ``x``: rounded down to ``res`` (as the OCPP room does)."""
+    return math.floor(x / res + 1e-9) * res
+
+
 def decreases_settled(pending: Collection[PendingDecrease], now_s: float, settle_s: float) -> bool:
     """True when no decrease is still on its way: each was accepted or ``settle_s`` has passed."""
     return all(p.accepted or now_s - p.sent_at_s >= settle_s for p in pending)
@@ -81,6 +87,8 @@ def plan_dispatch(
     now_s: float,
     settle_s: float,
     force: Collection[str] = (),
+    resolution_a: float = 0.0,
+    resolution_w: float = 0.0,
 ) -> DispatchPlan:
     """Split a decision's safe setpoints into what leaves now and what waits.
 
@@ -88,20 +96,27 @@ def plan_dispatch(
     what it was last sent (pending or accepted); missing or None means unknown, which always sends.
     ``force``: chargers whose profile must be re-sent unchanged (reboot, reconnect, refresh).
     Increases wait while a pending decrease (from earlier decisions or this one) is unsettled.
+    ``resolution_a``/``_w``: what the charger can be told (the central system rounds limits DOWN to
+    it); two values that round to the same limit are the same limit on the wire, so no change.
     """
     decreases: list[Change] = []
     increases: list[Change] = []
     refreshes: list[Change] = []
     for cid, new in safe.items():
         old = current.get(cid)
-        band = deadband_w if cid in dc_ids else deadband_a
+        dc = cid in dc_ids
+        band = deadband_w if dc else deadband_a
+        res = resolution_w if dc else resolution_a
         if old is None:
             # Unknown: the charger may hold anything up to its max; sending is always a decrease
             # of what the envelope counted.
             decreases.append(Change(cid, None, new, ChangeKind.DECREASE))
-        elif new < old - _EPS:
+            continue
+        # Compare what the charger would be told; the value sent stays the envelope's.
+        w_old, w_new = (_wire(old, res), _wire(new, res)) if res > 0 else (old, new)
+        if w_new < w_old - _EPS:
             decreases.append(Change(cid, old, new, ChangeKind.DECREASE))
-        elif new > old + _EPS and (new - old > band or old <= _EPS):
+        elif w_new > w_old + _EPS and (w_new - w_old > band or w_old <= _EPS):
             # Leaving zero is a switch, never noise: it is not held back by the deadband.
             increases.append(Change(cid, old, new, ChangeKind.INCREASE))
         elif cid in force:

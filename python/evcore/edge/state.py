@@ -51,6 +51,7 @@ class ChargerState:
     holding: float | None = None
     expires_at: float | None = None  # wall, validTo of the TxProfile in force
     tx_default: float | None = None  # TxDefault level the charger accepted
+    tx_default_sent: float | None = None  # last TxDefault level sent; None = must (re)send
     needs_resend: bool = True  # must be sent again (boot, reconnect, rejection, restart)
     # What the charger enforces is unknown (edge start, boot: profiles may be lost). The envelope
     # counts such a charger at its maximum until a profile is accepted.
@@ -118,6 +119,7 @@ class SiteState:
             c.online = connected
             # Whatever the charger holds after a (re)connect is unknown until we re-send.
             c.needs_resend = True
+            c.tx_default_sent = None
             changed.append(c.charger_id)
         return changed
 
@@ -129,6 +131,7 @@ class SiteState:
             c.needs_resend = True
             c.profile_unknown = True
             c.tx_default = None
+            c.tx_default_sent = None
             changed.append(c.charger_id)
         return changed
 
