@@ -55,7 +55,7 @@ class SessionRecord:
     departure_s: float | None = None
     energy_requested_kwh: float | None = None
     # Higher is served first by the allocator; operators may change it through the API.
-    priority: int = 0
+    priority: float = 0.0
     meter_start_wh: float | None = None
     energy_delivered_kwh: float = 0.0
     # None while the session is open.

@@ -26,7 +26,7 @@ CREATE TABLE sessions (
     id_tag TEXT NOT NULL DEFAULT '',
     departure_s {real},
     energy_requested_kwh {real},
-    priority INTEGER NOT NULL DEFAULT 0,
+    priority {real} NOT NULL DEFAULT 0,
     meter_start_wh {real},
     energy_delivered_kwh {real} NOT NULL DEFAULT 0,
     ended_at_s {real},
