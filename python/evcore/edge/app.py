@@ -126,6 +126,15 @@ class EdgeApp:
         self.store = store
         self.central = CentralSystem(site, clock=clock, bus=bus, store=store)
         self.core = RustCore(site, site_table)
+        self.recorder: Any = None
+        if audit is None and store is not None:
+            from evcore.audit.log import AuditLog
+            from evcore.edge.recording import AuditRecorder
+
+            site_id = str(site_table["site"]["id"])
+            audit_log = AuditLog(store, clock=clock, bus=bus, site_id=site_id if bus else "")
+            self.recorder = AuditRecorder(audit_log, store)
+            audit = self.recorder
         self.controller = build_controller(
             site_table,
             core=self.core,
@@ -145,6 +154,10 @@ class EdgeApp:
 
         table = read_site_table(path)
         site = load_site(path)
+        if "store" not in kwargs:
+            from evcore.store import open_store
+
+            kwargs["store"] = open_store(table.get("store"), Path(path).resolve().parent)
         return cls(site, table, clock=clock, **kwargs)
 
     def stop(self) -> None:
@@ -152,6 +165,13 @@ class EdgeApp:
 
     async def run(self) -> None:
         ctrl = self.controller
+        if self.store is not None:
+            from evcore.edge.recording import recover
+
+            await self.store.open()
+            n = await recover(ctrl.state, self.store)
+            if n:
+                log.info("recovered %d last setpoints from the store", n)
         if self.bus is not None:
             await self.bus.start()
         await self.central.start()
@@ -172,9 +192,14 @@ class EdgeApp:
                 with contextlib.suppress(Exception):
                     await s.stop()
             await self.central.stop()
+            if self.recorder is not None:
+                await self.recorder.drain()
             if self.bus is not None:
                 with contextlib.suppress(Exception):
                     await self.bus.close()
+            if self.store is not None:
+                with contextlib.suppress(Exception):
+                    await self.store.close()
 
 
 def log_sent(sent: SentProfile) -> None:

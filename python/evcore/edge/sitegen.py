@@ -80,3 +80,35 @@ def depot_table(
     if edge:
         table["edge"] = dict(edge)
     return table
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"cannot write non-finite number {v!r} to TOML")
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(table: dict[str, Any]) -> str:
+    """A site table as TOML (tables of scalars and lists, arrays of such tables)."""
+    lines: list[str] = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            lines.append(f"[{key}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+            lines.append("")
+        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            for item in value:
+                lines.append(f"[[{key}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+                lines.append("")
+        else:
+            raise ValueError(f"top-level key {key!r} must be a table or an array of tables")
+    return "\n".join(lines)
