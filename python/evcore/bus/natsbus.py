@@ -72,6 +72,7 @@ class _NatsSub:
         self._handler = handler
         self._queue = queue or ""
         self._sub: Any = None
+        self._attaching = False
         self.closed = False
 
     @property
@@ -101,8 +102,10 @@ class _NatsSub:
         await run_handler(self._handler, msg, self._bus.stats, f"subscribe {self._pattern}")
 
     async def attach(self, nc: NatsClient) -> None:
-        if self.closed or self._sub is not None:
+        # Marked before the await: the connect loop and subscribe() may both try to attach.
+        if self.closed or self._attaching:
             return
+        self._attaching = True
         self._sub = await nc.subscribe(
             self._pattern,
             queue=self._queue,
@@ -364,10 +367,11 @@ class NatsBus:
             except Exception as exc:
                 log.warning("bus: creating streams failed: %r; retrying", exc)
                 await self.clock.sleep(cfg.reconnect_wait_s)
-        for s in list(self._subs):
-            await s.attach(nc)
+        # Ready first: a subscribe() from now on attaches itself; then attach the earlier ones.
         self._ready.set()
         self._send_wake.set()
+        for s in list(self._subs):
+            await s.attach(nc)
 
     async def _ensure_streams(self) -> None:
         assert self._js is not None

@@ -1,0 +1,223 @@
+"""Unit tests of the bus's pure parts: subject escaping, matching, config, outbox, processed ids."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+from evcore.bus import (
+    BadPayload,
+    InProcessBus,
+    ProcessedIds,
+    Subjects,
+    bus_from_config,
+    decode,
+    escape_token,
+    parse_bus_config,
+    subject_matches,
+    unescape_token,
+)
+from evcore.bus.config import default_streams
+from evcore.bus.natsbus import NatsBus
+from evcore.bus.outbox import Outbox
+from evcore.bus.streams import stream_for_pattern, stream_for_subject
+from evcore.bus.subjects import name_token, validate_subject
+from evcore.clock import ManualClock
+from evcore.v1 import event_pb2, meter_pb2
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+@given(st.text(min_size=1))
+def test_escape_roundtrip_single_token(raw: str) -> None:
+    tok = escape_token(raw)
+    assert unescape_token(tok) == raw
+    assert "." not in tok and "*" not in tok and ">" not in tok
+    assert not any(c.isspace() for c in tok)
+    validate_subject(f"evcore.{tok}.status", wildcards=False)
+
+
+@given(st.text(min_size=1), st.text(min_size=1))
+def test_name_token_injective_and_safe(a: str, b: str) -> None:
+    ta, tb = name_token(a), name_token(b)
+    assert all(c.isascii() and (c.isalnum() or c in "-_") for c in ta)
+    assert (ta == tb) == (a == b)
+
+
+def test_escape_examples_and_errors() -> None:
+    assert escape_token("CP.1") == "CP%2E1"
+    assert escape_token("a>b*c d") == "a%3Eb%2Ac%20d"
+    assert escape_token("100%") == "100%25"
+    with pytest.raises(ValueError, match="empty"):
+        escape_token("")
+    with pytest.raises(ValueError, match="bad escape"):
+        unescape_token("a%2")
+    with pytest.raises(ValueError, match="cannot appear"):
+        unescape_token("a.b")
+
+
+def test_subjects_layout() -> None:
+    s = Subjects("depot 1")
+    assert s.telemetry("C.1") == "evcore.depot%201.telemetry.C%2E1"
+    assert s.telemetry() == "evcore.depot%201.telemetry.*"
+    assert s.audit == "evcore.depot%201.audit"
+    assert s.all == "evcore.depot%201.>"
+    assert s.charger_of(s.setpoint("x>y")) == "x>y"
+    assert s.kind_of(s.transaction("a")) == "transaction"
+    assert s.kind_of("evcore.other.audit") == ""
+    assert s.charger_of(s.telemetry()) is None
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject", "match"),
+    [
+        ("a.*.c", "a.b.c", True),
+        ("a.*.c", "a.b.d", False),
+        ("a.>", "a.b.c", True),
+        ("a.>", "a", False),
+        ("a.*", "a.b.c", False),
+        ("a.b", "a.b", True),
+        ("*", "a", True),
+    ],
+)
+def test_subject_matches(pattern: str, subject: str, match: bool) -> None:
+    assert subject_matches(pattern, subject) is match
+
+
+def test_validate_subject_errors() -> None:
+    for bad, msg in [
+        ("", "empty"),
+        ("a..b", "empty token"),
+        ("a.b c", "whitespace"),
+        ("a.>.b", "last token"),
+        ("a.b*", "whole tokens"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            validate_subject(bad, wildcards=True)
+    with pytest.raises(ValueError, match="wildcards"):
+        validate_subject("a.*", wildcards=False)
+
+
+def test_streams_cover_critical_subjects_and_patterns() -> None:
+    specs = default_streams("d")
+    s = Subjects("d")
+    for subj in (s.audit, s.setpoint("c"), s.transaction("c"), s.grid, s.plan, s.status("c")):
+        spec = stream_for_subject(specs, subj)
+        assert spec is not None and spec.name.endswith("_EVENTS")
+    tele = stream_for_subject(specs, s.telemetry("c"))
+    assert tele is not None and tele.name.endswith("_TELEMETRY")
+    assert stream_for_subject(specs, s.rpc("x")) is None
+    assert stream_for_pattern(specs, s.setpoint()).name.endswith("_EVENTS")
+    with pytest.raises(ValueError, match="no stream stores"):
+        stream_for_pattern(specs, s.all)
+
+
+def test_parse_bus_config_defaults_and_errors(tmp_path: Path) -> None:
+    assert parse_bus_config(None).kind == "inprocess"
+    cfg = parse_bus_config({"kind": "nats", "url": "nats://h:1", "replicas": 3})
+    assert cfg.urls == ("nats://h:1",) and cfg.replicas == 3
+    bad = [
+        ({"kind": "kafka"}, "kind must be one of"),
+        ({"kind": "nats", "url": "http://x"}, "must start with nats://"),
+        ({"urls": []}, "non-empty list"),
+        ({"url": "nats://a", "urls": ["nats://b"]}, "either url or urls"),
+        ({"replicas": 0}, "replicas must be a positive integer"),
+        ({"replicas": 7}, "1..5"),
+        ({"publish_timeout_s": -1}, "publish_timeout_s must be > 0"),
+        ({"publish_timeout_s": "2"}, "publish_timeout_s must be a number"),
+        ({"storage": "disk"}, "storage must be"),
+        ({"outbx_dir": "x"}, "unknown key"),
+        ({"manage_streams": "yes"}, "true or false"),
+    ]
+    for section, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            parse_bus_config(section)
+    clock = ManualClock()
+    assert isinstance(bus_from_config(None, "s", clock), InProcessBus)
+    nb = bus_from_config({"kind": "nats", "outbox_dir": str(tmp_path)}, "s.1", clock)
+    assert isinstance(nb, NatsBus)
+    assert nb.outbox.path == tmp_path / "s%2E1.sqlite"
+
+
+def test_decode_reasons() -> None:
+    with pytest.raises(BadPayload, match=r"not a valid evcore\.v1\.MeterSample"):
+        decode(meter_pb2.MeterSample, b"\xff\xff\xff")
+    with pytest.raises(BadPayload, match="without event_id"):
+        decode(event_pb2.Event, event_pb2.Event(site_id="s").SerializeToString())
+    with pytest.raises(BadPayload, match="has no payload"):
+        decode(event_pb2.Event, event_pb2.Event(event_id="e").SerializeToString())
+    ok = decode(meter_pb2.MeterSample, meter_pb2.MeterSample(charger_id="c").SerializeToString())
+    assert ok.charger_id == "c"
+
+
+async def test_outbox_order_persistence_and_group_commit(tmp_path: Path) -> None:
+    path = tmp_path / "ob.sqlite"
+    ob = Outbox(path)
+    await ob.open()
+    seqs = await asyncio.gather(
+        *(ob.append("evcore.s.audit", f"e{i}", str(i).encode(), 0.0) for i in range(100))
+    )
+    assert seqs == sorted(seqs) and len(set(seqs)) == 100
+    assert ob.pending == 100
+    first = await ob.peek(10)
+    assert [e.event_id for e in first] == [f"e{i}" for i in range(10)]
+    await ob.remove_through(first[4].seq)
+    assert ob.pending == 95
+    await ob.close()
+    # A new process finds what was accepted and not confirmed, in order.
+    again = Outbox(path)
+    await again.open()
+    assert again.pending == 95 and again.nonempty.is_set()
+    rest = await again.peek(1000)
+    assert [e.payload for e in rest] == [str(i).encode() for i in range(5, 100)]
+    await again.close()
+
+
+def test_processed_ids(tmp_path: Path) -> None:
+    clock = ManualClock()
+    ids = ProcessedIds(tmp_path / "ids.sqlite", "c1", clock=clock)
+    assert not ids.contains("a")
+    assert ids.add("a") is True
+    assert ids.add("a") is False
+    assert "a" in ids and ids.count() == 1
+    other = ProcessedIds(ids.db, "c2", clock=clock)
+    assert not other.contains("a"), "ids are per consumer"
+    # commit=False: the id rolls back with the caller's effect.
+    ids.add("b", commit=False)
+    ids.db.rollback()
+    assert not ids.contains("b")
+    clock.advance(100)
+    ids.add("c")
+    assert ids.prune(older_than_s=50) == 1
+    assert not ids.contains("a") and ids.contains("c")
+    ids.close()
+    with pytest.raises(ValueError, match="consumer name"):
+        ProcessedIds(sqlite3.connect(":memory:"), "")
+
+
+async def test_inprocess_duplicate_window_and_limits() -> None:
+    clock = ManualClock()
+    from evcore.bus.api import StreamSpec
+
+    s = Subjects("w")
+    spec = StreamSpec(name="W", subjects=(s.audit,), max_msgs=3, duplicate_window_s=10)
+    bus = InProcessBus("w", clock=clock, streams=[spec])
+    await bus.start()
+    await bus.publish(s.audit, b"1", event_id="x")
+    await bus.publish(s.audit, b"1-again", event_id="x")
+    clock.advance(11)
+    await bus.publish(s.audit, b"1-late", event_id="x")  # outside the window: stored again
+    for i in range(5):
+        await bus.publish(s.audit, str(i).encode(), event_id=f"n{i}")
+    got: list[bytes] = []
+
+    async def h(m: object) -> None:
+        got.append(m.data)  # type: ignore[attr-defined]
+
+    await bus.consume(s.audit, durable="d", handler=h)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert got == [b"2", b"3", b"4"], "max_msgs keeps the newest three"
+    await bus.close()
