@@ -16,7 +16,7 @@ from evcore.bus import (
     Subjects,
     decoded,
 )
-from evcore.v1 import event_pb2, meter_pb2
+from evcore.v1 import event_pb2, meter_pb2, setpoint_pb2
 
 
 async def test_publish_subscribe_wildcard_and_escaped_ids(bus: Bus) -> None:
@@ -254,3 +254,27 @@ async def test_publish_rejects_wildcards_and_empty_ids(bus: Bus) -> None:
         s.telemetry("")
     with pytest.raises(ValueError, match="no stream stores"):
         await bus.consume(s.rpc("x"), durable="d", handler=lambda m: asyncio.sleep(0))
+
+
+async def test_publish_many_keeps_order_and_ids(bus: Bus) -> None:
+    s = Subjects(bus.site_id)
+    items: list[tuple[str, bytes | setpoint_pb2.Setpoint, str | None]] = [
+        (
+            s.setpoint(f"C{i}"),
+            setpoint_pb2.Setpoint(charger_id=f"C{i}", setpoint_a=6 + i),
+            f"d1/C{i}",
+        )
+        for i in range(50)
+    ]
+    items.append((s.status("C0"), b"status", None))
+    ids = await bus.publish_many(items)
+    assert ids[:50] == [f"d1/C{i}" for i in range(50)] and ids[50]
+    await bus.flush()
+    got: list[str] = []
+
+    async def apply(m: BusMessage) -> None:
+        got.append(setpoint_pb2.Setpoint.FromString(m.data).charger_id)
+
+    await bus.consume(s.setpoint(), durable="dispatch", handler=apply)
+    await wait_until(lambda: len(got) == 50, what="50 setpoints")
+    assert got == [f"C{i}" for i in range(50)]

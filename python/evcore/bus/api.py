@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
@@ -170,6 +170,16 @@ class Bus(Protocol):
 
         ``event_id`` defaults to the ``event_id`` field of an ``evcore.v1.Event`` payload, else a
         new UUID. Critical events (by subject kind or ``critical=True``) are durable on return.
+        """
+        ...
+
+    async def publish_many(
+        self, items: Sequence[tuple[str, Payload, str | None]], *, critical: bool = False
+    ) -> list[str]:
+        """Publish several events in order; critical ones share one outbox commit (one fsync).
+
+        ``items`` are ``(subject, payload, event_id or None)``. Use it for a decision's setpoints:
+        one disk flush instead of one per charger.
         """
         ...
 

@@ -9,6 +9,7 @@ Nothing survives the process: a single-box edge keeps its durable records in its
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import uuid
@@ -162,9 +163,16 @@ class _DurableRun:
         )
 
     def _next(self) -> _Stored | None:
-        for m in self._d.stream.msgs:
-            if m.seq >= self._d.next_seq and subject_matches(self._d.pattern, m.subject):
+        msgs = self._d.stream.msgs
+        if not msgs:
+            return None
+        # Sequence numbers in the deque are contiguous: jump to the first unacknowledged one.
+        start = max(0, self._d.next_seq - msgs[0].seq)
+        for i in range(start, len(msgs)):
+            m = msgs[i]
+            if subject_matches(self._d.pattern, m.subject):
                 return m
+            self._d.next_seq = m.seq + 1  # not ours: never look at it again
         return None
 
     async def _run(self) -> None:
@@ -216,6 +224,7 @@ class InProcessBus:
         clock: Clock | None = None,
         streams: Sequence[StreamSpec] | None = None,
         subscriber_queue_size: int = 10_000,
+        max_msgs_per_stream: int = 100_000,
     ) -> None:
         from evcore.bus.config import default_streams
 
@@ -223,7 +232,12 @@ class InProcessBus:
         self.subjects = Subjects(site_id)
         self.clock: Clock = clock or WallClock()
         self._stats = BusStats()
-        self._specs = list(streams) if streams is not None else default_streams(site_id)
+        specs = list(streams) if streams is not None else default_streams(site_id)
+        # Memory, not disk: cap every stream by count as well (the oldest go first).
+        self._specs = [
+            s if s.max_msgs > 0 else dataclasses.replace(s, max_msgs=max_msgs_per_stream)
+            for s in specs
+        ]
         self._streams: dict[str, _Stream] = {}
         self._subs: list[_LiveSub] = []
         self._durables: dict[tuple[str, str], _Durable] = {}
@@ -313,6 +327,16 @@ class InProcessBus:
         self._stats.sent += 1
         self._fan_out(BusMessage(subject=subject, data=data, event_id=eid))
         return eid
+
+    async def publish_many(
+        self, items: Sequence[tuple[str, Payload, str | None]], *, critical: bool = False
+    ) -> list[str]:
+        for subject, _, _ in items:
+            validate_subject(subject, wildcards=False)
+        return [
+            await self.publish(subject, payload, event_id=eid, critical=critical)
+            for subject, payload, eid in items
+        ]
 
     async def subscribe(
         self, subject_pattern: str, handler: Handler, *, queue: str | None = None

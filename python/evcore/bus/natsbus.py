@@ -467,6 +467,32 @@ class NatsBus:
         self._send_wake.set()
         return eid
 
+    async def publish_many(
+        self, items: Sequence[tuple[str, Payload, str | None]], *, critical: bool = False
+    ) -> list[str]:
+        self._require_started()
+        rows: list[tuple[str, str, bytes, float]] = []
+        ids: list[str] = []
+        rest: list[tuple[str, bytes, str]] = []
+        now = self.clock.now()
+        for subject, payload, event_id in items:
+            validate_subject(subject, wildcards=False)
+            data = to_bytes(payload)
+            eid = event_id_for(payload, event_id)
+            ids.append(eid)
+            if critical or self.subjects.kind_of(subject) in CRITICAL_KINDS:
+                if stream_for_subject(self._specs, subject) is None:
+                    raise ValueError(f"critical event on {subject!r}, which no stream stores")
+                rows.append((subject, eid, data, now))
+            else:
+                rest.append((subject, data, eid))
+        if rows:
+            await self.outbox.append_many(rows)
+            self._stats.published += len(rows)
+        for subject, data, eid in rest:
+            await self.publish(subject, data, event_id=eid)
+        return ids
+
     async def _send_one(self, subject: str, data: bytes, eid: str, stream: str | None) -> None:
         assert self._nc is not None
         headers = {MSG_ID: eid}
