@@ -82,7 +82,7 @@ class PostgresBackend(Backend):
         with conn.transaction(), conn.cursor() as cur:
             if self._relaxed:
                 cur.execute("SET LOCAL synchronous_commit TO off")
-            yield Tx(cur, qmark_to_format)
+            yield Tx(cur, qmark_to_format, copy=True)
 
     def migrations(self) -> Sequence[Migration]:
         return POSTGRES

@@ -41,6 +41,8 @@ log = logging.getLogger("evcore.store")
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
+# Bound parameters per multi-row INSERT (SQLite allows 32766, PostgreSQL 65535).
+INSERT_CHUNK_PARAMS = 3000
 
 
 class Cursor(Protocol):
@@ -59,13 +61,39 @@ class Cursor(Protocol):
 class Tx:
     """One transaction's cursor; SQL uses ``?`` placeholders whatever the backend."""
 
-    def __init__(self, cursor: Cursor, translate: Callable[[str], str]) -> None:
+    def __init__(
+        self, cursor: Cursor, translate: Callable[[str], str], *, copy: bool = False
+    ) -> None:
         self._cur = cursor
         self._translate = translate
+        # PostgreSQL: bulk rows go through COPY (one stream instead of parsing thousands of params).
+        self._copy = copy
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         self._cur.execute(self._translate(sql), tuple(params))
         return int(self._cur.rowcount)
+
+    def insert_many(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Multi-row ``INSERT … VALUES (…), (…)`` in chunks: one round trip per chunk, not per row
+        (a 1000-charger decision is 2 statements, not 1000)."""
+        if not rows:
+            return
+        if self._copy:
+            cur: Any = self._cur
+            with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return
+        width = len(columns)
+        per_chunk = max(1, INSERT_CHUNK_PARAMS // width)
+        head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+        one = "(" + ", ".join("?" * width) + ")"
+        for start in range(0, len(rows), per_chunk):
+            chunk = rows[start : start + per_chunk]
+            params = [v for row in chunk for v in row]
+            self._cur.execute(self._translate(head + ", ".join([one] * len(chunk))), params)
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         self._cur.execute(self._translate(sql), tuple(params))
@@ -726,8 +754,7 @@ class SqlStore:
                     payload,
                 ),
             )
-            for c in chargers:
-                tx.execute("INSERT INTO audit_chargers (charger_id, seq) VALUES (?, ?)", (c, seq))
+            tx.insert_many("audit_chargers", ("charger_id", "seq"), [(c, seq) for c in chargers])
             tx.execute(
                 "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT (id)"
                 " DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
