@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from evcore.checker import node_power_kw
 from evcore.edge.config import EdgeConfig
 from evcore.edge.dispatch import ChangeKind

@@ -1,0 +1,125 @@
+"""Failsafes through real sockets: the edge killed with SIGKILL, stale telemetry, ignored profiles,
+restart without a burst."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from evcore.edge.rig import EdgeRig
+from evcore.edge.sitegen import depot_table, to_toml
+from evcore.sim.ev import EV
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _start_edge(site_file: Path) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "evcore.cli",
+        "edge",
+        "--config",
+        str(site_file),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while line := (await proc.stdout.readline()).decode():
+                seen.append(line)
+                if "OCPP on port" in line:
+                    return proc
+    except TimeoutError:
+        pass
+    proc.kill()
+    await proc.wait()
+    raise AssertionError(f"edge did not start (rc={proc.returncode}): {''.join(seen)[-2000:]}")
+
+
+async def test_sigkill_then_plug_every_idle_charger_and_resume_paused_stays_within_limits(
+    tmp_path: Path,
+) -> None:
+    # 10 chargers on a 40 A feeder: 10 x 6 A does not fit, so some failsafe levels are 0 A.
+    table = depot_table(10, per_feeder=10, feeder_share=40.0 / 320.0, grid_share=1.0)
+    port = _free_port()
+    table["ocpp"]["port"] = port
+    table["store"] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    table["edge"] = {
+        "tick_s": 0.5,
+        "settle_s": 2.0,
+        "failsafe_after_s": 16.0,
+        "refresh_lead_s": 5.0,
+        "fallback_guard_s": 3.0,
+        "min_on_s": 0.0,
+        "min_off_s": 0.0,
+    }
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    proc = await _start_edge(site_file)
+    rig = EdgeRig(table, with_edge=False, url=f"ws://127.0.0.1:{port}/ocpp", apply_delay_s=0.5)
+    try:
+        await rig.start()
+        sims = rig.fleet
+
+        def defaults_held() -> bool:
+            return all(
+                any(p.purpose == "default" for p in sim.profiles) for sim in sims.stations.values()
+            )
+
+        await rig.wait_for(defaults_held, 15, "a TxDefaultProfile on every station")
+        now = rig.clock.now()
+        failsafe = {cid: rig.limit_at(cid) for cid in sims.charger_ids}
+        assert sum(failsafe.values()) <= 40.0 + 1e-6
+        assert min(failsafe.values()) == 0.0 < max(failsafe.values())
+        # Cars on half the chargers; one is full (the vehicle pauses itself, SuspendedEV), two
+        # stand on chargers whose failsafe level is 0 A (the allocator pauses them).
+        with_level = [cid for cid in sims.charger_ids if failsafe[cid] > 0.0]
+        zero = [cid for cid in sims.charger_ids if failsafe[cid] == 0.0]
+        sleeper = with_level[0]
+        active = [*with_level[:3], *zero[:2]]
+        for cid in active:
+            sims.plug_in(cid, EV(soc=1.0 if cid == sleeper else 0.2))
+        await asyncio.sleep(5.0)
+        before = {cid: rig.limit_at(cid) for cid in sims.charger_ids}
+        assert all(before[cid] == 0.0 for cid in zero)  # paused: no room at 6 A
+        assert sims.connector(sleeper).power_w == 0.0  # full: drawing nothing
+        assert rig.physics.violations == 0
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 10)
+        # The edge is gone: every idle charger gets a car, paused ones may resume.
+        for cid in sims.charger_ids:
+            if cid not in active:
+                sims.plug_in(cid, EV(soc=0.2))
+        connector = sims.connector(sleeper)
+        assert connector.ev is not None
+        connector.ev.soc = 0.3  # the paused car wakes up and draws again
+        now = rig.clock.now()
+        await asyncio.sleep(table["edge"]["failsafe_after_s"] + 3.0)
+        after = {cid: rig.limit_at(cid) for cid in sims.charger_ids}
+        # Every charger is back at its failsafe level, on its own.
+        assert after == pytest.approx(failsafe), (before, after)
+        # Every charger with a level now draws it (the woken car included); the site holds.
+        assert all(sims.connector(cid).power_w > 0 for cid in with_level)
+        assert rig.physics.samples > 150
+        assert rig.physics.violations == 0, rig.physics.violations_by_node
+        assert rig.clock.now() - now > 16.0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await rig.stop()
