@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
 from evcore.store import (
     AuditChainConflict,
@@ -22,6 +23,7 @@ from evcore.v1.status_pb2 import ChargerStatus, ConnectorState
 from evcore.v1.transaction_pb2 import TransactionEvent, TransactionEventKind
 from google.protobuf.timestamp_pb2 import Timestamp
 
+PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 T0 = 1_767_225_600.0
 K = TransactionEventKind
 
@@ -316,3 +318,28 @@ async def test_unreachable_postgres_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="cannot connect"):
         await s.open()
     await s.close()
+
+
+def terminate_backends(schema: str) -> int:
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
+            (f"evcore-store:{schema}:%",),
+        ).fetchall()
+    return len(rows)
+
+
+async def test_postgres_connection_dropped_by_the_server_is_reopened(
+    pg_schema: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="evcore.store")
+    s = open_store({"kind": "postgres", "dsn": PG_DSN, "schema": pg_schema}, tmp_path)
+    await s.open()
+    try:
+        await s.upsert_session(SessionRecord("S1", "C1", T0))
+        assert terminate_backends(pg_schema) >= 1  # e.g. a database restart while the edge idles
+        await s.upsert_session(SessionRecord("S2", "C1", T0 + 1))
+        assert [x.session_id for x in await s.list_open_sessions()] == ["S1", "S2"]
+        assert "connection lost while idle; reconnected" in caplog.text
+    finally:
+        await s.close()

@@ -11,6 +11,7 @@ connection is dropped and reopened on the next call; the failing call raises
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ from psycopg import sql as pgsql
 from evcore.store.base import AuditChainConflict, StoreUnavailable
 from evcore.store.migrations import POSTGRES, Migration
 from evcore.store.sql import Backend, SqlStore, Tx, qmark_to_format
+
+log = logging.getLogger("evcore.store")
 
 
 class PostgresBackend(Backend):
@@ -47,7 +50,10 @@ class PostgresBackend(Backend):
         self.close()
         try:
             conn = psycopg.connect(
-                self._dsn, autocommit=True, connect_timeout=max(1, int(self._timeout_s))
+                self._dsn,
+                autocommit=True,
+                connect_timeout=max(1, int(self._timeout_s)),
+                application_name=f"evcore-store:{self._schema}:{self.name}",
             )
             if self._must_exist:
                 found = conn.execute(
@@ -76,10 +82,23 @@ class PostgresBackend(Backend):
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Tx]:
-        self.connect()
-        conn = self._conn
+        stack = contextlib.ExitStack()
+        for attempt in (1, 2):
+            self.connect()
+            conn = self._conn
+            assert conn is not None
+            try:
+                # BEGIN is where a connection the server dropped while idle (restart, failover,
+                # idle timeout) shows up; nothing has run yet, so reconnecting once is safe.
+                stack.enter_context(conn.transaction())
+                break
+            except psycopg.OperationalError:
+                self.close()
+                if attempt == 2:
+                    raise
+                log.info("store %s: connection lost while idle; reconnected", self.name)
         assert conn is not None
-        with conn.transaction(), conn.cursor() as cur:
+        with stack, conn.cursor() as cur:
             if self._relaxed:
                 cur.execute("SET LOCAL synchronous_commit TO off")
             yield Tx(cur, qmark_to_format, copy=True)
