@@ -134,7 +134,9 @@ impl Default for PlanWeights {
             non_delivery_per_kwh: 10.0,
             charge_early_per_kwh: 1e-3,
             equal_share: 1e-4,
-            smooth: 1e-4,
+            // Off by default: smoothing couples consecutive steps of a session, which doubles
+            // the KKT frontier and roughly doubles the solve time (see docs/planner.md).
+            smooth: 0.0,
         }
     }
 }

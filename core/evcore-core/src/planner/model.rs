@@ -11,6 +11,8 @@
 //! caps, collinear line currents, demand windows), then one 3-D second-order cone per line current
 //! that mixes phasor angles (line-to-line loads): `‖Σ c·x‖ ≤ headroom`.
 
+use std::collections::HashMap;
+
 use clarabel::algebra::CscMatrix;
 use clarabel::solver::SupportedConeT;
 
@@ -269,6 +271,53 @@ impl Model {
             vars_by_step[var.step].push(v);
         }
 
+        // Aggregates z[node, group, step] = Σ rates of the chargers of one wiring group (same
+        // phasors and kW per unit) in the node's subtree. Limits are written on these, so a rate
+        // appears in one aggregation row per step instead of every limit row of every ancestor:
+        // same model, far less fill in the KKT factorisation.
+        let mut groups: Vec<([(f64, f64); 3], f64)> = Vec::new();
+        let mut group_of = Vec::with_capacity(input.chargers.len());
+        for (lines, kw, _) in &coeffs {
+            let same = |g: &([(f64, f64); 3], f64)| {
+                (g.1 - kw).abs() <= 1e-12
+                    && g.0
+                        .iter()
+                        .zip(lines)
+                        .all(|(a, b)| (a.0 - b.0).abs() <= 1e-12 && (a.1 - b.1).abs() <= 1e-12)
+            };
+            match groups.iter().position(same) {
+                Some(i) => group_of.push(i),
+                None => {
+                    groups.push((*lines, *kw));
+                    group_of.push(groups.len() - 1);
+                }
+            }
+        }
+        let mut z_index: HashMap<(usize, usize, usize), usize> = HashMap::new();
+        let mut z_keys: Vec<(usize, usize, usize)> = Vec::new();
+        let mut direct: HashMap<(usize, usize, usize), Vec<usize>> = HashMap::new();
+        for (v, var) in vars.iter().enumerate() {
+            let c = sessions[var.session].charger;
+            let grp = group_of[c];
+            let home = charger_node[c];
+            direct.entry((home, grp, var.step)).or_default().push(v);
+            for &a in &ancestors[home] {
+                z_index.entry((a, grp, var.step)).or_insert_with(|| {
+                    z_keys.push((a, grp, var.step));
+                    n += 1;
+                    n - 1
+                });
+            }
+        }
+        let mut children: Vec<Vec<usize>> = vec![Vec::new(); input.nodes.len()];
+        for (i, nd) in input.nodes.iter().enumerate() {
+            if let Some(p) = nd.parent.as_deref().and_then(node_index) {
+                if p != i {
+                    children[p].push(i);
+                }
+            }
+        }
+
         // Hard limits: node power caps and line currents.
         let mut limits = Vec::new();
         for (ni, node) in input.nodes.iter().enumerate() {
@@ -384,13 +433,18 @@ impl Model {
             let mid = step_start_s[var.step] + 0.5 * input.step_s[var.step] - input.start_s;
             q[v] = w.charge_early_per_kwh * (mid / horizon_s) * kwh_per_unit;
             let inv2 = 1.0 / (s.max_rate * s.max_rate);
-            pt.push(v, v, 2.0 * w.equal_share * d_h * inv2);
+            if w.equal_share > 0.0 {
+                pt.push(v, v, 2.0 * w.equal_share * d_h * inv2);
+            }
         }
         for s in &sessions {
             if let Some(u) = s.u_var {
                 q[u] = w.non_delivery_per_kwh * s.priority;
             }
             let inv2 = 1.0 / (s.max_rate * s.max_rate);
+            if w.smooth <= 0.0 {
+                continue;
+            }
             for j in 1..s.n_vars {
                 let (a, b) = (s.first_var + j - 1, s.first_var + j);
                 let wm = 2.0 * w.smooth * inv2;
@@ -425,6 +479,22 @@ impl Model {
                 row += 1;
             }
         }
+        // Aggregation: z[n,g,k] − Σ z[child,g,k] − Σ x (chargers directly under n) = 0.
+        for &(nd, grp, k) in &z_keys {
+            at_.push(row, z_index[&(nd, grp, k)], 1.0);
+            for &ch in &children[nd] {
+                if let Some(&zc) = z_index.get(&(ch, grp, k)) {
+                    at_.push(row, zc, -1.0);
+                }
+            }
+            if let Some(vs) = direct.get(&(nd, grp, k)) {
+                for &v in vs {
+                    at_.push(row, v, -1.0);
+                }
+            }
+            b.push(0.0);
+            row += 1;
+        }
         if row > 0 {
             cones.push(SupportedConeT::ZeroConeT(row));
         }
@@ -448,24 +518,50 @@ impl Model {
             at_.push(row, g_off + k, -1.0);
             b.push(0.0);
             row += 1;
-            // Σ f·kW·x − g ≤ pv − other
+            // Σ f·kW·x − g ≤ pv − other, with Σ kW·x taken from the root's aggregates and
+            // the part of a step before arrival / after departure taken off.
+            for (grp, gd) in groups.iter().enumerate() {
+                if let Some(&z) = z_index.get(&(root, grp, k)) {
+                    at_.push(row, z, gd.1);
+                }
+            }
             for &v in &vars_by_step[k] {
                 let var = vars[v];
-                at_.push(row, v, var.frac * sessions[var.session].site_kw_per_unit);
+                if var.frac < 1.0 {
+                    at_.push(
+                        row,
+                        v,
+                        -(1.0 - var.frac) * sessions[var.session].site_kw_per_unit,
+                    );
+                }
             }
             at_.push(row, g_off + k, -1.0);
             b.push(at(&input.pv_kw, k) - at(&root_node.other_load_kw, k));
             row += 1;
         }
         let tighten = |h: f64| h - margin_rel * (h.abs() + 1.0);
+        // A limit's left-hand side over the node's aggregates: (z, re, im) per wiring group.
+        let z_terms = |l: &LimitCon| -> Vec<(usize, f64, f64)> {
+            let mut out = Vec::new();
+            for (grp, gd) in groups.iter().enumerate() {
+                if let Some(&z) = z_index.get(&(l.node, grp, l.step)) {
+                    match l.phase {
+                        Some(p) if gd.0[p] != (0.0, 0.0) => out.push((z, gd.0[p].0, gd.0[p].1)),
+                        Some(_) => {}
+                        None => out.push((z, gd.1, 0.0)),
+                    }
+                }
+            }
+            out
+        };
         for l in limits.iter().filter(|l| !l.soc) {
-            for &(v, re, im) in &l.entries {
+            for (z, re, im) in z_terms(l) {
                 let coef = if l.phase.is_some() {
                     (re * re + im * im).sqrt()
                 } else {
                     re
                 };
-                at_.push(row, v, coef);
+                at_.push(row, z, coef);
             }
             b.push(tighten(l.headroom));
             row += 1;
@@ -487,9 +583,9 @@ impl Model {
         for l in limits.iter().filter(|l| l.soc) {
             // s = (headroom, Σ re·x, Σ im·x) ∈ SOC; the first row of A stays empty.
             b.push(tighten(l.headroom));
-            for &(v, re, im) in &l.entries {
-                at_.push(row + 1, v, -re);
-                at_.push(row + 2, v, -im);
+            for (z, re, im) in z_terms(l) {
+                at_.push(row + 1, z, -re);
+                at_.push(row + 2, z, -im);
             }
             b.push(0.0);
             b.push(0.0);
