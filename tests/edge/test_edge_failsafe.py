@@ -76,12 +76,7 @@ async def test_sigkill_then_plug_every_idle_charger_and_resume_paused_stays_with
         await rig.start()
         sims = rig.fleet
 
-        def defaults_held() -> bool:
-            return all(
-                any(p.purpose == "default" for p in sim.profiles) for sim in sims.stations.values()
-            )
-
-        await rig.wait_for(defaults_held, 15, "a TxDefaultProfile on every station")
+        await rig.wait_for(rig.defaults_held, 15, "a TxDefaultProfile on every station")
         now = rig.clock.now()
         failsafe = {cid: rig.limit_at(cid) for cid in sims.charger_ids}
         assert sum(failsafe.values()) <= 40.0 + 1e-6

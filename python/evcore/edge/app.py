@@ -145,6 +145,13 @@ class EdgeApp:
             on_sent=on_sent,
         )
         self.central.add_listener(self.controller.on_event)
+        from evcore.edge.facade import ControllerFacade
+
+        self.facade = ControllerFacade(self.controller, site=site)
+        if self.recorder is not None:
+            self.recorder.on_durable = self.facade.record_decision
+        self.api: Any = None
+        self.api_port = 0
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -181,6 +188,19 @@ class EdgeApp:
                 from evcore.edge.signals import subscribe_signals
 
                 subs = await subscribe_signals(self.bus, ctrl)
+            if "api" in self.site_table:
+                from evcore.api import ApiConfig, EdgeApiServer
+
+                base = getattr(self.site, "path", None)
+                site_dir = Path(base).parent if base else Path.cwd()
+                self.api = EdgeApiServer(
+                    self.facade,
+                    ApiConfig.from_section(self.site_table.get("api"), site_dir),
+                    site_id=str(self.site_table["site"]["id"]),
+                    clock=self.clock,
+                    store=self.store,
+                )
+                self.api_port = await self.api.start()
             async with asyncio.TaskGroup() as tg:
                 loop_task = tg.create_task(ctrl.run())
                 self.ready.set()
@@ -188,6 +208,9 @@ class EdgeApp:
                 ctrl.stop()
                 await loop_task
         finally:
+            if self.api is not None:
+                with contextlib.suppress(Exception):
+                    await self.api.stop(grace_s=2.0)
             for s in subs:
                 with contextlib.suppress(Exception):
                     await s.stop()

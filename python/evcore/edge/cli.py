@@ -47,7 +47,10 @@ async def _main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, app.stop)
     runner = asyncio.ensure_future(app.run())
     await app.ready.wait()
-    print(f"evcore edge: site {table['site']['id']} OCPP on port {app.central.port}", flush=True)
+    api = f", API on port {app.api_port}" if app.api is not None else ""
+    print(
+        f"evcore edge: site {table['site']['id']} OCPP on port {app.central.port}{api}", flush=True
+    )
     await runner
     return 0
 

@@ -14,20 +14,22 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from evcore.api.facade import FacadeError, UnknownTarget
 from evcore.edge.controller import EdgeController, SentProfile
 from evcore.edge.faults import is_suspect
 from evcore.edge.grid import Curtailment, GridSignalError, PricePoint
 
-
-class FacadeError(ValueError):
-    """A request named something unknown or carried a bad value; the message says which."""
+__all__ = ["AuditTee", "ControllerFacade", "FacadeError", "UnknownTarget"]
 
 
 class ControllerFacade:
-    """``EdgeFacade`` over one ``EdgeController``."""
+    """``evcore.api.facade.EdgeFacade`` over one ``EdgeController``."""
 
-    def __init__(self, controller: EdgeController, *, keep_decisions: int = 1000) -> None:
+    def __init__(
+        self, controller: EdgeController, *, site: Any = None, keep_decisions: int = 1000
+    ) -> None:
         self.ctrl = controller
+        self.site = site
         self._decisions: deque[dict[str, Any]] = deque(maxlen=keep_decisions)
         self._watchers: set[asyncio.Queue[dict[str, Any]]] = set()
         prev = controller.on_sent
@@ -52,6 +54,7 @@ class ControllerFacade:
         ctrl = self.ctrl
         now_w = ctrl.clock.now()
         return {
+            "site_id": "" if self.site is None else str(self.site.id),
             "at": now_w,
             "policy": ctrl.cfg.policy,
             "decisions": ctrl.stats.decisions,
@@ -113,6 +116,38 @@ class ControllerFacade:
             }
             for c in self.ctrl.state.chargers.values()
         ]
+
+    def node_utilisation(self) -> list[dict[str, Any]]:
+        """Per node the line current from the latest measurements (stale ones included) and its
+        limits; the kW cap is the lower of the site file's and a curtailment in force."""
+        if self.site is None:
+            return []
+        import numpy as np
+
+        from evcore.checker import node_phase_currents, node_power_kw
+
+        st = self.ctrl.state
+        terminal = np.zeros((len(self.site.chargers), 3))
+        for i, spec in enumerate(self.site.chargers):
+            c = st.chargers.get(spec.id)
+            if c is not None:
+                terminal[i] = [0.0 if v is None else float(v) for v in c.terminal_a]
+        currents = np.asarray(node_phase_currents(self.site, terminal))
+        power = np.asarray(node_power_kw(self.site, terminal))
+        caps = self.ctrl.curtailments.caps_kw(self.ctrl.clock.now())
+        out: list[dict[str, Any]] = []
+        for j, node in enumerate(self.site.nodes):
+            limits = [x for x in (node.power_limit_kw, caps.get(node.id)) if x is not None]
+            out.append(
+                {
+                    "node_id": node.id,
+                    "current_a": [float(x) for x in currents[j]],
+                    "phase_limit_a": list(node.phase_limit_a),
+                    "power_kw": float(power[j]),
+                    "power_limit_kw": min(limits) if limits else None,
+                }
+            )
+        return out
 
     def recent_decisions(
         self, *, charger_id: str | None = None, limit: int = 50
@@ -189,7 +224,7 @@ class ControllerFacade:
     def _get(self, charger_id: str) -> Any:
         c = self.ctrl.state.chargers.get(charger_id)
         if c is None:
-            raise FacadeError(f"unknown charger_id {charger_id!r}")
+            raise UnknownTarget(f"unknown charger_id {charger_id!r}")
         return c
 
 

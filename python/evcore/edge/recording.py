@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from evcore.edge.state import SiteState
@@ -82,6 +82,8 @@ class AuditRecorder:
         self.store_failures = 0
         #: Decision numbers whose record is durable (for tests: nothing leaves before its record).
         self.durable: set[int] = set()
+        #: Called with each record once durable (the facade's recent decisions and watchers).
+        self.on_durable: Callable[[Mapping[str, Any]], None] | None = None
 
     async def append(self, record: Mapping[str, Any]) -> None:
         from evcore.audit.log import Decision
@@ -101,6 +103,8 @@ class AuditRecorder:
         )
         await self.audit_log.append(decision)
         self.durable.add(int(record["decision"]))
+        if self.on_durable is not None:
+            self.on_durable(record)
         if self.store is not None:
             # Last-setpoint bookkeeping is for restart recovery, not for this decision's safety
             # (the audit record above is): it runs beside the send, owned here.

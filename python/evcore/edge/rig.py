@@ -150,3 +150,11 @@ class EdgeRig:
         return self.tx_default_at_failsafe() and all(
             self.limit_at(cid) <= ctrl.failsafe[cid] + 1e-9 for cid in self.fleet.charger_ids
         )
+
+    def defaults_held(self) -> bool:
+        """Every simulated station enforces a TxDefaultProfile (also without an in-process edge)."""
+        now = self.clock.now()
+        return all(
+            any(p.purpose == "default" and (p.received_at or 0.0) <= now for p in sim.profiles)
+            for sim in self.fleet.stations.values()
+        )
