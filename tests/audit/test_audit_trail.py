@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +353,25 @@ async def test_records_are_published_and_republished_after_a_crash(store: SqlSto
     await asyncio.sleep(0.05)
     assert got == []
     await bus.close()
+
+
+async def test_evcore_cli_registers_audit(tmp_path: Path) -> None:
+    """`evcore audit verify` through the real command line (a subprocess)."""
+    store = open_store({"path": str(tmp_path / "s")}, tmp_path)
+    await fill(store, ManualClock(), 2)
+    await store.close()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "evcore.cli",
+        "audit",
+        "verify",
+        "--store",
+        str(tmp_path / "s"),
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out)["records"] == 2

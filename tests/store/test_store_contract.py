@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import psycopg
 import pytest
+from evcore.clock import ManualClock
 from evcore.store import (
     AuditChainConflict,
     SessionRecord,
     SqlStore,
+    Store,
     StoreConfigError,
     StoreUnavailable,
     open_store,
     open_store_url,
+    run_retention,
 )
 from evcore.store.migrations import POSTGRES, SQLITE_RECORDS
 from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
@@ -343,3 +348,28 @@ async def test_postgres_connection_dropped_by_the_server_is_reopened(
         assert "connection lost while idle; reconnected" in caplog.text
     finally:
         await s.close()
+
+
+async def test_retention_task_purges_on_the_edge_clock(store: SqlStore) -> None:
+    assert isinstance(store, Store)
+    clock = ManualClock(start=T0)
+    await store.append_meter_samples([sample("C1", T0 + i * 3600, float(i)) for i in range(5)])
+    await store.mark_processed("edge", "old", T0)
+    task = asyncio.create_task(run_retention(store, clock, every_s=3600, processed_ids_keep_s=60))
+    try:
+        for _ in range(100):  # the first round runs at once
+            if not await store.is_processed("edge", "old"):
+                break
+            await asyncio.sleep(0.01)
+        assert len(await store.meter_samples("C1")) == 5  # nothing older than the retention yet
+        clock.advance(store.telemetry_retention_s + 2 * 3600 + 1)  # wakes the task
+        for _ in range(200):
+            if len(await store.meter_samples("C1")) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert [s.current_a[0] for s in await store.meter_samples("C1")] == [3.0, 4.0]
+        assert not await store.is_processed("edge", "old")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

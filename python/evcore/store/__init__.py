@@ -26,6 +26,7 @@ from evcore.store.base import (
     StoreUnavailable,
     TransactionRecord,
 )
+from evcore.store.retention import run_retention
 from evcore.store.sql import SqlStore
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "TransactionRecord",
     "open_store",
     "open_store_url",
+    "run_retention",
 ]
 
 
