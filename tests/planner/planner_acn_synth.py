@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from evcore.planner import (
     PlanCharger,
     PlanNode,
@@ -167,7 +166,7 @@ def random_request(
         sessions.append(
             PlanSession(
                 f"s{j}",
-                f"c{j % n_chargers}" if n_sessions <= n_chargers else f"c{j % n_chargers}",
+                f"c{j % n_chargers}",
                 a,
                 d,
                 float(rng.uniform(2.0, 40.0)),

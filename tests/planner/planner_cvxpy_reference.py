@@ -138,8 +138,11 @@ def solve_reference(
 
     # node limits
     for ni, n in enumerate(nodes):
-        members = [v for v, (s, _k, _f) in enumerate(vars_)
-                   if ni in ch_anc[ch_ix[doc["sessions"][s]["charger_id"]]]]
+        members = [
+            v
+            for v, (s, _k, _f) in enumerate(vars_)
+            if ni in ch_anc[ch_ix[doc["sessions"][s]["charger_id"]]]
+        ]
         if not members:
             continue
         if n.get("power_limit_kw") is not None:
@@ -147,8 +150,9 @@ def solve_reference(
             for v in members:
                 P[vars_[v][1], v] = site_kw[v]
             rows = [k for k in range(T) if P[k].nnz > 0]
-            h = np.array([tighten(_at(n["power_limit_kw"], k) - _at(n["other_load_kw"], k))
-                          for k in rows])
+            h = np.array(
+                [tighten(_at(n["power_limit_kw"], k) - _at(n["other_load_kw"], k)) for k in rows]
+            )
             cons.append(P.tocsr()[rows] @ x <= h)
         for ph in range(3):
             Re = sp.lil_matrix((T, N))
@@ -162,8 +166,12 @@ def solve_reference(
             rows = [k for k in range(T) if (Re[k].nnz + Im[k].nnz) > 0]
             if not rows:
                 continue
-            h = np.array([tighten(_at(n["phase_limit_a"][ph], k) - _at(n["other_load_a"][ph], k))
-                          for k in rows])
+            h = np.array(
+                [
+                    tighten(_at(n["phase_limit_a"][ph], k) - _at(n["other_load_a"][ph], k))
+                    for k in rows
+                ]
+            )
             M = cp.vstack([Re.tocsr()[rows] @ x, Im.tocsr()[rows] @ x])
             cons.append(cp.norm(M, 2, axis=0) <= h)
 
@@ -198,8 +206,9 @@ def solve_reference(
             coef = np.clip(np.minimum(ends, ws + W) - np.maximum(starts, ws), 0, None) / W
             if coef.any():
                 rows_c.append(coef)
-                past.append(doc.get("current_window_energy_kwh", 0.0) * 3600 / W if ws < start
-                            else 0.0)
+                past.append(
+                    doc.get("current_window_energy_kwh", 0.0) * 3600 / W if ws < start else 0.0
+                )
             ws += W
         cons += [np.array(rows_c) @ g + np.array(past) <= D, D >= doc.get("peak_floor_kw", 0.0)]
         obj = obj + dc * D

@@ -1,0 +1,237 @@
+"""The planner against an independent cvxpy model, an independent limit check, and its contract
+for statuses and bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from evcore.errors import InputError
+from evcore.planner import (
+    PlanCharger,
+    Planner,
+    PlannerSettings,
+    PlanNode,
+    PlanRequest,
+    PlanSession,
+    PlanWeights,
+)
+from planner_acn_synth import DAY0, acn_case, random_request
+from planner_cvxpy_reference import phasors, solve_reference
+
+
+def _at(series: list[float], k: int) -> float:
+    return series[0] if len(series) == 1 else series[k]
+
+
+def limit_violations(doc: dict[str, Any], batch: pa.RecordBatch) -> list[str]:
+    """Recompute every node's line currents and power per step from the schedule alone."""
+    steps = doc["step_s"]
+    starts = doc["start_s"] + np.concatenate([[0.0], np.cumsum(steps)[:-1]])
+    k_of = {round(float(s) * 1e6): k for k, s in enumerate(starts)}
+    ch = {c["id"]: c for c in doc["chargers"]}
+    nodes = {n["id"]: n for n in doc["nodes"]}
+    cols = batch.to_pydict()
+    cur = {(n, k): np.zeros(3, dtype=complex) for n in nodes for k in range(len(steps))}
+    kw = {(n, k): 0.0 for n in nodes for k in range(len(steps))}
+    bad = []
+    for cid, start, ta, tw in zip(
+        cols["charger_id"], cols["step_start"], cols["target_a"], cols["target_w"], strict=True
+    ):
+        c = ch[cid]
+        k = k_of[round(start.timestamp() * 1e6)]
+        if c.get("kind", "ac") == "dc":
+            rate = tw / 1000.0
+            lo, hi = c.get("min_w", 0.0) / 1000.0, c["max_w"] / 1000.0
+        else:
+            rate = ta
+            lo, hi = c.get("min_a", 6.0), c["max_a"]
+        if not (rate == 0.0 or lo - 1e-9 <= rate <= hi + 1e-9):
+            bad.append(f"{cid} step {k}: {rate} outside 0 or [{lo}, {hi}]")
+        coeff, site_kw, _ = phasors(c)
+        n = c["parent"]
+        while n is not None:
+            cur[(n, k)] += coeff * rate
+            kw[(n, k)] += site_kw * rate
+            n = nodes[n].get("parent")
+    for (n, k), i in cur.items():
+        node = nodes[n]
+        for p in range(3):
+            lim = _at(node["phase_limit_a"][p], k) - _at(node["other_load_a"][p], k)
+            if abs(i[p]) > lim + 1e-6:
+                bad.append(f"{n} phase {p} step {k}: {abs(i[p])} > {lim}")
+        if node.get("power_limit_kw") is not None:
+            cap = _at(node["power_limit_kw"], k) - _at(node["other_load_kw"], k)
+            if kw[(n, k)] > cap + 1e-6:
+                bad.append(f"{n} power step {k}: {kw[(n, k)]} > {cap}")
+    return bad
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_objective_matches_cvxpy_on_random_feasible_problems(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    doc = random_request(rng, int(rng.integers(3, 25)), float(rng.choice([2.0, 6.0, 12.0])))
+    if seed % 2:
+        doc["weights"]["smooth"] = 0.0
+    settings = PlannerSettings()
+    res = Planner(settings).plan(doc, 30.0)
+    ref = solve_reference(
+        doc,
+        tol_gap_abs=settings.tol_gap_abs,
+        tol_gap_rel=settings.tol_gap_rel,
+        tol_feas=settings.tol_feas,
+        limit_margin_rel=settings.limit_margin_rel,
+    )
+    assert res.status == "optimal"
+    assert ref.status == "optimal"
+    gap = abs(res.objective_relaxed - ref.objective) / max(1.0, abs(ref.objective))
+    assert gap <= 1e-4, (res.objective_relaxed, ref.objective)
+    # The terms add up to the objective the solver reports.
+    assert math.isclose(
+        res.summary["terms_relaxed"]["total"], res.objective_relaxed, rel_tol=1e-5, abs_tol=1e-5
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_schedule_never_exceeds_a_limit(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    doc = random_request(rng, int(rng.integers(10, 40)), 6.0)
+    # Tight limits: everything binds, rounding has work to do.
+    for n in doc["nodes"]:
+        n["phase_limit_a"] = [[v * 0.4 for v in s] for s in n["phase_limit_a"]]
+        n["other_load_a"] = [[0.0] for _ in range(3)]
+    res = Planner().plan(doc, 30.0)
+    assert res.ok
+    assert res.schedule.num_rows > 0
+    assert any(b["kind"] == "phase_limit" for b in res.binding)
+    assert limit_violations(doc, res.schedule) == []
+
+
+def test_acn_case_schedule_is_within_limits_and_matches_cvxpy() -> None:
+    doc = acn_case(3, n_sessions=30, horizon_h=6.0)
+    res = Planner().plan(doc, 30.0)
+    ref = solve_reference(doc)
+    assert res.status == "optimal"
+    assert abs(res.objective_relaxed - ref.objective) <= 1e-4 * max(1.0, abs(ref.objective))
+    assert limit_violations(doc, res.schedule) == []
+    assert res.summary["second_order_cones"] > 0
+
+
+def _one_charger(**kw: Any) -> PlanRequest:
+    t0 = DAY0 + 8 * 3600.0
+    base: dict[str, Any] = dict(
+        start=t0,
+        step_s=[900.0] * 8,
+        price_per_kwh=0.2,
+        nodes=[PlanNode("root", 32.0)],
+        chargers=[PlanCharger("c1", "root", "line_to_neutral", ["L1"], 230.0, max_a=32.0)],
+        sessions=[PlanSession("s1", "c1", t0 - 60.0, t0 + 7200.0, 10.0)],
+        weights=PlanWeights(),
+    )
+    base.update(kw)
+    return PlanRequest(**base)
+
+
+def test_impossible_limits_give_a_status_not_an_exception() -> None:
+    req = _one_charger(nodes=[PlanNode("root", 32.0, other_load_a=(40.0, 0.0, 0.0))])
+    res = Planner().plan(req, 5.0)
+    assert res.status == "infeasible"
+    assert not res.ok
+    assert res.schedule.num_rows == 0
+    assert res.binding[0]["node"] == "root"
+
+
+def test_too_much_demand_delivers_as_much_as_possible() -> None:
+    req = _one_charger(sessions=[PlanSession("s1", "c1", DAY0, DAY0 + 10 * 3600.0, 500.0)])
+    res = Planner().plan(req, 5.0)
+    assert res.status == "optimal"
+    assert res.schedule.column("target_a").to_pylist() == pytest.approx([32.0] * 8, abs=1e-4)
+    assert res.summary["shortfall_kwh"][0] == pytest.approx(500.0 - 32 * 0.23 * 2, rel=1e-5)
+
+
+def test_tiny_budget_gives_time_limit_status() -> None:
+    res = Planner().plan(acn_case(1), 1e-6)
+    assert res.status == "time_limit"
+    assert res.schedule.num_rows == 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d["sessions"][0].update(energy_requested_kwh=math.nan), "energy_requested_kwh"),
+        (lambda d: d["sessions"][0].update(energy_requested_kwh=-1.0), "energy_requested_kwh"),
+        (lambda d: d.update(price_per_kwh=[0.1] * 7 + [-0.2]), "price_per_kwh[7]"),
+        (lambda d: d["nodes"][0].update(phase_limit_a=[[math.inf], [1.0], [1.0]]), "phase_limit_a"),
+        (lambda d: d["chargers"][0].update(min_a=3.0), "min_a"),
+        (lambda d: d["sessions"][0].update(charger_id="nope"), "charger_id"),
+        (lambda d: d["sessions"][0].update(departure_s=d["sessions"][0]["arrival_s"]), "departure"),
+        (lambda d: d.update(step_s=[]), "step_s"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_field(mutate: Any, field: str) -> None:
+    from evcore.planner import to_core_input
+
+    doc = copy.deepcopy(to_core_input(_one_charger()))
+    mutate(doc)
+    with pytest.raises(InputError, match=field.replace("[", r"\[").replace("]", r"\]")) as e:
+        Planner().plan(doc, 5.0)
+    assert isinstance(e.value, ValueError)
+
+
+def test_bad_budget_is_refused() -> None:
+    with pytest.raises(InputError, match="budget_s"):
+        Planner().plan(_one_charger(), math.nan)
+    with pytest.raises(InputError, match="budget_s"):
+        Planner().plan(_one_charger(), -1.0)
+
+
+def test_replanning_reuses_the_solver_and_agrees_with_a_fresh_one() -> None:
+    doc = acn_case(2, n_sessions=20, horizon_h=6.0)
+    p = Planner()
+    first = p.plan(doc, 10.0)
+    assert not first.summary["reused_solver"]
+    doc2 = copy.deepcopy(doc)
+    doc2["price_per_kwh"] = [
+        v * (1.5 if k % 2 else 0.5) for k, v in enumerate(doc["price_per_kwh"])
+    ]
+    doc2["sessions"][0]["energy_requested_kwh"] += 3.0
+    again = p.plan(doc2, 10.0)
+    fresh = Planner().plan(doc2, 10.0)
+    assert again.summary["reused_solver"]
+    assert again.objective_relaxed == pytest.approx(fresh.objective_relaxed, rel=1e-6)
+    assert again.objective_relaxed != pytest.approx(first.objective_relaxed, rel=1e-6)
+
+
+def test_output_is_the_allocators_plan_input() -> None:
+    t0 = DAY0 + 8 * 3600.0
+    req = _one_charger(
+        nodes=[PlanNode("root", 100.0)],
+        chargers=[
+            PlanCharger("c1", "root", "line_to_neutral", ["L1"], 230.0, max_a=32.0),
+            PlanCharger(
+                "dc1", "root", "three_phase", ["L1", "L2", "L3"], 230.0, kind="dc", max_w=50e3
+            ),
+        ],
+        sessions=[
+            PlanSession("s1", "c1", t0 - 60.0, t0 + 7200.0, 10.0),
+            PlanSession("s2", "dc1", t0 + 1000.0, t0 + 5000.0, 30.0),
+        ],
+    )
+    res = Planner().plan(req, 5.0)
+    s = res.schedule.schema
+    assert s.names == ["session_id", "charger_id", "step_start", "step_s", "target_a", "target_w"]
+    assert s.field("step_start").type == pa.timestamp("us", tz="UTC")
+    rows = res.schedule.to_pylist()
+    ac = [r for r in rows if r["charger_id"] == "c1"]
+    dc = [r for r in rows if r["charger_id"] == "dc1"]
+    assert all(r["target_w"] is None and r["target_a"] is not None for r in ac)
+    assert all(r["target_a"] is None and r["target_w"] is not None for r in dc)
+    # Only the steps that overlap the DC session's window have variables.
+    assert [r["step_start"].timestamp() for r in dc] == [t0 + 900.0 * k for k in range(1, 6)]
+    assert sum(r["target_w"] * r["step_s"] for r in dc) > 0
+    targets = res.targets_at(t0 + 10.0)
+    assert set(targets) == {"c1"}
