@@ -55,6 +55,7 @@ class StoreFacade:
         self.curtailments: dict[str, tuple[str, float, float, float]] = {}
         self.prices: list[tuple[float, float]] = []
         self._watchers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.broken = False
 
     def emit(self, item: dict[str, Any]) -> None:
         for q in list(self._watchers):
@@ -120,6 +121,8 @@ class StoreFacade:
         return out
 
     def node_utilisation(self) -> Sequence[Mapping[str, Any]]:
+        if self.broken:
+            raise RuntimeError("node model not loaded")
         c1 = self.chargers["C1"]["measured_a"]
         return [
             {

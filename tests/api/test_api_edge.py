@@ -336,6 +336,15 @@ async def test_watch_streams_changes(edge: Edge) -> None:
         {"kind": "setpoint", "charger_id": "C1", "purpose": "tx", "value": 10.0, "decision": 9}
     )
     edge.facade.emit({"kind": "decision", "decision": 9})
+    other = edge.stub.WatchChanges(pb.WatchChangesRequest(charger_id="DC1"), metadata=auth(VIEWER))
+    for _ in range(200):
+        if len(edge.facade._watchers) == 2:
+            break
+        await asyncio.sleep(0.01)
+    edge.facade.emit({"kind": "setpoint", "charger_id": "DC1", "value": 22_000.0, "decision": 10})
+    dc = await asyncio.wait_for(other.read(), 5)
+    assert dc.setpoint_w == 22_000.0 and not dc.HasField("setpoint_a")  # unit from the charger
+    other.cancel()
     await edge.stub.SetChargerAvailability(
         pb.SetChargerAvailabilityRequest(charger_id="C1", available=False), metadata=auth(OPERATOR)
     )
@@ -385,3 +394,14 @@ def test_config_errors_name_the_entry(tmp_path: Path) -> None:
         ApiConfig.from_section({"port": 1}, tmp_path)
     with pytest.raises(ApiConfigError, match="client_ca_file"):
         ApiConfig.from_section({"clients": [{"common_name": "x", "roles": ["viewer"]}]}, tmp_path)
+
+
+async def test_a_failing_facade_gives_internal_not_a_traceback(edge: Edge) -> None:
+    edge.facade.broken = True
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await edge.stub.GetNodeUtilisation(pb.GetNodeUtilisationRequest(), metadata=auth(VIEWER))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "node model not loaded" in (err.value.details() or "")
+    # The server lives on.
+    state = await edge.stub.GetSiteState(pb.GetSiteStateRequest(), metadata=auth(VIEWER))
+    assert state.site_id == "depot"

@@ -141,6 +141,14 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc).strip("'\""))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            # A bug behind the facade: logged with its traceback, the caller gets a clean INTERNAL.
+            log.exception("api: %s failed", getattr(fn, "__name__", fn))
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"{getattr(fn, '__name__', 'call')} failed: {exc!r}"
+            )
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -202,11 +210,16 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
     async def WatchChanges(
         self, request: pb.WatchChangesRequest, context: Any
     ) -> AsyncIterator[pb.Change]:
+        # Setpoint changes may come without a unit: take it from the charger (DC chargers are W).
+        state = await self._call(context, self._facade.site_state)
+        units = {str(c.get("charger_id")): c.get("unit") for c in state.get("chargers") or ()}
         queue: asyncio.Queue[pb.Change] = asyncio.Queue(maxsize=WATCH_QUEUE)
         self._watchers.add(queue)
 
         async def pump() -> None:
             async for item in self._facade.watch():
+                if "unit" not in item and units.get(str(item.get("charger_id"))):
+                    item = {**item, "unit": units[str(item.get("charger_id"))]}
                 self._offer(queue, convert.change(item, now_s=self._clock.now()))
 
         pump_task = asyncio.create_task(pump(), name="evcore-api-watch-pump")
