@@ -387,8 +387,9 @@ class EdgeController:
             resolution_w=cfg.resolution_w,
             force=force,
         )
-        decreases = [("tx_default", c) for c in d_plan.decreases] + [
-            ("tx", c) for c in t_plan.decreases
+        # TxProfile decreases first: they lower what flows now; TxDefault ones guard the future.
+        decreases = [("tx", c) for c in t_plan.decreases] + [
+            ("tx_default", c) for c in d_plan.decreases
         ]
         if decreases:
             increases: list[tuple[str, Change]] = []
