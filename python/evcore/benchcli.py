@@ -29,7 +29,9 @@ def _run(args: argparse.Namespace) -> int:
     name: str = args.name
     path = bench_dir() / f"bench_{name.replace('-', '_')}.py"
     if not path.exists():
-        raise SystemExit(f"unknown benchmark {name!r}; available: {', '.join(available()) or 'none'}")
+        raise SystemExit(
+            f"unknown benchmark {name!r}; available: {', '.join(available()) or 'none'}"
+        )
     module: dict[str, Any] = runpy.run_path(str(path), run_name="evcore_bench")
     return int(module["main"](list(args.rest)))
 
