@@ -94,14 +94,14 @@ async def serve_ours(site: Any, sinks: Sinks) -> tuple[Any, int, list[int]]:
 
 async def serve_reference(site: Any, sinks: Sinks) -> tuple[Any, int, list[int]]:
     """The ``ocpp`` library's default path: ``ChargePoint.start()``, thread-pool validation."""
-    from ocpp.routing import on
-    from ocpp.v16 import ChargePoint, call_result
-    from ocpp.v16.enums import Action
-    from websockets.asyncio.server import serve
-
+    from evcore.ocpp.connection import on
     from evcore.ocpp.events import MeterSample
     from evcore.ocpp.metering import parse_meter_value
     from evcore.ocpp.publish import EventPublisher
+    from ocpp.v16 import ChargePoint, call_result
+    from ocpp.v16.enums import Action
+    from websockets.asyncio.server import serve
+    from websockets.typing import Subprotocol
 
     publisher = EventPublisher("bench", sinks.bus, sinks.store, clock_now=time.time)
     count = [0]
@@ -116,14 +116,24 @@ async def serve_reference(site: Any, sinks: Sinks) -> tuple[Any, int, list[int]]
             )
 
         @on(Action.meter_values)
-        async def on_meter_values(self, connector_id: int, meter_value: list[dict[str, Any]], **kw: Any) -> Any:
+        async def on_meter_values(
+            self, connector_id: int, meter_value: list[dict[str, Any]], **kw: Any
+        ) -> Any:
             for mv in meter_value:
                 camel = {
                     "timestamp": mv["timestamp"],
                     "sampledValue": [
-                        {k: v for k, v in (("value", s.get("value")), ("measurand", s.get("measurand")),
-                                           ("phase", s.get("phase")), ("unit", s.get("unit")),
-                                           ("context", s.get("context"))) if v is not None}
+                        {
+                            k: v
+                            for k, v in (
+                                ("value", s.get("value")),
+                                ("measurand", s.get("measurand")),
+                                ("phase", s.get("phase")),
+                                ("unit", s.get("unit")),
+                                ("context", s.get("context")),
+                            )
+                            if v is not None
+                        }
                         for s in mv["sampled_value"]
                     ],
                 }
@@ -131,8 +141,19 @@ async def serve_reference(site: Any, sinks: Sinks) -> tuple[Any, int, list[int]]
                 t = r.terminal_a
                 count[0] += 1
                 await publisher.publish(
-                    MeterSample(f"cp-{self.id[2:]}", self.id, r.at, (t[0], t[1], t[2]), (t[0], t[1], t[2]),
-                                r.power_w, r.energy_register_wh, r.offered_a, None, None, None)
+                    MeterSample(
+                        f"cp-{self.id[2:]}",
+                        self.id,
+                        r.at,
+                        (t[0], t[1], t[2]),
+                        (t[0], t[1], t[2]),
+                        r.power_w,
+                        r.energy_register_wh,
+                        r.offered_a,
+                        None,
+                        None,
+                        None,
+                    )
                 )
             return call_result.MeterValues()
 
@@ -143,8 +164,14 @@ async def serve_reference(site: Any, sinks: Sinks) -> tuple[Any, int, list[int]]
         except Exception:
             pass
 
-    server = await serve(handler, "127.0.0.1", 0, subprotocols=["ocpp1.6"], compression=None,  # type: ignore[list-item]
-                         ping_interval=None)
+    server = await serve(
+        handler,
+        "127.0.0.1",
+        0,
+        subprotocols=[Subprotocol("ocpp1.6")],
+        compression=None,
+        ping_interval=None,
+    )
     port = next(iter(server.sockets)).getsockname()[1]
     return server, port, count
 
@@ -160,10 +187,20 @@ async def run_case(impl: str, mode: str, n: int, duration: int, quick: bool) -> 
                 handle, port, count = await serve_reference(site, sinks)
                 password = None
             cmd = [
-                sys.executable, str(HERE / "ocpp_loadgen.py"),
-                "--url", f"ws://127.0.0.1:{port}/ocpp",
-                "--chargers", str(n), "--mode", mode, "--duration", str(duration),
-                "--warmup", "1" if quick else "2", "--drain", "10",
+                sys.executable,
+                str(HERE / "ocpp_loadgen.py"),
+                "--url",
+                f"ws://127.0.0.1:{port}/ocpp",
+                "--chargers",
+                str(n),
+                "--mode",
+                mode,
+                "--duration",
+                str(duration),
+                "--warmup",
+                "1" if quick else "2",
+                "--drain",
+                "10",
             ]
             if password:
                 cmd += ["--password", password]
@@ -202,15 +239,20 @@ async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
             r = await run_case(impl, mode, n, duration, args.quick)
             all_runs[impl].append(r)
             if not args.json:
-                print(f"{mode:8s} {impl:9s} p50 {r['p50_s'] * 1e3:8.2f} ms  p99 {r['p99_s'] * 1e3:8.2f} ms  "
-                      f"{r['msg_per_s']:7.1f} msg/s  lost {r['lost']}  stored {r['stored']}/{r['answered']}",
-                      file=sys.stderr)
+                print(
+                    f"{mode:8s} {impl:9s} p50 {r['p50_s'] * 1e3:8.2f} ms  "
+                    f"p99 {r['p99_s'] * 1e3:8.2f} ms  {r['msg_per_s']:7.1f} msg/s  "
+                    f"lost {r['lost']}  stored {r['stored']}/{r['answered']}",
+                    file=sys.stderr,
+                )
         # Report ours as its worse run (no cherry-picking), the reference as its run.
         runs["ours"] = max(all_runs["ours"], key=lambda r: r["p99_s"])
         runs["reference"] = all_runs["reference"][0]
         o, ref = runs["ours"], runs["reference"]
-        ours_ok = all(r["lost"] == 0 and r["errors"] == 0 and r["stored"] == r["answered"] + n * 0
-                      for r in all_runs["ours"])
+        ours_ok = all(
+            r["lost"] == 0 and r["errors"] == 0 and r["stored"] == r["answered"] + n * 0
+            for r in all_runs["ours"]
+        )
         out.append(
             {
                 "name": mode,
@@ -239,8 +281,11 @@ async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evcore bench ocpp", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="evcore bench ocpp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--json", action="store_true", help="print the JSON array of cases")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 chargers, 3 s per run")
     p.add_argument("--chargers", type=int, default=0, help="default 1000 (20 with --quick)")
@@ -253,10 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            print(f"{r['name']:8s} chargers {r['chargers']}: p50 {r['p50_s'] * 1e3:.2f} ms, p99 "
-                  f"{r['p99_s'] * 1e3:.2f} ms (target {r['target_p99_s'] * 1e3:.0f} ms), "
-                  f"{r['msg_per_s']:.0f} msg/s, lost {r['lost']}; reference p99 "
-                  f"{r['reference_p99_s'] * 1e3:.1f} ms (ratio {r['ratio']:.1f}x)")
+            print(
+                f"{r['name']:8s} chargers {r['chargers']}: p50 {r['p50_s'] * 1e3:.2f} ms, p99 "
+                f"{r['p99_s'] * 1e3:.2f} ms (target {r['target_p99_s'] * 1e3:.0f} ms), "
+                f"{r['msg_per_s']:.0f} msg/s, lost {r['lost']}; reference p99 "
+                f"{r['reference_p99_s'] * 1e3:.1f} ms (ratio {r['ratio']:.1f}x)"
+            )
     bad = [r for r in results if r["lost"] or r["errors"] or not r["stored_ok"]]
     return 1 if bad else 0
 

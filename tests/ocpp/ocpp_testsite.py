@@ -11,8 +11,8 @@ from typing import Any
 
 from evcore.clock import WallClock
 from evcore.ocpp import CentralSystem, OcppEvent
-from evcore.site import Site, load_site
 from evcore.sim.fleet import Fleet
+from evcore.site import Site, load_site
 
 PASSWORDS = {
     "CPA": "password-of-cpa-16",
@@ -29,19 +29,56 @@ SITE: dict[str, Any] = {
     ],
     "chargers": [
         # 1.6, three-phase with phase rotation: charger L1 is site L2.
-        {"id": "cp-a", "ocpp_id": "CPA", "parent": "F1", "wiring": "three_phase",
-         "phases": ["L2", "L3", "L1"], "voltage_v": 230.0, "max_a": 32.0},
+        {
+            "id": "cp-a",
+            "ocpp_id": "CPA",
+            "parent": "F1",
+            "wiring": "three_phase",
+            "phases": ["L2", "L3", "L1"],
+            "voltage_v": 230.0,
+            "max_a": 32.0,
+        },
         # 2.0.1, three-phase.
-        {"id": "cp-b", "ocpp_id": "CPB", "parent": "F1", "wiring": "three_phase",
-         "phases": ["L1", "L2", "L3"], "voltage_v": 230.0, "max_a": 32.0},
+        {
+            "id": "cp-b",
+            "ocpp_id": "CPB",
+            "parent": "F1",
+            "wiring": "three_phase",
+            "phases": ["L1", "L2", "L3"],
+            "voltage_v": 230.0,
+            "max_a": 32.0,
+        },
         # 1.6 station with two EVSEs (one call queue).
-        {"id": "cp-m1", "ocpp_id": "CPM", "evse_id": 1, "parent": "grid", "wiring": "three_phase",
-         "phases": ["L1", "L2", "L3"], "voltage_v": 230.0, "max_a": 32.0},
-        {"id": "cp-m2", "ocpp_id": "CPM", "evse_id": 2, "parent": "grid", "wiring": "three_phase",
-         "phases": ["L1", "L2", "L3"], "voltage_v": 230.0, "max_a": 32.0},
+        {
+            "id": "cp-m1",
+            "ocpp_id": "CPM",
+            "evse_id": 1,
+            "parent": "grid",
+            "wiring": "three_phase",
+            "phases": ["L1", "L2", "L3"],
+            "voltage_v": 230.0,
+            "max_a": 32.0,
+        },
+        {
+            "id": "cp-m2",
+            "ocpp_id": "CPM",
+            "evse_id": 2,
+            "parent": "grid",
+            "wiring": "three_phase",
+            "phases": ["L1", "L2", "L3"],
+            "voltage_v": 230.0,
+            "max_a": 32.0,
+        },
         # single-phase charger on site L3.
-        {"id": "cp-c", "ocpp_id": "CPC", "parent": "grid", "wiring": "line_to_neutral",
-         "phases": ["L3"], "voltage_v": 230.0, "max_a": 32.0},
+        {
+            "id": "cp-c",
+            "ocpp_id": "CPC",
+            "parent": "grid",
+            "wiring": "line_to_neutral",
+            "phases": ["L3"],
+            "voltage_v": 230.0,
+            "max_a": 32.0,
+        },
     ],
     "ocpp": {
         "port": 0,
@@ -78,7 +115,7 @@ class Rig:
 
     async def until(self, pred: Callable[[], bool], timeout_s: float = 5.0) -> None:
         async def poll() -> None:
-            while not pred():
+            while not pred():  # noqa: ASYNC110 - polls any predicate
                 await asyncio.sleep(0.02)
 
         await asyncio.wait_for(poll(), timeout_s)

@@ -8,10 +8,6 @@ import json
 from typing import Any
 
 import pytest
-from ocpp_testsite import PASSWORDS, rig
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
-
 from evcore.ocpp import (
     BootEvent,
     ConfigurationEvent,
@@ -24,6 +20,10 @@ from evcore.ocpp import (
 )
 from evcore.ocpp.v16 import iso
 from evcore.sim.ev import EV
+from ocpp_testsite import PASSWORDS, rig
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,7 +36,7 @@ def auth(ocpp_id: str, password: str | None = None) -> dict[str, str]:
 async def raw_call(ws: Any, unique_id: str, action: str, payload: Any) -> list[Any]:
     await ws.send(json.dumps([2, unique_id, action, payload]))
     while True:
-        msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        msg: list[Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
         if msg[0] == 2:  # the CSMS configures us at boot: answer and go on
             continue
         if msg[1] == unique_id:
@@ -98,8 +98,9 @@ async def test_session_meter_values_phase_mapping_and_energy(charger: str) -> No
         assert ended.session_energy_wh == pytest.approx(register_delta, abs=1.0)
         assert ended.reason == "EVDisconnected"
         await r.until(
-            lambda: [e.status for e in r.of(StatusEvent) if e.charger_id == charger][-1]
-            == "Available"
+            lambda: (
+                [e.status for e in r.of(StatusEvent) if e.charger_id == charger][-1] == "Available"
+            )
         )
         for sim in r.fleet.stations.values():
             assert sim.invalid_calls == [] and sim.call_errors == []
@@ -109,7 +110,9 @@ async def test_unknown_station_is_refused_at_upgrade() -> None:
     async with rig(connect=False) as r:
         with pytest.raises(InvalidStatus) as exc:
             async with connect(
-                f"{r.base_url}/NOPE", subprotocols=["ocpp1.6"], additional_headers=auth("CPA")
+                f"{r.base_url}/NOPE",
+                subprotocols=[Subprotocol("ocpp1.6")],
+                additional_headers=auth("CPA"),
             ):
                 pass
         assert exc.value.response.status_code == 404
@@ -133,14 +136,18 @@ async def test_wrong_or_missing_password_gets_401(password: str | None) -> None:
     async with rig(connect=False) as r:
         headers = auth("CPA", password) if password else {}
         with pytest.raises(InvalidStatus) as exc:
-            async with connect(f"{r.base_url}/CPA", subprotocols=["ocpp1.6"], additional_headers=headers):
+            async with connect(
+                f"{r.base_url}/CPA",
+                subprotocols=[Subprotocol("ocpp1.6")],
+                additional_headers=headers,
+            ):
                 pass
         assert exc.value.response.status_code == 401
         # Another station's (valid) password is wrong for this one.
         with pytest.raises(InvalidStatus) as exc2:
             async with connect(
                 f"{r.base_url}/CPA",
-                subprotocols=["ocpp1.6"],
+                subprotocols=[Subprotocol("ocpp1.6")],
                 additional_headers=auth("CPA", PASSWORDS["CPB"]),
             ):
                 pass
@@ -148,13 +155,19 @@ async def test_wrong_or_missing_password_gets_401(password: str | None) -> None:
         assert r.cs.connected() == set()
 
 
-@pytest.mark.parametrize(("sid", "version", "code"), [("CPA", "ocpp1.6", "FormationViolation"),
-                                                       ("CPB", "ocpp2.0.1", "RpcFrameworkError")])
-async def test_malformed_frame_gets_callerror_and_connection_lives(sid: str, version: str, code: str) -> None:
+@pytest.mark.parametrize(
+    ("sid", "version", "code"),
+    [("CPA", "ocpp1.6", "FormationViolation"), ("CPB", "ocpp2.0.1", "RpcFrameworkError")],
+)
+async def test_malformed_frame_gets_callerror_and_connection_lives(
+    sid: str, version: str, code: str
+) -> None:
     async with rig(connect=False) as r:
-        async with connect(f"{r.base_url}/{sid}", subprotocols=[version], additional_headers=auth(sid)) as ws:
+        async with connect(
+            f"{r.base_url}/{sid}", subprotocols=[Subprotocol(version)], additional_headers=auth(sid)
+        ) as ws:
             assert ws.subprotocol == version
-            for garbage in ("{not json", "[]", '{"a": 1}', '[2, "x1", "Heartbeat"]', "[9, \"x\"]"):
+            for garbage in ("{not json", "[]", '{"a": 1}', '[2, "x1", "Heartbeat"]', '[9, "x"]'):
                 await ws.send(garbage)
                 msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
                 assert msg[0] == 4 and msg[2] == code, (garbage, msg)
@@ -175,7 +188,9 @@ async def test_malformed_frame_gets_callerror_and_connection_lives(sid: str, ver
 @pytest.mark.parametrize(("sid", "version"), [("CPA", "ocpp1.6"), ("CPB", "ocpp2.0.1")])
 async def test_unhandled_action_gets_not_implemented(sid: str, version: str) -> None:
     async with rig(connect=False) as r:
-        async with connect(f"{r.base_url}/{sid}", subprotocols=[version], additional_headers=auth(sid)) as ws:
+        async with connect(
+            f"{r.base_url}/{sid}", subprotocols=[Subprotocol(version)], additional_headers=auth(sid)
+        ) as ws:
             # An action the version defines but the CSMS does not handle, one of 2.1, one invented.
             for action in ("SignCertificate", "NotifyPeriodicEventStream", "MakeCoffee"):
                 msg = await raw_call(ws, action, action, {})
@@ -184,11 +199,18 @@ async def test_unhandled_action_gets_not_implemented(sid: str, version: str) -> 
 
 async def test_bad_timestamps_are_refused() -> None:
     async with rig(connect=False) as r:
-        async with connect(f"{r.base_url}/CPA", subprotocols=["ocpp1.6"], additional_headers=auth("CPA")) as ws:
+        async with connect(
+            f"{r.base_url}/CPA",
+            subprotocols=[Subprotocol("ocpp1.6")],
+            additional_headers=auth("CPA"),
+        ) as ws:
+
             def mv(ts: str) -> dict[str, Any]:
                 return {
                     "connectorId": 1,
-                    "meterValue": [{"timestamp": ts, "sampledValue": [{"value": "5", "unit": "Wh"}]}],
+                    "meterValue": [
+                        {"timestamp": ts, "sampledValue": [{"value": "5", "unit": "Wh"}]}
+                    ],
                 }
 
             for i, ts in enumerate(
@@ -203,8 +225,12 @@ async def test_bad_timestamps_are_refused() -> None:
                 ws,
                 "v",
                 "MeterValues",
-                {"connectorId": 1, "meterValue": [{"timestamp": "2026-01-01T00:00:00Z",
-                                                   "sampledValue": [{"value": "lots"}]}]},
+                {
+                    "connectorId": 1,
+                    "meterValue": [
+                        {"timestamp": "2026-01-01T00:00:00Z", "sampledValue": [{"value": "lots"}]}
+                    ],
+                },
             )
             assert bad_value[0] == 4 and "value" in bad_value[3]
         samples = r.of(MeterSample)
@@ -213,9 +239,19 @@ async def test_bad_timestamps_are_refused() -> None:
 
 async def test_second_connection_replaces_first() -> None:
     async with rig(connect=False) as r:
-        first = await connect(f"{r.base_url}/CPA", subprotocols=["ocpp1.6"], additional_headers=auth("CPA"))
-        await raw_call(first, "b", "BootNotification", {"chargePointVendor": "v", "chargePointModel": "m"})
-        second = await connect(f"{r.base_url}/CPA", subprotocols=["ocpp1.6"], additional_headers=auth("CPA"))
+        first = await connect(
+            f"{r.base_url}/CPA",
+            subprotocols=[Subprotocol("ocpp1.6")],
+            additional_headers=auth("CPA"),
+        )
+        await raw_call(
+            first, "b", "BootNotification", {"chargePointVendor": "v", "chargePointModel": "m"}
+        )
+        second = await connect(
+            f"{r.base_url}/CPA",
+            subprotocols=[Subprotocol("ocpp1.6")],
+            additional_headers=auth("CPA"),
+        )
         await asyncio.wait_for(first.wait_closed(), 5)
         assert first.close_code == 1001
         hb = await raw_call(second, "h", "Heartbeat", {})
@@ -265,7 +301,11 @@ async def test_lost_start_answer_and_offline_replay_never_duplicate_1_6() -> Non
         # A duplicate StopTransaction (a second replay) changes nothing.
         await sim.call(
             "StopTransaction",
-            {"transactionId": int(started[0].transaction_id), "meterStop": 1, "timestamp": iso(r.cs.clock.now())},
+            {
+                "transactionId": int(started[0].transaction_id),
+                "meterStop": 1,
+                "timestamp": iso(r.cs.clock.now()),
+            },
         )
         assert len([e for e in r.of(TransactionEvent) if e.kind == "ended"]) == 1
 
@@ -297,11 +337,27 @@ async def test_notifications_security_and_data_transfer() -> None:
     async with rig() as r:
         a, b = r.fleet.stations["CPA"], r.fleet.stations["CPB"]
         now = iso(r.cs.clock.now())
-        assert await a.call("DataTransfer", {"vendorId": "com.other"}) == {"status": "UnknownVendorId"}
-        assert await a.call("DataTransfer", {"vendorId": "com.evcore", "data": "x"}) == {"status": "Accepted"}
-        assert await b.call("DataTransfer", {"vendorId": "com.other"}) == {"status": "UnknownVendorId"}
-        assert await a.call("SecurityEventNotification", {"type": "TamperDetectionActivated", "timestamp": now}) == {}
-        assert await b.call("SecurityEventNotification", {"type": "InvalidFirmwareSignature", "timestamp": now}) == {}
+        assert await a.call("DataTransfer", {"vendorId": "com.other"}) == {
+            "status": "UnknownVendorId"
+        }
+        assert await a.call("DataTransfer", {"vendorId": "com.evcore", "data": "x"}) == {
+            "status": "Accepted"
+        }
+        assert await b.call("DataTransfer", {"vendorId": "com.other"}) == {
+            "status": "UnknownVendorId"
+        }
+        assert (
+            await a.call(
+                "SecurityEventNotification", {"type": "TamperDetectionActivated", "timestamp": now}
+            )
+            == {}
+        )
+        assert (
+            await b.call(
+                "SecurityEventNotification", {"type": "InvalidFirmwareSignature", "timestamp": now}
+            )
+            == {}
+        )
         assert await a.call("FirmwareStatusNotification", {"status": "Installed"}) == {}
         assert await a.call("DiagnosticsStatusNotification", {"status": "Uploaded"}) == {}
         assert await b.call("FirmwareStatusNotification", {"status": "Installed"}) == {}
@@ -312,15 +368,28 @@ async def test_notifications_security_and_data_transfer() -> None:
         }
         needs = await b.call(
             "NotifyEVChargingNeeds",
-            {"evseId": 1, "chargingNeeds": {"requestedEnergyTransfer": "AC_three_phase",
-                                             "acChargingParameters": {"energyAmount": 20000, "evMinCurrent": 6,
-                                                                      "evMaxCurrent": 32, "evMaxVoltage": 400}}},
+            {
+                "evseId": 1,
+                "chargingNeeds": {
+                    "requestedEnergyTransfer": "AC_three_phase",
+                    "acChargingParameters": {
+                        "energyAmount": 20000,
+                        "evMinCurrent": 6,
+                        "evMaxCurrent": 32,
+                        "evMaxVoltage": 400,
+                    },
+                },
+            },
         )
         assert needs == {"status": "Accepted"}
         sec = {(e.ocpp_id, e.kind) for e in r.of(SecurityEvent)}
         assert sec == {("CPA", "TamperDetectionActivated"), ("CPB", "InvalidFirmwareSignature")}
         notes = {(e.ocpp_id, e.action) for e in r.of(NotificationEvent)}
-        assert {("CPA", "FirmwareStatusNotification"), ("CPA", "DiagnosticsStatusNotification"),
-                ("CPB", "LogStatusNotification"), ("CPB", "NotifyEVChargingNeeds"),
-                ("CPA", "DataTransfer")} <= notes
+        assert {
+            ("CPA", "FirmwareStatusNotification"),
+            ("CPA", "DiagnosticsStatusNotification"),
+            ("CPB", "LogStatusNotification"),
+            ("CPB", "NotifyEVChargingNeeds"),
+            ("CPA", "DataTransfer"),
+        } <= notes
         assert ("CPB", "DataTransfer") not in notes

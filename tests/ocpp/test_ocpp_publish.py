@@ -7,14 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
-from ocpp_testsite import rig
-
 from evcore.bus.api import BusMessage
 from evcore.bus.inprocess import InProcessBus
 from evcore.ocpp import TransactionEvent
 from evcore.sim.ev import EV
 from evcore.store.sqlite import sqlite_store
 from evcore.v1 import meter_pb2, status_pb2, transaction_pb2
+from ocpp_testsite import rig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,13 +46,18 @@ async def test_status_meter_and_transactions_are_published_and_stored(tmp_path: 
         # Site phase order: cp-a's L1 is site L2; the other phases carry no current.
         assert list(charging[0].current_a) == [0.0, 10.0, 0.0]
         assert charging[0].transaction_id == tx_id
-        kinds = [transaction_pb2.TransactionEvent.FromString(m.data).kind for m in got["transaction"]]
+        kinds = [
+            transaction_pb2.TransactionEvent.FromString(m.data).kind for m in got["transaction"]
+        ]
         assert kinds == [
             transaction_pb2.TRANSACTION_EVENT_KIND_STARTED,
             transaction_pb2.TRANSACTION_EVENT_KIND_ENDED,
         ]
-        states = [status_pb2.ChargerStatus.FromString(m.data).state for m in got["status"]
-                  if m.subject.endswith("cp-a")]
+        states = [
+            status_pb2.ChargerStatus.FromString(m.data).state
+            for m in got["status"]
+            if m.subject.endswith("cp-a")
+        ]
         assert status_pb2.CONNECTOR_STATE_CHARGING in states
         # The same events were stored.
         stored = await store.meter_samples("cp-a")

@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from evcore.clock import WallClock
+from evcore.ocpp import CentralSystem, OcppConfigError, parse_ocpp_section
 from ocpp_certs import CertAuthority
 from ocpp_testsite import PASSWORDS, make_site
 from test_ocpp.client import check_connection
 from websockets.exceptions import InvalidStatus
-
-from evcore.clock import WallClock
-from evcore.ocpp import CentralSystem, OcppConfigError, parse_ocpp_section
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,29 +33,60 @@ async def test_profile_1_with_test_ocpp_client_both_versions() -> None:
     try:
         base = f"ws://127.0.0.1:{cs.port}/ocpp"
         for sid, version in (("CPA", "1.6"), ("CPB", "2.0.1")):
-            result = await check_connection(base, sid, ocpp=version, password=PASSWORDS[sid], timeout=5)
+            result = await check_connection(
+                base, sid, ocpp=version, password=PASSWORDS[sid], timeout=5
+            )
             assert result.subprotocol == f"ocpp{version}"
             assert result.boot_notification["status"] == "Accepted"
             assert "currentTime" in result.heartbeat
             # With the trailing-slash URL form too.
-            await check_connection(base, sid, ocpp=version, password=PASSWORDS[sid],
-                                   trailing_slash=True, timeout=5)
+            await check_connection(
+                base, sid, ocpp=version, password=PASSWORDS[sid], trailing_slash=True, timeout=5
+            )
         with pytest.raises(InvalidStatus) as exc:
-            await check_connection(base, "CPA", ocpp="1.6", password="not-the-password-1", timeout=5)
+            await check_connection(
+                base, "CPA", ocpp="1.6", password="not-the-password-1", timeout=5
+            )
         assert exc.value.response.status_code == 401
         # The command-line tool, as an operator would run it, in its own process.
         ok = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "test_ocpp", base, "CPB", "--ocpp", "2.0.1",
-             "--password", PASSWORDS["CPB"], "--timeout", "5"],
-            capture_output=True, text=True, timeout=30,
+            [
+                sys.executable,
+                "-m",
+                "test_ocpp",
+                base,
+                "CPB",
+                "--ocpp",
+                "2.0.1",
+                "--password",
+                PASSWORDS["CPB"],
+                "--timeout",
+                "5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert ok.returncode == 0 and "SUCCESS" in ok.stdout, ok.stdout + ok.stderr
         bad = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "test_ocpp", base, "CPB", "--ocpp", "2.0.1",
-             "--password", "wrong-password-000", "--timeout", "5"],
-            capture_output=True, text=True, timeout=30,
+            [
+                sys.executable,
+                "-m",
+                "test_ocpp",
+                base,
+                "CPB",
+                "--ocpp",
+                "2.0.1",
+                "--password",
+                "wrong-password-000",
+                "--timeout",
+                "5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert bad.returncode == 1 and "HTTP 401" in bad.stdout
     finally:
@@ -66,24 +96,34 @@ async def test_profile_1_with_test_ocpp_client_both_versions() -> None:
 async def test_profile_2_tls_and_basic_auth(tmp_path: Path) -> None:
     pki = CertAuthority(tmp_path)
     cert, key = pki.issue("csms.local", server=True)
-    cs = CentralSystem(
-        make_site(security_profile=2, tls_cert=cert, tls_key=key), clock=WallClock()
-    )
+    cs = CentralSystem(make_site(security_profile=2, tls_cert=cert, tls_key=key), clock=WallClock())
     await cs.start()
     try:
         base = f"wss://127.0.0.1:{cs.port}/ocpp"
-        res = await check_connection(base, "CPA", ocpp="1.6", password=PASSWORDS["CPA"],
-                                     ca=str(pki.ca_path), timeout=5)
+        res = await check_connection(
+            base, "CPA", ocpp="1.6", password=PASSWORDS["CPA"], ca=str(pki.ca_path), timeout=5
+        )
         assert res.tls_version in ("TLSv1.2", "TLSv1.3")
         assert res.boot_notification["status"] == "Accepted"
         with pytest.raises(InvalidStatus) as exc:
-            await check_connection(base, "CPA", ocpp="1.6", password="not-the-password-1",
-                                   ca=str(pki.ca_path), timeout=5)
+            await check_connection(
+                base,
+                "CPA",
+                ocpp="1.6",
+                password="not-the-password-1",
+                ca=str(pki.ca_path),
+                timeout=5,
+            )
         assert exc.value.response.status_code == 401
         # Plain ws:// to a TLS listener never gets a session.
         with pytest.raises((OSError, asyncio.TimeoutError, InvalidStatus, Exception)):
-            await check_connection(f"ws://127.0.0.1:{cs.port}/ocpp", "CPA", ocpp="1.6",
-                                   password=PASSWORDS["CPA"], timeout=2)
+            await check_connection(
+                f"ws://127.0.0.1:{cs.port}/ocpp",
+                "CPA",
+                ocpp="1.6",
+                password=PASSWORDS["CPA"],
+                timeout=2,
+            )
     finally:
         await cs.stop()
 
@@ -104,21 +144,29 @@ async def test_profile_3_mutual_tls_checks_the_certificate_name(tmp_path: Path) 
     try:
         base = f"wss://127.0.0.1:{cs.port}/ocpp"
         good = pki.issue("SN-CPA-0001")
-        res = await check_connection(base, "CPA", ocpp="1.6", cert=good[0], key=good[1],
-                                     ca=str(pki.ca_path), timeout=5)
+        res = await check_connection(
+            base, "CPA", ocpp="1.6", cert=good[0], key=good[1], ca=str(pki.ca_path), timeout=5
+        )
         assert res.boot_notification["status"] == "Accepted"
         # A valid certificate naming another station is refused with 401.
         other = pki.issue("SN-CPB-0002")
         with pytest.raises(InvalidStatus) as exc:
-            await check_connection(base, "CPA", ocpp="1.6", cert=other[0], key=other[1],
-                                   ca=str(pki.ca_path), timeout=5)
+            await check_connection(
+                base, "CPA", ocpp="1.6", cert=other[0], key=other[1], ca=str(pki.ca_path), timeout=5
+            )
         assert exc.value.response.status_code == 401
         # No certificate, or one from another CA, never gets a session.
         for c in (None, rogue.issue("SN-CPA-0001")):
             with pytest.raises((InvalidStatus, ssl.SSLError, OSError, Exception)) as e2:
-                await check_connection(base, "CPA", ocpp="1.6",
-                                       cert=c[0] if c else None, key=c[1] if c else None,
-                                       ca=str(pki.ca_path), timeout=5)
+                await check_connection(
+                    base,
+                    "CPA",
+                    ocpp="1.6",
+                    cert=c[0] if c else None,
+                    key=c[1] if c else None,
+                    ca=str(pki.ca_path),
+                    timeout=5,
+                )
             if isinstance(e2.value, InvalidStatus):
                 assert e2.value.response.status_code == 401
         assert cs.connected() == set()

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from ocpp_testsite import rig
-
 from evcore.ocpp import ProfileResult
+from evcore.sim.chargepoint import SimChargePoint
 from evcore.sim.ev import EV
+from ocpp_testsite import rig
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def sent_profiles(sim, action: str = "SetChargingProfile") -> list[dict]:  # type: ignore[no-untyped-def]
+def sent_profiles(sim: SimChargePoint, action: str = "SetChargingProfile") -> list[dict[str, Any]]:
     return [p for a, p in sim.received if a == action]
 
 
@@ -36,7 +37,9 @@ async def test_limits_reach_the_charger_as_the_right_profile(charger: str) -> No
         assert body["chargingProfilePurpose"] == "TxDefaultProfile"
         assert (prof["connectorId"] if v16 else prof["evseId"]) == 1
         assert sched["chargingRateUnit"] == "A" and "startSchedule" in sched
-        assert sched["chargingSchedulePeriod"] == [{"startPeriod": 0, "limit": 16.0, "numberPhases": 3}]
+        assert sched["chargingSchedulePeriod"] == [
+            {"startPeriod": 0, "limit": 16.0, "numberPhases": 3}
+        ]
         r.fleet.plug_in(charger, EV(soc=0.3))
         await r.until(lambda: r.cs.station_state(charger).active_transactions.get(1) is not None)
         await r.until(lambda: sim.connectors[1].terminal_a[0] == 16.0)  # after the apply delay
@@ -50,9 +53,9 @@ async def test_limits_reach_the_charger_as_the_right_profile(charger: str) -> No
         assert res.accepted
         last = sent_profiles(sim)[-1]
         assert (last["connectorId"] if v16 else last["evseId"]) == 0
-        assert last["csChargingProfiles" if v16 else "chargingProfile"]["chargingProfilePurpose"] == (
-            "ChargePointMaxProfile" if v16 else "ChargingStationMaxProfile"
-        )
+        assert last["csChargingProfiles" if v16 else "chargingProfile"][
+            "chargingProfilePurpose"
+        ] == ("ChargePointMaxProfile" if v16 else "ChargingStationMaxProfile")
         await r.until(lambda: sim.connectors[1].terminal_a[0] == 8.0)
         comp = await r.cs.get_composite_schedule(charger, duration_s=600)
         assert comp.status == "Accepted" and comp.limit_at(r.cs.clock.now()) == 8.0
@@ -64,8 +67,12 @@ async def test_limits_reach_the_charger_as_the_right_profile(charger: str) -> No
         now = r.cs.clock.now()
         res = await r.cs.set_limit(charger, limit_a=20, valid_to=now + 2.0, final_limit_a=6)
         assert res.accepted
-        periods = (sent_profiles(sim)[-1]["csChargingProfiles" if v16 else "chargingProfile"])
-        periods = periods["chargingSchedule"]["chargingSchedulePeriod"] if v16 else periods["chargingSchedule"][0]["chargingSchedulePeriod"]
+        periods = sent_profiles(sim)[-1]["csChargingProfiles" if v16 else "chargingProfile"]
+        periods = (
+            periods["chargingSchedule"]["chargingSchedulePeriod"]
+            if v16
+            else periods["chargingSchedule"][0]["chargingSchedulePeriod"]
+        )
         assert [p["limit"] for p in periods] == [20.0, 6.0] and periods[1]["startPeriod"] in (1, 2)
         await r.until(lambda: sim.connectors[1].terminal_a[0] == 20.0)
         await r.until(lambda: sim.connectors[1].terminal_a[0] == 6.0, 5)
@@ -80,7 +87,9 @@ async def test_single_phase_charger_sends_one_phase_and_dc_sends_watts() -> None
         res = await r.cs.set_limit("cp-c", limit_a=13.5, purpose="tx_default")
         assert res.accepted
         sched = sent_profiles(sim)[-1]["chargingProfile"]["chargingSchedule"][0]
-        assert sched["chargingSchedulePeriod"] == [{"startPeriod": 0, "limit": 13.0, "numberPhases": 1}]
+        assert sched["chargingSchedulePeriod"] == [
+            {"startPeriod": 0, "limit": 13.0, "numberPhases": 1}
+        ]
         with pytest.raises(ValueError, match="exactly one"):
             await r.cs.set_limit("cp-c", limit_a=10, limit_w=1000)
         with pytest.raises(ValueError, match="final limit needs valid_to"):
@@ -113,7 +122,10 @@ async def test_queue_sends_decreases_first_and_drops_superseded_limits() -> None
         results = await asyncio.gather(blocker, up2, down)
         assert [x.status for x in results] == ["Accepted"] * 3
         order = [
-            (p["connectorId"], p["csChargingProfiles"]["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"])
+            (
+                p["connectorId"],
+                p["csChargingProfiles"]["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"],
+            )
             for p in sent_profiles(sim)[before:]
         ]
         assert order == [(1, 14.0), (1, 6.0), (2, 24.0)]  # the decrease overtook the increase
@@ -128,7 +140,7 @@ async def test_timeouts_bounded_queue_and_disconnect() -> None:
         assert res.status == "Timeout"
         assert asyncio.get_running_loop().time() - t0 == pytest.approx(0.5, abs=0.3)
         # The queue moves on after a timeout; with the bound reached, new requests are refused.
-        tasks = [
+        tasks: list[asyncio.Task[Any]] = [
             asyncio.create_task(r.cs.set_limit("cp-m1", limit_a=8 + i, purpose="tx_default"))
             for i in range(1)
         ]
@@ -137,7 +149,7 @@ async def test_timeouts_bounded_queue_and_disconnect() -> None:
         await asyncio.sleep(0.05)
         tasks.append(asyncio.create_task(r.cs.reset("CPM")))
         done = await asyncio.gather(*tasks)
-        statuses = [getattr(d, "status") for d in done]
+        statuses = [d.status for d in done]
         assert statuses[0] == "Timeout" and statuses[-1] == "QueueFull"
         # Offline stations: nothing is queued, the caller learns it at once.
         await sim.go_offline(30)
@@ -153,7 +165,9 @@ async def test_commands_both_versions(charger: str) -> None:
         sim = r.fleet.stations[sid]
         v16 = sim.version == "1.6"
         res = await r.cs.remote_start(charger, "TAG-1")
-        assert res.ok and res.action == ("RemoteStartTransaction" if v16 else "RequestStartTransaction")
+        assert res.ok and res.action == (
+            "RemoteStartTransaction" if v16 else "RequestStartTransaction"
+        )
         await r.until(lambda: r.cs.station_state(charger).active_transactions.get(1) is not None)
         res = await r.cs.trigger_message(charger, "MeterValues")
         assert res.ok

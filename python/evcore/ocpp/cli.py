@@ -33,9 +33,11 @@ async def _csms(args: argparse.Namespace) -> int:
     if not args.quiet:
         cs.add_listener(lambda ev: print(ev, flush=True))
     await cs.start()
-    print(f"central system for site {site.id!r} on port {cs.port} "
-          f"(path {cs.config.path_prefix}/<ocpp_id>, security profile {cs.config.security_profile})",
-          flush=True)
+    print(
+        f"central system for site {site.id!r} on port {cs.port} "
+        f"(path {cs.config.path_prefix}/<ocpp_id>, security profile {cs.config.security_profile})",
+        flush=True,
+    )
     try:
         if args.seconds:
             await asyncio.sleep(args.seconds)
@@ -54,12 +56,19 @@ async def _simcp(args: argparse.Namespace) -> int:
     from evcore.site import load_site
 
     site = load_site(args.config)
-    cfg = parse_ocpp_section(site.sections.get("ocpp"),
-                             base_dir=site.path.parent if site.path else None)
+    cfg = parse_ocpp_section(
+        site.sections.get("ocpp"), base_dir=site.path.parent if site.path else None
+    )
     passwords = {k: c.password for k, c in cfg.credentials.items() if c.password}
     url = args.url or f"ws://{cfg.host}:{cfg.port}{cfg.path_prefix}"
-    fleet = Fleet(site, url=url, clock=WallClock(), version=args.ocpp, passwords=passwords,
-                  sample_interval_s=args.sample_interval)
+    fleet = Fleet(
+        site,
+        url=url,
+        clock=WallClock(),
+        version=args.ocpp,
+        passwords=passwords,
+        sample_interval_s=args.sample_interval,
+    )
     await fleet.start()
     await fleet.wait_connected(30)
     if args.plug_in:

@@ -79,6 +79,8 @@ class OcppConfig:
     stack_level: int = 1
     #: Timestamps further than this in the future (relative to the clock) are refused.
     max_clock_skew_s: float = 300.0
+    #: Meter samples arriving within this window go to the store in one write (group commit).
+    store_batch_window_s: float = 0.005
 
     def credentials_for(self, ocpp_id: str) -> StationCredentials | None:
         return self.credentials.get(ocpp_id)
@@ -114,7 +116,9 @@ def _parse_credentials(where: str, ocpp_id: str, raw: Any) -> StationCredentials
     key_hex = raw.get("authorization_key_hex")
     if key_hex is not None:
         if not isinstance(key_hex, str) or not _HEX.match(key_hex) or len(key_hex) % 2:
-            raise OcppConfigError(f"{where}.authorization_key_hex: expected an even-length hex string")
+            raise OcppConfigError(
+                f"{where}.authorization_key_hex: expected an even-length hex string"
+            )
         if not 16 <= len(key_hex) // 2 <= 20:
             raise OcppConfigError(
                 f"{where}.authorization_key_hex: the 1.6 AuthorizationKey is 16 to 20 bytes, "
@@ -170,6 +174,7 @@ _KEYS = {
     "configure_on_boot",
     "stack_level",
     "max_clock_skew_s",
+    "store_batch_window_s",
 }
 
 
@@ -206,7 +211,9 @@ def parse_ocpp_section(
     tls_key = typed("tls_key", str, None)
     tls_ca = typed("tls_client_ca", str, None)
     if profile >= 2 and (tls_cert is None or tls_key is None):
-        raise OcppConfigError("ocpp.tls_cert and ocpp.tls_key are required for security profile 2/3")
+        raise OcppConfigError(
+            "ocpp.tls_cert and ocpp.tls_key are required for security profile 2/3"
+        )
     if profile == 3 and tls_ca is None:
         raise OcppConfigError("ocpp.tls_client_ca is required for security profile 3")
     port = typed("port", int, 9000)
@@ -244,4 +251,5 @@ def parse_ocpp_section(
         configure_on_boot=typed("configure_on_boot", bool, True),
         stack_level=typed("stack_level", int, 1),
         max_clock_skew_s=float(typed("max_clock_skew_s", (int, float), 300.0)),
+        store_batch_window_s=float(typed("store_batch_window_s", (int, float), 0.005)),
     )

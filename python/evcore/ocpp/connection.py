@@ -15,9 +15,10 @@ import itertools
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ocpp.charge_point import ChargePoint as _LibChargePoint
+from ocpp.routing import on as _lib_on
 
 from evcore.clock import Clock
 from evcore.ocpp import validation
@@ -28,6 +29,14 @@ if TYPE_CHECKING:
     from evcore.ocpp.server import CentralSystem, Station
 
 LOG = logging.getLogger("evcore.ocpp")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def on(action: str) -> Callable[[_F], _F]:
+    """The ``ocpp`` library's ``@on`` routing decorator, typed."""
+    return cast(Callable[[_F], _F], _lib_on(action))
+
 
 _ids = itertools.count(1)
 
@@ -101,7 +110,9 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
                 _guess_id(msg), self.frame_error_code, f"unknown or malformed message type {kind}"
             )
 
-    async def _handle_frame_call(self, unique_id: str, action: str, payload: dict[str, Any]) -> None:
+    async def _handle_frame_call(
+        self, unique_id: str, action: str, payload: dict[str, Any]
+    ) -> None:
         handlers = self.route_map.get(action)
         handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = (
             handlers.get("_on_action") if handlers else None
@@ -115,7 +126,9 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
             await self._send_error(unique_id, exc.code, exc.description)
             return
         except KeyError:
-            await self._send_error(unique_id, "NotImplemented", f"{action} unknown in {self.version}")
+            await self._send_error(
+                unique_id, "NotImplemented", f"{action} unknown in {self.version}"
+            )
             return
         try:
             response = await handler(payload)
@@ -158,7 +171,9 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
             return
         now = self.clock.now()
         if not isinstance(payload, dict):
-            fut.set_result(CallOutcome("CallError", None, "FormatViolation", "result not an object"))
+            fut.set_result(
+                CallOutcome("CallError", None, "FormatViolation", "result not an object")
+            )
             return
         try:
             validation.validate(self.version, action, payload, response=True)
@@ -203,15 +218,19 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
         try:
             validation.validate(self.version, action, payload, response=False)
         except (validation.SchemaError, KeyError) as exc:
-            return CallOutcome("CallError", None, "InternalError", f"refused to send {action}: {exc}")
+            return CallOutcome(
+                "CallError", None, "InternalError", f"refused to send {action}: {exc}"
+            )
         unique_id = f"cs{next(_ids)}"
         fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
         self._pending[unique_id] = (action, fut)
         sent_at = self.clock.now()
         await self._send_text(json.dumps([2, unique_id, action, payload], separators=(",", ":")))
-        timer = asyncio.ensure_future(self.clock.sleep(timeout_s))
+        timer: asyncio.Future[None] = asyncio.ensure_future(self.clock.sleep(timeout_s))
         try:
-            await asyncio.wait({fut, timer}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                cast(list[asyncio.Future[Any]], [fut, timer]), return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             timer.cancel()
         self._pending.pop(unique_id, None)

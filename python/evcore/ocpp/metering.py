@@ -63,9 +63,7 @@ def _number(version: str, sv: Mapping[str, Any], idx: int) -> float:
         try:
             value = float(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise MeterValueError(
-                f"sampledValue[{idx}].value: not a number: {raw!r}"
-            ) from None
+            raise MeterValueError(f"sampledValue[{idx}].value: not a number: {raw!r}") from None
         unit = sv.get("unit")
         scale = _SCALE.get(unit, 1.0) if unit else 1.0
     else:
@@ -171,9 +169,7 @@ class PhaseMap:
         return (out[0], out[1], out[2])
 
 
-def phase_map_for(
-    wiring: str, phases: Sequence[str | int], phase_names: Sequence[str]
-) -> PhaseMap:
+def phase_map_for(wiring: str, phases: Sequence[str | int], phase_names: Sequence[str]) -> PhaseMap:
     """``phases``: the site phases the charger's terminals land on, as names or indices."""
     try:
         idx = tuple(
@@ -181,5 +177,7 @@ def phase_map_for(
             for p in phases
         )
     except ValueError:
-        raise ValueError(f"phases {list(phases)!r} not among site phases {list(phase_names)!r}") from None
+        raise ValueError(
+            f"phases {list(phases)!r} not among site phases {list(phase_names)!r}"
+        ) from None
     return PhaseMap(wiring=wiring, site_index=idx)

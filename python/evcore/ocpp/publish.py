@@ -49,7 +49,7 @@ _KIND = {"started": 1, "updated": 2, "ended": 3}
 
 
 def _ts(msg_field: Any, t: float) -> None:
-    msg_field.FromNanoseconds(int(round(t * 1e9)))
+    msg_field.FromNanoseconds(round(t * 1e9))
 
 
 def meter_to_proto(ev: MeterSample, received_at: float) -> Any:
@@ -116,8 +116,9 @@ class _GroupCommit:
     samples (group commit), so storing costs one transaction per batch, not per frame.
     """
 
-    def __init__(self, store: TelemetryStore) -> None:
+    def __init__(self, store: TelemetryStore, window_s: float) -> None:
         self.store = store
+        self.window_s = window_s
         self._pending: list[tuple[Any, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -129,7 +130,9 @@ class _GroupCommit:
         await fut
 
     async def _write(self) -> None:
-        await asyncio.sleep(0)  # let the frames already read this loop turn join the batch
+        # Let the frames arriving within the window join the batch. This bounds I/O batching, not
+        # control timing, so it waits on the event loop's own timer.
+        await asyncio.sleep(self.window_s)
         while self._pending:
             batch, self._pending = self._pending, []
             try:
@@ -155,12 +158,15 @@ class EventPublisher:
         *,
         clock_now: Any = None,
         evse_of: Any = None,
+        store_batch_window_s: float = 0.005,
     ) -> None:
         self.site_id = site_id
         self.bus = bus
         self.store = store
         self._subjects: Any = None
-        self._meter_writer = _GroupCommit(store) if store is not None else None
+        self._meter_writer = (
+            _GroupCommit(store, store_batch_window_s) if store is not None else None
+        )
         self._now = clock_now
         self.evse_of = evse_of
         if bus is not None:
@@ -193,7 +199,8 @@ class EventPublisher:
                 await self.bus.publish(
                     self._subjects.status(charger),
                     msg,
-                    event_id=f"status:{charger}:{event.evse_id}:{round(event.at * 1000)}:{event.status}",
+                    event_id=f"status:{charger}:{event.evse_id}:"
+                    f"{round(event.at * 1000)}:{event.status}",
                 )
             if self.store is not None:
                 await self.store.record_status(msg)

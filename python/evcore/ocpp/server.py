@@ -279,6 +279,7 @@ class CentralSystem:
             store,
             clock_now=clock.now,
             evse_of=lambda cid: self._chargers[cid].evse_id,
+            store_batch_window_s=self.config.store_batch_window_s,
         )
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -324,8 +325,8 @@ class CentralSystem:
             self.config.host,
             self.config.port,
             process_request=self._process_request,
-            select_subprotocol=self._select_subprotocol,
-            subprotocols=list(SUBPROTOCOLS),
+            select_subprotocol=self._select_subprotocol,  # type: ignore[arg-type]
+            subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
             ssl=self._tls,
             compression=None,
             ping_interval=None,
@@ -492,7 +493,9 @@ class CentralSystem:
                 built = item.builder()
             except Exception as exc:
                 LOG.exception("station %s: building %s failed", st.ocpp_id, item.label)
-                _resolve(item, CallOutcome("CallError", error_code="InternalError", detail=str(exc)))
+                _resolve(
+                    item, CallOutcome("CallError", error_code="InternalError", detail=str(exc))
+                )
                 continue
             if isinstance(built, CallOutcome):
                 _resolve(item, built)
@@ -565,7 +568,9 @@ class CentralSystem:
         reason: str | None,
     ) -> None:
         st = conn.station
-        ev = BootEvent(st.ocpp_id, conn.version, self.clock.now(), vendor, model, serial, firmware, reason)
+        ev = BootEvent(
+            st.ocpp_id, conn.version, self.clock.now(), vendor, model, serial, firmware, reason
+        )
         st.boot = ev
         self._emit(ev)
         if self.config.configure_on_boot:
@@ -576,11 +581,12 @@ class CentralSystem:
         calls = mod.configure_calls(self.config.measurands, self.config.sample_interval_s)
         results: dict[str, str] = {}
         for action, payload in calls:
-            out = await self._enqueue(st, lambda a=action, p=payload: (a, p), label=action)
+            out = await self._enqueue(st, _fixed(action, payload), label=action)
             if action == "ChangeConfiguration":
                 key = payload["key"]
                 results[key] = (
-                    out.payload.get("status", "?") if out.status == "Result" and out.payload
+                    out.payload.get("status", "?")
+                    if out.status == "Result" and out.payload
                     else out.status
                 )
             else:
@@ -631,14 +637,21 @@ class CentralSystem:
             raise HandlerError("PropertyConstraintViolation", f"unknown connectorId {connector_id}")
         tx_id = self._next_tx_id()
         st.start_keys[key] = tx_id
-        tx = TxState(tx_id, charger.charger_id, connector_id, id_tag, meter_start_wh, meter_start_wh, at)
+        tx = TxState(
+            tx_id, charger.charger_id, connector_id, id_tag, meter_start_wh, meter_start_wh, at
+        )
         st.transactions[tx_id] = tx
         st.active_tx[connector_id] = tx_id
         await self._tx_event(st, tx, "started", at)
         return int(tx_id)
 
     async def _tx_event(
-        self, st: Station, tx: TxState, kind: str, at: float, reason: str | None = None,
+        self,
+        st: Station,
+        tx: TxState,
+        kind: str,
+        at: float,
+        reason: str | None = None,
         offline: bool = False,
     ) -> None:
         if tx.charger_id is None:
@@ -798,7 +811,9 @@ class CentralSystem:
         return await fut
 
     async def _command(
-        self, target: str, build16: Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]],
+        self,
+        target: str,
+        build16: Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]],
         build201: Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]],
     ) -> CommandResult:
         st, charger = self._target(target)
@@ -843,7 +858,9 @@ class CentralSystem:
         """
         charger = self.charger(charger_id)
         if purpose not in ("tx", "tx_default", "station_max"):
-            raise ValueError(f"set_limit: purpose must be tx, tx_default or station_max, got {purpose!r}")
+            raise ValueError(
+                f"set_limit: purpose must be tx, tx_default or station_max, got {purpose!r}"
+            )
         if (limit_a is None) == (limit_w is None):
             raise ValueError("set_limit: give exactly one of limit_a and limit_w")
         if charger.kind == "dc" and limit_w is None:
@@ -885,11 +902,17 @@ class CentralSystem:
             if purpose == "tx":
                 tx_id = st.active_tx.get(charger.evse_id)
                 if tx_id is None:
-                    return CallOutcome("NoTransaction", detail="a TxProfile needs an active transaction")
-            mod = v16 if st.version == "1.6" else v201
-            return mod.set_charging_profile(
-                charger, req, profile_id=pid, stack_level=self.config.stack_level,
-                transaction_id=tx_id, now=self.clock.now(),
+                    return CallOutcome(
+                        "NoTransaction", detail="a TxProfile needs an active transaction"
+                    )
+            build = v16.set_charging_profile if st.version == "1.6" else v201.set_charging_profile
+            return build(
+                charger,
+                req,
+                profile_id=pid,
+                stack_level=self.config.stack_level,
+                transaction_id=tx_id,
+                now=self.clock.now(),
             )
 
         out = await self._enqueue(
@@ -899,8 +922,14 @@ class CentralSystem:
             status = str(out.payload.get("status", "?"))
         else:
             status = out.status
-        if status != "Accepted" and status != "Superseded" and self._last_limit.get(key) == req.wire_limit:
-            self._last_limit.pop(key, None)  # unknown state at the charger: next request is a decrease
+        if (
+            status != "Accepted"
+            and status != "Superseded"
+            and self._last_limit.get(key) == req.wire_limit
+        ):
+            self._last_limit.pop(
+                key, None
+            )  # unknown state at the charger: next request is a decrease
         result = ProfileResult(
             charger_id=charger_id,
             purpose=purpose,
@@ -953,9 +982,13 @@ class CentralSystem:
         st = self._stations[charger.ocpp_id]
         parse = v16.parse_composite if st.version == "1.6" else v201.parse_composite
         start, unit_got, periods = parse(res.payload)
-        return CompositeSchedule(charger_id, str(res.payload.get("status")), start, unit_got, periods)
+        return CompositeSchedule(
+            charger_id, str(res.payload.get("status")), start, unit_got, periods
+        )
 
-    async def remote_start(self, charger_id: str, id_tag: str, *, remote_start_id: int = 1) -> CommandResult:
+    async def remote_start(
+        self, charger_id: str, id_tag: str, *, remote_start_id: int = 1
+    ) -> CommandResult:
         charger = self.charger(charger_id)
         return await self._command(
             charger_id,
@@ -973,12 +1006,16 @@ class CentralSystem:
             ),
         )
 
-    async def remote_stop(self, charger_id: str, transaction_id: str | None = None) -> CommandResult:
+    async def remote_stop(
+        self, charger_id: str, transaction_id: str | None = None
+    ) -> CommandResult:
         charger = self.charger(charger_id)
         st = self._stations[charger.ocpp_id]
         tx = transaction_id or st.active_tx.get(charger.evse_id)
         if tx is None:
-            return CommandResult("RemoteStopTransaction", "NoTransaction", detail="no active transaction")
+            return CommandResult(
+                "RemoteStopTransaction", "NoTransaction", detail="no active transaction"
+            )
         return await self._command(
             charger_id,
             lambda st, c: ("RemoteStopTransaction", {"transactionId": int(tx)}),
@@ -986,9 +1023,11 @@ class CentralSystem:
         )
 
     async def change_availability(self, target: str, *, operative: bool) -> CommandResult:
-        st, charger = self._target(target)
+        _, charger = self._target(target)
         evse = charger.evse_id if charger else 0
-        payload201: dict[str, Any] = {"operationalStatus": "Operative" if operative else "Inoperative"}
+        payload201: dict[str, Any] = {
+            "operationalStatus": "Operative" if operative else "Inoperative"
+        }
         if charger is not None:
             payload201["evse"] = {"id": evse}
         return await self._command(
@@ -1009,7 +1048,6 @@ class CentralSystem:
 
     async def trigger_message(self, target: str, message: str) -> CommandResult:
         """``message`` as the version names it, e.g. ``MeterValues``, ``StatusNotification``."""
-        st, charger = self._target(target)
 
         def b16(s: Station, c: ChargerInfo | None) -> tuple[str, dict[str, Any]]:
             p: dict[str, Any] = {"requestedMessage": message}
@@ -1045,7 +1083,9 @@ class CentralSystem:
         """OCPP 2.0.1 only: ``[(component, variable), …]``."""
         data = [{"component": {"name": c}, "variable": {"name": v}} for c, v in variables]
         return await self._command(
-            target, _only_201("GetVariables"), lambda s, c: ("GetVariables", {"getVariableData": data})
+            target,
+            _only_201("GetVariables"),
+            lambda s, c: ("GetVariables", {"getVariableData": data}),
         )
 
     async def set_variables(
@@ -1057,7 +1097,9 @@ class CentralSystem:
             for c, v, val in variables
         ]
         return await self._command(
-            target, _only_201("SetVariables"), lambda s, c: ("SetVariables", {"setVariableData": data})
+            target,
+            _only_201("SetVariables"),
+            lambda s, c: ("SetVariables", {"setVariableData": data}),
         )
 
     async def unlock_connector(self, charger_id: str) -> CommandResult:
@@ -1078,16 +1120,29 @@ class VersionMismatch(Exception):
 
 def _only_16(action: str) -> Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]]:
     def f(s: Station, c: ChargerInfo | None) -> tuple[str, dict[str, Any]]:
-        raise VersionMismatch(f"{action} exists only in OCPP 1.6; station {s.ocpp_id} speaks {s.version}")
+        raise VersionMismatch(
+            f"{action} exists only in OCPP 1.6; station {s.ocpp_id} speaks {s.version}"
+        )
 
     return f
 
 
 def _only_201(action: str) -> Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]]:
     def f(s: Station, c: ChargerInfo | None) -> tuple[str, dict[str, Any]]:
-        raise VersionMismatch(f"{action} exists only in OCPP 2.0.1; station {s.ocpp_id} speaks {s.version}")
+        raise VersionMismatch(
+            f"{action} exists only in OCPP 2.0.1; station {s.ocpp_id} speaks {s.version}"
+        )
 
     return f
+
+
+def _fixed(
+    action: str, payload: dict[str, Any]
+) -> Callable[[], tuple[str, dict[str, Any]] | CallOutcome]:
+    def build() -> tuple[str, dict[str, Any]] | CallOutcome:
+        return action, payload
+
+    return build
 
 
 def _resolve(item: QueuedCall, outcome: CallOutcome) -> None:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ocpp.routing import on
 from ocpp.v16.enums import Action
 
-from evcore.ocpp.connection import HandlerError, StationConnection
+from evcore.ocpp.connection import HandlerError, StationConnection, on
 from evcore.ocpp.metering import parse_timestamp
 
 if TYPE_CHECKING:
@@ -27,7 +26,9 @@ PURPOSE = {
 def iso(t: float) -> str:
     from datetime import UTC, datetime
 
-    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 class Connection16(StationConnection):
@@ -144,7 +145,9 @@ class Connection16(StationConnection):
 # ---- builders: (action, payload) for what the central system sends ------------------------------
 
 
-def configure_calls(measurands: tuple[str, ...], interval_s: int) -> list[tuple[str, dict[str, Any]]]:
+def configure_calls(
+    measurands: tuple[str, ...], interval_s: int
+) -> list[tuple[str, dict[str, Any]]]:
     return [
         ("ChangeConfiguration", {"key": "MeterValuesSampledData", "value": ",".join(measurands)}),
         ("ChangeConfiguration", {"key": "MeterValueSampleInterval", "value": str(interval_s)}),
@@ -152,8 +155,13 @@ def configure_calls(measurands: tuple[str, ...], interval_s: int) -> list[tuple[
 
 
 def set_charging_profile(
-    charger: ChargerInfo, req: LimitRequest, *, profile_id: int, stack_level: int,
-    transaction_id: str | None, now: float,
+    charger: ChargerInfo,
+    req: LimitRequest,
+    *,
+    profile_id: int,
+    stack_level: int,
+    transaction_id: str | None,
+    now: float,
 ) -> tuple[str, dict[str, Any]]:
     connector = 0 if req.purpose == "station_max" else charger.evse_id
     unit = "W" if req.limit_w is not None else "A"
@@ -210,7 +218,9 @@ def composite_schedule(
     return "GetCompositeSchedule", p
 
 
-def parse_composite(payload: dict[str, Any]) -> tuple[float | None, str | None, list[tuple[int, float, int | None]]]:
+def parse_composite(
+    payload: dict[str, Any],
+) -> tuple[float | None, str | None, list[tuple[int, float, int | None]]]:
     sched = payload.get("chargingSchedule")
     if not sched:
         return None, None, []
@@ -220,4 +230,3 @@ def parse_composite(payload: dict[str, Any]) -> tuple[float | None, str | None, 
         for p in sched.get("chargingSchedulePeriod", ())
     ]
     return (parse_timestamp(start) if start else None), sched.get("chargingRateUnit"), periods
-

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ocpp.routing import on
 from ocpp.v201.enums import Action
 
-from evcore.ocpp.connection import HandlerError, StationConnection
+from evcore.ocpp.connection import HandlerError, StationConnection, on
 from evcore.ocpp.metering import parse_timestamp
 from evcore.ocpp.v16 import iso
 
@@ -128,7 +127,9 @@ class Connection201(StationConnection):
         return at
 
 
-def configure_calls(measurands: tuple[str, ...], interval_s: int) -> list[tuple[str, dict[str, Any]]]:
+def configure_calls(
+    measurands: tuple[str, ...], interval_s: int
+) -> list[tuple[str, dict[str, Any]]]:
     def var(component: str, name: str, value: str) -> dict[str, Any]:
         return {
             "component": {"name": component},
@@ -153,8 +154,13 @@ def configure_calls(measurands: tuple[str, ...], interval_s: int) -> list[tuple[
 
 
 def set_charging_profile(
-    charger: ChargerInfo, req: LimitRequest, *, profile_id: int, stack_level: int,
-    transaction_id: str | None, now: float,
+    charger: ChargerInfo,
+    req: LimitRequest,
+    *,
+    profile_id: int,
+    stack_level: int,
+    transaction_id: str | None,
+    now: float,
 ) -> tuple[str, dict[str, Any]]:
     evse = 0 if req.purpose == "station_max" else charger.evse_id
     unit = "W" if req.limit_w is not None else "A"
@@ -177,7 +183,10 @@ def set_charging_profile(
         ],
     }
     if req.valid_to is not None and req.wire_final is not None:
-        final: dict[str, Any] = {"startPeriod": max(1, int(req.valid_to - now)), "limit": req.wire_final}
+        final: dict[str, Any] = {
+            "startPeriod": max(1, int(req.valid_to - now)),
+            "limit": req.wire_final,
+        }
         if unit == "A":
             final["numberPhases"] = charger.number_phases
         periods.append(final)
@@ -207,7 +216,9 @@ def clear_charging_profile(
     return "ClearChargingProfile", p
 
 
-def composite_schedule(evse_id: int, duration_s: int, unit: str | None) -> tuple[str, dict[str, Any]]:
+def composite_schedule(
+    evse_id: int, duration_s: int, unit: str | None
+) -> tuple[str, dict[str, Any]]:
     p: dict[str, Any] = {"evseId": evse_id, "duration": duration_s}
     if unit is not None:
         p["chargingRateUnit"] = unit

@@ -43,7 +43,7 @@ def _schema_path(version: str, action: str, response: bool) -> str:
 
 
 def validator_for(version: str, action: str, *, response: bool) -> Validator | None:
-    """The compiled validator for one message kind, or ``None`` if the version has no such action."""
+    """The compiled validator for one message kind; ``None`` if the version has no such action."""
     key = (version, action, response)
     try:
         return _cache[key]

@@ -22,7 +22,8 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -221,6 +222,7 @@ class SimChargePoint:
         self._ws: ClientConnection | None = None
         self._outbox: deque[_Out] = deque()
         self._outbox_changed = asyncio.Event()
+        self._outbox_drained = asyncio.Event()
         self._pending: dict[str, tuple[str, asyncio.Future[list[Any]]]] = {}
         self._ids = itertools.count(1)
         self._seq = itertools.count(0)
@@ -232,6 +234,7 @@ class SimChargePoint:
         self._last_tick: float | None = None
         self._last_sample: float | None = None
         self._force_drop = asyncio.Event()
+        self._side_tasks: set[asyncio.Future[None]] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -258,7 +261,8 @@ class SimChargePoint:
 
         async def idle() -> None:
             while self._outbox:
-                await asyncio.sleep(0.01)
+                self._outbox_drained.clear()
+                await self._outbox_drained.wait()
 
         await asyncio.wait_for(idle(), timeout_s)
 
@@ -342,7 +346,9 @@ class SimChargePoint:
             raise RuntimeError(f"{self.ocpp_id}: not connected")
         await self._ws.send(text)
 
-    def plug_in(self, evse_id: int, ev: EV, *, id_tag: str = "EVCORE-SIM", start: bool = True) -> None:
+    def plug_in(
+        self, evse_id: int, ev: EV, *, id_tag: str = "EVCORE-SIM", start: bool = True
+    ) -> None:
         c = self.connectors[evse_id]
         if c.ev is not None:
             raise RuntimeError(f"{self.ocpp_id} EVSE {evse_id}: a vehicle is already plugged in")
@@ -411,6 +417,7 @@ class SimChargePoint:
     async def _sender(self, ws: ClientConnection) -> None:
         while True:
             while not self._outbox:
+                self._outbox_drained.set()
                 self._outbox_changed.clear()
                 await self._outbox_changed.wait()
             out = self._outbox[0]
@@ -422,9 +429,14 @@ class SimChargePoint:
             fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
             self._pending[unique_id] = (out.action, fut)
             await ws.send(json.dumps([2, unique_id, out.action, payload]))
-            timer = asyncio.ensure_future(self.clock.sleep(self.call_timeout_s))
+            timer: asyncio.Future[None] = asyncio.ensure_future(
+                self.clock.sleep(self.call_timeout_s)
+            )
             try:
-                await asyncio.wait({fut, timer}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    cast(list[asyncio.Future[Any]], [fut, timer]),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
             finally:
                 timer.cancel()
             self._pending.pop(unique_id, None)
@@ -584,7 +596,13 @@ class SimChargePoint:
         self._set_status(c, "Charging")
 
     def _tx_event(
-        self, c: SimConnector, event_type: str, trigger: str, offline: bool, *, full: bool = True,
+        self,
+        c: SimConnector,
+        event_type: str,
+        trigger: str,
+        offline: bool,
+        *,
+        full: bool = True,
         reason: str | None = None,
     ) -> dict[str, Any]:
         info: dict[str, Any] = {"transactionId": c.tx_id}
@@ -627,8 +645,14 @@ class SimChargePoint:
 
             self._enqueue(_Out("StopTransaction", build, True))
         else:
-            p = self._tx_event(c, "Ended", "EVDeparted" if reason == "EVDisconnected" else "RemoteStop",
-                               offline, full=False, reason=reason)
+            p = self._tx_event(
+                c,
+                "Ended",
+                "EVDeparted" if reason == "EVDisconnected" else "RemoteStop",
+                offline,
+                full=False,
+                reason=reason,
+            )
             self._enqueue(_Out("TransactionEvent", lambda: p, True))
         c.terminal_a = [0.0, 0.0, 0.0]
         c.power_w = 0.0
@@ -714,7 +738,9 @@ class SimChargePoint:
                 n = min(3, c.ev.phases)
                 c.terminal_a = [draw if i < n else 0.0 for i in range(3)]
                 c.power_w = draw * c.voltage_v * n
-        status = "Charging" if c.power_w > 0 else ("SuspendedEV" if c.offered > 0 else "SuspendedEVSE")
+        status = (
+            "Charging" if c.power_w > 0 else ("SuspendedEV" if c.offered > 0 else "SuspendedEVSE")
+        )
         if c.status in ("Charging", "SuspendedEV", "SuspendedEVSE"):
             self._set_status(c, status)
 
@@ -723,7 +749,8 @@ class SimChargePoint:
         self.profiles = [
             q
             for q in self.profiles
-            if q.id != p.id and not (q.evse == p.evse and q.purpose == p.purpose and q.stack == p.stack)
+            if q.id != p.id
+            and not (q.evse == p.evse and q.purpose == p.purpose and q.stack == p.stack)
         ]
         self.profiles.append(p)
 
@@ -767,10 +794,19 @@ class SimChargePoint:
 
         tx_limit = None
         if c.tx_active and c.tx_id is not None:
-            tx_limit = best([p for p in self.profiles if p.purpose == "tx" and p.evse == evse_id
-                             and (p.tx_id is None or p.tx_id == c.tx_id)])
+            tx_limit = best(
+                [
+                    p
+                    for p in self.profiles
+                    if p.purpose == "tx"
+                    and p.evse == evse_id
+                    and (p.tx_id is None or p.tx_id == c.tx_id)
+                ]
+            )
         if tx_limit is None:
-            tx_limit = best([p for p in self.profiles if p.purpose == "default" and p.evse == evse_id])
+            tx_limit = best(
+                [p for p in self.profiles if p.purpose == "default" and p.evse == evse_id]
+            )
         if tx_limit is None:
             tx_limit = best([p for p in self.profiles if p.purpose == "default" and p.evse == 0])
         max_limit = best([p for p in self.profiles if p.purpose == "max"])
@@ -799,7 +835,7 @@ class SimChargePoint:
         for m in sorted(x for x in marks if 0 <= x < duration_s):
             v = self.limit_at(evse_id, now + math.ceil(m))
             if not out or out[-1][1] != v:
-                out.append((int(math.ceil(m)), v))
+                out.append((math.ceil(m), v))
         return out
 
     def _parse_profile(self, evse: int, raw: dict[str, Any]) -> HeldProfile:
@@ -832,7 +868,9 @@ class SimChargePoint:
         )
 
     # ---- handlers for CALLs from the central system ---------------------------------------
-    def _on_SetChargingProfile(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_SetChargingProfile(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         if self.version == "1.6":
             evse, raw = p["connectorId"], p["csChargingProfiles"]
         else:
@@ -842,7 +880,11 @@ class SimChargePoint:
         profile = self._parse_profile(evse, raw)
         if profile.purpose == "tx":
             c = self.connectors.get(evse)
-            if c is None or not c.tx_active or (profile.tx_id is not None and profile.tx_id != c.tx_id):
+            if (
+                c is None
+                or not c.tx_active
+                or (profile.tx_id is not None and profile.tx_id != c.tx_id)
+            ):
                 return {"status": "Rejected"}
         if evse != 0 and evse not in self.connectors:
             return {"status": "Rejected"}
@@ -850,7 +892,9 @@ class SimChargePoint:
             self._pending_profiles.append((self.clock.now() + self.apply_delay_s, profile))
         return {"status": "Accepted"}
 
-    def _on_ClearChargingProfile(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_ClearChargingProfile(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         if self.version == "1.6":
             pid, evse = p.get("id"), p.get("connectorId")
             purpose, stack = p.get("chargingProfilePurpose"), p.get("stackLevel")
@@ -861,7 +905,7 @@ class SimChargePoint:
 
         def match(q: HeldProfile) -> bool:
             if pid is not None:
-                return q.id == pid
+                return bool(q.id == pid)
             return (
                 (evse is None or q.evse == evse)
                 and (purpose is None or q.purpose == _PURPOSE[purpose])
@@ -874,7 +918,9 @@ class SimChargePoint:
         removed = before != len(self.profiles) + len(self._pending_profiles)
         return {"status": "Accepted" if removed else "Unknown"}
 
-    def _on_GetCompositeSchedule(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_GetCompositeSchedule(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         evse = p["connectorId"] if self.version == "1.6" else p["evseId"]
         if evse not in self.connectors:
             return {"status": "Rejected"}
@@ -924,11 +970,15 @@ class SimChargePoint:
         after.append(go)
         return True
 
-    def _on_RemoteStartTransaction(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_RemoteStartTransaction(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         ok = self._remote_start(p.get("connectorId"), p["idTag"], after)
         return {"status": "Accepted" if ok else "Rejected"}
 
-    def _on_RequestStartTransaction(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_RequestStartTransaction(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         ok = self._remote_start(p.get("evseId"), p["idToken"]["idToken"], after)
         return {"status": "Accepted" if ok else "Rejected"}
 
@@ -939,34 +989,66 @@ class SimChargePoint:
                 return True
         return False
 
-    def _on_RemoteStopTransaction(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
-        return {"status": "Accepted" if self._remote_stop(str(p["transactionId"]), after) else "Rejected"}
+    def _on_RemoteStopTransaction(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
+        return {
+            "status": "Accepted"
+            if self._remote_stop(str(p["transactionId"]), after)
+            else "Rejected"
+        }
 
-    def _on_RequestStopTransaction(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
-        return {"status": "Accepted" if self._remote_stop(p["transactionId"], after) else "Rejected"}
+    def _on_RequestStopTransaction(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
+        return {
+            "status": "Accepted" if self._remote_stop(p["transactionId"], after) else "Rejected"
+        }
 
-    def _on_ChangeAvailability(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_ChangeAvailability(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         if self.version == "1.6":
             evse, operative = p["connectorId"], p["type"] == "Operative"
         else:
-            evse, operative = (p.get("evse") or {}).get("id", 0), p["operationalStatus"] == "Operative"
-        targets = list(self.connectors.values()) if evse == 0 else [self.connectors[evse]] if evse in self.connectors else []
+            evse, operative = (
+                (p.get("evse") or {}).get("id", 0),
+                p["operationalStatus"] == "Operative",
+            )
+        targets = (
+            list(self.connectors.values())
+            if evse == 0
+            else [self.connectors[evse]]
+            if evse in self.connectors
+            else []
+        )
         if not targets:
             return {"status": "Rejected"}
         for c in targets:
             c.available = operative
             if not c.tx_active:
-                after.append(lambda c=c: self._set_status(c, "Available" if operative else "Unavailable"))  # type: ignore[misc]
+                after.append(
+                    partial(self._set_status, c, "Available" if operative else "Unavailable")
+                )
         return {"status": "Accepted"}
 
     def _on_Reset(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
-        after.append(lambda: asyncio.ensure_future(self.reboot()) and None)
+        after.append(self._reboot_soon)
         return {"status": "Accepted"}
 
-    def _on_TriggerMessage(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _reboot_soon(self) -> None:
+        task = asyncio.ensure_future(self.reboot())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    def _on_TriggerMessage(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         what = p["requestedMessage"]
         evse = p.get("connectorId") if self.version == "1.6" else (p.get("evse") or {}).get("id")
-        cons = [self.connectors[evse]] if evse in self.connectors else list(self.connectors.values())
+        cons = (
+            [self.connectors[evse]] if evse in self.connectors else list(self.connectors.values())
+        )
         if what == "MeterValues":
             after.extend([lambda c=c: self._send_meter_values(c, "Trigger") for c in cons])  # type: ignore[misc]
         elif what == "StatusNotification":
@@ -985,16 +1067,22 @@ class SimChargePoint:
         elif key in ("MeterValueSampleInterval", "SampledDataCtrlr.TxUpdatedInterval"):
             self.sample_interval_s = max(1.0, float(value))
 
-    def _on_GetConfiguration(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_GetConfiguration(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         keys = p.get("key") or list(self.config)
-        known = [{"key": k, "readonly": False, "value": self.config[k]} for k in keys if k in self.config]
+        known = [
+            {"key": k, "readonly": False, "value": self.config[k]} for k in keys if k in self.config
+        ]
         unknown = [k for k in keys if k not in self.config]
         out: dict[str, Any] = {"configurationKey": known}
         if unknown:
             out["unknownKey"] = unknown
         return out
 
-    def _on_ChangeConfiguration(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_ChangeConfiguration(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         key, value = p["key"], p["value"]
         if key not in self.config:
             return {"status": "NotSupported"}
@@ -1004,7 +1092,9 @@ class SimChargePoint:
         self._apply_setting(key, value)
         return {"status": "Accepted"}
 
-    def _on_GetVariables(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_GetVariables(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         results = []
         for d in p["getVariableData"]:
             name = f"{d['component']['name']}.{d['variable']['name']}"
@@ -1017,7 +1107,9 @@ class SimChargePoint:
             results.append(r)
         return {"getVariableResult": results}
 
-    def _on_SetVariables(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_SetVariables(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         results = []
         for d in p["setVariableData"]:
             name = f"{d['component']['name']}.{d['variable']['name']}"
@@ -1029,14 +1121,20 @@ class SimChargePoint:
                 status = "Accepted"
                 self.variables[name] = d["attributeValue"]
                 self._apply_setting(name, d["attributeValue"])
-            results.append({"attributeStatus": status, "component": d["component"], "variable": d["variable"]})
+            results.append(
+                {"attributeStatus": status, "component": d["component"], "variable": d["variable"]}
+            )
         return {"setVariableResult": results}
 
-    def _on_UnlockConnector(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_UnlockConnector(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         evse = p["connectorId"] if self.version == "1.6" else p["evseId"]
         if evse not in self.connectors:
             return {"status": "NotSupported" if self.version == "1.6" else "UnknownConnector"}
         return {"status": "Unlocked"}
 
-    def _on_DataTransfer(self, p: dict[str, Any], after: list[Callable[[], None]]) -> dict[str, Any]:
+    def _on_DataTransfer(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
         return {"status": "UnknownVendorId"}

@@ -35,7 +35,9 @@ class EV:
         if self.phases not in (1, 2, 3):
             raise ValueError(f"EV phases must be 1, 2 or 3, got {self.phases}")
         if not 0.0 < self.taper_start_soc <= 1.0:
-            raise ValueError(f"EV taper_start_soc must be within (0, 1], got {self.taper_start_soc}")
+            raise ValueError(
+                f"EV taper_start_soc must be within (0, 1], got {self.taper_start_soc}"
+            )
 
     @property
     def full(self) -> bool:

@@ -37,7 +37,9 @@ class SitePhysics:
         other_load_a: Callable[[float], F64] | F64 | None = None,
     ) -> None:
         if not 0 < period_s <= 0.1:
-            raise ValueError(f"period_s must be in (0, 0.1] (at least every 100 ms), got {period_s}")
+            raise ValueError(
+                f"period_s must be in (0, 0.1] (at least every 100 ms), got {period_s}"
+            )
         self.site = site
         self.terminal_currents = terminal_currents
         self.clock = clock
@@ -65,7 +67,8 @@ class SitePhysics:
 
         terminal = np.ascontiguousarray(self.terminal_currents(), dtype=np.float64)
         return np.asarray(
-            node_phase_currents(self.site, terminal, self._other(self.clock.now())), dtype=np.float64
+            node_phase_currents(self.site, terminal, self._other(self.clock.now())),
+            dtype=np.float64,
         )
 
     def sample(self) -> int:
