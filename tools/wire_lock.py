@@ -4,10 +4,10 @@ The snapshot lists every message's fields (name, number, type, label, oneof, pre
 values and every service's methods, for all files under proto/. ``check`` compares the .proto files
 against it:
 
-* breaking (always refused): a removed or renamed message, enum, service or method; a removed field
-  whose number is not ``reserved``; a field renumbered, renamed, retyped, relabelled, moved in or out
-  of a oneof, or changed in presence; an enum value removed or renumbered; a method's types or
-  streaming changed;
+* breaking (always refused): a removed or renamed message, enum, service or method; a removed
+  field whose number is not ``reserved``; a field renumbered, renamed, retyped, relabelled, moved
+  in or out of a oneof, or changed in presence; an enum value removed or renumbered; a method's
+  types or streaming changed;
 * additive (accepted on purpose): new files, messages, fields, enum values, services, methods.
   ``python3 tools/wire_lock.py --update`` writes the new snapshot; commit it with the .proto change.
 
@@ -34,7 +34,7 @@ FDP = descriptor_pb2.FieldDescriptorProto
 
 def describe(proto_root: Path = PROTO) -> descriptor_pb2.FileDescriptorSet:
     """Compile every .proto under ``proto_root`` (with comments) into a FileDescriptorSet."""
-    from grpc_tools import protoc
+    from grpc_tools import protoc  # type: ignore[import-untyped]
 
     sources = sorted(proto_root.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
@@ -83,9 +83,7 @@ def snapshot(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, Any]:
         full = f"{prefix}.{m.name}"
         messages[full] = {
             "fields": {str(f.number): _field(f, m) for f in m.field},
-            "reserved_numbers": sorted(
-                n for r in m.reserved_range for n in range(r.start, r.end)
-            ),
+            "reserved_numbers": sorted(n for r in m.reserved_range for n in range(r.start, r.end)),
             "reserved_names": sorted(m.reserved_name),
         }
         for nested in m.nested_type:
@@ -196,7 +194,9 @@ def write_lock(snap: dict[str, Any], path: Path = LOCK) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--update", action="store_true", help="accept additive changes: rewrite the lock")
+    ap.add_argument(
+        "--update", action="store_true", help="accept additive changes: rewrite the lock"
+    )
     args = ap.parse_args(argv)
     breaking, additive = compare(load_lock(), snapshot(describe()))
     for line in breaking:
@@ -204,14 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     for line in additive:
         print(f"added:    {line}")
     if breaking:
-        print("breaking wire changes are refused; make a new package version instead", file=sys.stderr)
+        print(
+            "breaking wire changes are refused; make a new package version instead", file=sys.stderr
+        )
         return 1
     if args.update:
         write_lock(snapshot(describe()))
         print(f"wrote {LOCK.relative_to(ROOT)}")
         return 0
     if additive:
-        print("additive changes not yet accepted: run python3 tools/wire_lock.py --update", file=sys.stderr)
+        print(
+            "additive changes not yet accepted: run python3 tools/wire_lock.py --update",
+            file=sys.stderr,
+        )
         return 1
     print("wire format matches proto/wire.lock.json")
     return 0

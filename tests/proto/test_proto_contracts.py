@@ -20,7 +20,17 @@ import gen_proto  # noqa: E402
 import wire_lock  # noqa: E402
 
 FDP = descriptor_pb2.FieldDescriptorProto
-GENERATED = ROOT / "python" / "evcore" / "v1"
+
+
+def _installed_v1() -> Path:
+    """Where `import evcore.v1` finds the generated code (editable install: python/evcore/v1)."""
+    spec = importlib.util.find_spec("evcore.v1")
+    if spec is None or not spec.submodule_search_locations:
+        return ROOT / "python" / "evcore" / "v1"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+GENERATED = _installed_v1()
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +47,12 @@ def _generated_files(root: Path) -> dict[str, Path]:
 
 
 def test_generated_code_matches_proto(tmp_path: Path) -> None:
-    """python/evcore/v1 must be exactly what protoc makes from proto/ now (run `make proto`)."""
+    """The generated code Python imports must be exactly what protoc makes from proto/ now
+    (run `make proto`)."""
     gen_proto.generate(tmp_path)
     fresh = _generated_files(tmp_path / "evcore" / "v1")
     assert fresh, "no code generated from proto/"
-    assert GENERATED.is_dir(), "python/evcore/v1 missing: run `make proto`"
+    assert GENERATED.is_dir(), f"{GENERATED} missing: run `make proto`"
     current = _generated_files(GENERATED)
     missing = sorted(fresh.keys() - current.keys())
     stale = sorted(current.keys() - fresh.keys())
@@ -96,7 +107,8 @@ def _edited_snapshot(tmp_path: Path, file: str, old: str, new: str) -> dict[str,
     text = f.read_text()
     assert old in text, f"test edit anchor {old!r} not in {file}"
     f.write_text(text.replace(old, new))
-    return wire_lock.snapshot(wire_lock.describe(proto_copy))
+    snap: dict[str, Any] = wire_lock.snapshot(wire_lock.describe(proto_copy))
+    return snap
 
 
 @pytest.mark.parametrize(
@@ -154,40 +166,95 @@ def test_additive_changes_and_reserved_removals_are_not_breaking(tmp_path: Path)
     assert additive == [".evcore.v1.Plan.objective_eur = 11 added"]
 
 
-def _comment(locations: dict[tuple[int, ...], Any], path: tuple[int, ...]) -> str:
+Locations = dict[tuple[int, ...], descriptor_pb2.SourceCodeInfo.Location]
+
+
+def _comment(locations: Locations, path: tuple[int, ...]) -> str:
     loc = locations.get(path)
     if loc is None:
         return ""
-    return (loc.leading_comments + loc.trailing_comments).strip()
+    return str(loc.leading_comments + loc.trailing_comments).strip()
 
 
-def test_every_message_field_and_enum_is_documented(
-    fds: descriptor_pb2.FileDescriptorSet,
-) -> None:
+def _undocumented(fds: descriptor_pb2.FileDescriptorSet) -> list[str]:
+    """Every message, field, oneof, enum, enum value, service and method without a comment.
+
+    Paths follow descriptor.proto: FileDescriptorProto message_type=4, enum_type=5, service=6;
+    DescriptorProto field=2, nested_type=3, enum_type=4, oneof_decl=8; EnumDescriptorProto
+    value=2; ServiceDescriptorProto method=2."""
     undocumented: list[str] = []
     for fd in fds.file:
         if not fd.name.startswith("evcore/"):
             continue
         locs = {tuple(loc.path): loc for loc in fd.source_code_info.location}
 
-        def walk(
-            m: Any, path: tuple[int, ...], prefix: str, locs: dict[tuple[int, ...], Any] = locs
-        ) -> None:
-            name = f"{prefix}.{m.name}"
+        def need(path: tuple[int, ...], what: str, locs: Locations = locs) -> None:
             if not _comment(locs, path):
-                undocumented.append(f"message {name}")
+                undocumented.append(what)
+
+        def walk_enum(e: Any, path: tuple[int, ...], prefix: str) -> None:
+            name = f"{prefix}.{e.name}"
+            need(path, f"enum {name}")
+            for i, v in enumerate(e.value):
+                need((*path, 2, i), f"enum value {name}.{v.name}")
+
+        def walk(m: Any, path: tuple[int, ...], prefix: str) -> None:
+            name = f"{prefix}.{m.name}"
+            need(path, f"message {name}")
             for i, f in enumerate(m.field):
-                if not _comment(locs, (*path, 2, i)):
-                    undocumented.append(f"field {name}.{f.name}")
+                need((*path, 2, i), f"field {name}.{f.name}")
+            synthetic = {f.oneof_index for f in m.field if f.proto3_optional}
+            for i, o in enumerate(m.oneof_decl):
+                if i not in synthetic:  # `optional x` makes a hidden oneof `_x`
+                    need((*path, 8, i), f"oneof {name}.{o.name}")
             for i, nested in enumerate(m.nested_type):
-                walk(nested, (*path, 3, i), name, locs)
+                walk(nested, (*path, 3, i), name)
+            for i, e in enumerate(m.enum_type):
+                walk_enum(e, (*path, 4, i), name)
 
         for i, m in enumerate(fd.message_type):
             walk(m, (4, i), fd.package)
         for i, e in enumerate(fd.enum_type):
-            if not _comment(locs, (5, i)):
-                undocumented.append(f"enum {fd.package}.{e.name}")
+            walk_enum(e, (5, i), fd.package)
+        for i, svc in enumerate(fd.service):
+            need((6, i), f"service {fd.package}.{svc.name}")
+            for j, meth in enumerate(svc.method):
+                need((6, i, 2, j), f"rpc {fd.package}.{svc.name}.{meth.name}")
+    return undocumented
+
+
+def test_every_message_field_enum_value_and_rpc_is_documented(
+    fds: descriptor_pb2.FileDescriptorSet,
+) -> None:
+    undocumented = _undocumented(fds)
     assert not undocumented, f"{len(undocumented)} undocumented: {undocumented}"
+
+
+def test_documentation_check_catches_a_missing_comment(tmp_path: Path) -> None:
+    """Not vacuous: strip one comment of each kind and the check names exactly those."""
+    proto_copy = tmp_path / "proto"
+    shutil.copytree(ROOT / "proto", proto_copy)
+    edits = {
+        "setpoint.proto": [
+            "  // The binding constraint in words a person can read",
+            "  // A grid curtailment in force.\n",
+        ],
+        "status.proto": ["  // Energy is flowing (1.6 Charging).\n"],
+    }
+    for name, anchors in edits.items():
+        f = proto_copy / "evcore" / "v1" / name
+        text = f.read_text()
+        for anchor in anchors:
+            line_start = text.index(anchor)
+            line_end = text.index("\n", line_start) + 1
+            text = text[:line_start] + text[line_end:]
+        f.write_text(text)
+    found = _undocumented(wire_lock.describe(proto_copy))
+    assert sorted(found) == [
+        "enum value evcore.v1.BindingReason.BINDING_REASON_CURTAILMENT",
+        "enum value evcore.v1.ConnectorState.CONNECTOR_STATE_CHARGING",
+        "field evcore.v1.Setpoint.reason",
+    ], found
 
 
 UNIT_SUFFIXES = (
