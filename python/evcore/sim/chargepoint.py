@@ -888,6 +888,8 @@ class SimChargePoint:
                 return {"status": "Rejected"}
         if evse != 0 and evse not in self.connectors:
             return {"status": "Rejected"}
+        if profile.purpose == "max" and evse != 0:
+            return {"status": "Rejected"}  # a station maximum lives on connector/EVSE 0 only
         if not self.misbehaviour.ignore_profiles:
             self._pending_profiles.append((self.clock.now() + self.apply_delay_s, profile))
         return {"status": "Accepted"}
