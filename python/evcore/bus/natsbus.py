@@ -62,7 +62,40 @@ log = logging.getLogger("evcore.bus.nats")
 
 MSG_ID = "Nats-Msg-Id"
 _PUMP_WINDOW = 64
+_SEND_WINDOW = 128
 _FETCH_EXPIRY_S = 1.0
+
+# An event the sender has taken from its queues: (from the normal queue?, (subject, data, id,
+# stream or None)).
+_Unsent = tuple[bool, tuple[str, bytes, str, str | None]]
+
+
+def _cancel_all(futs: Sequence[asyncio.Future[Any] | None]) -> None:
+    for f in futs:
+        if f is not None:
+            f.cancel()
+
+
+async def _await_acks(futs: Sequence[asyncio.Future[Any]], timeout_s: float) -> list[Any]:
+    """JetStream acks of a window, waited for under one deadline: each entry is the ack or the
+    error. Unanswered futures are cancelled, which returns their slot to nats-py's pending-publish
+    limit (a future left pending would hold it forever)."""
+    if futs:
+        try:
+            _, pending = await asyncio.wait(futs, timeout=timeout_s)
+        except asyncio.CancelledError:
+            _cancel_all(futs)
+            raise
+        _cancel_all(list(pending))
+    out: list[Any] = []
+    for f in futs:
+        if f.cancelled():
+            out.append(TimeoutError(f"no JetStream ack within {timeout_s} s"))
+        elif f.exception() is not None:
+            out.append(f.exception())
+        else:
+            out.append(f.result())
+    return out
 
 
 class _NatsSub:
@@ -493,22 +526,10 @@ class NatsBus:
             await self.publish(subject, data, event_id=eid)
         return ids
 
-    async def _send_one(self, subject: str, data: bytes, eid: str, stream: str | None) -> None:
-        assert self._nc is not None
-        headers = {MSG_ID: eid}
-        if stream is None:
-            await self._nc.publish(subject, data, headers=headers)
-        else:
-            await self._js.publish(
-                subject,
-                data,
-                timeout=self.config.publish_timeout_s,
-                stream=stream,
-                headers=headers,
-            )
-
     async def _sender(self) -> None:
-        """Sends telemetry (latest per subject) and normal events; never blocks publish()."""
+        """Sends telemetry (latest per subject) and normal events in pipelined windows; never
+        blocks publish(). Normal events and telemetry subjects take turns."""
+        turn = 0
         while True:
             if not (self._latest or self._queue) or not self.connected:
                 self._send_wake.clear()
@@ -518,39 +539,85 @@ class NatsBus:
                 else:
                     await self._send_wake.wait()
                 continue
-            # Alternate fairly: one normal event, then one telemetry subject.
-            item: tuple[str, bytes, str, str | None]
-            from_queue = bool(self._queue)
-            if from_queue:
-                item = self._queue.popleft()
-            else:
-                subject, (data, eid, stream) = self._latest.popitem(last=False)
-                item = (subject, data, eid, stream)
-            self._in_flight += 1
-            try:
-                await self._send_one(*item)
-                self._stats.sent += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._stats.send_failures += 1
-                log.debug("bus: send on %s failed: %r", item[0], exc)
-                if from_queue:
-                    if len(self._queue) >= self.config.send_queue_size:
-                        self._stats.queue_dropped += 1
-                    else:
-                        self._queue.appendleft(item)
-                elif item[0] not in self._latest:
-                    self._latest[item[0]] = (item[1], item[2], item[3])
-                    self._latest.move_to_end(item[0], last=False)
+            batch: list[_Unsent] = []
+            while len(batch) < _SEND_WINDOW and (self._queue or self._latest):
+                take_queue = bool(self._queue) and (not self._latest or turn % 2 == 0)
+                turn += 1
+                if take_queue:
+                    batch.append((True, self._queue.popleft()))
                 else:
-                    self._stats.telemetry_dropped += 1
-                await self.clock.sleep(self.config.reconnect_wait_s)
+                    subject, (data, eid, stream) = self._latest.popitem(last=False)
+                    batch.append((False, (subject, data, eid, stream)))
+            self._in_flight += len(batch)
+            try:
+                failed = await self._send_window(batch)
             finally:
-                self._in_flight -= 1
+                self._in_flight -= len(batch)
+            self._stats.sent += len(batch) - len(failed)
+            if failed:
+                self._stats.send_failures += len(failed)
+                self._requeue(failed)
+                await self.clock.sleep(self.config.reconnect_wait_s)
+
+    async def _send_window(self, batch: list[_Unsent]) -> list[_Unsent]:
+        """Publish a window at once, then wait for JetStream's acks; returns what failed, in
+        order."""
+        futs: list[asyncio.Future[Any] | None] = []
+        try:
+            for _, (subject, data, eid, stream) in batch:
+                headers = {MSG_ID: eid}
+                if stream is None:
+                    assert self._nc is not None
+                    await self._nc.publish(subject, data, headers=headers)
+                    futs.append(None)
+                else:
+                    futs.append(
+                        await self._js.publish_async(
+                            subject,
+                            data,
+                            wait_stall=self.config.publish_timeout_s,
+                            stream=stream,
+                            headers=headers,
+                        )
+                    )
+        except asyncio.CancelledError:
+            _cancel_all(futs)
+            raise
+        except Exception as exc:
+            log.debug("bus: send failed after %d of %d: %r", len(futs), len(batch), exc)
+        outcomes = await _await_acks(
+            [f for f in futs if f is not None], self.config.publish_timeout_s
+        )
+        failed: list[_Unsent] = []
+        it = iter(outcomes)
+        for i, item in enumerate(batch):
+            if i >= len(futs):
+                failed.append(item)
+            elif futs[i] is not None:
+                outcome = next(it)
+                if isinstance(outcome, BaseException):
+                    log.debug("bus: send on %s failed: %r", item[1][0], outcome)
+                    failed.append(item)
+        return failed
+
+    def _requeue(self, failed: list[_Unsent]) -> None:
+        """Put unsent events back at the front, in their order; what no longer fits is dropped
+        and counted."""
+        for from_queue, item in reversed(failed):
+            if from_queue:
+                if len(self._queue) >= self.config.send_queue_size:
+                    self._stats.queue_dropped += 1
+                else:
+                    self._queue.appendleft(item)
+            elif item[0] not in self._latest:
+                self._latest[item[0]] = (item[1], item[2], item[3])
+                self._latest.move_to_end(item[0], last=False)
+            else:
+                self._stats.telemetry_dropped += 1  # a newer sample arrived meanwhile
 
     async def _pump(self) -> None:
-        """Sends the outbox in order; an entry leaves the outbox only after JetStream stored it."""
+        """Sends the outbox in order; an entry leaves the outbox only after JetStream stored it
+        and every entry before it."""
         ob = self.outbox
         failures = 0
         window = _PUMP_WINDOW
@@ -566,9 +633,9 @@ class NatsBus:
             if not entries:
                 await self.clock.sleep(0.01)
                 continue
-            done_seq = 0
+            futs: list[asyncio.Future[Any]] = []
+            error: BaseException | None = None
             try:
-                futs: list[asyncio.Future[Any]] = []
                 for e in entries:
                     stream = stream_for_subject(self._specs, e.subject)
                     futs.append(
@@ -580,24 +647,33 @@ class NatsBus:
                             headers={MSG_ID: e.event_id},
                         )
                     )
-                for e, f in zip(entries, futs, strict=True):
-                    ack = await asyncio.wait_for(f, self.config.publish_timeout_s)
-                    if not getattr(ack, "duplicate", False):
-                        self._stats.sent += 1
-                    done_seq = e.seq
-                failures = 0
-                window = _PUMP_WINDOW
             except asyncio.CancelledError:
+                _cancel_all(futs)
                 raise
             except Exception as exc:
-                failures += 1
-                self._stats.send_failures += 1
-                window = 1  # after a failure, go one by one until the broker confirms again
-                if failures in (1, 10) or failures % 100 == 0:
-                    log.warning("bus: outbox publish failed (%d pending): %r", ob.pending, exc)
-                await self.clock.sleep(min(self.config.reconnect_wait_s * failures, 2.0))
+                error = exc
+            done_seq = 0
+            for e, outcome in zip(
+                entries, await _await_acks(futs, self.config.publish_timeout_s), strict=False
+            ):
+                if isinstance(outcome, BaseException):
+                    error = outcome
+                    break
+                if not getattr(outcome, "duplicate", False):
+                    self._stats.sent += 1
+                done_seq = e.seq
             if done_seq:
                 await ob.remove_through(done_seq)
+            if error is None and len(futs) == len(entries):
+                failures = 0
+                window = _PUMP_WINDOW
+                continue
+            failures += 1
+            self._stats.send_failures += 1
+            window = 1  # after a failure, go one by one until the broker confirms again
+            if failures in (1, 10) or failures % 100 == 0:
+                log.warning("bus: outbox publish failed (%d pending): %r", ob.pending, error)
+            await self.clock.sleep(min(self.config.reconnect_wait_s * failures, 2.0))
 
     async def _wait_connected(self, timeout_s: float) -> None:
         with contextlib.suppress(TimeoutError):
