@@ -71,10 +71,10 @@ def load_acn_sessions(
                 energy = req
         if not isinstance(energy, int | float) or isinstance(energy, bool):
             raise ScenarioError(f"{w}: needs kWhDelivered or userInputs[-1].kWhRequested")
-        e = float(energy)
-        if not (math.isfinite(e) and e >= 0):
+        kwh = float(energy)
+        if not (math.isfinite(kwh) and kwh >= 0):
             raise ScenarioError(f"{w}: energy must be a finite number >= 0, got {energy!r}")
-        parsed.append((sid, station, t0, t1, e))
+        parsed.append((sid, station, t0, t1, kwh))
     if not parsed:
         return []
     # Keep the time of day: shift whole days so that the first session's day is the start's day.
@@ -84,9 +84,11 @@ def load_acn_sessions(
     stations = sorted({p[1] for p in parsed})
     auto = {st: charger_ids[k % len(charger_ids)] for k, st in enumerate(stations)}
     out = []
-    for sid, station, t0, t1, e in parsed:
+    for sid, station, t0, t1, kwh in parsed:
         charger = station_map.get(station, auto[station])
         out.append(
-            SessionSpec(sid, charger, t0 + shift - start, t1 + shift - start, e, vehicle, soc_arrival)
+            SessionSpec(
+                sid, charger, t0 + shift - start, t1 + shift - start, kwh, vehicle, soc_arrival
+            )
         )
     return out

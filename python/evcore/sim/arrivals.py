@@ -84,9 +84,7 @@ def statistical(sc: Scenario, seed: int) -> Arrivals:
             if e < 0.5:
                 continue
             n += 1
-            sessions.append(
-                SessionSpec(f"s{n:04d}", ch.id, arrive, depart, round(e, 3), v, soc)
-            )
+            sessions.append(SessionSpec(f"s{n:04d}", ch.id, arrive, depart, round(e, 3), v, soc))
             t_free = depart + 60.0
     sessions.sort(key=lambda s: (s.arrival_s, s.charger_id))
     return Arrivals(tuple(sessions), 0)
@@ -116,7 +114,9 @@ def place(sc: Scenario, raw: list[SessionSpec]) -> Arrivals:
         if e < 0.1:
             continue
         free_at[target] = depart + 1.0
-        out.append(replace(s, charger_id=target, arrival_s=arrive, departure_s=depart, energy_kwh=e))
+        out.append(
+            replace(s, charger_id=target, arrival_s=arrive, departure_s=depart, energy_kwh=e)
+        )
     return Arrivals(tuple(out), dropped)
 
 

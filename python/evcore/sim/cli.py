@@ -39,6 +39,13 @@ def register(subparsers: Any) -> None:
         help="'stack': edge + OCPP over loopback WebSockets; 'in-process': the controller "
         "called directly; 'auto': the fullest this build supports (default)",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=_default_jobs(),
+        help="policies run in parallel processes (results do not depend on it; "
+        "default %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run_sim)
 
@@ -61,8 +68,15 @@ def register(subparsers: Any) -> None:
     d.add_argument(
         "--backend", choices=("auto", "stack", "in-process"), default="auto", help=argparse.SUPPRESS
     )
+    d.add_argument("--jobs", type=int, default=_default_jobs(), help=argparse.SUPPRESS)
     d.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     d.set_defaults(func=run_demo, scenario=DEMO_SCENARIO)
+
+
+def _default_jobs() -> int:
+    import os
+
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 def _execute(args: argparse.Namespace, *, default_report: Path | None) -> int:
@@ -77,14 +91,21 @@ def _execute(args: argparse.Namespace, *, default_report: Path | None) -> int:
     except ScenarioError as e:
         print(f"evcore {args.command}: error: {e}", file=sys.stderr)
         return 2
-    cmp = run_comparison(sc, backend=args.backend, progress=not args.no_progress)
+    if args.jobs < 1:
+        print(
+            f"evcore {args.command}: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr
+        )
+        return 2
+    cmp = run_comparison(sc, backend=args.backend, progress=not args.no_progress, jobs=args.jobs)
     path = args.report if args.report is not None else default_report
     written = report.write_html(cmp, path) if path is not None else None
     if args.json:
         print(json.dumps(cmp.rows(), indent=2))
     else:
-        print(f"scenario {sc.name}: {len(cmp.arrivals.sessions)} sessions, "
-              f"{sc.duration_s / 3600:g} h simulated, seed {cmp.seed}")
+        print(
+            f"scenario {sc.name}: {len(cmp.arrivals.sessions)} sessions, "
+            f"{sc.duration_s / 3600:g} h simulated, seed {cmp.seed}"
+        )
         print(report.table(cmp.rows()))
         print("in the loop:")
         for part in report.in_loop(cmp):

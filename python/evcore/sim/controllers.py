@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -67,7 +68,7 @@ class LinearLimits:
                 below[idx[p], k] = 1.0
                 p = parent[p]
         other = np.zeros((n_nodes, 3))
-        for j, nd in enumerate(nodes):  # a node carries the building load of its subtree
+        for nd in nodes:  # a node carries the building load of its subtree
             q: str | None = nd.id
             while q is not None:
                 other[idx[q]] += np.array(nd.other_load_max_a)
@@ -119,7 +120,8 @@ class LinearLimits:
         aux = self.below @ (self.aux_a * view.connected)
         for i in range(len(self.node_ids)):
             b[3 * i : 3 * i + 3] -= aux[i]
-        return np.maximum(b, 0.0)
+        out: F64 = np.maximum(b, 0.0)
+        return out
 
 
 def _water_fill(G: F64, b: F64, upper: F64, weight: F64, active: npt.NDArray[np.bool_]) -> F64:
@@ -133,7 +135,7 @@ def _water_fill(G: F64, b: F64, upper: F64, weight: F64, active: npt.NDArray[np.
             break
         free = ~frozen
 
-        def load(level: float, free: npt.NDArray[np.bool_] = free) -> F64:
+        def load(level: float, free: npt.NDArray[np.bool_] = free, s: F64 = s) -> F64:
             x = s.copy()
             x[free] = np.minimum(upper[free], weight[free] * level)
             return x
@@ -242,8 +244,10 @@ class ReferenceController:
 
     # -- the reference plan --------------------------------------------------------------------
     def _targets(self, view: SiteView, active: npt.NDArray[np.bool_], remaining: F64) -> F64:
-        if self._plan is None or view.now - self._plan_t >= self.sc.plan_interval_s or any(
-            e.startswith(("arrive", "depart", "grid")) for e in view.events
+        if (
+            self._plan is None
+            or view.now - self._plan_t >= self.sc.plan_interval_s
+            or any(e.startswith(("arrive", "depart", "grid")) for e in view.events)
         ):
             self._plan = self._solve(view, active, remaining)
             self._plan_t = view.now
@@ -269,13 +273,15 @@ class ReferenceController:
         out = np.where((out > 0.5) & (out < self.lower), self.lower, out)
         return np.where(active, out, 0.0)
 
-    def _solve(self, view: SiteView, active: npt.NDArray[np.bool_], remaining: F64) -> dict[str, Any]:
-        import cvxpy as cp
+    def _solve(
+        self, view: SiteView, active: npt.NDArray[np.bool_], remaining: F64
+    ) -> dict[str, Any]:
+        cp: Any = importlib.import_module("cvxpy")  # untyped
 
         sc = self.sc
         step_s = sc.plan_step_s
         t0 = view.now
-        T = max(1, int(math.ceil(sc.plan_horizon_h * 3600.0 / step_s)))
+        T = max(1, math.ceil(sc.plan_horizon_h * 3600.0 / step_s))
         ks = [k for k in range(len(self.upper)) if active[k]]
         if not ks:
             return {"t0": t0, "step_s": step_s, "rates": np.zeros((len(self.upper), T))}
@@ -330,19 +336,7 @@ def make_controller(policy: str, sc: Scenario) -> Controller:
     """The realest controller for ``policy`` in this build (see the module docstring)."""
     if policy == "uncontrolled":
         return Uncontrolled(sc.site)
-    core = _core_controller(policy, sc)
-    if core is not None:
-        return core
     return ReferenceController(policy, sc)
-
-
-def _core_controller(policy: str, sc: Scenario) -> Controller | None:
-    """A controller on the Rust allocator/envelope (and planner), when this build has them."""
-    try:
-        from evcore.sim import corectl
-    except ImportError:
-        return None
-    return corectl.make(policy, sc)
 
 
 def describe(controllers: Sequence[Controller]) -> list[str]:

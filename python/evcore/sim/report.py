@@ -40,6 +40,7 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("energy_cost", "energy cost", ".2f"),
     ("peak_kw", "peak kW", ".1f"),
     ("demand_charge", "demand chg", ".2f"),
+    ("total_cost", "total cost", ".2f"),
     ("max_utilisation", "max util", ".1%"),
     ("violations", "violations", "d"),
 )
@@ -61,10 +62,20 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                 line.append(format(v, fmt))
         body.append(line)
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    out = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths, strict=True)))]
+    out = [
+        "  ".join(
+            h.rjust(w) if i else h.ljust(w)
+            for i, (h, w) in enumerate(zip(head, widths, strict=True))
+        )
+    ]
     out.append("  ".join("-" * w for w in widths))
     for b in body:
-        out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths, strict=True))))
+        out.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(b, widths, strict=True))
+            )
+        )
     return "\n".join(out)
 
 
@@ -181,9 +192,7 @@ def svg_chart(
         parts.append(
             f'<text x="{x:.1f}" y="{mt + ph + 16}" font-size="11" text-anchor="middle">{t:g}</text>'
         )
-    parts.append(
-        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>'
-    )
+    parts.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
     parts.append(
         f'<text x="{ml + pw / 2}" y="{height - 6}" font-size="11" text-anchor="middle">'
         f"{e(x_label)}</text>"
@@ -251,8 +260,9 @@ def _policy_sections(cmp: Comparison, r: PolicyResult) -> list[str]:
         )
         for i, node in enumerate(nodes)
     ]
-    util_lines.append(Line("limit", [0.0, cmp.scenario.duration_s / 3600.0], [100.0, 100.0],
-                           "#000", dashed=True))
+    util_lines.append(
+        Line("limit", [0.0, cmp.scenario.duration_s / 3600.0], [100.0, 100.0], "#000", dashed=True)
+    )
     out.append(
         svg_chart(
             f"{r.policy}: utilisation per node (highest phase)",
@@ -264,8 +274,13 @@ def _policy_sections(cmp: Comparison, r: PolicyResult) -> list[str]:
     for i, (sid, pts) in enumerate(sorted(s.soc.items())):
         if pts:
             soc_lines.append(
-                Line(sid, [p[0] / 3600.0 for p in pts], [p[1] * 100.0 for p in pts],
-                     PALETTE[i % len(PALETTE)], width=1.0)
+                Line(
+                    sid,
+                    [p[0] / 3600.0 for p in pts],
+                    [p[1] * 100.0 for p in pts],
+                    PALETTE[i % len(PALETTE)],
+                    width=1.0,
+                )
             )
     out.append(
         svg_chart(
@@ -303,12 +318,18 @@ def html_report(cmp: Comparison) -> str:
     ]
     if first is not None and first.t:
         load_lines.append(
-            Line("site limit (kW)", _hours(first.t), first.limit_kw, "#000", dashed=True,
-                 step=True)
+            Line("site limit (kW)", _hours(first.t), first.limit_kw, "#000", dashed=True, step=True)
         )
         load_lines.append(
-            Line(f"price ({sc.tariff.currency}/kWh)", _hours(first.t), first.price, "#888",
-                 step=True, right=True, width=1.0)
+            Line(
+                f"price ({sc.tariff.currency}/kWh)",
+                _hours(first.t),
+                first.price,
+                "#888",
+                step=True,
+                right=True,
+                width=1.0,
+            )
         )
     start = datetime.fromtimestamp(sc.start, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
     in_loop = []
@@ -317,7 +338,7 @@ def html_report(cmp: Comparison) -> str:
             if p not in in_loop:
                 in_loop.append(p)
     body = [
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">',
         f"<title>evcore twin: {e(sc.name)}</title>",
         "<style>body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:960px}"
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
@@ -333,18 +354,32 @@ def html_report(cmp: Comparison) -> str:
         "<h2>Comparison</h2><table><tr>",
     ]
     heads = [
-        "policy", "requested kWh", "delivered kWh", "sessions met", f"energy cost ({sc.tariff.currency})",
-        "peak kW (15 min)", "peak kW (instant)", f"demand charge ({sc.tariff.currency})",
-        "max node-phase util", "violations", "kW-cap samples over",
+        "policy",
+        "requested kWh",
+        "delivered kWh",
+        "sessions met",
+        f"energy cost ({sc.tariff.currency})",
+        "peak kW (15 min)",
+        "peak kW (instant)",
+        f"demand charge ({sc.tariff.currency})",
+        "max node-phase util",
+        "violations",
+        "kW-cap samples over",
     ]
     body.append("".join(f"<th>{e(h)}</th>" for h in heads) + "</tr>")
-    for r in rows:
+    for row in rows:
         cells = [
-            r["policy"], f"{r['energy_requested_kwh']:.1f}", f"{r['energy_delivered_kwh']:.1f}",
-            f"{r['sessions_met']}/{r['sessions']}", f"{r['energy_cost']:.2f}", f"{r['peak_kw']:.1f}",
-            f"{r['peak_instant_kw']:.1f}", f"{r['demand_charge']:.2f}",
-            f"{r['max_utilisation']:.1%} ({r['max_utilisation_at']})", str(r["violations"]),
-            str(r["violations_kw"]),
+            row["policy"],
+            f"{row['energy_requested_kwh']:.1f}",
+            f"{row['energy_delivered_kwh']:.1f}",
+            f"{row['sessions_met']}/{row['sessions']}",
+            f"{row['energy_cost']:.2f}",
+            f"{row['peak_kw']:.1f}",
+            f"{row['peak_instant_kw']:.1f}",
+            f"{row['demand_charge']:.2f}",
+            f"{row['max_utilisation']:.1%} ({row['max_utilisation_at']})",
+            str(row["violations"]),
+            str(row["violations_kw"]),
         ]
         body.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
     body.append("</table>")
@@ -357,8 +392,14 @@ def html_report(cmp: Comparison) -> str:
     if nw:
         body.append(f"<p><b>Faults not wired in this run:</b> {e(', '.join(nw))}</p>")
     body.append("<h2>Site load, limit and price</h2>")
-    body.append(svg_chart("Site meter load per policy", load_lines, y_label="kW",
-                          y2_label=f"{sc.tariff.currency}/kWh"))
+    body.append(
+        svg_chart(
+            "Site meter load per policy",
+            load_lines,
+            y_label="kW",
+            y2_label=f"{sc.tariff.currency}/kWh",
+        )
+    )
     for r in cmp.results:
         body.append(f"<h2>{e(r.policy)}</h2>")
         body.extend(_policy_sections(cmp, r))

@@ -7,7 +7,9 @@ from evcore.sim.scenario import Scenario
 from evcore.sim.twin import Comparison, compare
 
 
-def run_comparison(sc: Scenario, *, backend: str = "auto", progress: bool = False) -> Comparison:
+def run_comparison(
+    sc: Scenario, *, backend: str = "auto", progress: bool = False, jobs: int = 1
+) -> Comparison:
     """Run every policy of ``sc``; ``backend`` is ``auto``, ``stack`` or ``in-process``."""
     if backend not in ("auto", "stack", "in-process"):
         raise ValueError(f"unknown backend {backend!r} (auto, stack, in-process)")
@@ -16,7 +18,7 @@ def run_comparison(sc: Scenario, *, backend: str = "auto", progress: bool = Fals
 
         ok, why = stack.available()
         if ok:
-            return stack.compare_stack(sc, progress=progress)
+            return stack.compare_stack(sc, progress=progress, jobs=jobs)
         if backend == "stack":
             raise RuntimeError(f"the full stack is not available in this build: {why}")
     cmp = compare(sc, make_controller, progress=progress, backend="in-process")

@@ -600,7 +600,9 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
         raise ScenarioError(f"{w}.policies: expected a non-empty list")
     for p in policies:
         if p not in POLICIES:
-            raise ScenarioError(f"{w}.policies: unknown policy {p!r} (known: {', '.join(POLICIES)})")
+            raise ScenarioError(
+                f"{w}.policies: unknown policy {p!r} (known: {', '.join(POLICIES)})"
+            )
     report_charger = sc.get("report_charger")
     if report_charger is not None:
         site.charger(str(report_charger))
@@ -630,7 +632,9 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
         fw = f"[[faults]][{i}]"
         kind = _str(f, "kind", fw)
         if kind not in FAULT_KINDS:
-            raise ScenarioError(f"{fw}.kind: unknown fault {kind!r} (known: {', '.join(FAULT_KINDS)})")
+            raise ScenarioError(
+                f"{fw}.kind: unknown fault {kind!r} (known: {', '.join(FAULT_KINDS)})"
+            )
         ch = f.get("charger")
         if kind in ("charger_offline", "meter_stuck", "profile_ignored", "profiles_lost_on_reboot"):
             if ch not in charger_ids:
@@ -676,7 +680,9 @@ def _edge_table(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ScenarioError("[edge]: expected a table")
     if "policy" in raw:
-        raise ScenarioError("[edge].policy: the twin sets the policy; list them in [scenario].policies")
+        raise ScenarioError(
+            "[edge].policy: the twin sets the policy; list them in [scenario].policies"
+        )
     return dict(raw)
 
 
@@ -685,8 +691,10 @@ def load_scenario(ref: str | Path) -> Scenario:
     path = Path(ref)
     if not path.is_file():
         name = str(ref)
-        cand = resources.files("evcore.sim") / "scenarios" / (
-            name if name.endswith(".toml") else f"{name}.toml"
+        cand = (
+            resources.files("evcore.sim")
+            / "scenarios"
+            / (name if name.endswith(".toml") else f"{name}.toml")
         )
         if not cand.is_file():
             raise ScenarioError(

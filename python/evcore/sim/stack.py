@@ -60,8 +60,8 @@ IN_LOOP = (
 def available() -> tuple[bool, str]:
     """Whether this build has every part the stack backend needs (and why not)."""
     try:
-        import evcore.edge.app  # noqa: F401
-        import evcore.ocpp  # noqa: F401
+        import evcore.edge.app
+        import evcore.ocpp
         import evcore.sim.fleet  # noqa: F401
         from evcore.site import load_site  # noqa: F401
     except ImportError as e:
@@ -83,7 +83,7 @@ def edge_table(sc: Scenario, policy: str) -> dict[str, Any]:
         }
     )
     table["ocpp"] = ocpp
-    edge = {
+    edge: dict[str, Any] = {
         "tick_s": sc.control_interval_s,
         "stale_after_s": max(30.0, 2.5 * sc.meter_interval_s),
         "failsafe_after_s": 600.0,
@@ -128,7 +128,9 @@ class StackRun:
         self.notes: list[str] = []
         self.plans = 0
         self.plan_failures = 0
+        self.plan_statuses: dict[str, int] = {}
         self._app: Any = None
+        self._triggers: list[asyncio.Future[Any]] = []
         self._fleet: Any = None
 
     # -- the scenario's actions ------------------------------------------------------------------
@@ -145,6 +147,14 @@ class StackRun:
             target_soc=target,
             max_dc_power_w=v.max_dc_kw * 1000.0,
         )
+
+    def _metered_request_kwh(self, s: SessionSpec) -> float:
+        """The session's energy as the charger's meter counts it. The edge tracks a session by its
+        meter register; a DC charger's register counts AC input, which is the battery's energy
+        over the charger's efficiency. The battery stops at its target state of charge by itself,
+        so asking for the input energy never overcharges it."""
+        ch = self.sc.site.charger(s.charger_id)
+        return s.energy_kwh / ch.efficiency if ch.kind == "dc" else s.energy_kwh
 
     def _delivered_kwh(self, s: SessionSpec, ev: Any) -> float:
         return float(min(s.energy_kwh, max(0.0, (ev.soc - s.soc_arrival) * ev.capacity_kwh)))
@@ -165,7 +175,7 @@ class StackRun:
                 # What a driver's app (or ISO 15118 / NotifyEVChargingNeeds) tells the edge.
                 ctrl.set_session(
                     s.charger_id,
-                    energy_requested_kwh=s.energy_kwh,
+                    energy_requested_kwh=self._metered_request_kwh(s),
                     departure=self.sc.start + s.departure_s,
                 )
                 self._replan.set()
@@ -229,7 +239,9 @@ class StackRun:
         for cid, (s, _, _) in self.plugged.items():
             # Session demand comes back from the store / the drivers' apps in a real restart.
             new.set_session(
-                cid, energy_requested_kwh=s.energy_kwh, departure=self.sc.start + s.departure_s
+                cid,
+                energy_requested_kwh=self._metered_request_kwh(s),
+                departure=self.sc.start + s.departure_s,
             )
         for c in self.sc.grid_signals:
             new.post_curtailment(self._curtailment(c))
@@ -239,7 +251,9 @@ class StackRun:
         self._edge_task = asyncio.ensure_future(new.run())
         for ocpp_id in list(self._fleet.stations):
             for msg in ("StatusNotification", "MeterValues"):
-                asyncio.ensure_future(app.central.trigger_message(ocpp_id, msg))
+                self._triggers.append(
+                    asyncio.ensure_future(app.central.trigger_message(ocpp_id, msg))
+                )
 
     def _curtailment(self, g: Any) -> Any:
         from evcore.edge.grid import Curtailment
@@ -256,7 +270,7 @@ class StackRun:
         from evcore.edge.grid import PricePoint
 
         step = 900.0
-        n = int(math.ceil(self.sc.duration_s / step)) + 1
+        n = math.ceil(self.sc.duration_s / step) + 1
         return [
             PricePoint(
                 start=self.sc.start + i * step,
@@ -275,12 +289,27 @@ class StackRun:
             now = self.clock.now() - self.sc.start
             if now >= next_plan or self._replan.is_set():
                 self._replan.clear()
-                plan = planner.plan(self.clock.now(), self._app.controller.state)
-                self.plans += 1
-                if plan is None:
-                    self.plan_failures += 1
-                else:
+                try:
+                    floor_kw, window_kwh = self._metered_peak()
+                    plan = planner.plan(
+                        self.clock.now(),
+                        self._app.controller.state,
+                        peak_floor_kw=floor_kw,
+                        window_energy_kwh=window_kwh,
+                    )
+                except Exception as e:  # a planner error: the allocator runs alone (edge rule)
+                    log.exception("twin planner failed")
+                    planner.last_status = f"error: {type(e).__name__}: {e}"[:120]
+                    plan = None
+                if plan is not None:
+                    self.plans += 1
                     self._app.controller.set_plan(plan)
+                elif planner.last_status != "no_sessions":
+                    self.plans += 1
+                    self.plan_failures += 1
+                    self.plan_statuses[planner.last_status] = (
+                        self.plan_statuses.get(planner.last_status, 0) + 1
+                    )
                 next_plan = now + self.sc.plan_interval_s
             sleeper = asyncio.ensure_future(self.clock.sleep(max(next_plan - now, 1.0)))
             waker = asyncio.ensure_future(self._replan.wait())
@@ -289,6 +318,17 @@ class StackRun:
             finally:
                 for t in (sleeper, waker):
                     t.cancel()
+
+    def _metered_peak(self) -> tuple[float, float]:
+        """What the site meter says for the planner, chargers only (the building's load is
+        subtracted): the billed peak so far, and the energy in the current demand window."""
+        m = self.meter
+        other_kw = float(self.lines.other_acc_kw[self.lines.root])
+        now = self.clock.now()
+        w = int(now // m.window_s)
+        elapsed_h = (now - max(w * m.window_s, self.sc.start)) / 3600.0
+        window_kwh = m.window_kwh.get(w, 0.0) - other_kw * elapsed_h
+        return max(0.0, m.demand_peak_kw() - other_kw), max(0.0, window_kwh)
 
     # -- the meter ---------------------------------------------------------------------------------
     def _sample_state(self) -> tuple[Any, Any, float, list[float], list[float]]:
@@ -342,7 +382,7 @@ class StackRun:
             t_prev = t
             state = self._sample_state()
 
-    # -- one run -------------------------------------------------------------------------------------
+    # -- one run ---------------------------------------------------------------------------------
     async def run(self) -> None:
         from evcore.edge.app import EdgeApp
         from evcore.edge.config import EdgeConfig
@@ -412,7 +452,7 @@ class StackRun:
         met = sum(1 for s in sessions if self.delivered.get(s.id, 0.0) >= s.energy_kwh - 0.05)
         m = self.meter
         peak = m.demand_peak_kw()
-        in_loop = IN_LOOP
+        in_loop: tuple[str, ...] = IN_LOOP
         if self.policy == "uncontrolled":
             in_loop = (
                 "uncontrolled: the edge sends nothing; OCPP + simulated charge points in the loop",
@@ -449,30 +489,52 @@ class StackRun:
 
 
 def run_stack_policy(
-    sc: Scenario, policy: str, arr: Arrivals, *, progress: bool = False
+    sc: Scenario, policy: str, arr: Arrivals, *, progress: bool = False, lines_only: bool = False
 ) -> tuple[PolicyResult, list[str]]:
     wall0 = time.monotonic()
-    bar = _progress_bar(policy, progress)
+    bar = _progress_bar(policy, progress, lines_only=lines_only)
     run = StackRun(sc, policy, arr, progress=bar)
     asyncio.run(run.run())
     if bar is not None:
         bar(1.0)
     notes = list(run.notes)
     if run.plan_failures:
-        notes.append(f"{policy}: {run.plan_failures} of {run.plans} plans failed (allocator only)")
+        notes.append(
+            f"{policy}: {run.plan_failures} of {run.plans} plans not usable "
+            f"({', '.join(f'{k} x{v}' for k, v in sorted(run.plan_statuses.items()))}); "
+            "the allocator ran alone until the next plan"
+        )
     return run.result(time.monotonic() - wall0), notes
 
 
-def compare_stack(sc: Scenario, *, seed: int | None = None, progress: bool = False) -> Comparison:
+def _run_one(args: tuple[Scenario, str, Arrivals, bool]) -> tuple[PolicyResult, list[str]]:
+    sc, policy, arr, progress = args
+    logging.getLogger("evcore").setLevel(logging.ERROR)
+    return run_stack_policy(sc, policy, arr, progress=progress, lines_only=True)
+
+
+def compare_stack(
+    sc: Scenario, *, seed: int | None = None, progress: bool = False, jobs: int = 1
+) -> Comparison:
+    """Every policy of ``sc`` on the stack; ``jobs`` > 1 runs policies in parallel processes
+    (each has its own event loop and virtual clock, so results do not depend on ``jobs``)."""
     ok, why = available()
     if not ok:
         raise ImportError(why)
     s = sc.seed if seed is None else seed
     arr = generate(sc, s)
-    results = []
+    results: list[PolicyResult] = []
     notes: list[str] = []
-    for p in sc.policies:
-        r, n = run_stack_policy(sc, p, arr, progress=progress)
+    if jobs > 1 and len(sc.policies) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")  # no loop or thread runs yet here
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
+            outs = list(ex.map(_run_one, [(sc, p, arr, progress) for p in sc.policies]))
+    else:
+        outs = [run_stack_policy(sc, p, arr, progress=progress) for p in sc.policies]
+    for r, n in outs:
         results.append(r)
         notes.extend(n)
     for r in results:

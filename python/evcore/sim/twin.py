@@ -150,11 +150,10 @@ class LineModel:
     def evaluate_terminals(self, terminal_a: F64, tmap: C128) -> F64:
         """Node line currents (n_nodes, 3) from per-charger terminal currents (chargers, 3)."""
         per_charger = np.einsum("kt,ktl->kl", terminal_a, tmap)
-        return np.abs(self.membership @ per_charger + self.other_acc_phasor)
+        out: F64 = np.abs(self.membership @ per_charger + self.other_acc_phasor)
+        return out
 
-    def evaluate(
-        self, line_a: F64, extra_kw: F64 | None = None
-    ) -> tuple[F64, F64]:
+    def evaluate(self, line_a: F64, extra_kw: F64 | None = None) -> tuple[F64, F64]:
         """(node line currents (n_nodes, 3) in A, node active power (n_nodes,) in kW)."""
         ph = self.membership @ (self.contrib * line_a[:, None]) + self.other_acc_phasor
         kw = self.membership @ (self.watts_per_a * line_a) / 1000.0 + self.other_acc_kw
@@ -298,9 +297,11 @@ class PolicyResult:
             "currency": self.currency,
             "peak_kw": round(self.peak_kw, 2),
             "peak_instant_kw": round(self.peak_instant_kw, 2),
-            "site_limit_kw": round(self.site_limit_kw, 2) if math.isfinite(self.site_limit_kw)
+            "site_limit_kw": round(self.site_limit_kw, 2)
+            if math.isfinite(self.site_limit_kw)
             else None,
             "demand_charge": round(self.demand_charge, 2),
+            "total_cost": round(self.energy_cost + self.demand_charge, 2),
             "max_utilisation": round(self.max_utilisation, 4),
             "max_utilisation_at": self.max_utilisation_at,
             "violations": self.violations,
@@ -354,7 +355,9 @@ class Meter:
         cur, kw = node_currents if node_currents is not None else self.lines.evaluate(line_a)
         n = _samples_in(t0, t1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            util = np.where(self.lines.limit_a > 0, cur / self.lines.limit_a, np.where(cur > 0, np.inf, 0.0))
+            util = np.where(
+                self.lines.limit_a > 0, cur / self.lines.limit_a, np.where(cur > 0, np.inf, 0.0)
+            )
         over = cur > self.lines.limit_a + _EPS_A
         if n:
             self.violations += int(over.sum()) * n
@@ -640,11 +643,7 @@ class SitePlant:
             )
             mags = np.abs(self.lines.contrib[k]) * line
             phase_a = [float(x) for x in mags]
-        power_w = (
-            p.reported
-            if ch.kind == "dc"
-            else p.reported * float(self.lines.watts_per_a[k])
-        )
+        power_w = p.reported if ch.kind == "dc" else p.reported * float(self.lines.watts_per_a[k])
         soc = p.car.soc * 100.0 if p.car is not None else None
         return {
             "site_phase_a": tuple(phase_a),
@@ -657,7 +656,7 @@ class SitePlant:
 
     # -- the loop --------------------------------------------------------------------------------
     def _process_due(self, t: float) -> None:
-        for k, p in enumerate(self.points):
+        for p in self.points:
             if p.pending:
                 keep = []
                 for item in p.pending:
@@ -780,11 +779,13 @@ class SitePlant:
         )
 
 
-def _progress_bar(label: str, enabled: bool) -> Callable[[float], None] | None:
+def _progress_bar(
+    label: str, enabled: bool, *, lines_only: bool = False
+) -> Callable[[float], None] | None:
     if not enabled:
         return None
     wall0 = time.monotonic()  # wall time for the bar only, never for the model
-    tty = sys.stderr.isatty()
+    tty = sys.stderr.isatty() and not lines_only
     last = [-1]
 
     def show(frac: float) -> None:
@@ -851,19 +852,21 @@ class TickDriver:
             now=now,
             connected=np.array([p.car is not None for p in pts]),
             session_ids=[p.car.session.id if p.car else None for p in pts],
-            energy_requested_kwh=np.array([p.car.session.energy_kwh if p.car else 0.0 for p in pts]),
+            energy_requested_kwh=np.array(
+                [p.car.session.energy_kwh if p.car else 0.0 for p in pts]
+            ),
             energy_delivered_kwh=np.array([p.reported_kwh for p in pts]),
             departure=np.array(
                 [sc.start + p.car.session.departure_s if p.car else math.inf for p in pts]
             ),
-            arrival=np.array([sc.start + p.car.session.arrival_s if p.car else math.inf for p in pts]),
+            arrival=np.array(
+                [sc.start + p.car.session.arrival_s if p.car else math.inf for p in pts]
+            ),
             measured=np.array([p.reported for p in pts]),
             measured_age_s=np.array([now - (sc.start + p.report_t) for p in pts]),
             last_setpoint=self.last_sent.copy(),
             node_power_limit_kw={
-                g.node: g.limit_kw
-                for g in sc.grid_signals
-                if g.start_s <= now - sc.start < g.end_s
+                g.node: g.limit_kw for g in sc.grid_signals if g.start_s <= now - sc.start < g.end_s
             },
             curtailments=[
                 (sc.start + g.start_s, sc.start + g.end_s, g.node, g.limit_kw)

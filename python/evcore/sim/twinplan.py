@@ -13,11 +13,17 @@ machine would make a twin run depend on the machine, and the twin must be reprod
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from evcore.sim.scenario import Scenario
 
 PLAN_BUDGET_S = 10.0
+# Plan to finish a little before departure: cars taper near full and a plan that needs its last
+# minutes at full rate loses energy when the car cannot follow: 15 % of the time left, 30 min
+# at most.
+FINISH_EARLY_SHARE = 0.15
+FINISH_EARLY_MAX_S = 1800.0
 PEAK_WEIGHT_PER_KW = 50.0  # planner_peak: demand charge used in the objective
 PEAK_PRICE_SCALE = 0.01  # planner_peak: energy price only as a tie-breaker
 
@@ -57,8 +63,11 @@ class TwinPlanner:
             pl: float | list[float] | None = n.power_limit_kw
             caps = [
                 min(
-                    [g.limit_kw for g in sc.grid_signals
-                     if g.node == n.id and sc.start + g.start_s <= m < sc.start + g.end_s]
+                    [
+                        g.limit_kw
+                        for g in sc.grid_signals
+                        if g.node == n.id and sc.start + g.start_s <= m < sc.start + g.end_s
+                    ]
                     + ([n.power_limit_kw] if n.power_limit_kw is not None else [math.inf])
                 )
                 for m in mids
@@ -81,16 +90,27 @@ class TwinPlanner:
             if c.kind == "dc":
                 chargers.append(
                     PlanCharger(
-                        id=c.id, parent=c.parent, wiring="three_phase", phases=list(c.phases),
-                        voltage_v=c.voltage_v, kind="dc", max_w=c.max_w,
-                        min_w=c.min_w or None, efficiency=c.efficiency,
+                        id=c.id,
+                        parent=c.parent,
+                        wiring="three_phase",
+                        phases=list(c.phases),
+                        voltage_v=c.voltage_v,
+                        kind="dc",
+                        max_w=c.max_w,
+                        min_w=c.min_w or None,
+                        efficiency=c.efficiency,
                     )
                 )
             else:
                 chargers.append(
                     PlanCharger(
-                        id=c.id, parent=c.parent, wiring=c.wiring, phases=list(c.phases),
-                        voltage_v=c.voltage_v, max_a=c.max_a, min_a=c.min_a,
+                        id=c.id,
+                        parent=c.parent,
+                        wiring=c.wiring,
+                        phases=list(c.phases),
+                        voltage_v=c.voltage_v,
+                        max_a=c.max_a,
+                        min_a=c.min_a,
                     )
                 )
         return PlanRequest(
@@ -115,34 +135,57 @@ class TwinPlanner:
             remaining = max(0.0, c.energy_requested_kwh - c.session_energy_wh / 1000.0)
             if remaining <= 0.01 or c.departure <= now + 60.0:
                 continue
+            left = float(c.departure) - now
+            depart = now + max(60.0, left - min(FINISH_EARLY_MAX_S, FINISH_EARLY_SHARE * left))
             out.append(
                 PlanSession(
                     id=str(c.transaction_id),
                     charger_id=cid,
                     arrival=now,
-                    departure=float(c.departure),
+                    departure=depart,
                     energy_requested_kwh=remaining,
                     priority=float(c.priority),
                 )
             )
         return out
 
-    def plan(self, now: float, state: Any) -> Any | None:
-        """A local ``PlanTargets`` for the edge, or None (no session, or the plan failed)."""
+    def plan(
+        self,
+        now: float,
+        state: Any,
+        *,
+        peak_floor_kw: float = 0.0,
+        window_energy_kwh: float = 0.0,
+    ) -> Any | None:
+        """A local ``PlanTargets`` for the edge, or None (no session, or the plan failed).
+
+        ``peak_floor_kw`` is the chargers' share of the billed peak already set this period and
+        ``window_energy_kwh`` their energy so far in the current demand window (both from the site
+        meter): a peak already paid for costs nothing more, so the plan may use it."""
         from evcore.edge.controller import PlanTargets
 
         sessions = self.sessions_from_state(now, state)
         if not sessions:
+            self.last_status = "no_sessions"
             return None
-        res = self.planner.plan(self.request(now, sessions), PLAN_BUDGET_S)
+        req = replace(
+            self.request(now, sessions),
+            peak_floor_kw=max(0.0, peak_floor_kw),
+            current_window_energy_kwh=max(0.0, window_energy_kwh),
+        )
+        res = self.planner.plan(req, PLAN_BUDGET_S)
         self.last_status = res.status
         if not res.ok:
             return None
         cols = res.schedule.to_pydict()
         rows: dict[str, list[tuple[float, float, float]]] = {}
         for cid, start, dur, ta, tw in zip(
-            cols["charger_id"], cols["step_start"], cols["step_s"], cols["target_a"],
-            cols["target_w"], strict=True,
+            cols["charger_id"],
+            cols["step_start"],
+            cols["step_s"],
+            cols["target_a"],
+            cols["target_w"],
+            strict=True,
         ):
             target = tw if ta is None else ta
             if target is None:

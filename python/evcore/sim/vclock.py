@@ -129,8 +129,8 @@ class VirtualClock:
         return ex
 
     def _loop_idle(self, loop: asyncio.AbstractEventLoop) -> bool:
-        # ``_ready`` is the loop's queue of runnable callbacks (CPython's BaseEventLoop). The driver's
-        # own wake-up sits in it while we look, hence "<= 1".
+        # ``_ready`` is the loop's queue of runnable callbacks (CPython's BaseEventLoop). The
+        # driver's own wake-up sits in it while we look, hence "<= 1".
         ready = getattr(loop, "_ready", None)
         if ready is not None and len(ready) > 1:
             return False
