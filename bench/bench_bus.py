@@ -13,11 +13,17 @@ Cases (each against a reference in the same process, interleaved, ratio = refere
   ``js.publish`` + a raw pull consumer on the same server.
 * ``nats-telemetry-accept``: ``publish`` of a meter sample (returns after queueing); reference:
   ``nc.publish`` of the same bytes (buffered client write).
+* ``nats-outbox-drain`` (backlogs of 1,000 and 10,000): a backlog of critical events accepted in one
+  ``publish_many`` and drained by the pump until JetStream stored all, per event; reference: the
+  same events sent with raw ``js.publish_async`` in windows of 64 (no disk), per event. Shows what
+  the outbox costs per event and whether the drain stays linear in the backlog.
+* ``nats-events-drain`` (same backlogs): normal events (status) through the pipelined sender until
+  all were acknowledged; same reference with windows of 128.
 
 Every case checks delivery: ``lost`` and ``duplicates`` must be 0. NATS cases need a server
 (``--url``, default nats://127.0.0.1:4222) and are skipped with a note when none answers.
-Expected cost: constant per message (no growth with backlog); the NATS cases are dominated by the
-fsync (outbox) and the loopback round trip (JetStream acks).
+Expected cost: constant per message (drain time linear in the backlog); single publishes are
+dominated by the fsync (outbox) and the loopback round trip (JetStream acks).
 """
 
 from __future__ import annotations
@@ -124,7 +130,9 @@ async def inprocess_deliver(n: int) -> dict[str, Any]:
     )
 
 
-async def nats_cases(url: str, n: int, workdir: Path) -> list[dict[str, Any]]:
+async def nats_cases(
+    url: str, n: int, workdir: Path, backlogs: list[tuple[int, int]]
+) -> list[dict[str, Any]]:
     import nats
     from nats.js import api as jsapi
 
@@ -265,12 +273,85 @@ async def nats_cases(url: str, n: int, workdir: Path) -> list[dict[str, Any]]:
                 telemetry_dropped=bus.stats.telemetry_dropped,
             )
         )
+        # 4. draining a backlog (outbox pump; pipelined sender) vs raw pipelined publishes.
+        for backlog, reps in backlogs:
+            for critical in (True, False):
+                cases.append(
+                    await _drain_case(bus, js, site, ref_stream, backlog, reps, critical, data)
+                )
     finally:
         await bus.delete_streams()
         await bus.close()
         await js.delete_stream(ref_stream)
         await nc.close()
     return cases
+
+
+async def _stored(js: Any, stream: str) -> int:
+    return int((await js.stream_info(stream)).state.messages)
+
+
+async def _drain_case(
+    bus: NatsBus,
+    js: Any,
+    site: str,
+    ref_stream: str,
+    backlog: int,
+    reps: int,
+    critical: bool,
+    data: bytes,
+) -> dict[str, Any]:
+    s = Subjects(site)
+    events = bus.streams[0].name
+    tag = "outbox" if critical else "events"
+    window = 64 if critical else 128
+
+    async def ours(i: int) -> float:
+        if critical:
+            items = [(s.audit, data, f"{tag}-{backlog}-{i}-{k}") for k in range(backlog)]
+        target = bus.stats.sent + backlog
+        t0 = time.perf_counter()
+        if critical:
+            await bus.publish_many(items)
+        else:
+            for k in range(backlog):
+                await bus.publish(s.status(f"C{k % 50}"), data, event_id=f"{tag}-{i}-{k}")
+        # Polls finely (0.5 ms) so the figure is the drain, not a coarse poll interval.
+        while bus.stats.sent < target or bus.outbox.pending:  # noqa: ASYNC110
+            await asyncio.sleep(0.0005)
+        return (time.perf_counter() - t0) / backlog
+
+    async def ref(i: int) -> float:
+        t0 = time.perf_counter()
+        for start in range(0, backlog, window):
+            futs = [
+                await js.publish_async(
+                    f"benchref.{site}.drain",
+                    data,
+                    stream=ref_stream,
+                    headers={"Nats-Msg-Id": f"{tag}-ref-{backlog}-{i}-{k}"},
+                )
+                for k in range(start, min(backlog, start + window))
+            ]
+            await asyncio.gather(*futs)
+        return (time.perf_counter() - t0) / backlog
+
+    await ours(-1)  # warm-up
+    await ref(-1)
+    before = await _stored(js, events)
+    a, b = await _interleave(reps, ours, ref)
+    stored = await _stored(js, events) - before
+    want = backlog * reps
+    return _case(
+        f"nats-{tag}-drain",
+        a,
+        b,
+        messages=want,
+        backlog=backlog,
+        repetitions=reps,
+        lost=max(0, want - stored),
+        duplicates=max(0, stored - want),
+    )
 
 
 async def _wait(pred: Callable[[], bool], timeout_s: float) -> None:
@@ -283,11 +364,12 @@ async def _wait(pred: Callable[[], bool], timeout_s: float) -> None:
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     n = 60 if args.quick else args.messages
+    backlogs = [(200, 3)] if args.quick else [(1000, 30), (10000, 30)]
     cases = [await inprocess_deliver(n)]
     if not args.no_nats:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                cases += await nats_cases(args.url, n, Path(tmp))
+                cases += await nats_cases(args.url, n, Path(tmp), backlogs)
             except (ConnectionError, OSError, TimeoutError) as exc:
                 print(f"bench bus: NATS cases skipped: {exc}", file=sys.stderr)
     return cases

@@ -79,7 +79,10 @@ def _cancel_all(futs: Sequence[asyncio.Future[Any] | None]) -> None:
 async def _await_acks(futs: Sequence[asyncio.Future[Any]], timeout_s: float) -> list[Any]:
     """JetStream acks of a window, waited for under one deadline: each entry is the ack or the
     error. Unanswered futures are cancelled, which returns their slot to nats-py's pending-publish
-    limit (a future left pending would hold it forever)."""
+    limit (a future left pending would hold it forever). So at most one sender window and one
+    pump window (192) hold slots, far below nats-py's 4000, and ``publish_async`` is called with
+    ``wait_stall=None``: a timeout there would wrap every publish in a task of its own (several
+    times slower)."""
     if futs:
         try:
             _, pending = await asyncio.wait(futs, timeout=timeout_s)
@@ -575,7 +578,7 @@ class NatsBus:
                         await self._js.publish_async(
                             subject,
                             data,
-                            wait_stall=self.config.publish_timeout_s,
+                            wait_stall=None,  # see _await_acks
                             stream=stream,
                             headers=headers,
                         )
@@ -642,7 +645,7 @@ class NatsBus:
                         await self._js.publish_async(
                             e.subject,
                             e.payload,
-                            wait_stall=self.config.publish_timeout_s,
+                            wait_stall=None,  # see _await_acks
                             stream=stream.name if stream else None,
                             headers={MSG_ID: e.event_id},
                         )

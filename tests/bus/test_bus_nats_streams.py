@@ -1,0 +1,67 @@
+"""The NATS bus creates its site's streams with retention and limits, and updates them when the
+configuration changes; read back with a plain nats-py client, not through the bus."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import nats
+import nats.js.errors
+from bus_testkit import SHARED_NATS, make_nats_bus, unique_site
+from evcore.bus import Subjects
+from evcore.bus.subjects import escape_token
+from nats.js import api as jsapi
+
+
+async def test_streams_created_with_limits_and_updated(tmp_path: Path) -> None:
+    site = unique_site()
+    s = Subjects(site)
+    bus = make_nats_bus(
+        site,
+        SHARED_NATS,
+        tmp_path / "outbox",
+        events_max_age_s=3600.0,
+        telemetry_max_age_s=600.0,
+        telemetry_max_bytes=1 << 20,
+        duplicate_window_s=90.0,
+    )
+    await bus.start()
+    assert bus.connected, f"shared nats-server at {SHARED_NATS} unreachable"
+    nc = await nats.connect(SHARED_NATS)
+    js = nc.jetstream()
+    try:
+        events_name, tele_name = (spec.name for spec in bus.streams)
+        events = (await js.stream_info(events_name)).config
+        tele = (await js.stream_info(tele_name)).config
+        prefix = f"evcore.{escape_token(site)}."
+        # Every subject of the site's streams sits under evcore.<site>. (one permission wildcard).
+        assert all(subj.startswith(prefix) for subj in [*events.subjects, *tele.subjects])
+        assert s.audit in events.subjects and s.setpoint() in events.subjects
+        assert tele.subjects == [s.telemetry()]
+        for cfg in (events, tele):
+            assert cfg.retention == jsapi.RetentionPolicy.LIMITS
+            assert cfg.discard == jsapi.DiscardPolicy.OLD
+            assert cfg.storage == jsapi.StorageType.FILE
+        assert events.max_age == 3600.0 and events.duplicate_window == 90.0
+        assert tele.max_age == 600.0 and tele.max_bytes == 1 << 20
+        assert tele.duplicate_window == 30.0, "telemetry keeps a shorter window"
+        await bus.close()
+
+        # A restarted edge with new limits updates the streams in place (no data loss).
+        bus = make_nats_bus(site, SHARED_NATS, tmp_path / "outbox", events_max_age_s=7200.0)
+        await bus.start()
+        await bus.publish(s.audit, b"kept", event_id="a-1")
+        assert await bus.flush(timeout_s=10)
+        await bus.close()
+        bus = make_nats_bus(site, SHARED_NATS, tmp_path / "outbox", events_max_age_s=1800.0)
+        await bus.start()
+        info = await js.stream_info(events_name)
+        assert info.config.max_age == 1800.0
+        assert info.state.messages == 1, "updating the stream must keep what it stored"
+    finally:
+        await bus.close()
+        for spec in bus.streams:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(spec.name)
+        await nc.close()
