@@ -93,9 +93,7 @@ async def _run(n: int, reps: int, warmup: int) -> dict[str, Any]:
             ctrl.post_curtailment(Curtailment(f"bench-{rep}", "grid", cap_kw, now, now + 3600))
 
             def arrived(t0: float = t0) -> bool:
-                return all(
-                    any(a == "SetChargingProfile" for a, _ in sim.received) for sim in sims
-                )
+                return all(any(a == "SetChargingProfile" for a, _ in sim.received) for sim in sims)
 
             await rig.wait_for(arrived, 30, "a profile at every station", poll_s=0.01)
             if rep >= warmup:
@@ -116,7 +114,7 @@ async def _run(n: int, reps: int, warmup: int) -> dict[str, Any]:
             await asyncio.sleep(7.0)
         # Reference: the same number of decreases, awaited one after the other (no decision).
         central = rig.central
-        for rep in range(max(3, reps // 3)):
+        for _rep in range(max(3, reps // 3)):
             t0 = time.monotonic()
             for cid in rig.fleet.charger_ids:
                 c = ctrl.state.chargers[cid]

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from evcore.edge.rig import EdgeRig
@@ -118,3 +119,107 @@ async def test_sigkill_then_plug_every_idle_charger_and_resume_paused_stays_with
             proc.kill()
             await proc.wait()
         await rig.stop()
+
+
+FAST: dict[str, Any] = {
+    "tick_s": 0.5,
+    "settle_s": 2.0,
+    "stale_after_s": 4.0,
+    "ignore_threshold_a": 2.0,
+    "ignore_after_s": 2.0,
+    "fault_after_s": 3.0,
+    "min_on_s": 0.0,
+    "min_off_s": 0.0,
+}
+
+
+async def test_a_charger_that_ignores_its_profile_is_covered_by_the_others_and_faulted() -> None:
+    from evcore.edge.config import EdgeConfig
+    from evcore.edge.facade import ControllerFacade
+
+    # 5 chargers on an 80 A feeder: 16 A each at the failsafe level.
+    table = depot_table(5, per_feeder=5, feeder_share=0.5, grid_share=1.0)
+    faults: list[str] = []
+    rig = EdgeRig(table, cfg=EdgeConfig(**FAST), apply_delay_s=0.3)
+    async with rig:
+        ctrl = rig.controller
+        assert ctrl is not None
+        ctrl.on_fault = lambda cid, reason: faults.append(cid)
+        await rig.wait_for(rig.failsafe_applied, 15, "TxDefault at the failsafe level")
+        rogue = rig.fleet.charger_ids[0]
+        others = rig.fleet.charger_ids[1:]
+        sim, _ = rig.fleet.station(rogue)
+        # It reboots, forgets its default and from then on answers Accepted but applies nothing:
+        # it draws its 32 A hardware maximum.
+        sim.misbehaviour.ignore_profiles = True
+        sim.misbehaviour.lose_profiles_on_reboot = True
+        c_rogue = ctrl.state.chargers[rogue]
+        n_sent = len(rig.sent)
+        await sim.reboot()
+        await rig.wait_for(
+            lambda: (
+                any(s.charger_id == rogue for s in rig.sent[n_sent:])
+                and not c_rogue.profile_unknown
+                and c_rogue.tx_default is not None
+            ),
+            15,
+            "the default re-sent after the reboot and (falsely) accepted",
+        )
+        assert rig.limit_at(rogue) >= 32.0
+        for cid in rig.fleet.charger_ids:
+            rig.fleet.plug_in(cid, EV(soc=0.2))
+        await rig.wait_for(
+            lambda: ctrl.state.chargers[rogue].suspect_since is not None, 15, "suspect"
+        )
+        suspect_at = rig.clock.monotonic()
+        # Its load is covered: the others come down so the feeder holds with the rogue at 32 A.
+        await rig.wait_for(
+            lambda: all(rig.limit_at(cid) <= (80.0 - 32.0) / 4 + 1e-9 for cid in others),
+            10,
+            "the others reduced",
+        )
+        await asyncio.sleep(1.5)  # one more physics period after the reductions took effect
+        violations_after_cover = rig.physics.violations
+        await rig.wait_for(lambda: rogue in faults, 15, "the fault reported")
+        assert (
+            rig.clock.monotonic() - suspect_at >= FAST["ignore_after_s"] + FAST["fault_after_s"] - 1
+        )
+        view = ControllerFacade(ctrl).charger(rogue)
+        assert view["faulted"] and "ignores its profile" in view["fault_reason"]
+        assert rig.fleet.connector(rogue).terminal_a[0] > 30.0  # still drawing: it ignores us
+        await asyncio.sleep(3.0)
+        assert rig.physics.violations == violations_after_cover  # covered from then on
+        drawn = rig.fleet.terminal_currents()
+        assert drawn.sum(axis=0).max() <= 80.0 + 1e-6
+
+
+async def test_stale_telemetry_counts_at_the_last_allowed_maximum() -> None:
+    from evcore.edge.config import EdgeConfig
+
+    table = depot_table(5, per_feeder=5, feeder_share=0.5, grid_share=1.0)
+    rig = EdgeRig(table, cfg=EdgeConfig(**FAST), apply_delay_s=0.3)
+    async with rig:
+        ctrl = rig.controller
+        assert ctrl is not None and rig.core is not None
+        await rig.wait_for(rig.failsafe_applied, 15, "TxDefault at the failsafe level")
+        quiet = rig.fleet.charger_ids[0]
+        for cid in rig.fleet.charger_ids:
+            rig.fleet.plug_in(cid, EV(soc=0.2, onboard_limit_a=8.0 if cid == quiet else 32.0))
+        # The quiet car draws 8 A: its headroom is reclaimed (capped near its draw) for the others.
+        await rig.wait_for(lambda: rig.limit_at(quiet) < 16.0, 15, "headroom reclaimed")
+        reclaimed = rig.limit_at(quiet)
+        assert rig.core.last_codes[quiet] == "demand"
+        sim, _ = rig.fleet.station(quiet)
+        sim.misbehaviour.stop_reporting = True
+        ev = rig.fleet.connector(quiet).ev
+        assert ev is not None
+        ev.onboard_limit_a = 32.0  # and now it would draw all it is allowed
+        await asyncio.sleep(FAST["stale_after_s"] + 3.0)
+        c = ctrl.state.chargers[quiet]
+        assert c.age_s(rig.clock.monotonic()) > FAST["stale_after_s"]
+        # Stale: no more reclaim from a measurement nobody sends; counted at what it may draw.
+        assert rig.core.last_codes[quiet] != "demand"
+        assert rig.limit_at(quiet) >= reclaimed
+        assert rig.physics.violations == 0
+        drawn = rig.fleet.terminal_currents()
+        assert drawn.sum(axis=0).max() <= 80.0 + 1e-6

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from evcore.sim.ev import EV
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST = dict(
+FAST: dict[str, Any] = dict(
     tick_s=0.5,
     settle_s=3.0,
     failsafe_after_s=40.0,

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 from evcore.edge import failsafe
 from evcore.edge.config import EdgeConfig, EdgeConfigError
 from evcore.edge.dispatch import (
     ChangeKind,
+    DispatchPlan,
     PendingDecrease,
     decreases_settled,
     next_settle_at,
     plan_dispatch,
 )
-from evcore.edge.faults import FaultChange, check_ignored
+from evcore.edge.faults import FaultChange, check_ignored, draws_above_limit
 from evcore.edge.grid import (
     Curtailment,
     CurtailmentBook,
@@ -26,8 +29,10 @@ from evcore.edge.grid import (
 from evcore.edge.state import ChargerState
 
 
-def _plan(safe, current, **kw):
-    base = dict(deadband_a=1.0, deadband_w=500.0, now_s=100.0, settle_s=5.0)
+def _plan(
+    safe: Mapping[str, float], current: Mapping[str, float | None], **kw: Any
+) -> DispatchPlan:
+    base: dict[str, Any] = dict(deadband_a=1.0, deadband_w=500.0, now_s=100.0, settle_s=5.0)
     base.update(kw)
     return plan_dispatch(safe, current, **base)
 
@@ -171,6 +176,8 @@ def _charger(holding: float, measured: float, at: float) -> ChargerState:
     c.sent = c.holding = holding
     c.accepted = True
     c.sent_at = 0.0
+    c.profile_unknown = False
+    c.note_limit(0.0)
     c.measured_a = (measured, measured, None)
     c.measured_at = at
     return c
@@ -200,3 +207,40 @@ def test_a_charger_that_complies_again_is_cleared() -> None:
     assert c.suspect_since is None and not c.faulted
     c.measured_a = (11.9, 0.0, None)  # within the threshold
     assert check_ignored(c, 9.0, cfg) is None
+
+
+def test_an_overdraw_is_judged_against_every_limit_it_may_still_apply() -> None:
+    cfg = EdgeConfig(settle_s=5.0, ignore_threshold_a=2.0)
+    c = _charger(32.0, 30.0, 1.0)
+    c.holding = 10.0
+    c.note_limit(10.0)  # lowered at t=10: 30 A is allowed until t=15
+    c.measured_at = 14.0
+    assert check_ignored(c, 14.0, cfg) is None
+    assert c.allowed_bound(14.0, 5.0) == 32.0 and c.allowed_bound(15.0, 5.0) == 10.0
+    c.holding = 32.0
+    c.note_limit(16.0)  # raised at t=16 (to meet the draw?): a measurement before it still counts
+    c.measured_at = 15.5
+    assert check_ignored(c, 16.0, cfg) is FaultChange.SUSPECT
+    # After a reboot its limits are unknown: no judgement for settle_s.
+    c.suspect_since = None
+    c.profile_unknown = True
+    c.note_limit(20.0)
+    c.profile_unknown = False
+    c.holding = 10.0
+    c.note_limit(20.5)
+    c.measured_at = 24.0
+    assert c.allowed_bound(24.0, 5.0) is None and check_ignored(c, 24.0, cfg) is None
+    c.measured_at = 26.0
+    assert check_ignored(c, 26.0, cfg) is FaultChange.SUSPECT
+
+
+def test_a_charger_drawing_above_what_it_holds_is_not_raised() -> None:
+    cfg = EdgeConfig(ignore_threshold_a=2.0, stale_after_s=10.0)
+    c = _charger(6.0, 20.0, 100.0)
+    assert draws_above_limit(c, 101.0, cfg)
+    assert not draws_above_limit(c, 111.0, cfg)  # stale: no longer a reason
+    p = _plan({"cp": 16.0, "b": 20.0}, {"cp": 6.0, "b": 10.0}, hold={"cp"})
+    assert [x.charger_id for x in p.increases] == ["b"]
+    assert [x.charger_id for x in p.held] == ["cp"]
+    p = _plan({"cp": 0.0}, {"cp": 6.0}, hold={"cp"})  # a decrease is never held
+    assert [x.charger_id for x in p.decreases] == ["cp"]

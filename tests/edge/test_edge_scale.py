@@ -59,13 +59,19 @@ async def test_curtailment_with_500_chargers_decreases_leave_within_1s_and_hold_
         n_sent = len(rig.sent)
         now = rig.clock.now()
         t1, t2, cap_kw = now + 6.0, now + 14.0, 1000.0  # 11 MW of chargers down to 1 MW
+        # The limit is in force from T1 - curtail_lead_s (monotonic time of that instant).
+        in_force_mono = rig.clock.monotonic() + (t1 - cfg.curtail_lead_s - now)
         ctrl.post_curtailment(Curtailment("dso-500", "grid", cap_kw, t1, t2))
         await asyncio.sleep(t2 - rig.clock.now() - 0.5)
         sampler.cancel()
         # Every TxProfile decrease of the curtailment left in one decision, and reached its
         # station within 1 s of the first.
         tx_dec = [
-            s for s in rig.sent[n_sent:] if s.purpose == "tx" and s.kind is ChangeKind.DECREASE
+            s
+            for s in rig.sent[n_sent:]
+            if s.purpose == "tx"
+            and s.kind is ChangeKind.DECREASE
+            and s.left_mono >= in_force_mono - 0.05
         ]
         first_decision = min(s.decision for s in tx_dec)
         batch = [s for s in tx_dec if s.decision == first_decision]

@@ -28,7 +28,7 @@ from evcore.clock import Clock
 from evcore.edge import failsafe
 from evcore.edge.config import EdgeConfig
 from evcore.edge.dispatch import Change, ChangeKind, PendingDecrease, next_settle_at, plan_dispatch
-from evcore.edge.faults import FaultChange, check_ignored
+from evcore.edge.faults import FaultChange, check_ignored, draws_above_limit
 from evcore.edge.grid import Curtailment, CurtailmentBook, PricePoint, merge_prices
 from evcore.edge.ports import AuditSink, ChargerGateway, CorePort, EnforcedSetpoints
 from evcore.edge.state import ChargerState, SiteState
@@ -158,6 +158,7 @@ class EdgeController:
                 ev.terminal_a,
             ):
                 c = st.chargers[ev.charger_id]
+                c.note_limit(now_m)
                 change = check_ignored(c, now_m, self.cfg)
                 if change is FaultChange.FAULTED:
                     self._report_fault(c)
@@ -184,6 +185,14 @@ class EdgeController:
                 self.notify("boot")
         elif kind == "ProfileResult":
             pass  # results come back through the awaited set_limit
+        # What each charger must enforce may have changed (session end, boot): log it now.
+        if kind in ("BootEvent", "ConnectionEvent"):
+            for c in st.station_chargers(ev.ocpp_id):
+                c.note_limit(now_m)
+        elif kind != "MeterSample" and (
+            cs := st.chargers.get(getattr(ev, "charger_id", None) or "")
+        ):
+            cs.note_limit(now_m)
 
     def post_curtailment(self, c: Curtailment) -> None:
         """A grid signal: at most ``max_kw`` at ``node_id`` from ``start`` to ``end``."""
@@ -361,6 +370,8 @@ class EdgeController:
             and c.sent is not None
             and now_w >= failsafe.refresh_at(c.expires_at, c.sent, fs.get(cid, 0.0), cfg)
         }
+        # A charger drawing above what it holds is not raised until it complies (faults.py).
+        hold = {cid for cid in active if draws_above_limit(st.chargers[cid], now_m, cfg)}
         pending = list(self.pending.values())
         d_plan = plan_dispatch(
             default_now,
@@ -386,6 +397,7 @@ class EdgeController:
             resolution_a=cfg.resolution_a,
             resolution_w=cfg.resolution_w,
             force=force,
+            hold=hold,
         )
         # TxProfile decreases first: they lower what flows now; TxDefault ones guard the future.
         decreases = [("tx", c) for c in t_plan.decreases] + [
@@ -474,11 +486,13 @@ class EdgeController:
             if c.transaction_id is None:
                 # An idle charger's TxDefault is all it holds.
                 c.sent = c.holding = sent.value
+                c.sent_at = sent.left_mono
                 c.accepted = True
                 c.needs_resend = False
                 c.profile_unknown = False
         elif c.tx_default_sent == sent.value:
             c.tx_default_sent = None  # refused or lost: send again next decision
+        c.note_limit(self.clock.monotonic())
         p = self.pending.get(key)
         if p is not None and accepted and p.sent_at_s == sent.left_mono:
             self.pending[key] = PendingDecrease(p.charger_id, p.sent_at_s, True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from evcore.edge.config import EdgeConfig
+from evcore.edge.faults import is_suspect
 from evcore.edge.ports import EnforcedSetpoints
 from evcore.edge.state import ChargerState, SiteState
 
@@ -99,6 +100,7 @@ class RustCore:
         now_mono: float,
         failsafe: Mapping[str, float],
         requested: Mapping[str, float],
+        ignoring: Collection[str] = (),
     ) -> dict[str, Any]:
         n = len(self.charger_ids)
         nan = math.nan
@@ -134,7 +136,7 @@ class RustCore:
                         cols[f"measured_l{k + 1}_a"][i] = v
             unit = "last_sent_w" if c.is_dc else "last_sent_a"
             # Unknown (edge start, boot): counted at the charger's maximum by the envelope.
-            cols["profile_unknown"][i] = c.profile_unknown
+            cols["profile_unknown"][i] = c.profile_unknown or cid in ignoring
             if active:
                 # What it was last sent counts until the charger accepted it (a re-send after a
                 # reconnect or rejection is not confirmed yet either).
@@ -219,7 +221,12 @@ class RustCore:
         n = len(self.charger_ids)
         chargers = [state.chargers[cid] for cid in self.charger_ids]
         requested = {c.charger_id: c.max_value for c in chargers}
-        cols = self._columns(state, now_mono=now_mono, failsafe=failsafe, requested=requested)
+        # One that keeps ignoring its profile (suspect) or is faulted may draw anything up to
+        # its maximum, whatever it is told: the core counts it there, like an unknown profile.
+        ignoring = {c.charger_id for c in chargers if c.faulted or is_suspect(c, now_mono, cfg)}
+        cols = self._columns(
+            state, now_mono=now_mono, failsafe=failsafe, requested=requested, ignoring=ignoring
+        )
         nodes = self._nodes(state, now_mono)
         weights = _priority_from_laxity(chargers, now_wall) if cfg.policy == "least_laxity" else {}
         demand: dict[str, Any] = {

@@ -87,6 +87,7 @@ def plan_dispatch(
     now_s: float,
     settle_s: float,
     force: Collection[str] = (),
+    hold: Collection[str] = (),
     resolution_a: float = 0.0,
     resolution_w: float = 0.0,
 ) -> DispatchPlan:
@@ -95,6 +96,9 @@ def plan_dispatch(
     ``safe``: the envelope's setpoints (A per phase for AC, W for DC). ``current``: per charger
     what it was last sent (pending or accepted); missing or None means unknown, which always sends.
     ``force``: chargers whose profile must be re-sent unchanged (reboot, reconnect, refresh).
+    ``hold``: chargers whose increases wait regardless (one drawing above the limit it holds must
+    not be raised to meet its draw: that would hide an ignored profile; withholding a rise is
+    always safe, the envelope counted the higher value).
     Increases wait while a pending decrease (from earlier decisions or this one) is unsettled.
     ``resolution_a``/``_w``: what the charger can be told (the central system rounds limits DOWN to
     it); two values that round to the same limit are the same limit on the wire, so no change.
@@ -123,7 +127,9 @@ def plan_dispatch(
             # Unchanged (or an increase inside the deadband): re-send what the charger holds.
             refreshes.append(Change(cid, old, old, ChangeKind.REFRESH))
     decreases.sort(key=lambda c: -(c.old - c.new) if c.old is not None else float("-inf"))
-    held: list[Change] = []
+    held = [c for c in increases if c.charger_id in hold]
+    if held:
+        increases = [c for c in increases if c.charger_id not in hold]
     if decreases or not decreases_settled(pending, now_s, settle_s):
-        held, increases = increases, []
+        held, increases = held + increases, []
     return DispatchPlan(tuple(decreases), tuple(increases), tuple(refreshes), tuple(held))

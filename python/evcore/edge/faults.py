@@ -1,12 +1,14 @@
 """Detecting a charger that ignores its profile, from its meter values.
 
-What this module owns: the suspect → faulted state machine. A charger whose measured current stays
-above its accepted setpoint by more than ``ignore_threshold_a`` (DC: ``ignore_threshold_a`` × its
-watts per ampere is not known here, so DC compares in W against ``ignore_threshold_a`` × 230 × 3)
-for ``ignore_after_s`` after the profile had ``settle_s`` to take effect becomes *suspect*; after
-``fault_after_s`` more it is *faulted* and reported. Covering its load is not done here: the
-envelope counts every charger at least at its fresh measurement (and a faulted one as the core
-says), so the others are reduced in the same decision that sees the measurement.
+What this module owns: the overdrawing → suspect → faulted state machine. A charger whose measured
+current is above every limit it may still have been applying (a lowered one gets ``settle_s`` to
+take effect) by more than ``ignore_threshold_a`` (DC: in W against ``ignore_threshold_a`` × 230 × 3)
+is overdrawing: ``suspect_since`` is set and the allocator may no longer raise it. After
+``ignore_after_s`` of that it is *suspect*: counted at its maximum, like a charger whose profile is
+unknown. After ``fault_after_s`` more it is *faulted* and reported. Covering its load is not done
+here: the envelope counts every charger at least at its fresh measurement, and ``coreio`` passes a
+suspect or faulted charger to the core as unknown, so the others are reduced in the decision that
+sees it.
 """
 
 from __future__ import annotations
@@ -26,28 +28,30 @@ class FaultChange(StrEnum):
     CLEARED = "cleared"
 
 
-def overdraw(c: ChargerState) -> float | None:
-    """How far the measured draw is above the accepted setpoint (A or W), None if unknown."""
-    if c.holding is None or c.measured_at is None:
+def overdraw(c: ChargerState, settle_s: float) -> float | None:
+    """How far the latest measurement is above every limit the charger may still have been
+    applying when it was taken (A or W); None when unknown or not yet judgeable."""
+    if c.measured_at is None:
+        return None
+    bound = c.allowed_bound(c.measured_at, settle_s)
+    if bound is None:
         return None
     if c.is_dc:
-        return None if c.measured_w is None else c.measured_w - c.holding
+        return None if c.measured_w is None else c.measured_w - bound
     m = c.measured_max_a()
-    return None if m is None else m - c.holding
+    return None if m is None else m - bound
 
 
 def check_ignored(c: ChargerState, now_mono: float, cfg: EdgeConfig) -> FaultChange | None:
-    """Advance ``c``'s suspect/faulted state from its latest measurement; return what changed."""
+    """Advance ``c``'s suspect/faulted state from its latest measurement; return what changed.
+
+    The measurement is compared with the highest limit the charger may still have been applying
+    (``ChargerState.allowed_bound``), so a decrease gets ``settle_s`` to take effect and a later
+    raise of the setpoint does not hide an overdraw measured before it.
+    """
     if c.faulted:
         return None
-    settled = (
-        c.accepted
-        and c.sent_at is not None
-        and now_mono - c.sent_at >= cfg.settle_s
-        and c.measured_at is not None
-        and c.measured_at >= c.sent_at + cfg.settle_s
-    )
-    over = overdraw(c) if settled else None
+    over = overdraw(c, cfg.settle_s)
     threshold = cfg.ignore_threshold_a * (_DC_W_PER_A if c.is_dc else 1.0)
     if over is None or over <= threshold:
         if c.suspect_since is not None:
@@ -60,12 +64,30 @@ def check_ignored(c: ChargerState, now_mono: float, cfg: EdgeConfig) -> FaultCha
     held_for = now_mono - c.suspect_since
     if held_for >= cfg.ignore_after_s + cfg.fault_after_s:
         c.faulted = True
+        unit = "W" if c.is_dc else "A"
+        bound = c.allowed_bound(c.measured_at or now_mono, cfg.settle_s) or 0.0
         c.fault_reason = (
-            f"ignores its profile: draws {over + (c.holding or 0.0):.1f} against an accepted "
-            f"{c.holding:.1f} for {held_for:.0f} s"
+            f"ignores its profile: draws {over + bound:.1f} {unit} against an accepted "
+            f"{bound:.1f} {unit} for {held_for:.0f} s"
         )
         return FaultChange.FAULTED
     return None
+
+
+def draws_above_limit(c: ChargerState, now_mono: float, cfg: EdgeConfig) -> bool:
+    """A fresh measurement above the limit the charger holds now, by more than the threshold.
+
+    Not a judgement (the limit may have been lowered a moment ago): the allocator just must not
+    raise such a charger to meet its draw, which would hide an overdraw before it can be judged.
+    """
+    if c.holding is None or c.measured_at is None or now_mono - c.measured_at > cfg.stale_after_s:
+        return False
+    if c.is_dc:
+        return c.measured_w is not None and c.measured_w > c.holding + cfg.ignore_threshold_a * (
+            _DC_W_PER_A
+        )
+    m = c.measured_max_a()
+    return m is not None and m > c.holding + cfg.ignore_threshold_a
 
 
 def is_suspect(c: ChargerState, now_mono: float, cfg: EdgeConfig) -> bool:

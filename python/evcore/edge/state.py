@@ -19,6 +19,8 @@ _PLUGGED = frozenset(
     {"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "Finishing", "Occupied"}
 )
 _UNAVAILABLE = frozenset({"Unavailable", "Faulted"})
+# Limit changes kept per charger for the ignored-profile check (a few settle times' worth).
+_LIMIT_LOG_LEN = 64
 
 
 @dataclass(slots=True)
@@ -62,7 +64,11 @@ class ChargerState:
     off_since: float | None = None
     switches: int = 0
 
-    # Ignored-profile detection.
+    # Ignored-profile detection. ``limit_log``: the limit the charger was to enforce (accepted
+    # TxProfile, else its TxDefault; None = unknown) from when the edge learnt it (monotonic),
+    # oldest first, so a measurement is judged against every limit it may still have been
+    # applying, not only the latest one.
+    limit_log: list[tuple[float, float | None]] = field(default_factory=list)
     suspect_since: float | None = None  # monotonic
     faulted: bool = False
     fault_reason: str = ""
@@ -76,6 +82,36 @@ class ChargerState:
     def measured_max_a(self) -> float | None:
         vals = [v for v in self.measured_a if v is not None and math.isfinite(v)]
         return max(vals) if vals else None
+
+    def effective_limit(self) -> float | None:
+        """The limit the charger should be enforcing now (None while its profiles are unknown)."""
+        return None if self.profile_unknown else self.holding
+
+    def note_limit(self, now_mono: float) -> None:
+        """Log the effective limit if it changed since the last entry."""
+        value = self.effective_limit()
+        log = self.limit_log
+        if log and log[-1][1] == value:
+            return
+        log.append((now_mono, value))
+        if len(log) > _LIMIT_LOG_LEN:
+            del log[: len(log) - _LIMIT_LOG_LEN]
+
+    def allowed_bound(self, at_mono: float, settle_s: float) -> float | None:
+        """The highest limit the charger may still be applying at ``at_mono``: the one in force
+        ``settle_s`` before and every one since (a lowered limit takes up to ``settle_s`` to take
+        effect). None when any of them is unknown or nothing is known from that long ago."""
+        start = at_mono - settle_s
+        bound: float | None = None
+        for t, value in reversed(self.limit_log):
+            if t > at_mono:
+                continue
+            if value is None:
+                return None
+            bound = value if bound is None else max(bound, value)
+            if t <= start:
+                return bound
+        return None
 
     def age_s(self, now_mono: float) -> float:
         return math.inf if self.measured_at is None else max(0.0, now_mono - self.measured_at)
