@@ -1,5 +1,6 @@
 """Child process for the SIGKILL test: writes decisions as fast as it can and prints the number of
-each one after its writes returned (i.e. were committed). The parent kills it mid-stream."""
+each one after its writes returned (i.e. were committed). The parent kills it mid-stream, then may
+start it again on the same store from another number (``argv[3]``)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from evcore.v1.setpoint_pb2 import Setpoint
 from evcore.v1.transaction_pb2 import TransactionEvent, TransactionEventKind
 
 
-async def main(section: dict[str, object], base_dir: str) -> None:
+async def main(section: dict[str, object], base_dir: str, start: int) -> None:
     store = open_store(section, base_dir)
     await store.open()
     clock = WallClock()
     audit = AuditLog(store, clock=clock)
-    i = 0
+    i = start
     while True:
         now = clock.now()
         sp = Setpoint(charger_id=f"C{i % 7}", setpoint_a=6.0 + i % 10, reason=f"decision {i}")
@@ -41,4 +42,6 @@ async def main(section: dict[str, object], base_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(json.loads(sys.argv[1]), sys.argv[2]))
+    asyncio.run(
+        main(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    )
