@@ -1,6 +1,6 @@
-"""Backpressure: a stuck subscriber does not stall the control path (both implementations),
-telemetry is sampled down when the sender falls behind and every drop is counted, and the NATS
-sender recovers the events it had in flight when the broker died."""
+"""Backpressure: a stuck subscriber or durable consumer does not stall the control path (both
+implementations), telemetry is sampled down when the sender falls behind and every drop is
+counted, and the NATS sender recovers the events it had in flight when the broker died."""
 
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ async def test_stuck_subscriber_does_not_stall_control_path(small_queue_bus: Bus
         await release.wait()  # e.g. a dashboard whose socket stopped draining
 
     await bus.subscribe(s.all, stuck)
+    stuck_durable_calls = 0
+
+    async def stuck_durable(m: BusMessage) -> None:
+        nonlocal stuck_durable_calls
+        stuck_durable_calls += 1
+        await release.wait()  # e.g. a historian whose database hangs
+
+    await bus.consume(s.setpoint(), durable="historian", handler=stuck_durable)
     applied: list[str] = []
 
     async def dispatch(m: BusMessage) -> None:
@@ -75,6 +83,7 @@ async def test_stuck_subscriber_does_not_stall_control_path(small_queue_bus: Bus
     await wait_until(lambda: len(applied) == len(want), timeout_s=60, what="every setpoint")
     assert applied == want, "setpoints lost, duplicated or reordered behind a stuck subscriber"
     assert not release.is_set() and stuck_got, "the stuck subscriber was reached and still hangs"
+    assert stuck_durable_calls >= 1, "the stuck durable consumer was reached"
     # Its backlog is bounded: what did not fit was dropped and counted, not queued without end.
     await wait_until(
         lambda: bus.stats.slow_consumer_dropped > 0, timeout_s=30, what="overflow counted"
