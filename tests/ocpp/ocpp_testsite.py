@@ -19,6 +19,7 @@ PASSWORDS = {
     "CPB": "password-of-cpb-201",
     "CPM": "password-of-cpm-multi",
     "CPC": "password-of-cpc-l2n",
+    "CPD": "password-of-cpd-dc-50kw",
 }
 
 SITE: dict[str, Any] = {
@@ -90,12 +91,31 @@ SITE: dict[str, Any] = {
     },
 }
 
-VERSIONS = {"CPA": "1.6", "CPB": "2.0.1", "CPM": "1.6", "CPC": "2.0.1"}
+VERSIONS = {"CPA": "1.6", "CPB": "2.0.1", "CPM": "1.6", "CPC": "2.0.1", "CPD": "2.0.1"}
+
+#: A 50 kW DC charger (2.0.1), for the tests that need one.
+DC_CHARGER: dict[str, Any] = {
+    "id": "cp-d",
+    "ocpp_id": "CPD",
+    "parent": "grid",
+    "kind": "dc",
+    "wiring": "three_phase",
+    "phases": ["L1", "L2", "L3"],
+    "voltage_v": 230.0,
+    "max_w": 50_000.0,
+    "min_w": 5_000.0,
+    "efficiency": 0.95,
+    "aux_w": 200.0,
+}
 
 
-def make_site(**ocpp_overrides: Any) -> Site:
+def make_site(*, extra_chargers: list[dict[str, Any]] | None = None, **ocpp_overrides: Any) -> Site:
+    """The shared test site; ``extra_chargers`` need a password in ``PASSWORDS``."""
     data = copy.deepcopy(SITE)
     data["ocpp"].update(ocpp_overrides)
+    for c in extra_chargers or ():
+        data["chargers"].append(c)
+        data["ocpp"]["credentials"][c["ocpp_id"]] = PASSWORDS[c["ocpp_id"]]
     return load_site(data)
 
 
@@ -128,9 +148,10 @@ async def rig(
     versions: dict[str, str] | None = None,
     bus: Any = None,
     store: Any = None,
+    extra_chargers: list[dict[str, Any]] | None = None,
     **ocpp: Any,
 ) -> AsyncIterator[Rig]:
-    site = make_site(**ocpp)
+    site = make_site(extra_chargers=extra_chargers, **ocpp)
     clock = WallClock()
     cs = CentralSystem(site, clock=clock, bus=bus, store=store)
     events: list[OcppEvent] = []

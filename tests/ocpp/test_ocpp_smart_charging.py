@@ -9,7 +9,7 @@ import pytest
 from evcore.ocpp import ProfileResult
 from evcore.sim.chargepoint import SimChargePoint
 from evcore.sim.ev import EV
-from ocpp_testsite import rig
+from ocpp_testsite import DC_CHARGER, rig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,7 +81,7 @@ async def test_limits_reach_the_charger_as_the_right_profile(charger: str) -> No
         assert sim.invalid_calls == []
 
 
-async def test_single_phase_charger_sends_one_phase_and_dc_sends_watts() -> None:
+async def test_single_phase_charger_sends_one_phase_and_bad_requests_are_refused() -> None:
     async with rig() as r:
         sim = r.fleet.stations["CPC"]
         res = await r.cs.set_limit("cp-c", limit_a=13.5, purpose="tx_default")
@@ -98,6 +98,50 @@ async def test_single_phase_charger_sends_one_phase_and_dc_sends_watts() -> None
             await r.cs.set_limit("cp-c", limit_a=-1)
         with pytest.raises(KeyError, match="unknown charger"):
             await r.cs.set_limit("nope", limit_a=10)
+
+
+async def test_dc_charger_gets_watts_and_its_car_follows() -> None:
+    async with rig(extra_chargers=[DC_CHARGER]) as r:
+        sim = r.fleet.stations["CPD"]
+        with pytest.raises(ValueError, match="DC charger; give limit_w"):
+            await r.cs.set_limit("cp-d", limit_a=20)
+        r.fleet.plug_in("cp-d", EV(soc=0.3))
+        await r.until(lambda: r.cs.station_state("cp-d").active_transactions.get(1) is not None)
+        res = await r.cs.set_limit("cp-d", limit_w=22_222.7)
+        assert res.accepted and res.limit_w == 22_222.0 and res.limit_a is None
+        sched = sent_profiles(sim)[-1]["chargingProfile"]["chargingSchedule"][0]
+        assert sched["chargingRateUnit"] == "W"
+        assert sched["chargingSchedulePeriod"] == [{"startPeriod": 0, "limit": 22_222.0}]
+        c = sim.connectors[1]
+        await r.until(lambda: c.offered == 22_222.0)
+        # The car takes the DC power; the grid sees it through the rectifier on three phases.
+        await r.until(lambda: c.power_w == pytest.approx(22_222.0 / 0.95 + 200.0))
+        assert c.terminal_a[0] == pytest.approx(c.power_w / (3 * 230.0))
+        comp = await r.cs.get_composite_schedule("cp-d", duration_s=60)
+        assert comp.unit == "W" and comp.limit_at(r.cs.clock.now()) == 22_222.0
+        assert sim.invalid_calls == []
+
+
+async def test_valid_to_and_decimal_amperes() -> None:
+    async with rig(whole_amperes=False) as r:
+        for charger in ("cp-a", "cp-b"):
+            sim = r.fleet.stations[r.cs.charger(charger).ocpp_id]
+            v16 = sim.version == "1.6"
+            now = r.cs.clock.now()
+            res = await r.cs.set_limit(
+                charger, limit_a=12.97, purpose="tx_default", valid_to=now + 1.5
+            )
+            assert res.accepted and res.limit_a == 12.9  # 0.1 A, rounded down
+            body = sent_profiles(sim)[-1]["csChargingProfiles" if v16 else "chargingProfile"]
+            sched = body["chargingSchedule"] if v16 else body["chargingSchedule"][0]
+            assert sched["chargingSchedulePeriod"] == [
+                {"startPeriod": 0, "limit": 12.9, "numberPhases": 3}
+            ]
+            assert body["validTo"].endswith("Z")
+            # Held while valid, then gone: the station is back at its own maximum.
+            await r.until(lambda s=sim: s.limit_at(1, r.cs.clock.now()) == 12.9)  # type: ignore[misc]
+            await r.until(lambda s=sim: s.limit_at(1, r.cs.clock.now()) == 32.0, 5)  # type: ignore[misc]
+            assert sim.invalid_calls == []
 
 
 async def test_queue_sends_decreases_first_and_drops_superseded_limits() -> None:

@@ -81,6 +81,9 @@ class OcppConfig:
     max_clock_skew_s: float = 300.0
     #: Meter samples arriving within this window go to the store in one write (group commit).
     store_batch_window_s: float = 0.005
+    #: At start, freeze what is allocated so far out of the cyclic GC's reach and collect the
+    #: young generation less often (full collections over a large heap stall every station).
+    gc_tuning: bool = True
 
     def credentials_for(self, ocpp_id: str) -> StationCredentials | None:
         return self.credentials.get(ocpp_id)
@@ -175,6 +178,7 @@ _KEYS = {
     "stack_level",
     "max_clock_skew_s",
     "store_batch_window_s",
+    "gc_tuning",
 }
 
 
@@ -216,6 +220,9 @@ def parse_ocpp_section(
         )
     if profile == 3 and tls_ca is None:
         raise OcppConfigError("ocpp.tls_client_ca is required for security profile 3")
+    window = float(typed("store_batch_window_s", (int, float), 0.005))
+    if not 0.0 <= window <= 1.0:
+        raise OcppConfigError(f"ocpp.store_batch_window_s: must be within [0, 1] s, got {window}")
     port = typed("port", int, 9000)
     if not 0 <= port <= 65535:
         raise OcppConfigError(f"ocpp.port: expected 0..65535, got {port}")
@@ -251,5 +258,6 @@ def parse_ocpp_section(
         configure_on_boot=typed("configure_on_boot", bool, True),
         stack_level=typed("stack_level", int, 1),
         max_clock_skew_s=float(typed("max_clock_skew_s", (int, float), 300.0)),
-        store_batch_window_s=float(typed("store_batch_window_s", (int, float), 0.005)),
+        store_batch_window_s=window,
+        gc_tuning=typed("gc_tuning", bool, True),
     )

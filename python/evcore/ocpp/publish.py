@@ -164,6 +164,7 @@ class EventPublisher:
         self.bus = bus
         self.store = store
         self._subjects: Any = None
+        self._telemetry_subject: dict[str, str] = {}
         self._meter_writer = (
             _GroupCommit(store, store_batch_window_s) if store is not None else None
         )
@@ -185,8 +186,12 @@ class EventPublisher:
         if isinstance(event, MeterSample):
             msg = meter_to_proto(event, received)
             if self.bus is not None:
+                subject = self._telemetry_subject.get(event.charger_id)
+                if subject is None:  # escaping costs more than the rest of a publish: once
+                    subject = self._subjects.telemetry(event.charger_id)
+                    self._telemetry_subject[event.charger_id] = subject
                 await self.bus.publish(
-                    self._subjects.telemetry(event.charger_id),
+                    subject,
                     msg,
                     event_id=f"meter:{event.charger_id}:{round(event.at * 1000)}",
                 )
