@@ -405,3 +405,23 @@ async def test_a_failing_facade_gives_internal_not_a_traceback(edge: Edge) -> No
     # The server lives on.
     state = await edge.stub.GetSiteState(pb.GetSiteStateRequest(), metadata=auth(VIEWER))
     assert state.site_id == "depot"
+
+
+async def test_unmeasured_phases_and_a_conversion_bug(edge: Edge) -> None:
+    md = auth(VIEWER)
+    edge.facade.chargers["C2"]["measured_a"] = [None, 7.5, None]  # one phase measured so far
+    state = await edge.stub.GetSiteState(pb.GetSiteStateRequest(), metadata=md)
+    c2 = next(c for c in state.chargers if c.charger_id == "C2")
+    got = list(c2.measured_current_a)
+    assert len(got) == 3 and got[1] == 7.5 and got[0] != got[0] and got[2] != got[2]  # NaN
+    edge.facade.chargers["C2"]["measured_a"] = [None, None, None]  # never measured
+    state = await edge.stub.GetSiteState(pb.GetSiteStateRequest(), metadata=md)
+    c2 = next(c for c in state.chargers if c.charger_id == "C2")
+    assert list(c2.measured_current_a) == []
+
+    # Data the conversion cannot read is a logged INTERNAL, not gRPC's bare UNKNOWN.
+    edge.facade.site_state = lambda: {"faults": [42]}  # type: ignore[method-assign,assignment,return-value]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await edge.stub.GetSiteState(pb.GetSiteStateRequest(), metadata=md)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "GetSiteState failed" in (err.value.details() or "")

@@ -33,6 +33,15 @@ def _num(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def phases(values: Any) -> list[float]:
+    """Per-phase values in site order: empty when none is known, NaN for a phase not measured (the
+    position of each phase must stay)."""
+    out = [_num(x) for x in values or ()]
+    if all(x is None for x in out):
+        return []
+    return [math.nan if x is None else x for x in out]
+
+
 def _is_w(d: Mapping[str, Any]) -> bool:
     return str(d.get("unit") or "A").upper() == "W"
 
@@ -60,7 +69,7 @@ def charger_view(d: Mapping[str, Any]) -> pb.ChargerView:
     vt = _num(d.get("valid_to"))
     if vt is not None:
         v.valid_until.CopyFrom(timestamp(vt))
-    v.measured_current_a.extend(float(x) for x in d.get("measured_a") or ())
+    v.measured_current_a.extend(phases(d.get("measured_a")))
     mw = _num(d.get("measured_w"))
     if mw is not None:
         v.measured_power_w = mw
@@ -143,12 +152,14 @@ def setpoint_view(d: Mapping[str, Any]) -> pb.SetpointView:
 
 
 def node_utilisation(d: Mapping[str, Any]) -> pb.NodeUtilisation:
-    current = [float(x) for x in d.get("current_a") or ()]
-    limit = [float(x) for x in d.get("phase_limit_a") or ()]
+    current = phases(d.get("current_a"))
+    limit = phases(d.get("phase_limit_a"))
     n = pb.NodeUtilisation(node_id=str(d.get("node_id") or ""))
     n.current_a.extend(current)
     n.phase_limit_a.extend(limit)
-    ratios = [abs(c) / lim for c, lim in zip(current, limit, strict=False) if lim > 0]
+    ratios = [
+        abs(c) / lim for c, lim in zip(current, limit, strict=False) if lim > 0 and math.isfinite(c)
+    ]
     pkw = _num(d.get("power_kw"))
     cap = _num(d.get("power_limit_kw"))
     if pkw is not None:

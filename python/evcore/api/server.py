@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +39,8 @@ from evcore.v1.audit_pb2 import AuditRecord
 log = logging.getLogger("evcore.api")
 
 T = TypeVar("T")
+Req = TypeVar("Req")
+Res = TypeVar("Res")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeApi"].full_name
 DEFAULT_DECISIONS = 50
 MAX_DECISIONS = 1000
@@ -115,6 +118,26 @@ async def _maybe(value: T | Any) -> Any:
     return value
 
 
+def _guarded(
+    method: Callable[[Any, Req, Any], Awaitable[Res]],
+) -> Callable[[Any, Req, Any], Awaitable[Res]]:
+    """A unary handler whose unexpected errors (a bug in a conversion, say) become INTERNAL with a
+    logged traceback, instead of gRPC's bare UNKNOWN."""
+
+    @functools.wraps(method)
+    async def run(self: Any, request: Req, context: Any) -> Res:
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.exception("api: %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {exc!r}")
+            raise AssertionError("unreachable: abort raises") from exc
+
+    return run
+
+
 def _actor() -> str:
     p = current_principal.get()
     return "unknown" if p is None else p.name
@@ -157,10 +180,12 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     # -- reads ----------------------------------------------------------------------------------
+    @_guarded
     async def GetSiteState(self, request: pb.GetSiteStateRequest, context: Any) -> pb.SiteState:
         d = await self._call(context, self._facade.site_state)
         return convert.site_state(d, site_id=self._site_id, now_s=self._clock.now())
 
+    @_guarded
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Any
     ) -> pb.ListSessionsResponse:
@@ -170,6 +195,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             views = [v for v in views if v.charger_id == request.charger_id]
         return pb.ListSessionsResponse(sessions=sorted(views, key=lambda v: v.charger_id))
 
+    @_guarded
     async def ListSetpoints(
         self, request: pb.ListSetpointsRequest, context: Any
     ) -> pb.ListSetpointsResponse:
@@ -179,6 +205,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             views = [v for v in views if v.charger_id == request.charger_id]
         return pb.ListSetpointsResponse(setpoints=sorted(views, key=lambda v: v.charger_id))
 
+    @_guarded
     async def GetNodeUtilisation(
         self, request: pb.GetNodeUtilisationRequest, context: Any
     ) -> pb.GetNodeUtilisationResponse:
@@ -187,6 +214,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         out.observed_at.CopyFrom(convert.timestamp(self._clock.now()))
         return out
 
+    @_guarded
     async def ListDecisions(
         self, request: pb.ListDecisionsRequest, context: Any
     ) -> pb.ListDecisionsResponse:
@@ -282,6 +310,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 f"charger {charger_id!r} now has transaction {tx!r}, not {transaction_id!r}",
             )
 
+    @_guarded
     async def SetChargerAvailability(
         self, request: pb.SetChargerAvailabilityRequest, context: Any
     ) -> pb.SteeringResponse:
@@ -297,6 +326,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self._broadcast("availability", request.charger_id, detail)
         return pb.SteeringResponse(detail=detail)
 
+    @_guarded
     async def SetSessionPriority(
         self, request: pb.SetSessionPriorityRequest, context: Any
     ) -> pb.SteeringResponse:
@@ -313,6 +343,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self._broadcast("priority", request.charger_id, detail)
         return pb.SteeringResponse(detail=detail)
 
+    @_guarded
     async def SetSessionDeparture(
         self, request: pb.SetSessionDepartureRequest, context: Any
     ) -> pb.SteeringResponse:
@@ -340,6 +371,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self._broadcast("departure", request.charger_id, detail)
         return pb.SteeringResponse(detail=detail)
 
+    @_guarded
     async def PostGridSignal(
         self, request: pb.PostGridSignalRequest, context: Any
     ) -> pb.PostGridSignalResponse:
