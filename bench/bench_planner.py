@@ -46,7 +46,7 @@ def run_case(
     name: str, doc: dict[str, Any], chargers: int, reps: int, ref_reps: int
 ) -> dict[str, Any]:
     settings = PlannerSettings()
-    ref_kw = dict(
+    ref_kw: dict[str, Any] = dict(
         tol_gap_abs=settings.tol_gap_abs,
         tol_gap_rel=settings.tol_gap_rel,
         tol_feas=settings.tol_feas,

@@ -64,3 +64,17 @@ def allocate(
     explain: bool = True,
 ) -> Any: ...
 def binding_codes() -> list[str]: ...
+
+# --- Planner (core/evcore-py/src/planner.rs; the planner room keeps this section) ---
+
+PLAN_METADATA_KEY: str
+
+class Planner:
+    """Receding-horizon planner; keeps its Clarabel solver between calls of equal structure."""
+
+    def __init__(self, settings_json: str | None = None) -> None: ...
+    @property
+    def settings_json(self) -> str: ...
+    def plan(self, input_json: str, budget_s: float) -> Any:
+        """A ``pyarrow.RecordBatch`` (schedule) with the summary JSON in its schema metadata
+        under ``PLAN_METADATA_KEY``. Raises ``InputError`` naming the field."""

@@ -12,7 +12,6 @@ everything else in Rust). A plan that cannot be made is a status (``infeasible``
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -22,10 +21,8 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from evcore import _core
 from evcore.errors import InputError
-
-# The compiled core, typed at this boundary (its stub does not describe the planner yet).
-_core: Any = importlib.import_module("evcore._core")
 
 PLAN_METADATA_KEY = "evcore.plan"
 STATUSES = ("optimal", "suboptimal", "infeasible", "time_limit", "failed")
@@ -277,7 +274,6 @@ def check_finite(doc: Any, path: str = "") -> None:
     if isinstance(doc, float):
         if not math.isfinite(doc):
             err = InputError(f"{path}: must be a finite number, got {doc}")
-            err.field = path
             err.column = path
             err.row = None
             raise err

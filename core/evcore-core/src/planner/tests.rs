@@ -293,3 +293,208 @@ fn a_tiny_budget_gives_a_status() {
     assert_eq!(out.summary.status, PlanStatus::TimeLimit);
     assert!(out.rows.is_empty());
 }
+
+fn one_ln_session(step_s: Vec<f64>, price: Vec<f64>, kwh: f64) -> PlanInput {
+    let hours = step_s.iter().sum::<f64>() / 3600.0;
+    let mut inp = input(step_s, price);
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    inp.sessions = vec![session("s1", "c1", hours, kwh)];
+    inp
+}
+
+#[test]
+fn demand_windows_are_clock_aligned_and_count_the_energy_already_in_the_window() {
+    // Now is 5 min into a 15-min window: step 0 (10 min) closes it, step 1 (15 min) is the next.
+    // Windows: 4·e_past + P0·600/900 and P1. Equal at the optimum with P0/6 + P1/4 = E:
+    // D = 2·(E + e_past).
+    let mut inp = one_ln_session(vec![600.0, 900.0], vec![0.0], 2.3);
+    inp.start_s = T0 + 300.0;
+    inp.sessions[0].arrival_s = T0;
+    inp.sessions[0].departure_s = T0 + 1800.0;
+    inp.demand_charge_per_kw = 1.0;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert!(
+        close(out.summary.objective_relaxed, 4.6, 1e-5),
+        "{:?}",
+        out.summary
+    );
+    // P0 = 1.5·D = 6.9 kW, P1 = D = 4.6 kW at 230 V.
+    let t = targets(&out, 0);
+    assert!(close(t[0], 30.0, 1e-4) && close(t[1], 20.0, 1e-4), "{t:?}");
+    inp.current_window_energy_kwh = 0.1;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert!(close(out.summary.objective_relaxed, 4.8, 1e-5));
+    let t = targets(&out, 0);
+    assert!(
+        close(t[0], 6.6 / 0.23, 1e-4) && close(t[1], 4.8 / 0.23, 1e-4),
+        "{t:?}"
+    );
+    assert!(out.summary.binding.iter().any(|b| b.kind == "demand_peak"));
+
+    // A 30-min window holds both steps: only the total energy counts (2.3 kWh / 0.5 h), so the
+    // free step 0 runs at 32 A and the rest (2.3 − 7.36/6 kWh) goes to step 1 at 0.1.
+    inp.demand_window_s = 1800.0;
+    inp.current_window_energy_kwh = 0.0;
+    inp.price_per_kwh = vec![0.0, 0.1];
+    let rest_kwh = 2.3 - 7.36 / 6.0;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert!(close(
+        out.summary.objective_relaxed,
+        4.6 + 0.1 * rest_kwh,
+        1e-5
+    ));
+    assert!(
+        close(targets(&out, 0)[0], 32.0, 1e-5),
+        "{:?}",
+        targets(&out, 0)
+    );
+
+    // The billing period's peak is a floor: below it, the demand term does not move.
+    inp.peak_floor_kw = 6.0;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert!(close(
+        out.summary.objective_relaxed,
+        6.0 + 0.1 * rest_kwh,
+        1e-5
+    ));
+}
+
+#[test]
+fn curtailment_limits_vary_over_the_horizon() {
+    // Cheap step 0 is curtailed to 2.3 kW (10 A): the rest goes to the dear step 1.
+    let mut inp = one_ln_session(vec![3600.0, 3600.0], vec![0.1, 0.3], 4.6);
+    inp.nodes[0].power_limit_kw = Some(vec![2.3, 100.0]);
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    let t = targets(&out, 0);
+    assert!(close(t[0], 10.0, 1e-4) && close(t[1], 10.0, 1e-4), "{t:?}");
+    assert!(close(out.summary.objective_relaxed, 0.23 + 0.69, 1e-5));
+    assert!(out
+        .summary
+        .binding
+        .iter()
+        .any(|b| b.kind == "power_limit" && b.step == 0));
+
+    // The same through a phase limit that drops to 8 A in step 0.
+    inp.nodes[0].power_limit_kw = None;
+    inp.nodes[0].phase_limit_a[0] = vec![8.0, 100.0];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    let t = targets(&out, 0);
+    assert!(close(t[0], 8.0, 1e-4) && close(t[1], 12.0, 1e-4), "{t:?}");
+    assert!(check_schedule(&inp, &out.rows).unwrap().is_empty());
+}
+
+#[test]
+fn other_load_and_pv_forecasts_shape_the_plan() {
+    // Other load 1 kW; PV 3 kW in step 0 only: step 0 is free up to 2 kW of charging.
+    let mut inp = one_ln_session(vec![3600.0, 3600.0], vec![0.3, 0.2], 2.3);
+    inp.nodes[0].other_load_kw = vec![1.0];
+    inp.pv_kw = vec![3.0, 0.0];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    // Step 0: 2 kWh free; step 1: 0.3 kWh plus the other load at 0.2.
+    assert!(close(out.summary.objective_relaxed, 0.2 * 1.3, 1e-5));
+    assert!(close(out.summary.terms_relaxed.energy_cost, 0.26, 1e-5));
+
+    // Other load on a line takes its share of the phase limit.
+    let mut inp = one_ln_session(vec![3600.0], vec![0.1], 50.0);
+    inp.nodes[0].phase_limit_a[0] = vec![20.0];
+    inp.nodes[0].other_load_a[0] = vec![12.0];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert!(close(targets(&out, 0)[0], 8.0, 1e-4));
+    assert!(check_schedule(&inp, &out.rows).unwrap().is_empty());
+}
+
+#[test]
+fn regularisers_charge_early_share_equally_and_smooth() {
+    // Charge early: equal prices, the energy goes first.
+    let mut inp = one_ln_session(vec![3600.0, 3600.0], vec![0.1], 2.3);
+    inp.weights.charge_early_per_kwh = 0.01;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    let t = targets(&out, 0);
+    assert!(close(t[0], 10.0, 1e-4) && t[1].abs() < 1e-3, "{t:?}");
+    assert!(out.summary.terms.charge_early > 0.0);
+
+    // Equal share: two sessions short of energy under a 20 A line share it 10/10.
+    let mut inp = input(vec![3600.0], vec![0.1]);
+    inp.nodes = vec![node("root", None, 20.0)];
+    inp.chargers = vec![
+        ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0),
+        ac("c2", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0),
+    ];
+    inp.sessions = vec![
+        session("s1", "c1", 1.0, 20.0),
+        session("s2", "c2", 1.0, 20.0),
+    ];
+    inp.weights.equal_share = 0.01;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    for s in 0..2 {
+        assert!(close(targets(&out, s)[0], 10.0, 1e-4), "{:?}", out.rows);
+    }
+
+    // Smooth: alternating prices make a jumpy profile; the smoothing term flattens it.
+    let jumps = |w: f64| {
+        let mut inp = one_ln_session(vec![900.0; 8], vec![0.1, 0.3], 2.3);
+        inp.price_per_kwh = (0..8).map(|k| if k % 2 == 0 { 0.1 } else { 0.3 }).collect();
+        inp.weights.smooth = w;
+        let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+        assert_eq!(out.summary.status, PlanStatus::Optimal);
+        let t = targets(&out, 0);
+        t.windows(2).map(|p| (p[1] - p[0]).abs()).sum::<f64>()
+    };
+    let (rough, smooth) = (jumps(0.0), jumps(1.0));
+    assert!(rough > 50.0, "{rough}");
+    assert!(smooth < 0.5 * rough, "{smooth} vs {rough}");
+}
+
+#[test]
+fn growing_steps_and_variables_only_inside_the_session_window() {
+    // 5 min, 15 min, 1 h; the session arrives 7.5 min in and leaves half-way through the hour.
+    let mut inp = input(vec![300.0, 900.0, 3600.0], vec![0.1]);
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    let mut s = session("s1", "c1", 0.0, 100.0);
+    s.arrival_s = T0 + 450.0;
+    s.departure_s = T0 + 1200.0 + 1800.0;
+    inp.sessions = vec![s];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    let steps: Vec<usize> = out.rows.iter().map(|r| r.step).collect();
+    assert_eq!(steps, vec![1, 2], "no variable before arrival");
+    // 2 rates, 1 shortfall, 3 imports, 2 root aggregates (steps with a rate); no demand variable.
+    assert_eq!(out.summary.variables, 2 + 1 + 3 + 2);
+    for r in &out.rows {
+        assert!(close(r.target, 32.0, 1e-6));
+    }
+    // Energy over the part of each step the car is there: (750 + 1800) s at 7.36 kW.
+    let kwh = 7.36 * 2550.0 / 3600.0;
+    assert!(
+        close(out.summary.delivered_kwh[0], kwh, 1e-6),
+        "{:?}",
+        out.summary
+    );
+    assert!(close(out.summary.terms.energy_cost, 0.1 * kwh, 1e-6));
+}
+
+#[test]
+fn dc_sessions_are_planned_in_watts_with_the_conversion_loss() {
+    let mut inp = input(vec![3600.0], vec![0.1]);
+    inp.chargers = vec![PlanCharger {
+        id: "dc".into(),
+        parent: "root".into(),
+        kind: ChargerKind::Dc,
+        wiring: Wiring::ThreePhase,
+        phases: vec![0, 1, 2],
+        voltage_v: 230.0,
+        min_a: None,
+        max_a: None,
+        min_w: Some(5_000.0),
+        max_w: Some(50_000.0),
+        efficiency: 0.95,
+    }];
+    inp.sessions = vec![session("s1", "dc", 1.0, 25.0)];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert!(out.rows[0].dc);
+    assert!(close(out.rows[0].target, 25_000.0, 1e-5));
+    assert!(close(
+        out.summary.terms.energy_cost,
+        0.1 * 25.0 / 0.95,
+        1e-5
+    ));
+}
