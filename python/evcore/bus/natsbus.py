@@ -639,7 +639,14 @@ class NatsBus:
             futs: list[asyncio.Future[Any]] = []
             error: BaseException | None = None
             try:
+                # Order in the stream: a window normally reaches the socket in one write (nats-py
+                # does not yield between these publishes), so if the broker lost entry i it lost
+                # every later one too. Should the loop yield and the connection drop meanwhile,
+                # stop: later entries would sit in nats-py's reconnect buffer and be stored
+                # after the reconnect, ahead of entry i's retry.
                 for e in entries:
+                    if self._nc is None or not self._nc.is_connected:
+                        break
                     stream = stream_for_subject(self._specs, e.subject)
                     futs.append(
                         await self._js.publish_async(
