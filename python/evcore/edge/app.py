@@ -150,6 +150,11 @@ class EdgeApp:
         self.facade = ControllerFacade(self.controller, site=site)
         if self.recorder is not None:
             self.recorder.on_durable = self.facade.record_decision
+        from evcore.edge.planning import LocalPlanner, PlannerSection
+
+        self.planner = LocalPlanner(
+            site, self.controller, PlannerSection.from_table(site_table.get("planner"))
+        )
         self.api: Any = None
         self.api_port = 0
         self._stop = asyncio.Event()
@@ -203,10 +208,13 @@ class EdgeApp:
                 self.api_port = await self.api.start()
             async with asyncio.TaskGroup() as tg:
                 loop_task = tg.create_task(ctrl.run())
+                plan_task = tg.create_task(self.planner.run())
                 self.ready.set()
                 await self._stop.wait()
                 ctrl.stop()
+                self.planner.stop()
                 await loop_task
+                await plan_task
         finally:
             if self.api is not None:
                 with contextlib.suppress(Exception):

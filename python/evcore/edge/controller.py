@@ -51,6 +51,10 @@ URGENT = frozenset(
 )
 
 
+# Triggers after which the local planner should plan again (sessions, prices, limits, operator).
+REPLAN = frozenset({"transaction", "grid", "prices", "operator"})
+
+
 @dataclass(frozen=True, slots=True)
 class PlanTargets:
     """A schedule the allocator follows while valid: per charger (step_start, step_s, target)."""
@@ -130,6 +134,9 @@ class EdgeController:
         self._failsafe_key: tuple[tuple[str, float], ...] | None = None
         self._triggers: set[str] = set()
         self._wake = asyncio.Event()
+        #: Set when something the local planner plans with changed (``evcore.edge.planning``).
+        self.replan_wanted = asyncio.Event()
+        self.plan_in_use: PlanTargets | None = None
         self._stopping = False
         self._sends: set[asyncio.Task[None]] = set()
         self._increase_tokens = cfg.restart_max_profiles_per_s
@@ -142,6 +149,8 @@ class EdgeController:
         self._triggers.add(trigger)
         if trigger in URGENT:
             self._wake.set()
+        if trigger in REPLAN:
+            self.replan_wanted.set()
 
     def on_event(self, ev: Any) -> None:
         """Apply an ``evcore.ocpp.events`` event; dispatches on the class name."""
@@ -514,19 +523,18 @@ class EdgeController:
             self._failsafe_key = key
 
     def _targets(self, now_w: float) -> dict[str, float] | None:
-        cfg = self.cfg
-        if cfg.policy in ("fair_share", "least_laxity"):
+        """The targets of the plan in force: a fresh cloud plan, else a fresh local one."""
+        self.plan_in_use = None
+        if self.cfg.policy in ("fair_share", "least_laxity"):
             return None
-        cloud = self.cloud_plan
-        if (
-            cloud is not None
-            and now_w - cloud.received_at <= cfg.cloud_plan_fresh_s
-            and cloud.ends_at() > now_w
-        ):
-            return cloud.targets_at(now_w)
-        local = self.local_plan
-        if local is not None and local.ends_at() > now_w:
-            return local.targets_at(now_w)
+        for plan in (self.cloud_plan, self.local_plan):
+            if (
+                plan is not None
+                and now_w - plan.received_at <= self.cfg.cloud_plan_fresh_s
+                and plan.ends_at() > now_w
+            ):
+                self.plan_in_use = plan
+                return plan.targets_at(now_w)
         return None
 
     # ---- audit ----------------------------------------------------------------------------
@@ -540,11 +548,7 @@ class EdgeController:
         caps: Mapping[str, float],
         targets: Mapping[str, float] | None,
     ) -> dict[str, Any]:
-        plan = (
-            self.cloud_plan
-            if targets is not None and self.cloud_plan is not None
-            else self.local_plan
-        )
+        plan = self.plan_in_use
         return {
             "decision": decision,
             "at": now_w,

@@ -18,6 +18,7 @@ from evcore.edge.app import build_controller
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import EdgeController, SentProfile
 from evcore.edge.coreio import RustCore
+from evcore.edge.planning import LocalPlanner, PlannerSection
 from evcore.edge.ports import AuditSink
 
 
@@ -58,6 +59,8 @@ class EdgeRig:
         self.fleet: Any = None
         self.physics: Any = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._plan_task: asyncio.Task[None] | None = None
+        self.planner: LocalPlanner | None = None
 
     def _record_sent(self, sent: SentProfile) -> None:
         self.sent.append(sent)
@@ -86,6 +89,10 @@ class EdgeRig:
             prefix = self.central.config.path_prefix
             self.url = f"ws://127.0.0.1:{self.central.port}{prefix}"
             self._loop_task = asyncio.create_task(self.controller.run(), name="edge-loop")
+            self.planner = LocalPlanner(
+                self.site, self.controller, PlannerSection.from_table(self.table.get("planner"))
+            )
+            self._plan_task = asyncio.create_task(self.planner.run(), name="edge-planner")
         assert self.url is not None, "EdgeRig without an edge needs url="
         self.fleet = Fleet(
             self.site,
@@ -104,6 +111,11 @@ class EdgeRig:
     async def stop(self) -> None:
         if self.controller is not None:
             self.controller.stop()
+        if self.planner is not None:
+            self.planner.stop()
+        if self._plan_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._plan_task, 15.0)
         if self._loop_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._loop_task, 5.0)

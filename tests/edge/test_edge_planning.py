@@ -1,0 +1,123 @@
+"""The planner in the loop, through real sockets: the edge plans locally with the core planner on
+its own schedule and on events, the allocator follows the plan's targets, and a fresh cloud plan
+wins over the local one (a stale one does not)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from evcore.edge.config import EdgeConfig
+from evcore.edge.controller import PlanTargets
+from evcore.edge.grid import PricePoint
+from evcore.edge.planning import PlannerConfigError, PlannerSection
+from evcore.edge.rig import EdgeRig
+from evcore.edge.sitegen import depot_table
+from evcore.sim.ev import EV
+
+pytestmark = pytest.mark.timeout(150)
+
+CFG = EdgeConfig(
+    policy="planner_cost",
+    tick_s=0.5,
+    settle_s=2.0,
+    min_on_s=0.0,
+    min_off_s=0.0,
+    replan_every_s=3600.0,  # only events re-plan during the test (plus the first plan)
+    plan_budget_s=5.0,
+    cloud_plan_fresh_s=600.0,
+)
+
+
+async def test_local_plan_is_followed_replanned_on_events_and_a_fresh_cloud_plan_wins() -> None:
+    table = depot_table(2, per_feeder=2)
+    rig = EdgeRig(table, cfg=CFG, apply_delay_s=0.3)
+    async with rig:
+        ctrl, planner = rig.controller, rig.planner
+        assert ctrl is not None and planner is not None
+        await rig.wait_for(rig.failsafe_applied, 15, "TxDefault at the failsafe level")
+        now = rig.clock.now()
+        # Expensive for two hours, cheap afterwards; both cars leave in 8 h wanting 5 kWh.
+        ctrl.post_prices([PricePoint(now - 60.0, 1.0), PricePoint(now + 7200.0, 0.05)])
+        for cid in rig.fleet.charger_ids:
+            rig.fleet.plug_in(cid, EV(soc=0.2))
+        await rig.wait_for(
+            lambda: all(c.transaction_id for c in ctrl.state.chargers.values()), 15, "sessions"
+        )
+        for cid in rig.fleet.charger_ids:
+            ctrl.set_session(cid, energy_requested_kwh=5.0, departure=now + 8 * 3600.0)
+        # The operator's change asked for a plan: mostly in the cheap hours, so the chargers
+        # get the plan's target for now (at most 10.2 A, where fair share would give 12.8 A).
+        await rig.wait_for(lambda: planner.plans >= 1, 30, "a local plan")
+        first = ctrl.local_plan
+        assert first is not None and first.source == "local"
+        energy_now = sum(
+            t * 3 * 230.0 * d / 3.6e6
+            for rows in first.rows.values()
+            for s, d, t in rows
+            if s < now + 7200.0
+        )
+        assert energy_now < 0.25 * 10.0  # most of the 10 kWh is planned for the cheap hours
+        await rig.wait_for(lambda: _follows(rig, first), 15, "the chargers following the plan")
+        assert ctrl.plan_in_use is first
+        # A price update (now is cheap) re-plans at once: the cars charge now.
+        ctrl.post_prices([PricePoint(rig.clock.now() - 60.0, 0.01)])
+        await rig.wait_for(lambda: ctrl.local_plan is not first, 30, "a re-plan on prices")
+        second = ctrl.local_plan
+        assert second is not None
+        assert all(t >= 6.0 for t in second.targets_at(rig.clock.now()).values())
+        await rig.wait_for(lambda: _follows(rig, second), 15, "the chargers following the re-plan")
+        # A fresh cloud plan wins: 10 A for the first charger, 0 for the second.
+        a, b = rig.fleet.charger_ids
+        t = rig.clock.now()
+        cloud = PlanTargets(
+            "cloud", "cloud-7@1", t, {a: [(t - 10.0, 3600.0, 10.0)], b: [(t - 10.0, 3600.0, 0.0)]}
+        )
+        ctrl.set_plan(cloud)
+        await rig.wait_for(
+            lambda: rig.limit_at(a) == 10.0 and rig.limit_at(b) == 0.0, 15, "the cloud plan"
+        )
+        assert ctrl.plan_in_use is cloud
+        # A cloud plan older than cloud_plan_fresh_s does not: the local plan is followed again.
+        old = t - CFG.cloud_plan_fresh_s - 1.0
+        ctrl.set_plan(PlanTargets("cloud", "cloud-7@0", old, dict(cloud.rows)))
+        await rig.wait_for(
+            lambda: rig.limit_at(a) > 10.0 and rig.limit_at(b) >= 6.0, 15, "the local plan again"
+        )
+        assert ctrl.plan_in_use is ctrl.local_plan
+        assert rig.physics.violations == 0
+
+
+# A target at exactly the node's share ties with the node limit: either may be named.
+_PLAN_OR_NODE = ("plan", "node_phase", "node_power")
+
+
+def _follows(rig: EdgeRig, plan: PlanTargets) -> bool:
+    """Every charger holds what the allocator makes of the plan's target now (whole amperes,
+    0 for a zero target, the 6 A minimum for a small one), bound by the plan."""
+    assert rig.core is not None
+    targets = plan.targets_at(rig.clock.now())
+    for cid in rig.fleet.charger_ids:
+        target = targets.get(cid, 0.0)
+        want = 0.0 if target <= 0 else max(6.0, float(int(target + 1e-9)))
+        if rig.limit_at(cid) != want or rig.core.last_codes.get(cid) not in _PLAN_OR_NODE:
+            return False
+    return True
+
+
+def test_planner_section_names_a_bad_key() -> None:
+    assert PlannerSection.from_table({"price_per_kwh": 0.3}).price_per_kwh == 0.3
+    with pytest.raises(PlannerConfigError, match=r"\[planner\]\.price_per_kwhh: unknown key"):
+        PlannerSection.from_table({"price_per_kwhh": 0.3})
+    with pytest.raises(PlannerConfigError, match=r"\[planner\]\.horizon_h: must be a finite"):
+        PlannerSection.from_table({"horizon_h": float("nan")})
+
+
+async def test_no_plan_without_sessions_and_not_under_fair_share() -> None:
+    table = depot_table(2, per_feeder=2)
+    rig = EdgeRig(table, cfg=EdgeConfig(tick_s=0.5), apply_delay_s=0.3)
+    async with rig:
+        assert rig.planner is not None and not rig.planner.active
+        assert await rig.planner.plan_now() is None and rig.planner.last_status == "no_sessions"
+        await asyncio.sleep(0.5)
+        assert rig.controller is not None and rig.controller.local_plan is None
