@@ -616,10 +616,7 @@ class SqlStore:
             return 0
 
         def op(tx: Tx) -> int:
-            for r in rows:
-                tx.execute(
-                    "INSERT INTO meter_samples (charger_id, t_s, payload) VALUES (?, ?, ?)", r
-                )
+            tx.insert_many("meter_samples", ("charger_id", "t_s", "payload"), rows)
             return len(rows)
 
         return await self._run(self._telemetry, op)
