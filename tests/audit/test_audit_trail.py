@@ -73,7 +73,7 @@ def raw_sql(
         pg.execute(
             pgsql.SQL("SET search_path TO {}").format(pgsql.Identifier(str(section["schema"])))
         )
-        pg.execute(statement.replace("?", "%s"), params)  # type: ignore[arg-type]
+        pg.execute(statement.replace("?", "%s"), params)
 
 
 async def test_append_is_durable_and_chained(
