@@ -251,20 +251,25 @@ class AuditLog:
         return self._head_seq
 
     async def open(self) -> None:
-        """Load the chain head; republish records the bus may not have accepted before a crash."""
+        """Load the chain head; republish records the bus may not have accepted before a crash.
+
+        Optional: the first ``append`` does the same if ``open`` was not called."""
         async with self._lock:
-            await self._load_head()
-            self._opened = True
-            if self._bus is None:
-                return
-            mark = await self._store.get_meta(PUBLISHED_MARK)
-            self._published_seq = self._mark_written = int(mark) if mark else -1
-            pending = await self._store.audit_records(after_seq=self._published_seq)
-            for record in pending:
-                await self._publish(record)
-            if pending:
-                await self._write_mark(force=True)
-                log.info("audit: republished %d record(s) after restart", len(pending))
+            await self._open_locked()
+
+    async def _open_locked(self) -> None:
+        await self._load_head()
+        self._opened = True
+        if self._bus is None:
+            return
+        mark = await self._store.get_meta(PUBLISHED_MARK)
+        self._published_seq = self._mark_written = int(mark) if mark else -1
+        pending = await self._store.audit_records(after_seq=self._published_seq)
+        for record in pending:
+            await self._publish(record)
+        if pending:
+            await self._write_mark(force=True)
+            log.info("audit: republished %d record(s) after restart", len(pending))
 
     async def close(self) -> None:
         async with self._lock:
@@ -284,8 +289,7 @@ class AuditLog:
         record = build_record(decision, edge_id=self._edge_id, now_s=self._clock.now())
         async with self._lock:
             if not self._opened:
-                await self._load_head()
-                self._opened = True
+                await self._open_locked()
             sealed = seal(record, seq=self._head_seq + 1, prev_hash=self._head_hash)
             try:
                 await self._store.append_audit(sealed)
