@@ -200,6 +200,12 @@ async def test_setpoints_leave_only_after_their_record_is_committed(
         report = await verify_chain(store)
         assert report.ok, report.problems
         assert report.records >= len({s.decision for s in check.sent})
+        # Every record carries what explains it: trigger, the digest of the core's inputs, the
+        # site configuration's version, and a reason per setpoint.
+        records = await store.audit_records()
+        assert all(r.trigger and r.inputs_digest and r.config_version for r in records)
+        assert len({r.config_version for r in records}) == 1
+        assert all(sp.reason for r in records for sp in r.setpoints)
         # What the live edge persisted through the same store.
         opened = await store.list_open_transactions()
         assert {t.charger_id for t in opened} == set(plugged)
