@@ -52,8 +52,10 @@ fmt:
 	ruff check --fix python tests bench
 	cargo fmt --all
 
+# Every benchmark in its quick mode: checks they still run and still check their results.
+BENCH_SMOKE ?= allocator bus
 bench-smoke:
-	evcore bench allocator --quick --json
+	set -e; for b in $(BENCH_SMOKE); do echo "== evcore bench $$b --quick --json"; evcore bench $$b --quick --json; done
 
 ci: test lint bench-smoke
 

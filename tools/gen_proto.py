@@ -14,7 +14,7 @@ PROTO = ROOT / "proto"
 
 
 def generate(out: Path) -> list[Path]:
-    from grpc_tools import protoc  # type: ignore[import-untyped]  # build-time (grpcio-tools)
+    from grpc_tools import protoc  # build-time (grpcio-tools)
 
     sources = sorted(PROTO.rglob("*.proto"))
     if not sources:

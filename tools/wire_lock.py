@@ -34,7 +34,7 @@ FDP = descriptor_pb2.FieldDescriptorProto
 
 def describe(proto_root: Path = PROTO) -> descriptor_pb2.FileDescriptorSet:
     """Compile every .proto under ``proto_root`` (with comments) into a FileDescriptorSet."""
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    from grpc_tools import protoc
 
     sources = sorted(proto_root.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"

@@ -41,8 +41,9 @@ def register(sub: Any) -> None:
         "bench",
         help="run a benchmark against its in-process reference",
         description="Run bench/bench_NAME.py. Pass --json for machine-readable output, "
-        "--quick for a smoke run; other flags go to the benchmark (see `evcore bench NAME --help`).",
+        "--quick for a smoke run; other flags go to the benchmark "
+        "(see `evcore bench NAME --help`).",
     )
-    p.add_argument("name", help="allocator, planner, ocpp or control-loop")
+    p.add_argument("name", help=f"one of: {', '.join(available()) or 'none found'}")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=_run)
