@@ -14,6 +14,7 @@ DC chargers: the AC line current per phase, on all three terminals.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,31 +43,33 @@ class Violation:
         return f"{self.node}{where} {self.kind}: {self.value:.6g} > {self.limit:.6g} {unit}"
 
 
-def _membership(site: Site) -> npt.NDArray[np.bool_]:
-    """below[n, i]: charger i counts against node n."""
+def _structure(site: Site) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], list[int]]:
+    """Parent node index of each charger, parent of each node (-1 for the root), and the nodes
+    ordered children first (for summing up the tree)."""
     idx = {n.id: j for j, n in enumerate(site.nodes)}
-    below = np.zeros((len(site.nodes), len(site.chargers)), dtype=bool)
-    for i, c in enumerate(site.chargers):
-        cur: str | None = c.parent
-        while cur is not None:
-            j = idx[cur]
-            below[j, i] = True
-            cur = site.nodes[j].parent
-        # a cycle cannot reach here: the Rust loader rejected it
-    return below
+    charger_parent = np.array([idx[c.parent] for c in site.chargers], dtype=np.int64)
+    node_parent = np.array(
+        [-1 if n.parent is None else idx[n.parent] for n in site.nodes], dtype=np.int64
+    )
+    depth = [0] * len(site.nodes)
+    for j in range(len(site.nodes)):
+        d, cur = 0, int(node_parent[j])
+        while cur >= 0:
+            d, cur = d + 1, int(node_parent[cur])
+        depth[j] = d
+    bottom_up = sorted(range(len(site.nodes)), key=lambda j: -depth[j])
+    return charger_parent, node_parent, bottom_up
 
 
-def _subtree_nodes(site: Site) -> npt.NDArray[np.bool_]:
-    """sub[n, m]: node m lies in the subtree of node n (itself included)."""
-    idx = {n.id: j for j, n in enumerate(site.nodes)}
-    sub = np.zeros((len(site.nodes), len(site.nodes)), dtype=bool)
-    for m, node in enumerate(site.nodes):
-        cur: str | None = node.id
-        while cur is not None:
-            j = idx[cur]
-            sub[j, m] = True
-            cur = site.nodes[j].parent
-    return sub
+def _sum_up(site: Site, own: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Values at each node itself → totals over each node's subtree."""
+    _, node_parent, bottom_up = _structure(site)
+    out = own.copy()
+    for j in bottom_up:
+        p = int(node_parent[j])
+        if p >= 0:
+            out[p] += out[j]
+    return out
 
 
 def _charger_line_phasors(site: Site, terminal_a: Array) -> npt.NDArray[np.complex128]:
@@ -106,10 +109,11 @@ def _other(site: Site, other_load_a: npt.ArrayLike | None) -> Array:
 
 
 def _node_phasors(site: Site, terminal: Array, other: Array) -> npt.NDArray[np.complex128]:
-    below = _membership(site).astype(np.float64)
-    sub = _subtree_nodes(site).astype(np.float64)
-    ph = _charger_line_phasors(site, terminal)
-    return below @ ph + sub @ (other * _UNIT[None, :])
+    charger_parent, _, _ = _structure(site)
+    own = (other * _UNIT[None, :]).astype(np.complex128)
+    np.add.at(own, charger_parent, _charger_line_phasors(site, terminal))
+    phasors: npt.NDArray[np.complex128] = _sum_up(site, own)
+    return phasors
 
 
 def node_phase_currents(
@@ -131,9 +135,10 @@ def node_power_kw(
     for i, c in enumerate(site.chargers):
         nt = 3 if c.wiring == "three_phase" else 1
         per_charger[i] = c.voltage_v * terminal[i, :nt].sum()
-    below = _membership(site).astype(np.float64)
-    sub = _subtree_nodes(site).astype(np.float64)
-    kw: Array = (below @ per_charger + sub @ other.sum(axis=1) * site.voltage_ln_v) / 1000.0
+    charger_parent, _, _ = _structure(site)
+    own = other.sum(axis=1) * site.voltage_ln_v
+    np.add.at(own, charger_parent, per_charger)
+    kw: Array = _sum_up(site, own) / 1000.0
     return kw
 
 
@@ -148,20 +153,22 @@ def node_unbalance_a(
     terminal = _terminal(site, charger_terminal_a)
     other = _other(site, other_load_a)
     mag = np.abs(_node_phasors(site, terminal, other))
-    below = _membership(site)
+    charger_parent, _, _ = _structure(site)
     n_nodes = len(site.nodes)
     # drop[n, h, l]: what single-phase cars with L1 on h take off line l at node n.
     drop = np.zeros((n_nodes, 3, 3))
-    has_l2l = np.zeros(n_nodes, dtype=bool)
+    l2l = np.zeros(n_nodes)
     for i, c in enumerate(site.chargers):
-        nodes_i = np.nonzero(below[:, i])[0]
+        j = int(charger_parent[i])
         if c.wiring == "line_to_line":
-            has_l2l[nodes_i] = True
+            l2l[j] = 1.0
         if c.kind == "ac" and c.wiring == "three_phase" and c.single_phase_car:
             h = c.phases[0]
             for k, lp in enumerate(c.phases):
                 if lp != h:
-                    drop[nodes_i, h, lp] += terminal[i, k]
+                    drop[j, h, lp] += terminal[i, k]
+    drop = _sum_up(site, drop)
+    has_l2l = _sum_up(site, l2l) > 0
     worst = np.zeros(n_nodes)
     for n in range(n_nodes):
         for h in range(3):

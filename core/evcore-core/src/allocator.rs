@@ -79,6 +79,8 @@ pub struct Model {
 }
 
 const SLOTS: usize = N_PHASES + 1;
+/// Priority weights outside this range would turn water-filling levels into infinities.
+pub const PRIORITY_RANGE: (f64, f64) = (1e-6, 1e6);
 
 fn validate_demand(d: &Demand<'_>, n: usize) -> CoreResult<()> {
     for (name, len) in [
@@ -90,19 +92,43 @@ fn validate_demand(d: &Demand<'_>, n: usize) -> CoreResult<()> {
         ("behind_plan", d.behind_plan.len()),
     ] {
         if len != n {
-            return Err(CoreError::input(name, None, format!("has {len} rows, the site has {n}")));
+            return Err(CoreError::input(
+                name,
+                None,
+                format!("has {len} rows, the site has {n}"),
+            ));
         }
     }
     for i in 0..n {
         let w = d.priority[i];
-        if !(w.is_finite() && w > 0.0) {
-            return Err(CoreError::input("priority", Some(i), format!("must be a finite number > 0, got {w}")));
+        if !(PRIORITY_RANGE.0..=PRIORITY_RANGE.1).contains(&w) {
+            return Err(CoreError::input(
+                "priority",
+                Some(i),
+                format!(
+                    "must be a number in [{}, {}], got {w}",
+                    PRIORITY_RANGE.0, PRIORITY_RANGE.1
+                ),
+            ));
         }
         if d.energy_wanted_kwh[i].is_nan() {
             return Err(CoreError::input("energy_wanted_kwh", Some(i), "is NaN"));
         }
     }
     Ok(())
+}
+
+/// Per-charger coefficients in the 4 constraint slots of every node above it (linear bound):
+/// 1 on each site phase it touches, W per A in the kW slot. Flat: `coefs[c * 4 + slot]`.
+fn coef_table(topo: &Topology) -> Vec<f64> {
+    let n = topo.n_chargers();
+    let mut out = vec![0.0; n * SLOTS];
+    for c in 0..n {
+        for slot in 0..SLOTS {
+            out[c * SLOTS + slot] = coef(topo, c, slot);
+        }
+    }
+    out
 }
 
 /// Coefficient of a charger's per-terminal current in constraint slot (linear bound).
@@ -120,6 +146,9 @@ fn coef(topo: &Topology, c: usize, slot: usize) -> f64 {
 
 /// Solve `fixed + Σ a·clamp(w L, F, U) = cap` for the smallest L (members given by index).
 /// Returns +inf when the constraint can never saturate, 0 when floors already reach it.
+///
+/// With `D(L) = fixed + Σ a F + Σ_e c_e · min(L, b_e)` (events `+a w` at `U/w`, `−a w` at `F/w`),
+/// a quickselect over the events finds the linear piece holding the root in expected O(m).
 fn saturation_level(
     members: &[(usize, f64)],
     floor: &[f64],
@@ -127,63 +156,89 @@ fn saturation_level(
     weight: &[f64],
     fixed: f64,
     cap: f64,
+    events: &mut Vec<(f64, f64)>,
 ) -> f64 {
-    let eval = |l: f64| -> (f64, f64) {
-        let mut d = fixed;
-        let mut s = 0.0;
-        for &(c, a) in members {
-            let x = weight[c] * l;
-            if x <= floor[c] {
-                d += a * floor[c];
-                if x == floor[c] && floor[c] < capv[c] {
-                    s += a * weight[c];
-                }
-            } else if x >= capv[c] {
-                d += a * capv[c];
-            } else {
-                d += a * x;
-                s += a * weight[c];
-            }
-        }
-        (d, s)
-    };
-    let mut hi = 0.0f64;
+    let mut base = fixed;
     let mut dmax = fixed;
+    events.clear();
     for &(c, a) in members {
-        hi = hi.max(capv[c] / weight[c]);
+        let w = weight[c];
+        base += a * floor[c];
         dmax += a * capv[c];
+        if capv[c] > floor[c] {
+            events.push((capv[c] / w, a * w));
+            events.push((floor[c] / w, -a * w));
+        }
     }
     if dmax <= cap {
         return f64::INFINITY;
     }
-    let (d0, s0) = eval(0.0);
-    if d0 >= cap {
+    if base >= cap {
         return 0.0;
     }
-    let tol = 1e-10 * (1.0 + cap.abs());
-    let mut lo = 0.0;
-    let (mut x, mut dx, mut sx) = (0.0, d0, s0);
-    for _ in 0..200 {
-        // Newton step on the current linear piece; fall back to bisection.
-        let mut nx = if sx > 0.0 { x + (cap - dx) / sx } else { f64::NAN };
-        if !(nx > lo && nx < hi) {
-            nx = 0.5 * (lo + hi);
+    // Invariant: for L in the bracket (left, right], D(L) = base + slope·L + Σ_{e in window}
+    // c_e·min(L, b_e); events left of the window are constants (in `base`), right of it linear
+    // (in `slope`). D(left) < cap <= D(right).
+    let mut slope = 0.0;
+    let mut left = 0.0f64;
+    let mut right = f64::INFINITY;
+    let (mut lo, mut hi) = (0usize, events.len());
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    while lo < hi {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let pick = lo + (seed % (hi - lo) as u64) as usize;
+        let pivot = events[pick].0;
+        // Partition the window into [< pivot] and [>= pivot].
+        let mut i = lo;
+        let mut left_cb = 0.0;
+        let mut right_c = 0.0;
+        for j in lo..hi {
+            let e = events[j];
+            if e.0 < pivot {
+                left_cb += e.1 * e.0;
+                events.swap(i, j);
+                i += 1;
+            } else {
+                right_c += e.1;
+            }
         }
-        let (dn, sn) = eval(nx);
-        if (dn - cap).abs() <= tol {
-            return nx;
-        }
-        if dn < cap {
-            lo = nx;
+        let d_pivot = base + slope * pivot + left_cb + pivot * right_c;
+        if d_pivot >= cap {
+            // Root at or below the pivot: events at or right of it act linearly there.
+            slope += right_c;
+            right = pivot;
+            hi = i;
         } else {
-            hi = nx;
+            // Root above the pivot: events left of it and equal to it are constants there.
+            base += left_cb;
+            let mut k = i;
+            for j in i..hi {
+                let e = events[j];
+                if e.0 == pivot {
+                    base += e.1 * e.0;
+                    events.swap(k, j);
+                    k += 1;
+                }
+            }
+            left = pivot;
+            lo = k;
         }
-        if hi - lo <= 1e-13 * (1.0 + hi) {
-            return hi;
-        }
-        (x, dx, sx) = if dn < cap { (nx, dn, sn) } else { (lo, eval(lo).0, eval(lo).1) };
     }
-    hi
+    // One linear piece left. Rounding can make its slope tiny or non-positive; the root is inside
+    // the bracket in exact arithmetic, so keep it there.
+    let root = if slope > 0.0 {
+        (cap - base) / slope
+    } else if right.is_finite() {
+        right
+    } else {
+        left
+    };
+    if root.is_nan() {
+        return left;
+    }
+    root.clamp(left, right)
 }
 
 /// Build the linear model and run admission; returns the model and the admitted mask.
@@ -214,7 +269,8 @@ fn model_and_admission(
         for ph in 0..N_PHASES {
             m.capacity[i * SLOTS + ph] = node.phase_limit_a[ph];
         }
-        m.capacity[i * SLOTS + N_PHASES] = node.power_limit_kw.map_or(f64::INFINITY, |k| k * 1000.0);
+        m.capacity[i * SLOTS + N_PHASES] =
+            node.power_limit_kw.map_or(f64::INFINITY, |k| k * 1000.0);
     }
     let sub_other: Vec<[f64; N_PHASES]> = {
         let mut acc = cnt.other.clone();
@@ -273,7 +329,11 @@ fn model_and_admission(
             ChargerKind::Ac => demand.target_a[c],
             ChargerKind::Dc => {
                 let w = demand.target_w[c];
-                if w.is_nan() { f64::NAN } else { spec.dc_line_a(w.min(spec.max_w)) }
+                if w.is_nan() {
+                    f64::NAN
+                } else {
+                    spec.dc_line_a(w.min(spec.max_w))
+                }
             }
         };
         if !t.is_nan() && !demand.behind_plan[c] {
@@ -288,9 +348,21 @@ fn model_and_admission(
         }
         // Headroom reclaim from fresh measurements of a running session.
         let age = ch.measured_age_s[c];
-        if is_on && !ch.profile_unknown[c] && age.is_finite() && age >= 0.0 && age <= ep.stale_after_s {
-            let meas = [ch.measured_l1_a[c], ch.measured_l2_a[c], ch.measured_l3_a[c]];
-            let mx = meas[..nt].iter().map(|v| if v.is_nan() { spec.max_a } else { v.abs() }).fold(0.0, f64::max);
+        if is_on
+            && !ch.profile_unknown[c]
+            && age.is_finite()
+            && age >= 0.0
+            && age <= ep.stale_after_s
+        {
+            let meas = [
+                ch.measured_l1_a[c],
+                ch.measured_l2_a[c],
+                ch.measured_l3_a[c],
+            ];
+            let mx = meas[..nt]
+                .iter()
+                .map(|v| if v.is_nan() { spec.max_a } else { v.abs() })
+                .fold(0.0, f64::max);
             if mx + p.margin_a < u {
                 u = (mx + p.margin_a).max(f);
                 cb = Binding::Demand;
@@ -305,7 +377,11 @@ fn model_and_admission(
         let rate_w = spec.watts_per_terminal_a() * nt as f64 * spec.max_a.max(1e-9);
         let need_s = demand.energy_wanted_kwh[c] * 3.6e6 / rate_w;
         let dep = demand.departure_s[c];
-        let lax = if dep.is_nan() { f64::INFINITY } else { dep - ep.now_s - need_s };
+        let lax = if dep.is_nan() {
+            f64::INFINITY
+        } else {
+            dep - ep.now_s - need_s
+        };
         key[c] = if locked_on[c] {
             f64::NEG_INFINITY
         } else if is_on {
@@ -315,16 +391,19 @@ fn model_and_admission(
         };
     }
     // Every non-candidate consumes what it holds (measured, unconfirmed) as fixed load.
+    let coefs = coef_table(topo);
     let mut remaining = m.capacity.clone();
     let subtract = |remaining: &mut [f64], c: usize, amount: f64| {
         if amount <= 0.0 {
             return;
         }
+        let cc = &coefs[c * SLOTS..c * SLOTS + SLOTS];
         for &i in topo.ancestors(c) {
-            for slot in 0..SLOTS {
-                let a = coef(topo, c, slot);
-                if a != 0.0 {
-                    remaining[i * SLOTS + slot] -= a * amount;
+            for (slot, &a) in cc.iter().enumerate() {
+                let r = &mut remaining[i * SLOTS + slot];
+                // No limit stays no limit (inf − inf would be NaN).
+                if a != 0.0 && *r != f64::INFINITY {
+                    *r -= a * amount;
                 }
             }
         }
@@ -343,7 +422,7 @@ fn model_and_admission(
         let fits = locked_on[c]
             || topo.ancestors(c).iter().all(|&i| {
                 (0..SLOTS).all(|slot| {
-                    let a = coef(topo, c, slot);
+                    let a = coefs[c * SLOTS + slot];
                     a == 0.0 || remaining[i * SLOTS + slot] >= a * need - tol * (1.0 + a * need)
                 })
             });
@@ -379,71 +458,80 @@ fn model_and_admission(
 pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, Vec<Option<usize>>) {
     let n = topo.n_chargers();
     let nn = topo.n_nodes();
+    let coefs = coef_table(topo);
     let mut level = vec![f64::INFINITY; n];
     let mut frozen_by: Vec<Option<usize>> = vec![None; n];
     let mut frozen = vec![false; n];
-    // Members per constraint, from the chargers below each node.
+    // Members per constraint that can bind at all (the rest never saturate).
     let mut active: Vec<usize> = Vec::new();
     let mut members: Vec<Vec<(usize, f64)>> = vec![Vec::new(); nn * SLOTS];
+    let mut dmax = [0.0f64; SLOTS];
     for i in 0..nn {
-        for slot in 0..SLOTS {
-            let cap = m.capacity[i * SLOTS + slot];
-            if cap == f64::INFINITY {
+        dmax.fill(0.0);
+        let below = topo.chargers_below(i);
+        for &c in below {
+            if admitted[c] {
+                for (slot, d) in dmax.iter_mut().enumerate() {
+                    *d += coefs[c * SLOTS + slot] * m.cap[c];
+                }
+            }
+        }
+        for (slot, &d) in dmax.iter().enumerate() {
+            let k = i * SLOTS + slot;
+            let cap = m.capacity[k];
+            if cap == f64::INFINITY || d <= cap {
                 continue;
             }
-            let mut mem = Vec::new();
-            let mut dmax = 0.0;
-            for &c in topo.chargers_below(i) {
-                if !admitted[c] {
-                    continue;
-                }
-                let a = coef(topo, c, slot);
-                if a != 0.0 {
-                    dmax += a * m.cap[c];
-                    mem.push((c, a));
-                }
-            }
-            if dmax > cap {
-                members[i * SLOTS + slot] = mem;
-                active.push(i * SLOTS + slot);
-            }
+            let mem: Vec<(usize, f64)> = below
+                .iter()
+                .filter(|&&c| admitted[c] && coefs[c * SLOTS + slot] != 0.0)
+                .map(|&c| (c, coefs[c * SLOTS + slot]))
+                .collect();
+            members[k] = mem;
+            active.push(k);
         }
     }
     let mut fixed = vec![0.0; nn * SLOTS];
     let mut lam = vec![f64::INFINITY; nn * SLOTS];
     let mut charger_min = vec![f64::INFINITY; n];
-    let mut live: Vec<(usize, f64)> = Vec::new();
+    let mut events: Vec<(f64, f64)> = Vec::new();
+    let mut newly: Vec<usize> = Vec::new();
     while !active.is_empty() {
         for &k in &active {
-            live.clear();
-            live.extend(members[k].iter().copied().filter(|&(c, _)| !frozen[c]));
-            lam[k] = saturation_level(&live, &m.floor, &m.cap, &m.weight, fixed[k], m.capacity[k]);
-        }
-        for &k in &active {
+            // Frozen members are fixed load now.
+            members[k].retain(|&(c, _)| !frozen[c]);
+            lam[k] = saturation_level(
+                &members[k],
+                &m.floor,
+                &m.cap,
+                &m.weight,
+                fixed[k],
+                m.capacity[k],
+                &mut events,
+            );
             for &(c, _) in &members[k] {
-                if !frozen[c] {
-                    charger_min[c] = f64::INFINITY;
-                }
+                charger_min[c] = f64::INFINITY;
             }
         }
         for &k in &active {
+            let l = lam[k];
             for &(c, _) in &members[k] {
-                if !frozen[c] && lam[k] < charger_min[c] {
-                    charger_min[c] = lam[k];
+                if l < charger_min[c] {
+                    charger_min[c] = l;
                 }
             }
         }
         let mut next = Vec::with_capacity(active.len());
-        let mut newly: Vec<usize> = Vec::new();
+        newly.clear();
         for &k in &active {
-            if lam[k] == f64::INFINITY {
+            let l = lam[k];
+            if l == f64::INFINITY {
                 continue; // can no longer saturate
             }
-            let ready = members[k].iter().all(|&(c, _)| frozen[c] || charger_min[c] >= lam[k]);
-            if ready {
+            if members[k].iter().all(|&(c, _)| charger_min[c] >= l) {
                 for &(c, _) in &members[k] {
-                    if !frozen[c] && level[c] == f64::INFINITY {
-                        level[c] = lam[k];
+                    if level[c] == f64::INFINITY {
+                        level[c] = l;
                         frozen_by[c] = Some(k);
                         newly.push(c);
                     }
@@ -455,9 +543,9 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         for &c in &newly {
             frozen[c] = true;
             let v = (m.weight[c] * level[c]).clamp(m.floor[c], m.cap[c]);
+            let cc = &coefs[c * SLOTS..c * SLOTS + SLOTS];
             for &i in topo.ancestors(c) {
-                for slot in 0..SLOTS {
-                    let a = coef(topo, c, slot);
+                for (slot, &a) in cc.iter().enumerate() {
                     if a != 0.0 {
                         fixed[i * SLOTS + slot] += a * v;
                     }
@@ -485,7 +573,11 @@ pub fn allocate(
     nodes.check(topo.n_nodes())?;
     p.envelope.validate()?;
     if !(p.margin_a >= 0.0 && p.margin_a.is_finite()) {
-        return Err(CoreError::input("margin_a", None, format!("must be finite and >= 0, got {}", p.margin_a)));
+        return Err(CoreError::input(
+            "margin_a",
+            None,
+            format!("must be finite and >= 0, got {}", p.margin_a),
+        ));
     }
     if p.admission_hysteresis_s.is_nan() {
         return Err(CoreError::input("admission_hysteresis_s", None, "is NaN"));

@@ -110,15 +110,27 @@ impl EnvelopeParams {
     pub fn validate(&self) -> CoreResult<()> {
         let checks: [(&str, f64, bool); 6] = [
             ("now_s", self.now_s, self.now_s.is_finite()),
-            ("stale_after_s", self.stale_after_s, self.stale_after_s >= 0.0),
+            (
+                "stale_after_s",
+                self.stale_after_s,
+                self.stale_after_s >= 0.0,
+            ),
             ("min_off_s", self.min_off_s, self.min_off_s >= 0.0),
             ("min_on_s", self.min_on_s, self.min_on_s >= 0.0),
             ("max_switches", self.max_switches, self.max_switches >= 0.0),
-            ("max_increase_a", self.max_increase_a, self.max_increase_a >= 0.0),
+            (
+                "max_increase_a",
+                self.max_increase_a,
+                self.max_increase_a >= 0.0,
+            ),
         ];
         for (name, v, ok) in checks {
             if !ok || v.is_nan() {
-                return Err(CoreError::input(name, None, format!("invalid parameter value {v}")));
+                return Err(CoreError::input(
+                    name,
+                    None,
+                    format!("invalid parameter value {v}"),
+                ));
             }
         }
         Ok(())
@@ -266,7 +278,7 @@ pub(crate) fn last_sent_line_a(topo: &Topology, c: usize, ch: &ChargerInputs<'_>
     if v.is_nan() {
         spec.max_a
     } else {
-        v.clamp(0.0, spec.max_a.max(v.min(f64::MAX)))
+        v.max(0.0)
     }
 }
 
@@ -290,7 +302,11 @@ pub(crate) fn counting(
             continue;
         }
         if fresh(ch.measured_age_s[c], p.stale_after_s) {
-            let m = [ch.measured_l1_a[c], ch.measured_l2_a[c], ch.measured_l3_a[c]];
+            let m = [
+                ch.measured_l1_a[c],
+                ch.measured_l2_a[c],
+                ch.measured_l3_a[c],
+            ];
             for k in 0..nt {
                 h[k] = sane_meas(m[k], spec.max_a);
             }
@@ -365,7 +381,14 @@ fn terminal_counted(cnt: &Counting, c: usize, k: usize) -> f64 {
 
 /// Add the charger's counted terminal currents (or, with `sign = -1`, remove them) at node `n`.
 #[inline]
-fn add_charger(topo: &Topology, cnt: &Counting, c: usize, n: usize, loads: &mut NodeLoads, sign: f64) {
+fn add_charger(
+    topo: &Topology,
+    cnt: &Counting,
+    c: usize,
+    n: usize,
+    loads: &mut NodeLoads,
+    sign: f64,
+) {
     let spec = &topo.chargers[c];
     let v = spec.watts_per_terminal_a();
     for e in topo.terminal_entries(c) {
@@ -439,7 +462,10 @@ fn unbalance_of(loads: &NodeLoads, n: usize, l2l: bool) -> (f64, usize, usize) {
             }
             let low = if l2l {
                 // Phasor sums: bound the low line from below by removing every single-phase car.
-                let off: f64 = (0..N_PHASES).filter(|&x| x != l).map(|x| loads.spc[n][x][l]).sum();
+                let off: f64 = (0..N_PHASES)
+                    .filter(|&x| x != l)
+                    .map(|x| loads.spc[n][x][l])
+                    .sum();
                 (mag[l] - off).max(0.0)
             } else {
                 mag[l] - loads.spc[n][h][l]
@@ -476,7 +502,11 @@ fn violated(v: f64, limit: f64) -> bool {
 
 /// Violated constraints, top of the tree first; per-phase and kW limits first, unbalance only
 /// once those hold (lowering a charger can raise unbalance, never a line current).
-fn find_violations(topo: &Topology, loads: &NodeLoads, exempt: &[[bool; 5]]) -> Vec<(usize, Constraint)> {
+fn find_violations(
+    topo: &Topology,
+    loads: &NodeLoads,
+    exempt: &[[bool; 5]],
+) -> Vec<(usize, Constraint)> {
     let mut out = Vec::new();
     for &n in topo.node_order() {
         let node = &topo.nodes[n];
@@ -666,7 +696,11 @@ pub(crate) fn sanitise_request(
     if snapped == 0.0 {
         return (
             0.0,
-            if x < spec.min_a { Binding::MinCurrent } else { Binding::Step },
+            if x < spec.min_a {
+                Binding::MinCurrent
+            } else {
+                Binding::Step
+            },
         );
     }
     if snapped < x - 1e-12 && binding == Binding::None {
@@ -744,9 +778,14 @@ pub(crate) fn enforce_limits(
                 .copied()
                 .filter(|&c| cnt.s[c] > 0.0 && (last_resort || contributes(topo, c, k)))
                 .collect();
-            if members.is_empty() {
+            if members.is_empty() && matches!(k, Constraint::Unbalance(_, _)) {
                 // Nothing that helps directly is still on: lower everything below the node.
-                members = topo.chargers_below(n).iter().copied().filter(|&c| cnt.s[c] > 0.0).collect();
+                members = topo
+                    .chargers_below(n)
+                    .iter()
+                    .copied()
+                    .filter(|&c| cnt.s[c] > 0.0)
+                    .collect();
             }
             let mut saved: Vec<f64> = members.iter().map(|&c| cnt.s[c]).collect();
             for &c in &members {
@@ -758,7 +797,12 @@ pub(crate) fn enforce_limits(
                 for (j, &c) in members.iter().enumerate() {
                     cnt.s[c] = saved[j];
                 }
-                members = topo.chargers_below(n).iter().copied().filter(|&c| cnt.s[c] > 0.0).collect();
+                members = topo
+                    .chargers_below(n)
+                    .iter()
+                    .copied()
+                    .filter(|&c| cnt.s[c] > 0.0)
+                    .collect();
                 saved = members.iter().map(|&c| cnt.s[c]).collect();
                 for &c in &members {
                     cnt.s[c] = 0.0;
@@ -921,17 +965,26 @@ pub(crate) fn reason(topo: &Topology, cnt: &Counting, dec: &Decision, c: usize) 
         Binding::None => write!(s, "{head}: as requested"),
         Binding::Demand => write!(s, "{lead}: no energy wanted"),
         Binding::Plan => write!(s, "{lead}: plan target"),
-        Binding::Admission => write!(s, "{lead}: not admitted (more urgent sessions take the minimum current first)"),
+        Binding::Admission => write!(
+            s,
+            "{lead}: not admitted (more urgent sessions take the minimum current first)"
+        ),
         Binding::Hysteresis => write!(s, "{lead}: minimum off time or switch cap"),
         Binding::Disconnected => write!(s, "{lead}: no vehicle connected"),
         Binding::Fault => write!(s, "{lead}: charger faulted"),
         Binding::ChargerMax => write!(s, "{lead}: charger maximum {} A", fmt_a(spec.max_a)),
-        Binding::MinCurrent => write!(s, "{lead}: below the minimum current {} A", fmt_a(spec.min_a)),
+        Binding::MinCurrent => write!(
+            s,
+            "{lead}: below the minimum current {} A",
+            fmt_a(spec.min_a)
+        ),
         Binding::Step => write!(s, "{lead}: charger accepts only its allowed steps"),
         Binding::Ramp => write!(s, "{lead}: ramp limit"),
         Binding::NodePhase | Binding::StaleTelemetry | Binding::NodePower | Binding::Unbalance => {
             let n = dec.binding_node[c].unwrap_or(0);
-            let ph = dec.binding_phase[c].map(|p| topo.phase_names[p].as_str()).unwrap_or("");
+            let ph = dec.binding_phase[c]
+                .map(|p| topo.phase_names[p].as_str())
+                .unwrap_or("");
             let (v, l) = (dec.binding_value[c], dec.binding_limit[c]);
             let stale = if dec.binding[c] == Binding::StaleTelemetry {
                 " (non-charger load stale: counted at its maximum)"
@@ -939,7 +992,9 @@ pub(crate) fn reason(topo: &Topology, cnt: &Counting, dec: &Decision, c: usize) 
                 ""
             };
             match dec.binding[c] {
-                Binding::NodePower => write!(s, "{lead}: {} at {:.1} of {:.1} kW", node_desc(n), v, l),
+                Binding::NodePower => {
+                    write!(s, "{lead}: {} at {:.1} of {:.1} kW", node_desc(n), v, l)
+                }
                 Binding::Unbalance => write!(
                     s,
                     "{lead}: {} unbalance (phase {ph} highest) at {} of {} A",
@@ -948,9 +1003,21 @@ pub(crate) fn reason(topo: &Topology, cnt: &Counting, dec: &Decision, c: usize) 
                     fmt_a(l)
                 ),
                 _ if dec.binding_phase[c].is_none() => {
-                    write!(s, "{lead}: {} at {:.1} of {:.1} kW{stale}", node_desc(n), v, l)
+                    write!(
+                        s,
+                        "{lead}: {} at {:.1} of {:.1} kW{stale}",
+                        node_desc(n),
+                        v,
+                        l
+                    )
                 }
-                _ => write!(s, "{lead}: {} phase {ph} at {} of {} A{stale}", node_desc(n), fmt_a(v), fmt_a(l)),
+                _ => write!(
+                    s,
+                    "{lead}: {} phase {ph} at {} of {} A{stale}",
+                    node_desc(n),
+                    fmt_a(v),
+                    fmt_a(l)
+                ),
             }
         }
         Binding::UnconfirmedDecrease => write!(

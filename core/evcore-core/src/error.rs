@@ -23,7 +23,11 @@ pub enum CoreError {
 }
 
 impl CoreError {
-    pub fn site(node: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn site(
+        node: impl Into<String>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         CoreError::SiteConfig {
             node: node.into(),
             field: field.into(),
@@ -31,7 +35,11 @@ impl CoreError {
         }
     }
 
-    pub fn input(column: impl Into<String>, row: Option<usize>, message: impl Into<String>) -> Self {
+    pub fn input(
+        column: impl Into<String>,
+        row: Option<usize>,
+        message: impl Into<String>,
+    ) -> Self {
         CoreError::Input {
             column: column.into(),
             row,

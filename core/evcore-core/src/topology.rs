@@ -217,7 +217,10 @@ fn nonneg3(ctx: &str, field: &str, v: &Value) -> CoreResult<[f64; N_PHASES]> {
                 return Err(CoreError::site(
                     ctx,
                     field,
-                    format!("must be one number or 3 numbers, got {} numbers", items.len()),
+                    format!(
+                        "must be one number or 3 numbers, got {} numbers",
+                        items.len()
+                    ),
                 ));
             }
             let mut out = [0.0; N_PHASES];
@@ -347,13 +350,7 @@ impl Topology {
                 }
                 out
             }
-            Some(_) => {
-                return Err(CoreError::site(
-                    "site",
-                    "phase_names",
-                    "must be 3 strings",
-                ))
-            }
+            Some(_) => return Err(CoreError::site("site", "phase_names", "must be 3 strings")),
         };
         let voltage_ln_v = match site.get("voltage_ln_v") {
             None => 230.0,
@@ -517,7 +514,11 @@ impl Topology {
                 }
                 Some(p) => match node_index.get(p) {
                     Some(&pi) if pi == i => {
-                        return Err(CoreError::site(&nodes[i].id, "parent", "a node cannot be its own parent"))
+                        return Err(CoreError::site(
+                            &nodes[i].id,
+                            "parent",
+                            "a node cannot be its own parent",
+                        ))
                     }
                     Some(&pi) => nodes[i].parent = Some(pi),
                     None => {
@@ -587,7 +588,11 @@ impl Topology {
             )?;
             let c = Self::parse_charger(&id, obj, &node_index, &phase_names)?;
             if node_index.contains_key(&id) {
-                return Err(CoreError::site(&id, "id", "duplicate id: a node has the same id"));
+                return Err(CoreError::site(
+                    &id,
+                    "id",
+                    "duplicate id: a node has the same id",
+                ));
             }
             if charger_index.insert(id.clone(), i).is_some() {
                 return Err(CoreError::site(&id, "id", "duplicate charger id"));
@@ -648,7 +653,12 @@ impl Topology {
         let parent = *node_index.get(&parent_id).ok_or_else(|| {
             CoreError::site(ctx, "parent", format!("unknown parent node {parent_id:?}"))
         })?;
-        let kind = match obj.get("kind").map(|v| string(ctx, "kind", v)).transpose()?.as_deref() {
+        let kind = match obj
+            .get("kind")
+            .map(|v| string(ctx, "kind", v))
+            .transpose()?
+            .as_deref()
+        {
             None | Some("ac") => ChargerKind::Ac,
             Some("dc") => ChargerKind::Dc,
             Some(k) => {
@@ -716,7 +726,13 @@ impl Topology {
                 }
                 out
             }
-            Some(_) => return Err(CoreError::site(ctx, "phases", "must be a list of phase names")),
+            Some(_) => {
+                return Err(CoreError::site(
+                    ctx,
+                    "phases",
+                    "must be a list of phase names",
+                ))
+            }
         };
         if phases.len() != want {
             return Err(CoreError::site(
@@ -738,7 +754,13 @@ impl Topology {
         let single_phase_car = match obj.get("single_phase_car") {
             None => wiring == Wiring::ThreePhase && kind == ChargerKind::Ac,
             Some(Value::Bool(b)) => *b && wiring == Wiring::ThreePhase && kind == ChargerKind::Ac,
-            Some(_) => return Err(CoreError::site(ctx, "single_phase_car", "must be true or false")),
+            Some(_) => {
+                return Err(CoreError::site(
+                    ctx,
+                    "single_phase_car",
+                    "must be true or false",
+                ))
+            }
         };
         let mut c = Charger {
             id: id.to_string(),
@@ -763,7 +785,11 @@ impl Topology {
             ChargerKind::Ac => {
                 for k in ["max_w", "min_w", "efficiency", "aux_w"] {
                     if obj.contains_key(k) {
-                        return Err(CoreError::site(ctx, k, "only for DC chargers (kind = \"dc\")"));
+                        return Err(CoreError::site(
+                            ctx,
+                            k,
+                            "only for DC chargers (kind = \"dc\")",
+                        ));
                     }
                 }
                 c.max_a = positive(
@@ -780,7 +806,10 @@ impl Topology {
                     return Err(CoreError::site(
                         ctx,
                         "min_a",
-                        format!("AC chargers cannot go below {IEC_MIN_A} A (IEC 61851), got {}", c.min_a),
+                        format!(
+                            "AC chargers cannot go below {IEC_MIN_A} A (IEC 61851), got {}",
+                            c.min_a
+                        ),
                     ));
                 }
                 if c.min_a > c.max_a {
@@ -791,9 +820,9 @@ impl Topology {
                     ));
                 }
                 if let Some(v) = obj.get("steps_a") {
-                    let items = v
-                        .as_array()
-                        .ok_or_else(|| CoreError::site(ctx, "steps_a", "must be a list of numbers"))?;
+                    let items = v.as_array().ok_or_else(|| {
+                        CoreError::site(ctx, "steps_a", "must be a list of numbers")
+                    })?;
                     let mut steps = Vec::with_capacity(items.len());
                     for it in items {
                         let s = nonneg(ctx, "steps_a", it)?;
@@ -804,7 +833,10 @@ impl Topology {
                             return Err(CoreError::site(
                                 ctx,
                                 "steps_a",
-                                format!("step {s} is outside [min_a, max_a] = [{}, {}]", c.min_a, c.max_a),
+                                format!(
+                                    "step {s} is outside [min_a, max_a] = [{}, {}]",
+                                    c.min_a, c.max_a
+                                ),
                             ));
                         }
                         steps.push(s);
@@ -820,14 +852,19 @@ impl Topology {
             ChargerKind::Dc => {
                 for k in ["max_a", "min_a", "steps_a"] {
                     if obj.contains_key(k) {
-                        return Err(CoreError::site(ctx, k, "DC chargers are set in W (max_w, min_w)"));
+                        return Err(CoreError::site(
+                            ctx,
+                            k,
+                            "DC chargers are set in W (max_w, min_w)",
+                        ));
                     }
                 }
                 c.max_w = positive(
                     ctx,
                     "max_w",
-                    obj.get("max_w")
-                        .ok_or_else(|| CoreError::site(ctx, "max_w", "missing (DC chargers need max_w)"))?,
+                    obj.get("max_w").ok_or_else(|| {
+                        CoreError::site(ctx, "max_w", "missing (DC chargers need max_w)")
+                    })?,
                 )?;
                 c.min_w = match obj.get("min_w") {
                     None => 0.0,
@@ -856,7 +893,11 @@ impl Topology {
                     Some(v) => nonneg(ctx, "aux_w", v)?,
                 };
                 c.max_a = c.dc_line_a(c.max_w);
-                c.min_a = if c.min_w > 0.0 { c.dc_line_a(c.min_w) } else { 0.0 };
+                c.min_a = if c.min_w > 0.0 {
+                    c.dc_line_a(c.min_w)
+                } else {
+                    0.0
+                };
             }
         }
         Ok(c)
@@ -885,7 +926,12 @@ impl Topology {
                 Wiring::ThreePhase | Wiring::LineToNeutral => {
                     for (k, &p) in ch.phases.iter().enumerate() {
                         let (im, re) = PHASE_ANGLE_RAD[p].sin_cos();
-                        self.entries.push(TerminalEntry { terminal: k, phase: p, re, im });
+                        self.entries.push(TerminalEntry {
+                            terminal: k,
+                            phase: p,
+                            re,
+                            im,
+                        });
                     }
                 }
                 Wiring::LineToLine => {
@@ -896,8 +942,18 @@ impl Topology {
                     let (dr, di) = (ra - rb, ia - ib);
                     let m = (dr * dr + di * di).sqrt();
                     let (re, im) = (dr / m, di / m);
-                    self.entries.push(TerminalEntry { terminal: 0, phase: a, re, im });
-                    self.entries.push(TerminalEntry { terminal: 0, phase: b, re: -re, im: -im });
+                    self.entries.push(TerminalEntry {
+                        terminal: 0,
+                        phase: a,
+                        re,
+                        im,
+                    });
+                    self.entries.push(TerminalEntry {
+                        terminal: 0,
+                        phase: b,
+                        re: -re,
+                        im: -im,
+                    });
                 }
             }
             self.entry_off.push(self.entries.len());
@@ -927,7 +983,11 @@ impl Topology {
     /// it needs can never let that charger charge: reject the file.
     fn check_usable(&self) -> CoreResult<()> {
         for (c, ch) in self.chargers.iter().enumerate() {
-            let need = if ch.kind == ChargerKind::Ac { ch.min_a } else { 0.0 };
+            let need = if ch.kind == ChargerKind::Ac {
+                ch.min_a
+            } else {
+                0.0
+            };
             for &n in self.ancestors(c) {
                 let node = &self.nodes[n];
                 for &p in &ch.phases {
@@ -1030,7 +1090,9 @@ mod tests {
     use super::*;
 
     fn site(nodes: &str, chargers: &str) -> String {
-        format!(r#"{{"site": {{"id": "s", "voltage_ln_v": 230}}, "nodes": [{nodes}], "chargers": [{chargers}]}}"#)
+        format!(
+            r#"{{"site": {{"id": "s", "voltage_ln_v": 230}}, "nodes": [{nodes}], "chargers": [{chargers}]}}"#
+        )
     }
 
     const GRID: &str = r#"{"id": "grid", "phase_limit_a": 100}"#;
@@ -1053,8 +1115,15 @@ mod tests {
             "",
         ))
         .unwrap_err();
-        assert!(matches!(e, CoreError::SiteConfig { ref field, .. } if field == "parent"), "{e}");
-        let e = Topology::from_json(&site(&format!("{GRID}, {{\"id\": \"f\", \"parent\": \"nope\", \"phase_limit_a\": 1}}"), "")).unwrap_err();
+        assert!(
+            matches!(e, CoreError::SiteConfig { ref field, .. } if field == "parent"),
+            "{e}"
+        );
+        let e = Topology::from_json(&site(
+            &format!("{GRID}, {{\"id\": \"f\", \"parent\": \"nope\", \"phase_limit_a\": 1}}"),
+            "",
+        ))
+        .unwrap_err();
         assert!(e.to_string().contains("f.parent"), "{e}");
         let e = Topology::from_json(&site(&format!("{GRID}, {GRID}"), "")).unwrap_err();
         assert!(e.to_string().contains("duplicate"), "{e}");
@@ -1062,9 +1131,11 @@ mod tests {
 
     #[test]
     fn rejects_bad_numbers_and_min_above_max() {
-        let e = Topology::from_json(&site(r#"{"id": "grid", "phase_limit_a": "nan"}"#, "")).unwrap_err();
+        let e = Topology::from_json(&site(r#"{"id": "grid", "phase_limit_a": "nan"}"#, ""))
+            .unwrap_err();
         assert!(e.to_string().contains("grid.phase_limit_a"), "{e}");
-        let e = Topology::from_json(&site(r#"{"id": "grid", "phase_limit_a": -1}"#, "")).unwrap_err();
+        let e =
+            Topology::from_json(&site(r#"{"id": "grid", "phase_limit_a": -1}"#, "")).unwrap_err();
         assert!(e.to_string().contains(">= 0"), "{e}");
         let e = Topology::from_json(&site(
             GRID,

@@ -1,0 +1,291 @@
+"""``evcore bench allocator``: one Python call of allocation + envelope (Rust, ``_core.allocate``)
+on prebuilt Arrow inputs, against the numpy reference of the same rules in the same process.
+
+Sites: a 4-level three-phase tree (grid → feeders → panels → circuits → chargers) with mixed
+wiring (three-phase with phase rotation, line-to-neutral, line-to-line, DC), limits that bind at
+every level, a kW cap at the grid, sessions with mixed demand, priorities and measured draw.
+Checks per case: every admitted level equals the reference within 0.01 A, the admitted sets are
+equal, the max-min fairness certificate holds, and the output setpoints, counted as the envelope's
+rules say, break no node limit according to the independent checker (``evcore.checker``: exact
+phasor sums, kW, unbalance). Expected cost: O(n log n) (one sort) plus a few linear passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from evcore import _core
+from evcore.allocator import AllocatorParams, allocator_batch
+from evcore.allocator_reference import SiteArrays, fairness_violations, reference_allocate
+from evcore.checker import Violation, check_limits
+from evcore.envelope import node_batch
+from evcore.site import Site, load_site
+
+PHASES = ["L1", "L2", "L3"]
+ROTATIONS = [["L1", "L2", "L3"], ["L2", "L3", "L1"], ["L3", "L1", "L2"]]
+
+
+def make_site(n: int, seed: int = 1) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    per_circuit, per_panel, per_feeder = 6, 8, 8
+    n_circuits = max(1, math.ceil(n / per_circuit))
+    n_panels = max(1, math.ceil(n_circuits / per_panel))
+    n_feeders = max(1, math.ceil(n_panels / per_feeder))
+    nodes: list[dict[str, Any]] = [
+        {
+            "id": "grid",
+            "kind": "grid",
+            "phase_limit_a": float(max(80.0, 9.0 * n)),
+            "power_limit_kw": float(max(50.0, 5.5 * n)),
+            "other_load_max_a": [20.0, 15.0, 15.0],
+        }
+    ]
+    for f in range(n_feeders):
+        nodes.append(
+            {
+                "id": f"F{f}",
+                "parent": "grid",
+                "kind": "feeder",
+                "phase_limit_a": float(rng.uniform(10.0, 16.0) * per_circuit * per_panel * 8),
+            }
+        )
+    for p in range(n_panels):
+        nodes.append(
+            {
+                "id": f"P{p}",
+                "parent": f"F{p // per_feeder}",
+                "phase_limit_a": float(rng.uniform(14.0, 22.0) * per_circuit * per_panel / 3 * 1.5),
+            }
+        )
+    for c in range(n_circuits):
+        nodes.append(
+            {
+                "id": f"C{c}",
+                "parent": f"P{c // per_panel}",
+                "kind": "circuit",
+                "phase_limit_a": [float(x) for x in rng.choice([40.0, 50.0, 63.0, 80.0], 3)],
+            }
+        )
+    chargers: list[dict[str, Any]] = []
+    for i in range(n):
+        kind = rng.choice(["3ph", "ln", "ll", "dc"], p=[0.5, 0.25, 0.2, 0.05])
+        ch: dict[str, Any] = {"id": f"cp{i}", "parent": f"C{i // per_circuit}"}
+        if kind == "3ph":
+            ch |= {
+                "wiring": "three_phase",
+                "phases": ROTATIONS[i % 3],
+                "voltage_v": 230.0,
+                "max_a": float(rng.choice([16.0, 32.0])),
+            }
+        elif kind == "ln":
+            ch |= {
+                "wiring": "line_to_neutral",
+                "phases": [PHASES[i % 3]],
+                "voltage_v": 230.0,
+                "max_a": 32.0,
+            }
+        elif kind == "ll":
+            ch |= {
+                "wiring": "line_to_line",
+                "phases": [PHASES[i % 3], PHASES[(i + 1) % 3]],
+                "voltage_v": 400.0,
+                "max_a": 32.0,
+            }
+        else:
+            ch |= {
+                "kind": "dc",
+                "wiring": "three_phase",
+                "phases": PHASES,
+                "voltage_v": 230.0,
+                "max_w": 22000.0,
+                "efficiency": 0.95,
+                "aux_w": 200.0,
+            }
+        chargers.append(ch)
+    return {
+        "site": {"id": f"bench-{n}", "voltage_ln_v": 230.0},
+        "nodes": nodes,
+        "chargers": chargers,
+    }
+
+
+def make_inputs(site: Site, seed: int = 2) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Inputs of one tick. The state the chargers are in (last setpoints, measured draw) comes
+    from the allocator's own output one minute earlier, so it is a state a site can be in: the
+    current that chargers hold regardless of their new setpoint fits the limits."""
+    rng = np.random.default_rng(seed)
+    n, nn = len(site.chargers), len(site.nodes)
+    now = 1_767_225_600.0
+    connected = rng.random(n) < 0.92
+    demand: dict[str, Any] = {
+        "energy_wanted_kwh": rng.uniform(0.0, 60.0, n),
+        "departure_s": now + rng.uniform(600.0, 8 * 3600.0, n),
+        "priority": rng.choice([1.0, 1.0, 2.0, 3.0], n),
+    }
+    ncols: dict[str, Any] = {
+        "other_load_l1_a": np.where(np.arange(nn) == 0, 12.0, 0.0),
+        "other_load_l2_a": np.where(np.arange(nn) == 0, 8.0, 0.0),
+        "other_load_l3_a": np.where(np.arange(nn) == 0, 10.0, 0.0),
+        "other_load_age_s": np.full(nn, 2.0),
+    }
+    earlier = connected & (rng.random(n) < 0.7)
+    prev = _core.allocate(
+        site.topology,
+        allocator_batch(site, connected=earlier, **demand),
+        node_batch(site, **ncols),
+        AllocatorParams(now_s=now - 60.0).as_dict(),
+        False,
+    )
+    dc = np.array([c.kind == "dc" for c in site.chargers])
+    last_a = prev.column("setpoint_a").to_numpy()
+    last_w = prev.column("setpoint_w").to_numpy()
+    running = last_a > 0
+    draw = last_a * rng.uniform(0.3, 1.0, n)
+    cols: dict[str, Any] = {
+        "measured_l1_a": draw,
+        "measured_l2_a": draw,
+        "measured_l3_a": draw,
+        "measured_age_s": np.where(rng.random(n) < 0.9, 5.0, 600.0),
+        "last_sent_a": np.where(dc, 0.0, last_a),
+        "last_sent_w": np.where(dc, last_w, 0.0),
+        "last_sent_confirmed": np.ones(n, dtype=bool),
+        "connected": connected,
+        "on_since_s": np.where(running, now - 3600.0, np.nan),
+        "off_since_s": np.where(running, np.nan, now - 3600.0),
+        **demand,
+    }
+    return cols, ncols
+
+
+def counted_violations(
+    site: Site,
+    setpoint_a: npt.NDArray[np.float64],
+    held_a: npt.NDArray[np.float64],
+    ncols: dict[str, Any],
+    params: dict[str, float],
+) -> list[Violation]:
+    """Every node limit the output breaks, judged by the independent checker (exact phasor sums)
+    with currents counted as the envelope's rules say: each charger at the larger of its new
+    setpoint and what it holds (fresh measurement, unconfirmed last setpoint), non-charger load
+    as measured when fresh and at its configured maximum when stale or unknown."""
+    counted = np.maximum(setpoint_a, held_a)
+    terminal = np.zeros((len(site.chargers), 3))
+    for i, c in enumerate(site.chargers):
+        terminal[i, : 3 if c.wiring == "three_phase" else 1] = counted[i]
+    other_max = np.array([n.other_load_max_a for n in site.nodes], dtype=np.float64)
+    age = np.asarray(ncols["other_load_age_s"], dtype=np.float64)
+    fresh = np.isfinite(age) & (age >= 0) & (age <= params.get("stale_after_s", 60.0))
+    measured = np.stack([np.asarray(ncols[f"other_load_l{k}_a"]) for k in (1, 2, 3)], axis=1)
+    measured = np.where(np.isnan(measured), other_max, np.maximum(measured, 0.0))
+    other = np.where(fresh[:, None], measured, other_max)
+    return check_limits(site, terminal, other)
+
+
+def _p99(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
+
+
+def run_case(n: int, reps: int, ref_reps: int) -> dict[str, Any]:
+    site = load_site(make_site(n))
+    cols, ncols = make_inputs(site)
+    params = AllocatorParams(now_s=1_767_225_600.0).as_dict()
+    cb = allocator_batch(site, **cols)
+    nb = node_batch(site, **ncols)
+    full_cols = {
+        name: np.asarray(cb.column(name).to_numpy(zero_copy_only=False)) for name in cb.schema.names
+    }
+    full_ncols = {
+        name: np.asarray(nb.column(name).to_numpy(zero_copy_only=False)) for name in nb.schema.names
+    }
+    sa = SiteArrays.build(site)
+    ours: list[float] = []
+    theirs: list[float] = []
+    out = _core.allocate(site.topology, cb, nb, params, False)  # warm-up
+    ref = reference_allocate(sa, full_cols, full_ncols, params)
+    for i in range(reps):
+        t0 = time.perf_counter()
+        out = _core.allocate(site.topology, cb, nb, params, False)
+        ours.append(time.perf_counter() - t0)
+        if i < ref_reps:
+            t0 = time.perf_counter()
+            ref = reference_allocate(sa, full_cols, full_ncols, params)
+            theirs.append(time.perf_counter() - t0)
+    explained: list[float] = []
+    for _ in range(max(3, reps // 10)):
+        t0 = time.perf_counter()
+        _core.allocate(site.topology, cb, nb, params, True)
+        explained.append(time.perf_counter() - t0)
+    level = out.column("level_a").to_numpy()
+    admitted = out.column("admitted").to_numpy(zero_copy_only=False)
+    setpoint = out.column("setpoint_a").to_numpy()
+    diff = float(np.max(np.abs(level - ref.level_a))) if n else 0.0
+    fair = fairness_violations(sa, ref, level)
+    violations = counted_violations(site, setpoint, ref.held, full_ncols, params)
+    med, rmed = statistics.median(ours), statistics.median(theirs)
+    return {
+        "name": f"allocate+envelope {n}",
+        "chargers": n,
+        "nodes": len(site.nodes),
+        "repetitions": reps,
+        "reference_repetitions": ref_reps,
+        "median_s": med,
+        "p99_s": _p99(ours),
+        "reference_median_s": rmed,
+        "ratio": rmed / med if med > 0 else math.inf,
+        "explain_median_s": statistics.median(explained),
+        "max_abs_diff_a": diff,
+        "admitted_equal": bool(np.array_equal(admitted, ref.admitted)),
+        "admitted": int(admitted.sum()),
+        "fairness_violations": len(fair),
+        "violations": len(violations),
+        "feasible": not violations,
+        "ok": bool(
+            diff <= 0.01 and not fair and not violations and np.array_equal(admitted, ref.admitted)
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="evcore bench allocator", description=__doc__)
+    ap.add_argument("--json", action="store_true", help="print the JSON array of cases")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few repetitions")
+    ap.add_argument("--sizes", type=str, default="", help="comma-separated charger counts")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions of the Rust call (>= 30)")
+    args = ap.parse_args(argv)
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    else:
+        sizes = [54, 500] if args.quick else [54, 500, 10_000, 100_000]
+    cases = []
+    for n in sizes:
+        reps = args.reps or (5 if args.quick else (200 if n <= 10_000 else 50))
+        ref_reps = min(reps, 5 if args.quick else (30 if n <= 10_000 else 5))
+        cases.append(run_case(n, reps, ref_reps))
+    big = {c["chargers"]: c for c in cases}
+    if 10_000 in big and 100_000 in big:
+        for c in cases:
+            c["scaling_100k_over_10k"] = big[100_000]["median_s"] / big[10_000]["median_s"]
+    if args.json:
+        print(json.dumps(cases, indent=1))
+    else:
+        for c in cases:
+            print(
+                f"{c['name']:>28}: median {c['median_s'] * 1e3:8.3f} ms"
+                f"  p99 {c['p99_s'] * 1e3:8.3f} ms"
+                f"  ref {c['reference_median_s'] * 1e3:9.2f} ms  ratio {c['ratio']:7.1f}"
+                f"  diff {c['max_abs_diff_a']:.2e} A  fair-viol {c['fairness_violations']}"
+                f"  viol {c['violations']}  {'ok' if c['ok'] else 'FAILED'}"
+            )
+    return 0 if all(c["ok"] for c in cases) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,379 @@
+"""A plain numpy implementation of the allocator's model, admission and water-filling.
+
+It exists to check and time the Rust allocator from outside (benchmark and tests), so it shares
+no code with it: the same rules (docs/envelope.md), written with vectorised numpy. The result to
+compare is ``level_a`` (the water-filling value before steps and envelope) and ``admitted``.
+Each filling round solves every constraint's saturation level exactly from its members' sorted
+breakpoints; constraints whose level is the lowest among their members' constraints saturate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from evcore.site import Site
+
+__all__ = ["ReferenceResult", "SiteArrays", "fairness_violations", "reference_allocate"]
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+SLOTS = 4
+
+
+@dataclass
+class SiteArrays:
+    """Static structure of a site as flat arrays (build once per site)."""
+
+    n: int
+    n_nodes: int
+    nt: I64
+    uses: npt.NDArray[np.bool_]  # (n, 3) charger touches site phase
+    volt: F64
+    dc: npt.NDArray[np.bool_]
+    min_a: F64
+    max_a: F64
+    max_w: F64
+    eff: F64
+    aux: F64
+    parent_of_node: I64
+    node_order: I64
+    # constraint membership pairs: charger, constraint index (node*4+slot), coefficient
+    pc: I64
+    pk: I64
+    pa: F64
+    phase_limit: F64  # (n_nodes, 3)
+    kw_limit: F64  # (n_nodes,), inf when none
+    other_max: F64  # (n_nodes, 3)
+    v_ln: float
+
+    @classmethod
+    def build(cls, site: Site) -> SiteArrays:
+        n, nn = len(site.chargers), len(site.nodes)
+        nidx = {x.id: i for i, x in enumerate(site.nodes)}
+        parent = np.array([-1 if x.parent is None else nidx[x.parent] for x in site.nodes])
+        depth = np.array([x.depth for x in site.nodes])
+        uses = np.zeros((n, 3), dtype=bool)
+        for i, c in enumerate(site.chargers):
+            uses[i, list(c.phases)] = True
+        nt = np.array([3 if c.wiring == "three_phase" else 1 for c in site.chargers])
+        volt = np.array([c.voltage_v for c in site.chargers])
+        pcs: list[int] = []
+        pks: list[int] = []
+        pas: list[float] = []
+        for i, c in enumerate(site.chargers):
+            cur = nidx[c.parent]
+            while cur >= 0:
+                for p in range(3):
+                    if uses[i, p]:
+                        pcs.append(i)
+                        pks.append(cur * SLOTS + p)
+                        pas.append(1.0)
+                pcs.append(i)
+                pks.append(cur * SLOTS + 3)
+                pas.append(float(volt[i] * nt[i]))
+                cur = int(parent[cur])
+        return cls(
+            n=n,
+            n_nodes=nn,
+            nt=nt,
+            uses=uses,
+            volt=volt,
+            dc=np.array([c.kind == "dc" for c in site.chargers]),
+            min_a=np.array([c.min_a for c in site.chargers]),
+            max_a=np.array([c.max_a for c in site.chargers]),
+            max_w=np.array([c.max_w or 0.0 for c in site.chargers]),
+            eff=np.array([c.efficiency or 1.0 for c in site.chargers]),
+            aux=np.array([c.aux_w or 0.0 for c in site.chargers]),
+            parent_of_node=parent,
+            node_order=np.argsort(depth, kind="stable"),
+            pc=np.array(pcs, dtype=np.int64),
+            pk=np.array(pks, dtype=np.int64),
+            pa=np.array(pas),
+            phase_limit=np.array([x.phase_limit_a for x in site.nodes], dtype=np.float64),
+            kw_limit=np.array(
+                [math.inf if x.power_limit_kw is None else x.power_limit_kw for x in site.nodes]
+            ),
+            other_max=np.array([x.other_load_max_a for x in site.nodes], dtype=np.float64),
+            v_ln=site.voltage_ln_v,
+        )
+
+    def dc_line_a(self, w: F64) -> F64:
+        out: F64 = np.where(w > 0, (w / self.eff + self.aux) / (3.0 * self.volt), 0.0)
+        return out
+
+
+@dataclass
+class ReferenceResult:
+    level_a: F64
+    admitted: npt.NDArray[np.bool_]
+    floor: F64
+    cap: F64
+    weight: F64
+    capacity: F64  # per constraint (node*4+slot), net of non-admitted holdings
+    held: F64  # per charger: counted regardless of its new setpoint (line A, max over terminals)
+    capacity_gross: F64  # per constraint, net of non-charger load only
+
+
+def _col(cols: Mapping[str, npt.ArrayLike], name: str) -> F64:
+    return np.asarray(cols[name], dtype=np.float64)
+
+
+def reference_allocate(
+    sa: SiteArrays,
+    ch: Mapping[str, npt.ArrayLike],
+    nodes: Mapping[str, npt.ArrayLike],
+    params: Mapping[str, float],
+) -> ReferenceResult:
+    n = sa.n
+    now = params.get("now_s", 0.0)
+    stale = params.get("stale_after_s", 60.0)
+    min_on = params.get("min_on_s", 60.0)
+    min_off = params.get("min_off_s", 180.0)
+    max_sw = params.get("max_switches", math.inf)
+    margin = params.get("margin_a", 2.0)
+    hyst = params.get("admission_hysteresis_s", 300.0)
+    with np.errstate(invalid="ignore"):
+        # Counting: what each charger holds regardless of its new setpoint (max over terminals).
+        age = _col(ch, "measured_age_s")
+        fresh = np.isfinite(age) & (age >= 0) & (age <= stale)
+        meas = np.stack([_col(ch, f"measured_l{k}_a") for k in (1, 2, 3)], axis=1)
+        meas = np.where(np.isnan(meas), sa.max_a[:, None], np.abs(meas))
+        term_mask = np.arange(3)[None, :] < sa.nt[:, None]
+        meas_max = np.where(term_mask, meas, 0.0).max(axis=1)
+        held = np.where(fresh, meas_max, 0.0)
+        ls_w = _col(ch, "last_sent_w")
+        ls = np.where(
+            sa.dc,
+            np.where(np.isnan(ls_w), np.nan, sa.dc_line_a(np.minimum(ls_w, sa.max_w))),
+            _col(ch, "last_sent_a"),
+        )
+        ls = np.where(np.isnan(ls), sa.max_a, np.maximum(ls, 0.0))
+        confirmed = np.asarray(ch["last_sent_confirmed"], dtype=bool)
+        held = np.where(confirmed, held, np.maximum(held, ls))
+        unknown = np.asarray(ch["profile_unknown"], dtype=bool)
+        held = np.where(unknown, sa.max_a, held)
+        # Node non-charger load and capacities.
+        nage = _col(nodes, "other_load_age_s")
+        nfresh = np.isfinite(nage) & (nage >= 0) & (nage <= stale)
+        other_m = np.stack([_col(nodes, f"other_load_l{k}_a") for k in (1, 2, 3)], axis=1)
+        other_m = np.where(np.isnan(other_m), sa.other_max, np.maximum(other_m, 0.0))
+        other = np.where(nfresh[:, None], other_m, sa.other_max)
+        sub = other.copy()
+        for i in sa.node_order[::-1]:
+            p = sa.parent_of_node[i]
+            if p >= 0:
+                sub[p] += sub[i]
+        capacity = np.empty(sa.n_nodes * SLOTS)
+        capacity.reshape(-1, SLOTS)[:, :3] = sa.phase_limit - sub
+        capacity.reshape(-1, SLOTS)[:, 3] = sa.kw_limit * 1000.0 - sub.sum(axis=1) * sa.v_ln
+
+        faulted = np.asarray(ch["faulted"], dtype=bool)
+        connected = np.asarray(ch["connected"], dtype=bool)
+        energy = _col(ch, "energy_wanted_kwh")
+        is_on = ls > 0
+        sw = _col(ch, "switches")
+        at_cap = ~(sw < max_sw)
+        on_t, off_t = _col(ch, "on_since_s"), _col(ch, "off_since_s")
+        cand = ~faulted & connected & (energy > 0)
+        locked_off = ~is_on & ((np.isfinite(off_t) & (now - off_t < min_off)) | at_cap)
+        cand &= ~locked_off
+        locked_on = is_on & ((np.isfinite(on_t) & (now - on_t < min_on)) | at_cap)
+        f = sa.min_a.copy()
+        u = sa.max_a.copy()
+        tw = _col(ch, "target_w")
+        t = np.where(
+            sa.dc,
+            np.where(np.isnan(tw), np.nan, sa.dc_line_a(np.minimum(tw, sa.max_w))),
+            _col(ch, "target_a"),
+        )
+        behind = np.asarray(ch["behind_plan"], dtype=bool)
+        plan = ~np.isnan(t) & ~behind
+        cand &= ~(plan & (t <= 0) & ~locked_on)
+        u = np.where(plan & (t < u), np.maximum(t, f), u)
+        reclaim = is_on & ~unknown & fresh & (meas_max + margin < u)
+        u = np.where(reclaim, np.maximum(meas_max + margin, f), u)
+        floor = np.maximum(f, held)
+        cap = np.maximum(u, held)
+        rate_w = sa.volt * sa.nt * np.maximum(sa.max_a, 1e-9)
+        need_s = energy * 3.6e6 / rate_w
+        dep = _col(ch, "departure_s")
+        lax = np.where(np.isnan(dep), math.inf, dep - now - need_s)
+        key = np.where(locked_on, -math.inf, np.where(is_on, lax - hyst, lax))
+    weight = _col(ch, "priority")
+
+    # Admission: least laxity first while the floors fit (non-candidates hold what they hold).
+    pc, pk, pa = sa.pc, sa.pk, sa.pa
+    rem = capacity.copy()
+    np.subtract.at(rem, pk, np.where(cand[pc], 0.0, pa * held[pc]))
+    admitted = np.zeros(n, dtype=bool)
+    order = np.lexsort((np.arange(n), key))
+    order = order[cand[order]]
+    trial = rem.copy()
+    np.subtract.at(trial, pk, np.where(cand[pc], pa * floor[pc], 0.0))
+    if np.all(trial >= -1e-9 * (1 + np.abs(trial))):
+        admitted[order] = True  # every floor fits: the greedy admits all
+    else:
+        starts = np.searchsorted(pc, np.arange(n + 1))
+        for c in order:
+            sl = slice(starts[c], starts[c + 1])
+            ks, a = pk[sl], pa[sl]
+            need = a * floor[c]
+            if locked_on[c] or np.all(rem[ks] >= need - 1e-9 * (1 + need)):
+                admitted[c] = True
+                rem[ks] -= need
+            else:
+                rem[ks] -= a * held[c]
+    net = capacity.copy()
+    np.subtract.at(net, pk, np.where(admitted[pc], 0.0, pa * held[pc]))
+    floor = np.where(admitted, floor, 0.0)
+    cap = np.where(admitted, cap, 0.0)
+    set_floor = np.where(admitted, f, 0.0)
+    set_cap = np.where(admitted, u, 0.0)
+
+    level = _water_fill(sa, floor, cap, weight, net, admitted)
+    with np.errstate(invalid="ignore"):
+        level_a = np.where(np.isinf(level), set_cap, np.clip(weight * level, set_floor, set_cap))
+    level_a = np.where(admitted, level_a, 0.0)
+    return ReferenceResult(level_a, admitted, floor, cap, weight, net, held, capacity)
+
+
+def _water_fill(
+    sa: SiteArrays,
+    floor: F64,
+    cap: F64,
+    weight: F64,
+    capacity: F64,
+    admitted: npt.NDArray[np.bool_],
+) -> F64:
+    n = sa.n
+    nk = sa.n_nodes * SLOTS
+    keep = admitted[sa.pc]
+    pc, pk, pa = sa.pc[keep], sa.pk[keep], sa.pa[keep]
+    dmax = np.bincount(pk, weights=pa * cap[pc], minlength=nk)
+    active = np.isfinite(capacity) & (dmax > capacity)
+    level = np.full(n, math.inf)
+    frozen = np.zeros(n, dtype=bool)
+    fixed = np.zeros(nk)
+    while active.any():
+        live = active[pk] & ~frozen[pc]
+        lc, lk, la = pc[live], pk[live], pa[live]
+        lam = _saturation_levels(lc, lk, la, floor, cap, weight, fixed, capacity, active, nk)
+        cmin = np.full(n, math.inf)
+        np.minimum.at(cmin, lc, lam[lk])
+        gap = np.full(nk, -math.inf)
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(gap, lk, np.where(np.isfinite(lam[lk]), lam[lk] - cmin[lc], np.inf))
+        ready = active & np.isfinite(lam) & (gap <= 0)
+        sel = ready[lk]
+        newly_c = lc[sel]
+        level[newly_c] = lam[lk[sel]]
+        newly = np.zeros(n, dtype=bool)
+        newly[newly_c] = True
+        frozen |= newly
+        v = np.clip(weight * level, floor, cap)
+        add = newly[pc]
+        fixed += np.bincount(pk[add], weights=pa[add] * v[pc[add]], minlength=nk)
+        still = active & ~ready & np.isfinite(lam)
+        if not newly.any() and still.sum() == active.sum():
+            break
+        active = still
+    return level
+
+
+def _saturation_levels(
+    lc: I64,
+    lk: I64,
+    la: F64,
+    floor: F64,
+    cap: F64,
+    weight: F64,
+    fixed: F64,
+    capacity: F64,
+    active: npt.NDArray[np.bool_],
+    nk: int,
+) -> F64:
+    """Smallest L with fixed + Σ a·clip(w L, F, U) = capacity per constraint (exact)."""
+    lam = np.full(nk, math.inf)
+    w = weight[lc]
+    # D(L) = base + Σ_e c_e·min(L, b_e): +a·w at U/w, −a·w at F/w.
+    base = fixed + np.bincount(lk, weights=la * floor[lc], minlength=nk)
+    saturated0 = active & (base >= capacity)
+    lam[saturated0] = 0.0
+    b = np.concatenate([cap[lc] / w, floor[lc] / w])
+    c = np.concatenate([la * w, -la * w])
+    k = np.concatenate([lk, lk])
+    order = np.lexsort((b, k))
+    b, c, k = b[order], c[order], k[order]
+    # Per group: S1_i = Σ_{e≤i} c_e b_e, R_i = Σ_{e>i} c_e.
+    cb = c * b
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    grp = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(k)]))
+    cum_cb = np.cumsum(cb)
+    cum_c = np.cumsum(c)
+    off_cb = np.r_[0.0, cum_cb][starts][grp]
+    off_c = np.r_[0.0, cum_c][starts][grp]
+    s1 = cum_cb - off_cb
+    tot_c = np.bincount(grp, weights=c)[grp]
+    r = tot_c - (cum_c - off_c)
+    d_at = base[k] + s1 + b * r
+    target = capacity[k]
+    hit = d_at >= target
+    # First event per group where D reaches the capacity.
+    idx = np.flatnonzero(hit)
+    if len(idx):
+        first = np.full(len(starts), -1)
+        g_hit = grp[idx]
+        # idx is ascending: the first occurrence per group is the minimum
+        uniq, pos = np.unique(g_hit, return_index=True)
+        first[uniq] = idx[pos]
+        for_groups = uniq
+        i = first[for_groups]
+        kk = k[i]
+        prev_ok = i > starts[for_groups]
+        # On the piece ending at event i: D(L) = base + S1_{i-1} + L·R_{i-1}.
+        s1_prev = np.where(prev_ok, s1[np.maximum(i - 1, 0)], 0.0)
+        r_prev = np.where(prev_ok, r[np.maximum(i - 1, 0)], tot_c[i])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sol = (target[i] - base[kk] - s1_prev) / r_prev
+        sol = np.where(r_prev > 0, sol, b[i])
+        sol = np.minimum(np.maximum(sol, 0.0), b[i])
+        mask = active[kk] & ~saturated0[kk]
+        lam[kk[mask]] = sol[mask]
+    lam[~active] = math.inf
+    return lam
+
+
+def fairness_violations(
+    sa: SiteArrays, res: ReferenceResult, level_a: F64, tol: float = 1e-6
+) -> list[str]:
+    """Max-min fairness certificate for a consumption vector derived from ``level_a``.
+
+    Every admitted session below its cap must sit in a saturated constraint (load at capacity)
+    where no member that is above its floor has a higher weighted level than it."""
+    cons = np.maximum(level_a, np.where(res.admitted, res.floor, 0.0))
+    cons = np.where(res.admitted, np.clip(cons, res.floor, res.cap), 0.0)
+    keep = res.admitted[sa.pc]
+    pc, pk, pa = sa.pc[keep], sa.pk[keep], sa.pa[keep]
+    nk = sa.n_nodes * SLOTS
+    load = np.bincount(pk, weights=pa * cons[pc], minlength=nk)
+    cap_k = res.capacity
+    with np.errstate(invalid="ignore"):
+        saturated = np.isfinite(cap_k) & (load >= cap_k - tol * (1 + np.abs(cap_k)))
+    norm = cons / res.weight
+    above_floor = cons > res.floor + tol
+    maxnorm = np.full(nk, -math.inf)
+    m = above_floor[pc]
+    np.maximum.at(maxnorm, pk[m], norm[pc[m]])
+    ok_pair = saturated[pk] & (norm[pc] >= maxnorm[pk] - tol * (1 + np.abs(maxnorm[pk])))
+    bottleneck = np.zeros(sa.n, dtype=bool)
+    bottleneck[pc[ok_pair]] = True
+    at_cap = cons >= res.cap - tol
+    bad = np.flatnonzero(res.admitted & ~at_cap & ~bottleneck)
+    return [
+        f"charger {i}: {cons[i]:.4f} A below cap {res.cap[i]:.4f} without bottleneck" for i in bad
+    ]
