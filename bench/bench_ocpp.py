@@ -219,6 +219,7 @@ async def run_case(impl: str, mode: str, n: int, duration: int, quick: bool) -> 
                 raise RuntimeError(f"load generator failed: {err.decode()[-2000:]}")
             result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
             result["events"] = count[0]
+            result["load_avg_1m"] = os.getloadavg()[0]  # the machine is shared: say how busy
             stored = 0
             for i in range(n):
                 stored += len(await sinks.store.meter_samples(f"cp-{i:04d}"))
@@ -275,6 +276,9 @@ async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "ratio_median": ref["p50_s"] / o["p50_s"] if o["p50_s"] > 0 else float("nan"),
                 "target_p99_s": 0.05 if mode == "spread" else 1.0,
                 "runs": len(all_runs["ours"]),
+                "p99_runs_s": [r["p99_s"] for r in all_runs["ours"]],
+                "max_by_second_s": o.get("max_by_second_s", []),
+                "load_avg_1m": [r["load_avg_1m"] for r in all_runs["ours"] + all_runs["reference"]],
             }
         )
     return out

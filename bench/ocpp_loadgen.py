@@ -97,6 +97,7 @@ class Charger:
         self.ws = ws
         self.pending: dict[str, float] = {}
         self.latencies: list[float] = []
+        self.sent_at: list[float] = []
         self.errors = 0
         self.seq = 0
 
@@ -108,6 +109,7 @@ class Charger:
                 sent = self.pending.pop(raw[4:end], None)
                 if sent is not None:
                     self.latencies.append(now - sent)
+                    self.sent_at.append(sent)
                 continue
             msg = json.loads(raw)
             if msg[0] == 2:  # a CALL from the CSMS: answer it so it is not left waiting
@@ -118,6 +120,7 @@ class Charger:
                 continue
             if msg[0] == 3:
                 self.latencies.append(now - sent)
+                self.sent_at.append(sent)
             else:
                 self.errors += 1
 
@@ -174,6 +177,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     connect_s = time.perf_counter() - t_connect
     for ch in chargers:
         ch.latencies.clear()
+        ch.sent_at.clear()
 
     n = len(chargers)
     start = time.perf_counter() + 0.5
@@ -201,6 +205,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.05)
     elapsed = time.perf_counter() - start
     lat = sorted(x for ch in chargers for x in ch.latencies if x < 1e9)
+    # The worst latency of the messages sent in each second (where a tail comes from).
+    by_second: dict[int, float] = {}
+    for ch in chargers:
+        for sent_at, x in zip(ch.sent_at, ch.latencies, strict=True):
+            if x < 1e9:
+                k = int(sent_at - start)
+                by_second[k] = max(by_second.get(k, 0.0), x)
     lost = sum(len(ch.pending) for ch in chargers)
     errors = sum(ch.errors for ch in chargers)
     for ch in chargers:
@@ -226,6 +237,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "msg_per_s": (sent - lost) / elapsed if elapsed > 0 else 0.0,
         "connect_s": connect_s,
         "loadgen_cpu_s": time.process_time(),
+        "max_by_second_s": [round(by_second.get(k, 0.0), 4) for k in range(args.duration)],
     }
 
 

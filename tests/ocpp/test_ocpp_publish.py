@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from evcore.bus.api import BusMessage
 from evcore.bus.inprocess import InProcessBus
-from evcore.ocpp import TransactionEvent
+from evcore.clock import WallClock
+from evcore.ocpp import CentralSystem, TransactionEvent
+from evcore.ocpp.v16 import iso
 from evcore.sim.ev import EV
 from evcore.store.sqlite import sqlite_store
 from evcore.v1 import meter_pb2, status_pb2, transaction_pb2
-from ocpp_testsite import rig
+from ocpp_testsite import PASSWORDS, make_site, rig
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def auth(ocpp_id: str) -> dict[str, str]:
+    token = base64.b64encode(f"{ocpp_id}:{PASSWORDS[ocpp_id]}".encode()).decode()
+    return {"Authorization": "Basic " + token}
 
 
 async def test_status_meter_and_transactions_are_published_and_stored(tmp_path: Path) -> None:
@@ -72,3 +84,88 @@ async def test_status_meter_and_transactions_are_published_and_stored(tmp_path: 
     finally:
         await store.close()
         await bus.close()
+
+
+async def _raw(ws: Any, uid: str, action: str, payload: dict[str, Any]) -> list[Any]:
+    await ws.send(json.dumps([2, uid, action, payload]))
+    while True:
+        msg: list[Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if msg[0] != 2 and msg[1] == uid:
+            return msg
+
+
+async def test_restart_with_the_store_never_duplicates_a_transaction(tmp_path: Path) -> None:
+    """The edge restarts while cars charge: replays after the restart continue the transactions."""
+    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
+    await store.open()
+    site = make_site(configure_on_boot=False)
+    clock = WallClock()
+    t0 = clock.now()
+    start16 = {"connectorId": 1, "idTag": "TAG-1", "meterStart": 5000, "timestamp": iso(t0)}
+
+    def started201(seq: int, register_wh: float, event_type: str = "Started") -> dict[str, Any]:
+        return {
+            "eventType": event_type,
+            "timestamp": iso(t0),
+            "triggerReason": "CablePluggedIn" if event_type == "Started" else "EVDeparted",
+            "seqNo": seq,
+            "transactionInfo": {"transactionId": "B-TX-1"},
+            "evse": {"id": 1, "connectorId": 1},
+            "meterValue": [
+                {
+                    "timestamp": iso(t0),
+                    "sampledValue": [
+                        {"value": register_wh, "measurand": "Energy.Active.Import.Register"}
+                    ],
+                }
+            ],
+        }
+
+    async def session(events: list[Any]) -> tuple[CentralSystem, Any, Any]:
+        cs = CentralSystem(site, clock=clock, store=store)
+        cs.add_listener(events.append)
+        await cs.start()
+        base = f"ws://127.0.0.1:{cs.port}/ocpp"
+        a = await connect(
+            f"{base}/CPA", subprotocols=[Subprotocol("ocpp1.6")], additional_headers=auth("CPA")
+        )
+        b = await connect(
+            f"{base}/CPB", subprotocols=[Subprotocol("ocpp2.0.1")], additional_headers=auth("CPB")
+        )
+        return cs, a, b
+
+    try:
+        first: list[Any] = []
+        cs, a, b = await session(first)
+        res = await _raw(a, "s1", "StartTransaction", start16)
+        tx16 = res[2]["transactionId"]
+        assert (await _raw(b, "s2", "TransactionEvent", started201(0, 1000.0)))[0] == 3
+        assert [e.kind for e in first if isinstance(e, TransactionEvent)] == ["started"] * 2
+        await a.close()
+        await b.close()
+        await cs.stop()
+
+        # A new central system on the same store: the stations replay what they were not sure of.
+        second: list[Any] = []
+        cs, a, b = await session(second)
+        assert cs.station_state("cp-a").active_transactions == {1: str(tx16)}
+        res = await _raw(a, "r1", "StartTransaction", start16)
+        assert res[2]["transactionId"] == tx16
+        assert (await _raw(b, "r2", "TransactionEvent", started201(0, 1000.0)))[0] == 3
+        stop16 = {"transactionId": tx16, "meterStop": 7250, "timestamp": iso(clock.now())}
+        assert (await _raw(a, "r3", "StopTransaction", stop16))[0] == 3
+        assert (await _raw(b, "r4", "TransactionEvent", started201(1, 1500.0, "Ended")))[0] == 3
+        txs = [e for e in second if isinstance(e, TransactionEvent)]
+        assert "started" not in [e.kind for e in txs]
+        ended = {e.charger_id: e for e in txs if e.kind == "ended"}
+        # Session energy is still a difference from the register at the (first) start.
+        assert ended["cp-a"].session_energy_wh == pytest.approx(2250.0)
+        assert ended["cp-b"].session_energy_wh == pytest.approx(500.0)
+        await a.close()
+        await b.close()
+        await cs.stop()
+        stored = await store.get_transaction("cp-a", str(tx16))
+        assert stored is not None and stored.energy_wh == pytest.approx(2250.0)
+        assert await store.list_open_transactions() == []
+    finally:
+        await store.close()

@@ -322,6 +322,7 @@ class CentralSystem:
             validation.precompile(
                 version, ["BootNotification", "Heartbeat", "StatusNotification", "MeterValues"]
             )
+        await self._restore_open_transactions()
         self._tls = self._ssl_context()
         self._server = await serve(
             self._session,
@@ -339,6 +340,46 @@ class CentralSystem:
         self._port = sock.getsockname()[1]
         for st in self._stations.values():
             st.worker = asyncio.create_task(self._worker(st), name=f"ocpp-queue-{st.ocpp_id}")
+
+    async def _restore_open_transactions(self) -> None:
+        """Take back the transactions the store holds as open (after a restart of this process),
+        so that a station replaying its StartTransaction / TransactionEvent gets the same
+        transaction and no second start, and session energy still counts from the first register.
+        """
+        store = self._publisher.store
+        lister = getattr(store, "list_open_transactions", None)
+        if lister is None:
+            return
+        try:
+            records = await lister()
+        except Exception:
+            LOG.exception("could not read open transactions from the store; starting without them")
+            return
+        for rec in records:
+            charger = self._chargers.get(rec.charger_id)
+            if charger is None:
+                continue
+            st = self._stations[charger.ocpp_id]
+            if rec.transaction_id in st.transactions:
+                continue
+            tx = TxState(
+                rec.transaction_id,
+                charger.charger_id,
+                charger.evse_id,
+                rec.id_tag or None,
+                rec.meter_start_wh,
+                rec.meter_start_wh,
+                rec.started_at_s,
+            )
+            st.transactions[rec.transaction_id] = tx
+            st.active_tx[charger.evse_id] = rec.transaction_id
+            if rec.transaction_id.isdigit():  # 1.6 ids we assigned: never hand one out again
+                self._tx_counter = max(self._tx_counter, int(rec.transaction_id))
+            if rec.meter_start_wh is not None and rec.started_at_s is not None:
+                key = (charger.evse_id, rec.id_tag, rec.meter_start_wh, round(rec.started_at_s, 3))
+                st.start_keys[key] = rec.transaction_id
+        if records:
+            LOG.info("restored %d open transactions from the store", len(records))
 
     async def stop(self) -> None:
         for st in self._stations.values():
