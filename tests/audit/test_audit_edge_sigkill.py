@@ -173,3 +173,29 @@ async def test_profiles_held_after_a_sigkill_all_have_their_record(
                 limit_a,
                 values,
             )
+
+    # The operator's view of the same trail, through the real command line and the site file.
+    async def evcore(*args: str) -> tuple[int, str]:
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "evcore.cli",
+            "audit",
+            *args,
+            "--config",
+            str(site_file),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(cli.communicate(), 60)
+        assert cli.returncode is not None
+        return cli.returncode, out.decode()
+
+    rc, out = await evcore("verify")
+    assert rc == 0 and "audit chain OK" in out, out
+    target = plugged[0]
+    rc, out = await evcore("show", "--charger", target, "--since", "1h")
+    assert rc == 0, out
+    lines = [ln.strip() for ln in out.splitlines() if ln.startswith("  ")]
+    assert lines and all(ln.startswith(f"{target}: sent ") for ln in lines), out
+    assert any("TxDefault failsafe level" in ln for ln in lines), out
