@@ -191,6 +191,7 @@ class GridSignal:
     start_s: float
     end_s: float
     limit_kw: float
+    notice_s: float = 3600.0  # announced this long before start_s (at the earliest at t = 0)
 
 
 @dataclass(frozen=True)
@@ -625,7 +626,15 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
         s1 = _offset_s(g, "end_h", gw, start)
         if s1 <= s0:
             raise ScenarioError(f"{gw}: end is not after start")
-        signals.append(GridSignal(node, s0, s1, _num(g, "limit_kw", gw, minimum=0.0)))
+        signals.append(
+            GridSignal(
+                node,
+                s0,
+                s1,
+                _num(g, "limit_kw", gw, minimum=0.0),
+                _num(g, "notice_min", gw, 60.0, minimum=0.0) * 60.0,
+            )
+        )
     charger_ids = {c.id for c in site.chargers}
     faults = []
     for i, f in enumerate(doc.get("faults", [])):

@@ -6,9 +6,13 @@ port, the controller with ``RustCore``, the embedded default: no broker, no data
 of simulated stations (``evcore.sim.chargepoint``) that connect to it over WebSockets, and the
 twin's meter. The scenario plugs vehicles in and out of the simulated stations, injects faults into
 them and posts grid signals and prices to the controller the way the bus would. For the planner
-policies the twin runs the core planner (``evcore.planner``) every ``plan_interval_s`` and on
-arrivals/departures and hands the controller a local plan (``EdgeController.set_plan``), unless the
-edge plans by itself.
+policies the edge runs its own local planner (``evcore.edge.planning``), and the twin stands for
+the cloud: it runs the core planner (``evcore.planner``) every ``plan_interval_s`` and on
+arrivals/departures, knowing the billed peak so far, and hands the edge a *cloud* plan, which wins
+while fresh. ``cloud_down`` stops the cloud's plans (the edge falls back to its local plan);
+``broker_down`` holds everything that crosses the broker (cloud plans, grid signals announced
+``notice_min`` ahead) until it is back. The embedded default has no broker process to stop, so
+the twin holds these messages itself.
 
 The meter samples the stations' terminal currents at every physics step of the stations (their
 state is constant in between), so counting the 100 ms samples of each step is exact. Time is the
@@ -25,7 +29,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,10 +48,19 @@ from evcore.sim.vclock import VirtualClock
 
 log = logging.getLogger("evcore.sim")
 
-# Faults the stack backend can inject (the rest need a broker or a cloud, absent in the embedded
-# default).
+# Faults the stack backend injects. ``broker_down`` and ``cloud_down`` act on the link between the
+# twin's cloud side (grid signals, plans) and the edge: the embedded default has no broker process
+# to stop, so the twin holds what would cross it.
 STACK_FAULTS = frozenset(
-    {"charger_offline", "meter_stuck", "profile_ignored", "profiles_lost_on_reboot", "edge_restart"}
+    {
+        "charger_offline",
+        "meter_stuck",
+        "profile_ignored",
+        "profiles_lost_on_reboot",
+        "broker_down",
+        "cloud_down",
+        "edge_restart",
+    }
 )
 IN_LOOP = (
     "edge controller (evcore.edge: dispatch, failsafe, faults, grid signals)",
@@ -88,6 +101,13 @@ def edge_table(sc: Scenario, policy: str) -> dict[str, Any]:
         "stale_after_s": max(30.0, 2.5 * sc.meter_interval_s),
         "failsafe_after_s": 600.0,
         "refresh_lead_s": 60.0,
+        # The twin's planner stands for the cloud and plans every plan_interval_s: one late plan
+        # must not drop the edge to the allocator alone.
+        "cloud_plan_fresh_s": 2.0 * sc.plan_interval_s,
+        # The edge's own planner solves in a worker thread; the virtual clock waits for it, so a
+        # generous budget costs nothing in simulated time, and a plan cut short by a busy machine
+        # would make the run depend on the machine.
+        "plan_budget_s": 10.0,
         "settle_s": sc.settle_s,
     }
     edge.update(sc.edge)
@@ -109,8 +129,12 @@ class StackRun:
         *,
         progress: Callable[[float], None] | None = None,
         series_points: int = 600,
+        probes: Sequence[tuple[float, Callable[[StackRun], None]]] = (),
     ) -> None:
+        """``probes``: (seconds after the start, callback) pairs called with this run at those
+        simulated instants (for tests and tools)."""
         self.sc = sc
+        self.probes = sorted(probes, key=lambda p: p[0])
         self.policy = policy
         self.arr = arr
         self.progress = progress
@@ -130,6 +154,12 @@ class StackRun:
         self.plan_failures = 0
         self.plan_statuses: dict[str, int] = {}
         self._app: Any = None
+        # The cloud side: outages in force, and what reached the edge when (s after the start).
+        self.down: dict[str, int] = {"broker_down": 0, "cloud_down": 0}
+        self.plan_log: list[float] = []
+        self.signal_log: list[tuple[float, str]] = []
+        self.plans_held = 0
+        self._signals_delivered: list[Any] = []
         self._triggers: list[asyncio.Future[Any]] = []
         self._fleet: Any = None
 
@@ -211,6 +241,12 @@ class StackRun:
             if on:
                 await self._restart_edge()
             return
+        if f.kind in ("broker_down", "cloud_down"):
+            self.down[f.kind] += 1 if on else -1
+            if not on and not self._link_down():
+                self._link_up.set()
+                self._replan.set()  # the cloud plans at once when it can reach the edge again
+            return
         assert f.charger is not None
         sim, _ = self._fleet.station(f.charger)
         if f.kind == "charger_offline" and on:
@@ -236,6 +272,29 @@ class StackRun:
         new = build_controller(
             app.site_table, core=app.core, gateway=app.central, clock=self.clock, cfg=old.cfg
         )
+        # Open transactions come back from the central system's store in a real restart; the
+        # embedded default has none, so the twin hands the new controller the central's own.
+        from evcore.ocpp.events import TransactionEvent
+
+        for st in app.central._stations.values():
+            for tx in st.transactions.values():
+                if tx.ended or tx.charger_id is None:
+                    continue
+                if st.active_tx.get(tx.evse_id) != tx.transaction_id:
+                    continue
+                new.on_event(
+                    TransactionEvent(
+                        charger_id=tx.charger_id,
+                        ocpp_id=st.ocpp_id,
+                        transaction_id=tx.transaction_id,
+                        kind="started",
+                        at=self.clock.now(),
+                        id_tag=tx.id_tag,
+                        meter_start_wh=tx.meter_start_wh,
+                        meter_now_wh=tx.last_register_wh,
+                        session_energy_wh=tx.session_energy_wh(),
+                    )
+                )
         for cid, (s, _, _) in self.plugged.items():
             # Session demand comes back from the store / the drivers' apps in a real restart.
             new.set_session(
@@ -243,17 +302,46 @@ class StackRun:
                 energy_requested_kwh=self._metered_request_kwh(s),
                 departure=self.sc.start + s.departure_s,
             )
-        for c in self.sc.grid_signals:
+        for c in self._signals_delivered:
             new.post_curtailment(self._curtailment(c))
         new.post_prices(self._prices())
         app.controller = new
         app.central.add_listener(new.on_event)
         self._edge_task = asyncio.ensure_future(new.run())
+        old_planner = getattr(app, "planner", None)
+        if old_planner is not None:
+            from evcore.edge.planning import LocalPlanner, PlannerSection
+
+            old_planner.stop()
+            app.planner = LocalPlanner(
+                app.site, new, PlannerSection.from_table(app.site_table.get("planner"))
+            )
+            self._edge_planner_task = asyncio.ensure_future(app.planner.run())
         for ocpp_id in list(self._fleet.stations):
             for msg in ("StatusNotification", "MeterValues"):
                 self._triggers.append(
                     asyncio.ensure_future(app.central.trigger_message(ocpp_id, msg))
                 )
+
+    async def _probe(self) -> None:
+        for at, fn in self.probes:
+            await self._sleep_until(at)
+            fn(self)
+
+    def _link_down(self) -> bool:
+        return any(self.down.values())
+
+    async def _signals(self) -> None:
+        """The grid operator's signals reach the edge ``notice_s`` before they start; over the
+        broker, so while it is down they wait (and may arrive late)."""
+        for g in sorted(self.sc.grid_signals, key=lambda g: (g.start_s - g.notice_s, g.start_s)):
+            await self._sleep_until(max(0.0, g.start_s - g.notice_s))
+            while self.down["broker_down"]:
+                self._link_up.clear()
+                await self._link_up.wait()
+            self._app.controller.post_curtailment(self._curtailment(g))
+            self._signals_delivered.append(g)
+            self.signal_log.append((self.clock.now() - self.sc.start, f"{g.node}@{g.start_s:.0f}"))
 
     def _curtailment(self, g: Any) -> Any:
         from evcore.edge.grid import Curtailment
@@ -287,7 +375,13 @@ class StackRun:
         next_plan = 0.0
         while True:
             now = self.clock.now() - self.sc.start
-            if now >= next_plan or self._replan.is_set():
+            if (now >= next_plan or self._replan.is_set()) and self._link_down():
+                # Cloud down: no plan is made; broker down: none reaches the edge. The edge keeps
+                # a plan while it is fresh, then the allocator runs alone.
+                self._replan.clear()
+                self.plans_held += 1
+                next_plan = now + self.sc.plan_interval_s
+            elif now >= next_plan or self._replan.is_set():
                 self._replan.clear()
                 try:
                     floor_kw, window_kwh = self._metered_peak()
@@ -303,6 +397,7 @@ class StackRun:
                     plan = None
                 if plan is not None:
                     self.plans += 1
+                    self.plan_log.append(now)
                     self._app.controller.set_plan(plan)
                 elif planner.last_status != "no_sessions":
                     self.plans += 1
@@ -390,7 +485,7 @@ class StackRun:
         from evcore.site import load_site
 
         loop = asyncio.get_running_loop()
-        self.clock.install_executor(loop)
+        self.clock.install_executor(loop, inline=True)
         table = edge_table(self.sc, self.policy)
         site = load_site(table)
         cfg = EdgeConfig.from_table(table["edge"])
@@ -399,8 +494,7 @@ class StackRun:
         self._replan = asyncio.Event()
         app_task = asyncio.ensure_future(app.run())
         await asyncio.wait_for(app.ready.wait(), 30.0)
-        for g in self.sc.grid_signals:
-            app.controller.post_curtailment(self._curtailment(g))
+        self._link_up = asyncio.Event()
         app.controller.post_prices(self._prices())
         port = app.central.port
         step_s = self.sc.physics_step_s
@@ -422,14 +516,18 @@ class StackRun:
             asyncio.ensure_future(self._sessions()),
             asyncio.ensure_future(self._faults()),
             asyncio.ensure_future(self._metering(step_s)),
+            asyncio.ensure_future(self._signals()),
+            asyncio.ensure_future(self._probe()),
         ]
-        if self.policy in ("planner_cost", "planner_peak") and not getattr(
-            app.controller, "plans_locally", False
-        ):
+        if self.policy in ("planner_cost", "planner_peak"):
             tasks.append(asyncio.ensure_future(self._planner()))
         try:
             await self.clock.run_until(self.sc.start + self.sc.duration_s)
             await tasks[2]
+            for t in tasks:
+                # A twin task that died would leave the run quietly wrong: fail it instead.
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    raise RuntimeError(f"twin task failed: {t.exception()!r}") from t.exception()
         finally:
             for t in tasks:
                 t.cancel()
@@ -442,7 +540,19 @@ class StackRun:
             edge_task = getattr(self, "_edge_task", None)
             if edge_task is not None:
                 app.controller.stop()
-                await asyncio.gather(edge_task, return_exceptions=True)
+                app.planner.stop()
+                restarted = [edge_task, getattr(self, "_edge_planner_task", edge_task)]
+                for _ in range(3600):
+                    if all(t.done() for t in restarted):
+                        break
+                    await self.clock.advance(1.0)
+                await asyncio.gather(*restarted, return_exceptions=True)
+            # Shutting down may wait on the virtual clock (a planner between two solves): keep
+            # simulated time moving until the edge has stopped.
+            for _ in range(3600):
+                if app_task.done():
+                    break
+                await self.clock.advance(1.0)
             await asyncio.wait_for(asyncio.gather(app_task, return_exceptions=True), 30.0)
 
     def result(self, wall_s: float) -> PolicyResult:

@@ -192,6 +192,8 @@ class TwinPlanner:
                 continue
             rows.setdefault(cid, []).append((start.timestamp(), float(dur), float(target)))
         self.version += 1
+        # The twin's planner stands for the cloud: the edge uses its plan while fresh
+        # (``cloud_plan_fresh_s``), then runs the allocator alone.
         return PlanTargets(
-            source="local", version=f"twin-{self.version}", received_at=now, rows=rows
+            source="cloud", version=f"twin-{self.version}", received_at=now, rows=rows
         )

@@ -50,6 +50,22 @@ class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
         self.in_flight -= 1
 
 
+class InlineExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Runs every job at once on the submitting thread. Work a component hands to a thread (a
+    planner's solve) then lands at a fixed point among the events of the same simulated instant,
+    instead of whenever the machine finishes it: the twin stays reproducible."""
+
+    in_flight = 0  # a job is done before ``submit`` returns
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # delivered to the awaiting coroutine, as a thread would
+            fut.set_exception(e)
+        return fut
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -76,7 +92,7 @@ class VirtualClock:
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._busy = 0
         self._settle_spins = settle_spins
-        self._executor: CountingExecutor | None = None
+        self._executor: CountingExecutor | InlineExecutor | None = None
         self.wakeups = 0
 
     # -- the Clock protocol -------------------------------------------------------------------
@@ -121,9 +137,12 @@ class VirtualClock:
         finally:
             self._busy -= 1
 
-    def install_executor(self, loop: asyncio.AbstractEventLoop) -> CountingExecutor:
-        """Give ``loop`` a default executor whose jobs count as queued work."""
-        ex = CountingExecutor()
+    def install_executor(
+        self, loop: asyncio.AbstractEventLoop, *, inline: bool = False
+    ) -> CountingExecutor | InlineExecutor:
+        """Give ``loop`` a default executor whose jobs count as queued work (``inline``: one that
+        runs each job at once, for runs that must not depend on thread timing)."""
+        ex: CountingExecutor | InlineExecutor = InlineExecutor() if inline else CountingExecutor()
         loop.set_default_executor(ex)
         self._executor = ex
         return ex
