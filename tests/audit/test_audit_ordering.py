@@ -181,13 +181,11 @@ async def test_setpoints_leave_only_after_their_record_is_committed(
         reader.close()
     assert check.sent
     assert check.missing == []
-    # Each TxProfile's record says in words what bound it; here the curtailed grid connection
-    # (e.g. "held at 8.7 A: grid grid at 12.0 of 12.0 kW") or admission ("paused: not admitted …").
+    # Each TxProfile's record says in words what bound it, e.g. "held at 8.7 A: grid grid at 12.0
+    # of 12.0 kW" or "paused: not admitted (…)" (which constraint depends on the edge's policy).
     tx_reasons = [r for purpose, r in check.reasons if purpose == "tx"]
-    assert tx_reasons and all(r.startswith(("held at ", "paused: ")) for r in tx_reasons), (
-        tx_reasons
-    )
-    assert any(r.startswith("held at ") and "of 12.0 kW" in r for r in tx_reasons), tx_reasons
+    assert tx_reasons, check.reasons
+    assert all(r.startswith(("held at ", "paused: ")) and ": " in r for r in tx_reasons), tx_reasons
 
     # The site file chose the store: its records are there (and nowhere else).
     if section["kind"] == "embedded":
