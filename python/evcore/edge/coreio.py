@@ -54,7 +54,7 @@ def _priority_from_laxity(chargers: Sequence[ChargerState], now_wall: float) -> 
         lax.append((c.departure - now_wall - need_s, c.charger_id))
     lax.sort()
     n = len(lax)
-    return {cid: 2.0 ** min(40, n - 1 - i) for i, (_, cid) in enumerate(lax)}
+    return {cid: 2.0 ** min(19, n - 1 - i) for i, (_, cid) in enumerate(lax)}  # core: <= 1e6
 
 
 class RustCore:
