@@ -1,5 +1,6 @@
-"""Fixtures shared by the store, audit and API tests: the same store suite runs on SQLite and on a
-real PostgreSQL (127.0.0.1:5432, user postgres, db test), each PostgreSQL test in its own schema."""
+"""Fixtures shared by every room's tests: stores on SQLite and on a real PostgreSQL
+(127.0.0.1:5432, user postgres, db test; EVCORE_TEST_PG_DSN overrides), each PostgreSQL test in its
+own schema."""
 
 from __future__ import annotations
 
