@@ -50,6 +50,7 @@ def bench_site(n: int) -> Any:
                 "security_profile": 1,
                 "credentials": {c["ocpp_id"]: PASSWORD for c in chargers},
                 "configure_on_boot": False,
+                "gc_tuning": True,  # recommended for hundreds of stations (docs/ocpp.md)
             },
         }
     )

@@ -393,3 +393,18 @@ async def test_notifications_security_and_data_transfer() -> None:
             ("CPA", "DataTransfer"),
         } <= notes
         assert ("CPB", "DataTransfer") not in notes
+
+
+async def test_gc_tuning_is_opt_in_and_undone_at_stop() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        async with rig(connect=False) as r:
+            assert not r.cs.config.gc_tuning and gc.get_freeze_count() == 0
+        async with rig(connect=False, gc_tuning=True) as r:
+            assert r.cs.config.gc_tuning
+            assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] >= 2000
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.set_threshold(*before)

@@ -83,7 +83,8 @@ class OcppConfig:
     store_batch_window_s: float = 0.005
     #: At start, freeze what is allocated so far out of the cyclic GC's reach and collect the
     #: young generation less often (full collections over a large heap stall every station).
-    gc_tuning: bool = True
+    #: Process-wide, so opt-in: the process that owns the event loop decides.
+    gc_tuning: bool = False
 
     def credentials_for(self, ocpp_id: str) -> StationCredentials | None:
         return self.credentials.get(ocpp_id)
@@ -259,5 +260,5 @@ def parse_ocpp_section(
         stack_level=typed("stack_level", int, 1),
         max_clock_skew_s=float(typed("max_clock_skew_s", (int, float), 300.0)),
         store_batch_window_s=window,
-        gc_tuning=typed("gc_tuning", bool, True),
+        gc_tuning=typed("gc_tuning", bool, False),
     )
