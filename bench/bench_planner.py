@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -56,24 +57,28 @@ def run_case(
     # warm-up (imports, allocator caches) for both
     Planner(settings).plan(doc, 60.0)
     ours: list[float] = []
+    ours_cpu: list[float] = []
     reuse: list[float] = []
     ref: list[float] = []
+    ref_cpu: list[float] = []
     ref_solver: list[float] = []
     res = None
     ref_res = None
     persistent = Planner(settings)
     persistent.plan(doc, 60.0)
     for i in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         res = Planner(settings).plan(doc, 60.0)
         ours.append(time.perf_counter() - t)
+        ours_cpu.append(time.process_time() - c)
         t = time.perf_counter()
         persistent.plan(doc, 60.0)
         reuse.append(time.perf_counter() - t)
         if i < ref_reps:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             ref_res = solve_reference(doc, **ref_kw)
             ref.append(time.perf_counter() - t)
+            ref_cpu.append(time.process_time() - c)
             ref_solver.append(ref_res.solve_s)
     assert res is not None and ref_res is not None
     gap = abs(res.objective_relaxed - ref_res.objective) / max(1.0, abs(ref_res.objective))
@@ -91,10 +96,13 @@ def run_case(
         "reference_reps": ref_reps,
         "median_s": med,
         "p99_s": _p99(ours),
+        "median_cpu_s": statistics.median(ours_cpu),
         "median_reused_solver_s": statistics.median(reuse),
         "reference_median_s": ref_med,
         "reference_p99_s": _p99(ref),
+        "reference_median_cpu_s": statistics.median(ref_cpu),
         "reference_cvxpy_solve_median_s": statistics.median(ref_solver),
+        "load_average_1m": os.getloadavg()[0],
         "ratio": ref_med / med,
         "objective_gap_rel": gap,
         "violations": len(violations),
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(
                 f"{name}: ours median {r['median_s'] * 1e3:.1f} ms p99 {r['p99_s'] * 1e3:.1f} ms"
+                f" (CPU {r['median_cpu_s'] * 1e3:.1f} ms)"
                 f" (reused solver {r['median_reused_solver_s'] * 1e3:.1f} ms);"
                 f" cvxpy {r['reference_median_s'] * 1e3:.1f} ms; ratio {r['ratio']:.1f};"
                 f" gap {r['objective_gap_rel']:.1e}; violations {r['violations']};"

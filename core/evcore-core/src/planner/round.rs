@@ -306,6 +306,21 @@ pub(crate) fn round(model: &Model, input: &PlanInput, x: &[f64], margin_rel: f64
                 recompute(v, &y, &mut lhs);
             }
         }
+        // A remainder smaller than one step at the minimum rate can only be delivered by
+        // switching on at the minimum: do that in the earliest step with room (the car stops
+        // drawing when it is full, so the plan's surplus is never drawn). Without this a car
+        // that is nearly full would never finish under the planner.
+        if need > 1e-6 {
+            for v in s.first_var..s.first_var + s.n_vars {
+                if y[v] == 0.0 && kwh_per_unit(model, input, v) > 0.0 && room(v, &lhs) >= s.min_rate
+                {
+                    y[v] = s.min_rate;
+                    recompute(v, &y, &mut lhs);
+                    need = 0.0;
+                    break;
+                }
+            }
+        }
         delivered[si] = target_kwh[si] - need.max(0.0);
     }
     // Last line of defence: anything still above a true limit is switched off there.

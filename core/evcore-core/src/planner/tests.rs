@@ -498,3 +498,63 @@ fn dc_sessions_are_planned_in_watts_with_the_conversion_loss() {
         1e-5
     ));
 }
+
+/// Profiling aid, not a test: `EVCORE_PLAN_JSON=file cargo test --profile ci -p evcore-core --lib
+/// profile_plan_from_json -- --ignored --nocapture` times build, setup and solve of one input
+/// (the core input JSON, as `evcore.planner.to_core_input` writes it), with and without
+/// Clarabel's iterative refinement.
+#[test]
+#[ignore]
+fn profile_plan_from_json() {
+    let Ok(path) = std::env::var("EVCORE_PLAN_JSON") else {
+        return;
+    };
+    let text = std::fs::read_to_string(path).unwrap();
+    let inp: PlanInput = serde_json::from_str(&text).unwrap();
+    for refine in [false, true] {
+        let settings = PlannerSettings {
+            iterative_refinement: refine,
+            ..PlannerSettings::default()
+        };
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let m = model::Model::build(&inp, settings.limit_margin_rel);
+            let build = t.elapsed().as_secs_f64();
+            let out = plan(&inp, settings, 60.0).unwrap();
+            let s = &out.summary;
+            println!(
+                "refinement {refine}: build {:.1} ms, setup {:.1} ms, solve {:.1} ms, total {:.1} ms, \
+                 iters {}, obj {:.9}, n {} m {} nnz(A) {} nnz(P) {}",
+                build * 1e3,
+                s.setup_time_s * 1e3,
+                s.solve_time_s * 1e3,
+                s.total_time_s * 1e3,
+                s.iterations,
+                s.objective_relaxed,
+                m.n,
+                m.m,
+                m.a.nzval.len(),
+                m.p.nzval.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_remainder_below_one_step_at_the_minimum_is_still_planned() {
+    // 0.1 kWh left: the relaxed optimum is about 1.7 A for 15 min, below the 6 A minimum.
+    // The rounded plan switches on at 6 A in the earliest step (the car stops when full).
+    let mut inp = one_ln_session(vec![900.0; 4], vec![0.1], 0.1);
+    inp.weights.charge_early_per_kwh = 0.01;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    let t = targets(&out, 0);
+    assert_eq!(t, vec![6.0, 0.0, 0.0, 0.0]);
+    assert!(out.summary.shortfall_kwh[0] == 0.0);
+    assert!(check_schedule(&inp, &out.rows).unwrap().is_empty());
+
+    // No room for the minimum: nothing is switched on, the shortfall is reported.
+    inp.nodes[0].phase_limit_a[0] = vec![5.0];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert!(targets(&out, 0).iter().all(|&a| a == 0.0));
+    assert!(close(out.summary.shortfall_kwh[0], 0.1, 1e-6));
+}
