@@ -683,3 +683,386 @@ pub fn allocation_model(
     let (m, admitted, _, _) = model_and_admission(topo, ch, nodes, demand, p);
     Ok((m, admitted))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::tests::{
+        as_request, cases, gen_inputs, gen_params, gen_site, Check, Inputs, Rng, NOW,
+    };
+    use crate::envelope::{enforce, Decision};
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    struct Want {
+        energy: Vec<f64>,
+        departure: Vec<f64>,
+        priority: Vec<f64>,
+        target_a: Vec<f64>,
+        target_w: Vec<f64>,
+        behind: Vec<bool>,
+    }
+
+    impl Want {
+        fn new(n: usize) -> Self {
+            Want {
+                energy: vec![20.0; n],
+                departure: vec![f64::NAN; n],
+                priority: vec![1.0; n],
+                target_a: vec![f64::NAN; n],
+                target_w: vec![f64::NAN; n],
+                behind: vec![false; n],
+            }
+        }
+        fn demand(&self) -> Demand<'_> {
+            Demand {
+                energy_wanted_kwh: &self.energy,
+                departure_s: &self.departure,
+                priority: &self.priority,
+                target_a: &self.target_a,
+                target_w: &self.target_w,
+                behind_plan: &self.behind,
+            }
+        }
+    }
+
+    fn gen_want(r: &mut Rng, n: usize) -> Want {
+        let mut w = Want::new(n);
+        for c in 0..n {
+            w.energy[c] = match r.below(6) {
+                0 => 0.0,
+                1 => f64::INFINITY,
+                2 => -1.0,
+                _ => r.range(0.1, 60.0),
+            };
+            w.departure[c] = if r.chance(0.2) {
+                f64::NAN
+            } else {
+                NOW + r.range(-600.0, 30_000.0)
+            };
+            w.priority[c] = [1.0, 1.0, 2.0, 0.5, 3.0][r.below(5)];
+            if r.chance(0.3) {
+                w.target_a[c] = r.range(0.0, 32.0);
+                w.target_w[c] = r.range(0.0, 20_000.0);
+                w.behind[c] = r.chance(0.3);
+            }
+        }
+        w
+    }
+
+    fn alloc(topo: &Topology, x: &Inputs, w: &Want, p: &AllocatorParams) -> Allocation {
+        allocate(topo, &x.chargers(), &x.nodes(), &w.demand(), p, true).expect("valid inputs")
+    }
+
+    /// Replace every non-finite or negative input by a plain one (for the fairness certificate,
+    /// which is about the model, not about absurd telemetry).
+    fn tame(x: &mut Inputs) {
+        let fix = |v: &mut Vec<f64>, d: f64| {
+            for a in v.iter_mut() {
+                if !(a.is_finite() && *a >= 0.0 && *a < 1e6) {
+                    *a = d;
+                }
+            }
+        };
+        for k in 0..3 {
+            fix(&mut x.m[k], 0.0);
+            fix(&mut x.o[k], 0.0);
+        }
+        fix(&mut x.last_a, 0.0);
+        fix(&mut x.last_w, 0.0);
+    }
+
+    /// Linear-model coefficient of charger `c` in slot `slot` (1 per site phase it touches, W per
+    /// A of every terminal for the kW slot): the model docs/envelope.md describes.
+    fn lin(topo: &Topology, c: usize, slot: usize) -> f64 {
+        let s = &topo.chargers[c];
+        if slot == 3 {
+            s.voltage_v * s.wiring.terminals() as f64
+        } else if s.phases.contains(&slot) {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// Max-min fairness certificate: every admitted session below its cap sits in a saturated
+    /// constraint where no member above its floor has a higher weighted level.
+    fn fairness(topo: &Topology, m: &Model, adm: &[bool], level_a: &[f64]) -> Result<(), String> {
+        let n = topo.n_chargers();
+        let cons: Vec<f64> = (0..n)
+            .map(|c| {
+                if adm[c] {
+                    level_a[c].clamp(m.floor[c], m.cap[c])
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let tol = |x: f64| 1e-6 * (1.0 + x.abs());
+        for c in 0..n {
+            if !adm[c] || cons[c] >= m.cap[c] - tol(m.cap[c]) {
+                continue;
+            }
+            let norm = cons[c] / m.weight[c];
+            let mut ok = false;
+            for &i in topo.ancestors(c) {
+                for slot in 0..4 {
+                    if lin(topo, c, slot) == 0.0 {
+                        continue;
+                    }
+                    let capk = m.capacity[i * 4 + slot];
+                    let members: Vec<usize> = topo
+                        .chargers_below(i)
+                        .iter()
+                        .copied()
+                        .filter(|&d| adm[d] && lin(topo, d, slot) != 0.0)
+                        .collect();
+                    let load: f64 = members.iter().map(|&d| lin(topo, d, slot) * cons[d]).sum();
+                    let top = members
+                        .iter()
+                        .filter(|&&d| cons[d] > m.floor[d] + 1e-9)
+                        .map(|&d| cons[d] / m.weight[d])
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    if load >= capk - tol(capk) && norm >= top - tol(top) {
+                        ok = true;
+                    }
+                }
+            }
+            if !ok {
+                return Err(format!(
+                    "charger {c} at {} below cap {} without a bottleneck",
+                    cons[c], m.cap[c]
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn same(a: &Decision, b: &Decision) -> Result<(), String> {
+        for c in 0..a.setpoint_a.len() {
+            if (a.setpoint_a[c] - b.setpoint_a[c]).abs() > 1e-9 * (1.0 + a.setpoint_a[c]) {
+                return Err(format!(
+                    "charger {c}: {} vs {}",
+                    a.setpoint_a[c], b.setpoint_a[c]
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(cases(192))]
+
+        /// Whatever comes in, the allocator's output holds every limit and is a fixed point of
+        /// the envelope (it has passed it).
+        #[test]
+        fn allocation_passes_the_envelope(seed in any::<u64>()) {
+            let mut r = Rng::new(seed);
+            let topo = gen_site(&mut r, 14);
+            let x = gen_inputs(&mut r, &topo);
+            let w = gen_want(&mut r, topo.n_chargers());
+            let p = AllocatorParams { envelope: gen_params(&mut r), ..Default::default() };
+            let a = alloc(&topo, &x, &w, &p);
+            let y = as_request(&topo, &x, &a.decision);
+            let chk = Check { topo: &topo, x: &y, p: p.envelope };
+            if let Err(e) = chk.invariants(&a.decision) {
+                prop_assert!(false, "{e}");
+            }
+            let again = enforce(&topo, &y.chargers(), &y.nodes(), &p.envelope, false).unwrap();
+            if let Err(e) = same(&a.decision, &again) {
+                prop_assert!(false, "envelope changed the allocation: {e}");
+            }
+            for c in 0..topo.n_chargers() {
+                if a.decision.setpoint_a[c] > 0.0 {
+                    prop_assert!(a.admitted[c], "charger {c} runs without admission");
+                }
+            }
+        }
+
+        /// On plain telemetry the water-filling levels are weighted max-min fair.
+        #[test]
+        fn water_filling_is_max_min_fair(seed in any::<u64>()) {
+            let mut r = Rng::new(seed);
+            let topo = gen_site(&mut r, 14);
+            let mut x = gen_inputs(&mut r, &topo);
+            tame(&mut x);
+            let w = gen_want(&mut r, topo.n_chargers());
+            let p = AllocatorParams { envelope: gen_params(&mut r), ..Default::default() };
+            let a = alloc(&topo, &x, &w, &p);
+            let (m, adm) = allocation_model(&topo, &x.chargers(), &x.nodes(), &w.demand(), &p).unwrap();
+            prop_assert_eq!(&adm, &a.admitted);
+            if let Err(e) = fairness(&topo, &m, &adm, &a.level_a) {
+                prop_assert!(false, "{e}");
+            }
+        }
+    }
+
+    // ---- example tests ----------------------------------------------------------------------
+
+    fn site(limit: &str, chargers: &[(&str, &str, f64)]) -> Topology {
+        let cs: Vec<String> = chargers
+            .iter()
+            .map(|(id, ph, max)| {
+                format!(r#"{{"id": "{id}", "parent": "g", "wiring": "line_to_neutral", "phases": ["{ph}"], "voltage_v": 230, "max_a": {max}}}"#)
+            })
+            .collect();
+        Topology::from_json(&format!(
+            r#"{{"site": {{"id": "s"}}, "nodes": [{{"id": "g", "phase_limit_a": {limit}}}], "chargers": [{}]}}"#,
+            cs.join(",")
+        ))
+        .unwrap()
+    }
+
+    fn params() -> AllocatorParams {
+        AllocatorParams {
+            envelope: EnvelopeParams {
+                now_s: NOW,
+                min_on_s: 60.0,
+                min_off_s: 180.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn close(a: &[f64], b: &[f64]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-6, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn weighted_water_filling_splits_by_priority_and_respects_caps() {
+        let t = site(
+            "48",
+            &[("a", "L1", 32.0), ("b", "L1", 32.0), ("c", "L1", 32.0)],
+        );
+        let x = Inputs::quiet(&t);
+        let mut w = Want::new(3);
+        w.priority = vec![1.0, 1.0, 2.0];
+        let a = alloc(&t, &x, &w, &params());
+        close(&a.decision.setpoint_a, &[12.0, 12.0, 24.0]);
+        assert_eq!(a.decision.binding[0], Binding::NodePhase);
+        let t = site(
+            "50",
+            &[("a", "L1", 10.0), ("b", "L1", 32.0), ("c", "L1", 32.0)],
+        );
+        let a = alloc(&t, &x, &Want::new(3), &params());
+        close(&a.decision.setpoint_a, &[10.0, 20.0, 20.0]);
+        assert_eq!(a.decision.binding[0], Binding::ChargerMax);
+    }
+
+    #[test]
+    fn six_amp_rule_admits_least_laxity_first() {
+        let t = site(
+            "20",
+            &[
+                ("a", "L1", 32.0),
+                ("b", "L1", 32.0),
+                ("c", "L1", 32.0),
+                ("d", "L1", 32.0),
+            ],
+        );
+        let x = Inputs::quiet(&t);
+        let mut w = Want::new(4);
+        w.departure = vec![NOW + 3600.0, NOW + 7200.0, NOW + 1800.0, NOW + 5400.0];
+        let a = alloc(&t, &x, &w, &params());
+        assert_eq!(a.admitted, vec![true, false, true, true]);
+        assert_eq!(a.decision.binding[1], Binding::Admission);
+        close(
+            &a.decision.setpoint_a,
+            &[20.0 / 3.0, 0.0, 20.0 / 3.0, 20.0 / 3.0],
+        );
+    }
+
+    #[test]
+    fn admission_hysteresis_keeps_running_sessions_and_paused_ones_paused() {
+        let t = site(
+            "20",
+            &[
+                ("a", "L1", 32.0),
+                ("b", "L1", 32.0),
+                ("c", "L1", 32.0),
+                ("d", "L1", 32.0),
+            ],
+        );
+        let mut w = Want::new(4);
+        w.departure = vec![NOW + 3600.0, NOW + 7200.0, NOW + 1800.0, NOW + 5400.0];
+        // b (most laxity) has been on for 10 s: inside its minimum on time it stays admitted.
+        let mut x = Inputs::quiet(&t);
+        x.last_a[1] = 6.0;
+        x.on_since[1] = NOW - 10.0;
+        let a = alloc(&t, &x, &w, &params());
+        assert!(a.admitted[1], "{:?}", a.admitted);
+        assert_eq!(a.admitted.iter().filter(|&&v| v).count(), 3);
+        // Long on, but its laxity is within the hysteresis bonus of d's: it keeps its slot.
+        x.on_since[1] = NOW - 3600.0;
+        w.departure[1] = NOW + 5500.0;
+        let a = alloc(&t, &x, &w, &params());
+        assert!(a.admitted[1] && !a.admitted[3], "{:?}", a.admitted);
+        // c (least laxity) was paused 30 s ago: the minimum off time keeps it off.
+        let mut x = Inputs::quiet(&t);
+        x.off_since[2] = NOW - 30.0;
+        let a = alloc(&t, &x, &w, &params());
+        assert!(!a.admitted[2]);
+        assert_eq!(a.decision.binding[2], Binding::Hysteresis);
+        // At the switch cap a paused session stays paused; a running one stays on.
+        let mut p = params();
+        p.envelope.max_switches = 4.0;
+        let mut x = Inputs::quiet(&t);
+        x.switches = vec![4.0, 4.0, 0.0, 0.0];
+        x.last_a[1] = 6.0;
+        x.on_since[1] = NOW - 3600.0;
+        let a = alloc(&t, &x, &w, &p);
+        assert!(!a.admitted[0] && a.admitted[1], "{:?}", a.admitted);
+    }
+
+    #[test]
+    fn headroom_is_reclaimed_from_fresh_measurements_only() {
+        let t = site("40", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+        let mut x = Inputs::quiet(&t);
+        x.last_a = vec![20.0, 20.0];
+        x.on_since = vec![NOW - 3600.0; 2];
+        x.m[0][0] = 8.0;
+        x.m[0][1] = 29.0;
+        let a = alloc(&t, &x, &Want::new(2), &params());
+        close(&a.decision.setpoint_a, &[10.0, 30.0]);
+        assert_eq!(a.decision.binding[0], Binding::Demand);
+        // The same draws, measured too long ago: nothing is reclaimed.
+        x.m_age = vec![600.0, 600.0];
+        let a = alloc(&t, &x, &Want::new(2), &params());
+        close(&a.decision.setpoint_a, &[20.0, 20.0]);
+    }
+
+    #[test]
+    fn plan_targets_cap_sessions_unless_behind_plan() {
+        let t = site("40", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+        let x = Inputs::quiet(&t);
+        let mut w = Want::new(2);
+        w.target_a = vec![8.0, f64::NAN];
+        let a = alloc(&t, &x, &w, &params());
+        close(&a.decision.setpoint_a, &[8.0, 32.0]);
+        assert_eq!(a.decision.binding[0], Binding::Plan);
+        w.behind = vec![true, false];
+        let a = alloc(&t, &x, &w, &params());
+        close(&a.decision.setpoint_a, &[20.0, 20.0]);
+    }
+
+    #[test]
+    fn bad_demand_is_an_error_naming_column_and_row() {
+        let t = site("40", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+        let x = Inputs::quiet(&t);
+        let mut w = Want::new(2);
+        w.priority[1] = 0.0;
+        let e = allocate(&t, &x.chargers(), &x.nodes(), &w.demand(), &params(), false).unwrap_err();
+        assert!(
+            matches!(e, CoreError::Input { ref column, row: Some(1), .. } if column == "priority"),
+            "{e}"
+        );
+        let mut w = Want::new(2);
+        w.energy[0] = f64::NAN;
+        let e = allocate(&t, &x.chargers(), &x.nodes(), &w.demand(), &params(), false).unwrap_err();
+        assert!(e.to_string().contains("energy_wanted_kwh"), "{e}");
+    }
+}

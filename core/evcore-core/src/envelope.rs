@@ -625,6 +625,10 @@ pub(crate) fn snap_down(topo: &Topology, c: usize, x: f64) -> f64 {
     if x + 1e-12 < spec.min_a {
         return 0.0;
     }
+    // DC: a line current that only feeds the auxiliary load delivers no power: that is off.
+    if spec.kind == ChargerKind::Dc && !(spec.dc_power_w(x) > 0.0) {
+        return 0.0;
+    }
     if spec.steps_a.is_empty() {
         return x.max(spec.min_a);
     }
@@ -1032,4 +1036,844 @@ pub(crate) fn reason(topo: &Topology, cnt: &Counting, dec: &Decision, c: usize) 
         ),
     };
     s
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Envelope tests. `gen` builds random sites and inputs (NaN, inf, negative and absurd values
+    //! included) and `Check` recomputes every node's counted line currents from the wiring alone,
+    //! so the properties judge the envelope from outside its own bookkeeping.
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    /// Case count for property tests: modest in CI, `PROPTEST_CASES` overrides.
+    pub(crate) fn cases(default: u32) -> ProptestConfig {
+        let n = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default);
+        ProptestConfig::with_cases(n)
+    }
+
+    /// splitmix64: a tiny deterministic generator driven by the proptest seed.
+    pub(crate) struct Rng(u64);
+    impl Rng {
+        pub(crate) fn new(seed: u64) -> Self {
+            Rng(seed)
+        }
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        pub(crate) fn unit(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        }
+        pub(crate) fn range(&mut self, lo: f64, hi: f64) -> f64 {
+            lo + (hi - lo) * self.unit()
+        }
+        pub(crate) fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        pub(crate) fn chance(&mut self, p: f64) -> bool {
+            self.unit() < p
+        }
+        /// Mostly `lo..hi`, sometimes 0, negative, NaN, ±inf or absurdly large.
+        pub(crate) fn nasty(&mut self, lo: f64, hi: f64) -> f64 {
+            match self.below(20) {
+                0 => f64::NAN,
+                1 => f64::INFINITY,
+                2 => f64::NEG_INFINITY,
+                3 => -self.range(0.0, hi),
+                4 => 1e300,
+                5 => 0.0,
+                _ => self.range(lo, hi),
+            }
+        }
+    }
+
+    const PH: [&str; 3] = ["L1", "L2", "L3"];
+
+    /// A random valid site: a tree up to 5 levels deep with three-phase (rotated), line-to-neutral,
+    /// line-to-line and DC chargers, optional kW and unbalance caps, steps and other load.
+    pub(crate) fn gen_site(r: &mut Rng, max_chargers: usize) -> Topology {
+        let n_nodes = 1 + r.below(7);
+        let mut nodes = Vec::new();
+        let mut depth = vec![0usize];
+        for i in 0..n_nodes {
+            let mut node = json!({"id": format!("n{i}")});
+            if i > 0 {
+                let mut p = r.below(i);
+                while depth[p] >= 4 {
+                    p = r.below(i);
+                }
+                depth.push(depth[p] + 1);
+                node["parent"] = json!(format!("n{p}"));
+            }
+            let lim: Vec<f64> = (0..3).map(|_| r.range(12.0, 120.0).round()).collect();
+            node["phase_limit_a"] = json!(lim);
+            if r.chance(0.3) {
+                node["power_limit_kw"] = json!(r.range(4.0, 60.0));
+            }
+            if r.chance(0.25) {
+                node["unbalance_limit_a"] = json!(r.range(4.0, 30.0));
+            }
+            if r.chance(0.3) {
+                let o: Vec<f64> = (0..3).map(|_| r.range(0.0, 10.0)).collect();
+                node["other_load_max_a"] = json!(o);
+            }
+            nodes.push(node);
+        }
+        let n_chargers = 1 + r.below(max_chargers);
+        let mut chargers = Vec::new();
+        for i in 0..n_chargers {
+            let parent = format!("n{}", r.below(n_nodes));
+            let mut c = json!({"id": format!("c{i}"), "parent": parent});
+            let min_a = if r.chance(0.5) {
+                6.0
+            } else {
+                r.range(6.0, 10.0)
+            };
+            let max_a = (min_a + r.range(0.0, 26.0)).min(32.0);
+            match r.below(10) {
+                0..=3 => {
+                    let rot = r.below(3);
+                    c["wiring"] = json!("three_phase");
+                    c["phases"] = json!([PH[rot], PH[(rot + 1) % 3], PH[(rot + 2) % 3]]);
+                    c["voltage_v"] = json!(230.0);
+                    c["single_phase_car"] = json!(r.chance(0.5));
+                }
+                4..=5 => {
+                    c["wiring"] = json!("line_to_neutral");
+                    c["phases"] = json!([PH[r.below(3)]]);
+                    c["voltage_v"] = json!(230.0);
+                }
+                6..=8 => {
+                    let a = r.below(3);
+                    c["wiring"] = json!("line_to_line");
+                    c["phases"] = json!([PH[a], PH[(a + 1 + r.below(2)) % 3]]);
+                    c["voltage_v"] = json!(400.0);
+                }
+                _ => {
+                    c["kind"] = json!("dc");
+                    c["wiring"] = json!("three_phase");
+                    c["voltage_v"] = json!(230.0);
+                    c["max_w"] = json!(r.range(3000.0, 20000.0));
+                    if r.chance(0.5) {
+                        c["min_w"] = json!(r.range(500.0, 2000.0));
+                    }
+                    c["efficiency"] = json!(r.range(0.85, 0.98));
+                    c["aux_w"] = json!(r.range(0.0, 300.0));
+                    chargers.push(c);
+                    continue;
+                }
+            }
+            c["min_a"] = json!(min_a);
+            c["max_a"] = json!(max_a);
+            if r.chance(0.2) {
+                let mut steps = vec![min_a];
+                let mut s = min_a;
+                while s + 4.0 <= max_a {
+                    s += 4.0;
+                    steps.push(s);
+                }
+                c["steps_a"] = json!(steps);
+            }
+            chargers.push(c);
+        }
+        let v: Value = json!({"site": {"id": "prop"}, "nodes": nodes, "chargers": chargers});
+        Topology::from_value(&v).expect("generated site must be valid")
+    }
+
+    /// Owned envelope inputs for one call.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Inputs {
+        pub req_a: Vec<f64>,
+        pub req_w: Vec<f64>,
+        pub m: [Vec<f64>; 3],
+        pub m_age: Vec<f64>,
+        pub last_a: Vec<f64>,
+        pub last_w: Vec<f64>,
+        pub confirmed: Vec<bool>,
+        pub connected: Vec<bool>,
+        pub faulted: Vec<bool>,
+        pub unknown: Vec<bool>,
+        pub on_since: Vec<f64>,
+        pub off_since: Vec<f64>,
+        pub switches: Vec<f64>,
+        pub o: [Vec<f64>; 3],
+        pub o_age: Vec<f64>,
+    }
+
+    impl Inputs {
+        pub(crate) fn chargers(&self) -> ChargerInputs<'_> {
+            ChargerInputs {
+                requested_a: &self.req_a,
+                requested_w: &self.req_w,
+                measured_l1_a: &self.m[0],
+                measured_l2_a: &self.m[1],
+                measured_l3_a: &self.m[2],
+                measured_age_s: &self.m_age,
+                last_sent_a: &self.last_a,
+                last_sent_w: &self.last_w,
+                last_sent_confirmed: &self.confirmed,
+                connected: &self.connected,
+                faulted: &self.faulted,
+                profile_unknown: &self.unknown,
+                on_since_s: &self.on_since,
+                off_since_s: &self.off_since,
+                switches: &self.switches,
+            }
+        }
+        pub(crate) fn nodes(&self) -> NodeInputs<'_> {
+            NodeInputs {
+                other_load_l1_a: &self.o[0],
+                other_load_l2_a: &self.o[1],
+                other_load_l3_a: &self.o[2],
+                other_load_age_s: &self.o_age,
+            }
+        }
+        /// Quiet inputs: nothing measured, nothing sent, everything connected.
+        pub(crate) fn quiet(topo: &Topology) -> Self {
+            let n = topo.n_chargers();
+            let nn = topo.n_nodes();
+            Inputs {
+                req_a: vec![0.0; n],
+                req_w: vec![0.0; n],
+                m: [vec![0.0; n], vec![0.0; n], vec![0.0; n]],
+                m_age: vec![1.0; n],
+                last_a: vec![0.0; n],
+                last_w: vec![0.0; n],
+                confirmed: vec![true; n],
+                connected: vec![true; n],
+                faulted: vec![false; n],
+                unknown: vec![false; n],
+                on_since: vec![f64::NAN; n],
+                off_since: vec![f64::NAN; n],
+                switches: vec![0.0; n],
+                o: [vec![0.0; nn], vec![0.0; nn], vec![0.0; nn]],
+                o_age: vec![1.0; nn],
+            }
+        }
+    }
+
+    pub(crate) const NOW: f64 = 10_000.0;
+
+    pub(crate) fn gen_inputs(r: &mut Rng, topo: &Topology) -> Inputs {
+        let mut x = Inputs::quiet(topo);
+        for c in 0..topo.n_chargers() {
+            let spec = &topo.chargers[c];
+            x.req_a[c] = r.nasty(0.0, 40.0);
+            x.req_w[c] = r.nasty(0.0, 25_000.0);
+            let draw = r.nasty(0.0, spec.max_a);
+            for k in 0..3 {
+                x.m[k][c] = if r.chance(0.8) {
+                    draw
+                } else {
+                    r.nasty(0.0, spec.max_a)
+                };
+            }
+            x.m_age[c] = match r.below(6) {
+                0 => f64::NAN,
+                1 => 600.0,
+                2 => -1.0,
+                _ => r.range(0.0, 30.0),
+            };
+            let on = r.chance(0.5);
+            x.last_a[c] = if on { r.nasty(6.0, 32.0) } else { 0.0 };
+            x.last_w[c] = if on { r.nasty(1000.0, 20_000.0) } else { 0.0 };
+            x.confirmed[c] = r.chance(0.7);
+            x.connected[c] = r.chance(0.85);
+            x.faulted[c] = r.chance(0.05);
+            x.unknown[c] = r.chance(0.05);
+            x.on_since[c] = if on {
+                NOW - r.range(0.0, 600.0)
+            } else {
+                f64::NAN
+            };
+            x.off_since[c] = if on {
+                f64::NAN
+            } else {
+                NOW - r.range(0.0, 600.0)
+            };
+            x.switches[c] = match r.below(8) {
+                0 => f64::NAN,
+                1 => 10.0,
+                _ => r.below(4) as f64,
+            };
+        }
+        for n in 0..topo.n_nodes() {
+            for k in 0..3 {
+                x.o[k][n] = if r.chance(0.7) {
+                    r.range(0.0, 8.0)
+                } else {
+                    r.nasty(0.0, 8.0)
+                };
+            }
+            x.o_age[n] = match r.below(5) {
+                0 => f64::INFINITY,
+                1 => f64::NAN,
+                _ => r.range(0.0, 30.0),
+            };
+        }
+        x
+    }
+
+    pub(crate) fn gen_params(r: &mut Rng) -> EnvelopeParams {
+        EnvelopeParams {
+            now_s: NOW,
+            stale_after_s: 60.0,
+            min_off_s: if r.chance(0.5) { 0.0 } else { 120.0 },
+            min_on_s: if r.chance(0.5) { 0.0 } else { 120.0 },
+            max_switches: if r.chance(0.5) { f64::INFINITY } else { 3.0 },
+            max_increase_a: if r.chance(0.7) {
+                f64::INFINITY
+            } else {
+                r.range(0.0, 20.0)
+            },
+        }
+    }
+
+    /// The issue's counting rules, written out again from the site description.
+    pub(crate) struct Check<'a> {
+        pub topo: &'a Topology,
+        pub x: &'a Inputs,
+        pub p: EnvelopeParams,
+    }
+
+    impl Check<'_> {
+        fn fresh(&self, age: f64) -> bool {
+            age.is_finite() && (0.0..=self.p.stale_after_s).contains(&age)
+        }
+        /// Per-terminal current held regardless of the new setpoint.
+        fn held(&self, c: usize) -> [f64; 3] {
+            let s = &self.topo.chargers[c];
+            let nt = s.wiring.terminals();
+            let mut h = [0.0; 3];
+            if self.x.unknown[c] {
+                for v in h.iter_mut().take(nt) {
+                    *v = s.max_a;
+                }
+                return h;
+            }
+            if self.fresh(self.x.m_age[c]) {
+                for k in 0..nt {
+                    let m = self.x.m[k][c];
+                    h[k] = if m.is_nan() { s.max_a } else { m.abs() };
+                }
+            }
+            if !self.x.confirmed[c] {
+                let ls = match s.kind {
+                    ChargerKind::Ac => self.x.last_a[c],
+                    ChargerKind::Dc => {
+                        let w = self.x.last_w[c];
+                        if w.is_nan() {
+                            f64::NAN
+                        } else if w <= 0.0 {
+                            0.0
+                        } else {
+                            (w.min(s.max_w) / s.efficiency + s.aux_w) / (3.0 * s.voltage_v)
+                        }
+                    }
+                };
+                let ls = if ls.is_nan() { s.max_a } else { ls.max(0.0) };
+                for v in h.iter_mut().take(nt) {
+                    *v = v.max(ls);
+                }
+            }
+            h
+        }
+        fn other(&self, n: usize) -> [f64; 3] {
+            let max = self.topo.nodes[n].other_load_max_a;
+            if !self.fresh(self.x.o_age[n]) {
+                return max;
+            }
+            std::array::from_fn(|k| {
+                let m = self.x.o[k][n];
+                if m.is_nan() {
+                    max[k]
+                } else {
+                    m.max(0.0)
+                }
+            })
+        }
+        fn below(&self, c: usize, n: usize) -> bool {
+            let mut cur = Some(self.topo.chargers[c].parent);
+            while let Some(i) = cur {
+                if i == n {
+                    return true;
+                }
+                cur = self.topo.nodes[i].parent;
+            }
+            false
+        }
+        fn unit(p: usize) -> (f64, f64) {
+            let a = -2.0 * std::f64::consts::PI / 3.0 * p as f64;
+            (a.cos(), a.sin())
+        }
+        /// Line current phasors, kW and worst-case unbalance at node `n` for setpoints `s`.
+        pub(crate) fn node(&self, n: usize, s: &[f64]) -> ([f64; 3], f64, f64) {
+            let v_ln = self.topo.voltage_ln_v;
+            let mut re = [0.0; 3];
+            let mut im = [0.0; 3];
+            let mut w = 0.0;
+            let mut drop = [[0.0; 3]; 3];
+            let mut l2l = false;
+            for m in 0..self.topo.n_nodes() {
+                let mut cur = Some(m);
+                let mut inside = false;
+                while let Some(i) = cur {
+                    inside |= i == n;
+                    cur = self.topo.nodes[i].parent;
+                }
+                if inside {
+                    let o = self.other(m);
+                    for p in 0..3 {
+                        let (ur, ui) = Self::unit(p);
+                        re[p] += o[p] * ur;
+                        im[p] += o[p] * ui;
+                        w += o[p] * v_ln;
+                    }
+                }
+            }
+            for c in 0..self.topo.n_chargers() {
+                if !self.below(c, n) {
+                    continue;
+                }
+                let spec = &self.topo.chargers[c];
+                let h = self.held(c);
+                let t: Vec<f64> = (0..spec.wiring.terminals())
+                    .map(|k| s[c].max(h[k]))
+                    .collect();
+                w += t.iter().sum::<f64>() * spec.voltage_v;
+                match spec.wiring {
+                    Wiring::LineToLine => {
+                        l2l = true;
+                        let (a, b) = (spec.phases[0], spec.phases[1]);
+                        let ((ar, ai), (br, bi)) = (Self::unit(a), Self::unit(b));
+                        let (dr, di) = (ar - br, ai - bi);
+                        let m = dr.hypot(di);
+                        re[a] += t[0] * dr / m;
+                        im[a] += t[0] * di / m;
+                        re[b] -= t[0] * dr / m;
+                        im[b] -= t[0] * di / m;
+                    }
+                    _ => {
+                        for (k, &p) in spec.phases.iter().enumerate() {
+                            let (ur, ui) = Self::unit(p);
+                            re[p] += t[k] * ur;
+                            im[p] += t[k] * ui;
+                        }
+                        if spec.single_phase_car {
+                            let hp = spec.phases[0];
+                            for (k, &p) in spec.phases.iter().enumerate() {
+                                if p != hp {
+                                    drop[hp][p] += t[k];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let mag: [f64; 3] = std::array::from_fn(|p| re[p].hypot(im[p]));
+            let mut unb: f64 = 0.0;
+            for hp in 0..3 {
+                for lp in 0..3 {
+                    if hp == lp {
+                        continue;
+                    }
+                    let low = if l2l {
+                        let off: f64 = (0..3).filter(|&x| x != lp).map(|x| drop[x][lp]).sum();
+                        (mag[lp] - off).max(0.0)
+                    } else {
+                        mag[lp] - drop[hp][lp]
+                    };
+                    unb = unb.max(mag[hp] - low);
+                }
+            }
+            (mag, w / 1000.0, unb)
+        }
+
+        /// Every invariant of the envelope for output `d`; returns the first failure.
+        pub(crate) fn invariants(&self, d: &Decision) -> Result<(), String> {
+            let topo = self.topo;
+            let s = &d.setpoint_a;
+            for (c, spec) in topo.chargers.iter().enumerate() {
+                let x = s[c];
+                if !(x.is_finite() && x >= 0.0) {
+                    return Err(format!("charger {c}: setpoint {x}"));
+                }
+                if x > 0.0 {
+                    if self.x.faulted[c] || !self.x.connected[c] {
+                        return Err(format!("charger {c}: {x} A while faulted/disconnected"));
+                    }
+                    match spec.kind {
+                        ChargerKind::Ac => {
+                            let req = self.x.req_a[c];
+                            if x < spec.min_a - 1e-9 || x > spec.max_a + 1e-9 {
+                                return Err(format!(
+                                    "charger {c}: {x} outside [{}, {}]",
+                                    spec.min_a, spec.max_a
+                                ));
+                            }
+                            if !spec.steps_a.is_empty()
+                                && !spec.steps_a.iter().any(|&st| (st - x).abs() < 1e-9)
+                            {
+                                return Err(format!(
+                                    "charger {c}: {x} not on a step {:?}",
+                                    spec.steps_a
+                                ));
+                            }
+                            if !(x <= req + 1e-9) {
+                                return Err(format!("charger {c}: {x} above request {req}"));
+                            }
+                        }
+                        ChargerKind::Dc => {
+                            let w = d.setpoint_w[c];
+                            if w > spec.max_w + 1e-6 || w < spec.min_w - 1e-6 {
+                                return Err(format!(
+                                    "dc charger {c}: {w} W outside [{}, {}]",
+                                    spec.min_w, spec.max_w
+                                ));
+                            }
+                            if !(w <= self.x.req_w[c] + 1e-6) {
+                                return Err(format!(
+                                    "dc charger {c}: {w} W above request {}",
+                                    self.x.req_w[c]
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            for n in 0..topo.n_nodes() {
+                let node = &topo.nodes[n];
+                let (mag, kw, unb) = self.node(n, s);
+                let tol = |l: f64| 1e-6 * (1.0 + l.abs());
+                let off_below = |f: &dyn Fn(usize) -> bool| {
+                    (0..topo.n_chargers()).all(|c| !self.below(c, n) || !f(c) || s[c] == 0.0)
+                };
+                for p in 0..3 {
+                    let lim = node.phase_limit_a[p];
+                    if !(mag[p] <= lim + tol(lim))
+                        && !off_below(&|c| topo.chargers[c].phases.contains(&p))
+                    {
+                        return Err(format!("node {n} phase {p}: {} > {lim} A", mag[p]));
+                    }
+                }
+                if let Some(l) = node.power_limit_kw {
+                    if !(kw <= l + tol(l)) && !off_below(&|_| true) {
+                        return Err(format!("node {n}: {kw} > {l} kW"));
+                    }
+                }
+                if let Some(l) = node.unbalance_limit_a {
+                    if !(unb <= l + tol(l)) && !off_below(&|_| true) {
+                        return Err(format!("node {n}: unbalance {unb} > {l} A"));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// The request that reproduces a decision (AC: amperes, DC: watts).
+    pub(crate) fn as_request(topo: &Topology, x: &Inputs, d: &Decision) -> Inputs {
+        let mut y = x.clone();
+        for c in 0..topo.n_chargers() {
+            y.req_a[c] = d.setpoint_a[c];
+            y.req_w[c] = d.setpoint_w[c];
+        }
+        y
+    }
+
+    fn run(topo: &Topology, x: &Inputs, p: &EnvelopeParams) -> Decision {
+        enforce(topo, &x.chargers(), &x.nodes(), p, true).expect("valid input shapes")
+    }
+
+    proptest! {
+        #![proptest_config(cases(256))]
+
+        #[test]
+        fn envelope_holds_every_limit_for_any_input(seed in any::<u64>()) {
+            let mut r = Rng::new(seed);
+            let topo = gen_site(&mut r, 12);
+            let x = gen_inputs(&mut r, &topo);
+            let p = gen_params(&mut r);
+            let d = run(&topo, &x, &p);
+            let chk = Check { topo: &topo, x: &x, p };
+            if let Err(e) = chk.invariants(&d) {
+                prop_assert!(false, "{e}\n{:?}", d);
+            }
+            prop_assert_eq!(d.reason.len(), topo.n_chargers());
+        }
+
+        #[test]
+        fn envelope_twice_changes_nothing(seed in any::<u64>()) {
+            let mut r = Rng::new(seed);
+            let topo = gen_site(&mut r, 12);
+            let x = gen_inputs(&mut r, &topo);
+            let p = gen_params(&mut r);
+            let d1 = run(&topo, &x, &p);
+            let d2 = run(&topo, &as_request(&topo, &x, &d1), &p);
+            for c in 0..topo.n_chargers() {
+                prop_assert!((d1.setpoint_a[c] - d2.setpoint_a[c]).abs() <= 1e-9 * (1.0 + d1.setpoint_a[c]),
+                    "charger {c}: {} then {}", d1.setpoint_a[c], d2.setpoint_a[c]);
+                prop_assert!((d1.setpoint_w[c] - d2.setpoint_w[c]).abs() <= 1e-6 * (1.0 + d1.setpoint_w[c]));
+            }
+        }
+    }
+
+    // ---- example tests: one rule each ------------------------------------------------------
+
+    fn site(nodes: &str, chargers: &str) -> Topology {
+        let text =
+            format!(r#"{{"site": {{"id": "s"}}, "nodes": [{nodes}], "chargers": [{chargers}]}}"#);
+        Topology::from_json(&text).unwrap()
+    }
+
+    fn ac(id: &str, parent: &str, wiring: &str, phases: &str, extra: &str) -> String {
+        format!(
+            r#"{{"id": "{id}", "parent": "{parent}", "wiring": "{wiring}", "phases": {phases}, "voltage_v": 230, "max_a": 32{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn circuit_limit_shares_the_cut_and_names_node_and_phase() {
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 100}, {"id": "c1", "parent": "g", "kind": "circuit", "phase_limit_a": 40}"#,
+            &[
+                ac("a", "c1", "line_to_neutral", r#"["L1"]"#, ""),
+                ac("b", "c1", "line_to_neutral", r#"["L1"]"#, ""),
+            ]
+            .join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![32.0, 32.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert!(
+            (d.setpoint_a[0] - 20.0).abs() < 1e-6 && (d.setpoint_a[1] - 20.0).abs() < 1e-6,
+            "{d:?}"
+        );
+        assert_eq!(d.binding[0], Binding::NodePhase);
+        assert_eq!(d.binding_node[0], Some(1));
+        assert_eq!(d.binding_phase[0], Some(0));
+        assert!(
+            d.reason[0].contains("circuit c1 phase L1"),
+            "{}",
+            d.reason[0]
+        );
+    }
+
+    #[test]
+    fn line_to_line_counts_as_phasor_sum_not_plain_sum() {
+        // AB and CA loads of 20 A each: line A carries sqrt(3)·20 = 34.6 A, not 40 A.
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 35}"#,
+            &[
+                ac("ab", "g", "line_to_line", r#"["L1","L2"]"#, ""),
+                ac("ca", "g", "line_to_line", r#"["L3","L1"]"#, ""),
+            ]
+            .join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![20.0, 20.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert_eq!(d.setpoint_a, vec![20.0, 20.0], "{:?}", d.reason);
+        x.req_a = vec![21.0, 21.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        let i = d.setpoint_a[0];
+        assert!(i < 21.0 && (3.0f64.sqrt() * i - 35.0).abs() < 1e-6, "{d:?}");
+    }
+
+    #[test]
+    fn six_amp_rule_pauses_instead_of_going_below_minimum() {
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 10}"#,
+            &[
+                ac("a", "g", "line_to_neutral", r#"["L1"]"#, ""),
+                ac("b", "g", "line_to_neutral", r#"["L1"]"#, ""),
+            ]
+            .join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![16.0, 16.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        for &v in &d.setpoint_a {
+            assert!(v == 0.0 || v >= 6.0, "{d:?}");
+        }
+        assert!(d.setpoint_a.iter().sum::<f64>() <= 10.0 + 1e-9);
+        x.req_a = vec![3.0, 0.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert_eq!(d.setpoint_a[0], 0.0);
+        assert_eq!(d.binding[0], Binding::MinCurrent);
+    }
+
+    #[test]
+    fn steps_snap_down() {
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 100}"#,
+            &ac(
+                "a",
+                "g",
+                "line_to_neutral",
+                r#"["L1"]"#,
+                r#", "steps_a": [8, 16, 24, 32]"#,
+            ),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![23.9];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert_eq!(d.setpoint_a, vec![16.0]);
+        assert_eq!(d.binding[0], Binding::Step);
+    }
+
+    #[test]
+    fn stale_measurement_is_not_credited_and_stale_other_load_counts_at_max() {
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 40, "other_load_max_a": 30}"#,
+            &ac("a", "g", "line_to_neutral", r#"["L1"]"#, ""),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![32.0];
+        x.o[0][0] = 5.0;
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert!(
+            (d.setpoint_a[0] - 32.0).abs() < 1e-9,
+            "fresh 5 A other load leaves 35 A"
+        );
+        x.o_age[0] = 120.0;
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert!((d.setpoint_a[0] - 10.0).abs() < 1e-6, "{d:?}");
+        assert_eq!(d.binding[0], Binding::StaleTelemetry);
+    }
+
+    #[test]
+    fn unconfirmed_decrease_and_unknown_profile_are_counted_high() {
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 40}"#,
+            &[
+                ac("a", "g", "line_to_neutral", r#"["L1"]"#, ""),
+                ac("b", "g", "line_to_neutral", r#"["L1"]"#, ""),
+            ]
+            .join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        // a was at 30 A and has not confirmed its decrease to 10 A: it still counts 30 A.
+        x.req_a = vec![10.0, 32.0];
+        x.last_a = vec![30.0, 0.0];
+        x.confirmed = vec![false, true];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert_eq!(d.setpoint_a[0], 10.0);
+        assert!((d.setpoint_a[1] - 10.0).abs() < 1e-6, "{d:?}");
+        assert_eq!(d.binding[0], Binding::UnconfirmedDecrease);
+        // b's profile state is unknown: it counts at its 32 A maximum, a gets at most 8 A → 6..8.
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![32.0, 16.0];
+        x.unknown = vec![false, true];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert!(d.setpoint_a[0] <= 8.0 + 1e-9, "{d:?}");
+    }
+
+    #[test]
+    fn unbalance_cap_counts_a_single_phase_car_on_a_three_phase_charger() {
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 100, "unbalance_limit_a": 16}"#,
+            &ac(
+                "a",
+                "g",
+                "three_phase",
+                r#"["L1","L2","L3"]"#,
+                r#", "single_phase_car": true"#,
+            ),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![32.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert!((d.setpoint_a[0] - 16.0).abs() < 1e-6, "{d:?}");
+        assert_eq!(d.binding[0], Binding::Unbalance);
+    }
+
+    #[test]
+    fn kw_cap_holds() {
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 100, "power_limit_kw": 11.04}"#,
+            &[
+                ac("a", "g", "three_phase", r#"["L1","L2","L3"]"#, ""),
+                ac("b", "g", "three_phase", r#"["L2","L3","L1"]"#, ""),
+            ]
+            .join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![32.0, 32.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        let kw: f64 = d.setpoint_a.iter().map(|a| a * 3.0 * 230.0 / 1000.0).sum();
+        assert!(kw <= 11.04 + 1e-6 && kw > 11.0, "{kw} {d:?}");
+        assert_eq!(d.binding[0], Binding::NodePower);
+    }
+
+    #[test]
+    fn fault_disconnect_ramp_and_hysteresis() {
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 100}"#,
+            &[
+                ac("a", "g", "line_to_neutral", r#"["L1"]"#, ""),
+                ac("b", "g", "line_to_neutral", r#"["L2"]"#, ""),
+                ac("c", "g", "line_to_neutral", r#"["L3"]"#, ""),
+                ac("d", "g", "line_to_neutral", r#"["L3"]"#, ""),
+            ]
+            .join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![16.0; 4];
+        x.faulted[0] = true;
+        x.connected[1] = false;
+        x.last_a[2] = 8.0;
+        x.off_since[3] = NOW - 10.0;
+        let p = EnvelopeParams {
+            now_s: NOW,
+            min_off_s: 60.0,
+            max_increase_a: 4.0,
+            ..Default::default()
+        };
+        let d = run(&t, &x, &p);
+        assert_eq!(d.setpoint_a, vec![0.0, 0.0, 12.0, 0.0]);
+        assert_eq!(
+            d.binding,
+            vec![
+                Binding::Fault,
+                Binding::Disconnected,
+                Binding::Ramp,
+                Binding::Hysteresis
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_shapes_and_parameters_are_errors_not_panics() {
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 100}"#,
+            &ac("a", "g", "line_to_neutral", r#"["L1"]"#, ""),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![];
+        let e = enforce(
+            &t,
+            &x.chargers(),
+            &x.nodes(),
+            &EnvelopeParams::default(),
+            false,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("requested_a"), "{e}");
+        let x = Inputs::quiet(&t);
+        let p = EnvelopeParams {
+            now_s: f64::NAN,
+            ..Default::default()
+        };
+        let e = enforce(&t, &x.chargers(), &x.nodes(), &p, false).unwrap_err();
+        assert!(e.to_string().contains("now_s"), "{e}");
+    }
 }
