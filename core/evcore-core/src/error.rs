@@ -20,6 +20,9 @@ pub enum CoreError {
     /// An optimisation failed (used by the planner).
     #[error("solver: {0}")]
     Solver(String),
+    /// A bug: the binding caught a panic. Never expected; reported instead of crashing.
+    #[error("internal error (please report): {0}")]
+    Internal(String),
 }
 
 impl CoreError {

@@ -1,6 +1,6 @@
 //! `_core.enforce` and `_core.allocate`: Arrow record batches in and out (float columns are
 //! borrowed, not copied), the work done with the GIL released.
-use crate::errors::{input_err, CoreResultExt};
+use crate::errors::{guarded, input_err, CoreResultExt};
 use crate::topology::PyTopology;
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
@@ -23,17 +23,24 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> PyResult<&'a ArrayRef> {
 fn no_nulls(a: &dyn Array, name: &str) -> PyResult<()> {
     if a.null_count() > 0 {
         let row = (0..a.len()).find(|&i| a.is_null(i));
-        return Err(input_err(name, row, "null value (use NaN for unknown numbers)"));
+        return Err(input_err(
+            name,
+            row,
+            "null value (use NaN for unknown numbers)",
+        ));
     }
     Ok(())
 }
 
 fn f64_col<'a>(batch: &'a RecordBatch, name: &str) -> PyResult<&'a [f64]> {
     let a = column(batch, name)?;
-    let arr = a
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .ok_or_else(|| input_err(name, None, format!("must be float64, got {}", a.data_type())))?;
+    let arr = a.as_any().downcast_ref::<Float64Array>().ok_or_else(|| {
+        input_err(
+            name,
+            None,
+            format!("must be float64, got {}", a.data_type()),
+        )
+    })?;
     no_nulls(arr, name)?;
     Ok(arr.values().as_ref())
 }
@@ -64,7 +71,11 @@ fn count_col(batch: &RecordBatch, name: &str) -> PyResult<Vec<f64>> {
             .downcast_ref::<Int32Array>()
             .map(|x| x.values().iter().map(|&v| f64::from(v)).collect())
             .unwrap_or_default()),
-        other => Err(input_err(name, None, format!("must be int64, int32 or float64, got {other}"))),
+        other => Err(input_err(
+            name,
+            None,
+            format!("must be int64, int32 or float64, got {other}"),
+        )),
     }
 }
 
@@ -89,7 +100,11 @@ fn check_ids(batch: &RecordBatch, name: &str, ids: &[&str]) -> PyResult<()> {
             return Err(input_err(
                 name,
                 Some(i),
-                format!("is {:?}, the site has {:?} at this row (rows follow the site file order)", arr.value(i), want),
+                format!(
+                    "is {:?}, the site has {:?} at this row (rows follow the site file order)",
+                    arr.value(i),
+                    want
+                ),
             ));
         }
     }
@@ -124,7 +139,11 @@ fn env_params(d: Option<&Bound<'_, PyDict>>) -> PyResult<EnvelopeParams> {
         for k in d.keys() {
             let k: String = k.extract()?;
             if !PARAM_NAMES.contains(&k.as_str()) {
-                return Err(input_err(&k, None, format!("unknown parameter (known: {})", PARAM_NAMES.join(", "))));
+                return Err(input_err(
+                    &k,
+                    None,
+                    format!("unknown parameter (known: {})", PARAM_NAMES.join(", ")),
+                ));
             }
         }
     }
@@ -265,10 +284,15 @@ pub fn enforce(
     let o = owned(&cb)?;
     let ci = charger_inputs(&cb, &o)?;
     let ni = node_inputs(&nb)?;
-    let dec = py
-        .detach(|| envelope::enforce(&topo, &ci, &ni, &p, explain))
-        .py()?;
-    let out = py.detach(|| output(&topo, dec, None)).map_err(arrow_err)?;
+    let out = py
+        .detach(|| {
+            guarded(|| {
+                let dec = envelope::enforce(&topo, &ci, &ni, &p, explain)?;
+                Ok(output(&topo, dec, None))
+            })
+        })
+        .py()?
+        .map_err(arrow_err)?;
     Ok(PyArrowType(out))
 }
 
@@ -294,7 +318,11 @@ pub fn allocate(
     let p = AllocatorParams {
         envelope: env_params(params)?,
         margin_a: param(params, "margin_a", def.margin_a)?,
-        admission_hysteresis_s: param(params, "admission_hysteresis_s", def.admission_hysteresis_s)?,
+        admission_hysteresis_s: param(
+            params,
+            "admission_hysteresis_s",
+            def.admission_hysteresis_s,
+        )?,
     };
     let o = owned(&cb)?;
     let ci = charger_inputs(&cb, &o)?;
@@ -310,8 +338,10 @@ pub fn allocate(
     };
     let out = py
         .detach(|| {
-            allocator::allocate(&topo, &ci, &ni, &demand, &p, explain)
-                .map(|a| output(&topo, a.decision, Some((a.level_a, a.admitted))))
+            guarded(|| {
+                allocator::allocate(&topo, &ci, &ni, &demand, &p, explain)
+                    .map(|a| output(&topo, a.decision, Some((a.level_a, a.admitted))))
+            })
         })
         .py()?
         .map_err(arrow_err)?;

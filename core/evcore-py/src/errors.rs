@@ -93,6 +93,7 @@ fn build(py: Python<'_>, e: CoreError) -> PyResult<PyErr> {
             ],
         ),
         CoreError::Solver(_) => (solver_error(py)?, vec![]),
+        CoreError::Internal(_) => return Ok(EvcoreError::new_err(msg)),
     };
     let inst = ty.bind(py).call1((msg,))?;
     for (k, v) in attrs {
@@ -120,4 +121,20 @@ impl<T> CoreResultExt<T> for Result<T, CoreError> {
 /// An `InputError` raised from binding code (bad column type, nulls, row order).
 pub fn input_err(column: &str, row: Option<usize>, message: impl Into<String>) -> PyErr {
     core_err(CoreError::input(column, row, message))
+}
+
+/// Run core work so that a panic becomes `CoreError::Internal` (an `EvcoreError` in Python)
+/// instead of unwinding into Python as a `PanicException`.
+pub fn guarded<T>(f: impl FnOnce() -> Result<T, CoreError>) -> Result<T, CoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".to_string());
+            Err(CoreError::Internal(what))
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! `_core.Topology`: the validated site tree, built from the JSON form of the site file.
-use crate::errors::CoreResultExt;
+use crate::errors::{guarded, CoreResultExt};
 use evcore_core::topology::{ChargerKind, Topology};
 use evcore_core::N_PHASES;
 use numpy::{PyArray1, PyArrayMethods};
@@ -18,7 +18,7 @@ impl PyTopology {
     /// strings "nan", "inf", "-inf"). Raises SiteConfigError naming the node and field.
     #[staticmethod]
     fn from_json(py: Python<'_>, text: &str) -> PyResult<Self> {
-        let t = py.detach(|| Topology::from_json(text)).py()?;
+        let t = py.detach(|| guarded(|| Topology::from_json(text))).py()?;
         Ok(PyTopology { inner: Arc::new(t) })
     }
 
@@ -130,11 +130,24 @@ impl PyTopology {
     }
 
     /// Ancestor node indices of a charger, its parent first.
-    fn ancestors<'py>(&self, py: Python<'py>, charger: usize) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    fn ancestors<'py>(
+        &self,
+        py: Python<'py>,
+        charger: usize,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         if charger >= self.inner.n_chargers() {
-            return Err(crate::errors::input_err("charger", Some(charger), "no such charger index"));
+            return Err(crate::errors::input_err(
+                "charger",
+                Some(charger),
+                "no such charger index",
+            ));
         }
-        let v: Vec<i64> = self.inner.ancestors(charger).iter().map(|&x| x as i64).collect();
+        let v: Vec<i64> = self
+            .inner
+            .ancestors(charger)
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
         let a = PyArray1::from_vec(py, v);
         a.readonly();
         Ok(a)

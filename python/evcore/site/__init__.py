@@ -121,6 +121,14 @@ def _encode_non_finite(value: Any) -> Any:
     return value
 
 
+def _error(node: str, field: str, message: str) -> SiteConfigError:
+    """A ``SiteConfigError`` raised from Python carries ``node`` and ``field`` like Rust's."""
+    e = SiteConfigError(f"site config: {node}.{field}: {message}")
+    e.node = node
+    e.field = field
+    return e
+
+
 def _tuple3(x: list[float]) -> tuple[float, float, float]:
     return (float(x[0]), float(x[1]), float(x[2]))
 
@@ -139,14 +147,14 @@ def load_site(source: str | os.PathLike[str] | Mapping[str, Any]) -> Site:
             with path.open("rb") as f:
                 data = tomllib.load(f)
         except FileNotFoundError:
-            raise SiteConfigError(f"site file {path} not found") from None
+            raise _error("site", "file", f"site file {path} not found") from None
         except tomllib.TOMLDecodeError as e:
-            raise SiteConfigError(f"{path}: not valid TOML: {e}") from None
+            raise _error("site", "file", f"{path}: not valid TOML: {e}") from None
     topo_part = {k: data[k] for k in TOPOLOGY_SECTIONS if k in data}
     try:
         text = json.dumps(_encode_non_finite(topo_part), allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise SiteConfigError(f"site file holds a value that is not plain data: {e}") from None
+        raise _error("site", "file", f"holds a value that is not plain data: {e}") from None
     topology = _core.Topology.from_json(text)
     nodes = [
         NodeSpec(

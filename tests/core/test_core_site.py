@@ -1,0 +1,194 @@
+"""The site file: every load-time error names the node (or charger) and the field; TOML and dict
+loading agree; ``evcore site check`` through the real console script."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evcore.errors import EvcoreError, SiteConfigError
+from evcore.site import load_site
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "edge" / "site.example.toml"
+
+
+def base() -> dict[str, Any]:
+    return {
+        "site": {"id": "s"},
+        "nodes": [
+            {"id": "grid", "kind": "grid", "phase_limit_a": 100.0},
+            {"id": "F1", "parent": "grid", "kind": "feeder", "phase_limit_a": [63.0, 63.0, 0.0]},
+        ],
+        "chargers": [
+            {
+                "id": "cp1",
+                "parent": "F1",
+                "wiring": "line_to_neutral",
+                "phases": ["L1"],
+                "voltage_v": 230.0,
+                "max_a": 32.0,
+            }
+        ],
+    }
+
+
+def node(site: dict[str, Any], node_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(n for n in site["nodes"] if n["id"] == node_id)
+    return found
+
+
+def expect(site: dict[str, Any], where: str, field: str) -> SiteConfigError:
+    with pytest.raises(SiteConfigError) as info:
+        load_site(site)
+    e = info.value
+    assert (e.node, e.field) == (where, field), str(e)
+    assert f"{where}.{field}" in str(e)
+    assert isinstance(e, ValueError) and isinstance(e, EvcoreError)
+    return e
+
+
+def test_valid_site_loads_with_normalised_limits() -> None:
+    s = load_site(base())
+    assert s.node_ids == ["grid", "F1"] and s.charger_ids == ["cp1"]
+    assert s.node("F1").phase_limit_a == (63.0, 63.0, 0.0)
+    assert s.charger("cp1").min_a == 6.0  # IEC 61851 default
+
+
+def test_breaker_rating_is_derated_to_a_continuous_limit() -> None:
+    site = base()
+    grid = node(site, "grid")
+    del grid["phase_limit_a"]
+    grid |= {"breaker_rating_a": 250.0, "continuous_derating": 0.8}
+    s = load_site(site)
+    assert s.node("grid").phase_limit_a == (200.0, 200.0, 200.0)
+    assert s.node("grid").breaker_rating_a == (250.0, 250.0, 250.0)
+
+
+def test_unknown_parent_names_node_and_field() -> None:
+    site = base()
+    node(site, "F1")["parent"] = "nowhere"
+    e = expect(site, "F1", "parent")
+    assert "nowhere" in str(e)
+    site = base()
+    site["chargers"][0]["parent"] = "F9"
+    expect(site, "cp1", "parent")
+
+
+def test_cycle_is_rejected() -> None:
+    site = base()
+    site["nodes"] += [
+        {"id": "A", "parent": "B", "phase_limit_a": 10.0},
+        {"id": "B", "parent": "A", "phase_limit_a": 10.0},
+    ]
+    e = expect(site, "A", "parent")
+    assert "cycle" in str(e)
+
+
+def test_duplicate_ids_are_rejected() -> None:
+    site = base()
+    site["nodes"].append({"id": "F1", "parent": "grid", "phase_limit_a": 10.0})
+    expect(site, "F1", "id")
+    site = base()
+    site["chargers"].append(dict(site["chargers"][0]))
+    expect(site, "cp1", "id")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -5.0])
+def test_non_finite_or_negative_limits_are_rejected(bad: float) -> None:
+    site = base()
+    node(site, "F1")["phase_limit_a"] = [63.0, bad, 0.0]
+    expect(site, "F1", "phase_limit_a")
+    site = base()
+    node(site, "grid")["power_limit_kw"] = bad
+    expect(site, "grid", "power_limit_kw")
+    site = base()
+    site["chargers"][0]["max_a"] = bad
+    expect(site, "cp1", "max_a")
+
+
+def test_min_above_max_is_rejected() -> None:
+    site = base()
+    site["chargers"][0] |= {"min_a": 20.0, "max_a": 16.0}
+    expect(site, "cp1", "min_a")
+    site = base()
+    site["chargers"][0]["min_a"] = 3.0  # below the IEC 61851 6 A
+    expect(site, "cp1", "min_a")
+
+
+def test_wiring_on_a_phase_the_parent_lacks_is_rejected() -> None:
+    site = base()
+    site["chargers"][0]["phases"] = ["L3"]  # F1 has 0 A on L3
+    e = expect(site, "F1", "phase_limit_a")
+    assert "cp1" in str(e) and "L3" in str(e)
+
+
+def test_child_limit_that_can_never_be_used_is_rejected() -> None:
+    site = base()
+    node(site, "F1")["phase_limit_a"] = [4.0, 63.0, 0.0]  # below the charger's 6 A minimum
+    expect(site, "F1", "phase_limit_a")
+    site = base()
+    node(site, "grid")["power_limit_kw"] = 0.0
+    expect(site, "grid", "power_limit_kw")
+
+
+def test_other_field_errors_name_the_field() -> None:
+    site = base()
+    site["chargers"][0]["wiring"] = "delta"
+    expect(site, "cp1", "wiring")
+    site = base()
+    site["chargers"][0]["phases"] = ["L1", "L2"]  # line-to-neutral takes one phase
+    expect(site, "cp1", "phases")
+    site = base()
+    node(site, "F1")["colour"] = "red"
+    expect(site, "F1", "colour")
+
+
+def test_toml_file_loads_like_the_dict(tmp_path: Path) -> None:
+    s = load_site(EXAMPLE)
+    assert s.path == EXAMPLE and len(s.chargers) >= 3
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[site\nid = 1\n")
+    e = expect_file(bad)
+    assert (e.node, e.field) == ("site", "file")
+    e = expect_file(tmp_path / "missing.toml")
+    assert "not found" in str(e)
+
+
+def expect_file(path: Path) -> SiteConfigError:
+    with pytest.raises(SiteConfigError) as info:
+        load_site(path)
+    return info.value
+
+
+def _evcore() -> list[str]:
+    exe = shutil.which("evcore")
+    return [exe] if exe else [sys.executable, "-m", "evcore"]
+
+
+def test_site_check_cli_prints_the_tree_and_fails_with_node_and_field(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [*_evcore(), "site", "check", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "breaker 250 A × 0.8" in ok.stdout and "ok:" in ok.stdout
+    bad = tmp_path / "site.toml"
+    bad.write_text(
+        '[site]\nid = "x"\n[[nodes]]\nid = "grid"\nphase_limit_a = 100.0\n'
+        '[[chargers]]\nid = "cp1"\nparent = "grid"\nwiring = "three_phase"\n'
+        "voltage_v = 230.0\nmin_a = 20.0\nmax_a = 16.0\n"
+    )
+    res = subprocess.run(
+        [*_evcore(), "site", "check", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 1
+    assert "cp1.min_a" in res.stderr
