@@ -120,10 +120,15 @@ def random_request(
     limit = float(rng.uniform(10.0, 20.0)) * n_chargers / 3.0
     other_kw = float(rng.uniform(0.0, 20.0))
     cap_kw = other_kw + rng.uniform(0.3, 1.0, T) * n_chargers * 6.6 / 4.0
+    # Half the problems carry a curtailment: per-step phase limits dipping to half.
+    root_limit: Any = (limit, limit * 1.1, limit * 0.9)
+    if rng.random() < 0.5:
+        dip = rng.uniform(0.5, 1.0, T)
+        root_limit = [[float(v * f) for v in dip] for f in (limit, limit * 1.1, limit * 0.9)]
     nodes = [
         PlanNode(
             "root",
-            (limit, limit * 1.1, limit * 0.9),
+            root_limit,
             other_load_a=tuple(float(x) for x in rng.uniform(0.0, 10.0, 3)),
             other_load_kw=other_kw,
             power_limit_kw=[float(v) for v in cap_kw] if rng.random() < 0.5 else None,
