@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from evcore import _core
 from evcore.errors import InputError
+from evcore.site import Site
 
 PLAN_METADATA_KEY = "evcore.plan"
 STATUSES = ("optimal", "suboptimal", "infeasible", "time_limit", "failed")
@@ -206,6 +207,44 @@ def step_grid(
             steps.append(d)
             t += d
     return steps
+
+
+def network_from_site(
+    site: Site, *, other_load: Literal["max", "none"] = "max"
+) -> tuple[list[PlanNode], list[PlanCharger]]:
+    """The site file's topology (``evcore.site.Site``) as planner nodes and chargers.
+
+    ``other_load="max"`` takes each node's ``other_load_max_a`` as the forecast non-charger load
+    (the envelope's assumption without a measurement); pass a forecast of your own by replacing
+    ``other_load_a`` on the returned nodes. The planner does not model ``steps_a`` or the
+    unbalance cap: the allocator and the envelope apply them to every setpoint."""
+    nodes = [
+        PlanNode(
+            id=n.id,
+            parent=n.parent,
+            phase_limit_a=tuple(n.phase_limit_a),
+            other_load_a=tuple(n.other_load_max_a) if other_load == "max" else 0.0,
+            power_limit_kw=n.power_limit_kw,
+        )
+        for n in site.nodes
+    ]
+    chargers = [
+        PlanCharger(
+            id=c.id,
+            parent=c.parent,
+            wiring=c.wiring,
+            phases=tuple(c.phases),
+            voltage_v=c.voltage_v,
+            kind=c.kind,
+            min_a=c.min_a if c.kind == "ac" else None,
+            max_a=c.max_a if c.kind == "ac" else None,
+            min_w=c.min_w if c.kind == "dc" else None,
+            max_w=c.max_w if c.kind == "dc" else None,
+            efficiency=c.efficiency if c.efficiency is not None else 0.95,
+        )
+        for c in site.chargers
+    ]
+    return nodes, chargers
 
 
 def _phase_index(p: str | int, names: Sequence[str], where: str) -> int:

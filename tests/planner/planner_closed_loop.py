@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 from evcore.allocator import AllocatorParams, allocate
 from evcore.envelope import enforce
-from evcore.planner import Planner, PlanRequest, PlanResult, PlanSession, PlanWeights, step_grid
+from evcore.planner import (
+    Planner,
+    PlanRequest,
+    PlanResult,
+    PlanSession,
+    PlanWeights,
+    network_from_site,
+    step_grid,
+)
 from evcore.site import Site, load_site
 from planner_acn_synth import PHASES, DaySession, acn_day, acn_network, tou_price
 from planner_cvxpy_reference import phasors
@@ -40,7 +48,8 @@ CHARGE_EARLY_PER_KWH = 1e-3
 
 
 def acn_site(transformer_a: float, panel_a: float) -> tuple[Site, dict[str, Any]]:
-    """The synthetic network as a site (for the allocator) and as planner nodes/chargers."""
+    """The synthetic network as a site (for the allocator and the envelope) and, through
+    ``network_from_site``, as the planner's nodes and chargers."""
     nodes, chargers = acn_network(54, transformer_a=transformer_a, panel_a=panel_a)
     table = {
         "site": {"id": "acn-synth", "phase_names": list(PHASES), "voltage_ln_v": 120.0},
@@ -62,7 +71,9 @@ def acn_site(transformer_a: float, panel_a: float) -> tuple[Site, dict[str, Any]
             for c in chargers
         ],
     }
-    return load_site(table), {"nodes": nodes, "chargers": chargers}
+    site = load_site(table)
+    plan_nodes, plan_chargers = network_from_site(site)
+    return site, {"nodes": plan_nodes, "chargers": plan_chargers}
 
 
 class Network:

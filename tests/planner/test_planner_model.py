@@ -19,6 +19,7 @@ from evcore.planner import (
     PlanRequest,
     PlanSession,
     PlanWeights,
+    to_core_input,
 )
 from planner_acn_synth import DAY0, acn_case, random_request
 from planner_checks import limit_violations
@@ -127,8 +128,6 @@ def test_tiny_budget_gives_time_limit_status() -> None:
     ],
 )
 def test_bad_input_is_refused_naming_the_field(mutate: Any, field: str) -> None:
-    from evcore.planner import to_core_input
-
     doc = copy.deepcopy(to_core_input(_one_charger()))
     mutate(doc)
     with pytest.raises(InputError, match=field.replace("[", r"\[").replace("]", r"\]")) as e:
@@ -189,3 +188,69 @@ def test_output_is_the_allocators_plan_input() -> None:
     assert sum(r["target_w"] * r["step_s"] for r in dc) > 0
     targets = res.targets_at(t0 + 10.0)
     assert set(targets) == {"c1"}
+
+
+def test_network_from_site_plans_on_the_site_files_topology() -> None:
+    from evcore.planner import network_from_site
+    from evcore.site import load_site
+
+    site = load_site(
+        {
+            "site": {"id": "mixed", "phase_names": ["L1", "L2", "L3"], "voltage_ln_v": 230.0},
+            "nodes": [
+                {"id": "grid", "phase_limit_a": [63.0, 63.0, 50.0], "power_limit_kw": 40.0},
+                {"id": "f1", "parent": "grid", "phase_limit_a": 32.0, "other_load_max_a": 4.0},
+            ],
+            "chargers": [
+                {
+                    "id": "ac3",
+                    "parent": "f1",
+                    "wiring": "three_phase",
+                    "phases": ["L2", "L3", "L1"],
+                    "voltage_v": 230.0,
+                    "max_a": 32.0,
+                },
+                {
+                    "id": "ln",
+                    "parent": "grid",
+                    "wiring": "line_to_neutral",
+                    "phases": ["L3"],
+                    "voltage_v": 230.0,
+                    "max_a": 32.0,
+                },
+                {
+                    "id": "dc",
+                    "parent": "grid",
+                    "kind": "dc",
+                    "wiring": "three_phase",
+                    "phases": ["L1", "L2", "L3"],
+                    "voltage_v": 230.0,
+                    "max_w": 22_000.0,
+                    "efficiency": 0.9,
+                },
+            ],
+        }
+    )
+    nodes, chargers = network_from_site(site)
+    assert [n.id for n in nodes] == ["grid", "f1"]
+    assert nodes[1].other_load_a == (4.0, 4.0, 4.0)
+    assert nodes[0].power_limit_kw == 40.0
+    assert chargers[0].phases == (1, 2, 0)
+    assert chargers[2].kind == "dc" and chargers[2].max_w == 22_000.0
+    assert chargers[2].efficiency == 0.9
+    t0 = DAY0 + 8 * 3600.0
+    req = PlanRequest(
+        start=t0,
+        step_s=[900.0] * 8,
+        price_per_kwh=0.2,
+        nodes=nodes,
+        chargers=chargers,
+        sessions=[PlanSession(f"s-{c.id}", c.id, t0 - 60.0, t0 + 7200.0, 60.0) for c in chargers],
+    )
+    res = Planner().plan(req, 10.0)
+    assert res.ok
+    doc = to_core_input(req)
+    assert limit_violations(doc, res.schedule) == []
+    # The feeder's 32 A less 4 A other load caps the three-phase charger at 28 A.
+    ac3 = [r["target_a"] for r in res.schedule.to_pylist() if r["charger_id"] == "ac3"]
+    assert max(ac3) == pytest.approx(28.0, abs=1e-3)
