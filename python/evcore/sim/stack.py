@@ -568,7 +568,11 @@ class StackRun:
                 "uncontrolled: the edge sends nothing; OCPP + simulated charge points in the loop",
             )
         elif self.policy.startswith("planner"):
-            in_loop = (*IN_LOOP, "Rust planner (evcore.planner, Clarabel) run by the twin")
+            in_loop = (
+                *IN_LOOP,
+                "Rust planner (evcore.planner, Clarabel): the edge's local planner, and the twin's "
+                "cloud planner whose plan wins while fresh",
+            )
         ctrl = self._app.controller if self._app is not None else None
         sent = int(getattr(getattr(ctrl, "stats", None), "profiles_sent", 0))
         return PolicyResult(

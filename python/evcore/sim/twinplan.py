@@ -19,11 +19,17 @@ from typing import Any
 from evcore.sim.scenario import Scenario
 
 PLAN_BUDGET_S = 10.0
-# Plan to finish a little before departure: cars taper near full and a plan that needs its last
-# minutes at full rate loses energy when the car cannot follow: 15 % of the time left, 30 min
-# at most.
-FINISH_EARLY_SHARE = 0.15
-FINISH_EARLY_MAX_S = 1800.0
+# Plan to finish a little before departure: cars taper near full, and the allocator caps a session
+# at its plan target and raises it only step by step from what the car draws, so a session that
+# falls behind its plan catches up only where the plan has ended. A quarter of the time left, at
+# most an hour.
+FINISH_EARLY_SHARE = 0.25
+FINISH_EARLY_MAX_S = 3600.0
+# Plan 10 % more energy than is still wanted: the targets are caps, and the edge stops each session
+# at its own energy; the extra sits in the cheapest steps and gives the allocator room to catch up.
+PLAN_ENERGY_MARGIN = 1.1
+# Energy first: a kWh not delivered costs far more than any price or demand charge saves.
+NON_DELIVERY_PER_KWH = 1000.0
 PEAK_WEIGHT_PER_KW = 50.0  # planner_peak: demand charge used in the objective
 PEAK_PRICE_SCALE = 0.01  # planner_peak: energy price only as a tie-breaker
 
@@ -143,7 +149,7 @@ class TwinPlanner:
                     charger_id=cid,
                     arrival=now,
                     departure=depart,
-                    energy_requested_kwh=remaining,
+                    energy_requested_kwh=remaining * PLAN_ENERGY_MARGIN,
                     priority=float(c.priority),
                 )
             )
@@ -168,10 +174,13 @@ class TwinPlanner:
         if not sessions:
             self.last_status = "no_sessions"
             return None
+        from evcore.planner import PlanWeights
+
         req = replace(
             self.request(now, sessions),
             peak_floor_kw=max(0.0, peak_floor_kw),
             current_window_energy_kwh=max(0.0, window_energy_kwh),
+            weights=PlanWeights(non_delivery_per_kwh=NON_DELIVERY_PER_KWH),
         )
         res = self.planner.plan(req, PLAN_BUDGET_S)
         self.last_status = res.status
