@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from evcore.errors import EvcoreError, SiteConfigError
 from evcore.site import load_site
 

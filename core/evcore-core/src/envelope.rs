@@ -500,15 +500,17 @@ fn violated(v: f64, limit: f64) -> bool {
     !(v <= limit + TOL_A * (1.0 + limit.abs()))
 }
 
-/// Violated constraints, top of the tree first; per-phase and kW limits first, unbalance only
-/// once those hold (lowering a charger can raise unbalance, never a line current).
+/// Violated constraints, deepest nodes first (a cut at a circuit may cure its feeder; a cut at
+/// the feeder first would take more than needed from the circuit's chargers); per-phase and kW
+/// limits first, unbalance only once those hold (lowering a charger can raise unbalance, never a
+/// line current).
 fn find_violations(
     topo: &Topology,
     loads: &NodeLoads,
     exempt: &[[bool; 5]],
 ) -> Vec<(usize, Constraint)> {
     let mut out = Vec::new();
-    for &n in topo.node_order() {
+    for &n in topo.node_order().iter().rev() {
         let node = &topo.nodes[n];
         for p in 0..N_PHASES {
             if !exempt[n][p] && violated(loads.line_a(n, p), node.phase_limit_a[p]) {
@@ -524,7 +526,7 @@ fn find_violations(
     if !out.is_empty() {
         return out;
     }
-    for &n in topo.node_order() {
+    for &n in topo.node_order().iter().rev() {
         if let Some(u) = topo.nodes[n].unbalance_limit_a {
             let (v, h, l) = unbalance_at(topo, loads, n);
             if !exempt[n][4] && violated(v, u) {

@@ -1,0 +1,239 @@
+"""The Python interface of the core: Arrow and numpy in and out, typed exceptions for bad input,
+the GIL released while Rust works, and no panic reaching Python."""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from evcore import _core
+from evcore.allocator import AllocatorParams, allocate, allocator_batch
+from evcore.envelope import OUTPUT_COLUMNS, EnvelopeParams, charger_batch, enforce, node_batch
+from evcore.errors import EvcoreError, InputError
+from evcore.site import Site, load_site
+
+
+def small_site() -> Site:
+    return load_site(
+        {
+            "site": {"id": "s"},
+            "nodes": [
+                {"id": "grid", "phase_limit_a": 63.0, "power_limit_kw": 40.0},
+                {"id": "C1", "parent": "grid", "kind": "circuit", "phase_limit_a": 40.0},
+            ],
+            "chargers": [
+                {
+                    "id": f"cp{i}",
+                    "parent": "C1" if i < 3 else "grid",
+                    "wiring": "line_to_neutral",
+                    "phases": ["L1"],
+                    "voltage_v": 230.0,
+                    "max_a": 32.0,
+                }
+                for i in range(4)
+            ]
+            + [
+                {
+                    "id": "dc",
+                    "parent": "grid",
+                    "kind": "dc",
+                    "wiring": "three_phase",
+                    "voltage_v": 230.0,
+                    "max_w": 20000.0,
+                }
+            ],
+        }
+    )
+
+
+def big_site(n: int) -> Site:
+    per = 8
+    nodes: list[dict[str, Any]] = [{"id": "grid", "phase_limit_a": 9.0 * n}]
+    nodes += [
+        {"id": f"C{j}", "parent": "grid", "phase_limit_a": 60.0}
+        for j in range((n + per - 1) // per)
+    ]
+    chargers = [
+        {
+            "id": f"cp{i}",
+            "parent": f"C{i // per}",
+            "wiring": "three_phase",
+            "phases": [["L1", "L2", "L3"], ["L2", "L3", "L1"], ["L3", "L1", "L2"]][i % 3],
+            "voltage_v": 230.0,
+            "max_a": 32.0,
+        }
+        for i in range(n)
+    ]
+    return load_site({"site": {"id": "big"}, "nodes": nodes, "chargers": chargers})
+
+
+def test_enforce_takes_numpy_and_returns_the_documented_arrow_schema() -> None:
+    site = small_site()
+    req = np.array([32.0, 32.0, 32.0, 10.0, 0.0])
+    out = enforce(site, {"requested_a": req}, params=EnvelopeParams())
+    assert isinstance(out, pa.RecordBatch)
+    assert tuple(out.schema.names) == OUTPUT_COLUMNS
+    sp = out.column("setpoint_a").to_numpy(zero_copy_only=True)  # float64, no nulls
+    assert sp.dtype == np.float64
+    assert sp[:3].sum() <= 40.0 + 1e-9 and sp[3] == 10.0
+    assert out.column("binding").to_pylist()[0] == "node_phase"
+    assert out.column("binding_node").to_pylist()[0] == "C1"
+    assert "circuit C1 phase L1" in out.column("reason").to_pylist()[0]
+    assert set(out.column("binding").to_pylist()) <= set(_core.binding_codes())
+
+
+def test_arrow_batch_table_and_mapping_inputs_agree() -> None:
+    site = small_site()
+    cols = {"requested_a": [20.0, 20.0, 20.0, 6.0, 0.0], "requested_w": [0, 0, 0, 0, 11000.0]}
+    a = enforce(site, charger_batch(site, **cols))
+    b = enforce(site, pa.Table.from_batches([charger_batch(site, **cols)]))
+    c = enforce(site, cols)
+    d = enforce(site, {k: pa.array(v, pa.float64()) for k, v in cols.items()})
+    for x in (b, c, d):
+        assert x.column("setpoint_a").equals(a.column("setpoint_a"))
+    assert a.column("setpoint_w").to_pylist()[4] == pytest.approx(11000.0)
+
+
+def test_allocate_output_has_level_and_admission_columns() -> None:
+    site = small_site()
+    batch = allocator_batch(site, priority=[1.0, 1.0, 2.0, 1.0, 1.0])
+    out = allocate(site, batch, params=AllocatorParams())
+    assert out.schema.names[-2:] == ["level_a", "admitted"]
+    sp = out.column("setpoint_a").to_numpy()
+    assert sp[:3] == pytest.approx([10.0, 10.0, 20.0])
+    assert out.column("admitted").to_pylist() == [True] * 5
+
+
+SWAPPED = ["cp1", "cp0", "cp2", "cp3", "dc"]  # rows out of site order
+
+
+@pytest.mark.parametrize(
+    ("change", "column", "row"),
+    [
+        (
+            lambda b: b.set_column(1, "requested_a", pa.array([1.0, None, 1, 1, 1])),
+            "requested_a",
+            1,
+        ),
+        (lambda b: b.set_column(1, "requested_a", pa.array(["x"] * 5)), "requested_a", None),
+        (
+            lambda b: b.set_column(0, "charger_id", pa.array(["cp1", "cp0", "cp2", "cp3", "dc"])),
+            "charger_id",
+            0,
+        ),
+        (lambda b: b.drop_columns(["measured_age_s"]), "measured_age_s", None),
+    ],
+)
+def test_bad_columns_raise_input_error_naming_column_and_row(
+    change: Any, column: str, row: int | None
+) -> None:
+    site = small_site()
+    bad = change(charger_batch(site))
+    with pytest.raises(InputError) as info:
+        _core.enforce(site.topology, bad, node_batch(site), None, False)
+    assert info.value.column == column and info.value.row == row, str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, EvcoreError)
+
+
+def test_bad_parameters_and_demand_raise_input_error() -> None:
+    site = small_site()
+    with pytest.raises(InputError) as info:
+        enforce(site, None, params={"nowww_s": 1.0})
+    assert info.value.column == "nowww_s"
+    with pytest.raises(InputError) as info:
+        enforce(site, None, params={"now_s": math.nan})
+    assert info.value.column == "now_s"
+    with pytest.raises(InputError) as info:
+        allocate(site, {"priority": [1.0, -1.0, 1.0, 1.0, 1.0]})
+    assert (info.value.column, info.value.row) == ("priority", 1)
+    with pytest.raises(InputError):
+        enforce(site, {"requested_a": [1.0, 2.0]})  # wrong length
+
+
+def test_absurd_values_give_results_not_panics() -> None:
+    site = small_site()
+    n = len(site.chargers)
+    rng = np.random.default_rng(7)
+    pool = np.array([math.nan, math.inf, -math.inf, -1e308, 1e308, 0.0, -0.0, 5e-324, 16.0])
+    for _ in range(200):
+        cols = {
+            name: rng.choice(pool, n)
+            for name in (
+                "requested_a",
+                "requested_w",
+                "measured_l1_a",
+                "measured_l2_a",
+                "measured_l3_a",
+                "measured_age_s",
+                "last_sent_a",
+                "last_sent_w",
+                "on_since_s",
+                "off_since_s",
+            )
+        }
+        ncols = {
+            name: rng.choice(pool, len(site.nodes))
+            for name in (
+                "other_load_l1_a",
+                "other_load_l2_a",
+                "other_load_l3_a",
+                "other_load_age_s",
+            )
+        }
+        try:
+            out = enforce(site, cols, ncols, params={"now_s": 1e9})
+            alloc = allocate(site, {**cols, "energy_wanted_kwh": rng.choice(pool[1:], n)}, ncols)
+        except EvcoreError:
+            continue  # a typed refusal is fine; a PanicException would fail the test
+        for batch in (out, alloc):
+            sp = batch.column("setpoint_a").to_numpy()
+            assert np.all(np.isfinite(sp)) and np.all(sp >= 0)
+            ac = sp[:4]
+            assert np.all((ac == 0) | ((ac >= 6.0) & (ac <= 32.0)))
+
+
+def test_gil_is_released_during_allocate_and_enforce() -> None:
+    site = big_site(20_000)
+    batch = allocator_batch(site, measured_age_s=1.0, measured_l1_a=5.0)
+    nodes = node_batch(
+        site, other_load_age_s=1.0, other_load_l1_a=0.0, other_load_l2_a=0.0, other_load_l3_a=0.0
+    )
+    ebatch = charger_batch(site, requested_a=32.0)
+    params = AllocatorParams().as_dict()
+    counter = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            counter[0] += 1
+
+    # A long switch interval: the main thread gives up the GIL only when Rust releases it.
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        time.sleep(0.05)  # let the thread start (sleep releases the GIL)
+        # If the GIL were held, the thread could never move during a call. A loaded machine may
+        # not schedule it during one particular call, so try a few times.
+        progress = [0, 0]
+        for _ in range(20):
+            before = counter[0]
+            _core.allocate(site.topology, batch, nodes, params, False)
+            progress[0] = max(progress[0], counter[0] - before)
+            before = counter[0]
+            _core.enforce(site.topology, ebatch, nodes, None, False)
+            progress[1] = max(progress[1], counter[0] - before)
+            if min(progress) > 0:
+                break
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old)
+    assert all(p > 0 for p in progress), progress
