@@ -254,3 +254,18 @@ def test_network_from_site_plans_on_the_site_files_topology() -> None:
     # The feeder's 32 A less 4 A other load caps the three-phase charger at 28 A.
     ac3 = [r["target_a"] for r in res.schedule.to_pylist() if r["charger_id"] == "ac3"]
     assert max(ac3) == pytest.approx(28.0, abs=1e-3)
+
+
+def test_budget_running_out_inside_the_solver_is_a_time_limit_status() -> None:
+    # 1,000 sessions take about a second to solve: 0.2 s runs out in Clarabel (or, on a very
+    # busy machine, already in the model build); either way a status and no schedule.
+    doc = acn_case(3, 1000, 24.0, n_chargers=500)
+    p = Planner()
+    res = p.plan(doc, 0.2)
+    assert res.status == "time_limit"
+    assert res.schedule.num_rows == 0
+    assert res.summary["solver_status"] in ("", "MaxTime")
+    # The same planner plans again with a sufficient budget (reusing the solver it set up).
+    again = p.plan(doc, 120.0)
+    assert again.ok
+    assert again.summary["reused_solver"] == (res.summary["solver_status"] == "MaxTime")
