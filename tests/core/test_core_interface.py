@@ -237,3 +237,14 @@ def test_gil_is_released_during_allocate_and_enforce() -> None:
         t.join()
         sys.setswitchinterval(old)
     assert all(p > 0 for p in progress), progress
+
+
+def test_numpy_float_columns_reach_arrow_without_a_copy() -> None:
+    site = small_site()
+    req = np.ascontiguousarray([16.0, 16.0, 16.0, 6.0, 0.0])
+    batch = charger_batch(site, requested_a=req)
+    data = batch.column("requested_a").buffers()[1]
+    assert data is not None and data.address == req.ctypes.data
+    out = enforce(site, batch)
+    sp = out.column("setpoint_a").to_numpy(zero_copy_only=True)
+    assert sp.ctypes.data == out.column("setpoint_a").buffers()[1].address
