@@ -611,20 +611,72 @@ def run_stack_policy(
     asyncio.run(run.run())
     if bar is not None:
         bar(1.0)
+    return run.result(time.monotonic() - wall0), _plan_notes(run)
+
+
+_SHARED_PROGRESS: Any = None  # a multiprocessing Array of per-policy fractions, set per pool
+
+
+def _init_worker(shared: Any) -> None:
+    global _SHARED_PROGRESS
+    _SHARED_PROGRESS = shared
+    logging.getLogger("evcore").setLevel(logging.ERROR)
+
+
+def _run_one(args: tuple[Scenario, str, Arrivals, bool, int]) -> tuple[PolicyResult, list[str]]:
+    sc, policy, arr, progress, slot = args
+    shared = _SHARED_PROGRESS
+    if not progress or shared is None:
+        return run_stack_policy(sc, policy, arr, progress=False)
+    wall0 = time.monotonic()
+
+    def report(frac: float) -> None:
+        shared[slot] = frac
+
+    run = StackRun(sc, policy, arr, progress=report)
+    asyncio.run(run.run())
+    shared[slot] = 1.0
+    return run.result(time.monotonic() - wall0), _plan_notes(run)
+
+
+def _plan_notes(run: StackRun) -> list[str]:
     notes = list(run.notes)
     if run.plan_failures:
         notes.append(
-            f"{policy}: {run.plan_failures} of {run.plans} plans not usable "
+            f"{run.policy}: {run.plan_failures} of {run.plans} plans not usable "
             f"({', '.join(f'{k} x{v}' for k, v in sorted(run.plan_statuses.items()))}); "
             "the allocator ran alone until the next plan"
         )
-    return run.result(time.monotonic() - wall0), notes
+    return notes
 
 
-def _run_one(args: tuple[Scenario, str, Arrivals, bool]) -> tuple[PolicyResult, list[str]]:
-    sc, policy, arr, progress = args
-    logging.getLogger("evcore").setLevel(logging.ERROR)
-    return run_stack_policy(sc, policy, arr, progress=progress, lines_only=True)
+def _draw_progress(policies: Sequence[str], shared: Any, done: Any) -> None:
+    """One line on stderr for policies running in parallel (wall time for the bar only)."""
+    import sys
+
+    wall0 = time.monotonic()
+    tty = sys.stderr.isatty()
+    reported: set[int] = set()
+    while True:
+        finished = done.wait(0.5)
+        fracs = [float(shared[i]) for i in range(len(policies))]
+        if tty:
+            parts = " ".join(
+                f"{p} {int(f * 100):3d}%" for p, f in zip(policies, fracs, strict=True)
+            )
+            sys.stderr.write(f"\r{parts}  {time.monotonic() - wall0:5.1f}s")
+            sys.stderr.flush()
+        else:
+            for i, f in enumerate(fracs):
+                if f >= 1.0 and i not in reported:
+                    reported.add(i)
+                    sys.stderr.write(
+                        f"{policies[i]:<14} done at {time.monotonic() - wall0:5.1f}s\n"
+                    )
+        if finished:
+            if tty:
+                sys.stderr.write("\n")
+            return
 
 
 def compare_stack(
@@ -642,10 +694,29 @@ def compare_stack(
     if jobs > 1 and len(sc.policies) > 1:
         import concurrent.futures
         import multiprocessing
+        import threading
 
         ctx = multiprocessing.get_context("fork")  # no loop or thread runs yet here
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
-            outs = list(ex.map(_run_one, [(sc, p, arr, progress) for p in sc.policies]))
+        shared = ctx.Array("d", len(sc.policies), lock=False)
+        done = threading.Event()
+        drawer = None
+        if progress:
+            drawer = threading.Thread(
+                target=_draw_progress, args=(sc.policies, shared, done), daemon=True
+            )
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(shared,)
+        ) as ex:
+            args = [(sc, p, arr, progress, i) for i, p in enumerate(sc.policies)]
+            results_it = ex.map(_run_one, args)  # submits at once: the workers fork here
+            if drawer is not None:
+                drawer.start()  # only now, so no worker inherits this thread's locks
+            try:
+                outs = list(results_it)
+            finally:
+                done.set()
+                if drawer is not None:
+                    drawer.join()
     else:
         outs = [run_stack_policy(sc, p, arr, progress=progress) for p in sc.policies]
     for r, n in outs:
