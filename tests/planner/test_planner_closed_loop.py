@@ -65,7 +65,7 @@ def test_planner_with_allocator_lowers_cost_and_peak_and_beats_the_allocator_alo
     reason=(
         "the allocator water-fills line-to-line loads with the linear bound I_AB + I_CA "
         "(docs/envelope.md), 13 % below the exact cone the plan uses, so it cuts plan targets "
-        "that fit the transformer (about 4 % less energy than LLF on this day)"
+        "that fit the transformer (3.6 % less energy than LLF on this day)"
     ),
 )
 def test_planner_with_allocator_delivers_at_least_llf_energy() -> None:
