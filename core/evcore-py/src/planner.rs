@@ -141,8 +141,7 @@ impl PyPlanner {
             .inner
             .lock()
             .map_err(|_| typed_err(py, "SolverError", "planner poisoned".into()))?;
-        serde_json::to_string(g.settings())
-            .map_err(|e| typed_err(py, "SolverError", e.to_string()))
+        serde_json::to_string(g.settings()).map_err(|e| typed_err(py, "SolverError", e.to_string()))
     }
 
     /// Plan within `budget_s` seconds. Returns a `pyarrow.RecordBatch` (see module docs).
@@ -166,14 +165,12 @@ impl PyPlanner {
         });
         match result {
             Ok(Ok(Ok(batch))) => batch.to_pyarrow(py),
-            Ok(Ok(Err(PlanError::Input { field, message }))) => {
-                Err(typed_err_field(
+            Ok(Ok(Err(PlanError::Input { field, message }))) => Err(typed_err_field(
                 py,
                 "InputError",
                 Some(&field),
                 format!("{field}: {message}"),
-            ))
-            }
+            )),
             Ok(Err(msg)) => Err(typed_err(py, "SolverError", msg)),
             Err(_) => Err(typed_err(
                 py,
