@@ -1,6 +1,6 @@
 """Hand-kept stubs for the compiled core ``evcore._core`` (keep in step with core/evcore-py)."""
 
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +19,7 @@ class InputError(EvcoreError, ValueError):
 
 class SolverError(EvcoreError, RuntimeError): ...
 
+@final
 class Topology:
     @staticmethod
     def from_json(text: str) -> Topology: ...
