@@ -223,3 +223,121 @@ async def test_stale_telemetry_counts_at_the_last_allowed_maximum() -> None:
         assert rig.physics.violations == 0
         drawn = rig.fleet.terminal_currents()
         assert drawn.sum(axis=0).max() <= 80.0 + 1e-6
+
+
+async def _sessions(api_port: int) -> dict[str, str]:
+    import grpc
+    from evcore.v1 import edge_api_pb2, edge_api_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{api_port}") as channel:
+        stub = edge_api_pb2_grpc.EdgeApiStub(channel)
+        got = await stub.ListSessions(
+            edge_api_pb2.ListSessionsRequest(),
+            metadata=(("authorization", "Bearer noc-token-0123456789"),),
+            timeout=10,
+        )
+    return {s.charger_id: s.transaction_id for s in got.sessions}
+
+
+async def test_restart_recovers_from_store_and_charger_reports_without_a_burst(
+    tmp_path: Path,
+) -> None:
+    # 8 chargers under a 64 A feeder: 8 A each while all charge.
+    table = depot_table(8, per_feeder=8, feeder_share=64.0 / 256.0, grid_share=1.0)
+    port, api_port = _free_port(), _free_port()
+    rate = 4.0
+    table["ocpp"]["port"] = port
+    table["store"] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    table["api"] = {
+        "listen": f"127.0.0.1:{api_port}",
+        "tokens": [{"name": "noc", "token": "noc-token-0123456789", "roles": ["viewer"]}],
+    }
+    table["edge"] = {
+        "tick_s": 0.5,
+        "settle_s": 2.0,
+        "failsafe_after_s": 60.0,
+        "refresh_lead_s": 10.0,
+        "fallback_guard_s": 5.0,
+        "min_on_s": 0.0,
+        "min_off_s": 0.0,
+        "restart_max_profiles_per_s": rate,
+    }
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    proc = await _start_edge(site_file)
+    rig = EdgeRig(table, with_edge=False, url=f"ws://127.0.0.1:{port}/ocpp", apply_delay_s=0.3)
+    try:
+        await rig.start()
+        sims = rig.fleet
+        await rig.wait_for(rig.defaults_held, 20, "a TxDefaultProfile on every station")
+        for cid in sims.charger_ids:
+            sims.plug_in(cid, EV(soc=0.2))
+        await asyncio.sleep(6.0)
+        before = await _sessions(api_port)
+        assert set(before) == set(sims.charger_ids) and all(before.values())
+        limits_before = {cid: rig.limit_at(cid) for cid in sims.charger_ids}
+        assert sum(limits_before.values()) <= 64.0 + 1e-6
+
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 10)
+        for sim in sims.stations.values():
+            sim.received = []
+        killed_at = rig.clock.monotonic()
+        arrivals: list[float] = []
+        seen = {id(sim): 0 for sim in sims.stations.values()}
+        what: list[tuple[float, str, str, Any]] = []
+
+        async def watch() -> None:
+            # When each SetChargingProfile reaches a station (50 ms resolution: merges, never
+            # splits, a burst).
+            while True:
+                for sim in sims.stations.values():
+                    new = sim.received[seen[id(sim)] :]
+                    seen[id(sim)] += len(new)
+                    for action, payload in new:
+                        if action == "SetChargingProfile":
+                            arrivals.append(rig.clock.monotonic())
+                            prof = payload.get("csChargingProfiles", {})
+                            sched = prof.get("chargingSchedule", {})
+                            periods = sched.get("chargingSchedulePeriod", [{}])
+                            what.append(
+                                (
+                                    round(arrivals[-1] - killed_at, 2),
+                                    sim.ocpp_id,
+                                    str(prof.get("chargingProfilePurpose")),
+                                    periods[0].get("limit"),
+                                )
+                            )
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        proc = await _start_edge(site_file)
+        await rig.wait_for(lambda: len(arrivals) >= 16, 40, "the new edge's profiles")
+        await asyncio.sleep(4.0)
+        watcher.cancel()
+
+        # Sessions came back from the store (1.6 stations do not repeat StartTransaction).
+        assert await _sessions(api_port) == before
+        # The new edge asked every station what it enforces and for fresh reports.
+        for sim in sims.stations.values():
+            actions = [a for a, _ in sim.received]
+            assert "GetCompositeSchedule" in actions and "TriggerMessage" in actions, actions
+        # No burst: the restart's re-sends (each station's first TxProfile and first TxDefault
+        # from the new edge: what it holds is unknown to it) are paced at ``rate`` per second;
+        # in any 1 s at most the pace plus the bucket (``rate`` tokens). Later profiles are the
+        # ordinary loop (decreases are never held back).
+        firsts: dict[tuple[str, str], float] = {}
+        for at, station, purpose, _ in what:
+            firsts.setdefault((station, purpose), at)
+        assert len(firsts) == 16, what
+        starts = sorted(firsts.values())
+        worst = max(sum(1 for b in starts if a <= b < a + 1.0) for a in starts)
+        assert worst <= 2 * rate + 1, (worst, what)
+        # And the site held throughout; the chargers are back where the allocation puts them.
+        assert rig.physics.violations == 0, rig.physics.violations_by_node
+        assert sum(rig.limit_at(cid) for cid in sims.charger_ids) <= 64.0 + 1e-6
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await rig.stop()

@@ -123,12 +123,19 @@ async def test_broker_frozen_then_gone_the_loop_decides_and_sends_on_local_state
         # The bus works: a curtailment published on NATS reaches the controller.
         nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
         now = clock.now()
-        await nc.publish(Subjects(site_id).grid, _curtailment("dso-1", 25.0, now, now + 3600))
+        await nc.publish(Subjects(site_id).grid, _curtailment("dso-1", 40.0, now, now + 3600))
         await nc.flush()
         await rig.wait_for(lambda: len(ctrl.curtailments) == 1, 15, "the bus's curtailment")
         await nc.close()
         nc = None
-        await asyncio.sleep(3.0)
+        cap_a = 8000.0 / 690.0  # the later, tighter curtailment: 8 kW over three phases
+        # Charging again under the first one (its first decision pauses all until their
+        # measurements show the lower draw) above what the second will allow.
+        await rig.wait_for(
+            lambda: sum(rig.limit_at(cid) for cid in rig.fleet.charger_ids) > cap_a + 6.0,
+            20,
+            "charging under the first curtailment",
+        )
 
         # Freeze the broker: connected sockets, no answers.
         broker.send_signal(signal.SIGSTOP)
@@ -138,8 +145,6 @@ async def test_broker_frozen_then_gone_the_loop_decides_and_sends_on_local_state
         now = clock.now()
         # A tighter limit through the local API path: 8 kW from now + 1 s.
         ctrl.post_curtailment(Curtailment("dso-2", "grid", 8.0, now + 1.0, now + 3600))
-        cap_a = 8000.0 / 690.0
-        assert sum(rig.limit_at(cid) for cid in rig.fleet.charger_ids) > cap_a
         await rig.wait_for(
             lambda: sum(rig.limit_at(cid) for cid in rig.fleet.charger_ids) <= cap_a + 1e-6,
             20,

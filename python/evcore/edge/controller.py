@@ -47,6 +47,7 @@ URGENT = frozenset(
         "plan",
         "accepted",
         "operator",
+        "reported",
     }
 )
 
@@ -97,6 +98,7 @@ class ControllerStats:
     audit_failures: int = 0
     core_failures: int = 0
     faults_reported: list[tuple[str, str]] = field(default_factory=list)
+    reported_limits: int = 0  # chargers counted at their GetCompositeSchedule after (re)connect
     last_decision_s: float = 0.0
 
 
@@ -143,6 +145,8 @@ class EdgeController:
         self._tokens_at: float | None = None
         self._lock = asyncio.Lock()
         self._dc = frozenset(c.charger_id for c in state.chargers.values() if c.is_dc)
+        # Chargers whose station was asked what it enforces: charger id -> until (monotonic).
+        self._report_due: dict[str, float] = {}
 
     # ---- events (synchronous: they only update state and wake the loop) --------------------
     def notify(self, trigger: str) -> None:
@@ -189,6 +193,8 @@ class EdgeController:
         elif kind == "ConnectionEvent":
             if st.on_connection(ev.ocpp_id, ev.connected):
                 self.notify("connection")
+                if ev.connected:
+                    self._ask_station(ev.ocpp_id)
         elif kind == "BootEvent":
             if st.on_boot(ev.ocpp_id):
                 self.notify("boot")
@@ -362,14 +368,24 @@ class EdgeController:
         cfg = self.cfg
         st = self.state
         fs = self.failsafe
+        waiting = {cid for cid, until in self._report_due.items() if now_m < until}
+        if len(waiting) < len(self._report_due):
+            self._report_due = {cid: self._report_due[cid] for cid in waiting}
         # TxDefault (failsafe level) on every online charger whose default is not the current one.
-        default_now = {cid: fs[cid] for cid, c in st.chargers.items() if c.online and cid in fs}
+        default_now = {
+            cid: fs[cid]
+            for cid, c in st.chargers.items()
+            if c.online and cid in fs and cid not in waiting
+        }
         default_cur = {cid: st.chargers[cid].tx_default_sent for cid in default_now}
         # TxProfiles on chargers with a transaction.
         active = {
             cid: enforced.setpoints[cid]
             for cid, c in st.chargers.items()
-            if c.online and c.transaction_id is not None and cid in enforced.setpoints
+            if c.online
+            and c.transaction_id is not None
+            and cid in enforced.setpoints
+            and cid not in waiting
         }
         cur = {cid: st.chargers[cid].current for cid in active}
         force = {
@@ -409,10 +425,21 @@ class EdgeController:
             hold=hold,
         )
         # TxProfile decreases first: they lower what flows now; TxDefault ones guard the future.
-        decreases = [("tx", c) for c in t_plan.decreases] + [
-            ("tx_default", c) for c in d_plan.decreases
+        # Where what a charger holds is unknown (edge start or restart, reconnect, boot) the send
+        # counts as a decrease but is paced like an increase (no burst after a restart): the
+        # envelope counts such a charger at its maximum until it accepts, so waiting is safe.
+        known = [("tx", c) for c in t_plan.decreases if c.old is not None] + [
+            ("tx_default", c) for c in d_plan.decreases if c.old is not None
         ]
-        if decreases:
+        unknown = [("tx", c) for c in t_plan.decreases if c.old is None] + [
+            ("tx_default", c) for c in d_plan.decreases if c.old is None
+        ]
+        decreases = known
+        if unknown and not waiting:
+            # While a station's report is due, the others' unknown sends wait too: counted at
+            # its maximum it would squeeze them to values they would be raised from a moment later.
+            decreases = known + unknown[: self._take_increase_tokens(len(unknown), now_m)]
+        if known or unknown:
             increases: list[tuple[str, Change]] = []
         else:
             increases = [("tx_default", c) for c in d_plan.increases] + [
@@ -508,6 +535,66 @@ class EdgeController:
             self.notify("accepted")
         elif not accepted:
             self.notify("rejected")
+
+    # ---- what a (re)connected station reports ----------------------------------------------
+    def _ask_station(self, ocpp_id: str) -> None:
+        """Ask a station that (re)connected what it enforces and how it stands, beside the loop.
+
+        After an edge restart (or a lost connection) what the station enforces is unknown and the
+        envelope counts it at its maximum. ``GetCompositeSchedule`` tells the highest limit it
+        applies over the failsafe horizon (then counted there, as an unconfirmed setpoint, until it
+        accepts a fresh profile); ``TriggerMessage`` asks for fresh status and meter values instead
+        of waiting for the next sample. Each call is bounded; none is awaited by a decision.
+        """
+        if self._stopping or not hasattr(self.gateway, "get_composite_schedule"):
+            return
+        # Nothing is sent to its chargers until they reported (or the bound passed): they count
+        # at their maximum meanwhile, and a report usually spares them a needless pause.
+        until = self.clock.monotonic() + max(5.0, self.cfg.network_timeout_s)
+        for c in self.state.station_chargers(ocpp_id):
+            self._report_due[c.charger_id] = until
+        task = asyncio.ensure_future(self._station_report(ocpp_id))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _station_report(self, ocpp_id: str) -> None:
+        gw: Any = self.gateway
+        bound = max(5.0, self.cfg.network_timeout_s)
+        horizon = math.ceil(self.cfg.failsafe_after_s + self.cfg.fallback_guard_s)
+        for c in self.state.station_chargers(ocpp_id):
+            try:
+                comp = await asyncio.wait_for(
+                    gw.get_composite_schedule(
+                        c.charger_id, duration_s=horizon, unit="W" if c.is_dc else "A"
+                    ),
+                    bound,
+                )
+            except Exception:
+                log.info("GetCompositeSchedule %s: no usable answer", c.charger_id)
+                self._report_due.pop(c.charger_id, None)
+                continue
+            self._report_due.pop(c.charger_id, None)
+            limits = [float(p[1]) for p in getattr(comp, "periods", None) or ()]
+            unit_ok = getattr(comp, "unit", None) in (None, "W" if c.is_dc else "A")
+            if (
+                str(getattr(comp, "status", "")) == "Accepted"
+                and limits
+                and unit_ok
+                and all(math.isfinite(v) and v >= 0 for v in limits)
+                and c.profile_unknown
+                and c.needs_resend  # nothing of ours left since it connected
+                and c.online
+            ):
+                # Still unknown to us: count it at the highest limit it reports (unconfirmed, and
+                # a fresh profile still goes out: needs_resend stays as it is).
+                c.sent = min(c.max_value, max(limits))
+                c.accepted = False
+                c.profile_unknown = False
+                self.stats.reported_limits += 1
+            self.notify("reported")
+        for message in ("StatusNotification", "MeterValues"):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(gw.trigger_message(ocpp_id, message), bound)
 
     def _prune_pending(self, now_m: float) -> None:
         s = self.cfg.settle_s
