@@ -244,3 +244,59 @@ def test_a_charger_drawing_above_what_it_holds_is_not_raised() -> None:
     assert [x.charger_id for x in p.held] == ["cp"]
     p = _plan({"cp": 0.0}, {"cp": 6.0}, hold={"cp"})  # a decrease is never held
     assert [x.charger_id for x in p.decreases] == ["cp"]
+
+
+# ---- switching rules from real session state ---------------------------------------------
+def _switching(c: ChargerState) -> tuple[float | None, float | None, int]:
+    return c.on_since, c.off_since, c.switches
+
+
+def test_a_session_starts_with_its_own_switching_history() -> None:
+    from evcore.edge.state import SiteState
+
+    c = ChargerState("cp", "CP", False, 6.0, 32.0)
+    st = SiteState.from_chargers([c], {})
+    c.tx_default = c.holding = c.sent = 16.0
+    c.off_since, c.switches = 5.0, 7  # what the car before it went through
+    st.on_transaction("cp", "started", "tx-1", 1000.0, 100.0)
+    assert _switching(c) == (100.0, None, 0)  # on at its TxDefault
+    st.on_sent("cp", 0.0, 130.0, 2000.0)  # paused by the edge: a switch
+    assert (c.off_since, c.switches) == (130.0, 1)
+    st.on_transaction("cp", "ended", "tx-1", 1100.0, 200.0)
+    assert _switching(c) == (None, None, 0)
+    c.tx_default = c.holding = 0.0  # its failsafe level is 0 A: the next session starts off
+    st.on_transaction("cp", "started", "tx-2", 1200.0, 300.0)
+    assert (c.on_since, c.off_since) == (None, 300.0)
+
+
+def test_the_core_keeps_a_session_that_just_started_on_for_min_on_s() -> None:
+    from evcore.edge.app import charger_states
+    from evcore.edge.coreio import RustCore
+    from evcore.edge.sitegen import depot_table
+    from evcore.site import load_site
+
+    # Two chargers under 11 A: only one can charge (6 A minimum).
+    table = depot_table(2, per_feeder=2, feeder_share=11.0 / 64.0, grid_share=1.0)
+    core = RustCore(load_site(table), table)
+    st, _ = charger_states(table)
+    cfg = EdgeConfig(min_on_s=60.0, min_off_s=0.0)
+    old, new = st.chargers.values()
+    for c in (old, new):
+        c.online = True
+        c.profile_unknown = c.needs_resend = False
+        c.tx_default = c.holding = c.sent = 6.0
+        c.accepted = True
+        c.status = "Charging"
+        c.plugged = True
+    st.on_transaction(old.charger_id, "started", "tx-old", 0.0, 0.0)  # on for 1000 s
+    st.on_transaction(new.charger_id, "started", "tx-new", 990.0, 990.0)  # on for 10 s
+    got = core.decide(
+        st, now_wall=1000.0, now_mono=1000.0, caps_kw={}, targets=None, failsafe={}, cfg=cfg
+    )
+    assert got.setpoints[new.charger_id] >= 6.0 and got.setpoints[old.charger_id] == 0.0
+    # Past min_on_s the older session is not favoured by the rule any more: either may run.
+    late = core.decide(
+        st, now_wall=1100.0, now_mono=1100.0, caps_kw={}, targets=None, failsafe={}, cfg=cfg
+    )
+    low, high = sorted(late.setpoints.values())
+    assert low == 0.0 and high >= 6.0

@@ -188,7 +188,9 @@ class EdgeController:
                 st.on_status(ev.charger_id, ev.status)
                 self.notify("status")
         elif kind == "TransactionEvent":
-            if st.on_transaction(ev.charger_id, ev.kind, ev.transaction_id, self.clock.now()):
+            if st.on_transaction(
+                ev.charger_id, ev.kind, ev.transaction_id, self.clock.now(), now_m
+            ):
                 self.notify("transaction")
         elif kind == "ConnectionEvent":
             if st.on_connection(ev.ocpp_id, ev.connected):

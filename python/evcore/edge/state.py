@@ -207,7 +207,12 @@ class SiteState:
         return True
 
     def on_transaction(
-        self, charger_id: str, kind: str, transaction_id: str, now_wall: float
+        self,
+        charger_id: str,
+        kind: str,
+        transaction_id: str,
+        now_wall: float,
+        now_mono: float | None = None,
     ) -> bool:
         c = self.chargers.get(charger_id)
         if c is None:
@@ -217,7 +222,15 @@ class SiteState:
                 c.transaction_id = transaction_id
                 c.session_started_at = now_wall
                 c.session_energy_wh = 0.0
+                # Switching rules count per session, from what this session really did: it
+                # starts on (at its TxDefault) or off, with no history from the car before it.
                 c.switches = 0
+                c.on_since = c.off_since = None
+                if now_mono is not None:
+                    if (c.holding if c.holding is not None else c.tx_default or 0.0) > 0:
+                        c.on_since = now_mono
+                    else:
+                        c.off_since = now_mono
             c.plugged = True
         elif kind == "ended":
             if c.transaction_id == transaction_id:
@@ -263,6 +276,8 @@ class SiteState:
         c.energy_requested_kwh = None
         c.departure = None
         c.suspect_since = None
+        c.on_since = c.off_since = None
+        c.switches = 0
         # The TxProfile died with the transaction: the charger is back on its TxDefault.
         c.sent = c.tx_default
         c.holding = c.tx_default
