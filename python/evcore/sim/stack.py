@@ -4,8 +4,9 @@ WebSockets, against the simulated charge points and vehicles, all on the virtual
 Per policy this builds, in one event loop: ``EdgeApp`` (central system on an ephemeral loopback
 port, the controller with ``RustCore``, the embedded default: no broker, no database), a ``Fleet``
 of simulated stations (``evcore.sim.chargepoint``) that connect to it over WebSockets, and the
-twin's meter. The scenario plugs vehicles in and out of the simulated stations, injects faults into
-them and posts grid signals and prices to the controller the way the bus would. For the planner
+twin's meter. The scenario plugs vehicles in and out of the simulated stations and injects faults
+into them; grid signals, prices and cloud plans go to the edge as ``evcore.v1`` protobuf over an
+``InProcessBus`` that the edge subscribes to. For the planner
 policies the edge runs its own local planner (``evcore.edge.planning``), and the twin stands for
 the cloud: it runs the core planner (``evcore.planner``) every ``plan_interval_s`` and on
 arrivals/departures, knowing the billed peak so far, and hands the edge a *cloud* plan, which wins
@@ -160,6 +161,9 @@ class StackRun:
         self.signal_log: list[tuple[float, str]] = []
         self.plans_held = 0
         self._signals_delivered: list[Any] = []
+        self._restart_subs: list[Any] = []
+        self._bus: Any = None
+        self._dc: set[str] = set()
         self._triggers: list[asyncio.Future[Any]] = []
         self._fleet: Any = None
 
@@ -307,6 +311,10 @@ class StackRun:
         new.post_prices(self._prices())
         app.controller = new
         app.central.add_listener(new.on_event)
+        if app.bus is not None:
+            from evcore.edge.signals import subscribe_signals
+
+            self._restart_subs.extend(await subscribe_signals(app.bus, new))
         self._edge_task = asyncio.ensure_future(new.run())
         old_planner = getattr(app, "planner", None)
         if old_planner is not None:
@@ -339,9 +347,58 @@ class StackRun:
             while self.down["broker_down"]:
                 self._link_up.clear()
                 await self._link_up.wait()
-            self._app.controller.post_curtailment(self._curtailment(g))
+            await self._publish_grid(g)
             self._signals_delivered.append(g)
             self.signal_log.append((self.clock.now() - self.sc.start, f"{g.node}@{g.start_s:.0f}"))
+
+    # -- the bus: what the grid operator and the cloud send the edge -----------------------------
+    async def _publish_grid(self, g: Any) -> None:
+        from evcore.v1 import grid_pb2
+
+        sig = grid_pb2.GridSignal(signal_id=f"{g.node}@{g.start_s:.0f}")
+        sig.issued_at.FromNanoseconds(int(self.clock.now() * 1e9))
+        c = sig.curtailment
+        c.curtailment_id = sig.signal_id
+        c.node_id = g.node
+        c.max_kw = g.limit_kw
+        c.start.FromNanoseconds(int((self.sc.start + g.start_s) * 1e9))
+        c.end.FromNanoseconds(int((self.sc.start + g.end_s) * 1e9))
+        c.issuer = "twin"
+        await self._bus.publish(self._bus.subjects.grid, sig)
+
+    async def _publish_prices(self) -> None:
+        from evcore.v1 import grid_pb2
+
+        sig = grid_pb2.GridSignal(signal_id="tariff")
+        sig.issued_at.FromNanoseconds(int(self.clock.now() * 1e9))
+        tariff = sig.price_update.tariff
+        tariff.tariff_id = "twin"
+        tariff.currency = self.sc.tariff.currency
+        for p in self._prices():
+            iv = tariff.prices.add()
+            iv.start.FromNanoseconds(int(p.start * 1e9))
+            iv.duration_s = 900.0
+            iv.price_per_kwh = p.price_per_kwh
+        sig.price_update.issuer = "twin"
+        await self._bus.publish(self._bus.subjects.grid, sig)
+
+    async def _publish_plan(self, plan: Any) -> None:
+        from evcore.v1 import plan_pb2
+
+        msg = plan_pb2.Plan(
+            plan_id="twin-cloud", plan_version=self.plans, source="cloud", solver_status="ok"
+        )
+        msg.computed_at.FromNanoseconds(int(self.clock.now() * 1e9))
+        for cid, steps in sorted(plan.rows.items()):
+            dc = cid in self._dc
+            for start, step_s, target in steps:
+                row = msg.rows.add(session_id=cid, charger_id=cid, step_s=step_s)
+                row.step_start.FromNanoseconds(round(start * 1e9))
+                if dc:
+                    row.target_w = target
+                else:
+                    row.target_a = target
+        await self._bus.publish(self._bus.subjects.plan, msg)
 
     def _curtailment(self, g: Any) -> Any:
         from evcore.edge.grid import Curtailment
@@ -398,7 +455,7 @@ class StackRun:
                 if plan is not None:
                     self.plans += 1
                     self.plan_log.append(now)
-                    self._app.controller.set_plan(plan)
+                    await self._publish_plan(plan)
                 elif planner.last_status != "no_sessions":
                     self.plans += 1
                     self.plan_failures += 1
@@ -489,13 +546,17 @@ class StackRun:
         table = edge_table(self.sc, self.policy)
         site = load_site(table)
         cfg = EdgeConfig.from_table(table["edge"])
-        app = EdgeApp(site, table, clock=self.clock, cfg=cfg)
+        from evcore.bus.inprocess import InProcessBus
+
+        self._bus = InProcessBus(str(table["site"]["id"]), clock=self.clock)
+        self._dc = {c.id for c in self.sc.site.chargers if c.kind == "dc"}
+        app = EdgeApp(site, table, clock=self.clock, cfg=cfg, bus=self._bus)
         self._app = app
         self._replan = asyncio.Event()
         app_task = asyncio.ensure_future(app.run())
         await asyncio.wait_for(app.ready.wait(), 30.0)
         self._link_up = asyncio.Event()
-        app.controller.post_prices(self._prices())
+        await self._publish_prices()
         port = app.central.port
         step_s = self.sc.physics_step_s
         fleet = Fleet(
@@ -536,6 +597,8 @@ class StackRun:
                 self.delivered[s.id] = self._delivered_kwh(s, ev)
                 del self.plugged[cid]
             await fleet.stop()
+            for sub in self._restart_subs:
+                await sub.stop()
             app.stop()
             edge_task = getattr(self, "_edge_task", None)
             if edge_task is not None:

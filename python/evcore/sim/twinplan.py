@@ -46,6 +46,10 @@ class TwinPlanner:
         self.version = 0
         self.last_status = ""
 
+    def other_kw(self, node: Any) -> float:
+        """A node's building load at its configured maximum, in kW."""
+        return float(sum(node.other_load_max_a)) * self.sc.site.voltage_ln_v / 1000.0
+
     def request(self, now: float, sessions: list[Any]) -> Any:
         from evcore.planner import PlanCharger, PlanNode, PlanRequest, step_grid
 
@@ -86,8 +90,10 @@ class TwinPlanner:
                     id=n.id,
                     parent=n.parent,
                     phase_limit_a=list(n.phase_limit_a),
-                    # not measured in the twin's edge: the planner counts it at its maximum
+                    # not measured in the twin's edge: the planner counts it at its maximum, in
+                    # amperes and in kW, as the allocator does
                     other_load_a=list(n.other_load_max_a),
+                    other_load_kw=self.other_kw(n),
                     power_limit_kw=pl,
                 )
             )
@@ -141,6 +147,14 @@ class TwinPlanner:
             remaining = max(0.0, c.energy_requested_kwh - c.session_energy_wh / 1000.0)
             if remaining <= 0.01 or c.departure <= now + 60.0:
                 continue
+            # The planner counts a three-phase charger's current on all three phases; a car that
+            # draws on fewer (seen in its per-terminal meter values) takes that much less energy
+            # per ampere, so it needs the plan's current for longer.
+            ch = self.sc.site.charger(cid)
+            if ch.kind == "ac" and ch.wiring == "three_phase":
+                drawn = sum(1 for a in c.terminal_a if a is not None and a > 0.5)
+                if 0 < drawn < 3:
+                    remaining *= 3.0 / drawn
             left = float(c.departure) - now
             depart = now + max(60.0, left - min(FINISH_EARLY_MAX_S, FINISH_EARLY_SHARE * left))
             out.append(
@@ -154,6 +168,29 @@ class TwinPlanner:
                 )
             )
         return out
+
+    def _without_pauses(
+        self, steps: list[tuple[float, float, float]], c: Any
+    ) -> list[tuple[float, float, float]]:
+        """A session's steps with no pause before its last charging step (a pause there becomes
+        the charger's minimum), and none at all while the car is charging now.
+
+        An LP plan is bang-bang: it pauses and resumes a session between 5-minute steps as
+        prices move. The edge counts each pause against the session's switch cap (and the cars'
+        minimum on/off times); a session that reaches the cap stays paused however far behind it
+        is. Charging at the minimum instead costs a little money and keeps the session alive."""
+        steps = sorted(steps)
+        on = [i for i, (_, _, t) in enumerate(steps) if t > 0.0]
+        if not on:
+            return steps
+        charging = any(a is not None and a > 0.5 for a in c.terminal_a) or (
+            c.measured_w is not None and c.measured_w > 0.0
+        )
+        first = 0 if charging else on[0]
+        low = max(c.min_value, 1e-3)
+        return [
+            (s, d, max(t, low) if first <= i <= on[-1] else t) for i, (s, d, t) in enumerate(steps)
+        ]
 
     def plan(
         self,
@@ -176,10 +213,14 @@ class TwinPlanner:
             return None
         from evcore.planner import PlanWeights
 
+        # The planner's site power includes the building at its maximum: so must the peak so far.
+        other_kw = self.other_kw(self.sc.site.root)
+        window_s = self.sc.demand_charge.window_min * 60.0
+        in_window_h = (now - max(math.floor(now / window_s) * window_s, self.sc.start)) / 3600.0
         req = replace(
             self.request(now, sessions),
-            peak_floor_kw=max(0.0, peak_floor_kw),
-            current_window_energy_kwh=max(0.0, window_energy_kwh),
+            peak_floor_kw=max(0.0, peak_floor_kw) + other_kw,
+            current_window_energy_kwh=max(0.0, window_energy_kwh) + other_kw * in_window_h,
             weights=PlanWeights(non_delivery_per_kwh=NON_DELIVERY_PER_KWH),
         )
         res = self.planner.plan(req, PLAN_BUDGET_S)
@@ -200,6 +241,8 @@ class TwinPlanner:
             if target is None:
                 continue
             rows.setdefault(cid, []).append((start.timestamp(), float(dur), float(target)))
+        for cid, steps in rows.items():
+            rows[cid] = self._without_pauses(steps, state.chargers[cid])
         self.version += 1
         # The twin's planner stands for the cloud: the edge uses its plan while fresh
         # (``cloud_plan_fresh_s``), then runs the allocator alone.
