@@ -23,7 +23,7 @@ from evcore.bus.config import default_streams
 from evcore.bus.natsbus import NatsBus
 from evcore.bus.outbox import Outbox
 from evcore.bus.streams import stream_for_pattern, stream_for_subject
-from evcore.bus.subjects import name_token, validate_subject
+from evcore.bus.subjects import CRITICAL_KINDS, name_token, validate_subject
 from evcore.clock import ManualClock
 from evcore.v1 import event_pb2, meter_pb2
 from hypothesis import given
@@ -103,9 +103,21 @@ def test_validate_subject_errors() -> None:
 def test_streams_cover_critical_subjects_and_patterns() -> None:
     specs = default_streams("d")
     s = Subjects("d")
-    for subj in (s.audit, s.setpoint("c"), s.transaction("c"), s.grid, s.plan, s.status("c")):
+    for subj in (
+        s.audit,
+        s.setpoint("c"),
+        s.transaction("c"),
+        s.grid,
+        s.plan,
+        s.status("c"),
+        s.station_event("CP.1"),
+    ):
         spec = stream_for_subject(specs, subj)
         assert spec is not None and spec.name.endswith("_EVENTS")
+    # Station notifications (security events…) must not be lost: the outbox class on NATS.
+    assert s.station_event("CP.1") == "evcore.d.station_event.CP%2E1"
+    assert s.kind_of(s.station_event("CP.1")) in CRITICAL_KINDS
+    assert stream_for_pattern(specs, s.station_event()).name.endswith("_EVENTS")
     tele = stream_for_subject(specs, s.telemetry("c"))
     assert tele is not None and tele.name.endswith("_TELEMETRY")
     assert stream_for_subject(specs, s.rpc("x")) is None

@@ -6,18 +6,23 @@ import asyncio
 import base64
 import json
 import math
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from evcore.bus import BusConfig, Subjects
 from evcore.bus.api import BusMessage
 from evcore.bus.inprocess import InProcessBus
+from evcore.bus.natsbus import NatsBus
 from evcore.clock import WallClock
 from evcore.ocpp import CentralSystem, TransactionEvent
 from evcore.ocpp.v16 import iso
 from evcore.sim.ev import EV
+from evcore.store import open_store
 from evcore.store.sqlite import sqlite_store
-from evcore.v1 import meter_pb2, status_pb2, transaction_pb2
+from evcore.v1 import meter_pb2, station_event_pb2, status_pb2, transaction_pb2
 from ocpp_testsite import PASSWORDS, make_site, rig
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
@@ -169,3 +174,112 @@ async def test_restart_with_the_store_never_duplicates_a_transaction(tmp_path: P
         assert await store.list_open_transactions() == []
     finally:
         await store.close()
+
+
+SHARED_NATS = os.environ.get("EVCORE_TEST_NATS_URL", "nats://127.0.0.1:4222")
+
+
+@pytest.mark.parametrize("bus_kind", ["inprocess", "nats"])
+async def test_station_events_are_published_and_stored(
+    bus_kind: str, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    """Security events and firmware / diagnostics / log status from both OCPP versions reach the
+    bus (a durable consumer of the site's stream) and the store before the station's answer."""
+    bus: Any
+    if bus_kind == "nats":
+        conf = BusConfig(
+            kind="nats",
+            urls=(SHARED_NATS,),
+            outbox_dir=tmp_path / "outbox",
+            reconnect_wait_s=0.1,
+            connect_timeout_s=1.0,
+        )
+        bus = NatsBus("ocpp-test", conf, clock=WallClock())
+    else:
+        bus = InProcessBus("ocpp-test")
+    await bus.start()
+    if bus_kind == "nats":
+        assert bus.connected, f"nats-server at {SHARED_NATS} unreachable (run .ci/services)"
+    store = open_store(store_section, tmp_path)
+    await store.open()
+    got: list[BusMessage] = []
+
+    async def collect(msg: BusMessage) -> None:
+        got.append(msg)
+
+    subjects = Subjects("ocpp-test")
+    SK = station_event_pb2.StationEventKind
+    try:
+        async with rig(bus=bus, store=store) as r:
+            t0 = r.cs.clock.now()
+            # The stream may hold other runs' events (shared NATS): read only this run's.
+            await bus.consume(
+                subjects.station_event(), durable=f"t-{uuid.uuid4().hex[:8]}", handler=collect
+            )
+            a, b = r.fleet.stations["CPA"], r.fleet.stations["CPB"]
+            tamper = {"type": "TamperDetectionActivated", "timestamp": iso(t0), "techInfo": "lid"}
+            calls: list[tuple[Any, str, dict[str, Any]]] = [
+                (a, "SecurityEventNotification", tamper),
+                (a, "FirmwareStatusNotification", {"status": "Installed"}),
+                (a, "SignedFirmwareStatusNotification", {"status": "Downloaded", "requestId": 4}),
+                (a, "DiagnosticsStatusNotification", {"status": "Uploaded"}),
+                (a, "LogStatusNotification", {"status": "Uploading", "requestId": 3}),
+                (
+                    b,
+                    "SecurityEventNotification",
+                    {"type": "InvalidFirmwareSignature", "timestamp": iso(t0 + 0.5)},
+                ),
+                (b, "FirmwareStatusNotification", {"status": "Installed", "requestId": 5}),
+                (b, "LogStatusNotification", {"status": "Uploaded", "requestId": 9}),
+                # A replay of the same security event (e.g. after a reconnect): kept once.
+                (a, "SecurityEventNotification", tamper),
+            ]
+            for station, action, payload in calls:
+                assert await station.call(action, payload) == {}, action
+            # Answered only after storing: the store has them now.
+            stored = await store.station_events(since_s=t0 - 1)
+            await bus.flush(timeout_s=10.0)
+
+            def this_run() -> list[Any]:
+                msgs = [station_event_pb2.StationEvent.FromString(m.data) for m in got]
+                return [m for m in msgs if m.received_at.ToNanoseconds() >= (t0 - 1) * 1e9]
+
+            await r.until(lambda: len(this_run()) >= 8, 20.0)
+            await asyncio.sleep(0.3)  # a duplicate, if any, would arrive now
+        published = this_run()
+        expected = {
+            ("CPA", "1.6", SK.STATION_EVENT_KIND_SECURITY, "TamperDetectionActivated", None),
+            ("CPA", "1.6", SK.STATION_EVENT_KIND_FIRMWARE_STATUS, "Installed", None),
+            ("CPA", "1.6", SK.STATION_EVENT_KIND_FIRMWARE_STATUS, "Downloaded", 4),
+            ("CPA", "1.6", SK.STATION_EVENT_KIND_DIAGNOSTICS_STATUS, "Uploaded", None),
+            ("CPA", "1.6", SK.STATION_EVENT_KIND_LOG_STATUS, "Uploading", 3),
+            ("CPB", "2.0.1", SK.STATION_EVENT_KIND_SECURITY, "InvalidFirmwareSignature", None),
+            ("CPB", "2.0.1", SK.STATION_EVENT_KIND_FIRMWARE_STATUS, "Installed", 5),
+            ("CPB", "2.0.1", SK.STATION_EVENT_KIND_LOG_STATUS, "Uploaded", 9),
+        }
+
+        def key(e: Any) -> tuple[Any, ...]:
+            rid = e.request_id if e.HasField("request_id") else None
+            return (e.station_id, e.ocpp_version, e.kind, e.code, rid)
+
+        for name, events in (("bus", published), ("store", stored)):
+            assert sorted(map(key, events)) == sorted(expected), name
+            sec = next(e for e in events if e.code == "TamperDetectionActivated")
+            assert sec.tech_info == "lid"
+            # The station's own time (sent with millisecond precision), not the receive time.
+            assert abs(sec.occurred_at.ToNanoseconds() / 1e9 - t0) < 0.0011
+            # Status notifications carry no time of their own.
+            assert all(
+                e.HasField("occurred_at") == (e.kind == SK.STATION_EVENT_KIND_SECURITY)
+                for e in events
+            )
+        by_station = {m.subject for m in got}
+        assert by_station <= {subjects.station_event("CPA"), subjects.station_event("CPB")}
+        assert [
+            e.code for e in await store.station_events("CPB", kind=SK.STATION_EVENT_KIND_SECURITY)
+        ] == ["InvalidFirmwareSignature"]
+    finally:
+        await store.close()
+        if bus_kind == "nats":
+            await bus.delete_streams()
+        await bus.close()

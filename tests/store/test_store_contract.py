@@ -24,6 +24,7 @@ from evcore.store.migrations import POSTGRES, SQLITE_RECORDS
 from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
 from evcore.v1.meter_pb2 import MeterSample
 from evcore.v1.setpoint_pb2 import Setpoint
+from evcore.v1.station_event_pb2 import StationEvent, StationEventKind
 from evcore.v1.status_pb2 import ChargerStatus, ConnectorState
 from evcore.v1.transaction_pb2 import TransactionEvent, TransactionEventKind
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -269,6 +270,91 @@ async def test_audit_append_extends_head_only(store: SqlStore) -> None:
     assert [r.decision_id for r in await store.audit_records(since_s=T0 + 0.5)] == ["D1"]
     rows = await store.audit_rows(after_seq=0)
     assert [(r.seq, r.prev_hash) for r in rows] == [(1, "h0")]
+
+
+def station_event(
+    station: str, kind: int, code: str, *, at: float | None = None, received: float = T0
+) -> StationEvent:
+    ev = StationEvent(station_id=station, kind=kind, code=code, ocpp_version="2.0.1")  # type: ignore[arg-type]
+    if at is not None:
+        ev.occurred_at.CopyFrom(ts(at))
+    ev.received_at.CopyFrom(ts(received))
+    return ev
+
+
+async def test_station_events_are_idempotent_and_queried(store: SqlStore) -> None:
+    SK = StationEventKind
+    tamper = station_event(
+        "CP.1", SK.STATION_EVENT_KIND_SECURITY, "TamperDetectionActivated", at=T0
+    )
+    tamper.tech_info = "lid open"
+    assert await store.record_station_event(tamper) is True
+    # The station replays it after a reconnect: stored once.
+    assert await store.record_station_event(tamper) is False
+    # A status notification has no time of its own: the receive time keys it.
+    fw = station_event("CP.1", SK.STATION_EVENT_KIND_FIRMWARE_STATUS, "Installed", received=T0 + 5)
+    fw.request_id = 7
+    assert await store.record_station_event(fw) is True
+    log = station_event("CP-2", SK.STATION_EVENT_KIND_LOG_STATUS, "Uploaded", received=T0 + 10)
+    assert await store.record_station_event(log) is True
+    everything = await store.station_events()
+    assert [(e.station_id, e.code) for e in everything] == [
+        ("CP.1", "TamperDetectionActivated"),
+        ("CP.1", "Installed"),
+        ("CP-2", "Uploaded"),
+    ]
+    assert everything[0] == tamper and everything[0].tech_info == "lid open"
+    assert everything[1].HasField("request_id") and everything[1].request_id == 7
+    assert not everything[2].HasField("request_id")
+    assert [e.code for e in await store.station_events("CP.1")] == [
+        "TamperDetectionActivated",
+        "Installed",
+    ]
+    security = await store.station_events(kind=SK.STATION_EVENT_KIND_SECURITY)
+    assert [e.code for e in security] == ["TamperDetectionActivated"]
+    assert [e.code for e in await store.station_events(since_s=T0 + 1, until_s=T0 + 10)] == [
+        "Installed"
+    ]
+    assert len(await store.station_events(limit=2)) == 2
+    # Station events are records, not telemetry: a telemetry purge keeps them.
+    await store.purge_telemetry(T0 + 3600)
+    assert len(await store.station_events()) == 3
+    with pytest.raises(ValueError, match="station_id"):
+        await store.record_station_event(station_event("", SK.STATION_EVENT_KIND_SECURITY, "x"))
+    with pytest.raises(ValueError, match="no kind"):
+        await store.record_station_event(station_event("CP.1", 0, "x"))
+    with pytest.raises(ValueError, match="neither occurred_at nor received_at"):
+        await store.record_station_event(
+            StationEvent(station_id="CP.1", kind=SK.STATION_EVENT_KIND_SECURITY, code="x")
+        )
+    assert len(await store.station_events()) == 3
+
+
+async def test_an_older_schema_is_upgraded_keeping_its_data(
+    store_section: dict[str, object], tmp_path: Path
+) -> None:
+    """A store created before the station events migration gains the table on the next open."""
+    old = open_store(store_section, tmp_path)
+    newest = old._records.migrations()
+    for backend in (old._records, old._telemetry):  # PostgreSQL: both run the one list
+        if backend.migrations() is newest:
+            backend.migrations = lambda: newest[:-1]  # type: ignore[method-assign]
+    await old.open()
+    try:
+        assert await old.schema_version() == newest[-2].version
+        await old.upsert_session(SessionRecord("S1", "C1", T0))
+    finally:
+        await old.close()
+    new = open_store(store_section, tmp_path)
+    await new.open()
+    try:
+        assert await new.schema_version() == newest[-1].version
+        assert (await new.get_session("S1")) is not None
+        ev = station_event("CP.1", StationEventKind.STATION_EVENT_KIND_SECURITY, "x", at=T0)
+        assert await new.record_station_event(ev) is True
+        assert await new.station_events() == [ev]
+    finally:
+        await new.close()
 
 
 async def test_processed_ids_and_meta(store: SqlStore) -> None:

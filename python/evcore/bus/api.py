@@ -8,8 +8,9 @@ knows subjects and delivery, never meaning. Two implementations pass the same te
 
 Delivery classes, chosen from the subject (``evcore.<site>.<kind>…``) or ``critical=True``:
 
-* critical (``audit``, ``transaction``, ``setpoint``): accepted only once fsynced to the disk outbox
-  (NATS) or appended to the stream (in-process); published in order, never dropped;
+* critical (``audit``, ``transaction``, ``setpoint``, ``station_event``): accepted only once
+  fsynced to the disk outbox (NATS) or appended to the stream (in-process); published in order,
+  never dropped;
 * sampled (``telemetry``): the latest value per subject wins when the sender falls behind; every
   replaced sample is counted in ``stats.telemetry_dropped``;
 * normal: a bounded queue; overflow drops the oldest and counts it.

@@ -62,6 +62,7 @@ def default_streams(site_id: str, cfg: BusConfig | None = None) -> list[StreamSp
                 s.transaction(),
                 s.setpoint(),
                 s.status(),
+                s.station_event(),
                 s.plan,
                 s.grid,
                 s.decision,

@@ -110,7 +110,7 @@ def validate_subject(subject: str, *, wildcards: bool) -> None:
 
 
 # Kinds whose events must not be lost: they go through the disk-backed outbox.
-CRITICAL_KINDS = frozenset({"audit", "transaction", "setpoint"})
+CRITICAL_KINDS = frozenset({"audit", "transaction", "setpoint", "station_event"})
 # Kinds that may be sampled down (latest per subject wins) under backpressure.
 SAMPLED_KINDS = frozenset({"telemetry"})
 
@@ -153,6 +153,11 @@ class Subjects:
     def setpoint(self, charger_id: str | None = None) -> str:
         """Setpoints sent (critical: outbox)."""
         return self._per_charger("setpoint", charger_id)
+
+    def station_event(self, station_id: str | None = None) -> str:
+        """Station notifications (security, firmware, diagnostics, log status) of one OCPP
+        station, by its OCPP id (critical: outbox)."""
+        return self._per_charger("station_event", station_id)
 
     def command(self, charger_id: str | None = None) -> str:
         """Requests to one charger's OCPP connection (request/reply, not stored)."""

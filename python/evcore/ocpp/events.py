@@ -98,8 +98,12 @@ class TransactionEvent:
 class SecurityEvent:
     ocpp_id: str
     at: float
+    #: The security event type as sent (e.g. "TamperDetectionActivated").
     kind: str
+    #: techInfo, when sent.
     info: str | None
+    #: OCPP version of the connection ("1.6" or "2.0.1").
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +111,12 @@ class NotificationEvent:
     """Firmware / diagnostics / log status and EV charging needs, kept for operators."""
 
     ocpp_id: str
+    #: When the edge received it (these notifications carry no time of their own).
     at: float
     action: str
     payload: dict[str, object] = field(default_factory=dict)
+    #: OCPP version of the connection ("1.6" or "2.0.1").
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """The one place where OCPP events become contract messages on the bus and rows in the store.
 
 Converts :mod:`evcore.ocpp.events` to ``evcore.v1`` protobuf messages, publishes them on
-``Subjects(site).telemetry|status|transaction(charger)`` and hands them to the telemetry store.
+``Subjects(site).telemetry|status|transaction(charger)`` and ``station_event(station)`` (security
+events, firmware / diagnostics / log status) and hands them to the store.
 Switching bus or store implementations is a change here only. It never alters an event.
 """
 
@@ -12,7 +13,14 @@ import logging
 import math
 from typing import Any, Protocol
 
-from evcore.ocpp.events import MeterSample, OcppEvent, StatusEvent, TransactionEvent
+from evcore.ocpp.events import (
+    MeterSample,
+    NotificationEvent,
+    OcppEvent,
+    SecurityEvent,
+    StatusEvent,
+    TransactionEvent,
+)
 
 LOG = logging.getLogger("evcore.ocpp")
 
@@ -25,6 +33,8 @@ class TelemetryStore(Protocol):
     async def record_status(self, status: Any) -> Any: ...
 
     async def record_transaction(self, tx: Any) -> Any: ...
+
+    async def record_station_event(self, event: Any) -> Any: ...
 
 
 class BusLike(Protocol):
@@ -46,6 +56,14 @@ _STATE = {
     "Occupied": 10,
 }
 _KIND = {"started": 1, "updated": 2, "ended": 3}
+# Notification actions published as station events, and their StationEventKind.
+STATION_EVENT_KINDS = {
+    "FirmwareStatusNotification": 2,
+    "SignedFirmwareStatusNotification": 2,
+    "DiagnosticsStatusNotification": 3,
+    "LogStatusNotification": 4,
+}
+_SECURITY = 1
 
 
 def _ts(msg_field: Any, t: float) -> None:
@@ -105,6 +123,26 @@ def transaction_to_proto(ev: TransactionEvent, received_at: float, evse_id: int)
     if ev.kind == "ended" and ev.meter_now_wh is not None:
         m.meter_stop_wh = ev.meter_now_wh
     _ts(m.occurred_at, ev.at)
+    _ts(m.received_at, received_at)
+    return m
+
+
+def station_event_to_proto(ev: SecurityEvent | NotificationEvent, received_at: float) -> Any:
+    """A security event or a firmware / diagnostics / log status as a ``StationEvent``."""
+    from evcore.v1 import station_event_pb2
+
+    m = station_event_pb2.StationEvent(station_id=ev.ocpp_id, ocpp_version=ev.version)
+    if isinstance(ev, SecurityEvent):
+        m.kind = _SECURITY  # type: ignore[assignment]
+        m.code = ev.kind
+        m.tech_info = ev.info or ""
+        _ts(m.occurred_at, ev.at)
+    else:
+        m.kind = STATION_EVENT_KINDS[ev.action]  # type: ignore[assignment]
+        m.code = str(ev.payload.get("status", ""))
+        request_id = ev.payload.get("requestId")
+        if isinstance(request_id, int) and not isinstance(request_id, bool):
+            m.request_id = request_id
     _ts(m.received_at, received_at)
     return m
 
@@ -222,3 +260,17 @@ class EventPublisher:
                 )
             if self.store is not None:
                 await self.store.record_transaction(msg)
+        elif isinstance(event, SecurityEvent) or (
+            isinstance(event, NotificationEvent) and event.action in STATION_EVENT_KINDS
+        ):
+            msg = station_event_to_proto(event, received)
+            if self.bus is not None:
+                await self.bus.publish(
+                    self._subjects.station_event(event.ocpp_id),
+                    msg,
+                    event_id=f"station:{event.ocpp_id}:{msg.kind}:{msg.code}:"
+                    f"{round(event.at * 1000)}",
+                    critical=True,
+                )
+            if self.store is not None:
+                await self.store.record_station_event(msg)

@@ -832,13 +832,26 @@ class CentralSystem:
         self._emit(sample)
         await self._publisher.publish(sample)
 
-    async def _on_security(self, st: Station, kind: str, info: str | None, at: float) -> None:
-        ev = SecurityEvent(st.ocpp_id, at, kind, info)
+    async def _on_security(
+        self, st: Station, kind: str, info: str | None, at: float, version: str = ""
+    ) -> None:
+        ev = SecurityEvent(st.ocpp_id, at, kind, info, version)
         self._emit(ev)
         await self._publisher.publish(ev)
 
-    def _on_notification(self, st: Station, action: str, payload: dict[str, Any]) -> None:
-        self._emit(NotificationEvent(st.ocpp_id, self.clock.now(), action, dict(payload)))
+    def _on_notification(
+        self, st: Station, action: str, payload: dict[str, Any], version: str = ""
+    ) -> NotificationEvent:
+        ev = NotificationEvent(st.ocpp_id, self.clock.now(), action, dict(payload), version)
+        self._emit(ev)
+        return ev
+
+    async def _on_station_status(
+        self, st: Station, action: str, payload: dict[str, Any], version: str
+    ) -> None:
+        """Firmware / diagnostics / log status: to the listeners, then published and stored
+        (``evcore.<site>.station_event.<station>``) before the station gets its answer."""
+        await self._publisher.publish(self._on_notification(st, action, payload, version))
 
     # ---- commands ------------------------------------------------------------------------
     async def _enqueue(

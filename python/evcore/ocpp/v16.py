@@ -109,23 +109,30 @@ class Connection16(StationConnection):
     @on(Action.security_event_notification)
     async def on_security_event(self, p: dict[str, Any]) -> dict[str, Any]:
         await self.csms._on_security(
-            self.station, p["type"], p.get("techInfo"), self._ts(p["timestamp"])
+            self.station, p["type"], p.get("techInfo"), self._ts(p["timestamp"]), "1.6"
         )
         return {}
 
     @on(Action.firmware_status_notification)
     async def on_firmware_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        self.csms._on_notification(self.station, "FirmwareStatusNotification", p)
+        await self.csms._on_station_status(self.station, "FirmwareStatusNotification", p, "1.6")
+        return {}
+
+    @on(Action.signed_firmware_status_notification)
+    async def on_signed_firmware_status(self, p: dict[str, Any]) -> dict[str, Any]:
+        await self.csms._on_station_status(
+            self.station, "SignedFirmwareStatusNotification", p, "1.6"
+        )
         return {}
 
     @on(Action.diagnostics_status_notification)
     async def on_diagnostics_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        self.csms._on_notification(self.station, "DiagnosticsStatusNotification", p)
+        await self.csms._on_station_status(self.station, "DiagnosticsStatusNotification", p, "1.6")
         return {}
 
     @on(Action.log_status_notification)
     async def on_log_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        self.csms._on_notification(self.station, "LogStatusNotification", p)
+        await self.csms._on_station_status(self.station, "LogStatusNotification", p, "1.6")
         return {}
 
     @on(Action.data_transfer)

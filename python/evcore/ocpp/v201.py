@@ -94,18 +94,18 @@ class Connection201(StationConnection):
     @on(Action.security_event_notification)
     async def on_security_event(self, p: dict[str, Any]) -> dict[str, Any]:
         await self.csms._on_security(
-            self.station, p["type"], p.get("techInfo"), self._ts(p["timestamp"])
+            self.station, p["type"], p.get("techInfo"), self._ts(p["timestamp"]), "2.0.1"
         )
         return {}
 
     @on(Action.firmware_status_notification)
     async def on_firmware_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        self.csms._on_notification(self.station, "FirmwareStatusNotification", p)
+        await self.csms._on_station_status(self.station, "FirmwareStatusNotification", p, "2.0.1")
         return {}
 
     @on(Action.log_status_notification)
     async def on_log_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        self.csms._on_notification(self.station, "LogStatusNotification", p)
+        await self.csms._on_station_status(self.station, "LogStatusNotification", p, "2.0.1")
         return {}
 
     @on(Action.notify_ev_charging_needs)

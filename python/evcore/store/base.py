@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 from evcore.v1.audit_pb2 import AuditRecord
 from evcore.v1.meter_pb2 import MeterSample
 from evcore.v1.setpoint_pb2 import Setpoint
+from evcore.v1.station_event_pb2 import StationEvent, StationEventKind
 from evcore.v1.status_pb2 import ChargerStatus
 from evcore.v1.transaction_pb2 import TransactionEvent
 
@@ -248,6 +249,27 @@ class Store(Protocol):
 
     async def purge_expired(self, now_s: float) -> int:
         """``purge_telemetry(now_s - telemetry_retention_s)``."""
+        ...
+
+    # -- station events -------------------------------------------------------------------------
+    async def record_station_event(self, event: StationEvent) -> bool:
+        """Store a station notification (security event, firmware / diagnostics / log status) with
+        full durability; False when this exact event (station, kind, code, time) was stored
+        before (a replay or a re-send), in which case nothing changes. The time is ``occurred_at``,
+        or ``received_at`` when the station sent none."""
+        ...
+
+    async def station_events(
+        self,
+        station_id: str | None = None,
+        *,
+        kind: StationEventKind.ValueType | None = None,
+        since_s: float | None = None,
+        until_s: float | None = None,
+        limit: int | None = None,
+    ) -> list[StationEvent]:
+        """Stored station events with ``since_s <= t < until_s`` (of one station and kind when
+        given), oldest first."""
         ...
 
     # -- audit ----------------------------------------------------------------------------------

@@ -132,6 +132,22 @@ CREATE TABLE status_latest (
 );
 """
 
+# Station notifications (security events, firmware / diagnostics / log status) are records that must
+# not be lost, so they live with the committed records, not the telemetry. The key makes a replayed
+# or re-sent notification a no-op.
+_RECORDS_V2 = """
+CREATE TABLE station_events (
+    station_id TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    at_us {bigint} NOT NULL,
+    at_s {real} NOT NULL,
+    payload {blob} NOT NULL,
+    PRIMARY KEY (station_id, kind, code, at_us)
+);
+CREATE INDEX station_events_time ON station_events (at_s);
+"""
+
 _SQLITE = {"real": "REAL", "bigint": "INTEGER", "blob": "BLOB", "bool": "INTEGER"}
 _POSTGRES = {"real": "DOUBLE PRECISION", "bigint": "BIGINT", "blob": "BYTEA", "bool": "BOOLEAN"}
 
@@ -141,6 +157,7 @@ SQLITE_RECORDS: tuple[Migration, ...] = (
         "records: sessions, transactions, setpoints, audit chain, meta, processed ids",
         _RECORDS_V1.format(**_SQLITE),
     ),
+    Migration(2, "records: station events", _RECORDS_V2.format(**_SQLITE)),
 )
 SQLITE_TELEMETRY: tuple[Migration, ...] = (
     Migration(1, "telemetry: meter samples, status history", _TELEMETRY_V1.format(**_SQLITE)),
@@ -152,6 +169,7 @@ POSTGRES: tuple[Migration, ...] = (
         _RECORDS_V1.format(**_POSTGRES),
     ),
     Migration(2, "telemetry: meter samples, status history", _TELEMETRY_V1.format(**_POSTGRES)),
+    Migration(3, "records: station events", _RECORDS_V2.format(**_POSTGRES)),
 )
 
 

@@ -34,6 +34,7 @@ from evcore.store.migrations import Migration, statements
 from evcore.v1.audit_pb2 import AuditRecord
 from evcore.v1.meter_pb2 import MeterSample
 from evcore.v1.setpoint_pb2 import Setpoint
+from evcore.v1.station_event_pb2 import StationEvent, StationEventKind
 from evcore.v1.status_pb2 import ChargerStatus
 from evcore.v1.transaction_pb2 import TransactionEvent, TransactionEventKind
 
@@ -707,6 +708,75 @@ class SqlStore:
 
     async def purge_expired(self, now_s: float) -> int:
         return await self.purge_telemetry(now_s - self._retention_s)
+
+    # -- station events -------------------------------------------------------------------------
+    async def record_station_event(self, event: StationEvent) -> bool:
+        _require_id(event.station_id, "StationEvent.station_id")
+        if event.kind == StationEventKind.STATION_EVENT_KIND_UNSPECIFIED:
+            raise ValueError(f"StationEvent of station {event.station_id!r} has no kind")
+        if event.HasField("occurred_at"):
+            at = event.occurred_at
+        elif event.HasField("received_at"):
+            at = event.received_at
+        else:
+            raise ValueError(
+                f"StationEvent of station {event.station_id!r} has neither occurred_at nor "
+                "received_at"
+            )
+        row = (
+            event.station_id,
+            int(event.kind),
+            event.code,
+            ts_us(at),
+            ts_s(at),
+            event.SerializeToString(deterministic=True),
+        )
+
+        def op(tx: Tx) -> bool:
+            n = tx.execute(
+                "INSERT INTO station_events (station_id, kind, code, at_us, at_s, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                row,
+            )
+            return n > 0
+
+        return await self._run(self._records, op)
+
+    async def station_events(
+        self,
+        station_id: str | None = None,
+        *,
+        kind: StationEventKind.ValueType | None = None,
+        since_s: float | None = None,
+        until_s: float | None = None,
+        limit: int | None = None,
+    ) -> list[StationEvent]:
+        where: list[str] = []
+        params: list[Any] = []
+        if station_id is not None:
+            where.append("station_id = ?")
+            params.append(station_id)
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(int(kind))
+        if since_s is not None:
+            where.append("at_s >= ?")
+            params.append(float(since_s))
+        if until_s is not None:
+            where.append("at_s < ?")
+            params.append(float(until_s))
+        sql = "SELECT payload FROM station_events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY at_us, station_id, kind, code"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+
+        def op(tx: Tx) -> list[StationEvent]:
+            return [_parse(StationEvent, r[0]) for r in tx.all(sql, params)]
+
+        return await self._run(self._records, op)
 
     # -- audit ----------------------------------------------------------------------------------
     async def append_audit(self, record: AuditRecord) -> None:
