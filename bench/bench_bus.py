@@ -4,6 +4,13 @@ Cases (each against a reference in the same process, interleaved, ratio = refere
 
 * ``inprocess-deliver``: in-process bus, publish → subscriber handler latency; reference: a bare
   ``asyncio.Queue`` hand-off between two tasks (the least any in-process bus can cost).
+* ``inprocess-publish`` (100 and 10,000 distinct subjects): what one ``publish`` costs the caller on
+  the in-process bus (a telemetry sample to one of N chargers, the default streams, five live
+  subscriptions of which two match), per message over blocks of 50; reference: the least an
+  in-process bus must do for the same message (serialise it and put it on the two matching
+  subscribers' ``asyncio.Queue``s). ``uncached_median_s`` is the same bus with its per-subject
+  route cache off (``route_cache_size=0``), measured interleaved in the same run; with 10,000
+  subjects the bounded cache (4,096 subjects) keeps evicting, which shows the cost of a miss.
 * ``nats-critical-accept``: time until ``publish(critical=True)`` returns (fsynced into the disk
   outbox); reference: awaiting JetStream's acknowledgement of the same publish (what a naive edge
   would wait for — and could not do at all while the broker is down).
@@ -127,6 +134,101 @@ async def inprocess_deliver(n: int) -> dict[str, Any]:
         b,
         lost=len(set(want) - set(received)),
         duplicates=len(received) - len(set(received)),
+    )
+
+
+async def inprocess_publish(n: int, chargers: int) -> dict[str, Any]:
+    block = 50
+    blocks = max(30, n // block)
+    site = "bench-pub"
+    s = Subjects(site)
+    subjects = [s.telemetry(f"C{i}") for i in range(chargers)]
+    sample = meter_pb2.MeterSample(charger_id="C1", power_w=7400, current_a=[10.0, 10.0, 10.0])
+
+    async def make(**kw: Any) -> tuple[InProcessBus, list[int]]:
+        bus = InProcessBus(site, clock=WallClock(), **kw)
+        await bus.start()
+        counts = [0]
+
+        async def handler(m: BusMessage) -> None:
+            counts[0] += 1
+
+        async def other(m: BusMessage) -> None:
+            pass
+
+        await bus.subscribe(s.telemetry(), handler)  # the edge's state
+        await bus.subscribe(s.all, handler)  # a recorder of the whole site
+        for pattern in (s.status(), s.transaction(), s.setpoint()):
+            await bus.subscribe(pattern, other)
+        return bus, counts
+
+    cached, got = await make()
+    try:
+        uncached, got_uncached = await make(route_cache_size=0)
+    except TypeError:  # a bus without the route cache
+        uncached, got_uncached = None, [0]
+    queues: list[asyncio.Queue[bytes]] = [asyncio.Queue(), asyncio.Queue()]
+    sent = [0, 0]
+    k = [0]
+
+    async def timed(bus: InProcessBus, counts: list[int], which: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(block):
+            i = k[0]
+            k[0] += 1
+            await bus.publish(subjects[i % chargers], sample, event_id=f"p{i}")
+        dt = (time.perf_counter() - t0) / block
+        sent[which] += block
+        # Let the subscribers catch up (not timed): nothing may be dropped or lost.
+        await _wait(lambda: counts[0] >= 2 * sent[which], 10.0)
+        return dt
+
+    async def ours(i: int) -> float:
+        return await timed(cached, got, 0)
+
+    async def ref(i: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(block):
+            data = sample.SerializeToString()
+            for q in queues:
+                q.put_nowait(data)
+        dt = (time.perf_counter() - t0) / block
+        for q in queues:
+            while not q.empty():
+                q.get_nowait()
+        return dt
+
+    unc: list[float] = []
+
+    async def ours_then_uncached(i: int) -> float:
+        dt = await ours(i)
+        if uncached is not None:
+            unc.append(await timed(uncached, got_uncached, 1))
+        return dt
+
+    for i in range(5):  # warm-up
+        await ours_then_uncached(i)
+        await ref(i)
+    unc.clear()
+    a, b = await _interleave(blocks, ours_then_uncached, ref)
+    stats = cached.stats
+    await cached.close()
+    if uncached is not None:
+        await uncached.close()
+    extra: dict[str, Any] = {}
+    if unc:
+        extra["uncached_median_s"] = statistics.median(unc)
+        extra["uncached_p99_s"] = _p99(unc)
+    return _case(
+        f"inprocess-publish-{chargers}",
+        a,
+        b,
+        chargers=chargers,
+        block=block,
+        lost=2 * sent[0] - got[0],
+        duplicates=0,
+        slow_consumer_dropped=stats.slow_consumer_dropped,
+        **extra,
     )
 
 
@@ -366,6 +468,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     n = 60 if args.quick else args.messages
     backlogs = [(200, 3)] if args.quick else [(1000, 30), (10000, 30)]
     cases = [await inprocess_deliver(n)]
+    for chargers in (100, 10_000):
+        cases.append(await inprocess_publish(n, chargers))
     if not args.no_nats:
         with tempfile.TemporaryDirectory() as tmp:
             try:
