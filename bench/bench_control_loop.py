@@ -1,21 +1,25 @@
 """``evcore bench control-loop``: from an event that requires decreases to the profiles arriving.
 
-End to end through real sockets: the edge controller (Rust allocator + envelope), the OCPP central
-system on a loopback WebSocket, and one simulated 1.6 station per charger (``evcore.sim``), with
-``SitePhysics`` counting every 100 ms sample over a node-phase limit. All chargers charge; the event
-is a grid curtailment in force at once (at most 5 % of the site's power at the grid node), which
-requires a decrease at every charger. Per repetition we measure, at the stations, when each
-charger's first SetChargingProfile after the event arrived:
+End to end through real sockets: the edge controller (Rust allocator + envelope) and the OCPP
+central system on a loopback WebSocket in this process; one simulated 1.6 station per charger
+(``evcore.sim``) with ``SitePhysics`` counting every 100 ms sample over a node-phase limit in a
+*child* process, so the stations' own work does not run on the edge's event loop (the machine has
+2 cores; the edge gets one, the fleet the other). All chargers charge; the event is a grid
+curtailment in force at once (at most 5 % of the site's power at the grid node), which requires a
+decrease at every charger. Per repetition we measure, at the stations, when each charger's first
+SetChargingProfile after the event arrived (``time.monotonic`` is one clock for both processes):
 
-* ``p50_s`` / ``p99_s``: event → arrival, over every charger of every repetition;
+* ``p50_s`` / ``p99_s``: event → arrival, over every charger of every repetition (an upper bound
+  of event → the profile leaving the edge: it adds loopback and the station's parsing);
 * ``time_to_last_s``: event → the last charger's profile arrived (median over repetitions);
+* ``decision_median_s``: the decision itself (allocate + envelope + dispatch + audit record +
+  handing every profile to the central system);
 * ``reference_median_s``: the same decreases sent the way a naive controller would (one awaited
   ``set_limit`` after the other through the same central system, no decision), time to the last;
 * ``violations``: the site physics' count over the whole run (must be 0).
 
-Then the curtailment is cancelled and the increases settle before the next repetition. The event
-loop is shared by edge, stations and physics (one process, 2 cores shared with others), so these
-figures are upper bounds of the edge's own latency.
+Then the curtailment is cancelled and the increases settle before the next repetition.
+``--quick`` runs 20 chargers, 3 repetitions (a smoke test, well under a minute).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import asyncio
 import json
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -48,15 +54,88 @@ def _p(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-async def _run(n: int, reps: int, warmup: int) -> dict[str, Any]:
-    from evcore.checker import node_power_kw
-    from evcore.edge.config import EdgeConfig
-    from evcore.edge.grid import Curtailment
+# ---- the fleet (child process) -------------------------------------------------------------
+async def _fleet_child(url: str, table: dict[str, Any]) -> None:
+    """Stations + physics; commands on stdin, one JSON answer per line on stdout."""
     from evcore.edge.rig import EdgeRig
-    from evcore.edge.sitegen import depot_table
     from evcore.sim.ev import EV
 
+    rig = EdgeRig(table, with_edge=False, url=url, sim_tick_s=0.5, apply_delay_s=0.2)
+    await rig.start(connect_timeout_s=120)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    stations = rig.fleet.stations
+    station_of = {cid: rig.fleet.station(cid)[0] for cid in rig.fleet.charger_ids}
+
+    def answer(obj: Any) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    answer({"ready": True})
+    try:
+        while line := (await reader.readline()).decode().strip():
+            if line == "plug":
+                for cid in rig.fleet.charger_ids:
+                    rig.fleet.plug_in(cid, EV(soc=0.2))
+                answer({"ok": True})
+            elif line == "arm":
+                for sim in stations.values():
+                    sim.received = _Stamped()
+                answer({"ok": True})
+            elif line == "firsts":
+                firsts: dict[str, float | None] = {}
+                for cid, sim in station_of.items():
+                    firsts[cid] = next(
+                        (
+                            t
+                            for (a, _), t in zip(sim.received, sim.received.at, strict=True)
+                            if a == "SetChargingProfile"
+                        ),
+                        None,
+                    )
+                answer(firsts)
+            elif line == "stats":
+                answer({"violations": rig.physics.violations, "samples": rig.physics.samples})
+            elif line == "stop":
+                break
+    finally:
+        await rig.stop()
+    answer({"stopped": True})
+
+
+class _Fleet:
+    """The parent's handle on the child process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def ask(self, command: str, timeout_s: float = 120.0) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if command:
+            self.proc.stdin.write((command + "\n").encode())
+            await self.proc.stdin.drain()
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
+        if not line:
+            raise RuntimeError(f"fleet process ended (rc={self.proc.returncode}) on {command!r}")
+        return json.loads(line)
+
+
+# ---- the edge (this process) ---------------------------------------------------------------
+async def _run(n: int, reps: int, warmup: int) -> dict[str, Any]:
+    from evcore.clock import WallClock
+    from evcore.edge.app import build_controller
+    from evcore.edge.config import EdgeConfig
+    from evcore.edge.controller import SentProfile
+    from evcore.edge.coreio import RustCore
+    from evcore.edge.grid import Curtailment
+    from evcore.edge.sitegen import depot_table
+    from evcore.ocpp import CentralSystem
+    from evcore.site import load_site
+
     table = depot_table(n, sample_interval_s=5)
+    site = load_site(table)
+    clock = WallClock()
     cfg = EdgeConfig(
         tick_s=1.0,
         settle_s=2.0,
@@ -65,65 +144,96 @@ async def _run(n: int, reps: int, warmup: int) -> dict[str, Any]:
         min_off_s=0.0,
         restart_max_profiles_per_s=10_000.0,
     )
-    rig = EdgeRig(table, cfg=cfg, sim_tick_s=0.5, apply_delay_s=0.2)
+    sent: list[SentProfile] = []
+    central = CentralSystem(site, clock=clock)
+    core = RustCore(site, table)
+    ctrl = build_controller(
+        table, core=core, gateway=central, clock=clock, cfg=cfg, on_sent=sent.append
+    )
+    central.add_listener(ctrl.on_event)
+    await central.start()
+    loop_task = asyncio.create_task(ctrl.run())
+    url = f"ws://127.0.0.1:{central.port}{central.config.path_prefix}"
     latencies: list[float] = []
     to_last: list[float] = []
     reference: list[float] = []
     decision_s: list[float] = []
-    await rig.start(connect_timeout_s=120)
-    try:
-        ctrl = rig.controller
-        assert ctrl is not None and rig.core is not None
-        await rig.wait_for(rig.failsafe_applied, 120, "TxDefault at the failsafe level")
-        for cid in rig.fleet.charger_ids:
-            rig.fleet.plug_in(cid, EV(soc=0.2))
-        await rig.wait_for(
-            lambda: all(c.transaction_id for c in ctrl.state.chargers.values()), 120, "sessions"
+    with tempfile.TemporaryDirectory() as tmp:
+        table_path = Path(tmp) / "site.json"
+        table_path.write_text(json.dumps(table))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--fleet-child",
+            url,
+            str(table_path),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 24,
         )
-        await asyncio.sleep(3.0)
-        full_kw = float(node_power_kw(rig.site, rig.fleet.terminal_currents())[0])
-        cap_kw = max(1.0, 0.05 * full_kw)
-        sims = list(rig.fleet.stations.values())
-        station_of = {cid: rig.fleet.station(cid)[0] for cid in rig.fleet.charger_ids}
-        for rep in range(warmup + reps):
-            for sim in sims:
-                sim.received = _Stamped()
-            now = rig.clock.now()
-            t0 = time.monotonic()
-            ctrl.post_curtailment(Curtailment(f"bench-{rep}", "grid", cap_kw, now, now + 3600))
+        fleet = _Fleet(proc)
+        try:
+            await fleet.ask("", timeout_s=180)  # ready: every station connected
 
-            def arrived(t0: float = t0) -> bool:
-                return all(any(a == "SetChargingProfile" for a, _ in sim.received) for sim in sims)
+            async def until(cond: Any, timeout_s: float, what: str) -> None:
+                deadline = time.monotonic() + timeout_s
+                while not cond():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+                    await asyncio.sleep(0.05)
 
-            await rig.wait_for(arrived, 30, "a profile at every station", poll_s=0.01)
-            if rep >= warmup:
-                firsts = []
-                for cid in rig.fleet.charger_ids:
-                    sim = station_of[cid]
-                    at = next(
-                        t
-                        for (a, _), t in zip(sim.received, sim.received.at, strict=True)
-                        if a == "SetChargingProfile"
-                    )
-                    firsts.append(at - t0)
-                latencies.extend(firsts)
-                to_last.append(max(firsts))
-                decision_s.append(ctrl.stats.last_decision_s)
-            # Release, let increases settle and measurements refresh.
-            ctrl.cancel_curtailment(f"bench-{rep}")
-            await asyncio.sleep(7.0)
-        # Reference: the same number of decreases, awaited one after the other (no decision).
-        central = rig.central
-        for _rep in range(max(3, reps // 3)):
-            t0 = time.monotonic()
-            for cid in rig.fleet.charger_ids:
-                c = ctrl.state.chargers[cid]
-                await central.set_limit(cid, limit_a=c.sent or 0.0, purpose="tx")
-            reference.append(time.monotonic() - t0)
-        violations = int(rig.physics.violations)
-        samples = int(rig.physics.samples)
-    finally:
-        await rig.stop()
+            states = ctrl.state.chargers.values()
+            await until(
+                lambda: (
+                    bool(ctrl.failsafe)
+                    and all(c.tx_default == ctrl.failsafe[c.charger_id] for c in states)
+                ),
+                120,
+                "TxDefault at the failsafe level",
+            )
+            await fleet.ask("plug")
+            await until(lambda: all(c.transaction_id for c in states), 120, "sessions")
+            await asyncio.sleep(3.0)
+            # What the chargers may draw now (three-phase, 230 V): the curtailment takes 95 %.
+            full_kw = sum((c.sent or 0.0) * 3 * 230.0 / 1000.0 for c in states)
+            cap_kw = max(1.0, 0.05 * full_kw)
+            for rep in range(warmup + reps):
+                await fleet.ask("arm")
+                now = clock.now()
+                t0 = time.monotonic()
+                ctrl.post_curtailment(Curtailment(f"bench-{rep}", "grid", cap_kw, now, now + 3600))
+                firsts: dict[str, float | None] = {}
+                deadline = time.monotonic() + 30
+                while True:
+                    await asyncio.sleep(0.1)
+                    firsts = await fleet.ask("firsts")
+                    if all(v is not None for v in firsts.values()):
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("a profile at every station")
+                if rep >= warmup:
+                    lat = [float(v) - t0 for v in firsts.values() if v is not None]
+                    latencies.extend(lat)
+                    to_last.append(max(lat))
+                    decision_s.append(ctrl.stats.last_decision_s)
+                # Release, let increases settle and measurements refresh.
+                ctrl.cancel_curtailment(f"bench-{rep}")
+                await asyncio.sleep(7.0)
+            # Reference: the same number of decreases, awaited one after the other.
+            for _rep in range(max(3, reps // 3)):
+                t0 = time.monotonic()
+                for c in states:
+                    await central.set_limit(c.charger_id, limit_a=c.sent or 0.0, purpose="tx")
+                reference.append(time.monotonic() - t0)
+            stats = await fleet.ask("stats")
+            await fleet.ask("stop", timeout_s=60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            ctrl.stop()
+            await asyncio.wait_for(loop_task, 10)
+            await central.stop()
     ours = statistics.median(to_last)
     ref = statistics.median(reference)
     return {
@@ -138,8 +248,8 @@ async def _run(n: int, reps: int, warmup: int) -> dict[str, Any]:
         "decision_median_s": statistics.median(decision_s) if decision_s else float("nan"),
         "reference_median_s": ref,
         "ratio": ref / ours if ours > 0 else float("nan"),
-        "violations": violations,
-        "physics_samples": samples,
+        "violations": int(stats["violations"]),
+        "physics_samples": int(stats["samples"]),
     }
 
 
@@ -167,4 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--fleet-child":
+        asyncio.run(_fleet_child(sys.argv[2], json.loads(Path(sys.argv[3]).read_text())))
+        sys.exit(0)
     sys.exit(main())

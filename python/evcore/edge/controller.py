@@ -28,7 +28,7 @@ from evcore.clock import Clock
 from evcore.edge import failsafe
 from evcore.edge.config import EdgeConfig
 from evcore.edge.dispatch import Change, ChangeKind, PendingDecrease, next_settle_at, plan_dispatch
-from evcore.edge.faults import FaultChange, check_ignored, draws_above_limit
+from evcore.edge.faults import FaultChange, check_ignored, draws_above_limit, overdraw
 from evcore.edge.grid import Curtailment, CurtailmentBook, PricePoint, merge_prices
 from evcore.edge.ports import AuditSink, ChargerGateway, CorePort, EnforcedSetpoints
 from evcore.edge.state import ChargerState, SiteState
@@ -175,7 +175,7 @@ class EdgeController:
                 change = check_ignored(c, now_m, self.cfg)
                 if change is FaultChange.FAULTED:
                     self._report_fault(c)
-                if change is not None or _overdraws(c):
+                if change is not None or _overdraws(c, self.cfg.settle_s):
                     self.notify("overdraw")
                 else:
                     self.notify("meter")
@@ -359,9 +359,19 @@ class EdgeController:
         record = self._record(decision_no, trigger, now_w, enforced, changes, caps_now, targets)
         if not await self._append_audit(record):
             return None
-        for purpose, ch, valid_to in changes:
+        urgent = [x for x in changes if x[0] == "tx"]
+        later = [x for x in changes if x[0] != "tx"]
+        for purpose, ch, valid_to in urgent:
             self._send(decision_no, purpose, ch, valid_to, now_m)
         self.stats.last_decision_s = self.clock.monotonic() - now_m
+        if urgent and later:
+            # TxProfiles change what flows now; TxDefaults guard the future. Let the event loop
+            # put the TxProfiles on the wire (enqueue, then the stations' senders) before the
+            # TxDefaults compete with them for it. Both are in the audit record already.
+            for _ in range(2):
+                await asyncio.sleep(0)
+        for purpose, ch, valid_to in later:
+            self._send(decision_no, purpose, ch, valid_to, now_m)
         return record
 
     def _plan_changes(
@@ -687,11 +697,11 @@ class EdgeController:
                 self.on_fault(c.charger_id, c.fault_reason)
 
 
-def _overdraws(c: ChargerState) -> bool:
-    """A fresh measurement above what the charger was allowed: others may need to come down now."""
-    if c.holding is None:
+def _overdraws(c: ChargerState, settle_s: float) -> bool:
+    """A fresh measurement above every limit the charger may still be applying: others may need
+    to come down now. (Above a limit lowered less than ``settle_s`` ago is expected and counted
+    by the envelope already: no extra decision for that.)"""
+    over = overdraw(c, settle_s)
+    if over is None:
         return False
-    if c.is_dc:
-        return c.measured_w is not None and c.measured_w > c.holding * 1.05 + 500.0
-    m = c.measured_max_a()
-    return m is not None and m > c.holding + 1.0
+    return over > (c.holding or 0.0) * 0.05 + 500.0 if c.is_dc else over > 1.0
