@@ -56,7 +56,7 @@ def allocator_batch(site: Site, **columns: Any) -> pa.RecordBatch:
 
 def allocate(
     site: Site,
-    chargers: pa.RecordBatch | Mapping[str, Any],
+    chargers: pa.RecordBatch | pa.Table | Mapping[str, Any],
     nodes: pa.RecordBatch | Mapping[str, Any] | None = None,
     *,
     params: AllocatorParams | Mapping[str, float] | None = None,
@@ -66,6 +66,10 @@ def allocate(
 
     Output: the envelope's columns plus ``level_a`` (water-filling value before steps and
     envelope) and ``admitted``."""
+    if isinstance(chargers, pa.Table):
+        if not chargers.num_rows:
+            raise InputError("chargers: empty table")
+        chargers = chargers.combine_chunks().to_batches()[0]
     if isinstance(chargers, Mapping):
         cols = dict(chargers)
         cols.pop("charger_id", None)
@@ -73,7 +77,7 @@ def allocate(
     elif isinstance(chargers, pa.RecordBatch):
         cb = chargers
     else:
-        raise InputError("chargers: expected a pyarrow RecordBatch or a mapping of columns")
+        raise InputError("chargers: expected a pyarrow RecordBatch, Table or a mapping of columns")
     if nodes is None:
         nb = node_batch(site)
     elif isinstance(nodes, Mapping):

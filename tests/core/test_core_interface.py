@@ -248,3 +248,13 @@ def test_numpy_float_columns_reach_arrow_without_a_copy() -> None:
     out = enforce(site, batch)
     sp = out.column("setpoint_a").to_numpy(zero_copy_only=True)
     assert sp.ctypes.data == out.column("setpoint_a").buffers()[1].address
+
+
+def test_allocate_takes_a_table_like_a_batch() -> None:
+    site = small_site()
+    batch = allocator_batch(site, priority=[1.0, 1.0, 2.0, 1.0, 1.0])
+    a = allocate(site, batch)
+    b = allocate(site, pa.Table.from_batches([batch]))
+    assert a.column("setpoint_a").equals(b.column("setpoint_a"))
+    with pytest.raises(InputError):
+        allocate(site, [1, 2, 3])
