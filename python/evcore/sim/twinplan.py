@@ -172,8 +172,9 @@ class TwinPlanner:
     def _without_pauses(
         self, steps: list[tuple[float, float, float]], c: Any
     ) -> list[tuple[float, float, float]]:
-        """A session's steps with no pause before its last charging step (a pause there becomes
-        the charger's minimum), and none at all while the car is charging now.
+        """A session's steps with no pause once it has started (a pause becomes the charger's
+        minimum; the edge still stops the session when its energy is in): before its first
+        charging step only, while it has not started yet.
 
         An LP plan is bang-bang: it pauses and resumes a session between 5-minute steps as
         prices move. The edge counts each pause against the session's switch cap (and the cars'
@@ -183,14 +184,10 @@ class TwinPlanner:
         on = [i for i, (_, _, t) in enumerate(steps) if t > 0.0]
         if not on:
             return steps
-        charging = any(a is not None and a > 0.5 for a in c.terminal_a) or (
-            c.measured_w is not None and c.measured_w > 0.0
-        )
-        first = 0 if charging else on[0]
+        started = c.session_energy_wh > 0.0 or (c.sent is not None and c.sent > 0.0)
+        first = 0 if started else on[0]
         low = max(c.min_value, 1e-3)
-        return [
-            (s, d, max(t, low) if first <= i <= on[-1] else t) for i, (s, d, t) in enumerate(steps)
-        ]
+        return [(s, d, max(t, low) if first <= i else t) for i, (s, d, t) in enumerate(steps)]
 
     def plan(
         self,
