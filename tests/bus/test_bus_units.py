@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from evcore.bus import (
     BadPayload,
+    BusMessage,
     InProcessBus,
     ProcessedIds,
     Subjects,
@@ -232,4 +234,65 @@ async def test_inprocess_duplicate_window_and_limits() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
     assert got == [b"2", b"3", b"4"], "max_msgs keeps the newest three"
+    await bus.close()
+
+
+async def test_inprocess_route_cache_follows_subscriptions_and_stays_bounded() -> None:
+    """Subjects are resolved once and cached, yet a subscription started or stopped after a
+    subject was cached is honoured at once, and the cache never holds more than its bound."""
+    with pytest.raises(ValueError, match="route_cache_size"):
+        InProcessBus("r", route_cache_size=-1)
+    s = Subjects("r")
+    bus = InProcessBus("r", route_cache_size=3)
+    await bus.start()
+    early: list[str] = []
+    late: list[str] = []
+    grouped: list[str] = []
+
+    def to(sink: list[str]) -> Callable[[BusMessage], Awaitable[None]]:
+        async def handler(m: BusMessage) -> None:
+            sink.append(m.event_id)
+
+        return handler
+
+    async def handled(sink: list[str], n: int) -> None:
+        # Handlers run in their own tasks: let them take what was offered before a stop.
+        for _ in range(500):
+            if len(sink) >= n:
+                return
+            await asyncio.sleep(0.01)
+
+    first = await bus.subscribe(s.status(), to(early))
+    await bus.publish(s.status("C1"), b"x", event_id="a1")  # C1 resolved and cached now
+    second = await bus.subscribe(s.status("C1"), to(late))
+    workers = [await bus.subscribe(s.status(), to(grouped), queue="w") for _ in range(2)]
+    await bus.publish(s.status("C1"), b"x", event_id="a2")
+    await handled(early, 2)
+    await first.stop()
+    await bus.publish(s.status("C1"), b"x", event_id="a3")
+    await handled(late, 2)
+    await handled(grouped, 2)
+    await second.stop()
+    for w in workers:
+        await w.stop()
+    await bus.publish(s.status("C1"), b"x", event_id="a4")
+    # Stopped subscriptions are not kept alive by the cache (their inboxes would only grow).
+    route = bus._route(s.status("C1"))
+    assert (route.plain, route.groups) == ((), ())
+    # Ten subjects through a cache of three: all stored in order, the cache stays bounded.
+    for i in range(10):
+        await bus.publish(s.transaction(f"C{i}"), b"t", event_id=f"t{i}")
+        assert len(bus._routes) <= 3
+    # An invalid subject is refused every time (never cached as valid).
+    for _ in range(2):
+        with pytest.raises(ValueError, match="wildcards"):
+            await bus.publish(s.status(), b"x")
+    stored: list[str] = []
+    await bus.consume(s.transaction(), durable="d", handler=to(stored))
+    await handled(stored, 10)
+    await asyncio.sleep(0.05)  # a4, if wrongly delivered, would be handled by now
+    assert early == ["a1", "a2"]
+    assert late == ["a2", "a3"]
+    assert grouped == ["a2", "a3"]  # one member of the queue group each time
+    assert stored == [f"t{i}" for i in range(10)]
     await bus.close()

@@ -4,6 +4,10 @@ It behaves like the NATS bus as far as components can tell: the same subjects an
 groups, request/reply, streams with limits and a duplicate window, durable consumers that resume
 where they left off (within this process's life) and acknowledge only after the handler returned.
 Nothing survives the process: a single-box edge keeps its durable records in its store, not here.
+
+A publish is on the control path, so what a subject resolves to (validated, which stream stores it,
+which live subscriptions it reaches) is worked out once per subject and cached (bounded; the
+subscriptions part is redone after any subscription starts or stops).
 """
 
 from __future__ import annotations
@@ -69,6 +73,17 @@ class _Stream:
             if now - t <= s.duplicate_window_s:
                 break
             del self.recent_ids[first_id]
+
+
+@dataclass(slots=True)
+class _Route:
+    """A concrete subject, resolved: validated, its stream (None: live only) and, as of
+    ``subs_version``, the subscriptions it reaches (plain ones and one tuple per queue group)."""
+
+    stream: _Stream | None
+    subs_version: int = -1
+    plain: tuple[_LiveSub, ...] = ()
+    groups: tuple[tuple[_LiveSub, ...], ...] = ()
 
 
 class _LiveSub:
@@ -225,6 +240,7 @@ class InProcessBus:
         streams: Sequence[StreamSpec] | None = None,
         subscriber_queue_size: int = 10_000,
         max_msgs_per_stream: int = 100_000,
+        route_cache_size: int = 16_384,
     ) -> None:
         from evcore.bus.config import default_streams
 
@@ -245,6 +261,13 @@ class InProcessBus:
         self._rr = itertools.count()
         self._queue_size = subscriber_queue_size
         self._started = False
+        if route_cache_size < 0:
+            raise ValueError(f"route_cache_size must be >= 0, got {route_cache_size}")
+        # subject -> _Route, at most route_cache_size of them (0: resolve on every publish).
+        self._route_cache_size = route_cache_size
+        self._routes: dict[str, _Route] = {}
+        # Bumped whenever the set of live subscriptions changes: cached fan-outs are then redone.
+        self._subs_version = 0
 
     @property
     def site_id(self) -> str:
@@ -265,6 +288,7 @@ class InProcessBus:
     async def start(self) -> None:
         for spec in self._specs:
             self._streams.setdefault(spec.name, _Stream(spec))
+        self._routes.clear()
         self._started = True
 
     async def close(self) -> None:
@@ -281,22 +305,40 @@ class InProcessBus:
     def _remove_sub(self, sub: _LiveSub) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
+            self._subs_version += 1
 
-    def _fan_out(self, msg: BusMessage) -> int:
-        groups: dict[str, list[_LiveSub]] = {}
-        delivered = 0
-        for sub in self._subs:
-            if not sub.matches(msg.subject):
-                continue
-            if sub.queue_group:
-                groups.setdefault(sub.queue_group, []).append(sub)
-            else:
-                sub.offer(msg)
-                delivered += 1
-        for members in groups.values():
+    def _route(self, subject: str) -> _Route:
+        """Resolve a concrete subject (raises ``ValueError`` for an invalid one, never cached)."""
+        route = self._routes.get(subject)
+        if route is None:
+            validate_subject(subject, wildcards=False)
+            spec = stream_for_subject(self._specs, subject)
+            route = _Route(self._streams[spec.name] if spec is not None else None)
+            if self._route_cache_size > 0:
+                if len(self._routes) >= self._route_cache_size:
+                    # Bounded: the oldest entry goes (a subject seen again is resolved again).
+                    del self._routes[next(iter(self._routes))]
+                self._routes[subject] = route
+        if route.subs_version != self._subs_version:
+            plain: list[_LiveSub] = []
+            groups: dict[str, list[_LiveSub]] = {}
+            for sub in self._subs:
+                if sub.matches(subject):
+                    if sub.queue_group:
+                        groups.setdefault(sub.queue_group, []).append(sub)
+                    else:
+                        plain.append(sub)
+            route.plain = tuple(plain)
+            route.groups = tuple(tuple(members) for members in groups.values())
+            route.subs_version = self._subs_version
+        return route
+
+    def _fan_out(self, msg: BusMessage, route: _Route) -> int:
+        for sub in route.plain:
+            sub.offer(msg)
+        for members in route.groups:
             members[next(self._rr) % len(members)].offer(msg)
-            delivered += 1
-        return delivered
+        return len(route.plain) + len(route.groups)
 
     async def publish(
         self,
@@ -307,13 +349,12 @@ class InProcessBus:
         critical: bool = False,
     ) -> str:
         self._require_started()
-        validate_subject(subject, wildcards=False)
+        route = self._route(subject)
         data = to_bytes(payload)
         eid = event_id_for(payload, event_id)
         self._stats.published += 1
-        spec = stream_for_subject(self._specs, subject)
-        if spec is not None:
-            st = self._streams[spec.name]
+        st = route.stream
+        if st is not None:
             now = self.clock.now()
             st.trim(now)
             if eid in st.recent_ids:
@@ -325,14 +366,15 @@ class InProcessBus:
             st.trim(now)
             st.changed.set()
         self._stats.sent += 1
-        self._fan_out(BusMessage(subject=subject, data=data, event_id=eid))
+        self._fan_out(BusMessage(subject=subject, data=data, event_id=eid), route)
         return eid
 
     async def publish_many(
         self, items: Sequence[tuple[str, Payload, str | None]], *, critical: bool = False
     ) -> list[str]:
+        self._require_started()
         for subject, _, _ in items:
-            validate_subject(subject, wildcards=False)
+            self._route(subject)  # validates every subject before anything is published
         return [
             await self.publish(subject, payload, event_id=eid, critical=critical)
             for subject, payload, eid in items
@@ -345,12 +387,13 @@ class InProcessBus:
         validate_subject(subject_pattern, wildcards=True)
         sub = _LiveSub(self, subject_pattern, handler, queue, self._queue_size)
         self._subs.append(sub)
+        self._subs_version += 1
         sub.start()
         return sub
 
     async def request(self, subject: str, payload: Payload, *, timeout_s: float) -> bytes:
         self._require_started()
-        validate_subject(subject, wildcards=False)
+        route = self._route(subject)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
         async def respond(data: bytes) -> None:
@@ -365,7 +408,7 @@ class InProcessBus:
             reply_to=inbox,
             _responder=respond,
         )
-        if self._fan_out(msg) == 0:
+        if self._fan_out(msg, route) == 0:
             raise NoResponders(f"no responder on {subject!r}")
         try:
             return await asyncio.wait_for(fut, timeout_s)

@@ -3,17 +3,36 @@ both bus implementations so they agree)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from evcore.bus.api import StreamSpec
-from evcore.bus.subjects import subject_matches
+
+
+@functools.lru_cache(maxsize=1024)
+def _pattern_tokens(pattern: str) -> tuple[str, ...]:
+    return tuple(pattern.split("."))
+
+
+def _tokens_match(p: tuple[str, ...], s: list[str]) -> bool:
+    """:func:`evcore.bus.subjects.subject_matches` on already split tokens."""
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return i == len(p) - 1 and len(s) > i
+        if i >= len(s):
+            return False
+        if tok != "*" and tok != s[i]:
+            return False
+    return len(s) == len(p)
 
 
 def stream_for_subject(specs: Sequence[StreamSpec], subject: str) -> StreamSpec | None:
     """The stream that stores a concrete subject, or ``None`` (then it is live-only)."""
+    tokens = subject.split(".")
     for spec in specs:
-        if any(subject_matches(f, subject) for f in spec.subjects):
-            return spec
+        for f in spec.subjects:
+            if _tokens_match(_pattern_tokens(f), tokens):
+                return spec
     return None
 
 
