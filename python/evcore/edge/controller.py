@@ -147,6 +147,7 @@ class EdgeController:
         self._dc = frozenset(c.charger_id for c in state.chargers.values() if c.is_dc)
         # Chargers whose station was asked what it enforces: charger id -> until (monotonic).
         self._report_due: dict[str, float] = {}
+        self._increases_held = False
 
     # ---- events (synchronous: they only update state and wake the loop) --------------------
     def notify(self, trigger: str) -> None:
@@ -451,6 +452,7 @@ class EdgeController:
             # While a station's report is due, the others' unknown sends wait too: counted at
             # its maximum it would squeeze them to values they would be raised from a moment later.
             decreases = known + unknown[: self._take_increase_tokens(len(unknown), now_m)]
+        wanted = len(d_plan.increases) + len(t_plan.increases)
         if known or unknown:
             increases: list[tuple[str, Change]] = []
         else:
@@ -458,6 +460,8 @@ class EdgeController:
                 ("tx", c) for c in t_plan.increases
             ]
             increases = increases[: self._take_increase_tokens(len(increases), now_m)]
+        # Increases wait: an accepted decrease is then worth an immediate decision.
+        self._increases_held = bool(t_plan.held or d_plan.held or wanted > len(increases))
         refreshes = [("tx_default", c) for c in d_plan.refreshes] + [
             ("tx", c) for c in t_plan.refreshes
         ]
@@ -544,7 +548,10 @@ class EdgeController:
         p = self.pending.get(key)
         if p is not None and accepted and p.sent_at_s == sent.left_mono:
             self.pending[key] = PendingDecrease(p.charger_id, p.sent_at_s, True)
-            self.notify("accepted")
+            # Only held increases wait for it; otherwise the next tick is soon enough (and a
+            # decision per answer would compete with the rest of a large decision's sends).
+            if self._increases_held:
+                self.notify("accepted")
         elif not accepted:
             self.notify("rejected")
 
