@@ -156,7 +156,8 @@ def reference_allocate(
         confirmed = np.asarray(ch["last_sent_confirmed"], dtype=bool)
         held = np.where(confirmed, held, np.maximum(held, ls))
         unknown = np.asarray(ch["profile_unknown"], dtype=bool)
-        held = np.where(unknown, sa.max_a, held)
+        # Unknown profile state: its maximum, or a fresh reading above it.
+        held = np.where(unknown, np.maximum(sa.max_a, np.where(fresh, meas_max, 0.0)), held)
         # Node non-charger load and capacities.
         nage = _col(nodes, "other_load_age_s")
         nfresh = np.isfinite(nage) & (nage >= 0) & (nage <= stale)

@@ -88,6 +88,49 @@ def test_enforce_takes_numpy_and_returns_the_documented_arrow_schema() -> None:
     assert set(out.column("binding").to_pylist()) <= set(_core.binding_codes())
 
 
+def test_unknown_profile_counts_a_fresh_reading_above_its_maximum() -> None:
+    """A charger whose profile state is unknown counts at max_a, or at its fresh meter reading
+    when that is higher (the site file's maximum is wrong): the other on the circuit gets less."""
+    site = small_site()
+    cols: dict[str, Any] = {
+        "requested_a": [32.0, 0.0, 0.0, 0.0, 0.0],
+        "profile_unknown": [False, False, True, False, False],
+        "measured_l1_a": [0.0] * 5,
+        "measured_age_s": [1.0] * 5,
+    }
+    out = enforce(site, cols)
+    sp = out.column("setpoint_a").to_numpy()
+    assert sp[0] == pytest.approx(40.0 - 32.0)  # cp2 counted at its 32 A maximum
+    cols["measured_l1_a"] = [0.0, 0.0, 36.0, 0.0, 0.0]
+    out = enforce(site, cols)
+    sp = out.column("setpoint_a").to_numpy()
+    assert sp[0] == 0.0  # 4 A left: below the 6 A minimum
+    assert "measured 36 A" in out.column("reason").to_pylist()[2]
+    cols["measured_age_s"] = [1.0, 1.0, 600.0, 1.0, 1.0]  # stale: not counted
+    sp = enforce(site, cols).column("setpoint_a").to_numpy()
+    assert sp[0] == pytest.approx(8.0)
+
+
+def test_reason_names_a_node_whose_kind_is_its_id_once() -> None:
+    site = load_site(
+        {
+            "site": {"id": "s"},
+            "nodes": [{"id": "grid", "kind": "grid", "phase_limit_a": 63.0, "power_limit_kw": 4.6}],
+            "chargers": [
+                {
+                    "id": "a",
+                    "parent": "grid",
+                    "wiring": "line_to_neutral",
+                    "phases": ["L1"],
+                    "max_a": 32.0,
+                },
+            ],
+        }
+    )
+    reason = enforce(site, {"requested_a": [32.0]}).column("reason").to_pylist()[0]
+    assert reason == "held at 20 A: grid at 4.6 of 4.6 kW", reason
+
+
 def test_arrow_batch_table_and_mapping_inputs_agree() -> None:
     site = small_site()
     cols = {"requested_a": [20.0, 20.0, 20.0, 6.0, 0.0], "requested_w": [0, 0, 0, 0, 11000.0]}

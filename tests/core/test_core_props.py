@@ -152,13 +152,14 @@ def held_terminal_a(site: Site, cols: dict[str, Any], stale: float) -> F64:
     out = np.zeros((len(site.chargers), 3))
     for i, c in enumerate(site.chargers):
         nt = 3 if c.wiring == "three_phase" else 1
-        if cols["profile_unknown"][i]:
-            out[i, :nt] = c.max_a
-            continue
         if _fresh(cols["measured_age_s"][i], stale):
             for k in range(nt):
                 m = cols[f"measured_l{k + 1}_a"][i]
                 out[i, k] = c.max_a if math.isnan(m) else abs(m)
+        if cols["profile_unknown"][i]:
+            # Its maximum, or a fresh reading above it.
+            out[i, :nt] = np.maximum(out[i, :nt], c.max_a)
+            continue
         if not cols["last_sent_confirmed"][i]:
             if c.kind == "dc":
                 w = cols["last_sent_w"][i]

@@ -149,6 +149,37 @@ def test_other_field_errors_name_the_field() -> None:
     expect(site, "F1", "colour")
 
 
+def test_three_phase_voltage_must_be_the_site_line_to_neutral_voltage() -> None:
+    """A DC or three-phase charger given the line-to-line voltage (400 V on a 230 V site) would
+    count its line current and kW sqrt(3) low: an error naming charger and field."""
+    site = base()
+    site["nodes"][1]["phase_limit_a"] = 63.0
+    site["chargers"].append(
+        {
+            "id": "dc1",
+            "parent": "F1",
+            "kind": "dc",
+            "wiring": "three_phase",
+            "voltage_v": 400.0,
+            "max_w": 22000.0,
+        }
+    )
+    e = expect(site, "dc1", "voltage_v")
+    assert "voltage_ln_v" in str(e)
+    site["chargers"][1]["voltage_v"] = 230.0
+    site["chargers"][1]["kind"] = "ac"
+    del site["chargers"][1]["max_w"]
+    site["chargers"][1]["max_a"] = 16.0
+    site["chargers"][1]["voltage_v"] = 400.0
+    expect(site, "dc1", "voltage_v")
+    # Left out, it is the site's own line-to-neutral voltage.
+    del site["chargers"][1]["voltage_v"]
+    site["site"]["voltage_ln_v"] = 220.0
+    site["chargers"][0]["voltage_v"] = 220.0
+    loaded = load_site(site)
+    assert loaded.chargers[1].voltage_v == 220.0
+
+
 def test_toml_file_loads_like_the_dict(tmp_path: Path) -> None:
     s = load_site(EXAMPLE)
     assert s.path == EXAMPLE and len(s.chargers) >= 3

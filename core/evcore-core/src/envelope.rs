@@ -295,12 +295,6 @@ pub(crate) fn counting(
         let spec = &topo.chargers[c];
         let nt = spec.wiring.terminals();
         let h = &mut held[c];
-        if ch.profile_unknown[c] {
-            for x in h.iter_mut().take(nt) {
-                *x = spec.max_a;
-            }
-            continue;
-        }
         if fresh(ch.measured_age_s[c], p.stale_after_s) {
             let m = [
                 ch.measured_l1_a[c],
@@ -310,6 +304,14 @@ pub(crate) fn counting(
             for k in 0..nt {
                 h[k] = sane_meas(m[k], spec.max_a);
             }
+        }
+        if ch.profile_unknown[c] {
+            // Its maximum, or more if a fresh meter reading says so (a wrong site file must not
+            // hide a current that is really flowing).
+            for x in h.iter_mut().take(nt) {
+                *x = x.max(spec.max_a);
+            }
+            continue;
         }
         if !ch.last_sent_confirmed[c] {
             let ls = last_sent_line_a(topo, c, ch);
@@ -965,7 +967,11 @@ pub(crate) fn reason(topo: &Topology, cnt: &Counting, dec: &Decision, c: usize) 
     };
     let node_desc = |n: usize| {
         let node = &topo.nodes[n];
-        format!("{} {}", node.kind, node.id)
+        if node.kind == node.id {
+            node.id.clone()
+        } else {
+            format!("{} {}", node.kind, node.id)
+        }
     };
     let _ = match dec.binding[c] {
         Binding::None => write!(s, "{head}: as requested"),
@@ -1031,11 +1037,23 @@ pub(crate) fn reason(topo: &Topology, cnt: &Counting, dec: &Decision, c: usize) 
             "{head}: counted at {} A until the charger confirms the decrease",
             fmt_a(cnt.held[c][0])
         ),
-        Binding::UnknownProfile => write!(
-            s,
-            "{head}: counted at its maximum {} A (profile state unknown)",
-            fmt_a(spec.max_a)
-        ),
+        Binding::UnknownProfile => {
+            let counted = cnt.held[c].iter().copied().fold(0.0, f64::max);
+            if counted > spec.max_a {
+                write!(
+                    s,
+                    "{head}: counted at its measured {} A, above its maximum {} A (profile state unknown)",
+                    fmt_a(counted),
+                    fmt_a(spec.max_a)
+                )
+            } else {
+                write!(
+                    s,
+                    "{head}: counted at its maximum {} A (profile state unknown)",
+                    fmt_a(spec.max_a)
+                )
+            }
+        }
     };
     s
 }
@@ -1355,17 +1373,17 @@ pub(crate) mod tests {
             let s = &self.topo.chargers[c];
             let nt = s.wiring.terminals();
             let mut h = [0.0; 3];
-            if self.x.unknown[c] {
-                for v in h.iter_mut().take(nt) {
-                    *v = s.max_a;
-                }
-                return h;
-            }
             if self.fresh(self.x.m_age[c]) {
                 for k in 0..nt {
                     let m = self.x.m[k][c];
                     h[k] = if m.is_nan() { s.max_a } else { m.abs() };
                 }
+            }
+            if self.x.unknown[c] {
+                for v in h.iter_mut().take(nt) {
+                    *v = v.max(s.max_a);
+                }
+                return h;
             }
             if !self.x.confirmed[c] {
                 let ls = match s.kind {
@@ -1670,6 +1688,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn reason_names_the_kind_only_when_it_differs_from_the_id() {
+        let t = site(
+            r#"{"id": "grid", "kind": "grid", "phase_limit_a": 100, "power_limit_kw": 9.2}"#,
+            &[
+                ac("a", "grid", "line_to_neutral", r#"["L1"]"#, ""),
+                ac("b", "grid", "line_to_neutral", r#"["L2"]"#, ""),
+            ]
+            .join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![32.0, 32.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert_eq!(d.binding[0], Binding::NodePower);
+        assert!(
+            d.reason[0].contains(": grid at 9.2 of 9.2 kW"),
+            "{}",
+            d.reason[0]
+        );
+        assert!(!d.reason[0].contains("grid grid"), "{}", d.reason[0]);
+    }
+
+    #[test]
     fn line_to_line_counts_as_phasor_sum_not_plain_sum() {
         // AB and CA loads of 20 A each: line A carries sqrt(3)·20 = 34.6 A, not 40 A.
         let t = site(
@@ -1777,6 +1817,19 @@ pub(crate) mod tests {
         x.unknown = vec![false, true];
         let d = run(&t, &x, &EnvelopeParams::default());
         assert!(d.setpoint_a[0] <= 8.0 + 1e-9, "{d:?}");
+        // Its meter says 36 A (the site file's maximum is wrong): it counts at 36 A, a gets 0..4
+        // A, which is below the 6 A minimum: a pauses.
+        x.m[0][1] = 36.0;
+        x.m_age = vec![1.0, 1.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert_eq!(d.setpoint_a[0], 0.0, "{d:?}");
+        // A stale reading is not counted: back to the maximum.
+        x.m_age = vec![1.0, 600.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert!(
+            d.setpoint_a[0] >= 6.0 && d.setpoint_a[0] <= 8.0 + 1e-9,
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub const PHASE_ANGLE_RAD: [f64; N_PHASES] = [
 ];
 /// IEC 61851: the lowest non-zero AC pilot current.
 pub const IEC_MIN_A: f64 = 6.0;
+/// How far a three-phase or line-to-neutral charger's `voltage_v` may be from the site's
+/// line-to-neutral voltage (nameplates say 220, 230 or 240 V on a 230 V site).
+pub const VOLTAGE_LN_TOLERANCE: f64 = 0.1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wiring {
@@ -586,7 +589,7 @@ impl Topology {
                 obj.get("id")
                     .ok_or_else(|| CoreError::site(&fallback, "id", "missing"))?,
             )?;
-            let c = Self::parse_charger(&id, obj, &node_index, &phase_names)?;
+            let c = Self::parse_charger(&id, obj, &node_index, &phase_names, voltage_ln_v)?;
             if node_index.contains_key(&id) {
                 return Err(CoreError::site(
                     &id,
@@ -629,6 +632,7 @@ impl Topology {
         obj: &Map<String, Value>,
         node_index: &HashMap<String, usize>,
         phase_names: &[String; N_PHASES],
+        voltage_ln_v: f64,
     ) -> CoreResult<Charger> {
         let ctx = id;
         check_keys(ctx, obj, CHARGER_KEYS)?;
@@ -745,12 +749,38 @@ impl Topology {
                 ),
             ));
         }
-        let voltage_v = positive(
-            ctx,
-            "voltage_v",
-            obj.get("voltage_v")
-                .ok_or_else(|| CoreError::site(ctx, "voltage_v", "missing"))?,
-        )?;
+        // Three-phase and line-to-neutral chargers see the site's line-to-neutral voltage: it is
+        // derived when absent and checked when given (a line-to-line 400 V here would undercount
+        // a DC charger's line current and every kW by sqrt(3)). Line-to-line chargers state theirs
+        // (208 V three-phase or 240 V split-phase on a 120 V site).
+        let voltage_v = match (obj.get("voltage_v"), wiring) {
+            (None, Wiring::LineToLine) => {
+                return Err(CoreError::site(
+                    ctx,
+                    "voltage_v",
+                    "missing (line-to-line chargers state the voltage across their terminals)",
+                ))
+            }
+            (None, _) => voltage_ln_v,
+            (Some(v), Wiring::LineToLine) => positive(ctx, "voltage_v", v)?,
+            (Some(v), _) => {
+                let v = positive(ctx, "voltage_v", v)?;
+                if (v - voltage_ln_v).abs() > VOLTAGE_LN_TOLERANCE * voltage_ln_v {
+                    return Err(CoreError::site(
+                        ctx,
+                        "voltage_v",
+                        format!(
+                            "{v} V is not the site's line-to-neutral voltage ({voltage_ln_v} V, \
+                             [site] voltage_ln_v, within {:.0} %): {} chargers are counted \
+                             line-to-neutral; leave voltage_v out to use the site's",
+                            VOLTAGE_LN_TOLERANCE * 100.0,
+                            wiring.as_str()
+                        ),
+                    ));
+                }
+                v
+            }
+        };
         let single_phase_car = match obj.get("single_phase_car") {
             None => wiring == Wiring::ThreePhase && kind == ChargerKind::Ac,
             Some(Value::Bool(b)) => *b && wiring == Wiring::ThreePhase && kind == ChargerKind::Ac,
@@ -1143,6 +1173,44 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.to_string().contains("c.min_a"), "{e}");
+    }
+
+    #[test]
+    fn three_phase_and_dc_voltage_is_line_to_neutral_checked_or_derived() {
+        // A DC charger given the line-to-line 400 V would count its line current sqrt(3) low.
+        let e = Topology::from_json(&site(
+            GRID,
+            r#"{"id": "dc1", "parent": "grid", "kind": "dc", "wiring": "three_phase", "voltage_v": 400, "max_w": 50000}"#,
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(e, CoreError::SiteConfig { ref node, ref field, .. } if node == "dc1" && field == "voltage_v"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("voltage_ln_v"), "{e}");
+        let e = Topology::from_json(&site(
+            GRID,
+            r#"{"id": "ac3", "parent": "grid", "wiring": "three_phase", "voltage_v": 400, "max_a": 32}"#,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("ac3.voltage_v"), "{e}");
+        // Left out, it is the site's; 240 V on a 230 V site is within the tolerance.
+        let t = Topology::from_json(&site(
+            GRID,
+            r#"{"id": "dc1", "parent": "grid", "kind": "dc", "wiring": "three_phase", "max_w": 50000, "efficiency": 1.0},
+               {"id": "ln", "parent": "grid", "wiring": "line_to_neutral", "phases": ["L1"], "voltage_v": 240, "max_a": 32}"#,
+        ))
+        .unwrap();
+        assert_eq!(t.chargers[0].voltage_v, 230.0);
+        assert!((t.chargers[0].dc_line_a(50_000.0) - 50_000.0 / (3.0 * 230.0)).abs() < 1e-9);
+        assert_eq!(t.chargers[1].voltage_v, 240.0);
+        // Line-to-line chargers state their own voltage, which is not checked against L-N.
+        let e = Topology::from_json(&site(
+            GRID,
+            r#"{"id": "ll", "parent": "grid", "wiring": "line_to_line", "phases": ["L1", "L2"], "max_a": 32}"#,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("ll.voltage_v"), "{e}");
     }
 
     #[test]
