@@ -431,7 +431,7 @@ async def _drain_case(
             await bus.publish_many(items)
         else:
             for k in range(backlog):
-                await bus.publish(s.status(f"C{k % 50}"), data, event_id=f"{tag}-{i}-{k}")
+                await bus.publish(s.status(f"C{k % 50}"), data, event_id=f"{tag}-{backlog}-{i}-{k}")
         # Polls finely (0.5 ms) so the figure is the drain, not a coarse poll interval.
         while bus.stats.sent < target or bus.outbox.pending:  # noqa: ASYNC110
             await asyncio.sleep(0.0005)

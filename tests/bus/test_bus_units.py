@@ -8,8 +8,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from bus_testkit import SHARED_NATS, unique_site, wait_until
 from evcore.bus import (
     BadPayload,
+    BusConfig,
     BusMessage,
     InProcessBus,
     ProcessedIds,
@@ -26,7 +28,7 @@ from evcore.bus.natsbus import NatsBus
 from evcore.bus.outbox import Outbox
 from evcore.bus.streams import stream_for_pattern, stream_for_subject
 from evcore.bus.subjects import CRITICAL_KINDS, name_token, validate_subject
-from evcore.clock import ManualClock
+from evcore.clock import ManualClock, WallClock
 from evcore.v1 import event_pb2, meter_pb2
 from hypothesis import given
 from hypothesis import strategies as st
@@ -296,3 +298,34 @@ async def test_inprocess_route_cache_follows_subscriptions_and_stays_bounded() -
     assert grouped == ["a2", "a3"]  # one member of the queue group each time
     assert stored == [f"t{i}" for i in range(10)]
     await bus.close()
+
+
+async def test_nats_route_cache_is_bounded_and_routes_by_kind(tmp_path: Path) -> None:
+    """The NATS bus resolves subjects through the same kind of bounded cache: critical kinds still
+    go through the outbox (station events included), invalid subjects are refused every time."""
+    site = unique_site()
+    conf = BusConfig(kind="nats", urls=(SHARED_NATS,), outbox_dir=tmp_path, connect_timeout_s=1.0)
+    bus = NatsBus(site, conf, clock=WallClock(), route_cache_size=2)
+    await bus.start()
+    assert bus.connected, f"nats-server at {SHARED_NATS} unreachable (run .ci/services)"
+    s = Subjects(site)
+    got: list[str] = []
+
+    async def collect(m: BusMessage) -> None:
+        got.append(m.event_id)
+
+    try:
+        await bus.consume(s.station_event(), durable="se", handler=collect)
+        for i in range(5):
+            await bus.publish(s.station_event(f"CP.{i}"), b"e", event_id=f"se{i}")
+            assert len(bus._routes) <= 2
+        assert bus.stats.published == 5
+        for _ in range(2):
+            with pytest.raises(ValueError, match="wildcards"):
+                await bus.publish(s.station_event(), b"x")
+        await bus.flush(timeout_s=10.0)
+        await wait_until(lambda: len(got) == 5, 20.0, "the station events")
+        assert got == [f"se{i}" for i in range(5)]
+    finally:
+        await bus.delete_streams()
+        await bus.close()

@@ -301,6 +301,7 @@ class NatsBus:
         streams: Sequence[StreamSpec] | None = None,
         outbox_path: Path | None = None,
         ack_wait_s: float = 30.0,
+        route_cache_size: int = 16_384,
     ) -> None:
         self._site_id = site_id
         self.config = config or BusConfig(kind="nats")
@@ -324,6 +325,11 @@ class NatsBus:
         self._in_flight = 0
         self._started = False
         self._closing = False
+        if route_cache_size < 0:
+            raise ValueError(f"route_cache_size must be >= 0, got {route_cache_size}")
+        # subject -> (kind token, stream storing it or None), validated once; bounded.
+        self._route_cache_size = route_cache_size
+        self._routes: dict[str, tuple[str, StreamSpec | None]] = {}
 
     @property
     def site_id(self) -> str:
@@ -464,6 +470,18 @@ class NatsBus:
         self._started = False
 
     # -- publishing ------------------------------------------------------------------------------
+    def _route(self, subject: str) -> tuple[str, StreamSpec | None]:
+        """A concrete subject's kind and stream, resolved once (``ValueError`` if invalid)."""
+        route = self._routes.get(subject)
+        if route is None:
+            validate_subject(subject, wildcards=False)
+            route = (self.subjects.kind_of(subject), stream_for_subject(self._specs, subject))
+            if self._route_cache_size > 0:
+                if len(self._routes) >= self._route_cache_size:
+                    del self._routes[next(iter(self._routes))]  # bounded: the oldest goes
+                self._routes[subject] = route
+        return route
+
     def _require_started(self) -> None:
         if not self._started:
             raise RuntimeError("bus not started: call await bus.start() first")
@@ -477,11 +495,9 @@ class NatsBus:
         critical: bool = False,
     ) -> str:
         self._require_started()
-        validate_subject(subject, wildcards=False)
+        kind, stream = self._route(subject)
         data = to_bytes(payload)
         eid = event_id_for(payload, event_id)
-        kind = self.subjects.kind_of(subject)
-        stream = stream_for_subject(self._specs, subject)
         if critical or kind in CRITICAL_KINDS:
             if stream is None:
                 raise ValueError(f"critical event on {subject!r}, which no stream stores")
@@ -512,12 +528,12 @@ class NatsBus:
         rest: list[tuple[str, bytes, str]] = []
         now = self.clock.now()
         for subject, payload, event_id in items:
-            validate_subject(subject, wildcards=False)
+            kind, stream = self._route(subject)
             data = to_bytes(payload)
             eid = event_id_for(payload, event_id)
             ids.append(eid)
-            if critical or self.subjects.kind_of(subject) in CRITICAL_KINDS:
-                if stream_for_subject(self._specs, subject) is None:
+            if critical or kind in CRITICAL_KINDS:
+                if stream is None:
                     raise ValueError(f"critical event on {subject!r}, which no stream stores")
                 rows.append((subject, eid, data, now))
             else:
