@@ -441,8 +441,26 @@ class EdgeController:
         # Where what a charger holds is unknown (edge start or restart, reconnect, boot) the send
         # counts as a decrease but is paced like an increase (no burst after a restart): the
         # envelope counts such a charger at its maximum until it accepts, so waiting is safe.
+        # A charger in a session whose TxProfile is coming down right now gets its lower TxDefault
+        # once that decrease was accepted (or settled): the TxProfile itself ends at the new
+        # failsafe level, so nothing waits on it, and the urgent decreases go out alone.
+        lowering = {c.charger_id for c in t_plan.decreases} | {
+            p.charger_id
+            for key, p in self.pending.items()
+            if not p.accepted and not key.startswith("default:")
+        }
+        deferred = [
+            c
+            for c in d_plan.decreases
+            if c.old is not None
+            and c.charger_id in lowering
+            and st.chargers[c.charger_id].transaction_id is not None
+        ]
+        deferred_ids = {c.charger_id for c in deferred}
         known = [("tx", c) for c in t_plan.decreases if c.old is not None] + [
-            ("tx_default", c) for c in d_plan.decreases if c.old is not None
+            ("tx_default", c)
+            for c in d_plan.decreases
+            if c.old is not None and c.charger_id not in deferred_ids
         ]
         unknown = [("tx", c) for c in t_plan.decreases if c.old is None] + [
             ("tx_default", c) for c in d_plan.decreases if c.old is None
@@ -461,7 +479,9 @@ class EdgeController:
             ]
             increases = increases[: self._take_increase_tokens(len(increases), now_m)]
         # Increases wait: an accepted decrease is then worth an immediate decision.
-        self._increases_held = bool(t_plan.held or d_plan.held or wanted > len(increases))
+        self._increases_held = bool(
+            t_plan.held or d_plan.held or wanted > len(increases) or deferred
+        )
         refreshes = [("tx_default", c) for c in d_plan.refreshes] + [
             ("tx", c) for c in t_plan.refreshes
         ]
