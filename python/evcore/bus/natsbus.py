@@ -64,6 +64,11 @@ MSG_ID = "Nats-Msg-Id"
 _PUMP_WINDOW = 64
 _SEND_WINDOW = 128
 _FETCH_EXPIRY_S = 1.0
+# Messages per pull. A consumer may have no more than this many unacknowledged (max_ack_pending):
+# the loop acknowledges a whole batch before it pulls again, so this costs nothing, and a batch
+# lost on its way (a stream leader dying mid-delivery) blocks later messages until it is
+# redelivered after ack_wait, instead of letting them overtake it: delivery stays in order.
+_FETCH_BATCH = 64
 
 # An event the sender has taken from its queues: (from the normal queue?, (subject, data, id,
 # stream or None)).
@@ -196,7 +201,7 @@ class _NatsConsumer:
             ack_policy=jsapi.AckPolicy.EXPLICIT,
             deliver_policy=jsapi.DeliverPolicy.ALL,
             ack_wait=bus.ack_wait_s,
-            max_ack_pending=1024,
+            max_ack_pending=_FETCH_BATCH,
             filter_subject=self._pattern,
         )
         return await bus._js.pull_subscribe(
@@ -213,7 +218,7 @@ class _NatsConsumer:
                 if sub is None:
                     sub = await self._subscribe()
                 try:
-                    msgs = await sub.fetch(batch=64, timeout=_FETCH_EXPIRY_S)
+                    msgs = await sub.fetch(batch=_FETCH_BATCH, timeout=_FETCH_EXPIRY_S)
                 except nats.errors.TimeoutError:
                     continue
                 attempt = 0
