@@ -10,12 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bus_testkit import NATS_SERVER, port_open, unique_site, wait_until
+from bus_testkit import NATS_SERVER, AuditSink, port_open, unique_site, wait_until
 from evcore.bus import BusConfig, Subjects
 from evcore.bus.natsbus import NatsBus
 from evcore.clock import WallClock
 from evcore.v1 import audit_pb2
-from test_bus_nats_faults import AuditSink
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "cloud" / "nats"
 NODES = ("a", "b", "c")

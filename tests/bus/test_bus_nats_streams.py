@@ -36,6 +36,7 @@ async def test_streams_created_with_limits_and_updated(tmp_path: Path) -> None:
         tele = (await js.stream_info(tele_name)).config
         prefix = f"evcore.{escape_token(site)}."
         # Every subject of the site's streams sits under evcore.<site>. (one permission wildcard).
+        assert events.subjects is not None and tele.subjects is not None
         assert all(subj.startswith(prefix) for subj in [*events.subjects, *tele.subjects])
         assert s.audit in events.subjects and s.setpoint() in events.subjects
         assert tele.subjects == [s.telemetry()]

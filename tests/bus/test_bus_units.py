@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bus_testkit import SHARED_NATS, unique_site, wait_until
@@ -134,7 +135,7 @@ def test_parse_bus_config_defaults_and_errors(tmp_path: Path) -> None:
     assert parse_bus_config(None).kind == "inprocess"
     cfg = parse_bus_config({"kind": "nats", "url": "nats://h:1", "replicas": 3})
     assert cfg.urls == ("nats://h:1",) and cfg.replicas == 3
-    bad = [
+    bad: list[tuple[dict[str, Any], str]] = [
         ({"kind": "kafka"}, "kind must be one of"),
         ({"kind": "nats", "url": "http://x"}, "must start with nats://"),
         ({"urls": []}, "non-empty list"),

@@ -98,7 +98,10 @@ class ProcessedIdStore(Protocol):
 
     def contains(self, event_id: str) -> bool: ...
 
-    def add(self, event_id: str) -> None: ...
+    def add(self, event_id: str) -> object:
+        """Remember ``event_id`` (the result, e.g. ``ProcessedIds.add``'s "was it new", is not
+        used by the bus)."""
+        ...
 
 
 @dataclass
