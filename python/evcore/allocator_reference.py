@@ -50,6 +50,12 @@ class SiteArrays:
     kw_limit: F64  # (n_nodes,), inf when none
     other_max: F64  # (n_nodes, 3)
     v_ln: float
+    parent_of_charger: I64
+    node_depth: I64
+    # phasor coefficient of a charger's per-terminal current on each site line (unity power
+    # factor, balanced voltages at 0°, −120°, +120°)
+    line_coef: npt.NDArray[np.complex128]  # (n, 3)
+    node_l2l: npt.NDArray[np.bool_]  # a line-to-line charger below the node
 
     @classmethod
     def build(cls, site: Site) -> SiteArrays:
@@ -65,9 +71,22 @@ class SiteArrays:
         pcs: list[int] = []
         pks: list[int] = []
         pas: list[float] = []
+        unit = np.exp(1j * np.array([0.0, -2.0 * np.pi / 3.0, 2.0 * np.pi / 3.0]))
+        line_coef = np.zeros((n, 3), dtype=np.complex128)
+        node_l2l = np.zeros(nn, dtype=bool)
         for i, c in enumerate(site.chargers):
+            if c.wiring == "line_to_line":
+                a, b = c.phases
+                d = unit[a] - unit[b]
+                line_coef[i, a] += d / abs(d)
+                line_coef[i, b] -= d / abs(d)
+            else:
+                for p in c.phases:
+                    line_coef[i, p] += unit[p]
             cur = nidx[c.parent]
             while cur >= 0:
+                if c.wiring == "line_to_line":
+                    node_l2l[cur] = True
                 for p in range(3):
                     if uses[i, p]:
                         pcs.append(i)
@@ -100,6 +119,10 @@ class SiteArrays:
             ),
             other_max=np.array([x.other_load_max_a for x in site.nodes], dtype=np.float64),
             v_ln=site.voltage_ln_v,
+            parent_of_charger=np.array([nidx[c.parent] for c in site.chargers], dtype=np.int64),
+            node_depth=depth.astype(np.int64),
+            line_coef=line_coef,
+            node_l2l=node_l2l,
         )
 
     def dc_line_a(self, w: F64) -> F64:
@@ -110,6 +133,7 @@ class SiteArrays:
 @dataclass
 class ReferenceResult:
     level_a: F64
+    raised_a: F64  # after the raise pass to the exact phasor limits (before steps and envelope)
     admitted: npt.NDArray[np.bool_]
     floor: F64
     cap: F64
@@ -207,15 +231,17 @@ def reference_allocate(
         key = np.where(locked_on, -math.inf, np.where(is_on, lax - hyst, lax))
     weight = _col(ch, "priority")
 
-    # Admission: least laxity first while the floors fit (non-candidates hold what they hold).
+    # Admission: least laxity first while the floors fit. Every charger holds what it holds
+    # whether admitted or not: that is reserved first, admission takes floor - held more.
     pc, pk, pa = sa.pc, sa.pk, sa.pa
     rem = capacity.copy()
-    np.subtract.at(rem, pk, np.where(cand[pc], 0.0, pa * held[pc]))
+    np.subtract.at(rem, pk, pa * held[pc])
     admitted = np.zeros(n, dtype=bool)
     order = np.lexsort((np.arange(n), key))
     order = order[cand[order]]
+    extra = floor - held
     trial = rem.copy()
-    np.subtract.at(trial, pk, np.where(cand[pc], pa * floor[pc], 0.0))
+    np.subtract.at(trial, pk, np.where(cand[pc], pa * extra[pc], 0.0))
     if np.all(trial >= -1e-9 * (1 + np.abs(trial))):
         admitted[order] = True  # every floor fits: the greedy admits all
     else:
@@ -223,12 +249,10 @@ def reference_allocate(
         for c in order:
             sl = slice(starts[c], starts[c + 1])
             ks, a = pk[sl], pa[sl]
-            need = a * floor[c]
+            need = a * extra[c]
             if locked_on[c] or np.all(rem[ks] >= need - 1e-9 * (1 + need)):
                 admitted[c] = True
                 rem[ks] -= need
-            else:
-                rem[ks] -= a * held[c]
     net = capacity.copy()
     np.subtract.at(net, pk, np.where(admitted[pc], 0.0, pa * held[pc]))
     floor = np.where(admitted, floor, 0.0)
@@ -236,11 +260,129 @@ def reference_allocate(
     set_floor = np.where(admitted, f, 0.0)
     set_cap = np.where(admitted, u, 0.0)
 
-    level = _water_fill(sa, floor, cap, weight, net, admitted)
+    level, frozen_k = _water_fill(sa, floor, cap, weight, net, admitted)
     with np.errstate(invalid="ignore"):
         level_a = np.where(np.isinf(level), set_cap, np.clip(weight * level, set_floor, set_cap))
     level_a = np.where(admitted, level_a, 0.0)
-    return ReferenceResult(level_a, admitted, floor, cap, weight, net, held, capacity)
+    raised_a = _raise_exact(sa, level_a, set_cap, weight, held, other, admitted, frozen_k)
+    return ReferenceResult(level_a, raised_a, admitted, floor, cap, weight, net, held, capacity)
+
+
+@dataclass
+class _Group:
+    """The raisable chargers below the nodes of one depth (``g``: each one's node group)."""
+
+    g: I64
+    ng: int
+    c: I64
+    load0: npt.NDArray[np.complex128]  # (ng, 3) exact line currents at the water-filling values
+    power0: F64
+    limit: F64  # (ng, 3)
+    kw_w: F64
+    w: F64
+    x: F64
+    held: F64
+    cand: F64
+    coef: npt.NDArray[np.complex128]  # (m, 3)
+    watts: F64
+
+    def fits(self, level: F64) -> npt.NDArray[np.bool_]:
+        """Per node: whether its line currents and kW hold with its chargers at ``level``."""
+        r = np.minimum(self.cand, np.maximum(self.x, self.w * level[self.g]))
+        dcur = np.maximum(r, self.held) - np.maximum(self.x, self.held)
+        load = self.load0.copy()
+        for ph in range(3):
+            add = dcur * self.coef[:, ph]
+            load[:, ph] += np.bincount(self.g, weights=add.real, minlength=self.ng)
+            load[:, ph] += 1j * np.bincount(self.g, weights=add.imag, minlength=self.ng)
+        power = self.power0 + np.bincount(self.g, weights=dcur * self.watts, minlength=self.ng)
+        ok: npt.NDArray[np.bool_] = np.all(np.abs(load) <= self.limit, axis=1) & (
+            power <= self.kw_w
+        )
+        return ok
+
+
+def _raise_exact(
+    sa: SiteArrays,
+    x: F64,
+    set_cap: F64,
+    weight: F64,
+    held: F64,
+    other: F64,
+    admitted: npt.NDArray[np.bool_],
+    frozen_k: I64,
+) -> F64:
+    """Raise chargers frozen at a node-phase limit of a node with line-to-line loads toward their
+    cap while every node's exact line currents and kW hold: nodes deepest first, the chargers
+    below a node sharing one weighted level found by bisection (all nodes of one depth at once)."""
+    node_k = np.where(frozen_k >= 0, frozen_k // SLOTS, 0)
+    raisable = (
+        admitted
+        & (x < set_cap - 1e-9)
+        & (frozen_k >= 0)
+        & (frozen_k % SLOTS < 3)
+        & sa.node_l2l[node_k]
+    )
+    if not raisable.any():
+        return x.copy()
+    nn = sa.n_nodes
+    counted = np.where(admitted, np.maximum(x, held), held)
+    watts = sa.volt * sa.nt
+    own = np.zeros((nn, 3), dtype=np.complex128)
+    np.add.at(own, sa.parent_of_charger, counted[:, None] * sa.line_coef)
+    unit = np.exp(1j * np.array([0.0, -2.0 * np.pi / 3.0, 2.0 * np.pi / 3.0]))
+    own += other * unit
+    pw = np.bincount(sa.parent_of_charger, weights=counted * watts, minlength=nn)
+    pw += other.sum(axis=1) * sa.v_ln
+    for i in sa.node_order[::-1]:
+        p = sa.parent_of_node[i]
+        if p >= 0:
+            own[p] += own[i]
+            pw[p] += pw[i]
+    kw_w = sa.kw_limit * 1000.0
+    cand = np.where(raisable, set_cap, x)
+    pair = sa.pk % SLOTS == 3  # one entry per (charger, ancestor node)
+    ac, an = sa.pc[pair], sa.pk[pair] // SLOTS
+    keep = raisable[ac]
+    ac, an = ac[keep], an[keep]
+    for d in range(int(sa.node_depth.max()), -1, -1):
+        sel = (sa.node_depth[an] == d) & (cand[ac] > x[ac])
+        if not sel.any():
+            continue
+        c, nodes = ac[sel], an[sel]
+        grp_nodes, g = np.unique(nodes, return_inverse=True)
+        ng = len(grp_nodes)
+
+        grp = _Group(
+            g,
+            ng,
+            c,
+            own[grp_nodes],
+            pw[grp_nodes],
+            sa.phase_limit[grp_nodes],
+            kw_w[grp_nodes],
+            weight[c],
+            x[c],
+            held[c],
+            cand[c],
+            sa.line_coef[c],
+            watts[c],
+        )
+        fits = grp.fits
+        wc, cc = weight[c], cand[c]
+        hi_l = np.zeros(ng)
+        np.maximum.at(hi_l, g, cc / wc)
+        if fits(hi_l).all():
+            continue
+        lo, hi = np.zeros(ng), hi_l.copy()
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            ok = fits(mid)
+            lo = np.where(ok, mid, lo)
+            hi = np.where(ok, hi, mid)
+        level = np.where(fits(hi_l), hi_l, lo)
+        cand[c] = np.minimum(cc, np.maximum(x[c], wc * level[g]))
+    return np.where(raisable, cand, x)
 
 
 def _water_fill(
@@ -250,7 +392,7 @@ def _water_fill(
     weight: F64,
     capacity: F64,
     admitted: npt.NDArray[np.bool_],
-) -> F64:
+) -> tuple[F64, I64]:
     n = sa.n
     nk = sa.n_nodes * SLOTS
     keep = admitted[sa.pc]
@@ -258,6 +400,7 @@ def _water_fill(
     dmax = np.bincount(pk, weights=pa * cap[pc], minlength=nk)
     active = np.isfinite(capacity) & (dmax > capacity)
     level = np.full(n, math.inf)
+    frozen_k = np.full(n, -1, dtype=np.int64)  # the constraint that froze each charger
     frozen = np.zeros(n, dtype=bool)
     fixed = np.zeros(nk)
     while active.any():
@@ -273,6 +416,9 @@ def _water_fill(
         sel = ready[lk]
         newly_c = lc[sel]
         level[newly_c] = lam[lk[sel]]
+        first = np.full(n, np.iinfo(np.int64).max)
+        np.minimum.at(first, newly_c, lk[sel])
+        frozen_k[newly_c] = first[newly_c]
         newly = np.zeros(n, dtype=bool)
         newly[newly_c] = True
         frozen |= newly
@@ -283,7 +429,7 @@ def _water_fill(
         if not newly.any() and still.sum() == active.sum():
             break
         active = still
-    return level
+    return level, frozen_k
 
 
 def _saturation_levels(

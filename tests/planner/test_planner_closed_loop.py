@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from functools import cache
 
-import pytest
 from planner_closed_loop import DayResult, run_day
 
 TRANSFORMER_A = 416.0
@@ -53,20 +52,12 @@ def test_planner_with_allocator_lowers_cost_and_peak_and_beats_the_allocator_alo
     envelope."""
     llf, alone, both = day("llf"), day("allocator"), day("planner")
     _plans_ok(both)
-    assert both.peak_kw < 0.9 * llf.peak_kw
+    assert both.peak_kw < 0.97 * llf.peak_kw  # the plan's own bound (the allocator meets the plan)
     assert both.cost < llf.cost
     # Against the allocator alone: more energy, lower peak.
     assert both.delivered_kwh > alone.delivered_kwh
     assert both.peak_kw < alone.peak_kw
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the allocator water-fills line-to-line loads with the linear bound I_AB + I_CA "
-        "(docs/envelope.md), 13 % below the exact cone the plan uses, so it cuts plan targets "
-        "that fit the transformer (3.6 % less energy than LLF on this day)"
-    ),
-)
 def test_planner_with_allocator_delivers_at_least_llf_energy() -> None:
     assert day("planner").delivered_kwh >= day("llf").delivered_kwh * (1 - 1e-6)

@@ -3,21 +3,25 @@
 //! 1. Eligibility and caps: connected, unfaulted sessions that still want energy; a cap per session
 //!    from the charger maximum, the plan target (unless behind plan) and measured draw plus a
 //!    margin (headroom reclaim, only from fresh measurements).
-//! 2. Admission (the 6 A rule): sessions are admitted in order of least laxity while every
-//!    admitted session's minimum still fits; sessions inside their minimum on time (or at their
-//!    switch cap) stay on, those inside their minimum off time stay off, and running sessions get
-//!    a laxity bonus so that they do not flap.
+//! 2. Admission (the 6 A rule): what every charger holds anyway is reserved; then sessions are
+//!    admitted in order of least laxity while every admitted session's minimum still fits;
+//!    sessions inside their minimum on time (or at their switch cap) stay on, those inside their
+//!    minimum off time stay off, and running sessions get a laxity bonus so that they do not
+//!    flap.
 //! 3. Water-filling: progressive filling in rounds. Every round computes, for each constraint
 //!    (node × phase with the linear bound for line-to-line loads, node kW), the level at which it
 //!    saturates; every constraint whose level is the lowest among its members' constraints is
 //!    saturated and its members frozen. This is exact progressive filling (a constraint's level
 //!    never falls when others freeze members), so the result is the weighted max-min fair point.
-//! 4. The result goes through the envelope in the same call: nothing leaves unchecked.
+//! 4. Raise pass: the linear bound for line-to-line loads is up to 15 % tighter than the exact
+//!    phasor limit, so sessions frozen at such a limit are raised toward their cap while the
+//!    exact line currents hold (`raise_to_exact`).
+//! 5. The result goes through the envelope in the same call: nothing leaves unchecked.
 //!
 //! Units inside: AC line amperes per charger terminal (DC power is converted).
 use crate::envelope::{
-    counting, enforce_limits, finish, last_sent_line_a, sanitise_request, snap_down, Binding,
-    ChargerInputs, Decision, EnvelopeParams, NodeInputs,
+    counting, enforce_limits, finish, last_sent_line_a, node_loads, sanitise_request, snap_down,
+    Binding, ChargerInputs, Counting, Decision, EnvelopeParams, NodeInputs, NodeLoads,
 };
 use crate::error::{CoreError, CoreResult};
 use crate::topology::{ChargerKind, Topology, N_PHASES};
@@ -59,7 +63,8 @@ pub struct Demand<'a> {
 #[derive(Clone, Debug)]
 pub struct Allocation {
     pub decision: Decision,
-    /// Water-filling value per charger (line A per terminal) before steps and envelope.
+    /// Water-filling value per charger (line A per terminal, linear bound) before the raise
+    /// pass, steps and envelope.
     pub level_a: Vec<f64>,
     pub admitted: Vec<bool>,
 }
@@ -408,17 +413,18 @@ fn model_and_admission(
             }
         }
     };
+    // Every charger holds what it holds whether admitted or not (fresh measurement, unconfirmed
+    // setpoint): reserve that first, so that a session admitted early is not pushed over a limit
+    // by the holdings of a session refused later. Admission then takes `floor − held` more.
     for c in 0..n {
-        if !candidate[c] {
-            subtract(&mut remaining, c, held[c]);
-        }
+        subtract(&mut remaining, c, held[c]);
     }
     let mut order: Vec<usize> = (0..n).filter(|&c| candidate[c]).collect();
     order.sort_by(|&a, &b| key[a].total_cmp(&key[b]).then(a.cmp(&b)));
     let mut admitted = vec![false; n];
     let tol = 1e-9;
     for &c in &order {
-        let need = m.floor[c];
+        let need = m.floor[c] - held[c];
         let fits = locked_on[c]
             || topo.ancestors(c).iter().all(|&i| {
                 (0..SLOTS).all(|slot| {
@@ -431,7 +437,6 @@ fn model_and_admission(
             subtract(&mut remaining, c, need);
         } else {
             binding[c] = Binding::Admission;
-            subtract(&mut remaining, c, held[c]);
         }
     }
     // The water-filling sees capacity net of non-admitted holdings.
@@ -560,6 +565,163 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     (level, frozen_by)
 }
 
+/// Value over limit (a 0 A limit holds a zero value; NaN counts as over).
+#[inline]
+fn ratio(value: f64, limit: f64) -> f64 {
+    if value <= 0.0 {
+        0.0
+    } else if limit > 0.0 {
+        value / limit
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// Result of the raise pass: per charger the value to request (line A per terminal) and, for
+/// chargers it raised, the node (and phase; `None` = kW) that stopped them below their cap.
+struct Raised {
+    value_a: Vec<f64>,
+    node: Vec<Option<usize>>,
+    phase: Vec<Option<usize>>,
+}
+
+/// Raise pass after water-filling. The water-filling bounds a line-to-line load linearly
+/// (`I_AB + I_CA` on line A), up to 2/√3 (≈ 15 %) above the exact phasor magnitude
+/// `√(I_AB² + I_CA² + I_AB·I_CA)` the envelope counts, so it stops line-to-line sessions (and
+/// their neighbours) below caps and plan targets that fit. Every charger the water-filling froze
+/// at a node-phase limit of a node with line-to-line loads below it is raised here toward its cap
+/// (plan target, reclaim cap or charger maximum) while every node's EXACT line currents and kW
+/// hold as the envelope counts them (each terminal at max(value, held), non-charger load
+/// included). Nodes are visited deepest first; at each node the raisable chargers below it share
+/// one weighted level `L` (value `min(cand, max(x, w·L))`, found by bisection), so the split
+/// stays max-min fair within every node, and a node only ever lowers what deeper nodes allowed.
+/// Line currents only grow when a charger rises (every contribution to a line lies within ±30°
+/// of the others), so what held at a deeper node still holds at the end.
+fn raise_to_exact(
+    topo: &Topology,
+    m: &Model,
+    cnt: &mut Counting,
+    level_a: &[f64],
+    frozen_by: &[Option<usize>],
+    admitted: &[bool],
+) -> Raised {
+    let n = topo.n_chargers();
+    let mut out = Raised {
+        value_a: level_a.to_vec(),
+        node: vec![None; n],
+        phase: vec![None; n],
+    };
+    let raisable: Vec<bool> = (0..n)
+        .map(|c| {
+            admitted[c]
+                && level_a[c] < m.set_cap[c] - 1e-9
+                && matches!(frozen_by[c], Some(k) if k % SLOTS < N_PHASES
+                    && topo.node_has_line_to_line(k / SLOTS))
+        })
+        .collect();
+    if !raisable.iter().any(|&r| r) {
+        return out;
+    }
+    for c in 0..n {
+        cnt.s[c] = if admitted[c] { level_a[c] } else { 0.0 };
+    }
+    let nn = topo.n_nodes();
+    let mut loads = NodeLoads::new(nn);
+    node_loads(topo, cnt, &mut loads);
+    let mut cand: Vec<f64> = (0..n)
+        .map(|c| {
+            if raisable[c] {
+                m.set_cap[c]
+            } else {
+                level_a[c]
+            }
+        })
+        .collect();
+    let mut members: Vec<usize> = Vec::new();
+    for &node in topo.node_order().iter().rev() {
+        members.clear();
+        members.extend(
+            topo.chargers_below(node)
+                .iter()
+                .copied()
+                .filter(|&c| raisable[c] && cand[c] > level_a[c]),
+        );
+        if members.is_empty() {
+            continue;
+        }
+        let spec = &topo.nodes[node];
+        let kw_limit_w = spec.power_limit_kw.map_or(f64::INFINITY, |k| k * 1000.0);
+        // Worst ratio of value to limit at this node when the members sit at level `l`, and
+        // which constraint it is (phase index, 3 = kW).
+        let worst = |l: f64, cand: &[f64]| -> (f64, usize) {
+            let mut re = loads.re[node];
+            let mut im = loads.im[node];
+            let mut pw = loads.power_w[node];
+            for &c in &members {
+                let x = level_a[c];
+                let r = (m.weight[c] * l).max(x).min(cand[c]);
+                let held = &cnt.held[c];
+                let v = topo.chargers[c].watts_per_terminal_a();
+                let mut d = [0.0; N_PHASES];
+                for k in 0..topo.chargers[c].wiring.terminals() {
+                    d[k] = r.max(held[k]) - x.max(held[k]);
+                    pw += d[k] * v;
+                }
+                for e in topo.terminal_entries(c) {
+                    re[e.phase] += d[e.terminal] * e.re;
+                    im[e.phase] += d[e.terminal] * e.im;
+                }
+            }
+            let mut w = (ratio(pw, kw_limit_w), N_PHASES);
+            for ph in 0..N_PHASES {
+                let r = ratio(re[ph].hypot(im[ph]), spec.phase_limit_a[ph]);
+                if !(r <= w.0) {
+                    w = (r, ph);
+                }
+            }
+            w
+        };
+        let hi_l = members
+            .iter()
+            .map(|&c| cand[c] / m.weight[c])
+            .fold(0.0, f64::max);
+        if worst(hi_l, &cand).0 <= 1.0 {
+            continue;
+        }
+        let (mut lo, mut hi) = (0.0, hi_l);
+        for _ in 0..64 {
+            let mid = 0.5 * (lo + hi);
+            if worst(mid, &cand).0 <= 1.0 {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+            if hi - lo <= 1e-10 * hi {
+                break;
+            }
+        }
+        let tight = worst(hi, &cand).1;
+        for &c in &members {
+            let r = (m.weight[c] * lo).max(level_a[c]).min(cand[c]);
+            if r < cand[c] {
+                cand[c] = r;
+                out.node[c] = Some(node);
+                out.phase[c] = (tight < N_PHASES).then_some(tight);
+            }
+        }
+    }
+    for c in 0..n {
+        if raisable[c] {
+            out.value_a[c] = cand[c];
+            if out.node[c].is_none() {
+                // Raised to its cap: nothing at any node stopped it.
+                out.node[c] = Some(usize::MAX);
+            }
+        }
+    }
+    out
+}
+
 pub fn allocate(
     topo: &Topology,
     ch: &ChargerInputs<'_>,
@@ -596,24 +758,44 @@ pub fn allocate(
             continue;
         }
         let l = level[c];
-        let x = if l == f64::INFINITY {
+        level_a[c] = if l == f64::INFINITY {
             m.set_cap[c]
         } else {
             (m.weight[c] * l).clamp(m.set_floor[c], m.set_cap[c])
         };
-        level_a[c] = x;
-        match frozen_by[c] {
-            Some(k) if x < m.set_cap[c] - 1e-9 => {
-                let slot = k % SLOTS;
-                bnode[c] = Some(k / SLOTS);
-                if slot < N_PHASES {
-                    binding[c] = Binding::NodePhase;
-                    bphase[c] = Some(slot);
-                } else {
-                    binding[c] = Binding::NodePower;
+    }
+    let mut cnt = counting(topo, ch, nodes, &p.envelope);
+    let raised = raise_to_exact(topo, &m, &mut cnt, &level_a, &frozen_by, &admitted);
+    for c in 0..n {
+        if !admitted[c] {
+            continue;
+        }
+        let x = raised.value_a[c];
+        match raised.node[c] {
+            Some(node) if x < m.set_cap[c] - 1e-9 => {
+                bnode[c] = Some(node);
+                match raised.phase[c] {
+                    Some(ph) => {
+                        binding[c] = Binding::NodePhase;
+                        bphase[c] = Some(ph);
+                    }
+                    None => binding[c] = Binding::NodePower,
                 }
             }
-            _ => binding[c] = m.cap_binding[c],
+            Some(_) => binding[c] = m.cap_binding[c],
+            None => match frozen_by[c] {
+                Some(k) if x < m.set_cap[c] - 1e-9 => {
+                    let slot = k % SLOTS;
+                    bnode[c] = Some(k / SLOTS);
+                    if slot < N_PHASES {
+                        binding[c] = Binding::NodePhase;
+                        bphase[c] = Some(slot);
+                    } else {
+                        binding[c] = Binding::NodePower;
+                    }
+                }
+                _ => binding[c] = m.cap_binding[c],
+            },
         }
         let snapped = snap_down(topo, c, x);
         if snapped < x - 1e-9 && matches!(binding[c], Binding::None | Binding::ChargerMax) {
@@ -630,7 +812,7 @@ pub fn allocate(
         requested_w: &req_w,
         ..*ch
     };
-    let mut cnt = counting(topo, &env_in, nodes, &p.envelope);
+    // The counting does not depend on the requests: the one made before the raise serves.
     let mut dec = Decision {
         setpoint_a: vec![0.0; n],
         setpoint_w: vec![0.0; n],
@@ -1047,6 +1229,77 @@ mod tests {
         w.behind = vec![true, false];
         let a = alloc(&t, &x, &w, &params());
         close(&a.decision.setpoint_a, &[20.0, 20.0]);
+    }
+
+    #[test]
+    fn admission_reserves_what_refused_sessions_hold() {
+        // b draws 10 A it was given earlier (fresh measurement) though it was paused since: it
+        // holds 10 A whatever happens. a and c (more urgent) each need 6 A of the 20 A: only one
+        // of them fits beside b. Admitting both would leave the envelope to pause them.
+        let t = site(
+            "20",
+            &[("a", "L1", 32.0), ("b", "L1", 32.0), ("c", "L1", 32.0)],
+        );
+        let mut x = Inputs::quiet(&t);
+        x.m[0][1] = 10.0;
+        let mut w = Want::new(3);
+        w.departure = vec![NOW + 1800.0, NOW + 9000.0, NOW + 3600.0];
+        let a = alloc(&t, &x, &w, &params());
+        assert_eq!(a.admitted, vec![true, true, false], "{:?}", a.decision);
+        assert_eq!(a.decision.binding[2], Binding::Admission);
+        assert!(a.decision.setpoint_a[0] >= 6.0, "{:?}", a.decision);
+        let counted = a.decision.setpoint_a[0] + a.decision.setpoint_a[1].max(10.0);
+        assert!(counted <= 20.0 + 1e-9, "{:?}", a.decision);
+    }
+
+    #[test]
+    fn line_to_line_sessions_are_raised_to_the_exact_phasor_limit() {
+        // AB and CA at I each put √3·I on line A. The linear bound stops them at 35/2 = 17.5 A;
+        // the exact limit is 35/√3 = 20.2 A, and the raise pass takes them there.
+        let t = Topology::from_json(
+            r#"{"site": {"id": "s"}, "nodes": [{"id": "g", "kind": "grid", "phase_limit_a": 35}], "chargers": [
+            {"id": "ab", "parent": "g", "wiring": "line_to_line", "phases": ["L1","L2"], "voltage_v": 400, "max_a": 32},
+            {"id": "ca", "parent": "g", "wiring": "line_to_line", "phases": ["L3","L1"], "voltage_v": 400, "max_a": 32}]}"#,
+        )
+        .unwrap();
+        let x = Inputs::quiet(&t);
+        let a = alloc(&t, &x, &Want::new(2), &params());
+        close(&a.level_a, &[17.5, 17.5]);
+        let exact = 35.0 / 3f64.sqrt();
+        for c in 0..2 {
+            assert!(
+                (a.decision.setpoint_a[c] - exact).abs() < 1e-6,
+                "{:?}",
+                a.decision
+            );
+            assert_eq!(a.decision.binding[c], Binding::NodePhase);
+            assert_eq!(a.decision.binding_node[c], Some(0));
+        }
+        // A plan target that fits the exact limit is met, the other session takes what is left.
+        let mut w = Want::new(2);
+        w.target_a = vec![19.0, f64::NAN];
+        let a = alloc(&t, &x, &w, &params());
+        assert!(
+            (a.decision.setpoint_a[0] - 19.0).abs() < 1e-9,
+            "{:?}",
+            a.decision
+        );
+        assert_eq!(a.decision.binding[0], Binding::Plan);
+        // Line A: 19² + b² + 19·b = 35² → b = 21.3 A.
+        let b = (-19.0 + (19.0f64 * 19.0 - 4.0 * (19.0 * 19.0 - 35.0 * 35.0)).sqrt()) / 2.0;
+        assert!(
+            (a.decision.setpoint_a[1] - b).abs() < 1e-6,
+            "{b} {:?}",
+            a.decision
+        );
+        // Weighted: the common level splits by priority.
+        let mut w = Want::new(2);
+        w.priority = vec![1.0, 2.0];
+        let a = alloc(&t, &x, &w, &params());
+        let (i1, i2) = (a.decision.setpoint_a[0], a.decision.setpoint_a[1]);
+        assert!((i2 - 2.0 * i1).abs() < 1e-6, "{:?}", a.decision);
+        assert!((i1 * i1 + i2 * i2 + i1 * i2).sqrt() <= 35.0 + 1e-9);
+        assert!((i1 * i1 + i2 * i2 + i1 * i2).sqrt() >= 35.0 - 1e-6);
     }
 
     #[test]
