@@ -501,19 +501,24 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     let mut charger_min = vec![f64::INFINITY; n];
     let mut events: Vec<(f64, f64)> = Vec::new();
     let mut newly: Vec<usize> = Vec::new();
+    // A constraint's level only changes when one of its members froze (its fixed load moved).
+    let mut dirty = vec![true; nn * SLOTS];
     while !active.is_empty() {
         for &k in &active {
-            // Frozen members are fixed load now.
-            members[k].retain(|&(c, _)| !frozen[c]);
-            lam[k] = saturation_level(
-                &members[k],
-                &m.floor,
-                &m.cap,
-                &m.weight,
-                fixed[k],
-                m.capacity[k],
-                &mut events,
-            );
+            if dirty[k] {
+                // Frozen members are fixed load now.
+                members[k].retain(|&(c, _)| !frozen[c]);
+                lam[k] = saturation_level(
+                    &members[k],
+                    &m.floor,
+                    &m.cap,
+                    &m.weight,
+                    fixed[k],
+                    m.capacity[k],
+                    &mut events,
+                );
+                dirty[k] = false;
+            }
             for &(c, _) in &members[k] {
                 charger_min[c] = f64::INFINITY;
             }
@@ -553,6 +558,7 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
                 for (slot, &a) in cc.iter().enumerate() {
                     if a != 0.0 {
                         fixed[i * SLOTS + slot] += a * v;
+                        dirty[i * SLOTS + slot] = true;
                     }
                 }
             }
@@ -564,6 +570,54 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     }
     (level, frozen_by)
 }
+
+/// Largest `l` in `[lo, hi]` with `g(l) <= 0` for a continuous non-decreasing `g` with
+/// `g(hi) > 0` (regula falsi, Illinois variant, with bisection where the secant is unusable).
+/// Returns the feasible end and the infeasible end of the final bracket.
+fn tight_level(g: impl Fn(f64) -> f64, mut lo: f64, mut hi: f64) -> (f64, f64) {
+    let mut glo = g(lo);
+    if !(glo <= 0.0) {
+        return (lo, hi);
+    }
+    let mut ghi = g(hi);
+    let mut side = 0i8;
+    // g may be flat (a limit already tight at `lo` that the raise does not load further, e.g.
+    // chargers rising below what they hold): only the bracket width ends the search.
+    for i in 0..200 {
+        if hi - lo <= 1e-10 * hi {
+            break;
+        }
+        let secant = (lo * ghi - hi * glo) / (ghi - glo);
+        // Every fourth step bisects, so that a badly curved g cannot stall the bracket.
+        let mid = if ghi.is_finite() && i % 4 != 3 && secant > lo && secant < hi {
+            secant
+        } else {
+            0.5 * (lo + hi)
+        };
+        let gm = g(mid);
+        if gm <= 0.0 {
+            lo = mid;
+            glo = gm;
+            if side == -1 {
+                ghi *= 0.5;
+            }
+            side = -1;
+        } else {
+            hi = mid;
+            ghi = gm;
+            if side == 1 {
+                glo *= 0.5;
+            }
+            side = 1;
+        }
+    }
+    (lo, hi)
+}
+
+/// The raise pass keeps every value within `limit · RAISE_FIT` (a limit that is exactly tight
+/// before the raise must not read as broken from rounding; the envelope's own tolerance is
+/// larger, so it never cuts a raised value).
+const RAISE_FIT: f64 = 1.0 + 1e-10;
 
 /// Value over limit (a 0 A limit holds a zero value; NaN counts as over).
 #[inline]
@@ -674,7 +728,10 @@ fn raise_to_exact(
             }
             let mut w = (ratio(pw, kw_limit_w), N_PHASES);
             for ph in 0..N_PHASES {
-                let r = ratio(re[ph].hypot(im[ph]), spec.phase_limit_a[ph]);
+                let r = ratio(
+                    (re[ph] * re[ph] + im[ph] * im[ph]).sqrt(),
+                    spec.phase_limit_a[ph],
+                );
                 if !(r <= w.0) {
                     w = (r, ph);
                 }
@@ -685,21 +742,16 @@ fn raise_to_exact(
             .iter()
             .map(|&c| cand[c] / m.weight[c])
             .fold(0.0, f64::max);
-        if worst(hi_l, &cand).0 <= 1.0 {
+        if worst(hi_l, &cand).0 <= RAISE_FIT {
             continue;
         }
-        let (mut lo, mut hi) = (0.0, hi_l);
-        for _ in 0..64 {
-            let mid = 0.5 * (lo + hi);
-            if worst(mid, &cand).0 <= 1.0 {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-            if hi - lo <= 1e-10 * hi {
-                break;
-            }
-        }
+        // Below every member's own level nothing moves: the bracket starts there.
+        let lo0 = members
+            .iter()
+            .map(|&c| level_a[c] / m.weight[c])
+            .fold(f64::INFINITY, f64::min)
+            .min(hi_l);
+        let (lo, hi) = tight_level(|l| worst(l, &cand).0 - RAISE_FIT, lo0, hi_l);
         let tight = worst(hi, &cand).1;
         for &c in &members {
             let r = (m.weight[c] * lo).max(level_a[c]).min(cand[c]);
@@ -1298,7 +1350,7 @@ mod tests {
         let a = alloc(&t, &x, &w, &params());
         let (i1, i2) = (a.decision.setpoint_a[0], a.decision.setpoint_a[1]);
         assert!((i2 - 2.0 * i1).abs() < 1e-6, "{:?}", a.decision);
-        assert!((i1 * i1 + i2 * i2 + i1 * i2).sqrt() <= 35.0 + 1e-9);
+        assert!((i1 * i1 + i2 * i2 + i1 * i2).sqrt() <= 35.0 * RAISE_FIT);
         assert!((i1 * i1 + i2 * i2 + i1 * i2).sqrt() >= 35.0 - 1e-6);
     }
 
