@@ -260,11 +260,11 @@ def reference_allocate(
     set_floor = np.where(admitted, f, 0.0)
     set_cap = np.where(admitted, u, 0.0)
 
-    level, frozen_k = _water_fill(sa, floor, cap, weight, net, admitted)
+    level, _frozen_k = _water_fill(sa, floor, cap, weight, net, admitted)
     with np.errstate(invalid="ignore"):
         level_a = np.where(np.isinf(level), set_cap, np.clip(weight * level, set_floor, set_cap))
     level_a = np.where(admitted, level_a, 0.0)
-    raised_a = _raise_exact(sa, level_a, set_cap, weight, held, other, admitted, frozen_k)
+    raised_a = _raise_exact(sa, level_a, set_cap, weight, held, other, admitted)
     return ReferenceResult(level_a, raised_a, admitted, floor, cap, weight, net, held, capacity)
 
 
@@ -285,6 +285,8 @@ class _Group:
     cand: F64
     coef: npt.NDArray[np.complex128]  # (m, 3)
     watts: F64
+    tight_ph: npt.NDArray[np.bool_]  # (ng, 3)
+    tight_kw: npt.NDArray[np.bool_]
 
     def fits(self, level: F64) -> npt.NDArray[np.bool_]:
         """Per node: whether its line currents and kW hold with its chargers at ``level``."""
@@ -297,9 +299,10 @@ class _Group:
             load[:, ph] += 1j * np.bincount(self.g, weights=add.imag, minlength=self.ng)
         power = self.power0 + np.bincount(self.g, weights=dcur * self.watts, minlength=self.ng)
         fit = 1.0 + 1e-10  # a limit tight before the raise must not read as broken from rounding
-        ok: npt.NDArray[np.bool_] = np.all(np.abs(load) <= self.limit * fit, axis=1) & (
-            power <= self.kw_w * fit
-        )
+        # Limits tight before the raise are left out: no charger left on them moves them.
+        ok: npt.NDArray[np.bool_] = np.all(
+            (np.abs(load) <= self.limit * fit) | self.tight_ph, axis=1
+        ) & ((power <= self.kw_w * fit) | self.tight_kw)
         return ok
 
 
@@ -311,20 +314,13 @@ def _raise_exact(
     held: F64,
     other: F64,
     admitted: npt.NDArray[np.bool_],
-    frozen_k: I64,
 ) -> F64:
-    """Raise chargers frozen at a node-phase limit of a node with line-to-line loads toward their
-    cap while every node's exact line currents and kW hold: nodes deepest first, the chargers
-    below a node sharing one weighted level found by bisection (all nodes of one depth at once)."""
-    node_k = np.where(frozen_k >= 0, frozen_k // SLOTS, 0)
-    raisable = (
-        admitted
-        & (x < set_cap - 1e-9)
-        & (frozen_k >= 0)
-        & (frozen_k % SLOTS < 3)
-        & sa.node_l2l[node_k]
-    )
-    if not raisable.any():
+    """On a site with line-to-line loads, raise every admitted charger below its cap toward it
+    while every node's exact line currents and kW hold: nodes deepest first; at each node the
+    chargers on a limit already tight there stay, the others share one weighted level found by
+    bisection (all nodes of one depth at once)."""
+    raisable = admitted & (x < set_cap - 1e-9)
+    if not sa.node_l2l.any() or not raisable.any():
         return x.copy()
     nn = sa.n_nodes
     counted = np.where(admitted, np.maximum(x, held), held)
@@ -353,6 +349,18 @@ def _raise_exact(
         c, nodes = ac[sel], an[sel]
         grp_nodes, g = np.unique(nodes, return_inverse=True)
         ng = len(grp_nodes)
+        # Limits already tight at the water-filling values keep the chargers on them where they
+        # are; the others share the node's level.
+        mag0 = np.abs(own[grp_nodes])
+        lim0 = sa.phase_limit[grp_nodes]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tight_ph = (mag0 > 0) & ~(mag0 < lim0 * (1 - 1e-9))
+            tight_kw = (pw[grp_nodes] > 0) & ~(pw[grp_nodes] < kw_w[grp_nodes] * (1 - 1e-9))
+        stay = tight_kw[g] | np.any(tight_ph[g] & (sa.line_coef[c] != 0), axis=1)
+        cand[c[stay]] = x[c[stay]]
+        c, g = c[~stay], g[~stay]
+        if not len(c):
+            continue
 
         grp = _Group(
             g,
@@ -368,6 +376,8 @@ def _raise_exact(
             cand[c],
             sa.line_coef[c],
             watts[c],
+            tight_ph,
+            tight_kw,
         )
         fits = grp.fits
         wc, cc = weight[c], cand[c]

@@ -618,6 +618,8 @@ fn tight_level(g: impl Fn(f64) -> f64, mut lo: f64, mut hi: f64) -> (f64, f64) {
 /// before the raise must not read as broken from rounding; the envelope's own tolerance is
 /// larger, so it never cuts a raised value).
 const RAISE_FIT: f64 = 1.0 + 1e-10;
+/// A limit within this fraction of its value before the raise counts as tight.
+const TIGHT_REL: f64 = 1e-9;
 
 /// Value over limit (a 0 A limit holds a zero value; NaN counts as over).
 #[inline]
@@ -642,13 +644,14 @@ struct Raised {
 /// Raise pass after water-filling. The water-filling bounds a line-to-line load linearly
 /// (`I_AB + I_CA` on line A), up to 2/√3 (≈ 15 %) above the exact phasor magnitude
 /// `√(I_AB² + I_CA² + I_AB·I_CA)` the envelope counts, so it stops line-to-line sessions (and
-/// their neighbours) below caps and plan targets that fit. Every charger the water-filling froze
-/// at a node-phase limit of a node with line-to-line loads below it is raised here toward its cap
-/// (plan target, reclaim cap or charger maximum) while every node's EXACT line currents and kW
-/// hold as the envelope counts them (each terminal at max(value, held), non-charger load
-/// included). Nodes are visited deepest first; at each node the raisable chargers below it share
-/// one weighted level `L` (value `min(cand, max(x, w·L))`, found by bisection), so the split
-/// stays max-min fair within every node, and a node only ever lowers what deeper nodes allowed.
+/// their neighbours) below caps and plan targets that fit. On a site with line-to-line loads,
+/// every admitted charger below its cap (plan target, reclaim cap or charger maximum) is raised
+/// here toward it while every node's EXACT line currents and kW hold as the envelope counts them
+/// (each terminal at max(value, held), non-charger load included). Nodes are visited deepest
+/// first; at each node, the chargers on a limit that is already tight there stay where they are
+/// and the others share one weighted level `L` (value `min(cand, max(x, w·L))`, the largest that
+/// fits), so the split stays max-min fair within every node, and a node only ever lowers what
+/// deeper nodes allowed.
 /// Line currents only grow when a charger rises (every contribution to a line lies within ±30°
 /// of the others), so what held at a deeper node still holds at the end.
 fn raise_to_exact(
@@ -656,7 +659,6 @@ fn raise_to_exact(
     m: &Model,
     cnt: &mut Counting,
     level_a: &[f64],
-    frozen_by: &[Option<usize>],
     admitted: &[bool],
 ) -> Raised {
     let n = topo.n_chargers();
@@ -665,13 +667,13 @@ fn raise_to_exact(
         node: vec![None; n],
         phase: vec![None; n],
     };
+    // Without line-to-line loads the linear model is exact: nothing to raise.
+    let root = topo.node_order().first().copied();
+    if !root.is_some_and(|r| topo.node_has_line_to_line(r)) {
+        return out;
+    }
     let raisable: Vec<bool> = (0..n)
-        .map(|c| {
-            admitted[c]
-                && level_a[c] < m.set_cap[c] - 1e-9
-                && matches!(frozen_by[c], Some(k) if k % SLOTS < N_PHASES
-                    && topo.node_has_line_to_line(k / SLOTS))
-        })
+        .map(|c| admitted[c] && level_a[c] < m.set_cap[c] - 1e-9)
         .collect();
     if !raisable.iter().any(|&r| r) {
         return out;
@@ -705,6 +707,31 @@ fn raise_to_exact(
         }
         let spec = &topo.nodes[node];
         let kw_limit_w = spec.power_limit_kw.map_or(f64::INFINITY, |k| k * 1000.0);
+        // A limit of this node already tight at the water-filling values (a phase without
+        // line-to-line loads, where the linear model was exact, or the kW cap) lets none of the
+        // chargers on it rise: they stay, the others share the level.
+        let tight_at = |value: f64, limit: f64| !(ratio(value, limit) < 1.0 - TIGHT_REL);
+        let tight_ph: [bool; N_PHASES] =
+            std::array::from_fn(|ph| tight_at(loads.line_a(node, ph), spec.phase_limit_a[ph]));
+        let tight_kw = tight_at(loads.power_w[node], kw_limit_w);
+        members.retain(|&c| {
+            let on_tight = topo.chargers[c].phases.iter().position(|&ph| tight_ph[ph]);
+            if tight_kw || on_tight.is_some() {
+                cand[c] = level_a[c];
+                out.node[c] = Some(node);
+                out.phase[c] = if tight_kw {
+                    None
+                } else {
+                    on_tight.map(|k| topo.chargers[c].phases[k])
+                };
+                false
+            } else {
+                true
+            }
+        });
+        if members.is_empty() {
+            continue;
+        }
         // Worst ratio of value to limit at this node when the members sit at level `l`, and
         // which constraint it is (phase index, 3 = kW).
         let worst = |l: f64, cand: &[f64]| -> (f64, usize) {
@@ -726,8 +753,9 @@ fn raise_to_exact(
                     im[e.phase] += d[e.terminal] * e.im;
                 }
             }
-            let mut w = (ratio(pw, kw_limit_w), N_PHASES);
-            for ph in 0..N_PHASES {
+            // Limits tight before the raise are left out: no charger left on them moves them.
+            let mut w = (if tight_kw { 0.0 } else { ratio(pw, kw_limit_w) }, N_PHASES);
+            for ph in (0..N_PHASES).filter(|&ph| !tight_ph[ph]) {
                 let r = ratio(
                     (re[ph] * re[ph] + im[ph] * im[ph]).sqrt(),
                     spec.phase_limit_a[ph],
@@ -817,7 +845,7 @@ pub fn allocate(
         };
     }
     let mut cnt = counting(topo, ch, nodes, &p.envelope);
-    let raised = raise_to_exact(topo, &m, &mut cnt, &level_a, &frozen_by, &admitted);
+    let raised = raise_to_exact(topo, &m, &mut cnt, &level_a, &admitted);
     for c in 0..n {
         if !admitted[c] {
             continue;
