@@ -52,6 +52,9 @@ URGENT = frozenset(
 )
 
 
+# After the edge starts, TxProfile re-sends wait at most this long for every station to be back.
+_STARTUP_GRACE_S = 10.0
+
 # Triggers after which the local planner should plan again (sessions, prices, limits, operator).
 REPLAN = frozenset({"transaction", "grid", "prices", "operator"})
 
@@ -148,6 +151,7 @@ class EdgeController:
         # Chargers whose station was asked what it enforces: charger id -> until (monotonic).
         self._report_due: dict[str, float] = {}
         self._increases_held = False
+        self._started_at: float | None = None
 
     # ---- events (synchronous: they only update state and wake the loop) --------------------
     def notify(self, trigger: str) -> None:
@@ -465,6 +469,16 @@ class EdgeController:
         unknown = [("tx", c) for c in t_plan.decreases if c.old is None] + [
             ("tx_default", c) for c in d_plan.decreases if c.old is None
         ]
+        if self._started_at is None:
+            self._started_at = now_m
+        if now_m - self._started_at < _STARTUP_GRACE_S and not all(
+            c.online for c in st.chargers.values()
+        ):
+            # Just started: stations are still reconnecting, and each one not back yet counts at
+            # its maximum. Re-sending TxProfiles now would squeeze the ones back first (to 0 A,
+            # often) only to raise them a moment later; they still hold the profiles the edge
+            # sent before (which end at the failsafe level). TxDefaults do not wait.
+            unknown = [x for x in unknown if x[0] != "tx"]
         decreases = known
         if unknown and not waiting:
             # While a station's report is due, the others' unknown sends wait too: counted at
