@@ -252,12 +252,13 @@ async def test_operator_steers_and_bad_requests_name_the_problem(edge: Edge) -> 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await edge.stub.SetChargerAvailability(unknown, metadata=md)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "C99" in (err.value.details() or "")
-    bad = pb.SetSessionPriorityRequest(charger_id="C1", priority=float("nan"))
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await edge.stub.SetSessionPriority(bad, metadata=md)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in (
-        err.value.details() or ""
-    )
+    for value in (float("nan"), 0.0, 1e9, 1e-9):
+        bad = pb.SetSessionPriorityRequest(charger_id="C1", priority=value)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await edge.stub.SetSessionPriority(bad, metadata=md)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in (
+            err.value.details() or ""
+        )
     early = pb.SetSessionDepartureRequest(charger_id="C1")
     early.departure.FromSeconds(int(edge.clock.now()) - 3600)
     with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -31,6 +31,7 @@ from evcore.api.auth import AuthInterceptor, Credentials, current_principal
 from evcore.api.facade import EdgeFacade
 from evcore.audit.log import record_from_mapping
 from evcore.clock import Clock
+from evcore.edge.state import priority_error
 from evcore.store.base import Store
 from evcore.v1 import edge_api_pb2 as pb
 from evcore.v1 import edge_api_pb2_grpc as pb_grpc
@@ -330,11 +331,8 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
     async def SetSessionPriority(
         self, request: pb.SetSessionPriorityRequest, context: Any
     ) -> pb.SteeringResponse:
-        await self._require(
-            context,
-            math.isfinite(request.priority) and request.priority > 0,
-            f"priority must be a finite number > 0, got {request.priority!r}",
-        )
+        why = priority_error(request.priority)
+        await self._require(context, why is None, why or "")
         await self._session_guard(context, request.charger_id, request.transaction_id)
         await self._call(context, self._facade.set_priority, request.charger_id, request.priority)
         detail = f"priority of the session at {request.charger_id} set to {request.priority:g}"

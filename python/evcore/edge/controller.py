@@ -31,7 +31,7 @@ from evcore.edge.dispatch import Change, ChangeKind, PendingDecrease, next_settl
 from evcore.edge.faults import FaultChange, check_ignored, draws_above_limit, overdraw
 from evcore.edge.grid import Curtailment, CurtailmentBook, PricePoint, merge_prices
 from evcore.edge.ports import AuditSink, ChargerGateway, CorePort, EnforcedSetpoints
-from evcore.edge.state import ChargerState, SiteState
+from evcore.edge.state import ChargerState, SiteState, priority_error
 
 log = logging.getLogger("evcore.edge")
 
@@ -100,6 +100,7 @@ class ControllerStats:
     profiles_sent: int = 0
     audit_failures: int = 0
     core_failures: int = 0
+    failsafe_failures: int = 0
     faults_reported: list[tuple[str, str]] = field(default_factory=list)
     reported_limits: int = 0  # chargers counted at their GetCompositeSchedule after (re)connect
     last_decision_s: float = 0.0
@@ -248,10 +249,11 @@ class EdgeController:
         available: bool | None = None,
     ) -> None:
         c = self.state.chargers[charger_id]
+        if priority is not None and (why := priority_error(priority)) is not None:
+            raise ValueError(f"set_session {charger_id}: {why}")
         for name, value in (
             ("energy_requested_kwh", energy_requested_kwh),
             ("departure", departure),
-            ("priority", priority),
         ):
             if value is not None and (not math.isfinite(value) or value < 0):
                 raise ValueError(
@@ -283,7 +285,9 @@ class EdgeController:
                 self._triggers = set()
                 try:
                     await self.decide(",".join(sorted(triggers)))
-                except Exception:  # the loop must outlive one bad decision
+                except BaseException as exc:  # the loop must outlive one bad decision
+                    if not _is_core_failure(exc):
+                        raise
                     log.exception("decision failed (triggers %s)", sorted(triggers))
         finally:
             for t in list(self._sends):
@@ -350,12 +354,25 @@ class EdgeController:
                 failsafe=self.failsafe,
                 cfg=cfg,
             )
-        except Exception:
-            # Nothing leaves without the envelope: keep what the chargers hold (they fall back to
-            # the failsafe level on their own when their profiles expire).
+        except BaseException as exc:
+            if not _is_core_failure(exc):
+                raise
+            # The core refused this decision's inputs. Fall back to the failsafe levels (the
+            # core's own, from the last successful recompute): every charger in a session is
+            # lowered to at most its failsafe level, so all of them together fit every node and
+            # phase whatever the others hold. Nothing is raised. The next decision tries again.
             self.stats.core_failures += 1
-            log.exception("core decision failed; nothing sent")
-            return None
+            log.error(
+                "CORE DECISION FAILED (%s: %s); chargers fall back to their failsafe levels",
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+            fallback = self._fallback(exc)
+            if fallback is None:
+                return None
+            enforced = fallback
+            trigger = f"{trigger},core-failure"
         self.stats.decisions += 1
         decision_no = self.stats.decisions
         changes = self._plan_changes(enforced, now_w, now_m)
@@ -659,8 +676,45 @@ class EdgeController:
         caps = self.curtailments.caps_kw(now_w, failsafe.horizon_s(self.cfg))
         key = tuple(sorted(caps.items()))
         if key != self._failsafe_key:
-            self.failsafe = self.core.failsafe_levels(caps)
+            try:
+                levels = self.core.failsafe_levels(caps)
+            except BaseException as exc:
+                if not _is_core_failure(exc):
+                    raise
+                # Keep the previous levels (and try again next decision): deciding goes on.
+                self.stats.failsafe_failures += 1
+                log.error(
+                    "FAILSAFE RECOMPUTE FAILED for caps %s (%s: %s); previous levels kept",
+                    dict(caps),
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
+                return
+            self.failsafe = levels
             self._failsafe_key = key
+
+    def _fallback(self, exc: BaseException) -> EnforcedSetpoints | None:
+        """After a failed decision: every charger at most at its failsafe level, none raised."""
+        fs = self.failsafe
+        if not fs:
+            log.error("no failsafe levels known either: nothing can be sent")
+            return None
+        setpoints: dict[str, float] = {}
+        why: dict[str, str] = {}
+        for cid, level in fs.items():
+            c = self.state.chargers.get(cid)
+            if c is None:
+                continue
+            cur = c.current
+            setpoints[cid] = level if cur is None else min(cur, level)
+            unit = "W" if c.is_dc else "A"
+            why[cid] = (
+                f"held at {setpoints[cid]:g} {unit}: decision failed ({type(exc).__name__}), "
+                f"failsafe level {level:g} {unit}"
+            )
+        codes = dict.fromkeys(setpoints, "failsafe")
+        return EnforcedSetpoints(setpoints, why, "", codes, {})
 
     def _targets(self, now_w: float) -> dict[str, float] | None:
         """The targets of the plan in force: a fresh cloud plan, else a fresh local one."""
@@ -736,6 +790,14 @@ class EdgeController:
         if self.on_fault is not None:
             with contextlib.suppress(Exception):
                 self.on_fault(c.charger_id, c.fault_reason)
+
+
+def _is_core_failure(exc: BaseException) -> bool:
+    """An error of one decision (any ``Exception``, or a pyo3 ``PanicException``, which derives
+    from ``BaseException``), as opposed to cancellation or interpreter exit, which propagate."""
+    if isinstance(exc, Exception):
+        return True
+    return type(exc).__name__ == "PanicException"
 
 
 def _overdraws(c: ChargerState, settle_s: float) -> bool:

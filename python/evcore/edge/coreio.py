@@ -29,6 +29,21 @@ from evcore.edge.state import ChargerState, SiteState
 
 F64 = npt.NDArray[np.float64]
 
+# The core's weight range (allocator.rs PRIORITY_RANGE): a weight outside it fails the whole
+# decision, so every priority is clamped into it here.
+# A curtailment to 0 kW is modelled as this limit (the core rejects power_limit_kw <= 0).
+MIN_CAP_KW = 1e-6
+CORE_PRIORITY_MIN = 1e-6
+CORE_PRIORITY_MAX = 1e6
+
+
+def core_priority(priority: float, weight: float = 1.0) -> float:
+    """A session's weight for the core, always inside the core's range (NaN counts as 1)."""
+    w = priority * weight
+    if not math.isfinite(w):
+        w = CORE_PRIORITY_MAX if w == math.inf else 1.0
+    return min(CORE_PRIORITY_MAX, max(CORE_PRIORITY_MIN, w))
+
 
 def _allocate_fn() -> Any:
     """``evcore._core.allocate``: allocation and envelope in one Rust call (docs/envelope.md)."""
@@ -84,6 +99,9 @@ class RustCore:
             for node in table.get("nodes", []):
                 cap = caps_kw.get(node.get("id"))
                 if cap is not None:
+                    # The core's topology needs a positive limit; a curtailment to 0 kW becomes
+                    # one too small for any charger's minimum, so everything under it gets 0.
+                    cap = max(cap, MIN_CAP_KW)
                     old = node.get("power_limit_kw")
                     node["power_limit_kw"] = cap if old is None else min(float(old), cap)
             topo = load_site(table)
@@ -246,7 +264,7 @@ class RustCore:
             if c.departure is not None:
                 # The core's clock for departures is the monotonic one of this decision.
                 demand["departure_s"][i] = now_mono + (c.departure - now_wall)
-            demand["priority"][i] = max(1e-9, c.priority * weights.get(c.charger_id, 1.0))
+            demand["priority"][i] = core_priority(c.priority, weights.get(c.charger_id, 1.0))
             if targets is not None and c.charger_id in targets:
                 demand["target_w" if c.is_dc else "target_a"][i] = targets[c.charger_id]
         params = {

@@ -9,7 +9,6 @@ envelope — applies it; nothing here sets a setpoint. Authentication and roles 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -18,6 +17,7 @@ from evcore.api.facade import FacadeError, UnknownTarget
 from evcore.edge.controller import EdgeController, SentProfile
 from evcore.edge.faults import is_suspect
 from evcore.edge.grid import Curtailment, GridSignalError, PricePoint
+from evcore.edge.state import priority_error
 
 __all__ = ["AuditTee", "ControllerFacade", "FacadeError", "UnknownTarget"]
 
@@ -189,8 +189,8 @@ class ControllerFacade:
 
     def set_priority(self, charger_id: str, priority: float) -> None:
         self._get(charger_id)
-        if not (math.isfinite(priority) and priority > 0):
-            raise FacadeError(f"priority for {charger_id}: must be a finite number > 0")
+        if (why := priority_error(priority)) is not None:
+            raise FacadeError(f"{charger_id}: {why}")
         self.ctrl.set_session(charger_id, priority=priority)
 
     def set_departure(

@@ -22,6 +22,22 @@ _UNAVAILABLE = frozenset({"Unavailable", "Faulted"})
 # Limit changes kept per charger for the ignored-profile check (a few settle times' worth).
 _LIMIT_LOG_LEN = 64
 
+#: The session priorities an operator may set (API, facade, ``EdgeController.set_session``).
+#: Well inside the core's weight range (allocator.rs PRIORITY_RANGE = [1e-6, 1e6]), which
+#: ``coreio`` clamps to after applying its own weights.
+PRIORITY_MIN = 1e-3
+PRIORITY_MAX = 1e3
+
+
+def priority_error(priority: float) -> str | None:
+    """Why ``priority`` is not one an operator may set, or None when it is."""
+    if not (math.isfinite(priority) and PRIORITY_MIN <= priority <= PRIORITY_MAX):
+        return (
+            f"priority must be a finite number from {PRIORITY_MIN:g} to {PRIORITY_MAX:g}, "
+            f"got {priority!r}"
+        )
+    return None
+
 
 @dataclass(slots=True)
 class ChargerState:
