@@ -250,7 +250,8 @@ def reference_allocate(
             sl = slice(starts[c], starts[c + 1])
             ks, a = pk[sl], pa[sl]
             need = a * extra[c]
-            if locked_on[c] or np.all(rem[ks] >= need - 1e-9 * (1 + need)):
+            # Holding its minimum already, a session adds nothing by being admitted.
+            if locked_on[c] or extra[c] <= 0 or np.all(rem[ks] >= need - 1e-9 * (1 + need)):
                 admitted[c] = True
                 rem[ks] -= need
     net = capacity.copy()
@@ -455,13 +456,20 @@ def _saturation_levels(
     active: npt.NDArray[np.bool_],
     nk: int,
 ) -> F64:
-    """Smallest L with fixed + Σ a·clip(w L, F, U) = capacity per constraint (exact)."""
+    """Smallest L with fixed + Σ a·clip(w L, F, U) = capacity per constraint (exact); where the
+    floors alone fill it, the first level at which a member rises (exactly full) or 0 (over)."""
     lam = np.full(nk, math.inf)
     w = weight[lc]
     # D(L) = base + Σ_e c_e·min(L, b_e): +a·w at U/w, −a·w at F/w.
     base = fixed + np.bincount(lk, weights=la * floor[lc], minlength=nk)
     saturated0 = active & (base >= capacity)
-    lam[saturated0] = 0.0
+    # Floors fill it: exactly full (within 1e-9), the largest level with D(L) <= capacity is the
+    # first floor event of a member that can rise; over it, 0.
+    over = base > capacity + 1e-9 * (1.0 + np.abs(capacity))
+    rise = np.full(nk, math.inf)
+    can_rise = cap[lc] > floor[lc]
+    np.minimum.at(rise, lk[can_rise], floor[lc[can_rise]] / w[can_rise])
+    lam[saturated0] = np.where(over[saturated0], 0.0, rise[saturated0])
     b = np.concatenate([cap[lc] / w, floor[lc] / w])
     c = np.concatenate([la * w, -la * w])
     k = np.concatenate([lk, lk])

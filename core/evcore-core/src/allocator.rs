@@ -149,8 +149,13 @@ fn coef(topo: &Topology, c: usize, slot: usize) -> f64 {
     }
 }
 
+/// Relative tolerance within which floors that sum to a constraint's capacity count as exactly
+/// full rather than over it (admission admits with the same 1e-9).
+const FULL_TOL: f64 = 1e-9;
+
 /// Solve `fixed + Σ a·clamp(w L, F, U) = cap` for the smallest L (members given by index).
-/// Returns +inf when the constraint can never saturate, 0 when floors already reach it.
+/// Returns +inf when the constraint can never saturate; when the floors alone reach it, the
+/// first level at which a member would rise above its floor (exactly full) or 0 (over).
 ///
 /// With `D(L) = fixed + Σ a F + Σ_e c_e · min(L, b_e)` (events `+a w` at `U/w`, `−a w` at `F/w`),
 /// a quickselect over the events finds the linear piece holding the root in expected O(m).
@@ -179,7 +184,19 @@ fn saturation_level(
         return f64::INFINITY;
     }
     if base >= cap {
-        return 0.0;
+        // Floors (what members hold anyway, at least their minimum) fill the constraint. Exactly
+        // full, D stays at `base` up to the first floor event: the level is the LARGEST L with
+        // D(L) <= cap, i.e. that event, so members keep what they hold (5 chargers drawing 16 A
+        // on an 80 A feeder stay at 16 A rather than being cut to their 6 A minimum). Over the
+        // limit by more than rounding, nothing fits: 0 (every member at its minimum).
+        if base > cap + FULL_TOL * (1.0 + cap.abs()) {
+            return 0.0;
+        }
+        return members
+            .iter()
+            .filter(|&&(c, _)| capv[c] > floor[c])
+            .map(|&(c, _)| floor[c] / weight[c])
+            .fold(f64::INFINITY, f64::min);
     }
     // Invariant: for L in the bracket (left, right], D(L) = base + slope·L + Σ_{e in window}
     // c_e·min(L, b_e); events left of the window are constants (in `base`), right of it linear
@@ -425,7 +442,11 @@ fn model_and_admission(
     let tol = 1e-9;
     for &c in &order {
         let need = m.floor[c] - held[c];
+        // A session that already holds its minimum adds nothing by being admitted: refusing it
+        // would only give a false reason where what is held fills a node (or more; the
+        // envelope then pauses what that node controls and names it).
         let fits = locked_on[c]
+            || need <= 0.0
             || topo.ancestors(c).iter().all(|&i| {
                 (0..SLOTS).all(|slot| {
                     let a = coefs[c * SLOTS + slot];
@@ -1380,6 +1401,61 @@ mod tests {
         assert!((i2 - 2.0 * i1).abs() < 1e-6, "{:?}", a.decision);
         assert!((i1 * i1 + i2 * i2 + i1 * i2).sqrt() <= 35.0 * RAISE_FIT);
         assert!((i1 * i1 + i2 * i2 + i1 * i2).sqrt() >= 35.0 - 1e-6);
+    }
+
+    /// Five three-phase chargers on an 80 A feeder, all running at a confirmed 16 A and drawing
+    /// `draw` A (fresh) on each phase, each asking for 32 A.
+    fn full_feeder(draw: &[f64]) -> (Topology, Allocation) {
+        let cs: Vec<String> = (0..5)
+            .map(|i| format!(r#"{{"id": "c{i}", "parent": "f1", "wiring": "three_phase", "voltage_v": 230, "max_a": 32}}"#))
+            .collect();
+        let t = Topology::from_json(&format!(
+            r#"{{"site": {{"id": "s"}}, "nodes": [{{"id": "grid", "phase_limit_a": 160}},
+            {{"id": "f1", "parent": "grid", "phase_limit_a": 80}}], "chargers": [{}]}}"#,
+            cs.join(",")
+        ))
+        .unwrap();
+        let mut x = Inputs::quiet(&t);
+        x.last_a = vec![16.0; 5];
+        x.on_since = vec![NOW - 3600.0; 5];
+        for ph in 0..3 {
+            x.m[ph] = draw.to_vec();
+        }
+        let a = alloc(&t, &x, &Want::new(5), &params());
+        (t, a)
+    }
+
+    #[test]
+    fn exactly_full_feeder_keeps_the_fair_share_instead_of_the_minimum() {
+        // Regression: at exactly 80 of 80 A every floor (what each charger holds) summed to the
+        // limit, the feeder's level solved to 0 and everyone was cut to 6 A (a 16 -> 6 A sawtooth).
+        for draw in [16.0, 15.9] {
+            let (t, a) = full_feeder(&[draw; 5]);
+            assert_eq!(a.admitted, vec![true; 5], "{draw}: {:?}", a.decision);
+            close(&a.decision.setpoint_a, &[16.0; 5]);
+            for c in 0..5 {
+                assert_eq!(a.decision.binding[c], Binding::NodePhase, "{draw}");
+                assert_eq!(
+                    a.decision.binding_node[c],
+                    Some(t.node_index("f1").unwrap())
+                );
+            }
+            // Counted as the envelope counts (max of setpoint and measured draw): 80 of 80 A.
+            let counted: f64 = (0..5).map(|c| a.decision.setpoint_a[c].max(draw)).sum();
+            assert!(counted <= 80.0 + 1e-9, "{draw}: {counted}");
+        }
+        // Unequal holdings that fill the feeder exactly: the charger over the fair level is
+        // lowered to it, the others keep what they draw; nobody is cut to the minimum.
+        let (_, a) = full_feeder(&[20.0, 15.0, 15.0, 15.0, 15.0]);
+        close(&a.decision.setpoint_a, &[15.0; 5]);
+        // Just over (80.5 A measured): even 0 everywhere cannot bring the counted load under the
+        // limit, so the envelope's rule holds: every contributing charger is 0 (no setpoint above
+        // 0 leaves while the feeder is over). They are admitted (each already holds its
+        // minimum), so the reason is the feeder, not admission.
+        let (_, a) = full_feeder(&[16.1; 5]);
+        close(&a.decision.setpoint_a, &[0.0; 5]);
+        assert_eq!(a.admitted, vec![true; 5]);
+        assert!(a.decision.binding.iter().all(|&b| b == Binding::NodePhase));
     }
 
     #[test]
