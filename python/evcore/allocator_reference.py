@@ -229,7 +229,9 @@ def reference_allocate(
         dep = _col(ch, "departure_s")
         lax = np.where(np.isnan(dep), math.inf, dep - now - need_s)
         key = np.where(locked_on, -math.inf, np.where(is_on, lax - hyst, lax))
-    weight = _col(ch, "priority")
+    # Priority weights are clamped into [1e-6, 1e6]; NaN (unknown) counts as 1.
+    prio = _col(ch, "priority")
+    weight = np.where(np.isnan(prio), 1.0, np.clip(prio, 1e-6, 1e6))
 
     # Admission: least laxity first while the floors fit. Every charger holds what it holds
     # whether admitted or not: that is reserved first, admission takes floor - held more.

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from evcore import _core
 from evcore.allocator import AllocatorParams, allocate, allocator_batch
+from evcore.allocator_reference import SiteArrays, reference_allocate
 from evcore.checker import node_phase_currents
 from evcore.envelope import OUTPUT_COLUMNS, EnvelopeParams, charger_batch, enforce, node_batch
 from evcore.errors import EvcoreError, InputError
@@ -224,10 +225,48 @@ def test_bad_parameters_and_demand_raise_input_error() -> None:
         enforce(site, None, params={"now_s": math.nan})
     assert info.value.column == "now_s"
     with pytest.raises(InputError) as info:
-        allocate(site, {"priority": [1.0, -1.0, 1.0, 1.0, 1.0]})
-    assert (info.value.column, info.value.row) == ("priority", 1)
+        allocate(site, {"energy_wanted_kwh": [1.0, math.nan, 1.0, 1.0, 1.0]})
+    assert (info.value.column, info.value.row) == ("energy_wanted_kwh", 1)
     with pytest.raises(InputError):
         enforce(site, {"requested_a": [1.0, 2.0]})  # wrong length
+
+
+@pytest.mark.parametrize(
+    ("bad", "clamped"),
+    [
+        (-1.0, 1e-6),
+        (0.0, 1e-6),
+        (1e-300, 1e-6),
+        (-math.inf, 1e-6),
+        (1e9, 1e6),
+        (math.inf, 1e6),
+        (math.nan, 1.0),
+    ],
+)
+def test_priority_outside_the_range_is_clamped_not_an_error(bad: float, clamped: float) -> None:
+    """One bad priority must not stop every decision: it counts at the nearest bound of
+    [1e-6, 1e6] (NaN: the default 1), the others are allocated as usual, the limits hold."""
+    site = small_site()
+    a = allocate(site, {"priority": [1.0, bad, 1.0, 1.0, 1.0]})
+    b = allocate(site, {"priority": [1.0, clamped, 1.0, 1.0, 1.0]})
+    assert a.column("setpoint_a").equals(b.column("setpoint_a"))
+    assert a.column("admitted").to_pylist() == [True] * 5
+    sp = a.column("setpoint_a").to_numpy()
+    assert sp[:3].sum() <= 40.0 + 1e-9  # circuit C1
+    # Grid L1 (63 A) carries cp0..cp3 and the DC charger's L1: 12.6 A each at equal weights.
+    if clamped == 1e-6:  # the smallest weight: its minimum, the others share the rest
+        assert sp.tolist() == pytest.approx([14.25, 6.0, 14.25, 14.25, 14.25])
+    elif clamped == 1e6:  # the largest: all of C1 but the others' minimum
+        assert sp.tolist() == pytest.approx([6.0, 28.0, 6.0, 11.5, 11.5])
+    else:
+        assert sp.tolist() == pytest.approx([12.6] * 5)
+    # The numpy reference clamps alike.
+    cb = allocator_batch(site, priority=[1.0, bad, 1.0, 1.0, 1.0])
+    nb = node_batch(site)
+    cols = {k: np.asarray(cb.column(k).to_numpy(zero_copy_only=False)) for k in cb.schema.names}
+    ncols = {k: np.asarray(nb.column(k).to_numpy(zero_copy_only=False)) for k in nb.schema.names}
+    ref = reference_allocate(SiteArrays.build(site), cols, ncols, AllocatorParams().as_dict())
+    assert a.column("level_a").to_numpy() == pytest.approx(ref.level_a, abs=1e-9)
 
 
 def test_absurd_values_give_results_not_panics() -> None:

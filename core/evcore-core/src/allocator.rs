@@ -84,8 +84,19 @@ pub struct Model {
 }
 
 const SLOTS: usize = N_PHASES + 1;
-/// Priority weights outside this range would turn water-filling levels into infinities.
+/// Priority weights outside this range would turn water-filling levels into infinities; the
+/// allocator clamps a weight into it (one bad priority must not stop every decision).
 pub const PRIORITY_RANGE: (f64, f64) = (1e-6, 1e6);
+
+/// The weight a priority counts with: clamped into `PRIORITY_RANGE` (0 and negatives count as
+/// the smallest weight, +inf as the largest); NaN (unknown) counts as the default weight 1.
+pub fn priority_weight(p: f64) -> f64 {
+    if p.is_nan() {
+        1.0
+    } else {
+        p.clamp(PRIORITY_RANGE.0, PRIORITY_RANGE.1)
+    }
+}
 
 fn validate_demand(d: &Demand<'_>, n: usize) -> CoreResult<()> {
     for (name, len) in [
@@ -105,17 +116,6 @@ fn validate_demand(d: &Demand<'_>, n: usize) -> CoreResult<()> {
         }
     }
     for i in 0..n {
-        let w = d.priority[i];
-        if !(PRIORITY_RANGE.0..=PRIORITY_RANGE.1).contains(&w) {
-            return Err(CoreError::input(
-                "priority",
-                Some(i),
-                format!(
-                    "must be a number in [{}, {}], got {w}",
-                    PRIORITY_RANGE.0, PRIORITY_RANGE.1
-                ),
-            ));
-        }
         if d.energy_wanted_kwh[i].is_nan() {
             return Err(CoreError::input("energy_wanted_kwh", Some(i), "is NaN"));
         }
@@ -281,7 +281,11 @@ fn model_and_admission(
         cap: vec![0.0; n],
         set_floor: vec![0.0; n],
         set_cap: vec![0.0; n],
-        weight: demand.priority.to_vec(),
+        weight: demand
+            .priority
+            .iter()
+            .map(|&p| priority_weight(p))
+            .collect(),
         cap_binding: vec![Binding::None; n],
         capacity: vec![0.0; nn * SLOTS],
     };
@@ -1459,16 +1463,44 @@ mod tests {
     }
 
     #[test]
+    fn priority_outside_the_range_is_clamped_not_an_error() {
+        // One bad priority must not stop every decision: it counts at the nearest bound.
+        let t = site("40", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+        let x = Inputs::quiet(&t);
+        let p = params();
+        let mut w = Want::new(2);
+        for (bad, clamped) in [
+            (0.0, PRIORITY_RANGE.0),
+            (-5.0, PRIORITY_RANGE.0),
+            (1e-300, PRIORITY_RANGE.0),
+            (f64::NEG_INFINITY, PRIORITY_RANGE.0),
+            (1e9, PRIORITY_RANGE.1),
+            (f64::INFINITY, PRIORITY_RANGE.1),
+            (f64::NAN, 1.0),
+        ] {
+            w.priority = vec![1.0, bad];
+            let a = alloc(&t, &x, &w, &p);
+            w.priority = vec![1.0, clamped];
+            let b = alloc(&t, &x, &w, &p);
+            assert_eq!(a.admitted, vec![true; 2], "{bad}");
+            close(&a.decision.setpoint_a, &b.decision.setpoint_a);
+            assert!(
+                a.decision.setpoint_a.iter().sum::<f64>() <= 40.0 + 1e-9,
+                "{bad}"
+            );
+        }
+        // The smallest weight gets what is left once the other is at its maximum, the largest
+        // leaves the other what is left once it is at its maximum.
+        w.priority = vec![1.0, 0.0];
+        close(&alloc(&t, &x, &w, &p).decision.setpoint_a, &[32.0, 8.0]);
+        w.priority = vec![1.0, f64::INFINITY];
+        close(&alloc(&t, &x, &w, &p).decision.setpoint_a, &[8.0, 32.0]);
+    }
+
+    #[test]
     fn bad_demand_is_an_error_naming_column_and_row() {
         let t = site("40", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
         let x = Inputs::quiet(&t);
-        let mut w = Want::new(2);
-        w.priority[1] = 0.0;
-        let e = allocate(&t, &x.chargers(), &x.nodes(), &w.demand(), &params(), false).unwrap_err();
-        assert!(
-            matches!(e, CoreError::Input { ref column, row: Some(1), .. } if column == "priority"),
-            "{e}"
-        );
         let mut w = Want::new(2);
         w.energy[0] = f64::NAN;
         let e = allocate(&t, &x.chargers(), &x.nodes(), &w.demand(), &params(), false).unwrap_err();
