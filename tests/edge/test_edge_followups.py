@@ -246,3 +246,176 @@ async def test_a_failing_failsafe_recompute_keeps_the_previous_levels_and_still_
     assert ctrl.stats.decisions > n
     # The curtailment itself still went out: 10 kW at the grid is < 15 A per phase in all.
     assert sum(gw.tx().values()) <= 10_000 / 230 / 3 + 1e-6 * 4, gw.tx()
+
+
+# ---- H1 / H2: what a charger may still hold is what it is counted at ---------------------------
+def _session_state(now_wall: float) -> tuple[RustCore, Any, EdgeConfig]:
+    """Four chargers in sessions (F1: cp-0001, cp-0002; F2: cp-0003, cp-0004), each confirmed at
+    6 A and its TxProfile in force for 30 s more."""
+    from evcore.edge.app import charger_states
+
+    table = depot_table(4, per_feeder=2)
+    core = RustCore(load_site(table), table)
+    st, _ = charger_states(table)
+    for c in st.chargers.values():
+        c.online = c.plugged = True
+        c.status = "Charging"
+        c.transaction_id = "tx-" + c.charger_id
+        c.profile_unknown = c.needs_resend = False
+        c.sent = c.holding = c.tx_default = 6.0
+        c.accepted = True
+        c.expires_at = now_wall + 30.0
+        c.final_level = c.final_sent = 6.0
+    return core, st, EdgeConfig(**FAST)
+
+
+def _decide(core: RustCore, st: Any, cfg: EdgeConfig, now_wall: float) -> dict[str, float]:
+    fs = dict.fromkeys(st.chargers, 6.0)
+    got = core.decide(
+        st, now_wall=now_wall, now_mono=500.0, caps_kw={}, targets=None, failsafe=fs, cfg=cfg
+    )
+    return dict(got.setpoints)
+
+
+def test_an_offline_charger_is_counted_at_the_txprofile_it_still_holds() -> None:
+    now = 1_800_000_000.0
+    core, st, cfg = _session_state(now)
+    x = st.chargers["cp-0001"]
+    x.sent = x.holding = 20.0  # its TxProfile (in force for 30 s more) allows 20 A
+    st.on_connection(x.ocpp_id, False)
+    got = _decide(core, st, cfg, now)
+    # Feeder F1 carries 32 A per phase: the neighbour gets what 20 A leaves.
+    assert got["cp-0002"] <= 32.0 - 20.0 + 1e-9, got
+    # Once the profile has ended (and the guard passed) it is back on its failsafe level.
+    later = _decide(core, st, cfg, now + 30.0 + cfg.fallback_guard_s + 1.0)
+    assert later["cp-0002"] > 32.0 - 20.0 + 1e-9, later
+
+
+def test_a_rejected_decrease_is_counted_at_what_the_charger_still_holds() -> None:
+    now = 1_800_000_000.0
+    core, st, cfg = _session_state(now)
+    x = st.chargers["cp-0001"]
+    x.sent = x.holding = 20.0
+    st.on_sent(x.charger_id, 4.0, 499.0, now + 30.0, 6.0)  # a decrease to 4 A ...
+    st.on_result(x.charger_id, 4.0, False)  # ... rejected: it still holds 20 A
+    got = _decide(core, st, cfg, now)
+    assert got["cp-0002"] <= 32.0 - 20.0 + 1e-9, got
+
+
+def test_a_paused_profile_past_its_refresh_instant_counts_at_its_final_level() -> None:
+    now = 1_800_000_000.0
+    core, st, cfg = _session_state(now)
+    x = st.chargers["cp-0001"]
+    x.sent = x.holding = 0.0  # paused; its profile rises to 20 A at validTo
+    x.final_level = 20.0
+    x.expires_at = now + 2.0  # the refresh is due (refresh_lead_s = 10 s) and not accepted
+    got = _decide(core, st, cfg, now)
+    assert got["cp-0002"] <= 32.0 - 20.0 + 1e-9, got
+
+
+# ---- H5 / M1: one place derives the config from the site file ----------------------------------
+def test_resolution_follows_ocpp_whole_amperes_for_the_cli_path_too() -> None:
+    from evcore.edge.config import EdgeConfigError
+
+    table: dict[str, Any] = {"ocpp": {"whole_amperes": False}, "edge": {"tick_s": 2.0}}
+    assert EdgeConfig.from_site(table).resolution_a == 0.1
+    assert EdgeConfig.from_site(table, policy="least_laxity").resolution_a == 0.1
+    assert EdgeConfig.from_site({"edge": {}}).resolution_a == 1.0
+    with pytest.raises(EdgeConfigError, match=r"\[edge\].resolution_a"):
+        EdgeConfig.from_site({"ocpp": {"whole_amperes": False}, "edge": {"resolution_a": 1.0}})
+
+
+def test_the_cli_builds_its_config_through_from_site(tmp_path: Any) -> None:
+    """``evcore edge`` with ``[ocpp] whole_amperes = false``: a decrease of 0.6 A leaves."""
+    import argparse
+    import asyncio
+
+    from evcore.edge import cli
+
+    seen: list[EdgeConfig] = []
+
+    class _Stop(Exception):
+        pass
+
+    class _App:
+        @classmethod
+        def from_file(cls, path: Any, clock: Any, *, cfg: EdgeConfig, bus: Any) -> Any:
+            seen.append(cfg)
+            raise _Stop
+
+    import evcore.edge.app as app_mod
+
+    site = tmp_path / "site.toml"
+    site.write_text('[site]\nid = "s"\n[ocpp]\nwhole_amperes = false\n[edge]\ntick_s = 2.0\n')
+    real = app_mod.EdgeApp
+    app_mod.EdgeApp = _App  # type: ignore[misc,assignment]
+    try:
+        with pytest.raises(_Stop):
+            asyncio.run(
+                cli._main(argparse.Namespace(config=str(site), policy=None, log_level="info"))
+            )
+    finally:
+        app_mod.EdgeApp = real  # type: ignore[misc]
+    assert seen and seen[0].resolution_a == 0.1
+
+
+def test_the_uncontrolled_baseline_is_not_accepted_from_a_site_file() -> None:
+    from evcore.edge.cli import register
+    from evcore.edge.config import EdgeConfigError
+
+    with pytest.raises(EdgeConfigError, match="uncontrolled"):
+        EdgeConfig.from_table({"policy": "uncontrolled"})
+    with pytest.raises(EdgeConfigError, match="baseline"):
+        EdgeConfig.from_table({"baseline": True})
+    with pytest.raises(EdgeConfigError, match="uncontrolled"):
+        EdgeConfig.from_site({"edge": {}}, policy="uncontrolled")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["edge", "--config", "x.toml", "--policy", "uncontrolled"])
+    assert EdgeConfig(baseline=True).baseline  # the twin's switch, in code only
+
+
+async def test_the_twin_baseline_sends_nothing() -> None:
+    import dataclasses
+
+    ctrl, gw, clock, _ = _rig()
+    ctrl.cfg = dataclasses.replace(ctrl.cfg, baseline=True)
+    _plug_all(ctrl, clock)
+    await _settle(ctrl, clock)
+    assert gw.calls == []
+
+
+# ---- M2 / M3 ---------------------------------------------------------------------------------
+async def test_profiles_ending_above_a_lowered_failsafe_level_are_sent_again() -> None:
+    ctrl, gw, clock, _ = _rig()
+    _plug_all(ctrl, clock)
+    await _settle(ctrl, clock)
+    old_fs = dict(ctrl.failsafe)
+    n = len(gw.calls)
+    # A curtailment ahead (past the lead, inside the failsafe horizon) lowers the failsafe level
+    # now; what flows now need not change.
+    now = clock.now()
+    ctrl.post_curtailment(Curtailment("dso-2", "grid", 10.0, now + 20.0, now + 600.0))
+    await _settle(ctrl, clock, rounds=1)
+    fs = ctrl.failsafe
+    assert all(fs[cid] < old_fs[cid] for cid in fs)
+    finals = {cid: kw["final_limit_a"] for cid, kw in gw.calls[n:] if kw["purpose"] == "tx"}
+    assert set(finals) == set(ctrl.state.chargers), finals
+    assert all(finals[cid] == fs[cid] for cid in finals)
+
+
+def test_an_idle_charger_that_never_accepted_a_txdefault_counts_at_its_maximum() -> None:
+    now = 1_800_000_000.0
+    core, st, cfg = _session_state(now)
+    x = st.chargers["cp-0001"]
+    st.on_transaction(x.charger_id, "ended", x.transaction_id or "", now)
+    x.tx_default = x.sent = x.holding = None  # its TxDefault was never accepted
+    x.accepted = False
+    got = _decide(core, st, cfg, now)
+    # A car plugged into it may draw 32 A: F1 (32 A) has nothing left for its neighbour.
+    assert got["cp-0002"] == 0.0, got
+    x.tx_default = x.sent = x.holding = 6.0  # accepted now
+    assert _decide(core, st, cfg, now)["cp-0002"] > 0.0

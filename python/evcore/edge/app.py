@@ -75,11 +75,7 @@ def build_controller(
     """A controller for the site (also the twin's entry point: pass its clock and gateway)."""
     state, nodes = charger_states(site_table)
     if cfg is None:
-        edge = dict(site_table.get("edge") or {})
-        if "resolution_a" not in edge:
-            whole = bool((site_table.get("ocpp") or {}).get("whole_amperes", True))
-            edge["resolution_a"] = 1.0 if whole else 0.1
-        cfg = EdgeConfig.from_table(edge)
+        cfg = EdgeConfig.from_site(site_table)
     return EdgeController(
         state=state,
         core=core,
@@ -209,10 +205,17 @@ class EdgeApp:
             async with asyncio.TaskGroup() as tg:
                 loop_task = tg.create_task(ctrl.run())
                 plan_task = tg.create_task(self.planner.run())
+                retention: asyncio.Task[None] | None = None
+                if self.store is not None:
+                    from evcore.store import run_retention
+
+                    retention = tg.create_task(run_retention(self.store, self.clock))
                 self.ready.set()
                 await self._stop.wait()
                 ctrl.stop()
                 self.planner.stop()
+                if retention is not None:
+                    retention.cancel()
                 await loop_task
                 await plan_task
         finally:

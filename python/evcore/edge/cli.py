@@ -9,6 +9,7 @@ import signal
 from typing import Any
 
 from evcore.clock import WallClock
+from evcore.edge.config import POLICIES
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -26,9 +27,7 @@ async def _main(args: argparse.Namespace) -> int:
     clock = WallClock()
     table = read_site_table(args.config)
     try:
-        cfg = EdgeConfig.from_table(table.get("edge"))
-        if args.policy:
-            cfg = EdgeConfig.from_table({**table.get("edge", {}), "policy": args.policy})
+        cfg = EdgeConfig.from_site(table, policy=args.policy or None)
     except EdgeConfigError as exc:
         print(f"evcore edge: {args.config}: {exc}")
         return 2
@@ -67,7 +66,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--policy",
-        choices=("uncontrolled", "fair_share", "least_laxity", "planner_cost", "planner_peak"),
+        choices=POLICIES,
         help="override [edge] policy",
     )
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")

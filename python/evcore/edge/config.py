@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+# What a site file may name. The digital twin's "uncontrolled" baseline (the edge sends nothing)
+# is not a policy here: the twin sets ``EdgeConfig.baseline`` itself, never a site file.
 POLICIES: tuple[str, ...] = (
-    "uncontrolled",
     "fair_share",
     "least_laxity",
     "planner_cost",
@@ -71,10 +72,17 @@ class EdgeConfig:
     # Store / audit: wait at most this long for a record to become durable; past it, no setpoint
     # leaves.
     audit_timeout_s: float = 2.0
+    # Twin only (``evcore.sim``): the edge sends nothing at all, the "uncontrolled" baseline.
+    # Not a key of ``[edge]``: ``from_table`` refuses it.
+    baseline: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "baseline":
+                if not isinstance(value, bool):
+                    raise EdgeConfigError(f"baseline: expected a bool, got {value!r}")
+                continue
             if f.name == "policy":
                 if value not in POLICIES:
                     raise EdgeConfigError(
@@ -116,9 +124,15 @@ class EdgeConfig:
             return cls()
         if not isinstance(table, Mapping):
             raise EdgeConfigError(f"[edge]: expected a table, got {type(table).__name__}")
-        known = {f.name: f for f in fields(cls)}
+        known = {f.name: f for f in fields(cls) if f.name not in _NOT_IN_SITE_FILE}
         kwargs: dict[str, Any] = {}
         for key, value in table.items():
+            if key == "policy" and value == "uncontrolled":
+                raise EdgeConfigError(
+                    "[edge].policy: 'uncontrolled' is the digital twin's baseline (the edge "
+                    "sends nothing), not a policy for a site; expected one of "
+                    + ", ".join(POLICIES)
+                )
             if key not in known:
                 raise EdgeConfigError(
                     f"[edge].{key}: unknown key; known keys: {', '.join(sorted(known))}"
@@ -132,3 +146,31 @@ class EdgeConfig:
                 value = float(value)
             kwargs[key] = value
         return cls(**kwargs)
+
+    @classmethod
+    def from_site(cls, site_table: Mapping[str, Any], *, policy: str | None = None) -> EdgeConfig:
+        """The ``[edge]`` section of a whole site file, with what depends on other sections
+        derived here, always: ``resolution_a`` is what ``[ocpp] whole_amperes`` makes the central
+        system send (1 A, else 0.1 A). ``[edge].resolution_a`` may only be finer than that (a
+        coarser one would suppress decreases the central system would send). ``policy``
+        overrides ``[edge].policy`` (the CLI's ``--policy``)."""
+        edge = site_table.get("edge")
+        if edge is not None and not isinstance(edge, Mapping):
+            raise EdgeConfigError(f"[edge]: expected a table, got {type(edge).__name__}")
+        table = dict(edge or {})
+        if policy is not None:
+            table["policy"] = policy
+        ocpp = site_table.get("ocpp") or {}
+        wire_a = 1.0 if bool(ocpp.get("whole_amperes", True)) else 0.1
+        given = table.get("resolution_a")
+        if given is None:
+            table["resolution_a"] = wire_a
+        elif isinstance(given, int | float) and not isinstance(given, bool) and given > wire_a:
+            raise EdgeConfigError(
+                f"[edge].resolution_a: {given!r} is coarser than what the central system sends "
+                f"([ocpp] whole_amperes gives {wire_a:g} A): decreases would be suppressed"
+            )
+        return cls.from_table(table)
+
+
+_NOT_IN_SITE_FILE = frozenset({"baseline"})

@@ -27,7 +27,14 @@ from typing import Any
 from evcore.clock import Clock
 from evcore.edge import failsafe
 from evcore.edge.config import EdgeConfig
-from evcore.edge.dispatch import Change, ChangeKind, PendingDecrease, next_settle_at, plan_dispatch
+from evcore.edge.dispatch import (
+    Change,
+    ChangeKind,
+    PendingDecrease,
+    next_settle_at,
+    plan_dispatch,
+    wire_value,
+)
 from evcore.edge.faults import FaultChange, check_ignored, draws_above_limit, overdraw
 from evcore.edge.grid import Curtailment, CurtailmentBook, PricePoint, merge_prices
 from evcore.edge.ports import AuditSink, ChargerGateway, CorePort, EnforcedSetpoints
@@ -335,7 +342,7 @@ class EdgeController:
 
     async def _decide(self, trigger: str) -> dict[str, Any] | None:
         cfg = self.cfg
-        if cfg.policy == "uncontrolled":
+        if cfg.baseline:
             return None  # the twin's baseline: the edge sends nothing at all
         now_w = self.clock.now()
         now_m = self.clock.monotonic()
@@ -427,7 +434,12 @@ class EdgeController:
             for cid in active
             if (c := st.chargers[cid]).expires_at is not None
             and c.sent is not None
-            and now_w >= failsafe.refresh_at(c.expires_at, c.sent, fs.get(cid, 0.0), cfg)
+            and (
+                now_w >= failsafe.refresh_at(c.expires_at, c.sent, fs.get(cid, 0.0), cfg)
+                # Its profile ends in a level above the failsafe level now in force (it was
+                # lowered: a curtailment ahead): re-send it with the new final level (M2).
+                or (c.final_sent is not None and c.final_sent > fs.get(cid, 0.0) + 1e-9)
+            )
         }
         # A charger drawing above what it holds is not raised until it complies (faults.py).
         hold = {cid for cid in active if draws_above_limit(st.chargers[cid], now_m, cfg)}
@@ -546,7 +558,7 @@ class EdgeController:
         fs = self.failsafe.get(ch.charger_id, 0.0)
         if purpose == "tx":
             self.state.on_sent(
-                ch.charger_id, ch.new, now_m, valid_to if valid_to is not None else 0.0
+                ch.charger_id, ch.new, now_m, valid_to if valid_to is not None else 0.0, fs
             )
             if ch.kind is ChangeKind.DECREASE:
                 self.pending[ch.charger_id] = PendingDecrease(ch.charger_id, now_m, False)
@@ -582,6 +594,11 @@ class EdgeController:
             accepted = False
         c = self.state.chargers[sent.charger_id]
         key = sent.charger_id if sent.purpose == "tx" else "default:" + sent.charger_id
+        if accepted:
+            confirm = getattr(self.audit, "confirm_sent", None)
+            if confirm is not None:
+                with contextlib.suppress(Exception):
+                    confirm(sent.charger_id, sent.decision, self.clock.now())
         if sent.purpose == "tx":
             self.state.on_result(sent.charger_id, sent.value, accepted)
         elif accepted:
@@ -743,6 +760,7 @@ class EdgeController:
         targets: Mapping[str, float] | None,
     ) -> dict[str, Any]:
         plan = self.plan_in_use
+        changed = {ch.charger_id for _, ch, _ in changes}
         return {
             "decision": decision,
             "at": now_w,
@@ -759,6 +777,8 @@ class EdgeController:
                     "kind": ch.kind.value,
                     "old": ch.old,
                     "new": ch.new,
+                    # What the charger is told: the central system rounds down to this.
+                    "sent": self._wire(ch.charger_id, ch.new),
                     "unit": "W" if ch.charger_id in self._dc else "A",
                     "valid_to": vt,
                     "failsafe": self.failsafe.get(ch.charger_id),
@@ -768,7 +788,22 @@ class EdgeController:
                 }
                 for purpose, ch, vt in changes
             ],
+            # Every charger in a session that this decision considered and left unchanged.
+            "bindings": [
+                {
+                    "charger_id": cid,
+                    "reason": enforced.binding.get(cid, ""),
+                    "code": enforced.codes.get(cid, "none"),
+                    "binding_node_id": enforced.binding_node.get(cid, ""),
+                }
+                for cid, c in self.state.chargers.items()
+                if c.transaction_id is not None and cid not in changed and enforced.binding.get(cid)
+            ],
         }
+
+    def _wire(self, charger_id: str, value: float) -> float:
+        res = self.cfg.resolution_w if charger_id in self._dc else self.cfg.resolution_a
+        return wire_value(value, res) if res > 0 else value
 
     async def _append_audit(self, record: Mapping[str, Any]) -> bool:
         if self.audit is None:

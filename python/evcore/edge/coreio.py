@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from evcore.edge import failsafe as failsafe_timing
 from evcore.edge.config import EdgeConfig
 from evcore.edge.faults import is_suspect
 from evcore.edge.ports import EnforcedSetpoints
@@ -118,6 +119,8 @@ class RustCore:
         now_mono: float,
         failsafe: Mapping[str, float],
         requested: Mapping[str, float],
+        now_wall: float,
+        cfg: EdgeConfig,
         ignoring: Collection[str] = (),
     ) -> dict[str, Any]:
         n = len(self.charger_ids)
@@ -155,15 +158,49 @@ class RustCore:
             unit = "last_sent_w" if c.is_dc else "last_sent_a"
             # Unknown (edge start, boot): counted at the charger's maximum by the envelope.
             cols["profile_unknown"][i] = c.profile_unknown or cid in ignoring
-            if active:
-                # What it was last sent counts until the charger accepted it (a re-send after a
-                # reconnect or rejection is not confirmed yet either).
-                cols[unit][i] = c.sent if c.sent is not None else nan
-                cols["last_sent_confirmed"][i] = c.accepted and not c.needs_resend
+            fs_level = failsafe.get(cid, 0.0)
+            in_force = (
+                c.transaction_id is not None
+                and c.expires_at is not None
+                and now_wall < c.expires_at + cfg.fallback_guard_s
+            )
+            if active or in_force:
+                # Online: what it was last sent counts once accepted. Until then (a decrease on
+                # its way, rejected or unanswered; a re-send after a reconnect) the higher of that
+                # and what it held before. Offline with its TxProfile still in force (H1): the
+                # highest it may hold, never less than the failsafe level it falls back to.
+                confirmed = active and c.accepted and not c.needs_resend
+                held = [v for v in (c.sent, c.holding) if v is not None]
+                if not active:
+                    held += [fs_level, c.tx_default or 0.0]
+                value: float = nan
+                if confirmed and c.sent is not None:
+                    value = c.sent
+                elif held:
+                    value = max(held)
+                # From the refresh instant until a refresh is accepted, the profile may end in
+                # its final level (a paused one rises to it at validTo).
+                if (
+                    c.expires_at is not None
+                    and c.sent is not None
+                    and c.final_level is not None
+                    and now_wall >= failsafe_timing.refresh_at(c.expires_at, c.sent, fs_level, cfg)
+                ):
+                    value = max(value, c.final_level) if not math.isnan(value) else c.final_level
+                    confirmed = False
+                cols[unit][i] = value
+                cols["last_sent_confirmed"][i] = confirmed
             else:
                 # Idle: the charger may start drawing its TxDefault (failsafe) level at any moment,
-                # before the edge hears of the car. Count it there ("unconfirmed" = held).
-                cols[unit][i] = max(failsafe.get(cid, 0.0), c.tx_default or 0.0)
+                # before the edge hears of the car. Count it there ("unconfirmed" = held), or at
+                # a TxDefault still on its way, or at what it reported it enforces. One that
+                # never accepted a TxDefault of ours (and reported nothing) may let a car draw
+                # its maximum (M3).
+                reported = c.sent if c.transaction_id is None else None
+                idle = [fs_level, c.tx_default or 0.0, c.tx_default_sent or 0.0, reported or 0.0]
+                if c.tx_default is None and reported is None:
+                    idle.append(c.max_value)
+                cols[unit][i] = max(idle)
                 cols["last_sent_confirmed"][i] = False
             if c.on_since is not None:
                 cols["on_since_s"][i] = c.on_since
@@ -243,7 +280,13 @@ class RustCore:
         # its maximum, whatever it is told: the core counts it there, like an unknown profile.
         ignoring = {c.charger_id for c in chargers if c.faulted or is_suspect(c, now_mono, cfg)}
         cols = self._columns(
-            state, now_mono=now_mono, failsafe=failsafe, requested=requested, ignoring=ignoring
+            state,
+            now_mono=now_mono,
+            failsafe=failsafe,
+            requested=requested,
+            now_wall=now_wall,
+            cfg=cfg,
+            ignoring=ignoring,
         )
         nodes = self._nodes(state, now_mono)
         weights = _priority_from_laxity(chargers, now_wall) if cfg.policy == "least_laxity" else {}

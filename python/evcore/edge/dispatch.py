@@ -60,9 +60,12 @@ class DispatchPlan:
         return len(self.decreases) + len(self.increases) + len(self.refreshes)
 
 
-def _wire(x: float, res: float) -> float:
+def wire_value(x: float, res: float) -> float:
     """The limit the charger receives for ``x``: rounded down to ``res`` (as the OCPP room does)."""
     return math.floor(x / res + 1e-9) * res
+
+
+_wire = wire_value
 
 
 def decreases_settled(pending: Collection[PendingDecrease], now_s: float, settle_s: float) -> bool:

@@ -19,6 +19,8 @@ from evcore.v1 import setpoint_pb2
 
 log = logging.getLogger("evcore.edge")
 
+_KEEP_IDS = 4096
+
 # Core binding codes (``evcore._core.binding_codes()``) → the contract's BindingReason.
 _REASON = {
     "none": setpoint_pb2.BINDING_REASON_NONE,
@@ -48,20 +50,42 @@ def _ts(msg: Any, seconds: float) -> None:
     msg.nanos = min(999_999_999, round((seconds - whole) * 1e9))
 
 
+def bindings_of(record: Mapping[str, Any]) -> list[Any]:
+    """``ChargerBinding`` for each charger considered and left unchanged."""
+    from evcore.v1.audit_pb2 import ChargerBinding
+
+    return [
+        ChargerBinding(
+            charger_id=str(b["charger_id"]),
+            binding=_REASON.get(
+                str(b.get("code") or "none"), setpoint_pb2.BINDING_REASON_UNSPECIFIED
+            ),
+            reason=str(b.get("reason") or ""),
+            binding_node_id=str(b.get("binding_node_id") or ""),
+        )
+        for b in record.get("bindings") or ()
+    ]
+
+
 def setpoints_of(record: Mapping[str, Any], decision_id: str) -> list[setpoint_pb2.Setpoint]:
     out: list[setpoint_pb2.Setpoint] = []
     for sp in record["setpoints"]:
         msg = setpoint_pb2.Setpoint(charger_id=sp["charger_id"], decision_id=decision_id)
+        # The value the charger is told (after the central system's rounding); the decided one
+        # goes into the reason when it differs.
+        sent = float(sp.get("sent", sp["new"]))
         if sp["unit"] == "W":
-            msg.setpoint_w = float(sp["new"])
+            msg.setpoint_w = sent
         else:
-            msg.setpoint_a = float(sp["new"])
+            msg.setpoint_a = sent
         code = "failsafe" if sp["purpose"] == "tx_default" else sp.get("code", "none")
         msg.binding = _REASON.get(code, setpoint_pb2.BINDING_REASON_UNSPECIFIED)
         reason = sp.get("binding") or ""
         if sp["purpose"] == "tx_default":
             reason = f"TxDefault failsafe level {float(sp['new']):g} {sp['unit']}"
         msg.reason = reason or f"{sp['kind']} to {float(sp['new']):g} {sp['unit']}"
+        if abs(sent - float(sp["new"])) > 1e-9:
+            msg.reason += f" (decided {float(sp['new']):g} {sp['unit']}, sent {sent:g})"
         if sp.get("binding_node"):
             msg.binding_node_id = sp["binding_node"]
         _ts(msg.decided_at, float(record["at"]))
@@ -84,6 +108,8 @@ class AuditRecorder:
         self.durable: set[int] = set()
         #: Called with each record once durable (the facade's recent decisions and watchers).
         self.on_durable: Callable[[Mapping[str, Any]], None] | None = None
+        self._ids: dict[int, str] = {}  # decision number -> decision id (recent ones)
+        self.confirmations = 0
 
     async def append(self, record: Mapping[str, Any]) -> None:
         from evcore.audit.log import Decision
@@ -96,6 +122,7 @@ class AuditRecorder:
             trigger=str(record["trigger"]),
             decided_at_s=float(record["at"]),
             setpoints=setpoints,
+            bindings=bindings_of(record),
             inputs_digest=str(record.get("inputs_digest", "")),
             plan_version=int(plan_version.rsplit("@", 1)[-1]) if "@" in plan_version else 0,
             config_version=str(record.get("config_version", "")),
@@ -103,6 +130,9 @@ class AuditRecorder:
         )
         await self.audit_log.append(decision)
         self.durable.add(int(record["decision"]))
+        self._ids[int(record["decision"])] = decision_id
+        while len(self._ids) > _KEEP_IDS:
+            del self._ids[next(iter(self._ids))]
         if self.on_durable is not None:
             self.on_durable(record)
         if self.store is not None:
@@ -123,8 +153,29 @@ class AuditRecorder:
 
     async def confirm(self, charger_id: str, decision_id: str, at: float) -> None:
         if self.store is not None:
-            with contextlib.suppress(Exception):
-                await self.store.confirm_setpoint(charger_id, decision_id, at)
+            try:
+                if await self.store.confirm_setpoint(charger_id, decision_id, at):
+                    self.confirmations += 1
+            except Exception:
+                self.store_failures += 1
+                log.exception("store: confirming setpoint for %s failed", charger_id)
+
+    def confirm_sent(self, charger_id: str, decision: int, at: float) -> None:
+        """The charger accepted the setpoint of decision number ``decision``: record it beside
+        the loop (after the setpoint itself was remembered)."""
+        decision_id = self._ids.get(decision)
+        if decision_id is None or self.store is None:
+            return
+        pending = [t for t in self._tasks if not t.done()]
+
+        async def _after() -> None:
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            await self.confirm(charger_id, decision_id, at)
+
+        task = asyncio.ensure_future(_after())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
         if self._tasks:

@@ -43,7 +43,7 @@ class EdgeRig:
         self.table = dict(table)
         self.site = load_site(self.table)
         self.clock = clock or WallClock()
-        self.cfg = cfg if cfg is not None else EdgeConfig.from_table(self.table.get("edge"))
+        self.cfg = cfg if cfg is not None else EdgeConfig.from_site(self.table)
         self.audit = audit
         self.version = version
         self.apply_delay_s = apply_delay_s

@@ -68,6 +68,10 @@ class ChargerState:
     accepted: bool = False
     holding: float | None = None
     expires_at: float | None = None  # wall, validTo of the TxProfile in force
+    # The level the TxProfile in force ends at (its final period): the highest one the charger
+    # may hold (sent, not yet accepted, or accepted); the accepted one once it is accepted.
+    final_level: float | None = None
+    final_sent: float | None = None  # the final level of the last TxProfile sent
     tx_default: float | None = None  # TxDefault level the charger accepted
     tx_default_sent: float | None = None  # last TxDefault level sent; None = must (re)send
     needs_resend: bool = True  # must be sent again (boot, reconnect, rejection, restart)
@@ -256,9 +260,21 @@ class SiteState:
             c.plugged = True
         return True
 
-    def on_sent(self, charger_id: str, value: float, now_mono: float, expires_at: float) -> None:
+    def on_sent(
+        self,
+        charger_id: str,
+        value: float,
+        now_mono: float,
+        expires_at: float,
+        final_level: float | None = None,
+    ) -> None:
         c = self.chargers[charger_id]
         prev = c.sent
+        if final_level is not None:
+            # Until this profile is accepted the charger may still hold the previous one.
+            old = c.final_level
+            c.final_level = final_level if old is None else max(old, final_level)
+            c.final_sent = final_level
         c.sent = value
         c.sent_at = now_mono
         c.accepted = False
@@ -282,6 +298,8 @@ class SiteState:
         if accepted:
             c.holding = value
             c.profile_unknown = False
+            if c.final_sent is not None:
+                c.final_level = c.final_sent
         else:
             # Unknown what it holds now: re-send next decision; the envelope counts it at max.
             c.needs_resend = True
@@ -299,6 +317,7 @@ class SiteState:
         c.holding = c.tx_default
         c.accepted = c.tx_default is not None
         c.expires_at = None
+        c.final_level = c.final_sent = None
 
     def set_other_load(
         self, node_id: str, load_a: tuple[float, float, float], now_mono: float

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -112,7 +113,8 @@ def edge_table(sc: Scenario, policy: str) -> dict[str, Any]:
         "settle_s": sc.settle_s,
     }
     edge.update(sc.edge)
-    edge["policy"] = policy
+    # "uncontrolled" is the twin's baseline, not a site policy: EdgeConfig.baseline (stack.run).
+    edge["policy"] = "fair_share" if policy == "uncontrolled" else policy
     table["edge"] = edge
     for k in ("bus", "store", "api"):
         table.pop(k, None)
@@ -545,7 +547,9 @@ class StackRun:
         self.clock.install_executor(loop, inline=True)
         table = edge_table(self.sc, self.policy)
         site = load_site(table)
-        cfg = EdgeConfig.from_table(table["edge"])
+        cfg = EdgeConfig.from_site(table)
+        if self.policy == "uncontrolled":
+            cfg = dataclasses.replace(cfg, baseline=True)
         from evcore.bus.inprocess import InProcessBus
 
         self._bus = InProcessBus(str(table["site"]["id"]), clock=self.clock)

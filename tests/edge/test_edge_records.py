@@ -1,0 +1,133 @@
+"""What the edge records, through the real loop (EdgeRig: central system, simulated stations on
+real sockets, the Rust core) into the embedded store and the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from evcore.clock import WallClock
+from evcore.edge.config import EdgeConfig
+from evcore.edge.recording import AuditRecorder
+from evcore.edge.rig import EdgeRig
+from evcore.edge.sitegen import depot_table
+from evcore.sim.ev import EV
+
+pytestmark = pytest.mark.timeout(120)
+
+FAST: dict[str, Any] = dict(
+    tick_s=0.5,
+    settle_s=3.0,
+    failsafe_after_s=40.0,
+    refresh_lead_s=10.0,
+    fallback_guard_s=5.0,
+    curtail_lead_s=3.0,
+    min_on_s=0.0,
+    min_off_s=0.0,
+)
+
+
+async def test_records_show_the_value_sent_bindings_of_unchanged_chargers_and_confirmations(
+    tmp_path: Path,
+) -> None:
+    from evcore.audit.log import AuditLog
+    from evcore.store import open_store
+
+    store = open_store({"kind": "embedded", "path": str(tmp_path / "store")}, tmp_path)
+    await store.open()
+    recorder = AuditRecorder(AuditLog(store, clock=WallClock()), store)
+    # Four chargers on 51.2 A: each decided 12.8 A, told 12 A (whole amperes).
+    table = depot_table(4, per_feeder=2)
+    rig = EdgeRig(table, cfg=EdgeConfig(**FAST, resolution_a=1.0), audit=recorder)
+    async with rig:
+        ctrl = rig.controller
+        assert ctrl is not None
+        await rig.wait_for(rig.failsafe_applied, 15, "TxDefault at the failsafe level")
+        for cid in rig.fleet.charger_ids[:2]:
+            rig.fleet.plug_in(cid, EV(soc=0.2))
+        await rig.wait_for(
+            lambda: (
+                sum(1 for c in ctrl.state.chargers.values() if c.transaction_id) == 2
+                and all(c.accepted for c in ctrl.state.chargers.values())
+            ),
+            15,
+            "two sessions, accepted TxProfiles",
+        )
+        await asyncio.sleep(1.0)
+        for cid in rig.fleet.charger_ids[2:]:
+            rig.fleet.plug_in(cid, EV(soc=0.2))
+        await rig.wait_for(
+            lambda: (
+                sum(1 for c in ctrl.state.chargers.values() if c.transaction_id) == 4
+                and all(c.accepted for c in ctrl.state.chargers.values())
+            ),
+            15,
+            "all four in sessions, accepted",
+        )
+        await asyncio.sleep(1.0)
+    await recorder.drain()
+    records = await store.audit_records()
+    sps = [sp for r in records for sp in r.setpoints]
+    assert any(sp.HasField("valid_until") for sp in sps)
+    # Item 4: the value recorded is the one that went out (whole amperes), the decided one in
+    # the reason when it differs: the failsafe level is 12.8 A, the TxDefault says 12 A.
+    assert all(sp.setpoint_a == int(sp.setpoint_a) for sp in sps), [sp.setpoint_a for sp in sps]
+    assert any(sp.setpoint_a == 12.0 and "decided 12.8 A, sent 12" in sp.reason for sp in sps), [
+        sp.reason for sp in sps
+    ]
+    # Item 3: chargers considered and left unchanged carry their binding as well.
+    changed = [{sp.charger_id for sp in r.setpoints} for r in records]
+    unchanged = [
+        b
+        for r, ch in zip(records, changed, strict=True)
+        for b in r.bindings
+        if b.charger_id not in ch
+    ]
+    assert unchanged and all(b.reason for b in unchanged)
+    # Item 5: confirmations reach the store.
+    last = await store.last_setpoints()
+    assert recorder.confirmations > 0
+    assert any(rec.confirmed for rec in last.values()), last
+    report = await recorder.audit_log.verify()
+    assert report.ok, report.summary()
+    await store.close()
+
+
+async def test_edge_app_runs_telemetry_retention(tmp_path: Path) -> None:
+    from evcore.edge.app import EdgeApp
+    from evcore.site import load_site
+    from evcore.store import open_store
+    from evcore.v1.meter_pb2 import MeterSample
+
+    clock = WallClock()
+    store = open_store(
+        {"kind": "embedded", "path": str(tmp_path / "store"), "telemetry_retention_s": 3600},
+        tmp_path,
+    )
+    await store.open()
+    old = MeterSample(charger_id="cp-0001", current_a=[6.0, 6.0, 6.0])
+    old.sampled_at.FromSeconds(int(clock.now()) - 7200)
+    fresh = MeterSample(charger_id="cp-0001", current_a=[7.0, 7.0, 7.0])
+    fresh.sampled_at.FromSeconds(int(clock.now()) - 60)
+    await store.append_meter_samples([old, fresh])
+    await store.close()
+    store = open_store(
+        {"kind": "embedded", "path": str(tmp_path / "store"), "telemetry_retention_s": 3600},
+        tmp_path,
+    )
+    table = depot_table(2, per_feeder=2)
+    app = EdgeApp(load_site(table), table, clock=clock, store=store)
+    runner = asyncio.ensure_future(app.run())
+    try:
+        await asyncio.wait_for(app.ready.wait(), 30)
+        for _ in range(200):
+            got = await store.meter_samples("cp-0001")
+            if len(got) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert [s.current_a[0] for s in got] == [7.0]
+    finally:
+        app.stop()
+        await asyncio.wait_for(runner, 30)
