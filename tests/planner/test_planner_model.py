@@ -19,6 +19,7 @@ from evcore.planner import (
     PlanRequest,
     PlanSession,
     PlanWeights,
+    step_grid,
     to_core_input,
 )
 from planner_acn_synth import DAY0, acn_case, random_request
@@ -89,6 +90,49 @@ def _one_charger(**kw: Any) -> PlanRequest:
     )
     base.update(kw)
     return PlanRequest(**base)
+
+
+@pytest.mark.parametrize("kwh", [3.0, 4.5, 5.0])
+@pytest.mark.parametrize("regularisers", [True, False])
+def test_rounding_uses_the_cheapest_steps_at_the_relaxed_cost(
+    kwh: float, regularisers: bool
+) -> None:
+    # The edge room's case: 1.0 for the first 2 h, then 0.05; one three-phase session on a
+    # 25.6 A grid, leaving in 8 h, on the growing step grid. The relaxation delivers everything
+    # in cheap steps; the rounded (6 A rule) plan must too, at (almost) the same energy cost,
+    # not top up in the first (dear) step.
+    t0 = DAY0 + 8 * 3600.0
+    steps = step_grid(8 * 3600)
+    starts = np.concatenate([[0.0], np.cumsum(steps)[:-1]])
+    mids = starts + np.asarray(steps) / 2
+    prices = [1.0 if m < 7200.0 else 0.05 for m in mids]
+    weights = (
+        PlanWeights() if regularisers else PlanWeights(charge_early_per_kwh=0.0, equal_share=0.0)
+    )
+    req = PlanRequest(
+        start=t0,
+        step_s=steps,
+        price_per_kwh=prices,
+        nodes=[PlanNode("grid", 25.6)],
+        chargers=[
+            PlanCharger(
+                "a", "grid", "three_phase", ["L1", "L2", "L3"], 230.0, max_a=32.0, min_a=6.0
+            )
+        ],
+        sessions=[PlanSession("s", "a", t0, t0 + 8 * 3600.0 - 1.0, kwh)],
+        weights=weights,
+    )
+    res = Planner().plan(req, 10.0)
+    assert res.status == "optimal"
+    targets = res.schedule.column("target_a").to_pylist()
+    assert len(targets) == len(steps)
+    assert all(a == 0.0 for a, p in zip(targets, prices, strict=True) if p == 1.0), targets
+    assert all(a == 0.0 or 6.0 - 1e-9 <= a <= 25.6 for a in targets), targets
+    assert res.summary["delivered_kwh"][0] == pytest.approx(kwh, rel=1e-6)
+    relaxed = res.summary["terms_relaxed"]["energy_cost"]
+    assert relaxed == pytest.approx(0.05 * kwh, rel=1e-5)
+    assert res.summary["terms"]["energy_cost"] == pytest.approx(relaxed, rel=1e-5, abs=1e-6)
+    assert limit_violations(to_core_input(req), res.schedule) == []
 
 
 def test_impossible_limits_give_a_status_not_an_exception() -> None:

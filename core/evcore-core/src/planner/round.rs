@@ -193,11 +193,131 @@ pub(crate) fn binding(
     out
 }
 
+/// Site import per step (kW, may be negative with PV) for rates `x`.
+fn net_kw(model: &Model, input: &PlanInput, x: &[f64]) -> Vec<f64> {
+    let root = input
+        .nodes
+        .iter()
+        .position(|n| n.parent.is_none())
+        .unwrap_or(0);
+    let mut net = vec![0.0; model.steps];
+    for (k, v) in net.iter_mut().enumerate() {
+        *v = at(&input.nodes[root].other_load_kw, k) - at(&input.pv_kw, k);
+    }
+    for (v, var) in model.vars.iter().enumerate() {
+        net[var.step] += var.frac * model.sessions[var.session].site_kw_per_unit * x[v];
+    }
+    net
+}
+
+/// Demand window averages (kW) for a site import profile.
+fn window_avgs(model: &Model, net: &[f64]) -> Vec<f64> {
+    model
+        .demand
+        .iter()
+        .map(|r| {
+            r.coefs
+                .iter()
+                .map(|&(k, c)| c * net[k].max(0.0))
+                .sum::<f64>()
+                + r.past_kw
+        })
+        .collect()
+}
+
+/// What the rounding pass needs to price energy as it places it: the site import per step and
+/// the demand window averages, kept current as rates change.
+struct SiteState {
+    net: Vec<f64>,
+    avgs: Vec<f64>,
+    windows_of_step: Vec<Vec<(usize, f64)>>,
+    /// The relaxed optimum's peak (kW, floor included): windows the rounding took energy from
+    /// are below it and cost no demand charge to refill up to it.
+    peak_kw: f64,
+    demand: bool,
+}
+
+impl SiteState {
+    fn new(model: &Model, input: &PlanInput, y: &[f64], peak_kw: f64) -> Self {
+        let net = net_kw(model, input, y);
+        let avgs = window_avgs(model, &net);
+        let mut windows_of_step = vec![Vec::new(); model.steps];
+        for (r, row) in model.demand.iter().enumerate() {
+            for &(k, c) in &row.coefs {
+                windows_of_step[k].push((r, c));
+            }
+        }
+        Self {
+            net,
+            avgs,
+            windows_of_step,
+            peak_kw,
+            demand: model.d_var.is_some() && input.demand_charge_per_kw > 0.0,
+        }
+    }
+
+    fn at_peak(&self, r: usize) -> bool {
+        self.avgs[r] >= self.peak_kw - 1e-6 * self.peak_kw.max(1.0)
+    }
+
+    /// Marginal cost of one more kWh delivered by rate `v` at rates `y`: energy price at the
+    /// site meter (0 in a step where PV exceeds the load), the demand charge when the step lies
+    /// in a window already at the peak, and the charge-early / equal-share gradients.
+    fn cost_per_kwh(&self, model: &Model, input: &PlanInput, y: &[f64], v: usize) -> f64 {
+        let var = model.vars[v];
+        let s = &model.sessions[var.session];
+        let per = kwh_per_unit(model, input, v);
+        if per <= 0.0 {
+            return f64::INFINITY;
+        }
+        let k = var.step;
+        let d_h = input.step_s[k] / 3600.0;
+        let site_kw = var.frac * s.site_kw_per_unit;
+        let energy = if self.net[k] >= -1e-9 {
+            at(&input.price_per_kwh, k) * site_kw * d_h
+        } else {
+            0.0
+        };
+        let mut demand = 0.0;
+        if self.demand {
+            for &(r, c) in &self.windows_of_step[k] {
+                if self.at_peak(r) {
+                    demand = f64::max(demand, input.demand_charge_per_kw * c * site_kw);
+                }
+            }
+        }
+        let w = &input.weights;
+        let share = 2.0 * w.equal_share * d_h * y[v].max(0.0) / (s.max_rate * s.max_rate);
+        (energy + demand + model.q[v] + share) / per
+    }
+
+    fn change(&mut self, model: &Model, v: usize, delta: f64) {
+        let var = model.vars[v];
+        let k = var.step;
+        let before = self.net[k].max(0.0);
+        self.net[k] += delta * var.frac * model.sessions[var.session].site_kw_per_unit;
+        let d_import = self.net[k].max(0.0) - before;
+        for &(r, c) in &self.windows_of_step[k] {
+            self.avgs[r] += c * d_import;
+        }
+    }
+}
+
 /// Turn the relaxed rates into rates that obey the 6 A rule (0 or within [min, max]) and every
-/// hard limit: rates below the minimum go to 0, then as many as fit are raised to the minimum
-/// (largest relaxed rate first), then sessions that lost energy are topped up where headroom
-/// allows (earliest step first). Raising only ever uses headroom measured conservatively
-/// (|Σ + c·δ| ≤ |Σ| + |c|·δ), so every step keeps every limit.
+/// hard limit, delivering what the relaxation delivered at (close to) its cost:
+/// 1. rates below the minimum go to 0, then as many as fit are raised to the minimum (largest
+///    relaxed rate first, never beyond the session's energy);
+/// 2. each session's lost energy is placed in its steps by the relaxation's marginal cost per
+///    kWh, cheapest first: raising rates that are on, switching on at the minimum or more where
+///    the remaining energy allows it;
+/// 3. a remainder smaller than one step at the minimum goes to the cheapest step with room for
+///    the minimum that is no dearer than the next option: energy is moved there from the
+///    session's dearest other steps so the total stays exact, or, if they cannot spare it, the
+///    step is planned at the minimum (the car stops when full; without this a nearly full car
+///    never finishes).
+///
+/// Raising only ever uses headroom measured conservatively (|Σ + c·δ| ≤ |Σ| + |c|·δ), so every
+/// step keeps every limit.
 pub(crate) fn round(model: &Model, input: &PlanInput, x: &[f64], margin_rel: f64) -> Vec<f64> {
     let nx = model.n_x;
     let mut y: Vec<f64> = (0..nx)
@@ -212,6 +332,9 @@ pub(crate) fn round(model: &Model, input: &PlanInput, x: &[f64], margin_rel: f64
             limits_of_var[v].push(i);
         }
     }
+    let relaxed_peak_kw = window_avgs(model, &net_kw(model, input, &y))
+        .into_iter()
+        .fold(input.peak_floor_kw, f64::max);
     let target_kwh = {
         let ev = evaluate(model, input, &y);
         ev.delivered_kwh
@@ -226,7 +349,6 @@ pub(crate) fn round(model: &Model, input: &PlanInput, x: &[f64], margin_rel: f64
             y[v] = 0.0;
         }
     }
-    // Tiny solver noise on rates that should be 0.
     let mut lhs: Vec<f64> = model.limits.iter().map(|l| limit_value(l, &y)).collect();
     let mut delivered = evaluate(model, input, &y).delivered_kwh;
 
@@ -272,53 +394,128 @@ pub(crate) fn round(model: &Model, input: &PlanInput, x: &[f64], margin_rel: f64
             delivered[si] += add_kwh;
         }
     }
-    // Top up sessions that lost energy in rounding, earliest steps first.
+    let mut site = SiteState::new(model, input, &y, relaxed_peak_kw);
+    // Place each session's lost energy, cheapest steps first (ties: larger relaxed rate, then
+    // earlier step), priced at the rates so far (a window that earlier sessions filled back to
+    // the peak now carries the demand charge).
     for (si, s) in model.sessions.iter().enumerate() {
         let mut need = target_kwh[si] - delivered[si];
         if need <= 1e-9 {
             continue;
         }
-        for v in s.first_var..s.first_var + s.n_vars {
+        let mut order: Vec<usize> = (s.first_var..s.first_var + s.n_vars)
+            .filter(|&v| kwh_per_unit(model, input, v) > 0.0)
+            .collect();
+        // Steps that are off, have room for the minimum, but would deliver more than what is
+        // still needed at the minimum (cheapest first).
+        let mut blocked: Vec<(usize, f64)> = Vec::new();
+        let mut priced: Vec<(usize, f64)> = order
+            .iter()
+            .map(|&v| (v, site.cost_per_kwh(model, input, &y, v)))
+            .collect();
+        priced.sort_by(|a, b| {
+            a.1.total_cmp(&b.1)
+                .then(x[b.0].total_cmp(&x[a.0]))
+                .then(a.0.cmp(&b.0))
+        });
+        order = priced.iter().map(|p| p.0).collect();
+        let cost: Vec<f64> = priced.iter().map(|p| p.1).collect();
+        for (&v, &c) in order.iter().zip(&cost) {
             if need <= 1e-9 {
                 break;
             }
-            let per = kwh_per_unit(model, input, v);
-            if per <= 0.0 {
-                continue;
+            if let Some(&(_, cb)) = blocked.first() {
+                // Dearer than switching on at the first blocked step: the remainder goes
+                // there instead.
+                if c > cb + 1e-9 * cb.abs().max(1.0) {
+                    break;
+                }
             }
+            let per = kwh_per_unit(model, input, v);
             let r = room(v, &lhs);
             let want = need / per;
             let new = if y[v] >= s.min_rate {
                 (y[v] + r.min(want)).min(s.max_rate)
             } else if r >= s.min_rate {
-                // Switching on: at least the minimum, if the energy allows it.
-                let v_new = want.max(s.min_rate).min(r).min(s.max_rate);
-                if (v_new - want) * per > 1e-9 {
+                if want < s.min_rate {
+                    blocked.push((v, c));
                     continue;
                 }
-                v_new
+                want.min(r).min(s.max_rate)
             } else {
                 continue;
             };
             if new > y[v] {
                 need -= (new - y[v]) * per;
+                site.change(model, v, new - y[v]);
                 y[v] = new;
                 recompute(v, &y, &mut lhs);
             }
         }
-        // A remainder smaller than one step at the minimum rate can only be delivered by
-        // switching on at the minimum: do that in the earliest step with room (the car stops
-        // drawing when it is full, so the plan's surplus is never drawn). Without this a car
-        // that is nearly full would never finish under the planner.
         if need > 1e-6 {
-            for v in s.first_var..s.first_var + s.n_vars {
-                if y[v] == 0.0 && kwh_per_unit(model, input, v) > 0.0 && room(v, &lhs) >= s.min_rate
-                {
-                    y[v] = s.min_rate;
-                    recompute(v, &y, &mut lhs);
-                    need = 0.0;
-                    break;
+            let mut spots: Vec<usize> = blocked.iter().map(|b| b.0).collect();
+            if spots.is_empty() {
+                spots = order
+                    .iter()
+                    .copied()
+                    .filter(|&v| y[v] == 0.0 && room(v, &lhs) >= s.min_rate)
+                    .collect();
+            }
+            let cost_of = |w: usize| -> f64 {
+                order
+                    .iter()
+                    .position(|&v| v == w)
+                    .map_or(f64::INFINITY, |i| cost[i])
+            };
+            let spare = |w: usize, y: &[f64]| -> f64 {
+                order
+                    .iter()
+                    .filter(|&&v| v != w && y[v] >= s.min_rate)
+                    .map(|&v| (y[v] - s.min_rate) * kwh_per_unit(model, input, v))
+                    .sum()
+            };
+            let excess = |w: usize| kwh_per_unit(model, input, w) * s.min_rate - need;
+            // Exact if the session's other steps can give up the excess (cheapest such step),
+            // else the step whose minimum costs least (the car stops when full).
+            let spot = spots
+                .iter()
+                .copied()
+                .find(|&w| spare(w, &y) >= excess(w))
+                .map(|w| (w, true))
+                .or_else(|| {
+                    spots
+                        .iter()
+                        .copied()
+                        .min_by(|&a, &b| {
+                            let ca = cost_of(a) * kwh_per_unit(model, input, a);
+                            let cb = cost_of(b) * kwh_per_unit(model, input, b);
+                            ca.total_cmp(&cb)
+                        })
+                        .map(|w| (w, false))
+                });
+            if let Some((w, exact)) = spot {
+                if exact {
+                    let mut excess = excess(w);
+                    // Take it from the dearest steps first.
+                    for &v in order.iter().rev() {
+                        if excess <= 1e-12 {
+                            break;
+                        }
+                        if v == w || y[v] < s.min_rate {
+                            continue;
+                        }
+                        let per = kwh_per_unit(model, input, v);
+                        let cut = ((y[v] - s.min_rate) * per).min(excess);
+                        site.change(model, v, -cut / per);
+                        y[v] -= cut / per;
+                        excess -= cut;
+                        recompute(v, &y, &mut lhs);
+                    }
                 }
+                site.change(model, w, s.min_rate - y[w]);
+                y[w] = s.min_rate;
+                recompute(w, &y, &mut lhs);
+                need = 0.0;
             }
         }
         delivered[si] = target_kwh[si] - need.max(0.0);

@@ -543,7 +543,8 @@ fn profile_plan_from_json() {
 #[test]
 fn a_remainder_below_one_step_at_the_minimum_is_still_planned() {
     // 0.1 kWh left: the relaxed optimum is about 1.7 A for 15 min, below the 6 A minimum.
-    // The rounded plan switches on at 6 A in the earliest step (the car stops when full).
+    // The rounded plan switches on at 6 A in the cheapest step, the earliest one with
+    // charge-early on (the car stops when full).
     let mut inp = one_ln_session(vec![900.0; 4], vec![0.1], 0.1);
     inp.weights.charge_early_per_kwh = 0.01;
     let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
@@ -557,4 +558,82 @@ fn a_remainder_below_one_step_at_the_minimum_is_still_planned() {
     let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
     assert!(targets(&out, 0).iter().all(|&a| a == 0.0));
     assert!(close(out.summary.shortfall_kwh[0], 0.1, 1e-6));
+}
+
+/// One three-phase 230 V session on a 25.6 A grid, on a growing step grid: two dear 5-min steps
+/// (1.0), then cheap 15-min ones (0.05). 1 A for 15 min delivers 3 × 0.23 × 0.25 = 0.1725 kWh
+/// (0.0575 kWh in 5 min, so a dear step can take a small remainder above 6 A: the trap).
+fn dear_then_cheap(cheap_steps: usize, kwh: f64) -> PlanInput {
+    let mut price = vec![1.0, 1.0];
+    price.extend(vec![0.05; cheap_steps]);
+    let mut step_s = vec![300.0, 300.0];
+    step_s.extend(vec![900.0; cheap_steps]);
+    let hours = step_s.iter().sum::<f64>() / 3600.0;
+    let mut inp = input(step_s, price);
+    inp.nodes = vec![node("root", None, 25.6)];
+    inp.chargers = vec![ac(
+        "c1",
+        "root",
+        Wiring::ThreePhase,
+        &[0, 1, 2],
+        230.0,
+        32.0,
+    )];
+    inp.sessions = vec![session("s1", "c1", hours, kwh)];
+    inp
+}
+
+#[test]
+fn rounding_puts_lost_energy_in_the_cheapest_steps_not_the_first() {
+    // 3 kWh over 8 cheap steps: the relaxation spreads 2.17 A per cheap step (below 6 A).
+    // Optimum: all 3 kWh in cheap steps, energy cost 3 × 0.05 = 0.15; the dear steps stay off.
+    let inp = dear_then_cheap(8, 3.0);
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Optimal);
+    assert!(close(out.summary.terms_relaxed.energy_cost, 0.15, 1e-5));
+    let t = targets(&out, 0);
+    assert_eq!(&t[..2], &[0.0, 0.0], "{t:?}");
+    assert!(
+        t.iter()
+            .all(|&a| a == 0.0 || (6.0 - 1e-9..=25.6).contains(&a)),
+        "{t:?}"
+    );
+    assert!(close(out.summary.delivered_kwh[0], 3.0, 1e-6));
+    assert!(
+        close(out.summary.terms.energy_cost, 0.15, 1e-5),
+        "{:?}",
+        out.summary.terms
+    );
+    assert!(check_schedule(&inp, &out.rows).unwrap().is_empty());
+}
+
+#[test]
+fn a_remainder_below_the_minimum_moves_energy_instead_of_using_a_dear_step() {
+    // 5 kWh, charge-early on: the relaxation fills the first cheap step at the 25.6 A limit
+    // (4.416 kWh) and leaves 0.584 kWh (3.39 A) for the next one. Rounded: the next cheap step
+    // at 6 A (1.035 kWh) and the first at (5 − 1.035) / 0.1725 = 22.985 A, exactly 5 kWh at
+    // 0.05 (0.25), where switching on a dear step at 10.2 A would cost 0.584 × 1.0 more.
+    let mut inp = dear_then_cheap(4, 5.0);
+    inp.weights.charge_early_per_kwh = 1e-3;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Optimal);
+    let t = targets(&out, 0);
+    let first = (5.0 - 6.0 * 0.1725) / 0.1725;
+    assert!(t[0] == 0.0 && t[1] == 0.0, "{t:?}");
+    assert!(close(t[2], first, 1e-5) && t[3] == 6.0, "{t:?}");
+    assert!(t[4] == 0.0 && t[5] == 0.0, "{t:?}");
+    assert!(close(out.summary.delivered_kwh[0], 5.0, 1e-6));
+    assert!(
+        close(out.summary.terms.energy_cost, 0.25, 1e-5),
+        "{:?}",
+        out.summary.terms
+    );
+    assert!(check_schedule(&inp, &out.rows).unwrap().is_empty());
+
+    // 0.5 kWh: less than one cheap step at 6 A. It is planned at 6 A in the first cheap step
+    // (the car stops when full), never in a dear step.
+    let mut inp = dear_then_cheap(4, 0.5);
+    inp.weights.charge_early_per_kwh = 1e-3;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(targets(&out, 0), vec![0.0, 0.0, 6.0, 0.0, 0.0, 0.0]);
 }
