@@ -131,3 +131,71 @@ async def test_edge_app_runs_telemetry_retention(tmp_path: Path) -> None:
     finally:
         app.stop()
         await asyncio.wait_for(runner, 30)
+
+
+async def test_sessions_are_saved_on_start_steering_and_end_and_come_back_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    from evcore.edge.app import build_controller, charger_states
+    from evcore.edge.coreio import RustCore
+    from evcore.edge.recording import SessionKeeper, recover
+    from evcore.ocpp.events import TransactionEvent
+    from evcore.site import load_site
+    from evcore.store import open_store
+
+    section = {"kind": "embedded", "path": str(tmp_path / "store")}
+    store = open_store(section, tmp_path)
+    await store.open()
+    table = depot_table(2, per_feeder=2)
+    clock = WallClock()
+
+    def controller() -> Any:
+        return build_controller(
+            table,
+            core=RustCore(load_site(table), table),
+            gateway=None,  # type: ignore[arg-type]  # nothing is sent in this test
+            clock=clock,
+        )
+
+    def tx(kind: str) -> TransactionEvent:
+        return TransactionEvent(
+            charger_id="cp-0001",
+            ocpp_id="CP0001",
+            transaction_id="T1",
+            kind=kind,  # type: ignore[arg-type]
+            at=clock.now(),
+            id_tag="tag",
+            meter_start_wh=0.0,
+            meter_now_wh=0.0,
+            session_energy_wh=0.0,
+        )
+
+    ctrl = controller()
+    keeper = SessionKeeper(store, clock)
+    ctrl.on_session = keeper
+    ctrl.on_event(tx("started"))
+    departure = clock.now() + 7200
+    ctrl.set_session("cp-0001", priority=3.0, departure=departure, energy_requested_kwh=25.0)
+    await keeper.drain()
+    (rec,) = await store.list_open_sessions()
+    assert (rec.charger_id, rec.transaction_id, rec.priority) == ("cp-0001", "T1", 3.0)
+    assert rec.departure_s == departure and rec.energy_requested_kwh == 25.0
+
+    # A restart: a new controller recovers the session and what the operator set.
+    state, _ = charger_states(table)
+    keeper2 = SessionKeeper(store, clock)
+    await recover(state, store, keeper2)
+    c = state.chargers["cp-0001"]
+    assert (c.transaction_id, c.priority, c.departure, c.energy_requested_kwh) == (
+        "T1",
+        3.0,
+        departure,
+        25.0,
+    )
+
+    ctrl.on_event(tx("ended"))
+    await keeper.drain()
+    assert await store.list_open_sessions() == []
+    got = await store.get_session("cp-0001:T1")
+    assert got is not None and got.ended_at_s is not None
+    await store.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import tomllib
 from collections.abc import Mapping
@@ -141,6 +142,12 @@ class EdgeApp:
             on_sent=on_sent,
         )
         self.central.add_listener(self.controller.on_event)
+        self.sessions: Any = None
+        if store is not None:
+            from evcore.edge.recording import SessionKeeper
+
+            self.sessions = SessionKeeper(store, clock)
+            self.controller.on_session = self.sessions
         from evcore.edge.facade import ControllerFacade
 
         self.facade = ControllerFacade(self.controller, site=site)
@@ -177,7 +184,7 @@ class EdgeApp:
             from evcore.edge.recording import recover
 
             await self.store.open()
-            n = await recover(ctrl.state, self.store)
+            n = await recover(ctrl.state, self.store, self.sessions)
             if n:
                 log.info("recovered %d last setpoints from the store", n)
         if self.bus is not None:
@@ -228,6 +235,12 @@ class EdgeApp:
             await self.central.stop()
             if self.recorder is not None:
                 await self.recorder.drain()
+                with contextlib.suppress(Exception):
+                    res = self.recorder.audit_log.close()
+                    if inspect.isawaitable(res):
+                        await res
+            if self.sessions is not None:
+                await self.sessions.drain()
             if self.bus is not None:
                 with contextlib.suppress(Exception):
                     await self.bus.close()

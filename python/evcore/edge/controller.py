@@ -160,6 +160,9 @@ class EdgeController:
         self._report_due: dict[str, float] = {}
         self._increases_held = False
         self._started_at: float | None = None
+        #: Called when a session starts, ends or is steered: (charger, transaction id that
+        #: ended or None). ``recording.SessionKeeper`` saves it in the store.
+        self.on_session: Callable[[ChargerState, str | None], None] | None = None
 
     # ---- events (synchronous: they only update state and wake the loop) --------------------
     def notify(self, trigger: str) -> None:
@@ -172,6 +175,23 @@ class EdgeController:
     def on_event(self, ev: Any) -> None:
         """Apply an ``evcore.ocpp.events`` event; dispatches on the class name."""
         kind = type(ev).__name__
+        cs0 = self.state.chargers.get(getattr(ev, "charger_id", None) or "")
+        tx_before = cs0.transaction_id if cs0 is not None else None
+        self._apply_event(kind, ev)
+        if cs0 is not None and cs0.transaction_id != tx_before:
+            if tx_before is not None:
+                self._session_changed(cs0, tx_before)
+            if cs0.transaction_id is not None:
+                self._session_changed(cs0, None)
+
+    def _session_changed(self, c: ChargerState, ended: str | None) -> None:
+        if self.on_session is not None:
+            try:
+                self.on_session(c, ended)
+            except Exception:
+                log.exception("saving the session at %s failed", c.charger_id)
+
+    def _apply_event(self, kind: str, ev: Any) -> None:
         now_m = self.clock.monotonic()
         st = self.state
         if kind == "MeterSample":
@@ -274,6 +294,10 @@ class EdgeController:
             c.priority = priority
         if available is not None:
             c.available = available
+        if c.transaction_id is not None and (
+            energy_requested_kwh is not None or departure is not None or priority is not None
+        ):
+            self._session_changed(c, None)
         self.notify("operator")
 
     def stop(self) -> None:

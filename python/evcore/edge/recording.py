@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from evcore.edge.state import SiteState
+from evcore.edge.state import ChargerState, SiteState, priority_error
 from evcore.v1 import setpoint_pb2
 
 log = logging.getLogger("evcore.edge")
@@ -182,7 +182,7 @@ class AuditRecorder:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def recover(state: SiteState, store: Any) -> int:
+async def recover(state: SiteState, store: Any, keeper: SessionKeeper | None = None) -> int:
     """Load last setpoints and open sessions from the store into ``state``; returns how many.
 
     Recovered values are *unconfirmed*: the charger may have fallen back or rebooted since, so the
@@ -207,4 +207,81 @@ async def recover(state: SiteState, store: Any) -> int:
             if c is not None and c.transaction_id is None:
                 c.transaction_id = tx.transaction_id
                 c.plugged = True
+    # Open sessions: what the operator set comes back (a priority outside today's range does not).
+    with contextlib.suppress(Exception):
+        for rec in await store.list_open_sessions():
+            c = state.chargers.get(rec.charger_id)
+            if c is None or (c.transaction_id not in (None, rec.transaction_id)):
+                continue
+            if c.transaction_id is None and rec.transaction_id:
+                c.transaction_id = rec.transaction_id
+                c.plugged = True
+            c.session_started_at = rec.started_at_s
+            c.departure = rec.departure_s
+            c.energy_requested_kwh = rec.energy_requested_kwh
+            if priority_error(rec.priority) is None:
+                c.priority = rec.priority
+            if keeper is not None:
+                keeper.open[rec.charger_id] = rec
     return n
+
+
+class SessionKeeper:
+    """Saves sessions in the store when they start, end or are steered (beside the loop)."""
+
+    def __init__(self, store: Any, clock: Any) -> None:
+        self.store = store
+        self.clock = clock
+        self.open: dict[str, Any] = {}  # charger id -> SessionRecord
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.failures = 0
+
+    def __call__(self, c: ChargerState, ended: str | None) -> None:
+        from dataclasses import replace
+
+        from evcore.store.base import SessionRecord
+
+        now = float(self.clock.now())
+        prev = self.open.get(c.charger_id)
+        if ended is not None:
+            if prev is None or prev.transaction_id != ended:
+                return
+            rec = replace(
+                prev,
+                ended_at_s=now,
+                energy_delivered_kwh=prev.energy_delivered_kwh,
+                updated_at_s=now,
+            )
+            del self.open[c.charger_id]
+        else:
+            tx = c.transaction_id or ""
+            if prev is None or prev.transaction_id != tx:
+                prev = SessionRecord(
+                    session_id=f"{c.charger_id}:{tx}",
+                    charger_id=c.charger_id,
+                    started_at_s=float(c.session_started_at or now),
+                    transaction_id=tx,
+                )
+            rec = replace(
+                prev,
+                departure_s=c.departure,
+                energy_requested_kwh=c.energy_requested_kwh,
+                priority=c.priority,
+                energy_delivered_kwh=c.session_energy_wh / 1000.0,
+                updated_at_s=now,
+            )
+            self.open[c.charger_id] = rec
+        task = asyncio.ensure_future(self._save(rec))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _save(self, rec: Any) -> None:
+        try:
+            await self.store.upsert_session(rec)
+        except Exception:
+            self.failures += 1
+            log.exception("store: saving session %s failed", rec.session_id)
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
