@@ -419,3 +419,108 @@ def test_an_idle_charger_that_never_accepted_a_txdefault_counts_at_its_maximum()
     assert got["cp-0002"] == 0.0, got
     x.tx_default = x.sent = x.holding = 6.0  # accepted now
     assert _decide(core, st, cfg, now)["cp-0002"] > 0.0
+
+
+# ---- T3 / T2: the local planner ----------------------------------------------------------------
+class _FrozenClock(ManualClock):
+    """Simulated time that does not move by itself: a sleep returns only when time is advanced."""
+
+    async def sleep(self, seconds: float) -> None:
+        import asyncio
+
+        await asyncio.Event().wait()
+
+
+async def test_the_local_planner_stops_promptly_on_a_clock_that_does_not_move() -> None:
+    import asyncio
+
+    from evcore.edge.planning import LocalPlanner
+
+    table = depot_table(2, per_feeder=2)
+    clock = _FrozenClock()
+    ctrl = build_controller(
+        table,
+        core=RustCore(load_site(table), table),
+        gateway=RecordingGateway(),  # type: ignore[arg-type]
+        clock=clock,
+        cfg=EdgeConfig(**FAST, policy="planner_cost"),
+    )
+    planner = LocalPlanner(load_site(table), ctrl)
+    task = asyncio.ensure_future(planner.run())
+    for _ in range(20):
+        await asyncio.sleep(0.01)  # it plans (no sessions) and sleeps
+    planner.stop()
+    await asyncio.wait_for(task, 5.0)
+
+
+def test_a_local_plan_never_pauses_a_session_after_its_first_charging_step() -> None:
+    from evcore.edge.planning import without_pauses
+
+    ctrl, _, _, _ = _rig()
+    c = next(iter(ctrl.state.chargers.values()))
+    steps = [(0.0, 300.0, 0.0), (300.0, 300.0, 16.0), (600.0, 300.0, 0.0), (900.0, 300.0, 8.0)]
+    # It may wait for its first charging step (deferring to cheap hours), then no pause.
+    assert [t for _, _, t in without_pauses(steps, c)] == [0.0, 16.0, 6.0, 8.0]
+    assert [t for _, _, t in without_pauses([(0.0, 300.0, 0.0)], c)] == [0.0]
+
+
+# ---- T5: a DC charger's ignored-profile check uses its own conversion ---------------------------
+def test_a_dc_charger_drawing_its_setpoint_with_losses_and_aux_is_not_suspect() -> None:
+    from evcore.edge.app import charger_states
+    from evcore.edge.faults import FaultChange, check_ignored, draws_above_limit
+
+    table = {
+        "site": {"id": "s", "voltage_ln_v": 230.0},
+        "nodes": [{"id": "grid", "kind": "grid", "phase_limit_a": 400.0}],
+        "chargers": [
+            {
+                "id": "dc1",
+                "parent": "grid",
+                "kind": "dc",
+                "max_w": 90_000.0,
+                "efficiency": 0.96,
+                "aux_w": 300.0,
+                "phases": ["L1", "L2", "L3"],
+            }
+        ],
+    }
+    st, _ = charger_states(table)
+    c = st.chargers["dc1"]
+    c.sent = c.holding = 90_000.0
+    c.accepted = True
+    c.profile_unknown = False
+    c.note_limit(0.0)
+    cfg = EdgeConfig(settle_s=5.0, ignore_threshold_a=2.0, ignore_after_s=10.0)
+    # Its AC input at the setpoint: 90 kW / 0.96 + 300 W = 94.05 kW, 4 kW above the setpoint.
+    c.measured_w = 90_000.0 / 0.96 + 300.0
+    c.measured_at = 10.0
+    assert check_ignored(c, 10.0, cfg) is None and c.suspect_since is None
+    assert not draws_above_limit(c, 10.0, cfg)
+    # 2 A per phase at 230 V is 1380 W: 2 kW more than its input allows is an overdraw.
+    c.measured_w = 90_000.0 / 0.96 + 300.0 + 2_000.0
+    c.measured_at = 11.0
+    assert check_ignored(c, 11.0, cfg) is FaultChange.SUSPECT
+    assert draws_above_limit(c, 11.0, cfg)
+
+
+# ---- T1: a plan target is not a cap for a session behind its plan -------------------------------
+async def test_a_session_behind_its_plan_is_not_capped_at_the_target() -> None:
+    from evcore.edge.controller import PlanTargets
+
+    ctrl, gw, clock, _ = _rig(policy="planner_cost", cloud_plan_fresh_s=3600.0)
+    _plug_all(ctrl, clock, n=1)
+    cid = next(iter(ctrl.state.chargers))
+    c = ctrl.state.chargers[cid]
+    now = clock.now()
+    ctrl.set_plan(PlanTargets("cloud", "cloud@1", now, {cid: [(now - 1.0, 7200.0, 10.0)]}))
+    await _settle(ctrl, clock, rounds=2)
+    assert gw.tx()[cid] == pytest.approx(10.0)  # the target caps it while on plan
+    # 10 minutes at 10 A x 690 W/A is 1.15 kWh; it delivered 1.1 kWh: on plan, still capped.
+    clock.advance(600.0)
+    c.session_energy_wh = 1100.0
+    await _settle(ctrl, clock, rounds=2)
+    assert gw.tx()[cid] == pytest.approx(10.0)
+    # 10 more minutes with nothing delivered: behind its plan, so the target no longer caps it.
+    clock.advance(600.0)
+    await _settle(ctrl, clock, rounds=2)
+    assert gw.tx()[cid] > 10.0 + 1.0, gw.tx()

@@ -50,6 +50,7 @@ def charger_states(site_table: Mapping[str, Any]) -> tuple[SiteState, list[str]]
     """
     specs: list[ChargerState] = []
     evse: dict[str, int] = {}
+    site = site_table.get("site") or {}
     for ch in site_table.get("chargers", []):
         cid = str(ch["id"])
         is_dc = ch.get("kind", "ac") == "dc"
@@ -57,7 +58,18 @@ def charger_states(site_table: Mapping[str, Any]) -> tuple[SiteState, list[str]]
             lo, hi = float(ch.get("min_w", 0.0)), float(ch["max_w"])
         else:
             lo, hi = float(ch.get("min_a", 6.0)), float(ch["max_a"])
-        specs.append(ChargerState(cid, str(ch.get("ocpp_id", cid)), is_dc, lo, hi))
+        spec = ChargerState(cid, str(ch.get("ocpp_id", cid)), is_dc, lo, hi)
+        if not is_dc:
+            v = float(ch.get("voltage_v") or site.get("voltage_ln_v") or 230.0)
+            wiring = str(ch.get("wiring", "three_phase"))
+            n_ph = len(ch.get("phases") or ()) if wiring == "three_phase" else 1
+            spec.ac_w_per_a = v * (n_ph or 3)
+        if is_dc:
+            v_ln = float(ch.get("voltage_v") or site.get("voltage_ln_v") or 230.0)
+            spec.dc_efficiency = float(ch.get("efficiency", 0.95))
+            spec.dc_aux_w = float(ch.get("aux_w", 0.0))
+            spec.dc_w_per_a = 3 * v_ln
+        specs.append(spec)
         evse[cid] = int(ch.get("evse_id", 1))
     nodes = [str(n["id"]) for n in site_table.get("nodes", [])]
     return SiteState.from_chargers(specs, evse), nodes

@@ -59,6 +59,9 @@ URGENT = frozenset(
 )
 
 
+# A session is behind its plan when it delivered less than (1 - this) of what the plan asked.
+_BEHIND_MARGIN = 0.1
+
 # After the edge starts, TxProfile re-sends wait at most this long for every station to be back.
 _STARTUP_GRACE_S = 10.0
 
@@ -160,6 +163,7 @@ class EdgeController:
         self._report_due: dict[str, float] = {}
         self._increases_held = False
         self._started_at: float | None = None
+        self._plan_energy: dict[str, dict[str, float]] = {}
         #: Called when a session starts, ends or is steered: (charger, transaction id that
         #: ended or None). ``recording.SessionKeeper`` saves it in the store.
         self.on_session: Callable[[ChargerState, str | None], None] | None = None
@@ -260,6 +264,13 @@ class EdgeController:
         self.notify("prices")
 
     def set_plan(self, plan: PlanTargets) -> None:
+        # What each session had delivered when the plan arrived (for ``_behind_plan``).
+        self._plan_energy[plan.version] = {
+            cid: c.session_energy_wh for cid, c in self.state.chargers.items()
+        }
+        live = {p.version for p in (self.cloud_plan, self.local_plan) if p is not None}
+        for v in [v for v in self._plan_energy if v not in live and v != plan.version]:
+            del self._plan_energy[v]
         if plan.source == "cloud":
             self.cloud_plan = plan
         else:
@@ -384,6 +395,7 @@ class EdgeController:
                 targets=targets,
                 failsafe=self.failsafe,
                 cfg=cfg,
+                behind_plan=self._behind_plan(now_w) if targets else (),
             )
         except BaseException as exc:
             if not _is_core_failure(exc):
@@ -756,6 +768,29 @@ class EdgeController:
             )
         codes = dict.fromkeys(setpoints, "failsafe")
         return EnforcedSetpoints(setpoints, why, "", codes, {})
+
+    def _behind_plan(self, now_w: float) -> set[str]:
+        """Sessions that delivered less than the plan in force asked of them since it arrived
+        (by more than ``_BEHIND_MARGIN`` and 0.1 kWh): their target is not a cap then (T1)."""
+        plan = self.plan_in_use
+        if plan is None:
+            return set()
+        at_start = self._plan_energy.get(plan.version, {})
+        out: set[str] = set()
+        for cid, steps in plan.rows.items():
+            c = self.state.chargers.get(cid)
+            if c is None or c.transaction_id is None or cid not in at_start:
+                continue
+            w_per = 1.0 if c.is_dc else c.ac_w_per_a
+            planned_wh = 0.0
+            for start, step_s, target in steps:
+                lo, hi = max(start, plan.received_at), min(start + step_s, now_w)
+                if hi > lo:
+                    planned_wh += target * w_per * (hi - lo) / 3600.0
+            delivered_wh = c.session_energy_wh - at_start[cid]
+            if delivered_wh < planned_wh * (1.0 - _BEHIND_MARGIN) - 100.0:
+                out.add(cid)
+        return out
 
     def _targets(self, now_w: float) -> dict[str, float] | None:
         """The targets of the plan in force: a fresh cloud plan, else a fresh local one."""

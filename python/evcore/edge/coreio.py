@@ -272,6 +272,7 @@ class RustCore:
         targets: Mapping[str, float] | None,
         failsafe: Mapping[str, float],
         cfg: EdgeConfig,
+        behind_plan: Collection[str] = (),
     ) -> EnforcedSetpoints:
         n = len(self.charger_ids)
         chargers = [state.chargers[cid] for cid in self.charger_ids]
@@ -310,6 +311,7 @@ class RustCore:
             demand["priority"][i] = core_priority(c.priority, weights.get(c.charger_id, 1.0))
             if targets is not None and c.charger_id in targets:
                 demand["target_w" if c.is_dc else "target_a"][i] = targets[c.charger_id]
+                demand["behind_plan"][i] = c.charger_id in behind_plan
         params = {
             "now_s": now_mono,
             "stale_after_s": cfg.stale_after_s,

@@ -2,7 +2,8 @@
 
 What this module owns: the overdrawing → suspect → faulted state machine. A charger whose measured
 current is above every limit it may still have been applying (a lowered one gets ``settle_s`` to
-take effect) by more than ``ignore_threshold_a`` (DC: in W against ``ignore_threshold_a`` × 230 × 3)
+take effect) by more than ``ignore_threshold_a`` (DC: its AC input against setpoint / efficiency +
+aux_w, in W, the threshold at 3 × its line-to-neutral voltage)
 is overdrawing: ``suspect_since`` is set and the allocator may no longer raise it. After
 ``ignore_after_s`` of that it is *suspect*: counted at its maximum, like a charger whose profile is
 unknown. After ``fault_after_s`` more it is *faulted* and reported. Covering its load is not done
@@ -18,8 +19,16 @@ from enum import StrEnum
 from evcore.edge.config import EdgeConfig
 from evcore.edge.state import ChargerState
 
-# DC chargers are compared in W; a rough three-phase 230 V equivalent of the ampere threshold.
-_DC_W_PER_A = 3 * 230.0
+
+def dc_input_w(c: ChargerState, setpoint_w: float) -> float:
+    """The AC input (W) a DC charger may draw at ``setpoint_w``: with its efficiency and
+    auxiliary load (site file ``efficiency``, ``aux_w``); meters measure the input."""
+    return setpoint_w / c.dc_efficiency + c.dc_aux_w
+
+
+def threshold(c: ChargerState, cfg: EdgeConfig) -> float:
+    """``ignore_threshold_a`` in the charger's unit (DC: W, at its own voltage)."""
+    return cfg.ignore_threshold_a * (c.dc_w_per_a if c.is_dc else 1.0)
 
 
 class FaultChange(StrEnum):
@@ -37,7 +46,7 @@ def overdraw(c: ChargerState, settle_s: float) -> float | None:
     if bound is None:
         return None
     if c.is_dc:
-        return None if c.measured_w is None else c.measured_w - bound
+        return None if c.measured_w is None else c.measured_w - dc_input_w(c, bound)
     m = c.measured_max_a()
     return None if m is None else m - bound
 
@@ -52,8 +61,7 @@ def check_ignored(c: ChargerState, now_mono: float, cfg: EdgeConfig) -> FaultCha
     if c.faulted:
         return None
     over = overdraw(c, cfg.settle_s)
-    threshold = cfg.ignore_threshold_a * (_DC_W_PER_A if c.is_dc else 1.0)
-    if over is None or over <= threshold:
+    if over is None or over <= threshold(c, cfg):
         if c.suspect_since is not None:
             c.suspect_since = None
             return FaultChange.CLEARED
@@ -83,8 +91,8 @@ def draws_above_limit(c: ChargerState, now_mono: float, cfg: EdgeConfig) -> bool
     if c.holding is None or c.measured_at is None or now_mono - c.measured_at > cfg.stale_after_s:
         return False
     if c.is_dc:
-        return c.measured_w is not None and c.measured_w > c.holding + cfg.ignore_threshold_a * (
-            _DC_W_PER_A
+        return c.measured_w is not None and c.measured_w > dc_input_w(c, c.holding) + threshold(
+            c, cfg
         )
     m = c.measured_max_a()
     return m is not None and m > c.holding + cfg.ignore_threshold_a

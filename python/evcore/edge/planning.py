@@ -25,6 +25,7 @@ from typing import Any
 
 from evcore.edge.controller import EdgeController, PlanTargets
 from evcore.edge.grid import price_at
+from evcore.edge.state import ChargerState
 
 log = logging.getLogger("evcore.edge.planning")
 
@@ -76,6 +77,24 @@ class PlannerSection:
         return out
 
 
+def without_pauses(
+    steps: list[tuple[float, float, float]], c: ChargerState
+) -> list[tuple[float, float, float]]:
+    """A session's steps with no pause after its first charging step (T2; after the twin's rule,
+    sim/twinplan.py): a pause there becomes the charger's minimum (the edge still stops the
+    session when its energy is in). An LP plan pauses and resumes between 5-minute steps as
+    prices move; each pause counts against the session's switch cap, and a session at the cap
+    stays paused. Unlike the twin, a plan may still defer a session that is charging now (the
+    edge starts every car at its TxDefault level before any plan): that is one switch, and
+    moving energy to cheap hours is the plan's purpose."""
+    steps = sorted(steps)
+    on = [i for i, (_, _, t) in enumerate(steps) if t > 0.0]
+    if not on:
+        return steps
+    low = max(c.min_value, 1e-3)
+    return [(s, d, max(t, low) if on[0] <= i else t) for i, (s, d, t) in enumerate(steps)]
+
+
 class LocalPlanner:
     """Plans for one controller; ``await run()`` beside the control loop until ``stop()``."""
 
@@ -98,6 +117,7 @@ class LocalPlanner:
         self.failures = 0
         self.last_status = ""
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._busy = False
 
     @property
@@ -232,6 +252,10 @@ class LocalPlanner:
             if target is None:
                 continue
             rows.setdefault(cid, []).append((start.timestamp(), float(dur), float(target)))
+        for cid, steps in rows.items():
+            c = self.ctrl.state.chargers.get(cid)
+            if c is not None:
+                rows[cid] = without_pauses(steps, c)
         self.version += 1
         return PlanTargets("local", f"edge-local@{self.version}", received_at, rows)
 
@@ -286,7 +310,19 @@ class LocalPlanner:
     # ---- the schedule --------------------------------------------------------------------------
     def stop(self) -> None:
         self._stopping = True
+        self._stopped.set()
         self.ctrl.replan_wanted.set()
+
+    async def _sleep(self, seconds: float, *also: asyncio.Event) -> None:
+        """Sleep on the controller's clock; wake early on ``stop()`` or any of ``also``."""
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.ctrl.clock.sleep(seconds))]
+        waits += [asyncio.ensure_future(e.wait()) for e in (self._stopped, *also)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in waits:
+                if not t.done():
+                    t.cancel()
 
     async def run(self) -> None:
         """Re-plan every ``replan_every_s`` and whenever the controller asks, until ``stop()``."""
@@ -299,13 +335,8 @@ class LocalPlanner:
             await self.plan_now()
             # Events come in bursts (many sessions start at once): at most one plan per gap.
             gap = min(_MIN_GAP_S, ctrl.cfg.replan_every_s) - (ctrl.clock.monotonic() - started)
-            if gap > 0:
-                await ctrl.clock.sleep(gap)
-            sleeper = asyncio.ensure_future(ctrl.clock.sleep(ctrl.cfg.replan_every_s))
-            waker = asyncio.ensure_future(ctrl.replan_wanted.wait())
-            try:
-                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in (sleeper, waker):
-                    if not t.done():
-                        t.cancel()
+            if gap > 0 and not self._stopping:
+                await self._sleep(gap)
+            if self._stopping:
+                break
+            await self._sleep(ctrl.cfg.replan_every_s, ctrl.replan_wanted)

@@ -9,7 +9,7 @@ decision that sends it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,8 +43,10 @@ class CorePort(Protocol):
         targets: Mapping[str, float] | None,
         failsafe: Mapping[str, float],
         cfg: EdgeConfig,
+        behind_plan: Collection[str] = (),
     ) -> EnforcedSetpoints:
-        """Allocate and enforce for every charger in ``state`` (idle ones get 0)."""
+        """Allocate and enforce for every charger in ``state`` (idle ones get 0). A plan target
+        caps its session unless the charger is in ``behind_plan``."""
         ...
 
     def failsafe_levels(self, caps_kw: Mapping[str, float]) -> dict[str, float]:

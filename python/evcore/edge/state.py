@@ -47,6 +47,14 @@ class ChargerState:
     min_value: float  # min_a (AC) or min_w (DC)
     max_value: float  # max_a (AC) or max_w (DC)
 
+    # DC only: the AC input a DC setpoint P draws is P / dc_efficiency + dc_aux_w (W), and one
+    # ampere per phase at its terminals is dc_w_per_a W (3 x line-to-neutral voltage).
+    dc_efficiency: float = 1.0
+    dc_aux_w: float = 0.0
+    dc_w_per_a: float = 3 * 230.0
+    # AC: W drawn per ampere of setpoint (voltage x phases it draws on).
+    ac_w_per_a: float = 3 * 230.0
+
     online: bool = False
     status: str = "Unknown"
     plugged: bool = False
