@@ -685,6 +685,8 @@ class EdgeController:
         bound = max(5.0, self.cfg.network_timeout_s)
         horizon = math.ceil(self.cfg.failsafe_after_s + self.cfg.fallback_guard_s)
         for c in self.state.station_chargers(ocpp_id):
+            # A profile sent while the query is in flight is newer than the report: keep it.
+            sent_at_before = c.sent_at
             try:
                 comp = await asyncio.wait_for(
                     gw.get_composite_schedule(
@@ -706,6 +708,7 @@ class EdgeController:
                 and all(math.isfinite(v) and v >= 0 for v in limits)
                 and c.profile_unknown
                 and c.needs_resend  # nothing of ours left since it connected
+                and c.sent_at == sent_at_before
                 and c.online
             ):
                 # Still unknown to us: count it at the highest limit it reports (unconfirmed, and
