@@ -178,13 +178,18 @@ class RustCore:
                     value = c.sent
                 elif held:
                     value = max(held)
-                # From the refresh instant until a refresh is accepted, the profile may end in
-                # its final level (a paused one rises to it at validTo).
+                # A refresh that is due and not accepted: the profile ends in its final level at
+                # validTo (a paused one rises to it). Until then it holds what it was sent, so
+                # the final level counts from one decision (tick + guard) before validTo. Counting
+                # it from the refresh instant held every paused charger's failsafe level in
+                # reserve for the whole refresh lead and starved the others (the twin's depot
+                # delivered 40 % less).
                 if (
                     c.expires_at is not None
                     and c.sent is not None
                     and c.final_level is not None
                     and now_wall >= failsafe_timing.refresh_at(c.expires_at, c.sent, fs_level, cfg)
+                    and now_wall >= c.expires_at - cfg.fallback_guard_s - cfg.tick_s
                 ):
                     value = max(value, c.final_level) if not math.isnan(value) else c.final_level
                     confirmed = False
