@@ -14,6 +14,7 @@ setpoints in the store it named.
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -111,7 +112,11 @@ class OrderingCheck:
                 continue
             for sp in r.setpoints:
                 value = sp.setpoint_w if sp.HasField("setpoint_w") else sp.setpoint_a
-                if sp.charger_id == sent.charger_id and abs(value - sent.value) < 1e-9:
+                # The record holds the value on the wire (rounded down to whole A or W).
+                on_wire = math.floor(sent.value + 1e-9)
+                if sp.charger_id == sent.charger_id and (
+                    abs(value - sent.value) < 1e-9 or abs(value - on_wire) < 1e-9
+                ):
                     self.reasons.append((sent.purpose, sp.reason))
                     return
         self.missing.append(
