@@ -53,7 +53,7 @@ fmt:
 	cargo fmt --all
 
 # Every benchmark in its quick mode: checks they still run and still check their results.
-BENCH_SMOKE ?= allocator bus planner ocpp
+BENCH_SMOKE ?= allocator bus planner ocpp audit control-loop
 bench-smoke:
 	set -e; for b in $(BENCH_SMOKE); do echo "== evcore bench $$b --quick --json"; evcore bench $$b --quick --json; done
 
