@@ -49,8 +49,6 @@ class TwinPlanner:
         self.planner = Planner()
         self.version = 0
         self.last_status = ""
-        # Three-phase chargers whose car draws on one phase: charger id -> that site phase (index).
-        self.one_phase: dict[str, int] = {}
 
     def other_kw(self, node: Any) -> float:
         """A node's building load at its configured maximum, in kW."""
@@ -120,13 +118,12 @@ class TwinPlanner:
                     )
                 )
             else:
-                one = self.one_phase.get(c.id)
                 chargers.append(
                     PlanCharger(
                         id=c.id,
                         parent=c.parent,
-                        wiring="line_to_neutral" if one is not None else c.wiring,
-                        phases=[one] if one is not None else list(c.phases),
+                        wiring=c.wiring,
+                        phases=list(c.phases),
                         voltage_v=c.voltage_v,
                         max_a=c.max_a,
                         min_a=c.min_a,
@@ -148,25 +145,20 @@ class TwinPlanner:
         from evcore.planner import PlanSession
 
         out = []
-        self.one_phase = {}
         for cid, c in sorted(state.chargers.items()):
             if c.transaction_id is None or c.energy_requested_kwh is None or c.departure is None:
                 continue
             remaining = max(0.0, c.energy_requested_kwh - c.session_energy_wh / 1000.0)
             if remaining <= 0.01 or c.departure <= now + 60.0:
                 continue
-            # The planner counts a three-phase charger's current on all three phases. A car that
-            # draws on one phase only (seen in its per-terminal meter values) is planned as a
-            # single-phase charger on the site phase it draws on, so the plan counts its power
-            # and current where they are; one drawing on two phases needs the plan's current
-            # for longer.
+            # The planner counts a three-phase charger's current on all three phases; a car that
+            # draws on fewer (seen in its per-terminal meter values) takes that much less energy
+            # per ampere, so it needs the plan's current for longer.
             ch = self.sc.site.charger(cid)
             if ch.kind == "ac" and ch.wiring == "three_phase":
-                on = [i for i, a in enumerate(c.terminal_a) if a is not None and a > 0.5]
-                if len(on) == 1:
-                    self.one_phase[cid] = ch.phases[on[0]]
-                elif len(on) == 2:
-                    remaining *= 1.5
+                drawn = sum(1 for a in c.terminal_a if a is not None and a > 0.5)
+                if 0 < drawn < 3:
+                    remaining *= 3.0 / drawn
             left = float(c.departure) - now
             depart = now + max(60.0, left - min(FINISH_EARLY_MAX_S, FINISH_EARLY_SHARE * left))
             out.append(
