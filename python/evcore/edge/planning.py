@@ -127,7 +127,13 @@ class LocalPlanner:
     # ---- the request ---------------------------------------------------------------------------
     def request(self, now: float) -> Any | None:
         """The ``PlanRequest`` for ``now``, or None when no session can be planned."""
-        from evcore.planner import PlanCharger, PlanNode, PlanRequest, PlanSession, step_grid
+        from evcore.planner import (
+            PlanNode,
+            PlanRequest,
+            PlanSession,
+            network_from_site,
+            step_grid,
+        )
 
         sessions = []
         departures: list[float] = []
@@ -194,34 +200,7 @@ class LocalPlanner:
                     power_limit_kw=power,
                 )
             )
-        chargers = []
-        for c in self.site.chargers:
-            if c.kind == "dc":
-                chargers.append(
-                    PlanCharger(
-                        id=c.id,
-                        parent=c.parent,
-                        wiring="three_phase",
-                        phases=list(c.phases),
-                        voltage_v=c.voltage_v,
-                        kind="dc",
-                        max_w=c.max_w,
-                        min_w=c.min_w or None,
-                        efficiency=c.efficiency,
-                    )
-                )
-            else:
-                chargers.append(
-                    PlanCharger(
-                        id=c.id,
-                        parent=c.parent,
-                        wiring=c.wiring,
-                        phases=list(c.phases),
-                        voltage_v=c.voltage_v,
-                        max_a=c.max_a,
-                        min_a=c.min_a,
-                    )
-                )
+        chargers = network_from_site(self.site)[1]
         return PlanRequest(
             start=now,
             step_s=steps,
