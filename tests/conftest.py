@@ -12,7 +12,13 @@ from pathlib import Path
 import psycopg
 import pytest
 from evcore.store import SqlStore, open_store
+from hypothesis import settings
 from psycopg import sql
+
+# CI runs every property test on a fixed sequence of examples (EVCORE_HYPOTHESIS_PROFILE=ci, set by
+# .ci/run) so a run on the same commit gives the same verdict; a local run draws fresh examples.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("EVCORE_HYPOTHESIS_PROFILE", "default"))
 
 PG_DSN = os.environ.get("EVCORE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 

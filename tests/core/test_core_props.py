@@ -90,7 +90,9 @@ def sites(draw: st.DrawFn) -> Site:
             other = (rot + draw(st.integers(1, 2))) % 3
             c |= {"wiring": "line_to_line", "phases": [PH[rot], PH[other]], "voltage_v": 400.0}
         if draw(st.integers(0, 4)) == 0:
-            c["steps_a"] = [float(s) for s in np.arange(min_a, max_a + 1e-9, 4.0)]
+            # whole steps from min_a by 4 A, none above max_a (arange overshoots by rounding)
+            steps = [min_a + 4.0 * k for k in range(int((max_a - min_a) // 4.0) + 1)]
+            c["steps_a"] = [s for s in steps if s <= max_a]
         chargers.append(c)
     return load_site({"site": {"id": "prop"}, "nodes": nodes, "chargers": chargers})
 
