@@ -34,7 +34,7 @@ from evcore.bus.api import (
     run_handler,
     to_bytes,
 )
-from evcore.bus.streams import stream_for_pattern, stream_for_subject
+from evcore.bus.streams import RouteCache, durable_stream, stream_for_subject
 from evcore.bus.subjects import Subjects, subject_matches, validate_subject
 from evcore.clock import Clock, WallClock
 
@@ -261,11 +261,8 @@ class InProcessBus:
         self._rr = itertools.count()
         self._queue_size = subscriber_queue_size
         self._started = False
-        if route_cache_size < 0:
-            raise ValueError(f"route_cache_size must be >= 0, got {route_cache_size}")
         # subject -> _Route, at most route_cache_size of them (0: resolve on every publish).
-        self._route_cache_size = route_cache_size
-        self._routes: dict[str, _Route] = {}
+        self._routes: RouteCache[_Route] = RouteCache(route_cache_size)
         # Bumped whenever the set of live subscriptions changes: cached fan-outs are then redone.
         self._subs_version = 0
 
@@ -307,18 +304,13 @@ class InProcessBus:
             self._subs.remove(sub)
             self._subs_version += 1
 
+    def _new_route(self, subject: str) -> _Route:
+        spec = stream_for_subject(self._specs, subject)
+        return _Route(self._streams[spec.name] if spec is not None else None)
+
     def _route(self, subject: str) -> _Route:
         """Resolve a concrete subject (raises ``ValueError`` for an invalid one, never cached)."""
-        route = self._routes.get(subject)
-        if route is None:
-            validate_subject(subject, wildcards=False)
-            spec = stream_for_subject(self._specs, subject)
-            route = _Route(self._streams[spec.name] if spec is not None else None)
-            if self._route_cache_size > 0:
-                if len(self._routes) >= self._route_cache_size:
-                    # Bounded: the oldest entry goes (a subject seen again is resolved again).
-                    del self._routes[next(iter(self._routes))]
-                self._routes[subject] = route
+        route = self._routes.get(subject, self._new_route)
         if route.subs_version != self._subs_version:
             plain: list[_LiveSub] = []
             groups: dict[str, list[_LiveSub]] = {}
@@ -424,10 +416,7 @@ class InProcessBus:
         dedupe: ProcessedIdStore | None = None,
     ) -> _DurableRun:
         self._require_started()
-        validate_subject(subject_pattern, wildcards=True)
-        if not durable:
-            raise ValueError("consume: durable name must not be empty")
-        spec = stream_for_pattern(self._specs, subject_pattern)
+        spec = durable_stream(self._specs, subject_pattern, durable)
         key = (spec.name, durable)
         d = self._durables.get(key)
         if d is None:

@@ -47,7 +47,7 @@ from evcore.bus.api import (
 )
 from evcore.bus.config import BusConfig
 from evcore.bus.outbox import Outbox
-from evcore.bus.streams import stream_for_pattern, stream_for_subject
+from evcore.bus.streams import RouteCache, durable_stream, stream_for_subject
 from evcore.bus.subjects import (
     CRITICAL_KINDS,
     SAMPLED_KINDS,
@@ -330,11 +330,8 @@ class NatsBus:
         self._in_flight = 0
         self._started = False
         self._closing = False
-        if route_cache_size < 0:
-            raise ValueError(f"route_cache_size must be >= 0, got {route_cache_size}")
         # subject -> (kind token, stream storing it or None), validated once; bounded.
-        self._route_cache_size = route_cache_size
-        self._routes: dict[str, tuple[str, StreamSpec | None]] = {}
+        self._routes: RouteCache[tuple[str, StreamSpec | None]] = RouteCache(route_cache_size)
 
     @property
     def site_id(self) -> str:
@@ -477,15 +474,9 @@ class NatsBus:
     # -- publishing ------------------------------------------------------------------------------
     def _route(self, subject: str) -> tuple[str, StreamSpec | None]:
         """A concrete subject's kind and stream, resolved once (``ValueError`` if invalid)."""
-        route = self._routes.get(subject)
-        if route is None:
-            validate_subject(subject, wildcards=False)
-            route = (self.subjects.kind_of(subject), stream_for_subject(self._specs, subject))
-            if self._route_cache_size > 0:
-                if len(self._routes) >= self._route_cache_size:
-                    del self._routes[next(iter(self._routes))]  # bounded: the oldest goes
-                self._routes[subject] = route
-        return route
+        return self._routes.get(
+            subject, lambda s: (self.subjects.kind_of(s), stream_for_subject(self._specs, s))
+        )
 
     def _require_started(self) -> None:
         if not self._started:
@@ -763,10 +754,7 @@ class NatsBus:
         dedupe: ProcessedIdStore | None = None,
     ) -> _NatsConsumer:
         self._require_started()
-        validate_subject(subject_pattern, wildcards=True)
-        if not durable:
-            raise ValueError("consume: durable name must not be empty")
-        spec = stream_for_pattern(self._specs, subject_pattern)
+        spec = durable_stream(self._specs, subject_pattern, durable)
         c = _NatsConsumer(self, subject_pattern, spec.name, name_token(durable), handler, dedupe)
         self._consumers.add(c)
         c.start()

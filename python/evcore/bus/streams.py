@@ -4,9 +4,13 @@ both bus implementations so they agree)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 from evcore.bus.api import StreamSpec
+from evcore.bus.subjects import validate_subject
+
+T = TypeVar("T")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -65,3 +69,42 @@ def stream_for_pattern(specs: Sequence[StreamSpec], pattern: str) -> StreamSpec:
     if len(found) > 1:
         raise ValueError(f"{pattern!r} spans several streams: {', '.join(s.name for s in found)}")
     return found[0]
+
+
+def durable_stream(specs: Sequence[StreamSpec], pattern: str, durable: str) -> StreamSpec:
+    """The stream a durable consumer on ``pattern`` reads; ``ValueError`` for an invalid pattern,
+    an empty durable name, or a pattern no single stream stores."""
+    validate_subject(pattern, wildcards=True)
+    if not durable:
+        raise ValueError("consume: durable name must not be empty")
+    return stream_for_pattern(specs, pattern)
+
+
+class RouteCache(Generic[T]):
+    """What a concrete subject resolves to, validated once per subject and kept for at most
+    ``size`` subjects (the oldest goes first; 0 resolves on every publish)."""
+
+    def __init__(self, size: int) -> None:
+        if size < 0:
+            raise ValueError(f"route_cache_size must be >= 0, got {size}")
+        self._size = size
+        self._routes: dict[str, T] = {}
+
+    def get(self, subject: str, resolve: Callable[[str], T]) -> T:
+        """The cached route of ``subject``, or ``resolve(subject)`` after validating it (an
+        invalid subject raises ``ValueError`` and is never cached)."""
+        route = self._routes.get(subject)
+        if route is None:
+            validate_subject(subject, wildcards=False)
+            route = resolve(subject)
+            if self._size > 0:
+                if len(self._routes) >= self._size:
+                    del self._routes[next(iter(self._routes))]
+                self._routes[subject] = route
+        return route
+
+    def clear(self) -> None:
+        self._routes.clear()
+
+    def __len__(self) -> int:
+        return len(self._routes)
