@@ -244,6 +244,22 @@ def _setpoint(row: Row) -> SetpointRecord:
     )
 
 
+def _select(
+    sql: str, filters: Sequence[tuple[str, Any]], order_by: str, limit: int | None
+) -> tuple[str, list[Any]]:
+    """``sql`` with a WHERE of every ``(clause, value)`` whose value is not None (each clause
+    holds one ``?``), the ORDER BY and an optional LIMIT; returns the SQL and its parameters."""
+    given = [(clause, value) for clause, value in filters if value is not None]
+    params: list[Any] = [value for _, value in given]
+    if given:
+        sql += " WHERE " + " AND ".join(clause for clause, _ in given)
+    sql += " ORDER BY " + order_by
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return sql, params
+
+
 def _parse(cls: Callable[[], T], payload: Any) -> T:
     msg = cls()
     msg.ParseFromString(bytes(payload))  # type: ignore[attr-defined]
@@ -751,27 +767,17 @@ class SqlStore:
         until_s: float | None = None,
         limit: int | None = None,
     ) -> list[StationEvent]:
-        where: list[str] = []
-        params: list[Any] = []
-        if station_id is not None:
-            where.append("station_id = ?")
-            params.append(station_id)
-        if kind is not None:
-            where.append("kind = ?")
-            params.append(int(kind))
-        if since_s is not None:
-            where.append("at_s >= ?")
-            params.append(float(since_s))
-        if until_s is not None:
-            where.append("at_s < ?")
-            params.append(float(until_s))
-        sql = "SELECT payload FROM station_events"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY at_us, station_id, kind, code"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
+        sql, params = _select(
+            "SELECT payload FROM station_events",
+            [
+                ("station_id = ?", station_id),
+                ("kind = ?", None if kind is None else int(kind)),
+                ("at_s >= ?", None if since_s is None else float(since_s)),
+                ("at_s < ?", None if until_s is None else float(until_s)),
+            ],
+            "at_us, station_id, kind, code",
+            limit,
+        )
 
         def op(tx: Tx) -> list[StationEvent]:
             return [_parse(StationEvent, r[0]) for r in tx.all(sql, params)]
@@ -848,27 +854,19 @@ class SqlStore:
         newest_first: bool = False,
     ) -> list[AuditRecord]:
         sql = "SELECT r.payload FROM audit_records r"
-        where: list[str] = []
-        params: list[Any] = []
         if charger_id is not None:
             sql += " JOIN audit_chargers c ON c.seq = r.seq"
-            where.append("c.charger_id = ?")
-            params.append(charger_id)
-        if since_s is not None:
-            where.append("r.decided_at_s >= ?")
-            params.append(float(since_s))
-        if until_s is not None:
-            where.append("r.decided_at_s < ?")
-            params.append(float(until_s))
-        if after_seq is not None:
-            where.append("r.seq > ?")
-            params.append(int(after_seq))
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY r.seq" + (" DESC" if newest_first else "")
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
+        sql, params = _select(
+            sql,
+            [
+                ("c.charger_id = ?", charger_id),
+                ("r.decided_at_s >= ?", None if since_s is None else float(since_s)),
+                ("r.decided_at_s < ?", None if until_s is None else float(until_s)),
+                ("r.seq > ?", None if after_seq is None else int(after_seq)),
+            ],
+            "r.seq" + (" DESC" if newest_first else ""),
+            limit,
+        )
 
         def op(tx: Tx) -> list[AuditRecord]:
             return [_parse(AuditRecord, r[0]) for r in tx.all(sql, params)]
