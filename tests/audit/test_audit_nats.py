@@ -8,15 +8,12 @@ edge republishes nothing that was accepted, and a durable consumer sees every re
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bus_testkit import NatsServer
 from evcore.audit import AuditLog, Decision
 from evcore.bus import BusConfig, BusMessage
 from evcore.bus.natsbus import NatsBus
@@ -29,67 +26,17 @@ from evcore.v1.setpoint_pb2 import Setpoint
 
 pytestmark = pytest.mark.timeout(120)
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 REASON = "held at 16 A: feeder F2 phase L1 at 63 of 63 A"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PrivateNats:
-    """A nats-server with JetStream of this test's own, started when the test says so."""
-
-    def __init__(self, store_dir: Path) -> None:
-        self.port = _free_port()
-        self.store_dir = store_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                NATS_SERVER,
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-js",
-                "-sd",
-                str(self.store_dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 15
-        while True:
-            with socket.socket() as s:
-                s.settimeout(0.2)
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nats-server on port {self.port} did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-
 @pytest.fixture
-def nats(tmp_path: Path) -> Iterator[PrivateNats]:
-    server = PrivateNats(tmp_path / "jetstream")
+def nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server with JetStream of this test's own, started when the test says so."""
+    server = NatsServer(tmp_path / "jetstream")
     try:
         yield server
     finally:
-        server.stop()
+        server.kill()
 
 
 def nats_bus(site: str, url: str, outbox: Path) -> NatsBus:
@@ -122,9 +69,7 @@ def decision(i: int) -> Decision:
     )
 
 
-async def test_records_reach_jetstream_through_the_outbox(
-    nats: PrivateNats, tmp_path: Path
-) -> None:
+async def test_records_reach_jetstream_through_the_outbox(nats: NatsServer, tmp_path: Path) -> None:
     site = f"audit-{uuid.uuid4().hex[:8]}"
     clock = ManualClock()
     store: SqlStore = open_store({"path": str(tmp_path / "store")}, tmp_path)
