@@ -8,11 +8,12 @@
 //!    sessions inside their minimum on time (or at their switch cap) stay on, those inside their
 //!    minimum off time stay off, and running sessions get a laxity bonus so that they do not
 //!    flap.
-//! 3. Water-filling: progressive filling in rounds. Every round computes, for each constraint
-//!    (node × phase with the linear bound for line-to-line loads, node kW), the level at which it
-//!    saturates; every constraint whose level is the lowest among its members' constraints is
-//!    saturated and its members frozen. This is exact progressive filling (a constraint's level
-//!    never falls when others freeze members), so the result is the weighted max-min fair point.
+//! 3. Water-filling: exact progressive filling. Each constraint (node × phase with the linear
+//!    bound for line-to-line loads, node kW) has a level at which it saturates; the lowest
+//!    saturates and its members freeze. A constraint's level never falls when others freeze
+//!    members, so levels computed earlier are lower bounds: a heap pops the lowest, re-solves it
+//!    if members froze since, and saturates it otherwise. The result is the weighted max-min fair
+//!    point.
 //! 4. Raise pass: the linear bound for line-to-line loads is up to 15 % tighter than the exact
 //!    phasor limit, so sessions frozen at such a limit are raised toward their cap while the
 //!    exact line currents hold (`raise_to_exact`).
@@ -123,32 +124,6 @@ fn validate_demand(d: &Demand<'_>, n: usize) -> CoreResult<()> {
     Ok(())
 }
 
-/// Per-charger coefficients in the 4 constraint slots of every node above it (linear bound):
-/// 1 on each site phase it touches, W per A in the kW slot. Flat: `coefs[c * 4 + slot]`.
-fn coef_table(topo: &Topology) -> Vec<f64> {
-    let n = topo.n_chargers();
-    let mut out = vec![0.0; n * SLOTS];
-    for c in 0..n {
-        for slot in 0..SLOTS {
-            out[c * SLOTS + slot] = coef(topo, c, slot);
-        }
-    }
-    out
-}
-
-/// Coefficient of a charger's per-terminal current in constraint slot (linear bound).
-#[inline]
-fn coef(topo: &Topology, c: usize, slot: usize) -> f64 {
-    let spec = &topo.chargers[c];
-    if slot == N_PHASES {
-        spec.watts_per_terminal_a() * spec.wiring.terminals() as f64
-    } else if spec.phases.contains(&slot) {
-        1.0
-    } else {
-        0.0
-    }
-}
-
 /// Relative tolerance within which floors that sum to a constraint's capacity count as exactly
 /// full rather than over it (admission admits with the same 1e-9).
 const FULL_TOL: f64 = 1e-9;
@@ -197,6 +172,27 @@ fn saturation_level(
             .filter(|&&(c, _)| capv[c] > floor[c])
             .map(|&(c, _)| floor[c] / weight[c])
             .fold(f64::INFINITY, f64::min);
+    }
+    if events.len() <= 32 {
+        // Few members (a circuit): sort the events and walk the pieces.
+        events.sort_unstable_by(|x, y| x.0.total_cmp(&y.0));
+        let mut slope: f64 = events.iter().map(|e| e.1).sum();
+        let mut acc = base;
+        let mut left = 0.0f64;
+        for &(b, c) in events.iter() {
+            // On (left, b]: D(L) = acc + slope·L.
+            if acc + slope * b >= cap {
+                let root = if slope > 0.0 { (cap - acc) / slope } else { b };
+                if root.is_nan() {
+                    return left;
+                }
+                return root.clamp(left, b);
+            }
+            acc += c * b;
+            slope -= c;
+            left = b;
+        }
+        return left;
     }
     // Invariant: for L in the bracket (left, right], D(L) = base + slope·L + Σ_{e in window}
     // c_e·min(L, b_e); events left of the window are constants (in `base`), right of it linear
@@ -416,62 +412,133 @@ fn model_and_admission(
             lax
         };
     }
-    // Every non-candidate consumes what it holds (measured, unconfirmed) as fixed load.
-    let coefs = coef_table(topo);
-    let mut remaining = m.capacity.clone();
-    let subtract = |remaining: &mut [f64], c: usize, amount: f64| {
-        if amount <= 0.0 {
-            return;
+    // Per-constraint sums of per-charger amounts (linear coefficients), summed up the tree.
+    let per_constraint = |amount: &dyn Fn(usize) -> f64| -> Vec<f64> {
+        let mut acc = vec![0.0; nn * SLOTS];
+        for c in 0..n {
+            let x = amount(c);
+            if x == 0.0 {
+                continue;
+            }
+            let co = topo.slot_coefs(c);
+            let par = topo.chargers[c].parent;
+            for slot in 0..SLOTS {
+                acc[par * SLOTS + slot] += co[slot] * x;
+            }
         }
-        let cc = &coefs[c * SLOTS..c * SLOTS + SLOTS];
-        for &i in topo.ancestors(c) {
-            for (slot, &a) in cc.iter().enumerate() {
-                let r = &mut remaining[i * SLOTS + slot];
-                // No limit stays no limit (inf − inf would be NaN).
-                if a != 0.0 && *r != f64::INFINITY {
-                    *r -= a * amount;
+        for &i in topo.node_order().iter().rev() {
+            if let Some(par) = topo.nodes[i].parent {
+                for slot in 0..SLOTS {
+                    acc[par * SLOTS + slot] += acc[i * SLOTS + slot];
                 }
             }
         }
+        acc
     };
     // Every charger holds what it holds whether admitted or not (fresh measurement, unconfirmed
     // setpoint): reserve that first, so that a session admitted early is not pushed over a limit
     // by the holdings of a session refused later. Admission then takes `floor − held` more.
-    for c in 0..n {
-        subtract(&mut remaining, c, held[c]);
-    }
-    let mut order: Vec<usize> = (0..n).filter(|&c| candidate[c]).collect();
-    order.sort_by(|&a, &b| key[a].total_cmp(&key[b]).then(a.cmp(&b)));
+    // (No limit stays no limit: inf − finite is inf.)
+    let held_sum = per_constraint(&|c| held[c].max(0.0));
+    let mut remaining: Vec<f64> = m
+        .capacity
+        .iter()
+        .zip(&held_sum)
+        .map(|(&cap, &h)| cap - h)
+        .collect();
     let mut admitted = vec![false; n];
     let tol = 1e-9;
-    for &c in &order {
-        let need = m.floor[c] - held[c];
-        // A session that already holds its minimum adds nothing by being admitted: refusing it
-        // would only give a false reason where what is held fills a node (or more; the
-        // envelope then pauses what that node controls and names it).
-        let fits = locked_on[c]
-            || need <= 0.0
-            || topo.ancestors(c).iter().all(|&i| {
-                (0..SLOTS).all(|slot| {
-                    let a = coefs[c * SLOTS + slot];
-                    a == 0.0 || remaining[i * SLOTS + slot] >= a * need - tol * (1.0 + a * need)
-                })
-            });
-        if fits {
-            admitted[c] = true;
-            subtract(&mut remaining, c, need);
+    // When every candidate's minimum fits at once, the order does not matter: all are admitted
+    // without sorting by laxity.
+    let extra_sum = per_constraint(&|c| {
+        if candidate[c] {
+            m.floor[c] - held[c]
         } else {
-            binding[c] = Binding::Admission;
+            0.0
+        }
+    });
+    let all_fit = remaining.iter().zip(&extra_sum).all(|(&r, &e)| {
+        let t = r - e;
+        t >= -tol * (1.0 + t.abs()) || r == f64::INFINITY
+    });
+    if all_fit {
+        admitted.copy_from_slice(&candidate);
+    } else {
+        let subtract = |remaining: &mut [f64], c: usize, amount: f64| {
+            if amount <= 0.0 {
+                return;
+            }
+            let cc = topo.slot_coefs(c);
+            for &i in topo.ancestors(c) {
+                for (slot, &a) in cc.iter().enumerate() {
+                    let r = &mut remaining[i * SLOTS + slot];
+                    // No limit stays no limit (inf − inf would be NaN).
+                    if a != 0.0 && *r != f64::INFINITY {
+                        *r -= a * amount;
+                    }
+                }
+            }
+        };
+        // A constraint that holds even with every candidate's minimum in it cannot refuse anyone:
+        // a candidate none of whose constraints is short is admitted whatever the order (so are
+        // sessions that must stay on, or that already hold their minimum: they come first in the
+        // order anyway). Only the others need the least-laxity order; the always-admitted ones
+        // are taken off `remaining` first, which changes no check (they share no short
+        // constraint with the others, and a constraint that is not short passes any subset).
+        let short: Vec<bool> = remaining
+            .iter()
+            .zip(&extra_sum)
+            .map(|(&r, &e)| {
+                let t = r - e;
+                !(t >= -tol * (1.0 + t.abs()) || r == f64::INFINITY)
+            })
+            .collect();
+        let mut order: Vec<usize> = Vec::new();
+        for c in 0..n {
+            if !candidate[c] {
+                continue;
+            }
+            let need = m.floor[c] - held[c];
+            let cc = topo.slot_coefs(c);
+            let on_short = topo
+                .ancestors(c)
+                .iter()
+                .any(|&i| (0..SLOTS).any(|slot| cc[slot] != 0.0 && short[i * SLOTS + slot]));
+            if locked_on[c] || need <= 0.0 || !on_short {
+                admitted[c] = true;
+                subtract(&mut remaining, c, need);
+            } else {
+                order.push(c);
+            }
+        }
+        order.sort_by(|&a, &b| key[a].total_cmp(&key[b]).then(a.cmp(&b)));
+        for &c in &order {
+            let need = m.floor[c] - held[c];
+            // A session that already holds its minimum adds nothing by being admitted: refusing
+            // it would only give a false reason where what is held fills a node (or more; the
+            // envelope then pauses what that node controls and names it).
+            let cc = topo.slot_coefs(c);
+            let fits = locked_on[c]
+                || need <= 0.0
+                || topo.ancestors(c).iter().all(|&i| {
+                    (0..SLOTS).all(|slot| {
+                        let a = cc[slot];
+                        a == 0.0 || remaining[i * SLOTS + slot] >= a * need - tol * (1.0 + a * need)
+                    })
+                });
+            if fits {
+                admitted[c] = true;
+                subtract(&mut remaining, c, need);
+            } else {
+                binding[c] = Binding::Admission;
+            }
         }
     }
     // The water-filling sees capacity net of non-admitted holdings.
-    let mut capacity = m.capacity.clone();
-    for c in 0..n {
-        if !admitted[c] {
-            subtract(&mut capacity, c, held[c]);
-        }
+    let refused_held = per_constraint(&|c| if admitted[c] { 0.0 } else { held[c].max(0.0) });
+    for (cap, &h) in m.capacity.iter_mut().zip(&refused_held) {
+        *cap -= h;
     }
-    m.capacity = capacity;
     for c in 0..n {
         if !admitted[c] {
             m.floor[c] = 0.0;
@@ -483,160 +550,170 @@ fn model_and_admission(
     (m, admitted, binding, held)
 }
 
+/// Heap key: a constraint's saturation level (a lower bound until recomputed), ties by index.
+#[derive(Clone, Copy, PartialEq)]
+struct LevelKey(f64, usize);
+impl Eq for LevelKey {}
+impl PartialOrd for LevelKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for LevelKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Reversed: BinaryHeap pops the largest, we want the lowest level first.
+        other.0.total_cmp(&self.0).then(other.1.cmp(&self.1))
+    }
+}
+
 /// Progressive filling on the model: freeze level per admitted charger (+inf: only its cap binds)
 /// and, per charger, the constraint that froze it (`node * 4 + slot`).
+///
+/// Event-driven rather than in rounds: every binding constraint (node × slot whose members'
+/// caps exceed it) gets its saturation level once; a heap pops the lowest. A constraint's level
+/// only rises when members of it freeze elsewhere (their load becomes fixed at a level no higher
+/// than its own), so a level computed before such a freeze is a lower bound: popped while stale,
+/// it is recomputed and pushed back; popped while current, it is the lowest level of all
+/// constraints and saturates, freezing its members. Big constraints high up the tree are thus
+/// only re-solved when they could be next, not after every freeze below them.
 pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, Vec<Option<usize>>) {
     let n = topo.n_chargers();
     let nn = topo.n_nodes();
-    let coefs = coef_table(topo);
+    let nk = nn * SLOTS;
     let mut level = vec![f64::INFINITY; n];
     let mut frozen_by: Vec<Option<usize>> = vec![None; n];
-    let mut frozen = vec![false; n];
-    // Members per constraint that can bind at all (the rest never saturate).
-    let mut active: Vec<usize> = Vec::new();
-    let mut members: Vec<Vec<(usize, f64)>> = vec![Vec::new(); nn * SLOTS];
-    let mut dmax = [0.0f64; SLOTS];
-    for i in 0..nn {
-        dmax.fill(0.0);
-        let below = topo.chargers_below(i);
-        for &c in below {
-            if admitted[c] {
-                for (slot, d) in dmax.iter_mut().enumerate() {
-                    *d += coefs[c * SLOTS + slot] * m.cap[c];
-                }
+    // Largest possible load per constraint, summed up the tree.
+    let mut dmax = vec![0.0f64; nk];
+    for c in 0..n {
+        if admitted[c] {
+            let co = topo.slot_coefs(c);
+            let p = topo.chargers[c].parent;
+            for slot in 0..SLOTS {
+                dmax[p * SLOTS + slot] += co[slot] * m.cap[c];
             }
-        }
-        for (slot, &d) in dmax.iter().enumerate() {
-            let k = i * SLOTS + slot;
-            let cap = m.capacity[k];
-            if cap == f64::INFINITY || d <= cap {
-                continue;
-            }
-            let mem: Vec<(usize, f64)> = below
-                .iter()
-                .filter(|&&c| admitted[c] && coefs[c * SLOTS + slot] != 0.0)
-                .map(|&c| (c, coefs[c * SLOTS + slot]))
-                .collect();
-            members[k] = mem;
-            active.push(k);
         }
     }
-    let mut fixed = vec![0.0; nn * SLOTS];
-    let mut lam = vec![f64::INFINITY; nn * SLOTS];
-    let mut charger_min = vec![f64::INFINITY; n];
+    for &i in topo.node_order().iter().rev() {
+        if let Some(par) = topo.nodes[i].parent {
+            for slot in 0..SLOTS {
+                dmax[par * SLOTS + slot] += dmax[i * SLOTS + slot];
+            }
+        }
+    }
+    // Binding constraints and their members (flat): `mem[off[a]..off[a] + len[a]]` are the
+    // members of active constraint `a` not yet known to be frozen.
+    const NONE: u32 = u32::MAX;
+    let mut act_of = vec![NONE; nk];
+    let mut act_k: Vec<usize> = Vec::new();
+    let mut off: Vec<usize> = Vec::new();
+    let mut len: Vec<usize> = Vec::new();
+    let mut mem: Vec<(usize, f64)> = Vec::new();
+    for i in 0..nn {
+        for slot in 0..SLOTS {
+            let k = i * SLOTS + slot;
+            let cap = m.capacity[k];
+            if cap == f64::INFINITY || dmax[k] <= cap {
+                continue;
+            }
+            let start = mem.len();
+            for &c in topo.chargers_below(i) {
+                let a = topo.slot_coefs(c)[slot];
+                if admitted[c] && a != 0.0 {
+                    mem.push((c, a));
+                }
+            }
+            act_of[k] = act_k.len() as u32;
+            act_k.push(k);
+            off.push(start);
+            len.push(mem.len() - start);
+        }
+    }
+    let na = act_k.len();
+    let mut fixed = vec![0.0; na];
+    let mut lam = vec![f64::INFINITY; na];
+    let mut dirty = vec![false; na];
+    let mut done = vec![false; na];
+    let mut frozen = vec![false; n];
     let mut events: Vec<(f64, f64)> = Vec::new();
+    let mut heap = std::collections::BinaryHeap::with_capacity(na);
+    // Initial keys: a lower bound, `D(L) <= Σ a·F + L·Σ a·w` gives `λ >= (capacity − Σ a·F) /
+    // Σ a·w`; the exact level is solved when the constraint first reaches the top of the heap
+    // (many never do with members still unfrozen, and then cost little).
+    for a in 0..na {
+        let (mut base, mut slope) = (0.0, 0.0);
+        for &(c, co) in &mem[off[a]..off[a] + len[a]] {
+            base += co * m.floor[c];
+            slope += co * m.weight[c];
+        }
+        let lb = (m.capacity[act_k[a]] - base) / slope;
+        lam[a] = if lb > 0.0 { lb } else { 0.0 };
+        dirty[a] = true;
+        heap.push(LevelKey(lam[a], a));
+    }
     let mut newly: Vec<usize> = Vec::new();
-    // A constraint's level only changes when one of its members froze (its fixed load moved).
-    let mut dirty = vec![true; nn * SLOTS];
-    while !active.is_empty() {
-        for &k in &active {
-            if dirty[k] {
-                // Frozen members are fixed load now.
-                members[k].retain(|&(c, _)| !frozen[c]);
-                lam[k] = saturation_level(
-                    &members[k],
-                    &m.floor,
-                    &m.cap,
-                    &m.weight,
-                    fixed[k],
-                    m.capacity[k],
-                    &mut events,
-                );
-                dirty[k] = false;
-            }
-            for &(c, _) in &members[k] {
-                charger_min[c] = f64::INFINITY;
-            }
+    while let Some(LevelKey(l, a)) = heap.pop() {
+        if done[a] {
+            continue;
         }
-        for &k in &active {
-            let l = lam[k];
-            for &(c, _) in &members[k] {
-                if l < charger_min[c] {
-                    charger_min[c] = l;
+        let (o, k) = (off[a], act_k[a]);
+        if dirty[a] {
+            // Frozen members are fixed load now.
+            let mut j = 0;
+            let mut end = len[a];
+            while j < end {
+                if frozen[mem[o + j].0] {
+                    end -= 1;
+                    mem.swap(o + j, o + end);
+                } else {
+                    j += 1;
                 }
             }
-        }
-        let mut next = Vec::with_capacity(active.len());
-        newly.clear();
-        for &k in &active {
-            let l = lam[k];
-            if l == f64::INFINITY {
-                continue; // can no longer saturate
-            }
-            if members[k].iter().all(|&(c, _)| charger_min[c] >= l) {
-                for &(c, _) in &members[k] {
-                    if level[c] == f64::INFINITY {
-                        level[c] = l;
-                        frozen_by[c] = Some(k);
-                        newly.push(c);
-                    }
-                }
+            len[a] = end;
+            lam[a] = saturation_level(
+                &mem[o..o + end],
+                &m.floor,
+                &m.cap,
+                &m.weight,
+                fixed[a],
+                m.capacity[k],
+                &mut events,
+            );
+            dirty[a] = false;
+            if lam[a] < f64::INFINITY {
+                heap.push(LevelKey(lam[a], a));
             } else {
-                next.push(k);
+                done[a] = true; // can no longer saturate
+            }
+            continue;
+        }
+        done[a] = true;
+        newly.clear();
+        for &(c, _) in &mem[o..o + len[a]] {
+            if !frozen[c] {
+                frozen[c] = true;
+                level[c] = l;
+                frozen_by[c] = Some(k);
+                newly.push(c);
             }
         }
         for &c in &newly {
-            frozen[c] = true;
-            let v = (m.weight[c] * level[c]).clamp(m.floor[c], m.cap[c]);
-            let cc = &coefs[c * SLOTS..c * SLOTS + SLOTS];
+            let v = (m.weight[c] * l).clamp(m.floor[c], m.cap[c]);
+            let co = topo.slot_coefs(c);
             for &i in topo.ancestors(c) {
-                for (slot, &a) in cc.iter().enumerate() {
-                    if a != 0.0 {
-                        fixed[i * SLOTS + slot] += a * v;
-                        dirty[i * SLOTS + slot] = true;
+                for (slot, &coef) in co.iter().enumerate() {
+                    if coef == 0.0 {
+                        continue;
+                    }
+                    let b = act_of[i * SLOTS + slot];
+                    if b != NONE && !done[b as usize] {
+                        fixed[b as usize] += coef * v;
+                        dirty[b as usize] = true;
                     }
                 }
             }
         }
-        if newly.is_empty() && next.len() == active.len() {
-            break; // no progress is impossible in exact arithmetic; guard anyway
-        }
-        active = next;
     }
     (level, frozen_by)
-}
-
-/// Largest `l` in `[lo, hi]` with `g(l) <= 0` for a continuous non-decreasing `g` with
-/// `g(hi) > 0` (regula falsi, Illinois variant, with bisection where the secant is unusable).
-/// Returns the feasible end and the infeasible end of the final bracket.
-fn tight_level(g: impl Fn(f64) -> f64, mut lo: f64, mut hi: f64) -> (f64, f64) {
-    let mut glo = g(lo);
-    if !(glo <= 0.0) {
-        return (lo, hi);
-    }
-    let mut ghi = g(hi);
-    let mut side = 0i8;
-    // g may be flat (a limit already tight at `lo` that the raise does not load further, e.g.
-    // chargers rising below what they hold): only the bracket width ends the search.
-    for i in 0..200 {
-        if hi - lo <= 1e-10 * hi {
-            break;
-        }
-        let secant = (lo * ghi - hi * glo) / (ghi - glo);
-        // Every fourth step bisects, so that a badly curved g cannot stall the bracket.
-        let mid = if ghi.is_finite() && i % 4 != 3 && secant > lo && secant < hi {
-            secant
-        } else {
-            0.5 * (lo + hi)
-        };
-        let gm = g(mid);
-        if gm <= 0.0 {
-            lo = mid;
-            glo = gm;
-            if side == -1 {
-                ghi *= 0.5;
-            }
-            side = -1;
-        } else {
-            hi = mid;
-            ghi = gm;
-            if side == 1 {
-                glo *= 0.5;
-            }
-            side = 1;
-        }
-    }
-    (lo, hi)
 }
 
 /// The raise pass keeps every value within `limit · RAISE_FIT` (a limit that is exactly tight
@@ -678,7 +755,10 @@ struct Raised {
 /// fits), so the split stays max-min fair within every node, and a node only ever lowers what
 /// deeper nodes allowed.
 /// Line currents only grow when a charger rises (every contribution to a line lies within ±30°
-/// of the others), so what held at a deeper node still holds at the end.
+/// of the others), so what held at a deeper node still holds at the end, and the level at a node
+/// is found exactly: the values are piecewise linear in `L`, so the node's line currents are
+/// piecewise quadratic in magnitude; walking the members' breakpoints in order finds the piece
+/// where a limit is first crossed and solves for the crossing there.
 fn raise_to_exact(
     topo: &Topology,
     m: &Model,
@@ -719,6 +799,7 @@ fn raise_to_exact(
         })
         .collect();
     let mut members: Vec<usize> = Vec::new();
+    let mut brk: Vec<(f64, usize, usize, bool)> = Vec::new();
     for &node in topo.node_order().iter().rev() {
         members.clear();
         members.extend(
@@ -757,15 +838,30 @@ fn raise_to_exact(
         if members.is_empty() {
             continue;
         }
-        // Worst ratio of value to limit at this node when the members sit at level `l`, and
-        // which constraint it is (phase index, 3 = kW).
-        let worst = |l: f64, cand: &[f64]| -> (f64, usize) {
+        // Allowed values (A, W) of the limits not tight before the raise (a value of 0 always
+        // fits; a zero limit allows only that). Tight ones are left out: no charger left on them
+        // moves them.
+        let allow = |limit: f64| if limit > 0.0 { limit * RAISE_FIT } else { 0.0 };
+        let allow_ph: [f64; N_PHASES] = std::array::from_fn(|ph| {
+            if tight_ph[ph] {
+                f64::INFINITY
+            } else {
+                allow(spec.phase_limit_a[ph])
+            }
+        });
+        let allow_w = if tight_kw {
+            f64::INFINITY
+        } else {
+            allow(kw_limit_w)
+        };
+        // Every member at its candidate value: most nodes fit, and need no search.
+        {
             let mut re = loads.re[node];
             let mut im = loads.im[node];
             let mut pw = loads.power_w[node];
             for &c in &members {
                 let x = level_a[c];
-                let r = (m.weight[c] * l).max(x).min(cand[c]);
+                let r = cand[c];
                 let held = &cnt.held[c];
                 let v = topo.chargers[c].watts_per_terminal_a();
                 let mut d = [0.0; N_PHASES];
@@ -778,34 +874,106 @@ fn raise_to_exact(
                     im[e.phase] += d[e.terminal] * e.im;
                 }
             }
-            // Limits tight before the raise are left out: no charger left on them moves them.
-            let mut w = (if tight_kw { 0.0 } else { ratio(pw, kw_limit_w) }, N_PHASES);
-            for ph in (0..N_PHASES).filter(|&ph| !tight_ph[ph]) {
-                let r = ratio(
-                    (re[ph] * re[ph] + im[ph] * im[ph]).sqrt(),
-                    spec.phase_limit_a[ph],
-                );
-                if !(r <= w.0) {
-                    w = (r, ph);
+            if pw <= allow_w
+                && (0..N_PHASES)
+                    .all(|ph| re[ph] * re[ph] + im[ph] * im[ph] <= allow_ph[ph] * allow_ph[ph])
+            {
+                continue;
+            }
+        }
+        // Each member terminal rises linearly (slope w per unit of level) between
+        // `max(x, held)/w` and `cand/w`: the line currents and the power are piecewise linear in
+        // the level. Walk the breakpoints in order; on the first piece where a limit is crossed,
+        // solve for the crossing exactly (a quadratic for a phasor magnitude, linear for kW).
+        brk.clear();
+        for &c in &members {
+            let (x, w) = (level_a[c], m.weight[c]);
+            let held = &cnt.held[c];
+            for (k, &h) in held
+                .iter()
+                .enumerate()
+                .take(topo.chargers[c].wiring.terminals())
+            {
+                let start = x.max(h);
+                if start < cand[c] {
+                    brk.push((start / w, c, k, true));
+                    brk.push((cand[c] / w, c, k, false));
                 }
             }
-            w
-        };
-        let hi_l = members
-            .iter()
-            .map(|&c| cand[c] / m.weight[c])
-            .fold(0.0, f64::max);
-        if worst(hi_l, &cand).0 <= RAISE_FIT {
-            continue;
         }
-        // Below every member's own level nothing moves: the bracket starts there.
-        let lo0 = members
-            .iter()
-            .map(|&c| level_a[c] / m.weight[c])
-            .fold(f64::INFINITY, f64::min)
-            .min(hi_l);
-        let (lo, hi) = tight_level(|l| worst(l, &cand).0 - RAISE_FIT, lo0, hi_l);
-        let tight = worst(hi, &cand).1;
+        brk.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        let mut re = loads.re[node];
+        let mut im = loads.im[node];
+        let mut pw = loads.power_w[node];
+        let mut d_re = [0.0; N_PHASES];
+        let mut d_im = [0.0; N_PHASES];
+        let mut d_pw = 0.0;
+        let mut cur = brk.first().map_or(0.0, |b| b.0);
+        // (level at which a limit is first crossed, which limit: phase or N_PHASES = kW)
+        let mut crossing: Option<(f64, usize)> = None;
+        for &(l, c, k, starts) in brk.iter() {
+            let dl = l - cur;
+            if dl > 0.0 {
+                let mut nre = re;
+                let mut nim = im;
+                for ph in 0..N_PHASES {
+                    nre[ph] += d_re[ph] * dl;
+                    nim[ph] += d_im[ph] * dl;
+                }
+                let npw = pw + d_pw * dl;
+                let mut first = (f64::INFINITY, N_PHASES);
+                if !(npw <= allow_w) {
+                    let t = if d_pw > 0.0 {
+                        (allow_w - pw) / d_pw
+                    } else {
+                        0.0
+                    };
+                    first = (t.clamp(0.0, dl), N_PHASES);
+                }
+                for ph in 0..N_PHASES {
+                    let lim = allow_ph[ph];
+                    if nre[ph] * nre[ph] + nim[ph] * nim[ph] <= lim * lim {
+                        continue;
+                    }
+                    // |(re + d_re t, im + d_im t)|² = lim², the root in [0, dl].
+                    let a = d_re[ph] * d_re[ph] + d_im[ph] * d_im[ph];
+                    let bh = re[ph] * d_re[ph] + im[ph] * d_im[ph];
+                    let c0 = re[ph] * re[ph] + im[ph] * im[ph] - lim * lim;
+                    let t = if !(c0 < 0.0) || !(a > 0.0) {
+                        0.0
+                    } else {
+                        let disc = (bh * bh - a * c0).max(0.0).sqrt();
+                        if bh >= 0.0 {
+                            -c0 / (bh + disc)
+                        } else {
+                            (disc - bh) / a
+                        }
+                    };
+                    let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, dl) };
+                    if t < first.0 {
+                        first = (t, ph);
+                    }
+                }
+                if first.0 < f64::INFINITY {
+                    crossing = Some((cur + first.0, first.1));
+                    break;
+                }
+                re = nre;
+                im = nim;
+                pw = npw;
+                cur = l;
+            }
+            let sign = if starts { 1.0 } else { -1.0 };
+            let w = m.weight[c] * sign;
+            for e in topo.terminal_entries(c).iter().filter(|e| e.terminal == k) {
+                d_re[e.phase] += w * e.re;
+                d_im[e.phase] += w * e.im;
+            }
+            d_pw += w * topo.chargers[c].watts_per_terminal_a();
+        }
+        let Some((lo, tight)) = crossing else {
+            continue; // every member reaches its cap
+        };
         for &c in &members {
             let r = (m.weight[c] * lo).max(level_a[c]).min(cand[c]);
             if r < cand[c] {

@@ -157,6 +157,9 @@ pub struct Topology {
     /// Chargers below each node: `below[below_off[n]..below_off[n+1]]`.
     below: Vec<usize>,
     below_off: Vec<usize>,
+    /// Per charger its coefficient in the linear constraint slots of every node above it:
+    /// 1 on each site phase it touches, W per terminal ampere (all terminals) in slot 3 (kW).
+    slot_coef: Vec<[f64; N_PHASES + 1]>,
     node_index: HashMap<String, usize>,
     charger_index: HashMap<String, usize>,
 }
@@ -617,6 +620,7 @@ impl Topology {
             entries: Vec::new(),
             entry_off: Vec::new(),
             node_has_l2l: vec![false; n_nodes],
+            slot_coef: Vec::new(),
             below: Vec::new(),
             below_off: Vec::new(),
             node_index,
@@ -988,6 +992,18 @@ impl Topology {
             }
             self.entry_off.push(self.entries.len());
         }
+        self.slot_coef = self
+            .chargers
+            .iter()
+            .map(|ch| {
+                let mut k = [0.0; N_PHASES + 1];
+                for &p in &ch.phases {
+                    k[p] = 1.0;
+                }
+                k[N_PHASES] = ch.watts_per_terminal_a() * ch.wiring.terminals() as f64;
+                k
+            })
+            .collect();
         let nn = self.nodes.len();
         let mut counts = vec![0usize; nn];
         for &n in &self.anc {
@@ -1099,6 +1115,11 @@ impl Topology {
     /// Every charger below the node (at any depth), ascending.
     pub fn chargers_below(&self, node: usize) -> &[usize] {
         &self.below[self.below_off[node]..self.below_off[node + 1]]
+    }
+    /// The charger's coefficients in a node's linear constraint slots (per-terminal ampere →
+    /// phase L1..L3 amperes, slot 3: watts), the same at every node above it.
+    pub fn slot_coefs(&self, charger: usize) -> &[f64; N_PHASES + 1] {
+        &self.slot_coef[charger]
     }
     pub fn node_has_line_to_line(&self, node: usize) -> bool {
         self.node_has_l2l[node]
