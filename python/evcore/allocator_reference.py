@@ -182,6 +182,8 @@ def reference_allocate(
         unknown = np.asarray(ch["profile_unknown"], dtype=bool)
         # Unknown profile state: its maximum, or a fresh reading above it.
         held = np.where(unknown, np.maximum(sa.max_a, np.where(fresh, meas_max, 0.0)), held)
+        # What it holds even when it follows its new setpoint (its own measurement left out).
+        held_cmd = np.where(unknown, held, np.where(confirmed, 0.0, ls))
         # Node non-charger load and capacities.
         nage = _col(nodes, "other_load_age_s")
         nfresh = np.isfinite(nage) & (nage >= 0) & (nage <= stale)
@@ -197,6 +199,14 @@ def reference_allocate(
         capacity.reshape(-1, SLOTS)[:, :3] = sa.phase_limit - sub
         capacity.reshape(-1, SLOTS)[:, 3] = sa.kw_limit * 1000.0 - sub.sum(axis=1) * sa.v_ln
 
+        # Where what is held alone is over a limit (chargers measured above it), no setpoint
+        # makes the counted load fit: the chargers on such a constraint count as if they
+        # followed their setpoints (the envelope sizes them that way).
+        held_sum = np.bincount(sa.pk, weights=sa.pa * held[sa.pc], minlength=sa.n_nodes * SLOTS)
+        over = held_sum > capacity + 1e-9 * (1.0 + np.abs(capacity))
+        following = np.zeros(n, dtype=bool)
+        following[sa.pc[over[sa.pk]]] = True
+        held = np.where(following, held_cmd, held)
         faulted = np.asarray(ch["faulted"], dtype=bool)
         connected = np.asarray(ch["connected"], dtype=bool)
         energy = _col(ch, "energy_wanted_kwh")

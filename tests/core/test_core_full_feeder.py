@@ -16,7 +16,7 @@ import pytest
 from evcore.allocator import AllocatorParams, allocate, allocator_batch
 from evcore.allocator_reference import SiteArrays, reference_allocate
 from evcore.checker import node_phase_currents
-from evcore.envelope import node_batch
+from evcore.envelope import EnvelopeParams, enforce, node_batch
 from evcore.site import Site, load_site
 
 N = 5
@@ -106,17 +106,65 @@ def test_one_session_over_the_fair_level_is_lowered_and_nobody_goes_to_the_minim
     assert sp == pytest.approx(ref.raised_a, abs=1e-9)
 
 
-def test_feeder_measured_over_its_limit_pauses_what_it_controls() -> None:
-    """80.5 A measured on an 80 A feeder: even 0 everywhere cannot bring the counted load under
-    the limit, so by the envelope's documented rule every contributing session is 0, and the
-    reason says why (not the minimum 6 A, and nothing above 0 while the feeder is over)."""
+def test_feeder_measured_over_its_limit_is_sized_to_fit_when_followed_not_paused() -> None:
+    """80.5 A measured on an 80 A feeder: no setpoint brings the counted load (max of setpoint
+    and measured draw) under the limit. The old rule paused all five, and the next tick they all
+    came back (a 16 -> 0 -> 16 A sawtooth). Now each gets 16 A: the feeder carries 80 A once
+    the chargers follow their setpoints, and the reason says the feeder is over on what is
+    measured (not the minimum 6 A, not a pause, not "not admitted")."""
     draw = [16.1] * N
     site, out, full, nfull, params = run(draw)
-    assert out.column("setpoint_a").to_numpy() == pytest.approx([0.0] * N)
-    # Admitted (each already holds its minimum), then paused by the envelope, which names the
-    # feeder: not "not admitted (more urgent sessions take the minimum current first)".
+    sp = out.column("setpoint_a").to_numpy()
+    assert sp == pytest.approx([16.0] * N)
     assert out.column("admitted").to_pylist() == [True] * N
-    assert out.column("reason").to_pylist() == ["paused: feeder F1 phase L1 at 80.5 of 80 A"] * N
+    assert out.column("binding").to_pylist() == ["node_phase"] * N
+    assert out.column("binding_value").to_numpy() == pytest.approx([80.5] * N)
+    assert (
+        out.column("reason").to_pylist()
+        == [
+            "lowered to 16 A (drawing 16.1 A): feeder F1 phase L1 at 80.5 of 80 A measured:"
+            " sized to fit when chargers follow their setpoints"
+        ]
+        * N
+    )
+    # Judged independently: counted with the measured draw the feeder is over (it cannot be
+    # otherwise); with every charger drawing its setpoint it holds exactly 80 A.
+    assert np.all(counted_lines(site, sp, draw)[1] > 80.0)
+    followed: np.ndarray = node_phase_currents(site, np.column_stack([sp] * 3))
+    assert np.all(followed[1] <= 80.0 * (1 + 1e-9)) and followed[1] == pytest.approx([80.0] * 3)
     ref = reference_allocate(SiteArrays.build(site), full, nfull, params)
     assert ref.admitted.tolist() == [True] * N
     assert out.column("level_a").to_numpy() == pytest.approx(ref.level_a, abs=1e-9)
+    assert sp == pytest.approx(ref.raised_a, abs=1e-9)
+
+
+def test_unequal_draws_over_the_limit_share_the_feeder_as_if_followed() -> None:
+    """84 A measured (one charger at 20 A): the feeder is shared as if each followed its
+    setpoint, 16 A each, rather than by what each happens to draw; the reference agrees."""
+    draw = [20.0, 16.0, 16.0, 16.0, 16.0]
+    site, out, full, nfull, params = run(draw)
+    sp = out.column("setpoint_a").to_numpy()
+    assert sp == pytest.approx([16.0] * N)
+    assert out.column("reason").to_pylist()[0].startswith("lowered to 16 A (drawing 20 A)")
+    ref = reference_allocate(SiteArrays.build(site), full, nfull, params)
+    assert sp == pytest.approx(ref.raised_a, abs=1e-9)
+
+
+def test_envelope_alone_lowers_requests_to_fit_when_followed() -> None:
+    """Through ``_core.enforce``: the same feeder, requests of 20 A. Each is lowered to 16 A;
+    applying the envelope to its own output changes nothing."""
+    site = feeder_site()
+    cols: dict[str, Any] = {
+        "requested_a": np.full(N, 20.0),
+        "measured_l1_a": np.full(N, 16.1),
+        "measured_l2_a": np.full(N, 16.1),
+        "measured_l3_a": np.full(N, 16.1),
+        "measured_age_s": np.full(N, 1.0),
+        "last_sent_a": np.full(N, 16.0),
+    }
+    out = enforce(site, cols, params=EnvelopeParams())
+    sp = out.column("setpoint_a").to_numpy()
+    assert sp == pytest.approx([16.0] * N)
+    assert set(out.column("binding_node").to_pylist()) == {"F1"}
+    again = enforce(site, cols | {"requested_a": sp}, params=EnvelopeParams())
+    assert again.column("setpoint_a").to_numpy().tolist() == sp.tolist()

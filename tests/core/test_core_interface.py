@@ -371,3 +371,31 @@ def test_allocate_takes_a_table_like_a_batch() -> None:
     assert a.column("setpoint_a").equals(b.column("setpoint_a"))
     with pytest.raises(InputError):
         allocate(site, [1, 2, 3])
+
+
+def test_reclaimed_headroom_reads_as_a_low_draw_not_as_no_energy_wanted() -> None:
+    """A car whose energy need is unknown (the default, +inf) that draws 3 A of the 20 A it was
+    given is capped near its draw (held at the 6 A minimum; binding ``demand``: vehicle demand).
+    Its reason used to say "no energy wanted", which is false: it wants energy and draws little.
+    A session that really wants nothing more is paused and says so."""
+    site = small_site()
+    n = len(site.chargers)
+    cols: dict[str, Any] = {
+        "connected": np.array([True, True, False, False, False]),
+        "last_sent_a": np.array([20.0, 20.0, 0.0, 0.0, 0.0]),
+        "on_since_s": np.array([0.0, 0.0, math.nan, math.nan, math.nan]),
+        "measured_l1_a": np.array([3.0, 20.0, 0.0, 0.0, 0.0]),
+        "measured_age_s": np.full(n, 1.0),
+    }
+    params = AllocatorParams(now_s=3600.0)
+    out = allocate(site, cols, params=params)
+    sp = out.column("setpoint_a").to_numpy()
+    assert sp[:2].tolist() == pytest.approx([6.0, 22.0])
+    assert out.column("binding").to_pylist()[0] == "demand"
+    assert out.column("reason").to_pylist()[0] == (
+        "held at 6 A: the vehicle draws only 3 A (the rest is offered to others)"
+    )
+    wants_nothing = {**cols, "energy_wanted_kwh": np.array([0.0, math.inf, 0.0, 0.0, 0.0])}
+    out = allocate(site, wants_nothing, params=params)
+    assert out.column("setpoint_a").to_numpy()[0] == 0.0
+    assert out.column("reason").to_pylist()[0] == "paused: no energy wanted"

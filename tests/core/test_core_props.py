@@ -173,6 +173,23 @@ def held_terminal_a(site: Site, cols: dict[str, Any], stale: float) -> F64:
     return out
 
 
+def held_followed_terminal_a(site: Site, cols: dict[str, Any], stale: float) -> F64:
+    """(n, 3): what each charger terminal may draw when the charger follows its new setpoint:
+    what it holds for reasons other than its own measurement (an unconfirmed decrease, an
+    unknown profile state, counted at its maximum or a fresh reading above it)."""
+    out = held_terminal_a(site, cols, stale)
+    for i in range(len(site.chargers)):
+        if cols["profile_unknown"][i]:
+            continue
+        if cols["last_sent_confirmed"][i]:
+            out[i] = 0.0
+        else:
+            no_meas = dict(cols)
+            no_meas["measured_age_s"] = np.full(len(site.chargers), math.nan)
+            out[i] = held_terminal_a(site, no_meas, stale)[i]
+    return out
+
+
 def other_load_a(site: Site, ncols: dict[str, Any], stale: float) -> F64:
     out = np.zeros((len(site.nodes), 3))
     for j, node in enumerate(site.nodes):
@@ -224,10 +241,28 @@ def assert_safe(
     for i, c in enumerate(site.chargers):
         nt = 3 if c.wiring == "three_phase" else 1
         terminal[i, :nt] = np.maximum(held[i, :nt], sp[i])
+    other = other_load_a(site, ncols, stale)
     with np.errstate(invalid="ignore", over="ignore"):
-        violations = check_limits(site, terminal, other_load_a(site, ncols, stale))
+        violations = check_limits(site, terminal, other)
+        # What is held alone (every setpoint 0), and every charger following its setpoint.
+        held_alone = {(v.node, v.kind, v.phase) for v in check_limits(site, held, other)}
+        followed = held_followed_terminal_a(site, cols, stale)
+        for i, c in enumerate(site.chargers):
+            nt = 3 if c.wiring == "three_phase" else 1
+            followed[i, :nt] = np.maximum(followed[i, :nt], sp[i])
+        over_followed = {(v.node, v.kind, v.phase) for v in check_limits(site, followed, other)}
     for v in violations:
-        # Only where even 0 for every charger it controls cannot hold the limit.
+        key = (v.node, v.kind, v.phase)
+        if (
+            v.kind != "unbalance"
+            and site.node(v.node).unbalance_limit_a is None
+            and key in held_alone
+            and key not in over_followed
+        ):
+            # What is held alone is over the limit (measured draw): no setpoint can make the
+            # counted load fit, and it fits when every charger follows its setpoint.
+            continue
+        # Otherwise only where even 0 for every charger it controls cannot hold the limit.
         phase = None if v.phase is None else site.phase_names.index(v.phase)
         for i, c in enumerate(site.chargers):
             if below(site, i, v.node) and (phase is None or phase in c.phases):

@@ -311,15 +311,66 @@ fn model_and_admission(
             m.capacity[i * SLOTS + N_PHASES] -= sub_other[i][ph] * topo.voltage_ln_v;
         }
     }
+    // Per-constraint sums of per-charger amounts (linear coefficients), summed up the tree.
+    let per_constraint = |amount: &dyn Fn(usize) -> f64| -> Vec<f64> {
+        let mut acc = vec![0.0; nn * SLOTS];
+        for c in 0..n {
+            let x = amount(c);
+            if x == 0.0 {
+                continue;
+            }
+            let co = topo.slot_coefs(c);
+            let par = topo.chargers[c].parent;
+            for slot in 0..SLOTS {
+                acc[par * SLOTS + slot] += co[slot] * x;
+            }
+        }
+        for &i in topo.node_order().iter().rev() {
+            if let Some(par) = topo.nodes[i].parent {
+                for slot in 0..SLOTS {
+                    acc[par * SLOTS + slot] += acc[i * SLOTS + slot];
+                }
+            }
+        }
+        acc
+    };
+    // What each charger holds regardless of its new setpoint (max over its terminals). Where
+    // that alone is over a limit (chargers measured above it), no setpoint can make the counted
+    // load fit; the envelope then sizes setpoints so that the node fits when its chargers follow
+    // them, and the model does the same: the chargers on such a constraint count without their
+    // measurements (what they hold otherwise: an unconfirmed decrease, an unknown profile).
+    let held_of = |h: &[[f64; N_PHASES]], c: usize| {
+        let nt = topo.chargers[c].wiring.terminals();
+        h[c][..nt].iter().copied().fold(0.0, f64::max)
+    };
+    let mut held: Vec<f64> = (0..n).map(|c| held_of(&cnt.held, c)).collect();
+    let held_sum = per_constraint(&|c| held[c]);
+    let over: Vec<bool> = m
+        .capacity
+        .iter()
+        .zip(&held_sum)
+        .map(|(&cap, &h)| h > cap + FULL_TOL * (1.0 + cap.abs()))
+        .collect();
+    let mut following = vec![false; n];
+    if over.iter().any(|&o| o) {
+        for (c, f) in following.iter_mut().enumerate() {
+            let co = topo.slot_coefs(c);
+            *f = topo
+                .ancestors(c)
+                .iter()
+                .any(|&i| (0..SLOTS).any(|slot| co[slot] != 0.0 && over[i * SLOTS + slot]));
+            if *f {
+                held[c] = held_of(&cnt.held_cmd, c);
+            }
+        }
+    }
     let mut candidate = vec![false; n];
     let mut binding = vec![Binding::None; n];
     let mut locked_on = vec![false; n];
-    let mut held = vec![0.0; n];
     let mut key = vec![0.0; n];
     for c in 0..n {
         let spec = &topo.chargers[c];
         let nt = spec.wiring.terminals();
-        held[c] = cnt.held[c][..nt].iter().copied().fold(0.0, f64::max);
         let last = last_sent_line_a(topo, c, ch);
         let is_on = last > 0.0;
         let sw = ch.switches[c];
@@ -412,34 +463,15 @@ fn model_and_admission(
             lax
         };
     }
-    // Per-constraint sums of per-charger amounts (linear coefficients), summed up the tree.
-    let per_constraint = |amount: &dyn Fn(usize) -> f64| -> Vec<f64> {
-        let mut acc = vec![0.0; nn * SLOTS];
-        for c in 0..n {
-            let x = amount(c);
-            if x == 0.0 {
-                continue;
-            }
-            let co = topo.slot_coefs(c);
-            let par = topo.chargers[c].parent;
-            for slot in 0..SLOTS {
-                acc[par * SLOTS + slot] += co[slot] * x;
-            }
-        }
-        for &i in topo.node_order().iter().rev() {
-            if let Some(par) = topo.nodes[i].parent {
-                for slot in 0..SLOTS {
-                    acc[par * SLOTS + slot] += acc[i * SLOTS + slot];
-                }
-            }
-        }
-        acc
-    };
     // Every charger holds what it holds whether admitted or not (fresh measurement, unconfirmed
     // setpoint): reserve that first, so that a session admitted early is not pushed over a limit
     // by the holdings of a session refused later. Admission then takes `floor − held` more.
     // (No limit stays no limit: inf − finite is inf.)
-    let held_sum = per_constraint(&|c| held[c].max(0.0));
+    let held_sum = if following.iter().any(|&f| f) {
+        per_constraint(&|c| held[c])
+    } else {
+        held_sum
+    };
     let mut remaining: Vec<f64> = m
         .capacity
         .iter()
@@ -1620,14 +1652,55 @@ mod tests {
         // lowered to it, the others keep what they draw; nobody is cut to the minimum.
         let (_, a) = full_feeder(&[20.0, 15.0, 15.0, 15.0, 15.0]);
         close(&a.decision.setpoint_a, &[15.0; 5]);
-        // Just over (80.5 A measured): even 0 everywhere cannot bring the counted load under the
-        // limit, so the envelope's rule holds: every contributing charger is 0 (no setpoint above
-        // 0 leaves while the feeder is over). They are admitted (each already holds its
-        // minimum), so the reason is the feeder, not admission.
-        let (_, a) = full_feeder(&[16.1; 5]);
-        close(&a.decision.setpoint_a, &[0.0; 5]);
+        // Just over (80.5 A measured): no setpoint can bring the counted load under the limit.
+        // Pausing all five (the old rule) brought them all back next tick: a 16 -> 0 -> 16 A
+        // sawtooth. Now the feeder is sized to fit when the chargers follow their setpoints:
+        // 16 A each (80 A), the reason names the feeder with its measured 80.5 A.
+        let (t, a) = full_feeder(&[16.1; 5]);
+        close(&a.decision.setpoint_a, &[16.0; 5]);
         assert_eq!(a.admitted, vec![true; 5]);
-        assert!(a.decision.binding.iter().all(|&b| b == Binding::NodePhase));
+        let f1 = t.node_index("f1").unwrap();
+        for c in 0..5 {
+            assert_eq!(
+                a.decision.binding[c],
+                Binding::NodePhase,
+                "{:?}",
+                a.decision
+            );
+            assert_eq!(a.decision.binding_node[c], Some(f1));
+            assert!((a.decision.binding_value[c] - 80.5).abs() < 1e-9);
+            assert_eq!(a.decision.binding_limit[c], 80.0);
+        }
+        // Unequal draws over the limit: the water-filling shares the feeder as if each followed
+        // its setpoint (16 A each), not by what each happens to draw now.
+        let (_, a) = full_feeder(&[20.0, 16.0, 16.0, 16.0, 16.0]);
+        close(&a.decision.setpoint_a, &[16.0; 5]);
+    }
+
+    #[test]
+    fn reclaimed_headroom_is_explained_as_a_low_draw_not_as_no_energy_wanted() {
+        // a draws 3 A of the 20 A it was given (energy need unknown: +inf): capped at 3 + 2 A,
+        // and held at its 6 A minimum; the reason says it draws little, not "no energy wanted".
+        let t = site("40", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+        let mut x = Inputs::quiet(&t);
+        x.last_a = vec![20.0, 20.0];
+        x.on_since = vec![NOW - 3600.0; 2];
+        x.m[0][0] = 3.0;
+        x.m[0][1] = 20.0;
+        let mut w = Want::new(2);
+        w.energy = vec![f64::INFINITY, f64::INFINITY];
+        let a = allocate(&t, &x.chargers(), &x.nodes(), &w.demand(), &params(), true).unwrap();
+        close(&a.decision.setpoint_a, &[6.0, 22.0]);
+        assert_eq!(a.decision.binding[0], Binding::Demand);
+        assert_eq!(
+            a.decision.reason[0],
+            "held at 6 A: the vehicle draws only 3 A (the rest is offered to others)"
+        );
+        // A session that wants nothing more is paused, and that is what its reason says.
+        w.energy[0] = 0.0;
+        let a = allocate(&t, &x.chargers(), &x.nodes(), &w.demand(), &params(), true).unwrap();
+        assert_eq!(a.decision.setpoint_a[0], 0.0);
+        assert_eq!(a.decision.reason[0], "paused: no energy wanted");
     }
 
     #[test]

@@ -201,6 +201,12 @@ pub(crate) struct Counting {
     /// Uncontrollable part per terminal (3 per charger): fresh measurement, unconfirmed last sent,
     /// unknown profile.
     pub held: Vec<[f64; N_PHASES]>,
+    /// The part of `held` that does not come from the charger's own fresh measurement (a
+    /// decrease not yet confirmed, an unknown profile state): what it may still draw even when
+    /// it follows its new setpoint.
+    pub held_cmd: Vec<[f64; N_PHASES]>,
+    /// Largest fresh measured terminal current (0 when stale or none).
+    pub measured_a: Vec<f64>,
     pub held_unconfirmed: Vec<bool>,
     /// Non-charger load per node and phase as counted, and whether it is the stale maximum.
     pub other: Vec<[f64; N_PHASES]>,
@@ -208,6 +214,10 @@ pub(crate) struct Counting {
 }
 
 const TOL_A: f64 = 1e-9;
+/// What is held alone must be over a limit by more than this (relative) before setpoints are
+/// sized for chargers that follow them; closer to the limit, rounding decides, and the plain
+/// rule (pause what contributes) stays.
+const FOLLOW_TOL: f64 = 2e-6;
 
 fn fresh(age: f64, stale_after: f64) -> bool {
     age.is_finite() && age >= 0.0 && age <= stale_after
@@ -290,6 +300,8 @@ pub(crate) fn counting(
 ) -> Counting {
     let n = topo.n_chargers();
     let mut held = vec![[0.0; N_PHASES]; n];
+    let mut held_cmd = vec![[0.0; N_PHASES]; n];
+    let mut measured_a = vec![0.0f64; n];
     let mut held_unconfirmed = vec![false; n];
     for c in 0..n {
         let spec = &topo.chargers[c];
@@ -303,6 +315,7 @@ pub(crate) fn counting(
             ];
             for k in 0..nt {
                 h[k] = sane_meas(m[k], spec.max_a);
+                measured_a[c] = measured_a[c].max(h[k]);
             }
         }
         if ch.profile_unknown[c] {
@@ -311,6 +324,7 @@ pub(crate) fn counting(
             for x in h.iter_mut().take(nt) {
                 *x = x.max(spec.max_a);
             }
+            held_cmd[c] = *h;
             continue;
         }
         if !ch.last_sent_confirmed[c] {
@@ -318,8 +332,9 @@ pub(crate) fn counting(
             if ls > 0.0 {
                 held_unconfirmed[c] = true;
             }
-            for x in h.iter_mut().take(nt) {
-                *x = x.max(ls);
+            for k in 0..nt {
+                h[k] = h[k].max(ls);
+                held_cmd[c][k] = ls;
             }
         }
     }
@@ -346,6 +361,8 @@ pub(crate) fn counting(
     Counting {
         s: vec![0.0; n],
         held,
+        held_cmd,
+        measured_a,
         held_unconfirmed,
         other,
         other_stale,
@@ -390,6 +407,20 @@ fn add_charger(
     n: usize,
     loads: &mut NodeLoads,
     sign: f64,
+) {
+    add_charger_as(topo, cnt, c, n, loads, sign, terminal_counted);
+}
+
+/// As `add_charger`, with the terminal currents given by `current(cnt, charger, terminal)`.
+#[inline]
+fn add_charger_as(
+    topo: &Topology,
+    cnt: &Counting,
+    c: usize,
+    n: usize,
+    loads: &mut NodeLoads,
+    sign: f64,
+    terminal_counted: impl Fn(&Counting, usize, usize) -> f64,
 ) {
     let spec = &topo.chargers[c];
     let v = spec.watts_per_terminal_a();
@@ -618,6 +649,37 @@ fn single_node_value(
     }
 }
 
+/// A charger that follows its new setpoint draws at most it, plus what it may hold for reasons
+/// other than its own measurement (an unconfirmed decrease, an unknown profile state).
+#[inline]
+fn terminal_followed(cnt: &Counting, c: usize, k: usize) -> f64 {
+    cnt.s[c].max(cnt.held_cmd[c][k])
+}
+
+/// A phase or kW value at node `n` when every charger below it follows its new setpoint (their
+/// measurements left out); non-charger load as counted.
+fn single_node_followed(
+    topo: &Topology,
+    cnt: &Counting,
+    sub: &SubtreeOther,
+    n: usize,
+    k: Constraint,
+    scratch: &mut NodeLoads,
+) -> f64 {
+    scratch.re[0] = sub.re[n];
+    scratch.im[0] = sub.im[n];
+    scratch.power_w[0] = sub.w[n];
+    scratch.spc[0] = [[0.0; N_PHASES]; N_PHASES];
+    for &c in topo.chargers_below(n) {
+        add_charger_as(topo, cnt, c, 0, scratch, 1.0, terminal_followed);
+    }
+    match k {
+        Constraint::Phase(p) => scratch.line_a(0, p),
+        Constraint::Power => scratch.power_w[0] / 1000.0,
+        Constraint::Unbalance(_, _) => unbalance_of(scratch, 0, topo.node_has_line_to_line(n)).0,
+    }
+}
+
 /// Largest allowed setpoint not above `x` (line amps per terminal): 0, or on a step in
 /// `[min_a, max_a]`. DC: `min_a` is the line current at `min_w`.
 pub(crate) fn snap_down(topo: &Topology, c: usize, x: f64) -> f64 {
@@ -829,6 +891,69 @@ pub(crate) fn enforce_limits(
                 Constraint::Phase(p) | Constraint::Unbalance(p, _) => Some(p),
                 Constraint::Power => None,
             };
+            if violated(floor, limit)
+                && !matches!(k, Constraint::Unbalance(_, _))
+                && topo.nodes[n].unbalance_limit_a.is_none()
+                && floor > limit + FOLLOW_TOL * (1.0 + limit.abs())
+            {
+                // Even 0 cannot bring the counted load within the limit: what is held (measured
+                // draw above all) is over it. Pausing everything would only bring everything
+                // back next tick (a sawtooth). If the node fits when every charger below it
+                // follows its new setpoint, lower the members to a common cap that makes it fit
+                // that way, keep the constraint out of later rounds (its counted value cannot
+                // hold) and name it, with its measured value, for every member.
+                for (j, &c) in members.iter().enumerate() {
+                    cnt.s[c] = saved[j];
+                }
+                let fits = |cnt: &Counting, scratch: &mut NodeLoads| {
+                    !violated(single_node_followed(topo, cnt, &sub, n, k, scratch), limit)
+                };
+                let fixed = if fits(cnt, &mut scratch) {
+                    true // as requested, it fits when followed
+                } else {
+                    for &c in &members {
+                        cnt.s[c] = 0.0;
+                    }
+                    if fits(cnt, &mut scratch) {
+                        // Bisection on a common cap: the largest that fits when followed.
+                        let mut lo = 0.0;
+                        let mut hi = saved.iter().copied().fold(0.0, f64::max);
+                        for _ in 0..60 {
+                            let mid = 0.5 * (lo + hi);
+                            for (j, &c) in members.iter().enumerate() {
+                                cnt.s[c] = saved[j].min(mid);
+                            }
+                            if fits(cnt, &mut scratch) {
+                                lo = mid;
+                            } else {
+                                hi = mid;
+                            }
+                        }
+                        for (j, &c) in members.iter().enumerate() {
+                            cnt.s[c] = snap_down(topo, c, saved[j].min(lo));
+                        }
+                        true
+                    } else {
+                        false // members stay at 0
+                    }
+                };
+                if fixed {
+                    exempt[n][exempt_slot(k)] = true;
+                    let measured = single_node_value(topo, cnt, &sub, n, k, &mut scratch);
+                    for &c in &members {
+                        if dec.binding_node[c] == Some(n) && violated(dec.binding_value[c], limit) {
+                            continue; // another phase of this node, over too, named first
+                        }
+                        dec.binding[c] = code;
+                        dec.binding_node[c] = Some(n);
+                        dec.binding_phase[c] = phase;
+                        dec.binding_value[c] = measured;
+                        dec.binding_limit[c] = limit;
+                    }
+                    continue;
+                }
+                // Not even then (held for other reasons, non-charger load): as below.
+            }
             if violated(floor, limit) {
                 // Even 0 cannot satisfy it: everything it controls stays at 0. Unbalance may still
                 // be cured by lowering other chargers, so it is exempted only once all are at 0.
@@ -975,6 +1100,13 @@ pub(crate) fn reason(topo: &Topology, cnt: &Counting, dec: &Decision, c: usize) 
     };
     let _ = match dec.binding[c] {
         Binding::None => write!(s, "{head}: as requested"),
+        // With a setpoint, `demand` is the headroom reclaim: the vehicle draws less than it was
+        // offered (a session that wants no energy is not charged at all).
+        Binding::Demand if dec.setpoint_a[c] > 0.0 => write!(
+            s,
+            "{lead}: the vehicle draws only {} A (the rest is offered to others)",
+            fmt_a(cnt.measured_a[c])
+        ),
         Binding::Demand => write!(s, "{lead}: no energy wanted"),
         Binding::Plan => write!(s, "{lead}: plan target"),
         Binding::Admission => write!(
@@ -1003,9 +1135,32 @@ pub(crate) fn reason(topo: &Topology, cnt: &Counting, dec: &Decision, c: usize) 
             } else {
                 ""
             };
+            // Over its limit on what is held alone (measured draw), yet this charger is on: its
+            // setpoint is sized so that the node fits once the chargers follow their setpoints.
+            let over = dec.setpoint_a[c] > 0.0 && violated(v, l);
+            let lead = if over && dec.setpoint_a[c] < cnt.measured_a[c] - 0.05 {
+                format!("lowered to {head} (drawing {} A)", fmt_a(cnt.measured_a[c]))
+            } else {
+                lead
+            };
+            let stale = if over {
+                if dec.binding[c] == Binding::StaleTelemetry {
+                    " measured, non-charger load stale (counted at its maximum): sized to fit when chargers follow their setpoints"
+                } else {
+                    " measured: sized to fit when chargers follow their setpoints"
+                }
+            } else {
+                stale
+            };
             match dec.binding[c] {
                 Binding::NodePower => {
-                    write!(s, "{lead}: {} at {:.1} of {:.1} kW", node_desc(n), v, l)
+                    write!(
+                        s,
+                        "{lead}: {} at {:.1} of {:.1} kW{stale}",
+                        node_desc(n),
+                        v,
+                        l
+                    )
                 }
                 Binding::Unbalance => write!(
                     s,
@@ -1406,6 +1561,24 @@ pub(crate) mod tests {
             }
             h
         }
+        /// What the charger may draw when it follows its new setpoint: the held part that is
+        /// not its own fresh measurement (unconfirmed decrease, unknown profile state).
+        fn held_cmd(&self, c: usize) -> [f64; 3] {
+            if self.x.unknown[c] {
+                return self.held(c);
+            }
+            if self.x.confirmed[c] {
+                return [0.0; 3];
+            }
+            let mut x = self.x.clone();
+            x.m_age[c] = f64::NAN;
+            Check {
+                topo: self.topo,
+                x: &x,
+                p: self.p,
+            }
+            .held(c)
+        }
         fn other(&self, n: usize) -> [f64; 3] {
             let max = self.topo.nodes[n].other_load_max_a;
             if !self.fresh(self.x.o_age[n]) {
@@ -1436,6 +1609,18 @@ pub(crate) mod tests {
         }
         /// Line current phasors, kW and worst-case unbalance at node `n` for setpoints `s`.
         pub(crate) fn node(&self, n: usize, s: &[f64]) -> ([f64; 3], f64, f64) {
+            self.node_with(n, s, &|c| self.held(c))
+        }
+        /// As `node`, every charger below following its setpoint (measurements left out).
+        pub(crate) fn node_followed(&self, n: usize, s: &[f64]) -> ([f64; 3], f64, f64) {
+            self.node_with(n, s, &|c| self.held_cmd(c))
+        }
+        fn node_with(
+            &self,
+            n: usize,
+            s: &[f64],
+            held: &dyn Fn(usize) -> [f64; 3],
+        ) -> ([f64; 3], f64, f64) {
             let v_ln = self.topo.voltage_ln_v;
             let mut re = [0.0; 3];
             let mut im = [0.0; 3];
@@ -1464,7 +1649,7 @@ pub(crate) mod tests {
                     continue;
                 }
                 let spec = &self.topo.chargers[c];
-                let h = self.held(c);
+                let h = held(c);
                 let t: Vec<f64> = (0..spec.wiring.terminals())
                     .map(|k| s[c].max(h[k]))
                     .collect();
@@ -1569,6 +1754,7 @@ pub(crate) mod tests {
                     }
                 }
             }
+            let zero = vec![0.0; topo.n_chargers()];
             for n in 0..topo.n_nodes() {
                 let node = &topo.nodes[n];
                 let (mag, kw, unb) = self.node(n, s);
@@ -1576,16 +1762,29 @@ pub(crate) mod tests {
                 let off_below = |f: &dyn Fn(usize) -> bool| {
                     (0..topo.n_chargers()).all(|c| !self.below(c, n) || !f(c) || s[c] == 0.0)
                 };
+                // Where what is held alone (0 for every charger below) is over a phase or kW
+                // limit, the counted load cannot hold: then it must hold when every charger
+                // below follows its setpoint (or everything contributing is 0).
+                // (Not at a node with an unbalance cap: there the plain rule stays.)
+                let (mag0, kw0, _) = self.node(n, &zero);
+                let (mag_f, kw_f, _) = self.node_followed(n, s);
+                let no_unb = node.unbalance_limit_a.is_none();
                 for p in 0..3 {
                     let lim = node.phase_limit_a[p];
-                    if !(mag[p] <= lim + tol(lim))
-                        && !off_below(&|c| topo.chargers[c].phases.contains(&p))
-                    {
+                    let held_over = no_unb && !(mag0[p] <= lim + tol(lim));
+                    let ok = mag[p] <= lim + tol(lim)
+                        || (held_over && mag_f[p] <= lim + tol(lim))
+                        || off_below(&|c| topo.chargers[c].phases.contains(&p));
+                    if !ok {
                         return Err(format!("node {n} phase {p}: {} > {lim} A", mag[p]));
                     }
                 }
                 if let Some(l) = node.power_limit_kw {
-                    if !(kw <= l + tol(l)) && !off_below(&|_| true) {
+                    let held_over = no_unb && !(kw0 <= l + tol(l));
+                    let ok = kw <= l + tol(l)
+                        || (held_over && kw_f <= l + tol(l))
+                        || off_below(&|_| true);
+                    if !ok {
                         return Err(format!("node {n}: {kw} > {l} kW"));
                     }
                 }
@@ -1685,6 +1884,96 @@ pub(crate) mod tests {
             "{}",
             d.reason[0]
         );
+    }
+
+    /// Five three-phase chargers on feeder f1 (80 A) under a 200 A grid, each measured (fresh)
+    /// at `draw` A on every phase, last sent 16 A (confirmed), each asking for `req` A.
+    fn measured_feeder(draw: f64, req: f64) -> (Topology, Inputs) {
+        let chargers: Vec<String> = (0..5)
+            .map(|i| {
+                ac(
+                    &format!("c{i}"),
+                    "f1",
+                    "three_phase",
+                    r#"["L1","L2","L3"]"#,
+                    "",
+                )
+            })
+            .collect();
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 200}, {"id": "f1", "parent": "g", "kind": "feeder", "phase_limit_a": 80}"#,
+            &chargers.join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![req; 5];
+        x.last_a = vec![16.0; 5];
+        for k in 0..3 {
+            x.m[k] = vec![draw; 5];
+        }
+        (t, x)
+    }
+
+    #[test]
+    fn measured_draw_over_a_limit_lowers_to_fit_when_followed_instead_of_pausing_all() {
+        // 5 × 16.1 A = 80.5 A measured on 80 A: no setpoint makes the counted load fit. The old
+        // rule paused all five, which came back the next tick (sawtooth). Now each is lowered to
+        // 16 A: 80 A once they follow; the reason gives the measured value.
+        let (t, x) = measured_feeder(16.1, 20.0);
+        let p = EnvelopeParams::default();
+        let d = run(&t, &x, &p);
+        for c in 0..5 {
+            assert!((d.setpoint_a[c] - 16.0).abs() < 1e-6, "{d:?}");
+            assert_eq!(d.binding[c], Binding::NodePhase);
+            assert_eq!(d.binding_node[c], Some(1));
+            assert!((d.binding_value[c] - 80.5).abs() < 1e-9, "{d:?}");
+        }
+        assert_eq!(
+            d.reason[0],
+            "lowered to 16 A (drawing 16.1 A): feeder f1 phase L1 at 80.5 of 80 A measured: sized to fit when chargers follow their setpoints"
+        );
+        // The invariant as stated: the counted load is over only where what is held alone is,
+        // and there it fits when followed; applying the envelope again changes nothing.
+        let chk = Check { topo: &t, x: &x, p };
+        chk.invariants(&d).unwrap();
+        let (mag, _, _) = chk.node_followed(1, &d.setpoint_a);
+        assert!(mag.iter().all(|&m| m <= 80.0 + 1e-6), "{mag:?}");
+        let d2 = run(&t, &as_request(&t, &x, &d), &p);
+        assert_eq!(d2.setpoint_a, d.setpoint_a);
+        // Requests that already fit when followed are kept (16 A: still below the 16.1 A drawn).
+        let reason = d.reason[0].clone();
+        let (t, x) = measured_feeder(16.1, 16.0);
+        let d = run(&t, &x, &p);
+        assert!(
+            d.setpoint_a.iter().all(|&s| (s - 16.0).abs() < 1e-9),
+            "{d:?}"
+        );
+        assert_eq!(d.reason[0], reason);
+        // A charger that has not confirmed its decrease from 32 A may still draw 32 A even when
+        // it follows: the other four share the remaining 48 A (12 A each).
+        let (t, mut x) = measured_feeder(16.1, 20.0);
+        x.last_a[0] = 32.0;
+        x.confirmed[0] = false;
+        let d = run(&t, &x, &p);
+        for c in 1..5 {
+            assert!((d.setpoint_a[c] - 12.0).abs() < 1e-6, "{d:?}");
+        }
+        Check { topo: &t, x: &x, p }.invariants(&d).unwrap();
+        // When not even that fits (non-charger load 50 A and two unknown profiles at 32 A), what
+        // the feeder controls is paused, as before.
+        let (t, mut x) = measured_feeder(16.1, 20.0);
+        x.unknown[0] = true;
+        x.unknown[1] = true;
+        for k in 0..3 {
+            x.o[k][1] = 50.0;
+        }
+        let d = run(&t, &x, &p);
+        assert!(d.setpoint_a.iter().all(|&s| s == 0.0), "{d:?}");
+        assert!(
+            d.reason[2].starts_with("paused: feeder f1 phase L1 at"),
+            "{}",
+            d.reason[2]
+        );
+        Check { topo: &t, x: &x, p }.invariants(&d).unwrap();
     }
 
     #[test]
