@@ -56,6 +56,7 @@ class SiteArrays:
     # factor, balanced voltages at 0°, −120°, +120°)
     line_coef: npt.NDArray[np.complex128]  # (n, 3)
     node_l2l: npt.NDArray[np.bool_]  # a line-to-line charger below the node
+    has_unbalance: npt.NDArray[np.bool_]  # the node has an unbalance cap
 
     @classmethod
     def build(cls, site: Site) -> SiteArrays:
@@ -123,6 +124,7 @@ class SiteArrays:
             node_depth=depth.astype(np.int64),
             line_coef=line_coef,
             node_l2l=node_l2l,
+            has_unbalance=np.array([x.unbalance_limit_a is not None for x in site.nodes]),
         )
 
     def dc_line_a(self, w: F64) -> F64:
@@ -199,11 +201,11 @@ def reference_allocate(
         capacity.reshape(-1, SLOTS)[:, :3] = sa.phase_limit - sub
         capacity.reshape(-1, SLOTS)[:, 3] = sa.kw_limit * 1000.0 - sub.sum(axis=1) * sa.v_ln
 
-        # Where what is held alone is over a limit (chargers measured above it), no setpoint
+        # Where what is held alone is over a phase or kW limit (chargers measured above it; exact
+        # line currents, by more than 2e-6, at a node without an unbalance cap), no setpoint
         # makes the counted load fit: the chargers on such a constraint count as if they
         # followed their setpoints (the envelope sizes them that way).
-        held_sum = np.bincount(sa.pk, weights=sa.pa * held[sa.pc], minlength=sa.n_nodes * SLOTS)
-        over = held_sum > capacity + 1e-9 * (1.0 + np.abs(capacity))
+        over = _held_over(sa, held, other).reshape(-1)
         following = np.zeros(n, dtype=bool)
         following[sa.pc[over[sa.pk]]] = True
         held = np.where(following, held_cmd, held)
@@ -279,6 +281,29 @@ def reference_allocate(
     level_a = np.where(admitted, level_a, 0.0)
     raised_a = _raise_exact(sa, level_a, set_cap, weight, held, other, admitted)
     return ReferenceResult(level_a, raised_a, admitted, floor, cap, weight, net, held, capacity)
+
+
+def _held_over(sa: SiteArrays, held: F64, other: F64) -> npt.NDArray[np.bool_]:
+    """(n_nodes, 4): phase and kW limits that what is held alone (every setpoint 0) exceeds."""
+    nn = sa.n_nodes
+    unit = np.exp(1j * np.array([0.0, -2.0 * np.pi / 3.0, 2.0 * np.pi / 3.0]))
+    own = np.zeros((nn, 3), dtype=np.complex128)
+    np.add.at(own, sa.parent_of_charger, held[:, None] * sa.line_coef)
+    own += other * unit
+    pw = np.bincount(sa.parent_of_charger, weights=held * sa.volt * sa.nt, minlength=nn)
+    pw = pw + other.sum(axis=1) * sa.v_ln
+    for i in sa.node_order[::-1]:
+        p = sa.parent_of_node[i]
+        if p >= 0:
+            own[p] += own[i]
+            pw[p] += pw[i]
+    tol = 2e-6
+    out = np.zeros((nn, SLOTS), dtype=bool)
+    with np.errstate(invalid="ignore"):
+        out[:, :3] = np.abs(own) > sa.phase_limit + tol * (1.0 + np.abs(sa.phase_limit))
+        out[:, 3] = pw / 1000.0 > sa.kw_limit + tol * (1.0 + np.abs(sa.kw_limit))
+    out[sa.has_unbalance] = False
+    return out
 
 
 @dataclass

@@ -22,7 +22,7 @@
 //! Units inside: AC line amperes per charger terminal (DC power is converted).
 use crate::envelope::{
     counting, enforce_limits, finish, last_sent_line_a, node_loads, sanitise_request, snap_down,
-    Binding, ChargerInputs, Counting, Decision, EnvelopeParams, NodeInputs, NodeLoads,
+    Binding, ChargerInputs, Counting, Decision, EnvelopeParams, NodeInputs, NodeLoads, FOLLOW_TOL,
 };
 use crate::error::{CoreError, CoreResult};
 use crate::topology::{ChargerKind, Topology, N_PHASES};
@@ -134,6 +134,9 @@ const FULL_TOL: f64 = 1e-9;
 ///
 /// With `D(L) = fixed + Σ a F + Σ_e c_e · min(L, b_e)` (events `+a w` at `U/w`, `−a w` at `F/w`),
 /// a quickselect over the events finds the linear piece holding the root in expected O(m).
+/// `window`: a bracket `(lo, hi]` known to hold the root (`D(lo) < cap <= D(hi)`; `(0, inf)`
+/// when nothing is known): events outside it are folded into constants or slope in one pass.
+#[allow(clippy::too_many_arguments)]
 fn saturation_level(
     members: &[(usize, f64)],
     floor: &[f64],
@@ -141,18 +144,30 @@ fn saturation_level(
     weight: &[f64],
     fixed: f64,
     cap: f64,
+    window: (f64, f64),
     events: &mut Vec<(f64, f64)>,
 ) -> f64 {
+    let (lo, hi) = window;
     let mut base = fixed;
     let mut dmax = fixed;
+    // Events at or left of `lo` are constants on the window, at or right of `hi` linear.
+    let mut folded = 0.0;
+    let mut slope = 0.0;
     events.clear();
     for &(c, a) in members {
-        let w = weight[c];
-        base += a * floor[c];
-        dmax += a * capv[c];
-        if capv[c] > floor[c] {
-            events.push((capv[c] / w, a * w));
-            events.push((floor[c] / w, -a * w));
+        let (w, f, u) = (weight[c], floor[c], capv[c]);
+        base += a * f;
+        dmax += a * u;
+        if u > f {
+            for (b, e) in [(u / w, a * w), (f / w, -a * w)] {
+                if b <= lo {
+                    folded += e * b;
+                } else if b >= hi {
+                    slope += e;
+                } else {
+                    events.push((b, e));
+                }
+            }
         }
     }
     if dmax <= cap {
@@ -173,33 +188,28 @@ fn saturation_level(
             .map(|&(c, _)| floor[c] / weight[c])
             .fold(f64::INFINITY, f64::min);
     }
+    let mut base = base + folded;
+    let mut left = lo;
+    let mut right = hi;
     if events.len() <= 32 {
-        // Few members (a circuit): sort the events and walk the pieces.
+        // Few events (a circuit, or a narrow window): sort them and walk the pieces.
         events.sort_unstable_by(|x, y| x.0.total_cmp(&y.0));
-        let mut slope: f64 = events.iter().map(|e| e.1).sum();
-        let mut acc = base;
-        let mut left = 0.0f64;
+        let mut slope = slope + events.iter().map(|e| e.1).sum::<f64>();
         for &(b, c) in events.iter() {
-            // On (left, b]: D(L) = acc + slope·L.
-            if acc + slope * b >= cap {
-                let root = if slope > 0.0 { (cap - acc) / slope } else { b };
-                if root.is_nan() {
-                    return left;
-                }
-                return root.clamp(left, b);
+            // On (left, b]: D(L) = base + slope·L.
+            if base + slope * b >= cap {
+                right = b;
+                break;
             }
-            acc += c * b;
+            base += c * b;
             slope -= c;
             left = b;
         }
-        return left;
+        return last_piece(base, slope, cap, left, right);
     }
     // Invariant: for L in the bracket (left, right], D(L) = base + slope·L + Σ_{e in window}
     // c_e·min(L, b_e); events left of the window are constants (in `base`), right of it linear
     // (in `slope`). D(left) < cap <= D(right).
-    let mut slope = 0.0;
-    let mut left = 0.0f64;
-    let mut right = f64::INFINITY;
     let (mut lo, mut hi) = (0usize, events.len());
     let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
     while lo < hi {
@@ -244,8 +254,13 @@ fn saturation_level(
             lo = k;
         }
     }
-    // One linear piece left. Rounding can make its slope tiny or non-positive; the root is inside
-    // the bracket in exact arithmetic, so keep it there.
+    last_piece(base, slope, cap, left, right)
+}
+
+/// The root of `base + slope·L = cap` on the piece `(left, right]` that holds it. Rounding can
+/// make the slope tiny or non-positive; the root is inside the bracket in exact arithmetic, so
+/// keep it there.
+fn last_piece(base: f64, slope: f64, cap: f64, left: f64, right: f64) -> f64 {
     let root = if slope > 0.0 {
         (cap - base) / slope
     } else if right.is_finite() {
@@ -253,10 +268,24 @@ fn saturation_level(
     } else {
         left
     };
-    if root.is_nan() {
+    if root.is_nan() || !(left <= right) {
         return left;
     }
     root.clamp(left, right)
+}
+
+/// `fixed + Σ a·clamp(w L, F, U)`: a constraint's load at level `L` (one pass, no events).
+fn load_at(
+    members: &[(usize, f64)],
+    floor: &[f64],
+    capv: &[f64],
+    weight: &[f64],
+    fixed: f64,
+    l: f64,
+) -> f64 {
+    members.iter().fold(fixed, |d, &(c, a)| {
+        d + a * (weight[c] * l).max(floor[c]).min(capv[c])
+    })
 }
 
 /// Build the linear model and run admission; returns the model and the admitted mask.
@@ -343,14 +372,33 @@ fn model_and_admission(
         let nt = topo.chargers[c].wiring.terminals();
         h[c][..nt].iter().copied().fold(0.0, f64::max)
     };
+    // Over as the envelope judges it: exact line currents and kW of what is held alone, by more
+    // than `FOLLOW_TOL`, at a node without an unbalance cap. (The linear count is never below
+    // the exact one: when it is not over, nothing is, and the exact count is skipped.)
     let mut held: Vec<f64> = (0..n).map(|c| held_of(&cnt.held, c)).collect();
     let held_sum = per_constraint(&|c| held[c]);
-    let over: Vec<bool> = m
+    let linear_over = m
         .capacity
         .iter()
         .zip(&held_sum)
-        .map(|(&cap, &h)| h > cap + FULL_TOL * (1.0 + cap.abs()))
-        .collect();
+        .any(|(&cap, &h)| h > cap + FOLLOW_TOL * (1.0 + cap.abs()));
+    let mut over = vec![false; nn * SLOTS];
+    if linear_over {
+        let mut loads = NodeLoads::new(nn);
+        node_loads(topo, &cnt, &mut loads); // every setpoint 0: what is held alone
+        let above = |v: f64, limit: f64| v > limit + FOLLOW_TOL * (1.0 + limit.abs());
+        for (i, node) in topo.nodes.iter().enumerate() {
+            if node.unbalance_limit_a.is_some() {
+                continue;
+            }
+            for ph in 0..N_PHASES {
+                over[i * SLOTS + ph] = above(loads.line_a(i, ph), node.phase_limit_a[ph]);
+            }
+            if let Some(kw) = node.power_limit_kw {
+                over[i * SLOTS + N_PHASES] = above(loads.power_w[i] / 1000.0, kw);
+            }
+        }
+    }
     let mut following = vec![false; n];
     if over.iter().any(|&o| o) {
         for (c, f) in following.iter_mut().enumerate() {
@@ -668,12 +716,32 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     let mut frozen = vec![false; n];
     let mut events: Vec<(f64, f64)> = Vec::new();
     let mut heap = std::collections::BinaryHeap::with_capacity(na);
-    // Initial keys: a lower bound, `D(L) <= Σ a·F + L·Σ a·w` gives `λ >= (capacity − Σ a·F) /
-    // Σ a·w`; the exact level is solved when the constraint first reaches the top of the heap
-    // (many never do with members still unfrozen, and then cost little).
+    // Initial keys. Small constraints (a circuit) are solved exactly at once. A large one gets a
+    // lower bound, `D(L) <= Σ a·F + L·Σ a·w` gives `λ >= (capacity − Σ a·F) / Σ a·w`, and is
+    // solved only when it reaches the top of the heap, by then with fewer unfrozen members.
+    const BIG: usize = 64;
     for a in 0..na {
+        let mem_a = &mem[off[a]..off[a] + len[a]];
+        if len[a] <= BIG {
+            lam[a] = saturation_level(
+                mem_a,
+                &m.floor,
+                &m.cap,
+                &m.weight,
+                0.0,
+                m.capacity[act_k[a]],
+                (0.0, f64::INFINITY),
+                &mut events,
+            );
+            if lam[a] < f64::INFINITY {
+                heap.push(LevelKey(lam[a], a));
+            } else {
+                done[a] = true;
+            }
+            continue;
+        }
         let (mut base, mut slope) = (0.0, 0.0);
-        for &(c, co) in &mem[off[a]..off[a] + len[a]] {
+        for &(c, co) in mem_a {
             base += co * m.floor[c];
             slope += co * m.weight[c];
         }
@@ -682,6 +750,11 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         dirty[a] = true;
         heap.push(LevelKey(lam[a], a));
     }
+    // Highest level at which any member can still rise (scale for probing large constraints).
+    let top_level = (0..n)
+        .filter(|&c| admitted[c])
+        .map(|c| m.cap[c] / m.weight[c])
+        .fold(0.0, f64::max);
     let mut newly: Vec<usize> = Vec::new();
     while let Some(LevelKey(l, a)) = heap.pop() {
         if done[a] {
@@ -701,13 +774,34 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
                 }
             }
             len[a] = end;
+            let live = &mem[o..o + end];
+            let cap = m.capacity[k];
+            let mut window = (l, f64::INFINITY);
+            if end > BIG {
+                // Large: probe a higher level first (one cheap pass). Still below capacity
+                // there, that level is a better lower bound: push it back and let the
+                // constraints below it freeze their members first. Otherwise solve, with the
+                // root bracketed between the old bound and the probe.
+                // (Above every member's cap level a constraint is as full as it gets: solve.)
+                let probe = (2.0 * l).max(0.125 * top_level);
+                if probe > l && probe < top_level {
+                    let d = load_at(live, &m.floor, &m.cap, &m.weight, fixed[a], probe);
+                    if d < cap - FULL_TOL * (1.0 + cap.abs()) {
+                        lam[a] = probe;
+                        heap.push(LevelKey(probe, a));
+                        continue;
+                    }
+                    window = (l, probe);
+                }
+            }
             lam[a] = saturation_level(
-                &mem[o..o + end],
+                live,
                 &m.floor,
                 &m.cap,
                 &m.weight,
                 fixed[a],
-                m.capacity[k],
+                cap,
+                window,
                 &mut events,
             );
             dirty[a] = false;
@@ -1371,6 +1465,83 @@ mod tests {
         fn water_filling_is_max_min_fair(seed in any::<u64>()) {
             let mut r = Rng::new(seed);
             let topo = gen_site(&mut r, 14);
+            let mut x = gen_inputs(&mut r, &topo);
+            tame(&mut x);
+            let w = gen_want(&mut r, topo.n_chargers());
+            let p = AllocatorParams { envelope: gen_params(&mut r), ..Default::default() };
+            let a = alloc(&topo, &x, &w, &p);
+            let (m, adm) = allocation_model(&topo, &x.chargers(), &x.nodes(), &w.demand(), &p).unwrap();
+            prop_assert_eq!(&adm, &a.admitted);
+            if let Err(e) = fairness(&topo, &m, &adm, &a.level_a) {
+                prop_assert!(false, "{e}");
+            }
+        }
+    }
+
+    /// A grid over feeders over circuits with 150–450 chargers of mixed wiring, limits sized
+    /// per charger so that hundreds of sessions share the upper constraints.
+    fn large_site(r: &mut Rng) -> Topology {
+        let n = 150 + r.below(300);
+        let n_feeders = 2 + r.below(3);
+        let n_circuits = n.div_ceil(6);
+        let mut nodes = vec![format!(
+            r#"{{"id": "grid", "phase_limit_a": {}, "power_limit_kw": {}}}"#,
+            (n as f64 * r.range(4.0, 12.0)).round(),
+            (n as f64 * r.range(3.0, 9.0)).round()
+        )];
+        for f in 0..n_feeders {
+            nodes.push(format!(
+                r#"{{"id": "f{f}", "parent": "grid", "phase_limit_a": {}}}"#,
+                (n as f64 / n_feeders as f64 * r.range(4.0, 14.0)).round()
+            ));
+        }
+        for c in 0..n_circuits {
+            nodes.push(format!(
+                r#"{{"id": "k{c}", "parent": "f{}", "phase_limit_a": {}}}"#,
+                c % n_feeders,
+                r.range(40.0, 90.0).round()
+            ));
+        }
+        let ph = ["L1", "L2", "L3"];
+        let chargers: Vec<String> = (0..n)
+            .map(|i| {
+                let (wiring, phases, v) = match r.below(4) {
+                    0 => ("line_to_neutral", format!(r#"["{}"]"#, ph[i % 3]), 230),
+                    1 => (
+                        "line_to_line",
+                        format!(r#"["{}", "{}"]"#, ph[i % 3], ph[(i + 1) % 3]),
+                        400,
+                    ),
+                    _ => (
+                        "three_phase",
+                        format!(r#"["{}", "{}", "{}"]"#, ph[i % 3], ph[(i + 1) % 3], ph[(i + 2) % 3]),
+                        230,
+                    ),
+                };
+                format!(
+                    r#"{{"id": "c{i}", "parent": "k{}", "wiring": "{wiring}", "phases": {phases}, "voltage_v": {v}, "max_a": {}}}"#,
+                    i / 6,
+                    [16.0, 32.0][r.below(2)]
+                )
+            })
+            .collect();
+        Topology::from_json(&format!(
+            r#"{{"site": {{"id": "s"}}, "nodes": [{}], "chargers": [{}]}}"#,
+            nodes.join(","),
+            chargers.join(",")
+        ))
+        .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(cases(24))]
+
+        /// Large sites (constraints with hundreds of members take the water-filling's probing
+        /// path for large constraints): still weighted max-min fair, still through the envelope.
+        #[test]
+        fn water_filling_is_max_min_fair_on_large_sites(seed in any::<u64>()) {
+            let mut r = Rng::new(seed);
+            let topo = large_site(&mut r);
             let mut x = gen_inputs(&mut r, &topo);
             tame(&mut x);
             let w = gen_want(&mut r, topo.n_chargers());

@@ -217,7 +217,7 @@ const TOL_A: f64 = 1e-9;
 /// What is held alone must be over a limit by more than this (relative) before setpoints are
 /// sized for chargers that follow them; closer to the limit, rounding decides, and the plain
 /// rule (pause what contributes) stays.
-const FOLLOW_TOL: f64 = 2e-6;
+pub(crate) const FOLLOW_TOL: f64 = 2e-6;
 
 fn fresh(age: f64, stale_after: f64) -> bool {
     age.is_finite() && age >= 0.0 && age <= stale_after
