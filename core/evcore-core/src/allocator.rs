@@ -296,7 +296,7 @@ fn model_and_admission(
     nodes: &NodeInputs<'_>,
     demand: &Demand<'_>,
     p: &AllocatorParams,
-) -> (Model, Vec<bool>, Vec<Binding>, Vec<f64>) {
+) -> (Model, Vec<bool>, Vec<Binding>, Counting) {
     let n = topo.n_chargers();
     let nn = topo.n_nodes();
     let ep = &p.envelope;
@@ -627,7 +627,7 @@ fn model_and_admission(
             m.set_cap[c] = 0.0;
         }
     }
-    (m, admitted, binding, held)
+    (m, admitted, binding, cnt)
 }
 
 /// Heap key: a constraint's saturation level (a lower bound until recomputed), ties by index.
@@ -926,17 +926,33 @@ fn raise_to_exact(
         .collect();
     let mut members: Vec<usize> = Vec::new();
     let mut brk: Vec<(f64, usize, usize, bool)> = Vec::new();
-    for &node in topo.node_order().iter().rev() {
-        members.clear();
-        members.extend(
-            topo.chargers_below(node)
-                .iter()
-                .copied()
-                .filter(|&c| raisable[c] && cand[c] > level_a[c]),
-        );
-        if members.is_empty() {
-            continue;
+    // What a charger would add at a node if it rose to `to`: per site phase an upper bound of
+    // the line current (every terminal coefficient has magnitude 1) and, last, the watts.
+    let held_all = &cnt.held;
+    let rise = |c: usize, to: f64| -> [f64; N_PHASES + 1] {
+        let (x, h) = (level_a[c], &held_all[c]);
+        let mut u = [0.0; N_PHASES + 1];
+        for e in topo.terminal_entries(c) {
+            u[e.phase] += to.max(h[e.terminal]) - x.max(h[e.terminal]);
         }
+        let watts = topo.chargers[c].watts_per_terminal_a();
+        for &hk in h.iter().take(topo.chargers[c].wiring.terminals()) {
+            u[N_PHASES] += (to.max(hk) - x.max(hk)) * watts;
+        }
+        u
+    };
+    // Summed bottom-up: a node where even these bounds fit needs no look at its members.
+    let mut bound = vec![[0.0; N_PHASES + 1]; nn];
+    for c in 0..n {
+        if raisable[c] && cand[c] > level_a[c] {
+            let u = rise(c, cand[c]);
+            let b = &mut bound[topo.chargers[c].parent];
+            for (bk, uk) in b.iter_mut().zip(u) {
+                *bk += uk;
+            }
+        }
+    }
+    for &node in topo.node_order().iter().rev() {
         let spec = &topo.nodes[node];
         let kw_limit_w = spec.power_limit_kw.map_or(f64::INFINITY, |k| k * 1000.0);
         // A limit of this node already tight at the water-filling values (a phase without
@@ -946,166 +962,204 @@ fn raise_to_exact(
         let tight_ph: [bool; N_PHASES] =
             std::array::from_fn(|ph| tight_at(loads.line_a(node, ph), spec.phase_limit_a[ph]));
         let tight_kw = tight_at(loads.power_w[node], kw_limit_w);
-        members.retain(|&c| {
-            let on_tight = topo.chargers[c].phases.iter().position(|&ph| tight_ph[ph]);
-            if tight_kw || on_tight.is_some() {
-                cand[c] = level_a[c];
-                out.node[c] = Some(node);
-                out.phase[c] = if tight_kw {
-                    None
-                } else {
-                    on_tight.map(|k| topo.chargers[c].phases[k])
-                };
-                false
-            } else {
-                true
-            }
-        });
-        if members.is_empty() {
-            continue;
-        }
-        // Allowed values (A, W) of the limits not tight before the raise (a value of 0 always
-        // fits; a zero limit allows only that). Tight ones are left out: no charger left on them
-        // moves them.
         let allow = |limit: f64| if limit > 0.0 { limit * RAISE_FIT } else { 0.0 };
-        let allow_ph: [f64; N_PHASES] = std::array::from_fn(|ph| {
-            if tight_ph[ph] {
-                f64::INFINITY
-            } else {
-                allow(spec.phase_limit_a[ph])
-            }
-        });
-        let allow_w = if tight_kw {
-            f64::INFINITY
-        } else {
-            allow(kw_limit_w)
-        };
-        // Every member at its candidate value: most nodes fit, and need no search.
-        {
-            let mut re = loads.re[node];
-            let mut im = loads.im[node];
-            let mut pw = loads.power_w[node];
-            for &c in &members {
-                let x = level_a[c];
-                let r = cand[c];
-                let held = &cnt.held[c];
-                let v = topo.chargers[c].watts_per_terminal_a();
-                let mut d = [0.0; N_PHASES];
-                for k in 0..topo.chargers[c].wiring.terminals() {
-                    d[k] = r.max(held[k]) - x.max(held[k]);
-                    pw += d[k] * v;
+        let u = bound[node];
+        let quick = !tight_kw
+            && !tight_ph.iter().any(|&t| t)
+            && loads.power_w[node] + u[N_PHASES] <= allow(kw_limit_w)
+            && (0..N_PHASES)
+                .all(|ph| loads.line_a(node, ph) + u[ph] <= allow(spec.phase_limit_a[ph]));
+        if !quick {
+            'slow: {
+                members.clear();
+                members.extend(
+                    topo.chargers_below(node)
+                        .iter()
+                        .copied()
+                        .filter(|&c| raisable[c] && cand[c] > level_a[c]),
+                );
+                if members.is_empty() {
+                    break 'slow;
                 }
-                for e in topo.terminal_entries(c) {
-                    re[e.phase] += d[e.terminal] * e.re;
-                    im[e.phase] += d[e.terminal] * e.im;
-                }
-            }
-            if pw <= allow_w
-                && (0..N_PHASES)
-                    .all(|ph| re[ph] * re[ph] + im[ph] * im[ph] <= allow_ph[ph] * allow_ph[ph])
-            {
-                continue;
-            }
-        }
-        // Each member terminal rises linearly (slope w per unit of level) between
-        // `max(x, held)/w` and `cand/w`: the line currents and the power are piecewise linear in
-        // the level. Walk the breakpoints in order; on the first piece where a limit is crossed,
-        // solve for the crossing exactly (a quadratic for a phasor magnitude, linear for kW).
-        brk.clear();
-        for &c in &members {
-            let (x, w) = (level_a[c], m.weight[c]);
-            let held = &cnt.held[c];
-            for (k, &h) in held
-                .iter()
-                .enumerate()
-                .take(topo.chargers[c].wiring.terminals())
-            {
-                let start = x.max(h);
-                if start < cand[c] {
-                    brk.push((start / w, c, k, true));
-                    brk.push((cand[c] / w, c, k, false));
-                }
-            }
-        }
-        brk.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-        let mut re = loads.re[node];
-        let mut im = loads.im[node];
-        let mut pw = loads.power_w[node];
-        let mut d_re = [0.0; N_PHASES];
-        let mut d_im = [0.0; N_PHASES];
-        let mut d_pw = 0.0;
-        let mut cur = brk.first().map_or(0.0, |b| b.0);
-        // (level at which a limit is first crossed, which limit: phase or N_PHASES = kW)
-        let mut crossing: Option<(f64, usize)> = None;
-        for &(l, c, k, starts) in brk.iter() {
-            let dl = l - cur;
-            if dl > 0.0 {
-                let mut nre = re;
-                let mut nim = im;
-                for ph in 0..N_PHASES {
-                    nre[ph] += d_re[ph] * dl;
-                    nim[ph] += d_im[ph] * dl;
-                }
-                let npw = pw + d_pw * dl;
-                let mut first = (f64::INFINITY, N_PHASES);
-                if !(npw <= allow_w) {
-                    let t = if d_pw > 0.0 {
-                        (allow_w - pw) / d_pw
-                    } else {
-                        0.0
-                    };
-                    first = (t.clamp(0.0, dl), N_PHASES);
-                }
-                for ph in 0..N_PHASES {
-                    let lim = allow_ph[ph];
-                    if nre[ph] * nre[ph] + nim[ph] * nim[ph] <= lim * lim {
-                        continue;
-                    }
-                    // |(re + d_re t, im + d_im t)|² = lim², the root in [0, dl].
-                    let a = d_re[ph] * d_re[ph] + d_im[ph] * d_im[ph];
-                    let bh = re[ph] * d_re[ph] + im[ph] * d_im[ph];
-                    let c0 = re[ph] * re[ph] + im[ph] * im[ph] - lim * lim;
-                    let t = if !(c0 < 0.0) || !(a > 0.0) {
-                        0.0
-                    } else {
-                        let disc = (bh * bh - a * c0).max(0.0).sqrt();
-                        if bh >= 0.0 {
-                            -c0 / (bh + disc)
+                members.retain(|&c| {
+                    let on_tight = topo.chargers[c].phases.iter().position(|&ph| tight_ph[ph]);
+                    if tight_kw || on_tight.is_some() {
+                        cand[c] = level_a[c];
+                        out.node[c] = Some(node);
+                        out.phase[c] = if tight_kw {
+                            None
                         } else {
-                            (disc - bh) / a
+                            on_tight.map(|k| topo.chargers[c].phases[k])
+                        };
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if members.is_empty() {
+                    break 'slow;
+                }
+                // Allowed values (A, W) of the limits not tight before the raise (a value of 0 always
+                // fits; a zero limit allows only that). Tight ones are left out: no charger left on them
+                // moves them.
+                let allow = |limit: f64| if limit > 0.0 { limit * RAISE_FIT } else { 0.0 };
+                let allow_ph: [f64; N_PHASES] = std::array::from_fn(|ph| {
+                    if tight_ph[ph] {
+                        f64::INFINITY
+                    } else {
+                        allow(spec.phase_limit_a[ph])
+                    }
+                });
+                let allow_w = if tight_kw {
+                    f64::INFINITY
+                } else {
+                    allow(kw_limit_w)
+                };
+                // Every member at its candidate value: most nodes fit, and need no search.
+                {
+                    let mut re = loads.re[node];
+                    let mut im = loads.im[node];
+                    let mut pw = loads.power_w[node];
+                    for &c in &members {
+                        let x = level_a[c];
+                        let r = cand[c];
+                        let held = &cnt.held[c];
+                        let v = topo.chargers[c].watts_per_terminal_a();
+                        let mut d = [0.0; N_PHASES];
+                        for k in 0..topo.chargers[c].wiring.terminals() {
+                            d[k] = r.max(held[k]) - x.max(held[k]);
+                            pw += d[k] * v;
                         }
-                    };
-                    let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, dl) };
-                    if t < first.0 {
-                        first = (t, ph);
+                        for e in topo.terminal_entries(c) {
+                            re[e.phase] += d[e.terminal] * e.re;
+                            im[e.phase] += d[e.terminal] * e.im;
+                        }
+                    }
+                    if pw <= allow_w
+                        && (0..N_PHASES).all(|ph| {
+                            re[ph] * re[ph] + im[ph] * im[ph] <= allow_ph[ph] * allow_ph[ph]
+                        })
+                    {
+                        break 'slow;
                     }
                 }
-                if first.0 < f64::INFINITY {
-                    crossing = Some((cur + first.0, first.1));
-                    break;
+                // Each member terminal rises linearly (slope w per unit of level) between
+                // `max(x, held)/w` and `cand/w`: the line currents and the power are piecewise linear in
+                // the level. Walk the breakpoints in order; on the first piece where a limit is crossed,
+                // solve for the crossing exactly (a quadratic for a phasor magnitude, linear for kW).
+                brk.clear();
+                for &c in &members {
+                    let (x, w) = (level_a[c], m.weight[c]);
+                    let held = &cnt.held[c];
+                    for (k, &h) in held
+                        .iter()
+                        .enumerate()
+                        .take(topo.chargers[c].wiring.terminals())
+                    {
+                        let start = x.max(h);
+                        if start < cand[c] {
+                            brk.push((start / w, c, k, true));
+                            brk.push((cand[c] / w, c, k, false));
+                        }
+                    }
                 }
-                re = nre;
-                im = nim;
-                pw = npw;
-                cur = l;
+                let mut re = loads.re[node];
+                let mut im = loads.im[node];
+                let mut pw = loads.power_w[node];
+                let mut d_re = [0.0; N_PHASES];
+                let mut d_im = [0.0; N_PHASES];
+                let mut d_pw = 0.0;
+                let mut cur = brk.iter().map(|b| b.0).fold(f64::INFINITY, f64::min);
+                brk.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+                // (level at which a limit is first crossed, which limit: phase or N_PHASES = kW)
+                let mut crossing: Option<(f64, usize)> = None;
+                for &(l, c, k, starts) in brk.iter() {
+                    let dl = l - cur;
+                    if dl > 0.0 {
+                        let mut nre = re;
+                        let mut nim = im;
+                        for ph in 0..N_PHASES {
+                            nre[ph] += d_re[ph] * dl;
+                            nim[ph] += d_im[ph] * dl;
+                        }
+                        let npw = pw + d_pw * dl;
+                        let mut first = (f64::INFINITY, N_PHASES);
+                        if !(npw <= allow_w) {
+                            let t = if d_pw > 0.0 {
+                                (allow_w - pw) / d_pw
+                            } else {
+                                0.0
+                            };
+                            first = (t.clamp(0.0, dl), N_PHASES);
+                        }
+                        for ph in 0..N_PHASES {
+                            let lim = allow_ph[ph];
+                            if nre[ph] * nre[ph] + nim[ph] * nim[ph] <= lim * lim {
+                                continue;
+                            }
+                            // |(re + d_re t, im + d_im t)|² = lim², the root in [0, dl].
+                            let a = d_re[ph] * d_re[ph] + d_im[ph] * d_im[ph];
+                            let bh = re[ph] * d_re[ph] + im[ph] * d_im[ph];
+                            let c0 = re[ph] * re[ph] + im[ph] * im[ph] - lim * lim;
+                            let t = if !(c0 < 0.0) || !(a > 0.0) {
+                                0.0
+                            } else {
+                                let disc = (bh * bh - a * c0).max(0.0).sqrt();
+                                if bh >= 0.0 {
+                                    -c0 / (bh + disc)
+                                } else {
+                                    (disc - bh) / a
+                                }
+                            };
+                            let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, dl) };
+                            if t < first.0 {
+                                first = (t, ph);
+                            }
+                        }
+                        if first.0 < f64::INFINITY {
+                            crossing = Some((cur + first.0, first.1));
+                            break;
+                        }
+                        re = nre;
+                        im = nim;
+                        pw = npw;
+                        cur = l;
+                    }
+                    let sign = if starts { 1.0 } else { -1.0 };
+                    let w = m.weight[c] * sign;
+                    for e in topo.terminal_entries(c).iter().filter(|e| e.terminal == k) {
+                        d_re[e.phase] += w * e.re;
+                        d_im[e.phase] += w * e.im;
+                    }
+                    d_pw += w * topo.chargers[c].watts_per_terminal_a();
+                }
+                let Some((lo, tight)) = crossing else {
+                    break 'slow; // every member reaches its cap
+                };
+                for &c in &members {
+                    let r = (m.weight[c] * lo).max(level_a[c]).min(cand[c]);
+                    if r < cand[c] {
+                        cand[c] = r;
+                        out.node[c] = Some(node);
+                        out.phase[c] = (tight < N_PHASES).then_some(tight);
+                    }
+                }
             }
-            let sign = if starts { 1.0 } else { -1.0 };
-            let w = m.weight[c] * sign;
-            for e in topo.terminal_entries(c).iter().filter(|e| e.terminal == k) {
-                d_re[e.phase] += w * e.re;
-                d_im[e.phase] += w * e.im;
+            // What the members below can still add, after this node lowered some of them.
+            let mut u = [0.0; N_PHASES + 1];
+            for &c in &members {
+                if cand[c] > level_a[c] {
+                    for (uk, rk) in u.iter_mut().zip(rise(c, cand[c])) {
+                        *uk += rk;
+                    }
+                }
             }
-            d_pw += w * topo.chargers[c].watts_per_terminal_a();
+            bound[node] = u;
         }
-        let Some((lo, tight)) = crossing else {
-            continue; // every member reaches its cap
-        };
-        for &c in &members {
-            let r = (m.weight[c] * lo).max(level_a[c]).min(cand[c]);
-            if r < cand[c] {
-                cand[c] = r;
-                out.node[c] = Some(node);
-                out.phase[c] = (tight < N_PHASES).then_some(tight);
+        if let Some(p) = spec.parent {
+            let u = bound[node];
+            for (bk, uk) in bound[p].iter_mut().zip(u) {
+                *bk += uk;
             }
         }
     }
@@ -1144,7 +1198,7 @@ pub fn allocate(
         return Err(CoreError::input("admission_hysteresis_s", None, "is NaN"));
     }
     validate_demand(demand, n)?;
-    let (m, admitted, mut binding, _held) = model_and_admission(topo, ch, nodes, demand, p);
+    let (m, admitted, mut binding, mut cnt) = model_and_admission(topo, ch, nodes, demand, p);
     let (level, frozen_by) = water_fill(topo, &m, &admitted);
     // Setpoints from freeze levels; then the envelope, in this same call.
     let mut level_a = vec![0.0; n];
@@ -1163,7 +1217,7 @@ pub fn allocate(
             (m.weight[c] * l).clamp(m.set_floor[c], m.set_cap[c])
         };
     }
-    let mut cnt = counting(topo, ch, nodes, &p.envelope);
+    // The counting the model was built on (it does not depend on the requests).
     let raised = raise_to_exact(topo, &m, &mut cnt, &level_a, &admitted);
     for c in 0..n {
         if !admitted[c] {
