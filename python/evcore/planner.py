@@ -104,6 +104,7 @@ class PlanSession:
 class PlanWeights:
     non_delivery_per_kwh: float = 10.0
     charge_early_per_kwh: float = 1e-3
+    urgency_per_kwh: float = 0.0  # per kWh at the session's own departure: earliest deadline first
     equal_share: float = 1e-4
     smooth: float = 0.0  # off by default: it roughly doubles the solve time
 

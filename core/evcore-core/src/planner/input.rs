@@ -120,6 +120,13 @@ pub struct PlanWeights {
     /// Charge early: cost per kWh delivered at the end of the horizon (linear in time from 0 now).
     #[serde(default)]
     pub charge_early_per_kwh: f64,
+    /// Urgency: cost per kWh delivered at a session's departure (linear in time from 0 now, over
+    /// each session's own time left). Unlike `charge_early_per_kwh` it tells sessions apart:
+    /// among plans of equal cost and peak it finishes the sessions that leave first first
+    /// (earliest deadline first), which leaves each car time for the CC-CV taper the plan does
+    /// not model.
+    #[serde(default)]
+    pub urgency_per_kwh: f64,
     /// Equal share: weight of Σ (rate/max)²·step_h.
     #[serde(default)]
     pub equal_share: f64,
@@ -133,6 +140,7 @@ impl Default for PlanWeights {
         Self {
             non_delivery_per_kwh: 10.0,
             charge_early_per_kwh: 1e-3,
+            urgency_per_kwh: 0.0,
             equal_share: 1e-4,
             // Off by default: smoothing couples consecutive steps of a session, which doubles
             // the KKT frontier and roughly doubles the solve time (see docs/planner.md).
@@ -252,6 +260,7 @@ impl PlanInput {
             w.charge_early_per_kwh,
             false,
         )?;
+        check_num("weights.urgency_per_kwh", w.urgency_per_kwh, false)?;
         check_num("weights.equal_share", w.equal_share, false)?;
         check_num("weights.smooth", w.smooth, false)?;
 

@@ -432,6 +432,11 @@ impl Model {
             let kwh_per_unit = s.vehicle_kw_per_unit * var.frac * d_h;
             let mid = step_start_s[var.step] + 0.5 * input.step_s[var.step] - input.start_s;
             q[v] = w.charge_early_per_kwh * (mid / horizon_s) * kwh_per_unit;
+            if w.urgency_per_kwh > 0.0 {
+                let departure_s = input.sessions[var.session].departure_s;
+                let left_s = (departure_s - input.start_s).max(input.step_s[var.step]);
+                q[v] += w.urgency_per_kwh * (mid / left_s).min(1.0) * kwh_per_unit;
+            }
             let inv2 = 1.0 / (s.max_rate * s.max_rate);
             if w.equal_share > 0.0 {
                 pt.push(v, v, 2.0 * w.equal_share * d_h * inv2);

@@ -57,6 +57,7 @@ fn input(step_s: Vec<f64>, price: Vec<f64>) -> PlanInput {
         weights: PlanWeights {
             non_delivery_per_kwh: 10.0,
             charge_early_per_kwh: 0.0,
+            urgency_per_kwh: 0.0,
             equal_share: 0.0,
             smooth: 0.0,
         },
@@ -443,6 +444,40 @@ fn regularisers_charge_early_share_equally_and_smooth() {
     let (rough, smooth) = (jumps(0.0), jumps(1.0));
     assert!(rough > 50.0, "{rough}");
     assert!(smooth < 0.5 * rough, "{smooth} vs {rough}");
+}
+
+#[test]
+fn urgency_finishes_the_session_that_leaves_first_first() {
+    // A 10 A line, flat price, two sessions wanting one step each at 10 A: every split of the two
+    // steps costs the same. `charge_early_per_kwh` cannot tell them apart (the line's energy-time
+    // sum is the same); urgency puts the one that leaves at 2 h in the first step.
+    let mut inp = input(vec![3600.0, 3600.0], vec![0.1]);
+    inp.nodes = vec![node("root", None, 10.0)];
+    inp.chargers = vec![
+        ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0),
+        ac("c2", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0),
+    ];
+    inp.sessions = vec![
+        session("late", "c2", 4.0, 2.3),
+        session("early", "c1", 2.0, 2.3),
+    ];
+    inp.weights.urgency_per_kwh = 0.01;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    let late = targets(&out, 0);
+    let early = targets(&out, 1);
+    assert!(
+        close(early[0], 10.0, 1e-3) && early[1].abs() < 1e-3,
+        "{early:?}"
+    );
+    assert!(
+        late[0].abs() < 1e-3 && close(late[1], 10.0, 1e-3),
+        "{late:?}"
+    );
+    assert!(out.summary.terms.charge_early > 0.0);
+    // Off (the default): no preference, and no term.
+    inp.weights.urgency_per_kwh = 0.0;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert!(out.summary.terms.charge_early.abs() < 1e-9);
 }
 
 #[test]
