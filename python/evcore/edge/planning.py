@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from evcore.edge.controller import EdgeController, PlanTargets
@@ -75,6 +75,289 @@ class PlannerSection:
         if out.horizon_h <= 0 or out.demand_window_s <= 0:
             raise PlannerConfigError("[planner].horizon_h and demand_window_s must be positive")
         return out
+
+
+def held_outside_plan(
+    site: Any,
+    chargers: Mapping[str, ChargerState],
+    failsafe: Mapping[str, float],
+    planned: Collection[str],
+) -> dict[str, tuple[list[float], float]]:
+    """Per node (its whole subtree): the line currents (A per site phase) and active power (kW)
+    that chargers the plan does not control hold as the allocator counts them, so that a plan
+    leaves that room free instead of promising it to sessions the allocator will not admit.
+
+    The allocator counts an idle charger (no session) at the level its car could start at before
+    the edge hears of it (its failsafe/TxDefault level, its maximum while it never accepted a
+    TxDefault), and a faulted charger or one whose profiles are unknown at its maximum, on every
+    terminal. On the twin's EU site 18 idle three-phase chargers at a 7.1 A failsafe level hold
+    88 kW of its 110 kW cap: a plan blind to it asked for 100-118 kW while the allocator could
+    grant 50-85."""
+    out: dict[str, tuple[list[float], float]] = {n.id: ([0.0, 0.0, 0.0], 0.0) for n in site.nodes}
+    parent = {n.id: n.parent for n in site.nodes}
+    for spec in site.chargers:
+        c = chargers.get(spec.id)
+        if c is None or spec.id in planned:
+            continue
+        if c.faulted or c.profile_unknown:
+            level = c.max_value
+        elif c.transaction_id is None:
+            idle = [failsafe.get(spec.id, 0.0), c.tx_default or 0.0, c.tx_default_sent or 0.0]
+            if c.sent is not None:
+                idle.append(c.sent)
+            elif c.tx_default is None:
+                idle.append(c.max_value)
+            level = max(idle)
+        else:
+            continue  # a session the plan leaves out (leaving, energy in): the allocator alone
+        if level <= 0.0:
+            continue
+        if spec.kind == "dc":
+            line_a = spec.dc_line_a(level)
+            amps = [line_a, line_a, line_a]
+            kw = line_a * 3.0 * spec.voltage_v / 1000.0
+        else:
+            amps = [0.0, 0.0, 0.0]
+            for ph in spec.phases:
+                amps[ph] = max(amps[ph], level)
+            per_a = spec.voltage_v * (3.0 if spec.wiring == "three_phase" else 1.0)
+            kw = level * per_a / 1000.0
+        node: str | None = spec.parent
+        while node is not None:
+            a, k = out[node]
+            out[node] = ([x + y for x, y in zip(a, amps, strict=True)], k + kw)
+            node = parent[node]
+    return out
+
+
+def leave_held_room(
+    nodes: Sequence[Any], held: Mapping[str, tuple[Sequence[float], float]]
+) -> list[Any]:
+    """``nodes`` (``PlanNode``) with what ``held_outside_plan`` found taken off their phase limits
+    and kW caps, never below the node's own other load (the planner reports a limit that the
+    forecast other load alone exceeds as ``infeasible``; a limit left at that load plans 0 there,
+    which is what the allocator will grant)."""
+    out = []
+    for n in nodes:
+        amps, kw = held.get(n.id, ((0.0, 0.0, 0.0), 0.0))
+        if not any(amps) and kw == 0.0:
+            out.append(n)
+            continue
+        limits = _per_phase_list(n.phase_limit_a)
+        others = _per_phase_list(n.other_load_a)
+        phase: list[Any] = [
+            _less(lim, a, other) for lim, a, other in zip(limits, amps, others, strict=True)
+        ]
+        power = n.power_limit_kw
+        if power is not None:
+            power = _less(power, kw, n.other_load_kw)
+        out.append(replace(n, phase_limit_a=phase, power_limit_kw=power))
+    return out
+
+
+def _per_phase_list(v: Any) -> list[Any]:
+    return [float(v)] * 3 if isinstance(v, int | float) else list(v)
+
+
+def _less(limit: Any, amount: float, floor: Any) -> Any:
+    """``limit - amount`` (a number or a per-step series), never below ``floor`` (idem)."""
+    if isinstance(limit, int | float) and isinstance(floor, int | float):
+        return max(float(floor), float(limit) - amount)
+    n = len(limit) if not isinstance(limit, int | float) else len(floor)
+    lims = [float(limit)] * n if isinstance(limit, int | float) else [float(x) for x in limit]
+    floors = [float(floor)] * n if isinstance(floor, int | float) else [float(x) for x in floor]
+    return [max(f, x - amount) for x, f in zip(lims, floors, strict=True)]
+
+
+# Hand the room a plan leaves unused to its sessions (``schedule_rows``).
+FILL_SPARE = True
+
+
+def _rows(res: Any) -> dict[str, list[tuple[float, float, float]]]:
+    """The schedule's targets per charger as (step_start, step_s, target), as planned."""
+    cols = res.schedule.to_pydict()
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for cid, start, dur, ta, tw in zip(
+        cols["charger_id"],
+        cols["step_start"],
+        cols["step_s"],
+        cols["target_a"],
+        cols["target_w"],
+        strict=True,
+    ):
+        target = tw if ta is None else ta
+        if target is not None:
+            rows.setdefault(cid, []).append((start.timestamp(), float(dur), float(target)))
+    return rows
+
+
+def _at(v: Any, k: int) -> float:
+    return float(v) if isinstance(v, int | float) else float(v[k])
+
+
+def schedule_rows(
+    req: Any, res: Any, *, fill: bool = True
+) -> dict[str, list[tuple[float, float, float]]]:
+    """The plan's targets per charger as (step_start, step_s, target), with the room the plan
+    leaves unused handed out on top (``fill``).
+
+    The allocator caps every session at its plan target, so capacity the plan leaves free in a
+    step is wasted even when a session could use it: a car that falls behind its plan (it tapers
+    near full, the allocator raises it only step by step from what it draws) catches up only if
+    its cap lets it. So, step by step and earliest departure first, each session's target is
+    raised into what is left under every node's phase limits (counted linearly, which is never
+    below the exact phasor sum) and kW caps, under the plan's own site peak (a window average
+    is at most its highest step, so the demand charge the plan chose holds), and only in a step
+    no dearer than every later step the plan gives that session energy in (so the energy cost
+    does not rise either: the car takes the energy earlier at the same or a lower price, and the
+    re-plan sees it done). A raise is never below the charger's minimum (6 A rule) and never
+    beyond the energy the session still wants."""
+    cols = res.schedule.to_pydict()
+    steps = [float(d) for d in req.step_s]
+    start = _epoch_s(req.start)
+    starts = [start]
+    for d in steps[:-1]:
+        starts.append(starts[-1] + d)
+    index = {round(t, 3): k for k, t in enumerate(starts)}
+    n_steps = len(steps)
+    # rate[s][k]: the planned target of session s in step k (only where it has a variable).
+    rate: dict[str, dict[int, float]] = {}
+    charger_of: dict[str, str] = {}
+    for sid, cid, st, ta, tw in zip(
+        cols["session_id"],
+        cols["charger_id"],
+        cols["step_start"],
+        cols["target_a"],
+        cols["target_w"],
+        strict=True,
+    ):
+        target = tw if ta is None else ta
+        if target is None:
+            continue
+        k = index.get(round(st.timestamp(), 3))
+        if k is None:
+            continue
+        rate.setdefault(sid, {})[k] = float(target)
+        charger_of[sid] = cid
+    if fill and rate:
+        _fill_spare(req, res, rate, charger_of, starts, n_steps)
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for sid, per_step in rate.items():
+        cid = charger_of[sid]
+        rows.setdefault(cid, []).extend(
+            (starts[k], steps[k], per_step[k]) for k in sorted(per_step)
+        )
+    return rows
+
+
+def _epoch_s(t: Any) -> float:
+    return float(t) if isinstance(t, int | float) else float(t.timestamp())
+
+
+def _fill_spare(
+    req: Any,
+    res: Any,
+    rate: dict[str, dict[int, float]],
+    charger_of: Mapping[str, str],
+    starts: Sequence[float],
+    n_steps: int,
+) -> None:
+    names = list(req.phase_names)
+    parent = {n.id: n.parent for n in req.nodes}
+    chargers = {c.id: c for c in req.chargers}
+    sessions = {s.id: s for s in req.sessions}
+    root = next(n for n in req.nodes if n.parent is None)
+
+    def ancestors(node: str | None) -> list[str]:
+        out = []
+        while node is not None:
+            out.append(node)
+            node = parent[node]
+        return out
+
+    # Per charger: line amperes per site phase per unit of rate, kW per unit, its bounds.
+    per_unit: dict[str, tuple[list[float], float, float, float, float, list[str]]] = {}
+    for c in req.chargers:
+        amps = [0.0, 0.0, 0.0]
+        if c.kind == "dc":
+            eff = c.efficiency or 0.95
+            line = 1.0 / (eff * 3.0 * c.voltage_v)
+            amps = [line, line, line]
+            kw = 1.0 / eff / 1000.0
+            kwh_per_h = 1.0 / 1000.0  # planned in W of output
+            lo, hi = float(c.min_w or 0.0), float(c.max_w or 0.0)
+        else:
+            for p in c.phases:
+                amps[p if isinstance(p, int) else names.index(p)] = 1.0
+            kw = c.voltage_v * (3.0 if c.wiring == "three_phase" else 1.0) / 1000.0
+            kwh_per_h = kw
+            lo, hi = float(c.min_a or 6.0), float(c.max_a or 0.0)
+        per_unit[c.id] = (amps, kw, kwh_per_h, lo, hi, ancestors(c.parent))
+
+    def limit3(v: Any, k: int) -> list[float]:
+        if isinstance(v, int | float):
+            return [float(v)] * 3
+        return [_at(x, k) for x in v]
+
+    peak_kw = max(float(res.summary.get("peak_kw", 0.0)), float(req.peak_floor_kw or 0.0))
+    prices = [_at(req.price_per_kwh, k) for k in range(n_steps)]
+    pv = [_at(req.pv_kw, k) for k in range(n_steps)] if req.pv_kw is not None else [0.0] * n_steps
+    order = sorted(rate, key=lambda sid: (_epoch_s(sessions[sid].departure), sid))
+    planned_kwh = {sid: 0.0 for sid in rate}
+    for k in range(n_steps):
+        step_h = float(req.step_s[k]) / 3600.0
+        phase_room: dict[str, list[float]] = {}
+        kw_room: dict[str, float] = {}
+        for n in req.nodes:
+            lim = limit3(n.phase_limit_a, k)
+            other = limit3(n.other_load_a, k)
+            phase_room[n.id] = [a - b for a, b in zip(lim, other, strict=True)]
+            if n.power_limit_kw is not None:
+                kw_room[n.id] = _at(n.power_limit_kw, k) - _at(n.other_load_kw, k)
+        site_room = peak_kw - (_at(root.other_load_kw, k) - pv[k])
+        present = [sid for sid in order if k in rate[sid]]
+        for sid in present:
+            amps, kw, _, _, _, up = per_unit[charger_of[sid]]
+            x = rate[sid][k]
+            for nid in up:
+                room = phase_room[nid]
+                for p in range(3):
+                    room[p] -= amps[p] * x
+                if nid in kw_room:
+                    kw_room[nid] -= kw * x
+            site_room -= kw * x
+        for sid in present:
+            sess = sessions[sid]
+            amps, kw, kwh_per_h, lo, hi, up = per_unit[charger_of[sid]]
+            x = rate[sid][k]
+            vmax = sess.max_w if chargers[charger_of[sid]].kind == "dc" else sess.max_a
+            top = min(hi, float(vmax)) if vmax is not None else hi
+            later = [prices[j] for j, r in rate[sid].items() if j > k and r > 0.0]
+            want_kwh = float(sess.energy_requested_kwh) - planned_kwh[sid]
+            if later and prices[k] > min(later) + 1e-12:
+                top = x  # dearer than where the plan puts the energy: keep the plan
+            room_units = top - x
+            room_units = min(room_units, max(0.0, want_kwh) / (kwh_per_h * step_h) - x)
+            room_units = min(room_units, site_room / kw if kw > 0 else room_units)
+            for nid in up:
+                for p in range(3):
+                    if amps[p] > 0:
+                        room_units = min(room_units, phase_room[nid][p] / amps[p])
+                if nid in kw_room and kw > 0:
+                    room_units = min(room_units, kw_room[nid] / kw)
+            new = x + max(0.0, room_units)
+            if x <= 0.0 and new < lo:
+                new = x  # a paused session starts only at its minimum or more
+            if new > x + 1e-9:
+                d = new - x
+                for nid in up:
+                    for p in range(3):
+                        phase_room[nid][p] -= amps[p] * d
+                    if nid in kw_room:
+                        kw_room[nid] -= kw * d
+                site_room -= kw * d
+                rate[sid][k] = new
+            planned_kwh[sid] += rate[sid][k] * kwh_per_h * step_h
 
 
 def without_pauses(
@@ -201,6 +484,14 @@ class LocalPlanner:
                 )
             )
         chargers = network_from_site(self.site)[1]
+        # What chargers outside the plan hold in the allocator's counting is not the plan's.
+        held = held_outside_plan(
+            self.site,
+            self.ctrl.state.chargers,
+            self.ctrl.failsafe,
+            {s.charger_id for s in sessions},
+        )
+        nodes = leave_held_room(nodes, held)
         return PlanRequest(
             start=now,
             step_s=steps,
@@ -216,21 +507,8 @@ class LocalPlanner:
     def _solve(self, req: Any, budget_s: float) -> Any:
         return self.planner.plan(req, budget_s)
 
-    def _targets(self, res: Any, received_at: float) -> PlanTargets:
-        cols = res.schedule.to_pydict()
-        rows: dict[str, list[tuple[float, float, float]]] = {}
-        for cid, start, dur, ta, tw in zip(
-            cols["charger_id"],
-            cols["step_start"],
-            cols["step_s"],
-            cols["target_a"],
-            cols["target_w"],
-            strict=True,
-        ):
-            target = tw if ta is None else ta
-            if target is None:
-                continue
-            rows.setdefault(cid, []).append((start.timestamp(), float(dur), float(target)))
+    def _targets(self, res: Any, received_at: float, req: Any = None) -> PlanTargets:
+        rows = schedule_rows(req, res, fill=FILL_SPARE) if req is not None else _rows(res)
         for cid, steps in rows.items():
             c = self.ctrl.state.chargers.get(cid)
             if c is not None:
@@ -276,7 +554,7 @@ class LocalPlanner:
             self.failures += 1
             log.warning("local plan %s; allocator alone", res.status)
             return None
-        plan = self._targets(res, self.ctrl.clock.now())
+        plan = self._targets(res, self.ctrl.clock.now(), req)
         self.plans += 1
         self.ctrl.set_plan(plan)
         return plan

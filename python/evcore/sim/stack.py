@@ -449,6 +449,9 @@ class StackRun:
                         self._app.controller.state,
                         peak_floor_kw=floor_kw,
                         window_energy_kwh=window_kwh,
+                        mono_now=self.clock.monotonic(),
+                        edge_site=self._app.site,
+                        failsafe=self._app.controller.failsafe,
                     )
                 except Exception as e:  # a planner error: the allocator runs alone (edge rule)
                     log.exception("twin planner failed")

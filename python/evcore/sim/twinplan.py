@@ -13,6 +13,7 @@ machine would make a twin run depend on the machine, and the twin must be reprod
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -23,19 +24,32 @@ PLAN_BUDGET_S = 10.0
 # at its plan target and raises it only step by step from what the car draws, so a session that
 # falls behind its plan catches up only where the plan has ended. A quarter of the time left, at
 # most an hour.
-FINISH_EARLY_SHARE = 0.25
-FINISH_EARLY_MAX_S = 3600.0
+FINISH_EARLY_SHARE = 0.3
+FINISH_EARLY_MAX_S = 5400.0
 # Plan 10 % more energy than is still wanted: the targets are caps, and the edge stops each session
 # at its own energy; the extra sits in the cheapest steps and gives the allocator room to catch up.
-PLAN_ENERGY_MARGIN = 1.1
+PLAN_ENERGY_MARGIN = 1.25
 # Energy first: a kWh not delivered costs far more than any price or demand charge saves.
 NON_DELIVERY_PER_KWH = 1000.0
+CHARGE_EARLY_PER_KWH = 1e-3
+URGENCY_PER_KWH = 0.02
+URGENCY_PEAK_PER_KWH = 0.02
+REAL_KWH_PRIORITY = True
+HOLD_ROOM = True
 # Plan under 90 % of each kW cap: the allocator counts a node's power more conservatively than
 # the planner (on the EU scenario it holds the site about 6 kW under a 110 kW cap the planner
 # fills), and a session planned on power the allocator will not grant falls behind for good.
 KW_MARGIN = 0.9
 PEAK_WEIGHT_PER_KW = 50.0  # planner_peak: demand charge used in the objective
 PEAK_PRICE_SCALE = 0.01  # planner_peak: energy price only as a tie-breaker
+# A car that draws clearly less than its charger allows (its onboard charger, the CC-CV taper) is
+# planned at what it draws plus this much: a plan that counts on the charger's maximum reserves
+# capacity the car never takes and expects energy it never gets.
+DRAW_SLACK_A = 1.0
+DRAW_SLACK_W = 1000.0
+# ... judged only on a measurement this long after the setpoint went out (the charger applies a
+# profile a few seconds after accepting it, the car follows within about 5 s).
+DRAW_SETTLE_S = 20.0
 
 
 class TwinPlanner:
@@ -49,6 +63,8 @@ class TwinPlanner:
         self.planner = Planner()
         self.version = 0
         self.last_status = ""
+        self.stale_after_s = max(30.0, 2.5 * sc.meter_interval_s)  # as the twin's edge
+        self.phases_drawn: dict[str, int] = {}  # transaction id -> fewest phases seen drawing
 
     def other_kw(self, node: Any) -> float:
         """A node's building load at its configured maximum, in kW."""
@@ -141,13 +157,48 @@ class TwinPlanner:
             phase_names=site.phase_names,
         )
 
-    def sessions_from_state(self, now: float, state: Any) -> list[Any]:
+    def vehicle_limit(self, c: Any, mono_now: float | None) -> float | None:
+        """What the car takes at most now (A per phase, or W for DC), from a fresh measurement
+        taken after the setpoint had time to apply, when it draws clearly less than allowed;
+        None when unknown (the charger's maximum is planned)."""
+        if (
+            mono_now is None
+            or c.measured_at is None
+            or mono_now - c.measured_at > self.stale_after_s
+            or c.sent is None
+            or c.sent <= 0.0
+            or c.sent_at is None
+            or c.measured_at < c.sent_at + DRAW_SETTLE_S
+        ):
+            return None
+        if c.is_dc:
+            drawn_w = c.measured_w
+            if drawn_w is None or not math.isfinite(drawn_w) or drawn_w <= 0.0:
+                return None
+            return float(drawn_w) + DRAW_SLACK_W if drawn_w < c.sent - DRAW_SLACK_W else None
+        vals = [float(a) for a in c.terminal_a if a is not None and math.isfinite(a)]
+        if not vals or max(vals) <= 0.5:
+            return None
+        drawn_a = max(vals)
+        if drawn_a >= float(c.sent) - DRAW_SLACK_A:
+            return None
+        return max(drawn_a + DRAW_SLACK_A, float(c.min_value))
+
+    def sessions_from_state(
+        self, now: float, state: Any, mono_now: float | None = None
+    ) -> list[Any]:
         from evcore.planner import PlanSession
 
         out = []
         for cid, c in sorted(state.chargers.items()):
-            if c.transaction_id is None or c.energy_requested_kwh is None or c.departure is None:
-                continue
+            if (
+                c.transaction_id is None
+                or c.energy_requested_kwh is None
+                or c.departure is None
+                or c.faulted
+                or not c.available
+            ):
+                continue  # the allocator does not control a faulted charger: nothing to plan
             remaining = max(0.0, c.energy_requested_kwh - c.session_energy_wh / 1000.0)
             if remaining <= 0.01 or c.departure <= now + 60.0:
                 continue
@@ -155,12 +206,21 @@ class TwinPlanner:
             # draws on fewer (seen in its per-terminal meter values) takes that much less energy
             # per ampere, so it needs the plan's current for longer.
             ch = self.sc.site.charger(cid)
+            per_kwh = 1.0
             if ch.kind == "ac" and ch.wiring == "three_phase":
-                drawn = sum(1 for a in c.terminal_a if a is not None and a > 0.5)
+                # Remembered per session: a paused car draws on no phase, and forgetting that it
+                # is single-phase flips its plan on every re-plan (each flip a switch).
+                seen = sum(1 for a in c.terminal_a if a is not None and a > 0.5)
+                key = str(c.transaction_id)
+                if seen > 0:
+                    self.phases_drawn[key] = min(seen, self.phases_drawn.get(key, 3))
+                drawn = self.phases_drawn.get(key, 0)
                 if 0 < drawn < 3:
                     remaining *= 3.0 / drawn
+                    per_kwh = drawn / 3.0 if REAL_KWH_PRIORITY else 1.0
             left = float(c.departure) - now
             depart = now + max(60.0, left - min(FINISH_EARLY_MAX_S, FINISH_EARLY_SHARE * left))
+            limit = self.vehicle_limit(c, mono_now)
             out.append(
                 PlanSession(
                     id=str(c.transaction_id),
@@ -168,7 +228,9 @@ class TwinPlanner:
                     arrival=now,
                     departure=depart,
                     energy_requested_kwh=remaining * PLAN_ENERGY_MARGIN,
-                    priority=float(c.priority),
+                    max_a=limit if limit is not None and not c.is_dc else None,
+                    max_w=limit if limit is not None and c.is_dc else None,
+                    priority=float(c.priority) * per_kwh,
                 )
             )
         return out
@@ -200,15 +262,22 @@ class TwinPlanner:
         *,
         peak_floor_kw: float = 0.0,
         window_energy_kwh: float = 0.0,
+        mono_now: float | None = None,
+        edge_site: Any = None,
+        failsafe: Mapping[str, float] | None = None,
     ) -> Any | None:
         """A local ``PlanTargets`` for the edge, or None (no session, or the plan failed).
 
         ``peak_floor_kw`` is the chargers' share of the billed peak already set this period and
         ``window_energy_kwh`` their energy so far in the current demand window (both from the site
-        meter): a peak already paid for costs nothing more, so the plan may use it."""
+        meter): a peak already paid for costs nothing more, so the plan may use it. With the edge's
+        ``edge_site`` and ``failsafe`` levels, the room that chargers outside the plan hold in the
+        allocator's counting is left free (``evcore.edge.planning.held_outside_plan``)."""
+        from evcore.edge import planning
         from evcore.edge.controller import PlanTargets
+        from evcore.edge.planning import held_outside_plan, leave_held_room, schedule_rows
 
-        sessions = self.sessions_from_state(now, state)
+        sessions = self.sessions_from_state(now, state, mono_now)
         if not sessions:
             self.last_status = "no_sessions"
             return None
@@ -218,30 +287,29 @@ class TwinPlanner:
         other_kw = self.other_kw(self.sc.site.root)
         window_s = self.sc.demand_charge.window_min * 60.0
         in_window_h = (now - max(math.floor(now / window_s) * window_s, self.sc.start)) / 3600.0
+        req = self.request(now, sessions)
+        if edge_site is not None and HOLD_ROOM:
+            held = held_outside_plan(
+                edge_site, state.chargers, failsafe or {}, {s.charger_id for s in sessions}
+            )
+            req = replace(req, nodes=leave_held_room(req.nodes, held))
         req = replace(
-            self.request(now, sessions),
+            req,
             peak_floor_kw=max(0.0, peak_floor_kw) + other_kw,
             current_window_energy_kwh=max(0.0, window_energy_kwh) + other_kw * in_window_h,
-            weights=PlanWeights(non_delivery_per_kwh=NON_DELIVERY_PER_KWH),
+            weights=PlanWeights(
+                non_delivery_per_kwh=NON_DELIVERY_PER_KWH,
+                charge_early_per_kwh=CHARGE_EARLY_PER_KWH,
+                urgency_per_kwh=(
+                    URGENCY_PEAK_PER_KWH if self.policy == "planner_peak" else URGENCY_PER_KWH
+                ),
+            ),
         )
         res = self.planner.plan(req, PLAN_BUDGET_S)
         self.last_status = res.status
         if not res.ok:
             return None
-        cols = res.schedule.to_pydict()
-        rows: dict[str, list[tuple[float, float, float]]] = {}
-        for cid, start, dur, ta, tw in zip(
-            cols["charger_id"],
-            cols["step_start"],
-            cols["step_s"],
-            cols["target_a"],
-            cols["target_w"],
-            strict=True,
-        ):
-            target = tw if ta is None else ta
-            if target is None:
-                continue
-            rows.setdefault(cid, []).append((start.timestamp(), float(dur), float(target)))
+        rows = schedule_rows(req, res, fill=planning.FILL_SPARE)
         for cid, steps in rows.items():
             rows[cid] = self._without_pauses(steps, state.chargers[cid])
         self.version += 1

@@ -1,0 +1,61 @@
+"""The twin's cloud planner (``evcore.sim.twinplan``) builds its request from what the edge sees:
+a car that draws less than allowed is planned at what it draws, and a single-phase car on a
+three-phase charger stays planned as one while it pauses (forgetting it flipped its plan, and
+each flip cost a switch)."""
+
+from __future__ import annotations
+
+from evcore.edge.state import ChargerState
+from evcore.sim import twinplan
+from evcore.sim.scenario import load_scenario
+
+
+def _charging(cid: str, **kw: object) -> ChargerState:
+    c = ChargerState(cid, cid, False, 6.0, 32.0)
+    c.transaction_id = f"tx-{cid}"
+    c.energy_requested_kwh = 10.0
+    c.departure = 1e12
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+def test_a_car_drawing_less_than_allowed_is_planned_at_what_it_draws() -> None:
+    tp = twinplan.TwinPlanner(load_scenario("eu-three-phase"), "planner_cost")
+    c = _charging("cp-01", sent=32.0, sent_at=100.0, measured_at=200.0, terminal_a=(16.0,) * 3)
+    assert tp.vehicle_limit(c, 210.0) == 16.0 + twinplan.DRAW_SLACK_A
+    # Drawing what it is allowed: unknown, the charger's maximum is planned.
+    c.terminal_a = (31.5, 31.5, 31.5)
+    assert tp.vehicle_limit(c, 210.0) is None
+    # A measurement from before the setpoint applied, or a stale one, says nothing.
+    c.terminal_a = (16.0,) * 3
+    assert tp.vehicle_limit(c, 210.0 + tp.stale_after_s) is None
+    c.measured_at = 100.0 + twinplan.DRAW_SETTLE_S - 1.0
+    assert tp.vehicle_limit(c, 130.0) is None
+    (s,) = tp.sessions_from_state(0.0, _state(c), 130.0)
+    assert s.max_a is None
+
+
+class _State:
+    def __init__(self, *chargers: ChargerState) -> None:
+        self.chargers = {c.charger_id: c for c in chargers}
+
+
+def _state(*chargers: ChargerState) -> _State:
+    return _State(*chargers)
+
+
+def test_a_single_phase_car_stays_single_phase_while_it_pauses() -> None:
+    tp = twinplan.TwinPlanner(load_scenario("eu-three-phase"), "planner_cost")
+    c = _charging("cp-01", terminal_a=(0.0, 0.0, 16.0))
+    (s,) = tp.sessions_from_state(0.0, _state(c))
+    # Three times the energy on the three phases the allocator counts it on, a third of the
+    # weight per planned kWh (one real kWh per three planned).
+    assert s.energy_requested_kwh == 10.0 * 3 * twinplan.PLAN_ENERGY_MARGIN
+    assert s.priority == 1.0 / 3.0
+    c.terminal_a = (0.0, 0.0, 0.0)  # paused
+    (s,) = tp.sessions_from_state(0.0, _state(c))
+    assert s.energy_requested_kwh == 10.0 * 3 * twinplan.PLAN_ENERGY_MARGIN
+    # A faulted charger is not the allocator's to control: not planned.
+    c.faulted = True
+    assert tp.sessions_from_state(0.0, _state(c)) == []
