@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from evcore.edge.planning import held_outside_plan, leave_held_room, schedule_rows
 from evcore.edge.state import ChargerState
-from evcore.planner import PlanCharger, PlanNode, PlanRequest, PlanSession
+from evcore.planner import PlanCharger, Planner, PlanNode, PlanRequest, PlanSession
 from evcore.site import load_site
 
 T0 = 1_700_000_000.0
@@ -173,5 +173,22 @@ def test_room_held_outside_the_plan_is_taken_off_the_limits() -> None:
     assert out["grid"].phase_limit_a == pytest.approx([90.0, 58.0, 58.0])
     assert out["grid"].power_limit_kw == pytest.approx(60.0 - kw)
     assert out["F1"].phase_limit_a == pytest.approx([53.0, 21.0, 21.0])
-    # Never below the node's own other load (0 here): a step with no room plans 0 there.
-    assert out["F1"].power_limit_kw == pytest.approx([30.0 - kw, 0.0])
+    # Never below the node's own other load (0 here): a step with no room plans 0 there, and the
+    # plan is still made (a limit exactly at the other load was refused as infeasible).
+    assert out["F1"].power_limit_kw == pytest.approx([30.0 - kw, 0.0], abs=2e-3)
+    req = PlanRequest(
+        start=T0,
+        step_s=[H, H],
+        price_per_kwh=0.1,
+        nodes=list(out.values()),
+        chargers=[
+            PlanCharger(
+                "busy", "F1", "three_phase", ("L1", "L2", "L3"), 230.0, min_a=6.0, max_a=32.0
+            )
+        ],
+        sessions=[PlanSession("s", "busy", T0, T0 + 2 * H, 20.0)],
+    )
+    res = Planner().plan(req, 5.0)
+    assert res.status == "optimal"
+    t = res.targets_at(T0 + 1.5 * H)["busy"][0]
+    assert t is not None and t < 6.0  # no room in the second step: nothing planned there

@@ -135,8 +135,8 @@ def leave_held_room(
 ) -> list[Any]:
     """``nodes`` (``PlanNode``) with what ``held_outside_plan`` found taken off their phase limits
     and kW caps, never below the node's own other load (the planner reports a limit that the
-    forecast other load alone exceeds as ``infeasible``; a limit left at that load plans 0 there,
-    which is what the allocator will grant)."""
+    forecast other load alone exceeds as ``infeasible``; a limit left just above that load plans
+    0 there, which is what the allocator will grant)."""
     out = []
     for n in nodes:
         amps, kw = held.get(n.id, ((0.0, 0.0, 0.0), 0.0))
@@ -159,14 +159,21 @@ def _per_phase_list(v: Any) -> list[Any]:
     return [float(v)] * 3 if isinstance(v, int | float) else list(v)
 
 
+# A limit left exactly at the node's other load is refused as infeasible: the planner tightens
+# every limit by its safety margin (limit_margin_rel, 1e-6 relative + as many A/kW). Leave this
+# much above it so that the plan there is 0, as the allocator will grant.
+_ROOM_FLOOR = 1e-3
+
+
 def _less(limit: Any, amount: float, floor: Any) -> Any:
-    """``limit - amount`` (a number or a per-step series), never below ``floor`` (idem)."""
+    """``limit - amount`` (a number or a per-step series), never below ``floor`` (idem) plus
+    ``_ROOM_FLOOR``."""
     if isinstance(limit, int | float) and isinstance(floor, int | float):
-        return max(float(floor), float(limit) - amount)
+        return max(float(floor) + _ROOM_FLOOR, float(limit) - amount)
     n = len(limit) if not isinstance(limit, int | float) else len(floor)
     lims = [float(limit)] * n if isinstance(limit, int | float) else [float(x) for x in limit]
     floors = [float(floor)] * n if isinstance(floor, int | float) else [float(x) for x in floor]
-    return [max(f, x - amount) for x, f in zip(lims, floors, strict=True)]
+    return [max(f + _ROOM_FLOOR, x - amount) for x, f in zip(lims, floors, strict=True)]
 
 
 # Hand the room a plan leaves unused to its sessions (``schedule_rows``).
