@@ -22,6 +22,8 @@ from evcore.ocpp.server import (
     ChargerInfo,
     CommandResult,
     CompositeSchedule,
+    LimitOrder,
+    LimitSend,
     StationState,
 )
 
@@ -33,6 +35,8 @@ __all__ = [
     "CompositeSchedule",
     "ConfigurationEvent",
     "ConnectionEvent",
+    "LimitOrder",
+    "LimitSend",
     "MeterSample",
     "NotificationEvent",
     "OcppConfig",

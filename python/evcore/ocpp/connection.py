@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ocpp.charge_point import ChargePoint as _LibChargePoint
 from ocpp.routing import on as _lib_on
+from websockets.protocol import State as _WsState
 
 from evcore.clock import Clock
 from evcore.ocpp import validation
@@ -39,6 +40,7 @@ def on(action: str) -> Callable[[_F], _F]:
 
 
 _ids = itertools.count(1)
+_OPEN = _WsState.OPEN
 
 
 class HandlerError(Exception):
@@ -224,8 +226,9 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
         unique_id = f"cs{next(_ids)}"
         fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
         self._pending[unique_id] = (action, fut)
-        sent_at = self.clock.now()
         await self._send_text(json.dumps([2, unique_id, action, payload], separators=(",", ":")))
+        # Handed to the socket (the transport's buffer) now: what "left" means for latency.
+        sent_at, sent_mono = self.clock.now(), self.clock.monotonic()
         timer: asyncio.Future[None] = asyncio.ensure_future(self.clock.sleep(timeout_s))
         try:
             await asyncio.wait(
@@ -240,7 +243,49 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
             fut.cancel()
             outcome = CallOutcome("Timeout", detail=f"no answer to {action} in {timeout_s} s")
         outcome.sent_at = sent_at
+        outcome.sent_mono = sent_mono
         return outcome
+
+    def send_now(
+        self, action: str, payload: dict[str, Any] | str
+    ) -> tuple[str, asyncio.Future[CallOutcome]] | None:
+        """Write one CALL to the socket now, synchronously, without waiting for its answer.
+
+        For payloads valid by construction (``frames``; the tests check them against the OCPP
+        schemas), so no schema check here; a ``str`` payload is JSON text. Returns (message id,
+        future of the outcome): the answer resolves it, ``expire`` or a closed connection too.
+        ``None`` when the frame cannot be written synchronously (connection not open); the
+        caller then takes the queued path. The caller keeps the one-CALL-in-flight rule.
+        """
+        ws = self.ws
+        protocol = getattr(ws, "protocol", None)
+        send_data = getattr(ws, "send_data", None)
+        if self.closed or protocol is None or send_data is None:
+            return None
+        if getattr(protocol, "state", None) is not _OPEN or getattr(ws, "send_in_progress", None):
+            return None
+        unique_id = f"cs{next(_ids)}"
+        if isinstance(payload, str):  # already JSON text (``frames``)
+            text = f'[2,"{unique_id}","{action}",{payload}]'
+        else:
+            text = json.dumps([2, unique_id, action, payload], separators=(",", ":"))
+        try:
+            # What ``ws.send`` does before it awaits the write buffer's drain: frame the message
+            # and hand it to the transport. The buffer is drained by the event loop as usual.
+            protocol.send_text(text.encode())
+            send_data()
+        except Exception as exc:  # connection gone; the receive loop will end it
+            LOG.info("%s: send failed: %s", self.id, exc)
+            return None
+        fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+        self._pending[unique_id] = (action, fut)
+        return unique_id, fut
+
+    def expire(self, unique_id: str, detail: str) -> None:
+        """No answer in time to a CALL of ``send_now``: resolve it ``Timeout``."""
+        entry = self._pending.pop(unique_id, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(CallOutcome("Timeout", detail=detail))
 
     def fail_pending(self, status: str) -> None:
         for _, fut in self._pending.values():

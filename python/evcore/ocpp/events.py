@@ -138,6 +138,10 @@ class ProfileResult:
     requested_at: float
     answered_at: float | None
     detail: str = ""
+    #: When its frame was handed to the socket (``clock.now()`` / ``clock.monotonic()``); None if
+    #: it never left (superseded, not connected, …).
+    sent_at: float | None = None
+    sent_mono: float | None = None
 
     @property
     def accepted(self) -> bool:

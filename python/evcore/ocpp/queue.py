@@ -27,8 +27,9 @@ class CallOutcome:
     payload: dict[str, Any] | None = None
     error_code: str | None = None
     detail: str = ""
-    sent_at: float | None = None
+    sent_at: float | None = None  # clock.now() when the frame was handed to the socket
     answered_at: float | None = None
+    sent_mono: float | None = None  # clock.monotonic() at the same instant
 
 
 #: Called just before sending; returns (action, payload) or a CallOutcome to skip sending.
@@ -96,15 +97,21 @@ class StationCallQueue:
         self._items.insert(pos, item)
         self._changed.set()
 
-    async def get(self) -> QueuedCall:
+    async def get(self, ready: Callable[[], bool] | None = None) -> QueuedCall:
+        """The next call, once there is one and ``ready()`` (if given) is true. Until it is
+        taken, a queued call can still be superseded or overtaken by a decrease."""
         while True:
             # Drop items whose waiter gave up.
             while self._items and self._items[0].future.done():
                 self._items.pop(0)
-            if self._items:
+            if self._items and (ready is None or ready()):
                 return self._items.pop(0)
             self._changed.clear()
             await self._changed.wait()
+
+    def wake(self) -> None:
+        """Wake the worker waiting in ``get`` (it re-checks ``ready``; nothing is added)."""
+        self._changed.set()
 
     def fail_all(self, status: str, detail: str = "") -> None:
         items, self._items = self._items, []

@@ -18,7 +18,7 @@ import inspect
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from evcore.clock import Clock
-from evcore.ocpp import v16, v201, validation
+from evcore.ocpp import frames, v16, v201, validation
 from evcore.ocpp.config import OcppConfig, parse_ocpp_section
 from evcore.ocpp.connection import HandlerError, StationConnection
 from evcore.ocpp.events import (
@@ -141,6 +141,35 @@ class LimitRequest:
     wire_final: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class LimitOrder:
+    """One limit of :meth:`CentralSystem.send_limits`; fields as in ``set_limit``."""
+
+    charger_id: str
+    limit_a: float | None = None
+    limit_w: float | None = None
+    valid_to: float | None = None
+    final_limit_a: float | None = None
+    final_limit_w: float | None = None
+    purpose: ProfilePurpose = "tx"
+
+
+@dataclass(slots=True)
+class LimitSend:
+    """A limit handed to :meth:`CentralSystem.send_limits`.
+
+    ``sent_at`` / ``sent_mono``: ``clock.now()`` / ``clock.monotonic()`` when its frame was handed
+    to the station's socket (set at once when it went straight out, else when it is answered);
+    ``result``: the :class:`ProfileResult` once answered, superseded, timed out, ….
+    """
+
+    charger_id: str
+    purpose: ProfilePurpose
+    result: asyncio.Future[ProfileResult]
+    sent_at: float | None = None
+    sent_mono: float | None = None
+
+
 @dataclass(frozen=True)
 class CommandResult:
     """Outcome of a command: ``status`` ``Result`` means the station answered ``payload``."""
@@ -217,6 +246,10 @@ class Station:
     status: dict[tuple[int, int], str] = field(default_factory=dict)
     last_seen: float | None = None
     worker: asyncio.Task[None] | None = None
+    #: A CALL ``send_limits`` wrote directly, until answered (the worker waits for it).
+    in_flight: asyncio.Future[CallOutcome] | None = None
+    #: The worker holds a call taken from the queue (sending it or waiting for the slot).
+    busy: bool = False
 
     def charger(self, evse_id: int | None) -> ChargerInfo | None:
         if evse_id is None:
@@ -530,25 +563,37 @@ class CentralSystem:
 
     async def _worker(self, st: Station) -> None:
         while True:
-            item = await st.queue.get()
-            conn = st.connection
-            if conn is None or conn.closed:
-                _resolve(item, CallOutcome("NotConnected", detail="station not connected"))
-                continue
+            # Not while a CALL that ``send_limits`` wrote directly awaits its answer: the next
+            # call stays in the queue meanwhile (a newer limit can still supersede it).
+            item = await st.queue.get(ready=lambda st=st: st.in_flight is None)  # type: ignore[misc]
+            st.busy = True
             try:
-                built = item.builder()
-            except Exception as exc:
-                LOG.exception("station %s: building %s failed", st.ocpp_id, item.label)
-                _resolve(
-                    item, CallOutcome("CallError", error_code="InternalError", detail=str(exc))
-                )
-                continue
-            if isinstance(built, CallOutcome):
-                _resolve(item, built)
-                continue
-            action, payload = built
-            outcome = await conn.call_raw(action, payload, self.config.call_timeout_s)
-            _resolve(item, outcome)
+                await self._send_queued(st, item)
+            finally:
+                st.busy = False
+
+    async def _send_queued(self, st: Station, item: QueuedCall) -> None:
+        # One CALL in flight (``get`` waited for the slot already; this is a guard).
+        while st.in_flight is not None:
+            await asyncio.wait([st.in_flight])
+        conn = st.connection
+        if conn is None or conn.closed:
+            _resolve(item, CallOutcome("NotConnected", detail="station not connected"))
+            return
+        if item.future.done():  # superseded or given up while waiting for the slot
+            return
+        try:
+            built = item.builder()
+        except Exception as exc:
+            LOG.exception("station %s: building %s failed", st.ocpp_id, item.label)
+            _resolve(item, CallOutcome("CallError", error_code="InternalError", detail=str(exc)))
+            return
+        if isinstance(built, CallOutcome):
+            _resolve(item, built)
+            return
+        action, payload = built
+        outcome = await conn.call_raw(action, payload, self.config.call_timeout_s)
+        _resolve(item, outcome)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -897,24 +942,18 @@ class CentralSystem:
             return float(math.floor(value + 1e-9))
         return math.floor(value * 10 + 1e-9) / 10.0
 
-    async def set_limit(
+    def _prepare_limit(
         self,
         charger_id: str,
         *,
-        limit_a: float | None = None,
-        limit_w: float | None = None,
-        valid_to: float | None = None,
-        final_limit_a: float | None = None,
-        final_limit_w: float | None = None,
-        purpose: ProfilePurpose = "tx",
-    ) -> ProfileResult:
-        """Send one charging limit (A for AC, W for DC) as the right profile kind.
-
-        Enqueued on the station's queue: a decrease goes before other calls, a newer limit for
-        the same charger and purpose supersedes this one while it is still queued. Returns when
-        the charger answered, or the request was superseded, timed out or could not be sent.
-        Values are rounded DOWN to what the wire allows (whole amperes if configured, else 0.1).
-        """
+        limit_a: float | None,
+        limit_w: float | None,
+        valid_to: float | None,
+        final_limit_a: float | None,
+        final_limit_w: float | None,
+        purpose: ProfilePurpose,
+    ) -> LimitRequest:
+        """Check one limit request (a ``ValueError`` names what is wrong); no side effects."""
         charger = self.charger(charger_id)
         if purpose not in ("tx", "tx_default", "station_max"):
             raise ValueError(
@@ -934,7 +973,9 @@ class CentralSystem:
             raise ValueError("set_limit: a final limit needs valid_to (when it takes over)")
         if final is not None and (not math.isfinite(final) or final < 0):
             raise ValueError(f"set_limit: final limit must be >= 0, got {final!r}")
-        req = LimitRequest(
+        if valid_to is not None and not math.isfinite(valid_to):
+            raise ValueError(f"set_limit: valid_to must be a finite time, got {valid_to!r}")
+        return LimitRequest(
             charger_id,
             purpose,
             limit_a,
@@ -944,14 +985,18 @@ class CentralSystem:
             self._round(value, unit),
             self._round(final, unit) if final is not None else None,
         )
+
+    def _limit_call(
+        self, req: LimitRequest
+    ) -> tuple[Station, tuple[str, int, str], bool, int, Callable[[], Any]]:
+        """Book a checked request (profile id, last limit); (station, key, decrease, profile id,
+        frame builder)."""
+        charger = self._chargers[req.charger_id]
+        purpose = req.purpose
         st = self._stations[charger.ocpp_id]
-        now = self.clock.now()
         evse_key = 0 if purpose == "station_max" else charger.evse_id
         key = (st.ocpp_id, evse_key, purpose)
-        pid = self._profile_ids.get(key)
-        if pid is None:
-            pid = 100 + len(self._profile_ids)
-            self._profile_ids[key] = pid
+        pid = self._profile_id(st.ocpp_id, charger, purpose)
         prev = self._last_limit.get(key)
         decrease = prev is None or req.wire_limit < prev
         self._last_limit[key] = req.wire_limit
@@ -974,9 +1019,16 @@ class CentralSystem:
                 now=self.clock.now(),
             )
 
-        out = await self._enqueue(
-            st, builder, label=f"limit {charger_id} {purpose}", decrease=decrease, supersede_key=key
-        )
+        return st, key, decrease, pid, builder
+
+    def _limit_result(
+        self,
+        req: LimitRequest,
+        key: tuple[str, int, str],
+        pid: int,
+        requested_at: float,
+        out: CallOutcome,
+    ) -> ProfileResult:
         if out.status == "Result" and out.payload is not None:
             status = str(out.payload.get("status", "?"))
         else:
@@ -986,22 +1038,210 @@ class CentralSystem:
             and status != "Superseded"
             and self._last_limit.get(key) == req.wire_limit
         ):
-            self._last_limit.pop(
-                key, None
-            )  # unknown state at the charger: next request is a decrease
+            # Unknown state at the charger: the next request is a decrease.
+            self._last_limit.pop(key, None)
         result = ProfileResult(
-            charger_id=charger_id,
-            purpose=purpose,
+            charger_id=req.charger_id,
+            purpose=req.purpose,
             status=status,
-            limit_a=req.wire_limit if unit == "A" else None,
-            limit_w=req.wire_limit if unit == "W" else None,
+            limit_a=req.wire_limit if req.limit_a is not None else None,
+            limit_w=req.wire_limit if req.limit_a is None else None,
             profile_id=pid,
-            requested_at=now,
+            requested_at=requested_at,
             answered_at=out.answered_at,
             detail=out.detail or (out.error_code or ""),
+            sent_at=out.sent_at,
+            sent_mono=out.sent_mono,
         )
         self._emit(result)
         return result
+
+    async def set_limit(
+        self,
+        charger_id: str,
+        *,
+        limit_a: float | None = None,
+        limit_w: float | None = None,
+        valid_to: float | None = None,
+        final_limit_a: float | None = None,
+        final_limit_w: float | None = None,
+        purpose: ProfilePurpose = "tx",
+    ) -> ProfileResult:
+        """Send one charging limit (A for AC, W for DC) as the right profile kind.
+
+        Enqueued on the station's queue: a decrease goes before other calls, a newer limit for
+        the same charger and purpose supersedes this one while it is still queued. Returns when
+        the charger answered, or the request was superseded, timed out or could not be sent.
+        Values are rounded DOWN to what the wire allows (whole amperes if configured, else 0.1).
+        Many limits at once: :meth:`send_limits` (puts them all on the wire without waiting).
+        """
+        req = self._prepare_limit(
+            charger_id,
+            limit_a=limit_a,
+            limit_w=limit_w,
+            valid_to=valid_to,
+            final_limit_a=final_limit_a,
+            final_limit_w=final_limit_w,
+            purpose=purpose,
+        )
+        now = self.clock.now()
+        st, key, decrease, pid, builder = self._limit_call(req)
+        out = await self._enqueue(
+            st, builder, label=f"limit {charger_id} {purpose}", decrease=decrease, supersede_key=key
+        )
+        return self._limit_result(req, key, pid, now, out)
+
+    def send_limits(self, orders: Sequence[LimitOrder]) -> list[LimitSend]:
+        """Hand many limits to their stations at once, in the given order, without awaiting.
+
+        Synchronous: every order is checked first (a ``ValueError`` names the bad one and nothing
+        is sent). Then, in order, each goes straight onto its station's socket when the station is
+        connected and idle (no CALL of ours awaiting an answer, nothing queued): the frame is
+        built (payloads valid by construction, see ``v16``/``v201``; the tests check them against
+        the OCPP schemas) and written now, and ``LimitSend.sent_mono`` says when. Otherwise it
+        takes the queued path of :meth:`set_limit` (decreases first, superseding). One CALL in
+        flight per station either way: a station's worker waits for an answer to a CALL sent
+        here. Answers are matched by message id; ``LimitSend.result`` resolves with the
+        :class:`ProfileResult` (also emitted as an event), a timeout after ``call_timeout_s`` on
+        the injected clock.
+        """
+        reqs = []
+        for i, o in enumerate(orders):
+            try:
+                reqs.append(
+                    self._prepare_limit(
+                        o.charger_id,
+                        limit_a=o.limit_a,
+                        limit_w=o.limit_w,
+                        valid_to=o.valid_to,
+                        final_limit_a=o.final_limit_a,
+                        final_limit_w=o.final_limit_w,
+                        purpose=o.purpose,
+                    )
+                )
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"send_limits: order {i} ({o.charger_id}): {exc}") from None
+        loop = asyncio.get_running_loop()
+        now = self.clock.now()
+        start_iso = v16.iso(now)
+        clock = self.clock
+        # Pass 1: put every frame that can go now on its socket, doing nothing else per frame.
+        written: list[tuple[str, asyncio.Future[CallOutcome], float, float] | None] = []
+        for req in reqs:
+            charger = self._chargers[req.charger_id]
+            st = self._stations[charger.ocpp_id]
+            conn = st.connection
+            w = None
+            if (
+                conn is not None
+                and not conn.closed
+                and st.version is not None
+                and st.in_flight is None
+                and not st.busy
+                and not len(st.queue)
+                and (req.purpose != "tx" or charger.evse_id in st.active_tx)
+            ):
+                pid = self._profile_id(st.ocpp_id, charger, req.purpose)
+                payload = frames.set_charging_profile_json(
+                    st.version,
+                    charger,
+                    req,
+                    profile_id=pid,
+                    stack_level=self.config.stack_level,
+                    transaction_id=st.active_tx.get(charger.evse_id),
+                    now=now,
+                    start_iso=start_iso,
+                )
+                sent = conn.send_now("SetChargingProfile", payload)
+                if sent is not None:
+                    st.in_flight = sent[1]  # one CALL in flight: the next one queues
+                    w = (sent[0], sent[1], clock.now(), clock.monotonic())
+            written.append(w)
+        # Pass 2: results, the queued path for the rest, timeouts.
+        out: list[LimitSend] = []
+        on_wire: list[tuple[StationConnection, str]] = []
+        for req, w in zip(reqs, written, strict=True):
+            st, key, decrease, pid, builder = self._limit_call(req)
+            handle = LimitSend(req.charger_id, req.purpose, loop.create_future())
+            out.append(handle)
+            if w is not None:
+                unique_id, fut, handle.sent_at, handle.sent_mono = w
+                fut.add_done_callback(self._slot_freer(st, fut))
+                assert st.connection is not None
+                on_wire.append((st.connection, unique_id))
+            else:
+                # Busy, no transaction or not writable now: the queue (decrease first,
+                # superseding) sends it, or says why not.
+                fut = loop.create_future()
+                if st.connection is None:
+                    fut.set_result(
+                        CallOutcome("NotConnected", detail=f"station {st.ocpp_id} not connected")
+                    )
+                else:
+                    label = f"limit {req.charger_id} {req.purpose}"
+                    st.queue.put(QueuedCall(builder, fut, decrease, key, label=label))
+            fut.add_done_callback(self._limit_settler(handle, req, key, pid, now))
+        if on_wire:
+            self._spawn(self._expire_after(on_wire, self.config.call_timeout_s))
+        return out
+
+    def _profile_id(self, ocpp_id: str, charger: ChargerInfo, purpose: str) -> int:
+        """One profile id per (station, EVSE, purpose): a new limit replaces the previous one."""
+        evse_key = 0 if purpose == "station_max" else charger.evse_id
+        key = (ocpp_id, evse_key, purpose)
+        pid = self._profile_ids.get(key)
+        if pid is None:
+            pid = 100 + len(self._profile_ids)
+            self._profile_ids[key] = pid
+        return pid
+
+    def _settle_limit(
+        self,
+        handle: LimitSend,
+        req: LimitRequest,
+        key: tuple[str, int, str],
+        pid: int,
+        requested_at: float,
+        out: CallOutcome,
+    ) -> None:
+        if handle.sent_mono is not None and out.sent_mono is None:
+            out.sent_at, out.sent_mono = handle.sent_at, handle.sent_mono
+        result = self._limit_result(req, key, pid, requested_at, out)
+        handle.sent_at, handle.sent_mono = result.sent_at, result.sent_mono
+        if not handle.result.done():
+            handle.result.set_result(result)
+
+    def _limit_settler(
+        self,
+        handle: LimitSend,
+        req: LimitRequest,
+        key: tuple[str, int, str],
+        pid: int,
+        requested_at: float,
+    ) -> Callable[[asyncio.Future[CallOutcome]], None]:
+        def settle(f: asyncio.Future[CallOutcome]) -> None:
+            out = CallOutcome("NotConnected", detail="cancelled") if f.cancelled() else f.result()
+            self._settle_limit(handle, req, key, pid, requested_at, out)
+
+        return settle
+
+    @staticmethod
+    def _slot_freer(
+        st: Station, fut: asyncio.Future[CallOutcome]
+    ) -> Callable[[asyncio.Future[CallOutcome]], None]:
+        def free(_: asyncio.Future[CallOutcome]) -> None:
+            if st.in_flight is fut:
+                st.in_flight = None
+                st.queue.wake()
+
+        return free
+
+    async def _expire_after(
+        self, calls: list[tuple[StationConnection, str]], timeout_s: float
+    ) -> None:
+        await self.clock.sleep(timeout_s)
+        for conn, unique_id in calls:
+            conn.expire(unique_id, f"no answer to SetChargingProfile in {timeout_s} s")
 
     async def clear_profile(
         self,
