@@ -174,7 +174,7 @@ def test_room_held_outside_the_plan_is_taken_off_the_limits() -> None:
     assert out["grid"].power_limit_kw == pytest.approx(60.0 - kw)
     assert out["F1"].phase_limit_a == pytest.approx([53.0, 21.0, 21.0])
     # Never below the node's own other load (0 here): a step with no room plans 0 there, and the
-    # plan is still made (a limit exactly at the other load was refused as infeasible).
+    # plan is still made.
     assert out["F1"].power_limit_kw == pytest.approx([30.0 - kw, 0.0], abs=2e-3)
     req = PlanRequest(
         start=T0,

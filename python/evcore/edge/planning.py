@@ -159,9 +159,9 @@ def _per_phase_list(v: Any) -> list[Any]:
     return [float(v)] * 3 if isinstance(v, int | float) else list(v)
 
 
-# A limit left exactly at the node's other load is refused as infeasible: the planner tightens
-# every limit by its safety margin (limit_margin_rel, 1e-6 relative + as many A/kW). Leave this
-# much above it so that the plan there is 0, as the allocator will grant.
+# A hair above the node's other load: a limit exactly at it plans 0 there (the planner before
+# 2026-12-04 tightened it below that by its safety margin and refused the plan as infeasible);
+# kept so that rounding in the subtraction never lands below it.
 _ROOM_FLOOR = 1e-3
 
 

@@ -544,7 +544,16 @@ impl Model {
             b.push(at(&input.pv_kw, k) - at(&root_node.other_load_kw, k));
             row += 1;
         }
-        let tighten = |h: f64| h - margin_rel * (h.abs() + 1.0);
+        // A limit the forecast other load leaves no room under (h = 0, or less than the margin)
+        // plans 0 there; only a limit the other load already exceeds (h < 0) is infeasible.
+        let tighten = |h: f64| {
+            let t = h - margin_rel * (h.abs() + 1.0);
+            if h >= 0.0 {
+                t.max(0.0)
+            } else {
+                t
+            }
+        };
         // A limit's left-hand side over the node's aggregates: (z, re, im) per wiring group.
         let z_terms = |l: &LimitCon| -> Vec<(usize, f64, f64)> {
             let mut out = Vec::new();

@@ -189,6 +189,22 @@ fn impossible_limit_is_a_status_not_an_error() {
 }
 
 #[test]
+fn a_limit_exactly_at_the_other_load_plans_nothing_there() {
+    // No room at all (limit = forecast other load) is not "exceeded": the plan is made, with 0
+    // on that line; it was refused as infeasible when the safety margin made the room negative.
+    let mut inp = input(vec![3600.0, 3600.0], vec![0.1]);
+    let mut root = node("root", None, 20.0);
+    root.other_load_a[0] = vec![20.0, 0.0];
+    inp.nodes = vec![root];
+    inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
+    inp.sessions = vec![session("s1", "c1", 2.0, 2.3)];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Optimal);
+    let t = targets(&out, 0);
+    assert!(t[0].abs() < 1e-6 && close(t[1], 10.0, 1e-3), "{t:?}");
+}
+
+#[test]
 fn too_much_demand_degrades_to_as_much_as_possible() {
     let mut inp = input(vec![3600.0], vec![0.1]);
     inp.chargers = vec![ac("c1", "root", Wiring::LineToNeutral, &[0], 230.0, 32.0)];
