@@ -635,12 +635,25 @@ fn single_node_value(
     k: Constraint,
     scratch: &mut NodeLoads,
 ) -> f64 {
+    single_node_value_as(topo, cnt, sub, n, k, scratch, terminal_counted)
+}
+
+/// As `single_node_value`, with the chargers' terminal currents given by `current`.
+fn single_node_value_as(
+    topo: &Topology,
+    cnt: &Counting,
+    sub: &SubtreeOther,
+    n: usize,
+    k: Constraint,
+    scratch: &mut NodeLoads,
+    current: fn(&Counting, usize, usize) -> f64,
+) -> f64 {
     scratch.re[0] = sub.re[n];
     scratch.im[0] = sub.im[n];
     scratch.power_w[0] = sub.w[n];
     scratch.spc[0] = [[0.0; N_PHASES]; N_PHASES];
     for &c in topo.chargers_below(n) {
-        add_charger(topo, cnt, c, 0, scratch, 1.0);
+        add_charger_as(topo, cnt, c, 0, scratch, 1.0, current);
     }
     match k {
         Constraint::Phase(p) => scratch.line_a(0, p),
@@ -666,18 +679,7 @@ fn single_node_followed(
     k: Constraint,
     scratch: &mut NodeLoads,
 ) -> f64 {
-    scratch.re[0] = sub.re[n];
-    scratch.im[0] = sub.im[n];
-    scratch.power_w[0] = sub.w[n];
-    scratch.spc[0] = [[0.0; N_PHASES]; N_PHASES];
-    for &c in topo.chargers_below(n) {
-        add_charger_as(topo, cnt, c, 0, scratch, 1.0, terminal_followed);
-    }
-    match k {
-        Constraint::Phase(p) => scratch.line_a(0, p),
-        Constraint::Power => scratch.power_w[0] / 1000.0,
-        Constraint::Unbalance(_, _) => unbalance_of(scratch, 0, topo.node_has_line_to_line(n)).0,
-    }
+    single_node_value_as(topo, cnt, sub, n, k, scratch, terminal_followed)
 }
 
 /// Largest allowed setpoint not above `x` (line amps per terminal): 0, or on a step in
