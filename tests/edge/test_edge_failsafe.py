@@ -77,7 +77,13 @@ async def test_sigkill_then_plug_every_idle_charger_and_resume_paused_stays_with
         await rig.start()
         sims = rig.fleet
 
-        await rig.wait_for(rig.defaults_held, 15, "a TxDefaultProfile on every station")
+        # The first TxDefaults are 0 A (no station confirmed one yet: each counts at its maximum
+        # in the failsafe computation); the levels follow once they are confirmed.
+        await rig.wait_for(
+            lambda: rig.defaults_held() and max(rig.limit_at(c) for c in sims.charger_ids) > 0,
+            15,
+            "a TxDefaultProfile on every station, at the confirmed levels",
+        )
         now = rig.clock.now()
         failsafe = {cid: rig.limit_at(cid) for cid in sims.charger_ids}
         assert sum(failsafe.values()) <= 40.0 + 1e-6

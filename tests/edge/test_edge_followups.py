@@ -169,8 +169,8 @@ class _FailingCore:
             raise self.exc
         return self.real.decide(*args, **kwargs)
 
-    def failsafe_levels(self, caps_kw: Mapping[str, float]) -> dict[str, float]:
-        return self.real.failsafe_levels(caps_kw)
+    def failsafe_levels(self, caps_kw: Mapping[str, float], **kw: Any) -> dict[str, float]:
+        return self.real.failsafe_levels(caps_kw, **kw)
 
 
 class PanicException(BaseException):
@@ -228,10 +228,10 @@ async def test_a_failing_failsafe_recompute_keeps_the_previous_levels_and_still_
     table = depot_table(4, per_feeder=2)
 
     class _NoFailsafe(_FailingCore):
-        def failsafe_levels(self, caps_kw: Mapping[str, float]) -> dict[str, float]:
+        def failsafe_levels(self, caps_kw: Mapping[str, float], **kw: Any) -> dict[str, float]:
             if caps_kw:
                 raise ValueError("failsafe refused")
-            return self.real.failsafe_levels(caps_kw)
+            return self.real.failsafe_levels(caps_kw, **kw)
 
     core = _NoFailsafe(RustCore(load_site(table), table), ValueError())
     ctrl, gw, clock, _ = _rig(core=core)

@@ -45,6 +45,21 @@ async def test_curtailment_with_500_chargers_decreases_leave_within_1s_and_hold_
             lambda: all(c.transaction_id for c in ctrl.state.chargers.values()), 60, "sessions"
         )
         await asyncio.sleep(2.0)
+        # Settled: every station confirmed its TxDefault (until then it counts at its maximum,
+        # which holds the others back) and every session holds its fair share, so the
+        # curtailment needs a decrease at every charger.
+        states = list(ctrl.state.chargers.values())
+        await rig.wait_for(
+            lambda: (
+                rig.tx_default_at_failsafe()
+                and all(
+                    c.accepted and not c.needs_resend and (c.sent or 0.0) >= 12.0 for c in states
+                )
+                and all(p.accepted for p in ctrl.pending.values())
+            ),
+            60,
+            "sessions at their fair share",
+        )
         for sim in rig.fleet.stations.values():
             sim.received = _Stamped()
         power: list[tuple[float, float]] = []

@@ -69,6 +69,12 @@ class EdgeConfig:
     network_timeout_s: float = 0.5
     # Restart: at most this many profiles per second leave while the edge recovers.
     restart_max_profiles_per_s: float = 200.0
+    # Restart: for this long after the edge starts, TxProfile re-sends wait while a station is
+    # not back (0: no wait).
+    startup_grace_s: float = 10.0
+    # (Re)connect: re-sends to a station's chargers wait at most this long for its report
+    # (GetCompositeSchedule; also the bound of each report call; at least network_timeout_s).
+    report_wait_s: float = 5.0
     # Store / audit: wait at most this long for a record to become durable; past it, no setpoint
     # leaves.
     audit_timeout_s: float = 2.0
@@ -101,6 +107,7 @@ class EdgeConfig:
             "failsafe_after_s",
             "restart_max_profiles_per_s",
             "network_timeout_s",
+            "report_wait_s",
         ):
             if getattr(self, name) <= 0:
                 raise EdgeConfigError(

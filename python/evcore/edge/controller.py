@@ -31,6 +31,7 @@ from evcore.edge.dispatch import (
     Change,
     ChangeKind,
     PendingDecrease,
+    decreases_settled,
     next_settle_at,
     plan_dispatch,
     wire_value,
@@ -61,9 +62,6 @@ URGENT = frozenset(
 
 # A session is behind its plan when it delivered less than (1 - this) of what the plan asked.
 _BEHIND_MARGIN = 0.1
-
-# After the edge starts, TxProfile re-sends wait at most this long for every station to be back.
-_STARTUP_GRACE_S = 10.0
 
 # Triggers after which the local planner should plan again (sessions, prices, limits, operator).
 REPLAN = frozenset({"transaction", "grid", "prices", "operator"})
@@ -100,8 +98,11 @@ class SentProfile:
     value: float
     kind: ChangeKind
     decision: int
-    left_mono: float
+    left_mono: float  # the decision's clock.monotonic() (identifies it in ``pending``)
     valid_to: float | None
+    #: clock.monotonic() when its frame was handed to the charger's socket (None: not yet, or
+    #: never: superseded, not connected, …). Latency is measured to this, not estimated.
+    wire_mono: float | None = None
 
 
 @dataclass
@@ -114,6 +115,9 @@ class ControllerStats:
     faults_reported: list[tuple[str, str]] = field(default_factory=list)
     reported_limits: int = 0  # chargers counted at their GetCompositeSchedule after (re)connect
     last_decision_s: float = 0.0
+    #: Recent decisions that sent something: number -> seconds from its start until its last
+    #: TxProfile was handed over (the last 64).
+    decision_s: dict[int, float] = field(default_factory=dict)
 
 
 class EdgeController:
@@ -147,14 +151,17 @@ class EdgeController:
         self.stats = ControllerStats()
         self.pending: dict[str, PendingDecrease] = {}
         self.failsafe: dict[str, float] = {}
-        self._failsafe_key: tuple[tuple[str, float], ...] | None = None
+        # The levels if every charger obeyed our TxDefault (what a station's report is held to).
+        self._plain_failsafe: dict[str, float] = {}
+        self._failsafe_key: tuple[tuple[tuple[str, float], ...], frozenset[str]] | None = None
         self._triggers: set[str] = set()
         self._wake = asyncio.Event()
         #: Set when something the local planner plans with changed (``evcore.edge.planning``).
         self.replan_wanted = asyncio.Event()
         self.plan_in_use: PlanTargets | None = None
         self._stopping = False
-        self._sends: set[asyncio.Task[None]] = set()
+        # Profiles handed over and not yet answered (tasks or the central system's futures).
+        self._sends: set[asyncio.Future[Any]] = set()
         self._increase_tokens = cfg.restart_max_profiles_per_s
         self._tokens_at: float | None = None
         self._lock = asyncio.Lock()
@@ -424,19 +431,17 @@ class EdgeController:
         record = self._record(decision_no, trigger, now_w, enforced, changes, caps_now, targets)
         if not await self._append_audit(record):
             return None
+        # TxProfiles change what flows now (decreases first, as ordered); TxDefaults guard the
+        # future: they are handed over after the TxProfiles. With a central system that writes
+        # at once (``send_limits``) every frame below is on its socket when this returns.
         urgent = [x for x in changes if x[0] == "tx"]
         later = [x for x in changes if x[0] != "tx"]
-        for purpose, ch, valid_to in urgent:
-            self._send(decision_no, purpose, ch, valid_to, now_m)
-        self.stats.last_decision_s = self.clock.monotonic() - now_m
-        if urgent and later:
-            # TxProfiles change what flows now; TxDefaults guard the future. Let the event loop
-            # put the TxProfiles on the wire (enqueue, then the stations' senders) before the
-            # TxDefaults compete with them for it. Both are in the audit record already.
-            for _ in range(2):
-                await asyncio.sleep(0)
-        for purpose, ch, valid_to in later:
-            self._send(decision_no, purpose, ch, valid_to, now_m)
+        self._send_all(decision_no, urgent, now_m)
+        took = self.stats.last_decision_s = self.clock.monotonic() - now_m
+        self.stats.decision_s[decision_no] = took
+        if len(self.stats.decision_s) > 64:
+            del self.stats.decision_s[next(iter(self.stats.decision_s))]
+        self._send_all(decision_no, later, now_m)
         return record
 
     def _plan_changes(
@@ -536,7 +541,7 @@ class EdgeController:
         ]
         if self._started_at is None:
             self._started_at = now_m
-        if now_m - self._started_at < _STARTUP_GRACE_S and not all(
+        if now_m - self._started_at < cfg.startup_grace_s and not all(
             c.online for c in st.chargers.values()
         ):
             # Just started: stations are still reconnecting, and each one not back yet counts at
@@ -545,12 +550,21 @@ class EdgeController:
             # sent before (which end at the failsafe level). TxDefaults do not wait.
             unknown = [x for x in unknown if x[0] != "tx"]
         decreases = known
+        # A TxProfile to a charger whose state is unknown may be a raise of what it really holds
+        # (M4): like an increase it waits until every decrease (this decision's and the pending
+        # ones) was accepted or settled. Waiting is safe: the envelope counts it at its maximum
+        # meanwhile. (Its TxDefault re-send, the failsafe itself, does not wait.)
+        if unknown and (known or not decreases_settled(pending, now_m, cfg.settle_s)):
+            held_unknown = [x for x in unknown if x[0] == "tx"]
+            unknown = [x for x in unknown if x[0] != "tx"]
+        else:
+            held_unknown = []
         if unknown and not waiting:
             # While a station's report is due, the others' unknown sends wait too: counted at
             # its maximum it would squeeze them to values they would be raised from a moment later.
             decreases = known + unknown[: self._take_increase_tokens(len(unknown), now_m)]
         wanted = len(d_plan.increases) + len(t_plan.increases)
-        if known or unknown:
+        if known or unknown or held_unknown:
             increases: list[tuple[str, Change]] = []
         else:
             increases = [("tx_default", c) for c in d_plan.increases] + [
@@ -559,7 +573,7 @@ class EdgeController:
             increases = increases[: self._take_increase_tokens(len(increases), now_m)]
         # Increases wait: an accepted decrease is then worth an immediate decision.
         self._increases_held = bool(
-            t_plan.held or d_plan.held or wanted > len(increases) or deferred
+            t_plan.held or d_plan.held or wanted > len(increases) or deferred or held_unknown
         )
         refreshes = [("tx_default", c) for c in d_plan.refreshes] + [
             ("tx", c) for c in t_plan.refreshes
@@ -587,9 +601,90 @@ class EdgeController:
             self.notify("held")
         return n
 
-    def _send(
-        self, decision: int, purpose: str, ch: Change, valid_to: float | None, now_m: float
+    def _send_all(
+        self,
+        decision: int,
+        items: Sequence[tuple[str, Change, float | None]],
+        now_m: float,
     ) -> None:
+        """Hand a decision's profiles to the central system in order, awaiting nothing.
+
+        With ``send_limits`` (the central system) every frame is on its socket when this
+        returns; the bookkeeping of what was sent follows the writes (nothing can answer before
+        this returns: it never yields), so the first decrease does not wait for it."""
+        if not items:
+            return
+        send_limits = getattr(self.gateway, "send_limits", None)
+        if send_limits is None:
+            # A gateway without the batch call (test doubles): one task per profile.
+            for purpose, ch, vt in items:
+                sent, kwargs = self._prepare_send(decision, purpose, ch, vt, now_m)
+                task = asyncio.ensure_future(self._await_result(sent, kwargs))
+                self._sends.add(task)
+                task.add_done_callback(self._sends.discard)
+                if self.on_sent is not None:
+                    self.on_sent(sent)
+            return
+        from evcore.ocpp.server import LimitOrder
+
+        orders = [
+            LimitOrder(ch.charger_id, **self._limit_kwargs(purpose, ch, vt))
+            for purpose, ch, vt in items
+        ]
+        try:
+            handles = send_limits(orders)
+        except Exception:
+            log.exception("send_limits failed; decision %d not sent", decision)
+            handles = None
+        for i, (purpose, ch, vt) in enumerate(items):
+            sent, _ = self._prepare_send(decision, purpose, ch, vt, now_m)
+            if handles is None:
+                self._apply_result(sent, False)
+                continue
+            handle = handles[i]
+            sent.wire_mono = handle.sent_mono
+            fut = handle.result
+            self._sends.add(fut)
+            fut.add_done_callback(self._result_callback(sent))
+            if self.on_sent is not None:
+                self.on_sent(sent)
+
+    def _limit_kwargs(self, purpose: str, ch: Change, valid_to: float | None) -> dict[str, Any]:
+        """``set_limit`` / ``LimitOrder`` arguments of one change."""
+        dc = ch.charger_id in self._dc
+        kwargs: dict[str, Any] = {"purpose": purpose}
+        if dc:
+            kwargs["limit_w"] = ch.new
+        else:
+            kwargs["limit_a"] = ch.new
+        if purpose == "tx":
+            kwargs["valid_to"] = valid_to
+            kwargs["final_limit_w" if dc else "final_limit_a"] = self.failsafe.get(
+                ch.charger_id, 0.0
+            )
+        return kwargs
+
+    def _result_callback(self, sent: SentProfile) -> Callable[[asyncio.Future[Any]], None]:
+        def done(fut: asyncio.Future[Any]) -> None:
+            self._sends.discard(fut)
+            if fut.cancelled():
+                return
+            try:
+                result = fut.result()
+                accepted = bool(result.accepted)
+                if sent.wire_mono is None:
+                    sent.wire_mono = getattr(result, "sent_mono", None)
+            except Exception:
+                log.exception("set_limit %s failed", sent.charger_id)
+                accepted = False
+            self._apply_result(sent, accepted)
+
+        return done
+
+    def _prepare_send(
+        self, decision: int, purpose: str, ch: Change, valid_to: float | None, now_m: float
+    ) -> tuple[SentProfile, dict[str, Any]]:
+        """Book one profile as sent (state, pending decreases) and build its request."""
         c = self.state.chargers[ch.charger_id]
         fs = self.failsafe.get(ch.charger_id, 0.0)
         if purpose == "tx":
@@ -605,29 +700,22 @@ class EdgeController:
                 self.pending["default:" + ch.charger_id] = PendingDecrease(
                     ch.charger_id, now_m, False
                 )
-        kwargs: dict[str, Any] = {"purpose": purpose}
-        if c.is_dc:
-            kwargs["limit_w"] = ch.new
-        else:
-            kwargs["limit_a"] = ch.new
-        if purpose == "tx":
-            kwargs["valid_to"] = valid_to
-            kwargs["final_limit_w" if c.is_dc else "final_limit_a"] = fs
+        kwargs = self._limit_kwargs(purpose, ch, valid_to)
         sent = SentProfile(ch.charger_id, purpose, ch.new, ch.kind, decision, now_m, valid_to)
         self.stats.profiles_sent += 1
-        task = asyncio.ensure_future(self._await_result(sent, kwargs))
-        self._sends.add(task)
-        task.add_done_callback(self._sends.discard)
-        if self.on_sent is not None:
-            self.on_sent(sent)
+        return sent, kwargs
 
     async def _await_result(self, sent: SentProfile, kwargs: dict[str, Any]) -> None:
         try:
             result = await self.gateway.set_limit(sent.charger_id, **kwargs)
             accepted = bool(result.accepted)
+            sent.wire_mono = getattr(result, "sent_mono", None)
         except Exception:
             log.exception("set_limit %s failed", sent.charger_id)
             accepted = False
+        self._apply_result(sent, accepted)
+
+    def _apply_result(self, sent: SentProfile, accepted: bool) -> None:
         c = self.state.chargers[sent.charger_id]
         key = sent.charger_id if sent.purpose == "tx" else "default:" + sent.charger_id
         if accepted:
@@ -673,17 +761,22 @@ class EdgeController:
             return
         # Nothing is sent to its chargers until they reported (or the bound passed): they count
         # at their maximum meanwhile, and a report usually spares them a needless pause.
-        until = self.clock.monotonic() + max(5.0, self.cfg.network_timeout_s)
+        until = self.clock.monotonic() + self._report_bound_s()
         for c in self.state.station_chargers(ocpp_id):
             self._report_due[c.charger_id] = until
         task = asyncio.ensure_future(self._station_report(ocpp_id))
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
+    def _report_bound_s(self) -> float:
+        return max(self.cfg.report_wait_s, self.cfg.network_timeout_s)
+
     async def _station_report(self, ocpp_id: str) -> None:
         gw: Any = self.gateway
-        bound = max(5.0, self.cfg.network_timeout_s)
+        bound = self._report_bound_s()
         horizon = math.ceil(self.cfg.failsafe_after_s + self.cfg.fallback_guard_s)
+        clear = getattr(gw, "clear_station_profiles", None)
+        stale: list[ChargerState] = []
         for c in self.state.station_chargers(ocpp_id):
             # A profile sent while the query is in flight is newer than the report: keep it.
             sent_at_before = c.sent_at
@@ -698,14 +791,28 @@ class EdgeController:
                 log.info("GetCompositeSchedule %s: no usable answer", c.charger_id)
                 self._report_due.pop(c.charger_id, None)
                 continue
-            self._report_due.pop(c.charger_id, None)
             limits = [float(p[1]) for p in getattr(comp, "periods", None) or ()]
             unit_ok = getattr(comp, "unit", None) in (None, "W" if c.is_dc else "A")
-            if (
+            usable = (
                 str(getattr(comp, "status", "")) == "Accepted"
-                and limits
+                and bool(limits)
                 and unit_ok
                 and all(math.isfinite(v) and v >= 0 for v in limits)
+            )
+            if usable and c.transaction_id is None and clear is not None:
+                # Idle: what it enforces is its TxDefault. Above the failsafe level (no
+                # TxDefault at all, or an earlier controller's, which would override ours at a
+                # higher stack level): cleared below. At most the level: it falls back to no
+                # more than ours would make it, so it counts as holding that.
+                plain = self._plain_failsafe.get(c.charger_id)
+                if plain is None or max(limits) > wire_value(plain, self._res(c)) + 1e-6:
+                    stale.append(c)
+                    continue
+                if c.tx_default is None:
+                    c.tx_default = max(limits)
+            self._report_due.pop(c.charger_id, None)
+            if (
+                usable
                 and c.profile_unknown
                 and c.needs_resend  # nothing of ours left since it connected
                 and c.sent_at == sent_at_before
@@ -718,9 +825,34 @@ class EdgeController:
                 c.profile_unknown = False
                 self.stats.reported_limits += 1
             self.notify("reported")
+        if stale and clear is not None:
+            # Clear every TxDefault of the station (any id or stack level; its TxDefaults wait
+            # for this report, so ours are sent after). Until a charger accepts ours again it is
+            # counted at its maximum, in decisions and in the others' failsafe levels.
+            self._forget_defaults(ocpp_id)
+            try:
+                await asyncio.wait_for(clear(ocpp_id, purpose="tx_default"), bound)
+            except Exception:
+                log.info("ClearChargingProfile %s: no usable answer", ocpp_id)
+            # Whatever of ours it accepted before the clear was answered is gone as well.
+            self._forget_defaults(ocpp_id)
+            for c in stale:
+                self._report_due.pop(c.charger_id, None)
+            self.notify("reported")
         for message in ("StatusNotification", "MeterValues"):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(gw.trigger_message(ocpp_id, message), bound)
+
+    def _forget_defaults(self, ocpp_id: str) -> None:
+        for c in self.state.station_chargers(ocpp_id):
+            c.tx_default = c.tx_default_sent = None
+            if c.transaction_id is None:
+                # Idle: its TxDefault was all it held; now nothing of ours (counted at max).
+                c.sent = c.holding = None
+                c.accepted = False
+
+    def _res(self, c: ChargerState) -> float:
+        return self.cfg.resolution_w if c.is_dc else self.cfg.resolution_a
 
     def _prune_pending(self, now_m: float) -> None:
         s = self.cfg.settle_s
@@ -730,10 +862,15 @@ class EdgeController:
     # ---- failsafe, plans -------------------------------------------------------------------
     def _refresh_failsafe(self, now_w: float) -> None:
         caps = self.curtailments.caps_kw(now_w, failsafe.horizon_s(self.cfg))
-        key = tuple(sorted(caps.items()))
+        # A charger that holds no confirmed TxDefault of ours (never accepted one, booted, or
+        # its stale ones were just cleared) may not fall back to our level: the others' levels
+        # are sized with it at its maximum.
+        at_max = frozenset(cid for cid, c in self.state.chargers.items() if c.tx_default is None)
+        key = (tuple(sorted(caps.items())), at_max)
         if key != self._failsafe_key:
             try:
-                levels = self.core.failsafe_levels(caps)
+                plain = self.core.failsafe_levels(caps)
+                levels = self.core.failsafe_levels(caps, at_max=at_max) if at_max else plain
             except BaseException as exc:
                 if not _is_core_failure(exc):
                     raise
@@ -748,6 +885,7 @@ class EdgeController:
                 )
                 return
             self.failsafe = levels
+            self._plain_failsafe = plain
             self._failsafe_key = key
 
     def _fallback(self, exc: BaseException) -> EnforcedSetpoints | None:

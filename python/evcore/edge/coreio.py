@@ -335,7 +335,12 @@ class RustCore:
         ).hexdigest()
         return EnforcedSetpoints(setpoints, why, digest, self.last_codes, self.last_nodes)
 
-    def failsafe_levels(self, caps_kw: Mapping[str, float]) -> dict[str, float]:
+    def failsafe_levels(
+        self, caps_kw: Mapping[str, float], *, at_max: Collection[str] = ()
+    ) -> dict[str, float]:
+        """Fair shares of every charger asking its maximum (no measurements, non-charger load at
+        its maximum); a charger in ``at_max`` is counted at its maximum (as one whose profile is
+        unknown: it may not obey our TxDefault), so the others' levels fit beside it."""
         n = len(self.charger_ids)
         nan = math.nan
         cols: dict[str, Any] = {
@@ -356,7 +361,7 @@ class RustCore:
             "last_sent_confirmed": np.ones(n, dtype=bool),
             "connected": np.ones(n, dtype=bool),
             "faulted": np.zeros(n, dtype=bool),
-            "profile_unknown": np.zeros(n, dtype=bool),
+            "profile_unknown": np.array([cid in at_max for cid in self.charger_ids], dtype=bool),
             "on_since_s": np.full(n, nan),
             "off_since_s": np.full(n, nan),
             "switches": np.zeros(n),

@@ -49,8 +49,11 @@ class CorePort(Protocol):
         caps its session unless the charger is in ``behind_plan``."""
         ...
 
-    def failsafe_levels(self, caps_kw: Mapping[str, float]) -> dict[str, float]:
-        """Per charger a level such that every charger at it fits every node and phase."""
+    def failsafe_levels(
+        self, caps_kw: Mapping[str, float], *, at_max: Collection[str] = ()
+    ) -> dict[str, float]:
+        """Per charger a level such that every charger at it fits every node and phase, with the
+        chargers in ``at_max`` (no TxDefault of ours confirmed) counted at their maximum."""
         ...
 
 

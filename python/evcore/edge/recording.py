@@ -110,6 +110,14 @@ class AuditRecorder:
         self.on_durable: Callable[[Mapping[str, Any]], None] | None = None
         self._ids: dict[int, str] = {}  # decision number -> decision id (recent ones)
         self.confirmations = 0
+        # Last-setpoint bookkeeping waiting for the store, per charger (the latest wins): one
+        # writer, one store operation at a time, so a decision's audit append never queues
+        # behind hundreds of them on the store's connection (each is a durable commit).
+        self._to_record: dict[str, tuple[setpoint_pb2.Setpoint, float]] = {}
+        self._to_confirm: dict[str, tuple[str, float]] = {}
+        self._writer: asyncio.Task[None] | None = None
+        #: Store operations the writer performed (for tests and benchmarks).
+        self.store_writes = 0
 
     async def append(self, record: Mapping[str, Any]) -> None:
         from evcore.audit.log import Decision
@@ -138,18 +146,35 @@ class AuditRecorder:
         if self.store is not None:
             # Last-setpoint bookkeeping is for restart recovery, not for this decision's safety
             # (the audit record above is): it runs beside the send, owned here.
-            task = asyncio.ensure_future(self._remember(setpoints, float(record["at"])))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            at = float(record["at"])
+            for sp in setpoints:
+                self._to_record[sp.charger_id] = (sp, at)
+                self._to_confirm.pop(sp.charger_id, None)  # for an older decision: moot
+            self._kick()
 
-    async def _remember(self, setpoints: list[setpoint_pb2.Setpoint], at: float) -> None:
-        for sp in setpoints:
-            try:
-                await self.store.record_setpoint_sent(sp, at)
-            except Exception:
-                self.store_failures += 1
-                log.exception("store: recording setpoint for %s failed", sp.charger_id)
-                return
+    def _kick(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+            self._tasks.add(self._writer)
+            self._writer.add_done_callback(self._tasks.discard)
+
+    async def _write(self) -> None:
+        """Drain the bookkeeping into the store, one operation at a time: records first (a
+        confirmation names the record's decision, so it follows it)."""
+        while self._to_record or self._to_confirm:
+            if self._to_record:
+                cid = next(iter(self._to_record))
+                sp, at = self._to_record.pop(cid)
+                try:
+                    await self.store.record_setpoint_sent(sp, at)
+                except Exception:
+                    self.store_failures += 1
+                    log.exception("store: recording setpoint for %s failed", sp.charger_id)
+            else:
+                cid = next(iter(self._to_confirm))
+                decision_id, at = self._to_confirm.pop(cid)
+                await self.confirm(cid, decision_id, at)
+            self.store_writes += 1
 
     async def confirm(self, charger_id: str, decision_id: str, at: float) -> None:
         if self.store is not None:
@@ -166,19 +191,11 @@ class AuditRecorder:
         decision_id = self._ids.get(decision)
         if decision_id is None or self.store is None:
             return
-        pending = [t for t in self._tasks if not t.done()]
-
-        async def _after() -> None:
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-            await self.confirm(charger_id, decision_id, at)
-
-        task = asyncio.ensure_future(_after())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._to_confirm[charger_id] = (decision_id, at)
+        self._kick()
 
     async def drain(self) -> None:
-        if self._tasks:
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 

@@ -148,10 +148,21 @@ class EdgeRig:
         return float(sim.limit_at(evse, self.clock.now()))
 
     def tx_default_at_failsafe(self) -> bool:
+        """Every charger accepted a TxDefault at its failsafe level (as told on the wire: the
+        central system rounds both down to the same resolution)."""
+        from evcore.edge.dispatch import wire_value
+
         ctrl = self.controller
         assert ctrl is not None
+        cfg = ctrl.cfg
+
+        def told(c: Any, v: float) -> float:
+            res = cfg.resolution_w if c.is_dc else cfg.resolution_a
+            return wire_value(v, res) if res > 0 else v
+
         return bool(ctrl.failsafe) and all(
-            c.tx_default is not None and abs(c.tx_default - ctrl.failsafe[c.charger_id]) < 1e-9
+            c.tx_default is not None
+            and abs(told(c, c.tx_default) - told(c, ctrl.failsafe[c.charger_id])) < 1e-9
             for c in ctrl.state.chargers.values()
         )
 

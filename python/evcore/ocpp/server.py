@@ -1267,6 +1267,21 @@ class CentralSystem:
             ),
         )
 
+    async def clear_station_profiles(
+        self, target: str, *, purpose: ProfilePurpose
+    ) -> CommandResult:
+        """Clear every profile of ``purpose`` on the station of ``target`` (a charger or OCPP id):
+        all EVSEs, stack levels and ids, whoever set them (stale profiles an earlier controller
+        left). Ours of that purpose go too: the next limit of that purpose counts as a decrease."""
+        st, _ = self._target(target)
+        for key in [k for k in self._last_limit if k[0] == st.ocpp_id and k[2] == purpose]:
+            self._last_limit.pop(key, None)
+        return await self._command(
+            target,
+            lambda s, c: v16.clear_charging_profile(None, purpose, None, None),
+            lambda s, c: v201.clear_charging_profile(None, purpose, None, None),
+        )
+
     async def get_composite_schedule(
         self, charger_id: str, *, duration_s: int = 3600, unit: str | None = None
     ) -> CompositeSchedule:

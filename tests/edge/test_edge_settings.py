@@ -1,0 +1,99 @@
+"""Restart and reconnect waits as ``[edge]`` settings: parsed, validated, and used by the loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from evcore.clock import ManualClock
+from evcore.edge.app import build_controller
+from evcore.edge.config import EdgeConfig, EdgeConfigError
+from evcore.edge.coreio import RustCore
+from evcore.edge.sitegen import depot_table
+from evcore.site import load_site
+
+
+def test_defaults_are_unchanged() -> None:
+    cfg = EdgeConfig.from_table({})
+    assert cfg.startup_grace_s == 10.0
+    assert cfg.report_wait_s == 5.0
+
+
+def test_the_waits_come_from_the_site_file() -> None:
+    table = depot_table(2, edge={"startup_grace_s": 3, "report_wait_s": 1.5})
+    cfg = EdgeConfig.from_site(table)
+    assert cfg.startup_grace_s == 3.0
+    assert cfg.report_wait_s == 1.5
+    assert EdgeConfig.from_table({"startup_grace_s": 0}).startup_grace_s == 0.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("report_wait_s", 0, "must be positive"),
+        ("report_wait_s", -1.0, "finite non-negative"),
+        ("startup_grace_s", -2, "finite non-negative"),
+        ("startup_grace_s", float("nan"), "finite non-negative"),
+        ("startup_grace_s", "10", "expected a number"),
+        ("report_wait_s", True, "expected a number"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(key: str, value: Any, why: str) -> None:
+    with pytest.raises(EdgeConfigError, match=rf"\[edge\]\.{key}: .*{why}"):
+        EdgeConfig.from_table({key: value})
+
+
+class _SilentStation:
+    """A gateway whose stations never answer the reconnect report."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.never = asyncio.Event()
+
+    async def set_limit(self, charger_id: str, **kwargs: Any) -> Any:
+        raise AssertionError("nothing is sent in this test")
+
+    async def get_composite_schedule(self, charger_id: str, **kwargs: Any) -> Any:
+        self.asked.append(charger_id)
+        await self.never.wait()
+
+    async def trigger_message(self, target: str, message: str) -> Any:
+        await self.never.wait()
+
+
+async def test_a_reconnect_holds_resends_for_report_wait_s_and_bounds_the_report() -> None:
+    from evcore.clock import WallClock
+    from evcore.ocpp.events import ConnectionEvent
+
+    table = depot_table(2, per_feeder=2)
+    cid = "cp-0001"
+    # On the injected clock: re-sends to the station's chargers wait report_wait_s.
+    clock = ManualClock()
+    ctrl = build_controller(
+        table,
+        core=RustCore(load_site(table), table),
+        gateway=_SilentStation(),  # type: ignore[arg-type]
+        clock=clock,
+        cfg=EdgeConfig(report_wait_s=7.5),
+    )
+    ocpp_id = ctrl.state.chargers[cid].ocpp_id
+    ctrl.on_event(ConnectionEvent(ocpp_id, True, "1.6", clock.now()))
+    assert ctrl._report_due[cid] == pytest.approx(clock.monotonic() + 7.5)
+    for t in list(ctrl._sends):
+        t.cancel()
+    await asyncio.gather(*ctrl._sends, return_exceptions=True)
+    # The report call is bounded by the same setting: a station that never answers is given up
+    # after it (and no longer waited for).
+    gw = _SilentStation()
+    ctrl = build_controller(
+        table,
+        core=RustCore(load_site(table), table),
+        gateway=gw,  # type: ignore[arg-type]
+        clock=WallClock(),
+        cfg=EdgeConfig(report_wait_s=0.2),
+    )
+    ctrl.on_event(ConnectionEvent(ocpp_id, True, "1.6", 0.0))
+    report = next(iter(ctrl._sends))
+    await asyncio.wait_for(asyncio.shield(report), 10)
+    assert gw.asked == [cid] and cid not in ctrl._report_due
