@@ -154,6 +154,14 @@ class EdgeApp:
             on_sent=on_sent,
         )
         self.central.add_listener(self.controller.on_event)
+        self.publisher: Any = None
+        if bus is not None:
+            from evcore.edge.publishing import EdgePublisher
+
+            self.publisher = EdgePublisher(
+                bus, str(site_table["site"]["id"]), self.controller, clock
+            )
+            self.publisher.install()
         self.sessions: Any = None
         if store is not None:
             from evcore.edge.recording import SessionKeeper
@@ -253,6 +261,8 @@ class EdgeApp:
                         await res
             if self.sessions is not None:
                 await self.sessions.drain()
+            if self.publisher is not None:
+                await self.publisher.drain()
             if self.bus is not None:
                 with contextlib.suppress(Exception):
                     await self.bus.close()

@@ -171,6 +171,9 @@ class EdgeController:
         self._increases_held = False
         self._started_at: float | None = None
         self._plan_energy: dict[str, dict[str, float]] = {}
+        #: Called with every plan handed to ``set_plan`` (``publishing.EdgePublisher`` publishes
+        #: the local ones on the bus).
+        self.on_plan: Callable[[PlanTargets], None] | None = None
         #: Called when a session starts, ends or is steered: (charger, transaction id that
         #: ended or None). ``recording.SessionKeeper`` saves it in the store.
         self.on_session: Callable[[ChargerState, str | None], None] | None = None
@@ -283,6 +286,11 @@ class EdgeController:
         else:
             self.local_plan = plan
         self.notify("plan")
+        if self.on_plan is not None:
+            try:
+                self.on_plan(plan)
+            except Exception:
+                log.exception("on_plan hook failed for plan %s", plan.version)
 
     def set_session(
         self,
