@@ -560,8 +560,9 @@ class EdgeController:
         decreases = known
         # A TxProfile to a charger whose state is unknown may be a raise of what it really holds
         # (M4): like an increase it waits until every decrease (this decision's and the pending
-        # ones) was accepted or settled. Waiting is safe: the envelope counts it at its maximum
-        # meanwhile. (Its TxDefault re-send, the failsafe itself, does not wait.)
+        # ones) was accepted or settled. Waiting is safe: meanwhile the envelope counts it at the
+        # most it may hold (its maximum when unknown, else the higher of what it was sent and
+        # what it held). (Its TxDefault re-send, the failsafe itself, does not wait.)
         if unknown and (known or not decreases_settled(pending, now_m, cfg.settle_s)):
             held_unknown = [x for x in unknown if x[0] == "tx"]
             unknown = [x for x in unknown if x[0] != "tx"]
