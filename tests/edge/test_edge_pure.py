@@ -58,8 +58,14 @@ def test_increases_wait_for_an_unaccepted_decrease_until_settle() -> None:
     assert held.increases == () and len(held.held) == 1
     settled = _plan({"b": 20.0}, {"b": 10.0}, pending=pend, now_s=102.0)
     assert len(settled.increases) == 1
-    accepted = _plan({"b": 20.0}, {"b": 10.0}, pending=[PendingDecrease("a", 99.9, True)])
-    assert len(accepted.increases) == 1
+    # Accepted is not in force: the charger applies it seconds later; the increase still waits.
+    accepted = _plan(
+        {"b": 20.0}, {"b": 10.0}, pending=[PendingDecrease("a", 99.9, True)], now_s=100.0
+    )
+    assert accepted.increases == () and len(accepted.held) == 1
+    seen = PendingDecrease("a", 99.9, True, in_effect=True, value=6.0, accepted_at_s=99.95)
+    in_effect = _plan({"b": 20.0}, {"b": 10.0}, pending=[seen], now_s=100.0)
+    assert len(in_effect.increases) == 1
 
 
 def test_deadband_suppresses_small_increases_but_never_a_decrease() -> None:
@@ -92,9 +98,15 @@ def test_dc_uses_the_watt_deadband_and_decreases_sort_largest_first() -> None:
 def test_settle_helpers() -> None:
     pend = [PendingDecrease("a", 10.0, False), PendingDecrease("b", 12.0, True)]
     assert not decreases_settled(pend, 14.0, 5.0)
-    assert decreases_settled(pend, 15.0, 5.0)
-    assert next_settle_at(pend, 5.0) == 15.0
-    assert next_settle_at([PendingDecrease("b", 12.0, True)], 5.0) is None
+    # b was accepted but never seen in effect: it settles by time too, 5 s after it left.
+    assert not decreases_settled(pend, 15.0, 5.0)
+    assert decreases_settled(pend, 17.0, 5.0)
+    assert next_settle_at(pend, 5.0) == 17.0
+    # Accepted but not yet seen in effect still settles by time; seen in effect waits for nothing.
+    assert next_settle_at([PendingDecrease("b", 12.0, True)], 5.0) == 17.0
+    seen = PendingDecrease("b", 12.0, True, in_effect=True)
+    assert next_settle_at([seen], 5.0) is None
+    assert decreases_settled([seen], 12.5, 5.0)
 
 
 # ---- failsafe timing ------------------------------------------------------------------------

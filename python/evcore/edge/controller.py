@@ -21,7 +21,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from evcore.clock import Clock
@@ -219,6 +219,7 @@ class EdgeController:
             ):
                 c = st.chargers[ev.charger_id]
                 c.note_limit(now_m)
+                self._note_in_effect(c)
                 change = check_ignored(c, now_m, self.cfg)
                 if change is FaultChange.FAULTED:
                     self._report_fault(c)
@@ -701,13 +702,15 @@ class EdgeController:
                 ch.charger_id, ch.new, now_m, valid_to if valid_to is not None else 0.0, fs
             )
             if ch.kind is ChangeKind.DECREASE:
-                self.pending[ch.charger_id] = PendingDecrease(ch.charger_id, now_m, False)
+                self.pending[ch.charger_id] = PendingDecrease(
+                    ch.charger_id, now_m, False, value=ch.new
+                )
         else:
             # The charger holds the old default (``tx_default``) until it accepts the new one.
             c.tx_default_sent = ch.new
             if ch.kind is ChangeKind.DECREASE:
                 self.pending["default:" + ch.charger_id] = PendingDecrease(
-                    ch.charger_id, now_m, False
+                    ch.charger_id, now_m, False, value=ch.new
                 )
         kwargs = self._limit_kwargs(purpose, ch, valid_to)
         sent = SentProfile(ch.charger_id, purpose, ch.new, ch.kind, decision, now_m, valid_to)
@@ -748,10 +751,14 @@ class EdgeController:
         c.note_limit(self.clock.monotonic())
         p = self.pending.get(key)
         if p is not None and accepted and p.sent_at_s == sent.left_mono:
-            self.pending[key] = PendingDecrease(p.charger_id, p.sent_at_s, True)
-            # Only held increases wait for it; otherwise the next tick is soon enough (and a
-            # decision per answer would compete with the rest of a large decision's sends).
-            if self._increases_held:
+            # Accepted is not yet in force: held increases wait until a meter reading shows it
+            # (``_note_in_effect``) or ``settle_s`` passed since it left.
+            # An idle charger's TxDefault has nothing drawing against it: accepted is in force.
+            idle = sent.purpose != "tx" and c.transaction_id is None
+            self.pending[key] = replace(
+                p, accepted=True, accepted_at_s=self.clock.monotonic(), in_effect=idle
+            )
+            if idle and self._increases_held:
                 self.notify("accepted")
         elif not accepted:
             self.notify("rejected")
@@ -865,8 +872,32 @@ class EdgeController:
 
     def _prune_pending(self, now_m: float) -> None:
         s = self.cfg.settle_s
-        for key in [k for k, p in self.pending.items() if p.accepted or now_m - p.sent_at_s >= s]:
+        for key in [k for k, p in self.pending.items() if p.in_effect or now_m - p.sent_at_s >= s]:
             del self.pending[key]
+
+    def _note_in_effect(self, c: ChargerState) -> None:
+        """Mark the charger's accepted TxProfile decrease in effect once a meter reading taken
+        after the acceptance shows it at or below the decreased value (within the deadband);
+        then held increases may be recomputed."""
+        p = self.pending.get(c.charger_id)
+        if (
+            p is None
+            or p.in_effect
+            or p.accepted_at_s is None
+            or c.measured_at is None
+            or c.measured_at <= p.accepted_at_s
+        ):
+            return
+        if c.is_dc:
+            drawn = c.measured_w
+            band = self.cfg.deadband_w
+        else:
+            drawn = c.measured_max_a()
+            band = self.cfg.deadband_a
+        if drawn is not None and drawn <= p.value + band:
+            self.pending[c.charger_id] = replace(p, in_effect=True)
+            if self._increases_held:
+                self.notify("in_effect")
 
     # ---- failsafe, plans -------------------------------------------------------------------
     def _refresh_failsafe(self, now_w: float) -> None:

@@ -1,8 +1,11 @@
 """Which of a decision's safe setpoints leave now, and in what order.
 
 What this module owns: the deadband, decreases first, and holding increases until every pending
-decrease was accepted by its charger (CALLRESULT Accepted) or ``settle_s`` passed since it left.
-Pure functions of their inputs; the controller re-decides when a decrease is accepted or settles, so
+decrease has taken effect (accepted by its charger AND a meter reading taken after the acceptance
+shows the charger at or below it) or ``settle_s`` passed since it left (../shared/DOMAIN.md:
+lower before you raise; a CALLRESULT Accepted only says the charger will apply the limit, within
+a few seconds). Pure functions of their inputs; the controller re-decides when a decrease takes
+effect or settles, so
 a held increase is recomputed against the then-current state rather than sent stale.
 
 What it must never do: change a value. Every value it returns is one the envelope produced in the
@@ -42,6 +45,10 @@ class PendingDecrease:
     charger_id: str
     sent_at_s: float  # clock.monotonic() when it left
     accepted: bool
+    # Seen in force: accepted, and measured at or below its value after the acceptance.
+    in_effect: bool = False
+    value: float = 0.0  # the decreased limit (A per phase, or W for DC)
+    accepted_at_s: float | None = None  # clock.monotonic() of the acceptance
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +76,16 @@ _wire = wire_value
 
 
 def decreases_settled(pending: Collection[PendingDecrease], now_s: float, settle_s: float) -> bool:
-    """True when no decrease is still on its way: each was accepted or ``settle_s`` has passed."""
-    return all(p.accepted or now_s - p.sent_at_s >= settle_s for p in pending)
+    """True when no decrease is still on its way: each was seen in effect (accepted and measured
+    at or below its value since) or ``settle_s`` has passed since it left. Acceptance alone is not
+    enough: the charger applies the limit seconds later, and an increase applied before it would
+    overload the feeder meanwhile."""
+    return all(p.in_effect or now_s - p.sent_at_s >= settle_s for p in pending)
 
 
 def next_settle_at(pending: Collection[PendingDecrease], settle_s: float) -> float | None:
-    """When the last unaccepted decrease settles by time (monotonic), or None if none waits."""
-    waits = [p.sent_at_s + settle_s for p in pending if not p.accepted]
+    """When the last decrease not yet seen in effect settles by time (monotonic), or None."""
+    waits = [p.sent_at_s + settle_s for p in pending if not p.in_effect]
     return max(waits) if waits else None
 
 
