@@ -191,7 +191,9 @@ async def test_setpoints_leave_only_after_their_record_is_committed(
     # "lowered to 16 A (drawing 16.1 A): …" (which constraint depends on the edge's policy).
     tx_reasons = [r for purpose, r in check.reasons if purpose == "tx"]
     assert tx_reasons, check.reasons
-    assert all(r.startswith(("held at ", "paused: ", "lowered to ")) and ": " in r for r in tx_reasons), tx_reasons
+    assert all(
+        r.startswith(("held at ", "paused: ", "lowered to ")) and ": " in r for r in tx_reasons
+    ), tx_reasons
 
     # The site file chose the store: its records are there (and nowhere else).
     if section["kind"] == "embedded":
