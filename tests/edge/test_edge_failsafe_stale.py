@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from edge_testkit import FAST as BASE_FAST
 from evcore.edge.config import EdgeConfig
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
@@ -19,17 +20,7 @@ from evcore.sim.chargepoint import HeldProfile
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST: dict[str, Any] = dict(
-    tick_s=0.5,
-    settle_s=3.0,
-    failsafe_after_s=40.0,
-    refresh_lead_s=10.0,
-    fallback_guard_s=5.0,
-    curtail_lead_s=3.0,
-    min_on_s=0.0,
-    min_off_s=0.0,
-    report_wait_s=1.0,
-)
+FAST: dict[str, Any] = BASE_FAST | {"report_wait_s": 1.0}
 
 
 async def test_a_charger_without_a_confirmed_txdefault_counts_at_its_maximum_in_the_failsafe() -> (

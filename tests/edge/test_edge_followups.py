@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from edge_testkit import FAST
 from evcore.clock import Clock
 from evcore.edge.app import build_controller
 from evcore.edge.config import EdgeConfig
@@ -67,18 +68,6 @@ class RecordingGateway:
             if kw["purpose"] == "tx":
                 out[cid] = float(kw.get("limit_a", kw.get("limit_w", math.nan)))
         return out
-
-
-FAST: dict[str, Any] = dict(
-    tick_s=0.5,
-    settle_s=3.0,
-    failsafe_after_s=40.0,
-    refresh_lead_s=10.0,
-    fallback_guard_s=5.0,
-    curtail_lead_s=3.0,
-    min_on_s=0.0,
-    min_off_s=0.0,
-)
 
 
 def _rig(

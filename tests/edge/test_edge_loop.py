@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from edge_testkit import FAST
 from evcore.checker import node_power_kw
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import SentProfile
@@ -24,17 +24,6 @@ from evcore.edge.sitegen import depot_table
 from evcore.sim.ev import EV
 
 pytestmark = pytest.mark.timeout(120)
-
-FAST: dict[str, Any] = dict(
-    tick_s=0.5,
-    settle_s=3.0,
-    failsafe_after_s=40.0,
-    refresh_lead_s=10.0,
-    fallback_guard_s=5.0,
-    curtail_lead_s=3.0,
-    min_on_s=0.0,
-    min_off_s=0.0,
-)
 
 
 async def test_chargers_hold_the_failsafe_default_and_plug_ins_stay_within_limits(

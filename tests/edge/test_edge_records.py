@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edge_testkit import FAST
 from evcore.clock import WallClock
 from evcore.edge.config import EdgeConfig
 from evcore.edge.recording import AuditRecorder
@@ -16,17 +17,6 @@ from evcore.edge.sitegen import depot_table
 from evcore.sim.ev import EV
 
 pytestmark = pytest.mark.timeout(120)
-
-FAST: dict[str, Any] = dict(
-    tick_s=0.5,
-    settle_s=3.0,
-    failsafe_after_s=40.0,
-    refresh_lead_s=10.0,
-    fallback_guard_s=5.0,
-    curtail_lead_s=3.0,
-    min_on_s=0.0,
-    min_off_s=0.0,
-)
 
 
 async def test_records_show_the_value_sent_bindings_of_unchanged_chargers_and_confirmations(

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from edge_testkit import FAST
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import SentProfile
 from evcore.edge.dispatch import ChangeKind
@@ -22,17 +23,6 @@ from evcore.ocpp import ProfileResult
 from evcore.sim.ev import EV
 
 pytestmark = pytest.mark.timeout(120)
-
-FAST: dict[str, Any] = dict(
-    tick_s=0.5,
-    settle_s=3.0,
-    failsafe_after_s=40.0,
-    refresh_lead_s=10.0,
-    fallback_guard_s=5.0,
-    curtail_lead_s=3.0,
-    min_on_s=0.0,
-    min_off_s=0.0,
-)
 
 
 async def test_a_resend_to_a_charger_of_unknown_state_waits_for_the_others_decreases() -> None:
