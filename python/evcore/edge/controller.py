@@ -738,6 +738,10 @@ class EdgeController:
         if sent.purpose == "tx":
             self.state.on_result(sent.charger_id, sent.value, accepted)
         elif accepted:
+            if c.tx_default is not None and sent.value < c.tx_default:
+                # Accepted is not applied: a car plugging in meanwhile still gets the old level.
+                c.tx_default_old = c.tx_default
+                c.tx_default_old_until = sent.left_mono + self.cfg.settle_s
             c.tx_default = sent.value
             if c.transaction_id is None:
                 # An idle charger's TxDefault is all it holds.

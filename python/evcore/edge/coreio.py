@@ -198,11 +198,19 @@ class RustCore:
             else:
                 # Idle: the charger may start drawing its TxDefault (failsafe) level at any moment,
                 # before the edge hears of the car. Count it there ("unconfirmed" = held), or at
-                # a TxDefault still on its way, or at what it reported it enforces. One that
+                # a TxDefault still on its way (or accepted lower but maybe not yet applied), or
+                # at what it reported it enforces. One that
                 # never accepted a TxDefault of ours (and reported nothing) may let a car draw
                 # its maximum (M3).
                 reported = c.sent if c.transaction_id is None else None
                 idle = [fs_level, c.tx_default or 0.0, c.tx_default_sent or 0.0, reported or 0.0]
+                if (
+                    c.tx_default_old is not None
+                    and c.tx_default_old_until is not None
+                    and now_mono < c.tx_default_old_until
+                ):
+                    # A lowered TxDefault accepted less than settle_s ago may not be applied yet.
+                    idle.append(c.tx_default_old)
                 if c.tx_default is None and reported is None:
                     idle.append(c.max_value)
                 cols[unit][i] = max(idle)

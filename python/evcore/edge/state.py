@@ -82,6 +82,10 @@ class ChargerState:
     final_sent: float | None = None  # the final level of the last TxProfile sent
     tx_default: float | None = None  # TxDefault level the charger accepted
     tx_default_sent: float | None = None  # last TxDefault level sent; None = must (re)send
+    # A lowered TxDefault the charger accepted but may not have applied yet: the level it replaced
+    # still counts for an idle charger until ``tx_default_old_until`` (monotonic; sent + settle_s).
+    tx_default_old: float | None = None
+    tx_default_old_until: float | None = None
     needs_resend: bool = True  # must be sent again (boot, reconnect, rejection, restart)
     # What the charger enforces is unknown (edge start, boot: profiles may be lost). The envelope
     # counts such a charger at its maximum until a profile is accepted.
