@@ -410,6 +410,42 @@ def test_an_idle_charger_that_never_accepted_a_txdefault_counts_at_its_maximum()
     assert _decide(core, st, cfg, now)["cp-0002"] > 0.0
 
 
+def test_an_accepted_decrease_is_in_effect_only_once_a_later_reading_shows_it() -> None:
+    from evcore.edge.dispatch import PendingDecrease
+
+    ctrl = _rig(2)[0]
+    c = ctrl.state.chargers["cp-0001"]
+    # Lowered from 16 to 6 A and accepted at monotonic 1000; the charger applies it later.
+    ctrl.pending[c.charger_id] = PendingDecrease(
+        c.charger_id, 999.9, True, value=6.0, accepted_at_s=1000.0
+    )
+    st = ctrl.state
+    # A low reading taken before the acceptance proves nothing (the car may rise to 16 A).
+    st.on_meter(c.charger_id, (5.0, None, None), None, None, 999.5)
+    ctrl._note_in_effect(c)
+    assert not ctrl.pending[c.charger_id].in_effect
+    st.on_meter(c.charger_id, (16.0, None, None), None, None, 1000.5)  # not applied yet
+    ctrl._note_in_effect(c)
+    assert not ctrl.pending[c.charger_id].in_effect
+    st.on_meter(c.charger_id, (6.4, None, None), None, None, 1001.0)  # within the deadband
+    ctrl._note_in_effect(c)
+    assert ctrl.pending[c.charger_id].in_effect
+
+
+def test_an_idle_charger_counts_at_the_txdefault_it_replaced_until_it_settles() -> None:
+    now = 1_800_000_000.0
+    core, st, cfg = _session_state(now)
+    x = st.chargers["cp-0001"]
+    st.on_transaction(x.charger_id, "ended", x.transaction_id or "", now)
+    # It accepted a TxDefault lowered from 32 to 6 A, but may not have applied it yet: a car
+    # plugged in now may still draw 32 A, so F1 (32 A) has nothing for its neighbour.
+    x.tx_default = x.sent = x.holding = 6.0
+    x.tx_default_old, x.tx_default_old_until = 32.0, 501.0  # _decide runs at monotonic 500
+    assert _decide(core, st, cfg, now)["cp-0002"] == 0.0
+    x.tx_default_old_until = 499.0  # settle_s has passed: the new level counts
+    assert _decide(core, st, cfg, now)["cp-0002"] > 6.0
+
+
 # ---- T3 / T2: the local planner ----------------------------------------------------------------
 class _FrozenClock(ManualClock):
     """Simulated time that does not move by itself: a sleep returns only when time is advanced."""
