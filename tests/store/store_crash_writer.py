@@ -26,6 +26,11 @@ async def main(section: dict[str, object], base_dir: str, start: int) -> None:
         now = clock.now()
         sp = Setpoint(charger_id=f"C{i % 7}", setpoint_a=6.0 + i % 10, reason=f"decision {i}")
         await audit.append(Decision(f"D{i}", "tick", setpoints=[sp]))
+        # The last setpoint of every charger, in one batch (as the edge records a decision's).
+        await store.add_setpoints(
+            (Setpoint(charger_id=f"C{c}", setpoint_a=6.0 + c, decision_id=f"D{i}"), now)
+            for c in range(7)
+        )
         await store.upsert_session(SessionRecord(f"S{i}", f"C{i % 7}", now))
         ev = TransactionEvent(
             charger_id=f"C{i % 7}",

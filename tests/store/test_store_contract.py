@@ -196,6 +196,55 @@ async def test_setpoints_last_sent_and_confirmation(store: SqlStore) -> None:
     assert await store.last_setpoint("C2") is None
 
 
+async def test_setpoints_of_a_decision_are_added_in_one_batch(store: SqlStore) -> None:
+    await store.record_setpoint_sent(
+        Setpoint(charger_id="C0", setpoint_a=32.0, decision_id="D0"), T0 - 10
+    )
+    assert await store.confirm_setpoint("C0", "D0", T0 - 9) is True
+    # 1200 chargers: more rows than one multi-row statement holds (chunks within one commit).
+    batch = [
+        (Setpoint(charger_id=f"C{i}", setpoint_a=6.0 + i % 26, decision_id="D1"), T0 + i / 1000)
+        for i in range(1200)
+    ]
+    batch.append((Setpoint(charger_id="DC1", setpoint_w=50_000.0, decision_id="D1"), T0))
+    # A charger named twice keeps the later one, as two single calls would.
+    batch.append((Setpoint(charger_id="C5", setpoint_a=7.5, decision_id="D1"), T0 + 2))
+    assert await store.add_setpoints(batch) == 1201
+    assert await store.add_setpoints([]) == 0
+    last = await store.last_setpoints()
+    assert len(last) == 1201
+    assert last["C0"].setpoint.setpoint_a == 6.0 and not last["C0"].confirmed
+    assert last["C0"].confirmed_at_s is None  # the new setpoint replaced the confirmed one
+    assert last["C1199"].setpoint.setpoint_a == 6.0 + 1199 % 26
+    assert last["C1199"].sent_at_s == pytest.approx(T0 + 1.199)
+    assert last["C5"].setpoint.setpoint_a == 7.5 and last["C5"].sent_at_s == pytest.approx(T0 + 2)
+    assert last["DC1"].setpoint.setpoint_w == 50_000.0
+    # Confirmations in one batch: only those still naming the charger's last decision count.
+    got = await store.confirm_setpoints(
+        [("C1", "D1", T0 + 5), ("C2", "D0", T0 + 5), ("C3", "D1", T0 + 6), ("nope", "D1", T0)]
+    )
+    assert got == 2
+    last = await store.last_setpoints()
+    assert last["C1"].confirmed and last["C1"].confirmed_at_s == pytest.approx(T0 + 5)
+    assert last["C3"].confirmed and not last["C2"].confirmed
+    assert await store.confirm_setpoints([]) == 0
+    # One bad pair refuses the whole batch: nothing of it is stored.
+    for bad, match in (
+        (Setpoint(charger_id="C1", decision_id="D2"), "#1 .*neither setpoint_a nor setpoint_w"),
+        (Setpoint(charger_id="", setpoint_a=6.0, decision_id="D2"), r"charger_id \(#1\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            await store.add_setpoints(
+                [(Setpoint(charger_id="C9", setpoint_a=9.0, decision_id="D2"), T0 + 9), (bad, T0)]
+            )
+    with pytest.raises(ValueError, match="finite"):
+        await store.add_setpoints(
+            [(Setpoint(charger_id="C9", setpoint_a=9.0, decision_id="D2"), float("nan"))]
+        )
+    c9 = await store.last_setpoint("C9")
+    assert c9 is not None and c9.setpoint.decision_id == "D1" and c9.confirmed is False
+
+
 async def test_telemetry_append_query_and_retention(store: SqlStore) -> None:
     n = await store.append_meter_samples(sample("C1", T0 + i, float(i)) for i in range(10))
     assert n == 10

@@ -2,9 +2,9 @@
 
 The writer is killed three times on the same store, each time at a different point of its cycle
 (after a different number of acknowledged decisions, plus a random delay, so the kill lands inside
-an audit append, a session upsert, a transaction or a telemetry write), and restarted; after each
-kill every acknowledged record is there and the audit chain — continued across the restarts —
-verifies.
+an audit append, a setpoint batch, a session upsert, a transaction or a telemetry write), and
+restarted; after each kill every acknowledged record is there and the audit chain — continued
+across the restarts — verifies.
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ async def test_sigkill_loses_no_committed_record(
                 assert f"D{i}" in decisions
                 assert await store.get_session(f"S{i}") is not None
                 assert await store.get_transaction(f"C{i % 7}", f"T{i}") is not None
+            # Each charger's last setpoint is from the last acknowledged decision or a later one.
+            last = await store.last_setpoints()
+            assert sorted(last) == [f"C{c}" for c in range(7)]
+            for rec in last.values():
+                assert int(rec.setpoint.decision_id.removeprefix("D")) >= acked_all[-1]
             samples = sum([len(await store.meter_samples(f"C{c}")) for c in range(7)])
             assert samples >= len(acked_all)
             report = await verify_chain(store)

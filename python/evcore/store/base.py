@@ -204,11 +204,25 @@ class Store(Protocol):
         """Remember ``setpoint`` as the last one sent to its charger (unconfirmed)."""
         ...
 
+    async def add_setpoints(self, sent: Iterable[tuple[Setpoint, float]]) -> int:
+        """Remember each ``(setpoint, sent_at_s)`` as the last one sent to its charger
+        (unconfirmed), all in one transaction and one durable commit; returns how many chargers
+        were written. A charger named twice keeps the later pair. A bad pair (no ``charger_id``,
+        neither ``setpoint_a`` nor ``setpoint_w``, a non-finite time) refuses the whole batch
+        with ``ValueError`` and nothing is stored. ``record_setpoint_sent`` is a batch of one."""
+        ...
+
     async def confirm_setpoint(
         self, charger_id: str, decision_id: str, confirmed_at_s: float
     ) -> bool:
         """Mark the charger's last setpoint confirmed if it still is the one from
         ``decision_id``."""
+        ...
+
+    async def confirm_setpoints(self, confirmed: Iterable[tuple[str, str, float]]) -> int:
+        """``confirm_setpoint`` for each ``(charger_id, decision_id, confirmed_at_s)`` in one
+        transaction; returns how many setpoints were confirmed (a pair whose charger has since been
+        sent a newer decision's setpoint confirms nothing)."""
         ...
 
     async def last_setpoint(self, charger_id: str) -> SetpointRecord | None: ...

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -95,6 +96,28 @@ class Tx:
             chunk = rows[start : start + per_chunk]
             params = [v for row in chunk for v in row]
             self._cur.execute(self._translate(head + ", ".join([one] * len(chunk))), params)
+
+    def upsert_many(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        on_conflict: str,
+    ) -> None:
+        """Multi-row ``INSERT … VALUES (…), (…) ON CONFLICT …`` in chunks (never COPY, which
+        cannot upsert). ``rows`` must not repeat a conflict key: PostgreSQL refuses to update
+        one row twice in a statement."""
+        if not rows:
+            return
+        width = len(columns)
+        per_chunk = max(1, INSERT_CHUNK_PARAMS // width)
+        head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+        one = "(" + ", ".join("?" * width) + ")"
+        for start in range(0, len(rows), per_chunk):
+            chunk = rows[start : start + per_chunk]
+            params = [v for row in chunk for v in row]
+            sql = head + ", ".join([one] * len(chunk)) + " " + on_conflict
+            self._cur.execute(self._translate(sql), params)
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         self._cur.execute(self._translate(sql), tuple(params))
@@ -197,6 +220,14 @@ _SESSION_COLS = (
     "session_id, charger_id, started_at_s, transaction_id, id_tag, departure_s,"
     " energy_requested_kwh, priority, meter_start_wh, energy_delivered_kwh, ended_at_s,"
     " updated_at_s"
+)
+_SETPOINT_COLS = (
+    "charger_id",
+    "decision_id",
+    "payload",
+    "sent_at_s",
+    "confirmed",
+    "confirmed_at_s",
 )
 _TX_COLS = (
     "charger_id, transaction_id, evse_id, id_tag, started_at_s, meter_start_wh, ended_at_s,"
@@ -567,37 +598,71 @@ class SqlStore:
 
     # -- setpoints ------------------------------------------------------------------------------
     async def record_setpoint_sent(self, setpoint: Setpoint, sent_at_s: float) -> None:
-        _require_id(setpoint.charger_id, "Setpoint.charger_id")
-        if not setpoint.HasField("setpoint_a") and not setpoint.HasField("setpoint_w"):
-            raise ValueError(
-                f"Setpoint for charger {setpoint.charger_id!r} has neither setpoint_a "
-                "nor setpoint_w"
-            )
-        payload = setpoint.SerializeToString(deterministic=True)
+        await self.add_setpoints([(setpoint, sent_at_s)])
 
-        def op(tx: Tx) -> None:
-            tx.execute(
-                "INSERT INTO setpoints_last"
-                " (charger_id, decision_id, payload, sent_at_s, confirmed, confirmed_at_s)"
-                " VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (charger_id) DO UPDATE SET"
+    async def add_setpoints(self, sent: Iterable[tuple[Setpoint, float]]) -> int:
+        rows: dict[str, tuple[str, str, bytes, float, bool, None]] = {}
+        for i, (setpoint, sent_at_s) in enumerate(sent):
+            _require_id(setpoint.charger_id, f"Setpoint.charger_id (#{i})")
+            if not setpoint.HasField("setpoint_a") and not setpoint.HasField("setpoint_w"):
+                raise ValueError(
+                    f"Setpoint #{i} for charger {setpoint.charger_id!r} has neither setpoint_a "
+                    "nor setpoint_w; nothing was stored"
+                )
+            at = float(sent_at_s)
+            if not math.isfinite(at):
+                raise ValueError(
+                    f"Setpoint #{i} for charger {setpoint.charger_id!r}: sent_at_s must be "
+                    f"finite, got {sent_at_s!r}; nothing was stored"
+                )
+            payload = setpoint.SerializeToString(deterministic=True)
+            # A charger named twice: the later one wins, as two calls in a row would leave it.
+            rows.pop(setpoint.charger_id, None)
+            rows[setpoint.charger_id] = (
+                setpoint.charger_id,
+                setpoint.decision_id,
+                payload,
+                at,
+                False,
+                None,
+            )
+        if not rows:
+            return 0
+        batch = list(rows.values())
+
+        def op(tx: Tx) -> int:
+            tx.upsert_many(
+                "setpoints_last",
+                _SETPOINT_COLS,
+                batch,
+                "ON CONFLICT (charger_id) DO UPDATE SET"
                 " decision_id = excluded.decision_id, payload = excluded.payload,"
                 " sent_at_s = excluded.sent_at_s, confirmed = excluded.confirmed,"
                 " confirmed_at_s = NULL",
-                (setpoint.charger_id, setpoint.decision_id, payload, float(sent_at_s), False),
             )
+            return len(batch)
 
-        await self._run(self._records, op)
+        return await self._run(self._records, op)
 
     async def confirm_setpoint(
         self, charger_id: str, decision_id: str, confirmed_at_s: float
     ) -> bool:
-        def op(tx: Tx) -> bool:
-            n = tx.execute(
-                "UPDATE setpoints_last SET confirmed = ?, confirmed_at_s = ?"
-                " WHERE charger_id = ? AND decision_id = ?",
-                (True, float(confirmed_at_s), charger_id, decision_id),
-            )
-            return n > 0
+        return await self.confirm_setpoints([(charger_id, decision_id, confirmed_at_s)]) > 0
+
+    async def confirm_setpoints(self, confirmed: Iterable[tuple[str, str, float]]) -> int:
+        batch = [(True, float(at), cid, did) for cid, did, at in confirmed]
+        if not batch:
+            return 0
+
+        def op(tx: Tx) -> int:
+            n = 0
+            for row in batch:
+                n += tx.execute(
+                    "UPDATE setpoints_last SET confirmed = ?, confirmed_at_s = ?"
+                    " WHERE charger_id = ? AND decision_id = ?",
+                    row,
+                )
+            return n
 
         return await self._run(self._records, op)
 
