@@ -256,8 +256,11 @@ async def test_controller_mapping_is_recorded_with_its_reasons(store: SqlStore) 
     assert "tx_default" in by["C2"].reason  # no binding reported: still says what was sent
     # The controller's counter restarts with the process; ids stay unique by time.
     clock.advance(1)
-    again = await log.append(dict(controller_decision, at=clock.now()))
+    again = await log.append(dict(controller_decision, at=clock.now(), plan_version="cloud-p@9"))
     assert again.decision_id != rec.decision_id
+    assert again.plan_version == 9  # the controller's "<plan id>@<version>"
+    with pytest.raises(ValueError, match="plan_version"):
+        await log.append(dict(controller_decision, at=clock.now() + 1, plan_version="cloud-p"))
     assert (await verify_chain(store)).ok
 
 

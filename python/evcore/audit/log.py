@@ -82,11 +82,25 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
+def _plan_version(value: Any) -> int:
+    """The controller names a plan ``"<plan id>@<version>"`` (or gives the number); the record
+    keeps the version number, 0 when no plan was followed."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    tail = str(value).rsplit("@", 1)[-1]
+    if not tail.isdigit():
+        raise ValueError(f"plan_version must be N or '<plan id>@N', got {value!r}")
+    return int(tail)
+
+
 def record_from_mapping(decision: Mapping[str, Any], *, edge_id: str = "") -> AuditRecord:
     """The record for a decision in the edge controller's plain-data shape::
 
         {"decision": 42, "at": 1767225605.0, "trigger": "meter:C1", "config_version": "…",
-         "plan_version": 3 | "", "inputs_digest": "…", "policy": "…", "curtailments_kw": {…},
+         "plan_version": 3 | "plan-id@3" | "", "inputs_digest": "…", "policy": "…",
+         "curtailments_kw": {…},
          "setpoints": [{"charger_id", "purpose", "kind", "old", "new", "unit": "A" | "W",
                         "valid_to", "failsafe", "binding": "held at 16 A: …"}, …],
          "bindings": [{"charger_id", "reason", "binding_node_id"}, …]}   # optional
@@ -106,12 +120,12 @@ def record_from_mapping(decision: Mapping[str, Any], *, edge_id: str = "") -> Au
             raise ValueError("decision mapping has neither 'decision_id' nor 'decision'")
         stamp = datetime.fromtimestamp(at_s, tz=UTC).isoformat(timespec="microseconds")
         decision_id = f"{decision['decision']}@{stamp.replace('+00:00', 'Z')}"
-    plan_version = decision.get("plan_version") or 0
+    plan_version = _plan_version(decision.get("plan_version"))
     record = AuditRecord(
         decision_id=decision_id,
         trigger=str(decision.get("trigger") or ""),
         inputs_digest=str(decision.get("inputs_digest") or ""),
-        plan_version=int(plan_version) if str(plan_version).isdigit() else 0,
+        plan_version=plan_version,
         config_version=str(decision.get("config_version") or ""),
         edge_id=str(decision.get("edge_id") or edge_id),
     )
