@@ -108,6 +108,11 @@ async def test_a_decision_following_a_plan_records_its_version(
         assert rec.plan_version == 7
         sp = next(sp for sp in rec.setpoints if sp.charger_id == cid)
         assert sp.setpoint_a == pytest.approx(10.0) and sp.reason, sp
+        # The other charger in a session, considered and left unchanged, says what held it.
+        other = next(c for c in ctrl.state.chargers if c != cid)
+        assert [sp.charger_id for sp in rec.setpoints] == [cid]
+        held = {b.charger_id: b.reason for b in rec.bindings}
+        assert held.get(other, "").startswith(("held at ", "paused: ")), rec.bindings
         # The edge fills inputs_digest with a BLAKE2b-128 of the core's input columns (32 hex).
         assert rec.trigger == "test" and rec.config_version
         assert len(rec.inputs_digest) >= 32 and int(rec.inputs_digest, 16) >= 0
