@@ -6,7 +6,7 @@ random feasible planning problems of any size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -240,6 +240,13 @@ def acn_case(
                 priority=float(rng.choice([1.0, 1.0, 1.0, 2.0])),
             )
         )
+    # One car per charger at a time (the planner refuses overlapping windows): a session leaves
+    # when the next one on its charger arrives. Sessions of one charger arrive in order of j.
+    for j in range(n_sessions - n_chargers):
+        s, nxt = sessions[j], sessions[j + n_chargers]
+        assert float(nxt.arrival) > float(s.arrival)
+        if float(s.departure) > float(nxt.arrival):
+            sessions[j] = replace(s, departure=nxt.arrival)
     prices = [tou_price(start + sum(steps[:k]) + 1.0) for k in range(len(steps))]
     req = PlanRequest(
         start=start,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -169,14 +170,30 @@ def test_tiny_budget_gives_time_limit_status() -> None:
         (lambda d: d["sessions"][0].update(charger_id="nope"), "charger_id"),
         (lambda d: d["sessions"][0].update(departure_s=d["sessions"][0]["arrival_s"]), "departure"),
         (lambda d: d.update(step_s=[]), "step_s"),
+        (
+            lambda d: d["sessions"].append(dict(d["sessions"][0], id="s2")),
+            "sessions[1](s2).arrival_s",
+        ),
     ],
 )
 def test_bad_input_is_refused_naming_the_field(mutate: Any, field: str) -> None:
     doc = copy.deepcopy(to_core_input(_one_charger()))
     mutate(doc)
-    with pytest.raises(InputError, match=field.replace("[", r"\[").replace("]", r"\]")) as e:
+    with pytest.raises(InputError, match=re.escape(field)) as e:
         Planner().plan(doc, 5.0)
     assert isinstance(e.value, ValueError)
+
+
+def test_solver_failure_gives_failed_status_not_an_exception() -> None:
+    # An iteration limit (numerical trouble ends the same way): a status and no schedule, so
+    # the caller falls back to the allocator.
+    doc = acn_case(1, n_sessions=20, horizon_h=6.0)
+    res = Planner(PlannerSettings(max_iter=2)).plan(doc, 10.0)
+    assert res.status == "failed"
+    assert not res.ok
+    assert res.schedule.num_rows == 0
+    assert res.summary["solver_status"] == "MaxIterations"
+    assert Planner().plan(doc, 10.0).status == "optimal"
 
 
 def test_bad_budget_is_refused() -> None:

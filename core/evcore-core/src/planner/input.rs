@@ -401,6 +401,21 @@ impl PlanInput {
             if s.departure_s <= s.arrival_s {
                 return Err(bad(format!("{f}.departure_s"), "must be after arrival_s"));
             }
+            // One car per charger at a time: two overlapping windows would each be planned up
+            // to the charger's maximum.
+            if let Some(o) = self.sessions[..i].iter().find(|o| {
+                o.charger_id == s.charger_id
+                    && o.arrival_s < s.departure_s
+                    && s.arrival_s < o.departure_s
+            }) {
+                return Err(bad(
+                    format!("{f}.arrival_s"),
+                    format!(
+                        "overlaps session {:?} on charger {:?} (one session per charger at a time)",
+                        o.id, s.charger_id
+                    ),
+                ));
+            }
             check_num(
                 &format!("{f}.energy_requested_kwh"),
                 s.energy_requested_kwh,

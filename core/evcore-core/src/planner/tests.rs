@@ -237,6 +237,54 @@ fn bad_input_names_the_field() {
     inp.chargers[0].min_a = Some(3.0);
     let PlanError::Input { field, .. } = plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
     assert_eq!(field, "chargers[0](c1).min_a");
+
+    // Two sessions on one charger: back to back is fine, overlapping is refused.
+    inp.chargers[0].min_a = None;
+    let mut next = session("s2", "c1", 2.0, 2.0);
+    next.arrival_s = T0 + 3600.0;
+    inp.sessions.push(next.clone());
+    assert!(plan(&inp, PlannerSettings::default(), 5.0).is_ok());
+    next.arrival_s = T0 + 1800.0;
+    inp.sessions[1] = next;
+    let PlanError::Input { field, message } =
+        plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
+    assert_eq!(field, "sessions[1](s2).arrival_s");
+    assert!(message.contains("\"s1\""), "{message}");
+}
+
+#[test]
+fn an_iteration_limit_is_a_failed_status_with_no_schedule() {
+    // The caller falls back to the allocator on `failed`, as on `time_limit`.
+    let mut inp = input(vec![900.0; 16], vec![0.2]);
+    inp.chargers = (0..6)
+        .map(|i| {
+            ac(
+                &format!("c{i}"),
+                "root",
+                Wiring::LineToLine,
+                &[i % 3, (i + 1) % 3],
+                208.0,
+                32.0,
+            )
+        })
+        .collect();
+    inp.sessions = (0..6)
+        .map(|i| session(&format!("s{i}"), &format!("c{i}"), 4.0, 20.0))
+        .collect();
+    let settings = PlannerSettings {
+        max_iter: 2,
+        ..PlannerSettings::default()
+    };
+    let mut p = Planner::new(settings);
+    let out = p.plan(&inp, 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Failed);
+    assert_eq!(out.summary.solver_status, "MaxIterations");
+    assert!(out.summary.refined_retry);
+    assert!(out.rows.is_empty());
+    assert!(!out.summary.status.has_schedule());
+    // With enough iterations the same input plans.
+    let ok = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(ok.summary.status, PlanStatus::Optimal);
 }
 
 #[test]
