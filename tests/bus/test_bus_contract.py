@@ -157,6 +157,13 @@ async def test_retried_publish_is_stored_once_and_dedupe_store_drops_repeats(
         await bus.publish(s.setpoint("C1"), b"16A", event_id="decision-1/C1")
     await bus.publish(s.setpoint("C1"), b"10A", event_id="decision-2/C1")
     await bus.flush()
+    # What the stream stored, read by a durable without a processed-id store: each id once.
+    stored: list[tuple[str, bytes]] = []
+
+    async def record(m: BusMessage) -> None:
+        stored.append((m.event_id, m.data))
+
+    await bus.consume(s.setpoint(), durable="recorder", handler=record)
     ids = ProcessedIds(":memory:", "dispatcher")
     # An earlier life of this consumer already applied decision-2 (e.g. before a replay that
     # outlasted the broker's duplicate window): its repeat must be dropped, not applied again.
@@ -167,10 +174,16 @@ async def test_retried_publish_is_stored_once_and_dedupe_store_drops_repeats(
         applied.append((m.event_id, m.data))
 
     await bus.consume(s.setpoint(), durable="dispatcher", handler=apply, dedupe=ids)
-    await wait_until(lambda: bus.stats.duplicates_dropped == 1, what="the repeat to be dropped")
-    await wait_until(lambda: len(applied) == 1, what="one applied setpoint")
-    await asyncio.sleep(0.2)
+    await wait_until(
+        lambda: len(stored) >= 2 and len(applied) + bus.stats.duplicates_dropped >= 2,
+        what="both durables to reach the end of the stream",
+    )
+    await asyncio.sleep(0.2)  # a third stored copy would arrive now
+    assert stored == [("decision-1/C1", b"16A"), ("decision-2/C1", b"10A")], (
+        "a retried publish (same event id) was stored more than once"
+    )
     assert applied == [("decision-1/C1", b"16A")]
+    assert bus.stats.duplicates_dropped == 1
     assert ids.contains("decision-1/C1")
 
 
