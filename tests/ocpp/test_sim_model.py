@@ -145,6 +145,33 @@ def test_composite_stack_levels_valid_to_and_fallback_to_tx_default() -> None:
     assert sim.limit_at(1, clock.now()) == 16.0
 
 
+def test_a_tx_profile_ends_with_its_transaction() -> None:
+    clock = ManualClock()
+    sim = station(clock)
+    sim.step()
+    assert send(sim, profile_16(clock, pid=1, purpose="TxDefaultProfile", limit=16)) == "Accepted"
+    sim.plug_in(1, EV(soc=0.3))
+    sim.connectors[1].tx_ref.id = "7"
+    # 1.6 allows a TxProfile without a transactionId: it is for the transaction running now.
+    assert send(sim, profile_16(clock, pid=2, purpose="TxProfile", limit=10)) == "Accepted"
+    settle(sim, clock, 2.1)
+    assert sim.limit_at(1, clock.now()) == 10.0
+    sim.unplug(1)
+    assert [p.purpose for p in sim.profiles] == ["default"]
+    # The next session starts at the TxDefault, not at the last session's TxProfile.
+    sim.plug_in(1, EV(soc=0.3))
+    sim.connectors[1].tx_ref.id = "8"
+    settle(sim, clock, 0.2)
+    assert sim.limit_at(1, clock.now()) == 16.0 and sim.terminal_a(1) == (16.0, 16.0, 16.0)
+    # One still waiting for the station's apply delay goes too.
+    assert send(sim, profile_16(clock, pid=3, purpose="TxProfile", limit=8)) == "Accepted"
+    sim.unplug(1)
+    sim.plug_in(1, EV(soc=0.3))
+    sim.connectors[1].tx_ref.id = "9"
+    settle(sim, clock, 2.1)
+    assert sim.limit_at(1, clock.now()) == 16.0
+
+
 def test_ignore_profiles_answers_accepted_and_applies_nothing() -> None:
     clock = ManualClock()
     sim = station(clock)

@@ -630,6 +630,16 @@ class SimChargePoint:
     def _stop_transaction(self, c: SimConnector, reason: str) -> None:
         offline = self._ws is None
         c.tx_active = False
+        # A TxProfile lives as long as its transaction (both versions say so): one sent without
+        # a transactionId (1.6 allows it) must not carry over to the next session on this EVSE.
+        self.profiles = [
+            q for q in self.profiles if not (q.purpose == "tx" and q.evse == c.evse_id)
+        ]
+        self._pending_profiles = [
+            (t, q)
+            for t, q in self._pending_profiles
+            if not (q.purpose == "tx" and q.evse == c.evse_id)
+        ]
         if self.version == "1.6":
             register = int(c.register_wh)
             at = iso(self.clock.now())
