@@ -196,6 +196,16 @@ def test_solver_failure_gives_failed_status_not_an_exception() -> None:
     assert Planner().plan(doc, 10.0).status == "optimal"
 
 
+def test_a_solve_retried_with_iterative_refinement_says_why() -> None:
+    # Refinement is off by default; at 1,000 sessions this case's first solve ends AlmostSolved
+    # (38 iterations) and is repeated with it on: the summary says so.
+    res = Planner().plan(acn_case(3, 1000, 24.0, n_chargers=500), 120.0)
+    assert res.status == "optimal"
+    assert res.summary["refined_retry"] == ("retried with it" in res.summary["message"])
+    if res.summary["refined_retry"]:
+        assert "AlmostSolved" in res.summary["message"]
+
+
 def test_bad_budget_is_refused() -> None:
     with pytest.raises(InputError, match="budget_s"):
         Planner().plan(_one_charger(), math.nan)

@@ -385,6 +385,8 @@ impl Planner {
                     | SolverStatus::DualInfeasible
                     | SolverStatus::MaxTime
             );
+        let first = cached.solver.solution.status;
+        let first_iterations = cached.solver.solution.iterations;
         let remaining = budget_s - t0.elapsed().as_secs_f64();
         if retry && remaining > 0.0 {
             let mut s = clarabel_settings(&self.settings, remaining);
@@ -392,6 +394,10 @@ impl Planner {
             if cached.solver.update_settings(s).is_ok() {
                 cached.solver.solve();
                 summary.refined_retry = true;
+                summary.message = format!(
+                    "first solve without iterative refinement ended {first:?} after \
+                     {first_iterations} iterations; retried with it"
+                );
             }
         }
         summary.solve_time_s = t1.elapsed().as_secs_f64();
