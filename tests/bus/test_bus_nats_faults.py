@@ -11,6 +11,7 @@ import pytest
 from bus_testkit import AuditSink, NatsServer, make_nats_bus, unique_site, wait_until
 from evcore.bus import BusMessage, BusUnavailable, Subjects
 from evcore.bus.natsbus import NatsBus
+from evcore.bus.outbox import Outbox
 from evcore.v1 import audit_pb2, meter_pb2
 
 
@@ -109,6 +110,60 @@ async def test_sigkilled_publisher_loses_nothing_its_outbox_accepted(
         assert applied[: len(accepted)] == accepted
         assert applied == list(range(len(applied)))
         assert len(applied) - len(accepted) <= 64
+    finally:
+        await revived.close()
+        await consumer_bus.close()
+
+
+async def test_outbox_replay_after_the_duplicate_window_is_dropped_by_the_consumer(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """An outbox entry whose removal was lost (JetStream had stored it, the edge died before the
+    delete reached its disk) is re-sent under the same event id when the edge comes back. After
+    JetStream's duplicate window the stream stores it a second time; the consumer's processed-id
+    store, kept with its effects, is what drops the repeat."""
+    site = unique_site()
+    s = Subjects(site)
+    window_s = 0.5
+    edge_dir = tmp_path / "edge-outbox"
+    edge = make_nats_bus(site, nats_server.url, edge_dir, duplicate_window_s=window_s)
+    await edge.start()
+    rec = audit_pb2.AuditRecord(seq=1, decision_id="d1")
+    await edge.publish(s.audit, rec, event_id="audit-1")
+    assert await edge.flush(timeout_s=10) and edge.outbox.pending == 0
+    outbox_path = edge.outbox.path
+    await edge.close()
+    # The removal is lost: the entry is back in the outbox, as a crash before the delete leaves it.
+    lost = Outbox(outbox_path)
+    await lost.open()
+    await lost.append(s.audit, "audit-1", rec.SerializeToString(deterministic=True), 0.0)
+    await lost.close()
+    await asyncio.sleep(window_s * 3)  # the edge stays down longer than the duplicate window
+
+    consumer_bus, sink = await start_sink(site, nats_server.url, tmp_path)
+    raw: list[str] = []
+
+    async def on_raw(m: BusMessage) -> None:
+        raw.append(m.event_id)
+
+    await consumer_bus.consume(s.audit, durable="raw", handler=on_raw)
+    revived = make_nats_bus(site, nats_server.url, edge_dir, duplicate_window_s=window_s)
+    await revived.start()
+    try:
+        assert await revived.flush(timeout_s=10) and revived.outbox.pending == 0
+        info = await revived._js.stream_info(revived.streams[0].name)
+        assert info.state.messages == 2, (
+            "the replay fell inside the duplicate window: not exercised"
+        )
+        await wait_until(lambda: len(raw) == 2, what="both stored copies")
+        await wait_until(
+            lambda: sink.calls + consumer_bus.stats.duplicates_dropped >= 2,
+            what="both copies to reach the deduplicating consumer",
+        )
+        await asyncio.sleep(0.3)
+        assert raw == ["audit-1", "audit-1"]
+        assert sink.applied() == [1], "the replayed audit record was applied twice"
+        assert consumer_bus.stats.duplicates_dropped == 1
     finally:
         await revived.close()
         await consumer_bus.close()
