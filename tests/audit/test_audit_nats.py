@@ -85,6 +85,7 @@ async def test_records_reach_jetstream_through_the_outbox(nats: NatsServer, tmp_
     for i in range(3):
         clock.advance(1)
         appended.append(await asyncio.wait_for(log.append(decision(i)), 10))
+    await log.flush()  # the publisher hands them to the outbox beside the appends
     assert not bus.connected
     assert bus.stats.outbox_pending == 3
     assert log.publish_failures == 0
@@ -117,6 +118,7 @@ async def test_records_reach_jetstream_through_the_outbox(nats: NatsServer, tmp_
         try:
             log2 = AuditLog(store, clock=clock, bus=bus2, site_id=site)
             await log2.open()
+            await log2.flush()
             assert bus2.stats.published == 0  # the publish mark covered all three
             clock.advance(1)
             appended.append(await log2.append(decision(3)))

@@ -345,6 +345,7 @@ async def test_records_are_published_and_republished_after_a_crash(
         await log.open()  # republishes the three pending records
     # Without open(), the first append republishes them before its own record.
     rec = await log.append(decision(3))
+    await log.flush()
     await bus.flush()
     for _ in range(100):
         if len(got) >= 4:
@@ -357,10 +358,63 @@ async def test_records_are_published_and_republished_after_a_crash(
     got.clear()
     again = AuditLog(store, clock=clock, bus=bus, site_id="depot")
     await again.open()
+    await again.flush()
     await bus.flush()
     await asyncio.sleep(0.05)
     assert got == []
     await bus.close()
+
+
+class StuckBus:
+    """A bus whose publish does not return until ``release`` is set (a full disk, a hung
+    outbox), recording what it was given."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.waiting = 0
+        self.published: list[Event] = []
+
+    async def publish(self, subject: str, event: Event, **kw: Any) -> None:
+        self.waiting += 1
+        await self.release.wait()
+        self.published.append(event)
+
+
+async def test_a_stuck_bus_never_holds_up_an_append(store: SqlStore) -> None:
+    clock = ManualClock()
+    bus = StuckBus()
+    log = AuditLog(store, clock=clock, bus=bus, site_id="depot")
+    appended = []
+    for i in range(5):
+        clock.advance(1)
+        # Guard only: with publishing on the append path this would hang on the first record.
+        appended.append(await asyncio.wait_for(log.append(decision(i)), 30))
+    assert bus.waiting == 1 and bus.published == []  # the publisher waits on the first record
+    head = await store.audit_head()
+    assert head is not None and head.seq == 4  # all five durable meanwhile
+    bus.release.set()
+    await log.close()  # flushes the publisher, then writes the publish mark
+    assert [e.audit for e in bus.published] == appended  # in seq order, each once
+    assert await store.get_meta("audit.published_seq") == "4"
+
+
+async def test_closing_with_a_stuck_bus_leaves_the_rest_for_the_next_start(store: SqlStore) -> None:
+    clock = ManualClock()
+    bus = StuckBus()
+    log = AuditLog(store, clock=clock, bus=bus, site_id="depot")
+    for i in range(3):
+        clock.advance(1)
+        await log.append(decision(i))
+    await asyncio.wait_for(log.close(flush_timeout_s=0.2), 30)  # returns although stuck
+    assert bus.published == [] and await store.get_meta("audit.published_seq") is None
+    # The next start republishes all three from the store.
+    bus2 = StuckBus()
+    bus2.release.set()
+    again = AuditLog(store, clock=clock, bus=bus2, site_id="depot")
+    await again.open()
+    await again.close()
+    assert [e.audit.seq for e in bus2.published] == [0, 1, 2]
+    assert await store.get_meta("audit.published_seq") == "2"
 
 
 async def test_evcore_cli_registers_audit(tmp_path: Path) -> None:

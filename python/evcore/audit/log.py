@@ -6,13 +6,19 @@ committed with full durability in the store. The record is then handed to the bu
 event (disk outbox) on ``evcore.<site>.audit``, wrapped in an ``evcore.v1.Event`` whose id is
 derived from the record's hash, so a republish after a crash is dropped by consumers as a repeat.
 
-The audit log records; it never changes a decision, and a failure to publish never blocks the edge
-(the record is already durable and is republished on the next start).
+Publishing runs in one task the log owns, in seq order, after ``append`` has returned: the outbox's
+own commit (a second fsync) is not on the control path, and a slow or failing bus never delays a
+decision. The store is the source: what the bus had not accepted when the process died is
+republished from it on the next start. ``flush()`` waits for the publisher; ``close()`` flushes.
+
+The audit log records; it never changes a decision.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -258,6 +264,9 @@ class AuditLog:
         self._published_seq = -1
         self._mark_written = -1
         self.publish_failures = 0
+        # Sealed records waiting for the bus, oldest first, and the one task that publishes them.
+        self._outgoing: collections.deque[AuditRecord] = collections.deque()
+        self._publisher: asyncio.Task[None] | None = None
 
     @property
     def head_seq(self) -> int:
@@ -269,7 +278,8 @@ class AuditLog:
 
         Optional: the first ``append`` does the same if ``open`` was not called."""
         async with self._lock:
-            await self._open_locked()
+            if not self._opened:
+                await self._open_locked()
 
     async def _open_locked(self) -> None:
         await self._load_head()
@@ -279,13 +289,32 @@ class AuditLog:
         mark = await self._store.get_meta(PUBLISHED_MARK)
         self._published_seq = self._mark_written = int(mark) if mark else -1
         pending = await self._store.audit_records(after_seq=self._published_seq)
-        for record in pending:
-            await self._publish(record)
         if pending:
-            await self._write_mark(force=True)
-            log.info("audit: republished %d record(s) after restart", len(pending))
+            log.info("audit: republishing %d record(s) the bus had not accepted", len(pending))
+            self._outgoing.extend(pending)
+            self._start_publisher()
 
-    async def close(self) -> None:
+    async def flush(self) -> None:
+        """Wait until every record appended so far was handed to the bus (or failed to be)."""
+        while self._publisher is not None and not self._publisher.done():
+            await asyncio.shield(self._publisher)
+
+    async def close(self, *, flush_timeout_s: float = 10.0) -> None:
+        """Flush the publisher (for at most ``flush_timeout_s``: a stuck bus must not hold up a
+        shutdown; what it did not take is republished on the next start), write the mark."""
+        try:
+            await asyncio.wait_for(self.flush(), flush_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "audit: bus did not take %d record(s) within %.0f s; they are republished on "
+                "the next start",
+                len(self._outgoing) + 1,
+                flush_timeout_s,
+            )
+            if self._publisher is not None:
+                self._publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._publisher
         async with self._lock:
             if self._bus is not None and self._opened:
                 await self._write_mark(force=True)
@@ -315,9 +344,24 @@ class AuditLog:
             self._head_seq = sealed.seq
             self._head_hash = sealed.hash
             if self._bus is not None:
-                await self._publish(sealed)
-                await self._write_mark(force=False)
+                self._outgoing.append(sealed)
+                self._start_publisher()
         return sealed
+
+    def _start_publisher(self) -> None:
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.get_running_loop().create_task(
+                self._publish_pending(), name="evcore-audit-publish"
+            )
+
+    async def _publish_pending(self) -> None:
+        while self._outgoing:
+            record = self._outgoing.popleft()
+            await self._publish(record)
+            try:
+                await self._write_mark(force=False)
+            except Exception:  # the mark only saves republishing; it is retried with the next
+                log.exception("audit: writing the publish mark failed")
 
     async def _publish(self, record: AuditRecord) -> None:
         assert self._bus is not None
