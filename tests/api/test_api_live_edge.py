@@ -177,6 +177,19 @@ async def test_operator_steers_the_live_edge(live: LiveEdge) -> None:
         (s,) = sessions.sessions
         assert s.priority == 3.0
         assert s.departure.seconds == departure_s and s.energy_requested_kwh == 20.0
+        # The operator's change reaches the edge's store (a restart keeps it).
+        stored: list[Any] = []
+        for _ in range(200):
+            stored = await live.app.store.list_open_sessions(other)
+            if stored and stored[0].priority == 3.0 and stored[0].departure_s == departure_s:
+                break
+            await asyncio.sleep(0.05)
+        assert len(stored) == 1, stored
+        assert (stored[0].priority, stored[0].departure_s, stored[0].energy_requested_kwh) == (
+            3.0,
+            departure_s,
+            20.0,
+        )
     finally:
         watch.cancel()
         reader.cancel()
