@@ -4,7 +4,9 @@ documented, units are in names, times are Timestamps."""
 from __future__ import annotations
 
 import filecmp
+import importlib
 import importlib.util
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -275,38 +277,120 @@ UNIT_SUFFIXES = (
 UNITLESS = {"efficiency", "objective", "priority"}
 
 
+def _all_messages(fds: descriptor_pb2.FileDescriptorSet) -> list[Any]:
+    """Every message of our files, nested ones included (map entries are protoc's own)."""
+    found: list[Any] = []
+
+    def walk(m: Any) -> None:
+        found.append(m)
+        for nested in m.nested_type:
+            if not nested.options.map_entry:
+                walk(nested)
+
+    for fd in fds.file:
+        if fd.name.startswith("evcore/"):
+            for m in fd.message_type:
+                walk(m)
+    return found
+
+
 def test_units_in_numeric_field_names(fds: descriptor_pb2.FileDescriptorSet) -> None:
     bad: list[str] = []
-    for fd in fds.file:
-        if not fd.name.startswith("evcore/"):
-            continue
-        for m in fd.message_type:
-            for f in m.field:
-                if f.type in (FDP.TYPE_DOUBLE, FDP.TYPE_FLOAT) and not (
-                    f.name.endswith(UNIT_SUFFIXES) or f.name in UNITLESS
-                ):
-                    bad.append(f"{m.name}.{f.name}")
+    for m in _all_messages(fds):
+        for f in m.field:
+            if f.type in (FDP.TYPE_DOUBLE, FDP.TYPE_FLOAT) and not (
+                f.name.endswith(UNIT_SUFFIXES) or f.name in UNITLESS
+            ):
+                bad.append(f"{m.name}.{f.name}")
     assert not bad, f"numeric fields without a unit in their name: {bad}"
+
+
+TIME_NAMES = ("time", "start", "end", "departure", "step_start", "valid_until")
 
 
 def test_times_are_timestamps(fds: descriptor_pb2.FileDescriptorSet) -> None:
     bad: list[str] = []
-    for fd in fds.file:
-        if not fd.name.startswith("evcore/"):
-            continue
-        for m in fd.message_type:
-            for f in m.field:
-                timeish = f.name.endswith(("_at", "_time")) or f.name in (
-                    "time",
-                    "start",
-                    "end",
-                    "departure",
-                    "step_start",
-                    "valid_until",
-                )
-                if timeish and f.type_name != ".google.protobuf.Timestamp":
-                    bad.append(f"{m.name}.{f.name}")
+    for m in _all_messages(fds):
+        for f in m.field:
+            timeish = f.name.endswith(("_at", "_time")) or f.name in TIME_NAMES
+            if timeish and f.type_name != ".google.protobuf.Timestamp":
+                bad.append(f"{m.name}.{f.name}")
     assert not bad, f"time fields that are not google.protobuf.Timestamp: {bad}"
+
+
+def test_unit_and_time_checks_reach_nested_messages(tmp_path: Path) -> None:
+    """Not vacuous: a unitless double and an epoch-seconds time, in a nested message, are named."""
+    proto_copy = tmp_path / "proto"
+    shutil.copytree(ROOT / "proto", proto_copy)
+    f = proto_copy / "evcore" / "v1" / "plan.proto"
+    text = f.read_text()
+    anchor = "message Plan {\n"
+    assert anchor in text
+    nested = (
+        "message Plan {\n  // x\n  message Slot {\n    // x\n    double energy = 1;\n"
+        "    // x\n    int64 start = 2;\n  }\n"
+    )
+    f.write_text(text.replace(anchor, nested))
+    edited = wire_lock.describe(proto_copy)
+    with pytest.raises(AssertionError, match=r"\['Slot\.energy'\]"):
+        test_units_in_numeric_field_names(edited)
+    with pytest.raises(AssertionError, match=r"\['Slot\.start'\]"):
+        test_times_are_timestamps(edited)
+
+
+def test_every_file_is_in_the_versioned_package_of_its_directory(
+    fds: descriptor_pb2.FileDescriptorSet,
+) -> None:
+    """proto/evcore/v<N>/x.proto declares ``package evcore.v<N>`` (a breaking change is a new
+    directory and package, never an edit of v1)."""
+    ours = [fd for fd in fds.file if fd.name.startswith("evcore/")]
+    assert ours, "no .proto files under proto/evcore/"
+    bad = [
+        f"{fd.name}: package {fd.package!r}"
+        for fd in ours
+        if not (
+            re.fullmatch(r"evcore\.v[1-9][0-9]*", fd.package)
+            and fd.name.rsplit("/", 1)[0] == fd.package.replace(".", "/")
+        )
+    ]
+    assert not bad, f"files outside their versioned package: {bad}"
+
+
+# What issue 3 asks the contracts to carry: message -> fields it must have.
+REQUIRED_MESSAGES: dict[str, set[str]] = {
+    "SiteTopology": {"nodes", "chargers"},
+    "ChargerStatus": {"charger_id"},
+    "MeterSample": {"charger_id", "sampled_at", "current_a", "power_w", "energy_register_wh"},
+    "TransactionEvent": {"transaction_id", "kind"},
+    "Setpoint": {"charger_id", "setpoint_a", "setpoint_w", "binding", "reason", "decision_id"},
+    "Plan": {"rows", "plan_version"},
+    "PlanRow": {"session_id", "charger_id", "step_start", "step_s", "target_a", "target_w"},
+    "Tariff": {"prices"},
+    "PriceInterval": {"start", "price_per_kwh"},
+    "GridSignal": {"curtailment", "price_update"},
+    "Curtailment": {"node_id", "max_kw", "start", "end"},
+    "PriceUpdate": {"tariff"},
+    "AuditRecord": {"decision_id", "setpoints", "prev_hash", "hash"},
+    "Event": {"event_id", "site_id", "time"},
+}
+
+
+def test_the_contract_set_of_issue_3_is_present(fds: descriptor_pb2.FileDescriptorSet) -> None:
+    messages = {m.name: {f.name for f in m.field} for m in _all_messages(fds)}
+    missing = {
+        name: sorted(fields - messages.get(name, set()))
+        for name, fields in REQUIRED_MESSAGES.items()
+        if name not in messages or fields - messages[name]
+    }
+    assert not missing, f"contract messages or fields missing: {missing}"
+    services = {
+        s.name: [meth.name for meth in s.method]
+        for fd in fds.file
+        if fd.name.startswith("evcore/")
+        for s in fd.service
+    }
+    # The gRPC services the edge exposes now and the cloud will expose.
+    assert services.get("EdgeApi") and services.get("CloudApi"), services
 
 
 def test_event_envelope_roundtrip_every_payload() -> None:
@@ -323,18 +407,12 @@ def test_event_envelope_roundtrip_every_payload() -> None:
 
 
 def test_generated_modules_import_with_stubs() -> None:
-    for name in (
-        "topology",
-        "status",
-        "meter",
-        "transaction",
-        "setpoint",
-        "plan",
-        "tariff",
-        "grid",
-        "audit",
-        "event",
-    ):
-        spec = importlib.util.find_spec(f"evcore.v1.{name}_pb2")
-        assert spec is not None and spec.origin is not None, name
-        assert Path(spec.origin).with_suffix(".pyi").exists(), f"no type stub for {name}_pb2"
+    """Every .proto under proto/ has its message and gRPC modules, each with a type stub."""
+    names = sorted(p.stem for p in (ROOT / "proto" / "evcore" / "v1").glob("*.proto"))
+    assert len(names) >= 10, names
+    for name in names:
+        for module in (f"{name}_pb2", f"{name}_pb2_grpc"):
+            spec = importlib.util.find_spec(f"evcore.v1.{module}")
+            assert spec is not None and spec.origin is not None, module
+            assert Path(spec.origin).with_suffix(".pyi").exists(), f"no type stub for {module}"
+            importlib.import_module(f"evcore.v1.{module}")
