@@ -310,6 +310,50 @@ async def test_lost_start_answer_and_offline_replay_never_duplicate_1_6() -> Non
         assert len([e for e in r.of(TransactionEvent) if e.kind == "ended"]) == 1
 
 
+async def test_a_stop_for_an_unknown_1_6_transaction_is_kept_where_it_can_be_attributed() -> None:
+    """Started before this central system knew it (no store): a one-EVSE station's stop still
+    becomes an ``ended`` event with its samples; a replay adds nothing; a two-EVSE station's is
+    acknowledged (it names no connector) and attributed to no charger."""
+    async with rig(connect=False, configure_on_boot=False) as r:
+        now = r.cs.clock.now()
+
+        def stop(tx: int) -> dict[str, Any]:
+            return {
+                "transactionId": tx,
+                "meterStop": 2500,
+                "timestamp": iso(now),
+                "reason": "EVDisconnected",
+                "transactionData": [
+                    {
+                        "timestamp": iso(now - 60),
+                        "sampledValue": [
+                            {
+                                "value": "2000",
+                                "measurand": "Energy.Active.Import.Register",
+                                "unit": "Wh",
+                                "context": "Transaction.Begin",
+                            }
+                        ],
+                    }
+                ],
+            }
+
+        for sid in ("CPA", "CPM"):
+            async with connect(
+                f"{r.base_url}/{sid}",
+                subprotocols=[Subprotocol("ocpp1.6")],
+                additional_headers=auth(sid),
+            ) as ws:
+                for attempt in ("s1", "s2"):  # the second is a replay
+                    msg = await raw_call(ws, attempt, "StopTransaction", stop(4242))
+                    assert msg[0] == 3, msg
+        ended = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
+        assert [(e.charger_id, e.transaction_id) for e in ended] == [("cp-a", "4242")]
+        assert ended[0].meter_start_wh == 2000.0 and ended[0].session_energy_wh == 500.0
+        samples = [s for s in r.of(MeterSample) if s.transaction_id == "4242"]
+        assert [s.charger_id for s in samples] == ["cp-a"]
+
+
 async def test_replayed_transaction_events_never_duplicate_2_0_1() -> None:
     async with rig() as r:
         sim = r.fleet.stations["CPB"]

@@ -763,6 +763,28 @@ class CentralSystem:
         self._emit(ev)
         await self._publisher.publish(ev)
 
+    def _unknown_stop_1_6(self, st: Station, tx_id: str) -> TxState:
+        """A StopTransaction for a transaction never seen started (another central system's, or
+        this one restarted without a store). 1.6 StopTransaction names no connector: a one-EVSE
+        station's is its only charger's; otherwise it cannot be attributed. Its session energy
+        counts only from the first register seen (its ``transactionData``), never a raw register.
+        """
+        tx = st.transactions.get(tx_id)
+        if tx is not None:
+            return tx
+        only = next(iter(st.chargers.values())) if len(st.chargers) == 1 else None
+        LOG.warning(
+            "station %s: StopTransaction for unknown transaction %s%s",
+            st.ocpp_id,
+            tx_id,
+            f" (attributed to {only.charger_id})" if only else " (not attributed)",
+        )
+        tx = TxState(
+            tx_id, only.charger_id if only else None, only.evse_id if only else None, None, None
+        )
+        st.transactions[tx_id] = tx
+        return tx
+
     async def _on_stop(
         self, st: Station, tx_id: str, *, meter_stop_wh: float, at: float, reason: str | None
     ) -> None:
@@ -770,8 +792,7 @@ class CentralSystem:
         if tx is not None and tx.ended:
             return  # duplicate stop (replay): already counted
         if tx is None:
-            tx = TxState(tx_id, None, None, None, None)
-            st.transactions[tx_id] = tx
+            tx = self._unknown_stop_1_6(st, tx_id)
         tx.last_register_wh = meter_stop_wh
         tx.ended = True
         if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == tx_id:

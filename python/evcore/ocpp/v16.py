@@ -83,18 +83,23 @@ class Connection16(StationConnection):
     @on(Action.stop_transaction)
     async def on_stop_transaction(self, p: dict[str, Any]) -> dict[str, Any]:
         at = self._ts(p["timestamp"])
+        tx_id = str(p["transactionId"])
+        ack = {"idTagInfo": {"status": "Accepted"}} if p.get("idTag") else {}
+        tx = self.station.transactions.get(tx_id)
+        if tx is None:
+            self.csms._unknown_stop_1_6(self.station, tx_id)
+        elif tx.ended:
+            return ack  # a replayed stop: its samples and its end were kept the first time
         for i, mv in enumerate(p.get("transactionData") or ()):
-            await self.csms._on_meter_value(
-                self.station, None, mv, str(p["transactionId"]), f"transactionData[{i}]"
-            )
+            await self.csms._on_meter_value(self.station, None, mv, tx_id, f"transactionData[{i}]")
         await self.csms._on_stop(
             self.station,
-            str(p["transactionId"]),
+            tx_id,
             meter_stop_wh=float(p["meterStop"]),
             at=at,
             reason=p.get("reason", "Local"),
         )
-        return {"idTagInfo": {"status": "Accepted"}} if p.get("idTag") else {}
+        return ack
 
     @on(Action.meter_values)
     async def on_meter_values(self, p: dict[str, Any]) -> dict[str, Any]:
