@@ -190,7 +190,11 @@ def solve_reference(
     for v, (s, k, f) in enumerate(vars_):
         c = ch_ix[doc["sessions"][s]["charger_id"]]
         mid = starts[k] + 0.5 * steps[k] - start
-        qx[v] = w["charge_early_per_kwh"] * (mid / horizon) * ch_data[c][2] * f * steps[k] / 3600
+        kwh = ch_data[c][2] * f * steps[k] / 3600
+        qx[v] = w["charge_early_per_kwh"] * (mid / horizon) * kwh
+        # urgency: a kWh priced by how far into its own session's time left it comes
+        left = max(doc["sessions"][s]["departure_s"] - start, steps[k])
+        qx[v] += w.get("urgency_per_kwh", 0.0) * min(1.0, mid / left) * kwh
         eqw[v] = w["equal_share"] * (steps[k] / 3600.0) / xmax[v] ** 2
     if N:
         obj = obj + qx @ x + cp.sum(cp.multiply(eqw, cp.square(x)))

@@ -34,6 +34,8 @@ def test_objective_matches_cvxpy_on_random_feasible_problems(seed: int) -> None:
     doc = random_request(rng, int(rng.integers(3, 25)), float(rng.choice([2.0, 6.0, 12.0])))
     if seed % 2:
         doc["weights"]["smooth"] = 0.0
+    if seed % 4 < 2:
+        doc["weights"]["urgency_per_kwh"] = 0.02
     settings = PlannerSettings()
     res = Planner(settings).plan(doc, 30.0)
     ref = solve_reference(
