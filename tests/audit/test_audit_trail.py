@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from evcore.audit import AuditLog, Decision, record_hash, verify_chain
+from evcore.audit import AuditLog, Decision, record_hash, seal, verify_chain
 from evcore.audit.cli import main as audit_main
 from evcore.audit.log import build_record
 from evcore.bus.api import BusMessage
@@ -396,6 +396,30 @@ async def test_a_stuck_bus_never_holds_up_an_append(store: SqlStore) -> None:
     await log.close()  # flushes the publisher, then writes the publish mark
     assert [e.audit for e in bus.published] == appended  # in seq order, each once
     assert await store.get_meta("audit.published_seq") == "4"
+
+
+async def test_an_append_that_timed_out_but_committed_is_still_published(store: SqlStore) -> None:
+    clock = ManualClock()
+    bus = StuckBus()
+    bus.release.set()
+    log = AuditLog(store, clock=clock, bus=bus, site_id="depot")
+    for i in range(2):
+        clock.advance(1)
+        await log.append(decision(i))
+    # An append the edge gave up on (audit_timeout_s) whose transaction committed afterwards: it
+    # is in the store, but the log never saw it return.
+    head = await store.audit_head()
+    assert head is not None
+    late = seal(build_record(decision(2), now_s=clock.now()), seq=head.seq + 1, prev_hash=head.hash)
+    await store.append_audit(late)
+    clock.advance(1)
+    after = await log.append(decision(3))
+    assert after.seq == 3 and after.prev_hash == late.hash
+    await log.close()
+    assert [e.audit.seq for e in bus.published] == [0, 1, 2, 3]
+    assert bus.published[2].audit == late
+    assert await store.get_meta("audit.published_seq") == "3"
+    assert (await verify_chain(store)).ok
 
 
 async def test_closing_with_a_stuck_bus_leaves_the_rest_for_the_next_start(store: SqlStore) -> None:

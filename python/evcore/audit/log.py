@@ -337,8 +337,15 @@ class AuditLog:
             try:
                 await self._store.append_audit(sealed)
             except AuditChainConflict:
-                # Another writer moved the head (or our view is stale): reload once and retry.
+                # Another writer moved the head, or an append of ours that timed out (the edge
+                # gives up after audit_timeout_s) committed after all: reload once and retry.
+                before = self._head_seq
                 await self._load_head()
+                if self._bus is not None and self._head_seq > before:
+                    # Records this log did not see commit were never queued for the bus; queue
+                    # them now (a repeat of another writer's is dropped by its event id).
+                    missed = await self._store.audit_records(after_seq=before)
+                    self._outgoing.extend(r for r in missed if r.seq <= self._head_seq)
                 sealed = seal(record, seq=self._head_seq + 1, prev_hash=self._head_hash)
                 await self._store.append_audit(sealed)
             self._head_seq = sealed.seq
