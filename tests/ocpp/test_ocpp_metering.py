@@ -90,6 +90,28 @@ def test_phaseless_current_on_single_and_three_phase_chargers() -> None:
     assert parse_meter_value("1.6", mv, terminals=3).terminal_a == [12.0, 12.0, 12.0]
 
 
+def test_single_terminal_chargers_take_any_phase_label() -> None:
+    # The site file says where a one-terminal charger lands, whatever its meter calls the phase.
+    for labels in (["L3-N"], ["L2"], ["L1", "L2", "L3"]):
+        sampled = [
+            sv16("0" if ph != labels[-1] else "13", "Current.Import", "A", ph) for ph in labels
+        ]
+        mv = {"timestamp": TS, "sampledValue": sampled}
+        assert parse_meter_value("1.6", mv, terminals=1).terminal_a == [13.0, None, None], labels
+    mv = {"timestamp": TS, "sampledValue": [sv16("13", "Current.Import", "A", "L2")]}
+    assert parse_meter_value("1.6", mv, terminals=3).terminal_a == [None, 13.0, None]
+
+
+def test_signed_1_6_values_are_skipped_not_refused() -> None:
+    signed = sv16("OCMF|{...}|{...}", "Energy.Active.Import.Register", "Wh")
+    signed["format"] = "SignedData"
+    mv = {
+        "timestamp": TS,
+        "sampledValue": [signed, sv16("5000", "Energy.Active.Import.Register", "Wh")],
+    }
+    assert parse_meter_value("1.6", mv, terminals=3).energy_register_wh == 5000.0
+
+
 @pytest.mark.parametrize(
     ("version", "sampled", "match"),
     [

@@ -99,6 +99,10 @@ def parse_meter_value(
             "SoC",
         ):
             continue
+        if version == "1.6" and sv.get("format") == "SignedData":
+            # A signed meter record (calibration-law chargers), not a number: the reading is in
+            # the same meterValue's Raw entries. Refusing it would refuse the whole message.
+            continue
         value = _number(version, sv, i)
         phase = sv.get("phase")
         if reading.context is None:
@@ -111,7 +115,13 @@ def parse_meter_value(
                     # A phase-less current on a multi-phase charger: the same on every terminal.
                     reading.terminal_a = [value, value, value]
             elif phase in _PHASE_INDEX:
-                reading.terminal_a[_PHASE_INDEX[phase]] = value
+                if terminals == 1:
+                    # One terminal: whatever the charger calls its phase, the site file says
+                    # where it lands. Some report all three labels, the unused ones at 0.
+                    old = reading.terminal_a[0]
+                    reading.terminal_a[0] = value if old is None else max(old, value)
+                else:
+                    reading.terminal_a[_PHASE_INDEX[phase]] = value
         elif measurand == "Power.Active.Import":
             if phase in _PHASE_INDEX:
                 power_phases.append(value)
