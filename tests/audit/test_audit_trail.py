@@ -163,6 +163,55 @@ async def test_verify_detects_truncation(
     )
 
 
+async def test_verify_detects_a_record_inserted_after_the_head(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    records = await fill(store, ManualClock(), 3)
+    # A well-formed, correctly linked record written behind the store's back (the head not moved):
+    # `audit show` would list it, so `verify` must not pass it over as a concurrent append.
+    forged = seal(
+        build_record(decision(3), now_s=ManualClock().now() + 40), seq=3, prev_hash=records[-1].hash
+    )
+    raw_sql(
+        store_section,
+        tmp_path,
+        "INSERT INTO audit_records (seq, decision_id, decided_at_s, prev_hash, hash, payload)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            3,
+            "D3",
+            float(forged.decided_at.seconds),
+            forged.prev_hash,
+            forged.hash,
+            forged.SerializeToString(deterministic=True),
+        ),
+    )
+    assert [r.decision_id for r in await store.audit_records()] == ["D0", "D1", "D2", "D3"]
+    report = await verify_chain(store)
+    assert not report.ok
+    assert any("seq 3: 1 record(s) after the head (seq 2)" in p for p in report.problems)
+
+
+async def test_verify_while_appending_reports_no_problem(store: SqlStore) -> None:
+    clock = ManualClock()
+    log = AuditLog(store, clock=clock)
+    await log.append(decision(0))
+
+    async def keep_appending() -> None:
+        for i in range(1, 40):
+            clock.advance(1)
+            await log.append(decision(i))
+
+    writer = asyncio.create_task(keep_appending())
+    reports = []
+    while not writer.done():
+        reports.append(await verify_chain(store, batch=3))
+    await writer
+    reports.append(await verify_chain(store))
+    assert all(r.ok for r in reports), [r.problems for r in reports if not r.ok]
+    assert reports[-1].records == 40 and len(reports) > 2
+
+
 async def test_verify_detects_emptied_chain_and_lost_head(
     store: SqlStore, store_section: dict[str, object], tmp_path: Path
 ) -> None:

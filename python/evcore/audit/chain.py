@@ -117,6 +117,19 @@ async def verify_chain(store: Store, *, batch: int = 1000) -> VerifyReport:
             expected_seq = row.seq + 1
             last_seq, last_hash = row.seq, row.hash
     head = report.head
+    if head is not None:
+        # Rows past the head that no append put there (an append moves the head in the same
+        # transaction as its row, so a head read AFTER the rows covers every real one): they
+        # would show in `audit show` while outside the chain.
+        beyond = await store.audit_rows(after_seq=head.seq, limit=batch)
+        head_now = await store.audit_head()
+        last_real = -1 if head_now is None else head_now.seq
+        stray = [r.seq for r in beyond if r.seq > last_real]
+        if stray:
+            report.add(
+                f"seq {stray[0]}: {len(stray)} record(s) after the head (seq {last_real}), "
+                "outside the chain (inserted behind its back)"
+            )
     if head is None:
         if report.records:
             report.add("chain head is missing but records exist (head table emptied)")
