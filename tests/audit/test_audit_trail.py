@@ -192,6 +192,26 @@ async def test_verify_detects_a_record_inserted_after_the_head(
     assert any("seq 3: 1 record(s) after the head (seq 2)" in p for p in report.problems)
 
 
+async def test_verify_detects_an_edited_charger_index(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    """`show --charger` goes through the charger index: hiding a decision from a charger (or
+    pinning one on another) leaves every hash intact, so verify compares the index too."""
+    await fill(store, ManualClock(), 4)
+    assert (await verify_chain(store)).ok
+    raw_sql(
+        store_section, tmp_path, "DELETE FROM audit_chargers WHERE seq = 1 AND charger_id = 'C1'"
+    )
+    raw_sql(
+        store_section, tmp_path, "INSERT INTO audit_chargers (charger_id, seq) VALUES ('C9', 2)"
+    )
+    assert [r.decision_id for r in await store.audit_records(charger_id="C1")] == ["D0", "D2", "D3"]
+    report = await verify_chain(store, batch=2)
+    assert not report.ok and report.problem_count == 2, report.problems
+    assert "seq 1: charger index ['C2', 'C3'] differs" in report.problems[0]
+    assert "seq 2: charger index ['C1', 'C2', 'C3', 'C9'] differs" in report.problems[1]
+
+
 async def test_verify_while_appending_reports_no_problem(store: SqlStore) -> None:
     clock = ManualClock()
     log = AuditLog(store, clock=clock)

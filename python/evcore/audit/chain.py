@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from evcore.store.base import AuditHead, Store, StoredAuditRow
+from evcore.store.sql import audit_charger_ids
 from evcore.v1.audit_pb2 import AuditRecord
 
 DOMAIN = b"evcore.audit.v1\n"
@@ -99,6 +100,8 @@ async def verify_chain(store: Store, *, batch: int = 1000) -> VerifyReport:
         rows = await store.audit_rows(after_seq=after, limit=batch)
         if not rows:
             break
+        batch_after = after
+        chargers: dict[int, list[str]] = {}
         for row in rows:
             after = row.seq
             if report.head is not None and row.seq > report.head.seq:
@@ -112,10 +115,23 @@ async def verify_chain(store: Store, *, batch: int = 1000) -> VerifyReport:
                     else f"seq {expected_seq}..{row.seq - 1}"
                 )
                 report.add(f"{missing}: record(s) removed (next stored record is seq {row.seq})")
-            _check_row(report, row, prev_hash)
+            record = _check_row(report, row, prev_hash)
+            if record is not None:
+                chargers[row.seq] = audit_charger_ids(record)
             prev_hash = row.hash
             expected_seq = row.seq + 1
             last_seq, last_hash = row.seq, row.hash
+        if chargers:
+            # `audit show --charger` finds decisions through this index: an edited index would
+            # hide a decision from (or pin it on) a charger while every hash still holds.
+            index = await store.audit_charger_index(after_seq=batch_after, upto_seq=max(chargers))
+            for seq, want in chargers.items():
+                got = index.get(seq, [])
+                if got != want:
+                    report.add(
+                        f"seq {seq}: charger index {got} differs from the record's chargers "
+                        f"{want} (audit show --charger would mislead)"
+                    )
     head = report.head
     if head is not None:
         # Rows past the head that no append put there (an append moves the head in the same
@@ -143,14 +159,15 @@ async def verify_chain(store: Store, *, batch: int = 1000) -> VerifyReport:
     return report
 
 
-def _check_row(report: VerifyReport, row: StoredAuditRow, prev_hash: str) -> None:
+def _check_row(report: VerifyReport, row: StoredAuditRow, prev_hash: str) -> AuditRecord | None:
+    """Check one row; returns the parsed record (None when it does not parse)."""
     seq = row.seq
     record = AuditRecord()
     try:
         record.ParseFromString(row.payload)
     except DecodeError as exc:
         report.add(f"seq {seq}: payload does not parse as an AuditRecord ({exc})")
-        return
+        return None
     if record.seq != seq:
         report.add(f"seq {seq}: record says seq {record.seq}")
     if record.decision_id != row.decision_id:
@@ -170,3 +187,4 @@ def _check_row(report: VerifyReport, row: StoredAuditRow, prev_hash: str) -> Non
             f"seq {seq}: prev_hash does not match the hash of the record before it "
             "(a record before it was removed or replaced)"
         )
+    return record

@@ -309,6 +309,11 @@ class Store(Protocol):
         """Raw stored rows with ``seq > after_seq`` in seq order, for verification."""
         ...
 
+    async def audit_charger_index(self, *, after_seq: int, upto_seq: int) -> dict[int, list[str]]:
+        """The charger index ``audit_records(charger_id=…)`` uses, for ``after_seq < seq <=
+        upto_seq``: seq → charger ids (sorted), for verification."""
+        ...
+
     # -- small durable key/value (e.g. the audit publish mark) -----------------------------------
     async def get_meta(self, key: str) -> str | None: ...
 

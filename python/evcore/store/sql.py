@@ -952,6 +952,20 @@ class SqlStore:
 
         return await self._run(self._records, op)
 
+    async def audit_charger_index(self, *, after_seq: int, upto_seq: int) -> dict[int, list[str]]:
+        def op(tx: Tx) -> dict[int, list[str]]:
+            rows = tx.all(
+                "SELECT seq, charger_id FROM audit_chargers WHERE seq > ? AND seq <= ?"
+                " ORDER BY seq, charger_id",
+                (int(after_seq), int(upto_seq)),
+            )
+            out: dict[int, list[str]] = {}
+            for seq, charger_id in rows:
+                out.setdefault(int(seq), []).append(str(charger_id))
+            return out
+
+        return await self._run(self._records, op)
+
     # -- meta -----------------------------------------------------------------------------------
     async def get_meta(self, key: str) -> str | None:
         def op(tx: Tx) -> str | None:
