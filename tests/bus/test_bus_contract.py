@@ -211,7 +211,9 @@ async def test_bad_payload_rejected_counted_subscriber_lives(
     assert "MeterSample without charger_id" in caplog.text
 
 
-async def test_bad_payload_on_durable_is_not_redelivered(bus: Bus) -> None:
+async def test_bad_payload_on_durable_is_not_redelivered(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
     s = Subjects(bus.site_id)
     got: list[str] = []
     calls = 0
@@ -233,6 +235,8 @@ async def test_bad_payload_on_durable_is_not_redelivered(bus: Bus) -> None:
     await wait_until(lambda: got == ["tx-1"], what="the good transaction")
     await asyncio.sleep(0.3)
     assert calls == 2 and bus.stats.rejected == 1
+    assert "rejected payload" in caplog.text and "(event bad-1)" in caplog.text
+    assert "not a valid evcore.v1.Event" in caplog.text
 
 
 async def test_slow_subscriber_does_not_stall_publisher_or_others(bus: Bus) -> None:
