@@ -10,7 +10,7 @@ from evcore.ocpp.metering import MeterValueError, parse_meter_value, parse_times
 from evcore.ocpp.server import chargers_of
 from evcore.ocpp.v16 import iso
 from evcore.site import load_site
-from ocpp_testsite import SITE, make_site, rig
+from ocpp_testsite import DC_CHARGER, SITE, make_site, rig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -238,3 +238,56 @@ async def test_units_and_multipliers_over_the_socket() -> None:
         assert got["cp-a"].power_w == pytest.approx(3_680.0)
         # cp-a's terminal L1 is site L2; its other terminals were not reported.
         assert got["cp-a"].site_phase_a == (None, 16.0, None)
+
+
+def test_a_dc_chargers_outlet_current_is_not_a_line_current() -> None:
+    def mv(*sampled: dict[str, Any]) -> dict[str, Any]:
+        return {"timestamp": TS, "sampledValue": list(sampled)}
+
+    def at(sv: dict[str, Any], location: str) -> dict[str, Any]:
+        return {**sv, "location": location}
+
+    outlet = mv(
+        sv201(125.0, "Current.Import", "A"),  # DC to the car (the default location is Outlet)
+        sv201(50.0, "Power.Active.Import", "W", multiplier=3),
+    )
+    r = parse_meter_value("2.0.1", outlet, terminals=3, dc=True)
+    assert r.terminal_a == [None, None, None] and r.power_w == 50_000.0 and not r.power_at_inlet
+    # An AC charger's outlet current is its line current, as before.
+    assert parse_meter_value("2.0.1", outlet, terminals=3).terminal_a == [125.0] * 3
+    inlet = mv(
+        at(sv201(125.0, "Current.Import", "A"), "Outlet"),
+        at(sv201(75.0, "Current.Import", "A", phase="L1"), "Inlet"),
+        at(sv201(52.0, "Power.Active.Import", "W", multiplier=3), "Inlet"),
+    )
+    r = parse_meter_value("2.0.1", inlet, terminals=3, dc=True)
+    assert r.terminal_a == [75.0, None, None]
+    assert r.power_w == 52_000.0 and r.power_at_inlet
+
+
+async def test_dc_line_currents_over_the_socket() -> None:
+    """A DC station reporting only its outlet: the line currents follow from the power through
+    the rectifier (site file efficiency 0.95, aux 200 W), not from the DC current."""
+    async with rig(extra_chargers=[DC_CHARGER]) as r:
+        d = r.fleet.stations["CPD"]
+        res = await d.call(
+            "MeterValues",
+            {
+                "evseId": 1,
+                "meterValue": [
+                    {
+                        "timestamp": iso(r.cs.clock.now()),
+                        "sampledValue": [
+                            sv201(125.0, "Current.Import", "A"),
+                            sv201(50.0, "Power.Active.Import", "kW"),
+                        ],
+                    }
+                ],
+            },
+        )
+        assert res == {}
+        await r.until(lambda: any(s.charger_id == "cp-d" for s in r.of(MeterSample)))
+        got = next(s for s in r.of(MeterSample) if s.charger_id == "cp-d")
+        line = (50_000.0 / 0.95 + 200.0) / (3 * 230.0)
+        assert got.site_phase_a == pytest.approx((line, line, line))
+        assert got.power_w == 50_000.0

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from evcore.ocpp import ProfileResult
+from evcore.ocpp import MeterSample, ProfileResult
 from evcore.sim.chargepoint import SimChargePoint
 from evcore.sim.ev import EV
 from ocpp_testsite import DC_CHARGER, rig
@@ -117,6 +117,17 @@ async def test_dc_charger_gets_watts_and_its_car_follows() -> None:
         # The car takes the DC power; the grid sees it through the rectifier on three phases.
         await r.until(lambda: c.power_w == pytest.approx(22_222.0 / 0.95 + 200.0))
         assert c.terminal_a[0] == pytest.approx(c.power_w / (3 * 230.0))
+        # The station reports its grid side (location Inlet): the central system sees the same.
+        await r.until(
+            lambda: any(
+                s.charger_id == "cp-d" and s.power_w and s.power_w > 20_000
+                for s in r.of(MeterSample)
+            )
+        )
+        seen = [s for s in r.of(MeterSample) if s.charger_id == "cp-d" and s.power_w][-1]
+        assert seen.power_w is not None
+        line = seen.power_w / (3 * 230.0)
+        assert seen.site_phase_a == pytest.approx((line, line, line), rel=1e-3)
         comp = await r.cs.get_composite_schedule("cp-d", duration_s=60)
         assert comp.unit == "W" and comp.limit_at(r.cs.clock.now()) == 22_222.0
         assert sim.invalid_calls == []

@@ -55,6 +55,8 @@ class Reading:
     offered_a: float | None = None
     soc_percent: float | None = None
     context: str | None = None
+    #: ``power_w`` was measured at the charger's grid side (``location`` ``Inlet``).
+    power_at_inlet: bool = False
 
 
 def _number(version: str, sv: Mapping[str, Any], idx: int) -> float:
@@ -82,13 +84,26 @@ def _number(version: str, sv: Mapping[str, Any], idx: int) -> float:
 
 
 def parse_meter_value(
-    version: str, meter_value: Mapping[str, Any], *, terminals: int, field: str = "meterValue"
+    version: str,
+    meter_value: Mapping[str, Any],
+    *,
+    terminals: int,
+    field: str = "meterValue",
+    dc: bool = False,
 ) -> Reading:
-    """Read one ``meterValue`` entry. ``terminals`` is how many phase terminals the charger has."""
+    """Read one ``meterValue`` entry. ``terminals`` is how many phase terminals the charger has.
+
+    ``dc``: a DC charger's ``Current.Import`` counts only at ``location`` ``Inlet`` (its grid
+    side); at the outlet (the default location) it is the DC current to the car, not a line
+    current. Its power is the outlet's when reported there (what W limits are about), else the
+    inlet's (``power_at_inlet``).
+    """
     at = parse_timestamp(meter_value.get("timestamp"), field=f"{field}.timestamp")
     reading = Reading(at=at, terminal_a=[None, None, None])
     power_phases: list[float] = []
     power_total: float | None = None
+    inlet_total: float | None = None
+    inlet_phases: list[float] = []
     for i, sv in enumerate(meter_value.get("sampledValue") or ()):
         measurand = sv.get("measurand") or "Energy.Active.Import.Register"
         if measurand not in (
@@ -105,6 +120,16 @@ def parse_meter_value(
             continue
         value = _number(version, sv, i)
         phase = sv.get("phase")
+        if dc and measurand in ("Current.Import", "Power.Active.Import"):
+            at_inlet = sv.get("location") == "Inlet"
+            if measurand == "Current.Import" and not at_inlet:
+                continue  # DC to the car: says nothing about the line currents
+            if measurand == "Power.Active.Import" and at_inlet:
+                if phase in _PHASE_INDEX:
+                    inlet_phases.append(value)
+                else:
+                    inlet_total = value
+                continue
         if reading.context is None:
             reading.context = sv.get("context")
         if measurand == "Current.Import":
@@ -138,6 +163,9 @@ def parse_meter_value(
         reading.power_w = power_total
     elif power_phases:
         reading.power_w = sum(power_phases)
+    elif inlet_total is not None or inlet_phases:
+        reading.power_w = inlet_total if inlet_total is not None else sum(inlet_phases)
+        reading.power_at_inlet = True
     return reading
 
 

@@ -76,10 +76,22 @@ class ChargerInfo:
     wiring: str
     phase_map: PhaseMap
     voltage_v: float
+    #: DC only: rectifier efficiency and auxiliary draw (site file), for line currents from power.
+    efficiency: float | None = None
+    aux_w: float | None = None
 
     @property
     def number_phases(self) -> int:
         return self.phase_map.terminals
+
+    def dc_line_a(self, power_w: float, *, at_inlet: bool) -> float:
+        """DC: the AC line current per phase for a power measured at the outlet (delivered to
+        the car: through the rectifier, plus auxiliaries) or at the inlet (the grid side)."""
+        if power_w <= 0:
+            return 0.0
+        if not at_inlet:
+            power_w = power_w / (self.efficiency or 1.0) + (self.aux_w or 0.0)
+        return power_w / (3.0 * self.voltage_v)
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -121,6 +133,8 @@ def chargers_of(site: Any) -> list[ChargerInfo]:
                 wiring=wiring,
                 phase_map=phase_map_for(wiring, list(_get(spec, "phases")), names),
                 voltage_v=float(_get(spec, "voltage_v", 230.0) or 230.0),
+                efficiency=_get(spec, "efficiency"),
+                aux_w=_get(spec, "aux_w"),
             )
         )
     return out
@@ -867,9 +881,14 @@ class CentralSystem:
         charger = st.charger(evse_id)
         if charger is None:
             return  # station-level meter (connector 0): not a charger's draw
+        dc = charger.kind == "dc"
         reading = parse_meter_value(
-            st.version or "1.6", mv, terminals=charger.phase_map.terminals, field=where
+            st.version or "1.6", mv, terminals=charger.phase_map.terminals, field=where, dc=dc
         )
+        if dc and reading.power_w is not None and reading.terminal_a == [None, None, None]:
+            # No grid-side current reported: the line currents follow from the power.
+            line = charger.dc_line_a(reading.power_w, at_inlet=reading.power_at_inlet)
+            reading.terminal_a = [line, line, line]
         if reading.at > self.clock.now() + self.config.max_clock_skew_s:
             raise HandlerError("PropertyConstraintViolation", f"{where}.timestamp in the future")
         if tx is None and tx_id is None:

@@ -547,6 +547,8 @@ class SimChargePoint:
 
         def add(measurand: str, value: float, unit: str, phase: str | None = None) -> None:
             sv: dict[str, Any] = {"measurand": measurand, "context": context}
+            if c.kind == "dc" and measurand in ("Current.Import", "Power.Active.Import"):
+                sv["location"] = "Inlet"  # the grid side: line currents, rectifier input
             if self.version == "1.6":
                 sv["value"] = f"{value:.3f}"
                 sv["unit"] = unit
