@@ -35,10 +35,13 @@ def auth(ocpp_id: str) -> dict[str, str]:
     return {"Authorization": "Basic " + token}
 
 
-async def test_status_meter_and_transactions_are_published_and_stored(tmp_path: Path) -> None:
+async def test_status_meter_and_transactions_are_published_and_stored(
+    store_section: dict[str, object], tmp_path: Path
+) -> None:
+    """On the in-process bus, into each store backend (embedded SQLite, PostgreSQL)."""
     bus = InProcessBus("ocpp-test")
     await bus.start()
-    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
+    store = open_store(store_section, tmp_path)
     await store.open()
     got: dict[str, list[BusMessage]] = {"telemetry": [], "status": [], "transaction": []}
 
