@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from evcore.audit import AuditLog, Decision, verify_chain
 from evcore.clock import ManualClock
 from evcore.store import (
     AuditChainConflict,
@@ -382,16 +383,21 @@ async def test_station_events_are_idempotent_and_queried(store: SqlStore) -> Non
 async def test_an_older_schema_is_upgraded_keeping_its_data(
     store_section: dict[str, object], tmp_path: Path
 ) -> None:
-    """A store created before the station events migration gains the table on the next open."""
+    """A store created before the station events and audit index migrations gains the table and
+    the index on the next open, and what it held stays readable and verifiable."""
     old = open_store(store_section, tmp_path)
     newest = old._records.migrations()
     for backend in (old._records, old._telemetry):  # PostgreSQL: both run the one list
         if backend.migrations() is newest:
-            backend.migrations = lambda: newest[:-1]  # type: ignore[method-assign]
+            backend.migrations = lambda: newest[:-2]  # type: ignore[method-assign]
     await old.open()
     try:
-        assert await old.schema_version() == newest[-2].version
+        assert await old.schema_version() == newest[-3].version
         await old.upsert_session(SessionRecord("S1", "C1", T0))
+        log = AuditLog(old, clock=ManualClock())
+        for i in range(3):
+            sp = Setpoint(charger_id=f"C{i}", setpoint_a=6.0, reason="held at 6 A: minimum")
+            await log.append(Decision(f"D{i}", "tick", decided_at_s=T0 + i, setpoints=[sp]))
     finally:
         await old.close()
     new = open_store(store_section, tmp_path)
@@ -402,6 +408,13 @@ async def test_an_older_schema_is_upgraded_keeping_its_data(
         ev = station_event("CP.1", StationEventKind.STATION_EVENT_KIND_SECURITY, "x", at=T0)
         assert await new.record_station_event(ev) is True
         assert await new.station_events() == [ev]
+        assert await new.audit_charger_index(after_seq=-1, upto_seq=9) == {
+            0: ["C0"],
+            1: ["C1"],
+            2: ["C2"],
+        }
+        report = await verify_chain(new)
+        assert report.ok and report.records == 3, report.problems
     finally:
         await new.close()
 

@@ -148,6 +148,12 @@ CREATE TABLE station_events (
 CREATE INDEX station_events_time ON station_events (at_s);
 """
 
+# `evcore audit verify` compares the charger index with each record, a batch of seqs at a time: the
+# primary key leads with charger_id, so without this every batch scanned the whole index.
+_RECORDS_V3 = """
+CREATE INDEX audit_chargers_seq ON audit_chargers (seq);
+"""
+
 _SQLITE = {"real": "REAL", "bigint": "INTEGER", "blob": "BLOB", "bool": "INTEGER"}
 _POSTGRES = {"real": "DOUBLE PRECISION", "bigint": "BIGINT", "blob": "BYTEA", "bool": "BOOLEAN"}
 
@@ -158,6 +164,7 @@ SQLITE_RECORDS: tuple[Migration, ...] = (
         _RECORDS_V1.format(**_SQLITE),
     ),
     Migration(2, "records: station events", _RECORDS_V2.format(**_SQLITE)),
+    Migration(3, "records: audit charger index by seq", _RECORDS_V3),
 )
 SQLITE_TELEMETRY: tuple[Migration, ...] = (
     Migration(1, "telemetry: meter samples, status history", _TELEMETRY_V1.format(**_SQLITE)),
@@ -170,6 +177,7 @@ POSTGRES: tuple[Migration, ...] = (
     ),
     Migration(2, "telemetry: meter samples, status history", _TELEMETRY_V1.format(**_POSTGRES)),
     Migration(3, "records: station events", _RECORDS_V2.format(**_POSTGRES)),
+    Migration(4, "records: audit charger index by seq", _RECORDS_V3),
 )
 
 
