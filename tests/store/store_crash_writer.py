@@ -15,6 +15,8 @@ from evcore.v1.meter_pb2 import MeterSample
 from evcore.v1.setpoint_pb2 import Setpoint
 from evcore.v1.transaction_pb2 import TransactionEvent, TransactionEventKind
 
+SETPOINT_CHARGERS = 600
+
 
 async def main(section: dict[str, object], base_dir: str, start: int) -> None:
     store = open_store(section, base_dir)
@@ -26,10 +28,11 @@ async def main(section: dict[str, object], base_dir: str, start: int) -> None:
         now = clock.now()
         sp = Setpoint(charger_id=f"C{i % 7}", setpoint_a=6.0 + i % 10, reason=f"decision {i}")
         await audit.append(Decision(f"D{i}", "tick", setpoints=[sp]))
-        # The last setpoint of every charger, in one batch (as the edge records a decision's).
+        # The last setpoint of every charger, in one batch (as the edge records a decision's);
+        # 600 chargers take two multi-row statements, so a kill can land between them.
         await store.add_setpoints(
-            (Setpoint(charger_id=f"C{c}", setpoint_a=6.0 + c, decision_id=f"D{i}"), now)
-            for c in range(7)
+            (Setpoint(charger_id=f"SP{c}", setpoint_a=6.0 + c % 26, decision_id=f"D{i}"), now)
+            for c in range(SETPOINT_CHARGERS)
         )
         await store.upsert_session(SessionRecord(f"S{i}", f"C{i % 7}", now))
         ev = TransactionEvent(
