@@ -167,10 +167,15 @@ async def test_malformed_frame_gets_callerror_and_connection_lives(
             f"{r.base_url}/{sid}", subprotocols=[Subprotocol(version)], additional_headers=auth(sid)
         ) as ws:
             assert ws.subprotocol == version
-            for garbage in ("{not json", "[]", '{"a": 1}', '[2, "x1", "Heartbeat"]', '[9, "x"]'):
+            for garbage in ("{not json", "[]", '{"a": 1}', '[2, "x1", "Heartbeat"]', '[3, "x2"]'):
                 await ws.send(garbage)
                 msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
                 assert msg[0] == 4 and msg[2] == code, (garbage, msg)
+            # An unknown MessageTypeId: 2.0.1 names it, 1.6 has no code of its own for it.
+            await ws.send('[9, "x3"]')
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            unknown = "MessageTypeNotSupported" if version == "ocpp2.0.1" else code
+            assert msg[:3] == [4, "x3", unknown], msg
             hb = await raw_call(ws, "h1", "Heartbeat", {})
             assert hb[0] == 3 and "currentTime" in hb[2]
             # A schema violation names the version's code and the connection still lives.

@@ -59,6 +59,8 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
     #: The CALLERROR code for a frame that is not valid OCPP-J at all.
     frame_error_code: str = "FormationViolation"
     format_error_code: str = "FormationViolation"
+    #: The CALLERROR code for a MessageTypeId other than 2, 3 and 4.
+    unknown_type_code: str = "FormationViolation"
 
     def __init__(self, station: Station, ws: Any, csms: CentralSystem, clock: Clock) -> None:
         super().__init__(station.ocpp_id, ws, response_timeout=csms.config.call_timeout_s)
@@ -107,9 +109,13 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
             self._resolve_result(msg[1], msg[2])
         elif kind == 4 and len(msg) >= 4 and isinstance(msg[1], str):
             self._resolve_error(msg[1], str(msg[2]), str(msg[3]))
+        elif kind not in (2, 3, 4):
+            await self._send_error(
+                _guess_id(msg), self.unknown_type_code, f"unknown message type {kind}"
+            )
         else:
             await self._send_error(
-                _guess_id(msg), self.frame_error_code, f"unknown or malformed message type {kind}"
+                _guess_id(msg), self.frame_error_code, f"malformed message of type {kind}"
             )
 
     async def _handle_frame_call(

@@ -27,6 +27,7 @@ class Connection201(StationConnection):
     version = "2.0.1"
     frame_error_code = "RpcFrameworkError"
     format_error_code = "FormatViolation"
+    unknown_type_code = "MessageTypeNotSupported"
 
     @on(Action.boot_notification)
     async def on_boot(self, p: dict[str, Any]) -> dict[str, Any]:
