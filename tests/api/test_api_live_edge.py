@@ -25,11 +25,14 @@ from evcore.site import load_site
 from evcore.store import open_store
 from evcore.v1 import edge_api_pb2 as pb
 from evcore.v1 import edge_api_pb2_grpc as pb_grpc
+from evcore.v1.grid_pb2 import Curtailment, GridSignal, PriceUpdate
+from evcore.v1.tariff_pb2 import PriceInterval, Tariff
 
 pytestmark = pytest.mark.timeout(150)
 
 VIEWER = "viewer-token-0123456789"
 OPERATOR = "operator-token-0123456789"
+GRID = "grid-operator-token-0123456789"
 
 
 def auth(token: str) -> tuple[tuple[str, str]]:
@@ -54,6 +57,7 @@ async def live(tmp_path: Path) -> AsyncIterator[LiveEdge]:
         "tokens": [
             {"name": "noc", "token": VIEWER, "roles": ["viewer"]},
             {"name": "alice", "token": OPERATOR, "roles": ["operator"]},
+            {"name": "dso", "token": GRID, "roles": ["grid_operator"]},
         ],
     }
     store = open_store({"path": str(tmp_path / "store")}, tmp_path)
@@ -195,3 +199,71 @@ async def test_operator_steers_the_live_edge(live: LiveEdge) -> None:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
             await reader
+
+
+def steering_state(live: LiveEdge) -> dict[str, tuple[Any, ...]]:
+    """What a steering call or a grid signal could change on the real controller."""
+    ctrl = live.app.controller
+    out: dict[str, tuple[Any, ...]] = {
+        cid: (c.available, c.priority, c.departure, c.energy_requested_kwh)
+        for cid, c in ctrl.state.chargers.items()
+    }
+    out["grid"] = (
+        tuple(sorted(c.signal_id for c in ctrl.curtailments)),
+        tuple(ctrl.prices),
+    )
+    return out
+
+
+async def test_every_denial_changes_nothing_on_the_live_edge(live: LiveEdge) -> None:
+    target = live.plugged[0]
+    now = int(live.app.clock.now())
+    departure = pb.SetSessionDepartureRequest(charger_id=target, energy_requested_kwh=5.0)
+    departure.departure.FromSeconds(now + 3600)
+    signal = GridSignal(curtailment=Curtailment(curtailment_id="c1", node_id="grid", max_kw=1.0))
+    signal.curtailment.start.FromSeconds(now)
+    signal.curtailment.end.FromSeconds(now + 600)
+    tariff = Tariff(tariff_id="t", prices=[PriceInterval(duration_s=3600, price_per_kwh=9.0)])
+    tariff.prices[0].start.FromSeconds(now)
+    prices = GridSignal(price_update=PriceUpdate(tariff=tariff))
+    calls: list[tuple[str, Any, Any]] = []
+    for token in (VIEWER, GRID):  # only an operator steers
+        calls += [
+            (
+                token,
+                live.stub.SetChargerAvailability,
+                pb.SetChargerAvailabilityRequest(charger_id=target, available=False),
+            ),
+            (
+                token,
+                live.stub.SetSessionPriority,
+                pb.SetSessionPriorityRequest(charger_id=target, priority=9.0),
+            ),
+            (token, live.stub.SetSessionDeparture, departure),
+        ]
+    for token in (VIEWER, OPERATOR):  # only a grid operator posts grid signals
+        calls += [
+            (token, live.stub.PostGridSignal, pb.PostGridSignalRequest(signal=signal)),
+            (token, live.stub.PostGridSignal, pb.PostGridSignalRequest(signal=prices)),
+        ]
+    calls += [  # a grid operator reads nothing
+        (GRID, live.stub.GetSiteState, pb.GetSiteStateRequest()),
+        (GRID, live.stub.ListSessions, pb.ListSessionsRequest()),
+        (GRID, live.stub.ListSetpoints, pb.ListSetpointsRequest()),
+        (GRID, live.stub.GetNodeUtilisation, pb.GetNodeUtilisationRequest()),
+        (GRID, live.stub.ListDecisions, pb.ListDecisionsRequest()),
+    ]
+    before = steering_state(live)
+    for token, method, request in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await method(request, metadata=auth(token))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, (method, token)
+    watch = live.stub.WatchChanges(pb.WatchChangesRequest(), metadata=auth(GRID))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await watch.read()
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert live.app.api.auth.denied == len(calls) + 1
+    assert steering_state(live) == before
+    await asyncio.sleep(1.5)  # three ticks: time for a wrongly applied change to show
+    assert steering_state(live) == before
+    assert live.rig.limit_at(target) > 0.0  # still charging: not held at 0 A
