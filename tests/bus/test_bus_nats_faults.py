@@ -169,6 +169,47 @@ async def test_outbox_replay_after_the_duplicate_window_is_dropped_by_the_consum
         await consumer_bus.close()
 
 
+@pytest.mark.parametrize("broker", ["up", "down"])
+async def test_oversized_event_refused_at_publish_and_what_follows_is_sent(
+    stopped_nats_server: NatsServer, tmp_path: Path, broker: str
+) -> None:
+    """A message the broker can never take (headers and payload above its max_payload, 1 MiB by
+    default) is refused by publish, whether the broker is reachable or not. Accepted, it was
+    retried for ever at the head of the outbox (or the send queue), and nothing after it was
+    sent."""
+    srv = stopped_nats_server
+    if broker == "up":
+        srv.start()
+    site = unique_site()
+    s = Subjects(site)
+    bus = make_nats_bus(site, srv.url, tmp_path / "outbox")
+    await bus.start()
+    too_big = b"x" * (1024 * 1024)  # the payload alone is the limit; its headers go over it
+    try:
+        assert bus.connected == (broker == "up")
+        with pytest.raises(ValueError, match="max_payload"):
+            await bus.publish(s.audit, too_big, event_id="big-audit")
+        with pytest.raises(ValueError, match="max_payload"):
+            await bus.publish(s.status("C1"), too_big)
+        with pytest.raises(ValueError, match="max_payload"):
+            await bus.publish_many(
+                [(s.setpoint("C1"), b"16A", "d1/C1"), (s.setpoint("C2"), too_big, "d1/C2")]
+            )
+        assert bus.outbox.pending == 0 and bus.stats.published == 0, "nothing may be accepted"
+        # Just under the limit is taken, and so is everything after it.
+        await bus.publish(s.audit, b"y" * (1024 * 1024 - 200), event_id="fits")
+        await bus.publish(s.audit, b"after", event_id="after")
+        await bus.publish(s.status("C1"), b"status after", event_id="status-after")
+        if broker == "down":
+            srv.start()
+        assert await bus.flush(timeout_s=30), "an event stayed stuck in the outbox or send queue"
+        assert bus.outbox.pending == 0
+        info = await bus._js.stream_info(bus.streams[0].name)
+        assert info.state.messages == 3
+    finally:
+        await bus.close()
+
+
 async def test_broker_unreachable_control_path_keeps_going_telemetry_sampled(
     stopped_nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -69,6 +69,10 @@ _FETCH_EXPIRY_S = 1.0
 # lost on its way (a stream leader dying mid-delivery) blocks later messages until it is
 # redelivered after ack_wait, instead of letting them overtake it: delivery stays in order.
 _FETCH_BATCH = 64
+# nats-server's default max_payload, used until the broker's own figure is known (first connect).
+_DEFAULT_MAX_PAYLOAD = 1024 * 1024
+# Header bytes besides the ids: "NATS/1.0\r\n", the two header names, separators, final CRLF.
+_HEADER_OVERHEAD = 64
 
 # An event the sender has taken from its queues: (from the normal queue?, (subject, data, id,
 # stream or None)).
@@ -482,6 +486,20 @@ class NatsBus:
         if not self._started:
             raise RuntimeError("bus not started: call await bus.start() first")
 
+    def _check_size(self, subject: str, data: bytes, eid: str, stream: StreamSpec | None) -> None:
+        """Refuse, at acceptance, a message the broker could never take (headers plus payload
+        above its ``max_payload``): queued, it would be retried for ever and hold back every
+        event behind it (the outbox sends in order), and each retry would keep one of nats-py's
+        publish slots."""
+        nc = self._nc
+        limit = nc.max_payload if nc is not None else _DEFAULT_MAX_PAYLOAD
+        headers = _HEADER_OVERHEAD + len(eid.encode()) + (len(stream.name) if stream else 0)
+        if len(data) + headers > limit:
+            raise ValueError(
+                f"payload of {len(data)} bytes on {subject!r} (event {eid}) exceeds the broker's "
+                f"max_payload of {limit} bytes with {headers} bytes of headers; split it"
+            )
+
     async def publish(
         self,
         subject: str,
@@ -494,6 +512,7 @@ class NatsBus:
         kind, stream = self._route(subject)
         data = to_bytes(payload)
         eid = event_id_for(payload, event_id)
+        self._check_size(subject, data, eid, stream)
         if critical or kind in CRITICAL_KINDS:
             if stream is None:
                 raise ValueError(f"critical event on {subject!r}, which no stream stores")
@@ -527,6 +546,7 @@ class NatsBus:
             kind, stream = self._route(subject)
             data = to_bytes(payload)
             eid = event_id_for(payload, event_id)
+            self._check_size(subject, data, eid, stream)
             ids.append(eid)
             if critical or kind in CRITICAL_KINDS:
                 if stream is None:
