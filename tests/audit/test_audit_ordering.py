@@ -114,8 +114,13 @@ class OrderingCheck:
                 value = sp.setpoint_w if sp.HasField("setpoint_w") else sp.setpoint_a
                 # The record holds the value on the wire (rounded down to whole A or W).
                 on_wire = math.floor(sent.value + 1e-9)
-                if sp.charger_id == sent.charger_id and (
-                    abs(value - sent.value) < 1e-9 or abs(value - on_wire) < 1e-9
+                # One decision may hold a TxProfile and a TxDefault of the same value for the
+                # same charger: the edge's reason names the TxDefault ones.
+                is_default = sp.reason.startswith("TxDefault")
+                if (
+                    sp.charger_id == sent.charger_id
+                    and is_default == (sent.purpose == "tx_default")
+                    and (abs(value - sent.value) < 1e-9 or abs(value - on_wire) < 1e-9)
                 ):
                     self.reasons.append((sent.purpose, sp.reason))
                     return
