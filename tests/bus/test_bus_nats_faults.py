@@ -4,6 +4,7 @@ restart mid-burst, the publishing process SIGKILLed mid-burst, the broker unreac
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,6 +55,38 @@ async def test_broker_restart_mid_burst_loses_and_duplicates_no_audit_record(
         assert pending_at_kill >= 0
         assert sink.applied() == list(range(n)), "lost, duplicated or reordered audit records"
         assert pub.outbox.pending == 0
+    finally:
+        await consumer_bus.close()
+        await pub.close()
+
+
+async def test_broker_back_without_its_store_streams_are_created_again(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The broker returns without its JetStream store (memory storage, a lost volume, a replaced
+    broker). The bus creates the site's streams again: the outbox drains into them and a durable
+    consumer gets the new records. Before, critical events waited in the outbox for ever on a
+    connected broker (every publish: no stream answers)."""
+    site = unique_site()
+    s = Subjects(site)
+    pub = make_nats_bus(site, nats_server.url, tmp_path / "outbox")
+    await pub.start()
+    consumer_bus, sink = await start_sink(site, nats_server.url, tmp_path)
+    try:
+        for i in range(5):
+            await pub.publish(s.audit, audit_pb2.AuditRecord(seq=i), event_id=f"audit-{i}")
+        await wait_until(lambda: sink.count() == 5, what="the records before the loss")
+        nats_server.kill()
+        shutil.rmtree(nats_server.store_dir)
+        nats_server.start()
+        for i in range(5, 10):
+            await pub.publish(s.audit, audit_pb2.AuditRecord(seq=i), event_id=f"audit-{i}")
+        await pub.publish(s.status("C1"), b"status after", event_id="status-after")
+        assert await pub.flush(timeout_s=30), "events wait on a broker that lost the streams"
+        info = await pub._js.stream_info(pub.streams[0].name)
+        assert info.state.messages == 6, "the five new records and the status"
+        await wait_until(lambda: sink.count() == 10, timeout_s=30, what="the records after it")
+        assert sink.applied() == list(range(10))
     finally:
         await consumer_bus.close()
         await pub.close()

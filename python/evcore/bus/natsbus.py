@@ -69,6 +69,8 @@ _FETCH_EXPIRY_S = 1.0
 # lost on its way (a stream leader dying mid-delivery) blocks later messages until it is
 # redelivered after ack_wait, instead of letting them overtake it: delivery stays in order.
 _FETCH_BATCH = 64
+# Idle pulls (each _FETCH_EXPIRY_S) between checks that a durable still exists on the broker.
+_IDLE_PULLS_PER_CHECK = 10
 # nats-server's default max_payload, used until the broker's own figure is known (first connect).
 _DEFAULT_MAX_PAYLOAD = 1024 * 1024
 # Header bytes besides the ids: "NATS/1.0\r\n", the two header names, separators, final CRLF.
@@ -108,6 +110,11 @@ async def _await_acks(futs: Sequence[asyncio.Future[Any]], timeout_s: float) -> 
         else:
             out.append(f.result())
     return out
+
+
+def _reconnects(nc: NatsClient | None) -> int:
+    """How often this connection reconnected so far (a changed count: the broker may be new)."""
+    return int(nc.stats.get("reconnects", 0)) if nc is not None else 0
 
 
 class _NatsSub:
@@ -184,6 +191,7 @@ class _NatsConsumer:
         self._handler = handler
         self._dedupe = dedupe
         self._task: asyncio.Task[None] | None = None
+        self._reconnects_seen = -1
         self.closed = False
 
     @property
@@ -208,15 +216,40 @@ class _NatsConsumer:
             max_ack_pending=_FETCH_BATCH,
             filter_subject=self._pattern,
         )
+        self._reconnects_seen = _reconnects(bus._nc)
         return await bus._js.pull_subscribe(
             self._pattern, durable=self._durable, stream=self._stream, config=cfg
         )
+
+    async def _gone(self, sub: Any, idle: int) -> bool:
+        """Whether the durable no longer exists on the broker (it came back without its store,
+        or someone deleted it). A pull on a missing consumer only ever times out, so ask after
+        each reconnect and on every tenth idle pull."""
+        reconnects = _reconnects(self._bus._nc)
+        if reconnects == self._reconnects_seen and idle % _IDLE_PULLS_PER_CHECK:
+            return False
+        self._reconnects_seen = reconnects
+        try:
+            await sub.consumer_info()
+        except nats.js.errors.NotFoundError:
+            log.warning(
+                "consumer %s on %s: gone from the broker; creating it again",
+                self._durable,
+                self._stream,
+            )
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            return True
+        except Exception:
+            return False  # the broker is away: the next check tells
+        return False
 
     async def _run(self) -> None:
         bus = self._bus
         stats = bus.stats
         sub: Any = None
         attempt = 0
+        idle = 0
         while not self.closed:
             try:
                 if sub is None:
@@ -224,8 +257,12 @@ class _NatsConsumer:
                 try:
                     msgs = await sub.fetch(batch=_FETCH_BATCH, timeout=_FETCH_EXPIRY_S)
                 except nats.errors.TimeoutError:
+                    idle += 1
+                    if await self._gone(sub, idle):
+                        sub = None
                     continue
                 attempt = 0
+                idle = 0
                 if self.closed:
                     # Stopping: hand the batch back at once so the next consumer gets it in order.
                     for m in msgs:
@@ -249,6 +286,7 @@ class _NatsConsumer:
                     log.warning("consumer %s on %s: %r; retrying", self._durable, self._stream, exc)
                 if isinstance(exc, nats.js.errors.NotFoundError):
                     sub = None  # the consumer or stream vanished (e.g. a memory-only restart)
+                    await bus._restore_streams(exc)
                 await bus.clock.sleep(min(bus.config.reconnect_wait_s * attempt, 2.0))
         if sub is not None:
             with contextlib.suppress(Exception):
@@ -332,6 +370,7 @@ class NatsBus:
         self._queue: deque[tuple[str, bytes, str, str | None]] = deque()
         self._send_wake = asyncio.Event()
         self._in_flight = 0
+        self._streams_lock = asyncio.Lock()
         self._started = False
         self._closing = False
         # subject -> (kind token, stream storing it or None), validated once; bounded.
@@ -444,6 +483,23 @@ class NatsBus:
                 await self._js.add_stream(conf)
             else:
                 await self._js.update_stream(conf)
+
+    async def _restore_streams(self, error: BaseException | None) -> None:
+        """A publish found no stream for its subject, or a durable consumer its stream: the broker
+        came back without its JetStream store (a memory-storage stream, a lost or replaced store).
+        Create the site's streams again, or critical events would wait in the outbox for ever on a
+        connected broker."""
+        if not self.config.manage_streams or not isinstance(
+            error, nats.js.errors.NoStreamResponseError | nats.js.errors.NotFoundError
+        ):
+            return
+        async with self._streams_lock:
+            try:
+                await self._ensure_streams()
+            except Exception as exc:
+                log.warning("bus: re-creating the streams failed: %r", exc)
+            else:
+                log.warning("bus: the broker had no stream for this site; created them again")
 
     async def delete_streams(self) -> None:
         """Remove this site's streams (tests and decommissioning only)."""
@@ -585,18 +641,21 @@ class NatsBus:
                     batch.append((False, (subject, data, eid, stream)))
             self._in_flight += len(batch)
             try:
-                failed = await self._send_window(batch)
+                failed, error = await self._send_window(batch)
             finally:
                 self._in_flight -= len(batch)
             self._stats.sent += len(batch) - len(failed)
             if failed:
                 self._stats.send_failures += len(failed)
                 self._requeue(failed)
+                await self._restore_streams(error)
                 await self.clock.sleep(self.config.reconnect_wait_s)
 
-    async def _send_window(self, batch: list[_Unsent]) -> list[_Unsent]:
+    async def _send_window(
+        self, batch: list[_Unsent]
+    ) -> tuple[list[_Unsent], BaseException | None]:
         """Publish a window at once, then wait for JetStream's acks; returns what failed, in
-        order."""
+        order, and the first JetStream error."""
         futs: list[asyncio.Future[Any] | None] = []
         try:
             for _, (subject, data, eid, stream) in batch:
@@ -624,6 +683,7 @@ class NatsBus:
             [f for f in futs if f is not None], self.config.publish_timeout_s
         )
         failed: list[_Unsent] = []
+        first_error: BaseException | None = None
         it = iter(outcomes)
         for i, item in enumerate(batch):
             if i >= len(futs):
@@ -633,7 +693,8 @@ class NatsBus:
                 if isinstance(outcome, BaseException):
                     log.debug("bus: send on %s failed: %r", item[1][0], outcome)
                     failed.append(item)
-        return failed
+                    first_error = first_error or outcome
+        return failed, first_error
 
     def _requeue(self, failed: list[_Unsent]) -> None:
         """Put unsent events back at the front, in their order; what no longer fits is dropped
@@ -715,6 +776,7 @@ class NatsBus:
             window = 1  # after a failure, go one by one until the broker confirms again
             if failures in (1, 10) or failures % 100 == 0:
                 log.warning("bus: outbox publish failed (%d pending): %r", ob.pending, error)
+            await self._restore_streams(error)
             await self.clock.sleep(min(self.config.reconnect_wait_s * failures, 2.0))
 
     async def _wait_connected(self, timeout_s: float) -> None:
