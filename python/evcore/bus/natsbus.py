@@ -371,6 +371,8 @@ class NatsBus:
         self._send_wake = asyncio.Event()
         self._in_flight = 0
         self._streams_lock = asyncio.Lock()
+        # Set by delete_streams(): the site is being decommissioned; never re-create its streams.
+        self._streams_deleted = False
         self._started = False
         self._closing = False
         # subject -> (kind token, stream storing it or None), validated once; bounded.
@@ -489,8 +491,12 @@ class NatsBus:
         came back without its JetStream store (a memory-storage stream, a lost or replaced store).
         Create the site's streams again, or critical events would wait in the outbox for ever on a
         connected broker."""
-        if not self.config.manage_streams or not isinstance(
-            error, nats.js.errors.NoStreamResponseError | nats.js.errors.NotFoundError
+        if (
+            not self.config.manage_streams
+            or self._streams_deleted
+            or not isinstance(
+                error, nats.js.errors.NoStreamResponseError | nats.js.errors.NotFoundError
+            )
         ):
             return
         async with self._streams_lock:
@@ -502,7 +508,9 @@ class NatsBus:
                 log.warning("bus: the broker had no stream for this site; created them again")
 
     async def delete_streams(self) -> None:
-        """Remove this site's streams (tests and decommissioning only)."""
+        """Remove this site's streams (tests and decommissioning only); this bus will not
+        create them again."""
+        self._streams_deleted = True
         if self._js is None:
             return
         for spec in self._specs:
