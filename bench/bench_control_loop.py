@@ -79,10 +79,26 @@ async def _fleet_child(url: str, table: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
         sys.stdout.flush()
 
+    marks: list[tuple[float, str]] = []  # (monotonic, command) to place violations in time
+    first_over: list[dict[str, Any]] = []  # the first few violating samples, with their cause
+    physics = rig.physics
+    plain_sample = physics.sample
+
+    def sample() -> int:
+        n_over = int(plain_sample())
+        if n_over and len(first_over) < 5:
+            first_over.append(_over_snapshot(rig, marks))
+        return n_over
+
+    physics.sample = sample
     answer({"ready": True})
     try:
         while line := (await reader.readline()).decode().strip():
+            marks.append((time.monotonic(), line))
             if line == "plug":
+                # Plugged only once every station applies its TxDefault (accepted is not
+                # applied: a car plugged in before that draws whatever the station allows).
+                await rig.wait_for(rig.defaults_held, 30, "every station's TxDefault applied")
                 for cid in rig.fleet.charger_ids:
                     rig.fleet.plug_in(cid, EV(soc=0.2))
                 answer({"ok": True})
@@ -110,6 +126,7 @@ async def _fleet_child(url: str, table: dict[str, Any]) -> None:
                         "samples": ph.samples,
                         "by_node": {k: v for k, v in ph.violations_by_node.items() if v},
                         "worst_excess_a": ph.worst_excess_a,
+                        "first_over": first_over,
                     }
                 )
             elif line == "stop":
@@ -117,6 +134,46 @@ async def _fleet_child(url: str, table: dict[str, Any]) -> None:
     finally:
         await rig.stop()
     answer({"stopped": True})
+
+
+def _over_snapshot(rig: Any, marks: list[tuple[float, str]]) -> dict[str, Any]:
+    """What the stations held and drew when a sample went over a limit: per violated node, the
+    sum of the drawn and of the allowed currents (the composite limit each station applies now)
+    and how many connectors draw on a TxProfile, on a TxDefault or on nothing of ours."""
+    ph = rig.physics
+    now_mono = time.monotonic()
+    over = ph.line_currents() > ph.limits_a + 1e-6
+    fleet = rig.fleet
+    parent = {c.id: c.parent for c in rig.site.chargers}
+    nodes: dict[str, Any] = {}
+    for i in sorted({int(i) for i in over.nonzero()[0]}):
+        node = ph.node_ids[i]
+        drawn = allowed = 0.0
+        purposes: dict[str, int] = {}
+        for cid in fleet.charger_ids:
+            p = parent[cid]
+            if node != "grid" and p != node:
+                continue
+            sim, evse = fleet.station(cid)
+            con = sim.connectors[evse]
+            drawn += con.terminal_a[0]
+            allowed += con.offered
+            now = sim.clock.now()
+            tx = any(
+                q.purpose == "tx" and sim._profile_value(q, con, now) is not None
+                for q in sim.profiles
+                if q.evse == evse
+            )
+            key = "tx" if tx else ("active" if con.tx_active else "idle")
+            purposes[key] = purposes.get(key, 0) + 1
+        nodes[node] = {
+            "limit_a": float(ph.limits_a[i][0]),
+            "drawn_l1_a": round(drawn, 1),
+            "offered_sum_a": round(allowed, 1),
+            "connectors": purposes,
+        }
+    last = marks[-1] if marks else (now_mono, "")
+    return {"after": last[1], "after_s": round(now_mono - last[0], 3), "nodes": nodes}
 
 
 class _Fleet:
@@ -303,6 +360,10 @@ async def _run(
 
             await asyncio.sleep(3.0)
             await until_settled()
+            plugged = await fleet.ask("stats")
+            if plugged["violations"]:
+                phases.append({"rep": "plug-in", **plugged})
+            violations_seen = plugged["violations"]
             # What the chargers may draw now (three-phase, 230 V): the curtailment takes 95 %.
             full_kw = sum((c.sent or 0.0) * 3 * 230.0 / 1000.0 for c in states)
             cap_kw = max(1.0, 0.05 * full_kw)
@@ -375,6 +436,7 @@ async def _run(
                             "after_release": after["violations"] - v_curtailed,
                             "by_node": after["by_node"],
                             "worst_excess_a": after["worst_excess_a"],
+                            "first_over": after["first_over"],
                         }
                     )
                 violations_seen = after["violations"]

@@ -159,6 +159,11 @@ class RustCore:
             # Unknown (edge start, boot): counted at the charger's maximum by the envelope.
             cols["profile_unknown"][i] = c.profile_unknown or cid in ignoring
             fs_level = failsafe.get(cid, 0.0)
+            old_default = (
+                c.tx_default_old
+                if c.tx_default_old_until is not None and now_mono < c.tx_default_old_until
+                else None
+            )
             in_force = (
                 c.transaction_id is not None
                 and c.expires_at is not None
@@ -204,13 +209,9 @@ class RustCore:
                 # its maximum (M3).
                 reported = c.sent if c.transaction_id is None else None
                 idle = [fs_level, c.tx_default or 0.0, c.tx_default_sent or 0.0, reported or 0.0]
-                if (
-                    c.tx_default_old is not None
-                    and c.tx_default_old_until is not None
-                    and now_mono < c.tx_default_old_until
-                ):
+                if old_default is not None:
                     # A lowered TxDefault accepted less than settle_s ago may not be applied yet.
-                    idle.append(c.tx_default_old)
+                    idle.append(old_default)
                 if c.tx_default is None and reported is None:
                     idle.append(c.max_value)
                 cols[unit][i] = max(idle)
