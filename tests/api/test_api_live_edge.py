@@ -129,6 +129,7 @@ async def test_operator_steers_the_live_edge(live: LiveEdge) -> None:
     reader = asyncio.create_task(read_watch())
     try:
         await asyncio.sleep(0.5)  # let the stream attach
+        await wait_charging(live, target)
         # A viewer may not steer: PERMISSION_DENIED, and the charger stays available.
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await live.stub.SetChargerAvailability(
@@ -201,6 +202,30 @@ async def test_operator_steers_the_live_edge(live: LiveEdge) -> None:
             await reader
 
 
+async def wait_charging(live: LiveEdge, charger_id: str) -> None:
+    """Precondition of a 'nothing changed' check: the edge has taken the session over with a
+    TxProfile above 0 A ("held at …") and the car draws current. Right after plug-in the car
+    charges on the TxDefault and the edge may still withdraw it for a moment."""
+    store = live.app.store
+    last = ""
+    for _ in range(600):
+        records = await store.audit_records(charger_id=charger_id, newest_first=True, limit=1)
+        mine = [sp for r in records for sp in r.setpoints if sp.charger_id == charger_id]
+        last = mine[-1].reason if mine else ""
+        measured = live.app.controller.state.chargers[charger_id].measured_max_a()
+        if (
+            mine
+            and mine[-1].setpoint_a > 0.0
+            and last.startswith("held at ")
+            and measured is not None
+            and measured > 1.0
+            and live.rig.limit_at(charger_id) > 0.0
+        ):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the car at {charger_id} never charged on a TxProfile (last: {last!r})")
+
+
 def steering_state(live: LiveEdge) -> dict[str, tuple[Any, ...]]:
     """What a steering call or a grid signal could change on the real controller."""
     ctrl = live.app.controller
@@ -253,6 +278,7 @@ async def test_every_denial_changes_nothing_on_the_live_edge(live: LiveEdge) -> 
         (GRID, live.stub.GetNodeUtilisation, pb.GetNodeUtilisationRequest()),
         (GRID, live.stub.ListDecisions, pb.ListDecisionsRequest()),
     ]
+    await wait_charging(live, target)
     before = steering_state(live)
     for token, method, request in calls:
         with pytest.raises(grpc.aio.AioRpcError) as err:
