@@ -462,8 +462,10 @@ class NatsBus:
         for s in list(self._subs):
             await s.attach(nc)
 
-    async def _ensure_streams(self) -> None:
+    async def _ensure_streams(self) -> list[str]:
+        """Create the site's streams, or update them to this configuration; the names created."""
         assert self._js is not None
+        created: list[str] = []
         for spec in self._specs:
             conf = jsapi.StreamConfig(
                 name=spec.name,
@@ -483,8 +485,10 @@ class NatsBus:
                 await self._js.stream_info(spec.name)
             except nats.js.errors.NotFoundError:
                 await self._js.add_stream(conf)
+                created.append(spec.name)
             else:
                 await self._js.update_stream(conf)
+        return created
 
     async def _restore_streams(self, error: BaseException | None) -> None:
         """A publish found no stream for its subject, or a durable consumer its stream: the broker
@@ -501,11 +505,12 @@ class NatsBus:
             return
         async with self._streams_lock:
             try:
-                await self._ensure_streams()
+                created = await self._ensure_streams()
             except Exception as exc:
                 log.warning("bus: re-creating the streams failed: %r", exc)
             else:
-                log.warning("bus: the broker had no stream for this site; created them again")
+                if created:
+                    log.warning("bus: the broker had lost stream(s) %s; created again", created)
 
     async def delete_streams(self) -> None:
         """Remove this site's streams (tests and decommissioning only); this bus will not
