@@ -159,11 +159,6 @@ class RustCore:
             # Unknown (edge start, boot): counted at the charger's maximum by the envelope.
             cols["profile_unknown"][i] = c.profile_unknown or cid in ignoring
             fs_level = failsafe.get(cid, 0.0)
-            old_default = (
-                c.tx_default_old
-                if c.tx_default_old_until is not None and now_mono < c.tx_default_old_until
-                else None
-            )
             in_force = (
                 c.transaction_id is not None
                 and c.expires_at is not None
@@ -207,14 +202,7 @@ class RustCore:
                 # at what it reported it enforces. One that
                 # never accepted a TxDefault of ours (and reported nothing) may let a car draw
                 # its maximum (M3).
-                reported = c.sent if c.transaction_id is None else None
-                idle = [fs_level, c.tx_default or 0.0, c.tx_default_sent or 0.0, reported or 0.0]
-                if old_default is not None:
-                    # A lowered TxDefault accepted less than settle_s ago may not be applied yet.
-                    idle.append(old_default)
-                if c.tx_default is None and reported is None:
-                    idle.append(c.max_value)
-                cols[unit][i] = max(idle)
+                cols[unit][i] = c.idle_level(fs_level, now_mono)
                 cols["last_sent_confirmed"][i] = False
             if c.on_since is not None:
                 cols["on_since_s"][i] = c.on_since

@@ -102,12 +102,7 @@ def held_outside_plan(
         if c.faulted or c.profile_unknown:
             level = c.max_value
         elif c.transaction_id is None:
-            idle = [failsafe.get(spec.id, 0.0), c.tx_default or 0.0, c.tx_default_sent or 0.0]
-            if c.sent is not None:
-                idle.append(c.sent)
-            elif c.tx_default is None:
-                idle.append(c.max_value)
-            level = max(idle)
+            level = c.idle_level(failsafe.get(spec.id, 0.0))
         else:
             continue  # a session the plan leaves out (leaving, energy in): the allocator alone
         if level <= 0.0:

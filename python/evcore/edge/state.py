@@ -145,6 +145,30 @@ class ChargerState:
                 return bound
         return None
 
+    def idle_level(self, failsafe_level: float, now_mono: float | None = None) -> float:
+        """What an idle charger (no session) may let a car draw before the edge hears of it, as
+        the allocator counts it: its failsafe level, a TxDefault accepted or on its way, what it
+        reported enforcing, and its maximum while it never accepted a TxDefault of ours and
+        reported nothing. With ``now_mono``, also a TxDefault it replaced less than ``settle_s``
+        ago (accepted is not applied); a plan for the hours ahead passes None."""
+        reported = self.sent if self.transaction_id is None else None
+        levels = [
+            failsafe_level,
+            self.tx_default or 0.0,
+            self.tx_default_sent or 0.0,
+            reported or 0.0,
+        ]
+        if (
+            now_mono is not None
+            and self.tx_default_old is not None
+            and self.tx_default_old_until is not None
+            and now_mono < self.tx_default_old_until
+        ):
+            levels.append(self.tx_default_old)
+        if self.tx_default is None and reported is None:
+            levels.append(self.max_value)
+        return max(levels)
+
     def age_s(self, now_mono: float) -> float:
         return math.inf if self.measured_at is None else max(0.0, now_mono - self.measured_at)
 
