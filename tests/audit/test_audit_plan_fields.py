@@ -113,9 +113,9 @@ async def test_a_decision_following_a_plan_records_its_version(
         assert [sp.charger_id for sp in rec.setpoints] == [cid]
         held = {b.charger_id: b.reason for b in rec.bindings}
         assert held.get(other, "").startswith(("held at ", "paused: ")), rec.bindings
-        # The edge fills inputs_digest with a BLAKE2b-128 of the core's input columns (32 hex).
+        # The edge fills inputs_digest with a SHA-256 of the core call's inputs (64 hex).
         assert rec.trigger == "test" and rec.config_version
-        assert len(rec.inputs_digest) >= 32 and int(rec.inputs_digest, 16) >= 0
+        assert len(rec.inputs_digest) == 64 and int(rec.inputs_digest, 16) >= 0
         assert rec.edge_id == "e1"
         # Decisions before the plan followed none.
         earlier = await store.audit_records(until_s=now)

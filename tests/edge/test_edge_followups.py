@@ -266,6 +266,26 @@ def _decide(core: RustCore, st: Any, cfg: EdgeConfig, now_wall: float) -> dict[s
     return dict(got.setpoints)
 
 
+def test_the_inputs_digest_covers_demand_curtailments_and_parameters() -> None:
+    now = 1_800_000_000.0
+    core, st, cfg = _session_state(now)
+    fs = dict.fromkeys(st.chargers, 6.0)
+
+    def digest(caps: Mapping[str, float], cfg: EdgeConfig = cfg) -> str:
+        got = core.decide(
+            st, now_wall=now, now_mono=500.0, caps_kw=caps, targets=None, failsafe=fs, cfg=cfg
+        )
+        return got.inputs_digest
+
+    base = digest({})
+    assert len(base) == 64 and base == digest({})  # SHA-256 hex, same inputs same digest
+    seen = {base, digest({"grid": 20.0})}  # a curtailment
+    st.chargers["cp-0001"].departure = now + 3600.0  # demand
+    seen.add(digest({}))
+    seen.add(digest({}, EdgeConfig(**{**FAST, "min_off_s": 99.0})))  # a parameter
+    assert len(seen) == 4, seen
+
+
 def test_an_offline_charger_is_counted_at_the_txprofile_it_still_holds() -> None:
     now = 1_800_000_000.0
     core, st, cfg = _session_state(now)

@@ -73,6 +73,34 @@ def _priority_from_laxity(chargers: Sequence[ChargerState], now_wall: float) -> 
     return {cid: 2.0 ** min(19, n - 1 - i) for i, (_, cid) in enumerate(lax)}  # core: <= 1e6
 
 
+def inputs_digest(
+    chargers: Mapping[str, Any],
+    nodes: Mapping[str, Any],
+    demand: Mapping[str, Any],
+    params: Mapping[str, float],
+    caps_kw: Mapping[str, float],
+) -> str:
+    """SHA-256 (hex) of everything a decision's core call was given: the per-charger state and
+    demand columns, the node columns, the parameters and the curtailment caps (the audit
+    contract's ``inputs_digest``). Each part is named in the hash, so that equal bytes under
+    different columns give different digests."""
+    h = hashlib.sha256()
+    for part, cols in (("chargers", chargers), ("nodes", nodes), ("demand", demand)):
+        for name in sorted(cols):
+            v = cols[name]
+            h.update(f"{part}.{name}:".encode())
+            if isinstance(v, np.ndarray):
+                h.update(str(v.dtype).encode())
+                h.update(np.ascontiguousarray(v).tobytes())
+            else:
+                h.update("\x1f".join(map(str, v)).encode())
+    for name, value in sorted(params.items()):
+        h.update(f"params.{name}={float(value)!r};".encode())
+    for node, cap in sorted(caps_kw.items()):
+        h.update(f"cap.{node}={float(cap)!r};".encode())
+    return h.hexdigest()
+
+
 class RustCore:
     """``CorePort`` on ``evcore._core`` through the core room's typed facade."""
 
@@ -322,14 +350,7 @@ class RustCore:
             "max_switches": float(cfg.max_switches),
         }
         setpoints, why = self._call(self.topology(caps_kw), cols, nodes, demand, params, True)
-        digest = hashlib.blake2b(
-            b"".join(
-                np.ascontiguousarray(v).tobytes()
-                for k, v in sorted(cols.items())
-                if isinstance(v, np.ndarray)
-            ),
-            digest_size=16,
-        ).hexdigest()
+        digest = inputs_digest(cols, nodes, demand, params, caps_kw)
         return EnforcedSetpoints(setpoints, why, digest, self.last_codes, self.last_nodes)
 
     def failsafe_levels(
