@@ -102,6 +102,19 @@ def build_controller(
     )
 
 
+def audit_journal_path(cfg: EdgeConfig, site_path: str | Path | None) -> Path | None:
+    """Where audit records the store does not take in time are journaled: ``[edge]
+    audit_journal`` (relative to the site file's directory), by default ``evcore-audit-journal``
+    beside the site file. A site given as a table (no file) has a journal only when
+    ``audit_journal`` is an absolute path."""
+    name = Path(cfg.audit_journal or "evcore-audit-journal")
+    if name.is_absolute():
+        return name
+    if site_path is None:
+        return None
+    return Path(site_path).resolve().parent / name
+
+
 def _config_version(site_table: Mapping[str, Any]) -> str:
     import hashlib
     import json
@@ -140,9 +153,17 @@ class EdgeApp:
             from evcore.audit.log import AuditLog
             from evcore.edge.recording import AuditRecorder
 
+            if cfg is None:
+                cfg = EdgeConfig.from_site(site_table)
             site_id = str(site_table["site"]["id"])
             audit_log = AuditLog(store, clock=clock, bus=bus, site_id=site_id if bus else "")
-            self.recorder = AuditRecorder(audit_log, store)
+            # The store gets half the controller's audit budget; the journal write the rest.
+            self.recorder = AuditRecorder(
+                audit_log,
+                store,
+                journal_path=audit_journal_path(cfg, getattr(site, "path", None)),
+                append_timeout_s=max(cfg.audit_timeout_s / 2, 1e-3),
+            )
             audit = self.recorder
         self.controller = build_controller(
             site_table,
@@ -209,6 +230,11 @@ class EdgeApp:
                 log.info("recovered %d last setpoints from the store", n)
         if self.bus is not None:
             await self.bus.start()
+        if self.recorder is not None and self.recorder.journal_pending:
+            # Records a crash (or a store outage) left in the journal go first in the chain,
+            # before the loop decides (after the bus started: the audit log publishes them).
+            left = await self.recorder.replay_journal()
+            log.info("audit journal: %d record(s) still pending after start", left)
         await self.central.start()
         subs: list[Any] = []
         try:

@@ -78,6 +78,10 @@ class EdgeConfig:
     # Store / audit: wait at most this long for a record to become durable; past it, no setpoint
     # leaves.
     audit_timeout_s: float = 2.0
+    # Local journal for audit records the store does not take within half of audit_timeout_s
+    # (the decision then still leaves). "" is ``evcore-audit-journal`` beside the site file; a
+    # relative path is relative to the site file's directory.
+    audit_journal: str = ""
     # Twin only (``evcore.sim``): the edge sends nothing at all, the "uncontrolled" baseline.
     # Not a key of ``[edge]``: ``from_table`` refuses it.
     baseline: bool = False
@@ -88,6 +92,10 @@ class EdgeConfig:
             if f.name == "baseline":
                 if not isinstance(value, bool):
                     raise EdgeConfigError(f"baseline: expected a bool, got {value!r}")
+                continue
+            if f.name == "audit_journal":
+                if not isinstance(value, str) or "\x00" in value:
+                    raise EdgeConfigError(f"[edge].audit_journal: expected a path, got {value!r}")
                 continue
             if f.name == "policy":
                 if value not in POLICIES:

@@ -1,17 +1,28 @@
 """The controller's decision records into the audit log and the store; recovery after a restart.
 
 What this module owns: converting a decision record (``EdgeController._record``) into the audit
-room's ``evcore.audit.Decision`` with ``evcore.v1.Setpoint`` messages, appending it (durable when
+room's ``evcore.v1.AuditRecord`` with ``evcore.v1.Setpoint`` messages, appending it (durable when
 ``append`` returns — the controller sends nothing before), remembering sent setpoints in the store,
 and reading sessions and last setpoints back after a restart. It records; it never changes a value.
+
+When the store cannot take a record in time (unreachable, a locked table), the record goes to a
+local append-only journal file (fsynced) instead, so the decision — its decreases above all — may
+still leave; journaled records are moved into the audit log, in order and without repeats, by the
+next append, at start (``replay_journal``) and on ``drain``. A record that is durable nowhere
+raises, and the controller then sends nothing of its decision.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
+import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from evcore.edge.state import ChargerState, SiteState, priority_error
@@ -95,13 +106,162 @@ def setpoints_of(record: Mapping[str, Any], decision_id: str) -> list[setpoint_p
     return out
 
 
-class AuditRecorder:
-    """``AuditSink`` over ``evcore.audit.AuditLog`` (+ the store's last-setpoint table)."""
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One record in the local journal: the unsealed ``evcore.v1.AuditRecord`` (deterministic
+    encoding) and the audit log's head when it was journaled (a late commit of the same record,
+    from an append that timed out, can only lie after it)."""
 
-    def __init__(self, audit_log: Any, store: Any = None, *, edge_id: str = "edge") -> None:
+    decision_id: str
+    after_seq: int
+    decided_at_s: float
+    payload: bytes
+
+    def line(self) -> bytes:
+        obj = {
+            "v": 1,
+            "decision_id": self.decision_id,
+            "after_seq": self.after_seq,
+            "decided_at_s": self.decided_at_s,
+            "record": base64.b64encode(self.payload).decode("ascii"),
+        }
+        return json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AuditJournal:
+    """The local fallback for audit records the store did not take in time: an append-only file,
+    one JSON line per record, each append written and fsynced before it returns. When a prefix
+    has moved into the audit log the file is rewritten (temporary file, fsync, rename, fsync of
+    the directory). Blocking: call it from a worker thread, one operation at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entries: list[JournalEntry] = []
+        #: Lines that could not be read back (a write torn by a crash; its record never counted
+        #: as durable, so its setpoints never left).
+        self.unreadable = 0
+        self._load()
+
+    def _load(self) -> None:
+        from evcore.v1.audit_pb2 import AuditRecord
+
+        try:
+            data = self.path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):  # nothing journaled there (yet)
+            return
+        for n, raw in enumerate(data.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+                payload = base64.b64decode(obj["record"], validate=True)
+                record = AuditRecord.FromString(payload)
+                entry = JournalEntry(
+                    decision_id=str(obj["decision_id"]),
+                    after_seq=int(obj["after_seq"]),
+                    decided_at_s=float(obj["decided_at_s"]),
+                    payload=payload,
+                )
+                if record.decision_id != entry.decision_id:
+                    raise ValueError(f"holds decision {record.decision_id!r}")
+            except Exception as exc:
+                self.unreadable += 1
+                log.warning("audit journal %s: line %d unreadable, dropped (%s)", self.path, n, exc)
+                continue
+            self.entries.append(entry)
+        if self.unreadable or (data and not data.endswith(b"\n")):
+            self._rewrite(self.entries)
+
+    def append(self, entry: JournalEntry) -> None:
+        new = not self.path.exists()
+        if new:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(entry.line())
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):  # no half line for the next append to join
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+        if new:
+            _fsync_dir(self.path.parent)
+        self.entries.append(entry)
+
+    def drop_first(self, n: int) -> None:
+        """The first ``n`` entries are in the audit log now."""
+        self._rewrite(self.entries[n:])
+
+    def _rewrite(self, entries: list[JournalEntry]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("wb") as fh:
+            for e in entries:
+                fh.write(e.line())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        self.entries = list(entries)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer within the append timeout"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class AuditRecorder:
+    """``AuditSink`` over ``evcore.audit.AuditLog`` (+ the store's last-setpoint table).
+
+    With ``journal_path``, a record the store does not take within ``append_timeout_s`` (keep it
+    below the controller's ``audit_timeout_s``: the journal write must fit in the rest) goes to
+    the local journal; ``append`` then returns normally and the decision may leave. Journaled
+    records are moved into the audit log in order, before any newer record, by the next
+    ``append`` (within the same budget), by ``replay_journal`` (the edge's start) and by
+    ``drain``; one whose timed-out append committed after all is recognised by its decision id
+    and not appended twice. Without ``journal_path`` a record the store does not take raises.
+    """
+
+    def __init__(
+        self,
+        audit_log: Any,
+        store: Any = None,
+        *,
+        edge_id: str = "edge",
+        journal_path: Path | None = None,
+        append_timeout_s: float = 1.0,
+    ) -> None:
+        if not append_timeout_s > 0:
+            raise ValueError(f"append_timeout_s must be positive, got {append_timeout_s!r}")
+        if journal_path is not None and store is None:
+            raise ValueError("an audit journal needs the store (to find records already moved)")
         self.audit_log = audit_log
         self.store = store
         self.edge_id = edge_id
+        self.append_timeout_s = float(append_timeout_s)
+        self.journal = AuditJournal(journal_path) if journal_path is not None else None
+        #: Records written to the journal / moved from it into the audit log / found already in
+        #: the chain (a timed-out append that committed after all) / durable nowhere.
+        self.journaled = 0
+        self.journal_moved = 0
+        self.journal_skipped = 0
+        self.journal_failures = 0
+        self._order = asyncio.Lock()  # one append or replay at a time: the chain keeps order
+        self._journal_lock = asyncio.Lock()  # one journal file operation at a time
         self._tasks: set[asyncio.Task[None]] = set()
         self.store_failures = 0
         #: Decision numbers whose record is durable (for tests: nothing leaves before its record).
@@ -111,13 +271,18 @@ class AuditRecorder:
         self._ids: dict[int, str] = {}  # decision number -> decision id (recent ones)
         self.confirmations = 0
         # Last-setpoint bookkeeping waiting for the store, per charger (the latest wins): one
-        # writer, one store operation at a time, so a decision's audit append never queues
-        # behind hundreds of them on the store's connection (each is a durable commit).
+        # writer, one store operation (a batch) at a time, so a decision's audit append never
+        # queues behind many of them on the store's connection (each is a durable commit).
         self._to_record: dict[str, tuple[setpoint_pb2.Setpoint, float]] = {}
         self._to_confirm: dict[str, tuple[str, float]] = {}
         self._writer: asyncio.Task[None] | None = None
         #: Store operations the writer performed (for tests and benchmarks).
         self.store_writes = 0
+
+    @property
+    def journal_pending(self) -> int:
+        """Records in the journal, not yet in the audit log."""
+        return 0 if self.journal is None else len(self.journal.entries)
 
     async def append(self, record: Mapping[str, Any]) -> None:
         from evcore.audit.log import Decision
@@ -136,7 +301,10 @@ class AuditRecorder:
             config_version=str(record.get("config_version", "")),
             edge_id=self.edge_id,
         )
-        await self.audit_log.append(decision)
+        if self.journal is None:
+            await self.audit_log.append(decision)
+        else:
+            await self._make_durable(decision)
         self.durable.add(int(record["decision"]))
         self._ids[int(record["decision"])] = decision_id
         while len(self._ids) > _KEEP_IDS:
@@ -152,6 +320,150 @@ class AuditRecorder:
                 self._to_confirm.pop(sp.charger_id, None)  # for an older decision: moot
             self._kick()
 
+    async def _make_durable(self, decision: Any) -> None:
+        """The record in the audit log (after everything journaled before it), or else in the
+        journal; raises when it is in neither."""
+        from evcore.audit.log import build_record
+
+        assert self.journal is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.append_timeout_s
+        async with self._order:
+            try:
+                async with self._journal_lock:  # a journal write of a cancelled append ends first
+                    pending = bool(self.journal.entries)
+                if pending:
+                    await self._replay(deadline)
+                if not self.journal.entries:
+                    left = deadline - loop.time()
+                    if left > 0:
+                        await asyncio.wait_for(self.audit_log.append(decision), left)
+                        return
+                    why = "the append budget went to moving journaled records"
+                else:
+                    why = f"{self.journal_pending} earlier record(s) still in the journal"
+            except Exception as exc:
+                why = _describe(exc)
+            # The same record the audit log would have sealed (``build_record`` is deterministic).
+            await self._journal_write(build_record(decision, edge_id=self.edge_id), why)
+
+    async def _journal_write(self, rec: Any, why: str) -> None:
+        assert self.journal is not None
+        journal = self.journal
+        entry = JournalEntry(
+            decision_id=rec.decision_id,
+            after_seq=int(getattr(self.audit_log, "head_seq", -1)),
+            decided_at_s=rec.decided_at.seconds + rec.decided_at.nanos / 1e9,
+            payload=rec.SerializeToString(deterministic=True),
+        )
+        try:
+            await self._journal_op(journal.append, entry)
+        except Exception as exc:
+            self.journal_failures += 1
+            log.error(
+                "audit: decision %s is durable nowhere: the store did not take it (%s) and the "
+                "journal %s could not be written (%s); none of its setpoints may leave",
+                rec.decision_id,
+                why,
+                journal.path,
+                _describe(exc),
+            )
+            raise
+        self.journaled += 1
+        log.warning(
+            "audit: the store did not take decision %s (%s); recorded in the local journal %s "
+            "(%d record(s) pending), its setpoints may leave",
+            rec.decision_id,
+            why,
+            journal.path,
+            len(journal.entries),
+        )
+
+    async def _journal_op(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run one blocking journal operation in a worker thread, to its end even if the caller
+        is cancelled (the file and ``journal.entries`` stay in step)."""
+
+        async def run() -> None:
+            async with self._journal_lock:
+                await asyncio.to_thread(fn, *args)
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
+
+    async def _replay(self, deadline: float) -> None:
+        """Move journaled records into the audit log in order, until one fails or the deadline;
+        drops those moved (or found already there) from the journal."""
+        from evcore.v1.audit_pb2 import AuditRecord
+
+        assert self.journal is not None
+        loop = asyncio.get_running_loop()
+
+        def left() -> float:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            return remaining
+
+        async with self._journal_lock:  # after a journal operation still running
+            pending = list(self.journal.entries)
+        if not pending:
+            return
+        recorded = await asyncio.wait_for(self._recorded_ids(pending), left())
+        done = 0
+        try:
+            for entry in pending:
+                if entry.decision_id in recorded:
+                    self.journal_skipped += 1
+                else:
+                    await asyncio.wait_for(
+                        self.audit_log.append(AuditRecord.FromString(entry.payload)), left()
+                    )
+                    self.journal_moved += 1
+                done += 1
+        finally:
+            if done:
+                await self._journal_op(self.journal.drop_first, done)
+                log.info(
+                    "audit: moved %d journaled record(s) into the audit log, %d still pending",
+                    done,
+                    len(self.journal.entries),
+                )
+
+    async def _recorded_ids(self, pending: list[JournalEntry]) -> set[str]:
+        """Decision ids already in the chain that a journaled record might repeat: those after
+        the earliest head a pending record was journaled at (or, when that head was not known,
+        decided since the earliest pending record, less a minute for clock steps)."""
+        after_seq = min(e.after_seq for e in pending)
+        if after_seq >= 0:
+            records = await self.store.audit_records(after_seq=after_seq)
+        else:
+            since = min(e.decided_at_s for e in pending) - 60.0
+            records = await self.store.audit_records(since_s=since)
+        return {r.decision_id for r in records}
+
+    async def replay_journal(self, timeout_s: float = 30.0) -> int:
+        """Move what the journal holds (records left by a crash, or by a store outage) into the
+        audit log, for at most ``timeout_s``; returns how many records remain in it."""
+        if self.journal is None or not self.journal.entries:
+            return 0
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        async with self._order:
+            try:
+                opener = getattr(self.audit_log, "open", None)
+                if opener is not None:  # loads the head the journal's records follow
+                    await asyncio.wait_for(opener(), timeout_s)
+                await self._replay(deadline)
+            except Exception as exc:
+                log.warning(
+                    "audit: %d journaled record(s) not moved into the audit log yet (%s); the "
+                    "next append tries again",
+                    self.journal_pending,
+                    _describe(exc),
+                )
+        return self.journal_pending
+
     def _kick(self) -> None:
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write())
@@ -159,21 +471,25 @@ class AuditRecorder:
             self._writer.add_done_callback(self._tasks.discard)
 
     async def _write(self) -> None:
-        """Drain the bookkeeping into the store, one operation at a time: records first (a
-        confirmation names the record's decision, so it follows it)."""
+        """Drain the bookkeeping into the store, one batch (one transaction) at a time: records
+        first (a confirmation names the record's decision, so it follows it)."""
         while self._to_record or self._to_confirm:
             if self._to_record:
-                cid = next(iter(self._to_record))
-                sp, at = self._to_record.pop(cid)
+                batch = list(self._to_record.values())
+                self._to_record.clear()
                 try:
-                    await self.store.record_setpoint_sent(sp, at)
+                    await self.store.add_setpoints(batch)
                 except Exception:
                     self.store_failures += 1
-                    log.exception("store: recording setpoint for %s failed", sp.charger_id)
+                    log.exception("store: recording %d setpoint(s) failed", len(batch))
             else:
-                cid = next(iter(self._to_confirm))
-                decision_id, at = self._to_confirm.pop(cid)
-                await self.confirm(cid, decision_id, at)
+                confirmed = [(cid, d, at) for cid, (d, at) in self._to_confirm.items()]
+                self._to_confirm.clear()
+                try:
+                    self.confirmations += await self.store.confirm_setpoints(confirmed)
+                except Exception:
+                    self.store_failures += 1
+                    log.exception("store: confirming %d setpoint(s) failed", len(confirmed))
             self.store_writes += 1
 
     async def confirm(self, charger_id: str, decision_id: str, at: float) -> None:
@@ -194,7 +510,12 @@ class AuditRecorder:
         self._to_confirm[charger_id] = (decision_id, at)
         self._kick()
 
-    async def drain(self) -> None:
+    async def drain(self, *, journal_timeout_s: float = 10.0) -> None:
+        """Wait for the store bookkeeping; try once more to move journaled records in."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.journal_pending:
+            await self.replay_journal(journal_timeout_s)
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

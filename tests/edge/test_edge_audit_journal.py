@@ -1,0 +1,317 @@
+"""The audit journal (review M5): a decision whose record the store cannot take in time is journaled
+locally (fsynced) and still leaves; journaled records move into the chain in order, once each.
+
+The fault is real: another database connection holds the store's write lock (SQLite ``BEGIN
+IMMEDIATE``, PostgreSQL ``LOCK TABLE audit_records``; ``WriteLock`` from tests/audit), so the
+edge's appends hang in the store's worker thread and commit late once the lock is gone — the case
+of a timed-out append that committed after all. Every store test runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from edge_testkit import FAST
+from evcore.audit import AuditLog, verify_chain
+from evcore.clock import WallClock
+from evcore.edge.app import EdgeApp
+from evcore.edge.config import EdgeConfig
+from evcore.edge.controller import SentProfile
+from evcore.edge.grid import Curtailment
+from evcore.edge.recording import AuditJournal, AuditRecorder, JournalEntry
+from evcore.edge.rig import EdgeRig
+from evcore.edge.sitegen import depot_table, to_toml
+from evcore.sim.ev import EV
+from evcore.store import open_store
+from evcore.v1.audit_pb2 import AuditRecord
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "audit"))
+from test_audit_ordering import WriteLock
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def decision(n: int, at: float, charger_id: str = "C1", new_a: float = 16.0) -> dict[str, Any]:
+    """A decision in the controller's record shape (``EdgeController._record``)."""
+    return {
+        "decision": n,
+        "at": at,
+        "trigger": f"test:{n}",
+        "config_version": "cfg",
+        "setpoints": [
+            {
+                "charger_id": charger_id,
+                "purpose": "tx",
+                "kind": "decrease",
+                "old": 32.0,
+                "new": new_a,
+                "unit": "A",
+                "binding": f"held at {new_a:g} A: test decision {n}",
+            }
+        ],
+    }
+
+
+def journal_ids(path: Path) -> list[str]:
+    """Decision ids in the journal file, read back from the records themselves."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().splitlines():
+        rec = AuditRecord.FromString(base64.b64decode(json.loads(line)["record"]))
+        out.append(rec.decision_id)
+    return out
+
+
+async def chain_ids(store: Any) -> list[str]:
+    return [r.decision_id for r in await store.audit_records()]
+
+
+async def test_a_timed_out_append_that_committed_later_is_not_chained_twice(
+    store_section: dict[str, object], tmp_path: Path
+) -> None:
+    store = open_store(store_section, tmp_path)
+    await store.open()
+    journal = tmp_path / "journal"
+    recorder = AuditRecorder(
+        AuditLog(store, clock=WallClock()),
+        store,
+        journal_path=journal,
+        append_timeout_s=0.3,
+    )
+    lock = WriteLock(store_section)
+    t0 = WallClock().now()
+    try:
+        await recorder.append(decision(0, t0))
+        await recorder.drain()  # the store's worker idle: decision 1's append runs and hangs
+        lock.take()
+        # The store hangs: both records are journaled and append returns (the decision may leave).
+        await asyncio.wait_for(recorder.append(decision(1, t0 + 1)), 5.0)
+        await asyncio.wait_for(recorder.append(decision(2, t0 + 2)), 5.0)
+        assert recorder.durable == {0, 1, 2}
+        assert recorder.journaled == 2 and recorder.journal_pending == 2
+        assert journal_ids(journal) == [recorder._ids[1], recorder._ids[2]]
+        lock.release()
+        # Decision 1's first append was only abandoned: it commits now, in the store's thread.
+        # The next append moves the journal in first (skipping decision 1) and then itself.
+        await recorder.append(decision(3, t0 + 3))
+        assert recorder.journal_pending == 0
+        assert journal_ids(journal) == []
+        ids = await chain_ids(store)
+        assert ids == [recorder._ids[n] for n in range(4)], ids
+        assert recorder.journal_skipped == 1 and recorder.journal_moved == 1
+        report = await verify_chain(store)
+        assert report.ok, report.problems
+    finally:
+        lock.release()
+        await recorder.drain()
+        await store.close()
+
+
+async def test_a_journal_left_by_a_crash_goes_into_the_chain_before_the_edge_decides(
+    store_section: dict[str, object], tmp_path: Path
+) -> None:
+    from evcore.audit.log import Decision, build_record
+    from evcore.edge.recording import setpoints_of
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    section = dict(store_section)
+    if section["kind"] == "embedded":
+        section["path"] = "var/store"
+    table = depot_table(2, per_feeder=2, site_id="journal-crash")
+    table["edge"] = {**FAST, "audit_journal": "var/journal"}
+    table["store"] = section
+    site_file = site_dir / "site.toml"
+    site_file.write_text(to_toml(table))
+    # What an edge that died during a store outage leaves: two fsynced records, and a third
+    # line torn by the crash (its append never returned, so its setpoints never left).
+    t0 = WallClock().now() - 60.0
+    left = AuditJournal(site_dir / "var" / "journal")
+    crashed_ids = []
+    for n in range(2):
+        rec = decision(n + 1, t0 + n)
+        did = f"edge-{n + 1}-{int((t0 + n) * 1000)}"
+        record = build_record(
+            Decision(did, rec["trigger"], t0 + n, setpoints_of(rec, did)), edge_id="edge"
+        )
+        left.append(JournalEntry(did, -1, t0 + n, record.SerializeToString(deterministic=True)))
+        crashed_ids.append(did)
+    with (site_dir / "var" / "journal").open("ab") as fh:
+        fh.write(b'{"v":1,"decision_id":"edge-3-')
+
+    app = EdgeApp.from_file(site_file, WallClock())
+    runner = asyncio.create_task(app.run())
+    store = None
+    try:
+        await asyncio.wait_for(app.ready.wait(), 30)
+        assert app.recorder.journal_pending == 0
+        assert journal_ids(site_dir / "var" / "journal") == []
+        app.stop()
+        await asyncio.wait_for(runner, 30)
+        store = open_store(section, site_dir)
+        await store.open()
+        ids = await chain_ids(store)
+        # First in the chain, in their order; the edge's own decisions after them.
+        assert ids[:2] == crashed_ids, ids
+        assert len(set(ids)) == len(ids)
+        report = await verify_chain(store)
+        assert report.ok, report.problems
+    finally:
+        app.stop()
+        if not runner.done():
+            runner.cancel()
+        if store is not None:
+            await store.close()
+
+
+def table_for_rig() -> dict[str, Any]:
+    # 4 chargers on one feeder; a car draws 32 A before the curtailment.
+    return depot_table(4, per_feeder=4, site_id="journal")
+
+
+async def test_a_curtailment_reaches_the_stations_while_the_store_is_locked(
+    store_section: dict[str, object], tmp_path: Path
+) -> None:
+    store = open_store(store_section, tmp_path)
+    await store.open()
+    audit_log = AuditLog(store, clock=WallClock())
+    journal = tmp_path / "journal"
+    cfg = EdgeConfig(**{**FAST, "audit_timeout_s": 1.0})  # type: ignore[arg-type]
+    recorder = AuditRecorder(
+        audit_log, store, journal_path=journal, append_timeout_s=cfg.audit_timeout_s / 2
+    )
+    sent: list[SentProfile] = []
+    lock = WriteLock(store_section)
+    rig = EdgeRig(table_for_rig(), cfg=cfg, audit=recorder, on_sent=sent.append)
+    try:
+        async with rig:
+            ctrl = rig.controller
+            assert ctrl is not None
+            await rig.wait_for(rig.failsafe_applied, 30, "TxDefault at the failsafe level")
+            plugged = rig.fleet.charger_ids[:2]
+            for cid in plugged:
+                rig.fleet.plug_in(cid, EV(soc=0.2))
+            await rig.wait_for(
+                lambda: all(
+                    ctrl.state.chargers[c].transaction_id and ctrl.state.chargers[c].accepted
+                    for c in plugged
+                ),
+                30,
+                "sessions with accepted TxProfiles",
+            )
+            # The cars charge (12 A each: the idle chargers count at their failsafe level).
+            await rig.wait_for(
+                lambda: all(rig.limit_at(c) >= 10.0 for c in plugged), 30, "cars charging"
+            )
+            await recorder.drain()
+            before = {cid: rig.limit_at(cid) for cid in plugged}
+            lock.take()
+            n_sent = len(sent)
+            now = rig.clock.now()
+            ctrl.post_curtailment(Curtailment("dso-1", "grid", 8.0, now, now + 600))
+            # The curtailment's decreases reach the stations although no record can be
+            # committed in the store: each is durable in the journal first.
+            await rig.wait_for(
+                lambda: all(rig.limit_at(c) < before[c] for c in plugged),
+                60,
+                "the stations applying the curtailment's decreases while the store is locked",
+            )
+            # (A lower TxProfile may go out as a refresh: the failsafe level it ends at dropped.)
+            lowered = [
+                s for s in sent[n_sent:] if s.purpose == "tx" and s.value < before[s.charger_id]
+            ]
+            assert {s.charger_id for s in lowered} == set(plugged)
+            assert all(s.decision in recorder.durable for s in sent[n_sent:])
+            assert recorder.journaled >= 1
+            assert set(journal_ids(journal)) >= {recorder._ids[s.decision] for s in lowered}
+            assert ctrl.stats.audit_failures == 0
+            assert rig.physics.violations == 0, rig.physics.violations_by_node
+            lock.release()
+            # The store is back: the next decision (the curtailment's end) moves the journal in.
+            ctrl.cancel_curtailment("dso-1")
+            await rig.wait_for(
+                lambda: recorder.journal_pending == 0, 60, "the journal moved into the chain"
+            )
+        await recorder.drain()
+        ids = await chain_ids(store)
+        assert [n for n, k in Counter(ids).items() if k > 1] == []
+        missing = {recorder._ids[s.decision] for s in sent} - set(ids)
+        assert not missing, missing
+        assert journal_ids(journal) == []
+        report = await verify_chain(store)
+        assert report.ok, report.problems
+    finally:
+        lock.release()
+        await recorder.drain(journal_timeout_s=5.0)
+        await store.close()
+
+
+async def test_nothing_leaves_when_the_journal_cannot_be_written_either(tmp_path: Path) -> None:
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    store = open_store(section, tmp_path)
+    await store.open()
+    # The journal's directory is a file: every journal write fails (as on a full or read-only
+    # disk).
+    (tmp_path / "not-a-dir").write_text("")
+    unwritable = tmp_path / "not-a-dir" / "journal"
+    cfg = EdgeConfig(**{**FAST, "audit_timeout_s": 1.0})  # type: ignore[arg-type]
+    recorder = AuditRecorder(
+        AuditLog(store, clock=WallClock()),
+        store,
+        journal_path=unwritable,
+        append_timeout_s=cfg.audit_timeout_s / 2,
+    )
+    sent: list[SentProfile] = []
+    lock = WriteLock(section)
+    rig = EdgeRig(table_for_rig(), cfg=cfg, audit=recorder, on_sent=sent.append)
+    try:
+        async with rig:
+            ctrl = rig.controller
+            assert ctrl is not None
+            await rig.wait_for(rig.failsafe_applied, 30, "TxDefault at the failsafe level")
+            plugged = rig.fleet.charger_ids[:2]
+            for cid in plugged:
+                rig.fleet.plug_in(cid, EV(soc=0.2))
+            await rig.wait_for(
+                lambda: all(
+                    ctrl.state.chargers[c].transaction_id and ctrl.state.chargers[c].accepted
+                    for c in plugged
+                ),
+                30,
+                "sessions with accepted TxProfiles",
+            )
+            await recorder.drain()
+            lock.take()
+            n_sent = len(sent)
+            failures = ctrl.stats.audit_failures
+            now = rig.clock.now()
+            ctrl.post_curtailment(Curtailment("dso-1", "grid", 8.0, now, now + 600))
+            await rig.wait_for(
+                lambda: ctrl.stats.audit_failures >= failures + 2,
+                60,
+                "decisions failing on the audit",
+            )
+            # The record is durable nowhere: nothing of those decisions left (the old rule).
+            assert sent[n_sent:] == []
+            assert recorder.journal_failures >= 2 and recorder.journaled == 0
+            lock.release()
+            await rig.wait_for(
+                lambda: {s.charger_id for s in sent[n_sent:] if s.purpose == "tx"} >= set(plugged),
+                60,
+                "the decreases once the store takes records again",
+            )
+        await recorder.drain()
+        report = await verify_chain(store)
+        assert report.ok, report.problems
+    finally:
+        lock.release()
+        await recorder.drain(journal_timeout_s=5.0)
+        await store.close()
