@@ -315,3 +315,57 @@ async def test_nothing_leaves_when_the_journal_cannot_be_written_either(tmp_path
         lock.release()
         await recorder.drain(journal_timeout_s=5.0)
         await store.close()
+
+
+class RefusingStore:
+    """A real store whose ``append_audit`` fails at once while ``down`` (as when the database
+    refuses connections); everything else goes to the store."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def append_audit(self, record: AuditRecord) -> None:
+        if self.down:
+            from evcore.store.base import StoreUnavailable
+
+            raise StoreUnavailable("connection refused (injected)")
+        await self._store.append_audit(record)
+
+
+async def test_a_store_error_is_named_and_the_records_follow_in_order(
+    store: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusing = RefusingStore(store)
+    journal = tmp_path / "journal"
+    recorder = AuditRecorder(AuditLog(refusing, clock=WallClock()), refusing, journal_path=journal)
+    t0 = WallClock().now()
+    refusing.down = True
+    for n in range(3):
+        await recorder.append(decision(n, t0 + n, charger_id=f"C{n}"))
+    assert recorder.journaled == 3 and recorder.journal_pending == 3
+    assert journal_ids(journal) == [recorder._ids[n] for n in range(3)]
+    assert "connection refused (injected)" in caplog.text
+    assert await chain_ids(store) == []
+    refusing.down = False
+    await recorder.append(decision(3, t0 + 3, charger_id="C3"))
+    assert await chain_ids(store) == [recorder._ids[n] for n in range(4)]
+    assert recorder.journal_pending == 0 and journal_ids(journal) == []
+    report = await verify_chain(store)
+    assert report.ok, report.problems
+    await recorder.drain()
+
+
+async def test_a_decisions_last_setpoints_are_stored_in_one_batch(store: Any) -> None:
+    recorder = AuditRecorder(AuditLog(store, clock=WallClock()), store)
+    rec = decision(0, WallClock().now())
+    rec["setpoints"] = [dict(rec["setpoints"][0], charger_id=f"C{i}") for i in range(50)]
+    await recorder.append(rec)
+    await recorder.drain()
+    assert recorder.store_writes == 1
+    last = await store.last_setpoints()
+    assert sorted(last) == sorted(f"C{i}" for i in range(50))
+    assert {r.setpoint.decision_id for r in last.values()} == {recorder._ids[0]}
