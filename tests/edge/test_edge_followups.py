@@ -483,6 +483,30 @@ def test_a_first_txdefault_accepted_counts_at_the_chargers_maximum_until_it_sett
     assert c.tx_default_old_until == 100.0 + ctrl.cfg.settle_s
 
 
+def test_a_single_phase_car_is_not_behind_a_plan_it_follows_on_a_three_phase_charger() -> None:
+    from evcore.edge.controller import PlanTargets
+
+    ctrl, _, clock, _ = _rig(2)
+    _plug_all(ctrl, clock)
+    c = ctrl.state.chargers["cp-0001"]
+    assert c.ac_phases == 3
+    now = clock.now()
+    plan = PlanTargets("local", "p@1", now, {c.charger_id: [(now, 3600.0, 10.0)]})
+    ctrl.set_plan(plan)
+    ctrl.plan_in_use = plan  # what _targets picks under a planning policy
+    clock.advance(1800.0)
+    # Half an hour at the plan's 10 A on L1 only (a single-phase car): 1.15 kWh, all it could.
+    c.terminal_a = (10.0, 0.0, 0.0)
+    c.session_energy_wh = 10.0 * 230.0 * 0.5
+    assert c.charger_id not in ctrl._behind_plan(clock.now())
+    c.session_energy_wh = 500.0  # well short of it: behind
+    assert c.charger_id in ctrl._behind_plan(clock.now())
+    # Drawing on all three phases, the same plan asks three times the energy.
+    c.terminal_a = (10.0, 10.0, 10.0)
+    c.session_energy_wh = 10.0 * 230.0 * 0.5
+    assert c.charger_id in ctrl._behind_plan(clock.now())
+
+
 # ---- T3 / T2: the local planner ----------------------------------------------------------------
 class _FrozenClock(ManualClock):
     """Simulated time that does not move by itself: a sleep returns only when time is advanced."""

@@ -64,6 +64,7 @@ def charger_states(site_table: Mapping[str, Any]) -> tuple[SiteState, list[str]]
             wiring = str(ch.get("wiring", "three_phase"))
             n_ph = len(ch.get("phases") or ()) if wiring == "three_phase" else 1
             spec.ac_w_per_a = v * (n_ph or 3)
+            spec.ac_phases = n_ph or 3
         if is_dc:
             v_ln = float(ch.get("voltage_v") or site.get("voltage_ln_v") or 230.0)
             spec.dc_efficiency = float(ch.get("efficiency", 0.95))

@@ -968,7 +968,7 @@ class EdgeController:
             c = self.state.chargers.get(cid)
             if c is None or c.transaction_id is None or cid not in at_start:
                 continue
-            w_per = 1.0 if c.is_dc else c.ac_w_per_a
+            w_per = c.w_per_a_drawn()  # a single-phase car delivers a third on three phases
             planned_wh = 0.0
             for start, step_s, target in steps:
                 lo, hi = max(start, plan.received_at), min(start + step_s, now_w)

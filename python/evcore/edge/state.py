@@ -52,8 +52,9 @@ class ChargerState:
     dc_efficiency: float = 1.0
     dc_aux_w: float = 0.0
     dc_w_per_a: float = 3 * 230.0
-    # AC: W drawn per ampere of setpoint (voltage x phases it draws on).
+    # AC: W drawn per ampere of setpoint (voltage x phases it draws on), and those phases.
     ac_w_per_a: float = 3 * 230.0
+    ac_phases: int = 3
 
     online: bool = False
     status: str = "Unknown"
@@ -144,6 +145,19 @@ class ChargerState:
             if t <= start:
                 return bound
         return None
+
+    def w_per_a_drawn(self) -> float:
+        """AC: W per ampere of setpoint on the phases the car draws on. A single-phase car on a
+        three-phase charger (one terminal carrying current, the others under 0.5 A) draws a
+        third of what the charger's three phases would; unknown until measured (the charger's
+        own phases). DC: 1 (its setpoint is in W)."""
+        if self.is_dc:
+            return 1.0
+        vals = [v for v in self.terminal_a if v is not None and math.isfinite(v)]
+        if self.ac_phases > 1 and len(vals) == self.ac_phases and max(vals) >= 1.0:
+            drawing = sum(1 for v in vals if v >= 0.5)
+            return self.ac_w_per_a / self.ac_phases * drawing
+        return self.ac_w_per_a
 
     def idle_level(self, failsafe_level: float, now_mono: float | None = None) -> float:
         """What an idle charger (no session) may let a car draw before the edge hears of it, as
