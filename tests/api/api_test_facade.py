@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from evcore.api import FacadeError, UnknownTarget
+from evcore.api import FacadeError, NotApplicable, UnknownTarget
 from evcore.clock import Clock
 from evcore.store import SqlStore
 
@@ -157,6 +157,14 @@ class StoreFacade:
 
     async def set_availability(self, charger_id: str, available: bool) -> None:
         self._charger(charger_id)["available"] = available
+
+    async def clear_fault(self, charger_id: str, note: str) -> str:
+        c = self._charger(charger_id)
+        if not c.get("faulted"):
+            raise NotApplicable(f"charger {charger_id!r} is not faulted")
+        was = str(c.get("fault_reason") or "")
+        c["faulted"], c["fault_reason"] = False, None
+        return was
 
     async def _session(self, charger_id: str) -> Any:
         self._charger(charger_id)

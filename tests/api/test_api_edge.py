@@ -181,7 +181,9 @@ async def test_each_denial_changes_nothing(edge: Edge) -> None:
         ),
         (edge.stub.SetSessionPriority, pb.SetSessionPriorityRequest(charger_id="C1", priority=5.0)),
         (edge.stub.SetSessionDeparture, departure),
+        (edge.stub.ClearChargerFault, pb.ClearChargerFaultRequest(charger_id="C1")),
     ]
+    edge.facade.chargers["C1"]["faulted"] = True
     for token in (VIEWER, GRID):  # neither a viewer nor a grid operator steers
         for method, request in steering:
             assert await code_of(method(request, metadata=auth(token))) == denied
@@ -199,9 +201,10 @@ async def test_each_denial_changes_nothing(edge: Edge) -> None:
         assert await code_of(method(request, metadata=auth(GRID))) == denied
     watch = edge.stub.WatchChanges(pb.WatchChangesRequest(), metadata=auth(GRID))
     assert await code_of(watch.read()) == denied
-    assert edge.server.auth.denied == 6 + 2 + 5 + 1
+    assert edge.server.auth.denied == 8 + 2 + 5 + 1
     # Nothing changed.
     assert edge.facade.chargers["C1"]["available"] is True
+    assert edge.facade.chargers["C1"]["faulted"] is True
     assert edge.facade.curtailments == {}
     assert await edge.store.list_open_sessions() == before_sessions
 

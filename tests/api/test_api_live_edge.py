@@ -230,7 +230,7 @@ def steering_state(live: LiveEdge) -> dict[str, tuple[Any, ...]]:
     """What a steering call or a grid signal could change on the real controller."""
     ctrl = live.app.controller
     out: dict[str, tuple[Any, ...]] = {
-        cid: (c.available, c.priority, c.departure, c.energy_requested_kwh)
+        cid: (c.available, c.priority, c.departure, c.energy_requested_kwh, c.faulted)
         for cid, c in ctrl.state.chargers.items()
     }
     out["grid"] = (
@@ -265,6 +265,11 @@ async def test_every_denial_changes_nothing_on_the_live_edge(live: LiveEdge) -> 
                 pb.SetSessionPriorityRequest(charger_id=target, priority=9.0),
             ),
             (token, live.stub.SetSessionDeparture, departure),
+            (
+                token,
+                live.stub.ClearChargerFault,
+                pb.ClearChargerFaultRequest(charger_id=target),
+            ),
         ]
     for token in (VIEWER, OPERATOR):  # only a grid operator posts grid signals
         calls += [
@@ -293,3 +298,32 @@ async def test_every_denial_changes_nothing_on_the_live_edge(live: LiveEdge) -> 
     await asyncio.sleep(1.5)  # three ticks: time for a wrongly applied change to show
     assert steering_state(live) == before
     assert live.rig.limit_at(target) > 0.0  # still charging: not held at 0 A
+
+
+async def test_an_operator_clears_a_fault_and_the_charger_is_steered_again(
+    live: LiveEdge,
+) -> None:
+    target = live.plugged[0]
+    ctrl = live.app.controller
+    await wait_charging(live, target)
+    # The edge marked it faulted (tests/edge covers how): it is given 0 A and counted at max.
+    c = ctrl.state.chargers[target]
+    c.faulted, c.fault_reason = True, "ignores its profile: draws 30.0 A against an accepted 6.0 A"
+    ctrl.notify("test")
+    await live.rig.wait_for(lambda: live.rig.limit_at(target) == 0.0, 15, "the faulted one at 0 A")
+    req = pb.ClearChargerFaultRequest(charger_id=target, reason="contactor replaced")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await live.stub.ClearChargerFault(req, metadata=auth(VIEWER))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and c.faulted
+    res = await live.stub.ClearChargerFault(req, metadata=auth(OPERATOR))
+    assert "alice" in res.detail and "contactor replaced" in res.detail
+    assert "draws 30.0 A" in res.detail  # what it had been faulted for
+    assert not c.faulted and not c.fault_reason
+    state = await live.stub.GetSiteState(pb.GetSiteStateRequest(), metadata=auth(VIEWER))
+    assert not next(x for x in state.chargers if x.charger_id == target).faulted
+    # Steered again: the next decisions give it current.
+    await live.rig.wait_for(lambda: live.rig.limit_at(target) > 0.0, 15, "steered again")
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # not faulted (any more)
+        await live.stub.ClearChargerFault(req, metadata=auth(OPERATOR))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not faulted" in (err.value.details() or "")

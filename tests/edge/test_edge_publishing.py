@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from evcore.bus import BusMessage
 from evcore.bus.inprocess import InProcessBus
 from evcore.clock import ManualClock
@@ -85,5 +86,23 @@ async def test_a_fault_and_a_local_plan_are_published_and_a_cloud_plan_is_not() 
         back = plan_from_proto(plans[0].data, now, lambda cid: cid in ctrl.state.chargers)
         assert back.source == "local" and back.rows == local.rows
         assert pub.failures == 0
+        # An operator clears the fault: the bus hears it is no longer faulted, and why.
+        was = ctrl.clear_fault("cp-0001", "by alice: contactor replaced")
+        assert was == "draws 30 A above its 6 A profile for 60 s" and not c.faulted
+        with pytest.raises(ValueError, match="not faulted"):
+            ctrl.clear_fault("cp-0001")
+        await pub.drain()
+        await bus.flush()
+        for _ in range(20):
+            if len(got) >= 4:
+                break
+            await asyncio.sleep(0.01)
+        status = [
+            status_pb2.ChargerStatus.FromString(m.data)
+            for m in got
+            if m.subject == "evcore.pub-site.status.cp-0001"
+        ]
+        assert len(status) == 2 and not status[1].faulted_by_edge
+        assert status[1].fault_reason == "cleared: by alice: contactor replaced"
     finally:
         await bus.close()

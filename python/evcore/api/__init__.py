@@ -18,7 +18,7 @@ from evcore.api.auth import (
     Principal,
     token_sha256,
 )
-from evcore.api.facade import EdgeFacade, FacadeError, UnknownTarget
+from evcore.api.facade import EdgeFacade, FacadeError, NotApplicable, UnknownTarget
 from evcore.api.server import ApiConfig, ApiConfigError, EdgeApiServer, EdgeApiService, TlsConfig
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "EdgeApiService",
     "EdgeFacade",
     "FacadeError",
+    "NotApplicable",
     "Principal",
     "TlsConfig",
     "UnknownTarget",

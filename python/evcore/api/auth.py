@@ -47,6 +47,7 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
     _SERVICE + "WatchChanges": _READ,
     _SERVICE + "ListDecisions": _READ,
     _SERVICE + "SetChargerAvailability": _STEER,
+    _SERVICE + "ClearChargerFault": _STEER,
     _SERVICE + "SetSessionPriority": _STEER,
     _SERVICE + "SetSessionDeparture": _STEER,
     _SERVICE + "PostGridSignal": _GRID,

@@ -29,6 +29,11 @@ class UnknownTarget(FacadeError, LookupError):
     """The charger, session or node named does not exist (→ NOT_FOUND)."""
 
 
+class NotApplicable(FacadeError):
+    """The request is well formed but the target is not in a state it applies to (→
+    FAILED_PRECONDITION), e.g. clearing a fault on a charger that is not faulted."""
+
+
 class ChargerDict(TypedDict, total=False):
     charger_id: str
     ocpp_id: str
@@ -126,6 +131,8 @@ class EdgeFacade(Protocol):
         ...
 
     def set_availability(self, charger_id: str, available: bool) -> MaybeAwaitable[None]: ...
+
+    def clear_fault(self, charger_id: str, note: str) -> MaybeAwaitable[str]: ...
 
     def set_priority(self, charger_id: str, priority: float) -> MaybeAwaitable[None]: ...
 

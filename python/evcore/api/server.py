@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from evcore.api import convert
 from evcore.api.auth import AuthInterceptor, Credentials, current_principal
-from evcore.api.facade import EdgeFacade
+from evcore.api.facade import EdgeFacade, NotApplicable
 from evcore.audit.log import record_from_mapping
 from evcore.clock import Clock
 from evcore.edge.state import priority_error
@@ -163,6 +163,8 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             return await _maybe(fn(*args, **kwargs))
         except LookupError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc).strip("'\""))
+        except NotApplicable as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -325,6 +327,18 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             detail += f": {request.reason}"
         log.info("api: %s", detail)
         self._broadcast("availability", request.charger_id, detail)
+        return pb.SteeringResponse(detail=detail)
+
+    @_guarded
+    async def ClearChargerFault(
+        self, request: pb.ClearChargerFaultRequest, context: Any
+    ) -> pb.SteeringResponse:
+        await self._require(context, bool(request.charger_id), "charger_id is required")
+        note = f"by {_actor()}" + (f": {request.reason}" if request.reason else "")
+        was = await self._call(context, self._facade.clear_fault, request.charger_id, note)
+        detail = f"fault of {request.charger_id} cleared {note} (it was: {was})"
+        log.warning("api: %s", detail)
+        self._broadcast("fault_cleared", request.charger_id, detail)
         return pb.SteeringResponse(detail=detail)
 
     @_guarded

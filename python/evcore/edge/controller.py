@@ -143,6 +143,8 @@ class EdgeController:
         self.audit = audit
         self.on_sent = on_sent
         self.on_fault = on_fault
+        #: Called with (charger id, who and why) when an operator clears a fault.
+        self.on_fault_cleared: Callable[[str, str], None] | None = None
         self.config_version = config_version
         self.curtailments = CurtailmentBook(node_ids, cfg.curtail_lead_s)
         self.prices: list[PricePoint] = []
@@ -1064,6 +1066,28 @@ class EdgeController:
             self.stats.audit_failures += 1
             log.exception("audit append failed; decision %s not sent", record.get("decision"))
             return False
+
+    def clear_fault(self, charger_id: str, note: str = "") -> str:
+        """An operator's reset of a charger the edge marked faulted (it ignored its profile).
+
+        A fault is latched: a charger that draws nothing for a while has not shown that it obeys
+        (its car may be full), so only a person clears it, after checking the charger. From the
+        next decision it is counted and steered like any other; if it overdraws again it is
+        detected again (suspect, then faulted). Returns the reason it had been faulted; raises
+        ``ValueError`` if it is not faulted."""
+        c = self.state.chargers[charger_id]
+        if not c.faulted:
+            raise ValueError(f"charger {charger_id!r} is not faulted")
+        reason = c.fault_reason
+        c.faulted = False
+        c.fault_reason = ""
+        c.suspect_since = None
+        log.warning("charger %s fault cleared (%s); it was: %s", charger_id, note, reason)
+        if self.on_fault_cleared is not None:
+            with contextlib.suppress(Exception):
+                self.on_fault_cleared(charger_id, note)
+        self.notify("operator")
+        return reason
 
     def _report_fault(self, c: ChargerState) -> None:
         self.stats.faults_reported.append((c.charger_id, c.fault_reason))

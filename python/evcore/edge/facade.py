@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from evcore.api.facade import FacadeError, UnknownTarget
+from evcore.api.facade import FacadeError, NotApplicable, UnknownTarget
 from evcore.edge.controller import EdgeController, SentProfile
 from evcore.edge.faults import is_suspect
 from evcore.edge.grid import Curtailment, GridSignalError, PricePoint
@@ -186,6 +186,14 @@ class ControllerFacade:
     def set_availability(self, charger_id: str, available: bool) -> None:
         self._get(charger_id)
         self.ctrl.set_session(charger_id, available=available)
+
+    def clear_fault(self, charger_id: str, note: str = "") -> str:
+        """Reset a fault the edge marked (operator); returns the reason it had been faulted."""
+        self._get(charger_id)
+        try:
+            return self.ctrl.clear_fault(charger_id, note)
+        except ValueError as exc:
+            raise NotApplicable(str(exc)) from exc
 
     def set_priority(self, charger_id: str, priority: float) -> None:
         self._get(charger_id)

@@ -28,12 +28,14 @@ def _ts(msg: Any, seconds: float) -> None:
     msg.nanos = min(999_999_999, round((seconds - whole) * 1e9))
 
 
-def fault_status(ctrl: EdgeController, charger_id: str, reason: str, now: float) -> Any:
+def fault_status(
+    ctrl: EdgeController, charger_id: str, reason: str, now: float, *, faulted: bool = True
+) -> Any:
     c = ctrl.state.chargers[charger_id]
     msg = status_pb2.ChargerStatus(
         charger_id=charger_id,
         connected=bool(c.online),
-        faulted_by_edge=True,
+        faulted_by_edge=faulted,
         fault_reason=reason,
     )
     _ts(msg.received_at, now)
@@ -84,10 +86,21 @@ class EdgePublisher:
             self.fault(charger_id, reason)
 
         self.ctrl.on_fault = on_fault
+        self.ctrl.on_fault_cleared = self.fault_cleared
         self.ctrl.on_plan = self.plan
 
     def fault(self, charger_id: str, reason: str) -> None:
         msg = fault_status(self.ctrl, charger_id, reason, self.clock.now())
+        self._spawn(self.subjects.status(charger_id), msg, critical=True)
+
+    def fault_cleared(self, charger_id: str, note: str) -> None:
+        msg = fault_status(
+            self.ctrl,
+            charger_id,
+            f"cleared: {note}" if note else "cleared",
+            self.clock.now(),
+            faulted=False,
+        )
         self._spawn(self.subjects.status(charger_id), msg, critical=True)
 
     def plan(self, plan: PlanTargets) -> None:
