@@ -85,6 +85,7 @@ async def test_a_timed_out_append_that_committed_later_is_not_chained_twice(
         store,
         journal_path=journal,
         append_timeout_s=0.3,
+        store_backoff_s=0.0,  # the store is tried on every append
     )
     lock = WriteLock(store_section)
     t0 = WallClock().now()
@@ -341,7 +342,12 @@ async def test_a_store_error_is_named_and_the_records_follow_in_order(
 ) -> None:
     refusing = RefusingStore(store)
     journal = tmp_path / "journal"
-    recorder = AuditRecorder(AuditLog(refusing, clock=WallClock()), refusing, journal_path=journal)
+    recorder = AuditRecorder(
+        AuditLog(refusing, clock=WallClock()),
+        refusing,
+        journal_path=journal,
+        store_backoff_s=0.0,  # the store is tried on every append (backing off: the next test)
+    )
     t0 = WallClock().now()
     refusing.down = True
     for n in range(3):
@@ -354,6 +360,57 @@ async def test_a_store_error_is_named_and_the_records_follow_in_order(
     await recorder.append(decision(3, t0 + 3, charger_id="C3"))
     assert await chain_ids(store) == [recorder._ids[n] for n in range(4)]
     assert recorder.journal_pending == 0 and journal_ids(journal) == []
+    report = await verify_chain(store)
+    assert report.ok, report.problems
+    await recorder.drain()
+
+
+class CountingStore(RefusingStore):
+    """``RefusingStore`` that counts the appends it was asked for."""
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.tries = 0
+
+    async def append_audit(self, record: AuditRecord) -> None:
+        self.tries += 1
+        await super().append_audit(record)
+
+
+async def test_a_failing_store_is_not_waited_on_again_until_its_backoff_and_a_mover_catches_up(
+    store: Any, tmp_path: Path
+) -> None:
+    refusing = CountingStore(store)
+    journal = tmp_path / "journal"
+    recorder = AuditRecorder(
+        AuditLog(refusing, clock=WallClock()),
+        refusing,
+        journal_path=journal,
+        store_backoff_s=0.3,
+    )
+    t0 = WallClock().now()
+    refusing.down = True
+    await recorder.append(decision(0, t0, charger_id="C0"))
+    assert refusing.tries == 1 and recorder.journal_pending == 1
+    # Within the back-off the next decisions go straight to the journal: no wait on the store.
+    for n in (1, 2):
+        await recorder.append(decision(n, t0 + n, charger_id=f"C{n}"))
+    assert refusing.tries == 1 and recorder.journal_pending == 3
+    await asyncio.sleep(0.35)
+    await recorder.append(decision(3, t0 + 3, charger_id="C3"))  # tried again: fails again
+    assert refusing.tries == 2 and recorder.journal_pending == 4
+    # The store is back and no decision comes: the mover beside the loop moves them in.
+    refusing.down = False
+    mover = asyncio.create_task(recorder.keep_moving(every_s=0.1))
+    try:
+        for _ in range(100):
+            if not recorder.journal_pending:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        mover.cancel()
+    assert recorder.journal_pending == 0 and journal_ids(journal) == []
+    assert await chain_ids(store) == [recorder._ids[n] for n in range(4)]
     report = await verify_chain(store)
     assert report.ok, report.problems
     await recorder.drain()

@@ -264,12 +264,17 @@ class EdgeApp:
                     from evcore.store import run_retention
 
                     retention = tg.create_task(run_retention(self.store, self.clock))
+                mover: asyncio.Task[None] | None = None
+                if self.recorder is not None and self.recorder.journal is not None:
+                    mover = tg.create_task(self.recorder.keep_moving())
                 self.ready.set()
                 await self._stop.wait()
                 ctrl.stop()
                 self.planner.stop()
                 if retention is not None:
                     retention.cancel()
+                if mover is not None:
+                    mover.cancel()
                 await loop_task
                 await plan_task
         finally:

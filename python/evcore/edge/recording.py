@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -244,6 +245,8 @@ class AuditRecorder:
         edge_id: str = "edge",
         journal_path: Path | None = None,
         append_timeout_s: float = 1.0,
+        store_backoff_s: float = 1.0,
+        store_backoff_max_s: float = 30.0,
     ) -> None:
         if not append_timeout_s > 0:
             raise ValueError(f"append_timeout_s must be positive, got {append_timeout_s!r}")
@@ -254,6 +257,14 @@ class AuditRecorder:
         self.edge_id = edge_id
         self.append_timeout_s = float(append_timeout_s)
         self.journal = AuditJournal(journal_path) if journal_path is not None else None
+        # After the store failed, decisions are journaled at once (not after another wait on a
+        # store that is down) until ``_retry_at`` (event loop time); the wait doubles up to
+        # ``store_backoff_max_s`` while it keeps failing, and starts again at
+        # ``store_backoff_s`` once it takes a record. 0 tries the store on every append.
+        self.store_backoff_s = max(0.0, float(store_backoff_s))
+        self.store_backoff_max_s = max(self.store_backoff_s, float(store_backoff_max_s))
+        self._backoff = self.store_backoff_s
+        self._retry_at = -math.inf
         #: Records written to the journal / moved from it into the audit log / found already in
         #: the chain (a timed-out append that committed after all) / durable nowhere.
         self.journaled = 0
@@ -332,20 +343,47 @@ class AuditRecorder:
             try:
                 async with self._journal_lock:  # a journal write of a cancelled append ends first
                     pending = bool(self.journal.entries)
-                if pending:
-                    await self._replay(deadline)
-                if not self.journal.entries:
-                    left = deadline - loop.time()
-                    if left > 0:
-                        await asyncio.wait_for(self.audit_log.append(decision), left)
-                        return
-                    why = "the append budget went to moving journaled records"
+                if pending and loop.time() < self._retry_at:
+                    why = (
+                        f"the store failed; it is tried again in "
+                        f"{self._retry_at - loop.time():.1f} s"
+                    )
                 else:
-                    why = f"{self.journal_pending} earlier record(s) still in the journal"
+                    if pending:
+                        await self._replay(deadline)
+                    if not self.journal.entries:
+                        left = deadline - loop.time()
+                        if left > 0:
+                            await asyncio.wait_for(self.audit_log.append(decision), left)
+                            self._store_ok()
+                            return
+                        why = "the append budget went to moving journaled records"
+                    else:
+                        why = f"{self.journal_pending} earlier record(s) still in the journal"
             except Exception as exc:
                 why = _describe(exc)
+                self._store_failed()
             # The same record the audit log would have sealed (``build_record`` is deterministic).
             await self._journal_write(build_record(decision, edge_id=self.edge_id), why)
+
+    def _store_failed(self) -> None:
+        self._retry_at = asyncio.get_running_loop().time() + self._backoff
+        self._backoff = min(self.store_backoff_max_s, max(self._backoff * 2.0, 1e-3))
+
+    def _store_ok(self) -> None:
+        self._backoff = self.store_backoff_s
+        self._retry_at = -math.inf
+
+    async def keep_moving(self, every_s: float = 5.0) -> None:
+        """Beside the loop: move journaled records into the audit log when the store is due to
+        be tried again, so that a quiet site (no decision to append) does not leave them in the
+        journal. Each try takes at most ``append_timeout_s`` (a decision's append waits for it).
+        Runs until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every_s)
+            if self.journal_pending and loop.time() >= self._retry_at:
+                await self.replay_journal(self.append_timeout_s)
 
     async def _journal_write(self, rec: Any, why: str) -> None:
         assert self.journal is not None
@@ -455,7 +493,10 @@ class AuditRecorder:
                 if opener is not None:  # loads the head the journal's records follow
                     await asyncio.wait_for(opener(), timeout_s)
                 await self._replay(deadline)
+                if not self.journal.entries:
+                    self._store_ok()
             except Exception as exc:
+                self._store_failed()
                 log.warning(
                     "audit: %d journaled record(s) not moved into the audit log yet (%s); the "
                     "next append tries again",
