@@ -8,7 +8,7 @@
 //! It never raises a setpoint above the request. It must hold for every input, NaN and inf
 //! included, and applying it twice changes nothing.
 use crate::error::{CoreError, CoreResult};
-use crate::topology::{ChargerKind, Topology, Wiring, N_PHASES, PHASE_ANGLE_RAD};
+use crate::topology::{phase_unit, ChargerKind, Topology, Wiring, N_PHASES};
 use std::fmt::Write as _;
 
 /// Why a setpoint is what it is. The string codes are part of the Python interface.
@@ -447,12 +447,12 @@ fn add_charger_as(
 /// Counted loads of every node: chargers added at their parent, then summed up the tree.
 pub(crate) fn node_loads(topo: &Topology, cnt: &Counting, loads: &mut NodeLoads) {
     let nn = topo.n_nodes();
+    let unit = phase_unit();
     for n in 0..nn {
         let mut re = [0.0; N_PHASES];
         let mut im = [0.0; N_PHASES];
         let mut pw = 0.0;
-        for (p, &angle) in PHASE_ANGLE_RAD.iter().enumerate() {
-            let (s, c) = angle.sin_cos();
+        for (p, &(c, s)) in unit.iter().enumerate() {
             re[p] = cnt.other[n][p] * c;
             im[p] = cnt.other[n][p] * s;
             pw += cnt.other[n][p] * topo.voltage_ln_v;
@@ -606,9 +606,9 @@ pub(crate) fn subtree_other(topo: &Topology, cnt: &Counting) -> SubtreeOther {
         im: vec![[0.0; N_PHASES]; nn],
         w: vec![0.0; nn],
     };
+    let unit = phase_unit();
     for n in 0..nn {
-        for (p, &angle) in PHASE_ANGLE_RAD.iter().enumerate() {
-            let (s, c) = angle.sin_cos();
+        for (p, &(c, s)) in unit.iter().enumerate() {
             out.re[n][p] = cnt.other[n][p] * c;
             out.im[n][p] = cnt.other[n][p] * s;
             out.w[n] += cnt.other[n][p] * topo.voltage_ln_v;

@@ -17,6 +17,17 @@ pub const PHASE_ANGLE_RAD: [f64; N_PHASES] = [
     -2.0 * std::f64::consts::PI / 3.0,
     2.0 * std::f64::consts::PI / 3.0,
 ];
+/// `(cos, sin)` of each site phase's angle: computed once (the hot loops would otherwise call
+/// `sin_cos` for every node and phase on every call).
+pub fn phase_unit() -> &'static [(f64, f64); N_PHASES] {
+    static UNIT: std::sync::OnceLock<[(f64, f64); N_PHASES]> = std::sync::OnceLock::new();
+    UNIT.get_or_init(|| {
+        std::array::from_fn(|p| {
+            let (s, c) = PHASE_ANGLE_RAD[p].sin_cos();
+            (c, s)
+        })
+    })
+}
 /// IEC 61851: the lowest non-zero AC pilot current.
 pub const IEC_MIN_A: f64 = 6.0;
 /// How far a three-phase or line-to-neutral charger's `voltage_v` may be from the site's
