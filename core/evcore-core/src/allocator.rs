@@ -353,7 +353,7 @@ fn model_and_admission(
                 continue;
             }
             let co = topo.slot_coefs(c);
-            let par = topo.chargers[c].parent;
+            let par = topo.hot(c).parent();
             for slot in 0..SLOTS {
                 acc[par * SLOTS + slot] += co[slot] * x;
             }
@@ -373,7 +373,7 @@ fn model_and_admission(
     // them, and the model does the same: the chargers on such a constraint count without their
     // measurements (what they hold otherwise: an unconfirmed decrease, an unknown profile).
     let held_of = |h: &[[f64; N_PHASES]], c: usize| {
-        let nt = topo.chargers[c].wiring.terminals();
+        let nt = topo.hot(c).terminals();
         h[c][..nt].iter().copied().fold(0.0, f64::max)
     };
     // Over as the envelope judges it: exact line currents and kW of what is held alone, by more
@@ -421,7 +421,7 @@ fn model_and_admission(
     let mut locked_on = vec![false; n];
     let mut key = vec![0.0; n];
     for c in 0..n {
-        let spec = &topo.chargers[c];
+        let spec = topo.hot(c);
         let nt = spec.wiring.terminals();
         let last = last_sent_line_a(topo, c, ch);
         let is_on = last > 0.0;
@@ -683,7 +683,7 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     for c in 0..n {
         if admitted[c] {
             let co = topo.slot_coefs(c);
-            let p = topo.chargers[c].parent;
+            let p = topo.hot(c).parent();
             for slot in 0..SLOTS {
                 dmax[p * SLOTS + slot] += co[slot] * m.cap[c];
             }
@@ -944,8 +944,8 @@ fn raise_to_exact(
         for e in topo.terminal_entries(c) {
             u[e.phase] += to.max(h[e.terminal]) - x.max(h[e.terminal]);
         }
-        let watts = topo.chargers[c].watts_per_terminal_a();
-        for &hk in h.iter().take(topo.chargers[c].wiring.terminals()) {
+        let watts = topo.hot(c).watts_per_terminal_a();
+        for &hk in h.iter().take(topo.hot(c).terminals()) {
             u[N_PHASES] += (to.max(hk) - x.max(hk)) * watts;
         }
         u
@@ -955,7 +955,7 @@ fn raise_to_exact(
     for c in 0..n {
         if raisable[c] && cand[c] > level_a[c] {
             let u = rise(c, cand[c]);
-            let b = &mut bound[topo.chargers[c].parent];
+            let b = &mut bound[topo.hot(c).parent()];
             for (bk, uk) in b.iter_mut().zip(u) {
                 *bk += uk;
             }
@@ -1033,9 +1033,9 @@ fn raise_to_exact(
                         let x = level_a[c];
                         let r = cand[c];
                         let held = &cnt.held[c];
-                        let v = topo.chargers[c].watts_per_terminal_a();
+                        let v = topo.hot(c).watts_per_terminal_a();
                         let mut d = [0.0; N_PHASES];
-                        for k in 0..topo.chargers[c].wiring.terminals() {
+                        for k in 0..topo.hot(c).terminals() {
                             d[k] = r.max(held[k]) - x.max(held[k]);
                             pw += d[k] * v;
                         }
@@ -1060,11 +1060,7 @@ fn raise_to_exact(
                 for &c in &members {
                     let (x, w) = (level_a[c], m.weight[c]);
                     let held = &cnt.held[c];
-                    for (k, &h) in held
-                        .iter()
-                        .enumerate()
-                        .take(topo.chargers[c].wiring.terminals())
-                    {
+                    for (k, &h) in held.iter().enumerate().take(topo.hot(c).terminals()) {
                         let start = x.max(h);
                         if start < cand[c] {
                             brk.push((start / w, c, k, true));
@@ -1140,7 +1136,7 @@ fn raise_to_exact(
                         d_re[e.phase] += w * e.re;
                         d_im[e.phase] += w * e.im;
                     }
-                    d_pw += w * topo.chargers[c].watts_per_terminal_a();
+                    d_pw += w * topo.hot(c).watts_per_terminal_a();
                 }
                 let Some((lo, tight)) = crossing else {
                     break 'slow; // every member reaches its cap
@@ -1263,7 +1259,7 @@ pub fn allocate(
         if snapped < x - 1e-9 && matches!(binding[c], Binding::None | Binding::ChargerMax) {
             binding[c] = Binding::Step;
         }
-        let spec = &topo.chargers[c];
+        let spec = topo.hot(c);
         match spec.kind {
             ChargerKind::Ac => req_a[c] = snapped,
             ChargerKind::Dc => req_w[c] = spec.dc_power_w(snapped),
@@ -1288,9 +1284,9 @@ pub fn allocate(
     for c in 0..n {
         let (x, b) = sanitise_request(topo, c, &env_in, &p.envelope);
         cnt.s[c] = x;
-        let wanted = match topo.chargers[c].kind {
+        let wanted = match topo.hot(c).kind {
             ChargerKind::Ac => req_a[c],
-            ChargerKind::Dc => topo.chargers[c].dc_line_a(req_w[c]),
+            ChargerKind::Dc => topo.hot(c).dc_line_a(req_w[c]),
         };
         // Keep the allocator's reason unless the envelope changed the value.
         dec.binding[c] = if admitted[c] && (x - wanted).abs() <= 1e-9 * (1.0 + wanted) {

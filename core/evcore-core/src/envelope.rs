@@ -273,7 +273,7 @@ impl NodeInputs<'_> {
 
 /// Last sent setpoint of a charger as AC line amps per terminal (NaN: unknown → its maximum).
 pub(crate) fn last_sent_line_a(topo: &Topology, c: usize, ch: &ChargerInputs<'_>) -> f64 {
-    let spec = &topo.chargers[c];
+    let spec = topo.hot(c);
     let v = match spec.kind {
         ChargerKind::Ac => ch.last_sent_a[c],
         ChargerKind::Dc => {
@@ -304,8 +304,8 @@ pub(crate) fn counting(
     let mut measured_a = vec![0.0f64; n];
     let mut held_unconfirmed = vec![false; n];
     for c in 0..n {
-        let spec = &topo.chargers[c];
-        let nt = spec.wiring.terminals();
+        let spec = topo.hot(c);
+        let nt = spec.terminals();
         let h = &mut held[c];
         if fresh(ch.measured_age_s[c], p.stale_after_s) {
             let m = [
@@ -422,21 +422,21 @@ fn add_charger_as(
     sign: f64,
     terminal_counted: impl Fn(&Counting, usize, usize) -> f64,
 ) {
-    let spec = &topo.chargers[c];
+    let spec = topo.hot(c);
     let v = spec.watts_per_terminal_a();
     for e in topo.terminal_entries(c) {
         let i = terminal_counted(cnt, c, e.terminal) * sign;
         loads.re[n][e.phase] += i * e.re;
         loads.im[n][e.phase] += i * e.im;
     }
-    let nt = spec.wiring.terminals();
+    let nt = spec.terminals();
     for k in 0..nt {
         loads.power_w[n] += terminal_counted(cnt, c, k) * v * sign;
     }
     if spec.single_phase_car {
-        let h = spec.phases[0];
+        let h = spec.phase(0);
         for k in 0..nt {
-            let l = spec.phases[k];
+            let l = spec.phase(k);
             if l != h {
                 loads.spc[n][h][l] += terminal_counted(cnt, c, k) * sign;
             }
@@ -463,7 +463,7 @@ pub(crate) fn node_loads(topo: &Topology, cnt: &Counting, loads: &mut NodeLoads)
         loads.spc[n] = [[0.0; N_PHASES]; N_PHASES];
     }
     for c in 0..topo.n_chargers() {
-        add_charger(topo, cnt, c, topo.chargers[c].parent, loads, 1.0);
+        add_charger(topo, cnt, c, topo.hot(c).parent(), loads, 1.0);
     }
     for &n in topo.node_order().iter().rev() {
         if let Some(p) = topo.nodes[n].parent {
@@ -685,7 +685,7 @@ fn single_node_followed(
 /// Largest allowed setpoint not above `x` (line amps per terminal): 0, or on a step in
 /// `[min_a, max_a]`. DC: `min_a` is the line current at `min_w`.
 pub(crate) fn snap_down(topo: &Topology, c: usize, x: f64) -> f64 {
-    let spec = &topo.chargers[c];
+    let spec = topo.hot(c);
     if !(x > 0.0) {
         return 0.0;
     }
@@ -697,11 +697,11 @@ pub(crate) fn snap_down(topo: &Topology, c: usize, x: f64) -> f64 {
     if spec.kind == ChargerKind::Dc && !(spec.dc_power_w(x) > 0.0) {
         return 0.0;
     }
-    if spec.steps_a.is_empty() {
+    if !spec.has_steps {
         return x.max(spec.min_a);
     }
     let mut best = 0.0;
-    for &s in &spec.steps_a {
+    for &s in &topo.chargers[c].steps_a {
         if s <= x + 1e-12 {
             best = s;
         } else {
@@ -719,7 +719,7 @@ pub(crate) fn sanitise_request(
     ch: &ChargerInputs<'_>,
     p: &EnvelopeParams,
 ) -> (f64, Binding) {
-    let spec = &topo.chargers[c];
+    let spec = topo.hot(c);
     if ch.faulted[c] {
         return (0.0, Binding::Fault);
     }
@@ -1045,12 +1045,12 @@ pub(crate) fn finish(
 ) {
     let n = topo.n_chargers();
     for c in 0..n {
-        let spec = &topo.chargers[c];
+        let spec = topo.hot(c);
         let x = cnt.s[c];
         match spec.kind {
             ChargerKind::Ac => {
                 dec.setpoint_a[c] = x;
-                dec.setpoint_w[c] = x * spec.voltage_v * spec.wiring.terminals() as f64;
+                dec.setpoint_w[c] = x * spec.voltage_v * spec.terminals() as f64;
             }
             ChargerKind::Dc => {
                 dec.setpoint_a[c] = x;

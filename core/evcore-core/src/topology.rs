@@ -137,6 +137,86 @@ impl Charger {
     }
 }
 
+/// The fields of a charger that every control call reads, packed into one cache line (the full
+/// `Charger`, with its ids and vectors, spans several): the hot loops of the envelope and the
+/// allocator read these, in site order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ChargerHot {
+    pub parent: u32,
+    pub kind: ChargerKind,
+    pub wiring: Wiring,
+    /// `wiring.terminals()`.
+    pub terminals: u8,
+    pub single_phase_car: bool,
+    /// Whether `steps_a` is non-empty.
+    pub has_steps: bool,
+    /// Site phase of each terminal (`phases`, padded with its first entry).
+    pub phases: [u8; N_PHASES],
+    pub voltage_v: f64,
+    pub min_a: f64,
+    pub max_a: f64,
+    pub max_w: f64,
+    pub efficiency: f64,
+    pub aux_w: f64,
+}
+
+impl ChargerHot {
+    fn of(ch: &Charger) -> ChargerHot {
+        let mut phases = [ch.phases[0] as u8; N_PHASES];
+        for (o, &p) in phases.iter_mut().zip(&ch.phases) {
+            *o = p as u8;
+        }
+        ChargerHot {
+            parent: ch.parent as u32,
+            kind: ch.kind,
+            wiring: ch.wiring,
+            terminals: ch.wiring.terminals() as u8,
+            single_phase_car: ch.single_phase_car,
+            has_steps: !ch.steps_a.is_empty(),
+            phases,
+            voltage_v: ch.voltage_v,
+            min_a: ch.min_a,
+            max_a: ch.max_a,
+            max_w: ch.max_w,
+            efficiency: ch.efficiency,
+            aux_w: ch.aux_w,
+        }
+    }
+    #[inline]
+    pub fn parent(&self) -> usize {
+        self.parent as usize
+    }
+    #[inline]
+    pub fn terminals(&self) -> usize {
+        usize::from(self.terminals)
+    }
+    /// Site phase of terminal `k`.
+    #[inline]
+    pub fn phase(&self, k: usize) -> usize {
+        usize::from(self.phases[k])
+    }
+    /// As `Charger::dc_line_a` (same arithmetic).
+    #[inline]
+    pub fn dc_line_a(&self, p_w: f64) -> f64 {
+        if p_w <= 0.0 {
+            return 0.0;
+        }
+        (p_w / self.efficiency + self.aux_w) / (3.0 * self.voltage_v)
+    }
+    /// As `Charger::dc_power_w` (same arithmetic).
+    #[inline]
+    pub fn dc_power_w(&self, line_a: f64) -> f64 {
+        if line_a <= 0.0 {
+            return 0.0;
+        }
+        ((line_a * 3.0 * self.voltage_v - self.aux_w) * self.efficiency).clamp(0.0, self.max_w)
+    }
+    #[inline]
+    pub fn watts_per_terminal_a(&self) -> f64 {
+        self.voltage_v
+    }
+}
+
 /// One charger terminal's contribution to one site line: `current × (re + j im)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TerminalEntry {
@@ -171,6 +251,7 @@ pub struct Topology {
     /// Per charger its coefficient in the linear constraint slots of every node above it:
     /// 1 on each site phase it touches, W per terminal ampere (all terminals) in slot 3 (kW).
     slot_coef: Vec<[f64; N_PHASES + 1]>,
+    hot: Vec<ChargerHot>,
     node_index: HashMap<String, usize>,
     charger_index: HashMap<String, usize>,
 }
@@ -632,6 +713,7 @@ impl Topology {
             entry_off: Vec::new(),
             node_has_l2l: vec![false; n_nodes],
             slot_coef: Vec::new(),
+            hot: Vec::new(),
             below: Vec::new(),
             below_off: Vec::new(),
             node_index,
@@ -1015,6 +1097,7 @@ impl Topology {
                 k
             })
             .collect();
+        self.hot = self.chargers.iter().map(ChargerHot::of).collect();
         let nn = self.nodes.len();
         let mut counts = vec![0usize; nn];
         for &n in &self.anc {
@@ -1131,6 +1214,11 @@ impl Topology {
     /// phase L1..L3 amperes, slot 3: watts), the same at every node above it.
     pub fn slot_coefs(&self, charger: usize) -> &[f64; N_PHASES + 1] {
         &self.slot_coef[charger]
+    }
+    /// The charger's hot fields (one cache line).
+    #[inline]
+    pub fn hot(&self, charger: usize) -> &ChargerHot {
+        &self.hot[charger]
     }
     pub fn node_has_line_to_line(&self, node: usize) -> bool {
         self.node_has_l2l[node]
