@@ -76,3 +76,26 @@ class ManualClock:
         for _, fut in sorted(due, key=lambda s: s[0]):
             if not fut.done():
                 fut.set_result(None)
+
+
+class StepClock:
+    """Time that a test steps: ``advance`` moves it, and ``sleep`` moves it by the time asked at
+    once (a loop under test runs its timers without waiting). Monotonic time starts at 1000."""
+
+    def __init__(self, wall: float = 1_800_000_000.0) -> None:
+        self.wall = wall
+        self.mono = 1000.0
+
+    def now(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    async def sleep(self, seconds: float) -> None:
+        self.advance(max(0.0, seconds))
+        await asyncio.sleep(0)
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from evcore.audit import AuditLog, verify_chain
-from evcore.clock import Clock
+from evcore.clock import StepClock
 from evcore.edge.app import build_controller
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import EdgeController, PlanTargets
@@ -25,25 +25,6 @@ from evcore.store import open_store
 pytestmark = pytest.mark.timeout(60)
 
 FAST = {"tick_s": 0.5, "settle_s": 3.0, "min_on_s": 0.0, "min_off_s": 0.0}
-
-
-class StepClock(Clock):
-    def __init__(self) -> None:
-        self.wall = 1_800_000_000.0
-        self.mono = 1000.0
-
-    def now(self) -> float:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    async def sleep(self, seconds: float) -> None:
-        self.advance(seconds)
-
-    def advance(self, seconds: float) -> None:
-        self.wall += seconds
-        self.mono += seconds
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from edge_testkit import FAST
-from evcore.clock import Clock
+from evcore.clock import StepClock
 from evcore.edge.app import build_controller
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import EdgeController
@@ -24,25 +24,6 @@ from evcore.edge.sitegen import depot_table
 from evcore.site import load_site
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class ManualClock(Clock):
-    def __init__(self, wall: float = 1_800_000_000.0) -> None:
-        self.wall = wall
-        self.mono = 1000.0
-
-    def now(self) -> float:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    async def sleep(self, seconds: float) -> None:
-        self.advance(seconds)
-
-    def advance(self, seconds: float) -> None:
-        self.wall += seconds
-        self.mono += seconds
 
 
 @dataclass
@@ -72,9 +53,9 @@ class RecordingGateway:
 
 def _rig(
     n: int = 4, core: Any = None, **cfg: Any
-) -> tuple[EdgeController, RecordingGateway, ManualClock, Mapping[str, Any]]:
+) -> tuple[EdgeController, RecordingGateway, StepClock, Mapping[str, Any]]:
     table = depot_table(n, per_feeder=2)
-    clock = ManualClock()
+    clock = StepClock()
     gw = RecordingGateway()
     ctrl = build_controller(
         table,
@@ -88,7 +69,7 @@ def _rig(
     return ctrl, gw, clock, table
 
 
-def _plug_all(ctrl: EdgeController, clock: ManualClock, n: int | None = None) -> None:
+def _plug_all(ctrl: EdgeController, clock: StepClock, n: int | None = None) -> None:
     for c in list(ctrl.state.chargers.values())[:n]:
         ctrl.state.on_status(c.charger_id, "Charging")
         ctrl.state.on_transaction(
@@ -96,7 +77,7 @@ def _plug_all(ctrl: EdgeController, clock: ManualClock, n: int | None = None) ->
         )
 
 
-async def _settle(ctrl: EdgeController, clock: ManualClock, rounds: int = 4) -> None:
+async def _settle(ctrl: EdgeController, clock: StepClock, rounds: int = 4) -> None:
     """Decide, let the answers arrive, repeat (advancing past settle_s)."""
     import asyncio
 
@@ -508,7 +489,7 @@ def test_a_single_phase_car_is_not_behind_a_plan_it_follows_on_a_three_phase_cha
 
 
 # ---- T3 / T2: the local planner ----------------------------------------------------------------
-class _FrozenClock(ManualClock):
+class _FrozenClock(StepClock):
     """Simulated time that does not move by itself: a sleep returns only when time is advanced."""
 
     async def sleep(self, seconds: float) -> None:

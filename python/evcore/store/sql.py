@@ -88,14 +88,7 @@ class Tx:
                 for row in rows:
                     copy.write_row(row)
             return
-        width = len(columns)
-        per_chunk = max(1, INSERT_CHUNK_PARAMS // width)
-        head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-        one = "(" + ", ".join("?" * width) + ")"
-        for start in range(0, len(rows), per_chunk):
-            chunk = rows[start : start + per_chunk]
-            params = [v for row in chunk for v in row]
-            self._cur.execute(self._translate(head + ", ".join([one] * len(chunk))), params)
+        self._insert_values(table, columns, rows)
 
     def upsert_many(
         self,
@@ -109,6 +102,12 @@ class Tx:
         one row twice in a statement."""
         if not rows:
             return
+        self._insert_values(table, columns, rows, " " + on_conflict)
+
+    def _insert_values(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], tail: str = ""
+    ) -> None:
+        """Multi-row ``INSERT … VALUES (…), (…)`` + ``tail``, in chunks under the parameter cap."""
         width = len(columns)
         per_chunk = max(1, INSERT_CHUNK_PARAMS // width)
         head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
@@ -116,7 +115,7 @@ class Tx:
         for start in range(0, len(rows), per_chunk):
             chunk = rows[start : start + per_chunk]
             params = [v for row in chunk for v in row]
-            sql = head + ", ".join([one] * len(chunk)) + " " + on_conflict
+            sql = head + ", ".join([one] * len(chunk)) + tail
             self._cur.execute(self._translate(sql), params)
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
