@@ -702,23 +702,38 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     let mut off: Vec<usize> = Vec::new();
     let mut len: Vec<usize> = Vec::new();
     let mut mem: Vec<(usize, f64)> = Vec::new();
+    // One pass over the chargers below a node fills the lists of all its binding slots.
+    let mut per_slot: [Vec<(usize, f64)>; SLOTS] = Default::default();
     for i in 0..nn {
-        for slot in 0..SLOTS {
+        let active: [bool; SLOTS] = std::array::from_fn(|slot| {
             let k = i * SLOTS + slot;
             let cap = m.capacity[k];
-            if cap == f64::INFINITY || dmax[k] <= cap {
+            !(cap == f64::INFINITY || dmax[k] <= cap)
+        });
+        if !active.iter().any(|&x| x) {
+            continue;
+        }
+        for v in per_slot.iter_mut() {
+            v.clear();
+        }
+        for &c in topo.chargers_below(i) {
+            if !admitted[c] {
                 continue;
             }
-            let start = mem.len();
-            for &c in topo.chargers_below(i) {
-                let a = topo.slot_coefs(c)[slot];
-                if admitted[c] && a != 0.0 {
-                    mem.push((c, a));
+            let co = topo.slot_coefs(c);
+            for slot in 0..SLOTS {
+                if active[slot] && co[slot] != 0.0 {
+                    per_slot[slot].push((c, co[slot]));
                 }
             }
-            act_k.push(k);
-            off.push(start);
-            len.push(mem.len() - start);
+        }
+        for slot in 0..SLOTS {
+            if active[slot] {
+                act_k.push(i * SLOTS + slot);
+                off.push(mem.len());
+                len.push(per_slot[slot].len());
+                mem.extend_from_slice(&per_slot[slot]);
+            }
         }
     }
     let na = act_k.len();
@@ -837,7 +852,8 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
             }
         }
         for &c in &newly {
-            frozen_val[c] = (m.weight[c] * l).clamp(m.floor[c], m.cap[c]);
+            let x = &fill[c];
+            frozen_val[c] = (x.weight * l).clamp(x.floor, x.cap);
             let co = topo.slot_coefs(c);
             for &i in topo.ancestors(c) {
                 for (slot, &coef) in co.iter().enumerate() {
@@ -991,14 +1007,15 @@ fn raise_to_exact(
                     break 'slow;
                 }
                 members.retain(|&c| {
-                    let on_tight = topo.chargers[c].phases.iter().position(|&ph| tight_ph[ph]);
+                    let phases = topo.hot(c).site_phases();
+                    let on_tight = phases.iter().position(|&ph| tight_ph[usize::from(ph)]);
                     if tight_kw || on_tight.is_some() {
                         cand[c] = level_a[c];
                         out.node[c] = Some(node);
                         out.phase[c] = if tight_kw {
                             None
                         } else {
-                            on_tight.map(|k| topo.chargers[c].phases[k])
+                            on_tight.map(|k| usize::from(phases[k]))
                         };
                         false
                     } else {

@@ -190,6 +190,16 @@ impl ChargerHot {
     pub fn terminals(&self) -> usize {
         usize::from(self.terminals)
     }
+    /// The site phases it is wired to (`Charger::phases`).
+    #[inline]
+    pub fn site_phases(&self) -> &[u8] {
+        let n = match self.wiring {
+            Wiring::ThreePhase => 3,
+            Wiring::LineToNeutral => 1,
+            Wiring::LineToLine => 2,
+        };
+        &self.phases[..n]
+    }
     /// Site phase of terminal `k`.
     #[inline]
     pub fn phase(&self, k: usize) -> usize {
