@@ -19,6 +19,7 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -267,17 +268,51 @@ def run_case(n: int, reps: int, ref_reps: int) -> dict[str, Any]:
     }
 
 
+def dump_case(n: int, out_dir: str) -> None:
+    """Write the site and one tick's inputs of the ``n``-charger case for the Rust-only timing
+    driver (``allocator::tests::bench_dump``): ``site.json``, ``params.json`` and every input
+    column as raw little-endian float64 (booleans as 0/1), named after the column."""
+    raw = make_site(n)
+    site = load_site(raw)
+    cols, ncols = make_inputs(site)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "site.json").write_text(json.dumps(raw))
+    params = AllocatorParams(now_s=1_767_225_600.0).as_dict()
+    # JSON has no infinity: the driver reads a missing or null parameter as +inf.
+    (out / "params.json").write_text(
+        json.dumps({k: v for k, v in params.items() if math.isfinite(v)})
+    )
+    for batch in (allocator_batch(site, **cols), node_batch(site, **ncols)):
+        for name in batch.schema.names:
+            if name.endswith("_id"):
+                continue
+            col = batch.column(name).to_numpy(zero_copy_only=False)
+            np.asarray(col).astype("<f8").tofile(out / f"{name}.f64")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="evcore bench allocator", description=__doc__)
     ap.add_argument("--json", action="store_true", help="print the JSON array of cases")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few repetitions")
     ap.add_argument("--sizes", type=str, default="", help="comma-separated charger counts")
     ap.add_argument("--reps", type=int, default=0, help="repetitions of the Rust call (>= 30)")
+    ap.add_argument(
+        "--dump",
+        metavar="DIR",
+        default="",
+        help="write the first size's site and inputs to DIR for the Rust-only driver"
+        " (EVCORE_BENCH_DUMP=DIR cargo test -p evcore-core --profile ci -- --ignored"
+        " --nocapture bench_dump) and exit",
+    )
     args = ap.parse_args(argv)
     if args.sizes:
         sizes = [int(x) for x in args.sizes.split(",")]
     else:
         sizes = [54, 500] if args.quick else [54, 500, 10_000, 100_000]
+    if args.dump:
+        dump_case(sizes[0], args.dump)
+        return 0
     cases = []
     for n in sizes:
         reps = args.reps or (5 if args.quick else (200 if n <= 10_000 else 50))

@@ -1995,10 +1995,11 @@ mod tests {
         assert!(e.to_string().contains("energy_wanted_kwh"), "{e}");
     }
 
-    /// Timing driver for `bench/bench_allocator.py --dump DIR` (the bench's site and inputs as
-    /// raw f64 columns): `EVCORE_BENCH_DUMP=DIR cargo test -p evcore-core --profile ci --
-    /// --ignored --nocapture bench_dump`. Prints the median of the whole call and of its parts,
-    /// and writes the outputs to DIR/out.txt (to compare versions).
+    /// Rust-only timing driver on the benchmark's inputs: `evcore bench allocator --sizes 10000
+    /// --dump DIR` writes the site and one tick's columns (raw f64), then
+    /// `EVCORE_BENCH_DUMP=DIR [EVCORE_BENCH_REPS=100] cargo test -p evcore-core --profile ci --
+    /// --ignored --nocapture bench_dump` prints the median of the whole call and of its first
+    /// parts, and writes the outputs to DIR/out.txt (to compare versions).
     #[test]
     #[ignore]
     fn bench_dump() {
