@@ -5,6 +5,7 @@ use crate::topology::PyTopology;
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
 };
+use arrow_buffer::{Buffer, OffsetBuffer};
 use arrow_pyarrow::PyArrowType;
 use arrow_schema::{DataType, Field, Schema};
 use evcore_core::allocator::{self, AllocatorParams, Demand};
@@ -111,6 +112,26 @@ fn check_ids(batch: &RecordBatch, name: &str, ids: &[&str]) -> PyResult<()> {
     Ok(())
 }
 
+/// `check_ids` for the charger ids: when the column holds exactly the bytes and offsets of the
+/// site's id column (the usual case), every row matches without comparing row by row.
+fn check_charger_ids(batch: &RecordBatch, topo: &Topology, site_ids: &ArrayRef) -> PyResult<()> {
+    let a = column(batch, "charger_id")?;
+    if let (Some(arr), Some(site)) = (
+        a.as_any().downcast_ref::<StringArray>(),
+        site_ids.as_any().downcast_ref::<StringArray>(),
+    ) {
+        if arr.null_count() == 0
+            && arr.len() == site.len()
+            && arr.value_offsets() == site.value_offsets()
+            && arr.value_data() == site.value_data()
+        {
+            return Ok(());
+        }
+    }
+    let ids: Vec<&str> = topo.chargers.iter().map(|c| c.id.as_str()).collect();
+    check_ids(batch, "charger_id", &ids)
+}
+
 fn param(d: Option<&Bound<'_, PyDict>>, name: &str, default: f64) -> PyResult<f64> {
     match d {
         None => Ok(default),
@@ -205,13 +226,14 @@ fn node_inputs(batch: &RecordBatch) -> PyResult<NodeInputs<'_>> {
     })
 }
 
+/// `ids`: the site's charger ids (`PyTopology::charger_ids`, built once).
 fn output(
     topo: &Topology,
+    ids: ArrayRef,
     dec: Decision,
     extra: Option<(Vec<f64>, Vec<bool>)>,
 ) -> Result<RecordBatch, arrow_schema::ArrowError> {
     let n = topo.n_chargers();
-    let ids = StringArray::from_iter_values(topo.chargers.iter().map(|c| c.id.as_str()));
     let binding = StringArray::from_iter_values(dec.binding.iter().map(|b| b.code()));
     let bnode = StringArray::from_iter(
         dec.binding_node
@@ -226,7 +248,12 @@ fn output(
     let reason = if dec.reason.len() == n {
         StringArray::from_iter_values(dec.reason.iter())
     } else {
-        StringArray::from_iter_values(std::iter::repeat_n("", n))
+        // n empty strings: all offsets 0, no bytes.
+        StringArray::new(
+            OffsetBuffer::new_zeroed(n),
+            Buffer::from(Vec::<u8>::new()),
+            None,
+        )
     };
     let mut fields = vec![
         Field::new("charger_id", DataType::Utf8, false),
@@ -240,7 +267,7 @@ fn output(
         Field::new("reason", DataType::Utf8, false),
     ];
     let mut cols: Vec<ArrayRef> = vec![
-        Arc::new(ids),
+        ids,
         Arc::new(Float64Array::from(dec.setpoint_a)),
         Arc::new(Float64Array::from(dec.setpoint_w)),
         Arc::new(binding),
@@ -275,10 +302,10 @@ pub fn enforce(
     explain: bool,
 ) -> PyResult<PyArrowType<RecordBatch>> {
     let topo = topology.inner.clone();
+    let ids = topology.charger_ids.clone();
     let (cb, nb) = (chargers.0, nodes.0);
-    let charger_ids: Vec<&str> = topo.chargers.iter().map(|c| c.id.as_str()).collect();
     let node_ids: Vec<&str> = topo.nodes.iter().map(|n| n.id.as_str()).collect();
-    check_ids(&cb, "charger_id", &charger_ids)?;
+    check_charger_ids(&cb, &topo, &ids)?;
     check_ids(&nb, "node_id", &node_ids)?;
     let p = env_params(params)?;
     let o = owned(&cb)?;
@@ -288,7 +315,7 @@ pub fn enforce(
         .detach(|| {
             guarded(|| {
                 let dec = envelope::enforce(&topo, &ci, &ni, &p, explain)?;
-                Ok(output(&topo, dec, None))
+                Ok(output(&topo, ids, dec, None))
             })
         })
         .py()?
@@ -309,10 +336,10 @@ pub fn allocate(
     explain: bool,
 ) -> PyResult<PyArrowType<RecordBatch>> {
     let topo = topology.inner.clone();
+    let ids = topology.charger_ids.clone();
     let (cb, nb) = (chargers.0, nodes.0);
-    let charger_ids: Vec<&str> = topo.chargers.iter().map(|c| c.id.as_str()).collect();
     let node_ids: Vec<&str> = topo.nodes.iter().map(|n| n.id.as_str()).collect();
-    check_ids(&cb, "charger_id", &charger_ids)?;
+    check_charger_ids(&cb, &topo, &ids)?;
     check_ids(&nb, "node_id", &node_ids)?;
     let def = AllocatorParams::default();
     let p = AllocatorParams {
@@ -340,7 +367,7 @@ pub fn allocate(
         .detach(|| {
             guarded(|| {
                 allocator::allocate(&topo, &ci, &ni, &demand, &p, explain)
-                    .map(|a| output(&topo, a.decision, Some((a.level_a, a.admitted))))
+                    .map(|a| output(&topo, ids, a.decision, Some((a.level_a, a.admitted))))
             })
         })
         .py()?

@@ -1,5 +1,6 @@
 //! `_core.Topology`: the validated site tree, built from the JSON form of the site file.
 use crate::errors::{guarded, CoreResultExt};
+use arrow_array::{ArrayRef, StringArray};
 use evcore_core::topology::{ChargerKind, Topology};
 use evcore_core::N_PHASES;
 use numpy::{PyArray1, PyArrayMethods};
@@ -10,6 +11,8 @@ use std::sync::Arc;
 #[pyclass(name = "Topology", module = "evcore._core", frozen)]
 pub struct PyTopology {
     pub inner: Arc<Topology>,
+    /// The `charger_id` output column, built once (every control call returns it unchanged).
+    pub charger_ids: ArrayRef,
 }
 
 #[pymethods]
@@ -19,7 +22,13 @@ impl PyTopology {
     #[staticmethod]
     fn from_json(py: Python<'_>, text: &str) -> PyResult<Self> {
         let t = py.detach(|| guarded(|| Topology::from_json(text))).py()?;
-        Ok(PyTopology { inner: Arc::new(t) })
+        let charger_ids: ArrayRef = Arc::new(StringArray::from_iter_values(
+            t.chargers.iter().map(|c| c.id.as_str()),
+        ));
+        Ok(PyTopology {
+            inner: Arc::new(t),
+            charger_ids,
+        })
     }
 
     #[getter]
