@@ -178,6 +178,26 @@ def table_for_rig() -> dict[str, Any]:
     return depot_table(4, per_feeder=4, site_id="journal")
 
 
+async def two_sessions(rig: EdgeRig) -> list[str]:
+    """Cars on the rig's first two chargers, once the failsafe is applied; returns their ids when
+    both sessions hold an accepted TxProfile."""
+    ctrl = rig.controller
+    assert ctrl is not None
+    await rig.wait_for(rig.failsafe_applied, 30, "TxDefault at the failsafe level")
+    plugged = rig.fleet.charger_ids[:2]
+    for cid in plugged:
+        rig.fleet.plug_in(cid, EV(soc=0.2))
+    await rig.wait_for(
+        lambda: all(
+            ctrl.state.chargers[c].transaction_id and ctrl.state.chargers[c].accepted
+            for c in plugged
+        ),
+        30,
+        "sessions with accepted TxProfiles",
+    )
+    return plugged
+
+
 async def test_a_curtailment_reaches_the_stations_while_the_store_is_locked(
     store_section: dict[str, object], tmp_path: Path
 ) -> None:
@@ -196,22 +216,19 @@ async def test_a_curtailment_reaches_the_stations_while_the_store_is_locked(
         async with rig:
             ctrl = rig.controller
             assert ctrl is not None
-            await rig.wait_for(rig.failsafe_applied, 30, "TxDefault at the failsafe level")
-            plugged = rig.fleet.charger_ids[:2]
-            for cid in plugged:
-                rig.fleet.plug_in(cid, EV(soc=0.2))
-            await rig.wait_for(
-                lambda: all(
-                    ctrl.state.chargers[c].transaction_id and ctrl.state.chargers[c].accepted
+            plugged = await two_sessions(rig)
+
+            # The cars charge (12 A each: the idle chargers count at their failsafe level), and
+            # nothing is on its way that would lower them before the curtailment does.
+            def charging() -> bool:
+                return not ctrl.pending and all(
+                    rig.limit_at(c) >= 10.0
+                    and (ctrl.state.chargers[c].sent or 0.0) >= 10.0
+                    and ctrl.state.chargers[c].accepted
                     for c in plugged
-                ),
-                30,
-                "sessions with accepted TxProfiles",
-            )
-            # The cars charge (12 A each: the idle chargers count at their failsafe level).
-            await rig.wait_for(
-                lambda: all(rig.limit_at(c) >= 10.0 for c in plugged), 30, "cars charging"
-            )
+                )
+
+            await rig.wait_for(charging, 30, "cars charging")
             await recorder.drain()
             before = {cid: rig.limit_at(cid) for cid in plugged}
             lock.take()
@@ -229,7 +246,10 @@ async def test_a_curtailment_reaches_the_stations_while_the_store_is_locked(
             lowered = [
                 s for s in sent[n_sent:] if s.purpose == "tx" and s.value < before[s.charger_id]
             ]
-            assert {s.charger_id for s in lowered} == set(plugged)
+            assert {s.charger_id for s in lowered} == set(plugged), (
+                before,
+                [(s.charger_id, s.purpose, s.value, s.kind.value) for s in sent[n_sent:]],
+            )
             assert all(s.decision in recorder.durable for s in sent[n_sent:])
             assert recorder.journaled >= 1
             assert set(journal_ids(journal)) >= {recorder._ids[s.decision] for s in lowered}
@@ -277,18 +297,7 @@ async def test_nothing_leaves_when_the_journal_cannot_be_written_either(tmp_path
         async with rig:
             ctrl = rig.controller
             assert ctrl is not None
-            await rig.wait_for(rig.failsafe_applied, 30, "TxDefault at the failsafe level")
-            plugged = rig.fleet.charger_ids[:2]
-            for cid in plugged:
-                rig.fleet.plug_in(cid, EV(soc=0.2))
-            await rig.wait_for(
-                lambda: all(
-                    ctrl.state.chargers[c].transaction_id and ctrl.state.chargers[c].accepted
-                    for c in plugged
-                ),
-                30,
-                "sessions with accepted TxProfiles",
-            )
+            plugged = await two_sessions(rig)
             await recorder.drain()
             lock.take()
             n_sent = len(sent)

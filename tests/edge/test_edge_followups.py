@@ -447,23 +447,6 @@ def test_an_idle_charger_counts_at_the_txdefault_it_replaced_until_it_settles() 
     assert _decide(core, st, cfg, now)["cp-0002"] > 6.0
 
 
-def test_a_first_txdefault_accepted_counts_at_the_chargers_maximum_until_it_settles() -> None:
-    from evcore.edge.controller import SentProfile
-    from evcore.edge.dispatch import ChangeKind
-
-    ctrl = _rig(2)[0]
-    c = ctrl.state.chargers["cp-0001"]
-    assert c.tx_default is None and c.transaction_id is None
-    # Its first TxDefault of ours (6 A) is accepted, not yet applied: until then a car plugged
-    # in draws what the charger allows without one, its maximum.
-    sent = SentProfile(c.charger_id, "tx_default", 6.0, ChangeKind.DECREASE, 1, 100.0, None)
-    c.tx_default_sent = 6.0
-    ctrl._apply_result(sent, True)
-    assert c.tx_default == 6.0
-    assert c.tx_default_old == c.max_value
-    assert c.tx_default_old_until == 100.0 + ctrl.cfg.settle_s
-
-
 def test_a_single_phase_car_is_not_behind_a_plan_it_follows_on_a_three_phase_charger() -> None:
     from evcore.edge.controller import PlanTargets
 

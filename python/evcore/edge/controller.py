@@ -740,11 +740,9 @@ class EdgeController:
         if sent.purpose == "tx":
             self.state.on_result(sent.charger_id, sent.value, accepted)
         elif accepted:
-            # Accepted is not applied: a car plugging in meanwhile still gets the old level
-            # (with no TxDefault of ours before, whatever the charger allows: its maximum).
-            before = c.tx_default if c.tx_default is not None else c.max_value
-            if sent.value < before:
-                c.tx_default_old = before
+            if c.tx_default is not None and sent.value < c.tx_default:
+                # Accepted is not applied: a car plugging in meanwhile still gets the old level.
+                c.tx_default_old = c.tx_default
                 c.tx_default_old_until = sent.left_mono + self.cfg.settle_s
             c.tx_default = sent.value
             if c.transaction_id is None:
