@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from ocpp.v16.enums import Action
 
-from evcore.ocpp.connection import HandlerError, StationConnection, on
+from evcore.ocpp.connection import on
+from evcore.ocpp.handlers import SharedHandlers, composite_periods, schedule_periods
+from evcore.ocpp.handlers import iso as iso  # callers use v16.iso
 from evcore.ocpp.metering import parse_timestamp
 
 if TYPE_CHECKING:
@@ -23,15 +25,7 @@ PURPOSE = {
 }
 
 
-def iso(t: float) -> str:
-    from datetime import UTC, datetime
-
-    return (
-        datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
-
-
-class Connection16(StationConnection):
+class Connection16(SharedHandlers):
     version = "1.6"
     frame_error_code = "FormationViolation"
     format_error_code = "FormationViolation"
@@ -46,15 +40,7 @@ class Connection16(StationConnection):
             firmware=p.get("firmwareVersion"),
             reason=None,
         )
-        return {
-            "status": "Accepted",
-            "currentTime": iso(self.clock.now()),
-            "interval": self.csms.config.heartbeat_interval_s,
-        }
-
-    @on(Action.heartbeat)
-    async def on_heartbeat(self, p: dict[str, Any]) -> dict[str, Any]:
-        return {"currentTime": iso(self.clock.now())}
+        return self.boot_accepted()
 
     @on(Action.status_notification)
     async def on_status(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -111,47 +97,16 @@ class Connection16(StationConnection):
             )
         return {}
 
-    @on(Action.security_event_notification)
-    async def on_security_event(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.csms._on_security(
-            self.station, p["type"], p.get("techInfo"), self._ts(p["timestamp"]), "1.6"
-        )
-        return {}
-
-    @on(Action.firmware_status_notification)
-    async def on_firmware_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.csms._on_station_status(self.station, "FirmwareStatusNotification", p, "1.6")
-        return {}
+    # Heartbeat, SecurityEventNotification, FirmwareStatusNotification, LogStatusNotification
+    # and DataTransfer: SharedHandlers.
 
     @on(Action.signed_firmware_status_notification)
     async def on_signed_firmware_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.csms._on_station_status(
-            self.station, "SignedFirmwareStatusNotification", p, "1.6"
-        )
-        return {}
+        return await self.station_status("SignedFirmwareStatusNotification", p)
 
     @on(Action.diagnostics_status_notification)
     async def on_diagnostics_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.csms._on_station_status(self.station, "DiagnosticsStatusNotification", p, "1.6")
-        return {}
-
-    @on(Action.log_status_notification)
-    async def on_log_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.csms._on_station_status(self.station, "LogStatusNotification", p, "1.6")
-        return {}
-
-    @on(Action.data_transfer)
-    async def on_data_transfer(self, p: dict[str, Any]) -> dict[str, Any]:
-        if p["vendorId"] not in self.csms.config.data_transfer_vendor_ids:
-            return {"status": "UnknownVendorId"}
-        self.csms._on_notification(self.station, "DataTransfer", p)
-        return {"status": "Accepted"}
-
-    def _ts(self, value: Any) -> float:
-        at = parse_timestamp(value)
-        if at > self.clock.now() + self.csms.config.max_clock_skew_s:
-            raise HandlerError("PropertyConstraintViolation", f"timestamp in the future: {value}")
-        return at
+        return await self.station_status("DiagnosticsStatusNotification", p)
 
 
 # ---- builders: (action, payload) for what the central system sends ------------------------------
@@ -176,12 +131,7 @@ def set_charging_profile(
     now: float,
 ) -> tuple[str, dict[str, Any]]:
     connector = 0 if req.purpose == "station_max" else charger.evse_id
-    unit = "W" if req.limit_w is not None else "A"
-    periods: list[dict[str, Any]] = []
-    first: dict[str, Any] = {"startPeriod": 0, "limit": req.wire_limit}
-    if unit == "A":
-        first["numberPhases"] = charger.number_phases
-    periods.append(first)
+    unit, periods, valid_to = schedule_periods(charger, req, now)
     profile: dict[str, Any] = {
         "chargingProfileId": profile_id,
         "stackLevel": stack_level,
@@ -193,13 +143,8 @@ def set_charging_profile(
             "chargingSchedulePeriod": periods,
         },
     }
-    if req.valid_to is not None and req.wire_final is not None:
-        final = {"startPeriod": max(1, int(req.valid_to - now)), "limit": req.wire_final}
-        if unit == "A":
-            final["numberPhases"] = charger.number_phases
-        periods.append(final)
-    elif req.valid_to is not None:
-        profile["validTo"] = iso(req.valid_to)
+    if valid_to is not None:
+        profile["validTo"] = valid_to
     if req.purpose == "tx":
         assert transaction_id is not None
         profile["transactionId"] = int(transaction_id)
@@ -237,8 +182,5 @@ def parse_composite(
     if not sched:
         return None, None, []
     start = payload.get("scheduleStart") or sched.get("startSchedule")
-    periods = [
-        (int(p["startPeriod"]), float(p["limit"]), p.get("numberPhases"))
-        for p in sched.get("chargingSchedulePeriod", ())
-    ]
+    periods = composite_periods(sched)
     return (parse_timestamp(start) if start else None), sched.get("chargingRateUnit"), periods

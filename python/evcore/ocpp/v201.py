@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from ocpp.v201.enums import Action
 
-from evcore.ocpp.connection import HandlerError, StationConnection, on
+from evcore.ocpp.connection import on
+from evcore.ocpp.handlers import SharedHandlers, composite_periods, iso, schedule_periods
 from evcore.ocpp.metering import parse_timestamp
-from evcore.ocpp.v16 import iso
 
 if TYPE_CHECKING:
     from evcore.ocpp.server import ChargerInfo, LimitRequest
@@ -23,7 +23,7 @@ PURPOSE = {
 }
 
 
-class Connection201(StationConnection):
+class Connection201(SharedHandlers):
     version = "2.0.1"
     frame_error_code = "RpcFrameworkError"
     format_error_code = "FormatViolation"
@@ -40,15 +40,7 @@ class Connection201(StationConnection):
             firmware=cs.get("firmwareVersion"),
             reason=p["reason"],
         )
-        return {
-            "status": "Accepted",
-            "currentTime": iso(self.clock.now()),
-            "interval": self.csms.config.heartbeat_interval_s,
-        }
-
-    @on(Action.heartbeat)
-    async def on_heartbeat(self, p: dict[str, Any]) -> dict[str, Any]:
-        return {"currentTime": iso(self.clock.now())}
+        return self.boot_accepted()
 
     @on(Action.status_notification)
     async def on_status(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -92,40 +84,13 @@ class Connection201(StationConnection):
             await self.csms._on_meter_value(self.station, evse, mv, None, f"meterValue[{i}]")
         return {}
 
-    @on(Action.security_event_notification)
-    async def on_security_event(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.csms._on_security(
-            self.station, p["type"], p.get("techInfo"), self._ts(p["timestamp"]), "2.0.1"
-        )
-        return {}
-
-    @on(Action.firmware_status_notification)
-    async def on_firmware_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.csms._on_station_status(self.station, "FirmwareStatusNotification", p, "2.0.1")
-        return {}
-
-    @on(Action.log_status_notification)
-    async def on_log_status(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.csms._on_station_status(self.station, "LogStatusNotification", p, "2.0.1")
-        return {}
+    # Heartbeat, SecurityEventNotification, FirmwareStatusNotification, LogStatusNotification
+    # and DataTransfer: SharedHandlers.
 
     @on(Action.notify_ev_charging_needs)
     async def on_ev_charging_needs(self, p: dict[str, Any]) -> dict[str, Any]:
         self.csms._on_notification(self.station, "NotifyEVChargingNeeds", p)
         return {"status": "Accepted"}
-
-    @on(Action.data_transfer)
-    async def on_data_transfer(self, p: dict[str, Any]) -> dict[str, Any]:
-        if p["vendorId"] not in self.csms.config.data_transfer_vendor_ids:
-            return {"status": "UnknownVendorId"}
-        self.csms._on_notification(self.station, "DataTransfer", p)
-        return {"status": "Accepted"}
-
-    def _ts(self, value: Any) -> float:
-        at = parse_timestamp(value)
-        if at > self.clock.now() + self.csms.config.max_clock_skew_s:
-            raise HandlerError("PropertyConstraintViolation", f"timestamp in the future: {value}")
-        return at
 
 
 def configure_calls(
@@ -164,11 +129,7 @@ def set_charging_profile(
     now: float,
 ) -> tuple[str, dict[str, Any]]:
     evse = 0 if req.purpose == "station_max" else charger.evse_id
-    unit = "W" if req.limit_w is not None else "A"
-    first: dict[str, Any] = {"startPeriod": 0, "limit": req.wire_limit}
-    if unit == "A":
-        first["numberPhases"] = charger.number_phases
-    periods = [first]
+    unit, periods, valid_to = schedule_periods(charger, req, now)
     profile: dict[str, Any] = {
         "id": profile_id,
         "stackLevel": stack_level,
@@ -183,16 +144,8 @@ def set_charging_profile(
             }
         ],
     }
-    if req.valid_to is not None and req.wire_final is not None:
-        final: dict[str, Any] = {
-            "startPeriod": max(1, int(req.valid_to - now)),
-            "limit": req.wire_final,
-        }
-        if unit == "A":
-            final["numberPhases"] = charger.number_phases
-        periods.append(final)
-    elif req.valid_to is not None:
-        profile["validTo"] = iso(req.valid_to)
+    if valid_to is not None:
+        profile["validTo"] = valid_to
     if req.purpose == "tx":
         assert transaction_id is not None
         profile["transactionId"] = transaction_id
@@ -232,8 +185,5 @@ def parse_composite(
     sched = payload.get("schedule")
     if not sched:
         return None, None, []
-    periods = [
-        (int(p["startPeriod"]), float(p["limit"]), p.get("numberPhases"))
-        for p in sched.get("chargingSchedulePeriod", ())
-    ]
+    periods = composite_periods(sched)
     return parse_timestamp(sched["scheduleStart"]), sched.get("chargingRateUnit"), periods
