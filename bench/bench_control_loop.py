@@ -338,7 +338,7 @@ async def _run(
                 # Every session holds an accepted TxProfile (or TxDefault) and nothing is on its
                 # way: the event then finds every charger at a known value above its curtailed one.
                 return all(
-                    c.transaction_id and c.sent and c.accepted and not c.needs_resend
+                    c.transaction_id and c.sent is not None and c.accepted and not c.needs_resend
                     for c in states
                 ) and all(p.accepted for p in ctrl.pending.values())
 
@@ -352,6 +352,11 @@ async def _run(
                         Counter(
                             (bool(c.transaction_id), c.sent, c.accepted, c.needs_resend)
                             for c in states
+                        ),
+                        Counter(
+                            (core.last_codes.get(c.charger_id), core.last_nodes.get(c.charger_id))
+                            for c in states
+                            if not c.sent
                         ),
                         Counter(p.accepted for p in ctrl.pending.values()),
                         file=sys.stderr,
