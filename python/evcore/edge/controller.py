@@ -827,7 +827,7 @@ class EdgeController:
                 # higher stack level): cleared below. At most the level: it falls back to no
                 # more than ours would make it, so it counts as holding that.
                 plain = self._plain_failsafe.get(c.charger_id)
-                if plain is None or max(limits) > wire_value(plain, self._res(c)) + 1e-6:
+                if plain is None or max(limits) > self.wire(c.charger_id, plain) + 1e-6:
                     stale.append(c)
                     continue
                 if c.tx_default is None:
@@ -872,9 +872,6 @@ class EdgeController:
                 # Idle: its TxDefault was all it held; now nothing of ours (counted at max).
                 c.sent = c.holding = None
                 c.accepted = False
-
-    def _res(self, c: ChargerState) -> float:
-        return self.cfg.resolution_w if c.is_dc else self.cfg.resolution_a
 
     def _prune_pending(self, now_m: float) -> None:
         s = self.cfg.settle_s
@@ -1024,7 +1021,7 @@ class EdgeController:
                     "old": ch.old,
                     "new": ch.new,
                     # What the charger is told: the central system rounds down to this.
-                    "sent": self._wire(ch.charger_id, ch.new),
+                    "sent": self.wire(ch.charger_id, ch.new),
                     "unit": "W" if ch.charger_id in self._dc else "A",
                     "valid_to": vt,
                     "failsafe": self.failsafe.get(ch.charger_id),
@@ -1047,7 +1044,9 @@ class EdgeController:
             ],
         }
 
-    def _wire(self, charger_id: str, value: float) -> float:
+    def wire(self, charger_id: str, value: float) -> float:
+        """What ``charger_id`` is told for ``value``: rounded down to the resolution the central
+        system sends (A or W)."""
         res = self.cfg.resolution_w if charger_id in self._dc else self.cfg.resolution_a
         return wire_value(value, res) if res > 0 else value
 

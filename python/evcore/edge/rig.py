@@ -150,40 +150,23 @@ class EdgeRig:
     def tx_default_at_failsafe(self) -> bool:
         """Every charger accepted a TxDefault at its failsafe level (as told on the wire: the
         central system rounds both down to the same resolution)."""
-        from evcore.edge.dispatch import wire_value
-
         ctrl = self.controller
         assert ctrl is not None
-        cfg = ctrl.cfg
-
-        def told(c: Any, v: float) -> float:
-            res = cfg.resolution_w if c.is_dc else cfg.resolution_a
-            return wire_value(v, res) if res > 0 else v
-
         return bool(ctrl.failsafe) and all(
             c.tx_default is not None
-            and abs(told(c, c.tx_default) - told(c, ctrl.failsafe[c.charger_id])) < 1e-9
-            for c in ctrl.state.chargers.values()
+            and abs(ctrl.wire(cid, c.tx_default) - ctrl.wire(cid, ctrl.failsafe[cid])) < 1e-9
+            for cid, c in ctrl.state.chargers.items()
         )
 
     def failsafe_applied(self) -> bool:
         """Every simulated charger enforces its failsafe level, as told on the wire (the
         TxDefault at that level is in force: accepted is not applied, and a lower one applied
         before it is not the failsafe level either)."""
-        from evcore.edge.dispatch import wire_value
-
         ctrl = self.controller
         assert ctrl is not None
-        cfg = ctrl.cfg
-
-        def told(cid: str) -> float:
-            c = ctrl.state.chargers[cid]
-            res = cfg.resolution_w if c.is_dc else cfg.resolution_a
-            v = ctrl.failsafe[cid]
-            return wire_value(v, res) if res > 0 else v
-
         return self.tx_default_at_failsafe() and all(
-            abs(self.limit_at(cid) - told(cid)) < 1e-6 for cid in self.fleet.charger_ids
+            abs(self.limit_at(cid) - ctrl.wire(cid, ctrl.failsafe[cid])) < 1e-6
+            for cid in self.fleet.charger_ids
         )
 
     def defaults_held(self) -> bool:
