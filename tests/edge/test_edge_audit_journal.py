@@ -178,6 +178,21 @@ def table_for_rig() -> dict[str, Any]:
     return depot_table(4, per_feeder=4, site_id="journal")
 
 
+def journaled_rig(store: Any, journal: Path) -> tuple[AuditRecorder, EdgeRig, list[SentProfile]]:
+    """An edge on ``table_for_rig`` whose audit goes to ``store``, or to ``journal`` when the
+    store does not take a record within half of its 1 s audit budget; and its sent profiles."""
+    cfg = EdgeConfig(**{**FAST, "audit_timeout_s": 1.0})  # type: ignore[arg-type]
+    recorder = AuditRecorder(
+        AuditLog(store, clock=WallClock()),
+        store,
+        journal_path=journal,
+        append_timeout_s=cfg.audit_timeout_s / 2,
+    )
+    sent: list[SentProfile] = []
+    rig = EdgeRig(table_for_rig(), cfg=cfg, audit=recorder, on_sent=sent.append)
+    return recorder, rig, sent
+
+
 async def two_sessions(rig: EdgeRig) -> list[str]:
     """Cars on the rig's first two chargers, once the failsafe is applied; returns their ids when
     both sessions hold an accepted TxProfile."""
@@ -203,15 +218,9 @@ async def test_a_curtailment_reaches_the_stations_while_the_store_is_locked(
 ) -> None:
     store = open_store(store_section, tmp_path)
     await store.open()
-    audit_log = AuditLog(store, clock=WallClock())
     journal = tmp_path / "journal"
-    cfg = EdgeConfig(**{**FAST, "audit_timeout_s": 1.0})  # type: ignore[arg-type]
-    recorder = AuditRecorder(
-        audit_log, store, journal_path=journal, append_timeout_s=cfg.audit_timeout_s / 2
-    )
-    sent: list[SentProfile] = []
+    recorder, rig, sent = journaled_rig(store, journal)
     lock = WriteLock(store_section)
-    rig = EdgeRig(table_for_rig(), cfg=cfg, audit=recorder, on_sent=sent.append)
     try:
         async with rig:
             ctrl = rig.controller
@@ -283,16 +292,8 @@ async def test_nothing_leaves_when_the_journal_cannot_be_written_either(tmp_path
     # disk).
     (tmp_path / "not-a-dir").write_text("")
     unwritable = tmp_path / "not-a-dir" / "journal"
-    cfg = EdgeConfig(**{**FAST, "audit_timeout_s": 1.0})  # type: ignore[arg-type]
-    recorder = AuditRecorder(
-        AuditLog(store, clock=WallClock()),
-        store,
-        journal_path=unwritable,
-        append_timeout_s=cfg.audit_timeout_s / 2,
-    )
-    sent: list[SentProfile] = []
+    recorder, rig, sent = journaled_rig(store, unwritable)
     lock = WriteLock(section)
-    rig = EdgeRig(table_for_rig(), cfg=cfg, audit=recorder, on_sent=sent.append)
     try:
         async with rig:
             ctrl = rig.controller

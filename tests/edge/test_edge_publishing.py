@@ -48,6 +48,16 @@ async def test_a_fault_and_a_local_plan_are_published_and_a_cloud_plan_is_not() 
     ctrl.on_fault = lambda cid, why: seen_faults.append((cid, why))
     pub = EdgePublisher(bus, "pub-site", ctrl, clock)
     pub.install()
+
+    async def delivered(n: int) -> None:
+        """Published, flushed, and (up to 0.2 s) ``n`` messages delivered to the subscribers."""
+        await pub.drain()
+        await bus.flush()
+        for _ in range(20):
+            if len(got) >= n:
+                break
+            await asyncio.sleep(0.01)
+
     try:
         # The controller marks cp-0001 faulted (as check_ignored does) and reports it.
         c = ctrl.state.chargers["cp-0001"]
@@ -60,12 +70,7 @@ async def test_a_fault_and_a_local_plan_are_published_and_a_cloud_plan_is_not() 
         )
         ctrl.set_plan(local)
         ctrl.set_plan(PlanTargets("cloud", "cloud-1@1", now, {"cp-0002": [(now, 900.0, 8.0)]}))
-        await pub.drain()
-        await bus.flush()
-        for _ in range(20):
-            if len(got) >= 2:
-                break
-            await asyncio.sleep(0.01)
+        await delivered(2)
         assert seen_faults == [("cp-0001", c.fault_reason)]  # the earlier hook still runs
         status = [
             status_pb2.ChargerStatus.FromString(m.data)
@@ -91,12 +96,7 @@ async def test_a_fault_and_a_local_plan_are_published_and_a_cloud_plan_is_not() 
         assert was == "draws 30 A above its 6 A profile for 60 s" and not c.faulted
         with pytest.raises(ValueError, match="not faulted"):
             ctrl.clear_fault("cp-0001")
-        await pub.drain()
-        await bus.flush()
-        for _ in range(20):
-            if len(got) >= 4:
-                break
-            await asyncio.sleep(0.01)
+        await delivered(4)
         status = [
             status_pb2.ChargerStatus.FromString(m.data)
             for m in got
