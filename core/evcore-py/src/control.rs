@@ -286,6 +286,21 @@ fn output(
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
 }
 
+/// The site and its output id column, once both batches are checked to list the site's chargers
+/// and nodes in site order.
+fn site_of(
+    topology: &PyTopology,
+    cb: &RecordBatch,
+    nb: &RecordBatch,
+) -> PyResult<(Arc<Topology>, ArrayRef)> {
+    let topo = topology.inner.clone();
+    let ids = topology.charger_ids.clone();
+    check_charger_ids(cb, &topo, &ids)?;
+    let node_ids: Vec<&str> = topo.nodes.iter().map(|n| n.id.as_str()).collect();
+    check_ids(nb, "node_id", &node_ids)?;
+    Ok((topo, ids))
+}
+
 fn arrow_err(e: arrow_schema::ArrowError) -> PyErr {
     pyo3::exceptions::PyRuntimeError::new_err(format!("building the output batch: {e}"))
 }
@@ -301,12 +316,8 @@ pub fn enforce(
     params: Option<&Bound<'_, PyDict>>,
     explain: bool,
 ) -> PyResult<PyArrowType<RecordBatch>> {
-    let topo = topology.inner.clone();
-    let ids = topology.charger_ids.clone();
     let (cb, nb) = (chargers.0, nodes.0);
-    let node_ids: Vec<&str> = topo.nodes.iter().map(|n| n.id.as_str()).collect();
-    check_charger_ids(&cb, &topo, &ids)?;
-    check_ids(&nb, "node_id", &node_ids)?;
+    let (topo, ids) = site_of(topology, &cb, &nb)?;
     let p = env_params(params)?;
     let o = owned(&cb)?;
     let ci = charger_inputs(&cb, &o)?;
@@ -335,12 +346,8 @@ pub fn allocate(
     params: Option<&Bound<'_, PyDict>>,
     explain: bool,
 ) -> PyResult<PyArrowType<RecordBatch>> {
-    let topo = topology.inner.clone();
-    let ids = topology.charger_ids.clone();
     let (cb, nb) = (chargers.0, nodes.0);
-    let node_ids: Vec<&str> = topo.nodes.iter().map(|n| n.id.as_str()).collect();
-    check_charger_ids(&cb, &topo, &ids)?;
-    check_ids(&nb, "node_id", &node_ids)?;
+    let (topo, ids) = site_of(topology, &cb, &nb)?;
     let def = AllocatorParams::default();
     let p = AllocatorParams {
         envelope: env_params(params)?,
