@@ -367,6 +367,24 @@ fn int_ge1(ctx: &str, field: &str, v: &Value) -> CoreResult<u32> {
     }
 }
 
+/// Entry `i` of the site's `list` ("nodes", "chargers"): a table with a string `id`; errors
+/// name it by its position, as it has no id yet.
+fn table_with_id<'v>(
+    raw: &'v Value,
+    list: &str,
+    i: usize,
+    what: &str,
+) -> CoreResult<(&'v Map<String, Value>, String)> {
+    let at = format!("{list}[{i}]");
+    let obj = raw
+        .as_object()
+        .ok_or_else(|| CoreError::site(&at, what, "must be a table"))?;
+    let id = obj
+        .get("id")
+        .ok_or_else(|| CoreError::site(&at, "id", "missing"))?;
+    Ok((obj, string(&at, "id", id)?))
+}
+
 fn check_keys(ctx: &str, obj: &Map<String, Value>, allowed: &[&str]) -> CoreResult<()> {
     for k in obj.keys() {
         if !allowed.contains(&k.as_str()) {
@@ -499,16 +517,7 @@ impl Topology {
         let mut nodes: Vec<Node> = Vec::with_capacity(raw_nodes.len());
         let mut parent_ids: Vec<Option<String>> = Vec::with_capacity(raw_nodes.len());
         for (i, raw) in raw_nodes.iter().enumerate() {
-            let fallback = format!("nodes[{i}]");
-            let obj = raw
-                .as_object()
-                .ok_or_else(|| CoreError::site(&fallback, "node", "must be a table"))?;
-            let id = string(
-                &fallback,
-                "id",
-                obj.get("id")
-                    .ok_or_else(|| CoreError::site(&fallback, "id", "missing"))?,
-            )?;
+            let (obj, id) = table_with_id(raw, "nodes", i, "node")?;
             let ctx = id.as_str();
             check_keys(ctx, obj, NODE_KEYS)?;
             if node_index.insert(id.clone(), i).is_some() {
@@ -684,16 +693,7 @@ impl Topology {
         let mut charger_index: HashMap<String, usize> = HashMap::new();
         let mut chargers: Vec<Charger> = Vec::with_capacity(raw_chargers.len());
         for (i, raw) in raw_chargers.iter().enumerate() {
-            let fallback = format!("chargers[{i}]");
-            let obj = raw
-                .as_object()
-                .ok_or_else(|| CoreError::site(&fallback, "charger", "must be a table"))?;
-            let id = string(
-                &fallback,
-                "id",
-                obj.get("id")
-                    .ok_or_else(|| CoreError::site(&fallback, "id", "missing"))?,
-            )?;
+            let (obj, id) = table_with_id(raw, "chargers", i, "charger")?;
             let c = Self::parse_charger(&id, obj, &node_index, &phase_names, voltage_ln_v)?;
             if node_index.contains_key(&id) {
                 return Err(CoreError::site(
