@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from evcore.bus.api import StreamSpec
-from evcore.bus.subjects import validate_subject
+from evcore.bus.subjects import tokens_match, validate_subject
 
 T = TypeVar("T")
 
@@ -18,24 +18,12 @@ def _pattern_tokens(pattern: str) -> tuple[str, ...]:
     return tuple(pattern.split("."))
 
 
-def _tokens_match(p: tuple[str, ...], s: list[str]) -> bool:
-    """:func:`evcore.bus.subjects.subject_matches` on already split tokens."""
-    for i, tok in enumerate(p):
-        if tok == ">":
-            return i == len(p) - 1 and len(s) > i
-        if i >= len(s):
-            return False
-        if tok != "*" and tok != s[i]:
-            return False
-    return len(s) == len(p)
-
-
 def stream_for_subject(specs: Sequence[StreamSpec], subject: str) -> StreamSpec | None:
     """The stream that stores a concrete subject, or ``None`` (then it is live-only)."""
     tokens = subject.split(".")
     for spec in specs:
         for f in spec.subjects:
-            if _tokens_match(_pattern_tokens(f), tokens):
+            if tokens_match(_pattern_tokens(f), tokens):
                 return spec
     return None
 

@@ -8,6 +8,7 @@ This module never touches the network.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PREFIX = "evcore"
@@ -78,8 +79,11 @@ def unescape_token(token: str) -> str:
 
 def subject_matches(pattern: str, subject: str) -> bool:
     """NATS wildcard matching: ``*`` matches one token, a final ``>`` one or more tokens."""
-    p = pattern.split(".")
-    s = subject.split(".")
+    return tokens_match(pattern.split("."), subject.split("."))
+
+
+def tokens_match(p: Sequence[str], s: Sequence[str]) -> bool:
+    """:func:`subject_matches` on already split tokens (``streams`` caches the pattern's split)."""
     for i, tok in enumerate(p):
         if tok == ">":
             return i == len(p) - 1 and len(s) > i
