@@ -11,10 +11,10 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from evcore.bus import BusConfig, BusMessage, ProcessedIds
+from evcore.bus import Bus, BusConfig, BusMessage, InProcessBus, ProcessedIds
 from evcore.bus.natsbus import NatsBus
 from evcore.clock import WallClock
 from evcore.v1 import audit_pb2
@@ -117,6 +117,29 @@ def make_nats_bus(site: str, url: str, outbox: Path, **cfg: object) -> NatsBus:
         **cfg,  # type: ignore[arg-type]
     )
     return NatsBus(site, conf, clock=WallClock(), ack_wait_s=2.0)
+
+
+@contextlib.asynccontextmanager
+async def started_bus(
+    kind: str, outbox: Path, *, subscriber_queue_size: int = BusConfig.subscriber_queue_size
+) -> AsyncIterator[Bus]:
+    """A started bus of ``kind`` ("inprocess", or "nats" on the shared server) for a fresh site;
+    its streams deleted and the bus closed on exit."""
+    site = unique_site()
+    b: Bus
+    if kind == "nats":
+        b = make_nats_bus(site, SHARED_NATS, outbox, subscriber_queue_size=subscriber_queue_size)
+    else:
+        b = InProcessBus(site, clock=WallClock(), subscriber_queue_size=subscriber_queue_size)
+    await b.start()
+    if kind == "nats":
+        assert b.connected, f"shared nats-server at {SHARED_NATS} unreachable (run make services)"
+    try:
+        yield b
+    finally:
+        if isinstance(b, NatsBus):
+            await b.delete_streams()
+        await b.close()
 
 
 class AuditSink:

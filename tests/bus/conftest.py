@@ -7,10 +7,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from bus_testkit import SHARED_NATS, NatsServer, make_nats_bus, unique_site
-from evcore.bus import Bus, InProcessBus
-from evcore.bus.natsbus import NatsBus
-from evcore.clock import WallClock
+from bus_testkit import NatsServer, started_bus
+from evcore.bus import Bus
 
 
 @pytest.fixture
@@ -36,18 +34,5 @@ def stopped_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 @pytest.fixture(params=["inprocess", "nats"])
 async def bus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Bus]:
     """The same contract, both implementations; the NATS one on the shared server."""
-    site = unique_site()
-    b: Bus
-    if request.param == "nats":
-        b = make_nats_bus(site, SHARED_NATS, tmp_path / "outbox")
-    else:
-        b = InProcessBus(site, clock=WallClock())
-    await b.start()
-    if request.param == "nats":
-        assert b.connected, f"shared nats-server at {SHARED_NATS} unreachable (run make services)"
-    try:
+    async with started_bus(request.param, tmp_path / "outbox") as b:
         yield b
-    finally:
-        if isinstance(b, NatsBus):
-            await b.delete_streams()
-        await b.close()

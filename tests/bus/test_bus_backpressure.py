@@ -9,31 +9,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from bus_testkit import SHARED_NATS, NatsServer, make_nats_bus, unique_site, wait_until
-from evcore.bus import Bus, BusMessage, InProcessBus, Subjects
-from evcore.bus.natsbus import NatsBus
-from evcore.clock import WallClock
+from bus_testkit import SHARED_NATS, NatsServer, make_nats_bus, started_bus, unique_site, wait_until
+from evcore.bus import Bus, BusMessage, Subjects
 from evcore.v1 import meter_pb2, setpoint_pb2
 
 
 @pytest.fixture(params=["inprocess", "nats"])
 async def small_queue_bus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Bus]:
     """A bus whose live subscribers may hold only 20 messages each."""
-    site = unique_site()
-    b: Bus
-    if request.param == "nats":
-        b = make_nats_bus(site, SHARED_NATS, tmp_path / "outbox", subscriber_queue_size=20)
-    else:
-        b = InProcessBus(site, clock=WallClock(), subscriber_queue_size=20)
-    await b.start()
-    if request.param == "nats":
-        assert b.connected, f"shared nats-server at {SHARED_NATS} unreachable (run make services)"
-    try:
+    async with started_bus(request.param, tmp_path / "outbox", subscriber_queue_size=20) as b:
         yield b
-    finally:
-        if isinstance(b, NatsBus):
-            await b.delete_streams()
-        await b.close()
 
 
 async def test_stuck_subscriber_does_not_stall_control_path(small_queue_bus: Bus) -> None:
