@@ -42,6 +42,7 @@ log = logging.getLogger("evcore.api")
 T = TypeVar("T")
 Req = TypeVar("Req")
 Res = TypeVar("Res")
+_View = TypeVar("_View", pb.SessionView, pb.SetpointView)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeApi"].full_name
 DEFAULT_DECISIONS = 50
 MAX_DECISIONS = 1000
@@ -188,25 +189,37 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         d = await self._call(context, self._facade.site_state)
         return convert.site_state(d, site_id=self._site_id, now_s=self._clock.now())
 
+    async def _charger_views(
+        self,
+        context: Any,
+        rows_of: Callable[[], Any],
+        view: Callable[[Mapping[str, Any]], _View],
+        charger_id: str,
+    ) -> list[_View]:
+        """The facade's rows as views, of ``charger_id`` only when one is named, by charger."""
+        rows = await self._call(context, rows_of)
+        views = [view(r) for r in rows]
+        if charger_id:
+            views = [v for v in views if v.charger_id == charger_id]
+        return sorted(views, key=lambda v: v.charger_id)
+
     @_guarded
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Any
     ) -> pb.ListSessionsResponse:
-        rows = await self._call(context, self._facade.sessions)
-        views = [convert.session_view(r) for r in rows]
-        if request.charger_id:
-            views = [v for v in views if v.charger_id == request.charger_id]
-        return pb.ListSessionsResponse(sessions=sorted(views, key=lambda v: v.charger_id))
+        views = await self._charger_views(
+            context, self._facade.sessions, convert.session_view, request.charger_id
+        )
+        return pb.ListSessionsResponse(sessions=views)
 
     @_guarded
     async def ListSetpoints(
         self, request: pb.ListSetpointsRequest, context: Any
     ) -> pb.ListSetpointsResponse:
-        rows = await self._call(context, self._facade.setpoints)
-        views = [convert.setpoint_view(r) for r in rows]
-        if request.charger_id:
-            views = [v for v in views if v.charger_id == request.charger_id]
-        return pb.ListSetpointsResponse(setpoints=sorted(views, key=lambda v: v.charger_id))
+        views = await self._charger_views(
+            context, self._facade.setpoints, convert.setpoint_view, request.charger_id
+        )
+        return pb.ListSetpointsResponse(setpoints=views)
 
     @_guarded
     async def GetNodeUtilisation(
