@@ -626,12 +626,6 @@ class StackRun:
             await asyncio.wait_for(asyncio.gather(app_task, return_exceptions=True), 30.0)
 
     def result(self, wall_s: float) -> PolicyResult:
-        sessions = self.arr.sessions
-        req = float(sum(s.energy_kwh for s in sessions))
-        dlv = float(sum(self.delivered.get(s.id, 0.0) for s in sessions))
-        met = sum(1 for s in sessions if self.delivered.get(s.id, 0.0) >= s.energy_kwh - 0.05)
-        m = self.meter
-        peak = m.demand_peak_kw()
         in_loop: tuple[str, ...] = IN_LOOP
         if self.policy == "uncontrolled":
             in_loop = (
@@ -645,30 +639,16 @@ class StackRun:
             )
         ctrl = self._app.controller if self._app is not None else None
         sent = int(getattr(getattr(ctrl, "stats", None), "profiles_sent", 0))
-        return PolicyResult(
+        return self.meter.result(
+            self.arr,
+            self.delivered,
             policy=self.policy,
             backend="stack",
             in_loop=in_loop,
-            sessions=len(sessions),
-            sessions_met=met,
-            energy_requested_kwh=req,
-            energy_delivered_kwh=dlv,
-            energy_cost=float(m.energy_cost),
-            currency=self.sc.tariff.currency,
-            peak_kw=float(peak),
-            peak_instant_kw=float(m.peak_instant_kw),
-            site_limit_kw=float(self.lines.power_limit_kw[self.lines.root]),
-            demand_charge=float(peak * self.sc.demand_charge.price_per_kw),
-            max_utilisation=float(m.max_util),
-            max_utilisation_at=m.max_util_at,
-            violations=m.violations,
-            violations_kw=m.violations_kw,
             setpoints_sent=sent,
-            faults_injected=tuple(self.faults_injected),
-            faults_not_wired=tuple(self.not_wired),
-            sim_seconds=self.sc.duration_s,
-            wall_seconds=wall_s,
-            series=m.series,
+            faults_injected=self.faults_injected,
+            faults_not_wired=self.not_wired,
+            wall_s=wall_s,
         )
 
 

@@ -23,7 +23,7 @@ import cmath
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -403,6 +403,52 @@ class Meter:
             peak = max(peak, kwh / (self.window_s / 3600.0))
         return peak
 
+    def result(
+        self,
+        arr: Arrivals,
+        delivered: Mapping[str, float],
+        *,
+        policy: str,
+        backend: str,
+        in_loop: tuple[str, ...],
+        setpoints_sent: int,
+        faults_injected: Sequence[str],
+        faults_not_wired: Sequence[str],
+        wall_s: float,
+    ) -> PolicyResult:
+        """The run's outcome: the site as metered here, each session of ``arr`` against the energy
+        ``delivered`` to it (kWh by session id). Both backends report through this one place."""
+        sessions = arr.sessions
+        req_total = float(sum(s.energy_kwh for s in sessions))
+        del_total = float(sum(delivered.get(s.id, 0.0) for s in sessions))
+        met = sum(1 for s in sessions if delivered.get(s.id, 0.0) >= s.energy_kwh - 0.05)
+        peak = self.demand_peak_kw()
+        return PolicyResult(
+            policy=policy,
+            backend=backend,
+            in_loop=in_loop,
+            sessions=len(sessions),
+            sessions_met=met,
+            energy_requested_kwh=req_total,
+            energy_delivered_kwh=del_total,
+            energy_cost=float(self.energy_cost),
+            currency=self.sc.tariff.currency,
+            peak_kw=float(peak),
+            peak_instant_kw=float(self.peak_instant_kw),
+            site_limit_kw=float(self.lines.power_limit_kw[self.lines.root]),
+            demand_charge=float(peak * self.sc.demand_charge.price_per_kw),
+            max_utilisation=float(self.max_util),
+            max_utilisation_at=self.max_util_at,
+            violations=self.violations,
+            violations_kw=self.violations_kw,
+            setpoints_sent=setpoints_sent,
+            faults_injected=tuple(faults_injected),
+            faults_not_wired=tuple(faults_not_wired),
+            sim_seconds=self.sc.duration_s,
+            wall_seconds=wall_s,
+            series=self.series,
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # The in-process loop
@@ -746,36 +792,16 @@ class SitePlant:
     def result(
         self, policy: str, backend: str, in_loop: tuple[str, ...], wall_s: float
     ) -> PolicyResult:
-        sessions = self.arr.sessions
-        req_total = float(sum(s.energy_kwh for s in sessions))
-        del_total = float(sum(self.delivered.get(s.id, 0.0) for s in sessions))
-        met = sum(1 for s in sessions if self.delivered.get(s.id, 0.0) >= s.energy_kwh - 0.05)
-        m = self.meter
-        peak = m.demand_peak_kw()
-        return PolicyResult(
+        return self.meter.result(
+            self.arr,
+            self.delivered,
             policy=policy,
             backend=backend,
             in_loop=in_loop,
-            sessions=len(sessions),
-            sessions_met=met,
-            energy_requested_kwh=req_total,
-            energy_delivered_kwh=del_total,
-            energy_cost=float(m.energy_cost),
-            currency=self.sc.tariff.currency,
-            peak_kw=float(peak),
-            peak_instant_kw=float(m.peak_instant_kw),
-            site_limit_kw=float(self.lines.power_limit_kw[self.lines.root]),
-            demand_charge=float(peak * self.sc.demand_charge.price_per_kw),
-            max_utilisation=float(m.max_util),
-            max_utilisation_at=m.max_util_at,
-            violations=m.violations,
-            violations_kw=m.violations_kw,
             setpoints_sent=self.profiles_received,
-            faults_injected=tuple(self.faults_injected),
-            faults_not_wired=tuple(self.not_wired),
-            sim_seconds=self.sc.duration_s,
-            wall_seconds=wall_s,
-            series=m.series,
+            faults_injected=self.faults_injected,
+            faults_not_wired=self.not_wired,
+            wall_s=wall_s,
         )
 
 
