@@ -45,6 +45,7 @@ from evcore.sim.twin import (
     PolicyResult,
     _busiest_charger,
     _progress_bar,
+    sleep_or_wake,
 )
 from evcore.sim.vclock import VirtualClock
 
@@ -468,13 +469,7 @@ class StackRun:
                         self.plan_statuses.get(planner.last_status, 0) + 1
                     )
                 next_plan = now + self.sc.plan_interval_s
-            sleeper = asyncio.ensure_future(self.clock.sleep(max(next_plan - now, 1.0)))
-            waker = asyncio.ensure_future(self._replan.wait())
-            try:
-                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in (sleeper, waker):
-                    t.cancel()
+            await sleep_or_wake(self.clock, max(next_plan - now, 1.0), self._replan)
 
     def _metered_peak(self) -> tuple[float, float]:
         """What the site meter says for the planner, chargers only (the building's load is

@@ -314,6 +314,18 @@ class PolicyResult:
         }
 
 
+async def sleep_or_wake(clock: VirtualClock, delay_s: float, wake: asyncio.Event) -> None:
+    """Sleep ``delay_s`` on the virtual clock, or until ``wake`` is set if that comes first."""
+    sleeper = asyncio.ensure_future(clock.sleep(delay_s))
+    waker = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sleeper, waker):
+            if not task.done():
+                task.cancel()
+
+
 def _samples_in(t0: float, t1: float) -> int:
     """Number of 100 ms sample instants k·0.1 s (relative to the start) in [t0, t1)."""
     return max(0, math.ceil(t1 / SAMPLE_S - 1e-9) - math.ceil(t0 / SAMPLE_S - 1e-9))
@@ -777,14 +789,7 @@ class SitePlant:
                 break
             nxt = self._next_change(t)
             self._wake.clear()
-            sleeper = asyncio.ensure_future(self.clock.sleep(nxt - t))
-            waker = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (sleeper, waker):
-                    if not task.done():
-                        task.cancel()
+            await sleep_or_wake(self.clock, nxt - t, self._wake)
         for p in self.points:
             if p.car is not None:
                 self.delivered[p.car.session.id] = p.car.delivered_kwh
@@ -929,14 +934,7 @@ class TickDriver:
                 if pl.send_profile(k, "tx", new, delay_s=delay):
                     self.last_sent[k] = new
             self._wake.clear()
-            sleeper = asyncio.ensure_future(pl.clock.sleep(max(next_tick - t, 1e-3)))
-            waker = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (sleeper, waker):
-                    if not task.done():
-                        task.cancel()
+            await sleep_or_wake(pl.clock, max(next_tick - t, 1e-3), self._wake)
 
 
 async def drive(clock: VirtualClock, plant: SitePlant, *drivers: Any) -> None:
