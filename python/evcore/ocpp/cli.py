@@ -19,6 +19,14 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
+async def _run_for(seconds: float) -> None:
+    """``--seconds``: run that long, or until SIGINT/SIGTERM when 0."""
+    if seconds:
+        await asyncio.sleep(seconds)
+    else:
+        await _until_signal()
+
+
 async def _csms(args: argparse.Namespace) -> int:
     from evcore.clock import WallClock
     from evcore.ocpp import CentralSystem
@@ -39,10 +47,7 @@ async def _csms(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        if args.seconds:
-            await asyncio.sleep(args.seconds)
-        else:
-            await _until_signal()
+        await _run_for(args.seconds)
     finally:
         await cs.stop()
     return 0
@@ -76,10 +81,7 @@ async def _simcp(args: argparse.Namespace) -> int:
             fleet.plug_in(cid, EV(soc=0.3))
     print(f"{len(fleet.stations)} simulated stations connected to {url}", flush=True)
     try:
-        if args.seconds:
-            await asyncio.sleep(args.seconds)
-        else:
-            await _until_signal()
+        await _run_for(args.seconds)
     finally:
         await fleet.stop()
     return 0
