@@ -27,6 +27,31 @@ def client_ctx(pki: CertAuthority, cert: tuple[str, str] | None = None) -> ssl.S
     return ctx
 
 
+async def run_test_ocpp_cli(
+    base: str, sid: str, version: str, password: str
+) -> subprocess.CompletedProcess[str]:
+    """The ``test-ocpp`` command-line tool, as an operator would run it, in its own process."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "test_ocpp",
+            base,
+            sid,
+            "--ocpp",
+            version,
+            "--password",
+            password,
+            "--timeout",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 async def test_profile_1_with_test_ocpp_client_both_versions() -> None:
     cs = CentralSystem(make_site(), clock=WallClock())
     await cs.start()
@@ -48,46 +73,9 @@ async def test_profile_1_with_test_ocpp_client_both_versions() -> None:
                 base, "CPA", ocpp="1.6", password="not-the-password-1", timeout=5
             )
         assert exc.value.response.status_code == 401
-        # The command-line tool, as an operator would run it, in its own process.
-        ok = await asyncio.to_thread(
-            subprocess.run,
-            [
-                sys.executable,
-                "-m",
-                "test_ocpp",
-                base,
-                "CPB",
-                "--ocpp",
-                "2.0.1",
-                "--password",
-                PASSWORDS["CPB"],
-                "--timeout",
-                "5",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        ok = await run_test_ocpp_cli(base, "CPB", "2.0.1", PASSWORDS["CPB"])
         assert ok.returncode == 0 and "SUCCESS" in ok.stdout, ok.stdout + ok.stderr
-        bad = await asyncio.to_thread(
-            subprocess.run,
-            [
-                sys.executable,
-                "-m",
-                "test_ocpp",
-                base,
-                "CPB",
-                "--ocpp",
-                "2.0.1",
-                "--password",
-                "wrong-password-000",
-                "--timeout",
-                "5",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        bad = await run_test_ocpp_cli(base, "CPB", "2.0.1", "wrong-password-000")
         assert bad.returncode == 1 and "HTTP 401" in bad.stdout
     finally:
         await cs.stop()
