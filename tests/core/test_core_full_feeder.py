@@ -168,3 +168,37 @@ def test_envelope_alone_lowers_requests_to_fit_when_followed() -> None:
     assert set(out.column("binding_node").to_pylist()) == {"F1"}
     again = enforce(site, cols | {"requested_a": sp}, params=EnvelopeParams())
     assert again.column("setpoint_a").to_numpy().tolist() == sp.tolist()
+
+
+def test_nothing_rises_below_a_feeder_measured_over_by_a_charger_ignoring_its_setpoint() -> None:
+    """cp0 was sent 16 A and draws 90 A (it ignores its profile); the others were sent 0. The
+    feeder is over on what is held alone. Sizing only "to fit when followed" started the other
+    four beside it (16 A each: 154 A counted on 80); now nothing below the feeder rises above
+    what it was sent, through the envelope alone and through the allocator."""
+    site = feeder_site()
+    last = np.array([16.0, 0.0, 0.0, 0.0, 0.0])
+    draw = np.array([90.0, 0.0, 0.0, 0.0, 0.0])
+    cols: dict[str, Any] = {
+        "requested_a": np.full(N, 32.0),
+        "measured_l1_a": draw,
+        "measured_l2_a": draw,
+        "measured_l3_a": draw,
+        "measured_age_s": np.full(N, 1.0),
+        "last_sent_a": last,
+    }
+    out = enforce(site, cols, params=EnvelopeParams())
+    sp = out.column("setpoint_a").to_numpy()
+    assert np.all(sp <= last + 1e-9), sp
+    assert sp[1:].tolist() == [0.0] * 4
+    assert out.column("binding_node").to_pylist()[1:] == ["F1"] * 4
+    alloc_cols = {k: v for k, v in cols.items() if k != "requested_a"}
+    alloc_cols["on_since_s"] = np.where(last > 0, NOW - 3600.0, np.nan)
+    alloc_cols["off_since_s"] = np.where(last > 0, np.nan, NOW - 3600.0)
+    out = allocate(
+        site,
+        allocator_batch(site, **alloc_cols),
+        node_batch(site, other_load_age_s=np.ones(2)),
+        params=AllocatorParams(now_s=NOW).as_dict(),
+    )
+    sp = out.column("setpoint_a").to_numpy()
+    assert np.all(sp <= last + 1e-9), (sp, out.column("reason").to_pylist())

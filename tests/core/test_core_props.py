@@ -173,6 +173,16 @@ def held_terminal_a(site: Site, cols: dict[str, Any], stale: float) -> F64:
     return out
 
 
+def last_sent_line_a(c: Any, cols: dict[str, Any], i: int) -> float:
+    """The last setpoint sent to charger ``i`` as line amperes (DC converted), 0 when unknown."""
+    if c.kind == "dc":
+        w = cols["last_sent_w"][i]
+        last = 0.0 if math.isnan(w) else c.dc_line_a(min(w, c.max_w or 0.0))
+    else:
+        last = cols["last_sent_a"][i]
+    return 0.0 if math.isnan(last) else max(last, 0.0)
+
+
 def held_followed_terminal_a(site: Site, cols: dict[str, Any], stale: float) -> F64:
     """(n, 3): what each charger terminal may draw when the charger follows its new setpoint:
     what it holds for reasons other than its own measurement (an unconfirmed decrease, an
@@ -260,7 +270,13 @@ def assert_safe(
             and key not in over_followed
         ):
             # What is held alone is over the limit (measured draw): no setpoint can make the
-            # counted load fit, and it fits when every charger follows its setpoint.
+            # counted load fit, and it fits when every charger follows its setpoint; nothing
+            # below the node rises above what it was last sent.
+            phase = None if v.phase is None else site.phase_names.index(v.phase)
+            for i, c in enumerate(site.chargers):
+                if below(site, i, v.node) and (phase is None or phase in c.phases):
+                    last = last_sent_line_a(c, cols, i)
+                    assert sp[i] <= last + 1e-9, f"{v}; charger {c.id} rose to {sp[i]} > {last} A"
             continue
         # Otherwise only where even 0 for every charger it controls cannot hold the limit.
         phase = None if v.phase is None else site.phase_names.index(v.phase)

@@ -1345,7 +1345,8 @@ pub fn allocation_model(
 mod tests {
     use super::*;
     use crate::envelope::tests::{
-        as_request, cases, gen_inputs, gen_params, gen_site, Check, Inputs, Rng, NOW,
+        as_request, cases, gen_inputs, gen_params, gen_site, grid_measured_over, Check, Inputs,
+        Rng, NOW,
     };
     use crate::envelope::{enforce, Decision};
     use proptest::prelude::*;
@@ -1409,6 +1410,24 @@ mod tests {
 
     fn alloc(topo: &Topology, x: &Inputs, w: &Want, p: &AllocatorParams) -> Allocation {
         allocate(topo, &x.chargers(), &x.nodes(), &w.demand(), p, true).expect("valid inputs")
+    }
+
+    #[test]
+    fn nobody_starts_or_rises_below_a_node_measured_over_its_limit() {
+        // The water-filling shares the grid as if followed (25 A each); the envelope, which the
+        // allocation passes, keeps a at what it was sent and b off while the grid is over.
+        let (t, x) = grid_measured_over();
+        let p = AllocatorParams::default();
+        let a = alloc(&t, &x, &Want::new(2), &p);
+        assert!(a.decision.setpoint_a[0] <= 16.0 + 1e-9, "{a:?}");
+        assert_eq!(a.decision.setpoint_a[1], 0.0, "{a:?}");
+        Check {
+            topo: &t,
+            x: &x,
+            p: p.envelope,
+        }
+        .invariants(&a.decision)
+        .unwrap();
     }
 
     /// Replace every non-finite or negative input by a plain one (for the fairness certificate,

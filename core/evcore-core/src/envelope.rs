@@ -208,6 +208,9 @@ pub(crate) struct Counting {
     /// Largest fresh measured terminal current (0 when stale or none).
     pub measured_a: Vec<f64>,
     pub held_unconfirmed: Vec<bool>,
+    /// The last setpoint sent (line A per terminal; 0 when unknown): where a node is measured
+    /// over a limit, nothing below it rises above this.
+    pub last_a: Vec<f64>,
     /// Non-charger load per node and phase as counted, and whether it is the stale maximum.
     pub other: Vec<[f64; N_PHASES]>,
     pub other_stale: Vec<bool>,
@@ -273,8 +276,18 @@ impl NodeInputs<'_> {
 
 /// Last sent setpoint of a charger as AC line amps per terminal (NaN: unknown → its maximum).
 pub(crate) fn last_sent_line_a(topo: &Topology, c: usize, ch: &ChargerInputs<'_>) -> f64 {
+    let v = last_sent_raw_line_a(topo, c, ch);
+    if v.is_nan() {
+        topo.hot(c).max_a
+    } else {
+        v.max(0.0)
+    }
+}
+
+/// The last setpoint sent as line amperes per terminal (DC converted); NaN when unknown.
+fn last_sent_raw_line_a(topo: &Topology, c: usize, ch: &ChargerInputs<'_>) -> f64 {
     let spec = topo.hot(c);
-    let v = match spec.kind {
+    match spec.kind {
         ChargerKind::Ac => ch.last_sent_a[c],
         ChargerKind::Dc => {
             let w = ch.last_sent_w[c];
@@ -284,11 +297,6 @@ pub(crate) fn last_sent_line_a(topo: &Topology, c: usize, ch: &ChargerInputs<'_>
                 spec.dc_line_a(w.min(spec.max_w))
             }
         }
-    };
-    if v.is_nan() {
-        spec.max_a
-    } else {
-        v.max(0.0)
     }
 }
 
@@ -303,6 +311,16 @@ pub(crate) fn counting(
     let mut held_cmd = vec![[0.0; N_PHASES]; n];
     let mut measured_a = vec![0.0f64; n];
     let mut held_unconfirmed = vec![false; n];
+    let last_a: Vec<f64> = (0..n)
+        .map(|c| {
+            let v = last_sent_raw_line_a(topo, c, ch);
+            if v.is_nan() {
+                0.0
+            } else {
+                v.max(0.0)
+            }
+        })
+        .collect();
     for c in 0..n {
         let spec = topo.hot(c);
         let nt = spec.terminals();
@@ -364,6 +382,7 @@ pub(crate) fn counting(
         held_cmd,
         measured_a,
         held_unconfirmed,
+        last_a,
         other,
         other_stale,
     }
@@ -940,6 +959,12 @@ pub(crate) fn enforce_limits(
                     }
                 };
                 if fixed {
+                    // While it is measured over, nothing below it rises: a charger that draws
+                    // more than it was sent (the cause, most likely) must not be joined by
+                    // others starting or rising on the room its setpoint leaves.
+                    for &c in &members {
+                        cnt.s[c] = snap_down(topo, c, cnt.s[c].min(cnt.last_a[c]));
+                    }
                     exempt[n][exempt_slot(k)] = true;
                     let measured = single_node_value(topo, cnt, &sub, n, k, &mut scratch);
                     for &c in &members {
@@ -1581,6 +1606,27 @@ pub(crate) mod tests {
             }
             .held(c)
         }
+        /// The last setpoint sent as line amperes (DC converted; 0 when unknown): written out
+        /// again, not taken from the envelope.
+        fn last_line_a(&self, c: usize) -> f64 {
+            let spec = &self.topo.chargers[c];
+            let v = match spec.kind {
+                ChargerKind::Ac => self.x.last_a[c],
+                ChargerKind::Dc => {
+                    let w = self.x.last_w[c];
+                    if w.is_nan() || w <= 0.0 {
+                        0.0
+                    } else {
+                        (w.min(spec.max_w) / spec.efficiency + spec.aux_w) / (3.0 * spec.voltage_v)
+                    }
+                }
+            };
+            if v.is_nan() {
+                0.0
+            } else {
+                v.max(0.0)
+            }
+        }
         fn other(&self, n: usize) -> [f64; 3] {
             let max = self.topo.nodes[n].other_load_max_a;
             if !self.fresh(self.x.o_age[n]) {
@@ -1771,12 +1817,18 @@ pub(crate) mod tests {
                 let (mag0, kw0, _) = self.node(n, &zero);
                 let (mag_f, kw_f, _) = self.node_followed(n, s);
                 let no_unb = node.unbalance_limit_a.is_none();
+                // And there nothing below it rises above what it was last sent.
+                let none_rises = |f: &dyn Fn(usize) -> bool| {
+                    (0..topo.n_chargers())
+                        .all(|c| !self.below(c, n) || !f(c) || s[c] <= self.last_line_a(c) + 1e-9)
+                };
                 for p in 0..3 {
                     let lim = node.phase_limit_a[p];
                     let held_over = no_unb && !(mag0[p] <= lim + tol(lim));
+                    let on_p = |c: usize| topo.chargers[c].phases.contains(&p);
                     let ok = mag[p] <= lim + tol(lim)
-                        || (held_over && mag_f[p] <= lim + tol(lim))
-                        || off_below(&|c| topo.chargers[c].phases.contains(&p));
+                        || (held_over && mag_f[p] <= lim + tol(lim) && none_rises(&on_p))
+                        || off_below(&on_p);
                     if !ok {
                         return Err(format!("node {n} phase {p}: {} > {lim} A", mag[p]));
                     }
@@ -1784,7 +1836,7 @@ pub(crate) mod tests {
                 if let Some(l) = node.power_limit_kw {
                     let held_over = no_unb && !(kw0 <= l + tol(l));
                     let ok = kw <= l + tol(l)
-                        || (held_over && kw_f <= l + tol(l))
+                        || (held_over && kw_f <= l + tol(l) && none_rises(&|_| true))
                         || off_below(&|_| true);
                     if !ok {
                         return Err(format!("node {n}: {kw} > {l} kW"));
@@ -1976,6 +2028,46 @@ pub(crate) mod tests {
             d.reason[2]
         );
         Check { topo: &t, x: &x, p }.invariants(&d).unwrap();
+    }
+
+    /// Charger a was sent 16 A (confirmed) and draws 55 A on every phase: the 50 A grid is over
+    /// on what is held alone. Charger b was sent 0. Both ask for 32 A.
+    pub(crate) fn grid_measured_over() -> (Topology, Inputs) {
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 50}"#,
+            &[
+                ac("a", "g", "three_phase", r#"["L1","L2","L3"]"#, ""),
+                ac("b", "g", "three_phase", r#"["L1","L2","L3"]"#, ""),
+            ]
+            .join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![32.0, 32.0];
+        x.last_a = vec![16.0, 0.0];
+        for k in 0..3 {
+            x.m[k] = vec![55.0, 0.0];
+        }
+        (t, x)
+    }
+
+    #[test]
+    fn nothing_rises_below_a_node_measured_over_its_limit() {
+        // Sized only "to fit when followed", a kept 16 A and b got 32 A: 87 A counted on 50.
+        // Now nothing below the node rises above what it was sent.
+        let (t, x) = grid_measured_over();
+        let p = EnvelopeParams::default();
+        let d = run(&t, &x, &p);
+        assert!(d.setpoint_a[0] <= 16.0 + 1e-9, "{d:?}");
+        assert_eq!(d.setpoint_a[1], 0.0, "{d:?}");
+        assert_eq!(d.binding[1], Binding::NodePhase);
+        let chk = Check { topo: &t, x: &x, p };
+        chk.invariants(&d).unwrap();
+        // The checker catches a rise there (it is not the envelope's own rule read back).
+        let mut risen = d.clone();
+        risen.setpoint_a[1] = 6.0;
+        assert!(chk.invariants(&risen).is_err());
+        let d2 = run(&t, &as_request(&t, &x, &d), &p);
+        assert_eq!(d2.setpoint_a, d.setpoint_a);
     }
 
     #[test]
