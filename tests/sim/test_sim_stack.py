@@ -29,6 +29,9 @@ from evcore.sim.scenario import (
 )
 
 EVCORE = [sys.executable, "-c", "import sys; from evcore.cli import main; sys.exit(main())"]
+# Every policy, in the report's order; spelled out here (not scenario.POLICIES) so a change to the
+# list or its order shows up as a failing test.
+EVERY_POLICY = ["uncontrolled", "fair_share", "least_laxity", "planner_cost", "planner_peak"]
 
 ok, why = stack.available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"stack backend unavailable: {why}")
@@ -135,13 +138,7 @@ def short_comparison() -> Any:
 
 def test_sim_short_run_completes_every_policy(short_comparison: Any) -> None:
     rows = short_comparison.rows()
-    assert [r["policy"] for r in rows] == [
-        "uncontrolled",
-        "fair_share",
-        "least_laxity",
-        "planner_cost",
-        "planner_peak",
-    ]
+    assert [r["policy"] for r in rows] == EVERY_POLICY
     assert {r["backend"] for r in rows} == {"stack"}
     for r in rows:
         assert r["energy_requested_kwh"] > 0
@@ -408,13 +405,7 @@ def test_sim_demo_json_short(tmp_path: Path) -> None:
         check=True,
     )
     rows = json.loads(out.stdout)
-    assert [r["policy"] for r in rows] == [
-        "uncontrolled",
-        "fair_share",
-        "least_laxity",
-        "planner_cost",
-        "planner_peak",
-    ]
+    assert [r["policy"] for r in rows] == EVERY_POLICY
     for r in rows:
         for key in (
             "energy_requested_kwh",
