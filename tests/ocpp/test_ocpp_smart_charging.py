@@ -242,14 +242,23 @@ async def test_commands_both_versions(charger: str) -> None:
             assert got.payload["unknownKey"] == ["Nope"]
             changed = await r.cs.change_configuration(sid, "HeartbeatInterval", "60")
             assert changed.ok and sim.config["HeartbeatInterval"] == "60"
-            assert (await r.cs.get_variables(sid, [("X", "Y")])).status == "NotSupported"
+            wrong = await r.cs.get_variables(sid, [("X", "Y")])
+            assert wrong.status == "NotSupported"
+            assert (
+                wrong.detail == f"GetVariables exists only in OCPP 2.0.1; station {sid} speaks 1.6"
+            )
         else:
             got = await r.cs.get_variables(sid, [("SampledDataCtrlr", "TxUpdatedInterval")])
             assert got.payload is not None
             assert got.payload["getVariableResult"][0]["attributeValue"] == "1"
             res = await r.cs.set_variables(sid, [("SampledDataCtrlr", "TxUpdatedInterval", "5")])
             assert res.status == "Result" and sim.sample_interval_s == 5.0
-            assert (await r.cs.get_configuration(sid)).status == "NotSupported"
+            wrong = await r.cs.get_configuration(sid)
+            assert wrong.status == "NotSupported"
+            assert (
+                wrong.detail
+                == f"GetConfiguration exists only in OCPP 1.6; station {sid} speaks 2.0.1"
+            )
         boots = sim.connections
         res = await r.cs.reset(sid, hard=True)
         assert res.ok

@@ -1422,7 +1422,7 @@ class CentralSystem:
         return await self._command(
             target,
             lambda s, c: ("GetConfiguration", {"key": keys} if keys else {}),
-            _only_16("GetConfiguration"),
+            _only_in("1.6", "GetConfiguration"),
         )
 
     async def change_configuration(self, target: str, key: str, value: str) -> CommandResult:
@@ -1430,7 +1430,7 @@ class CentralSystem:
         return await self._command(
             target,
             lambda s, c: ("ChangeConfiguration", {"key": key, "value": value}),
-            _only_16("ChangeConfiguration"),
+            _only_in("1.6", "ChangeConfiguration"),
         )
 
     async def get_variables(self, target: str, variables: list[tuple[str, str]]) -> CommandResult:
@@ -1438,7 +1438,7 @@ class CentralSystem:
         data = [{"component": {"name": c}, "variable": {"name": v}} for c, v in variables]
         return await self._command(
             target,
-            _only_201("GetVariables"),
+            _only_in("2.0.1", "GetVariables"),
             lambda s, c: ("GetVariables", {"getVariableData": data}),
         )
 
@@ -1452,7 +1452,7 @@ class CentralSystem:
         ]
         return await self._command(
             target,
-            _only_201("SetVariables"),
+            _only_in("2.0.1", "SetVariables"),
             lambda s, c: ("SetVariables", {"setVariableData": data}),
         )
 
@@ -1493,19 +1493,14 @@ class VersionMismatch(Exception):
     pass
 
 
-def _only_16(action: str) -> Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]]:
+def _only_in(
+    version: str, action: str
+) -> Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]]:
+    """The builder for the other version of a command that exists only in OCPP ``version``."""
+
     def f(s: Station, c: ChargerInfo | None) -> tuple[str, dict[str, Any]]:
         raise VersionMismatch(
-            f"{action} exists only in OCPP 1.6; station {s.ocpp_id} speaks {s.version}"
-        )
-
-    return f
-
-
-def _only_201(action: str) -> Callable[[Station, ChargerInfo | None], tuple[str, dict[str, Any]]]:
-    def f(s: Station, c: ChargerInfo | None) -> tuple[str, dict[str, Any]]:
-        raise VersionMismatch(
-            f"{action} exists only in OCPP 2.0.1; station {s.ocpp_id} speaks {s.version}"
+            f"{action} exists only in OCPP {version}; station {s.ocpp_id} speaks {s.version}"
         )
 
     return f
