@@ -52,7 +52,7 @@ def sites(draw: st.DrawFn) -> Site:
         if draw(st.booleans()):
             node["power_limit_kw"] = draw(st.floats(4.0, 60.0))
         if draw(st.integers(0, 3)) == 0:
-            node["unbalance_limit_a"] = draw(st.floats(4.0, 30.0))
+            node["unbalance_limit_a"] = draw(st.floats(10.0, 30.0))
         if draw(st.booleans()):
             node["other_load_max_a"] = [draw(st.floats(0.0, 10.0)) for _ in range(3)]
         nodes.append(node)

@@ -137,6 +137,75 @@ def test_child_limit_that_can_never_be_used_is_rejected() -> None:
     expect(site, "grid", "power_limit_kw")
 
 
+@pytest.mark.parametrize(
+    ("charger", "cap"),
+    [
+        # One phase at its 6 A minimum unbalances the phases by 6 A.
+        ({"wiring": "line_to_neutral", "phases": ["L1"]}, 5.9),
+        # Across L1-L2: 6 A on both lines, 0 on L3.
+        ({"wiring": "line_to_line", "phases": ["L1", "L2"], "voltage_v": 400.0}, 5.9),
+        # A single-phase car on a three-phase charger draws its 6 A on L1 alone.
+        ({"wiring": "three_phase", "phases": ["L1", "L2", "L3"], "single_phase_car": True}, 2.0),
+    ],
+)
+def test_unbalance_cap_below_a_chargers_own_minimum_unbalance_is_rejected(
+    charger: dict[str, Any], cap: float
+) -> None:
+    site = base()
+    node(site, "F1")["phase_limit_a"] = 63.0
+    site["chargers"][0] |= charger
+    node(site, "F1")["unbalance_limit_a"] = cap
+    e = expect(site, "F1", "unbalance_limit_a")
+    assert "cp1" in str(e)
+    node(site, "F1")["unbalance_limit_a"] = 6.0  # exactly its minimum: it can run
+    load_site(site)
+
+
+def test_a_three_phase_charger_without_single_phase_cars_fits_any_unbalance_cap() -> None:
+    site = base()
+    node(site, "F1")["phase_limit_a"] = 63.0
+    site["chargers"][0] |= {
+        "wiring": "three_phase",
+        "phases": ["L1", "L2", "L3"],
+        "single_phase_car": False,
+    }
+    node(site, "F1")["unbalance_limit_a"] = 0.5
+    load_site(site)
+
+
+def test_dc_minimum_power_above_a_phase_limit_is_rejected() -> None:
+    """20 kW DC minimum at 95 % and 200 W auxiliary is (20000/0.95 + 200)/690 = 30.8 A of line
+    current: a 10 A feeder can never carry it."""
+    site = base()
+    node(site, "F1")["phase_limit_a"] = 10.0
+    site["chargers"][0] = {
+        "id": "dc1",
+        "parent": "F1",
+        "kind": "dc",
+        "wiring": "three_phase",
+        "phases": ["L1", "L2", "L3"],
+        "voltage_v": 230.0,
+        "max_w": 50_000.0,
+        "min_w": 20_000.0,
+        "efficiency": 0.95,
+        "aux_w": 200.0,
+    }
+    e = expect(site, "F1", "phase_limit_a")
+    assert "dc1" in str(e) and "30.8" in str(e)
+    node(site, "F1")["phase_limit_a"] = 31.0
+    assert load_site(site).charger("dc1").dc_line_a(20_000.0) == pytest.approx(
+        (20_000.0 / 0.95 + 200.0) / 690.0
+    )
+
+
+@pytest.mark.parametrize("steps", [[8.0, 32.0], [3.0, 8.0]])
+def test_allowed_steps_outside_the_chargers_range_are_rejected(steps: list[float]) -> None:
+    site = base()
+    site["chargers"][0] |= {"max_a": 16.0, "steps_a": steps}
+    e = expect(site, "cp1", "steps_a")
+    assert "[6, 16]" in str(e)
+
+
 def test_other_field_errors_name_the_field() -> None:
     site = base()
     site["chargers"][0]["wiring"] = "delta"

@@ -1321,7 +1321,7 @@ pub(crate) mod tests {
                 node["power_limit_kw"] = json!(r.range(4.0, 60.0));
             }
             if r.chance(0.25) {
-                node["unbalance_limit_a"] = json!(r.range(4.0, 30.0));
+                node["unbalance_limit_a"] = json!(r.range(10.0, 30.0));
             }
             if r.chance(0.3) {
                 let o: Vec<f64> = (0..3).map(|_| r.range(0.0, 10.0)).collect();

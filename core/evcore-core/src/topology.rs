@@ -1133,10 +1133,16 @@ impl Topology {
     /// it needs can never let that charger charge: reject the file.
     fn check_usable(&self) -> CoreResult<()> {
         for (c, ch) in self.chargers.iter().enumerate() {
-            let need = if ch.kind == ChargerKind::Ac {
-                ch.min_a
-            } else {
-                0.0
+            // The least a running charger draws (line amperes per terminal) and how far that
+            // alone unbalances the phases.
+            let need = match ch.kind {
+                ChargerKind::Ac => ch.min_a,
+                ChargerKind::Dc => ch.dc_line_a(ch.min_w),
+            };
+            let need_unbalance = match (ch.kind, ch.wiring) {
+                (ChargerKind::Dc, _) => 0.0,
+                (ChargerKind::Ac, Wiring::ThreePhase) if !ch.single_phase_car => 0.0,
+                (ChargerKind::Ac, _) => ch.min_a,
             };
             for &n in self.ancestors(c) {
                 let node = &self.nodes[n];
@@ -1155,12 +1161,26 @@ impl Topology {
                         ));
                     }
                 }
+                // A kW limit below a charger's minimum power is allowed: it is how a
+                // curtailment (edge/coreio.py) says that nothing below the node may run.
                 if let Some(kw) = node.power_limit_kw {
                     if kw <= 0.0 {
                         return Err(CoreError::site(
                             &node.id,
                             "power_limit_kw",
                             format!("0 kW can never carry charger {:?}", ch.id),
+                        ));
+                    }
+                }
+                if let Some(u) = node.unbalance_limit_a {
+                    if u < need_unbalance {
+                        return Err(CoreError::site(
+                            &node.id,
+                            "unbalance_limit_a",
+                            format!(
+                                "{u} A can never carry charger {:?} (at its minimum {} A it unbalances the phases by {} A)",
+                                ch.id, ch.min_a, need_unbalance
+                            ),
                         ));
                     }
                 }
