@@ -102,6 +102,11 @@ def _column(name: str, typ: pa.DataType, value: Any, n: int) -> pa.Array:
             np_arr = np.ascontiguousarray(np_arr, dtype=np.float64)
         elif typ == pa.bool_():
             np_arr = np.ascontiguousarray(np_arr, dtype=np.bool_)
+        elif np_arr.dtype.kind == "f":
+            # Counts given as floats stay floats (the core takes float64 counts): a cast would
+            # turn NaN or 1e30 into int64's minimum, i.e. far below any cap.
+            typ = pa.float64()
+            np_arr = np.ascontiguousarray(np_arr, dtype=np.float64)
         else:
             np_arr = np.ascontiguousarray(np_arr, dtype=np.int64)
         arr = pa.array(np_arr, type=typ)

@@ -399,3 +399,26 @@ def test_reclaimed_headroom_reads_as_a_low_draw_not_as_no_energy_wanted() -> Non
     out = allocate(site, wants_nothing, params=params)
     assert out.column("setpoint_a").to_numpy()[0] == 0.0
     assert out.column("reason").to_pylist()[0] == "paused: no energy wanted"
+
+
+@pytest.mark.parametrize("switches", [math.nan, 1e30, 3.0])
+def test_a_switch_count_given_as_a_float_keeps_a_paused_session_at_its_cap(switches: float) -> None:
+    """max_switches 3: a paused session whose count is 3, unknown (NaN) or absurd (1e30) stays
+    paused. Cast to int64, NaN and 1e30 became int64's minimum and the session resumed."""
+    site = small_site()
+    n = len(site.chargers)
+    cols: dict[str, Any] = {
+        "requested_a": np.full(n, 16.0),
+        "requested_w": np.full(n, 5000.0),
+        "last_sent_a": np.zeros(n),
+        "last_sent_w": np.zeros(n),
+        "switches": np.full(n, switches),
+    }
+    out = enforce(site, cols, params=EnvelopeParams(max_switches=3.0))
+    assert out.column("setpoint_a").to_pylist() == [0.0] * n
+    assert set(out.column("binding").to_pylist()) == {"hysteresis"}
+    # Below the cap it resumes: the cap is what holds it.
+    out = enforce(
+        site, cols | {"switches": np.full(n, 2.0)}, params=EnvelopeParams(max_switches=3.0)
+    )
+    assert all(x > 0 for x in out.column("setpoint_a").to_pylist())
