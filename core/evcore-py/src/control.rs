@@ -1,6 +1,6 @@
 //! `_core.enforce` and `_core.allocate`: Arrow record batches in and out (float columns are
 //! borrowed, not copied), the work done with the GIL released.
-use crate::errors::{guarded, input_err, CoreResultExt};
+use crate::errors::{core_err, guarded, input_err, CoreResultExt};
 use crate::topology::PyTopology;
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
@@ -10,7 +10,7 @@ use arrow_pyarrow::PyArrowType;
 use arrow_schema::{DataType, Field, Schema};
 use evcore_core::allocator::{self, AllocatorParams, Demand};
 use evcore_core::envelope::{self, Binding, ChargerInputs, Decision, EnvelopeParams, NodeInputs};
-use evcore_core::Topology;
+use evcore_core::{CoreError, Topology};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::sync::Arc;
@@ -302,7 +302,9 @@ fn site_of(
 }
 
 fn arrow_err(e: arrow_schema::ArrowError) -> PyErr {
-    pyo3::exceptions::PyRuntimeError::new_err(format!("building the output batch: {e}"))
+    core_err(CoreError::Internal(format!(
+        "building the output batch: {e}"
+    )))
 }
 
 /// Safe setpoints for every charger (see docs/envelope.md for the schemas).

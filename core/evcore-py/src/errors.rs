@@ -123,18 +123,4 @@ pub fn input_err(column: &str, row: Option<usize>, message: impl Into<String>) -
     core_err(CoreError::input(column, row, message))
 }
 
-/// Run core work so that a panic becomes `CoreError::Internal` (an `EvcoreError` in Python)
-/// instead of unwinding into Python as a `PanicException`.
-pub fn guarded<T>(f: impl FnOnce() -> Result<T, CoreError>) -> Result<T, CoreError> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".to_string());
-            Err(CoreError::Internal(what))
-        }
-    }
-}
+pub use evcore_core::error::guarded;
