@@ -1800,6 +1800,32 @@ mod tests {
         w.behind = vec![true, false];
         let a = alloc(&t, &x, &w, &params());
         close(&a.decision.setpoint_a, &[20.0, 20.0]);
+        // A target of 0 pauses the session (the plan wants nothing now).
+        w.behind = vec![false, false];
+        w.target_a = vec![0.0, f64::NAN];
+        let a = alloc(&t, &x, &w, &params());
+        close(&a.decision.setpoint_a, &[0.0, 32.0]);
+        assert_eq!(a.decision.binding[0], Binding::Plan);
+        // Documented (docs/envelope.md): a target between 0 and min_a runs at min_a, the least
+        // the charger can run at (the planner's rounding pass emits 0 or at least min_a).
+        w.target_a = vec![3.0, f64::NAN];
+        let a = alloc(&t, &x, &w, &params());
+        close(&a.decision.setpoint_a, &[6.0, 32.0]);
+        assert_eq!(a.decision.binding[0], Binding::Plan);
+        // A session inside its minimum on time is not paused by a target of 0: it holds min_a.
+        let mut x = Inputs::quiet(&t);
+        x.last_a = vec![16.0, 0.0];
+        x.on_since = vec![NOW - 10.0, f64::NAN];
+        let p = AllocatorParams {
+            envelope: EnvelopeParams {
+                min_on_s: 300.0,
+                ..params().envelope
+            },
+            ..params()
+        };
+        w.target_a = vec![0.0, f64::NAN];
+        let a = alloc(&t, &x, &w, &p);
+        close(&a.decision.setpoint_a, &[6.0, 32.0]);
     }
 
     #[test]
