@@ -44,6 +44,7 @@ lint:
 	ruff check python tests bench
 	ruff format --check python tests bench
 	mypy
+	$(PY) -m mypy.stubtest evcore._core
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --profile $(CARGO_PROFILE) -- -D warnings
 

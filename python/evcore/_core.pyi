@@ -5,6 +5,20 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "PLAN_METADATA_KEY",
+    "EvcoreError",
+    "InputError",
+    "Planner",
+    "SiteConfigError",
+    "SolverError",
+    "Topology",
+    "__version__",
+    "allocate",
+    "binding_codes",
+    "enforce",
+]
+
 __version__: str
 
 class EvcoreError(Exception): ...
@@ -70,10 +84,11 @@ def binding_codes() -> list[str]: ...
 
 PLAN_METADATA_KEY: str
 
+@final
 class Planner:
     """Receding-horizon planner; keeps its Clarabel solver between calls of equal structure."""
 
-    def __init__(self, settings_json: str | None = None) -> None: ...
+    def __new__(cls, settings_json: str | None = None) -> Planner: ...
     @property
     def settings_json(self) -> str: ...
     def plan(self, input_json: str, budget_s: float) -> Any:
