@@ -2071,6 +2071,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn dc_power_converts_with_efficiency_and_auxiliary_load_and_has_no_6a_rule() {
+        // 22 kW at 90 % with 500 W auxiliary load from a 230 V three-phase supply:
+        // (22000 / 0.9 + 500) / 690 = 36.15137 A of line current, written out by hand.
+        let dc = r#"{"id": "d", "parent": "g", "kind": "dc", "wiring": "three_phase", "phases": ["L1","L2","L3"], "voltage_v": 230, "max_w": 22000, "efficiency": 0.9, "aux_w": 500}"#;
+        let t = site(r#"{"id": "g", "phase_limit_a": 100}"#, dc);
+        let mut x = Inputs::quiet(&t);
+        x.req_w = vec![22000.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert!((d.setpoint_a[0] - 36.151_368_760).abs() < 1e-6, "{d:?}");
+        assert!((d.setpoint_w[0] - 22000.0).abs() < 1e-6, "{d:?}");
+        // 1 kW is 2.33 A of line current: below 6 A, and it runs (no 6 A rule for DC).
+        x.req_w = vec![1000.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert!(
+            (d.setpoint_a[0] - (1000.0 / 0.9 + 500.0) / 690.0).abs() < 1e-9,
+            "{d:?}"
+        );
+        assert!((d.setpoint_w[0] - 1000.0).abs() < 1e-6, "{d:?}");
+        // A 20 A line limit leaves (20 · 690 − 500) · 0.9 = 11,970 W of charging power.
+        let t = site(r#"{"id": "g", "phase_limit_a": 20}"#, dc);
+        let mut x = Inputs::quiet(&t);
+        x.req_w = vec![22000.0];
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert!((d.setpoint_a[0] - 20.0).abs() < 1e-6, "{d:?}");
+        assert!((d.setpoint_w[0] - 11970.0).abs() < 1e-3, "{d:?}");
+        assert_eq!(d.binding[0], Binding::NodePhase);
+    }
+
+    #[test]
     fn reason_names_the_kind_only_when_it_differs_from_the_id() {
         let t = site(
             r#"{"id": "grid", "kind": "grid", "phase_limit_a": 100, "power_limit_kw": 9.2}"#,
