@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,10 @@ def test_duplicate_ids_are_rejected() -> None:
     site = base()
     site["chargers"].append(dict(site["chargers"][0]))
     expect(site, "cp1", "id")
+    site = base()
+    site["chargers"][0]["id"] = "F1"  # a charger named like a node
+    e = expect(site, "F1", "id")
+    assert "node" in str(e)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -5.0])
@@ -252,6 +257,11 @@ def test_three_phase_voltage_must_be_the_site_line_to_neutral_voltage() -> None:
 def test_toml_file_loads_like_the_dict(tmp_path: Path) -> None:
     s = load_site(EXAMPLE)
     assert s.path == EXAMPLE and len(s.chargers) >= 3
+    # The same tables given as a dict give the same site, node by node and charger by charger.
+    with EXAMPLE.open("rb") as f:
+        from_dict = load_site(tomllib.load(f))
+    assert from_dict.node_ids == s.node_ids and from_dict.charger_ids == s.charger_ids
+    assert from_dict.nodes == s.nodes and from_dict.chargers == s.chargers
     bad = tmp_path / "bad.toml"
     bad.write_text("[site\nid = 1\n")
     e = expect_file(bad)
