@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -429,6 +429,38 @@ def test_an_accepted_decrease_is_in_effect_only_once_a_later_reading_shows_it() 
     ctrl._note_in_effect(c)
     assert not ctrl.pending[c.charger_id].in_effect
     st.on_meter(c.charger_id, (6.4, None, None), None, None, 1001.0)  # within the deadband
+    ctrl._note_in_effect(c)
+    assert ctrl.pending[c.charger_id].in_effect
+
+
+def test_a_decrease_below_what_the_car_draws_anyway_settles_only_by_time() -> None:
+    """A car drawing 4 A (ramping up, tapering) is lowered from 16 to 6 A: readings at or below
+    6 A show nothing (the old 16 A may still apply and the car may rise to it), so the decrease
+    is not taken as in force from a reading; increases held behind it wait for ``settle_s``.
+    A car drawing 16 A lowered to 6 A and then read at 6 A shows the new limit acting."""
+    from evcore.edge.dispatch import Change, ChangeKind, decreases_settled
+
+    ctrl = _rig(2)[0]
+    st = ctrl.state
+    c = ctrl.state.chargers["cp-0001"]
+    st.on_meter(c.charger_id, (4.0, None, None), None, None, 999.0)
+    ctrl._prepare_send(1, "tx", Change(c.charger_id, 16.0, 6.0, ChangeKind.DECREASE), None, 999.9)
+    p = ctrl.pending[c.charger_id]
+    assert not p.meter_proves
+    ctrl.pending[c.charger_id] = replace(p, accepted=True, accepted_at_s=1000.0)
+    st.on_meter(c.charger_id, (4.5, None, None), None, None, 1001.0)
+    ctrl._note_in_effect(c)
+    assert not ctrl.pending[c.charger_id].in_effect
+    settle = ctrl.cfg.settle_s
+    assert not decreases_settled(ctrl.pending.values(), 999.9 + settle - 0.1, settle)
+    assert decreases_settled(ctrl.pending.values(), 999.9 + settle, settle)
+    # Drawing above the new limit when it left: a later reading at it shows it in force.
+    st.on_meter(c.charger_id, (16.0, None, None), None, None, 1010.0)
+    ctrl._prepare_send(2, "tx", Change(c.charger_id, 16.0, 6.0, ChangeKind.DECREASE), None, 1010.1)
+    p = ctrl.pending[c.charger_id]
+    assert p.meter_proves
+    ctrl.pending[c.charger_id] = replace(p, accepted=True, accepted_at_s=1010.2)
+    st.on_meter(c.charger_id, (6.0, None, None), None, None, 1011.0)
     ctrl._note_in_effect(c)
     assert ctrl.pending[c.charger_id].in_effect
 

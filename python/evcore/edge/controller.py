@@ -705,7 +705,11 @@ class EdgeController:
             )
             if ch.kind is ChangeKind.DECREASE:
                 self.pending[ch.charger_id] = PendingDecrease(
-                    ch.charger_id, now_m, False, value=ch.new
+                    ch.charger_id,
+                    now_m,
+                    False,
+                    value=ch.new,
+                    meter_proves=self._draws_above(c, ch.new, now_m),
                 )
         else:
             # The charger holds the old default (``tx_default``) until it accepts the new one.
@@ -878,25 +882,36 @@ class EdgeController:
         for key in [k for k, p in self.pending.items() if p.in_effect or now_m - p.sent_at_s >= s]:
             del self.pending[key]
 
+    def _drawn(self, c: ChargerState) -> tuple[float | None, float]:
+        """What the charger was last measured drawing (W for DC, largest phase A for AC) and the
+        deadband it is compared with."""
+        if c.is_dc:
+            return c.measured_w, self.cfg.deadband_w
+        return c.measured_max_a(), self.cfg.deadband_a
+
+    def _draws_above(self, c: ChargerState, value: float, now_m: float) -> bool:
+        """Whether a fresh reading has the charger drawing above ``value`` (beyond the deadband):
+        then a later reading at or below it shows a decrease to it in force."""
+        drawn, band = self._drawn(c)
+        fresh = c.age_s(now_m) <= self.cfg.stale_after_s
+        return fresh and drawn is not None and drawn > value + band
+
     def _note_in_effect(self, c: ChargerState) -> None:
         """Mark the charger's accepted TxProfile decrease in effect once a meter reading taken
-        after the acceptance shows it at or below the decreased value (within the deadband);
-        then held increases may be recomputed."""
+        after the acceptance shows it at or below the decreased value (within the deadband),
+        where it drew above that value when the decrease left (``meter_proves``); then held
+        increases may be recomputed."""
         p = self.pending.get(c.charger_id)
         if (
             p is None
             or p.in_effect
+            or not p.meter_proves
             or p.accepted_at_s is None
             or c.measured_at is None
             or c.measured_at <= p.accepted_at_s
         ):
             return
-        if c.is_dc:
-            drawn = c.measured_w
-            band = self.cfg.deadband_w
-        else:
-            drawn = c.measured_max_a()
-            band = self.cfg.deadband_a
+        drawn, band = self._drawn(c)
         if drawn is not None and drawn <= p.value + band:
             self.pending[c.charger_id] = replace(p, in_effect=True)
             if self._increases_held:

@@ -2,7 +2,8 @@
 
 What this module owns: the deadband, decreases first, and holding increases until every pending
 decrease has taken effect (accepted by its charger AND a meter reading taken after the acceptance
-shows the charger at or below it) or ``settle_s`` passed since it left (../shared/DOMAIN.md:
+shows the charger at or below it, when it drew above it as the decrease left) or ``settle_s``
+passed since it left (../shared/DOMAIN.md:
 lower before you raise; a CALLRESULT Accepted only says the charger will apply the limit, within
 a few seconds). Pure functions of their inputs; the controller re-decides when a decrease takes
 effect or settles, so
@@ -49,6 +50,11 @@ class PendingDecrease:
     in_effect: bool = False
     value: float = 0.0  # the decreased limit (A per phase, or W for DC)
     accepted_at_s: float | None = None  # clock.monotonic() of the acceptance
+    # Whether a meter reading at or below ``value`` can show the decrease in force: only when
+    # the charger drew above it (fresh) when it left. A vehicle already drawing less (ramping up,
+    # tapering) reads below the new limit while the old, higher one still applies and may rise
+    # to it; then only ``settle_s`` settles the decrease.
+    meter_proves: bool = True
 
 
 @dataclass(frozen=True, slots=True)
