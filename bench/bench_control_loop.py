@@ -323,26 +323,52 @@ async def _run(
                     await asyncio.sleep(0.05)
 
             states = ctrl.state.chargers.values()
-            await until(
-                lambda: (
-                    # Not the levels sized with chargers at their maximum (first TxDefaults not
-                    # yet known applied): those are on their way up.
-                    ctrl.failsafe_is_plain()
-                    and all(c.tx_default == ctrl.failsafe[c.charger_id] for c in states)
-                ),
-                120,
-                "TxDefault at the failsafe level",
-            )
+            try:
+                await until(
+                    lambda: (
+                        # Not the levels sized with chargers at their maximum (first TxDefaults
+                        # not yet known applied): those are on their way up.
+                        ctrl.failsafe_is_plain()
+                        and all(c.tx_default == ctrl.failsafe[c.charger_id] for c in states)
+                    ),
+                    120,
+                    "TxDefault at the failsafe level",
+                )
+            except TimeoutError:
+                now_m = time.monotonic()
+                off = [
+                    (c.charger_id, c.tx_default, c.tx_default_sent, ctrl.failsafe.get(c.charger_id))
+                    for c in states
+                    if c.tx_default != ctrl.failsafe.get(c.charger_id)
+                ]
+                print(
+                    f"failsafe levels plain: {ctrl.failsafe_is_plain()}; first TxDefaults not "
+                    f"known applied: {sum(c.default_unapplied(now_m) for c in states)}; "
+                    f"no TxDefault: {sum(c.tx_default is None for c in states)}; "
+                    f"TxDefault off its level: {len(off)} (first: {off[:5]}); "
+                    f"decisions: {ctrl.stats.decisions}; increases held: {ctrl.increases_held}",
+                    file=sys.stderr,
+                )
+                raise
             await fleet.ask("plug")
             await until(lambda: all(c.transaction_id for c in states), 120, "sessions")
 
             def settled() -> bool:
-                # Every session holds an accepted TxProfile (or TxDefault) and nothing is on its
-                # way: the event then finds every charger at a known value above its curtailed one.
-                return all(
-                    c.transaction_id and c.sent is not None and c.accepted and not c.needs_resend
-                    for c in states
-                ) and all(p.accepted for p in ctrl.pending.values())
+                # Every session holds an accepted TxProfile (or TxDefault), nothing is on its way
+                # and no increase waits (for a decrease to a car drawing less than its new limit,
+                # settle_s): the event then finds every charger at a known value above its
+                # curtailed one.
+                return (
+                    all(
+                        c.transaction_id
+                        and c.sent is not None
+                        and c.accepted
+                        and not c.needs_resend
+                        for c in states
+                    )
+                    and all(p.accepted for p in ctrl.pending.values())
+                    and not ctrl.increases_held
+                )
 
             async def until_settled() -> None:
                 try:

@@ -1043,6 +1043,12 @@ class EdgeController:
             self._plain_failsafe = plain
             self._failsafe_key = key
 
+    @property
+    def increases_held(self) -> bool:
+        """Some increase of the last decision waits (a decrease to settle, a station's report,
+        the increase rate): the setpoints are not yet where that decision put them."""
+        return self._increases_held
+
     def failsafe_is_plain(self) -> bool:
         """The failsafe levels in force count no charger at its maximum: every charger holds a
         TxDefault of ours that it accepted and, for a first one, is known to apply."""
