@@ -27,6 +27,18 @@ class Clock(Protocol):
         ...
 
 
+async def sleep_or_wake(clock: Clock, delay_s: float, wake: asyncio.Event) -> None:
+    """Sleep ``delay_s`` of the clock's time, or until ``wake`` is set if that comes first."""
+    sleeper = asyncio.ensure_future(clock.sleep(delay_s))
+    waker = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sleeper, waker):
+            if not task.done():
+                task.cancel()
+
+
 def utc(clock: Clock) -> datetime:
     """The clock's current time as an aware UTC datetime."""
     return datetime.fromtimestamp(clock.now(), tz=UTC)

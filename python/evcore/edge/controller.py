@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from evcore.clock import Clock
+from evcore.clock import Clock, sleep_or_wake
 from evcore.edge import failsafe
 from evcore.edge.config import EdgeConfig
 from evcore.edge.dispatch import (
@@ -367,14 +367,9 @@ class EdgeController:
         if self._wake.is_set():
             self._wake.clear()
             return
-        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-        waker = asyncio.ensure_future(self._wake.wait())
         try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            await sleep_or_wake(self.clock, seconds, self._wake)
         finally:
-            for t in (sleeper, waker):
-                if not t.done():
-                    t.cancel()
             self._wake.clear()
 
     def _next_wake_in(self) -> float:

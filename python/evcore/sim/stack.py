@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from evcore.clock import sleep_or_wake
 from evcore.sim.arrivals import Arrivals, generate
 from evcore.sim.scenario import CONTROLLED_POLICIES, FaultSpec, Scenario, SessionSpec
 from evcore.sim.twin import (
@@ -45,7 +46,6 @@ from evcore.sim.twin import (
     PolicyResult,
     _busiest_charger,
     _progress_bar,
-    sleep_or_wake,
 )
 from evcore.sim.vclock import VirtualClock
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from evcore.clock import sleep_or_wake
 from evcore.sim.arrivals import Arrivals, generate, max_rate_kw
 from evcore.sim.scenario import (
     CONTROLLED_POLICIES,
@@ -312,18 +313,6 @@ class PolicyResult:
             "sim_hours": round(self.sim_seconds / 3600.0, 3),
             "wall_seconds": round(self.wall_seconds, 3),
         }
-
-
-async def sleep_or_wake(clock: VirtualClock, delay_s: float, wake: asyncio.Event) -> None:
-    """Sleep ``delay_s`` on the virtual clock, or until ``wake`` is set if that comes first."""
-    sleeper = asyncio.ensure_future(clock.sleep(delay_s))
-    waker = asyncio.ensure_future(wake.wait())
-    try:
-        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (sleeper, waker):
-            if not task.done():
-                task.cancel()
 
 
 def _samples_in(t0: float, t1: float) -> int:
