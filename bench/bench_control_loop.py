@@ -326,24 +326,19 @@ async def _run(
             try:
                 await until(
                     lambda: (
-                        # Not the levels sized with chargers at their maximum (first TxDefaults
-                        # not yet known applied): those are on their way up.
-                        ctrl.failsafe_is_plain()
+                        bool(ctrl.failsafe)
                         and all(c.tx_default == ctrl.failsafe[c.charger_id] for c in states)
                     ),
                     120,
                     "TxDefault at the failsafe level",
                 )
             except TimeoutError:
-                now_m = time.monotonic()
                 off = [
                     (c.charger_id, c.tx_default, c.tx_default_sent, ctrl.failsafe.get(c.charger_id))
                     for c in states
                     if c.tx_default != ctrl.failsafe.get(c.charger_id)
                 ]
                 print(
-                    f"failsafe levels plain: {ctrl.failsafe_is_plain()}; first TxDefaults not "
-                    f"known applied: {sum(c.default_unapplied(now_m) for c in states)}; "
                     f"no TxDefault: {sum(c.tx_default is None for c in states)}; "
                     f"TxDefault off its level: {len(off)} (first: {off[:5]}); "
                     f"decisions: {ctrl.stats.decisions}; increases held: {ctrl.increases_held}",

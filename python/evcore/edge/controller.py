@@ -56,13 +56,8 @@ URGENT = frozenset(
         "accepted",
         "operator",
         "reported",
-        "applied",
     }
 )
-
-# Polls of a station whose first TxDefault of ours was accepted, asking whether it applies it:
-# the first this long after the acceptance, each next one this much later than the one before.
-_APPLIED_POLL_STEP_S = 0.2
 
 
 # A session is behind its plan when it delivered less than (1 - this) of what the plan asked.
@@ -176,9 +171,6 @@ class EdgeController:
         # Chargers whose station was asked what it enforces: charger id -> until (monotonic).
         self._report_due: dict[str, float] = {}
         self._increases_held = False
-        # Some charger's first TxDefault of ours may not be applied yet (this decision): a pause
-        # now may be that gap's, and is not counted as a switch (``SiteState.on_sent``).
-        self._default_gap = False
         self._started_at: float | None = None
         self._plan_energy: dict[str, dict[str, float]] = {}
         #: Called with every plan handed to ``set_plan`` (``publishing.EdgePublisher`` publishes
@@ -383,9 +375,6 @@ class EdgeController:
         if change is not None:
             waits.append(change - now_w)
         for c in self.state.chargers.values():
-            if c.default_unapplied_until is not None and now_m < c.default_unapplied_until:
-                # Counted at its maximum until then: decide again when that ends.
-                waits.append(c.default_unapplied_until - now_m)
             if c.expires_at is not None and c.sent is not None:
                 due = failsafe.refresh_at(
                     c.expires_at, c.sent, self.failsafe.get(c.charger_id, 0.0), self.cfg
@@ -442,7 +431,6 @@ class EdgeController:
             trigger = f"{trigger},core-failure"
         self.stats.decisions += 1
         decision_no = self.stats.decisions
-        self._default_gap = self.state.default_gap(now_m)
         changes = self._plan_changes(enforced, now_w, now_m)
         if not changes:
             return None
@@ -502,14 +490,6 @@ class EdgeController:
         }
         # A charger drawing above what it holds is not raised until it complies (faults.py).
         hold = {cid for cid in active if draws_above_limit(st.chargers[cid], now_m, cfg)}
-        # A session that started while its charger's first TxDefault may not be applied is
-        # counted at its maximum (its car may draw that): the setpoint that comes out of it is
-        # no reason to raise it. Its TxDefault applies soon; then it gets its share.
-        hold |= {
-            cid
-            for cid in active
-            if (c := st.chargers[cid]).session_in_gap and c.default_unapplied(now_m)
-        }
         pending = list(self.pending.values())
         d_plan = plan_dispatch(
             default_now,
@@ -522,11 +502,6 @@ class EdgeController:
             settle_s=cfg.settle_s,
             resolution_a=cfg.resolution_a,
             resolution_w=cfg.resolution_w,
-            # A charger whose first TxDefault may not be applied yet keeps it until the station
-            # reports it applies it: counted at its maximum meanwhile, it loses nothing, and a
-            # raise (to its maximum, often: its level is sized with it there) would leave the
-            # report unable to tell our TxDefault from none.
-            hold={cid for cid in default_now if st.chargers[cid].default_unapplied(now_m)},
         )
         t_plan = plan_dispatch(
             active,
@@ -721,12 +696,7 @@ class EdgeController:
         fs = self.failsafe.get(ch.charger_id, 0.0)
         if purpose == "tx":
             self.state.on_sent(
-                ch.charger_id,
-                ch.new,
-                now_m,
-                valid_to if valid_to is not None else 0.0,
-                fs,
-                uncounted_pause=self._default_gap and ch.new <= 0,
+                ch.charger_id, ch.new, now_m, valid_to if valid_to is not None else 0.0, fs
             )
             if ch.kind is ChangeKind.DECREASE:
                 self.pending[ch.charger_id] = PendingDecrease(
@@ -769,12 +739,6 @@ class EdgeController:
         if sent.purpose == "tx":
             self.state.on_result(sent.charger_id, sent.value, accepted)
         elif accepted:
-            if c.tx_default is None and sent.left_mono + self.cfg.settle_s > self.clock.monotonic():
-                # Its first TxDefault of ours (edge start, boot, stale ones cleared): accepted
-                # is not applied, and before it the charger allowed a car its maximum. It counts
-                # there until the station shows it applies it, or ``settle_s`` after it left.
-                c.default_unapplied_until = sent.left_mono + self.cfg.settle_s
-                self._watch_default(c)
             if c.tx_default is not None and sent.value < c.tx_default:
                 # Accepted is not applied: a car plugging in meanwhile still gets the old level.
                 c.tx_default_old = c.tx_default
@@ -900,65 +864,9 @@ class EdgeController:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(gw.trigger_message(ocpp_id, message), bound)
 
-    def _watch_default(self, c: ChargerState) -> None:
-        """Ask the station, beside the loop, whether it applies the first TxDefault of ours that
-        ``c`` accepted, until it does or its gap ends (``default_unapplied_until``)."""
-        if self._stopping or not hasattr(self.gateway, "get_composite_schedule"):
-            return
-        task = asyncio.ensure_future(self._poll_default_applied(c, c.default_unapplied_until))
-        self._sends.add(task)
-        task.add_done_callback(self._sends.discard)
-
-    async def _poll_default_applied(self, c: ChargerState, until: float | None) -> None:
-        gw: Any = self.gateway
-        step = wait = _APPLIED_POLL_STEP_S
-        unit = "W" if c.is_dc else "A"
-        while until is not None and not self._stopping:
-            left = until - self.clock.monotonic()
-            if left <= 0:
-                return
-            await self.clock.sleep(min(wait, left))
-            wait += step
-            if c.default_unapplied_until != until or self.clock.monotonic() >= until:
-                return  # ended (settled, booted again, cleared) or a newer gap is watched
-            try:
-                comp = await asyncio.wait_for(
-                    gw.get_composite_schedule(c.charger_id, duration_s=1, unit=unit),
-                    max(0.1, until - self.clock.monotonic()),
-                )
-            except Exception:
-                continue
-            periods = list(getattr(comp, "periods", None) or ())
-            if (
-                str(getattr(comp, "status", "")) != "Accepted"
-                or getattr(comp, "unit", None) not in (None, unit)
-                or not periods
-                or float(periods[0][0]) > 0
-            ):
-                continue
-            now_limit = float(periods[0][1])
-            # What it is counted at once the gap is over: its TxDefaults of ours, and in a
-            # session the TxProfile it may hold. A station enforcing at most that, and less than
-            # its maximum (which it allows with no TxDefault at all), applies one of ours.
-            bound = max(
-                c.tx_default or 0.0,
-                c.tx_default_sent or 0.0,
-                *((c.sent or 0.0, c.holding or 0.0) if c.transaction_id is not None else ()),
-            )
-            if (
-                math.isfinite(now_limit)
-                and 0 <= now_limit <= self.wire(c.charger_id, bound) + 1e-6
-                and now_limit < self.wire(c.charger_id, c.max_value) - 1e-6
-                and c.default_unapplied_until == until
-            ):
-                c.default_unapplied_until = None
-                self.notify("applied")
-                return
-
     def _forget_defaults(self, ocpp_id: str) -> None:
         for c in self.state.station_chargers(ocpp_id):
             c.tx_default = c.tx_default_sent = None
-            c.default_unapplied_until = None
             if c.transaction_id is None:
                 # Idle: its TxDefault was all it held; now nothing of ours (counted at max).
                 c.sent = c.holding = None
@@ -1008,14 +916,9 @@ class EdgeController:
     def _refresh_failsafe(self, now_w: float) -> None:
         caps = self.curtailments.caps_kw(now_w, failsafe.horizon_s(self.cfg))
         # A charger that holds no confirmed TxDefault of ours (never accepted one, booted, or
-        # its stale ones were just cleared), or whose first one may not be applied yet, may not
-        # fall back to our level: the others' levels are sized with it at its maximum.
-        now_m = self.clock.monotonic()
-        at_max = frozenset(
-            cid
-            for cid, c in self.state.chargers.items()
-            if c.tx_default is None or c.default_unapplied(now_m)
-        )
+        # its stale ones were just cleared) may not fall back to our level: the others' levels
+        # are sized with it at its maximum.
+        at_max = frozenset(cid for cid, c in self.state.chargers.items() if c.tx_default is None)
         key = (tuple(sorted(caps.items())), at_max)
         if key != self._failsafe_key:
             try:
@@ -1043,15 +946,6 @@ class EdgeController:
         """Some increase of the last decision waits (a decrease to settle, a station's report,
         the increase rate): the setpoints are not yet where that decision put them."""
         return self._increases_held
-
-    def failsafe_is_plain(self) -> bool:
-        """The failsafe levels in force count no charger at its maximum: every charger holds a
-        TxDefault of ours that it accepted and, for a first one, is known to apply."""
-        return (
-            bool(self.failsafe)
-            and self.failsafe == self._plain_failsafe
-            and not self.state.default_gap(self.clock.monotonic())
-        )
 
     def _fallback(self, exc: BaseException) -> EnforcedSetpoints | None:
         """After a failed decision: every charger at most at its failsafe level, none raised."""
