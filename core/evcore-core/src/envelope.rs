@@ -311,20 +311,19 @@ pub(crate) fn counting(
     let mut held_cmd = vec![[0.0; N_PHASES]; n];
     let mut measured_a = vec![0.0f64; n];
     let mut held_unconfirmed = vec![false; n];
-    let last_a: Vec<f64> = (0..n)
-        .map(|c| {
-            let v = last_sent_raw_line_a(topo, c, ch);
-            if v.is_nan() {
-                0.0
-            } else {
-                v.max(0.0)
-            }
-        })
-        .collect();
+    let mut last_a = vec![0.0f64; n];
     for c in 0..n {
         let spec = topo.hot(c);
         let nt = spec.terminals();
         let h = &mut held[c];
+        // One reading of the last setpoint serves both: unknown counts as 0 for what may not
+        // rise (`last_a`) and as the maximum for what an unconfirmed charger may hold.
+        let last_raw = last_sent_raw_line_a(topo, c, ch);
+        last_a[c] = if last_raw.is_nan() {
+            0.0
+        } else {
+            last_raw.max(0.0)
+        };
         if fresh(ch.measured_age_s[c], p.stale_after_s) {
             let m = [
                 ch.measured_l1_a[c],
@@ -346,7 +345,11 @@ pub(crate) fn counting(
             continue;
         }
         if !ch.last_sent_confirmed[c] {
-            let ls = last_sent_line_a(topo, c, ch);
+            let ls = if last_raw.is_nan() {
+                spec.max_a
+            } else {
+                last_a[c]
+            };
             if ls > 0.0 {
                 held_unconfirmed[c] = true;
             }
