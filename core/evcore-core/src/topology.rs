@@ -116,20 +116,38 @@ pub struct Charger {
     pub aux_w: f64,
 }
 
+/// DC: AC line current per phase (A) when delivering `p_w` (0 W → 0 A: off draws nothing).
+#[inline]
+fn dc_line_current(p_w: f64, efficiency: f64, aux_w: f64, voltage_v: f64) -> f64 {
+    if p_w <= 0.0 {
+        return 0.0;
+    }
+    (p_w / efficiency + aux_w) / (3.0 * voltage_v)
+}
+
+/// DC: output power (W) for an AC line current per phase (inverse of `dc_line_current`).
+#[inline]
+fn dc_output_w(line_a: f64, efficiency: f64, aux_w: f64, voltage_v: f64, max_w: f64) -> f64 {
+    if line_a <= 0.0 {
+        return 0.0;
+    }
+    ((line_a * 3.0 * voltage_v - aux_w) * efficiency).clamp(0.0, max_w)
+}
+
 impl Charger {
     /// DC: AC line current per phase (A) when delivering `p_w` (0 W → 0 A: off draws nothing).
     pub fn dc_line_a(&self, p_w: f64) -> f64 {
-        if p_w <= 0.0 {
-            return 0.0;
-        }
-        (p_w / self.efficiency + self.aux_w) / (3.0 * self.voltage_v)
+        dc_line_current(p_w, self.efficiency, self.aux_w, self.voltage_v)
     }
     /// DC: output power (W) for an AC line current per phase (inverse of `dc_line_a`).
     pub fn dc_power_w(&self, line_a: f64) -> f64 {
-        if line_a <= 0.0 {
-            return 0.0;
-        }
-        ((line_a * 3.0 * self.voltage_v - self.aux_w) * self.efficiency).clamp(0.0, self.max_w)
+        dc_output_w(
+            line_a,
+            self.efficiency,
+            self.aux_w,
+            self.voltage_v,
+            self.max_w,
+        )
     }
     /// Active power (W) drawn per ampere of terminal current, per terminal.
     pub fn watts_per_terminal_a(&self) -> f64 {
@@ -205,21 +223,21 @@ impl ChargerHot {
     pub fn phase(&self, k: usize) -> usize {
         usize::from(self.phases[k])
     }
-    /// As `Charger::dc_line_a` (same arithmetic).
+    /// As `Charger::dc_line_a`.
     #[inline]
     pub fn dc_line_a(&self, p_w: f64) -> f64 {
-        if p_w <= 0.0 {
-            return 0.0;
-        }
-        (p_w / self.efficiency + self.aux_w) / (3.0 * self.voltage_v)
+        dc_line_current(p_w, self.efficiency, self.aux_w, self.voltage_v)
     }
-    /// As `Charger::dc_power_w` (same arithmetic).
+    /// As `Charger::dc_power_w`.
     #[inline]
     pub fn dc_power_w(&self, line_a: f64) -> f64 {
-        if line_a <= 0.0 {
-            return 0.0;
-        }
-        ((line_a * 3.0 * self.voltage_v - self.aux_w) * self.efficiency).clamp(0.0, self.max_w)
+        dc_output_w(
+            line_a,
+            self.efficiency,
+            self.aux_w,
+            self.voltage_v,
+            self.max_w,
+        )
     }
     #[inline]
     pub fn watts_per_terminal_a(&self) -> f64 {
