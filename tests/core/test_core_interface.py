@@ -216,6 +216,18 @@ def test_bad_columns_raise_input_error_naming_column_and_row(
     assert isinstance(info.value, ValueError) and isinstance(info.value, EvcoreError)
 
 
+def test_a_node_batch_out_of_site_order_or_length_names_the_row() -> None:
+    site = small_site()
+    nodes = node_batch(site)
+    swapped = nodes.set_column(0, "node_id", pa.array(["C1", "grid"]))
+    with pytest.raises(InputError) as info:
+        _core.enforce(site.topology, charger_batch(site), swapped, None, False)
+    assert (info.value.column, info.value.row) == ("node_id", 0), str(info.value)
+    with pytest.raises(InputError) as info:
+        _core.enforce(site.topology, charger_batch(site), nodes.slice(0, 1), None, False)
+    assert (info.value.column, info.value.row) == ("node_id", None), str(info.value)
+
+
 def test_bad_parameters_and_demand_raise_input_error() -> None:
     site = small_site()
     with pytest.raises(InputError) as info:

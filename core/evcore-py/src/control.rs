@@ -80,56 +80,40 @@ fn count_col(batch: &RecordBatch, name: &str) -> PyResult<Vec<f64>> {
     }
 }
 
-/// The id column must list the site's ids in site order: a shifted row would steer the wrong
-/// charger.
-fn check_ids(batch: &RecordBatch, name: &str, ids: &[&str]) -> PyResult<()> {
+/// The id column must list the site's ids (`site`, the site's own column) in site order: a
+/// shifted row would steer the wrong charger. A column holding exactly the site column's bytes
+/// and offsets (the usual case) matches without comparing row by row.
+fn check_ids(batch: &RecordBatch, name: &str, site: &StringArray) -> PyResult<()> {
     let a = column(batch, name)?;
     let arr = a
         .as_any()
         .downcast_ref::<StringArray>()
         .ok_or_else(|| input_err(name, None, format!("must be utf8, got {}", a.data_type())))?;
     no_nulls(arr, name)?;
-    if arr.len() != ids.len() {
+    if arr.len() != site.len() {
         return Err(input_err(
             name,
             None,
-            format!("has {} rows, the site has {}", arr.len(), ids.len()),
+            format!("has {} rows, the site has {}", arr.len(), site.len()),
         ));
     }
-    for (i, want) in ids.iter().enumerate() {
-        if arr.value(i) != *want {
+    if arr.value_offsets() == site.value_offsets() && arr.value_data() == site.value_data() {
+        return Ok(());
+    }
+    for i in 0..site.len() {
+        if arr.value(i) != site.value(i) {
             return Err(input_err(
                 name,
                 Some(i),
                 format!(
                     "is {:?}, the site has {:?} at this row (rows follow the site file order)",
                     arr.value(i),
-                    want
+                    site.value(i)
                 ),
             ));
         }
     }
     Ok(())
-}
-
-/// `check_ids` for the charger ids: when the column holds exactly the bytes and offsets of the
-/// site's id column (the usual case), every row matches without comparing row by row.
-fn check_charger_ids(batch: &RecordBatch, topo: &Topology, site_ids: &ArrayRef) -> PyResult<()> {
-    let a = column(batch, "charger_id")?;
-    if let (Some(arr), Some(site)) = (
-        a.as_any().downcast_ref::<StringArray>(),
-        site_ids.as_any().downcast_ref::<StringArray>(),
-    ) {
-        if arr.null_count() == 0
-            && arr.len() == site.len()
-            && arr.value_offsets() == site.value_offsets()
-            && arr.value_data() == site.value_data()
-        {
-            return Ok(());
-        }
-    }
-    let ids: Vec<&str> = topo.chargers.iter().map(|c| c.id.as_str()).collect();
-    check_ids(batch, "charger_id", &ids)
 }
 
 fn param(d: Option<&Bound<'_, PyDict>>, name: &str, default: f64) -> PyResult<f64> {
@@ -293,12 +277,11 @@ fn site_of(
     cb: &RecordBatch,
     nb: &RecordBatch,
 ) -> PyResult<(Arc<Topology>, ArrayRef)> {
-    let topo = topology.inner.clone();
-    let ids = topology.charger_ids.clone();
-    check_charger_ids(cb, &topo, &ids)?;
-    let node_ids: Vec<&str> = topo.nodes.iter().map(|n| n.id.as_str()).collect();
-    check_ids(nb, "node_id", &node_ids)?;
-    Ok((topo, ids))
+    check_ids(cb, "charger_id", &topology.charger_ids)?;
+    check_ids(nb, "node_id", &topology.node_ids)?;
+    // A clone of the column shares its buffers: no copy.
+    let ids: ArrayRef = Arc::new(topology.charger_ids.clone());
+    Ok((topology.inner.clone(), ids))
 }
 
 fn arrow_err(e: arrow_schema::ArrowError) -> PyErr {

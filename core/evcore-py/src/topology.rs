@@ -1,6 +1,6 @@
 //! `_core.Topology`: the validated site tree, built from the JSON form of the site file.
 use crate::errors::{guarded, CoreResultExt};
-use arrow_array::{ArrayRef, StringArray};
+use arrow_array::StringArray;
 use evcore_core::topology::{ChargerKind, Topology};
 use evcore_core::N_PHASES;
 use numpy::{PyArray1, PyArrayMethods};
@@ -11,8 +11,11 @@ use std::sync::Arc;
 #[pyclass(name = "Topology", module = "evcore._core", frozen)]
 pub struct PyTopology {
     pub inner: Arc<Topology>,
-    /// The `charger_id` output column, built once (every control call returns it unchanged).
-    pub charger_ids: ArrayRef,
+    /// The `charger_id` output column, built once (every control call returns it unchanged and
+    /// checks the input's id column against it).
+    pub charger_ids: StringArray,
+    /// The node ids in site order (the node batch's `node_id` column is checked against it).
+    pub node_ids: StringArray,
 }
 
 #[pymethods]
@@ -22,12 +25,12 @@ impl PyTopology {
     #[staticmethod]
     fn from_json(py: Python<'_>, text: &str) -> PyResult<Self> {
         let t = py.detach(|| guarded(|| Topology::from_json(text))).py()?;
-        let charger_ids: ArrayRef = Arc::new(StringArray::from_iter_values(
-            t.chargers.iter().map(|c| c.id.as_str()),
-        ));
+        let charger_ids = StringArray::from_iter_values(t.chargers.iter().map(|c| c.id.as_str()));
+        let node_ids = StringArray::from_iter_values(t.nodes.iter().map(|n| n.id.as_str()));
         Ok(PyTopology {
             inner: Arc::new(t),
             charger_ids,
+            node_ids,
         })
     }
 
