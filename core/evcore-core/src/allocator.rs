@@ -2084,72 +2084,40 @@ mod tests {
             margin_a: g("margin_a"),
             admission_hysteresis_s: g("admission_hysteresis_s"),
         };
-        let f: Vec<Vec<f64>> = [
-            "requested_a",
-            "requested_w",
-            "measured_l1_a",
-            "measured_l2_a",
-            "measured_l3_a",
-            "measured_age_s",
-            "last_sent_a",
-            "last_sent_w",
-            "on_since_s",
-            "off_since_s",
-            "switches",
-            "energy_wanted_kwh",
-            "departure_s",
-            "priority",
-            "target_a",
-            "target_w",
-            "other_load_l1_a",
-            "other_load_l2_a",
-            "other_load_l3_a",
-            "other_load_age_s",
-        ]
-        .iter()
-        .map(|k| col(k))
-        .collect();
-        let b: Vec<Vec<bool>> = [
-            "last_sent_confirmed",
-            "connected",
-            "faulted",
-            "profile_unknown",
-            "behind_plan",
-        ]
-        .iter()
-        .map(|k| flag(k))
-        .collect();
-        let ch = ChargerInputs {
-            requested_a: &f[0],
-            requested_w: &f[1],
-            measured_l1_a: &f[2],
-            measured_l2_a: &f[3],
-            measured_l3_a: &f[4],
-            measured_age_s: &f[5],
-            last_sent_a: &f[6],
-            last_sent_w: &f[7],
-            last_sent_confirmed: &b[0],
-            connected: &b[1],
-            faulted: &b[2],
-            profile_unknown: &b[3],
-            on_since_s: &f[8],
-            off_since_s: &f[9],
-            switches: &f[10],
+        let x = Inputs {
+            req_a: col("requested_a"),
+            req_w: col("requested_w"),
+            m: [
+                col("measured_l1_a"),
+                col("measured_l2_a"),
+                col("measured_l3_a"),
+            ],
+            m_age: col("measured_age_s"),
+            last_a: col("last_sent_a"),
+            last_w: col("last_sent_w"),
+            confirmed: flag("last_sent_confirmed"),
+            connected: flag("connected"),
+            faulted: flag("faulted"),
+            unknown: flag("profile_unknown"),
+            on_since: col("on_since_s"),
+            off_since: col("off_since_s"),
+            switches: col("switches"),
+            o: [
+                col("other_load_l1_a"),
+                col("other_load_l2_a"),
+                col("other_load_l3_a"),
+            ],
+            o_age: col("other_load_age_s"),
         };
-        let demand = Demand {
-            energy_wanted_kwh: &f[11],
-            departure_s: &f[12],
-            priority: &f[13],
-            target_a: &f[14],
-            target_w: &f[15],
-            behind_plan: &b[4],
+        let w = Want {
+            energy: col("energy_wanted_kwh"),
+            departure: col("departure_s"),
+            priority: col("priority"),
+            target_a: col("target_a"),
+            target_w: col("target_w"),
+            behind: flag("behind_plan"),
         };
-        let nodes = NodeInputs {
-            other_load_l1_a: &f[16],
-            other_load_l2_a: &f[17],
-            other_load_l3_a: &f[18],
-            other_load_age_s: &f[19],
-        };
+        let (ch, nodes, demand) = (x.chargers(), x.nodes(), w.demand());
         let med = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2] * 1e3
