@@ -634,19 +634,58 @@ fn model_and_admission(
     (m, admitted, binding, cnt)
 }
 
-/// Heap key: a constraint's saturation level (a lower bound until recomputed), ties by index.
-#[derive(Clone, Copy, PartialEq)]
-struct LevelKey(f64, usize);
-impl Eq for LevelKey {}
-impl PartialOrd for LevelKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
+/// `f64::total_cmp`'s order as an unsigned integer (sign bit flipped for non-negative values,
+/// every bit flipped for negative ones): compared as `u64`, keys order as their levels do.
+#[inline]
+fn order_key(x: f64) -> u64 {
+    let b = x.to_bits();
+    if b >> 63 == 1 {
+        !b
+    } else {
+        b | (1 << 63)
     }
 }
-impl Ord for LevelKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // Reversed: BinaryHeap pops the largest, we want the lowest level first.
-        other.0.total_cmp(&self.0).then(other.1.cmp(&self.1))
+
+#[inline]
+fn from_order_key(k: u64) -> f64 {
+    f64::from_bits(if k >> 63 == 1 { k & !(1 << 63) } else { !k })
+}
+
+/// The constraints' saturation levels (lower bounds until recomputed), lowest first, ties by
+/// index. The initial keys, one per constraint, are sorted once and popped from the front;
+/// keys pushed later go to a binary heap, which thus holds only the constraints re-solved or
+/// probed so far.
+struct LevelQueue {
+    init: Vec<(u64, usize)>,
+    next: usize,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>>,
+}
+
+impl LevelQueue {
+    fn new(mut init: Vec<(u64, usize)>) -> Self {
+        init.sort_unstable();
+        LevelQueue {
+            init,
+            next: 0,
+            heap: std::collections::BinaryHeap::new(),
+        }
+    }
+    fn push(&mut self, level: f64, a: usize) {
+        self.heap.push(std::cmp::Reverse((order_key(level), a)));
+    }
+    fn pop(&mut self) -> Option<(f64, usize)> {
+        let first = self.init.get(self.next).copied();
+        let later = self.heap.peek().map(|r| r.0);
+        let (k, a) = match (first, later) {
+            (Some(x), Some(y)) if y < x => self.heap.pop().map(|r| r.0)?,
+            (Some(x), _) => {
+                self.next += 1;
+                x
+            }
+            (None, Some(_)) => self.heap.pop().map(|r| r.0)?,
+            (None, None) => return None,
+        };
+        Some((from_order_key(k), a))
     }
 }
 
@@ -679,13 +718,16 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         })
         .collect();
     // Largest possible load per constraint, summed up the tree.
+    // And how many members each constraint has (admitted chargers with a coefficient on it).
     let mut dmax = vec![0.0f64; nk];
+    let mut count = vec![0usize; nk];
     for c in 0..n {
         if admitted[c] {
             let co = topo.slot_coefs(c);
             let p = topo.hot(c).parent();
             for slot in 0..SLOTS {
                 dmax[p * SLOTS + slot] += co[slot] * m.cap[c];
+                count[p * SLOTS + slot] += usize::from(co[slot] != 0.0);
             }
         }
     }
@@ -693,46 +735,42 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         if let Some(par) = topo.nodes[i].parent {
             for slot in 0..SLOTS {
                 dmax[par * SLOTS + slot] += dmax[i * SLOTS + slot];
+                count[par * SLOTS + slot] += count[i * SLOTS + slot];
             }
         }
     }
     // Binding constraints and their members (flat): `mem[off[a]..off[a] + len[a]]` are the
-    // members of active constraint `a` not yet known to be frozen.
+    // members of active constraint `a` not yet known to be frozen, in charger order. Sized from
+    // the counts, then filled in one pass over the chargers (`cursor`: next free entry of each
+    // binding node × slot; `usize::MAX` where the node × slot does not bind).
     let mut act_k: Vec<usize> = Vec::new();
     let mut off: Vec<usize> = Vec::new();
     let mut len: Vec<usize> = Vec::new();
-    let mut mem: Vec<(usize, f64)> = Vec::new();
-    // One pass over the chargers below a node fills the lists of all its binding slots.
-    let mut per_slot: [Vec<(usize, f64)>; SLOTS] = Default::default();
-    for i in 0..nn {
-        let active: [bool; SLOTS] = std::array::from_fn(|slot| {
-            let k = i * SLOTS + slot;
-            let cap = m.capacity[k];
-            !(cap == f64::INFINITY || dmax[k] <= cap)
-        });
-        if !active.iter().any(|&x| x) {
+    let mut cursor = vec![usize::MAX; nk];
+    let mut total = 0;
+    for k in 0..nk {
+        let cap = m.capacity[k];
+        if !(cap == f64::INFINITY || dmax[k] <= cap) {
+            act_k.push(k);
+            off.push(total);
+            len.push(count[k]);
+            cursor[k] = total;
+            total += count[k];
+        }
+    }
+    let mut mem: Vec<(usize, f64)> = vec![(0, 0.0); total];
+    for c in 0..n {
+        if !admitted[c] {
             continue;
         }
-        for v in per_slot.iter_mut() {
-            v.clear();
-        }
-        for &c in topo.chargers_below(i) {
-            if !admitted[c] {
-                continue;
-            }
-            let co = topo.slot_coefs(c);
-            for slot in 0..SLOTS {
-                if active[slot] && co[slot] != 0.0 {
-                    per_slot[slot].push((c, co[slot]));
+        let co = topo.slot_coefs(c);
+        for &i in topo.ancestors(c) {
+            for (slot, &coef) in co.iter().enumerate() {
+                let cur = &mut cursor[i * SLOTS + slot];
+                if coef != 0.0 && *cur != usize::MAX {
+                    mem[*cur] = (c, coef);
+                    *cur += 1;
                 }
-            }
-        }
-        for slot in 0..SLOTS {
-            if active[slot] {
-                act_k.push(i * SLOTS + slot);
-                off.push(mem.len());
-                len.push(per_slot[slot].len());
-                mem.extend_from_slice(&per_slot[slot]);
             }
         }
     }
@@ -744,13 +782,8 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     let mut frozen = vec![false; n];
     // Value each charger froze at (its load is fixed from then on).
     let mut frozen_val = vec![0.0; n];
-    // Freezes of members of each node × slot so far, and per constraint the count it was last
-    // solved with: a constraint is current while none of its members froze since (they leave
-    // the live list, and add their fixed load, when it is next solved).
-    let mut version = vec![0u32; nk];
-    let mut seen = vec![0u32; na];
     let mut events: Vec<(f64, f64)> = Vec::new();
-    let mut heap = std::collections::BinaryHeap::with_capacity(na);
+    let mut initial: Vec<(u64, usize)> = Vec::with_capacity(na);
     // Initial keys. Small constraints (a circuit of a few chargers) are solved exactly at once.
     // A larger one (a panel already) gets a lower bound, `D(L) <= Σ a·F + L·Σ a·w` gives `λ >= (capacity − Σ a·F) / Σ a·w`, and is
     // solved only when it reaches the top of the heap, by then with fewer unfrozen members.
@@ -767,7 +800,7 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
                 &mut events,
             );
             if lam[a] < f64::INFINITY {
-                heap.push(LevelKey(lam[a], a));
+                initial.push((order_key(lam[a]), a));
             } else {
                 done[a] = true;
             }
@@ -781,20 +814,24 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         let lb = (m.capacity[act_k[a]] - base) / slope;
         lam[a] = if lb > 0.0 { lb } else { 0.0 };
         dirty[a] = true;
-        heap.push(LevelKey(lam[a], a));
+        initial.push((order_key(lam[a]), a));
     }
+    let mut heap = LevelQueue::new(initial);
     // Highest level at which any member can still rise (scale for probing large constraints).
     let top_level = (0..n)
         .filter(|&c| admitted[c])
         .map(|c| m.cap[c] / m.weight[c])
         .fold(0.0, f64::max);
-    let mut newly: Vec<usize> = Vec::new();
-    while let Some(LevelKey(l, a)) = heap.pop() {
+    while let Some((l, a)) = heap.pop() {
         if done[a] {
             continue;
         }
         let (o, k) = (off[a], act_k[a]);
-        if dirty[a] || seen[a] != version[k] {
+        // A constraint is current while none of its members froze since it was solved (they
+        // leave the live list, and add their fixed load, when it is next solved). One scan
+        // tells; it is the scan that saturating the constraint makes anyway.
+        let stale = dirty[a] || mem[o..o + len[a]].iter().any(|&(c, _)| frozen[c]);
+        if stale {
             // Frozen members are fixed load now.
             let mut j = 0;
             let mut end = len[a];
@@ -808,7 +845,6 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
                     j += 1;
                 }
             }
-            seen[a] = version[k];
             len[a] = end;
             let live = &mem[o..o + end];
             let cap = m.capacity[k];
@@ -826,7 +862,7 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
                         // Only a lower bound: solve when it comes back up.
                         dirty[a] = true;
                         lam[a] = probe;
-                        heap.push(LevelKey(probe, a));
+                        heap.push(probe, a);
                         continue;
                     }
                     window = (l, probe);
@@ -835,33 +871,20 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
             lam[a] = saturation_level(live, &fill, fixed[a], cap, window, &mut events);
             dirty[a] = false;
             if lam[a] < f64::INFINITY {
-                heap.push(LevelKey(lam[a], a));
+                heap.push(lam[a], a);
             } else {
                 done[a] = true; // can no longer saturate
             }
             continue;
         }
         done[a] = true;
-        newly.clear();
+        // Current: every member is live (the scan above found none frozen).
         for &(c, _) in &mem[o..o + len[a]] {
-            if !frozen[c] {
-                frozen[c] = true;
-                level[c] = l;
-                frozen_by[c] = Some(k);
-                newly.push(c);
-            }
-        }
-        for &c in &newly {
+            frozen[c] = true;
+            level[c] = l;
+            frozen_by[c] = Some(k);
             let x = &fill[c];
             frozen_val[c] = (x.weight * l).clamp(x.floor, x.cap);
-            let co = topo.slot_coefs(c);
-            for &i in topo.ancestors(c) {
-                for (slot, &coef) in co.iter().enumerate() {
-                    if coef != 0.0 {
-                        version[i * SLOTS + slot] += 1;
-                    }
-                }
-            }
         }
     }
     (level, frozen_by)
@@ -1993,6 +2016,37 @@ mod tests {
         let a = allocate(&t, &x.chargers(), &x.nodes(), &w.demand(), &params(), true).unwrap();
         assert_eq!(a.decision.setpoint_a[0], 0.0);
         assert_eq!(a.decision.reason[0], "paused: no energy wanted");
+    }
+
+    #[test]
+    fn level_queue_pops_in_total_order_with_ties_by_index() {
+        let vals = [
+            3.5,
+            0.0,
+            -0.0,
+            1e-300,
+            f64::INFINITY,
+            -2.0,
+            f64::NAN,
+            7.25,
+            3.5,
+            f64::MIN_POSITIVE,
+        ];
+        for &x in &vals {
+            assert_eq!(from_order_key(order_key(x)).to_bits(), x.to_bits());
+        }
+        let mut want: Vec<(f64, usize)> = vals.iter().copied().zip(0..).collect();
+        // Half the keys at the start, the rest pushed while popping.
+        let mut q = LevelQueue::new(want[..5].iter().map(|&(x, a)| (order_key(x), a)).collect());
+        for &(x, a) in &want[5..] {
+            q.push(x, a);
+        }
+        want.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+        let got: Vec<(u64, usize)> = std::iter::from_fn(|| q.pop())
+            .map(|(x, a)| (x.to_bits(), a))
+            .collect();
+        let want: Vec<(u64, usize)> = want.iter().map(|&(x, a)| (x.to_bits(), a)).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
