@@ -21,8 +21,9 @@
 //!
 //! Units inside: AC line amperes per charger terminal (DC power is converted).
 use crate::envelope::{
-    counting, enforce_limits, finish, last_sent_line_a, node_loads, sanitise_request, snap_down,
-    Binding, ChargerInputs, Counting, Decision, EnvelopeParams, NodeInputs, NodeLoads, FOLLOW_TOL,
+    counting, enforce_limits, finish, held_value_at, last_sent_line_a, node_loads,
+    sanitise_request, snap_down, subtree_other, Binding, ChargerInputs, Constraint, Counting,
+    Decision, EnvelopeParams, NodeInputs, NodeLoads, FOLLOW_TOL,
 };
 use crate::error::{CoreError, CoreResult};
 use crate::topology::{ChargerKind, Topology, N_PHASES};
@@ -292,6 +293,73 @@ struct Fill {
     cap_level: f64,
 }
 
+/// Which node × slot constraints what is held alone breaks as the envelope counts it (exact
+/// line currents and kW, by more than `FOLLOW_TOL`, at nodes without an unbalance cap), given
+/// the linear count `held_sum` against `capacity` (net of non-charger load). The linear count is
+/// never below the exact one, so only where it is over is the exact count needed: node by node
+/// from the chargers below each while those hold at most `max_work` chargers together, else in
+/// one pass over the site.
+fn exactly_over(
+    topo: &Topology,
+    cnt: &Counting,
+    capacity: &[f64],
+    held_sum: &[f64],
+    max_work: usize,
+) -> Vec<bool> {
+    let nn = topo.n_nodes();
+    let linear_over: Vec<usize> = (0..nn * SLOTS)
+        .filter(|&k| {
+            let cap = capacity[k];
+            held_sum[k] > cap + FOLLOW_TOL * (1.0 + cap.abs())
+        })
+        .collect();
+    let mut over = vec![false; nn * SLOTS];
+    if !linear_over.is_empty() {
+        let above = |v: f64, limit: f64| v > limit + FOLLOW_TOL * (1.0 + limit.abs());
+        let limit_of = |k: usize| {
+            let node = &topo.nodes[k / SLOTS];
+            match k % SLOTS {
+                N_PHASES => node.power_limit_kw.unwrap_or(f64::INFINITY),
+                ph => node.phase_limit_a[ph],
+            }
+        };
+        let work: usize = linear_over
+            .iter()
+            .map(|&k| topo.chargers_below(k / SLOTS).len())
+            .sum();
+        if work <= max_work {
+            // A few nodes: count each from the chargers below it.
+            let sub = subtree_other(topo, cnt);
+            for &k in &linear_over {
+                let i = k / SLOTS;
+                if topo.nodes[i].unbalance_limit_a.is_some() {
+                    continue;
+                }
+                let c = match k % SLOTS {
+                    N_PHASES => Constraint::Power,
+                    ph => Constraint::Phase(ph),
+                };
+                over[k] = above(held_value_at(topo, cnt, &sub, i, c), limit_of(k));
+            }
+        } else {
+            let mut loads = NodeLoads::new(nn);
+            node_loads(topo, cnt, &mut loads); // every setpoint 0: what is held alone
+            for &k in &linear_over {
+                let i = k / SLOTS;
+                if topo.nodes[i].unbalance_limit_a.is_some() {
+                    continue;
+                }
+                let v = match k % SLOTS {
+                    N_PHASES => loads.power_w[i] / 1000.0,
+                    ph => loads.line_a(i, ph),
+                };
+                over[k] = above(v, limit_of(k));
+            }
+        }
+    }
+    over
+}
+
 /// Build the linear model and run admission; returns the model and the admitted mask.
 #[allow(clippy::too_many_arguments)]
 fn model_and_admission(
@@ -378,31 +446,11 @@ fn model_and_admission(
     };
     // Over as the envelope judges it: exact line currents and kW of what is held alone, by more
     // than `FOLLOW_TOL`, at a node without an unbalance cap. (The linear count is never below
-    // the exact one: when it is not over, nothing is, and the exact count is skipped.)
+    // the exact one: only where it is over is the exact count needed, node by node when those
+    // nodes hold fewer chargers together than the site, else in one pass over the site.)
     let mut held: Vec<f64> = (0..n).map(|c| held_of(&cnt.held, c)).collect();
     let held_sum = per_constraint(&|c| held[c]);
-    let linear_over = m
-        .capacity
-        .iter()
-        .zip(&held_sum)
-        .any(|(&cap, &h)| h > cap + FOLLOW_TOL * (1.0 + cap.abs()));
-    let mut over = vec![false; nn * SLOTS];
-    if linear_over {
-        let mut loads = NodeLoads::new(nn);
-        node_loads(topo, &cnt, &mut loads); // every setpoint 0: what is held alone
-        let above = |v: f64, limit: f64| v > limit + FOLLOW_TOL * (1.0 + limit.abs());
-        for (i, node) in topo.nodes.iter().enumerate() {
-            if node.unbalance_limit_a.is_some() {
-                continue;
-            }
-            for ph in 0..N_PHASES {
-                over[i * SLOTS + ph] = above(loads.line_a(i, ph), node.phase_limit_a[ph]);
-            }
-            if let Some(kw) = node.power_limit_kw {
-                over[i * SLOTS + N_PHASES] = above(loads.power_w[i] / 1000.0, kw);
-            }
-        }
-    }
+    let over = exactly_over(topo, &cnt, &m.capacity, &held_sum, n);
     let mut following = vec![false; n];
     if over.iter().any(|&o| o) {
         for (c, f) in following.iter_mut().enumerate() {
@@ -2016,6 +2064,30 @@ mod tests {
         let a = allocate(&t, &x.chargers(), &x.nodes(), &w.demand(), &params(), true).unwrap();
         assert_eq!(a.decision.setpoint_a[0], 0.0);
         assert_eq!(a.decision.reason[0], "paused: no energy wanted");
+    }
+
+    /// Both ways of finding what is over on what is held alone (node by node, one pass over the
+    /// site) agree, on random sites with every node × slot taken as linearly over.
+    #[test]
+    fn exactly_over_node_by_node_equals_one_pass() {
+        let mut some_over = 0;
+        for seed in 0..200u64 {
+            let mut r = Rng::new(seed);
+            let topo = if seed % 2 == 0 {
+                gen_site(&mut r, 12)
+            } else {
+                large_site(&mut r)
+            };
+            let x = gen_inputs(&mut r, &topo);
+            let cnt = counting(&topo, &x.chargers(), &x.nodes(), &gen_params(&mut r));
+            let nk = topo.n_nodes() * SLOTS;
+            let (cap, held) = (vec![0.0; nk], vec![f64::INFINITY; nk]);
+            let by_node = exactly_over(&topo, &cnt, &cap, &held, usize::MAX);
+            let one_pass = exactly_over(&topo, &cnt, &cap, &held, 0);
+            assert_eq!(by_node, one_pass, "seed {seed}");
+            some_over += usize::from(by_node.iter().any(|&o| o));
+        }
+        assert!(some_over > 20, "only {some_over} sites had a node over");
     }
 
     #[test]

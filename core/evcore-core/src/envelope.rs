@@ -684,6 +684,18 @@ fn single_node_value_as(
     }
 }
 
+/// A phase or kW value at node `n` as `node_loads` counts it (every charger at the larger of its
+/// setpoint and what it holds; non-charger load as counted), from the chargers below it alone.
+pub(crate) fn held_value_at(
+    topo: &Topology,
+    cnt: &Counting,
+    sub: &SubtreeOther,
+    n: usize,
+    k: Constraint,
+) -> f64 {
+    single_node_value(topo, cnt, sub, n, k, &mut NodeLoads::new(1))
+}
+
 /// A charger that follows its new setpoint draws at most it, plus what it may hold for reasons
 /// other than its own measurement (an unconfirmed decrease, an unknown profile state).
 #[inline]
