@@ -625,6 +625,17 @@ fn model_and_admission(
                 !(t >= -tol * (1.0 + t.abs()) || r == f64::INFINITY)
             })
             .collect();
+        // Per node × slot: whether it or a node above it is short (parents come first).
+        let mut short_up = short;
+        for &i in topo.node_order() {
+            if let Some(par) = topo.nodes[i].parent {
+                for slot in 0..SLOTS {
+                    short_up[i * SLOTS + slot] |= short_up[par * SLOTS + slot];
+                }
+            }
+        }
+        // What the always-admitted take, added at their parents and summed up the tree.
+        let mut first = vec![0.0; nn * SLOTS];
         let mut order: Vec<usize> = Vec::new();
         for c in 0..n {
             if !candidate[c] {
@@ -632,15 +643,30 @@ fn model_and_admission(
             }
             let need = m.floor[c] - held[c];
             let cc = topo.slot_coefs(c);
-            let on_short = topo
-                .ancestors(c)
-                .iter()
-                .any(|&i| (0..SLOTS).any(|slot| cc[slot] != 0.0 && short[i * SLOTS + slot]));
+            let par = topo.hot(c).parent();
+            let on_short = (0..SLOTS).any(|slot| cc[slot] != 0.0 && short_up[par * SLOTS + slot]);
             if locked_on[c] || need <= 0.0 || !on_short {
                 admitted[c] = true;
-                subtract(&mut remaining, c, need);
+                if need > 0.0 {
+                    for (slot, &a) in cc.iter().enumerate() {
+                        first[par * SLOTS + slot] += a * need;
+                    }
+                }
             } else {
                 order.push(c);
+            }
+        }
+        for &i in topo.node_order().iter().rev() {
+            if let Some(par) = topo.nodes[i].parent {
+                for slot in 0..SLOTS {
+                    first[par * SLOTS + slot] += first[i * SLOTS + slot];
+                }
+            }
+        }
+        for (r, &f) in remaining.iter_mut().zip(&first) {
+            // No limit stays no limit (inf − inf would be NaN).
+            if *r != f64::INFINITY {
+                *r -= f;
             }
         }
         order.sort_by(|&a, &b| key[a].total_cmp(&key[b]).then(a.cmp(&b)));
@@ -806,19 +832,29 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
             total += count[k];
         }
     }
+    // Bit `slot` set: the node × slot binds (most nodes have few binding slots, many none).
+    let mut binding_slots = vec![0u8; nn];
+    for &k in &act_k {
+        binding_slots[k / SLOTS] |= 1 << (k % SLOTS);
+    }
     let mut mem: Vec<(usize, f64)> = vec![(0, 0.0); total];
     for c in 0..n {
         if !admitted[c] {
             continue;
         }
         let co = topo.slot_coefs(c);
+        let mut on: u8 = 0;
+        for (slot, &coef) in co.iter().enumerate() {
+            on |= u8::from(coef != 0.0) << slot;
+        }
         for &i in topo.ancestors(c) {
-            for (slot, &coef) in co.iter().enumerate() {
+            let mut bits = binding_slots[i] & on;
+            while bits != 0 {
+                let slot = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
                 let cur = &mut cursor[i * SLOTS + slot];
-                if coef != 0.0 && *cur != usize::MAX {
-                    mem[*cur] = (c, coef);
-                    *cur += 1;
-                }
+                mem[*cur] = (c, co[slot]);
+                *cur += 1;
             }
         }
     }
