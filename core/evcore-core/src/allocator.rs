@@ -1091,16 +1091,16 @@ fn raise_to_exact(
         // line-to-line loads, where the linear model was exact, or the kW cap) lets none of the
         // chargers on it rise: they stay, the others share the level.
         let tight_at = |value: f64, limit: f64| !(ratio(value, limit) < 1.0 - TIGHT_REL);
+        let line: [f64; N_PHASES] = std::array::from_fn(|ph| loads.line_a(node, ph));
         let tight_ph: [bool; N_PHASES] =
-            std::array::from_fn(|ph| tight_at(loads.line_a(node, ph), spec.phase_limit_a[ph]));
+            std::array::from_fn(|ph| tight_at(line[ph], spec.phase_limit_a[ph]));
         let tight_kw = tight_at(loads.power_w[node], kw_limit_w);
         let allow = |limit: f64| if limit > 0.0 { limit * RAISE_FIT } else { 0.0 };
         let u = bound[node];
         let quick = !tight_kw
             && !tight_ph.iter().any(|&t| t)
             && loads.power_w[node] + u[N_PHASES] <= allow(kw_limit_w)
-            && (0..N_PHASES)
-                .all(|ph| loads.line_a(node, ph) + u[ph] <= allow(spec.phase_limit_a[ph]));
+            && (0..N_PHASES).all(|ph| line[ph] + u[ph] <= allow(spec.phase_limit_a[ph]));
         if !quick {
             'slow: {
                 members.clear();
