@@ -326,7 +326,9 @@ async def _run(
             try:
                 await until(
                     lambda: (
-                        bool(ctrl.failsafe)
+                        # Not the levels sized with chargers at their maximum (first TxDefaults
+                        # not yet known applied): those are on their way up.
+                        ctrl.failsafe_is_plain()
                         and all(c.tx_default == ctrl.failsafe[c.charger_id] for c in states)
                     ),
                     120,

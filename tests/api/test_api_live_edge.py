@@ -70,6 +70,9 @@ async def live(tmp_path: Path) -> AsyncIterator[LiveEdge]:
         rig = EdgeRig(table, with_edge=False, url=f"ws://127.0.0.1:{app.central.port}{prefix}")
         await rig.start()
         await rig.wait_for(rig.defaults_held, 30, "a TxDefaultProfile on every station")
+        # The failsafe levels count a charger whose first TxDefault is not yet known applied at
+        # its maximum (a car plugged in then may draw that): wait for the final levels.
+        await rig.wait_for(app.controller.failsafe_is_plain, 30, "the final failsafe levels")
         ids = list(rig.fleet.charger_ids)
         plugged, idle = [ids[0], ids[2]], [ids[1], ids[3]]
         for cid in plugged:

@@ -161,6 +161,9 @@ async def test_setpoints_leave_only_after_their_record_is_committed(
         rig = EdgeRig(table, with_edge=False, url=f"ws://127.0.0.1:{app.central.port}{prefix}")
         await rig.start()
         await rig.wait_for(rig.defaults_held, 30, "a TxDefaultProfile on every station")
+        # The failsafe levels count a charger whose first TxDefault is not yet known applied at
+        # its maximum (a car plugged in then may draw that): wait for the final levels.
+        await rig.wait_for(app.controller.failsafe_is_plain, 30, "the final failsafe levels")
         for cid in plugged:
             rig.fleet.plug_in(cid, EV(soc=0.2))
         await rig.wait_for(

@@ -48,6 +48,21 @@ async def test_curtailment_posted_through_the_api_reaches_the_chargers(tmp_path:
     try:
         await rig.start()
         await rig.wait_for(rig.defaults_held, 15, "a TxDefaultProfile on every station")
+        # The first TxDefaults are low (each charger counts at its maximum until its own is
+        # known applied): cars plugged in then start on them, and their TxDefaults rise only
+        # once their TxProfiles are accepted. Plug in at the final levels, which the curtailment
+        # below then lowers.
+        ctrl = app.controller
+        await rig.wait_for(
+            lambda: (
+                ctrl.failsafe_is_plain()
+                and all(
+                    c.tx_default == ctrl.failsafe[cid] for cid, c in ctrl.state.chargers.items()
+                )
+            ),
+            30,
+            "the final failsafe levels",
+        )
         for cid in rig.fleet.charger_ids:
             rig.fleet.plug_in(cid, EV(soc=0.2))
         await asyncio.sleep(3.0)

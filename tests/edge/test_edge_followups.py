@@ -595,7 +595,9 @@ async def test_a_session_behind_its_plan_is_not_capped_at_the_target() -> None:
     c = ctrl.state.chargers[cid]
     now = clock.now()
     ctrl.set_plan(PlanTargets("cloud", "cloud@1", now, {cid: [(now - 1.0, 7200.0, 10.0)]}))
-    await _settle(ctrl, clock, rounds=2)
+    # Three rounds: the session's first TxDefault waits for its TxProfile, and its raise for the
+    # first TxDefault's settle time.
+    await _settle(ctrl, clock, rounds=3)
     assert gw.tx()[cid] == pytest.approx(10.0)  # the target caps it while on plan
     # 10 minutes at 10 A x 690 W/A is 1.15 kWh; it delivered 1.1 kWh: on plan, still capped.
     clock.advance(600.0)

@@ -312,3 +312,40 @@ def test_the_core_keeps_a_session_that_just_started_on_for_min_on_s() -> None:
     )
     low, high = sorted(late.setpoints.values())
     assert low == 0.0 and high >= 6.0
+
+
+def test_a_pause_while_a_first_txdefault_may_not_be_applied_is_not_a_switch() -> None:
+    from evcore.edge.state import SiteState
+
+    c = ChargerState("cp", "CP", False, 6.0, 32.0)
+    other = ChargerState("cp-2", "CP2", False, 6.0, 32.0)
+    st = SiteState.from_chargers([c, other], {})
+    c.tx_default = c.holding = c.sent = 16.0
+    # The other charger's first TxDefault was accepted and may not be applied until 110.
+    other.default_unapplied_until = 110.0
+    st.on_transaction("cp", "started", "tx-1", 1000.0, 100.0)
+    assert _switching(c) == (100.0, None, 0)
+    st.on_sent("cp", 0.0, 101.0, 2000.0, uncounted_pause=True)  # the gap's pause
+    assert (c.off_since, c.switches) == (None, 0)
+    st.on_sent("cp", 16.0, 111.0, 2000.0)  # back once it is applied: no switch either
+    assert _switching(c) == (111.0, None, 0)
+    st.on_sent("cp", 0.0, 130.0, 2000.0)  # the allocator's own pause later: a switch
+    assert (c.off_since, c.switches) == (130.0, 1)
+    st.on_transaction("cp", "ended", "tx-1", 1100.0, 200.0)
+    # A session that starts at a 0 A TxDefault while the gap lasts does not start off ...
+    c.tx_default = c.holding = c.sent = 0.0
+    other.default_unapplied_until = 310.0
+    st.on_transaction("cp", "started", "tx-2", 1200.0, 300.0)
+    assert _switching(c) == (None, None, 0)
+    st.on_sent("cp", 16.0, 305.0, 2000.0)
+    assert _switching(c) == (305.0, None, 0)
+    st.on_transaction("cp", "ended", "tx-2", 1300.0, 400.0)
+    # ... nor does one on the charger in the gap (its car may draw the maximum: on), but once
+    # every first TxDefault is known applied a session at 0 A starts off, as before.
+    c.default_unapplied_until = 510.0
+    st.on_transaction("cp", "started", "tx-3", 1400.0, 500.0)
+    assert _switching(c) == (500.0, None, 0) and c.off_uncounted
+    st.on_transaction("cp", "ended", "tx-3", 1500.0, 600.0)
+    c.default_unapplied_until = None
+    st.on_transaction("cp", "started", "tx-4", 1600.0, 700.0)
+    assert (c.on_since, c.off_since) == (None, 700.0)

@@ -56,8 +56,13 @@ URGENT = frozenset(
         "accepted",
         "operator",
         "reported",
+        "applied",
     }
 )
+
+# Polls of a station whose first TxDefault of ours was accepted, asking whether it applies it:
+# the first this long after the acceptance, each next one this much later than the one before.
+_APPLIED_POLL_STEP_S = 0.2
 
 
 # A session is behind its plan when it delivered less than (1 - this) of what the plan asked.
@@ -171,6 +176,9 @@ class EdgeController:
         # Chargers whose station was asked what it enforces: charger id -> until (monotonic).
         self._report_due: dict[str, float] = {}
         self._increases_held = False
+        # Some charger's first TxDefault of ours may not be applied yet (this decision): a pause
+        # now may be that gap's, and is not counted as a switch (``SiteState.on_sent``).
+        self._default_gap = False
         self._started_at: float | None = None
         self._plan_energy: dict[str, dict[str, float]] = {}
         #: Called with every plan handed to ``set_plan`` (``publishing.EdgePublisher`` publishes
@@ -375,6 +383,9 @@ class EdgeController:
         if change is not None:
             waits.append(change - now_w)
         for c in self.state.chargers.values():
+            if c.default_unapplied_until is not None and now_m < c.default_unapplied_until:
+                # Counted at its maximum until then: decide again when that ends.
+                waits.append(c.default_unapplied_until - now_m)
             if c.expires_at is not None and c.sent is not None:
                 due = failsafe.refresh_at(
                     c.expires_at, c.sent, self.failsafe.get(c.charger_id, 0.0), self.cfg
@@ -431,6 +442,7 @@ class EdgeController:
             trigger = f"{trigger},core-failure"
         self.stats.decisions += 1
         decision_no = self.stats.decisions
+        self._default_gap = self.state.default_gap(now_m)
         changes = self._plan_changes(enforced, now_w, now_m)
         if not changes:
             return None
@@ -490,6 +502,14 @@ class EdgeController:
         }
         # A charger drawing above what it holds is not raised until it complies (faults.py).
         hold = {cid for cid in active if draws_above_limit(st.chargers[cid], now_m, cfg)}
+        # A session that started while its charger's first TxDefault may not be applied is
+        # counted at its maximum (its car may draw that): the setpoint that comes out of it is
+        # no reason to raise it. Its TxDefault applies soon; then it gets its share.
+        hold |= {
+            cid
+            for cid in active
+            if (c := st.chargers[cid]).session_in_gap and c.default_unapplied(now_m)
+        }
         pending = list(self.pending.values())
         d_plan = plan_dispatch(
             default_now,
@@ -502,7 +522,32 @@ class EdgeController:
             settle_s=cfg.settle_s,
             resolution_a=cfg.resolution_a,
             resolution_w=cfg.resolution_w,
+            # A charger whose first TxDefault may not be applied yet keeps it until the station
+            # reports it applies it: counted at its maximum meanwhile, it loses nothing, and a
+            # raise (to its maximum, often: its level is sized with it there) would leave the
+            # report unable to tell our TxDefault from none.
+            hold={cid for cid in default_now if st.chargers[cid].default_unapplied(now_m)},
         )
+        # A session that holds no TxProfile of ours it accepted runs on its TxDefault (it started
+        # there and its setpoint never differed, or the edge restarted): changing that TxDefault
+        # changes what its car may draw now, which the envelope does not count. After a restart
+        # a first TxDefault of 0 A paused such cars and one at a charger's maximum let its car
+        # draw 32 A counted at 8. Its TxDefault waits; its TxProfile leaves first (unchanged, it
+        # is a refresh), and the TxDefault once that is accepted. (A first TxDefault waiting is
+        # safe: until it is accepted the others' failsafe levels count the charger at its
+        # maximum. A lowered one waits as ``deferred`` below does.)
+        bare = {
+            c.charger_id
+            for c in (*d_plan.decreases, *d_plan.increases, *d_plan.held)
+            if st.chargers[c.charger_id].transaction_id is not None
+            and not st.chargers[c.charger_id].tx_profile_held
+        }
+        # (No decision of its own once that is accepted: one at once would find the car not yet
+        # drawing what it was raised to and take the headroom back; the next tick sends it.)
+        profile_due = {
+            cid for cid in bare & active.keys() if not _tx_profile_on_its_way(st.chargers[cid])
+        }
+        force |= profile_due
         t_plan = plan_dispatch(
             active,
             cur,
@@ -532,9 +577,12 @@ class EdgeController:
         deferred = [
             c
             for c in d_plan.decreases
-            if c.old is not None
-            and c.charger_id in lowering
-            and st.chargers[c.charger_id].transaction_id is not None
+            if (
+                c.old is not None
+                and c.charger_id in lowering
+                and st.chargers[c.charger_id].transaction_id is not None
+            )
+            or c.charger_id in bare
         ]
         deferred_ids = {c.charger_id for c in deferred}
         known = [("tx", c) for c in t_plan.decreases if c.old is not None] + [
@@ -543,7 +591,9 @@ class EdgeController:
             if c.old is not None and c.charger_id not in deferred_ids
         ]
         unknown = [("tx", c) for c in t_plan.decreases if c.old is None] + [
-            ("tx_default", c) for c in d_plan.decreases if c.old is None
+            ("tx_default", c)
+            for c in d_plan.decreases
+            if c.old is None and c.charger_id not in deferred_ids
         ]
         if self._started_at is None:
             self._started_at = now_m
@@ -553,7 +603,8 @@ class EdgeController:
             # Just started: stations are still reconnecting, and each one not back yet counts at
             # its maximum. Re-sending TxProfiles now would squeeze the ones back first (to 0 A,
             # often) only to raise them a moment later; they still hold the profiles the edge
-            # sent before (which end at the failsafe level). TxDefaults do not wait.
+            # sent before (which end at the failsafe level). TxDefaults do not wait (but for a
+            # session's, which waits for its TxProfile: ``bare`` above).
             unknown = [x for x in unknown if x[0] != "tx"]
         decreases = known
         # A TxProfile to a charger whose state is unknown may be a raise of what it really holds
@@ -574,9 +625,8 @@ class EdgeController:
         if known or unknown or held_unknown:
             increases: list[tuple[str, Change]] = []
         else:
-            increases = [("tx_default", c) for c in d_plan.increases] + [
-                ("tx", c) for c in t_plan.increases
-            ]
+            increases = [("tx_default", c) for c in d_plan.increases if c.charger_id not in bare]
+            increases += [("tx", c) for c in t_plan.increases]
             increases = increases[: self._take_increase_tokens(len(increases), now_m)]
         # Increases wait: an accepted decrease is then worth an immediate decision.
         self._increases_held = bool(
@@ -584,6 +634,18 @@ class EdgeController:
         )
         refreshes = [("tx_default", c) for c in d_plan.refreshes] + [
             ("tx", c) for c in t_plan.refreshes
+        ]
+        # A session whose lowered TxDefault waits for its TxProfile, and whose own change is a
+        # held increase, gets its TxProfile now at what it holds: the others' failsafe levels
+        # already count this charger at its lower level. (A raised or first one may wait.)
+        sending = {c.charger_id for _, c in (*decreases, *refreshes, *increases)}
+        refreshes += [
+            ("tx", Change(c.charger_id, old, old, ChangeKind.REFRESH))
+            for c in d_plan.decreases
+            if c.old is not None
+            and c.charger_id in profile_due
+            and c.charger_id not in sending
+            and (old := cur.get(c.charger_id)) is not None
         ]
         out: list[tuple[str, Change, float | None]] = []
         for purpose, ch in [*decreases, *refreshes, *increases]:
@@ -696,7 +758,12 @@ class EdgeController:
         fs = self.failsafe.get(ch.charger_id, 0.0)
         if purpose == "tx":
             self.state.on_sent(
-                ch.charger_id, ch.new, now_m, valid_to if valid_to is not None else 0.0, fs
+                ch.charger_id,
+                ch.new,
+                now_m,
+                valid_to if valid_to is not None else 0.0,
+                fs,
+                uncounted_pause=self._default_gap and ch.new <= 0,
             )
             if ch.kind is ChangeKind.DECREASE:
                 self.pending[ch.charger_id] = PendingDecrease(
@@ -739,6 +806,12 @@ class EdgeController:
         if sent.purpose == "tx":
             self.state.on_result(sent.charger_id, sent.value, accepted)
         elif accepted:
+            if c.tx_default is None and sent.left_mono + self.cfg.settle_s > self.clock.monotonic():
+                # Its first TxDefault of ours (edge start, boot, stale ones cleared): accepted
+                # is not applied, and before it the charger allowed a car its maximum. It counts
+                # there until the station shows it applies it, or ``settle_s`` after it left.
+                c.default_unapplied_until = sent.left_mono + self.cfg.settle_s
+                self._watch_default(c)
             if c.tx_default is not None and sent.value < c.tx_default:
                 # Accepted is not applied: a car plugging in meanwhile still gets the old level.
                 c.tx_default_old = c.tx_default
@@ -864,9 +937,65 @@ class EdgeController:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(gw.trigger_message(ocpp_id, message), bound)
 
+    def _watch_default(self, c: ChargerState) -> None:
+        """Ask the station, beside the loop, whether it applies the first TxDefault of ours that
+        ``c`` accepted, until it does or its gap ends (``default_unapplied_until``)."""
+        if self._stopping or not hasattr(self.gateway, "get_composite_schedule"):
+            return
+        task = asyncio.ensure_future(self._poll_default_applied(c, c.default_unapplied_until))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _poll_default_applied(self, c: ChargerState, until: float | None) -> None:
+        gw: Any = self.gateway
+        step = wait = _APPLIED_POLL_STEP_S
+        unit = "W" if c.is_dc else "A"
+        while until is not None and not self._stopping:
+            left = until - self.clock.monotonic()
+            if left <= 0:
+                return
+            await self.clock.sleep(min(wait, left))
+            wait += step
+            if c.default_unapplied_until != until or self.clock.monotonic() >= until:
+                return  # ended (settled, booted again, cleared) or a newer gap is watched
+            try:
+                comp = await asyncio.wait_for(
+                    gw.get_composite_schedule(c.charger_id, duration_s=1, unit=unit),
+                    max(0.1, until - self.clock.monotonic()),
+                )
+            except Exception:
+                continue
+            periods = list(getattr(comp, "periods", None) or ())
+            if (
+                str(getattr(comp, "status", "")) != "Accepted"
+                or getattr(comp, "unit", None) not in (None, unit)
+                or not periods
+                or float(periods[0][0]) > 0
+            ):
+                continue
+            now_limit = float(periods[0][1])
+            # What it is counted at once the gap is over: its TxDefaults of ours, and in a
+            # session the TxProfile it may hold. A station enforcing at most that, and less than
+            # its maximum (which it allows with no TxDefault at all), applies one of ours.
+            bound = max(
+                c.tx_default or 0.0,
+                c.tx_default_sent or 0.0,
+                *((c.sent or 0.0, c.holding or 0.0) if c.transaction_id is not None else ()),
+            )
+            if (
+                math.isfinite(now_limit)
+                and 0 <= now_limit <= self.wire(c.charger_id, bound) + 1e-6
+                and now_limit < self.wire(c.charger_id, c.max_value) - 1e-6
+                and c.default_unapplied_until == until
+            ):
+                c.default_unapplied_until = None
+                self.notify("applied")
+                return
+
     def _forget_defaults(self, ocpp_id: str) -> None:
         for c in self.state.station_chargers(ocpp_id):
             c.tx_default = c.tx_default_sent = None
+            c.default_unapplied_until = None
             if c.transaction_id is None:
                 # Idle: its TxDefault was all it held; now nothing of ours (counted at max).
                 c.sent = c.holding = None
@@ -916,9 +1045,14 @@ class EdgeController:
     def _refresh_failsafe(self, now_w: float) -> None:
         caps = self.curtailments.caps_kw(now_w, failsafe.horizon_s(self.cfg))
         # A charger that holds no confirmed TxDefault of ours (never accepted one, booted, or
-        # its stale ones were just cleared) may not fall back to our level: the others' levels
-        # are sized with it at its maximum.
-        at_max = frozenset(cid for cid, c in self.state.chargers.items() if c.tx_default is None)
+        # its stale ones were just cleared), or whose first one may not be applied yet, may not
+        # fall back to our level: the others' levels are sized with it at its maximum.
+        now_m = self.clock.monotonic()
+        at_max = frozenset(
+            cid
+            for cid, c in self.state.chargers.items()
+            if c.tx_default is None or c.default_unapplied(now_m)
+        )
         key = (tuple(sorted(caps.items())), at_max)
         if key != self._failsafe_key:
             try:
@@ -946,6 +1080,15 @@ class EdgeController:
         """Some increase of the last decision waits (a decrease to settle, a station's report,
         the increase rate): the setpoints are not yet where that decision put them."""
         return self._increases_held
+
+    def failsafe_is_plain(self) -> bool:
+        """The failsafe levels in force count no charger at its maximum: every charger holds a
+        TxDefault of ours that it accepted and, for a first one, is known to apply."""
+        return (
+            bool(self.failsafe)
+            and self.failsafe == self._plain_failsafe
+            and not self.state.default_gap(self.clock.monotonic())
+        )
 
     def _fallback(self, exc: BaseException) -> EnforcedSetpoints | None:
         """After a failed decision: every charger at most at its failsafe level, none raised."""
@@ -1108,6 +1251,11 @@ class EdgeController:
         if self.on_fault is not None:
             with contextlib.suppress(Exception):
                 self.on_fault(c.charger_id, c.fault_reason)
+
+
+def _tx_profile_on_its_way(c: ChargerState) -> bool:
+    """A TxProfile of this session left and is not answered yet."""
+    return c.expires_at is not None and not c.accepted and not c.needs_resend
 
 
 def _is_core_failure(exc: BaseException) -> bool:

@@ -184,8 +184,18 @@ class RustCore:
                     if v is not None:
                         cols[f"measured_l{k + 1}_a"][i] = v
             unit = "last_sent_w" if c.is_dc else "last_sent_a"
-            # Unknown (edge start, boot): counted at the charger's maximum by the envelope.
-            cols["profile_unknown"][i] = c.profile_unknown or cid in ignoring
+            # Unknown (edge start, boot): counted at the charger's maximum by the envelope. So is
+            # a session that started while its charger's first TxDefault of ours may not be
+            # applied: its car may draw the charger's maximum until then (idle: ``idle_level``).
+            cols["profile_unknown"][i] = (
+                c.profile_unknown
+                or cid in ignoring
+                or (
+                    c.transaction_id is not None
+                    and c.session_in_gap
+                    and c.default_unapplied(now_mono)
+                )
+            )
             fs_level = failsafe.get(cid, 0.0)
             in_force = (
                 c.transaction_id is not None
@@ -206,6 +216,12 @@ class RustCore:
                     value = c.sent
                 elif held:
                     value = max(held)
+                replaced = c.replaced_default(now_mono)
+                if replaced is not None and (c.expires_at is None or not confirmed):
+                    # No TxProfile of this session accepted: the car is held by its TxDefault,
+                    # and a lowered one accepted less than settle_s ago may not be applied yet.
+                    value = replaced if math.isnan(value) else max(value, replaced)
+                    confirmed = False
                 # A refresh that is due and not accepted: the profile ends in its final level at
                 # validTo (a paused one rises to it). Until then it holds what it was sent, so
                 # the final level counts from one decision (tick + guard) before validTo. Counting
@@ -228,8 +244,8 @@ class RustCore:
                 # before the edge hears of the car. Count it there ("unconfirmed" = held), or at
                 # a TxDefault still on its way (or accepted lower but maybe not yet applied), or
                 # at what it reported it enforces. One that
-                # never accepted a TxDefault of ours (and reported nothing) may let a car draw
-                # its maximum (M3).
+                # never accepted a TxDefault of ours (and reported nothing), or whose first one
+                # may not be applied yet, may let a car draw its maximum (M3).
                 cols[unit][i] = c.idle_level(fs_level, now_mono)
                 cols["last_sent_confirmed"][i] = False
             if c.on_since is not None:

@@ -32,6 +32,7 @@ class EdgeRig:
         audit: AuditSink | None = None,
         version: str = "1.6",
         apply_delay_s: float = 1.0,
+        apply_delays_s: Mapping[str, float] | None = None,
         sample_interval_s: float = 1.0,
         sim_tick_s: float = 0.1,
         with_edge: bool = True,
@@ -47,6 +48,9 @@ class EdgeRig:
         self.audit = audit
         self.version = version
         self.apply_delay_s = apply_delay_s
+        #: Per charger id: the apply delay of its station instead of ``apply_delay_s`` (a station
+        #: slower than the others to apply what it accepted).
+        self.apply_delays_s = dict(apply_delays_s or {})
         self.sample_interval_s = sample_interval_s
         self.sim_tick_s = sim_tick_s
         self.with_edge = with_edge
@@ -103,6 +107,8 @@ class EdgeRig:
             tick_s=self.sim_tick_s,
             sample_interval_s=self.sample_interval_s,
         )
+        for cid, delay_s in self.apply_delays_s.items():
+            self.fleet.station(cid)[0].apply_delay_s = delay_s
         self.physics = SitePhysics(self.site, self.fleet.terminal_currents, clock=self.clock)
         self.physics.start()
         await self.fleet.start()
@@ -152,7 +158,9 @@ class EdgeRig:
         central system rounds both down to the same resolution)."""
         ctrl = self.controller
         assert ctrl is not None
-        return bool(ctrl.failsafe) and all(
+        # Levels sized with a charger at its maximum (one whose first TxDefault is not known
+        # applied) are on their way up: not the failsafe levels yet.
+        return ctrl.failsafe_is_plain() and all(
             c.tx_default is not None
             and abs(ctrl.wire(cid, c.tx_default) - ctrl.wire(cid, ctrl.failsafe[cid])) < 1e-9
             for cid, c in ctrl.state.chargers.items()

@@ -87,6 +87,24 @@ class ChargerState:
     # still counts for an idle charger until ``tx_default_old_until`` (monotonic; sent + settle_s).
     tx_default_old: float | None = None
     tx_default_old_until: float | None = None
+    # The first TxDefault of ours a charger accepted (it held none of ours before: edge start,
+    # boot, stale ones cleared) may not be applied yet: until then a car plugged in draws what the
+    # charger allows without it, its maximum. Monotonic instant until which it counts so (sent +
+    # settle_s); None once the station's report showed it in force, or when none is on its way.
+    default_unapplied_until: float | None = None
+    # This session started while that was so: its car may draw the charger's maximum until the
+    # TxDefault is applied. (A session running before it is held by the TxProfile it has, which
+    # the station's report showed after a restart, or counted at its maximum after a boot.)
+    session_in_gap: bool = False
+    # A session held at 0 A while a first TxDefault was not known applied (its own or another
+    # charger's): that pause is the gap's, not the allocator's choice, so it starts no min_off_s
+    # and its return to charging counts no switch.
+    off_uncounted: bool = False
+    # This session holds a TxProfile of ours that the charger accepted. Until then (it started at
+    # its TxDefault and its setpoint never differed, or the edge restarted and does not know what
+    # it holds) the car draws what the charger's TxDefault allows: a TxDefault change is a change
+    # of what flows now, so it waits for the session's TxProfile (``EdgeController``).
+    tx_profile_held: bool = False
     needs_resend: bool = True  # must be sent again (boot, reconnect, rejection, restart)
     # What the charger enforces is unknown (edge start, boot: profiles may be lost). The envelope
     # counts such a charger at its maximum until a profile is accepted.
@@ -159,12 +177,30 @@ class ChargerState:
             return self.ac_w_per_a / self.ac_phases * drawing
         return self.ac_w_per_a
 
+    def default_unapplied(self, now_mono: float) -> bool:
+        """Its first TxDefault of ours was accepted and may not be applied yet (see
+        ``default_unapplied_until``): a car on it may draw its maximum."""
+        until = self.default_unapplied_until
+        return until is not None and now_mono < until
+
+    def replaced_default(self, now_mono: float) -> float | None:
+        """The level of the TxDefault a lowered one replaced less than ``settle_s`` ago (accepted
+        is not applied), else None."""
+        if (
+            self.tx_default_old is not None
+            and self.tx_default_old_until is not None
+            and now_mono < self.tx_default_old_until
+        ):
+            return self.tx_default_old
+        return None
+
     def idle_level(self, failsafe_level: float, now_mono: float | None = None) -> float:
         """What an idle charger (no session) may let a car draw before the edge hears of it, as
         the allocator counts it: its failsafe level, a TxDefault accepted or on its way, what it
         reported enforcing, and its maximum while it never accepted a TxDefault of ours and
         reported nothing. With ``now_mono``, also a TxDefault it replaced less than ``settle_s``
-        ago (accepted is not applied); a plan for the hours ahead passes None."""
+        ago (accepted is not applied), and its maximum while its first TxDefault of ours may not
+        be applied yet; a plan for the hours ahead passes None."""
         reported = self.sent if self.transaction_id is None else None
         levels = [
             failsafe_level,
@@ -172,13 +208,10 @@ class ChargerState:
             self.tx_default_sent or 0.0,
             reported or 0.0,
         ]
-        if (
-            now_mono is not None
-            and self.tx_default_old is not None
-            and self.tx_default_old_until is not None
-            and now_mono < self.tx_default_old_until
-        ):
-            levels.append(self.tx_default_old)
+        if now_mono is not None and (replaced := self.replaced_default(now_mono)) is not None:
+            levels.append(replaced)
+        if now_mono is not None and self.default_unapplied(now_mono):
+            levels.append(self.max_value)
         if self.tx_default is None and reported is None:
             levels.append(self.max_value)
         return max(levels)
@@ -215,6 +248,10 @@ class SiteState:
     def __getitem__(self, charger_id: str) -> ChargerState:
         return self.chargers[charger_id]
 
+    def default_gap(self, now_mono: float) -> bool:
+        """Some charger's first TxDefault of ours may not be applied yet."""
+        return any(c.default_unapplied(now_mono) for c in self.chargers.values())
+
     def station_chargers(self, ocpp_id: str) -> list[ChargerState]:
         return [c for c in self.chargers.values() if c.ocpp_id == ocpp_id]
 
@@ -238,6 +275,8 @@ class SiteState:
             c.profile_unknown = True
             c.tx_default = None
             c.tx_default_sent = None
+            c.default_unapplied_until = None  # its next TxDefault of ours is a first one again
+            c.tx_profile_held = False
             changed.append(c.charger_id)
         return changed
 
@@ -296,9 +335,22 @@ class SiteState:
                 # starts on (at its TxDefault) or off, with no history from the car before it.
                 c.switches = 0
                 c.on_since = c.off_since = None
+                c.off_uncounted = c.session_in_gap = c.tx_profile_held = False
                 if now_mono is not None:
-                    if (c.holding if c.holding is not None else c.tx_default or 0.0) > 0:
+                    if c.default_unapplied(now_mono):
+                        # Its first TxDefault may not be applied: the car may draw the charger's
+                        # maximum. It starts on; being held at 0 A until the TxDefault is known
+                        # applied, and rising from there, is the gap's, not a switch.
+                        c.session_in_gap = True
                         c.on_since = now_mono
+                        c.off_uncounted = True
+                    elif (c.holding if c.holding is not None else c.tx_default or 0.0) > 0:
+                        c.on_since = now_mono
+                    elif self.default_gap(now_mono):
+                        # At 0 A because another charger's first TxDefault may not be applied
+                        # (the failsafe levels count it at its maximum): not the allocator's
+                        # pause, so no min_off_s before it may start.
+                        c.off_uncounted = True
                     else:
                         c.off_since = now_mono
             c.plugged = True
@@ -317,7 +369,12 @@ class SiteState:
         now_mono: float,
         expires_at: float,
         final_level: float | None = None,
+        *,
+        uncounted_pause: bool = False,
     ) -> None:
+        """Book a TxProfile as sent. ``uncounted_pause``: a pause (value 0) made while a first
+        TxDefault was not known applied: it starts no min_off_s and counts no switch, nor does
+        the session's next rise from 0 (``off_uncounted``)."""
         c = self.chargers[charger_id]
         prev = c.sent
         if final_level is not None:
@@ -331,11 +388,17 @@ class SiteState:
         c.expires_at = expires_at
         c.needs_resend = False
         was_on = prev is not None and prev > 0
-        if value > 0 and not was_on:
-            c.on_since = now_mono
-            if prev is not None:
-                c.switches += 1
-        elif value <= 0 and (was_on or prev is None):
+        if value <= 0 and uncounted_pause:
+            if was_on or prev is None or c.off_uncounted:
+                c.off_uncounted = True
+                c.off_since = None
+        elif value > 0:
+            if not was_on:
+                c.on_since = now_mono
+                if prev is not None and not c.off_uncounted:
+                    c.switches += 1
+            c.off_uncounted = False
+        elif was_on or prev is None:
             c.off_since = now_mono
             if prev is not None:
                 c.switches += 1
@@ -347,6 +410,7 @@ class SiteState:
         c.accepted = accepted
         if accepted:
             c.holding = value
+            c.tx_profile_held = c.transaction_id is not None
             c.profile_unknown = False
             if c.final_sent is not None:
                 c.final_level = c.final_sent
@@ -362,6 +426,7 @@ class SiteState:
         c.suspect_since = None
         c.on_since = c.off_since = None
         c.switches = 0
+        c.off_uncounted = c.session_in_gap = c.tx_profile_held = False
         # The TxProfile died with the transaction: the charger is back on its TxDefault.
         c.sent = c.tx_default
         c.holding = c.tx_default
