@@ -16,7 +16,8 @@ import json
 from typing import Any
 
 import pytest
-from evcore.ocpp import ProfileResult, frames, v16, v201, validation
+from evcore.clock import WallClock
+from evcore.ocpp import CentralSystem, ProfileResult, frames, v16, v201, validation
 from evcore.ocpp.server import ChargerInfo, LimitOrder, LimitRequest, chargers_of
 from evcore.sim.ev import EV
 from ocpp_testsite import DC_CHARGER, make_site, rig
@@ -117,6 +118,24 @@ def test_a_non_finite_limit_never_reaches_the_wire() -> None:
             now=NOW,
             start_iso=v16.iso(NOW),
         )
+
+
+def test_profile_ids_follow_the_evse_and_purpose_not_the_order_of_first_use() -> None:
+    """A station keeps the profiles an earlier run set and replaces one whose id it holds,
+    whatever its purpose: a restarted central system must give each (EVSE, purpose) the id the
+    last run gave it, whatever order it sends in."""
+    site = make_site()
+    info = {c.charger_id: c for c in chargers_of(site)}
+    m1, m2 = info["cp-m1"], info["cp-m2"]
+    keys = [(m1, "tx"), (m1, "tx_default"), (m2, "tx"), (m2, "tx_default"), (m1, "station_max")]
+    first = CentralSystem(site, clock=WallClock())
+    restarted = CentralSystem(site, clock=WallClock())
+    ids = {(c.charger_id, p): first._profile_id("CPM", c, p) for c, p in keys}
+    again = {(c.charger_id, p): restarted._profile_id("CPM", c, p) for c, p in reversed(keys)}
+    assert again == ids
+    assert len(set(ids.values())) == len(keys)
+    # The station-wide limit is one profile, whichever EVSE's charger it is sent for.
+    assert restarted._profile_id("CPM", m2, "station_max") == ids[("cp-m1", "station_max")]
 
 
 def _profiles(sim: Any) -> list[dict[str, Any]]:

@@ -168,6 +168,13 @@ class LimitOrder:
     purpose: ProfilePurpose = "tx"
 
 
+# Profile ids: _PROFILE_ID_BASE + EVSE x len(_PROFILE_SLOT) + the purpose's slot (see
+# ``CentralSystem._profile_id``); unique per station, the same in every run, and above the ids
+# earlier versions numbered from 100 by first use (a station may still hold those).
+_PROFILE_ID_BASE = 1_000_000
+_PROFILE_SLOT: dict[str, int] = {"tx_default": 0, "tx": 1, "station_max": 2}
+
+
 @dataclass(slots=True)
 class LimitSend:
     """A limit handed to :meth:`CentralSystem.send_limits`.
@@ -1226,12 +1233,20 @@ class CentralSystem:
         return out
 
     def _profile_id(self, ocpp_id: str, charger: ChargerInfo, purpose: str) -> int:
-        """One profile id per (station, EVSE, purpose): a new limit replaces the previous one."""
+        """One profile id per (station, EVSE, purpose): a new limit replaces the previous one.
+
+        The id follows from the EVSE and the purpose alone, never from the order in which this
+        process first sent them: a station keeps the profiles an earlier run of the central
+        system set (a restart), and a profile with an id it holds replaces that one whatever its
+        purpose (OCPP 1.6 SetChargingProfile, 2.0.1 likewise). Numbered by first use, a restarted
+        edge sending in another order gave a TxDefault the id of a running session's TxProfile:
+        the station dropped the TxProfile and the car fell to the TxDefault (0 A, or above what
+        the edge counted it at)."""
         evse_key = 0 if purpose == "station_max" else charger.evse_id
         key = (ocpp_id, evse_key, purpose)
         pid = self._profile_ids.get(key)
         if pid is None:
-            pid = 100 + len(self._profile_ids)
+            pid = _PROFILE_ID_BASE + evse_key * len(_PROFILE_SLOT) + _PROFILE_SLOT[purpose]
             self._profile_ids[key] = pid
         return pid
 
