@@ -465,6 +465,65 @@ def test_a_decrease_below_what_the_car_draws_anyway_settles_only_by_time() -> No
     assert ctrl.pending[c.charger_id].in_effect
 
 
+def test_a_dc_decrease_is_judged_by_its_input_reading() -> None:
+    """A DC setpoint is output power; the meter reads the AC input (setpoint / efficiency + aux).
+    Lowered from 90 to 40 kW, a reading of the input 40 kW takes shows the decrease in force, one
+    of the input 60 kW takes does not; a charger already drawing only the input 40 kW takes when
+    the decrease leaves proves nothing by later readings (it settles by time)."""
+    from evcore.edge.dispatch import Change, ChangeKind
+
+    table: dict[str, Any] = {
+        "site": {"id": "s", "voltage_ln_v": 230.0},
+        "nodes": [{"id": "grid", "kind": "grid", "phase_limit_a": 400.0}],
+        "chargers": [
+            {
+                "id": "dc1",
+                "parent": "grid",
+                "kind": "dc",
+                "max_w": 90_000.0,
+                "efficiency": 0.96,
+                "aux_w": 300.0,
+                "wiring": "three_phase",
+                "phases": ["L1", "L2", "L3"],
+            }
+        ],
+    }
+    clock = StepClock()
+    ctrl = build_controller(
+        table,
+        core=RustCore(load_site(table), table),
+        gateway=RecordingGateway(),  # type: ignore[arg-type]
+        clock=clock,
+        cfg=EdgeConfig(**FAST),
+    )
+    st = ctrl.state
+    c = st.chargers["dc1"]
+    c.online = True
+
+    def input_w(output_w: float) -> float:
+        return output_w / 0.96 + 300.0
+
+    def lower(at: float) -> None:
+        ctrl._prepare_send(
+            1, "tx", Change("dc1", 90_000.0, 40_000.0, ChangeKind.DECREASE), None, at
+        )
+        ctrl.pending["dc1"] = replace(ctrl.pending["dc1"], accepted=True, accepted_at_s=at + 0.1)
+
+    st.on_meter("dc1", (None, None, None), input_w(90_000.0), None, 999.0)
+    lower(999.9)
+    assert ctrl.pending["dc1"].meter_proves
+    st.on_meter("dc1", (None, None, None), input_w(60_000.0), None, 1001.0)
+    ctrl._note_in_effect(c)
+    assert not ctrl.pending["dc1"].in_effect
+    st.on_meter("dc1", (None, None, None), input_w(40_000.0), None, 1002.0)
+    ctrl._note_in_effect(c)
+    assert ctrl.pending["dc1"].in_effect
+    # Already at the input 40 kW takes when the decrease leaves: a reading there proves nothing.
+    st.on_meter("dc1", (None, None, None), input_w(40_000.0), None, 1010.0)
+    lower(1010.5)
+    assert not ctrl.pending["dc1"].meter_proves
+
+
 def test_an_idle_charger_counts_at_the_txdefault_it_replaced_until_it_settles() -> None:
     now = 1_800_000_000.0
     core, st, cfg = _session_state(now)

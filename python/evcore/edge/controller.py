@@ -36,7 +36,13 @@ from evcore.edge.dispatch import (
     plan_dispatch,
     wire_value,
 )
-from evcore.edge.faults import FaultChange, check_ignored, draws_above_limit, overdraw
+from evcore.edge.faults import (
+    FaultChange,
+    check_ignored,
+    dc_input_w,
+    draws_above_limit,
+    overdraw,
+)
 from evcore.edge.grid import Curtailment, CurtailmentBook, PricePoint, merge_prices
 from evcore.edge.ports import AuditSink, ChargerGateway, CorePort, EnforcedSetpoints
 from evcore.edge.state import ChargerState, SiteState, priority_error
@@ -1006,19 +1012,21 @@ class EdgeController:
         for key in [k for k, p in self.pending.items() if p.in_effect or now_m - p.sent_at_s >= s]:
             del self.pending[key]
 
-    def _drawn(self, c: ChargerState) -> tuple[float | None, float]:
-        """What the charger was last measured drawing (W for DC, largest phase A for AC) and the
-        deadband it is compared with."""
+    def _drawn(self, c: ChargerState, value: float) -> tuple[float | None, float, float]:
+        """What the charger was last measured drawing (W for DC, largest phase A for AC), what
+        a setpoint ``value`` lets it draw in the same terms (DC: the setpoint is output power,
+        the meter reads the AC input, ``dc_input_w``) and the deadband they are compared with."""
         if c.is_dc:
-            return c.measured_w, self.cfg.deadband_w
-        return c.measured_max_a(), self.cfg.deadband_a
+            return c.measured_w, dc_input_w(c, value), self.cfg.deadband_w
+        return c.measured_max_a(), value, self.cfg.deadband_a
 
     def _draws_above(self, c: ChargerState, value: float, now_m: float) -> bool:
-        """Whether a fresh reading has the charger drawing above ``value`` (beyond the deadband):
-        then a later reading at or below it shows a decrease to it in force."""
-        drawn, band = self._drawn(c)
+        """Whether a fresh reading has the charger drawing above what setpoint ``value`` allows
+        (beyond the deadband): then a later reading at or below it shows a decrease to it in
+        force."""
+        drawn, allowed, band = self._drawn(c, value)
         fresh = c.age_s(now_m) <= self.cfg.stale_after_s
-        return fresh and drawn is not None and drawn > value + band
+        return fresh and drawn is not None and drawn > allowed + band
 
     def _note_in_effect(self, c: ChargerState) -> None:
         """Mark the charger's accepted TxProfile decrease in effect once a meter reading taken
@@ -1035,8 +1043,8 @@ class EdgeController:
             or c.measured_at <= p.accepted_at_s
         ):
             return
-        drawn, band = self._drawn(c)
-        if drawn is not None and drawn <= p.value + band:
+        drawn, allowed, band = self._drawn(c, p.value)
+        if drawn is not None and drawn <= allowed + band:
             self.pending[c.charger_id] = replace(p, in_effect=True)
             if self._increases_held:
                 self.notify("in_effect")
