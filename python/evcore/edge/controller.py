@@ -167,6 +167,9 @@ class EdgeController:
         # The levels if every charger obeyed our TxDefault (what a station's report is held to).
         self._plain_failsafe: dict[str, float] = {}
         self._failsafe_key: tuple[tuple[tuple[str, float], ...], frozenset[str]] | None = None
+        # The failsafe levels with no charger at its maximum, for the caps they were computed for.
+        self._plain_levels: dict[str, float] = {}
+        self._plain_key: tuple[tuple[str, float], ...] | None = None
         self._triggers: set[str] = set()
         self._wake = asyncio.Event()
         #: Set when something the local planner plans with changed (``evcore.edge.planning``).
@@ -539,14 +542,25 @@ class EdgeController:
         # changes what its car may draw now, which the envelope does not count. After a restart
         # a first TxDefault of 0 A paused such cars and one at a charger's maximum let its car
         # draw 32 A counted at 8. Its TxDefault waits; its TxProfile leaves first (unchanged, it
-        # is a refresh), and the TxDefault once that is accepted. (A first TxDefault waiting is
-        # safe: until it is accepted the others' failsafe levels count the charger at its
-        # maximum. A lowered one waits as ``deferred`` below does.)
+        # is a refresh), and the TxDefault once that is accepted. A raise or a first TxDefault
+        # may wait without bound (until a first one is accepted the others' failsafe levels
+        # count the charger at its maximum). A lowered one waits at most until that TxProfile is
+        # refused or unanswered, or ``settle_s``, then leaves anyway: a lower TxDefault reaching
+        # the car only lowers its draw, and a lowered TxDefault held back for good left the
+        # charger falling back above the failsafe levels (F1 of the 2026-12-05 review: with
+        # every TxProfile rejected, 12.8 A held for good where the levels assumed 7.25 A).
+        # Until it is accepted the others' levels count it at its maximum (``_refresh_failsafe``).
         bare = {
             c.charger_id
             for c in (*d_plan.decreases, *d_plan.increases, *d_plan.held)
             if st.chargers[c.charger_id].transaction_id is not None
             and not st.chargers[c.charger_id].tx_profile_held
+        }
+        overdue = {
+            c.charger_id
+            for c in d_plan.decreases
+            if c.charger_id in bare
+            and _lowering_overdue(st.chargers[c.charger_id], now_m, cfg.settle_s)
         }
         # (No decision of its own once that is accepted: one at once would find the car not yet
         # drawing what it was raised to and take the headroom back; the next tick sends it.)
@@ -580,15 +594,21 @@ class EdgeController:
             for key, p in self.pending.items()
             if not p.accepted and not key.startswith("default:")
         }
+        # (An overdue lowered TxDefault of a session holding no TxProfile waits for nothing: a
+        # re-send of its refused TxProfile counts as a decrease of an unknown holding, not as
+        # one coming down.)
         deferred = [
             c
             for c in d_plan.decreases
-            if (
-                c.old is not None
-                and c.charger_id in lowering
-                and st.chargers[c.charger_id].transaction_id is not None
+            if c.charger_id not in overdue
+            and (
+                (
+                    c.old is not None
+                    and c.charger_id in lowering
+                    and st.chargers[c.charger_id].transaction_id is not None
+                )
+                or c.charger_id in bare
             )
-            or c.charger_id in bare
         ]
         deferred_ids = {c.charger_id for c in deferred}
         known = [("tx", c) for c in t_plan.decreases if c.old is not None] + [
@@ -642,8 +662,9 @@ class EdgeController:
             ("tx", c) for c in t_plan.refreshes
         ]
         # A session whose lowered TxDefault waits for its TxProfile, and whose own change is a
-        # held increase, gets its TxProfile now at what it holds: the others' failsafe levels
-        # already count this charger at its lower level. (A raised or first one may wait.)
+        # held increase, gets its TxProfile now at what it holds: its lowered TxDefault waits for
+        # it (at most ``settle_s``), the others' failsafe levels counting this charger at its
+        # maximum meanwhile. (A raised or first one may wait.)
         sending = {c.charger_id for _, c in (*decreases, *refreshes, *increases)}
         refreshes += [
             ("tx", Change(c.charger_id, old, old, ChangeKind.REFRESH))
@@ -809,20 +830,36 @@ class EdgeController:
             if confirm is not None:
                 with contextlib.suppress(Exception):
                     confirm(sent.charger_id, sent.decision, self.clock.now())
+        now_m = self.clock.monotonic()
         if sent.purpose == "tx":
+            if not accepted and c.transaction_id is not None and not c.tx_profile_held:
+                # The TxProfile a lowered TxDefault may wait for will not come (or not soon).
+                c.tx_profile_refused_at = now_m
             self.state.on_result(sent.charger_id, sent.value, accepted)
         elif accepted:
-            if c.tx_default is None and sent.left_mono + self.cfg.settle_s > self.clock.monotonic():
-                # Its first TxDefault of ours (edge start, boot, stale ones cleared): accepted
-                # is not applied, and before it the charger allowed a car its maximum. It counts
-                # there until the station shows it applies it, or ``settle_s`` after it left.
-                c.default_unapplied_until = sent.left_mono + self.cfg.settle_s
+            # Accepted is not applied: the station applies it within ``settle_s`` of the
+            # acceptance, not of the decision (an answer arriving later than that after the
+            # decision opened no gap at all: F3 of the 2026-12-05 review).
+            applied_by = now_m + self.cfg.settle_s
+            if c.tx_default is None:
+                # Its first TxDefault of ours (edge start, boot, stale ones cleared): before it
+                # the charger allowed a car its maximum. It counts there until the station shows
+                # it applies it, or ``settle_s`` after the acceptance.
+                c.default_unapplied_until = applied_by
                 self._watch_default(c)
             if c.tx_default is not None and sent.value < c.tx_default:
-                # Accepted is not applied: a car plugging in meanwhile still gets the old level.
+                # A car plugging in meanwhile still gets the old level.
                 c.tx_default_old = c.tx_default
-                c.tx_default_old_until = sent.left_mono + self.cfg.settle_s
+                c.tx_default_old_until = applied_by
             c.tx_default = sent.value
+            if c.transaction_id is not None and not c.tx_profile_held:
+                # A session holding no TxProfile of ours runs on this TxDefault: one that left
+                # while the charger was idle and is accepted after the session started reaches
+                # the car (F2 of the 2026-12-05 review). Counted at it, never lower than before
+                # (a lowered one may not be applied yet: ``replaced_default``).
+                c.holding = max(c.holding or 0.0, sent.value)
+                if not _tx_profile_on_its_way(c):  # (else its answer would read as superseded)
+                    c.sent = max(c.sent or 0.0, sent.value)
             if c.transaction_id is None:
                 # An idle charger's TxDefault is all it holds.
                 c.sent = c.holding = sent.value
@@ -1052,6 +1089,7 @@ class EdgeController:
     # ---- failsafe, plans -------------------------------------------------------------------
     def _refresh_failsafe(self, now_w: float) -> None:
         caps = self.curtailments.caps_kw(now_w, failsafe.horizon_s(self.cfg))
+        caps_key = tuple(sorted(caps.items()))
         # A charger that holds no confirmed TxDefault of ours (never accepted one, booted, or
         # its stale ones were just cleared), or whose first one may not be applied yet, may not
         # fall back to our level: the others' levels are sized with it at its maximum.
@@ -1061,27 +1099,62 @@ class EdgeController:
             for cid, c in self.state.chargers.items()
             if c.tx_default is None or c.default_unapplied(now_m)
         )
-        key = (tuple(sorted(caps.items())), at_max)
-        if key != self._failsafe_key:
-            try:
-                plain = self.core.failsafe_levels(caps)
-                levels = self.core.failsafe_levels(caps, at_max=at_max) if at_max else plain
-            except BaseException as exc:
-                if not _is_core_failure(exc):
-                    raise
-                # Keep the previous levels (and try again next decision): deciding goes on.
-                self.stats.failsafe_failures += 1
-                log.error(
-                    "FAILSAFE RECOMPUTE FAILED for caps %s (%s: %s); previous levels kept",
-                    dict(caps),
-                    type(exc).__name__,
-                    exc,
-                    exc_info=exc,
+        try:
+            if caps_key != self._plain_key:
+                self._plain_levels = self.core.failsafe_levels(caps)
+                self._plain_key = caps_key
+            plain = self._plain_levels
+            # A session on its TxDefault (no TxProfile of ours held) whose TxDefault is to be
+            # lowered keeps the old one until the lower one is accepted (it waits for the
+            # session's TxProfile, at most ``settle_s``): the others are not sized on room it has
+            # not given up. Counted at its maximum in their levels; its own is the plain level.
+            lowering = self._lowering_defaults(plain, now_m) - at_max
+            key = (caps_key, at_max | lowering)
+            if key != self._failsafe_key:
+                levels = (
+                    self.core.failsafe_levels(caps, at_max=at_max | lowering)
+                    if at_max or lowering
+                    else plain
                 )
-                return
-            self.failsafe = levels
-            self._plain_failsafe = plain
-            self._failsafe_key = key
+                if lowering:
+                    levels = {**levels, **{cid: plain[cid] for cid in lowering if cid in plain}}
+                self.failsafe = levels
+                self._plain_failsafe = plain
+                self._failsafe_key = key
+        except BaseException as exc:
+            if not _is_core_failure(exc):
+                raise
+            # Keep the previous levels (and try again next decision): deciding goes on.
+            self.stats.failsafe_failures += 1
+            log.error(
+                "FAILSAFE RECOMPUTE FAILED for caps %s (%s: %s); previous levels kept",
+                dict(caps),
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+
+    def _lowering_defaults(self, plain: Mapping[str, float], now_m: float) -> frozenset[str]:
+        """Sessions whose TxDefault is to be lowered (to ``plain``) and that hold no accepted
+        lower one yet, which started waiting while holding no TxProfile of ours (F1 of the
+        2026-12-05 review). Books when each began (``default_lowering_since``)."""
+        out: set[str] = set()
+        for cid, c in self.state.chargers.items():
+            level = plain.get(cid)
+            lowered = (
+                level is not None
+                and c.transaction_id is not None
+                and c.tx_default is not None
+                and self.wire(cid, level) < self.wire(cid, c.tx_default) - 1e-9
+                and (not c.tx_profile_held or c.default_lowering_since is not None)
+            )
+            if lowered:
+                if c.default_lowering_since is None:
+                    c.default_lowering_since = now_m
+                out.add(cid)
+            else:
+                c.default_lowering_since = None
+        return frozenset(out)
 
     @property
     def increases_held(self) -> bool:
@@ -1259,6 +1332,16 @@ class EdgeController:
         if self.on_fault is not None:
             with contextlib.suppress(Exception):
                 self.on_fault(c.charger_id, c.fault_reason)
+
+
+def _lowering_overdue(c: ChargerState, now_m: float, settle_s: float) -> bool:
+    """A lowered TxDefault of a session holding no TxProfile of ours has waited for that
+    TxProfile long enough: it was refused or unanswered since, or ``settle_s`` passed."""
+    since = c.default_lowering_since
+    if since is None:
+        return False
+    refused = c.tx_profile_refused_at
+    return now_m >= since + settle_s or (refused is not None and refused >= since)
 
 
 def _tx_profile_on_its_way(c: ChargerState) -> bool:

@@ -222,6 +222,17 @@ class RustCore:
                     # and a lowered one accepted less than settle_s ago may not be applied yet.
                     value = replaced if math.isnan(value) else max(value, replaced)
                     confirmed = False
+                if active and not c.tx_profile_held:
+                    # Held by its TxDefault alone: by the one it holds, one on its way (a raise
+                    # that left while it was idle reaches the car once accepted: F2 of the
+                    # 2026-12-05 review) or one it replaced still settling (above).
+                    bound = max(
+                        (v for v in (c.tx_default, c.tx_default_sent) if v is not None),
+                        default=math.nan,
+                    )
+                    if not math.isnan(bound) and (math.isnan(value) or bound > value + 1e-9):
+                        value = bound
+                        confirmed = False
                 # A refresh that is due and not accepted: the profile ends in its final level at
                 # validTo (a paused one rises to it). Until then it holds what it was sent, so
                 # the final level counts from one decision (tick + guard) before validTo. Counting

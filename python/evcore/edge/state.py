@@ -105,6 +105,14 @@ class ChargerState:
     # it holds) the car draws what the charger's TxDefault allows: a TxDefault change is a change
     # of what flows now, so it waits for the session's TxProfile (``EdgeController``).
     tx_profile_held: bool = False
+    # Such a session's TxDefault is to be lowered and has not accepted the lower one yet:
+    # monotonic instant the lowering began waiting for the session's TxProfile. It waits at most
+    # ``settle_s`` (or until that TxProfile is refused or unanswered: ``tx_profile_refused_at``),
+    # then leaves anyway (a lower TxDefault reaching the car only lowers its draw). Meanwhile the
+    # others' failsafe levels count this charger at its maximum (``EdgeController``).
+    default_lowering_since: float | None = None
+    # When a TxProfile of this session that held none was refused or went unanswered (monotonic).
+    tx_profile_refused_at: float | None = None
     needs_resend: bool = True  # must be sent again (boot, reconnect, rejection, restart)
     # What the charger enforces is unknown (edge start, boot: profiles may be lost). The envelope
     # counts such a charger at its maximum until a profile is accepted.
@@ -336,6 +344,7 @@ class SiteState:
                 c.switches = 0
                 c.on_since = c.off_since = None
                 c.off_uncounted = c.session_in_gap = c.tx_profile_held = False
+                c.default_lowering_since = c.tx_profile_refused_at = None
                 if now_mono is not None:
                     if c.default_unapplied(now_mono):
                         # Its first TxDefault may not be applied: the car may draw the charger's
@@ -427,6 +436,7 @@ class SiteState:
         c.on_since = c.off_since = None
         c.switches = 0
         c.off_uncounted = c.session_in_gap = c.tx_profile_held = False
+        c.default_lowering_since = c.tx_profile_refused_at = None
         # The TxProfile died with the transaction: the charger is back on its TxDefault.
         c.sent = c.tx_default
         c.holding = c.tx_default
