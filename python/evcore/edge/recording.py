@@ -368,7 +368,9 @@ class AuditRecorder:
 
     def _store_failed(self) -> None:
         self._retry_at = asyncio.get_running_loop().time() + self._backoff
-        self._backoff = min(self.store_backoff_max_s, max(self._backoff * 2.0, 1e-3))
+        # Doubling from 0 stays 0: ``store_backoff_s=0`` tries the store on every append (a
+        # floor here made the wait grow to milliseconds after a few failures).
+        self._backoff = min(self.store_backoff_max_s, self._backoff * 2.0)
 
     def _store_ok(self) -> None:
         self._backoff = self.store_backoff_s
