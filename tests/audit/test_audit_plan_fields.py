@@ -5,17 +5,17 @@ controller (``build_controller`` with the Rust core) records through ``AuditReco
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from edge_testkit import settle
 from evcore.audit import AuditLog, verify_chain
 from evcore.clock import StepClock
 from evcore.edge.app import build_controller
 from evcore.edge.config import EdgeConfig
-from evcore.edge.controller import EdgeController, PlanTargets
+from evcore.edge.controller import PlanTargets
 from evcore.edge.coreio import RustCore
 from evcore.edge.recording import AuditRecorder
 from evcore.edge.sitegen import depot_table
@@ -39,15 +39,6 @@ class Gateway:
     async def set_limit(self, charger_id: str, **kwargs: Any) -> Accepted:
         self.sent.append((charger_id, kwargs))
         return Accepted()
-
-
-async def settle(ctrl: EdgeController, clock: StepClock, rounds: int = 3) -> None:
-    for _ in range(rounds):
-        await ctrl.decide("test")
-        await asyncio.sleep(0)
-        if ctrl._sends:
-            await asyncio.gather(*ctrl._sends)
-        clock.advance(ctrl.cfg.settle_s + 0.1)
 
 
 async def test_a_decision_following_a_plan_records_its_version(
@@ -74,13 +65,13 @@ async def test_a_decision_following_a_plan_records_its_version(
             ctrl.state.on_transaction(
                 c.charger_id, "started", "tx-" + c.charger_id, clock.now(), clock.monotonic()
             )
-        await settle(ctrl, clock)
+        await settle(ctrl, clock, 3)
         before = await store.audit_head()
         assert before is not None
         cid = next(iter(ctrl.state.chargers))
         now = clock.now()
         ctrl.set_plan(PlanTargets("cloud", "cloud-p1@7", now, {cid: [(now - 1.0, 7200.0, 10.0)]}))
-        await settle(ctrl, clock)
+        await settle(ctrl, clock, 3)
         await recorder.drain()
         records = await store.audit_records(after_seq=before.seq)
         followed = [r for r in records if any(sp.charger_id == cid for sp in r.setpoints)]

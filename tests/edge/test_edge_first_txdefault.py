@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import pytest
-from edge_testkit import FAST
+from edge_testkit import FAST, settle, stepped_controller
 from evcore.edge.config import EdgeConfig
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
@@ -150,35 +150,12 @@ async def test_a_session_on_its_txdefault_gets_a_txprofile_before_its_txdefault_
     """A car that started on its charger's TxDefault (its setpoint never differed from it, so no
     TxProfile left) draws what that TxDefault allows: a TxDefault change is a change of what
     flows now. Its TxProfile leaves first, the TxDefault once that was accepted."""
-    from evcore.clock import StepClock
-    from evcore.edge.app import build_controller
-    from evcore.edge.coreio import RustCore
     from evcore.edge.grid import Curtailment
-    from evcore.site import load_site
 
-    table = depot_table(2, per_feeder=2)
-    clock = StepClock()
     gw = _GatewayNotingSessions()
-    ctrl = build_controller(
-        table,
-        core=RustCore(load_site(table), table),
-        gateway=gw,  # type: ignore[arg-type]
-        clock=clock,
-        cfg=EdgeConfig(**FAST),
-    )
+    ctrl, clock = stepped_controller(depot_table(2, per_feeder=2), gw)
     gw.ctrl = ctrl
-    for c in ctrl.state.chargers.values():
-        c.online = True
-
-    async def settle(rounds: int) -> None:
-        for _ in range(rounds):
-            await ctrl.decide("test")
-            await asyncio.sleep(0)
-            if ctrl._sends:
-                await asyncio.gather(*ctrl._sends)
-            clock.advance(ctrl.cfg.settle_s + 0.1)
-
-    await settle(4)  # idle: the TxDefaults at their final levels
+    await settle(ctrl, clock, 4)  # idle: the TxDefaults at their final levels
     assert ctrl.failsafe_is_plain()
     levels = dict(ctrl.failsafe)
     for c in ctrl.state.chargers.values():
@@ -188,14 +165,14 @@ async def test_a_session_on_its_txdefault_gets_a_txprofile_before_its_txdefault_
             c.charger_id, "started", "tx-" + c.charger_id, clock.now(), clock.monotonic()
         )
     n = len(gw.calls)
-    await settle(2)
+    await settle(ctrl, clock, 2)
     # Precondition: the fair share is the failsafe level, so nothing left for the sessions.
     assert gw.calls[n:] == []
     assert not any(c.tx_profile_held for c in ctrl.state.chargers.values())
     # A curtailment ahead lowers the failsafe levels (the TxDefaults), not what flows now.
     now = clock.now()
     ctrl.post_curtailment(Curtailment("dso-1", "grid", 10.0, now + 20.0, now + 600.0))
-    await settle(3)
+    await settle(ctrl, clock, 3)
     assert all(ctrl.failsafe[cid] < levels[cid] for cid in levels)
     sent = gw.calls[n:]
     for cid in levels:

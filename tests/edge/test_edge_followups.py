@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
-from edge_testkit import FAST
+from edge_testkit import FAST, settle, stepped_controller
 from evcore.clock import StepClock
 from evcore.edge.app import build_controller
 from evcore.edge.config import EdgeConfig
@@ -55,18 +55,29 @@ def _rig(
     n: int = 4, core: Any = None, **cfg: Any
 ) -> tuple[EdgeController, RecordingGateway, StepClock, Mapping[str, Any]]:
     table = depot_table(n, per_feeder=2)
-    clock = StepClock()
     gw = RecordingGateway()
-    ctrl = build_controller(
-        table,
-        core=core if core is not None else RustCore(load_site(table), table),
-        gateway=gw,  # type: ignore[arg-type]
-        clock=clock,
-        cfg=EdgeConfig(**{**FAST, **cfg}),
-    )
-    for c in ctrl.state.chargers.values():
-        c.online = True
+    ctrl, clock = stepped_controller(table, gw, core=core, cfg=EdgeConfig(**{**FAST, **cfg}))
     return ctrl, gw, clock, table
+
+
+def _dc_site() -> dict[str, Any]:
+    """One 90 kW DC charger (efficiency 0.96, 300 W auxiliary load) on a 400 A grid."""
+    return {
+        "site": {"id": "s", "voltage_ln_v": 230.0},
+        "nodes": [{"id": "grid", "kind": "grid", "phase_limit_a": 400.0}],
+        "chargers": [
+            {
+                "id": "dc1",
+                "parent": "grid",
+                "kind": "dc",
+                "max_w": 90_000.0,
+                "efficiency": 0.96,
+                "aux_w": 300.0,
+                "wiring": "three_phase",
+                "phases": ["L1", "L2", "L3"],
+            }
+        ],
+    }
 
 
 def _plug_all(ctrl: EdgeController, clock: StepClock, n: int | None = None) -> None:
@@ -77,25 +88,13 @@ def _plug_all(ctrl: EdgeController, clock: StepClock, n: int | None = None) -> N
         )
 
 
-async def _settle(ctrl: EdgeController, clock: StepClock, rounds: int = 4) -> None:
-    """Decide, let the answers arrive, repeat (advancing past settle_s)."""
-    import asyncio
-
-    for _ in range(rounds):
-        await ctrl.decide("test")
-        await asyncio.sleep(0)
-        if ctrl._sends:
-            await asyncio.gather(*ctrl._sends)
-        clock.advance(ctrl.cfg.settle_s + 0.1)
-
-
 # ---- H3: an operator priority can never stop every decision ------------------------------------
 @pytest.mark.parametrize("priority", [0.0, 1e-12, 1e9])
 async def test_a_priority_outside_the_core_range_does_not_stop_decisions(priority: float) -> None:
     ctrl, gw, clock, _ = _rig()
     _plug_all(ctrl, clock)
     next(iter(ctrl.state.chargers.values())).priority = priority  # e.g. from an old store
-    await _settle(ctrl, clock)
+    await settle(ctrl, clock)
     assert ctrl.stats.core_failures == 0
     assert set(gw.tx()) == set(ctrl.state.chargers)
 
@@ -107,7 +106,7 @@ async def test_least_laxity_weights_times_a_high_priority_stay_in_the_core_range
         c.priority = 1e3  # the highest an operator may set
         c.departure = clock.now() + 3600 * (1 + i)
         c.energy_requested_kwh = 20.0
-    await _settle(ctrl, clock)
+    await settle(ctrl, clock)
     assert ctrl.stats.core_failures == 0 and len(gw.tx()) == 24
 
 
@@ -159,14 +158,14 @@ async def test_a_failed_decision_falls_back_to_the_failsafe_levels_and_deciding_
     core = _FailingCore(RustCore(load_site(table), table), make_exc())
     ctrl, gw, clock, _ = _rig(core=core)
     _plug_all(ctrl, clock)
-    await _settle(ctrl, clock)
+    await settle(ctrl, clock)
     before = gw.tx()
     # A curtailment arrives while the core refuses every decision: the failsafe levels drop
     # (recomputed by the core's failsafe path), and the chargers must come down to them.
     core.fail = True
     now = clock.now()
     ctrl.post_curtailment(Curtailment("dso-1", "grid", 10.0, now + 2.0, now + 600.0))
-    await _settle(ctrl, clock, rounds=2)
+    await settle(ctrl, clock, rounds=2)
     fs = ctrl.failsafe
     assert ctrl.stats.core_failures >= 1
     assert all(fs[cid] < before[cid] - 1.0 for cid in before)
@@ -174,7 +173,7 @@ async def test_a_failed_decision_falls_back_to_the_failsafe_levels_and_deciding_
     assert all(after[cid] <= fs[cid] + 1e-9 for cid in after), (after, fs)
     core.fail = False
     n = ctrl.stats.decisions
-    await _settle(ctrl, clock)
+    await settle(ctrl, clock)
     assert ctrl.stats.decisions > n  # deciding again
 
 
@@ -182,11 +181,11 @@ async def test_a_failed_decision_falls_back_to_the_failsafe_levels_and_deciding_
 async def test_a_zero_kw_curtailment_puts_everything_under_it_to_zero_and_decides_on() -> None:
     ctrl, gw, clock, _ = _rig()
     _plug_all(ctrl, clock)
-    await _settle(ctrl, clock)
+    await settle(ctrl, clock)
     assert all(v > 0 for v in gw.tx().values())
     now = clock.now()
     ctrl.post_curtailment(Curtailment("dso-0", "grid", 0.0, now + 5.0, now + 600.0))
-    await _settle(ctrl, clock, rounds=4)
+    await settle(ctrl, clock, rounds=4)
     assert ctrl.stats.core_failures == 0 and ctrl.stats.failsafe_failures == 0
     assert all(v == 0.0 for v in ctrl.failsafe.values())
     assert all(v == 0.0 for v in gw.tx().values()), gw.tx()
@@ -206,12 +205,12 @@ async def test_a_failing_failsafe_recompute_keeps_the_previous_levels_and_still_
     core = _NoFailsafe(RustCore(load_site(table), table), ValueError())
     ctrl, gw, clock, _ = _rig(core=core)
     _plug_all(ctrl, clock)
-    await _settle(ctrl, clock)
+    await settle(ctrl, clock)
     levels = dict(ctrl.failsafe)
     now = clock.now()
     ctrl.post_curtailment(Curtailment("dso-1", "grid", 10.0, now + 2.0, now + 600.0))
     n = ctrl.stats.decisions
-    await _settle(ctrl, clock)
+    await settle(ctrl, clock)
     assert ctrl.stats.failsafe_failures >= 1 and ctrl.failsafe == levels
     assert ctrl.stats.decisions > n
     # The curtailment itself still went out: 10 kW at the grid is < 15 A per phase in all.
@@ -374,7 +373,7 @@ async def test_the_twin_baseline_sends_nothing() -> None:
     ctrl, gw, clock, _ = _rig()
     ctrl.cfg = dataclasses.replace(ctrl.cfg, baseline=True)
     _plug_all(ctrl, clock)
-    await _settle(ctrl, clock)
+    await settle(ctrl, clock)
     assert gw.calls == []
 
 
@@ -382,14 +381,14 @@ async def test_the_twin_baseline_sends_nothing() -> None:
 async def test_profiles_ending_above_a_lowered_failsafe_level_are_sent_again() -> None:
     ctrl, gw, clock, _ = _rig()
     _plug_all(ctrl, clock)
-    await _settle(ctrl, clock)
+    await settle(ctrl, clock)
     old_fs = dict(ctrl.failsafe)
     n = len(gw.calls)
     # A curtailment ahead (past the lead, inside the failsafe horizon) lowers the failsafe level
     # now; what flows now need not change.
     now = clock.now()
     ctrl.post_curtailment(Curtailment("dso-2", "grid", 10.0, now + 20.0, now + 600.0))
-    await _settle(ctrl, clock, rounds=1)
+    await settle(ctrl, clock, rounds=1)
     fs = ctrl.failsafe
     assert all(fs[cid] < old_fs[cid] for cid in fs)
     finals = {cid: kw["final_limit_a"] for cid, kw in gw.calls[n:] if kw["purpose"] == "tx"}
@@ -472,33 +471,9 @@ def test_a_dc_decrease_is_judged_by_its_input_reading() -> None:
     the decrease leaves proves nothing by later readings (it settles by time)."""
     from evcore.edge.dispatch import Change, ChangeKind
 
-    table: dict[str, Any] = {
-        "site": {"id": "s", "voltage_ln_v": 230.0},
-        "nodes": [{"id": "grid", "kind": "grid", "phase_limit_a": 400.0}],
-        "chargers": [
-            {
-                "id": "dc1",
-                "parent": "grid",
-                "kind": "dc",
-                "max_w": 90_000.0,
-                "efficiency": 0.96,
-                "aux_w": 300.0,
-                "wiring": "three_phase",
-                "phases": ["L1", "L2", "L3"],
-            }
-        ],
-    }
-    clock = StepClock()
-    ctrl = build_controller(
-        table,
-        core=RustCore(load_site(table), table),
-        gateway=RecordingGateway(),  # type: ignore[arg-type]
-        clock=clock,
-        cfg=EdgeConfig(**FAST),
-    )
+    ctrl, _ = stepped_controller(_dc_site(), RecordingGateway())
     st = ctrl.state
     c = st.chargers["dc1"]
-    c.online = True
 
     def input_w(output_w: float) -> float:
         return output_w / 0.96 + 300.0
@@ -610,22 +585,7 @@ def test_a_dc_charger_drawing_its_setpoint_with_losses_and_aux_is_not_suspect() 
     from evcore.edge.app import charger_states
     from evcore.edge.faults import FaultChange, check_ignored, draws_above_limit
 
-    table = {
-        "site": {"id": "s", "voltage_ln_v": 230.0},
-        "nodes": [{"id": "grid", "kind": "grid", "phase_limit_a": 400.0}],
-        "chargers": [
-            {
-                "id": "dc1",
-                "parent": "grid",
-                "kind": "dc",
-                "max_w": 90_000.0,
-                "efficiency": 0.96,
-                "aux_w": 300.0,
-                "phases": ["L1", "L2", "L3"],
-            }
-        ],
-    }
-    st, _ = charger_states(table)
+    st, _ = charger_states(_dc_site())
     c = st.chargers["dc1"]
     c.sent = c.holding = 90_000.0
     c.accepted = True
@@ -656,14 +616,14 @@ async def test_a_session_behind_its_plan_is_not_capped_at_the_target() -> None:
     ctrl.set_plan(PlanTargets("cloud", "cloud@1", now, {cid: [(now - 1.0, 7200.0, 10.0)]}))
     # Three rounds: the session's first TxDefault waits for its TxProfile, and its raise for the
     # first TxDefault's settle time.
-    await _settle(ctrl, clock, rounds=3)
+    await settle(ctrl, clock, rounds=3)
     assert gw.tx()[cid] == pytest.approx(10.0)  # the target caps it while on plan
     # 10 minutes at 10 A x 690 W/A is 1.15 kWh; it delivered 1.1 kWh: on plan, still capped.
     clock.advance(600.0)
     c.session_energy_wh = 1100.0
-    await _settle(ctrl, clock, rounds=2)
+    await settle(ctrl, clock, rounds=2)
     assert gw.tx()[cid] == pytest.approx(10.0)
     # 10 more minutes with nothing delivered: behind its plan, so the target no longer caps it.
     clock.advance(600.0)
-    await _settle(ctrl, clock, rounds=2)
+    await settle(ctrl, clock, rounds=2)
     assert gw.tx()[cid] > 10.0 + 1.0, gw.tx()

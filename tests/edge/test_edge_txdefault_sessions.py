@@ -17,15 +17,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from edge_testkit import FAST
+from edge_testkit import stepped_controller
 from evcore.clock import StepClock
-from evcore.edge.app import build_controller
-from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import EdgeController
 from evcore.edge.coreio import RustCore
 from evcore.edge.grid import Curtailment
 from evcore.edge.sitegen import depot_table
-from evcore.site import load_site
 
 
 class _Result:
@@ -62,18 +59,8 @@ class _Gateway:
 
 
 def _controller(n: int) -> tuple[EdgeController, _Gateway, StepClock]:
-    table = depot_table(n, per_feeder=n)
-    clock = StepClock()
     gw = _Gateway()
-    ctrl = build_controller(
-        table,
-        core=RustCore(load_site(table), table),
-        gateway=gw,  # type: ignore[arg-type]
-        clock=clock,
-        cfg=EdgeConfig(**FAST),
-    )
-    for c in ctrl.state.chargers.values():
-        c.online = True
+    ctrl, clock = stepped_controller(depot_table(n, per_feeder=n), gw)
     return ctrl, gw, clock
 
 
