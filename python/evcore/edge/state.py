@@ -185,6 +185,12 @@ class ChargerState:
             return self.ac_w_per_a / self.ac_phases * drawing
         return self.ac_w_per_a
 
+    def clear_session_flags(self) -> None:
+        """What one session leaves that the next must not inherit (its start and its end clear
+        it): a pause of the first-TxDefault gap, a TxProfile held, a lowered TxDefault waiting."""
+        self.off_uncounted = self.session_in_gap = self.tx_profile_held = False
+        self.default_lowering_since = self.tx_profile_refused_at = None
+
     def default_unapplied(self, now_mono: float) -> bool:
         """Its first TxDefault of ours was accepted and may not be applied yet (see
         ``default_unapplied_until``): a car on it may draw its maximum."""
@@ -343,8 +349,7 @@ class SiteState:
                 # starts on (at its TxDefault) or off, with no history from the car before it.
                 c.switches = 0
                 c.on_since = c.off_since = None
-                c.off_uncounted = c.session_in_gap = c.tx_profile_held = False
-                c.default_lowering_since = c.tx_profile_refused_at = None
+                c.clear_session_flags()
                 if now_mono is not None:
                     if c.default_unapplied(now_mono):
                         # Its first TxDefault may not be applied: the car may draw the charger's
@@ -435,8 +440,7 @@ class SiteState:
         c.suspect_since = None
         c.on_since = c.off_since = None
         c.switches = 0
-        c.off_uncounted = c.session_in_gap = c.tx_profile_held = False
-        c.default_lowering_since = c.tx_profile_refused_at = None
+        c.clear_session_flags()
         # The TxProfile died with the transaction: the charger is back on its TxDefault.
         c.sent = c.tx_default
         c.holding = c.tx_default
