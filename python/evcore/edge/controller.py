@@ -114,6 +114,10 @@ class SentProfile:
     #: clock.monotonic() when its frame was handed to the charger's socket (None: not yet, or
     #: never: superseded, not connected, …). Latency is measured to this, not estimated.
     wire_mono: float | None = None
+    #: The charger's transaction when it left (TxProfile): its answer is that session's only. A
+    #: TxProfile dies with its transaction; an answer arriving after it ended says nothing about
+    #: the next session on the charger, even at the same value.
+    transaction_id: str | None = None
 
 
 @dataclass
@@ -808,7 +812,16 @@ class EdgeController:
                     ch.charger_id, now_m, False, value=ch.new
                 )
         kwargs = self._limit_kwargs(purpose, ch, valid_to)
-        sent = SentProfile(ch.charger_id, purpose, ch.new, ch.kind, decision, now_m, valid_to)
+        sent = SentProfile(
+            ch.charger_id,
+            purpose,
+            ch.new,
+            ch.kind,
+            decision,
+            now_m,
+            valid_to,
+            transaction_id=c.transaction_id if purpose == "tx" else None,
+        )
         self.stats.profiles_sent += 1
         return sent, kwargs
 
@@ -831,6 +844,17 @@ class EdgeController:
                 with contextlib.suppress(Exception):
                     confirm(sent.charger_id, sent.decision, self.clock.now())
         now_m = self.clock.monotonic()
+        if sent.purpose == "tx" and sent.transaction_id != c.transaction_id:
+            # Its session ended: the profile died with it. Credited by value, a refresh at the
+            # TxDefault level marked the next session as holding a TxProfile it never got, and
+            # its TxDefault was lowered under its car without one.
+            log.info(
+                "TxProfile %s %s for transaction %s answered after it ended; not credited",
+                sent.charger_id,
+                "accepted" if accepted else "refused",
+                sent.transaction_id,
+            )
+            return
         if sent.purpose == "tx":
             if not accepted and c.transaction_id is not None and not c.tx_profile_held:
                 # The TxProfile a lowered TxDefault may wait for will not come (or not soon).
