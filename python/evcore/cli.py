@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evcore.edge.cli",
     "evcore.audit.cli",
     "evcore.ocpp.cli",
+    "evcore.cloud.cli",
 )
 
 

@@ -1,0 +1,72 @@
+"""``evcore cloud serve --config cloud.toml``: serve the CloudApi for many sites until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from evcore.clock import WallClock
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from evcore.cloud.config import CloudConfig, CloudConfigError
+    from evcore.cloud.service import CloudApiServer
+    from evcore.cloud.store import open_cloud_store
+    from evcore.store.base import StoreError
+
+    try:
+        config = CloudConfig.from_file(args.config)
+        store = open_cloud_store(config.store_url)
+    except (CloudConfigError, StoreError) as exc:
+        print(f"evcore cloud: {args.config}: {exc}", flush=True)
+        return 2
+    server = CloudApiServer(config, store, clock=WallClock())
+    try:
+        port = await server.start()
+    except (CloudConfigError, StoreError) as exc:
+        print(f"evcore cloud: {args.config}: {exc}", flush=True)
+        await store.close()
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"evcore cloud: CloudApi on port {port}, store {store.description}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+        await store.close()
+    print("evcore cloud: stopped", flush=True)
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "cloud",
+        help="the cloud service for many sites",
+        description="The cloud side: serves evcore.v1.CloudApi to the sites' edges (audit and "
+        "telemetry uploads, topologies, plans). See docs/cloud.md.",
+    )
+    cloud_sub = p.add_subparsers(dest="cloud_command", metavar="SUBCOMMAND", required=True)
+    s = cloud_sub.add_parser(
+        "serve",
+        help="serve the CloudApi",
+        description="Serve evcore.v1.CloudApi with mTLS (a site's client certificate CN is its "
+        "site id), health and reflection, over the store the config names. Stops on "
+        "SIGINT/SIGTERM, letting calls in flight finish (stop_grace_s).",
+    )
+    s.add_argument("--config", required=True, help="cloud.toml (see cloud/cloud.example.toml)")
+    s.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    s.set_defaults(func=_serve)

@@ -1,0 +1,82 @@
+"""The cloud store's schema, numbered like ``evcore.store.migrations`` (never edit a released one;
+add the next number). Every row is keyed by site first: one database serves many sites."""
+
+from __future__ import annotations
+
+from evcore.store.migrations import Migration
+
+_RECORDS_V1 = """
+-- Audit records as the edges sent them, kept once per (site, seq); gaps are allowed (uploads are
+-- at least once and may arrive out of order), the chain is checked at every link both ends hold.
+CREATE TABLE cloud_audit_records (
+    site_id TEXT NOT NULL,
+    seq {bigint} NOT NULL,
+    hash TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    decision_id TEXT NOT NULL,
+    decided_at_s {real} NOT NULL,
+    stored_at_s {real} NOT NULL,
+    payload {blob} NOT NULL,
+    PRIMARY KEY (site_id, seq)
+);
+CREATE UNIQUE INDEX cloud_audit_records_hash ON cloud_audit_records (site_id, hash);
+
+-- Per site: the highest seq held without a gap from seq 0 (-1: seq 0 not held yet).
+CREATE TABLE cloud_audit_progress (
+    site_id TEXT PRIMARY KEY,
+    contiguous_seq {bigint} NOT NULL
+);
+
+-- The latest topology per site; version counts the distinct topologies the site put.
+CREATE TABLE cloud_topology (
+    site_id TEXT PRIMARY KEY,
+    version {bigint} NOT NULL,
+    digest TEXT NOT NULL,
+    config_version TEXT NOT NULL,
+    stored_at_s {real} NOT NULL,
+    payload {blob} NOT NULL
+);
+
+-- Plans per site and version (the cloud planner's output; GetPlan serves the newest).
+CREATE TABLE cloud_plans (
+    site_id TEXT NOT NULL,
+    plan_version {bigint} NOT NULL,
+    plan_id TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    computed_at_s {real},
+    stored_at_s {real} NOT NULL,
+    payload {blob} NOT NULL,
+    PRIMARY KEY (site_id, plan_version)
+);
+"""
+
+_TELEMETRY_V1 = """
+-- Telemetry batches as sent, once per (site, content digest): a re-sent batch is a repeat.
+CREATE TABLE cloud_telemetry_batches (
+    site_id TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    sample_count INTEGER NOT NULL,
+    first_t_s {real},
+    last_t_s {real},
+    stored_at_s {real} NOT NULL,
+    payload {blob} NOT NULL,
+    PRIMARY KEY (site_id, digest)
+);
+CREATE INDEX cloud_telemetry_batches_time ON cloud_telemetry_batches (site_id, last_t_s);
+"""
+
+_SQLITE = {"real": "REAL", "bigint": "INTEGER", "blob": "BLOB"}
+_POSTGRES = {"real": "DOUBLE PRECISION", "bigint": "BIGINT", "blob": "BYTEA"}
+
+SQLITE_RECORDS: tuple[Migration, ...] = (
+    Migration(1, "cloud records: audit, progress, topology, plans", _RECORDS_V1.format(**_SQLITE)),
+)
+SQLITE_TELEMETRY: tuple[Migration, ...] = (
+    Migration(1, "cloud telemetry: batches", _TELEMETRY_V1.format(**_SQLITE)),
+)
+POSTGRES: tuple[Migration, ...] = (
+    Migration(
+        1, "cloud records: audit, progress, topology, plans", _RECORDS_V1.format(**_POSTGRES)
+    ),
+    Migration(2, "cloud telemetry: batches", _TELEMETRY_V1.format(**_POSTGRES)),
+)

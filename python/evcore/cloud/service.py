@@ -1,0 +1,306 @@
+"""The cloud's ``CloudApi`` over ``grpc.aio``: edges upload their audit chains and telemetry, put
+their topology and fetch plans (proto/evcore/v1/cloud_api.proto; semantics in docs/cloud.md).
+
+``CloudApiServer(config, store, clock=…)``: ``start()`` binds (port 0 picks one), ``stop(grace_s)``
+turns health NOT_SERVING and drains. Auth (the site's client certificate) runs in
+:class:`evcore.cloud.auth.SiteAuthInterceptor` before any handler. Handlers store what a site
+sent under that site, check the audit chain (evcore.cloud.store) and validate a topology in the
+Rust core; they never change a record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from evcore.api.convert import timestamp
+from evcore.clock import Clock
+from evcore.cloud.auth import SiteAuthInterceptor, caller_site
+from evcore.cloud.config import CloudConfig, CloudConfigError
+from evcore.cloud.store import CloudStore
+from evcore.cloud.topology import site_from_topology
+from evcore.errors import SiteConfigError
+from evcore.store.base import StoreUnavailable
+from evcore.v1 import cloud_api_pb2 as pb
+from evcore.v1 import cloud_api_pb2_grpc as pb_grpc
+from evcore.v1.audit_pb2 import AuditRecord
+from evcore.v1.meter_pb2 import MeterSampleBatch
+from evcore.v1.plan_pb2 import Plan
+from evcore.v1.topology_pb2 import SiteTopology
+
+log = logging.getLogger("evcore.cloud")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CloudApi"].full_name
+# Items of a stream stored per transaction at most: what has arrived is stored as soon as the
+# previous transaction is done, so a slow trickle is stored one by one and a burst in batches.
+BATCH_ITEMS = 256
+# Trailing metadata of UploadAudit: contiguous_seq cannot say "seq 0 not held" (it is 0 then);
+# this count can (0 = none, N = seqs 0..N-1 held).
+CONTIGUOUS_COUNT_KEY = "evcore-contiguous-count"
+TOPOLOGY_VERSION_KEY = "evcore-topology-version"
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+Item = TypeVar("Item")
+
+
+def _guarded(
+    method: Callable[[Any, Req, Any], Awaitable[Res]],
+) -> Callable[[Any, Req, Any], Awaitable[Res]]:
+    """Store errors become status codes: bad input INVALID_ARGUMENT, an unreachable database
+    UNAVAILABLE (the edge retries; uploads are idempotent), anything else INTERNAL, logged."""
+
+    @functools.wraps(method)
+    async def run(self: Any, request: Req, context: Any) -> Res:
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except StoreUnavailable as exc:
+            log.warning("cloud: %s: store unavailable: %s", method.__name__, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            log.exception("cloud: %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {exc!r}")
+        raise AssertionError("unreachable: abort raises")
+
+    return run
+
+
+@dataclass
+class _Failed:
+    exc: BaseException
+
+
+class _End:
+    pass
+
+
+_END = _End()
+
+
+async def _batches(requests: AsyncIterator[Item], max_items: int) -> AsyncIterator[list[Item]]:
+    """The stream's items in lists of what has arrived (at most ``max_items``), in order. A reader
+    task keeps receiving while the previous list is being stored."""
+    queue: asyncio.Queue[Item | _Failed | _End] = asyncio.Queue(maxsize=max_items * 2)
+
+    async def read() -> None:
+        try:
+            async for item in requests:
+                await queue.put(item)
+        except Exception as exc:
+            await queue.put(_Failed(exc))
+            return
+        await queue.put(_END)
+
+    reader = asyncio.create_task(read(), name="evcore-cloud-stream-reader")
+    try:
+        done = False
+        while not done:
+            first = await queue.get()
+            pending: list[Item | _Failed | _End] = [first]
+            while len(pending) < max_items and not queue.empty():
+                pending.append(queue.get_nowait())
+            batch: list[Item] = []
+            failed: _Failed | None = None
+            for x in pending:
+                if isinstance(x, _End):
+                    done = True
+                elif isinstance(x, _Failed):
+                    failed = x
+                else:
+                    batch.append(x)
+            if batch:
+                yield batch
+            if failed is not None:
+                raise failed.exc
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
+
+
+class CloudApiService(pb_grpc.CloudApiServicer):
+    """The handlers; every one acts for the site the interceptor authenticated."""
+
+    def __init__(self, store: CloudStore, *, clock: Clock, batch_items: int = BATCH_ITEMS) -> None:
+        self._store = store
+        self._clock = clock
+        self._batch_items = batch_items
+
+    def _ack(self, stored: int, duplicates: int, contiguous_seq: int = 0) -> pb.UploadAck:
+        ack = pb.UploadAck(
+            stored_count=stored, duplicate_count=duplicates, contiguous_seq=max(0, contiguous_seq)
+        )
+        ack.stored_at.CopyFrom(timestamp(self._clock.now()))
+        return ack
+
+    @_guarded
+    async def UploadAudit(
+        self, request_iterator: AsyncIterator[AuditRecord], context: Any
+    ) -> pb.UploadAck:
+        site = caller_site()
+        stored = duplicates = 0
+        contiguous: int | None = None
+        async for batch in _batches(request_iterator, self._batch_items):
+            result = await self._store.put_audit(site, batch, now_s=self._clock.now())
+            stored += result.stored
+            duplicates += result.duplicates
+            contiguous = result.contiguous_seq
+            if result.refused is not None:
+                log.warning(
+                    "cloud: audit of site %r refused at %s (%d stored before it in this stream)",
+                    site,
+                    result.refused,
+                    stored,
+                )
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{result.refused}; this stream's {stored} record(s) before it were stored "
+                    f"and {duplicates} were repeats; nothing after it was stored",
+                    (
+                        ("evcore-refused-seq", str(result.refused.seq)),
+                        ("evcore-stored-count", str(stored)),
+                        ("evcore-duplicate-count", str(duplicates)),
+                        (CONTIGUOUS_COUNT_KEY, str(contiguous + 1)),
+                    ),
+                )
+        if contiguous is None:
+            contiguous = await self._store.contiguous_seq(site)
+        context.set_trailing_metadata(((CONTIGUOUS_COUNT_KEY, str(contiguous + 1)),))
+        return self._ack(stored, duplicates, contiguous)
+
+    @_guarded
+    async def UploadTelemetry(
+        self, request_iterator: AsyncIterator[MeterSampleBatch], context: Any
+    ) -> pb.UploadAck:
+        site = caller_site()
+        stored = duplicates = 0
+        async for batch in _batches(request_iterator, self._batch_items):
+            s, d = await self._store.put_telemetry(site, batch, now_s=self._clock.now())
+            stored += s
+            duplicates += d
+        return self._ack(stored, duplicates)
+
+    @_guarded
+    async def PutTopology(self, request: SiteTopology, context: Any) -> pb.UploadAck:
+        site = caller_site()
+        try:
+            site_from_topology(request)
+        except SiteConfigError as exc:
+            node = str(getattr(exc, "node", "") or "")
+            field = str(getattr(exc, "field", "") or "")
+            log.warning("cloud: topology of site %r refused: %s", site, exc)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"topology of site {site!r} refused: {exc}",
+                (("evcore-node", node), ("evcore-field", field)),
+            )
+        version, stored = await self._store.put_topology(site, request, now_s=self._clock.now())
+        if stored:
+            log.info("cloud: site %r topology version %d stored", site, version)
+        context.set_trailing_metadata(((TOPOLOGY_VERSION_KEY, str(version)),))
+        return self._ack(1 if stored else 0, 0 if stored else 1)
+
+    @_guarded
+    async def GetPlan(self, request: pb.GetPlanRequest, context: Any) -> Plan:
+        site = caller_site()
+        plan = await self._store.newest_plan(site, newer_than_version=request.newer_than_version)
+        if plan is None:
+            what = (
+                f"no plan newer than version {request.newer_than_version}"
+                if request.newer_than_version
+                else "no plan"
+            )
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{what} for site {site!r}")
+        assert plan is not None
+        return plan
+
+
+class CloudApiServer:
+    """The gRPC server around :class:`CloudApiService`, with site auth, health and reflection."""
+
+    def __init__(self, config: CloudConfig, store: CloudStore, *, clock: Clock) -> None:
+        self.config = config
+        self.store = store
+        self.service = CloudApiService(store, clock=clock)
+        self.auth = SiteAuthInterceptor(insecure=config.insecure)
+        self.health = health_aio.HealthServicer()
+        self._server: aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Open the store, bind and serve; returns the bound port."""
+        await self.store.open()
+        server = aio.server(interceptors=[self.auth])
+        pb_grpc.add_CloudApiServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.config.reflection:
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
+        tls = self.config.tls
+        try:
+            if tls is None:
+                if not self.config.insecure:
+                    raise CloudConfigError("no [tls] and not insecure")
+                log.warning(
+                    "cloud: INSECURE MODE: no TLS, any caller may act as any site through the "
+                    "x-evcore-site-id header. For local development only; never on a network."
+                )
+                port = server.add_insecure_port(self.config.listen)
+            else:
+                creds = grpc.ssl_server_credentials(
+                    [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                    root_certificates=tls.client_ca_file.read_bytes(),
+                    require_client_auth=True,
+                )
+                port = server.add_secure_port(self.config.listen, creds)
+        except OSError as exc:
+            raise CloudConfigError(f"[tls]: cannot read certificate or key: {exc}") from exc
+        except RuntimeError as exc:
+            raise CloudConfigError(f"cannot listen on {self.config.listen}: {exc}") from exc
+        if port == 0:
+            raise CloudConfigError(f"cannot listen on {self.config.listen}")
+        await server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        self.port = int(port)
+        log.info(
+            "cloud: CloudApi listening on %s (port %d), store %s",
+            self.config.listen,
+            port,
+            self.store.description,
+        )
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING first, then in-flight calls get ``grace_s`` to finish."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.config.stop_grace_s if grace_s is None else grace_s)
+        self._server = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

@@ -1,0 +1,537 @@
+"""The cloud's persistence: many sites' audit chains, telemetry batches, topologies and plans, in
+PostgreSQL (production) or SQLite (embedded, tests), on the edge store's backends and migration
+machinery (``evcore.store.sql.Backend``: one connection per worker thread, numbered migrations).
+
+Durability follows the edge store: audit records, topologies and plans are fsynced at commit
+(SQLite ``synchronous=FULL`` / PostgreSQL ``synchronous_commit = on``); telemetry batches go to
+their own file / connection with relaxed commits.
+
+The audit chain check lives here, inside the transaction that stores a record, so that what it
+compares against cannot change under it (a per-site advisory lock on PostgreSQL; SQLite's
+``BEGIN IMMEDIATE`` excludes other writers). This module never rewrites or repairs a record: it
+keeps one copy of each and refuses one that breaks the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from evcore.audit.chain import record_hash
+from evcore.cloud import migrations as cloud_migrations
+from evcore.store.base import StoreConfigError, StoreError
+from evcore.store.migrations import Migration
+from evcore.store.sql import Backend, Tx, sample_time_s, ts_s
+from evcore.v1.audit_pb2 import AuditRecord
+from evcore.v1.meter_pb2 import MeterSampleBatch
+from evcore.v1.plan_pb2 import Plan
+from evcore.v1.topology_pb2 import SiteTopology
+
+T = TypeVar("T")
+
+RECORDS_FILE = "cloud-records.sqlite"
+TELEMETRY_FILE = "cloud-telemetry.sqlite"
+DEFAULT_SCHEMA = "evcore_cloud"
+
+
+class AuditRefused(ValueError):
+    """A record that breaks its site's chain; ``seq`` names it, the message says what is wrong."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        super().__init__(f"seq {seq}: {reason}")
+        self.seq = seq
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AuditBatchResult:
+    """What one :meth:`CloudStore.put_audit` call did. Records before ``refused`` were stored (or
+    recognised as repeats) and committed; ``refused`` and everything after it were not."""
+
+    stored: int
+    duplicates: int
+    # Highest seq held without a gap from seq 0; -1 while seq 0 is not held.
+    contiguous_seq: int
+    refused: AuditRefused | None = None
+
+
+@dataclass(frozen=True)
+class StoredTopology:
+    version: int
+    stored_at_s: float
+    topology: SiteTopology
+
+
+def _digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _short(h: str) -> str:
+    return f"{h[:16]}…" if len(h) > 16 else repr(h)
+
+
+class CloudStore:
+    """Per-site records of the cloud. Every method is one transaction and returns after commit."""
+
+    def __init__(
+        self,
+        records: Backend,
+        telemetry: Backend,
+        *,
+        description: str,
+        site_lock: bool = False,
+    ) -> None:
+        self._records = records
+        self._telemetry = telemetry
+        self._description = description
+        # PostgreSQL: serialise chain checks per site (two streams of one site at once).
+        self._site_lock = site_lock
+        self._open_lock = asyncio.Lock()
+        self._opened = False
+        self._closed = False
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    async def open(self) -> None:
+        async with self._open_lock:
+            if self._closed:
+                raise StoreError(f"cloud store {self._description} is closed")
+            if self._opened:
+                return
+            loop = asyncio.get_running_loop()
+            for b in (self._records, self._telemetry):
+                await loop.run_in_executor(b.executor, _guard(b, b.connect))
+                await loop.run_in_executor(b.executor, _guard(b, b.migrate))
+            # The migration table is per schema: an edge store's schema would hold versions 1..4
+            # already and our migrations would be skipped silently.
+            await self._exec(self._records, _require_cloud_tables)
+            self._opened = True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        for b in (self._records, self._telemetry):
+            try:
+                await loop.run_in_executor(b.executor, b.close)
+            finally:
+                b.executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> CloudStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run(self, b: Backend, fn: Callable[[Tx], T]) -> T:
+        if not self._opened:
+            await self.open()
+        return await self._exec(b, fn)
+
+    async def _exec(self, b: Backend, fn: Callable[[Tx], T]) -> T:
+        def in_tx() -> T:
+            b.connect()
+            with b.transaction() as tx:
+                return fn(tx)
+
+        return await asyncio.get_running_loop().run_in_executor(b.executor, _guard(b, in_tx))
+
+    def _lock_site(self, tx: Tx, site_id: str) -> None:
+        if self._site_lock:
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"evcore.cloud:{site_id}",))
+
+    # -- audit ----------------------------------------------------------------------------------
+    async def put_audit(
+        self, site_id: str, records: Sequence[AuditRecord], *, now_s: float
+    ) -> AuditBatchResult:
+        """Check and store ``records`` of ``site_id`` in order, in one transaction.
+
+        A record already held (same hash) is a repeat. A record whose hash is not the hash of its
+        content, that claims a seq held with another hash, whose ``prev_hash`` is not the held
+        predecessor's hash, or whose hash is not the held successor's ``prev_hash``, is refused:
+        what came before it in ``records`` is committed, it and what follows are not.
+        """
+        _require_site(site_id)
+        batch = list(records)
+
+        def op(tx: Tx) -> AuditBatchResult:
+            self._lock_site(tx, site_id)
+            stored = duplicates = 0
+            refused: AuditRefused | None = None
+            for record in batch:
+                try:
+                    if _put_one(tx, site_id, record, now_s):
+                        stored += 1
+                    else:
+                        duplicates += 1
+                except AuditRefused as exc:
+                    refused = exc
+                    break
+            contiguous = _advance_contiguous(tx, site_id) if stored else _contiguous(tx, site_id)
+            return AuditBatchResult(stored, duplicates, contiguous, refused)
+
+        return await self._run(self._records, op)
+
+    async def contiguous_seq(self, site_id: str) -> int:
+        """Highest seq of the site held without a gap from seq 0; -1 when seq 0 is not held."""
+        return await self._run(self._records, lambda tx: _contiguous(tx, site_id))
+
+    async def audit_records(
+        self, site_id: str, *, after_seq: int = -1, limit: int = 1000
+    ) -> list[AuditRecord]:
+        """The site's held records after ``after_seq``, in seq order (gaps are simply absent)."""
+
+        def op(tx: Tx) -> list[AuditRecord]:
+            rows = tx.all(
+                "SELECT payload FROM cloud_audit_records WHERE site_id = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (site_id, after_seq, limit),
+            )
+            return [_parse_audit(r[0]) for r in rows]
+
+        return await self._run(self._records, op)
+
+    # -- telemetry ------------------------------------------------------------------------------
+    async def put_telemetry(
+        self, site_id: str, batches: Iterable[MeterSampleBatch], *, now_s: float
+    ) -> tuple[int, int]:
+        """Store batches (each whole); returns (stored, repeats). A batch with the same content as
+        one held for the site is a repeat; an empty batch is neither."""
+        _require_site(site_id)
+        rows: list[tuple[object, ...]] = []
+        seen: set[str] = set()
+        repeats_in_call = 0
+        for b in batches:
+            if not b.samples:
+                continue
+            payload = b.SerializeToString(deterministic=True)
+            digest = _digest(payload)
+            if digest in seen:
+                repeats_in_call += 1
+                continue
+            seen.add(digest)
+            times = [sample_time_s(s) for s in b.samples]  # ValueError names a sample without time
+            rows.append((site_id, digest, len(b.samples), min(times), max(times), now_s, payload))
+
+        def op(tx: Tx) -> tuple[int, int]:
+            stored = 0
+            for row in rows:
+                n = tx.execute(
+                    "INSERT INTO cloud_telemetry_batches (site_id, digest, sample_count,"
+                    " first_t_s, last_t_s, stored_at_s, payload) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (site_id, digest) DO NOTHING",
+                    row,
+                )
+                stored += n
+            return stored, len(rows) - stored + repeats_in_call
+
+        return await self._run(self._telemetry, op)
+
+    async def telemetry_batches(self, site_id: str, *, limit: int = 1000) -> list[MeterSampleBatch]:
+        """The site's batches, oldest sample time first."""
+
+        def op(tx: Tx) -> list[MeterSampleBatch]:
+            rows = tx.all(
+                "SELECT payload FROM cloud_telemetry_batches WHERE site_id = ?"
+                " ORDER BY last_t_s, digest LIMIT ?",
+                (site_id, limit),
+            )
+            out = []
+            for (payload,) in rows:
+                b = MeterSampleBatch()
+                b.ParseFromString(bytes(payload))
+                out.append(b)
+            return out
+
+        return await self._run(self._telemetry, op)
+
+    # -- topology -------------------------------------------------------------------------------
+    async def put_topology(
+        self, site_id: str, topology: SiteTopology, *, now_s: float
+    ) -> tuple[int, bool]:
+        """Keep ``topology`` (already validated) as the site's latest; returns (version, stored).
+        The same topology as the latest again is not stored (False, version unchanged);
+        ``loaded_at`` is left out of the comparison (an edge restart reloads the same tree)."""
+        _require_site(site_id)
+        payload = topology.SerializeToString(deterministic=True)
+        same = SiteTopology()
+        same.CopyFrom(topology)
+        same.ClearField("loaded_at")
+        digest = _digest(same.SerializeToString(deterministic=True))
+
+        def op(tx: Tx) -> tuple[int, bool]:
+            self._lock_site(tx, site_id)
+            row = tx.one("SELECT version, digest FROM cloud_topology WHERE site_id = ?", (site_id,))
+            if row is not None and row[1] == digest:
+                return int(row[0]), False
+            version = 1 if row is None else int(row[0]) + 1
+            tx.execute(
+                "INSERT INTO cloud_topology (site_id, version, digest, config_version,"
+                " stored_at_s, payload) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (site_id) DO UPDATE"
+                " SET version = excluded.version, digest = excluded.digest,"
+                " config_version = excluded.config_version, stored_at_s = excluded.stored_at_s,"
+                " payload = excluded.payload",
+                (site_id, version, digest, topology.config_version, now_s, payload),
+            )
+            return version, True
+
+        return await self._run(self._records, op)
+
+    async def topology(self, site_id: str) -> StoredTopology | None:
+        def op(tx: Tx) -> StoredTopology | None:
+            row = tx.one(
+                "SELECT version, stored_at_s, payload FROM cloud_topology WHERE site_id = ?",
+                (site_id,),
+            )
+            if row is None:
+                return None
+            t = SiteTopology()
+            t.ParseFromString(bytes(row[2]))
+            return StoredTopology(int(row[0]), float(row[1]), t)
+
+        return await self._run(self._records, op)
+
+    # -- plans ----------------------------------------------------------------------------------
+    async def put_plan(self, site_id: str, plan: Plan, *, now_s: float) -> bool:
+        """Keep a plan of the site under its ``plan_version`` (> 0); False when that plan is held
+        already. Another plan under a held version is a ``ValueError`` (versions name one plan)."""
+        _require_site(site_id)
+        if plan.plan_version <= 0:
+            raise ValueError(f"plan {plan.plan_id!r} of site {site_id!r}: plan_version must be > 0")
+        payload = plan.SerializeToString(deterministic=True)
+        digest = _digest(payload)
+        computed = ts_s(plan.computed_at) if plan.HasField("computed_at") else None
+
+        def op(tx: Tx) -> bool:
+            row = tx.one(
+                "SELECT digest, plan_id FROM cloud_plans WHERE site_id = ? AND plan_version = ?",
+                (site_id, plan.plan_version),
+            )
+            if row is not None:
+                if row[0] == digest:
+                    return False
+                raise ValueError(
+                    f"site {site_id!r} holds plan {row[1]!r} as version {plan.plan_version} "
+                    f"already; plan {plan.plan_id!r} needs a new version"
+                )
+            tx.execute(
+                "INSERT INTO cloud_plans (site_id, plan_version, plan_id, digest, computed_at_s,"
+                " stored_at_s, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (site_id, plan.plan_version, plan.plan_id, digest, computed, now_s, payload),
+            )
+            return True
+
+        return await self._run(self._records, op)
+
+    async def newest_plan(self, site_id: str, *, newer_than_version: int = 0) -> Plan | None:
+        """The site's plan with the highest version above ``newer_than_version``; None if none."""
+
+        def op(tx: Tx) -> Plan | None:
+            row = tx.one(
+                "SELECT payload FROM cloud_plans WHERE site_id = ? AND plan_version > ?"
+                " ORDER BY plan_version DESC LIMIT 1",
+                (site_id, newer_than_version),
+            )
+            if row is None:
+                return None
+            p = Plan()
+            p.ParseFromString(bytes(row[0]))
+            return p
+
+        return await self._run(self._records, op)
+
+
+def _guard(b: Backend, fn: Callable[[], T]) -> Callable[[], T]:
+    def run() -> T:
+        try:
+            return fn()
+        except (StoreError, ValueError):
+            raise
+        except Exception as exc:
+            raise b.on_error(exc) from exc
+
+    return run
+
+
+def _require_site(site_id: str) -> None:
+    if not site_id:
+        raise ValueError("site_id is required")
+
+
+def _require_cloud_tables(tx: Tx) -> None:
+    try:
+        tx.one("SELECT COUNT(*) FROM cloud_audit_progress")
+    except Exception as exc:
+        raise StoreError(
+            "the store's schema has migrations applied but no cloud tables: it belongs to another "
+            "store (an edge's?); give the cloud its own schema or directory"
+        ) from exc
+
+
+def _parse_audit(payload: Any) -> AuditRecord:
+    r = AuditRecord()
+    r.ParseFromString(bytes(payload))
+    return r
+
+
+def _put_one(tx: Tx, site_id: str, record: AuditRecord, now_s: float) -> bool:
+    """Check one record against its content and its held neighbours; insert it. False: a repeat."""
+    seq = int(record.seq)
+    computed = record_hash(record)
+    if record.hash != computed:
+        raise AuditRefused(
+            seq,
+            f"hash {_short(record.hash)} does not match the record's content "
+            f"(computed {_short(computed)}): the record was changed after it was sealed",
+        )
+    held = tx.one(
+        "SELECT hash FROM cloud_audit_records WHERE site_id = ? AND seq = ?", (site_id, seq)
+    )
+    if held is not None:
+        if held[0] == record.hash:
+            return False
+        raise AuditRefused(
+            seq,
+            f"another record is held at this seq (hash {_short(held[0])}, this one "
+            f"{_short(record.hash)}): the site's chain forked",
+        )
+    if seq == 0:
+        if record.prev_hash:
+            raise AuditRefused(0, "the first record of a chain must have an empty prev_hash")
+    else:
+        before = tx.one(
+            "SELECT hash FROM cloud_audit_records WHERE site_id = ? AND seq = ?",
+            (site_id, seq - 1),
+        )
+        if before is not None and before[0] != record.prev_hash:
+            raise AuditRefused(
+                seq,
+                f"prev_hash {_short(record.prev_hash)} does not match the hash of the held seq "
+                f"{seq - 1} ({_short(before[0])})",
+            )
+    after = tx.one(
+        "SELECT prev_hash FROM cloud_audit_records WHERE site_id = ? AND seq = ?",
+        (site_id, seq + 1),
+    )
+    if after is not None and after[0] != record.hash:
+        raise AuditRefused(
+            seq,
+            f"hash {_short(record.hash)} is not the prev_hash of the held seq {seq + 1} "
+            f"({_short(after[0])})",
+        )
+    tx.execute(
+        "INSERT INTO cloud_audit_records (site_id, seq, hash, prev_hash, decision_id,"
+        " decided_at_s, stored_at_s, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            site_id,
+            seq,
+            record.hash,
+            record.prev_hash,
+            record.decision_id,
+            ts_s(record.decided_at),
+            now_s,
+            record.SerializeToString(deterministic=True),
+        ),
+    )
+    return True
+
+
+def _contiguous(tx: Tx, site_id: str) -> int:
+    row = tx.one("SELECT contiguous_seq FROM cloud_audit_progress WHERE site_id = ?", (site_id,))
+    return -1 if row is None else int(row[0])
+
+
+def _advance_contiguous(tx: Tx, site_id: str) -> int:
+    """Move the site's gap-free mark over whatever now follows it."""
+    start = _contiguous(tx, site_id)
+    mark = start
+    while True:
+        rows = tx.all(
+            "SELECT seq FROM cloud_audit_records WHERE site_id = ? AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (site_id, mark, 1000),
+        )
+        for (seq,) in rows:
+            if int(seq) != mark + 1:
+                break
+            mark += 1
+        else:
+            if len(rows) == 1000:
+                continue
+        break
+    if mark != start:
+        tx.execute(
+            "INSERT INTO cloud_audit_progress (site_id, contiguous_seq) VALUES (?, ?)"
+            " ON CONFLICT (site_id) DO UPDATE SET contiguous_seq = excluded.contiguous_seq",
+            (site_id, mark),
+        )
+    return mark
+
+
+def open_cloud_store(url: str, base_dir: Path | str = ".") -> CloudStore:
+    """A cloud store from a URL: ``sqlite:DIR`` (or a plain directory; relative to ``base_dir``)
+    or ``postgresql://user@host:port/db?schema=NAME`` (schema defaults to ``evcore_cloud``).
+    Nothing is opened until ``open()``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from evcore.store.postgres import PostgresBackend
+
+        class _Pg(PostgresBackend):
+            def migrations(self) -> Sequence[Migration]:
+                return cloud_migrations.POSTGRES
+
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        schema = next((v for k, v in query if k == "schema"), DEFAULT_SCHEMA)
+        if not schema.replace("_", "").isalnum():
+            raise StoreConfigError(f"store URL: schema {schema!r} must be an identifier")
+        dsn = urlunsplit(
+            parts._replace(query=urlencode([(k, v) for k, v in query if k != "schema"]))
+        )
+        records = _Pg(dsn, schema, relaxed_commit=False, connect_timeout_s=5.0, name="cloud-pg")
+        telemetry = _Pg(
+            dsn, schema, relaxed_commit=True, connect_timeout_s=5.0, name="cloud-pg-telemetry"
+        )
+        host = parts.hostname or ""
+        where = f"postgresql://{host}:{parts.port or 5432}{parts.path}#{schema}"
+        return CloudStore(records, telemetry, description=where, site_lock=True)
+    if url.startswith("sqlite:"):
+        path = url.removeprefix("sqlite:")
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise StoreConfigError(f"store URL {url!r} names no directory")
+    elif "://" in url:
+        raise StoreConfigError(
+            f"store URL {url!r}: scheme must be sqlite: or postgresql:// (or give a directory)"
+        )
+    else:
+        path = url
+    from evcore.store.sqlite import SqliteBackend
+
+    directory = Path(path)
+    if not directory.is_absolute():
+        directory = Path(base_dir) / directory
+    return CloudStore(
+        SqliteBackend(
+            directory / RECORDS_FILE,
+            synchronous="FULL",
+            migrations=cloud_migrations.SQLITE_RECORDS,
+            name="cloud-records",
+        ),
+        SqliteBackend(
+            directory / TELEMETRY_FILE,
+            synchronous="NORMAL",
+            migrations=cloud_migrations.SQLITE_TELEMETRY,
+            name="cloud-telemetry",
+        ),
+        description=f"sqlite:{directory}",
+    )
