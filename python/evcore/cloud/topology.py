@@ -84,6 +84,7 @@ def _charger_table(c: Charger) -> dict[str, Any]:
         t["wiring"] = _WIRINGS[c.wiring]
     if len(c.phases):
         t["phases"] = list(c.phases)
+    # DC chargers are set in W: a min_a / max_a given for one reaches the core, which refuses it.
     for key in ("voltage_v", "min_a", "max_a"):
         if getattr(c, key):
             t[key] = getattr(c, key)
@@ -153,18 +154,20 @@ def topology_from_site(site: Site, *, config_version: str = "") -> SiteTopology:
             node.unbalance_limit_a = n.unbalance_limit_a
         topo.nodes.append(node)
     for c in site.chargers:
+        dc = c.kind == "dc"
         charger = Charger(
             charger_id=c.id,
             ocpp_id=c.ocpp_id,
             evse_id=c.evse_id,
             connector_id=c.connector_id,
             parent_id=c.parent,
-            kind=ChargerKind.CHARGER_KIND_DC if c.kind == "dc" else ChargerKind.CHARGER_KIND_AC,
+            kind=ChargerKind.CHARGER_KIND_DC if dc else ChargerKind.CHARGER_KIND_AC,
             wiring=wirings[c.wiring],
             phases=[site.phase_names[p] for p in c.phases],
             voltage_v=c.voltage_v,
-            min_a=c.min_a,
-            max_a=c.max_a,
+            # The core derives a DC charger's line currents from its watts; they are not inputs.
+            min_a=0.0 if dc else c.min_a,
+            max_a=0.0 if dc else c.max_a,
             steps_a=list(c.steps_a),
             single_phase_car=c.single_phase_car,
             max_w=c.max_w or 0.0,
