@@ -317,3 +317,99 @@ def test_physics_line_to_line_currents_are_phasor_sums() -> None:
     # |I_A| = sqrt(10² + 10² + 10·10) = 17.32 A: over 17 A, though each branch carries 10 A.
     assert lines == pytest.approx([17.3205, 10.0, 10.0], abs=1e-3)
     assert phys.sample() == 1
+
+
+def profile_201(
+    clock: ManualClock,
+    *,
+    pid: int,
+    purpose: str,
+    limit: float,
+    stack: int = 1,
+    evse: int = 1,
+    valid_from: float | None = None,
+    valid_to: float | None = None,
+    tx: str | None = None,
+) -> dict[str, Any]:
+    prof: dict[str, Any] = {
+        "id": pid,
+        "stackLevel": stack,
+        "chargingProfilePurpose": purpose,
+        "chargingProfileKind": "Absolute",
+        "chargingSchedule": [
+            {
+                "id": pid,
+                "startSchedule": iso(clock.now()),
+                "chargingRateUnit": "A",
+                "chargingSchedulePeriod": [{"startPeriod": 0, "limit": limit, "numberPhases": 3}],
+            }
+        ],
+    }
+    if valid_from is not None:
+        prof["validFrom"] = iso(valid_from)
+    if valid_to is not None:
+        prof["validTo"] = iso(valid_to)
+    if tx is not None:
+        prof["transactionId"] = tx
+    payload = {"evseId": evse, "chargingProfile": prof}
+    validation.validate("2.0.1", "SetChargingProfile", payload, response=False)
+    return payload
+
+
+def test_2_0_1_refuses_a_clash_with_another_id_where_1_6_replaces() -> None:
+    clock = ManualClock()
+    sim = station(clock, version="2.0.1")
+    sim.step()
+    t = clock.now()
+    assert send(sim, profile_201(clock, pid=7, purpose="TxDefaultProfile", limit=20)) == "Accepted"
+    # Same stack level, purpose and EVSE under another id, validity overlapping: refused
+    # (K01.FR.06), with a reason code; the same even before the first is applied (apply delay).
+    clash = profile_201(clock, pid=8, purpose="TxDefaultProfile", limit=10)
+    answer = sim._on_SetChargingProfile(clash, [])
+    validation.validate("2.0.1", "SetChargingProfile", answer, response=True)
+    assert answer["status"] == "Rejected"
+    assert answer["statusInfo"]["reasonCode"] == "DuplicateProfile"
+    settle(sim, clock, 2.1)
+    assert sim.limit_at(1, clock.now()) == 20.0
+    assert send(sim, clash) == "Rejected"
+    # The same id replaces (K01.FR.05); another stack level, EVSE 0 or a validity that does not
+    # overlap is no clash.
+    assert send(sim, profile_201(clock, pid=7, purpose="TxDefaultProfile", limit=18)) == "Accepted"
+    assert send(sim, profile_201(clock, pid=9, purpose="TxDefaultProfile", limit=6, stack=0)) == (
+        "Accepted"
+    )
+    p = profile_201(clock, pid=10, purpose="TxDefaultProfile", limit=8, evse=0)
+    assert send(sim, p) == "Accepted"
+    kw: dict[str, Any] = {"purpose": "TxDefaultProfile", "stack": 3}
+    assert send(sim, profile_201(clock, pid=11, limit=14, valid_to=t + 600, **kw)) == "Accepted"
+    p = profile_201(clock, pid=12, limit=12, valid_from=t + 600, valid_to=t + 900, **kw)
+    assert send(sim, p) == "Accepted"
+    assert send(sim, profile_201(clock, pid=13, limit=12, valid_from=t + 300, **kw)) == "Rejected"
+    settle(sim, clock, 2.1)
+    assert sorted(q.id for q in sim.profiles) == [7, 9, 10, 11, 12]
+    assert sim.limit_at(1, clock.now()) == 14.0  # stack level 3 for now
+    assert sim.limit_at(1, t + 700) == 12.0 and sim.limit_at(1, t + 1000) == 18.0
+    # Once the holder is cleared, the other id is taken.
+    assert sim._on_ClearChargingProfile({"chargingProfileId": 7}, [])["status"] == "Accepted"
+    assert send(sim, clash) == "Accepted"
+    # TxProfiles: the same stack level and transaction under another id is refused (K01.FR.39).
+    sim.plug_in(1, EV(soc=0.3))
+    tx = sim.connectors[1].tx_id
+    assert tx is not None
+    assert send(sim, profile_201(clock, pid=20, purpose="TxProfile", limit=16, tx=tx)) == (
+        "Accepted"
+    )
+    answer = sim._on_SetChargingProfile(
+        profile_201(clock, pid=21, purpose="TxProfile", limit=12, tx=tx), []
+    )
+    assert answer["status"] == "Rejected"
+    assert answer["statusInfo"]["reasonCode"] == "InvalidStackLevel"
+    assert send(sim, profile_201(clock, pid=21, purpose="TxProfile", limit=12, tx=tx, stack=2)) == (
+        "Accepted"
+    )
+    # 1.6 replaces a profile of the same stack level and purpose on the connector instead.
+    v16 = station(clock)
+    assert send(v16, profile_16(clock, pid=7, purpose="TxDefaultProfile", limit=20)) == "Accepted"
+    assert send(v16, profile_16(clock, pid=8, purpose="TxDefaultProfile", limit=10)) == "Accepted"
+    settle(v16, clock, 2.1)
+    assert [q.id for q in v16.profiles] == [8] and v16.limit_at(1, clock.now()) == 10.0

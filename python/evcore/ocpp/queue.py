@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,9 @@ class CallOutcome:
 
 #: Called just before sending; returns (action, payload) or a CallOutcome to skip sending.
 Builder = Callable[[], "tuple[str, dict[str, Any]] | CallOutcome"]
+#: Called by the worker with the station connection and the call's outcome, still holding the
+#: station's one CALL in flight (it may make further calls); its result is the item's outcome.
+Then = Callable[[Any, CallOutcome], Awaitable[CallOutcome]]
 
 
 @dataclass(slots=True)
@@ -45,6 +48,7 @@ class QueuedCall:
     seq: int = 0
     label: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    then: Then | None = None
 
 
 class StationCallQueue:

@@ -19,7 +19,7 @@ import logging
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
@@ -339,6 +339,12 @@ class CentralSystem:
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._profile_ids: dict[tuple[str, int, str], int] = {}
+        #: Limit requests per (station, EVSE, purpose) so far: a migration checks for a newer one.
+        self._limit_seq: dict[tuple[str, int, str], int] = {}
+        #: (station, EVSE, purpose) where the station can hold no profile of another id at our
+        #: stack level: ours was accepted there, or a ClearChargingProfile by those criteria was
+        #: answered. Value: the transaction (TxProfile), else "". See ``_conflict_migration``.
+        self._no_stranger: dict[tuple[str, int, str], str] = {}
         self._last_limit: dict[tuple[str, int, str], float] = {}
         self._tx_counter = int(clock.now()) % 2_000_000 * 1000
         self._port = 0
@@ -614,6 +620,12 @@ class CentralSystem:
             return
         action, payload = built
         outcome = await conn.call_raw(action, payload, self.config.call_timeout_s)
+        if item.then is not None and not item.future.done():
+            try:
+                outcome = await item.then(conn, outcome)
+            except Exception as exc:
+                LOG.exception("station %s: after %s", st.ocpp_id, item.label)
+                outcome = CallOutcome("CallError", error_code="InternalError", detail=str(exc))
         _resolve(item, outcome)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -1035,9 +1047,9 @@ class CentralSystem:
 
     def _limit_call(
         self, req: LimitRequest
-    ) -> tuple[Station, tuple[str, int, str], bool, int, Callable[[], Any]]:
+    ) -> tuple[Station, tuple[str, int, str], bool, int, Callable[[], Any], int]:
         """Book a checked request (profile id, last limit); (station, key, decrease, profile id,
-        frame builder)."""
+        frame builder, request number for the key)."""
         charger = self._chargers[req.charger_id]
         purpose = req.purpose
         st = self._stations[charger.ocpp_id]
@@ -1047,6 +1059,7 @@ class CentralSystem:
         prev = self._last_limit.get(key)
         decrease = prev is None or req.wire_limit < prev
         self._last_limit[key] = req.wire_limit
+        seq = self._limit_seq[key] = self._limit_seq.get(key, 0) + 1
 
         def builder() -> tuple[str, dict[str, Any]] | CallOutcome:
             tx_id = None
@@ -1066,7 +1079,7 @@ class CentralSystem:
                 now=self.clock.now(),
             )
 
-        return st, key, decrease, pid, builder
+        return st, key, decrease, pid, builder, seq
 
     def _limit_result(
         self,
@@ -1087,6 +1100,8 @@ class CentralSystem:
         ):
             # Unknown state at the charger: the next request is a decrease.
             self._last_limit.pop(key, None)
+        if status == "Accepted":
+            self._no_stranger[key] = self._holder(key, req.purpose)
         result = ProfileResult(
             charger_id=req.charger_id,
             purpose=req.purpose,
@@ -1132,10 +1147,13 @@ class CentralSystem:
             purpose=purpose,
         )
         now = self.clock.now()
-        st, key, decrease, pid, builder = self._limit_call(req)
+        st, key, decrease, pid, builder, seq = self._limit_call(req)
         out = await self._enqueue(
             st, builder, label=f"limit {charger_id} {purpose}", decrease=decrease, supersede_key=key
         )
+        migration = self._conflict_migration(st, req, key, seq, decrease, builder, out)
+        if migration is not None:
+            out = await migration
         return self._limit_result(req, key, pid, now, out)
 
     def send_limits(self, orders: Sequence[LimitOrder]) -> list[LimitSend]:
@@ -1208,7 +1226,7 @@ class CentralSystem:
         out: list[LimitSend] = []
         on_wire: list[tuple[StationConnection, str]] = []
         for req, w in zip(reqs, written, strict=True):
-            st, key, decrease, pid, builder = self._limit_call(req)
+            st, key, decrease, pid, builder, seq = self._limit_call(req)
             handle = LimitSend(req.charger_id, req.purpose, loop.create_future())
             out.append(handle)
             if w is not None:
@@ -1227,7 +1245,9 @@ class CentralSystem:
                 else:
                     label = f"limit {req.charger_id} {req.purpose}"
                     st.queue.put(QueuedCall(builder, fut, decrease, key, label=label))
-            fut.add_done_callback(self._limit_settler(handle, req, key, pid, now))
+            fut.add_done_callback(
+                self._limit_settler(handle, req, key, pid, now, (st, seq, decrease, builder))
+            )
         if on_wire:
             self._spawn(self._expire_after(on_wire, self.config.call_timeout_s))
         return out
@@ -1249,6 +1269,93 @@ class CentralSystem:
             pid = _PROFILE_ID_BASE + evse_key * len(_PROFILE_SLOT) + _PROFILE_SLOT[purpose]
             self._profile_ids[key] = pid
         return pid
+
+    def _holder(self, key: tuple[str, int, str], purpose: str) -> str:
+        """What ``_no_stranger`` records for ``key`` now: a TxProfile's transaction, else ""."""
+        if purpose != "tx":
+            return ""
+        return self._stations[key[0]].active_tx.get(key[1], "")
+
+    def _conflict_migration(
+        self,
+        st: Station,
+        req: LimitRequest,
+        key: tuple[str, int, str],
+        seq: int,
+        decrease: bool,
+        builder: Callable[[], Any],
+        first: CallOutcome,
+    ) -> asyncio.Future[CallOutcome] | None:
+        """A 2.0.1 station's refusal of our profile that may be a clash with a profile it holds
+        under another id: clear that one and send ours once more. None when it cannot be one.
+
+        A 2.0.1 station refuses a profile whose stack level, purpose and EVSE equal those of a
+        profile it holds under another id with an overlapping validity (K01.FR.06), or a
+        TxProfile with the stack level and transaction of another TxProfile (K01.FR.39); 1.6
+        replaces such a profile instead. Earlier versions of this central system numbered ids by
+        first use, so a station may hold such a profile of ours under an old id. The refusal
+        says no more (a reason code is optional and free text), so: unless the station can hold
+        no other profile there (``_no_stranger``: ours was accepted there, which a holder of a
+        clashing one would have refused, or a clear by those criteria was answered since),
+        ClearChargingProfile by EVSE, purpose and our stack level (never by id: the old id is
+        unknown; always naming one of our purposes, so ChargingStationExternalConstraints and
+        other levels stay) and, if it cleared something, the same limit again (built anew). Its
+        outcome is the request's (one ``ProfileResult``); a refusal of the resend is final: one
+        clear and one resend per refusal at most, and none once the key is known clear. Queued
+        like any call (decreases first); skipped when a newer limit for the key was requested
+        meanwhile (it is refused in turn and migrates itself).
+        """
+        if st.version != "2.0.1" or st.connection is None or first.status != "Result":
+            return None
+        if first.payload is None or first.payload.get("status") != "Rejected":
+            return None
+        if self._limit_seq.get(key) != seq:
+            return None
+        held = self._no_stranger.get(key)
+        if held is not None and held == self._holder(key, req.purpose):
+            return None
+        evse, purpose, level = key[1], req.purpose, self.config.stack_level
+        info = first.payload.get("statusInfo") or {}
+        why = "Rejected" + (f" ({info['reasonCode']})" if info.get("reasonCode") else "")
+        what = f"ClearChargingProfile {v201.PURPOSE[purpose]} stackLevel {level} EVSE {evse}"
+
+        def not_resent(note: str) -> CallOutcome:
+            return replace(first, detail=f"{why}; {note}")
+
+        def clear() -> tuple[str, dict[str, Any]] | CallOutcome:
+            if st.version != "2.0.1":
+                return not_resent("station reconnected as 1.6: not resent")
+            if self._limit_seq.get(key) != seq:
+                return not_resent("a newer limit follows: not resent")
+            return v201.clear_charging_profile(evse, purpose, None, level)
+
+        async def resend(conn: StationConnection, cleared: CallOutcome) -> CallOutcome:
+            answer = cleared.payload.get("status") if cleared.payload else None
+            if cleared.status == "Result" and answer in ("Accepted", "Unknown"):
+                self._no_stranger[key] = self._holder(key, purpose)
+            if cleared.status != "Result" or answer != "Accepted":
+                return not_resent(f"{what}: {answer or cleared.status}; not resent")
+            if self._limit_seq.get(key) != seq:
+                return not_resent(f"{what}: Accepted; a newer limit follows: not resent")
+            if conn.closed:
+                return CallOutcome("Disconnected", detail=f"{why}; {what}: Accepted; disconnected")
+            built = builder()
+            if isinstance(built, CallOutcome):
+                return built
+            action, payload = built
+            out = await conn.call_raw(action, payload, self.config.call_timeout_s)
+            note = f"{why}; {what}: Accepted; resent"
+            out.detail = f"{note}: {out.detail}" if out.detail else note
+            LOG.info("station %s: %s; %s", st.ocpp_id, note, _answer(out))
+            return out
+
+        LOG.info(
+            "station %s: %s limit for %s %s; %s", st.ocpp_id, purpose, req.charger_id, why, what
+        )
+        fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+        label = f"clear {purpose} for {req.charger_id}"
+        st.queue.put(QueuedCall(clear, fut, decrease, None, label=label, then=resend))
+        return fut
 
     def _settle_limit(
         self,
@@ -1273,9 +1380,21 @@ class CentralSystem:
         key: tuple[str, int, str],
         pid: int,
         requested_at: float,
+        call: tuple[Station, int, bool, Callable[[], Any]] | None = None,
     ) -> Callable[[asyncio.Future[CallOutcome]], None]:
+        """Settle ``handle`` with a call's outcome; with ``call`` (station, request number,
+        decrease, builder) a refusal may first go through ``_conflict_migration``."""
+
         def settle(f: asyncio.Future[CallOutcome]) -> None:
             out = CallOutcome("NotConnected", detail="cancelled") if f.cancelled() else f.result()
+            if call is not None:
+                st, seq, decrease, builder = call
+                migration = self._conflict_migration(st, req, key, seq, decrease, builder, out)
+                if migration is not None:
+                    migration.add_done_callback(
+                        self._limit_settler(handle, req, key, pid, requested_at)
+                    )
+                    return
             self._settle_limit(handle, req, key, pid, requested_at, out)
 
         return settle
@@ -1313,6 +1432,10 @@ class CentralSystem:
             key = (charger.ocpp_id, evse_key, purpose)
             profile_id = self._profile_ids.get(key)
             self._last_limit.pop(key, None)
+            self._no_stranger.pop(key, None)
+        else:
+            for k in [k for k in self._no_stranger if k[:2] == (charger.ocpp_id, charger.evse_id)]:
+                self._no_stranger.pop(k, None)
         evse = None if purpose == "station_max" else charger.evse_id
         return await self._command(
             charger_id,
@@ -1331,6 +1454,8 @@ class CentralSystem:
         st, _ = self._target(target)
         for key in [k for k in self._last_limit if k[0] == st.ocpp_id and k[2] == purpose]:
             self._last_limit.pop(key, None)
+        for key in [k for k in self._no_stranger if k[0] == st.ocpp_id and k[2] == purpose]:
+            self._no_stranger.pop(key, None)
         return await self._command(
             target,
             lambda s, c: v16.clear_charging_profile(None, purpose, None, None),
@@ -1528,6 +1653,12 @@ def _fixed(
         return action, payload
 
     return build
+
+
+def _answer(out: CallOutcome) -> str:
+    if out.status == "Result" and out.payload is not None:
+        return str(out.payload.get("status", "?"))
+    return out.status
 
 
 def _resolve(item: QueuedCall, outcome: CallOutcome) -> None:

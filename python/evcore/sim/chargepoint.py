@@ -1,11 +1,12 @@
 """Simulated OCPP charge points (1.6J and 2.0.1), many per process.
 
 Owns one simulated station: its WebSocket session to a central system, its connectors (EVSEs) with
-an EV model each, the charging profiles it holds and the composite schedule it applies (stack
-levels, purposes, validity, TxDefault fallback, after a settable delay), its meter (register, power,
-per-terminal current) and the MeterValues it reports, and misbehaviour on command (disconnect, go
-offline and replay, ignore profiles, send garbage, stop reporting, lose profiles on reboot). It
-validates every CALL the central system sends against the OCPP schemas and records violations.
+an EV model each, the charging profiles it holds (replaced or refused by its version's rules) and
+the composite schedule it applies (stack levels, purposes, validity, TxDefault fallback, after a
+settable delay), its meter (register, power, per-terminal current) and the MeterValues it reports,
+and misbehaviour on command (disconnect, go offline and replay, ignore profiles, send garbage, stop
+reporting, lose profiles on reboot). It validates every CALL the central system sends against the
+OCPP schemas and records violations.
 
 It talks to the rest only through its OCPP socket; time comes from the injected clock.
 """
@@ -61,6 +62,20 @@ class HeldProfile:
     unit: str
     periods: list[tuple[float, float, int | None]]
     received_at: float = 0.0
+
+
+def _overlap(a: HeldProfile, b: HeldProfile) -> bool:
+    """Whether two profiles' validity periods overlap (without ``validFrom`` a profile is valid
+    from its receipt, without ``validTo`` for good)."""
+    a_from = a.valid_from if a.valid_from is not None else a.received_at
+    b_from = b.valid_from if b.valid_from is not None else b.received_at
+    a_to = a.valid_to if a.valid_to is not None else math.inf
+    b_to = b.valid_to if b.valid_to is not None else math.inf
+    return a_from < b_to and b_from < a_to
+
+
+def _rejected(reason_code: str, info: str) -> dict[str, Any]:
+    return {"status": "Rejected", "statusInfo": {"reasonCode": reason_code, "additionalInfo": info}}
 
 
 class TxRef:
@@ -214,6 +229,8 @@ class SimChargePoint:
         self.invalid_calls: list[str] = []
         self.call_errors: list[list[Any]] = []
         self.results: list[tuple[str, dict[str, Any]]] = []
+        #: What the station answered to the central system's CALLs, in order: (action, payload).
+        self.answers: list[tuple[str, dict[str, Any]]] = []
         self.last_error: BaseException | None = None
         self.boot_status: str | None = None
         self.connections = 0
@@ -509,6 +526,7 @@ class SimChargePoint:
         after: list[Callable[[], None]] = []
         response = getattr(self, "_on_" + action)(payload, after)
         validation.validate(self.version, action, response, response=True)
+        self.answers.append((action, response))
         await ws.send(json.dumps([3, unique_id, response]))
         for fn in after:
             fn()
@@ -758,11 +776,14 @@ class SimChargePoint:
 
     # ---- profiles and the composite schedule ---------------------------------------------
     def _install(self, p: HeldProfile) -> None:
+        # 1.6: the same id, or the same stack level and purpose on the connector, is replaced.
+        # 2.0.1: only the same id (K01.FR.05); a clash was refused on receipt (K01.FR.06/.39).
+        v16 = self.version == "1.6"
         self.profiles = [
             q
             for q in self.profiles
             if q.id != p.id
-            and not (q.evse == p.evse and q.purpose == p.purpose and q.stack == p.stack)
+            and not (v16 and q.evse == p.evse and q.purpose == p.purpose and q.stack == p.stack)
         ]
         self.profiles.append(p)
 
@@ -902,9 +923,38 @@ class SimChargePoint:
             return {"status": "Rejected"}
         if profile.purpose == "max" and evse != 0:
             return {"status": "Rejected"}  # a station maximum lives on connector/EVSE 0 only
+        if self.version != "1.6":
+            clash = self._conflict_2_0_1(profile)
+            if clash is not None:
+                return clash
         if not self.misbehaviour.ignore_profiles:
             self._pending_profiles.append((self.clock.now() + self.apply_delay_s, profile))
         return {"status": "Accepted"}
+
+    def _conflict_2_0_1(self, p: HeldProfile) -> dict[str, Any] | None:
+        """The Rejected answer to a 2.0.1 profile that clashes with one held under another id.
+
+        1.6 replaces a profile of the same stack level and purpose (on the same connector); 2.0.1
+        does not: the CSMS shall not send a profile whose stack level, purpose and EVSE equal those
+        of another profile (another id) whose validity overlaps (K01.FR.06), nor a TxProfile with
+        the stack level and transaction of another TxProfile (K01.FR.39), and stations refuse
+        one (the reason codes are those EVerest's libocpp sends). Only the same id replaces
+        (K01.FR.05). Profiles still waiting for the apply delay count as held."""
+        held = [*self.profiles, *(q for _, q in self._pending_profiles)]
+        for q in held:
+            if q.id == p.id or q.purpose != p.purpose or q.stack != p.stack:
+                continue
+            if p.purpose == "tx":
+                if q.tx_id == p.tx_id:
+                    return _rejected("InvalidStackLevel", f"TxProfile {q.id} holds this level")
+            elif q.evse == p.evse and _overlap(q, p):
+                return _rejected("DuplicateProfile", f"profile {q.id} holds this level")
+        return None
+
+    def hold_profile(self, profile: HeldProfile) -> None:
+        """Install ``profile`` as if a central system had set it earlier (tests, scenarios)."""
+        self.profiles = [q for q in self.profiles if q.id != profile.id]
+        self.profiles.append(profile)
 
     def _on_ClearChargingProfile(
         self, p: dict[str, Any], after: list[Callable[[], None]]

@@ -1,0 +1,173 @@
+"""Profiles a station holds under ids of an earlier numbering: 2.0.1 refuses ours where one of
+another id has the same stack level, purpose and EVSE (K01.FR.06) or, for a TxProfile, the same
+stack level and transaction (K01.FR.39); the central system clears it by those criteria and sends
+ours once more. 1.6 replaces it by itself. Over real WebSockets, against simulated stations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from evcore.ocpp import LimitOrder, ProfileResult
+from evcore.sim.chargepoint import HeldProfile, SimChargePoint
+from evcore.sim.ev import EV
+from ocpp_testsite import Rig, rig
+
+pytestmark = pytest.mark.timeout(60)
+
+OURS_TX_DEFAULT_EVSE1 = 1_000_003  # 1,000,000 + EVSE 1 x 3 + slot 0
+OURS_TX_EVSE1 = 1_000_004
+
+
+def held(
+    sim: SimChargePoint,
+    pid: int,
+    purpose: str,
+    limit_a: float,
+    *,
+    evse: int = 1,
+    stack: int = 1,
+    tx: str | None = None,
+) -> HeldProfile:
+    now = sim.clock.now()
+    return HeldProfile(
+        id=pid,
+        evse=evse,
+        purpose=purpose,
+        stack=stack,
+        tx_id=tx,
+        kind="Absolute",
+        valid_from=None,
+        valid_to=None,
+        start=now,
+        duration=None,
+        unit="A",
+        periods=[(0.0, limit_a, 3)],
+        received_at=now,
+    )
+
+
+def profile_calls(sim: SimChargePoint) -> list[tuple[str, dict[str, Any]]]:
+    return [(a, p) for a, p in sim.received if a in ("SetChargingProfile", "ClearChargingProfile")]
+
+
+def profile_answers(sim: SimChargePoint) -> list[tuple[str, dict[str, Any]]]:
+    return [(a, p) for a, p in sim.answers if a in ("SetChargingProfile", "ClearChargingProfile")]
+
+
+def results(r: Rig, charger: str) -> list[ProfileResult]:
+    return [e for e in r.of(ProfileResult) if e.charger_id == charger]
+
+
+@pytest.mark.parametrize("charger", ["cp-b", "cp-a"])
+async def test_a_tx_default_held_under_an_old_id_gives_way_to_ours(charger: str) -> None:
+    async with rig() as r:
+        sim = r.fleet.stations[r.cs.charger(charger).ocpp_id]
+        v201 = sim.version == "2.0.1"
+        # Left by a central system that numbered profiles by first use: a TxDefault (id 7) at our
+        # stack level on the EVSE, one at another level and a station maximum.
+        sim.hold_profile(held(sim, 7, "default", 20.0))
+        sim.hold_profile(held(sim, 8, "default", 6.0, stack=0))
+        sim.hold_profile(held(sim, 9, "max", 30.0, evse=0))
+        res = await r.cs.set_limit(charger, limit_a=10, purpose="tx_default")
+        assert res.accepted and res.profile_id == OURS_TX_DEFAULT_EVSE1
+        await r.until(lambda: sorted(q.id for q in sim.profiles) == [8, 9, OURS_TX_DEFAULT_EVSE1])
+        await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 10.0)
+        calls, answers = profile_calls(sim), profile_answers(sim)
+        assert len(results(r, charger)) == 1  # the request's one result, after the migration
+        if not v201:  # 1.6: ours replaces the one of the same stack level and purpose
+            assert [a for a, _ in calls] == ["SetChargingProfile"]
+            return
+        assert [a for a, _ in calls] == [
+            "SetChargingProfile",
+            "ClearChargingProfile",
+            "SetChargingProfile",
+        ]
+        assert answers[0][1]["status"] == "Rejected"
+        assert answers[0][1]["statusInfo"]["reasonCode"] == "DuplicateProfile"
+        # Cleared by criteria (EVSE, purpose, our stack level), never by id.
+        assert calls[1][1] == {
+            "chargingProfileCriteria": {
+                "evseId": 1,
+                "chargingProfilePurpose": "TxDefaultProfile",
+                "stackLevel": 1,
+            }
+        }
+        assert [p["status"] for _, p in answers] == ["Rejected", "Accepted", "Accepted"]
+        resent = calls[2][1]["chargingProfile"]
+        assert resent["id"] == OURS_TX_DEFAULT_EVSE1 and resent["stackLevel"] == 1
+        assert resent["chargingSchedule"][0]["chargingSchedulePeriod"][0]["limit"] == 10.0
+        assert "DuplicateProfile" in res.detail and "resent" in res.detail
+        # The next limit replaces ours by its id: no clear any more.
+        res = await r.cs.set_limit(charger, limit_a=8, purpose="tx_default")
+        assert res.accepted
+        assert [a for a, _ in profile_calls(sim)[3:]] == ["SetChargingProfile"]
+        assert sim.invalid_calls == []
+
+
+async def test_a_tx_profile_of_the_old_numbering_gives_way_on_the_direct_path() -> None:
+    async with rig() as r:
+        sim = r.fleet.stations["CPB"]
+        r.fleet.plug_in("cp-b", EV(soc=0.3))
+        await r.until(lambda: r.cs.station_state("cp-b").active_transactions.get(1) is not None)
+        tx = r.cs.station_state("cp-b").active_transactions[1]
+        await sim.wait_idle()
+        sim.hold_profile(held(sim, 101, "tx", 16.0, tx=tx))
+        [sent] = r.cs.send_limits([LimitOrder("cp-b", limit_a=12)])
+        assert sent.sent_mono is not None  # written at once, then refused (K01.FR.39)
+        res = await sent.result
+        assert res.accepted and res.profile_id == OURS_TX_EVSE1
+        assert "InvalidStackLevel" in res.detail
+        await r.until(lambda: [q.id for q in sim.profiles if q.purpose == "tx"] == [OURS_TX_EVSE1])
+        calls = profile_calls(sim)
+        assert [a for a, _ in calls] == [
+            "SetChargingProfile",
+            "ClearChargingProfile",
+            "SetChargingProfile",
+        ]
+        assert calls[1][1]["chargingProfileCriteria"] == {
+            "evseId": 1,
+            "chargingProfilePurpose": "TxProfile",
+            "stackLevel": 1,
+        }
+        await r.until(lambda: sim.connectors[1].offered == 12.0)
+        assert results(r, "cp-b") == [res]
+
+
+async def test_a_station_refusing_for_other_reasons_is_not_looped() -> None:
+    async with rig() as r:
+        sim = r.fleet.stations["CPB"]
+        # Ours was accepted: the station can hold no clashing profile, so a refusal clears nothing.
+        assert (await r.cs.set_limit("cp-b", limit_a=16, purpose="tx_default")).accepted
+        sim.misbehaviour.reject_profiles = True
+        res = await r.cs.set_limit("cp-b", limit_a=10, purpose="tx_default")
+        assert res.status == "Rejected"
+        assert [a for a, _ in profile_calls(sim)] == ["SetChargingProfile"] * 2
+    async with rig() as r:
+        sim = r.fleet.stations["CPB"]
+        # A fresh central system does not know what the station holds: ours of an earlier run,
+        # and the station refuses everything. One clear and one resend for the refusal, then
+        # nothing more for the next ones (the key is known clear).
+        sim.hold_profile(held(sim, OURS_TX_DEFAULT_EVSE1, "default", 16.0))
+        sim.misbehaviour.reject_profiles = True
+        first = await r.cs.set_limit("cp-b", limit_a=10, purpose="tx_default")
+        assert first.status == "Rejected" and "resent" in first.detail
+        for limit in (9, 8):
+            res = await r.cs.set_limit("cp-b", limit_a=limit, purpose="tx_default")
+            assert res.status == "Rejected" and res.detail == ""
+        actions = [a for a, _ in profile_calls(sim)]
+        assert actions == [
+            "SetChargingProfile",
+            "ClearChargingProfile",
+            "SetChargingProfile",
+            "SetChargingProfile",
+            "SetChargingProfile",
+        ]
+        assert [x.status for x in results(r, "cp-b")] == ["Rejected"] * 3
+    async with rig() as r:
+        sim = r.fleet.stations["CPB"]
+        # Holding nothing there: the clear finds nothing ("Unknown") and nothing is resent.
+        sim.misbehaviour.reject_profiles = True
+        res = await r.cs.set_limit("cp-b", limit_a=10, purpose="tx_default")
+        assert res.status == "Rejected" and "Unknown; not resent" in res.detail
+        assert [a for a, _ in profile_calls(sim)] == ["SetChargingProfile", "ClearChargingProfile"]
