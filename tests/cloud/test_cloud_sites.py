@@ -119,13 +119,16 @@ async def test_telemetry_batches_are_stored_once(cloud: Cloud) -> None:
         assert (ack.stored_count, ack.duplicate_count) == (2, 1)
         ack = await stub.UploadTelemetry(stream([b2, b3]))
         assert (ack.stored_count, ack.duplicate_count) == (1, 1)
+        # A sample without time: the batch before it is kept, it and the one after are not.
         untimed = MeterSampleBatch(samples=[MeterSample(charger_id="C9")])
+        b4, b5 = batch("C3", 50), batch("C3", 60, 70, 80, 90)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.UploadTelemetry(stream([untimed]))
+            await stub.UploadTelemetry(stream([b4, untimed, b5]))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "'C9'" in (info.value.details() or "")
+        details = info.value.details() or ""
+        assert "'C9'" in details and "1 batch(es) before it were stored" in details, details
     held = await cloud.store.telemetry_batches("depot-1")
-    assert sorted(len(b.samples) for b in held) == [1, 2, 3]
+    assert sorted(len(b.samples) for b in held) == [1, 1, 2, 3]
     assert await cloud.store.telemetry_batches("depot-2") == []
 
 

@@ -190,9 +190,19 @@ class CloudApiService(pb_grpc.CloudApiServicer):
         site = caller_site()
         stored = duplicates = 0
         async for batch in _batches(request_iterator, self._batch_items):
-            s, d = await self._store.put_telemetry(site, batch, now_s=self._clock.now())
-            stored += s
-            duplicates += d
+            result = await self._store.put_telemetry(site, batch, now_s=self._clock.now())
+            stored += result.stored
+            duplicates += result.duplicates
+            if result.refused is not None:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{result.refused}; this stream's {stored} batch(es) before it were stored "
+                    f"and {duplicates} were repeats; nothing after it was stored",
+                    (
+                        ("evcore-stored-count", str(stored)),
+                        ("evcore-duplicate-count", str(duplicates)),
+                    ),
+                )
         return self._ack(stored, duplicates)
 
     @_guarded

@@ -61,6 +61,14 @@ class AuditBatchResult:
 
 
 @dataclass(frozen=True)
+class TelemetryBatchResult:
+    stored: int
+    duplicates: int
+    # Why the batch after the stored ones was refused (its samples lack a time); None when none.
+    refused: str | None = None
+
+
+@dataclass(frozen=True)
 class StoredTopology:
     version: int
     stored_at_s: float
@@ -203,36 +211,41 @@ class CloudStore:
     # -- telemetry ------------------------------------------------------------------------------
     async def put_telemetry(
         self, site_id: str, batches: Iterable[MeterSampleBatch], *, now_s: float
-    ) -> tuple[int, int]:
-        """Store batches (each whole); returns (stored, repeats). A batch with the same content as
-        one held for the site is a repeat; an empty batch is neither."""
+    ) -> TelemetryBatchResult:
+        """Store batches (each whole) in order, in one transaction. A batch with the same content
+        as one held for the site is a repeat; an empty batch is neither. A batch with a sample
+        without time is refused: the batches before it are committed, it and the rest are not."""
         _require_site(site_id)
         rows: list[tuple[object, ...]] = []
         seen: set[str] = set()
         repeats_in_call = 0
-        for b in batches:
+        refused: str | None = None
+        for i, b in enumerate(batches):
             if not b.samples:
                 continue
+            try:
+                times = [sample_time_s(s) for s in b.samples]
+            except ValueError as exc:
+                refused = f"batch {i} of this call: {exc}"
+                break
             payload = b.SerializeToString(deterministic=True)
             digest = _digest(payload)
             if digest in seen:
                 repeats_in_call += 1
                 continue
             seen.add(digest)
-            times = [sample_time_s(s) for s in b.samples]  # ValueError names a sample without time
             rows.append((site_id, digest, len(b.samples), min(times), max(times), now_s, payload))
 
-        def op(tx: Tx) -> tuple[int, int]:
+        def op(tx: Tx) -> TelemetryBatchResult:
             stored = 0
             for row in rows:
-                n = tx.execute(
+                stored += tx.execute(
                     "INSERT INTO cloud_telemetry_batches (site_id, digest, sample_count,"
                     " first_t_s, last_t_s, stored_at_s, payload) VALUES (?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (site_id, digest) DO NOTHING",
                     row,
                 )
-                stored += n
-            return stored, len(rows) - stored + repeats_in_call
+            return TelemetryBatchResult(stored, len(rows) - stored + repeats_in_call, refused)
 
         return await self._run(self._telemetry, op)
 
