@@ -171,3 +171,26 @@ async def test_a_station_refusing_for_other_reasons_is_not_looped() -> None:
         res = await r.cs.set_limit("cp-b", limit_a=10, purpose="tx_default")
         assert res.status == "Rejected" and "Unknown; not resent" in res.detail
         assert [a for a, _ in profile_calls(sim)] == ["SetChargingProfile", "ClearChargingProfile"]
+
+
+async def test_a_refused_limit_is_not_resent_once_a_newer_one_is_requested() -> None:
+    async with rig() as r:
+        sim = r.fleet.stations["CPB"]
+        sim.hold_profile(held(sim, 7, "default", 20.0))
+        [older] = r.cs.send_limits([LimitOrder("cp-b", limit_a=16, purpose="tx_default")])
+        [newer] = r.cs.send_limits([LimitOrder("cp-b", limit_a=8, purpose="tx_default")])
+        assert older.sent_mono is not None and newer.sent_mono is None  # one CALL in flight
+        first, second = await older.result, await newer.result
+        # The older one's refusal is final: resent after the newer request it would have raised
+        # the charger above it for a while.
+        assert first.status == "Rejected" and first.detail == ""
+        assert second.accepted and "resent" in second.detail
+        sets = [p for a, p in profile_calls(sim) if a == "SetChargingProfile"]
+        limits = [
+            p["chargingProfile"]["chargingSchedule"][0]["chargingSchedulePeriod"][0]["limit"]
+            for p in sets
+        ]
+        assert limits == [16.0, 8.0, 8.0]
+        assert [a for a, _ in profile_calls(sim)].count("ClearChargingProfile") == 1
+        await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 8.0)
+        assert [x.status for x in results(r, "cp-b")] == ["Rejected", "Accepted"]
