@@ -27,6 +27,23 @@ def test_the_example_config_loads() -> None:
     assert cfg.store_url.startswith("postgresql://") and "schema=evcore_cloud" in cfg.store_url
     assert not cfg.insecure
     assert cfg.listen == "0.0.0.0:50061"
+    assert cfg.bus is None
+
+
+def test_a_bus_section_names_the_sites_and_keeps_the_edge_bus_keys(tmp_path: Path) -> None:
+    cfg = CloudConfig.from_table(
+        {
+            "insecure": True,
+            "store": {"url": "sqlite:x"},
+            "bus": {"urls": ["nats://h:4222"], "sites": ["d1", "d2"], "replicas": 3},
+        },
+        tmp_path,
+    )
+    assert cfg.bus_sites == ("d1", "d2")
+    assert cfg.audit_durable == "cloud-audit"
+    assert cfg.bus is not None
+    assert cfg.bus["replicas"] == 3
+    assert cfg.bus["outbox_dir"] == str(tmp_path / "var" / "outbox")
 
 
 @pytest.mark.parametrize(
@@ -38,6 +55,19 @@ def test_the_example_config_loads() -> None:
         ({"store": {"url": "sqlite:x"}, "insecure": True, "tls": {"cert_file": "a"}}, "key_file"),
         ({"store": {"url": "sqlite:x", "schema": "s"}, "insecure": True}, "schema"),
         ({"store": {"url": "sqlite:x"}, "insecure": "yes"}, "insecure"),
+        ({"store": {"url": "sqlite:x"}, "insecure": True, "bus": {"url": "nats://h:1"}}, "sites"),
+        (
+            {"store": {"url": "sqlite:x"}, "insecure": True, "bus": {"url": "x", "sites": ["a"]}},
+            "url 'x'",
+        ),
+        (
+            {
+                "store": {"url": "sqlite:x"},
+                "insecure": True,
+                "bus": {"kind": "inprocess", "sites": ["a"]},
+            },
+            "kind",
+        ),
     ],
 )
 def test_config_errors_name_the_key(table: dict[str, object], named: str) -> None:

@@ -8,12 +8,14 @@ chain it was sent.
 from __future__ import annotations
 
 from evcore.cloud.config import CloudConfig, CloudConfigError
+from evcore.cloud.consumer import AuditConsumer
 from evcore.cloud.service import CloudApiServer, CloudApiService
 from evcore.cloud.store import AuditBatchResult, AuditRefused, CloudStore, open_cloud_store
 from evcore.cloud.topology import site_from_topology, topology_from_site
 
 __all__ = [
     "AuditBatchResult",
+    "AuditConsumer",
     "AuditRefused",
     "CloudApiServer",
     "CloudApiService",

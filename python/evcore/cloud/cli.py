@@ -6,9 +6,15 @@ import argparse
 import asyncio
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evcore.clock import WallClock
+
+if TYPE_CHECKING:
+    from evcore.bus.api import Bus
+    from evcore.cloud.config import CloudConfig
+    from evcore.cloud.consumer import AuditConsumer
+    from evcore.cloud.store import CloudStore
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -31,7 +37,8 @@ async def _main(args: argparse.Namespace) -> int:
     except (CloudConfigError, StoreError) as exc:
         print(f"evcore cloud: {args.config}: {exc}", flush=True)
         return 2
-    server = CloudApiServer(config, store, clock=WallClock())
+    clock = WallClock()
+    server = CloudApiServer(config, store, clock=clock)
     try:
         port = await server.start()
     except (CloudConfigError, StoreError) as exc:
@@ -42,14 +49,42 @@ async def _main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    consumers = await _start_consumers(config, store, clock)
     print(f"evcore cloud: CloudApi on port {port}, store {store.description}", flush=True)
     try:
         await stop.wait()
     finally:
+        for consumer, bus in consumers:
+            await consumer.stop()
+            await bus.close()
         await server.stop()
         await store.close()
     print("evcore cloud: stopped", flush=True)
     return 0
+
+
+async def _start_consumers(
+    config: CloudConfig, store: CloudStore, clock: WallClock
+) -> list[tuple[AuditConsumer, Bus]]:
+    """One bus and durable audit consumer per site of ``[bus] sites`` (none without ``[bus]``)."""
+    if config.bus is None:
+        return []
+    from evcore.bus import bus_from_config
+    from evcore.cloud.consumer import AuditConsumer
+
+    out: list[tuple[AuditConsumer, Bus]] = []
+    for site in config.bus_sites:
+        bus = bus_from_config(config.bus, site, clock)
+        await bus.start()
+        consumer = AuditConsumer(bus, store, clock=clock, durable=config.audit_durable)
+        await consumer.start()
+        out.append((consumer, bus))
+    logging.getLogger("evcore.cloud").info(
+        "cloud: consuming audit of %d site(s) over the bus (durable %s)",
+        len(out),
+        config.audit_durable,
+    )
+    return out
 
 
 def register(sub: Any) -> None:

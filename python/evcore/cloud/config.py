@@ -35,11 +35,15 @@ class CloudConfig:
     insecure: bool = False
     reflection: bool = True
     stop_grace_s: float = 5.0
+    # Audit over NATS: the edge's [bus] keys (kind is nats) for one durable consumer per site.
+    bus: Mapping[str, Any] | None = None
+    bus_sites: tuple[str, ...] = ()
+    audit_durable: str = "cloud-audit"
 
     @staticmethod
     def from_table(table: Mapping[str, Any], base_dir: Path | str = ".") -> CloudConfig:
         base = Path(base_dir)
-        known = {"listen", "tls", "store", "insecure", "reflection", "stop_grace_s"}
+        known = {"listen", "tls", "store", "insecure", "reflection", "stop_grace_s", "bus"}
         unknown = sorted(set(table) - known)
         if unknown:
             raise CloudConfigError(f"unknown key(s) {', '.join(unknown)}; known: {sorted(known)}")
@@ -92,6 +96,7 @@ class CloudConfig:
             )
         if tls is not None and insecure:
             raise CloudConfigError("insecure = true and [tls] together: choose one")
+        bus, sites, durable = _bus_section(table.get("bus"), base)
         return CloudConfig(
             store_url=url,
             listen=listen,
@@ -99,6 +104,9 @@ class CloudConfig:
             insecure=insecure,
             reflection=reflection,
             stop_grace_s=float(grace),
+            bus=bus,
+            bus_sites=sites,
+            audit_durable=durable,
         )
 
     @staticmethod
@@ -112,3 +120,33 @@ class CloudConfig:
         except tomllib.TOMLDecodeError as exc:
             raise CloudConfigError(f"{p} is not valid TOML: {exc}") from exc
         return CloudConfig.from_table(table, p.parent)
+
+
+def _bus_section(section: Any, base: Path) -> tuple[Mapping[str, Any] | None, tuple[str, ...], str]:
+    """``[bus]``: ``sites`` (whose audit subjects to consume), ``audit_durable``, and the edge's
+    ``[bus]`` keys (docs/bus.md) for the NATS connection; validated by the bus's own parser."""
+    if section is None:
+        return None, (), "cloud-audit"
+    if not isinstance(section, Mapping):
+        raise CloudConfigError("[bus] must be a table")
+    sites = section.get("sites")
+    if not isinstance(sites, list) or not sites or not all(isinstance(x, str) and x for x in sites):
+        raise CloudConfigError("[bus] sites must be a non-empty list of site ids")
+    if len(set(sites)) != len(sites):
+        raise CloudConfigError("[bus] sites names a site twice")
+    durable = section.get("audit_durable", "cloud-audit")
+    if not isinstance(durable, str) or not durable:
+        raise CloudConfigError(f"[bus] audit_durable must be a name, got {durable!r}")
+    rest = {k: v for k, v in section.items() if k not in ("sites", "audit_durable")}
+    if rest.get("kind", "nats") != "nats":
+        raise CloudConfigError("[bus] kind must be nats for the cloud")
+    rest["kind"] = "nats"
+    outbox = Path(str(rest.get("outbox_dir", "var/outbox")))
+    rest["outbox_dir"] = str(outbox if outbox.is_absolute() else base / outbox)
+    from evcore.bus.config import parse_bus_config
+
+    try:
+        parse_bus_config(rest)
+    except ValueError as exc:
+        raise CloudConfigError(str(exc)) from exc
+    return rest, tuple(sites), durable

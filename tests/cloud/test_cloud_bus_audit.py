@@ -1,0 +1,169 @@
+"""Audit records from an edge's AuditLog over the real NATS JetStream (127.0.0.1:4222) into the
+cloud store through the durable ``cloud-audit`` consumer and the same chain check as UploadAudit."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cloud_testkit import chain
+from evcore.audit import AuditLog, Decision, verify_chain
+from evcore.bus import BusConfig
+from evcore.bus.natsbus import NatsBus
+from evcore.bus.subjects import Subjects
+from evcore.clock import ManualClock, WallClock
+from evcore.cloud import open_cloud_store
+from evcore.cloud.consumer import AuditConsumer
+from evcore.store import open_store
+from evcore.v1.audit_pb2 import AuditRecord
+from evcore.v1.event_pb2 import Event
+from evcore.v1.setpoint_pb2 import Setpoint
+
+pytestmark = pytest.mark.timeout(120)
+NATS_URL = "nats://127.0.0.1:4222"
+
+
+def nats_bus(site: str, outbox: Path) -> NatsBus:
+    cfg = BusConfig(
+        kind="nats",
+        urls=(NATS_URL,),
+        outbox_dir=outbox,
+        reconnect_wait_s=0.1,
+        connect_timeout_s=2.0,
+        publish_timeout_s=2.0,
+    )
+    return NatsBus(site, cfg, clock=WallClock(), ack_wait_s=5.0)
+
+
+async def wait_until(pred: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def decision(i: int) -> Decision:
+    return Decision(
+        f"D{i}",
+        "tick",
+        inputs_digest=f"{i:064x}",
+        setpoints=[Setpoint(charger_id="C1", setpoint_a=16.0 + i, reason="held: feeder F1 L1")],
+    )
+
+
+def event(site: str, record: AuditRecord, event_id: str) -> Event:
+    e = Event(event_id=event_id, site_id=site, source="test")
+    e.audit.CopyFrom(record)
+    return e
+
+
+async def test_bus_audit_records_are_chain_checked_into_the_cloud(
+    store_url: str, tmp_path: Path
+) -> None:
+    site = f"cloud-bus-{uuid.uuid4().hex[:8]}"
+    clock = ManualClock()
+    edge_store = open_store({"path": str(tmp_path / "edge-store")}, tmp_path)
+    edge_bus = nats_bus(site, tmp_path / "edge-outbox")
+    cloud_bus = nats_bus(site, tmp_path / "cloud-outbox")
+    cloud_store = open_cloud_store(store_url, tmp_path)
+    await edge_bus.start()
+    await cloud_bus.start()
+    assert edge_bus.connected, f"nats-server at {NATS_URL} unreachable"
+    audit = AuditLog(edge_store, clock=clock, bus=edge_bus, site_id=site, edge_id="edge-1")
+    consumer = AuditConsumer(cloud_bus, cloud_store, clock=clock)
+    try:
+        await audit.open()
+        for i in range(5):
+            clock.advance(1.0)
+            await audit.append(decision(i))
+        await consumer.start()
+        await wait_until(lambda: consumer.stats.stored == 5, "5 records stored")
+        assert await cloud_store.contiguous_seq(site) == 4
+        report = await verify_chain(edge_store)
+        assert report.ok and report.head is not None
+        held = await cloud_store.audit_records(site)
+        assert held[-1].hash == report.head.hash  # the cloud witnesses the edge's head
+
+        # A repeat under another event id (past JetStream's duplicate window), a record changed
+        # after sealing, then the true next record: the repeat is kept once, the changed one is
+        # refused and acknowledged, and the durable goes on to the true one.
+        subject = Subjects(site).audit
+        await edge_bus.publish(subject, event(site, held[2], "again-2"), critical=True)
+        changed = AuditRecord()
+        changed.CopyFrom(held[4])
+        changed.seq = 5
+        changed.prev_hash = held[4].hash
+        await edge_bus.publish(subject, event(site, changed, "changed-5"), critical=True)
+        clock.advance(1.0)
+        await audit.append(decision(5))
+        await wait_until(lambda: consumer.stats.stored == 6, "the true seq 5 stored")
+        assert (consumer.stats.duplicates, consumer.stats.refused) == (1, 1)
+        assert await cloud_store.contiguous_seq(site) == 5
+        assert cloud_bus.stats.rejected == 1
+        held = await cloud_store.audit_records(site)
+        assert [r.seq for r in held] == list(range(6))
+        assert held[5].hash != changed.hash  # the true seq 5, not the changed one
+        # An event that claims another site is refused too.
+        stranger = event("elsewhere", held[0], "stranger-0")
+        await edge_bus.publish(subject, stranger, critical=True)
+        await wait_until(lambda: cloud_bus.stats.rejected == 2, "the stranger rejected")
+    finally:
+        await consumer.stop()
+        await audit.close(flush_timeout_s=5)
+        await edge_bus.delete_streams()
+        await edge_bus.close()
+        await cloud_bus.close()
+        await cloud_store.close()
+        await edge_store.close()
+
+
+async def test_the_command_consumes_the_configured_sites_audit(tmp_path: Path) -> None:
+    exe = shutil.which("evcore")
+    assert exe is not None, "the evcore console script is not installed"
+    site = f"cloud-cmd-{uuid.uuid4().hex[:8]}"
+    edge_bus = nats_bus(site, tmp_path / "edge-outbox")
+    await edge_bus.start()
+    records = chain(3)
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        for r in records:
+            await edge_bus.publish(
+                Subjects(site).audit, event(site, r, f"audit-{r.hash}"), critical=True
+            )
+        assert await edge_bus.flush(10.0)
+        config = tmp_path / "cloud.toml"
+        config.write_text(
+            'listen = "127.0.0.1:0"\ninsecure = true\n[store]\nurl = "sqlite:store"\n'
+            f'[bus]\nurl = "{NATS_URL}"\nsites = ["{site}"]\noutbox_dir = "outbox"\n'
+        )
+        proc = await asyncio.create_subprocess_exec(
+            exe, "cloud", "serve", "--config", str(config), stdout=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert "CloudApi on port" in line, line
+        store = open_cloud_store(f"sqlite:{tmp_path / 'store'}")
+        try:
+            deadline = asyncio.get_running_loop().time() + 20
+            while await store.contiguous_seq(site) < 2:
+                assert asyncio.get_running_loop().time() < deadline, "records never stored"
+                await asyncio.sleep(0.1)
+            held = await store.audit_records(site)
+            assert [r.hash for r in held] == [r.hash for r in records]
+        finally:
+            await store.close()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await edge_bus.delete_streams()
+        await edge_bus.close()
