@@ -9,7 +9,8 @@ from cloud_testkit import Cloud, chain, stream
 from evcore.audit.chain import record_hash, seal
 from evcore.cloud.service import CONTIGUOUS_COUNT_KEY
 from evcore.v1 import cloud_api_pb2 as pb
-from evcore.v1.audit_pb2 import AuditRecord
+from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
+from evcore.v1.setpoint_pb2 import Setpoint
 
 
 async def _upload(
@@ -121,3 +122,19 @@ async def test_a_long_stream_is_stored_in_batches_with_counts_right(cloud: Cloud
     records = chain(600)
     ack, _ = await _upload(cloud, "depot-1", records + records[100:110])
     assert (ack.stored_count, ack.duplicate_count, ack.contiguous_seq) == (600, 10, 599)
+
+
+async def test_a_record_larger_than_grpcs_default_limit_is_taken(cloud: Cloud) -> None:
+    big = AuditRecord(decision_id="0@2026-01-01T00:00:00Z", trigger="tick")
+    for i in range(40_000):
+        reason = "held at 16 A: feeder F2 phase L1 at 63 of 63 A"
+        big.setpoints.append(
+            Setpoint(charger_id=f"C{i:05d}", setpoint_a=16.0, reason=reason, decision_id="0@x")
+        )
+        big.bindings.append(ChargerBinding(charger_id=f"C{i:05d}", reason=reason))
+    big = seal(big, seq=0, prev_hash="")
+    assert big.ByteSize() > 4 * 1024 * 1024
+    ack, _ = await _upload(cloud, "depot-1", [big])
+    assert (ack.stored_count, ack.contiguous_seq) == (1, 0)
+    held = await cloud.store.audit_records("depot-1")
+    assert held[0].hash == big.hash and len(held[0].setpoints) == 40_000

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,6 +45,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CloudApi"].full_name
 # Items of a stream stored per transaction at most: what has arrived is stored as soon as the
 # previous transaction is done, so a slow trickle is stored one by one and a burst in batches.
 BATCH_ITEMS = 256
+# An audit record takes 130 to 160 bytes per charger (its setpoint and binding with their
+# reasons): gRPC's 4 MiB default refused a 40,000-charger decision (5.2 MB; the test).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Trailing metadata of UploadAudit: contiguous_seq cannot say "seq 0 not held" (it is 0 then);
 # this count can (0 = none, N = seqs 0..N-1 held).
 CONTIGUOUS_COUNT_KEY = "evcore-contiguous-count"
@@ -92,7 +95,9 @@ class _End:
 _END = _End()
 
 
-async def _batches(requests: AsyncIterator[Item], max_items: int) -> AsyncIterator[list[Item]]:
+async def _batches(
+    requests: AsyncIterator[Item], max_items: int
+) -> AsyncGenerator[list[Item], None]:
     """The stream's items in lists of what has arrived (at most ``max_items``), in order. A reader
     task keeps receiving while the previous list is being stored."""
     queue: asyncio.Queue[Item | _Failed | _End] = asyncio.Queue(maxsize=max_items * 2)
@@ -155,29 +160,30 @@ class CloudApiService(pb_grpc.CloudApiServicer):
         site = caller_site()
         stored = duplicates = 0
         contiguous: int | None = None
-        async for batch in _batches(request_iterator, self._batch_items):
-            result = await self._store.put_audit(site, batch, now_s=self._clock.now())
-            stored += result.stored
-            duplicates += result.duplicates
-            contiguous = result.contiguous_seq
-            if result.refused is not None:
-                log.warning(
-                    "cloud: audit of site %r refused at %s (%d stored before it in this stream)",
-                    site,
-                    result.refused,
-                    stored,
-                )
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{result.refused}; this stream's {stored} record(s) before it were stored "
-                    f"and {duplicates} were repeats; nothing after it was stored",
-                    (
-                        ("evcore-refused-seq", str(result.refused.seq)),
-                        ("evcore-stored-count", str(stored)),
-                        ("evcore-duplicate-count", str(duplicates)),
-                        (CONTIGUOUS_COUNT_KEY, str(contiguous + 1)),
-                    ),
-                )
+        async with contextlib.aclosing(_batches(request_iterator, self._batch_items)) as batches:
+            async for batch in batches:
+                result = await self._store.put_audit(site, batch, now_s=self._clock.now())
+                stored += result.stored
+                duplicates += result.duplicates
+                contiguous = result.contiguous_seq
+                if result.refused is not None:
+                    log.warning(
+                        "cloud: audit of site %r refused at %s (%d stored before it in the stream)",
+                        site,
+                        result.refused,
+                        stored,
+                    )
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{result.refused}; this stream's {stored} record(s) before it were stored "
+                        f"and {duplicates} were repeats; nothing after it was stored",
+                        (
+                            ("evcore-refused-seq", str(result.refused.seq)),
+                            ("evcore-stored-count", str(stored)),
+                            ("evcore-duplicate-count", str(duplicates)),
+                            (CONTIGUOUS_COUNT_KEY, str(contiguous + 1)),
+                        ),
+                    )
         if contiguous is None:
             contiguous = await self._store.contiguous_seq(site)
         context.set_trailing_metadata(((CONTIGUOUS_COUNT_KEY, str(contiguous + 1)),))
@@ -189,27 +195,29 @@ class CloudApiService(pb_grpc.CloudApiServicer):
     ) -> pb.UploadAck:
         site = caller_site()
         stored = duplicates = 0
-        async for batch in _batches(request_iterator, self._batch_items):
-            result = await self._store.put_telemetry(site, batch, now_s=self._clock.now())
-            stored += result.stored
-            duplicates += result.duplicates
-            if result.refused is not None:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{result.refused}; this stream's {stored} batch(es) before it were stored "
-                    f"and {duplicates} were repeats; nothing after it was stored",
-                    (
-                        ("evcore-stored-count", str(stored)),
-                        ("evcore-duplicate-count", str(duplicates)),
-                    ),
-                )
+        async with contextlib.aclosing(_batches(request_iterator, self._batch_items)) as batches:
+            async for batch in batches:
+                result = await self._store.put_telemetry(site, batch, now_s=self._clock.now())
+                stored += result.stored
+                duplicates += result.duplicates
+                if result.refused is not None:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{result.refused}; this stream's {stored} batch(es) before it were stored "
+                        f"and {duplicates} were repeats; nothing after it was stored",
+                        (
+                            ("evcore-stored-count", str(stored)),
+                            ("evcore-duplicate-count", str(duplicates)),
+                        ),
+                    )
         return self._ack(stored, duplicates)
 
     @_guarded
     async def PutTopology(self, request: SiteTopology, context: Any) -> pb.UploadAck:
         site = caller_site()
         try:
-            site_from_topology(request)
+            # Off the event loop: a large site takes the core a while to validate.
+            await asyncio.to_thread(site_from_topology, request)
         except SiteConfigError as exc:
             node = str(getattr(exc, "node", "") or "")
             field = str(getattr(exc, "field", "") or "")
@@ -255,7 +263,10 @@ class CloudApiServer:
     async def start(self) -> int:
         """Open the store, bind and serve; returns the bound port."""
         await self.store.open()
-        server = aio.server(interceptors=[self.auth])
+        server = aio.server(
+            interceptors=[self.auth],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        )
         pb_grpc.add_CloudApiServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.config.reflection:

@@ -399,6 +399,8 @@ def _parse_audit(payload: Any) -> AuditRecord:
 def _put_one(tx: Tx, site_id: str, record: AuditRecord, now_s: float) -> bool:
     """Check one record against its content and its held neighbours; insert it. False: a repeat."""
     seq = int(record.seq)
+    if seq >= 2**63:  # the BIGINT column; no real chain gets there
+        raise AuditRefused(seq, "seq is beyond what the store can hold (2^63 - 1)")
     computed = record_hash(record)
     if record.hash != computed:
         raise AuditRefused(
