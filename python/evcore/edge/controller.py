@@ -243,6 +243,7 @@ class EdgeController:
                 c = st.chargers[ev.charger_id]
                 c.note_limit(now_m)
                 self._note_in_effect(c)
+                self._note_gap_followed(c, now_m)
                 change = check_ignored(c, now_m, self.cfg)
                 if change is FaultChange.FAULTED:
                     self._report_fault(c)
@@ -1041,23 +1042,51 @@ class EdgeController:
             ):
                 continue
             now_limit = float(periods[0][1])
-            # What it is counted at once the gap is over: its TxDefaults of ours, and in a
-            # session the TxProfile it may hold. A station enforcing at most that, and less than
-            # its maximum (which it allows with no TxDefault at all), applies one of ours.
-            bound = max(
-                c.tx_default or 0.0,
-                c.tx_default_sent or 0.0,
-                *((c.sent or 0.0, c.holding or 0.0) if c.transaction_id is not None else ()),
-            )
+            # A station enforcing at most what the charger counts at once the gap is over, and
+            # less than its maximum (which it allows with no TxDefault at all), applies one of
+            # ours.
             if (
                 math.isfinite(now_limit)
-                and 0 <= now_limit <= self.wire(c.charger_id, bound) + 1e-6
+                and 0 <= now_limit <= self.wire(c.charger_id, _gap_bound(c)) + 1e-6
                 and now_limit < self.wire(c.charger_id, c.max_value) - 1e-6
                 and c.default_unapplied_until == until
             ):
-                c.default_unapplied_until = None
-                self.notify("applied")
+                c.default_shown_for = until
+                self._end_gap_if_shown(c)
                 return
+
+    def _end_gap_if_shown(self, c: ChargerState) -> None:
+        """End the first-TxDefault gap once the station's report showed the TxDefault applied
+        and, for a session that started in the gap, a reading shows its car following it.
+
+        A station may report a profile before the car follows it: the report alone ended the gap
+        of such a session while its car could still draw the charger's maximum."""
+        until = c.default_unapplied_until
+        if until is None or c.default_shown_for != until:
+            return
+        if c.transaction_id is not None and c.session_in_gap and c.gap_read_at_or_below != until:
+            return  # a reading may still prove it; else ``settle_s`` after the acceptance
+        c.default_unapplied_until = None
+        self.notify("applied")
+
+    def _note_gap_followed(self, c: ChargerState, now_m: float) -> None:
+        """A session that started in the first-TxDefault gap: note a reading above what it
+        counts at once the gap is over (the TxDefault not applied), and one at or below it after
+        such a one (within the deadband, as for a decrease in force, ``_note_in_effect``). A
+        reading below it alone proves nothing: a car not drawing yet reads 0 A whatever its
+        charger allows."""
+        until = c.default_unapplied_until
+        if c.transaction_id is None or not c.session_in_gap or not c.default_unapplied(now_m):
+            return
+        drawn, allowed, band = self._drawn(c, _gap_bound(c))
+        if drawn is None or not math.isfinite(drawn):
+            return
+        if drawn > allowed + band:
+            c.gap_read_above = until
+            c.gap_read_at_or_below = None
+        elif c.gap_read_above == until:
+            c.gap_read_at_or_below = until
+            self._end_gap_if_shown(c)
 
     def _forget_defaults(self, ocpp_id: str) -> None:
         for c in self.state.station_chargers(ocpp_id):
@@ -1356,6 +1385,16 @@ class EdgeController:
         if self.on_fault is not None:
             with contextlib.suppress(Exception):
                 self.on_fault(c.charger_id, c.fault_reason)
+
+
+def _gap_bound(c: ChargerState) -> float:
+    """What a charger in its first-TxDefault gap is counted at once the gap is over: its
+    TxDefaults of ours, and in a session the TxProfile it may hold."""
+    return max(
+        c.tx_default or 0.0,
+        c.tx_default_sent or 0.0,
+        *((c.sent or 0.0, c.holding or 0.0) if c.transaction_id is not None else ()),
+    )
 
 
 def _lowering_overdue(c: ChargerState, now_m: float, settle_s: float) -> bool:

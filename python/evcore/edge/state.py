@@ -96,6 +96,14 @@ class ChargerState:
     # TxDefault is applied. (A session running before it is held by the TxProfile it has, which
     # the station's report showed after a restart, or counted at its maximum after a boot.)
     session_in_gap: bool = False
+    # The gap (by its ``default_unapplied_until``) whose TxDefault the station's report showed
+    # applied. That ends the gap of an idle charger; a session that started in it may be drawing
+    # the charger's maximum while the station already reports the profile, so it also needs a
+    # fresh reading at or below what it counts at afterwards, taken after one above it in that
+    # gap (``gap_read_above``, ``gap_read_at_or_below``), or ``settle_s`` after the acceptance.
+    default_shown_for: float | None = None
+    gap_read_above: float | None = None
+    gap_read_at_or_below: float | None = None
     # A session held at 0 A while a first TxDefault was not known applied (its own or another
     # charger's): that pause is the gap's, not the allocator's choice, so it starts no min_off_s
     # and its return to charging counts no switch.
@@ -187,9 +195,11 @@ class ChargerState:
 
     def clear_session_flags(self) -> None:
         """What one session leaves that the next must not inherit (its start and its end clear
-        it): a pause of the first-TxDefault gap, a TxProfile held, a lowered TxDefault waiting."""
+        it): a pause of the first-TxDefault gap, a TxProfile held, a lowered TxDefault waiting,
+        what its car was read drawing in the gap."""
         self.off_uncounted = self.session_in_gap = self.tx_profile_held = False
         self.default_lowering_since = self.tx_profile_refused_at = None
+        self.gap_read_above = self.gap_read_at_or_below = None
 
     def default_unapplied(self, now_mono: float) -> bool:
         """Its first TxDefault of ours was accepted and may not be applied yet (see
