@@ -28,12 +28,14 @@ async def test_two_streams_with_a_repeat_and_a_gap(cloud: Cloud) -> None:
     # First stream: 0..3 and 6..7 (4 and 5 not yet sent).
     ack, trailing = await _upload(cloud, "depot-1", records[0:4] + records[6:8])
     assert (ack.stored_count, ack.duplicate_count, ack.contiguous_seq) == (6, 0, 3)
+    assert ack.contiguous_count == 4
     assert trailing[CONTIGUOUS_COUNT_KEY] == "4"
     assert ack.stored_at.seconds == int(cloud.clock.now())
     # Second stream, at least once and out of order: 2 and 3 again, then 5, 4, 9, 8.
     second = [records[2], records[3], records[5], records[4], records[9], records[8]]
     ack, trailing = await _upload(cloud, "depot-1", second)
     assert (ack.stored_count, ack.duplicate_count, ack.contiguous_seq) == (4, 2, 9)
+    assert ack.contiguous_count == 10
     assert trailing[CONTIGUOUS_COUNT_KEY] == "10"
     held = await cloud.store.audit_records("depot-1")
     assert [r.seq for r in held] == list(range(10))
@@ -47,10 +49,14 @@ async def test_two_streams_with_a_repeat_and_a_gap(cloud: Cloud) -> None:
 async def test_a_gap_at_the_start_reports_no_contiguous_records(cloud: Cloud) -> None:
     records = chain(4)
     ack, trailing = await _upload(cloud, "depot-1", records[1:4])
-    assert (ack.stored_count, ack.contiguous_seq) == (3, 0)
-    assert trailing[CONTIGUOUS_COUNT_KEY] == "0"  # seq 0 not held: contiguous_seq 0 means none
+    # seq 0 not held: contiguous_seq 0 cannot say so, contiguous_count 0 does.
+    assert (ack.stored_count, ack.contiguous_seq, ack.contiguous_count) == (3, 0, 0)
+    assert trailing[CONTIGUOUS_COUNT_KEY] == "0"
+    # Only seq 0 held: the same contiguous_seq 0, but a count of 1.
+    ack, trailing = await _upload(cloud, "depot-2", records[0:1])
+    assert (ack.stored_count, ack.contiguous_seq, ack.contiguous_count) == (1, 0, 1)
     ack, trailing = await _upload(cloud, "depot-1", records[0:1])
-    assert (ack.stored_count, ack.contiguous_seq) == (1, 3)
+    assert (ack.stored_count, ack.contiguous_seq, ack.contiguous_count) == (1, 3, 4)
     assert trailing[CONTIGUOUS_COUNT_KEY] == "4"
 
 

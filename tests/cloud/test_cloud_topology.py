@@ -67,15 +67,16 @@ async def test_topology_versions_and_refusals(cloud: Cloud) -> None:
     topo = example()
     ack, version = await _put(cloud, topo)
     assert (ack.stored_count, ack.duplicate_count, version) == (1, 0, "1")
+    assert ack.topology_version == 1
     # The same tree again (an edge restart: only loaded_at differs) is a repeat.
     topo.loaded_at.FromSeconds(1_767_225_700)
     ack, version = await _put(cloud, topo)
-    assert (ack.stored_count, ack.duplicate_count, version) == (0, 1, "1")
+    assert (ack.stored_count, ack.duplicate_count, version, ack.topology_version) == (0, 1, "1", 1)
     # A changed limit is a new version.
     changed = example()
     changed.nodes[2].phase_limit_a[:] = [50.0, 50.0, 50.0]
     ack, version = await _put(cloud, changed)
-    assert (ack.stored_count, version) == (1, "2")
+    assert (ack.stored_count, version, ack.topology_version) == (1, "2", 2)
 
     # A negative limit: refused naming node and field; the stored topology stays version 2.
     bad = example()

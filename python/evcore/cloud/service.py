@@ -48,8 +48,8 @@ BATCH_ITEMS = 256
 # An audit record takes 130 to 160 bytes per charger (its setpoint and binding with their
 # reasons): gRPC's 4 MiB default refused a 40,000-charger decision (5.2 MB; the test).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Trailing metadata of UploadAudit: contiguous_seq cannot say "seq 0 not held" (it is 0 then);
-# this count can (0 = none, N = seqs 0..N-1 held).
+# Trailing metadata kept for clients written before UploadAck.contiguous_count (5) and
+# .topology_version (6) existed; they carry the same numbers.
 CONTIGUOUS_COUNT_KEY = "evcore-contiguous-count"
 TOPOLOGY_VERSION_KEY = "evcore-topology-version"
 
@@ -146,9 +146,20 @@ class CloudApiService(pb_grpc.CloudApiServicer):
         self._clock = clock
         self._batch_items = batch_items
 
-    def _ack(self, stored: int, duplicates: int, contiguous_seq: int = 0) -> pb.UploadAck:
+    def _ack(
+        self,
+        stored: int,
+        duplicates: int,
+        contiguous_seq: int = -1,
+        *,
+        topology_version: int = 0,
+    ) -> pb.UploadAck:
         ack = pb.UploadAck(
-            stored_count=stored, duplicate_count=duplicates, contiguous_seq=max(0, contiguous_seq)
+            stored_count=stored,
+            duplicate_count=duplicates,
+            contiguous_seq=max(0, contiguous_seq),
+            contiguous_count=contiguous_seq + 1,
+            topology_version=topology_version,
         )
         ack.stored_at.CopyFrom(timestamp(self._clock.now()))
         return ack
@@ -231,7 +242,7 @@ class CloudApiService(pb_grpc.CloudApiServicer):
         if stored:
             log.info("cloud: site %r topology version %d stored", site, version)
         context.set_trailing_metadata(((TOPOLOGY_VERSION_KEY, str(version)),))
-        return self._ack(1 if stored else 0, 0 if stored else 1)
+        return self._ack(1 if stored else 0, 0 if stored else 1, topology_version=version)
 
     @_guarded
     async def GetPlan(self, request: pb.GetPlanRequest, context: Any) -> Plan:
