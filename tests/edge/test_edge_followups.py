@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from edge_testkit import FAST, settle, stepped_controller
 from evcore.clock import StepClock
+from evcore.edge import failsafe
 from evcore.edge.app import build_controller
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import EdgeController
@@ -215,6 +216,42 @@ async def test_a_failing_failsafe_recompute_keeps_the_previous_levels_and_still_
     assert ctrl.stats.decisions > n
     # The curtailment itself still went out: 10 kW at the grid is < 15 A per phase in all.
     assert sum(gw.tx().values()) <= 10_000 / 230 / 3 + 1e-6 * 4, gw.tx()
+
+
+async def test_a_failed_recompute_keeps_the_plain_levels_paired_with_the_levels_in_use() -> None:
+    """The plain levels (no charger at its maximum) of a curtailment are computed, the levels
+    with a booted charger at its maximum are refused: the levels in use and the plain levels
+    they are judged against (``failsafe_is_plain``, a station's report) both stay those of
+    before the curtailment, and both follow it once the recompute succeeds."""
+    table = depot_table(4, per_feeder=2)
+
+    class _NoAtMax(_FailingCore):
+        def failsafe_levels(self, caps_kw: Mapping[str, float], **kw: Any) -> dict[str, float]:
+            if caps_kw and kw.get("at_max") and self.fail:
+                raise ValueError("failsafe refused")
+            return self.real.failsafe_levels(caps_kw, **kw)
+
+    core = _NoAtMax(RustCore(load_site(table), table), ValueError())
+    ctrl, _gw, clock, _ = _rig(core=core)
+    await settle(ctrl, clock)
+    assert ctrl.failsafe_is_plain()
+    levels = dict(ctrl.failsafe)
+    booted = sorted(ctrl.state.chargers)[0]
+    ctrl.state.on_boot(ctrl.state.chargers[booted].ocpp_id)
+    core.fail = True
+    now = clock.now()
+    ctrl.post_curtailment(Curtailment("dso-1", "grid", 10.0, now + 2.0, now + 600.0))
+    await ctrl.decide("test")
+    assert ctrl.stats.failsafe_failures == 1
+    assert ctrl.failsafe == levels and ctrl._plain_failsafe == levels
+    core.fail = False
+    await ctrl.decide("test")
+    caps = ctrl.curtailments.caps_kw(clock.now(), failsafe.horizon_s(ctrl.cfg))
+    plain = core.real.failsafe_levels(caps)
+    assert ctrl._plain_failsafe == plain and plain != levels
+    assert ctrl.failsafe != levels
+    await settle(ctrl, clock)
+    assert ctrl.failsafe == plain and ctrl.failsafe_is_plain()
 
 
 # ---- H1 / H2: what a charger may still hold is what it is counted at ---------------------------

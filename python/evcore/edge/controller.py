@@ -168,12 +168,11 @@ class EdgeController:
         self.stats = ControllerStats()
         self.pending: dict[str, PendingDecrease] = {}
         self.failsafe: dict[str, float] = {}
-        # The levels if every charger obeyed our TxDefault (what a station's report is held to).
+        # The levels if every charger obeyed our TxDefault (what a station's report is held to),
+        # for the caps of ``_failsafe_key``: set only together with ``failsafe``, so a failed
+        # recompute keeps the pair (and the next decision computes them again).
         self._plain_failsafe: dict[str, float] = {}
         self._failsafe_key: tuple[tuple[tuple[str, float], ...], frozenset[str]] | None = None
-        # The failsafe levels with no charger at its maximum, for the caps they were computed for.
-        self._plain_levels: dict[str, float] = {}
-        self._plain_key: tuple[tuple[str, float], ...] | None = None
         self._triggers: set[str] = set()
         self._wake = asyncio.Event()
         #: Set when something the local planner plans with changed (``evcore.edge.planning``).
@@ -1153,10 +1152,12 @@ class EdgeController:
             if c.tx_default is None or c.default_unapplied(now_m)
         )
         try:
-            if caps_key != self._plain_key:
-                self._plain_levels = self.core.failsafe_levels(caps)
-                self._plain_key = caps_key
-            plain = self._plain_levels
+            fs_key = self._failsafe_key
+            plain = (
+                self._plain_failsafe
+                if fs_key is not None and fs_key[0] == caps_key
+                else self.core.failsafe_levels(caps)
+            )
             # A session on its TxDefault (no TxProfile of ours held) whose TxDefault is to be
             # lowered keeps the old one until the lower one is accepted (it waits for the
             # session's TxProfile, at most ``settle_s``): the others are not sized on room it has
