@@ -6,8 +6,15 @@ A site may only touch its own records: the interceptor puts the caller's site in
 ``MeterSampleBatch`` carry no site id) and refuses a request naming another ``site_id``
 (PERMISSION_DENIED) before the handler sees it. Health checks need no identity.
 
+The operators' ``FleetApi`` on the same port is not for sites: its caller must present a client
+certificate signed by the operator CA (``[fleet] operator_ca_file``, a CA that is not the sites')
+whose common name is a configured operator with the method's role (the edge API's roles,
+evcore.api.auth: ``grid_operator`` to curtail, re-split and cancel, any role to list). A site's
+certificate calling it, or an operator's certificate calling CloudApi, is PERMISSION_DENIED.
+
 ``insecure`` (local development only) takes the site from the ``x-evcore-site-id`` header of a
-plaintext connection: anyone who can reach the port can then write as any site.
+plaintext connection, and the operator from ``x-evcore-operator``: anyone who can reach the port
+can then act as any site or configured operator.
 """
 
 from __future__ import annotations
@@ -19,17 +26,77 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from cryptography import x509
 from grpc import aio
+
+from evcore.api.auth import GRID_OPERATOR, OPERATOR, VIEWER, Credentials, Principal
 
 log = logging.getLogger("evcore.cloud.auth")
 
 SITE_HEADER = "x-evcore-site-id"
+OPERATOR_HEADER = "x-evcore-operator"
+FLEET_SERVICE = "/evcore.v1.FleetApi/"
+#: Roles allowed per FleetApi method (a method not listed is refused to everyone).
+FLEET_METHOD_ROLES: dict[str, frozenset[str]] = {
+    FLEET_SERVICE + "Curtail": frozenset({GRID_OPERATOR}),
+    FLEET_SERVICE + "Resplit": frozenset({GRID_OPERATOR}),
+    FLEET_SERVICE + "Cancel": frozenset({GRID_OPERATOR}),
+    FLEET_SERVICE + "List": frozenset({VIEWER, OPERATOR, GRID_OPERATOR}),
+}
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 #: The calling site of the RPC being handled (set by the interceptor).
 current_site: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "evcore_cloud_site", default=None
 )
+
+
+#: The operator of the FleetApi call being handled (set by the interceptor).
+current_operator: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "evcore_cloud_operator", default=None
+)
+
+
+class OperatorAuth:
+    """Operator identities: certificates issued by the operator CA, mapped by common name."""
+
+    def __init__(self, operators: Credentials, ca_pem: bytes | None) -> None:
+        self.operators = operators
+        self._cas = x509.load_pem_x509_certificates(ca_pem) if ca_pem else []
+        self._issued: dict[bytes, bool] = {}
+
+    def issued_by_operator_ca(self, cert_pem: bytes) -> bool:
+        """Whether the peer's certificate was signed by the operator CA (the TLS handshake has
+        verified it against the sites' and the operators' CAs together; this says which)."""
+        known = self._issued.get(cert_pem)
+        if known is not None:
+            return known
+        found = False
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            cert = None
+        for ca in self._cas if cert is not None else ():
+            assert cert is not None
+            if cert.issuer != ca.subject:
+                continue
+            try:
+                cert.verify_directly_issued_by(ca)
+            except Exception:  # InvalidSignature, or a key type it cannot check
+                continue
+            found = True
+            break
+        if len(self._issued) > 4096:
+            self._issued.clear()
+        self._issued[cert_pem] = found
+        return found
+
+
+def caller_operator() -> Principal:
+    p = current_operator.get()
+    if p is None:  # only reachable if a handler were served without the interceptor
+        raise RuntimeError("no authenticated operator for this call")
+    return p
 
 
 def caller_site() -> str:
@@ -42,10 +109,61 @@ def caller_site() -> str:
 class SiteAuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticates the calling site and keeps it to its own ``site_id``."""
 
-    def __init__(self, *, insecure: bool = False) -> None:
+    def __init__(self, *, insecure: bool = False, operators: OperatorAuth | None = None) -> None:
         self._insecure = insecure
+        self._operators = operators
         self.unauthenticated = 0
         self.denied = 0
+
+    def _peer_is_operator(self, context: Any) -> bool:
+        if self._insecure or self._operators is None:
+            return False
+        pems = context.auth_context().get("x509_pem_cert") or []
+        return len(pems) == 1 and self._operators.issued_by_operator_ca(bytes(pems[0]))
+
+    async def _deny(self, context: Any, method: str, why: str) -> None:
+        self.denied += 1
+        log.warning("cloud: %s denied: %s", method, why)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        raise AssertionError("unreachable: abort raises")
+
+    async def _check_operator(self, method: str, metadata: Any, context: Any) -> None:
+        ops = self._operators
+        name: str | None = None
+        if self._insecure:
+            for key, value in metadata or ():
+                if key.lower() == OPERATOR_HEADER:
+                    name = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            if not name:
+                self.unauthenticated += 1
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"insecure mode: send the operator in the {OPERATOR_HEADER} header",
+                )
+        else:
+            names = context.auth_context().get("x509_common_name") or []
+            cn = bytes(names[0]).decode("utf-8", "replace") if len(names) == 1 else "?"
+            if not self._peer_is_operator(context):
+                await self._deny(
+                    context,
+                    method,
+                    f"FleetApi is for operators: the certificate of {cn!r} is a site's, not one "
+                    "signed by the operator CA",
+                )
+            name = cn
+        principal = ops.operators.clients.get(name or "") if ops is not None else None
+        if principal is None:
+            await self._deny(context, method, f"operator {name!r} is not configured in [fleet]")
+        assert principal is not None
+        allowed = FLEET_METHOD_ROLES.get(method, frozenset())
+        if not (allowed & principal.roles):
+            await self._deny(
+                context,
+                method,
+                f"{method.rsplit('/', 1)[-1]} needs role {' or '.join(sorted(allowed)) or '?'} "
+                f"(operator {principal.name!r} has {', '.join(sorted(principal.roles))})",
+            )
+        current_operator.set(principal)
 
     def _site(self, metadata: Any, context: Any) -> tuple[str | None, str]:
         if self._insecure:
@@ -62,6 +180,11 @@ class SiteAuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         return (cn or None), "the client certificate's common name is empty"
 
     async def _check(self, method: str, metadata: Any, context: Any, request: Any) -> None:
+        if method.startswith(FLEET_SERVICE):
+            await self._check_operator(method, metadata, context)
+            return
+        if self._peer_is_operator(context):
+            await self._deny(context, method, "an operator's certificate is not a site's")
         site, why = self._site(metadata, context)
         if site is None:
             self.unauthenticated += 1

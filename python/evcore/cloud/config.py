@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evcore.api.auth import AuthConfigError, Credentials
+
 log = logging.getLogger("evcore.cloud")
 
 DEFAULT_LISTEN = "0.0.0.0:50061"
@@ -27,6 +29,17 @@ class CloudTls:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """``[fleet]``: who may call the FleetApi and how demand is read (docs/cloud.md)."""
+
+    # Operators' client certificates are signed by this CA (never the sites' CA); None: insecure.
+    operator_ca_file: Path | None
+    # Operator identities by certificate common name (or x-evcore-operator header when insecure).
+    operators: Credentials
+    demand_window_s: float = 900.0
+
+
+@dataclass(frozen=True)
 class CloudConfig:
     store_url: str
     listen: str = DEFAULT_LISTEN
@@ -39,11 +52,13 @@ class CloudConfig:
     bus: Mapping[str, Any] | None = None
     bus_sites: tuple[str, ...] = ()
     audit_durable: str = "cloud-audit"
+    # FleetApi (operators): None when not served.
+    fleet: FleetConfig | None = None
 
     @staticmethod
     def from_table(table: Mapping[str, Any], base_dir: Path | str = ".") -> CloudConfig:
         base = Path(base_dir)
-        known = {"listen", "tls", "store", "insecure", "reflection", "stop_grace_s", "bus"}
+        known = {"listen", "tls", "store", "insecure", "reflection", "stop_grace_s", "bus", "fleet"}
         unknown = sorted(set(table) - known)
         if unknown:
             raise CloudConfigError(f"unknown key(s) {', '.join(unknown)}; known: {sorted(known)}")
@@ -96,7 +111,12 @@ class CloudConfig:
             )
         if tls is not None and insecure:
             raise CloudConfigError("insecure = true and [tls] together: choose one")
-        bus, sites, durable = _bus_section(table.get("bus"), base)
+        fleet = _fleet_section(table.get("fleet"), base, secure=tls is not None)
+        if fleet is not None and table.get("bus") is None:
+            raise CloudConfigError(
+                "[fleet] needs [bus]: the sites' curtailments are published on their grid subjects"
+            )
+        bus, sites, durable = _bus_section(table.get("bus"), base, sites_required=fleet is None)
         return CloudConfig(
             store_url=url,
             listen=listen,
@@ -107,6 +127,7 @@ class CloudConfig:
             bus=bus,
             bus_sites=sites,
             audit_durable=durable,
+            fleet=fleet,
         )
 
     @staticmethod
@@ -122,15 +143,21 @@ class CloudConfig:
         return CloudConfig.from_table(table, p.parent)
 
 
-def _bus_section(section: Any, base: Path) -> tuple[Mapping[str, Any] | None, tuple[str, ...], str]:
+def _bus_section(
+    section: Any, base: Path, *, sites_required: bool = True
+) -> tuple[Mapping[str, Any] | None, tuple[str, ...], str]:
     """``[bus]``: ``sites`` (whose audit subjects to consume), ``audit_durable``, and the edge's
     ``[bus]`` keys (docs/bus.md) for the NATS connection; validated by the bus's own parser."""
     if section is None:
         return None, (), "cloud-audit"
     if not isinstance(section, Mapping):
         raise CloudConfigError("[bus] must be a table")
-    sites = section.get("sites")
-    if not isinstance(sites, list) or not sites or not all(isinstance(x, str) and x for x in sites):
+    sites = section.get("sites", None if sites_required else [])
+    if (
+        not isinstance(sites, list)
+        or (sites_required and not sites)
+        or not all(isinstance(x, str) and x for x in sites)
+    ):
         raise CloudConfigError("[bus] sites must be a non-empty list of site ids")
     if len(set(sites)) != len(sites):
         raise CloudConfigError("[bus] sites names a site twice")
@@ -150,3 +177,42 @@ def _bus_section(section: Any, base: Path) -> tuple[Mapping[str, Any] | None, tu
     except ValueError as exc:
         raise CloudConfigError(str(exc)) from exc
     return rest, tuple(sites), durable
+
+
+def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | None:
+    """``[fleet]``: ``operator_ca_file`` (required with [tls]), ``[[fleet.operators]]``
+    (``common_name``, ``roles`` as the edge API's: viewer, operator, grid_operator) and
+    ``demand_window_s``."""
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise CloudConfigError("[fleet] must be a table")
+    extra = sorted(set(section) - {"operator_ca_file", "operators", "demand_window_s"})
+    if extra:
+        raise CloudConfigError(f"[fleet]: unknown key(s) {', '.join(extra)}")
+    ca: Path | None = None
+    raw_ca = section.get("operator_ca_file")
+    if raw_ca is not None:
+        if not isinstance(raw_ca, str) or not raw_ca:
+            raise CloudConfigError("[fleet] operator_ca_file must be a path")
+        ca = Path(raw_ca) if Path(raw_ca).is_absolute() else base / raw_ca
+    elif secure:
+        raise CloudConfigError(
+            "[fleet] operator_ca_file is required: operators present client certificates of "
+            "their own CA (a site's certificate is never an operator)"
+        )
+    operators = section.get("operators", [])
+    if (
+        not isinstance(operators, list)
+        or not operators
+        or not all(isinstance(o, Mapping) for o in operators)
+    ):
+        raise CloudConfigError("[fleet] operators must be a non-empty list of tables")
+    try:
+        creds = Credentials.from_config(clients=operators, source="[fleet] operators")
+    except AuthConfigError as exc:
+        raise CloudConfigError(str(exc)) from exc
+    window = section.get("demand_window_s", 900.0)
+    if isinstance(window, bool) or not isinstance(window, int | float) or not window > 0:
+        raise CloudConfigError(f"[fleet] demand_window_s must be a number > 0, got {window!r}")
+    return FleetConfig(ca, creds, float(window))

@@ -65,11 +65,25 @@ CREATE TABLE cloud_telemetry_batches (
 CREATE INDEX cloud_telemetry_batches_time ON cloud_telemetry_batches (site_id, last_t_s);
 """
 
+_RECORDS_V2 = """
+-- Fleet curtailments (FleetApi): the latest split of each, by id; revision counts the splits and
+-- the cancel, and guards against two workers splitting the same one at once.
+CREATE TABLE cloud_fleet_curtailments (
+    fleet_curtailment_id TEXT PRIMARY KEY,
+    revision {bigint} NOT NULL,
+    cancelled INTEGER NOT NULL,
+    end_s {real} NOT NULL,
+    updated_at_s {real} NOT NULL,
+    payload {blob} NOT NULL
+);
+"""
+
 _SQLITE = {"real": "REAL", "bigint": "INTEGER", "blob": "BLOB"}
 _POSTGRES = {"real": "DOUBLE PRECISION", "bigint": "BIGINT", "blob": "BYTEA"}
 
 SQLITE_RECORDS: tuple[Migration, ...] = (
     Migration(1, "cloud records: audit, progress, topology, plans", _RECORDS_V1.format(**_SQLITE)),
+    Migration(2, "cloud records: fleet curtailments", _RECORDS_V2.format(**_SQLITE)),
 )
 SQLITE_TELEMETRY: tuple[Migration, ...] = (
     Migration(1, "cloud telemetry: batches", _TELEMETRY_V1.format(**_SQLITE)),
@@ -79,4 +93,5 @@ POSTGRES: tuple[Migration, ...] = (
         1, "cloud records: audit, progress, topology, plans", _RECORDS_V1.format(**_POSTGRES)
     ),
     Migration(2, "cloud telemetry: batches", _TELEMETRY_V1.format(**_POSTGRES)),
+    Migration(3, "cloud records: fleet curtailments", _RECORDS_V2.format(**_POSTGRES)),
 )

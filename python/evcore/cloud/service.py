@@ -25,15 +25,19 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from evcore.api.convert import timestamp
-from evcore.clock import Clock
-from evcore.cloud.auth import SiteAuthInterceptor, caller_site
+from evcore.bus.api import Bus
+from evcore.clock import Clock, WallClock
+from evcore.cloud.auth import OperatorAuth, SiteAuthInterceptor, caller_site
 from evcore.cloud.config import CloudConfig, CloudConfigError
+from evcore.cloud.fleet import BusGridPublisher, FleetCoordinator, GridPublisher
+from evcore.cloud.fleet_service import FLEET_SERVICE_NAME, FleetApiService
 from evcore.cloud.store import CloudStore
 from evcore.cloud.topology import site_from_topology
 from evcore.errors import SiteConfigError
 from evcore.store.base import StoreUnavailable
 from evcore.v1 import cloud_api_pb2 as pb
 from evcore.v1 import cloud_api_pb2_grpc as pb_grpc
+from evcore.v1 import fleet_api_pb2_grpc as fpb_grpc
 from evcore.v1.audit_pb2 import AuditRecord
 from evcore.v1.meter_pb2 import MeterSampleBatch
 from evcore.v1.plan_pb2 import Plan
@@ -262,11 +266,45 @@ class CloudApiService(pb_grpc.CloudApiServicer):
 class CloudApiServer:
     """The gRPC server around :class:`CloudApiService`, with site auth, health and reflection."""
 
-    def __init__(self, config: CloudConfig, store: CloudStore, *, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: CloudConfig,
+        store: CloudStore,
+        *,
+        clock: Clock,
+        grid_publisher: GridPublisher | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.service = CloudApiService(store, clock=clock)
-        self.auth = SiteAuthInterceptor(insecure=config.insecure)
+        self.fleet: FleetCoordinator | None = None
+        self._owned_publisher: BusGridPublisher | None = None
+        self._operator_ca_pem = b""
+        operators: OperatorAuth | None = None
+        if config.fleet is not None:
+            if grid_publisher is None:
+                from evcore.bus import bus_from_config
+
+                bus_section = config.bus
+
+                def new_bus(site_id: str) -> Bus:
+                    # The bus's retries and back-offs are transport timing on the wall clock,
+                    # whatever clock stamps the records (a test's manual clock never advances).
+                    return bus_from_config(bus_section, site_id, WallClock())
+
+                self._owned_publisher = BusGridPublisher(new_bus)
+                grid_publisher = self._owned_publisher
+            self.fleet = FleetCoordinator(
+                store, grid_publisher, clock=clock, demand_window_s=config.fleet.demand_window_s
+            )
+            ca = config.fleet.operator_ca_file
+            try:
+                ca_pem = ca.read_bytes() if ca is not None else None
+            except OSError as exc:
+                raise CloudConfigError(f"[fleet] operator_ca_file: {exc}") from exc
+            operators = OperatorAuth(config.fleet.operators, ca_pem)
+            self._operator_ca_pem = ca_pem or b""
+        self.auth = SiteAuthInterceptor(insecure=config.insecure, operators=operators)
         self.health = health_aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
@@ -279,11 +317,15 @@ class CloudApiServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         )
         pb_grpc.add_CloudApiServicer_to_server(self.service, server)
+        names = [SERVICE_NAME]
+        if self.fleet is not None:
+            fpb_grpc.add_FleetApiServicer_to_server(FleetApiService(self.fleet), server)
+            names.append(FLEET_SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.config.reflection:
             reflection.enable_server_reflection(
                 (
-                    SERVICE_NAME,
+                    *names,
                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME,
                 ),
@@ -300,9 +342,19 @@ class CloudApiServer:
                 )
                 port = server.add_insecure_port(self.config.listen)
             else:
+                # Operators' certificates are accepted at the handshake beside the sites'; the
+                # interceptor tells them apart by issuer.
+                roots = tls.client_ca_file.read_bytes()
+                if self.fleet is not None and self._operator_ca_pem:
+                    if self._operator_ca_pem.strip() == roots.strip():
+                        raise CloudConfigError(
+                            "[fleet] operator_ca_file is the sites' CA: every site would be an "
+                            "operator; give operators their own CA"
+                        )
+                    roots = roots.rstrip(b"\n") + b"\n" + self._operator_ca_pem
                 creds = grpc.ssl_server_credentials(
                     [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-                    root_certificates=tls.client_ca_file.read_bytes(),
+                    root_certificates=roots,
                     require_client_auth=True,
                 )
                 port = server.add_secure_port(self.config.listen, creds)
@@ -315,6 +367,8 @@ class CloudApiServer:
         await server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.fleet is not None:
+            await self.health.set(FLEET_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         self.port = int(port)
         log.info(
@@ -332,6 +386,8 @@ class CloudApiServer:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.config.stop_grace_s if grace_s is None else grace_s)
         self._server = None
+        if self._owned_publisher is not None:
+            await self._owned_publisher.close()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

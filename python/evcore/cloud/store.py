@@ -28,7 +28,8 @@ from evcore.store.base import StoreConfigError, StoreError
 from evcore.store.migrations import Migration
 from evcore.store.sql import Backend, Tx, sample_time_s, ts_s
 from evcore.v1.audit_pb2 import AuditRecord
-from evcore.v1.meter_pb2 import MeterSampleBatch
+from evcore.v1.fleet_api_pb2 import FleetCurtailmentResult
+from evcore.v1.meter_pb2 import MeterSample, MeterSampleBatch
 from evcore.v1.plan_pb2 import Plan
 from evcore.v1.topology_pb2 import SiteTopology
 
@@ -37,6 +38,10 @@ T = TypeVar("T")
 RECORDS_FILE = "cloud-records.sqlite"
 TELEMETRY_FILE = "cloud-telemetry.sqlite"
 DEFAULT_SCHEMA = "evcore_cloud"
+
+
+class FleetRevisionConflict(Exception):
+    """Another worker stored a newer split of the same fleet curtailment first."""
 
 
 class AuditRefused(ValueError):
@@ -313,6 +318,88 @@ class CloudStore:
 
         return await self._run(self._records, op)
 
+    async def latest_samples(self, site_id: str, *, since_s: float) -> dict[str, MeterSample]:
+        """Per charger the newest sample of the site taken at or after ``since_s`` (from the
+        batches whose last sample is that recent)."""
+
+        def op(tx: Tx) -> dict[str, MeterSample]:
+            rows = tx.all(
+                "SELECT payload FROM cloud_telemetry_batches WHERE site_id = ? AND last_t_s >= ?"
+                " ORDER BY last_t_s DESC LIMIT 1000",
+                (site_id, since_s),
+            )
+            newest: dict[str, tuple[float, MeterSample]] = {}
+            for (payload,) in rows:
+                b = MeterSampleBatch()
+                b.ParseFromString(bytes(payload))
+                for sample in b.samples:
+                    t = sample_time_s(sample)
+                    held = newest.get(sample.charger_id)
+                    if t >= since_s and (held is None or t > held[0]):
+                        newest[sample.charger_id] = (t, sample)
+            return {cid: s for cid, (_, s) in newest.items()}
+
+        return await self._run(self._telemetry, op)
+
+    # -- fleet curtailments ---------------------------------------------------------------------
+    async def put_fleet_curtailment(self, result: FleetCurtailmentResult, *, now_s: float) -> None:
+        """Keep ``result`` as the latest of its fleet curtailment. Its ``revision`` must be one
+        above the held one (1 when none is held); otherwise ``FleetRevisionConflict``: another
+        worker split it in the meantime."""
+        fid = result.curtailment.fleet_curtailment_id
+        if not fid:
+            raise ValueError("fleet_curtailment_id is required")
+        payload = result.SerializeToString(deterministic=True)
+        end_s = ts_s(result.curtailment.end)
+
+        def op(tx: Tx) -> None:
+            self._lock_site(tx, f"fleet:{fid}")
+            row = tx.one(
+                "SELECT revision FROM cloud_fleet_curtailments WHERE fleet_curtailment_id = ?",
+                (fid,),
+            )
+            held = 0 if row is None else int(row[0])
+            if result.revision != held + 1:
+                raise FleetRevisionConflict(
+                    f"fleet curtailment {fid!r} is at revision {held}; revision "
+                    f"{result.revision} was split from an older one"
+                )
+            tx.execute(
+                "INSERT INTO cloud_fleet_curtailments (fleet_curtailment_id, revision, cancelled,"
+                " end_s, updated_at_s, payload) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (fleet_curtailment_id) DO UPDATE SET revision = excluded.revision,"
+                " cancelled = excluded.cancelled, end_s = excluded.end_s,"
+                " updated_at_s = excluded.updated_at_s, payload = excluded.payload",
+                (fid, result.revision, 1 if result.cancelled else 0, end_s, now_s, payload),
+            )
+
+        await self._run(self._records, op)
+
+    async def fleet_curtailment(self, fleet_curtailment_id: str) -> FleetCurtailmentResult | None:
+        def op(tx: Tx) -> FleetCurtailmentResult | None:
+            row = tx.one(
+                "SELECT payload FROM cloud_fleet_curtailments WHERE fleet_curtailment_id = ?",
+                (fleet_curtailment_id,),
+            )
+            return None if row is None else _parse_fleet(row[0])
+
+        return await self._run(self._records, op)
+
+    async def fleet_curtailments(
+        self, *, include_cancelled: bool = False
+    ) -> list[FleetCurtailmentResult]:
+        """Held fleet curtailments by id (cancelled ones only when asked)."""
+
+        def op(tx: Tx) -> list[FleetCurtailmentResult]:
+            rows = tx.all(
+                "SELECT payload FROM cloud_fleet_curtailments WHERE cancelled <= ?"
+                " ORDER BY fleet_curtailment_id",
+                (1 if include_cancelled else 0,),
+            )
+            return [_parse_fleet(r[0]) for r in rows]
+
+        return await self._run(self._records, op)
+
     # -- plans ----------------------------------------------------------------------------------
     async def put_plan(self, site_id: str, plan: Plan, *, now_s: float) -> bool:
         """Keep a plan of the site under its ``plan_version`` (> 0); False when that plan is held
@@ -388,6 +475,12 @@ def _require_cloud_tables(tx: Tx) -> None:
             "the store's schema has migrations applied but no cloud tables: it belongs to another "
             "store (an edge's?); give the cloud its own schema or directory"
         ) from exc
+
+
+def _parse_fleet(payload: Any) -> FleetCurtailmentResult:
+    r = FleetCurtailmentResult()
+    r.ParseFromString(bytes(payload))
+    return r
 
 
 def _parse_audit(payload: Any) -> AuditRecord:

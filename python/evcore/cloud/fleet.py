@@ -1,0 +1,465 @@
+"""Fleet curtailments: a limit on the total power of several sites ("A, B and C together at most
+900 kW from 17:00 to 19:00"), split into one ``Curtailment`` per site at its grid connection and
+published on each site's ``evcore.<site>.grid`` subject (docs/cloud.md "Fleet curtailments").
+
+What this module owns: the split rule (:func:`split_fleet_limit`, a pure function), each site's
+inputs to it from the cloud store (:func:`site_inputs`: grid limit and floor from the site's latest
+topology, demand from its latest telemetry), and the book of fleet curtailments
+(:class:`FleetCoordinator`: validate, split, store the revision, publish, re-split, cancel).
+It never decides a setpoint: each edge's envelope still does, under the limit it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from evcore.api.convert import timestamp
+from evcore.bus.api import Bus
+from evcore.bus.subjects import Subjects
+from evcore.clock import Clock
+from evcore.cloud.store import CloudStore
+from evcore.cloud.topology import site_from_topology
+from evcore.site import Site
+from evcore.store.sql import ts_s
+from evcore.v1.fleet_api_pb2 import (
+    DemandSource,
+    FleetCurtailment,
+    FleetCurtailmentResult,
+    SiteShare,
+)
+from evcore.v1.grid_pb2 import Curtailment, GridSignal
+from evcore.v1.meter_pb2 import MeterSample
+
+log = logging.getLogger("evcore.cloud.fleet")
+
+#: Telemetry older than this (before the split) is not a site's current demand.
+DEFAULT_DEMAND_WINDOW_S = 900.0
+#: A charger drawing at least this share of what it is offered is held back by its offer: its car
+#: would take more, so it counts at the charger's maximum (see ``site_demand_kw``).
+HELD_AT_OFFER_RATIO = 0.9
+_ID_MAX = 200
+
+
+class FleetInputError(ValueError):
+    """A fleet curtailment request is wrong; the message starts with the field it names."""
+
+
+class FleetNotFound(LookupError):
+    """No fleet curtailment with that id is held."""
+
+
+class FleetInfeasible(Exception):
+    """The sites' floors alone exceed the fleet limit and the request said ``require_feasible``."""
+
+
+# -- the split rule -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SiteInputs:
+    """What the split needs of one site (kW throughout)."""
+
+    site_id: str
+    node_id: str  # the grid connection (root) node the site's Curtailment applies to
+    grid_limit_kw: float  # most the site can take at all
+    floor_kw: float  # least it must be given: what it cannot shed
+    demand_kw: float  # its charging demand: the weight of its part of the rest
+    demand_source: DemandSource.ValueType = DemandSource.DEMAND_SOURCE_UNSPECIFIED
+    topology_version: int = 0
+
+
+@dataclass(frozen=True)
+class Split:
+    max_kw: dict[str, float]  # per site
+    feasible: bool
+    shortfall_kw: float  # sum of max_kw above the fleet limit (0 when feasible)
+
+
+def _round_down_w(kw: float) -> float:
+    """Down to whole watts, so the shares cannot add up to more than they were computed at."""
+    return math.floor(kw * 1000.0) / 1000.0
+
+
+def split_fleet_limit(limit_kw: float, sites: Sequence[SiteInputs]) -> Split:
+    """Weighted water-filling of ``limit_kw`` over ``sites``.
+
+    1. Every site gets its floor (capped at its grid limit). If the floors add up to more than
+       the limit, every site stays at its floor and the split is infeasible (the shortfall says by
+       how much): nothing more can be shed without cutting load the chargers do not control.
+    2. The rest is shared in proportion to demand, each site at most its grid limit: the water
+       level ``λ`` rises until ``Σ min(headroom_i, λ·demand_i)`` takes the rest or every site with
+       demand is full.
+    3. What is still left (every site with demand is at its grid limit) is shared in proportion to
+       the remaining headroom of all sites, so a site with no demand now can still start charging.
+    """
+    if not math.isfinite(limit_kw) or limit_kw < 0:
+        raise FleetInputError(f"max_kw: must be a finite number >= 0, got {limit_kw!r}")
+    floors = {s.site_id: min(max(s.floor_kw, 0.0), max(s.grid_limit_kw, 0.0)) for s in sites}
+    floor_sum = sum(floors.values())
+    if floor_sum > limit_kw:
+        return Split(dict(floors), False, floor_sum - limit_kw)
+    headroom = {s.site_id: max(s.grid_limit_kw, 0.0) - floors[s.site_id] for s in sites}
+    share = dict.fromkeys(headroom, 0.0)
+    rest = limit_kw - floor_sum
+    # Stage 2: water-filling by demand, saturating sites at their headroom one round at a time.
+    active = {s.site_id: s.demand_kw for s in sites if s.demand_kw > 0 and headroom[s.site_id] > 0}
+    while active and rest > 1e-12:
+        level = rest / sum(active.values())
+        full = [sid for sid, w in active.items() if level * w >= headroom[sid]]
+        if not full:
+            for sid, w in active.items():
+                share[sid] = level * w
+            rest = 0.0
+            break
+        for sid in full:
+            share[sid] = headroom[sid]
+            rest -= headroom[sid]
+            del active[sid]
+    # Stage 3: what no site with demand can take, by remaining headroom.
+    if rest > 1e-12:
+        remaining = {sid: headroom[sid] - share[sid] for sid in share}
+        total = sum(remaining.values())
+        if total > 0:
+            fill = min(1.0, rest / total)
+            for sid, r in remaining.items():
+                share[sid] += r * fill
+    return Split({sid: floors[sid] + _round_down_w(share[sid]) for sid in floors}, True, 0.0)
+
+
+# -- each site's inputs ---------------------------------------------------------------------------
+def root_node_id(site: Site) -> str:
+    return next(n.id for n in site.nodes if n.parent is None)
+
+
+def grid_limit_kw(site: Site) -> float:
+    """The grid connection's ``power_limit_kw``; its phase limits × the phase voltage when it has
+    none; the lower of the two when it has both."""
+    root = next(n for n in site.nodes if n.parent is None)
+    by_phase = sum(root.phase_limit_a) * site.voltage_ln_v / 1000.0
+    if root.power_limit_kw is None:
+        return by_phase
+    return min(root.power_limit_kw, by_phase)
+
+
+def floor_kw(site: Site) -> float:
+    """Non-charger load the chargers cannot shed: every node's ``other_load_max_a`` (load at that
+    node itself, so they add up at the grid connection) × the phase voltage, capped at the grid
+    limit."""
+    amps = sum(sum(n.other_load_max_a) for n in site.nodes)
+    return min(amps * site.voltage_ln_v / 1000.0, grid_limit_kw(site))
+
+
+def installed_kw(site: Site) -> dict[str, float]:
+    """Per charger the most it draws from the grid: AC max_a × voltage per conductor pair (× 3
+    three-phase), DC max_w / efficiency + aux_w."""
+    out: dict[str, float] = {}
+    for c in site.chargers:
+        if c.kind == "dc":
+            eff = c.efficiency or 1.0
+            out[c.id] = ((c.max_w or 0.0) / eff + (c.aux_w or 0.0)) / 1000.0
+        else:
+            legs = 3 if c.wiring == "three_phase" else 1
+            out[c.id] = c.max_a * c.voltage_v * legs / 1000.0
+    return out
+
+
+def _sample_kw(sample: MeterSample, voltage_ln_v: float) -> float:
+    if sample.HasField("power_w") and math.isfinite(sample.power_w):
+        return max(sample.power_w, 0.0) / 1000.0
+    volts = list(sample.voltage_v)
+    total = 0.0
+    for i, amps in enumerate(sample.current_a):
+        v = volts[i] if i < len(volts) and math.isfinite(volts[i]) else voltage_ln_v
+        if math.isfinite(amps):
+            total += max(amps, 0.0) * v
+    return total / 1000.0
+
+
+def site_demand_kw(site: Site, samples: dict[str, MeterSample]) -> float:
+    """The site's charging demand from each charger's newest sample: what it draws, or the
+    charger's maximum when it draws at least 90 % of the current it is offered (the offer holds it
+    back, so what it draws under an earlier curtailment understates what its car would take)."""
+    installed = installed_kw(site)
+    total = 0.0
+    for cid, sample in samples.items():
+        kw = _sample_kw(sample, site.voltage_ln_v)
+        amps = [a for a in sample.current_a if math.isfinite(a)]
+        if (
+            cid in installed
+            and sample.HasField("offered_current_a")
+            and sample.offered_current_a > 0
+            and amps
+            and max(amps) >= HELD_AT_OFFER_RATIO * sample.offered_current_a
+        ):
+            kw = max(kw, installed[cid])
+        total += kw
+    return total
+
+
+async def site_inputs(
+    store: CloudStore, site_id: str, *, now_s: float, demand_window_s: float
+) -> SiteInputs:
+    """A site's split inputs from its latest topology and telemetry in the cloud store.
+    ``FleetInputError`` when the site has put no topology."""
+    held = await store.topology(site_id)
+    if held is None:
+        raise FleetInputError(f"unknown site {site_id!r} (it has put no topology to the cloud)")
+    site = await asyncio.to_thread(site_from_topology, held.topology)
+    limit = grid_limit_kw(site)
+    floor = floor_kw(site)
+    samples = await store.latest_samples(site_id, since_s=now_s - demand_window_s)
+    if samples:
+        demand, source = site_demand_kw(site, samples), DemandSource.DEMAND_SOURCE_TELEMETRY
+    else:
+        demand = min(sum(installed_kw(site).values()), max(limit - floor, 0.0))
+        source = DemandSource.DEMAND_SOURCE_INSTALLED
+    return SiteInputs(site_id, root_node_id(site), limit, floor, demand, source, held.version)
+
+
+# -- publishing -----------------------------------------------------------------------------------
+def site_curtailment_id(fleet_curtailment_id: str, site_id: str) -> str:
+    """The same for every split of one fleet curtailment at one site, so a re-split replaces the
+    site's earlier curtailment (the edge's CurtailmentBook keeps one per id)."""
+    return f"fleet:{fleet_curtailment_id}:{site_id}"
+
+
+class GridPublisher(Protocol):
+    async def publish_grid(self, site_id: str, signal: GridSignal, *, event_id: str) -> None:
+        """Accept ``signal`` for ``evcore.<site>.grid`` durably (it is sent when the broker can)."""
+        ...
+
+
+class BusGridPublisher:
+    """Publishes on each site's own bus (one ``Bus`` per site, opened on first use; buses handed in
+    are reused, e.g. the audit consumers')."""
+
+    def __init__(self, new_bus: Callable[[str], Bus], buses: dict[str, Bus] | None = None) -> None:
+        self._new_bus = new_bus
+        self._buses: dict[str, Bus] = dict(buses or {})
+        self._owned: list[Bus] = []
+        self._lock = asyncio.Lock()
+
+    async def _bus(self, site_id: str) -> Bus:
+        async with self._lock:
+            bus = self._buses.get(site_id)
+            if bus is None:
+                bus = self._new_bus(site_id)
+                await bus.start()
+                self._buses[site_id] = bus
+                self._owned.append(bus)
+            return bus
+
+    async def publish_grid(self, site_id: str, signal: GridSignal, *, event_id: str) -> None:
+        bus = await self._bus(site_id)
+        # Critical: durable in the outbox on return, sent in order, never dropped.
+        await bus.publish(Subjects(site_id).grid, signal, event_id=event_id, critical=True)
+
+    async def close(self) -> None:
+        for bus in self._owned:
+            await bus.close()
+        self._owned.clear()
+
+
+# -- the book -------------------------------------------------------------------------------------
+def validate_request(req: FleetCurtailment, *, now_s: float) -> None:
+    """``FleetInputError`` naming the field for a request that cannot be split."""
+    fid = req.fleet_curtailment_id
+    if not fid:
+        raise FleetInputError("fleet_curtailment_id: is required")
+    if len(fid) > _ID_MAX or any(not ch.isprintable() for ch in fid):
+        raise FleetInputError(
+            f"fleet_curtailment_id: must be printable and at most {_ID_MAX} characters"
+        )
+    if not req.site_ids:
+        raise FleetInputError("site_ids: name at least one site")
+    seen: set[str] = set()
+    for i, sid in enumerate(req.site_ids):
+        if not sid:
+            raise FleetInputError(f"site_ids[{i}]: is empty")
+        if sid in seen:
+            raise FleetInputError(f"site_ids[{i}]: site {sid!r} is named twice")
+        seen.add(sid)
+    if not math.isfinite(req.max_kw) or req.max_kw < 0:
+        raise FleetInputError(f"max_kw: must be a finite number >= 0, got {req.max_kw!r}")
+    if not req.HasField("start"):
+        raise FleetInputError("start: is required")
+    if not req.HasField("end"):
+        raise FleetInputError("end: is required")
+    start, end = ts_s(req.start), ts_s(req.end)
+    if end <= start:
+        raise FleetInputError(f"end: must be after start ({end} <= {start})")
+    if end <= now_s:
+        raise FleetInputError(f"end: has passed ({end} <= now {now_s})")
+
+
+class FleetCoordinator:
+    """Splits, re-splits and cancels fleet curtailments; every split is stored as a new revision
+    before its per-site curtailments are published."""
+
+    def __init__(
+        self,
+        store: CloudStore,
+        publisher: GridPublisher,
+        *,
+        clock: Clock,
+        demand_window_s: float = DEFAULT_DEMAND_WINDOW_S,
+    ) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._clock = clock
+        self._demand_window_s = demand_window_s
+        self._lock = asyncio.Lock()
+
+    async def curtail(self, req: FleetCurtailment) -> FleetCurtailmentResult:
+        """Split ``req`` (a new id, or a held one again: the new split replaces the old by id)."""
+        now = self._clock.now()
+        validate_request(req, now_s=now)
+        async with self._lock:
+            previous = await self._store.fleet_curtailment(req.fleet_curtailment_id)
+            inputs = []
+            for i, sid in enumerate(req.site_ids):
+                try:
+                    inputs.append(
+                        await site_inputs(
+                            self._store, sid, now_s=now, demand_window_s=self._demand_window_s
+                        )
+                    )
+                except FleetInputError as exc:
+                    raise FleetInputError(f"site_ids[{i}]: {exc}") from None
+            split = split_fleet_limit(req.max_kw, inputs)
+            if not split.feasible and req.require_feasible:
+                raise FleetInfeasible(
+                    f"fleet curtailment {req.fleet_curtailment_id!r}: the sites' floors add up to "
+                    f"{sum(split.max_kw.values()):.3f} kW, above max_kw {req.max_kw:.3f} kW "
+                    f"(short by {split.shortfall_kw:.3f} kW); nothing was published"
+                )
+            result = FleetCurtailmentResult(
+                revision=(previous.revision if previous else 0) + 1,
+                feasible=split.feasible,
+                shortfall_kw=split.shortfall_kw,
+                allocated_kw=sum(split.max_kw.values()),
+            )
+            result.curtailment.CopyFrom(req)
+            result.split_at.CopyFrom(timestamp(now))
+            for s in inputs:
+                result.shares.append(
+                    SiteShare(
+                        site_id=s.site_id,
+                        node_id=s.node_id,
+                        curtailment_id=site_curtailment_id(req.fleet_curtailment_id, s.site_id),
+                        max_kw=split.max_kw[s.site_id],
+                        floor_kw=min(s.floor_kw, s.grid_limit_kw),
+                        grid_limit_kw=s.grid_limit_kw,
+                        demand_kw=s.demand_kw,
+                        demand_source=s.demand_source,
+                        topology_version=s.topology_version,
+                    )
+                )
+            named = set(req.site_ids)
+            dropped = [
+                sh
+                for sh in (previous.shares if previous and not previous.cancelled else [])
+                if sh.site_id not in named
+            ]
+            notes = []
+            if not split.feasible:
+                notes.append(
+                    f"INFEASIBLE: the sites' floors add up to {result.allocated_kw:.3f} kW, "
+                    f"{split.shortfall_kw:.3f} kW above max_kw {req.max_kw:.3f} kW; every site "
+                    "is curtailed to its floor"
+                )
+            if dropped:
+                notes.append(
+                    "cancelled at sites no longer named: " + ", ".join(sh.site_id for sh in dropped)
+                )
+            result.detail = "; ".join(notes)
+            await self._store.put_fleet_curtailment(result, now_s=now)
+            if not split.feasible:
+                log.warning(
+                    "fleet: %s revision %d: %s",
+                    req.fleet_curtailment_id,
+                    result.revision,
+                    result.detail,
+                )
+            for sh in result.shares:
+                await self._publish(result, sh, cancelled=False)
+            for sh in dropped:
+                await self._publish(result, sh, cancelled=True)
+            log.info(
+                "fleet: %s revision %d split %.3f kW over %d site(s): %s",
+                req.fleet_curtailment_id,
+                result.revision,
+                req.max_kw,
+                len(result.shares),
+                ", ".join(f"{sh.site_id} {sh.max_kw:.3f}" for sh in result.shares),
+            )
+            return result
+
+    async def resplit(self, fleet_curtailment_id: str) -> FleetCurtailmentResult:
+        """Split a held fleet curtailment again on the sites' current demand and topology. An
+        infeasible split is applied at the floors (it is in force already; refusing would leave
+        the old split)."""
+        held = await self._held(fleet_curtailment_id)
+        if held.cancelled:
+            raise FleetInputError(
+                f"fleet_curtailment_id: {fleet_curtailment_id!r} is cancelled; send Curtail again"
+            )
+        req = FleetCurtailment()
+        req.CopyFrom(held.curtailment)
+        req.require_feasible = False
+        return await self.curtail(req)
+
+    async def cancel(self, fleet_curtailment_id: str) -> FleetCurtailmentResult:
+        """Cancel at every site of the latest split. Cancelling again publishes the same cancels
+        again (a site that missed them gets them) without a new revision."""
+        async with self._lock:
+            held = await self._held(fleet_curtailment_id)
+            if held.cancelled:
+                result = held
+            else:
+                result = FleetCurtailmentResult()
+                result.CopyFrom(held)
+                result.revision = held.revision + 1
+                result.cancelled = True
+                result.split_at.CopyFrom(timestamp(self._clock.now()))
+                result.detail = "cancelled"
+                await self._store.put_fleet_curtailment(result, now_s=self._clock.now())
+            for sh in result.shares:
+                await self._publish(result, sh, cancelled=True)
+            log.info("fleet: %s cancelled at %d site(s)", fleet_curtailment_id, len(result.shares))
+            return result
+
+    async def list(self, *, include_cancelled: bool = False) -> list[FleetCurtailmentResult]:
+        return await self._store.fleet_curtailments(include_cancelled=include_cancelled)
+
+    async def _held(self, fleet_curtailment_id: str) -> FleetCurtailmentResult:
+        if not fleet_curtailment_id:
+            raise FleetInputError("fleet_curtailment_id: is required")
+        held = await self._store.fleet_curtailment(fleet_curtailment_id)
+        if held is None:
+            raise FleetNotFound(f"no fleet curtailment {fleet_curtailment_id!r}")
+        return held
+
+    async def _publish(
+        self, result: FleetCurtailmentResult, share: SiteShare, *, cancelled: bool
+    ) -> None:
+        req = result.curtailment
+        # One event id per revision and site: JetStream's duplicate window would drop a re-split
+        # published under the id of the split it replaces.
+        event_id = f"{share.curtailment_id}#r{result.revision}"
+        signal = GridSignal(signal_id=event_id)
+        signal.issued_at.CopyFrom(result.split_at)
+        c = Curtailment(
+            curtailment_id=share.curtailment_id,
+            node_id=share.node_id,
+            max_kw=share.max_kw,
+            issuer=req.issuer or "evcore fleet",
+            cancelled=cancelled,
+        )
+        c.start.CopyFrom(req.start)
+        c.end.CopyFrom(req.end)
+        signal.curtailment.CopyFrom(c)
+        await self._publisher.publish_grid(share.site_id, signal, event_id=event_id)

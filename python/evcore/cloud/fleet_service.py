@@ -1,0 +1,97 @@
+"""The operators' ``FleetApi`` over ``grpc.aio`` (proto/evcore/v1/fleet_api.proto), served by the
+cloud process beside ``CloudApi``: thin handlers over :class:`evcore.cloud.fleet.FleetCoordinator`.
+
+Auth (an operator certificate with the method's role) runs in the interceptor before any handler
+(evcore.cloud.auth). Errors become status codes naming the field: bad input INVALID_ARGUMENT, an
+unknown id NOT_FOUND, floors above a ``require_feasible`` limit FAILED_PRECONDITION, a concurrent
+split of the same id ABORTED, an unreachable database UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from evcore.cloud.auth import caller_operator
+from evcore.cloud.fleet import FleetCoordinator, FleetInfeasible, FleetInputError, FleetNotFound
+from evcore.cloud.store import FleetRevisionConflict
+from evcore.store.base import StoreUnavailable
+from evcore.v1 import fleet_api_pb2 as fpb
+from evcore.v1 import fleet_api_pb2_grpc as fpb_grpc
+
+log = logging.getLogger("evcore.cloud.fleet")
+
+FLEET_SERVICE_NAME = fpb.DESCRIPTOR.services_by_name["FleetApi"].full_name
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
+
+def _codes(
+    method: Callable[[Any, Req, Any], Awaitable[Res]],
+) -> Callable[[Any, Req, Any], Awaitable[Res]]:
+    @functools.wraps(method)
+    async def run(self: Any, request: Req, context: Any) -> Res:
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except FleetInputError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except FleetNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except FleetInfeasible as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except FleetRevisionConflict as exc:
+            await context.abort(grpc.StatusCode.ABORTED, f"{exc}; try again")
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        except Exception as exc:
+            log.exception("fleet: %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {exc!r}")
+        raise AssertionError("unreachable: abort raises")
+
+    return run
+
+
+class FleetApiService(fpb_grpc.FleetApiServicer):
+    """The handlers; every one acts for the operator the interceptor authenticated."""
+
+    def __init__(self, coordinator: FleetCoordinator) -> None:
+        self.coordinator = coordinator
+
+    @_codes
+    async def Curtail(
+        self, request: fpb.FleetCurtailment, context: Any
+    ) -> fpb.FleetCurtailmentResult:
+        who = caller_operator().name
+        log.info("fleet: Curtail %r by operator %r", request.fleet_curtailment_id, who)
+        return await self.coordinator.curtail(request)
+
+    @_codes
+    async def Resplit(
+        self, request: fpb.FleetCurtailmentRef, context: Any
+    ) -> fpb.FleetCurtailmentResult:
+        who = caller_operator().name
+        log.info("fleet: Resplit %r by operator %r", request.fleet_curtailment_id, who)
+        return await self.coordinator.resplit(request.fleet_curtailment_id)
+
+    @_codes
+    async def Cancel(
+        self, request: fpb.FleetCurtailmentRef, context: Any
+    ) -> fpb.FleetCurtailmentResult:
+        who = caller_operator().name
+        log.info("fleet: Cancel %r by operator %r", request.fleet_curtailment_id, who)
+        return await self.coordinator.cancel(request.fleet_curtailment_id)
+
+    @_codes
+    async def List(
+        self, request: fpb.ListFleetCurtailmentsRequest, context: Any
+    ) -> fpb.ListFleetCurtailmentsResponse:
+        held = await self.coordinator.list(include_cancelled=request.include_cancelled)
+        return fpb.ListFleetCurtailmentsResponse(curtailments=held)

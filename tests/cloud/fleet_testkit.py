@@ -1,0 +1,207 @@
+"""The cloud with its FleetApi for the fleet tests: a sites' CA and an operators' CA, real mTLS,
+the real NATS (127.0.0.1:4222) for the sites' grid subjects, one watcher bus per site."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cloud_testkit import T0, _load_cert_helpers
+from evcore.bus import BusConfig, BusMessage
+from evcore.bus.natsbus import NatsBus
+from evcore.bus.subjects import Subjects
+from evcore.clock import ManualClock, WallClock
+from evcore.cloud import CloudApiServer, CloudConfig, CloudStore, open_cloud_store
+from evcore.cloud.topology import topology_from_site
+from evcore.edge.grid import Curtailment, CurtailmentBook
+from evcore.site import load_site
+from evcore.v1 import cloud_api_pb2_grpc as pb_grpc
+from evcore.v1 import fleet_api_pb2_grpc as fpb_grpc
+from evcore.v1.grid_pb2 import GridSignal
+from evcore.v1.meter_pb2 import MeterSample, MeterSampleBatch
+from evcore.v1.topology_pb2 import SiteTopology
+
+NATS_URL = "nats://127.0.0.1:4222"
+OPERATORS = {"aggregator-1": ["grid_operator"], "viewer-1": ["viewer"]}
+
+
+def nats_bus(site: str, outbox: Path) -> NatsBus:
+    cfg = BusConfig(
+        kind="nats",
+        urls=(NATS_URL,),
+        outbox_dir=outbox,
+        reconnect_wait_s=0.1,
+        connect_timeout_s=2.0,
+        publish_timeout_s=2.0,
+    )
+    return NatsBus(site, cfg, clock=WallClock(), ack_wait_s=5.0)
+
+
+def site_table(
+    site_id: str, *, power_limit_kw: float, other_load_a: float, chargers: int = 6
+) -> dict[str, Any]:
+    """A site: grid connection (500 A per phase at 230 V, ``power_limit_kw``, non-charger load at
+    most ``other_load_a`` per phase), one feeder, ``chargers`` AC 32 A three-phase chargers."""
+    three = {"wiring": "three_phase", "phases": ["L1", "L2", "L3"]}
+    return {
+        "site": {"id": site_id, "voltage_ln_v": 230.0},
+        "nodes": [
+            {
+                "id": "grid",
+                "kind": "grid",
+                "phase_limit_a": [500.0] * 3,
+                "power_limit_kw": power_limit_kw,
+                "other_load_max_a": [other_load_a] * 3,
+            },
+            {"id": "F1", "parent": "grid", "kind": "feeder", "phase_limit_a": [300.0] * 3},
+        ],
+        "chargers": [
+            {"id": f"C{i}", "parent": "F1", "kind": "ac", "max_a": 32.0, **three}
+            for i in range(chargers)
+        ],
+    }
+
+
+def topology(table: dict[str, Any]) -> SiteTopology:
+    return topology_from_site(load_site(table), config_version="v1")
+
+
+def batch(t_s: float, amps: dict[str, float], offered_a: float = 32.0) -> MeterSampleBatch:
+    b = MeterSampleBatch()
+    for cid, a in amps.items():
+        s = MeterSample(charger_id=cid, current_a=[a, a, a], offered_current_a=offered_a)
+        s.sampled_at.FromSeconds(int(t_s))
+        b.samples.append(s)
+    return b
+
+
+@dataclass
+class SiteWatch:
+    """What one site's grid subject received, applied to the edge's own CurtailmentBook."""
+
+    site_id: str
+    signals: list[GridSignal] = field(default_factory=list)
+    book: CurtailmentBook = field(default_factory=lambda: CurtailmentBook({"grid"}, lead_s=0.0))
+
+    async def on_grid(self, msg: BusMessage) -> None:
+        sig = GridSignal()
+        sig.ParseFromString(msg.data)
+        self.signals.append(sig)
+        c = sig.curtailment
+        if c.cancelled:
+            self.book.cancel(c.curtailment_id)
+        else:
+            start = c.start.seconds + c.start.nanos / 1e9
+            end = c.end.seconds + c.end.nanos / 1e9
+            self.book.add(Curtailment(c.curtailment_id, c.node_id, c.max_kw, start, end))
+
+
+@dataclass
+class FleetCloud:
+    port: int
+    ca: bytes  # the server's CA (the sites' CA)
+    certs: dict[str, tuple[bytes, bytes]]  # sites and operators: (cert, key)
+    store: CloudStore
+    server: CloudApiServer
+    clock: ManualClock
+    sites: list[str]
+    watches: dict[str, SiteWatch]
+    buses: list[NatsBus]
+
+    def channel(self, who: str) -> grpc.aio.Channel:
+        cert, key = self.certs[who]
+        creds = grpc.ssl_channel_credentials(self.ca, key, cert)
+        return grpc.aio.secure_channel(f"127.0.0.1:{self.port}", creds)
+
+    def fleet(self, ch: grpc.aio.Channel) -> fpb_grpc.FleetApiStub:
+        return fpb_grpc.FleetApiStub(ch)
+
+    def cloud(self, ch: grpc.aio.Channel) -> pb_grpc.CloudApiStub:
+        return pb_grpc.CloudApiStub(ch)
+
+    async def wait_signals(self, counts: dict[str, int], timeout_s: float = 20.0) -> None:
+        await wait_until(
+            lambda: all(len(self.watches[s].signals) >= n for s, n in counts.items()),
+            f"grid signals {counts}",
+            timeout_s,
+        )
+
+    async def close(self) -> None:
+        await self.server.stop(0.5)
+        await self.store.close()
+        for bus in self.buses:
+            await bus.delete_streams()
+            await bus.close()
+
+
+async def wait_until(pred: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def fleet_certs(tmp_path: Path, sites: list[str]) -> tuple[Any, Any, str, str, dict[str, Any]]:
+    """The sites' CA (it also signs the server's certificate), the operators' CA, and a client
+    certificate per site and per operator (plus "stranger", signed but not configured)."""
+    helpers = _load_cert_helpers()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    site_ca = helpers.CertAuthority(tmp_path, "sites CA")
+    op_ca = helpers.CertAuthority(tmp_path, "operators CA")
+    server_cert, server_key = site_ca.issue("localhost", server=True)
+    certs: dict[str, tuple[bytes, bytes]] = {}
+    for name in sites:
+        c, k = site_ca.issue(name)
+        certs[name] = (Path(c).read_bytes(), Path(k).read_bytes())
+    for name in [*OPERATORS, "stranger"]:
+        c, k = op_ca.issue(name)
+        certs[name] = (Path(c).read_bytes(), Path(k).read_bytes())
+    site_ca.ca_pem = site_ca.ca_path.read_bytes()
+    return site_ca, op_ca, server_cert, server_key, certs
+
+
+async def start_fleet_cloud(tmp_path: Path, store_url: str, n_sites: int = 3) -> FleetCloud:
+    tag = uuid.uuid4().hex[:8]
+    sites = [f"fleet-{tag}-{chr(ord('a') + i)}" for i in range(n_sites)]
+    site_ca, op_ca, server_cert, server_key, certs = fleet_certs(tmp_path, sites)
+    config = CloudConfig.from_table(
+        {
+            "listen": "127.0.0.1:0",
+            "tls": {
+                "cert_file": server_cert,
+                "key_file": server_key,
+                "client_ca_file": str(site_ca.ca_path),
+            },
+            "store": {"url": store_url},
+            "bus": {
+                "urls": [NATS_URL],
+                "outbox_dir": str(tmp_path / "cloud-outbox"),
+                "reconnect_wait_s": 0.1,
+                "connect_timeout_s": 2.0,
+            },
+            "fleet": {
+                "operator_ca_file": str(op_ca.ca_path),
+                "operators": [{"common_name": n, "roles": r} for n, r in OPERATORS.items()],
+            },
+        },
+        tmp_path,
+    )
+    store = open_cloud_store(config.store_url, tmp_path)
+    clock = ManualClock(T0)
+    server = CloudApiServer(config, store, clock=clock)
+    port = await server.start()
+    watches = {s: SiteWatch(s) for s in sites}
+    buses = []
+    for s in sites:
+        bus = nats_bus(s, tmp_path / "watch-outbox")
+        await bus.start()
+        assert bus.connected, f"nats-server at {NATS_URL} unreachable"
+        await bus.subscribe(Subjects(s).grid, watches[s].on_grid)
+        buses.append(bus)
+    return FleetCloud(port, site_ca.ca_pem, certs, store, server, clock, sites, watches, buses)
