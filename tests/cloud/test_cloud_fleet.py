@@ -4,7 +4,11 @@ real NATS (127.0.0.1:4222), re-split and cancelled by id; operators only; bad in
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import json
 import math
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -279,3 +283,101 @@ def test_fleet_config_errors_name_the_key(table: dict[str, object], named: str) 
     )
     assert ok.fleet is not None and ok.bus_sites == ()
     assert ok.fleet.operators.clients["aggregator-1"].roles == {"grid_operator"}
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    exe = shutil.which("evcore")
+    assert exe is not None, "the evcore console script is not installed"
+    proc = await asyncio.create_subprocess_exec(
+        exe,
+        "cloud",
+        "curtail",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_curtail_command_calls_the_fleet_api(fleet: FleetCloud, tmp_path: Path) -> None:
+    f = fleet
+    tls = [
+        "--target",
+        f"127.0.0.1:{f.port}",
+        "--ca",
+        str(tmp_path / "sites_CA.pem"),
+        "--cert",
+        str(tmp_path / "aggregator-1.crt"),
+        "--key",
+        str(tmp_path / "aggregator-1.key"),
+    ]
+    start = dt.datetime.fromtimestamp(T0 + 600, dt.UTC).isoformat()
+    end = dt.datetime.fromtimestamp(T0 + 7800, dt.UTC).isoformat()
+    window = ["--start", start, "--end", end]
+    sites = ",".join(f.sites)
+    code, out, err = await _cli(*tls, "--id", "cli-1", "--sites", sites, "--max-kw", "400", *window)
+    assert code == 0, err
+    # Each share is rounded down to whole watts, so the total may be a few W under.
+    assert "cli-1 revision 1: ok; 399.999 kW of 400.000 kW over 3 site(s)" in out, out
+    assert f"{f.sites[2]:<24}    150.000" in out, out
+    await f.wait_signals({s: 1 for s in f.sites})
+    # NaN is refused by the service, naming the field; exit 2.
+    code, out, err = await _cli(*tls, "--id", "cli-2", "--sites", sites, "--max-kw", "nan", *window)
+    assert code == 2 and "INVALID_ARGUMENT: max_kw: must be a finite number" in err, err
+    # Infeasible: exit 3, said on stderr; the JSON carries the split.
+    code, out, err = await _cli(
+        *tls, "--id", "cli-3", "--sites", sites, "--max-kw", "10", *window, "--json"
+    )
+    assert code == 3 and "INFEASIBLE" in err and "short by 31.400 kW" in err, err
+    assert json.loads(out)["feasible"] is False
+    assert [s["max_kw"] for s in json.loads(out)["shares"]] == pytest.approx([27.6, 13.8, 0.0])
+    code, out, err = await _cli(*tls, "--cancel", "cli-1")
+    assert code == 0 and "cli-1 revision 2: CANCELLED" in out, (out, err)
+    code, out, err = await _cli(*tls, "--list")
+    assert code == 0 and "cli-3 revision 1: INFEASIBLE" in out and "cli-1" not in out, out
+    # A site's certificate is no operator.
+    site_tls = [*tls[:4], "--cert", str(tmp_path / f"{f.sites[0]}.crt")]
+    site_tls += ["--key", str(tmp_path / f"{f.sites[0]}.key")]
+    code, out, err = await _cli(*site_tls, "--list")
+    assert code == 2 and "PERMISSION_DENIED" in err, err
+
+
+async def test_insecure_mode_takes_the_operator_from_a_header(tmp_path: Path) -> None:
+    from evcore.clock import ManualClock
+    from evcore.cloud import CloudApiServer, CloudConfig, open_cloud_store
+    from evcore.cloud.auth import OPERATOR_HEADER, SITE_HEADER
+    from evcore.v1 import fleet_api_pb2_grpc as fpb_grpc
+
+    cfg = CloudConfig.from_table(
+        {
+            "listen": "127.0.0.1:0",
+            "insecure": True,
+            "store": {"url": "sqlite:store"},
+            "bus": _BUS,
+            "fleet": {"operators": _OPS},
+        },
+        tmp_path,
+    )
+    store = open_cloud_store(cfg.store_url)
+    server = CloudApiServer(cfg, store, clock=ManualClock(T0))
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = fpb_grpc.FleetApiStub(ch)
+            listed = await stub.List(
+                ListFleetCurtailmentsRequest(), metadata=((OPERATOR_HEADER, "aggregator-1"),)
+            )
+            assert list(listed.curtailments) == []
+            for metadata, code in [
+                ((), grpc.StatusCode.UNAUTHENTICATED),
+                (((SITE_HEADER, "depot-1"),), grpc.StatusCode.UNAUTHENTICATED),
+                (((OPERATOR_HEADER, "someone"),), grpc.StatusCode.PERMISSION_DENIED),
+            ]:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.List(ListFleetCurtailmentsRequest(), metadata=metadata)
+                assert info.value.code() == code, metadata
+    finally:
+        await server.stop(0.5)
+        await store.close()

@@ -50,7 +50,8 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     consumers = await _start_consumers(config, store, clock)
-    print(f"evcore cloud: CloudApi on port {port}, store {store.description}", flush=True)
+    fleet = "" if config.fleet is None else ", FleetApi for operators"
+    print(f"evcore cloud: CloudApi on port {port}, store {store.description}{fleet}", flush=True)
     try:
         await stop.wait()
     finally:
@@ -105,3 +106,6 @@ def register(sub: Any) -> None:
     s.add_argument("--config", required=True, help="cloud.toml (see cloud/cloud.example.toml)")
     s.add_argument("--log-level", default="info", help="debug, info, warning, error")
     s.set_defaults(func=_serve)
+    from evcore.cloud.fleet_cli import register_curtail
+
+    register_curtail(cloud_sub)

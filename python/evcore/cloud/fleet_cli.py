@@ -1,0 +1,189 @@
+"""``evcore cloud curtail``: an operator's command line to the cloud's FleetApi (docs/cloud.md).
+
+It only calls the service: the split, its checks and the publishing happen in the cloud. Exit
+status: 0 done; 3 done but INFEASIBLE (every site at its floor, the shortfall printed); 2 refused
+(the service's status and message, which names the field) or unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_INFEASIBLE = 3
+EXIT_REFUSED = 2
+
+
+def _time(text: str) -> dt.datetime:
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if t.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone (add Z or +01:00)")
+    return t
+
+
+def _sites(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _print_result(res: Any, *, as_json: bool) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    if as_json:
+        # Every field, false and 0 included: "feasible": false must be read, not inferred.
+        d = MessageToDict(
+            res, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        print(json.dumps(d, indent=2))
+        return
+    from evcore.v1.fleet_api_pb2 import DemandSource
+
+    c = res.curtailment
+    state = "CANCELLED" if res.cancelled else ("ok" if res.feasible else "INFEASIBLE")
+    print(
+        f"{c.fleet_curtailment_id} revision {res.revision}: {state}; "
+        f"{res.allocated_kw:.3f} kW of {c.max_kw:.3f} kW over {len(res.shares)} site(s)"
+    )
+    if res.detail:
+        print(f"  {res.detail}")
+    print(f"  {'site':<24} {'max_kw':>10} {'floor_kw':>10} {'grid_kw':>10} {'demand_kw':>10}  from")
+    for s in res.shares:
+        source = DemandSource.Name(s.demand_source).removeprefix("DEMAND_SOURCE_").lower()
+        print(
+            f"  {s.site_id:<24} {s.max_kw:>10.3f} {s.floor_kw:>10.3f} {s.grid_limit_kw:>10.3f} "
+            f"{s.demand_kw:>10.3f}  {source}"
+        )
+
+
+async def _call(args: argparse.Namespace) -> int:
+    import grpc
+
+    from evcore.api.convert import timestamp
+    from evcore.cloud.auth import OPERATOR_HEADER
+    from evcore.v1 import fleet_api_pb2 as fpb
+    from evcore.v1 import fleet_api_pb2_grpc as fpb_grpc
+
+    metadata: tuple[tuple[str, str], ...] = ()
+    if args.insecure:
+        if not args.operator:
+            print("evcore cloud curtail: --insecure needs --operator NAME", file=sys.stderr)
+            return EXIT_REFUSED
+        channel = grpc.aio.insecure_channel(args.target)
+        metadata = ((OPERATOR_HEADER, args.operator),)
+    else:
+        if not (args.ca and args.cert and args.key):
+            print(
+                "evcore cloud curtail: --ca, --cert and --key are required (an operator "
+                "certificate), or --insecure --operator for a development server",
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+        ca, cert, key = args.pems
+        creds = grpc.ssl_channel_credentials(ca, key, cert)
+        channel = grpc.aio.secure_channel(args.target, creds)
+    async with channel:
+        stub = fpb_grpc.FleetApiStub(channel)
+        try:
+            if args.list:
+                listed = await stub.List(
+                    fpb.ListFleetCurtailmentsRequest(include_cancelled=args.all),
+                    metadata=metadata,
+                    timeout=args.timeout,
+                )
+                for r in listed.curtailments:
+                    _print_result(r, as_json=args.json)
+                return 0
+            if args.cancel or args.resplit:
+                ref = fpb.FleetCurtailmentRef(fleet_curtailment_id=args.cancel or args.resplit)
+                method = stub.Cancel if args.cancel else stub.Resplit
+                res = await method(ref, metadata=metadata, timeout=args.timeout)
+            else:
+                missing = [
+                    f"--{k.replace('_', '-')}"
+                    for k in ("id", "sites", "max_kw", "start", "end")
+                    if getattr(args, k) is None
+                ]
+                if missing:
+                    print(f"evcore cloud curtail: missing {', '.join(missing)}", file=sys.stderr)
+                    return EXIT_REFUSED
+                req = fpb.FleetCurtailment(
+                    fleet_curtailment_id=args.id,
+                    site_ids=args.sites,
+                    max_kw=args.max_kw,
+                    issuer=args.issuer,
+                    require_feasible=args.require_feasible,
+                )
+                req.start.CopyFrom(timestamp(args.start.timestamp()))
+                req.end.CopyFrom(timestamp(args.end.timestamp()))
+                res = await stub.Curtail(req, metadata=metadata, timeout=args.timeout)
+        except grpc.aio.AioRpcError as exc:
+            print(
+                f"evcore cloud curtail: {exc.code().name}: {exc.details()}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_REFUSED
+    _print_result(res, as_json=args.json)
+    if not res.feasible and not res.cancelled:
+        print(
+            f"evcore cloud curtail: INFEASIBLE: the fleet limit cannot be met; short by "
+            f"{res.shortfall_kw:.3f} kW with every site at its floor",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INFEASIBLE
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    args.pems = None
+    if not args.insecure and args.ca and args.cert and args.key:
+        try:
+            args.pems = tuple(Path(p).read_bytes() for p in (args.ca, args.cert, args.key))
+        except OSError as exc:
+            print(f"evcore cloud curtail: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+    return asyncio.run(_call(args))
+
+
+def register_curtail(cloud_sub: Any) -> None:
+    p = cloud_sub.add_parser(
+        "curtail",
+        help="split a limit on several sites' total power (FleetApi)",
+        description="Ask the cloud's FleetApi to split 'these sites together at most MAX_KW from "
+        "START to END' into one curtailment per site (published on each site's grid subject); "
+        "or re-split, cancel or list. Exit 0 done, 3 infeasible (sites at their floors), 2 "
+        "refused. See docs/cloud.md.",
+    )
+    p.add_argument("--target", required=True, help="host:port of evcore cloud serve")
+    p.add_argument("--ca", help="CA certificate of the cloud's server certificate (PEM)")
+    p.add_argument("--cert", help="operator client certificate (PEM, signed by the operator CA)")
+    p.add_argument("--key", help="its private key (PEM)")
+    p.add_argument("--insecure", action="store_true", help="plaintext development server")
+    p.add_argument("--operator", help="with --insecure: the configured operator to act as")
+    p.add_argument("--id", help="fleet curtailment id (the same id again replaces the split)")
+    p.add_argument("--sites", type=_sites, help="comma-separated site ids")
+    p.add_argument("--max-kw", type=float, help="most total power of the sites in kW")
+    p.add_argument("--start", type=_time, help="ISO 8601 time with zone (T1)")
+    p.add_argument("--end", type=_time, help="ISO 8601 time with zone (T2)")
+    p.add_argument("--issuer", default="operator", help="who issued it (default operator)")
+    p.add_argument(
+        "--require-feasible",
+        action="store_true",
+        help="refuse (nothing published) when the sites' floors exceed the limit",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resplit", metavar="ID", help="split a held one again on current demand")
+    mode.add_argument("--cancel", metavar="ID", help="cancel at every site")
+    mode.add_argument("--list", action="store_true", help="list held fleet curtailments")
+    p.add_argument("--all", action="store_true", help="with --list: include cancelled ones")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the cloud")
+    p.set_defaults(func=_run)
