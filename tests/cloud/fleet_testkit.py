@@ -166,7 +166,9 @@ def fleet_certs(tmp_path: Path, sites: list[str]) -> tuple[Any, Any, str, str, d
     return site_ca, op_ca, server_cert, server_key, certs
 
 
-async def start_fleet_cloud(tmp_path: Path, store_url: str, n_sites: int = 3) -> FleetCloud:
+async def start_fleet_cloud(
+    tmp_path: Path, store_url: str, n_sites: int = 3, *, now_s: float = T0
+) -> FleetCloud:
     tag = uuid.uuid4().hex[:8]
     sites = [f"fleet-{tag}-{chr(ord('a') + i)}" for i in range(n_sites)]
     site_ca, op_ca, server_cert, server_key, certs = fleet_certs(tmp_path, sites)
@@ -193,7 +195,7 @@ async def start_fleet_cloud(tmp_path: Path, store_url: str, n_sites: int = 3) ->
         tmp_path,
     )
     store = open_cloud_store(config.store_url, tmp_path)
-    clock = ManualClock(T0)
+    clock = ManualClock(now_s)
     server = CloudApiServer(config, store, clock=clock)
     port = await server.start()
     watches = {s: SiteWatch(s) for s in sites}
