@@ -381,3 +381,35 @@ async def test_insecure_mode_takes_the_operator_from_a_header(tmp_path: Path) ->
     finally:
         await server.stop(0.5)
         await store.close()
+
+
+async def test_a_material_demand_change_is_resplit_by_the_cloud_itself(fleet: FleetCloud) -> None:
+    f = fleet
+    a, _, c = f.sites
+    coordinator = f.server.fleet
+    assert coordinator is not None
+    async with f.channel("aggregator-1") as ch:
+        first = await f.fleet(ch).Curtail(request(f, 400.0))
+    assert await coordinator.resplit_changed() == []  # nothing changed
+    # Site a: 20 A -> 21 A on six chargers, 82.8 -> 86.94 kW: under the 5 kW threshold.
+    async with f.channel(a) as ch:
+        more = batch(T0 - 5, {f"C{i}": 21.0 for i in range(6)})
+        await f.cloud(ch).UploadTelemetry(stream([more]))
+    assert await coordinator.resplit_changed() == []
+    # Site c starts reporting two chargers at 10 A: 132.48 -> 13.8 kW. The server's own check
+    # (every 60 s of its clock) splits again.
+    async with f.channel(c) as ch:
+        await f.cloud(ch).UploadTelemetry(stream([batch(T0 - 5, {"C0": 10.0, "C1": 10.0})]))
+    f.clock.advance(61.0)
+    await f.wait_signals({s: 2 for s in f.sites})
+    held = await f.store.fleet_curtailment("dso-evening-1")
+    assert held is not None and held.revision == 2
+    shares = {s.site_id: s for s in held.shares}
+    assert shares[c].demand_kw == pytest.approx(13.8)
+    assert shares[a].demand_kw == pytest.approx(86.94)
+    assert shares[c].max_kw < {s.site_id: s for s in first.shares}[c].max_kw
+    for site in f.sites:
+        assert [(x.signal_id, x.max_kw) for x in f.watches[site].book] == [
+            (f"fleet:dso-evening-1:{site}", shares[site].max_kw)
+        ]
+    assert await coordinator.resplit_changed() == []  # settled: the split holds the new demand

@@ -37,6 +37,10 @@ class FleetConfig:
     # Operator identities by certificate common name (or x-evcore-operator header when insecure).
     operators: Credentials
     demand_window_s: float = 900.0
+    # Check for material demand or topology changes this often (0: only on request).
+    resplit_every_s: float = 60.0
+    resplit_change_ratio: float = 0.2
+    resplit_min_kw: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,15 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
         return None
     if not isinstance(section, Mapping):
         raise CloudConfigError("[fleet] must be a table")
-    extra = sorted(set(section) - {"operator_ca_file", "operators", "demand_window_s"})
+    known = {
+        "operator_ca_file",
+        "operators",
+        "demand_window_s",
+        "resplit_every_s",
+        "resplit_change_ratio",
+        "resplit_min_kw",
+    }
+    extra = sorted(set(section) - known)
     if extra:
         raise CloudConfigError(f"[fleet]: unknown key(s) {', '.join(extra)}")
     ca: Path | None = None
@@ -212,7 +224,25 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
         creds = Credentials.from_config(clients=operators, source="[fleet] operators")
     except AuthConfigError as exc:
         raise CloudConfigError(str(exc)) from exc
-    window = section.get("demand_window_s", 900.0)
-    if isinstance(window, bool) or not isinstance(window, int | float) or not window > 0:
-        raise CloudConfigError(f"[fleet] demand_window_s must be a number > 0, got {window!r}")
-    return FleetConfig(ca, creds, float(window))
+
+    def number(key: str, default: float, *, zero_ok: bool) -> float:
+        v = section.get(key, default)
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or not (v >= 0 if zero_ok else v > 0)
+            or v == float("inf")
+        ):
+            raise CloudConfigError(
+                f"[fleet] {key} must be a number {'>=' if zero_ok else '>'} 0, got {v!r}"
+            )
+        return float(v)
+
+    return FleetConfig(
+        ca,
+        creds,
+        number("demand_window_s", 900.0, zero_ok=False),
+        number("resplit_every_s", 60.0, zero_ok=True),
+        number("resplit_change_ratio", 0.2, zero_ok=True),
+        number("resplit_min_kw", 5.0, zero_ok=True),
+    )

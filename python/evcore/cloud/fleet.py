@@ -22,9 +22,10 @@ from evcore.api.convert import timestamp
 from evcore.bus.api import Bus
 from evcore.bus.subjects import Subjects
 from evcore.clock import Clock
-from evcore.cloud.store import CloudStore
+from evcore.cloud.store import CloudStore, FleetRevisionConflict
 from evcore.cloud.topology import site_from_topology
 from evcore.site import Site
+from evcore.store.base import StoreUnavailable
 from evcore.store.sql import ts_s
 from evcore.v1.fleet_api_pb2 import (
     DemandSource,
@@ -39,6 +40,10 @@ log = logging.getLogger("evcore.cloud.fleet")
 
 #: Telemetry older than this (before the split) is not a site's current demand.
 DEFAULT_DEMAND_WINDOW_S = 900.0
+#: A re-split is due when a site's demand moved by this share of what the split used ...
+DEFAULT_RESPLIT_CHANGE_RATIO = 0.2
+#: ... and by at least this much (small sites' noise does not re-split a fleet).
+DEFAULT_RESPLIT_MIN_KW = 5.0
 #: A charger drawing at least this share of what it is offered is held back by its offer: its car
 #: would take more, so it counts at the charger's maximum (see ``site_demand_kw``).
 HELD_AT_OFFER_RATIO = 0.9
@@ -306,12 +311,64 @@ class FleetCoordinator:
         *,
         clock: Clock,
         demand_window_s: float = DEFAULT_DEMAND_WINDOW_S,
+        resplit_change_ratio: float = DEFAULT_RESPLIT_CHANGE_RATIO,
+        resplit_min_kw: float = DEFAULT_RESPLIT_MIN_KW,
     ) -> None:
         self._store = store
         self._publisher = publisher
         self._clock = clock
         self._demand_window_s = demand_window_s
+        self._resplit_change_ratio = resplit_change_ratio
+        self._resplit_min_kw = resplit_min_kw
         self._lock = asyncio.Lock()
+
+    async def _material_change(self, held: FleetCurtailmentResult, now_s: float) -> str | None:
+        """Why ``held`` should be split again now (a site's demand moved by at least
+        ``resplit_change_ratio`` of what the split used and ``resplit_min_kw``, or its topology
+        changed); None when it should not."""
+        for sh in held.shares:
+            try:
+                cur = await site_inputs(
+                    self._store, sh.site_id, now_s=now_s, demand_window_s=self._demand_window_s
+                )
+            except FleetInputError:
+                continue
+            if cur.topology_version != sh.topology_version:
+                return f"site {sh.site_id!r} put topology version {cur.topology_version}"
+            moved = abs(cur.demand_kw - sh.demand_kw)
+            if moved >= max(self._resplit_min_kw, self._resplit_change_ratio * sh.demand_kw):
+                return f"site {sh.site_id!r} demand {sh.demand_kw:.3f} -> {cur.demand_kw:.3f} kW"
+        return None
+
+    async def resplit_changed(self) -> list[FleetCurtailmentResult]:
+        """Split again every held fleet curtailment that has not ended and whose sites' demand or
+        topology changed materially since its split; returns the new splits."""
+        now = self._clock.now()
+        out: list[FleetCurtailmentResult] = []
+        for held in await self._store.fleet_curtailments():
+            fid = held.curtailment.fleet_curtailment_id
+            if ts_s(held.curtailment.end) <= now:
+                continue
+            why = await self._material_change(held, now)
+            if why is None:
+                continue
+            log.info("fleet: %s re-split: %s", fid, why)
+            try:
+                out.append(await self.resplit(fid))
+            except (FleetInputError, FleetNotFound, FleetRevisionConflict) as exc:
+                log.warning("fleet: %s re-split skipped: %s", fid, exc)
+        return out
+
+    async def run_resplits(self, every_s: float) -> None:
+        """Check for material changes every ``every_s`` until cancelled (the server owns it)."""
+        while True:
+            await self._clock.sleep(every_s)
+            try:
+                await self.resplit_changed()
+            except StoreUnavailable as exc:
+                log.warning("fleet: re-split check skipped, store unavailable: %s", exc)
+            except Exception:
+                log.exception("fleet: re-split check failed")
 
     async def curtail(self, req: FleetCurtailment) -> FleetCurtailmentResult:
         """Split ``req`` (a new id, or a held one again: the new split replaces the old by id)."""

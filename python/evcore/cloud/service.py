@@ -280,6 +280,7 @@ class CloudApiServer:
         self.fleet: FleetCoordinator | None = None
         self._owned_publisher: BusGridPublisher | None = None
         self._operator_ca_pem = b""
+        self._resplits: asyncio.Task[None] | None = None
         operators: OperatorAuth | None = None
         if config.fleet is not None:
             if grid_publisher is None:
@@ -295,7 +296,12 @@ class CloudApiServer:
                 self._owned_publisher = BusGridPublisher(new_bus)
                 grid_publisher = self._owned_publisher
             self.fleet = FleetCoordinator(
-                store, grid_publisher, clock=clock, demand_window_s=config.fleet.demand_window_s
+                store,
+                grid_publisher,
+                clock=clock,
+                demand_window_s=config.fleet.demand_window_s,
+                resplit_change_ratio=config.fleet.resplit_change_ratio,
+                resplit_min_kw=config.fleet.resplit_min_kw,
             )
             ca = config.fleet.operator_ca_file
             try:
@@ -371,6 +377,11 @@ class CloudApiServer:
             await self.health.set(FLEET_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         self.port = int(port)
+        if self.fleet is not None and self.config.fleet and self.config.fleet.resplit_every_s > 0:
+            self._resplits = asyncio.create_task(
+                self.fleet.run_resplits(self.config.fleet.resplit_every_s),
+                name="evcore-cloud-fleet-resplits",
+            )
         log.info(
             "cloud: CloudApi listening on %s (port %d), store %s",
             self.config.listen,
@@ -383,6 +394,11 @@ class CloudApiServer:
         """Health NOT_SERVING first, then in-flight calls get ``grace_s`` to finish."""
         if self._server is None:
             return
+        if self._resplits is not None:
+            self._resplits.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resplits
+            self._resplits = None
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.config.stop_grace_s if grace_s is None else grace_s)
         self._server = None
