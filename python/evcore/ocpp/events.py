@@ -125,8 +125,10 @@ class ProfileResult:
 
     ``status``: ``Accepted`` / ``Rejected`` (the charger's answer), ``Superseded`` (a newer limit
     for the same charger and purpose replaced it before it was sent), ``Timeout``, ``NotConnected``,
-    ``NoTransaction`` (tx purpose without an active transaction), ``QueueFull``, ``Disconnected``
-    (the connection dropped while waiting), ``CallError`` (the charger answered with a CALLERROR).
+    ``NoTransaction`` (tx purpose without an active transaction), ``TransactionChanged`` (tx
+    purpose asked for a transaction that is no longer the active one when it would leave; nothing
+    sent), ``QueueFull``, ``Disconnected`` (the connection dropped while waiting), ``CallError``
+    (the charger answered with a CALLERROR).
     """
 
     charger_id: str

@@ -153,6 +153,8 @@ class LimitRequest:
     final_limit: float | None
     wire_limit: float
     wire_final: float | None
+    #: The session a TxProfile is for (the edge's view); None: whichever is active when sent.
+    transaction_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +168,8 @@ class LimitOrder:
     final_limit_a: float | None = None
     final_limit_w: float | None = None
     purpose: ProfilePurpose = "tx"
+    #: ``tx`` only: the session the limit is for; see ``set_limit``.
+    transaction_id: str | None = None
 
 
 # Profile ids: _PROFILE_ID_BASE + EVSE x len(_PROFILE_SLOT) + the purpose's slot (see
@@ -1011,6 +1015,7 @@ class CentralSystem:
         final_limit_a: float | None,
         final_limit_w: float | None,
         purpose: ProfilePurpose,
+        transaction_id: str | None = None,
     ) -> LimitRequest:
         """Check one limit request (a ``ValueError`` names what is wrong); no side effects."""
         charger = self.charger(charger_id)
@@ -1043,6 +1048,8 @@ class CentralSystem:
             final,
             self._round(value, unit),
             self._round(final, unit) if final is not None else None,
+            # Meaningless for a TxDefault or station maximum (they are for the EVSE / station).
+            transaction_id if purpose == "tx" else None,
         )
 
     def _limit_call(
@@ -1068,6 +1075,13 @@ class CentralSystem:
                 if tx_id is None:
                     return CallOutcome(
                         "NoTransaction", detail="a TxProfile needs an active transaction"
+                    )
+                if req.transaction_id is not None and tx_id != req.transaction_id:
+                    # Built when it leaves: the session it was asked for ended meanwhile and
+                    # another began; sent now it would bind the next session's car to it.
+                    return CallOutcome(
+                        "TransactionChanged",
+                        detail=f"asked for transaction {req.transaction_id}, active {tx_id}",
                     )
             build = v16.set_charging_profile if st.version == "1.6" else v201.set_charging_profile
             return build(
@@ -1128,6 +1142,7 @@ class CentralSystem:
         final_limit_a: float | None = None,
         final_limit_w: float | None = None,
         purpose: ProfilePurpose = "tx",
+        transaction_id: str | None = None,
     ) -> ProfileResult:
         """Send one charging limit (A for AC, W for DC) as the right profile kind.
 
@@ -1136,6 +1151,9 @@ class CentralSystem:
         the charger answered, or the request was superseded, timed out or could not be sent.
         Values are rounded DOWN to what the wire allows (whole amperes if configured, else 0.1).
         Many limits at once: :meth:`send_limits` (puts them all on the wire without waiting).
+        ``transaction_id`` (``tx`` only; ignored otherwise): the session the limit is for. When
+        the station's active transaction on the EVSE is another one when the frame is built
+        (it may wait in the queue) or resent, nothing is sent: status ``TransactionChanged``.
         """
         req = self._prepare_limit(
             charger_id,
@@ -1145,6 +1163,7 @@ class CentralSystem:
             final_limit_a=final_limit_a,
             final_limit_w=final_limit_w,
             purpose=purpose,
+            transaction_id=transaction_id,
         )
         now = self.clock.now()
         st, key, decrease, pid, builder, seq = self._limit_call(req)
@@ -1182,6 +1201,7 @@ class CentralSystem:
                         final_limit_a=o.final_limit_a,
                         final_limit_w=o.final_limit_w,
                         purpose=o.purpose,
+                        transaction_id=o.transaction_id,
                     )
                 )
             except (ValueError, KeyError) as exc:
@@ -1205,6 +1225,10 @@ class CentralSystem:
                 and not st.busy
                 and not len(st.queue)
                 and (req.purpose != "tx" or charger.evse_id in st.active_tx)
+                and (
+                    req.transaction_id is None
+                    or st.active_tx.get(charger.evse_id) == req.transaction_id
+                )
             ):
                 pid = self._profile_id(st.ocpp_id, charger, req.purpose)
                 payload = frames.set_charging_profile_json(
