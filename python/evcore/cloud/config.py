@@ -41,6 +41,8 @@ class FleetConfig:
     resplit_every_s: float = 60.0
     resplit_change_ratio: float = 0.2
     resplit_min_kw: float = 5.0
+    # Publish stored-but-unpublished revisions at start and then this often (0: at start only).
+    republish_every_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
         "resplit_every_s",
         "resplit_change_ratio",
         "resplit_min_kw",
+        "republish_every_s",
     }
     extra = sorted(set(section) - known)
     if extra:
@@ -245,4 +248,5 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
         number("resplit_every_s", 60.0, zero_ok=True),
         number("resplit_change_ratio", 0.2, zero_ok=True),
         number("resplit_min_kw", 5.0, zero_ok=True),
+        number("republish_every_s", 30.0, zero_ok=True),
     )

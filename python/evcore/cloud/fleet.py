@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -321,6 +321,8 @@ class FleetCoordinator:
         self._resplit_change_ratio = resplit_change_ratio
         self._resplit_min_kw = resplit_min_kw
         self._lock = asyncio.Lock()
+        # Awaited between storing a revision and publishing it (tests inject a crash there).
+        self.after_store: Callable[[FleetCurtailmentResult], Awaitable[None]] | None = None
 
     async def _material_change(self, held: FleetCurtailmentResult, now_s: float) -> str | None:
         """Why ``held`` should be split again now (a site's demand moved by at least
@@ -370,6 +372,36 @@ class FleetCoordinator:
             except Exception:
                 log.exception("fleet: re-split check failed")
 
+    async def republish_pending(self) -> list[FleetCurtailmentResult]:
+        """Publish again the latest revision of every fleet curtailment that was stored but not
+        recorded as published (the cloud stopped, or publishing failed, after the store), unless
+        its window has ended; returns them. Idempotent for the edges: the same curtailment ids
+        (replaced by id) and the revision's event ids (JetStream drops repeats in its window)."""
+        async with self._lock:
+            pending = await self._store.unpublished_fleet_curtailments(now_s=self._clock.now())
+            for result in pending:
+                log.warning(
+                    "fleet: %s revision %d was stored but not published; publishing it now",
+                    result.curtailment.fleet_curtailment_id,
+                    result.revision,
+                )
+                await self._publish_revision(result)
+            return pending
+
+    async def run_republish(self, every_s: float) -> None:
+        """Republish pending revisions now and then every ``every_s`` (0: only now) until
+        cancelled (the server owns it)."""
+        while True:
+            try:
+                await self.republish_pending()
+            except StoreUnavailable as exc:
+                log.warning("fleet: republish check skipped, store unavailable: %s", exc)
+            except Exception:
+                log.exception("fleet: republish check failed")
+            if every_s <= 0:
+                return
+            await self._clock.sleep(every_s)
+
     async def curtail(self, req: FleetCurtailment) -> FleetCurtailmentResult:
         """Split ``req`` (a new id, or a held one again: the new split replaces the old by id)."""
         now = self._clock.now()
@@ -415,12 +447,8 @@ class FleetCoordinator:
                         topology_version=s.topology_version,
                     )
                 )
-            named = set(req.site_ids)
-            dropped = [
-                sh
-                for sh in (previous.shares if previous and not previous.cancelled else [])
-                if sh.site_id not in named
-            ]
+            dropped = await self._dropped(previous, set(req.site_ids))
+            result.dropped_shares.extend(dropped)
             notes = []
             if not split.feasible:
                 notes.append(
@@ -441,10 +469,7 @@ class FleetCoordinator:
                     result.revision,
                     result.detail,
                 )
-            for sh in result.shares:
-                await self._publish(result, sh, cancelled=False)
-            for sh in dropped:
-                await self._publish(result, sh, cancelled=True)
+            await self._publish_revision(result)
             log.info(
                 "fleet: %s revision %d split %.3f kW over %d site(s): %s",
                 req.fleet_curtailment_id,
@@ -483,9 +508,13 @@ class FleetCoordinator:
                 result.cancelled = True
                 result.split_at.CopyFrom(timestamp(self._clock.now()))
                 result.detail = "cancelled"
+                if await self._store.fleet_published_revision(fleet_curtailment_id) >= (
+                    held.revision
+                ):
+                    # Their cancels went out with the held revision.
+                    del result.dropped_shares[:]
                 await self._store.put_fleet_curtailment(result, now_s=self._clock.now())
-            for sh in result.shares:
-                await self._publish(result, sh, cancelled=True)
+            await self._publish_revision(result)
             log.info("fleet: %s cancelled at %d site(s)", fleet_curtailment_id, len(result.shares))
             return result
 
@@ -499,6 +528,39 @@ class FleetCoordinator:
         if held is None:
             raise FleetNotFound(f"no fleet curtailment {fleet_curtailment_id!r}")
         return held
+
+    async def _dropped(
+        self, previous: FleetCurtailmentResult | None, named: set[str]
+    ) -> Sequence[SiteShare]:
+        """Sites to cancel with a new split naming ``named``: the previous split's sites it does
+        not name (none when the previous revision was a cancel) and, when the previous revision
+        was never published, the sites that revision was to cancel."""
+        if previous is None:
+            return []
+        fid = previous.curtailment.fleet_curtailment_id
+        published = await self._store.fleet_published_revision(fid) >= previous.revision
+        candidates: Sequence[SiteShare] = (
+            [] if previous.cancelled and published else [*previous.shares]
+        )
+        if not published:
+            candidates = [*candidates, *previous.dropped_shares]
+        out: dict[str, SiteShare] = {}
+        for sh in candidates:
+            if sh.site_id not in named and sh.site_id not in out:
+                out[sh.site_id] = sh
+        return list(out.values())
+
+    async def _publish_revision(self, result: FleetCurtailmentResult) -> None:
+        """Publish every signal of ``result`` (its shares, cancelled when it is a cancel, and its
+        dropped sites' cancels), then record it as published. The caller holds the lock."""
+        if self.after_store is not None:
+            await self.after_store(result)
+        for sh in result.shares:
+            await self._publish(result, sh, cancelled=result.cancelled)
+        for sh in result.dropped_shares:
+            await self._publish(result, sh, cancelled=True)
+        fid = result.curtailment.fleet_curtailment_id
+        await self._store.mark_fleet_published(fid, int(result.revision))
 
     async def _publish(
         self, result: FleetCurtailmentResult, share: SiteShare, *, cancelled: bool

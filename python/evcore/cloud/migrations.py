@@ -78,12 +78,21 @@ CREATE TABLE cloud_fleet_curtailments (
 );
 """
 
+_RECORDS_V3 = """
+-- The highest revision of each fleet curtailment whose per-site signals the outbox accepted (0:
+-- none). A revision above it was stored but not published (the cloud stopped in between): it is
+-- published again at the next start or republish round. Rows from before this column start at 0
+-- and are published once more (same ids: the edges replace by id).
+ALTER TABLE cloud_fleet_curtailments ADD COLUMN published_revision {bigint} NOT NULL DEFAULT 0;
+"""
+
 _SQLITE = {"real": "REAL", "bigint": "INTEGER", "blob": "BLOB"}
 _POSTGRES = {"real": "DOUBLE PRECISION", "bigint": "BIGINT", "blob": "BYTEA"}
 
 SQLITE_RECORDS: tuple[Migration, ...] = (
     Migration(1, "cloud records: audit, progress, topology, plans", _RECORDS_V1.format(**_SQLITE)),
     Migration(2, "cloud records: fleet curtailments", _RECORDS_V2.format(**_SQLITE)),
+    Migration(3, "cloud records: fleet publication mark", _RECORDS_V3.format(**_SQLITE)),
 )
 SQLITE_TELEMETRY: tuple[Migration, ...] = (
     Migration(1, "cloud telemetry: batches", _TELEMETRY_V1.format(**_SQLITE)),
@@ -94,4 +103,5 @@ POSTGRES: tuple[Migration, ...] = (
     ),
     Migration(2, "cloud telemetry: batches", _TELEMETRY_V1.format(**_POSTGRES)),
     Migration(3, "cloud records: fleet curtailments", _RECORDS_V2.format(**_POSTGRES)),
+    Migration(4, "cloud records: fleet publication mark", _RECORDS_V3.format(**_POSTGRES)),
 )

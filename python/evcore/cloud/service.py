@@ -281,6 +281,7 @@ class CloudApiServer:
         self._owned_publisher: BusGridPublisher | None = None
         self._operator_ca_pem = b""
         self._resplits: asyncio.Task[None] | None = None
+        self._republish: asyncio.Task[None] | None = None
         operators: OperatorAuth | None = None
         if config.fleet is not None:
             if grid_publisher is None:
@@ -377,6 +378,12 @@ class CloudApiServer:
             await self.health.set(FLEET_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         self.port = int(port)
+        if self.fleet is not None and self.config.fleet:
+            # A revision stored by an earlier run that stopped before publishing it goes out now.
+            self._republish = asyncio.create_task(
+                self.fleet.run_republish(self.config.fleet.republish_every_s),
+                name="evcore-cloud-fleet-republish",
+            )
         if self.fleet is not None and self.config.fleet and self.config.fleet.resplit_every_s > 0:
             self._resplits = asyncio.create_task(
                 self.fleet.run_resplits(self.config.fleet.resplit_every_s),
@@ -394,11 +401,12 @@ class CloudApiServer:
         """Health NOT_SERVING first, then in-flight calls get ``grace_s`` to finish."""
         if self._server is None:
             return
-        if self._resplits is not None:
-            self._resplits.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resplits
-            self._resplits = None
+        for task in (self._resplits, self._republish):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._resplits = self._republish = None
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.config.stop_grace_s if grace_s is None else grace_s)
         self._server = None

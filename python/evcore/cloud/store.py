@@ -385,6 +385,50 @@ class CloudStore:
 
         return await self._run(self._records, op)
 
+    async def mark_fleet_published(self, fleet_curtailment_id: str, revision: int) -> bool:
+        """Record that every signal of ``revision`` was accepted by the outbox. False when a
+        revision at or above it was recorded already (nothing changes)."""
+
+        def op(tx: Tx) -> bool:
+            return (
+                tx.execute(
+                    "UPDATE cloud_fleet_curtailments SET published_revision = ?"
+                    " WHERE fleet_curtailment_id = ? AND published_revision < ?",
+                    (revision, fleet_curtailment_id, revision),
+                )
+                > 0
+            )
+
+        return await self._run(self._records, op)
+
+    async def fleet_published_revision(self, fleet_curtailment_id: str) -> int:
+        """The highest revision recorded as published (0: none, or no such fleet curtailment)."""
+
+        def op(tx: Tx) -> int:
+            row = tx.one(
+                "SELECT published_revision FROM cloud_fleet_curtailments"
+                " WHERE fleet_curtailment_id = ?",
+                (fleet_curtailment_id,),
+            )
+            return 0 if row is None else int(row[0])
+
+        return await self._run(self._records, op)
+
+    async def unpublished_fleet_curtailments(self, *, now_s: float) -> list[FleetCurtailmentResult]:
+        """Fleet curtailments (cancelled ones too) whose latest revision is stored but not
+        recorded as published and whose window has not ended at ``now_s``, by id."""
+
+        def op(tx: Tx) -> list[FleetCurtailmentResult]:
+            rows = tx.all(
+                "SELECT payload FROM cloud_fleet_curtailments"
+                " WHERE published_revision < revision AND end_s > ?"
+                " ORDER BY fleet_curtailment_id",
+                (now_s,),
+            )
+            return [_parse_fleet(r[0]) for r in rows]
+
+        return await self._run(self._records, op)
+
     async def fleet_curtailments(
         self, *, include_cancelled: bool = False
     ) -> list[FleetCurtailmentResult]:
