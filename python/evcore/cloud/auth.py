@@ -9,8 +9,9 @@ A site may only touch its own records: the interceptor puts the caller's site in
 The operators' ``FleetApi`` on the same port is not for sites: its caller must present a client
 certificate signed by the operator CA (``[fleet] operator_ca_file``, a CA that is not the sites')
 whose common name is a configured operator with the method's role (the edge API's roles,
-evcore.api.auth: ``grid_operator`` to curtail, re-split and cancel, any role to list). A site's
-certificate calling it, or an operator's certificate calling CloudApi, is PERMISSION_DENIED.
+evcore.api.auth: ``grid_operator`` to curtail, re-split and cancel, any role to list
+curtailments or sites). A site's certificate calling it, or an operator's certificate calling
+CloudApi, is PERMISSION_DENIED.
 
 ``insecure`` (local development only) takes the site from the ``x-evcore-site-id`` header of a
 plaintext connection, and the operator from ``x-evcore-operator``: anyone who can reach the port
@@ -42,6 +43,7 @@ FLEET_METHOD_ROLES: dict[str, frozenset[str]] = {
     FLEET_SERVICE + "Resplit": frozenset({GRID_OPERATOR}),
     FLEET_SERVICE + "Cancel": frozenset({GRID_OPERATOR}),
     FLEET_SERVICE + "List": frozenset({VIEWER, OPERATOR, GRID_OPERATOR}),
+    FLEET_SERVICE + "ListSites": frozenset({VIEWER, OPERATOR, GRID_OPERATOR}),
 }
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 

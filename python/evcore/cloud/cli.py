@@ -106,6 +106,7 @@ def register(sub: Any) -> None:
     s.add_argument("--config", required=True, help="cloud.toml (see cloud/cloud.example.toml)")
     s.add_argument("--log-level", default="info", help="debug, info, warning, error")
     s.set_defaults(func=_serve)
-    from evcore.cloud.fleet_cli import register_curtail
+    from evcore.cloud.fleet_cli import register_curtail, register_sites
 
     register_curtail(cloud_sub)
+    register_sites(cloud_sub)

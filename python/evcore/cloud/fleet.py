@@ -31,7 +31,10 @@ from evcore.v1.fleet_api_pb2 import (
     DemandSource,
     FleetCurtailment,
     FleetCurtailmentResult,
+    ListSitesResponse,
+    SiteFleetShare,
     SiteShare,
+    SiteStatus,
 )
 from evcore.v1.grid_pb2 import Curtailment, GridSignal
 from evcore.v1.meter_pb2 import MeterSample
@@ -517,6 +520,72 @@ class FleetCoordinator:
             await self._publish_revision(result)
             log.info("fleet: %s cancelled at %d site(s)", fleet_curtailment_id, len(result.shares))
             return result
+
+    async def site_statuses(self, site_ids: Sequence[str] = ()) -> ListSitesResponse:
+        """What the cloud holds of each site (``site_ids``, or every site it holds anything of)
+        and its share of every active (not cancelled, not ended) fleet curtailment.
+        ``FleetNotFound`` naming the sites asked for that the cloud holds nothing of."""
+        now = self._clock.now()
+        held = await self._store.site_activity(site_ids)
+        unknown = [sid for sid in dict.fromkeys(site_ids) if sid not in held]
+        if unknown:
+            raise FleetNotFound(
+                "the cloud holds nothing of site(s) " + ", ".join(repr(x) for x in unknown)
+            )
+        shares: dict[str, list[SiteFleetShare]] = {}
+        for fc in await self._store.fleet_curtailments():
+            if ts_s(fc.curtailment.end) <= now:
+                continue
+            fid = fc.curtailment.fleet_curtailment_id
+            published = await self._store.fleet_published_revision(fid) >= fc.revision
+            in_force = ts_s(fc.curtailment.start) <= now < ts_s(fc.curtailment.end)
+            for sh in fc.shares:
+                if sh.site_id not in held:
+                    continue
+                entry = SiteFleetShare(
+                    fleet_curtailment_id=fid,
+                    revision=fc.revision,
+                    in_force=in_force,
+                    published=published,
+                )
+                entry.share.CopyFrom(sh)
+                entry.start.CopyFrom(fc.curtailment.start)
+                entry.end.CopyFrom(fc.curtailment.end)
+                shares.setdefault(sh.site_id, []).append(entry)
+        out = ListSitesResponse()
+        out.now.CopyFrom(timestamp(now))
+        for sid in sorted(held):
+            a = held[sid]
+            st = SiteStatus(
+                site_id=sid,
+                audit_held=a.audit_last_seq is not None,
+                audit_last_seq=a.audit_last_seq or 0,
+                audit_contiguous_count=a.audit_contiguous_count,
+                topology_version=a.topology_version,
+            )
+            for field, value in (
+                ("audit_last_decided_at", a.audit_last_decided_at_s),
+                ("audit_last_stored_at", a.audit_last_stored_at_s),
+                ("telemetry_last_sample_at", a.telemetry_last_sample_s),
+                ("telemetry_last_stored_at", a.telemetry_last_stored_at_s),
+                ("topology_stored_at", a.topology_stored_at_s),
+            ):
+                if value is not None:
+                    getattr(st, field).CopyFrom(timestamp(value))
+            seen = [
+                t
+                for t in (
+                    a.audit_last_stored_at_s,
+                    a.telemetry_last_stored_at_s,
+                    a.topology_stored_at_s,
+                )
+                if t is not None
+            ]
+            if seen:
+                st.last_seen_at.CopyFrom(timestamp(max(seen)))
+            st.fleet_shares.extend(shares.get(sid, []))
+            out.sites.append(st)
+        return out
 
     async def list(self, *, include_cancelled: bool = False) -> list[FleetCurtailmentResult]:
         return await self._store.fleet_curtailments(include_cancelled=include_cancelled)

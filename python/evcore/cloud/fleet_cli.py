@@ -1,4 +1,5 @@
-"""``evcore cloud curtail``: an operator's command line to the cloud's FleetApi (docs/cloud.md).
+"""``evcore cloud curtail`` and ``evcore cloud sites``: an operator's command line to the cloud's
+FleetApi (docs/cloud.md).
 
 It only calls the service: the split, its checks and the publishing happen in the cloud. Exit
 status: 0 done; 3 done but INFEASIBLE (every site at its floor, the shortfall printed); 2 refused
@@ -62,32 +63,108 @@ def _print_result(res: Any, *, as_json: bool) -> None:
         )
 
 
+def _channel(args: argparse.Namespace, prog: str) -> tuple[Any, tuple[tuple[str, str], ...]] | None:
+    """The channel to the cloud (mTLS with the operator's certificate, or plaintext with the
+    operator header) and the metadata to send; None after saying on stderr what is missing."""
+    import grpc
+
+    from evcore.cloud.auth import OPERATOR_HEADER
+
+    if args.insecure:
+        if not args.operator:
+            print(f"{prog}: --insecure needs --operator NAME", file=sys.stderr)
+            return None
+        return grpc.aio.insecure_channel(args.target), ((OPERATOR_HEADER, args.operator),)
+    if not (args.ca and args.cert and args.key):
+        print(
+            f"{prog}: --ca, --cert and --key are required (an operator "
+            "certificate), or --insecure --operator for a development server",
+            file=sys.stderr,
+        )
+        return None
+    ca, cert, key = args.pems
+    creds = grpc.ssl_channel_credentials(ca, key, cert)
+    return grpc.aio.secure_channel(args.target, creds), ()
+
+
+def _age(now_s: float, ts: Any) -> str:
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    age = now_s - (ts.seconds + ts.nanos / 1e9)
+    return f"{age:.0f} s ago" if age < 120 else f"{age / 60:.0f} min ago"
+
+
+def _print_sites(res: Any, *, as_json: bool) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    if as_json:
+        d = MessageToDict(
+            res, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        print(json.dumps(d, indent=2))
+        return
+    now = res.now.seconds + res.now.nanos / 1e9
+    print(
+        f"{'site':<24} {'topo':>4} {'audit seq':>10} {'gap-free':>9} {'audit':>12} "
+        f"{'telemetry':>12} {'last seen':>12}"
+    )
+    for st in res.sites:
+        seq = str(st.audit_last_seq) if st.audit_held else "-"
+        print(
+            f"{st.site_id:<24} {st.topology_version:>4} {seq:>10} "
+            f"{st.audit_contiguous_count:>9} {_age(now, st.audit_last_decided_at):>12} "
+            f"{_age(now, st.telemetry_last_sample_at):>12} {_age(now, st.last_seen_at):>12}"
+        )
+        for fs in st.fleet_shares:
+            state = "in force" if fs.in_force else "pending"
+            if not fs.published:
+                state += ", NOT PUBLISHED YET"
+            print(
+                f"  fleet {fs.fleet_curtailment_id} r{fs.revision}: {fs.share.max_kw:.3f} kW "
+                f"(floor {fs.share.floor_kw:.3f}, grid limit {fs.share.grid_limit_kw:.3f}); "
+                f"{state}"
+            )
+
+
+async def _sites_call(args: argparse.Namespace) -> int:
+    import grpc
+
+    from evcore.v1 import fleet_api_pb2 as fpb
+    from evcore.v1 import fleet_api_pb2_grpc as fpb_grpc
+
+    opened = _channel(args, "evcore cloud sites")
+    if opened is None:
+        return EXIT_REFUSED
+    channel, metadata = opened
+    async with channel:
+        try:
+            res = await fpb_grpc.FleetApiStub(channel).ListSites(
+                fpb.ListSitesRequest(site_ids=args.site or []),
+                metadata=metadata,
+                timeout=args.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            print(
+                f"evcore cloud sites: {exc.code().name}: {exc.details()}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_REFUSED
+    _print_sites(res, as_json=args.json)
+    return 0
+
+
 async def _call(args: argparse.Namespace) -> int:
     import grpc
 
     from evcore.api.convert import timestamp
-    from evcore.cloud.auth import OPERATOR_HEADER
     from evcore.v1 import fleet_api_pb2 as fpb
     from evcore.v1 import fleet_api_pb2_grpc as fpb_grpc
 
-    metadata: tuple[tuple[str, str], ...] = ()
-    if args.insecure:
-        if not args.operator:
-            print("evcore cloud curtail: --insecure needs --operator NAME", file=sys.stderr)
-            return EXIT_REFUSED
-        channel = grpc.aio.insecure_channel(args.target)
-        metadata = ((OPERATOR_HEADER, args.operator),)
-    else:
-        if not (args.ca and args.cert and args.key):
-            print(
-                "evcore cloud curtail: --ca, --cert and --key are required (an operator "
-                "certificate), or --insecure --operator for a development server",
-                file=sys.stderr,
-            )
-            return EXIT_REFUSED
-        ca, cert, key = args.pems
-        creds = grpc.ssl_channel_credentials(ca, key, cert)
-        channel = grpc.aio.secure_channel(args.target, creds)
+    opened = _channel(args, "evcore cloud curtail")
+    if opened is None:
+        return EXIT_REFUSED
+    channel, metadata = opened
     async with channel:
         stub = fpb_grpc.FleetApiStub(channel)
         try:
@@ -142,15 +219,52 @@ async def _call(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def _read_pems(args: argparse.Namespace, prog: str) -> bool:
     args.pems = None
     if not args.insecure and args.ca and args.cert and args.key:
         try:
             args.pems = tuple(Path(p).read_bytes() for p in (args.ca, args.cert, args.key))
         except OSError as exc:
-            print(f"evcore cloud curtail: {exc}", file=sys.stderr)
-            return EXIT_REFUSED
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return False
+    return True
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not _read_pems(args, "evcore cloud curtail"):
+        return EXIT_REFUSED
     return asyncio.run(_call(args))
+
+
+def _run_sites(args: argparse.Namespace) -> int:
+    if not _read_pems(args, "evcore cloud sites"):
+        return EXIT_REFUSED
+    return asyncio.run(_sites_call(args))
+
+
+def _connection_args(p: Any) -> None:
+    p.add_argument("--target", required=True, help="host:port of evcore cloud serve")
+    p.add_argument("--ca", help="CA certificate of the cloud's server certificate (PEM)")
+    p.add_argument("--cert", help="operator client certificate (PEM, signed by the operator CA)")
+    p.add_argument("--key", help="its private key (PEM)")
+    p.add_argument("--insecure", action="store_true", help="plaintext development server")
+    p.add_argument("--operator", help="with --insecure: the configured operator to act as")
+
+
+def register_sites(cloud_sub: Any) -> None:
+    p = cloud_sub.add_parser(
+        "sites",
+        help="what the cloud holds of each site (FleetApi ListSites)",
+        description="Per site: audit chain progress (highest seq, records without a gap from 0), "
+        "newest audit decision and telemetry sample, last seen, topology version, and its share "
+        "of every active fleet curtailment. Any operator role. Exit 0, or 2 refused (the "
+        "service's status). See docs/cloud.md.",
+    )
+    _connection_args(p)
+    p.add_argument("--site", action="append", help="only this site (repeat for more)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the cloud")
+    p.set_defaults(func=_run_sites)
 
 
 def register_curtail(cloud_sub: Any) -> None:
@@ -162,12 +276,7 @@ def register_curtail(cloud_sub: Any) -> None:
         "or re-split, cancel or list. Exit 0 done, 3 infeasible (sites at their floors), 2 "
         "refused. See docs/cloud.md.",
     )
-    p.add_argument("--target", required=True, help="host:port of evcore cloud serve")
-    p.add_argument("--ca", help="CA certificate of the cloud's server certificate (PEM)")
-    p.add_argument("--cert", help="operator client certificate (PEM, signed by the operator CA)")
-    p.add_argument("--key", help="its private key (PEM)")
-    p.add_argument("--insecure", action="store_true", help="plaintext development server")
-    p.add_argument("--operator", help="with --insecure: the configured operator to act as")
+    _connection_args(p)
     p.add_argument("--id", help="fleet curtailment id (the same id again replaces the split)")
     p.add_argument("--sites", type=_sites, help="comma-separated site ids")
     p.add_argument("--max-kw", type=float, help="most total power of the sites in kW")

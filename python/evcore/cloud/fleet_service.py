@@ -95,3 +95,7 @@ class FleetApiService(fpb_grpc.FleetApiServicer):
     ) -> fpb.ListFleetCurtailmentsResponse:
         held = await self.coordinator.list(include_cancelled=request.include_cancelled)
         return fpb.ListFleetCurtailmentsResponse(curtailments=held)
+
+    @_codes
+    async def ListSites(self, request: fpb.ListSitesRequest, context: Any) -> fpb.ListSitesResponse:
+        return await self.coordinator.site_statuses(list(request.site_ids))

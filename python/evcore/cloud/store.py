@@ -80,6 +80,22 @@ class StoredTopology:
     topology: SiteTopology
 
 
+@dataclass(frozen=True)
+class SiteActivity:
+    """What the cloud holds of one site (None: nothing of that kind), for operators' status."""
+
+    site_id: str
+    audit_last_seq: int | None = None
+    audit_last_decided_at_s: float | None = None
+    audit_last_stored_at_s: float | None = None
+    # Records held from seq 0 without a gap.
+    audit_contiguous_count: int = 0
+    telemetry_last_sample_s: float | None = None
+    telemetry_last_stored_at_s: float | None = None
+    topology_version: int = 0
+    topology_stored_at_s: float | None = None
+
+
 def _digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
@@ -340,6 +356,71 @@ class CloudStore:
             return {cid: s for cid, (_, s) in newest.items()}
 
         return await self._run(self._telemetry, op)
+
+    # -- status -------------------------------------------------------------------------------
+    async def site_activity(self, site_ids: Sequence[str] = ()) -> dict[str, SiteActivity]:
+        """Per site (``site_ids``, or every site that put a topology or uploaded audit records or
+        telemetry) its newest audit record, gap-free count, newest telemetry sample and topology
+        version; a named site the cloud holds nothing of is absent. Every figure is an indexed
+        lookup per site (no count over a site's rows)."""
+        wanted = list(dict.fromkeys(site_ids))
+
+        def telemetry_op(tx: Tx) -> dict[str, tuple[float, float]]:
+            sites = wanted or [
+                r[0] for r in tx.all("SELECT DISTINCT site_id FROM cloud_telemetry_batches")
+            ]
+            out: dict[str, tuple[float, float]] = {}
+            for site in sites:
+                row = tx.one(
+                    "SELECT last_t_s, stored_at_s FROM cloud_telemetry_batches"
+                    " WHERE site_id = ? AND last_t_s IS NOT NULL"
+                    " ORDER BY last_t_s DESC LIMIT 1",
+                    (site,),
+                )
+                if row is not None:
+                    out[str(site)] = (float(row[0]), float(row[1]))
+            return out
+
+        telemetry = await self._run(self._telemetry, telemetry_op)
+
+        def records_op(tx: Tx) -> dict[str, SiteActivity]:
+            sites = wanted or sorted(
+                {
+                    str(r[0])
+                    for r in tx.all(
+                        "SELECT DISTINCT site_id FROM cloud_audit_records"
+                        " UNION SELECT site_id FROM cloud_topology"
+                    )
+                }
+                | set(telemetry)
+            )
+            out: dict[str, SiteActivity] = {}
+            for site in sites:
+                audit = tx.one(
+                    "SELECT seq, decided_at_s, stored_at_s FROM cloud_audit_records"
+                    " WHERE site_id = ? ORDER BY seq DESC LIMIT 1",
+                    (site,),
+                )
+                topo = tx.one(
+                    "SELECT version, stored_at_s FROM cloud_topology WHERE site_id = ?", (site,)
+                )
+                tel = telemetry.get(site)
+                if audit is None and topo is None and tel is None:
+                    continue
+                out[site] = SiteActivity(
+                    site,
+                    audit_last_seq=None if audit is None else int(audit[0]),
+                    audit_last_decided_at_s=None if audit is None else float(audit[1]),
+                    audit_last_stored_at_s=None if audit is None else float(audit[2]),
+                    audit_contiguous_count=_contiguous(tx, site) + 1,
+                    telemetry_last_sample_s=None if tel is None else tel[0],
+                    telemetry_last_stored_at_s=None if tel is None else tel[1],
+                    topology_version=0 if topo is None else int(topo[0]),
+                    topology_stored_at_s=None if topo is None else float(topo[1]),
+                )
+            return out
+
+        return await self._run(self._records, records_op)
 
     # -- fleet curtailments ---------------------------------------------------------------------
     async def put_fleet_curtailment(self, result: FleetCurtailmentResult, *, now_s: float) -> None:
