@@ -46,6 +46,24 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class CloudRetention:
+    """``[retention]``: what the serve process deletes, and how often (docs/cloud.md). Audit
+    records are never deleted."""
+
+    # Telemetry batches whose newest sample is older than this many days go (0: keep all).
+    telemetry_days: float = 30.0
+    # Per site, plans below the newest this many versions go (0: keep all).
+    plans_keep: int = 50
+    every_s: float = 3600.0
+    # Rows per delete transaction: an upload waits for at most one such batch.
+    batch_rows: int = 1000
+
+    @property
+    def enabled(self) -> bool:
+        return self.telemetry_days > 0 or self.plans_keep > 0
+
+
+@dataclass(frozen=True)
 class CloudConfig:
     store_url: str
     listen: str = DEFAULT_LISTEN
@@ -60,11 +78,22 @@ class CloudConfig:
     audit_durable: str = "cloud-audit"
     # FleetApi (operators): None when not served.
     fleet: FleetConfig | None = None
+    retention: CloudRetention = CloudRetention()
 
     @staticmethod
     def from_table(table: Mapping[str, Any], base_dir: Path | str = ".") -> CloudConfig:
         base = Path(base_dir)
-        known = {"listen", "tls", "store", "insecure", "reflection", "stop_grace_s", "bus", "fleet"}
+        known = {
+            "listen",
+            "tls",
+            "store",
+            "insecure",
+            "reflection",
+            "stop_grace_s",
+            "bus",
+            "fleet",
+            "retention",
+        }
         unknown = sorted(set(table) - known)
         if unknown:
             raise CloudConfigError(f"unknown key(s) {', '.join(unknown)}; known: {sorted(known)}")
@@ -134,6 +163,7 @@ class CloudConfig:
             bus_sites=sites,
             audit_durable=durable,
             fleet=fleet,
+            retention=_retention_section(table.get("retention")),
         )
 
     @staticmethod
@@ -249,4 +279,42 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
         number("resplit_change_ratio", 0.2, zero_ok=True),
         number("resplit_min_kw", 5.0, zero_ok=True),
         number("republish_every_s", 30.0, zero_ok=True),
+    )
+
+
+def _retention_section(section: Any) -> CloudRetention:
+    """``[retention]``: ``telemetry_days`` (30; 0 keeps all), ``plans_keep`` (50; 0 keeps all),
+    ``every_s`` (3600), ``batch_rows`` (1000). There is no key for audit records: they are kept."""
+    if section is None:
+        return CloudRetention()
+    if not isinstance(section, Mapping):
+        raise CloudConfigError("[retention] must be a table")
+    known = {"telemetry_days", "plans_keep", "every_s", "batch_rows"}
+    extra = sorted(set(section) - known)
+    if extra:
+        hint = " (audit records are never deleted)" if any("audit" in k for k in extra) else ""
+        raise CloudConfigError(f"[retention]: unknown key(s) {', '.join(extra)}{hint}")
+    d = CloudRetention()
+
+    def number(key: str, default: float, *, zero_ok: bool, integer: bool = False) -> float:
+        v = section.get(key, default)
+        bad = (
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or (integer and not isinstance(v, int))
+            or not (v >= 0 if zero_ok else v > 0)
+            or v == float("inf")
+        )
+        if bad:
+            kind = "an integer" if integer else "a number"
+            raise CloudConfigError(
+                f"[retention] {key} must be {kind} {'>=' if zero_ok else '>'} 0, got {v!r}"
+            )
+        return float(v)
+
+    return CloudRetention(
+        telemetry_days=number("telemetry_days", d.telemetry_days, zero_ok=True),
+        plans_keep=int(number("plans_keep", d.plans_keep, zero_ok=True, integer=True)),
+        every_s=number("every_s", d.every_s, zero_ok=False),
+        batch_rows=int(number("batch_rows", d.batch_rows, zero_ok=False, integer=True)),
     )

@@ -31,6 +31,7 @@ from evcore.cloud.auth import OperatorAuth, SiteAuthInterceptor, caller_site
 from evcore.cloud.config import CloudConfig, CloudConfigError
 from evcore.cloud.fleet import BusGridPublisher, FleetCoordinator, GridPublisher
 from evcore.cloud.fleet_service import FLEET_SERVICE_NAME, FleetApiService
+from evcore.cloud.retention import run_retention
 from evcore.cloud.store import CloudStore
 from evcore.cloud.topology import site_from_topology
 from evcore.errors import SiteConfigError
@@ -282,6 +283,8 @@ class CloudApiServer:
         self._operator_ca_pem = b""
         self._resplits: asyncio.Task[None] | None = None
         self._republish: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
+        self._clock = clock
         operators: OperatorAuth | None = None
         if config.fleet is not None:
             if grid_publisher is None:
@@ -378,6 +381,11 @@ class CloudApiServer:
             await self.health.set(FLEET_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         self.port = int(port)
+        if self.config.retention.enabled:
+            self._retention = asyncio.create_task(
+                run_retention(self.store, self._clock, self.config.retention),
+                name="evcore-cloud-retention",
+            )
         if self.fleet is not None and self.config.fleet:
             # A revision stored by an earlier run that stopped before publishing it goes out now.
             self._republish = asyncio.create_task(
@@ -401,12 +409,12 @@ class CloudApiServer:
         """Health NOT_SERVING first, then in-flight calls get ``grace_s`` to finish."""
         if self._server is None:
             return
-        for task in (self._resplits, self._republish):
+        for task in (self._resplits, self._republish, self._retention):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._resplits = self._republish = None
+        self._resplits = self._republish = self._retention = None
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.config.stop_grace_s if grace_s is None else grace_s)
         self._server = None

@@ -357,6 +357,52 @@ class CloudStore:
 
         return await self._run(self._telemetry, op)
 
+    # -- retention (never audit records) -------------------------------------------------------
+    async def telemetry_sites(self) -> list[str]:
+        return await self._run(
+            self._telemetry,
+            lambda tx: [
+                str(r[0]) for r in tx.all("SELECT DISTINCT site_id FROM cloud_telemetry_batches")
+            ],
+        )
+
+    async def plan_sites(self) -> list[str]:
+        return await self._run(
+            self._records,
+            lambda tx: [str(r[0]) for r in tx.all("SELECT DISTINCT site_id FROM cloud_plans")],
+        )
+
+    async def purge_telemetry_batch(self, site_id: str, *, before_s: float, rows: int) -> int:
+        """Delete at most ``rows`` of the site's telemetry batches whose newest sample is before
+        ``before_s``, in one short transaction (the (site, last_t_s) index finds them); returns
+        how many. Callers loop until it returns fewer than ``rows``."""
+
+        def op(tx: Tx) -> int:
+            return tx.execute(
+                "DELETE FROM cloud_telemetry_batches WHERE site_id = ? AND digest IN"
+                " (SELECT digest FROM cloud_telemetry_batches WHERE site_id = ? AND last_t_s < ?"
+                " LIMIT ?)",
+                (site_id, site_id, before_s, rows),
+            )
+
+        return await self._run(self._telemetry, op)
+
+    async def purge_plans_batch(self, site_id: str, *, keep: int, rows: int) -> int:
+        """Delete at most ``rows`` of the site's plans below its newest ``keep`` versions, in one
+        short transaction; returns how many."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep!r}")
+
+        def op(tx: Tx) -> int:
+            return tx.execute(
+                "DELETE FROM cloud_plans WHERE site_id = ? AND plan_version IN"
+                " (SELECT plan_version FROM cloud_plans WHERE site_id = ?"
+                " ORDER BY plan_version DESC LIMIT ? OFFSET ?)",
+                (site_id, site_id, rows, keep),
+            )
+
+        return await self._run(self._records, op)
+
     # -- status -------------------------------------------------------------------------------
     async def site_activity(self, site_ids: Sequence[str] = ()) -> dict[str, SiteActivity]:
         """Per site (``site_ids``, or every site that put a topology or uploaded audit records or
@@ -556,6 +602,19 @@ class CloudStore:
             return True
 
         return await self._run(self._records, op)
+
+    async def plan_versions(self, site_id: str) -> list[int]:
+        """The versions of the site's plans held, ascending."""
+        return await self._run(
+            self._records,
+            lambda tx: [
+                int(r[0])
+                for r in tx.all(
+                    "SELECT plan_version FROM cloud_plans WHERE site_id = ? ORDER BY plan_version",
+                    (site_id,),
+                )
+            ],
+        )
 
     async def newest_plan(self, site_id: str, *, newer_than_version: int = 0) -> Plan | None:
         """The site's plan with the highest version above ``newer_than_version``; None if none."""
