@@ -360,6 +360,40 @@ fn exactly_over(
     over
 }
 
+/// Per-constraint sums of per-charger amounts (linear coefficients), summed up the tree: `K` sums
+/// in one pass over the chargers, each summed in the same order as it would be alone (an amount
+/// of 0 adds nothing).
+fn per_constraint<const K: usize>(
+    topo: &Topology,
+    amount: impl Fn(usize) -> [f64; K],
+) -> [Vec<f64>; K] {
+    let nk = topo.n_nodes() * SLOTS;
+    let mut acc: [Vec<f64>; K] = std::array::from_fn(|_| vec![0.0; nk]);
+    for c in 0..topo.n_chargers() {
+        let xs = amount(c);
+        let co = topo.slot_coefs(c);
+        let par = topo.hot(c).parent();
+        for (acc, x) in acc.iter_mut().zip(xs) {
+            if x == 0.0 {
+                continue;
+            }
+            for slot in 0..SLOTS {
+                acc[par * SLOTS + slot] += co[slot] * x;
+            }
+        }
+    }
+    for &i in topo.node_order().iter().rev() {
+        if let Some(par) = topo.nodes[i].parent {
+            for acc in acc.iter_mut() {
+                for slot in 0..SLOTS {
+                    acc[par * SLOTS + slot] += acc[i * SLOTS + slot];
+                }
+            }
+        }
+    }
+    acc
+}
+
 /// Build the linear model and run admission; returns the model and the admitted mask.
 #[allow(clippy::too_many_arguments)]
 fn model_and_admission(
@@ -412,29 +446,6 @@ fn model_and_admission(
             m.capacity[i * SLOTS + N_PHASES] -= sub_other[i][ph] * topo.voltage_ln_v;
         }
     }
-    // Per-constraint sums of per-charger amounts (linear coefficients), summed up the tree.
-    let per_constraint = |amount: &dyn Fn(usize) -> f64| -> Vec<f64> {
-        let mut acc = vec![0.0; nn * SLOTS];
-        for c in 0..n {
-            let x = amount(c);
-            if x == 0.0 {
-                continue;
-            }
-            let co = topo.slot_coefs(c);
-            let par = topo.hot(c).parent();
-            for slot in 0..SLOTS {
-                acc[par * SLOTS + slot] += co[slot] * x;
-            }
-        }
-        for &i in topo.node_order().iter().rev() {
-            if let Some(par) = topo.nodes[i].parent {
-                for slot in 0..SLOTS {
-                    acc[par * SLOTS + slot] += acc[i * SLOTS + slot];
-                }
-            }
-        }
-        acc
-    };
     // What each charger holds regardless of its new setpoint (max over its terminals). Where
     // that alone is over a limit (chargers measured above it), no setpoint can make the counted
     // load fit; the envelope then sizes setpoints so that the node fits when its chargers follow
@@ -449,7 +460,7 @@ fn model_and_admission(
     // the exact one: only where it is over is the exact count needed, node by node when those
     // nodes hold fewer chargers together than the site, else in one pass over the site.)
     let mut held: Vec<f64> = (0..n).map(|c| held_of(&cnt.held, c)).collect();
-    let held_sum = per_constraint(&|c| held[c]);
+    let [held_sum] = per_constraint(topo, |c| [held[c]]);
     let over = exactly_over(topo, &cnt, &m.capacity, &held_sum, n);
     let mut following = vec![false; n];
     if over.iter().any(|&o| o) {
@@ -567,11 +578,20 @@ fn model_and_admission(
     // setpoint): reserve that first, so that a session admitted early is not pushed over a limit
     // by the holdings of a session refused later. Admission then takes `floor − held` more.
     // (No limit stays no limit: inf − finite is inf.)
-    let held_sum = if following.iter().any(|&f| f) {
-        per_constraint(&|c| held[c])
-    } else {
-        held_sum
-    };
+    // One pass for the sums below (each summed in the order it would be alone): what is held
+    // (again only where a charger now counts as following), what admission takes beyond it, and
+    // what the non-candidates hold (never admitted: with every candidate admitted, that is all
+    // the water-filling must take off the capacities).
+    let refetch = following.iter().any(|&f| f);
+    let [held_again, extra_sum, non_candidate_held] = per_constraint(topo, |c| {
+        let h = held[c];
+        [
+            if refetch { h } else { 0.0 },
+            if candidate[c] { m.floor[c] - h } else { 0.0 },
+            if candidate[c] { 0.0 } else { h.max(0.0) },
+        ]
+    });
+    let held_sum = if refetch { held_again } else { held_sum };
     let mut remaining: Vec<f64> = m
         .capacity
         .iter()
@@ -582,13 +602,6 @@ fn model_and_admission(
     let tol = 1e-9;
     // When every candidate's minimum fits at once, the order does not matter: all are admitted
     // without sorting by laxity.
-    let extra_sum = per_constraint(&|c| {
-        if candidate[c] {
-            m.floor[c] - held[c]
-        } else {
-            0.0
-        }
-    });
     let all_fit = remaining.iter().zip(&extra_sum).all(|(&r, &e)| {
         let t = r - e;
         t >= -tol * (1.0 + t.abs()) || r == f64::INFINITY
@@ -693,7 +706,12 @@ fn model_and_admission(
         }
     }
     // The water-filling sees capacity net of non-admitted holdings.
-    let refused_held = per_constraint(&|c| if admitted[c] { 0.0 } else { held[c].max(0.0) });
+    let refused_held = if all_fit {
+        non_candidate_held
+    } else {
+        let [h] = per_constraint(topo, |c| [if admitted[c] { 0.0 } else { held[c].max(0.0) }]);
+        h
+    };
     for (cap, &h) in m.capacity.iter_mut().zip(&refused_held) {
         *cap -= h;
     }
@@ -779,28 +797,30 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     let nk = nn * SLOTS;
     let mut level = vec![f64::INFINITY; n];
     let mut frozen_by: Vec<Option<usize>> = vec![None; n];
-    let fill: Vec<Fill> = (0..n)
-        .map(|c| {
-            let (f, u, w) = (m.floor[c], m.cap[c], m.weight[c]);
-            Fill {
-                floor: f,
-                cap: u,
-                weight: w,
-                floor_level: f / w,
-                cap_level: u / w,
-            }
-        })
-        .collect();
-    // Largest possible load per constraint, summed up the tree.
-    // And how many members each constraint has (admitted chargers with a coefficient on it).
+    // In one pass over the chargers: their fill records; the largest possible load per
+    // constraint and how many members each has (admitted chargers with a coefficient on it),
+    // both summed up the tree below; the highest level at which any member can still rise
+    // (scale for probing large constraints).
+    let mut fill: Vec<Fill> = Vec::with_capacity(n);
     let mut dmax = vec![0.0f64; nk];
     let mut count = vec![0usize; nk];
+    let mut top_level = 0.0;
     for c in 0..n {
+        let (f, u, w) = (m.floor[c], m.cap[c], m.weight[c]);
+        let x = Fill {
+            floor: f,
+            cap: u,
+            weight: w,
+            floor_level: f / w,
+            cap_level: u / w,
+        };
+        fill.push(x);
         if admitted[c] {
+            top_level = f64::max(top_level, x.cap_level);
             let co = topo.slot_coefs(c);
             let p = topo.hot(c).parent();
             for slot in 0..SLOTS {
-                dmax[p * SLOTS + slot] += co[slot] * m.cap[c];
+                dmax[p * SLOTS + slot] += co[slot] * u;
                 count[p * SLOTS + slot] += usize::from(co[slot] != 0.0);
             }
         }
@@ -892,8 +912,8 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         }
         let (mut base, mut slope) = (0.0, 0.0);
         for &(c, co) in mem_a {
-            base += co * m.floor[c];
-            slope += co * m.weight[c];
+            base += co * fill[c].floor;
+            slope += co * fill[c].weight;
         }
         let lb = (m.capacity[act_k[a]] - base) / slope;
         lam[a] = if lb > 0.0 { lb } else { 0.0 };
@@ -901,11 +921,6 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         initial.push((order_key(lam[a]), a));
     }
     let mut heap = LevelQueue::new(initial);
-    // Highest level at which any member can still rise (scale for probing large constraints).
-    let top_level = (0..n)
-        .filter(|&c| admitted[c])
-        .map(|c| m.cap[c] / m.weight[c])
-        .fold(0.0, f64::max);
     while let Some((l, a)) = heap.pop() {
         if done[a] {
             continue;
@@ -913,22 +928,32 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         let (o, k) = (off[a], act_k[a]);
         // A constraint is current while none of its members froze since it was solved (they
         // leave the live list, and add their fixed load, when it is next solved). One scan
-        // tells; it is the scan that saturating the constraint makes anyway.
-        let stale = dirty[a] || mem[o..o + len[a]].iter().any(|&(c, _)| frozen[c]);
+        // tells; it is the scan that saturating the constraint makes anyway. The compaction
+        // goes on from the first frozen member the scan finds (those before it stay).
+        let mut j = 0;
+        let mut end = len[a];
+        let list = &mut mem[o..o + end];
+        let stale = dirty[a] || {
+            while j < end && !frozen[list[j].0] {
+                j += 1;
+            }
+            j < end
+        };
         if stale {
-            // Frozen members are fixed load now.
-            let mut j = 0;
-            let mut end = len[a];
+            // Frozen members are fixed load now; the last live entry takes a frozen one's place
+            // (entries past the new end are never read again).
+            let mut fx = fixed[a];
             while j < end {
-                let (c, coef) = mem[o + j];
+                let (c, coef) = list[j];
                 if frozen[c] {
-                    fixed[a] += coef * frozen_val[c];
+                    fx += coef * frozen_val[c];
                     end -= 1;
-                    mem.swap(o + j, o + end);
+                    list[j] = list[end];
                 } else {
                     j += 1;
                 }
             }
+            fixed[a] = fx;
             len[a] = end;
             let live = &mem[o..o + end];
             let cap = m.capacity[k];
