@@ -413,3 +413,50 @@ def test_2_0_1_refuses_a_clash_with_another_id_where_1_6_replaces() -> None:
     assert send(v16, profile_16(clock, pid=8, purpose="TxDefaultProfile", limit=10)) == "Accepted"
     settle(v16, clock, 2.1)
     assert [q.id for q in v16.profiles] == [8] and v16.limit_at(1, clock.now()) == 10.0
+
+
+def test_2_0_1_reports_its_profiles_by_criteria_in_parts() -> None:
+    clock = ManualClock()
+    sim = station(clock, version="2.0.1")
+    sim.step()
+    assert send(sim, profile_201(clock, pid=7, purpose="TxDefaultProfile", limit=20)) == "Accepted"
+    assert send(sim, profile_201(clock, pid=8, purpose="TxDefaultProfile", limit=6, stack=0)) == (
+        "Accepted"
+    )
+    p = profile_201(clock, pid=9, purpose="ChargingStationMaxProfile", limit=30, evse=0)
+    assert send(sim, p) == "Accepted"
+
+    def ask(**crit: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        evse = crit.pop("evse", None)
+        req: dict[str, Any] = {"requestId": 42, "chargingProfile": crit}
+        if evse is not None:
+            req["evseId"] = evse
+        validation.validate("2.0.1", "GetChargingProfiles", req, response=False)
+        after: list[Any] = []
+        answer = sim._on_GetChargingProfiles(req, after)
+        validation.validate("2.0.1", "GetChargingProfiles", answer, response=True)
+        reports = [fn.args[0] for fn in after]
+        for r in reports:
+            validation.validate("2.0.1", "ReportChargingProfiles", r, response=False)
+        return answer, reports
+
+    # Not yet applied (apply delay) counts as held; filtered by EVSE, purpose and stack level.
+    answer, [report] = ask(evse=1, chargingProfilePurpose="TxDefaultProfile", stackLevel=1)
+    assert answer == {"status": "Accepted"}
+    assert (report["requestId"], report["evseId"], report["chargingLimitSource"]) == (42, 1, "CSO")
+    assert "tbc" not in report
+    [prof] = report["chargingProfile"]
+    assert (prof["id"], prof["stackLevel"], prof["chargingProfilePurpose"]) == (
+        7,
+        1,
+        "TxDefaultProfile",
+    )
+    assert prof["chargingSchedule"][0]["chargingSchedulePeriod"][0]["limit"] == 20.0
+    assert ask(evse=1, chargingProfilePurpose="TxProfile") == ({"status": "NoProfiles"}, [])
+    assert ask(chargingProfileId=[5]) == ({"status": "NoProfiles"}, [])
+    # Everything: one part per EVSE (and source), sorted by stack level, tbc on all but the last.
+    settle(sim, clock, 2.1)
+    answer, reports = ask()
+    assert [(r["evseId"], r.get("tbc", False)) for r in reports] == [(0, True), (1, False)]
+    assert [q["id"] for q in reports[1]["chargingProfile"]] == [8, 7]
+    assert ask(chargingLimitSource=["EMS"]) == ({"status": "NoProfiles"}, [])

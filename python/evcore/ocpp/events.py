@@ -150,6 +150,47 @@ class ProfileResult:
         return self.status == "Accepted"
 
 
+@dataclass(frozen=True, slots=True)
+class ProfileClearing:
+    """A ClearChargingProfile of another id's profile is about to leave (emitted before its frame
+    is written; see docs/ocpp.md, "clearing a clashing profile").
+
+    From this event until a profile of ours for ``charger_id`` and ``purpose`` is accepted AND
+    applied, the charger may draw up to its maximum (``tx_default``) or up to what its TxDefault
+    allows (``tx``): count it so.
+    """
+
+    charger_id: str
+    ocpp_id: str
+    evse_id: int
+    purpose: ProfilePurpose
+    #: The id of the station's profile being cleared (not one of ours).
+    profile_id: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileCleared:
+    """The answer to the ClearChargingProfile that ``ProfileClearing`` announced.
+
+    ``status``: the station's answer (``Accepted``: cleared; ``Unknown``: it held no such
+    profile) or ``Timeout``, ``Disconnected``, ``CallError`` (not known whether it was cleared).
+    """
+
+    charger_id: str
+    ocpp_id: str
+    evse_id: int
+    purpose: ProfilePurpose
+    profile_id: int
+    at: float
+    status: str
+
+    @property
+    def nothing_cleared(self) -> bool:
+        """True only when the station said it held no such profile (``Unknown``)."""
+        return self.status == "Unknown"
+
+
 OcppEvent = (
     ConnectionEvent
     | BootEvent
@@ -160,4 +201,6 @@ OcppEvent = (
     | SecurityEvent
     | NotificationEvent
     | ProfileResult
+    | ProfileClearing
+    | ProfileCleared
 )

@@ -15,6 +15,7 @@ import binascii
 import gc
 import hmac
 import inspect
+import itertools
 import logging
 import math
 import ssl
@@ -39,6 +40,8 @@ from evcore.ocpp.events import (
     MeterSample,
     NotificationEvent,
     OcppEvent,
+    ProfileCleared,
+    ProfileClearing,
     ProfilePurpose,
     ProfileResult,
     SecurityEvent,
@@ -47,7 +50,7 @@ from evcore.ocpp.events import (
 )
 from evcore.ocpp.metering import PhaseMap, parse_meter_value, phase_map_for
 from evcore.ocpp.publish import EventPublisher
-from evcore.ocpp.queue import CallOutcome, QueuedCall, StationCallQueue
+from evcore.ocpp.queue import CallOutcome, QueuedCall, StationCallQueue, Then
 
 LOG = logging.getLogger("evcore.ocpp")
 
@@ -282,6 +285,14 @@ class Station:
         return self.chargers.get(evse_id)
 
 
+@dataclass
+class _ProfileReport:
+    """What a station reported to one GetChargingProfiles: (evseId, ChargingProfileType)."""
+
+    profiles: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @dataclass(frozen=True)
 class StationState:
     ocpp_id: str
@@ -350,6 +361,9 @@ class CentralSystem:
         #: answered. Value: the transaction (TxProfile), else "". See ``_conflict_migration``.
         self._no_stranger: dict[tuple[str, int, str], str] = {}
         self._last_limit: dict[tuple[str, int, str], float] = {}
+        #: GetChargingProfiles of ``_migrate`` awaiting their report, by (station, requestId).
+        self._reports: dict[tuple[str, int], _ProfileReport] = {}
+        self._report_ids = itertools.count(int(clock.now()) % 1_000_000 * 1000 + 1)
         self._tx_counter = int(clock.now()) % 2_000_000 * 1000
         self._port = 0
 
@@ -1172,7 +1186,12 @@ class CentralSystem:
         )
         migration = self._conflict_migration(st, req, key, seq, decrease, builder, out)
         if migration is not None:
-            out = await migration
+            await asyncio.wait([migration])
+            out = (
+                CallOutcome("NotConnected", detail="central system stopped")
+                if migration.cancelled()
+                else migration.result()
+            )
         return self._limit_result(req, key, pid, now, out)
 
     def send_limits(self, orders: Sequence[LimitOrder]) -> list[LimitSend]:
@@ -1311,75 +1330,214 @@ class CentralSystem:
         first: CallOutcome,
     ) -> asyncio.Future[CallOutcome] | None:
         """A 2.0.1 station's refusal of our profile that may be a clash with a profile it holds
-        under another id: clear that one and send ours once more. None when it cannot be one.
+        under another id: ask what it holds, clear the others' by id, send ours once more. None
+        when it cannot be one (the refusal stands).
 
         A 2.0.1 station refuses a profile whose stack level, purpose and EVSE equal those of a
         profile it holds under another id with an overlapping validity (K01.FR.06), or a
         TxProfile with the stack level and transaction of another TxProfile (K01.FR.39); 1.6
-        replaces such a profile instead. Earlier versions of this central system numbered ids by
-        first use, so a station may hold such a profile of ours under an old id. The refusal
-        says no more (a reason code is optional and free text), so: unless the station can hold
-        no other profile there (``_no_stranger``: ours was accepted there, which a holder of a
-        clashing one would have refused, or a clear by those criteria was answered since),
-        ClearChargingProfile by EVSE, purpose and our stack level (never by id: the old id is
-        unknown; always naming one of our purposes, so ChargingStationExternalConstraints and
-        other levels stay) and, if it cleared something, the same limit again (built anew). Its
-        outcome is the request's (one ``ProfileResult``); a refusal of the resend is final: one
-        clear and one resend per refusal at most, and none once the key is known clear. Queued
-        like any call (decreases first); skipped when a newer limit for the key was requested
-        meanwhile (it is refused in turn and migrates itself).
+        replaces such a profile instead, and 2.0.1 replaces one with the same id (K01.FR.05).
+        Earlier versions of this central system numbered ids by first use, so a station may hold
+        such a profile of ours under an old id. The refusal says no more (a reason code is
+        optional and free text), so, unless the station can hold no other profile there
+        (``_no_stranger``: ours was accepted there, which a holder of a clashing one would have
+        refused, or its profiles there were reported since), see ``_migrate``. Never for a
+        station maximum: a clear at EVSE 0 lifts the cap of every EVSE of the station.
         """
         if st.version != "2.0.1" or st.connection is None or first.status != "Result":
             return None
         if first.payload is None or first.payload.get("status") != "Rejected":
             return None
-        if self._limit_seq.get(key) != seq:
+        if req.purpose == "station_max" or self._limit_seq.get(key) != seq:
             return None
         held = self._no_stranger.get(key)
         if held is not None and held == self._holder(key, req.purpose):
             return None
+        task = asyncio.ensure_future(self._migrate(st, req, key, seq, decrease, builder, first))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _migrate(
+        self,
+        st: Station,
+        req: LimitRequest,
+        key: tuple[str, int, str],
+        seq: int,
+        decrease: bool,
+        builder: Callable[[], Any],
+        first: CallOutcome,
+    ) -> CallOutcome:
+        """GetChargingProfiles for the EVSE, our purpose and stack level (the report is collected
+        from ReportChargingProfiles, for at most ``call_timeout_s``); ClearChargingProfile by id
+        for each reported profile whose id is not ours (``ProfileClearing`` before each frame is
+        written, ``ProfileCleared`` after its answer); then, if one was cleared, the same limit
+        again (built anew). No profile of another id: nothing is cleared, the refusal stands.
+        The outcome is the request's (one ``ProfileResult``); a refusal of the resend is final.
+        Each call is queued like any (decreases first); the clears and the resend go in one turn
+        of the station's queue, nothing between them; all is skipped once a newer limit for the
+        key was requested (it is refused in turn and migrates itself)."""
         evse, purpose, level = key[1], req.purpose, self.config.stack_level
-        info = first.payload.get("statusInfo") or {}
-        why = "Rejected" + (f" ({info['reasonCode']})" if info.get("reasonCode") else "")
-        what = f"ClearChargingProfile {v201.PURPOSE[purpose]} stackLevel {level} EVSE {evse}"
+        ours = self._profile_ids[key]
+        info = first.payload.get("statusInfo") if first.payload else None
+        why = "Rejected" + (f" ({info['reasonCode']})" if info and info.get("reasonCode") else "")
+        asked = f"GetChargingProfiles {v201.PURPOSE[purpose]} stackLevel {level} EVSE {evse}"
 
         def not_resent(note: str) -> CallOutcome:
             return replace(first, detail=f"{why}; {note}")
 
-        def clear() -> tuple[str, dict[str, Any]] | CallOutcome:
+        def skip_if_stale() -> CallOutcome | None:
             if st.version != "2.0.1":
-                return not_resent("station reconnected as 1.6: not resent")
+                return CallOutcome("Skipped", detail="station reconnected as 1.6: not resent")
             if self._limit_seq.get(key) != seq:
-                return not_resent("a newer limit follows: not resent")
-            return v201.clear_charging_profile(evse, purpose, None, level)
+                return CallOutcome("Skipped", detail="a newer limit follows: not resent")
+            return None
 
-        async def resend(conn: StationConnection, cleared: CallOutcome) -> CallOutcome:
-            answer = cleared.payload.get("status") if cleared.payload else None
-            if cleared.status == "Result" and answer in ("Accepted", "Unknown"):
+        request_id = next(self._report_ids)
+        report = _ProfileReport()
+        self._reports[(st.ocpp_id, request_id)] = report
+        try:
+
+            def get() -> tuple[str, dict[str, Any]] | CallOutcome:
+                return skip_if_stale() or v201.get_charging_profiles(
+                    request_id, evse, purpose, level
+                )
+
+            LOG.info(
+                "station %s: %s limit for %s %s; %s",
+                st.ocpp_id,
+                purpose,
+                req.charger_id,
+                why,
+                asked,
+            )
+            got = await self._queue_call(st, get, decrease, f"get {purpose} for {req.charger_id}")
+            answer = got.payload.get("status") if got.status == "Result" and got.payload else None
+            if got.status == "Skipped":
+                return not_resent(got.detail)
+            if answer == "Accepted":
+                complete = await self._wait_report(report, self.config.call_timeout_s)
+            elif answer == "NoProfiles":
+                complete = True
+            else:
+                return not_resent(f"{asked}: {answer or got.status}; nothing cleared, not resent")
+        finally:
+            self._reports.pop((st.ocpp_id, request_id), None)
+        reported = sorted(
+            {
+                int(p["id"])
+                for e, p in report.profiles
+                if e == evse
+                and p.get("chargingProfilePurpose") == v201.PURPOSE[purpose]
+                and p.get("stackLevel") == level
+            }
+        )
+        foreign = [pid for pid in reported if pid != ours]
+        seen = f"{asked}: {', '.join(map(str, reported)) or 'none'}" + (
+            "" if complete else " (report incomplete)"
+        )
+        if not foreign:
+            if complete:  # it holds none of another id there: later refusals are final
                 self._no_stranger[key] = self._holder(key, purpose)
-            if cleared.status != "Result" or answer != "Accepted":
-                return not_resent(f"{what}: {answer or cleared.status}; not resent")
+            return not_resent(f"{seen}; none of another id: nothing cleared, not resent")
+        charger = self._chargers[req.charger_id]
+        answers: list[str] = []
+
+        def clearing(pid: int) -> tuple[str, dict[str, Any]]:
+            # To the listeners (the edge counts the charger at what it may draw now) before the
+            # frame is written: the caller writes it at once.
+            ev = ProfileClearing(
+                req.charger_id, st.ocpp_id, charger.evse_id, purpose, pid, self.clock.now()
+            )
+            self._emit(ev)
+            return v201.clear_charging_profile(None, None, pid, None)
+
+        def cleared(pid: int, out: CallOutcome) -> None:
+            status = _answer(out)
+            answers.append(f"{pid}: {status}")
+            ev = ProfileCleared(
+                req.charger_id, st.ocpp_id, charger.evse_id, purpose, pid, self.clock.now(), status
+            )
+            self._emit(ev)
+
+        def first_clear() -> tuple[str, dict[str, Any]] | CallOutcome:
+            return skip_if_stale() or clearing(foreign[0])
+
+        async def clear_and_resend(conn: StationConnection, out: CallOutcome) -> CallOutcome:
+            cleared(foreign[0], out)
+            for pid in foreign[1:]:
+                if conn.closed:
+                    break
+                cleared(pid, await conn.call_raw(*clearing(pid), self.config.call_timeout_s))
+            what = f"{seen}; ClearChargingProfile {'; '.join(answers)}"
+            if complete and all(a.endswith(("Accepted", "Unknown")) for a in answers):
+                self._no_stranger[key] = self._holder(key, purpose)
+            if not any(a.endswith("Accepted") for a in answers):
+                return not_resent(f"{what}; not resent")
             if self._limit_seq.get(key) != seq:
-                return not_resent(f"{what}: Accepted; a newer limit follows: not resent")
+                return not_resent(f"{what}; a newer limit follows: not resent")
             if conn.closed:
-                return CallOutcome("Disconnected", detail=f"{why}; {what}: Accepted; disconnected")
+                return CallOutcome("Disconnected", detail=f"{why}; {what}; disconnected")
             built = builder()
             if isinstance(built, CallOutcome):
-                return built
+                return replace(built, detail=f"{why}; {what}; {built.detail}")
             action, payload = built
             out = await conn.call_raw(action, payload, self.config.call_timeout_s)
-            note = f"{why}; {what}: Accepted; resent"
+            note = f"{why}; {what}; resent"
             out.detail = f"{note}: {out.detail}" if out.detail else note
             LOG.info("station %s: %s; %s", st.ocpp_id, note, _answer(out))
             return out
 
-        LOG.info(
-            "station %s: %s limit for %s %s; %s", st.ocpp_id, purpose, req.charger_id, why, what
-        )
-        fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+        LOG.info("station %s: %s; clearing %s", st.ocpp_id, seen, foreign)
         label = f"clear {purpose} for {req.charger_id}"
-        st.queue.put(QueuedCall(clear, fut, decrease, None, label=label, then=resend))
+        done = await self._queue_call(st, first_clear, decrease, label, then=clear_and_resend)
+        if done.status == "Skipped":
+            return not_resent(f"{seen}; {done.detail}")
+        return done
+
+    def _queue_call(
+        self,
+        st: Station,
+        builder: Callable[[], tuple[str, dict[str, Any]] | CallOutcome],
+        decrease: bool,
+        label: str,
+        *,
+        then: Then | None = None,
+    ) -> asyncio.Future[CallOutcome]:
+        fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+        if st.connection is None:
+            fut.set_result(
+                CallOutcome("NotConnected", detail=f"station {st.ocpp_id} not connected")
+            )
+            return fut
+        st.queue.put(QueuedCall(builder, fut, decrease, None, label=label, then=then))
         return fut
+
+    async def _wait_report(self, report: _ProfileReport, timeout_s: float) -> bool:
+        """Wait for the last part of a ReportChargingProfiles (``tbc`` false); False on timeout."""
+        waiter = asyncio.ensure_future(report.done.wait())
+        timer = asyncio.ensure_future(self.clock.sleep(timeout_s))
+        try:
+            await asyncio.wait([waiter, timer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            timer.cancel()
+        return report.done.is_set()
+
+    def _on_profile_report(self, st: Station, p: dict[str, Any]) -> None:
+        """A ReportChargingProfiles part: kept for the GetChargingProfiles that asked for it."""
+        report = self._reports.get((st.ocpp_id, int(p["requestId"])))
+        if report is None:
+            LOG.info(
+                "station %s: ReportChargingProfiles for request %s ignored",
+                st.ocpp_id,
+                p["requestId"],
+            )
+            return
+        evse = int(p["evseId"])
+        report.profiles.extend((evse, prof) for prof in p["chargingProfile"])
+        if not p.get("tbc", False):
+            report.done.set()
 
     def _settle_limit(
         self,

@@ -87,6 +87,11 @@ class Connection201(SharedHandlers):
     # Heartbeat, SecurityEventNotification, FirmwareStatusNotification, LogStatusNotification
     # and DataTransfer: SharedHandlers.
 
+    @on(Action.report_charging_profiles)
+    async def on_report_charging_profiles(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_profile_report(self.station, p)
+        return {}
+
     @on(Action.notify_ev_charging_needs)
     async def on_ev_charging_needs(self, p: dict[str, Any]) -> dict[str, Any]:
         self.csms._on_notification(self.station, "NotifyEVChargingNeeds", p)
@@ -168,6 +173,16 @@ def clear_charging_profile(
     if crit:
         p["chargingProfileCriteria"] = crit
     return "ClearChargingProfile", p
+
+
+def get_charging_profiles(
+    request_id: int, evse_id: int, purpose: str, stack_level: int
+) -> tuple[str, dict[str, Any]]:
+    """The profiles of ``purpose`` at ``stack_level`` on ``evse_id``, to be reported in
+    ReportChargingProfiles with ``request_id`` (K09)."""
+    criterion = {"chargingProfilePurpose": PURPOSE[purpose], "stackLevel": stack_level}
+    payload = {"requestId": request_id, "evseId": evse_id, "chargingProfile": criterion}
+    return "GetChargingProfiles", payload
 
 
 def composite_schedule(

@@ -43,6 +43,11 @@ _PURPOSE = {
     "TxDefaultProfile": "default",
     "TxProfile": "tx",
 }
+_PURPOSE_201 = {
+    "max": "ChargingStationMaxProfile",
+    "default": "TxDefaultProfile",
+    "tx": "TxProfile",
+}
 
 
 @dataclass
@@ -62,6 +67,38 @@ class HeldProfile:
     unit: str
     periods: list[tuple[float, float, int | None]]
     received_at: float = 0.0
+    #: 2.0.1 chargingLimitSource: who installed it (a central system: "CSO").
+    limit_source: str = "CSO"
+
+    def to_2_0_1(self) -> dict[str, Any]:
+        """This profile as a 2.0.1 ``ChargingProfileType`` (ReportChargingProfiles)."""
+        sched: dict[str, Any] = {
+            "id": self.id,
+            "chargingRateUnit": self.unit,
+            "chargingSchedulePeriod": [
+                {"startPeriod": int(sp), "limit": limit}
+                | ({"numberPhases": phases} if phases is not None else {})
+                for sp, limit, phases in self.periods
+            ],
+        }
+        if self.start is not None:
+            sched["startSchedule"] = iso(self.start)
+        if self.duration is not None:
+            sched["duration"] = int(self.duration)
+        out: dict[str, Any] = {
+            "id": self.id,
+            "stackLevel": self.stack,
+            "chargingProfilePurpose": _PURPOSE_201[self.purpose],
+            "chargingProfileKind": self.kind,
+            "chargingSchedule": [sched],
+        }
+        if self.valid_from is not None:
+            out["validFrom"] = iso(self.valid_from)
+        if self.valid_to is not None:
+            out["validTo"] = iso(self.valid_to)
+        if self.tx_id is not None:
+            out["transactionId"] = self.tx_id
+        return out
 
 
 def _overlap(a: HeldProfile, b: HeldProfile) -> bool:
@@ -161,7 +198,7 @@ _SIM_ACTIONS_16 = (
 _SIM_ACTIONS_201 = (
     "SetChargingProfile ClearChargingProfile GetCompositeSchedule RequestStartTransaction "
     "RequestStopTransaction ChangeAvailability Reset TriggerMessage GetVariables SetVariables "
-    "UnlockConnector DataTransfer"
+    "UnlockConnector DataTransfer GetChargingProfiles"
 ).split()
 
 
@@ -981,6 +1018,50 @@ class SimChargePoint:
         self._pending_profiles = [(t, q) for t, q in self._pending_profiles if not match(q)]
         removed = before != len(self.profiles) + len(self._pending_profiles)
         return {"status": "Accepted" if removed else "Unknown"}
+
+    def _on_GetChargingProfiles(
+        self, p: dict[str, Any], after: list[Callable[[], None]]
+    ) -> dict[str, Any]:
+        """2.0.1 K09: the profiles held (applied or waiting for the apply delay) that match the
+        criteria, reported after the answer in ReportChargingProfiles CALLs, one per EVSE and
+        chargingLimitSource, sorted by stack level, ``tbc`` on all but the last."""
+        crit = p["chargingProfile"]
+        evse, purpose = p.get("evseId"), crit.get("chargingProfilePurpose")
+        stack, ids = crit.get("stackLevel"), crit.get("chargingProfileId")
+        sources = crit.get("chargingLimitSource")
+
+        def match(q: HeldProfile) -> bool:
+            return (
+                (evse is None or q.evse == evse)
+                and (purpose is None or q.purpose == _PURPOSE[purpose])
+                and (stack is None or q.stack == stack)
+                and (ids is None or q.id in ids)
+                and (sources is None or q.limit_source in sources)
+            )
+
+        held = [q for q in [*self.profiles, *(q for _, q in self._pending_profiles)] if match(q)]
+        if not held:
+            return {"status": "NoProfiles"}
+        groups: dict[tuple[int, str], list[HeldProfile]] = {}
+        for q in held:
+            groups.setdefault((q.evse, q.limit_source), []).append(q)
+        keys = sorted(groups)
+        for n, (g_evse, source) in enumerate(keys):
+            report: dict[str, Any] = {
+                "requestId": p["requestId"],
+                "chargingLimitSource": source,
+                "evseId": g_evse,
+                "chargingProfile": [
+                    q.to_2_0_1() for q in sorted(groups[(g_evse, source)], key=lambda q: q.stack)
+                ],
+            }
+            if n < len(keys) - 1:
+                report["tbc"] = True
+            after.append(partial(self._send_report, report))
+        return {"status": "Accepted"}
+
+    def _send_report(self, report: dict[str, Any]) -> None:
+        self.call("ReportChargingProfiles", report)
 
     def _on_GetCompositeSchedule(
         self, p: dict[str, Any], after: list[Callable[[], None]]
