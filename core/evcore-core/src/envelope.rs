@@ -420,20 +420,8 @@ fn terminal_counted(cnt: &Counting, c: usize, k: usize) -> f64 {
     cnt.s[c].max(cnt.held[c][k])
 }
 
-/// Add the charger's counted terminal currents (or, with `sign = -1`, remove them) at node `n`.
-#[inline]
-fn add_charger(
-    topo: &Topology,
-    cnt: &Counting,
-    c: usize,
-    n: usize,
-    loads: &mut NodeLoads,
-    sign: f64,
-) {
-    add_charger_as(topo, cnt, c, n, loads, sign, terminal_counted);
-}
-
-/// As `add_charger`, with the terminal currents given by `current(cnt, charger, terminal)`.
+/// Add the charger's terminal currents, given by `current(cnt, charger, terminal)` (each taken
+/// once), at node `n`.
 #[inline]
 fn add_charger_as(
     topo: &Topology,
@@ -441,26 +429,32 @@ fn add_charger_as(
     c: usize,
     n: usize,
     loads: &mut NodeLoads,
-    sign: f64,
-    terminal_counted: impl Fn(&Counting, usize, usize) -> f64,
+    current: impl Fn(&Counting, usize, usize) -> f64,
 ) {
     let spec = topo.hot(c);
-    let v = spec.watts_per_terminal_a();
-    for e in topo.terminal_entries(c) {
-        let i = terminal_counted(cnt, c, e.terminal) * sign;
-        loads.re[n][e.phase] += i * e.re;
-        loads.im[n][e.phase] += i * e.im;
-    }
     let nt = spec.terminals();
-    for k in 0..nt {
-        loads.power_w[n] += terminal_counted(cnt, c, k) * v * sign;
+    let mut t = [0.0; N_PHASES];
+    for (k, tk) in t.iter_mut().enumerate().take(nt) {
+        *tk = current(cnt, c, k);
+    }
+    let (re, im) = (&mut loads.re[n], &mut loads.im[n]);
+    for e in topo.terminal_entries(c) {
+        let i = t[e.terminal];
+        re[e.phase] += i * e.re;
+        im[e.phase] += i * e.im;
+    }
+    let v = spec.watts_per_terminal_a();
+    let pw = &mut loads.power_w[n];
+    for &tk in &t[..nt] {
+        *pw += tk * v;
     }
     if spec.single_phase_car {
         let h = spec.phase(0);
+        let spc = &mut loads.spc[n][h];
         for k in 0..nt {
             let l = spec.phase(k);
             if l != h {
-                loads.spc[n][h][l] += terminal_counted(cnt, c, k) * sign;
+                spc[l] += t[k];
             }
         }
     }
@@ -485,7 +479,7 @@ pub(crate) fn node_loads(topo: &Topology, cnt: &Counting, loads: &mut NodeLoads)
         loads.spc[n] = [[0.0; N_PHASES]; N_PHASES];
     }
     for c in 0..topo.n_chargers() {
-        add_charger(topo, cnt, c, topo.hot(c).parent(), loads, 1.0);
+        add_charger_as(topo, cnt, c, topo.hot(c).parent(), loads, terminal_counted);
     }
     for &n in topo.node_order().iter().rev() {
         if let Some(p) = topo.nodes[n].parent {
@@ -675,7 +669,7 @@ fn single_node_value_as(
     scratch.power_w[0] = sub.w[n];
     scratch.spc[0] = [[0.0; N_PHASES]; N_PHASES];
     for &c in topo.chargers_below(n) {
-        add_charger_as(topo, cnt, c, 0, scratch, 1.0, current);
+        add_charger_as(topo, cnt, c, 0, scratch, current);
     }
     match k {
         Constraint::Phase(p) => scratch.line_a(0, p),
