@@ -5,15 +5,30 @@ edge's CurtailmentBook; SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+import signal
+import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 from cloud_testkit import T0
+from evcore.bus.subjects import Subjects
 from evcore.cloud import CloudApiServer, open_cloud_store
 from evcore.v1.fleet_api_pb2 import FleetCurtailment, FleetCurtailmentResult, SiteShare
-from fleet_testkit import FleetCloud, site_table, start_fleet_cloud, topology, wait_until
+from fleet_testkit import (
+    NATS_URL,
+    FleetCloud,
+    SiteWatch,
+    nats_bus,
+    site_table,
+    start_fleet_cloud,
+    topology,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,3 +159,71 @@ async def test_revisions_left_in_the_store_are_published_unless_their_window_end
     assert await f.store.fleet_published_revision("crashed") == 1
     assert await f.store.fleet_published_revision("ended") == 0
     assert f.watches[c].signals == []
+
+
+async def test_evcore_cloud_serve_publishes_what_a_killed_cloud_left(
+    tmp_path: Path, store_url: str
+) -> None:
+    """The command as a process, on the store a killed cloud left (revision 2 stored, revision 1
+    published and marked): its start publishes revision 2, once, to the site's grid subject."""
+    exe = shutil.which("evcore")
+    assert exe is not None, "the evcore console script is not installed"
+    site = f"killed-{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    store = open_cloud_store(store_url, tmp_path)
+    for rev, kw in ((1, 70.0), (2, 55.0)):
+        r = FleetCurtailmentResult(revision=rev, feasible=True, allocated_kw=kw)
+        r.curtailment.CopyFrom(request([site], kw, fid="killed"))
+        r.curtailment.start.FromSeconds(int(now - 60))
+        r.curtailment.end.FromSeconds(int(now + 3600))
+        r.shares.append(
+            SiteShare(
+                site_id=site, node_id="grid", curtailment_id=f"fleet:killed:{site}", max_kw=kw
+            )
+        )
+        await store.put_fleet_curtailment(r, now_s=now)
+    assert await store.mark_fleet_published("killed", 1)
+    await store.close()
+
+    watch = SiteWatch(site)
+    bus = nats_bus(site, tmp_path / "watch-outbox")
+    await bus.start()
+    assert bus.connected, f"nats-server at {NATS_URL} unreachable"
+    await bus.subscribe(Subjects(site).grid, watch.on_grid)
+    config = tmp_path / "cloud.toml"
+    config.write_text(
+        'listen = "127.0.0.1:0"\ninsecure = true\nstop_grace_s = 1.0\n'
+        f"[store]\nurl = {json.dumps(store_url)}\n"
+        f'[bus]\nurls = ["{NATS_URL}"]\noutbox_dir = "outbox"\n'
+        '[fleet]\nresplit_every_s = 0\n[[fleet.operators]]\ncommon_name = "ops"\n'
+        'roles = ["viewer"]\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        exe,
+        "cloud",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_until(lambda: len(watch.signals) >= 1, "revision 2 from the new process", 30)
+        await asyncio.sleep(1.0)
+        assert [(s.signal_id, s.curtailment.max_kw) for s in watch.signals] == [
+            (f"fleet:killed:{site}#r2", 55.0)
+        ]
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await bus.delete_streams()
+        await bus.close()
+    reopened = open_cloud_store(store_url, tmp_path)
+    try:
+        assert await reopened.fleet_published_revision("killed") == 2
+    finally:
+        await reopened.close()
