@@ -222,3 +222,34 @@ async def test_a_txdefault_answered_late_is_counted_unapplied_from_its_acceptanc
     assert c.replaced_default(now_m) == high
     assert c.tx_default_old_until == pytest.approx(now_m + cfg.settle_s)
     assert math.isclose(c.idle_level(ctrl.failsafe.get(cid, 0.0), now_m), high)
+
+
+async def test_a_lowering_after_the_first_txdefault_gap_recomputes_the_failsafe_levels() -> None:
+    """Charger X comes online after the others accepted their first TxDefaults (0 A: sized with
+    X at its maximum), so its own first TxDefault is its maximum, 32 A. A car starts on it in
+    X's gap. When the gap ends X no longer counts at its maximum for being unconfirmed, but for
+    a TxDefault to be lowered (32 -> 8 A) that waits for its session's TxProfile: the same set of
+    chargers, other levels. Before the fix the levels were keyed by that set alone, were not
+    recomputed, and stayed {X: 32 A, others: 0 A} for good (X's TxDefault never lowered, the
+    others' cars never admitted; the restart test's flake: 2 cars at 32 A, 6 at 0 A)."""
+    table = depot_table(4, per_feeder=4, feeder_share=32.0 / 128.0, grid_share=1.0)
+    gw = _Gateway()
+    ctrl, clock = stepped_controller(table, gw)
+    cfg = ctrl.cfg
+    x, *others = sorted(ctrl.state.chargers)
+    cx = ctrl.state.chargers[x]
+    cx.online = False
+    for _ in range(3):
+        await _round(ctrl, clock, cfg.settle_s + 0.1)
+    assert all(ctrl.state.chargers[cid].tx_default == 0.0 for cid in others)
+    cx.online = True
+    await _round(ctrl, clock, 0.5)
+    assert cx.tx_default == cx.max_value and cx.default_unapplied(clock.monotonic())
+    _start(ctrl, clock, x)
+    for _ in range(20):
+        await _round(ctrl, clock, cfg.tick_s)
+    plain = ctrl.core.failsafe_levels({})
+    assert plain[x] == pytest.approx(8.0)
+    assert ctrl.failsafe == plain, dict(ctrl.failsafe)
+    assert cx.tx_default == pytest.approx(plain[x])
+    assert all(ctrl.state.chargers[cid].tx_default == pytest.approx(plain[cid]) for cid in others)

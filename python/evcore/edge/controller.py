@@ -172,7 +172,9 @@ class EdgeController:
         # for the caps of ``_failsafe_key``: set only together with ``failsafe``, so a failed
         # recompute keeps the pair (and the next decision computes them again).
         self._plain_failsafe: dict[str, float] = {}
-        self._failsafe_key: tuple[tuple[tuple[str, float], ...], frozenset[str]] | None = None
+        self._failsafe_key: (
+            tuple[tuple[tuple[str, float], ...], frozenset[str], frozenset[str]] | None
+        ) = None
         self._triggers: set[str] = set()
         self._wake = asyncio.Event()
         #: Set when something the local planner plans with changed (``evcore.edge.planning``).
@@ -1163,7 +1165,12 @@ class EdgeController:
             # session's TxProfile, at most ``settle_s``): the others are not sized on room it has
             # not given up. Counted at its maximum in their levels; its own is the plain level.
             lowering = self._lowering_defaults(plain, now_m) - at_max
-            key = (caps_key, at_max | lowering)
+            # Both sets: a charger counted at its maximum gets its maximum as its level, one
+            # whose TxDefault is being lowered the plain one. Keyed by their union, a charger
+            # moving from the first to the second (its first TxDefault, at its maximum, applied
+            # while a session ran on it) kept the levels of before for good: 2 chargers at 32 A
+            # and 6 at 0 A on a 64 A feeder, their TxDefaults never lowered (the restart test).
+            key = (caps_key, at_max, lowering)
             if key != self._failsafe_key:
                 levels = (
                     self.core.failsafe_levels(caps, at_max=at_max | lowering)
