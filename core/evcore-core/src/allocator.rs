@@ -753,9 +753,47 @@ struct LevelQueue {
     heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>>,
 }
 
+/// Sort `(key, index)` pairs with distinct indices given in ascending index order, as
+/// `sort_unstable` would (the pairs are distinct, so any sort gives this one order): a stable
+/// radix sort by key, one byte at a time from the lowest (bytes every key shares skipped), keeps
+/// equal keys in index order.
+fn sort_keys(v: Vec<(u64, usize)>) -> Vec<(u64, usize)> {
+    if v.len() <= 64 {
+        let mut v = v;
+        v.sort_unstable();
+        return v;
+    }
+    let mut hist = [[0usize; 256]; 8];
+    for &(k, _) in &v {
+        for (d, h) in hist.iter_mut().enumerate() {
+            h[((k >> (8 * d)) & 0xff) as usize] += 1;
+        }
+    }
+    let mut src = v;
+    let mut dst = vec![(0u64, 0usize); src.len()];
+    for (d, h) in hist.iter_mut().enumerate() {
+        if h.contains(&src.len()) {
+            continue; // every key has the same byte here
+        }
+        let mut pos = 0;
+        for x in h.iter_mut() {
+            let count = *x;
+            *x = pos;
+            pos += count;
+        }
+        for &e in &src {
+            let b = ((e.0 >> (8 * d)) & 0xff) as usize;
+            dst[h[b]] = e;
+            h[b] += 1;
+        }
+        std::mem::swap(&mut src, &mut dst);
+    }
+    src
+}
+
 impl LevelQueue {
-    fn new(mut init: Vec<(u64, usize)>) -> Self {
-        init.sort_unstable();
+    fn new(init: Vec<(u64, usize)>) -> Self {
+        let init = sort_keys(init);
         LevelQueue {
             init,
             next: 0,
@@ -2180,6 +2218,32 @@ mod tests {
             .collect();
         let want: Vec<(u64, usize)> = want.iter().map(|&(x, a)| (x.to_bits(), a)).collect();
         assert_eq!(got, want);
+    }
+
+    /// The initial keys' radix sort gives `sort_unstable`'s order (indices ascending on input,
+    /// so equal keys stay in index order), whatever bytes the keys share or not.
+    #[test]
+    fn initial_keys_sort_as_sort_unstable() {
+        let mut r = Rng::new(7);
+        let special = [0.0, -0.0, f64::INFINITY, f64::NAN, -3.0, 1e-300, 16.0];
+        for len in [0, 1, 63, 64, 65, 300, 5000] {
+            for mode in 0..4 {
+                let keys: Vec<(u64, usize)> = (0..len)
+                    .map(|a| {
+                        let x = match mode {
+                            0 => r.range(0.0, 100.0),
+                            1 => (r.below(8) as f64) * 0.5, // many ties
+                            2 => special[r.below(special.len())],
+                            _ => 16.0 + (r.below(3) as f64) * f64::EPSILON * 16.0, // low bytes
+                        };
+                        (order_key(x), a)
+                    })
+                    .collect();
+                let mut want = keys.clone();
+                want.sort_unstable();
+                assert_eq!(sort_keys(keys), want, "len {len} mode {mode}");
+            }
+        }
     }
 
     #[test]
