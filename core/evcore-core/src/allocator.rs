@@ -137,9 +137,11 @@ const FULL_TOL: f64 = 1e-9;
 /// a quickselect over the events finds the linear piece holding the root in expected O(m).
 /// `window`: a bracket `(lo, hi]` known to hold the root (`D(lo) < cap <= D(hi)`; `(0, inf)`
 /// when nothing is known): events outside it are folded into constants or slope in one pass.
+/// Members are charger indices; `kw`: the constraint is a kW slot (coefficients as `Fill::coef`).
 #[allow(clippy::too_many_arguments)]
 fn saturation_level(
-    members: &[(usize, f64)],
+    members: &[u32],
+    kw: bool,
     fill: &[Fill],
     fixed: f64,
     cap: f64,
@@ -153,8 +155,9 @@ fn saturation_level(
     let mut folded = 0.0;
     let mut slope = 0.0;
     events.clear();
-    for &(c, a) in members {
-        let x = &fill[c];
+    for &c in members {
+        let x = &fill[c as usize];
+        let a = x.coef(kw);
         let (w, f, u) = (x.weight, x.floor, x.cap);
         base += a * f;
         dmax += a * u;
@@ -184,8 +187,9 @@ fn saturation_level(
         }
         return members
             .iter()
-            .filter(|&&(c, _)| fill[c].cap > fill[c].floor)
-            .map(|&(c, _)| fill[c].floor_level)
+            .map(|&c| &fill[c as usize])
+            .filter(|x| x.cap > x.floor)
+            .map(|x| x.floor_level)
             .fold(f64::INFINITY, f64::min);
     }
     let mut base = base + folded;
@@ -275,10 +279,10 @@ fn last_piece(base: f64, slope: f64, cap: f64, left: f64, right: f64) -> f64 {
 }
 
 /// `fixed + Σ a·clamp(w L, F, U)`: a constraint's load at level `L` (one pass, no events).
-fn load_at(members: &[(usize, f64)], fill: &[Fill], fixed: f64, l: f64) -> f64 {
-    members.iter().fold(fixed, |d, &(c, a)| {
-        let x = &fill[c];
-        d + a * (x.weight * l).max(x.floor).min(x.cap)
+fn load_at(members: &[u32], kw: bool, fill: &[Fill], fixed: f64, l: f64) -> f64 {
+    members.iter().fold(fixed, |d, &c| {
+        let x = &fill[c as usize];
+        d + x.coef(kw) * (x.weight * l).max(x.floor).min(x.cap)
     })
 }
 
@@ -291,6 +295,21 @@ struct Fill {
     weight: f64,
     floor_level: f64,
     cap_level: f64,
+    /// Coefficient in the kW slots (`Topology::slot_coefs`; in a phase slot it is 1).
+    kw_coef: f64,
+}
+
+impl Fill {
+    /// The charger's coefficient in a constraint it is a member of: W per terminal ampere in a
+    /// kW slot, 1 in a phase slot (the member lists hold charger indices only).
+    #[inline]
+    fn coef(&self, kw: bool) -> f64 {
+        if kw {
+            self.kw_coef
+        } else {
+            1.0
+        }
+    }
 }
 
 /// Which node × slot constraints what is held alone breaks as the envelope counts it (exact
@@ -845,17 +864,19 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     let mut top_level = 0.0;
     for c in 0..n {
         let (f, u, w) = (m.floor[c], m.cap[c], m.weight[c]);
+        let co = topo.slot_coefs(c);
+        debug_assert!(co[..N_PHASES].iter().all(|&x| x == 0.0 || x == 1.0));
         let x = Fill {
             floor: f,
             cap: u,
             weight: w,
             floor_level: f / w,
             cap_level: u / w,
+            kw_coef: co[N_PHASES],
         };
         fill.push(x);
         if admitted[c] {
             top_level = f64::max(top_level, x.cap_level);
-            let co = topo.slot_coefs(c);
             let p = topo.hot(c).parent();
             for slot in 0..SLOTS {
                 dmax[p * SLOTS + slot] += co[slot] * u;
@@ -872,7 +893,8 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         }
     }
     // Binding constraints and their members (flat): `mem[off[a]..off[a] + len[a]]` are the
-    // members of active constraint `a` not yet known to be frozen, in charger order. Sized from
+    // members of active constraint `a` not yet known to be frozen (charger indices, 4 bytes: a
+    // member's coefficient is `Fill::coef`), in charger order. Sized from
     // the counts, then filled in one pass over the chargers (`cursor`: next free entry of each
     // binding node × slot; `usize::MAX` where the node × slot does not bind).
     let mut act_k: Vec<usize> = Vec::new();
@@ -895,7 +917,9 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     for &k in &act_k {
         binding_slots[k / SLOTS] |= 1 << (k % SLOTS);
     }
-    let mut mem: Vec<(usize, f64)> = vec![(0, 0.0); total];
+    // (A site of more than 4 billion chargers would not fit in memory.)
+    assert!(u32::try_from(n).is_ok(), "more chargers than u32 indices");
+    let mut mem: Vec<u32> = vec![0; total];
     for c in 0..n {
         if !admitted[c] {
             continue;
@@ -911,7 +935,7 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
                 let slot = bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 let cur = &mut cursor[i * SLOTS + slot];
-                mem[*cur] = (c, co[slot]);
+                mem[*cur] = c as u32;
                 *cur += 1;
             }
         }
@@ -922,8 +946,10 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     let mut dirty = vec![false; na];
     let mut done = vec![false; na];
     let mut frozen = vec![false; n];
-    // Value each charger froze at (its load is fixed from then on).
-    let mut frozen_val = vec![0.0; n];
+    // What each charger adds to a phase and to a kW constraint once frozen (coefficient × the
+    // value it froze at: its load is fixed from then on).
+    let mut frozen_val = vec![[0.0; 2]; n];
+    let is_kw = |a: usize| act_k[a] % SLOTS == N_PHASES;
     let mut events: Vec<(f64, f64)> = Vec::new();
     let mut initial: Vec<(u64, usize)> = Vec::with_capacity(na);
     // Initial keys. Small constraints (a circuit of a few chargers) are solved exactly at once.
@@ -935,6 +961,7 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         if len[a] <= BIG {
             lam[a] = saturation_level(
                 mem_a,
+                is_kw(a),
                 &fill,
                 0.0,
                 m.capacity[act_k[a]],
@@ -949,9 +976,12 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
             continue;
         }
         let (mut base, mut slope) = (0.0, 0.0);
-        for &(c, co) in mem_a {
-            base += co * fill[c].floor;
-            slope += co * fill[c].weight;
+        let kw = is_kw(a);
+        for &c in mem_a {
+            let x = &fill[c as usize];
+            let co = x.coef(kw);
+            base += co * x.floor;
+            slope += co * x.weight;
         }
         let lb = (m.capacity[act_k[a]] - base) / slope;
         lam[a] = if lb > 0.0 { lb } else { 0.0 };
@@ -964,6 +994,7 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
             continue;
         }
         let (o, k) = (off[a], act_k[a]);
+        let kw = is_kw(a);
         // A constraint is current while none of its members froze since it was solved (they
         // leave the live list, and add their fixed load, when it is next solved). One scan
         // tells; it is the scan that saturating the constraint makes anyway. The compaction
@@ -972,7 +1003,7 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         let mut end = len[a];
         let list = &mut mem[o..o + end];
         let stale = dirty[a] || {
-            while j < end && !frozen[list[j].0] {
+            while j < end && !frozen[list[j] as usize] {
                 j += 1;
             }
             j < end
@@ -981,10 +1012,11 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
             // Frozen members are fixed load now; the last live entry takes a frozen one's place
             // (entries past the new end are never read again).
             let mut fx = fixed[a];
+            let slot = usize::from(kw);
             while j < end {
-                let (c, coef) = list[j];
+                let c = list[j] as usize;
                 if frozen[c] {
-                    fx += coef * frozen_val[c];
+                    fx += frozen_val[c][slot];
                     end -= 1;
                     list[j] = list[end];
                 } else {
@@ -1004,7 +1036,7 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
                 // (Above every member's cap level a constraint is as full as it gets: solve.)
                 let probe = (2.0 * l).max(0.125 * top_level);
                 if probe > l && probe < top_level {
-                    let d = load_at(live, &fill, fixed[a], probe);
+                    let d = load_at(live, kw, &fill, fixed[a], probe);
                     if d < cap - FULL_TOL * (1.0 + cap.abs()) {
                         // Only a lower bound: solve when it comes back up.
                         dirty[a] = true;
@@ -1015,7 +1047,7 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
                     window = (l, probe);
                 }
             }
-            lam[a] = saturation_level(live, &fill, fixed[a], cap, window, &mut events);
+            lam[a] = saturation_level(live, kw, &fill, fixed[a], cap, window, &mut events);
             dirty[a] = false;
             if lam[a] < f64::INFINITY {
                 heap.push(lam[a], a);
@@ -1026,12 +1058,14 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         }
         done[a] = true;
         // Current: every member is live (the scan above found none frozen).
-        for &(c, _) in &mem[o..o + len[a]] {
+        for &c in &mem[o..o + len[a]] {
+            let c = c as usize;
             frozen[c] = true;
             level[c] = l;
             frozen_by[c] = Some(k);
             let x = &fill[c];
-            frozen_val[c] = (x.weight * l).clamp(x.floor, x.cap);
+            let v = (x.weight * l).clamp(x.floor, x.cap);
+            frozen_val[c] = [1.0 * v, x.kw_coef * v];
         }
     }
     (level, frozen_by)
