@@ -396,21 +396,31 @@ fn per_constraint<const K: usize>(
             if x == 0.0 {
                 continue;
             }
-            for slot in 0..SLOTS {
-                acc[par * SLOTS + slot] += co[slot] * x;
+            let row = &mut acc[par * SLOTS..par * SLOTS + SLOTS];
+            for (r, &a) in row.iter_mut().zip(co) {
+                *r += a * x;
             }
         }
     }
     for &i in topo.node_order().iter().rev() {
         if let Some(par) = topo.nodes[i].parent {
             for acc in acc.iter_mut() {
-                for slot in 0..SLOTS {
-                    acc[par * SLOTS + slot] += acc[i * SLOTS + slot];
-                }
+                add_row(acc, par, i);
             }
         }
     }
     acc
+}
+
+/// `v[par] += v[child]` for one node's `SLOTS` entries.
+#[inline]
+fn add_row<T: Copy + std::ops::AddAssign>(v: &mut [T], par: usize, child: usize) {
+    let from: [T; SLOTS] = v[child * SLOTS..child * SLOTS + SLOTS]
+        .try_into()
+        .expect("SLOTS entries");
+    for (r, x) in v[par * SLOTS..par * SLOTS + SLOTS].iter_mut().zip(from) {
+        *r += x;
+    }
 }
 
 /// Build the linear model and run admission; returns the model and the admitted mask.
@@ -676,12 +686,16 @@ fn model_and_admission(
             let need = m.floor[c] - held[c];
             let cc = topo.slot_coefs(c);
             let par = topo.hot(c).parent();
-            let on_short = (0..SLOTS).any(|slot| cc[slot] != 0.0 && short_up[par * SLOTS + slot]);
-            if locked_on[c] || need <= 0.0 || !on_short {
+            let on_short = || {
+                let up = &short_up[par * SLOTS..par * SLOTS + SLOTS];
+                cc.iter().zip(up).any(|(&a, &s)| a != 0.0 && s)
+            };
+            if locked_on[c] || need <= 0.0 || !on_short() {
                 admitted[c] = true;
                 if need > 0.0 {
-                    for (slot, &a) in cc.iter().enumerate() {
-                        first[par * SLOTS + slot] += a * need;
+                    let row = &mut first[par * SLOTS..par * SLOTS + SLOTS];
+                    for (r, &a) in row.iter_mut().zip(cc) {
+                        *r += a * need;
                     }
                 }
             } else {
@@ -690,9 +704,7 @@ fn model_and_admission(
         }
         for &i in topo.node_order().iter().rev() {
             if let Some(par) = topo.nodes[i].parent {
-                for slot in 0..SLOTS {
-                    first[par * SLOTS + slot] += first[i * SLOTS + slot];
-                }
+                add_row(&mut first, par, i);
             }
         }
         for (r, &f) in remaining.iter_mut().zip(&first) {
@@ -878,18 +890,20 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
         if admitted[c] {
             top_level = f64::max(top_level, x.cap_level);
             let p = topo.hot(c).parent();
-            for slot in 0..SLOTS {
-                dmax[p * SLOTS + slot] += co[slot] * u;
-                count[p * SLOTS + slot] += usize::from(co[slot] != 0.0);
+            let d = &mut dmax[p * SLOTS..p * SLOTS + SLOTS];
+            for (r, &a) in d.iter_mut().zip(co) {
+                *r += a * u;
+            }
+            let k = &mut count[p * SLOTS..p * SLOTS + SLOTS];
+            for (r, &a) in k.iter_mut().zip(co) {
+                *r += usize::from(a != 0.0);
             }
         }
     }
     for &i in topo.node_order().iter().rev() {
         if let Some(par) = topo.nodes[i].parent {
-            for slot in 0..SLOTS {
-                dmax[par * SLOTS + slot] += dmax[i * SLOTS + slot];
-                count[par * SLOTS + slot] += count[i * SLOTS + slot];
-            }
+            add_row(&mut dmax, par, i);
+            add_row(&mut count, par, i);
         }
     }
     // Binding constraints and their members (flat): `mem[off[a]..off[a] + len[a]]` are the
