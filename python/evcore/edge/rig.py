@@ -38,6 +38,7 @@ class EdgeRig:
         with_edge: bool = True,
         on_sent: Callable[[SentProfile], None] | None = None,
         url: str | None = None,
+        prepare: Callable[[Any], None] | None = None,
     ) -> None:
         from evcore.site import load_site
 
@@ -55,6 +56,8 @@ class EdgeRig:
         self.sim_tick_s = sim_tick_s
         self.with_edge = with_edge
         self.url = url
+        #: Called with the fleet before its stations connect (plant what a station holds).
+        self.prepare = prepare
         self.sent: list[SentProfile] = []
         self._on_sent = on_sent
         self.central: Any = None
@@ -111,6 +114,8 @@ class EdgeRig:
             self.fleet.station(cid)[0].apply_delay_s = delay_s
         self.physics = SitePhysics(self.site, self.fleet.terminal_currents, clock=self.clock)
         self.physics.start()
+        if self.prepare is not None:
+            self.prepare(self.fleet)
         await self.fleet.start()
         await self.fleet.wait_connected(connect_timeout_s)
 
