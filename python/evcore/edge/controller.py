@@ -933,6 +933,7 @@ class EdgeController:
                 c.tx_default_old = c.tx_default
                 c.tx_default_old_until = applied_by
             c.tx_default = sent.value
+            c.tx_default_reported = False
             if c.transaction_id is not None and not c.tx_profile_held:
                 # A session holding no TxProfile of ours runs on this TxDefault: one that left
                 # while the charger was idle and is accepted after the session started reaches
@@ -948,8 +949,11 @@ class EdgeController:
                 c.accepted = True
                 c.needs_resend = False
                 c.profile_unknown = False
-        elif c.tx_default_sent == sent.value:
-            c.tx_default_sent = None  # refused or lost: send again next decision
+        else:
+            if c.tx_default_sent == sent.value:
+                c.tx_default_sent = None  # refused or lost: send again next decision
+            if c.tx_default_reported:
+                self._drop_reported_default(c)
         c.note_limit(self.clock.monotonic())
         p = self.pending.get(key)
         if p is not None and accepted and p.sent_at_s == sent.left_mono:
@@ -1028,6 +1032,7 @@ class EdgeController:
                     continue
                 if c.tx_default is None:
                     c.tx_default = max(limits)
+                    c.tx_default_reported = True
             self._report_due.pop(c.charger_id, None)
             if (
                 usable
@@ -1144,9 +1149,30 @@ class EdgeController:
             c.gap_read_at_or_below = until
             self._end_gap_if_shown(c)
 
+    def _drop_reported_default(self, c: ChargerState) -> None:
+        """A TxDefault of ours was refused or went unanswered where the level came from the
+        station's report, not from one of ours: what the station holds now is not known (a
+        2.0.1 station may have had its own cleared meanwhile). Counted at its maximum until one
+        of ours is accepted and applied (the first-TxDefault gap)."""
+        log.warning(
+            "%s: TxDefault refused or unanswered; its reported level %g no longer counts",
+            c.charger_id,
+            c.tx_default,
+        )
+        c.tx_default = None
+        c.tx_default_reported = False
+        c.tx_default_old = c.tx_default_old_until = None
+        c.default_unapplied_until = None
+        c.profile_unknown = True
+        if c.transaction_id is None:
+            c.sent = c.holding = None
+            c.accepted = False
+        self.notify("rejected")
+
     def _forget_defaults(self, ocpp_id: str) -> None:
         for c in self.state.station_chargers(ocpp_id):
             c.tx_default = c.tx_default_sent = None
+            c.tx_default_reported = False
             c.default_unapplied_until = None
             if c.transaction_id is None:
                 # Idle: its TxDefault was all it held; now nothing of ours (counted at max).

@@ -83,6 +83,11 @@ class ChargerState:
     final_sent: float | None = None  # the final level of the last TxProfile sent
     tx_default: float | None = None  # TxDefault level the charger accepted
     tx_default_sent: float | None = None  # last TxDefault level sent; None = must (re)send
+    # ``tx_default`` is what an idle charger's report showed after a (re)connect, not one of ours
+    # it accepted: the station's own, which a refused or unanswered TxDefault of ours may have
+    # disturbed (a 2.0.1 clash clears it). Dropped then: counted at the maximum until one of
+    # ours is accepted and applied (the first-TxDefault gap).
+    tx_default_reported: bool = False
     # A lowered TxDefault the charger accepted but may not have applied yet: the level it replaced
     # still counts for an idle charger until ``tx_default_old_until`` (monotonic; sent + settle_s).
     tx_default_old: float | None = None
@@ -334,6 +339,7 @@ class SiteState:
             c.profile_unknown = True
             c.tx_default = None
             c.tx_default_sent = None
+            c.tx_default_reported = False
             c.default_unapplied_until = None  # its next TxDefault of ours is a first one again
             c.tx_profile_held = False
             changed.append(c.charger_id)
