@@ -807,6 +807,10 @@ class EdgeController:
             kwargs["final_limit_w" if dc else "final_limit_a"] = self.failsafe.get(
                 ch.charger_id, 0.0
             )
+            # The session it was decided for: the central system sends nothing (status
+            # ``TransactionChanged``) once another one is active on the EVSE, so a TxProfile
+            # queued for session 1 never lands on session 2 (review HIGH 2).
+            kwargs["transaction_id"] = self.state.chargers[ch.charger_id].transaction_id
         return kwargs
 
     def _result_callback(self, sent: SentProfile) -> Callable[[asyncio.Future[Any]], None]:
@@ -814,15 +818,17 @@ class EdgeController:
             self._sends.discard(fut)
             if fut.cancelled():
                 return
+            status = ""
             try:
                 result = fut.result()
                 accepted = bool(result.accepted)
+                status = str(getattr(result, "status", ""))
                 if sent.wire_mono is None:
                     sent.wire_mono = getattr(result, "sent_mono", None)
             except Exception:
                 log.exception("set_limit %s failed", sent.charger_id)
                 accepted = False
-            self._apply_result(sent, accepted)
+            self._apply_result(sent, accepted, status)
 
         return done
 
@@ -871,16 +877,18 @@ class EdgeController:
         return sent, kwargs
 
     async def _await_result(self, sent: SentProfile, kwargs: dict[str, Any]) -> None:
+        status = ""
         try:
             result = await self.gateway.set_limit(sent.charger_id, **kwargs)
             accepted = bool(result.accepted)
+            status = str(getattr(result, "status", ""))
             sent.wire_mono = getattr(result, "sent_mono", None)
         except Exception:
             log.exception("set_limit %s failed", sent.charger_id)
             accepted = False
-        self._apply_result(sent, accepted)
+        self._apply_result(sent, accepted, status)
 
-    def _apply_result(self, sent: SentProfile, accepted: bool) -> None:
+    def _apply_result(self, sent: SentProfile, accepted: bool, status: str = "") -> None:
         c = self.state.chargers[sent.charger_id]
         key = sent.charger_id if sent.purpose == "tx" else "default:" + sent.charger_id
         if accepted:
@@ -889,6 +897,19 @@ class EdgeController:
                 with contextlib.suppress(Exception):
                     confirm(sent.charger_id, sent.decision, self.clock.now())
         now_m = self.clock.monotonic()
+        if sent.purpose == "tx" and status == "TransactionChanged":
+            # Not sent: another transaction is active on the EVSE. Like a TxProfile that did not
+            # apply: nothing credited, counted as before; if the edge has not heard of the new
+            # session yet, its next decision sends again (and meets the same answer until then).
+            log.info(
+                "TxProfile %s for transaction %s not sent: another transaction is active",
+                sent.charger_id,
+                sent.transaction_id,
+            )
+            if sent.transaction_id == c.transaction_id:
+                self.state.on_result(sent.charger_id, sent.value, False)
+            self.notify("rejected")
+            return
         if sent.purpose == "tx" and sent.transaction_id != c.transaction_id:
             # Its session ended: the profile died with it. Credited by value, a refresh at the
             # TxDefault level marked the next session as holding a TxProfile it never got, and

@@ -78,6 +78,7 @@ class ChargerGateway(Protocol):
         final_limit_a: float | None = None,
         final_limit_w: float | None = None,
         purpose: ProfilePurpose = "tx",
+        transaction_id: str | None = None,
     ) -> ProfileOutcome: ...
 
 
