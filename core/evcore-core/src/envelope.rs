@@ -1052,7 +1052,9 @@ pub(crate) fn enforce_limits(
             }
         }
     }
-    // Values of the binding constraints after the fix, for the reasons.
+    // Values of the binding constraints after the fix, for the reasons (chargers in a row often
+    // name the same one: the last value is kept).
+    let mut last: Option<(usize, Constraint, (f64, f64))> = None;
     for c in 0..topo.n_chargers() {
         if let Some(n) = dec.binding_node[c] {
             if dec.binding_value[c].is_nan() {
@@ -1062,7 +1064,14 @@ pub(crate) fn enforce_limits(
                     Binding::StaleTelemetry if dec.binding_phase[c].is_none() => Constraint::Power,
                     _ => Constraint::Phase(dec.binding_phase[c].unwrap_or(0)),
                 };
-                let (v, l) = constraint_value(topo, &loads, n, k);
+                let (v, l) = match last {
+                    Some((ln, lk, vl)) if ln == n && lk == k => vl,
+                    _ => {
+                        let vl = constraint_value(topo, &loads, n, k);
+                        last = Some((n, k, vl));
+                        vl
+                    }
+                };
                 dec.binding_value[c] = v;
                 dec.binding_limit[c] = l;
             }
