@@ -240,9 +240,10 @@ class EdgeApp:
         subs: list[Any] = []
         try:
             if self.bus is not None:
-                from evcore.edge.signals import subscribe_signals
+                from evcore.edge.signals import GRID_DURABLE, subscribe_signals
 
-                subs = await subscribe_signals(self.bus, ctrl)
+                # Durable: a curtailment published while the edge was down applies when it starts.
+                subs = await subscribe_signals(self.bus, ctrl, grid_durable=GRID_DURABLE)
             if "api" in self.site_table:
                 from evcore.api import ApiConfig, EdgeApiServer
 

@@ -74,8 +74,22 @@ def plan_from_proto(data: bytes, received_at: float, known: Callable[[str], bool
     return PlanTargets(source, f"{plan.plan_id}@{plan.plan_version}", received_at, rows)
 
 
-async def subscribe_signals(bus: Bus, ctrl: EdgeController) -> list[Subscription]:
-    """Grid signals and cloud plans over the bus (live subscriptions: never blocks the loop)."""
+#: The durable consumer ``evcore edge`` reads its grid subject with (one per site stream).
+GRID_DURABLE = "edge-grid"
+
+
+async def subscribe_signals(
+    bus: Bus, ctrl: EdgeController, *, grid_durable: str | None = None
+) -> list[Subscription]:
+    """Grid signals and cloud plans over the bus (the handlers only update the controller: never
+    block the loop).
+
+    With ``grid_durable`` the grid subject is read by that durable consumer (``Bus.consume``):
+    what was published while the edge was down (a fleet curtailment's share) is delivered when
+    it starts, in order (a repeated id replaces, a cancel removes; one that ended meanwhile never
+    applies: the book drops it at the next decision). Without it, a live subscription (signals
+    published while the edge is down are missed until they are published again). Plans stay
+    live: a cloud plan is worth only ``cloud_plan_fresh_s``."""
     subjects = Subjects(bus.site_id)
 
     async def on_grid(msg: BusMessage) -> None:
@@ -86,7 +100,9 @@ async def subscribe_signals(bus: Bus, ctrl: EdgeController) -> list[Subscription
         if plan.source == "cloud":
             ctrl.set_plan(plan)
 
-    return [
-        await bus.subscribe(subjects.grid, on_grid),
-        await bus.subscribe(subjects.plan, on_plan),
-    ]
+    grid = (
+        await bus.consume(subjects.grid, durable=grid_durable, handler=on_grid)
+        if grid_durable is not None
+        else await bus.subscribe(subjects.grid, on_grid)
+    )
+    return [grid, await bus.subscribe(subjects.plan, on_plan)]
