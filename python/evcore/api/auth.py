@@ -15,16 +15,16 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
-import inspect
 import logging
 import tomllib
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc import aio
+
+from evcore.api.intercept import CheckingInterceptor
 
 log = logging.getLogger("evcore.api.auth")
 
@@ -52,8 +52,6 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
     _SERVICE + "SetSessionDeparture": _STEER,
     _SERVICE + "PostGridSignal": _GRID,
 }
-#: Methods anyone may call (load balancers, orchestrators).
-OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 
 class AuthConfigError(ValueError):
@@ -177,7 +175,7 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(CheckingInterceptor):
     """Authenticates every call and checks the method's roles before its handler runs."""
 
     def __init__(self, credentials: Credentials, *, mtls: bool = False) -> None:
@@ -205,7 +203,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
                 return None, "client certificate not mapped to any role"
         return None, "no credentials (send 'authorization: Bearer <token>')"
 
-    async def _check(self, method: str, metadata: Any, context: Any) -> Principal:
+    async def check(self, method: str, metadata: Any, context: Any, request: Any) -> Principal:
         principal, why = self._principal(metadata, context)
         if principal is None:
             self.unauthenticated += 1
@@ -229,65 +227,3 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             raise AssertionError("unreachable: abort raises")
         current_principal.set(principal)
         return principal
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[Any], Awaitable[Any]],
-        handler_call_details: Any,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method in OPEN_METHODS:
-            return handler
-        metadata = handler_call_details.invocation_metadata
-        return _wrap(handler, lambda context: self._check(method, metadata, context))
-
-
-def _wrap(handler: Any, check: Callable[[Any], Awaitable[Principal]]) -> Any:
-    """The same handler with ``check`` run first, in the call's own task and context."""
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: Any) -> Any:
-            await check(context)
-            return await inner_uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
-    if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: Any) -> Any:
-            await check(context)
-            async for item in _stream(inner_us(request, context)):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
-    if handler.stream_unary is not None:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(request_iterator: Any, context: Any) -> Any:
-            await check(context)
-            return await inner_su(request_iterator, context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
-    inner_ss = handler.stream_stream
-
-    async def stream_stream(request_iterator: Any, context: Any) -> Any:
-        await check(context)
-        async for item in _stream(inner_ss(request_iterator, context)):
-            yield item
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
-
-
-async def _stream(result: Any) -> Any:
-    """Yield from an async-generator handler; await a handler that writes with ``context.write``."""
-    if hasattr(result, "__aiter__"):
-        async for item in result:
-            yield item
-    elif inspect.isawaitable(result):
-        await result

@@ -21,16 +21,14 @@ can then act as any site or configured operator.
 from __future__ import annotations
 
 import contextvars
-import inspect
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from cryptography import x509
-from grpc import aio
 
 from evcore.api.auth import GRID_OPERATOR, OPERATOR, VIEWER, Credentials, Principal
+from evcore.api.intercept import CheckingInterceptor
 
 log = logging.getLogger("evcore.cloud.auth")
 
@@ -45,7 +43,6 @@ FLEET_METHOD_ROLES: dict[str, frozenset[str]] = {
     FLEET_SERVICE + "List": frozenset({VIEWER, OPERATOR, GRID_OPERATOR}),
     FLEET_SERVICE + "ListSites": frozenset({VIEWER, OPERATOR, GRID_OPERATOR}),
 }
-OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 #: The calling site of the RPC being handled (set by the interceptor).
 current_site: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -108,7 +105,7 @@ def caller_site() -> str:
     return site
 
 
-class SiteAuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class SiteAuthInterceptor(CheckingInterceptor):
     """Authenticates the calling site and keeps it to its own ``site_id``."""
 
     def __init__(self, *, insecure: bool = False, operators: OperatorAuth | None = None) -> None:
@@ -181,7 +178,7 @@ class SiteAuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         cn = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         return (cn or None), "the client certificate's common name is empty"
 
-    async def _check(self, method: str, metadata: Any, context: Any, request: Any) -> None:
+    async def check(self, method: str, metadata: Any, context: Any, request: Any) -> None:
         if method.startswith(FLEET_SERVICE):
             await self._check_operator(method, metadata, context)
             return
@@ -205,70 +202,3 @@ class SiteAuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
                     f"site {site!r} may not touch site {named!r}",
                 )
         current_site.set(site)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[Any], Awaitable[Any]],
-        handler_call_details: Any,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method in OPEN_METHODS:
-            return handler
-        metadata = handler_call_details.invocation_metadata
-
-        def check(context: Any, request: Any = None) -> Awaitable[None]:
-            return self._check(method, metadata, context, request)
-
-        return _wrap(handler, check)
-
-
-def _wrap(handler: Any, check: Callable[..., Awaitable[None]]) -> Any:
-    """The same handler with ``check`` run first, in the call's own task (so the context variable
-    reaches the handler). Unary requests are shown to ``check`` for their ``site_id``."""
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: Any) -> Any:
-            await check(context, request)
-            return await inner_uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
-    if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: Any) -> Any:
-            await check(context, request)
-            async for item in _stream(inner_us(request, context)):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
-    if handler.stream_unary is not None:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(request_iterator: Any, context: Any) -> Any:
-            await check(context)
-            return await inner_su(request_iterator, context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
-    inner_ss = handler.stream_stream
-
-    async def stream_stream(request_iterator: Any, context: Any) -> Any:
-        await check(context)
-        async for item in _stream(inner_ss(request_iterator, context)):
-            yield item
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
-
-
-async def _stream(result: Any) -> Any:
-    """Yield from an async-generator handler; await one that writes with ``context.write``."""
-    if hasattr(result, "__aiter__"):
-        async for item in result:
-            yield item
-    elif inspect.isawaitable(result):
-        await result

@@ -1,0 +1,97 @@
+"""Running a check before a gRPC handler, for the edge API's and the cloud's auth interceptors.
+
+:class:`CheckingInterceptor` leaves health checks (and unknown methods) alone and wraps every other
+handler so that its ``check`` runs first, in the call's own task and context: a context variable it
+sets reaches the handler, and a ``context.abort`` it raises means the handler never runs. What to
+check is the subclass's; this module never decides who may call what.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+#: Methods anyone may call (load balancers, orchestrators).
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+#: ``check(context, request)``; ``request`` is ``None`` for a streamed request.
+Check = Callable[[Any, Any], Awaitable[object]]
+
+
+class CheckingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Runs :meth:`check` before the handler of every method not in :data:`OPEN_METHODS`."""
+
+    async def check(self, method: str, metadata: Any, context: Any, request: Any) -> object:
+        """Abort the call (``await context.abort(...)``) to keep its handler from running."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method in OPEN_METHODS:
+            return handler
+        metadata = handler_call_details.invocation_metadata
+
+        def check(context: Any, request: Any) -> Awaitable[object]:
+            return self.check(method, metadata, context, request)
+
+        return wrap_handler(handler, check)
+
+
+def wrap_handler(handler: Any, check: Check) -> Any:
+    """The same handler with ``check`` run first, in the call's own task (so a context variable it
+    sets reaches the handler). Unary requests are shown to ``check``; streamed ones are not."""
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Any) -> Any:
+            await check(context, request)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Any) -> Any:
+            await check(context, request)
+            async for item in _stream(inner_us(request, context)):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(request_iterator: Any, context: Any) -> Any:
+            await check(context, None)
+            return await inner_su(request_iterator, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(request_iterator: Any, context: Any) -> Any:
+        await check(context, None)
+        async for item in _stream(inner_ss(request_iterator, context)):
+            yield item
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+async def _stream(result: Any) -> Any:
+    """Yield from an async-generator handler; await a handler that writes with ``context.write``."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    elif inspect.isawaitable(result):
+        await result
