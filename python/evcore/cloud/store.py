@@ -14,26 +14,29 @@ keeps one copy of each and refuses one that breaks the chain.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from evcore.audit.chain import record_hash
 from evcore.cloud import migrations as cloud_migrations
 from evcore.store.base import StoreConfigError, StoreError
 from evcore.store.migrations import Migration
-from evcore.store.sql import Backend, Tx, sample_time_s, ts_s
+from evcore.store.sql import (
+    Backend,
+    BackendStore,
+    Tx,
+    parse_message,
+    sample_time_s,
+    ts_s,
+)
 from evcore.v1.audit_pb2 import AuditRecord
 from evcore.v1.fleet_api_pb2 import FleetCurtailmentResult
 from evcore.v1.meter_pb2 import MeterSample, MeterSampleBatch
 from evcore.v1.plan_pb2 import Plan
 from evcore.v1.topology_pb2 import SiteTopology
-
-T = TypeVar("T")
 
 RECORDS_FILE = "cloud-records.sqlite"
 TELEMETRY_FILE = "cloud-telemetry.sqlite"
@@ -104,8 +107,10 @@ def _short(h: str) -> str:
     return f"{h[:16]}…" if len(h) > 16 else repr(h)
 
 
-class CloudStore:
+class CloudStore(BackendStore):
     """Per-site records of the cloud. Every method is one transaction and returns after commit."""
+
+    kind = "cloud store"
 
     def __init__(
         self,
@@ -115,64 +120,14 @@ class CloudStore:
         description: str,
         site_lock: bool = False,
     ) -> None:
-        self._records = records
-        self._telemetry = telemetry
-        self._description = description
+        super().__init__(records, telemetry, description=description)
         # PostgreSQL: serialise chain checks per site (two streams of one site at once).
         self._site_lock = site_lock
-        self._open_lock = asyncio.Lock()
-        self._opened = False
-        self._closed = False
 
-    @property
-    def description(self) -> str:
-        return self._description
-
-    async def open(self) -> None:
-        async with self._open_lock:
-            if self._closed:
-                raise StoreError(f"cloud store {self._description} is closed")
-            if self._opened:
-                return
-            loop = asyncio.get_running_loop()
-            for b in (self._records, self._telemetry):
-                await loop.run_in_executor(b.executor, _guard(b, b.connect))
-                await loop.run_in_executor(b.executor, _guard(b, b.migrate))
-            # The migration table is per schema: an edge store's schema would hold versions 1..4
-            # already and our migrations would be skipped silently.
-            await self._exec(self._records, _require_cloud_tables)
-            self._opened = True
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        for b in (self._records, self._telemetry):
-            try:
-                await loop.run_in_executor(b.executor, b.close)
-            finally:
-                b.executor.shutdown(wait=True)
-
-    async def __aenter__(self) -> CloudStore:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _run(self, b: Backend, fn: Callable[[Tx], T]) -> T:
-        if not self._opened:
-            await self.open()
-        return await self._exec(b, fn)
-
-    async def _exec(self, b: Backend, fn: Callable[[Tx], T]) -> T:
-        def in_tx() -> T:
-            b.connect()
-            with b.transaction() as tx:
-                return fn(tx)
-
-        return await asyncio.get_running_loop().run_in_executor(b.executor, _guard(b, in_tx))
+    async def _check_opened(self) -> None:
+        # The migration table is per schema: an edge store's schema would hold versions 1..4
+        # already and our migrations would be skipped silently.
+        await self._exec(self._records, _require_cloud_tables)
 
     def _lock_site(self, tx: Tx, site_id: str) -> None:
         if self._site_lock:
@@ -225,7 +180,7 @@ class CloudStore:
                 " ORDER BY seq LIMIT ?",
                 (site_id, after_seq, limit),
             )
-            return [_parse_audit(r[0]) for r in rows]
+            return [parse_message(AuditRecord, r[0]) for r in rows]
 
         return await self._run(self._records, op)
 
@@ -279,12 +234,7 @@ class CloudStore:
                 " ORDER BY last_t_s, digest LIMIT ?",
                 (site_id, limit),
             )
-            out = []
-            for (payload,) in rows:
-                b = MeterSampleBatch()
-                b.ParseFromString(bytes(payload))
-                out.append(b)
-            return out
+            return [parse_message(MeterSampleBatch, payload) for (payload,) in rows]
 
         return await self._run(self._telemetry, op)
 
@@ -328,8 +278,7 @@ class CloudStore:
             )
             if row is None:
                 return None
-            t = SiteTopology()
-            t.ParseFromString(bytes(row[2]))
+            t = parse_message(SiteTopology, row[2])
             return StoredTopology(int(row[0]), float(row[1]), t)
 
         return await self._run(self._records, op)
@@ -346,9 +295,7 @@ class CloudStore:
             )
             newest: dict[str, tuple[float, MeterSample]] = {}
             for (payload,) in rows:
-                b = MeterSampleBatch()
-                b.ParseFromString(bytes(payload))
-                for sample in b.samples:
+                for sample in parse_message(MeterSampleBatch, payload).samples:
                     t = sample_time_s(sample)
                     held = newest.get(sample.charger_id)
                     if t >= since_s and (held is None or t > held[0]):
@@ -508,7 +455,7 @@ class CloudStore:
                 "SELECT payload FROM cloud_fleet_curtailments WHERE fleet_curtailment_id = ?",
                 (fleet_curtailment_id,),
             )
-            return None if row is None else _parse_fleet(row[0])
+            return None if row is None else parse_message(FleetCurtailmentResult, row[0])
 
         return await self._run(self._records, op)
 
@@ -552,7 +499,7 @@ class CloudStore:
                 " ORDER BY fleet_curtailment_id",
                 (now_s,),
             )
-            return [_parse_fleet(r[0]) for r in rows]
+            return [parse_message(FleetCurtailmentResult, r[0]) for r in rows]
 
         return await self._run(self._records, op)
 
@@ -567,7 +514,7 @@ class CloudStore:
                 " ORDER BY fleet_curtailment_id",
                 (1 if include_cancelled else 0,),
             )
-            return [_parse_fleet(r[0]) for r in rows]
+            return [parse_message(FleetCurtailmentResult, r[0]) for r in rows]
 
         return await self._run(self._records, op)
 
@@ -625,25 +572,9 @@ class CloudStore:
                 " ORDER BY plan_version DESC LIMIT 1",
                 (site_id, newer_than_version),
             )
-            if row is None:
-                return None
-            p = Plan()
-            p.ParseFromString(bytes(row[0]))
-            return p
+            return None if row is None else parse_message(Plan, row[0])
 
         return await self._run(self._records, op)
-
-
-def _guard(b: Backend, fn: Callable[[], T]) -> Callable[[], T]:
-    def run() -> T:
-        try:
-            return fn()
-        except (StoreError, ValueError):
-            raise
-        except Exception as exc:
-            raise b.on_error(exc) from exc
-
-    return run
 
 
 def _require_site(site_id: str) -> None:
@@ -659,18 +590,6 @@ def _require_cloud_tables(tx: Tx) -> None:
             "the store's schema has migrations applied but no cloud tables: it belongs to another "
             "store (an edge's?); give the cloud its own schema or directory"
         ) from exc
-
-
-def _parse_fleet(payload: Any) -> FleetCurtailmentResult:
-    r = FleetCurtailmentResult()
-    r.ParseFromString(bytes(payload))
-    return r
-
-
-def _parse_audit(payload: Any) -> AuditRecord:
-    r = AuditRecord()
-    r.ParseFromString(bytes(payload))
-    return r
 
 
 def _put_one(tx: Tx, site_id: str, record: AuditRecord, now_s: float) -> bool:

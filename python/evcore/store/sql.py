@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -290,7 +290,8 @@ def _select(
     return sql, params
 
 
-def _parse(cls: Callable[[], T], payload: Any) -> T:
+def parse_message(cls: Callable[[], T], payload: Any) -> T:
+    """A protobuf message of type ``cls`` from a stored payload (bytes or a driver's buffer)."""
     msg = cls()
     msg.ParseFromString(bytes(payload))  # type: ignore[attr-defined]
     return msg
@@ -307,37 +308,40 @@ def audit_charger_ids(record: AuditRecord) -> list[str]:
     return sorted(c for c in found if c)
 
 
-class SqlStore:
-    """:class:`evcore.store.base.Store` over two backends: committed records and telemetry.
+def guarded(b: Backend, fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn`` with a driver's error turned into the backend's :class:`StoreError` (``on_error``);
+    a ``StoreError`` or ``ValueError`` passes as it is."""
 
-    The two may be the same database (PostgreSQL: two connections to one schema) or two files
-    (SQLite: ``records.sqlite`` with ``synchronous=FULL``, ``telemetry.sqlite`` with ``NORMAL``).
-    """
+    def run() -> T:
+        try:
+            return fn()
+        except (StoreError, ValueError):
+            raise
+        except Exception as exc:
+            raise b.on_error(exc) from exc
 
-    def __init__(
-        self,
-        records: Backend,
-        telemetry: Backend,
-        *,
-        telemetry_retention_s: float,
-        description: str,
-    ) -> None:
+    return run
+
+
+class BackendStore:
+    """Two backends, committed records and telemetry, opened (connected and migrated), used and
+    closed together; every call is one transaction on the backend's worker thread. The edge's
+    :class:`SqlStore` and the cloud's store build on it."""
+
+    #: How a closed store is named in the error of a later ``open()``.
+    kind = "store"
+
+    def __init__(self, records: Backend, telemetry: Backend, *, description: str) -> None:
         self._records = records
         self._telemetry = telemetry
-        self._retention_s = telemetry_retention_s
         self._description = description
         self._open_lock = asyncio.Lock()
         self._opened = False
         self._closed = False
 
-    # -- plumbing -------------------------------------------------------------------------------
     @property
     def description(self) -> str:
         return self._description
-
-    @property
-    def telemetry_retention_s(self) -> float:
-        return self._retention_s
 
     def _backends(self) -> list[Backend]:
         return (
@@ -352,14 +356,18 @@ class SqlStore:
     async def open(self) -> None:
         async with self._open_lock:
             if self._closed:
-                raise StoreError(f"store {self._description} is closed")
+                raise StoreError(f"{self.kind} {self._description} is closed")
             if self._opened:
                 return
             loop = asyncio.get_running_loop()
             for b in self._backends():
-                await loop.run_in_executor(b.executor, self._guard(b, b.connect))
-                await loop.run_in_executor(b.executor, self._guard(b, b.migrate))
+                await loop.run_in_executor(b.executor, guarded(b, b.connect))
+                await loop.run_in_executor(b.executor, guarded(b, b.migrate))
+            await self._check_opened()
             self._opened = True
+
+    async def _check_opened(self) -> None:
+        """Run after the migrations, before the store counts as open; raise to refuse it."""
 
     async def close(self) -> None:
         if self._closed:
@@ -372,41 +380,57 @@ class SqlStore:
             finally:
                 b.executor.shutdown(wait=True)
 
-    async def __aenter__(self) -> SqlStore:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    @staticmethod
-    def _guard(b: Backend, fn: Callable[[], T]) -> Callable[[], T]:
-        def run() -> T:
-            try:
-                return fn()
-            except (StoreError, ValueError):
-                raise
-            except Exception as exc:
-                raise b.on_error(exc) from exc
-
-        return run
-
     async def _run(self, b: Backend, fn: Callable[[Tx], T]) -> T:
         if not self._opened:
             await self.open()
+        return await self._exec(b, fn)
+
+    async def _exec(self, b: Backend, fn: Callable[[Tx], T]) -> T:
+        """``fn`` in one transaction of ``b`` on its worker thread (the store need not be open)."""
 
         def in_tx() -> T:
             b.connect()
             with b.transaction() as tx:
                 return fn(tx)
 
-        return await asyncio.get_running_loop().run_in_executor(b.executor, self._guard(b, in_tx))
+        return await asyncio.get_running_loop().run_in_executor(b.executor, guarded(b, in_tx))
+
+
+class SqlStore(BackendStore):
+    """:class:`evcore.store.base.Store` over two backends: committed records and telemetry.
+
+    The two may be the same database (PostgreSQL: two connections to one schema) or two files
+    (SQLite: ``records.sqlite`` with ``synchronous=FULL``, ``telemetry.sqlite`` with ``NORMAL``).
+    """
+
+    def __init__(
+        self,
+        records: Backend,
+        telemetry: Backend,
+        *,
+        telemetry_retention_s: float,
+        description: str,
+    ) -> None:
+        super().__init__(records, telemetry, description=description)
+        self._retention_s = telemetry_retention_s
+
+    # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def telemetry_retention_s(self) -> float:
+        return self._retention_s
 
     async def schema_version(self) -> int:
         if not self._opened:
             await self.open()
         return await asyncio.get_running_loop().run_in_executor(
-            self._records.executor, self._guard(self._records, self._records.schema_version)
+            self._records.executor, guarded(self._records, self._records.schema_version)
         )
 
     # -- sessions -------------------------------------------------------------------------------
@@ -591,7 +615,7 @@ class SqlStore:
                 " ORDER BY occurred_at_us, seq_no, kind",
                 (charger_id, transaction_id),
             )
-            return [_parse(TransactionEvent, r[0]) for r in rows]
+            return [parse_message(TransactionEvent, r[0]) for r in rows]
 
         return await self._run(self._records, op)
 
@@ -753,7 +777,7 @@ class SqlStore:
             params.append(int(limit))
 
         def op(tx: Tx) -> list[MeterSample]:
-            return [_parse(MeterSample, r[0]) for r in tx.all(sql, params)]
+            return [parse_message(MeterSample, r[0]) for r in tx.all(sql, params)]
 
         return await self._run(self._telemetry, op)
 
@@ -765,14 +789,14 @@ class SqlStore:
         )
 
         def op(tx: Tx) -> list[ChargerStatus]:
-            return [_parse(ChargerStatus, r[0]) for r in tx.all(sql, params)]
+            return [parse_message(ChargerStatus, r[0]) for r in tx.all(sql, params)]
 
         return await self._run(self._telemetry, op)
 
     async def latest_statuses(self) -> dict[str, ChargerStatus]:
         def op(tx: Tx) -> dict[str, ChargerStatus]:
             rows = tx.all("SELECT charger_id, payload FROM status_latest ORDER BY charger_id")
-            return {r[0]: _parse(ChargerStatus, r[1]) for r in rows}
+            return {r[0]: parse_message(ChargerStatus, r[1]) for r in rows}
 
         return await self._run(self._telemetry, op)
 
@@ -844,7 +868,7 @@ class SqlStore:
         )
 
         def op(tx: Tx) -> list[StationEvent]:
-            return [_parse(StationEvent, r[0]) for r in tx.all(sql, params)]
+            return [parse_message(StationEvent, r[0]) for r in tx.all(sql, params)]
 
         return await self._run(self._records, op)
 
@@ -933,7 +957,7 @@ class SqlStore:
         )
 
         def op(tx: Tx) -> list[AuditRecord]:
-            return [_parse(AuditRecord, r[0]) for r in tx.all(sql, params)]
+            return [parse_message(AuditRecord, r[0]) for r in tx.all(sql, params)]
 
         return await self._run(self._records, op)
 
