@@ -22,13 +22,12 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from evcore.api import convert
 from evcore.api.auth import AuthInterceptor, Credentials, current_principal
 from evcore.api.facade import EdgeFacade, NotApplicable
+from evcore.api.serving import add_health, bind, start_serving, stop_serving
 from evcore.audit.log import record_from_mapping
 from evcore.clock import Clock
 from evcore.edge.state import priority_error
@@ -473,38 +472,27 @@ class EdgeApiServer:
         """Bind and serve; returns the bound port."""
         server = aio.server(interceptors=[self.auth])
         pb_grpc.add_EdgeApiServicer_to_server(self.service, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if self.config.reflection:
-            reflection.enable_server_reflection(
-                (
-                    SERVICE_NAME,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME,
-                ),
-                server,
-            )
+        add_health(server, self.health, [SERVICE_NAME], reflection_on=self.config.reflection)
         tls = self.config.tls
-        try:
+
+        def credentials() -> grpc.ServerCredentials | None:
             if tls is None:
-                port = server.add_insecure_port(self.config.listen)
-            else:
-                creds = grpc.ssl_server_credentials(
-                    [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-                    root_certificates=(
-                        tls.client_ca_file.read_bytes() if tls.client_ca_file else None
-                    ),
-                    require_client_auth=tls.client_ca_file is not None,
-                )
-                port = server.add_secure_port(self.config.listen, creds)
-        except OSError as exc:
-            raise ApiConfigError(f"[api.tls]: cannot read certificate or key: {exc}") from exc
-        except RuntimeError as exc:
-            raise ApiConfigError(f"[api] cannot listen on {self.config.listen}: {exc}") from exc
-        if port == 0:
-            raise ApiConfigError(f"[api] cannot listen on {self.config.listen}")
-        await server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+                return None
+            return grpc.ssl_server_credentials(
+                [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                root_certificates=(tls.client_ca_file.read_bytes() if tls.client_ca_file else None),
+                require_client_auth=tls.client_ca_file is not None,
+            )
+
+        port = bind(
+            server,
+            self.config.listen,
+            credentials,
+            error=ApiConfigError,
+            tls_section="[api.tls]",
+            where="[api] ",
+        )
+        await start_serving(server, self.health, [SERVICE_NAME])
         self._server = server
         self.port = int(port)
         log.info("api: EdgeApi listening on %s (port %d)", self.config.listen, port)
@@ -513,6 +501,5 @@ class EdgeApiServer:
     async def stop(self, grace_s: float = 2.0) -> None:
         if self._server is None:
             return
-        await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace_s)
+        await stop_serving(self._server, self.health, grace_s)
         self._server = None

@@ -20,11 +20,10 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from evcore.api.convert import timestamp
+from evcore.api.serving import add_health, bind, start_serving, stop_serving
 from evcore.bus.api import Bus
 from evcore.clock import Clock, WallClock
 from evcore.cloud.auth import OperatorAuth, SiteAuthInterceptor, caller_site
@@ -331,18 +330,10 @@ class CloudApiServer:
         if self.fleet is not None:
             fpb_grpc.add_FleetApiServicer_to_server(FleetApiService(self.fleet), server)
             names.append(FLEET_SERVICE_NAME)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if self.config.reflection:
-            reflection.enable_server_reflection(
-                (
-                    *names,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME,
-                ),
-                server,
-            )
+        add_health(server, self.health, names, reflection_on=self.config.reflection)
         tls = self.config.tls
-        try:
+
+        def credentials() -> grpc.ServerCredentials | None:
             if tls is None:
                 if not self.config.insecure:
                     raise CloudConfigError("no [tls] and not insecure")
@@ -350,35 +341,27 @@ class CloudApiServer:
                     "cloud: INSECURE MODE: no TLS, any caller may act as any site through the "
                     "x-evcore-site-id header. For local development only; never on a network."
                 )
-                port = server.add_insecure_port(self.config.listen)
-            else:
-                # Operators' certificates are accepted at the handshake beside the sites'; the
-                # interceptor tells them apart by issuer.
-                roots = tls.client_ca_file.read_bytes()
-                if self.fleet is not None and self._operator_ca_pem:
-                    if self._operator_ca_pem.strip() == roots.strip():
-                        raise CloudConfigError(
-                            "[fleet] operator_ca_file is the sites' CA: every site would be an "
-                            "operator; give operators their own CA"
-                        )
-                    roots = roots.rstrip(b"\n") + b"\n" + self._operator_ca_pem
-                creds = grpc.ssl_server_credentials(
-                    [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-                    root_certificates=roots,
-                    require_client_auth=True,
-                )
-                port = server.add_secure_port(self.config.listen, creds)
-        except OSError as exc:
-            raise CloudConfigError(f"[tls]: cannot read certificate or key: {exc}") from exc
-        except RuntimeError as exc:
-            raise CloudConfigError(f"cannot listen on {self.config.listen}: {exc}") from exc
-        if port == 0:
-            raise CloudConfigError(f"cannot listen on {self.config.listen}")
-        await server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        if self.fleet is not None:
-            await self.health.set(FLEET_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+                return None
+            # Operators' certificates are accepted at the handshake beside the sites'; the
+            # interceptor tells them apart by issuer.
+            roots = tls.client_ca_file.read_bytes()
+            if self.fleet is not None and self._operator_ca_pem:
+                if self._operator_ca_pem.strip() == roots.strip():
+                    raise CloudConfigError(
+                        "[fleet] operator_ca_file is the sites' CA: every site would be an "
+                        "operator; give operators their own CA"
+                    )
+                roots = roots.rstrip(b"\n") + b"\n" + self._operator_ca_pem
+            return grpc.ssl_server_credentials(
+                [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                root_certificates=roots,
+                require_client_auth=True,
+            )
+
+        port = bind(
+            server, self.config.listen, credentials, error=CloudConfigError, tls_section="[tls]"
+        )
+        await start_serving(server, self.health, names)
         self._server = server
         self.port = int(port)
         if self.config.retention.enabled:
@@ -415,8 +398,9 @@ class CloudApiServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._resplits = self._republish = self._retention = None
-        await self.health.enter_graceful_shutdown()
-        await self._server.stop(self.config.stop_grace_s if grace_s is None else grace_s)
+        await stop_serving(
+            self._server, self.health, self.config.stop_grace_s if grace_s is None else grace_s
+        )
         self._server = None
         if self._owned_publisher is not None:
             await self._owned_publisher.close()
