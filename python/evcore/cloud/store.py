@@ -18,10 +18,11 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from evcore.audit.chain import record_hash
 from evcore.cloud import migrations as cloud_migrations
+from evcore.store import split_postgres_url, store_url_directory
 from evcore.store.base import StoreConfigError, StoreError
 from evcore.store.migrations import Migration
 from evcore.store.sql import (
@@ -700,13 +701,9 @@ def open_cloud_store(url: str, base_dir: Path | str = ".") -> CloudStore:
                 return cloud_migrations.POSTGRES
 
         parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        schema = next((v for k, v in query if k == "schema"), DEFAULT_SCHEMA)
+        dsn, schema = split_postgres_url(url, DEFAULT_SCHEMA)
         if not schema.replace("_", "").isalnum():
             raise StoreConfigError(f"store URL: schema {schema!r} must be an identifier")
-        dsn = urlunsplit(
-            parts._replace(query=urlencode([(k, v) for k, v in query if k != "schema"]))
-        )
         records = _Pg(dsn, schema, relaxed_commit=False, connect_timeout_s=5.0, name="cloud-pg")
         telemetry = _Pg(
             dsn, schema, relaxed_commit=True, connect_timeout_s=5.0, name="cloud-pg-telemetry"
@@ -714,21 +711,9 @@ def open_cloud_store(url: str, base_dir: Path | str = ".") -> CloudStore:
         host = parts.hostname or ""
         where = f"postgresql://{host}:{parts.port or 5432}{parts.path}#{schema}"
         return CloudStore(records, telemetry, description=where, site_lock=True)
-    if url.startswith("sqlite:"):
-        path = url.removeprefix("sqlite:")
-        if path.startswith("//"):
-            path = path[2:]
-        if not path:
-            raise StoreConfigError(f"store URL {url!r} names no directory")
-    elif "://" in url:
-        raise StoreConfigError(
-            f"store URL {url!r}: scheme must be sqlite: or postgresql:// (or give a directory)"
-        )
-    else:
-        path = url
     from evcore.store.sqlite import SqliteBackend
 
-    directory = Path(path)
+    directory = Path(store_url_directory(url))
     if not directory.is_absolute():
         directory = Path(base_dir) / directory
     return CloudStore(

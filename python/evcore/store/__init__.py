@@ -45,6 +45,8 @@ __all__ = [
     "open_store",
     "open_store_url",
     "run_retention",
+    "split_postgres_url",
+    "store_url_directory",
 ]
 
 
@@ -79,23 +81,37 @@ def open_store_url(url: str, base_dir: Path | str = ".", *, must_exist: bool = F
     """A store from a URL: ``sqlite:DIR`` / ``sqlite:///abs/dir`` / a plain directory, or
     ``postgresql://user@host:port/db?schema=NAME`` (schema defaults to ``evcore``)."""
     if url.startswith(("postgresql://", "postgres://")):
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        schema = next((v for k, v in query if k == "schema"), "evcore")
-        rest = [(k, v) for k, v in query if k != "schema"]
-        dsn = urlunsplit(parts._replace(query=urlencode(rest)))
+        dsn, schema = split_postgres_url(url, "evcore")
         return open_store(
             {"kind": "postgres", "dsn": dsn, "schema": schema}, base_dir, must_exist=must_exist
         )
+    return open_store(
+        {"kind": "embedded", "path": store_url_directory(url)}, base_dir, must_exist=must_exist
+    )
+
+
+def split_postgres_url(url: str, default_schema: str) -> tuple[str, str]:
+    """``(dsn, schema)`` of ``postgresql://user@host:port/db?schema=NAME``: the ``schema`` query
+    parameter taken out of the DSN (``default_schema`` when absent)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((v for k, v in query if k == "schema"), default_schema)
+    rest = [(k, v) for k, v in query if k != "schema"]
+    return urlunsplit(parts._replace(query=urlencode(rest))), schema
+
+
+def store_url_directory(url: str) -> str:
+    """The directory of an embedded store's URL: ``sqlite:DIR``, ``sqlite:///abs/dir`` or a plain
+    directory (as given: relative ones are the caller's to resolve)."""
     if url.startswith("sqlite:"):
         path = url.removeprefix("sqlite:")
         if path.startswith("//"):
             path = path[2:]
         if not path:
             raise StoreConfigError(f"store URL {url!r} names no directory")
-        return open_store({"kind": "embedded", "path": path}, base_dir, must_exist=must_exist)
+        return path
     if "://" in url:
         raise StoreConfigError(
             f"store URL {url!r}: scheme must be sqlite: or postgresql:// (or give a directory)"
         )
-    return open_store({"kind": "embedded", "path": url}, base_dir, must_exist=must_exist)
+    return url
