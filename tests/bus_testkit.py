@@ -106,17 +106,26 @@ def killed_on_exit(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[b
             proc.wait(timeout=10)
 
 
-def make_nats_bus(site: str, url: str, outbox: Path, **cfg: object) -> NatsBus:
-    conf = BusConfig(
-        kind="nats",
-        urls=(url,),
-        outbox_dir=outbox,
-        reconnect_wait_s=0.1,
-        connect_timeout_s=1.0,
-        publish_timeout_s=1.0,
-        **cfg,  # type: ignore[arg-type]
-    )
-    return NatsBus(site, conf, clock=WallClock(), ack_wait_s=2.0)
+def make_nats_bus(
+    site: str, url: str, outbox: Path, *, ack_wait_s: float = 2.0, **cfg: object
+) -> NatsBus:
+    """A NATS bus for ``site`` on ``url``: 0.1 s reconnect wait, 1 s connect and publish timeouts
+    unless ``cfg`` says otherwise (any other ``BusConfig`` field too)."""
+    settings: dict[str, object] = {
+        "reconnect_wait_s": 0.1,
+        "connect_timeout_s": 1.0,
+        "publish_timeout_s": 1.0,
+        **cfg,
+    }
+    conf = BusConfig(kind="nats", urls=(url,), outbox_dir=outbox, **settings)  # type: ignore[arg-type]
+    return NatsBus(site, conf, clock=WallClock(), ack_wait_s=ack_wait_s)
+
+
+def patient_nats_bus(site: str, url: str, outbox: Path, **cfg: object) -> NatsBus:
+    """:func:`make_nats_bus` with room for a loaded machine: 2 s connect and publish timeouts, 5 s
+    ack wait (the cloud and edge tests that run a whole service against the shared server)."""
+    settings: dict[str, object] = {"connect_timeout_s": 2.0, "publish_timeout_s": 2.0, **cfg}
+    return make_nats_bus(site, url, outbox, ack_wait_s=5.0, **settings)
 
 
 @contextlib.asynccontextmanager

@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bus_testkit import NatsServer
+from bus_testkit import NatsServer, make_nats_bus, wait_until
 from evcore.audit import AuditLog, Decision
-from evcore.bus import BusConfig, BusMessage
-from evcore.bus.natsbus import NatsBus
+from evcore.bus import BusMessage
 from evcore.bus.subjects import Subjects
-from evcore.clock import ManualClock, WallClock
+from evcore.clock import ManualClock
 from evcore.store import SqlStore, open_store
 from evcore.v1.audit_pb2 import AuditRecord
 from evcore.v1.event_pb2 import Event
@@ -39,27 +38,6 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
         server.kill()
 
 
-def nats_bus(site: str, url: str, outbox: Path) -> NatsBus:
-    cfg = BusConfig(
-        kind="nats",
-        urls=(url,),
-        outbox_dir=outbox,
-        reconnect_wait_s=0.1,
-        connect_timeout_s=1.0,
-        publish_timeout_s=2.0,
-    )
-    return NatsBus(site, cfg, clock=WallClock(), ack_wait_s=5.0)
-
-
-async def wait_until(pred: object, timeout_s: float, what: str) -> None:
-    assert callable(pred)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def decision(i: int) -> Decision:
     return Decision(
         f"D{i}",
@@ -77,7 +55,7 @@ async def test_records_reach_jetstream_through_the_outbox(nats: NatsServer, tmp_
     outbox = tmp_path / "outbox"
 
     # The broker is down: appends are durable in the store and wait in the outbox.
-    bus = nats_bus(site, nats.url, outbox)
+    bus = make_nats_bus(site, nats.url, outbox, publish_timeout_s=2.0, ack_wait_s=5.0)
     await bus.start()
     log = AuditLog(store, clock=clock, bus=bus, site_id=site)
     await log.open()
@@ -113,7 +91,7 @@ async def test_records_reach_jetstream_through_the_outbox(nats: NatsServer, tmp_
 
         # A restarted edge: nothing already accepted is republished (and JetStream would drop a
         # repeat by its Nats-Msg-Id anyway); the next record follows.
-        bus2 = nats_bus(site, nats.url, outbox)
+        bus2 = make_nats_bus(site, nats.url, outbox, publish_timeout_s=2.0, ack_wait_s=5.0)
         await bus2.start()
         try:
             log2 = AuditLog(store, clock=clock, bus=bus2, site_id=site)

@@ -3,10 +3,13 @@ audit chains, request streams."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import os
+import shutil
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,3 +124,47 @@ def chain(n: int, *, site_tag: str = "") -> list[AuditRecord]:
 async def stream(items: list[Any]) -> AsyncIterator[Any]:
     for item in items:
         yield item
+
+
+async def run_evcore(*args: str, timeout_s: float = 60.0) -> tuple[int, str, str]:
+    """``evcore ARGS`` as a child process to its end: (exit code, stdout, stderr)."""
+    exe = shutil.which("evcore")
+    assert exe is not None, "the evcore console script is not installed"
+    proc = await asyncio.create_subprocess_exec(
+        exe, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def cloud_serve(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``evcore cloud serve --config CONFIG`` as a child process (stdout and stderr piped); killed
+    on exit if it is still running."""
+    exe = shutil.which("evcore")
+    assert exe is not None, "the evcore console script is not installed"
+    proc = await asyncio.create_subprocess_exec(
+        exe,
+        "cloud",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def wait_until(pred: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
+    """Poll ``pred()`` every 50 ms until true; fail naming ``what`` after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -3,19 +3,18 @@ the real NATS (127.0.0.1:4222) for the sites' grid subjects, one watcher bus per
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from cloud_testkit import T0, _load_cert_helpers
-from evcore.bus import BusConfig, BusMessage
+from bus_testkit import patient_nats_bus
+from cloud_testkit import T0, _load_cert_helpers, wait_until
+from evcore.bus import BusMessage
 from evcore.bus.natsbus import NatsBus
 from evcore.bus.subjects import Subjects
-from evcore.clock import ManualClock, WallClock
+from evcore.clock import ManualClock
 from evcore.cloud import CloudApiServer, CloudConfig, CloudStore, open_cloud_store
 from evcore.cloud.topology import topology_from_site
 from evcore.edge.grid import Curtailment, CurtailmentBook
@@ -31,15 +30,7 @@ OPERATORS = {"aggregator-1": ["grid_operator"], "viewer-1": ["viewer"]}
 
 
 def nats_bus(site: str, outbox: Path) -> NatsBus:
-    cfg = BusConfig(
-        kind="nats",
-        urls=(NATS_URL,),
-        outbox_dir=outbox,
-        reconnect_wait_s=0.1,
-        connect_timeout_s=2.0,
-        publish_timeout_s=2.0,
-    )
-    return NatsBus(site, cfg, clock=WallClock(), ack_wait_s=5.0)
+    return patient_nats_bus(site, NATS_URL, outbox)
 
 
 def site_table(
@@ -137,14 +128,6 @@ class FleetCloud:
         for bus in self.buses:
             await bus.delete_streams()
             await bus.close()
-
-
-async def wait_until(pred: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def fleet_certs(tmp_path: Path, sites: list[str]) -> tuple[Any, Any, str, str, dict[str, Any]]:

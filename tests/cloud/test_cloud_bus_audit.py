@@ -7,16 +7,14 @@ import asyncio
 import shutil
 import signal
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cloud_testkit import chain
+from bus_testkit import patient_nats_bus
+from cloud_testkit import chain, wait_until
 from evcore.audit import AuditLog, Decision, verify_chain
-from evcore.bus import BusConfig
-from evcore.bus.natsbus import NatsBus
 from evcore.bus.subjects import Subjects
-from evcore.clock import ManualClock, WallClock
+from evcore.clock import ManualClock
 from evcore.cloud import open_cloud_store
 from evcore.cloud.consumer import AuditConsumer
 from evcore.store import open_store
@@ -26,26 +24,6 @@ from evcore.v1.setpoint_pb2 import Setpoint
 
 pytestmark = pytest.mark.timeout(120)
 NATS_URL = "nats://127.0.0.1:4222"
-
-
-def nats_bus(site: str, outbox: Path) -> NatsBus:
-    cfg = BusConfig(
-        kind="nats",
-        urls=(NATS_URL,),
-        outbox_dir=outbox,
-        reconnect_wait_s=0.1,
-        connect_timeout_s=2.0,
-        publish_timeout_s=2.0,
-    )
-    return NatsBus(site, cfg, clock=WallClock(), ack_wait_s=5.0)
-
-
-async def wait_until(pred: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def decision(i: int) -> Decision:
@@ -69,8 +47,8 @@ async def test_bus_audit_records_are_chain_checked_into_the_cloud(
     site = f"cloud-bus-{uuid.uuid4().hex[:8]}"
     clock = ManualClock()
     edge_store = open_store({"path": str(tmp_path / "edge-store")}, tmp_path)
-    edge_bus = nats_bus(site, tmp_path / "edge-outbox")
-    cloud_bus = nats_bus(site, tmp_path / "cloud-outbox")
+    edge_bus = patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
+    cloud_bus = patient_nats_bus(site, NATS_URL, tmp_path / "cloud-outbox")
     cloud_store = open_cloud_store(store_url, tmp_path)
     await edge_bus.start()
     await cloud_bus.start()
@@ -127,7 +105,7 @@ async def test_the_command_consumes_the_configured_sites_audit(tmp_path: Path) -
     exe = shutil.which("evcore")
     assert exe is not None, "the evcore console script is not installed"
     site = f"cloud-cmd-{uuid.uuid4().hex[:8]}"
-    edge_bus = nats_bus(site, tmp_path / "edge-outbox")
+    edge_bus = patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
     await edge_bus.start()
     records = chain(3)
     proc: asyncio.subprocess.Process | None = None

@@ -4,17 +4,15 @@ real NATS (127.0.0.1:4222), re-split and cancelled by id; operators only; bad in
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import math
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-from cloud_testkit import T0, stream
+from cloud_testkit import T0, run_evcore, stream
 from evcore.v1.fleet_api_pb2 import (
     DemandSource,
     FleetCurtailment,
@@ -286,19 +284,7 @@ def test_fleet_config_errors_name_the_key(table: dict[str, object], named: str) 
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:
-    exe = shutil.which("evcore")
-    assert exe is not None, "the evcore console script is not installed"
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        "cloud",
-        "curtail",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_evcore("cloud", "curtail", *args)
 
 
 async def test_the_curtail_command_calls_the_fleet_api(fleet: FleetCloud, tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import time
 import uuid
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cloud_testkit import T0
+from cloud_testkit import T0, cloud_serve
 from evcore.bus.subjects import Subjects
 from evcore.cloud import CloudApiServer, open_cloud_store
 from evcore.v1.fleet_api_pb2 import FleetCurtailment, FleetCurtailmentResult, SiteShare
@@ -166,8 +165,6 @@ async def test_evcore_cloud_serve_publishes_what_a_killed_cloud_left(
 ) -> None:
     """The command as a process, on the store a killed cloud left (revision 2 stored, revision 1
     published and marked): its start publishes revision 2, once, to the site's grid subject."""
-    exe = shutil.which("evcore")
-    assert exe is not None, "the evcore console script is not installed"
     site = f"killed-{uuid.uuid4().hex[:8]}"
     now = time.time()
     store = open_cloud_store(store_url, tmp_path)
@@ -198,28 +195,17 @@ async def test_evcore_cloud_serve_publishes_what_a_killed_cloud_left(
         '[fleet]\nresplit_every_s = 0\n[[fleet.operators]]\ncommon_name = "ops"\n'
         'roles = ["viewer"]\n'
     )
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        "cloud",
-        "serve",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        await wait_until(lambda: len(watch.signals) >= 1, "revision 2 from the new process", 30)
-        await asyncio.sleep(1.0)
-        assert [(s.signal_id, s.curtailment.max_kw) for s in watch.signals] == [
-            (f"fleet:killed:{site}#r2", 55.0)
-        ]
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0
+        async with cloud_serve(config) as proc:
+            await wait_until(lambda: len(watch.signals) >= 1, "revision 2 from the new process", 30)
+            await asyncio.sleep(1.0)
+            assert [(s.signal_id, s.curtailment.max_kw) for s in watch.signals] == [
+                (f"fleet:killed:{site}#r2", 55.0)
+            ]
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
         await bus.delete_streams()
         await bus.close()
     reopened = open_cloud_store(store_url, tmp_path)

@@ -4,15 +4,13 @@ upload; operators only; SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-from cloud_testkit import T0, chain, stream
+from cloud_testkit import T0, chain, run_evcore, stream
 from evcore.v1.fleet_api_pb2 import (
     FleetCurtailment,
     FleetCurtailmentRef,
@@ -140,14 +138,7 @@ async def test_a_site_certificate_may_not_list_sites(fleet: FleetCloud) -> None:
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:
-    exe = shutil.which("evcore")
-    assert exe is not None, "the evcore console script is not installed"
-    proc = await asyncio.create_subprocess_exec(
-        exe, "cloud", "sites", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_evcore("cloud", "sites", *args)
 
 
 async def test_the_sites_command(fleet: FleetCloud, tmp_path: Path) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
 from pathlib import Path
 
 import grpc
 import pytest
-from cloud_testkit import chain, make_certs, stream
+from cloud_testkit import chain, cloud_serve, make_certs, stream
 from evcore.clock import ManualClock
 from evcore.cloud import CloudApiServer, CloudConfig, CloudConfigError, open_cloud_store
 from evcore.cloud.auth import SITE_HEADER
@@ -107,24 +106,13 @@ async def test_insecure_mode_takes_the_site_from_a_header_and_says_so(
 
 
 async def test_the_command_serves_over_mtls_and_stops_on_sigterm(tmp_path: Path) -> None:
-    exe = shutil.which("evcore")
-    assert exe is not None, "the evcore console script is not installed"
     tls, ca, clients = make_certs(tmp_path / "certs")
     config = tmp_path / "cloud.toml"
     config.write_text(
         'listen = "127.0.0.1:0"\nstop_grace_s = 2.0\n[store]\nurl = "sqlite:store"\n[tls]\n'
         + "".join(f'{k} = "{v}"\n' for k, v in tls.items())
     )
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        "cloud",
-        "serve",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with cloud_serve(config) as proc:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         assert "CloudApi on port" in line, line
@@ -138,10 +126,6 @@ async def test_the_command_serves_over_mtls_and_stops_on_sigterm(tmp_path: Path)
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0
         assert "stopped" in out.decode()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     reopened = open_cloud_store(f"sqlite:{tmp_path / 'store'}")
     try:
         assert await reopened.contiguous_seq("depot-1") == 2

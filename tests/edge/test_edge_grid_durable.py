@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bus_testkit import patient_nats_bus
 from edge_testkit import stepped_controller
 from evcore.bus import Subjects
-from evcore.bus.config import BusConfig
 from evcore.bus.inprocess import InProcessBus
-from evcore.bus.natsbus import NatsBus
-from evcore.clock import WallClock
 from evcore.edge.signals import GRID_DURABLE, subscribe_signals
 from evcore.edge.sitegen import depot_table
 from evcore.v1 import grid_pb2
@@ -36,18 +34,6 @@ class _Gateway:
             accepted = True
 
         return _R()
-
-
-def _nats(site: str, outbox: Path) -> NatsBus:
-    cfg = BusConfig(
-        kind="nats",
-        urls=(NATS_URL,),
-        outbox_dir=outbox,
-        reconnect_wait_s=0.1,
-        connect_timeout_s=2.0,
-        publish_timeout_s=2.0,
-    )
-    return NatsBus(site, cfg, clock=WallClock(), ack_wait_s=5.0)
 
 
 def _curtailment(cid: str, max_kw: float, start: float, end: float) -> grid_pb2.GridSignal:
@@ -116,11 +102,14 @@ async def test_a_curtailment_published_while_the_edge_is_down_applies_when_it_st
     tmp_path: Path,
 ) -> None:
     site = "grid-durable-" + uuid.uuid4().hex[:8]
-    pub = _nats(site, tmp_path / "cloud-outbox")
+    pub = patient_nats_bus(site, NATS_URL, tmp_path / "cloud-outbox")
     await pub.start()
     try:
         await _scenario(
-            site, _nats(site, tmp_path / "edge-outbox"), _nats(site, tmp_path / "edge-outbox"), pub
+            site,
+            patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox"),
+            patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox"),
+            pub,
         )
     finally:
         await pub.close()
