@@ -56,3 +56,37 @@ async def settle(ctrl: EdgeController, clock: StepClock, rounds: int = 4) -> Non
         if ctrl._sends:
             await asyncio.gather(*ctrl._sends)
         clock.advance(ctrl.cfg.settle_s + 0.1)
+
+
+class GatewayAnswer:
+    def __init__(self, accepted: bool) -> None:
+        self.accepted = accepted
+
+
+class ToldGateway:
+    """A gateway double: answers each profile at once (Accepted), but for the purposes in
+    ``reject`` (Rejected) and in ``hold`` (answered by ``release``; never, if not released).
+    ``calls`` keeps every ``(charger_id, kwargs)`` in order."""
+
+    def __init__(self) -> None:
+        self.reject: set[str] = set()
+        self.hold: set[str] = set()
+        self.waiting: list[asyncio.Future[bool]] = []
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def set_limit(self, charger_id: str, **kwargs: Any) -> GatewayAnswer:
+        self.calls.append((charger_id, kwargs))
+        purpose = kwargs["purpose"]
+        if purpose in self.reject:
+            return GatewayAnswer(False)
+        if purpose in self.hold:
+            fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self.waiting.append(fut)
+            return GatewayAnswer(await fut)
+        return GatewayAnswer(True)
+
+    def release(self, accepted: bool = True) -> None:
+        for fut in self.waiting:
+            if not fut.done():
+                fut.set_result(accepted)
+        self.waiting.clear()

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import pytest
-from edge_testkit import FAST, stepped_controller
+from edge_testkit import FAST, ToldGateway, stepped_controller
 from evcore.edge.config import EdgeConfig
 from evcore.edge.dispatch import Change, ChangeKind
 from evcore.edge.rig import EdgeRig
@@ -124,34 +124,6 @@ async def test_a_txdefault_cleared_under_an_old_id_counts_at_the_maximum_until_o
         assert rig.physics.violations == 0, rig.physics.violations_by_node
 
 
-class _Result:
-    def __init__(self, accepted: bool) -> None:
-        self.accepted = accepted
-
-
-class _Gateway:
-    """Answers every profile Accepted at once, but those of ``hold`` (answered by ``release``)."""
-
-    def __init__(self) -> None:
-        self.hold: set[str] = set()
-        self.waiting: list[asyncio.Future[bool]] = []
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-
-    async def set_limit(self, charger_id: str, **kwargs: Any) -> _Result:
-        self.calls.append((charger_id, kwargs))
-        if kwargs["purpose"] in self.hold:
-            fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-            self.waiting.append(fut)
-            return _Result(await fut)
-        return _Result(True)
-
-    def release(self, accepted: bool = True) -> None:
-        for fut in self.waiting:
-            if not fut.done():
-                fut.set_result(accepted)
-        self.waiting.clear()
-
-
 async def _round(ctrl: Any, clock: Any, advance_s: float) -> None:
     await ctrl.decide("test")
     for _ in range(5):
@@ -181,7 +153,7 @@ async def test_a_txprofile_cleared_counts_its_session_at_its_txdefault_until_our
     """A session holding a TxProfile of ours at 4 A while its TxDefault allows 16 A: once a
     TxProfile of another id is being cleared its car may draw 16 A, until a TxProfile of ours is
     accepted and ``settle_s`` passed. ``ProfileCleared`` with nothing cleared ends it at once."""
-    gw = _Gateway()
+    gw = ToldGateway()
     ctrl, clock = stepped_controller(depot_table(2, per_feeder=2, grid_share=1.0), gw)
     a, _ = sorted(ctrl.state.chargers)
     for _ in range(4):

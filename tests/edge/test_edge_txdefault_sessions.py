@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
 
 import numpy as np
 import pytest
-from edge_testkit import stepped_controller
+from edge_testkit import ToldGateway, stepped_controller
 from evcore.clock import StepClock
 from evcore.edge.controller import EdgeController
 from evcore.edge.coreio import RustCore
@@ -25,41 +24,8 @@ from evcore.edge.grid import Curtailment
 from evcore.edge.sitegen import depot_table
 
 
-class _Result:
-    def __init__(self, accepted: bool) -> None:
-        self.accepted = accepted
-
-
-class _Gateway:
-    """Answers each profile at once (Accepted), but for the purposes in ``reject`` (Rejected)
-    and in ``hold`` (answered by ``release``; never, if not released)."""
-
-    def __init__(self) -> None:
-        self.reject: set[str] = set()
-        self.hold: set[str] = set()
-        self.waiting: list[asyncio.Future[bool]] = []
-        self.calls: list[tuple[str, str, float]] = []  # (charger, purpose, limit)
-
-    async def set_limit(self, charger_id: str, **kwargs: Any) -> _Result:
-        purpose = kwargs["purpose"]
-        self.calls.append((charger_id, purpose, float(kwargs["limit_a"])))
-        if purpose in self.reject:
-            return _Result(False)
-        if purpose in self.hold:
-            fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-            self.waiting.append(fut)
-            return _Result(await fut)
-        return _Result(True)
-
-    def release(self, accepted: bool = True) -> None:
-        for fut in self.waiting:
-            if not fut.done():
-                fut.set_result(accepted)
-        self.waiting.clear()
-
-
-def _controller(n: int) -> tuple[EdgeController, _Gateway, StepClock]:
-    gw = _Gateway()
+def _controller(n: int) -> tuple[EdgeController, ToldGateway, StepClock]:
+    gw = ToldGateway()
     ctrl, clock = stepped_controller(depot_table(n, per_feeder=n), gw)
     return ctrl, gw, clock
 
@@ -169,7 +135,11 @@ async def test_a_txdefault_raise_accepted_after_the_session_started_is_counted()
     assert c.tx_default == 0.0 and not ctrl.failsafe_is_plain()
     gw.hold.add("tx_default")
     await _round(ctrl, clock, 0.0)
-    raised = [v for ch, p, v in gw.calls if ch == cid and p == "tx_default" and v > 0]
+    raised = [
+        kw["limit_a"]
+        for ch, kw in gw.calls
+        if ch == cid and kw["purpose"] == "tx_default" and float(kw["limit_a"]) > 0
+    ]
     assert raised and gw.waiting, gw.calls
     assert c.tx_default == 0.0 and c.tx_default_sent == raised[-1]
     _start(ctrl, clock, cid)
@@ -233,7 +203,7 @@ async def test_a_lowering_after_the_first_txdefault_gap_recomputes_the_failsafe_
     recomputed, and stayed {X: 32 A, others: 0 A} for good (X's TxDefault never lowered, the
     others' cars never admitted; the restart test's flake: 2 cars at 32 A, 6 at 0 A)."""
     table = depot_table(4, per_feeder=4, feeder_share=32.0 / 128.0, grid_share=1.0)
-    gw = _Gateway()
+    gw = ToldGateway()
     ctrl, clock = stepped_controller(table, gw)
     cfg = ctrl.cfg
     x, *others = sorted(ctrl.state.chargers)
