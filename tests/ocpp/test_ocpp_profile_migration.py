@@ -1,12 +1,14 @@
 """Profiles a station holds under ids of an earlier numbering: 2.0.1 refuses ours where one of
 another id has the same stack level, purpose and EVSE (K01.FR.06) or, for a TxProfile, the same
 stack level and transaction (K01.FR.39); the central system asks what the station holds there
-(GetChargingProfiles), clears only the profiles whose id is not ours, by id, telling its listeners
-before and after, and sends ours once more. Never a station maximum. 1.6 replaces it by itself.
+(GetChargingProfiles), and sends ours once more one stack level above every profile of another id
+reported there: nothing is cleared, so the charger goes from the other profile's limit straight to
+ours and never runs uncapped. Never a station maximum. 1.6 replaces it by itself.
 Over real WebSockets, against simulated stations."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -68,8 +70,13 @@ def results(r: Rig, charger: str) -> list[ProfileResult]:
     return [e for e in r.of(ProfileResult) if e.charger_id == charger]
 
 
+def stack_of(sim: SimChargePoint, pid: int) -> int:
+    [level] = [q.stack for q in sim.profiles if q.id == pid]
+    return level
+
+
 @pytest.mark.parametrize("charger", ["cp-b", "cp-a"])
-async def test_a_tx_default_held_under_an_old_id_gives_way_to_ours(charger: str) -> None:
+async def test_a_tx_default_held_under_an_old_id_is_outranked_by_ours(charger: str) -> None:
     async with rig() as r:
         sim = r.fleet.stations[r.cs.charger(charger).ocpp_id]
         v201 = sim.version == "2.0.1"
@@ -78,63 +85,90 @@ async def test_a_tx_default_held_under_an_old_id_gives_way_to_ours(charger: str)
         sim.hold_profile(held(sim, 7, "default", 20.0))
         sim.hold_profile(held(sim, 8, "default", 6.0, stack=0))
         sim.hold_profile(held(sim, 9, "max", 30.0, evse=0))
-        # What a listener (the edge) sees when the clear is announced: the frame not yet sent.
-        clears_received_at_announce: list[int] = []
-
-        def on_event(ev: object) -> None:
-            if isinstance(ev, ProfileClearing):
-                n = sum(a == "ClearChargingProfile" for a, _ in sim.received)
-                clears_received_at_announce.append(n)
-
-        r.cs.add_listener(on_event)
         res = await r.cs.set_limit(charger, limit_a=10, purpose="tx_default")
         assert res.accepted and res.profile_id == OURS_TX_DEFAULT_EVSE1
-        await r.until(lambda: sorted(q.id for q in sim.profiles) == [8, 9, OURS_TX_DEFAULT_EVSE1])
-        await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 10.0)
         calls, answers = profile_calls(sim), profile_answers(sim)
         assert len(results(r, charger)) == 1  # the request's one result, after the migration
+        assert clears(r) == []
         if not v201:  # 1.6: ours replaces the one of the same stack level and purpose
+            await r.until(
+                lambda: sorted(q.id for q in sim.profiles) == [8, 9, OURS_TX_DEFAULT_EVSE1]
+            )
             assert [a for a, _ in calls] == ["SetChargingProfile"]
-            assert clears(r) == []
             return
+        # 2.0.1: the other id stays; ours is above it, and applies.
+        await r.until(
+            lambda: sorted(q.id for q in sim.profiles) == [7, 8, 9, OURS_TX_DEFAULT_EVSE1]
+        )
+        await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 10.0)
+        assert stack_of(sim, OURS_TX_DEFAULT_EVSE1) == 2 and stack_of(sim, 7) == 1
         assert [a for a, _ in calls] == [
             "SetChargingProfile",
             "GetChargingProfiles",
-            "ClearChargingProfile",
             "SetChargingProfile",
         ]
         assert answers[0][1]["status"] == "Rejected"
         assert answers[0][1]["statusInfo"]["reasonCode"] == "DuplicateProfile"
-        # Asked by EVSE, purpose and our stack level; cleared by the other id alone.
+        # Asked by EVSE and purpose, every stack level.
         get = calls[1][1]
-        assert get["evseId"] == 1 and get["chargingProfile"] == {
-            "chargingProfilePurpose": "TxDefaultProfile",
-            "stackLevel": 1,
-        }
-        assert calls[2][1] == {"chargingProfileId": 7}
-        assert [p["status"] for _, p in answers] == ["Rejected", "Accepted", "Accepted", "Accepted"]
-        # The listeners were told before the clear left and after its answer, then the result.
-        assert clears_received_at_announce == [0]
-        [before, after] = clears(r)
-        assert isinstance(before, ProfileClearing) and isinstance(after, ProfileCleared)
-        assert (before.charger_id, before.purpose, before.profile_id) == (charger, "tx_default", 7)
-        assert (after.profile_id, after.status, after.nothing_cleared) == (7, "Accepted", False)
-        order = [
-            e for e in r.events if isinstance(e, (ProfileClearing, ProfileCleared, ProfileResult))
-        ]
-        assert order == [before, after, res]
-        resent = calls[3][1]["chargingProfile"]
-        assert resent["id"] == OURS_TX_DEFAULT_EVSE1 and resent["stackLevel"] == 1
+        assert get["evseId"] == 1
+        assert get["chargingProfile"] == {"chargingProfilePurpose": "TxDefaultProfile"}
+        assert [p["status"] for _, p in answers] == ["Rejected", "Accepted", "Accepted"]
+        resent = calls[2][1]["chargingProfile"]
+        assert resent["id"] == OURS_TX_DEFAULT_EVSE1 and resent["stackLevel"] == 2
         assert resent["chargingSchedule"][0]["chargingSchedulePeriod"][0]["limit"] == 10.0
-        assert "DuplicateProfile" in res.detail and "resent" in res.detail
-        # The next limit replaces ours by its id: no clear any more.
+        assert "DuplicateProfile" in res.detail and "resent at stack level 2" in res.detail
+        # The next limit goes at that level at once: it replaces ours by its id, no clash.
         res = await r.cs.set_limit(charger, limit_a=8, purpose="tx_default")
-        assert res.accepted
-        assert [a for a, _ in profile_calls(sim)[4:]] == ["SetChargingProfile"]
+        assert res.accepted and res.detail == ""
+        later = profile_calls(sim)[3:]
+        assert [a for a, _ in later] == ["SetChargingProfile"]
+        assert later[0][1]["chargingProfile"]["stackLevel"] == 2
+        [sent] = r.cs.send_limits([LimitOrder(charger, limit_a=7, purpose="tx_default")])
+        assert sent.sent_mono is not None and (await sent.result).accepted  # the direct path
+        assert profile_calls(sim)[4][1]["chargingProfile"]["stackLevel"] == 2
+        await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 7.0)
+        assert sorted(q.id for q in sim.profiles) == [7, 8, 9, OURS_TX_DEFAULT_EVSE1]
         assert sim.invalid_calls == []
 
 
-async def test_a_tx_profile_of_the_old_numbering_gives_way_on_the_direct_path() -> None:
+async def test_the_charger_never_runs_above_the_other_profile_or_ours_meanwhile() -> None:
+    """The reviewer's case without the edge: a car charging under another id's 16 A TxDefault;
+    ours (10 A) is refused, then resent above it. Sampled every 10 ms from before the first send
+    until ours applies (1 s after its acceptance), the station's limit and what it offers the car
+    never exceed 16 A (a clear by id had let it run to its 32 A maximum until ours applied)."""
+    async with rig() as r:
+        sim = r.fleet.stations["CPB"]
+        sim.hold_profile(held(sim, 7, "default", 16.0))
+        r.fleet.plug_in("cp-b", EV(soc=0.3))
+        await r.until(lambda: sim.connectors[1].offered == 16.0)
+        sim.apply_delay_s = 1.0
+        samples: list[tuple[float, float]] = []
+        done = False
+
+        async def sample() -> None:
+            while not done:
+                now = sim.clock.now()
+                samples.append((sim.limit_at(1, now), sim.connectors[1].offered))
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            res = await r.cs.set_limit("cp-b", limit_a=10, purpose="tx_default")
+            assert res.accepted and "resent" in res.detail
+            await r.until(lambda: sim.connectors[1].offered == 10.0)
+            await asyncio.sleep(0.1)
+        finally:
+            done = True
+            await sampler
+        assert len(samples) > 50
+        assert max(limit for limit, _ in samples) == 16.0
+        assert max(offered for _, offered in samples) == 16.0
+        assert samples[-1] == (10.0, 10.0)
+        assert [a for a, _ in profile_calls(sim)].count("ClearChargingProfile") == 0
+
+
+async def test_a_tx_profile_of_the_old_numbering_is_outranked_on_the_direct_path() -> None:
     async with rig() as r:
         sim = r.fleet.stations["CPB"]
         r.fleet.plug_in("cp-b", EV(soc=0.3))
@@ -147,25 +181,65 @@ async def test_a_tx_profile_of_the_old_numbering_gives_way_on_the_direct_path() 
         res = await sent.result
         assert res.accepted and res.profile_id == OURS_TX_EVSE1
         assert "InvalidStackLevel" in res.detail
-        await r.until(lambda: [q.id for q in sim.profiles if q.purpose == "tx"] == [OURS_TX_EVSE1])
+        await r.until(
+            lambda: sorted(q.id for q in sim.profiles if q.purpose == "tx") == [101, OURS_TX_EVSE1]
+        )
+        assert stack_of(sim, OURS_TX_EVSE1) == 2
         calls = profile_calls(sim)
         assert [a for a, _ in calls] == [
             "SetChargingProfile",
             "GetChargingProfiles",
-            "ClearChargingProfile",
             "SetChargingProfile",
         ]
-        assert calls[1][1]["chargingProfile"] == {
-            "chargingProfilePurpose": "TxProfile",
-            "stackLevel": 1,
-        }
-        assert calls[2][1] == {"chargingProfileId": 101}
-        assert [(type(e).__name__, e.purpose, e.profile_id) for e in clears(r)] == [
-            ("ProfileClearing", "tx", 101),
-            ("ProfileCleared", "tx", 101),
-        ]
+        assert calls[1][1]["chargingProfile"] == {"chargingProfilePurpose": "TxProfile"}
+        assert calls[2][1]["chargingProfile"]["stackLevel"] == 2
+        assert calls[2][1]["chargingProfile"]["transactionId"] == tx
+        assert clears(r) == []
         await r.until(lambda: sim.connectors[1].offered == 12.0)
         assert results(r, "cp-b") == [res]
+
+
+async def test_the_raised_level_is_learnt_again_on_a_new_connection() -> None:
+    async with rig() as r:
+        sim = r.fleet.stations["CPB"]
+        sim.hold_profile(held(sim, 7, "default", 20.0))
+        assert (await r.cs.set_limit("cp-b", limit_a=10, purpose="tx_default")).accepted
+        await sim.disconnect()
+        await r.until(lambda: sim.connections == 2 and r.cs.is_connected("cp-b"))
+        await sim.wait_idle()
+        n = len(profile_calls(sim))
+        # A new connection: sent at the configured level, refused (the station still holds 7
+        # there, and ours at 2), asked again and resent at 2, replacing ours by its id.
+        res = await r.cs.set_limit("cp-b", limit_a=9, purpose="tx_default")
+        assert res.accepted and "resent at stack level 2" in res.detail
+        again = profile_calls(sim)[n:]
+        assert [a for a, _ in again] == [
+            "SetChargingProfile",
+            "GetChargingProfiles",
+            "SetChargingProfile",
+        ]
+        assert [p["chargingProfile"].get("stackLevel") for a, p in again if a[0] == "S"] == [1, 2]
+        await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 9.0)
+        assert sorted(q.id for q in sim.profiles) == [7, OURS_TX_DEFAULT_EVSE1]
+
+
+async def test_no_resend_above_the_bound_of_eight_levels() -> None:
+    async with rig() as r:
+        sim = r.fleet.stations["CPB"]
+        # Another id at our level and one at 9: ours would need 10, more than 1 + 8.
+        sim.hold_profile(held(sim, 7, "default", 20.0))
+        sim.hold_profile(held(sim, 12, "default", 24.0, stack=9))
+        res = await r.cs.set_limit("cp-b", limit_a=10, purpose="tx_default")
+        assert res.status == "Rejected" and "stack level 10 would be needed" in res.detail
+        assert [a for a, _ in profile_calls(sim)] == ["SetChargingProfile", "GetChargingProfiles"]
+        assert sorted(q.id for q in sim.profiles) == [7, 12]
+        # One at 8 instead: ours goes to 9.
+        sim.profiles = [q for q in sim.profiles if q.id != 12]
+        sim.hold_profile(held(sim, 12, "default", 24.0, stack=8))
+        res = await r.cs.set_limit("cp-b", limit_a=9, purpose="tx_default")
+        assert res.accepted and "resent at stack level 9" in res.detail
+        await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 9.0)
+        assert stack_of(sim, OURS_TX_DEFAULT_EVSE1) == 9
 
 
 async def test_a_station_refusing_for_other_reasons_is_not_looped() -> None:
@@ -181,13 +255,13 @@ async def test_a_station_refusing_for_other_reasons_is_not_looped() -> None:
         sim = r.fleet.stations["CPB"]
         # A fresh central system does not know what the station holds: ours of an earlier run
         # (our stable id, 16 A), and the station refuses everything. It is asked once; holding
-        # only ours there, nothing is cleared (ours stays: it was the charger's limit) and the
+        # only ours there, nothing is resent (ours stays: it was the charger's limit) and the
         # next refusals are final without asking (the key is known clear).
         sim.hold_profile(held(sim, OURS_TX_DEFAULT_EVSE1, "default", 16.0))
         sim.misbehaviour.reject_profiles = True
         first = await r.cs.set_limit("cp-b", limit_a=10, purpose="tx_default")
         assert first.status == "Rejected"
-        assert f"{OURS_TX_DEFAULT_EVSE1}; none of another id" in first.detail
+        assert f"{OURS_TX_DEFAULT_EVSE1} at 1; none of another id" in first.detail
         for limit in (9, 8):
             res = await r.cs.set_limit("cp-b", limit_a=limit, purpose="tx_default")
             assert res.status == "Rejected" and res.detail == ""
@@ -204,7 +278,7 @@ async def test_a_station_refusing_for_other_reasons_is_not_looped() -> None:
         assert clears(r) == []
     async with rig() as r:
         sim = r.fleet.stations["CPB"]
-        # Holding nothing there: NoProfiles, nothing cleared, nothing resent.
+        # Holding nothing there: NoProfiles, nothing resent.
         sim.misbehaviour.reject_profiles = True
         res = await r.cs.set_limit("cp-b", limit_a=10, purpose="tx_default")
         assert res.status == "Rejected" and "none of another id" in res.detail
@@ -230,44 +304,45 @@ async def test_a_refused_limit_is_not_resent_once_a_newer_one_is_requested() -> 
             for p in sets
         ]
         assert limits == [16.0, 8.0, 8.0]
-        assert [a for a, _ in profile_calls(sim)].count("ClearChargingProfile") == 1
+        assert [p["chargingProfile"]["stackLevel"] for p in sets] == [1, 1, 2]
+        assert [a for a, _ in profile_calls(sim)].count("ClearChargingProfile") == 0
         await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 8.0)
         assert [x.status for x in results(r, "cp-b")] == ["Rejected", "Accepted"]
 
 
-async def test_only_the_profiles_of_another_id_are_cleared_from_a_report_in_parts() -> None:
+async def test_ours_goes_above_every_other_id_of_a_report_in_parts() -> None:
     async with rig() as r:
         sim = r.fleet.stations["CPB"]
-        # Ours of an earlier run and two others at our stack level on EVSE 1, one installed by
-        # another source: reported in two parts (one per source, the first with tbc).
+        # Ours of an earlier run and another id at our stack level on EVSE 1, a third at level 2
+        # installed by another source: reported in two parts (one per source, the first with
+        # tbc). Ours goes to 3, above both; none is cleared.
         sim.hold_profile(held(sim, OURS_TX_DEFAULT_EVSE1, "default", 16.0))
         sim.hold_profile(held(sim, 7, "default", 20.0))
-        other = held(sim, 12, "default", 24.0)
+        other = held(sim, 12, "default", 24.0, stack=2)
         other.limit_source = "EMS"
         sim.hold_profile(other)
         res = await r.cs.set_limit("cp-b", limit_a=10, purpose="tx_default")
-        assert res.accepted and "resent" in res.detail
+        assert res.accepted and "resent at stack level 3" in res.detail
+        assert "7 at 1, 1000003 at 1, 12 at 2" in res.detail
         calls = profile_calls(sim)
-        assert [p for a, p in calls if a == "ClearChargingProfile"] == [
-            {"chargingProfileId": 7},
-            {"chargingProfileId": 12},
+        assert [a for a, _ in calls] == [
+            "SetChargingProfile",
+            "GetChargingProfiles",
+            "SetChargingProfile",
         ]
-        assert [(type(e).__name__, e.profile_id) for e in clears(r)] == [
-            ("ProfileClearing", 7),
-            ("ProfileCleared", 7),
-            ("ProfileClearing", 12),
-            ("ProfileCleared", 12),
-        ]
-        await r.until(lambda: [q.id for q in sim.profiles] == [OURS_TX_DEFAULT_EVSE1])
+        assert calls[2][1]["chargingProfile"]["stackLevel"] == 3
+        assert clears(r) == []
+        await r.until(lambda: stack_of(sim, OURS_TX_DEFAULT_EVSE1) == 3)
+        assert sorted(q.id for q in sim.profiles) == [7, 12, OURS_TX_DEFAULT_EVSE1]
         await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 10.0)
         assert sim.invalid_calls == []
 
 
-async def test_a_refused_station_maximum_is_never_cleared() -> None:
+async def test_a_refused_station_maximum_is_never_outranked() -> None:
     async with rig() as r:
         sim = r.fleet.stations["CPB"]
-        # A station maximum of another id at our stack level: clearing it (EVSE 0) would lift
-        # the cap of every EVSE of the station. The refusal stands.
+        # A station maximum of another id at our stack level: the refusal stands (nothing is
+        # asked, nothing resent at another level, nothing cleared).
         sim.hold_profile(held(sim, 9, "max", 30.0, evse=0))
         res = await r.cs.set_limit("cp-b", limit_a=20, purpose="station_max")
         assert res.status == "Rejected"
@@ -275,7 +350,7 @@ async def test_a_refused_station_maximum_is_never_cleared() -> None:
         assert [q.id for q in sim.profiles] == [9] and clears(r) == []
 
 
-async def test_no_report_clears_nothing_after_the_call_timeout() -> None:
+async def test_no_report_resends_nothing_after_the_call_timeout() -> None:
     async with rig() as r:
         sim = r.fleet.stations["CPB"]
         sim.hold_profile(held(sim, 7, "default", 20.0))

@@ -415,6 +415,29 @@ def test_2_0_1_refuses_a_clash_with_another_id_where_1_6_replaces() -> None:
     assert [q.id for q in v16.profiles] == [8] and v16.limit_at(1, clock.now()) == 10.0
 
 
+def test_2_0_1_a_higher_stack_level_takes_over_from_another_id_without_a_gap() -> None:
+    """What the central system does on a clash (docs/ocpp.md): ours one stack level above the
+    other id's. The station applies the other one until ours applies (apply delay 2 s), then
+    ours, at every 0.1 s step: never its 32 A maximum. Both kept; ours replaced by its id."""
+    clock = ManualClock()
+    sim = station(clock, version="2.0.1")
+    sim.step()
+    assert send(sim, profile_201(clock, pid=7, purpose="TxDefaultProfile", limit=16)) == "Accepted"
+    settle(sim, clock, 2.1)
+    for ours, expect in ((10.0, 10.0), (20.0, 20.0)):
+        p = profile_201(clock, pid=1_000_003, purpose="TxDefaultProfile", limit=ours, stack=2)
+        before = sim.limit_at(1, clock.now())
+        assert send(sim, p) == "Accepted"
+        seen = []
+        for _ in range(25):
+            clock.advance(0.1)
+            sim.step()
+            seen.append(sim.limit_at(1, clock.now()))
+        assert set(seen) == {before, expect} and seen[-1] == expect
+        assert 19 <= seen.index(expect) <= 20  # applied after 2 s
+        assert sorted((q.id, q.stack) for q in sim.profiles) == [(7, 1), (1_000_003, 2)]
+
+
 def test_2_0_1_reports_its_profiles_by_criteria_in_parts() -> None:
     clock = ManualClock()
     sim = station(clock, version="2.0.1")

@@ -152,12 +152,13 @@ class ProfileResult:
 
 @dataclass(frozen=True, slots=True)
 class ProfileClearing:
-    """A ClearChargingProfile of another id's profile is about to leave (emitted before its frame
-    is written; see docs/ocpp.md, "clearing a clashing profile").
+    """A ClearChargingProfile of another id's profile was about to leave.
 
-    From this event until a profile of ours for ``charger_id`` and ``purpose`` is accepted AND
-    applied, the charger may draw up to its maximum (``tx_default``) or up to what its TxDefault
-    allows (``tx``): count it so.
+    No longer emitted: the central system outranks such a profile instead of clearing it (see
+    docs/ocpp.md, profiles of an earlier numbering). Kept so that listeners still import it.
+    When it was emitted: from this event until a profile of ours for ``charger_id`` and
+    ``purpose`` was accepted AND applied, the charger could draw up to its maximum
+    (``tx_default``) or up to what its TxDefault allowed (``tx``).
     """
 
     charger_id: str
@@ -171,7 +172,8 @@ class ProfileClearing:
 
 @dataclass(frozen=True, slots=True)
 class ProfileCleared:
-    """The answer to the ClearChargingProfile that ``ProfileClearing`` announced.
+    """The answer to the ClearChargingProfile that ``ProfileClearing`` announced. No longer
+    emitted (see ``ProfileClearing``).
 
     ``status``: the station's answer (``Accepted``: cleared; ``Unknown``: it held no such
     profile) or ``Timeout``, ``Disconnected``, ``CallError`` (not known whether it was cleared).

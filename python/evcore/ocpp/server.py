@@ -40,8 +40,6 @@ from evcore.ocpp.events import (
     MeterSample,
     NotificationEvent,
     OcppEvent,
-    ProfileCleared,
-    ProfileClearing,
     ProfilePurpose,
     ProfileResult,
     SecurityEvent,
@@ -180,6 +178,9 @@ class LimitOrder:
 # earlier versions numbered from 100 by first use (a station may still hold those).
 _PROFILE_ID_BASE = 1_000_000
 _PROFILE_SLOT: dict[str, int] = {"tx_default": 0, "tx": 1, "station_max": 2}
+#: How far above the configured stack level a 2.0.1 clash may raise ours (``_migrate``): a
+#: station holding profiles of another id further up keeps refusing (the refusal stands).
+_MAX_OUTRANK = 8
 
 
 @dataclass(slots=True)
@@ -356,10 +357,13 @@ class CentralSystem:
         self._profile_ids: dict[tuple[str, int, str], int] = {}
         #: Limit requests per (station, EVSE, purpose) so far: a migration checks for a newer one.
         self._limit_seq: dict[tuple[str, int, str], int] = {}
-        #: (station, EVSE, purpose) where the station can hold no profile of another id at our
-        #: stack level: ours was accepted there, or a ClearChargingProfile by those criteria was
-        #: answered. Value: the transaction (TxProfile), else "". See ``_conflict_migration``.
+        #: (station, EVSE, purpose) where the station can hold no profile of another id at the
+        #: stack level we send there: ours was accepted there, or its profiles there were reported
+        #: completely. Value: the transaction (TxProfile), else "". See ``_conflict_migration``.
         self._no_stranger: dict[tuple[str, int, str], str] = {}
+        #: (station, EVSE, purpose) -> the stack level above the configured one that outranked a
+        #: profile of another id (``_migrate``); for the rest of the station's connection.
+        self._levels: dict[tuple[str, int, str], int] = {}
         self._last_limit: dict[tuple[str, int, str], float] = {}
         #: GetChargingProfiles of ``_migrate`` awaiting their report, by (station, requestId).
         self._reports: dict[tuple[str, int], _ProfileReport] = {}
@@ -580,6 +584,7 @@ class CentralSystem:
             return
         st = self._stations[ocpp_id]
         conn = _CONNECTION_CLASS[version](st, ws, self, self.clock)
+        self._forget_levels(st)
         old = st.connection
         st.connection = conn
         st.version = version
@@ -1068,7 +1073,7 @@ class CentralSystem:
 
     def _limit_call(
         self, req: LimitRequest
-    ) -> tuple[Station, tuple[str, int, str], bool, int, Callable[[], Any], int]:
+    ) -> tuple[Station, tuple[str, int, str], bool, int, Callable[..., Any], int]:
         """Book a checked request (profile id, last limit); (station, key, decrease, profile id,
         frame builder, request number for the key)."""
         charger = self._chargers[req.charger_id]
@@ -1082,7 +1087,7 @@ class CentralSystem:
         self._last_limit[key] = req.wire_limit
         seq = self._limit_seq[key] = self._limit_seq.get(key, 0) + 1
 
-        def builder() -> tuple[str, dict[str, Any]] | CallOutcome:
+        def builder(level: int | None = None) -> tuple[str, dict[str, Any]] | CallOutcome:
             tx_id = None
             if purpose == "tx":
                 tx_id = st.active_tx.get(charger.evse_id)
@@ -1102,7 +1107,7 @@ class CentralSystem:
                 charger,
                 req,
                 profile_id=pid,
-                stack_level=self.config.stack_level,
+                stack_level=self._stack_level(key) if level is None else level,
                 transaction_id=tx_id,
                 now=self.clock.now(),
             )
@@ -1250,12 +1255,13 @@ class CentralSystem:
                 )
             ):
                 pid = self._profile_id(st.ocpp_id, charger, req.purpose)
+                evse_key = 0 if req.purpose == "station_max" else charger.evse_id
                 payload = frames.set_charging_profile_json(
                     st.version,
                     charger,
                     req,
                     profile_id=pid,
-                    stack_level=self.config.stack_level,
+                    stack_level=self._stack_level((st.ocpp_id, evse_key, req.purpose)),
                     transaction_id=st.active_tx.get(charger.evse_id),
                     now=now,
                     start_iso=start_iso,
@@ -1313,6 +1319,18 @@ class CentralSystem:
             self._profile_ids[key] = pid
         return pid
 
+    def _stack_level(self, key: tuple[str, int, str]) -> int:
+        """The stack level of our profiles for ``key``: the configured one unless ``_migrate``
+        outranked a profile of another id there on this connection."""
+        return self._levels.get(key, self.config.stack_level)
+
+    def _forget_levels(self, st: Station) -> None:
+        """A new connection of ``st``: its raised stack levels are learnt again (a refusal at the
+        configured level and ``_migrate``); what was known clear there was known at those."""
+        for key in [k for k in self._levels if k[0] == st.ocpp_id]:
+            del self._levels[key]
+            self._no_stranger.pop(key, None)
+
     def _holder(self, key: tuple[str, int, str], purpose: str) -> str:
         """What ``_no_stranger`` records for ``key`` now: a TxProfile's transaction, else ""."""
         if purpose != "tx":
@@ -1326,12 +1344,12 @@ class CentralSystem:
         key: tuple[str, int, str],
         seq: int,
         decrease: bool,
-        builder: Callable[[], Any],
+        builder: Callable[..., Any],
         first: CallOutcome,
     ) -> asyncio.Future[CallOutcome] | None:
         """A 2.0.1 station's refusal of our profile that may be a clash with a profile it holds
-        under another id: ask what it holds, clear the others' by id, send ours once more. None
-        when it cannot be one (the refusal stands).
+        under another id: ask what it holds, send ours once more one stack level above the
+        others'. None when it cannot be one (the refusal stands).
 
         A 2.0.1 station refuses a profile whose stack level, purpose and EVSE equal those of a
         profile it holds under another id with an overlapping validity (K01.FR.06), or a
@@ -1341,8 +1359,9 @@ class CentralSystem:
         such a profile of ours under an old id. The refusal says no more (a reason code is
         optional and free text), so, unless the station can hold no other profile there
         (``_no_stranger``: ours was accepted there, which a holder of a clashing one would have
-        refused, or its profiles there were reported since), see ``_migrate``. Never for a
-        station maximum: a clear at EVSE 0 lifts the cap of every EVSE of the station.
+        refused, or its profiles there were reported since), see ``_migrate``. Never cleared:
+        a clear takes effect at once and the charger would run above the other profile (up to
+        its maximum) until ours applies. Never for a station maximum.
         """
         if st.version != "2.0.1" or st.connection is None or first.status != "Result":
             return None
@@ -1365,23 +1384,26 @@ class CentralSystem:
         key: tuple[str, int, str],
         seq: int,
         decrease: bool,
-        builder: Callable[[], Any],
+        builder: Callable[..., Any],
         first: CallOutcome,
     ) -> CallOutcome:
-        """GetChargingProfiles for the EVSE, our purpose and stack level (the report is collected
-        from ReportChargingProfiles, for at most ``call_timeout_s``); ClearChargingProfile by id
-        for each reported profile whose id is not ours (``ProfileClearing`` before each frame is
-        written, ``ProfileCleared`` after its answer); then, if one was cleared, the same limit
-        again (built anew). No profile of another id: nothing is cleared, the refusal stands.
-        The outcome is the request's (one ``ProfileResult``); a refusal of the resend is final.
-        Each call is queued like any (decreases first); the clears and the resend go in one turn
-        of the station's queue, nothing between them; all is skipped once a newer limit for the
-        key was requested (it is refused in turn and migrates itself)."""
-        evse, purpose, level = key[1], req.purpose, self.config.stack_level
+        """GetChargingProfiles for the EVSE and our purpose, all stack levels (the report is
+        collected from ReportChargingProfiles, for at most ``call_timeout_s``). When one of
+        another id is reported at the stack level we sent at, the same limit once more (built
+        anew, our id) at the lowest level above every profile of another id reported there:
+        the station keeps applying the other one until ours applies, then ours (the composite
+        schedule takes the highest stack level of a purpose); nothing is cleared, so the charger
+        never runs above both. Accepted, that level is used for the key for the rest of the
+        connection (``_levels``). None there, or the level would be more than ``_MAX_OUTRANK``
+        above the configured one: the refusal stands. The outcome is the request's (one
+        ``ProfileResult``); a refusal of the resend is final. Each call is queued like any
+        (decreases first); the resend is skipped once a newer limit for the key was requested
+        (it is refused in turn and migrates itself)."""
+        evse, purpose, sent_level = key[1], req.purpose, self._stack_level(key)
         ours = self._profile_ids[key]
         info = first.payload.get("statusInfo") if first.payload else None
         why = "Rejected" + (f" ({info['reasonCode']})" if info and info.get("reasonCode") else "")
-        asked = f"GetChargingProfiles {v201.PURPOSE[purpose]} stackLevel {level} EVSE {evse}"
+        asked = f"GetChargingProfiles {v201.PURPOSE[purpose]} EVSE {evse}"
 
         def not_resent(note: str) -> CallOutcome:
             return replace(first, detail=f"{why}; {note}")
@@ -1399,9 +1421,7 @@ class CentralSystem:
         try:
 
             def get() -> tuple[str, dict[str, Any]] | CallOutcome:
-                return skip_if_stale() or v201.get_charging_profiles(
-                    request_id, evse, purpose, level
-                )
+                return skip_if_stale() or v201.get_charging_profiles(request_id, evse, purpose)
 
             LOG.info(
                 "station %s: %s limit for %s %s; %s",
@@ -1420,80 +1440,49 @@ class CentralSystem:
             elif answer == "NoProfiles":
                 complete = True
             else:
-                return not_resent(f"{asked}: {answer or got.status}; nothing cleared, not resent")
+                return not_resent(f"{asked}: {answer or got.status}; not resent")
         finally:
             self._reports.pop((st.ocpp_id, request_id), None)
         reported = sorted(
             {
-                int(p["id"])
+                (int(p["id"]), int(p.get("stackLevel", -1)))
                 for e, p in report.profiles
-                if e == evse
-                and p.get("chargingProfilePurpose") == v201.PURPOSE[purpose]
-                and p.get("stackLevel") == level
-            }
+                if e == evse and p.get("chargingProfilePurpose") == v201.PURPOSE[purpose]
+            },
+            key=lambda x: (x[1], x[0]),
         )
-        foreign = [pid for pid in reported if pid != ours]
-        seen = f"{asked}: {', '.join(map(str, reported)) or 'none'}" + (
+        foreign = [(pid, lvl) for pid, lvl in reported if pid != ours]
+        seen = f"{asked}: {', '.join(f'{i} at {lvl}' for i, lvl in reported) or 'none'}" + (
             "" if complete else " (report incomplete)"
         )
-        if not foreign:
+        if not any(lvl == sent_level for _, lvl in foreign):
             if complete:  # it holds none of another id there: later refusals are final
                 self._no_stranger[key] = self._holder(key, purpose)
-            return not_resent(f"{seen}; none of another id: nothing cleared, not resent")
-        charger = self._chargers[req.charger_id]
-        answers: list[str] = []
+            return not_resent(f"{seen}; none of another id at stack level {sent_level}: not resent")
+        level = max(lvl for _, lvl in foreign) + 1
+        if level > self.config.stack_level + _MAX_OUTRANK:
+            return not_resent(f"{seen}; stack level {level} would be needed: not resent")
+        note = f"{why}; {seen}; resent at stack level {level}"
 
-        def clearing(pid: int) -> tuple[str, dict[str, Any]]:
-            # To the listeners (the edge counts the charger at what it may draw now) before the
-            # frame is written: the caller writes it at once.
-            ev = ProfileClearing(
-                req.charger_id, st.ocpp_id, charger.evse_id, purpose, pid, self.clock.now()
-            )
-            self._emit(ev)
-            return v201.clear_charging_profile(None, None, pid, None)
+        def resend() -> tuple[str, dict[str, Any]] | CallOutcome:
+            return skip_if_stale() or builder(level=level)
 
-        def cleared(pid: int, out: CallOutcome) -> None:
-            status = _answer(out)
-            answers.append(f"{pid}: {status}")
-            ev = ProfileCleared(
-                req.charger_id, st.ocpp_id, charger.evse_id, purpose, pid, self.clock.now(), status
-            )
-            self._emit(ev)
-
-        def first_clear() -> tuple[str, dict[str, Any]] | CallOutcome:
-            return skip_if_stale() or clearing(foreign[0])
-
-        async def clear_and_resend(conn: StationConnection, out: CallOutcome) -> CallOutcome:
-            cleared(foreign[0], out)
-            for pid in foreign[1:]:
-                if conn.closed:
-                    break
-                cleared(pid, await conn.call_raw(*clearing(pid), self.config.call_timeout_s))
-            what = f"{seen}; ClearChargingProfile {'; '.join(answers)}"
-            if complete and all(a.endswith(("Accepted", "Unknown")) for a in answers):
-                self._no_stranger[key] = self._holder(key, purpose)
-            if not any(a.endswith("Accepted") for a in answers):
-                return not_resent(f"{what}; not resent")
-            if self._limit_seq.get(key) != seq:
-                return not_resent(f"{what}; a newer limit follows: not resent")
-            if conn.closed:
-                return CallOutcome("Disconnected", detail=f"{why}; {what}; disconnected")
-            built = builder()
-            if isinstance(built, CallOutcome):
-                return replace(built, detail=f"{why}; {what}; {built.detail}")
-            action, payload = built
-            out = await conn.call_raw(action, payload, self.config.call_timeout_s)
-            note = f"{why}; {what}; resent"
-            out.detail = f"{note}: {out.detail}" if out.detail else note
-            LOG.info("station %s: %s; %s", st.ocpp_id, note, _answer(out))
+        async def learn(conn: StationConnection, out: CallOutcome) -> CallOutcome:
+            # In the worker's turn, before any other call of the station is built: the next
+            # limit for the key goes at this level (at the configured one, with our id, it would
+            # replace ours and clash again).
+            if _answer(out) == "Accepted":
+                self._levels[key] = level
             return out
 
-        LOG.info("station %s: %s; clearing %s", st.ocpp_id, seen, foreign)
-        label = f"clear {purpose} for {req.charger_id}"
-        done = await self._queue_call(st, first_clear, decrease, label, then=clear_and_resend)
-        if done.status == "Skipped":
-            return not_resent(f"{seen}; {done.detail}")
-        return done
+        LOG.info("station %s: %s; resending at stack level %s", st.ocpp_id, seen, level)
+        label = f"limit {req.charger_id} {purpose} at stack level {level}"
+        out = await self._queue_call(st, resend, decrease, label, then=learn)
+        if out.status == "Skipped":
+            return not_resent(f"{seen}; {out.detail}")
+        out.detail = f"{note}: {out.detail}" if out.detail else note
+        LOG.info("station %s: %s; %s", st.ocpp_id, note, _answer(out))
+        return out
 
     def _queue_call(
         self,
@@ -1562,7 +1551,7 @@ class CentralSystem:
         key: tuple[str, int, str],
         pid: int,
         requested_at: float,
-        call: tuple[Station, int, bool, Callable[[], Any]] | None = None,
+        call: tuple[Station, int, bool, Callable[..., Any]] | None = None,
     ) -> Callable[[asyncio.Future[CallOutcome]], None]:
         """Settle ``handle`` with a call's outcome; with ``call`` (station, request number,
         decrease, builder) a refusal may first go through ``_conflict_migration``."""

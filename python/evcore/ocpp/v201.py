@@ -176,11 +176,13 @@ def clear_charging_profile(
 
 
 def get_charging_profiles(
-    request_id: int, evse_id: int, purpose: str, stack_level: int
+    request_id: int, evse_id: int, purpose: str, stack_level: int | None = None
 ) -> tuple[str, dict[str, Any]]:
-    """The profiles of ``purpose`` at ``stack_level`` on ``evse_id``, to be reported in
-    ReportChargingProfiles with ``request_id`` (K09)."""
-    criterion = {"chargingProfilePurpose": PURPOSE[purpose], "stackLevel": stack_level}
+    """The profiles of ``purpose`` on ``evse_id`` (at ``stack_level`` only, if given), to be
+    reported in ReportChargingProfiles with ``request_id`` (K09)."""
+    criterion: dict[str, Any] = {"chargingProfilePurpose": PURPOSE[purpose]}
+    if stack_level is not None:
+        criterion["stackLevel"] = stack_level
     payload = {"requestId": request_id, "evseId": evse_id, "chargingProfile": criterion}
     return "GetChargingProfiles", payload
 
