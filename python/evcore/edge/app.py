@@ -229,6 +229,13 @@ class EdgeApp:
             n = await recover(ctrl.state, self.store, self.sessions)
             if n:
                 log.info("recovered %d last setpoints from the store", n)
+            from evcore.edge.signals import load_curtailments
+
+            # Curtailments in force that the grid consumer acknowledged before a restart are in
+            # the store, not on the bus any more: back in the book before the first decision.
+            k = await load_curtailments(ctrl, self.store)
+            if k:
+                log.info("restored %d curtailment(s) from the store", k)
         if self.bus is not None:
             await self.bus.start()
         if self.recorder is not None and self.recorder.journal_pending:
@@ -242,8 +249,11 @@ class EdgeApp:
             if self.bus is not None:
                 from evcore.edge.signals import GRID_DURABLE, subscribe_signals
 
-                # Durable: a curtailment published while the edge was down applies when it starts.
-                subs = await subscribe_signals(self.bus, ctrl, grid_durable=GRID_DURABLE)
+                # Durable: a curtailment published while the edge was down applies when it starts;
+                # each one is stored before it is acknowledged (restored above at the next start).
+                subs = await subscribe_signals(
+                    self.bus, ctrl, grid_durable=GRID_DURABLE, store=self.store
+                )
             if "api" in self.site_table:
                 from evcore.api import ApiConfig, EdgeApiServer
 

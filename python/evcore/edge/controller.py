@@ -503,6 +503,13 @@ class EdgeController:
         changes = self._plan_changes(enforced, now_w, now_m)
         if not changes:
             return None
+        # The session each TxProfile is decided for, taken now: the audit append below awaits,
+        # and a session that ends and the next that starts meanwhile must not get this order.
+        decided_tx = {
+            ch.charger_id: self.state.chargers[ch.charger_id].transaction_id
+            for purpose, ch, _ in changes
+            if purpose == "tx"
+        }
         record = self._record(decision_no, trigger, now_w, enforced, changes, caps_now, targets)
         if not await self._append_audit(record):
             return None
@@ -511,12 +518,12 @@ class EdgeController:
         # at once (``send_limits``) every frame below is on its socket when this returns.
         urgent = [x for x in changes if x[0] == "tx"]
         later = [x for x in changes if x[0] != "tx"]
-        self._send_all(decision_no, urgent, now_m)
+        self._send_all(decision_no, urgent, now_m, decided_tx)
         took = self.stats.last_decision_s = self.clock.monotonic() - now_m
         self.stats.decision_s[decision_no] = took
         if len(self.stats.decision_s) > 64:
             del self.stats.decision_s[next(iter(self.stats.decision_s))]
-        self._send_all(decision_no, later, now_m)
+        self._send_all(decision_no, later, now_m, decided_tx)
         return record
 
     def _plan_changes(
@@ -751,6 +758,7 @@ class EdgeController:
         decision: int,
         items: Sequence[tuple[str, Change, float | None]],
         now_m: float,
+        decided_tx: Mapping[str, str | None] | None = None,
     ) -> None:
         """Hand a decision's profiles to the central system in order, awaiting nothing.
 
@@ -763,7 +771,7 @@ class EdgeController:
         if send_limits is None:
             # A gateway without the batch call (test doubles): one task per profile.
             for purpose, ch, vt in items:
-                sent, kwargs = self._prepare_send(decision, purpose, ch, vt, now_m)
+                sent, kwargs = self._prepare_send(decision, purpose, ch, vt, now_m, decided_tx)
                 task = asyncio.ensure_future(self._await_result(sent, kwargs))
                 self._sends.add(task)
                 task.add_done_callback(self._sends.discard)
@@ -773,7 +781,7 @@ class EdgeController:
         from evcore.ocpp.server import LimitOrder
 
         orders = [
-            LimitOrder(ch.charger_id, **self._limit_kwargs(purpose, ch, vt))
+            LimitOrder(ch.charger_id, **self._limit_kwargs(purpose, ch, vt, decided_tx))
             for purpose, ch, vt in items
         ]
         try:
@@ -782,7 +790,7 @@ class EdgeController:
             log.exception("send_limits failed; decision %d not sent", decision)
             handles = None
         for i, (purpose, ch, vt) in enumerate(items):
-            sent, _ = self._prepare_send(decision, purpose, ch, vt, now_m)
+            sent, _ = self._prepare_send(decision, purpose, ch, vt, now_m, decided_tx)
             if handles is None:
                 self._apply_result(sent, False)
                 continue
@@ -794,7 +802,13 @@ class EdgeController:
             if self.on_sent is not None:
                 self.on_sent(sent)
 
-    def _limit_kwargs(self, purpose: str, ch: Change, valid_to: float | None) -> dict[str, Any]:
+    def _limit_kwargs(
+        self,
+        purpose: str,
+        ch: Change,
+        valid_to: float | None,
+        decided_tx: Mapping[str, str | None] | None = None,
+    ) -> dict[str, Any]:
         """``set_limit`` / ``LimitOrder`` arguments of one change."""
         dc = ch.charger_id in self._dc
         kwargs: dict[str, Any] = {"purpose": purpose}
@@ -810,8 +824,16 @@ class EdgeController:
             # The session it was decided for: the central system sends nothing (status
             # ``TransactionChanged``) once another one is active on the EVSE, so a TxProfile
             # queued for session 1 never lands on session 2 (review HIGH 2).
-            kwargs["transaction_id"] = self.state.chargers[ch.charger_id].transaction_id
+            # (Taken at decision time, ``decided_tx``: not after the audit append's await.)
+            kwargs["transaction_id"] = self._decided_tx(ch.charger_id, decided_tx)
         return kwargs
+
+    def _decided_tx(
+        self, charger_id: str, decided_tx: Mapping[str, str | None] | None
+    ) -> str | None:
+        if decided_tx is not None and charger_id in decided_tx:
+            return decided_tx[charger_id]
+        return self.state.chargers[charger_id].transaction_id
 
     def _result_callback(self, sent: SentProfile) -> Callable[[asyncio.Future[Any]], None]:
         def done(fut: asyncio.Future[Any]) -> None:
@@ -833,7 +855,13 @@ class EdgeController:
         return done
 
     def _prepare_send(
-        self, decision: int, purpose: str, ch: Change, valid_to: float | None, now_m: float
+        self,
+        decision: int,
+        purpose: str,
+        ch: Change,
+        valid_to: float | None,
+        now_m: float,
+        decided_tx: Mapping[str, str | None] | None = None,
     ) -> tuple[SentProfile, dict[str, Any]]:
         """Book one profile as sent (state, pending decreases) and build its request."""
         c = self.state.chargers[ch.charger_id]
@@ -862,7 +890,7 @@ class EdgeController:
                 self.pending["default:" + ch.charger_id] = PendingDecrease(
                     ch.charger_id, now_m, False, value=ch.new
                 )
-        kwargs = self._limit_kwargs(purpose, ch, valid_to)
+        kwargs = self._limit_kwargs(purpose, ch, valid_to, decided_tx)
         sent = SentProfile(
             ch.charger_id,
             purpose,
@@ -871,7 +899,7 @@ class EdgeController:
             decision,
             now_m,
             valid_to,
-            transaction_id=c.transaction_id if purpose == "tx" else None,
+            transaction_id=kwargs.get("transaction_id") if purpose == "tx" else None,
         )
         self.stats.profiles_sent += 1
         return sent, kwargs

@@ -8,9 +8,16 @@ site file's ``power_limit_kw`` and the curtailment. It never decides a setpoint.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+#: How long past its end the issue time of a curtailment's last revision is kept (to ignore an
+#: older revision redelivered late): the events stream's default retention, which holds the grid
+#: subject (``BusConfig.events_max_age_s``).
+REVISION_KEEP_S = 30 * 24 * 3600.0
 
 
 class GridSignalError(ValueError):
@@ -50,12 +57,18 @@ class PricePoint:
 
 
 class CurtailmentBook:
-    """Known curtailments; superseded by id (a repeated id replaces the earlier signal)."""
+    """Known curtailments; superseded by id (a repeated id replaces the earlier signal).
+
+    Per id it also keeps the issue time (``GridSignal.issued_at``) of the revision it holds or
+    of the cancel that removed it (``revision_is_older``, ``note_revision``): a redelivered older
+    revision or cancel is ignored. ``snapshot``/``restore`` carry both across a restart."""
 
     def __init__(self, node_ids: Collection[str], lead_s: float) -> None:
         self._node_ids = frozenset(node_ids)
         self._lead_s = lead_s
         self._by_id: dict[str, Curtailment] = {}
+        # id -> (issued_at of the last revision applied, keep the mark until)
+        self._issued: dict[str, tuple[float, float]] = {}
 
     def add(self, c: Curtailment) -> None:
         c.validate(self._node_ids)
@@ -64,9 +77,62 @@ class CurtailmentBook:
     def cancel(self, signal_id: str) -> bool:
         return self._by_id.pop(signal_id, None) is not None
 
+    def get(self, signal_id: str) -> Curtailment | None:
+        return self._by_id.get(signal_id)
+
+    def revision_is_older(self, signal_id: str, issued_at: float | None) -> bool:
+        """Whether a revision (or cancel) issued at ``issued_at`` is older than the one applied
+        last for this id. Equal is not older (a redelivery of the same revision); no issue time
+        is never older."""
+        held = self._issued.get(signal_id)
+        return issued_at is not None and held is not None and issued_at < held[0]
+
+    def note_revision(self, signal_id: str, issued_at: float | None, keep_until: float) -> None:
+        """Record the issue time of the revision (or cancel) just applied; kept until
+        ``keep_until`` + ``REVISION_KEEP_S``."""
+        if issued_at is None or not math.isfinite(issued_at):
+            return
+        until = keep_until + REVISION_KEEP_S if math.isfinite(keep_until) else math.inf
+        self._issued[signal_id] = (issued_at, until)
+
     def prune(self, now: float) -> None:
         for sid in [s for s, c in self._by_id.items() if c.end <= now]:
             del self._by_id[sid]
+        for sid in [s for s, (_, until) in self._issued.items() if until <= now]:
+            del self._issued[sid]
+
+    def snapshot(self) -> str:
+        """The book as JSON (curtailments held and the revision marks), for the edge's store."""
+        return json.dumps(
+            {
+                "v": 1,
+                "curtailments": [
+                    [c.signal_id, c.node_id, c.max_kw, c.start, c.end] for c in self._by_id.values()
+                ],
+                "issued": {sid: [t, until] for sid, (t, until) in self._issued.items()},
+            },
+            sort_keys=True,
+        )
+
+    def restore(self, text: str, now: float) -> list[str]:
+        """Load a ``snapshot`` (at start, before the first decision): ended curtailments are
+        dropped, and what is already in the book (a newer revision) is kept. Returns what could
+        not be restored (an unknown node: the site file changed), in words."""
+        data: Any = json.loads(text)
+        skipped: list[str] = []
+        for sid, raw in dict(data.get("issued", {})).items():
+            t, until = float(raw[0]), float(raw[1])
+            if until > now and (sid not in self._issued or self._issued[sid][0] < t):
+                self._issued[str(sid)] = (t, until)
+        for row in data.get("curtailments", []):
+            c = Curtailment(str(row[0]), str(row[1]), float(row[2]), float(row[3]), float(row[4]))
+            if c.end <= now or c.signal_id in self._by_id:
+                continue
+            try:
+                self.add(c)
+            except GridSignalError as exc:
+                skipped.append(str(exc))
+        return skipped
 
     def __iter__(self) -> Iterator[Curtailment]:
         return iter(sorted(self._by_id.values(), key=lambda c: (c.start, c.signal_id)))

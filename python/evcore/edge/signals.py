@@ -7,6 +7,7 @@ What this module owns: decoding ``GridSignal`` and ``Plan`` messages into ``Curt
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,11 @@ from evcore.bus import BadPayload, Bus, BusMessage, Subjects, Subscription
 from evcore.edge.controller import EdgeController, PlanTargets
 from evcore.edge.grid import Curtailment, GridSignalError, PricePoint
 from evcore.v1 import grid_pb2, plan_pb2
+
+log = logging.getLogger("evcore.edge")
+
+#: The store's ``meta`` key holding the curtailment book (``CurtailmentBook.snapshot``).
+BOOK_KEY = "edge.curtailments"
 
 
 def _ts(msg: Any) -> float:
@@ -32,8 +38,22 @@ def apply_grid_signal(ctrl: EdgeController, data: bytes) -> str:
     if kind == "curtailment":
         c = sig.curtailment
         sid = c.curtailment_id or sig.signal_id
+        book = ctrl.curtailments
+        issued = _ts(sig.issued_at) if sig.HasField("issued_at") else None
+        if book.revision_is_older(sid, issued):
+            # A redelivered older revision (its ack was lost while later ones went through),
+            # or a cancel older than the revision held: the newer one stands.
+            log.info(
+                "grid signal %s: older than the revision of %s held; ignored", sig.signal_id, sid
+            )
+            return "older"
         if c.cancelled:
+            held = book.get(sid)
+            ends = [x.end for x in (held,) if x is not None]
+            if c.HasField("end"):
+                ends.append(_ts(c.end))
             ctrl.cancel_curtailment(sid)
+            book.note_revision(sid, issued, max(ends, default=ctrl.clock.now()))
             return "cancelled"
         if not c.HasField("start") or not c.HasField("end"):
             raise BadPayload(f"curtailment {sid}: start and end are required")
@@ -41,6 +61,7 @@ def apply_grid_signal(ctrl: EdgeController, data: bytes) -> str:
             ctrl.post_curtailment(Curtailment(sid, c.node_id, c.max_kw, _ts(c.start), _ts(c.end)))
         except GridSignalError as exc:
             raise BadPayload(str(exc)) from exc
+        book.note_revision(sid, issued, _ts(c.end))
         return "curtailment"
     if kind == "price_update":
         points = []
@@ -78,8 +99,27 @@ def plan_from_proto(data: bytes, received_at: float, known: Callable[[str], bool
 GRID_DURABLE = "edge-grid"
 
 
+async def load_curtailments(ctrl: EdgeController, store: Any) -> int:
+    """Restore the curtailment book the store holds (``BOOK_KEY``) into ``ctrl``: call at start,
+    before the first decision. Ended curtailments are not restored. Returns how many were."""
+    text = await store.get_meta(BOOK_KEY)
+    if not text:
+        return 0
+    for what in ctrl.curtailments.restore(text, ctrl.clock.now()):
+        log.warning("stored curtailment not restored: %s", what)
+    if len(ctrl.curtailments):
+        ctrl.notify("grid")
+    return len(ctrl.curtailments)
+
+
+async def store_curtailments(ctrl: EdgeController, store: Any) -> None:
+    """Write the curtailment book (held curtailments not ended, revision marks) to the store."""
+    ctrl.curtailments.prune(ctrl.clock.now())
+    await store.set_meta(BOOK_KEY, ctrl.curtailments.snapshot())
+
+
 async def subscribe_signals(
-    bus: Bus, ctrl: EdgeController, *, grid_durable: str | None = None
+    bus: Bus, ctrl: EdgeController, *, grid_durable: str | None = None, store: Any = None
 ) -> list[Subscription]:
     """Grid signals and cloud plans over the bus (the handlers only update the controller: never
     block the loop).
@@ -87,13 +127,18 @@ async def subscribe_signals(
     With ``grid_durable`` the grid subject is read by that durable consumer (``Bus.consume``):
     what was published while the edge was down (a fleet curtailment's share) is delivered when
     it starts, in order (a repeated id replaces, a cancel removes; one that ended meanwhile never
-    applies: the book drops it at the next decision). Without it, a live subscription (signals
-    published while the edge is down are missed until they are published again). Plans stay
-    live: a cloud plan is worth only ``cloud_plan_fresh_s``."""
+    applies: the book drops it at the next decision; a revision or cancel issued before the one
+    held is ignored). With ``store`` the book is written to it before the handler returns (so
+    before the message is acknowledged; a failed write raises, and the message is redelivered):
+    ``load_curtailments`` restores it at the next start. Without ``grid_durable``, a live
+    subscription (signals published while the edge is down are missed until they are published
+    again). Plans stay live: a cloud plan is worth only ``cloud_plan_fresh_s``."""
     subjects = Subjects(bus.site_id)
 
     async def on_grid(msg: BusMessage) -> None:
-        apply_grid_signal(ctrl, msg.data)
+        what = apply_grid_signal(ctrl, msg.data)
+        if store is not None and what in ("curtailment", "cancelled"):
+            await store_curtailments(ctrl, store)
 
     async def on_plan(msg: BusMessage) -> None:
         plan = plan_from_proto(msg.data, ctrl.clock.now(), lambda cid: cid in ctrl.state.chargers)

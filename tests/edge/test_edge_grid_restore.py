@@ -1,0 +1,314 @@
+"""The grid consumer acknowledges a curtailment only once the book holding it is in the edge's
+store (SQLite or PostgreSQL), and the edge restores the book at start: a curtailment in force
+survives a restart with nothing published meanwhile (review 2026-12-05, HIGH: before, edge 2 on
+the same durable held no curtailment). Per curtailment id the book keeps the issue time of the
+revision it applied: an older revision or cancel delivered later is ignored (MEDIUM: before, a
+redelivered older revision replaced the newer one). A cancel applies and stays applied across a
+restart; an ended curtailment is not restored.
+
+Against the real NATS server (127.0.0.1:4222), and on the in-process bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from edge_testkit import stepped_controller
+from evcore.bus import Subjects
+from evcore.bus.config import BusConfig
+from evcore.bus.inprocess import InProcessBus
+from evcore.bus.natsbus import NatsBus
+from evcore.clock import StepClock, WallClock
+from evcore.edge.controller import EdgeController
+from evcore.edge.signals import (
+    BOOK_KEY,
+    GRID_DURABLE,
+    load_curtailments,
+    subscribe_signals,
+)
+from evcore.edge.sitegen import depot_table
+from evcore.store import SqlStore, open_store
+from evcore.v1 import grid_pb2
+
+pytestmark = pytest.mark.timeout(90)
+
+NATS_URL = "nats://127.0.0.1:4222"
+
+
+class _Gateway:
+    async def set_limit(self, charger_id: str, **kwargs: Any) -> Any:
+        class _R:
+            accepted = True
+
+        return _R()
+
+
+def _signal(
+    cid: str,
+    max_kw: float,
+    start: float,
+    end: float,
+    *,
+    issued_at: float,
+    cancelled: bool = False,
+) -> grid_pb2.GridSignal:
+    sig = grid_pb2.GridSignal(signal_id=f"{cid}@{issued_at}")
+    sig.issued_at.FromNanoseconds(int(issued_at * 1e9))
+    sig.curtailment.curtailment_id = cid
+    sig.curtailment.node_id = "grid"
+    sig.curtailment.max_kw = max_kw
+    sig.curtailment.cancelled = cancelled
+    sig.curtailment.start.FromNanoseconds(int(start * 1e9))
+    sig.curtailment.end.FromNanoseconds(int(end * 1e9))
+    return sig
+
+
+async def _until(cond: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def _nats(site: str, outbox: Path) -> NatsBus:
+    cfg = BusConfig(
+        kind="nats",
+        urls=(NATS_URL,),
+        outbox_dir=outbox,
+        reconnect_wait_s=0.1,
+        connect_timeout_s=2.0,
+        publish_timeout_s=2.0,
+    )
+    return NatsBus(site, cfg, clock=WallClock(), ack_wait_s=5.0)
+
+
+@dataclass
+class _Rig:
+    """The cloud's publisher and a factory of edge buses on the same site (one per edge run)."""
+
+    site: str
+    pub: Any
+    edge_bus: Any
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.site)
+
+
+@pytest.fixture(params=["nats", "inprocess"])
+async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[_Rig]:
+    site = "grid-restore-" + uuid.uuid4().hex[:8]
+    if request.param == "nats":
+        pub = _nats(site, tmp_path / "cloud-outbox")
+        await pub.start()
+        try:
+            yield _Rig(site, pub, lambda: _nats(site, tmp_path / "edge-outbox"))
+        finally:
+            await pub.close()
+        return
+    bus = InProcessBus(site)
+
+    class _Shared:
+        """The one bus as an edge's: its start and close do nothing (the publisher owns it)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(bus, name)
+
+        async def start(self) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+    await bus.start()
+    try:
+        yield _Rig(site, bus, _Shared)
+    finally:
+        await bus.close()
+
+
+class _Edge:
+    """One run of the edge's grid side: a controller, its store and bus, the durable consumer."""
+
+    def __init__(self, rig: _Rig, store_section: dict[str, object], tmp_path: Path) -> None:
+        self.rig = rig
+        self.table = depot_table(2, per_feeder=2, site_id=rig.site)
+        self.ctrl: EdgeController
+        self.clock: StepClock
+        self.ctrl, self.clock = stepped_controller(self.table, _Gateway())
+        self.store: SqlStore = open_store(store_section, tmp_path)
+        self.bus = rig.edge_bus()
+        self.subs: list[Any] = []
+        self.restored = 0
+
+    async def start(self) -> None:
+        await self.store.open()
+        # As EdgeApp.run: the book is restored before the first decision and the consumer.
+        self.restored = await load_curtailments(self.ctrl, self.store)
+        await self.bus.start()
+        self.subs = await subscribe_signals(
+            self.bus, self.ctrl, grid_durable=GRID_DURABLE, store=self.store
+        )
+
+    async def stop(self) -> None:
+        for s in self.subs:
+            await s.stop()
+        await self.bus.close()
+        await self.store.close()
+
+    def caps(self) -> dict[str, float]:
+        return self.ctrl.curtailments.caps_kw(self.clock.now())
+
+
+def _ids(edge: _Edge) -> list[str]:
+    return [c.signal_id for c in edge.ctrl.curtailments]
+
+
+async def _publish(rig: _Rig, *signals: grid_pb2.GridSignal) -> None:
+    for sig in signals:
+        await rig.pub.publish(rig.subjects.grid, sig, critical=True)
+    assert await rig.pub.flush(5.0)
+
+
+async def test_a_curtailment_in_force_survives_a_restart_with_nothing_published(
+    rig: _Rig, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    edge = _Edge(rig, store_section, tmp_path)
+    await edge.start()
+    now = edge.clock.now()
+    await _publish(rig, _signal("dso-1", 5.0, now, now + 3600.0, issued_at=now))
+    await _until(lambda: edge.caps() == {"grid": 5.0}, 10, "the curtailment, live")
+    await asyncio.sleep(0.5)  # acknowledged
+    await edge.stop()
+    # The edge restarts on the same store and durable; nothing is published meanwhile.
+    edge2 = _Edge(rig, store_section, tmp_path)
+    edge2.clock.advance(60.0)
+    await edge2.start()
+    try:
+        assert edge2.restored == 1
+        assert edge2.caps() == {"grid": 5.0}  # before the fix: {}
+        await asyncio.sleep(1.0)  # nothing redelivered changes it
+        await edge2.ctrl.decide("test")
+        assert edge2.caps() == {"grid": 5.0}
+    finally:
+        await edge2.stop()
+
+
+async def test_an_older_revision_delivered_after_a_newer_one_is_ignored(
+    rig: _Rig, tmp_path: Path
+) -> None:
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    edge = _Edge(rig, section, tmp_path)
+    await edge.start()
+    now = edge.clock.now()
+    start, end = now, now + 3600.0
+    try:
+        # Revision 2 (8 kW) went through; revision 1 (20 kW, its ack lost) comes again after it,
+        # then a cancel issued before revision 2.
+        await _publish(
+            rig,
+            _signal("dso-1", 8.0, start, end, issued_at=now - 10.0),
+            _signal("dso-1", 20.0, start, end, issued_at=now - 20.0),
+            _signal("dso-1", 20.0, start, end, issued_at=now - 15.0, cancelled=True),
+            _signal("marker", 50.0, start, end, issued_at=now),
+        )
+        await _until(lambda: "marker" in _ids(edge), 10, "the marker")
+        assert edge.caps() == {"grid": 8.0}  # before the fix: the old revision's 20 kW, or none
+        assert [(c.signal_id, c.max_kw) for c in edge.ctrl.curtailments] == [
+            ("dso-1", 8.0),
+            ("marker", 50.0),
+        ]
+    finally:
+        await edge.stop()
+    # The order survives a restart: the older revision delivered again is still ignored.
+    edge2 = _Edge(rig, section, tmp_path)
+    await edge2.start()
+    try:
+        assert edge2.caps() == {"grid": 8.0}
+        await _publish(
+            rig,
+            _signal("dso-1", 20.0, start, end, issued_at=now - 20.0),
+            _signal("marker-2", 60.0, start, end, issued_at=now),
+        )
+        await _until(lambda: "marker-2" in _ids(edge2), 10, "the second marker")
+        assert edge2.caps() == {"grid": 8.0}
+    finally:
+        await edge2.stop()
+
+
+async def test_a_cancel_applies_and_stays_applied_after_a_restart(
+    rig: _Rig, tmp_path: Path
+) -> None:
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    edge = _Edge(rig, section, tmp_path)
+    await edge.start()
+    now = edge.clock.now()
+    start, end = now, now + 3600.0
+    try:
+        await _publish(rig, _signal("dso-1", 5.0, start, end, issued_at=now - 10.0))
+        await _until(lambda: edge.caps() == {"grid": 5.0}, 10, "the curtailment")
+        await _publish(rig, _signal("dso-1", 5.0, start, end, issued_at=now - 5.0, cancelled=True))
+        await _until(lambda: edge.caps() == {}, 10, "the cancel")
+        # The cancelled revision delivered again does not bring it back.
+        await _publish(
+            rig,
+            _signal("dso-1", 5.0, start, end, issued_at=now - 10.0),
+            _signal("marker", 50.0, start, end, issued_at=now),
+        )
+        await _until(lambda: "marker" in _ids(edge), 10, "the marker")
+        assert [c.signal_id for c in edge.ctrl.curtailments] == ["marker"]
+        await asyncio.sleep(0.5)
+    finally:
+        await edge.stop()
+    edge2 = _Edge(rig, section, tmp_path)
+    await edge2.start()
+    try:
+        assert [c.signal_id for c in edge2.ctrl.curtailments] == ["marker"]
+        await _publish(rig, _signal("dso-1", 5.0, start, end, issued_at=now - 10.0))
+        await asyncio.sleep(1.0)
+        assert [c.signal_id for c in edge2.ctrl.curtailments] == ["marker"]
+    finally:
+        await edge2.stop()
+
+
+async def test_an_ended_curtailment_is_not_restored(rig: _Rig, tmp_path: Path) -> None:
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    edge = _Edge(rig, section, tmp_path)
+    await edge.start()
+    now = edge.clock.now()
+    try:
+        await _publish(
+            rig,
+            _signal("short", 5.0, now, now + 60.0, issued_at=now),
+            _signal("long", 9.0, now, now + 3600.0, issued_at=now),
+        )
+        await _until(lambda: len(edge.ctrl.curtailments) == 2, 10, "both curtailments")
+        await asyncio.sleep(0.5)
+    finally:
+        await edge.stop()
+    # Back two minutes later: "short" ended meanwhile.
+    edge2 = _Edge(rig, section, tmp_path)
+    edge2.clock.advance(120.0)
+    await edge2.start()
+    try:
+        # Before any decision (which would prune it): only the one still in force.
+        assert edge2.restored == 1
+        assert [c.signal_id for c in edge2.ctrl.curtailments] == ["long"]
+        assert edge2.caps() == {"grid": 9.0}
+        # The next write of the book drops it from the store too.
+        await _publish(rig, _signal("other", 30.0, now, now + 3600.0, issued_at=now))
+        await _until(lambda: len(edge2.ctrl.curtailments) == 2, 10, "another curtailment")
+        await asyncio.sleep(0.3)
+        stored = await edge2.store.get_meta(BOOK_KEY)
+        assert stored is not None
+        assert sorted(row[0] for row in json.loads(stored)["curtailments"]) == ["long", "other"]
+    finally:
+        await edge2.stop()
