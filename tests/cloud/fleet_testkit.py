@@ -150,7 +150,12 @@ def fleet_certs(tmp_path: Path, sites: list[str]) -> tuple[Any, Any, str, str, d
 
 
 async def start_fleet_cloud(
-    tmp_path: Path, store_url: str, n_sites: int = 3, *, now_s: float = T0
+    tmp_path: Path,
+    store_url: str,
+    n_sites: int = 3,
+    *,
+    now_s: float = T0,
+    clock: ManualClock | None = None,
 ) -> FleetCloud:
     tag = uuid.uuid4().hex[:8]
     sites = [f"fleet-{tag}-{chr(ord('a') + i)}" for i in range(n_sites)]
@@ -178,7 +183,7 @@ async def start_fleet_cloud(
         tmp_path,
     )
     store = open_cloud_store(config.store_url, tmp_path)
-    clock = ManualClock(now_s)
+    clock = clock if clock is not None else ManualClock(now_s)
     server = CloudApiServer(config, store, clock=clock)
     port = await server.start()
     watches = {s: SiteWatch(s) for s in sites}

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from evcore.api.convert import timestamp
 from evcore.bus.api import Bus
 from evcore.bus.subjects import Subjects
@@ -234,6 +236,29 @@ def site_curtailment_id(fleet_curtailment_id: str, site_id: str) -> str:
     return f"fleet:{fleet_curtailment_id}:{site_id}"
 
 
+#: How much later than the previous revision's a revision is issued when the clock says otherwise.
+ISSUE_STEP_NS = 1_000
+
+
+def issue_time(now_s: float, previous: FleetCurtailmentResult | None) -> Timestamp:
+    """The ``split_at`` (the GridSignals' ``issued_at``) of a new revision or cancel: ``now_s``,
+    but never earlier than 1 µs after the previous revision's (the edge ignores a revision issued
+    before the one it holds; a wall clock stepped back must not make a newer one look older).
+    The previous revision comes from the store, so this holds across cloud restarts."""
+    ts = timestamp(now_s)
+    if previous is None or not previous.HasField("split_at"):
+        return ts
+    p = previous.split_at
+    floor_ns = p.seconds * 1_000_000_000 + p.nanos + ISSUE_STEP_NS
+    if ts.seconds * 1_000_000_000 + ts.nanos >= floor_ns:
+        return ts
+    out = Timestamp()
+    secs, nanos = divmod(floor_ns, 1_000_000_000)
+    out.seconds = secs
+    out.nanos = nanos
+    return out
+
+
 class GridPublisher(Protocol):
     async def publish_grid(self, site_id: str, signal: GridSignal, *, event_id: str) -> None:
         """Accept ``signal`` for ``evcore.<site>.grid`` durably (it is sent when the broker can)."""
@@ -435,7 +460,7 @@ class FleetCoordinator:
                 allocated_kw=sum(split.max_kw.values()),
             )
             result.curtailment.CopyFrom(req)
-            result.split_at.CopyFrom(timestamp(now))
+            result.split_at.CopyFrom(issue_time(now, previous))
             for s in inputs:
                 result.shares.append(
                     SiteShare(
@@ -509,7 +534,7 @@ class FleetCoordinator:
                 result.CopyFrom(held)
                 result.revision = held.revision + 1
                 result.cancelled = True
-                result.split_at.CopyFrom(timestamp(self._clock.now()))
+                result.split_at.CopyFrom(issue_time(self._clock.now(), held))
                 result.detail = "cancelled"
                 if await self._store.fleet_published_revision(fleet_curtailment_id) >= (
                     held.revision
