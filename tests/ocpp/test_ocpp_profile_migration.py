@@ -199,7 +199,7 @@ async def test_a_tx_profile_of_the_old_numbering_is_outranked_on_the_direct_path
         assert results(r, "cp-b") == [res]
 
 
-async def test_the_raised_level_is_learnt_again_on_a_new_connection() -> None:
+async def test_the_raised_level_is_kept_across_a_reconnect() -> None:
     async with rig() as r:
         sim = r.fleet.stations["CPB"]
         sim.hold_profile(held(sim, 7, "default", 20.0))
@@ -208,19 +208,23 @@ async def test_the_raised_level_is_learnt_again_on_a_new_connection() -> None:
         await r.until(lambda: sim.connections == 2 and r.cs.is_connected("cp-b"))
         await sim.wait_idle()
         n = len(profile_calls(sim))
-        # A new connection: sent at the configured level, refused (the station still holds 7
-        # there, and ours at 2), asked again and resent at 2, replacing ours by its id.
+        # A new connection: the level learnt on the first is used at once (the station still
+        # holds 7 at the configured level): accepted, replacing ours by its id; no refusal, no
+        # GetChargingProfiles, no report wait before the decrease.
         res = await r.cs.set_limit("cp-b", limit_a=9, purpose="tx_default")
-        assert res.accepted and "resent at stack level 2" in res.detail
+        assert res.accepted and res.detail == ""
         again = profile_calls(sim)[n:]
-        assert [a for a, _ in again] == [
-            "SetChargingProfile",
-            "GetChargingProfiles",
-            "SetChargingProfile",
-        ]
-        assert [p["chargingProfile"].get("stackLevel") for a, p in again if a[0] == "S"] == [1, 2]
+        assert [a for a, _ in again] == ["SetChargingProfile"]
+        assert again[0][1]["chargingProfile"]["stackLevel"] == 2
         await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 9.0)
         assert sorted(q.id for q in sim.profiles) == [7, OURS_TX_DEFAULT_EVSE1]
+        # The other id gone meanwhile: ours at the raised level is still accepted alone.
+        sim.profiles = [q for q in sim.profiles if q.id != 7]
+        res = await r.cs.set_limit("cp-b", limit_a=8, purpose="tx_default")
+        assert res.accepted and [a for a, _ in profile_calls(sim)[n + 1 :]] == [
+            "SetChargingProfile"
+        ]
+        await r.until(lambda: sim.limit_at(1, sim.clock.now()) == 8.0)
 
 
 async def test_no_resend_above_the_bound_of_eight_levels() -> None:

@@ -362,7 +362,8 @@ class CentralSystem:
         #: completely. Value: the transaction (TxProfile), else "". See ``_conflict_migration``.
         self._no_stranger: dict[tuple[str, int, str], str] = {}
         #: (station, EVSE, purpose) -> the stack level above the configured one that outranked a
-        #: profile of another id (``_migrate``); for the rest of the station's connection.
+        #: profile of another id (``_migrate``); kept across the station's reconnects for the life
+        #: of this process (forgotten when it reconnects with another OCPP version).
         self._levels: dict[tuple[str, int, str], int] = {}
         self._last_limit: dict[tuple[str, int, str], float] = {}
         #: GetChargingProfiles of ``_migrate`` awaiting their report, by (station, requestId).
@@ -584,7 +585,8 @@ class CentralSystem:
             return
         st = self._stations[ocpp_id]
         conn = _CONNECTION_CLASS[version](st, ws, self, self.clock)
-        self._forget_levels(st)
+        if st.version is not None and st.version != version:
+            self._forget_levels(st)
         old = st.connection
         st.connection = conn
         st.version = version
@@ -1321,12 +1323,15 @@ class CentralSystem:
 
     def _stack_level(self, key: tuple[str, int, str]) -> int:
         """The stack level of our profiles for ``key``: the configured one unless ``_migrate``
-        outranked a profile of another id there on this connection."""
+        outranked a profile of another id there since this process started. Sending ours there
+        stays safe when the other profile is gone: no profile of ours is below it to clash with,
+        and ours replaces ours by its id."""
         return self._levels.get(key, self.config.stack_level)
 
     def _forget_levels(self, st: Station) -> None:
-        """A new connection of ``st``: its raised stack levels are learnt again (a refusal at the
-        configured level and ``_migrate``); what was known clear there was known at those."""
+        """``st`` reconnected with another OCPP version (other firmware; 1.6 has no clash rule):
+        its raised stack levels are learnt again (a refusal at the configured level and
+        ``_migrate``); what was known clear there was known at those."""
         for key in [k for k in self._levels if k[0] == st.ocpp_id]:
             del self._levels[key]
             self._no_stranger.pop(key, None)
@@ -1393,8 +1398,8 @@ class CentralSystem:
         anew, our id) at the lowest level above every profile of another id reported there:
         the station keeps applying the other one until ours applies, then ours (the composite
         schedule takes the highest stack level of a purpose); nothing is cleared, so the charger
-        never runs above both. Accepted, that level is used for the key for the rest of the
-        connection (``_levels``). None there, or the level would be more than ``_MAX_OUTRANK``
+        never runs above both. Accepted, that level is used for the key from then on, across
+        reconnects (``_levels``). None there, or the level would be more than ``_MAX_OUTRANK``
         above the configured one: the refusal stands. The outcome is the request's (one
         ``ProfileResult``); a refusal of the resend is final. Each call is queued like any
         (decreases first); the resend is skipped once a newer limit for the key was requested
