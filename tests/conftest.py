@@ -1,9 +1,11 @@
 """Fixtures shared by every room's tests: stores on SQLite and on a real PostgreSQL
 (127.0.0.1:5432, user postgres, db test; EVCORE_TEST_PG_DSN overrides), each PostgreSQL test in its
-own schema."""
+own schema; the JetStream streams a test run creates on the shared NATS server are deleted when
+the run ends."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +21,55 @@ from psycopg import sql
 # .ci/run) so a run on the same commit gives the same verdict; a local run draws fresh examples.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("EVCORE_HYPOTHESIS_PROFILE", "default"))
+
+NATS_URL = os.environ.get("EVCORE_TEST_NATS_URL", "nats://127.0.0.1:4222")
+
+
+async def _stream_names() -> set[str] | None:
+    import nats
+
+    try:
+        nc = await nats.connect(NATS_URL, connect_timeout=2, max_reconnect_attempts=0)
+    except Exception:
+        return None
+    try:
+        return {s.config.name for s in await nc.jetstream().streams_info()}
+    except Exception:
+        return None
+    finally:
+        await nc.close()
+
+
+async def _delete_streams(names: set[str]) -> None:
+    import nats
+
+    nc = await nats.connect(NATS_URL, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        for name in sorted(names):
+            try:
+                await js.delete_stream(name)
+            except Exception:
+                pass  # gone already
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _jetstream_streams_cleaned_up() -> Iterator[None]:
+    """Every site stream (``EVCORE_*``) this run created on the shared server goes at the end.
+    Each stream reserves its byte limit (1 GiB for telemetry) out of the server's JetStream
+    storage: streams left by earlier runs once took 63 GB of the server's 60 and every later
+    stream creation failed (``ServerError``) until they were deleted."""
+    before = asyncio.run(_stream_names())
+    yield
+    if before is None:
+        return
+    after = asyncio.run(_stream_names()) or set()
+    created = {n for n in after - before if n.startswith("EVCORE_")}
+    if created:
+        asyncio.run(_delete_streams(created))
+
 
 PG_DSN = os.environ.get("EVCORE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
