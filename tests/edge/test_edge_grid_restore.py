@@ -28,9 +28,11 @@ from evcore.bus.inprocess import InProcessBus
 from evcore.bus.natsbus import NatsBus
 from evcore.clock import StepClock, WallClock
 from evcore.edge.controller import EdgeController
+from evcore.edge.facade import ControllerFacade
 from evcore.edge.signals import (
     BOOK_KEY,
     GRID_DURABLE,
+    BookWriter,
     load_curtailments,
     subscribe_signals,
 )
@@ -148,6 +150,8 @@ class _Edge:
         self.bus = rig.edge_bus()
         self.subs: list[Any] = []
         self.restored = 0
+        self.writer = BookWriter(self.ctrl, self.store, retry_s=0.2)
+        self.retry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.store.open()
@@ -155,12 +159,16 @@ class _Edge:
         self.restored = await load_curtailments(self.ctrl, self.store)
         await self.bus.start()
         self.subs = await subscribe_signals(
-            self.bus, self.ctrl, grid_durable=GRID_DURABLE, store=self.store
+            self.bus, self.ctrl, grid_durable=GRID_DURABLE, writer=self.writer
         )
+        self.retry = asyncio.create_task(self.writer.run())  # as EdgeApp's task group
 
     async def stop(self) -> None:
         for s in self.subs:
             await s.stop()
+        if self.retry is not None:
+            self.retry.cancel()
+        await self.writer.aclose()
         await self.bus.close()
         await self.store.close()
 
@@ -312,3 +320,135 @@ async def test_an_ended_curtailment_is_not_restored(rig: _Rig, tmp_path: Path) -
         assert sorted(row[0] for row in json.loads(stored)["curtailments"]) == ["long", "other"]
     finally:
         await edge2.stop()
+
+
+def _store_down(edge: _Edge) -> dict[str, bool]:
+    """Make the edge's store refuse ``set_meta`` while ``down["v"]`` (a store outage)."""
+    down = {"v": True}
+    real = edge.store.set_meta
+
+    async def flaky(key: str, value: str) -> None:
+        if down["v"]:
+            raise OSError("store down (test)")
+        await real(key, value)
+
+    edge.store.set_meta = flaky  # type: ignore[method-assign]
+    return down
+
+
+async def _stored_ids(store: Any) -> list[str]:
+    text = await store.get_meta(BOOK_KEY)
+    return [] if not text else sorted(row[0] for row in json.loads(text)["curtailments"])
+
+
+async def test_a_store_outage_never_holds_a_later_curtailment_back(
+    rig: _Rig, tmp_path: Path
+) -> None:
+    """Review 2026-12-05 (HIGH): the write of the book failing raised, the message was
+    redelivered and every later grid message waited behind it until the store came back."""
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    edge = _Edge(rig, section, tmp_path)
+    await edge.start()
+    down = _store_down(edge)
+    now = edge.clock.now()
+    try:
+        await _publish(
+            rig,
+            _signal("a", 50.0, now, now + 3600.0, issued_at=now),
+            _signal("b", 5.0, now, now + 3600.0, issued_at=now + 1.0),  # the tight one
+        )
+        # Applied while the store is down (before the fix: not there after 3 s).
+        await _until(lambda: edge.caps() == {"grid": 5.0}, 2.0, "b during the outage")
+        assert edge.writer.dirty and edge.writer.failures >= 1
+        assert await _stored_ids(edge.store) == []
+        down["v"] = False
+        # The retry writes the whole book once the store is back, with nothing published.
+        for _ in range(100):
+            if await _stored_ids(edge.store) == ["a", "b"]:
+                break
+            await asyncio.sleep(0.05)
+        assert await _stored_ids(edge.store) == ["a", "b"]
+        assert not edge.writer.dirty
+    finally:
+        await edge.stop()
+    edge2 = _Edge(rig, section, tmp_path)
+    await edge2.start()
+    try:
+        assert edge2.restored == 2 and edge2.caps() == {"grid": 5.0}
+    finally:
+        await edge2.stop()
+
+
+async def test_an_api_curtailment_and_cancel_are_stored_before_the_answer(
+    store_section: dict[str, object], tmp_path: Path
+) -> None:
+    """Review 2026-12-05 (MEDIUM): a curtailment posted (or cancelled) through the API was only
+    in memory: gone (or back) after a restart."""
+    table = depot_table(2, per_feeder=2, site_id="api-grid")
+    ctrl, clock = stepped_controller(table, _Gateway())
+    store = open_store(store_section, tmp_path)
+    await store.open()
+    now = clock.now()
+    try:
+        facade = ControllerFacade(ctrl, book=BookWriter(ctrl, store))
+        await facade.post_curtailment("api-1", "grid", 5.0, now, now + 3600.0)
+        await facade.post_curtailment("api-2", "grid", 9.0, now, now + 3600.0)
+        assert await facade.cancel_curtailment("api-2")
+        assert facade.curtailments_durable() is True
+    finally:
+        await store.close()
+    ctrl2, _ = stepped_controller(table, _Gateway())
+    store2 = open_store(store_section, tmp_path)
+    await store2.open()
+    try:
+        assert await load_curtailments(ctrl2, store2) == 1  # before the fix: 0
+        assert [c.signal_id for c in ctrl2.curtailments] == ["api-1"]
+        assert ctrl2.curtailments.caps_kw(now) == {"grid": 5.0}
+    finally:
+        await store2.close()
+
+
+async def test_an_api_curtailment_applies_while_the_store_is_down(tmp_path: Path) -> None:
+    table = depot_table(2, per_feeder=2, site_id="api-grid-down")
+    ctrl, clock = stepped_controller(table, _Gateway())
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    store = open_store(section, tmp_path)
+    await store.open()
+    real = store.set_meta
+    down = {"v": True}
+
+    async def flaky(key: str, value: str) -> None:
+        if down["v"]:
+            raise OSError("store down (test)")
+        await real(key, value)
+
+    store.set_meta = flaky  # type: ignore[method-assign]
+    now = clock.now()
+    writer = BookWriter(ctrl, store)
+    facade = ControllerFacade(ctrl, book=writer)
+    try:
+        await facade.post_curtailment("api-1", "grid", 5.0, now, now + 3600.0)  # never refused
+        assert ctrl.curtailments.caps_kw(now) == {"grid": 5.0}
+        assert facade.curtailments_durable() is False
+        down["v"] = False
+        assert await writer.save_if_dirty()
+        assert facade.curtailments_durable() is True
+        assert await _stored_ids(store) == ["api-1"]
+    finally:
+        await writer.aclose()
+        await store.close()
+
+
+async def test_a_corrupt_stored_book_names_the_key(tmp_path: Path) -> None:
+    table = depot_table(2, per_feeder=2, site_id="corrupt")
+    ctrl, _ = stepped_controller(table, _Gateway())
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    store = open_store(section, tmp_path)
+    await store.open()
+    try:
+        for bad in ('{"v": 1, "curtailments": [[', '{"v": 1, "curtailments": [["x"]]}', "[]"):
+            await store.set_meta(BOOK_KEY, bad)
+            with pytest.raises(ValueError, match=r"meta key 'edge\.curtailments' is not a curt"):
+                await load_curtailments(ctrl, store)
+    finally:
+        await store.close()

@@ -442,6 +442,11 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             await self._call(context, self._facade.post_prices, points)
             sid = sig.signal_id or sig.price_update.tariff.tariff_id
             detail = f"price update {sid}: {len(points)} interval(s)"
+        durable = getattr(self._facade, "curtailments_durable", None)
+        if which == "curtailment" and callable(durable) and durable() is False:
+            # Applied, but the edge's store did not take the book: a restart would lose it.
+            detail += "; applied but not yet durable (the edge's store is unavailable; retrying)"
+            log.warning("api: curtailment %s applied but not yet stored", sid)
         detail += f" (from {_actor()})"
         log.info("api: grid signal %s", detail)
         self._broadcast("grid_signal", "", detail)

@@ -191,8 +191,11 @@ class EdgeApp:
             self.sessions = SessionKeeper(store, clock)
             self.controller.on_session = self.sessions
         from evcore.edge.facade import ControllerFacade
+        from evcore.edge.signals import BookWriter
 
-        self.facade = ControllerFacade(self.controller, site=site)
+        #: Writes the curtailment book to the store (bus and API signals); retried while down.
+        self.book = None if store is None else BookWriter(self.controller, store)
+        self.facade = ControllerFacade(self.controller, site=site, book=self.book)
         if self.recorder is not None:
             self.recorder.on_durable = self.facade.record_decision
         from evcore.edge.planning import LocalPlanner, PlannerSection
@@ -250,9 +253,9 @@ class EdgeApp:
                 from evcore.edge.signals import GRID_DURABLE, subscribe_signals
 
                 # Durable: a curtailment published while the edge was down applies when it starts;
-                # each one is stored before it is acknowledged (restored above at the next start).
+                # the book is stored before the ack, unless the store is failing (then retried).
                 subs = await subscribe_signals(
-                    self.bus, ctrl, grid_durable=GRID_DURABLE, store=self.store
+                    self.bus, ctrl, grid_durable=GRID_DURABLE, writer=self.book
                 )
             if "api" in self.site_table:
                 from evcore.api import ApiConfig, EdgeApiServer
@@ -275,6 +278,9 @@ class EdgeApp:
                     from evcore.store import run_retention
 
                     retention = tg.create_task(run_retention(self.store, self.clock))
+                rewrite: asyncio.Task[None] | None = None
+                if self.book is not None:
+                    rewrite = tg.create_task(self.book.run())
                 mover: asyncio.Task[None] | None = None
                 if self.recorder is not None and self.recorder.journal is not None:
                     mover = tg.create_task(self.recorder.keep_moving())
@@ -286,6 +292,8 @@ class EdgeApp:
                     retention.cancel()
                 if mover is not None:
                     mover.cancel()
+                if rewrite is not None:
+                    rewrite.cancel()
                 await loop_task
                 await plan_task
         finally:
@@ -309,6 +317,10 @@ class EdgeApp:
             if self.bus is not None:
                 with contextlib.suppress(Exception):
                     await self.bus.close()
+            if self.book is not None:
+                await self.book.aclose()
+                if self.book.dirty:  # a last try (bounded) before the store closes
+                    await self.book.save()
             if self.store is not None:
                 with contextlib.suppress(Exception):
                     await self.store.close()

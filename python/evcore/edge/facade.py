@@ -17,6 +17,7 @@ from evcore.api.facade import FacadeError, NotApplicable, UnknownTarget
 from evcore.edge.controller import EdgeController, SentProfile
 from evcore.edge.faults import is_suspect
 from evcore.edge.grid import Curtailment, GridSignalError, PricePoint
+from evcore.edge.signals import BookWriter
 from evcore.edge.state import priority_error
 
 __all__ = ["AuditTee", "ControllerFacade", "FacadeError", "UnknownTarget"]
@@ -26,10 +27,17 @@ class ControllerFacade:
     """``evcore.api.facade.EdgeFacade`` over one ``EdgeController``."""
 
     def __init__(
-        self, controller: EdgeController, *, site: Any = None, keep_decisions: int = 1000
+        self,
+        controller: EdgeController,
+        *,
+        site: Any = None,
+        keep_decisions: int = 1000,
+        book: BookWriter | None = None,
     ) -> None:
         self.ctrl = controller
         self.site = site
+        #: Writes the curtailment book to the edge's store after an API grid signal (None: none).
+        self.book = book
         self._decisions: deque[dict[str, Any]] = deque(maxlen=keep_decisions)
         self._watchers: set[asyncio.Queue[dict[str, Any]]] = set()
         prev = controller.on_sent
@@ -212,16 +220,33 @@ class ControllerFacade:
         except ValueError as exc:
             raise FacadeError(str(exc)) from exc
 
-    def post_curtailment(
+    async def post_curtailment(
         self, signal_id: str, node_id: str, max_kw: float, start: float, end: float
     ) -> None:
+        """Applied to the book at once, then the book is stored (``book``) before answering; a
+        store that is down never refuses the signal (``curtailments_durable`` says so)."""
         try:
             self.ctrl.post_curtailment(Curtailment(signal_id, node_id, max_kw, start, end))
         except GridSignalError as exc:
             raise FacadeError(str(exc)) from exc
+        await self._store_book()
 
-    def cancel_curtailment(self, signal_id: str) -> bool:
-        return self.ctrl.cancel_curtailment(signal_id)
+    async def cancel_curtailment(self, signal_id: str) -> bool:
+        found = self.ctrl.cancel_curtailment(signal_id)
+        if found:
+            await self._store_book()
+        return found
+
+    def curtailments_durable(self) -> bool | None:
+        """Whether the stored curtailment book is the one in force (None: no store)."""
+        return None if self.book is None else not self.book.dirty
+
+    async def _store_book(self) -> None:
+        if self.book is not None:
+            if self.book.failing:
+                self.book.kick()  # in an outage: answer at once, the retry writes it
+            else:
+                await self.book.save()
 
     def post_prices(self, points: list[tuple[float, float]]) -> None:
         try:

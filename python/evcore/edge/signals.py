@@ -7,6 +7,8 @@ What this module owns: decoding ``GridSignal`` and ``Plan`` messages into ``Curt
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -105,7 +107,16 @@ async def load_curtailments(ctrl: EdgeController, store: Any) -> int:
     text = await store.get_meta(BOOK_KEY)
     if not text:
         return 0
-    for what in ctrl.curtailments.restore(text, ctrl.clock.now()):
+    try:
+        skipped = ctrl.curtailments.restore(text, ctrl.clock.now())
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        # Fail closed (the edge does not start) with what to fix, not a bare JSON error.
+        raise ValueError(
+            f"the store's meta key {BOOK_KEY!r} is not a curtailment book ({exc!r}): "
+            f"fix it, or delete that row of the meta table to start with no stored "
+            f"curtailments (those in force are lost until the grid operator sends them again)"
+        ) from exc
+    for what in skipped:
         log.warning("stored curtailment not restored: %s", what)
     if len(ctrl.curtailments):
         ctrl.notify("grid")
@@ -118,8 +129,94 @@ async def store_curtailments(ctrl: EdgeController, store: Any) -> None:
     await store.set_meta(BOOK_KEY, ctrl.curtailments.snapshot())
 
 
+class BookWriter:
+    """Keeps the stored curtailment book up to date without ever holding a signal back.
+
+    A signal is applied to the in-memory book (the one decisions use) first; ``save`` then
+    writes the whole book. A failed (or, past ``timeout_s``, hung) write is logged once per
+    outage, counted (``failures``) and leaves the book ``dirty``; while ``failing`` the handlers
+    do not wait on the store (``kick``: a retry beside them), and the next grid message, API post
+    or ``run`` (every ``retry_s``) writes the whole book again until it succeeds. Trade-off:
+    during a store outage a restart loses what was received in the outage; a tight curtailment
+    is never delayed by the store."""
+
+    def __init__(
+        self, ctrl: EdgeController, store: Any, *, timeout_s: float = 2.0, retry_s: float = 2.0
+    ) -> None:
+        self.ctrl = ctrl
+        self.store = store
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.dirty = False
+        self.failures = 0
+        self._warned = False
+        self._lock = asyncio.Lock()
+        self._retry: asyncio.Task[bool] | None = None
+
+    @property
+    def failing(self) -> bool:
+        """The last write failed (an outage): the handlers do not wait on the store."""
+        return self._warned
+
+    def kick(self) -> None:
+        """Mark the book dirty and retry the write in the background (one retry at a time)."""
+        self.dirty = True
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.create_task(self.save())
+
+    async def aclose(self) -> None:
+        if self._retry is not None and not self._retry.done():
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+
+    async def save(self) -> bool:
+        """Write the book now (serialised: the snapshot written last is the newest); returns
+        whether the stored book is now the book in memory."""
+        self.dirty = True
+        async with self._lock:
+            if not self.dirty:
+                return True  # written by the call that held the lock, after this change
+            self.dirty = False
+            try:
+                await asyncio.wait_for(store_curtailments(self.ctrl, self.store), self.timeout_s)
+            except asyncio.CancelledError:
+                self.dirty = True
+                raise
+            except Exception as exc:
+                self.dirty = True
+                self.failures += 1
+                if not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "curtailment book not stored (%r): applied in memory, not durable "
+                        "across a restart until the store takes it; retrying every %g s",
+                        exc,
+                        self.retry_s,
+                    )
+                return False
+            if self._warned:
+                self._warned = False
+                log.warning("curtailment book stored again after %d failed write(s)", self.failures)
+            return True
+
+    async def save_if_dirty(self) -> bool:
+        return await self.save() if self.dirty else True
+
+    async def run(self) -> None:
+        """Retry a pending write every ``retry_s`` (a task of the app's task group)."""
+        while True:
+            await asyncio.sleep(self.retry_s)
+            await self.save_if_dirty()
+
+
 async def subscribe_signals(
-    bus: Bus, ctrl: EdgeController, *, grid_durable: str | None = None, store: Any = None
+    bus: Bus,
+    ctrl: EdgeController,
+    *,
+    grid_durable: str | None = None,
+    store: Any = None,
+    writer: BookWriter | None = None,
 ) -> list[Subscription]:
     """Grid signals and cloud plans over the bus (the handlers only update the controller: never
     block the loop).
@@ -128,17 +225,26 @@ async def subscribe_signals(
     what was published while the edge was down (a fleet curtailment's share) is delivered when
     it starts, in order (a repeated id replaces, a cancel removes; one that ended meanwhile never
     applies: the book drops it at the next decision; a revision or cancel issued before the one
-    held is ignored). With ``store`` the book is written to it before the handler returns (so
-    before the message is acknowledged; a failed write raises, and the message is redelivered):
-    ``load_curtailments`` restores it at the next start. Without ``grid_durable``, a live
-    subscription (signals published while the edge is down are missed until they are published
-    again). Plans stay live: a cloud plan is worth only ``cloud_plan_fresh_s``."""
+    held is ignored). With ``store`` (or a ``writer`` over it) a signal is applied in memory
+    first, then the book is written (``BookWriter.save``) before the handler returns; a failed
+    write never holds the message back (it is acknowledged, the book stays dirty and is written
+    at the next grid message or retry; while the store is failing the handler does not wait):
+    ``load_curtailments`` restores it at the next start.
+    Without ``grid_durable``, a live subscription (signals published while the edge is down are
+    missed until they are published again). Plans stay live: a cloud plan is worth only
+    ``cloud_plan_fresh_s``."""
     subjects = Subjects(bus.site_id)
+    if writer is None and store is not None:
+        writer = BookWriter(ctrl, store)
 
     async def on_grid(msg: BusMessage) -> None:
         what = apply_grid_signal(ctrl, msg.data)
-        if store is not None and what in ("curtailment", "cancelled"):
-            await store_curtailments(ctrl, store)
+        if writer is None:
+            return
+        if what in ("curtailment", "cancelled") and not writer.failing:
+            await writer.save()  # stored before the ack (a failure is logged, never raised)
+        elif what in ("curtailment", "cancelled") or writer.dirty:
+            writer.kick()  # in an outage: never wait on the store, retry beside the handler
 
     async def on_plan(msg: BusMessage) -> None:
         plan = plan_from_proto(msg.data, ctrl.clock.now(), lambda cid: cid in ctrl.state.chargers)
