@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 from evcore.bus import Bus, BusConfig, BusMessage, InProcessBus, ProcessedIds
 from evcore.bus.natsbus import NatsBus
@@ -126,6 +127,23 @@ def patient_nats_bus(site: str, url: str, outbox: Path, **cfg: object) -> NatsBu
     ack wait (the cloud and edge tests that run a whole service against the shared server)."""
     settings: dict[str, object] = {"connect_timeout_s": 2.0, "publish_timeout_s": 2.0, **cfg}
     return make_nats_bus(site, url, outbox, ack_wait_s=5.0, **settings)
+
+
+class SharedBus:
+    """One in-process bus seen as another component's (an edge's): its ``start`` and ``close`` do
+    nothing, since the test that made the bus owns it; everything else is the bus's."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 @contextlib.asynccontextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bus_testkit import patient_nats_bus
+from bus_testkit import SharedBus, patient_nats_bus
 from edge_testkit import stepped_controller
 from evcore.bus import Subjects
 from evcore.bus.inprocess import InProcessBus
@@ -119,21 +119,8 @@ async def test_the_grid_durable_on_the_in_process_bus() -> None:
     """One process, one bus: the edge's consumer stops and a new one resumes on it."""
     site = "grid-durable-inproc"
     bus = InProcessBus(site)
-
-    class _Shared:
-        """The one bus as the edge's: its start and close do nothing (the publisher owns it)."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(bus, name)
-
-        async def start(self) -> None:
-            return None
-
-        async def close(self) -> None:
-            return None
-
     await bus.start()
     try:
-        await _scenario(site, _Shared(), _Shared(), bus)
+        await _scenario(site, SharedBus(bus), SharedBus(bus), bus)
     finally:
         await bus.close()

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bus_testkit import SharedBus, patient_nats_bus
 from edge_testkit import stepped_controller
 from evcore.bus import Subjects
-from evcore.bus.config import BusConfig
 from evcore.bus.inprocess import InProcessBus
-from evcore.bus.natsbus import NatsBus
-from evcore.clock import StepClock, WallClock
+from evcore.clock import StepClock
 from evcore.edge.controller import EdgeController
 from evcore.edge.facade import ControllerFacade
 from evcore.edge.signals import (
@@ -80,18 +79,6 @@ async def _until(cond: Any, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-def _nats(site: str, outbox: Path) -> NatsBus:
-    cfg = BusConfig(
-        kind="nats",
-        urls=(NATS_URL,),
-        outbox_dir=outbox,
-        reconnect_wait_s=0.1,
-        connect_timeout_s=2.0,
-        publish_timeout_s=2.0,
-    )
-    return NatsBus(site, cfg, clock=WallClock(), ack_wait_s=5.0)
-
-
 @dataclass
 class _Rig:
     """The cloud's publisher and a factory of edge buses on the same site (one per edge run)."""
@@ -109,30 +96,19 @@ class _Rig:
 async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[_Rig]:
     site = "grid-restore-" + uuid.uuid4().hex[:8]
     if request.param == "nats":
-        pub = _nats(site, tmp_path / "cloud-outbox")
+        pub = patient_nats_bus(site, NATS_URL, tmp_path / "cloud-outbox")
         await pub.start()
         try:
-            yield _Rig(site, pub, lambda: _nats(site, tmp_path / "edge-outbox"))
+            yield _Rig(
+                site, pub, lambda: patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
+            )
         finally:
             await pub.close()
         return
     bus = InProcessBus(site)
-
-    class _Shared:
-        """The one bus as an edge's: its start and close do nothing (the publisher owns it)."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(bus, name)
-
-        async def start(self) -> None:
-            return None
-
-        async def close(self) -> None:
-            return None
-
     await bus.start()
     try:
-        yield _Rig(site, bus, _Shared)
+        yield _Rig(site, bus, lambda: SharedBus(bus))
     finally:
         await bus.close()
 
