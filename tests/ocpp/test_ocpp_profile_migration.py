@@ -12,7 +12,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from evcore.ocpp import LimitOrder, ProfileCleared, ProfileClearing, ProfileResult
+from evcore.ocpp import LimitOrder, ProfileResult
 from evcore.sim.chargepoint import HeldProfile, SimChargePoint
 from evcore.sim.ev import EV
 from ocpp_testsite import Rig, rig
@@ -62,8 +62,14 @@ def profile_answers(sim: SimChargePoint) -> list[tuple[str, dict[str, Any]]]:
     return [(a, p) for a, p in sim.answers if a in PROFILE_ACTIONS]
 
 
-def clears(r: Rig) -> list[ProfileClearing | ProfileCleared]:
-    return [e for e in r.events if isinstance(e, (ProfileClearing, ProfileCleared))]
+def clears(r: Rig) -> list[tuple[str, dict[str, Any]]]:
+    """Every ClearChargingProfile any station received (none may be sent on a clash)."""
+    return [
+        (a, p)
+        for sim in r.fleet.stations.values()
+        for a, p in sim.received
+        if a == "ClearChargingProfile"
+    ]
 
 
 def results(r: Rig, charger: str) -> list[ProfileResult]:

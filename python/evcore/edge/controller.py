@@ -276,16 +276,6 @@ class EdgeController:
                 self.notify("boot")
         elif kind == "ProfileResult":
             pass  # results come back through the awaited set_limit
-        elif kind == "ProfileClearing":
-            self._on_clearing(ev)
-        elif kind == "ProfileCleared":
-            cc = st.chargers.get(ev.charger_id)
-            if cc is not None and ev.nothing_cleared and ev.profile_id in cc.clearing:
-                # The station held no such profile: nothing changed there.
-                purpose, held_before = cc.clearing.pop(ev.profile_id)
-                if purpose == "tx" and not any(p == "tx" for p, _ in cc.clearing.values()):
-                    cc.tx_profile_held = cc.tx_profile_held or held_before
-                self.notify("cleared")
         # What each charger must enforce may have changed (session end, boot): log it now.
         if kind in ("BootEvent", "ConnectionEvent"):
             for c in st.station_chargers(ev.ocpp_id):
@@ -294,35 +284,6 @@ class EdgeController:
             cs := st.chargers.get(getattr(ev, "charger_id", None) or "")
         ):
             cs.note_limit(now_m)
-
-    def _on_clearing(self, ev: Any) -> None:
-        """A profile of another id is about to be cleared at the station (docs/ocpp.md): from now
-        until one of ours for that purpose is accepted and applied the charger may draw its
-        maximum (TxDefault) or what its TxDefault allows (TxProfile). Counted so at once, in the
-        envelope and in the others' failsafe levels."""
-        c = self.state.chargers.get(ev.charger_id)
-        if c is None or ev.purpose not in ("tx", "tx_default"):
-            return
-        c.clearing[ev.profile_id] = (ev.purpose, c.tx_profile_held)
-        if ev.purpose == "tx":
-            # Its TxProfile is gone: the car runs on its TxDefault, as a session holding none.
-            c.tx_profile_held = False
-            c.tx_reapply_until = None
-        else:
-            # A first-TxDefault gap in progress is overtaken: counted at the maximum until ours
-            # is accepted, then its gap starts again from that acceptance.
-            c.default_unapplied_until = None
-            if c.transaction_id is not None and not c.tx_profile_held:
-                c.session_in_gap = True
-                c.gap_read_above = c.gap_read_at_or_below = None
-        log.warning(
-            "%s: %s profile %d of another id being cleared; counted at %s until ours applies",
-            c.charger_id,
-            ev.purpose,
-            ev.profile_id,
-            "its maximum" if ev.purpose == "tx_default" else "its TxDefault",
-        )
-        self.notify("clearing")
 
     def post_curtailment(self, c: Curtailment) -> None:
         """A grid signal: at most ``max_kw`` at ``node_id`` from ``start`` to ``end``."""
@@ -441,8 +402,6 @@ class EdgeController:
             if c.default_unapplied_until is not None and now_m < c.default_unapplied_until:
                 # Counted at its maximum until then: decide again when that ends.
                 waits.append(c.default_unapplied_until - now_m)
-            if c.tx_reapply_until is not None and now_m < c.tx_reapply_until:
-                waits.append(c.tx_reapply_until - now_m)
             if c.expires_at is not None and c.sent is not None:
                 due = failsafe.refresh_at(
                     c.expires_at, c.sent, self.failsafe.get(c.charger_id, 0.0), self.cfg
@@ -572,8 +531,7 @@ class EdgeController:
         hold |= {
             cid
             for cid in active
-            if (c := st.chargers[cid]).session_in_gap
-            and (c.default_unapplied(now_m) or c.default_cleared())
+            if (c := st.chargers[cid]).session_in_gap and c.default_unapplied(now_m)
         }
         pending = list(self.pending.values())
         d_plan = plan_dispatch(
@@ -954,23 +912,11 @@ class EdgeController:
                 # The TxProfile a lowered TxDefault may wait for will not come (or not soon).
                 c.tx_profile_refused_at = now_m
             self.state.on_result(sent.charger_id, sent.value, accepted)
-            if accepted and any(p == "tx" for p, _ in c.clearing.values()):
-                # Ours is in place where one of another id was cleared: accepted is not applied,
-                # the car may draw what its TxDefault allows until ``settle_s`` from now.
-                c.clearing = {k: v for k, v in c.clearing.items() if v[0] != "tx"}
-                c.tx_reapply_until = now_m + self.cfg.settle_s
         elif accepted:
             # Accepted is not applied: the station applies it within ``settle_s`` of the
             # acceptance, not of the decision (an answer arriving later than that after the
             # decision opened no gap at all: F3 of the 2026-12-05 review).
             applied_by = now_m + self.cfg.settle_s
-            cleared = c.default_cleared()
-            if cleared:
-                # Ours is accepted where one of another id was cleared: until it applies the
-                # charger allows its maximum, as before a first TxDefault of ours.
-                c.clearing = {k: v for k, v in c.clearing.items() if v[0] != "tx_default"}
-                c.tx_default = None
-                c.tx_default_old = c.tx_default_old_until = None
             if c.tx_default is None:
                 # Its first TxDefault of ours (edge start, boot, stale ones cleared): before it
                 # the charger allowed a car its maximum. It counts there until the station shows
@@ -1281,7 +1227,7 @@ class EdgeController:
         at_max = frozenset(
             cid
             for cid, c in self.state.chargers.items()
-            if c.tx_default is None or c.default_unapplied(now_m) or c.default_cleared()
+            if c.tx_default is None or c.default_unapplied(now_m)
         )
         try:
             fs_key = self._failsafe_key
@@ -1337,11 +1283,7 @@ class EdgeController:
                 and c.transaction_id is not None
                 and c.tx_default is not None
                 and self.wire(cid, level) < self.wire(cid, c.tx_default) - 1e-9
-                and (
-                    not c.tx_profile_held
-                    or c.default_lowering_since is not None
-                    or c.tx_window(now_m)
-                )
+                and (not c.tx_profile_held or c.default_lowering_since is not None)
             )
             if lowered:
                 if c.default_lowering_since is None:

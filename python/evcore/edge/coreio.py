@@ -187,11 +187,6 @@ class RustCore:
             # Unknown (edge start, boot): counted at the charger's maximum by the envelope. So is
             # a session that started while its charger's first TxDefault of ours may not be
             # applied: its car may draw the charger's maximum until then (idle: ``idle_level``).
-            # A session whose TxDefault (of another id) is being cleared and that holds no
-            # TxProfile of ours in force may draw the charger's maximum; so may one whose
-            # TxProfile is being cleared while its TxDefault is not known (docs/ocpp.md,
-            # ``ProfileClearing``).
-            tx_window = c.transaction_id is not None and c.tx_window(now_mono)
             cols["profile_unknown"][i] = (
                 c.profile_unknown
                 or cid in ignoring
@@ -200,12 +195,6 @@ class RustCore:
                     and c.session_in_gap
                     and c.default_unapplied(now_mono)
                 )
-                or (
-                    c.transaction_id is not None
-                    and c.default_cleared()
-                    and (not c.tx_profile_held or tx_window)
-                )
-                or (tx_window and not c.default_known(now_mono))
             )
             fs_level = failsafe.get(cid, 0.0)
             in_force = (
@@ -233,7 +222,7 @@ class RustCore:
                     # and a lowered one accepted less than settle_s ago may not be applied yet.
                     value = replaced if math.isnan(value) else max(value, replaced)
                     confirmed = False
-                if active and (not c.tx_profile_held or tx_window):
+                if active and not c.tx_profile_held:
                     # Held by its TxDefault alone: by the one it holds, one on its way (a raise
                     # that left while it was idle reaches the car once accepted: F2 of the
                     # 2026-12-05 review) or one it replaced still settling (above).

@@ -126,17 +126,6 @@ class ChargerState:
     default_lowering_since: float | None = None
     # When a TxProfile of this session that held none was refused or went unanswered (monotonic).
     tx_profile_refused_at: float | None = None
-    # Profiles of the station under another id that the central system clears (a clash with one
-    # of ours, 2.0.1; ``ProfileClearing``): profile id -> (purpose, ``tx_profile_held`` before).
-    # From that event until a profile of ours for the purpose is accepted (then applied: the
-    # first-TxDefault gap for ``tx_default``, ``tx_reapply_until`` for ``tx``), or the station
-    # says it held no such profile (``ProfileCleared.nothing_cleared``), the charger may draw its
-    # maximum (``tx_default``) or what its TxDefault allows (``tx``).
-    clearing: dict[int, tuple[str, bool]] = field(default_factory=dict)
-    # A TxProfile of ours accepted after one of another id was cleared for this session: until
-    # this monotonic instant (acceptance + settle_s) it may not be applied, and the car may draw
-    # what its TxDefault allows.
-    tx_reapply_until: float | None = None
     needs_resend: bool = True  # must be sent again (boot, reconnect, rejection, restart)
     # What the charger enforces is unknown (edge start, boot: profiles may be lost). The envelope
     # counts such a charger at its maximum until a profile is accepted.
@@ -216,30 +205,6 @@ class ChargerState:
         self.off_uncounted = self.session_in_gap = self.tx_profile_held = False
         self.default_lowering_since = self.tx_profile_refused_at = None
         self.gap_read_above = self.gap_read_at_or_below = None
-        # A TxProfile dies with its transaction: a clear of one ends there too.
-        self.clearing = {k: v for k, v in self.clearing.items() if v[0] != "tx"}
-        self.tx_reapply_until = None
-
-    def default_cleared(self) -> bool:
-        """A TxDefault of another id is being cleared and none of ours was accepted since: a car
-        on this charger may draw its maximum."""
-        return any(purpose == "tx_default" for purpose, _ in self.clearing.values())
-
-    def tx_window(self, now_mono: float) -> bool:
-        """A TxProfile of another id is being cleared for this session, or one of ours accepted
-        after that may not be applied yet: its car may draw what its TxDefault allows."""
-        if any(purpose == "tx" for purpose, _ in self.clearing.values()):
-            return True
-        until = self.tx_reapply_until
-        return until is not None and now_mono < until
-
-    def default_known(self, now_mono: float) -> bool:
-        """A TxDefault of ours is accepted, applied (not in its first gap) and not being cleared."""
-        return (
-            self.tx_default is not None
-            and not self.default_unapplied(now_mono)
-            and not self.default_cleared()
-        )
 
     def default_unapplied(self, now_mono: float) -> bool:
         """Its first TxDefault of ours was accepted and may not be applied yet (see
@@ -276,7 +241,7 @@ class ChargerState:
             levels.append(replaced)
         if now_mono is not None and self.default_unapplied(now_mono):
             levels.append(self.max_value)
-        if (self.tx_default is None and reported is None) or self.default_cleared():
+        if self.tx_default is None and reported is None:
             levels.append(self.max_value)
         return max(levels)
 
@@ -402,7 +367,7 @@ class SiteState:
                 c.on_since = c.off_since = None
                 c.clear_session_flags()
                 if now_mono is not None:
-                    if c.default_unapplied(now_mono) or c.default_cleared():
+                    if c.default_unapplied(now_mono):
                         # Its first TxDefault may not be applied: the car may draw the charger's
                         # maximum. It starts on; being held at 0 A until the TxDefault is known
                         # applied, and rising from there, is the gap's, not a switch.

@@ -150,49 +150,6 @@ class ProfileResult:
         return self.status == "Accepted"
 
 
-@dataclass(frozen=True, slots=True)
-class ProfileClearing:
-    """A ClearChargingProfile of another id's profile was about to leave.
-
-    No longer emitted: the central system outranks such a profile instead of clearing it (see
-    docs/ocpp.md, profiles of an earlier numbering). Kept so that listeners still import it.
-    When it was emitted: from this event until a profile of ours for ``charger_id`` and
-    ``purpose`` was accepted AND applied, the charger could draw up to its maximum
-    (``tx_default``) or up to what its TxDefault allowed (``tx``).
-    """
-
-    charger_id: str
-    ocpp_id: str
-    evse_id: int
-    purpose: ProfilePurpose
-    #: The id of the station's profile being cleared (not one of ours).
-    profile_id: int
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class ProfileCleared:
-    """The answer to the ClearChargingProfile that ``ProfileClearing`` announced. No longer
-    emitted (see ``ProfileClearing``).
-
-    ``status``: the station's answer (``Accepted``: cleared; ``Unknown``: it held no such
-    profile) or ``Timeout``, ``Disconnected``, ``CallError`` (not known whether it was cleared).
-    """
-
-    charger_id: str
-    ocpp_id: str
-    evse_id: int
-    purpose: ProfilePurpose
-    profile_id: int
-    at: float
-    status: str
-
-    @property
-    def nothing_cleared(self) -> bool:
-        """True only when the station said it held no such profile (``Unknown``)."""
-        return self.status == "Unknown"
-
-
 OcppEvent = (
     ConnectionEvent
     | BootEvent
@@ -203,6 +160,4 @@ OcppEvent = (
     | SecurityEvent
     | NotificationEvent
     | ProfileResult
-    | ProfileClearing
-    | ProfileCleared
 )
