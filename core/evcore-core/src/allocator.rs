@@ -26,7 +26,8 @@ use crate::envelope::{
     Decision, EnvelopeParams, NodeInputs, NodeLoads, FOLLOW_TOL,
 };
 use crate::error::{CoreError, CoreResult};
-use crate::topology::{ChargerKind, Topology, N_PHASES};
+use crate::par;
+use crate::topology::{ChargerKind, Halves, Topology, N_PHASES};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AllocatorParams {
@@ -1134,6 +1135,7 @@ fn raise_to_exact(
     cnt: &mut Counting,
     level_a: &[f64],
     admitted: &[bool],
+    halves: Option<Halves>,
 ) -> Raised {
     let n = topo.n_chargers();
     let mut out = Raised {
@@ -1167,35 +1169,138 @@ fn raise_to_exact(
             }
         })
         .collect();
-    let mut members: Vec<usize> = Vec::new();
-    let mut brk: Vec<(f64, usize, usize, bool)> = Vec::new();
-    // What a charger would add at a node if it rose to `to`: per site phase an upper bound of
-    // the line current (every terminal coefficient has magnitude 1) and, last, the watts.
-    let held_all = &cnt.held;
-    let rise = |c: usize, to: f64| -> [f64; N_PHASES + 1] {
-        let (x, h) = (level_a[c], &held_all[c]);
-        let mut u = [0.0; N_PHASES + 1];
-        for e in topo.terminal_entries(c) {
-            u[e.phase] += to.max(h[e.terminal]) - x.max(h[e.terminal]);
-        }
-        let watts = topo.hot(c).watts_per_terminal_a();
-        for &hk in h.iter().take(topo.hot(c).terminals()) {
-            u[N_PHASES] += (to.max(hk) - x.max(hk)) * watts;
-        }
-        u
-    };
     // Summed bottom-up: a node where even these bounds fit needs no look at its members.
     let mut bound = vec![[0.0; N_PHASES + 1]; nn];
     for c in 0..n {
         if raisable[c] && cand[c] > level_a[c] {
-            let u = rise(c, cand[c]);
+            let u = rise_of(topo, level_a, &cnt.held, c, cand[c]);
             let b = &mut bound[topo.hot(c).parent()];
             for (bk, uk) in b.iter_mut().zip(u) {
                 *bk += uk;
             }
         }
     }
+    let at = RaiseAt {
+        topo,
+        weight: &m.weight,
+        held: &cnt.held,
+        loads: &loads,
+        level_a,
+        raisable: &raisable,
+    };
+    let mut sc = RaiseScratch::default();
+    // Nodes without nodes below them (circuits) share no charger and no bound: on a large site
+    // the two halves raise theirs on two threads first, then the walk up the tree skips them.
+    // (A node only depends on the nodes below it, so the order among these does not matter;
+    // the bounds still add up the tree in the one order below.)
+    let leaves_first = halves.is_some();
+    if let Some(h) = halves {
+        let (cand0, cand1) = cand.split_at_mut(h.charger_at);
+        let (node0, node1) = out.node.split_at_mut(h.charger_at);
+        let (phase0, phase1) = out.phase.split_at_mut(h.charger_at);
+        let (bound0, bound1) = bound.split_at_mut(h.node_at);
+        let leaves = |nodes: std::ops::Range<usize>,
+                      mut o: RaiseOut<'_>,
+                      bound: &mut [[f64; N_PHASES + 1]]| {
+            let mut sc = RaiseScratch::default();
+            for node in nodes.clone() {
+                if topo.node_is_leaf(node) {
+                    at.node(node, &mut o, &mut bound[node - nodes.start], &mut sc);
+                }
+            }
+        };
+        let at0 = RaiseOut {
+            base: 0,
+            cand: cand0,
+            node: node0,
+            phase: phase0,
+        };
+        let at1 = RaiseOut {
+            base: h.charger_at,
+            cand: cand1,
+            node: node1,
+            phase: phase1,
+        };
+        par::join(
+            true,
+            || leaves(0..h.node_at, at0, bound0),
+            || leaves(h.node_at..nn, at1, bound1),
+        );
+    }
     for &node in topo.node_order().iter().rev() {
+        if !(leaves_first && topo.node_is_leaf(node)) {
+            let mut o = RaiseOut {
+                base: 0,
+                cand: &mut cand,
+                node: &mut out.node,
+                phase: &mut out.phase,
+            };
+            at.node(node, &mut o, &mut bound[node], &mut sc);
+        }
+        if let Some(p) = topo.nodes[node].parent {
+            let u = bound[node];
+            for (bk, uk) in bound[p].iter_mut().zip(u) {
+                *bk += uk;
+            }
+        }
+    }
+    for c in 0..n {
+        if raisable[c] {
+            out.value_a[c] = cand[c];
+            if out.node[c].is_none() {
+                // Raised to its cap: nothing at any node stopped it.
+                out.node[c] = Some(usize::MAX);
+            }
+        }
+    }
+    out
+}
+
+/// What the raise pass at one node reads.
+struct RaiseAt<'a> {
+    topo: &'a Topology,
+    weight: &'a [f64],
+    held: &'a [[f64; N_PHASES]],
+    loads: &'a NodeLoads,
+    level_a: &'a [f64],
+    raisable: &'a [bool],
+}
+
+/// What the raise pass at a node writes, for chargers `base..base + cand.len()` (a half of the
+/// site, or all of it).
+struct RaiseOut<'a> {
+    base: usize,
+    cand: &'a mut [f64],
+    node: &'a mut [Option<usize>],
+    phase: &'a mut [Option<usize>],
+}
+
+#[derive(Default)]
+struct RaiseScratch {
+    members: Vec<usize>,
+    brk: Vec<(f64, usize, usize, bool)>,
+}
+
+impl RaiseAt<'_> {
+    /// What a charger would add at a node if it rose to `to`: per site phase an upper bound of
+    /// the line current (every terminal coefficient has magnitude 1) and, last, the watts.
+    fn rise(&self, c: usize, to: f64) -> [f64; N_PHASES + 1] {
+        rise_of(self.topo, self.level_a, self.held, c, to)
+    }
+
+    /// The raise at one node: lowers the candidates of the chargers below it that a limit of
+    /// this node stops, and leaves in `bound` what those can still add.
+    fn node(
+        &self,
+        node: usize,
+        out: &mut RaiseOut<'_>,
+        bound: &mut [f64; N_PHASES + 1],
+        sc: &mut RaiseScratch,
+    ) {
+        let topo = self.topo;
+        let loads = self.loads;
+        let (level_a, raisable) = (self.level_a, self.raisable);
+        let base = out.base;
         let spec = &topo.nodes[node];
         let kw_limit_w = spec.power_limit_kw.map_or(f64::INFINITY, |k| k * 1000.0);
         // A limit of this node already tight at the water-filling values (a phase without
@@ -1207,30 +1312,30 @@ fn raise_to_exact(
             std::array::from_fn(|ph| tight_at(line[ph], spec.phase_limit_a[ph]));
         let tight_kw = tight_at(loads.power_w[node], kw_limit_w);
         let allow = |limit: f64| if limit > 0.0 { limit * RAISE_FIT } else { 0.0 };
-        let u = bound[node];
+        let u = *bound;
         let quick = !tight_kw
             && !tight_ph.iter().any(|&t| t)
             && loads.power_w[node] + u[N_PHASES] <= allow(kw_limit_w)
             && (0..N_PHASES).all(|ph| line[ph] + u[ph] <= allow(spec.phase_limit_a[ph]));
         if !quick {
             'slow: {
-                members.clear();
-                members.extend(
+                sc.members.clear();
+                sc.members.extend(
                     topo.chargers_below(node)
                         .iter()
                         .copied()
-                        .filter(|&c| raisable[c] && cand[c] > level_a[c]),
+                        .filter(|&c| raisable[c] && out.cand[c - base] > level_a[c]),
                 );
-                if members.is_empty() {
+                if sc.members.is_empty() {
                     break 'slow;
                 }
-                members.retain(|&c| {
+                sc.members.retain(|&c| {
                     let phases = topo.hot(c).site_phases();
                     let on_tight = phases.iter().position(|&ph| tight_ph[usize::from(ph)]);
                     if tight_kw || on_tight.is_some() {
-                        cand[c] = level_a[c];
-                        out.node[c] = Some(node);
-                        out.phase[c] = if tight_kw {
+                        out.cand[c - base] = level_a[c];
+                        out.node[c - base] = Some(node);
+                        out.phase[c - base] = if tight_kw {
                             None
                         } else {
                             on_tight.map(|k| usize::from(phases[k]))
@@ -1240,7 +1345,7 @@ fn raise_to_exact(
                         true
                     }
                 });
-                if members.is_empty() {
+                if sc.members.is_empty() {
                     break 'slow;
                 }
                 // Allowed values (A, W) of the limits not tight before the raise (a value of 0 always
@@ -1264,10 +1369,10 @@ fn raise_to_exact(
                     let mut re = loads.re[node];
                     let mut im = loads.im[node];
                     let mut pw = loads.power_w[node];
-                    for &c in &members {
+                    for &c in &sc.members {
                         let x = level_a[c];
-                        let r = cand[c];
-                        let held = &cnt.held[c];
+                        let r = out.cand[c - base];
+                        let held = &self.held[c];
                         let v = topo.hot(c).watts_per_terminal_a();
                         let mut d = [0.0; N_PHASES];
                         for k in 0..topo.hot(c).terminals() {
@@ -1291,15 +1396,15 @@ fn raise_to_exact(
                 // `max(x, held)/w` and `cand/w`: the line currents and the power are piecewise linear in
                 // the level. Walk the breakpoints in order; on the first piece where a limit is crossed,
                 // solve for the crossing exactly (a quadratic for a phasor magnitude, linear for kW).
-                brk.clear();
-                for &c in &members {
-                    let (x, w) = (level_a[c], m.weight[c]);
-                    let held = &cnt.held[c];
+                sc.brk.clear();
+                for &c in &sc.members {
+                    let (x, w) = (level_a[c], self.weight[c]);
+                    let held = &self.held[c];
                     for (k, &h) in held.iter().enumerate().take(topo.hot(c).terminals()) {
                         let start = x.max(h);
-                        if start < cand[c] {
-                            brk.push((start / w, c, k, true));
-                            brk.push((cand[c] / w, c, k, false));
+                        if start < out.cand[c - base] {
+                            sc.brk.push((start / w, c, k, true));
+                            sc.brk.push((out.cand[c - base] / w, c, k, false));
                         }
                     }
                 }
@@ -1309,11 +1414,11 @@ fn raise_to_exact(
                 let mut d_re = [0.0; N_PHASES];
                 let mut d_im = [0.0; N_PHASES];
                 let mut d_pw = 0.0;
-                let mut cur = brk.iter().map(|b| b.0).fold(f64::INFINITY, f64::min);
-                brk.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+                let mut cur = sc.brk.iter().map(|b| b.0).fold(f64::INFINITY, f64::min);
+                sc.brk.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
                 // (level at which a limit is first crossed, which limit: phase or N_PHASES = kW)
                 let mut crossing: Option<(f64, usize)> = None;
-                for &(l, c, k, starts) in brk.iter() {
+                for &(l, c, k, starts) in sc.brk.iter() {
                     let dl = l - cur;
                     if dl > 0.0 {
                         let mut nre = re;
@@ -1366,7 +1471,7 @@ fn raise_to_exact(
                         cur = l;
                     }
                     let sign = if starts { 1.0 } else { -1.0 };
-                    let w = m.weight[c] * sign;
+                    let w = self.weight[c] * sign;
                     for e in topo.terminal_entries(c).iter().filter(|e| e.terminal == k) {
                         d_re[e.phase] += w * e.re;
                         d_im[e.phase] += w * e.im;
@@ -1376,43 +1481,49 @@ fn raise_to_exact(
                 let Some((lo, tight)) = crossing else {
                     break 'slow; // every member reaches its cap
                 };
-                for &c in &members {
-                    let r = (m.weight[c] * lo).max(level_a[c]).min(cand[c]);
-                    if r < cand[c] {
-                        cand[c] = r;
-                        out.node[c] = Some(node);
-                        out.phase[c] = (tight < N_PHASES).then_some(tight);
+                for &c in &sc.members {
+                    let r = (self.weight[c] * lo)
+                        .max(level_a[c])
+                        .min(out.cand[c - base]);
+                    if r < out.cand[c - base] {
+                        out.cand[c - base] = r;
+                        out.node[c - base] = Some(node);
+                        out.phase[c - base] = (tight < N_PHASES).then_some(tight);
                     }
                 }
             }
             // What the members below can still add, after this node lowered some of them.
             let mut u = [0.0; N_PHASES + 1];
-            for &c in &members {
-                if cand[c] > level_a[c] {
-                    for (uk, rk) in u.iter_mut().zip(rise(c, cand[c])) {
+            for &c in &sc.members {
+                if out.cand[c - base] > level_a[c] {
+                    for (uk, rk) in u.iter_mut().zip(self.rise(c, out.cand[c - base])) {
                         *uk += rk;
                     }
                 }
             }
-            bound[node] = u;
-        }
-        if let Some(p) = spec.parent {
-            let u = bound[node];
-            for (bk, uk) in bound[p].iter_mut().zip(u) {
-                *bk += uk;
-            }
+            *bound = u;
         }
     }
-    for c in 0..n {
-        if raisable[c] {
-            out.value_a[c] = cand[c];
-            if out.node[c].is_none() {
-                // Raised to its cap: nothing at any node stopped it.
-                out.node[c] = Some(usize::MAX);
-            }
-        }
+}
+
+/// What charger `c` would add at a node if it rose from its level to `to` (see `RaiseAt::rise`).
+fn rise_of(
+    topo: &Topology,
+    level_a: &[f64],
+    held: &[[f64; N_PHASES]],
+    c: usize,
+    to: f64,
+) -> [f64; N_PHASES + 1] {
+    let (x, h) = (level_a[c], &held[c]);
+    let mut u = [0.0; N_PHASES + 1];
+    for e in topo.terminal_entries(c) {
+        u[e.phase] += to.max(h[e.terminal]) - x.max(h[e.terminal]);
     }
-    out
+    let watts = topo.hot(c).watts_per_terminal_a();
+    for &hk in h.iter().take(topo.hot(c).terminals()) {
+        u[N_PHASES] += (to.max(hk) - x.max(hk)) * watts;
+    }
+    u
 }
 
 pub fn allocate(
@@ -1422,6 +1533,21 @@ pub fn allocate(
     demand: &Demand<'_>,
     p: &AllocatorParams,
     explain: bool,
+) -> CoreResult<Allocation> {
+    let halves = par::halves(topo, true);
+    allocate_split(topo, ch, nodes, demand, p, explain, halves)
+}
+
+/// `allocate` with its work split into `halves` on two threads (`None`: one thread). The result
+/// is the same either way, bit for bit.
+fn allocate_split(
+    topo: &Topology,
+    ch: &ChargerInputs<'_>,
+    nodes: &NodeInputs<'_>,
+    demand: &Demand<'_>,
+    p: &AllocatorParams,
+    explain: bool,
+    halves: Option<Halves>,
 ) -> CoreResult<Allocation> {
     let n = topo.n_chargers();
     ch.check(n)?;
@@ -1458,7 +1584,7 @@ pub fn allocate(
         };
     }
     // The counting the model was built on (it does not depend on the requests).
-    let raised = raise_to_exact(topo, &m, &mut cnt, &level_a, &admitted);
+    let raised = raise_to_exact(topo, &m, &mut cnt, &level_a, &admitted, halves);
     for c in 0..n {
         if !admitted[c] {
             continue;
@@ -1866,6 +1992,52 @@ mod tests {
                 prop_assert!(false, "{e}");
             }
         }
+
+        /// The work split over two threads (as on sites of `par::MIN_CHARGERS` and more) gives
+        /// the same allocation, bit for bit, as one thread.
+        #[test]
+        fn two_threads_give_the_same_bits(seed in any::<u64>()) {
+            let mut r = Rng::new(seed);
+            let topo = large_site(&mut r);
+            let halves = topo.halves();
+            prop_assert!(halves.is_some(), "large_site lists chargers circuit by circuit");
+            let x = gen_inputs(&mut r, &topo);
+            let w = gen_want(&mut r, topo.n_chargers());
+            let p = AllocatorParams { envelope: gen_params(&mut r), ..Default::default() };
+            let (ch, nodes, demand) = (x.chargers(), x.nodes(), w.demand());
+            let one = allocate_split(&topo, &ch, &nodes, &demand, &p, true, None).unwrap();
+            let two = allocate_split(&topo, &ch, &nodes, &demand, &p, true, halves).unwrap();
+            if let Err(e) = same_bits(&one, &two) {
+                prop_assert!(false, "{e}");
+            }
+        }
+    }
+
+    /// Every output of two allocations equal bit for bit.
+    fn same_bits(a: &Allocation, b: &Allocation) -> Result<(), String> {
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (x, y) = (&a.decision, &b.decision);
+        let pairs = [
+            ("setpoint_a", &x.setpoint_a, &y.setpoint_a),
+            ("setpoint_w", &x.setpoint_w, &y.setpoint_w),
+            ("binding_value", &x.binding_value, &y.binding_value),
+            ("binding_limit", &x.binding_limit, &y.binding_limit),
+            ("level_a", &a.level_a, &b.level_a),
+        ];
+        for (name, u, v) in pairs {
+            if bits(u) != bits(v) {
+                return Err(format!("{name} differs"));
+            }
+        }
+        if x.binding != y.binding
+            || x.binding_node != y.binding_node
+            || x.binding_phase != y.binding_phase
+            || x.reason != y.reason
+            || a.admitted != b.admitted
+        {
+            return Err("bindings, reasons or admission differ".into());
+        }
+        Ok(())
     }
 
     // ---- example tests ----------------------------------------------------------------------

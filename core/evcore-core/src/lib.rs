@@ -10,6 +10,7 @@
 pub mod allocator;
 pub mod envelope;
 pub mod error;
+pub mod par;
 pub mod topology;
 
 pub use error::{CoreError, CoreResult};

@@ -254,6 +254,16 @@ pub struct TerminalEntry {
     pub im: f64,
 }
 
+/// A split of the chargers into two halves that share no parent node, for work done on two
+/// threads: chargers `[0, charger_at)` hang directly below nodes `< node_at` only, chargers
+/// `[charger_at, n)` below nodes `>= node_at` only. Sums per parent node made by each half alone
+/// are then the same sums, in the same order, as one pass over all chargers makes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Halves {
+    pub charger_at: usize,
+    pub node_at: usize,
+}
+
 #[derive(Clone, Debug)]
 pub struct Topology {
     pub site_id: String,
@@ -280,6 +290,11 @@ pub struct Topology {
     /// 1 on each site phase it touches, W per terminal ampere (all terminals) in slot 3 (kW).
     slot_coef: Vec<[f64; N_PHASES + 1]>,
     hot: Vec<ChargerHot>,
+    /// Whether the node has no node below it (only chargers, if any).
+    node_is_leaf: Vec<bool>,
+    /// The most even split of the chargers into two halves without a shared parent, if one
+    /// leaves each half at least a quarter of them.
+    halves: Option<Halves>,
     node_index: HashMap<String, usize>,
     charger_index: HashMap<String, usize>,
 }
@@ -744,6 +759,8 @@ impl Topology {
             hot: Vec::new(),
             below: Vec::new(),
             below_off: Vec::new(),
+            node_is_leaf: Vec::new(),
+            halves: None,
             node_index,
             charger_index,
         };
@@ -1145,6 +1162,45 @@ impl Topology {
                 fill[n] += 1;
             }
         }
+        self.node_is_leaf = vec![true; nn];
+        for node in &self.nodes {
+            if let Some(p) = node.parent {
+                self.node_is_leaf[p] = false;
+            }
+        }
+        self.halves = self.split_in_halves();
+    }
+
+    /// The split point `s` closest to the middle where every parent of chargers `[0, s)` is a
+    /// lower node index than every parent of chargers `[s, n)` (sites list chargers circuit by
+    /// circuit, so there is usually one next to the middle).
+    fn split_in_halves(&self) -> Option<Halves> {
+        let nc = self.chargers.len();
+        if nc < 4 {
+            return None;
+        }
+        let parent = |c: usize| self.chargers[c].parent;
+        // suffix_min[s]: lowest parent of chargers [s, n).
+        let mut suffix_min = vec![usize::MAX; nc + 1];
+        for c in (0..nc).rev() {
+            suffix_min[c] = suffix_min[c + 1].min(parent(c));
+        }
+        let mut best: Option<Halves> = None;
+        let mut prefix_max = 0;
+        for s in 1..nc {
+            prefix_max = prefix_max.max(parent(s - 1));
+            if prefix_max < suffix_min[s] {
+                let closer =
+                    best.is_none_or(|b| s.abs_diff(nc / 2) < b.charger_at.abs_diff(nc / 2));
+                if closer {
+                    best = Some(Halves {
+                        charger_at: s,
+                        node_at: suffix_min[s],
+                    });
+                }
+            }
+        }
+        best.filter(|b| b.charger_at >= nc / 4 && b.charger_at <= nc - nc / 4)
     }
 
     /// A node whose limit is zero (or below the charger's minimum) on a phase that a charger below
@@ -1267,6 +1323,14 @@ impl Topology {
     #[inline]
     pub fn hot(&self, charger: usize) -> &ChargerHot {
         &self.hot[charger]
+    }
+    /// Whether no node hangs below the node.
+    pub fn node_is_leaf(&self, node: usize) -> bool {
+        self.node_is_leaf[node]
+    }
+    /// Two halves of the chargers without a shared parent node, if the site has them.
+    pub fn halves(&self) -> Option<Halves> {
+        self.halves
     }
     pub fn node_has_line_to_line(&self, node: usize) -> bool {
         self.node_has_l2l[node]
@@ -1406,5 +1470,30 @@ mod tests {
         let got = (re * re + im * im).sqrt();
         let want = (iab * iab + ica * ica + iab * ica).sqrt();
         assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    }
+    #[test]
+    fn halves_split_chargers_between_parents() {
+        let circuits: Vec<String> = (0..4)
+            .map(|k| format!(r#"{{"id": "k{k}", "parent": "grid", "phase_limit_a": 50}}"#))
+            .collect();
+        let nodes = format!("{GRID},{}", circuits.join(","));
+        let charger = |i: usize, k: usize| {
+            format!(
+                r#"{{"id": "c{i}", "parent": "k{k}", "wiring": "line_to_neutral", "phases": ["L1"], "voltage_v": 230, "max_a": 16}}"#
+            )
+        };
+        // Circuit by circuit (3 chargers each): the split nearest the middle is between k1 and k2.
+        let cs: Vec<String> = (0..12).map(|i| charger(i, i / 3)).collect();
+        let t = Topology::from_json(&site(&nodes, &cs.join(","))).unwrap();
+        let h = t.halves().expect("a split");
+        assert_eq!((h.charger_at, t.nodes[h.node_at].id.as_str()), (6, "k2"));
+        for c in 0..12 {
+            assert_eq!(t.chargers[c].parent < h.node_at, c < h.charger_at);
+        }
+        assert!(!t.node_is_leaf(0) && t.node_is_leaf(1));
+        // Circuits taking turns: no split without a shared parent.
+        let cs: Vec<String> = (0..12).map(|i| charger(i, i % 4)).collect();
+        let t = Topology::from_json(&site(&nodes, &cs.join(","))).unwrap();
+        assert_eq!(t.halves(), None);
     }
 }

@@ -1,0 +1,59 @@
+//! Work split over two threads on large sites. Every element is computed by the same code as on
+//! one thread and every sum is made in the same order, so the results are bit for bit the same
+//! whether a call splits its work or not; only the time differs.
+use std::sync::Mutex;
+
+use crate::topology::{Halves, Topology};
+
+/// Below this many chargers a call stays on one thread: starting a second thread and handing
+/// its work over costs more than the half it takes (measured on the allocator benchmark).
+pub const MIN_CHARGERS: usize = 20_000;
+
+/// The halves to split a call's work into, when `split` and the site is large enough to gain.
+pub(crate) fn halves(topo: &Topology, split: bool) -> Option<Halves> {
+    if split && topo.n_chargers() >= MIN_CHARGERS {
+        topo.halves()
+    } else {
+        None
+    }
+}
+
+/// `(a(), b())`, `b` on a second thread when `on`. A thread that cannot be started leaves both
+/// on this one; a panic on the second thread carries on on this one as if it happened here.
+pub(crate) fn join<A: Send, B: Send>(
+    on: bool,
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    if !on {
+        return (a(), b());
+    }
+    let slot = Mutex::new(Some(b));
+    let take = || slot.lock().ok().and_then(|mut g| g.take());
+    std::thread::scope(|s| {
+        let spawned = std::thread::Builder::new().spawn_scoped(s, || take().map(|f| f()));
+        let ra = a();
+        let rb = match spawned {
+            Ok(h) => match h.join() {
+                Ok(rb) => rb,
+                Err(e) => std::panic::resume_unwind(e),
+            },
+            Err(_) => None,
+        };
+        // Not started (or it found nothing to take): run it here.
+        let rb = match rb {
+            Some(rb) => rb,
+            None => match take() {
+                Some(f) => f(),
+                None => unreachable_b(),
+            },
+        };
+        (ra, rb)
+    })
+}
+
+#[cold]
+fn unreachable_b() -> ! {
+    // `b` is taken exactly once: by the thread (which then returns Some) or here.
+    panic!("par::join: the second half ran nowhere")
+}
