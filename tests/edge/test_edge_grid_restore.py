@@ -28,8 +28,10 @@ from evcore.bus.inprocess import InProcessBus
 from evcore.clock import StepClock
 from evcore.edge.controller import EdgeController
 from evcore.edge.facade import ControllerFacade
+from evcore.edge.grid import Curtailment
 from evcore.edge.signals import (
     BOOK_KEY,
+    FALLBACK_NAME,
     GRID_DURABLE,
     BookWriter,
     load_curtailments,
@@ -116,7 +118,13 @@ async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[_
 class _Edge:
     """One run of the edge's grid side: a controller, its store and bus, the durable consumer."""
 
-    def __init__(self, rig: _Rig, store_section: dict[str, object], tmp_path: Path) -> None:
+    def __init__(
+        self,
+        rig: _Rig,
+        store_section: dict[str, object],
+        tmp_path: Path,
+        fallback: Path | None = None,
+    ) -> None:
         self.rig = rig
         self.table = depot_table(2, per_feeder=2, site_id=rig.site)
         self.ctrl: EdgeController
@@ -126,13 +134,13 @@ class _Edge:
         self.bus = rig.edge_bus()
         self.subs: list[Any] = []
         self.restored = 0
-        self.writer = BookWriter(self.ctrl, self.store, retry_s=0.2)
+        self.writer = BookWriter(self.ctrl, self.store, retry_s=0.2, fallback=fallback)
         self.retry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.store.open()
         # As EdgeApp.run: the book is restored before the first decision and the consumer.
-        self.restored = await load_curtailments(self.ctrl, self.store)
+        self.restored = await self.writer.load()
         await self.bus.start()
         self.subs = await subscribe_signals(
             self.bus, self.ctrl, grid_durable=GRID_DURABLE, writer=self.writer
@@ -355,6 +363,82 @@ async def test_a_store_outage_never_holds_a_later_curtailment_back(
         await edge2.stop()
 
 
+async def test_a_restart_during_a_store_outage_keeps_what_arrived_in_it(
+    rig: _Rig, tmp_path: Path
+) -> None:
+    """A curtailment that arrives while the store is down is acknowledged (never held back),
+    so after a restart it is not on the bus any more: before the local copy, a restart during
+    the outage started with no curtailment. Now the book is in ``evcore-curtailments.json``
+    (fsynced before the ack), restored at start, then stored and the file removed."""
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    local = tmp_path / FALLBACK_NAME
+    edge = _Edge(rig, section, tmp_path, fallback=local)
+    await edge.start()
+    down = _store_down(edge)
+    now = edge.clock.now()
+    try:
+        await _publish(
+            rig,
+            _signal("a", 50.0, now, now + 3600.0, issued_at=now),
+            _signal("b", 5.0, now, now + 3600.0, issued_at=now + 1.0),
+        )
+        await _until(lambda: edge.caps() == {"grid": 5.0}, 5.0, "b during the outage")
+        await _until(lambda: local.exists() and edge.writer.durable, 5.0, "the local copy")
+        assert edge.writer.failing and await _stored_ids(edge.store) == []
+        held = json.loads(local.read_text())
+        assert sorted(row[0] for row in held["curtailments"]) == ["a", "b"]
+        await asyncio.sleep(0.5)  # acknowledged
+    finally:
+        await edge.stop()  # the store is still down when the edge stops
+    assert down["v"] and local.exists()
+    edge2 = _Edge(rig, section, tmp_path, fallback=local)
+    edge2.clock.advance(30.0)
+    await edge2.start()  # its store works again
+    try:
+        assert edge2.restored == 2 and edge2.caps() == {"grid": 5.0}  # before: 0, {}
+        # The next retry stores the restored book and drops the local copy.
+        await _until(lambda: not local.exists(), 5.0, "the local copy removed")
+        assert await _stored_ids(edge2.store) == ["a", "b"]
+        assert not edge2.writer.dirty
+    finally:
+        await edge2.stop()
+    edge3 = _Edge(rig, section, tmp_path, fallback=local)
+    await edge3.start()
+    try:
+        assert edge3.restored == 2 and edge3.caps() == {"grid": 5.0}  # from the store now
+    finally:
+        await edge3.stop()
+
+
+async def test_the_newer_copy_of_the_book_is_restored(tmp_path: Path) -> None:
+    """A local copy older than the store's book (the edge stopped between storing and removing
+    it) does not bring back what the store's newer book no longer holds; a newer one wins."""
+    table = depot_table(2, per_feeder=2, site_id="book-copies")
+    ctrl, clock = stepped_controller(table, _Gateway())
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    store = open_store(section, tmp_path)
+    await store.open()
+    local = tmp_path / FALLBACK_NAME
+    now = clock.now()
+    try:
+        ctrl.curtailments.add(Curtailment("old", "grid", 3.0, now, now + 3600.0))
+        local.write_text(ctrl.curtailments.snapshot(saved_at=now))
+        ctrl.curtailments.cancel("old")
+        ctrl.curtailments.add(Curtailment("new", "grid", 9.0, now, now + 3600.0))
+        await store.set_meta(BOOK_KEY, ctrl.curtailments.snapshot(saved_at=now + 5.0))
+        for expected, saved_at in ((["new"], now - 1.0), (["old"], now + 10.0)):
+            local.write_text(json.dumps({**json.loads(local.read_text()), "saved_at": saved_at}))
+            fresh, _ = stepped_controller(table, _Gateway())
+            assert await load_curtailments(fresh, store, local) == 1
+            assert [c.signal_id for c in fresh.curtailments] == expected
+        local.write_text('{"v": 1, "saved_at": 1e18, "curtailments": [["x"]]}')
+        fresh, _ = stepped_controller(table, _Gateway())
+        with pytest.raises(ValueError, match=r"local copy .*evcore-curtailments\.json"):
+            await load_curtailments(fresh, store, local)
+    finally:
+        await store.close()
+
+
 async def test_an_api_curtailment_and_cancel_are_stored_before_the_answer(
     store_section: dict[str, object], tmp_path: Path
 ) -> None:
@@ -384,7 +468,10 @@ async def test_an_api_curtailment_and_cancel_are_stored_before_the_answer(
         await store2.close()
 
 
-async def test_an_api_curtailment_applies_while_the_store_is_down(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_local", [False, True], ids=["no-local-copy", "local-copy"])
+async def test_an_api_curtailment_applies_while_the_store_is_down(
+    tmp_path: Path, with_local: bool
+) -> None:
     table = depot_table(2, per_feeder=2, site_id="api-grid-down")
     ctrl, clock = stepped_controller(table, _Gateway())
     section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
@@ -400,16 +487,25 @@ async def test_an_api_curtailment_applies_while_the_store_is_down(tmp_path: Path
 
     store.set_meta = flaky  # type: ignore[method-assign]
     now = clock.now()
-    writer = BookWriter(ctrl, store)
+    local = tmp_path / FALLBACK_NAME
+    writer = BookWriter(ctrl, store, fallback=local if with_local else None)
     facade = ControllerFacade(ctrl, book=writer)
     try:
         await facade.post_curtailment("api-1", "grid", 5.0, now, now + 3600.0)  # never refused
         assert ctrl.curtailments.caps_kw(now) == {"grid": 5.0}
-        assert facade.curtailments_durable() is False
+        # Durable across a restart only through the local copy (written before the answer).
+        assert facade.curtailments_durable() is with_local
+        assert local.exists() is with_local
+        await facade.post_curtailment("api-2", "grid", 7.0, now, now + 3600.0)  # in the outage
+        assert facade.curtailments_durable() is with_local
+        if with_local:
+            held = json.loads(local.read_text())["curtailments"]
+            assert sorted(row[0] for row in held) == ["api-1", "api-2"]
         down["v"] = False
         assert await writer.save_if_dirty()
         assert facade.curtailments_durable() is True
-        assert await _stored_ids(store) == ["api-1"]
+        assert await _stored_ids(store) == ["api-1", "api-2"]
+        assert not local.exists()
     finally:
         await writer.aclose()
         await store.close()
@@ -428,3 +524,33 @@ async def test_a_corrupt_stored_book_names_the_key(tmp_path: Path) -> None:
                 await load_curtailments(ctrl, store)
     finally:
         await store.close()
+
+
+async def test_evcore_edge_restores_the_local_copy_a_store_outage_left(tmp_path: Path) -> None:
+    """What `evcore edge` runs: the local copy sits beside the audit journal (here the site
+    file's directory); the edge starts with its curtailment, stores the book, removes the copy."""
+    from evcore.clock import WallClock
+    from evcore.edge.app import EdgeApp
+    from evcore.edge.sitegen import to_toml
+
+    table = depot_table(2, per_feeder=2, site_id="book-local-app")
+    table["edge"] = {"tick_s": 0.5}
+    table["store"] = {"kind": "embedded", "path": "var/store"}
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    now = WallClock().now()
+    left, _ = stepped_controller(table, _Gateway())
+    left.curtailments.add(Curtailment("dso-9", "grid", 4.0, now - 10.0, now + 3600.0))
+    local = tmp_path / FALLBACK_NAME
+    local.write_text(left.curtailments.snapshot(saved_at=now - 5.0))
+    app = EdgeApp.from_file(site_file, WallClock())
+    runner = asyncio.create_task(app.run())
+    try:
+        await asyncio.wait_for(app.ready.wait(), 30)
+        assert app.book is not None and app.book.fallback == local
+        assert app.controller.curtailments.caps_kw(WallClock().now()) == {"grid": 4.0}
+        await _until(lambda: not local.exists(), 10.0, "the local copy stored and removed")
+        assert app.store is not None and await _stored_ids(app.store) == ["dso-9"]
+    finally:
+        app.stop()
+        await asyncio.wait_for(runner, 30)

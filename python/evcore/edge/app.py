@@ -191,10 +191,20 @@ class EdgeApp:
             self.sessions = SessionKeeper(store, clock)
             self.controller.on_session = self.sessions
         from evcore.edge.facade import ControllerFacade
-        from evcore.edge.signals import BookWriter
+        from evcore.edge.signals import BookWriter, book_fallback_path
 
         #: Writes the curtailment book to the store (bus and API signals); retried while down.
-        self.book = None if store is None else BookWriter(self.controller, store)
+        self.book = (
+            None
+            if store is None
+            else BookWriter(
+                self.controller,
+                store,
+                fallback=book_fallback_path(
+                    audit_journal_path(self.controller.cfg, getattr(site, "path", None))
+                ),
+            )
+        )
         self.facade = ControllerFacade(self.controller, site=site, book=self.book)
         if self.recorder is not None:
             self.recorder.on_durable = self.facade.record_decision
@@ -232,11 +242,11 @@ class EdgeApp:
             n = await recover(ctrl.state, self.store, self.sessions)
             if n:
                 log.info("recovered %d last setpoints from the store", n)
-            from evcore.edge.signals import load_curtailments
-
             # Curtailments in force that the grid consumer acknowledged before a restart are in
-            # the store, not on the bus any more: back in the book before the first decision.
-            k = await load_curtailments(ctrl, self.store)
+            # the store (or, after a store outage, its local copy), not on the bus any more: back
+            # in the book before the first decision.
+            assert self.book is not None
+            k = await self.book.load()
             if k:
                 log.info("restored %d curtailment(s) from the store", k)
         if self.bus is not None:

@@ -238,13 +238,16 @@ class ControllerFacade:
         return found
 
     def curtailments_durable(self) -> bool | None:
-        """Whether the stored curtailment book is the one in force (None: no store)."""
-        return None if self.book is None else not self.book.dirty
+        """Whether a restart now would restore the curtailment book in force: the store holds
+        it, or in a store outage its local copy does (None: no store)."""
+        return None if self.book is None else self.book.durable
 
     async def _store_book(self) -> None:
         if self.book is not None:
             if self.book.failing:
-                self.book.kick()  # in an outage: answer at once, the retry writes it
+                # In an outage: answer once the local copy is written, the retry stores it.
+                self.book.kick()
+                await self.book.keep_local()
             else:
                 await self.book.save()
 

@@ -101,11 +101,13 @@ class CurtailmentBook:
         for sid in [s for s, (_, until) in self._issued.items() if until <= now]:
             del self._issued[sid]
 
-    def snapshot(self) -> str:
-        """The book as JSON (curtailments held and the revision marks), for the edge's store."""
+    def snapshot(self, saved_at: float | None = None) -> str:
+        """The book as JSON (curtailments held and the revision marks), for the edge's store;
+        ``saved_at`` (wall clock) tells two copies of the book apart (the newer one counts)."""
         return json.dumps(
             {
                 "v": 1,
+                "saved_at": saved_at,
                 "curtailments": [
                     [c.signal_id, c.node_id, c.max_kw, c.start, c.end] for c in self._by_id.values()
                 ],

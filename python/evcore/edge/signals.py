@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from evcore.bus import BadPayload, Bus, BusMessage, Subjects, Subscription
@@ -101,10 +104,42 @@ def plan_from_proto(data: bytes, received_at: float, known: Callable[[str], bool
 GRID_DURABLE = "edge-grid"
 
 
-async def load_curtailments(ctrl: EdgeController, store: Any) -> int:
-    """Restore the curtailment book the store holds (``BOOK_KEY``) into ``ctrl``: call at start,
-    before the first decision. Ended curtailments are not restored. Returns how many were."""
+#: The local copy of the book kept while the store does not take it, beside the site file
+#: (``book_fallback_path``).
+FALLBACK_NAME = "evcore-curtailments.json"
+
+
+def book_fallback_path(audit_journal: Path | None) -> Path | None:
+    """Where the book is kept on local disk during a store outage: ``FALLBACK_NAME`` in the
+    directory of the audit journal (None when the edge has no journal: no local fallback)."""
+    return None if audit_journal is None else audit_journal.parent / FALLBACK_NAME
+
+
+def _saved_at(text: str | None) -> float:
+    if not text:
+        return -math.inf
+    try:
+        t = json.loads(text).get("saved_at")
+    except (ValueError, AttributeError):
+        return math.inf  # unreadable: restore() names what is wrong
+    return float(t) if isinstance(t, int | float) and math.isfinite(t) else -math.inf
+
+
+async def load_curtailments(ctrl: EdgeController, store: Any, fallback: Path | None = None) -> int:
+    """Restore the curtailment book into ``ctrl``: the store's (``BOOK_KEY``) or, when it is
+    newer (``saved_at``), the local copy a store outage left at ``fallback``. Call at start, before
+    the first decision. Ended curtailments are not restored. Returns how many were."""
     text = await store.get_meta(BOOK_KEY)
+    where = f"the store's meta key {BOOK_KEY!r}"
+    local: str | None = None
+    if fallback is not None:
+        try:
+            local = await asyncio.to_thread(fallback.read_text, encoding="utf-8")
+        except FileNotFoundError:
+            local = None
+    if local and _saved_at(local) >= _saved_at(text):
+        text, where = local, f"the local copy {str(fallback)!r}"
+        log.warning("curtailment book restored from %s (newer than the store's)", fallback)
     if not text:
         return 0
     try:
@@ -112,8 +147,8 @@ async def load_curtailments(ctrl: EdgeController, store: Any) -> int:
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         # Fail closed (the edge does not start) with what to fix, not a bare JSON error.
         raise ValueError(
-            f"the store's meta key {BOOK_KEY!r} is not a curtailment book ({exc!r}): "
-            f"fix it, or delete that row of the meta table to start with no stored "
+            f"{where} is not a curtailment book ({exc!r}): "
+            f"fix it, or delete it to start with no stored "
             f"curtailments (those in force are lost until the grid operator sends them again)"
         ) from exc
     for what in skipped:
@@ -123,10 +158,29 @@ async def load_curtailments(ctrl: EdgeController, store: Any) -> int:
     return len(ctrl.curtailments)
 
 
+def _book_text(ctrl: EdgeController) -> str:
+    ctrl.curtailments.prune(ctrl.clock.now())
+    return ctrl.curtailments.snapshot(saved_at=ctrl.clock.now())
+
+
 async def store_curtailments(ctrl: EdgeController, store: Any) -> None:
     """Write the curtailment book (held curtailments not ended, revision marks) to the store."""
-    ctrl.curtailments.prune(ctrl.clock.now())
-    await store.set_meta(BOOK_KEY, ctrl.curtailments.snapshot())
+    await store.set_meta(BOOK_KEY, _book_text(ctrl))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class BookWriter:
@@ -136,33 +190,71 @@ class BookWriter:
     writes the whole book. A failed (or, past ``timeout_s``, hung) write is logged once per
     outage, counted (``failures``) and leaves the book ``dirty``; while ``failing`` the handlers
     do not wait on the store (``kick``: a retry beside them), and the next grid message, API post
-    or ``run`` (every ``retry_s``) writes the whole book again until it succeeds. Trade-off:
-    during a store outage a restart loses what was received in the outage; a tight curtailment
-    is never delayed by the store."""
+    or ``run`` (every ``retry_s``) writes the whole book again until it succeeds. With
+    ``fallback`` (a local file), what the store does not take is written there first (fsynced,
+    renamed into place: ``keep_local``), and ``load`` restores whichever copy is newer: a restart
+    during a store outage keeps what arrived in it. The file is removed once the store holds
+    the book again. A tight curtailment is never delayed by the store."""
 
     def __init__(
-        self, ctrl: EdgeController, store: Any, *, timeout_s: float = 2.0, retry_s: float = 2.0
+        self,
+        ctrl: EdgeController,
+        store: Any,
+        *,
+        timeout_s: float = 2.0,
+        retry_s: float = 2.0,
+        fallback: Path | None = None,
     ) -> None:
         self.ctrl = ctrl
         self.store = store
         self.timeout_s = timeout_s
         self.retry_s = retry_s
-        self.dirty = False
+        self.fallback = fallback
         self.failures = 0
         self._warned = False
         self._lock = asyncio.Lock()
+        self._local_lock = asyncio.Lock()
         self._retry: asyncio.Task[bool] | None = None
+        # Changes seen (``kick``/``save``), the change the store holds, and the change the local
+        # copy holds (-1: none).
+        self._gen = 0
+        self._stored_gen = 0
+        self._local_gen = -1
+        self._local_warned = False
 
     @property
     def failing(self) -> bool:
         """The last write failed (an outage): the handlers do not wait on the store."""
         return self._warned
 
-    def kick(self) -> None:
-        """Mark the book dirty and retry the write in the background (one retry at a time)."""
-        self.dirty = True
+    @property
+    def dirty(self) -> bool:
+        """The store does not hold the book in force (a change not written yet, or a write in
+        flight or failed)."""
+        return self._stored_gen < self._gen
+
+    @property
+    def durable(self) -> bool:
+        """A restart now would restore the book in force: the store holds it, or (in an
+        outage) the local copy does."""
+        return not self.dirty or self._local_gen >= self._gen
+
+    async def load(self) -> int:
+        """``load_curtailments`` from the store or the newer local copy; a book restored from
+        the local copy is written to the store by the next retry."""
+        n = await load_curtailments(self.ctrl, self.store, self.fallback)
+        if self.fallback is not None and await asyncio.to_thread(self.fallback.exists):
+            self._gen += 1
+            self._local_gen = self._gen
+        return n
+
+    def kick(self, *, changed: bool = True) -> None:
+        """Mark the book dirty and retry the write in the background (one retry at a time);
+        ``changed``: the book in memory changed since the last write."""
+        if changed:
+            self._gen += 1
         if self._retry is None or self._retry.done():
-            self._retry = asyncio.create_task(self.save())
+            self._retry = asyncio.create_task(self.save(changed=False))
 
     async def aclose(self) -> None:
         if self._retry is not None and not self._retry.done():
@@ -170,38 +262,78 @@ class BookWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retry
 
-    async def save(self) -> bool:
+    async def keep_local(self) -> bool:
+        """Write the book to the local fallback file now (fsynced); False when there is none or
+        the write failed (logged once)."""
+        if self.fallback is None:
+            return False
+        async with self._local_lock:
+            gen, text = self._gen, _book_text(self.ctrl)
+            try:
+                await asyncio.to_thread(_write_atomic, self.fallback, text)
+            except OSError as exc:
+                if not self._local_warned:
+                    self._local_warned = True
+                    log.warning(
+                        "curtailment book: local copy %s not written (%r)", self.fallback, exc
+                    )
+                return False
+            self._local_warned = False
+            self._local_gen = max(self._local_gen, gen)
+            return True
+
+    async def _drop_local(self, gen: int) -> None:
+        """The store holds the book of change ``gen``: the local copy is not needed unless a
+        later change is only there."""
+        if self.fallback is None:
+            return
+        async with self._local_lock:
+            if self._gen == gen:
+                with contextlib.suppress(FileNotFoundError):
+                    await asyncio.to_thread(self.fallback.unlink)
+                self._local_gen = -1
+
+    async def save(self, *, changed: bool = True) -> bool:
         """Write the book now (serialised: the snapshot written last is the newest); returns
-        whether the stored book is now the book in memory."""
-        self.dirty = True
+        whether the stored book is now the book in memory. In an outage the local copy is
+        written first."""
+        if changed:
+            self._gen += 1
         async with self._lock:
-            if not self.dirty:
+            gen = self._gen
+            if self._stored_gen >= gen:
                 return True  # written by the call that held the lock, after this change
-            self.dirty = False
+            if self._warned and self._local_gen < gen:
+                await self.keep_local()
             try:
                 await asyncio.wait_for(store_curtailments(self.ctrl, self.store), self.timeout_s)
             except asyncio.CancelledError:
-                self.dirty = True
                 raise
             except Exception as exc:
-                self.dirty = True
                 self.failures += 1
+                if self._local_gen < gen:
+                    await self.keep_local()
                 if not self._warned:
                     self._warned = True
                     log.warning(
-                        "curtailment book not stored (%r): applied in memory, not durable "
-                        "across a restart until the store takes it; retrying every %g s",
+                        "curtailment book not stored (%r): applied in memory%s; retrying every "
+                        "%g s",
                         exc,
+                        f", kept in {self.fallback}"
+                        if self._local_gen >= gen
+                        else ", not durable across a restart until the store takes it",
                         self.retry_s,
                     )
                 return False
+            self._stored_gen = max(self._stored_gen, gen)
+            await self._drop_local(gen)
             if self._warned:
                 self._warned = False
                 log.warning("curtailment book stored again after %d failed write(s)", self.failures)
-            return True
+            return self._stored_gen >= self._gen
 
     async def save_if_dirty(self) -> bool:
-        return await self.save() if self.dirty else True
+        return await self.save(changed=False) if self.dirty else True
 
     async def run(self) -> None:
         """Retry a pending write every ``retry_s`` (a task of the app's task group)."""
@@ -243,8 +375,13 @@ async def subscribe_signals(
             return
         if what in ("curtailment", "cancelled") and not writer.failing:
             await writer.save()  # stored before the ack (a failure is logged, never raised)
-        elif what in ("curtailment", "cancelled") or writer.dirty:
-            writer.kick()  # in an outage: never wait on the store, retry beside the handler
+        elif what in ("curtailment", "cancelled"):
+            # In an outage: never wait on the store (a retry beside the handler); the local
+            # copy (fast, fsynced) is written before the ack.
+            writer.kick()
+            await writer.keep_local()
+        elif writer.dirty:
+            writer.kick(changed=False)
 
     async def on_plan(msg: BusMessage) -> None:
         plan = plan_from_proto(msg.data, ctrl.clock.now(), lambda cid: cid in ctrl.state.chargers)
