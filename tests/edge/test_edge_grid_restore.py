@@ -554,3 +554,27 @@ async def test_evcore_edge_restores_the_local_copy_a_store_outage_left(tmp_path:
     finally:
         app.stop()
         await asyncio.wait_for(runner, 30)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["tight-first", "loose-first"])
+def test_revisions_issued_at_the_same_instant_end_the_same_whatever_the_order(
+    reverse: bool,
+) -> None:
+    """Two revisions (or a revision and a cancel) of one curtailment issued at the same instant:
+    before, the one delivered last stood, so a redelivery could leave the looser 20 kW in force;
+    now the tighter one stands (and a cancel never removes a revision of its own instant)."""
+    from evcore.edge.signals import apply_grid_signal
+
+    table = depot_table(2, per_feeder=2, site_id="ties")
+    now = 1_000_000.0
+    tight = _signal("dso-1", 5.0, now, now + 3600.0, issued_at=now)
+    loose = _signal("dso-1", 20.0, now, now + 3600.0, issued_at=now)
+    cancel = _signal("dso-1", 0.0, now, now + 3600.0, issued_at=now, cancelled=True)
+    for pair in ((tight, loose), (tight, cancel), (loose, cancel)):
+        ctrl, clock = stepped_controller(table, _Gateway())
+        clock.advance(now - clock.now() + 1.0)
+        order = list(reversed(pair)) if reverse else list(pair)
+        for sig in [*order, order[0]]:  # and the first again: a redelivery after a lost ack
+            apply_grid_signal(ctrl, sig.SerializeToString())
+        expected = min(s.curtailment.max_kw for s in pair if not s.curtailment.cancelled)
+        assert ctrl.curtailments.caps_kw(clock.now()) == {"grid": expected}, (order, expected)

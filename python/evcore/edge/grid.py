@@ -87,6 +87,11 @@ class CurtailmentBook:
         held = self._issued.get(signal_id)
         return issued_at is not None and held is not None and issued_at < held[0]
 
+    def same_instant(self, signal_id: str, issued_at: float | None) -> bool:
+        """Whether the revision (or cancel) applied last for this id was issued at ``issued_at``."""
+        held = self._issued.get(signal_id)
+        return issued_at is not None and held is not None and issued_at == held[0]
+
     def note_revision(self, signal_id: str, issued_at: float | None, keep_until: float) -> None:
         """Record the issue time of the revision (or cancel) just applied; kept until
         ``keep_until`` + ``REVISION_KEEP_S``."""

@@ -32,6 +32,12 @@ def _ts(msg: Any) -> float:
     return float(msg.seconds) + float(msg.nanos) * 1e-9
 
 
+def _tie_key(c: Curtailment) -> tuple[float, float, float, str]:
+    """Order of two revisions issued at the same instant: the lower limit first, then the earlier
+    start, the later end (the tighter one comes first)."""
+    return (c.max_kw, c.start, -c.end, c.node_id)
+
+
 def apply_grid_signal(ctrl: EdgeController, data: bytes) -> str:
     """Decode one ``GridSignal`` and hand it to the controller; returns what it was."""
     sig = grid_pb2.GridSignal()
@@ -52,8 +58,17 @@ def apply_grid_signal(ctrl: EdgeController, data: bytes) -> str:
                 "grid signal %s: older than the revision of %s held; ignored", sig.signal_id, sid
             )
             return "older"
+        held = book.get(sid)
+        tie = book.same_instant(sid, issued) and held is not None
         if c.cancelled:
-            held = book.get(sid)
+            if tie:
+                # A revision and a cancel issued at the same instant: which came last is not
+                # known (the bus gives no stream sequence); the curtailment stands, whatever
+                # the order of delivery.
+                log.warning(
+                    "grid signal %s: cancel issued with revision of %s; kept", sig.signal_id, sid
+                )
+                return "tie"
             ends = [x.end for x in (held,) if x is not None]
             if c.HasField("end"):
                 ends.append(_ts(c.end))
@@ -62,8 +77,19 @@ def apply_grid_signal(ctrl: EdgeController, data: bytes) -> str:
             return "cancelled"
         if not c.HasField("start") or not c.HasField("end"):
             raise BadPayload(f"curtailment {sid}: start and end are required")
+        new = Curtailment(sid, c.node_id, c.max_kw, _ts(c.start), _ts(c.end))
+        if tie and held is not None and _tie_key(new) > _tie_key(held):
+            # Two revisions issued at the same instant: the tighter one stands, whatever the
+            # order of delivery (a redelivery of the same revision applies again).
+            log.warning(
+                "grid signal %s: revision of %s issued at the same instant as the one "
+                "held and looser; the tighter stands",
+                sig.signal_id,
+                sid,
+            )
+            return "tie"
         try:
-            ctrl.post_curtailment(Curtailment(sid, c.node_id, c.max_kw, _ts(c.start), _ts(c.end)))
+            ctrl.post_curtailment(new)
         except GridSignalError as exc:
             raise BadPayload(str(exc)) from exc
         book.note_revision(sid, issued, _ts(c.end))
