@@ -432,11 +432,12 @@ fn model_and_admission(
     nodes: &NodeInputs<'_>,
     demand: &Demand<'_>,
     p: &AllocatorParams,
+    halves: Option<Halves>,
 ) -> (Model, Vec<bool>, Vec<Binding>, Counting) {
     let n = topo.n_chargers();
     let nn = topo.n_nodes();
     let ep = &p.envelope;
-    let cnt = counting(topo, ch, nodes, ep);
+    let cnt = counting(topo, ch, nodes, ep, halves);
     let mut m = Model {
         floor: vec![0.0; n],
         cap: vec![0.0; n],
@@ -851,6 +852,55 @@ impl LevelQueue {
     }
 }
 
+/// The water-filling's first level of each binding constraint, from its members' fill records.
+struct FirstSolves<'a> {
+    mem: &'a [u32],
+    off: &'a [usize],
+    len: &'a [usize],
+    act_k: &'a [usize],
+    fill: &'a [Fill],
+    capacity: &'a [f64],
+    /// Up to this many members a constraint is solved exactly at once.
+    big: usize,
+}
+
+impl FirstSolves<'_> {
+    /// Levels of constraints `start..start + lam.len()`. Small constraints (a circuit of a few
+    /// chargers) are solved exactly. A larger one (a panel already) gets a lower bound,
+    /// `D(L) <= Σ a·F + L·Σ a·w` gives `λ >= (capacity − Σ a·F) / Σ a·w`, and is solved only
+    /// when it reaches the top of the heap, by then with fewer unfrozen members.
+    fn levels(&self, start: usize, lam: &mut [f64]) {
+        let mut events: Vec<(f64, f64)> = Vec::new();
+        for (i, l) in lam.iter_mut().enumerate() {
+            let a = start + i;
+            let mem_a = &self.mem[self.off[a]..self.off[a] + self.len[a]];
+            let k = self.act_k[a];
+            let kw = k % SLOTS == N_PHASES;
+            if self.len[a] <= self.big {
+                *l = saturation_level(
+                    mem_a,
+                    kw,
+                    self.fill,
+                    0.0,
+                    self.capacity[k],
+                    (0.0, f64::INFINITY),
+                    &mut events,
+                );
+                continue;
+            }
+            let (mut base, mut slope) = (0.0, 0.0);
+            for &c in mem_a {
+                let x = &self.fill[c as usize];
+                let co = x.coef(kw);
+                base += co * x.floor;
+                slope += co * x.weight;
+            }
+            let lb = (self.capacity[k] - base) / slope;
+            *l = if lb > 0.0 { lb } else { 0.0 };
+        }
+    }
+}
+
 /// Progressive filling on the model: freeze level per admitted charger (+inf: only its cap binds)
 /// and, per charger, the constraint that froze it (`node * 4 + slot`).
 ///
@@ -862,6 +912,16 @@ impl LevelQueue {
 /// constraints and saturates, freezing its members. Big constraints high up the tree are thus
 /// only re-solved when they could be next, not after every freeze below them.
 pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, Vec<Option<usize>>) {
+    water_fill_split(topo, m, admitted, par::halves(topo, true))
+}
+
+/// `water_fill` with the first solves of the constraints split over two threads when `halves`.
+fn water_fill_split(
+    topo: &Topology,
+    m: &Model,
+    admitted: &[bool],
+    halves: Option<Halves>,
+) -> (Vec<f64>, Vec<Option<usize>>) {
     let n = topo.n_chargers();
     let nn = topo.n_nodes();
     let nk = nn * SLOTS;
@@ -967,41 +1027,47 @@ pub fn water_fill(topo: &Topology, m: &Model, admitted: &[bool]) -> (Vec<f64>, V
     let is_kw = |a: usize| act_k[a] % SLOTS == N_PHASES;
     let mut events: Vec<(f64, f64)> = Vec::new();
     let mut initial: Vec<(u64, usize)> = Vec::with_capacity(na);
-    // Initial keys. Small constraints (a circuit of a few chargers) are solved exactly at once.
-    // A larger one (a panel already) gets a lower bound, `D(L) <= Σ a·F + L·Σ a·w` gives `λ >= (capacity − Σ a·F) / Σ a·w`, and is
-    // solved only when it reaches the top of the heap, by then with fewer unfrozen members.
+    // Initial keys (`FirstSolves::levels`): exact for small constraints, a lower bound for large
+    // ones; on a large site two ranges of constraints on two threads.
     const BIG: usize = 16;
+    let first = FirstSolves {
+        mem: &mem,
+        off: &off,
+        len: &len,
+        act_k: &act_k,
+        fill: &fill,
+        capacity: &m.capacity,
+        big: BIG,
+    };
+    match halves {
+        Some(_) if na > 1 => {
+            // Two ranges of constraints with about as many members each.
+            let half = total / 2;
+            let mid = len
+                .iter()
+                .scan(0, |acc, &l| {
+                    *acc += l;
+                    Some(*acc)
+                })
+                .position(|acc| acc >= half)
+                .map_or(na, |a| a + 1)
+                .min(na);
+            let (lam0, lam1) = lam.split_at_mut(mid);
+            par::join(true, || first.levels(0, lam0), || first.levels(mid, lam1));
+        }
+        _ => first.levels(0, &mut lam),
+    }
     for a in 0..na {
-        let mem_a = &mem[off[a]..off[a] + len[a]];
         if len[a] <= BIG {
-            lam[a] = saturation_level(
-                mem_a,
-                is_kw(a),
-                &fill,
-                0.0,
-                m.capacity[act_k[a]],
-                (0.0, f64::INFINITY),
-                &mut events,
-            );
             if lam[a] < f64::INFINITY {
                 initial.push((order_key(lam[a]), a));
             } else {
                 done[a] = true;
             }
-            continue;
+        } else {
+            dirty[a] = true;
+            initial.push((order_key(lam[a]), a));
         }
-        let (mut base, mut slope) = (0.0, 0.0);
-        let kw = is_kw(a);
-        for &c in mem_a {
-            let x = &fill[c as usize];
-            let co = x.coef(kw);
-            base += co * x.floor;
-            slope += co * x.weight;
-        }
-        let lb = (m.capacity[act_k[a]] - base) / slope;
-        lam[a] = if lb > 0.0 { lb } else { 0.0 };
-        dirty[a] = true;
-        initial.push((order_key(lam[a]), a));
     }
     let mut heap = LevelQueue::new(initial);
     while let Some((l, a)) = heap.pop() {
@@ -1564,8 +1630,9 @@ fn allocate_split(
         return Err(CoreError::input("admission_hysteresis_s", None, "is NaN"));
     }
     validate_demand(demand, n)?;
-    let (m, admitted, mut binding, mut cnt) = model_and_admission(topo, ch, nodes, demand, p);
-    let (level, frozen_by) = water_fill(topo, &m, &admitted);
+    let (m, admitted, mut binding, mut cnt) =
+        model_and_admission(topo, ch, nodes, demand, p, halves);
+    let (level, frozen_by) = water_fill_split(topo, &m, &admitted, halves);
     // Setpoints from freeze levels; then the envelope, in this same call.
     let mut level_a = vec![0.0; n];
     let mut req_a = vec![0.0; n];
@@ -1681,7 +1748,8 @@ pub fn allocation_model(
     ch.check(topo.n_chargers())?;
     nodes.check(topo.n_nodes())?;
     validate_demand(demand, topo.n_chargers())?;
-    let (m, admitted, _, _) = model_and_admission(topo, ch, nodes, demand, p);
+    let (m, admitted, _, _) =
+        model_and_admission(topo, ch, nodes, demand, p, par::halves(topo, true));
     Ok((m, admitted))
 }
 
@@ -2398,7 +2466,7 @@ mod tests {
                 large_site(&mut r)
             };
             let x = gen_inputs(&mut r, &topo);
-            let cnt = counting(&topo, &x.chargers(), &x.nodes(), &gen_params(&mut r));
+            let cnt = counting(&topo, &x.chargers(), &x.nodes(), &gen_params(&mut r), None);
             let nk = topo.n_nodes() * SLOTS;
             let (cap, held) = (vec![0.0; nk], vec![f64::INFINITY; nk]);
             let by_node = exactly_over(&topo, &cnt, &cap, &held, usize::MAX);
@@ -2622,9 +2690,10 @@ mod tests {
         let (mut t_model, mut t_fill, mut t_rest) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
             let t0 = Instant::now();
-            let (m, adm, _, _) = model_and_admission(&topo, &ch, &nodes, &demand, &p);
+            let halves = par::halves(&topo, true);
+            let (m, adm, _, _) = model_and_admission(&topo, &ch, &nodes, &demand, &p, halves);
             let t1 = Instant::now();
-            let _ = water_fill(&topo, &m, &adm);
+            let _ = water_fill_split(&topo, &m, &adm, halves);
             let t2 = Instant::now();
             t_model.push((t1 - t0).as_secs_f64());
             t_fill.push((t2 - t1).as_secs_f64());
@@ -2640,6 +2709,29 @@ mod tests {
             med(t_fill),
             med(t_rest)
         );
+        // One thread against two, call by call in turn (the machine's other load then hits
+        // both alike): EVCORE_BENCH_SPLIT=1.
+        if std::env::var("EVCORE_BENCH_SPLIT").is_ok() {
+            let halves = topo.halves();
+            let (mut one, mut two) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                for (h, v) in [(None, &mut one), (halves, &mut two)] {
+                    let t0 = Instant::now();
+                    let a = allocate_split(&topo, &ch, &nodes, &demand, &p, false, h).unwrap();
+                    v.push(t0.elapsed().as_secs_f64());
+                    drop(a);
+                }
+            }
+            let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min) * 1e3;
+            println!(
+                "split {:?}: one thread min {:.3} median {:.3} ms, two threads min {:.3} median {:.3} ms",
+                halves.map(|h| h.charger_at),
+                min(&one),
+                med(one.clone()),
+                min(&two),
+                med(two.clone())
+            );
+        }
     }
     /// Seeds that once broke the fairness certificate on large sites: a large constraint
     /// re-probed after its first solve was taken as solved at the probe level (a lower bound).

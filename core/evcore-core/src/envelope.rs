@@ -8,7 +8,8 @@
 //! It never raises a setpoint above the request. It must hold for every input, NaN and inf
 //! included, and applying it twice changes nothing.
 use crate::error::{CoreError, CoreResult};
-use crate::topology::{phase_unit, ChargerKind, Topology, Wiring, N_PHASES};
+use crate::par;
+use crate::topology::{phase_unit, ChargerKind, Halves, Topology, Wiring, N_PHASES};
 use std::fmt::Write as _;
 
 /// Why a setpoint is what it is. The string codes are part of the Python interface.
@@ -300,26 +301,70 @@ fn last_sent_raw_line_a(topo: &Topology, c: usize, ch: &ChargerInputs<'_>) -> f6
     }
 }
 
-pub(crate) fn counting(
+/// The per-charger part of `Counting` for chargers `base..base + held.len()`.
+struct ChargerCounts<'a> {
+    base: usize,
+    held: &'a mut [[f64; N_PHASES]],
+    held_cmd: &'a mut [[f64; N_PHASES]],
+    measured_a: &'a mut [f64],
+    held_unconfirmed: &'a mut [bool],
+    last_a: &'a mut [f64],
+}
+
+impl<'a> ChargerCounts<'a> {
+    /// Chargers before `at` and from `at` on.
+    fn split_at(self, at: usize) -> (ChargerCounts<'a>, ChargerCounts<'a>) {
+        let at = at - self.base;
+        let (h0, h1) = self.held.split_at_mut(at);
+        let (c0, c1) = self.held_cmd.split_at_mut(at);
+        let (m0, m1) = self.measured_a.split_at_mut(at);
+        let (u0, u1) = self.held_unconfirmed.split_at_mut(at);
+        let (l0, l1) = self.last_a.split_at_mut(at);
+        (
+            ChargerCounts {
+                base: self.base,
+                held: h0,
+                held_cmd: c0,
+                measured_a: m0,
+                held_unconfirmed: u0,
+                last_a: l0,
+            },
+            ChargerCounts {
+                base: self.base + at,
+                held: h1,
+                held_cmd: c1,
+                measured_a: m1,
+                held_unconfirmed: u1,
+                last_a: l1,
+            },
+        )
+    }
+}
+
+/// What each charger of `out` holds regardless of its new setpoint (see `Counting`).
+fn count_chargers(
     topo: &Topology,
     ch: &ChargerInputs<'_>,
-    nodes: &NodeInputs<'_>,
     p: &EnvelopeParams,
-) -> Counting {
-    let n = topo.n_chargers();
-    let mut held = vec![[0.0; N_PHASES]; n];
-    let mut held_cmd = vec![[0.0; N_PHASES]; n];
-    let mut measured_a = vec![0.0f64; n];
-    let mut held_unconfirmed = vec![false; n];
-    let mut last_a = vec![0.0f64; n];
-    for c in 0..n {
+    out: ChargerCounts<'_>,
+) {
+    let ChargerCounts {
+        base,
+        held,
+        held_cmd,
+        measured_a,
+        held_unconfirmed,
+        last_a,
+    } = out;
+    for i in 0..held.len() {
+        let c = base + i;
         let spec = topo.hot(c);
         let nt = spec.terminals();
-        let h = &mut held[c];
+        let h = &mut held[i];
         // One reading of the last setpoint serves both: unknown counts as 0 for what may not
         // rise (`last_a`) and as the maximum for what an unconfirmed charger may hold.
         let last_raw = last_sent_raw_line_a(topo, c, ch);
-        last_a[c] = if last_raw.is_nan() {
+        last_a[i] = if last_raw.is_nan() {
             0.0
         } else {
             last_raw.max(0.0)
@@ -332,7 +377,7 @@ pub(crate) fn counting(
             ];
             for k in 0..nt {
                 h[k] = sane_meas(m[k], spec.max_a);
-                measured_a[c] = measured_a[c].max(h[k]);
+                measured_a[i] = measured_a[i].max(h[k]);
             }
         }
         if ch.profile_unknown[c] {
@@ -341,22 +386,58 @@ pub(crate) fn counting(
             for x in h.iter_mut().take(nt) {
                 *x = x.max(spec.max_a);
             }
-            held_cmd[c] = *h;
+            held_cmd[i] = *h;
             continue;
         }
         if !ch.last_sent_confirmed[c] {
             let ls = if last_raw.is_nan() {
                 spec.max_a
             } else {
-                last_a[c]
+                last_a[i]
             };
             if ls > 0.0 {
-                held_unconfirmed[c] = true;
+                held_unconfirmed[i] = true;
             }
             for k in 0..nt {
                 h[k] = h[k].max(ls);
-                held_cmd[c][k] = ls;
+                held_cmd[i][k] = ls;
             }
+        }
+    }
+}
+
+pub(crate) fn counting(
+    topo: &Topology,
+    ch: &ChargerInputs<'_>,
+    nodes: &NodeInputs<'_>,
+    p: &EnvelopeParams,
+    halves: Option<Halves>,
+) -> Counting {
+    let n = topo.n_chargers();
+    let mut held = vec![[0.0; N_PHASES]; n];
+    let mut held_cmd = vec![[0.0; N_PHASES]; n];
+    let mut measured_a = vec![0.0f64; n];
+    let mut held_unconfirmed = vec![false; n];
+    let mut last_a = vec![0.0f64; n];
+    {
+        let all = ChargerCounts {
+            base: 0,
+            held: &mut held,
+            held_cmd: &mut held_cmd,
+            measured_a: &mut measured_a,
+            held_unconfirmed: &mut held_unconfirmed,
+            last_a: &mut last_a,
+        };
+        match halves {
+            Some(h) => {
+                let (first, second) = all.split_at(h.charger_at);
+                par::join(
+                    true,
+                    || count_chargers(topo, ch, p, first),
+                    || count_chargers(topo, ch, p, second),
+                );
+            }
+            None => count_chargers(topo, ch, p, all),
         }
     }
     let nn = topo.n_nodes();
@@ -821,7 +902,7 @@ pub fn enforce(
     nodes.check(topo.n_nodes())?;
     p.validate()?;
     let n = topo.n_chargers();
-    let mut cnt = counting(topo, ch, nodes, p);
+    let mut cnt = counting(topo, ch, nodes, p, par::halves(topo, true));
     let mut dec = Decision {
         setpoint_a: vec![0.0; n],
         setpoint_w: vec![0.0; n],
