@@ -3,11 +3,14 @@ configuration changes; read back with a plain nats-py client, not through the bu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from pathlib import Path
 
 import nats
 import nats.js.errors
+import pytest
 from bus_testkit import SHARED_NATS, make_nats_bus, unique_site
 from evcore.bus import Subjects
 from evcore.bus.subjects import escape_token
@@ -66,3 +69,28 @@ async def test_streams_created_with_limits_and_updated(tmp_path: Path) -> None:
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_stream(spec.name)
         await nc.close()
+
+
+async def test_a_stream_the_server_cannot_hold_is_named_with_what_to_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JetStream reserves each stream's max_bytes out of its storage: a site whose telemetry cap
+    the server cannot hold (here 100 TB) is refused with err_code 10047. Before, the log said only
+    ``creating streams failed: ServerError()`` (nats-py's empty repr): 130 streams left by tests
+    once filled the shared server that way and nothing said why."""
+    site = unique_site()
+    bus = make_nats_bus(site, SHARED_NATS, tmp_path / "outbox", telemetry_max_bytes=10**14)
+    caplog.set_level(logging.WARNING, logger="evcore.bus")
+    await bus.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while "creating streams failed" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, caplog.text
+            await asyncio.sleep(0.05)
+    finally:
+        await bus.delete_streams()  # the EVENTS stream was created before TELEMETRY failed
+        await bus.close()
+    line = next(r.getMessage() for r in caplog.records if "creating streams" in r.getMessage())
+    assert "_TELEMETRY: insufficient storage resources available (err_code 10047)" in line, line
+    assert "100000000000000 bytes" in line and "telemetry_max_bytes" in line, line
+    assert "ServerError()" not in line

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js import api as jsapi
 
 from evcore.bus.api import (
+    BusError,
     BusMessage,
     BusStats,
     BusTimeout,
@@ -336,6 +337,25 @@ class _NatsConsumer:
                 await asyncio.gather(task, return_exceptions=True)
 
 
+#: JetStream's error code for a stream its storage cannot hold.
+_INSUFFICIENT_STORAGE = 10047
+
+
+def stream_error(spec: StreamSpec, exc: nats.js.errors.APIError) -> str:
+    """What the broker said about creating or updating ``spec``, in words an operator can act on
+    (nats-py's own repr of a ServerError is empty)."""
+    what = f"stream {spec.name}: {exc.description or type(exc).__name__} (err_code {exc.err_code})"
+    if exc.err_code == _INSUFFICIENT_STORAGE:
+        size = f"{spec.max_bytes} bytes" if spec.max_bytes > 0 else "no byte limit"
+        what += (
+            f"; JetStream reserves each stream's max_bytes out of the server's storage "
+            f"(this one: {size}): lower [bus] telemetry_max_bytes, raise the server's "
+            f"jetstream max_file_store, or delete streams of sites no longer served "
+            f"(docs/bus.md, Sizing)"
+        )
+    return what
+
+
 class NatsBus:
     """The bus over NATS JetStream. See :class:`evcore.bus.api.Bus` for the contract."""
 
@@ -454,7 +474,7 @@ class NatsBus:
                     await self._ensure_streams()
                 break
             except Exception as exc:
-                log.warning("bus: creating streams failed: %r; retrying", exc)
+                log.warning("bus: creating streams failed: %s; retrying", exc)
                 await self.clock.sleep(cfg.reconnect_wait_s)
         # Ready first: a subscribe() from now on attaches itself; then attach the earlier ones.
         self._ready.set()
@@ -482,12 +502,15 @@ class NatsBus:
                 else jsapi.StorageType.MEMORY,
             )
             try:
-                await self._js.stream_info(spec.name)
-            except nats.js.errors.NotFoundError:
-                await self._js.add_stream(conf)
-                created.append(spec.name)
-            else:
-                await self._js.update_stream(conf)
+                try:
+                    await self._js.stream_info(spec.name)
+                except nats.js.errors.NotFoundError:
+                    await self._js.add_stream(conf)
+                    created.append(spec.name)
+                else:
+                    await self._js.update_stream(conf)
+            except nats.js.errors.APIError as exc:
+                raise BusError(stream_error(spec, exc)) from exc
         return created
 
     async def _restore_streams(self, error: BaseException | None) -> None:
@@ -507,7 +530,7 @@ class NatsBus:
             try:
                 created = await self._ensure_streams()
             except Exception as exc:
-                log.warning("bus: re-creating the streams failed: %r", exc)
+                log.warning("bus: re-creating the streams failed: %s", exc)
             else:
                 if created:
                     log.warning("bus: the broker had lost stream(s) %s; created again", created)
