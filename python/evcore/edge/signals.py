@@ -247,6 +247,7 @@ class BookWriter:
         self._stored_gen = 0
         self._local_gen = -1
         self._local_warned = False
+        self._local_exists = False  # the local copy may be on disk (written or found at load)
 
     @property
     def failing(self) -> bool:
@@ -270,6 +271,7 @@ class BookWriter:
         the local copy is written to the store by the next retry."""
         n = await load_curtailments(self.ctrl, self.store, self.fallback)
         if self.fallback is not None and await asyncio.to_thread(self.fallback.exists):
+            self._local_exists = True
             self._gen += 1
             self._local_gen = self._gen
         return n
@@ -305,18 +307,20 @@ class BookWriter:
                     )
                 return False
             self._local_warned = False
+            self._local_exists = True
             self._local_gen = max(self._local_gen, gen)
             return True
 
     async def _drop_local(self, gen: int) -> None:
         """The store holds the book of change ``gen``: the local copy is not needed unless a
         later change is only there."""
-        if self.fallback is None:
+        if self.fallback is None or not self._local_exists:
             return
         async with self._local_lock:
             if self._gen == gen:
                 with contextlib.suppress(FileNotFoundError):
                     await asyncio.to_thread(self.fallback.unlink)
+                self._local_exists = False
                 self._local_gen = -1
 
     async def save(self, *, changed: bool = True) -> bool:
