@@ -501,54 +501,6 @@ fn terminal_counted(cnt: &Counting, c: usize, k: usize) -> f64 {
     cnt.s[c].max(cnt.held[c][k])
 }
 
-/// Nodes `base..` of a `NodeLoads` (all of them, or a half), to add charger currents into.
-struct LoadsMut<'a> {
-    base: usize,
-    re: &'a mut [[f64; N_PHASES]],
-    im: &'a mut [[f64; N_PHASES]],
-    power_w: &'a mut [f64],
-    spc: &'a mut [[[f64; N_PHASES]; N_PHASES]],
-}
-
-impl NodeLoads {
-    fn as_mut(&mut self) -> LoadsMut<'_> {
-        LoadsMut {
-            base: 0,
-            re: &mut self.re,
-            im: &mut self.im,
-            power_w: &mut self.power_w,
-            spc: &mut self.spc,
-        }
-    }
-}
-
-impl<'a> LoadsMut<'a> {
-    /// Nodes before `at` and from `at` on.
-    fn split_at(self, at: usize) -> (LoadsMut<'a>, LoadsMut<'a>) {
-        let at = at - self.base;
-        let (re0, re1) = self.re.split_at_mut(at);
-        let (im0, im1) = self.im.split_at_mut(at);
-        let (pw0, pw1) = self.power_w.split_at_mut(at);
-        let (spc0, spc1) = self.spc.split_at_mut(at);
-        (
-            LoadsMut {
-                base: self.base,
-                re: re0,
-                im: im0,
-                power_w: pw0,
-                spc: spc0,
-            },
-            LoadsMut {
-                base: self.base + at,
-                re: re1,
-                im: im1,
-                power_w: pw1,
-                spc: spc1,
-            },
-        )
-    }
-}
-
 /// Add the charger's terminal currents, given by `current(cnt, charger, terminal)` (each taken
 /// once), at node `n`.
 #[inline]
@@ -557,10 +509,9 @@ fn add_charger_as(
     cnt: &Counting,
     c: usize,
     n: usize,
-    loads: &mut LoadsMut<'_>,
+    loads: &mut NodeLoads,
     current: impl Fn(&Counting, usize, usize) -> f64,
 ) {
-    let n = n - loads.base;
     let spec = topo.hot(c);
     let nt = spec.terminals();
     let mut t = [0.0; N_PHASES];
@@ -590,15 +541,8 @@ fn add_charger_as(
     }
 }
 
-/// Counted loads of every node: chargers added at their parent, then summed up the tree. On a
-/// large site (`halves`) each half of the chargers is added on its own thread (the halves share
-/// no parent, so every node's sum is made in the same order).
-pub(crate) fn node_loads(
-    topo: &Topology,
-    cnt: &Counting,
-    loads: &mut NodeLoads,
-    halves: Option<Halves>,
-) {
+/// Counted loads of every node: chargers added at their parent, then summed up the tree.
+pub(crate) fn node_loads(topo: &Topology, cnt: &Counting, loads: &mut NodeLoads) {
     let nn = topo.n_nodes();
     let unit = phase_unit();
     for n in 0..nn {
@@ -615,29 +559,8 @@ pub(crate) fn node_loads(
         loads.power_w[n] = pw;
         loads.spc[n] = [[0.0; N_PHASES]; N_PHASES];
     }
-    let add = |chargers: std::ops::Range<usize>, mut to: LoadsMut<'_>| {
-        for c in chargers {
-            add_charger_as(
-                topo,
-                cnt,
-                c,
-                topo.hot(c).parent(),
-                &mut to,
-                terminal_counted,
-            );
-        }
-    };
-    let nc = topo.n_chargers();
-    match halves {
-        Some(h) => {
-            let (first, second) = loads.as_mut().split_at(h.node_at);
-            par::join(
-                true,
-                || add(0..h.charger_at, first),
-                || add(h.charger_at..nc, second),
-            );
-        }
-        None => add(0..nc, loads.as_mut()),
+    for c in 0..topo.n_chargers() {
+        add_charger_as(topo, cnt, c, topo.hot(c).parent(), loads, terminal_counted);
     }
     for &n in topo.node_order().iter().rev() {
         if let Some(p) = topo.nodes[n].parent {
@@ -826,9 +749,8 @@ fn single_node_value_as(
     scratch.im[0] = sub.im[n];
     scratch.power_w[0] = sub.w[n];
     scratch.spc[0] = [[0.0; N_PHASES]; N_PHASES];
-    let mut to = scratch.as_mut();
     for &c in topo.chargers_below(n) {
-        add_charger_as(topo, cnt, c, 0, &mut to, current);
+        add_charger_as(topo, cnt, c, 0, scratch, current);
     }
     match k {
         Constraint::Phase(p) => scratch.line_a(0, p),
@@ -976,24 +898,11 @@ pub fn enforce(
     p: &EnvelopeParams,
     explain: bool,
 ) -> CoreResult<Decision> {
-    enforce_split(topo, ch, nodes, p, explain, par::halves(topo, true))
-}
-
-/// `enforce` with its per-charger passes split into `halves` on two threads (`None`: one
-/// thread). The decision is the same either way, bit for bit.
-pub(crate) fn enforce_split(
-    topo: &Topology,
-    ch: &ChargerInputs<'_>,
-    nodes: &NodeInputs<'_>,
-    p: &EnvelopeParams,
-    explain: bool,
-    halves: Option<Halves>,
-) -> CoreResult<Decision> {
     ch.check(topo.n_chargers())?;
     nodes.check(topo.n_nodes())?;
     p.validate()?;
     let n = topo.n_chargers();
-    let mut cnt = counting(topo, ch, nodes, p, halves);
+    let mut cnt = counting(topo, ch, nodes, p, par::halves(topo, true));
     let mut dec = Decision {
         setpoint_a: vec![0.0; n],
         setpoint_w: vec![0.0; n],
@@ -1009,7 +918,7 @@ pub(crate) fn enforce_split(
         cnt.s[c] = x;
         dec.binding[c] = b;
     }
-    enforce_limits(topo, &mut cnt, &mut dec, None, halves);
+    enforce_limits(topo, &mut cnt, &mut dec, None);
     finish(topo, ch, &cnt, &mut dec, explain);
     Ok(dec)
 }
@@ -1022,7 +931,6 @@ pub(crate) fn enforce_limits(
     cnt: &mut Counting,
     dec: &mut Decision,
     _protected: Option<&[bool]>,
-    halves: Option<Halves>,
 ) {
     let nn = topo.n_nodes();
     let mut loads = NodeLoads::new(nn);
@@ -1031,7 +939,7 @@ pub(crate) fn enforce_limits(
     let sub = subtree_other(topo, cnt);
     let mut rounds = 0;
     loop {
-        node_loads(topo, cnt, &mut loads, halves);
+        node_loads(topo, cnt, &mut loads);
         let viol = find_violations(topo, &loads, &exempt);
         if viol.is_empty() {
             break;
@@ -1212,7 +1120,7 @@ pub(crate) fn enforce_limits(
         if rounds > 60 {
             // Cannot happen for monotone constraints; as a last guard pause everything still
             // contributing to a violation.
-            node_loads(topo, cnt, &mut loads, halves);
+            node_loads(topo, cnt, &mut loads);
             for (n, k) in find_violations(topo, &loads, &exempt) {
                 for &c in topo.chargers_below(n) {
                     if cnt.s[c] > 0.0 {

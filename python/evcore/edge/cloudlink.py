@@ -1,0 +1,421 @@
+"""The edge's link to the cloud service (``evcore.v1.CloudApi``, docs/cloud.md), from the edge side.
+
+What this module owns: putting the site's topology to the cloud, uploading the audit chain from
+where the cloud's copy ends, uploading the chargers' latest measurements, and fetching the plan
+the cloud made for the site. It runs beside the control loop and never holds it up: an
+unreachable cloud is logged once per outage and retried every ``interval_s``; nothing is lost,
+because the audit chain is read from the edge's store from the cloud's ``contiguous_count`` on,
+and every upload is idempotent at the cloud (a repeat is dropped there).
+
+It never decides a setpoint: a fetched plan goes to the controller as a cloud plan, like one from
+the bus (``EdgeController.set_plan``), and the envelope still decides every setpoint under it.
+
+Configuration: the site file's ``[cloud]`` section (``CloudLinkConfig.from_section``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from evcore.clock import Clock
+from evcore.v1 import cloud_api_pb2 as cpb
+from evcore.v1 import cloud_api_pb2_grpc as cpb_grpc
+from evcore.v1.audit_pb2 import AuditRecord
+from evcore.v1.meter_pb2 import MeterSample, MeterSampleBatch
+
+log = logging.getLogger("evcore.edge.cloud")
+
+#: The header that names the site to a cloud in insecure (development) mode (cloud/auth.py).
+SITE_HEADER = "x-evcore-site-id"
+
+
+class CloudLinkConfigError(ValueError):
+    """The ``[cloud]`` section is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class CloudLinkConfig:
+    """The validated ``[cloud]`` section of a site file (docs/cloud.md, "The edge's link")."""
+
+    #: ``host:port`` of the cloud's CloudApi.
+    url: str
+    #: PEM files: the CA that signed the cloud's server certificate, and this site's client
+    #: certificate (its common name is the site id) and key. None only in insecure mode.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: The name the cloud's certificate is checked against, when ``url`` names it otherwise.
+    server_name: str | None = None
+    #: Plaintext, the site named by a header: local development only (the cloud must say so too).
+    insecure: bool = False
+    interval_s: float = 10.0
+    timeout_s: float = 10.0
+    #: Audit records per upload call.
+    batch: int = 256
+    telemetry: bool = True
+    plans: bool = True
+
+    @staticmethod
+    def from_section(
+        section: Mapping[str, Any] | None, base_dir: Path | str
+    ) -> CloudLinkConfig | None:
+        """None without a section (or with ``enabled = false``); ``CloudLinkConfigError`` naming
+        the key for anything wrong."""
+        if section is None:
+            return None
+        if not isinstance(section, Mapping):
+            raise CloudLinkConfigError(f"[cloud] must be a table, got {section!r}")
+        s = dict(section)
+        known = {
+            "enabled",
+            "url",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "server_name",
+            "insecure",
+            "interval_s",
+            "timeout_s",
+            "batch",
+            "telemetry",
+            "plans",
+        }
+        unknown = sorted(set(s) - known)
+        if unknown:
+            raise CloudLinkConfigError(f"[cloud]: unknown key(s) {', '.join(unknown)}")
+        for key in ("enabled", "insecure", "telemetry", "plans"):
+            if key in s and not isinstance(s[key], bool):
+                raise CloudLinkConfigError(f"[cloud] {key} must be true or false, got {s[key]!r}")
+        if not s.get("enabled", True):
+            return None
+        url = s.get("url")
+        if not isinstance(url, str) or not _host_port(url):
+            raise CloudLinkConfigError(f"[cloud] url must be 'host:port', got {url!r}")
+        base = Path(base_dir)
+
+        def path(key: str) -> Path | None:
+            v = s.get(key)
+            if v is None:
+                return None
+            if not isinstance(v, str) or not v:
+                raise CloudLinkConfigError(f"[cloud] {key} must be a file path, got {v!r}")
+            p = Path(v) if Path(v).is_absolute() else base / v
+            if not p.is_file():
+                raise CloudLinkConfigError(f"[cloud] {key}: no such file {str(p)!r}")
+            return p
+
+        files = {k: path(k) for k in ("ca_file", "cert_file", "key_file")}
+        insecure = bool(s.get("insecure", False))
+        if insecure and any(files.values()):
+            raise CloudLinkConfigError(
+                "[cloud] insecure = true takes no ca_file, cert_file or key_file"
+            )
+        if not insecure and not all(files.values()):
+            missing = ", ".join(k for k, v in files.items() if v is None)
+            raise CloudLinkConfigError(
+                f"[cloud] needs ca_file, cert_file and key_file (mTLS; missing: {missing}), "
+                f"or insecure = true for local development"
+            )
+
+        def number(key: str, default: float, lo: float, hi: float) -> float:
+            v = s.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+                raise CloudLinkConfigError(
+                    f"[cloud] {key} must be a number in [{lo:g}, {hi:g}], got {v!r}"
+                )
+            return float(v)
+
+        server_name = s.get("server_name")
+        if server_name is not None and (not isinstance(server_name, str) or not server_name):
+            raise CloudLinkConfigError(f"[cloud] server_name must be a name, got {server_name!r}")
+        return CloudLinkConfig(
+            url=url,
+            ca_file=files["ca_file"],
+            cert_file=files["cert_file"],
+            key_file=files["key_file"],
+            server_name=server_name,
+            insecure=insecure,
+            interval_s=number("interval_s", 10.0, 0.05, 86_400.0),
+            timeout_s=number("timeout_s", 10.0, 0.05, 3_600.0),
+            batch=int(number("batch", 256, 1, 100_000)),
+            telemetry=bool(s.get("telemetry", True)),
+            plans=bool(s.get("plans", True)),
+        )
+
+
+def _host_port(url: str) -> bool:
+    host, sep, port = url.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+@dataclass
+class CloudLinkStats:
+    #: The cloud's ``topology_version`` of this site after the last PutTopology (None: not yet).
+    topology_version: int | None = None
+    #: Records the cloud holds from seq 0 without a gap (None: not asked yet).
+    audit_contiguous: int | None = None
+    audit_stored: int = 0
+    audit_repeats: int = 0
+    telemetry_batches: int = 0
+    telemetry_samples: int = 0
+    plan_version: int = 0
+    plans_applied: int = 0
+    #: Rounds that failed (cloud unreachable, a call refused).
+    failures: int = 0
+    last_error: str = ""
+    #: Wall time of the last round that completed.
+    last_sync_at: float | None = None
+
+
+async def _items(items: Sequence[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+class CloudLink:
+    """Keeps the cloud's copy of this site up to date (``run``), one round every ``interval_s``.
+
+    ``store``: the edge's store (the audit chain is read from it). ``ctrl``: the controller
+    (measurements for telemetry, ``set_plan`` for fetched plans); None uploads audit and
+    topology only. ``topology``: the ``SiteTopology`` message of the loaded site."""
+
+    def __init__(
+        self,
+        config: CloudLinkConfig,
+        *,
+        site_id: str,
+        store: Any,
+        clock: Clock,
+        topology: Any = None,
+        ctrl: Any = None,
+    ) -> None:
+        self.config = config
+        self.site_id = site_id
+        self.store = store
+        self.clock = clock
+        self.topology = topology
+        self.ctrl = ctrl
+        self.stats = CloudLinkStats()
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: cpb_grpc.CloudApiStub | None = None
+        self._stop = asyncio.Event()
+        self._down = False
+        # Per charger, the monotonic time of the measurement uploaded last.
+        self._sent_measured: dict[str, float] = {}
+        self._refused: str = ""
+        self.synced = asyncio.Event()  # set after each round that completed
+
+    # -- the channel ------------------------------------------------------------------------
+    def _open(self) -> cpb_grpc.CloudApiStub:
+        if self._stub is not None:
+            return self._stub
+        cfg = self.config
+        # A cloud back after an outage is reconnected to within a round, not after gRPC's
+        # default backoff of up to 120 s.
+        backoff_ms = int(min(cfg.interval_s, 30.0) * 1000)
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.initial_reconnect_backoff_ms", min(1000, backoff_ms)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        ]
+        if cfg.insecure:
+            self._channel = grpc.aio.insecure_channel(cfg.url, options=options)
+        else:
+            assert cfg.ca_file and cfg.cert_file and cfg.key_file
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=cfg.ca_file.read_bytes(),
+                private_key=cfg.key_file.read_bytes(),
+                certificate_chain=cfg.cert_file.read_bytes(),
+            )
+            if cfg.server_name:
+                options.append(("grpc.ssl_target_name_override", cfg.server_name))
+            self._channel = grpc.aio.secure_channel(cfg.url, creds, options=options)
+        self._stub = cpb_grpc.CloudApiStub(self._channel)
+        return self._stub
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((SITE_HEADER, self.site_id),) if self.config.insecure else ()
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- the loop -----------------------------------------------------------------------------
+    async def run(self) -> None:
+        """One round now and every ``interval_s`` until ``stop``; errors are logged, never
+        raised (the control loop beside it must not end because the cloud is away)."""
+        while not self._stop.is_set():
+            await self.sync_once()
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.config.interval_s)
+            except TimeoutError:
+                pass
+
+    async def sync_once(self) -> bool:
+        """One round: topology (until the cloud took it), audit from where the cloud's copy
+        ends, telemetry, plan. Returns whether it completed."""
+        try:
+            if self.topology is not None and self.stats.topology_version is None:
+                await self._put_topology()
+            await self._upload_audit()
+            if self.config.telemetry and self.ctrl is not None:
+                await self._upload_telemetry()
+            if self.config.plans and self.ctrl is not None:
+                await self._fetch_plan()
+        except grpc.aio.AioRpcError as exc:
+            self._failed(f"{exc.code().name}: {exc.details()}", exc.code())
+            return False
+        except (OSError, ValueError) as exc:
+            self._failed(f"{type(exc).__name__}: {exc}", None)
+            return False
+        if self._down:
+            self._down = False
+            log.warning(
+                "cloud %s reachable again after %d failed round(s)",
+                self.config.url,
+                self.stats.failures,
+            )
+        self.stats.last_sync_at = self.clock.now()
+        self.synced.set()
+        return True
+
+    def _failed(self, what: str, code: grpc.StatusCode | None) -> None:
+        self.stats.failures += 1
+        self.stats.last_error = what
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            # Refused for its content (a fork of the chain, say): says so every time it changes.
+            if what != self._refused:
+                self._refused = what
+                log.error("cloud %s refused an upload: %s", self.config.url, what)
+            return
+        if not self._down:
+            self._down = True
+            log.warning(
+                "cloud %s unreachable (%s); control goes on, uploads retried every %g s",
+                self.config.url,
+                what,
+                self.config.interval_s,
+            )
+
+    # -- what is sent -------------------------------------------------------------------------
+    async def _put_topology(self) -> None:
+        ack = await self._open().PutTopology(
+            self.topology,
+            timeout=self.config.timeout_s,
+            metadata=self._metadata(),
+            wait_for_ready=True,
+        )
+        self.stats.topology_version = int(ack.topology_version)
+        log.info("cloud: topology put (version %d)", ack.topology_version)
+
+    async def _audit_call(self, records: Sequence[AuditRecord]) -> Any:
+        return await self._open().UploadAudit(
+            _items(records),
+            timeout=self.config.timeout_s,
+            metadata=self._metadata(),
+            wait_for_ready=True,
+        )
+
+    async def _upload_audit(self) -> None:
+        if self.stats.audit_contiguous is None:
+            # An empty upload: the cloud answers how much of the chain it holds.
+            ack = await self._audit_call([])
+            self.stats.audit_contiguous = int(ack.contiguous_count)
+        while not self._stop.is_set():
+            held = self.stats.audit_contiguous
+            assert held is not None
+            records = await self.store.audit_records(after_seq=held - 1, limit=self.config.batch)
+            if not records:
+                return
+            ack = await self._audit_call(records)
+            self.stats.audit_stored += int(ack.stored_count)
+            self.stats.audit_repeats += int(ack.duplicate_count)
+            self.stats.audit_contiguous = int(ack.contiguous_count)
+            if int(ack.contiguous_count) <= held:
+                # Nothing joined the cloud's chain (records before seq `held` missing on this
+                # edge, e.g. pruned): say so, and do not send the same batch again at once.
+                raise ValueError(
+                    f"the cloud's chain holds {held} records without a gap and the edge's "
+                    f"records from seq {records[0].seq} did not extend it"
+                )
+            if len(records) < self.config.batch:
+                return
+
+    def _measurements(self) -> tuple[MeterSampleBatch, dict[str, float]]:
+        """One sample per charger measured since the last upload (the controller's latest
+        reading, in the site's phase order), with the reading's times."""
+        batch = MeterSampleBatch()
+        taken: dict[str, float] = {}
+        now_w, now_m = self.clock.now(), self.clock.monotonic()
+        for cid, c in sorted(self.ctrl.state.chargers.items()):
+            at = c.measured_at
+            if at is None or at <= self._sent_measured.get(cid, -math.inf):
+                continue
+            s = MeterSample(charger_id=cid)
+            if c.transaction_id:
+                s.transaction_id = str(c.transaction_id)
+            s.sampled_at.FromNanoseconds(int((now_w - (now_m - at)) * 1e9))
+            s.received_at.FromNanoseconds(int((now_w - (now_m - at)) * 1e9))
+            s.current_a.extend(math.nan if v is None else float(v) for v in c.measured_a)
+            if c.measured_w is not None and math.isfinite(c.measured_w):
+                s.power_w = float(c.measured_w)
+            if c.accepted and c.holding is not None and math.isfinite(c.holding):
+                # What the charger offers the car is the limit in force (docs/cloud.md: the
+                # fleet split counts a charger drawing 90 % of its offer at its maximum).
+                if c.is_dc:
+                    s.offered_power_w = float(c.holding)
+                else:
+                    s.offered_current_a = float(c.holding)
+            batch.samples.append(s)
+            taken[cid] = at
+        return batch, taken
+
+    async def _upload_telemetry(self) -> None:
+        batch, taken = self._measurements()
+        if not batch.samples:
+            return
+        await self._open().UploadTelemetry(
+            _items([batch]),
+            timeout=self.config.timeout_s,
+            metadata=self._metadata(),
+            wait_for_ready=True,
+        )
+        self._sent_measured.update(taken)
+        self.stats.telemetry_batches += 1
+        self.stats.telemetry_samples += len(batch.samples)
+
+    async def _fetch_plan(self) -> None:
+        from evcore.edge.signals import plan_from_proto
+
+        req = cpb.GetPlanRequest(site_id=self.site_id, newer_than_version=self.stats.plan_version)
+        try:
+            plan = await self._open().GetPlan(
+                req, timeout=self.config.timeout_s, metadata=self._metadata(), wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return  # nothing newer: keep what is in force
+            raise
+        ctrl = self.ctrl
+        targets = plan_from_proto(
+            plan.SerializeToString(), self.clock.now(), lambda cid: cid in ctrl.state.chargers
+        )
+        self.stats.plan_version = int(plan.plan_version)
+        if targets.source == "cloud":
+            ctrl.set_plan(targets)
+            self.stats.plans_applied += 1
+            log.info("cloud: plan %s version %d applied", plan.plan_id, plan.plan_version)

@@ -1,0 +1,243 @@
+"""The edge's link to the cloud (``evcore.edge.cloudlink``): against the real cloud service over a
+real socket with real mTLS, on SQLite and on the real PostgreSQL. The edge's audit chain is read
+from its real store and reaches the cloud from where the cloud's copy ends, across a cloud
+outage, with nothing lost or stored twice; the topology is put once; the chargers' latest
+measurements arrive as telemetry; a plan the cloud holds is applied once as a cloud plan."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cloud_testkit import SITES, T0, chain, make_certs
+from edge_testkit import stepped_controller
+from evcore.clock import ManualClock
+from evcore.cloud import CloudApiServer, CloudConfig, open_cloud_store
+from evcore.cloud.topology import topology_from_site
+from evcore.edge.cloudlink import CloudLink, CloudLinkConfig, CloudLinkConfigError
+from evcore.edge.sitegen import depot_table
+from evcore.site import load_site
+from evcore.store import open_store
+from evcore.v1.plan_pb2 import Plan, PlanRow
+
+pytestmark = pytest.mark.timeout(120)
+
+SITE = SITES[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Gateway:
+    async def set_limit(self, charger_id: str, **kwargs: Any) -> Any:
+        class _R:
+            accepted = True
+
+        return _R()
+
+
+class _Cloud:
+    """The cloud service on a fixed port, so that it can stop and start again (an outage)."""
+
+    def __init__(self, tmp_path: Path, store_url: str) -> None:
+        self.tls, ca_pem, clients = make_certs(tmp_path / "pki")
+        self.port = _free_port()
+        self.config = CloudConfig.from_table(
+            {"listen": f"127.0.0.1:{self.port}", "tls": self.tls, "store": {"url": store_url}},
+            tmp_path,
+        )
+        self.store = open_cloud_store(self.config.store_url, tmp_path)
+        self.server: CloudApiServer | None = None
+        # The edge's files: the CA that signed the cloud's certificate, its own cert and key.
+        self.files = tmp_path / "edge-pki"
+        self.files.mkdir()
+        (self.files / "ca.pem").write_bytes(ca_pem)
+        cert, key = clients[SITE]
+        (self.files / "site.pem").write_bytes(cert)
+        (self.files / "site.key").write_bytes(key)
+
+    def link_section(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "url": f"127.0.0.1:{self.port}",
+            "server_name": "localhost",
+            "ca_file": "edge-pki/ca.pem",
+            "cert_file": "edge-pki/site.pem",
+            "key_file": "edge-pki/site.key",
+            **extra,
+        }
+
+    async def start(self) -> None:
+        self.server = CloudApiServer(self.config, self.store, clock=ManualClock(T0))
+        await self.server.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0.2)
+            self.server = None
+
+
+@pytest.fixture
+async def cloud(tmp_path: Path, store_url: str) -> Any:
+    c = _Cloud(tmp_path, store_url)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+        await c.store.close()
+
+
+def _table() -> dict[str, Any]:
+    return depot_table(4, per_feeder=2, site_id=SITE)
+
+
+async def test_the_audit_chain_reaches_the_cloud_across_an_outage_once(
+    cloud: _Cloud, tmp_path: Path
+) -> None:
+    table = _table()
+    records = chain(8, site_tag=SITE)
+    store = open_store({"kind": "embedded", "path": str(tmp_path / "edge-store")}, tmp_path)
+    await store.open()
+    clock = ManualClock(T0)
+    cfg = CloudLinkConfig.from_section(cloud.link_section(timeout_s=2.0), tmp_path)
+    assert cfg is not None
+    link = CloudLink(
+        cfg,
+        site_id=SITE,
+        store=store,
+        clock=clock,
+        topology=topology_from_site(load_site(table)),
+    )
+    try:
+        for r in records[:5]:
+            await store.append_audit(r)
+        assert await link.sync_once()
+        assert link.stats.topology_version == 1 and link.stats.audit_contiguous == 5
+        held = await cloud.store.audit_records(SITE)
+        assert [r.hash for r in held] == [r.hash for r in records[:5]]
+        # The cloud goes away; the edge goes on deciding (three more records).
+        await cloud.stop()
+        for r in records[5:]:
+            await store.append_audit(r)
+        assert not await link.sync_once()
+        assert link.stats.failures == 1  # waited for the connection up to timeout_s, then gave up
+        assert link.stats.last_error.startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED"))
+        await cloud.start()
+        assert await link.sync_once()
+        assert link.stats.audit_contiguous == 8
+        held = await cloud.store.audit_records(SITE)
+        assert [r.hash for r in held] == [r.hash for r in records]  # each once, in order
+        assert link.stats.audit_stored == 8 and link.stats.audit_repeats == 0
+        # A second edge run (a restart) asks the cloud where its copy ends: nothing re-sent.
+        link2 = CloudLink(cfg, site_id=SITE, store=store, clock=clock)
+        assert await link2.sync_once()
+        assert link2.stats.audit_contiguous == 8 and link2.stats.audit_stored == 0
+        assert link2.stats.audit_repeats == 0
+        await link2.close()
+        stored = await cloud.store.topology(SITE)
+        assert stored is not None and stored.version == 1
+    finally:
+        await link.close()
+        await store.close()
+
+
+async def test_measurements_go_up_and_a_cloud_plan_is_applied_once(
+    cloud: _Cloud, tmp_path: Path
+) -> None:
+    table = _table()
+    ctrl, clock = stepped_controller(table, _Gateway())
+    store = open_store({"kind": "embedded", "path": str(tmp_path / "edge-store")}, tmp_path)
+    await store.open()
+    cfg = CloudLinkConfig.from_section(cloud.link_section(), tmp_path)
+    assert cfg is not None
+    link = CloudLink(cfg, site_id=SITE, store=store, clock=clock, ctrl=ctrl)
+    a, b = sorted(ctrl.state.chargers)[:2]
+    try:
+        ca = ctrl.state.chargers[a]
+        ca.measured_a = (12.5, 12.0, None)
+        ca.measured_at = clock.monotonic()
+        ca.accepted, ca.holding = True, 13.0
+        assert await link.sync_once()
+        batches = await cloud.store.telemetry_batches(SITE)
+        assert len(batches) == 1 and [s.charger_id for s in batches[0].samples] == [a]
+        sample = batches[0].samples[0]
+        assert list(sample.current_a)[:2] == [12.5, 12.0] and sample.offered_current_a == 13.0
+        assert abs(sample.sampled_at.ToNanoseconds() / 1e9 - clock.now()) < 1e-3
+        # Nothing new measured: nothing sent; a new reading of b: only b.
+        assert await link.sync_once()
+        assert len(await cloud.store.telemetry_batches(SITE)) == 1
+        clock.advance(5.0)
+        ctrl.state.chargers[b].measured_a = (7.0, 7.0, 7.0)
+        ctrl.state.chargers[b].measured_at = clock.monotonic()
+        assert await link.sync_once()
+        batches = await cloud.store.telemetry_batches(SITE)
+        assert sorted(s.charger_id for bt in batches for s in bt.samples) == sorted([a, b])
+        # A plan the cloud holds: applied as the cloud plan, once.
+        assert ctrl.cloud_plan is None
+        plan = Plan(plan_id="p-1", plan_version=3, source="cloud")
+        plan.computed_at.FromNanoseconds(int(clock.now() * 1e9))
+        row = PlanRow(session_id="s", charger_id=a, step_s=900.0, target_a=10.0)
+        row.step_start.FromNanoseconds(int(clock.now() * 1e9))
+        plan.rows.append(row)
+        await cloud.store.put_plan(SITE, plan, now_s=clock.now())
+        assert await link.sync_once()
+        assert ctrl.cloud_plan is not None and ctrl.cloud_plan.version == "p-1@3"
+        assert link.stats.plans_applied == 1 and link.stats.plan_version == 3
+        assert await link.sync_once()
+        assert link.stats.plans_applied == 1  # NOT_FOUND for newer than 3: kept
+    finally:
+        await link.close()
+        await store.close()
+
+
+async def test_a_refused_upload_is_logged_and_the_link_lives_on(
+    cloud: _Cloud, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The edge's chain is not the one the cloud holds (its store was replaced): the cloud
+    refuses (a fork at seq 0); the link says why, once, and its later rounds still run."""
+    await cloud.store.put_audit(SITE, chain(3, site_tag="other-"), now_s=T0)
+    store = open_store({"kind": "embedded", "path": str(tmp_path / "edge-store")}, tmp_path)
+    await store.open()
+    cfg = CloudLinkConfig.from_section(cloud.link_section(), tmp_path)
+    assert cfg is not None
+    link = CloudLink(cfg, site_id=SITE, store=store, clock=ManualClock(T0))
+    caplog.set_level(logging.ERROR, logger="evcore.edge.cloud")
+    try:
+        for r in chain(5, site_tag=SITE):
+            await store.append_audit(r)
+        assert not await link.sync_once()
+        assert not await link.sync_once()
+        assert link.stats.failures == 2 and "INVALID_ARGUMENT" in link.stats.last_error
+        refused = [r for r in caplog.records if "refused an upload" in r.getMessage()]
+        assert len(refused) == 1 and "seq 3" in refused[0].getMessage(), caplog.text
+    finally:
+        await link.close()
+        await store.close()
+
+
+def test_a_wrong_cloud_section_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    good = {"url": "cloud:7443", "ca_file": "ca.pem", "cert_file": "ca.pem", "key_file": "ca.pem"}
+    assert CloudLinkConfig.from_section(None, tmp_path) is None
+    assert CloudLinkConfig.from_section({**good, "enabled": False}, tmp_path) is None
+    cfg = CloudLinkConfig.from_section(good, tmp_path)
+    assert cfg is not None and cfg.ca_file == tmp_path / "ca.pem" and cfg.interval_s == 10.0
+    for bad, words in [
+        ({**good, "url": "cloud"}, "url must be 'host:port'"),
+        ({**good, "cert_file": "missing.pem"}, "cert_file: no such file"),
+        ({"url": "cloud:1"}, "needs ca_file, cert_file and key_file"),
+        ({**good, "insecure": True}, "insecure = true takes no"),
+        ({**good, "interval_s": 0}, "interval_s must be a number"),
+        ({**good, "interval_s": float("nan")}, "interval_s must be a number"),
+        ({**good, "telemetry": "yes"}, "telemetry must be true or false"),
+        ({**good, "colour": 1}, "unknown key(s) colour"),
+    ]:
+        with pytest.raises(CloudLinkConfigError, match=None) as err:
+            CloudLinkConfig.from_section(bad, tmp_path)
+        assert words in str(err.value), (bad, str(err.value))
