@@ -1760,7 +1760,7 @@ mod tests {
         as_request, cases, gen_inputs, gen_params, gen_site, grid_measured_over, Check, Inputs,
         Rng, NOW,
     };
-    use crate::envelope::{enforce, Decision};
+    use crate::envelope::{enforce, enforce_split, Decision};
     use proptest::prelude::*;
 
     #[derive(Clone, Debug)]
@@ -2077,6 +2077,13 @@ mod tests {
             let two = allocate_split(&topo, &ch, &nodes, &demand, &p, true, halves).unwrap();
             if let Err(e) = same_bits(&one, &two) {
                 prop_assert!(false, "{e}");
+            }
+            // The envelope alone, on the same inputs as requests.
+            let one = enforce_split(&topo, &ch, &nodes, &p.envelope, true, None).unwrap();
+            let two = enforce_split(&topo, &ch, &nodes, &p.envelope, true, halves).unwrap();
+            let as_alloc = |d: Decision| Allocation { decision: d, level_a: Vec::new(), admitted: Vec::new() };
+            if let Err(e) = same_bits(&as_alloc(one), &as_alloc(two)) {
+                prop_assert!(false, "envelope: {e}");
             }
         }
     }

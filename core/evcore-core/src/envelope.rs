@@ -898,11 +898,24 @@ pub fn enforce(
     p: &EnvelopeParams,
     explain: bool,
 ) -> CoreResult<Decision> {
+    enforce_split(topo, ch, nodes, p, explain, par::halves(topo, true))
+}
+
+/// `enforce` with its counting split into `halves` on two threads (`None`: one thread). The
+/// decision is the same either way, bit for bit.
+pub(crate) fn enforce_split(
+    topo: &Topology,
+    ch: &ChargerInputs<'_>,
+    nodes: &NodeInputs<'_>,
+    p: &EnvelopeParams,
+    explain: bool,
+    halves: Option<Halves>,
+) -> CoreResult<Decision> {
     ch.check(topo.n_chargers())?;
     nodes.check(topo.n_nodes())?;
     p.validate()?;
     let n = topo.n_chargers();
-    let mut cnt = counting(topo, ch, nodes, p, par::halves(topo, true));
+    let mut cnt = counting(topo, ch, nodes, p, halves);
     let mut dec = Decision {
         setpoint_a: vec![0.0; n],
         setpoint_w: vec![0.0; n],
