@@ -56,17 +56,19 @@ current_operator: contextvars.ContextVar[Principal | None] = contextvars.Context
 )
 
 
-class OperatorAuth:
-    """Operator identities: certificates issued by the operator CA, mapped by common name."""
+class DirectIssuers:
+    """The CA certificates of one role (a PEM bundle), and whether a peer's certificate was
+    signed by one of them directly. The TLS handshake verifies a client's chain against the
+    sites' and the operators' CAs together; this says which role's CA issued the leaf, so that a
+    certificate chaining to one role's CA through an intermediate is never taken for the other
+    role (review 2026-12-05, M2: a leaf with CN depot-1 issued by a sub-CA of the operators' CA
+    was accepted as site depot-1)."""
 
-    def __init__(self, operators: Credentials, ca_pem: bytes | None) -> None:
-        self.operators = operators
+    def __init__(self, ca_pem: bytes | None) -> None:
         self._cas = x509.load_pem_x509_certificates(ca_pem) if ca_pem else []
         self._issued: dict[bytes, bool] = {}
 
-    def issued_by_operator_ca(self, cert_pem: bytes) -> bool:
-        """Whether the peer's certificate was signed by the operator CA (the TLS handshake has
-        verified it against the sites' and the operators' CAs together; this says which)."""
+    def issued(self, cert_pem: bytes) -> bool:
         known = self._issued.get(cert_pem)
         if known is not None:
             return known
@@ -91,6 +93,18 @@ class OperatorAuth:
         return found
 
 
+class OperatorAuth:
+    """Operator identities: certificates issued by the operator CA, mapped by common name."""
+
+    def __init__(self, operators: Credentials, ca_pem: bytes | None) -> None:
+        self.operators = operators
+        self._issuers = DirectIssuers(ca_pem)
+
+    def issued_by_operator_ca(self, cert_pem: bytes) -> bool:
+        """Whether the peer's certificate was signed by the operator CA directly."""
+        return self._issuers.issued(cert_pem)
+
+
 def caller_operator() -> Principal:
     p = current_operator.get()
     if p is None:  # only reachable if a handler were served without the interceptor
@@ -108,9 +122,18 @@ def caller_site() -> str:
 class SiteAuthInterceptor(CheckingInterceptor):
     """Authenticates the calling site and keeps it to its own ``site_id``."""
 
-    def __init__(self, *, insecure: bool = False, operators: OperatorAuth | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        insecure: bool = False,
+        operators: OperatorAuth | None = None,
+        sites: DirectIssuers | None = None,
+    ) -> None:
         self._insecure = insecure
         self._operators = operators
+        # The sites' CA (``[tls] client_ca_file``): a site's certificate must be signed by it
+        # directly. None: not checked (insecure mode, or a caller that checks elsewhere).
+        self._sites = sites
         self.unauthenticated = 0
         self.denied = 0
 
@@ -119,6 +142,12 @@ class SiteAuthInterceptor(CheckingInterceptor):
             return False
         pems = context.auth_context().get("x509_pem_cert") or []
         return len(pems) == 1 and self._operators.issued_by_operator_ca(bytes(pems[0]))
+
+    def _peer_is_site(self, context: Any) -> bool:
+        if self._insecure or self._sites is None:
+            return True
+        pems = context.auth_context().get("x509_pem_cert") or []
+        return len(pems) == 1 and self._sites.issued(bytes(pems[0]))
 
     async def _deny(self, context: Any, method: str, why: str) -> None:
         self.denied += 1
@@ -184,6 +213,13 @@ class SiteAuthInterceptor(CheckingInterceptor):
             return
         if self._peer_is_operator(context):
             await self._deny(context, method, "an operator's certificate is not a site's")
+        if not self._peer_is_site(context):
+            await self._deny(
+                context,
+                method,
+                "a site's certificate must be signed directly by a CA certificate of [tls] "
+                "client_ca_file (this one chains to a trusted CA through another issuer)",
+            )
         site, why = self._site(metadata, context)
         if site is None:
             self.unauthenticated += 1

@@ -26,7 +26,7 @@ from evcore.api.convert import timestamp
 from evcore.api.serving import add_health, bind, start_serving, stop_serving
 from evcore.bus.api import Bus
 from evcore.clock import Clock, WallClock
-from evcore.cloud.auth import OperatorAuth, SiteAuthInterceptor, caller_site
+from evcore.cloud.auth import DirectIssuers, OperatorAuth, SiteAuthInterceptor, caller_site
 from evcore.cloud.config import CloudConfig, CloudConfigError
 from evcore.cloud.fleet import BusGridPublisher, FleetCoordinator, GridPublisher
 from evcore.cloud.fleet_service import FLEET_SERVICE_NAME, FleetApiService
@@ -313,7 +313,13 @@ class CloudApiServer:
                 raise CloudConfigError(f"[fleet] operator_ca_file: {exc}") from exc
             operators = OperatorAuth(config.fleet.operators, ca_pem)
             self._operator_ca_pem = ca_pem or b""
-        self.auth = SiteAuthInterceptor(insecure=config.insecure, operators=operators)
+        sites: DirectIssuers | None = None
+        if config.tls is not None and not config.insecure:
+            try:
+                sites = DirectIssuers(config.tls.client_ca_file.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise CloudConfigError(f"[tls] client_ca_file: {exc}") from exc
+        self.auth = SiteAuthInterceptor(insecure=config.insecure, operators=operators, sites=sites)
         self.health = health_aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
