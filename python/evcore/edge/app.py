@@ -140,8 +140,11 @@ class EdgeApp:
         on_sent: Any = None,
     ) -> None:
         from evcore.edge.coreio import RustCore
+        from evcore.metrics import MetricsConfig
         from evcore.ocpp import CentralSystem
 
+        #: ``[metrics]`` (None: no endpoint); checked first so a bad one stops the edge at load.
+        self.metrics_config = MetricsConfig.from_section(site_table.get("metrics"))
         self.site = site
         self.site_table = site_table
         self.clock = clock
@@ -215,6 +218,8 @@ class EdgeApp:
         )
         self.api: Any = None
         self.api_port = 0
+        self.metrics: Any = None
+        self.metrics_port = 0
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -280,6 +285,14 @@ class EdgeApp:
                     store=self.store,
                 )
                 self.api_port = await self.api.start()
+            if self.metrics_config is not None:
+                from evcore.metrics import MetricsServer, Registry
+                from evcore.metrics.edge import edge_families
+
+                registry = Registry()
+                registry.register(lambda: edge_families(self))
+                self.metrics = MetricsServer.from_config(registry, self.metrics_config)
+                self.metrics_port = await self.metrics.start()
             async with asyncio.TaskGroup() as tg:
                 loop_task = tg.create_task(ctrl.run())
                 plan_task = tg.create_task(self.planner.run())
@@ -307,6 +320,9 @@ class EdgeApp:
                 await loop_task
                 await plan_task
         finally:
+            if self.metrics is not None:
+                with contextlib.suppress(Exception):
+                    await self.metrics.stop()
             if self.api is not None:
                 with contextlib.suppress(Exception):
                     await self.api.stop(grace_s=2.0)

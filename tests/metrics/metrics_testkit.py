@@ -1,0 +1,141 @@
+"""Shared by the metrics tests: an HTTP/1.1 request over a real socket, and a strict reader of
+the Prometheus text format (0.0.4) written from the format's description, not from the
+renderer: every sample must belong to the family its ``# TYPE`` announced."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from dataclasses import dataclass, field
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)\Z")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"(,|\Z)')
+
+
+@dataclass
+class Scrape:
+    types: dict[str, str] = field(default_factory=dict)
+    helps: dict[str, str] = field(default_factory=dict)
+    #: (sample name, sorted label pairs) -> value
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples[(name, tuple(sorted(labels.items())))]
+
+    def get(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, tuple(sorted(labels.items()))))
+
+    def series(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return {labels: v for (n, labels), v in self.samples.items() if n == name}
+
+    def by(self, name: str, label: str) -> dict[str, float]:
+        """``name``'s samples keyed by one label (the others must not vary)."""
+        return {dict(labels)[label]: v for labels, v in self.series(name).items()}
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            nxt = text[i + 1]
+            out.append({"\\": "\\", '"': '"', "n": "\n"}[nxt])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _number(text: str) -> float:
+    special = {"NaN": math.nan, "+Inf": math.inf, "-Inf": -math.inf}
+    return special[text] if text in special else float(text)
+
+
+def parse(text: str) -> Scrape:
+    """Parse an exposition; AssertionError on anything the format does not allow."""
+    out = Scrape()
+    if text == "":
+        return out
+    assert text.endswith("\n"), "an exposition ends with a newline"
+    family: str | None = None
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            name, _, help_text = line[7:].partition(" ")
+            assert name not in out.helps, f"HELP for {name} twice"
+            out.helps[name] = _unescape(help_text)
+            continue
+        if line.startswith("# TYPE "):
+            name, kind = line[7:].split(" ")
+            assert kind in {"counter", "gauge", "summary", "histogram", "untyped"}, line
+            assert name not in out.types, f"TYPE for {name} twice"
+            out.types[name] = kind
+            family = name
+            continue
+        assert not line.startswith("#"), f"unexpected comment {line!r}"
+        m = _SAMPLE.match(line)
+        assert m, f"not a sample line: {line!r}"
+        name, label_text, value_text = m.groups()
+        assert family is not None, f"{name} before any TYPE"
+        kind = out.types[family]
+        allowed = {family}
+        if kind == "summary":
+            allowed |= {family + "_sum", family + "_count"}
+        assert name in allowed, f"{name} is not a sample of {family} ({kind})"
+        labels: list[tuple[str, str]] = []
+        if label_text:
+            inner = label_text[1:-1]
+            pos = 0
+            while pos < len(inner):
+                lm = _LABEL.match(inner, pos)
+                assert lm, f"bad labels in {line!r} at {inner[pos:]!r}"
+                labels.append((lm.group(1), _unescape(lm.group(2))))
+                pos = lm.end()
+        key = (name, tuple(sorted(labels)))
+        assert key not in out.samples, f"series {key} twice"
+        out.samples[key] = _number(value_text)
+    return out
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def request(port: int, raw: bytes, *, timeout_s: float = 10.0) -> Response:
+    """Send ``raw`` on a new connection to 127.0.0.1:``port`` and read the answer to EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout_s)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    version, status, _ = lines[0].split(" ", 2)
+    assert version == "HTTP/1.1", lines[0]
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return Response(int(status), headers, body)
+
+
+async def get(port: int, path: str = "/metrics", method: str = "GET") -> Response:
+    return await request(
+        port,
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "User-Agent: Prometheus/3.0\r\nAccept: text/plain;version=0.0.4\r\n\r\n".encode(),
+    )
+
+
+async def scrape(port: int) -> Scrape:
+    resp = await get(port)
+    assert resp.status == 200, (resp.status, resp.body)
+    assert resp.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert int(resp.headers["content-length"]) == len(resp.body)
+    return parse(resp.body.decode("utf-8"))
