@@ -429,3 +429,20 @@ async def test_unmeasured_phases_and_a_conversion_bug(edge: Edge) -> None:
         await edge.stub.GetSiteState(pb.GetSiteStateRequest(), metadata=md)
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "GetSiteState failed" in (err.value.details() or "")
+
+
+async def test_a_request_that_does_not_decode_is_invalid_argument_and_the_server_lives_on(
+    edge: Edge,
+) -> None:
+    """Before: gRPC's bare UNKNOWN "Unexpected DecodeError". The caller's identity is checked
+    first: without a token it stays UNAUTHENTICATED, whatever the bytes."""
+    raw = edge.channel.unary_unary("/evcore.v1.EdgeApi/GetSiteState")
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await raw(b"\xff\xff\xff\xff", metadata=auth(VIEWER))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid message (4 bytes)" in str(bad.value.details())
+    with pytest.raises(grpc.aio.AioRpcError) as anon:
+        await raw(b"\xff\xff\xff\xff")
+    assert anon.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    state = await edge.stub.GetSiteState(pb.GetSiteStateRequest(), metadata=auth(VIEWER))
+    assert state.site_id

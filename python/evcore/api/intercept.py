@@ -46,18 +46,54 @@ class CheckingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         return wrap_handler(handler, check)
 
 
+class BadRequest:
+    """What a request that does not decode as its message turns into (instead of gRPC's bare
+    UNKNOWN "Unexpected DecodeError"): the handler aborts it with INVALID_ARGUMENT."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or whatever a custom deserializer raises
+            return BadRequest(f"the request is not a valid message ({len(data)} bytes): {exc}")
+
+    return decode
+
+
+async def _refuse(context: Any, request: Any) -> None:
+    if isinstance(request, BadRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
+
+
+async def _checked_items(request_iterator: Any, context: Any) -> Any:
+    async for item in request_iterator:
+        await _refuse(context, item)
+        yield item
+
+
 def wrap_handler(handler: Any, check: Check) -> Any:
     """The same handler with ``check`` run first, in the call's own task (so a context variable it
-    sets reaches the handler). Unary requests are shown to ``check``; streamed ones are not."""
+    sets reaches the handler). Unary requests are shown to ``check``; streamed ones are not. A
+    request (or streamed item) that does not decode is INVALID_ARGUMENT, after ``check``."""
     kw = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _lenient(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: Any) -> Any:
-            await check(context, request)
+            await check(context, None if isinstance(request, BadRequest) else request)
+            await _refuse(context, request)
             return await inner_uu(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
@@ -65,7 +101,8 @@ def wrap_handler(handler: Any, check: Check) -> Any:
         inner_us = handler.unary_stream
 
         async def unary_stream(request: Any, context: Any) -> Any:
-            await check(context, request)
+            await check(context, None if isinstance(request, BadRequest) else request)
+            await _refuse(context, request)
             async for item in _stream(inner_us(request, context)):
                 yield item
 
@@ -75,14 +112,14 @@ def wrap_handler(handler: Any, check: Check) -> Any:
 
         async def stream_unary(request_iterator: Any, context: Any) -> Any:
             await check(context, None)
-            return await inner_su(request_iterator, context)
+            return await inner_su(_checked_items(request_iterator, context), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
     inner_ss = handler.stream_stream
 
     async def stream_stream(request_iterator: Any, context: Any) -> Any:
         await check(context, None)
-        async for item in _stream(inner_ss(request_iterator, context)):
+        async for item in _stream(inner_ss(_checked_items(request_iterator, context), context)):
             yield item
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
