@@ -1041,15 +1041,17 @@ fn water_fill_split(
     };
     match halves {
         Some(_) if na > 1 => {
-            // Two ranges of constraints with about as many members each.
-            let half = total / 2;
+            // Two ranges of constraints with about as much work each: an exact solve sorts its
+            // members' events (some 16 times the cost per member of a bound's one pass).
+            let cost = |l: usize| if l <= BIG { 16 * l + 16 } else { l };
+            let work: usize = len.iter().map(|&l| cost(l)).sum();
             let mid = len
                 .iter()
                 .scan(0, |acc, &l| {
-                    *acc += l;
+                    *acc += cost(l);
                     Some(*acc)
                 })
-                .position(|acc| acc >= half)
+                .position(|acc| acc >= work / 2)
                 .map_or(na, |a| a + 1)
                 .min(na);
             let (lam0, lam1) = lam.split_at_mut(mid);
