@@ -241,3 +241,85 @@ def test_a_wrong_cloud_section_names_the_key(tmp_path: Path) -> None:
         with pytest.raises(CloudLinkConfigError, match=None) as err:
             CloudLinkConfig.from_section(bad, tmp_path)
         assert words in str(err.value), (bad, str(err.value))
+
+
+async def test_evcore_edge_keeps_the_cloud_copy_of_its_site(cloud: _Cloud, tmp_path: Path) -> None:
+    """What `evcore edge` runs, with `[cloud]` in its site file, simulated stations charging over
+    real OCPP: the cloud ends up with the site's topology, the edge's whole audit chain (checked
+    against the edge's own store after it stopped) and the chargers' measurements."""
+    import asyncio
+
+    from evcore.clock import WallClock
+    from evcore.edge.app import EdgeApp
+    from evcore.edge.rig import EdgeRig
+    from evcore.edge.sitegen import to_toml
+    from evcore.sim.ev import EV
+
+    table = depot_table(4, per_feeder=2, site_id=SITE, grid_share=1.0)
+    table["edge"] = {"tick_s": 0.5, "min_on_s": 0.0, "min_off_s": 0.0}
+    table["store"] = {"kind": "embedded", "path": "var/store"}
+    table["cloud"] = cloud.link_section(interval_s=0.5, timeout_s=5.0)
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    app = EdgeApp.from_file(site_file, WallClock())
+    assert app.cloud is not None
+    runner = asyncio.create_task(app.run())
+    rig = None
+    try:
+        await asyncio.wait_for(app.ready.wait(), 30)
+        prefix = app.central.config.path_prefix
+        rig = EdgeRig(table, with_edge=False, url=f"ws://127.0.0.1:{app.central.port}{prefix}")
+        await rig.start()
+        for cid in rig.fleet.charger_ids:
+            rig.fleet.plug_in(cid, EV(soc=0.3))
+        await rig.wait_for(
+            lambda: app.cloud.stats.telemetry_samples >= 4 and app.cloud.stats.audit_stored >= 3,
+            30,
+            "topology, audit records and measurements uploaded",
+        )
+        assert app.cloud.stats.topology_version == 1
+        assert app.cloud.stats.failures == 0, app.cloud.stats.last_error
+    finally:
+        if rig is not None:
+            await rig.stop()
+        app.stop()
+        await asyncio.wait_for(runner, 30)
+    stored = await cloud.store.topology(SITE)
+    assert stored is not None and {c.charger_id for c in stored.topology.chargers} == {
+        c["id"] for c in table["chargers"]
+    }
+    batches = await cloud.store.telemetry_batches(SITE)
+    assert {s.charger_id for b in batches for s in b.samples} == {
+        c["id"] for c in table["chargers"]
+    }
+    # Every record the edge made before its last round is in the cloud, in order, once.
+    edge_store = open_store(table["store"], tmp_path)
+    await edge_store.open()
+    try:
+        mine = await edge_store.audit_records()
+    finally:
+        await edge_store.close()
+    held = await cloud.store.audit_records(SITE)
+    assert len(held) >= 3
+    assert [r.hash for r in held] == [r.hash for r in mine[: len(held)]]
+
+
+def test_evcore_edge_refuses_a_wrong_cloud_section_before_starting(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from evcore.edge.sitegen import to_toml
+
+    table = _table()
+    table["cloud"] = {"url": "cloud.example.net", "insecure": True}
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    out = subprocess.run(
+        [sys.executable, "-m", "evcore.cli", "edge", "--config", str(site_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "[cloud] url must be 'host:port', got 'cloud.example.net'" in out.stdout

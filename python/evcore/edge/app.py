@@ -145,6 +145,17 @@ class EdgeApp:
 
         #: ``[metrics]`` (None: no endpoint); checked first so a bad one stops the edge at load.
         self.metrics_config = MetricsConfig.from_section(site_table.get("metrics"))
+        from evcore.edge.cloudlink import CloudLinkConfig, CloudLinkConfigError
+
+        #: ``[cloud]`` (None: no link to the cloud), checked at load like ``[metrics]``.
+        base = getattr(site, "path", None)
+        self.cloud_config = CloudLinkConfig.from_section(
+            site_table.get("cloud"), Path(base).resolve().parent if base else Path.cwd()
+        )
+        if self.cloud_config is not None and store is None:
+            raise CloudLinkConfigError(
+                "[cloud] needs the edge's store (the audit chain is uploaded from it)"
+            )
         self.site = site
         self.site_table = site_table
         self.clock = clock
@@ -220,6 +231,20 @@ class EdgeApp:
         self.api_port = 0
         self.metrics: Any = None
         self.metrics_port = 0
+        #: The link to the cloud (``[cloud]``): runs beside the loop, never holds it up.
+        self.cloud: Any = None
+        if self.cloud_config is not None:
+            from evcore.cloud.topology import topology_from_site
+            from evcore.edge.cloudlink import CloudLink
+
+            self.cloud = CloudLink(
+                self.cloud_config,
+                site_id=str(site_table["site"]["id"]),
+                store=store,
+                clock=clock,
+                topology=topology_from_site(site, config_version=_config_version(site_table)),
+                ctrl=self.controller,
+            )
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -307,10 +332,17 @@ class EdgeApp:
                 mover: asyncio.Task[None] | None = None
                 if self.recorder is not None and self.recorder.journal is not None:
                     mover = tg.create_task(self.recorder.keep_moving())
+                link: asyncio.Task[None] | None = None
+                if self.cloud is not None:
+                    link = tg.create_task(self.cloud.run())
                 self.ready.set()
                 await self._stop.wait()
                 ctrl.stop()
                 self.planner.stop()
+                if self.cloud is not None:
+                    self.cloud.stop()
+                if link is not None:
+                    await link
                 if retention is not None:
                     retention.cancel()
                 if mover is not None:
@@ -320,6 +352,9 @@ class EdgeApp:
                 await loop_task
                 await plan_task
         finally:
+            if self.cloud is not None:
+                with contextlib.suppress(Exception):
+                    await self.cloud.close()
             if self.metrics is not None:
                 with contextlib.suppress(Exception):
                     await self.metrics.stop()
