@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloud_testkit import SITES, T0, chain, make_certs
+from cloud_testkit import SITES, T0, chain, make_certs, run_evcore
 from edge_testkit import stepped_controller
 from evcore.clock import ManualClock
 from evcore.cloud import CloudApiServer, CloudConfig, open_cloud_store
@@ -304,22 +304,13 @@ async def test_evcore_edge_keeps_the_cloud_copy_of_its_site(cloud: _Cloud, tmp_p
     assert [r.hash for r in held] == [r.hash for r in mine[: len(held)]]
 
 
-def test_evcore_edge_refuses_a_wrong_cloud_section_before_starting(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
+async def test_evcore_edge_refuses_a_wrong_cloud_section_before_starting(tmp_path: Path) -> None:
     from evcore.edge.sitegen import to_toml
 
     table = _table()
     table["cloud"] = {"url": "cloud.example.net", "insecure": True}
     site_file = tmp_path / "site.toml"
     site_file.write_text(to_toml(table))
-    out = subprocess.run(
-        [sys.executable, "-m", "evcore.cli", "edge", "--config", str(site_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "[cloud] url must be 'host:port', got 'cloud.example.net'" in out.stdout
+    rc, out, err = await run_evcore("edge", "--config", str(site_file))
+    assert rc == 2, out + err
+    assert "[cloud] url must be 'host:port', got 'cloud.example.net'" in out
