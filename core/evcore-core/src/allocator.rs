@@ -22,7 +22,7 @@
 //! Units inside: AC line amperes per charger terminal (DC power is converted).
 use crate::envelope::{
     counting, enforce_limits, finish, held_value_at, last_sent_line_a, node_loads,
-    sanitise_request, snap_down, subtree_other, Binding, ChargerInputs, Constraint, Counting,
+    sanitise_requested, snap_down, subtree_other, Binding, ChargerInputs, Constraint, Counting,
     Decision, EnvelopeParams, NodeInputs, NodeLoads, FOLLOW_TOL,
 };
 use crate::error::{CoreError, CoreResult};
@@ -1594,6 +1594,131 @@ fn rise_of(
     u
 }
 
+/// What the pass after the raise reads: per charger the allocator's reason and request from the
+/// raised value, then the envelope's sanitising of that request.
+struct Settle<'a> {
+    topo: &'a Topology,
+    m: &'a Model,
+    ch: &'a ChargerInputs<'a>,
+    p: &'a EnvelopeParams,
+    admitted: &'a [bool],
+    /// The model's reasons (admission, hysteresis, ...).
+    binding: &'a [Binding],
+    frozen_by: &'a [Option<usize>],
+    raised: &'a Raised,
+}
+
+/// What it writes, for chargers `base..`: the sanitised value (line A per terminal) and the
+/// decision's reason, node and phase.
+struct Settled<'a> {
+    base: usize,
+    s: &'a mut [f64],
+    binding: &'a mut [Binding],
+    node: &'a mut [Option<usize>],
+    phase: &'a mut [Option<usize>],
+}
+
+impl<'a> Settled<'a> {
+    /// Chargers before `at` and from `at` on.
+    fn split_at(self, at: usize) -> (Settled<'a>, Settled<'a>) {
+        let at = at - self.base;
+        let (s0, s1) = self.s.split_at_mut(at);
+        let (b0, b1) = self.binding.split_at_mut(at);
+        let (n0, n1) = self.node.split_at_mut(at);
+        let (p0, p1) = self.phase.split_at_mut(at);
+        (
+            Settled {
+                base: self.base,
+                s: s0,
+                binding: b0,
+                node: n0,
+                phase: p0,
+            },
+            Settled {
+                base: self.base + at,
+                s: s1,
+                binding: b1,
+                node: n1,
+                phase: p1,
+            },
+        )
+    }
+}
+
+impl Settle<'_> {
+    fn chargers(&self, out: Settled<'_>) {
+        let Settled {
+            base,
+            s,
+            binding: dec_binding,
+            node: bnode,
+            phase: bphase,
+        } = out;
+        let (topo, m, raised) = (self.topo, self.m, self.raised);
+        for i in 0..s.len() {
+            let c = base + i;
+            let admitted = self.admitted[c];
+            let mut binding = self.binding[c];
+            // The request: AC in A, DC in W, 0 when not admitted.
+            let (mut req_a, mut req_w) = (0.0, 0.0);
+            if admitted {
+                let x = raised.value_a[c];
+                match raised.node[c] {
+                    Some(node) if x < m.set_cap[c] - 1e-9 => {
+                        bnode[i] = Some(node);
+                        match raised.phase[c] {
+                            Some(ph) => {
+                                binding = Binding::NodePhase;
+                                bphase[i] = Some(ph);
+                            }
+                            None => binding = Binding::NodePower,
+                        }
+                    }
+                    Some(_) => binding = m.cap_binding[c],
+                    None => match self.frozen_by[c] {
+                        Some(k) if x < m.set_cap[c] - 1e-9 => {
+                            let slot = k % SLOTS;
+                            bnode[i] = Some(k / SLOTS);
+                            if slot < N_PHASES {
+                                binding = Binding::NodePhase;
+                                bphase[i] = Some(slot);
+                            } else {
+                                binding = Binding::NodePower;
+                            }
+                        }
+                        _ => binding = m.cap_binding[c],
+                    },
+                }
+                let snapped = snap_down(topo, c, x);
+                if snapped < x - 1e-9 && matches!(binding, Binding::None | Binding::ChargerMax) {
+                    binding = Binding::Step;
+                }
+                let spec = topo.hot(c);
+                match spec.kind {
+                    ChargerKind::Ac => req_a = snapped,
+                    ChargerKind::Dc => req_w = spec.dc_power_w(snapped),
+                }
+            }
+            let (x, b) = sanitise_requested(topo, c, req_a, req_w, self.ch, self.p);
+            s[i] = x;
+            let wanted = match topo.hot(c).kind {
+                ChargerKind::Ac => req_a,
+                ChargerKind::Dc => topo.hot(c).dc_line_a(req_w),
+            };
+            // Keep the allocator's reason unless the envelope changed the value.
+            dec_binding[i] = if admitted && (x - wanted).abs() <= 1e-9 * (1.0 + wanted) {
+                binding
+            } else if admitted {
+                bnode[i] = None;
+                bphase[i] = None;
+                b
+            } else {
+                binding
+            };
+        }
+    }
+}
+
 pub fn allocate(
     topo: &Topology,
     ch: &ChargerInputs<'_>,
@@ -1632,15 +1757,10 @@ fn allocate_split(
         return Err(CoreError::input("admission_hysteresis_s", None, "is NaN"));
     }
     validate_demand(demand, n)?;
-    let (m, admitted, mut binding, mut cnt) =
-        model_and_admission(topo, ch, nodes, demand, p, halves);
+    let (m, admitted, binding, mut cnt) = model_and_admission(topo, ch, nodes, demand, p, halves);
     let (level, frozen_by) = water_fill_split(topo, &m, &admitted, halves);
     // Setpoints from freeze levels; then the envelope, in this same call.
     let mut level_a = vec![0.0; n];
-    let mut req_a = vec![0.0; n];
-    let mut req_w = vec![0.0; n];
-    let mut bnode: Vec<Option<usize>> = vec![None; n];
-    let mut bphase: Vec<Option<usize>> = vec![None; n];
     for c in 0..n {
         if !admitted[c] {
             continue;
@@ -1654,84 +1774,44 @@ fn allocate_split(
     }
     // The counting the model was built on (it does not depend on the requests).
     let raised = raise_to_exact(topo, &m, &mut cnt, &level_a, &admitted, halves);
-    for c in 0..n {
-        if !admitted[c] {
-            continue;
-        }
-        let x = raised.value_a[c];
-        match raised.node[c] {
-            Some(node) if x < m.set_cap[c] - 1e-9 => {
-                bnode[c] = Some(node);
-                match raised.phase[c] {
-                    Some(ph) => {
-                        binding[c] = Binding::NodePhase;
-                        bphase[c] = Some(ph);
-                    }
-                    None => binding[c] = Binding::NodePower,
-                }
-            }
-            Some(_) => binding[c] = m.cap_binding[c],
-            None => match frozen_by[c] {
-                Some(k) if x < m.set_cap[c] - 1e-9 => {
-                    let slot = k % SLOTS;
-                    bnode[c] = Some(k / SLOTS);
-                    if slot < N_PHASES {
-                        binding[c] = Binding::NodePhase;
-                        bphase[c] = Some(slot);
-                    } else {
-                        binding[c] = Binding::NodePower;
-                    }
-                }
-                _ => binding[c] = m.cap_binding[c],
-            },
-        }
-        let snapped = snap_down(topo, c, x);
-        if snapped < x - 1e-9 && matches!(binding[c], Binding::None | Binding::ChargerMax) {
-            binding[c] = Binding::Step;
-        }
-        let spec = topo.hot(c);
-        match spec.kind {
-            ChargerKind::Ac => req_a[c] = snapped,
-            ChargerKind::Dc => req_w[c] = spec.dc_power_w(snapped),
-        }
-    }
-    let env_in = ChargerInputs {
-        requested_a: &req_a,
-        requested_w: &req_w,
-        ..*ch
-    };
     // The counting does not depend on the requests: the one made before the raise serves.
     let mut dec = Decision {
         setpoint_a: vec![0.0; n],
         setpoint_w: vec![0.0; n],
         binding: vec![Binding::None; n],
-        binding_node: bnode,
-        binding_phase: bphase,
+        binding_node: vec![None; n],
+        binding_phase: vec![None; n],
         binding_value: vec![f64::NAN; n],
         binding_limit: vec![f64::NAN; n],
         reason: Vec::new(),
     };
-    for c in 0..n {
-        let (x, b) = sanitise_request(topo, c, &env_in, &p.envelope);
-        cnt.s[c] = x;
-        let wanted = match topo.hot(c).kind {
-            ChargerKind::Ac => req_a[c],
-            ChargerKind::Dc => topo.hot(c).dc_line_a(req_w[c]),
-        };
-        // Keep the allocator's reason unless the envelope changed the value.
-        dec.binding[c] = if admitted[c] && (x - wanted).abs() <= 1e-9 * (1.0 + wanted) {
-            binding[c]
-        } else if admitted[c] {
-            dec.binding_node[c] = None;
-            dec.binding_phase[c] = None;
-            b
-        } else {
-            binding[c]
-        };
+    let settle = Settle {
+        topo,
+        m: &m,
+        ch,
+        p: &p.envelope,
+        admitted: &admitted,
+        binding: &binding,
+        frozen_by: &frozen_by,
+        raised: &raised,
+    };
+    let all = Settled {
+        base: 0,
+        s: &mut cnt.s,
+        binding: &mut dec.binding,
+        node: &mut dec.binding_node,
+        phase: &mut dec.binding_phase,
+    };
+    match halves {
+        Some(h) => {
+            let (first, second) = all.split_at(h.charger_at);
+            par::join(true, || settle.chargers(first), || settle.chargers(second));
+        }
+        None => settle.chargers(all),
     }
     // Node values for allocator-bound reasons are filled by enforce_limits' final pass.
     enforce_limits(topo, &mut cnt, &mut dec, None);
-    finish(topo, &env_in, &cnt, &mut dec, explain);
+    finish(topo, ch, &cnt, &mut dec, explain, halves);
     Ok(Allocation {
         decision: dec,
         level_a,

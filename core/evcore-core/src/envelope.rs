@@ -828,6 +828,19 @@ pub(crate) fn sanitise_request(
     ch: &ChargerInputs<'_>,
     p: &EnvelopeParams,
 ) -> (f64, Binding) {
+    sanitise_requested(topo, c, ch.requested_a[c], ch.requested_w[c], ch, p)
+}
+
+/// `sanitise_request` with the request given (`requested_a`, `requested_w`: the charger's
+/// entries of those columns; the other columns from `ch`).
+pub(crate) fn sanitise_requested(
+    topo: &Topology,
+    c: usize,
+    requested_a: f64,
+    requested_w: f64,
+    ch: &ChargerInputs<'_>,
+    p: &EnvelopeParams,
+) -> (f64, Binding) {
     let spec = topo.hot(c);
     if ch.faulted[c] {
         return (0.0, Binding::Fault);
@@ -837,9 +850,9 @@ pub(crate) fn sanitise_request(
     }
     let mut binding = Binding::None;
     let mut x = match spec.kind {
-        ChargerKind::Ac => ch.requested_a[c],
+        ChargerKind::Ac => requested_a,
         ChargerKind::Dc => {
-            let w = ch.requested_w[c];
+            let w = requested_w;
             if w.is_nan() {
                 0.0
             } else if w > spec.max_w {
@@ -932,7 +945,7 @@ pub(crate) fn enforce_split(
         dec.binding[c] = b;
     }
     enforce_limits(topo, &mut cnt, &mut dec, None);
-    finish(topo, ch, &cnt, &mut dec, explain);
+    finish(topo, ch, &cnt, &mut dec, explain, halves);
     Ok(dec)
 }
 
@@ -1179,31 +1192,118 @@ pub(crate) fn finish(
     cnt: &Counting,
     dec: &mut Decision,
     explain: bool,
+    halves: Option<Halves>,
 ) {
     let n = topo.n_chargers();
-    for c in 0..n {
+    let all = Finished {
+        base: 0,
+        setpoint_a: &mut dec.setpoint_a,
+        setpoint_w: &mut dec.setpoint_w,
+        binding: &mut dec.binding,
+    };
+    match halves {
+        Some(h) => {
+            let (first, second) = all.split_at(h.charger_at);
+            par::join(
+                true,
+                || finish_chargers(topo, ch, cnt, first),
+                || finish_chargers(topo, ch, cnt, second),
+            );
+        }
+        None => finish_chargers(topo, ch, cnt, all),
+    }
+    if explain {
+        let reasons = dec_reasons(topo, cnt, dec, n, halves);
+        dec.reason = reasons;
+    }
+}
+
+/// One sentence per charger (`reason`), the two halves on two threads when `halves`.
+fn dec_reasons(
+    topo: &Topology,
+    cnt: &Counting,
+    dec: &Decision,
+    n: usize,
+    halves: Option<Halves>,
+) -> Vec<String> {
+    let sentences = |r: std::ops::Range<usize>| -> Vec<String> {
+        r.map(|c| reason(topo, cnt, dec, c)).collect()
+    };
+    match halves {
+        Some(h) => {
+            let (mut first, second) = par::join(
+                true,
+                || sentences(0..h.charger_at),
+                || sentences(h.charger_at..n),
+            );
+            first.extend(second);
+            first
+        }
+        None => sentences(0..n),
+    }
+}
+
+/// The decision's per-charger columns `finish` writes, for chargers `base..`.
+struct Finished<'a> {
+    base: usize,
+    setpoint_a: &'a mut [f64],
+    setpoint_w: &'a mut [f64],
+    binding: &'a mut [Binding],
+}
+
+impl<'a> Finished<'a> {
+    /// Chargers before `at` and from `at` on.
+    fn split_at(self, at: usize) -> (Finished<'a>, Finished<'a>) {
+        let at = at - self.base;
+        let (a0, a1) = self.setpoint_a.split_at_mut(at);
+        let (w0, w1) = self.setpoint_w.split_at_mut(at);
+        let (b0, b1) = self.binding.split_at_mut(at);
+        (
+            Finished {
+                base: self.base,
+                setpoint_a: a0,
+                setpoint_w: w0,
+                binding: b0,
+            },
+            Finished {
+                base: self.base + at,
+                setpoint_a: a1,
+                setpoint_w: w1,
+                binding: b1,
+            },
+        )
+    }
+}
+
+/// Setpoints (A, W) from the counted values, and the reasons that only the counting gives.
+fn finish_chargers(topo: &Topology, ch: &ChargerInputs<'_>, cnt: &Counting, out: Finished<'_>) {
+    let Finished {
+        base,
+        setpoint_a,
+        setpoint_w,
+        binding,
+    } = out;
+    for i in 0..setpoint_a.len() {
+        let c = base + i;
         let spec = topo.hot(c);
         let x = cnt.s[c];
         match spec.kind {
             ChargerKind::Ac => {
-                dec.setpoint_a[c] = x;
-                dec.setpoint_w[c] = x * spec.voltage_v * spec.terminals() as f64;
+                setpoint_a[i] = x;
+                setpoint_w[i] = x * spec.voltage_v * spec.terminals() as f64;
             }
             ChargerKind::Dc => {
-                dec.setpoint_a[c] = x;
-                dec.setpoint_w[c] = spec.dc_power_w(x);
+                setpoint_a[i] = x;
+                setpoint_w[i] = spec.dc_power_w(x);
             }
         }
-        if dec.binding[c] == Binding::None {
+        if binding[i] == Binding::None {
             if ch.profile_unknown[c] {
-                dec.binding[c] = Binding::UnknownProfile;
+                binding[i] = Binding::UnknownProfile;
             } else if cnt.held_unconfirmed[c] && cnt.held[c][0] > x {
-                dec.binding[c] = Binding::UnconfirmedDecrease;
+                binding[i] = Binding::UnconfirmedDecrease;
             }
         }
-    }
-    if explain {
-        dec.reason = (0..n).map(|c| reason(topo, cnt, dec, c)).collect();
     }
 }
 
