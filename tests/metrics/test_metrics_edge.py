@@ -20,6 +20,7 @@ from evcore.edge.app import EdgeApp
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table, to_toml
 from evcore.metrics import MetricsConfigError
+from evcore.metrics.edge import node_utilisation, read_edge
 from evcore.sim.ev import EV
 from evcore.site import load_site
 from evcore.store import open_store
@@ -187,6 +188,8 @@ async def test_a_scrape_shows_what_the_controller_holds_and_the_stations_enforce
             )
 
         s3 = await _scrape_until(port, nodes_match, "node currents = the fleet's")
+        # What the scrape computes from its reading is the API's GetNodeUtilisation.
+        assert node_utilisation(read_edge(app)) == app.facade.node_utilisation()
         assert s3.value("evcore_chargers_charging") == 6
         for node in app.site.nodes:
             for k, phase in enumerate(PHASES):
@@ -209,6 +212,7 @@ async def test_a_scrape_shows_what_the_controller_holds_and_the_stations_enforce
         assert s4.get("evcore_node_curtailment_cap_watts", node_id="F1") is None
         assert s4.value("evcore_node_power_limit_watts", node_id="grid") == 10_000.0
         assert s4.value("evcore_curtailments_active") == 1
+        assert node_utilisation(read_edge(app)) == app.facade.node_utilisation()
         assert s4.value("evcore_curtailments_booked") == 1
         assert s4.value("evcore_curtailment_book_durable") == 1
         assert s4.value("evcore_curtailment_book_store_failures_total") == 0

@@ -312,10 +312,10 @@ class EdgeApp:
                 self.api_port = await self.api.start()
             if self.metrics_config is not None:
                 from evcore.metrics import MetricsServer, Registry
-                from evcore.metrics.edge import edge_families
+                from evcore.metrics.edge import edge_collector
 
                 registry = Registry()
-                registry.register(lambda: edge_families(self))
+                registry.register(edge_collector(self))
                 self.metrics = MetricsServer.from_config(registry, self.metrics_config)
                 self.metrics_port = await self.metrics.start()
             async with asyncio.TaskGroup() as tg:

@@ -1,24 +1,43 @@
 """What an edge exposes to Prometheus, read at scrape time from the running ``EdgeApp``.
 
 What this module owns: turning the edge's live objects into metric families — the controller's
-``stats`` and ``state`` (decisions, chargers, setpoints), the facade's node utilisation, the
-curtailment book and its ``BookWriter``, the ``AuditRecorder``'s journal, the bus's ``BusStats``
-and the central system's connections. Every name is in docs/metrics.md.
+``stats`` and ``state`` (decisions, chargers, setpoints), node currents as the facade's
+``node_utilisation`` computes them, the curtailment book and its ``BookWriter``, the
+``AuditRecorder``'s journal, the bus's ``BusStats`` and the central system's connections. Every
+name is in docs/metrics.md.
 
-What it must never do: change any of those objects or keep its own copy of their state. Labels
-are bounded by the site file (one series per charger, node and phase); nothing per decision.
+A scrape runs in two steps: ``read_edge`` copies plain values out of the live objects in the event
+loop (about 2 µs a charger), then ``build_families`` makes the families from that copy — called
+through ``edge_collector``, where ``render`` iterates them, in a worker thread — so a site of
+thousands of chargers does not hold the control loop for the formatting.
+
+What it must never do: change any of those objects or keep state between scrapes. Labels are
+bounded by the site file (one series per charger, node and phase); nothing per decision.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+import numpy as np
+
+from evcore.edge.dispatch import wire_value
 from evcore.edge.faults import is_suspect
 from evcore.metrics.exposition import MetricFamily
 
-__all__ = ["BUS_COUNTERS", "edge_families"]
+__all__ = [
+    "BUS_COUNTERS",
+    "ChargerReading",
+    "EdgeReading",
+    "build_families",
+    "edge_collector",
+    "edge_families",
+    "node_utilisation",
+    "read_edge",
+]
 
 #: ``BusStats`` counters and what each counts (``outbox_pending`` is a gauge, below).
 BUS_COUNTERS: dict[str, str] = {
@@ -36,6 +55,177 @@ BUS_COUNTERS: dict[str, str] = {
 
 # A charger "draws" when its latest meter values show at least this on some phase.
 _DRAWING_A = 1.0
+_QUANTILES = (0.5, 0.9, 0.99, 1.0)
+
+_Phases = tuple[float | None, float | None, float | None]
+
+
+class ChargerReading(NamedTuple):
+    charger_id: str
+    is_dc: bool
+    online: bool
+    plugged: bool
+    in_session: bool
+    faulted: bool
+    suspect: bool
+    profile_unknown: bool
+    sent: float | None  # the last limit told (A or W); None while unknown
+    accepted: bool
+    failsafe: float | None
+    measured_a: _Phases  # per site phase
+
+
+@dataclass(slots=True)
+class EdgeReading:
+    """Plain values copied out of one ``EdgeApp`` at one instant (``read_edge``)."""
+
+    site: Any
+    phase_names: tuple[str, str, str]
+    site_id: str
+    policy: str
+    config_version: str
+    decisions: int
+    profiles_sent: int
+    core_failures: int
+    failsafe_failures: int
+    audit_failures: int
+    faults_reported: int
+    last_decision_s: float
+    recent_decision_s: list[float]
+    last_setpoint_age_s: float | None
+    failsafe_plain: bool
+    chargers: list[ChargerReading]
+    #: Terminal currents (A) in ``site.chargers`` order, as the facade reads them.
+    terminal_a: list[tuple[float, float, float]]
+    caps_kw: dict[str, float]
+    curtailments_active: int
+    curtailments_booked: int
+    book_durable: bool | None = None
+    book_failures: int = 0
+    recorder: dict[str, int] | None = None
+    bus: dict[str, int] | None = None
+    stations: int = 0
+    stations_connected: int = 0
+    #: What the central system rounds limits down to (``EdgeController.wire``).
+    resolution_a: float = 0.0
+    resolution_w: float = 0.0
+
+    def wire(self, c: ChargerReading, value: float) -> float:
+        """``value`` as ``c`` is told it (``EdgeController.wire``)."""
+        res = self.resolution_w if c.is_dc else self.resolution_a
+        return wire_value(value, res) if res > 0 else value
+
+
+def read_edge(app: Any) -> EdgeReading:
+    """Copy what a scrape shows out of ``app`` (an ``evcore.edge.app.EdgeApp``); call it in the
+    event loop that runs the edge."""
+    ctrl = app.controller
+    stats = ctrl.stats
+    cfg = ctrl.cfg
+    now_m = ctrl.clock.monotonic()
+    now_w = ctrl.clock.now()
+    failsafe = ctrl.failsafe
+    chargers: list[ChargerReading] = []
+    newest_sent: float | None = None
+    for c in ctrl.state.chargers.values():
+        chargers.append(
+            ChargerReading(
+                c.charger_id,
+                c.is_dc,
+                c.online,
+                c.plugged,
+                c.transaction_id is not None,
+                c.faulted,
+                is_suspect(c, now_m, cfg),
+                c.profile_unknown,
+                c.sent,
+                c.accepted,
+                failsafe.get(c.charger_id),
+                c.measured_a,
+            )
+        )
+        if c.sent_at is not None and (newest_sent is None or c.sent_at > newest_sent):
+            newest_sent = c.sent_at
+    site = app.site
+    terminal: list[tuple[float, float, float]] = []
+    states = ctrl.state.chargers
+    for spec in site.chargers:
+        c = states.get(spec.id)
+        t = (None, None, None) if c is None else c.terminal_a
+        terminal.append((t[0] or 0.0, t[1] or 0.0, t[2] or 0.0))
+    book = ctrl.curtailments
+    out = EdgeReading(
+        site=site,
+        phase_names=_phase_names(site),
+        site_id=str(app.site_table.get("site", {}).get("id", "")),
+        policy=str(cfg.policy),
+        config_version=str(ctrl.config_version),
+        decisions=stats.decisions,
+        profiles_sent=stats.profiles_sent,
+        core_failures=stats.core_failures,
+        failsafe_failures=stats.failsafe_failures,
+        audit_failures=stats.audit_failures,
+        faults_reported=len(stats.faults_reported),
+        last_decision_s=stats.last_decision_s,
+        recent_decision_s=list(stats.decision_s.values()),
+        last_setpoint_age_s=None if newest_sent is None else max(0.0, now_m - newest_sent),
+        failsafe_plain=bool(ctrl.failsafe_is_plain()),
+        chargers=chargers,
+        terminal_a=terminal,
+        caps_kw=dict(book.caps_kw(now_w)),
+        curtailments_active=len(book.in_force(now_w)),
+        curtailments_booked=len(book),
+        resolution_a=float(cfg.resolution_a),
+        resolution_w=float(cfg.resolution_w),
+    )
+    if app.book is not None:
+        out.book_durable = bool(app.book.durable)
+        out.book_failures = int(getattr(app.book, "failures", 0))
+    rec = app.recorder
+    if rec is not None:
+        out.recorder = {
+            "journal_pending": int(rec.journal_pending),
+            **{
+                k: int(getattr(rec, k, 0))
+                for k in ("journaled", "journal_moved", "journal_failures", "store_failures")
+            },
+        }
+    if app.bus is not None:
+        stats_now = app.bus.stats
+        out.bus = {k: int(getattr(stats_now, k, 0)) for k in (*BUS_COUNTERS, "outbox_pending")}
+    out.stations = len({c.ocpp_id for c in states.values()})
+    out.stations_connected = len(app.central.connected())
+    return out
+
+
+def edge_collector(app: Any) -> Callable[[], Iterable[MetricFamily]]:
+    """A ``Registry`` collector for ``app``: reads when called, builds where iterated."""
+
+    def collect() -> Iterator[MetricFamily]:
+        return _built_when_iterated(read_edge(app))
+
+    return collect
+
+
+def _built_when_iterated(r: EdgeReading) -> Iterator[MetricFamily]:
+    yield from build_families(r)
+
+
+def build_families(r: EdgeReading) -> list[MetricFamily]:
+    """Every family of one reading (touches nothing live: safe in a worker thread)."""
+    return [
+        *_controller_families(r),
+        *_charger_families(r),
+        *_node_families(r),
+        *_store_families(r),
+        *_bus_families(r),
+        *_ocpp_families(r),
+    ]
+
+
+def edge_families(app: Any) -> list[MetricFamily]:
+    """Read and build at once (tests, tools)."""
+    return build_families(read_edge(app))
 
 
 def _gauge(name: str, help: str, value: float | None = None) -> MetricFamily:
@@ -49,96 +239,11 @@ def _counter(name: str, help: str, value: float) -> MetricFamily:
     return MetricFamily(name, "counter", help).add(value)
 
 
-def edge_families(app: Any) -> list[MetricFamily]:
-    """Every family of one edge (an ``evcore.edge.app.EdgeApp``), read now."""
-    out: list[MetricFamily] = []
-    out += _controller_families(app)
-    out += _charger_families(app)
-    out += _node_families(app)
-    out += _store_families(app)
-    out += _bus_families(app)
-    out += _ocpp_families(app)
-    return out
-
-
-def _controller_families(app: Any) -> list[MetricFamily]:
-    ctrl = app.controller
-    stats = ctrl.stats
-    site_id = str(app.site_table.get("site", {}).get("id", ""))
-    now_m = ctrl.clock.monotonic()
-    out = [
-        MetricFamily(
-            "evcore_edge_info",
-            "gauge",
-            "Always 1; labels: the site, the allocation policy and the site file's hash.",
-        ).add(
-            1,
-            {"site_id": site_id, "policy": ctrl.cfg.policy, "config_version": ctrl.config_version},
-        ),
-        _counter(
-            "evcore_decisions_total",
-            "Decisions made (allocator and envelope, or the failsafe fallback).",
-            stats.decisions,
-        ),
-        _counter(
-            "evcore_profiles_sent_total",
-            "Charging profiles (TxProfile and TxDefault) handed to the central system.",
-            stats.profiles_sent,
-        ),
-        _counter(
-            "evcore_core_decision_failures_total",
-            "Decisions the core refused; every charger then fell back to its failsafe level.",
-            stats.core_failures,
-        ),
-        _counter(
-            "evcore_failsafe_recompute_failures_total",
-            "Failsafe level recomputations that failed (the previous levels stayed in force).",
-            stats.failsafe_failures,
-        ),
-        _counter(
-            "evcore_audit_append_failures_total",
-            "Decisions whose audit record was not durable in time: nothing of them was sent.",
-            stats.audit_failures,
-        ),
-        _counter(
-            "evcore_faults_reported_total",
-            "Chargers marked faulted (drawing above their profile for fault_after_s).",
-            len(stats.faults_reported),
-        ),
-        _gauge(
-            "evcore_last_decision_duration_seconds",
-            "The last decision that sent something: from its start until its last TxProfile "
-            "was handed to the central system (0 before the first).",
-            stats.last_decision_s,
-        ),
-    ]
-    recent = sorted(stats.decision_s.values())
-    summary = MetricFamily(
-        "evcore_decision_duration_seconds",
-        "summary",
-        "Quantiles of the same duration over the last 64 decisions that sent something "
-        "(a sliding window: no _sum or _count).",
-    )
-    if recent:
-        summary.add_summary({q: _quantile(recent, q) for q in (0.5, 0.9, 0.99, 1.0)})
-    out.append(summary)
-    sent_at = [c.sent_at for c in ctrl.state.chargers.values() if c.sent_at is not None]
-    out.append(
-        _gauge(
-            "evcore_last_setpoint_age_seconds",
-            "Seconds since the newest TxProfile left (absent before the first).",
-            max(0.0, now_m - max(sent_at)) if sent_at else None,
-        )
-    )
-    out.append(
-        _gauge(
-            "evcore_failsafe_levels_plain",
-            "1 when the failsafe levels in force count no charger at its maximum (every "
-            "charger holds a TxDefault of ours, known applied), else 0.",
-            1 if ctrl.failsafe_is_plain() else 0,
-        )
-    )
-    return out
+def _phase_names(site: Any) -> tuple[str, str, str]:
+    names = getattr(site, "phase_names", None)
+    if names is None or len(names) != 3:
+        return ("L1", "L2", "L3")
+    return (str(names[0]), str(names[1]), str(names[2]))
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -147,15 +252,86 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def _charger_families(app: Any) -> list[MetricFamily]:
-    ctrl = app.controller
-    cfg = ctrl.cfg
-    now_m = ctrl.clock.monotonic()
-    chargers = list(ctrl.state.chargers.values())
-    phases = _phase_names(app)
+def _controller_families(r: EdgeReading) -> list[MetricFamily]:
+    out = [
+        MetricFamily(
+            "evcore_edge_info",
+            "gauge",
+            "Always 1; labels: the site, the allocation policy and the site file's hash.",
+        ).add(1, {"site_id": r.site_id, "policy": r.policy, "config_version": r.config_version}),
+        _counter(
+            "evcore_decisions_total",
+            "Decisions made (allocator and envelope, or the failsafe fallback).",
+            r.decisions,
+        ),
+        _counter(
+            "evcore_profiles_sent_total",
+            "Charging profiles (TxProfile and TxDefault) handed to the central system.",
+            r.profiles_sent,
+        ),
+        _counter(
+            "evcore_core_decision_failures_total",
+            "Decisions the core refused; every charger then fell back to its failsafe level.",
+            r.core_failures,
+        ),
+        _counter(
+            "evcore_failsafe_recompute_failures_total",
+            "Failsafe level recomputations that failed (the previous levels stayed in force).",
+            r.failsafe_failures,
+        ),
+        _counter(
+            "evcore_audit_append_failures_total",
+            "Decisions whose audit record was not durable in time: nothing of them was sent.",
+            r.audit_failures,
+        ),
+        _counter(
+            "evcore_faults_reported_total",
+            "Chargers marked faulted (drawing above their profile for fault_after_s).",
+            r.faults_reported,
+        ),
+        _gauge(
+            "evcore_last_decision_duration_seconds",
+            "The last decision that sent something: from its start until its last TxProfile "
+            "was handed to the central system (0 before the first).",
+            r.last_decision_s,
+        ),
+    ]
+    summary = MetricFamily(
+        "evcore_decision_duration_seconds",
+        "summary",
+        "Quantiles of the same duration over the last 64 decisions that sent something "
+        "(a sliding window: no _sum or _count).",
+    )
+    recent = sorted(r.recent_decision_s)
+    if recent:
+        summary.add_summary({q: _quantile(recent, q) for q in _QUANTILES})
+    out.append(summary)
+    out.append(
+        _gauge(
+            "evcore_last_setpoint_age_seconds",
+            "Seconds since the newest TxProfile left (absent before the first).",
+            r.last_setpoint_age_s,
+        )
+    )
+    out.append(
+        _gauge(
+            "evcore_failsafe_levels_plain",
+            "1 when the failsafe levels in force count no charger at its maximum (every "
+            "charger holds a TxDefault of ours, known applied), else 0.",
+            1 if r.failsafe_plain else 0,
+        )
+    )
+    return out
 
-    def count(name: str, help: str, pred: Any) -> MetricFamily:
+
+def _charger_families(r: EdgeReading) -> list[MetricFamily]:
+    chargers = r.chargers
+
+    def count(name: str, help: str, pred: Callable[[ChargerReading], bool]) -> MetricFamily:
         return _gauge(name, help, sum(1 for c in chargers if pred(c)))
+
+    def drawing(c: ChargerReading) -> bool:
+        return c.in_session and any(v is not None and v >= _DRAWING_A for v in c.measured_a)
 
     out = [
         _gauge("evcore_chargers", "Chargers in the site file.", len(chargers)),
@@ -166,19 +342,19 @@ def _charger_families(app: Any) -> list[MetricFamily]:
         count(
             "evcore_chargers_in_session",
             "Chargers with a transaction in progress.",
-            lambda c: c.transaction_id is not None,
+            lambda c: c.in_session,
         ),
         count(
             "evcore_chargers_charging",
             f"Chargers in a session whose latest meter values show at least {_DRAWING_A:g} A "
             "on some phase.",
-            lambda c: c.transaction_id is not None and (c.measured_max_a() or 0.0) >= _DRAWING_A,
+            drawing,
         ),
         count("evcore_chargers_faulted", "Chargers the edge marked faulted.", lambda c: c.faulted),
         count(
             "evcore_chargers_suspect",
             "Chargers drawing above their profile for at least ignore_after_s.",
-            lambda c: is_suspect(c, now_m, cfg),
+            lambda c: c.suspect,
         ),
         count(
             "evcore_chargers_profile_unknown",
@@ -191,8 +367,8 @@ def _charger_families(app: Any) -> list[MetricFamily]:
     sp_a = MetricFamily(
         "evcore_charger_setpoint_amperes",
         "gauge",
-        "AC: the last limit the charger was told (TxProfile, or its TxDefault after a session), "
-        "per phase, as sent on the wire; absent while unknown.",
+        "AC: the last limit the charger was told per phase (TxProfile, or its TxDefault after a "
+        "session), as sent on the wire; absent while unknown.",
     )
     sp_w = MetricFamily(
         "evcore_charger_setpoint_watts",
@@ -216,16 +392,16 @@ def _charger_families(app: Any) -> list[MetricFamily]:
         "gauge",
         "The charger's current per site phase in its latest meter values (kept when stale).",
     )
+    phases = r.phase_names
     for c in chargers:
         cid = {"charger_id": c.charger_id}
         online.add(1 if c.online else 0, cid)
         faulted.add(1 if c.faulted else 0, cid)
         if c.sent is not None:
-            (sp_w if c.is_dc else sp_a).add(ctrl.wire(c.charger_id, c.sent), cid)
+            (sp_w if c.is_dc else sp_a).add(r.wire(c, c.sent), cid)
             confirmed.add(1 if c.accepted else 0, cid)
-        level = ctrl.failsafe.get(c.charger_id)
-        if level is not None:
-            (fs_w if c.is_dc else fs_a).add(ctrl.wire(c.charger_id, level), cid)
+        if c.failsafe is not None:
+            (fs_w if c.is_dc else fs_a).add(r.wire(c, c.failsafe), cid)
         for name, value in zip(phases, c.measured_a, strict=True):
             if value is not None:
                 current.add(value, {"charger_id": c.charger_id, "phase": name})
@@ -233,17 +409,35 @@ def _charger_families(app: Any) -> list[MetricFamily]:
     return out
 
 
-def _phase_names(app: Any) -> tuple[str, str, str]:
-    names = getattr(app.site, "phase_names", None)
-    if names is None or len(names) != 3:
-        return ("L1", "L2", "L3")
-    return (str(names[0]), str(names[1]), str(names[2]))
+def node_utilisation(r: EdgeReading) -> list[dict[str, Any]]:
+    """``ControllerFacade.node_utilisation`` on the reading: per node the line current per
+    phase from the latest measurements (stale ones included), its limits, power and the lower
+    of its power limit and a curtailment in force."""
+    from evcore.checker import node_phase_currents, node_power_kw
+
+    site = r.site
+    if site is None or not r.terminal_a:
+        return []
+    terminal = np.asarray(r.terminal_a, dtype=np.float64)
+    currents = np.asarray(node_phase_currents(site, terminal))
+    power = np.asarray(node_power_kw(site, terminal))
+    out: list[dict[str, Any]] = []
+    for j, node in enumerate(site.nodes):
+        limits = [x for x in (node.power_limit_kw, r.caps_kw.get(node.id)) if x is not None]
+        out.append(
+            {
+                "node_id": node.id,
+                "current_a": [float(x) for x in currents[j]],
+                "phase_limit_a": list(node.phase_limit_a),
+                "power_kw": float(power[j]),
+                "power_limit_kw": min(limits) if limits else None,
+            }
+        )
+    return out
 
 
-def _node_families(app: Any) -> list[MetricFamily]:
-    ctrl = app.controller
-    phases = _phase_names(app)
-    now_w = ctrl.clock.now()
+def _node_families(r: EdgeReading) -> list[MetricFamily]:
+    phases = r.phase_names
     current = MetricFamily(
         "evcore_node_current_amperes",
         "gauge",
@@ -269,7 +463,7 @@ def _node_families(app: Any) -> list[MetricFamily]:
         "The lower of the node's power limit in the site file and a curtailment in force; "
         "absent when it has neither.",
     )
-    for row in app.facade.node_utilisation():
+    for row in node_utilisation(r):
         node = {"node_id": str(row["node_id"])}
         for name, amps, lim in zip(phases, row["current_a"], row["phase_limit_a"], strict=True):
             labels = {**node, "phase": name}
@@ -280,14 +474,13 @@ def _node_families(app: Any) -> list[MetricFamily]:
         power.add(float(row["power_kw"]) * 1000.0, node)
         if row["power_limit_kw"] is not None:
             power_limit.add(float(row["power_limit_kw"]) * 1000.0, node)
-    book = ctrl.curtailments
     caps = MetricFamily(
         "evcore_node_curtailment_cap_watts",
         "gauge",
         "The tightest grid curtailment in force at the node (from curtail_lead_s before its "
         "start); absent without one.",
     )
-    for node_id, kw in sorted(book.caps_kw(now_w).items()):
+    for node_id, kw in sorted(r.caps_kw.items()):
         caps.add(kw * 1000.0, {"node_id": node_id})
     return [
         current,
@@ -299,45 +492,44 @@ def _node_families(app: Any) -> list[MetricFamily]:
         _gauge(
             "evcore_curtailments_active",
             "Curtailments in force now (from curtail_lead_s before their start).",
-            len(book.in_force(now_w)),
+            r.curtailments_active,
         ),
         _gauge(
             "evcore_curtailments_booked",
             "Curtailments in the book (in force or still to come).",
-            len(book),
+            r.curtailments_booked,
         ),
     ]
 
 
-def _store_families(app: Any) -> list[MetricFamily]:
+def _store_families(r: EdgeReading) -> list[MetricFamily]:
     out: list[MetricFamily] = []
-    book = app.book
-    if book is not None:
+    if r.book_durable is not None:
         out.append(
             _gauge(
                 "evcore_curtailment_book_durable",
                 "1 when a restart now would restore the curtailments in force (the store, or "
                 "in an outage its local copy, holds them), else 0.",
-                1 if book.durable else 0,
+                1 if r.book_durable else 0,
             )
         )
         out.append(
             _counter(
                 "evcore_curtailment_book_store_failures_total",
                 "Writes of the curtailment book to the store that failed or timed out.",
-                getattr(book, "failures", 0),
+                r.book_failures,
             )
         )
-    rec = app.recorder
+    rec = r.recorder
     if rec is not None:
         out.append(
             _gauge(
                 "evcore_audit_journal_pending_records",
                 "Audit records in the local journal, not yet in the audit log.",
-                rec.journal_pending,
+                rec["journal_pending"],
             )
         )
-        for attr, name, help in (
+        for key, name, help in (
             (
                 "journaled",
                 "evcore_audit_journaled_records_total",
@@ -359,47 +551,32 @@ def _store_families(app: Any) -> list[MetricFamily]:
                 "Audit appends the store failed or did not take in time.",
             ),
         ):
-            out.append(_counter(name, help, getattr(rec, attr, 0)))
+            out.append(_counter(name, help, rec[key]))
     return out
 
 
-def _bus_families(app: Any) -> list[MetricFamily]:
-    bus = app.bus
-    if bus is None:
+def _bus_families(r: EdgeReading) -> list[MetricFamily]:
+    if r.bus is None:
         return []
-    stats = bus.stats
     out = [
-        _counter(f"evcore_bus_{field}_total", help, getattr(stats, field, 0))
-        for field, help in BUS_COUNTERS.items()
+        _counter(f"evcore_bus_{key}_total", help, r.bus[key]) for key, help in BUS_COUNTERS.items()
     ]
     out.append(
         _gauge(
             "evcore_bus_outbox_pending_messages",
             "Critical events accepted but not yet confirmed by the broker.",
-            getattr(stats, "outbox_pending", 0),
+            r.bus["outbox_pending"],
         )
     )
     return out
 
 
-def _ocpp_families(app: Any) -> list[MetricFamily]:
-    central = app.central
-    stations = sorted({c.ocpp_id for c in app.controller.state.chargers.values()})
-    connected = central.connected()
-    queued = 0
-    for ocpp_id in stations:
-        with contextlib.suppress(KeyError):
-            queued += central.station_state(ocpp_id).queued_calls
+def _ocpp_families(r: EdgeReading) -> list[MetricFamily]:
     return [
-        _gauge("evcore_ocpp_stations", "Stations in the site file.", len(stations)),
+        _gauge("evcore_ocpp_stations", "Stations in the site file.", r.stations),
         _gauge(
             "evcore_ocpp_stations_connected",
             "Stations connected to the central system now.",
-            len(connected),
-        ),
-        _gauge(
-            "evcore_ocpp_queued_calls",
-            "Calls to stations waiting in their per-station queues.",
-            queued,
+            r.stations_connected,
         ),
     ]

@@ -38,6 +38,8 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 _RESERVED = {"summary": frozenset({"quantile"})}
 
 Labels = Mapping[str, str]
+#: (type, label names) already checked.
+_CHECKED_NAMES: set[tuple[str, tuple[str, ...]]] = set()
 _LabelPairs = tuple[tuple[str, str], ...]
 
 
@@ -97,15 +99,20 @@ class MetricFamily:
     def _pairs(self, labels: Labels | None) -> _LabelPairs:
         if not labels:
             return ()
-        reserved = _RESERVED.get(self.kind, frozenset())
-        out: list[tuple[str, str]] = []
-        for key, value in labels.items():
-            if not _LABEL_NAME.match(key) or key.startswith("__") or key in reserved:
-                raise ValueError(f"metric {self.name}: {key!r} cannot be a label name here")
-            if not isinstance(value, str):
+        pairs = tuple(labels.items())
+        names = (self.kind, tuple(k for k, _ in pairs))
+        if names not in _CHECKED_NAMES:
+            # A scrape adds the same few label name sets thousands of times: check each once.
+            reserved = _RESERVED.get(self.kind, frozenset())
+            for key in names[1]:
+                if not _LABEL_NAME.match(key) or key.startswith("__") or key in reserved:
+                    raise ValueError(f"metric {self.name}: {key!r} cannot be a label name here")
+            if len(_CHECKED_NAMES) < 1024:
+                _CHECKED_NAMES.add(names)
+        for key, value in pairs:
+            if type(value) is not str:
                 raise ValueError(f"metric {self.name}: label {key} must be a str, got {value!r}")
-            out.append((key, value))
-        return tuple(out)
+        return pairs
 
 
 def _number(name: str, value: float) -> float:
@@ -128,6 +135,8 @@ def _format(value: float) -> str:
 
 
 def _escape_label(value: str) -> str:
+    if "\\" not in value and '"' not in value and "\n" not in value:
+        return value
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
@@ -149,7 +158,7 @@ def render(families: Iterable[MetricFamily]) -> str:
         lines.append(f"# TYPE {fam.name} {fam.kind}")
         series: set[tuple[str, _LabelPairs]] = set()
         for suffix, pairs, value in fam.samples:
-            key = (suffix, tuple(sorted(pairs)))
+            key = (suffix, pairs if len(pairs) < 2 else tuple(sorted(pairs)))
             if key in series:
                 raise ValueError(f"metric {fam.name}{suffix}: series {dict(pairs)} given twice")
             series.add(key)
@@ -161,6 +170,9 @@ def render(families: Iterable[MetricFamily]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+#: Called at every scrape, in the event loop: it reads what it shows then and there. The
+#: iterable it returns is iterated later, in a worker thread (``MetricsServer``): a generator
+#: that builds families must only touch what the collector copied before returning it.
 Collector = Callable[[], Iterable[MetricFamily]]
 
 
@@ -218,11 +230,12 @@ class Registry:
         self.register(c.collect)
         return c
 
+    def read(self) -> list[Iterable[MetricFamily]]:
+        """Call every collector (in the event loop); what each returned, not yet iterated."""
+        return [collector() for collector in self._collectors]
+
     def collect(self) -> list[MetricFamily]:
-        out: list[MetricFamily] = []
-        for collector in self._collectors:
-            out.extend(collector())
-        return out
+        return [fam for part in self.read() for fam in part]
 
     def render(self) -> str:
         return render(self.collect())

@@ -8,21 +8,23 @@ with the registry rendered at that moment, 404 for any other path, 405 for anoth
 connection (``Connection: close``); at most ``max_connections`` at a time (more are closed at
 once). A collector that fails gives 500 and a logged traceback; the server lives on.
 
-What it must never do: let a scrape stall the control loop. Collection is synchronous and reads
-the live objects between two awaits; every read or write on a socket is bounded by a timeout.
+What it must never do: let a scrape stall the control loop. The collectors read the live objects
+in the loop (between two awaits, so what they read is consistent); the families they return are
+built and formatted in a worker thread; every read or write on a socket is bounded by a timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from evcore.metrics.exposition import CONTENT_TYPE, Registry
+from evcore.metrics.exposition import CONTENT_TYPE, MetricFamily, Registry, render
 
 __all__ = ["MetricsConfig", "MetricsConfigError", "MetricsServer"]
 
@@ -202,7 +204,9 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             return 405, False, b"only GET and HEAD\n", text
         try:
-            body = self.registry.render().encode("utf-8")
+            # Read in the loop, format beside it: the loop is held only for the reading.
+            parts = self.registry.read()
+            body = await asyncio.to_thread(_render_bytes, parts)
         except Exception:
             log.exception("metrics: collecting failed")
             return 500, method == "HEAD", b"collecting the metrics failed (see the log)\n", text
@@ -225,6 +229,10 @@ class MetricsServer:
                     dropped += len(chunk)
 
             await asyncio.wait_for(drain_input(), 1.0)
+
+
+def _render_bytes(parts: list[Iterable[MetricFamily]]) -> bytes:
+    return render(itertools.chain.from_iterable(parts)).encode("utf-8")
 
 
 def _parse_head(raw: bytes) -> tuple[str, str] | None:
