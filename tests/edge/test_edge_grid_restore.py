@@ -556,13 +556,15 @@ async def test_evcore_edge_restores_the_local_copy_a_store_outage_left(tmp_path:
         await asyncio.wait_for(runner, 30)
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["tight-first", "loose-first"])
-def test_revisions_issued_at_the_same_instant_end_the_same_whatever_the_order(
+@pytest.mark.parametrize("reverse", [False, True], ids=["first-second", "second-first"])
+def test_same_instant_signals_apply_in_stream_order_and_a_redelivery_never_overrides(
     reverse: bool,
 ) -> None:
     """Two revisions (or a revision and a cancel) of one curtailment issued at the same instant:
-    before, the one delivered last stood, so a redelivery could leave the looser 20 kW in force;
-    now the tighter one stands (and a cancel never removes a revision of its own instant)."""
+    the one later in the stream stands (first deliveries come in stream order), and the earlier
+    one delivered again after it (its ack was lost) is ignored. Review 2026-12-05: a rule that
+    kept the tighter one ignored an operator's cancel issued in the same second for good, and
+    dropped part of a cap when neither revision was tighter in every respect."""
     from evcore.edge.signals import apply_grid_signal
 
     table = depot_table(2, per_feeder=2, site_id="ties")
@@ -573,8 +575,62 @@ def test_revisions_issued_at_the_same_instant_end_the_same_whatever_the_order(
     for pair in ((tight, loose), (tight, cancel), (loose, cancel)):
         ctrl, clock = stepped_controller(table, _Gateway())
         clock.advance(now - clock.now() + 1.0)
-        order = list(reversed(pair)) if reverse else list(pair)
-        for sig in [*order, order[0]]:  # and the first again: a redelivery after a lost ack
-            apply_grid_signal(ctrl, sig.SerializeToString())
-        expected = min(s.curtailment.max_kw for s in pair if not s.curtailment.cancelled)
-        assert ctrl.curtailments.caps_kw(clock.now()) == {"grid": expected}, (order, expected)
+        first, second = reversed(pair) if reverse else pair
+        for sig, again in ((first, False), (second, False), (first, True)):
+            apply_grid_signal(ctrl, sig.SerializeToString(), redelivered=again)
+        c = second.curtailment
+        expected = {} if c.cancelled else {"grid": c.max_kw}
+        assert ctrl.curtailments.caps_kw(clock.now()) == expected, (pair, reverse)
+
+
+def test_a_local_copy_never_replaces_a_later_one(tmp_path: Path) -> None:
+    """A local write whose task was cancelled goes on in its thread: it must not overwrite a
+    later copy (review 2026-12-05: two writers of one temporary file left it unreadable)."""
+    from evcore.edge.signals import _write_atomic
+
+    path = tmp_path / FALLBACK_NAME
+    assert _write_atomic(path, '{"seq": 5}', 5)
+    assert not _write_atomic(path, '{"seq": 3}', 3)
+    assert path.read_text() == '{"seq": 5}'
+    assert [p.name for p in tmp_path.iterdir()] == [FALLBACK_NAME]  # no temporary file left
+
+
+async def test_the_newer_copy_is_told_by_seq_not_by_the_wall_clock(tmp_path: Path) -> None:
+    """The edge's clock steps back 30 s during a store outage: the local copy written then holds
+    a curtailment the store's copy lacks, with an earlier saved_at. Review 2026-12-05: chosen by
+    saved_at, the store's older book was restored and the 5 kW curtailment lost for good."""
+    table = depot_table(2, per_feeder=2, site_id="clock-step")
+    ctrl, clock = stepped_controller(table, _Gateway())
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    store = open_store(section, tmp_path)
+    await store.open()
+    local = tmp_path / FALLBACK_NAME
+    now = clock.now()
+    writer = BookWriter(ctrl, store, fallback=local)
+    try:
+        ctrl.curtailments.add(Curtailment("a", "grid", 50.0, now, now + 3600.0))
+        assert await writer.save()
+        clock.wall -= 30.0  # the wall clock steps back
+        real = store.set_meta
+
+        async def down(key: str, value: str) -> None:
+            raise OSError("store down (test)")
+
+        store.set_meta = down  # type: ignore[method-assign]
+        ctrl.curtailments.add(Curtailment("b", "grid", 5.0, now, now + 3600.0))
+        assert not await writer.save()
+        assert writer.durable and local.exists()
+        store.set_meta = real  # type: ignore[method-assign]
+    finally:
+        await store.close()
+    store2 = open_store(section, tmp_path)
+    await store2.open()
+    try:
+        fresh, _ = stepped_controller(table, _Gateway())
+        writer2 = BookWriter(fresh, store2, fallback=local)
+        assert await writer2.load() == 2
+        assert fresh.curtailments.caps_kw(now + 1.0) == {"grid": 5.0}
+        assert await writer2.save_if_dirty()
+        assert await _stored_ids(store2) == ["a", "b"] and not local.exists()
+    finally:
+        await store2.close()

@@ -106,12 +106,14 @@ class CurtailmentBook:
         for sid in [s for s, (_, until) in self._issued.items() if until <= now]:
             del self._issued[sid]
 
-    def snapshot(self, saved_at: float | None = None) -> str:
+    def snapshot(self, saved_at: float | None = None, seq: int | None = None) -> str:
         """The book as JSON (curtailments held and the revision marks), for the edge's store;
-        ``saved_at`` (wall clock) tells two copies of the book apart (the newer one counts)."""
+        ``seq`` (increasing with every copy written, kept across restarts) tells two copies of
+        the book apart, ``saved_at`` (wall clock, which can step back) only copies without one."""
         return json.dumps(
             {
                 "v": 1,
+                "seq": seq,
                 "saved_at": saved_at,
                 "curtailments": [
                     [c.signal_id, c.node_id, c.max_kw, c.start, c.end] for c in self._by_id.values()

@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,14 +34,13 @@ def _ts(msg: Any) -> float:
     return float(msg.seconds) + float(msg.nanos) * 1e-9
 
 
-def _tie_key(c: Curtailment) -> tuple[float, float, float, str]:
-    """Order of two revisions issued at the same instant: the lower limit first, then the earlier
-    start, the later end (the tighter one comes first)."""
-    return (c.max_kw, c.start, -c.end, c.node_id)
+def apply_grid_signal(ctrl: EdgeController, data: bytes, *, redelivered: bool = False) -> str:
+    """Decode one ``GridSignal`` and hand it to the controller; returns what it was.
 
-
-def apply_grid_signal(ctrl: EdgeController, data: bytes) -> str:
-    """Decode one ``GridSignal`` and hand it to the controller; returns what it was."""
+    ``redelivered``: the bus delivers this message again (its first delivery's ack was lost).
+    Revisions and cancels issued at the same instant apply in delivery order, which is stream
+    order on a first delivery; a redelivery issued at the same instant as the revision or cancel
+    applied last is older in the stream than that one and is ignored."""
     sig = grid_pb2.GridSignal()
     try:
         sig.ParseFromString(data)
@@ -58,17 +59,16 @@ def apply_grid_signal(ctrl: EdgeController, data: bytes) -> str:
                 "grid signal %s: older than the revision of %s held; ignored", sig.signal_id, sid
             )
             return "older"
+        if redelivered and book.same_instant(sid, issued):
+            log.info(
+                "grid signal %s: redelivered, issued at the same instant as the revision of %s "
+                "applied since; ignored",
+                sig.signal_id,
+                sid,
+            )
+            return "redelivered"
         held = book.get(sid)
-        tie = book.same_instant(sid, issued) and held is not None
         if c.cancelled:
-            if tie:
-                # A revision and a cancel issued at the same instant: which came last is not
-                # known (the bus gives no stream sequence); the curtailment stands, whatever
-                # the order of delivery.
-                log.warning(
-                    "grid signal %s: cancel issued with revision of %s; kept", sig.signal_id, sid
-                )
-                return "tie"
             ends = [x.end for x in (held,) if x is not None]
             if c.HasField("end"):
                 ends.append(_ts(c.end))
@@ -78,16 +78,6 @@ def apply_grid_signal(ctrl: EdgeController, data: bytes) -> str:
         if not c.HasField("start") or not c.HasField("end"):
             raise BadPayload(f"curtailment {sid}: start and end are required")
         new = Curtailment(sid, c.node_id, c.max_kw, _ts(c.start), _ts(c.end))
-        if tie and held is not None and _tie_key(new) > _tie_key(held):
-            # Two revisions issued at the same instant: the tighter one stands, whatever the
-            # order of delivery (a redelivery of the same revision applies again).
-            log.warning(
-                "grid signal %s: revision of %s issued at the same instant as the one "
-                "held and looser; the tighter stands",
-                sig.signal_id,
-                sid,
-            )
-            return "tie"
         try:
             ctrl.post_curtailment(new)
         except GridSignalError as exc:
@@ -141,29 +131,42 @@ def book_fallback_path(audit_journal: Path | None) -> Path | None:
     return None if audit_journal is None else audit_journal.parent / FALLBACK_NAME
 
 
-def _saved_at(text: str | None) -> float:
+def _copy_order(text: str | None) -> tuple[float, float]:
+    """How new a stored copy of the book is: its ``seq``, then its ``saved_at`` (copies written
+    before ``seq`` existed). Unreadable: newest, so that ``restore`` names what is wrong."""
     if not text:
-        return -math.inf
+        return (-math.inf, -math.inf)
     try:
-        t = json.loads(text).get("saved_at")
+        data = json.loads(text)
+        seq, t = data.get("seq"), data.get("saved_at")
     except (ValueError, AttributeError):
-        return math.inf  # unreadable: restore() names what is wrong
-    return float(t) if isinstance(t, int | float) and math.isfinite(t) else -math.inf
+        return (math.inf, math.inf)
+
+    def num(v: Any) -> float:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        return float(v) if ok else -math.inf
+
+    return (num(seq), num(t))
 
 
-async def load_curtailments(ctrl: EdgeController, store: Any, fallback: Path | None = None) -> int:
-    """Restore the curtailment book into ``ctrl``: the store's (``BOOK_KEY``) or, when it is
-    newer (``saved_at``), the local copy a store outage left at ``fallback``. Call at start, before
-    the first decision. Ended curtailments are not restored. Returns how many were."""
+async def _copies(store: Any, fallback: Path | None) -> tuple[str | None, str | None]:
     text = await store.get_meta(BOOK_KEY)
-    where = f"the store's meta key {BOOK_KEY!r}"
     local: str | None = None
     if fallback is not None:
         try:
             local = await asyncio.to_thread(fallback.read_text, encoding="utf-8")
         except FileNotFoundError:
             local = None
-    if local and _saved_at(local) >= _saved_at(text):
+    return text, local
+
+
+async def load_curtailments(ctrl: EdgeController, store: Any, fallback: Path | None = None) -> int:
+    """Restore the curtailment book into ``ctrl``: the store's (``BOOK_KEY``) or, when it is
+    newer (``seq``), the local copy a store outage left at ``fallback``. Call at start, before
+    the first decision. Ended curtailments are not restored. Returns how many were."""
+    text, local = await _copies(store, fallback)
+    where = f"the store's meta key {BOOK_KEY!r}"
+    if local and _copy_order(local) >= _copy_order(text):
         text, where = local, f"the local copy {str(fallback)!r}"
         log.warning("curtailment book restored from %s (newer than the store's)", fallback)
     if not text:
@@ -184,29 +187,47 @@ async def load_curtailments(ctrl: EdgeController, store: Any, fallback: Path | N
     return len(ctrl.curtailments)
 
 
-def _book_text(ctrl: EdgeController) -> str:
+def _book_text(ctrl: EdgeController, seq: int | None = None) -> str:
     ctrl.curtailments.prune(ctrl.clock.now())
-    return ctrl.curtailments.snapshot(saved_at=ctrl.clock.now())
+    return ctrl.curtailments.snapshot(saved_at=ctrl.clock.now(), seq=seq)
 
 
-async def store_curtailments(ctrl: EdgeController, store: Any) -> None:
-    """Write the curtailment book (held curtailments not ended, revision marks) to the store."""
-    await store.set_meta(BOOK_KEY, _book_text(ctrl))
+# Local copies are written by worker threads: one at a time, and never one older (by ``seq``)
+# than the one written last (a write whose task was cancelled goes on in its thread).
+_LOCAL_WRITE = threading.Lock()
+_LOCAL_SEQ: dict[Path, int] = {}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_atomic(path: Path, text: str, seq: int) -> bool:
+    """Write ``text`` to ``path`` (a private temporary file, fsync, rename, fsync of the
+    directory); False when a copy with a later ``seq`` was written already."""
+    with _LOCAL_WRITE:
+        if _LOCAL_SEQ.get(path, -1) > seq:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(name, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        _LOCAL_SEQ[path] = seq
+        return True
+
+
+def _remove_local(path: Path) -> None:
+    with _LOCAL_WRITE, contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 class BookWriter:
@@ -248,6 +269,13 @@ class BookWriter:
         self._local_gen = -1
         self._local_warned = False
         self._local_exists = False  # the local copy may be on disk (written or found at load)
+        # ``seq`` of the last copy written (store or local), continued from the copies found at
+        # ``load``: the newer copy is told by it, not by the wall clock (which can step back).
+        self._seq = 0
+
+    def _next_text(self) -> tuple[int, str]:
+        self._seq += 1
+        return self._seq, _book_text(self.ctrl, self._seq)
 
     @property
     def failing(self) -> bool:
@@ -270,6 +298,8 @@ class BookWriter:
         """``load_curtailments`` from the store or the newer local copy; a book restored from
         the local copy is written to the store by the next retry."""
         n = await load_curtailments(self.ctrl, self.store, self.fallback)
+        seqs = [_copy_order(t)[0] for t in await _copies(self.store, self.fallback)]
+        self._seq = max([self._seq, *(int(s) for s in seqs if math.isfinite(s))])
         if self.fallback is not None and await asyncio.to_thread(self.fallback.exists):
             self._local_exists = True
             self._gen += 1
@@ -296,9 +326,12 @@ class BookWriter:
         if self.fallback is None:
             return False
         async with self._local_lock:
-            gen, text = self._gen, _book_text(self.ctrl)
+            gen = self._gen
+            seq, text = self._next_text()
             try:
-                await asyncio.to_thread(_write_atomic, self.fallback, text)
+                # A cancel (shutdown) leaves the thread writing; ``_write_atomic`` keeps a later
+                # write from being overwritten by it.
+                await asyncio.to_thread(_write_atomic, self.fallback, text, seq)
             except OSError as exc:
                 if not self._local_warned:
                     self._local_warned = True
@@ -318,8 +351,7 @@ class BookWriter:
             return
         async with self._local_lock:
             if self._gen == gen:
-                with contextlib.suppress(FileNotFoundError):
-                    await asyncio.to_thread(self.fallback.unlink)
+                await asyncio.to_thread(_remove_local, self.fallback)
                 self._local_exists = False
                 self._local_gen = -1
 
@@ -336,7 +368,8 @@ class BookWriter:
             if self._warned and self._local_gen < gen:
                 await self.keep_local()
             try:
-                await asyncio.wait_for(store_curtailments(self.ctrl, self.store), self.timeout_s)
+                _, text = self._next_text()
+                await asyncio.wait_for(self.store.set_meta(BOOK_KEY, text), self.timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -400,7 +433,7 @@ async def subscribe_signals(
         writer = BookWriter(ctrl, store)
 
     async def on_grid(msg: BusMessage) -> None:
-        what = apply_grid_signal(ctrl, msg.data)
+        what = apply_grid_signal(ctrl, msg.data, redelivered=msg.delivery_count > 1)
         if writer is None:
             return
         if what in ("curtailment", "cancelled") and not writer.failing:
