@@ -1,8 +1,11 @@
 """The cloud with its FleetApi for the fleet tests: a sites' CA and an operators' CA, real mTLS,
-the real NATS (127.0.0.1:4222) for the sites' grid subjects, one watcher bus per site."""
+the real NATS (127.0.0.1:4222) for the sites' grid subjects, one watcher bus per site reading its
+grid subject as the edge does (durable consumer ``edge-grid``, acknowledged after the book took
+the signal), so the cloud sees each site take its signals."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,11 +14,12 @@ from typing import Any
 import grpc
 from bus_testkit import patient_nats_bus
 from cloud_testkit import T0, _load_cert_helpers, wait_until
-from evcore.bus import BusMessage
+from evcore.bus import BusMessage, Subscription
 from evcore.bus.natsbus import NatsBus
 from evcore.bus.subjects import Subjects
 from evcore.clock import ManualClock
 from evcore.cloud import CloudApiServer, CloudConfig, CloudStore, open_cloud_store
+from evcore.cloud.fleet import EDGE_GRID_DURABLE, FleetCoordinator
 from evcore.cloud.topology import topology_from_site
 from evcore.edge.grid import Curtailment, CurtailmentBook
 from evcore.site import load_site
@@ -78,6 +82,12 @@ class SiteWatch:
     site_id: str
     signals: list[GridSignal] = field(default_factory=list)
     book: CurtailmentBook = field(default_factory=lambda: CurtailmentBook({"grid"}, lead_s=0.0))
+    # The durable consumer reading the grid subject (None: the edge is offline).
+    sub: Subscription | None = None
+
+    def held_kw(self) -> float:
+        """What the book holds: the sum of its curtailments' limits (0 when it holds none)."""
+        return sum(x.max_kw for x in self.book)
 
     async def on_grid(self, msg: BusMessage) -> None:
         sig = GridSignal()
@@ -103,6 +113,43 @@ class FleetCloud:
     sites: list[str]
     watches: dict[str, SiteWatch]
     buses: list[NatsBus]
+
+    @property
+    def coordinator(self) -> FleetCoordinator:
+        assert self.server.fleet is not None
+        return self.server.fleet
+
+    async def edge_offline(self, site: str) -> None:
+        """The site's edge stops reading its grid subject (its durable keeps its place)."""
+        w = self.watches[site]
+        assert w.sub is not None
+        await w.sub.stop()
+        w.sub = None
+
+    async def edge_online(self, site: str) -> None:
+        w = self.watches[site]
+        bus = self.buses[self.sites.index(site)]
+        w.sub = await bus.consume(Subjects(site).grid, durable=EDGE_GRID_DURABLE, handler=w.on_grid)
+
+    def held_kw(self) -> float:
+        """The fleet total the sites' books hold (a site holding none counts as 0)."""
+        return sum(w.held_kw() for w in self.watches.values())
+
+    async def wait_taken(self, fid: str, timeout_s: float = 20.0) -> None:
+        """Until every decrease of ``fid``'s latest revision was taken by its edge (as the
+        cloud sees it)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while (await self.coordinator.revision_plan(fid)).waiting_for:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for the decreases of {fid}")
+            await asyncio.sleep(0.05)
+
+    async def release_increases(self, fid: str, timeout_s: float = 20.0) -> None:
+        """Wait until the edges took ``fid``'s decreases, let ``ramp_s`` pass on the manual
+        clock, and have the cloud publish the increases (as its republish task does)."""
+        await self.wait_taken(fid, timeout_s)
+        self.clock.advance(self.coordinator.ramp_s)
+        await self.coordinator.republish_pending()
 
     def channel(self, who: str) -> grpc.aio.Channel:
         cert, key = self.certs[who]
@@ -156,6 +203,7 @@ async def start_fleet_cloud(
     *,
     now_s: float = T0,
     clock: ManualClock | None = None,
+    fleet: dict[str, Any] | None = None,
 ) -> FleetCloud:
     tag = uuid.uuid4().hex[:8]
     sites = [f"fleet-{tag}-{chr(ord('a') + i)}" for i in range(n_sites)]
@@ -178,6 +226,7 @@ async def start_fleet_cloud(
             "fleet": {
                 "operator_ca_file": str(op_ca.ca_path),
                 "operators": [{"common_name": n, "roles": r} for n, r in OPERATORS.items()],
+                **(fleet or {}),
             },
         },
         tmp_path,
@@ -192,6 +241,8 @@ async def start_fleet_cloud(
         bus = nats_bus(s, tmp_path / "watch-outbox")
         await bus.start()
         assert bus.connected, f"nats-server at {NATS_URL} unreachable"
-        await bus.subscribe(Subjects(s).grid, watches[s].on_grid)
         buses.append(bus)
-    return FleetCloud(port, site_ca.ca_pem, certs, store, server, clock, sites, watches, buses)
+    f = FleetCloud(port, site_ca.ca_pem, certs, store, server, clock, sites, watches, buses)
+    for s in sites:
+        await f.edge_online(s)
+    return f

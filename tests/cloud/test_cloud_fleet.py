@@ -116,6 +116,12 @@ async def test_a_fleet_limit_is_split_published_resplit_and_cancelled_by_id(
     assert shares2[c].demand_kw == pytest.approx(2 * 6.9)
     assert shares2[c].max_kw < shares[c].max_kw and shares2[a].max_kw > shares[a].max_kw
     assert sum(s.max_kw for s in res2.shares) <= 400.0 + 1e-9
+    # Break before make: c's decrease goes out at once; a's and b's increases only once c's edge
+    # took it and [fleet] ramp_s passed.
+    assert "increases at" in res2.detail and c in res2.detail, res2.detail
+    await f.wait_signals({c: 2})
+    assert [len(f.watches[s].signals) for s in (a, b)] == [1, 1]
+    await f.release_increases("dso-evening-1")
     await f.wait_signals({s: 2 for s in f.sites})
     for site in f.sites:
         book = list(f.watches[site].book)
@@ -259,6 +265,7 @@ _BUS = {"urls": ["nats://127.0.0.1:4222"]}
         ),
         ({"bus": _BUS, "fleet": {"operators": _OPS, "demand_window_s": 0}}, "demand_window_s"),
         ({"bus": _BUS, "fleet": {"operators": _OPS, "quota": 1}}, "quota"),
+        ({"bus": _BUS, "fleet": {"operators": _OPS, "ramp_s": -1}}, "[fleet] ramp_s must be"),
         (
             {"bus": _BUS, "fleet": {"operators": _OPS}, "tls": {}, "insecure": False},
             "operator_ca_file is required",
@@ -280,6 +287,7 @@ def test_fleet_config_errors_name_the_key(table: dict[str, object], named: str) 
         {"store": {"url": "sqlite:x"}, "insecure": True, "bus": _BUS, "fleet": {"operators": _OPS}}
     )
     assert ok.fleet is not None and ok.bus_sites == ()
+    assert ok.fleet.ramp_s == 30.0
     assert ok.fleet.operators.clients["aggregator-1"].roles == {"grid_operator"}
 
 
@@ -387,6 +395,8 @@ async def test_a_material_demand_change_is_resplit_by_the_cloud_itself(fleet: Fl
     async with f.channel(c) as ch:
         await f.cloud(ch).UploadTelemetry(stream([batch(T0 - 5, {"C0": 10.0, "C1": 10.0})]))
     f.clock.advance(61.0)
+    await f.wait_signals({c: 2})
+    await f.release_increases("dso-evening-1")
     await f.wait_signals({s: 2 for s in f.sites})
     held = await f.store.fleet_curtailment("dso-evening-1")
     assert held is not None and held.revision == 2

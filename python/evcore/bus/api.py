@@ -139,6 +139,28 @@ class StreamSpec:
     storage: str = "file"  # "file" or "memory"
 
 
+@dataclass(frozen=True)
+class AckState:
+    """Where one stored event stands with one durable consumer (:meth:`Bus.ack_state`)."""
+
+    # The event's sequence in its stream; 0 when the stream does not hold it (still in the
+    # sender's outbox, never published on that subject, or aged out of the stream).
+    stored_seq: int
+    # Whether the durable consumer exists (it is created by its first ``consume``).
+    consumer: bool
+    # Every message of the durable's filter up to this stream sequence is acknowledged (0: none).
+    ack_floor: int
+
+    @property
+    def stored(self) -> bool:
+        return self.stored_seq > 0
+
+    @property
+    def acknowledged(self) -> bool:
+        """The durable's ack floor is at or past the event (so it took every earlier one too)."""
+        return self.consumer and 0 < self.stored_seq <= self.ack_floor
+
+
 @runtime_checkable
 class Bus(Protocol):
     """The bus interface. Subjects come from :class:`evcore.bus.subjects.Subjects`."""
@@ -219,6 +241,16 @@ class Bus(Protocol):
 
     async def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until everything accepted so far reached the broker/stream; False on timeout."""
+        ...
+
+    async def ack_state(self, subject: str, event_id: str, *, durable: str) -> AckState:
+        """Whether the durable consumer ``durable`` (on the stream storing the concrete
+        ``subject``) has acknowledged the event stored on ``subject`` under ``event_id``: its ack
+        floor is at or past the event's stream sequence. Acknowledged means the consumer's
+        handler returned (or rejected it as a bad payload), on any bus instance or process.
+
+        ``BusUnavailable`` when the broker cannot be asked; ``ValueError`` for a subject no
+        stream stores."""
         ...
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from evcore.bus.api import (
+    AckState,
     BusMessage,
     BusStats,
     BusTimeout,
@@ -437,3 +438,19 @@ class InProcessBus:
 
     async def flush(self, timeout_s: float = 5.0) -> bool:
         return True
+
+    async def ack_state(self, subject: str, event_id: str, *, durable: str) -> AckState:
+        self._require_started()
+        st = self._route(subject).stream
+        if st is None:
+            raise ValueError(f"no stream stores {subject!r}; nothing there is acknowledged")
+        # Newest first: the event asked about is usually the last one published on the subject.
+        seq = next(
+            (m.seq for m in reversed(st.msgs) if m.event_id == event_id and m.subject == subject),
+            0,
+        )
+        d = self._durables.get((st.spec.name, durable))
+        if d is None:
+            return AckState(seq, False, 0)
+        # Everything below next_seq was acknowledged or was not the durable's.
+        return AckState(seq, True, d.next_seq - 1)

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js import api as jsapi
 
 from evcore.bus.api import (
+    AckState,
     BusError,
     BusMessage,
     BusStats,
@@ -74,6 +75,8 @@ _FETCH_BATCH = 64
 _IDLE_PULLS_PER_CHECK = 10
 # nats-server's default max_payload, used until the broker's own figure is known (first connect).
 _DEFAULT_MAX_PAYLOAD = 1024 * 1024
+# Stream sequences remembered per (stream, subject, event id) for ack_state (oldest go first).
+_SEQS_KEPT = 16_384
 # Header bytes besides the ids: "NATS/1.0\r\n", the two header names, separators, final CRLF.
 _HEADER_OVERHEAD = 64
 
@@ -397,6 +400,9 @@ class NatsBus:
         self._closing = False
         # subject -> (kind token, stream storing it or None), validated once; bounded.
         self._routes: RouteCache[tuple[str, StreamSpec | None]] = RouteCache(route_cache_size)
+        # (stream, subject, event id) -> stream sequence, from the pump's acks and ack_state's
+        # look-ups (checked against the stream before use: a stream made again renumbers).
+        self._seqs: OrderedDict[tuple[str, str, str], int] = OrderedDict()
 
     @property
     def site_id(self) -> str:
@@ -800,6 +806,8 @@ class NatsBus:
                     break
                 if not getattr(outcome, "duplicate", False):
                     self._stats.sent += 1
+                # A repeat's ack carries the sequence of the copy the stream holds.
+                self._remember_seq(outcome.stream, e.subject, e.event_id, outcome.seq)
                 done_seq = e.seq
             if done_seq:
                 await ob.remove_through(done_seq)
@@ -834,6 +842,84 @@ class NatsBus:
         except (TimeoutError, nats.errors.Error):
             return False
         return True
+
+    # -- acknowledgements ------------------------------------------------------------------------
+    def _remember_seq(
+        self, stream: str | None, subject: str, event_id: str, seq: int | None
+    ) -> None:
+        if not stream or not seq or not event_id:
+            return
+        key = (stream, subject, event_id)
+        self._seqs[key] = int(seq)
+        self._seqs.move_to_end(key)
+        while len(self._seqs) > _SEQS_KEPT:
+            self._seqs.popitem(last=False)
+
+    async def _stored_seq(self, stream: str, subject: str, event_id: str) -> int:
+        """The stream sequence of the message on ``subject`` with ``event_id`` (0: none held).
+        Remembered (from the pump's ack or an earlier look-up) and checked; else the subject's
+        last message; else the subject's messages from the first, one request each (every id
+        seen is remembered, so a subject is read through at most once per process)."""
+        js = self._js
+        key = (stream, subject, event_id)
+        known = self._seqs.get(key)
+        if known:
+            try:
+                m = await js.get_msg(stream, seq=known)
+            except nats.js.errors.NotFoundError:
+                m = None
+            if m is not None and m.subject == subject and (m.headers or {}).get(MSG_ID) == event_id:
+                return known
+            self._seqs.pop(key, None)
+        try:
+            last = await js.get_msg(stream, subject=subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+        last_seq = int(last.seq or 0)
+        self._remember_seq(stream, subject, (last.headers or {}).get(MSG_ID, ""), last_seq)
+        if (last.headers or {}).get(MSG_ID) == event_id:
+            return last_seq
+        seq = 1
+        while seq < last_seq:
+            try:
+                m = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return 0
+            found = int(m.seq or 0)
+            if found <= 0 or found >= last_seq:
+                return 0
+            eid = (m.headers or {}).get(MSG_ID, "")
+            self._remember_seq(stream, subject, eid, found)
+            if eid == event_id:
+                return found
+            seq = found + 1
+        return 0
+
+    async def ack_state(self, subject: str, event_id: str, *, durable: str) -> AckState:
+        self._require_started()
+        _, spec = self._route(subject)
+        if spec is None:
+            raise ValueError(f"no stream stores {subject!r}; nothing there is acknowledged")
+        if not self.connected or self._js is None:
+            raise BusUnavailable(
+                f"broker unreachable; cannot ask about {event_id!r} on {subject!r}"
+            )
+        try:
+            try:
+                info = await self._js.consumer_info(spec.name, name_token(durable))
+            except nats.js.errors.NotFoundError:
+                consumer, floor = False, 0
+            else:
+                consumer = True
+                floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+            seq = await self._stored_seq(spec.name, subject, event_id)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            if isinstance(exc, nats.js.errors.APIError) and not isinstance(
+                exc, nats.js.errors.ServiceUnavailableError
+            ):
+                raise BusError(f"ack_state on {subject!r}: {exc.description or exc!r}") from exc
+            raise BusUnavailable(f"ack_state on {subject!r}: {exc!r}") from exc
+        return AckState(seq, consumer, floor)
 
     # -- receiving -------------------------------------------------------------------------------
     async def subscribe(

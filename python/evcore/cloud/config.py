@@ -43,6 +43,9 @@ class FleetConfig:
     resplit_min_kw: float = 5.0
     # Publish stored-but-unpublished revisions at start and then this often (0: at start only).
     republish_every_s: float = 30.0
+    # A re-split's increases go out this long after the last of its decreases was taken by its
+    # edge (break before make; docs/cloud.md): the chargers' time to come down.
+    ramp_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,7 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
         "resplit_change_ratio",
         "resplit_min_kw",
         "republish_every_s",
+        "ramp_s",
     }
     extra = sorted(set(section) - known)
     if extra:
@@ -279,6 +283,7 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
         number("resplit_change_ratio", 0.2, zero_ok=True),
         number("resplit_min_kw", 5.0, zero_ok=True),
         number("republish_every_s", 30.0, zero_ok=True),
+        number("ramp_s", 30.0, zero_ok=True),
     )
 
 

@@ -4,7 +4,9 @@ published on each site's ``evcore.<site>.grid`` subject (docs/cloud.md "Fleet cu
 
 What this module owns: the split rule (:func:`split_fleet_limit`, a pure function), each site's
 inputs to it from the cloud store (:func:`site_inputs`: grid limit and floor from the site's latest
-topology, demand from its latest telemetry), and the book of fleet curtailments
+topology, demand from its latest telemetry), the order a revision's signals go out in
+(:func:`plan_revision`, break before make: decreases first, an increase only once every decrease
+was taken by its edge and ``ramp_s`` passed), and the book of fleet curtailments
 (:class:`FleetCoordinator`: validate, split, store the revision, publish, re-split, cancel).
 It never decides a setpoint: each edge's envelope still does, under the limit it is sent.
 """
@@ -15,16 +17,16 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from evcore.api.convert import timestamp
-from evcore.bus.api import Bus
+from evcore.bus.api import Bus, BusError
 from evcore.bus.subjects import Subjects
 from evcore.clock import Clock
-from evcore.cloud.store import CloudStore, FleetRevisionConflict
+from evcore.cloud.store import CloudStore, FleetRevisionConflict, FleetSiteSignal
 from evcore.cloud.topology import site_from_topology
 from evcore.site import Site
 from evcore.store.base import StoreUnavailable
@@ -52,7 +54,17 @@ DEFAULT_RESPLIT_MIN_KW = 5.0
 #: A charger drawing at least this share of what it is offered is held back by its offer: its car
 #: would take more, so it counts at the charger's maximum (see ``site_demand_kw``).
 HELD_AT_OFFER_RATIO = 0.9
+#: After the last decrease of a revision was taken by its edge, its chargers get this long to come
+#: down before the revision's increases go out (``[fleet] ramp_s``; the edge's settle time scale).
+DEFAULT_RAMP_S = 30.0
+#: While increases wait, the edges' acknowledgements are looked at this often.
+DEFAULT_CONFIRM_EVERY_S = 1.0
+#: The durable consumer each edge reads its grid subject with (evcore.edge.signals.GRID_DURABLE):
+#: its acknowledgement says the edge applied (and stored) a signal.
+EDGE_GRID_DURABLE = "edge-grid"
 _ID_MAX = 200
+#: Shares are whole watts: a difference below this is no change.
+_KW_EPS = 1e-6
 
 
 class FleetInputError(ValueError):
@@ -236,6 +248,12 @@ def site_curtailment_id(fleet_curtailment_id: str, site_id: str) -> str:
     return f"fleet:{fleet_curtailment_id}:{site_id}"
 
 
+def event_id(share: SiteShare, revision: int) -> str:
+    """One event id per revision and site: JetStream's duplicate window would drop a re-split
+    published under the id of the split it replaces."""
+    return f"{share.curtailment_id}#r{revision}"
+
+
 #: How much later than the previous revision's a revision is issued when the clock says otherwise.
 ISSUE_STEP_NS = 1_000
 
@@ -264,6 +282,11 @@ class GridPublisher(Protocol):
         """Accept ``signal`` for ``evcore.<site>.grid`` durably (it is sent when the broker can)."""
         ...
 
+    async def taken(self, site_id: str, event_id: str) -> bool:
+        """Whether the site's edge (its durable consumer ``edge-grid``) has acknowledged the
+        signal published under ``event_id``; False when that cannot be known now."""
+        ...
+
 
 class BusGridPublisher:
     """Publishes on each site's own bus (one ``Bus`` per site, opened on first use; buses handed in
@@ -290,10 +313,121 @@ class BusGridPublisher:
         # Critical: durable in the outbox on return, sent in order, never dropped.
         await bus.publish(Subjects(site_id).grid, signal, event_id=event_id, critical=True)
 
+    async def taken(self, site_id: str, event_id: str) -> bool:
+        bus = await self._bus(site_id)
+        try:
+            state = await bus.ack_state(Subjects(site_id).grid, event_id, durable=EDGE_GRID_DURABLE)
+        except BusError as exc:
+            log.debug("fleet: cannot tell whether %s took %s: %s", site_id, event_id, exc)
+            return False
+        return state.acknowledged
+
     async def close(self) -> None:
         for bus in self._owned:
             await bus.close()
         self._owned.clear()
+
+
+# -- break before make ----------------------------------------------------------------------------
+def may_hold_kw(signals: Sequence[FleetSiteSignal]) -> float:
+    """The most a site's edge may hold from one fleet curtailment, from the signals published to
+    it (any order): walking back from the newest to the newest one its edge took, the highest of
+    them (a cancel: no limit). Before any was taken it may hold no limit from it (``inf``)."""
+    bound = 0.0
+    for sig in sorted(signals, key=lambda x: x.revision, reverse=True):
+        bound = max(bound, math.inf if sig.max_kw is None else sig.max_kw)
+        if sig.taken_at_s is not None:
+            return bound
+    return math.inf
+
+
+@dataclass
+class RevisionPlan:
+    """What of a revision may be published now (:func:`plan_revision`)."""
+
+    # Sites without a signal of this revision whose signal does not raise what they may hold:
+    # (share, cancelled, lowered). Published at once.
+    send_now: list[tuple[SiteShare, bool, bool]] = field(default_factory=list)
+    # Sites without a signal of this revision whose share is above what they may hold.
+    increases: list[SiteShare] = field(default_factory=list)
+    # Sites of the revision that may still hold more than their share: their decrease is not
+    # taken yet. The increases wait for every one.
+    waiting_for: list[str] = field(default_factory=list)
+    # The latest time a decrease of these sites was taken, + ramp_s (None: none taken).
+    ramp_until_s: float | None = None
+
+    def increases_may_go(self, now_s: float) -> bool:
+        return not self.waiting_for and (self.ramp_until_s is None or self.ramp_until_s <= now_s)
+
+
+def plan_revision(
+    result: FleetCurtailmentResult,
+    signals: Sequence[FleetSiteSignal],
+    *,
+    ramp_s: float,
+) -> RevisionPlan:
+    """Break before make. A site's signal in ``result`` goes out at once when it does not raise
+    what the site may hold (:func:`may_hold_kw`: a decrease, the same share, a site new to the
+    fleet curtailment (from no limit), a cancel, a dropped site's cancel). An increase goes out
+    only once every other site of the revision holds at most its share (its decrease was taken by
+    its edge) and ``ramp_s`` passed since the last decrease was taken; until then the site keeps
+    what it holds. So at every moment the sum over the sites of the most each may hold is at most
+    the fleet limit (the higher of the old and the new while a new limit replaces an old one)."""
+    rev = int(result.revision)
+    by_site: dict[str, list[FleetSiteSignal]] = {}
+    for sig in signals:
+        by_site.setdefault(sig.site_id, []).append(sig)
+    plan = RevisionPlan()
+    for sh in result.dropped_shares:
+        if not any(x.revision == rev for x in by_site.get(sh.site_id, [])):
+            plan.send_now.append((sh, True, False))
+    last_taken: float | None = None
+    for sh in result.shares:
+        held = by_site.get(sh.site_id, [])
+        for x in held:
+            if x.lowered and x.taken_at_s is not None:
+                last_taken = max(last_taken or x.taken_at_s, x.taken_at_s)
+        bound = may_hold_kw(held)
+        if any(x.revision == rev for x in held):
+            if not result.cancelled and bound > sh.max_kw + _KW_EPS:
+                plan.waiting_for.append(sh.site_id)
+            continue
+        if result.cancelled:
+            plan.send_now.append((sh, True, False))
+        elif sh.max_kw <= bound + _KW_EPS:
+            lowered = sh.max_kw < bound - _KW_EPS
+            plan.send_now.append((sh, False, lowered))
+            if lowered:
+                plan.waiting_for.append(sh.site_id)
+        else:
+            plan.increases.append(sh)
+    if last_taken is not None:
+        plan.ramp_until_s = last_taken + ramp_s
+    return plan
+
+
+@dataclass
+class Progress:
+    """Where a revision's publication stands after :meth:`FleetCoordinator.advance`."""
+
+    sent: int = 0  # signals the outbox accepted in this call
+    done: bool = False  # every signal of the revision is published
+    plan: RevisionPlan = field(default_factory=RevisionPlan)
+
+    def note(self, ramp_s: float) -> str:
+        p = self.plan
+        if not p.increases:
+            return ""
+        who = ", ".join(sh.site_id for sh in p.increases)
+        if p.waiting_for:
+            return (
+                f"increases at {who} wait until the decreases at {', '.join(p.waiting_for)} "
+                f"are taken by their edges, then {ramp_s:g} s"
+            )
+        return f"increases at {who} wait for the ramp after the decreases"
+
+
+_Signals = list[FleetSiteSignal]
 
 
 # -- the book -------------------------------------------------------------------------------------
@@ -341,7 +475,11 @@ class FleetCoordinator:
         demand_window_s: float = DEFAULT_DEMAND_WINDOW_S,
         resplit_change_ratio: float = DEFAULT_RESPLIT_CHANGE_RATIO,
         resplit_min_kw: float = DEFAULT_RESPLIT_MIN_KW,
+        ramp_s: float = DEFAULT_RAMP_S,
+        confirm_every_s: float = DEFAULT_CONFIRM_EVERY_S,
     ) -> None:
+        if not (math.isfinite(ramp_s) and ramp_s >= 0):
+            raise ValueError(f"ramp_s must be a finite number >= 0, got {ramp_s!r}")
         self._store = store
         self._publisher = publisher
         self._clock = clock
@@ -349,6 +487,11 @@ class FleetCoordinator:
         self._resplit_change_ratio = resplit_change_ratio
         self._resplit_min_kw = resplit_min_kw
         self._lock = asyncio.Lock()
+        self.ramp_s = ramp_s
+        self.confirm_every_s = confirm_every_s
+        # Set when a revision leaves increases waiting: the republish task looks more often.
+        self._wake = asyncio.Event()
+        self._waiting = False
         # Awaited between storing a revision and publishing it (tests inject a crash there).
         self.after_store: Callable[[FleetCurtailmentResult], Awaitable[None]] | None = None
 
@@ -401,24 +544,34 @@ class FleetCoordinator:
                 log.exception("fleet: re-split check failed")
 
     async def republish_pending(self) -> list[FleetCurtailmentResult]:
-        """Publish again the latest revision of every fleet curtailment that was stored but not
-        recorded as published (the cloud stopped, or publishing failed, after the store), unless
-        its window has ended; returns them. Idempotent for the edges: the same curtailment ids
-        (replaced by id) and the revision's event ids (JetStream drops repeats in its window)."""
+        """Take every fleet curtailment whose latest revision is not all published, unless its
+        window has ended, one step further (:meth:`advance`): signals stored but not accepted by
+        the outbox (the cloud stopped, or publishing failed, after the store) go out again, and
+        increases go out once their revision's decreases were taken and ``ramp_s`` passed.
+        Returns them. Idempotent for the edges: the same curtailment ids (replaced by id) and the
+        revision's event ids (JetStream drops repeats in its window)."""
         async with self._lock:
             pending = await self._store.unpublished_fleet_curtailments(now_s=self._clock.now())
+            waiting = False
             for result in pending:
-                log.warning(
-                    "fleet: %s revision %d was stored but not published; publishing it now",
-                    result.curtailment.fleet_curtailment_id,
-                    result.revision,
-                )
-                await self._publish_revision(result)
+                fid = result.curtailment.fleet_curtailment_id
+                try:
+                    progress = await self.advance(result)
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:
+                    # One fleet curtailment's failure (an outbox error) holds back no other.
+                    log.warning("fleet: %s revision %d: %r", fid, result.revision, exc)
+                    waiting = True  # look again soon
+                    continue
+                waiting = waiting or bool(progress.plan.increases)
+            self._waiting = waiting
             return pending
 
     async def run_republish(self, every_s: float) -> None:
-        """Republish pending revisions now and then every ``every_s`` (0: only now) until
-        cancelled (the server owns it)."""
+        """Republish pending revisions now and then every ``every_s`` until cancelled (the server
+        owns it). While increases wait for decreases, look every ``confirm_every_s`` instead
+        (also with ``every_s`` 0, which otherwise republishes only at start)."""
         while True:
             try:
                 await self.republish_pending()
@@ -426,9 +579,30 @@ class FleetCoordinator:
                 log.warning("fleet: republish check skipped, store unavailable: %s", exc)
             except Exception:
                 log.exception("fleet: republish check failed")
-            if every_s <= 0:
-                return
-            await self._clock.sleep(every_s)
+            if self._waiting:
+                delay: float | None = (
+                    min(every_s, self.confirm_every_s) if every_s > 0 else self.confirm_every_s
+                )
+            else:
+                delay = every_s if every_s > 0 else None
+            await self._sleep_or_wake(delay)
+
+    async def _sleep_or_wake(self, delay_s: float | None) -> None:
+        """Until ``delay_s`` passed on the clock (None: no limit) or a revision left increases
+        waiting."""
+        if self._wake.is_set():
+            self._wake.clear()
+            return
+        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self._wake.wait())]
+        if delay_s is not None:
+            waits.append(asyncio.ensure_future(self._clock.sleep(delay_s)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        self._wake.clear()
 
     async def curtail(self, req: FleetCurtailment) -> FleetCurtailmentResult:
         """Split ``req`` (a new id, or a held one again: the new split replaces the old by id)."""
@@ -497,7 +671,15 @@ class FleetCoordinator:
                     result.revision,
                     result.detail,
                 )
-            await self._publish_revision(result)
+            progress = await self.advance(result)
+            note = progress.note(self.ramp_s)
+            if note:
+                self._waiting = True
+                self._wake.set()
+                log.info(
+                    "fleet: %s revision %d: %s", req.fleet_curtailment_id, result.revision, note
+                )
+                result.detail = "; ".join(x for x in (result.detail, note) if x)
             log.info(
                 "fleet: %s revision %d split %.3f kW over %d site(s): %s",
                 req.fleet_curtailment_id,
@@ -529,6 +711,14 @@ class FleetCoordinator:
             held = await self._held(fleet_curtailment_id)
             if held.cancelled:
                 result = held
+                if await self._store.fleet_published_revision(fleet_curtailment_id) < int(
+                    held.revision
+                ):
+                    await self.advance(result)
+                else:
+                    # Cancelling again: the same cancels once more (a site that missed them).
+                    for sh in [*result.shares, *result.dropped_shares]:
+                        await self._publish(result, sh, cancelled=True)
             else:
                 result = FleetCurtailmentResult()
                 result.CopyFrom(held)
@@ -542,7 +732,8 @@ class FleetCoordinator:
                     # Their cancels went out with the held revision.
                     del result.dropped_shares[:]
                 await self._store.put_fleet_curtailment(result, now_s=self._clock.now())
-            await self._publish_revision(result)
+                # The end of the limit: every cancel goes out at once.
+                await self.advance(result)
             log.info("fleet: %s cancelled at %d site(s)", fleet_curtailment_id, len(result.shares))
             return result
 
@@ -564,6 +755,11 @@ class FleetCoordinator:
             fid = fc.curtailment.fleet_curtailment_id
             published = await self._store.fleet_published_revision(fid) >= fc.revision
             in_force = ts_s(fc.curtailment.start) <= now < ts_s(fc.curtailment.end)
+            plan, signals = await self._plan(fc)  # asks the bus what was taken, where unknown
+            newest: dict[str, FleetSiteSignal] = {}
+            for sig in signals:
+                newest[sig.site_id] = sig  # by site then revision: the last one is the newest
+            increasing = {sh.site_id for sh in plan.increases}
             for sh in fc.shares:
                 if sh.site_id not in held:
                     continue
@@ -573,6 +769,16 @@ class FleetCoordinator:
                     in_force=in_force,
                     published=published,
                 )
+                last = newest.get(sh.site_id)
+                if last is not None:
+                    entry.site_revision = last.revision
+                    entry.site_max_kw = last.max_kw or 0.0
+                    entry.taken = last.taken_at_s is not None
+                if sh.site_id in increasing:
+                    entry.increase_waiting = True
+                    entry.waiting_for.extend(plan.waiting_for)
+                    if not plan.waiting_for and plan.ramp_until_s is not None:
+                        entry.waiting_until.CopyFrom(timestamp(plan.ramp_until_s))
                 entry.share.CopyFrom(sh)
                 entry.start.CopyFrom(fc.curtailment.start)
                 entry.end.CopyFrom(fc.curtailment.end)
@@ -588,7 +794,7 @@ class FleetCoordinator:
                 audit_contiguous_count=a.audit_contiguous_count,
                 topology_version=a.topology_version,
             )
-            for field, value in (
+            for name, value in (
                 ("audit_last_decided_at", a.audit_last_decided_at_s),
                 ("audit_last_stored_at", a.audit_last_stored_at_s),
                 ("telemetry_last_sample_at", a.telemetry_last_sample_s),
@@ -596,7 +802,7 @@ class FleetCoordinator:
                 ("topology_stored_at", a.topology_stored_at_s),
             ):
                 if value is not None:
-                    getattr(st, field).CopyFrom(timestamp(value))
+                    getattr(st, name).CopyFrom(timestamp(value))
             seen = [
                 t
                 for t in (
@@ -644,26 +850,168 @@ class FleetCoordinator:
                 out[sh.site_id] = sh
         return list(out.values())
 
-    async def _publish_revision(self, result: FleetCurtailmentResult) -> None:
-        """Publish every signal of ``result`` (its shares, cancelled when it is a cancel, and its
-        dropped sites' cancels), then record it as published. The caller holds the lock."""
+    async def revision_plan(self, fleet_curtailment_id: str) -> RevisionPlan:
+        """Where the latest revision of a held fleet curtailment stands: its increases not yet
+        published and the sites whose decrease they wait for (asked of the bus now)."""
+        return (await self._plan(await self._held(fleet_curtailment_id)))[0]
+
+    async def _refresh_taken(
+        self, fid: str, signals: Sequence[FleetSiteSignal], site_ids: Sequence[str]
+    ) -> _Signals:
+        """Ask the bus which signals to ``site_ids`` their edges took since the newest one known
+        taken (newest first: the edge takes them in order, so the first taken one settles the
+        older ones); record the first time each was seen. Returns ``signals`` with the news."""
+        out: _Signals = [*signals]
+        now = self._clock.now()
+        for sid in dict.fromkeys(site_ids):
+            mine = sorted(
+                (i for i, x in enumerate(out) if x.site_id == sid),
+                key=lambda i: out[i].revision,
+                reverse=True,
+            )
+            for i in mine:
+                sig = out[i]
+                if sig.taken_at_s is not None:
+                    break
+                if not sig.sent or not await self._publisher.taken(sid, sig.event_id):
+                    continue
+                await self._store.mark_fleet_site_signal(fid, sid, sig.revision, taken_at_s=now)
+                log.info("fleet: %s: %s took revision %d", fid, sid, sig.revision)
+                out[i] = FleetSiteSignal(
+                    sig.site_id,
+                    sig.revision,
+                    sig.max_kw,
+                    sig.lowered,
+                    sig.event_id,
+                    sig.sent,
+                    sig.published_at_s,
+                    now,
+                )
+                break
+        return out
+
+    async def _plan(self, result: FleetCurtailmentResult) -> tuple[RevisionPlan, _Signals]:
+        fid = result.curtailment.fleet_curtailment_id
+        signals = await self._store.fleet_site_signals(fid)
+        if not result.cancelled:
+            # What each site may hold depends on what its edge took: ask before deciding.
+            signals = await self._refresh_taken(fid, signals, [sh.site_id for sh in result.shares])
+        return plan_revision(result, signals, ramp_s=self.ramp_s), signals
+
+    async def advance(self, result: FleetCurtailmentResult) -> Progress:
+        """Publish what of ``result`` (the latest revision) may go out now (:func:`plan_revision`):
+        each signal recorded first (so a crash after the outbox took it still counts it as
+        possibly held), then accepted by the outbox, then marked sent; signals recorded but not
+        sent go out again. Once every signal is sent the revision is recorded as published. The
+        caller holds the lock."""
         if self.after_store is not None:
             await self.after_store(result)
-        for sh in result.shares:
-            await self._publish(result, sh, cancelled=result.cancelled)
-        for sh in result.dropped_shares:
-            await self._publish(result, sh, cancelled=True)
         fid = result.curtailment.fleet_curtailment_id
-        await self._store.mark_fleet_published(fid, int(result.revision))
+        rev = int(result.revision)
+        plan, signals = await self._plan(result)
+        progress = Progress(plan=plan)
+        now = self._clock.now()
+        # Recorded but never accepted by the outbox (a crash or an outbox error in between).
+        shares = {sh.site_id: sh for sh in result.dropped_shares}
+        shares.update({sh.site_id: sh for sh in result.shares})
+        unsent = [
+            (shares[sig.site_id], sig.max_kw is None)
+            for sig in signals
+            if sig.revision == rev and not sig.sent and sig.site_id in shares
+        ]
+        if unsent:
+            log.warning(
+                "fleet: %s revision %d: signals to %s were stored but not published; "
+                "publishing them now",
+                fid,
+                rev,
+                ", ".join(sh.site_id for sh, _ in unsent),
+            )
+        try:
+            await self._send_each(result, unsent)
+        finally:
+            # The decreases go out even when a resend failed.
+            await self._send_new(result, plan.send_now, now)
+        progress.sent += len(unsent) + len(plan.send_now)
+        if plan.increases and plan.increases_may_go(now):
+            await self._send_new(result, [(sh, False, False) for sh in plan.increases], now)
+            log.info(
+                "fleet: %s revision %d: the decreases were taken; increases out at %s",
+                fid,
+                rev,
+                ", ".join(sh.site_id for sh in plan.increases),
+            )
+            progress.sent += len(plan.increases)
+            plan.increases = []
+        if not plan.increases:
+            await self._store.mark_fleet_published(fid, rev)
+            progress.done = True
+        return progress
+
+    async def _send_new(
+        self,
+        result: FleetCurtailmentResult,
+        items: Sequence[tuple[SiteShare, bool, bool]],
+        now_s: float,
+    ) -> None:
+        if not items:
+            return
+        fid = result.curtailment.fleet_curtailment_id
+        rev = int(result.revision)
+        await self._store.put_fleet_site_signals(
+            fid,
+            [
+                FleetSiteSignal(
+                    sh.site_id,
+                    rev,
+                    None if cancelled else sh.max_kw,
+                    lowered,
+                    event_id(sh, rev),
+                    False,
+                    now_s,
+                    None,
+                )
+                for sh, cancelled, lowered in items
+            ],
+        )
+        await self._send_each(result, [(sh, cancelled) for sh, cancelled, _ in items])
+
+    async def _send_each(
+        self, result: FleetCurtailmentResult, items: Sequence[tuple[SiteShare, bool]]
+    ) -> None:
+        """Send every one even when one fails (one site's outbox error holds back no other
+        site's decrease); then raise the first error."""
+        first: Exception | None = None
+        for sh, cancelled in items:
+            try:
+                await self._send(result, sh, cancelled=cancelled)
+            except Exception as exc:
+                log.warning(
+                    "fleet: %s revision %d: publishing to %s failed: %r",
+                    result.curtailment.fleet_curtailment_id,
+                    result.revision,
+                    sh.site_id,
+                    exc,
+                )
+                first = first or exc
+        if first is not None:
+            raise first
+
+    async def _send(
+        self, result: FleetCurtailmentResult, share: SiteShare, *, cancelled: bool
+    ) -> None:
+        await self._publish(result, share, cancelled=cancelled)
+        fid = result.curtailment.fleet_curtailment_id
+        await self._store.mark_fleet_site_signal(
+            fid, share.site_id, int(result.revision), sent=True
+        )
 
     async def _publish(
         self, result: FleetCurtailmentResult, share: SiteShare, *, cancelled: bool
     ) -> None:
         req = result.curtailment
-        # One event id per revision and site: JetStream's duplicate window would drop a re-split
-        # published under the id of the split it replaces.
-        event_id = f"{share.curtailment_id}#r{result.revision}"
-        signal = GridSignal(signal_id=event_id)
+        eid = event_id(share, int(result.revision))
+        signal = GridSignal(signal_id=eid)
         signal.issued_at.CopyFrom(result.split_at)
         c = Curtailment(
             curtailment_id=share.curtailment_id,
@@ -675,4 +1023,4 @@ class FleetCoordinator:
         c.start.CopyFrom(req.start)
         c.end.CopyFrom(req.end)
         signal.curtailment.CopyFrom(c)
-        await self._publisher.publish_grid(share.site_id, signal, event_id=event_id)
+        await self._publisher.publish_grid(share.site_id, signal, event_id=eid)

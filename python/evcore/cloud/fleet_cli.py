@@ -94,6 +94,12 @@ def _age(now_s: float, ts: Any) -> str:
     return f"{age:.0f} s ago" if age < 120 else f"{age / 60:.0f} min ago"
 
 
+def _when(ts: Any) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, dt.UTC).isoformat()
+
+
 def _print_sites(res: Any, *, as_json: bool) -> None:
     from google.protobuf.json_format import MessageToDict
 
@@ -117,8 +123,17 @@ def _print_sites(res: Any, *, as_json: bool) -> None:
         )
         for fs in st.fleet_shares:
             state = "in force" if fs.in_force else "pending"
-            if not fs.published:
+            if fs.increase_waiting:
+                if fs.waiting_for:
+                    state += ", INCREASE WAITS for the decreases at " + ", ".join(fs.waiting_for)
+                else:
+                    state += f", INCREASE WAITS for the ramp until {_when(fs.waiting_until)}"
+            elif not fs.published:
                 state += ", NOT PUBLISHED YET"
+            if fs.site_revision:
+                held = "cancel" if fs.site_max_kw == 0 else f"{fs.site_max_kw:.3f} kW"
+                took = "taken by its edge" if fs.taken else "NOT TAKEN by its edge yet"
+                state += f"; site has r{fs.site_revision} ({held}), {took}"
             print(
                 f"  fleet {fs.fleet_curtailment_id} r{fs.revision}: {fs.share.max_kw:.3f} kW "
                 f"(floor {fs.share.floor_kw:.3f}, grid limit {fs.share.grid_limit_kw:.3f}); "

@@ -86,6 +86,27 @@ _RECORDS_V3 = """
 ALTER TABLE cloud_fleet_curtailments ADD COLUMN published_revision {bigint} NOT NULL DEFAULT 0;
 """
 
+_RECORDS_V4 = """
+-- Per fleet curtailment, site and revision: the signal published to the site (docs/cloud.md
+-- "Break before make"). The row is written before the outbox takes the signal (sent = 0), so a
+-- cloud that stops in between still counts it as possibly held by the edge and sends it again.
+-- max_kw NULL: a cancel (no limit). lowered = 1: below what the site could hold before it (the
+-- revision's increases wait until its edge took it). taken_at_s: when the cloud saw the site's
+-- edge (its durable consumer edge-grid) acknowledge it; NULL: not yet.
+CREATE TABLE cloud_fleet_site_signals (
+    fleet_curtailment_id TEXT NOT NULL,
+    site_id TEXT NOT NULL,
+    revision {bigint} NOT NULL,
+    max_kw {real},
+    lowered INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    sent INTEGER NOT NULL,
+    published_at_s {real} NOT NULL,
+    taken_at_s {real},
+    PRIMARY KEY (fleet_curtailment_id, site_id, revision)
+);
+"""
+
 _SQLITE = {"real": "REAL", "bigint": "INTEGER", "blob": "BLOB"}
 _POSTGRES = {"real": "DOUBLE PRECISION", "bigint": "BIGINT", "blob": "BYTEA"}
 
@@ -93,6 +114,7 @@ SQLITE_RECORDS: tuple[Migration, ...] = (
     Migration(1, "cloud records: audit, progress, topology, plans", _RECORDS_V1.format(**_SQLITE)),
     Migration(2, "cloud records: fleet curtailments", _RECORDS_V2.format(**_SQLITE)),
     Migration(3, "cloud records: fleet publication mark", _RECORDS_V3.format(**_SQLITE)),
+    Migration(4, "cloud records: fleet signals per site", _RECORDS_V4.format(**_SQLITE)),
 )
 SQLITE_TELEMETRY: tuple[Migration, ...] = (
     Migration(1, "cloud telemetry: batches", _TELEMETRY_V1.format(**_SQLITE)),
@@ -104,4 +126,5 @@ POSTGRES: tuple[Migration, ...] = (
     Migration(2, "cloud telemetry: batches", _TELEMETRY_V1.format(**_POSTGRES)),
     Migration(3, "cloud records: fleet curtailments", _RECORDS_V2.format(**_POSTGRES)),
     Migration(4, "cloud records: fleet publication mark", _RECORDS_V3.format(**_POSTGRES)),
+    Migration(5, "cloud records: fleet signals per site", _RECORDS_V4.format(**_POSTGRES)),
 )

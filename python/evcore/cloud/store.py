@@ -100,6 +100,20 @@ class SiteActivity:
     topology_stored_at_s: float | None = None
 
 
+@dataclass(frozen=True)
+class FleetSiteSignal:
+    """One signal of a fleet curtailment's revision to one site (``cloud_fleet_site_signals``)."""
+
+    site_id: str
+    revision: int
+    max_kw: float | None  # None: a cancel (no limit from this fleet curtailment)
+    lowered: bool  # below what the site could hold before it: the revision's increases wait
+    event_id: str
+    sent: bool  # the outbox accepted it
+    published_at_s: float
+    taken_at_s: float | None  # when its edge was seen to have acknowledged it
+
+
 def _digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
@@ -518,6 +532,89 @@ class CloudStore(BackendStore):
             return [parse_message(FleetCurtailmentResult, r[0]) for r in rows]
 
         return await self._run(self._records, op)
+
+    async def fleet_site_signals(self, fleet_curtailment_id: str) -> list[FleetSiteSignal]:
+        """Every signal of the fleet curtailment to every site, by site then revision."""
+
+        def op(tx: Tx) -> list[FleetSiteSignal]:
+            rows = tx.all(
+                "SELECT site_id, revision, max_kw, lowered, event_id, sent, published_at_s,"
+                " taken_at_s FROM cloud_fleet_site_signals WHERE fleet_curtailment_id = ?"
+                " ORDER BY site_id, revision",
+                (fleet_curtailment_id,),
+            )
+            return [
+                FleetSiteSignal(
+                    str(r[0]),
+                    int(r[1]),
+                    None if r[2] is None else float(r[2]),
+                    bool(r[3]),
+                    str(r[4]),
+                    bool(r[5]),
+                    float(r[6]),
+                    None if r[7] is None else float(r[7]),
+                )
+                for r in rows
+            ]
+
+        return await self._run(self._records, op)
+
+    async def put_fleet_site_signals(
+        self, fleet_curtailment_id: str, signals: Sequence[FleetSiteSignal]
+    ) -> None:
+        """Record signals about to be published (one transaction; a row held already stays)."""
+
+        def op(tx: Tx) -> None:
+            for sig in signals:
+                tx.execute(
+                    "INSERT INTO cloud_fleet_site_signals (fleet_curtailment_id, site_id,"
+                    " revision, max_kw, lowered, event_id, sent, published_at_s, taken_at_s)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (fleet_curtailment_id, site_id, revision) DO NOTHING",
+                    (
+                        fleet_curtailment_id,
+                        sig.site_id,
+                        sig.revision,
+                        sig.max_kw,
+                        1 if sig.lowered else 0,
+                        sig.event_id,
+                        1 if sig.sent else 0,
+                        sig.published_at_s,
+                        sig.taken_at_s,
+                    ),
+                )
+
+        await self._run(self._records, op)
+
+    async def mark_fleet_site_signal(
+        self,
+        fleet_curtailment_id: str,
+        site_id: str,
+        revision: int,
+        *,
+        sent: bool = False,
+        taken_at_s: float | None = None,
+    ) -> None:
+        """Record that the outbox accepted a signal (``sent``) or that its edge took it
+        (``taken_at_s``, kept from the first time it was seen)."""
+
+        def op(tx: Tx) -> None:
+            key = (fleet_curtailment_id, site_id, revision)
+            if sent:
+                tx.execute(
+                    "UPDATE cloud_fleet_site_signals SET sent = 1"
+                    " WHERE fleet_curtailment_id = ? AND site_id = ? AND revision = ?",
+                    key,
+                )
+            if taken_at_s is not None:
+                tx.execute(
+                    "UPDATE cloud_fleet_site_signals SET taken_at_s = ?"
+                    " WHERE fleet_curtailment_id = ? AND site_id = ? AND revision = ?"
+                    " AND taken_at_s IS NULL",
+                    (taken_at_s, *key),
+                )
+
+        await self._run(self._records, op)
 
     # -- plans ----------------------------------------------------------------------------------
     async def put_plan(self, site_id: str, plan: Plan, *, now_s: float) -> bool:
