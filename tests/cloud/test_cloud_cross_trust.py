@@ -130,6 +130,12 @@ async def test_a_leaf_of_an_operator_sub_ca_is_not_a_site(tmp_path: Path) -> Non
             assert "signed directly by a CA certificate of [tls] client_ca_file" in str(
                 err.details()
             )
+        # A sub-CA issued directly by the sites' CA presenting its own certificate as a leaf.
+        sub_site, sub_site_key = _issue(site_ca.ca_cert, site_ca.ca_key, "depot-1", ca=True)
+        async with channel(_pem(sub_site), _key_pem(sub_site_key)) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as as_ca:
+                await pb_grpc.CloudApiStub(ch).PutTopology(topology_from_site(load_site(other)))
+        assert as_ca.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # Nothing it sent is held: the topology is still version 1, the chain takes seq 3-4.
         held = await store.topology("depot-1")
         assert held is not None and held.version == 1

@@ -196,27 +196,137 @@ async def test_measurements_go_up_and_a_cloud_plan_is_applied_once(
         await store.close()
 
 
-async def test_a_refused_upload_is_logged_and_the_link_lives_on(
+async def test_a_refused_upload_is_logged_and_the_other_steps_go_on(
     cloud: _Cloud, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The edge's chain is not the one the cloud holds (its store was replaced): the cloud
-    refuses (a fork at seq 0); the link says why, once, and its later rounds still run."""
+    refuses (a fork at seq 3); the link says why, once, and telemetry still goes up (review
+    2026-12-05: the refused audit step ended every round before telemetry and plans)."""
     await cloud.store.put_audit(SITE, chain(3, site_tag="other-"), now_s=T0)
     store = open_store({"kind": "embedded", "path": str(tmp_path / "edge-store")}, tmp_path)
     await store.open()
     cfg = CloudLinkConfig.from_section(cloud.link_section(), tmp_path)
     assert cfg is not None
-    link = CloudLink(cfg, site_id=SITE, store=store, clock=ManualClock(T0))
+    ctrl, clock = stepped_controller(_table(), _Gateway())
+    link = CloudLink(cfg, site_id=SITE, store=store, clock=clock, ctrl=ctrl)
     caplog.set_level(logging.ERROR, logger="evcore.edge.cloud")
     try:
         for r in chain(5, site_tag=SITE):
             await store.append_audit(r)
+        a = sorted(ctrl.state.chargers)[0]
+        ctrl.state.chargers[a].measured_a = (9.0, 9.0, 9.0)
+        ctrl.state.chargers[a].measured_at = clock.monotonic()
         assert not await link.sync_once()
         assert not await link.sync_once()
-        assert link.stats.failures == 2 and "INVALID_ARGUMENT" in link.stats.last_error
-        refused = [r for r in caplog.records if "refused an upload" in r.getMessage()]
+        assert link.stats.failures == 2 and "INVALID_ARGUMENT" in link.stats.step_errors["audit"]
+        refused = [r for r in caplog.records if "audit failed" in r.getMessage()]
         assert len(refused) == 1 and "seq 3" in refused[0].getMessage(), caplog.text
+        batches = await cloud.store.telemetry_batches(SITE)
+        assert [s.charger_id for b in batches for s in b.samples] == [a]
     finally:
+        await link.close()
+        await store.close()
+
+
+async def test_a_store_outage_fails_the_audit_step_and_never_ends_the_link(
+    cloud: _Cloud, tmp_path: Path
+) -> None:
+    """Review 2026-12-05 (HIGH): the edge's store raising StoreUnavailable came out of the link's
+    run() and, in EdgeApp's task group, ended the whole edge."""
+    import asyncio
+
+    from evcore.store import StoreUnavailable
+
+    store = open_store({"kind": "embedded", "path": str(tmp_path / "edge-store")}, tmp_path)
+    await store.open()
+    cfg = CloudLinkConfig.from_section(cloud.link_section(interval_s=0.05), tmp_path)
+    assert cfg is not None
+    link = CloudLink(cfg, site_id=SITE, store=store, clock=ManualClock(T0))
+    real = store.audit_records
+
+    async def down(**kwargs: Any) -> Any:
+        raise StoreUnavailable("store down (test)")
+
+    store.audit_records = down  # type: ignore[method-assign]
+    runner = asyncio.create_task(link.run())
+    try:
+        for _ in range(200):
+            if link.stats.failures >= 3:
+                break
+            await asyncio.sleep(0.02)
+        assert link.stats.failures >= 3 and not runner.done()
+        assert "StoreUnavailable" in link.stats.step_errors["audit"]
+        store.audit_records = real  # type: ignore[method-assign]
+        for r in chain(2, site_tag=SITE):
+            await store.append_audit(r)
+        for _ in range(200):
+            if link.stats.audit_contiguous == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert link.stats.audit_contiguous == 2 and "audit" not in link.stats.step_errors
+    finally:
+        link.stop()
+        await asyncio.wait_for(runner, 10)
+        await link.close()
+        await store.close()
+
+
+async def test_an_expired_plan_is_not_applied_and_a_restored_cloud_is_followed(
+    cloud: _Cloud, tmp_path: Path
+) -> None:
+    """Review 2026-12-05: a plan whose valid_until had passed was applied as fresh, and after the
+    cloud's plans were restored from a backup (newest version 2, the edge holding 7) no plan was
+    ever applied again until a restart."""
+    from evcore.edge.cloudlink import PLAN_RECHECK_ROUNDS
+
+    ctrl, clock = stepped_controller(_table(), _Gateway())
+    store = open_store({"kind": "embedded", "path": str(tmp_path / "edge-store")}, tmp_path)
+    await store.open()
+    cfg = CloudLinkConfig.from_section(cloud.link_section(telemetry=False), tmp_path)
+    assert cfg is not None
+    link = CloudLink(cfg, site_id=SITE, store=store, clock=clock, ctrl=ctrl)
+    a = sorted(ctrl.state.chargers)[0]
+
+    def plan(version: int, computed_ago_s: float, valid_s: float) -> Plan:
+        p = Plan(plan_id=f"p-{version}", plan_version=version, source="cloud")
+        p.computed_at.FromNanoseconds(int((clock.now() - computed_ago_s) * 1e9))
+        p.valid_until.FromNanoseconds(int((clock.now() - computed_ago_s + valid_s) * 1e9))
+        row = PlanRow(session_id="s", charger_id=a, step_s=86_400.0, target_a=8.0)
+        row.step_start.FromNanoseconds(int((clock.now() - 3600.0) * 1e9))
+        p.rows.append(row)
+        return p
+
+    restored: _Cloud | None = None
+    try:
+        await cloud.store.put_plan(SITE, plan(6, 20 * 3600.0, 3600.0), now_s=clock.now())
+        assert await link.sync_once()
+        assert ctrl.cloud_plan is None and link.stats.plans_applied == 0  # expired 19 h ago
+        await cloud.store.put_plan(SITE, plan(7, 60.0, 7200.0), now_s=clock.now())
+        assert await link.sync_once()
+        assert ctrl.cloud_plan is not None and ctrl.cloud_plan.version == "p-7@7"
+        assert abs(ctrl.cloud_plan.received_at - (clock.now() - 60.0)) < 1e-3  # its age counts
+        # The cloud comes back from a backup holding versions up to 2 only.
+        await cloud.stop()
+        restored = _Cloud.__new__(_Cloud)
+        restored.__dict__.update(cloud.__dict__)
+        restored.config = CloudConfig.from_table(
+            {
+                "listen": f"127.0.0.1:{cloud.port}",
+                "tls": cloud.tls,
+                "store": {"url": f"sqlite:{tmp_path / 'restored-store'}"},
+            },
+            tmp_path,
+        )
+        restored.store = open_cloud_store(restored.config.store_url, tmp_path)
+        await restored.start()
+        await restored.store.put_plan(SITE, plan(2, 10.0, 7200.0), now_s=clock.now())
+        link._round = PLAN_RECHECK_ROUNDS - 1  # the next round rechecks the newest
+        assert await link.sync_once()
+        assert ctrl.cloud_plan.version == "p-2@2" and link.stats.plan_version == 2
+    finally:
+        if restored is not None:
+            await restored.stop()
+            await restored.store.close()
         await link.close()
         await store.close()
 

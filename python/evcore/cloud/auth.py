@@ -56,6 +56,14 @@ current_operator: contextvars.ContextVar[Principal | None] = contextvars.Context
 )
 
 
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return bool(bc.ca)
+
+
 class DirectIssuers:
     """The CA certificates of one role (a PEM bundle), and whether a peer's certificate was
     signed by one of them directly. The TLS handshake verifies a client's chain against the
@@ -77,6 +85,8 @@ class DirectIssuers:
             cert = x509.load_pem_x509_certificate(cert_pem)
         except ValueError:
             cert = None
+        if cert is not None and _is_ca(cert):
+            cert = None  # a CA's certificate is never a caller's identity (a sub-CA as a leaf)
         for ca in self._cas if cert is not None else ():
             assert cert is not None
             if cert.issuer != ca.subject:

@@ -339,10 +339,13 @@ class EdgeApp:
                 await self._stop.wait()
                 ctrl.stop()
                 self.planner.stop()
-                if self.cloud is not None:
-                    self.cloud.stop()
                 if link is not None:
-                    await link
+                    # Not waited for: a call in flight to a slow cloud would hold the stop up
+                    # to its timeout (review 2026-12-05: 19 s with timeout_s 20).
+                    self.cloud.stop()
+                    link.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await link
                 if retention is not None:
                     retention.cancel()
                 if mover is not None:

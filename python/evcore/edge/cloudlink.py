@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,19 @@ from evcore.clock import Clock
 from evcore.v1 import cloud_api_pb2 as cpb
 from evcore.v1 import cloud_api_pb2_grpc as cpb_grpc
 from evcore.v1.audit_pb2 import AuditRecord
-from evcore.v1.meter_pb2 import MeterSample, MeterSampleBatch
+from evcore.v1.meter_pb2 import MeterSampleBatch
 
 log = logging.getLogger("evcore.edge.cloud")
 
 #: The header that names the site to a cloud in insecure (development) mode (cloud/auth.py).
 SITE_HEADER = "x-evcore-site-id"
+
+
+#: Codes that mean the cloud is away (the round ends; the next one retries).
+_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: While no newer plan is found, every this many rounds the newest one is asked for too: a
+#: cloud whose plans were restored from a backup numbers them below the version held.
+PLAN_RECHECK_ROUNDS = 30
 
 
 class CloudLinkConfigError(ValueError):
@@ -168,9 +175,12 @@ class CloudLinkStats:
     telemetry_samples: int = 0
     plan_version: int = 0
     plans_applied: int = 0
-    #: Rounds that failed (cloud unreachable, a call refused).
+    #: Steps that failed (cloud unreachable, a call refused, the edge's store away).
     failures: int = 0
     last_error: str = ""
+    #: Per step ("topology", "audit", "telemetry", "plan") the error of its last run, while it
+    #: fails.
+    step_errors: dict[str, str] = field(default_factory=dict)
     #: Wall time of the last round that completed.
     last_sync_at: float | None = None
 
@@ -210,7 +220,7 @@ class CloudLink:
         self._down = False
         # Per charger, the monotonic time of the measurement uploaded last.
         self._sent_measured: dict[str, float] = {}
-        self._refused: str = ""
+        self._round = 0
         self.synced = asyncio.Event()  # set after each round that completed
 
     # -- the channel ------------------------------------------------------------------------
@@ -256,10 +266,15 @@ class CloudLink:
 
     # -- the loop -----------------------------------------------------------------------------
     async def run(self) -> None:
-        """One round now and every ``interval_s`` until ``stop``; errors are logged, never
-        raised (the control loop beside it must not end because the cloud is away)."""
+        """One round now and every ``interval_s`` until ``stop`` (or a cancel); errors are
+        logged, never raised: the control loop beside it must not end because the cloud or the
+        store is away (review 2026-12-05: a store outage raised out of here ended the edge)."""
         while not self._stop.is_set():
-            await self.sync_once()
+            try:
+                await self.sync_once()
+            except Exception:  # a bug in a round: logged, the next round runs
+                self.stats.failures += 1
+                log.exception("cloud link: round failed")
             try:
                 await asyncio.wait_for(self._stop.wait(), self.config.interval_s)
             except TimeoutError:
@@ -267,41 +282,47 @@ class CloudLink:
 
     async def sync_once(self) -> bool:
         """One round: topology (until the cloud took it), audit from where the cloud's copy
-        ends, telemetry, plan. Returns whether it completed."""
-        try:
-            if self.topology is not None and self.stats.topology_version is None:
-                await self._put_topology()
-            await self._upload_audit()
-            if self.config.telemetry and self.ctrl is not None:
-                await self._upload_telemetry()
-            if self.config.plans and self.ctrl is not None:
-                await self._fetch_plan()
-        except grpc.aio.AioRpcError as exc:
-            self._failed(f"{exc.code().name}: {exc.details()}", exc.code())
-            return False
-        except (OSError, ValueError) as exc:
-            self._failed(f"{type(exc).__name__}: {exc}", None)
-            return False
-        if self._down:
+        ends, telemetry, plan, each on its own: one that fails (a refused upload, a store
+        outage) does not keep the others from running, except that a cloud found unreachable
+        ends the round. Returns whether every step completed."""
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        if self.topology is not None and self.stats.topology_version is None:
+            steps.append(("topology", self._put_topology))
+        steps.append(("audit", self._upload_audit))
+        if self.config.telemetry and self.ctrl is not None:
+            steps.append(("telemetry", self._upload_telemetry))
+        if self.config.plans and self.ctrl is not None:
+            steps.append(("plan", self._fetch_plan))
+        self._round += 1
+        ok = True
+        unreachable = False
+        for name, step in steps:
+            try:
+                await step()
+            except grpc.aio.AioRpcError as exc:
+                ok = False
+                code = exc.code()
+                if code in _UNREACHABLE:
+                    unreachable = True
+                    self._unreachable(f"{code.name}: {exc.details()}")
+                    break
+                self._step_failed(name, f"{code.name}: {exc.details()}")
+            except Exception as exc:  # the edge's store away, a bad record: this step only
+                ok = False
+                self._step_failed(name, f"{type(exc).__name__}: {exc}")
+            else:
+                self.stats.step_errors.pop(name, None)
+        if not unreachable and self._down:
             self._down = False
-            log.warning(
-                "cloud %s reachable again after %d failed round(s)",
-                self.config.url,
-                self.stats.failures,
-            )
-        self.stats.last_sync_at = self.clock.now()
-        self.synced.set()
-        return True
+            log.warning("cloud %s reachable again", self.config.url)
+        if ok:
+            self.stats.last_sync_at = self.clock.now()
+            self.synced.set()
+        return ok
 
-    def _failed(self, what: str, code: grpc.StatusCode | None) -> None:
+    def _unreachable(self, what: str) -> None:
         self.stats.failures += 1
         self.stats.last_error = what
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            # Refused for its content (a fork of the chain, say): says so every time it changes.
-            if what != self._refused:
-                self._refused = what
-                log.error("cloud %s refused an upload: %s", self.config.url, what)
-            return
         if not self._down:
             self._down = True
             log.warning(
@@ -310,6 +331,15 @@ class CloudLink:
                 what,
                 self.config.interval_s,
             )
+
+    def _step_failed(self, step: str, what: str) -> None:
+        """A step refused by the cloud for its content (a fork of the chain, say) or failed on
+        the edge's side: logged when its message changes, counted every time."""
+        self.stats.failures += 1
+        self.stats.last_error = f"{step}: {what}"
+        if self.stats.step_errors.get(step) != what:
+            log.error("cloud link: %s failed: %s", step, what)
+        self.stats.step_errors[step] = what
 
     # -- what is sent -------------------------------------------------------------------------
     async def _put_topology(self) -> None:
@@ -355,67 +385,130 @@ class CloudLink:
             if len(records) < self.config.batch:
                 return
 
-    def _measurements(self) -> tuple[MeterSampleBatch, dict[str, float]]:
-        """One sample per charger measured since the last upload (the controller's latest
-        reading, in the site's phase order), with the reading's times."""
-        batch = MeterSampleBatch()
-        taken: dict[str, float] = {}
+    def _readings(self) -> list[_Reading]:
+        """Plain copies of the readings taken since the last upload (cheap: on the loop); the
+        protobuf is built from them in a worker thread (``_batch``)."""
         now_w, now_m = self.clock.now(), self.clock.monotonic()
-        for cid, c in sorted(self.ctrl.state.chargers.items()):
+        out: list[_Reading] = []
+        for cid, c in self.ctrl.state.chargers.items():
             at = c.measured_at
             if at is None or at <= self._sent_measured.get(cid, -math.inf):
                 continue
-            s = MeterSample(charger_id=cid)
-            if c.transaction_id:
-                s.transaction_id = str(c.transaction_id)
-            s.sampled_at.FromNanoseconds(int((now_w - (now_m - at)) * 1e9))
-            s.received_at.FromNanoseconds(int((now_w - (now_m - at)) * 1e9))
-            s.current_a.extend(math.nan if v is None else float(v) for v in c.measured_a)
-            if c.measured_w is not None and math.isfinite(c.measured_w):
-                s.power_w = float(c.measured_w)
-            if c.accepted and c.holding is not None and math.isfinite(c.holding):
-                # What the charger offers the car is the limit in force (docs/cloud.md: the
-                # fleet split counts a charger drawing 90 % of its offer at its maximum).
-                if c.is_dc:
-                    s.offered_power_w = float(c.holding)
-                else:
-                    s.offered_current_a = float(c.holding)
-            batch.samples.append(s)
-            taken[cid] = at
-        return batch, taken
+            offered = c.holding if c.accepted else None
+            out.append(
+                _Reading(
+                    cid,
+                    at,
+                    now_w - (now_m - at),
+                    str(c.transaction_id or ""),
+                    tuple(c.measured_a),
+                    c.measured_w,
+                    offered,
+                    bool(c.is_dc),
+                )
+            )
+        return out
 
     async def _upload_telemetry(self) -> None:
-        batch, taken = self._measurements()
-        if not batch.samples:
+        readings = self._readings()
+        if not readings:
             return
+        batch = await asyncio.to_thread(_batch, readings)
         await self._open().UploadTelemetry(
             _items([batch]),
             timeout=self.config.timeout_s,
             metadata=self._metadata(),
             wait_for_ready=True,
         )
-        self._sent_measured.update(taken)
+        self._sent_measured.update((r.charger_id, r.measured_mono) for r in readings)
         self.stats.telemetry_batches += 1
-        self.stats.telemetry_samples += len(batch.samples)
+        self.stats.telemetry_samples += len(readings)
 
-    async def _fetch_plan(self) -> None:
-        from evcore.edge.signals import plan_from_proto
-
-        req = cpb.GetPlanRequest(site_id=self.site_id, newer_than_version=self.stats.plan_version)
+    async def _get_plan(self, newer_than: int) -> Any:
+        req = cpb.GetPlanRequest(site_id=self.site_id, newer_than_version=newer_than)
         try:
-            plan = await self._open().GetPlan(
+            return await self._open().GetPlan(
                 req, timeout=self.config.timeout_s, metadata=self._metadata(), wait_for_ready=True
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return  # nothing newer: keep what is in force
+                return None
             raise
+
+    async def _fetch_plan(self) -> None:
+        from evcore.edge.signals import plan_from_proto
+
+        held = self.stats.plan_version
+        plan = await self._get_plan(held)
+        if plan is None and held > 0 and self._round % PLAN_RECHECK_ROUNDS == 0:
+            newest = await self._get_plan(0)
+            if newest is not None and int(newest.plan_version) < held:
+                # The cloud numbers its plans below the version held (its plans were restored
+                # from a backup, say): without this the edge would wait for version held + 1.
+                log.warning(
+                    "cloud: newest plan is version %d, below the %d applied; taking it",
+                    newest.plan_version,
+                    held,
+                )
+                plan = newest
+        if plan is None:
+            return  # nothing newer: keep what is in force
+        self.stats.plan_version = int(plan.plan_version)
+        now = self.clock.now()
+        if plan.HasField("valid_until") and _ts(plan.valid_until) <= now:
+            log.warning(
+                "cloud: plan %s version %d expired at %s; not applied",
+                plan.plan_id,
+                plan.plan_version,
+                plan.valid_until.ToJsonString(),
+            )
+            return
+        # Its age counts from when it was computed, not from when this edge fetched it.
+        made = _ts(plan.computed_at) if plan.HasField("computed_at") else now
         ctrl = self.ctrl
         targets = plan_from_proto(
-            plan.SerializeToString(), self.clock.now(), lambda cid: cid in ctrl.state.chargers
+            plan.SerializeToString(), min(made, now), lambda cid: cid in ctrl.state.chargers
         )
-        self.stats.plan_version = int(plan.plan_version)
         if targets.source == "cloud":
             ctrl.set_plan(targets)
             self.stats.plans_applied += 1
             log.info("cloud: plan %s version %d applied", plan.plan_id, plan.plan_version)
+
+
+def _ts(t: Any) -> float:
+    return float(t.seconds) + float(t.nanos) * 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    charger_id: str
+    measured_mono: float
+    measured_wall: float
+    transaction_id: str
+    current_a: tuple[float | None, ...]
+    power_w: float | None
+    offered: float | None
+    is_dc: bool
+
+
+def _batch(readings: Sequence[_Reading]) -> MeterSampleBatch:
+    """The ``MeterSampleBatch`` of ``readings`` (a worker thread builds it)."""
+    batch = MeterSampleBatch()
+    for r in sorted(readings, key=lambda r: r.charger_id):
+        s = batch.samples.add(charger_id=r.charger_id)
+        if r.transaction_id:
+            s.transaction_id = r.transaction_id
+        ns = int(r.measured_wall * 1e9)
+        s.sampled_at.FromNanoseconds(ns)
+        s.received_at.FromNanoseconds(ns)
+        s.current_a.extend(math.nan if v is None else float(v) for v in r.current_a)
+        if r.power_w is not None and math.isfinite(r.power_w):
+            s.power_w = float(r.power_w)
+        if r.offered is not None and math.isfinite(r.offered):
+            # What the charger offers the car is the limit in force (docs/cloud.md: the fleet
+            # split counts a charger drawing 90 % of its offer at its maximum).
+            if r.is_dc:
+                s.offered_power_w = float(r.offered)
+            else:
+                s.offered_current_a = float(r.offered)
+    return batch
