@@ -385,23 +385,45 @@ fn exactly_over(
 /// of 0 adds nothing).
 fn per_constraint<const K: usize>(
     topo: &Topology,
-    amount: impl Fn(usize) -> [f64; K],
+    halves: Option<Halves>,
+    amount: impl Fn(usize) -> [f64; K] + Sync,
 ) -> [Vec<f64>; K] {
     let nk = topo.n_nodes() * SLOTS;
     let mut acc: [Vec<f64>; K] = std::array::from_fn(|_| vec![0.0; nk]);
-    for c in 0..topo.n_chargers() {
-        let xs = amount(c);
-        let co = topo.slot_coefs(c);
-        let par = topo.hot(c).parent();
-        for (acc, x) in acc.iter_mut().zip(xs) {
-            if x == 0.0 {
-                continue;
-            }
-            let row = &mut acc[par * SLOTS..par * SLOTS + SLOTS];
-            for (r, &a) in row.iter_mut().zip(co) {
-                *r += a * x;
+    // Each charger's amounts at its parent (nodes from `node_base` on in `rows`).
+    let add = |chargers: std::ops::Range<usize>, node_base: usize, mut rows: Vec<&mut [f64]>| {
+        for c in chargers {
+            let xs = amount(c);
+            let co = topo.slot_coefs(c);
+            let par = topo.hot(c).parent() - node_base;
+            for (acc, x) in rows.iter_mut().zip(xs) {
+                if x == 0.0 {
+                    continue;
+                }
+                let row = &mut acc[par * SLOTS..par * SLOTS + SLOTS];
+                for (r, &a) in row.iter_mut().zip(co) {
+                    *r += a * x;
+                }
             }
         }
+    };
+    let nc = topo.n_chargers();
+    match halves {
+        Some(h) => {
+            // The halves share no parent: every node's sum in the same order.
+            let (mut first, mut second) = (Vec::with_capacity(K), Vec::with_capacity(K));
+            for v in acc.iter_mut() {
+                let (a, b) = v.split_at_mut(h.node_at * SLOTS);
+                first.push(a);
+                second.push(b);
+            }
+            par::join(
+                true,
+                || add(0..h.charger_at, 0, first),
+                || add(h.charger_at..nc, h.node_at, second),
+            );
+        }
+        None => add(0..nc, 0, acc.iter_mut().map(|v| &mut v[..]).collect()),
     }
     for &i in topo.node_order().iter().rev() {
         if let Some(par) = topo.nodes[i].parent {
@@ -421,6 +443,191 @@ fn add_row<T: Copy + std::ops::AddAssign>(v: &mut [T], par: usize, child: usize)
         .expect("SLOTS entries");
     for (r, x) in v[par * SLOTS..par * SLOTS + SLOTS].iter_mut().zip(from) {
         *r += x;
+    }
+}
+
+/// What the model reads per session.
+struct Sessions<'a> {
+    topo: &'a Topology,
+    ch: &'a ChargerInputs<'a>,
+    demand: &'a Demand<'a>,
+    p: &'a AllocatorParams,
+    ep: &'a EnvelopeParams,
+    /// What each charger holds regardless of its new setpoint.
+    held: &'a [f64],
+}
+
+/// The model's per-charger rows and admission inputs, for chargers `base..`.
+struct ModelRows<'a> {
+    base: usize,
+    set_floor: &'a mut [f64],
+    set_cap: &'a mut [f64],
+    floor: &'a mut [f64],
+    cap: &'a mut [f64],
+    cap_binding: &'a mut [Binding],
+    candidate: &'a mut [bool],
+    binding: &'a mut [Binding],
+    locked_on: &'a mut [bool],
+    key: &'a mut [f64],
+}
+
+impl<'a> ModelRows<'a> {
+    /// Chargers before `at` and from `at` on.
+    fn split_at(self, at: usize) -> (ModelRows<'a>, ModelRows<'a>) {
+        let at = at - self.base;
+        let (sf0, sf1) = self.set_floor.split_at_mut(at);
+        let (sc0, sc1) = self.set_cap.split_at_mut(at);
+        let (f0, f1) = self.floor.split_at_mut(at);
+        let (c0, c1) = self.cap.split_at_mut(at);
+        let (cb0, cb1) = self.cap_binding.split_at_mut(at);
+        let (ca0, ca1) = self.candidate.split_at_mut(at);
+        let (b0, b1) = self.binding.split_at_mut(at);
+        let (l0, l1) = self.locked_on.split_at_mut(at);
+        let (k0, k1) = self.key.split_at_mut(at);
+        (
+            ModelRows {
+                base: self.base,
+                set_floor: sf0,
+                set_cap: sc0,
+                floor: f0,
+                cap: c0,
+                cap_binding: cb0,
+                candidate: ca0,
+                binding: b0,
+                locked_on: l0,
+                key: k0,
+            },
+            ModelRows {
+                base: self.base + at,
+                set_floor: sf1,
+                set_cap: sc1,
+                floor: f1,
+                cap: c1,
+                cap_binding: cb1,
+                candidate: ca1,
+                binding: b1,
+                locked_on: l1,
+                key: k1,
+            },
+        )
+    }
+}
+
+impl Sessions<'_> {
+    /// Eligibility, caps and admission key of each session of `out` (see the module docs).
+    fn rows(&self, out: ModelRows<'_>) {
+        let ModelRows {
+            base,
+            set_floor,
+            set_cap,
+            floor,
+            cap,
+            cap_binding,
+            candidate,
+            binding,
+            locked_on,
+            key,
+        } = out;
+        let (topo, ch, demand) = (self.topo, self.ch, self.demand);
+        for i in 0..key.len() {
+            let c = base + i;
+            let spec = topo.hot(c);
+            let nt = spec.wiring.terminals();
+            let last = last_sent_line_a(topo, c, ch);
+            let is_on = last > 0.0;
+            let sw = ch.switches[c];
+            let at_cap = !(sw < self.ep.max_switches);
+            let on_t = ch.on_since_s[c];
+            let off_t = ch.off_since_s[c];
+            if ch.faulted[c] {
+                binding[i] = Binding::Fault;
+                continue;
+            }
+            if !ch.connected[c] {
+                binding[i] = Binding::Disconnected;
+                continue;
+            }
+            if !(demand.energy_wanted_kwh[c] > 0.0) {
+                binding[i] = Binding::Demand;
+                continue;
+            }
+            if !is_on
+                && ((off_t.is_finite() && self.ep.now_s - off_t < self.ep.min_off_s) || at_cap)
+            {
+                binding[i] = Binding::Hysteresis;
+                continue;
+            }
+            locked_on[i] =
+                is_on && ((on_t.is_finite() && self.ep.now_s - on_t < self.ep.min_on_s) || at_cap);
+            let f = spec.min_a;
+            let mut u = spec.max_a;
+            let mut cb = Binding::ChargerMax;
+            // Plan target caps the session unless it is behind its plan.
+            let t = match spec.kind {
+                ChargerKind::Ac => demand.target_a[c],
+                ChargerKind::Dc => {
+                    let w = demand.target_w[c];
+                    if w.is_nan() {
+                        f64::NAN
+                    } else {
+                        spec.dc_line_a(w.min(spec.max_w))
+                    }
+                }
+            };
+            if !t.is_nan() && !demand.behind_plan[c] {
+                if t <= 0.0 && !locked_on[i] {
+                    binding[i] = Binding::Plan;
+                    continue;
+                }
+                if t < u {
+                    u = t.max(f);
+                    cb = Binding::Plan;
+                }
+            }
+            // Headroom reclaim from fresh measurements of a running session.
+            let age = ch.measured_age_s[c];
+            if is_on
+                && !ch.profile_unknown[c]
+                && age.is_finite()
+                && age >= 0.0
+                && age <= self.ep.stale_after_s
+            {
+                let meas = [
+                    ch.measured_l1_a[c],
+                    ch.measured_l2_a[c],
+                    ch.measured_l3_a[c],
+                ];
+                let mx = meas[..nt]
+                    .iter()
+                    .map(|v| if v.is_nan() { spec.max_a } else { v.abs() })
+                    .fold(0.0, f64::max);
+                if mx + self.p.margin_a < u {
+                    u = (mx + self.p.margin_a).max(f);
+                    cb = Binding::Demand;
+                }
+            }
+            set_floor[i] = f;
+            set_cap[i] = u;
+            floor[i] = f.max(self.held[c]);
+            cap[i] = u.max(self.held[c]);
+            cap_binding[i] = cb;
+            candidate[i] = true;
+            let rate_w = spec.watts_per_terminal_a() * nt as f64 * spec.max_a.max(1e-9);
+            let need_s = demand.energy_wanted_kwh[c] * 3.6e6 / rate_w;
+            let dep = demand.departure_s[c];
+            let lax = if dep.is_nan() {
+                f64::INFINITY
+            } else {
+                dep - self.ep.now_s - need_s
+            };
+            key[i] = if locked_on[i] {
+                f64::NEG_INFINITY
+            } else if is_on {
+                lax - self.p.admission_hysteresis_s
+            } else {
+                lax
+            };
+        }
     }
 }
 
@@ -491,7 +698,7 @@ fn model_and_admission(
     // the exact one: only where it is over is the exact count needed, node by node when those
     // nodes hold fewer chargers together than the site, else in one pass over the site.)
     let mut held: Vec<f64> = (0..n).map(|c| held_of(&cnt.held, c)).collect();
-    let [held_sum] = per_constraint(topo, |c| [held[c]]);
+    let [held_sum] = per_constraint(topo, halves, |c| [held[c]]);
     let over = exactly_over(topo, &cnt, &m.capacity, &held_sum, n);
     let mut following = vec![false; n];
     if over.iter().any(|&o| o) {
@@ -510,100 +717,34 @@ fn model_and_admission(
     let mut binding = vec![Binding::None; n];
     let mut locked_on = vec![false; n];
     let mut key = vec![0.0; n];
-    for c in 0..n {
-        let spec = topo.hot(c);
-        let nt = spec.wiring.terminals();
-        let last = last_sent_line_a(topo, c, ch);
-        let is_on = last > 0.0;
-        let sw = ch.switches[c];
-        let at_cap = !(sw < ep.max_switches);
-        let on_t = ch.on_since_s[c];
-        let off_t = ch.off_since_s[c];
-        if ch.faulted[c] {
-            binding[c] = Binding::Fault;
-            continue;
-        }
-        if !ch.connected[c] {
-            binding[c] = Binding::Disconnected;
-            continue;
-        }
-        if !(demand.energy_wanted_kwh[c] > 0.0) {
-            binding[c] = Binding::Demand;
-            continue;
-        }
-        if !is_on && ((off_t.is_finite() && ep.now_s - off_t < ep.min_off_s) || at_cap) {
-            binding[c] = Binding::Hysteresis;
-            continue;
-        }
-        locked_on[c] = is_on && ((on_t.is_finite() && ep.now_s - on_t < ep.min_on_s) || at_cap);
-        let f = spec.min_a;
-        let mut u = spec.max_a;
-        let mut cb = Binding::ChargerMax;
-        // Plan target caps the session unless it is behind its plan.
-        let t = match spec.kind {
-            ChargerKind::Ac => demand.target_a[c],
-            ChargerKind::Dc => {
-                let w = demand.target_w[c];
-                if w.is_nan() {
-                    f64::NAN
-                } else {
-                    spec.dc_line_a(w.min(spec.max_w))
-                }
-            }
+    {
+        let rows = ModelRows {
+            base: 0,
+            set_floor: &mut m.set_floor,
+            set_cap: &mut m.set_cap,
+            floor: &mut m.floor,
+            cap: &mut m.cap,
+            cap_binding: &mut m.cap_binding,
+            candidate: &mut candidate,
+            binding: &mut binding,
+            locked_on: &mut locked_on,
+            key: &mut key,
         };
-        if !t.is_nan() && !demand.behind_plan[c] {
-            if t <= 0.0 && !locked_on[c] {
-                binding[c] = Binding::Plan;
-                continue;
-            }
-            if t < u {
-                u = t.max(f);
-                cb = Binding::Plan;
-            }
-        }
-        // Headroom reclaim from fresh measurements of a running session.
-        let age = ch.measured_age_s[c];
-        if is_on
-            && !ch.profile_unknown[c]
-            && age.is_finite()
-            && age >= 0.0
-            && age <= ep.stale_after_s
-        {
-            let meas = [
-                ch.measured_l1_a[c],
-                ch.measured_l2_a[c],
-                ch.measured_l3_a[c],
-            ];
-            let mx = meas[..nt]
-                .iter()
-                .map(|v| if v.is_nan() { spec.max_a } else { v.abs() })
-                .fold(0.0, f64::max);
-            if mx + p.margin_a < u {
-                u = (mx + p.margin_a).max(f);
-                cb = Binding::Demand;
-            }
-        }
-        m.set_floor[c] = f;
-        m.set_cap[c] = u;
-        m.floor[c] = f.max(held[c]);
-        m.cap[c] = u.max(held[c]);
-        m.cap_binding[c] = cb;
-        candidate[c] = true;
-        let rate_w = spec.watts_per_terminal_a() * nt as f64 * spec.max_a.max(1e-9);
-        let need_s = demand.energy_wanted_kwh[c] * 3.6e6 / rate_w;
-        let dep = demand.departure_s[c];
-        let lax = if dep.is_nan() {
-            f64::INFINITY
-        } else {
-            dep - ep.now_s - need_s
+        let of = Sessions {
+            topo,
+            ch,
+            demand,
+            p,
+            ep,
+            held: &held,
         };
-        key[c] = if locked_on[c] {
-            f64::NEG_INFINITY
-        } else if is_on {
-            lax - p.admission_hysteresis_s
-        } else {
-            lax
-        };
+        match halves {
+            Some(h) => {
+                let (first, second) = rows.split_at(h.charger_at);
+                par::join(true, || of.rows(first), || of.rows(second));
+            }
+            None => of.rows(rows),
+        }
     }
     // Every charger holds what it holds whether admitted or not (fresh measurement, unconfirmed
     // setpoint): reserve that first, so that a session admitted early is not pushed over a limit
@@ -614,7 +755,7 @@ fn model_and_admission(
     // what the non-candidates hold (never admitted: with every candidate admitted, that is all
     // the water-filling must take off the capacities).
     let refetch = following.iter().any(|&f| f);
-    let [held_again, extra_sum, non_candidate_held] = per_constraint(topo, |c| {
+    let [held_again, extra_sum, non_candidate_held] = per_constraint(topo, halves, |c| {
         let h = held[c];
         [
             if refetch { h } else { 0.0 },
@@ -742,7 +883,9 @@ fn model_and_admission(
     let refused_held = if all_fit {
         non_candidate_held
     } else {
-        let [h] = per_constraint(topo, |c| [if admitted[c] { 0.0 } else { held[c].max(0.0) }]);
+        let [h] = per_constraint(topo, halves, |c| {
+            [if admitted[c] { 0.0 } else { held[c].max(0.0) }]
+        });
         h
     };
     for (cap, &h) in m.capacity.iter_mut().zip(&refused_held) {
@@ -1238,15 +1381,30 @@ fn raise_to_exact(
         })
         .collect();
     // Summed bottom-up: a node where even these bounds fit needs no look at its members.
+    // (Each charger's bound at its parent; the halves share no parent.)
     let mut bound = vec![[0.0; N_PHASES + 1]; nn];
-    for c in 0..n {
-        if raisable[c] && cand[c] > level_a[c] {
-            let u = rise_of(topo, level_a, &cnt.held, c, cand[c]);
-            let b = &mut bound[topo.hot(c).parent()];
-            for (bk, uk) in b.iter_mut().zip(u) {
-                *bk += uk;
+    let add_bounds =
+        |chargers: std::ops::Range<usize>, node_base: usize, bound: &mut [[f64; N_PHASES + 1]]| {
+            for c in chargers {
+                if raisable[c] && cand[c] > level_a[c] {
+                    let u = rise_of(topo, level_a, &cnt.held, c, cand[c]);
+                    let b = &mut bound[topo.hot(c).parent() - node_base];
+                    for (bk, uk) in b.iter_mut().zip(u) {
+                        *bk += uk;
+                    }
+                }
             }
+        };
+    match halves {
+        Some(h) => {
+            let (first, second) = bound.split_at_mut(h.node_at);
+            par::join(
+                true,
+                || add_bounds(0..h.charger_at, 0, first),
+                || add_bounds(h.charger_at..n, h.node_at, second),
+            );
         }
+        None => add_bounds(0..n, 0, &mut bound),
     }
     let at = RaiseAt {
         topo,
@@ -2802,24 +2960,40 @@ mod tests {
         // both alike): EVCORE_BENCH_SPLIT=1.
         if std::env::var("EVCORE_BENCH_SPLIT").is_ok() {
             let halves = topo.halves();
-            let (mut one, mut two) = (Vec::new(), Vec::new());
+            // [one thread, two threads] × [model + admission, water-filling, whole call].
+            let mut t = [
+                [Vec::new(), Vec::new(), Vec::new()],
+                [Vec::new(), Vec::new(), Vec::new()],
+            ];
             for _ in 0..reps {
-                for (h, v) in [(None, &mut one), (halves, &mut two)] {
+                for (w, h) in [None, halves].into_iter().enumerate() {
                     let t0 = Instant::now();
+                    let (m, adm, _, _) = model_and_admission(&topo, &ch, &nodes, &demand, &p, h);
+                    let t1 = Instant::now();
+                    let _ = water_fill_split(&topo, &m, &adm, h);
+                    let t2 = Instant::now();
                     let a = allocate_split(&topo, &ch, &nodes, &demand, &p, false, h).unwrap();
-                    v.push(t0.elapsed().as_secs_f64());
+                    let t3 = Instant::now();
                     drop(a);
+                    t[w][0].push((t1 - t0).as_secs_f64());
+                    t[w][1].push((t2 - t1).as_secs_f64());
+                    t[w][2].push((t3 - t2).as_secs_f64());
                 }
             }
             let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min) * 1e3;
-            println!(
-                "split {:?}: one thread min {:.3} median {:.3} ms, two threads min {:.3} median {:.3} ms",
-                halves.map(|h| h.charger_at),
-                min(&one),
-                med(one.clone()),
-                min(&two),
-                med(two.clone())
-            );
+            for (w, name) in ["one thread", "two threads"].iter().enumerate() {
+                let [m, f, a] = &t[w];
+                println!(
+                    "split {:?} {name}: call min {:.3} median {:.3} ms; model+admission {:.3} / {:.3}; water_fill {:.3} / {:.3}",
+                    halves.map(|h| h.charger_at),
+                    min(a),
+                    med(a.clone()),
+                    min(m),
+                    med(m.clone()),
+                    min(f),
+                    med(f.clone())
+                );
+            }
         }
     }
     /// Seeds that once broke the fairness certificate on large sites: a large constraint
