@@ -175,3 +175,20 @@ def test_a_bad_section_is_refused_naming_the_key(section: object, match: str) ->
     with pytest.raises(MetricsConfigError, match=match):
         MetricsConfig.from_section(section)
     assert MetricsConfig.from_section(None) is None
+
+
+def test_the_shipped_site_files_metrics_sections_load() -> None:
+    import tomllib
+    from pathlib import Path
+
+    edge_dir = Path(__file__).resolve().parents[2] / "edge"
+    production = tomllib.loads((edge_dir / "site.production.example.toml").read_text())
+    cfg = MetricsConfig.from_section(production.get("metrics"))
+    assert cfg is not None and cfg.listen == "127.0.0.1:9464"
+    # The other example carries the section commented out: uncommented, it loads too.
+    example = (edge_dir / "site.example.toml").read_text()
+    lines = [ln.removeprefix("# ") for ln in example.splitlines() if ln.startswith("# [metrics]")]
+    assert lines == ["[metrics]"]
+    uncommented = example.replace("# [metrics]\n# listen", "[metrics]\nlisten")
+    cfg = MetricsConfig.from_section(tomllib.loads(uncommented).get("metrics"))
+    assert cfg is not None and cfg.port == 9464
