@@ -119,6 +119,15 @@ def split_fleet_limit(limit_kw: float, sites: Sequence[SiteInputs]) -> Split:
     """
     if not math.isfinite(limit_kw) or limit_kw < 0:
         raise FleetInputError(f"max_kw: must be a finite number >= 0, got {limit_kw!r}")
+    for s in sites:
+        # An infinite headroom with no demand would share the rest as inf x 0 = NaN.
+        for name, value in (
+            ("grid_limit_kw", s.grid_limit_kw),
+            ("floor_kw", s.floor_kw),
+            ("demand_kw", s.demand_kw),
+        ):
+            if not math.isfinite(value):
+                raise FleetInputError(f"site {s.site_id!r}: {name} is not finite ({value!r})")
     floors = {s.site_id: min(max(s.floor_kw, 0.0), max(s.grid_limit_kw, 0.0)) for s in sites}
     floor_sum = sum(floors.values())
     if floor_sum > limit_kw:
@@ -158,20 +167,28 @@ def root_node_id(site: Site) -> str:
 
 def grid_limit_kw(site: Site) -> float:
     """The grid connection's ``power_limit_kw``; its phase limits × the phase voltage when it has
-    none; the lower of the two when it has both."""
+    none; the lower of the two when it has both. ``FleetInputError`` naming the site when that is
+    not a finite number (phase limits of 1e306 A overflow to inf)."""
     root = next(n for n in site.nodes if n.parent is None)
     by_phase = sum(root.phase_limit_a) * site.voltage_ln_v / 1000.0
-    if root.power_limit_kw is None:
-        return by_phase
-    return min(root.power_limit_kw, by_phase)
+    limit = by_phase if root.power_limit_kw is None else min(root.power_limit_kw, by_phase)
+    if not math.isfinite(limit):
+        raise FleetInputError(
+            f"site {site.id!r}: grid connection {root.id!r}: its limit "
+            f"(power_limit_kw {root.power_limit_kw!r}, phase_limit_a {list(root.phase_limit_a)!r}"
+            f" x voltage_ln_v {site.voltage_ln_v!r}) is not a finite number of kW"
+        )
+    return limit
 
 
 def floor_kw(site: Site) -> float:
     """Non-charger load the chargers cannot shed: every node's ``other_load_max_a`` (load at that
     node itself, so they add up at the grid connection) × the phase voltage, capped at the grid
-    limit."""
+    limit (so an overflow to inf is capped too)."""
     amps = sum(sum(n.other_load_max_a) for n in site.nodes)
-    return min(amps * site.voltage_ln_v / 1000.0, grid_limit_kw(site))
+    kw = amps * site.voltage_ln_v / 1000.0
+    limit = grid_limit_kw(site)
+    return limit if math.isnan(kw) else min(kw, limit)
 
 
 def installed_kw(site: Site) -> dict[str, float]:
@@ -189,6 +206,7 @@ def installed_kw(site: Site) -> dict[str, float]:
 
 
 def _sample_kw(sample: MeterSample, voltage_ln_v: float) -> float:
+    """What the sample says the charger draws; may be inf or NaN (1e200 A at 1e200 V)."""
     if sample.HasField("power_w") and math.isfinite(sample.power_w):
         return max(sample.power_w, 0.0) / 1000.0
     volts = list(sample.voltage_v)
@@ -203,15 +221,28 @@ def _sample_kw(sample: MeterSample, voltage_ln_v: float) -> float:
 def site_demand_kw(site: Site, samples: dict[str, MeterSample]) -> float:
     """The site's charging demand from each charger's newest sample: what it draws, or the
     charger's maximum when it draws at least 90 % of the current it is offered (the offer holds it
-    back, so what it draws under an earlier curtailment understates what its car would take)."""
+    back, so what it draws under an earlier curtailment understates what its car would take).
+    Each charger counts at most its installed maximum (a figure above it is a bad reading, not
+    demand); a sample whose figures overflow (inf, NaN) is missing, and so is a charger the
+    site's topology does not have (no share of the site can reach it)."""
     installed = installed_kw(site)
     total = 0.0
     for cid, sample in samples.items():
+        if cid not in installed:
+            continue
         kw = _sample_kw(sample, site.voltage_ln_v)
+        if not math.isfinite(kw):
+            log.warning(
+                "fleet: site %r charger %r: sample figures overflow (%r kW); ignored",
+                site.id,
+                cid,
+                kw,
+            )
+            continue
+        kw = min(kw, installed[cid])
         amps = [a for a in sample.current_a if math.isfinite(a)]
         if (
-            cid in installed
-            and sample.HasField("offered_current_a")
+            sample.HasField("offered_current_a")
             and sample.offered_current_a > 0
             and amps
             and max(amps) >= HELD_AT_OFFER_RATIO * sample.offered_current_a
@@ -522,14 +553,20 @@ class FleetCoordinator:
             fid = held.curtailment.fleet_curtailment_id
             if ts_s(held.curtailment.end) <= now:
                 continue
-            why = await self._material_change(held, now)
-            if why is None:
-                continue
-            log.info("fleet: %s re-split: %s", fid, why)
+            # One fleet curtailment's failure (a site's bad figures, an outbox error) is logged
+            # with its id and stops no later one; an unreachable store stops the round.
             try:
+                why = await self._material_change(held, now)
+                if why is None:
+                    continue
+                log.info("fleet: %s re-split: %s", fid, why)
                 out.append(await self.resplit(fid))
+            except StoreUnavailable:
+                raise
             except (FleetInputError, FleetNotFound, FleetRevisionConflict) as exc:
                 log.warning("fleet: %s re-split skipped: %s", fid, exc)
+            except Exception:
+                log.exception("fleet: %s re-split failed", fid)
         return out
 
     async def run_resplits(self, every_s: float) -> None:
@@ -618,7 +655,8 @@ class FleetCoordinator:
                             self._store, sid, now_s=now, demand_window_s=self._demand_window_s
                         )
                     )
-                except FleetInputError as exc:
+                except ValueError as exc:
+                    # FleetInputError, or a figure the site sent that cannot be used.
                     raise FleetInputError(f"site_ids[{i}]: {exc}") from None
             split = split_fleet_limit(req.max_kw, inputs)
             if not split.feasible and req.require_feasible:

@@ -2,7 +2,8 @@
 cloud process beside ``CloudApi``: thin handlers over :class:`evcore.cloud.fleet.FleetCoordinator`.
 
 Auth (an operator certificate with the method's role) runs in the interceptor before any handler
-(evcore.cloud.auth). Errors become status codes naming the field: bad input INVALID_ARGUMENT, an
+(evcore.cloud.auth). Errors become status codes naming the field: bad input (and any other
+ValueError, e.g. a site's figures that cannot be split) INVALID_ARGUMENT, an
 unknown id NOT_FOUND, floors above a ``require_feasible`` limit FAILED_PRECONDITION, a concurrent
 split of the same id ABORTED, an unreachable database UNAVAILABLE.
 """
@@ -51,6 +52,9 @@ def _codes(
             await context.abort(grpc.StatusCode.ABORTED, f"{exc}; try again")
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+        except ValueError as exc:
+            # A figure no FleetInputError check caught (every one names its site or field).
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:
             log.exception("fleet: %s failed", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {exc!r}")

@@ -1,0 +1,169 @@
+"""One site's bad figures must not break a fleet split, nor one fleet curtailment the re-split of
+the others (review M1): telemetry whose current x voltage overflows, a figure above a charger's
+rating, phase limits that overflow the grid limit, an outbox error at one site. SQLite and
+PostgreSQL stores; the gRPC case over real mTLS."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cloud_testkit import T0, stream
+from evcore.clock import ManualClock
+from evcore.cloud import CloudStore, open_cloud_store
+from evcore.cloud.fleet import (
+    FleetCoordinator,
+    FleetInputError,
+    SiteInputs,
+    site_inputs,
+    split_fleet_limit,
+)
+from evcore.v1.fleet_api_pb2 import FleetCurtailment
+from evcore.v1.grid_pb2 import GridSignal
+from evcore.v1.meter_pb2 import MeterSample, MeterSampleBatch
+from fleet_testkit import batch, site_table, start_fleet_cloud, topology
+
+pytestmark = pytest.mark.timeout(120)
+
+CHARGER_KW = 32.0 * 230.0 * 3 / 1000.0  # 22.08 kW
+
+
+class Edges:
+    """Stands for the sites' edges: takes everything at once; publishing to ``failing`` raises."""
+
+    def __init__(self) -> None:
+        self.failing: set[str] = set()
+        self.sent: list[tuple[str, float]] = []
+
+    async def publish_grid(self, site_id: str, signal: GridSignal, *, event_id: str) -> None:
+        if site_id in self.failing:
+            raise OSError(f"outbox for {site_id}: disk full (injected)")
+        self.sent.append((site_id, signal.curtailment.max_kw))
+
+    async def taken(self, site_id: str, event_id: str) -> bool:
+        return True
+
+
+@pytest.fixture
+async def store(tmp_path: Path, store_url: str) -> AsyncIterator[CloudStore]:
+    s = open_cloud_store(store_url, tmp_path)
+    await s.open()
+    try:
+        for site in "ABC":
+            t = topology(site_table(site, power_limit_kw=300.0, other_load_a=0.0))
+            await s.put_topology(site, t, now_s=T0)
+        yield s
+    finally:
+        await s.close()
+
+
+def request(fid: str, sites: list[str], kw: float) -> FleetCurtailment:
+    r = FleetCurtailment(fleet_curtailment_id=fid, site_ids=sites, max_kw=kw)
+    r.start.FromSeconds(int(T0))
+    r.end.FromSeconds(int(T0 + 7200))
+    return r
+
+
+def overflowing(t_s: float, charger: str = "C0") -> MeterSampleBatch:
+    """Finite numbers whose product is not: 1e200 A at 1e200 V."""
+    b = MeterSampleBatch()
+    s = MeterSample(charger_id=charger, current_a=[1e200], voltage_v=[1e200])
+    s.sampled_at.FromSeconds(int(t_s))
+    b.samples.append(s)
+    return b
+
+
+async def test_overflowing_telemetry_is_missing_and_a_charger_counts_at_most_its_rating(
+    store: CloudStore,
+) -> None:
+    await store.put_telemetry("B", [overflowing(T0)], now_s=T0)
+    b = await site_inputs(store, "B", now_s=T0, demand_window_s=900.0)
+    assert b.demand_kw == 0.0  # before: inf
+    # 1 GW on C0 and 20 A on C1: C0 counts at its rating (22.08 kW), C1 as it draws.
+    huge = MeterSampleBatch()
+    s = MeterSample(charger_id="C0", power_w=1e9)
+    s.sampled_at.FromSeconds(int(T0))
+    huge.samples.append(s)
+    await store.put_telemetry("C", [huge, batch(T0, {"C1": 20.0})], now_s=T0)
+    c = await site_inputs(store, "C", now_s=T0, demand_window_s=900.0)
+    assert c.demand_kw == pytest.approx(CHARGER_KW + 20.0 * 230.0 * 3 / 1000.0)
+    # A charger the topology does not have is no demand of the site.
+    await store.put_telemetry("A", [batch(T0, {"C0": 10.0, "X9": 30.0})], now_s=T0)
+    a = await site_inputs(store, "A", now_s=T0, demand_window_s=900.0)
+    assert a.demand_kw == pytest.approx(10.0 * 230.0 * 3 / 1000.0)
+
+    fc = FleetCoordinator(store, Edges(), clock=ManualClock(T0))
+    res = await fc.curtail(request("f1", ["A", "B", "C"], 200.0))  # before: ValueError (NaN)
+    assert all(math.isfinite(sh.max_kw) for sh in res.shares)
+    assert sum(sh.max_kw for sh in res.shares) <= 200.0
+
+
+def test_the_split_names_a_site_whose_figures_are_not_finite() -> None:
+    sites = [SiteInputs("A", "g", 50.0, 0.0, 10.0), SiteInputs("B", "g", math.inf, 0.0, 0.0)]
+    with pytest.raises(FleetInputError, match="site 'B': grid_limit_kw is not finite"):
+        split_fleet_limit(100.0, sites)  # before: ValueError cannot convert float NaN
+
+
+async def test_one_fleet_failing_stops_no_other_fleets_resplit(
+    store: CloudStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    for site in "ABC":
+        await store.put_telemetry(site, [batch(T0, {"C0": 20.0, "C1": 20.0})], now_s=T0)
+    clock = ManualClock(T0)
+    edges = Edges()
+    fc = FleetCoordinator(store, edges, clock=clock)
+    await fc.curtail(request("a-fleet", ["A", "B"], 100.0))
+    await fc.curtail(request("b-fleet", ["A", "C"], 100.0))
+    clock.advance(60.0)
+    # A's demand moves (both fleets re-split); B's outbox fails (a-fleet's re-split raises), and
+    # B sends an overflowing sample (the review's case: it made the split raise).
+    await store.put_telemetry(
+        "A", [batch(clock.now(), {f"C{i}": 32.0 for i in range(6)})], now_s=clock.now()
+    )
+    await store.put_telemetry("B", [overflowing(clock.now())], now_s=clock.now())
+    edges.failing.add("B")
+    with caplog.at_level(logging.ERROR, logger="evcore.cloud.fleet"):
+        out = await fc.resplit_changed()  # before: raised, b-fleet never re-split
+    assert [r.curtailment.fleet_curtailment_id for r in out] == ["b-fleet"]
+    assert "a-fleet re-split failed" in caplog.text
+    for fid in ("a-fleet", "b-fleet"):
+        held = await store.fleet_curtailment(fid)
+        assert held is not None and held.revision == 2, fid  # a-fleet stored, its B signal not
+    # b-fleet's increase goes out once its decrease was seen taken and ramp_s passed.
+    await fc.republish_pending()
+    clock.advance(fc.ramp_s)
+    await fc.republish_pending()
+    assert await store.fleet_published_revision("b-fleet") == 2
+    assert await store.fleet_published_revision("a-fleet") == 1
+
+
+async def test_a_grid_limit_that_overflows_is_invalid_argument_naming_the_site(
+    tmp_path: Path, store_url: str
+) -> None:
+    f = await start_fleet_cloud(tmp_path, store_url, n_sites=2, fleet={"resplit_every_s": 0})
+    try:
+        a, b = f.sites
+        for site in (a, b):
+            table = site_table(site, power_limit_kw=300.0, other_load_a=0.0)
+            if site == b:
+                table["nodes"][0]["phase_limit_a"] = [1e306] * 3
+                del table["nodes"][0]["power_limit_kw"]
+            async with f.channel(site) as ch:
+                await f.cloud(ch).PutTopology(topology(table))
+        async with f.channel(a) as ch:
+            await f.cloud(ch).UploadTelemetry(stream([batch(T0, {"C0": 20.0})]))
+        async with f.channel("aggregator-1") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await f.fleet(ch).Curtail(request("inf", [a, b], 200.0))
+        # Before: INTERNAL "ValueError('cannot convert float NaN to integer')".
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        details = info.value.details() or ""
+        assert details.startswith(f"site_ids[1]: site {b!r}: grid connection 'grid'"), details
+        assert "not a finite number of kW" in details
+        assert await f.store.fleet_curtailment("inf") is None
+    finally:
+        await f.close()
