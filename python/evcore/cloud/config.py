@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from evcore.api.auth import AuthConfigError, Credentials
+from evcore.metrics.server import MetricsConfig, MetricsConfigError
 
 log = logging.getLogger("evcore.cloud")
 
@@ -82,6 +83,8 @@ class CloudConfig:
     # FleetApi (operators): None when not served.
     fleet: FleetConfig | None = None
     retention: CloudRetention = CloudRetention()
+    # ``[metrics]``: a Prometheus endpoint (docs/metrics.md); None: none.
+    metrics: MetricsConfig | None = None
 
     @staticmethod
     def from_table(table: Mapping[str, Any], base_dir: Path | str = ".") -> CloudConfig:
@@ -96,6 +99,7 @@ class CloudConfig:
             "bus",
             "fleet",
             "retention",
+            "metrics",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -167,6 +171,7 @@ class CloudConfig:
             audit_durable=durable,
             fleet=fleet,
             retention=_retention_section(table.get("retention")),
+            metrics=_metrics_section(table.get("metrics")),
         )
 
     @staticmethod
@@ -323,3 +328,10 @@ def _retention_section(section: Any) -> CloudRetention:
         every_s=number("every_s", d.every_s, zero_ok=False),
         batch_rows=int(number("batch_rows", d.batch_rows, zero_ok=False, integer=True)),
     )
+
+
+def _metrics_section(section: Any) -> MetricsConfig | None:
+    try:
+        return MetricsConfig.from_section(section)
+    except MetricsConfigError as exc:
+        raise CloudConfigError(str(exc)) from None

@@ -34,6 +34,8 @@ from evcore.cloud.retention import run_retention
 from evcore.cloud.store import CloudStore
 from evcore.cloud.topology import site_from_topology
 from evcore.errors import SiteConfigError
+from evcore.metrics.cloud import CloudMetrics
+from evcore.metrics.server import MetricsServer
 from evcore.store.base import StoreUnavailable
 from evcore.v1 import cloud_api_pb2 as pb
 from evcore.v1 import cloud_api_pb2_grpc as pb_grpc
@@ -320,6 +322,12 @@ class CloudApiServer:
             except (OSError, ValueError) as exc:
                 raise CloudConfigError(f"[tls] client_ca_file: {exc}") from exc
         self.auth = SiteAuthInterceptor(insecure=config.insecure, operators=operators, sites=sites)
+        #: ``[metrics]``: call and upload counters, served by ``metrics_server`` (None: none).
+        self.metrics: CloudMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_port = 0
+        if config.metrics is not None:
+            self.metrics = CloudMetrics(clock, auth=self.auth)
         self.health = health_aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
@@ -327,8 +335,11 @@ class CloudApiServer:
     async def start(self) -> int:
         """Open the store, bind and serve; returns the bound port."""
         await self.store.open()
+        interceptors: list[Any] = [self.auth]
+        if self.metrics is not None:
+            interceptors.append(self.metrics.interceptor)  # inside auth: the site is known
         server = aio.server(
-            interceptors=[self.auth],
+            interceptors=interceptors,
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         )
         pb_grpc.add_CloudApiServicer_to_server(self.service, server)
@@ -386,6 +397,11 @@ class CloudApiServer:
                 self.fleet.run_resplits(self.config.fleet.resplit_every_s),
                 name="evcore-cloud-fleet-resplits",
             )
+        if self.metrics is not None and self.config.metrics is not None:
+            self.metrics_server = MetricsServer.from_config(
+                self.metrics.registry, self.config.metrics
+            )
+            self.metrics_port = await self.metrics_server.start()
         log.info(
             "cloud: CloudApi listening on %s (port %d), store %s",
             self.config.listen,
@@ -398,6 +414,9 @@ class CloudApiServer:
         """Health NOT_SERVING first, then in-flight calls get ``grace_s`` to finish."""
         if self._server is None:
             return
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
         for task in (self._resplits, self._republish, self._retention):
             if task is not None:
                 task.cancel()

@@ -188,9 +188,9 @@ class Counter:
         self._values: dict[tuple[str, ...], float] = {}
         self._lock = threading.Lock()
         if not self.labelnames:
-            self._values[()] = 0.0
+            self._values[()] = 0
 
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
+    def inc(self, amount: float = 1, **labels: str) -> None:
         if amount < 0 or math.isnan(amount):
             raise ValueError(f"counter {self.name}: cannot increase by {amount!r}")
         if set(labels) != set(self.labelnames):
@@ -199,7 +199,7 @@ class Counter:
             )
         key = tuple(str(labels[n]) for n in self.labelnames)
         with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+            self._values[key] = self._values.get(key, 0) + amount
 
     def value(self, **labels: str) -> float:
         key = tuple(str(labels[n]) for n in self.labelnames)
