@@ -176,6 +176,10 @@ class MetricsServer:
                 await self._linger(reader, writer)
         except (ConnectionError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # ``stop`` cancelled it: end quietly (a cancelled connection task is logged as an
+            # error by asyncio's stream protocol).
+            pass
         except Exception:  # one bad connection must not end the endpoint
             log.exception("metrics: a connection failed")
         finally:
