@@ -271,14 +271,10 @@ def test_evcore_edge_refuses_a_bad_listen_before_starting(tmp_path: Path) -> Non
     assert "[metrics].listen: port must be a number" in out.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="controller bug (python/evcore/edge/controller.py, not this room's): once a "
-    "TxProfile's refresh is due while its station is offline, _next_wake_in returns 0 and the "
-    "loop decides without waiting (~1,000-1,400 decisions/s on this machine) until the station "
-    "is back. Found by scraping evcore_decisions_total.",
-)
 async def test_the_loop_does_not_spin_while_the_stations_are_away(tmp_path: Path) -> None:
+    """Found by scraping evcore_decisions_total: once a TxProfile's refresh fell due while its
+    station was offline, EdgeController._next_wake_in returned 0 and the loop decided without
+    waiting (about 1,000-1,800 decisions/s) until the station was back."""
     table = depot_table(3, per_feeder=3, site_id="spin-depot")
     # Shared expiries every 13 s (failsafe_after_s - refresh_lead_s - fallback_guard_s): a
     # refresh falls due within 18 s of the last profile.
