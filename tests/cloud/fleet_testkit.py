@@ -144,6 +144,15 @@ class FleetCloud:
                 raise AssertionError(f"timed out waiting for the decreases of {fid}")
             await asyncio.sleep(0.05)
 
+    async def wait_published(self, fid: str, revision: int, timeout_s: float = 20.0) -> None:
+        """Until the store records ``revision`` of ``fid`` as published (the background task
+        marks it just after the outbox took the last signal: the signals may arrive first)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while await self.store.fleet_published_revision(fid) < revision:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for {fid} revision {revision} published")
+            await asyncio.sleep(0.05)
+
     async def release_increases(self, fid: str, timeout_s: float = 20.0) -> None:
         """Wait until the edges took ``fid``'s decreases, let ``ramp_s`` pass on the manual
         clock, and have the cloud publish the increases (as its republish task does)."""

@@ -167,3 +167,20 @@ async def test_a_grid_limit_that_overflows_is_invalid_argument_naming_the_site(
         assert await f.store.fleet_curtailment("inf") is None
     finally:
         await f.close()
+
+
+async def test_a_sample_dated_in_the_future_does_not_pin_the_demand(store: CloudStore) -> None:
+    """Review L1: one batch dated a day ahead (an edge clock wrong once) stood for the site's
+    demand for the whole day, over the true samples after it."""
+    six = {f"C{i}": 32.0 for i in range(6)}
+    await store.put_telemetry("C", [batch(T0 + 86_400, six)], now_s=T0)
+    for k in range(1, 4):
+        now = T0 + 600 * k
+        await store.put_telemetry("C", [batch(now, dict.fromkeys(six, 0.0))], now_s=now)
+        c = await site_inputs(store, "C", now_s=now, demand_window_s=900.0)
+        assert c.demand_kw == 0.0, (k, c.demand_kw)  # before: 132.5 kW at every step
+    # Within the 300 s allowance a sample ahead of the cloud's clock counts.
+    now = T0 + 1800
+    await store.put_telemetry("C", [batch(now + 200, {"C0": 32.0})], now_s=now)
+    c = await site_inputs(store, "C", now_s=now, demand_window_s=900.0)
+    assert c.demand_kw == pytest.approx(CHARGER_KW)

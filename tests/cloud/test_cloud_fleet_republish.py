@@ -109,6 +109,7 @@ async def test_a_revision_stored_before_a_crash_is_published_by_the_next_start(
     await wait_until(
         lambda: f.server.fleet is not None and f.server.fleet.after_store is None, "new server"
     )
+    await f.wait_published("dso-1", 2)
     assert await f.store.fleet_published_revision("dso-1") == 2
     # Recorded as published: the next rounds (every 30 s) send nothing again.
     f.clock.advance(31.0)
@@ -155,6 +156,7 @@ async def test_revisions_left_in_the_store_are_published_unless_their_window_end
         assert [(x.signal_id, x.max_kw) for x in f.watches[site].book] == [
             (f"fleet:crashed:{site}", kw)
         ]
+    await f.wait_published("crashed", 1)
     assert await f.store.fleet_published_revision("crashed") == 1
     assert await f.store.fleet_published_revision("ended") == 0
     assert f.watches[c].signals == []

@@ -47,6 +47,8 @@ log = logging.getLogger("evcore.cloud.fleet")
 
 #: Telemetry older than this (before the split) is not a site's current demand.
 DEFAULT_DEMAND_WINDOW_S = 900.0
+#: Telemetry dated later than the cloud's clock plus this (an edge clock ahead) is ignored.
+FUTURE_SAMPLE_SKEW_S = 300.0
 #: A re-split is due when a site's demand moved by this share of what the split used ...
 DEFAULT_RESPLIT_CHANGE_RATIO = 0.2
 #: ... and by at least this much (small sites' noise does not re-split a fleet).
@@ -263,7 +265,9 @@ async def site_inputs(
     site = await asyncio.to_thread(site_from_topology, held.topology)
     limit = grid_limit_kw(site)
     floor = floor_kw(site)
-    samples = await store.latest_samples(site_id, since_s=now_s - demand_window_s)
+    samples = await store.latest_samples(
+        site_id, since_s=now_s - demand_window_s, until_s=now_s + FUTURE_SAMPLE_SKEW_S
+    )
     if samples:
         demand, source = site_demand_kw(site, samples), DemandSource.DEMAND_SOURCE_TELEMETRY
     else:

@@ -15,6 +15,7 @@ keeps one copy of each and refuses one that breaks the chain.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,22 +299,28 @@ class CloudStore(BackendStore):
 
         return await self._run(self._records, op)
 
-    async def latest_samples(self, site_id: str, *, since_s: float) -> dict[str, MeterSample]:
-        """Per charger the newest sample of the site taken at or after ``since_s`` (from the
-        batches whose last sample is that recent)."""
+    async def latest_samples(
+        self, site_id: str, *, since_s: float, until_s: float = math.inf
+    ) -> dict[str, MeterSample]:
+        """Per charger the newest sample of the site taken at or after ``since_s`` and at or
+        before ``until_s`` (from the batches whose last sample is that recent and whose first is
+        not later): a sample dated in the future (an edge clock ahead) would otherwise stay the
+        newest, and stand for the charger's demand, until its date came."""
+        until = until_s if math.isfinite(until_s) else 1e300
 
         def op(tx: Tx) -> dict[str, MeterSample]:
             rows = tx.all(
                 "SELECT payload FROM cloud_telemetry_batches WHERE site_id = ? AND last_t_s >= ?"
+                " AND (first_t_s IS NULL OR first_t_s <= ?)"
                 " ORDER BY last_t_s DESC LIMIT 1000",
-                (site_id, since_s),
+                (site_id, since_s, until),
             )
             newest: dict[str, tuple[float, MeterSample]] = {}
             for (payload,) in rows:
                 for sample in parse_message(MeterSampleBatch, payload).samples:
                     t = sample_time_s(sample)
                     held = newest.get(sample.charger_id)
-                    if t >= since_s and (held is None or t > held[0]):
+                    if since_s <= t <= until and (held is None or t > held[0]):
                         newest[sample.charger_id] = (t, sample)
             return {cid: s for cid, (_, s) in newest.items()}
 
