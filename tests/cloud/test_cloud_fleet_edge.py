@@ -3,7 +3,8 @@ NATS (127.0.0.1:4222), and the site's power stays within its share while it is i
 
 The edge is the closed-loop rig of the edge tests (OCPP central system on a loopback WebSocket,
 simulated stations and cars, site physics); its grid subject is wired to the controller with
-``subscribe_signals`` as ``evcore edge`` does."""
+``subscribe_signals`` and the durable ``edge-grid`` as ``evcore edge`` does, and the cloud sees it
+take its share (the acknowledgement break before make waits for)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 from edge_testkit import FAST
 from evcore.checker import node_power_kw
+from evcore.cloud.fleet import EDGE_GRID_DURABLE
 from evcore.cloud.topology import topology_from_site
 from evcore.edge.config import EdgeConfig
 from evcore.edge.rig import EdgeRig
-from evcore.edge.signals import subscribe_signals
+from evcore.edge.signals import GRID_DURABLE, subscribe_signals
 from evcore.edge.sitegen import depot_table
 from evcore.sim.ev import EV
 from evcore.v1.fleet_api_pb2 import FleetCurtailment
@@ -46,7 +48,8 @@ async def test_an_edge_holds_its_share_of_a_fleet_curtailment(tmp_path: Path) ->
             ctrl = rig.controller
             assert ctrl is not None
             await edge_bus.start()
-            subs = await subscribe_signals(edge_bus, ctrl)
+            assert EDGE_GRID_DURABLE == GRID_DURABLE
+            subs = await subscribe_signals(edge_bus, ctrl, grid_durable=GRID_DURABLE)
             await rig.wait_for(rig.failsafe_applied, 15, "TxDefault at the failsafe level")
             for cid in rig.fleet.charger_ids:
                 rig.fleet.plug_in(cid, EV(soc=0.2))
@@ -81,6 +84,16 @@ async def test_an_edge_holds_its_share_of_a_fleet_curtailment(tmp_path: Path) ->
             held = next(iter(ctrl.curtailments))
             assert (held.signal_id, held.node_id) == (f"fleet:e2e:{a}", "grid")
             assert held.max_kw == share[a]
+            # The cloud sees the real edge take it (its durable acknowledged the message).
+            deadline = time.monotonic() + 10.0
+            while True:
+                listed = await f.coordinator.site_statuses([a])
+                entry = listed.sites[0].fleet_shares[0]
+                if entry.taken:
+                    break
+                assert time.monotonic() < deadline, entry
+                await asyncio.sleep(0.1)
+            assert (entry.site_revision, entry.site_max_kw) == (1, share[a])
             await asyncio.sleep(t2 - time.time() + 0.5)
             sampler.cancel()
             for s in subs:
