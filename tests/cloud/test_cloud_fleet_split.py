@@ -14,10 +14,14 @@ from evcore.cloud.fleet import (
     floor_kw,
     grid_limit_kw,
     installed_kw,
+    may_hold_kw,
+    plan_revision,
     site_demand_kw,
     split_fleet_limit,
 )
+from evcore.cloud.store import FleetSiteSignal
 from evcore.site import load_site
+from evcore.v1.fleet_api_pb2 import FleetCurtailmentResult, SiteShare
 from evcore.v1.meter_pb2 import MeterSample
 
 
@@ -149,3 +153,60 @@ def test_demand_is_what_chargers_draw_or_their_maximum_when_held_at_their_offer(
         "C2": _sample("C2", 0.0, power_w=1500.0),  # power wins over currents
     }
     assert site_demand_kw(s, samples) == pytest.approx(6.9 + 22.08 + 1.5)
+
+
+# -- break before make (plan_revision, pure) ------------------------------------------------------
+def _sig(
+    site_id: str, rev: int, kw: float | None, *, taken: float | None, lowered: bool = False
+) -> FleetSiteSignal:
+    return FleetSiteSignal(site_id, rev, kw, lowered, f"{site_id}#r{rev}", True, 0.0, taken)
+
+
+def _revision(
+    rev: int, shares: dict[str, float], dropped: tuple[str, ...] = ()
+) -> FleetCurtailmentResult:
+    r = FleetCurtailmentResult(revision=rev)
+    r.shares.extend(SiteShare(site_id=s, max_kw=kw) for s, kw in shares.items())
+    r.dropped_shares.extend(SiteShare(site_id=s) for s in dropped)
+    return r
+
+
+def test_an_increase_waits_for_every_decrease_also_across_revisions() -> None:
+    # Revision 2 lowered A (225 -> 4.9), not taken yet: A may still hold 225. Revision 3 gives A
+    # 100 (below 225: out at once, to be taken), B and C 100 (increases: they wait for A).
+    signals = [
+        _sig("A", 1, 225.0, taken=10.0),
+        _sig("A", 2, 4.9, taken=None, lowered=True),
+        _sig("B", 1, 37.5, taken=10.0),
+        _sig("C", 1, 37.5, taken=10.0),
+    ]
+    assert may_hold_kw([s for s in signals if s.site_id == "A"]) == 225.0
+    assert may_hold_kw([]) == math.inf  # nothing taken from it yet: no limit
+    plan = plan_revision(_revision(3, {"A": 100.0, "B": 100.0, "C": 100.0}), signals, ramp_s=30.0)
+    assert [(sh.site_id, lowered) for sh, _, lowered in plan.send_now] == [("A", True)]
+    assert [sh.site_id for sh in plan.increases] == ["B", "C"]
+    assert plan.waiting_for == ["A"] and not plan.increases_may_go(1e9)
+    # While they wait, what each may hold adds up to at most the limit.
+    assert 225.0 + 37.5 + 37.5 <= 300.0
+    # A takes revision 3 at t = 50: the increases go at 50 + ramp_s, not before.
+    signals.append(_sig("A", 3, 100.0, taken=50.0, lowered=True))
+    plan = plan_revision(_revision(3, {"A": 100.0, "B": 100.0, "C": 100.0}), signals, ramp_s=30.0)
+    assert plan.send_now == [] and plan.waiting_for == [] and plan.ramp_until_s == 80.0
+    assert not plan.increases_may_go(79.9) and plan.increases_may_go(80.0)
+
+
+def test_new_sites_dropped_sites_and_cancels_go_out_at_once() -> None:
+    signals = [_sig("A", 1, 50.0, taken=1.0), _sig("B", 1, 50.0, taken=1.0)]
+    # D is new to the fleet curtailment (a decrease from no limit), B is dropped (its cancel).
+    plan = plan_revision(_revision(2, {"A": 50.0, "D": 40.0}, dropped=("B",)), signals, ramp_s=30.0)
+    assert [(sh.site_id, cancel, low) for sh, cancel, low in plan.send_now] == [
+        ("B", True, False),
+        ("A", False, False),
+        ("D", False, True),
+    ]
+    assert plan.increases == [] and plan.waiting_for == ["D"]
+    cancel = _revision(3, {"A": 50.0, "D": 40.0})
+    cancel.cancelled = True
+    plan = plan_revision(cancel, signals, ramp_s=30.0)
+    assert [(sh.site_id, c) for sh, c, _ in plan.send_now] == [("A", True), ("D", True)]
+    assert plan.increases == [] and plan.waiting_for == []
