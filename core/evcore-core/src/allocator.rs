@@ -821,30 +821,54 @@ fn model_and_admission(
         }
         // What the always-admitted take, added at their parents and summed up the tree.
         let mut first = vec![0.0; nn * SLOTS];
-        let mut order: Vec<usize> = Vec::new();
-        for c in 0..n {
-            if !candidate[c] {
-                continue;
-            }
-            let need = m.floor[c] - held[c];
-            let cc = topo.slot_coefs(c);
-            let par = topo.hot(c).parent();
-            let on_short = || {
-                let up = &short_up[par * SLOTS..par * SLOTS + SLOTS];
-                cc.iter().zip(up).any(|(&a, &s)| a != 0.0 && s)
-            };
-            if locked_on[c] || need <= 0.0 || !on_short() {
-                admitted[c] = true;
-                if need > 0.0 {
-                    let row = &mut first[par * SLOTS..par * SLOTS + SLOTS];
-                    for (r, &a) in row.iter_mut().zip(cc) {
-                        *r += a * need;
-                    }
+        // Chargers `chargers` (their `admitted` from `chargers.start`, their parents from
+        // `node_base` on in `first`); returns those that need the order, ascending.
+        let always = |chargers: std::ops::Range<usize>,
+                      node_base: usize,
+                      admitted: &mut [bool],
+                      first: &mut [f64]| {
+            let mut order: Vec<usize> = Vec::new();
+            let base = chargers.start;
+            for c in chargers {
+                if !candidate[c] {
+                    continue;
                 }
-            } else {
-                order.push(c);
+                let need = m.floor[c] - held[c];
+                let cc = topo.slot_coefs(c);
+                let par = topo.hot(c).parent();
+                let on_short = || {
+                    let up = &short_up[par * SLOTS..par * SLOTS + SLOTS];
+                    cc.iter().zip(up).any(|(&a, &s)| a != 0.0 && s)
+                };
+                if locked_on[c] || need <= 0.0 || !on_short() {
+                    admitted[c - base] = true;
+                    if need > 0.0 {
+                        let p = par - node_base;
+                        let row = &mut first[p * SLOTS..p * SLOTS + SLOTS];
+                        for (r, &a) in row.iter_mut().zip(cc) {
+                            *r += a * need;
+                        }
+                    }
+                } else {
+                    order.push(c);
+                }
             }
-        }
+            order
+        };
+        let mut order = match halves {
+            Some(h) => {
+                let (a0, a1) = admitted.split_at_mut(h.charger_at);
+                let (f0, f1) = first.split_at_mut(h.node_at * SLOTS);
+                let (mut order, second) = par::join(
+                    true,
+                    || always(0..h.charger_at, 0, a0, f0),
+                    || always(h.charger_at..n, h.node_at, a1, f1),
+                );
+                order.extend_from_slice(&second);
+                order
+            }
+            None => always(0..n, 0, &mut admitted, &mut first),
+        };
         for &i in topo.node_order().iter().rev() {
             if let Some(par) = topo.nodes[i].parent {
                 add_row(&mut first, par, i);
@@ -1074,36 +1098,59 @@ fn water_fill_split(
     // constraint and how many members each has (admitted chargers with a coefficient on it),
     // both summed up the tree below; the highest level at which any member can still rise
     // (scale for probing large constraints).
-    let mut fill: Vec<Fill> = Vec::with_capacity(n);
     let mut dmax = vec![0.0f64; nk];
     let mut count = vec![0usize; nk];
-    let mut top_level = 0.0;
-    for c in 0..n {
-        let (f, u, w) = (m.floor[c], m.cap[c], m.weight[c]);
-        let co = topo.slot_coefs(c);
-        debug_assert!(co[..N_PHASES].iter().all(|&x| x == 0.0 || x == 1.0));
-        let x = Fill {
-            floor: f,
-            cap: u,
-            weight: w,
-            floor_level: f / w,
-            cap_level: u / w,
-            kw_coef: co[N_PHASES],
-        };
-        fill.push(x);
-        if admitted[c] {
-            top_level = f64::max(top_level, x.cap_level);
-            let p = topo.hot(c).parent();
-            let d = &mut dmax[p * SLOTS..p * SLOTS + SLOTS];
-            for (r, &a) in d.iter_mut().zip(co) {
-                *r += a * u;
-            }
-            let k = &mut count[p * SLOTS..p * SLOTS + SLOTS];
-            for (r, &a) in k.iter_mut().zip(co) {
-                *r += usize::from(a != 0.0);
+    // Chargers `chargers` (parents from `node_base` on in `dmax`, `count`): their fill records
+    // and the highest cap level among the admitted ones (the max of exact values: the same
+    // whatever the split).
+    let records = |chargers: std::ops::Range<usize>,
+                   node_base: usize,
+                   dmax: &mut [f64],
+                   count: &mut [usize]| {
+        let mut fill: Vec<Fill> = Vec::with_capacity(chargers.len());
+        let mut top_level = 0.0;
+        for c in chargers {
+            let (f, u, w) = (m.floor[c], m.cap[c], m.weight[c]);
+            let co = topo.slot_coefs(c);
+            debug_assert!(co[..N_PHASES].iter().all(|&x| x == 0.0 || x == 1.0));
+            let x = Fill {
+                floor: f,
+                cap: u,
+                weight: w,
+                floor_level: f / w,
+                cap_level: u / w,
+                kw_coef: co[N_PHASES],
+            };
+            fill.push(x);
+            if admitted[c] {
+                top_level = f64::max(top_level, x.cap_level);
+                let p = topo.hot(c).parent() - node_base;
+                let d = &mut dmax[p * SLOTS..p * SLOTS + SLOTS];
+                for (r, &a) in d.iter_mut().zip(co) {
+                    *r += a * u;
+                }
+                let k = &mut count[p * SLOTS..p * SLOTS + SLOTS];
+                for (r, &a) in k.iter_mut().zip(co) {
+                    *r += usize::from(a != 0.0);
+                }
             }
         }
-    }
+        (fill, top_level)
+    };
+    let (fill, top_level) = match halves {
+        Some(h) => {
+            let (d0, d1) = dmax.split_at_mut(h.node_at * SLOTS);
+            let (k0, k1) = count.split_at_mut(h.node_at * SLOTS);
+            let ((mut fill, top0), (fill1, top1)) = par::join(
+                true,
+                || records(0..h.charger_at, 0, d0, k0),
+                || records(h.charger_at..n, h.node_at, d1, k1),
+            );
+            fill.extend_from_slice(&fill1);
+            (fill, f64::max(top0, top1))
+        }
+        None => records(0..n, 0, &mut dmax, &mut count),
+    };
     for &i in topo.node_order().iter().rev() {
         if let Some(par) = topo.nodes[i].parent {
             add_row(&mut dmax, par, i);
@@ -1919,16 +1966,26 @@ fn allocate_split(
     let (level, frozen_by) = water_fill_split(topo, &m, &admitted, halves);
     // Setpoints from freeze levels; then the envelope, in this same call.
     let mut level_a = vec![0.0; n];
-    for c in 0..n {
-        if !admitted[c] {
-            continue;
+    let levels = |base: usize, level_a: &mut [f64]| {
+        for (i, v) in level_a.iter_mut().enumerate() {
+            let c = base + i;
+            if !admitted[c] {
+                continue;
+            }
+            let l = level[c];
+            *v = if l == f64::INFINITY {
+                m.set_cap[c]
+            } else {
+                (m.weight[c] * l).clamp(m.set_floor[c], m.set_cap[c])
+            };
         }
-        let l = level[c];
-        level_a[c] = if l == f64::INFINITY {
-            m.set_cap[c]
-        } else {
-            (m.weight[c] * l).clamp(m.set_floor[c], m.set_cap[c])
-        };
+    };
+    match halves {
+        Some(h) => {
+            let (first, second) = level_a.split_at_mut(h.charger_at);
+            par::join(true, || levels(0, first), || levels(h.charger_at, second));
+        }
+        None => levels(0, &mut level_a),
     }
     // The counting the model was built on (it does not depend on the requests).
     let raised = raise_to_exact(topo, &m, &mut cnt, &level_a, &admitted, halves);
