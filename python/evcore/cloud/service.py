@@ -307,6 +307,7 @@ class CloudApiServer:
                 demand_window_s=config.fleet.demand_window_s,
                 resplit_change_ratio=config.fleet.resplit_change_ratio,
                 resplit_min_kw=config.fleet.resplit_min_kw,
+                ramp_s=config.fleet.ramp_s,
             )
             ca = config.fleet.operator_ca_file
             try:
