@@ -1406,27 +1406,31 @@ fn raise_to_exact(
     if !root.is_some_and(|r| topo.node_has_line_to_line(r)) {
         return out;
     }
-    let raisable: Vec<bool> = (0..n)
-        .map(|c| admitted[c] && level_a[c] < m.set_cap[c] - 1e-9)
-        .collect();
+    let mut raisable = vec![false; n];
+    par::each(halves, &mut raisable, |c| {
+        admitted[c] && level_a[c] < m.set_cap[c] - 1e-9
+    });
     if !raisable.iter().any(|&r| r) {
         return out;
     }
-    for c in 0..n {
-        cnt.s[c] = if admitted[c] { level_a[c] } else { 0.0 };
-    }
+    par::each(halves, &mut cnt.s, |c| {
+        if admitted[c] {
+            level_a[c]
+        } else {
+            0.0
+        }
+    });
     let nn = topo.n_nodes();
     let mut loads = NodeLoads::new(nn);
     node_loads(topo, cnt, &mut loads);
-    let mut cand: Vec<f64> = (0..n)
-        .map(|c| {
-            if raisable[c] {
-                m.set_cap[c]
-            } else {
-                level_a[c]
-            }
-        })
-        .collect();
+    let mut cand = vec![0.0; n];
+    par::each(halves, &mut cand, |c| {
+        if raisable[c] {
+            m.set_cap[c]
+        } else {
+            level_a[c]
+        }
+    });
     // Summed bottom-up: a node where even these bounds fit needs no look at its members.
     // (Each charger's bound at its parent; the halves share no parent.)
     let mut bound = vec![[0.0; N_PHASES + 1]; nn];
@@ -2025,7 +2029,7 @@ fn allocate_split(
         None => settle.chargers(all),
     }
     // Node values for allocator-bound reasons are filled by enforce_limits' final pass.
-    enforce_limits(topo, &mut cnt, &mut dec, None);
+    enforce_limits(topo, &mut cnt, &mut dec, None, halves);
     finish(topo, ch, &cnt, &mut dec, explain, halves);
     Ok(Allocation {
         decision: dec,

@@ -944,7 +944,7 @@ pub(crate) fn enforce_split(
         cnt.s[c] = x;
         dec.binding[c] = b;
     }
-    enforce_limits(topo, &mut cnt, &mut dec, None);
+    enforce_limits(topo, &mut cnt, &mut dec, None, halves);
     finish(topo, ch, &cnt, &mut dec, explain, halves);
     Ok(dec)
 }
@@ -957,6 +957,7 @@ pub(crate) fn enforce_limits(
     cnt: &mut Counting,
     dec: &mut Decision,
     _protected: Option<&[bool]>,
+    halves: Option<Halves>,
 ) {
     let nn = topo.n_nodes();
     let mut loads = NodeLoads::new(nn);
@@ -1160,29 +1161,44 @@ pub(crate) fn enforce_limits(
         }
     }
     // Values of the binding constraints after the fix, for the reasons (chargers in a row often
-    // name the same one: the last value is kept).
-    let mut last: Option<(usize, Constraint, (f64, f64))> = None;
-    for c in 0..topo.n_chargers() {
-        if let Some(n) = dec.binding_node[c] {
-            if dec.binding_value[c].is_nan() {
-                let k = match dec.binding[c] {
-                    Binding::NodePower => Constraint::Power,
-                    Binding::Unbalance => Constraint::Unbalance(0, 0),
-                    Binding::StaleTelemetry if dec.binding_phase[c].is_none() => Constraint::Power,
-                    _ => Constraint::Phase(dec.binding_phase[c].unwrap_or(0)),
-                };
-                let (v, l) = match last {
-                    Some((ln, lk, vl)) if ln == n && lk == k => vl,
-                    _ => {
-                        let vl = constraint_value(topo, &loads, n, k);
-                        last = Some((n, k, vl));
-                        vl
-                    }
-                };
-                dec.binding_value[c] = v;
-                dec.binding_limit[c] = l;
+    // name the same one: the last value is kept; each half keeps its own, the values are the
+    // same).
+    let values = |base: usize, value: &mut [f64], limit: &mut [f64]| {
+        let mut last: Option<(usize, Constraint, (f64, f64))> = None;
+        for i in 0..value.len() {
+            let c = base + i;
+            if let Some(n) = dec.binding_node[c] {
+                if value[i].is_nan() {
+                    let k = match dec.binding[c] {
+                        Binding::NodePower => Constraint::Power,
+                        Binding::Unbalance => Constraint::Unbalance(0, 0),
+                        Binding::StaleTelemetry if dec.binding_phase[c].is_none() => {
+                            Constraint::Power
+                        }
+                        _ => Constraint::Phase(dec.binding_phase[c].unwrap_or(0)),
+                    };
+                    let (v, l) = match last {
+                        Some((ln, lk, vl)) if ln == n && lk == k => vl,
+                        _ => {
+                            let vl = constraint_value(topo, &loads, n, k);
+                            last = Some((n, k, vl));
+                            vl
+                        }
+                    };
+                    value[i] = v;
+                    limit[i] = l;
+                }
             }
         }
+    };
+    let (value, limit) = (&mut dec.binding_value, &mut dec.binding_limit);
+    match halves {
+        Some(h) => {
+            let (v0, v1) = value.split_at_mut(h.charger_at);
+            let (l0, l1) = limit.split_at_mut(h.charger_at);
+            par::join(true, || values(0, v0, l0), || values(h.charger_at, v1, l1));
+        }
+        None => values(0, value, limit),
     }
 }
 

@@ -20,7 +20,7 @@ pub(crate) fn halves(topo: &Topology, split: bool) -> Option<Halves> {
 
 /// `(a(), b())`, `b` on a second thread when `on`. A thread that cannot be started leaves both
 /// on this one; a panic on the second thread carries on on this one as if it happened here.
-pub(crate) fn join<A: Send, B: Send>(
+pub fn join<A: Send, B: Send>(
     on: bool,
     a: impl FnOnce() -> A + Send,
     b: impl FnOnce() -> B + Send,
@@ -50,6 +50,26 @@ pub(crate) fn join<A: Send, B: Send>(
         };
         (ra, rb)
     })
+}
+
+/// `out[c] = value(c)` for every charger `c`, each half on its own thread when `halves`.
+pub(crate) fn each<T: Send>(
+    halves: Option<Halves>,
+    out: &mut [T],
+    value: impl Fn(usize) -> T + Sync,
+) {
+    let set = |base: usize, out: &mut [T]| {
+        for (i, x) in out.iter_mut().enumerate() {
+            *x = value(base + i);
+        }
+    };
+    match halves {
+        Some(h) => {
+            let (first, second) = out.split_at_mut(h.charger_at);
+            join(true, || set(0, first), || set(h.charger_at, second));
+        }
+        None => set(0, out),
+    }
 }
 
 #[cold]
