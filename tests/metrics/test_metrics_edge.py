@@ -131,32 +131,36 @@ async def test_a_scrape_shows_what_the_controller_holds_and_the_stations_enforce
         await rig.wait_for(
             lambda: (
                 all(
-                    c.transaction_id is not None and c.accepted and c.sent and c.sent > 0
+                    c.transaction_id is not None and c.tx_profile_held and c.accepted
                     for c in ctrl.state.chargers.values()
                 )
                 and rig.fleet.terminal_currents().sum() > 0
             ),
-            30,
+            40,
             "every car charging on an accepted TxProfile",
         )
-        # The scrape and the stations agree once what was accepted is applied (1 s here); the
-        # cars rise from 6 A to the feeders' fair share, 48 A over three cars.
-        s2 = await _scrape_until(
-            port,
-            lambda s: (
+
+        # Settled: the cars rose from 6 A to the feeders' fair share, 48 A over three cars, and
+        # what the scrape shows is what the controller holds and what the stations enforce
+        # (once accepted profiles are applied: 1 s here), each checked as the scrape returns.
+        def settled(s: Scrape) -> bool:
+            setpoints = s.by("evcore_charger_setpoint_amperes", "charger_id")
+            return (
                 _setpoints_match_stations(s, rig)
-                and set(s.by("evcore_charger_setpoint_amperes", "charger_id").values()) == {16.0}
-            ),
-            "setpoints scraped = enforced = 16 A",
-            timeout_s=40,
-        )
-        setpoints = s2.by("evcore_charger_setpoint_amperes", "charger_id")
-        assert setpoints == {
-            cid: ctrl.wire(cid, c.sent)  # type: ignore[arg-type]
-            for cid, c in ctrl.state.chargers.items()
-        }
+                and set(setpoints.values()) == {16.0}
+                and all(c.tx_profile_held for c in ctrl.state.chargers.values())
+                and setpoints
+                == {
+                    cid: ctrl.wire(cid, c.sent)
+                    for cid, c in ctrl.state.chargers.items()
+                    if c.sent is not None
+                }
+            )
+
+        s2 = await _scrape_until(port, settled, "setpoints scraped = held = enforced = 16 A", 60)
         assert s2.value("evcore_decisions_total") > s1.value("evcore_decisions_total")
-        assert s2.value("evcore_profiles_sent_total") > s1.value("evcore_profiles_sent_total")
+        # (No TxProfile need leave after the plug-in: a TxDefault at 16 A may already be it.)
+        assert s2.value("evcore_profiles_sent_total") >= s1.value("evcore_profiles_sent_total") > 0
         assert s2.value("evcore_core_decision_failures_total") == 0
         assert s2.value("evcore_chargers_in_session") == 6
         assert s2.value("evcore_chargers_plugged") == 6
@@ -187,7 +191,11 @@ async def test_a_scrape_shows_what_the_controller_holds_and_the_stations_enforce
                 for k, phase in enumerate(PHASES)
             )
 
-        s3 = await _scrape_until(port, nodes_match, "node currents = the fleet's")
+        s3 = await _scrape_until(
+            port,
+            lambda s: nodes_match(s) and settled(s),
+            "node currents = the fleet's, setpoints still 16 A",
+        )
         # What the scrape computes from its reading is the API's GetNodeUtilisation.
         assert node_utilisation(read_edge(app)) == app.facade.node_utilisation()
         assert s3.value("evcore_chargers_charging") == 6
