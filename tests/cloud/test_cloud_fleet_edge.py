@@ -49,6 +49,9 @@ async def test_an_edge_holds_its_share_of_a_fleet_curtailment(tmp_path: Path) ->
             assert ctrl is not None
             await edge_bus.start()
             assert EDGE_GRID_DURABLE == GRID_DURABLE
+            # The real edge is site a's only reader of edge-grid (two readers of one durable
+            # share its messages): the testkit's stand-in for a goes.
+            await f.edge_offline(a)
             subs = await subscribe_signals(edge_bus, ctrl, grid_durable=GRID_DURABLE)
             await rig.wait_for(rig.failsafe_applied, 15, "TxDefault at the failsafe level")
             for cid in rig.fleet.charger_ids:
