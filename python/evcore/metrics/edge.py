@@ -309,7 +309,8 @@ def _controller_families(r: EdgeReading) -> list[MetricFamily]:
     out.append(
         _gauge(
             "evcore_last_setpoint_age_seconds",
-            "Seconds since the newest TxProfile left (absent before the first).",
+            "Seconds since the newest limit left (a TxProfile, or an idle charger's TxDefault "
+            "once accepted); absent before the first.",
             r.last_setpoint_age_s,
         )
     )
@@ -367,8 +368,9 @@ def _charger_families(r: EdgeReading) -> list[MetricFamily]:
     sp_a = MetricFamily(
         "evcore_charger_setpoint_amperes",
         "gauge",
-        "AC: the last limit the charger was told per phase (TxProfile, or its TxDefault after a "
-        "session), as sent on the wire; absent while unknown.",
+        "AC: the limit per phase the edge counts the charger as told (its TxProfile in a "
+        "session, its TxDefault when idle, what the station reported at connect), as sent on "
+        "the wire; absent while unknown.",
     )
     sp_w = MetricFamily(
         "evcore_charger_setpoint_watts",
