@@ -464,3 +464,25 @@ def test_sim_planners_deliver_at_least_least_laxity(name: str) -> None:
         assert r.violations == 0, (r.policy, r.violations)
         assert r.violations_kw == 0, (r.policy, r.violations_kw)
         assert math.isfinite(r.peak_kw)
+
+
+def test_the_twins_edge_runs_without_the_sites_outside_connections() -> None:
+    """A scenario's site file may be a real site's, with a metrics port and a cloud link: the
+    twin's edge must not bind that port (two policies run at once with --jobs 2) nor upload a
+    simulated run to the real cloud."""
+    import dataclasses
+
+    from evcore.sim.scenario import load_scenario
+    from evcore.sim.stack import edge_table
+
+    sc = load_scenario("depot")
+    raw = {
+        **sc.site.raw,
+        "metrics": {"listen": "127.0.0.1:9464"},
+        "cloud": {"url": "cloud.example.net:7443", "insecure": True},
+        "api": {"listen": "127.0.0.1:50051"},
+    }
+    sc = dataclasses.replace(sc, site=dataclasses.replace(sc.site, raw=raw))
+    table = edge_table(sc, "fair_share")
+    assert not {"metrics", "cloud", "api", "bus", "store"} & set(table)
+    assert table["site"] == raw["site"] and table["ocpp"]["port"] == 0

@@ -47,8 +47,10 @@ async def _main(args: argparse.Namespace) -> int:
     runner = asyncio.ensure_future(app.run())
     await app.ready.wait()
     api = f", API on port {app.api_port}" if app.api is not None else ""
+    metrics = f", metrics on port {app.metrics_port}" if app.metrics is not None else ""
     print(
-        f"evcore edge: site {table['site']['id']} OCPP on port {app.central.port}{api}", flush=True
+        f"evcore edge: site {table['site']['id']} OCPP on port {app.central.port}{api}{metrics}",
+        flush=True,
     )
     await runner
     return 0

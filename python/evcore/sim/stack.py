@@ -117,7 +117,9 @@ def edge_table(sc: Scenario, policy: str) -> dict[str, Any]:
     # "uncontrolled" is the twin's baseline, not a site policy: EdgeConfig.baseline (stack.run).
     edge["policy"] = "fair_share" if policy == "uncontrolled" else policy
     table["edge"] = edge
-    for k in ("bus", "store", "api"):
+    # The twin runs the edge alone on loopback: no broker, database, API, metrics port (two
+    # policies run at once with --jobs 2 would both bind it) or upload to a real cloud.
+    for k in ("bus", "store", "api", "metrics", "cloud"):
         table.pop(k, None)
     return table
 
