@@ -20,7 +20,7 @@ pub(crate) fn halves(topo: &Topology, split: bool) -> Option<Halves> {
 
 /// `(a(), b())`, `b` on a second thread when `on`. A thread that cannot be started leaves both
 /// on this one; a panic on the second thread carries on on this one as if it happened here.
-pub fn join<A: Send, B: Send>(
+pub(crate) fn join<A: Send, B: Send>(
     on: bool,
     a: impl FnOnce() -> A + Send,
     b: impl FnOnce() -> B + Send,
