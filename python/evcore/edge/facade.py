@@ -132,30 +132,15 @@ class ControllerFacade:
             return []
         import numpy as np
 
-        from evcore.checker import node_phase_currents, node_power_kw
-
         st = self.ctrl.state
         terminal = np.zeros((len(self.site.chargers), 3))
         for i, spec in enumerate(self.site.chargers):
             c = st.chargers.get(spec.id)
             if c is not None:
                 terminal[i] = [0.0 if v is None else float(v) for v in c.terminal_a]
-        currents = np.asarray(node_phase_currents(self.site, terminal))
-        power = np.asarray(node_power_kw(self.site, terminal))
-        caps = self.ctrl.curtailments.caps_kw(self.ctrl.clock.now())
-        out: list[dict[str, Any]] = []
-        for j, node in enumerate(self.site.nodes):
-            limits = [x for x in (node.power_limit_kw, caps.get(node.id)) if x is not None]
-            out.append(
-                {
-                    "node_id": node.id,
-                    "current_a": [float(x) for x in currents[j]],
-                    "phase_limit_a": list(node.phase_limit_a),
-                    "power_kw": float(power[j]),
-                    "power_limit_kw": min(limits) if limits else None,
-                }
-            )
-        return out
+        return utilisation_rows(
+            self.site, terminal, self.ctrl.curtailments.caps_kw(self.ctrl.clock.now())
+        )
 
     def recent_decisions(
         self, *, charger_id: str | None = None, limit: int = 50
@@ -277,3 +262,32 @@ class AuditTee:
             if asyncio.iscoroutine(res) or isinstance(res, asyncio.Future):
                 await res
         self._facade.record_decision(decision)
+
+
+def utilisation_rows(
+    site: Any, terminal_a: Any, caps_kw: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """Per node of ``site``: the line current per phase from the chargers' terminal currents
+    (``terminal_a``, one row of 3 per charger in the site's order), its phase limits, its power,
+    and the lower of its power limit and a curtailment in force (``caps_kw``). One computation
+    for the API's GetNodeUtilisation and the metrics endpoint."""
+    import numpy as np
+
+    from evcore.checker import node_phase_currents, node_power_kw
+
+    terminal = np.asarray(terminal_a, dtype=np.float64)
+    currents = np.asarray(node_phase_currents(site, terminal))
+    power = np.asarray(node_power_kw(site, terminal))
+    out: list[dict[str, Any]] = []
+    for j, node in enumerate(site.nodes):
+        limits = [x for x in (node.power_limit_kw, caps_kw.get(node.id)) if x is not None]
+        out.append(
+            {
+                "node_id": node.id,
+                "current_a": [float(x) for x in currents[j]],
+                "phase_limit_a": list(node.phase_limit_a),
+                "power_kw": float(power[j]),
+                "power_limit_kw": min(limits) if limits else None,
+            }
+        )
+    return out

@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from evcore.edge.dispatch import wire_value
 from evcore.edge.faults import is_suspect
 from evcore.metrics.exposition import MetricFamily
@@ -415,27 +413,11 @@ def node_utilisation(r: EdgeReading) -> list[dict[str, Any]]:
     """``ControllerFacade.node_utilisation`` on the reading: per node the line current per
     phase from the latest measurements (stale ones included), its limits, power and the lower
     of its power limit and a curtailment in force."""
-    from evcore.checker import node_phase_currents, node_power_kw
+    from evcore.edge.facade import utilisation_rows
 
-    site = r.site
-    if site is None or not r.terminal_a:
+    if r.site is None or not r.terminal_a:
         return []
-    terminal = np.asarray(r.terminal_a, dtype=np.float64)
-    currents = np.asarray(node_phase_currents(site, terminal))
-    power = np.asarray(node_power_kw(site, terminal))
-    out: list[dict[str, Any]] = []
-    for j, node in enumerate(site.nodes):
-        limits = [x for x in (node.power_limit_kw, r.caps_kw.get(node.id)) if x is not None]
-        out.append(
-            {
-                "node_id": node.id,
-                "current_a": [float(x) for x in currents[j]],
-                "phase_limit_a": list(node.phase_limit_a),
-                "power_kw": float(power[j]),
-                "power_limit_kw": min(limits) if limits else None,
-            }
-        )
-    return out
+    return utilisation_rows(r.site, r.terminal_a, r.caps_kw)
 
 
 def _node_families(r: EdgeReading) -> list[MetricFamily]:
