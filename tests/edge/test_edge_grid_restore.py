@@ -634,3 +634,24 @@ async def test_the_newer_copy_is_told_by_seq_not_by_the_wall_clock(tmp_path: Pat
         assert await _stored_ids(store2) == ["a", "b"] and not local.exists()
     finally:
         await store2.close()
+
+
+def test_a_signal_for_a_node_this_site_lacks_applies_at_the_grid_connection() -> None:
+    """Review 2026-12-05 (HIGH): a fleet share for a node the edge does not have (the cloud's
+    stored topology names the grid connection otherwise) was refused as a bad payload and
+    acknowledged; the cloud counted the decrease as taken and raised the other sites while this
+    one still held its higher share (350 kW on a 300 kW fleet limit). A site's every load is in
+    its grid connection's, so the signal applies there; a restored book does the same."""
+    from evcore.edge.signals import apply_grid_signal
+
+    table = depot_table(2, per_feeder=2, site_id="renamed-root")
+    ctrl, clock = stepped_controller(table, _Gateway())
+    now = clock.now()
+    sig = _signal("fleet:F:renamed-root", 5.0, now, now + 3600.0, issued_at=now)
+    sig.curtailment.node_id = "main"  # the root's name in an older site file
+    assert apply_grid_signal(ctrl, sig.SerializeToString()) == "curtailment"
+    assert ctrl.curtailments.caps_kw(now + 1.0) == {"grid": 5.0}
+    held = ctrl.curtailments.snapshot(saved_at=now, seq=1).replace('"grid"', '"main"', 1)
+    fresh, _ = stepped_controller(table, _Gateway())
+    assert fresh.curtailments.restore(held, now) == []
+    assert fresh.curtailments.caps_kw(now + 1.0) == {"grid": 5.0}

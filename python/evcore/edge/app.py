@@ -97,6 +97,9 @@ def build_controller(
         clock=clock,
         cfg=cfg,
         node_ids=nodes,
+        grid_node=next(
+            (str(n["id"]) for n in site_table.get("nodes", []) if not n.get("parent")), None
+        ),
         audit=audit,
         on_sent=on_sent,
         config_version=_config_version(site_table),

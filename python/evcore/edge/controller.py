@@ -146,6 +146,7 @@ class EdgeController:
         clock: Clock,
         cfg: EdgeConfig,
         node_ids: Sequence[str],
+        grid_node: str | None = None,
         audit: AuditSink | None = None,
         on_sent: Callable[[SentProfile], None] | None = None,
         on_fault: Callable[[str, str], None] | None = None,
@@ -162,7 +163,7 @@ class EdgeController:
         #: Called with (charger id, who and why) when an operator clears a fault.
         self.on_fault_cleared: Callable[[str, str], None] | None = None
         self.config_version = config_version
-        self.curtailments = CurtailmentBook(node_ids, cfg.curtail_lead_s)
+        self.curtailments = CurtailmentBook(node_ids, cfg.curtail_lead_s, grid_node)
         self.prices: list[PricePoint] = []
         self.cloud_plan: PlanTargets | None = None
         self.local_plan: PlanTargets | None = None

@@ -8,11 +8,15 @@ site file's ``power_limit_kw`` and the curtailment. It never decides a setpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("evcore.edge")
 
 #: How long past its end the issue time of a curtailment's last revision is kept (to ignore an
 #: older revision redelivered late): the events stream's default retention, which holds the grid
@@ -63,12 +67,33 @@ class CurtailmentBook:
     of the cancel that removed it (``revision_is_older``, ``note_revision``): a redelivered older
     revision or cancel is ignored. ``snapshot``/``restore`` carry both across a restart."""
 
-    def __init__(self, node_ids: Collection[str], lead_s: float) -> None:
+    def __init__(
+        self, node_ids: Collection[str], lead_s: float, grid_node: str | None = None
+    ) -> None:
         self._node_ids = frozenset(node_ids)
         self._lead_s = lead_s
+        #: The site's grid connection (the tree's root): where a signal naming a node this site
+        #: does not have is applied (``at_known_node``).
+        self.grid_node = grid_node if grid_node in self._node_ids else None
         self._by_id: dict[str, Curtailment] = {}
         # id -> (issued_at of the last revision applied, keep the mark until)
         self._issued: dict[str, tuple[float, float]] = {}
+
+    def at_known_node(self, c: Curtailment) -> Curtailment:
+        """``c``, or, when it names a node this site does not have, ``c`` at the grid connection.
+        Every node's load is part of the grid connection's, so the limit there is at least as
+        tight. A grid signal arrives with nobody to tell of a refusal: refusing it left the site
+        under the higher share it held while the cloud counted the lower one as taken (review
+        2026-12-05: the cloud's stored topology named the root otherwise, 350 kW on 300)."""
+        if c.node_id in self._node_ids or self.grid_node is None:
+            return c
+        log.warning(
+            "curtailment %s: node %r is not in this site; applied at the grid connection %r",
+            c.signal_id,
+            c.node_id,
+            self.grid_node,
+        )
+        return dataclasses.replace(c, node_id=self.grid_node)
 
     def add(self, c: Curtailment) -> None:
         c.validate(self._node_ids)
@@ -137,6 +162,7 @@ class CurtailmentBook:
             c = Curtailment(str(row[0]), str(row[1]), float(row[2]), float(row[3]), float(row[4]))
             if c.end <= now or c.signal_id in self._by_id:
                 continue
+            c = self.at_known_node(c)  # the site file changed: never dropped while a root holds
             try:
                 self.add(c)
             except GridSignalError as exc:

@@ -77,7 +77,7 @@ def apply_grid_signal(ctrl: EdgeController, data: bytes, *, redelivered: bool = 
             return "cancelled"
         if not c.HasField("start") or not c.HasField("end"):
             raise BadPayload(f"curtailment {sid}: start and end are required")
-        new = Curtailment(sid, c.node_id, c.max_kw, _ts(c.start), _ts(c.end))
+        new = book.at_known_node(Curtailment(sid, c.node_id, c.max_kw, _ts(c.start), _ts(c.end)))
         try:
             ctrl.post_curtailment(new)
         except GridSignalError as exc:
