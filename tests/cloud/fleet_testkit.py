@@ -22,6 +22,7 @@ from evcore.cloud import CloudApiServer, CloudConfig, CloudStore, open_cloud_sto
 from evcore.cloud.fleet import EDGE_GRID_DURABLE, FleetCoordinator
 from evcore.cloud.topology import topology_from_site
 from evcore.edge.grid import Curtailment, CurtailmentBook
+from evcore.edge.signals import apply_grid_signal
 from evcore.site import load_site
 from evcore.v1 import cloud_api_pb2_grpc as pb_grpc
 from evcore.v1 import fleet_api_pb2_grpc as fpb_grpc
@@ -84,6 +85,25 @@ class SiteWatch:
     book: CurtailmentBook = field(default_factory=lambda: CurtailmentBook({"grid"}, lead_s=0.0))
     # The durable consumer reading the grid subject (None: the edge is offline).
     sub: Subscription | None = None
+    # Apply each signal as the edge does (evcore.edge.signals.apply_grid_signal: per curtailment
+    # id the newest issued_at stands) instead of replacing by id in arrival order.
+    clock: ManualClock | None = None
+    edge_rules: bool = False
+
+    # What apply_grid_signal needs of the edge controller.
+    @property
+    def curtailments(self) -> CurtailmentBook:
+        return self.book
+
+    def post_curtailment(self, c: Curtailment) -> None:
+        self.book.add(c)
+
+    def cancel_curtailment(self, signal_id: str) -> bool:
+        return self.book.cancel(signal_id)
+
+    def cap_kw(self, now_s: float) -> float | None:
+        """The cap on the grid connection in force at ``now_s`` (None: no cap)."""
+        return self.book.caps_kw(now_s).get("grid")
 
     def held_kw(self) -> float:
         """What the book holds: the sum of its curtailments' limits (0 when it holds none)."""
@@ -93,6 +113,9 @@ class SiteWatch:
         sig = GridSignal()
         sig.ParseFromString(msg.data)
         self.signals.append(sig)
+        if self.edge_rules:
+            apply_grid_signal(self, msg.data, redelivered=msg.delivery_count > 1)
+            return
         c = sig.curtailment
         if c.cancelled:
             self.book.cancel(c.curtailment_id)
@@ -213,6 +236,7 @@ async def start_fleet_cloud(
     now_s: float = T0,
     clock: ManualClock | None = None,
     fleet: dict[str, Any] | None = None,
+    edge_rules: bool = False,
 ) -> FleetCloud:
     tag = uuid.uuid4().hex[:8]
     sites = [f"fleet-{tag}-{chr(ord('a') + i)}" for i in range(n_sites)]
@@ -244,7 +268,7 @@ async def start_fleet_cloud(
     clock = clock if clock is not None else ManualClock(now_s)
     server = CloudApiServer(config, store, clock=clock)
     port = await server.start()
-    watches = {s: SiteWatch(s) for s in sites}
+    watches = {s: SiteWatch(s, clock=clock, edge_rules=edge_rules) for s in sites}
     buses = []
     for s in sites:
         bus = nats_bus(s, tmp_path / "watch-outbox")

@@ -14,6 +14,7 @@ It never decides a setpoint: each edge's envelope still does, under the limit it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -385,6 +386,11 @@ class RevisionPlan:
     send_now: list[tuple[SiteShare, bool, bool]] = field(default_factory=list)
     # Sites without a signal of this revision whose share is above what they may hold.
     increases: list[SiteShare] = field(default_factory=list)
+    # Of those, the ones whose held signal's window does not hold the revision's (a DSO moved
+    # the end later or the start earlier): (share, the max_kw of the newest signal sent to the
+    # site). Each gets at once an interim signal with the revision's window and that max_kw (not
+    # an increase), so it keeps a cap for the whole new window while its increase waits.
+    interims: list[tuple[SiteShare, float]] = field(default_factory=list)
     # Sites of the revision that may still hold more than their share: their decrease is not
     # taken yet. The increases wait for every one.
     waiting_for: list[str] = field(default_factory=list)
@@ -393,6 +399,21 @@ class RevisionPlan:
 
     def increases_may_go(self, now_s: float) -> bool:
         return not self.waiting_for and (self.ramp_until_s is None or self.ramp_until_s <= now_s)
+
+
+def _window_holds(sig: FleetSiteSignal, start_s: float, end_s: float) -> bool:
+    """Whether the window ``sig`` carried holds ``[start_s, end_s]`` (unknown: it does not)."""
+    if sig.start_s is None or sig.end_s is None:
+        return False
+    return sig.start_s <= start_s + _TS_EPS_S and end_s <= sig.end_s + _TS_EPS_S
+
+
+#: The interim signal of a revision is issued this much before the revision (``split_at``): after
+#: every earlier revision (at least ``ISSUE_STEP_NS`` before), before the revision's own signals,
+#: so the edge can never let an interim replace the raise that follows it. 500 ns is two float64
+#: steps at today's epoch seconds (the edge compares ``issued_at`` as a float).
+INTERIM_LEAD_NS = 500
+_TS_EPS_S = 1e-6
 
 
 def plan_revision(
@@ -406,9 +427,12 @@ def plan_revision(
     fleet curtailment (from no limit), a cancel, a dropped site's cancel). An increase goes out
     only once every other site of the revision holds at most its share (its decrease was taken by
     its edge) and ``ramp_s`` passed since the last decrease was taken; until then the site keeps
-    what it holds. So at every moment the sum over the sites of the most each may hold is at most
-    the fleet limit (the higher of the old and the new while a new limit replaces an old one)."""
+    what it holds (with the revision's window when that is not inside the window it holds: see
+    ``RevisionPlan.interims``). So at every moment the sum over the sites of the most each may
+    hold is at most the fleet limit (the higher of the old and the new while a new limit
+    replaces an old one)."""
     rev = int(result.revision)
+    start_s, end_s = ts_s(result.curtailment.start), ts_s(result.curtailment.end)
     by_site: dict[str, list[FleetSiteSignal]] = {}
     for sig in signals:
         by_site.setdefault(sig.site_id, []).append(sig)
@@ -436,6 +460,9 @@ def plan_revision(
                 plan.waiting_for.append(sh.site_id)
         else:
             plan.increases.append(sh)
+            newest = max(held, key=lambda x: x.revision)  # held: bound is finite
+            if newest.max_kw is not None and not _window_holds(newest, start_s, end_s):
+                plan.interims.append((sh, newest.max_kw))
     if last_taken is not None:
         plan.ramp_until_s = last_taken + ramp_s
     return plan
@@ -527,6 +554,8 @@ class FleetCoordinator:
         # Set when a revision leaves increases waiting: the republish task looks more often.
         self._wake = asyncio.Event()
         self._waiting = False
+        # (fleet curtailment, site, revision) whose interim signal went out in this run.
+        self._interims_out: set[tuple[str, str, int]] = set()
         # Awaited between storing a revision and publishing it (tests inject a crash there).
         self.after_store: Callable[[FleetCurtailmentResult], Awaitable[None]] | None = None
 
@@ -919,16 +948,7 @@ class FleetCoordinator:
                     continue
                 await self._store.mark_fleet_site_signal(fid, sid, sig.revision, taken_at_s=now)
                 log.info("fleet: %s: %s took revision %d", fid, sid, sig.revision)
-                out[i] = FleetSiteSignal(
-                    sig.site_id,
-                    sig.revision,
-                    sig.max_kw,
-                    sig.lowered,
-                    sig.event_id,
-                    sig.sent,
-                    sig.published_at_s,
-                    now,
-                )
+                out[i] = dataclasses.replace(sig, taken_at_s=now)
                 break
         return out
 
@@ -975,7 +995,10 @@ class FleetCoordinator:
             # The decreases go out even when a resend failed.
             await self._send_new(result, plan.send_now, now)
         progress.sent += len(unsent) + len(plan.send_now)
-        if plan.increases and plan.increases_may_go(now):
+        may_go = plan.increases_may_go(now)
+        if plan.increases and not may_go:
+            progress.sent += await self._send_interims(result, plan.interims)
+        if plan.increases and may_go:
             await self._send_new(result, [(sh, False, False) for sh in plan.increases], now)
             log.info(
                 "fleet: %s revision %d: the decreases were taken; increases out at %s",
@@ -989,6 +1012,46 @@ class FleetCoordinator:
             await self._store.mark_fleet_published(fid, rev)
             progress.done = True
         return progress
+
+    async def _send_interims(
+        self, result: FleetCurtailmentResult, interims: Sequence[tuple[SiteShare, float]]
+    ) -> int:
+        """Publish each site's interim signal of ``result`` (``RevisionPlan.interims``) once per
+        run of the cloud. Not recorded in the store: it raises nothing the store counts, and a
+        cloud started again sends it again under the same event id (JetStream drops a repeat in
+        its duplicate window; the edge applies a later copy in stream order, before the raise,
+        or ignores it as older once the raise was applied)."""
+        fid = result.curtailment.fleet_curtailment_id
+        rev = int(result.revision)
+        sent = 0
+        for sh, kw in interims:
+            key = (fid, sh.site_id, rev)
+            if key in self._interims_out:
+                continue
+            interim = SiteShare()
+            interim.CopyFrom(sh)
+            interim.max_kw = kw
+            eid = f"{event_id(sh, rev)}-interim"
+            issued = result.split_at.seconds * 1_000_000_000 + result.split_at.nanos
+            await self._publish(
+                result,
+                interim,
+                cancelled=False,
+                eid=eid,
+                issued_ns=issued - INTERIM_LEAD_NS,
+            )
+            self._interims_out.add(key)
+            sent += 1
+            log.info(
+                "fleet: %s revision %d: %s keeps %.3f kW with the new window until its increase "
+                "to %.3f kW may go",
+                fid,
+                rev,
+                sh.site_id,
+                kw,
+                sh.max_kw,
+            )
+        return sent
 
     async def _send_new(
         self,
@@ -1012,6 +1075,8 @@ class FleetCoordinator:
                     False,
                     now_s,
                     None,
+                    ts_s(result.curtailment.start),
+                    ts_s(result.curtailment.end),
                 )
                 for sh, cancelled, lowered in items
             ],
@@ -1049,12 +1114,23 @@ class FleetCoordinator:
         )
 
     async def _publish(
-        self, result: FleetCurtailmentResult, share: SiteShare, *, cancelled: bool
+        self,
+        result: FleetCurtailmentResult,
+        share: SiteShare,
+        *,
+        cancelled: bool,
+        eid: str | None = None,
+        issued_ns: int | None = None,
     ) -> None:
         req = result.curtailment
-        eid = event_id(share, int(result.revision))
+        eid = eid or event_id(share, int(result.revision))
         signal = GridSignal(signal_id=eid)
-        signal.issued_at.CopyFrom(result.split_at)
+        if issued_ns is None:
+            signal.issued_at.CopyFrom(result.split_at)
+        else:
+            secs, nanos = divmod(issued_ns, 1_000_000_000)
+            signal.issued_at.seconds = secs
+            signal.issued_at.nanos = nanos
         c = Curtailment(
             curtailment_id=share.curtailment_id,
             node_id=share.node_id,

@@ -107,6 +107,14 @@ CREATE TABLE cloud_fleet_site_signals (
 );
 """
 
+_RECORDS_V5 = """
+-- The window (start, end; epoch seconds) each fleet signal carried: a re-split that moves the
+-- window gives a site whose increase waits an interim signal with the new window at once (NULL:
+-- a row from before this column, its window unknown).
+ALTER TABLE cloud_fleet_site_signals ADD COLUMN start_s {real};
+ALTER TABLE cloud_fleet_site_signals ADD COLUMN end_s {real};
+"""
+
 _SQLITE = {"real": "REAL", "bigint": "INTEGER", "blob": "BLOB"}
 _POSTGRES = {"real": "DOUBLE PRECISION", "bigint": "BIGINT", "blob": "BYTEA"}
 
@@ -115,6 +123,7 @@ SQLITE_RECORDS: tuple[Migration, ...] = (
     Migration(2, "cloud records: fleet curtailments", _RECORDS_V2.format(**_SQLITE)),
     Migration(3, "cloud records: fleet publication mark", _RECORDS_V3.format(**_SQLITE)),
     Migration(4, "cloud records: fleet signals per site", _RECORDS_V4.format(**_SQLITE)),
+    Migration(5, "cloud records: fleet signal windows", _RECORDS_V5.format(**_SQLITE)),
 )
 SQLITE_TELEMETRY: tuple[Migration, ...] = (
     Migration(1, "cloud telemetry: batches", _TELEMETRY_V1.format(**_SQLITE)),
@@ -127,4 +136,5 @@ POSTGRES: tuple[Migration, ...] = (
     Migration(3, "cloud records: fleet curtailments", _RECORDS_V2.format(**_POSTGRES)),
     Migration(4, "cloud records: fleet publication mark", _RECORDS_V3.format(**_POSTGRES)),
     Migration(5, "cloud records: fleet signals per site", _RECORDS_V4.format(**_POSTGRES)),
+    Migration(6, "cloud records: fleet signal windows", _RECORDS_V5.format(**_POSTGRES)),
 )

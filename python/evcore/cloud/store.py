@@ -113,6 +113,8 @@ class FleetSiteSignal:
     sent: bool  # the outbox accepted it
     published_at_s: float
     taken_at_s: float | None  # when its edge was seen to have acknowledged it
+    start_s: float | None = None  # the window it carried (None: unknown, an older row)
+    end_s: float | None = None
 
 
 def _digest(payload: bytes) -> str:
@@ -546,7 +548,8 @@ class CloudStore(BackendStore):
         def op(tx: Tx) -> list[FleetSiteSignal]:
             rows = tx.all(
                 "SELECT site_id, revision, max_kw, lowered, event_id, sent, published_at_s,"
-                " taken_at_s FROM cloud_fleet_site_signals WHERE fleet_curtailment_id = ?"
+                " taken_at_s, start_s, end_s FROM cloud_fleet_site_signals"
+                " WHERE fleet_curtailment_id = ?"
                 " ORDER BY site_id, revision",
                 (fleet_curtailment_id,),
             )
@@ -560,6 +563,8 @@ class CloudStore(BackendStore):
                     bool(r[5]),
                     float(r[6]),
                     None if r[7] is None else float(r[7]),
+                    None if r[8] is None else float(r[8]),
+                    None if r[9] is None else float(r[9]),
                 )
                 for r in rows
             ]
@@ -575,8 +580,8 @@ class CloudStore(BackendStore):
             for sig in signals:
                 tx.execute(
                     "INSERT INTO cloud_fleet_site_signals (fleet_curtailment_id, site_id,"
-                    " revision, max_kw, lowered, event_id, sent, published_at_s, taken_at_s)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " revision, max_kw, lowered, event_id, sent, published_at_s, taken_at_s,"
+                    " start_s, end_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (fleet_curtailment_id, site_id, revision) DO NOTHING",
                     (
                         fleet_curtailment_id,
@@ -588,6 +593,8 @@ class CloudStore(BackendStore):
                         1 if sig.sent else 0,
                         sig.published_at_s,
                         sig.taken_at_s,
+                        sig.start_s,
+                        sig.end_s,
                     ),
                 )
 

@@ -1,0 +1,138 @@
+"""A Curtail again that moves a fleet curtailment's window (the DSO extends it in force) while a
+site's share rises: the rising site's increase waits for the decreases (break before make), and
+meanwhile it gets an interim signal with the new window at what it holds, so no site is left
+without a cap when the old window ends while the fleet limit is still in force. The edges apply
+the signals with the edge's own rules (evcore.edge.signals.apply_grid_signal: the newest
+issued_at per curtailment id stands). Real mTLS, the real NATS, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cloud_testkit import stream
+from evcore.v1.fleet_api_pb2 import FleetCurtailment
+from fleet_testkit import FleetCloud, batch, site_table, start_fleet_cloud, topology
+
+pytestmark = pytest.mark.timeout(120)
+
+LIMIT_KW = 300.0
+FID = "evening"
+HOURS_S = 3600.0
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path, store_url: str) -> AsyncIterator[FleetCloud]:
+    f = await start_fleet_cloud(
+        tmp_path, store_url, n_sites=2, fleet={"resplit_every_s": 0}, edge_rules=True
+    )
+    try:
+        for site in f.sites:
+            async with f.channel(site) as ch:
+                table = site_table(site, power_limit_kw=300.0, other_load_a=0.0, chargers=10)
+                await f.cloud(ch).PutTopology(topology(table))
+        yield f
+    finally:
+        await f.close()
+
+
+async def demand(f: FleetCloud, amps: dict[str, float]) -> None:
+    for site, a in amps.items():
+        async with f.channel(site) as ch:
+            b = batch(f.clock.now() - 1, {f"C{i}": a for i in range(10)}, offered_a=63.0)
+            await f.cloud(ch).UploadTelemetry(stream([b]))
+
+
+async def curtail(f: FleetCloud, start_s: float, end_s: float) -> dict[str, float]:
+    r = FleetCurtailment(fleet_curtailment_id=FID, site_ids=f.sites, max_kw=LIMIT_KW, issuer="DSO")
+    r.start.FromSeconds(int(start_s))
+    r.end.FromSeconds(int(end_s))
+    async with f.channel("aggregator-1") as ch:
+        res = await f.fleet(ch).Curtail(r)
+    return {sh.site_id: sh.max_kw for sh in res.shares}
+
+
+def caps(f: FleetCloud, sites: list[str]) -> dict[str, float | None]:
+    now = f.clock.now()
+    return {s: f.watches[s].cap_kw(now) for s in sites}
+
+
+def check(f: FleetCloud, sites: list[str]) -> dict[str, float | None]:
+    """Every site of ``sites`` has a cap now, and the caps add up to at most the fleet limit."""
+    held = caps(f, sites)
+    assert all(v is not None for v in held.values()), held
+    assert sum(v or 0.0 for v in held.values()) <= LIMIT_KW + 1e-6, held
+    return held
+
+
+async def extend_while_b_rises(f: FleetCloud, *, a_offline: bool) -> tuple[str, str, float]:
+    """Revision 1 [t0, t0 + 2 h] taken by both edges; 10 s before its end the demand moved from
+    a to b and the DSO extends it to t0 + 4 h (revision 2: a decreases, b rises)."""
+    a, b = f.sites
+    t0 = f.clock.now()
+    await demand(f, {a: 20.0, b: 20.0})
+    first = await curtail(f, t0, t0 + 2 * HOURS_S)
+    await f.wait_signals({a: 1, b: 1})
+    await f.wait_taken(FID)
+    assert check(f, [a, b]) == first
+    f.clock.advance(2 * HOURS_S - 10.0)
+    if a_offline:
+        await f.edge_offline(a)
+    await demand(f, {a: 5.0, b: 30.0})
+    second = await curtail(f, t0, t0 + 4 * HOURS_S)
+    assert second[a] < first[a] < second[b], (first, second)
+    return a, b, t0
+
+
+async def test_an_extension_with_a_site_offline_leaves_no_online_site_uncapped(
+    fleet: FleetCloud,
+) -> None:
+    f = fleet
+    a, b, t0 = await extend_while_b_rises(f, a_offline=True)
+    # b's increase waits for a's decrease; b keeps its cap, with the new window, past the old end.
+    for step_s in (5.0, 60.0, HOURS_S):
+        f.clock.advance(step_s)
+        await f.coordinator.republish_pending()
+        await asyncio.sleep(0.2)
+        held = check(f, [b])
+        assert held[b] == f.watches[b].signals[0].curtailment.max_kw, held
+    assert f.clock.now() < t0 + 4 * HOURS_S
+    # a comes back: it takes its decrease, then b gets its increase after ramp_s.
+    await f.edge_online(a)
+    await f.wait_signals({a: 2})
+    check(f, [a, b])
+    await f.release_increases(FID)
+    await f.wait_signals({b: 3})
+    await asyncio.sleep(0.2)
+    held = check(f, [a, b])
+    assert await f.store.fleet_published_revision(FID) == 2
+    interim, raise_ = f.watches[b].signals[1:3]
+    assert interim.issued_at.ToNanoseconds() < raise_.issued_at.ToNanoseconds()
+    assert held[b] == raise_.curtailment.max_kw
+
+
+async def test_an_extension_with_every_edge_online_leaves_no_site_uncapped(
+    fleet: FleetCloud,
+) -> None:
+    f = fleet
+    a, b, t0 = await extend_while_b_rises(f, a_offline=False)
+    await f.wait_signals({a: 2})
+    await f.wait_taken(FID)
+    # The old window ends (10 s later) before ramp_s has passed: b must keep a cap.
+    f.clock.advance(f.coordinator.ramp_s / 2)
+    assert f.clock.now() > t0 + 2 * HOURS_S
+    await f.coordinator.republish_pending()
+    await asyncio.sleep(0.2)
+    check(f, [a, b])
+    assert len(f.watches[b].signals) == 2  # revision 1, the interim: the raise waits
+    f.clock.advance(f.coordinator.ramp_s)
+    await f.coordinator.republish_pending()
+    await f.wait_signals({b: 3})
+    await asyncio.sleep(0.2)
+    held = check(f, [a, b])
+    assert held[b] == f.watches[b].signals[2].curtailment.max_kw
+    # A redelivered or resent interim (older issued_at) never replaces the raise.
+    f.clock.advance(HOURS_S)
+    check(f, [a, b])
