@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
-from bus_testkit import SHARED_NATS, make_nats_bus, wait_until
+from bus_testkit import SHARED_NATS, make_nats_bus, started_bus, wait_until
 from evcore.bus import Bus, BusMessage, Subjects
 from evcore.bus.natsbus import NatsBus
 
@@ -101,3 +102,52 @@ async def wait_until_async(check: object, what: str, timeout_s: float = 10.0) ->
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def test_a_miss_asked_again_reads_only_the_messages_stored_since(tmp_path: Path) -> None:
+    """A subject of 300 messages and an id it does not hold (a signal not stored yet): the first
+    look-up reads the subject through once; asked again after 5 more messages, it reads only
+    those 5 (and the subject's last message), not the 300 again."""
+    async with started_bus("nats", tmp_path / "outbox") as bus:
+        assert isinstance(bus, NatsBus)
+        s = Subjects(bus.site_id)
+        for i in range(300):
+            await bus.publish(s.grid, b"x", event_id=f"e{i}", critical=True)
+        assert await bus.flush()
+        asker = make_nats_bus(bus.site_id, SHARED_NATS, tmp_path / "asker-outbox")
+        await asker.start()
+        try:
+            assert asker._js is not None
+            js = asker._js
+            real_get_msg = js.get_msg
+            calls: list[int] = []
+
+            async def counting_get_msg(*args: Any, **kwargs: Any) -> Any:
+                calls.append(1)
+                return await real_get_msg(*args, **kwargs)
+
+            js.get_msg = counting_get_msg  # type: ignore[method-assign]
+            assert not (await asker.ack_state(s.grid, "later", durable=DURABLE)).stored
+            first = len(calls)
+            for i in range(300, 305):
+                await bus.publish(s.grid, b"x", event_id=f"e{i}", critical=True)
+            assert await bus.flush()
+            calls.clear()
+            assert not (await asker.ack_state(s.grid, "later", durable=DURABLE)).stored
+            second = len(calls)
+            calls.clear()
+            await bus.publish(s.grid, b"x", event_id="later", critical=True)
+            await bus.publish(s.grid, b"x", event_id="after", critical=True)
+            assert await bus.flush()
+            assert (await asker.ack_state(s.grid, "later", durable=DURABLE)).stored
+            third = len(calls)
+            print(f"get_msg requests: first miss {first}, second {second}, found {third}")
+            assert first >= 300
+            assert second <= 6, second  # the last message, then the 4 before it
+            assert third <= 3, third
+            # Ids read before are still found (remembered), without reading the subject again.
+            calls.clear()
+            assert (await asker.ack_state(s.grid, "e7", durable=DURABLE)).stored
+            assert len(calls) <= 1
+        finally:
+            await asker.close()

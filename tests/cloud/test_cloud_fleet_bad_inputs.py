@@ -47,6 +47,9 @@ class Edges:
     async def taken(self, site_id: str, event_id: str) -> bool:
         return True
 
+    async def stored(self, site_id: str, event_id: str) -> bool:
+        return True
+
 
 @pytest.fixture
 async def store(tmp_path: Path, store_url: str) -> AsyncIterator[CloudStore]:
@@ -184,3 +187,52 @@ async def test_a_sample_dated_in_the_future_does_not_pin_the_demand(store: Cloud
     await store.put_telemetry("C", [batch(now + 200, {"C0": 32.0})], now_s=now)
     c = await site_inputs(store, "C", now_s=now, demand_window_s=900.0)
     assert c.demand_kw == pytest.approx(CHARGER_KW)
+
+
+class LostSignals(Edges):
+    """Edges that take revision 1 only, and whose streams hold nothing of ``lost``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: set[str] = set()
+        self.event_ids: list[str] = []
+
+    async def publish_grid(self, site_id: str, signal: GridSignal, *, event_id: str) -> None:
+        await super().publish_grid(site_id, signal, event_id=event_id)
+        self.event_ids.append(event_id)
+
+    async def taken(self, site_id: str, event_id: str) -> bool:
+        return event_id.endswith("#r1")
+
+    async def stored(self, site_id: str, event_id: str) -> bool:
+        return site_id not in self.lost
+
+
+async def test_a_signal_the_stream_never_held_is_sent_again_under_its_event_id(
+    store: CloudStore,
+) -> None:
+    clock = ManualClock(T0)
+    edges = LostSignals()
+    fc = FleetCoordinator(store, edges, clock=clock)
+    amps = {f"C{i}": 20.0 for i in range(6)}
+    await store.put_telemetry("A", [batch(T0, amps)], now_s=T0)
+    await store.put_telemetry("B", [batch(T0, {"C0": 1.0})], now_s=T0)
+    await fc.curtail(request("F", ["A", "B"], 100.0))
+    # The demand moves to B: A's decrease goes out, B's increase waits until A took it.
+    clock.advance(60.0)
+    idle = {c: 0.0 for c in amps}
+    await store.put_telemetry("A", [batch(clock.now(), idle)], now_s=clock.now())
+    await store.put_telemetry("B", [batch(clock.now(), amps)], now_s=clock.now())
+    await fc.curtail(request("F", ["A", "B"], 100.0))
+    assert (await fc.revision_plan("F")).waiting_for == ["A"]
+    first = list(edges.event_ids)
+    assert "fleet:F:A#r2" in first
+    edges.lost = {"A"}  # A's stream never held it
+    clock.advance(10.0)
+    await fc.republish_pending()
+    assert edges.event_ids == first  # not yet: RESEND_UNSTORED_S
+    clock.advance(25.0)
+    await fc.republish_pending()
+    assert edges.event_ids[len(first) :] == ["fleet:F:A#r2"]
+    await fc.republish_pending()  # at most every RESEND_UNSTORED_S
+    assert edges.event_ids[len(first) :] == ["fleet:F:A#r2"]

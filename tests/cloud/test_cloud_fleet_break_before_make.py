@@ -180,6 +180,9 @@ class FailingFor:
     async def taken(self, site_id: str, event_id: str) -> bool:
         return await self.inner.taken(site_id, event_id)
 
+    async def stored(self, site_id: str, event_id: str) -> bool:
+        return await self.inner.stored(site_id, event_id)
+
 
 async def test_a_failing_publish_of_a_decrease_holds_back_the_increases(fleet: FleetCloud) -> None:
     f = fleet

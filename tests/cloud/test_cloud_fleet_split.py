@@ -210,3 +210,24 @@ def test_new_sites_dropped_sites_and_cancels_go_out_at_once() -> None:
     plan = plan_revision(cancel, signals, ramp_s=30.0)
     assert [(sh.site_id, c) for sh, c, _ in plan.send_now] == [("A", True), ("D", True)]
     assert plan.increases == [] and plan.waiting_for == []
+
+
+def test_an_increase_in_a_moved_window_gets_an_interim_at_what_the_site_holds() -> None:
+    def sig(site: str, rev: int, kw: float, end_s: float) -> FleetSiteSignal:
+        return FleetSiteSignal(site, rev, kw, False, f"{site}#r{rev}", True, 0.0, 1.0, 0.0, end_s)
+
+    held = [sig("A", 1, 150.0, 7200.0), sig("B", 1, 150.0, 7200.0)]
+
+    def revision(end_s: float) -> FleetCurtailmentResult:
+        r = _revision(2, {"A": 42.0, "B": 258.0})
+        r.curtailment.start.FromSeconds(0)
+        r.curtailment.end.FromSeconds(int(end_s))
+        return r
+
+    # The DSO extends the end: B's increase waits, B keeps 150 kW with the new window.
+    plan = plan_revision(revision(14400.0), held, ramp_s=30.0)
+    assert [sh.site_id for sh in plan.increases] == ["B"]
+    assert [(sh.site_id, kw) for sh, kw in plan.interims] == [("B", 150.0)]
+    # The same window (a re-split) or one inside it: no interim.
+    assert plan_revision(revision(7200.0), held, ramp_s=30.0).interims == []
+    assert plan_revision(revision(3600.0), held, ramp_s=30.0).interims == []

@@ -403,6 +403,9 @@ class NatsBus:
         # (stream, subject, event id) -> stream sequence, from the pump's acks and ack_state's
         # look-ups (checked against the stream before use: a stream made again renumbers).
         self._seqs: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+        # Per (stream, subject): the highest sequence ack_state has read through (the ids up to
+        # it are in _seqs, or were dropped from it as the oldest).
+        self._scanned: dict[tuple[str, str], int] = {}
 
     @property
     def site_id(self) -> str:
@@ -853,13 +856,17 @@ class NatsBus:
         self._seqs[key] = int(seq)
         self._seqs.move_to_end(key)
         while len(self._seqs) > _SEQS_KEPT:
-            self._seqs.popitem(last=False)
+            (old_stream, old_subject, _), _ = self._seqs.popitem(last=False)
+            # An id read through and then forgotten is found again only from the start.
+            self._scanned.pop((old_stream, old_subject), None)
 
     async def _stored_seq(self, stream: str, subject: str, event_id: str) -> int:
         """The stream sequence of the message on ``subject`` with ``event_id`` (0: none held).
         Remembered (from the pump's ack or an earlier look-up) and checked; else the subject's
-        last message; else the subject's messages from the first, one request each (every id
-        seen is remembered, so a subject is read through at most once per process)."""
+        last message; else the subject's messages not read before, one request each (every id
+        seen is remembered, and where the reading got to: a miss asked again reads only the
+        messages stored since; from the first again once a remembered id of the subject was
+        dropped as the oldest)."""
         js = self._js
         key = (stream, subject, event_id)
         known = self._seqs.get(key)
@@ -879,7 +886,10 @@ class NatsBus:
         self._remember_seq(stream, subject, (last.headers or {}).get(MSG_ID, ""), last_seq)
         if (last.headers or {}).get(MSG_ID) == event_id:
             return last_seq
-        seq = 1
+        # Only what was not read before: a stream appends, so an id not seen up to the sequence
+        # read last is later than it (or not there).
+        scan = (stream, subject)
+        seq = self._scanned.get(scan, 0) + 1
         while seq < last_seq:
             try:
                 m = await js.get_msg(stream, seq=seq, subject=subject, next=True)
@@ -887,12 +897,14 @@ class NatsBus:
                 return 0
             found = int(m.seq or 0)
             if found <= 0 or found >= last_seq:
-                return 0
+                break
             eid = (m.headers or {}).get(MSG_ID, "")
             self._remember_seq(stream, subject, eid, found)
+            self._scanned[scan] = found
             if eid == event_id:
                 return found
             seq = found + 1
+        self._scanned[scan] = max(self._scanned.get(scan, 0), last_seq)
         return 0
 
     async def ack_state(self, subject: str, event_id: str, *, durable: str) -> AckState:

@@ -62,6 +62,9 @@ HELD_AT_OFFER_RATIO = 0.9
 DEFAULT_RAMP_S = 30.0
 #: While increases wait, the edges' acknowledgements are looked at this often.
 DEFAULT_CONFIRM_EVERY_S = 1.0
+#: A signal the outbox took whose site stream still does not hold it this long after is sent
+#: again (the same event id: JetStream's duplicate window drops a true duplicate).
+RESEND_UNSTORED_S = 30.0
 #: The durable consumer each edge reads its grid subject with (evcore.edge.signals.GRID_DURABLE):
 #: its acknowledgement says the edge applied (and stored) a signal.
 EDGE_GRID_DURABLE = "edge-grid"
@@ -323,6 +326,11 @@ class GridPublisher(Protocol):
         signal published under ``event_id``; False when that cannot be known now."""
         ...
 
+    async def stored(self, site_id: str, event_id: str) -> bool:
+        """Whether the site's stream holds the signal published under ``event_id``; True when
+        that cannot be known now (it is then not sent again)."""
+        ...
+
 
 class BusGridPublisher:
     """Publishes on each site's own bus (one ``Bus`` per site, opened on first use; buses handed in
@@ -357,6 +365,14 @@ class BusGridPublisher:
             log.debug("fleet: cannot tell whether %s took %s: %s", site_id, event_id, exc)
             return False
         return state.acknowledged
+
+    async def stored(self, site_id: str, event_id: str) -> bool:
+        bus = await self._bus(site_id)
+        try:
+            state = await bus.ack_state(Subjects(site_id).grid, event_id, durable=EDGE_GRID_DURABLE)
+        except BusError:
+            return True
+        return state.stored
 
     async def close(self) -> None:
         for bus in self._owned:
@@ -556,6 +572,8 @@ class FleetCoordinator:
         self._waiting = False
         # (fleet curtailment, site, revision) whose interim signal went out in this run.
         self._interims_out: set[tuple[str, str, int]] = set()
+        # event id -> when it was last sent again (_resend_if_lost).
+        self._resent: dict[str, float] = {}
         # Awaited between storing a revision and publishing it (tests inject a crash there).
         self.after_store: Callable[[FleetCurtailmentResult], Awaitable[None]] | None = None
 
@@ -620,13 +638,26 @@ class FleetCoordinator:
         increases go out once their revision's decreases were taken and ``ramp_s`` passed.
         Returns them. Idempotent for the edges: the same curtailment ids (replaced by id) and the
         revision's event ids (JetStream drops repeats in its window)."""
+        # What the edges took is asked of the bus before taking the lock: a slow broker holds
+        # back no Curtail or Cancel of any fleet curtailment (the store records what it learns).
+        for result in await self._store.unpublished_fleet_curtailments(now_s=self._clock.now()):
+            if result.cancelled:
+                continue
+            fid = result.curtailment.fleet_curtailment_id
+            try:
+                signals = await self._store.fleet_site_signals(fid)
+                await self._refresh_taken(fid, signals, [sh.site_id for sh in result.shares])
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                log.warning("fleet: %s: asking what its edges took failed: %r", fid, exc)
         async with self._lock:
             pending = await self._store.unpublished_fleet_curtailments(now_s=self._clock.now())
             waiting = False
             for result in pending:
                 fid = result.curtailment.fleet_curtailment_id
                 try:
-                    progress = await self.advance(result)
+                    progress = await self.advance(result, ask_bus=False)
                 except StoreUnavailable:
                     raise
                 except Exception as exc:
@@ -944,7 +975,10 @@ class FleetCoordinator:
                 sig = out[i]
                 if sig.taken_at_s is not None:
                     break
-                if not sig.sent or not await self._publisher.taken(sid, sig.event_id):
+                if not sig.sent:
+                    continue
+                if not await self._publisher.taken(sid, sig.event_id):
+                    await self._resend_if_lost(fid, sig, now)
                     continue
                 await self._store.mark_fleet_site_signal(fid, sid, sig.revision, taken_at_s=now)
                 log.info("fleet: %s: %s took revision %d", fid, sid, sig.revision)
@@ -952,25 +986,60 @@ class FleetCoordinator:
                 break
         return out
 
-    async def _plan(self, result: FleetCurtailmentResult) -> tuple[RevisionPlan, _Signals]:
+    async def _resend_if_lost(self, fid: str, sig: FleetSiteSignal, now_s: float) -> None:
+        """Send ``sig`` again when the outbox took it at least ``RESEND_UNSTORED_S`` ago (and at
+        most that often) and the site's stream still does not hold it."""
+        last = self._resent.get(sig.event_id, sig.published_at_s)
+        if now_s - last < RESEND_UNSTORED_S:
+            return
+        if await self._publisher.stored(sig.site_id, sig.event_id):
+            return
+        held = await self._store.fleet_curtailment(fid)
+        if held is None:
+            return
+        self._resent[sig.event_id] = now_s
+        share = next(
+            (
+                sh
+                for sh in [*held.shares, *held.dropped_shares]
+                if sh.site_id == sig.site_id and event_id(sh, sig.revision) == sig.event_id
+            ),
+            None,
+        )
+        if share is None or int(held.revision) != sig.revision:
+            return  # an older revision's: the latest one's signals replace it
+        log.warning(
+            "fleet: %s revision %d: %s's stream does not hold the signal %.0f s after the outbox "
+            "took it; sending it again",
+            fid,
+            sig.revision,
+            sig.site_id,
+            now_s - sig.published_at_s,
+        )
+        await self._publish(held, share, cancelled=sig.max_kw is None)
+
+    async def _plan(
+        self, result: FleetCurtailmentResult, *, ask_bus: bool = True
+    ) -> tuple[RevisionPlan, _Signals]:
         fid = result.curtailment.fleet_curtailment_id
         signals = await self._store.fleet_site_signals(fid)
-        if not result.cancelled:
+        if ask_bus and not result.cancelled:
             # What each site may hold depends on what its edge took: ask before deciding.
             signals = await self._refresh_taken(fid, signals, [sh.site_id for sh in result.shares])
         return plan_revision(result, signals, ramp_s=self.ramp_s), signals
 
-    async def advance(self, result: FleetCurtailmentResult) -> Progress:
+    async def advance(self, result: FleetCurtailmentResult, *, ask_bus: bool = True) -> Progress:
         """Publish what of ``result`` (the latest revision) may go out now (:func:`plan_revision`):
         each signal recorded first (so a crash after the outbox took it still counts it as
         possibly held), then accepted by the outbox, then marked sent; signals recorded but not
         sent go out again. Once every signal is sent the revision is recorded as published. The
-        caller holds the lock."""
+        caller holds the lock. ``ask_bus`` False: what the edges took as the store holds it (the
+        caller asked the bus just before, outside the lock)."""
         if self.after_store is not None:
             await self.after_store(result)
         fid = result.curtailment.fleet_curtailment_id
         rev = int(result.revision)
-        plan, signals = await self._plan(result)
+        plan, signals = await self._plan(result, ask_bus=ask_bus)
         progress = Progress(plan=plan)
         now = self._clock.now()
         # Recorded but never accepted by the outbox (a crash or an outbox error in between).
