@@ -165,6 +165,11 @@ async def load_curtailments(ctrl: EdgeController, store: Any, fallback: Path | N
     newer (``seq``), the local copy a store outage left at ``fallback``. Call at start, before
     the first decision. Ended curtailments are not restored. Returns how many were."""
     text, local = await _copies(store, fallback)
+    return _restore(ctrl, text, local, fallback)
+
+
+def _restore(ctrl: EdgeController, text: str | None, local: str | None, fallback: Any) -> int:
+    """``load_curtailments`` on the two copies already read (the store's, the local one)."""
     where = f"the store's meta key {BOOK_KEY!r}"
     if local and _copy_order(local) >= _copy_order(text):
         text, where = local, f"the local copy {str(fallback)!r}"
@@ -297,10 +302,11 @@ class BookWriter:
     async def load(self) -> int:
         """``load_curtailments`` from the store or the newer local copy; a book restored from
         the local copy is written to the store by the next retry."""
-        n = await load_curtailments(self.ctrl, self.store, self.fallback)
-        seqs = [_copy_order(t)[0] for t in await _copies(self.store, self.fallback)]
+        text, local = await _copies(self.store, self.fallback)
+        n = _restore(self.ctrl, text, local, self.fallback)
+        seqs = [_copy_order(t)[0] for t in (text, local)]
         self._seq = max([self._seq, *(int(s) for s in seqs if math.isfinite(s))])
-        if self.fallback is not None and await asyncio.to_thread(self.fallback.exists):
+        if local is not None:
             self._local_exists = True
             self._gen += 1
             self._local_gen = self._gen
