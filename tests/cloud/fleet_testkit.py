@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 from bus_testkit import patient_nats_bus
-from cloud_testkit import T0, _load_cert_helpers, wait_until
+from cloud_testkit import T0, _load_cert_helpers, stream, wait_until
 from evcore.bus import BusMessage, Subscription
 from evcore.bus.natsbus import NatsBus
 from evcore.bus.subjects import Subjects
@@ -279,3 +279,20 @@ async def start_fleet_cloud(
     for s in sites:
         await f.edge_online(s)
     return f
+
+
+async def put_ten_charger_topologies(f: FleetCloud) -> None:
+    """Each site of ``f`` puts a 300 kW site of 10 chargers (``site_table``) as its topology."""
+    for site in f.sites:
+        async with f.channel(site) as ch:
+            table = site_table(site, power_limit_kw=300.0, other_load_a=0.0, chargers=10)
+            await f.cloud(ch).PutTopology(topology(table))
+
+
+async def ten_charger_demand(f: FleetCloud, amps: dict[str, float]) -> None:
+    """Each named site's 10 chargers at ``amps`` per phase, offered 63 A (so measured, not
+    held)."""
+    for site, a in amps.items():
+        async with f.channel(site) as ch:
+            b = batch(f.clock.now() - 1, {f"C{i}": a for i in range(10)}, offered_a=63.0)
+            await f.cloud(ch).UploadTelemetry(stream([b]))

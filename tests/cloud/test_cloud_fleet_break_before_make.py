@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cloud_testkit import run_evcore, stream
+from cloud_testkit import run_evcore
 from evcore.cloud import CloudApiServer, open_cloud_store
 from evcore.cloud.fleet import GridPublisher
 from evcore.v1.fleet_api_pb2 import (
@@ -23,7 +23,12 @@ from evcore.v1.fleet_api_pb2 import (
     ListSitesRequest,
 )
 from evcore.v1.grid_pb2 import GridSignal
-from fleet_testkit import FleetCloud, batch, site_table, start_fleet_cloud, topology
+from fleet_testkit import (
+    FleetCloud,
+    put_ten_charger_topologies,
+    start_fleet_cloud,
+    ten_charger_demand,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,21 +68,10 @@ async def fleet(tmp_path: Path, store_url: str) -> AsyncIterator[FleetCloud]:
     # No re-split of the cloud's own: the tests split when they say so.
     f = await start_fleet_cloud(tmp_path, store_url, fleet={"resplit_every_s": 0})
     try:
-        for site in f.sites:
-            async with f.channel(site) as ch:
-                table = site_table(site, power_limit_kw=300.0, other_load_a=0.0, chargers=10)
-                await f.cloud(ch).PutTopology(topology(table))
+        await put_ten_charger_topologies(f)
         yield f
     finally:
         await f.close()
-
-
-async def demand(f: FleetCloud, amps: dict[str, float]) -> None:
-    """Each site's 10 chargers at ``amps`` per phase, offered 63 A (so measured, not held)."""
-    for site, a in amps.items():
-        async with f.channel(site) as ch:
-            b = batch(f.clock.now() - 1, {f"C{i}": a for i in range(10)}, offered_a=63.0)
-            await f.cloud(ch).UploadTelemetry(stream([b]))
 
 
 def request(f: FleetCloud) -> FleetCurtailment:
@@ -89,7 +83,7 @@ def request(f: FleetCloud) -> FleetCurtailment:
 
 async def split_and_take(f: FleetCloud, amps: dict[str, float]) -> dict[str, float]:
     """Revision 1 (all decreases from no limit: out at once), taken by every edge."""
-    await demand(f, amps)
+    await ten_charger_demand(f, amps)
     async with f.channel("aggregator-1") as ch:
         res = await f.fleet(ch).Curtail(request(f))
     await f.wait_signals({s: 1 for s in f.sites})
@@ -119,7 +113,7 @@ async def test_a_resplit_with_a_site_offline_never_exceeds_the_fleet_limit(
         # Site a's edge goes away; the demand moves from a to b and c; the cloud splits again.
         await f.edge_offline(a)
         f.clock.advance(120.0)
-        await demand(f, {a: 1.0, b: 30.0, c: 30.0})
+        await ten_charger_demand(f, {a: 1.0, b: 30.0, c: 30.0})
         second = await resplit(f)
         assert second[a] < 10.0 and second[b] > 140.0, second
         # b and c keep what they hold while a may still hold its 225 kW.
@@ -194,7 +188,7 @@ async def test_a_failing_publish_of_a_decrease_holds_back_the_increases(fleet: F
     with Sampler(f) as sampler:
         # The demand moves to a; b's share decreases, and publishing it fails.
         f.clock.advance(120.0)
-        await demand(f, {a: 30.0, b: 5.0, c: 30.0})
+        await ten_charger_demand(f, {a: 30.0, b: 5.0, c: 30.0})
         async with f.channel("aggregator-1") as ch:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await f.fleet(ch).Resplit(FleetCurtailmentRef(fleet_curtailment_id=FID))
@@ -232,7 +226,7 @@ async def test_a_cloud_restart_in_the_middle_publishes_no_early_increase(
     with Sampler(f) as sampler:
         await f.edge_offline(a)
         f.clock.advance(120.0)
-        await demand(f, {a: 1.0, b: 30.0, c: 30.0})
+        await ten_charger_demand(f, {a: 1.0, b: 30.0, c: 30.0})
         second = await resplit(f)
         # The cloud stops with the increases waiting; a new one starts on its store and outbox,
         # and its republish task runs at once.
@@ -258,7 +252,7 @@ async def test_a_new_curtailment_and_a_cancel_go_out_at_once(fleet: FleetCloud) 
     f = fleet
     a, _, _ = f.sites
     await f.edge_offline(a)  # nobody waits for a site that took nothing yet
-    await demand(f, {s: 10.0 for s in f.sites})
+    await ten_charger_demand(f, {s: 10.0 for s in f.sites})
     async with f.channel("aggregator-1") as ch:
         res = await f.fleet(ch).Curtail(request(f))
         assert "increases" not in res.detail

@@ -12,9 +12,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from cloud_testkit import stream
 from evcore.v1.fleet_api_pb2 import FleetCurtailment
-from fleet_testkit import FleetCloud, batch, site_table, start_fleet_cloud, topology
+from fleet_testkit import (
+    FleetCloud,
+    put_ten_charger_topologies,
+    start_fleet_cloud,
+    ten_charger_demand,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,20 +33,10 @@ async def fleet(tmp_path: Path, store_url: str) -> AsyncIterator[FleetCloud]:
         tmp_path, store_url, n_sites=2, fleet={"resplit_every_s": 0}, edge_rules=True
     )
     try:
-        for site in f.sites:
-            async with f.channel(site) as ch:
-                table = site_table(site, power_limit_kw=300.0, other_load_a=0.0, chargers=10)
-                await f.cloud(ch).PutTopology(topology(table))
+        await put_ten_charger_topologies(f)
         yield f
     finally:
         await f.close()
-
-
-async def demand(f: FleetCloud, amps: dict[str, float]) -> None:
-    for site, a in amps.items():
-        async with f.channel(site) as ch:
-            b = batch(f.clock.now() - 1, {f"C{i}": a for i in range(10)}, offered_a=63.0)
-            await f.cloud(ch).UploadTelemetry(stream([b]))
 
 
 async def curtail(f: FleetCloud, start_s: float, end_s: float) -> dict[str, float]:
@@ -72,7 +66,7 @@ async def extend_while_b_rises(f: FleetCloud, *, a_offline: bool) -> tuple[str, 
     a to b and the DSO extends it to t0 + 4 h (revision 2: a decreases, b rises)."""
     a, b = f.sites
     t0 = f.clock.now()
-    await demand(f, {a: 20.0, b: 20.0})
+    await ten_charger_demand(f, {a: 20.0, b: 20.0})
     first = await curtail(f, t0, t0 + 2 * HOURS_S)
     await f.wait_signals({a: 1, b: 1})
     await f.wait_taken(FID)
@@ -80,7 +74,7 @@ async def extend_while_b_rises(f: FleetCloud, *, a_offline: bool) -> tuple[str, 
     f.clock.advance(2 * HOURS_S - 10.0)
     if a_offline:
         await f.edge_offline(a)
-    await demand(f, {a: 5.0, b: 30.0})
+    await ten_charger_demand(f, {a: 5.0, b: 30.0})
     second = await curtail(f, t0, t0 + 4 * HOURS_S)
     assert second[a] < first[a] < second[b], (first, second)
     return a, b, t0
