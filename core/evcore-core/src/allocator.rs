@@ -471,47 +471,17 @@ struct ModelRows<'a> {
     key: &'a mut [f64],
 }
 
-impl<'a> ModelRows<'a> {
-    /// Chargers before `at` and from `at` on.
-    fn split_at(self, at: usize) -> (ModelRows<'a>, ModelRows<'a>) {
-        let at = at - self.base;
-        let (sf0, sf1) = self.set_floor.split_at_mut(at);
-        let (sc0, sc1) = self.set_cap.split_at_mut(at);
-        let (f0, f1) = self.floor.split_at_mut(at);
-        let (c0, c1) = self.cap.split_at_mut(at);
-        let (cb0, cb1) = self.cap_binding.split_at_mut(at);
-        let (ca0, ca1) = self.candidate.split_at_mut(at);
-        let (b0, b1) = self.binding.split_at_mut(at);
-        let (l0, l1) = self.locked_on.split_at_mut(at);
-        let (k0, k1) = self.key.split_at_mut(at);
-        (
-            ModelRows {
-                base: self.base,
-                set_floor: sf0,
-                set_cap: sc0,
-                floor: f0,
-                cap: c0,
-                cap_binding: cb0,
-                candidate: ca0,
-                binding: b0,
-                locked_on: l0,
-                key: k0,
-            },
-            ModelRows {
-                base: self.base + at,
-                set_floor: sf1,
-                set_cap: sc1,
-                floor: f1,
-                cap: c1,
-                cap_binding: cb1,
-                candidate: ca1,
-                binding: b1,
-                locked_on: l1,
-                key: k1,
-            },
-        )
-    }
-}
+crate::par::split_rows!(ModelRows {
+    set_floor,
+    set_cap,
+    floor,
+    cap,
+    cap_binding,
+    candidate,
+    binding,
+    locked_on,
+    key
+});
 
 impl Sessions<'_> {
     /// Eligibility, caps and admission key of each session of `out` (see the module docs).
@@ -1921,32 +1891,12 @@ struct Settled<'a> {
     phase: &'a mut [Option<usize>],
 }
 
-impl<'a> Settled<'a> {
-    /// Chargers before `at` and from `at` on.
-    fn split_at(self, at: usize) -> (Settled<'a>, Settled<'a>) {
-        let at = at - self.base;
-        let (s0, s1) = self.s.split_at_mut(at);
-        let (b0, b1) = self.binding.split_at_mut(at);
-        let (n0, n1) = self.node.split_at_mut(at);
-        let (p0, p1) = self.phase.split_at_mut(at);
-        (
-            Settled {
-                base: self.base,
-                s: s0,
-                binding: b0,
-                node: n0,
-                phase: p0,
-            },
-            Settled {
-                base: self.base + at,
-                s: s1,
-                binding: b1,
-                node: n1,
-                phase: p1,
-            },
-        )
-    }
-}
+crate::par::split_rows!(Settled {
+    s,
+    binding,
+    node,
+    phase
+});
 
 impl Settle<'_> {
     fn chargers(&self, out: Settled<'_>) {

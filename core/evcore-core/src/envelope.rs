@@ -311,35 +311,13 @@ struct ChargerCounts<'a> {
     last_a: &'a mut [f64],
 }
 
-impl<'a> ChargerCounts<'a> {
-    /// Chargers before `at` and from `at` on.
-    fn split_at(self, at: usize) -> (ChargerCounts<'a>, ChargerCounts<'a>) {
-        let at = at - self.base;
-        let (h0, h1) = self.held.split_at_mut(at);
-        let (c0, c1) = self.held_cmd.split_at_mut(at);
-        let (m0, m1) = self.measured_a.split_at_mut(at);
-        let (u0, u1) = self.held_unconfirmed.split_at_mut(at);
-        let (l0, l1) = self.last_a.split_at_mut(at);
-        (
-            ChargerCounts {
-                base: self.base,
-                held: h0,
-                held_cmd: c0,
-                measured_a: m0,
-                held_unconfirmed: u0,
-                last_a: l0,
-            },
-            ChargerCounts {
-                base: self.base + at,
-                held: h1,
-                held_cmd: c1,
-                measured_a: m1,
-                held_unconfirmed: u1,
-                last_a: l1,
-            },
-        )
-    }
-}
+crate::par::split_rows!(ChargerCounts {
+    held,
+    held_cmd,
+    measured_a,
+    held_unconfirmed,
+    last_a
+});
 
 /// What each charger of `out` holds regardless of its new setpoint (see `Counting`).
 fn count_chargers(
@@ -1267,29 +1245,11 @@ struct Finished<'a> {
     binding: &'a mut [Binding],
 }
 
-impl<'a> Finished<'a> {
-    /// Chargers before `at` and from `at` on.
-    fn split_at(self, at: usize) -> (Finished<'a>, Finished<'a>) {
-        let at = at - self.base;
-        let (a0, a1) = self.setpoint_a.split_at_mut(at);
-        let (w0, w1) = self.setpoint_w.split_at_mut(at);
-        let (b0, b1) = self.binding.split_at_mut(at);
-        (
-            Finished {
-                base: self.base,
-                setpoint_a: a0,
-                setpoint_w: w0,
-                binding: b0,
-            },
-            Finished {
-                base: self.base + at,
-                setpoint_a: a1,
-                setpoint_w: w1,
-                binding: b1,
-            },
-        )
-    }
-}
+crate::par::split_rows!(Finished {
+    setpoint_a,
+    setpoint_w,
+    binding
+});
 
 /// Setpoints (A, W) from the counted values, and the reasons that only the counting gives.
 fn finish_chargers(topo: &Topology, ch: &ChargerInputs<'_>, cnt: &Counting, out: Finished<'_>) {

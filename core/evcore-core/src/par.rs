@@ -11,6 +11,26 @@ use crate::topology::{Halves, Topology};
 /// faster; with the second core busy, no gain at any size).
 pub const MIN_CHARGERS: usize = 20_000;
 
+/// `split_at(self, at)` for a struct of `base: usize` (its first charger) and per-charger
+/// `&mut` slices: the rows of the chargers before `at` (an absolute charger index) and from `at`
+/// on, each half a struct of the same kind, to hand one half to each thread.
+macro_rules! split_rows {
+    ($name:ident { $($field:ident),+ $(,)? }) => {
+        impl<'a> $name<'a> {
+            /// Chargers before `at` and from `at` on.
+            fn split_at(self, at: usize) -> ($name<'a>, $name<'a>) {
+                let at = at - self.base;
+                $(let $field = self.$field.split_at_mut(at);)+
+                (
+                    $name { base: self.base, $($field: $field.0,)+ },
+                    $name { base: self.base + at, $($field: $field.1,)+ },
+                )
+            }
+        }
+    };
+}
+pub(crate) use split_rows;
+
 /// The halves to split a call's work into, when `split` and the site is large enough to gain.
 pub(crate) fn halves(topo: &Topology, split: bool) -> Option<Halves> {
     if split && topo.n_chargers() >= MIN_CHARGERS {
