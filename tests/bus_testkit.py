@@ -190,3 +190,15 @@ class AuditSink:
 
     def count(self) -> int:
         return int(self.ids.db.execute("SELECT COUNT(*) FROM applied").fetchone()[0])
+
+
+def streams_to_delete(
+    created: set[str], pending: set[str], others_alive: bool
+) -> tuple[set[str], set[str]]:
+    """``(delete now, leave pending)`` for a run ending with ``created`` (streams that appeared
+    while it ran: its own and any concurrent run's) and ``pending`` (left by runs that ended
+    while another was running). Only the last run standing deletes: a stream that appeared
+    during a run may belong to a run still going."""
+    if others_alive:
+        return set(), created | pending
+    return created | pending, set()

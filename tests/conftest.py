@@ -6,6 +6,8 @@ the run ends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from bus_testkit import streams_to_delete
 from evcore.store import SqlStore, open_store
 from hypothesis import settings
 from psycopg import sql
@@ -55,20 +58,68 @@ async def _delete_streams(names: set[str]) -> None:
         await nc.close()
 
 
+# Test runs on this machine that share the NATS server (a helper's room tests beside a CI run):
+# each registers its pid here while it runs; see _jetstream_streams_cleaned_up.
+RUNS_DIR = Path(os.environ.get("EVCORE_TEST_RUNS_DIR", "/tmp/evcore-test-runs"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _runs_lock() -> Iterator[Path]:
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RUNS_DIR / "lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield RUNS_DIR
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _jetstream_streams_cleaned_up() -> Iterator[None]:
     """Every site stream (``EVCORE_*``) this run created on the shared server goes at the end.
     Each stream reserves its byte limit (1 GiB for telemetry) out of the server's JetStream
     storage: streams left by earlier runs once took 63 GB of the server's 60 and every later
-    stream creation failed (``ServerError``) until they were deleted."""
+    stream creation failed (``ServerError``) until they were deleted. A run cannot tell its
+    streams from those of another run going on at the same time (site ids of different tests
+    may be the same), so while another run is alive the streams are left in ``pending`` and
+    the last run to end deletes them (before, the first to end deleted the other's streams
+    under its feet)."""
     before = asyncio.run(_stream_names())
-    yield
-    if before is None:
-        return
-    after = asyncio.run(_stream_names()) or set()
-    created = {n for n in after - before if n.startswith("EVCORE_")}
-    if created:
-        asyncio.run(_delete_streams(created))
+    me = os.getpid()
+    with _runs_lock() as d:
+        (d / f"run-{me}").write_text(str(me))
+    try:
+        yield
+    finally:
+        with _runs_lock() as d:
+            (d / f"run-{me}").unlink(missing_ok=True)
+            others = [int(f.name[4:]) for f in d.glob("run-*") if f.name[4:].isdigit()]
+            others_alive = any(_alive(pid) for pid in others if pid != me)
+            for pid in others:
+                if not _alive(pid):
+                    (d / f"run-{pid}").unlink(missing_ok=True)  # a run that was killed
+            pending_file = d / "pending-streams"
+            pending = set(pending_file.read_text().split()) if pending_file.exists() else set()
+            after = asyncio.run(_stream_names()) if before is not None else None
+            created = set()
+            if before is not None and after is not None:
+                created = {n for n in after - before if n.startswith("EVCORE_")}
+            if after is not None:
+                pending &= after  # gone already
+            delete, keep = streams_to_delete(created, pending, others_alive)
+            if delete:
+                asyncio.run(_delete_streams(delete))
+            pending_file.write_text("\n".join(sorted(keep)))
 
 
 PG_DSN = os.environ.get("EVCORE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
