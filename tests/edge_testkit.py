@@ -4,7 +4,11 @@ answer at once and apply profiles within about a second)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from evcore.clock import StepClock
@@ -13,6 +17,7 @@ from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import EdgeController
 from evcore.edge.coreio import RustCore
 from evcore.site import load_site
+from evcore.v1 import grid_pb2
 
 FAST: dict[str, Any] = dict(
     tick_s=0.5,
@@ -90,3 +95,76 @@ class ToldGateway:
             if not fut.done():
                 fut.set_result(accepted)
         self.waiting.clear()
+
+
+async def start_edge(site_file: Path, timeout_s: float = 60.0) -> asyncio.subprocess.Process:
+    """``evcore edge --config site_file`` as a process, once it says its OCPP port is open (its
+    output stays readable on ``proc.stdout``); killed, with its output in the error, if it does
+    not within ``timeout_s``."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "evcore.cli",
+        "edge",
+        "--config",
+        str(site_file),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while line := (await proc.stdout.readline()).decode():
+                seen.append(line)
+                if "OCPP on port" in line:
+                    return proc
+    except TimeoutError:
+        pass
+    proc.kill()
+    await proc.wait()
+    raise AssertionError(f"edge did not start (rc={proc.returncode}): {''.join(seen)[-2000:]}")
+
+
+class AcceptingGateway:
+    """A gateway whose stations accept every profile at once."""
+
+    async def set_limit(self, charger_id: str, **kwargs: Any) -> Any:
+        class _Accepted:
+            accepted = True
+
+        return _Accepted()
+
+
+async def until(cond: Any, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
+    """Wait (wall clock) until ``cond()``; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        await asyncio.sleep(poll_s)
+
+
+def grid_curtailment(
+    cid: str,
+    max_kw: float,
+    start: float,
+    end: float,
+    *,
+    issued_at: float | None = None,
+    cancelled: bool = False,
+    signal_id: str | None = None,
+) -> grid_pb2.GridSignal:
+    """A grid signal curtailing the grid connection to ``max_kw`` from ``start`` to ``end``
+    (seconds); its id is ``cid@issued_at`` (``cid@start`` when not issued at a set time)."""
+    at = start if issued_at is None else issued_at
+    sig = grid_pb2.GridSignal(signal_id=signal_id or f"{cid}@{at}")
+    if issued_at is not None:
+        sig.issued_at.FromNanoseconds(int(issued_at * 1e9))
+    sig.curtailment.curtailment_id = cid
+    sig.curtailment.node_id = "grid"
+    sig.curtailment.max_kw = max_kw
+    sig.curtailment.cancelled = cancelled
+    sig.curtailment.start.FromNanoseconds(int(start * 1e9))
+    sig.curtailment.end.FromNanoseconds(int(end * 1e9))
+    return sig

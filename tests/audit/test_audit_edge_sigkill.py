@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import grpc
 import pytest
+from bus_testkit import free_port
+from edge_testkit import start_edge
 from evcore.audit import verify_chain
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table, to_toml
@@ -34,39 +34,6 @@ pytestmark = pytest.mark.timeout(180)
 
 VIEWER = "viewer-token-0123456789"
 GRID = "grid-operator-token-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def start_edge(site_file: Path) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "evcore.cli",
-        "edge",
-        "--config",
-        str(site_file),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stdout is not None
-    seen: list[str] = []
-    try:
-        async with asyncio.timeout(60):
-            while line := (await proc.stdout.readline()).decode():
-                seen.append(line)
-                if "OCPP on port" in line:
-                    return proc
-    except TimeoutError:
-        pass
-    proc.kill()
-    await proc.wait()
-    raise AssertionError(f"edge did not start (rc={proc.returncode}): {''.join(seen)[-2000:]}")
 
 
 def recorded(records: list[AuditRecord], charger_id: str, default: bool) -> list[float]:
@@ -83,7 +50,7 @@ async def test_profiles_held_after_a_sigkill_all_have_their_record(
     store_section: dict[str, object], tmp_path: Path
 ) -> None:
     table = depot_table(6, per_feeder=3, site_id="killed")
-    ocpp_port, api_port = _free_port(), _free_port()
+    ocpp_port, api_port = free_port(), free_port()
     table["ocpp"]["port"] = ocpp_port
     table["store"] = dict(store_section)
     table["edge"] = {

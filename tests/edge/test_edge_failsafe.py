@@ -4,14 +4,13 @@ restart without a burst."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bus_testkit import free_port
+from edge_testkit import start_edge
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table, to_toml
 from evcore.sim.ev import EV
@@ -19,45 +18,12 @@ from evcore.sim.ev import EV
 pytestmark = pytest.mark.timeout(150)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _start_edge(site_file: Path) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "evcore.cli",
-        "edge",
-        "--config",
-        str(site_file),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stdout is not None
-    seen: list[str] = []
-    try:
-        async with asyncio.timeout(30):
-            while line := (await proc.stdout.readline()).decode():
-                seen.append(line)
-                if "OCPP on port" in line:
-                    return proc
-    except TimeoutError:
-        pass
-    proc.kill()
-    await proc.wait()
-    raise AssertionError(f"edge did not start (rc={proc.returncode}): {''.join(seen)[-2000:]}")
-
-
 async def test_sigkill_then_plug_every_idle_charger_and_resume_paused_stays_within_limits(
     tmp_path: Path,
 ) -> None:
     # 10 chargers on a 40 A feeder: 10 x 6 A does not fit, so some failsafe levels are 0 A.
     table = depot_table(10, per_feeder=10, feeder_share=40.0 / 320.0, grid_share=1.0)
-    port = _free_port()
+    port = free_port()
     table["ocpp"]["port"] = port
     table["store"] = {"kind": "embedded", "path": str(tmp_path / "store")}
     table["edge"] = {
@@ -71,7 +37,7 @@ async def test_sigkill_then_plug_every_idle_charger_and_resume_paused_stays_with
     }
     site_file = tmp_path / "site.toml"
     site_file.write_text(to_toml(table))
-    proc = await _start_edge(site_file)
+    proc = await start_edge(site_file, timeout_s=30.0)
     rig = EdgeRig(table, with_edge=False, url=f"ws://127.0.0.1:{port}/ocpp", apply_delay_s=0.5)
     try:
         await rig.start()
@@ -250,7 +216,7 @@ async def test_restart_recovers_from_store_and_charger_reports_without_a_burst(
 ) -> None:
     # 8 chargers under a 64 A feeder: 8 A each while all charge.
     table = depot_table(8, per_feeder=8, feeder_share=64.0 / 256.0, grid_share=1.0)
-    port, api_port = _free_port(), _free_port()
+    port, api_port = free_port(), free_port()
     rate = 4.0
     table["ocpp"]["port"] = port
     table["store"] = {"kind": "embedded", "path": str(tmp_path / "store")}
@@ -270,7 +236,7 @@ async def test_restart_recovers_from_store_and_charger_reports_without_a_burst(
     }
     site_file = tmp_path / "site.toml"
     site_file.write_text(to_toml(table))
-    proc = await _start_edge(site_file)
+    proc = await start_edge(site_file, timeout_s=30.0)
     rig = EdgeRig(table, with_edge=False, url=f"ws://127.0.0.1:{port}/ocpp", apply_delay_s=0.3)
     try:
         await rig.start()
@@ -330,7 +296,7 @@ async def test_restart_recovers_from_store_and_charger_reports_without_a_burst(
                 await asyncio.sleep(0.05)
 
         watcher = asyncio.create_task(watch())
-        proc = await _start_edge(site_file)
+        proc = await start_edge(site_file, timeout_s=30.0)
         await rig.wait_for(lambda: len(arrivals) >= 16, 40, "the new edge's profiles")
         await asyncio.sleep(4.0)
         watcher.cancel()

@@ -9,81 +9,58 @@ Against the real NATS server (127.0.0.1:4222), and on the in-process bus.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bus_testkit import SharedBus, patient_nats_bus
-from edge_testkit import stepped_controller
+from edge_testkit import AcceptingGateway, grid_curtailment, stepped_controller, until
 from evcore.bus import Subjects
 from evcore.bus.inprocess import InProcessBus
 from evcore.edge.signals import GRID_DURABLE, subscribe_signals
 from evcore.edge.sitegen import depot_table
-from evcore.v1 import grid_pb2
 
 pytestmark = pytest.mark.timeout(60)
 
 NATS_URL = "nats://127.0.0.1:4222"
 
 
-class _Gateway:
-    async def set_limit(self, charger_id: str, **kwargs: Any) -> Any:
-        class _R:
-            accepted = True
-
-        return _R()
-
-
-def _curtailment(cid: str, max_kw: float, start: float, end: float) -> grid_pb2.GridSignal:
-    sig = grid_pb2.GridSignal(signal_id=f"{cid}@{start}")
-    sig.curtailment.curtailment_id = cid
-    sig.curtailment.node_id = "grid"
-    sig.curtailment.max_kw = max_kw
-    sig.curtailment.start.FromNanoseconds(int(start * 1e9))
-    sig.curtailment.end.FromNanoseconds(int(end * 1e9))
-    return sig
-
-
-async def _until(cond: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def _scenario(site: str, edge_bus: Any, new_edge_bus: Any, pub: Any) -> None:
     table = depot_table(2, per_feeder=2, site_id=site)
     subjects = Subjects(site)
     # The edge runs once (its durable is created and reads what is there), then stops.
-    ctrl, clock = stepped_controller(table, _Gateway())
+    ctrl, clock = stepped_controller(table, AcceptingGateway())
     now = clock.now()
     await edge_bus.start()
     subs = await subscribe_signals(edge_bus, ctrl, grid_durable=GRID_DURABLE)
-    await pub.publish(subjects.grid, _curtailment("early", 30.0, now, now + 600.0), critical=True)
-    await _until(lambda: len(ctrl.curtailments) == 1, 10, "the first curtailment, live")
+    await pub.publish(
+        subjects.grid, grid_curtailment("early", 30.0, now, now + 600.0), critical=True
+    )
+    await until(lambda: len(ctrl.curtailments) == 1, 10, "the first curtailment, live")
     for s in subs:
         await s.stop()
     await edge_bus.close()
     # While it is down: the share of a fleet curtailment (in force soon), one that ends before
     # the edge is back, and the cancel of the first.
     await pub.publish(
-        subjects.grid, _curtailment("fleet:f1:" + site, 12.0, now + 5.0, now + 900.0), critical=True
+        subjects.grid,
+        grid_curtailment("fleet:f1:" + site, 12.0, now + 5.0, now + 900.0),
+        critical=True,
     )
     await pub.publish(
-        subjects.grid, _curtailment("ended", 1.0, now - 600.0, now - 300.0), critical=True
+        subjects.grid, grid_curtailment("ended", 1.0, now - 600.0, now - 300.0), critical=True
     )
-    cancel = _curtailment("early", 30.0, now, now + 600.0)
+    cancel = grid_curtailment("early", 30.0, now, now + 600.0)
     cancel.curtailment.cancelled = True
     await pub.publish(subjects.grid, cancel, critical=True)
     assert await pub.flush(5.0)
     # The edge starts again (a new controller, as after a restart, on the same durable).
-    ctrl2, clock2 = stepped_controller(table, _Gateway())
+    ctrl2, clock2 = stepped_controller(table, AcceptingGateway())
     await new_edge_bus.start()
     subs2 = await subscribe_signals(new_edge_bus, ctrl2, grid_durable=GRID_DURABLE)
     try:
-        await _until(
+        await until(
             lambda: "fleet:f1:" + site in {c.signal_id for c in ctrl2.curtailments},
             10,
             "the curtailment published while the edge was down",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 from bus_testkit import SharedBus, patient_nats_bus
-from edge_testkit import stepped_controller
+from edge_testkit import AcceptingGateway, grid_curtailment, stepped_controller, until
 from evcore.bus import Subjects
 from evcore.bus.inprocess import InProcessBus
 from evcore.clock import StepClock
@@ -34,6 +33,7 @@ from evcore.edge.signals import (
     FALLBACK_NAME,
     GRID_DURABLE,
     BookWriter,
+    apply_grid_signal,
     load_curtailments,
     subscribe_signals,
 )
@@ -44,41 +44,6 @@ from evcore.v1 import grid_pb2
 pytestmark = pytest.mark.timeout(90)
 
 NATS_URL = "nats://127.0.0.1:4222"
-
-
-class _Gateway:
-    async def set_limit(self, charger_id: str, **kwargs: Any) -> Any:
-        class _R:
-            accepted = True
-
-        return _R()
-
-
-def _signal(
-    cid: str,
-    max_kw: float,
-    start: float,
-    end: float,
-    *,
-    issued_at: float,
-    cancelled: bool = False,
-) -> grid_pb2.GridSignal:
-    sig = grid_pb2.GridSignal(signal_id=f"{cid}@{issued_at}")
-    sig.issued_at.FromNanoseconds(int(issued_at * 1e9))
-    sig.curtailment.curtailment_id = cid
-    sig.curtailment.node_id = "grid"
-    sig.curtailment.max_kw = max_kw
-    sig.curtailment.cancelled = cancelled
-    sig.curtailment.start.FromNanoseconds(int(start * 1e9))
-    sig.curtailment.end.FromNanoseconds(int(end * 1e9))
-    return sig
-
-
-async def _until(cond: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -129,7 +94,7 @@ class _Edge:
         self.table = depot_table(2, per_feeder=2, site_id=rig.site)
         self.ctrl: EdgeController
         self.clock: StepClock
-        self.ctrl, self.clock = stepped_controller(self.table, _Gateway())
+        self.ctrl, self.clock = stepped_controller(self.table, AcceptingGateway())
         self.store: SqlStore = open_store(store_section, tmp_path)
         self.bus = rig.edge_bus()
         self.subs: list[Any] = []
@@ -176,8 +141,8 @@ async def test_a_curtailment_in_force_survives_a_restart_with_nothing_published(
     edge = _Edge(rig, store_section, tmp_path)
     await edge.start()
     now = edge.clock.now()
-    await _publish(rig, _signal("dso-1", 5.0, now, now + 3600.0, issued_at=now))
-    await _until(lambda: edge.caps() == {"grid": 5.0}, 10, "the curtailment, live")
+    await _publish(rig, grid_curtailment("dso-1", 5.0, now, now + 3600.0, issued_at=now))
+    await until(lambda: edge.caps() == {"grid": 5.0}, 10, "the curtailment, live")
     await asyncio.sleep(0.5)  # acknowledged
     await edge.stop()
     # The edge restarts on the same store and durable; nothing is published meanwhile.
@@ -207,12 +172,12 @@ async def test_an_older_revision_delivered_after_a_newer_one_is_ignored(
         # then a cancel issued before revision 2.
         await _publish(
             rig,
-            _signal("dso-1", 8.0, start, end, issued_at=now - 10.0),
-            _signal("dso-1", 20.0, start, end, issued_at=now - 20.0),
-            _signal("dso-1", 20.0, start, end, issued_at=now - 15.0, cancelled=True),
-            _signal("marker", 50.0, start, end, issued_at=now),
+            grid_curtailment("dso-1", 8.0, start, end, issued_at=now - 10.0),
+            grid_curtailment("dso-1", 20.0, start, end, issued_at=now - 20.0),
+            grid_curtailment("dso-1", 20.0, start, end, issued_at=now - 15.0, cancelled=True),
+            grid_curtailment("marker", 50.0, start, end, issued_at=now),
         )
-        await _until(lambda: "marker" in _ids(edge), 10, "the marker")
+        await until(lambda: "marker" in _ids(edge), 10, "the marker")
         assert edge.caps() == {"grid": 8.0}  # before the fix: the old revision's 20 kW, or none
         assert [(c.signal_id, c.max_kw) for c in edge.ctrl.curtailments] == [
             ("dso-1", 8.0),
@@ -227,10 +192,10 @@ async def test_an_older_revision_delivered_after_a_newer_one_is_ignored(
         assert edge2.caps() == {"grid": 8.0}
         await _publish(
             rig,
-            _signal("dso-1", 20.0, start, end, issued_at=now - 20.0),
-            _signal("marker-2", 60.0, start, end, issued_at=now),
+            grid_curtailment("dso-1", 20.0, start, end, issued_at=now - 20.0),
+            grid_curtailment("marker-2", 60.0, start, end, issued_at=now),
         )
-        await _until(lambda: "marker-2" in _ids(edge2), 10, "the second marker")
+        await until(lambda: "marker-2" in _ids(edge2), 10, "the second marker")
         assert edge2.caps() == {"grid": 8.0}
     finally:
         await edge2.stop()
@@ -245,17 +210,19 @@ async def test_a_cancel_applies_and_stays_applied_after_a_restart(
     now = edge.clock.now()
     start, end = now, now + 3600.0
     try:
-        await _publish(rig, _signal("dso-1", 5.0, start, end, issued_at=now - 10.0))
-        await _until(lambda: edge.caps() == {"grid": 5.0}, 10, "the curtailment")
-        await _publish(rig, _signal("dso-1", 5.0, start, end, issued_at=now - 5.0, cancelled=True))
-        await _until(lambda: edge.caps() == {}, 10, "the cancel")
+        await _publish(rig, grid_curtailment("dso-1", 5.0, start, end, issued_at=now - 10.0))
+        await until(lambda: edge.caps() == {"grid": 5.0}, 10, "the curtailment")
+        await _publish(
+            rig, grid_curtailment("dso-1", 5.0, start, end, issued_at=now - 5.0, cancelled=True)
+        )
+        await until(lambda: edge.caps() == {}, 10, "the cancel")
         # The cancelled revision delivered again does not bring it back.
         await _publish(
             rig,
-            _signal("dso-1", 5.0, start, end, issued_at=now - 10.0),
-            _signal("marker", 50.0, start, end, issued_at=now),
+            grid_curtailment("dso-1", 5.0, start, end, issued_at=now - 10.0),
+            grid_curtailment("marker", 50.0, start, end, issued_at=now),
         )
-        await _until(lambda: "marker" in _ids(edge), 10, "the marker")
+        await until(lambda: "marker" in _ids(edge), 10, "the marker")
         assert [c.signal_id for c in edge.ctrl.curtailments] == ["marker"]
         await asyncio.sleep(0.5)
     finally:
@@ -264,7 +231,7 @@ async def test_a_cancel_applies_and_stays_applied_after_a_restart(
     await edge2.start()
     try:
         assert [c.signal_id for c in edge2.ctrl.curtailments] == ["marker"]
-        await _publish(rig, _signal("dso-1", 5.0, start, end, issued_at=now - 10.0))
+        await _publish(rig, grid_curtailment("dso-1", 5.0, start, end, issued_at=now - 10.0))
         await asyncio.sleep(1.0)
         assert [c.signal_id for c in edge2.ctrl.curtailments] == ["marker"]
     finally:
@@ -279,10 +246,10 @@ async def test_an_ended_curtailment_is_not_restored(rig: _Rig, tmp_path: Path) -
     try:
         await _publish(
             rig,
-            _signal("short", 5.0, now, now + 60.0, issued_at=now),
-            _signal("long", 9.0, now, now + 3600.0, issued_at=now),
+            grid_curtailment("short", 5.0, now, now + 60.0, issued_at=now),
+            grid_curtailment("long", 9.0, now, now + 3600.0, issued_at=now),
         )
-        await _until(lambda: len(edge.ctrl.curtailments) == 2, 10, "both curtailments")
+        await until(lambda: len(edge.ctrl.curtailments) == 2, 10, "both curtailments")
         await asyncio.sleep(0.5)
     finally:
         await edge.stop()
@@ -296,8 +263,8 @@ async def test_an_ended_curtailment_is_not_restored(rig: _Rig, tmp_path: Path) -
         assert [c.signal_id for c in edge2.ctrl.curtailments] == ["long"]
         assert edge2.caps() == {"grid": 9.0}
         # The next write of the book drops it from the store too.
-        await _publish(rig, _signal("other", 30.0, now, now + 3600.0, issued_at=now))
-        await _until(lambda: len(edge2.ctrl.curtailments) == 2, 10, "another curtailment")
+        await _publish(rig, grid_curtailment("other", 30.0, now, now + 3600.0, issued_at=now))
+        await until(lambda: len(edge2.ctrl.curtailments) == 2, 10, "another curtailment")
         await asyncio.sleep(0.3)
         stored = await edge2.store.get_meta(BOOK_KEY)
         assert stored is not None
@@ -338,11 +305,11 @@ async def test_a_store_outage_never_holds_a_later_curtailment_back(
     try:
         await _publish(
             rig,
-            _signal("a", 50.0, now, now + 3600.0, issued_at=now),
-            _signal("b", 5.0, now, now + 3600.0, issued_at=now + 1.0),  # the tight one
+            grid_curtailment("a", 50.0, now, now + 3600.0, issued_at=now),
+            grid_curtailment("b", 5.0, now, now + 3600.0, issued_at=now + 1.0),  # the tight one
         )
         # Applied while the store is down (before the fix: not there after 3 s).
-        await _until(lambda: edge.caps() == {"grid": 5.0}, 2.0, "b during the outage")
+        await until(lambda: edge.caps() == {"grid": 5.0}, 2.0, "b during the outage")
         assert edge.writer.dirty and edge.writer.failures >= 1
         assert await _stored_ids(edge.store) == []
         down["v"] = False
@@ -379,11 +346,11 @@ async def test_a_restart_during_a_store_outage_keeps_what_arrived_in_it(
     try:
         await _publish(
             rig,
-            _signal("a", 50.0, now, now + 3600.0, issued_at=now),
-            _signal("b", 5.0, now, now + 3600.0, issued_at=now + 1.0),
+            grid_curtailment("a", 50.0, now, now + 3600.0, issued_at=now),
+            grid_curtailment("b", 5.0, now, now + 3600.0, issued_at=now + 1.0),
         )
-        await _until(lambda: edge.caps() == {"grid": 5.0}, 5.0, "b during the outage")
-        await _until(lambda: local.exists() and edge.writer.durable, 5.0, "the local copy")
+        await until(lambda: edge.caps() == {"grid": 5.0}, 5.0, "b during the outage")
+        await until(lambda: local.exists() and edge.writer.durable, 5.0, "the local copy")
         assert edge.writer.failing and await _stored_ids(edge.store) == []
         held = json.loads(local.read_text())
         assert sorted(row[0] for row in held["curtailments"]) == ["a", "b"]
@@ -397,7 +364,7 @@ async def test_a_restart_during_a_store_outage_keeps_what_arrived_in_it(
     try:
         assert edge2.restored == 2 and edge2.caps() == {"grid": 5.0}  # before: 0, {}
         # The next retry stores the restored book and drops the local copy.
-        await _until(lambda: not local.exists(), 5.0, "the local copy removed")
+        await until(lambda: not local.exists(), 5.0, "the local copy removed")
         assert await _stored_ids(edge2.store) == ["a", "b"]
         assert not edge2.writer.dirty
     finally:
@@ -414,7 +381,7 @@ async def test_the_newer_copy_of_the_book_is_restored(tmp_path: Path) -> None:
     """A local copy older than the store's book (the edge stopped between storing and removing
     it) does not bring back what the store's newer book no longer holds; a newer one wins."""
     table = depot_table(2, per_feeder=2, site_id="book-copies")
-    ctrl, clock = stepped_controller(table, _Gateway())
+    ctrl, clock = stepped_controller(table, AcceptingGateway())
     section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
     store = open_store(section, tmp_path)
     await store.open()
@@ -428,11 +395,11 @@ async def test_the_newer_copy_of_the_book_is_restored(tmp_path: Path) -> None:
         await store.set_meta(BOOK_KEY, ctrl.curtailments.snapshot(saved_at=now + 5.0))
         for expected, saved_at in ((["new"], now - 1.0), (["old"], now + 10.0)):
             local.write_text(json.dumps({**json.loads(local.read_text()), "saved_at": saved_at}))
-            fresh, _ = stepped_controller(table, _Gateway())
+            fresh, _ = stepped_controller(table, AcceptingGateway())
             assert await load_curtailments(fresh, store, local) == 1
             assert [c.signal_id for c in fresh.curtailments] == expected
         local.write_text('{"v": 1, "saved_at": 1e18, "curtailments": [["x"]]}')
-        fresh, _ = stepped_controller(table, _Gateway())
+        fresh, _ = stepped_controller(table, AcceptingGateway())
         with pytest.raises(ValueError, match=r"local copy .*evcore-curtailments\.json"):
             await load_curtailments(fresh, store, local)
     finally:
@@ -445,7 +412,7 @@ async def test_an_api_curtailment_and_cancel_are_stored_before_the_answer(
     """Review 2026-12-05 (MEDIUM): a curtailment posted (or cancelled) through the API was only
     in memory: gone (or back) after a restart."""
     table = depot_table(2, per_feeder=2, site_id="api-grid")
-    ctrl, clock = stepped_controller(table, _Gateway())
+    ctrl, clock = stepped_controller(table, AcceptingGateway())
     store = open_store(store_section, tmp_path)
     await store.open()
     now = clock.now()
@@ -457,7 +424,7 @@ async def test_an_api_curtailment_and_cancel_are_stored_before_the_answer(
         assert facade.curtailments_durable() is True
     finally:
         await store.close()
-    ctrl2, _ = stepped_controller(table, _Gateway())
+    ctrl2, _ = stepped_controller(table, AcceptingGateway())
     store2 = open_store(store_section, tmp_path)
     await store2.open()
     try:
@@ -473,7 +440,7 @@ async def test_an_api_curtailment_applies_while_the_store_is_down(
     tmp_path: Path, with_local: bool
 ) -> None:
     table = depot_table(2, per_feeder=2, site_id="api-grid-down")
-    ctrl, clock = stepped_controller(table, _Gateway())
+    ctrl, clock = stepped_controller(table, AcceptingGateway())
     section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
     store = open_store(section, tmp_path)
     await store.open()
@@ -513,7 +480,7 @@ async def test_an_api_curtailment_applies_while_the_store_is_down(
 
 async def test_a_corrupt_stored_book_names_the_key(tmp_path: Path) -> None:
     table = depot_table(2, per_feeder=2, site_id="corrupt")
-    ctrl, _ = stepped_controller(table, _Gateway())
+    ctrl, _ = stepped_controller(table, AcceptingGateway())
     section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
     store = open_store(section, tmp_path)
     await store.open()
@@ -539,7 +506,7 @@ async def test_evcore_edge_restores_the_local_copy_a_store_outage_left(tmp_path:
     site_file = tmp_path / "site.toml"
     site_file.write_text(to_toml(table))
     now = WallClock().now()
-    left, _ = stepped_controller(table, _Gateway())
+    left, _ = stepped_controller(table, AcceptingGateway())
     left.curtailments.add(Curtailment("dso-9", "grid", 4.0, now - 10.0, now + 3600.0))
     local = tmp_path / FALLBACK_NAME
     local.write_text(left.curtailments.snapshot(saved_at=now - 5.0))
@@ -549,7 +516,7 @@ async def test_evcore_edge_restores_the_local_copy_a_store_outage_left(tmp_path:
         await asyncio.wait_for(app.ready.wait(), 30)
         assert app.book is not None and app.book.fallback == local
         assert app.controller.curtailments.caps_kw(WallClock().now()) == {"grid": 4.0}
-        await _until(lambda: not local.exists(), 10.0, "the local copy stored and removed")
+        await until(lambda: not local.exists(), 10.0, "the local copy stored and removed")
         assert app.store is not None and await _stored_ids(app.store) == ["dso-9"]
     finally:
         app.stop()
@@ -565,15 +532,14 @@ def test_same_instant_signals_apply_in_stream_order_and_a_redelivery_never_overr
     one delivered again after it (its ack was lost) is ignored. Review 2026-12-05: a rule that
     kept the tighter one ignored an operator's cancel issued in the same second for good, and
     dropped part of a cap when neither revision was tighter in every respect."""
-    from evcore.edge.signals import apply_grid_signal
 
     table = depot_table(2, per_feeder=2, site_id="ties")
     now = 1_000_000.0
-    tight = _signal("dso-1", 5.0, now, now + 3600.0, issued_at=now)
-    loose = _signal("dso-1", 20.0, now, now + 3600.0, issued_at=now)
-    cancel = _signal("dso-1", 0.0, now, now + 3600.0, issued_at=now, cancelled=True)
+    tight = grid_curtailment("dso-1", 5.0, now, now + 3600.0, issued_at=now)
+    loose = grid_curtailment("dso-1", 20.0, now, now + 3600.0, issued_at=now)
+    cancel = grid_curtailment("dso-1", 0.0, now, now + 3600.0, issued_at=now, cancelled=True)
     for pair in ((tight, loose), (tight, cancel), (loose, cancel)):
-        ctrl, clock = stepped_controller(table, _Gateway())
+        ctrl, clock = stepped_controller(table, AcceptingGateway())
         clock.advance(now - clock.now() + 1.0)
         first, second = reversed(pair) if reverse else pair
         for sig, again in ((first, False), (second, False), (first, True)):
@@ -600,7 +566,7 @@ async def test_the_newer_copy_is_told_by_seq_not_by_the_wall_clock(tmp_path: Pat
     a curtailment the store's copy lacks, with an earlier saved_at. Review 2026-12-05: chosen by
     saved_at, the store's older book was restored and the 5 kW curtailment lost for good."""
     table = depot_table(2, per_feeder=2, site_id="clock-step")
-    ctrl, clock = stepped_controller(table, _Gateway())
+    ctrl, clock = stepped_controller(table, AcceptingGateway())
     section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
     store = open_store(section, tmp_path)
     await store.open()
@@ -626,7 +592,7 @@ async def test_the_newer_copy_is_told_by_seq_not_by_the_wall_clock(tmp_path: Pat
     store2 = open_store(section, tmp_path)
     await store2.open()
     try:
-        fresh, _ = stepped_controller(table, _Gateway())
+        fresh, _ = stepped_controller(table, AcceptingGateway())
         writer2 = BookWriter(fresh, store2, fallback=local)
         assert await writer2.load() == 2
         assert fresh.curtailments.caps_kw(now + 1.0) == {"grid": 5.0}
@@ -642,16 +608,15 @@ def test_a_signal_for_a_node_this_site_lacks_applies_at_the_grid_connection() ->
     acknowledged; the cloud counted the decrease as taken and raised the other sites while this
     one still held its higher share (350 kW on a 300 kW fleet limit). A site's every load is in
     its grid connection's, so the signal applies there; a restored book does the same."""
-    from evcore.edge.signals import apply_grid_signal
 
     table = depot_table(2, per_feeder=2, site_id="renamed-root")
-    ctrl, clock = stepped_controller(table, _Gateway())
+    ctrl, clock = stepped_controller(table, AcceptingGateway())
     now = clock.now()
-    sig = _signal("fleet:F:renamed-root", 5.0, now, now + 3600.0, issued_at=now)
+    sig = grid_curtailment("fleet:F:renamed-root", 5.0, now, now + 3600.0, issued_at=now)
     sig.curtailment.node_id = "main"  # the root's name in an older site file
     assert apply_grid_signal(ctrl, sig.SerializeToString()) == "curtailment"
     assert ctrl.curtailments.caps_kw(now + 1.0) == {"grid": 5.0}
     held = ctrl.curtailments.snapshot(saved_at=now, seq=1).replace('"grid"', '"main"', 1)
-    fresh, _ = stepped_controller(table, _Gateway())
+    fresh, _ = stepped_controller(table, AcceptingGateway())
     assert fresh.curtailments.restore(held, now) == []
     assert fresh.curtailments.caps_kw(now + 1.0) == {"grid": 5.0}

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from bus_testkit import free_port
+from edge_testkit import grid_curtailment
 from evcore.bus import Subjects, bus_from_config
 from evcore.clock import WallClock
 from evcore.edge.app import EdgeApp
@@ -25,17 +27,10 @@ from evcore.edge.grid import Curtailment
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
 from evcore.sim.ev import EV
-from evcore.v1 import grid_pb2
 
 pytestmark = pytest.mark.timeout(180)
 
 NATS_SERVER = os.environ.get("NATS_SERVER", "nats-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start_nats(port: int, store: Path) -> subprocess.Popen[bytes]:
@@ -63,16 +58,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def _curtailment(signal_id: str, max_kw: float, start: float, end: float) -> bytes:
-    sig = grid_pb2.GridSignal(signal_id=signal_id)
-    sig.curtailment.curtailment_id = signal_id
-    sig.curtailment.node_id = "grid"
-    sig.curtailment.max_kw = max_kw
-    sig.curtailment.start.FromNanoseconds(int(start * 1e9))
-    sig.curtailment.end.FromNanoseconds(int(end * 1e9))
-    return sig.SerializeToString()
-
-
 async def test_broker_frozen_then_gone_the_loop_decides_and_sends_on_local_state(
     tmp_path: Path,
 ) -> None:
@@ -80,7 +65,7 @@ async def test_broker_frozen_then_gone_the_loop_decides_and_sends_on_local_state
     from evcore.site import load_site
     from evcore.store import open_store
 
-    port = _free_port()
+    port = free_port()
     broker = _start_nats(port, tmp_path / "nats")
     url = f"nats://127.0.0.1:{port}"
     table = depot_table(6, per_feeder=6, grid_share=0.8)
@@ -123,7 +108,8 @@ async def test_broker_frozen_then_gone_the_loop_decides_and_sends_on_local_state
         # The bus works: a curtailment published on NATS reaches the controller.
         nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
         now = clock.now()
-        await nc.publish(Subjects(site_id).grid, _curtailment("dso-1", 40.0, now, now + 3600))
+        dso_1 = grid_curtailment("dso-1", 40.0, now, now + 3600, signal_id="dso-1")
+        await nc.publish(Subjects(site_id).grid, dso_1.SerializeToString())
         await nc.flush()
         await rig.wait_for(lambda: len(ctrl.curtailments) == 1, 15, "the bus's curtailment")
         await nc.close()

@@ -12,11 +12,10 @@ OCPP central system on loopback and a simulated 2.0.1 station.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
-from edge_testkit import FAST
+from edge_testkit import FAST, until
 from evcore.clock import WallClock
 from evcore.edge.app import build_controller
 from evcore.edge.config import EdgeConfig
@@ -29,13 +28,6 @@ from evcore.sim.fleet import Fleet
 from evcore.site import load_site
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _until(cond: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_txprofile_queued_for_session_1_never_reaches_session_2() -> None:
@@ -67,7 +59,7 @@ async def test_a_txprofile_queued_for_session_1_never_reaches_session_2() -> Non
         await fleet.start()
         await fleet.wait_connected()
         fleet.plug_in(cid, EV(soc=0.3))
-        await _until(lambda: c.transaction_id is not None, 10, "session 1 at the edge")
+        await until(lambda: c.transaction_id is not None, 10, "session 1 at the edge")
         tx1 = c.transaction_id
         await sim.wait_idle()
         # The station is slow to answer: a TxDefault in flight, the edge's TxProfile for session
@@ -86,9 +78,9 @@ async def test_a_txprofile_queued_for_session_1_never_reaches_session_2() -> Non
         for f in handles:
             f.add_done_callback(lambda fut: results.append(fut.result()))
         fleet.unplug(cid)
-        await _until(lambda: c.transaction_id is None, 10, "session 1 ended at the edge")
+        await until(lambda: c.transaction_id is None, 10, "session 1 ended at the edge")
         fleet.plug_in(cid, EV(soc=0.3))
-        await _until(lambda: c.transaction_id not in (None, tx1), 10, "session 2 at the edge")
+        await until(lambda: c.transaction_id not in (None, tx1), 10, "session 2 at the edge")
         tx2 = c.transaction_id
         sim.misbehaviour.unanswered_actions = set()
         await asyncio.wait_for(asyncio.gather(*handles, return_exceptions=True), 10)
