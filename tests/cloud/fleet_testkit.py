@@ -209,6 +209,33 @@ class FleetCloud:
             await bus.close()
 
 
+class Sampler:
+    """The fleet total the books hold, sampled every 5 ms while a test runs (and at each step)."""
+
+    def __init__(self, f: FleetCloud) -> None:
+        self.f = f
+        self.max_kw = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def look(self) -> float:
+        kw = self.f.held_kw()
+        self.max_kw = max(self.max_kw, kw)
+        return kw
+
+    async def _run(self) -> None:
+        while True:
+            self.look()
+            await asyncio.sleep(0.005)
+
+    def __enter__(self) -> Sampler:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
 def fleet_certs(tmp_path: Path, sites: list[str]) -> tuple[Any, Any, str, str, dict[str, Any]]:
     """The sites' CA (it also signs the server's certificate), the operators' CA, and a client
     certificate per site and per operator (plus "stranger", signed but not configured)."""

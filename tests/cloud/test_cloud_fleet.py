@@ -266,6 +266,10 @@ _BUS = {"urls": ["nats://127.0.0.1:4222"]}
         ({"bus": _BUS, "fleet": {"operators": _OPS, "demand_window_s": 0}}, "demand_window_s"),
         ({"bus": _BUS, "fleet": {"operators": _OPS, "quota": 1}}, "quota"),
         ({"bus": _BUS, "fleet": {"operators": _OPS, "ramp_s": -1}}, "[fleet] ramp_s must be"),
+        *(
+            ({"bus": _BUS, "fleet": {"operators": _OPS, "ack_timeout_s": v}}, "ack_timeout_s")
+            for v in (0, -1.0, float("inf"), float("nan"), True, "120")
+        ),
         (
             {"bus": _BUS, "fleet": {"operators": _OPS}, "tls": {}, "insecure": False},
             "operator_ca_file is required",
@@ -288,6 +292,7 @@ def test_fleet_config_errors_name_the_key(table: dict[str, object], named: str) 
     )
     assert ok.fleet is not None and ok.bus_sites == ()
     assert ok.fleet.ramp_s == 30.0
+    assert ok.fleet.ack_timeout_s == 120.0
     assert ok.fleet.operators.clients["aggregator-1"].roles == {"grid_operator"}
 
 

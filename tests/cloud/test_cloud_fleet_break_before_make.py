@@ -25,6 +25,7 @@ from evcore.v1.fleet_api_pb2 import (
 from evcore.v1.grid_pb2 import GridSignal
 from fleet_testkit import (
     FleetCloud,
+    Sampler,
     put_ten_charger_topologies,
     start_fleet_cloud,
     ten_charger_demand,
@@ -34,33 +35,6 @@ pytestmark = pytest.mark.timeout(120)
 
 LIMIT_KW = 300.0
 FID = "evening"
-
-
-class Sampler:
-    """The fleet total the books hold, sampled every 5 ms while a test runs (and at each step)."""
-
-    def __init__(self, f: FleetCloud) -> None:
-        self.f = f
-        self.max_kw = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    def look(self) -> float:
-        kw = self.f.held_kw()
-        self.max_kw = max(self.max_kw, kw)
-        return kw
-
-    async def _run(self) -> None:
-        while True:
-            self.look()
-            await asyncio.sleep(0.005)
-
-    def __enter__(self) -> Sampler:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 @pytest.fixture

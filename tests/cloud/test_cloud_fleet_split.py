@@ -11,6 +11,7 @@ import pytest
 from evcore.cloud.fleet import (
     FleetInputError,
     SiteInputs,
+    counted_sites,
     floor_kw,
     grid_limit_kw,
     installed_kw,
@@ -231,3 +232,39 @@ def test_an_increase_in_a_moved_window_gets_an_interim_at_what_the_site_holds() 
     # The same window (a re-split) or one inside it: no interim.
     assert plan_revision(revision(7200.0), held, ramp_s=30.0).interims == []
     assert plan_revision(revision(3600.0), held, ramp_s=30.0).interims == []
+
+
+def test_an_edge_silent_for_ack_timeout_s_is_counted_at_what_it_may_hold() -> None:
+    # A took revision 1 (225 kW) and not revision 2's decrease, sent at t = 100.
+    signals = [
+        FleetSiteSignal("A", 1, 225.0, False, "A#r1", True, 0.0, 10.0),
+        FleetSiteSignal("A", 2, 4.9, True, "A#r2", True, 100.0, None),
+        _sig("B", 1, 37.5, taken=10.0),
+        _sig("C", 1, 37.5, taken=10.0),
+    ]
+    shares = {"A": (4.9, 300.0), "B": (147.5, 300.0), "C": (147.5, 300.0)}
+    assert counted_sites(shares, signals, at_s=219.9, ack_timeout_s=120.0) == {}
+    assert counted_sites(shares, signals, at_s=220.0, ack_timeout_s=120.0) == {"A": 225.0}
+    # At most its grid limit; not when its share is no lower than that.
+    assert counted_sites({"A": (4.9, 200.0)}, signals, at_s=220.0, ack_timeout_s=120.0) == {
+        "A": 200.0
+    }
+    assert counted_sites({"A": (225.0, 300.0)}, signals, at_s=220.0, ack_timeout_s=120.0) == {}
+    # Revision 3 split the rest (75 kW) over B and C: B's increase waits for C's decrease (break
+    # before make among them), not for A's.
+    r3 = _revision(3, {"A": 4.9, "B": 60.0, "C": 15.0})
+    r3.curtailment.max_kw = 300.0
+    for sh in r3.shares:
+        sh.grid_limit_kw = 300.0
+    plan = plan_revision(r3, signals, ramp_s=30.0)
+    assert [sh.site_id for sh in plan.increases] == ["B"]
+    assert plan.waiting_for == ["A", "C"] and plan.counted == {}
+    signals.append(_sig("C", 3, 15.0, taken=230.0, lowered=True))
+    plan = plan_revision(r3, signals, ramp_s=30.0)
+    assert plan.waiting_for == [] and plan.counted == {"A": 225.0}
+    assert plan.ramp_until_s == 260.0 and plan.increases_may_go(260.0)
+    # Revision 2 (B and C 147.5 each) still waits for A: 225 + 295 is above 300.
+    r2 = _revision(2, {"A": 4.9, "B": 147.5, "C": 147.5})
+    r2.curtailment.max_kw = 300.0
+    plan = plan_revision(r2, signals[:1] + signals[2:], ramp_s=30.0)
+    assert plan.waiting_for == ["A"] and plan.counted == {}

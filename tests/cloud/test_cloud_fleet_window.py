@@ -29,9 +29,10 @@ HOURS_S = 3600.0
 
 @pytest.fixture
 async def fleet(tmp_path: Path, store_url: str) -> AsyncIterator[FleetCloud]:
-    f = await start_fleet_cloud(
-        tmp_path, store_url, n_sites=2, fleet={"resplit_every_s": 0}, edge_rules=True
-    )
+    # a stays offline for over an hour: no ack_timeout_s re-split (test_cloud_fleet_ack_timeout.py)
+    # while b's increase waits for it.
+    fleet = {"resplit_every_s": 0, "ack_timeout_s": 4 * HOURS_S}
+    f = await start_fleet_cloud(tmp_path, store_url, n_sites=2, fleet=fleet, edge_rules=True)
     try:
         await put_ten_charger_topologies(f)
         yield f

@@ -47,6 +47,9 @@ class FleetConfig:
     # A re-split's increases go out this long after the last of its decreases was taken by its
     # edge (break before make; docs/cloud.md): the chargers' time to come down.
     ramp_s: float = 30.0
+    # An edge that took no signal sent to it this long is counted at what it may still hold and no
+    # longer waited for (docs/cloud.md "Break before make").
+    ack_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,7 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
         "resplit_min_kw",
         "republish_every_s",
         "ramp_s",
+        "ack_timeout_s",
     }
     extra = sorted(set(section) - known)
     if extra:
@@ -289,6 +293,7 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
         number("resplit_min_kw", 5.0, zero_ok=True),
         number("republish_every_s", 30.0, zero_ok=True),
         number("ramp_s", 30.0, zero_ok=True),
+        number("ack_timeout_s", 120.0, zero_ok=False),
     )
 
 

@@ -62,6 +62,12 @@ HELD_AT_OFFER_RATIO = 0.9
 DEFAULT_RAMP_S = 30.0
 #: While increases wait, the edges' acknowledgements are looked at this often.
 DEFAULT_CONFIRM_EVERY_S = 1.0
+#: An edge that has taken no signal sent to it this long (``[fleet] ack_timeout_s``) is no longer
+#: waited for: the next split counts its site at what it may still hold and shares only the rest.
+DEFAULT_ACK_TIMEOUT_S = 120.0
+#: While a split counts a site at what it may hold, whether its edge came back is looked at this
+#: often (it then is split again the normal way).
+COUNTED_CHECK_EVERY_S = 10.0
 #: A signal the outbox took whose site stream still does not hold it this long after is sent
 #: again (the same event id: JetStream's duplicate window drops a true duplicate).
 RESEND_UNSTORED_S = 30.0
@@ -393,6 +399,80 @@ def may_hold_kw(signals: Sequence[FleetSiteSignal]) -> float:
     return math.inf
 
 
+def pending_since_s(signals: Sequence[FleetSiteSignal]) -> float | None:
+    """When the oldest signal sent to a site that its edge has not taken went out (walking back
+    from the newest to the newest one taken); None when it took the newest one sent."""
+    since: float | None = None
+    for sig in sorted(signals, key=lambda x: x.revision, reverse=True):
+        if sig.taken_at_s is not None:
+            break
+        if sig.sent:
+            since = sig.published_at_s if since is None else min(since, sig.published_at_s)
+    return since
+
+
+def counted_kw(bound_kw: float, grid_limit_kw: float) -> float:
+    """What a site whose edge has not taken its signal is counted at: what it may hold, at most
+    its grid limit (its edge keeps the site within it under no limit from the fleet too; 0 is an
+    unknown limit, not a bound)."""
+    return min(bound_kw, grid_limit_kw) if grid_limit_kw > 0 else bound_kw
+
+
+def as_at(signals: Sequence[FleetSiteSignal], revision: int, at_s: float) -> list[FleetSiteSignal]:
+    """The signals of revisions before ``revision`` as the cloud knew them at ``at_s`` (one first
+    seen taken later counts as not taken)."""
+    return [
+        sig
+        if sig.taken_at_s is None or sig.taken_at_s <= at_s
+        else dataclasses.replace(sig, taken_at_s=None)
+        for sig in signals
+        if sig.revision < revision
+    ]
+
+
+def counted_sites(
+    shares: dict[str, tuple[float, float]],
+    signals: Sequence[FleetSiteSignal],
+    *,
+    at_s: float,
+    ack_timeout_s: float,
+) -> dict[str, float]:
+    """The sites a split at ``at_s`` counts at what they may still hold instead of their share
+    (``shares``: site -> (its share by the split rule, its grid limit)): those whose edge has
+    taken no signal sent ``ack_timeout_s`` or longer before (offline, broken) and whose share
+    would be below that. Such an edge may never take the decrease; counting it at what it may
+    hold keeps the fleet limit while the other sites' increases go on without it."""
+    by_site: dict[str, list[FleetSiteSignal]] = {}
+    for sig in signals:
+        by_site.setdefault(sig.site_id, []).append(sig)
+    out: dict[str, float] = {}
+    for sid, (share_kw, grid_kw) in shares.items():
+        mine = by_site.get(sid, [])
+        since = pending_since_s(mine)
+        if since is None or at_s - since < ack_timeout_s:
+            continue
+        kw = counted_kw(may_hold_kw(mine), grid_kw)
+        if math.isfinite(kw) and share_kw < kw - _KW_EPS:
+            out[sid] = kw
+    return out
+
+
+def counted_in(
+    result: FleetCurtailmentResult, signals: Sequence[FleetSiteSignal], *, ack_timeout_s: float
+) -> dict[str, float]:
+    """The sites ``result`` (a split, not a cancel) was split counting at what they may hold
+    (:func:`counted_sites` as the cloud knew the signals at its ``split_at``)."""
+    if result.cancelled:
+        return {}
+    at_s = ts_s(result.split_at)
+    return counted_sites(
+        {sh.site_id: (sh.max_kw, sh.grid_limit_kw) for sh in result.shares},
+        as_at(signals, int(result.revision), at_s),
+        at_s=at_s,
+        ack_timeout_s=ack_timeout_s,
+    )
+
+
 @dataclass
 class RevisionPlan:
     """What of a revision may be published now (:func:`plan_revision`)."""
@@ -408,8 +488,12 @@ class RevisionPlan:
     # an increase), so it keeps a cap for the whole new window while its increase waits.
     interims: list[tuple[SiteShare, float]] = field(default_factory=list)
     # Sites of the revision that may still hold more than their share: their decrease is not
-    # taken yet. The increases wait for every one.
+    # taken yet. The increases wait for every one ...
     waiting_for: list[str] = field(default_factory=list)
+    # ... unless, each of them counted at what it may hold (``counted_kw``) and every other site
+    # at its share, the revision stays within the fleet limit (a split that counted an edge that
+    # took nothing for ``ack_timeout_s``): then they are here, with what each is counted at.
+    counted: dict[str, float] = field(default_factory=dict)
     # The latest time a decrease of these sites was taken, + ramp_s (None: none taken).
     ramp_until_s: float | None = None
 
@@ -444,9 +528,11 @@ def plan_revision(
     only once every other site of the revision holds at most its share (its decrease was taken by
     its edge) and ``ramp_s`` passed since the last decrease was taken; until then the site keeps
     what it holds (with the revision's window when that is not inside the window it holds: see
-    ``RevisionPlan.interims``). So at every moment the sum over the sites of the most each may
-    hold is at most the fleet limit (the higher of the old and the new while a new limit
-    replaces an old one)."""
+    ``RevisionPlan.interims``). The increases need not wait for sites whose decrease is not taken
+    when, those counted at what they may hold, the revision is still within the fleet limit (a
+    split that counted them: ``RevisionPlan.counted``). So at every moment the sum over the sites
+    of the most each may hold is at most the fleet limit (the higher of the old and the new while
+    a new limit replaces an old one)."""
     rev = int(result.revision)
     start_s, end_s = ts_s(result.curtailment.start), ts_s(result.curtailment.end)
     by_site: dict[str, list[FleetSiteSignal]] = {}
@@ -481,6 +567,18 @@ def plan_revision(
                 plan.interims.append((sh, newest.max_kw))
     if last_taken is not None:
         plan.ramp_until_s = last_taken + ramp_s
+    if plan.waiting_for and not result.cancelled:
+        waiting = set(plan.waiting_for)
+        counted = {
+            sh.site_id: counted_kw(may_hold_kw(by_site.get(sh.site_id, [])), sh.grid_limit_kw)
+            for sh in result.shares
+            if sh.site_id in waiting
+        }
+        total = sum(counted.values()) + sum(
+            sh.max_kw for sh in result.shares if sh.site_id not in waiting
+        )
+        if total <= result.curtailment.max_kw + _KW_EPS:
+            plan.counted, plan.waiting_for = counted, []
     return plan
 
 
@@ -555,9 +653,12 @@ class FleetCoordinator:
         resplit_min_kw: float = DEFAULT_RESPLIT_MIN_KW,
         ramp_s: float = DEFAULT_RAMP_S,
         confirm_every_s: float = DEFAULT_CONFIRM_EVERY_S,
+        ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
     ) -> None:
         if not (math.isfinite(ramp_s) and ramp_s >= 0):
             raise ValueError(f"ramp_s must be a finite number >= 0, got {ramp_s!r}")
+        if not (math.isfinite(ack_timeout_s) and ack_timeout_s > 0):
+            raise ValueError(f"ack_timeout_s must be a finite number > 0, got {ack_timeout_s!r}")
         self._store = store
         self._publisher = publisher
         self._clock = clock
@@ -567,9 +668,12 @@ class FleetCoordinator:
         self._lock = asyncio.Lock()
         self.ramp_s = ramp_s
         self.confirm_every_s = confirm_every_s
+        self.ack_timeout_s = ack_timeout_s
         # Set when a revision leaves increases waiting: the republish task looks more often.
         self._wake = asyncio.Event()
         self._waiting = False
+        # A published split counts a site at what it may hold: look whether it came back.
+        self._counting = False
         # (fleet curtailment, site, revision) whose interim signal went out in this run.
         self._interims_out: set[tuple[str, str, int]] = set()
         # event id -> when it was last sent again (_resend_if_lost).
@@ -640,17 +744,32 @@ class FleetCoordinator:
         revision's event ids (JetStream drops repeats in its window)."""
         # What the edges took is asked of the bus before taking the lock: a slow broker holds
         # back no Curtail or Cancel of any fleet curtailment (the store records what it learns).
-        for result in await self._store.unpublished_fleet_curtailments(now_s=self._clock.now()):
-            if result.cancelled:
-                continue
-            fid = result.curtailment.fleet_curtailment_id
+        now = self._clock.now()
+        unpublished = await self._store.unpublished_fleet_curtailments(now_s=now)
+        held = [
+            r
+            for r in await self._store.fleet_curtailments()
+            if ts_s(r.curtailment.end) > now and not r.cancelled
+        ]
+        to_ask = {r.curtailment.fleet_curtailment_id: r for r in unpublished if not r.cancelled}
+        for result in held:
+            to_ask.setdefault(result.curtailment.fleet_curtailment_id, result)
+        counting = False
+        for fid, result in to_ask.items():
             try:
                 signals = await self._store.fleet_site_signals(fid)
-                await self._refresh_taken(fid, signals, [sh.site_id for sh in result.shares])
+                sites = [sh.site_id for sh in result.shares]
+                if not any(r.curtailment.fleet_curtailment_id == fid for r in unpublished):
+                    # Published: only whether the edges of the sites it counts came back.
+                    sites = list(counted_in(result, signals, ack_timeout_s=self.ack_timeout_s))
+                    counting = counting or bool(sites)
+                if sites:
+                    await self._refresh_taken(fid, signals, sites)
             except StoreUnavailable:
                 raise
             except Exception as exc:
                 log.warning("fleet: %s: asking what its edges took failed: %r", fid, exc)
+        self._counting = counting
         async with self._lock:
             pending = await self._store.unpublished_fleet_curtailments(now_s=self._clock.now())
             waiting = False
@@ -667,7 +786,54 @@ class FleetCoordinator:
                     continue
                 waiting = waiting or bool(progress.plan.increases)
             self._waiting = waiting
-            return pending
+        # Split again (after the lock: a split takes it) where a site's edge took nothing for
+        # ack_timeout_s while increases wait for it, or came back after a split counted it.
+        for result in held:
+            fid = result.curtailment.fleet_curtailment_id
+            try:
+                due = await self._resplit_due(fid)
+                if due is None:
+                    continue
+                why, revision = due
+                # Only if no other split came first (a Curtail, or this task run twice at once).
+                if await self._resplit_if(fid, revision):
+                    log.info("fleet: %s re-split: %s", fid, why)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                log.warning("fleet: %s: re-split failed: %r", fid, exc)
+        return pending
+
+    async def _resplit_due(self, fid: str) -> tuple[str, int] | None:
+        """Why the latest revision of ``fid`` is to be split again now: an edge its increases
+        wait for took no signal for ``ack_timeout_s`` (the split counts it at what it may hold),
+        or a site it counted so took its signals (the normal split resumes); with the revision.
+        None: it is not."""
+        result = await self._store.fleet_curtailment(fid)
+        if result is None or result.cancelled:
+            return None
+        now = self._clock.now()
+        signals = await self._store.fleet_site_signals(fid)
+        by_site: dict[str, list[FleetSiteSignal]] = {}
+        for sig in signals:
+            by_site.setdefault(sig.site_id, []).append(sig)
+        rev = int(result.revision)
+        counted = counted_in(result, signals, ack_timeout_s=self.ack_timeout_s)
+        for sid in counted:
+            if pending_since_s(by_site.get(sid, [])) is None:
+                return f"site {sid!r}, counted at what it may hold, took its signals", rev
+        plan = plan_revision(result, signals, ramp_s=self.ramp_s)
+        if not plan.increases:
+            return None
+        for sid in plan.waiting_for:
+            since = pending_since_s(by_site.get(sid, []))
+            if since is not None and now - since >= self.ack_timeout_s and sid not in counted:
+                return (
+                    f"the increases wait for site {sid!r}, whose edge took no signal for "
+                    f"{now - since:.0f} s ([fleet] ack_timeout_s {self.ack_timeout_s:g})",
+                    rev,
+                )
+        return None
 
     async def run_republish(self, every_s: float) -> None:
         """Republish pending revisions now and then every ``every_s`` until cancelled (the server
@@ -684,6 +850,8 @@ class FleetCoordinator:
                 delay: float | None = (
                     min(every_s, self.confirm_every_s) if every_s > 0 else self.confirm_every_s
                 )
+            elif self._counting:
+                delay = min(every_s or COUNTED_CHECK_EVERY_S, COUNTED_CHECK_EVERY_S)
             else:
                 delay = every_s if every_s > 0 else None
             await self._sleep_or_wake(delay)
@@ -707,10 +875,23 @@ class FleetCoordinator:
 
     async def curtail(self, req: FleetCurtailment) -> FleetCurtailmentResult:
         """Split ``req`` (a new id, or a held one again: the new split replaces the old by id)."""
+        result = await self._curtail(req)
+        assert result is not None
+        return result
+
+    async def _curtail(
+        self, req: FleetCurtailment, *, if_revision: int | None = None
+    ) -> FleetCurtailmentResult | None:
+        """:meth:`curtail`; with ``if_revision``, only when that is the held revision (None
+        when it is not)."""
         now = self._clock.now()
         validate_request(req, now_s=now)
         async with self._lock:
             previous = await self._store.fleet_curtailment(req.fleet_curtailment_id)
+            if if_revision is not None and (
+                previous is None or previous.cancelled or int(previous.revision) != if_revision
+            ):
+                return None
             inputs = []
             for i, sid in enumerate(req.site_ids):
                 try:
@@ -722,11 +903,20 @@ class FleetCoordinator:
                 except ValueError as exc:
                     # FleetInputError, or a figure the site sent that cannot be used.
                     raise FleetInputError(f"site_ids[{i}]: {exc}") from None
-            split = split_fleet_limit(req.max_kw, inputs)
+            split_at = issue_time(now, previous)
+            split, counted = await self._split(req, inputs, at_s=ts_s(split_at))
+            floors_kw = sum(counted.values()) + sum(
+                min(s.floor_kw, s.grid_limit_kw) for s in inputs if s.site_id not in counted
+            )
+            what = (
+                "the sites counted at what they may hold and the other sites' floors"
+                if counted
+                else "the sites' floors"
+            )
             if not split.feasible and req.require_feasible:
                 raise FleetInfeasible(
-                    f"fleet curtailment {req.fleet_curtailment_id!r}: the sites' floors add up to "
-                    f"{sum(split.max_kw.values()):.3f} kW, above max_kw {req.max_kw:.3f} kW "
+                    f"fleet curtailment {req.fleet_curtailment_id!r}: {what} add up to "
+                    f"{floors_kw:.3f} kW, above max_kw {req.max_kw:.3f} kW "
                     f"(short by {split.shortfall_kw:.3f} kW); nothing was published"
                 )
             result = FleetCurtailmentResult(
@@ -736,7 +926,7 @@ class FleetCoordinator:
                 allocated_kw=sum(split.max_kw.values()),
             )
             result.curtailment.CopyFrom(req)
-            result.split_at.CopyFrom(issue_time(now, previous))
+            result.split_at.CopyFrom(split_at)
             for s in inputs:
                 result.shares.append(
                     SiteShare(
@@ -756,9 +946,17 @@ class FleetCoordinator:
             notes = []
             if not split.feasible:
                 notes.append(
-                    f"INFEASIBLE: the sites' floors add up to {result.allocated_kw:.3f} kW, "
-                    f"{split.shortfall_kw:.3f} kW above max_kw {req.max_kw:.3f} kW; every site "
-                    "is curtailed to its floor"
+                    f"INFEASIBLE: {what} add up to {floors_kw:.3f} kW, "
+                    f"{split.shortfall_kw:.3f} kW above max_kw {req.max_kw:.3f} kW; every "
+                    f"{'other ' if counted else ''}site is curtailed to its floor"
+                )
+            if counted:
+                notes.append(
+                    "COUNTED at what they may still hold (their edge took no signal for "
+                    f"[fleet] ack_timeout_s {self.ack_timeout_s:g} s or longer): "
+                    + ", ".join(f"{sid} {kw:.3f} kW" for sid, kw in counted.items())
+                    + f"; the rest, {max(req.max_kw - sum(counted.values()), 0.0):.3f} kW, is "
+                    "split over the other sites"
                 )
             if dropped:
                 notes.append(
@@ -792,10 +990,49 @@ class FleetCoordinator:
             )
             return result
 
+    async def _split(
+        self, req: FleetCurtailment, inputs: Sequence[SiteInputs], *, at_s: float
+    ) -> tuple[Split, dict[str, float]]:
+        """The split of ``req`` over ``inputs`` (:func:`split_fleet_limit`), except that a site
+        whose edge took no signal for ``ack_timeout_s`` and whose share would be below what it
+        may hold is counted at that (:func:`counted_sites`) and only the rest is split over the
+        other sites; such a site still gets its share by the split rule (its decrease, for when
+        its edge comes back). Returns the split and the sites counted so, with what at."""
+        split = split_fleet_limit(req.max_kw, inputs)
+        fid = req.fleet_curtailment_id
+        signals = await self._store.fleet_site_signals(fid)
+        if not signals:
+            return split, {}
+        signals = await self._refresh_taken(fid, signals, [s.site_id for s in inputs])
+        counted = counted_sites(
+            {s.site_id: (split.max_kw[s.site_id], s.grid_limit_kw) for s in inputs},
+            signals,
+            at_s=at_s,
+            ack_timeout_s=self.ack_timeout_s,
+        )
+        if not counted:
+            return split, {}
+        rest = req.max_kw - sum(counted.values())
+        others = split_fleet_limit(max(rest, 0.0), [s for s in inputs if s.site_id not in counted])
+        max_kw = {s.site_id: others.max_kw.get(s.site_id, split.max_kw[s.site_id]) for s in inputs}
+        return (
+            Split(max_kw, others.feasible and rest >= 0, others.shortfall_kw + max(-rest, 0.0)),
+            counted,
+        )
+
     async def resplit(self, fleet_curtailment_id: str) -> FleetCurtailmentResult:
         """Split a held fleet curtailment again on the sites' current demand and topology. An
         infeasible split is applied at the floors (it is in force already; refusing would leave
         the old split)."""
+        return await self.curtail(await self._resplit_request(fleet_curtailment_id))
+
+    async def _resplit_if(self, fleet_curtailment_id: str, revision: int) -> bool:
+        """:meth:`resplit` if ``revision`` is still the held one (False: another split or a
+        cancel came first, e.g. this task's round run twice at once)."""
+        req = await self._resplit_request(fleet_curtailment_id)
+        return await self._curtail(req, if_revision=revision) is not None
+
+    async def _resplit_request(self, fleet_curtailment_id: str) -> FleetCurtailment:
         held = await self._held(fleet_curtailment_id)
         if held.cancelled:
             raise FleetInputError(
@@ -804,7 +1041,7 @@ class FleetCoordinator:
         req = FleetCurtailment()
         req.CopyFrom(held.curtailment)
         req.require_feasible = False
-        return await self.curtail(req)
+        return req
 
     async def cancel(self, fleet_curtailment_id: str) -> FleetCurtailmentResult:
         """Cancel at every site of the latest split. Cancelling again publishes the same cancels

@@ -308,6 +308,7 @@ class CloudApiServer:
                 resplit_change_ratio=config.fleet.resplit_change_ratio,
                 resplit_min_kw=config.fleet.resplit_min_kw,
                 ramp_s=config.fleet.ramp_s,
+                ack_timeout_s=config.fleet.ack_timeout_s,
             )
             ca = config.fleet.operator_ca_file
             try:
