@@ -44,10 +44,14 @@ def unique_site() -> str:
 class NatsServer:
     """One nats-server with JetStream on a loopback port, its store in ``store_dir``."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, store_dir: Path, port: int | None = None, *, max_payload: int | None = None
+    ) -> None:
         self.port = port or free_port()
         self.store_dir = store_dir
         self.proc: subprocess.Popen[bytes] | None = None
+        #: The broker's max_payload (bytes); nats-server's default (1 MiB) when None.
+        self.max_payload = max_payload
 
     @property
     def url(self) -> str:
@@ -56,9 +60,15 @@ class NatsServer:
     def start(self) -> None:
         assert self.proc is None
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        conf: list[str] = []
+        if self.max_payload is not None:
+            path = self.store_dir / "limits.conf"
+            path.write_text(f"max_payload: {int(self.max_payload)}\n")
+            conf = ["-c", str(path)]
         self.proc = subprocess.Popen(
             [
                 NATS_SERVER,
+                *conf,
                 "-a",
                 "127.0.0.1",
                 "-p",

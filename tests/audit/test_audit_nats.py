@@ -116,3 +116,100 @@ async def test_records_reach_jetstream_through_the_outbox(nats: NatsServer, tmp_
     finally:
         await bus.close()
         await store.close()
+
+
+def big_decision(i: int, n: int, *, noisy: bool = False) -> Decision:
+    """A decision over ``n`` chargers (a curtailment on a large site); ``noisy`` reasons do
+    not compress."""
+    return Decision(
+        f"BIG{i}",
+        "grid:dso-1",
+        inputs_digest=f"{i:064x}",
+        setpoints=[
+            Setpoint(
+                charger_id=f"C{c:05d}",
+                setpoint_a=6.0 + (c % 7) * 0.5,
+                reason=(uuid.uuid4().hex * 3)
+                if noisy
+                else f"held at 6 A: grid curtailment dso-1 at site 1200 of 1200 kW (F{c // 50})",
+            )
+            for c in range(n)
+        ],
+    )
+
+
+async def _audit_on_bus(
+    url: str, site: str, store: SqlStore, tmp_path: Path, decisions: list[Decision]
+) -> tuple[AuditLog, list[AuditRecord], list[AuditRecord]]:
+    """Append ``decisions`` through a NATS bus at ``url``; what was appended and what a durable
+    consumer read back (decoded as the cloud decodes it)."""
+    from evcore.cloud.consumer import audit_record_of
+
+    clock = ManualClock()
+    bus = make_nats_bus(site, url, tmp_path / "outbox", publish_timeout_s=5.0, ack_wait_s=5.0)
+    await bus.start()
+    got: list[AuditRecord] = []
+
+    async def on_audit(msg: BusMessage) -> None:
+        got.append(audit_record_of(msg.data, site))
+
+    try:
+        await wait_until(lambda: bus.connected, 30, "the bus to connect")
+        log = AuditLog(store, clock=clock, bus=bus, site_id=site)
+        await log.open()
+        appended = []
+        for d in decisions:
+            clock.advance(1)
+            appended.append(await log.append(d))
+        consumer = await bus.consume(Subjects(site).audit, durable="cloud-audit", handler=on_audit)
+        await log.close()
+        await bus.flush(30)
+        expected = len(appended) - len(log.too_large_for_bus)
+        await wait_until(lambda: len(got) >= expected, 30, "the audit events")
+        await consumer.stop()
+        await bus.delete_streams()
+        return log, appended, got
+    finally:
+        await bus.close()
+
+
+async def test_a_decision_over_12000_chargers_reaches_the_bus_compressed(tmp_path: Path) -> None:
+    """Review 2026-12-05 (HIGH): a 1.3 MB record was refused by the broker's 1 MiB max_payload,
+    never reached the bus, and the publish mark froze for good (publish_failures 1, mark None
+    after 41 records). Now it goes zlib-compressed and the cloud's decoder reads it back."""
+    site = f"audit-big-{uuid.uuid4().hex[:8]}"
+    store: SqlStore = open_store({"path": str(tmp_path / "store")}, tmp_path)
+    await store.open()
+    try:
+        decisions = [decision(0), big_decision(1, 12_000), *(decision(i) for i in range(2, 36))]
+        log, appended, got = await _audit_on_bus(
+            "nats://127.0.0.1:4222", site, store, tmp_path, decisions
+        )
+        assert appended[1].ByteSize() > 1024 * 1024  # over nats-server's default max_payload
+        assert log.publish_failures == 0 and log.too_large_for_bus == []
+        assert got == appended  # every record, in order, the big one equal field for field
+        assert await store.get_meta("audit.published_seq") == str(appended[-1].seq)
+    finally:
+        await store.close()
+
+
+async def test_a_record_no_broker_can_take_does_not_hold_back_the_rest(tmp_path: Path) -> None:
+    """A record too large even compressed (a broker with a 64 KiB max_payload, reasons that do
+    not compress) is named in the log and kept in the store; the records after it still reach
+    the bus and the publish mark moves on (before: every later record was held off the mark)."""
+    server = NatsServer(tmp_path / "js", max_payload=64 * 1024)
+    server.start()
+    site = f"audit-huge-{uuid.uuid4().hex[:8]}"
+    store: SqlStore = open_store({"path": str(tmp_path / "store")}, tmp_path)
+    await store.open()
+    try:
+        decisions = [decision(0), big_decision(1, 3_000, noisy=True), decision(2), decision(3)]
+        log, appended, got = await _audit_on_bus(server.url, site, store, tmp_path, decisions)
+        assert log.too_large_for_bus == [appended[1].seq]
+        assert got == [appended[0], appended[2], appended[3]]
+        assert await store.get_meta("audit.published_seq") == str(appended[-1].seq)
+        stored = await store.audit_records(after_seq=appended[0].seq)
+        assert stored[0] == appended[1]  # the big one is durable all the same
+    finally:
+        await store.close()
+        server.kill()

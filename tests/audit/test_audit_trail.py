@@ -491,6 +491,41 @@ async def test_an_append_that_timed_out_but_committed_is_still_published(store: 
     assert (await verify_chain(store)).ok
 
 
+class FlakyBus:
+    """A bus whose outbox refuses the first ``failures`` publishes (a full disk), then takes
+    everything."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.published: list[Event] = []
+
+    async def publish(self, subject: str, event: Event, **kw: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("database or disk is full")
+        self.published.append(event)
+
+
+async def test_a_record_the_bus_refused_is_retried_in_order_and_the_mark_moves_on(
+    store: SqlStore,
+) -> None:
+    """Review 2026-12-05: one refused publish was dropped until the next restart and froze the
+    publish mark for the life of the process (publish_failures > 0). Now the same record is
+    retried after a back-off, before any later one, and the mark covers all of them."""
+    clock = ManualClock()
+    bus = FlakyBus(failures=2)
+    log = AuditLog(store, clock=clock, bus=bus, site_id="depot")
+    appended = []
+    for i in range(4):
+        clock.advance(1)
+        appended.append(await log.append(decision(i)))
+    await asyncio.wait_for(log.flush(), 30)  # back-offs of 0.5 s and 1 s (real time)
+    assert log.publish_failures == 2
+    assert [e.audit for e in bus.published] == appended  # each once, in seq order
+    await log.close()
+    assert await store.get_meta("audit.published_seq") == "3"
+
+
 async def test_closing_with_a_stuck_bus_leaves_the_rest_for_the_next_start(store: SqlStore) -> None:
     clock = ManualClock()
     bus = StuckBus()

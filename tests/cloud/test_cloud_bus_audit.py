@@ -101,6 +101,71 @@ async def test_bus_audit_records_are_chain_checked_into_the_cloud(
         await edge_store.close()
 
 
+async def test_a_decision_over_12000_chargers_reaches_the_cloud_over_the_bus(
+    store_url: str, tmp_path: Path
+) -> None:
+    """A 1.3 MB record (above nats-server's 1 MiB max_payload) goes compressed and is stored
+    by the cloud's consumer through the chain check (before: never on the bus; the cloud's
+    contiguous seq stayed below it for good). A compressed payload that does not inflate, or
+    would inflate past the bound, is refused and acknowledged."""
+    from evcore.bus.api import BadPayload
+    from evcore.cloud.consumer import audit_record_of
+
+    site = f"cloud-big-{uuid.uuid4().hex[:8]}"
+    clock = ManualClock()
+    edge_store = open_store({"path": str(tmp_path / "edge-store")}, tmp_path)
+    edge_bus = patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
+    cloud_bus = patient_nats_bus(site, NATS_URL, tmp_path / "cloud-outbox")
+    cloud_store = open_cloud_store(store_url, tmp_path)
+    await edge_bus.start()
+    await cloud_bus.start()
+    audit = AuditLog(edge_store, clock=clock, bus=edge_bus, site_id=site, edge_id="edge-1")
+    consumer = AuditConsumer(cloud_bus, cloud_store, clock=clock)
+    big = Decision(
+        "BIG",
+        "grid:dso-1",
+        inputs_digest="b" * 64,
+        setpoints=[
+            Setpoint(
+                charger_id=f"C{c:05d}",
+                setpoint_a=6.0,
+                reason=f"held at 6 A: grid curtailment dso-1 at site 1200 of 1200 kW (F{c // 50})",
+            )
+            for c in range(12_000)
+        ],
+    )
+    try:
+        await audit.open()
+        await consumer.start()
+        for d in (decision(0), big, decision(2)):
+            clock.advance(1.0)
+            await audit.append(d)
+        await wait_until(lambda: consumer.stats.stored == 3, "3 records stored")
+        assert await cloud_store.contiguous_seq(site) == 2
+        held = await cloud_store.audit_records(site)
+        assert len(held[1].setpoints) == 12_000 and held[1].ByteSize() > 1024 * 1024
+        report = await verify_chain(edge_store)
+        assert report.head is not None and held[-1].hash == report.head.hash
+    finally:
+        await consumer.stop()
+        await audit.close(flush_timeout_s=5)
+        await edge_bus.delete_streams()
+        await edge_bus.close()
+        await cloud_bus.close()
+        await cloud_store.close()
+        await edge_store.close()
+    bad = Event(event_id="bad", site_id=site)
+    bad.audit_zlib = b"not zlib at all"
+    with pytest.raises(BadPayload, match="does not inflate"):
+        audit_record_of(bad.SerializeToString(), site)
+    import zlib
+
+    bomb = Event(event_id="bomb", site_id=site)
+    bomb.audit_zlib = zlib.compress(b"\0" * (300 * 1024 * 1024), 9)
+    with pytest.raises(BadPayload, match="inflates beyond"):
+        audit_record_of(bomb.SerializeToString(), site)
+
+
 async def test_the_command_consumes_the_configured_sites_audit(tmp_path: Path) -> None:
     exe = shutil.which("evcore")
     assert exe is not None, "the evcore console script is not installed"

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +43,12 @@ log = logging.getLogger("evcore.audit")
 PUBLISHED_MARK = "audit.published_seq"
 # How often the publish mark is written (republishing a few records after a crash is harmless).
 PUBLISHED_MARK_EVERY = 32
+#: A record larger than this (serialised) goes on the bus zlib-compressed (``Event.audit_zlib``):
+#: a decision over 12,000 chargers is about 1.3 MB, above nats-server's default max_payload of
+#: 1 MiB, and some 20 times smaller compressed.
+COMPRESS_ABOVE_BYTES = 256 * 1024
+#: Back-off between attempts to publish a record the bus refused (doubling up to the last).
+REPUBLISH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,10 @@ def build_record(
     return record
 
 
+def _backoff_s(failures: int) -> float:
+    return REPUBLISH_BACKOFF_S[min(failures, len(REPUBLISH_BACKOFF_S)) - 1]
+
+
 class AuditLog:
     """Append-only, hash-chained decision records in a :class:`Store`, mirrored to the bus."""
 
@@ -263,7 +274,11 @@ class AuditLog:
         self._opened = False
         self._published_seq = -1
         self._mark_written = -1
+        #: Attempts the bus refused (each is retried, in order, after a back-off).
         self.publish_failures = 0
+        #: Seqs of records no broker could take even compressed (kept in the store and sent to
+        #: the cloud by its gRPC upload; see docs/audit.md).
+        self.too_large_for_bus: list[int] = []
         # Sealed records waiting for the bus, oldest first, and the one task that publishes them.
         self._outgoing: collections.deque[AuditRecord] = collections.deque()
         self._publisher: asyncio.Task[None] | None = None
@@ -362,16 +377,28 @@ class AuditLog:
             )
 
     async def _publish_pending(self) -> None:
+        failures = 0
         while self._outgoing:
-            record = self._outgoing.popleft()
-            await self._publish(record)
+            record = self._outgoing[0]
+            if not await self._publish(record):
+                # Retried in order (the mark moves only over a gap-free prefix), after a
+                # back-off in real time (the bus is a real thing even under a simulated clock);
+                # the records behind it wait (they are durable in the store).
+                failures += 1
+                await asyncio.sleep(_backoff_s(failures))
+                continue
+            failures = 0
+            if self._outgoing and self._outgoing[0] is record:
+                self._outgoing.popleft()
             try:
                 await self._write_mark(force=False)
             except Exception:  # the mark only saves republishing; it is retried with the next
                 log.exception("audit: writing the publish mark failed")
 
-    async def _publish(self, record: AuditRecord) -> None:
+    async def _publish(self, record: AuditRecord) -> bool:
+        """Hand one record to the bus; False when the bus refused it for now (to be retried)."""
         assert self._bus is not None
+        from evcore.bus.api import PayloadTooLarge
         from evcore.bus.subjects import Subjects
 
         event = Event(
@@ -380,21 +407,37 @@ class AuditLog:
             source=f"edge:{record.edge_id or self._edge_id}",
         )
         event.time.CopyFrom(record.decided_at)
-        event.audit.CopyFrom(record)
+        if record.ByteSize() > COMPRESS_ABOVE_BYTES:
+            data = record.SerializeToString()
+            event.audit_zlib = await asyncio.to_thread(zlib.compress, data, 1)
+        else:
+            event.audit.CopyFrom(record)
         try:
             await self._bus.publish(
                 Subjects(self._site_id).audit, event, event_id=event.event_id, critical=True
             )
-        except Exception:  # the record is durable; it is republished on the next open()
+        except PayloadTooLarge as exc:
+            # No retry can succeed: the broker's max_payload is below even the compressed
+            # record. Holding it would hold every later record off the bus for good.
+            self.too_large_for_bus.append(record.seq)
+            log.error(
+                "audit: record seq %d (%d setpoints) is too large for the bus even compressed "
+                "(%s); it is kept in the store and goes to the cloud by its upload only. Raise "
+                "the NATS server's max_payload (docs/bus.md) to carry such records on the bus",
+                record.seq,
+                len(record.setpoints),
+                exc,
+            )
+        except Exception:  # the record is durable; retried after a back-off, in order
             self.publish_failures += 1
-            log.exception("audit: publishing seq %d failed; it stays pending", record.seq)
-            return
+            log.exception("audit: publishing seq %d failed; it is retried", record.seq)
+            return False
         self._published_seq = max(self._published_seq, record.seq)
+        return True
 
     async def _write_mark(self, *, force: bool) -> None:
-        # The mark only moves over a gap-free prefix: publish failures keep it behind.
-        if self.publish_failures:
-            return
+        # Records are handed over in seq order and a refused one is retried before any later
+        # one, so everything up to _published_seq was taken (or is too large for any bus).
         due = self._published_seq - self._mark_written >= PUBLISHED_MARK_EVERY
         if self._published_seq > self._mark_written and (force or due):
             await self._store.set_meta(PUBLISHED_MARK, str(self._published_seq))

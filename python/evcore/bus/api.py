@@ -50,6 +50,11 @@ class NoResponders(BusError):
     """A request went to a subject nobody serves."""
 
 
+class PayloadTooLarge(BusError, ValueError):
+    """The broker could never take this message (payload plus headers above its
+    ``max_payload``): retrying it cannot succeed."""
+
+
 class BadPayload(BusError, ValueError):
     """A received payload is not what the subscriber expects.
 

@@ -41,6 +41,7 @@ from evcore.bus.api import (
     Handler,
     NoResponders,
     Payload,
+    PayloadTooLarge,
     ProcessedIdStore,
     StreamSpec,
     event_id_for,
@@ -596,7 +597,7 @@ class NatsBus:
         limit = nc.max_payload if nc is not None else _DEFAULT_MAX_PAYLOAD
         headers = _HEADER_OVERHEAD + len(eid.encode()) + (len(stream.name) if stream else 0)
         if len(data) + headers > limit:
-            raise ValueError(
+            raise PayloadTooLarge(
                 f"payload of {len(data)} bytes on {subject!r} (event {eid}) exceeds the broker's "
                 f"max_payload of {limit} bytes with {headers} bytes of headers; split it"
             )

@@ -13,6 +13,7 @@ redelivers after its back-off.
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -27,6 +28,9 @@ from evcore.v1.event_pb2 import Event
 log = logging.getLogger("evcore.cloud.consumer")
 
 DEFAULT_DURABLE = "cloud-audit"
+#: The largest audit record a compressed payload may expand to (a decision over 100,000 chargers
+#: is about 10 MB): beyond it the payload is refused, not expanded (a zip bomb).
+MAX_RECORD_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -37,19 +41,23 @@ class AuditConsumerStats:
 
 
 def audit_record_of(data: bytes, site_id: str) -> AuditRecord:
-    """The record of an ``Event`` with an ``audit`` payload (what ``AuditLog`` publishes) or of a
-    bare ``AuditRecord``; ``BadPayload`` for anything else or an event of another site."""
+    """The record of an ``Event`` with an ``audit`` or ``audit_zlib`` payload (what ``AuditLog``
+    publishes) or of a bare ``AuditRecord``; ``BadPayload`` for anything else or an event of
+    another site."""
     event = Event()
     try:
         event.ParseFromString(data)
     except DecodeError:
         event = Event()
-    if event.WhichOneof("payload") == "audit":
+    kind = event.WhichOneof("payload")
+    if kind in ("audit", "audit_zlib"):
         if event.site_id and event.site_id != site_id:
             raise BadPayload(
                 f"event {event.event_id!r} says site {event.site_id!r}, not {site_id!r}"
             )
-        return event.audit
+        if kind == "audit":
+            return event.audit
+        return _inflate(event.audit_zlib, event.event_id)
     record = AuditRecord()
     try:
         record.ParseFromString(data)
@@ -57,6 +65,25 @@ def audit_record_of(data: bytes, site_id: str) -> AuditRecord:
         raise BadPayload(f"neither an audit Event nor an AuditRecord: {exc}") from exc
     if not record.hash:
         raise BadPayload("neither an audit Event nor a sealed AuditRecord (no hash)")
+    return record
+
+
+def _inflate(data: bytes, event_id: str) -> AuditRecord:
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data, MAX_RECORD_BYTES)
+    except zlib.error as exc:
+        raise BadPayload(f"event {event_id!r}: audit_zlib does not inflate: {exc}") from exc
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise BadPayload(
+            f"event {event_id!r}: audit_zlib is truncated or inflates beyond "
+            f"{MAX_RECORD_BYTES} bytes"
+        )
+    record = AuditRecord()
+    try:
+        record.ParseFromString(raw)
+    except DecodeError as exc:
+        raise BadPayload(f"event {event_id!r}: audit_zlib holds no AuditRecord: {exc}") from exc
     return record
 
 
