@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,6 +33,20 @@ log = logging.getLogger("evcore.edge.planning")
 # planner_peak: the demand charge used in the objective, and the energy price as a tie-breaker only.
 PEAK_WEIGHT_PER_KW = 50.0
 PEAK_PRICE_SCALE = 0.01
+# Energy first (the edge and the twin's planner, sim/twinplan.py, alike): a kWh not delivered costs
+# far more than any price or demand charge saves. One kWh raises a demand window's average by at
+# most 3600 / demand_window_s kW, so the penalty is kept NON_DELIVERY_MARGIN times above that
+# demand charge plus the dearest price of the horizon, and never below NON_DELIVERY_PER_KWH. With
+# the core's default (10 per kWh) against planner_peak's 50 per kW, a car leaving within about 5 h
+# was planned 0 kWh and held at 0 A.
+NON_DELIVERY_PER_KWH = 1000.0
+NON_DELIVERY_MARGIN = 5.0
+CHARGE_EARLY_PER_KWH = 1e-3
+# Earliest deadline first among plans of equal cost and peak (PlanWeights.urgency_per_kwh): each
+# car gets time for its taper. planner_peak at 0.002 left the twin's workplace-208v 1.4 kWh short.
+URGENCY_PER_KWH = 0.02
+# How often the edge reads its chargers' energy between plans, for the demand windows.
+WINDOW_SAMPLE_S = 30.0
 # Sessions that leave within this long, or want less than this, are not planned (allocator only).
 _MIN_LEFT_S = 60.0
 _MIN_KWH = 0.01
@@ -380,6 +395,94 @@ def without_pauses(
     return [(s, d, max(t, low) if on[0] <= i else t) for i, (s, d, t) in enumerate(steps)]
 
 
+def non_delivery_per_kwh(req: Any) -> float:
+    """The non-delivery penalty for ``req``: ``NON_DELIVERY_MARGIN`` times the most one kWh can
+    cost in demand charge (3600 / demand_window_s kW of window average per kWh) and energy price
+    (the dearest of the horizon, by magnitude), at least ``NON_DELIVERY_PER_KWH``."""
+    prices = req.price_per_kwh
+    pts = [float(prices)] if isinstance(prices, int | float) else [float(p) for p in prices]
+    demand = float(req.demand_charge_per_kw) * 3600.0 / float(req.demand_window_s)
+    worst = demand + max((abs(p) for p in pts), default=0.0)
+    return max(NON_DELIVERY_PER_KWH, NON_DELIVERY_MARGIN * worst)
+
+
+def energy_first(
+    req: Any,
+    *,
+    peak_floor_kw: float = 0.0,
+    window_energy_kwh: float = 0.0,
+    urgency_per_kwh: float = URGENCY_PER_KWH,
+) -> Any:
+    """``req`` (``PlanRequest``) as the edge and the twin plan it: energy first
+    (``non_delivery_per_kwh``), the peak already paid for this billing period as the floor of
+    the demand term (it costs nothing more, so the plan may use it) and the energy already
+    imported in the demand window under way (the window is averaged over its whole length)."""
+    from evcore.planner import PlanWeights
+
+    return replace(
+        req,
+        peak_floor_kw=max(0.0, peak_floor_kw),
+        current_window_energy_kwh=max(0.0, window_energy_kwh),
+        weights=PlanWeights(
+            non_delivery_per_kwh=non_delivery_per_kwh(req),
+            charge_early_per_kwh=CHARGE_EARLY_PER_KWH,
+            urgency_per_kwh=urgency_per_kwh,
+        ),
+    )
+
+
+class DemandWindows:
+    """The chargers' own demand windows as the edge counts them from their energy registers
+    (the edge has no site meter): the energy in the clock-aligned window under way and the
+    highest window average of the calendar month (UTC; the billing period the edge assumes).
+
+    Read every ``WINDOW_SAMPLE_S`` and at every plan; the energy between two readings counts in
+    the window of the later one (off by at most one reading's worth at a window's edge). A
+    restart forgets the month's peak: the plan then flattens more than it needs to, never less."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.peak_kw = 0.0
+        self._seen: dict[str, tuple[str, float]] = {}  # charger -> (transaction, Wh read)
+        self._window: int | None = None
+        self._window_wh = 0.0
+        self._month: tuple[int, int] | None = None
+        self._read = False
+
+    def sample(self, now: float, chargers: Mapping[str, ChargerState]) -> None:
+        wh = 0.0
+        seen: dict[str, tuple[str, float]] = {}
+        for cid, c in chargers.items():
+            if c.transaction_id is None or not math.isfinite(c.session_energy_wh):
+                continue
+            tx = str(c.transaction_id)
+            before = self._seen.get(cid)
+            if before is not None and before[0] == tx:
+                wh += max(0.0, c.session_energy_wh - before[1])
+            elif self._read:
+                wh += max(0.0, c.session_energy_wh)  # a session that started since the last read
+            seen[cid] = (tx, c.session_energy_wh)
+        self._seen = seen
+        self._read = True
+        t = time.gmtime(now)
+        month = (t.tm_year, t.tm_mon)
+        window = math.floor(now / self.window_s)
+        if window != self._window:
+            if self._window is not None and month == self._month:
+                self.peak_kw = max(self.peak_kw, self.window_kw())
+            self._window, self._window_wh = window, 0.0
+        if month != self._month:
+            self._month, self.peak_kw = month, 0.0
+        self._window_wh += wh
+
+    def window_kw(self) -> float:
+        """The average of the window under way, counted over its whole length."""
+        return self._window_wh / 1000.0 * 3600.0 / self.window_s
+
+    def window_kwh(self) -> float:
+        return self._window_wh / 1000.0
+
+
 class LocalPlanner:
     """Plans for one controller; ``await run()`` beside the control loop until ``stop()``."""
 
@@ -404,6 +507,7 @@ class LocalPlanner:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._busy = False
+        self.windows = DemandWindows(self.section.demand_window_s)
 
     @property
     def active(self) -> bool:
@@ -494,7 +598,7 @@ class LocalPlanner:
             {s.charger_id for s in sessions},
         )
         nodes = leave_held_room(nodes, held)
-        return PlanRequest(
+        req = PlanRequest(
             start=now,
             step_s=steps,
             price_per_kwh=prices,
@@ -504,6 +608,15 @@ class LocalPlanner:
             demand_charge_per_kw=demand_charge,
             demand_window_s=sec.demand_window_s,
             phase_names=self.site.phase_names,
+        )
+        return energy_first(
+            req,
+            peak_floor_kw=self.windows.peak_kw,
+            window_energy_kwh=self.windows.window_kwh(),
+            # No earliest-deadline tie-break here (the twin's 0.02): with it the spare room a
+            # plan leaves goes to one of two equal sessions, a target the allocator's own node
+            # margin does not let it follow (tests/edge/test_edge_planning.py).
+            urgency_per_kwh=0.0,
         )
 
     def _solve(self, req: Any, budget_s: float) -> Any:
@@ -525,6 +638,7 @@ class LocalPlanner:
             return None  # the previous solve is still running (it was late): skip this round
         now = self.ctrl.clock.now()
         try:
+            self.windows.sample(now, self.ctrl.state.chargers)
             req = self.request(now)
         except Exception:
             self.failures += 1
@@ -598,4 +712,12 @@ class LocalPlanner:
                 await self._sleep(gap)
             if self._stopping:
                 break
-            await self._sleep(ctrl.cfg.replan_every_s, ctrl.replan_wanted)
+            # Read the chargers' energy between plans (the demand windows' peak and the
+            # window under way, ``DemandWindows``).
+            due = ctrl.clock.monotonic() + ctrl.cfg.replan_every_s
+            while not self._stopping and not ctrl.replan_wanted.is_set():
+                left = due - ctrl.clock.monotonic()
+                if left <= 0:
+                    break
+                await self._sleep(min(left, WINDOW_SAMPLE_S), ctrl.replan_wanted)
+                self.windows.sample(ctrl.clock.now(), ctrl.state.chargers)

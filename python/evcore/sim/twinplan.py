@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from evcore.edge.planning import PEAK_PRICE_SCALE, PEAK_WEIGHT_PER_KW, energy_first
 from evcore.sim.scenario import Scenario
 
 PLAN_BUDGET_S = 10.0
@@ -31,13 +32,8 @@ FINISH_EARLY_MAX_S = 5400.0
 # decreases to take effect, workplace-208v's planners fell 0.1 kWh short: 470.96/470.98 against
 # 471.08; at 40 % they led by 0.004 kWh, at 50 % by 0.03-0.04 kWh).
 PLAN_ENERGY_MARGIN = 1.5
-# Energy first: a kWh not delivered costs far more than any price or demand charge saves.
-NON_DELIVERY_PER_KWH = 1000.0
-CHARGE_EARLY_PER_KWH = 1e-3
-# Earliest deadline first among plans of equal cost and peak (PlanWeights.urgency_per_kwh): each
-# car gets time for its taper. planner_peak at 0.002 left workplace-208v 1.4 kWh short.
-URGENCY_PER_KWH = 0.02
-URGENCY_PEAK_PER_KWH = 0.02
+# Energy first, the peak so far and the window under way: as the edge plans
+# (``evcore.edge.planning.energy_first``).
 # A single-phase car on a three-phase charger is planned on three phases with three times its
 # energy (as the allocator counts it); weigh its planned kWh at a third (one real kWh per three).
 REAL_KWH_PRIORITY = True
@@ -47,8 +43,6 @@ HOLD_ROOM = True
 # the planner (on the EU scenario it holds the site about 6 kW under a 110 kW cap the planner
 # fills), and a session planned on power the allocator will not grant falls behind for good.
 KW_MARGIN = 0.9
-PEAK_WEIGHT_PER_KW = 50.0  # planner_peak: demand charge used in the objective
-PEAK_PRICE_SCALE = 0.01  # planner_peak: energy price only as a tie-breaker
 # A car that draws clearly less than its charger allows (its onboard charger, the CC-CV taper) is
 # planned at what it draws plus this much: a plan that counts on the charger's maximum reserves
 # capacity the car never takes and expects energy it never gets.
@@ -288,8 +282,6 @@ class TwinPlanner:
         if not sessions:
             self.last_status = "no_sessions"
             return None
-        from evcore.planner import PlanWeights
-
         # The planner's site power includes the building at its maximum: so must the peak so far.
         other_kw = self.other_kw(self.sc.site.root)
         window_s = self.sc.demand_charge.window_min * 60.0
@@ -300,17 +292,10 @@ class TwinPlanner:
                 edge_site, state.chargers, failsafe or {}, {s.charger_id for s in sessions}
             )
             req = replace(req, nodes=leave_held_room(req.nodes, held))
-        req = replace(
+        req = energy_first(
             req,
             peak_floor_kw=max(0.0, peak_floor_kw) + other_kw,
-            current_window_energy_kwh=max(0.0, window_energy_kwh) + other_kw * in_window_h,
-            weights=PlanWeights(
-                non_delivery_per_kwh=NON_DELIVERY_PER_KWH,
-                charge_early_per_kwh=CHARGE_EARLY_PER_KWH,
-                urgency_per_kwh=(
-                    URGENCY_PEAK_PER_KWH if self.policy == "planner_peak" else URGENCY_PER_KWH
-                ),
-            ),
+            window_energy_kwh=max(0.0, window_energy_kwh) + other_kw * in_window_h,
         )
         res = self.planner.plan(req, PLAN_BUDGET_S)
         self.last_status = res.status
