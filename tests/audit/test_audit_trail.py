@@ -341,6 +341,33 @@ def site_file(tmp_path: Path, section: dict[str, object]) -> Path:
     return path
 
 
+def test_show_lists_every_setpoint_a_decision_sent_a_charger() -> None:
+    """Review 2026-12-05: a decision that sent a charger its session's TxProfile (10 A) and its
+    TxDefault (6 A) was shown as the TxDefault alone (the lines were keyed by charger)."""
+    from evcore.audit.cli import explain
+
+    record = build_record(
+        Decision(
+            "D7",
+            "grid:dso-1",
+            inputs_digest="0" * 64,
+            setpoints=[
+                Setpoint(charger_id="C1", setpoint_a=10.0, session_id="tx-9", reason="held: F1"),
+                Setpoint(charger_id="C1", setpoint_a=6.0, reason="default: failsafe level"),
+                Setpoint(charger_id="C2", setpoint_a=16.0, reason="charger max"),
+            ],
+        ),
+        now_s=1_800_000_000.0,
+    )
+    lines = explain(record)
+    assert lines[1:] == [
+        "  C1: sent 10 A (session tx-9) [unspecified] held: F1",
+        "  C1: sent 6 A [unspecified] default: failsafe level",
+        "  C2: sent 16 A [unspecified] charger max",
+    ]
+    assert explain(record, "C2")[1:] == ["  C2: sent 16 A [unspecified] charger max"]
+
+
 async def test_cli_verify_and_show(
     store: SqlStore,
     store_section: dict[str, object],

@@ -22,7 +22,7 @@ from evcore.audit.chain import verify_chain
 from evcore.clock import Clock, WallClock
 from evcore.store import SqlStore, StoreError, open_store, open_store_url
 from evcore.v1.audit_pb2 import AuditRecord
-from evcore.v1.setpoint_pb2 import BindingReason
+from evcore.v1.setpoint_pb2 import BindingReason, Setpoint
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -93,23 +93,32 @@ def explain(record: AuditRecord, charger_id: str | None = None) -> list[str]:
         f"#{record.seq} {_iso(t)} decision {record.decision_id} trigger {record.trigger}"
         f" plan v{record.plan_version} config {record.config_version or '-'}"
     ]
-    sent = {sp.charger_id: sp for sp in record.setpoints}
+    # A decision may send a charger more than one setpoint (its session's TxProfile and its
+    # TxDefault): one line each, in the record's order.
+    sent: dict[str, list[Setpoint]] = {}
+    for one in record.setpoints:
+        sent.setdefault(one.charger_id, []).append(one)
     bound = {b.charger_id: b for b in record.bindings}
     for cid in sorted(set(sent) | set(bound)):
         if charger_id is not None and cid != charger_id:
             continue
-        sp = sent.get(cid)
         b = bound.get(cid)
-        if sp is not None:
-            value = f"{sp.setpoint_a:g} A" if sp.HasField("setpoint_a") else f"{sp.setpoint_w:g} W"
-            action = f"sent {value}"
-        else:
-            action = "unchanged"
-        reason = (sp.reason if sp is not None and sp.reason else "") or (b.reason if b else "")
-        code = _binding_name(
-            (sp.binding if sp is not None and sp.binding else 0) or (b.binding if b else 0)
-        )
-        lines.append(f"  {cid}: {action} [{code}] {reason}".rstrip())
+        each: list[Setpoint | None] = [*sent.get(cid, [])] or [None]
+        for sp in each:
+            if sp is not None:
+                value = (
+                    f"{sp.setpoint_a:g} A" if sp.HasField("setpoint_a") else f"{sp.setpoint_w:g} W"
+                )
+                action = f"sent {value}"
+                if sp.session_id:
+                    action += f" (session {sp.session_id})"
+            else:
+                action = "unchanged"
+            reason = (sp.reason if sp is not None and sp.reason else "") or (b.reason if b else "")
+            code = _binding_name(
+                (sp.binding if sp is not None and sp.binding else 0) or (b.binding if b else 0)
+            )
+            lines.append(f"  {cid}: {action} [{code}] {reason}".rstrip())
     return lines
 
 
