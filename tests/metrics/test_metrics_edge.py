@@ -175,6 +175,8 @@ async def test_a_scrape_shows_what_the_controller_holds_and_the_stations_enforce
         assert s2.value("evcore_bus_outbox_pending_messages") >= 0
         assert s2.value("evcore_audit_journal_pending_records") == 0
         assert s2.value("evcore_audit_journal_failures_total") == 0
+        assert s2.value("evcore_audit_bus_publish_failures_total") == 0
+        assert s2.value("evcore_audit_too_large_for_bus_total") == 0
         assert s2.value("evcore_curtailment_book_durable") == 1
 
         # Node currents: what the cars really draw (the fleet's own terminal currents through

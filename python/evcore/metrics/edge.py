@@ -188,6 +188,9 @@ def read_edge(app: Any) -> EdgeReading:
                 for k in ("journaled", "journal_moved", "journal_failures", "store_failures")
             },
         }
+        audit_log = getattr(rec, "audit_log", None)
+        out.recorder["bus_publish_failures"] = int(getattr(audit_log, "publish_failures", 0))
+        out.recorder["too_large_for_bus"] = len(getattr(audit_log, "too_large_for_bus", ()))
     if app.bus is not None:
         stats_now = app.bus.stats
         out.bus = {k: int(getattr(stats_now, k, 0)) for k in (*BUS_COUNTERS, "outbox_pending")}
@@ -533,6 +536,17 @@ def _store_families(r: EdgeReading) -> list[MetricFamily]:
                 "store_failures",
                 "evcore_audit_store_failures_total",
                 "Audit appends the store failed or did not take in time.",
+            ),
+            (
+                "bus_publish_failures",
+                "evcore_audit_bus_publish_failures_total",
+                "Audit records the bus refused for a while (each retried in order).",
+            ),
+            (
+                "too_large_for_bus",
+                "evcore_audit_too_large_for_bus_total",
+                "Audit records too large for the broker even compressed (in the store and the "
+                "cloud upload only; raise the broker's max_payload).",
             ),
         ):
             out.append(_counter(name, help, rec[key]))
