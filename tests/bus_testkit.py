@@ -45,9 +45,16 @@ class NatsServer:
     """One nats-server with JetStream on a loopback port, its store in ``store_dir``."""
 
     def __init__(
-        self, store_dir: Path, port: int | None = None, *, max_payload: int | None = None
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        *,
+        max_payload: int | None = None,
+        monitor: bool = False,
     ) -> None:
         self.port = port or free_port()
+        #: The HTTP monitoring port (``/connz``, ``/jsz``) when ``monitor``.
+        self.monitor_port = free_port() if monitor else None
         self.store_dir = store_dir
         self.proc: subprocess.Popen[bytes] | None = None
         #: The broker's max_payload (bytes); nats-server's default (1 MiB) when None.
@@ -65,6 +72,8 @@ class NatsServer:
             path = self.store_dir / "limits.conf"
             path.write_text(f"max_payload: {int(self.max_payload)}\n")
             conf = ["-c", str(path)]
+        if self.monitor_port is not None:
+            conf += ["-m", str(self.monitor_port)]
         self.proc = subprocess.Popen(
             [
                 NATS_SERVER,
@@ -95,6 +104,17 @@ class NatsServer:
     def restart(self) -> None:
         self.kill()
         self.start()
+
+    def connection_names(self) -> list[str]:
+        """The name of every client connection open now (the server must have ``monitor``)."""
+        import json
+        import urllib.request
+
+        assert self.monitor_port is not None, "NatsServer(monitor=True) serves /connz"
+        url = f"http://127.0.0.1:{self.monitor_port}/connz?limit=1024"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            conns = json.load(reply).get("connections") or []
+        return [str(c.get("name", "")) for c in conns]
 
 
 async def wait_until(pred: object, timeout_s: float = 10.0, what: str = "condition") -> None:

@@ -210,3 +210,76 @@ async def test_the_command_consumes_the_configured_sites_audit(tmp_path: Path) -
             await proc.wait()
         await edge_bus.delete_streams()
         await edge_bus.close()
+
+
+async def test_the_command_reads_every_site_over_one_connection_and_after_a_broker_restart(
+    tmp_path: Path,
+) -> None:
+    """`evcore cloud serve` with three sites under [bus]: one NATS connection named as the
+    config says (before: one per site, three), and after the broker restarts (same store) the
+    records published meanwhile are stored for every site (the reconnect reaches each site's
+    consumer over the shared connection)."""
+    from bus_testkit import NatsServer
+
+    exe = shutil.which("evcore")
+    assert exe is not None, "the evcore console script is not installed"
+    server = NatsServer(tmp_path / "js", monitor=True)
+    server.start()
+    sites = [f"one-conn-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
+    records = chain(4)
+    edges = [patient_nats_bus(s, server.url, tmp_path / f"edge-{i}") for i, s in enumerate(sites)]
+    proc: asyncio.subprocess.Process | None = None
+    store = open_cloud_store(f"sqlite:{tmp_path / 'store'}")
+
+    async def publish(rs: list[AuditRecord]) -> None:
+        for site, bus in zip(sites, edges, strict=True):
+            for r in rs:
+                e = event(site, r, f"audit-{site}-{r.hash}")
+                await bus.publish(Subjects(site).audit, e, critical=True)
+            assert await bus.flush(20.0)
+
+    async def stored_up_to(seq: int) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        for site in sites:
+            while await store.contiguous_seq(site) < seq:
+                assert asyncio.get_running_loop().time() < deadline, f"{site}: not stored"
+                await asyncio.sleep(0.1)
+
+    try:
+        for bus in edges:
+            await bus.start()
+        await publish(records[:2])
+        config = tmp_path / "cloud.toml"
+        names = ", ".join(f'"{s}"' for s in sites)
+        config.write_text(
+            'listen = "127.0.0.1:0"\ninsecure = true\n[store]\nurl = "sqlite:store"\n'
+            f'[bus]\nurl = "{server.url}"\nsites = [{names}]\noutbox_dir = "outbox"\n'
+            'name = "evcore-cloud-test"\nreconnect_wait_s = 0.2\n'
+        )
+        proc = await asyncio.create_subprocess_exec(
+            exe, "cloud", "serve", "--config", str(config), stdout=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert "CloudApi on port" in line, line
+        await stored_up_to(1)
+        assert server.connection_names().count("evcore-cloud-test") == 1
+
+        server.restart()  # same JetStream store: the streams and durables are kept
+        await publish(records[2:])
+        await stored_up_to(3)
+        for site in sites:
+            held = await store.audit_records(site)
+            assert [r.hash for r in held] == [r.hash for r in records]
+        assert server.connection_names().count("evcore-cloud-test") == 1
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for bus in edges:
+            await bus.close()
+        await store.close()
+        server.kill()

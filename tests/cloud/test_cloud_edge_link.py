@@ -339,14 +339,14 @@ def test_a_wrong_cloud_section_names_the_key(tmp_path: Path) -> None:
     cfg = CloudLinkConfig.from_section(good, tmp_path)
     assert cfg is not None and cfg.ca_file == tmp_path / "ca.pem" and cfg.interval_s == 10.0
     for bad, words in [
-        ({**good, "url": "cloud"}, "url must be 'host:port'"),
+        ({**good, "url": "cloud"}, "[cloud].url: expected 'host:port'"),
         ({**good, "cert_file": "missing.pem"}, "cert_file: no such file"),
         ({"url": "cloud:1"}, "needs ca_file, cert_file and key_file"),
         ({**good, "insecure": True}, "insecure = true takes no"),
         ({**good, "interval_s": 0}, "interval_s must be a number"),
         ({**good, "interval_s": float("nan")}, "interval_s must be a number"),
         ({**good, "telemetry": "yes"}, "telemetry must be true or false"),
-        ({**good, "colour": 1}, "unknown key(s) colour"),
+        ({**good, "colour": 1}, "[cloud].colour: unknown key"),
     ]:
         with pytest.raises(CloudLinkConfigError, match=None) as err:
             CloudLinkConfig.from_section(bad, tmp_path)
@@ -423,4 +423,4 @@ async def test_evcore_edge_refuses_a_wrong_cloud_section_before_starting(tmp_pat
     site_file.write_text(to_toml(table))
     rc, out, err = await run_evcore("edge", "--config", str(site_file))
     assert rc == 2, out + err
-    assert "[cloud] url must be 'host:port', got 'cloud.example.net'" in out
+    assert "[cloud].url: expected 'host:port'" in out and "got 'cloud.example.net'" in out

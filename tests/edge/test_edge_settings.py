@@ -31,16 +31,16 @@ def test_the_waits_come_from_the_site_file() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "why"),
     [
-        ("report_wait_s", 0, "must be positive"),
-        ("report_wait_s", -1.0, "finite non-negative"),
-        ("startup_grace_s", -2, "finite non-negative"),
-        ("startup_grace_s", float("nan"), "finite non-negative"),
-        ("startup_grace_s", "10", "expected a number"),
-        ("report_wait_s", True, "expected a number"),
+        ("report_wait_s", 0, "must be a number > 0, got 0"),
+        ("report_wait_s", -1.0, "must be a number > 0, got -1.0"),
+        ("startup_grace_s", -2, "must be a number >= 0, got -2"),
+        ("startup_grace_s", float("nan"), "must be a number >= 0, got nan"),
+        ("startup_grace_s", "10", "must be a number >= 0, got '10'"),
+        ("report_wait_s", True, "must be a number > 0, got True"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(key: str, value: Any, why: str) -> None:
-    with pytest.raises(EdgeConfigError, match=rf"\[edge\]\.{key}: .*{why}"):
+    with pytest.raises(EdgeConfigError, match=rf"\[edge\]\.{key} {why}"):
         EdgeConfig.from_table({key: value})
 
 

@@ -31,6 +31,7 @@ from evcore.api.serving import add_health, bind, start_serving, stop_serving
 from evcore.audit.log import record_from_mapping
 from evcore.clock import Clock
 from evcore.edge.state import priority_error
+from evcore.site.sections import Key, Section
 from evcore.store.base import Store
 from evcore.v1 import edge_api_pb2 as pb
 from evcore.v1 import edge_api_pb2_grpc as pb_grpc
@@ -72,45 +73,38 @@ class ApiConfig:
 
     @staticmethod
     def from_section(section: Mapping[str, Any] | None, base_dir: Path | str) -> ApiConfig:
-        s = dict(section or {})
-        known = {"enabled", "listen", "tokens", "tokens_file", "clients", "tls", "reflection"}
-        unknown = sorted(set(s) - known)
-        if unknown:
-            raise ApiConfigError(f"[api]: unknown key(s) {', '.join(unknown)}")
-        base = Path(base_dir)
-        listen = s.get("listen", "127.0.0.1:50051")
-        if not isinstance(listen, str) or ":" not in listen:
-            raise ApiConfigError(f"[api] listen must be 'host:port', got {listen!r}")
-        creds = Credentials.from_config(s.get("tokens", []), s.get("clients", []))
-        if s.get("tokens_file"):
-            p = Path(str(s["tokens_file"]))
-            creds.merge_file(p if p.is_absolute() else base / p)
-        tls: TlsConfig | None = None
-        if s.get("tls") is not None:
-            t = s["tls"]
-            if not isinstance(t, Mapping) or "cert_file" not in t or "key_file" not in t:
-                raise ApiConfigError("[api.tls] needs cert_file and key_file")
-
-            def path(key: str) -> Path:
-                p = Path(str(t[key]))
-                return p if p.is_absolute() else base / p
-
-            tls = TlsConfig(
-                path("cert_file"),
-                path("key_file"),
-                path("client_ca_file") if t.get("client_ca_file") else None,
-            )
+        s = _SECTION.read(section or {}, base_dir)
+        creds = Credentials.from_config(s["tokens"], s["clients"])
+        if "tokens_file" in s:
+            creds.merge_file(s["tokens_file"])
+        tls = TlsConfig(**_TLS_SECTION.read(s["tls"], base_dir)) if "tls" in s else None
         if creds.clients and (tls is None or tls.client_ca_file is None):
             raise ApiConfigError("[api] clients (mTLS identities) need [api.tls] client_ca_file")
         if not creds.tokens and not creds.clients:
             log.warning("[api]: no tokens or clients configured; every call will be refused")
-        return ApiConfig(
-            listen=listen,
-            credentials=creds,
-            tls=tls,
-            reflection=bool(s.get("reflection", True)),
-            enabled=bool(s.get("enabled", True)),
-        )
+        return ApiConfig(s["listen"], creds, tls, s["reflection"], s["enabled"])
+
+
+_SECTION = Section(
+    "[api]",
+    {
+        "enabled": Key("bool", True),
+        "listen": Key("host_port", "127.0.0.1:50051"),
+        **dict.fromkeys(("tokens", "clients"), Key("any", ())),
+        "tokens_file": Key("path"),
+        "tls": Key("table"),
+        "reflection": Key("bool", True),
+    },
+    ApiConfigError,
+)
+_TLS_SECTION = Section(
+    "[api.tls]",
+    {
+        k: Key("path", required=k != "client_ca_file")
+        for k in ("cert_file", "key_file", "client_ca_file")
+    },
+    ApiConfigError,
+)
 
 
 async def _maybe(value: T | Any) -> Any:

@@ -7,7 +7,7 @@ Transport only: it knows subjects and delivery, never what an event means. Build
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evcore.bus.api import (
     BadPayload,
@@ -32,6 +32,9 @@ from evcore.bus.dedupe import ProcessedIds
 from evcore.bus.inprocess import InProcessBus
 from evcore.bus.subjects import Subjects, escape_token, subject_matches, unescape_token
 from evcore.clock import Clock
+
+if TYPE_CHECKING:
+    from evcore.bus.natsbus import NatsConnection
 
 __all__ = [
     "BadPayload",
@@ -63,13 +66,20 @@ __all__ = [
 ]
 
 
-def bus_from_config(section: Mapping[str, Any] | None, site_id: str, clock: Clock) -> Bus:
-    """The bus the site file asks for (``[bus] kind = "inprocess" | "nats"``); not yet started."""
+def bus_from_config(
+    section: Mapping[str, Any] | None,
+    site_id: str,
+    clock: Clock,
+    *,
+    connection: NatsConnection | None = None,
+) -> Bus:
+    """The bus the site file asks for (``[bus] kind = "inprocess" | "nats"``); not yet started.
+    ``connection``: a NATS connection to share with other sites' buses (NATS only)."""
     cfg = parse_bus_config(section)
     if cfg.kind == "nats":
         from evcore.bus.natsbus import NatsBus
 
-        return NatsBus(site_id, cfg, clock=clock)
+        return NatsBus(site_id, cfg, clock=clock, connection=connection)
     return InProcessBus(
         site_id,
         clock=clock,

@@ -360,6 +360,96 @@ def stream_error(spec: StreamSpec, exc: nats.js.errors.APIError) -> str:
     return what
 
 
+def _connect_options(cfg: BusConfig, callbacks: Any) -> dict[str, Any]:
+    """nats-py ``connect`` options for ``cfg``; ``callbacks`` has the three ``*_cb`` methods."""
+    opts: dict[str, Any] = {
+        "servers": list(cfg.urls),
+        "name": cfg.name,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": cfg.reconnect_wait_s,
+        "connect_timeout": cfg.connect_timeout_s,
+        "error_cb": callbacks._error_cb,
+        "disconnected_cb": callbacks._disconnected_cb,
+        "reconnected_cb": callbacks._reconnected_cb,
+        "pending_size": 8 * 1024 * 1024,
+    }
+    if cfg.token:
+        opts["token"] = cfg.token
+    if cfg.creds_file:
+        opts["user_credentials"] = cfg.creds_file
+    return opts
+
+
+class NatsConnection:
+    """One NATS connection that several sites' buses share (``NatsBus(..., connection=)``).
+
+    The cloud reads the audit streams of every site it serves: one connection (and its
+    reconnect loop, its pings) per site does not scale to hundreds of sites. The buses that share
+    it keep their own streams, consumers and outboxes; the connection's events (disconnected,
+    reconnected, slow consumer) reach every one of them. Closing a bus leaves the connection to
+    the others; ``close()`` ends it."""
+
+    def __init__(self, config: BusConfig) -> None:
+        self.config = config
+        self._nc: NatsClient | None = None
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._buses: set[NatsBus] = set()
+
+    @property
+    def buses(self) -> int:
+        """How many buses use the connection now."""
+        return len(self._buses)
+
+    async def wait(self, bus: NatsBus) -> NatsClient:
+        """The connection, for ``bus``, once connected (the first caller starts connecting)."""
+        self._buses.add(bus)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._connect(), name="bus-nats-shared-connect"
+            )
+        await self._connected.wait()
+        assert self._nc is not None
+        return self._nc
+
+    def leave(self, bus: NatsBus) -> None:
+        self._buses.discard(bus)
+
+    async def _connect(self) -> None:
+        nc = NatsClient()
+        # With max_reconnect_attempts=-1, connect() keeps trying until a server answers.
+        await nc.connect(**_connect_options(self.config, self))
+        self._nc = nc
+        self._connected.set()
+
+    async def _error_cb(self, exc: Exception) -> None:
+        for bus in list(self._buses):
+            await bus._error_cb(exc)
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                return  # counted once
+
+    async def _disconnected_cb(self) -> None:
+        for bus in list(self._buses):
+            await bus._disconnected_cb()
+
+    async def _reconnected_cb(self) -> None:
+        for bus in list(self._buses):
+            await bus._reconnected_cb()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        nc, self._nc = self._nc, None
+        self._connected.clear()
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
 class NatsBus:
     """The bus over NATS JetStream. See :class:`evcore.bus.api.Bus` for the contract."""
 
@@ -373,8 +463,11 @@ class NatsBus:
         outbox_path: Path | None = None,
         ack_wait_s: float = 30.0,
         route_cache_size: int = 16_384,
+        connection: NatsConnection | None = None,
     ) -> None:
         self._site_id = site_id
+        # A connection shared with other sites' buses, or None: this bus connects on its own.
+        self._shared = connection
         self.config = config or BusConfig(kind="nats")
         self.subjects = Subjects(site_id)
         self.clock: Clock = clock or WallClock()
@@ -457,25 +550,12 @@ class NatsBus:
 
     async def _connect_loop(self) -> None:
         cfg = self.config
-        opts: dict[str, Any] = {
-            "servers": list(cfg.urls),
-            "name": cfg.name,
-            "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": cfg.reconnect_wait_s,
-            "connect_timeout": cfg.connect_timeout_s,
-            "error_cb": self._error_cb,
-            "disconnected_cb": self._disconnected_cb,
-            "reconnected_cb": self._reconnected_cb,
-            "pending_size": 8 * 1024 * 1024,
-        }
-        if cfg.token:
-            opts["token"] = cfg.token
-        if cfg.creds_file:
-            opts["user_credentials"] = cfg.creds_file
-        nc = NatsClient()
-        # With max_reconnect_attempts=-1, connect() keeps trying until a server answers.
-        await nc.connect(**opts)
+        if self._shared is not None:
+            nc = await self._shared.wait(self)
+        else:
+            nc = NatsClient()
+            # With max_reconnect_attempts=-1, connect() keeps trying until a server answers.
+            await nc.connect(**_connect_options(cfg, self))
         self._nc = nc
         self._js = nc.jetstream(timeout=cfg.publish_timeout_s)
         while not self._closing:
@@ -570,7 +650,9 @@ class NatsBus:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         nc, self._nc = self._nc, None
-        if nc is not None:
+        if self._shared is not None:
+            self._shared.leave(self)  # the connection stays for the other buses
+        elif nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
         await self.outbox.close()

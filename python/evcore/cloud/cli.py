@@ -12,6 +12,7 @@ from evcore.clock import WallClock
 
 if TYPE_CHECKING:
     from evcore.bus.api import Bus
+    from evcore.bus.natsbus import NatsConnection
     from evcore.cloud.config import CloudConfig
     from evcore.cloud.consumer import AuditConsumer
     from evcore.cloud.store import CloudStore
@@ -49,7 +50,7 @@ async def _main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    consumers = await _start_consumers(config, store, clock)
+    consumers, shared = await _start_consumers(config, store, clock)
     fleet = "" if config.fleet is None else ", FleetApi for operators"
     print(f"evcore cloud: CloudApi on port {port}, store {store.description}{fleet}", flush=True)
     try:
@@ -58,6 +59,8 @@ async def _main(args: argparse.Namespace) -> int:
         for consumer, bus in consumers:
             await consumer.stop()
             await bus.close()
+        if shared is not None:
+            await shared.close()
         await server.stop()
         await store.close()
     print("evcore cloud: stopped", flush=True)
@@ -66,16 +69,24 @@ async def _main(args: argparse.Namespace) -> int:
 
 async def _start_consumers(
     config: CloudConfig, store: CloudStore, clock: WallClock
-) -> list[tuple[AuditConsumer, Bus]]:
-    """One bus and durable audit consumer per site of ``[bus] sites`` (none without ``[bus]``)."""
+) -> tuple[list[tuple[AuditConsumer, Bus]], NatsConnection | None]:
+    """One bus and durable audit consumer per site of ``[bus] sites`` (none without ``[bus]``),
+    all over one NATS connection (returned, to be closed after the buses)."""
     if config.bus is None:
-        return []
-    from evcore.bus import bus_from_config
+        return [], None
+    from evcore.bus import bus_from_config, parse_bus_config
     from evcore.cloud.consumer import AuditConsumer
 
+    shared = None
+    cfg = parse_bus_config(config.bus)
+    if cfg.kind == "nats":
+        from evcore.bus.natsbus import NatsConnection as Shared
+
+        # One connection for every site's consumer (one per site did not scale).
+        shared = Shared(cfg)
     out: list[tuple[AuditConsumer, Bus]] = []
     for site in config.bus_sites:
-        bus = bus_from_config(config.bus, site, clock)
+        bus = bus_from_config(config.bus, site, clock, connection=shared)
         await bus.start()
         consumer = AuditConsumer(bus, store, clock=clock, durable=config.audit_durable)
         await consumer.start()
@@ -85,7 +96,7 @@ async def _start_consumers(
         len(out),
         config.audit_durable,
     )
-    return out
+    return out, shared
 
 
 def register(sub: Any) -> None:

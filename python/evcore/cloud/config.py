@@ -11,6 +11,7 @@ from typing import Any
 
 from evcore.api.auth import AuthConfigError, Credentials
 from evcore.metrics.server import MetricsConfig, MetricsConfigError
+from evcore.site.sections import Key, Section
 
 log = logging.getLogger("evcore.cloud")
 
@@ -92,63 +93,14 @@ class CloudConfig:
     @staticmethod
     def from_table(table: Mapping[str, Any], base_dir: Path | str = ".") -> CloudConfig:
         base = Path(base_dir)
-        known = {
-            "listen",
-            "tls",
-            "store",
-            "insecure",
-            "reflection",
-            "stop_grace_s",
-            "bus",
-            "fleet",
-            "retention",
-            "metrics",
-        }
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise CloudConfigError(f"unknown key(s) {', '.join(unknown)}; known: {sorted(known)}")
-        listen = table.get("listen", DEFAULT_LISTEN)
-        if not isinstance(listen, str) or ":" not in listen:
-            raise CloudConfigError(f"listen must be 'host:port', got {listen!r}")
-        insecure = table.get("insecure", False)
-        if not isinstance(insecure, bool):
-            raise CloudConfigError(f"insecure must be true or false, got {insecure!r}")
-        reflection = table.get("reflection", True)
-        if not isinstance(reflection, bool):
-            raise CloudConfigError(f"reflection must be true or false, got {reflection!r}")
-        grace = table.get("stop_grace_s", 5.0)
-        if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
-            raise CloudConfigError(f"stop_grace_s must be a number >= 0, got {grace!r}")
-
-        store = table.get("store")
-        if not isinstance(store, Mapping) or not isinstance(store.get("url"), str):
-            raise CloudConfigError("[store] url is required (sqlite:DIR or postgresql://…)")
-        extra = sorted(set(store) - {"url"})
-        if extra:
-            raise CloudConfigError(f"[store]: unknown key(s) {', '.join(extra)}")
-        url = str(store["url"])
+        top = _TOP.read(table, base)
+        url = _STORE.read(top["store"])["url"]
         if not url.startswith(("postgresql://", "postgres://")) and "://" not in url:
             path = Path(url.removeprefix("sqlite:").removeprefix("//"))
             if not path.is_absolute():
                 url = f"sqlite:{base / path}"
-
-        tls: CloudTls | None = None
-        t = table.get("tls")
-        if t is not None:
-            if not isinstance(t, Mapping):
-                raise CloudConfigError("[tls] must be a table")
-            extra = sorted(set(t) - {"cert_file", "key_file", "client_ca_file"})
-            if extra:
-                raise CloudConfigError(f"[tls]: unknown key(s) {', '.join(extra)}")
-
-            def path_of(key: str) -> Path:
-                v = t.get(key)
-                if not isinstance(v, str) or not v:
-                    raise CloudConfigError(f"[tls] {key} is required (a path)")
-                p = Path(v)
-                return p if p.is_absolute() else base / p
-
-            tls = CloudTls(path_of("cert_file"), path_of("key_file"), path_of("client_ca_file"))
+        tls = CloudTls(**_TLS.read(top["tls"], base)) if "tls" in top else None
+        insecure, listen, grace = top["insecure"], top["listen"], top["stop_grace_s"]
         if tls is None and not insecure:
             raise CloudConfigError(
                 "[tls] (cert_file, key_file, client_ca_file) is required: sites authenticate "
@@ -167,13 +119,13 @@ class CloudConfig:
             listen=listen,
             tls=tls,
             insecure=insecure,
-            reflection=reflection,
-            stop_grace_s=float(grace),
+            reflection=top["reflection"],
+            stop_grace_s=grace,
             bus=bus,
             bus_sites=sites,
             audit_durable=durable,
             fleet=fleet,
-            retention=_retention_section(table.get("retention")),
+            retention=CloudRetention(**_RETENTION.read(top.get("retention", {}))),
             metrics=_metrics_section(table.get("metrics")),
         )
 
@@ -297,46 +249,49 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
     )
 
 
-def _retention_section(section: Any) -> CloudRetention:
-    """``[retention]``: ``telemetry_days`` (30; 0 keeps all), ``plans_keep`` (50; 0 keeps all),
-    ``every_s`` (3600), ``batch_rows`` (1000). There is no key for audit records: they are kept."""
-    if section is None:
-        return CloudRetention()
-    if not isinstance(section, Mapping):
-        raise CloudConfigError("[retention] must be a table")
-    known = {"telemetry_days", "plans_keep", "every_s", "batch_rows"}
-    extra = sorted(set(section) - known)
-    if extra:
-        hint = " (audit records are never deleted)" if any("audit" in k for k in extra) else ""
-        raise CloudConfigError(f"[retention]: unknown key(s) {', '.join(extra)}{hint}")
-    d = CloudRetention()
-
-    def number(key: str, default: float, *, zero_ok: bool, integer: bool = False) -> float:
-        v = section.get(key, default)
-        bad = (
-            isinstance(v, bool)
-            or not isinstance(v, int | float)
-            or (integer and not isinstance(v, int))
-            or not (v >= 0 if zero_ok else v > 0)
-            or v == float("inf")
-        )
-        if bad:
-            kind = "an integer" if integer else "a number"
-            raise CloudConfigError(
-                f"[retention] {key} must be {kind} {'>=' if zero_ok else '>'} 0, got {v!r}"
-            )
-        return float(v)
-
-    return CloudRetention(
-        telemetry_days=number("telemetry_days", d.telemetry_days, zero_ok=True),
-        plans_keep=int(number("plans_keep", d.plans_keep, zero_ok=True, integer=True)),
-        every_s=number("every_s", d.every_s, zero_ok=False),
-        batch_rows=int(number("batch_rows", d.batch_rows, zero_ok=False, integer=True)),
-    )
-
-
 def _metrics_section(section: Any) -> MetricsConfig | None:
     try:
         return MetricsConfig.from_section(section)
     except MetricsConfigError as exc:
         raise CloudConfigError(str(exc)) from None
+
+
+_TOP = Section(
+    "",
+    {
+        "listen": Key("host_port", DEFAULT_LISTEN),
+        "tls": Key("table"),
+        "store": Key(
+            "table", required=True, example='[store] url = "sqlite:DIR" or "postgresql://…"'
+        ),
+        "insecure": Key("bool", False),
+        "reflection": Key("bool", True),
+        "stop_grace_s": Key("number", 5.0, lo=0),
+        "bus": Key("any"),
+        "fleet": Key("any"),
+        "retention": Key("any"),
+        "metrics": Key("any"),
+    },
+    CloudConfigError,
+)
+_STORE = Section(
+    "[store]",
+    {"url": Key("text", required=True, example='url = "sqlite:DIR" or "postgresql://…"')},
+    CloudConfigError,
+)
+_TLS = Section(
+    "[tls]",
+    {k: Key("path", required=True) for k in ("cert_file", "key_file", "client_ca_file")},
+    CloudConfigError,
+)
+_RETENTION = Section(
+    "[retention]",
+    {
+        "telemetry_days": Key("number", CloudRetention.telemetry_days, lo=0),
+        "plans_keep": Key("integer", CloudRetention.plans_keep, lo=0),
+        "every_s": Key("number", CloudRetention.every_s, lo=0, above=True),
+        "batch_rows": Key("integer", CloudRetention.batch_rows, lo=0, above=True),
+    },
+    CloudConfigError,
+    unknown_note=" (audit records are never deleted: no key deletes them)",
+)

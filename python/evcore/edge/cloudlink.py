@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from evcore.clock import Clock
+from evcore.site.sections import Key, Section
 from evcore.v1 import cloud_api_pb2 as cpb
 from evcore.v1 import cloud_api_pb2_grpc as cpb_grpc
 from evcore.v1.audit_pb2 import AuditRecord
@@ -78,89 +79,40 @@ class CloudLinkConfig:
         the key for anything wrong."""
         if section is None:
             return None
-        if not isinstance(section, Mapping):
-            raise CloudLinkConfigError(f"[cloud] must be a table, got {section!r}")
-        s = dict(section)
-        known = {
-            "enabled",
-            "url",
-            "ca_file",
-            "cert_file",
-            "key_file",
-            "server_name",
-            "insecure",
-            "interval_s",
-            "timeout_s",
-            "batch",
-            "telemetry",
-            "plans",
-        }
-        unknown = sorted(set(s) - known)
-        if unknown:
-            raise CloudLinkConfigError(f"[cloud]: unknown key(s) {', '.join(unknown)}")
-        for key in ("enabled", "insecure", "telemetry", "plans"):
-            if key in s and not isinstance(s[key], bool):
-                raise CloudLinkConfigError(f"[cloud] {key} must be true or false, got {s[key]!r}")
-        if not s.get("enabled", True):
+        if isinstance(section, Mapping) and section.get("enabled") is False:
+            _SECTION.refuse_unknown(section)  # the rest is not checked: files may be missing
             return None
-        url = s.get("url")
-        if not isinstance(url, str) or not _host_port(url):
-            raise CloudLinkConfigError(f"[cloud] url must be 'host:port', got {url!r}")
-        base = Path(base_dir)
-
-        def path(key: str) -> Path | None:
-            v = s.get(key)
-            if v is None:
-                return None
-            if not isinstance(v, str) or not v:
-                raise CloudLinkConfigError(f"[cloud] {key} must be a file path, got {v!r}")
-            p = Path(v) if Path(v).is_absolute() else base / v
-            if not p.is_file():
-                raise CloudLinkConfigError(f"[cloud] {key}: no such file {str(p)!r}")
-            return p
-
-        files = {k: path(k) for k in ("ca_file", "cert_file", "key_file")}
-        insecure = bool(s.get("insecure", False))
-        if insecure and any(files.values()):
+        s = _SECTION.read(section, base_dir)
+        files = {k: s.get(k) for k in _FILES}
+        if s["insecure"] and any(files.values()):
             raise CloudLinkConfigError(
                 "[cloud] insecure = true takes no ca_file, cert_file or key_file"
             )
-        if not insecure and not all(files.values()):
+        if not s["insecure"] and not all(files.values()):
             missing = ", ".join(k for k, v in files.items() if v is None)
             raise CloudLinkConfigError(
                 f"[cloud] needs ca_file, cert_file and key_file (mTLS; missing: {missing}), "
                 f"or insecure = true for local development"
             )
-
-        def number(key: str, default: float, lo: float, hi: float) -> float:
-            v = s.get(key, default)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-                raise CloudLinkConfigError(
-                    f"[cloud] {key} must be a number in [{lo:g}, {hi:g}], got {v!r}"
-                )
-            return float(v)
-
-        server_name = s.get("server_name")
-        if server_name is not None and (not isinstance(server_name, str) or not server_name):
-            raise CloudLinkConfigError(f"[cloud] server_name must be a name, got {server_name!r}")
-        return CloudLinkConfig(
-            url=url,
-            ca_file=files["ca_file"],
-            cert_file=files["cert_file"],
-            key_file=files["key_file"],
-            server_name=server_name,
-            insecure=insecure,
-            interval_s=number("interval_s", 10.0, 0.05, 86_400.0),
-            timeout_s=number("timeout_s", 10.0, 0.05, 3_600.0),
-            batch=int(number("batch", 256, 1, 100_000)),
-            telemetry=bool(s.get("telemetry", True)),
-            plans=bool(s.get("plans", True)),
-        )
+        s.pop("enabled")
+        return CloudLinkConfig(**s)
 
 
-def _host_port(url: str) -> bool:
-    host, sep, port = url.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+_FILES = ("ca_file", "cert_file", "key_file")
+_SECTION = Section(
+    "[cloud]",
+    {
+        **dict.fromkeys(("enabled", "telemetry", "plans"), Key("bool", True)),
+        "url": Key("host_port", required=True, connect=True, example='url = "cloud:7443"'),
+        **dict.fromkeys(_FILES, Key("file")),
+        "server_name": Key("text"),
+        "insecure": Key("bool", False),
+        "interval_s": Key("number", 10.0, lo=0.05, hi=86_400.0),
+        "timeout_s": Key("number", 10.0, lo=0.05, hi=3_600.0),
+        "batch": Key("integer", 256, lo=1, hi=100_000),
+    },
+    CloudLinkConfigError,
+)
 
 
 @dataclass

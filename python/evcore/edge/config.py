@@ -6,10 +6,11 @@ an ``EdgeConfigError`` naming ``[edge].<key>`` and what was wrong. It never deci
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+
+from evcore.site.sections import Key, Section
 
 # What a site file may name. The digital twin's "uncontrolled" baseline (the edge sends nothing)
 # is not a policy here: the twin sets ``EdgeConfig.baseline`` itself, never a site file.
@@ -87,40 +88,14 @@ class EdgeConfig:
     baseline: bool = False
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "baseline":
-                if not isinstance(value, bool):
-                    raise EdgeConfigError(f"baseline: expected a bool, got {value!r}")
-                continue
-            if f.name == "audit_journal":
-                if not isinstance(value, str) or "\x00" in value:
-                    raise EdgeConfigError(f"[edge].audit_journal: expected a path, got {value!r}")
-                continue
-            if f.name == "policy":
-                if value not in POLICIES:
-                    raise EdgeConfigError(
-                        f"[edge].policy: unknown policy {value!r}; "
-                        f"expected one of {', '.join(POLICIES)}"
-                    )
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise EdgeConfigError(f"[edge].{f.name}: expected a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise EdgeConfigError(
-                    f"[edge].{f.name}: must be a finite non-negative number, got {value!r}"
-                )
-        for name in (
-            "tick_s",
-            "failsafe_after_s",
-            "restart_max_profiles_per_s",
-            "network_timeout_s",
-            "report_wait_s",
-        ):
-            if getattr(self, name) <= 0:
-                raise EdgeConfigError(
-                    f"[edge].{name}: must be positive, got {getattr(self, name)!r}"
-                )
+        if not isinstance(self.baseline, bool):
+            raise EdgeConfigError(f"baseline: expected a bool, got {self.baseline!r}")
+        if not isinstance(self.audit_journal, str) or "\x00" in self.audit_journal:
+            raise EdgeConfigError(
+                f"[edge].audit_journal: expected a path, got {self.audit_journal!r}"
+            )
+        for key in _SECTION.keys:
+            _SECTION.check(key, getattr(self, key))
         if self.refresh_lead_s >= self.failsafe_after_s:
             raise EdgeConfigError(
                 f"[edge].refresh_lead_s: must be below failsafe_after_s ({self.failsafe_after_s}), "
@@ -137,30 +112,12 @@ class EdgeConfig:
         """Build from the ``[edge]`` table of a site file; unknown keys are an error."""
         if table is None:
             return cls()
-        if not isinstance(table, Mapping):
-            raise EdgeConfigError(f"[edge]: expected a table, got {type(table).__name__}")
-        known = {f.name: f for f in fields(cls) if f.name not in _NOT_IN_SITE_FILE}
-        kwargs: dict[str, Any] = {}
-        for key, value in table.items():
-            if key == "policy" and value == "uncontrolled":
-                raise EdgeConfigError(
-                    "[edge].policy: 'uncontrolled' is the digital twin's baseline (the edge "
-                    "sends nothing), not a policy for a site; expected one of "
-                    + ", ".join(POLICIES)
-                )
-            if key not in known:
-                raise EdgeConfigError(
-                    f"[edge].{key}: unknown key; known keys: {', '.join(sorted(known))}"
-                )
-            if key == "max_switches":
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise EdgeConfigError(
-                        f"[edge].max_switches: expected an integer, got {value!r}"
-                    )
-            elif key != "policy" and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            kwargs[key] = value
-        return cls(**kwargs)
+        if isinstance(table, Mapping) and table.get("policy") == "uncontrolled":
+            raise EdgeConfigError(
+                "[edge].policy: 'uncontrolled' is the digital twin's baseline (the edge "
+                "sends nothing), not a policy for a site; expected one of " + ", ".join(POLICIES)
+            )
+        return cls(**_SECTION.read(table))
 
     @classmethod
     def from_site(cls, site_table: Mapping[str, Any], *, policy: str | None = None) -> EdgeConfig:
@@ -188,4 +145,25 @@ class EdgeConfig:
         return cls.from_table(table)
 
 
-_NOT_IN_SITE_FILE = frozenset({"baseline"})
+#: Must be above zero (the other numbers may be zero).
+_POSITIVE = (
+    "tick_s",
+    "failsafe_after_s",
+    "restart_max_profiles_per_s",
+    "network_timeout_s",
+    "report_wait_s",
+)
+_SECTION = Section(
+    "[edge]",
+    {
+        **{
+            f.name: Key("number", lo=0, above=f.name in _POSITIVE)
+            for f in fields(EdgeConfig)
+            if f.type == "float"
+        },
+        "policy": Key("choice", choices=POLICIES),
+        "max_switches": Key("integer", lo=0),
+        "audit_journal": Key("any"),
+    },
+    EdgeConfigError,
+)

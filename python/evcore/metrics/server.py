@@ -20,11 +20,12 @@ import contextlib
 import itertools
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from evcore.metrics.exposition import CONTENT_TYPE, MetricFamily, Registry, render
+from evcore.site.sections import Key, Section, split_host_port
 
 __all__ = ["MetricsConfig", "MetricsConfigError", "MetricsServer"]
 
@@ -67,40 +68,15 @@ class MetricsConfig:
         endpoint). ``listen`` is ``"host:port"`` (IPv6 as ``"[::1]:9464"``)."""
         if section is None:
             return None
-        if not isinstance(section, Mapping):
-            raise MetricsConfigError(f"[metrics]: expected a table, got {type(section).__name__}")
-        unknown = sorted(set(section) - {"listen"})
-        if unknown:
-            raise MetricsConfigError(
-                f"[metrics].{unknown[0]}: unknown key; known keys: listen"
-                if len(unknown) == 1
-                else f"[metrics]: unknown keys {', '.join(unknown)}; known keys: listen"
-            )
-        if "listen" not in section:
-            raise MetricsConfigError('[metrics].listen: missing; e.g. listen = "127.0.0.1:9464"')
-        host, port = parse_listen(section["listen"])
-        return MetricsConfig(host, port)
+        listen = _SECTION.read(section)["listen"]
+        return MetricsConfig(*split_host_port(listen, _SECTION.label("listen")))
 
 
-def parse_listen(value: Any, key: str = "[metrics].listen") -> tuple[str, int]:
-    """``"host:port"`` → (host, port); an error names ``key`` and what was wrong."""
-    example = 'e.g. "127.0.0.1:9464" or "[::1]:9464"'
-    if not isinstance(value, str):
-        raise MetricsConfigError(f"{key}: expected a 'host:port' string ({example}), got {value!r}")
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise MetricsConfigError(f"{key}: expected 'host:port' ({example}), got {value!r}")
-    if host.startswith("["):
-        if not host.endswith("]") or len(host) < 3:
-            raise MetricsConfigError(f"{key}: malformed IPv6 host in {value!r} ({example})")
-        host = host[1:-1]
-    elif ":" in host:
-        raise MetricsConfigError(f"{key}: an IPv6 host goes in brackets ({example}), got {value!r}")
-    if any(ch.isspace() for ch in host) or "/" in host:
-        raise MetricsConfigError(f"{key}: {host!r} is not a host name or address")
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
-        raise MetricsConfigError(f"{key}: port must be a number from 0 to 65535, got {value!r}")
-    return host, int(port_text)
+_SECTION = Section(
+    "[metrics]",
+    {"listen": Key("host_port", required=True, example='listen = "127.0.0.1:9464"')},
+    MetricsConfigError,
+)
 
 
 class MetricsServer:
