@@ -87,10 +87,25 @@ class PlanTargets:
     version: str
     received_at: float  # wall
     rows: Mapping[str, Sequence[tuple[float, float, float]]]
+    #: Per charger, the transaction its rows were planned for (a charger left out: not known).
+    #: A charger whose car changed since is not the plan's: the next car must not inherit the
+    #: last one's targets (a deferred session's 0 A) until a re-plan.
+    transactions: Mapping[str, str] = field(default_factory=dict)
 
-    def targets_at(self, t: float) -> dict[str, float]:
+    def applies_to(self, charger_id: str, transaction_id: str | None) -> bool:
+        """Whether the rows of ``charger_id`` are for its session ``transaction_id``."""
+        planned = self.transactions.get(charger_id)
+        return planned is None or planned == transaction_id
+
+    def targets_at(
+        self, t: float, sessions: Mapping[str, str | None] | None = None
+    ) -> dict[str, float]:
+        """The targets at ``t``; with ``sessions`` (charger -> its transaction now) only those of
+        chargers whose session the plan was made for."""
         out: dict[str, float] = {}
         for cid, steps in self.rows.items():
+            if sessions is not None and not self.applies_to(cid, sessions.get(cid)):
+                continue
             for start, step_s, target in steps:
                 if start <= t < start + step_s:
                     out[cid] = target
@@ -319,6 +334,13 @@ class EdgeController:
                 self.on_plan(plan)
             except Exception:
                 log.exception("on_plan hook failed for plan %s", plan.version)
+
+    def drop_local_plan(self) -> None:
+        """Stop following the local plan (nothing to plan any more, or its re-plan failed): the
+        allocator runs alone until the next plan (a fresh cloud plan still applies)."""
+        if self.local_plan is not None:
+            self.local_plan = None
+            self.notify("plan")
 
     def set_session(
         self,
@@ -1346,6 +1368,8 @@ class EdgeController:
             c = self.state.chargers.get(cid)
             if c is None or c.transaction_id is None or cid not in at_start:
                 continue
+            if not plan.applies_to(cid, c.transaction_id):
+                continue
             w_per = c.w_per_a_drawn()  # a single-phase car delivers a third on three phases
             planned_wh = 0.0
             for start, step_s, target in steps:
@@ -1369,7 +1393,8 @@ class EdgeController:
                 and plan.ends_at() > now_w
             ):
                 self.plan_in_use = plan
-                return plan.targets_at(now_w)
+                sessions = {cid: c.transaction_id for cid, c in self.state.chargers.items()}
+                return plan.targets_at(now_w, sessions)
         return None
 
     # ---- audit ----------------------------------------------------------------------------

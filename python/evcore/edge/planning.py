@@ -11,7 +11,8 @@ controller as a *local* ``PlanTargets``. A fresh cloud plan still wins
 What it must never do: send or decide a setpoint (the plan's targets go to the allocator, whose
 output passes the envelope), or block the control loop: the solve runs in a worker thread (the core
 releases the GIL) bounded by ``plan_budget_s``; a failed, infeasible or late plan is logged and the
-allocator carries on with the last valid plan or alone.
+local plan in force is dropped (as when nothing is left to plan): the allocator runs alone until the
+next plan. A plan's rows apply to the sessions it was made for only (``PlanTargets.transactions``).
 """
 
 from __future__ import annotations
@@ -629,7 +630,8 @@ class LocalPlanner:
             if c is not None:
                 rows[cid] = without_pauses(steps, c)
         self.version += 1
-        return PlanTargets("local", f"edge-local@{self.version}", received_at, rows)
+        sessions = {s.charger_id: s.id for s in req.sessions} if req is not None else {}
+        return PlanTargets("local", f"edge-local@{self.version}", received_at, rows, sessions)
 
     # ---- one plan ------------------------------------------------------------------------------
     async def plan_now(self) -> PlanTargets | None:
@@ -642,10 +644,13 @@ class LocalPlanner:
             req = self.request(now)
         except Exception:
             self.failures += 1
+            self.last_status = "failed"
             log.exception("local plan: building the request failed")
+            self.ctrl.drop_local_plan()
             return None
         if req is None:
             self.last_status = "no_sessions"
+            self.ctrl.drop_local_plan()  # its sessions are gone or done: nothing to follow
             return None
         budget = self.ctrl.cfg.plan_budget_s
         self._busy = True
@@ -659,16 +664,21 @@ class LocalPlanner:
             self.failures += 1
             self.last_status = "late"
             log.warning("local plan: no answer within %.1f s; allocator alone", budget + 2.0)
+            self.ctrl.drop_local_plan()
             return None
         except Exception:
             self.failures += 1
             self.last_status = "failed"
             log.exception("local plan failed; allocator alone")
+            self.ctrl.drop_local_plan()
             return None
         self.last_status = res.status
         if not res.ok:
             self.failures += 1
             log.warning("local plan %s; allocator alone", res.status)
+            # The old plan was made for what was then known (a price, a limit, a session that
+            # has changed since): following it would hold cars to it until it goes stale.
+            self.ctrl.drop_local_plan()
             return None
         plan = self._targets(res, self.ctrl.clock.now(), req)
         self.plans += 1

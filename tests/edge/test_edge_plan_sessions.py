@@ -1,0 +1,108 @@
+"""A plan is for the sessions it was made for: a new car on a charger does not inherit the last
+car's targets (a deferred session's 0 A), and a plan that can no longer be made (nothing left to
+plan, or the re-plan fails) stops being followed. Through the rig's OCPP chargers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from evcore.edge.config import EdgeConfig
+from evcore.edge.grid import PricePoint
+from evcore.edge.rig import EdgeRig
+from evcore.edge.sitegen import depot_table
+from evcore.sim.ev import EV
+
+pytestmark = pytest.mark.timeout(150)
+
+CFG = EdgeConfig(
+    policy="planner_cost",
+    tick_s=0.5,
+    settle_s=2.0,
+    min_on_s=0.0,
+    min_off_s=0.0,
+    replan_every_s=3600.0,
+    plan_budget_s=5.0,
+    cloud_plan_fresh_s=900.0,
+)
+
+
+async def _deferred_car(rig: EdgeRig, cid: str) -> str:
+    """A car on ``cid`` the local plan defers to the cheap hours (held at 0 A); its transaction."""
+    ctrl, planner = rig.controller, rig.planner
+    assert ctrl is not None and planner is not None
+    await rig.wait_for(rig.failsafe_applied, 15, "TxDefault at the failsafe level")
+    now = rig.clock.now()
+    ctrl.post_prices([PricePoint(now - 60.0, 1.0), PricePoint(now + 3 * 3600.0, 0.05)])
+    rig.fleet.plug_in(cid, EV(soc=0.2))
+    await rig.wait_for(lambda: ctrl.state.chargers[cid].transaction_id, 15, "session 1")
+    tx1 = ctrl.state.chargers[cid].transaction_id
+    assert tx1 is not None
+    ctrl.set_session(cid, energy_requested_kwh=5.0, departure=now + 10 * 3600.0)
+    await rig.wait_for(lambda: planner.plans >= 1, 30, "a local plan")
+    await rig.wait_for(lambda: rig.limit_at(cid) == 0.0, 15, "car 1 deferred at 0 A")
+    return tx1
+
+
+async def _next_car(rig: EdgeRig, cid: str, tx1: str) -> None:
+    ctrl = rig.controller
+    assert ctrl is not None
+    rig.fleet.unplug(cid)
+    await rig.wait_for(lambda: ctrl.state.chargers[cid].transaction_id is None, 15, "session 1 end")
+    rig.fleet.plug_in(cid, EV(soc=0.1))
+    await rig.wait_for(
+        lambda: ctrl.state.chargers[cid].transaction_id not in (None, tx1), 15, "session 2"
+    )
+
+
+async def test_a_new_car_does_not_inherit_the_last_cars_plan_targets() -> None:
+    rig = EdgeRig(depot_table(2, per_feeder=2), cfg=CFG, apply_delay_s=0.3)
+    async with rig:
+        ctrl, planner = rig.controller, rig.planner
+        assert ctrl is not None and planner is not None
+        cid = rig.fleet.charger_ids[0]
+        tx1 = await _deferred_car(rig, cid)
+        plan = ctrl.local_plan
+        assert plan is not None and plan.transactions == {cid: tx1}
+        planner.stop()  # no re-plan: the plan made for car 1 stays fresh and in force
+        await _next_car(rig, cid, tx1)
+        # Before: the new car was still bound by car 1's plan (code "plan": its 0 A, unless it
+        # counted as behind that plan) until the plan went stale.
+        core = rig.core
+        assert core is not None
+        await rig.wait_for(
+            lambda: rig.limit_at(cid) >= 6.0 and core.last_codes.get(cid) != "plan",
+            15,
+            "the new car charging, not bound by car 1's plan",
+        )
+        assert ctrl.local_plan is plan and ctrl.plan_in_use is plan
+
+
+async def test_nothing_left_to_plan_drops_the_local_plan() -> None:
+    rig = EdgeRig(depot_table(2, per_feeder=2), cfg=CFG, apply_delay_s=0.3)
+    async with rig:
+        ctrl, planner = rig.controller, rig.planner
+        assert ctrl is not None and planner is not None
+        cid = rig.fleet.charger_ids[0]
+        tx1 = await _deferred_car(rig, cid)
+        await _next_car(rig, cid, tx1)  # the new session has no departure: nothing to plan
+        await rig.wait_for(lambda: planner.last_status == "no_sessions", 15, "a re-plan")
+        await rig.wait_for(lambda: rig.limit_at(cid) >= 6.0, 15, "the new car charging")
+        assert ctrl.local_plan is None and ctrl.plan_in_use is None
+
+
+async def test_a_failed_re_plan_drops_the_local_plan() -> None:
+    rig = EdgeRig(depot_table(2, per_feeder=2), cfg=CFG, apply_delay_s=0.3)
+    async with rig:
+        ctrl, planner = rig.controller, rig.planner
+        assert ctrl is not None and planner is not None
+        cid = rig.fleet.charger_ids[0]
+        await _deferred_car(rig, cid)
+        failures = planner.failures
+        # A price the planner cannot use: the re-plan fails.
+        ctrl.post_prices([PricePoint(rig.clock.now() - 60.0, 1e300)])
+        await rig.wait_for(lambda: planner.failures > failures, 30, "the failed re-plan")
+        await asyncio.sleep(0.5)
+        # Before: the old plan stayed in force (0 A) until cloud_plan_fresh_s (900 s).
+        assert ctrl.local_plan is None
+        await rig.wait_for(lambda: rig.limit_at(cid) >= 6.0, 15, "the car charging")
