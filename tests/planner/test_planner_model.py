@@ -166,7 +166,7 @@ def test_tiny_budget_gives_time_limit_status() -> None:
     [
         (lambda d: d["sessions"][0].update(energy_requested_kwh=math.nan), "energy_requested_kwh"),
         (lambda d: d["sessions"][0].update(energy_requested_kwh=-1.0), "energy_requested_kwh"),
-        (lambda d: d.update(price_per_kwh=[0.1] * 7 + [-0.2]), "price_per_kwh[7]"),
+        (lambda d: d.update(price_per_kwh=[0.1] * 7 + [math.nan]), "price_per_kwh[7]"),
         (lambda d: d["nodes"][0].update(phase_limit_a=[[math.inf], [1.0], [1.0]]), "phase_limit_a"),
         (lambda d: d["chargers"][0].update(min_a=3.0), "min_a"),
         (lambda d: d["sessions"][0].update(charger_id="nope"), "charger_id"),

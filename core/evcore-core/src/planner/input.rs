@@ -1,7 +1,8 @@
 //! Planner input: the horizon, the network it must respect, the sessions and the economics.
 //!
 //! Every number carries its unit in its name. All times are UTC seconds since the Unix epoch.
-//! `validate` refuses NaN, infinities and negative values and names the field that was wrong.
+//! `validate` refuses NaN, infinities and negative values (prices may be negative) and names the
+//! field that was wrong.
 
 use serde::{Deserialize, Serialize};
 
@@ -198,6 +199,15 @@ fn check_num(field: &str, v: f64, allow_negative: bool) -> Result<(), PlanError>
 }
 
 fn check_series(field: &str, s: &Series, steps: usize) -> Result<(), PlanError> {
+    check_series_signed(field, s, steps, false)
+}
+
+fn check_series_signed(
+    field: &str,
+    s: &Series,
+    steps: usize,
+    allow_negative: bool,
+) -> Result<(), PlanError> {
     if s.len() != 1 && s.len() != steps {
         return Err(bad(
             field,
@@ -205,7 +215,7 @@ fn check_series(field: &str, s: &Series, steps: usize) -> Result<(), PlanError> 
         ));
     }
     for (i, v) in s.iter().enumerate() {
-        check_num(&format!("{field}[{i}]"), *v, false)?;
+        check_num(&format!("{field}[{i}]"), *v, allow_negative)?;
     }
     Ok(())
 }
@@ -233,7 +243,9 @@ impl PlanInput {
             }
         }
         let t = self.step_s.len();
-        check_series("price_per_kwh", &self.price_per_kwh, t)?;
+        // Day-ahead prices go negative (surplus wind and sun): the model then counts the import
+        // at that price up to what the chargers and the other load draw (docs/planner.md).
+        check_series_signed("price_per_kwh", &self.price_per_kwh, t, true)?;
         check_series("pv_kw", &self.pv_kw, t)?;
         check_num("demand_charge_per_kw", self.demand_charge_per_kw, false)?;
         check_num("demand_window_s", self.demand_window_s, false)?;

@@ -543,6 +543,31 @@ impl Model {
             at_.push(row, g_off + k, -1.0);
             b.push(at(&input.pv_kw, k) - at(&root_node.other_load_kw, k));
             row += 1;
+            // A negative price pays for imports: g must not run off above what is drawn. With
+            // g ≤ Σ f·kW·x + max(0, other − pv), g is the import exactly while the other load
+            // covers the PV (else at most the PV surplus above it), and a kWh charged there
+            // earns the price: the plan charges more in that step, never more than the
+            // sessions still want (Σ kWh·x ≤ E), so the problem stays bounded.
+            if at(&input.price_per_kwh, k) < 0.0 {
+                at_.push(row, g_off + k, 1.0);
+                for (grp, gd) in groups.iter().enumerate() {
+                    if let Some(&z) = z_index.get(&(root, grp, k)) {
+                        at_.push(row, z, -gd.1);
+                    }
+                }
+                for &v in &vars_by_step[k] {
+                    let var = vars[v];
+                    if var.frac < 1.0 {
+                        at_.push(
+                            row,
+                            v,
+                            (1.0 - var.frac) * sessions[var.session].site_kw_per_unit,
+                        );
+                    }
+                }
+                b.push((at(&root_node.other_load_kw, k) - at(&input.pv_kw, k)).max(0.0));
+                row += 1;
+            }
         }
         // A limit the forecast other load leaves no room under (h = 0, or less than the margin)
         // plans 0 there; only a limit the other load already exceeds (h < 0) is infeasible.

@@ -229,10 +229,6 @@ fn bad_input_names_the_field() {
     assert_eq!(field, "sessions[0](s1).energy_requested_kwh");
 
     inp.sessions = vec![session("s1", "c1", 1.0, 2.0)];
-    inp.price_per_kwh = vec![-0.1];
-    let PlanError::Input { field, .. } = plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
-    assert_eq!(field, "price_per_kwh[0]");
-
     inp.price_per_kwh = vec![0.1];
     inp.chargers[0].min_a = Some(3.0);
     let PlanError::Input { field, .. } = plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
@@ -735,4 +731,52 @@ fn a_remainder_below_the_minimum_moves_energy_instead_of_using_a_dear_step() {
     inp.weights.charge_early_per_kwh = 1e-3;
     let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
     assert_eq!(targets(&out, 0), vec![0.0, 0.0, 6.0, 0.0, 0.0, 0.0]);
+}
+
+#[test]
+fn a_negative_price_draws_the_energy_into_its_step_and_stays_bounded() {
+    // 0.10, then -0.02 (surplus wind), then 0.10: the session's 2.3 kWh go into the paid step,
+    // no more than requested, and the import there is what the charger draws.
+    let mut inp = one_ln_session(vec![3600.0; 3], vec![0.1, -0.02, 0.1], 2.3);
+    inp.weights.charge_early_per_kwh = 1e-3;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(
+        out.summary.status,
+        PlanStatus::Optimal,
+        "{}",
+        out.summary.message
+    );
+    let t = targets(&out, 0);
+    assert!(
+        t[0] < 1e-4 && close(t[1], 10.0, 1e-4) && t[2] < 1e-4,
+        "{t:?}"
+    );
+    assert!(close(out.summary.delivered_kwh[0], 2.3, 1e-5));
+    assert!(
+        close(out.summary.terms.energy_cost, -0.046, 1e-4),
+        "{:?}",
+        out.summary.terms
+    );
+    // More energy than the negative step holds: the rest at the positive price, not more.
+    let mut inp = one_ln_session(vec![3600.0; 3], vec![0.1, -0.02, 0.1], 10.0);
+    inp.weights.non_delivery_per_kwh = 1000.0;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Optimal);
+    let t = targets(&out, 0);
+    assert!(close(t[1], 32.0, 1e-4), "{t:?}");
+    assert!(close(out.summary.delivered_kwh[0], 10.0, 1e-5));
+    // Every step negative with a building load and PV: still bounded, energy as requested.
+    let mut inp = one_ln_session(vec![3600.0; 2], vec![-0.05], 3.0);
+    inp.nodes[0].other_load_kw = vec![2.0];
+    inp.pv_kw = vec![5.0, 0.0];
+    inp.demand_charge_per_kw = 1.0;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(
+        out.summary.status,
+        PlanStatus::Optimal,
+        "{}",
+        out.summary.message
+    );
+    assert!(close(out.summary.delivered_kwh[0], 3.0, 1e-5));
+    assert!(out.summary.terms_relaxed.energy_cost.is_finite());
 }

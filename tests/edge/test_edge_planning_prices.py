@@ -1,0 +1,66 @@
+"""What the edge's local planner makes of its price points and curtailments, through the rig's OCPP
+chargers: a negative day-ahead price is planned (the energy goes into the paid hour), not refused
+with the old plan left in force."""
+
+from __future__ import annotations
+
+import pytest
+from evcore.edge.config import EdgeConfig
+from evcore.edge.grid import PricePoint
+from evcore.edge.rig import EdgeRig
+from evcore.edge.sitegen import depot_table
+from evcore.sim.ev import EV
+
+pytestmark = pytest.mark.timeout(150)
+
+CFG = EdgeConfig(
+    policy="planner_cost",
+    tick_s=0.5,
+    settle_s=2.0,
+    min_on_s=0.0,
+    min_off_s=0.0,
+    replan_every_s=3600.0,
+    plan_budget_s=5.0,
+    cloud_plan_fresh_s=600.0,
+)
+
+_KW_PER_A = 3 * 230.0 / 1000.0
+
+
+async def test_a_negative_price_is_planned_into_and_the_car_waits_for_it() -> None:
+    rig = EdgeRig(depot_table(2, per_feeder=2), cfg=CFG, apply_delay_s=0.3)
+    async with rig:
+        ctrl, planner = rig.controller, rig.planner
+        assert ctrl is not None and planner is not None
+        await rig.wait_for(rig.failsafe_applied, 15, "TxDefault at the failsafe level")
+        now = rig.clock.now()
+        cid = rig.fleet.charger_ids[0]
+        rig.fleet.plug_in(cid, EV(soc=0.2))
+        await rig.wait_for(lambda: ctrl.state.chargers[cid].transaction_id, 15, "a session")
+        ctrl.set_session(cid, energy_requested_kwh=5.0, departure=now + 8 * 3600.0)
+        await rig.wait_for(lambda: planner.plans >= 1, 30, "a local plan")
+        first = ctrl.local_plan
+        assert first is not None
+        # Day-ahead: 0.10 now, -0.02 from +3 h (surplus wind), 0.10 again from +4 h.
+        ctrl.post_prices(
+            [
+                PricePoint(now - 60.0, 0.10),
+                PricePoint(now + 3 * 3600.0, -0.02),
+                PricePoint(now + 4 * 3600.0, 0.10),
+            ]
+        )
+        # Before: "price_per_kwh[20]: must not be negative", status failed, edge-local@1 kept.
+        await rig.wait_for(lambda: ctrl.local_plan is not first, 30, "a re-plan")
+        plan = ctrl.local_plan
+        assert plan is not None and planner.last_status == "optimal"
+        paid = sum(
+            t * _KW_PER_A * d / 3600.0
+            for rows in plan.rows.values()
+            for s, d, t in rows
+            if now + 3 * 3600.0 - 1.0 <= s < now + 4 * 3600.0
+        )
+        # All of it in the hour that pays: 12.8 A there (the idle charger holds the other half of
+        # the 25.6 A supply at its failsafe level) take 8.8 kWh.
+        assert paid >= 5.0 - 0.05
+        assert plan.targets_at(rig.clock.now()) == {cid: 0.0}
+        await rig.wait_for(lambda: rig.limit_at(cid) == 0.0, 15, "the car waiting for it")
