@@ -780,3 +780,41 @@ fn a_negative_price_draws_the_energy_into_its_step_and_stays_bounded() {
     assert!(close(out.summary.delivered_kwh[0], 3.0, 1e-5));
     assert!(out.summary.terms_relaxed.energy_cost.is_finite());
 }
+
+#[test]
+fn a_window_cut_by_the_horizon_end_counts_the_other_load_after_it() {
+    // 13 five-minute steps from a window start (12:00-13:05), 30 kW of building load all day,
+    // a 30 kWh session leaving at 13:05. The window 13:00-13:15 is cut by the horizon: the
+    // building still imports 30 kW in its last 10 minutes. Billed peak at best: 54 kW (24 kW of
+    // charging for an hour, then 72 kW for 5 minutes). Before: the planner saw 50 kW (nothing
+    // imported after the horizon) and planned 120 kW in the last step: 70 kW billed.
+    let mut inp = input(vec![300.0; 13], vec![0.1]);
+    inp.nodes = vec![node("root", None, 400.0)];
+    inp.nodes[0].other_load_kw = vec![30.0];
+    inp.chargers = vec![ac(
+        "c1",
+        "root",
+        Wiring::ThreePhase,
+        &[0, 1, 2],
+        230.0,
+        250.0,
+    )];
+    inp.sessions = vec![session("s1", "c1", 65.0 / 60.0, 30.0)];
+    inp.demand_charge_per_kw = 50.0;
+    inp.weights.non_delivery_per_kwh = 1000.0;
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Optimal);
+    assert!(close(out.summary.delivered_kwh[0], 30.0, 1e-4));
+    let mut import: Vec<f64> = targets(&out, 0).iter().map(|a| 30.0 + a * 0.69).collect();
+    import.extend([30.0, 30.0]); // 13:05-13:15: the building after the horizon
+    let billed = import
+        .chunks(3)
+        .map(|w| w.iter().sum::<f64>() / 3.0)
+        .fold(0.0, f64::max);
+    let planned = out.summary.terms.demand_charge / 50.0;
+    assert!(billed <= 54.0 + 0.05, "billed {billed} kW, {import:?}");
+    assert!(
+        close(planned, billed, 1e-3),
+        "planned {planned} kW, billed {billed} kW"
+    );
+}
