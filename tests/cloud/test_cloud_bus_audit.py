@@ -283,3 +283,55 @@ async def test_the_command_reads_every_site_over_one_connection_and_after_a_brok
             await bus.close()
         await store.close()
         server.kill()
+
+
+async def test_the_command_with_every_site_reads_a_new_site_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    """`[bus] sites = "*"`: a site the cloud comes to know while it runs (here its first record
+    uploaded, as an edge's CloudLink does) gets its audit read over the bus within
+    `discover_s`, with no restart (before: `sites` had to list every site; "*" was refused)."""
+    exe = shutil.which("evcore")
+    assert exe is not None, "the evcore console script is not installed"
+    site = f"discovered-{uuid.uuid4().hex[:8]}"
+    edge_bus = patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
+    await edge_bus.start()
+    records = chain(4)
+    proc: asyncio.subprocess.Process | None = None
+    store = open_cloud_store(f"sqlite:{tmp_path / 'store'}")
+    try:
+        for r in records:
+            await edge_bus.publish(
+                Subjects(site).audit, event(site, r, f"audit-{r.hash}"), critical=True
+            )
+        assert await edge_bus.flush(10.0)
+        config = tmp_path / "cloud.toml"
+        config.write_text(
+            'listen = "127.0.0.1:0"\ninsecure = true\n[store]\nurl = "sqlite:store"\n'
+            f'[bus]\nurl = "{NATS_URL}"\nsites = "*"\ndiscover_s = 0.2\noutbox_dir = "outbox"\n'
+        )
+        proc = await asyncio.create_subprocess_exec(
+            exe, "cloud", "serve", "--config", str(config), stdout=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert "CloudApi on port" in line, line
+        await asyncio.sleep(1.0)
+        assert await store.contiguous_seq(site) == -1  # unknown: nothing read yet
+        await store.put_audit(site, records[:1], now_s=1.0)  # the site makes itself known
+        deadline = asyncio.get_running_loop().time() + 20
+        while await store.contiguous_seq(site) < 3:
+            assert asyncio.get_running_loop().time() < deadline, "the new site was never read"
+            await asyncio.sleep(0.1)
+        held = await store.audit_records(site)
+        assert [r.hash for r in held] == [r.hash for r in records]
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await store.close()
+        await edge_bus.delete_streams()
+        await edge_bus.close()

@@ -45,10 +45,43 @@ def test_a_bus_section_names_the_sites_and_keeps_the_edge_bus_keys(tmp_path: Pat
     assert cfg.bus["outbox_dir"] == str(tmp_path / "var" / "outbox")
 
 
+def test_every_site_is_sites_star_with_its_discovery_period(tmp_path: Path) -> None:
+    cfg = CloudConfig.from_table(
+        {
+            "insecure": True,
+            "store": {"url": "sqlite:x"},
+            "bus": {"urls": ["nats://h:4222"], "sites": "*", "discover_s": 5},
+        },
+        tmp_path,
+    )
+    assert cfg.bus_discover and cfg.bus_sites == () and cfg.discover_s == 5.0
+    assert cfg.bus is not None and "discover_s" not in cfg.bus  # not an edge bus key
+
+
 @pytest.mark.parametrize(
     ("table", "named"),
     [
         ({"store": {"url": "sqlite:x"}}, "[tls]"),
+        (
+            {"store": {"url": "sqlite:x"}, "insecure": True, "bus": {"sites": "all"}},
+            '"*" (every site',
+        ),
+        (
+            {
+                "store": {"url": "sqlite:x"},
+                "insecure": True,
+                "bus": {"sites": "*", "discover_s": 0},
+            },
+            "[bus] discover_s",
+        ),
+        (
+            {
+                "store": {"url": "sqlite:x"},
+                "insecure": True,
+                "bus": {"sites": "*", "discover_s": True},
+            },
+            "[bus] discover_s",
+        ),
         ({"store": {"url": "sqlite:x"}, "insecure": True, "lisen": "x:1"}, "lisen"),
         ({"insecure": True}, "[store] url"),
         ({"store": {"url": "sqlite:x"}, "insecure": True, "tls": {"cert_file": "a"}}, "key_file"),

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from typing import TYPE_CHECKING, Any
 
 from evcore.clock import WallClock
+
+log = logging.getLogger("evcore.cloud")
 
 if TYPE_CHECKING:
     from evcore.bus.api import Bus
@@ -50,53 +53,100 @@ async def _main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    consumers, shared = await _start_consumers(config, store, clock)
+    consumers = AuditConsumers(config, store, clock)
+    await consumers.start()
     fleet = "" if config.fleet is None else ", FleetApi for operators"
     print(f"evcore cloud: CloudApi on port {port}, store {store.description}{fleet}", flush=True)
     try:
         await stop.wait()
     finally:
-        for consumer, bus in consumers:
-            await consumer.stop()
-            await bus.close()
-        if shared is not None:
-            await shared.close()
+        await consumers.stop()
         await server.stop()
         await store.close()
     print("evcore cloud: stopped", flush=True)
     return 0
 
 
-async def _start_consumers(
-    config: CloudConfig, store: CloudStore, clock: WallClock
-) -> tuple[list[tuple[AuditConsumer, Bus]], NatsConnection | None]:
-    """One bus and durable audit consumer per site of ``[bus] sites`` (none without ``[bus]``),
-    all over one NATS connection (returned, to be closed after the buses)."""
-    if config.bus is None:
-        return [], None
-    from evcore.bus import bus_from_config, parse_bus_config
-    from evcore.cloud.consumer import AuditConsumer
+class AuditConsumers:
+    """The cloud's durable audit consumers, one per site (``[bus] sites``), every site's bus over
+    one NATS connection; with ``sites = "*"`` every site the store knows, looked for again every
+    ``discover_s`` (a new site's audit is read without a restart)."""
 
-    shared = None
-    cfg = parse_bus_config(config.bus)
-    if cfg.kind == "nats":
-        from evcore.bus.natsbus import NatsConnection as Shared
+    def __init__(self, config: CloudConfig, store: CloudStore, clock: WallClock) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._shared: NatsConnection | None = None
+        self.by_site: dict[str, tuple[AuditConsumer, Bus]] = {}
+        self._task: asyncio.Task[None] | None = None
 
-        # One connection for every site's consumer (one per site did not scale).
-        shared = Shared(cfg)
-    out: list[tuple[AuditConsumer, Bus]] = []
-    for site in config.bus_sites:
-        bus = bus_from_config(config.bus, site, clock, connection=shared)
+    async def start(self) -> None:
+        config = self._config
+        if config.bus is None:
+            return
+        from evcore.bus import parse_bus_config
+
+        cfg = parse_bus_config(config.bus)
+        if cfg.kind == "nats":
+            from evcore.bus.natsbus import NatsConnection as Shared
+
+            # One connection for every site's consumer (one per site did not scale).
+            self._shared = Shared(cfg)
+        for site in config.bus_sites:
+            await self.add(site)
+        if config.bus_discover:
+            await self.discover()
+            self._task = asyncio.get_running_loop().create_task(
+                self._discover_loop(), name="cloud-audit-discover"
+            )
+        log.info(
+            "cloud: consuming audit of %d site(s) over the bus (durable %s)%s",
+            len(self.by_site),
+            config.audit_durable,
+            ", and of every new site" if config.bus_discover else "",
+        )
+
+    async def add(self, site: str) -> None:
+        from evcore.bus import bus_from_config
+        from evcore.cloud.consumer import AuditConsumer
+
+        if site in self.by_site:
+            return
+        bus = bus_from_config(self._config.bus, site, self._clock, connection=self._shared)
         await bus.start()
-        consumer = AuditConsumer(bus, store, clock=clock, durable=config.audit_durable)
+        durable = self._config.audit_durable
+        consumer = AuditConsumer(bus, self._store, clock=self._clock, durable=durable)
         await consumer.start()
-        out.append((consumer, bus))
-    logging.getLogger("evcore.cloud").info(
-        "cloud: consuming audit of %d site(s) over the bus (durable %s)",
-        len(out),
-        config.audit_durable,
-    )
-    return out, shared
+        self.by_site[site] = (consumer, bus)
+
+    async def discover(self) -> list[str]:
+        """Start consumers for the sites the store knows and none reads yet; their ids."""
+        known = await self._store.site_activity()
+        new = sorted(set(known) - set(self.by_site))
+        for site in new:
+            await self.add(site)
+            log.info("cloud: reading the audit of site %r over the bus (new site)", site)
+        return new
+
+    async def _discover_loop(self) -> None:
+        while True:
+            await self._clock.sleep(self._config.discover_s)
+            try:
+                await self.discover()
+            except Exception:  # the store is away: the next round looks again
+                log.warning("cloud: looking for new sites failed", exc_info=True)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for consumer, bus in self.by_site.values():
+            await consumer.stop()
+            await bus.close()
+        self.by_site.clear()
+        if self._shared is not None:
+            await self._shared.close()
 
 
 def register(sub: Any) -> None:

@@ -83,6 +83,10 @@ class CloudConfig:
     # Audit over NATS: the edge's [bus] keys (kind is nats) for one durable consumer per site.
     bus: Mapping[str, Any] | None = None
     bus_sites: tuple[str, ...] = ()
+    # ``[bus] sites = "*"``: every site the cloud knows (a topology, audit or telemetry stored),
+    # looked for again every ``discover_s``; a new site's audit is read without a restart.
+    bus_discover: bool = False
+    discover_s: float = 30.0
     audit_durable: str = "cloud-audit"
     # FleetApi (operators): None when not served.
     fleet: FleetConfig | None = None
@@ -113,7 +117,10 @@ class CloudConfig:
             raise CloudConfigError(
                 "[fleet] needs [bus]: the sites' curtailments are published on their grid subjects"
             )
-        bus, sites, durable = _bus_section(table.get("bus"), base, sites_required=fleet is None)
+        bus, sites, durable, discover_s = _bus_section(
+            table.get("bus"), base, sites_required=fleet is None
+        )
+        discover = sites == ("*",)
         return CloudConfig(
             store_url=url,
             listen=listen,
@@ -122,7 +129,9 @@ class CloudConfig:
             reflection=top["reflection"],
             stop_grace_s=grace,
             bus=bus,
-            bus_sites=sites,
+            bus_sites=() if discover else sites,
+            bus_discover=discover,
+            discover_s=discover_s,
             audit_durable=durable,
             fleet=fleet,
             retention=CloudRetention(**_RETENTION.read(top.get("retention", {}))),
@@ -144,26 +153,40 @@ class CloudConfig:
 
 def _bus_section(
     section: Any, base: Path, *, sites_required: bool = True
-) -> tuple[Mapping[str, Any] | None, tuple[str, ...], str]:
-    """``[bus]``: ``sites`` (whose audit subjects to consume), ``audit_durable``, and the edge's
+) -> tuple[Mapping[str, Any] | None, tuple[str, ...], str, float]:
+    """``[bus]``: ``sites`` (whose audit subjects to consume; ``"*"``: every site the cloud
+    knows, as ``("*",)``, looked for every ``discover_s``), ``audit_durable``, and the edge's
     ``[bus]`` keys (docs/bus.md) for the NATS connection; validated by the bus's own parser."""
     if section is None:
-        return None, (), "cloud-audit"
+        return None, (), "cloud-audit", 30.0
     if not isinstance(section, Mapping):
         raise CloudConfigError("[bus] must be a table")
     sites = section.get("sites", None if sites_required else [])
-    if (
+    if sites == "*":
+        sites = ["*"]
+    elif (
         not isinstance(sites, list)
         or (sites_required and not sites)
         or not all(isinstance(x, str) and x for x in sites)
     ):
-        raise CloudConfigError("[bus] sites must be a non-empty list of site ids")
+        raise CloudConfigError(
+            '[bus] sites must be a non-empty list of site ids, or "*" (every site the cloud knows)'
+        )
     if len(set(sites)) != len(sites):
         raise CloudConfigError("[bus] sites names a site twice")
     durable = section.get("audit_durable", "cloud-audit")
     if not isinstance(durable, str) or not durable:
         raise CloudConfigError(f"[bus] audit_durable must be a name, got {durable!r}")
-    rest = {k: v for k, v in section.items() if k not in ("sites", "audit_durable")}
+    discover_s = section.get("discover_s", 30.0)
+    if (
+        isinstance(discover_s, bool)
+        or not isinstance(discover_s, int | float)
+        or not 0.05 <= discover_s <= 86400
+    ):
+        raise CloudConfigError(
+            f"[bus] discover_s must be a number of seconds in [0.05, 86400], got {discover_s!r}"
+        )
+    rest = {k: v for k, v in section.items() if k not in ("sites", "audit_durable", "discover_s")}
     if rest.get("kind", "nats") != "nats":
         raise CloudConfigError("[bus] kind must be nats for the cloud")
     rest["kind"] = "nats"
@@ -175,7 +198,7 @@ def _bus_section(
         parse_bus_config(rest)
     except ValueError as exc:
         raise CloudConfigError(str(exc)) from exc
-    return rest, tuple(sites), durable
+    return rest, tuple(sites), durable, float(discover_s)
 
 
 def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | None:
