@@ -13,7 +13,7 @@ from evcore.cloud.topology import site_from_topology, topology_from_site
 from evcore.errors import SiteConfigError
 from evcore.site import load_site
 from evcore.v1 import cloud_api_pb2 as pb
-from evcore.v1.topology_pb2 import ChargerKind, SiteTopology
+from evcore.v1.topology_pb2 import ChargerKind, SiteTopology, Wiring
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE_FILES = sorted((ROOT / "edge").glob("site*.toml"))
@@ -104,3 +104,73 @@ async def test_topology_versions_and_refusals(cloud: Cloud) -> None:
     assert held.version == 2
     assert list(held.topology.nodes[2].phase_limit_a) == [50.0, 50.0, 50.0]
     assert held.stored_at_s == cloud.clock.now()
+
+
+def _line_to_line(topo: SiteTopology) -> int:
+    return next(i for i, c in enumerate(topo.chargers) if c.wiring == Wiring.WIRING_LINE_TO_LINE)
+
+
+async def test_absurd_but_finite_limits_are_refused_at_put_naming_site_node_and_field(
+    cloud: Cloud,
+) -> None:
+    """1e306 A passed the core (finite, >= 0) and was stored; a fleet split refused it only later,
+    when the grid limit overflowed to inf. Now PutTopology refuses values beyond the plausible
+    bounds (evcore.cloud.topology: 100 kA, 1 GW, 50 to 1000 V) and stores nothing."""
+
+    def grid(topo: SiteTopology) -> int:
+        return next(i for i, n in enumerate(topo.nodes) if not n.parent_id)
+
+    def set_grid_phases(t: SiteTopology) -> None:
+        t.nodes[grid(t)].phase_limit_a[:] = [1e306] * 3
+
+    def set_grid_kw(t: SiteTopology) -> None:
+        t.nodes[grid(t)].power_limit_kw = 2e6
+
+    def set_other_load(t: SiteTopology) -> None:
+        t.nodes[2].other_load_max_a[:] = [0.0, 2e5, 0.0]
+
+    def set_site_volts(t: SiteTopology) -> None:
+        t.voltage_ln_v = 2000.0
+        for c in t.chargers:  # the site's voltage, as the core wants within 10 % of it
+            if c.wiring != Wiring.WIRING_LINE_TO_LINE:
+                c.voltage_v = 0.0
+
+    def set_line_to_line_volts(t: SiteTopology) -> None:
+        t.chargers[_line_to_line(t)].voltage_v = 1500.0
+
+    def set_charger_max_a(t: SiteTopology) -> None:
+        t.chargers[0].max_a = 1e6
+
+    cases = [
+        (set_grid_phases, lambda t: t.nodes[grid(t)].node_id, "phase_limit_a", "1e+306 A"),
+        (set_grid_kw, lambda t: t.nodes[grid(t)].node_id, "power_limit_kw", "2000000.0 kW"),
+        (set_other_load, lambda t: t.nodes[2].node_id, "other_load_max_a", "200000.0 A"),
+        (set_site_volts, lambda t: "site", "voltage_ln_v", "2000.0 V"),
+        (
+            set_line_to_line_volts,
+            lambda t: t.chargers[_line_to_line(t)].charger_id,
+            "voltage_v",
+            "1500.0 V",
+        ),
+        (set_charger_max_a, lambda t: t.chargers[0].charger_id, "max_a", "1000000.0 A"),
+    ]
+    for change, node_of, field, said in cases:
+        topo = example()
+        change(topo)
+        err = await _refused(cloud, topo)
+        details = err.details() or ""
+        node = node_of(topo)
+        assert details.startswith(f"topology of site 'depot-1' refused: site config: {node}."), (
+            details
+        )
+        assert f"{node}.{field}: {said} is beyond the plausible range" in details, details
+        trailing = dict(err.trailing_metadata() or ())
+        assert (trailing["evcore-node"], trailing["evcore-field"]) == (node, field)
+    assert await cloud.store.topology("depot-1") is None
+
+    # Large but real: a 60 kA, 40 MW connection is taken.
+    big = example()
+    big.nodes[grid(big)].phase_limit_a[:] = [60_000.0] * 3
+    big.nodes[grid(big)].power_limit_kw = 40_000.0
+    ack, version = await _put(cloud, big)
+    assert (ack.stored_count, version) == (1, "1")

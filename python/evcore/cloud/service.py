@@ -32,7 +32,7 @@ from evcore.cloud.fleet import BusGridPublisher, FleetCoordinator, GridPublisher
 from evcore.cloud.fleet_service import FLEET_SERVICE_NAME, FleetApiService
 from evcore.cloud.retention import run_retention
 from evcore.cloud.store import CloudStore
-from evcore.cloud.topology import site_from_topology
+from evcore.cloud.topology import check_plausible, site_from_topology
 from evcore.errors import SiteConfigError
 from evcore.metrics.cloud import CloudMetrics
 from evcore.metrics.server import MetricsServer
@@ -234,7 +234,7 @@ class CloudApiService(pb_grpc.CloudApiServicer):
         site = caller_site()
         try:
             # Off the event loop: a large site takes the core a while to validate.
-            await asyncio.to_thread(site_from_topology, request)
+            await asyncio.to_thread(lambda: check_plausible(site_from_topology(request)))
         except SiteConfigError as exc:
             node = str(getattr(exc, "node", "") or "")
             field = str(getattr(exc, "field", "") or "")

@@ -25,7 +25,7 @@ from evcore.v1.topology_pb2 import (
     Wiring,
 )
 
-__all__ = ["site_from_topology", "site_tables", "topology_from_site"]
+__all__ = ["check_plausible", "site_from_topology", "site_tables", "topology_from_site"]
 
 _NODE_KINDS = {
     NodeKind.NODE_KIND_GRID: "grid",
@@ -119,6 +119,16 @@ def site_tables(topology: SiteTopology) -> dict[str, Any]:
     }
 
 
+#: Plausible bounds on what a site may say, beyond the core's checks (finite, >= 0 or > 0, a
+#: charger's voltage within 10 % of the site's). A finite but absurd value (1e306 A) passed the
+#: core and was refused only when a fleet split multiplied it into inf. The bounds leave room far
+#: beyond any real site: 100 kA is about 70 MVA at 400 V; 1 GW is a large power plant's
+#: connection; chargers and sites are low voltage (IEC 60038: up to 1000 V AC), 50 V at least.
+MAX_CURRENT_A = 100_000.0
+MAX_POWER_KW = 1_000_000.0
+VOLTAGE_RANGE_V = (50.0, 1_000.0)
+
+
 def site_from_topology(topology: SiteTopology) -> Site:
     """Load ``topology`` into the core as the edge loads its site file.
 
@@ -127,6 +137,41 @@ def site_from_topology(topology: SiteTopology) -> Site:
     if not topology.site_id:
         raise _error("site", "id", "site_id is required")
     return load_site(site_tables(topology))
+
+
+def check_plausible(site: Site) -> None:
+    """``SiteConfigError`` naming the node (or charger) and field of the first value beyond the
+    bounds above. PutTopology applies it to what it stores; a topology stored before it is read
+    as it is (the fleet split refuses a grid limit that is not finite)."""
+    lo_v, hi_v = VOLTAGE_RANGE_V
+    if not lo_v <= site.voltage_ln_v <= hi_v:
+        raise _error("site", "voltage_ln_v", _beyond(site.voltage_ln_v, "V", VOLTAGE_RANGE_V))
+    amps = (0.0, MAX_CURRENT_A)
+    for n in site.nodes:
+        for key in ("phase_limit_a", "other_load_max_a"):
+            if max(getattr(n, key)) > MAX_CURRENT_A:
+                raise _error(n.id, key, _beyond(max(getattr(n, key)), "A", amps))
+        if (n.unbalance_limit_a or 0.0) > MAX_CURRENT_A:
+            raise _error(n.id, "unbalance_limit_a", _beyond(n.unbalance_limit_a, "A", amps))
+        if (n.power_limit_kw or 0.0) > MAX_POWER_KW:
+            raise _error(n.id, "power_limit_kw", _beyond(n.power_limit_kw, "kW", (0, MAX_POWER_KW)))
+    for c in site.chargers:
+        if not lo_v <= c.voltage_v <= hi_v:
+            raise _error(c.id, "voltage_v", _beyond(c.voltage_v, "V", VOLTAGE_RANGE_V))
+        # min_a <= max_a and min_w <= max_w are the core's checks.
+        if c.max_a > MAX_CURRENT_A:
+            raise _error(c.id, "max_a", _beyond(c.max_a, "A", amps))
+        for key in ("max_w", "aux_w"):
+            if (getattr(c, key) or 0.0) > MAX_POWER_KW * 1000.0:
+                watts = (0.0, MAX_POWER_KW * 1000.0)
+                raise _error(c.id, key, _beyond(getattr(c, key), "W", watts))
+
+
+def _beyond(value: float | None, unit: str, bounds: tuple[float, float]) -> str:
+    return (
+        f"{value!r} {unit} is beyond the plausible range [{bounds[0]:g}, {bounds[1]:g}] {unit} "
+        "the cloud accepts (docs/cloud.md, PutTopology)"
+    )
 
 
 def topology_from_site(site: Site, *, config_version: str = "") -> SiteTopology:
