@@ -424,3 +424,83 @@ async def test_evcore_edge_refuses_a_wrong_cloud_section_before_starting(tmp_pat
     rc, out, err = await run_evcore("edge", "--config", str(site_file))
     assert rc == 2, out + err
     assert "[cloud].url: expected 'host:port'" in out and "got 'cloud.example.net'" in out
+
+
+def _new_sites_ca(folder: Path) -> tuple[Path, bytes, bytes]:
+    """A second sites' CA and a certificate of ``SITE`` from it: (CA file, cert PEM, key PEM)."""
+    from cloud_testkit import _load_cert_helpers
+
+    folder.mkdir()
+    ca = _load_cert_helpers().CertAuthority(folder, "new sites CA")
+    cert, key = ca.issue(SITE)
+    return ca.ca_path, Path(cert).read_bytes(), Path(key).read_bytes()
+
+
+async def test_a_rotated_certificate_is_used_without_a_restart(
+    cloud: _Cloud, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The site's certificate is rotated on disk to one signed by a new sites' CA, and the cloud
+    restarts trusting only that CA. Before: the link kept the certificate it read at start and
+    was refused for ever. Now the round after the files changed connects with the new ones; a
+    bad new file keeps the credentials in use and is logged naming the file."""
+    records = chain(7, site_tag=SITE)
+    store = open_store({"kind": "embedded", "path": str(tmp_path / "edge-store")}, tmp_path)
+    await store.open()
+    cfg = CloudLinkConfig.from_section(cloud.link_section(timeout_s=1.0), tmp_path)
+    assert cfg is not None and cfg.cert_file is not None and cfg.key_file is not None
+    link = CloudLink(cfg, site_id=SITE, store=store, clock=ManualClock(T0))
+    ca2_path, new_cert, new_key = _new_sites_ca(tmp_path / "ca2")
+    try:
+        for r in records[:3]:
+            await store.append_audit(r)
+        assert await link.sync_once() and link.stats.audit_contiguous == 3
+
+        # A bad new file: not PEM at all, then a certificate without its key.
+        cfg.cert_file.write_bytes(b"not a certificate")
+        with caplog.at_level(logging.ERROR, logger="evcore.edge.cloud"):
+            assert await link.sync_once()  # the cloud still trusts the old one: it is kept
+        assert f"[cloud].cert_file {str(cfg.cert_file)!r}: not a PEM certificate" in caplog.text
+        assert link.stats.tls_error.startswith("[cloud].cert_file")
+        cfg.cert_file.write_bytes(new_cert)
+        assert await link.sync_once()
+        assert "not the key of cert_file" in link.stats.tls_error
+        assert link.stats.tls_reloads == 0
+
+        # The cloud now takes only certificates of the new CA: the one in use is refused.
+        await cloud.stop()
+        cloud.config = CloudConfig.from_table(
+            {
+                "listen": f"127.0.0.1:{cloud.port}",
+                "tls": {**cloud.tls, "client_ca_file": str(ca2_path)},
+                "store": {"url": cloud.config.store_url},
+            },
+            tmp_path,
+        )
+        await cloud.start()
+        for r in records[3:5]:
+            await store.append_audit(r)
+        assert not await link.sync_once()
+        assert link.stats.audit_contiguous == 3
+        # The half-done rotation is looked at every round and logged once.
+        assert caplog.text.count("not the key of cert_file") == 1
+        assert len(await cloud.store.audit_records(SITE)) == 3
+
+        # The rotation completes (the key arrives): the next round connects with the new files.
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="evcore.edge.cloud"):
+            cfg.key_file.write_bytes(new_key)
+            assert await link.sync_once(), link.stats.last_error
+        assert link.stats.tls_reloads == 1 and link.stats.tls_error == ""
+        assert f"TLS files changed; reconnecting as CN={SITE}" in caplog.text
+        assert link.stats.audit_contiguous == 5
+        held = await cloud.store.audit_records(SITE)
+        assert [r.hash for r in held] == [r.hash for r in records[:5]]
+        # Unchanged files are not read again; a touched file with the same bytes is no change.
+        cfg.cert_file.write_bytes(new_cert)
+        for r in records[5:]:
+            await store.append_audit(r)
+        assert await link.sync_once() and link.stats.audit_contiguous == 7
+        assert link.stats.tls_reloads == 1
+    finally:
+        await link.close()
+        await store.close()

@@ -135,6 +135,10 @@ class CloudLinkStats:
     step_errors: dict[str, str] = field(default_factory=dict)
     #: Wall time of the last round that completed.
     last_sync_at: float | None = None
+    #: Times the TLS files were re-read after they changed and the channel rebuilt with them.
+    tls_reloads: int = 0
+    #: Why the TLS files on disk are not in use (a bad new file; the previous ones are), or "".
+    tls_error: str = ""
 
 
 async def _items(items: Sequence[Any]) -> AsyncIterator[Any]:
@@ -174,6 +178,9 @@ class CloudLink:
         self._sent_measured: dict[str, float] = {}
         self._round = 0
         self.synced = asyncio.Event()  # set after each round that completed
+        # The TLS credentials in use, and the files' stat when they were last looked at.
+        self._tls: _Tls | None = None
+        self._tls_stamp: tuple[tuple[int, ...], ...] | None = None
 
     # -- the channel ------------------------------------------------------------------------
     def _open(self) -> cpb_grpc.CloudApiStub:
@@ -191,17 +198,64 @@ class CloudLink:
         if cfg.insecure:
             self._channel = grpc.aio.insecure_channel(cfg.url, options=options)
         else:
-            assert cfg.ca_file and cfg.cert_file and cfg.key_file
+            if self._tls is None:
+                self._tls_stamp = _stamp(self._tls_files())
+                self._tls = _load_tls(*self._tls_files())
             creds = grpc.ssl_channel_credentials(
-                root_certificates=cfg.ca_file.read_bytes(),
-                private_key=cfg.key_file.read_bytes(),
-                certificate_chain=cfg.cert_file.read_bytes(),
+                root_certificates=self._tls.ca,
+                private_key=self._tls.key,
+                certificate_chain=self._tls.cert,
             )
             if cfg.server_name:
                 options.append(("grpc.ssl_target_name_override", cfg.server_name))
             self._channel = grpc.aio.secure_channel(cfg.url, creds, options=options)
         self._stub = cpb_grpc.CloudApiStub(self._channel)
         return self._stub
+
+    def _tls_files(self) -> tuple[Path, Path, Path]:
+        cfg = self.config
+        assert cfg.ca_file and cfg.cert_file and cfg.key_file
+        return cfg.ca_file, cfg.cert_file, cfg.key_file
+
+    async def _reload_tls(self) -> None:
+        """Before each round: when the TLS files changed on disk (stat: mtime, ctime, size,
+        inode), read and check them, and if they hold new credentials close the channel so the
+        next call connects with them (a rotated certificate needs no restart). A file that is
+        missing, unreadable, not PEM, a key that is not the certificate's, or a certificate not
+        valid now keeps the credentials in use and is logged, naming the file."""
+        if self.config.insecure or self._tls is None:
+            return  # the first call loads them
+        files = self._tls_files()
+        stamp = await asyncio.to_thread(_stamp, files)
+        if stamp == self._tls_stamp:
+            return
+        self._tls_stamp = stamp
+        try:
+            new = await asyncio.to_thread(_load_tls, *files)
+        except ValueError as exc:
+            # Looked at again every round until good (a certificate not valid yet becomes valid
+            # without a change on disk); logged when what is wrong changes.
+            self._tls_stamp = None
+            if str(exc) != self.stats.tls_error:
+                log.error(
+                    "cloud link: %s; keeping the credentials in use (%s)", exc, self._tls.subject
+                )
+            self.stats.tls_error = str(exc)
+            return
+        self.stats.tls_error = ""
+        if new == self._tls:
+            return  # touched, not changed
+        log.warning(
+            "cloud link: TLS files changed; reconnecting as %s (valid until %s, was %s)",
+            new.subject,
+            new.not_after,
+            self._tls.subject,
+        )
+        self._tls = new
+        self.stats.tls_reloads += 1
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((SITE_HEADER, self.site_id),) if self.config.insecure else ()
@@ -237,6 +291,7 @@ class CloudLink:
         ends, telemetry, plan, each on its own: one that fails (a refused upload, a store
         outage) does not keep the others from running, except that a cloud found unreachable
         ends the round. Returns whether every step completed."""
+        await self._reload_tls()
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         if self.topology is not None and self.stats.topology_version is None:
             steps.append(("topology", self._put_topology))
@@ -425,6 +480,76 @@ class CloudLink:
             ctrl.set_plan(targets)
             self.stats.plans_applied += 1
             log.info("cloud: plan %s version %d applied", plan.plan_id, plan.plan_version)
+
+
+@dataclass(frozen=True)
+class _Tls:
+    """PEM credentials read from the ``[cloud]`` files and checked to belong together."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+    subject: str = field(compare=False)
+    not_after: str = field(compare=False)
+
+
+def _stamp(files: Sequence[Path]) -> tuple[tuple[int, ...], ...]:
+    out: list[tuple[int, ...]] = []
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError:
+            out.append(())
+        else:
+            out.append((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+def _load_tls(ca_file: Path, cert_file: Path, key_file: Path) -> _Tls:
+    """The three files' bytes, or ``ValueError`` naming the file that is wrong."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def read(key: str, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"[cloud].{key} {str(path)!r}: cannot read ({exc.strerror})") from None
+
+    ca, cert, key = (
+        read("ca_file", ca_file),
+        read("cert_file", cert_file),
+        read("key_file", key_file),
+    )
+    try:
+        x509.load_pem_x509_certificates(ca)
+    except ValueError:
+        raise ValueError(f"[cloud].ca_file {str(ca_file)!r}: not a PEM certificate") from None
+    try:
+        leaf = x509.load_pem_x509_certificates(cert)[0]
+    except ValueError:
+        raise ValueError(f"[cloud].cert_file {str(cert_file)!r}: not a PEM certificate") from None
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"[cloud].key_file {str(key_file)!r}: not an unencrypted PEM private key"
+        ) from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise ValueError(
+            f"[cloud].key_file {str(key_file)!r}: not the key of cert_file {str(cert_file)!r}"
+        )
+    # Checked against the real time, as the cloud's TLS handshake does.
+    now = dt.datetime.now(dt.UTC)
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        raise ValueError(
+            f"[cloud].cert_file {str(cert_file)!r}: valid from {leaf.not_valid_before_utc} to "
+            f"{leaf.not_valid_after_utc}, not now"
+        )
+    return _Tls(ca, cert, key, leaf.subject.rfc4514_string(), str(leaf.not_valid_after_utc))
 
 
 def _ts(t: Any) -> float:
