@@ -26,6 +26,10 @@ from evcore.errors import InputError
 from evcore.site import Site
 
 PLAN_METADATA_KEY = "evcore.plan"
+#: The core refuses an energy price beyond this magnitude (per kWh; the plausibility bounds of
+#: core/evcore-core/src/planner/input.rs, docs/planner.md). Prices may be negative. The edge API
+#: refuses a price update beyond it, so that a price it takes is one the planner can use.
+PRICE_BOUND_PER_KWH = 1e4
 STATUSES = ("optimal", "suboptimal", "infeasible", "time_limit", "failed")
 
 PerPhase = float | Sequence[float] | Sequence[Sequence[float]]

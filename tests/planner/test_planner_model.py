@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 from evcore.errors import InputError
 from evcore.planner import (
+    PRICE_BOUND_PER_KWH,
     PlanCharger,
     Planner,
     PlannerSettings,
@@ -167,6 +168,14 @@ def test_tiny_budget_gives_time_limit_status() -> None:
         (lambda d: d["sessions"][0].update(energy_requested_kwh=math.nan), "energy_requested_kwh"),
         (lambda d: d["sessions"][0].update(energy_requested_kwh=-1.0), "energy_requested_kwh"),
         (lambda d: d.update(price_per_kwh=[0.1] * 7 + [math.nan]), "price_per_kwh[7]"),
+        # Absurd finite values: named, not solved into infeasible / failed (review p1/p2).
+        (lambda d: d.update(price_per_kwh=[0.1] * 7 + [1e300]), "price_per_kwh[7]"),
+        (lambda d: d["sessions"][0].update(energy_requested_kwh=1e7), "energy_requested_kwh"),
+        (lambda d: d["chargers"][0].update(max_a=1e12), "chargers[0](c1).max_a"),
+        (
+            lambda d: d["nodes"][0].update(phase_limit_a=[[1e300], [1.0], [1.0]]),
+            "phase_limit_a[0][0]",
+        ),
         (lambda d: d["nodes"][0].update(phase_limit_a=[[math.inf], [1.0], [1.0]]), "phase_limit_a"),
         (lambda d: d["chargers"][0].update(min_a=3.0), "min_a"),
         (lambda d: d["sessions"][0].update(charger_id="nope"), "charger_id"),
@@ -342,3 +351,10 @@ def test_budget_running_out_inside_the_solver_is_a_time_limit_status() -> None:
     again = p.plan(doc, 120.0)
     assert again.ok
     assert again.summary["reused_solver"] == (res.summary["solver_status"] == "MaxTime")
+
+
+def test_the_price_bound_the_api_enforces_is_the_cores() -> None:
+    # Negative prices are planned; the bound is the core's (the API refuses beyond it).
+    assert Planner().plan(_one_charger(price_per_kwh=-PRICE_BOUND_PER_KWH), 5.0).ok
+    with pytest.raises(InputError, match=r"price_per_kwh\[0\]: must be between -1e4 and 1e4"):
+        Planner().plan(_one_charger(price_per_kwh=PRICE_BOUND_PER_KWH * 1.001), 5.0)

@@ -31,6 +31,7 @@ from evcore.api.serving import add_health, bind, start_serving, stop_serving
 from evcore.audit.log import record_from_mapping
 from evcore.clock import Clock
 from evcore.edge.state import priority_error
+from evcore.planner import PRICE_BOUND_PER_KWH
 from evcore.site.sections import Key, Section
 from evcore.store.base import Store
 from evcore.v1 import edge_api_pb2 as pb
@@ -428,10 +429,12 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             prices = sig.price_update.tariff.prices
             await self._require(context, len(prices) > 0, "price update has no prices")
             points = sorted((convert.seconds(p.start), p.price_per_kwh) for p in prices)
+            # Negative prices are normal in day-ahead markets and planned (docs/planner.md).
             await self._require(
                 context,
-                all(math.isfinite(p) for _, p in points),
-                "price_per_kwh must be finite",
+                all(math.isfinite(p) and abs(p) <= PRICE_BOUND_PER_KWH for _, p in points),
+                f"price_per_kwh must be a finite number between -{PRICE_BOUND_PER_KWH:g} and "
+                f"{PRICE_BOUND_PER_KWH:g} (the planner's bound)",
             )
             await self._call(context, self._facade.post_prices, points)
             sid = sig.signal_id or sig.price_update.tariff.tariff_id

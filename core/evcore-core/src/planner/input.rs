@@ -188,12 +188,75 @@ fn bad(field: impl Into<String>, message: impl Into<String>) -> PlanError {
     }
 }
 
+/// Plausibility bounds per field name (magnitude, unit). A finite value beyond them is a unit or
+/// data error (Wh for kWh, a placeholder for "no limit"), and the solver meets it as a badly
+/// scaled problem: before these, 1e7 kWh came back `infeasible`, 1e12 A or a 1e300 limit
+/// `infeasible` (dual), a 1e300 price `failed`, instead of an error naming the field. Each is
+/// orders of magnitude above any site (docs/planner.md lists them); "no cap" is an absent
+/// `power_limit_kw`, or up to 1e6 kW.
+pub const BOUNDS: &[(&str, f64, &str)] = &[
+    ("start_s", 1e11, "s"),
+    ("arrival_s", 1e11, "s"),
+    ("departure_s", 1e11, "s"),
+    ("step_s", 1e7, "s"),
+    ("demand_window_s", 1e7, "s"),
+    ("price_per_kwh", 1e4, "per kWh"),
+    ("demand_charge_per_kw", 1e6, "per kW"),
+    ("pv_kw", 1e6, "kW"),
+    ("power_limit_kw", 1e6, "kW"),
+    ("other_load_kw", 1e5, "kW"),
+    ("peak_floor_kw", 1e6, "kW"),
+    ("current_window_energy_kwh", 1e6, "kWh"),
+    ("energy_requested_kwh", 1e4, "kWh"),
+    ("phase_limit_a", 1e5, "A"),
+    ("other_load_a", 1e5, "A"),
+    ("max_a", 1e5, "A"),
+    ("min_a", 1e5, "A"),
+    ("max_w", 1e7, "W"),
+    ("min_w", 1e7, "W"),
+    ("voltage_v", 1e4, "V"),
+    ("priority", 1e6, ""),
+    ("non_delivery_per_kwh", 1e9, ""),
+    ("charge_early_per_kwh", 1e9, ""),
+    ("urgency_per_kwh", 1e9, ""),
+    ("equal_share", 1e9, ""),
+    ("smooth", 1e9, ""),
+];
+
+/// The bound of a field path such as `nodes[0](grid).phase_limit_a[1][3]` (its last name).
+fn bound_of(field: &str) -> Option<(f64, &'static str)> {
+    let name = field.rsplit('.').next().unwrap_or(field);
+    let name = name.split('[').next().unwrap_or(name);
+    BOUNDS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|&(_, b, unit)| (b, unit))
+}
+
 fn check_num(field: &str, v: f64, allow_negative: bool) -> Result<(), PlanError> {
     if !v.is_finite() {
         return Err(bad(field, format!("must be a finite number, got {v}")));
     }
     if !allow_negative && v < 0.0 {
         return Err(bad(field, format!("must not be negative, got {v}")));
+    }
+    if let Some((b, unit)) = bound_of(field) {
+        if v.abs() > b {
+            let unit = if unit.is_empty() {
+                String::new()
+            } else {
+                format!(" {unit}")
+            };
+            let range = if allow_negative {
+                format!("between -{b:e} and {b:e}{unit}")
+            } else {
+                format!("at most {b:e}{unit}")
+            };
+            return Err(bad(
+                field,
+                format!("must be {range} (plausibility bound, docs/planner.md), got {v:e}"),
+            ));
+        }
     }
     Ok(())
 }

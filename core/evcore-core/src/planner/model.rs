@@ -318,7 +318,17 @@ impl Model {
             }
         }
 
-        // Hard limits: node power caps and line currents.
+        // Hard limits: node power caps and line currents. A limit the rates below it cannot
+        // reach even all at their maximum cannot bind and is left out: a "no cap" placeholder
+        // (1e6 kW) beside kW-sized rates and other load made the problem so badly scaled that
+        // Clarabel called it infeasible (1,000 kW of other load under a 1e6 kW cap).
+        let can_bind = |entries: &[(usize, f64, f64)], headroom: f64| {
+            let reach: f64 = entries
+                .iter()
+                .map(|&(v, re, im)| (re * re + im * im).sqrt() * sessions[vars[v].session].max_rate)
+                .sum();
+            headroom < reach * 1.01 + 1.0
+        };
         let mut limits = Vec::new();
         for (ni, node) in input.nodes.iter().enumerate() {
             if let Some(cap) = &node.power_limit_kw {
@@ -328,12 +338,13 @@ impl Model {
                         .filter(|&&v| in_subtree[ni][sessions[vars[v].session].charger])
                         .map(|&v| (v, sessions[vars[v].session].site_kw_per_unit, 0.0))
                         .collect();
-                    if !entries.is_empty() {
+                    let headroom = at(cap, k) - at(&node.other_load_kw, k);
+                    if !entries.is_empty() && can_bind(&entries, headroom) {
                         limits.push(LimitCon {
                             node: ni,
                             phase: None,
                             step: k,
-                            headroom: at(cap, k) - at(&node.other_load_kw, k),
+                            headroom,
                             entries,
                             soc: false,
                         });
@@ -372,13 +383,13 @@ impl Model {
                             (in_subtree[ni][c] && (re != 0.0 || im != 0.0)).then_some((v, re, im))
                         })
                         .collect();
-                    if !entries.is_empty() {
+                    let headroom = at(&node.phase_limit_a[ph], k) - at(&node.other_load_a[ph], k);
+                    if !entries.is_empty() && can_bind(&entries, headroom) {
                         limits.push(LimitCon {
                             node: ni,
                             phase: Some(ph),
                             step: k,
-                            headroom: at(&node.phase_limit_a[ph], k)
-                                - at(&node.other_load_a[ph], k),
+                            headroom,
                             entries,
                             soc: !collinear,
                         });

@@ -228,7 +228,31 @@ fn bad_input_names_the_field() {
     let PlanError::Input { field, .. } = &err;
     assert_eq!(field, "sessions[0](s1).energy_requested_kwh");
 
+    // Absurd finite values: refused naming the field, not solved into infeasible / failed.
+    inp.sessions = vec![session("s1", "c1", 1.0, 1e7)];
+    let PlanError::Input { field, message } =
+        plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
+    assert_eq!(field, "sessions[0](s1).energy_requested_kwh");
+    assert!(message.contains("at most 1e4 kWh"), "{message}");
     inp.sessions = vec![session("s1", "c1", 1.0, 2.0)];
+    inp.chargers[0].max_a = Some(1e12);
+    let PlanError::Input { field, .. } = plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
+    assert_eq!(field, "chargers[0](c1).max_a");
+    inp.chargers[0].max_a = Some(32.0);
+    inp.nodes[0].phase_limit_a[1] = vec![1e300];
+    let PlanError::Input { field, .. } = plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
+    assert_eq!(field, "nodes[0](root).phase_limit_a[1][0]");
+    inp.nodes[0].phase_limit_a[1] = vec![100.0];
+    inp.price_per_kwh = vec![-1e300];
+    let PlanError::Input { field, message } =
+        plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
+    assert_eq!(field, "price_per_kwh[0]");
+    assert!(
+        message.contains("between -1e4 and 1e4 per kWh"),
+        "{message}"
+    );
+    inp.price_per_kwh = vec![1e4];
+    assert!(plan(&inp, PlannerSettings::default(), 5.0).is_ok());
     inp.price_per_kwh = vec![0.1];
     inp.chargers[0].min_a = Some(3.0);
     let PlanError::Input { field, .. } = plan(&inp, PlannerSettings::default(), 5.0).unwrap_err();
@@ -817,4 +841,35 @@ fn a_window_cut_by_the_horizon_end_counts_the_other_load_after_it() {
         close(planned, billed, 1e-3),
         "planned {planned} kW, billed {billed} kW"
     );
+}
+
+#[test]
+fn a_cap_no_rate_can_reach_does_not_spoil_the_solve() {
+    // 1,000 kW of other load under a 1e6 kW "no cap" placeholder: Clarabel called the badly
+    // scaled problem PrimalInfeasible while its rows were kept.
+    let mut inp = input(vec![900.0; 8], vec![0.2]);
+    inp.nodes = vec![node("root", None, 16.0)];
+    inp.nodes[0].other_load_kw = vec![1000.0];
+    inp.nodes[0].power_limit_kw = Some(vec![1e6]);
+    inp.chargers = vec![ac(
+        "c1",
+        "root",
+        Wiring::ThreePhase,
+        &[0, 1, 2],
+        230.0,
+        32.0,
+    )];
+    inp.sessions = vec![session("s1", "c1", 2.0, 10.0)];
+    inp.weights = PlanWeights {
+        non_delivery_per_kwh: 1000.0,
+        ..PlanWeights::default()
+    };
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(
+        out.summary.status,
+        PlanStatus::Optimal,
+        "{}",
+        out.summary.message
+    );
+    assert!(close(out.summary.delivered_kwh[0], 10.0, 1e-5));
 }
