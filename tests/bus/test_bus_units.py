@@ -192,6 +192,36 @@ async def test_outbox_order_persistence_and_group_commit(tmp_path: Path) -> None
     await again.close()
 
 
+async def test_an_unreadable_outbox_is_moved_aside_and_an_empty_one_serves(
+    tmp_path: Path,
+) -> None:
+    """Review 2026-12-05: a garbage outbox file made NatsBus.start raise "file is not a
+    database" and the edge could never start. Now it is kept aside and an empty one serves."""
+    path = tmp_path / "ob.sqlite"
+    path.write_bytes(b"garbage" * 200)
+    ob = Outbox(path)
+    await ob.open()
+    assert ob.corrupt_moved_to is not None and ob.corrupt_moved_to.read_bytes().startswith(b"garb")
+    assert ob.pending == 0
+    assert await ob.append("evcore.s.audit", "e1", b"1", 0.0) > 0
+    assert [e.event_id for e in await ob.peek(10)] == ["e1"]
+    await ob.close()
+
+
+async def test_a_full_outbox_reports_that_it_is_full(tmp_path: Path) -> None:
+    """Review 2026-12-05: after SQLITE_FULL the explicit ROLLBACK raised "cannot rollback - no
+    transaction is active" and hid the cause. (A page cap stands in for a full disk.)"""
+    ob = Outbox(tmp_path / "ob.sqlite")
+    await ob.open()
+    assert ob._db is not None
+    pages = ob._db.execute("PRAGMA page_count").fetchone()[0]
+    ob._db.execute(f"PRAGMA max_page_count = {pages + 2}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for i in range(100):
+            await ob.append("evcore.s.audit", f"e{i}", b"x" * 8192, 0.0)
+    await ob.close()
+
+
 def test_processed_ids(tmp_path: Path) -> None:
     clock = ManualClock()
     ids = ProcessedIds(tmp_path / "ids.sqlite", "c1", clock=clock)

@@ -11,10 +11,14 @@ runs on one worker thread so the event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("evcore.bus.outbox")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -47,6 +51,20 @@ class Outbox:
         self._writer: asyncio.Task[None] | None = None
         self._count = 0
         self.nonempty = asyncio.Event()
+        #: Where an unreadable outbox file was moved at open (None: it was readable).
+        self.corrupt_moved_to: Path | None = None
+
+    def _connect_sync(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     @property
     def pending(self) -> int:
@@ -55,10 +73,27 @@ class Outbox:
 
     def _open_sync(self) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
+        try:
+            db = self._connect_sync()
+        except sqlite3.DatabaseError as exc:
+            # A file SQLite cannot read (a torn disk, a stray file): what it held cannot be sent
+            # anyway. Keep it aside for an investigation and start empty rather than leave the
+            # edge unable to start (audit records are republished from the store past its
+            # publish mark; docs/bus.md).
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    src.rename(Path(f"{aside}{suffix}"))
+            log.error(
+                "outbox %s is unreadable (%s): moved to %s; starting an empty outbox (the events "
+                "it held are not sent)",
+                self.path,
+                exc,
+                aside,
+            )
+            self.corrupt_moved_to = aside
+            db = self._connect_sync()
         self._db = db
         # Removals need no fsync of their own: a removal lost in a crash only means a re-send under
         # the same event id (dropped as a duplicate); the next append's fsync covers it anyway.
@@ -88,7 +123,10 @@ class Outbox:
                 seqs.append(int(cur.lastrowid or 0))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite has already rolled back after some errors (SQLITE_FULL): a ROLLBACK then
+            # raises "no transaction is active" and would hide the real cause.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         return seqs
 

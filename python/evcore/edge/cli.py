@@ -45,7 +45,17 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, app.stop)
     runner = asyncio.ensure_future(app.run())
-    await app.ready.wait()
+    ready = asyncio.ensure_future(app.ready.wait())
+    # A start that fails (the OCPP port taken, a store that does not open, ...) ends run()
+    # before ready: say why and exit non-zero, so that a supervisor restarts or alerts (before,
+    # the process waited for ever, printing nothing, deaf to SIGTERM).
+    await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+        error = runner.exception() if not runner.cancelled() else None
+        print(f"evcore edge: {args.config}: could not start: {error!r}", flush=True)
+        logging.getLogger("evcore.edge").error("start failed", exc_info=error)
+        return 1
     api = f", API on port {app.api_port}" if app.api is not None else ""
     metrics = f", metrics on port {app.metrics_port}" if app.metrics is not None else ""
     print(

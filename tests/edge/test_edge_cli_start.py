@@ -1,0 +1,78 @@
+"""`evcore edge` whose start fails ends with a message and a non-zero code (a supervisor can
+restart it or alert); an unreadable bus outbox no longer keeps it from starting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from bus_testkit import SHARED_NATS, free_port
+from edge_testkit import start_edge
+from evcore.edge.sitegen import depot_table, to_toml
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _run_until_exit(site_file: Path, timeout_s: float) -> tuple[int | None, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "evcore.cli",
+        "edge",
+        "--config",
+        str(site_file),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.send_signal(signal.SIGKILL)
+        out, _ = await proc.communicate()
+        return None, out.decode()
+    return proc.returncode, out.decode()
+
+
+async def test_a_start_that_fails_exits_non_zero_naming_the_error(tmp_path: Path) -> None:
+    """Review 2026-12-05 (HIGH): with its OCPP port taken the edge printed nothing and waited
+    for ever, deaf to SIGTERM (systemd's Restart= never fired)."""
+    table = depot_table(2, per_feeder=2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        table["ocpp"]["port"] = taken.getsockname()[1]
+        table["store"] = {"kind": "embedded", "path": str(tmp_path / "store")}
+        site_file = tmp_path / "site.toml"
+        site_file.write_text(to_toml(table))
+        rc, out = await _run_until_exit(site_file, 45.0)
+    assert rc == 1, f"still running after 45 s (rc {rc}): {out[-1500:]}"
+    assert "could not start" in out and "address already in use" in out
+
+
+async def test_an_unreadable_outbox_is_set_aside_and_the_edge_starts(tmp_path: Path) -> None:
+    """Review 2026-12-05: a garbage outbox file ("file is not a database") kept the edge from
+    ever starting; now it is moved aside and the edge controls."""
+    site = "outbox-garbage"
+    table = depot_table(2, per_feeder=2, site_id=site)
+    table["ocpp"]["port"] = free_port()
+    table["store"] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    outbox = tmp_path / "outbox"
+    table["bus"] = {"kind": "nats", "urls": [SHARED_NATS], "outbox_dir": str(outbox)}
+    outbox.mkdir()
+    bad = outbox / f"{site}.sqlite"
+    bad.write_bytes(b"garbage" * 200)
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    proc = await start_edge(site_file, timeout_s=45.0)
+    try:
+        assert len(list(outbox.glob(f"{site}.sqlite.corrupt-*"))) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
+    assert proc.returncode == 0
