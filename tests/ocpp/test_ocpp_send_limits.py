@@ -75,11 +75,11 @@ def test_serialised_frames_equal_the_builders_and_pass_the_schemas(version: str)
                 profile_id=107,
                 stack_level=2,
                 transaction_id=tx,
-                now=NOW,
+                start=NOW,
                 start_iso=v16.iso(NOW),
             )
             action, expected = build(
-                charger, req, profile_id=107, stack_level=2, transaction_id=tx, now=NOW
+                charger, req, profile_id=107, stack_level=2, transaction_id=tx, start=NOW
             )
             payload = json.loads(text)
             assert payload == expected, (version, charger.charger_id, req)
@@ -98,7 +98,7 @@ def test_a_2_0_1_transaction_id_is_escaped_as_json() -> None:
         profile_id=1,
         stack_level=1,
         transaction_id='tx"1\\',
-        now=NOW,
+        start=NOW,
         start_iso=v16.iso(NOW),
     )
     assert json.loads(text)["chargingProfile"]["transactionId"] == 'tx"1\\'
@@ -115,7 +115,7 @@ def test_a_non_finite_limit_never_reaches_the_wire() -> None:
             profile_id=1,
             stack_level=1,
             transaction_id=None,
-            now=NOW,
+            start=NOW,
             start_iso=v16.iso(NOW),
         )
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from evcore.ocpp import MeterSample, ProfileResult
+from evcore.ocpp.metering import parse_timestamp
 from evcore.sim.chargepoint import SimChargePoint
 from evcore.sim.ev import EV
 from ocpp_testsite import DC_CHARGER, rig
@@ -67,13 +68,14 @@ async def test_limits_reach_the_charger_as_the_right_profile(charger: str) -> No
         now = r.cs.clock.now()
         res = await r.cs.set_limit(charger, limit_a=20, valid_to=now + 2.0, final_limit_a=6)
         assert res.accepted
-        periods = sent_profiles(sim)[-1]["csChargingProfiles" if v16 else "chargingProfile"]
-        periods = (
-            periods["chargingSchedule"]["chargingSchedulePeriod"]
-            if v16
-            else periods["chargingSchedule"][0]["chargingSchedulePeriod"]
-        )
-        assert [p["limit"] for p in periods] == [20.0, 6.0] and periods[1]["startPeriod"] in (1, 2)
+        body = sent_profiles(sim)[-1]["csChargingProfiles" if v16 else "chargingProfile"]
+        sched = body["chargingSchedule"] if v16 else body["chargingSchedule"][0]
+        periods = sched["chargingSchedulePeriod"]
+        assert [p["limit"] for p in periods] == [20.0, 6.0]
+        # The schedule starts max_clock_skew_s (300 s) back; the final period at validTo.
+        start = parse_timestamp(sched["startSchedule"])
+        assert now - 301.0 < start <= now - 300.0
+        assert now + 1.0 < start + periods[1]["startPeriod"] <= now + 2.0
         await r.until(lambda: sim.connectors[1].terminal_a[0] == 20.0)
         await r.until(lambda: sim.connectors[1].terminal_a[0] == 6.0, 5)
         results = [e for e in r.events if isinstance(e, ProfileResult)]

@@ -165,7 +165,7 @@ class EdgeApp:
         self.bus = bus
         self.store = store
         self.central = CentralSystem(site, clock=clock, bus=bus, store=store)
-        self.core = RustCore(site, site_table)
+        self.core = RustCore(site, site_table, clock_offset_s=self.central.clock_offset_s)
         self.recorder: Any = None
         if audit is None and store is not None:
             from evcore.audit.log import AuditLog

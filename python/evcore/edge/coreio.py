@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -102,10 +102,23 @@ def inputs_digest(
 
 
 class RustCore:
-    """``CorePort`` on ``evcore._core`` through the core room's typed facade."""
+    """``CorePort`` on ``evcore._core`` through the core room's typed facade.
 
-    def __init__(self, site: Any, site_table: Mapping[str, Any]) -> None:
+    ``clock_offset_s(charger_id)``: how far that charger's station clock runs from the edge's (s;
+    > 0 ahead, ``None`` unknown), e.g. ``CentralSystem.clock_offset_s``. A station ahead reaches
+    the final (failsafe) period of its TxProfile that much before ``validTo`` by our clock, one
+    behind holds the profile that much after it: both count so.
+    """
+
+    def __init__(
+        self,
+        site: Any,
+        site_table: Mapping[str, Any],
+        *,
+        clock_offset_s: Callable[[str], float | None] | None = None,
+    ) -> None:
         self._allocate = _allocate_fn()
+        self._clock_offset_s = clock_offset_s
         self._site = site
         self._site_table = dict(site_table)
         self._topologies: dict[tuple[tuple[str, float], ...], Any] = {(): site}
@@ -197,10 +210,15 @@ class RustCore:
                 )
             )
             fs_level = failsafe.get(cid, 0.0)
+            # The station's own clock decides when its profile ends: one running ahead falls back
+            # (or a paused one rises) to the final level before validTo by ours, one behind after.
+            offset = self._clock_offset_s(cid) if self._clock_offset_s is not None else None
+            lead_s = max(0.0, offset) if offset is not None else 0.0
+            lag_s = max(0.0, -offset) if offset is not None else 0.0
             in_force = (
                 c.transaction_id is not None
                 and c.expires_at is not None
-                and now_wall < c.expires_at + cfg.fallback_guard_s
+                and now_wall < c.expires_at + lag_s + cfg.fallback_guard_s
             )
             if active or in_force:
                 # Online: what it was last sent counts once accepted. Until then (a decrease on
@@ -238,13 +256,15 @@ class RustCore:
                 # the final level counts from one decision (tick + guard) before validTo. Counting
                 # it from the refresh instant held every paused charger's failsafe level in
                 # reserve for the whole refresh lead and starved the others (the twin's depot
-                # delivered 40 % less).
+                # delivered 40 % less). All by the station's clock (``lead_s``).
+                station_now = now_wall + lead_s
                 if (
                     c.expires_at is not None
                     and c.sent is not None
                     and c.final_level is not None
-                    and now_wall >= failsafe_timing.refresh_at(c.expires_at, c.sent, fs_level, cfg)
-                    and now_wall >= c.expires_at - cfg.fallback_guard_s - cfg.tick_s
+                    and station_now
+                    >= failsafe_timing.refresh_at(c.expires_at, c.sent, fs_level, cfg)
+                    and station_now >= c.expires_at - cfg.fallback_guard_s - cfg.tick_s
                 ):
                     value = max(value, c.final_level) if not math.isnan(value) else c.final_level
                     confirmed = False

@@ -81,7 +81,7 @@ class EdgeRig:
 
         if self.with_edge:
             self.central = CentralSystem(self.site, clock=self.clock)
-            self.core = RustCore(self.site, self.table)
+            self.core = RustCore(self.site, self.table, clock_offset_s=self.central.clock_offset_s)
             self.controller = build_controller(
                 self.table,
                 core=self.core,

@@ -38,11 +38,12 @@ def set_charging_profile_json(
     profile_id: int,
     stack_level: int,
     transaction_id: str | None,
-    now: float,
+    start: float,
     start_iso: str,
 ) -> str:
-    """The SetChargingProfile request payload for ``req`` as JSON text (``start_iso`` is
-    ``v16.iso(now)``, computed once per batch)."""
+    """The SetChargingProfile request payload for ``req`` as JSON text; its schedule starts at
+    ``start`` (``handlers.schedule_start``) and ``start_iso`` is ``v16.iso(start)``, computed
+    once per batch."""
     evse = 0 if req.purpose == "station_max" else charger.evse_id
     ac = req.limit_w is None
     unit = "A" if ac else "W"
@@ -50,8 +51,8 @@ def set_charging_profile_json(
     periods = f'{{"startPeriod":0,"limit":{_num(req.wire_limit)}{phases}}}'
     valid_to = ""
     if req.valid_to is not None and req.wire_final is not None:
-        start = max(1, int(req.valid_to - now))
-        periods += f',{{"startPeriod":{start},"limit":{_num(req.wire_final)}{phases}}}'
+        final_at = max(1, int(req.valid_to - start))
+        periods += f',{{"startPeriod":{final_at},"limit":{_num(req.wire_final)}{phases}}}'
     elif req.valid_to is not None:
         valid_to = f',"validTo":"{v16.iso(req.valid_to)}"'
     schedule = (

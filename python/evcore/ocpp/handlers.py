@@ -7,6 +7,7 @@ differs by version stays in ``v16`` / ``v201``. Like them, protocol only: it nev
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -73,19 +74,31 @@ class SharedHandlers(StationConnection):
         at = parse_timestamp(value)
         if at > self.clock.now() + self.csms.config.max_clock_skew_s:
             raise HandlerError("PropertyConstraintViolation", f"timestamp in the future: {value}")
+        self.csms._station_timestamp(self.station, at)
         return at
 
 
 # ---- builders ------------------------------------------------------------------------------------
 
 
+def schedule_start(now: float, max_clock_skew_s: float) -> float:
+    """The ``startSchedule`` of a profile sent at ``now``: ``max_clock_skew_s`` earlier, in whole
+    seconds. A station whose clock is behind ours by up to that much applies the profile at once
+    (a schedule starting in its future is not in force yet, and the profile it replaced is gone:
+    it would run at its TxDefault or hardware maximum meanwhile); one in its past is in force
+    from its first period. The final period still begins at ``valid_to`` by our clock."""
+    return float(math.floor(now - max(0.0, max_clock_skew_s)))
+
+
 def schedule_periods(
-    charger: ChargerInfo, req: LimitRequest, now: float
+    charger: ChargerInfo, req: LimitRequest, start: float
 ) -> tuple[str, list[dict[str, Any]], str | None]:
     """A SetChargingProfile schedule's rate unit, periods and ``validTo`` (same in both versions).
 
-    A final limit after ``valid_to`` becomes a second period; without one the profile ends at
-    ``valid_to`` (the returned ``validTo``, else ``None``).
+    ``start`` is the schedule's ``startSchedule`` (``schedule_start``). A final limit after
+    ``valid_to`` becomes a second period, its ``startPeriod`` counted from ``start`` so that it
+    begins at ``valid_to`` (at most a second earlier: whole seconds); without one the profile
+    ends at ``valid_to`` (the returned ``validTo``, else ``None``).
     """
     unit = "W" if req.limit_w is not None else "A"
     first: dict[str, Any] = {"startPeriod": 0, "limit": req.wire_limit}
@@ -95,7 +108,7 @@ def schedule_periods(
     valid_to = None
     if req.valid_to is not None and req.wire_final is not None:
         final: dict[str, Any] = {
-            "startPeriod": max(1, int(req.valid_to - now)),
+            "startPeriod": max(1, int(req.valid_to - start)),
             "limit": req.wire_final,
         }
         if unit == "A":

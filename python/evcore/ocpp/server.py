@@ -31,6 +31,7 @@ from websockets.http11 import Request, Response
 
 from evcore.clock import Clock
 from evcore.ocpp import frames, v16, v201, validation
+from evcore.ocpp.clockskew import WARN_OFFSET_S, ClockOffset
 from evcore.ocpp.config import OcppConfig, parse_ocpp_section
 from evcore.ocpp.connection import HandlerError, StationConnection
 from evcore.ocpp.events import (
@@ -46,6 +47,7 @@ from evcore.ocpp.events import (
     StatusEvent,
     TransactionEvent,
 )
+from evcore.ocpp.handlers import schedule_start
 from evcore.ocpp.metering import PhaseMap, parse_meter_value, phase_map_for
 from evcore.ocpp.publish import EventPublisher
 from evcore.ocpp.queue import CallOutcome, QueuedCall, StationCallQueue, Then
@@ -279,6 +281,8 @@ class Station:
     in_flight: asyncio.Future[CallOutcome] | None = None
     #: The worker holds a call taken from the queue (sending it or waiting for the slot).
     busy: bool = False
+    #: Its clock's offset from ours, from the timestamps it sends (``clockskew``).
+    clock_offset: ClockOffset = field(default_factory=ClockOffset)
 
     def charger(self, evse_id: int | None) -> ChargerInfo | None:
         if evse_id is None:
@@ -690,6 +694,29 @@ class CentralSystem:
             queued_calls=len(st.queue),
         )
 
+    def clock_offset_s(self, charger_or_station: str) -> float | None:
+        """The station's clock minus ours (s; > 0: it runs ahead), estimated from the timestamps
+        it sent (``clockskew``); ``None`` before it sent one."""
+        st, _ = self._target(charger_or_station)
+        return st.clock_offset.offset_s
+
+    def _station_timestamp(self, st: Station, at: float) -> None:
+        """A timestamp the station sent (accepted: not too far in the future) arrived now."""
+        est = st.clock_offset
+        est.observe(at, self.clock.now())
+        offset = est.offset_s
+        if not est.warned and offset is not None and abs(offset) > WARN_OFFSET_S:
+            est.warned = True
+            LOG.warning(
+                "station %s: its clock runs %.1f s %s the central system's (from the timestamps "
+                "it sends): its profiles' final (failsafe) periods begin that much %s by ours. "
+                "Fix its NTP.",
+                st.ocpp_id,
+                abs(offset),
+                "ahead of" if offset > 0 else "behind",
+                "earlier" if offset > 0 else "later",
+            )
+
     def charger(self, charger_id: str) -> ChargerInfo:
         try:
             return self._chargers[charger_id]
@@ -935,6 +962,7 @@ class CentralSystem:
             reading.terminal_a = [line, line, line]
         if reading.at > self.clock.now() + self.config.max_clock_skew_s:
             raise HandlerError("PropertyConstraintViolation", f"{where}.timestamp in the future")
+        self._station_timestamp(st, reading.at)
         if tx is None and tx_id is None:
             active = st.active_tx.get(charger.evse_id)
             tx = st.transactions.get(active) if active else None
@@ -1111,7 +1139,7 @@ class CentralSystem:
                 profile_id=pid,
                 stack_level=self._stack_level(key) if level is None else level,
                 transaction_id=tx_id,
-                now=self.clock.now(),
+                start=schedule_start(self.clock.now(), self.config.max_clock_skew_s),
             )
 
         return st, key, decrease, pid, builder, seq
@@ -1234,7 +1262,8 @@ class CentralSystem:
                 raise ValueError(f"send_limits: order {i} ({o.charger_id}): {exc}") from None
         loop = asyncio.get_running_loop()
         now = self.clock.now()
-        start_iso = v16.iso(now)
+        start = schedule_start(now, self.config.max_clock_skew_s)
+        start_iso = v16.iso(start)
         clock = self.clock
         # Pass 1: put every frame that can go now on its socket, doing nothing else per frame.
         written: list[tuple[str, asyncio.Future[CallOutcome], float, float] | None] = []
@@ -1265,7 +1294,7 @@ class CentralSystem:
                     profile_id=pid,
                     stack_level=self._stack_level((st.ocpp_id, evse_key, req.purpose)),
                     transaction_id=st.active_tx.get(charger.evse_id),
-                    now=now,
+                    start=start,
                     start_iso=start_iso,
                 )
                 sent = conn.send_now("SetChargingProfile", payload)

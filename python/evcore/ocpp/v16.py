@@ -128,17 +128,19 @@ def set_charging_profile(
     profile_id: int,
     stack_level: int,
     transaction_id: str | None,
-    now: float,
+    start: float,
 ) -> tuple[str, dict[str, Any]]:
+    """SetChargingProfile for ``req``; its schedule starts at ``start``
+    (``handlers.schedule_start``)."""
     connector = 0 if req.purpose == "station_max" else charger.evse_id
-    unit, periods, valid_to = schedule_periods(charger, req, now)
+    unit, periods, valid_to = schedule_periods(charger, req, start)
     profile: dict[str, Any] = {
         "chargingProfileId": profile_id,
         "stackLevel": stack_level,
         "chargingProfilePurpose": PURPOSE[req.purpose],
         "chargingProfileKind": "Absolute",
         "chargingSchedule": {
-            "startSchedule": iso(now),
+            "startSchedule": iso(start),
             "chargingRateUnit": unit,
             "chargingSchedulePeriod": periods,
         },

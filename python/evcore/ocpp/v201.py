@@ -131,10 +131,12 @@ def set_charging_profile(
     profile_id: int,
     stack_level: int,
     transaction_id: str | None,
-    now: float,
+    start: float,
 ) -> tuple[str, dict[str, Any]]:
+    """SetChargingProfile for ``req``; its schedule starts at ``start``
+    (``handlers.schedule_start``)."""
     evse = 0 if req.purpose == "station_max" else charger.evse_id
-    unit, periods, valid_to = schedule_periods(charger, req, now)
+    unit, periods, valid_to = schedule_periods(charger, req, start)
     profile: dict[str, Any] = {
         "id": profile_id,
         "stackLevel": stack_level,
@@ -143,7 +145,7 @@ def set_charging_profile(
         "chargingSchedule": [
             {
                 "id": profile_id,
-                "startSchedule": iso(now),
+                "startSchedule": iso(start),
                 "chargingRateUnit": unit,
                 "chargingSchedulePeriod": periods,
             }

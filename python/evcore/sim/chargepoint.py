@@ -115,6 +115,24 @@ def _rejected(reason_code: str, info: str) -> dict[str, Any]:
     return {"status": "Rejected", "statusInfo": {"reasonCode": reason_code, "additionalInfo": info}}
 
 
+class OffsetClock:
+    """A station's own clock: ``base`` shifted by ``offset_s`` (> 0 runs ahead). Only the time
+    of day is off (timestamps, profile schedules); it sleeps and measures ages like ``base``."""
+
+    def __init__(self, base: Clock, offset_s: float) -> None:
+        self.base = base
+        self.offset_s = offset_s
+
+    def now(self) -> float:
+        return self.base.now() + self.offset_s
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self.base.sleep(seconds)
+
+
 class TxRef:
     """One transaction's id as the station learns it (1.6: from the StartTransaction answer)."""
 
@@ -225,6 +243,7 @@ class SimChargePoint:
         model: str = "SimCP",
         serial: str | None = None,
         subprotocols: list[str] | None = None,
+        clock_offset_s: float = 0.0,
     ) -> None:
         if version not in ("1.6", "2.0.1"):
             raise ValueError(f"version must be '1.6' or '2.0.1', got {version!r}")
@@ -234,7 +253,9 @@ class SimChargePoint:
         self.version = version
         self.connectors = {c.evse_id: c for c in connectors}
         self.url = url
-        self.clock = clock
+        self._base_clock = clock
+        self.clock: Clock = clock
+        self.clock_offset_s = clock_offset_s
         self.password = password
         self.username = username or ocpp_id
         self.ssl_context = ssl_context
@@ -289,6 +310,16 @@ class SimChargePoint:
         self._last_sample: float | None = None
         self._force_drop = asyncio.Event()
         self._side_tasks: set[asyncio.Future[None]] = set()
+
+    @property
+    def clock_offset_s(self) -> float:
+        """How far the station's clock is from the injected one (s; > 0 runs ahead): its
+        timestamps and the profiles it applies follow its own clock (``OffsetClock``)."""
+        return self.clock.offset_s if isinstance(self.clock, OffsetClock) else 0.0
+
+    @clock_offset_s.setter
+    def clock_offset_s(self, offset_s: float) -> None:
+        self.clock = OffsetClock(self._base_clock, offset_s) if offset_s else self._base_clock
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:

@@ -1,0 +1,104 @@
+"""Stations whose clocks are off from the edge's, on the real rig (edge, central system, simulated
+stations over real WebSockets, site physics).
+
+A profile's schedule starts at the central system's "now" minus ``max_clock_skew_s``: a station
+whose clock is behind ours applies it at once (a schedule starting in its future is not in force
+and the profile it replaced is gone: it ran at its TxDefault or hardware maximum). A station ahead
+of ours reaches its TxProfile's final (failsafe) period before ``validTo`` by our clock; the
+central system estimates each station's offset from its timestamps and the edge counts that final
+level earlier by the station's lead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from edge_testkit import FAST
+from evcore.edge.config import EdgeConfig
+from evcore.edge.rig import EdgeRig
+from evcore.edge.sitegen import depot_table
+from evcore.sim.ev import EV
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def _offsets(rig: EdgeRig, offsets_s: dict[str, float]) -> Any:
+    def prepare(fleet: Any) -> None:
+        for cid, offset_s in offsets_s.items():
+            fleet.station(cid)[0].clock_offset_s = offset_s
+
+    return prepare
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.0.1"])
+async def test_stations_30_s_behind_apply_every_profile_at_once(version: str) -> None:
+    # F1, F2: 32 A per phase each, grid 51.2 A: four cars at the failsafe level (12.8 A) fit.
+    table = depot_table(4, per_feeder=2)
+    rig = EdgeRig(table, cfg=EdgeConfig(**FAST), version=version)
+    rig.prepare = _offsets(rig, dict.fromkeys(("cp-0001", "cp-0002", "cp-0003", "cp-0004"), -30.0))
+    async with rig:
+        ctrl = rig.controller
+        assert ctrl is not None
+        await rig.wait_for(rig.tx_default_at_failsafe, 20, "TxDefaults at the failsafe level")
+        for cid in rig.fleet.charger_ids:
+            rig.fleet.plug_in(cid, EV(soc=0.3))
+        await asyncio.sleep(15.0)
+        own = []
+        for cid in rig.fleet.charger_ids:
+            sim, evse = rig.fleet.station(cid)
+            own.append(sim.limit_at(evse, sim.clock.now()))
+        # Before: the TxDefaults and TxProfiles were not in force by the stations' clocks: the
+        # cars drew 32 A each, the grid 128 A on 51.2 A (1,773 violation samples in 20 s).
+        assert rig.physics.violations == 0, (rig.physics.violations, own)
+        assert max(own) <= 12.8
+        assert all(rig.fleet.connector(c).terminal_a[0] > 0 for c in rig.fleet.charger_ids)
+        offset = rig.central.clock_offset_s("cp-0001")
+        assert offset is not None and -31.0 < offset <= -30.0
+
+
+async def test_stations_30_s_ahead_are_counted_at_their_final_level_in_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Two of the four stations run 30 s ahead: each TxProfile they get (validTo at most 40 s
+    # away, final period at the failsafe level, 12 A on the wire) reaches its final period 30 s
+    # before validTo by the edge's clock, above what the edge sent them (it gives the room to
+    # the two high-priority sessions beside them). Counted at what it sent, the high-priority
+    # cars got the rest of their feeder's room.
+    table = depot_table(4, per_feeder=2)
+    rig = EdgeRig(table, cfg=EdgeConfig(**FAST))
+    rig.prepare = _offsets(rig, {"cp-0002": 30.0, "cp-0004": 30.0})
+    caplog.set_level(logging.WARNING, logger="evcore.ocpp")
+    async with rig:
+        ctrl = rig.controller
+        assert ctrl is not None
+        await rig.wait_for(rig.tx_default_at_failsafe, 20, "TxDefaults at the failsafe level")
+        for cid in rig.fleet.charger_ids:
+            rig.fleet.plug_in(cid, EV(soc=0.3))
+        await rig.wait_for(
+            lambda: all(ctrl.state.chargers[c].transaction_id for c in rig.fleet.charger_ids),
+            10,
+            "four sessions",
+        )
+        for cid in ("cp-0001", "cp-0003"):
+            ctrl.set_session(cid, priority=1000.0)
+        above_sent = 0.0  # how far an ahead station's car drew above what the edge sent it
+        for _ in range(120):  # 60 s: two expiry cycles and more (spacing 40 - 10 - 5 = 25 s)
+            for cid in ("cp-0002", "cp-0004"):
+                sent = ctrl.state.chargers[cid].sent
+                if sent is not None:
+                    drawn = rig.fleet.connector(cid).terminal_a[0]
+                    above_sent = max(above_sent, drawn - sent)
+            await asyncio.sleep(0.5)
+        # Before: 345 violation samples in 60 s, worst excess about 9 A.
+        assert rig.physics.violations == 0, (rig.physics.violations, rig.physics.worst_excess_a)
+        assert above_sent >= 2.0  # the scenario: a station at its final level early
+        lead = rig.central.clock_offset_s("cp-0002")
+        assert lead is not None and 29.0 < lead <= 30.0
+        on_time = rig.central.clock_offset_s("cp-0001")
+        assert on_time is not None and abs(on_time) < 1.0
+    warned = [r.getMessage() for r in caplog.records if "Fix its NTP" in r.getMessage()]
+    assert sorted(m.split(":")[0] for m in warned) == ["station CP0002", "station CP0004"]
+    assert all("30.0 s ahead of" in m for m in warned), warned

@@ -1,0 +1,93 @@
+"""Stations whose clocks are off from the central system's (simulated stations over real sockets).
+
+Every profile's schedule starts ``max_clock_skew_s`` before the central system's now, its final
+period still at ``validTo`` by our clock; each station's clock offset is estimated from the
+timestamps it sends (``CentralSystem.clock_offset_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from evcore.ocpp.clockskew import ClockOffset
+from evcore.ocpp.metering import parse_timestamp
+from evcore.sim.ev import EV
+from ocpp_testsite import rig
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _schedule(payload: dict[str, object]) -> dict[str, object]:
+    prof = payload.get("csChargingProfiles") or payload["chargingProfile"]
+    assert isinstance(prof, dict)
+    sched = prof["chargingSchedule"]
+    return sched[0] if isinstance(sched, list) else sched  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("charger", "station"), [("cp-a", "CPA"), ("cp-b", "CPB")])
+async def test_a_station_60_s_behind_applies_a_lowered_txdefault_at_once(
+    charger: str, station: str
+) -> None:
+    async with rig(connect=False) as r:
+        sim = r.fleet.stations[station]
+        sim.clock_offset_s = -60.0
+        await r.fleet.start()
+        await r.fleet.wait_connected()
+        await r.until(lambda: sim.boot_status == "Accepted")
+        evse = r.cs.charger(charger).evse_id
+        res = await r.cs.set_limit(charger, limit_a=16.0, purpose="tx_default")
+        assert res.status == "Accepted"
+        res = await r.cs.set_limit(charger, limit_a=6.0, purpose="tx_default")
+        assert res.status == "Accepted"
+        now = r.cs.clock.now()
+        start = parse_timestamp(
+            _schedule([p for a, p in sim.received if a == "SetChargingProfile"][-1])[
+                "startSchedule"
+            ]
+        )
+        assert now - 301.0 < start <= now - 300.0
+        await asyncio.sleep(0.5)
+        # Before: the schedule started at our now, 60 s in the station's future: the lowered
+        # TxDefault was not in force and had replaced the 16 A one, the station allowed 32 A.
+        assert sim.limit_at(evse, sim.clock.now()) == 6.0
+
+
+async def test_the_final_period_begins_at_valid_to_and_a_station_ahead_is_measured() -> None:
+    async with rig(connect=False) as r:
+        sim = r.fleet.stations["CPA"]
+        sim.clock_offset_s = 20.0
+        await r.fleet.start()
+        await r.fleet.wait_connected()
+        r.fleet.plug_in("cp-a", EV(soc=0.3))
+        await r.until(lambda: 1 in r.cs.station_state("cp-a").active_transactions, 10)
+        await r.until(lambda: (r.cs.clock_offset_s("cp-a") or 0.0) > 19.0, 10)
+        offset = r.cs.clock_offset_s("CPA")
+        assert offset is not None and 19.0 < offset <= 20.0
+        assert r.cs.clock_offset_s("CPM") is None or abs(r.cs.clock_offset_s("CPM") or 0) < 1
+        valid_to = r.cs.clock.now() + 45.0
+        res = await r.cs.set_limit(
+            "cp-a", limit_a=0.0, valid_to=valid_to, final_limit_a=16.0, purpose="tx"
+        )
+        assert res.status == "Accepted"
+        sched = _schedule([p for a, p in sim.received if a == "SetChargingProfile"][-1])
+        start = parse_timestamp(sched["startSchedule"])
+        periods = sched["chargingSchedulePeriod"]
+        assert isinstance(periods, list)
+        assert [p["limit"] for p in periods] == [0.0, 16.0]
+        assert valid_to - 1.0 < start + periods[1]["startPeriod"] <= valid_to
+
+
+def test_old_timestamps_never_lower_the_estimate_and_it_outlives_a_quiet_station() -> None:
+    est = ClockOffset()
+    assert est.offset_s is None
+    t = 1_800_000_000.0
+    est.observe(t + 30.0, t)  # 30 s ahead
+    est.observe(t + 30.0 - 3600.0, t + 1.0)  # an hour-old sample (transactionData, replay)
+    assert est.offset_s == 30.0
+    est.observe(t + 5000.0 + 29.5, t + 5000.0)  # quiet for over an hour, then a fresh one
+    assert est.offset_s == 29.5
+    est.observe(t + 5100.0 - 2.0, t + 5100.0)  # NTP fixed: the lead is kept for the window
+    assert est.offset_s == 29.5
+    est.observe(t + 5800.0 - 2.0, t + 5800.0)
+    assert est.offset_s == -2.0
