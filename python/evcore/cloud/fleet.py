@@ -638,6 +638,15 @@ def validate_request(req: FleetCurtailment, *, now_s: float) -> None:
         raise FleetInputError(f"end: has passed ({end} <= now {now_s})")
 
 
+def _raise_if_cancelled() -> None:
+    """Raise ``CancelledError`` when the current task was cancelled but went on: Python 3.11's
+    ``asyncio.wait_for`` (in the bus client) can swallow a cancel that lands as its call ends,
+    and a background task would then sleep on the clock for good while its owner awaits it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class FleetCoordinator:
     """Splits, re-splits and cancels fleet curtailments; every split is stored as a new revision
     before its per-site curtailments are published."""
@@ -734,6 +743,7 @@ class FleetCoordinator:
                 log.warning("fleet: re-split check skipped, store unavailable: %s", exc)
             except Exception:
                 log.exception("fleet: re-split check failed")
+            _raise_if_cancelled()
 
     async def republish_pending(self) -> list[FleetCurtailmentResult]:
         """Take every fleet curtailment whose latest revision is not all published, unless its
@@ -776,7 +786,7 @@ class FleetCoordinator:
             for result in pending:
                 fid = result.curtailment.fleet_curtailment_id
                 try:
-                    progress = await self.advance(result, ask_bus=False)
+                    progress = await self.advance(result)
                 except StoreUnavailable:
                     raise
                 except Exception as exc:
@@ -854,6 +864,7 @@ class FleetCoordinator:
                 delay = min(every_s or COUNTED_CHECK_EVERY_S, COUNTED_CHECK_EVERY_S)
             else:
                 delay = every_s if every_s > 0 else None
+            _raise_if_cancelled()
             await self._sleep_or_wake(delay)
 
     async def _sleep_or_wake(self, delay_s: float | None) -> None:
@@ -880,18 +891,27 @@ class FleetCoordinator:
         return result
 
     async def _curtail(
-        self, req: FleetCurtailment, *, if_revision: int | None = None
+        self, req: FleetCurtailment, *, if_revision: int | None = None, resplit: bool = False
     ) -> FleetCurtailmentResult | None:
         """:meth:`curtail`; with ``if_revision``, only when that is the held revision (None
-        when it is not)."""
+        when it is not); with ``resplit``, ``FleetInputError`` when it was cancelled meanwhile."""
         now = self._clock.now()
         validate_request(req, now_s=now)
+        fid = req.fleet_curtailment_id
+        # What the edges took is asked of the bus before taking the lock (as the republish task
+        # does): a slow broker holds back no other Curtail or Cancel. The store records what it
+        # learns; under the lock the split and the plan use the store's record.
+        asked = await self._ask_edges(fid, req.site_ids)
         async with self._lock:
-            previous = await self._store.fleet_curtailment(req.fleet_curtailment_id)
+            previous = await self._store.fleet_curtailment(fid)
             if if_revision is not None and (
                 previous is None or previous.cancelled or int(previous.revision) != if_revision
             ):
                 return None
+            if resplit and (previous is None or previous.cancelled):
+                raise FleetInputError(
+                    f"fleet_curtailment_id: {fid!r} is cancelled; send Curtail again"
+                )
             inputs = []
             for i, sid in enumerate(req.site_ids):
                 try:
@@ -972,6 +992,11 @@ class FleetCoordinator:
                     result.detail,
                 )
             progress = await self.advance(result)
+            if await self._not_asked(fid, asked):
+                # Signals sent since the bus was asked (another split in between): not asked
+                # under the lock; the republish task asks at once (an edge's take never unsets,
+                # so the store's older record only holds increases back longer).
+                self._wake.set()
             note = progress.note(self.ramp_s)
             if note:
                 self._waiting = True
@@ -999,11 +1024,9 @@ class FleetCoordinator:
         other sites; such a site still gets its share by the split rule (its decrease, for when
         its edge comes back). Returns the split and the sites counted so, with what at."""
         split = split_fleet_limit(req.max_kw, inputs)
-        fid = req.fleet_curtailment_id
-        signals = await self._store.fleet_site_signals(fid)
+        signals = await self._store.fleet_site_signals(req.fleet_curtailment_id)
         if not signals:
             return split, {}
-        signals = await self._refresh_taken(fid, signals, [s.site_id for s in inputs])
         counted = counted_sites(
             {s.site_id: (split.max_kw[s.site_id], s.grid_limit_kw) for s in inputs},
             signals,
@@ -1023,8 +1046,30 @@ class FleetCoordinator:
     async def resplit(self, fleet_curtailment_id: str) -> FleetCurtailmentResult:
         """Split a held fleet curtailment again on the sites' current demand and topology. An
         infeasible split is applied at the floors (it is in force already; refusing would leave
-        the old split)."""
-        return await self.curtail(await self._resplit_request(fleet_curtailment_id))
+        the old split). ``FleetInputError`` when it is cancelled, also when a Cancel came while
+        this one asked the bus."""
+        req = await self._resplit_request(fleet_curtailment_id)
+        result = await self._curtail(req, resplit=True)
+        assert result is not None
+        return result
+
+    async def _ask_edges(self, fid: str, site_ids: Sequence[str]) -> frozenset[tuple[str, int]]:
+        """Ask the bus which signals of ``fid`` to ``site_ids`` their edges took (recorded in the
+        store); returns the (site, revision) of those not taken, as asked. Call without the
+        lock."""
+        signals = await self._store.fleet_site_signals(fid)
+        if not signals:
+            return frozenset()
+        signals = await self._refresh_taken(fid, signals, site_ids)
+        return frozenset((x.site_id, x.revision) for x in signals if x.taken_at_s is None)
+
+    async def _not_asked(self, fid: str, asked: frozenset[tuple[str, int]]) -> bool:
+        """Whether ``fid`` holds a sent signal not taken that :meth:`_ask_edges` did not ask about
+        (sent since by another split)."""
+        return any(
+            x.sent and x.taken_at_s is None and (x.site_id, x.revision) not in asked
+            for x in await self._store.fleet_site_signals(fid)
+        )
 
     async def _resplit_if(self, fleet_curtailment_id: str, revision: int) -> bool:
         """:meth:`resplit` if ``revision`` is still the held one (False: another split or a
@@ -1265,18 +1310,18 @@ class FleetCoordinator:
             signals = await self._refresh_taken(fid, signals, [sh.site_id for sh in result.shares])
         return plan_revision(result, signals, ramp_s=self.ramp_s), signals
 
-    async def advance(self, result: FleetCurtailmentResult, *, ask_bus: bool = True) -> Progress:
+    async def advance(self, result: FleetCurtailmentResult) -> Progress:
         """Publish what of ``result`` (the latest revision) may go out now (:func:`plan_revision`):
         each signal recorded first (so a crash after the outbox took it still counts it as
         possibly held), then accepted by the outbox, then marked sent; signals recorded but not
         sent go out again. Once every signal is sent the revision is recorded as published. The
-        caller holds the lock. ``ask_bus`` False: what the edges took as the store holds it (the
-        caller asked the bus just before, outside the lock)."""
+        caller holds the lock. What the edges took is the store's record: the bus is never
+        asked here (the callers ask it before taking the lock)."""
         if self.after_store is not None:
             await self.after_store(result)
         fid = result.curtailment.fleet_curtailment_id
         rev = int(result.revision)
-        plan, signals = await self._plan(result, ask_bus=ask_bus)
+        plan, signals = await self._plan(result, ask_bus=False)
         progress = Progress(plan=plan)
         now = self._clock.now()
         # Recorded but never accepted by the outbox (a crash or an outbox error in between).
