@@ -51,6 +51,7 @@ class NatsServer:
         *,
         max_payload: int | None = None,
         monitor: bool = False,
+        max_file_store: str | None = None,
     ) -> None:
         self.port = port or free_port()
         #: The HTTP monitoring port (``/connz``, ``/jsz``) when ``monitor``.
@@ -59,6 +60,8 @@ class NatsServer:
         self.proc: subprocess.Popen[bytes] | None = None
         #: The broker's max_payload (bytes); nats-server's default (1 MiB) when None.
         self.max_payload = max_payload
+        #: JetStream's file storage cap (e.g. "100MB"); the disk's free space when None.
+        self.max_file_store = max_file_store
 
     @property
     def url(self) -> str:
@@ -68,9 +71,19 @@ class NatsServer:
         assert self.proc is None
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf: list[str] = []
+        js = ["-js", "-sd", str(self.store_dir)]
+        lines = []
         if self.max_payload is not None:
+            lines.append(f"max_payload: {int(self.max_payload)}")
+        if self.max_file_store is not None:
+            lines.append(
+                f'jetstream {{ store_dir: "{self.store_dir}", max_file_store: '
+                f"{self.max_file_store} }}"
+            )
+            js = []
+        if lines:
             path = self.store_dir / "limits.conf"
-            path.write_text(f"max_payload: {int(self.max_payload)}\n")
+            path.write_text("\n".join(lines) + "\n")
             conf = ["-c", str(path)]
         if self.monitor_port is not None:
             conf += ["-m", str(self.monitor_port)]
@@ -82,9 +95,7 @@ class NatsServer:
                 "127.0.0.1",
                 "-p",
                 str(self.port),
-                "-js",
-                "-sd",
-                str(self.store_dir),
+                *js,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

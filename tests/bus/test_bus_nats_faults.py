@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bus_testkit import AuditSink, NatsServer, make_nats_bus, unique_site, wait_until
+from bus_testkit import SHARED_NATS, AuditSink, NatsServer, make_nats_bus, unique_site, wait_until
 from evcore.bus import BusMessage, BusUnavailable, Subjects
 from evcore.bus.natsbus import NatsBus
 from evcore.bus.outbox import Outbox
@@ -276,4 +276,42 @@ async def test_broker_unreachable_control_path_keeps_going_telemetry_sampled(
         assert await bus.flush(timeout_s=10)
         assert bus.outbox.pending == 0
     finally:
+        await bus.close()
+
+
+async def test_a_failing_handler_backs_off_warns_and_the_rest_follows_in_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review 2026-12-05: a handler that kept failing on one message (not BadPayload) was
+    called every 0.2 s for ever with nothing said. Now each try waits twice as long (to 30 s),
+    a WARNING names the message and that the rest waits, and once the handler takes it the
+    messages behind follow in order."""
+    site = unique_site()
+    bus = make_nats_bus(site, SHARED_NATS, tmp_path / "outbox")
+    await bus.start()
+    s = Subjects(site)
+    seen: list[bytes] = []
+    calls: list[bytes] = []
+    broken = True
+
+    async def handler(m: BusMessage) -> None:
+        calls.append(m.data)
+        if m.data == b"stuck" and broken:
+            raise RuntimeError("the store is away")
+        seen.append(m.data)
+
+    try:
+        await bus.consume(s.grid, durable="edge-grid", handler=handler)
+        for i, p in enumerate([b"1", b"stuck", b"3", b"4"]):
+            await bus.publish(s.grid, p, event_id=f"m{i}", critical=True)
+        await wait_until(lambda: seen == [b"1"] and b"stuck" in calls, 20, "the stuck message")
+        await asyncio.sleep(3.0)
+        tries = calls.count(b"stuck")
+        assert 2 <= tries <= 6, tries  # 0.2, 0.4, 0.8, 1.6 s apart (before: every 0.2 s, ~15)
+        assert any("m1" in r.getMessage() and "wait" in r.getMessage() for r in caplog.records)
+        broken = False
+        await wait_until(lambda: len(seen) == 4, 40, "the rest")
+        assert seen == [b"1", b"stuck", b"3", b"4"]
+    finally:
+        await bus.delete_streams()
         await bus.close()

@@ -94,3 +94,39 @@ async def test_a_stream_the_server_cannot_hold_is_named_with_what_to_change(
     assert "_TELEMETRY: insufficient storage resources available (err_code 10047)" in line, line
     assert "100000000000000 bytes" in line and "telemetry_max_bytes" in line, line
     assert "ServerError()" not in line
+
+
+async def test_a_refused_telemetry_stream_leaves_the_rest_of_the_bus_working(
+    tmp_path: Path,
+) -> None:
+    """Review 2026-12-05 (HIGH): a broker whose JetStream storage cannot reserve the TELEMETRY
+    stream (docs/bus.md Sizing, a normal state on a full broker) kept the whole bus not ready:
+    no audit record left the outbox and no grid signal came in, although the EVENTS stream was
+    there. Now the bus works with the streams it has and keeps trying for the missing one."""
+    from bus_testkit import NatsServer, make_nats_bus, wait_until
+    from evcore.bus import BusMessage, Subjects
+
+    server = NatsServer(tmp_path / "js", max_file_store="100MB")
+    server.start()
+    site = "tele-refused"
+    bus = make_nats_bus(site, server.url, tmp_path / "outbox")
+    got: list[str] = []
+
+    async def on_grid(msg: BusMessage) -> None:
+        got.append(msg.event_id)
+
+    try:
+        await bus.start()
+        await wait_until(lambda: bus.connected, 10, "the bus ready")
+        s = Subjects(site)
+        await bus.subscribe(s.grid, on_grid)
+        for i in range(3):
+            await bus.publish(s.audit, b"r", event_id=f"a{i}", critical=True)
+        await bus.publish(s.grid, b"g", event_id="g1")
+        await wait_until(lambda: bus.stats.outbox_pending == 0, 10, "the outbox drained")
+        await wait_until(lambda: got == ["g1"], 10, "the live grid message")
+        names = {spec.name for spec in bus.streams}
+        assert f"EVCORE_{site}_EVENTS" in names
+    finally:
+        await bus.close()
+        server.kill()

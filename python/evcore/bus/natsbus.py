@@ -255,6 +255,7 @@ class _NatsConsumer:
         sub: Any = None
         attempt = 0
         idle = 0
+        failures = 0  # handler failures in a row (on the message at the head)
         while not self.closed:
             try:
                 if sub is None:
@@ -277,12 +278,31 @@ class _NatsConsumer:
                 for i, m in enumerate(msgs):
                     outcome = await self._handle(m, stats)
                     if outcome == "error":
-                        # Keep order: hand back this one and the rest of the batch, then back off.
+                        # Keep order: hand back this one and the rest of the batch, then back off
+                        # (doubling from 0.2 s to 30 s while the same message keeps failing: a
+                        # store outage must not turn into a busy loop). A message a handler can
+                        # never take must raise BadPayload (dropped, counted): anything else is
+                        # taken as transient and holds the messages behind it, so say so.
+                        failures += 1
+                        delay = min(0.2 * 2 ** min(failures - 1, 8), 30.0)
+                        if failures in (1, 10) or failures % 100 == 0:
+                            log.warning(
+                                "consumer %s on %s: the handler failed %d time(s) in a row on "
+                                "%s (event %s); the messages behind it wait, next try in %.1f s "
+                                "(a message that can never be handled must raise BadPayload)",
+                                self._durable,
+                                self._stream,
+                                failures,
+                                m.subject,
+                                dict(m.headers or {}).get(MSG_ID, ""),
+                                delay,
+                            )
                         for rest in msgs[i:]:
                             with contextlib.suppress(Exception):
-                                await rest.nak(delay=0.2)
-                        await bus.clock.sleep(0.2)
+                                await rest.nak(delay=delay)
+                        await bus.clock.sleep(delay)
                         break
+                    failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -558,24 +578,55 @@ class NatsBus:
             await nc.connect(**_connect_options(cfg, self))
         self._nc = nc
         self._js = nc.jetstream(timeout=cfg.publish_timeout_s)
-        while not self._closing:
+        if cfg.manage_streams and not self._closing:
             try:
-                if cfg.manage_streams:
-                    await self._ensure_streams()
-                break
+                await self._ensure_streams()
             except Exception as exc:
-                log.warning("bus: creating streams failed: %s; retrying", exc)
-                await self.clock.sleep(cfg.reconnect_wait_s)
+                # One stream refused (the broker's JetStream storage full, say) must not keep the
+                # others idle: the bus goes ready with the streams it has (a publish or consumer
+                # on a missing one retries and restores it) and keeps trying in the background.
+                # Before, the whole bus stayed not ready: no audit record left, no grid signal
+                # came in, while the EVENTS stream existed.
+                log.warning(
+                    "bus: creating streams failed: %s; working with the streams there are and "
+                    "trying again in the background",
+                    exc,
+                )
+                self._tasks.append(
+                    asyncio.get_running_loop().create_task(
+                        self._ensure_streams_later(), name="bus-nats-streams"
+                    )
+                )
         # Ready first: a subscribe() from now on attaches itself; then attach the earlier ones.
         self._ready.set()
         self._send_wake.set()
         for s in list(self._subs):
             await s.attach(nc)
 
+    async def _ensure_streams_later(self) -> None:
+        """Retry creating the site's streams (back-off doubling to 30 s; the warning on the 1st,
+        10th and every 100th failure) until all exist."""
+        attempt = 0
+        while not self._closing:
+            attempt += 1
+            delay = min(self.config.reconnect_wait_s * 2 ** min(attempt, 10), 30.0)
+            await self.clock.sleep(delay)
+            try:
+                async with self._streams_lock:
+                    created = await self._ensure_streams()
+            except Exception as exc:
+                if attempt in (1, 10) or attempt % 100 == 0:
+                    log.warning("bus: creating streams still fails (attempt %d): %s", attempt, exc)
+                continue
+            log.warning("bus: the streams exist now (created %s)", created or "none")
+            return
+
     async def _ensure_streams(self) -> list[str]:
-        """Create the site's streams, or update them to this configuration; the names created."""
+        """Create the site's streams, or update them to this configuration; the names created.
+        Each stream is tried; ``BusError`` naming every one that failed."""
         assert self._js is not None
         created: list[str] = []
+        failed: list[str] = []
         for spec in self._specs:
             conf = jsapi.StreamConfig(
                 name=spec.name,
@@ -600,7 +651,9 @@ class NatsBus:
                 else:
                     await self._js.update_stream(conf)
             except nats.js.errors.APIError as exc:
-                raise BusError(stream_error(spec, exc)) from exc
+                failed.append(stream_error(spec, exc))
+        if failed:
+            raise BusError("; ".join(failed))
         return created
 
     async def _restore_streams(self, error: BaseException | None) -> None:
