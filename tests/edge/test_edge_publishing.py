@@ -106,3 +106,42 @@ async def test_a_fault_and_a_local_plan_are_published_and_a_cloud_plan_is_not() 
         assert status[1].fault_reason == "cleared: by alice: contactor replaced"
     finally:
         await bus.close()
+
+
+async def test_a_fault_status_the_bus_refuses_once_is_published_again() -> None:
+    """Review 2026-12-05: a critical fault status whose publish failed once (the outbox's disk
+    full) was dropped. Now it is tried again under the same event id until the bus takes it."""
+
+    class RefusesOnce:
+        site_id = "pub-site"
+
+        def __init__(self) -> None:
+            self.tries: list[str] = []
+            self.taken: list[tuple[str, str]] = []
+
+        async def publish(
+            self, subject: str, payload: bytes, *, event_id: str, critical: bool = False
+        ) -> str:
+            self.tries.append(event_id)
+            if len(self.tries) == 1:
+                raise OSError(28, "database or disk is full")
+            self.taken.append((subject, event_id))
+            return event_id
+
+    table = depot_table(2, per_feeder=2, site_id="pub-site")
+    clock = ManualClock()
+    ctrl = build_controller(
+        table,
+        core=RustCore(load_site(table), table),
+        gateway=_Gateway(),  # type: ignore[arg-type]
+        clock=clock,
+        cfg=EdgeConfig(),
+    )
+    bus = RefusesOnce()
+    pub = EdgePublisher(bus, "pub-site", ctrl, clock)
+    pub.install()
+    ctrl.on_fault("cp-0001", "ignores its profile")
+    await pub.drain(timeout_s=10.0)
+    assert bus.taken == [("evcore.pub-site.status.cp-0001", bus.tries[0])]
+    assert len(bus.tries) == 2 and bus.tries[0] == bus.tries[1]  # one event id: no duplicate
+    assert pub.failures == 1 and pub.published == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any
 
 from evcore.bus import Subjects
@@ -115,13 +116,34 @@ class EdgePublisher:
         task.add_done_callback(self._tasks.discard)
 
     async def _publish(self, subject: str, msg: Any, critical: bool) -> None:
-        try:
-            await self.bus.publish(subject, msg.SerializeToString(), critical=critical)
-            self.published += 1
-        except Exception:
-            self.failures += 1
-            log.exception("publishing on %s failed", subject)
+        # A critical status (a fault an operator must see) that the bus refuses (its outbox's
+        # disk full, say) is tried again under the same event id (a repeat is dropped), after a
+        # back-off doubling to 30 s, until it is taken or the edge stops; before, one refusal
+        # lost it.
+        event_id = uuid.uuid4().hex
+        data = msg.SerializeToString()
+        attempt = 0
+        while True:
+            try:
+                await self.bus.publish(subject, data, event_id=event_id, critical=critical)
+                self.published += 1
+                return
+            except Exception:
+                self.failures += 1
+                attempt += 1
+                if not critical:
+                    log.exception("publishing on %s failed", subject)
+                    return
+                if attempt in (1, 10) or attempt % 100 == 0:
+                    log.exception("publishing on %s failed (try %d); retrying", subject, attempt)
+                await asyncio.sleep(min(0.5 * 2 ** min(attempt - 1, 6), 30.0))
 
-    async def drain(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait for the publishes in flight (a critical one still refused after ``timeout_s``
+        is given up, logged)."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+                log.error("publishing stopped with a status not taken by the bus (stopping)")
+            await asyncio.gather(*pending, return_exceptions=True)
