@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -40,6 +41,8 @@ def on(action: str) -> Callable[[_F], _F]:
 
 
 _ids = itertools.count(1)
+#: The start of an OCPP-J frame up to its message id: ``[2, "id"``, ``[3, "id"``, ``[4, "id"``.
+_HEAD = re.compile(r'\s*\[\s*([234])\s*,\s*"([^"\\]{1,64})"')
 _OPEN = _WsState.OPEN
 
 
@@ -82,8 +85,13 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
             if isinstance(raw, bytes):
                 raw = raw.decode("utf-8")
             msg = json.loads(raw)
+        except RecursionError:
+            # Nested deeper than the parser goes (a few thousand levels in a 30 kB frame): no
+            # OCPP payload is, and it must not end the session.
+            await self._unreadable(raw, "frame nested too deeply")
+            return
         except (ValueError, UnicodeDecodeError):
-            await self._send_error("-1", self.frame_error_code, "frame is not valid JSON")
+            await self._unreadable(raw, "frame is not valid JSON")
             return
         if not isinstance(msg, list) or not msg or not isinstance(msg[0], int):
             await self._send_error(
@@ -117,6 +125,20 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
             await self._send_error(
                 _guess_id(msg), self.frame_error_code, f"malformed message of type {kind}"
             )
+
+    async def _unreadable(self, raw: str | bytes, detail: str) -> None:
+        """A frame that is not JSON we can read. If its head names a message id: an answer to a
+        CALL of ours fails that CALL at once (instead of at its timeout; an answer is never
+        answered), a CALL gets the version's format error with its id. Otherwise the frame
+        error with id "-1"."""
+        head = _HEAD.match(raw[:200]) if isinstance(raw, str) else None
+        if head is None:
+            await self._send_error("-1", self.frame_error_code, detail)
+        elif head[1] == "2":
+            await self._send_error(head[2], self.format_error_code, detail)
+        else:
+            LOG.warning("%s: unreadable answer to %s: %s", self.id, head[2], detail)
+            self._resolve_error(head[2], self.format_error_code, f"answer unreadable: {detail}")
 
     async def _handle_frame_call(
         self, unique_id: str, action: str, payload: dict[str, Any]

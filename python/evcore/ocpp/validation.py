@@ -82,7 +82,8 @@ def _code_for(version: str, rule: str | None) -> str:
 
 
 def validate(version: str, action: str, payload: Any, *, response: bool) -> None:
-    """Raise :class:`SchemaError` unless ``payload`` is valid; ``KeyError`` if no schema exists."""
+    """Raise :class:`SchemaError` unless ``payload`` is valid (also one nested too deeply to
+    check); ``KeyError`` if no schema exists."""
     v = validator_for(version, action, response=response)
     if v is None:
         raise KeyError(action)
@@ -95,3 +96,7 @@ def validate(version: str, action: str, payload: Any, *, response: bool) -> None
         raise SchemaError(
             _code_for(version, rule), f"{action}: {where + ': ' if where else ''}{exc.message}"
         ) from None
+    except (ValueError, RecursionError) as exc:
+        # jsonschema-rs gives up on a payload nested a few hundred levels deep ("Recursion limit
+        # reached", a plain ValueError): no valid payload is, so it is a format error.
+        raise SchemaError(_code_for(version, None), f"{action}: {exc}") from None

@@ -1,0 +1,92 @@
+"""Deeply nested frames (real websockets, 1.6 and 2.0.1): a CALLERROR, never the end of the session.
+
+A CALL nested 300 levels deep is valid JSON that jsonschema-rs refuses to check ("Recursion limit
+reached", a ValueError); 5,000 levels (30 kB) is more than ``json.loads`` parses (RecursionError).
+Both ended the station's session; a nested CALLRESULT to our call did too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import pytest
+from evcore.ocpp import ConnectionEvent
+from ocpp_testsite import PASSWORDS, rig
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
+
+pytestmark = pytest.mark.timeout(60)
+
+VERSIONS = [("CPA", "ocpp1.6", "FormationViolation"), ("CPB", "ocpp2.0.1", "FormatViolation")]
+
+
+def auth(ocpp_id: str) -> dict[str, str]:
+    token = base64.b64encode(f"{ocpp_id}:{PASSWORDS[ocpp_id]}".encode()).decode()
+    return {"Authorization": "Basic " + token}
+
+
+async def raw_call(ws: Any, unique_id: str, action: str, payload: Any) -> list[Any]:
+    await ws.send(json.dumps([2, unique_id, action, payload]))
+    while True:
+        msg: list[Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if msg[0] != 2 and msg[1] == unique_id:  # CALLs of ours (configuration) go unanswered
+            return msg
+
+
+def _nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize(("sid", "version", "code"), VERSIONS)
+async def test_a_deeply_nested_call_gets_a_callerror_and_the_session_lives(
+    sid: str, version: str, code: str
+) -> None:
+    async with rig(connect=False) as r:
+        async with connect(
+            f"{r.base_url}/{sid}", subprotocols=[Subprotocol(version)], additional_headers=auth(sid)
+        ) as ws:
+            for i, depth in enumerate((300, 5000)):
+                await ws.send(f'[2,"d{i}","Heartbeat",{{"x":{_nested(depth)}}}]')
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                assert msg[:3] == [4, f"d{i}", code], (depth, msg)
+                hb = await raw_call(ws, f"h{i}", "Heartbeat", {})
+                assert hb[0] == 3 and "currentTime" in hb[2]
+            data = await raw_call(
+                ws, "t1", "DataTransfer", {"vendorId": "x", "data": json.loads(_nested(300))}
+            )
+            assert data[1] == "t1"  # answered (2.0.1 data is anything, 1.6 a string)
+            hb = await raw_call(ws, "h9", "Heartbeat", {})
+            assert hb[0] == 3
+        await r.until(lambda: not r.cs.is_connected(sid))
+        conns = [(e.connected, e.reason) for e in r.of(ConnectionEvent) if e.ocpp_id == sid]
+        assert conns == [(True, ""), (False, "closed")]  # before: (False, "error") at once
+
+
+@pytest.mark.parametrize(("sid", "version", "code"), VERSIONS)
+@pytest.mark.parametrize("depth", [300, 5000])
+async def test_a_deeply_nested_answer_fails_our_call_at_once(
+    sid: str, version: str, code: str, depth: int
+) -> None:
+    del code
+    async with rig(connect=False, call_timeout_s=10) as r:
+        charger = "cp-a" if sid == "CPA" else "cp-b"
+        async with connect(
+            f"{r.base_url}/{sid}", subprotocols=[Subprotocol(version)], additional_headers=auth(sid)
+        ) as ws:
+            t0 = time.monotonic()
+            res = asyncio.ensure_future(r.cs.set_limit(charger, limit_a=10, purpose="tx_default"))
+            call = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert call[2] == "SetChargingProfile"
+            await ws.send(f'[3,"{call[1]}",{{"status":{_nested(depth)}}}]')
+            out = await asyncio.wait_for(res, 5)
+            # Before: the session ended (set_limit: Disconnected; the review's station, which
+            # kept its socket open, saw Timeout after call_timeout_s).
+            assert out.status == "CallError" and not out.accepted, out
+            assert time.monotonic() - t0 < 3.0
+            hb = await raw_call(ws, "h1", "Heartbeat", {})
+            assert hb[0] == 3 and "currentTime" in hb[2]
+            assert r.cs.is_connected(sid)
