@@ -4,6 +4,8 @@
 //! `validate` refuses NaN, infinities and negative values (prices may be negative) and names the
 //! field that was wrong.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::PlanError;
@@ -283,6 +285,15 @@ fn check_series_signed(
     Ok(())
 }
 
+/// Each id's first index (a later duplicate keeps the first: the caller names the duplicate).
+pub(crate) fn first_index<'a>(ids: impl Iterator<Item = &'a str>) -> HashMap<&'a str, usize> {
+    let mut out = HashMap::new();
+    for (i, id) in ids.enumerate() {
+        out.entry(id).or_insert(i);
+    }
+    out
+}
+
 /// Value of a series at step `k` (broadcasting a single value).
 pub(crate) fn at(s: &Series, k: usize) -> f64 {
     if s.len() == 1 {
@@ -342,13 +353,17 @@ impl PlanInput {
         if self.nodes.is_empty() {
             return Err(bad("nodes", "needs at least the root node"));
         }
+        // Ids are looked up in maps (first occurrence), not by scanning: validation was
+        // O(n²) in chargers and sessions (40,000 sessions: 25 s before the solver's budget
+        // began; docs/planner.md).
+        let node_at = first_index(self.nodes.iter().map(|n| n.id.as_str()));
         let mut roots = 0;
         for (i, n) in self.nodes.iter().enumerate() {
             let f = format!("nodes[{i}]({})", n.id);
             if n.parent.is_none() {
                 roots += 1;
             } else if let Some(p) = &n.parent {
-                if !self.nodes.iter().any(|m| &m.id == p) {
+                if !node_at.contains_key(p.as_str()) {
                     return Err(bad(format!("{f}.parent"), format!("unknown node {p:?}")));
                 }
             }
@@ -360,7 +375,7 @@ impl PlanInput {
                 check_series(&format!("{f}.power_limit_kw"), p, t)?;
             }
             check_series(&format!("{f}.other_load_kw"), &n.other_load_kw, t)?;
-            if self.nodes[..i].iter().any(|m| m.id == n.id) {
+            if node_at[n.id.as_str()] != i {
                 return Err(bad(format!("{f}.id"), "duplicate node id"));
             }
         }
@@ -379,22 +394,23 @@ impl PlanInput {
                 if hops > self.nodes.len() {
                     return Err(bad(format!("nodes[{i}]({}).parent", n.id), "parent cycle"));
                 }
-                cur =
-                    self.nodes.iter().find(|m| &m.id == p).ok_or_else(|| {
-                        bad(format!("nodes[{i}]({}).parent", n.id), "unknown node")
-                    })?;
+                cur = node_at
+                    .get(p.as_str())
+                    .map(|&j| &self.nodes[j])
+                    .ok_or_else(|| bad(format!("nodes[{i}]({}).parent", n.id), "unknown node"))?;
             }
         }
 
+        let charger_at = first_index(self.chargers.iter().map(|c| c.id.as_str()));
         for (i, c) in self.chargers.iter().enumerate() {
             let f = format!("chargers[{i}]({})", c.id);
-            if !self.nodes.iter().any(|m| m.id == c.parent) {
+            if !node_at.contains_key(c.parent.as_str()) {
                 return Err(bad(
                     format!("{f}.parent"),
                     format!("unknown node {:?}", c.parent),
                 ));
             }
-            if self.chargers[..i].iter().any(|m| m.id == c.id) {
+            if charger_at[c.id.as_str()] != i {
                 return Err(bad(format!("{f}.id"), "duplicate charger id"));
             }
             let need = match (c.kind, c.wiring) {
@@ -460,15 +476,18 @@ impl PlanInput {
             }
         }
 
+        let session_at = first_index(self.sessions.iter().map(|s| s.id.as_str()));
+        // Per charger, the sessions seen so far on it (usually one or two).
+        let mut on_charger: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, s) in self.sessions.iter().enumerate() {
             let f = format!("sessions[{i}]({})", s.id);
-            if !self.chargers.iter().any(|c| c.id == s.charger_id) {
+            if !charger_at.contains_key(s.charger_id.as_str()) {
                 return Err(bad(
                     format!("{f}.charger_id"),
                     format!("unknown charger {:?}", s.charger_id),
                 ));
             }
-            if self.sessions[..i].iter().any(|m| m.id == s.id) {
+            if session_at[s.id.as_str()] != i {
                 return Err(bad(format!("{f}.id"), "duplicate session id"));
             }
             check_num(&format!("{f}.arrival_s"), s.arrival_s, true)?;
@@ -478,11 +497,12 @@ impl PlanInput {
             }
             // One car per charger at a time: two overlapping windows would each be planned up
             // to the charger's maximum.
-            if let Some(o) = self.sessions[..i].iter().find(|o| {
-                o.charger_id == s.charger_id
-                    && o.arrival_s < s.departure_s
-                    && s.arrival_s < o.departure_s
-            }) {
+            let earlier = on_charger.entry(s.charger_id.as_str()).or_default();
+            if let Some(o) = earlier
+                .iter()
+                .map(|&j| &self.sessions[j])
+                .find(|o| o.arrival_s < s.departure_s && s.arrival_s < o.departure_s)
+            {
                 return Err(bad(
                     format!("{f}.arrival_s"),
                     format!(
@@ -491,6 +511,7 @@ impl PlanInput {
                     ),
                 ));
             }
+            earlier.push(i);
             check_num(
                 &format!("{f}.energy_requested_kwh"),
                 s.energy_requested_kwh,

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use clarabel::algebra::CscMatrix;
 use clarabel::solver::SupportedConeT;
 
-use super::input::{at, ChargerKind, PlanInput, Wiring};
+use super::input::{at, first_index, ChargerKind, PlanInput, Wiring};
 
 /// One planned rate: session `session` in step `step`, present for `frac` of the step.
 #[derive(Debug, Clone, Copy)]
@@ -168,7 +168,10 @@ impl Model {
         let horizon_s = end_s - input.start_s;
 
         // Node tree: ancestors of every node (itself included).
-        let node_index = |id: &str| input.nodes.iter().position(|n| n.id == id);
+        // Ids by map, not by scanning (O(n²) in sessions x chargers before).
+        let node_at = first_index(input.nodes.iter().map(|n| n.id.as_str()));
+        let charger_at = first_index(input.chargers.iter().map(|c| c.id.as_str()));
+        let node_index = |id: &str| node_at.get(id).copied();
         let root = input
             .nodes
             .iter()
@@ -206,11 +209,7 @@ impl Model {
         let mut sessions = Vec::with_capacity(input.sessions.len());
         let mut vars = Vec::new();
         for (si, s) in input.sessions.iter().enumerate() {
-            let ci = input
-                .chargers
-                .iter()
-                .position(|c| c.id == s.charger_id)
-                .unwrap_or(0);
+            let ci = charger_at.get(s.charger_id.as_str()).copied().unwrap_or(0);
             let c = &input.chargers[ci];
             let dc = c.kind == ChargerKind::Dc;
             let (min_rate, max_rate) = if dc {
