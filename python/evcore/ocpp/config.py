@@ -81,6 +81,10 @@ class OcppConfig:
     max_clock_skew_s: float = 300.0
     #: Meter samples arriving within this window go to the store in one write (group commit).
     store_batch_window_s: float = 0.005
+    #: The largest WebSocket message a station may send; a larger one closes the connection
+    #: (1009). A 1.6 StopTransaction carries the session's transactionData: 4 h of 10 s samples
+    #: of the default measurands is 1.9 MiB (websockets' default, 1 MiB, refused it for ever).
+    max_frame_bytes: int = 16 * 1024 * 1024
     #: At start, freeze what is allocated so far out of the cyclic GC's reach and collect the
     #: young generation less often (full collections over a large heap stall every station).
     #: Process-wide, so opt-in: the process that owns the event loop decides.
@@ -179,6 +183,7 @@ _KEYS = {
     "stack_level",
     "max_clock_skew_s",
     "store_batch_window_s",
+    "max_frame_bytes",
     "gc_tuning",
 }
 
@@ -224,6 +229,11 @@ def parse_ocpp_section(
     window = float(typed("store_batch_window_s", (int, float), 0.005))
     if not 0.0 <= window <= 1.0:
         raise OcppConfigError(f"ocpp.store_batch_window_s: must be within [0, 1] s, got {window}")
+    max_frame = typed("max_frame_bytes", int, 16 * 1024 * 1024)
+    if isinstance(max_frame, bool) or not 65_536 <= max_frame <= 1 << 30:
+        raise OcppConfigError(
+            f"ocpp.max_frame_bytes: must be within [65536, 1073741824] bytes, got {max_frame!r}"
+        )
     port = typed("port", int, 9000)
     if not 0 <= port <= 65535:
         raise OcppConfigError(f"ocpp.port: expected 0..65535, got {port}")
@@ -260,5 +270,6 @@ def parse_ocpp_section(
         stack_level=typed("stack_level", int, 1),
         max_clock_skew_s=float(typed("max_clock_skew_s", (int, float), 300.0)),
         store_batch_window_s=window,
+        max_frame_bytes=max_frame,
         gc_tuning=typed("gc_tuning", bool, False),
     )

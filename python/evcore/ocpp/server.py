@@ -422,6 +422,7 @@ class CentralSystem:
             compression=None,
             ping_interval=None,
             max_queue=64,
+            max_size=self.config.max_frame_bytes,
         )
         sock = next(iter(self._server.sockets))
         self._port = sock.getsockname()[1]
