@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from evcore.site.sections import Key, Section
+
 POLICIES: tuple[str, ...] = (
     "uncontrolled",
     "fair_share",
@@ -43,6 +45,87 @@ Wiring = Literal["three_phase", "line_to_neutral", "line_to_line"]
 
 class ScenarioError(ValueError):
     """A scenario file (or a file it points to) is invalid; the message names where."""
+
+
+# The keys each twin section may hold: any other is refused (a typo such as ``durration_h``
+# would otherwise leave the default in force without a word). The site's own tables
+# (``[site]``, ``[[nodes]]``, ``[[chargers]]``) are the site file's: the core checks them.
+_SITE_FILE_SECTIONS = ("site", "nodes", "chargers", "ocpp", "edge", "planner")
+_SITE_FILE_SERVICES = ("bus", "store", "api", "metrics", "cloud")  # the twin leaves these out
+_TWIN_SECTIONS = ("scenario", "arrivals", "tariff", "demand_charge", "grid_signals", "faults")
+_KEYS: dict[str, tuple[str, ...]] = {
+    "": _SITE_FILE_SECTIONS + _SITE_FILE_SERVICES + _TWIN_SECTIONS,
+    "[scenario]": (
+        "name",
+        "description",
+        "site_file",
+        "start",
+        "duration_h",
+        "seed",
+        "meter_interval_s",
+        "control_interval_s",
+        "profile_delay_s",
+        "settle_s",
+        "physics_step_s",
+        "plan_interval_s",
+        "plan_step_s",
+        "plan_horizon_h",
+        "policies",
+        "report_charger",
+    ),
+    "[arrivals]": (
+        "model",
+        "file",
+        "station_map",
+        "seed_offset",
+        "occupancy",
+        "sessions_per_charger",
+        "arrival_mean_h",
+        "arrival_sd_h",
+        "gap_mean_h",
+        "stay_mean_h",
+        "stay_sd_h",
+        "stay_min_h",
+        "energy_mean_kwh",
+        "energy_sd_kwh",
+        "energy_min_kwh",
+        "soc_arrival_mean",
+        "vehicles",
+    ),
+    "[[arrivals.vehicles]]": ("name", "battery_kwh", "max_a", "phases", "max_dc_kw", "weight"),
+    "[tariff]": ("currency", "default_price_per_kwh", "file", "periods"),
+    "[[tariff.periods]]": ("start_h", "end_h", "price_per_kwh"),
+    "[demand_charge]": ("price_per_kw", "window_min", "peak_floor_kw"),
+    "[[grid_signals]]": ("node", "start_h", "start", "end_h", "end", "limit_kw", "notice_min"),
+    "[[faults]]": ("kind", "charger", "at_h", "at", "duration_min"),
+}
+_ANY = Key("any")
+
+
+def _known(table: Any, section: str, where: str | None = None) -> Mapping[str, Any]:
+    """``table`` as a mapping whose keys ``section`` knows (``evcore.site.sections`` wording:
+    ``[arrivals].stay_sdd_h: unknown key; known keys: ...``); ``where`` names an entry of an
+    array of tables (``[[faults]][2]``)."""
+    label = where if where is not None else section
+    if not isinstance(table, Mapping):
+        raise ScenarioError(f"{label or 'scenario'}: expected a table, got {table!r}")
+    note = (
+        " (a scenario holds a site file's sections and the twin's: docs/twin.md)"
+        if section == ""
+        else ""
+    )
+    keys = {k: _ANY for k in _KEYS[section]}
+    Section(label, keys, ScenarioError, note).refuse_unknown(table)
+    return table
+
+
+def _entries(raw: Any, section: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """The entries of an array of tables, each checked for unknown keys, with its label."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ScenarioError(f"{section}: expected an array of tables, got {raw!r}")
+    return [(f"{section}[{i}]", _known(t, section, f"{section}[{i}]")) for i, t in enumerate(raw)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,8 +535,7 @@ def _vehicles(raw: Any, where: str) -> tuple[VehicleModel, ...]:
     if not isinstance(raw, list) or not raw:
         raise ScenarioError(f"{where}: expected a non-empty list of [[arrivals.vehicles]]")
     out = []
-    for i, v in enumerate(raw):
-        w = f"{where}[{i}]"
+    for w, v in _entries(raw, "[[arrivals.vehicles]]"):
         name = _str(v, "name", w)
         phases = int(_num(v, "phases", w, 3.0))
         if phases not in (1, 3):
@@ -472,9 +554,10 @@ def _vehicles(raw: Any, where: str) -> tuple[VehicleModel, ...]:
 
 
 def _arrivals(raw: Any, base: Path | None) -> ArrivalsSpec:
-    if not isinstance(raw, dict):
+    if raw is None:
         raise ScenarioError("scenario: missing [arrivals] table")
     w = "[arrivals]"
+    raw = _known(raw, w)
     model = _str(raw, "model", w, "statistical")
     if model not in ("statistical", "csv", "acn"):
         raise ScenarioError(f"{w}.model: expected statistical, csv or acn, got {model!r}")
@@ -530,6 +613,7 @@ def _tariff(raw: Any, base: Path | None, start: float, end: float) -> TariffSpec
     if raw is None:
         return TariffSpec(currency="EUR", default_price_per_kwh=0.0)
     w = "[tariff]"
+    raw = _known(raw, w)
     currency = _str(raw, "currency", w, "EUR")
     default = _num(raw, "default_price_per_kwh", w, 0.0, minimum=0.0)
     if "file" in raw:
@@ -539,8 +623,7 @@ def _tariff(raw: Any, base: Path | None, start: float, end: float) -> TariffSpec
             raise ScenarioError(f"{w}.file: prices in {path} do not cover the scenario start")
         return TariffSpec(currency, series=tuple(series), default_price_per_kwh=default)
     periods = []
-    for i, p in enumerate(raw.get("periods", [])):
-        pw = f"[[tariff.periods]][{i}]"
+    for pw, p in _entries(raw.get("periods"), "[[tariff.periods]]"):
         sh = _num(p, "start_h", pw, minimum=0.0)
         eh = _num(p, "end_h", pw, minimum=0.0)
         if sh > 24 or eh > 24:
@@ -576,10 +659,12 @@ def load_price_series(path: Path) -> list[tuple[float, float]]:
 def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scenario:
     """Validate a scenario document (the parsed TOML)."""
     base = path.parent if path is not None else None
+    _known(doc, "")
     sc = doc.get("scenario")
-    if not isinstance(sc, dict):
+    if sc is None:
         raise ScenarioError("scenario: missing [scenario] table")
     w = "[scenario]"
+    sc = _known(sc, w)
     name = _str(sc, "name", w)
     if "site_file" in sc:
         if "site" in doc or "nodes" in doc:
@@ -605,11 +690,15 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
                 f"{w}.policies: unknown policy {p!r} (known: {', '.join(POLICIES)})"
             )
     report_charger = sc.get("report_charger")
-    if report_charger is not None:
-        site.charger(str(report_charger))
+    if report_charger is not None and report_charger not in {c.id for c in site.chargers}:
+        ids = [c.id for c in site.chargers]
+        listed = ", ".join(ids[:5]) + (f", ... ({len(ids)} chargers)" if len(ids) > 5 else "")
+        raise ScenarioError(
+            f"{w}.report_charger: unknown charger {report_charger!r} (site: {listed})"
+        )
     end = start + duration_s
     tariff = _tariff(doc.get("tariff"), base, start, end)
-    dc_raw = doc.get("demand_charge", {})
+    dc_raw = _known(doc.get("demand_charge", {}), "[demand_charge]")
     dc = DemandChargeSpec(
         price_per_kw=_num(dc_raw, "price_per_kw", "[demand_charge]", 0.0, minimum=0.0),
         window_min=int(_num(dc_raw, "window_min", "[demand_charge]", 15.0, positive=True)),
@@ -617,8 +706,7 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
     )
     node_ids = {n.id for n in site.nodes}
     signals = []
-    for i, g in enumerate(doc.get("grid_signals", [])):
-        gw = f"[[grid_signals]][{i}]"
+    for gw, g in _entries(doc.get("grid_signals"), "[[grid_signals]]"):
         node = _str(g, "node", gw, site.root.id)
         if node not in node_ids:
             raise ScenarioError(f"{gw}.node: unknown node {node!r}")
@@ -637,8 +725,7 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
         )
     charger_ids = {c.id for c in site.chargers}
     faults = []
-    for i, f in enumerate(doc.get("faults", [])):
-        fw = f"[[faults]][{i}]"
+    for fw, f in _entries(doc.get("faults"), "[[faults]]"):
         kind = _str(f, "kind", fw)
         if kind not in FAULT_KINDS:
             raise ScenarioError(
@@ -656,7 +743,7 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
                 str(ch) if ch is not None else None,
             )
         )
-    return Scenario(
+    scenario = Scenario(
         name=name,
         description=str(sc.get("description", "")),
         path=path,
@@ -681,6 +768,8 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
         faults=tuple(faults),
         edge=_edge_table(doc.get("edge")),
     )
+    _check_edge(scenario)
+    return scenario
 
 
 def _edge_table(raw: Any) -> dict[str, Any]:
@@ -693,6 +782,19 @@ def _edge_table(raw: Any) -> dict[str, Any]:
             "[edge].policy: the twin sets the policy; list them in [scenario].policies"
         )
     return dict(raw)
+
+
+def _check_edge(sc: Scenario) -> None:
+    """The ``[edge]`` the twin's edge will run with (the twin's defaults, this scenario's
+    overrides, a policy) checked by ``EdgeConfig`` now, so that a bad override is an error that
+    names its key at load rather than a traceback once the run starts."""
+    from evcore.edge.config import EdgeConfig, EdgeConfigError
+    from evcore.sim.stack import edge_table
+
+    try:
+        EdgeConfig.from_site(edge_table(sc, "fair_share"))
+    except EdgeConfigError as e:
+        raise ScenarioError(str(e)) from e
 
 
 def load_scenario(ref: str | Path) -> Scenario:
