@@ -8,12 +8,19 @@ timestamps it sends (``CentralSystem.clock_offset_s``).
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import logging
+import time
 
 import pytest
 from evcore.ocpp.clockskew import ClockOffset
+from evcore.ocpp.handlers import iso
 from evcore.ocpp.metering import parse_timestamp
 from evcore.sim.ev import EV
-from ocpp_testsite import rig
+from ocpp_testsite import PASSWORDS, rig
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,3 +98,26 @@ def test_old_timestamps_never_lower_the_estimate_and_it_outlives_a_quiet_station
     assert est.offset_s == 29.5
     est.observe(t + 5800.0 - 2.0, t + 5800.0)
     assert est.offset_s == -2.0
+
+
+async def test_a_start_replayed_hours_later_is_no_lag_and_no_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="evcore.ocpp")
+    async with rig(connect=False) as r:
+        token = base64.b64encode(f"CPA:{PASSWORDS['CPA']}".encode()).decode()
+        async with connect(
+            f"{r.base_url}/CPA",
+            subprotocols=[Subprotocol("ocpp1.6")],
+            additional_headers={"Authorization": "Basic " + token},
+        ) as ws:
+            t0 = time.time() - 4 * 3600  # a session that started while the station was offline
+            start = {"connectorId": 1, "idTag": "T", "meterStart": 1000, "timestamp": iso(t0)}
+            await ws.send(json.dumps([2, "s1", "StartTransaction", start]))
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                if msg[0] == 3 and msg[1] == "s1":
+                    break
+        # Before: -14,400 s and a WARNING "its clock runs 14400.0 s behind ... Fix its NTP."
+        assert r.cs.clock_offset_s("CPA") is None
+    assert not [m for m in caplog.messages if "Fix its NTP" in m]

@@ -8,7 +8,10 @@ sample is at most the true offset (less by the network latency and the sample's 
 is the highest sample of the last ``window_s`` (kept as per-minute maxima): close to the true
 offset from below, and a burst of old samples (a StopTransaction's transactionData, messages
 replayed after a reconnect) never lowers it. It keeps its last value while the station sends no
-timestamp (an idle charger), so a lead once seen is not forgotten.
+timestamp (an idle charger), so a lead once seen is not forgotten. A lead is real at once (no
+timestamp is later than its message); the central system reports a lag only once two minutes of
+samples show it: a single old timestamp (a StartTransaction replayed after hours offline) looks
+like hours of lag.
 
 It never decides anything from the estimate: the edge uses it (``coreio``) to count when a
 station that runs ahead reaches the final (failsafe) period of its profile.
@@ -53,6 +56,11 @@ class ClockOffset:
         oldest = k - math.ceil(self._window_s / self._bucket_s)
         while buckets[0][0] < oldest:
             del buckets[0]
+
+    @property
+    def minutes(self) -> int:
+        """Minutes (of our clock, within the window) in which samples arrived."""
+        return len(self._buckets)
 
     @property
     def offset_s(self) -> float | None:

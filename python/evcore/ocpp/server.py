@@ -697,15 +697,16 @@ class CentralSystem:
 
     def clock_offset_s(self, charger_or_station: str) -> float | None:
         """The station's clock minus ours (s; > 0: it runs ahead), estimated from the timestamps
-        it sent (``clockskew``); ``None`` before it sent one."""
+        it sent (``clockskew``); ``None`` before it sent one, and for a lag not yet seen in two
+        minutes of samples."""
         st, _ = self._target(charger_or_station)
-        return st.clock_offset.offset_s
+        return _offset(st.clock_offset)
 
     def _station_timestamp(self, st: Station, at: float) -> None:
         """A timestamp the station sent (accepted: not too far in the future) arrived now."""
         est = st.clock_offset
         est.observe(at, self.clock.now())
-        offset = est.offset_s
+        offset = _offset(est)
         if not est.warned and offset is not None and abs(offset) > WARN_OFFSET_S:
             est.warned = True
             LOG.warning(
@@ -1859,6 +1860,15 @@ def _fixed(
         return action, payload
 
     return build
+
+
+def _offset(est: ClockOffset) -> float | None:
+    """A station's clock offset as the central system reports it: a lead at once, a lag once two
+    minutes of samples show it (one old timestamp, replayed after hours offline, is no lag)."""
+    offset = est.offset_s
+    if offset is not None and offset < 0 and est.minutes < 2:
+        return None
+    return offset
 
 
 def _answer(out: CallOutcome) -> str:
