@@ -14,7 +14,6 @@ from pathlib import Path
 import grpc
 import pytest
 from cloud_testkit import run_evcore
-from evcore.cloud import CloudApiServer, open_cloud_store
 from evcore.cloud.fleet import GridPublisher
 from evcore.v1.fleet_api_pb2 import (
     FleetCurtailment,
@@ -204,11 +203,7 @@ async def test_a_cloud_restart_in_the_middle_publishes_no_early_increase(
         second = await resplit(f)
         # The cloud stops with the increases waiting; a new one starts on its store and outbox,
         # and its republish task runs at once.
-        await f.server.stop(0.5)
-        await f.store.close()
-        f.store = open_cloud_store(f.server.config.store_url)
-        f.server = CloudApiServer(f.server.config, f.store, clock=f.clock)
-        f.port = await f.server.start()
+        await f.restart()
         for _ in range(3):
             f.clock.advance(f.coordinator.ramp_s + 1.0)
             await f.coordinator.republish_pending()

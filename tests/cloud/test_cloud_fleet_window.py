@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cloud_testkit import wait_until
 from evcore.v1.fleet_api_pb2 import FleetCurtailment
 from fleet_testkit import (
     FleetCloud,
@@ -131,3 +132,62 @@ async def test_an_extension_with_every_edge_online_leaves_no_site_uncapped(
     # A redelivered or resent interim (older issued_at) never replaces the raise.
     f.clock.advance(HOURS_S)
     check(f, [a, b])
+
+
+@pytest.mark.parametrize("a_offline", [True, False], ids=["a-offline", "a-online"])
+async def test_a_cloud_restart_between_the_interim_and_the_raise_publishes_no_early_increase(
+    fleet: FleetCloud, a_offline: bool
+) -> None:
+    f = fleet
+    a, b, t0 = await extend_while_b_rises(f, a_offline=a_offline)
+    await f.wait_signals({b: 2})  # revision 1, then the interim
+    held_kw = f.watches[b].signals[0].curtailment.max_kw
+    interim = f.watches[b].signals[1]
+    assert interim.signal_id.endswith("-interim") and interim.curtailment.max_kw == held_kw
+    second = await f.store.fleet_curtailment(FID)
+    assert second is not None and second.revision == 2
+    raised_kw = next(sh.max_kw for sh in second.shares if sh.site_id == b)
+    assert raised_kw > held_kw
+
+    def nothing_above_held() -> None:
+        assert all(s.curtailment.max_kw <= held_kw for s in f.watches[b].signals), [
+            s.curtailment.max_kw for s in f.watches[b].signals
+        ]
+
+    # The cloud restarts between the interim and the raise; the new one (its republish task runs
+    # at once) sends the interim again under its event id, and no raise.
+    await f.restart()
+    if a_offline:
+        for step_s in (5.0, 60.0, HOURS_S):
+            f.clock.advance(step_s)
+            await f.coordinator.republish_pending()
+            await asyncio.sleep(0.2)
+            assert check(f, [b])[b] == held_kw
+            nothing_above_held()
+        await f.edge_online(a)
+    await f.wait_signals({a: 2})
+    await f.wait_taken(FID)  # a took its decrease, as the new cloud sees it
+    await f.coordinator.republish_pending()
+    f.clock.advance(f.coordinator.ramp_s - 1.0)
+    assert f.clock.now() > t0 + 2 * HOURS_S  # the old window has ended
+    await f.coordinator.republish_pending()
+    await asyncio.sleep(0.3)
+    assert check(f, [a, b])[b] == held_kw  # capped, by the interim's window, and not raised
+    nothing_above_held()
+    # ramp_s after the decrease was taken: the raise.
+    f.clock.advance(1.0)
+    await f.coordinator.republish_pending()
+    await wait_until(
+        lambda: any(s.curtailment.max_kw > held_kw for s in f.watches[b].signals), "the raise"
+    )
+    await asyncio.sleep(0.2)
+    raise_ = f.watches[b].signals[-1]
+    assert raise_.curtailment.max_kw == raised_kw
+    assert raise_.issued_at.ToNanoseconds() > interim.issued_at.ToNanoseconds()
+    assert check(f, [a, b])[b] == raised_kw
+    assert await f.store.fleet_published_revision(FID) == 2
+    # A repeat of the interim (older issued_at) never replaces the raise, to the window's end.
+    f.clock.advance(t0 + 4 * HOURS_S - 1.0 - f.clock.now())
+    await f.coordinator.republish_pending()
+    await asyncio.sleep(0.2)
+    assert check(f, [a, b])[b] == raised_kw
