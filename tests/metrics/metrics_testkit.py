@@ -1,13 +1,19 @@
 """Shared by the metrics tests: an HTTP/1.1 request over a real socket, and a strict reader of
 the Prometheus text format (0.0.4) written from the format's description, not from the
-renderer: every sample must belong to the family its ``# TYPE`` announced."""
+renderer: every sample must belong to the family its ``# TYPE`` announced. ``tls``: the same
+over HTTPS; ``token``: with ``Authorization: Bearer``."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import math
 import re
+import ssl
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 _SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)\Z")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"(,|\Z)')
@@ -105,9 +111,12 @@ class Response:
     body: bytes
 
 
-async def request(port: int, raw: bytes, *, timeout_s: float = 10.0) -> Response:
-    """Send ``raw`` on a new connection to 127.0.0.1:``port`` and read the answer to EOF."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def request(
+    port: int, raw: bytes, *, timeout_s: float = 10.0, tls: ssl.SSLContext | None = None
+) -> Response:
+    """Send ``raw`` on a new connection to 127.0.0.1:``port`` (over TLS with ``tls``) and read
+    the answer to EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     try:
         writer.write(raw)
         await writer.drain()
@@ -125,17 +134,59 @@ async def request(port: int, raw: bytes, *, timeout_s: float = 10.0) -> Response
     return Response(int(status), headers, body)
 
 
-async def get(port: int, path: str = "/metrics", method: str = "GET") -> Response:
+async def no_http_answer(port: int, tls: ssl.SSLContext | None) -> None:
+    """A ``GET /metrics`` (with a bearer token) on a new connection ends (EOF, reset, a TLS
+    alert or a failed handshake) without an HTTP answer."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+    except (ssl.SSLError, ConnectionError):
+        return
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    except (ssl.SSLError, ConnectionError):
+        return
+    finally:
+        writer.close()
+    assert not data.startswith(b"HTTP/"), data
+
+
+async def get(
+    port: int,
+    path: str = "/metrics",
+    method: str = "GET",
+    *,
+    token: str | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> Response:
+    auth = "" if token is None else f"Authorization: Bearer {token}\r\n"
     return await request(
         port,
-        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}"
         "User-Agent: Prometheus/3.0\r\nAccept: text/plain;version=0.0.4\r\n\r\n".encode(),
+        tls=tls,
     )
 
 
-async def scrape(port: int) -> Scrape:
-    resp = await get(port)
+async def scrape(
+    port: int, *, token: str | None = None, tls: ssl.SSLContext | None = None
+) -> Scrape:
+    resp = await get(port, token=token, tls=tls)
     assert resp.status == 200, (resp.status, resp.body)
     assert resp.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert int(resp.headers["content-length"]) == len(resp.body)
     return parse(resp.body.decode("utf-8"))
+
+
+def cert_authority(folder: Path, name: str) -> Any:
+    """A test CA from tests/ocpp/ocpp_certs.py (``issue(cn, server=True)`` → cert, key paths;
+    ``ca_path``), loaded by path so no other test folder joins ``sys.path``."""
+    if "ocpp_certs" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "ocpp" / "ocpp_certs.py"
+        spec = importlib.util.spec_from_file_location("ocpp_certs", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ocpp_certs"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["ocpp_certs"].CertAuthority(folder, name)

@@ -4,6 +4,7 @@ a refused (broken-chain) upload, unauthenticated calls, and each site's last upl
 
 from __future__ import annotations
 
+import ssl
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from evcore.clock import ManualClock
 from evcore.cloud import CloudApiServer, CloudConfig, CloudConfigError, open_cloud_store
 from evcore.cloud.auth import SITE_HEADER
 from evcore.v1 import cloud_api_pb2_grpc as pb_grpc
-from metrics_testkit import scrape
+from metrics_testkit import cert_authority, get, no_http_answer, scrape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cloud"))
 from cloud_testkit import chain, stream
@@ -95,5 +96,72 @@ def test_a_bad_metrics_section_in_cloud_toml_names_the_key(tmp_path: Path) -> No
     with pytest.raises(CloudConfigError, match=r"\[metrics\]\.listen: port must be"):
         CloudConfig.from_table(
             {"insecure": True, "store": {"url": "sqlite:x"}, "metrics": {"listen": "h:99999"}},
+            tmp_path,
+        )
+
+
+async def test_the_clouds_endpoint_with_a_token_and_client_certificates(tmp_path: Path) -> None:
+    """The same keys in cloud.toml reach ``evcore cloud serve``'s endpoint: HTTPS, a client
+    certificate of ``tls_client_ca_file`` and the bearer token are all needed."""
+    ca = cert_authority(tmp_path, "cloud metrics CA")
+    cert, key = ca.issue("cloud-metrics", server=True)
+    client = ca.issue("prometheus")
+    token = tmp_path / "metrics.token"
+    token.write_text("cloud-scrape-token")
+    token.chmod(0o600)
+    cfg = CloudConfig.from_table(
+        {
+            "listen": "127.0.0.1:0",
+            "insecure": True,
+            "store": {"url": "sqlite:store"},
+            "metrics": {
+                "listen": "127.0.0.1:0",
+                "token_file": str(token),
+                "tls_cert_file": cert,
+                "tls_key_file": key,
+                "tls_client_ca_file": str(ca.ca_path),
+            },
+        },
+        tmp_path,
+    )
+    store = open_cloud_store(cfg.store_url)
+    server = CloudApiServer(cfg, store, clock=ManualClock(T0))
+    await server.start()
+    try:
+        mport = server.metrics_port
+        trusted = ssl.create_default_context(cafile=str(ca.ca_path))
+        with_cert = ssl.create_default_context(cafile=str(ca.ca_path))
+        with_cert.load_cert_chain(*client)
+        assert (await get(mport, tls=with_cert)).status == 401
+        s = await scrape(mport, token="cloud-scrape-token", tls=with_cert)
+        assert s.value("evcore_cloud_sites_seen") == 0
+        assert s.value("evcore_metrics_scrapes_refused_total", reason="missing") == 1
+        # Without a client certificate (or without TLS) there is no HTTP answer.
+        await no_http_answer(mport, trusted)
+        await no_http_answer(mport, None)
+        assert (await get(mport, token="cloud-scrape-token", tls=with_cert)).status == 200
+    finally:
+        await server.stop(0.5)
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("metrics", "match"),
+    [
+        ({"token_file": "metrics.token"}, r"\[metrics\]\.token_file must be an absolute path"),
+        ({"token_file": "/nonexistent/metrics.token"}, r"\[metrics\]\.token_file: no such file"),
+        ({"tls_cert_file": "/etc/hostname"}, r"\[metrics\]\.tls_key_file: missing"),
+    ],
+)
+def test_bad_metrics_files_in_cloud_toml_name_the_key(
+    tmp_path: Path, metrics: dict[str, str], match: str
+) -> None:
+    with pytest.raises(CloudConfigError, match=match):
+        CloudConfig.from_table(
+            {
+                "insecure": True,
+                "store": {"url": "sqlite:x"},
+                "metrics": {"listen": "127.0.0.1:0", **metrics},
+            },
             tmp_path,
         )

@@ -6,6 +6,7 @@ enforce; a curtailment shows as the node's cap; bad requests leave the endpoint 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from evcore.metrics.edge import node_utilisation, read_edge
 from evcore.sim.ev import EV
 from evcore.site import load_site
 from evcore.store import open_store
-from metrics_testkit import Scrape, request, scrape
+from metrics_testkit import Scrape, cert_authority, get, no_http_answer, request, scrape
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -325,3 +326,56 @@ async def test_the_loop_does_not_spin_while_the_stations_are_away(tmp_path: Path
         await rig.stop()
         app.stop()
         await asyncio.wait_for(runner, 20)
+
+
+async def test_an_edges_endpoint_with_a_token_over_https(tmp_path: Path) -> None:
+    """``[metrics] token_file`` and TLS files reach the edge's endpoint: HTTPS with the CA and
+    the token gets the edge's metrics; without the token, 401; plain HTTP, no answer."""
+    ca = cert_authority(tmp_path, "edge metrics CA")
+    cert, key = ca.issue("edge-metrics", server=True)
+    token = tmp_path / "metrics.token"
+    token.write_text("edge-scrape-token\n")
+    token.chmod(0o600)
+    table = depot_table(2, per_feeder=2, site_id="tls-depot")
+    table["metrics"] = {
+        "listen": "127.0.0.1:0",
+        "token_file": str(token),
+        "tls_cert_file": cert,
+        "tls_key_file": key,
+    }
+    app = EdgeApp(load_site(table), table, clock=WallClock())
+    runner = asyncio.create_task(app.run())
+    try:
+        await asyncio.wait_for(app.ready.wait(), 20)
+        port = app.metrics_port
+        tls = ssl.create_default_context(cafile=str(ca.ca_path))
+        s = await scrape(port, token="edge-scrape-token", tls=tls)
+        assert s.value("evcore_chargers") == 2
+        assert s.value("evcore_metrics_scrapes_refused_total", reason="missing") == 0
+        assert (await get(port, tls=tls)).status == 401
+        assert (await get(port, token="edge-scrape-token2", tls=tls)).status == 401
+        await no_http_answer(port, None)  # plain HTTP
+        s = await scrape(port, token="edge-scrape-token", tls=tls)
+        assert s.by("evcore_metrics_scrapes_refused_total", "reason") == {
+            "missing": 1,
+            "wrong": 1,
+        }
+    finally:
+        app.stop()
+        await asyncio.wait_for(runner, 20)
+
+
+def test_evcore_edge_refuses_a_missing_token_file_naming_the_key(tmp_path: Path) -> None:
+    table = depot_table(2, per_feeder=2)
+    table["metrics"] = {"listen": "127.0.0.1:0", "token_file": str(tmp_path / "absent.token")}
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    out = subprocess.run(
+        [sys.executable, "-m", "evcore.cli", "edge", "--config", str(site_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "[metrics].token_file: no such file" in out.stdout

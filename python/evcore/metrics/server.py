@@ -1,30 +1,43 @@
 """The ``[metrics]`` section and the HTTP endpoint Prometheus scrapes.
 
-What this module owns: parsing ``[metrics]`` (``listen = "host:port"``; an error names the key)
-and ``MetricsServer``: an ``asyncio.start_server`` that answers ``GET /metrics`` (and ``HEAD``)
+What this module owns: parsing ``[metrics]`` (``listen = "host:port"``, optionally a bearer
+``token_file`` and TLS files; an error names the key) and ``MetricsServer``: an
+``asyncio.start_server`` (HTTPS when TLS files are given, TLS 1.2 or later, client certificates
+required with ``tls_client_ca_file``) that answers ``GET /metrics`` (and ``HEAD``)
 with the registry rendered at that moment, 404 for any other path, 405 for another method on
 ``/metrics``, 400 for a request that is not HTTP/1.x or whose head is larger than
 ``max_request_bytes``, 408 for one that does not arrive within ``read_timeout_s``. One request per
 connection (``Connection: close``); at most ``max_connections`` at a time (more are closed at
-once). A collector that fails gives 500 and a logged traceback; the server lives on.
+once). A collector that fails gives 500 and a logged traceback; the server lives on. With a
+``token_file``, a request without ``Authorization: Bearer <the file's token>`` gets 401 (counted
+in ``evcore_metrics_scrapes_refused_total``); the file is read again when it changes, so a rotated
+token needs no restart.
 
-What it must never do: let a scrape stall the control loop. The collectors read the live objects
-in the loop (between two awaits, so what they read is consistent); the families they return are
-built and formatted in a worker thread; every read or write on a socket is bounded by a timeout.
+What it must never do: let a scrape stall the control loop, or serve a token-protected endpoint
+without the token (a token file that became unreadable or empty refuses every scrape: 503). The
+collectors read the live objects in the loop (between two awaits, so what they read is
+consistent); the families they return are built and formatted in a worker thread; every read or
+write on a socket is bounded by a timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import logging
+import os
 import re
-from collections.abc import Iterable
+import ssl
+import stat
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from evcore.metrics.exposition import CONTENT_TYPE, MetricFamily, Registry, render
+from evcore.metrics.exposition import CONTENT_TYPE, Counter, MetricFamily, Registry, render
 from evcore.site.sections import Key, Section, split_host_port
 
 __all__ = ["MetricsConfig", "MetricsConfigError", "MetricsServer"]
@@ -39,6 +52,7 @@ _VERSION = re.compile(rb"HTTP/1\.[01]\Z")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -53,34 +67,197 @@ class MetricsConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    """The validated ``[metrics]`` section: where the endpoint listens (port 0: any free one)."""
+    """The validated ``[metrics]`` section: where the endpoint listens (port 0: any free one),
+    the bearer token file (None: no authentication) and the TLS files (None: plain HTTP)."""
 
     host: str = "127.0.0.1"
     port: int = 9464
+    token_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
 
     @property
     def listen(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def scheme(self) -> str:
+        return "http" if self.tls_cert_file is None else "https"
+
     @staticmethod
-    def from_section(section: Any) -> MetricsConfig | None:
+    def from_section(section: Any, base_dir: Path | str | None = None) -> MetricsConfig | None:
         """``[metrics]`` of a site (or cloud) file; None when the section is absent (no
-        endpoint). ``listen`` is ``"host:port"`` (IPv6 as ``"[::1]:9464"``)."""
+        endpoint). ``listen`` is ``"host:port"`` (IPv6 as ``"[::1]:9464"``). The files are
+        relative to ``base_dir`` (the file's directory); without it they must be absolute.
+        The token file is read and the TLS files loaded here, so a bad one stops the load."""
         if section is None:
             return None
-        listen = _SECTION.read(section)["listen"]
-        return MetricsConfig(*split_host_port(listen, _SECTION.label("listen")))
+        if base_dir is None and isinstance(section, Mapping):
+            for key in _FILE_KEYS:
+                value = section.get(key)
+                if isinstance(value, str) and value and not Path(value).is_absolute():
+                    raise MetricsConfigError(
+                        f"{_SECTION.label(key)} must be an absolute path, got {value!r}"
+                    )
+        values = _SECTION.read(section, "." if base_dir is None else base_dir)
+        host, port = split_host_port(values["listen"], _SECTION.label("listen"))
+        cert_file, key_file = values.get("tls_cert_file"), values.get("tls_key_file")
+        if (cert_file is None) != (key_file is None):
+            missing = "tls_key_file" if key_file is None else "tls_cert_file"
+            raise MetricsConfigError(
+                f"{_SECTION.label(missing)}: missing; tls_cert_file and tls_key_file go together"
+            )
+        client_ca = values.get("tls_client_ca_file")
+        if client_ca is not None and cert_file is None:
+            raise MetricsConfigError(
+                f"{_SECTION.label('tls_client_ca_file')} needs tls_cert_file and tls_key_file "
+                "(client certificates are asked for in a TLS handshake)"
+            )
+        cfg = MetricsConfig(host, port, values.get("token_file"), cert_file, key_file, client_ca)
+        if cfg.token_file is not None:
+            read_token(cfg.token_file)
+            _warn_if_readable_by_others(cfg.token_file, "token_file")
+        if cfg.tls_key_file is not None:
+            _warn_if_readable_by_others(cfg.tls_key_file, "tls_key_file")
+        cfg.ssl_context()
+        return cfg
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context (TLS 1.2 or later; client certificates required when
+        ``tls_client_ca_file`` is set); None for plain HTTP. An error names the key."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise MetricsConfigError(
+                f"{_SECTION.label('tls_cert_file')}, {_SECTION.label('tls_key_file')}: cannot "
+                f"load {str(self.tls_cert_file)!r} with {str(self.tls_key_file)!r} "
+                f"(a PEM certificate chain and its private key): {exc}"
+            ) from None
+        if self.tls_client_ca_file is not None:
+            try:
+                ctx.load_verify_locations(cafile=self.tls_client_ca_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise MetricsConfigError(
+                    f"{_SECTION.label('tls_client_ca_file')}: cannot load "
+                    f"{str(self.tls_client_ca_file)!r} (PEM CA certificates): {exc}"
+                ) from None
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
 
 
+_FILE_KEYS = ("token_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file")
 _SECTION = Section(
     "[metrics]",
-    {"listen": Key("host_port", required=True, example='listen = "127.0.0.1:9464"')},
+    {
+        "listen": Key("host_port", required=True, example='listen = "127.0.0.1:9464"'),
+        **{key: Key("file") for key in _FILE_KEYS},
+    },
     MetricsConfigError,
 )
 
+#: A bearer token is one line of visible ASCII (RFC 6750's b64token is narrower; Prometheus sends
+#: what its ``credentials_file`` holds, surrounding whitespace trimmed).
+_BEARER = re.compile(rb"[\x21-\x7e]+\Z")
+MAX_TOKEN_BYTES = 4096
+
+
+def read_token(path: Path) -> bytes:
+    """The token in ``path`` (surrounding whitespace dropped, as Prometheus drops it from its
+    ``credentials_file``); MetricsConfigError naming ``[metrics].token_file`` when the file is
+    missing, unreadable, empty, too long or not one token."""
+    label = _SECTION.label("token_file")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise MetricsConfigError(f"{label}: cannot read {str(path)!r}: {exc.strerror}") from None
+    token = raw.strip()
+    if not token:
+        raise MetricsConfigError(f"{label}: {str(path)!r} is empty; it must hold the token")
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise MetricsConfigError(
+            f"{label}: {str(path)!r} is over {MAX_TOKEN_BYTES} bytes; it must hold only the token"
+        )
+    if not _BEARER.match(token):
+        raise MetricsConfigError(
+            f"{label}: {str(path)!r} must hold one token of visible ASCII characters "
+            "(no spaces inside, nothing else in the file)"
+        )
+    return token
+
+
+def _warn_if_readable_by_others(path: Path, key: str) -> None:
+    with contextlib.suppress(OSError):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & stat.S_IROTH:
+            log.warning(
+                "%s: %s is readable by every user on this host (mode %04o); "
+                "chmod 0600 (or 0640 with the service's group)",
+                _SECTION.label(key),
+                path,
+                mode,
+            )
+
+
+class _TokenFile:
+    """The token in force, read again when the file changes (device, inode, size, mtime or
+    ctime), so a rotated token needs no restart. While its mtime is under ``_SETTLE_S`` old the
+    file is read at every scrape: a file rewritten in place twice within the file system's
+    timestamp granularity keeps its size and times. A file that cannot be read (missing,
+    empty, malformed) leaves no token in force: every scrape is refused until it is fixed
+    (never the old token, which the rotation meant to retire)."""
+
+    _SETTLE_S = 2.0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen = self._signature()
+        self.token: bytes | None = read_token(path)
+        self._failure = ""
+
+    def _signature(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def current(self) -> bytes | None:
+        seen = self._signature()
+        if (
+            seen is not None
+            and seen == self._seen
+            and time.time() - seen[3] / 1e9 > self._SETTLE_S
+            and not self._failure
+        ):
+            return self.token
+        self._seen = seen
+        try:
+            token = read_token(self.path)
+        except MetricsConfigError as exc:
+            self.token = None
+            if str(exc) != self._failure:
+                self._failure = str(exc)
+                log.warning(
+                    "metrics: every scrape is refused until the token file is fixed: %s", exc
+                )
+            return None
+        self._failure = ""
+        if token != self.token:
+            self.token = token
+            log.info("metrics: %s changed; its token is in force", self.path)
+            _warn_if_readable_by_others(self.path, "token_file")
+        return self.token
+
 
 class MetricsServer:
-    """``await start()`` binds and returns the port; ``await stop()`` closes it."""
+    """``await start()`` binds and returns the port; ``await stop()`` closes it. ``token_file``:
+    scrapes must carry ``Authorization: Bearer <its token>``; ``tls``: serve HTTPS with it."""
 
     def __init__(
         self,
@@ -92,6 +269,8 @@ class MetricsServer:
         read_timeout_s: float = 5.0,
         write_timeout_s: float = 5.0,
         max_connections: int = 16,
+        token_file: Path | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.registry = registry
         self.host = host
@@ -102,19 +281,52 @@ class MetricsServer:
         self.max_connections = max_connections
         #: Requests answered, by status code (for tests; Prometheus sees its own scrapes).
         self.answered: dict[int, int] = {}
+        self.token_file = token_file
+        self.tls = tls
+        #: Scrapes refused for their credentials, by reason (``missing``, ``wrong``); served
+        #: beside the registry's families when a token is required.
+        self.refused: Counter | None = None
+        if token_file is not None:
+            self.refused = Counter(
+                "evcore_metrics_scrapes_refused_total",
+                "Requests to the metrics endpoint refused with 401: no bearer token (missing) "
+                "or not the token file's (wrong).",
+                ("reason",),
+            )
+            for reason in ("missing", "wrong"):
+                self.refused.inc(0, reason=reason)
+        self._token: _TokenFile | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[Any]] = set()
 
     @classmethod
     def from_config(cls, registry: Registry, cfg: MetricsConfig) -> MetricsServer:
-        return cls(registry, cfg.host, cfg.port)
+        return cls(registry, cfg.host, cfg.port, token_file=cfg.token_file, tls=cfg.ssl_context())
 
     async def start(self) -> int:
+        """Bind; MetricsConfigError (naming ``[metrics].token_file``) when the token file
+        cannot be read now."""
+        if self.token_file is not None:
+            self._token = _TokenFile(self.token_file)
         self._server = await asyncio.start_server(
-            self._connection, self.host, self.port, limit=self.max_request_bytes
+            self._connection,
+            self.host,
+            self.port,
+            limit=self.max_request_bytes,
+            ssl=self.tls,
+            ssl_handshake_timeout=self.read_timeout_s if self.tls is not None else None,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
-        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        log.info(
+            "metrics on %s://%s:%d/metrics%s%s",
+            "http" if self.tls is None else "https",
+            self.host,
+            self.port,
+            "" if self.token_file is None else ", bearer token required",
+            ", client certificate required"
+            if self.tls is not None and self.tls.verify_mode == ssl.CERT_REQUIRED
+            else "",
+        )
         return self.port
 
     async def stop(self) -> None:
@@ -137,13 +349,14 @@ class MetricsServer:
             return
         self._conns.add(task)
         try:
-            status, head_only, body, ctype = await self._answer(reader)
+            status, head_only, body, ctype, extra = await self._answer(reader)
             self.answered[status] = self.answered.get(status, 0) + 1
             head = (
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
                 f"Content-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\n"
                 + ("Allow: GET, HEAD\r\n" if status == 405 else "")
+                + extra
                 + "Connection: close\r\n\r\n"
             ).encode("ascii")
             writer.write(head if head_only else head + body)
@@ -164,33 +377,59 @@ class MetricsServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, bool, bytes, str]:
-        """(status, head only, body, content type) for the request on ``reader``."""
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, bool, bytes, str, str]:
+        """(status, head only, body, content type, extra header lines) for the request on
+        ``reader``."""
         text = "text/plain; charset=utf-8"
         try:
             raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout_s)
         except asyncio.LimitOverrunError:
-            return 400, False, b"request head too large\n", text
+            return 400, False, b"request head too large\n", text, ""
         except asyncio.IncompleteReadError:
-            return 400, False, b"incomplete request\n", text
+            return 400, False, b"incomplete request\n", text, ""
         except TimeoutError:
-            return 408, False, b"request not received in time\n", text
+            return 408, False, b"request not received in time\n", text, ""
         parsed = _parse_head(raw)
         if parsed is None:
-            return 400, False, b"malformed request\n", text
-        method, path = parsed
+            return 400, False, b"malformed request\n", text, ""
+        method, path, authorization = parsed
+        if self._token is not None:
+            # Before the path: without the token, nothing about the endpoint is answered.
+            refused = self._refusal(authorization)
+            if refused is not None:
+                return refused
         if path != "/metrics":
-            return 404, method == "HEAD", b"not found; metrics are at /metrics\n", text
+            return 404, method == "HEAD", b"not found; metrics are at /metrics\n", text, ""
         if method not in ("GET", "HEAD"):
-            return 405, False, b"only GET and HEAD\n", text
+            return 405, False, b"only GET and HEAD\n", text, ""
         try:
             # Read in the loop, format beside it: the loop is held only for the reading.
             parts = self.registry.read()
+            if self.refused is not None:
+                parts.append(self.refused.collect())
             body = await asyncio.to_thread(_render_bytes, parts)
         except Exception:
             log.exception("metrics: collecting failed")
-            return 500, method == "HEAD", b"collecting the metrics failed (see the log)\n", text
-        return 200, method == "HEAD", body, CONTENT_TYPE
+            return 500, method == "HEAD", b"collecting the metrics failed (see the log)\n", text, ""
+        return 200, method == "HEAD", body, CONTENT_TYPE, ""
+
+    def _refusal(self, authorization: list[bytes]) -> tuple[int, bool, bytes, str, str] | None:
+        """The answer refusing a request without the bearer token; None when it has it."""
+        assert self._token is not None and self.refused is not None
+        text = "text/plain; charset=utf-8"
+        token = self._token.current()
+        if token is None:
+            return 503, False, b"the endpoint's token file is unreadable (see the log)\n", text, ""
+        presented = _bearer_credentials(authorization)
+        if presented is None:
+            self.refused.inc(reason="missing")
+            challenge = 'WWW-Authenticate: Bearer realm="evcore metrics"\r\n'
+            return 401, False, b"a bearer token is required\n", text, challenge
+        if not hmac.compare_digest(presented, token):
+            self.refused.inc(reason="wrong")
+            challenge = 'WWW-Authenticate: Bearer realm="evcore metrics", error="invalid_token"\r\n'
+            return 401, False, b"wrong bearer token\n", text, challenge
+        return None
 
     async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """After an error answer, read (and drop) what the client is still sending, for a short
@@ -215,8 +454,20 @@ def _render_bytes(parts: list[Iterable[MetricFamily]]) -> bytes:
     return render(itertools.chain.from_iterable(parts)).encode("utf-8")
 
 
-def _parse_head(raw: bytes) -> tuple[str, str] | None:
-    """(method, path without its query) of an HTTP/1.x request head; None when malformed."""
+def _bearer_credentials(authorization: list[bytes]) -> bytes | None:
+    """The token of the one ``Authorization: Bearer <token>`` header (the scheme in any case);
+    None without one (none, several, or another scheme)."""
+    if len(authorization) != 1:
+        return None
+    scheme, _, credentials = authorization[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return credentials.strip() or None
+
+
+def _parse_head(raw: bytes) -> tuple[str, str, list[bytes]] | None:
+    """(method, path without its query, the ``Authorization`` headers' values) of an HTTP/1.x
+    request head; None when malformed."""
     lines = raw[:-4].split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3:
@@ -226,9 +477,12 @@ def _parse_head(raw: bytes) -> tuple[str, str] | None:
         return None
     if not target.startswith(b"/") or any(b <= 0x20 or b >= 0x7F for b in target):
         return None
+    authorization = []
     for line in lines[1:]:
-        name, colon, _ = line.partition(b":")
+        name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.match(name):
             return None
+        if name.lower() == b"authorization":
+            authorization.append(value)
     path = target.split(b"?", 1)[0].decode("ascii")
-    return method.decode("ascii"), path
+    return method.decode("ascii"), path, authorization
