@@ -297,9 +297,12 @@ class _NatsConsumer:
                                 dict(m.headers or {}).get(MSG_ID, ""),
                                 delay,
                             )
+                        # Handed back at once (no nak delay): while this loop sleeps no pull is
+                        # open, and the next pull gets the handed-back messages first, in order
+                        # (a nak delay let a later message, not yet delivered, overtake them).
                         for rest in msgs[i:]:
                             with contextlib.suppress(Exception):
-                                await rest.nak(delay=delay)
+                                await rest.nak()
                         await bus.clock.sleep(delay)
                         break
                     failures = 0
