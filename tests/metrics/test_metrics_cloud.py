@@ -148,7 +148,8 @@ async def test_the_clouds_endpoint_with_a_token_and_client_certificates(tmp_path
 @pytest.mark.parametrize(
     ("metrics", "match"),
     [
-        ({"token_file": "metrics.token"}, r"\[metrics\]\.token_file must be an absolute path"),
+        # Relative to cloud.toml's directory (tmp_path), where there is none.
+        ({"token_file": "metrics.token"}, r"\[metrics\]\.token_file: no such file .*s\.token"),
         ({"token_file": "/nonexistent/metrics.token"}, r"\[metrics\]\.token_file: no such file"),
         ({"tls_cert_file": "/etc/hostname"}, r"\[metrics\]\.tls_key_file: missing"),
     ],
@@ -165,3 +166,17 @@ def test_bad_metrics_files_in_cloud_toml_name_the_key(
             },
             tmp_path,
         )
+
+
+def test_a_relative_token_file_is_read_beside_cloud_toml(tmp_path: Path) -> None:
+    (tmp_path / "metrics.token").write_text("cloud-scrape-token\n")
+    (tmp_path / "metrics.token").chmod(0o600)
+    cfg = CloudConfig.from_table(
+        {
+            "insecure": True,
+            "store": {"url": "sqlite:x"},
+            "metrics": {"listen": "127.0.0.1:0", "token_file": "metrics.token"},
+        },
+        tmp_path,
+    )
+    assert cfg.metrics is not None

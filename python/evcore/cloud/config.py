@@ -135,7 +135,7 @@ class CloudConfig:
             audit_durable=durable,
             fleet=fleet,
             retention=CloudRetention(**_RETENTION.read(top.get("retention", {}))),
-            metrics=_metrics_section(table.get("metrics")),
+            metrics=_metrics_section(table.get("metrics"), base),
         )
 
     @staticmethod
@@ -272,9 +272,9 @@ def _fleet_section(section: Any, base: Path, *, secure: bool) -> FleetConfig | N
     )
 
 
-def _metrics_section(section: Any) -> MetricsConfig | None:
+def _metrics_section(section: Any, base: Path) -> MetricsConfig | None:
     try:
-        return MetricsConfig.from_section(section)
+        return MetricsConfig.from_section(section, base)
     except MetricsConfigError as exc:
         raise CloudConfigError(str(exc)) from None
 

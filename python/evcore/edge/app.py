@@ -146,15 +146,15 @@ class EdgeApp:
         from evcore.metrics import MetricsConfig
         from evcore.ocpp import CentralSystem
 
+        # Files named in the site file are relative to its directory.
+        base = getattr(site, "path", None)
+        site_dir = Path(base).resolve().parent if base else Path.cwd()
         #: ``[metrics]`` (None: no endpoint); checked first so a bad one stops the edge at load.
-        self.metrics_config = MetricsConfig.from_section(site_table.get("metrics"))
+        self.metrics_config = MetricsConfig.from_section(site_table.get("metrics"), site_dir)
         from evcore.edge.cloudlink import CloudLinkConfig, CloudLinkConfigError
 
         #: ``[cloud]`` (None: no link to the cloud), checked at load like ``[metrics]``.
-        base = getattr(site, "path", None)
-        self.cloud_config = CloudLinkConfig.from_section(
-            site_table.get("cloud"), Path(base).resolve().parent if base else Path.cwd()
-        )
+        self.cloud_config = CloudLinkConfig.from_section(site_table.get("cloud"), site_dir)
         if self.cloud_config is not None and store is None:
             raise CloudLinkConfigError(
                 "[cloud] needs the edge's store (the audit chain is uploaded from it)"
