@@ -286,3 +286,101 @@ async def test_station_events_are_published_and_stored(
         if bus_kind == "nats":
             await bus.delete_streams()
         await bus.close()
+
+
+class _RefusesTransactions(InProcessBus):
+    """An in-process bus whose outbox refuses the next transaction event (its disk full)."""
+
+    refuse_next = False
+
+    async def publish(self, subject: str, payload: Any, **kw: Any) -> str:
+        if ".transaction." in subject and self.refuse_next:
+            self.refuse_next = False
+            raise OSError(28, "database or disk is full")
+        return await super().publish(subject, payload, **kw)
+
+
+async def test_a_transaction_event_the_bus_refused_goes_out_when_the_station_retries(
+    tmp_path: Path,
+) -> None:
+    """Review 2026-12-05 (HIGH): the dedupe keys were set before the publish, so the station's
+    retry of a StartTransaction / StopTransaction / TransactionEvent whose publish failed was
+    answered as a replay and the start or end never reached the bus or the store (the session
+    stayed open for ever). Now each retry publishes what was not taken, under the same event
+    id; local listeners hear each start and end once."""
+    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
+    await store.open()
+    bus = _RefusesTransactions("ocpp-test")
+    await bus.start()
+    got: list[Any] = []
+
+    async def collect(m: Any) -> None:
+        got.append(transaction_pb2.TransactionEvent.FromString(m.data))
+
+    await bus.subscribe("evcore.ocpp-test.transaction.*", collect)
+    clock = WallClock()
+    heard: list[Any] = []
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, bus=bus, store=store)
+    cs.add_listener(lambda e: heard.append(e) if isinstance(e, TransactionEvent) else None)
+    await cs.start()
+    base = f"ws://127.0.0.1:{cs.port}/ocpp"
+    a = await connect(
+        f"{base}/CPA", subprotocols=[Subprotocol("ocpp1.6")], additional_headers=auth("CPA")
+    )
+    b = await connect(
+        f"{base}/CPB", subprotocols=[Subprotocol("ocpp2.0.1")], additional_headers=auth("CPB")
+    )
+    t0 = clock.now()
+
+    def ev201(seq: int, event_type: str) -> dict[str, Any]:
+        return {
+            "eventType": event_type,
+            "timestamp": iso(t0 + seq),
+            "triggerReason": "CablePluggedIn" if event_type == "Started" else "EVDeparted",
+            "seqNo": seq,
+            "transactionInfo": {"transactionId": "B-TX-9"},
+            "evse": {"id": 1, "connectorId": 1},
+        }
+
+    async def refused_then_taken(ws: Any, action: str, payload: dict[str, Any]) -> list[Any]:
+        bus.refuse_next = True
+        first = await _raw(ws, f"{action}-1", action, payload)
+        assert first[0] == 4 and first[2] == "InternalError", first
+        again = await _raw(ws, f"{action}-2", action, payload)
+        assert again[0] == 3, again
+        return again
+
+    try:
+        start16 = {"connectorId": 1, "idTag": "TAG-1", "meterStart": 5000, "timestamp": iso(t0)}
+        tx16 = (await refused_then_taken(a, "StartTransaction", start16))[2]["transactionId"]
+        stop16 = {"transactionId": tx16, "meterStop": 7000, "timestamp": iso(t0 + 1)}
+        await refused_then_taken(a, "StopTransaction", stop16)
+        await refused_then_taken(b, "TransactionEvent", ev201(0, "Started"))
+        await refused_then_taken(b, "TransactionEvent", ev201(1, "Ended"))
+        await bus.flush()
+        kinds = [(e.transaction_id, e.kind) for e in got]
+        started, ended = (
+            transaction_pb2.TRANSACTION_EVENT_KIND_STARTED,
+            transaction_pb2.TRANSACTION_EVENT_KIND_ENDED,
+        )
+        assert kinds == [
+            (str(tx16), started),
+            (str(tx16), ended),
+            ("B-TX-9", started),
+            ("B-TX-9", ended),
+        ]
+        assert [(e.transaction_id, e.kind) for e in heard] == [
+            (str(tx16), "started"),
+            (str(tx16), "ended"),
+            ("B-TX-9", "started"),
+            ("B-TX-9", "ended"),
+        ]
+        assert await store.list_open_transactions() == []
+        done = await store.get_transaction("cp-a", str(tx16))
+        assert done is not None and done.meter_stop_wh == 7000.0
+    finally:
+        await a.close()
+        await b.close()
+        await cs.stop()
+        await bus.close()
+        await store.close()

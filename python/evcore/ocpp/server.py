@@ -255,6 +255,13 @@ class TxState:
     started_at: float | None = None
     ended: bool = False
     seen_seq: set[int] = field(default_factory=set)
+    # Event kinds ("started", "ended") handed to local listeners, and those the bus and store
+    # took: a kind emitted but not yet taken is published again when the station retries.
+    emitted: set[str] = field(default_factory=set)
+    published: set[str] = field(default_factory=set)
+    # Where and why it ended (for publishing the end again).
+    ended_at: float | None = None
+    end_reason: str | None = None
 
     def session_energy_wh(self) -> float | None:
         if self.meter_start_wh is None or self.last_register_wh is None:
@@ -459,6 +466,9 @@ class CentralSystem:
                 rec.meter_start_wh,
                 rec.started_at_s,
             )
+            # Its start is in the store, so it was published and heard before the restart.
+            tx.emitted.add("started")
+            tx.published.add("started")
             st.transactions[rec.transaction_id] = tx
             st.active_tx[charger.evse_id] = rec.transaction_id
             if rec.transaction_id.isdigit():  # 1.6 ids we assigned: never hand one out again
@@ -809,6 +819,11 @@ class CentralSystem:
         key = (connector_id, id_tag, meter_start_wh, round(at, 3))
         existing = st.start_keys.get(key)
         if existing is not None:  # a replay or a retry after a lost answer: same transaction
+            known = st.transactions.get(existing)
+            if known is not None and "started" not in known.published:
+                # The first attempt's publish failed (its CALLERROR made the station retry):
+                # publish it now, under the same event id.
+                await self._tx_event(st, known, "started", known.started_at or at)
             return int(existing)
         charger = st.charger(connector_id)
         if charger is None:
@@ -834,6 +849,8 @@ class CentralSystem:
     ) -> None:
         if tx.charger_id is None:
             return
+        if kind in tx.published:
+            return
         ev = TransactionEvent(
             charger_id=tx.charger_id,
             ocpp_id=st.ocpp_id,
@@ -847,8 +864,15 @@ class CentralSystem:
             reason=reason,
             offline=offline,
         )
-        self._emit(ev)
+        if kind not in tx.emitted:  # local listeners hear each start and end once
+            self._emit(ev)
+            if kind != "updated":
+                tx.emitted.add(kind)
+        # May raise (the outbox's disk full, the store away): the handler's CALLERROR makes the
+        # station send it again, and the repeat publishes what was not taken (same event id).
         await self._publisher.publish(ev)
+        if kind != "updated":
+            tx.published.add(kind)
 
     def _unknown_stop_1_6(self, st: Station, tx_id: str) -> TxState:
         """A StopTransaction for a transaction never seen started (another central system's, or
@@ -877,11 +901,15 @@ class CentralSystem:
     ) -> None:
         tx = st.transactions.get(tx_id)
         if tx is not None and tx.ended:
-            return  # duplicate stop (replay): already counted
+            # A duplicate stop (replay): already counted; published again only if the first
+            # attempt's publish failed.
+            await self._tx_event(st, tx, "ended", tx.ended_at or at, tx.end_reason)
+            return
         if tx is None:
             tx = self._unknown_stop_1_6(st, tx_id)
         tx.last_register_wh = meter_stop_wh
         tx.ended = True
+        tx.ended_at, tx.end_reason = at, reason
         if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == tx_id:
             del st.active_tx[tx.evse_id]
         await self._tx_event(st, tx, "ended", at, reason)
@@ -922,21 +950,30 @@ class CentralSystem:
             if id_tag and tx.id_tag is None:
                 tx.id_tag = id_tag
         tx.seen_seq.add(seq_no)
-        for i, mv in enumerate(meter_values):
-            await self._on_meter_value(st, tx.evse_id, mv, transaction_id, f"meterValue[{i}]")
-        if tx.ended:
-            return
-        if event_type == "Ended":
-            tx.ended = True
-            if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == transaction_id:
-                del st.active_tx[tx.evse_id]
-            await self._tx_event(st, tx, "ended", at, reason, offline)
-        elif new:
-            if tx.evse_id is not None:
-                st.active_tx[tx.evse_id] = transaction_id
-            await self._tx_event(st, tx, "started", at, None, offline)
-        else:
-            await self._tx_event(st, tx, "updated", at, None, offline)
+        try:
+            for i, mv in enumerate(meter_values):
+                await self._on_meter_value(st, tx.evse_id, mv, transaction_id, f"meterValue[{i}]")
+            if tx.ended:
+                # Ended already: only an end the bus or store did not take goes again.
+                await self._tx_event(st, tx, "ended", tx.ended_at or at, tx.end_reason, offline)
+                return
+            if event_type == "Ended":
+                tx.ended = True
+                tx.ended_at, tx.end_reason = at, reason
+                if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == transaction_id:
+                    del st.active_tx[tx.evse_id]
+                await self._tx_event(st, tx, "ended", at, reason, offline)
+            elif new or "started" not in tx.published:
+                if tx.evse_id is not None:
+                    st.active_tx[tx.evse_id] = transaction_id
+                await self._tx_event(st, tx, "started", tx.started_at or at, None, offline)
+            else:
+                await self._tx_event(st, tx, "updated", at, None, offline)
+        except Exception:
+            # Not handled in full (a publish failed): the station's retry of this seqNo is
+            # processed again rather than answered as a replay.
+            tx.seen_seq.discard(seq_no)
+            raise
 
     async def _on_meter_value(
         self,

@@ -75,7 +75,16 @@ class Connection16(SharedHandlers):
         if tx is None:
             self.csms._unknown_stop_1_6(self.station, tx_id)
         elif tx.ended:
-            return ack  # a replayed stop: its samples and its end were kept the first time
+            # A replayed stop: its samples and its end were kept the first time (its end is
+            # published again only if that attempt's publish failed).
+            await self.csms._on_stop(
+                self.station,
+                tx_id,
+                meter_stop_wh=float(p["meterStop"]),
+                at=at,
+                reason=p.get("reason", "Local"),
+            )
+            return ack
         for i, mv in enumerate(p.get("transactionData") or ()):
             await self.csms._on_meter_value(self.station, None, mv, tx_id, f"transactionData[{i}]")
         await self.csms._on_stop(
