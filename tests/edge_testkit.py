@@ -97,11 +97,9 @@ class ToldGateway:
         self.waiting.clear()
 
 
-async def start_edge(site_file: Path, timeout_s: float = 60.0) -> asyncio.subprocess.Process:
-    """``evcore edge --config site_file`` as a process, once it says its OCPP port is open (its
-    output stays readable on ``proc.stdout``); killed, with its output in the error, if it does
-    not within ``timeout_s``."""
-    proc = await asyncio.create_subprocess_exec(
+async def spawn_edge(site_file: Path) -> asyncio.subprocess.Process:
+    """``evcore edge --config site_file`` as a process, its output (stderr too) on ``stdout``."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "evcore.cli",
@@ -112,6 +110,13 @@ async def start_edge(site_file: Path, timeout_s: float = 60.0) -> asyncio.subpro
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+async def start_edge(site_file: Path, timeout_s: float = 60.0) -> asyncio.subprocess.Process:
+    """:func:`spawn_edge`, once it says its OCPP port is open (its output stays readable on
+    ``proc.stdout``); killed, with its output in the error, if it does not within
+    ``timeout_s``."""
+    proc = await spawn_edge(site_file)
     assert proc.stdout is not None
     seen: list[str] = []
     try:

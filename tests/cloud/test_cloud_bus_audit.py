@@ -8,6 +8,7 @@ import shutil
 import signal
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bus_testkit import patient_nats_bus
@@ -166,9 +167,40 @@ async def test_a_decision_over_12000_chargers_reaches_the_cloud_over_the_bus(
         audit_record_of(bomb.SerializeToString(), site)
 
 
-async def test_the_command_consumes_the_configured_sites_audit(tmp_path: Path) -> None:
+async def serve_cloud(tmp_path: Path, bus: str) -> asyncio.subprocess.Process:
+    """`evcore cloud serve` (insecure, SQLite store in ``tmp_path``) with the ``[bus]`` lines
+    ``bus``, once it says it serves."""
     exe = shutil.which("evcore")
     assert exe is not None, "the evcore console script is not installed"
+    config = tmp_path / "cloud.toml"
+    config.write_text(
+        'listen = "127.0.0.1:0"\ninsecure = true\n[store]\nurl = "sqlite:store"\n'
+        f'[bus]\n{bus}outbox_dir = "outbox"\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        exe, "cloud", "serve", "--config", str(config), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    assert "CloudApi on port" in line, line
+    return proc
+
+
+async def stop_cloud(proc: asyncio.subprocess.Process) -> None:
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+
+
+async def stored_up_to(store: Any, sites: list[str], seq: int, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 30
+    for site in sites:
+        while await store.contiguous_seq(site) < seq:
+            assert asyncio.get_running_loop().time() < deadline, f"{site}: {what}"
+            await asyncio.sleep(0.1)
+
+
+async def test_the_command_consumes_the_configured_sites_audit(tmp_path: Path) -> None:
     site = f"cloud-cmd-{uuid.uuid4().hex[:8]}"
     edge_bus = patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
     await edge_bus.start()
@@ -180,30 +212,15 @@ async def test_the_command_consumes_the_configured_sites_audit(tmp_path: Path) -
                 Subjects(site).audit, event(site, r, f"audit-{r.hash}"), critical=True
             )
         assert await edge_bus.flush(10.0)
-        config = tmp_path / "cloud.toml"
-        config.write_text(
-            'listen = "127.0.0.1:0"\ninsecure = true\n[store]\nurl = "sqlite:store"\n'
-            f'[bus]\nurl = "{NATS_URL}"\nsites = ["{site}"]\noutbox_dir = "outbox"\n'
-        )
-        proc = await asyncio.create_subprocess_exec(
-            exe, "cloud", "serve", "--config", str(config), stdout=asyncio.subprocess.PIPE
-        )
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert "CloudApi on port" in line, line
+        proc = await serve_cloud(tmp_path, f'url = "{NATS_URL}"\nsites = ["{site}"]\n')
         store = open_cloud_store(f"sqlite:{tmp_path / 'store'}")
         try:
-            deadline = asyncio.get_running_loop().time() + 20
-            while await store.contiguous_seq(site) < 2:
-                assert asyncio.get_running_loop().time() < deadline, "records never stored"
-                await asyncio.sleep(0.1)
+            await stored_up_to(store, [site], 2, "records never stored")
             held = await store.audit_records(site)
             assert [r.hash for r in held] == [r.hash for r in records]
         finally:
             await store.close()
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0
+        await stop_cloud(proc)
     finally:
         if proc is not None and proc.returncode is None:
             proc.kill()
@@ -221,8 +238,6 @@ async def test_the_command_reads_every_site_over_one_connection_and_after_a_brok
     consumer over the shared connection)."""
     from bus_testkit import NatsServer
 
-    exe = shutil.which("evcore")
-    assert exe is not None, "the evcore console script is not installed"
     server = NatsServer(tmp_path / "js", monitor=True)
     server.start()
     sites = [f"one-conn-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
@@ -238,43 +253,27 @@ async def test_the_command_reads_every_site_over_one_connection_and_after_a_brok
                 await bus.publish(Subjects(site).audit, e, critical=True)
             assert await bus.flush(20.0)
 
-    async def stored_up_to(seq: int) -> None:
-        deadline = asyncio.get_running_loop().time() + 30
-        for site in sites:
-            while await store.contiguous_seq(site) < seq:
-                assert asyncio.get_running_loop().time() < deadline, f"{site}: not stored"
-                await asyncio.sleep(0.1)
-
     try:
         for bus in edges:
             await bus.start()
         await publish(records[:2])
-        config = tmp_path / "cloud.toml"
         names = ", ".join(f'"{s}"' for s in sites)
-        config.write_text(
-            'listen = "127.0.0.1:0"\ninsecure = true\n[store]\nurl = "sqlite:store"\n'
-            f'[bus]\nurl = "{server.url}"\nsites = [{names}]\noutbox_dir = "outbox"\n'
-            'name = "evcore-cloud-test"\nreconnect_wait_s = 0.2\n'
+        proc = await serve_cloud(
+            tmp_path,
+            f'url = "{server.url}"\nsites = [{names}]\n'
+            'name = "evcore-cloud-test"\nreconnect_wait_s = 0.2\n',
         )
-        proc = await asyncio.create_subprocess_exec(
-            exe, "cloud", "serve", "--config", str(config), stdout=asyncio.subprocess.PIPE
-        )
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert "CloudApi on port" in line, line
-        await stored_up_to(1)
+        await stored_up_to(store, sites, 1, "not stored")
         assert server.connection_names().count("evcore-cloud-test") == 1
 
         server.restart()  # same JetStream store: the streams and durables are kept
         await publish(records[2:])
-        await stored_up_to(3)
+        await stored_up_to(store, sites, 3, "not stored after the restart")
         for site in sites:
             held = await store.audit_records(site)
             assert [r.hash for r in held] == [r.hash for r in records]
         assert server.connection_names().count("evcore-cloud-test") == 1
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0
+        await stop_cloud(proc)
     finally:
         if proc is not None and proc.returncode is None:
             proc.kill()
@@ -291,8 +290,6 @@ async def test_the_command_with_every_site_reads_a_new_site_without_a_restart(
     """`[bus] sites = "*"`: a site the cloud comes to know while it runs (here its first record
     uploaded, as an edge's CloudLink does) gets its audit read over the bus within
     `discover_s`, with no restart (before: `sites` had to list every site; "*" was refused)."""
-    exe = shutil.which("evcore")
-    assert exe is not None, "the evcore console script is not installed"
     site = f"discovered-{uuid.uuid4().hex[:8]}"
     edge_bus = patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
     await edge_bus.start()
@@ -305,29 +302,14 @@ async def test_the_command_with_every_site_reads_a_new_site_without_a_restart(
                 Subjects(site).audit, event(site, r, f"audit-{r.hash}"), critical=True
             )
         assert await edge_bus.flush(10.0)
-        config = tmp_path / "cloud.toml"
-        config.write_text(
-            'listen = "127.0.0.1:0"\ninsecure = true\n[store]\nurl = "sqlite:store"\n'
-            f'[bus]\nurl = "{NATS_URL}"\nsites = "*"\ndiscover_s = 0.2\noutbox_dir = "outbox"\n'
-        )
-        proc = await asyncio.create_subprocess_exec(
-            exe, "cloud", "serve", "--config", str(config), stdout=asyncio.subprocess.PIPE
-        )
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert "CloudApi on port" in line, line
+        proc = await serve_cloud(tmp_path, f'url = "{NATS_URL}"\nsites = "*"\ndiscover_s = 0.2\n')
         await asyncio.sleep(1.0)
         assert await store.contiguous_seq(site) == -1  # unknown: nothing read yet
         await store.put_audit(site, records[:1], now_s=1.0)  # the site makes itself known
-        deadline = asyncio.get_running_loop().time() + 20
-        while await store.contiguous_seq(site) < 3:
-            assert asyncio.get_running_loop().time() < deadline, "the new site was never read"
-            await asyncio.sleep(0.1)
+        await stored_up_to(store, [site], 3, "the new site was never read")
         held = await store.audit_records(site)
         assert [r.hash for r in held] == [r.hash for r in records]
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0
+        await stop_cloud(proc)
     finally:
         if proc is not None and proc.returncode is None:
             proc.kill()

@@ -4,32 +4,20 @@ restart it or alert); an unreadable bus outbox no longer keeps it from starting.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 from bus_testkit import SHARED_NATS, free_port
-from edge_testkit import start_edge
+from edge_testkit import spawn_edge, start_edge
 from evcore.edge.sitegen import depot_table, to_toml
 
 pytestmark = pytest.mark.timeout(120)
 
 
 async def _run_until_exit(site_file: Path, timeout_s: float) -> tuple[int | None, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "evcore.cli",
-        "edge",
-        "--config",
-        str(site_file),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = await spawn_edge(site_file)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     except TimeoutError:

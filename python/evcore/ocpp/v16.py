@@ -74,19 +74,12 @@ class Connection16(SharedHandlers):
         tx = self.station.transactions.get(tx_id)
         if tx is None:
             self.csms._unknown_stop_1_6(self.station, tx_id)
-        elif tx.ended:
-            # A replayed stop: its samples and its end were kept the first time (its end is
-            # published again only if that attempt's publish failed).
-            await self.csms._on_stop(
-                self.station,
-                tx_id,
-                meter_stop_wh=float(p["meterStop"]),
-                at=at,
-                reason=p.get("reason", "Local"),
-            )
-            return ack
-        for i, mv in enumerate(p.get("transactionData") or ()):
-            await self.csms._on_meter_value(self.station, None, mv, tx_id, f"transactionData[{i}]")
+        if tx is None or not tx.ended:
+            for i, mv in enumerate(p.get("transactionData") or ()):
+                where = f"transactionData[{i}]"
+                await self.csms._on_meter_value(self.station, None, mv, tx_id, where)
+        # A replayed stop (ended already): its samples and its end were kept the first time, and
+        # _on_stop publishes its end again only if that attempt's publish failed.
         await self.csms._on_stop(
             self.station,
             tx_id,
