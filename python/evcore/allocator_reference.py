@@ -23,6 +23,9 @@ __all__ = ["ReferenceResult", "SiteArrays", "fairness_violations", "reference_al
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 SLOTS = 4
+# Headroom reclaim, as allocator.rs: a reading taken less than this long after the session turned
+# on may show the car still ramping up; it does not cap the session (s).
+RECLAIM_RAMP_S = 30.0
 
 
 @dataclass
@@ -202,7 +205,7 @@ def reference_allocate(
         capacity.reshape(-1, SLOTS)[:, 3] = sa.kw_limit * 1000.0 - sub.sum(axis=1) * sa.v_ln
 
         # Where what is held alone is over a phase or kW limit (chargers measured above it; exact
-        # line currents, by more than 2e-6, at a node without an unbalance cap), no setpoint
+        # line currents, by more than 1e-9, at a node without an unbalance cap), no setpoint
         # makes the counted load fit: the chargers on such a constraint count as if they
         # followed their setpoints (the envelope sizes them that way).
         over = _held_over(sa, held, other).reshape(-1)
@@ -232,7 +235,9 @@ def reference_allocate(
         plan = ~np.isnan(t) & ~behind
         cand &= ~(plan & (t <= 0) & ~locked_on)
         u = np.where(plan & (t < u), np.maximum(t, f), u)
-        reclaim = is_on & ~unknown & fresh & (meas_max + margin < u)
+        # Headroom reclaim: only from a reading taken RECLAIM_RAMP_S after the session turned on.
+        ramped = ~np.isfinite(on_t) | (now - age >= on_t + RECLAIM_RAMP_S)
+        reclaim = is_on & ~unknown & fresh & ramped & (meas_max + margin < u)
         u = np.where(reclaim, np.maximum(meas_max + margin, f), u)
         floor = np.maximum(f, held)
         cap = np.maximum(u, held)
@@ -297,7 +302,7 @@ def _held_over(sa: SiteArrays, held: F64, other: F64) -> npt.NDArray[np.bool_]:
         if p >= 0:
             own[p] += own[i]
             pw[p] += pw[i]
-    tol = 2e-6
+    tol = 1e-9  # the envelope's tolerance (FOLLOW_TOL = TOL_A)
     out = np.zeros((nn, SLOTS), dtype=bool)
     with np.errstate(invalid="ignore"):
         out[:, :3] = np.abs(own) > sa.phase_limit + tol * (1.0 + np.abs(sa.phase_limit))

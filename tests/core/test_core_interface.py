@@ -413,6 +413,40 @@ def test_reclaimed_headroom_reads_as_a_low_draw_not_as_no_energy_wanted() -> Non
     assert out.column("reason").to_pylist()[0] == "paused: no energy wanted"
 
 
+def test_a_reading_taken_while_the_car_ramps_up_does_not_cap_it_as_in_the_reference() -> None:
+    """Headroom reclaim only from a reading taken 30 s or more after the session turned on:
+    cp0 resumed 10 s ago (reading 1 s old, 0 A) and cp1 (reading 20 s old, taken before it
+    resumed) keep their share; cp2 (on for an hour, 8 A of 30) and the DC charger (2 kW of
+    15 kW) are capped at their draw + 2 A. Rust and the numpy reference agree."""
+    site = small_site()
+    now = 3600.0
+    cols: dict[str, Any] = {
+        "connected": np.full(5, True),
+        "last_sent_a": np.array([16.0, 16.0, 30.0, 0.0, math.nan]),
+        "last_sent_w": np.array([math.nan] * 4 + [15000.0]),
+        "on_since_s": np.array([now - 10.0, now - 10.0, 0.0, math.nan, 0.0]),
+        "measured_l1_a": np.array([0.0, 0.0, 8.0, 0.0, 3.0]),
+        "measured_l2_a": np.array([0.0, 0.0, 0.0, 0.0, 3.0]),
+        "measured_l3_a": np.array([0.0, 0.0, 0.0, 0.0, 3.0]),
+        "measured_age_s": np.array([1.0, 20.0, 1.0, 1.0, 1.0]),
+    }
+    params = AllocatorParams(now_s=now, stale_after_s=60.0)
+    out = allocate(site, cols, params=params)
+    cb = allocator_batch(site, **cols)
+    nb = node_batch(site)
+    full = {k: np.asarray(cb.column(k).to_numpy(zero_copy_only=False)) for k in cb.schema.names}
+    ncols = {k: np.asarray(nb.column(k).to_numpy(zero_copy_only=False)) for k in nb.schema.names}
+    ref = reference_allocate(SiteArrays.build(site), full, ncols, params.as_dict())
+    assert out.column("level_a").to_numpy() == pytest.approx(ref.level_a, abs=1e-9)
+    assert out.column("admitted").to_pylist() == ref.admitted.tolist()
+    binding = out.column("binding").to_pylist()
+    sp = out.column("setpoint_a").to_numpy()
+    assert binding[0] != "demand" and binding[1] != "demand"
+    assert sp[0] > 10.0 and sp[1] > 10.0
+    assert binding[2] == "demand" and sp[2] == pytest.approx(10.0)
+    assert binding[4] == "demand"
+
+
 @pytest.mark.parametrize("switches", [math.nan, 1e30, 3.0])
 def test_a_switch_count_given_as_a_float_keeps_a_paused_session_at_its_cap(switches: float) -> None:
     """max_switches 3: a paused session whose count is 3, unknown (NaN) or absurd (1e30) stays

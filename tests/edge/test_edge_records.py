@@ -56,6 +56,20 @@ async def test_records_show_the_value_sent_bindings_of_unchanged_chargers_and_co
             15,
             "all four in sessions, accepted",
         )
+        # Each session's share is its charger's failsafe level (12 A told): nothing changes by
+        # itself (the reclaim no longer caps a car from a reading taken before it ramped up,
+        # which sent the TxProfiles this test relied on). An operator weights one session up:
+        # TxProfiles go out (valid_until), in whole amperes.
+        first = rig.fleet.charger_ids[0]
+        ctrl.set_session(first, priority=2.0)
+        await rig.wait_for(
+            lambda: (
+                ctrl.state.chargers[first].sent not in (None, 12.0)
+                and all(c.accepted for c in ctrl.state.chargers.values())
+            ),
+            15,
+            "the weighted session raised, accepted",
+        )
         await asyncio.sleep(1.0)
     await recorder.drain()
     records = await store.audit_records()

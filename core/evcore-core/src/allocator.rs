@@ -2,7 +2,8 @@
 //!
 //! 1. Eligibility and caps: connected, unfaulted sessions that still want energy; a cap per session
 //!    from the charger maximum, the plan target (unless behind plan) and measured draw plus a
-//!    margin (headroom reclaim, only from fresh measurements).
+//!    margin (headroom reclaim, only from fresh readings taken at least `RECLAIM_RAMP_S` after
+//!    the session turned on: one taken earlier may show the vehicle still ramping up).
 //! 2. Admission (the 6 A rule): what every charger holds anyway is reserved; then sessions are
 //!    admitted in order of least laxity while every admitted session's minimum still fits;
 //!    sessions inside their minimum on time (or at their switch cap) stay on, those inside their
@@ -446,6 +447,17 @@ fn add_row<T: Copy + std::ops::AddAssign>(v: &mut [T], par: usize, child: usize)
     }
 }
 
+/// Headroom reclaim: a reading taken less than this long after the session turned on (start or
+/// resume) may show the vehicle still ramping up, so it does not cap the session (s).
+pub const RECLAIM_RAMP_S: f64 = 30.0;
+
+/// Whether a reading taken at `read_at_s` may cap a session that turned on at `on_since_s`
+/// (NaN: unknown, long ago): taken at least `RECLAIM_RAMP_S` after it.
+#[inline]
+pub fn ramped(read_at_s: f64, on_since_s: f64) -> bool {
+    !on_since_s.is_finite() || read_at_s >= on_since_s + RECLAIM_RAMP_S
+}
+
 /// What the model reads per session.
 struct Sessions<'a> {
     topo: &'a Topology,
@@ -554,13 +566,14 @@ impl Sessions<'_> {
                     cb = Binding::Plan;
                 }
             }
-            // Headroom reclaim from fresh measurements of a running session.
+            // Headroom reclaim from fresh measurements of a running session (module docs, 1).
             let age = ch.measured_age_s[c];
             if is_on
                 && !ch.profile_unknown[c]
                 && age.is_finite()
                 && age >= 0.0
                 && age <= self.ep.stale_after_s
+                && ramped(self.ep.now_s - age, on_t)
             {
                 let meas = [
                     ch.measured_l1_a[c],
@@ -2608,6 +2621,66 @@ mod tests {
         x.m_age = vec![600.0, 600.0];
         let a = alloc(&t, &x, &Want::new(2), &params());
         close(&a.decision.setpoint_a, &[20.0, 20.0]);
+    }
+
+    /// Review 67 (depot): chargers that follow their setpoints on an exactly full node, read a
+    /// hair above them (meter rounding, here 2e-5 A on 40 A: over by less than the 2e-6 the
+    /// envelope used to require before sizing setpoints "as if followed"), were paused by the
+    /// plain rule, resumed, paused... They keep their setpoints.
+    #[test]
+    fn chargers_read_a_hair_over_an_exactly_full_node_keep_their_setpoints() {
+        let t = site("40", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+        let mut x = Inputs::quiet(&t);
+        x.last_a = vec![20.0, 20.0];
+        x.on_since = vec![NOW - 3600.0; 2];
+        x.m[0] = vec![20.00001, 20.00001];
+        let a = alloc(&t, &x, &Want::new(2), &params());
+        close(&a.decision.setpoint_a, &[20.0, 20.0]);
+    }
+
+    /// Review 67 (depot, a lone bus): the reclaim capped a session at its draw + 2 A from every
+    /// fresh reading, also one taken while the vehicle was still ramping up after it started or
+    /// resumed, so it climbed 2 A per reading (about an hour to 90 kW). A reading taken less than
+    /// `RECLAIM_RAMP_S` after the session turned on no longer caps it.
+    #[test]
+    fn a_reading_taken_while_the_vehicle_ramps_up_does_not_cap_it() {
+        let t = site("80", &[("a", "L1", 32.0)]);
+        let mut x = Inputs::quiet(&t);
+        // Resumed 5 s ago at 10 A; the reading 1 s old still shows the car ramping (0 A).
+        x.last_a = vec![10.0];
+        x.on_since = vec![NOW - 5.0];
+        let a = alloc(&t, &x, &Want::new(1), &params());
+        close(&a.decision.setpoint_a, &[32.0]);
+        assert_eq!(a.decision.binding[0], Binding::ChargerMax);
+        // A reading taken before it turned on (40 s old) does not cap it either.
+        x.m_age = vec![40.0];
+        close(
+            &alloc(&t, &x, &Want::new(1), &params()).decision.setpoint_a,
+            &[32.0],
+        );
+        // The next readings (60 s apart): the car follows what it was sent and keeps it.
+        let mut sent = 32.0;
+        x.m_age = vec![1.0];
+        for k in 1..=3 {
+            x.on_since = vec![NOW - 5.0 - 60.0 * k as f64];
+            x.last_a = vec![sent];
+            x.m[0][0] = sent;
+            let a = alloc(&t, &x, &Want::new(1), &params());
+            close(&a.decision.setpoint_a, &[32.0]);
+            sent = a.decision.setpoint_a[0];
+        }
+        // Past the ramp, a car that draws well under its setpoint is reclaimed (draw + 2 A), also
+        // from a reading taken 30 s after it turned on (40 s ago, the reading 10 s old).
+        x.m[0][0] = 12.0;
+        let a = alloc(&t, &x, &Want::new(1), &params());
+        close(&a.decision.setpoint_a, &[14.0]);
+        assert_eq!(a.decision.binding[0], Binding::Demand);
+        x.on_since = vec![NOW - 40.0];
+        x.m_age = vec![10.0];
+        close(
+            &alloc(&t, &x, &Want::new(1), &params()).decision.setpoint_a,
+            &[14.0],
+        );
     }
 
     #[test]
