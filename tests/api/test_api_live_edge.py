@@ -206,9 +206,10 @@ async def test_operator_steers_the_live_edge(live: LiveEdge) -> None:
 
 
 async def wait_charging(live: LiveEdge, charger_id: str) -> None:
-    """Precondition of a 'nothing changed' check: the edge has taken the session over with a
-    TxProfile above 0 A ("held at …") and the car draws current. Right after plug-in the car
-    charges on the TxDefault and the edge may still withdraw it for a moment."""
+    """Precondition of a 'nothing changed' check: the edge's last decision for the charger
+    leaves it above 0 A, on a TxProfile ("held at …") or on its TxDefault when that is its share
+    (since the reclaim no longer caps a session still ramping up, a car that starts on its
+    TxDefault at its share keeps it: docs/envelope.md), and the car draws current."""
     store = live.app.store
     last = ""
     for _ in range(600):
@@ -219,7 +220,7 @@ async def wait_charging(live: LiveEdge, charger_id: str) -> None:
         if (
             mine
             and mine[-1].setpoint_a > 0.0
-            and last.startswith("held at ")
+            and last.startswith(("held at ", "TxDefault"))
             and measured is not None
             and measured > 1.0
             and live.rig.limit_at(charger_id) > 0.0
