@@ -582,9 +582,21 @@ class NatsBus:
         self._nc = nc
         self._js = nc.jetstream(timeout=cfg.publish_timeout_s)
         if cfg.manage_streams and not self._closing:
-            try:
-                await self._ensure_streams()
-            except Exception as exc:
+            # Tried at the reconnect pace for up to connect_timeout_s (a cluster still electing
+            # its leaders refuses for a few seconds: start() then returns with the streams made).
+            deadline = asyncio.get_running_loop().time() + cfg.connect_timeout_s
+            failed: Exception | None = None
+            while True:
+                try:
+                    await self._ensure_streams()
+                    failed = None
+                    break
+                except Exception as error:
+                    failed = error
+                    if self._closing or asyncio.get_running_loop().time() >= deadline:
+                        break
+                    await self.clock.sleep(cfg.reconnect_wait_s)
+            if failed is not None:
                 # One stream refused (the broker's JetStream storage full, say) must not keep the
                 # others idle: the bus goes ready with the streams it has (a publish or consumer
                 # on a missing one retries and restores it) and keeps trying in the background.
@@ -593,7 +605,7 @@ class NatsBus:
                 log.warning(
                     "bus: creating streams failed: %s; working with the streams there are and "
                     "trying again in the background",
-                    exc,
+                    failed,
                 )
                 self._tasks.append(
                     asyncio.get_running_loop().create_task(
@@ -607,12 +619,16 @@ class NatsBus:
             await s.attach(nc)
 
     async def _ensure_streams_later(self) -> None:
-        """Retry creating the site's streams (back-off doubling to 30 s; the warning on the 1st,
-        10th and every 100th failure) until all exist."""
+        """Retry creating the site's streams (every ``reconnect_wait_s`` for 20 tries, then
+        doubling to 30 s; the warning on the 1st, 10th and every 100th failure) until all
+        exist."""
         attempt = 0
         while not self._closing:
             attempt += 1
-            delay = min(self.config.reconnect_wait_s * 2 ** min(attempt, 10), 30.0)
+            # At the connect loop's old pace for the first minute's worth of tries (a cluster
+            # still electing its leaders refuses for a few seconds), then backing off to 30 s.
+            wait = self.config.reconnect_wait_s
+            delay = wait if attempt <= 20 else min(wait * 2 ** min(attempt - 20, 10), 30.0)
             await self.clock.sleep(delay)
             try:
                 async with self._streams_lock:
