@@ -146,6 +146,7 @@ class ReferenceResult:
     capacity: F64  # per constraint (node*4+slot), net of non-admitted holdings
     held: F64  # per charger: counted regardless of its new setpoint (line A, max over terminals)
     capacity_gross: F64  # per constraint, net of non-charger load only
+    held_counted: F64  # per charger: what the envelope counts it at whatever its setpoint
 
 
 def _col(cols: Mapping[str, npt.ArrayLike], name: str) -> F64:
@@ -187,6 +188,7 @@ def reference_allocate(
         unknown = np.asarray(ch["profile_unknown"], dtype=bool)
         # Unknown profile state: its maximum, or a fresh reading above it.
         held = np.where(unknown, np.maximum(sa.max_a, np.where(fresh, meas_max, 0.0)), held)
+        held_counted = held
         # What it holds even when it follows its new setpoint (its own measurement left out).
         held_cmd = np.where(unknown, held, np.where(confirmed, 0.0, ls))
         # Node non-charger load and capacities.
@@ -250,9 +252,43 @@ def reference_allocate(
     prio = _col(ch, "priority")
     weight = np.where(np.isnan(prio), 1.0, np.clip(prio, 1e-6, 1e6))
 
+    pc, pk, pa = sa.pc, sa.pk, sa.pa
+    # Where a candidate's minimum does not fit beside what is held but every candidate's
+    # minimum would fit if the chargers that draw what they were sent (within the margin; or
+    # whose last setpoint is unconfirmed) followed their setpoints, those count as if they did:
+    # a car holding a full feeder is lowered to its share instead of keeping it while a
+    # newcomer waits for ever.
+    rem0 = capacity.copy()
+    np.subtract.at(rem0, pk, pa * held[pc])
+    trial0 = rem0.copy()
+    np.subtract.at(trial0, pk, np.where(cand[pc], pa * (floor - held)[pc], 0.0))
+
+    def short_of(rem: F64, trial: F64) -> npt.NDArray[np.bool_]:
+        with np.errstate(invalid="ignore"):
+            out: npt.NDArray[np.bool_] = ~(
+                (trial >= -1e-9 * (1 + np.abs(trial))) | (rem == math.inf)
+            )
+        return out
+
+    short = short_of(rem0, trial0)
+    if short.any():
+        follows = ~confirmed | (np.where(fresh, meas_max, 0.0) <= ls + margin)
+        # A session on a valid plan holds what the plan gives it (the plan decides).
+        followed = np.where(~following & follows & (held_cmd < held) & ~plan, held_cmd, held)
+        rem_f = capacity.copy()
+        np.subtract.at(rem_f, pk, pa * followed[pc])
+        trial_f = rem_f.copy()
+        extra_f = np.maximum(f, followed) - followed
+        np.subtract.at(trial_f, pk, np.where(cand[pc], pa * extra_f[pc], 0.0))
+        starved = short & ~short_of(rem_f, trial_f)
+        on_starved = np.zeros(n, dtype=bool)
+        on_starved[pc[starved[pk] & (pa != 0)]] = True
+        held = np.where(on_starved, followed, held)
+        floor = np.maximum(f, held)
+        cap = np.maximum(u, held)
+
     # Admission: least laxity first while the floors fit. Every charger holds what it holds
     # whether admitted or not: that is reserved first, admission takes floor - held more.
-    pc, pk, pa = sa.pc, sa.pk, sa.pa
     rem = capacity.copy()
     np.subtract.at(rem, pk, pa * held[pc])
     admitted = np.zeros(n, dtype=bool)
@@ -284,8 +320,10 @@ def reference_allocate(
     with np.errstate(invalid="ignore"):
         level_a = np.where(np.isinf(level), set_cap, np.clip(weight * level, set_floor, set_cap))
     level_a = np.where(admitted, level_a, 0.0)
-    raised_a = _raise_exact(sa, level_a, set_cap, weight, held, other, admitted)
-    return ReferenceResult(level_a, raised_a, admitted, floor, cap, weight, net, held, capacity)
+    raised_a = _raise_exact(sa, level_a, set_cap, weight, held_counted, other, admitted)
+    return ReferenceResult(
+        level_a, raised_a, admitted, floor, cap, weight, net, held, capacity, held_counted
+    )
 
 
 def _held_over(sa: SiteArrays, held: F64, other: F64) -> npt.NDArray[np.bool_]:

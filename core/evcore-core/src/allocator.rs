@@ -737,16 +737,123 @@ fn model_and_admission(
     // (again only where a charger now counts as following), what admission takes beyond it, and
     // what the non-candidates hold (never admitted: with every candidate admitted, that is all
     // the water-filling must take off the capacities).
-    let refetch = following.iter().any(|&f| f);
-    let [held_again, extra_sum, non_candidate_held] = per_constraint(topo, halves, |c| {
-        let h = held[c];
-        [
-            if refetch { h } else { 0.0 },
-            if candidate[c] { m.floor[c] - h } else { 0.0 },
-            if candidate[c] { 0.0 } else { h.max(0.0) },
-        ]
-    });
-    let held_sum = if refetch { held_again } else { held_sum };
+    let tol = 1e-9;
+    let short_of = |r: f64, e: f64| {
+        let t = r - e;
+        !(t >= -tol * (1.0 + t.abs()) || r == f64::INFINITY)
+    };
+    let sums = |held: &[f64], m: &Model, refetch: bool| {
+        let [held_again, extra_sum, non_candidate_held] = per_constraint(topo, halves, |c| {
+            let h = held[c];
+            [
+                if refetch { h } else { 0.0 },
+                if candidate[c] { m.floor[c] - h } else { 0.0 },
+                if candidate[c] { 0.0 } else { h.max(0.0) },
+            ]
+        });
+        (held_again, extra_sum, non_candidate_held)
+    };
+    let (held_again, mut extra_sum, mut non_candidate_held) =
+        sums(&held, &m, following.iter().any(|&f| f));
+    let mut held_sum = if following.iter().any(|&f| f) {
+        held_again
+    } else {
+        held_sum
+    };
+    // A constraint whose room is taken by what its chargers hold only because they draw what
+    // they were sent (a car that took a feeder at its maximum) would refuse a session plugged
+    // in beside them for as long as they draw it: the holders' draw is their floor, so they
+    // keep it. Where a candidate's minimum does not fit beside what is held but every
+    // candidate's minimum would fit if the chargers that draw what they were sent followed
+    // their setpoints, those chargers count as if they did, as on a constraint measured over:
+    // the holders are lowered to their shares and the newcomer waits in the envelope (which
+    // does not cut what a setpoint below a charger's holding would not change) until that room
+    // is read free. Where the minimums do not fit even then, the running sessions keep what
+    // they hold and the least-laxity order decides among the others, as before; so do sessions
+    // on a valid plan. (Sharing those as if followed too moved room from cars drawing it to
+    // cars that could not use it before the next reading: the eu-three-phase twin delivered
+    // 3-15 kWh less under the planner policies that way.)
+    let short0 = m
+        .capacity
+        .iter()
+        .zip(&held_sum)
+        .zip(&extra_sum)
+        .any(|((&cap, &h), &e)| short_of(cap - h, e));
+    if short0 {
+        // What each charger would hold if it followed its setpoint: only one that draws what it
+        // was sent (within the reclaim margin), or may still draw what it was sent before (its
+        // last setpoint unconfirmed), is expected to; one drawing more holds what it draws.
+        // A session on a valid plan (not behind it) holds what the plan gives it: the plan,
+        // which counts the newcomer too, decides when it yields.
+        let on_plan = |c: usize| {
+            let t = match topo.hot(c).kind {
+                ChargerKind::Ac => demand.target_a[c],
+                ChargerKind::Dc => demand.target_w[c],
+            };
+            !t.is_nan() && !demand.behind_plan[c]
+        };
+        let followed: Vec<f64> = (0..n)
+            .map(|c| {
+                let h = held_of(&cnt.held_cmd, c);
+                let follows = !ch.last_sent_confirmed[c]
+                    || cnt.measured_a[c] <= last_sent_line_a(topo, c, ch) + p.margin_a;
+                if !following[c] && follows && h < held[c] && !on_plan(c) {
+                    h
+                } else {
+                    held[c]
+                }
+            })
+            .collect();
+        let [held_f, extra_f] = per_constraint(topo, halves, |c| {
+            let h = followed[c];
+            [
+                h,
+                if candidate[c] {
+                    m.set_floor[c].max(h) - h
+                } else {
+                    0.0
+                },
+            ]
+        });
+        let mut starved_up: Vec<bool> = (0..nn * SLOTS)
+            .map(|k| {
+                let cap = m.capacity[k];
+                short_of(cap - held_sum[k], extra_sum[k]) && !short_of(cap - held_f[k], extra_f[k])
+            })
+            .collect();
+        for &i in topo.node_order() {
+            if let Some(par) = topo.nodes[i].parent {
+                for slot in 0..SLOTS {
+                    starved_up[i * SLOTS + slot] |= starved_up[par * SLOTS + slot];
+                }
+            }
+        }
+        let mut changed = false;
+        for c in 0..n {
+            let h = followed[c];
+            if !(h < held[c]) {
+                continue;
+            }
+            let co = topo.slot_coefs(c);
+            let par = topo.hot(c).parent();
+            let up = &starved_up[par * SLOTS..par * SLOTS + SLOTS];
+            if co.iter().zip(up).any(|(&a, &s)| a != 0.0 && s) {
+                following[c] = true;
+                held[c] = h;
+                if candidate[c] {
+                    m.floor[c] = m.set_floor[c].max(h);
+                    m.cap[c] = m.set_cap[c].max(h);
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            let (again, extra, non_cand) = sums(&held, &m, true);
+            held_sum = again;
+            extra_sum = extra;
+            non_candidate_held = non_cand;
+        }
+    }
     let mut remaining: Vec<f64> = m
         .capacity
         .iter()
@@ -754,13 +861,12 @@ fn model_and_admission(
         .map(|(&cap, &h)| cap - h)
         .collect();
     let mut admitted = vec![false; n];
-    let tol = 1e-9;
     // When every candidate's minimum fits at once, the order does not matter: all are admitted
     // without sorting by laxity.
-    let all_fit = remaining.iter().zip(&extra_sum).all(|(&r, &e)| {
-        let t = r - e;
-        t >= -tol * (1.0 + t.abs()) || r == f64::INFINITY
-    });
+    let all_fit = remaining
+        .iter()
+        .zip(&extra_sum)
+        .all(|(&r, &e)| !short_of(r, e));
     if all_fit {
         admitted.copy_from_slice(&candidate);
     } else {
@@ -788,10 +894,7 @@ fn model_and_admission(
         let short: Vec<bool> = remaining
             .iter()
             .zip(&extra_sum)
-            .map(|(&r, &e)| {
-                let t = r - e;
-                !(t >= -tol * (1.0 + t.abs()) || r == f64::INFINITY)
-            })
+            .map(|(&r, &e)| short_of(r, e))
             .collect();
         // Per node × slot: whether it or a node above it is short (parents come first).
         let mut short_up = short;
@@ -2862,6 +2965,55 @@ mod tests {
         // its setpoint (16 A each), not by what each happens to draw now.
         let (_, a) = full_feeder(&[20.0, 16.0, 16.0, 16.0, 16.0]);
         close(&a.decision.setpoint_a, &[16.0; 5]);
+    }
+
+    /// Session 9 (edge restart test): what a charger draws counted as its floor, so a car that
+    /// took an exactly full feeder (a first TxDefault at its maximum) kept it for ever and a car
+    /// plugged in beside it was refused admission tick after tick. Now the full feeder is shared
+    /// as if followed: the first car is lowered at once, the second starts as soon as that
+    /// decrease is confirmed and read, and neither is paused on the way.
+    #[test]
+    fn a_car_holding_an_exactly_full_feeder_makes_room_for_one_plugged_in_beside_it() {
+        for draw in [32.0, 31.0] {
+            let t = site("32", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+            let mut x = Inputs::quiet(&t);
+            x.last_a = vec![32.0, 0.0];
+            x.on_since = vec![NOW - 3600.0, f64::NAN];
+            x.m[0][0] = draw;
+            let p = params();
+            // Tick 1: a is lowered to its share, b waits for that room (named: the feeder).
+            let a = alloc(&t, &x, &Want::new(2), &p);
+            close(&a.decision.setpoint_a, &[16.0, 0.0]);
+            assert_eq!(
+                a.decision.binding[1],
+                Binding::NodePhase,
+                "{draw}: {:?}",
+                a.decision
+            );
+            assert!(a.admitted[1], "{draw}");
+            // Tick 2: the decrease sent, not confirmed yet: the same.
+            x.last_a = vec![16.0, 0.0];
+            x.confirmed = vec![false, true];
+            let a = alloc(&t, &x, &Want::new(2), &p);
+            close(&a.decision.setpoint_a, &[16.0, 0.0]);
+            // Tick 3: confirmed and followed: b starts at its share.
+            x.confirmed = vec![true, true];
+            x.m[0][0] = 16.0;
+            let a = alloc(&t, &x, &Want::new(2), &p);
+            close(&a.decision.setpoint_a, &[16.0, 16.0]);
+        }
+        // A car drawing more than it was sent (paused, still read at 10 A) is not expected to
+        // follow: it keeps its holding and the newcomer is refused as before.
+        let t = site("20", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+        let mut x = Inputs::quiet(&t);
+        x.m[0][0] = 16.0;
+        let a = alloc(&t, &x, &Want::new(2), &params());
+        assert_eq!(
+            a.decision.binding[1],
+            Binding::Admission,
+            "{:?}",
+            a.decision
+        );
     }
 
     #[test]

@@ -478,6 +478,16 @@ impl NodeLoads {
 }
 
 #[inline]
+/// What charger `c` counts at on its every terminal whatever its setpoint: below this its
+/// setpoint changes no node's counted load.
+fn held_floor(topo: &Topology, cnt: &Counting, c: usize) -> f64 {
+    let nt = topo.hot(c).terminals();
+    cnt.held[c][..nt]
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+}
+
 fn terminal_counted(cnt: &Counting, c: usize, k: usize) -> f64 {
     cnt.s[c].max(cnt.held[c][k])
 }
@@ -1114,7 +1124,10 @@ pub(crate) fn enforce_limits(
                 }
             }
             for (j, &c) in members.iter().enumerate() {
-                let capped = saved[j].min(lo);
+                // Below what it holds on every terminal anyway, a lower setpoint counts the same:
+                // such a member (a car lowered to its share, still read at its old draw) keeps
+                // its setpoint rather than being paused for nothing.
+                let capped = saved[j].min(lo.max(held_floor(topo, cnt, c)));
                 let snapped = snap_down(topo, c, capped);
                 cnt.s[c] = snapped;
                 if snapped < saved[j] {
@@ -2129,6 +2142,38 @@ pub(crate) mod tests {
             "{}",
             d.reason[0]
         );
+    }
+
+    #[test]
+    fn a_member_is_not_cut_below_what_it_holds_anyway() {
+        // a still draws 32 A on the 32 A circuit and is lowered to 16 A; b asks to start at 16 A.
+        // Only b's start can go; a's 16 A stays (at 0 it would count the same 32 A, paused for
+        // nothing).
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 100}, {"id": "c1", "parent": "g", "kind": "circuit", "phase_limit_a": 32}"#,
+            &[
+                ac("a", "c1", "line_to_neutral", r#"["L1"]"#, ""),
+                ac("b", "c1", "line_to_neutral", r#"["L1"]"#, ""),
+            ]
+            .join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        x.req_a = vec![16.0, 16.0];
+        x.last_a = vec![32.0, 0.0];
+        x.m[0][0] = 32.0;
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert_eq!(d.setpoint_a, vec![16.0, 0.0], "{d:?}");
+        assert_eq!(d.binding[1], Binding::NodePhase);
+        assert_ne!(d.binding[0], Binding::NodePhase, "{d:?}");
+        // A member above what it holds is cut, but not below it: c draws 10 A and asks 20 A.
+        x.req_a = vec![16.0, 20.0];
+        x.last_a = vec![32.0, 10.0];
+        x.on_since = vec![f64::NAN, NOW - 3600.0];
+        x.m[0][1] = 10.0;
+        x.m[0][0] = 22.0;
+        let d = run(&t, &x, &EnvelopeParams::default());
+        assert_eq!(d.setpoint_a[0], 16.0, "{d:?}");
+        assert!((d.setpoint_a[1] - 10.0).abs() < 1e-9, "{d:?}");
     }
 
     /// Five three-phase chargers on feeder f1 (80 A) under a 200 A grid, each measured (fresh)
