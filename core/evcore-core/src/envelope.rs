@@ -2117,16 +2117,23 @@ pub(crate) mod tests {
         )
     }
 
-    #[test]
-    fn circuit_limit_shares_the_cut_and_names_node_and_phase() {
-        let t = site(
-            r#"{"id": "g", "phase_limit_a": 100}, {"id": "c1", "parent": "g", "kind": "circuit", "phase_limit_a": 40}"#,
+    /// Chargers a and b on L1 of circuit c1 (`limit` A) under a 100 A grid.
+    fn two_on_a_circuit(limit: f64) -> Topology {
+        site(
+            &format!(
+                r#"{{"id": "g", "phase_limit_a": 100}}, {{"id": "c1", "parent": "g", "kind": "circuit", "phase_limit_a": {limit}}}"#
+            ),
             &[
                 ac("a", "c1", "line_to_neutral", r#"["L1"]"#, ""),
                 ac("b", "c1", "line_to_neutral", r#"["L1"]"#, ""),
             ]
             .join(","),
-        );
+        )
+    }
+
+    #[test]
+    fn circuit_limit_shares_the_cut_and_names_node_and_phase() {
+        let t = two_on_a_circuit(40.0);
         let mut x = Inputs::quiet(&t);
         x.req_a = vec![32.0, 32.0];
         let d = run(&t, &x, &EnvelopeParams::default());
@@ -2149,14 +2156,7 @@ pub(crate) mod tests {
         // a still draws 32 A on the 32 A circuit and is lowered to 16 A; b asks to start at 16 A.
         // Only b's start can go; a's 16 A stays (at 0 it would count the same 32 A, paused for
         // nothing).
-        let t = site(
-            r#"{"id": "g", "phase_limit_a": 100}, {"id": "c1", "parent": "g", "kind": "circuit", "phase_limit_a": 32}"#,
-            &[
-                ac("a", "c1", "line_to_neutral", r#"["L1"]"#, ""),
-                ac("b", "c1", "line_to_neutral", r#"["L1"]"#, ""),
-            ]
-            .join(","),
-        );
+        let t = two_on_a_circuit(32.0);
         let mut x = Inputs::quiet(&t);
         x.req_a = vec![16.0, 16.0];
         x.last_a = vec![32.0, 0.0];
