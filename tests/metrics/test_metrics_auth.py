@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -213,6 +214,45 @@ async def test_mtls_refuses_a_scrape_without_a_client_certificate_of_the_ca(
         s = await scrape(server.port, token="tok", tls=with_cert)
         assert s.value("evcore_level_amperes") == 16.0
         assert s.value(REFUSED, reason="missing") == 1
+    finally:
+        await server.stop()
+
+
+async def test_a_renewed_certificate_serves_without_a_restart(
+    pki: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The certificate and key files are replaced (as a renewal does, by rename): the next
+    scrape's handshake is served with the new certificate. Before, only a restart took it."""
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "metrics.crt", live / "metrics.key"
+    shutil.copy(pki["cert"], cert)
+    shutil.copy(pki["key"], key)
+    key.chmod(0o600)
+    server = await _served({"tls_cert_file": str(cert), "tls_key_file": str(key)})
+    try:
+        assert (await get(server.port, tls=_client(pki["ca"]))).status == 200
+        # Renewed by another CA (a new chain): the old CA no longer verifies the server.
+        (tmp_path / "renewal").mkdir()
+        renewed = cert_authority(tmp_path / "renewal", "renewal CA")
+        new_cert, new_key = renewed.issue("edge-metrics", server=True)
+        for src, dst in ((new_key, key), (new_cert, cert)):
+            tmp = dst.with_suffix(".new")
+            shutil.copy(src, tmp)
+            tmp.chmod(0o600)
+            os.replace(tmp, dst)
+        assert (await get(server.port, tls=_client(str(renewed.ca_path)))).status == 200
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await get(server.port, tls=_client(pki["ca"]))
+        assert server.tls_watch is not None and server.tls_watch.reloads >= 1
+        # A broken rewrite (the key of another certificate) leaves the renewed one serving,
+        # with a warning; fixed, it is taken again.
+        with caplog.at_level(logging.WARNING, "evcore.metrics"):
+            shutil.copy(pki["key"], key)
+            assert (await get(server.port, tls=_client(str(renewed.ca_path)))).status == 200
+        assert "cannot be loaded" in caplog.text
+        shutil.copy(new_key, key)
+        assert (await get(server.port, tls=_client(str(renewed.ca_path)))).status == 200
     finally:
         await server.stop()
 

@@ -11,7 +11,8 @@ connection (``Connection: close``); at most ``max_connections`` at a time (more 
 once). A collector that fails gives 500 and a logged traceback; the server lives on. With a
 ``token_file``, a request without ``Authorization: Bearer <the file's token>`` gets 401 (counted
 in ``evcore_metrics_scrapes_refused_total``); the file is read again when it changes, so a rotated
-token needs no restart.
+token needs no restart. So are the TLS files (checked at each handshake): a renewed certificate
+serves from the next scrape on.
 
 What it must never do: let a scrape stall the control loop, or serve a token-protected endpoint
 without the token (a token file that became unreadable or empty refuses every scrape: 503). The
@@ -32,7 +33,7 @@ import re
 import ssl
 import stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,9 +256,80 @@ class _TokenFile:
         return self.token
 
 
+def _signature(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (device, inode, size, mtime, ctime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _TlsFiles:
+    """The TLS context in force, built again when the certificate, key or client CA file
+    changes, so a renewed certificate needs no restart. Checked at every handshake (the
+    listening context's ``sni_callback``, which runs with or without SNI), and the handshake
+    continues on the context in force. While a file's mtime is under ``_SETTLE_S`` old they are
+    read at every handshake (a rotation writes two files). Files that cannot be loaded (a
+    certificate without its new key yet, a broken file) leave the last good context in force:
+    the old certificate still serves until it expires, where refusing every scrape would hide
+    the site."""
+
+    _SETTLE_S = 2.0
+
+    def __init__(
+        self,
+        paths: tuple[Path, ...],
+        build: Callable[[], ssl.SSLContext | None],
+        listening: ssl.SSLContext,
+    ) -> None:
+        self.paths = paths
+        self._build = build
+        self.listening = listening
+        self.current = listening
+        self._seen = self._loaded = self._signatures()
+        self._failure = ""
+        #: Contexts built from changed files (for tests).
+        self.reloads = 0
+
+    def _signatures(self) -> tuple[tuple[int, ...] | None, ...]:
+        return tuple(_signature(p) for p in self.paths)
+
+    def _settled(self, seen: tuple[tuple[int, ...] | None, ...]) -> bool:
+        now = time.time()
+        return all(s is not None and now - s[3] / 1e9 > self._SETTLE_S for s in seen)
+
+    def on_hello(self, conn: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        seen = self._signatures()
+        if seen != self._seen or not self._settled(seen):
+            self._seen = seen
+            try:
+                fresh = self._build()
+            except MetricsConfigError as exc:
+                if str(exc) != self._failure:
+                    self._failure = str(exc)
+                    log.warning(
+                        "metrics: the TLS files changed but cannot be loaded; the certificate "
+                        "loaded before still serves: %s",
+                        exc,
+                    )
+            else:
+                if fresh is not None:
+                    self.current = fresh
+                    self.reloads += 1
+                    if seen != self._loaded:
+                        log.info("metrics: TLS files changed; the new certificate serves")
+                    self._loaded = seen
+                self._failure = ""
+        if self.current is not self.listening:
+            conn.context = self.current
+
+
 class MetricsServer:
     """``await start()`` binds and returns the port; ``await stop()`` closes it. ``token_file``:
-    scrapes must carry ``Authorization: Bearer <its token>``; ``tls``: serve HTTPS with it."""
+    scrapes must carry ``Authorization: Bearer <its token>``; ``tls``: serve HTTPS with it;
+    ``tls_files``: its files and the function that builds it, to build it again when they
+    change (``from_config`` passes them)."""
 
     def __init__(
         self,
@@ -271,6 +343,7 @@ class MetricsServer:
         max_connections: int = 16,
         token_file: Path | None = None,
         tls: ssl.SSLContext | None = None,
+        tls_files: tuple[tuple[Path, ...], Callable[[], ssl.SSLContext | None]] | None = None,
     ) -> None:
         self.registry = registry
         self.host = host
@@ -283,6 +356,12 @@ class MetricsServer:
         self.answered: dict[int, int] = {}
         self.token_file = token_file
         self.tls = tls
+        #: With ``tls_files`` (the files and how to build a context from them): the context in
+        #: force, built again when they change (a renewed certificate needs no restart).
+        self.tls_watch: _TlsFiles | None = None
+        if tls is not None and tls_files is not None:
+            self.tls_watch = _TlsFiles(tls_files[0], tls_files[1], tls)
+            tls.sni_callback = self.tls_watch.on_hello
         #: Scrapes refused for their credentials, by reason (``missing``, ``wrong``); served
         #: beside the registry's families when a token is required.
         self.refused: Counter | None = None
@@ -301,7 +380,19 @@ class MetricsServer:
 
     @classmethod
     def from_config(cls, registry: Registry, cfg: MetricsConfig) -> MetricsServer:
-        return cls(registry, cfg.host, cfg.port, token_file=cfg.token_file, tls=cfg.ssl_context())
+        files = tuple(
+            p
+            for p in (cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
+            if p is not None
+        )
+        return cls(
+            registry,
+            cfg.host,
+            cfg.port,
+            token_file=cfg.token_file,
+            tls=cfg.ssl_context(),
+            tls_files=(files, cfg.ssl_context),
+        )
 
     async def start(self) -> int:
         """Bind; MetricsConfigError (naming ``[metrics].token_file``) when the token file
