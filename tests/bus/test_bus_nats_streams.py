@@ -42,7 +42,7 @@ async def test_streams_created_with_limits_and_updated(tmp_path: Path) -> None:
         assert events.subjects is not None and tele.subjects is not None
         assert all(subj.startswith(prefix) for subj in [*events.subjects, *tele.subjects])
         assert s.audit in events.subjects and s.setpoint() in events.subjects
-        assert tele.subjects == [s.telemetry()]
+        assert tele.subjects == [s.telemetry(), s.node_load()]
         for cfg in (events, tele):
             assert cfg.retention == jsapi.RetentionPolicy.LIMITS
             assert cfg.discard == jsapi.DiscardPolicy.OLD

@@ -76,7 +76,7 @@ def default_streams(site_id: str, cfg: BusConfig | None = None) -> list[StreamSp
         ),
         StreamSpec(
             name=f"{base}_TELEMETRY",
-            subjects=(s.telemetry(),),
+            subjects=(s.telemetry(), s.node_load()),
             max_age_s=c.telemetry_max_age_s,
             max_bytes=c.telemetry_max_bytes,
             duplicate_window_s=min(c.duplicate_window_s, 30.0),

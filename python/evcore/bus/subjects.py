@@ -116,7 +116,7 @@ def validate_subject(subject: str, *, wildcards: bool) -> None:
 # Kinds whose events must not be lost: they go through the disk-backed outbox.
 CRITICAL_KINDS = frozenset({"audit", "transaction", "setpoint", "station_event"})
 # Kinds that may be sampled down (latest per subject wins) under backpressure.
-SAMPLED_KINDS = frozenset({"telemetry"})
+SAMPLED_KINDS = frozenset({"telemetry", "node_load"})
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,10 @@ class Subjects:
     def telemetry(self, charger_id: str | None = None) -> str:
         """Meter samples of one charger (``None``: wildcard over all chargers)."""
         return self._per_charger("telemetry", charger_id)
+
+    def node_load(self, node_id: str | None = None) -> str:
+        """Readings of a node's non-charger load (building meter; ``None``: every node)."""
+        return self._per_charger("node_load", node_id)
 
     def status(self, charger_id: str | None = None) -> str:
         """Charger status changes."""

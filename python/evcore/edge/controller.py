@@ -43,7 +43,13 @@ from evcore.edge.faults import (
     draws_above_limit,
     overdraw,
 )
-from evcore.edge.grid import Curtailment, CurtailmentBook, PricePoint, merge_prices
+from evcore.edge.grid import (
+    Curtailment,
+    CurtailmentBook,
+    GridSignalError,
+    PricePoint,
+    merge_prices,
+)
 from evcore.edge.ports import AuditSink, ChargerGateway, CorePort, EnforcedSetpoints
 from evcore.edge.state import ChargerState, SiteState, priority_error
 
@@ -71,6 +77,10 @@ URGENT = frozenset(
 # the first this long after the acceptance, each next one this much later than the one before.
 _APPLIED_POLL_STEP_S = 0.2
 
+
+# A node load reading stamped further ahead of the edge's clock than this is refused (it would
+# count as fresh for too long); one stamped ahead by less counts as taken now.
+NODE_LOAD_MAX_AHEAD_S = 60.0
 
 # A session is behind its plan when it delivered less than (1 - this) of what the plan asked.
 _BEHIND_MARGIN = 0.1
@@ -179,6 +189,7 @@ class EdgeController:
         self.on_fault_cleared: Callable[[str, str], None] | None = None
         self.config_version = config_version
         self.curtailments = CurtailmentBook(node_ids, cfg.curtail_lead_s, grid_node)
+        self._node_ids = frozenset(node_ids)
         self.prices: list[PricePoint] = []
         self.cloud_plan: PlanTargets | None = None
         self.local_plan: PlanTargets | None = None
@@ -305,6 +316,46 @@ class EdgeController:
         """A grid signal: at most ``max_kw`` at ``node_id`` from ``start`` to ``end``."""
         self.curtailments.add(c)
         self.notify("grid")
+
+    def post_node_load(self, node_id: str, current_a: Sequence[float], sampled_at: float) -> str:
+        """A meter reading of the non-charger load on ``node_id`` (A per site phase; NaN: not
+        measured) taken at ``sampled_at`` (wall). While fresh (``stale_after_s``) the decisions
+        count it instead of the node's ``other_load_max_a``. Returns what became of it:
+        ``"counted"``, or ``"older"`` for a reading older than the one held (ignored).
+        ``GridSignalError`` naming the field for a reading that cannot be counted."""
+        if node_id not in self._node_ids:
+            raise GridSignalError(f"node load: node_id {node_id!r} is not a node of this site")
+        if len(current_a) != 3:
+            raise GridSignalError(
+                f"node load {node_id}: current_a needs 3 values (site phase order), "
+                f"got {len(current_a)}"
+            )
+        for k, v in enumerate(current_a):
+            if math.isinf(v):
+                raise GridSignalError(f"node load {node_id}: current_a[{k}] is not finite: {v}")
+        if not math.isfinite(sampled_at):
+            raise GridSignalError(f"node load {node_id}: sampled_at is not a time")
+        now_w = self.clock.now()
+        ahead = sampled_at - now_w
+        if ahead > NODE_LOAD_MAX_AHEAD_S:
+            # A reading from the future would count as fresh for too long.
+            raise GridSignalError(
+                f"node load {node_id}: sampled_at is {ahead:.0f} s ahead of the edge's clock "
+                f"(more than {NODE_LOAD_MAX_AHEAD_S:g} s)"
+            )
+        at_m = self.clock.monotonic() - max(0.0, now_w - sampled_at)
+        held = self.state.other_load_a.get(node_id)
+        if held is not None and held[1] > at_m:
+            return "older"
+        load = (float(current_a[0]), float(current_a[1]), float(current_a[2]))
+        self.state.set_other_load(node_id, load, at_m)
+        # More than the last reading (or the first one, which may be more than the configured
+        # maximum): decide at once, it may call for decreases.
+        rose = held is None or any(
+            not (new <= old) for new, old in zip(load, held[0], strict=True) if not math.isnan(new)
+        )
+        self.notify("overdraw" if rose else "meter")
+        return "counted"
 
     def cancel_curtailment(self, signal_id: str) -> bool:
         found = self.curtailments.cancel(signal_id)

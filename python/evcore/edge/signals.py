@@ -1,8 +1,9 @@
 """Grid signals and plans from the bus (``evcore.v1`` protobuf) into the controller.
 
-What this module owns: decoding ``GridSignal`` and ``Plan`` messages into ``Curtailment``,
-``PricePoint`` and ``PlanTargets``, with a ``BadPayload`` naming the field when a message is wrong
-(the bus logs and counts it, and the subscriber lives on). It never decides a setpoint.
+What this module owns: decoding ``GridSignal``, ``Plan`` and ``NodeLoadSample`` messages into
+``Curtailment``, ``PricePoint``, ``PlanTargets`` and counted building load, with a ``BadPayload``
+naming the field when a message is wrong (the bus logs and counts it, and the subscriber lives
+on). It never decides a setpoint.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from evcore.bus import BadPayload, Bus, BusMessage, Subjects, Subscription
+from evcore.bus import BadPayload, Bus, BusMessage, Subjects, Subscription, decode
 from evcore.edge.controller import EdgeController, PlanTargets
 from evcore.edge.grid import Curtailment, GridSignalError, PricePoint
-from evcore.v1 import grid_pb2, plan_pb2
+from evcore.v1 import grid_pb2, meter_pb2, plan_pb2
 
 log = logging.getLogger("evcore.edge")
 
@@ -96,6 +97,20 @@ def apply_grid_signal(ctrl: EdgeController, data: bytes, *, redelivered: bool = 
             raise BadPayload(str(exc)) from exc
         return "price_update"
     raise BadPayload(f"grid signal {sig.signal_id!r}: no curtailment or price_update")
+
+
+def apply_node_load(ctrl: EdgeController, data: bytes) -> str:
+    """Decode one ``NodeLoadSample`` (a building meter's reading, ``evcore.<site>.node_load.
+    <node>``) and hand it to the controller; returns what became of it."""
+    msg = decode(meter_pb2.NodeLoadSample, data)
+    if not msg.node_id:
+        raise BadPayload("node load: node_id is required")
+    if not msg.HasField("sampled_at"):
+        raise BadPayload(f"node load {msg.node_id}: sampled_at is required")
+    try:
+        return ctrl.post_node_load(msg.node_id, list(msg.current_a), _ts(msg.sampled_at))
+    except GridSignalError as exc:
+        raise BadPayload(str(exc)) from exc
 
 
 def plan_from_proto(data: bytes, received_at: float, known: Callable[[str], bool]) -> PlanTargets:
@@ -433,7 +448,8 @@ async def subscribe_signals(
     ``load_curtailments`` restores it at the next start.
     Without ``grid_durable``, a live subscription (signals published while the edge is down are
     missed until they are published again). Plans stay live: a cloud plan is worth only
-    ``cloud_plan_fresh_s``."""
+    ``cloud_plan_fresh_s``; so do building meter readings (``NodeLoadSample`` on
+    ``node_load.<node>``): an old one would count for nothing."""
     subjects = Subjects(bus.site_id)
     if writer is None and store is not None:
         writer = BookWriter(ctrl, store)
@@ -457,9 +473,17 @@ async def subscribe_signals(
         if plan.source == "cloud":
             ctrl.set_plan(plan)
 
+    async def on_node_load(msg: BusMessage) -> None:
+        apply_node_load(ctrl, msg.data)
+
     grid = (
         await bus.consume(subjects.grid, durable=grid_durable, handler=on_grid)
         if grid_durable is not None
         else await bus.subscribe(subjects.grid, on_grid)
     )
-    return [grid, await bus.subscribe(subjects.plan, on_plan)]
+    # Meter readings stay live: an old one counts for nothing (it is stale).
+    return [
+        grid,
+        await bus.subscribe(subjects.plan, on_plan),
+        await bus.subscribe(subjects.node_load(), on_node_load),
+    ]

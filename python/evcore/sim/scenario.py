@@ -72,6 +72,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "plan_horizon_h",
         "policies",
         "report_charger",
+        "building_meter_s",
     ),
     "[arrivals]": (
         "model",
@@ -310,6 +311,10 @@ class Scenario:
     grid_signals: tuple[GridSignal, ...]
     faults: tuple[FaultSpec, ...]
     edge: Mapping[str, Any] = field(default_factory=dict)  # [edge] overrides for the stack
+    #: Building meters: every this many seconds each node's non-charger load as the twin draws
+    #: it reaches the edge on ``node_load.<node>`` (stack backend; 0: none, the edge counts each
+    #: node's ``other_load_max_a``).
+    building_meter_s: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,6 +765,7 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
         policies=tuple(str(p) for p in policies),
         physics_step_s=_num(sc, "physics_step_s", w, 5.0, positive=True),
         report_charger=str(report_charger) if report_charger is not None else None,
+        building_meter_s=_num(sc, "building_meter_s", w, 0.0, minimum=0.0),
         site=site,
         arrivals=_arrivals(doc.get("arrivals"), base),
         tariff=tariff,

@@ -356,6 +356,29 @@ class StackRun:
             self._signals_delivered.append(g)
             self.signal_log.append((self.clock.now() - self.sc.start, f"{g.node}@{g.start_s:.0f}"))
 
+    async def _building_meter(self) -> None:
+        """Every ``building_meter_s`` each node's non-charger load as the twin draws it, over the
+        broker (none while it is down: once the last reading is stale the edge counts the
+        node's maximum)."""
+        from evcore.v1 import meter_pb2
+
+        every = self.sc.building_meter_s
+        lines = self.lines
+        metered = [
+            (nid, [float(a) for a in lines.other_a[i]])
+            for i, nid in enumerate(lines.node_ids)
+            if float(np.max(lines.other_a[i])) > 0.0
+        ]
+        t = 0.0
+        while metered and t < self.sc.duration_s:
+            await self._sleep_until(t)
+            if not self.down["broker_down"]:
+                for nid, amps in metered:
+                    msg = meter_pb2.NodeLoadSample(node_id=nid, current_a=amps)
+                    msg.sampled_at.FromNanoseconds(int(self.clock.now() * 1e9))
+                    await self._bus.publish(self._bus.subjects.node_load(nid), msg)
+            t += every
+
     # -- the bus: what the grid operator and the cloud send the edge -----------------------------
     async def _publish_grid(self, g: Any) -> None:
         from evcore.v1 import grid_pb2
@@ -584,6 +607,8 @@ class StackRun:
             asyncio.ensure_future(self._signals()),
             asyncio.ensure_future(self._probe()),
         ]
+        if self.sc.building_meter_s > 0:
+            tasks.append(asyncio.ensure_future(self._building_meter()))
         if self.policy in ("planner_cost", "planner_peak"):
             tasks.append(asyncio.ensure_future(self._planner()))
         try:
