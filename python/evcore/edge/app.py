@@ -282,6 +282,9 @@ class EdgeApp:
             k = await self.book.load()
             if k:
                 log.info("restored %d curtailment(s) from the store", k)
+            # The month's demand peak already paid for (the local planner's demand windows).
+            self.planner.store = self.store
+            await self.planner.load_windows()
         if self.bus is not None:
             await self.bus.start()
         if self.recorder is not None and self.recorder.journal_pending:

@@ -18,6 +18,7 @@ next plan. A plan's rows apply to the sessions it was made for only (``PlanTarge
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -48,6 +49,9 @@ CHARGE_EARLY_PER_KWH = 1e-3
 URGENCY_PER_KWH = 0.02
 # How often the edge reads its chargers' energy between plans, for the demand windows.
 WINDOW_SAMPLE_S = 30.0
+
+#: The store's ``meta`` key holding the demand windows (``DemandWindows.snapshot``).
+WINDOWS_KEY = "edge.demand_windows"
 # Sessions that leave within this long, or want less than this, are not planned (allocator only).
 _MIN_LEFT_S = 60.0
 _MIN_KWH = 0.01
@@ -481,8 +485,10 @@ class DemandWindows:
     highest window average of the calendar month (UTC; the billing period the edge assumes).
 
     Read every ``WINDOW_SAMPLE_S`` and at every plan; the energy between two readings counts in
-    the window of the later one (off by at most one reading's worth at a window's edge). A
-    restart forgets the month's peak: the plan then flattens more than it needs to, never less."""
+    the window of the later one (off by at most one reading's worth at a window's edge). With a
+    store, ``LocalPlanner`` keeps the month's peak and the window under way in it
+    (``snapshot`` / ``restore``): a restart used to forget the peak already paid for, and the
+    plan then flattened more than it needed to."""
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
@@ -519,6 +525,42 @@ class DemandWindows:
             self._month, self.peak_kw = month, 0.0
         self._window_wh += wh
 
+    def snapshot(self) -> str:
+        """What a restart must not forget, as JSON: the month and its peak, the window under way
+        and its energy so far."""
+        return json.dumps(
+            {
+                "window_s": self.window_s,
+                "month": list(self._month) if self._month is not None else None,
+                "peak_kw": self.peak_kw,
+                "window": self._window,
+                "window_wh": self._window_wh,
+            }
+        )
+
+    def restore(self, text: str, now: float) -> bool:
+        """Take a ``snapshot`` back (before the first ``sample``): the peak if it is of this
+        month, the window's energy if it is the window under way at ``now``. Returns whether the
+        peak was taken; ``ValueError`` naming the field for one that does not parse."""
+        try:
+            data = json.loads(text)
+            window_s = float(data["window_s"])
+            month = data["month"]
+            peak = float(data["peak_kw"])
+            window = data["window"]
+            window_wh = float(data["window_wh"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"demand windows snapshot: {exc!r}") from None
+        t = time.gmtime(now)
+        if window_s != self.window_s or month != [t.tm_year, t.tm_mon]:
+            return False  # another window length, or last month's: nothing of it bills now
+        if not (math.isfinite(peak) and peak >= 0 and math.isfinite(window_wh) and window_wh >= 0):
+            raise ValueError(f"demand windows snapshot: peak_kw {peak}, window_wh {window_wh}")
+        self._month, self.peak_kw = (t.tm_year, t.tm_mon), peak
+        if window == math.floor(now / self.window_s):
+            self._window, self._window_wh = int(window), window_wh
+        return True
+
     def window_kw(self) -> float:
         """The average of the window under way, counted over its whole length."""
         return self._window_wh / 1000.0 * 3600.0 / self.window_s
@@ -552,6 +594,10 @@ class LocalPlanner:
         self._stopped = asyncio.Event()
         self._busy = False
         self.windows = DemandWindows(self.section.demand_window_s)
+        #: Where the demand windows are kept across restarts (``load_windows``); None: not kept.
+        self.store: Any = None
+        self._saved = ""
+        self._save_failed = False
 
     @property
     def active(self) -> bool:
@@ -675,6 +721,45 @@ class LocalPlanner:
         sessions = {s.charger_id: s.id for s in req.sessions} if req is not None else {}
         return PlanTargets("local", f"edge-local@{self.version}", received_at, rows, sessions)
 
+    # ---- the demand windows across restarts -----------------------------------------------------
+    async def load_windows(self, timeout_s: float = 5.0) -> bool:
+        """Restore the demand windows from the store (at start, before ``run``): the month's peak
+        already paid for. Whether a peak was restored; a store that fails or holds an unreadable
+        snapshot is logged and nothing is restored (the plan flattens more, never less)."""
+        if self.store is None:
+            return False
+        try:
+            text = await asyncio.wait_for(self.store.get_meta(WINDOWS_KEY), timeout_s)
+            if text is None:
+                return False
+            restored = self.windows.restore(text, self.ctrl.clock.now())
+        except Exception as exc:
+            log.warning("demand windows not restored from the store: %s", exc)
+            return False
+        self._saved = text
+        if restored:
+            log.info("demand windows restored: the month's peak %.1f kW", self.windows.peak_kw)
+        return restored
+
+    async def save_windows(self, timeout_s: float = 2.0) -> None:
+        """Write the demand windows to the store when they changed (never raises)."""
+        if self.store is None:
+            return
+        text = self.windows.snapshot()
+        if text == self._saved:
+            return
+        try:
+            await asyncio.wait_for(self.store.set_meta(WINDOWS_KEY, text), timeout_s)
+        except Exception as exc:
+            if not self._save_failed:
+                log.warning("demand windows not written to the store (retried): %s", exc)
+            self._save_failed = True
+            return
+        if self._save_failed:
+            log.info("demand windows written to the store again")
+        self._save_failed = False
+        self._saved = text
+
     # ---- one plan ------------------------------------------------------------------------------
     async def plan_now(self) -> PlanTargets | None:
         """Plan once (in a worker thread, bounded) and hand a valid plan to the controller."""
@@ -683,6 +768,7 @@ class LocalPlanner:
         now = self.ctrl.clock.now()
         try:
             self.windows.sample(now, self.ctrl.state.chargers)
+            await self.save_windows()
             req = self.request(now)
         except Exception:
             self.failures += 1
@@ -773,3 +859,4 @@ class LocalPlanner:
                     break
                 await self._sleep(min(left, WINDOW_SAMPLE_S), ctrl.replan_wanted)
                 self.windows.sample(ctrl.clock.now(), ctrl.state.chargers)
+                await self.save_windows()
