@@ -14,12 +14,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cloud_testkit import run_evcore
 from evcore.cloud.fleet import may_hold_kw
 from evcore.cloud.store import FleetSiteSignal
 from evcore.v1.fleet_api_pb2 import (
     FleetCurtailment,
     FleetCurtailmentRef,
     ListFleetCurtailmentsRequest,
+    ListSitesRequest,
+    SiteFleetShare,
 )
 from fleet_testkit import (
     FleetCloud,
@@ -46,6 +49,18 @@ async def fleet(tmp_path: Path, store_url: str) -> AsyncIterator[FleetCloud]:
         yield f
     finally:
         await f.close()
+
+
+async def fleet_shares(f: FleetCloud) -> dict[str, SiteFleetShare]:
+    """Each site's share of the fleet curtailment as ListSites shows it."""
+    async with f.channel("viewer-1") as ch:
+        listed = await f.fleet(ch).ListSites(ListSitesRequest())
+    return {
+        st.site_id: sh
+        for st in listed.sites
+        for sh in st.fleet_shares
+        if sh.fleet_curtailment_id == FID
+    }
 
 
 def held(f: FleetCloud) -> dict[str, float]:
@@ -78,7 +93,7 @@ async def latest(f: FleetCloud) -> tuple[int, dict[str, float], str]:
 
 
 async def test_a_site_that_never_takes_its_decrease_holds_back_the_others_until_the_timeout(
-    fleet: FleetCloud,
+    fleet: FleetCloud, tmp_path: Path
 ) -> None:
     f = fleet
     a, b, c = f.sites
@@ -138,6 +153,19 @@ async def test_a_site_that_never_takes_its_decrease_holds_back_the_others_until_
         async with f.channel("viewer-1") as ch:
             listed = await f.fleet(ch).List(ListFleetCurtailmentsRequest())
         assert "COUNTED" in listed.curtailments[0].detail
+        # ListSites names it too: a is counted at what it may hold since its decrease went out
+        # untaken; b and c took theirs.
+        shares = await fleet_shares(f)
+        assert shares[a].counted_unresponsive and shares[a].counted_kw == pytest.approx(first[a])
+        assert shares[a].HasField("untaken_since")
+        assert f.clock.now() - shares[a].untaken_since.ToSeconds() >= ACK_TIMEOUT_S
+        for s in (b, c):
+            assert not shares[s].counted_unresponsive and not shares[s].HasField("untaken_since")
+        tls = ["--target", f"127.0.0.1:{f.port}", "--ca", str(tmp_path / "sites_CA.pem")]
+        tls += ["--cert", str(tmp_path / "viewer-1.crt"), "--key", str(tmp_path / "viewer-1.key")]
+        code, out, err = await run_evcore("cloud", "sites", *tls, "--site", a)
+        assert code == 0, err
+        assert f"COUNTED at {first[a]:.3f} kW" in out and "signals untaken since" in out, out
         # Later rounds change nothing while a stays away (no re-split every round).
         for _ in range(3):
             await step(f, sampler, ACK_TIMEOUT_S)
@@ -157,4 +185,6 @@ async def test_a_site_that_never_takes_its_decrease_holds_back_the_others_until_
         await f.wait_signals({b: 4, c: 3})
         await step(f, sampler, 0.0)
         assert held(f) == {s: round(fourth[s], 3) for s in f.sites}
+        shares = await fleet_shares(f)
+        assert not any(sh.counted_unresponsive for sh in shares.values()), shares
     assert sampler.max_kw <= LIMIT_KW, sampler.max_kw

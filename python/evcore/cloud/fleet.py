@@ -1144,6 +1144,12 @@ class FleetCoordinator:
             for sig in signals:
                 newest[sig.site_id] = sig  # by site then revision: the last one is the newest
             increasing = {sh.site_id for sh in plan.increases}
+            # Sites the split counted at what they may hold (their edge took nothing for
+            # ack_timeout_s), and the ones the increases go on without now.
+            counted = {
+                **counted_in(fc, signals, ack_timeout_s=self.ack_timeout_s),
+                **plan.counted,
+            }
             for sh in fc.shares:
                 if sh.site_id not in held:
                     continue
@@ -1158,6 +1164,12 @@ class FleetCoordinator:
                     entry.site_revision = last.revision
                     entry.site_max_kw = last.max_kw or 0.0
                     entry.taken = last.taken_at_s is not None
+                since = pending_since_s([x for x in signals if x.site_id == sh.site_id])
+                if since is not None:
+                    entry.untaken_since.CopyFrom(timestamp(since))
+                if sh.site_id in counted:
+                    entry.counted_unresponsive = True
+                    entry.counted_kw = counted[sh.site_id]
                 if sh.site_id in increasing:
                     entry.increase_waiting = True
                     entry.waiting_for.extend(plan.waiting_for)

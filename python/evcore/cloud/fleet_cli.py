@@ -134,6 +134,13 @@ def _print_sites(res: Any, *, as_json: bool) -> None:
                 held = "cancel" if fs.site_max_kw == 0 else f"{fs.site_max_kw:.3f} kW"
                 took = "taken by its edge" if fs.taken else "NOT TAKEN by its edge yet"
                 state += f"; site has r{fs.site_revision} ({held}), {took}"
+            if fs.HasField("untaken_since"):
+                state += f" (signals untaken since {_when(fs.untaken_since)})"
+            if fs.counted_unresponsive:
+                state += (
+                    f"; COUNTED at {fs.counted_kw:.3f} kW, what it may still hold (its edge took "
+                    "nothing for ack_timeout_s): the others share the rest"
+                )
             print(
                 f"  fleet {fs.fleet_curtailment_id} r{fs.revision}: {fs.share.max_kw:.3f} kW "
                 f"(floor {fs.share.floor_kw:.3f}, grid limit {fs.share.grid_limit_kw:.3f}); "
