@@ -54,10 +54,13 @@ def plan_message(ctrl: EdgeController, plan: PlanTargets, now: float) -> Any:
         _ts(msg.valid_until, ends)
     for cid in sorted(plan.rows):
         c = ctrl.state.chargers.get(cid)
+        # The transaction the rows were planned for (else the one on the charger now).
+        tx = plan.transactions.get(cid) or (c.transaction_id if c is not None else None)
         for start, step_s, target in sorted(plan.rows[cid]):
             row = msg.rows.add(charger_id=cid, step_s=float(step_s))
-            if c is not None and c.transaction_id:
-                row.session_id = f"{cid}:{c.transaction_id}"
+            if tx:
+                row.session_id = f"{cid}:{tx}"
+                row.transaction_id = str(tx)
             _ts(row.step_start, start)
             if c is not None and c.is_dc:
                 row.target_w = float(target)

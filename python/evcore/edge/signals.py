@@ -120,15 +120,25 @@ def plan_from_proto(data: bytes, received_at: float, known: Callable[[str], bool
     except Exception as exc:
         raise BadPayload(f"plan: not a Plan ({exc})") from exc
     rows: dict[str, list[tuple[float, float, float]]] = {}
+    transactions: dict[str, str] = {}
     for i, r in enumerate(plan.rows):
         if not known(r.charger_id):
             raise BadPayload(f"plan {plan.plan_id}: rows[{i}].charger_id {r.charger_id!r} unknown")
         target = r.target_a if r.HasField("target_a") else r.target_w
         if not (math.isfinite(target) and target >= 0 and math.isfinite(r.step_s) and r.step_s > 0):
             raise BadPayload(f"plan {plan.plan_id}: rows[{i}] target/step_s must be finite, >= 0")
+        if r.transaction_id:
+            other = transactions.setdefault(r.charger_id, r.transaction_id)
+            if other != r.transaction_id:
+                raise BadPayload(
+                    f"plan {plan.plan_id}: rows[{i}].transaction_id {r.transaction_id!r}: the "
+                    f"rows of charger {r.charger_id!r} are for transaction {other!r}"
+                )
         rows.setdefault(r.charger_id, []).append((_ts(r.step_start), r.step_s, target))
     source = "local" if plan.source == "edge" else "cloud"
-    return PlanTargets(source, f"{plan.plan_id}@{plan.plan_version}", received_at, rows)
+    return PlanTargets(
+        source, f"{plan.plan_id}@{plan.plan_version}", received_at, rows, transactions
+    )
 
 
 #: The durable consumer ``evcore edge`` reads its grid subject with (one per site stream).
