@@ -62,6 +62,18 @@ async def _next_car(rig: EdgeRig, cid: str, tx1: str) -> None:
     )
 
 
+async def _next_car_charges_unbound(rig: EdgeRig, cid: str, tx1: str) -> None:
+    """The next car on ``cid`` charges, not bound by the plan made for car 1 (``tx1``)."""
+    await _next_car(rig, cid, tx1)
+    core = rig.core
+    assert core is not None
+    await rig.wait_for(
+        lambda: rig.limit_at(cid) >= 6.0 and core.last_codes.get(cid) != "plan",
+        15,
+        "the new car charging, not bound by car 1's plan",
+    )
+
+
 async def test_a_new_car_does_not_inherit_the_last_cars_plan_targets() -> None:
     rig = EdgeRig(depot_table(2, per_feeder=2), cfg=CFG, apply_delay_s=0.3)
     async with rig:
@@ -72,16 +84,9 @@ async def test_a_new_car_does_not_inherit_the_last_cars_plan_targets() -> None:
         plan = ctrl.local_plan
         assert plan is not None and plan.transactions == {cid: tx1}
         planner.stop()  # no re-plan: the plan made for car 1 stays fresh and in force
-        await _next_car(rig, cid, tx1)
         # Before: the new car was still bound by car 1's plan (code "plan": its 0 A, unless it
         # counted as behind that plan) until the plan went stale.
-        core = rig.core
-        assert core is not None
-        await rig.wait_for(
-            lambda: rig.limit_at(cid) >= 6.0 and core.last_codes.get(cid) != "plan",
-            15,
-            "the new car charging, not bound by car 1's plan",
-        )
+        await _next_car_charges_unbound(rig, cid, tx1)
         assert ctrl.local_plan is plan and ctrl.plan_in_use is plan
 
 
@@ -147,14 +152,7 @@ async def test_a_cloud_plan_row_is_for_the_transaction_it_names(tmp_path: Path) 
             assert ctrl.cloud_plan is not None and ctrl.cloud_plan.transactions == {cid: tx1}
             await rig.wait_for(lambda: rig.limit_at(cid) == 0.0, 15, "car 1 deferred at 0 A")
             # Car 2 on the same charger, the plan still fresh: not held to car 1's 0 A.
-            await _next_car(rig, cid, tx1)
-            core = rig.core
-            assert core is not None
-            await rig.wait_for(
-                lambda: rig.limit_at(cid) >= 6.0 and core.last_codes.get(cid) != "plan",
-                15,
-                "the new car charging, not bound by car 1's cloud plan",
-            )
+            await _next_car_charges_unbound(rig, cid, tx1)
             assert ctrl.plan_in_use is ctrl.cloud_plan
     finally:
         for sub in subs:
