@@ -272,7 +272,7 @@ def reference_allocate(
 
     short = short_of(rem0, trial0)
     if short.any():
-        follows = ~confirmed | (np.where(fresh, meas_max, 0.0) <= ls + margin)
+        follows = ~faulted & (~confirmed | (np.where(fresh, meas_max, 0.0) <= ls + margin))
         # A session on a valid plan holds what the plan gives it (the plan decides).
         followed = np.where(~following & follows & (held_cmd < held) & ~plan, held_cmd, held)
         rem_f = capacity.copy()

@@ -782,7 +782,8 @@ fn model_and_admission(
     if short0 {
         // What each charger would hold if it followed its setpoint: only one that draws what it
         // was sent (within the reclaim margin), or may still draw what it was sent before (its
-        // last setpoint unconfirmed), is expected to; one drawing more holds what it draws.
+        // last setpoint unconfirmed), is expected to; one drawing more, or faulted, holds what
+        // it draws.
         // A session on a valid plan (not behind it) holds what the plan gives it: the plan,
         // which counts the newcomer too, decides when it yields.
         let on_plan = |c: usize| {
@@ -795,8 +796,9 @@ fn model_and_admission(
         let followed: Vec<f64> = (0..n)
             .map(|c| {
                 let h = held_of(&cnt.held_cmd, c);
-                let follows = !ch.last_sent_confirmed[c]
-                    || cnt.measured_a[c] <= last_sent_line_a(topo, c, ch) + p.margin_a;
+                let follows = !ch.faulted[c]
+                    && (!ch.last_sent_confirmed[c]
+                        || cnt.measured_a[c] <= last_sent_line_a(topo, c, ch) + p.margin_a);
                 if !following[c] && follows && h < held[c] && !on_plan(c) {
                     h
                 } else {
@@ -3003,7 +3005,21 @@ mod tests {
             close(&a.decision.setpoint_a, &[16.0, 16.0]);
         }
         // A car drawing more than it was sent (paused, still read at 10 A) is not expected to
-        // follow: it keeps its holding and the newcomer is refused as before.
+        // follow: it keeps its holding and the newcomer is refused as before; nor is a faulted
+        // charger drawing what it was sent.
+        let t = site("32", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+        let mut x = Inputs::quiet(&t);
+        x.last_a = vec![32.0, 0.0];
+        x.on_since = vec![NOW - 3600.0, f64::NAN];
+        x.m[0][0] = 32.0;
+        x.faulted = vec![true, false];
+        let a = alloc(&t, &x, &Want::new(2), &params());
+        assert_eq!(
+            a.decision.binding[1],
+            Binding::Admission,
+            "{:?}",
+            a.decision
+        );
         let t = site("20", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
         let mut x = Inputs::quiet(&t);
         x.m[0][0] = 16.0;
