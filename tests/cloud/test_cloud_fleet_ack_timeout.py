@@ -188,3 +188,56 @@ async def test_a_site_that_never_takes_its_decrease_holds_back_the_others_until_
         shares = await fleet_shares(f)
         assert not any(sh.counted_unresponsive for sh in shares.values()), shares
     assert sampler.max_kw <= LIMIT_KW, sampler.max_kw
+
+
+async def test_a_limit_that_only_goes_down_lowers_the_others_for_a_site_that_never_takes_it(
+    fleet: FleetCloud,
+) -> None:
+    """No increase waits (the DSO only lowers the limit), so nothing held the others back, but a
+    site whose edge never takes its decrease still holds its old share: the fleet was over its
+    limit for as long as the edge stayed away. After ack_timeout_s the cloud splits again counting
+    it at what it may hold: the others go lower (feasible), or to their floors with the shortfall
+    named when even that is not enough."""
+    f = fleet
+    a, b, c = f.sites
+    await ten_charger_demand(f, {a: 30.0, b: 20.0, c: 1.0})
+    r = FleetCurtailment(fleet_curtailment_id=FID, site_ids=f.sites, max_kw=LIMIT_KW, issuer="DSO")
+    r.start.FromSeconds(int(f.clock.now()))
+    r.end.FromSeconds(int(f.clock.now() + 7200))
+    async with f.channel("aggregator-1") as ch:
+        first = {sh.site_id: sh.max_kw for sh in (await f.fleet(ch).Curtail(r)).shares}
+    await f.wait_signals({s: 1 for s in f.sites})
+    await f.wait_taken(FID)
+    await f.edge_offline(a)
+    # The DSO lowers the limit to 200 kW: every share goes down, a's is never taken.
+    r.max_kw = 200.0
+    async with f.channel("aggregator-1") as ch:
+        second = {sh.site_id: sh.max_kw for sh in (await f.fleet(ch).Curtail(r)).shares}
+    assert all(second[s] < first[s] for s in f.sites), (first, second)
+    await f.wait_signals({b: 2, c: 2})
+    # The books: a still at its first share, the fleet over 200 kW.
+    assert sum(held(f).values()) > 200.0 + 1.0, held(f)
+    f.clock.advance(ACK_TIMEOUT_S - 1.0)
+    await f.coordinator.republish_pending()
+    assert (await latest(f))[0] == 2  # not before ack_timeout_s
+    f.clock.advance(1.0)
+    await f.coordinator.republish_pending()
+    rev, third, detail = await latest(f)
+    assert rev == 3 and "COUNTED" in detail, detail
+    assert third[b] + third[c] <= 200.0 - first[a] + 1e-6 and third[b] < second[b], third
+    await f.wait_signals({b: 3, c: 3})
+    await asyncio.sleep(0.3)
+    assert sum(held(f).values()) <= 200.0 + 1e-3, held(f)
+    shares = await fleet_shares(f)
+    assert shares[a].counted_unresponsive and shares[a].counted_kw == pytest.approx(first[a])
+    # Lower still, below what a may hold: the others at their floors (0 kW here), the split
+    # infeasible by the rest.
+    r.max_kw = 150.0
+    async with f.channel("aggregator-1") as ch:
+        fourth = await f.fleet(ch).Curtail(r)
+    by_site = {sh.site_id: sh.max_kw for sh in fourth.shares}
+    assert not fourth.feasible and by_site[b] == by_site[c] == 0.0, fourth
+    assert fourth.shortfall_kw == pytest.approx(first[a] - 150.0, abs=1e-3), fourth
+    await f.wait_signals({b: 4, c: 4})
+    await asyncio.sleep(0.3)
+    assert held(f) == {a: round(first[a], 3), b: 0.0, c: 0.0}

@@ -770,8 +770,12 @@ class FleetCoordinator:
                 signals = await self._store.fleet_site_signals(fid)
                 sites = [sh.site_id for sh in result.shares]
                 if not any(r.curtailment.fleet_curtailment_id == fid for r in unpublished):
-                    # Published: only whether the edges of the sites it counts came back.
-                    sites = list(counted_in(result, signals, ack_timeout_s=self.ack_timeout_s))
+                    # Published: whether the edges of the sites it counts came back, and whether
+                    # the others took what was sent (one that does not for ack_timeout_s is
+                    # counted at what it may hold: ``_resplit_due``).
+                    counted = counted_in(result, signals, ack_timeout_s=self.ack_timeout_s)
+                    untaken = {x.site_id for x in signals if x.sent and x.taken_at_s is None}
+                    sites = sorted(set(counted) | untaken)
                     counting = counting or bool(sites)
                 if sites:
                     await self._refresh_taken(fid, signals, sites)
@@ -815,10 +819,10 @@ class FleetCoordinator:
         return pending
 
     async def _resplit_due(self, fid: str) -> tuple[str, int] | None:
-        """Why the latest revision of ``fid`` is to be split again now: an edge its increases
-        wait for took no signal for ``ack_timeout_s`` (the split counts it at what it may hold),
-        or a site it counted so took its signals (the normal split resumes); with the revision.
-        None: it is not."""
+        """Why the latest revision of ``fid`` is to be split again now: an edge that took no
+        signal for ``ack_timeout_s`` and may hold more than its share, whether increases wait
+        for it or not (the split counts it at what it may hold), or a site it counted so took
+        its signals (the normal split resumes); with the revision. None: it is not."""
         result = await self._store.fleet_curtailment(fid)
         if result is None or result.cancelled:
             return None
@@ -832,17 +836,31 @@ class FleetCoordinator:
         for sid in counted:
             if pending_since_s(by_site.get(sid, [])) is None:
                 return f"site {sid!r}, counted at what it may hold, took its signals", rev
+        # A site whose edge took no signal for ack_timeout_s and may hold more than its share:
+        # the increases that wait for it go on without it, and where none wait (a limit that
+        # only went down) the others are lowered so that, with it counted at what it may hold,
+        # the fleet stays within its limit (as far as their floors allow).
+        now_counted = counted_sites(
+            {sh.site_id: (sh.max_kw, sh.grid_limit_kw) for sh in result.shares},
+            signals,
+            at_s=now,
+            ack_timeout_s=self.ack_timeout_s,
+        )
         plan = plan_revision(result, signals, ramp_s=self.ramp_s)
-        if not plan.increases:
-            return None
-        for sid in plan.waiting_for:
-            since = pending_since_s(by_site.get(sid, []))
-            if since is not None and now - since >= self.ack_timeout_s and sid not in counted:
-                return (
-                    f"the increases wait for site {sid!r}, whose edge took no signal for "
-                    f"{now - since:.0f} s ([fleet] ack_timeout_s {self.ack_timeout_s:g})",
-                    rev,
-                )
+        for sid in sorted(now_counted, key=lambda x: (x not in plan.waiting_for, x)):
+            if sid in counted:
+                continue
+            since = pending_since_s(by_site.get(sid, [])) or now
+            what = (
+                "the increases wait for site"
+                if sid in plan.waiting_for
+                else "the fleet may be over its limit while it holds more than its share: site"
+            )
+            return (
+                f"{what} {sid!r}, whose edge took no signal for {now - since:.0f} s "
+                f"([fleet] ack_timeout_s {self.ack_timeout_s:g})",
+                rev,
+            )
         return None
 
     async def run_republish(self, every_s: float) -> None:
