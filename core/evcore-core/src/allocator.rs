@@ -3007,29 +3007,25 @@ mod tests {
         // A car drawing more than it was sent (paused, still read at 10 A) is not expected to
         // follow: it keeps its holding and the newcomer is refused as before; nor is a faulted
         // charger drawing what it was sent.
-        let t = site("32", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
-        let mut x = Inputs::quiet(&t);
-        x.last_a = vec![32.0, 0.0];
-        x.on_since = vec![NOW - 3600.0, f64::NAN];
-        x.m[0][0] = 32.0;
-        x.faulted = vec![true, false];
-        let a = alloc(&t, &x, &Want::new(2), &params());
-        assert_eq!(
-            a.decision.binding[1],
-            Binding::Admission,
-            "{:?}",
-            a.decision
-        );
-        let t = site("20", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
-        let mut x = Inputs::quiet(&t);
-        x.m[0][0] = 16.0;
-        let a = alloc(&t, &x, &Want::new(2), &params());
-        assert_eq!(
-            a.decision.binding[1],
-            Binding::Admission,
-            "{:?}",
-            a.decision
-        );
+        for (limit, faulted) in [("32", true), ("20", false)] {
+            let t = site(limit, &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+            let mut x = Inputs::quiet(&t);
+            if faulted {
+                x.last_a = vec![32.0, 0.0];
+                x.on_since = vec![NOW - 3600.0, f64::NAN];
+                x.m[0][0] = 32.0;
+                x.faulted = vec![true, false];
+            } else {
+                x.m[0][0] = 16.0;
+            }
+            let a = alloc(&t, &x, &Want::new(2), &params());
+            assert_eq!(
+                a.decision.binding[1],
+                Binding::Admission,
+                "{limit}: {:?}",
+                a.decision
+            );
+        }
     }
 
     #[test]
