@@ -51,6 +51,21 @@ async def fleet(tmp_path: Path, store_url: str) -> AsyncIterator[FleetCloud]:
         await f.close()
 
 
+async def first_revision(f: FleetCloud) -> tuple[FleetCurtailment, dict[str, float]]:
+    """Revision 1 of the fleet curtailment at ``LIMIT_KW``, taken by every edge: a high, b
+    middle, c low by demand. The request (to send again) and each site's share."""
+    a, b, c = f.sites
+    await ten_charger_demand(f, {a: 30.0, b: 20.0, c: 1.0})
+    r = FleetCurtailment(fleet_curtailment_id=FID, site_ids=f.sites, max_kw=LIMIT_KW, issuer="DSO")
+    r.start.FromSeconds(int(f.clock.now()))
+    r.end.FromSeconds(int(f.clock.now() + 7200))
+    async with f.channel("aggregator-1") as ch:
+        first = {sh.site_id: sh.max_kw for sh in (await f.fleet(ch).Curtail(r)).shares}
+    await f.wait_signals({s: 1 for s in f.sites})
+    await f.wait_taken(FID)
+    return r, first
+
+
 async def fleet_shares(f: FleetCloud) -> dict[str, SiteFleetShare]:
     """Each site's share of the fleet curtailment as ListSites shows it."""
     async with f.channel("viewer-1") as ch:
@@ -99,14 +114,7 @@ async def test_a_site_that_never_takes_its_decrease_holds_back_the_others_until_
     a, b, c = f.sites
     assert f.coordinator.ack_timeout_s == ACK_TIMEOUT_S  # [fleet] ack_timeout_s reached it
     # Revision 1, taken by every edge: a high, b middle, c low.
-    await ten_charger_demand(f, {a: 30.0, b: 20.0, c: 1.0})
-    r = FleetCurtailment(fleet_curtailment_id=FID, site_ids=f.sites, max_kw=LIMIT_KW, issuer="DSO")
-    r.start.FromSeconds(int(f.clock.now()))
-    r.end.FromSeconds(int(f.clock.now() + 7200))
-    async with f.channel("aggregator-1") as ch:
-        first = {sh.site_id: sh.max_kw for sh in (await f.fleet(ch).Curtail(r)).shares}
-    await f.wait_signals({s: 1 for s in f.sites})
-    await f.wait_taken(FID)
+    _, first = await first_revision(f)
     assert first[a] > first[b] > first[c], first
     with Sampler(f) as sampler:
         # a's edge goes away for good; the demand moves to c; revision 2 lowers a and b and
@@ -200,14 +208,7 @@ async def test_a_limit_that_only_goes_down_lowers_the_others_for_a_site_that_nev
     named when even that is not enough."""
     f = fleet
     a, b, c = f.sites
-    await ten_charger_demand(f, {a: 30.0, b: 20.0, c: 1.0})
-    r = FleetCurtailment(fleet_curtailment_id=FID, site_ids=f.sites, max_kw=LIMIT_KW, issuer="DSO")
-    r.start.FromSeconds(int(f.clock.now()))
-    r.end.FromSeconds(int(f.clock.now() + 7200))
-    async with f.channel("aggregator-1") as ch:
-        first = {sh.site_id: sh.max_kw for sh in (await f.fleet(ch).Curtail(r)).shares}
-    await f.wait_signals({s: 1 for s in f.sites})
-    await f.wait_taken(FID)
+    r, first = await first_revision(f)
     await f.edge_offline(a)
     # The DSO lowers the limit to 200 kW: every share goes down, a's is never taken.
     r.max_kw = 200.0
