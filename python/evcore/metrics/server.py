@@ -205,6 +205,15 @@ def _warn_if_readable_by_others(path: Path, key: str) -> None:
             )
 
 
+def _signature(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (device, inode, size, mtime, ctime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class _TokenFile:
     """The token in force, read again when the file changes (device, inode, size, mtime or
     ctime), so a rotated token needs no restart. While its mtime is under ``_SETTLE_S`` old the
@@ -222,11 +231,7 @@ class _TokenFile:
         self._failure = ""
 
     def _signature(self) -> tuple[int, ...] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return _signature(self.path)
 
     def current(self) -> bytes | None:
         seen = self._signature()
@@ -254,15 +259,6 @@ class _TokenFile:
             log.info("metrics: %s changed; its token is in force", self.path)
             _warn_if_readable_by_others(self.path, "token_file")
         return self.token
-
-
-def _signature(path: Path) -> tuple[int, ...] | None:
-    """What changes when a file is replaced or rewritten (device, inode, size, mtime, ctime)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class _TlsFiles:
