@@ -1159,8 +1159,10 @@ class FleetCoordinator:
             in_force = ts_s(fc.curtailment.start) <= now < ts_s(fc.curtailment.end)
             plan, signals = await self._plan(fc)  # asks the bus what was taken, where unknown
             newest: dict[str, FleetSiteSignal] = {}
+            by_site: dict[str, list[FleetSiteSignal]] = {}
             for sig in signals:
                 newest[sig.site_id] = sig  # by site then revision: the last one is the newest
+                by_site.setdefault(sig.site_id, []).append(sig)
             increasing = {sh.site_id for sh in plan.increases}
             # Sites the split counted at what they may hold (their edge took nothing for
             # ack_timeout_s), and the ones the increases go on without now.
@@ -1182,7 +1184,7 @@ class FleetCoordinator:
                     entry.site_revision = last.revision
                     entry.site_max_kw = last.max_kw or 0.0
                     entry.taken = last.taken_at_s is not None
-                since = pending_since_s([x for x in signals if x.site_id == sh.site_id])
+                since = pending_since_s(by_site.get(sh.site_id, []))
                 if since is not None:
                     entry.untaken_since.CopyFrom(timestamp(since))
                 if sh.site_id in counted:
