@@ -159,3 +159,19 @@ async def test_a_cloud_plan_row_is_for_the_transaction_it_names(tmp_path: Path) 
             await sub.stop()  # type: ignore[attr-defined]
         await cloud_bus.close()
         await edge_bus.close()
+
+
+def test_plan_rows_of_one_charger_naming_two_transactions_are_refused() -> None:
+    from evcore.bus import BadPayload
+    from evcore.edge.signals import plan_from_proto
+
+    plan = plan_pb2.Plan(plan_id="cloud-p", plan_version=1, source="cloud")
+    for k, tx in enumerate(("tx-1", "tx-2")):
+        row = plan.rows.add(charger_id="cp-0001", step_s=900.0, target_a=8.0, transaction_id=tx)
+        row.step_start.FromSeconds(1_800_000_000 + 900 * k)
+    with pytest.raises(BadPayload, match=r"rows\[1\]\.transaction_id 'tx-2'.*'tx-1'"):
+        plan_from_proto(plan.SerializeToString(), 0.0, lambda cid: True)
+    del plan.rows[1]
+    got = plan_from_proto(plan.SerializeToString(), 0.0, lambda cid: True)
+    assert got.transactions == {"cp-0001": "tx-1"} and got.applies_to("cp-0001", "tx-1")
+    assert not got.applies_to("cp-0001", "tx-2")
