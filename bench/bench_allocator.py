@@ -168,6 +168,9 @@ def make_inputs(site: Site, seed: int = 2) -> tuple[dict[str, Any], dict[str, An
         "last_sent_confirmed": np.ones(n, dtype=bool),
         "connected": connected,
         "on_since_s": np.where(running, now - 3600.0, np.nan),
+        # What the readings were taken under, as the edge says: the setpoint still in force.
+        "read_under_a": np.where(dc, np.nan, last_a),
+        "read_under_w": np.where(dc, last_w, np.nan),
         "off_since_s": np.where(running, np.nan, now - 3600.0),
         **demand,
     }

@@ -7,6 +7,7 @@ import numpy.typing as npt
 
 __all__ = [
     "PLAN_METADATA_KEY",
+    "RAISE_RAMP_S",
     "EvcoreError",
     "InputError",
     "Planner",
@@ -79,6 +80,8 @@ def allocate(
     explain: bool = True,
 ) -> Any: ...
 def binding_codes() -> list[str]: ...
+
+RAISE_RAMP_S: float
 
 # --- Planner (core/evcore-py/src/planner.rs; the planner room keeps this section) ---
 

@@ -30,6 +30,10 @@ DEMAND_COLUMNS: dict[str, tuple[pa.DataType, Any]] = {
     "target_a": (pa.float64(), NAN),
     "target_w": (pa.float64(), NAN),
     "behind_plan": (pa.bool_(), False),
+    # The setpoint a charger's reading was taken under (the lowest in force over the 15 s
+    # before it); NaN = not known. A reading at it does not cap the session (docs/envelope.md).
+    "read_under_a": (pa.float64(), NAN),
+    "read_under_w": (pa.float64(), NAN),
 }
 ALLOCATOR_COLUMNS: dict[str, tuple[pa.DataType, Any]] = {**CHARGER_COLUMNS, **DEMAND_COLUMNS}
 

@@ -26,6 +26,8 @@ SLOTS = 4
 # Headroom reclaim, as allocator.rs: a reading taken less than this long after the session turned
 # on may show the car still ramping up; it does not cap the session (s).
 RECLAIM_RAMP_S = 30.0
+# A car that takes all it is given may be offered this many times its draw (allocator.rs).
+PROBE_GROWTH = 2.0
 
 
 @dataclass
@@ -239,8 +241,21 @@ def reference_allocate(
         u = np.where(plan & (t < u), np.maximum(t, f), u)
         # Headroom reclaim: only from a reading taken RECLAIM_RAMP_S after the session turned on.
         ramped = ~np.isfinite(on_t) | (now - age >= on_t + RECLAIM_RAMP_S)
-        reclaim = is_on & ~unknown & fresh & ramped & (meas_max + margin < u)
-        u = np.where(reclaim, np.maximum(meas_max + margin, f), u)
+        # A reading showing the car drawing (within margin / 2) the setpoint it was taken under
+        # caps it at PROBE_GROWTH x its draw instead, where that is more.
+        under_a = _col(ch, "read_under_a") if "read_under_a" in ch else np.full(n, np.nan)
+        under_w = _col(ch, "read_under_w") if "read_under_w" in ch else np.full(n, np.nan)
+        under = np.where(
+            sa.dc,
+            np.where(np.isnan(under_w), np.nan, sa.dc_line_a(np.minimum(under_w, sa.max_w))),
+            under_a,
+        )
+        takes_all = (under > 0) & (meas_max >= under - 0.5 * margin)
+        rcap = np.where(
+            takes_all, np.maximum(meas_max + margin, PROBE_GROWTH * meas_max), meas_max + margin
+        )
+        reclaim = is_on & ~unknown & fresh & ramped & (rcap < u)
+        u = np.where(reclaim, np.maximum(rcap, f), u)
         floor = np.maximum(f, held)
         cap = np.maximum(u, held)
         rate_w = sa.volt * sa.nt * np.maximum(sa.max_a, 1e-9)

@@ -300,6 +300,8 @@ def test_absurd_values_give_results_not_panics() -> None:
                 "last_sent_w",
                 "on_since_s",
                 "off_since_s",
+                "read_under_a",
+                "read_under_w",
             )
         }
         ncols = {
@@ -444,6 +446,48 @@ def test_a_reading_taken_while_the_car_ramps_up_does_not_cap_it_as_in_the_refere
     assert binding[0] != "demand" and binding[1] != "demand"
     assert sp[0] > 10.0 and sp[1] > 10.0
     assert binding[2] == "demand" and sp[2] == pytest.approx(10.0)
+    assert binding[4] == "demand"
+
+
+@pytest.mark.parametrize("under", [8.0, 8.9, 30.0, math.nan])
+def test_a_car_drawing_the_setpoint_its_reading_was_taken_under_is_probed_as_in_the_reference(
+    under: float,
+) -> None:
+    """cp2 (on for an hour) reads 8 A. Taken under 8 A (or 8.9 A: within margin_a / 2) the car
+    takes all it is given: capped at twice its draw (16 A) instead of its draw + 2 A (10 A), and
+    gets its share of C1;
+    taken under 30 A, or under an unknown setpoint, 10 A as before. The DC charger reads 3 A
+    per phase taken under the 15 kW it was sent: not all of it, so capped at its draw + 2 A.
+    Rust and the numpy reference agree."""
+    site = small_site()
+    now = 3600.0
+    cols: dict[str, Any] = {
+        "connected": np.full(5, True),
+        "last_sent_a": np.array([0.0, 0.0, 30.0, 0.0, math.nan]),
+        "last_sent_w": np.array([math.nan] * 4 + [15000.0]),
+        "on_since_s": np.array([math.nan, math.nan, 0.0, math.nan, 0.0]),
+        "measured_l1_a": np.array([0.0, 0.0, 8.0, 0.0, 3.0]),
+        "measured_l2_a": np.array([0.0, 0.0, 0.0, 0.0, 3.0]),
+        "measured_l3_a": np.array([0.0, 0.0, 0.0, 0.0, 3.0]),
+        "measured_age_s": np.full(5, 1.0),
+        "read_under_a": np.array([math.nan, math.nan, under, math.nan, math.nan]),
+        "read_under_w": np.array([math.nan] * 4 + [15000.0]),
+    }
+    params = AllocatorParams(now_s=now, stale_after_s=60.0)
+    out = allocate(site, cols, params=params)
+    cb = allocator_batch(site, **cols)
+    nb = node_batch(site)
+    full = {k: np.asarray(cb.column(k).to_numpy(zero_copy_only=False)) for k in cb.schema.names}
+    ncols = {k: np.asarray(nb.column(k).to_numpy(zero_copy_only=False)) for k in nb.schema.names}
+    ref = reference_allocate(SiteArrays.build(site), full, ncols, params.as_dict())
+    assert out.column("level_a").to_numpy() == pytest.approx(ref.level_a, abs=1e-9)
+    assert ref.cap[2] == pytest.approx(16.0 if under < 9.0 else 10.0)
+    sp = out.column("setpoint_a").to_numpy()
+    binding = out.column("binding").to_pylist()
+    if under < 9.0:  # its 16 A cap does not bind: it shares C1 (40 A) with cp0 and cp1
+        assert sp[2] == pytest.approx(40.0 / 3.0) and binding[2] == "node_phase"
+    else:
+        assert sp[2] == pytest.approx(10.0) and binding[2] == "demand"
     assert binding[4] == "demand"
 
 

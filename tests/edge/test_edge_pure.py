@@ -349,3 +349,30 @@ def test_a_pause_while_a_first_txdefault_may_not_be_applied_is_not_a_switch() ->
     c.default_unapplied_until = None
     st.on_transaction("cp", "started", "tx-4", 1600.0, 700.0)
     assert (c.on_since, c.off_since) == (None, 700.0)
+
+
+# ---- what a reading was taken under ---------------------------------------------------------
+def test_the_setpoint_a_reading_was_taken_under_is_the_lowest_in_force_before_it() -> None:
+    c = ChargerState("cp", "CP", False, 6.0, 32.0)
+    assert c.lowest_sent(100.0, 115.0) is None  # nothing sent: not known
+    c.log_sent(20.0, 100.0)
+    c.log_sent(32.0, 200.0)
+    c.log_sent(12.0, 300.0)
+    # Nothing of the log before the window's start: not known.
+    assert c.lowest_sent(90.0, 105.0) is None
+    assert c.lowest_sent(150.0, 165.0) == 20.0  # 20 A in force throughout
+    # Raised to 32 A 5 s before the reading: the car may still be on 20 A.
+    assert c.lowest_sent(190.0, 205.0) == 20.0
+    assert c.lowest_sent(216.0, 231.0) == 32.0
+    # Lowered within the window: the lower one.
+    assert c.lowest_sent(290.0, 305.0) == 12.0
+    # An answer that came late is booked in time order.
+    c.log_sent(8.0, 250.0)
+    assert c.lowest_sent(255.0, 270.0) == 8.0
+    # Old entries go, but for the one in force at the cut.
+    c.log_sent(16.0, 1000.0)
+    assert [v for _, v in c.sent_log] == [12.0, 16.0]
+    assert c.lowest_sent(500.0, 515.0) == 12.0
+    # A new session starts with nothing.
+    c.clear_session_flags()
+    assert c.sent_log == [] and c.lowest_sent(990.0, 1005.0) is None

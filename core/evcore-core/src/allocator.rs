@@ -3,7 +3,10 @@
 //! 1. Eligibility and caps: connected, unfaulted sessions that still want energy; a cap per session
 //!    from the charger maximum, the plan target (unless behind plan) and measured draw plus a
 //!    margin (headroom reclaim, only from fresh readings taken at least `RECLAIM_RAMP_S` after
-//!    the session turned on: one taken earlier may show the vehicle still ramping up).
+//!    the session turned on: one taken earlier may show the vehicle still ramping up). Where the
+//!    caller says which setpoint a reading was taken under (`Demand::read_under_a`), a reading
+//!    showing the car drawing it (within `margin_a / 2`) does not cap: a car that takes all it
+//!    is given is offered its full share again at once, instead of `margin_a` more per reading.
 //! 2. Admission (the 6 A rule): what every charger holds anyway is reserved; then sessions are
 //!    admitted in order of least laxity while every admitted session's minimum still fits;
 //!    sessions inside their minimum on time (or at their switch cap) stay on, those inside their
@@ -61,6 +64,12 @@ pub struct Demand<'a> {
     pub target_a: &'a [f64],
     pub target_w: &'a [f64],
     pub behind_plan: &'a [bool],
+    /// The setpoint the charger was held to when its reading was taken (AC A per phase / DC
+    /// W): the lowest in force in the `RAISE_RAMP_S` before it, as the car may still have been
+    /// on its way up after a raise; NaN = not known. A reading showing the car drawing it
+    /// releases the reclaim cap (module docs, 1).
+    pub read_under_a: &'a [f64],
+    pub read_under_w: &'a [f64],
 }
 
 /// Allocation result: the envelope's decision plus what the allocator computed before it.
@@ -110,6 +119,8 @@ fn validate_demand(d: &Demand<'_>, n: usize) -> CoreResult<()> {
         ("target_a", d.target_a.len()),
         ("target_w", d.target_w.len()),
         ("behind_plan", d.behind_plan.len()),
+        ("read_under_a", d.read_under_a.len()),
+        ("read_under_w", d.read_under_w.len()),
     ] {
         if len != n {
             return Err(CoreError::input(
@@ -458,6 +469,41 @@ pub fn ramped(read_at_s: f64, on_since_s: f64) -> bool {
     !on_since_s.is_finite() || read_at_s >= on_since_s + RECLAIM_RAMP_S
 }
 
+/// Headroom reclaim after a raise: a reading taken less than this long after the setpoint rose
+/// may show the vehicle still on its way up (the station applies the profile, the vehicle
+/// follows within seconds: IEC 61851-1 gives it 5 s). The caller's `read_under_a` is the lowest
+/// setpoint in force over this long before the reading.
+pub const RAISE_RAMP_S: f64 = 15.0;
+
+/// How much more than it draws a car that takes all it is given may be offered per reading
+/// (a factor): the probe for what it would take doubles per reading instead of adding
+/// `margin_a`, and a burst of raises stays bounded (sessions whose weights change every tick,
+/// as under least laxity, swing less).
+pub const PROBE_GROWTH: f64 = 2.0;
+
+/// The reclaim cap (line A) of a running session whose largest terminal reads `meas_a`
+/// (module docs, 1): `meas_a + margin_a`; none (+inf) for a reading taken before the session
+/// ramped; `PROBE_GROWTH × meas_a` when larger and the reading shows the car drawing (within
+/// `margin_a / 2`) the setpoint `under_a` (line A; NaN: not known) it was taken under.
+#[inline]
+pub fn reclaim_cap(
+    read_at_s: f64,
+    on_since_s: f64,
+    meas_a: f64,
+    under_a: f64,
+    margin_a: f64,
+) -> f64 {
+    if !ramped(read_at_s, on_since_s) {
+        return f64::INFINITY;
+    }
+    let cap = meas_a + margin_a;
+    if under_a > 0.0 && meas_a >= under_a - 0.5 * margin_a {
+        cap.max(PROBE_GROWTH * meas_a)
+    } else {
+        cap
+    }
+}
+
 /// What the model reads per session.
 struct Sessions<'a> {
     topo: &'a Topology,
@@ -573,7 +619,6 @@ impl Sessions<'_> {
                 && age.is_finite()
                 && age >= 0.0
                 && age <= self.ep.stale_after_s
-                && ramped(self.ep.now_s - age, on_t)
             {
                 let meas = [
                     ch.measured_l1_a[c],
@@ -584,8 +629,20 @@ impl Sessions<'_> {
                     .iter()
                     .map(|v| if v.is_nan() { spec.max_a } else { v.abs() })
                     .fold(0.0, f64::max);
-                if mx + self.p.margin_a < u {
-                    u = (mx + self.p.margin_a).max(f);
+                let under = match spec.kind {
+                    ChargerKind::Ac => demand.read_under_a[c],
+                    ChargerKind::Dc => {
+                        let w = demand.read_under_w[c];
+                        if w.is_nan() {
+                            f64::NAN
+                        } else {
+                            spec.dc_line_a(w.min(spec.max_w))
+                        }
+                    }
+                };
+                let rc = reclaim_cap(self.ep.now_s - age, on_t, mx, under, self.p.margin_a);
+                if rc < u {
+                    u = rc.max(f);
                     cb = Binding::Demand;
                 }
             }
@@ -2234,6 +2291,8 @@ mod tests {
         target_a: Vec<f64>,
         target_w: Vec<f64>,
         behind: Vec<bool>,
+        under_a: Vec<f64>,
+        under_w: Vec<f64>,
     }
 
     impl Want {
@@ -2245,6 +2304,8 @@ mod tests {
                 target_a: vec![f64::NAN; n],
                 target_w: vec![f64::NAN; n],
                 behind: vec![false; n],
+                under_a: vec![f64::NAN; n],
+                under_w: vec![f64::NAN; n],
             }
         }
         fn demand(&self) -> Demand<'_> {
@@ -2255,6 +2316,8 @@ mod tests {
                 target_a: &self.target_a,
                 target_w: &self.target_w,
                 behind_plan: &self.behind,
+                read_under_a: &self.under_a,
+                read_under_w: &self.under_w,
             }
         }
     }
@@ -2278,6 +2341,10 @@ mod tests {
                 w.target_a[c] = r.range(0.0, 32.0);
                 w.target_w[c] = r.range(0.0, 20_000.0);
                 w.behind[c] = r.chance(0.3);
+            }
+            if r.chance(0.5) {
+                w.under_a[c] = r.range(0.0, 32.0);
+                w.under_w[c] = r.range(0.0, 20_000.0);
             }
         }
         w
@@ -2743,6 +2810,86 @@ mod tests {
         close(&a.decision.setpoint_a, &[20.0, 20.0]);
     }
 
+    /// A car that draws all it was sent rose only `margin_a` per reading once room freed (its
+    /// reading capped it at draw + 2 A, the session's start long past). Where the caller says
+    /// which setpoint the reading was taken under (`read_under_a`), a reading showing the car at
+    /// it caps it at twice its draw instead (`PROBE_GROWTH`); a car that draws less than it was
+    /// under is still reclaimed and stays so; a DC charger's setpoint in W is compared as the
+    /// line current it draws.
+    #[test]
+    fn a_car_drawing_all_it_was_sent_gets_the_room_that_frees_at_once() {
+        let t = site("40", &[("a", "L1", 32.0), ("b", "L1", 32.0)]);
+        let mut x = Inputs::quiet(&t);
+        let mut w = Want::new(2);
+        // a shared the feeder with b (20 A each) and draws its 20 A; b's car has gone.
+        x.last_a = vec![20.0, 0.0];
+        x.on_since = vec![NOW - 3600.0, f64::NAN];
+        x.m[0] = vec![20.0, 0.0];
+        x.connected = vec![true, false];
+        // Not known what the reading was taken under: 2 A more per reading, as before.
+        close(
+            &alloc(&t, &x, &w, &params()).decision.setpoint_a,
+            &[22.0, 0.0],
+        );
+        // Taken under 20 A: the whole of its maximum at once.
+        w.under_a = vec![20.0, f64::NAN];
+        let a = alloc(&t, &x, &w, &params());
+        close(&a.decision.setpoint_a, &[32.0, 0.0]);
+        assert_eq!(a.decision.binding[0], Binding::ChargerMax);
+        // The probe doubles per reading: a car reading 8 A under 8 A may have 16 A next.
+        x.m[0][0] = 8.0;
+        w.under_a = vec![8.0, f64::NAN];
+        close(
+            &alloc(&t, &x, &w, &params()).decision.setpoint_a,
+            &[16.0, 0.0],
+        );
+        x.m[0][0] = 20.0;
+        w.under_a = vec![20.0, f64::NAN];
+        // Within margin_a / 2 of it still counts as all of it; more below it does not.
+        x.m[0][0] = 19.0;
+        close(
+            &alloc(&t, &x, &w, &params()).decision.setpoint_a,
+            &[32.0, 0.0],
+        );
+        x.m[0][0] = 18.9;
+        close(
+            &alloc(&t, &x, &w, &params()).decision.setpoint_a,
+            &[20.9, 0.0],
+        );
+        // Sent 32 A, the car takes 25 A under it: reclaimed to 27 A, and kept there while it
+        // draws 25 A under 27 A.
+        x.last_a = vec![32.0, 0.0];
+        w.under_a = vec![32.0, f64::NAN];
+        x.m[0][0] = 25.0;
+        close(
+            &alloc(&t, &x, &w, &params()).decision.setpoint_a,
+            &[27.0, 0.0],
+        );
+        x.last_a = vec![27.0, 0.0];
+        w.under_a = vec![27.0, f64::NAN];
+        let a = alloc(&t, &x, &w, &params());
+        close(&a.decision.setpoint_a, &[27.0, 0.0]);
+        assert_eq!(a.decision.binding[0], Binding::Demand);
+        // The same for a DC charger, its setpoint in W.
+        let dc = Topology::from_json(
+            r#"{"site": {"id": "s"}, "nodes": [{"id": "g", "phase_limit_a": 200}], "chargers": [{"id": "d", "parent": "g", "kind": "dc", "wiring": "three_phase", "phases": ["L1","L2","L3"], "voltage_v": 230, "max_w": 90000, "efficiency": 0.95, "aux_w": 200}]}"#,
+        )
+        .unwrap();
+        let mut x = Inputs::quiet(&dc);
+        let mut w = Want::new(1);
+        let line_a = dc.hot(0).dc_line_a(45_000.0);
+        x.last_w = vec![45_000.0];
+        x.on_since = vec![NOW - 3600.0];
+        x.m[0] = vec![line_a];
+        x.m[1] = vec![line_a];
+        x.m[2] = vec![line_a];
+        let capped = alloc(&dc, &x, &w, &params()).decision.setpoint_w[0];
+        assert!(capped < 50_000.0, "{capped}");
+        w.under_w = vec![45_000.0];
+        let released = alloc(&dc, &x, &w, &params()).decision.setpoint_w[0];
+        assert!((released - 90_000.0).abs() < 1e-6, "{released}");
+    }
+
     /// Review 67 (depot, a lone bus): the reclaim capped a session at its draw + 2 A from every
     /// fresh reading, also one taken while the vehicle was still ramping up after it started or
     /// resumed, so it climbed 2 A per reading (about an hour to 90 kW). A reading taken less than
@@ -3205,6 +3352,14 @@ mod tests {
                 .collect()
         };
         let flag = |name: &str| -> Vec<bool> { col(name).iter().map(|&x| x != 0.0).collect() };
+        // Columns a dump of an earlier version lacks: NaN (not known).
+        let optional = |name: &str| -> Vec<f64> {
+            if std::path::Path::new(&format!("{dir}/{name}.f64")).exists() {
+                col(name)
+            } else {
+                vec![f64::NAN; topo.n_chargers()]
+            }
+        };
         let pj: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(format!("{dir}/params.json"))
                 .unwrap()
@@ -3256,6 +3411,8 @@ mod tests {
             target_a: col("target_a"),
             target_w: col("target_w"),
             behind: flag("behind_plan"),
+            under_a: optional("read_under_a"),
+            under_w: optional("read_under_w"),
         };
         let (ch, nodes, demand) = (x.chargers(), x.nodes(), w.demand());
         let med = |mut v: Vec<f64>| {

@@ -320,7 +320,8 @@ pub fn enforce(
 }
 
 /// Allocation + envelope in one call (see docs/envelope.md). Demand columns live in the charger
-/// batch: energy_wanted_kwh, departure_s, priority, target_a, target_w, behind_plan.
+/// batch: energy_wanted_kwh, departure_s, priority, target_a, target_w, behind_plan and the
+/// optional read_under_a, read_under_w (left out: NaN, not known).
 #[pyfunction]
 #[pyo3(signature = (topology, chargers, nodes, params=None, explain=true))]
 pub fn allocate(
@@ -347,6 +348,15 @@ pub fn allocate(
     let ci = charger_inputs(&cb, &o)?;
     let ni = node_inputs(&nb)?;
     let behind = bool_col(&cb, "behind_plan")?;
+    // Optional: a caller that does not know what a reading was taken under leaves them out.
+    let nan = vec![f64::NAN; cb.num_rows()];
+    let optional = |name: &str| -> PyResult<&[f64]> {
+        if cb.column_by_name(name).is_some() {
+            f64_col(&cb, name)
+        } else {
+            Ok(&nan)
+        }
+    };
     let demand = Demand {
         energy_wanted_kwh: f64_col(&cb, "energy_wanted_kwh")?,
         departure_s: f64_col(&cb, "departure_s")?,
@@ -354,6 +364,8 @@ pub fn allocate(
         target_a: f64_col(&cb, "target_a")?,
         target_w: f64_col(&cb, "target_w")?,
         behind_plan: &behind,
+        read_under_a: optional("read_under_a")?,
+        read_under_w: optional("read_under_w")?,
     };
     let out = py
         .detach(|| {

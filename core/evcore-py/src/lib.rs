@@ -16,6 +16,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(control::enforce, m)?)?;
     m.add_function(wrap_pyfunction!(control::allocate, m)?)?;
     m.add_function(wrap_pyfunction!(control::binding_codes, m)?)?;
+    // How far back before a reading the caller looks for the setpoint it was taken under.
+    m.add("RAISE_RAMP_S", evcore_core::allocator::RAISE_RAMP_S)?;
     planner::register(m)?;
     Ok(())
 }

@@ -1012,6 +1012,7 @@ class EdgeController:
                 # the car (F2 of the 2026-12-05 review). Counted at it, never lower than before
                 # (a lowered one may not be applied yet: ``replaced_default``).
                 c.holding = max(c.holding or 0.0, sent.value)
+                c.log_sent(sent.value, sent.left_mono)
                 if not _tx_profile_on_its_way(c):  # (else its answer would read as superseded)
                     c.sent = max(c.sent or 0.0, sent.value)
             if c.transaction_id is None:

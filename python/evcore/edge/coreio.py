@@ -118,6 +118,9 @@ class RustCore:
         clock_offset_s: Callable[[str], float | None] | None = None,
     ) -> None:
         self._allocate = _allocate_fn()
+        from evcore._core import RAISE_RAMP_S
+
+        self._raise_ramp_s = float(RAISE_RAMP_S)
         self._clock_offset_s = clock_offset_s
         self._site = site
         self._site_table = dict(site_table)
@@ -376,8 +379,16 @@ class RustCore:
             "target_a": np.full(n, math.nan),
             "target_w": np.full(n, math.nan),
             "behind_plan": np.zeros(n, dtype=bool),
+            "read_under_a": np.full(n, math.nan),
+            "read_under_w": np.full(n, math.nan),
         }
         for i, c in enumerate(chargers):
+            # The setpoint its reading was taken under: the lowest in force over the time a car
+            # takes to follow a raise (a reading right after one may show the car on its way).
+            if c.measured_at is not None:
+                under = c.lowest_sent(c.measured_at - self._raise_ramp_s, c.measured_at)
+                if under is not None:
+                    demand["read_under_w" if c.is_dc else "read_under_a"][i] = under
             if c.energy_requested_kwh is not None:
                 demand["energy_wanted_kwh"][i] = max(
                     0.0, c.energy_requested_kwh - c.session_energy_wh / 1000.0

@@ -9,6 +9,7 @@ ages and confirmation flags go to the core's envelope as they are.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ def priority_error(priority: float) -> str | None:
             f"got {priority!r}"
         )
     return None
+
+
+#: How long the send log keeps a TxProfile value once another replaced it (s): longer than any
+#: reading stays fresh.
+SENT_LOG_S = 600.0
 
 
 @dataclass(slots=True)
@@ -74,6 +80,9 @@ class ChargerState:
     # its CALLRESULT said Accepted; ``holding``: the last value the charger accepted.
     sent: float | None = None
     sent_at: float | None = None  # monotonic
+    # TxProfile values sent this session with when they left (monotonic), oldest first: what a
+    # reading was taken under (``lowest_sent``).
+    sent_log: list[tuple[float, float]] = field(default_factory=list)
     accepted: bool = False
     holding: float | None = None
     expires_at: float | None = None  # wall, validTo of the TxProfile in force
@@ -205,6 +214,32 @@ class ChargerState:
         self.off_uncounted = self.session_in_gap = self.tx_profile_held = False
         self.default_lowering_since = self.tx_profile_refused_at = None
         self.gap_read_above = self.gap_read_at_or_below = None
+        self.sent_log.clear()
+
+    def log_sent(self, value: float, now_mono: float) -> None:
+        """Book a TxProfile value that left; entries older than ``SENT_LOG_S`` go, but for the
+        one in force then."""
+        log = self.sent_log
+        bisect.insort(log, (now_mono, value), key=lambda e: e[0])  # (an answer may come late)
+        cut = now_mono - SENT_LOG_S
+        old = sum(1 for at, _ in log if at <= cut)
+        if old > 1:
+            del log[: old - 1]
+
+    def lowest_sent(self, since: float, until: float) -> float | None:
+        """The lowest TxProfile value in force at some instant of ``[since, until]`` (by when
+        each left: one rejected counts too); None when the log does not reach back to ``since``
+        (nothing of this session sent before it)."""
+        at_since: float | None = None
+        low: float | None = None
+        for at, value in self.sent_log:
+            if at <= since:
+                at_since = value
+            elif at <= until:
+                low = value if low is None else min(low, value)
+        if at_since is None:
+            return None
+        return at_since if low is None else min(at_since, low)
 
     def default_unapplied(self, now_mono: float) -> bool:
         """Its first TxDefault of ours was accepted and may not be applied yet (see
@@ -376,6 +411,10 @@ class SiteState:
                         c.off_uncounted = True
                     elif (c.holding if c.holding is not None else c.tx_default or 0.0) > 0:
                         c.on_since = now_mono
+                        # It starts under the TxDefault it holds.
+                        c.log_sent(
+                            c.holding if c.holding is not None else c.tx_default or 0.0, now_mono
+                        )
                     elif self.default_gap(now_mono):
                         # At 0 A because another charger's first TxDefault may not be applied
                         # (the failsafe levels count it at its maximum): not the allocator's
@@ -414,6 +453,7 @@ class SiteState:
             c.final_sent = final_level
         c.sent = value
         c.sent_at = now_mono
+        c.log_sent(value, now_mono)
         c.accepted = False
         c.expires_at = expires_at
         c.needs_resend = False
