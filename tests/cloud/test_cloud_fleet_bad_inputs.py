@@ -5,6 +5,7 @@ PostgreSQL stores; the gRPC case over real mTLS."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -240,3 +241,70 @@ async def test_a_signal_the_stream_never_held_is_sent_again_under_its_event_id(
     assert edges.event_ids[len(first) :] == ["fleet:F:A#r2"]
     await fc.republish_pending()  # at most every RESEND_UNSTORED_S
     assert edges.event_ids[len(first) :] == ["fleet:F:A#r2"]
+
+
+class PublishedEdges(Edges):
+    """Edges that take what was published to them, and only that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: set[str] = set()
+
+    async def publish_grid(self, site_id: str, signal: GridSignal, *, event_id: str) -> None:
+        await super().publish_grid(site_id, signal, event_id=event_id)
+        self.published.add(event_id)
+
+    async def taken(self, site_id: str, event_id: str) -> bool:
+        return event_id in self.published
+
+    def last(self, site_id: str) -> float:
+        return [kw for sid, kw in self.sent if sid == site_id][-1]
+
+
+async def test_a_site_whose_outbox_fails_holds_back_the_others_increases_no_longer_than_a_silent_one(
+    store: CloudStore,
+) -> None:
+    """A's decrease cannot be published (its outbox fails): its edge cannot take it, any more
+    than an offline one. Before, only a signal the outbox accepted started the ``ack_timeout_s``
+    clock, and the increases of B and C waited for A's decrease for ever (and an outbox error
+    stopped ``advance`` before it reached them). Now, after ``ack_timeout_s``, the fleet is split
+    again counting A at what it may hold and B's and C's increases go out; the sum of what each
+    site may hold stays within the fleet limit throughout."""
+    six = {f"C{i}": 32.0 for i in range(6)}
+    for site in "ABC":
+        await store.put_telemetry(site, [batch(T0, six)], now_s=T0)
+    clock = ManualClock(T0)
+    edges = PublishedEdges()
+    fc = FleetCoordinator(store, edges, clock=clock, ack_timeout_s=100.0, ramp_s=10.0)
+    await fc.curtail(request("evening", ["A", "B", "C"], 150.0))
+    await fc.republish_pending()
+    first = {s: edges.last(s) for s in "ABC"}
+    assert sum(first.values()) <= 150.0 + 1e-6 and min(first.values()) > 40.0, first
+
+    # A's cars leave and the DSO raises the limit to 210 kW; A's outbox fails from now on.
+    clock.advance(60.0)
+    await store.put_telemetry("A", [batch(clock.now(), dict.fromkeys(six, 0.0))], now_s=clock.now())
+    edges.failing.add("A")
+    with pytest.raises(OSError, match="outbox for A"):
+        await fc.curtail(request("evening", ["A", "B", "C"], 210.0))
+
+    def may_hold() -> dict[str, float]:
+        return {s: edges.last(s) for s in "ABC"}
+
+    # Before ack_timeout_s: B and C keep their share (A may still hold its old one).
+    for _ in range(3):
+        clock.advance(20.0)
+        with contextlib.suppress(OSError):
+            await fc.republish_pending()
+        assert may_hold() == first
+    # After it: split again with A counted at what it may hold (its first share).
+    for _ in range(6):
+        clock.advance(20.0)
+        with contextlib.suppress(OSError):
+            await fc.republish_pending()
+        assert sum(may_hold().values()) <= 210.0 + 1e-6, may_hold()
+    now = may_hold()
+    assert now["A"] == first["A"]  # nothing new reached A
+    for s in "BC":
+        assert now[s] > first[s] + 10.0, (first, now)  # before: first[s] for ever
+    assert first["A"] + now["B"] + now["C"] <= 210.0 + 1e-6

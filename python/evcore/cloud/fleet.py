@@ -400,14 +400,16 @@ def may_hold_kw(signals: Sequence[FleetSiteSignal]) -> float:
 
 
 def pending_since_s(signals: Sequence[FleetSiteSignal]) -> float | None:
-    """When the oldest signal sent to a site that its edge has not taken went out (walking back
-    from the newest to the newest one taken); None when it took the newest one sent."""
+    """When the oldest signal for a site that its edge has not taken was recorded to go out
+    (walking back from the newest to the newest one taken); None when it took the newest one.
+    One its outbox never accepted counts too: an edge whose signals cannot be published (its
+    outbox failing) takes nothing either, and must not hold back the other sites for longer
+    than one that is offline."""
     since: float | None = None
     for sig in sorted(signals, key=lambda x: x.revision, reverse=True):
         if sig.taken_at_s is not None:
             break
-        if sig.sent:
-            since = sig.published_at_s if since is None else min(since, sig.published_at_s)
+        since = sig.published_at_s if since is None else min(since, sig.published_at_s)
     return since
 
 
@@ -1372,11 +1374,23 @@ class FleetCoordinator:
                 rev,
                 ", ".join(sh.site_id for sh, _ in unsent),
             )
+        # A site whose outbox fails holds back no other: the decreases go out even when a
+        # resend failed, and the increases when the plan lets them (they wait for decreases
+        # *taken*, so a decrease that could not be sent holds them unless its site is counted at
+        # what it may hold); the first failure is raised after.
+        failed: Exception | None = None
         try:
             await self._send_each(result, unsent)
-        finally:
-            # The decreases go out even when a resend failed.
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            failed = exc
+        try:
             await self._send_new(result, plan.send_now, now)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            failed = failed or exc
         progress.sent += len(unsent) + len(plan.send_now)
         may_go = plan.increases_may_go(now)
         if plan.increases and not may_go:
@@ -1391,6 +1405,8 @@ class FleetCoordinator:
             )
             progress.sent += len(plan.increases)
             plan.increases = []
+        if failed is not None:
+            raise failed
         if not plan.increases:
             await self._store.mark_fleet_published(fid, rev)
             progress.done = True
