@@ -261,7 +261,7 @@ class PublishedEdges(Edges):
         return [kw for sid, kw in self.sent if sid == site_id][-1]
 
 
-async def test_a_site_whose_outbox_fails_holds_back_the_others_increases_no_longer_than_a_silent_one(
+async def test_a_failing_outbox_holds_back_the_others_increases_no_longer_than_a_silent_edge(
     store: CloudStore,
 ) -> None:
     """A's decrease cannot be published (its outbox fails): its edge cannot take it, any more
