@@ -114,6 +114,26 @@ async def test_a_rotated_token_is_taken_without_a_restart(
     assert s.value(REFUSED, reason="wrong") == 2
 
 
+async def test_a_rotation_keeps_the_old_and_the_new_token_for_as_long_as_both_lines_stand(
+    with_token: tuple[MetricsServer, Path],
+) -> None:
+    """One token per line: the new one added beside the old, Prometheus rotated, the old line
+    removed. Before, one token was in force at a time and the scrapes between the two rotations
+    got 401 (a gap in the series)."""
+    server, path = with_token
+    port = server.port
+    path.write_text("s3cret-token-A\n\n  token-B  \n")
+    assert (await get(port, token="s3cret-token-A")).status == 200
+    assert (await get(port, token="token-B")).status == 200
+    assert (await get(port, token="token-C")).status == 401
+    path.write_text("token-B\n")
+    assert (await get(port, token="s3cret-token-A")).status == 401
+    assert (await get(port, token="token-B")).status == 200
+    # A line that is not one token makes the file unreadable (503), whichever line it is.
+    path.write_text("token-B\ntwo words\n")
+    assert (await get(port, token="token-B")).status == 503
+
+
 async def test_a_token_file_gone_before_the_start_stops_it(tmp_path: Path) -> None:
     path = _token_file(tmp_path / "t", "abc")
     cfg = MetricsConfig.from_section({"listen": "127.0.0.1:0", "token_file": str(path)})

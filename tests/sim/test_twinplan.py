@@ -59,3 +59,21 @@ def test_a_single_phase_car_stays_single_phase_while_it_pauses() -> None:
     # A faulted charger is not the allocator's to control: not planned.
     c.faulted = True
     assert tp.sessions_from_state(0.0, _state(c)) == []
+
+
+def test_the_twins_cloud_plan_binds_each_row_to_its_transaction() -> None:
+    """Rows of a cloud plan name their transaction (``PlanRow.transaction_id``); the twin's
+    stand-in for the cloud planner left them unbound, so a car plugged into a charger after a
+    plan kept the last car's targets (a deferred session's 0 A) until the next plan."""
+    sc = load_scenario("eu-three-phase")
+    tp = twinplan.TwinPlanner(sc, "planner_cost")
+    now = sc.start + 3600.0
+    a = _charging("cp-01", departure=now + 4 * 3600.0)
+    b = _charging("cp-02", departure=now + 6 * 3600.0, energy_requested_kwh=20.0)
+    plan = tp.plan(now, _state(a, b))
+    assert plan is not None, tp.last_status
+    assert plan.transactions == {"cp-01": "tx-cp-01", "cp-02": "tx-cp-02"}
+    t = now + 60.0
+    assert set(plan.targets_at(t, {"cp-01": "tx-cp-01", "cp-02": "tx-cp-02"})) == {"cp-01", "cp-02"}
+    # Another car on cp-02: its rows are not this one's.
+    assert set(plan.targets_at(t, {"cp-01": "tx-cp-01", "cp-02": "tx-other"})) == {"cp-01"}

@@ -9,10 +9,10 @@ with the registry rendered at that moment, 404 for any other path, 405 for anoth
 ``max_request_bytes``, 408 for one that does not arrive within ``read_timeout_s``. One request per
 connection (``Connection: close``); at most ``max_connections`` at a time (more are closed at
 once). A collector that fails gives 500 and a logged traceback; the server lives on. With a
-``token_file``, a request without ``Authorization: Bearer <the file's token>`` gets 401 (counted
-in ``evcore_metrics_scrapes_refused_total``); the file is read again when it changes, so a rotated
-token needs no restart. So are the TLS files (checked at each handshake): a renewed certificate
-serves from the next scrape on.
+``token_file``, a request without ``Authorization: Bearer <a token of the file>`` gets 401 (counted
+in ``evcore_metrics_scrapes_refused_total``; the file holds one token per line, old and new during
+a rotation); the file is read again when it changes, so a rotated token needs no restart. So are
+the TLS files (checked at each handshake): a renewed certificate serves from the next scrape on.
 
 What it must never do: let a scrape stall the control loop, or serve a token-protected endpoint
 without the token (a token file that became unreadable or empty refuses every scrape: 503). The
@@ -117,7 +117,7 @@ class MetricsConfig:
             )
         cfg = MetricsConfig(host, port, values.get("token_file"), cert_file, key_file, client_ca)
         if cfg.token_file is not None:
-            read_token(cfg.token_file)
+            read_tokens(cfg.token_file)
             _warn_if_readable_by_others(cfg.token_file, "token_file")
         if cfg.tls_key_file is not None:
             _warn_if_readable_by_others(cfg.tls_key_file, "tls_key_file")
@@ -167,29 +167,36 @@ _BEARER = re.compile(rb"[\x21-\x7e]+\Z")
 MAX_TOKEN_BYTES = 4096
 
 
-def read_token(path: Path) -> bytes:
-    """The token in ``path`` (surrounding whitespace dropped, as Prometheus drops it from its
-    ``credentials_file``); MetricsConfigError naming ``[metrics].token_file`` when the file is
-    missing, unreadable, empty, too long or not one token."""
+def read_tokens(path: Path) -> tuple[bytes, ...]:
+    """The tokens in ``path``, one per line (surrounding whitespace and blank lines dropped, as
+    Prometheus drops whitespace around its ``credentials_file``): several lines hold the old and
+    the new token while a rotation is under way. MetricsConfigError naming
+    ``[metrics].token_file`` when the file is missing, unreadable, empty, too long or a line is
+    not one token."""
     label = _SECTION.label("token_file")
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_TOKEN_BYTES + 1)
     except OSError as exc:
         raise MetricsConfigError(f"{label}: cannot read {str(path)!r}: {exc.strerror}") from None
-    token = raw.strip()
-    if not token:
-        raise MetricsConfigError(f"{label}: {str(path)!r} is empty; it must hold the token")
     if len(raw) > MAX_TOKEN_BYTES:
         raise MetricsConfigError(
-            f"{label}: {str(path)!r} is over {MAX_TOKEN_BYTES} bytes; it must hold only the token"
+            f"{label}: {str(path)!r} is over {MAX_TOKEN_BYTES} bytes; it must hold only tokens"
         )
-    if not _BEARER.match(token):
-        raise MetricsConfigError(
-            f"{label}: {str(path)!r} must hold one token of visible ASCII characters "
-            "(no spaces inside, nothing else in the file)"
-        )
-    return token
+    tokens: list[bytes] = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        token = line.strip()
+        if not token:
+            continue
+        if not _BEARER.match(token):
+            raise MetricsConfigError(
+                f"{label}: {str(path)!r} line {number} must hold one token of visible ASCII "
+                "characters (no spaces inside, one token per line)"
+            )
+        tokens.append(token)
+    if not tokens:
+        raise MetricsConfigError(f"{label}: {str(path)!r} is empty; it must hold the token")
+    return tuple(tokens)
 
 
 def _warn_if_readable_by_others(path: Path, key: str) -> None:
@@ -215,25 +222,26 @@ def _signature(path: Path) -> tuple[int, ...] | None:
 
 
 class _TokenFile:
-    """The token in force, read again when the file changes (device, inode, size, mtime or
-    ctime), so a rotated token needs no restart. While its mtime is under ``_SETTLE_S`` old the
-    file is read at every scrape: a file rewritten in place twice within the file system's
-    timestamp granularity keeps its size and times. A file that cannot be read (missing,
-    empty, malformed) leaves no token in force: every scrape is refused until it is fixed
-    (never the old token, which the rotation meant to retire)."""
+    """The tokens in force (one per line: the old and the new one while a rotation is under
+    way), read again when the file changes (device, inode, size, mtime or ctime), so a rotated
+    token needs no restart. While its mtime is under ``_SETTLE_S`` old the file is read at every
+    scrape: a file rewritten in place twice within the file system's timestamp granularity keeps
+    its size and times. A file that cannot be read (missing, empty, malformed) leaves no token in
+    force: every scrape is refused until it is fixed (never the old tokens, which the rotation
+    meant to retire)."""
 
     _SETTLE_S = 2.0
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._seen = self._signature()
-        self.token: bytes | None = read_token(path)
+        self.tokens: tuple[bytes, ...] | None = read_tokens(path)
         self._failure = ""
 
     def _signature(self) -> tuple[int, ...] | None:
         return _signature(self.path)
 
-    def current(self) -> bytes | None:
+    def current(self) -> tuple[bytes, ...] | None:
         seen = self._signature()
         if (
             seen is not None
@@ -241,12 +249,12 @@ class _TokenFile:
             and time.time() - seen[3] / 1e9 > self._SETTLE_S
             and not self._failure
         ):
-            return self.token
+            return self.tokens
         self._seen = seen
         try:
-            token = read_token(self.path)
+            tokens = read_tokens(self.path)
         except MetricsConfigError as exc:
-            self.token = None
+            self.tokens = None
             if str(exc) != self._failure:
                 self._failure = str(exc)
                 log.warning(
@@ -254,11 +262,16 @@ class _TokenFile:
                 )
             return None
         self._failure = ""
-        if token != self.token:
-            self.token = token
-            log.info("metrics: %s changed; its token is in force", self.path)
+        if tokens != self.tokens:
+            self.tokens = tokens
+            log.info(
+                "metrics: %s changed; %d token%s in force",
+                self.path,
+                len(tokens),
+                "" if len(tokens) == 1 else "s",
+            )
             _warn_if_readable_by_others(self.path, "token_file")
-        return self.token
+        return self.tokens
 
 
 class _TlsFiles:
@@ -504,15 +517,19 @@ class MetricsServer:
         """The answer refusing a request without the bearer token; None when it has it."""
         assert self._token is not None and self.refused is not None
         text = "text/plain; charset=utf-8"
-        token = self._token.current()
-        if token is None:
+        tokens = self._token.current()
+        if tokens is None:
             return 503, False, b"the endpoint's token file is unreadable (see the log)\n", text, ""
         presented = _bearer_credentials(authorization)
         if presented is None:
             self.refused.inc(reason="missing")
             challenge = 'WWW-Authenticate: Bearer realm="evcore metrics"\r\n'
             return 401, False, b"a bearer token is required\n", text, challenge
-        if not hmac.compare_digest(presented, token):
+        # Every token is compared (in constant time): which one matched takes no longer.
+        matched = False
+        for token in tokens:
+            matched |= hmac.compare_digest(presented, token)
+        if not matched:
             self.refused.inc(reason="wrong")
             challenge = 'WWW-Authenticate: Bearer realm="evcore metrics", error="invalid_token"\r\n'
             return 401, False, b"wrong bearer token\n", text, challenge

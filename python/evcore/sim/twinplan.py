@@ -307,6 +307,12 @@ class TwinPlanner:
         self.version += 1
         # The twin's planner stands for the cloud: the edge uses its plan while fresh
         # (``cloud_plan_fresh_s``), then runs the allocator alone.
+        # Each row is bound to the transaction it was planned for, as a cloud plan names it
+        # (``PlanRow.transaction_id``): the next car on a charger does not inherit them.
         return PlanTargets(
-            source="cloud", version=f"twin-{self.version}", received_at=now, rows=rows
+            source="cloud",
+            version=f"twin-{self.version}",
+            received_at=now,
+            rows=rows,
+            transactions={s.charger_id: s.id for s in sessions if s.charger_id in rows},
         )
