@@ -60,6 +60,40 @@ async def test_a_station_60_s_behind_applies_a_lowered_txdefault_at_once(
         assert sim.limit_at(evse, sim.clock.now()) == 6.0
 
 
+async def test_a_station_10_min_behind_applies_a_profile_at_once_once_its_lag_is_known() -> None:
+    """Beyond ``max_clock_skew_s`` (300 s) the fixed margin is not enough: a station 600 s behind
+    got a schedule starting 300 s in its future and enforced nothing of it meanwhile (only a
+    WARNING was logged). Once its lag is known (two minutes of its timestamps) the schedule
+    starts that much earlier again; the final period stays at ``validTo`` by our clock."""
+    async with rig(connect=False) as r:
+        sim = r.fleet.stations["CPA"]
+        sim.clock_offset_s = -600.0
+        await r.fleet.start()
+        await r.fleet.wait_connected()
+        await r.until(lambda: sim.boot_status == "Accepted")
+        # As if it had been sending its timestamps for two minutes (a lag is reported from two
+        # minutes of samples on): the minute before and this one.
+        now = r.cs.clock.now()
+        estimate = r.cs._stations["CPA"].clock_offset
+        estimate.observe(now - 60.0 - 600.0, now - 60.0)
+        estimate.observe(now - 600.0, now)
+        await r.until(lambda: (r.cs.clock_offset_s("CPA") or 0.0) < -599.0, 10)
+        evse = r.cs.charger("cp-a").evse_id
+        valid_to = r.cs.clock.now() + 3600.0
+        res = await r.cs.set_limit(
+            "cp-a", limit_a=6.0, valid_to=valid_to, final_limit_a=10.0, purpose="tx_default"
+        )
+        assert res.status == "Accepted"
+        sched = _schedule([p for a, p in sim.received if a == "SetChargingProfile"][-1])
+        start = parse_timestamp(sched["startSchedule"])
+        assert start <= sim.clock.now() - 300.0  # before: our now - 300, its now + 300
+        periods = sched["chargingSchedulePeriod"]
+        assert isinstance(periods, list)
+        assert valid_to - 1.0 < start + periods[-1]["startPeriod"] <= valid_to
+        await asyncio.sleep(0.5)
+        assert sim.limit_at(evse, sim.clock.now()) == 6.0
+
+
 async def test_the_final_period_begins_at_valid_to_and_a_station_ahead_is_measured() -> None:
     async with rig(connect=False) as r:
         sim = r.fleet.stations["CPA"]

@@ -712,6 +712,18 @@ class CentralSystem:
         st, _ = self._target(charger_or_station)
         return _offset(st.clock_offset)
 
+    def _schedule_start(self, st: Station, now: float) -> float:
+        """The ``startSchedule`` of a profile sent to ``st`` at ``now`` (``schedule_start``); for
+        a station whose clock is known to lag ours by more than ``max_clock_skew_s``, that much
+        earlier again, so the profile is in force at once by its clock too (its final period
+        still at ``validTo`` by ours). Before, such a station applied nothing of it until its
+        clock reached the start, running meanwhile at its TxDefault or its maximum."""
+        skew = self.config.max_clock_skew_s
+        offset = _offset(st.clock_offset)
+        if offset is not None and -offset > skew:
+            return schedule_start(now + offset, skew)
+        return schedule_start(now, skew)
+
     def _station_timestamp(self, st: Station, at: float) -> None:
         """A timestamp the station sent (accepted: not too far in the future) arrived now."""
         est = st.clock_offset
@@ -1178,7 +1190,7 @@ class CentralSystem:
                 profile_id=pid,
                 stack_level=self._stack_level(key) if level is None else level,
                 transaction_id=tx_id,
-                start=schedule_start(self.clock.now(), self.config.max_clock_skew_s),
+                start=self._schedule_start(st, self.clock.now()),
             )
 
         return st, key, decrease, pid, builder, seq
@@ -1326,6 +1338,7 @@ class CentralSystem:
             ):
                 pid = self._profile_id(st.ocpp_id, charger, req.purpose)
                 evse_key = 0 if req.purpose == "station_max" else charger.evse_id
+                own = self._schedule_start(st, now)
                 payload = frames.set_charging_profile_json(
                     st.version,
                     charger,
@@ -1333,8 +1346,8 @@ class CentralSystem:
                     profile_id=pid,
                     stack_level=self._stack_level((st.ocpp_id, evse_key, req.purpose)),
                     transaction_id=st.active_tx.get(charger.evse_id),
-                    start=start,
-                    start_iso=start_iso,
+                    start=own,
+                    start_iso=start_iso if own == start else v16.iso(own),
                 )
                 sent = conn.send_now("SetChargingProfile", payload)
                 if sent is not None:
