@@ -60,14 +60,19 @@ async def test_stations_30_s_behind_apply_every_profile_at_once(version: str) ->
         assert offset is None or -31.0 < offset <= -30.0
 
 
+@pytest.mark.parametrize("compensated", [True, False])
 async def test_stations_30_s_ahead_are_counted_at_their_final_level_in_time(
-    caplog: pytest.LogCaptureFixture,
+    compensated: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Two of the four stations run 30 s ahead: each TxProfile they get (validTo at most 40 s
-    # away, final period at the failsafe level, 12 A on the wire) reaches its final period 30 s
-    # before validTo by the edge's clock, above what the edge sent them (it gives the room to
-    # the two high-priority sessions beside them). Counted at what it sent, the high-priority
+    # away, final period at the failsafe level, 12 A on the wire) would reach its final period
+    # 30 s before validTo by the edge's clock, above what the edge sent them (it gives the room
+    # to the two high-priority sessions beside them). Counted at what it sent, the high-priority
     # cars got the rest of their feeder's room.
+    # Compensated (the edge as shipped): their validTo is sent 30 s later and their refresh
+    # comes 30 s earlier by their clock, so they never reach the final level while the edge
+    # runs. Not compensated (the controller told nothing of their clocks, as with a lead not
+    # yet measured): they do, and the edge's counting of the final level alone keeps the limits.
     table = depot_table(4, per_feeder=2)
     rig = EdgeRig(table, cfg=EdgeConfig(**FAST))
     rig.prepare = _offsets(rig, {"cp-0002": 30.0, "cp-0004": 30.0})
@@ -75,6 +80,8 @@ async def test_stations_30_s_ahead_are_counted_at_their_final_level_in_time(
     async with rig:
         ctrl = rig.controller
         assert ctrl is not None
+        if not compensated:
+            ctrl._clock_offset_s = None
         await rig.wait_for(rig.tx_default_at_failsafe, 20, "TxDefaults at the failsafe level")
         for cid in rig.fleet.charger_ids:
             rig.fleet.plug_in(cid, EV(soc=0.3))
@@ -86,16 +93,29 @@ async def test_stations_30_s_ahead_are_counted_at_their_final_level_in_time(
         for cid in ("cp-0001", "cp-0003"):
             ctrl.set_session(cid, priority=1000.0)
         above_sent = 0.0  # how far an ahead station's car drew above what the edge sent it
+        # The longest run (s) an ahead station enforced more than the edge's last setpoint (its
+        # final level early; a decrease on its way to the car lasts about the apply delay).
+        above_run = dict.fromkeys(("cp-0002", "cp-0004"), 0.0)
+        longest = 0.0
         for _ in range(120):  # 60 s: two expiry cycles and more (spacing 40 - 10 - 5 = 25 s)
             for cid in ("cp-0002", "cp-0004"):
                 sent = ctrl.state.chargers[cid].sent
                 if sent is not None:
                     drawn = rig.fleet.connector(cid).terminal_a[0]
                     above_sent = max(above_sent, drawn - sent)
+                    sim, evse = rig.fleet.station(cid)
+                    enforced = sim.limit_at(evse, sim.clock.now())
+                    over = enforced is not None and enforced > sent + 1.0
+                    above_run[cid] = above_run[cid] + 0.5 if over else 0.0
+                    longest = max(longest, above_run[cid])
             await asyncio.sleep(0.5)
         # Before: 345 violation samples in 60 s, worst excess about 9 A.
         assert rig.physics.violations == 0, (rig.physics.violations, rig.physics.worst_excess_a)
-        assert above_sent >= 2.0  # the scenario: a station at its final level early
+        if compensated:
+            assert longest <= 3.0, longest  # never at its final level for long
+        else:
+            assert above_sent >= 2.0  # the scenario: a station at its final level early
+            assert longest >= 10.0, longest  # from validTo - 30 s to the refresh at - 10 s
         lead = rig.central.clock_offset_s("cp-0002")
         assert lead is not None and 29.0 < lead <= 30.0
         on_time = rig.central.clock_offset_s("cp-0001")

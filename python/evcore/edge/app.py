@@ -17,7 +17,7 @@ import contextlib
 import inspect
 import logging
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,12 @@ def build_controller(
     cfg: EdgeConfig | None = None,
     audit: AuditSink | None = None,
     on_sent: Any = None,
+    clock_offset_s: Callable[[str], float | None] | None = None,
 ) -> EdgeController:
-    """A controller for the site (also the twin's entry point: pass its clock and gateway)."""
+    """A controller for the site (also the twin's entry point: pass its clock and gateway).
+    ``clock_offset_s(charger_id)``: how far its station's clock runs from ours (e.g.
+    ``CentralSystem.clock_offset_s``); a station ahead has its profiles refreshed that much
+    earlier."""
     state, nodes = charger_states(site_table)
     if cfg is None:
         cfg = EdgeConfig.from_site(site_table)
@@ -103,6 +107,7 @@ def build_controller(
         audit=audit,
         on_sent=on_sent,
         config_version=_config_version(site_table),
+        clock_offset_s=clock_offset_s,
     )
 
 
@@ -191,6 +196,7 @@ class EdgeApp:
             cfg=cfg,
             audit=audit,
             on_sent=on_sent,
+            clock_offset_s=self.central.clock_offset_s,
         )
         self.central.add_listener(self.controller.on_event)
         self.publisher: Any = None

@@ -176,8 +176,10 @@ class EdgeController:
         on_sent: Callable[[SentProfile], None] | None = None,
         on_fault: Callable[[str, str], None] | None = None,
         config_version: str = "",
+        clock_offset_s: Callable[[str], float | None] | None = None,
     ) -> None:
         self.state = state
+        self._clock_offset_s = clock_offset_s
         self.core = core
         self.gateway = gateway
         self.clock = clock
@@ -480,11 +482,23 @@ class EdgeController:
                 # Offline, its refresh cannot go: its reconnect wakes the loop (a due refresh
                 # of a station that was away made every wait 0: ~1,000-1,800 decisions/s,
                 # found through evcore_decisions_total).
-                due = failsafe.refresh_at(
-                    c.expires_at, c.sent, self.failsafe.get(c.charger_id, 0.0), self.cfg
-                )
+                due = self._refresh_due(c, self.failsafe.get(c.charger_id, 0.0))
                 waits.append(due - now_w)
         return max(0.0, min(waits))
+
+    def _station_lead_s(self, charger_id: str) -> float:
+        """How far the charger's station clock runs ahead of ours (s; 0 when on time, behind or
+        not known). Estimated from its timestamps, never above the true lead."""
+        offset = self._clock_offset_s(charger_id) if self._clock_offset_s is not None else None
+        return max(0.0, offset) if offset is not None else 0.0
+
+    def _refresh_due(self, c: ChargerState, failsafe_level: float) -> float:
+        """When ``c``'s TxProfile must be re-sent (our clock): ``failsafe.refresh_at`` of the
+        ``validTo`` it was sent, earlier by its station's lead (that ``validTo`` was sent that
+        much later, ``_plan_changes``: the refresh keeps its place by our clock)."""
+        assert c.expires_at is not None and c.sent is not None
+        due = failsafe.refresh_at(c.expires_at, c.sent, failsafe_level, self.cfg)
+        return due - self._station_lead_s(c.charger_id)
 
     # ---- one decision ---------------------------------------------------------------------
     async def decide(self, trigger: str = "manual") -> dict[str, Any] | None:
@@ -594,7 +608,7 @@ class EdgeController:
             if (c := st.chargers[cid]).expires_at is not None
             and c.sent is not None
             and (
-                now_w >= failsafe.refresh_at(c.expires_at, c.sent, fs.get(cid, 0.0), cfg)
+                now_w >= self._refresh_due(c, fs.get(cid, 0.0))
                 # Its profile ends in a level above the failsafe level now in force (it was
                 # lowered: a curtailment ahead): re-send it with the new final level (M2).
                 or (c.final_sent is not None and c.final_sent > fs.get(cid, 0.0) + 1e-9)
@@ -767,10 +781,13 @@ class EdgeController:
         ]
         out: list[tuple[str, Change, float | None]] = []
         for purpose, ch in [*decreases, *refreshes, *increases]:
+            # A station whose clock runs ahead is sent validTo that much later, so that it falls
+            # to the final level at the failsafe instant by our clock, with every other one.
             vt = (
                 None
                 if purpose == "tx_default"
                 else failsafe.valid_to(now_w, ch.new, fs.get(ch.charger_id, 0.0), cfg)
+                + self._station_lead_s(ch.charger_id)
             )
             out.append((purpose, ch, vt))
         return out

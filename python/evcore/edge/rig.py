@@ -90,6 +90,7 @@ class EdgeRig:
                 cfg=self.cfg,
                 audit=self.audit,
                 on_sent=self._record_sent,
+                clock_offset_s=self.central.clock_offset_s,
             )
             self.central.add_listener(self.controller.on_event)
             await self.central.start()
