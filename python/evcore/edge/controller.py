@@ -191,7 +191,6 @@ class EdgeController:
         self.on_fault_cleared: Callable[[str, str], None] | None = None
         self.config_version = config_version
         self.curtailments = CurtailmentBook(node_ids, cfg.curtail_lead_s, grid_node)
-        self._node_ids = frozenset(node_ids)
         self.prices: list[PricePoint] = []
         self.cloud_plan: PlanTargets | None = None
         self.local_plan: PlanTargets | None = None
@@ -325,7 +324,7 @@ class EdgeController:
         count it instead of the node's ``other_load_max_a``. Returns what became of it:
         ``"counted"``, or ``"older"`` for a reading older than the one held (ignored).
         ``GridSignalError`` naming the field for a reading that cannot be counted."""
-        if node_id not in self._node_ids:
+        if node_id not in self.curtailments.node_ids:
             raise GridSignalError(f"node load: node_id {node_id!r} is not a node of this site")
         if len(current_a) != 3:
             raise GridSignalError(

@@ -70,11 +70,12 @@ class CurtailmentBook:
     def __init__(
         self, node_ids: Collection[str], lead_s: float, grid_node: str | None = None
     ) -> None:
-        self._node_ids = frozenset(node_ids)
+        #: The site's node ids (the controller checks a building meter's node against them too).
+        self.node_ids = frozenset(node_ids)
         self._lead_s = lead_s
         #: The site's grid connection (the tree's root): where a signal naming a node this site
         #: does not have is applied (``at_known_node``).
-        self.grid_node = grid_node if grid_node in self._node_ids else None
+        self.grid_node = grid_node if grid_node in self.node_ids else None
         self._by_id: dict[str, Curtailment] = {}
         # id -> (issued_at of the last revision applied, keep the mark until)
         self._issued: dict[str, tuple[float, float]] = {}
@@ -85,7 +86,7 @@ class CurtailmentBook:
         tight. A grid signal arrives with nobody to tell of a refusal: refusing it left the site
         under the higher share it held while the cloud counted the lower one as taken (review
         2026-12-05: the cloud's stored topology named the root otherwise, 350 kW on 300)."""
-        if c.node_id in self._node_ids or self.grid_node is None:
+        if c.node_id in self.node_ids or self.grid_node is None:
             return c
         log.warning(
             "curtailment %s: node %r is not in this site; applied at the grid connection %r",
@@ -96,7 +97,7 @@ class CurtailmentBook:
         return dataclasses.replace(c, node_id=self.grid_node)
 
     def add(self, c: Curtailment) -> None:
-        c.validate(self._node_ids)
+        c.validate(self.node_ids)
         self._by_id[c.signal_id] = c
 
     def cancel(self, signal_id: str) -> bool:
