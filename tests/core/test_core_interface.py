@@ -415,6 +415,20 @@ def test_reclaimed_headroom_reads_as_a_low_draw_not_as_no_energy_wanted() -> Non
     assert out.column("reason").to_pylist()[0] == "paused: no energy wanted"
 
 
+def _with_reference(
+    site: Site, cols: dict[str, Any], params: AllocatorParams
+) -> tuple[pa.RecordBatch, Any]:
+    """The allocation of ``cols`` and the numpy reference's; their water-filling levels agree."""
+    out = allocate(site, cols, params=params)
+    cb = allocator_batch(site, **cols)
+    nb = node_batch(site)
+    full = {k: np.asarray(cb.column(k).to_numpy(zero_copy_only=False)) for k in cb.schema.names}
+    ncols = {k: np.asarray(nb.column(k).to_numpy(zero_copy_only=False)) for k in nb.schema.names}
+    ref = reference_allocate(SiteArrays.build(site), full, ncols, params.as_dict())
+    assert out.column("level_a").to_numpy() == pytest.approx(ref.level_a, abs=1e-9)
+    return out, ref
+
+
 def test_a_reading_taken_while_the_car_ramps_up_does_not_cap_it_as_in_the_reference() -> None:
     """Headroom reclaim only from a reading taken 30 s or more after the session turned on:
     cp0 resumed 10 s ago (reading 1 s old, 0 A) and cp1 (reading 20 s old, taken before it
@@ -432,14 +446,7 @@ def test_a_reading_taken_while_the_car_ramps_up_does_not_cap_it_as_in_the_refere
         "measured_l3_a": np.array([0.0, 0.0, 0.0, 0.0, 3.0]),
         "measured_age_s": np.array([1.0, 20.0, 1.0, 1.0, 1.0]),
     }
-    params = AllocatorParams(now_s=now, stale_after_s=60.0)
-    out = allocate(site, cols, params=params)
-    cb = allocator_batch(site, **cols)
-    nb = node_batch(site)
-    full = {k: np.asarray(cb.column(k).to_numpy(zero_copy_only=False)) for k in cb.schema.names}
-    ncols = {k: np.asarray(nb.column(k).to_numpy(zero_copy_only=False)) for k in nb.schema.names}
-    ref = reference_allocate(SiteArrays.build(site), full, ncols, params.as_dict())
-    assert out.column("level_a").to_numpy() == pytest.approx(ref.level_a, abs=1e-9)
+    out, ref = _with_reference(site, cols, AllocatorParams(now_s=now, stale_after_s=60.0))
     assert out.column("admitted").to_pylist() == ref.admitted.tolist()
     binding = out.column("binding").to_pylist()
     sp = out.column("setpoint_a").to_numpy()
@@ -455,10 +462,9 @@ def test_a_car_drawing_the_setpoint_its_reading_was_taken_under_is_probed_as_in_
 ) -> None:
     """cp2 (on for an hour) reads 8 A. Taken under 8 A (or 8.9 A: within margin_a / 2) the car
     takes all it is given: capped at twice its draw (16 A) instead of its draw + 2 A (10 A), and
-    gets its share of C1;
-    taken under 30 A, or under an unknown setpoint, 10 A as before. The DC charger reads 3 A
-    per phase taken under the 15 kW it was sent: not all of it, so capped at its draw + 2 A.
-    Rust and the numpy reference agree."""
+    gets its share of C1; taken under 30 A, or under an unknown setpoint, 10 A as before. The
+    DC charger reads 3 A per phase taken under the 15 kW it was sent: not all of it, so capped
+    at its draw + 2 A. Rust and the numpy reference agree."""
     site = small_site()
     now = 3600.0
     cols: dict[str, Any] = {
@@ -473,14 +479,7 @@ def test_a_car_drawing_the_setpoint_its_reading_was_taken_under_is_probed_as_in_
         "read_under_a": np.array([math.nan, math.nan, under, math.nan, math.nan]),
         "read_under_w": np.array([math.nan] * 4 + [15000.0]),
     }
-    params = AllocatorParams(now_s=now, stale_after_s=60.0)
-    out = allocate(site, cols, params=params)
-    cb = allocator_batch(site, **cols)
-    nb = node_batch(site)
-    full = {k: np.asarray(cb.column(k).to_numpy(zero_copy_only=False)) for k in cb.schema.names}
-    ncols = {k: np.asarray(nb.column(k).to_numpy(zero_copy_only=False)) for k in nb.schema.names}
-    ref = reference_allocate(SiteArrays.build(site), full, ncols, params.as_dict())
-    assert out.column("level_a").to_numpy() == pytest.approx(ref.level_a, abs=1e-9)
+    out, ref = _with_reference(site, cols, AllocatorParams(now_s=now, stale_after_s=60.0))
     assert ref.cap[2] == pytest.approx(16.0 if under < 9.0 else 10.0)
     sp = out.column("setpoint_a").to_numpy()
     binding = out.column("binding").to_pylist()

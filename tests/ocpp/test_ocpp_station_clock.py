@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import time
+from typing import Any
 
 import pytest
 from evcore.ocpp.clockskew import ClockOffset
@@ -30,6 +31,14 @@ def _schedule(payload: dict[str, object]) -> dict[str, object]:
     assert isinstance(prof, dict)
     sched = prof["chargingSchedule"]
     return sched[0] if isinstance(sched, list) else sched  # type: ignore[no-any-return]
+
+
+def _last_schedule(sim: Any) -> tuple[float, list[dict[str, Any]]]:
+    """The start and the periods of the last profile ``sim`` was sent."""
+    sched = _schedule([p for a, p in sim.received if a == "SetChargingProfile"][-1])
+    periods = sched["chargingSchedulePeriod"]
+    assert isinstance(periods, list)
+    return parse_timestamp(str(sched["startSchedule"])), periods
 
 
 @pytest.mark.parametrize(("charger", "station"), [("cp-a", "CPA"), ("cp-b", "CPB")])
@@ -84,11 +93,8 @@ async def test_a_station_10_min_behind_applies_a_profile_at_once_once_its_lag_is
             "cp-a", limit_a=6.0, valid_to=valid_to, final_limit_a=10.0, purpose="tx_default"
         )
         assert res.status == "Accepted"
-        sched = _schedule([p for a, p in sim.received if a == "SetChargingProfile"][-1])
-        start = parse_timestamp(sched["startSchedule"])
+        start, periods = _last_schedule(sim)
         assert start <= sim.clock.now() - 300.0  # before: our now - 300, its now + 300
-        periods = sched["chargingSchedulePeriod"]
-        assert isinstance(periods, list)
         assert valid_to - 1.0 < start + periods[-1]["startPeriod"] <= valid_to
         await asyncio.sleep(0.5)
         assert sim.limit_at(evse, sim.clock.now()) == 6.0
@@ -111,10 +117,7 @@ async def test_the_final_period_begins_at_valid_to_and_a_station_ahead_is_measur
             "cp-a", limit_a=0.0, valid_to=valid_to, final_limit_a=16.0, purpose="tx"
         )
         assert res.status == "Accepted"
-        sched = _schedule([p for a, p in sim.received if a == "SetChargingProfile"][-1])
-        start = parse_timestamp(sched["startSchedule"])
-        periods = sched["chargingSchedulePeriod"]
-        assert isinstance(periods, list)
+        start, periods = _last_schedule(sim)
         assert [p["limit"] for p in periods] == [0.0, 16.0]
         assert valid_to - 1.0 < start + periods[1]["startPeriod"] <= valid_to
 

@@ -591,17 +591,7 @@ impl Sessions<'_> {
             let mut u = spec.max_a;
             let mut cb = Binding::ChargerMax;
             // Plan target caps the session unless it is behind its plan.
-            let t = match spec.kind {
-                ChargerKind::Ac => demand.target_a[c],
-                ChargerKind::Dc => {
-                    let w = demand.target_w[c];
-                    if w.is_nan() {
-                        f64::NAN
-                    } else {
-                        spec.dc_line_a(w.min(spec.max_w))
-                    }
-                }
-            };
+            let t = spec.line_a(demand.target_a[c], demand.target_w[c]);
             if !t.is_nan() && !demand.behind_plan[c] {
                 if t <= 0.0 && !locked_on[i] {
                     binding[i] = Binding::Plan;
@@ -629,17 +619,7 @@ impl Sessions<'_> {
                     .iter()
                     .map(|v| if v.is_nan() { spec.max_a } else { v.abs() })
                     .fold(0.0, f64::max);
-                let under = match spec.kind {
-                    ChargerKind::Ac => demand.read_under_a[c],
-                    ChargerKind::Dc => {
-                        let w = demand.read_under_w[c];
-                        if w.is_nan() {
-                            f64::NAN
-                        } else {
-                            spec.dc_line_a(w.min(spec.max_w))
-                        }
-                    }
-                };
+                let under = spec.line_a(demand.read_under_a[c], demand.read_under_w[c]);
                 let rc = reclaim_cap(self.ep.now_s - age, on_t, mx, under, self.p.margin_a);
                 if rc < u {
                     u = rc.max(f);

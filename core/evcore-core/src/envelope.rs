@@ -290,18 +290,7 @@ pub(crate) fn last_sent_line_a(topo: &Topology, c: usize, ch: &ChargerInputs<'_>
 
 /// The last setpoint sent as line amperes per terminal (DC converted); NaN when unknown.
 fn last_sent_raw_line_a(topo: &Topology, c: usize, ch: &ChargerInputs<'_>) -> f64 {
-    let spec = topo.hot(c);
-    match spec.kind {
-        ChargerKind::Ac => ch.last_sent_a[c],
-        ChargerKind::Dc => {
-            let w = ch.last_sent_w[c];
-            if w.is_nan() {
-                f64::NAN
-            } else {
-                spec.dc_line_a(w.min(spec.max_w))
-            }
-        }
-    }
+    topo.hot(c).line_a(ch.last_sent_a[c], ch.last_sent_w[c])
 }
 
 /// The per-charger part of `Counting` for chargers `base..base + held.len()`.

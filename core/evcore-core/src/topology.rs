@@ -179,6 +179,17 @@ pub struct ChargerHot {
 }
 
 impl ChargerHot {
+    /// A value given per charger in its unit as AC line amperes per terminal: `a` for an AC
+    /// charger, `w` (DC output W, at most `max_w`) converted for a DC one; NaN stays NaN.
+    #[inline]
+    pub fn line_a(&self, a: f64, w: f64) -> f64 {
+        match self.kind {
+            ChargerKind::Ac => a,
+            ChargerKind::Dc if w.is_nan() => f64::NAN,
+            ChargerKind::Dc => self.dc_line_a(w.min(self.max_w)),
+        }
+    }
+
     fn of(ch: &Charger) -> ChargerHot {
         let mut phases = [ch.phases[0] as u8; N_PHASES];
         for (o, &p) in phases.iter_mut().zip(&ch.phases) {
