@@ -376,3 +376,33 @@ def test_the_setpoint_a_reading_was_taken_under_is_the_lowest_in_force_before_it
     # A new session starts with nothing.
     c.clear_session_flags()
     assert c.sent_log == [] and c.lowest_sent(990.0, 1005.0) is None
+
+
+# ---- least-laxity weights ---------------------------------------------------------------------
+def test_least_laxity_weights_double_per_half_hour_less_laxity_and_move_smoothly() -> None:
+    from evcore.edge.coreio import LAXITY_DOUBLING_S, _priority_from_laxity
+
+    def car(cid: str, departure: float | None, kwh: float | None) -> ChargerState:
+        c = ChargerState(cid, cid, False, 6.0, 32.0)  # 22.08 kW at 32 A
+        c.departure = departure
+        c.energy_requested_kwh = kwh
+        return c
+
+    now = 1_000_000.0
+    full_h = 22.08 / 3600.0  # kWh per second at full rate
+    a = car("a", now + 7200.0, 3600.0 * full_h)  # 1 h needed in 2 h: laxity 3600 s
+    b = car("b", now + 7200.0 + LAXITY_DOUBLING_S, 3600.0 * full_h)  # 30 min more laxity
+    c = car("c", now + 36_000.0, 3600.0 * full_h)  # the most lax: weight 1
+    d = car("d", None, None)  # departure not known: weight 1
+    w = _priority_from_laxity([a, b, c, d], now)
+    assert w["c"] == 1.0 and w["d"] == 1.0
+    assert w["a"] == pytest.approx(2.0 * w["b"])
+    assert w["a"] == pytest.approx(2.0 ** ((36_000.0 - 7200.0) / LAXITY_DOUBLING_S))
+    # a and b overtake each other: their weights cross without a jump (by rank, the one ahead
+    # had twice the other's weight whatever the gap).
+    b.departure = now + 7200.0 + 1.0
+    w = _priority_from_laxity([a, b, c, d], now)
+    assert w["a"] / w["b"] == pytest.approx(2.0 ** (1.0 / LAXITY_DOUBLING_S))
+    # Capped (the core takes weights up to 1e6).
+    c.departure = now + 1e9
+    assert max(_priority_from_laxity([a, b, c, d], now).values()) == 2.0**19

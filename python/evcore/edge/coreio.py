@@ -53,11 +53,19 @@ def _allocate_fn() -> Any:
     return allocate
 
 
+#: ``least_laxity``: a session with this much less laxity than another gets twice its weight (s).
+LAXITY_DOUBLING_S = 1800.0
+
+
 def _priority_from_laxity(chargers: Sequence[ChargerState], now_wall: float) -> dict[str, float]:
     """``least_laxity``: weights that favour the least laxity (the core still enforces everything).
 
-    Laxity = time to departure − time needed at full rate. Rank 0 (least laxity) gets weight
-    2**(n-1) relative to the last rank, capped to keep the weights finite and > 0.
+    Laxity = time to departure − time needed at full rate. A session's weight doubles per
+    ``LAXITY_DOUBLING_S`` of laxity it has less than the most lax session with a known departure
+    (weight 1; so is a session whose departure or energy is not known), at most 2**19. Continuous
+    in the laxities: weights by rank (2**(n-1) for the least lax, halving per rank) swapped at
+    every overtaking, and the setpoints swung with them (twin, depot: 12,019 setpoints sent and 2
+    sessions fewer met than with these weights, docs/twin.md).
     """
     lax: list[tuple[float, str]] = []
     for c in chargers:
@@ -68,9 +76,12 @@ def _priority_from_laxity(chargers: Sequence[ChargerState], now_wall: float) -> 
         rate_kw = c.max_value / 1000.0 if c.is_dc else c.max_value * 230.0 * 3 / 1000.0
         need_s = remaining_kwh / rate_kw * 3600.0 if rate_kw > 0 else math.inf
         lax.append((c.departure - now_wall - need_s, c.charger_id))
-    lax.sort()
-    n = len(lax)
-    return {cid: 2.0 ** min(19, n - 1 - i) for i, (_, cid) in enumerate(lax)}  # core: <= 1e6
+    finite = [x for x, _ in lax if math.isfinite(x)]
+    top = max(finite, default=0.0)
+    return {
+        cid: 2.0 ** min(19.0, (top - x) / LAXITY_DOUBLING_S) if math.isfinite(x) else 1.0
+        for x, cid in lax
+    }  # core: <= 1e6
 
 
 def inputs_digest(
