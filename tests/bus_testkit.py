@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,8 +25,30 @@ SHARED_NATS = os.environ.get("EVCORE_TEST_NATS_URL", "nats://127.0.0.1:4222")
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, for a server a test starts later (a subprocess, a site file). Picked
+    outside the kernel's ephemeral range: every outbound connection takes its local port from
+    that range, so a port picked there (bind to 0) can be taken by one before the server binds
+    it (CI, 2026-12-05: an edge's API port, "Address already in use")."""
+    lo, hi = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20_000, lo - 1) if lo > 20_001 else rng.randint(hi + 1, 65_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no luck outside it: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

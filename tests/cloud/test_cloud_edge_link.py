@@ -7,11 +7,11 @@ measurements arrive as telemetry; a plan the cloud holds is applied once as a cl
 from __future__ import annotations
 
 import logging
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bus_testkit import free_port
 from cloud_testkit import SITES, T0, chain, make_certs, run_evcore
 from edge_testkit import stepped_controller
 from evcore.clock import ManualClock
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.timeout(120)
 SITE = SITES[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _Gateway:
     async def set_limit(self, charger_id: str, **kwargs: Any) -> Any:
         class _R:
@@ -47,7 +41,7 @@ class _Cloud:
 
     def __init__(self, tmp_path: Path, store_url: str) -> None:
         self.tls, ca_pem, clients = make_certs(tmp_path / "pki")
-        self.port = _free_port()
+        self.port = free_port()
         self.config = CloudConfig.from_table(
             {"listen": f"127.0.0.1:{self.port}", "tls": self.tls, "store": {"url": store_url}},
             tmp_path,
