@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -1379,18 +1380,17 @@ class FleetCoordinator:
         # *taken*, so a decrease that could not be sent holds them unless its site is counted at
         # what it may hold); the first failure is raised after.
         failed: Exception | None = None
-        try:
-            await self._send_each(result, unsent)
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            failed = exc
-        try:
-            await self._send_new(result, plan.send_now, now)
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            failed = failed or exc
+        sends: tuple[Callable[[], Awaitable[object]], ...] = (
+            functools.partial(self._send_each, result, unsent),
+            functools.partial(self._send_new, result, plan.send_now, now),
+        )
+        for send in sends:
+            try:
+                await send()
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                failed = failed or exc
         progress.sent += len(unsent) + len(plan.send_now)
         may_go = plan.increases_may_go(now)
         if plan.increases and not may_go:

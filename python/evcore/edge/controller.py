@@ -489,7 +489,7 @@ class EdgeController:
         """How far the charger's station clock runs ahead of ours (s; 0 when on time, behind or
         not known). Estimated from its timestamps, never above the true lead."""
         offset = self._clock_offset_s(charger_id) if self._clock_offset_s is not None else None
-        return max(0.0, offset) if offset is not None else 0.0
+        return failsafe.lead_lag(offset)[0]
 
     def _refresh_due(self, c: ChargerState, failsafe_level: float) -> float:
         """When ``c``'s TxProfile must be re-sent (our clock): ``failsafe.refresh_at`` of the

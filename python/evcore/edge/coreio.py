@@ -227,8 +227,7 @@ class RustCore:
             # The station's own clock decides when its profile ends: one running ahead falls back
             # (or a paused one rises) to the final level before validTo by ours, one behind after.
             offset = self._clock_offset_s(cid) if self._clock_offset_s is not None else None
-            lead_s = max(0.0, offset) if offset is not None else 0.0
-            lag_s = max(0.0, -offset) if offset is not None else 0.0
+            lead_s, lag_s = failsafe_timing.lead_lag(offset)
             in_force = (
                 c.transaction_id is not None
                 and c.expires_at is not None

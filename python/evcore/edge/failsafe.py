@@ -55,3 +55,11 @@ def refresh_at(expires_at: float, setpoint: float, failsafe_level: float, cfg: E
 def horizon_s(cfg: EdgeConfig) -> float:
     """How far ahead a failsafe level must hold: a profile sent now ends at most this much later."""
     return cfg.failsafe_after_s + cfg.curtail_lead_s
+
+
+def lead_lag(offset_s: float | None) -> tuple[float, float]:
+    """A station clock's offset from ours (s, ahead > 0; None: not known) as how far it runs
+    ahead and how far behind (each >= 0; both 0 when not known)."""
+    if offset_s is None:
+        return 0.0, 0.0
+    return max(0.0, offset_s), max(0.0, -offset_s)

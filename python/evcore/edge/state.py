@@ -241,6 +241,11 @@ class ChargerState:
             return None
         return at_since if low is None else min(at_since, low)
 
+    def default_level(self) -> float:
+        """The TxDefault level it starts a session under: the value it accepted last, else its
+        TxDefault, else 0."""
+        return self.holding if self.holding is not None else self.tx_default or 0.0
+
     def default_unapplied(self, now_mono: float) -> bool:
         """Its first TxDefault of ours was accepted and may not be applied yet (see
         ``default_unapplied_until``): a car on it may draw its maximum."""
@@ -409,12 +414,10 @@ class SiteState:
                         c.session_in_gap = True
                         c.on_since = now_mono
                         c.off_uncounted = True
-                    elif (c.holding if c.holding is not None else c.tx_default or 0.0) > 0:
+                    elif (level := c.default_level()) > 0:
                         c.on_since = now_mono
                         # It starts under the TxDefault it holds.
-                        c.log_sent(
-                            c.holding if c.holding is not None else c.tx_default or 0.0, now_mono
-                        )
+                        c.log_sent(level, now_mono)
                     elif self.default_gap(now_mono):
                         # At 0 A because another charger's first TxDefault may not be applied
                         # (the failsafe levels count it at its maximum): not the allocator's
