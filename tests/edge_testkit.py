@@ -70,12 +70,14 @@ class GatewayAnswer:
 
 class ToldGateway:
     """A gateway double: answers each profile at once (Accepted), but for the purposes in
-    ``reject`` (Rejected) and in ``hold`` (answered by ``release``; never, if not released).
-    ``calls`` keeps every ``(charger_id, kwargs)`` in order."""
+    ``reject`` (Rejected) and in ``hold`` (answered by ``release``; never, if not released),
+    and every profile to a charger in ``hold_chargers`` likewise. ``calls`` keeps every
+    ``(charger_id, kwargs)`` in order."""
 
     def __init__(self) -> None:
         self.reject: set[str] = set()
         self.hold: set[str] = set()
+        self.hold_chargers: set[str] = set()
         self.waiting: list[asyncio.Future[bool]] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
@@ -84,7 +86,7 @@ class ToldGateway:
         purpose = kwargs["purpose"]
         if purpose in self.reject:
             return GatewayAnswer(False)
-        if purpose in self.hold:
+        if purpose in self.hold or charger_id in self.hold_chargers:
             fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             self.waiting.append(fut)
             return GatewayAnswer(await fut)

@@ -201,8 +201,15 @@ class EdgeController:
         # for the caps of ``_failsafe_key``: set only together with ``failsafe``, so a failed
         # recompute keeps the pair (and the next decision computes them again).
         self._plain_failsafe: dict[str, float] = {}
+        # (caps, counted at their maximum, lowering, held above their level: ``_refresh_failsafe``)
         self._failsafe_key: (
-            tuple[tuple[tuple[str, float], ...], frozenset[str], frozenset[str]] | None
+            tuple[
+                tuple[tuple[str, float], ...],
+                frozenset[str],
+                frozenset[str],
+                tuple[tuple[str, float], ...],
+            ]
+            | None
         ) = None
         self._triggers: set[str] = set()
         self._wake = asyncio.Event()
@@ -1259,6 +1266,8 @@ class EdgeController:
         self.notify("rejected")
 
     def _forget_defaults(self, ocpp_id: str) -> None:
+        """The station's TxDefaults are cleared (every EVSE's: one of another controller may
+        apply station-wide): what held a charger by its TxDefault alone holds it no longer."""
         for c in self.state.station_chargers(ocpp_id):
             c.tx_default = c.tx_default_sent = None
             c.tx_default_reported = False
@@ -1267,6 +1276,12 @@ class EdgeController:
                 # Idle: its TxDefault was all it held; now nothing of ours (counted at max).
                 c.sent = c.holding = None
                 c.accepted = False
+            elif not c.tx_profile_held:
+                # A session held by its TxDefault (no TxProfile of ours accepted: it started on
+                # it, or the edge restarted) runs on nothing now: its car may draw the charger's
+                # maximum, counted there until a TxProfile of ours is accepted, which goes now.
+                c.profile_unknown = True
+                c.needs_resend = True
 
     def _prune_pending(self, now_m: float) -> None:
         s = self.cfg.settle_s
@@ -1335,20 +1350,34 @@ class EdgeController:
             # session's TxProfile, at most ``settle_s``): the others are not sized on room it has
             # not given up. Counted at its maximum in their levels; its own is the plain level.
             lowering = self._lowering_defaults(plain, now_m) - at_max
+            held = self._held_above(plain, now_m, at_max | lowering)
             # Both sets: a charger counted at its maximum gets its maximum as its level, one
             # whose TxDefault is being lowered the plain one. Keyed by their union, a charger
             # moving from the first to the second (its first TxDefault, at its maximum, applied
             # while a session ran on it) kept the levels of before for good: 2 chargers at 32 A
             # and 6 at 0 A on a 64 A feeder, their TxDefaults never lowered (the restart test).
-            key = (caps_key, at_max, lowering)
+            key = (caps_key, at_max, lowering, tuple(sorted(held.items())))
             if key != self._failsafe_key:
                 levels = (
-                    self.core.failsafe_levels(caps, at_max=at_max | lowering)
-                    if at_max or lowering
+                    self.core.failsafe_levels(caps, at_max=at_max | lowering, held=held)
+                    if at_max or lowering or held
                     else plain
                 )
-                if lowering:
-                    levels = {**levels, **{cid: plain[cid] for cid in lowering if cid in plain}}
+                levels = dict(levels)  # (never the plain levels' own dict)
+                levels.update({cid: plain[cid] for cid in lowering if cid in plain})
+                if held:
+                    # Their own levels: beside the others as those are counted (at their
+                    # maximum, where they are), not beside what they hold themselves (that
+                    # would put every charger of a node their old levels fill at 0 A), and
+                    # never above the plain level. The others' levels are sized beside more than
+                    # that, so they fit beside it once it is accepted.
+                    beside = (
+                        self.core.failsafe_levels(caps, at_max=at_max | lowering)
+                        if at_max or lowering
+                        else plain
+                    )
+                    for cid in held.keys() & plain.keys():
+                        levels[cid] = min(plain[cid], beside.get(cid, plain[cid]))
                 self.failsafe = levels
                 self._plain_failsafe = plain
                 self._failsafe_key = key
@@ -1364,6 +1393,30 @@ class EdgeController:
                 exc,
                 exc_info=exc,
             )
+
+    def _held_above(
+        self, plain: Mapping[str, float], now_m: float, counted: frozenset[str]
+    ) -> dict[str, float]:
+        """Chargers (outside ``counted``) that may still fall back above their plain level if
+        the edge stops now: what each may hold, the highest of its accepted TxDefault, one it
+        replaced less than ``settle_s`` ago (accepted is not applied) and the final level of
+        the TxProfile of its session. Until it holds the lower level the others' levels are
+        sized beside that, not beside room it has not given up: a TxDefault lowering
+        unanswered (slow or offline station) let the others' TxDefaults rise ``settle_s``
+        after it left, 16 + 8 + 24 + 24 A held on a 64 A grid."""
+        out: dict[str, float] = {}
+        for cid, c in self.state.chargers.items():
+            level = plain.get(cid)
+            if level is None or cid in counted:
+                continue
+            may_hold = [v for v in (c.tx_default, c.replaced_default(now_m)) if v is not None]
+            if c.transaction_id is not None and c.expires_at is not None:
+                if c.final_level is not None:
+                    may_hold.append(c.final_level)
+            top = max(may_hold, default=None)
+            if top is not None and self.wire(cid, level) < self.wire(cid, top) - 1e-9:
+                out[cid] = top
+        return out
 
     def _lowering_defaults(self, plain: Mapping[str, float], now_m: float) -> frozenset[str]:
         """Sessions whose TxDefault is to be lowered (to ``plain``) and that hold no accepted

@@ -422,13 +422,25 @@ class RustCore:
         return EnforcedSetpoints(setpoints, why, digest, self.last_codes, self.last_nodes)
 
     def failsafe_levels(
-        self, caps_kw: Mapping[str, float], *, at_max: Collection[str] = ()
+        self,
+        caps_kw: Mapping[str, float],
+        *,
+        at_max: Collection[str] = (),
+        held: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         """Fair shares of every charger asking its maximum (no measurements, non-charger load at
         its maximum); a charger in ``at_max`` is counted at its maximum (as one whose profile is
-        unknown: it may not obey our TxDefault), so the others' levels fit beside it."""
+        unknown: it may not obey our TxDefault), so the others' levels fit beside it; one in
+        ``held`` at least at that level (charger unit: A, DC W; what it may still hold, as a
+        setpoint sent and not confirmed lower)."""
         n = len(self.charger_ids)
         nan = math.nan
+        last_a = np.zeros(n)
+        last_w = np.zeros(n)
+        for cid, value in (held or {}).items():
+            i = self._index.get(cid)
+            if i is not None:
+                (last_w if self._is_dc[i] else last_a)[i] = value
         cols: dict[str, Any] = {
             "charger_id": self.charger_ids,
             "requested_a": self._max_a.copy(),
@@ -442,9 +454,11 @@ class RustCore:
             "measured_l2_a": np.full(n, nan),
             "measured_l3_a": np.full(n, nan),
             "measured_age_s": np.full(n, math.inf),
-            "last_sent_a": np.zeros(n),
-            "last_sent_w": np.zeros(n),
-            "last_sent_confirmed": np.ones(n, dtype=bool),
+            "last_sent_a": last_a,
+            "last_sent_w": last_w,
+            "last_sent_confirmed": np.array(
+                [cid not in (held or {}) for cid in self.charger_ids], dtype=bool
+            ),
             "connected": np.ones(n, dtype=bool),
             "faulted": np.zeros(n, dtype=bool),
             "profile_unknown": np.array([cid in at_max for cid in self.charger_ids], dtype=bool),

@@ -50,10 +50,15 @@ class CorePort(Protocol):
         ...
 
     def failsafe_levels(
-        self, caps_kw: Mapping[str, float], *, at_max: Collection[str] = ()
+        self,
+        caps_kw: Mapping[str, float],
+        *,
+        at_max: Collection[str] = (),
+        held: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         """Per charger a level such that every charger at it fits every node and phase, with the
-        chargers in ``at_max`` (no TxDefault of ours confirmed) counted at their maximum."""
+        chargers in ``at_max`` (no TxDefault of ours confirmed) counted at their maximum and
+        those in ``held`` at least at that value (charger unit: what they may still hold)."""
         ...
 
 
