@@ -252,3 +252,32 @@ async def test_an_unanswered_batch_call_times_out_and_frees_the_station() -> Non
             5,
         )
         assert res2.status == "Accepted"
+
+
+async def test_a_frame_that_cannot_be_built_leaves_the_others_answered_and_their_slots_free() -> (
+    None
+):
+    """A 1.6 connection holding a transaction id that is not an integer (restored from a store
+    after a version switch): its TxProfile cannot be put on the wire. Before, that raised out of
+    ``send_limits`` after the frames before it were written, whose stations kept their one call
+    slot taken for good (nothing more reached them); now it takes the queued path, which says
+    why, and the rest is answered."""
+    async with rig() as r:
+        r.fleet.plug_in("cp-a", EV(soc=0.3))
+        await r.until(lambda: bool(r.cs.station_state("cp-a").active_transactions.get(1)))
+        r.cs._stations["CPA"].active_tx[1] = "restored-201-id"
+        handles = r.cs.send_limits(
+            [
+                LimitOrder("cp-b", limit_a=12.0, purpose="tx_default"),
+                LimitOrder("cp-a", limit_a=10.0, valid_to=r.cs.clock.now() + 60),
+            ]
+        )
+        ok, bad = await asyncio.wait_for(asyncio.gather(*(h.result for h in handles)), 5)
+        assert ok.status == "Accepted" and ok.limit_a == 12.0
+        assert bad.status == "CallError" and not bad.accepted
+        assert "restored-201-id" in (bad.detail or "")
+        # cp-b's station takes the next limit at once: its slot was freed by the answer.
+        again = r.cs.send_limits([LimitOrder("cp-b", limit_a=11.0, purpose="tx_default")])
+        assert again[0].sent_mono is not None
+        res = await asyncio.wait_for(again[0].result, 5)
+        assert res.status == "Accepted" and res.limit_a == 11.0

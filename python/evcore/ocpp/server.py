@@ -1339,19 +1339,28 @@ class CentralSystem:
                 pid = self._profile_id(st.ocpp_id, charger, req.purpose)
                 evse_key = 0 if req.purpose == "station_max" else charger.evse_id
                 own = self._schedule_start(st, now)
-                payload = frames.set_charging_profile_json(
-                    st.version,
-                    charger,
-                    req,
-                    profile_id=pid,
-                    stack_level=self._stack_level((st.ocpp_id, evse_key, req.purpose)),
-                    transaction_id=st.active_tx.get(charger.evse_id),
-                    start=own,
-                    start_iso=start_iso if own == start else v16.iso(own),
-                )
-                sent = conn.send_now("SetChargingProfile", payload)
+                try:
+                    payload = frames.set_charging_profile_json(
+                        st.version,
+                        charger,
+                        req,
+                        profile_id=pid,
+                        stack_level=self._stack_level((st.ocpp_id, evse_key, req.purpose)),
+                        transaction_id=st.active_tx.get(charger.evse_id),
+                        start=own,
+                        start_iso=start_iso if own == start else v16.iso(own),
+                    )
+                except Exception:
+                    # Not buildable here (a 1.6 connection whose transaction id is not an
+                    # integer, say): the queued path builds it again and answers with why. The
+                    # frames already written keep their answers and slots.
+                    LOG.exception("station %s: direct send of %s", st.ocpp_id, req.charger_id)
+                    payload = None
+                sent = None if payload is None else conn.send_now("SetChargingProfile", payload)
                 if sent is not None:
                     st.in_flight = sent[1]  # one CALL in flight: the next one queues
+                    # Freed by its answer (or timeout) whatever happens to the rest of this call.
+                    sent[1].add_done_callback(self._slot_freer(st, sent[1]))
                     w = (sent[0], sent[1], clock.now(), clock.monotonic())
             written.append(w)
         # Pass 2: results, the queued path for the rest, timeouts.
@@ -1363,7 +1372,6 @@ class CentralSystem:
             out.append(handle)
             if w is not None:
                 unique_id, fut, handle.sent_at, handle.sent_mono = w
-                fut.add_done_callback(self._slot_freer(st, fut))
                 assert st.connection is not None
                 on_wire.append((st.connection, unique_id))
             else:
