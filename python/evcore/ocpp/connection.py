@@ -11,6 +11,7 @@ camelCase dict, and must never await an outgoing call (they enqueue; see ``queue
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -44,6 +45,10 @@ _ids = itertools.count(1)
 #: The start of an OCPP-J frame up to its message id: ``[2, "id"``, ``[3, "id"``, ``[4, "id"``.
 _HEAD = re.compile(r'\s*\[\s*([234])\s*,\s*"([^"\\]{1,64})"')
 _OPEN = _WsState.OPEN
+#: The start of a CALLRESULT or CALLERROR (``[3,`` / ``[4,``): answers to our CALLs.
+_ANSWER = re.compile(r"\s*\[\s*[34]\s*,")
+#: The station's frames read and not yet handled, per connection (``StationConnection.start``).
+CALLS_BUFFERED = 16
 
 
 class HandlerError(Exception):
@@ -77,8 +82,58 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
 
     # ---- receiving -------------------------------------------------------------------------
     async def start(self) -> None:
-        async for raw in self.ws:
-            await self.route_message(raw)
+        """Read frames until the socket closes. An answer to one of our CALLs is matched at
+        once; everything else (the station's CALLs, frames that are neither) is handled one at
+        a time in arrival order by a second task. A handler waits on the store and the bus
+        before it replies: one stuck there (PostgreSQL away, a table locked) held every answer
+        to our SetChargingProfile unread behind it until it timed out, so decreases were never
+        seen accepted and the chargers counted at their maximum. Up to ``CALLS_BUFFERED``
+        frames wait for the handler; beyond that the reader waits too."""
+        inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue(CALLS_BUFFERED)
+        handler = asyncio.ensure_future(self._handle_inbox(inbox))
+        try:
+            async for raw in self.ws:
+                if _ANSWER.match(raw if isinstance(raw, str) else raw[:64].decode("latin-1")):
+                    await self.route_message(raw)
+                else:
+                    await self._hand_over(inbox, handler, raw)
+            # Closed: what was read is still handled, in order (its replies cannot leave).
+            await self._hand_over(inbox, handler, None)
+            await handler
+        finally:
+            handler.cancel()
+
+    async def _hand_over(
+        self,
+        inbox: asyncio.Queue[str | bytes | None],
+        handler: asyncio.Future[None],
+        raw: str | bytes | None,
+    ) -> None:
+        """Queue ``raw`` for the handler; if it is full, wait for room or for the handler to
+        fail (its error ends the session, as it did when frames were handled inline)."""
+        try:
+            inbox.put_nowait(raw)
+            return
+        except asyncio.QueueFull:
+            pass
+        put = asyncio.ensure_future(inbox.put(raw))
+        try:
+            await asyncio.wait({put, handler}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not put.done():
+                put.cancel()
+        if not put.done() or put.cancelled():
+            handler.result()  # raises what ended it
+
+    async def _handle_inbox(self, inbox: asyncio.Queue[str | bytes | None]) -> None:
+        try:
+            while (raw := await inbox.get()) is not None:
+                await self.route_message(raw)
+        except BaseException:
+            # End the session as an error inline did: the reader stops with it.
+            with contextlib.suppress(Exception):
+                await self.ws.close(1011, "internal error")
+            raise
 
     async def route_message(self, raw: str | bytes) -> None:
         try:

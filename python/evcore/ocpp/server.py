@@ -244,6 +244,15 @@ class CompositeSchedule:
         return current
 
 
+#: An ended transaction whose end the bus and store took is forgotten this long after it ended
+#: (the central system's monotonic clock): a station's replay of its messages within it is still
+#: recognised as one; without an end the state of every session stayed for good.
+TX_KEEP_S = 24 * 3600.0
+#: 2.0.1 seqNos seen above the contiguous prefix kept one by one at most (beyond, the lowest
+#: half folds into the prefix: a gap that old is a message the station will not send).
+SEQ_KEEP = 4096
+
+
 @dataclass
 class TxState:
     transaction_id: str
@@ -254,7 +263,11 @@ class TxState:
     last_register_wh: float | None = None
     started_at: float | None = None
     ended: bool = False
+    # 2.0.1 seqNos handled: every one up to ``seq_low``, and those in ``seen_seq`` (above it).
+    seq_low: int = -1
     seen_seq: set[int] = field(default_factory=set)
+    # When it ended, by the central system's monotonic clock (for ``TX_KEEP_S``).
+    ended_mono: float | None = None
     # Event kinds ("started", "ended") handed to local listeners, and those the bus and store
     # took: a kind emitted but not yet taken is published again when the station retries.
     emitted: set[str] = field(default_factory=set)
@@ -267,6 +280,33 @@ class TxState:
         if self.meter_start_wh is None or self.last_register_wh is None:
             return None
         return self.last_register_wh - self.meter_start_wh
+
+    def seq_seen(self, seq: int) -> bool:
+        return seq <= self.seq_low or seq in self.seen_seq
+
+    def see_seq(self, seq: int) -> None:
+        """Book ``seq`` handled; the contiguous prefix absorbs what it can, so a session's
+        set stays small (messages arrive in order, but for a retry)."""
+        if seq <= self.seq_low:
+            return
+        seen = self.seen_seq
+        seen.add(seq)
+        while self.seq_low + 1 in seen:
+            self.seq_low += 1
+            seen.discard(self.seq_low)
+        if len(seen) > SEQ_KEEP:
+            fold = sorted(seen)[: SEQ_KEEP // 2]
+            self.seq_low = fold[-1]
+            seen.difference_update(fold)
+
+    def unsee_seq(self, seq: int) -> None:
+        """``seq`` was not handled in full after all (its retry must be processed)."""
+        if seq in self.seen_seq:
+            self.seen_seq.discard(seq)
+        elif seq <= self.seq_low:
+            # Back out of the prefix: what lies between stays seen, one by one.
+            self.seen_seq.update(range(seq + 1, self.seq_low + 1))
+            self.seq_low = seq - 1
 
 
 @dataclass
@@ -821,6 +861,26 @@ class CentralSystem:
         self._emit(ev)
         await self._publisher.publish(ev)
 
+    def _forget_ended(self, st: Station) -> None:
+        """Drop ``st``'s transactions that ended more than ``TX_KEEP_S`` ago and whose end the
+        bus and store took (a new one starting is when: the work is per session)."""
+        now = self.clock.monotonic()
+        gone = [
+            tx_id
+            for tx_id, tx in st.transactions.items()
+            if tx.ended
+            and "ended" in tx.published
+            and tx.ended_mono is not None
+            and now - tx.ended_mono > TX_KEEP_S
+        ]
+        if not gone:
+            return
+        for tx_id in gone:
+            del st.transactions[tx_id]
+        dropped = set(gone)
+        for key in [k for k, v in st.start_keys.items() if v in dropped]:
+            del st.start_keys[key]
+
     def _next_tx_id(self) -> str:
         self._tx_counter += 1
         return str(self._tx_counter)
@@ -840,6 +900,7 @@ class CentralSystem:
         charger = st.charger(connector_id)
         if charger is None:
             raise HandlerError("PropertyConstraintViolation", f"unknown connectorId {connector_id}")
+        self._forget_ended(st)
         tx_id = self._next_tx_id()
         st.start_keys[key] = tx_id
         tx = TxState(
@@ -921,6 +982,7 @@ class CentralSystem:
             tx = self._unknown_stop_1_6(st, tx_id)
         tx.last_register_wh = meter_stop_wh
         tx.ended = True
+        tx.ended_mono = self.clock.monotonic()
         tx.ended_at, tx.end_reason = at, reason
         if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == tx_id:
             del st.active_tx[tx.evse_id]
@@ -941,7 +1003,7 @@ class CentralSystem:
         offline: bool,
     ) -> None:
         tx = st.transactions.get(transaction_id)
-        if tx is not None and seq_no in tx.seen_seq:
+        if tx is not None and tx.seq_seen(seq_no):
             return  # replayed message: already handled
         if tx is None:
             if evse_id is None and len(st.chargers) == 1:
@@ -955,13 +1017,14 @@ class CentralSystem:
                 None,
                 started_at=at,
             )
+            self._forget_ended(st)
             st.transactions[transaction_id] = tx
             new = True
         else:
             new = False
             if id_tag and tx.id_tag is None:
                 tx.id_tag = id_tag
-        tx.seen_seq.add(seq_no)
+        tx.see_seq(seq_no)
         try:
             for i, mv in enumerate(meter_values):
                 await self._on_meter_value(st, tx.evse_id, mv, transaction_id, f"meterValue[{i}]")
@@ -971,6 +1034,7 @@ class CentralSystem:
                 return
             if event_type == "Ended":
                 tx.ended = True
+                tx.ended_mono = self.clock.monotonic()
                 tx.ended_at, tx.end_reason = at, reason
                 if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == transaction_id:
                     del st.active_tx[tx.evse_id]
@@ -984,7 +1048,7 @@ class CentralSystem:
         except Exception:
             # Not handled in full (a publish failed): the station's retry of this seqNo is
             # processed again rather than answered as a replay.
-            tx.seen_seq.discard(seq_no)
+            tx.unsee_seq(seq_no)
             raise
 
     async def _on_meter_value(
