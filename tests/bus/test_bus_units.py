@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -360,3 +361,78 @@ async def test_nats_route_cache_is_bounded_and_routes_by_kind(tmp_path: Path) ->
     finally:
         await bus.delete_streams()
         await bus.close()
+
+
+async def test_an_outbox_that_cannot_be_opened_for_another_reason_keeps_what_it_holds(
+    tmp_path: Path,
+) -> None:
+    """Review of session 12: every ``sqlite3.DatabaseError`` at open counted as a corrupt file,
+    so a healthy outbox that could not be opened for a passing reason (no file handles left, a
+    lock, an I/O error) was moved aside and its pending events never sent. Here its WAL file's
+    name is taken by a directory: open fails and says so; the events wait for the next open."""
+    path = tmp_path / "ob.sqlite"
+    ob = Outbox(path)
+    await ob.open()
+    await ob.append("evcore.s.audit", "rec-1", b"x", 1.0)
+    await ob.close()
+    wal = f"{path}-wal"
+    os.mkdir(wal)  # (closed cleanly: no WAL file is left to clash with)
+    blocked = Outbox(path)
+    with pytest.raises(sqlite3.DatabaseError):
+        await blocked.open()
+    assert blocked.corrupt_moved_to is None
+    assert sorted(os.listdir(tmp_path)) == ["ob.sqlite", "ob.sqlite-wal"]
+    os.rmdir(wal)
+    again = Outbox(path)
+    await again.open()
+    assert again.pending == 1
+    assert [e.event_id for e in await again.peek(10)] == ["rec-1"]
+    await again.close()
+
+
+class _FlakyIds:
+    """A processed-id store whose ``contains`` fails once and ``add`` once (a locked file)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.contains_calls = 0
+        self.add_calls = 0
+
+    def contains(self, event_id: str) -> bool:
+        self.contains_calls += 1
+        if self.contains_calls == 2:
+            raise sqlite3.OperationalError("database is locked")
+        return event_id in self.ids
+
+    def add(self, event_id: str, *, commit: bool = True) -> bool:
+        self.add_calls += 1
+        if self.add_calls == 3:
+            raise sqlite3.OperationalError("database is locked")
+        new = event_id not in self.ids
+        self.ids.add(event_id)
+        return new
+
+
+async def test_an_in_process_durable_consumer_outlives_its_id_store_failing() -> None:
+    """Review of session 12: an exception from the processed-id store ended the in-process
+    consumer's task: nothing more was delivered and nothing acknowledged (NATS's consumer
+    retries). Now the message waits and is tried again; every event is handled."""
+    bus = InProcessBus("s1")
+    await bus.start()
+    got: list[str] = []
+
+    async def handler(m: BusMessage) -> None:
+        got.append(m.event_id)
+
+    ids = _FlakyIds()
+    await bus.consume("evcore.s1.audit", durable="d", handler=handler, dedupe=ids)  # type: ignore[arg-type]
+    for i in range(5):
+        await bus.publish("evcore.s1.audit", b"x", event_id=f"e{i}")
+    await wait_until(lambda: ids.ids == {f"e{i}" for i in range(5)}, 5)
+    # The add that failed left its event unbooked: handled again (at least once), in order.
+    assert sorted(set(got)) == [f"e{i}" for i in range(5)]
+    assert got == sorted(got)
+    assert bus.stats.handler_errors == 2
+    state = await bus.ack_state("evcore.s1.audit", "e4", durable="d")
+    assert state.acknowledged
+    await bus.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from pathlib import Path
 
 import psycopg
@@ -22,6 +23,7 @@ from evcore.store import (
     run_retention,
 )
 from evcore.store.migrations import POSTGRES, SQLITE_RECORDS
+from evcore.store.sqlite import SqliteBackend
 from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
 from evcore.v1.meter_pb2 import MeterSample
 from evcore.v1.setpoint_pb2 import Setpoint
@@ -521,3 +523,24 @@ async def test_retention_task_purges_on_the_edge_clock(store: SqlStore) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_a_full_sqlite_store_says_it_is_full(tmp_path: Path) -> None:
+    """Review of session 12: when SQLite rolls a transaction back by itself (SQLITE_FULL with
+    the page cache spilled), the store's unconditional ROLLBACK raised "cannot rollback - no
+    transaction is active", which hid the cause. (A page cap stands in for a full disk.)"""
+    backend = SqliteBackend(tmp_path / "r.sqlite", synchronous="FULL", migrations=[], name="r")
+    backend.connect()
+    conn = backend._conn
+    assert conn is not None
+    conn.execute("CREATE TABLE t (x BLOB)")
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 3}")
+    with pytest.raises(sqlite3.OperationalError, match="full"), backend.transaction() as tx:
+        for _ in range(100):
+            tx.execute("INSERT INTO t VALUES (?)", (b"x" * 4000,))
+    assert isinstance(backend.on_error(sqlite3.OperationalError("full")), StoreUnavailable)
+    # Nothing of it stayed, and the store goes on.
+    with backend.transaction() as tx:
+        assert tx.one("SELECT COUNT(*) FROM t") == (0,)
+    backend.close()

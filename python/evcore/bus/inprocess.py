@@ -202,7 +202,16 @@ class _DurableRun:
                 if self._next() is None:
                     await self._d.stream.changed.wait()
                 continue
-            if self._dedupe is not None and self._dedupe.contains(m.event_id):
+            try:
+                seen = self._dedupe is not None and self._dedupe.contains(m.event_id)
+            except Exception as exc:
+                # The id store failing (a locked SQLite file) ended this task for good: nothing
+                # more was delivered. As on NATS: the message waits and is tried again.
+                attempt += 1
+                self._dedupe_failed(exc, attempt)
+                await self._bus.clock.sleep(min(0.05 * 2 ** min(attempt, 5), 1.0))
+                continue
+            if seen:
                 stats.duplicates_dropped += 1
                 self._d.next_seq = m.seq + 1
                 continue
@@ -212,15 +221,25 @@ class _DurableRun:
                 subject=m.subject, data=m.data, event_id=m.event_id, delivery_count=count
             )
             outcome = await run_handler(self._handler, msg, stats, f"consume {self._name}")
+            if outcome == "ok" and self._dedupe is not None:
+                try:
+                    self._dedupe.add(m.event_id)
+                except Exception as exc:
+                    # Not booked: delivered again (at least once), as NATS redelivers it.
+                    self._dedupe_failed(exc, attempt + 1)
+                    outcome = "error"
             if outcome == "error":
                 attempt += 1
                 await self._bus.clock.sleep(min(0.05 * 2 ** min(attempt, 5), 1.0))
                 continue
             attempt = 0
-            if outcome == "ok" and self._dedupe is not None:
-                self._dedupe.add(m.event_id)
             self._d.deliveries.pop(m.seq, None)
             self._d.next_seq = m.seq + 1
+
+    def _dedupe_failed(self, exc: Exception, attempt: int) -> None:
+        self._bus.stats.handler_errors += 1
+        if attempt in (1, 10) or attempt % 100 == 0:
+            log.warning("consumer %s: processed-id store failed: %r; retrying", self._name, exc)
 
     async def stop(self) -> None:
         self._d.active = False

@@ -20,6 +20,9 @@ from pathlib import Path
 
 log = logging.getLogger("evcore.bus.outbox")
 
+#: SQLite's primary result codes of a file it cannot read as a database (corrupt, not one).
+_UNREADABLE = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,6 +79,10 @@ class Outbox:
         try:
             db = self._connect_sync()
         except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _UNREADABLE:
+                # Not the file's fault (no file handles left, locked, an I/O error): what it
+                # holds is intact and must not be thrown away; the caller sees the error.
+                raise
             # A file SQLite cannot read (a torn disk, a stray file): what it held cannot be sent
             # anyway. Keep it aside for an investigation and start empty rather than leave the
             # edge unable to start (audit records are republished from the store past its

@@ -78,7 +78,10 @@ class SqliteBackend(Backend):
         try:
             yield Tx(cur, identity)
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (SQLITE_FULL, an I/O error): a ROLLBACK then
+            # raises "no transaction is active" and hides why it failed.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         else:
             conn.execute("COMMIT")
