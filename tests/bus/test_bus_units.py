@@ -436,3 +436,59 @@ async def test_an_in_process_durable_consumer_outlives_its_id_store_failing() ->
     state = await bus.ack_state("evcore.s1.audit", "e4", durable="d")
     assert state.acknowledged
     await bus.close()
+
+
+async def test_the_nats_pump_outlives_an_outbox_read_failing(tmp_path: Path) -> None:
+    """Review of session 12: an outbox read or removal raising (a locked file, an I/O error)
+    ended the pump task for good and silently: publish() went on accepting critical events and
+    none left. Real NATS; the outbox's read fails twice (a stand-in for the lock)."""
+    site = unique_site()
+    conf = BusConfig(kind="nats", urls=(SHARED_NATS,), outbox_dir=tmp_path, connect_timeout_s=1.0)
+    bus = NatsBus(site, conf, clock=WallClock())
+    await bus.start()
+    assert bus.connected, f"nats-server at {SHARED_NATS} unreachable (run .ci/services)"
+    s = Subjects(site)
+    got: list[str] = []
+
+    async def collect(m: BusMessage) -> None:
+        got.append(m.event_id)
+
+    real_read = bus.outbox._read_sync
+    fails = {"left": 2}
+
+    def flaky_read(limit: int) -> Any:
+        if fails["left"]:
+            fails["left"] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return real_read(limit)
+
+    try:
+        await bus.consume(s.station_event(), durable="se", handler=collect)
+        bus.outbox._read_sync = flaky_read  # type: ignore[method-assign]
+        for i in range(3):
+            await bus.publish(s.station_event(f"CP.{i}"), b"e", event_id=f"se{i}")
+        assert await bus.flush(timeout_s=15.0)
+        assert fails["left"] == 0 and bus.stats.send_failures >= 2
+        await wait_until(lambda: len(got) == 3, 20.0, "the station events")
+        assert got == ["se0", "se1", "se2"]
+        assert bus.outbox.pending == 0
+    finally:
+        await bus.delete_streams()
+        await bus.close()
+
+
+async def test_an_outbox_counts_again_what_another_took(tmp_path: Path) -> None:
+    """Two outboxes on one file (review of session 12: the cloud opened a second bus per site on
+    the same file): each counted only what it saw, so one was left with entries pending that
+    the file no longer held. ``recount`` reads the file again."""
+    path = tmp_path / "ob.sqlite"
+    a, b = Outbox(path), Outbox(path)
+    await a.open()
+    await a.append("evcore.s.audit", "e1", b"1", 0.0)
+    await b.open()
+    assert b.pending == 1
+    await a.remove_through(10)
+    assert await b.peek(10) == [] and b.pending == 1
+    assert await b.recount() == 0 and b.pending == 0 and not b.nonempty.is_set()
+    await a.close()
+    await b.close()

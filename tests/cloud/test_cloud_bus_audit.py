@@ -14,6 +14,7 @@ import pytest
 from bus_testkit import patient_nats_bus
 from cloud_testkit import chain, wait_until
 from evcore.audit import AuditLog, Decision, verify_chain
+from evcore.audit.chain import seal
 from evcore.bus.subjects import Subjects
 from evcore.clock import ManualClock
 from evcore.cloud import open_cloud_store
@@ -100,6 +101,46 @@ async def test_bus_audit_records_are_chain_checked_into_the_cloud(
         await cloud_bus.close()
         await cloud_store.close()
         await edge_store.close()
+
+
+async def test_records_the_store_cannot_hold_are_refused_and_the_rest_goes_on(
+    store_url: str, tmp_path: Path
+) -> None:
+    """Review of session 12: a record at seq 2^63 - 1 (its neighbour seq + 1 overflowed the
+    store's query) or with a non-ASCII prev_hash (it could not be hashed) raised a plain error:
+    the consumer retried it for ever and every later record of the site waited. Now both are
+    refused and acknowledged; the site's true records are stored. A plan asked for above the
+    store's largest version is None (it was an OverflowError, INTERNAL over gRPC)."""
+    site = f"cloud-bus-{uuid.uuid4().hex[:8]}"
+    clock = ManualClock()
+    edge_bus = patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
+    cloud_bus = patient_nats_bus(site, NATS_URL, tmp_path / "cloud-outbox")
+    cloud_store = open_cloud_store(store_url, tmp_path)
+    await edge_bus.start()
+    await cloud_bus.start()
+    assert edge_bus.connected, f"nats-server at {NATS_URL} unreachable"
+    await cloud_store.open()
+    consumer = AuditConsumer(cloud_bus, cloud_store, clock=clock)
+    subject = Subjects(site).audit
+    try:
+        await consumer.start()
+        far = seal(AuditRecord(decision_id="far"), seq=2**63 - 1, prev_hash="ab" * 32)
+        await edge_bus.publish(subject, event(site, far, "far"), critical=True)
+        odd = AuditRecord(decision_id="odd", seq=3, prev_hash="\u00e9" * 64, hash="00" * 32)
+        await edge_bus.publish(subject, event(site, odd, "odd"), critical=True)
+        first = seal(AuditRecord(decision_id="first"), seq=0, prev_hash="")
+        await edge_bus.publish(subject, event(site, first, "first"), critical=True)
+        await wait_until(lambda: consumer.stats.stored == 1, "the true seq 0 stored")
+        assert consumer.stats.refused == 2
+        assert cloud_bus.stats.rejected == 2
+        assert await cloud_store.contiguous_seq(site) == 0
+        assert await cloud_store.newest_plan(site, newer_than_version=2**64 - 1) is None
+    finally:
+        await consumer.stop()
+        await edge_bus.delete_streams()
+        await edge_bus.close()
+        await cloud_bus.close()
+        await cloud_store.close()
 
 
 async def test_a_decision_over_12000_chargers_reaches_the_cloud_over_the_bus(

@@ -925,7 +925,23 @@ class NatsBus:
             if not self.connected:
                 await self._wait_connected(0.5)
                 continue
-            entries = await ob.peek(window)
+            try:
+                entries = await ob.peek(window)
+                if not entries:
+                    # The count says some are pending and the file holds none (another outbox
+                    # on the same file took them): count again rather than ask 100 times a second.
+                    await ob.recount()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # An outbox read failing (a locked file, an I/O error) ended this task for good,
+                # silently: nothing more left while publish() went on accepting.
+                failures += 1
+                self._stats.send_failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("bus: outbox read failed (%d pending): %r", ob.pending, exc)
+                await self.clock.sleep(min(self.config.reconnect_wait_s * failures, 2.0))
+                continue
             if not entries:
                 await self.clock.sleep(0.01)
                 continue
@@ -968,7 +984,14 @@ class NatsBus:
                 self._remember_seq(outcome.stream, e.subject, e.event_id, outcome.seq)
                 done_seq = e.seq
             if done_seq:
-                await ob.remove_through(done_seq)
+                try:
+                    await ob.remove_through(done_seq)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # Sent but still in the outbox: sent again later under the same event ids
+                    # (the stream drops the repeats).
+                    error = exc
             if error is None and len(futs) == len(entries):
                 failures = 0
                 window = _PUMP_WINDOW

@@ -203,6 +203,21 @@ class Outbox:
         if self._count == 0 and not self._pending:
             self.nonempty.clear()
 
+    async def recount(self) -> int:
+        """Count the entries in the file again (what ``pending`` says is kept in memory): the
+        pump does when the file holds none while the count says some are pending."""
+        assert self._db is not None
+        db = self._db
+        row = await asyncio.get_running_loop().run_in_executor(
+            self._exec, lambda: db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        )
+        # (A batch being written may be counted twice, once here and once by the writer: the
+        # next empty peek counts again.)
+        self._count = int(row[0])
+        if self._count == 0 and not self._pending:
+            self.nonempty.clear()
+        return self._count
+
     async def close(self) -> None:
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)

@@ -15,9 +15,9 @@ log = logging.getLogger("evcore.cloud")
 
 if TYPE_CHECKING:
     from evcore.bus.api import Bus
-    from evcore.bus.natsbus import NatsConnection
     from evcore.cloud.config import CloudConfig
     from evcore.cloud.consumer import AuditConsumer
+    from evcore.cloud.sitebuses import SiteBuses
     from evcore.cloud.store import CloudStore
 
 
@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     from evcore.cloud.config import CloudConfig, CloudConfigError
     from evcore.cloud.service import CloudApiServer
+    from evcore.cloud.sitebuses import SiteBuses
     from evcore.cloud.store import open_cloud_store
     from evcore.store.base import StoreError
 
@@ -42,18 +43,22 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"evcore cloud: {args.config}: {exc}", flush=True)
         return 2
     clock = WallClock()
-    server = CloudApiServer(config, store, clock=clock)
+    # One bus per site for the audit consumers and the fleet's grid publisher alike.
+    site_buses = SiteBuses(config.bus, clock) if config.bus is not None else None
+    server = CloudApiServer(config, store, clock=clock, site_buses=site_buses)
     try:
         port = await server.start()
     except (CloudConfigError, StoreError) as exc:
         print(f"evcore cloud: {args.config}: {exc}", flush=True)
+        if site_buses is not None:
+            await site_buses.close()
         await store.close()
         return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    consumers = AuditConsumers(config, store, clock)
+    consumers = AuditConsumers(config, store, clock, site_buses)
     await consumers.start()
     fleet = "" if config.fleet is None else ", FleetApi for operators"
     print(f"evcore cloud: CloudApi on port {port}, store {store.description}{fleet}", flush=True)
@@ -62,36 +67,33 @@ async def _main(args: argparse.Namespace) -> int:
     finally:
         await consumers.stop()
         await server.stop()
+        if site_buses is not None:
+            await site_buses.close()
         await store.close()
     print("evcore cloud: stopped", flush=True)
     return 0
 
 
 class AuditConsumers:
-    """The cloud's durable audit consumers, one per site (``[bus] sites``), every site's bus over
-    one NATS connection; with ``sites = "*"`` every site the store knows, looked for again every
+    """The cloud's durable audit consumers, one per site (``[bus] sites``), on the sites' buses
+    of ``buses`` (every site's over one NATS connection, shared with the fleet's grid
+    publisher); with ``sites = "*"`` every site the store knows, looked for again every
     ``discover_s`` (a new site's audit is read without a restart)."""
 
-    def __init__(self, config: CloudConfig, store: CloudStore, clock: WallClock) -> None:
+    def __init__(
+        self, config: CloudConfig, store: CloudStore, clock: WallClock, buses: SiteBuses | None
+    ) -> None:
         self._config = config
         self._store = store
         self._clock = clock
-        self._shared: NatsConnection | None = None
+        self._buses = buses
         self.by_site: dict[str, tuple[AuditConsumer, Bus]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         config = self._config
-        if config.bus is None:
+        if config.bus is None or self._buses is None:
             return
-        from evcore.bus import parse_bus_config
-
-        cfg = parse_bus_config(config.bus)
-        if cfg.kind == "nats":
-            from evcore.bus.natsbus import NatsConnection as Shared
-
-            # One connection for every site's consumer (one per site did not scale).
-            self._shared = Shared(cfg)
         for site in config.bus_sites:
             await self.add(site)
         if config.bus_discover:
@@ -107,13 +109,11 @@ class AuditConsumers:
         )
 
     async def add(self, site: str) -> None:
-        from evcore.bus import bus_from_config
         from evcore.cloud.consumer import AuditConsumer
 
-        if site in self.by_site:
+        if site in self.by_site or self._buses is None:
             return
-        bus = bus_from_config(self._config.bus, site, self._clock, connection=self._shared)
-        await bus.start()
+        bus = await self._buses.get(site)
         durable = self._config.audit_durable
         consumer = AuditConsumer(bus, self._store, clock=self._clock, durable=durable)
         await consumer.start()
@@ -141,12 +141,9 @@ class AuditConsumers:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for consumer, bus in self.by_site.values():
+        for consumer, _ in self.by_site.values():
             await consumer.stop()
-            await bus.close()
-        self.by_site.clear()
-        if self._shared is not None:
-            await self._shared.close()
+        self.by_site.clear()  # (the buses are ``SiteBuses``': closed with it)
 
 
 def register(sub: Any) -> None:

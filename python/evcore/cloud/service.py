@@ -31,6 +31,7 @@ from evcore.cloud.config import CloudConfig, CloudConfigError
 from evcore.cloud.fleet import BusGridPublisher, FleetCoordinator, GridPublisher
 from evcore.cloud.fleet_service import FLEET_SERVICE_NAME, FleetApiService
 from evcore.cloud.retention import run_retention
+from evcore.cloud.sitebuses import SiteBuses
 from evcore.cloud.store import CloudStore
 from evcore.cloud.topology import check_plausible, site_from_topology
 from evcore.errors import SiteConfigError
@@ -275,6 +276,7 @@ class CloudApiServer:
         *,
         clock: Clock,
         grid_publisher: GridPublisher | None = None,
+        site_buses: SiteBuses | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -288,7 +290,11 @@ class CloudApiServer:
         self._clock = clock
         operators: OperatorAuth | None = None
         if config.fleet is not None:
-            if grid_publisher is None:
+            if grid_publisher is None and site_buses is not None:
+                # The sites' buses the audit consumers read: one per site, one outbox file each.
+                self._owned_publisher = BusGridPublisher(open_bus=site_buses.get)
+                grid_publisher = self._owned_publisher
+            elif grid_publisher is None:
                 from evcore.bus import bus_from_config
 
                 bus_section = config.bus

@@ -678,11 +678,14 @@ class CloudStore(BackendStore):
     async def newest_plan(self, site_id: str, *, newer_than_version: int = 0) -> Plan | None:
         """The site's plan with the highest version above ``newer_than_version``; None if none."""
 
+        # Beyond the BIGINT column no plan is newer (SQLite raised OverflowError: INTERNAL).
+        above = min(int(newer_than_version), 2**63 - 1)
+
         def op(tx: Tx) -> Plan | None:
             row = tx.one(
                 "SELECT payload FROM cloud_plans WHERE site_id = ? AND plan_version > ?"
                 " ORDER BY plan_version DESC LIMIT 1",
-                (site_id, newer_than_version),
+                (site_id, above),
             )
             return None if row is None else parse_message(Plan, row[0])
 
@@ -707,8 +710,12 @@ def _require_cloud_tables(tx: Tx) -> None:
 def _put_one(tx: Tx, site_id: str, record: AuditRecord, now_s: float) -> bool:
     """Check one record against its content and its held neighbours; insert it. False: a repeat."""
     seq = int(record.seq)
-    if seq >= 2**63:  # the BIGINT column; no real chain gets there
-        raise AuditRefused(seq, "seq is beyond what the store can hold (2^63 - 1)")
+    if seq >= 2**63 - 1:  # the BIGINT column (and its neighbour, seq + 1); no real chain gets there
+        raise AuditRefused(seq, "seq is beyond what the store can hold (2^63 - 2)")
+    for name, value in (("hash", record.hash), ("prev_hash", record.prev_hash)):
+        if not value.isascii():
+            # Hashes are hex digests; this one could not even be hashed over.
+            raise AuditRefused(seq, f"{name} is not ASCII (a hex digest is expected)")
     computed = record_hash(record)
     if record.hash != computed:
         raise AuditRefused(

@@ -1,0 +1,62 @@
+"""One bus per site for the cloud process, shared by everything in it that talks to that site.
+
+The audit consumers read each site's audit over its bus; the fleet's grid publisher sends each
+site its curtailments over it. Each opened its own: two buses per site on one outbox file
+(``<outbox_dir>/<site>.sqlite``), each counting only the entries it saw, so once one pump sent
+and removed the leftover entries the other counted them pending for good and polled the empty
+file a hundred times a second (its ``flush`` never drained), and a second NATS connection per
+site besides. Here every site's bus is opened once, all over one NATS connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from evcore.clock import Clock
+
+if TYPE_CHECKING:
+    from evcore.bus.api import Bus
+    from evcore.bus.natsbus import NatsConnection
+
+
+class SiteBuses:
+    """Started buses by site id (``get``), opened on first use from the ``[bus]`` section, over
+    one NATS connection when it is NATS; ``close`` closes them all and the connection."""
+
+    def __init__(self, bus_section: Mapping[str, Any], clock: Clock) -> None:
+        from evcore.bus import parse_bus_config
+
+        self._section = bus_section
+        self._clock = clock
+        self._buses: dict[str, Bus] = {}
+        self._lock = asyncio.Lock()
+        self._shared: NatsConnection | None = None
+        if parse_bus_config(bus_section).kind == "nats":
+            from evcore.bus.natsbus import NatsConnection as Shared
+
+            self._shared = Shared(parse_bus_config(bus_section))
+
+    async def get(self, site_id: str) -> Bus:
+        async with self._lock:
+            bus = self._buses.get(site_id)
+            if bus is None:
+                from evcore.bus import bus_from_config
+
+                bus = bus_from_config(self._section, site_id, self._clock, connection=self._shared)
+                await bus.start()
+                self._buses[site_id] = bus
+            return bus
+
+    def sites(self) -> list[str]:
+        return sorted(self._buses)
+
+    async def close(self) -> None:
+        async with self._lock:
+            buses, self._buses = list(self._buses.values()), {}
+        for bus in buses:
+            await bus.close()
+        if self._shared is not None:
+            await self._shared.close()
+            self._shared = None
