@@ -84,6 +84,49 @@ class EnvelopeParams:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
+def _input_error(column: str, row: int | None, message: str) -> InputError:
+    """An ``InputError`` naming ``column`` (and ``row``), as the core raises them."""
+    where = f"column {column}" if row is None else f"column {column} row {row}"
+    exc = InputError(f"{where}: {message}")
+    exc.column = column
+    exc.row = row
+    return exc
+
+
+def _checked(name: str, typ: pa.DataType, value: Any) -> np.ndarray[Any, Any]:
+    """``value`` (a list, scalar or numpy array) as numpy, refused with an ``InputError`` naming
+    the column and row where it is not a value of the column's kind. Before, numpy's own
+    conversion took a null as False in a flag column (``faulted``, ``profile_unknown``: the
+    unsafe side), any non-empty string as True, and wrapped a uint64 count past int64's range
+    to a negative one."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise _input_error(name, None, f"not an array of values: {exc}") from None
+    kind = arr.dtype.kind
+    if kind == "O":
+        flat = arr.reshape(-1)
+        for i, v in enumerate(flat):
+            if v is None:
+                raise _input_error(name, i if arr.ndim else None, "is null")
+        try:
+            arr = np.asarray(flat.tolist(), dtype=np.float64).reshape(arr.shape)
+        except (TypeError, ValueError) as exc:
+            raise _input_error(name, None, f"holds a value that is not a number: {exc}") from None
+        kind = "f"
+    if kind in "USV":
+        raise _input_error(name, None, f"holds {arr.dtype} values, not numbers or booleans")
+    if kind not in "biuf":
+        raise _input_error(name, None, f"holds {arr.dtype} values, not numbers or booleans")
+    if typ == pa.bool_() and kind == "f" and np.isnan(arr).any():
+        row = int(np.flatnonzero(np.isnan(arr.reshape(-1)))[0])
+        raise _input_error(name, row if arr.ndim else None, "is NaN (a flag is true or false)")
+    if kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        row = int(np.argmax(arr.reshape(-1)))
+        raise _input_error(name, row if arr.ndim else None, "is beyond int64's range")
+    return arr
+
+
 def _column(name: str, typ: pa.DataType, value: Any, n: int) -> pa.Array:
     if isinstance(value, pa.ChunkedArray):
         value = value.combine_chunks()
@@ -95,7 +138,7 @@ def _column(name: str, typ: pa.DataType, value: Any, n: int) -> pa.Array:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise InputError(f"column {name}: cannot use {arr.type} as {typ}: {e}") from None
     else:
-        np_arr = np.asarray(value)
+        np_arr = _checked(name, typ, value)
         if np_arr.ndim == 0:
             np_arr = np.full(n, np_arr.item())
         if typ == pa.float64():

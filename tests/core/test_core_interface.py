@@ -216,6 +216,40 @@ def test_bad_columns_raise_input_error_naming_column_and_row(
     assert isinstance(info.value, ValueError) and isinstance(info.value, EvcoreError)
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "row"),
+    [
+        ("profile_unknown", [False, None, False, False, False], 1),
+        ("faulted", [False, False, False, None, False], 3),
+        ("last_sent_confirmed", ["false"] * 5, None),
+        ("connected", [True, True, math.nan, True, True], 2),
+        ("switches", np.array([0, 0, 2**63, 0, 0], dtype=np.uint64), 2),
+        ("switches", [1, None, 0, 0, 0], 1),
+        ("requested_a", [16.0, "x", 0.0, 0.0, 0.0], None),
+    ],
+)
+def test_values_the_facade_cannot_take_raise_input_error_naming_column_and_row(
+    column: str, value: Any, row: int | None
+) -> None:
+    """Review of session 12: numpy's own conversion took a null as False in a flag column (a
+    charger whose fault or profile state is unknown counted as known: 16 A went to it), any
+    non-empty string as True, and wrapped a uint64 count past int64 to a negative one."""
+    site = small_site()
+    with pytest.raises(InputError) as info:
+        charger_batch(site, **{column: value})
+    assert (info.value.column, info.value.row) == (column, row), str(info.value)
+    # Well-formed lists of the same columns still go through.
+    ok = {
+        "profile_unknown": [False] * 5,
+        "faulted": [False] * 5,
+        "last_sent_confirmed": [True] * 5,
+        "connected": [1, 1, 0, 1, 1],
+        "switches": np.array([0, 1, 2, 0, 0], dtype=np.uint64),
+        "requested_a": [16, 16.0, 0, 0, 0],
+    }[column]
+    assert charger_batch(site, **{column: ok}).num_rows == 5
+
+
 def test_a_node_batch_out_of_site_order_or_length_names_the_row() -> None:
     site = small_site()
     nodes = node_batch(site)

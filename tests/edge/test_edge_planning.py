@@ -10,9 +10,17 @@ import pytest
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import PlanTargets
 from evcore.edge.grid import PricePoint
-from evcore.edge.planning import PlannerConfigError, PlannerSection
+from evcore.edge.planning import PlannerConfigError, PlannerSection, schedule_rows
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
+from evcore.planner import (
+    PlanCharger,
+    Planner,
+    PlanNode,
+    PlanRequest,
+    PlanSession,
+    step_grid,
+)
 from evcore.sim.ev import EV
 
 pytestmark = pytest.mark.timeout(150)
@@ -121,3 +129,46 @@ async def test_no_plan_without_sessions_and_not_under_fair_share() -> None:
         assert await rig.planner.plan_now() is None and rig.planner.last_status == "no_sessions"
         await asyncio.sleep(0.5)
         assert rig.controller is not None and rig.controller.local_plan is None
+
+
+@pytest.mark.parametrize("offset_s", [0.0004996, 0.0005002, 0.0005004, 0.0015, 0.1234565])
+def test_plan_rows_are_matched_to_their_steps_whatever_the_start_fraction(offset_s: float) -> None:
+    """Review of session 12: schedule rows were matched to the request's steps by rounding both
+    starts to the millisecond; the core returns them in whole microseconds, so a start within
+    half a microsecond of a half millisecond rounded to two different milliseconds and every
+    row of the plan was dropped (the plan recorded as optimal, the allocator without targets).
+    The real planner on one session; every step it plans keeps its target."""
+    start = 1_733_400_000.0 + offset_s
+    req = PlanRequest(
+        start=start,
+        step_s=step_grid(3600),
+        price_per_kwh=0.1,
+        nodes=[PlanNode(id="root", phase_limit_a=64)],
+        chargers=[
+            PlanCharger(
+                id="c0",
+                parent="root",
+                wiring="three_phase",
+                phases=["L1", "L2", "L3"],
+                voltage_v=230,
+                max_a=32,
+            )
+        ],
+        sessions=[
+            PlanSession(
+                id="s0",
+                charger_id="c0",
+                arrival=start,
+                departure=start + 3600,
+                energy_requested_kwh=5,
+            )
+        ],
+    )
+    res = Planner().plan(req, 2.0)
+    assert res.status == "optimal"
+    planned = [t for t in res.schedule.to_pydict()["target_a"] if t is not None]
+    rows = schedule_rows(req, res, fill=False)
+    assert len(rows["c0"]) == len(planned) > 0
+    starts = [s for s, _, _ in rows["c0"]]
+    assert starts[0] == pytest.approx(start, abs=1e-6)
+    assert sorted(t for _, _, t in rows["c0"]) == sorted(planned)

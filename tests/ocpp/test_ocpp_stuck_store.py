@@ -8,11 +8,11 @@ timed out. Real PostgreSQL, real OCPP over real WebSockets."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import PG_DSN
 from evcore.ocpp.events import StatusEvent
 from evcore.ocpp.server import LimitOrder
 from evcore.sim.ev import EV
@@ -21,6 +21,7 @@ from ocpp_testsite import rig
 from psycopg import sql
 
 pytestmark = pytest.mark.timeout(60)
+PG_DSN = os.environ.get("EVCORE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
 
 async def test_an_answer_to_our_call_is_read_while_a_handler_waits_on_the_store(

@@ -18,6 +18,7 @@ next plan. A plan's rows apply to the sessions it was made for only (``PlanTarge
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import math
@@ -217,6 +218,25 @@ def _at(v: Any, k: int) -> float:
     return float(v) if isinstance(v, int | float) else float(v[k])
 
 
+#: How far a schedule row's step start may be from the request's (s): the core returns them in
+#: whole microseconds; every step is far longer.
+STEP_MATCH_S = 1e-3
+
+
+def step_index(starts: list[float], t: float) -> int | None:
+    """The index of the step of ``starts`` (ascending) that starts within ``STEP_MATCH_S`` of
+    ``t``, else None. Matched by rounding both to the millisecond before, a start within half a
+    microsecond of a half millisecond rounded to two different milliseconds on the two sides
+    (the core's microseconds and ours), and every row of the plan was dropped."""
+    i = bisect.bisect_left(starts, t)
+    best: int | None = None
+    for k in (i - 1, i):
+        if 0 <= k < len(starts) and abs(starts[k] - t) <= STEP_MATCH_S:
+            if best is None or abs(starts[k] - t) < abs(starts[best] - t):
+                best = k
+    return best
+
+
 def schedule_rows(
     req: Any, res: Any, *, fill: bool = True
 ) -> dict[str, list[tuple[float, float, float]]]:
@@ -240,7 +260,6 @@ def schedule_rows(
     starts = [start]
     for d in steps[:-1]:
         starts.append(starts[-1] + d)
-    index = {round(t, 3): k for k, t in enumerate(starts)}
     n_steps = len(steps)
     # rate[s][k]: the planned target of session s in step k (only where it has a variable).
     rate: dict[str, dict[int, float]] = {}
@@ -256,7 +275,7 @@ def schedule_rows(
         target = tw if ta is None else ta
         if target is None:
             continue
-        k = index.get(round(st.timestamp(), 3))
+        k = step_index(starts, st.timestamp())
         if k is None:
             continue
         rate.setdefault(sid, {})[k] = float(target)
