@@ -221,7 +221,8 @@ def reference_allocate(
         energy = _col(ch, "energy_wanted_kwh")
         is_on = ls > 0
         sw = _col(ch, "switches")
-        at_cap = ~(sw < max_sw)
+        # At or above a finite cap, or a count not known (NaN); no cap is never reached.
+        at_cap = (~(sw < max_sw) & math.isfinite(max_sw)) | np.isnan(sw)
         on_t, off_t = _col(ch, "on_since_s"), _col(ch, "off_since_s")
         cand = ~faulted & connected & (energy > 0)
         locked_off = ~is_on & ((np.isfinite(off_t) & (now - off_t < min_off)) | at_cap)

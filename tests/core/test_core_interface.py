@@ -545,3 +545,41 @@ def test_a_switch_count_given_as_a_float_keeps_a_paused_session_at_its_cap(switc
         site, cols | {"switches": np.full(n, 2.0)}, params=EnvelopeParams(max_switches=3.0)
     )
     assert all(x > 0 for x in out.column("setpoint_a").to_pylist())
+
+
+@pytest.mark.parametrize(
+    ("switches", "max_switches", "held"),
+    [
+        (3.0, 3.0, True),
+        (math.inf, 3.0, True),
+        (math.nan, 3.0, True),
+        (1e300, 3.0, True),
+        (2.0, 3.0, False),
+        (math.inf, math.inf, False),
+        (math.nan, math.inf, True),
+    ],
+)
+def test_the_envelope_and_the_allocator_agree_on_the_switch_cap(
+    switches: float, max_switches: float, held: bool
+) -> None:
+    """Review of session 12: an infinite switch count passed a finite cap in the envelope (16 A)
+    while the allocator held it (0 A); with no cap the allocator held it and the envelope not.
+    One rule for both (and the numpy reference): at or above a finite cap, or a count not
+    known (NaN); no cap is never reached."""
+    site = load_site(
+        {
+            "site": {"id": "s"},
+            "nodes": [{"id": "g", "phase_limit_a": 64.0}],
+            "chargers": [{"id": "a", "parent": "g", "wiring": "three_phase", "max_a": 16.0}],
+        }
+    )
+    cols = {"requested_a": [16.0], "switches": [switches], "last_sent_a": [0.0]}
+    params = {"max_switches": max_switches}
+    e = enforce(site, cols, params=params)
+    a = allocate(site, cols, params=params)
+    want = 0.0 if held else 16.0
+    assert e.column("setpoint_a").to_pylist() == [want]
+    assert a.column("setpoint_a").to_pylist() == [want]
+    if held:
+        assert e.column("binding").to_pylist() == ["hysteresis"]
+        assert a.column("binding").to_pylist() == ["hysteresis"]

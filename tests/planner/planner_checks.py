@@ -21,12 +21,18 @@ def limit_violations(doc: dict[str, Any], batch: pa.RecordBatch) -> list[str]:
     k_of = {round(float(s) * 1e6): k for k, s in enumerate(starts)}
     ch = {c["id"]: c for c in doc["chargers"]}
     nodes = {n["id"]: n for n in doc["nodes"]}
+    sessions = {s["id"]: s for s in doc.get("sessions", [])}
     cols = batch.to_pydict()
     cur = {(n, k): np.zeros(3, dtype=complex) for n in nodes for k in range(len(steps))}
     kw = {(n, k): 0.0 for n in nodes for k in range(len(steps))}
     bad = []
-    for cid, start, ta, tw in zip(
-        cols["charger_id"], cols["step_start"], cols["target_a"], cols["target_w"], strict=True
+    for sid, cid, start, ta, tw in zip(
+        cols["session_id"],
+        cols["charger_id"],
+        cols["step_start"],
+        cols["target_a"],
+        cols["target_w"],
+        strict=True,
     ):
         c = ch[cid]
         k = k_of[round(start.timestamp() * 1e6)]
@@ -38,6 +44,11 @@ def limit_violations(doc: dict[str, Any], batch: pa.RecordBatch) -> list[str]:
             lo, hi = c.get("min_a", 6.0), c["max_a"]
         if not (rate == 0.0 or lo - 1e-9 <= rate <= hi + 1e-9):
             bad.append(f"{cid} step {k}: {rate} outside 0 or [{lo}, {hi}]")
+        # The vehicle draws at most what it takes (a target at the charger's minimum above it).
+        s = sessions.get(sid, {})
+        vmax = s.get("max_w") if c.get("kind", "ac") == "dc" else s.get("max_a")
+        if vmax is not None:
+            rate = min(rate, vmax / 1000.0 if c.get("kind", "ac") == "dc" else vmax)
         coeff, site_kw, _ = phasors(c)
         n = c["parent"]
         while n is not None:

@@ -358,3 +358,110 @@ def test_the_price_bound_the_api_enforces_is_the_cores() -> None:
     assert Planner().plan(_one_charger(price_per_kwh=-PRICE_BOUND_PER_KWH), 5.0).ok
     with pytest.raises(InputError, match=r"price_per_kwh\[0\]: must be between -1e4 and 1e4"):
         Planner().plan(_one_charger(price_per_kwh=PRICE_BOUND_PER_KWH * 1.001), 5.0)
+
+
+@pytest.mark.parametrize("kind", ["dc", "ac"])
+def test_a_vehicle_below_the_chargers_minimum_is_planned_at_what_it_takes(kind: str) -> None:
+    """Review of session 12: rounding raised a session to the charger's minimum even where its
+    vehicle takes less, and the limit check estimated what the rates can reach from the
+    vehicle's maximum, so a limit just above it was left out: four 5 kW vehicles on 10 kW-minimum
+    DC chargers were planned at 10 kW each, 42.1 kW under a 25 kW cap (AC: 4 A vehicles planned
+    at 6 A, 60 A on a 42.4 A node)."""
+    dc = kind == "dc"
+    nodes = [
+        PlanNode(id="root", phase_limit_a=400, power_limit_kw=25.0)
+        if dc
+        else PlanNode(id="root", phase_limit_a=42.4)
+    ]
+    chargers = [
+        PlanCharger(
+            id=f"c{i}",
+            parent="root",
+            wiring="line_to_neutral" if not dc else "three_phase",
+            phases=[0] if not dc else [0, 1, 2],
+            voltage_v=230,
+            kind=kind,
+            **({"max_w": 50_000, "min_w": 10_000} if dc else {"max_a": 32, "min_a": 6}),
+        )
+        for i in range(4)
+    ]
+    sessions = [
+        PlanSession(
+            id=f"s{i}",
+            charger_id=f"c{i}",
+            arrival=0,
+            departure=3600,
+            energy_requested_kwh=20,
+            **({"max_w": 5000} if dc else {"max_a": 4}),
+        )
+        for i in range(4)
+    ]
+    req = PlanRequest(
+        start=0,
+        step_s=[900] * 4,
+        price_per_kwh=0.1,
+        nodes=nodes,
+        chargers=chargers,
+        sessions=sessions,
+    )
+    res = Planner().plan(req, 2.0)
+    assert res.status == "optimal"
+    cols = res.schedule.to_pydict()
+    targets = [t for t in cols["target_w" if dc else "target_a"] if t is not None]
+    # Sent the charger's minimum when on (the vehicle draws what it takes), and the plan counts
+    # what it draws: 5 kW (4 A) per session, 1.25 kWh per 15 min step.
+    assert targets and set(targets) <= {0.0, 10_000.0 if dc else 6.0}
+    assert limit_violations(to_core_input(req), res.schedule) == []
+    delivered = res.summary["delivered_kwh"]
+    per_session_max = 5.0 if dc else 4 * 230 / 1000
+    assert max(delivered) <= per_session_max + 1e-6, delivered
+
+
+def test_a_vanishing_vehicle_maximum_is_no_rate_and_fails_nothing_after() -> None:
+    """Review of session 12: a vehicle maximum of 1e-160 A put infinities into the problem (its
+    terms are scaled by 1 / max²): the site's plan failed, and the solver kept for reuse failed
+    every later plan of the same structure. Now such a session is planned nothing."""
+
+    def request(vmax: float | None) -> PlanRequest:
+        chargers = [
+            PlanCharger(
+                id=f"c{i}",
+                parent="root",
+                wiring="three_phase",
+                phases=["L1", "L2", "L3"],
+                voltage_v=230,
+                max_a=32,
+            )
+            for i in range(2)
+        ]
+        sessions = [
+            PlanSession(
+                id="s0",
+                charger_id="c0",
+                arrival=0,
+                departure=3600,
+                energy_requested_kwh=5,
+                max_a=vmax,
+            ),
+            PlanSession(
+                id="s1", charger_id="c1", arrival=0, departure=3600, energy_requested_kwh=5
+            ),
+        ]
+        return PlanRequest(
+            start=0,
+            step_s=[900] * 4,
+            price_per_kwh=0.1,
+            nodes=[PlanNode(id="root", phase_limit_a=32)],
+            chargers=chargers,
+            sessions=sessions,
+        )
+
+    planner = Planner()
+    first = planner.plan(request(1e-160), 2.0)
+    assert first.status == "optimal"
+    cols = first.schedule.to_pydict()
+    s0 = [t for s, t in zip(cols["session_id"], cols["target_a"], strict=True) if s == "s0"]
+    assert all(t == 0.0 for t in s0)
+    for _ in range(3):
+        again = planner.plan(request(16.0), 2.0)
+        assert again.status == "optimal", again.summary

@@ -26,8 +26,8 @@
 //! Units inside: AC line amperes per charger terminal (DC power is converted).
 use crate::envelope::{
     counting, enforce_limits, finish, held_value_at, last_sent_line_a, node_loads,
-    sanitise_requested, snap_down, subtree_other, Binding, ChargerInputs, Constraint, Counting,
-    Decision, EnvelopeParams, NodeInputs, NodeLoads, FOLLOW_TOL,
+    sanitise_requested, snap_down, subtree_other, switch_cap_reached, Binding, ChargerInputs,
+    Constraint, Counting, Decision, EnvelopeParams, NodeInputs, NodeLoads, FOLLOW_TOL,
 };
 use crate::error::{CoreError, CoreResult};
 use crate::par;
@@ -563,8 +563,7 @@ impl Sessions<'_> {
             let nt = spec.wiring.terminals();
             let last = last_sent_line_a(topo, c, ch);
             let is_on = last > 0.0;
-            let sw = ch.switches[c];
-            let at_cap = !(sw < self.ep.max_switches);
+            let at_cap = switch_cap_reached(ch.switches[c], self.ep.max_switches);
             let on_t = ch.on_since_s[c];
             let off_t = ch.off_since_s[c];
             if ch.faulted[c] {

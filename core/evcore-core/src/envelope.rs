@@ -771,6 +771,14 @@ fn single_node_followed(
     single_node_value_as(topo, cnt, sub, n, k, scratch, terminal_followed)
 }
 
+/// Whether a session that made `switches` pauses and resumes has reached the cap `max_switches`:
+/// at or above a finite cap, or a count not known (NaN). No cap (`max_switches` infinite) is
+/// never reached by a count, even an infinite one. (An infinite count passed a finite cap here
+/// while the allocator held it: 16 A from the envelope, 0 A from the allocator.)
+pub(crate) fn switch_cap_reached(switches: f64, max_switches: f64) -> bool {
+    (!(switches < max_switches) && max_switches.is_finite()) || switches.is_nan()
+}
+
 /// Largest allowed setpoint not above `x` (line amps per terminal): 0, or on a step in
 /// `[min_a, max_a]`. DC: `min_a` is the line current at `min_w`.
 pub(crate) fn snap_down(topo: &Topology, c: usize, x: f64) -> f64 {
@@ -861,8 +869,7 @@ pub(crate) fn sanitise_requested(
         if off.is_finite() && p.now_s - off < p.min_off_s {
             return (0.0, Binding::Hysteresis);
         }
-        let sw = ch.switches[c];
-        if !(sw < p.max_switches) && sw.is_finite() || sw.is_nan() {
+        if switch_cap_reached(ch.switches[c], p.max_switches) {
             return (0.0, Binding::Hysteresis);
         }
     }

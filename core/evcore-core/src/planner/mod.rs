@@ -417,6 +417,11 @@ impl Planner {
         if !summary.status.has_schedule() {
             summary.message = format!("no schedule: solver ended with {:?}", sol.status);
             summary.total_time_s = t0.elapsed().as_secs_f64();
+            if matches!(summary.status, PlanStatus::Failed) {
+                // A solver that failed numerically keeps the scaling that failed it: reused, it
+                // failed every later plan of the same structure. The next one starts afresh.
+                self.cached = None;
+            }
             return Ok(PlanOutput {
                 summary,
                 rows: Vec::new(),
@@ -438,11 +443,15 @@ impl Planner {
             .iter()
             .zip(&y)
             .map(|(v, &r)| {
-                let dc = model.sessions[v.session].dc;
+                let s = &model.sessions[v.session];
+                let dc = s.dc;
+                // On, it is sent at least the charger's minimum (the 6 A rule; a vehicle taking
+                // less draws what it takes: its rate).
+                let target = if r > 0.0 { r.max(s.set_min) } else { r };
                 PlanRow {
                     session: v.session,
                     step: v.step,
-                    target: if dc { r * 1000.0 } else { r },
+                    target: if dc { target * 1000.0 } else { target },
                     dc,
                 }
             })
@@ -473,7 +482,9 @@ pub fn check_schedule(input: &PlanInput, rows: &[PlanRow]) -> Result<Vec<String>
             .iter()
             .position(|v| v.session == r.session && v.step == r.step)
         {
-            y[v] = if r.dc { r.target / 1000.0 } else { r.target };
+            // What the vehicle draws at that target: at most what it takes.
+            let rate = if r.dc { r.target / 1000.0 } else { r.target };
+            y[v] = rate.min(model.sessions[r.session].max_rate);
         }
     }
     Ok(round::violations(&model, &y, 0.0)

@@ -18,6 +18,9 @@ use clarabel::solver::SupportedConeT;
 
 use super::input::{at, first_index, ChargerKind, PlanInput, Wiring};
 
+/// The smallest rate (A per phase, DC kW) a session is planned with; below it, none.
+const MIN_PLANNED_RATE: f64 = 1e-6;
+
 /// One planned rate: session `session` in step `step`, present for `frac` of the step.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Var {
@@ -36,8 +39,12 @@ pub(crate) struct SessionInfo {
     pub n_vars: usize,
     /// Index of `u`, when the session has variables.
     pub u_var: Option<usize>,
+    /// Rates (what the vehicle draws) when on: at least `min_rate`, at most `max_rate`.
     pub min_rate: f64,
     pub max_rate: f64,
+    /// The charger's minimum setpoint (A per phase, DC kW): what it is sent when on. Above
+    /// `min_rate` where the vehicle takes less than it (it is on, drawing what it takes).
+    pub set_min: f64,
     pub vehicle_kw_per_unit: f64,
     pub site_kw_per_unit: f64,
     pub energy_kwh: f64,
@@ -219,6 +226,21 @@ impl Model {
                 let max_a = c.max_a.unwrap_or(0.0).min(s.max_a.unwrap_or(f64::INFINITY));
                 (c.min_a.unwrap_or(6.0), max_a)
             };
+            // A rate too small to plan with is none (1 / max_rate² scales its terms: 1e-160 A
+            // put infinities into P and the whole site's plan failed).
+            let max_rate = if max_rate < MIN_PLANNED_RATE {
+                0.0
+            } else {
+                max_rate
+            };
+            // A vehicle that takes less than the charger's minimum draws what it takes once the
+            // charger is on: rounding raised its rate to the charger's minimum before, above
+            // what it can draw (four 5 kW vehicles on 10 kW-minimum chargers were planned to
+            // draw 42 kW under a 25 kW cap, and delivered energy was counted from that). Its
+            // rate stays at most what it takes; its target (the setpoint) is the charger's
+            // minimum (`set_min`).
+            let set_min = min_rate;
+            let min_rate = min_rate.min(max_rate);
             let first_var = vars.len();
             if max_rate > 0.0 {
                 for k in 0..steps {
@@ -242,6 +264,7 @@ impl Model {
                 u_var: None,
                 min_rate,
                 max_rate: max_rate.max(0.0),
+                set_min,
                 vehicle_kw_per_unit: coeffs[ci].2,
                 site_kw_per_unit: coeffs[ci].1,
                 energy_kwh: s.energy_requested_kwh,
