@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from evcore.clock import StepClock
 from evcore.edge.app import build_controller
 from evcore.edge.config import EdgeConfig
@@ -51,6 +52,27 @@ def stepped_controller(
     for c in ctrl.state.chargers.values():
         c.online = True
     return ctrl, clock
+
+
+def counted(ctrl: EdgeController, cid: str) -> tuple[float, bool, bool]:
+    """What the core's input counts ``cid`` at: last sent (A per phase), whether that is
+    confirmed, and whether its profile is unknown (counted at its maximum)."""
+    core = ctrl.core
+    assert isinstance(core, RustCore)
+    cols = core._columns(
+        ctrl.state,
+        now_mono=ctrl.clock.monotonic(),
+        failsafe=ctrl.failsafe,
+        requested={c: ctrl.state.chargers[c].max_value for c in core.charger_ids},
+        now_wall=ctrl.clock.now(),
+        cfg=ctrl.cfg,
+    )
+    i = core.charger_ids.index(cid)
+    return (
+        float(np.asarray(cols["last_sent_a"])[i]),
+        bool(np.asarray(cols["last_sent_confirmed"])[i]),
+        bool(np.asarray(cols["profile_unknown"])[i]),
+    )
 
 
 async def settle(ctrl: EdgeController, clock: StepClock, rounds: int = 4) -> None:

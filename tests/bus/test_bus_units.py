@@ -332,19 +332,28 @@ async def test_inprocess_route_cache_follows_subscriptions_and_stays_bounded() -
     await bus.close()
 
 
-async def test_nats_route_cache_is_bounded_and_routes_by_kind(tmp_path: Path) -> None:
-    """The NATS bus resolves subjects through the same kind of bounded cache: critical kinds still
-    go through the outbox (station events included), invalid subjects are refused every time."""
+async def _station_event_bus(
+    tmp_path: Path, **kwargs: Any
+) -> tuple[NatsBus, Subjects, list[str], Callable[[BusMessage], Awaitable[None]]]:
+    """A started NATS bus of a new site on the shared server, its subjects, and a handler that
+    collects event ids into the list."""
     site = unique_site()
     conf = BusConfig(kind="nats", urls=(SHARED_NATS,), outbox_dir=tmp_path, connect_timeout_s=1.0)
-    bus = NatsBus(site, conf, clock=WallClock(), route_cache_size=2)
+    bus = NatsBus(site, conf, clock=WallClock(), **kwargs)
     await bus.start()
     assert bus.connected, f"nats-server at {SHARED_NATS} unreachable (run .ci/services)"
-    s = Subjects(site)
     got: list[str] = []
 
     async def collect(m: BusMessage) -> None:
         got.append(m.event_id)
+
+    return bus, Subjects(site), got, collect
+
+
+async def test_nats_route_cache_is_bounded_and_routes_by_kind(tmp_path: Path) -> None:
+    """The NATS bus resolves subjects through the same kind of bounded cache: critical kinds still
+    go through the outbox (station events included), invalid subjects are refused every time."""
+    bus, s, got, collect = await _station_event_bus(tmp_path, route_cache_size=2)
 
     try:
         await bus.consume(s.station_event(), durable="se", handler=collect)
@@ -442,16 +451,7 @@ async def test_the_nats_pump_outlives_an_outbox_read_failing(tmp_path: Path) -> 
     """Review of session 12: an outbox read or removal raising (a locked file, an I/O error)
     ended the pump task for good and silently: publish() went on accepting critical events and
     none left. Real NATS; the outbox's read fails twice (a stand-in for the lock)."""
-    site = unique_site()
-    conf = BusConfig(kind="nats", urls=(SHARED_NATS,), outbox_dir=tmp_path, connect_timeout_s=1.0)
-    bus = NatsBus(site, conf, clock=WallClock())
-    await bus.start()
-    assert bus.connected, f"nats-server at {SHARED_NATS} unreachable (run .ci/services)"
-    s = Subjects(site)
-    got: list[str] = []
-
-    async def collect(m: BusMessage) -> None:
-        got.append(m.event_id)
+    bus, s, got, collect = await _station_event_bus(tmp_path)
 
     real_read = bus.outbox._read_sync
     fails = {"left": 2}

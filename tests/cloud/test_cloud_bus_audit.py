@@ -43,18 +43,24 @@ def event(site: str, record: AuditRecord, event_id: str) -> Event:
     return e
 
 
-async def test_bus_audit_records_are_chain_checked_into_the_cloud(
-    store_url: str, tmp_path: Path
-) -> None:
+async def _edge_and_cloud(store_url: str, tmp_path: Path) -> tuple[str, Any, Any, Any]:
+    """A new site id, its edge's and the cloud's NATS buses (started), the cloud store."""
     site = f"cloud-bus-{uuid.uuid4().hex[:8]}"
-    clock = ManualClock()
-    edge_store = open_store({"path": str(tmp_path / "edge-store")}, tmp_path)
     edge_bus = patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
     cloud_bus = patient_nats_bus(site, NATS_URL, tmp_path / "cloud-outbox")
     cloud_store = open_cloud_store(store_url, tmp_path)
     await edge_bus.start()
     await cloud_bus.start()
     assert edge_bus.connected, f"nats-server at {NATS_URL} unreachable"
+    return site, edge_bus, cloud_bus, cloud_store
+
+
+async def test_bus_audit_records_are_chain_checked_into_the_cloud(
+    store_url: str, tmp_path: Path
+) -> None:
+    site, edge_bus, cloud_bus, cloud_store = await _edge_and_cloud(store_url, tmp_path)
+    clock = ManualClock()
+    edge_store = open_store({"path": str(tmp_path / "edge-store")}, tmp_path)
     audit = AuditLog(edge_store, clock=clock, bus=edge_bus, site_id=site, edge_id="edge-1")
     consumer = AuditConsumer(cloud_bus, cloud_store, clock=clock)
     try:
@@ -111,14 +117,8 @@ async def test_records_the_store_cannot_hold_are_refused_and_the_rest_goes_on(
     the consumer retried it for ever and every later record of the site waited. Now both are
     refused and acknowledged; the site's true records are stored. A plan asked for above the
     store's largest version is None (it was an OverflowError, INTERNAL over gRPC)."""
-    site = f"cloud-bus-{uuid.uuid4().hex[:8]}"
+    site, edge_bus, cloud_bus, cloud_store = await _edge_and_cloud(store_url, tmp_path)
     clock = ManualClock()
-    edge_bus = patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
-    cloud_bus = patient_nats_bus(site, NATS_URL, tmp_path / "cloud-outbox")
-    cloud_store = open_cloud_store(store_url, tmp_path)
-    await edge_bus.start()
-    await cloud_bus.start()
-    assert edge_bus.connected, f"nats-server at {NATS_URL} unreachable"
     await cloud_store.open()
     consumer = AuditConsumer(cloud_bus, cloud_store, clock=clock)
     subject = Subjects(site).audit

@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
 import pytest
-from edge_testkit import GatewayAnswer, ToldGateway, stepped_controller
+from edge_testkit import GatewayAnswer, ToldGateway, counted, stepped_controller
 from evcore.clock import StepClock
 from evcore.edge.controller import EdgeController
-from evcore.edge.coreio import RustCore
 from evcore.edge.grid import Curtailment
 from evcore.edge.sitegen import depot_table
 from evcore.ocpp.events import ConnectionEvent, StatusEvent, TransactionEvent
@@ -108,26 +106,6 @@ class ReportingGateway(ToldGateway):
         return None
 
 
-def _counted(ctrl: EdgeController, cid: str) -> tuple[float, bool, bool]:
-    """What the core's input counts ``cid`` at: last sent (A), confirmed, profile unknown."""
-    core = ctrl.core
-    assert isinstance(core, RustCore)
-    cols = core._columns(
-        ctrl.state,
-        now_mono=ctrl.clock.monotonic(),
-        failsafe=ctrl.failsafe,
-        requested={c: ctrl.state.chargers[c].max_value for c in core.charger_ids},
-        now_wall=ctrl.clock.now(),
-        cfg=ctrl.cfg,
-    )
-    i = core.charger_ids.index(cid)
-    return (
-        float(np.asarray(cols["last_sent_a"])[i]),
-        bool(np.asarray(cols["last_sent_confirmed"])[i]),
-        bool(np.asarray(cols["profile_unknown"])[i]),
-    )
-
-
 async def test_a_session_on_its_txdefault_counts_at_its_maximum_once_the_station_is_cleared() -> (
     None
 ):
@@ -157,7 +135,7 @@ async def test_a_session_on_its_txdefault_counts_at_its_maximum_once_the_station
     assert gw.cleared == [("ST", "tx_default")]
     # Its car may draw the charger's maximum now: counted there (it was counted at 16 A).
     assert c.tx_default is None
-    assert _counted(ctrl, running)[2] is True
+    assert counted(ctrl, running)[2] is True
     # A TxProfile goes to it at the next decision; accepted, it counts at what that says.
     n_calls = len(gw.calls)
     await _round(ctrl, clock)
@@ -168,5 +146,5 @@ async def test_a_session_on_its_txdefault_counts_at_its_maximum_once_the_station
     for _ in range(4):
         await _round(ctrl, clock)
     assert c.tx_profile_held
-    assert _counted(ctrl, running)[2] is False
+    assert counted(ctrl, running)[2] is False
     gw.waiting.clear()

@@ -14,12 +14,10 @@ from __future__ import annotations
 import asyncio
 import math
 
-import numpy as np
 import pytest
-from edge_testkit import ToldGateway, stepped_controller
+from edge_testkit import ToldGateway, counted, stepped_controller
 from evcore.clock import StepClock
 from evcore.edge.controller import EdgeController
-from evcore.edge.coreio import RustCore
 from evcore.edge.grid import Curtailment
 from evcore.edge.sitegen import depot_table
 
@@ -44,20 +42,8 @@ def _start(ctrl: EdgeController, clock: StepClock, cid: str) -> None:
 
 def _counted_a(ctrl: EdgeController, cid: str) -> tuple[float, bool]:
     """What the core's input counts ``cid`` at (A per phase) and whether it is confirmed."""
-    core = ctrl.core
-    assert isinstance(core, RustCore)
-    cols = core._columns(
-        ctrl.state,
-        now_mono=ctrl.clock.monotonic(),
-        failsafe=ctrl.failsafe,
-        requested={c: ctrl.state.chargers[c].max_value for c in core.charger_ids},
-        now_wall=ctrl.clock.now(),
-        cfg=ctrl.cfg,
-    )
-    i = core.charger_ids.index(cid)
-    return float(np.asarray(cols["last_sent_a"])[i]), bool(
-        np.asarray(cols["last_sent_confirmed"])[i]
-    )
+    value, confirmed, _ = counted(ctrl, cid)
+    return value, confirmed
 
 
 @pytest.mark.parametrize("txprofile", ["rejected", "unanswered"])
