@@ -200,6 +200,7 @@ class LostSignals(Edges):
     def __init__(self) -> None:
         super().__init__()
         self.lost: set[str] = set()
+        self.took: set[str] = set()
         self.event_ids: list[str] = []
 
     async def publish_grid(self, site_id: str, signal: GridSignal, *, event_id: str) -> None:
@@ -207,7 +208,7 @@ class LostSignals(Edges):
         self.event_ids.append(event_id)
 
     async def taken(self, site_id: str, event_id: str) -> bool:
-        return event_id.endswith("#r1")
+        return event_id.endswith("#r1") or event_id in self.took
 
     async def stored(self, site_id: str, event_id: str) -> bool:
         return site_id not in self.lost
@@ -241,6 +242,14 @@ async def test_a_signal_the_stream_never_held_is_sent_again_under_its_event_id(
     assert edges.event_ids[len(first) :] == ["fleet:F:A#r2"]
     await fc.republish_pending()  # at most every RESEND_UNSTORED_S
     assert edges.event_ids[len(first) :] == ["fleet:F:A#r2"]
+    # A takes it: the coordinator forgets when it last sent it (its memory of resends and
+    # interims no longer grows with every revision for the life of the process).
+    assert "fleet:F:A#r2" in fc._resent
+    edges.took.add("fleet:F:A#r2")
+    edges.lost = set()
+    await fc.republish_pending()
+    assert (await fc.revision_plan("F")).waiting_for == []
+    assert "fleet:F:A#r2" not in fc._resent
 
 
 class PublishedEdges(Edges):

@@ -186,6 +186,8 @@ async def test_a_cloud_restart_between_the_interim_and_the_raise_publishes_no_ea
     assert raise_.issued_at.ToNanoseconds() > interim.issued_at.ToNanoseconds()
     assert check(f, [a, b])[b] == raised_kw
     assert await f.store.fleet_published_revision(FID) == 2
+    # Published in full: the coordinator keeps no interim of it (they grew without end).
+    assert not [k for k in f.coordinator._interims_out if k[0] == FID]
     # A repeat of the interim (older issued_at) never replaces the raise, to the window's end.
     f.clock.advance(t0 + 4 * HOURS_S - 1.0 - f.clock.now())
     await f.coordinator.republish_pending()

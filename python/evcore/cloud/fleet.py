@@ -1312,6 +1312,7 @@ class FleetCoordinator:
                     await self._resend_if_lost(fid, sig, now)
                     continue
                 await self._store.mark_fleet_site_signal(fid, sid, sig.revision, taken_at_s=now)
+                self._resent.pop(sig.event_id, None)  # taken: never sent again
                 log.info("fleet: %s: %s took revision %d", fid, sid, sig.revision)
                 out[i] = dataclasses.replace(sig, taken_at_s=now)
                 break
@@ -1423,6 +1424,8 @@ class FleetCoordinator:
             raise failed
         if not plan.increases:
             await self._store.mark_fleet_published(fid, rev)
+            # Published in full: its interims (and earlier revisions') are not sent again.
+            self._interims_out = {k for k in self._interims_out if k[0] != fid or k[2] > rev}
             progress.done = True
         return progress
 
