@@ -121,7 +121,7 @@ def _checked(name: str, typ: pa.DataType, value: Any) -> np.ndarray[Any, Any]:
     if typ == pa.bool_() and kind == "f" and np.isnan(arr).any():
         row = int(np.flatnonzero(np.isnan(arr.reshape(-1)))[0])
         raise _input_error(name, row if arr.ndim else None, "is NaN (a flag is true or false)")
-    if kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+    if typ == pa.int64() and kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
         row = int(np.argmax(arr.reshape(-1)))
         raise _input_error(name, row if arr.ndim else None, "is beyond int64's range")
     return arr

@@ -547,6 +547,13 @@ def test_a_switch_count_given_as_a_float_keeps_a_paused_session_at_its_cap(switc
     assert all(x > 0 for x in out.column("setpoint_a").to_pylist())
 
 
+def test_a_uint64_beyond_int64_is_a_float_in_a_float_column() -> None:
+    """Only an integer column refuses a count past int64 (an age of 2^63 s is a float)."""
+    site = small_site()
+    batch = charger_batch(site, measured_age_s=np.array([2**63] * 5, dtype=np.uint64))
+    assert batch.column("measured_age_s").to_pylist() == [float(2**63)] * 5
+
+
 @pytest.mark.parametrize(
     ("switches", "max_switches", "held"),
     [

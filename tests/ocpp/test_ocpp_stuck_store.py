@@ -8,17 +8,25 @@ timed out. Real PostgreSQL, real OCPP over real WebSockets."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 from pathlib import Path
 
 import psycopg
 import pytest
+from evcore.clock import WallClock
+from evcore.ocpp import CentralSystem
 from evcore.ocpp.events import StatusEvent
 from evcore.ocpp.server import LimitOrder
+from evcore.ocpp.v16 import iso
 from evcore.sim.ev import EV
 from evcore.store import open_store
-from ocpp_testsite import rig
+from evcore.v1.status_pb2 import ConnectorState
+from ocpp_testsite import PASSWORDS, make_site, rig
 from psycopg import sql
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
 PG_DSN = os.environ.get("EVCORE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
@@ -57,5 +65,59 @@ async def test_an_answer_to_our_call_is_read_while_a_handler_waits_on_the_store(
             await sim.wait_idle()
             assert "cp-a" in await store.latest_statuses()
     finally:
+        await locker.close()
+        await store.close()
+
+
+async def test_frames_read_before_an_abnormal_close_are_still_handled(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    """Review of this change: the station's link drops (no close frame) while its first
+    StatusNotification waits on the locked table and two more are read behind it. The reader
+    ends with ConnectionClosedError; before the fix that cancelled the waiting handler and
+    dropped the two read after it. Handled inline, as before the handler task, every frame read
+    counts: once the lock goes, the last of the three is the charger's status."""
+    store = open_store({"kind": "postgres", "dsn": PG_DSN, "schema": pg_schema}, tmp_path)
+    await store.open()
+    locker = await psycopg.AsyncConnection.connect(PG_DSN)
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=WallClock(), store=store)
+    await cs.start()
+    try:
+        await locker.execute(
+            sql.SQL("LOCK TABLE {}.status_history IN ACCESS EXCLUSIVE MODE").format(
+                sql.Identifier(pg_schema)
+            )
+        )
+        token = base64.b64encode(f"CPA:{PASSWORDS['CPA']}".encode()).decode()
+        ws = await connect(
+            f"ws://127.0.0.1:{cs.port}/ocpp/CPA",
+            subprotocols=[Subprotocol("ocpp1.6")],
+            additional_headers={"Authorization": "Basic " + token},
+        )
+        t0 = cs.clock.now()
+        for i, status in enumerate(["Available", "Preparing", "Charging"]):
+            payload = {
+                "connectorId": 1,
+                "errorCode": "NoError",
+                "status": status,
+                "timestamp": iso(t0 + i),
+            }
+            await ws.send(json.dumps([2, f"s{i}", "StatusNotification", payload]))
+        await asyncio.sleep(0.5)  # all three read; the first waits on the lock
+        ws.transport.abort()  # the link drops: no close frame
+        for _ in range(100):
+            if not cs.is_connected("cp-a"):
+                break
+            await asyncio.sleep(0.05)
+        assert not cs.is_connected("cp-a")
+        await locker.rollback()
+        for _ in range(100):
+            latest = await store.latest_statuses()
+            if "cp-a" in latest and latest["cp-a"].state == ConnectorState.CONNECTOR_STATE_CHARGING:
+                break
+            await asyncio.sleep(0.05)
+        assert latest["cp-a"].state == ConnectorState.CONNECTOR_STATE_CHARGING, latest.get("cp-a")
+    finally:
+        await cs.stop()
         await locker.close()
         await store.close()

@@ -1312,7 +1312,10 @@ class FleetCoordinator:
                     await self._resend_if_lost(fid, sig, now)
                     continue
                 await self._store.mark_fleet_site_signal(fid, sid, sig.revision, taken_at_s=now)
-                self._resent.pop(sig.event_id, None)  # taken: never sent again
+                # Taken: neither it nor an older revision's signal to the site is sent again.
+                for older in out:
+                    if older.site_id == sid and older.revision <= sig.revision:
+                        self._resent.pop(older.event_id, None)
                 log.info("fleet: %s: %s took revision %d", fid, sid, sig.revision)
                 out[i] = dataclasses.replace(sig, taken_at_s=now)
                 break

@@ -31,7 +31,9 @@ class SiteBuses:
         self._section = bus_section
         self._clock = clock
         self._buses: dict[str, Bus] = {}
-        self._lock = asyncio.Lock()
+        # One lock per site: a bus that takes its connect timeout to start (the broker away)
+        # holds back no other site's (a curtailment's decrease to another site included).
+        self._locks: dict[str, asyncio.Lock] = {}
         self._shared: NatsConnection | None = None
         if parse_bus_config(bus_section).kind == "nats":
             from evcore.bus.natsbus import NatsConnection as Shared
@@ -39,7 +41,10 @@ class SiteBuses:
             self._shared = Shared(parse_bus_config(bus_section))
 
     async def get(self, site_id: str) -> Bus:
-        async with self._lock:
+        bus = self._buses.get(site_id)
+        if bus is not None:
+            return bus
+        async with self._locks.setdefault(site_id, asyncio.Lock()):
             bus = self._buses.get(site_id)
             if bus is None:
                 from evcore.bus import bus_from_config
@@ -53,8 +58,7 @@ class SiteBuses:
         return sorted(self._buses)
 
     async def close(self) -> None:
-        async with self._lock:
-            buses, self._buses = list(self._buses.values()), {}
+        buses, self._buses = list(self._buses.values()), {}
         for bus in buses:
             await bus.close()
         if self._shared is not None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ocpp.charge_point import ChargePoint as _LibChargePoint
 from ocpp.routing import on as _lib_on
+from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State as _WsState
 
 from evcore.clock import Clock
@@ -91,17 +92,42 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
         frames wait for the handler; beyond that the reader waits too."""
         inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue(CALLS_BUFFERED)
         handler = asyncio.ensure_future(self._handle_inbox(inbox))
+        closed: ConnectionClosed | None = None
         try:
-            async for raw in self.ws:
-                if _ANSWER.match(raw if isinstance(raw, str) else raw[:64].decode("latin-1")):
-                    await self.route_message(raw)
-                else:
-                    await self._hand_over(inbox, handler, raw)
-            # Closed: what was read is still handled, in order (its replies cannot leave).
+            try:
+                async for raw in self.ws:
+                    if _ANSWER.match(raw if isinstance(raw, str) else raw[:64].decode("latin-1")):
+                        await self.route_message(raw)
+                    else:
+                        await self._hand_over(inbox, handler, raw)
+            except ConnectionClosed as exc:
+                # Closed abnormally (the link dropped, a 1006): raised out of the loop.
+                closed = exc
+        except BaseException:
+            handler.cancel()  # (this process stops, or the handler failed: raised here)
+            raise
+        if handler.done() and not handler.cancelled() and handler.exception() is not None:
+            # The handler failed and closed the socket: its error, not the close it caused.
+            raise cast(BaseException, handler.exception())
+        # What was read before the close is still handled, in order (its replies cannot leave),
+        # as it was when each frame was handled as read; the handler task runs on while the
+        # session ends now, so the station is reported gone at once, not when a handler waiting
+        # on a stuck store returns.
+        self.csms._spawn(self._drain(inbox, handler))
+        if closed is not None:
+            raise closed
+
+    async def _drain(
+        self, inbox: asyncio.Queue[str | bytes | None], handler: asyncio.Future[None]
+    ) -> None:
+        try:
             await self._hand_over(inbox, handler, None)
             await handler
-        finally:
+        except asyncio.CancelledError:
             handler.cancel()
+            raise
+        except Exception:
+            LOG.exception("station %s: handling what it sent before it closed", self.id)
 
     async def _hand_over(
         self,

@@ -1045,9 +1045,10 @@ class CentralSystem:
                 await self._tx_event(st, tx, "started", tx.started_at or at, None, offline)
             else:
                 await self._tx_event(st, tx, "updated", at, None, offline)
-        except Exception:
-            # Not handled in full (a publish failed): the station's retry of this seqNo is
-            # processed again rather than answered as a replay.
+        except BaseException:
+            # Not handled in full (a publish failed, or the handler was cancelled with its
+            # connection): the station's retry of this seqNo is processed again rather than
+            # answered as a replay.
             tx.unsee_seq(seq_no)
             raise
 
