@@ -114,8 +114,6 @@ def _checked(name: str, typ: pa.DataType, value: Any) -> np.ndarray[Any, Any]:
         except (TypeError, ValueError) as exc:
             raise _input_error(name, None, f"holds a value that is not a number: {exc}") from None
         kind = "f"
-    if kind in "USV":
-        raise _input_error(name, None, f"holds {arr.dtype} values, not numbers or booleans")
     if kind not in "biuf":
         raise _input_error(name, None, f"holds {arr.dtype} values, not numbers or booleans")
     if typ == pa.bool_() and kind == "f" and np.isnan(arr).any():

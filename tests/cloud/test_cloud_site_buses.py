@@ -41,7 +41,7 @@ async def test_the_audit_consumers_and_the_grid_publisher_share_each_sites_bus(
     await store.open()
     buses = SiteBuses(config.bus, WallClock())
     consumers = AuditConsumers(config, store, WallClock(), buses)
-    publisher = BusGridPublisher(open_bus=buses.get)
+    publisher = BusGridPublisher(buses.get)
     try:
         await consumers.start()
         consumer_bus = consumers.by_site[site][1]
@@ -57,7 +57,6 @@ async def test_the_audit_consumers_and_the_grid_publisher_share_each_sites_bus(
         assert await publisher.stored(site, "grid-new-1")
     finally:
         await consumers.stop()
-        await publisher.close()
         bus = await buses.get(site)
         await bus.delete_streams()  # type: ignore[attr-defined]
         await buses.close()

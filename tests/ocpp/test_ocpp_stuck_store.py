@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -29,24 +32,18 @@ from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
+CHARGING = ConnectorState.CONNECTOR_STATE_CHARGING
 PG_DSN = os.environ.get("EVCORE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
 
 async def test_an_answer_to_our_call_is_read_while_a_handler_waits_on_the_store(
     pg_schema: str, tmp_path: Path
 ) -> None:
-    store = open_store({"kind": "postgres", "dsn": PG_DSN, "schema": pg_schema}, tmp_path)
-    await store.open()
-    locker = await psycopg.AsyncConnection.connect(PG_DSN)
-    try:
+    async with _store_and_locker(pg_schema, tmp_path) as (store, locker):
         async with rig(store=store, call_timeout_s=4.0) as r:
             sim = r.fleet.stations["CPA"]
             # Another session holds the status table: status writes wait for it.
-            await locker.execute(
-                sql.SQL("LOCK TABLE {}.status_history IN ACCESS EXCLUSIVE MODE").format(
-                    sql.Identifier(pg_schema)
-                )
-            )
+            await _lock_status_table(locker, pg_schema)
             n_status = len([e for e in r.events if isinstance(e, StatusEvent)])
             r.fleet.plug_in("cp-a", EV(soc=0.5))
             await r.until(
@@ -64,9 +61,6 @@ async def test_an_answer_to_our_call_is_read_while_a_handler_waits_on_the_store(
             await locker.rollback()
             await sim.wait_idle()
             assert "cp-a" in await store.latest_statuses()
-    finally:
-        await locker.close()
-        await store.close()
 
 
 async def test_frames_read_before_an_abnormal_close_are_still_handled(
@@ -77,47 +71,69 @@ async def test_frames_read_before_an_abnormal_close_are_still_handled(
     ends with ConnectionClosedError; before the fix that cancelled the waiting handler and
     dropped the two read after it. Handled inline, as before the handler task, every frame read
     counts: once the lock goes, the last of the three is the charger's status."""
+    async with _store_and_locker(pg_schema, tmp_path) as (store, locker):
+        cs = CentralSystem(make_site(configure_on_boot=False), clock=WallClock(), store=store)
+        await cs.start()
+        try:
+            await _lock_status_table(locker, pg_schema)
+            await _statuses_then_the_link_drops(cs)
+            await locker.rollback()
+            for _ in range(100):
+                latest = await store.latest_statuses()
+                if latest.get("cp-a") is not None and latest["cp-a"].state == CHARGING:
+                    break
+                await asyncio.sleep(0.05)
+            assert latest["cp-a"].state == CHARGING, latest.get("cp-a")
+        finally:
+            await cs.stop()
+
+
+async def _statuses_then_the_link_drops(cs: CentralSystem) -> None:
+    """CPA sends three StatusNotifications (the last: Charging) without waiting for answers;
+    then its link drops without a close frame, and the central system reports it gone."""
+    token = base64.b64encode(f"CPA:{PASSWORDS['CPA']}".encode()).decode()
+    ws = await connect(
+        f"ws://127.0.0.1:{cs.port}/ocpp/CPA",
+        subprotocols=[Subprotocol("ocpp1.6")],
+        additional_headers={"Authorization": "Basic " + token},
+    )
+    t0 = cs.clock.now()
+    for i, status in enumerate(["Available", "Preparing", "Charging"]):
+        payload = {
+            "connectorId": 1,
+            "errorCode": "NoError",
+            "status": status,
+            "timestamp": iso(t0 + i),
+        }
+        await ws.send(json.dumps([2, f"s{i}", "StatusNotification", payload]))
+    await asyncio.sleep(0.5)  # all three read; the first waits on the lock
+    ws.transport.abort()  # the link drops: no close frame
+    for _ in range(100):
+        if not cs.is_connected("cp-a"):
+            break
+        await asyncio.sleep(0.05)
+    assert not cs.is_connected("cp-a")
+
+
+@contextlib.asynccontextmanager
+async def _store_and_locker(
+    pg_schema: str, tmp_path: Path
+) -> AsyncIterator[tuple[Any, psycopg.AsyncConnection[Any]]]:
+    """The PostgreSQL store in ``pg_schema``, opened, and a second session to lock its tables."""
     store = open_store({"kind": "postgres", "dsn": PG_DSN, "schema": pg_schema}, tmp_path)
     await store.open()
     locker = await psycopg.AsyncConnection.connect(PG_DSN)
-    cs = CentralSystem(make_site(configure_on_boot=False), clock=WallClock(), store=store)
-    await cs.start()
     try:
-        await locker.execute(
-            sql.SQL("LOCK TABLE {}.status_history IN ACCESS EXCLUSIVE MODE").format(
-                sql.Identifier(pg_schema)
-            )
-        )
-        token = base64.b64encode(f"CPA:{PASSWORDS['CPA']}".encode()).decode()
-        ws = await connect(
-            f"ws://127.0.0.1:{cs.port}/ocpp/CPA",
-            subprotocols=[Subprotocol("ocpp1.6")],
-            additional_headers={"Authorization": "Basic " + token},
-        )
-        t0 = cs.clock.now()
-        for i, status in enumerate(["Available", "Preparing", "Charging"]):
-            payload = {
-                "connectorId": 1,
-                "errorCode": "NoError",
-                "status": status,
-                "timestamp": iso(t0 + i),
-            }
-            await ws.send(json.dumps([2, f"s{i}", "StatusNotification", payload]))
-        await asyncio.sleep(0.5)  # all three read; the first waits on the lock
-        ws.transport.abort()  # the link drops: no close frame
-        for _ in range(100):
-            if not cs.is_connected("cp-a"):
-                break
-            await asyncio.sleep(0.05)
-        assert not cs.is_connected("cp-a")
-        await locker.rollback()
-        for _ in range(100):
-            latest = await store.latest_statuses()
-            if "cp-a" in latest and latest["cp-a"].state == ConnectorState.CONNECTOR_STATE_CHARGING:
-                break
-            await asyncio.sleep(0.05)
-        assert latest["cp-a"].state == ConnectorState.CONNECTOR_STATE_CHARGING, latest.get("cp-a")
+        yield store, locker
     finally:
-        await cs.stop()
         await locker.close()
         await store.close()
+
+
+async def _lock_status_table(locker: psycopg.AsyncConnection[Any], pg_schema: str) -> None:
+    """Hold the status table (until ``locker`` rolls back): status writes wait for it."""
+    await locker.execute(
+        sql.SQL("LOCK TABLE {}.status_history IN ACCESS EXCLUSIVE MODE").format(
+            sql.Identifier(pg_schema)
+        )
+    )

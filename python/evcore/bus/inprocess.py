@@ -209,7 +209,7 @@ class _DurableRun:
                 # more was delivered. As on NATS: the message waits and is tried again.
                 attempt += 1
                 self._dedupe_failed(exc, attempt)
-                await self._bus.clock.sleep(min(0.05 * 2 ** min(attempt, 5), 1.0))
+                await self._back_off(attempt)
                 continue
             if seen:
                 stats.duplicates_dropped += 1
@@ -230,11 +230,15 @@ class _DurableRun:
                     outcome = "error"
             if outcome == "error":
                 attempt += 1
-                await self._bus.clock.sleep(min(0.05 * 2 ** min(attempt, 5), 1.0))
+                await self._back_off(attempt)
                 continue
             attempt = 0
             self._d.deliveries.pop(m.seq, None)
             self._d.next_seq = m.seq + 1
+
+    async def _back_off(self, attempt: int) -> None:
+        """Wait before trying a message again: 0.1 s doubling per attempt, at most 1 s."""
+        await self._bus.clock.sleep(min(0.05 * 2 ** min(attempt, 5), 1.0))
 
     def _dedupe_failed(self, exc: Exception, attempt: int) -> None:
         self._bus.stats.handler_errors += 1

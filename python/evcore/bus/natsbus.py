@@ -936,11 +936,7 @@ class NatsBus:
             except Exception as exc:
                 # An outbox read failing (a locked file, an I/O error) ended this task for good,
                 # silently: nothing more left while publish() went on accepting.
-                failures += 1
-                self._stats.send_failures += 1
-                if failures in (1, 10) or failures % 100 == 0:
-                    log.warning("bus: outbox read failed (%d pending): %r", ob.pending, exc)
-                await self.clock.sleep(min(self.config.reconnect_wait_s * failures, 2.0))
+                failures = await self._pump_failed(failures, "read", exc)
                 continue
             if not entries:
                 await self.clock.sleep(0.01)
@@ -996,13 +992,19 @@ class NatsBus:
                 failures = 0
                 window = _PUMP_WINDOW
                 continue
-            failures += 1
-            self._stats.send_failures += 1
             window = 1  # after a failure, go one by one until the broker confirms again
-            if failures in (1, 10) or failures % 100 == 0:
-                log.warning("bus: outbox publish failed (%d pending): %r", ob.pending, error)
             await self._restore_streams(error)
-            await self.clock.sleep(min(self.config.reconnect_wait_s * failures, 2.0))
+            failures = await self._pump_failed(failures, "publish", error)
+
+    async def _pump_failed(self, failures: int, what: str, error: BaseException | None) -> int:
+        """Count an outbox pump failure (``what``: read or publish), log the 1st, 10th and every
+        100th in a row, and back off; returns the failures in a row."""
+        failures += 1
+        self._stats.send_failures += 1
+        if failures in (1, 10) or failures % 100 == 0:
+            log.warning("bus: outbox %s failed (%d pending): %r", what, self.outbox.pending, error)
+        await self.clock.sleep(min(self.config.reconnect_wait_s * failures, 2.0))
+        return failures
 
     async def _wait_connected(self, timeout_s: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -340,38 +340,11 @@ class GridPublisher(Protocol):
 
 
 class BusGridPublisher:
-    """Publishes on each site's own bus (one ``Bus`` per site, opened on first use; buses handed in
-    are reused). ``open_bus``: buses come started from it and stay its own (``SiteBuses.get``:
-    the ones the audit consumers read); else ``new_bus`` makes them and they are this one's."""
+    """Publishes on each site's own bus, as ``open_bus`` gives it (``SiteBuses.get``: started,
+    opened once per site, closed by its owner)."""
 
-    def __init__(
-        self,
-        new_bus: Callable[[str], Bus] | None = None,
-        buses: dict[str, Bus] | None = None,
-        *,
-        open_bus: Callable[[str], Awaitable[Bus]] | None = None,
-    ) -> None:
-        if (new_bus is None) == (open_bus is None):
-            raise ValueError("BusGridPublisher: give new_bus or open_bus, one of them")
-        self._new_bus = new_bus
-        self._open_bus = open_bus
-        self._buses: dict[str, Bus] = dict(buses or {})
-        self._owned: list[Bus] = []
-        self._lock = asyncio.Lock()
-
-    async def _bus(self, site_id: str) -> Bus:
-        async with self._lock:
-            bus = self._buses.get(site_id)
-            if bus is None:
-                if self._open_bus is not None:
-                    bus = await self._open_bus(site_id)
-                else:
-                    assert self._new_bus is not None
-                    bus = self._new_bus(site_id)
-                    await bus.start()
-                    self._owned.append(bus)
-                self._buses[site_id] = bus
-            return bus
+    def __init__(self, open_bus: Callable[[str], Awaitable[Bus]]) -> None:
+        self._bus = open_bus
 
     async def publish_grid(self, site_id: str, signal: GridSignal, *, event_id: str) -> None:
         bus = await self._bus(site_id)
@@ -394,11 +367,6 @@ class BusGridPublisher:
         except BusError:
             return True
         return state.stored
-
-    async def close(self) -> None:
-        for bus in self._owned:
-            await bus.close()
-        self._owned.clear()
 
 
 # -- break before make ----------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from grpc_health.v1.health import aio as health_aio
 
 from evcore.api.convert import timestamp
 from evcore.api.serving import add_health, bind, start_serving, stop_serving
-from evcore.bus.api import Bus
 from evcore.clock import Clock, WallClock
 from evcore.cloud.auth import DirectIssuers, OperatorAuth, SiteAuthInterceptor, caller_site
 from evcore.cloud.config import CloudConfig, CloudConfigError
@@ -282,7 +281,8 @@ class CloudApiServer:
         self.store = store
         self.service = CloudApiService(store, clock=clock)
         self.fleet: FleetCoordinator | None = None
-        self._owned_publisher: BusGridPublisher | None = None
+        # The sites' buses the fleet publishes on, when this server opened them itself.
+        self._owned_buses: SiteBuses | None = None
         self._operator_ca_pem = b""
         self._resplits: asyncio.Task[None] | None = None
         self._republish: asyncio.Task[None] | None = None
@@ -290,22 +290,14 @@ class CloudApiServer:
         self._clock = clock
         operators: OperatorAuth | None = None
         if config.fleet is not None:
-            if grid_publisher is None and site_buses is not None:
-                # The sites' buses the audit consumers read: one per site, one outbox file each.
-                self._owned_publisher = BusGridPublisher(open_bus=site_buses.get)
-                grid_publisher = self._owned_publisher
-            elif grid_publisher is None:
-                from evcore.bus import bus_from_config
-
-                bus_section = config.bus
-
-                def new_bus(site_id: str) -> Bus:
-                    # The bus's retries and back-offs are transport timing on the wall clock,
-                    # whatever clock stamps the records (a test's manual clock never advances).
-                    return bus_from_config(bus_section, site_id, WallClock())
-
-                self._owned_publisher = BusGridPublisher(new_bus)
-                grid_publisher = self._owned_publisher
+            if grid_publisher is None:
+                # The sites' buses the audit consumers read (one per site, one outbox file each),
+                # else buses of its own. Their retries and back-offs are transport timing on the
+                # wall clock, whatever clock stamps the records (a test's manual clock never
+                # advances).
+                if site_buses is None:
+                    site_buses = self._owned_buses = SiteBuses(config.bus or {}, WallClock())
+                grid_publisher = BusGridPublisher(site_buses.get)
             self.fleet = FleetCoordinator(
                 store,
                 grid_publisher,
@@ -435,8 +427,8 @@ class CloudApiServer:
             self._server, self.health, self.config.stop_grace_s if grace_s is None else grace_s
         )
         self._server = None
-        if self._owned_publisher is not None:
-            await self._owned_publisher.close()
+        if self._owned_buses is not None:
+            await self._owned_buses.close()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

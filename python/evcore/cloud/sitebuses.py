@@ -35,10 +35,11 @@ class SiteBuses:
         # holds back no other site's (a curtailment's decrease to another site included).
         self._locks: dict[str, asyncio.Lock] = {}
         self._shared: NatsConnection | None = None
-        if parse_bus_config(bus_section).kind == "nats":
+        cfg = parse_bus_config(bus_section)
+        if cfg.kind == "nats":
             from evcore.bus.natsbus import NatsConnection as Shared
 
-            self._shared = Shared(parse_bus_config(bus_section))
+            self._shared = Shared(cfg)
 
     async def get(self, site_id: str) -> Bus:
         bus = self._buses.get(site_id)

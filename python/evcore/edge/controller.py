@@ -1358,12 +1358,15 @@ class EdgeController:
             # and 6 at 0 A on a 64 A feeder, their TxDefaults never lowered (the restart test).
             key = (caps_key, at_max, lowering, tuple(sorted(held.items())))
             if key != self._failsafe_key:
-                levels = (
-                    self.core.failsafe_levels(caps, at_max=at_max | lowering, held=held)
-                    if at_max or lowering or held
-                    else plain
-                )
-                levels = dict(levels)  # (never the plain levels' own dict)
+
+                def counted(hold: Mapping[str, float]) -> dict[str, float]:
+                    """The levels with ``at_max | lowering`` at their maximum and the chargers of
+                    ``hold`` at what they hold (the plain levels when there are none)."""
+                    if not (at_max or lowering or hold):
+                        return plain
+                    return self.core.failsafe_levels(caps, at_max=at_max | lowering, held=hold)
+
+                levels = dict(counted(held))  # (never the plain levels' own dict)
                 levels.update({cid: plain[cid] for cid in lowering if cid in plain})
                 if held:
                     # Their own levels: beside the others as those are counted (at their
@@ -1371,11 +1374,7 @@ class EdgeController:
                     # would put every charger of a node their old levels fill at 0 A), and
                     # never above the plain level. The others' levels are sized beside more than
                     # that, so they fit beside it once it is accepted.
-                    beside = (
-                        self.core.failsafe_levels(caps, at_max=at_max | lowering)
-                        if at_max or lowering
-                        else plain
-                    )
+                    beside = counted({})
                     for cid in held.keys() & plain.keys():
                         levels[cid] = min(plain[cid], beside.get(cid, plain[cid]))
                 self.failsafe = levels
@@ -1409,11 +1408,12 @@ class EdgeController:
             level = plain.get(cid)
             if level is None or cid in counted:
                 continue
-            may_hold = [v for v in (c.tx_default, c.replaced_default(now_m)) if v is not None]
-            if c.transaction_id is not None and c.expires_at is not None:
-                if c.final_level is not None:
-                    may_hold.append(c.final_level)
-            top = max(may_hold, default=None)
+            in_session = c.transaction_id is not None and c.expires_at is not None
+            final = c.final_level if in_session else None
+            top = max(
+                (v for v in (c.tx_default, c.replaced_default(now_m), final) if v is not None),
+                default=None,
+            )
             if top is not None and self.wire(cid, level) < self.wire(cid, top) - 1e-9:
                 out[cid] = top
         return out

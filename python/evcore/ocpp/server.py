@@ -861,6 +861,15 @@ class CentralSystem:
         self._emit(ev)
         await self._publisher.publish(ev)
 
+    def _end(self, st: Station, tx: TxState, at: float, reason: str | None) -> None:
+        """Book ``tx`` ended (at ``at`` by the station, now by our monotonic clock, for
+        ``TX_KEEP_S``); its EVSE no longer has it active."""
+        tx.ended = True
+        tx.ended_mono = self.clock.monotonic()
+        tx.ended_at, tx.end_reason = at, reason
+        if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == tx.transaction_id:
+            del st.active_tx[tx.evse_id]
+
     def _forget_ended(self, st: Station) -> None:
         """Drop ``st``'s transactions that ended more than ``TX_KEEP_S`` ago and whose end the
         bus and store took (a new one starting is when: the work is per session)."""
@@ -981,11 +990,7 @@ class CentralSystem:
         if tx is None:
             tx = self._unknown_stop_1_6(st, tx_id)
         tx.last_register_wh = meter_stop_wh
-        tx.ended = True
-        tx.ended_mono = self.clock.monotonic()
-        tx.ended_at, tx.end_reason = at, reason
-        if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == tx_id:
-            del st.active_tx[tx.evse_id]
+        self._end(st, tx, at, reason)
         await self._tx_event(st, tx, "ended", at, reason)
 
     async def _on_transaction_event_2_0_1(
@@ -1033,11 +1038,7 @@ class CentralSystem:
                 await self._tx_event(st, tx, "ended", tx.ended_at or at, tx.end_reason, offline)
                 return
             if event_type == "Ended":
-                tx.ended = True
-                tx.ended_mono = self.clock.monotonic()
-                tx.ended_at, tx.end_reason = at, reason
-                if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == transaction_id:
-                    del st.active_tx[tx.evse_id]
+                self._end(st, tx, at, reason)
                 await self._tx_event(st, tx, "ended", at, reason, offline)
             elif new or "started" not in tx.published:
                 if tx.evse_id is not None:
