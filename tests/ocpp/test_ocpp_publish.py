@@ -179,6 +179,58 @@ async def test_restart_with_the_store_never_duplicates_a_transaction(tmp_path: P
         await store.close()
 
 
+async def test_a_resent_meter_values_frame_is_stored_and_published_once(
+    store_section: dict[str, object], tmp_path: Path
+) -> None:
+    """A station resends MeterValues and StatusNotification after losing our answer."""
+    bus = InProcessBus("ocpp-test")
+    await bus.start()
+    store = open_store(store_section, tmp_path)
+    await store.open()
+    published: list[BusMessage] = []
+
+    async def collect(msg: BusMessage) -> None:
+        published.append(msg)
+
+    await bus.subscribe("evcore.ocpp-test.telemetry.*", collect)
+    clock = WallClock()
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, store=store, bus=bus)
+    await cs.start()
+    try:
+        ws = await connect(
+            f"ws://127.0.0.1:{cs.port}/ocpp/CPA",
+            subprotocols=[Subprotocol("ocpp1.6")],
+            additional_headers=auth("CPA"),
+        )
+        at = iso(clock.now() - 5)
+        meter = {
+            "connectorId": 1,
+            "meterValue": [
+                {
+                    "timestamp": at,
+                    "sampledValue": [
+                        {"value": "12.5", "measurand": "Current.Import", "unit": "A", "phase": "L1"}
+                    ],
+                }
+            ],
+        }
+        status = {"connectorId": 1, "errorCode": "NoError", "status": "Charging", "timestamp": at}
+        for uid in ("m1", "m2"):  # the second: a new message id, as a station's retry may use
+            assert (await _raw(ws, uid, "MeterValues", meter))[0] == 3
+            assert (await _raw(ws, "s" + uid, "StatusNotification", status))[0] == 3
+        await ws.close()
+        await bus.flush()
+        stored = await store.meter_samples("cp-a")
+        assert [s.current_a[1] for s in stored] == [12.5]
+        assert len([m for m in published if m.subject.endswith("cp-a")]) == 1
+        history = await store.status_history("cp-a")
+        assert [h.state for h in history] == [status_pb2.CONNECTOR_STATE_CHARGING]
+    finally:
+        await cs.stop()
+        await store.close()
+        await bus.close()
+
+
 SHARED_NATS = os.environ.get("EVCORE_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -267,6 +268,67 @@ async def test_telemetry_append_query_and_retention(store: SqlStore) -> None:
     assert [s.current_a[0] for s in await store.meter_samples("C1")] == [5.0, 6.0, 7.0, 8.0, 9.0]
 
 
+async def test_a_resent_meter_sample_or_status_is_stored_once(store: SqlStore) -> None:
+    first = sample("C1", T0, 10.0)
+    first.received_at.CopyFrom(ts(T0 + 1))
+    assert await store.append_meter_samples([first]) == 1
+    # The station's resend after a lost answer: the same sample, received later; and a batch
+    # holding the same sample twice beside a new one.
+    again = sample("C1", T0, 10.0)
+    again.received_at.CopyFrom(ts(T0 + 31))
+    assert await store.append_meter_samples([again]) == 0
+    later = sample("C1", T0 + 10, 11.0)
+    assert await store.append_meter_samples([later, later, sample("C2", T0, 5.0)]) == 2
+    got = await store.meter_samples("C1")
+    assert [(s.current_a[0], s.received_at.seconds) for s in got] == [
+        (10.0, int(T0 + 1)),
+        (11.0, 0),
+    ]
+    assert len(await store.meter_samples("C2")) == 1
+    # Statuses: the same status at the same time is history once; a different status at the
+    # same time (two notifications within one second's stamp) is history too.
+    charging = ConnectorState.CONNECTOR_STATE_CHARGING
+    for received in (T0 + 1, T0 + 31):
+        st = status("C1", T0, ConnectorState.CONNECTOR_STATE_PREPARING)
+        st.received_at.CopyFrom(ts(received))
+        await store.record_status(st)
+    await store.record_status(status("C1", T0, charging))
+    history = await store.status_history("C1")
+    assert sorted(h.state for h in history) == [ConnectorState.CONNECTOR_STATE_PREPARING, charging]
+
+
+async def test_upgrading_keeps_one_of_each_meter_sample_stored_twice(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    # The schema before the key, holding a sample stored twice (the old store's resend bug).
+    version = 5 if store_section["kind"] == "postgres" else 2
+    await store.append_meter_samples([sample("C1", T0, 1.0), sample("C1", T0 + 1, 2.0)])
+
+    def downgrade(tx: Any) -> None:
+        tx.execute("DROP INDEX meter_samples_key")
+        tx.execute("CREATE INDEX meter_samples_charger_time ON meter_samples (charger_id, t_s)")
+        tx.execute("DELETE FROM schema_migrations WHERE version = ?", (version,))
+
+    await store._run(store._telemetry, downgrade)
+    await store._run(
+        store._telemetry,
+        lambda tx: tx.insert_many(
+            "meter_samples",
+            ("charger_id", "t_s", "payload"),
+            [("C1", T0, sample("C1", T0, 1.0).SerializeToString())],
+        ),
+    )
+    assert len(await store.meter_samples("C1")) == 3
+    await store.close()
+    again = open_store(store_section, tmp_path)
+    await again.open()
+    try:
+        assert [s.current_a[0] for s in await again.meter_samples("C1")] == [1.0, 2.0]
+        assert await again.append_meter_samples([sample("C1", T0, 1.0)]) == 0
+    finally:
+        await again.close()
+
+
 async def test_status_history_and_latest(store: SqlStore) -> None:
     await store.record_status(status("C1", T0, ConnectorState.CONNECTOR_STATE_AVAILABLE))
     await store.record_status(status("C1", T0 + 10, ConnectorState.CONNECTOR_STATE_CHARGING))
@@ -385,8 +447,9 @@ async def test_station_events_are_idempotent_and_queried(store: SqlStore) -> Non
 async def test_an_older_schema_is_upgraded_keeping_its_data(
     store_section: dict[str, object], tmp_path: Path
 ) -> None:
-    """A store created before the station events and audit index migrations gains the table and
-    the index on the next open, and what it held stays readable and verifiable."""
+    """A store created before its last two migrations (SQLite records: station events and the
+    audit index; PostgreSQL: the audit index and the meter sample key) gains them on the next
+    open, and what it held stays readable and verifiable."""
     old = open_store(store_section, tmp_path)
     newest = old._records.migrations()
     for backend in (old._records, old._telemetry):  # PostgreSQL: both run the one list

@@ -154,6 +154,23 @@ _RECORDS_V3 = """
 CREATE INDEX audit_chargers_seq ON audit_chargers (seq);
 """
 
+# A meter sample resent by a station after a lost answer (or handed to the store again) was stored
+# twice. One row per charger and sample time, as the bus keeps one event per charger and time:
+# the first stored wins, the later copies are dropped here and refused by the key from now on.
+_TELEMETRY_V2_SQLITE = """
+DELETE FROM meter_samples WHERE rowid NOT IN (
+    SELECT MIN(rowid) FROM meter_samples GROUP BY charger_id, t_s
+);
+DROP INDEX meter_samples_charger_time;
+CREATE UNIQUE INDEX meter_samples_key ON meter_samples (charger_id, t_s);
+"""
+_TELEMETRY_V2_POSTGRES = """
+DELETE FROM meter_samples a USING meter_samples b
+    WHERE a.charger_id = b.charger_id AND a.t_s = b.t_s AND a.ctid > b.ctid;
+DROP INDEX meter_samples_charger_time;
+CREATE UNIQUE INDEX meter_samples_key ON meter_samples (charger_id, t_s);
+"""
+
 _SQLITE = {"real": "REAL", "bigint": "INTEGER", "blob": "BLOB", "bool": "INTEGER"}
 _POSTGRES = {"real": "DOUBLE PRECISION", "bigint": "BIGINT", "blob": "BYTEA", "bool": "BOOLEAN"}
 
@@ -168,6 +185,7 @@ SQLITE_RECORDS: tuple[Migration, ...] = (
 )
 SQLITE_TELEMETRY: tuple[Migration, ...] = (
     Migration(1, "telemetry: meter samples, status history", _TELEMETRY_V1.format(**_SQLITE)),
+    Migration(2, "telemetry: one meter sample per charger and time", _TELEMETRY_V2_SQLITE),
 )
 POSTGRES: tuple[Migration, ...] = (
     Migration(
@@ -178,6 +196,7 @@ POSTGRES: tuple[Migration, ...] = (
     Migration(2, "telemetry: meter samples, status history", _TELEMETRY_V1.format(**_POSTGRES)),
     Migration(3, "records: station events", _RECORDS_V2.format(**_POSTGRES)),
     Migration(4, "records: audit charger index by seq", _RECORDS_V3),
+    Migration(5, "telemetry: one meter sample per charger and time", _TELEMETRY_V2_POSTGRES),
 )
 
 

@@ -104,19 +104,32 @@ class Tx:
             return
         self._insert_values(table, columns, rows, " " + on_conflict)
 
+    def insert_new(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], key: str
+    ) -> int:
+        """Multi-row ``INSERT … ON CONFLICT (key) DO NOTHING``: rows whose key is stored already
+        (or comes earlier in ``rows``) are skipped. Returns how many rows were inserted."""
+        if not rows:
+            return 0
+        return self._insert_values(table, columns, rows, f" ON CONFLICT ({key}) DO NOTHING")
+
     def _insert_values(
         self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], tail: str = ""
-    ) -> None:
-        """Multi-row ``INSERT … VALUES (…), (…)`` + ``tail``, in chunks under the parameter cap."""
+    ) -> int:
+        """Multi-row ``INSERT … VALUES (…), (…)`` + ``tail``, in chunks under the parameter cap;
+        returns the rows the statements changed."""
         width = len(columns)
         per_chunk = max(1, INSERT_CHUNK_PARAMS // width)
         head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
         one = "(" + ", ".join("?" * width) + ")"
+        changed = 0
         for start in range(0, len(rows), per_chunk):
             chunk = rows[start : start + per_chunk]
             params = [v for row in chunk for v in row]
             sql = head + ", ".join([one] * len(chunk)) + tail
             self._cur.execute(self._translate(sql), params)
+            changed += max(0, int(self._cur.rowcount))
+        return changed
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         self._cur.execute(self._translate(sql), tuple(params))
@@ -194,6 +207,15 @@ def ts_s(ts: Timestamp) -> float:
 
 def ts_us(ts: Timestamp) -> int:
     return ts.seconds * 1_000_000 + ts.nanos // 1000
+
+
+def _same_status(status: ChargerStatus, stored: bytes) -> bool:
+    """``stored`` (a status_history payload) reports what ``status`` does, whenever received."""
+    other = ChargerStatus.FromString(stored)
+    other.received_at.CopyFrom(status.received_at)
+    if not status.HasField("received_at"):
+        other.ClearField("received_at")
+    return other == status
 
 
 def sample_time_s(msg: MeterSample | ChargerStatus) -> float:
@@ -721,8 +743,10 @@ class SqlStore(BackendStore):
             return 0
 
         def op(tx: Tx) -> int:
-            tx.insert_many("meter_samples", ("charger_id", "t_s", "payload"), rows)
-            return len(rows)
+            # A sample stored before (a station's resend after a lost answer) is not stored twice.
+            return tx.insert_new(
+                "meter_samples", ("charger_id", "t_s", "payload"), rows, "charger_id, t_s"
+            )
 
         return await self._run(self._telemetry, op)
 
@@ -735,9 +759,17 @@ class SqlStore(BackendStore):
         )
 
         def op(tx: Tx) -> None:
-            tx.execute(
-                "INSERT INTO status_history (charger_id, t_s, payload) VALUES (?, ?, ?)", row
-            )
+            # A status stored before (a station's resend after a lost answer: the same status at
+            # the same time, received again) is not history twice.
+            if not any(
+                _same_status(status, bytes(r[0]))
+                for r in tx.all(
+                    "SELECT payload FROM status_history WHERE charger_id = ? AND t_s = ?", row[:2]
+                )
+            ):
+                tx.execute(
+                    "INSERT INTO status_history (charger_id, t_s, payload) VALUES (?, ?, ?)", row
+                )
             # The latest by time wins: a late, older status does not overwrite a newer one.
             tx.execute(
                 "INSERT INTO status_latest (charger_id, t_s, payload) VALUES (?, ?, ?)"
