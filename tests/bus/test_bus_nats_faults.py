@@ -243,6 +243,49 @@ async def test_oversized_event_refused_at_publish_and_what_follows_is_sent(
         await bus.close()
 
 
+async def test_an_event_the_broker_turns_out_unable_to_take_is_set_aside_not_retried(
+    tmp_path: Path,
+) -> None:
+    """Accepted while the broker was away (checked against the 1 MiB default), a 200 KB event
+    is above the broker's real max_payload (64 KiB): it is set aside, kept in the outbox file,
+    and the events after it are sent (before, it was retried for ever and nothing after it left).
+    The figure learnt is kept: on the next start without the broker, such an event is refused."""
+    srv = NatsServer(tmp_path / "js", max_payload=64 * 1024)
+    site = unique_site()
+    s = Subjects(site)
+    outbox = tmp_path / "outbox"
+    try:
+        bus = make_nats_bus(site, srv.url, outbox)
+        await bus.start()
+        try:
+            assert not bus.connected
+            await bus.publish(s.audit, b"before", event_id="before")
+            await bus.publish(s.audit, b"z" * 200_000, event_id="big")
+            await bus.publish(s.audit, b"after", event_id="after")
+            assert bus.outbox.pending == 3
+            srv.start()
+            assert await bus.flush(timeout_s=30), "an event stayed stuck in the outbox"
+            info = await bus._js.stream_info(bus.streams[0].name)
+            assert info.state.messages == 2
+            aside = await bus.outbox.set_aside_entries()
+            assert [(e.event_id, len(e.payload)) for e, _ in aside] == [("big", 200_000)]
+            assert "max_payload of 65536" in aside[0][1]
+            assert bus.stats.set_aside == 1 and bus.outbox.pending == 0
+        finally:
+            await bus.close()
+        srv.kill()
+        again = make_nats_bus(site, srv.url, outbox)
+        await again.start()
+        try:
+            assert not again.connected
+            with pytest.raises(ValueError, match="max_payload of 65536"):
+                await again.publish(s.audit, b"z" * 200_000, event_id="big-2")
+        finally:
+            await again.close()
+    finally:
+        srv.kill()
+
+
 async def test_broker_unreachable_control_path_keeps_going_telemetry_sampled(
     stopped_nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -124,6 +124,7 @@ class BusStats:
     slow_consumer_dropped: int = 0  # messages a slow subscriber lost (its queue was full)
     send_failures: int = 0  # broker publish attempts that failed (retried for critical events)
     outbox_pending: int = 0  # gauge: critical events accepted but not yet confirmed by the broker
+    set_aside: int = 0  # critical events the broker can never take (above its max_payload), kept
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -49,7 +49,7 @@ from evcore.bus.api import (
     to_bytes,
 )
 from evcore.bus.config import BusConfig
-from evcore.bus.outbox import Outbox
+from evcore.bus.outbox import Outbox, OutboxEntry
 from evcore.bus.streams import RouteCache, durable_stream, stream_for_subject
 from evcore.bus.subjects import (
     CRITICAL_KINDS,
@@ -74,8 +74,10 @@ _FETCH_EXPIRY_S = 1.0
 _FETCH_BATCH = 64
 # Idle pulls (each _FETCH_EXPIRY_S) between checks that a durable still exists on the broker.
 _IDLE_PULLS_PER_CHECK = 10
-# nats-server's default max_payload, used until the broker's own figure is known (first connect).
+# nats-server's default max_payload, used until the broker's own figure is known (first connect;
+# the outbox file keeps the last figure learnt, for a start while the broker is away).
 _DEFAULT_MAX_PAYLOAD = 1024 * 1024
+_MAX_PAYLOAD_KEY = "broker_max_payload"
 # Stream sequences remembered per (stream, subject, event id) for ack_state (oldest go first).
 _SEQS_KEPT = 16_384
 # Header bytes besides the ids: "NATS/1.0\r\n", the two header names, separators, final CRLF.
@@ -495,6 +497,7 @@ class NatsBus:
         self.subjects = Subjects(site_id)
         self.clock: Clock = clock or WallClock()
         self._stats = BusStats()
+        self._max_payload = _DEFAULT_MAX_PAYLOAD
         self._specs = list(streams) if streams is not None else self.config.streams(site_id)
         self.outbox = Outbox(
             outbox_path or self.config.outbox_dir / f"{escape_token(site_id)}.sqlite"
@@ -546,6 +549,10 @@ class NatsBus:
         if self._started:
             return
         await self.outbox.open()
+        with contextlib.suppress(Exception):  # unknown: the default
+            known = await self.outbox.recall(_MAX_PAYLOAD_KEY)
+            if known is not None and int(known) > 0:
+                self._max_payload = int(known)
         self._started = True
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -566,8 +573,20 @@ class NatsBus:
     async def _disconnected_cb(self) -> None:
         log.info("bus: disconnected from NATS; critical events wait in the outbox")
 
+    async def _learn_max_payload(self) -> None:
+        """Keep the broker's max_payload (its INFO, on every connect) for a start without it."""
+        nc = self._nc
+        if nc is None or not nc.max_payload or nc.max_payload == self._max_payload:
+            return
+        self._max_payload = int(nc.max_payload)
+        try:
+            await self.outbox.remember(_MAX_PAYLOAD_KEY, str(self._max_payload))
+        except Exception as exc:  # the figure is only a default for the next start
+            log.warning("bus: could not keep the broker's max_payload: %r", exc)
+
     async def _reconnected_cb(self) -> None:
         log.info("bus: reconnected to NATS")
+        await self._learn_max_payload()
         self.outbox.nonempty.set() if self.outbox.pending else None
         self._send_wake.set()
 
@@ -581,6 +600,7 @@ class NatsBus:
             await nc.connect(**_connect_options(cfg, self))
         self._nc = nc
         self._js = nc.jetstream(timeout=cfg.publish_timeout_s)
+        await self._learn_max_payload()
         if cfg.manage_streams and not self._closing:
             # Tried at the reconnect pace for up to connect_timeout_s (a cluster still electing
             # its leaders refuses for a few seconds: start() then returns with the streams made).
@@ -747,14 +767,22 @@ class NatsBus:
         above its ``max_payload``): queued, it would be retried for ever and hold back every
         event behind it (the outbox sends in order), and each retry would keep one of nats-py's
         publish slots."""
+        why = self._too_large(subject, data, eid, stream.name if stream else None)
+        if why is not None:
+            raise PayloadTooLarge(why + "; split it")
+
+    def _too_large(self, subject: str, data: bytes, eid: str, stream: str | None) -> str | None:
+        """Why the broker cannot take this message (headers plus payload above its
+        max_payload: the connected broker's, else the last one learnt), or None."""
         nc = self._nc
-        limit = nc.max_payload if nc is not None else _DEFAULT_MAX_PAYLOAD
-        headers = _HEADER_OVERHEAD + len(eid.encode()) + (len(stream.name) if stream else 0)
-        if len(data) + headers > limit:
-            raise PayloadTooLarge(
-                f"payload of {len(data)} bytes on {subject!r} (event {eid}) exceeds the broker's "
-                f"max_payload of {limit} bytes with {headers} bytes of headers; split it"
-            )
+        limit = nc.max_payload if nc is not None and nc.max_payload else self._max_payload
+        headers = _HEADER_OVERHEAD + len(eid.encode()) + (len(stream) if stream else 0)
+        if len(data) + headers <= limit:
+            return None
+        return (
+            f"payload of {len(data)} bytes on {subject!r} (event {eid}) exceeds the broker's "
+            f"max_payload of {limit} bytes with {headers} bytes of headers"
+        )
 
     async def publish(
         self,
@@ -943,6 +971,10 @@ class NatsBus:
                 continue
             futs: list[asyncio.Future[Any]] = []
             error: BaseException | None = None
+            # An entry the connected broker can never take (its max_payload is below it: lowered
+            # since the entry was accepted, or learnt only now): sent after what is before it,
+            # then set aside. Before, it was retried for ever and nothing behind it left.
+            oversize: tuple[OutboxEntry, str] | None = None
             try:
                 # Order in the stream: a window normally reaches the socket in one write (nats-py
                 # does not yield between these publishes), so if the broker lost entry i it lost
@@ -953,6 +985,12 @@ class NatsBus:
                     if self._nc is None or not self._nc.is_connected:
                         break
                     stream = stream_for_subject(self._specs, e.subject)
+                    why = self._too_large(
+                        e.subject, e.payload, e.event_id, stream.name if stream else None
+                    )
+                    if why is not None:
+                        oversize = (e, why)
+                        break
                     futs.append(
                         await self._js.publish_async(
                             e.subject,
@@ -988,13 +1026,33 @@ class NatsBus:
                     # Sent but still in the outbox: sent again later under the same event ids
                     # (the stream drops the repeats).
                     error = exc
-            if error is None and len(futs) == len(entries):
+            if error is None and oversize is not None and len(futs) == entries.index(oversize[0]):
+                try:
+                    await self._set_aside(*oversize)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    error = exc
+                else:
+                    failures = 0
+                    continue
+            elif error is None and len(futs) == len(entries):
                 failures = 0
                 window = _PUMP_WINDOW
                 continue
             window = 1  # after a failure, go one by one until the broker confirms again
             await self._restore_streams(error)
             failures = await self._pump_failed(failures, "publish", error)
+
+    async def _set_aside(self, entry: OutboxEntry, why: str) -> None:
+        await self.outbox.set_aside(entry.seq, self.clock.now(), why)
+        self._stats.set_aside += 1
+        log.error(
+            "bus: %s: the broker can never take it; set aside in %s (table outbox_set_aside), "
+            "the events after it go on. Raise the broker's max_payload (docs/bus.md)",
+            why,
+            self.outbox.path,
+        )
 
     async def _pump_failed(self, failures: int, what: str, error: BaseException | None) -> int:
         """Count an outbox pump failure (``what``: read or publish), log the 1st, 10th and every

@@ -31,6 +31,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL,
     accepted_at REAL NOT NULL
 );
+-- Entries the broker can never take (payload above its max_payload): out of the queue, so that
+-- what follows them is sent, and kept here for an operator (docs/bus.md).
+CREATE TABLE IF NOT EXISTS outbox_set_aside (
+    seq INTEGER PRIMARY KEY,
+    subject TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    accepted_at REAL NOT NULL,
+    set_aside_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+-- What the bus learnt of its broker (its max_payload), for a start before the broker answers.
+CREATE TABLE IF NOT EXISTS outbox_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -202,6 +218,70 @@ class Outbox:
         self._count = max(0, self._count - n)
         if self._count == 0 and not self._pending:
             self.nonempty.clear()
+
+    def _set_aside_sync(self, seq: int, at: float, reason: str) -> int:
+        assert self._db is not None
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "INSERT OR IGNORE INTO outbox_set_aside SELECT seq, subject, event_id, payload,"
+                " accepted_at, ?, ? FROM outbox WHERE seq = ?",
+                (at, reason, seq),
+            )
+            n = int(db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return n
+
+    async def set_aside(self, seq: int, at: float, reason: str) -> None:
+        """Move entry ``seq`` out of the queue into ``outbox_set_aside`` (one durable commit):
+        it is kept, and no longer sent."""
+        n = await asyncio.get_running_loop().run_in_executor(
+            self._exec, self._set_aside_sync, seq, at, reason
+        )
+        self._count = max(0, self._count - n)
+        if self._count == 0 and not self._pending:
+            self.nonempty.clear()
+
+    async def set_aside_entries(self) -> list[tuple[OutboxEntry, str]]:
+        """The entries set aside, oldest first, each with why."""
+        assert self._db is not None
+        db = self._db
+        rows = await asyncio.get_running_loop().run_in_executor(
+            self._exec,
+            lambda: db.execute(
+                "SELECT seq, subject, event_id, payload, reason FROM outbox_set_aside ORDER BY seq"
+            ).fetchall(),
+        )
+        return [
+            (OutboxEntry(int(r[0]), str(r[1]), str(r[2]), bytes(r[3])), str(r[4])) for r in rows
+        ]
+
+    async def remember(self, key: str, value: str) -> None:
+        """Keep ``value`` under ``key`` in the outbox file (``recall`` reads it back)."""
+        assert self._lazy is not None
+        lazy = self._lazy
+        await asyncio.get_running_loop().run_in_executor(
+            self._exec,
+            lambda: lazy.execute(
+                "INSERT INTO outbox_meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            ),
+        )
+
+    async def recall(self, key: str) -> str | None:
+        assert self._db is not None
+        db = self._db
+        row = await asyncio.get_running_loop().run_in_executor(
+            self._exec,
+            lambda: db.execute("SELECT value FROM outbox_meta WHERE key = ?", (key,)).fetchone(),
+        )
+        return None if row is None else str(row[0])
 
     async def recount(self) -> int:
         """Count the entries in the file again (what ``pending`` says is kept in memory): the

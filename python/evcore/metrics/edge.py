@@ -49,6 +49,7 @@ BUS_COUNTERS: dict[str, str] = {
     "queue_dropped": "Normal events dropped because the send queue was full.",
     "slow_consumer_dropped": "Messages a slow subscriber lost (its queue was full).",
     "send_failures": "Broker publish attempts that failed (critical events are retried).",
+    "set_aside": "Critical events the broker can never take (above its max_payload), kept aside.",
 }
 
 # A charger "draws" when its latest meter values show at least this on some phase.
