@@ -362,6 +362,52 @@ async def test_watch_streams_changes(edge: Edge) -> None:
             break
         await asyncio.sleep(0.01)
     assert not edge.facade._watchers  # the server let go of the feed
+    # Nor does an ended watch leave its pending queue read behind (one task per watch, each
+    # logged "Task was destroyed but it is pending!" when collected).
+    await asyncio.sleep(0.05)
+    left = [t for t in asyncio.all_tasks() if "Queue.get" in repr(t.get_coro()) and not t.done()]
+    assert left == []
+
+
+async def test_a_time_out_of_range_is_refused_before_anything_is_applied(edge: Edge) -> None:
+    """Review of session 13: a millisecond epoch sent as seconds was applied, then the reply's
+    text failed on it: INTERNAL, while the departure or curtailment was in force."""
+    far = 1_700_000_000_000_000  # past year 9999
+    dep = pb.SetSessionDepartureRequest(charger_id="C1")
+    dep.departure.seconds = far
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await edge.stub.SetSessionDeparture(dep, metadata=auth(OPERATOR))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "departure is out of range" in (err.value.details() or "")
+    s1 = await edge.store.get_session("S1")
+    assert s1 is not None and s1.departure_s is None
+    now = int(edge.clock.now())
+    sig = GridSignal(curtailment=Curtailment(curtailment_id="c1", node_id="GRID", max_kw=5.0))
+    sig.curtailment.start.FromSeconds(now)
+    sig.curtailment.end.seconds = far
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await edge.stub.PostGridSignal(pb.PostGridSignalRequest(signal=sig), metadata=auth(GRID))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "curtailment end is out of range" in (err.value.details() or "")
+    assert edge.facade.curtailments == {}
+    bad_nanos = pb.SetSessionDepartureRequest(charger_id="C1")
+    bad_nanos.departure.seconds = now + 3600
+    bad_nanos.departure.nanos = -5
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await edge.stub.SetSessionDeparture(bad_nanos, metadata=auth(OPERATOR))
+    assert "departure.nanos" in (err.value.details() or "")
+    tariff = Tariff(tariff_id="t", prices=[PriceInterval(duration_s=3600, price_per_kwh=0.1)])
+    tariff.prices[0].start.seconds = -far
+    prices = GridSignal(signal_id="p", price_update=PriceUpdate(tariff=tariff))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await edge.stub.PostGridSignal(pb.PostGridSignalRequest(signal=prices), metadata=auth(GRID))
+    assert "prices[0].start is out of range" in (err.value.details() or "")
+    assert edge.facade.prices == []
+    since = pb.ListDecisionsRequest()
+    since.since.seconds = far
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await edge.stub.ListDecisions(since, metadata=auth(VIEWER))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_health_is_open_and_reflection_needs_a_token(edge: Edge) -> None:

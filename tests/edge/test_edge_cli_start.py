@@ -64,3 +64,44 @@ async def test_an_unreadable_outbox_is_set_aside_and_the_edge_starts(tmp_path: P
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "says", "rc"),
+    [
+        ({"bus": {"kind": "kafka"}}, "[bus] kind must be one of", 2),
+        ({"api": {"tokens": "abcdefabcdefabcdef"}}, "[api] tokens: expected an array of tables", 2),
+        ({"api": {"tokens": ["abcdefabcdefabcdef"]}}, "[api] tokens[0]: expected a table", 2),
+    ],
+)
+async def test_a_bad_section_is_a_message_not_a_traceback(
+    tmp_path: Path, change: dict[str, object], says: str, rc: int
+) -> None:
+    """Review of session 13: a bad [bus] kind or [api] tokens that are not tables ended in a
+    traceback (ValueError, AttributeError)."""
+    table = depot_table(2, per_feeder=2)
+    table["ocpp"]["port"] = free_port()
+    table.update(change)
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    got, out = await _run_until_exit(site_file, 45.0)
+    assert got == rc and says in out and "Traceback" not in out, out[-1500:]
+
+
+async def test_an_api_section_with_enabled_false_opens_no_port(tmp_path: Path) -> None:
+    """Review of session 13: `[api] enabled = false` was documented and ignored (the API was
+    served)."""
+    port = free_port()
+    table = depot_table(2, per_feeder=2)
+    table["ocpp"]["port"] = free_port()
+    table["api"] = {"enabled": False, "listen": f"127.0.0.1:{port}"}
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    proc = await start_edge(site_file, timeout_s=45.0)
+    try:
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
+    assert proc.returncode == 0

@@ -106,6 +106,8 @@ class Credentials:
         source: str = "[api]",
     ) -> Credentials:
         creds = Credentials()
+        tokens = _tables(tokens, f"{source} tokens")
+        clients = _tables(clients, f"{source} clients")
         for i, t in enumerate(tokens):
             name = str(t.get("name") or f"token-{i + 1}")
             where = f"{source} tokens[{i}] ({name})"
@@ -142,7 +144,7 @@ class Credentials:
                 doc = tomllib.load(f)
         except OSError as exc:
             raise AuthConfigError(f"cannot read tokens file {path}: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise AuthConfigError(f"tokens file {path} is not valid TOML: {exc}") from exc
         more = Credentials.from_config(
             doc.get("tokens", []), doc.get("clients", []), source=str(path)
@@ -161,6 +163,18 @@ class Credentials:
             if hmac.compare_digest(known, digest):
                 found = principal
         return found
+
+
+def _tables(value: Any, where: str) -> list[Mapping[str, Any]]:
+    """``value`` as a list of tables, or AuthConfigError naming ``where`` (a string or a table
+    given where an array of tables belongs failed with an AttributeError)."""
+    if isinstance(value, Mapping | str | bytes) or not isinstance(value, Iterable):
+        raise AuthConfigError(f"{where}: expected an array of tables, got {type(value).__name__}")
+    out = list(value)
+    for i, item in enumerate(out):
+        if not isinstance(item, Mapping):
+            raise AuthConfigError(f"{where}[{i}]: expected a table, got {type(item).__name__}")
+    return out
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:

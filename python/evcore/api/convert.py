@@ -23,6 +23,30 @@ def seconds(ts: Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9
 
 
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_TS_MIN_S = -62_135_596_800
+_TS_MAX_S = 253_402_300_799
+
+
+def checked_seconds(ts: Timestamp, field: str) -> float:
+    """``seconds(ts)`` of a Timestamp a caller sent, or ValueError naming ``field`` when it is
+    outside the Timestamp's range (a millisecond epoch sent as seconds) or its nanos are not in
+    [0, 1e9)."""
+    if not _TS_MIN_S <= ts.seconds <= _TS_MAX_S:
+        raise ValueError(
+            f"{field} is out of range: {ts.seconds} s is not between years 0001 and 9999 "
+            "(milliseconds sent as seconds?)"
+        )
+    if not 0 <= ts.nanos < 1_000_000_000:
+        raise ValueError(f"{field}.nanos must be in [0, 999999999], got {ts.nanos}")
+    return seconds(ts)
+
+
+def iso(seconds_: float) -> str:
+    """A time as RFC 3339 UTC text (for messages)."""
+    return timestamp(seconds_).ToJsonString()
+
+
 def _num(v: Any) -> float | None:
     if v is None or isinstance(v, bool):
         return None

@@ -177,6 +177,17 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         if not ok:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
+    @staticmethod
+    async def _seconds(context: Any, ts: Any, field: str) -> float:
+        """A Timestamp the caller sent, in seconds; INVALID_ARGUMENT when out of range (checked
+        before anything is applied: a reply that failed after the change took effect told the
+        caller it had not)."""
+        try:
+            return convert.checked_seconds(ts, field)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable: abort raises") from exc
+
     # -- reads ----------------------------------------------------------------------------------
     @_guarded
     async def GetSiteState(self, request: pb.GetSiteStateRequest, context: Any) -> pb.SiteState:
@@ -229,7 +240,11 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self, request: pb.ListDecisionsRequest, context: Any
     ) -> pb.ListDecisionsResponse:
         limit = min(request.limit or DEFAULT_DECISIONS, MAX_DECISIONS)
-        since_s = convert.seconds(request.since) if request.HasField("since") else None
+        since_s = (
+            await self._seconds(context, request.since, "since")
+            if request.HasField("since")
+            else None
+        )
         charger = request.charger_id or None
         records: list[AuditRecord]
         if self._store is not None:
@@ -261,6 +276,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 self._offer(queue, convert.change(item, now_s=self._clock.now()))
 
         pump_task = asyncio.create_task(pump(), name="evcore-api-watch-pump")
+        get: asyncio.Future[pb.Change] | None = None
         try:
             while True:
                 get = asyncio.ensure_future(queue.get())
@@ -283,6 +299,8 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 yield change
         finally:
             self._watchers.discard(queue)
+            if get is not None:
+                get.cancel()  # a watch that ends (the caller gone) left its get pending for good
             pump_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump_task
@@ -375,13 +393,13 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 math.isfinite(energy) and energy >= 0,
                 f"energy_requested_kwh must be a finite number >= 0, got {energy!r}",
             )
-        departure_s = convert.seconds(request.departure)
+        departure_s = await self._seconds(context, request.departure, "departure")
         await self._session_guard(context, request.charger_id, request.transaction_id)
         await self._call(
             context, self._facade.set_departure, request.charger_id, departure_s, energy
         )
-        detail = f"departure of the session at {request.charger_id} set to " + (
-            request.departure.ToJsonString()
+        detail = f"departure of the session at {request.charger_id} set to " + convert.iso(
+            departure_s
         )
         if energy is not None:
             detail += f", {energy:g} kWh wanted"
@@ -416,19 +434,25 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                     c.HasField("start") and c.HasField("end"),
                     "curtailment start and end are required",
                 )
-                start_s, end_s = convert.seconds(c.start), convert.seconds(c.end)
+                start_s = await self._seconds(context, c.start, "curtailment start")
+                end_s = await self._seconds(context, c.end, "curtailment end")
                 await self._require(context, end_s > start_s, "curtailment end must be after start")
                 await self._call(
                     context, self._facade.post_curtailment, sid, c.node_id, c.max_kw, start_s, end_s
                 )
                 detail = (
                     f"curtailment {sid}: at most {c.max_kw:g} kW at {c.node_id} from "
-                    f"{c.start.ToJsonString()} to {c.end.ToJsonString()}"
+                    f"{convert.iso(start_s)} to {convert.iso(end_s)}"
                 )
         else:
             prices = sig.price_update.tariff.prices
             await self._require(context, len(prices) > 0, "price update has no prices")
-            points = sorted((convert.seconds(p.start), p.price_per_kwh) for p in prices)
+            points = sorted(
+                [
+                    (await self._seconds(context, p.start, f"prices[{i}].start"), p.price_per_kwh)
+                    for i, p in enumerate(prices)
+                ]
+            )
             # Negative prices are normal in day-ahead markets and planned (docs/planner.md).
             await self._require(
                 context,

@@ -38,7 +38,9 @@ def read_site_table(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise SystemExit(f"evcore edge: site file {p} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise SystemExit(f"evcore edge: cannot read site file {p}: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SystemExit(f"evcore edge: site file {p} is not valid TOML: {exc}") from None
 
 
@@ -314,14 +316,18 @@ class EdgeApp:
 
                 base = getattr(self.site, "path", None)
                 site_dir = Path(base).parent if base else Path.cwd()
-                self.api = EdgeApiServer(
-                    self.facade,
-                    ApiConfig.from_section(self.site_table.get("api"), site_dir),
-                    site_id=str(self.site_table["site"]["id"]),
-                    clock=self.clock,
-                    store=self.store,
-                )
-                self.api_port = await self.api.start()
+                api_config = ApiConfig.from_section(self.site_table.get("api"), site_dir)
+                if api_config.enabled:  # `enabled = false`: no port open (it was served anyway)
+                    self.api = EdgeApiServer(
+                        self.facade,
+                        api_config,
+                        site_id=str(self.site_table["site"]["id"]),
+                        clock=self.clock,
+                        store=self.store,
+                    )
+                    self.api_port = await self.api.start()
+                else:
+                    log.info("api: [api] enabled = false: not served")
             if self.metrics_config is not None:
                 from evcore.metrics import MetricsServer, Registry
                 from evcore.metrics.edge import edge_collector

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from typing import Any
 
 from evcore.clock import WallClock
@@ -29,17 +30,27 @@ async def _main(args: argparse.Namespace) -> int:
     try:
         cfg = EdgeConfig.from_site(table, policy=args.policy or None)
     except EdgeConfigError as exc:
-        print(f"evcore edge: {args.config}: {exc}")
+        print(f"evcore edge: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    site = table.get("site")
+    if not isinstance(site, dict) or not isinstance(site.get("id"), str) or not site["id"]:
+        print(f"evcore edge: {args.config}: [site] id is required (a string)", file=sys.stderr)
         return 2
     bus: Any = None
-    if "bus" in table:
-        from evcore.bus import bus_from_config
-
-        bus = bus_from_config(table.get("bus"), str(table["site"]["id"]), clock)
     try:
+        if "bus" in table:
+            from evcore.bus import bus_from_config
+
+            bus = bus_from_config(table.get("bus"), site["id"], clock)
+        if "api" in table:  # its errors before anything starts (the app reads it again)
+            from pathlib import Path
+
+            from evcore.api import ApiConfig
+
+            ApiConfig.from_section(table.get("api"), Path(args.config).parent)
         app = EdgeApp.from_file(args.config, clock, cfg=cfg, bus=bus)
     except (ValueError, KeyError) as exc:
-        print(f"evcore edge: {args.config}: {exc}")
+        print(f"evcore edge: {args.config}: {exc}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -53,7 +64,9 @@ async def _main(args: argparse.Namespace) -> int:
     if not ready.done():
         ready.cancel()
         error = runner.exception() if not runner.cancelled() else None
-        print(f"evcore edge: {args.config}: could not start: {error!r}", flush=True)
+        print(
+            f"evcore edge: {args.config}: could not start: {error!r}", file=sys.stderr, flush=True
+        )
         logging.getLogger("evcore.edge").error("start failed", exc_info=error)
         return 1
     api = f", API on port {app.api_port}" if app.api is not None else ""
