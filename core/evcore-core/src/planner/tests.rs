@@ -302,6 +302,15 @@ fn an_iteration_limit_is_a_failed_status_with_no_schedule() {
     assert!(out.summary.refined_retry);
     assert!(out.rows.is_empty());
     assert!(!out.summary.status.has_schedule());
+    // The failed solver is not kept: the next plan of the same structure starts afresh (a
+    // solver that failed numerically kept the scaling that failed it and failed every later
+    // plan). A plan that ends without failing keeps it (the control below).
+    let again = p.plan(&inp, 5.0).unwrap();
+    assert_eq!(again.summary.status, PlanStatus::Failed);
+    assert!(!again.summary.reused_solver);
+    let mut kept = Planner::default();
+    assert!(!kept.plan(&inp, 5.0).unwrap().summary.reused_solver);
+    assert!(kept.plan(&inp, 5.0).unwrap().summary.reused_solver);
     // With enough iterations the same input plans.
     let ok = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
     assert_eq!(ok.summary.status, PlanStatus::Optimal);
