@@ -35,21 +35,30 @@ def auth(ocpp_id: str) -> dict[str, str]:
     return {"Authorization": "Basic " + token}
 
 
-async def test_status_meter_and_transactions_are_published_and_stored(
-    store_section: dict[str, object], tmp_path: Path
-) -> None:
-    """On the in-process bus, into each store backend (embedded SQLite, PostgreSQL)."""
+async def _bus_and_store(
+    store_section: dict[str, object], tmp_path: Path, got: dict[str, list[BusMessage]]
+) -> tuple[InProcessBus, Any]:
+    """A started in-process bus for site ocpp-test whose messages of each kind in ``got``
+    (telemetry, status, ...) are collected there, and an open store of ``store_section``."""
     bus = InProcessBus("ocpp-test")
     await bus.start()
     store = open_store(store_section, tmp_path)
     await store.open()
-    got: dict[str, list[BusMessage]] = {"telemetry": [], "status": [], "transaction": []}
 
     async def collect(msg: BusMessage) -> None:
         got[msg.subject.split(".")[2]].append(msg)
 
     for kind in got:
         await bus.subscribe(f"evcore.ocpp-test.{kind}.*", collect)
+    return bus, store
+
+
+async def test_status_meter_and_transactions_are_published_and_stored(
+    store_section: dict[str, object], tmp_path: Path
+) -> None:
+    """On the in-process bus, into each store backend (embedded SQLite, PostgreSQL)."""
+    got: dict[str, list[BusMessage]] = {"telemetry": [], "status": [], "transaction": []}
+    bus, store = await _bus_and_store(store_section, tmp_path, got)
     try:
         async with rig(bus=bus, store=store) as r:
             r.fleet.plug_in("cp-a", EV(soc=0.5, phases=1, onboard_limit_a=10.0))
@@ -183,16 +192,9 @@ async def test_a_resent_meter_values_frame_is_stored_and_published_once(
     store_section: dict[str, object], tmp_path: Path
 ) -> None:
     """A station resends MeterValues and StatusNotification after losing our answer."""
-    bus = InProcessBus("ocpp-test")
-    await bus.start()
-    store = open_store(store_section, tmp_path)
-    await store.open()
-    published: list[BusMessage] = []
-
-    async def collect(msg: BusMessage) -> None:
-        published.append(msg)
-
-    await bus.subscribe("evcore.ocpp-test.telemetry.*", collect)
+    got: dict[str, list[BusMessage]] = {"telemetry": []}
+    bus, store = await _bus_and_store(store_section, tmp_path, got)
+    published = got["telemetry"]
     clock = WallClock()
     cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, store=store, bus=bus)
     await cs.start()
