@@ -146,6 +146,8 @@ class CloudConfig:
                 table = tomllib.load(f)
         except OSError as exc:
             raise CloudConfigError(f"cannot read {p}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise CloudConfigError(f"{p} is not UTF-8 text as TOML must be ({exc})") from None
         except tomllib.TOMLDecodeError as exc:
             raise CloudConfigError(f"{p} is not valid TOML: {exc}") from exc
         return CloudConfig.from_table(table, p.parent)

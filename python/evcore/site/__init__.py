@@ -148,6 +148,11 @@ def load_site(source: str | os.PathLike[str] | Mapping[str, Any]) -> Site:
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise _error("site", "file", f"site file {path} not found") from None
+        except OSError as e:
+            # A directory, no permission, an I/O error: said as such, not a traceback.
+            raise _error("site", "file", f"cannot read site file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise _error("site", "file", f"{path}: not UTF-8 text as TOML must be ({e})") from None
         except tomllib.TOMLDecodeError as e:
             raise _error("site", "file", f"{path}: not valid TOML: {e}") from None
     topo_part = {k: data[k] for k in TOPOLOGY_SECTIONS if k in data}
