@@ -46,8 +46,8 @@ def load_acn_sessions(
     soc_arrival: float,
 ) -> list[SessionSpec]:
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        doc = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ScenarioError(f"[arrivals].file: cannot read ACN JSON {path}: {e}") from e
     items = doc.get("_items") if isinstance(doc, dict) else doc
     if not isinstance(items, list):

@@ -129,7 +129,7 @@ def from_csv(sc: Scenario) -> Arrivals:
     vehicles = {v.name: v for v in sc.arrivals.vehicles}
     raw: list[SessionSpec] = []
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8") as f:
             for i, row in enumerate(csv.DictReader(f)):
                 w = f"{path.name} row {i + 2}"
                 t0 = _csv_time(row, "arrival", w, sc.start)
@@ -157,7 +157,7 @@ def from_csv(sc: Scenario) -> Arrivals:
                         soc,
                     )
                 )
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise ScenarioError(f"[arrivals].file: cannot read {path}: {e}") from e
     return place(sc, raw)
 

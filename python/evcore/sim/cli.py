@@ -96,9 +96,21 @@ def _execute(args: argparse.Namespace, *, default_report: Path | None) -> int:
             f"evcore {args.command}: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr
         )
         return 2
-    cmp = run_comparison(sc, backend=args.backend, progress=not args.no_progress, jobs=args.jobs)
     path = args.report if args.report is not None else default_report
-    written = report.write_html(cmp, path) if path is not None else None
+    if path is not None:
+        try:
+            report.check_writable(path)
+        except OSError as e:
+            print(f"evcore {args.command}: error: --report {path}: {_os_error(e)}", file=sys.stderr)
+            return 2
+    cmp = run_comparison(sc, backend=args.backend, progress=not args.no_progress, jobs=args.jobs)
+    written: Path | None = None
+    write_error: str | None = None
+    if path is not None:
+        try:
+            written = report.write_html(cmp, path)
+        except OSError as e:  # gone or full since the check: the comparison is still printed
+            write_error = f"evcore {args.command}: error: --report {path}: {_os_error(e)}"
     if args.json:
         print(json.dumps(cmp.rows(), indent=2))
     else:
@@ -116,7 +128,16 @@ def _execute(args: argparse.Namespace, *, default_report: Path | None) -> int:
             print(f"report: {written.resolve()}")
     if written is not None and args.json:
         print(f"report: {written.resolve()}", file=sys.stderr)
+    if write_error is not None:
+        print(write_error, file=sys.stderr)
+        return 1
     return 0
+
+
+def _os_error(e: OSError) -> str:
+    """An ``OSError`` as a person reads it: what went wrong and where."""
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return f"cannot write the report: {where}{e.strerror or e}"
 
 
 def run_sim(args: argparse.Namespace) -> int:

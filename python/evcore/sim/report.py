@@ -8,9 +8,12 @@ it never changes a number.
 
 from __future__ import annotations
 
+import errno
 import html
 import json
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -412,6 +415,24 @@ def write_html(cmp: Comparison, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html_report(cmp), encoding="utf-8")
     return path
+
+
+def check_writable(path: Path) -> None:
+    """Create the report's directory and write a scratch file in it, so that a report that
+    cannot be written is said before a run of minutes, not after it. Raises ``OSError``."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    for parent in path.parents:  # mkdir would say only "File exists" of a file on the way
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "is a file, not a directory", str(parent))
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path.parent):
+        pass
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, "not writable", str(path))
 
 
 def in_loop(cmp: Comparison) -> list[str]:

@@ -346,6 +346,25 @@ def _num(
     return f
 
 
+def _seed(table: Mapping[str, Any], key: str, where: str, default: int) -> int:
+    """A random seed: numpy's generators take only whole numbers >= 0."""
+    f = _num(table, key, where, float(default), minimum=0.0)
+    if not f.is_integer():
+        raise ScenarioError(f"{where}.{key}: must be a whole number >= 0, got {table[key]!r}")
+    v = table.get(key, default)
+    return v if isinstance(v, int) else int(f)  # an integer as given, above 2**53 too
+
+
+def _twice(names: Sequence[Any]) -> str:
+    """The first name that ``names`` holds twice, quoted."""
+    seen: set[Any] = set()
+    for n in names:
+        if n in seen:
+            return repr(n)
+        seen.add(n)
+    raise ValueError("no name is listed twice")
+
+
 def _str(table: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
     if key not in table:
         if default is None:
@@ -583,7 +602,7 @@ def _arrivals(raw: Any, base: Path | None) -> ArrivalsSpec:
         raise ScenarioError(f"{w}.soc_arrival_mean: must be below 1, got {soc}")
     return ArrivalsSpec(
         model=model,  # type: ignore[arg-type]
-        seed_offset=int(_num(raw, "seed_offset", w, 0.0)),
+        seed_offset=_seed(raw, "seed_offset", w, 0),
         occupancy=occ,
         sessions_per_charger=int(_num(raw, "sessions_per_charger", w, 1.0, positive=True)),
         arrival_mean_h=_num(raw, "arrival_mean_h", w, 1.0, minimum=0.0),
@@ -641,7 +660,7 @@ def load_price_series(path: Path) -> list[tuple[float, float]]:
     """A price series CSV: columns ``time`` (ISO 8601 UTC) and ``price_per_kwh``."""
     out: list[tuple[float, float]] = []
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8") as f:
             for i, row in enumerate(csv.DictReader(f)):
                 w = f"{path.name} row {i + 2}"
                 if "time" not in row or "price_per_kwh" not in row:
@@ -653,7 +672,7 @@ def load_price_series(path: Path) -> list[tuple[float, float]]:
                 if not math.isfinite(price):
                     raise ScenarioError(f"{w}.price_per_kwh: must be finite")
                 out.append((parse_time(row["time"], f"{w}.time"), price))
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise ScenarioError(f"[tariff].file: cannot read {path}: {e}") from e
     if not out:
         raise ScenarioError(f"[tariff].file: {path} holds no prices")
@@ -676,8 +695,8 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
             raise ScenarioError(f"{w}.site_file: give the site inline or as a file, not both")
         spath = _resolve(_str(sc, "site_file", w), base)
         try:
-            sdoc = tomllib.loads(spath.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            sdoc = tomllib.loads(spath.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise ScenarioError(f"{w}.site_file: cannot load {spath}: {e}") from e
         site = parse_site(sdoc, str(spath))
     else:
@@ -694,6 +713,8 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
             raise ScenarioError(
                 f"{w}.policies: unknown policy {p!r} (known: {', '.join(POLICIES)})"
             )
+    if len(set(policies)) != len(policies):
+        raise ScenarioError(f"{w}.policies: {_twice(policies)} is listed twice")
     report_charger = sc.get("report_charger")
     if report_charger is not None and report_charger not in {c.id for c in site.chargers}:
         ids = [c.id for c in site.chargers]
@@ -754,7 +775,7 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
         path=path,
         start=start,
         duration_s=duration_s,
-        seed=int(_num(sc, "seed", w, 1.0)),
+        seed=_seed(sc, "seed", w, 1),
         meter_interval_s=meter,
         control_interval_s=control,
         profile_delay_s=_num(sc, "profile_delay_s", w, 2.0, minimum=0.0),
@@ -819,7 +840,9 @@ def load_scenario(ref: str | Path) -> Scenario:
             )
         path = Path(str(cand))
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"{path}: not UTF-8 text as TOML must be ({e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ScenarioError(f"{path}: not valid TOML: {e}") from e
     except OSError as e:
@@ -844,7 +867,9 @@ def with_overrides(
 
     out = sc
     if seed is not None:
-        out = replace(out, seed=int(seed))
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ScenarioError(f"--seed must be a whole number >= 0, got {seed!r}")
+        out = replace(out, seed=seed)
     if duration_h is not None:
         if not (duration_h > 0 and math.isfinite(duration_h)):
             raise ScenarioError(f"--hours must be a positive number, got {duration_h!r}")
@@ -855,5 +880,7 @@ def with_overrides(
                 raise ScenarioError(f"unknown policy {p!r} (known: {', '.join(POLICIES)})")
         if not policies:
             raise ScenarioError("no policy given")
+        if len(set(policies)) != len(policies):
+            raise ScenarioError(f"--policies: {_twice(policies)} is listed twice")
         out = replace(out, policies=tuple(policies))
     return out
