@@ -90,6 +90,11 @@ class VirtualClock:
         self._now = float(start)
         self._seq = itertools.count()
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        # Entries of ``_sleepers`` whose sleep was cancelled (their future done, never woken).
+        # They are dropped when they reach the top, and the heap rebuilt from the live entries
+        # once they are more than half of it: a cancelled timeout behind a live earlier sleeper
+        # (a control loop's tick) would otherwise stay for its whole deadline.
+        self._cancelled = 0
         self._busy = 0
         self._settle_spins = settle_spins
         self._executor: CountingExecutor | InlineExecutor | None = None
@@ -113,8 +118,12 @@ class VirtualClock:
         try:
             await fut
         finally:
-            if not fut.done():
+            # Cancelled (the future with it) or left by another error: its entry is still in the
+            # heap, or was popped as done at the top just before (counted -1 there: even). Only
+            # a rebuild in between leaves the count one high, until the next rebuild.
+            if fut.cancelled() or not fut.done():
                 fut.cancel()
+                self._forget_one()
 
     # -- driving time ---------------------------------------------------------------------------
     @property
@@ -125,7 +134,17 @@ class VirtualClock:
         """The earliest live sleeper's deadline, or None."""
         while self._sleepers and self._sleepers[0][2].done():
             heapq.heappop(self._sleepers)  # cancelled sleepers
+            self._cancelled -= 1
         return self._sleepers[0][0] if self._sleepers else None
+
+    def _forget_one(self) -> None:
+        """One more cancelled entry in the heap; rebuild it once they are more than half."""
+        self._cancelled += 1
+        if self._cancelled * 2 > len(self._sleepers):
+            # Same (deadline, sequence) keys: the live sleepers keep their order.
+            self._sleepers = [e for e in self._sleepers if not e[2].done()]
+            heapq.heapify(self._sleepers)
+            self._cancelled = 0
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -181,6 +200,8 @@ class VirtualClock:
             if not fut.done():
                 fut.set_result(None)
                 woken += 1
+            else:
+                self._cancelled -= 1
         self.wakeups += woken
         return woken
 
