@@ -34,15 +34,18 @@ def _sites(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _print_result(res: Any, *, as_json: bool) -> None:
+def _result_dict(res: Any) -> dict[str, Any]:
     from google.protobuf.json_format import MessageToDict
 
+    # Every field, false and 0 included: "feasible": false must be read, not inferred.
+    return MessageToDict(
+        res, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _print_result(res: Any, *, as_json: bool) -> None:
     if as_json:
-        # Every field, false and 0 included: "feasible": false must be read, not inferred.
-        d = MessageToDict(
-            res, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
-        print(json.dumps(d, indent=2))
+        print(json.dumps(_result_dict(res), indent=2))
         return
     from evcore.v1.fleet_api_pb2 import DemandSource
 
@@ -196,8 +199,12 @@ async def _call(args: argparse.Namespace) -> int:
                     metadata=metadata,
                     timeout=args.timeout,
                 )
+                if args.json:
+                    # One document: a list, [] when there are none.
+                    print(json.dumps([_result_dict(r) for r in listed.curtailments], indent=2))
+                    return 0
                 for r in listed.curtailments:
-                    _print_result(r, as_json=args.json)
+                    _print_result(r, as_json=False)
                 return 0
             if args.cancel or args.resplit:
                 ref = fpb.FleetCurtailmentRef(fleet_curtailment_id=args.cancel or args.resplit)
