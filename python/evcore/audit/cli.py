@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import sys
 import tomllib
@@ -34,11 +35,13 @@ def parse_time(text: str, clock: Clock) -> float:
     t = text.strip()
     m = _RELATIVE.match(t)
     if m:
-        return clock.now() - float(m.group(1)) * _UNIT_S[m.group(2)]
+        return _finite(clock.now() - float(m.group(1)) * _UNIT_S[m.group(2)], text)
     try:
-        return float(t)
+        seconds: float | None = float(t)
     except ValueError:
-        pass
+        seconds = None
+    if seconds is not None:
+        return _finite(seconds, text)
     try:
         dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
     except ValueError:
@@ -49,6 +52,35 @@ def parse_time(text: str, clock: Clock) -> float:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
+
+
+def _finite(t: float, text: str) -> float:
+    # float() takes "nan", "inf" and "1e400"; no record was decided at such a time.
+    if not math.isfinite(t):
+        raise ValueError(f"time {text!r} is not a finite time")
+    return t
+
+
+def _time_arg(text: str) -> float:
+    """``--since``/``--until``: refused by argparse when it is no time (ages count from now)."""
+    try:
+        return parse_time(text, WallClock())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# SQL's largest integer (SQLite and PostgreSQL BIGINT): a LIMIT above it overflows.
+_LIMIT_MAX = 2**63 - 1
+
+
+def _limit_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= n <= _LIMIT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (and at most 2**63 - 1), got {n}")
+    return n
 
 
 def store_from_args(args: argparse.Namespace) -> SqlStore:
@@ -62,6 +94,8 @@ def store_from_args(args: argparse.Namespace) -> SqlStore:
             doc = tomllib.load(f)
     except OSError as exc:
         raise StoreError(f"cannot read site file {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise StoreError(f"site file {path} is not UTF-8 text as TOML must be ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise StoreError(f"site file {path} is not valid TOML: {exc}") from exc
     section = doc.get("store")
@@ -152,15 +186,12 @@ async def _verify(args: argparse.Namespace) -> int:
 
 
 async def _show(args: argparse.Namespace) -> int:
-    clock = WallClock()
-    since_s = parse_time(args.since, clock) if args.since else None
-    until_s = parse_time(args.until, clock) if args.until else None
     store = store_from_args(args)
     try:
         records = await store.audit_records(
             charger_id=args.charger,
-            since_s=since_s,
-            until_s=until_s,
+            since_s=args.since,
+            until_s=args.until,
             limit=args.limit,
             newest_first=True,
         )
@@ -216,9 +247,19 @@ def register(sub: Any) -> None:
     s = asub.add_parser("show", help="explain decisions: setpoints sent and what bound them")
     _add_store_args(s)
     s.add_argument("--charger", metavar="ID", help="only decisions concerning this charger")
-    s.add_argument("--since", metavar="T", help="ISO 8601, epoch seconds, or an age (15m, 2h, 1d)")
-    s.add_argument("--until", metavar="T", help="same forms as --since")
-    s.add_argument("--limit", type=int, default=200, help="at most this many (newest) decisions")
+    s.add_argument(
+        "--since",
+        metavar="T",
+        type=_time_arg,
+        help="ISO 8601, epoch seconds, or an age (15m, 2h, 1d)",
+    )
+    s.add_argument("--until", metavar="T", type=_time_arg, help="same forms as --since")
+    s.add_argument(
+        "--limit",
+        type=_limit_arg,
+        default=200,
+        help="at most this many (newest) decisions, at least 1",
+    )
     s.set_defaults(func=_run(_show))
 
 
@@ -226,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m evcore.audit.cli verify …``: the same commands without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="evcore")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["audit", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        args = parser.parse_args(["audit", *(sys.argv[1:] if argv is None else argv)])
+    except SystemExit as exc:  # a usage error (said on stderr) or --help: its exit status
+        return exc.code if isinstance(exc.code, int) else 2
     return int(args.func(args))
 
 
