@@ -214,6 +214,12 @@ def step_grid(
     return steps
 
 
+def other_load_kw(site: Site, node: Any) -> float:
+    """A node's non-charger load at its configured maximum in kW (each phase's amperes at the
+    site's line-to-neutral voltage), as the envelope counts it against ``power_limit_kw``."""
+    return float(sum(node.other_load_max_a)) * float(site.voltage_ln_v) / 1000.0
+
+
 def network_from_site(
     site: Site, *, other_load: Literal["max", "none"] = "max"
 ) -> tuple[list[PlanNode], list[PlanCharger]]:
@@ -229,6 +235,8 @@ def network_from_site(
             parent=n.parent,
             phase_limit_a=tuple(n.phase_limit_a),
             other_load_a=tuple(n.other_load_max_a) if other_load == "max" else 0.0,
+            # ... and in kW against the node's kW cap, as the envelope counts it.
+            other_load_kw=other_load_kw(site, n) if other_load == "max" else 0.0,
             power_limit_kw=n.power_limit_kw,
         )
         for n in site.nodes
