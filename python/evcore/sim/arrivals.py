@@ -136,16 +136,17 @@ def from_csv(sc: Scenario) -> Arrivals:
                 t1 = _csv_time(row, "departure", w, sc.start)
                 if t1 <= t0:
                     raise ScenarioError(f"{w}: departure is not after arrival")
-                try:
-                    energy = float(row.get("energy_kwh") or "nan")
-                except ValueError as e:
-                    raise ScenarioError(f"{w}.energy_kwh: not a number") from e
-                if not (energy >= 0 and math.isfinite(energy)):
-                    raise ScenarioError(f"{w}.energy_kwh: must be a number >= 0")
+                if not row.get("energy_kwh"):
+                    raise ScenarioError(f"{w}.energy_kwh: missing")
+                energy = _csv_number(row, "energy_kwh", w, 0.0, math.inf)
                 vname = row.get("vehicle") or sc.arrivals.vehicles[0].name
                 if vname not in vehicles:
                     raise ScenarioError(f"{w}.vehicle: unknown vehicle {vname!r}")
-                soc = float(row.get("soc_arrival") or sc.arrivals.soc_arrival_mean)
+                soc = (
+                    _csv_number(row, "soc_arrival", w, 0.0, 1.0)
+                    if row.get("soc_arrival")
+                    else sc.arrivals.soc_arrival_mean
+                )
                 raw.append(
                     SessionSpec(
                         row.get("id") or f"csv{i + 1:04d}",
@@ -162,12 +163,25 @@ def from_csv(sc: Scenario) -> Arrivals:
     return place(sc, raw)
 
 
+def _csv_number(row: dict[str, str], key: str, where: str, lo: float, hi: float) -> float:
+    """Column ``key`` of a CSV row as a finite number within [lo, hi]; a ScenarioError naming the
+    file, row and column (``where`` is ``"<file> row <n>"``) and the value otherwise."""
+    text = row[key]
+    try:
+        x = float(text)
+    except ValueError as e:
+        raise ScenarioError(f"{where}.{key}: not a number, got {text!r}") from e
+    if not math.isfinite(x):
+        raise ScenarioError(f"{where}.{key}: must be a finite number, got {text!r}")
+    if not lo <= x <= hi:
+        bounds = f">= {lo:g}" if math.isinf(hi) else f"within [{lo:g}, {hi:g}]"
+        raise ScenarioError(f"{where}.{key}: must be {bounds}, got {text!r}")
+    return x
+
+
 def _csv_time(row: dict[str, str], key: str, where: str, start: float) -> float:
     if row.get(f"{key}_h"):
-        try:
-            return float(row[f"{key}_h"]) * 3600.0
-        except ValueError as e:
-            raise ScenarioError(f"{where}.{key}_h: not a number") from e
+        return _csv_number(row, f"{key}_h", where, -math.inf, math.inf) * 3600.0
     if row.get(key):
         return parse_time(row[key], f"{where}.{key}") - start
     raise ScenarioError(f"{where}: missing {key!r} or {key + '_h'!r}")

@@ -812,12 +812,16 @@ class SimChargePoint:
             if c.steps_a:
                 allowed = max((s for s in c.steps_a if s <= allowed + 1e-9), default=0.0)
             c.offered = allowed if allowed >= MIN_PILOT_A else 0.0
-        # Energy over the step at the draw of the previous state (explicit Euler).
+        # Energy over the step at the draw of the previous state (explicit Euler). The register
+        # meters the AC input; a DC battery gets the input less the auxiliary load, times the
+        # efficiency (crediting aux_w × efficiency to it put 10.9 kWh into a 10 kW car in 1 h).
         if dt > 0 and c.power_w > 0:
-            energy = c.power_w * dt / 3600.0
-            c.register_wh += energy
+            c.register_wh += c.power_w * dt / 3600.0
             if c.ev is not None:
-                c.ev.add_energy(energy * (c.efficiency if c.kind == "dc" else 1.0))
+                if c.kind == "dc":
+                    c.ev.add_energy(max(0.0, c.power_w - c.aux_w) * c.efficiency * dt / 3600.0)
+                else:
+                    c.ev.add_energy(c.power_w * dt / 3600.0)
         if not c.tx_active or c.ev is None:
             c.terminal_a = [0.0, 0.0, 0.0]
             c.power_w = 0.0

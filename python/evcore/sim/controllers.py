@@ -75,19 +75,25 @@ class LinearLimits:
                 q = parent[q]
         per_phase = np.zeros((n_ch, 3))
         kw_per_unit = np.zeros(n_ch)
+        # What reaches the battery per unit of setpoint (kW): a DC setpoint is the DC output.
+        battery_kw_per_unit = np.zeros(n_ch)
         self.aux_a = np.zeros(n_ch)
+        self.aux_kw = np.zeros(n_ch)
         for k, c in enumerate(site.chargers):
             if c.kind == "dc":
                 for ph in c.phases:
                     per_phase[k, ph] = 1.0 / (c.efficiency * 3.0 * site.voltage_ln_v)
                 kw_per_unit[k] = 1.0 / (c.efficiency * 1000.0)
+                battery_kw_per_unit[k] = 1.0 / 1000.0
                 self.aux_a[k] = c.aux_w / (3.0 * site.voltage_ln_v)
+                self.aux_kw[k] = c.aux_w / 1000.0
             else:
                 for ph in c.phases:
                     per_phase[k, ph] = 1.0
                 kw_per_unit[k] = c.voltage_v * len(c.phases) / 1000.0
                 if c.wiring == "line_to_line":
                     kw_per_unit[k] = c.voltage_v / 1000.0
+                battery_kw_per_unit[k] = kw_per_unit[k]
         rows = []
         caps = []
         self.row_names: list[str] = []
@@ -107,6 +113,7 @@ class LinearLimits:
         self.node_ids = [nd.id for nd in nodes]
         self.below = below
         self.kw_per_unit = kw_per_unit
+        self.battery_kw_per_unit = battery_kw_per_unit
         self.other_kw = other.sum(axis=1) * site.voltage_ln_v / 1000.0
 
     def caps(self, view: SiteView, node_kw: dict[str, float] | None = None) -> F64:
@@ -116,10 +123,13 @@ class LinearLimits:
             i = self.node_ids.index(node)
             r = self.n_phase_rows + i
             b[r] = min(b[r], lim - self.other_kw[i])
-        # DC auxiliary load of connected DC chargers
+        # DC auxiliary load of connected DC chargers, on the phases and on the kW caps: the site
+        # meter counts it (the kW rows once left it out and let a DC site exceed a kW cap by it).
         aux = self.below @ (self.aux_a * view.connected)
+        aux_kw = self.below @ (self.aux_kw * view.connected)
         for i in range(len(self.node_ids)):
             b[3 * i : 3 * i + 3] -= aux[i]
+            b[self.n_phase_rows + i] -= aux_kw[i]
         out: F64 = np.maximum(b, 0.0)
         return out
 
@@ -194,7 +204,7 @@ class ReferenceController:
     def _demand(self, view: SiteView) -> tuple[npt.NDArray[np.bool_], F64, F64]:
         remaining = np.maximum(view.energy_requested_kwh - view.energy_delivered_kwh, 0.0)
         active = view.connected & (remaining > 0.01)
-        rate_kw = self.upper * self.lin.kw_per_unit
+        rate_kw = self.upper * self.lin.battery_kw_per_unit  # remaining is battery energy
         hours_left = np.maximum((view.departure - view.now) / 3600.0, 1e-6)
         laxity = np.where(active, hours_left - remaining / np.maximum(rate_kw, 1e-9), np.inf)
         return active, remaining, laxity
@@ -266,7 +276,7 @@ class ReferenceController:
                 # A session behind its plan (more left than the plan still delivers) is not held
                 # to the target: the allocator's rule, so the plan never costs energy.
                 future = (rates[k, step] * (step + 1 - pos) + rates[k, step + 1 :].sum()) * dt_h
-                if remaining[k] > future * self.lin.kw_per_unit[k] + 0.05:
+                if remaining[k] > future * self.lin.battery_kw_per_unit[k] + 0.05:
                     out[k] = self.upper[k]
         # A session behind its plan may take more than the target (allocator rule); at the 6 A
         # floor a small target rounds up so that planned energy is not lost to the pilot minimum.
@@ -306,8 +316,10 @@ class ReferenceController:
             B[:, t] = self.lin.caps(view, lims)
         rows = np.isfinite(B).all(axis=1) & (G > 0).any(axis=1)
         cons.append(G[rows] @ x <= B[rows])
-        kwp = self.lin.kw_per_unit[ks]
-        energy = cp.multiply(kwp[:, None], x) @ np.ones(T) * dt_h
+        kwp = self.lin.kw_per_unit[ks]  # grid side, for cost and peak
+        # ``remaining`` is what the batteries still want: a DC setpoint's kW reach the battery,
+        # its grid-side kW (over the efficiency) do not (the plan once fell short by 1 - eff).
+        energy = cp.multiply(self.lin.battery_kw_per_unit[ks][:, None], x) @ np.ones(T) * dt_h
         unmet = cp.pos(remaining[ks] - energy)
         cons.append(energy <= remaining[ks] + 1e-6)
         site_kw = kwp @ x

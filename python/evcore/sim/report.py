@@ -362,7 +362,7 @@ def html_report(cmp: Comparison) -> str:
         "delivered kWh",
         "sessions met",
         f"energy cost ({sc.tariff.currency})",
-        "peak kW (15 min)",
+        f"peak kW ({sc.demand_charge.window_min:g} min)",
         "peak kW (instant)",
         f"demand charge ({sc.tariff.currency})",
         "max node-phase util",

@@ -169,6 +169,8 @@ class StackRun:
         self._restart_subs: list[Any] = []
         self._bus: Any = None
         self._dc: set[str] = set()
+        # Session id -> the metered energy told the edge when its DC battery reached its target.
+        self._request_done: dict[str, float] = {}
         self._triggers: list[asyncio.Future[Any]] = []
         self._fleet: Any = None
 
@@ -189,11 +191,33 @@ class StackRun:
 
     def _metered_request_kwh(self, s: SessionSpec) -> float:
         """The session's energy as the charger's meter counts it. The edge tracks a session by its
-        meter register; a DC charger's register counts AC input, which is the battery's energy
-        over the charger's efficiency. The battery stops at its target state of charge by itself,
-        so asking for the input energy never overcharges it."""
+        meter register, and pauses it once the register has counted what was asked. A DC
+        charger's register counts AC input: the battery's energy over the efficiency, plus the
+        auxiliary load for as long as it charges. How long that is depends on the policy, so the
+        request counts the auxiliary load over the whole stay (about 3 kWh on a depot bus's
+        190): the edge never pauses a car short of its target for want of requested energy. The
+        battery stops at its target state of charge by itself, and the twin then tells the edge
+        that the session's energy is in (``_report_batteries_full``)."""
+        done = self._request_done.get(s.id)
+        if done is not None:
+            return done
         ch = self.sc.site.charger(s.charger_id)
-        return s.energy_kwh / ch.efficiency if ch.kind == "dc" else s.energy_kwh
+        if ch.kind != "dc":
+            return s.energy_kwh
+        return s.energy_kwh / ch.efficiency + ch.aux_w * (s.departure_s - s.arrival_s) / 3.6e6
+
+    def _report_batteries_full(self) -> None:
+        """A DC car whose battery reached its target: what the driver's app tells the edge then,
+        the session's energy as metered so far (its request counted the auxiliary load over the
+        whole stay, more than the car took). An AC car's battery takes what the meter counts, so
+        its request is met on the meter as the battery reaches its target."""
+        for cid, (s, ev, _) in self.plugged.items():
+            if cid not in self._dc or s.id in self._request_done or not ev.full:
+                continue
+            c = self._fleet.connector(cid)
+            metered_kwh = max(0.0, c.register_wh - c.tx_start_register_wh) / 1000.0
+            self._request_done[s.id] = metered_kwh
+            self._app.controller.set_session(cid, energy_requested_kwh=metered_kwh)
 
     def _delivered_kwh(self, s: SessionSpec, ev: Any) -> float:
         return float(min(s.energy_kwh, max(0.0, (ev.soc - s.soc_arrival) * ev.capacity_kwh)))
@@ -557,6 +581,7 @@ class StackRun:
                 if self.progress is not None:
                     self.progress(t_prev / end)
             t_prev = t
+            self._report_batteries_full()
             state = self._sample_state()
 
     # -- one run ---------------------------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""The HTML report names the scenario's own demand window, not a fixed 15 minutes."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+from evcore.sim import report
+from evcore.sim.controllers import make_controller
+from evcore.sim.scenario import parse_scenario
+from evcore.sim.twin import compare
+
+SCENARIO = """
+[scenario]
+name = "window"
+start = "2026-01-05T12:00:00Z"
+duration_h = 0.5
+seed = 1
+policies = ["uncontrolled"]
+
+[site]
+id = "window"
+phase_names = ["L1", "L2", "L3"]
+voltage_ln_v = 230.0
+
+[[nodes]]
+id = "grid"
+phase_limit_a = 63.0
+
+[[chargers]]
+id = "cp-1"
+parent = "grid"
+wiring = "three_phase"
+phases = ["L1", "L2", "L3"]
+voltage_v = 230.0
+min_a = 6.0
+max_a = 32.0
+
+[arrivals]
+arrival_mean_h = 0.0
+arrival_sd_h = 0.0
+stay_min_h = 0.4
+
+[[arrivals.vehicles]]
+name = "car"
+battery_kwh = 60.0
+max_a = 32.0
+phases = 3
+
+[tariff]
+default_price_per_kwh = 0.2
+"""
+
+
+@pytest.mark.parametrize("window_min", [30, 15, 60])
+def test_report_header_names_the_scenarios_demand_window(window_min: int) -> None:
+    doc = tomllib.loads(
+        SCENARIO + f"\n[demand_charge]\nprice_per_kw = 1.0\nwindow_min = {window_min}\n"
+    )
+    sc = parse_scenario(doc)
+    html = report.html_report(compare(sc, make_controller))
+    assert f"<th>peak kW ({window_min} min)</th>" in html
+    others = {15, 30, 60} - {window_min}
+    assert not any(f"peak kW ({m} min)" in html for m in others)
