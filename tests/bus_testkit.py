@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from evcore.bus import Bus, BusConfig, BusMessage, InProcessBus, ProcessedIds
 from evcore.bus.natsbus import NatsBus
 from evcore.clock import WallClock
@@ -266,3 +268,67 @@ def streams_to_delete(
     if others_alive:
         return set(), created | pending
     return created | pending, set()
+
+
+CLOUD_NATS_DIR = Path(__file__).resolve().parents[1] / "cloud" / "nats"
+CLUSTER_NODES = ("a", "b", "c")
+
+
+def _conf_port(path: Path, pattern: str) -> int:
+    m = re.search(pattern, path.read_text(), re.M | re.S)
+    assert m, f"{path.name} has no match for {pattern!r}"
+    return int(m.group(1))
+
+
+class Cluster:
+    """The shipped three-node cluster (cloud/nats/node-*.conf, loopback ports) in ``workdir``;
+    ``conf_dir``: a directory of edited copies instead."""
+
+    def __init__(self, workdir: Path, conf_dir: Path = CLOUD_NATS_DIR) -> None:
+        self.workdir = workdir
+        self.conf_dir = conf_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @staticmethod
+    def conf(node: str) -> Path:
+        return CLOUD_NATS_DIR / f"node-{node}.conf"
+
+    def start(self, node: str) -> None:
+        self.procs[node] = subprocess.Popen(
+            [NATS_SERVER, "-c", str(self.conf_dir / f"node-{node}.conf")],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def kill(self, node: str) -> None:
+        p = self.procs.pop(node)
+        p.kill()
+        p.wait(timeout=10)
+
+    @classmethod
+    def client_port(cls, node: str) -> int:
+        return _conf_port(cls.conf(node), r"^listen:\s*127\.0\.0\.1:(\d+)")
+
+    @classmethod
+    def leaf_port(cls, node: str) -> int:
+        return _conf_port(cls.conf(node), r"leafnodes\s*\{[^}]*?listen:\s*127\.0\.0\.1:(\d+)")
+
+    def urls(self) -> tuple[str, ...]:
+        return tuple(f"nats://127.0.0.1:{self.client_port(n)}" for n in CLUSTER_NODES)
+
+
+@contextlib.contextmanager
+def cluster_running(workdir: Path, conf_dir: Path = CLOUD_NATS_DIR) -> Iterator[Cluster]:
+    """All three nodes started (killed at the end); fails if their ports are taken."""
+    busy = [n for n in CLUSTER_NODES if port_open(Cluster.client_port(n))]
+    if busy:
+        pytest.fail(f"cluster ports of nodes {busy} are taken; is another cluster test running?")
+    c = Cluster(workdir, conf_dir)
+    for n in CLUSTER_NODES:
+        c.start(n)
+    try:
+        yield c
+    finally:
+        for n in list(c.procs):
+            c.kill(n)

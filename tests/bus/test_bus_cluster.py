@@ -4,64 +4,21 @@ record, without duplicates, when a node (the stream leader) is killed mid-burst.
 from __future__ import annotations
 
 import asyncio
-import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bus_testkit import NATS_SERVER, AuditSink, port_open, unique_site, wait_until
+from bus_testkit import AuditSink, Cluster, cluster_running, unique_site, wait_until
 from evcore.bus import BusConfig, Subjects
 from evcore.bus.natsbus import NatsBus
 from evcore.clock import WallClock
 from evcore.v1 import audit_pb2
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "cloud" / "nats"
-NODES = ("a", "b", "c")
-
-
-def _client_port(node: str) -> int:
-    text = (CONF_DIR / f"node-{node}.conf").read_text()
-    m = re.search(r"^listen:\s*127\.0\.0\.1:(\d+)", text, re.M)
-    assert m, f"node-{node}.conf has no loopback client listen"
-    return int(m.group(1))
-
-
-class Cluster:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, node: str) -> None:
-        self.procs[node] = subprocess.Popen(
-            [NATS_SERVER, "-c", str(CONF_DIR / f"node-{node}.conf")],
-            cwd=self.workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def kill(self, node: str) -> None:
-        p = self.procs.pop(node)
-        p.kill()
-        p.wait(timeout=10)
-
-    def urls(self) -> tuple[str, ...]:
-        return tuple(f"nats://127.0.0.1:{_client_port(n)}" for n in NODES)
-
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    busy = [n for n in NODES if port_open(_client_port(n))]
-    if busy:
-        pytest.fail(f"cluster ports of nodes {busy} are taken; is another cluster test running?")
-    c = Cluster(tmp_path)
-    for n in NODES:
-        c.start(n)
-    try:
+    with cluster_running(tmp_path) as c:
         yield c
-    finally:
-        for n in list(c.procs):
-            c.kill(n)
 
 
 async def _stream_leader(bus: NatsBus, stream: str) -> str:

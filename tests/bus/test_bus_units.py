@@ -135,7 +135,8 @@ def test_streams_cover_critical_subjects_and_patterns() -> None:
 def test_parse_bus_config_defaults_and_errors(tmp_path: Path) -> None:
     assert parse_bus_config(None).kind == "inprocess"
     cfg = parse_bus_config({"kind": "nats", "url": "nats://h:1", "replicas": 3})
-    assert cfg.urls == ("nats://h:1",) and cfg.replicas == 3
+    assert cfg.urls == ("nats://h:1",) and cfg.replicas == 3 and cfg.jetstream_domain == ""
+    assert parse_bus_config({"jetstream_domain": "cloud"}).jetstream_domain == "cloud"
     bad: list[tuple[dict[str, Any], str]] = [
         ({"kind": "kafka"}, "kind must be one of"),
         ({"kind": "nats", "url": "http://x"}, "must start with nats://"),
@@ -148,6 +149,8 @@ def test_parse_bus_config_defaults_and_errors(tmp_path: Path) -> None:
         ({"storage": "disk"}, "storage must be"),
         ({"outbx_dir": "x"}, "unknown key"),
         ({"manage_streams": "yes"}, "true or false"),
+        ({"jetstream_domain": "cloud one"}, "jetstream_domain must be a name"),
+        ({"jetstream_domain": 5}, "jetstream_domain must be a name"),
     ]
     for section, msg in bad:
         with pytest.raises(ValueError, match=msg):

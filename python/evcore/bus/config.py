@@ -5,6 +5,8 @@ See docs/bus.md for every key. Errors name the key and the value that was wrong.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,10 @@ class BusConfig:
     creds_file: str = ""
     # Whether this process creates/updates the site's streams (edge: yes; a restricted client: no).
     manage_streams: bool = True
+    # The JetStream domain of the servers that hold the streams, when the bus connects to a leaf
+    # node without JetStream of its own (an edge's local nats-server, edge/nats-edge.conf): its
+    # JetStream API requests go to $JS.<domain>.API, across the leaf connection. "" = none.
+    jetstream_domain: str = ""
 
     def streams(self, site_id: str) -> list[StreamSpec]:
         return default_streams(site_id, self)
@@ -133,6 +139,11 @@ def parse_bus_config(section: Mapping[str, Any] | None) -> BusConfig:
     outbox = sec.get("outbox_dir", "var/outbox")
     if not isinstance(outbox, str) or not outbox:
         raise ValueError(f"[bus] outbox_dir must be a path string, got {outbox!r}")
+    domain = sec.get("jetstream_domain", "")
+    if not isinstance(domain, str) or (domain and not re.fullmatch(r"[A-Za-z0-9_-]+", domain)):
+        raise ValueError(
+            f"[bus] jetstream_domain must be a name of letters, digits, '-' and '_', got {domain!r}"
+        )
     for key in ("name", "token", "creds_file"):
         if key in sec and not isinstance(sec[key], str):
             raise ValueError(f"[bus] {key} must be a string, got {sec[key]!r}")
@@ -158,4 +169,5 @@ def parse_bus_config(section: Mapping[str, Any] | None) -> BusConfig:
         token=sec.get("token", ""),
         creds_file=sec.get("creds_file", ""),
         manage_streams=manage,
+        jetstream_domain=domain,
     )

@@ -599,7 +599,7 @@ class NatsBus:
             # With max_reconnect_attempts=-1, connect() keeps trying until a server answers.
             await nc.connect(**_connect_options(cfg, self))
         self._nc = nc
-        self._js = nc.jetstream(timeout=cfg.publish_timeout_s)
+        self._js = nc.jetstream(timeout=cfg.publish_timeout_s, domain=cfg.jetstream_domain or None)
         await self._learn_max_payload()
         if cfg.manage_streams and not self._closing:
             # Tried at the reconnect pace for up to connect_timeout_s (a cluster still electing
