@@ -492,3 +492,26 @@ async def test_a_request_that_does_not_decode_is_invalid_argument_and_the_server
     assert anon.value.code() == grpc.StatusCode.UNAUTHENTICATED
     state = await edge.stub.GetSiteState(pb.GetSiteStateRequest(), metadata=auth(VIEWER))
     assert state.site_id
+
+
+@pytest.mark.parametrize(("listen", "warned"), [("0.0.0.0:0", True), ("127.0.0.1:0", False)])
+async def test_tokens_on_a_network_address_without_tls_are_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, listen: str, warned: bool
+) -> None:
+    """Review of session 13: the production example served bearer tokens on 0.0.0.0 in clear
+    text, against docs/api.md, and nothing said so."""
+    config = ApiConfig.from_section(
+        {"listen": listen, "tokens": [{"token": OPERATOR, "roles": ["operator"]}]}, tmp_path
+    )
+    store = open_store({"path": str(tmp_path / "store")}, tmp_path)
+    await store.open()
+    server = EdgeApiServer(
+        StoreFacade(store, ManualClock()), config, site_id="s", clock=ManualClock(), store=store
+    )
+    with caplog.at_level("WARNING", logger="evcore.api"):
+        await server.start()
+    try:
+        assert ("in clear text" in caplog.text) == warned
+    finally:
+        await server.stop()
+        await store.close()

@@ -72,6 +72,8 @@ async def test_an_unreadable_outbox_is_set_aside_and_the_edge_starts(tmp_path: P
         ({"bus": {"kind": "kafka"}}, "[bus] kind must be one of", 2),
         ({"api": {"tokens": "abcdefabcdefabcdef"}}, "[api] tokens: expected an array of tables", 2),
         ({"api": {"tokens": ["abcdefabcdefabcdef"]}}, "[api] tokens[0]: expected a table", 2),
+        ({"ocpp": None}, "[ocpp]: expected a table, got int", 2),  # ocpp = 5
+        ({"store": [{"path": "x"}]}, "[store]: expected a table, got list", 2),
     ],
 )
 async def test_a_bad_section_is_a_message_not_a_traceback(
@@ -82,8 +84,12 @@ async def test_a_bad_section_is_a_message_not_a_traceback(
     table = depot_table(2, per_feeder=2)
     table["ocpp"]["port"] = free_port()
     table.update(change)
+    top = ""
+    if change.get("ocpp", {}) is None:  # a bare key where a table belongs: before the tables
+        del table["ocpp"]
+        top = "ocpp = 5\n"
     site_file = tmp_path / "site.toml"
-    site_file.write_text(to_toml(table))
+    site_file.write_text(top + to_toml(table))
     got, out = await _run_until_exit(site_file, 45.0)
     assert got == rc and says in out and "Traceback" not in out, out[-1500:]
 
@@ -105,3 +111,20 @@ async def test_an_api_section_with_enabled_false_opens_no_port(tmp_path: Path) -
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
     assert proc.returncode == 0
+
+
+async def test_an_audit_journal_that_cannot_be_written_stops_the_start(tmp_path: Path) -> None:
+    """Review of session 13: under the shipped service unit the journal went beside the site
+    file, in the read-only /etc/evcore, and was found unwritable only when the store failed:
+    then no decision could leave. Now the edge does not start, naming the key."""
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("a file where the journal's directory should be")
+    table = depot_table(2, per_feeder=2)
+    table["ocpp"]["port"] = free_port()
+    table["store"] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    table["edge"] = {"audit_journal": str(not_a_dir / "audit-journal")}
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    rc, out = await _run_until_exit(site_file, 45.0)
+    assert rc == 1, out[-1500:]
+    assert "[edge].audit_journal: cannot write in" in out and str(not_a_dir) in out

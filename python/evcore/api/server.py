@@ -134,6 +134,19 @@ def _guarded(
     return run
 
 
+def _loopback(listen: str) -> bool:
+    """``host:port`` names a loopback address (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 def _actor() -> str:
     p = current_principal.get()
     return "unknown" if p is None else p.name
@@ -522,6 +535,12 @@ class EdgeApiServer:
         self._server = server
         self.port = int(port)
         log.info("api: EdgeApi listening on %s (port %d)", self.config.listen, port)
+        if tls is None and self.config.credentials.tokens and not _loopback(self.config.listen):
+            log.warning(
+                "api: bearer tokens on %s without TLS cross the network in clear text: listen "
+                "on loopback (behind a TLS-terminating proxy) or add [api.tls] (docs/api.md)",
+                self.config.listen,
+            )
         return self.port
 
     async def stop(self, grace_s: float = 2.0) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from evcore.clock import Clock
-from evcore.edge.config import EdgeConfig
+from evcore.edge.config import EdgeConfig, EdgeConfigError
 from evcore.edge.controller import EdgeController, SentProfile
 from evcore.edge.ports import AuditSink, ChargerGateway, CorePort
 from evcore.edge.state import ChargerState, SiteState
@@ -124,6 +124,24 @@ def audit_journal_path(cfg: EdgeConfig, site_path: str | Path | None) -> Path | 
     if site_path is None:
         return None
     return Path(site_path).resolve().parent / name
+
+
+def writable_dir(directory: Path, key: str) -> None:
+    """Make ``directory`` if need be and check a file can be written in it, or EdgeConfigError
+    naming ``key``. The audit journal found read-only only when the store failed (an /etc beside
+    the site file under systemd's ProtectSystem) would stop every decision: none may leave
+    unrecorded. So the edge does not start without it."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".evcore-write-check-"):
+            pass
+    except OSError as exc:
+        raise EdgeConfigError(
+            f"{key}: cannot write in {directory} ({exc.strerror or exc}); give a path in a "
+            "writable state directory, e.g. /var/lib/evcore/audit-journal"
+        ) from None
 
 
 def _config_version(site_table: Mapping[str, Any]) -> str:
@@ -276,6 +294,10 @@ class EdgeApp:
 
     async def run(self) -> None:
         ctrl = self.controller
+        if self.recorder is not None:
+            journal = audit_journal_path(ctrl.cfg, getattr(self.site, "path", None))
+            if journal is not None:
+                writable_dir(journal.parent, "[edge].audit_journal")
         if self.store is not None:
             from evcore.edge.recording import recover
 

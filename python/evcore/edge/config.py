@@ -133,6 +133,8 @@ class EdgeConfig:
         if policy is not None:
             table["policy"] = policy
         ocpp = site_table.get("ocpp") or {}
+        if not isinstance(ocpp, Mapping):  # (an AttributeError traceback before)
+            raise EdgeConfigError(f"[ocpp]: expected a table, got {type(ocpp).__name__}")
         wire_a = 1.0 if bool(ocpp.get("whole_amperes", True)) else 0.1
         given = table.get("resolution_a")
         if given is None:

@@ -344,6 +344,8 @@ class StoreConfig:
 
     @staticmethod
     def from_section(section: Mapping[str, object] | None) -> StoreConfig:
+        if section is not None and not isinstance(section, Mapping):
+            raise StoreConfigError(f"[store]: expected a table, got {type(section).__name__}")
         s = dict(section or {})
         known = {"kind", "path", "dsn", "schema", "telemetry_retention_s", "connect_timeout_s"}
         unknown = sorted(set(s) - known)
