@@ -73,6 +73,7 @@ async def test_an_unreadable_outbox_is_set_aside_and_the_edge_starts(tmp_path: P
         ({"api": {"tokens": "abcdefabcdefabcdef"}}, "[api] tokens: expected an array of tables", 2),
         ({"api": {"tokens": ["abcdefabcdefabcdef"]}}, "[api] tokens[0]: expected a table", 2),
         ({"ocpp": None}, "[ocpp]: expected a table, got int", 2),  # ocpp = 5
+        ({"edge": {"tick_s": 1e-9}}, "[edge].tick_s must be a number >= 0.05", 2),
         ({"store": [{"path": "x"}]}, "[store]: expected a table, got list", 2),
     ],
 )

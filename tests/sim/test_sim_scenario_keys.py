@@ -114,7 +114,7 @@ def test_sim_an_unknown_section_is_an_error(tmp_path: Path) -> None:
     [
         ("ignore_threshold_a = -6", "[edge].ignore_threshold_a must be a number >= 0, got -6"),
         ("bogus_key = 1", "[edge].bogus_key: unknown key"),
-        ('tick_s = "fast"', "[edge].tick_s must be a number > 0"),
+        ('tick_s = "fast"', "[edge].tick_s must be a number >= 0.05"),
         # Checked with the twin's own defaults (failsafe_after_s = 600 s).
         ("refresh_lead_s = 700", "[edge].refresh_lead_s: must be below failsafe_after_s (600.0)"),
     ],

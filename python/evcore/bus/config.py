@@ -5,8 +5,8 @@ See docs/bus.md for every key. Errors name the key and the value that was wrong.
 
 from __future__ import annotations
 
+import math
 import re
-
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +94,8 @@ def default_streams(site_id: str, cfg: BusConfig | None = None) -> list[StreamSp
 
 def _num(sec: Mapping[str, Any], key: str, default: float, *, positive: bool = True) -> float:
     v = sec.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ValueError(f"[bus] {key} must be a number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError(f"[bus] {key} must be a finite number, got {v!r}")
     if positive and not v > 0:
         raise ValueError(f"[bus] {key} must be > 0, got {v!r}")
     return float(v)
@@ -103,8 +103,8 @@ def _num(sec: Mapping[str, Any], key: str, default: float, *, positive: bool = T
 
 def _int(sec: Mapping[str, Any], key: str, default: int) -> int:
     v = sec.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"[bus] {key} must be a positive integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**63:
+        raise ValueError(f"[bus] {key} must be a positive integer below 2**63, got {v!r}")
     return v
 
 

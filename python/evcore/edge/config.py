@@ -163,6 +163,8 @@ _SECTION = Section(
             for f in fields(EdgeConfig)
             if f.type == "float"
         },
+        # A tick below 50 ms is a busy loop that starves the OCPP handlers of the same process.
+        "tick_s": Key("number", lo=0.05),
         "policy": Key("choice", choices=POLICIES),
         "max_switches": Key("integer", lo=0),
         "audit_journal": Key("any"),

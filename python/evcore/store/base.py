@@ -12,6 +12,7 @@ Times are seconds since the Unix epoch (UTC) as floats, named ``*_s``; protobuf 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -383,8 +384,14 @@ class StoreConfig:
 
 def _positive(s: Mapping[str, object], key: str, default: float) -> float:
     value = s.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise StoreConfigError(f"[store] {key} must be a positive number of seconds, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value < math.inf  # (inf: kept for ever, and a cutoff of -inf)
+    ):
+        raise StoreConfigError(
+            f"[store] {key} must be a positive finite number of seconds, got {value!r}"
+        )
     return float(value)
 
 
