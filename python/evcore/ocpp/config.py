@@ -3,7 +3,8 @@
 This module owns parsing and checking the central system's configuration: listen address, path
 prefix, security profile, TLS files, station credentials (inline or from a credentials file),
 DataTransfer vendor ids, what to measure, timeouts and queue bounds. It never opens a socket.
-Errors name the key that was wrong (``OcppConfigError``).
+Errors name the key that was wrong, ``[ocpp].key``, and the value (``OcppConfigError``); the
+keys are checked by the project's one section validator, :mod:`evcore.site.sections`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from evcore.site.sections import Key, Section
 
 DEFAULT_MEASURANDS: tuple[str, ...] = (
     "Current.Import",
@@ -99,6 +102,17 @@ class OcppConfig:
             return cred.security_profile
         return self.security_profile
 
+    def check_tls_files(self) -> None:
+        """Each TLS file named is a file (relative paths were taken against the site file's
+        folder by :func:`parse_ocpp_section`); OcppConfigError naming ``[ocpp].key`` and the
+        path. The central system calls it when it loads; ``parse_ocpp_section`` does not, so
+        that a site file can be read where its TLS files are not (``evcore simcp``, checks of
+        a deployable)."""
+        for key in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise OcppConfigError(f"[ocpp].{key}: no such file {path!r}")
+
 
 def _check_password(where: str, password: str) -> None:
     if not 16 <= len(password) <= 40:
@@ -133,7 +147,8 @@ def _parse_credentials(where: str, ocpp_id: str, raw: Any) -> StationCredentials
                 f"got {len(key_hex) // 2}"
             )
     profile = raw.get("security_profile")
-    if profile is not None and profile not in (0, 1, 2, 3):
+    # (``true`` and ``1.0`` equal 1: both were taken for profile 1)
+    if profile is not None and (type(profile) is not int or profile not in (0, 1, 2, 3)):
         raise OcppConfigError(f"{where}.security_profile: expected 0, 1, 2 or 3, got {profile!r}")
     serial = raw.get("serial")
     if serial is not None and not isinstance(serial, str):
@@ -153,123 +168,150 @@ def load_credentials_file(path: str | Path) -> dict[str, StationCredentials]:
     try:
         data = tomllib.loads(p.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise OcppConfigError(f"ocpp.credentials_file {str(p)!r}: {exc}") from exc
+        raise OcppConfigError(f"[ocpp].credentials_file {str(p)!r}: {exc}") from exc
     stations = data.get("stations", {})
     if not isinstance(stations, Mapping):
-        raise OcppConfigError(f"ocpp.credentials_file {str(p)!r}: [stations] must be a table")
+        raise OcppConfigError(f"[ocpp].credentials_file {str(p)!r}: [stations] must be a table")
     return {
         sid: _parse_credentials(f"{p}: stations.{sid}", sid, raw) for sid, raw in stations.items()
     }
 
 
-_KEYS = {
-    "host",
-    "port",
-    "path_prefix",
-    "security_profile",
-    "tls_cert",
-    "tls_key",
-    "tls_client_ca",
-    "credentials",
-    "credentials_file",
-    "data_transfer_vendor_ids",
-    "measurands",
-    "sample_interval_s",
-    "heartbeat_interval_s",
-    "call_timeout_s",
-    "queue_bound",
-    "whole_amperes",
-    "configure_on_boot",
-    "stack_level",
-    "max_clock_skew_s",
-    "store_batch_window_s",
-    "max_frame_bytes",
-    "gc_tuning",
-}
+#: The largest ``max_frame_bytes`` range (checked here: ``Section`` prints 2**30 as 1.07374e+09).
+_FRAME_BYTES = (65_536, 1 << 30)
+#: OCPP's ``CiString255`` (1.6 DataTransfer.vendorId; 2.0.1 vendorId and measurand maxLength).
+_MAX_CHARS = 255
+
+_SECTION = Section(
+    "[ocpp]",
+    {
+        "host": Key("text", default="127.0.0.1"),
+        "port": Key("integer", default=9000, lo=0, hi=65535),
+        "path_prefix": Key("any", default="/ocpp"),
+        "security_profile": Key("integer", default=1, lo=0, hi=3),
+        # Relative to the site file's folder (``base_dir``), like every other file it names.
+        "tls_cert": Key("path"),
+        "tls_key": Key("path"),
+        "tls_client_ca": Key("path"),
+        "credentials": Key("table"),
+        "credentials_file": Key("path"),
+        "data_transfer_vendor_ids": Key("any", default=()),
+        "measurands": Key("any", default=DEFAULT_MEASURANDS),
+        "sample_interval_s": Key("integer", default=10, lo=1, hi=86_400),
+        "heartbeat_interval_s": Key("integer", default=300, lo=1, hi=86_400),
+        # NaN or inf made every CALL time out at once (every station answer was dropped).
+        "call_timeout_s": Key("number", default=30.0, lo=0, above=True, hi=3_600),
+        "queue_bound": Key("integer", default=32, lo=1, hi=10_000),
+        "whole_amperes": Key("bool", default=True),
+        "configure_on_boot": Key("bool", default=True),
+        # OCPP's stackLevel is >= 0.
+        "stack_level": Key("integer", default=1, lo=0),
+        # Every profile's startSchedule is this much before now: a day is already generous.
+        "max_clock_skew_s": Key("number", default=300.0, lo=0, hi=86_400),
+        "store_batch_window_s": Key("number", default=0.005, lo=0, hi=1),
+        "max_frame_bytes": Key("any", default=16 * 1024 * 1024),
+        "gc_tuning": Key("bool", default=False),
+    },
+    OcppConfigError,
+)
+
+
+def _strings(key: str, value: Any, *, non_empty: bool, csv: bool = False) -> tuple[str, ...]:
+    """A list of non-empty strings of at most 255 characters (``CiString255``); ``non_empty``:
+    the list may not be empty; ``csv``: no commas or spaces in a name (1.6 sends measurands as
+    one comma-separated configuration value)."""
+    items = value if isinstance(value, list | tuple) else None
+    if (
+        items is None
+        or (non_empty and not items)
+        or not all(isinstance(v, str) and v.strip() and len(v) <= _MAX_CHARS for v in items)
+        or (csv and any("," in v or any(c.isspace() for c in v) for v in items))
+    ):
+        what = "a non-empty list" if non_empty else "a list"
+        kind = "names without commas or spaces" if csv else "non-empty strings"
+        raise OcppConfigError(
+            f"{_SECTION.label(key)} must be {what} of {kind} (at most {_MAX_CHARS} characters "
+            f"each), got {value!r}"
+        )
+    return tuple(items)
+
+
+def _path_prefix(value: Any) -> str:
+    if not isinstance(value, str) or (value and not value.startswith("/")):
+        raise OcppConfigError(
+            f"{_SECTION.label('path_prefix')} must be a string starting with '/' "
+            f"(or empty), got {value!r}"
+        )
+    return value.rstrip("/")
+
+
+def _frame_bytes(value: Any) -> int:
+    lo, hi = _FRAME_BYTES
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise OcppConfigError(
+            f"{_SECTION.label('max_frame_bytes')} must be an integer in [{lo}, {hi}] bytes, "
+            f"got {value!r}"
+        )
+    return value
 
 
 def parse_ocpp_section(
     section: Mapping[str, Any] | None, *, base_dir: str | Path | None = None
 ) -> OcppConfig:
-    """Build an :class:`OcppConfig` from the site file's ``[ocpp]`` table (may be empty)."""
-    raw = dict(section or {})
-    unknown = set(raw) - _KEYS
-    if unknown:
-        raise OcppConfigError(f"ocpp: unknown keys {sorted(unknown)}")
+    """Build an :class:`OcppConfig` from the site file's ``[ocpp]`` table (may be empty).
 
-    def typed(key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        value = raw.get(key, default)
-        if value is not None and not isinstance(value, kind):
-            raise OcppConfigError(f"ocpp.{key}: expected {kind}, got {value!r}")
-        return value
+    Every key is checked (kind and range; errors name ``[ocpp].key`` and the value). File paths
+    (``tls_*``, ``credentials_file``) are taken relative to ``base_dir``, the site file's folder
+    (the working directory when None). The credentials file is read here; whether the TLS files
+    exist is :meth:`OcppConfig.check_tls_files` (the central system calls it when it loads)."""
+    raw = {} if section is None else section
+    if isinstance(raw, Mapping):
+        unknown = sorted(set(raw) - set(_SECTION.keys))
+        if unknown:
+            # "unknown keys" (plural) is what callers and tests have matched on.
+            raise OcppConfigError(
+                f"[ocpp]: unknown keys {', '.join(unknown)}; known keys: "
+                f"{', '.join(sorted(_SECTION.keys))}"
+            )
+    v = _SECTION.read(raw, "." if base_dir is None else base_dir)
 
     creds: dict[str, StationCredentials] = {}
-    cfile = typed("credentials_file", str, None)
-    if cfile is not None:
-        path = Path(cfile)
-        if not path.is_absolute() and base_dir is not None:
-            path = Path(base_dir) / path
-        creds.update(load_credentials_file(path))
-    inline = typed("credentials", Mapping, {})
-    for sid, entry in inline.items():
-        creds[sid] = _parse_credentials(f"ocpp.credentials.{sid}", sid, entry)
+    if "credentials_file" in v:
+        creds.update(load_credentials_file(v["credentials_file"]))
+    for sid, entry in v.get("credentials", {}).items():
+        creds[sid] = _parse_credentials(f"[ocpp].credentials.{sid}", sid, entry)
 
-    profile = typed("security_profile", int, 1)
-    if profile not in (0, 1, 2, 3):
-        raise OcppConfigError(f"ocpp.security_profile: expected 0, 1, 2 or 3, got {profile}")
-    tls_cert = typed("tls_cert", str, None)
-    tls_key = typed("tls_key", str, None)
-    tls_ca = typed("tls_client_ca", str, None)
-    if profile >= 2 and (tls_cert is None or tls_key is None):
+    profile: int = v["security_profile"]
+    tls = {k: str(v[k]) if k in v else None for k in ("tls_cert", "tls_key", "tls_client_ca")}
+    if profile >= 2 and (tls["tls_cert"] is None or tls["tls_key"] is None):
         raise OcppConfigError(
-            "ocpp.tls_cert and ocpp.tls_key are required for security profile 2/3"
+            f"[ocpp].tls_cert and [ocpp].tls_key are required for security profile 2/3, "
+            f"got security_profile = {profile}"
         )
-    if profile == 3 and tls_ca is None:
-        raise OcppConfigError("ocpp.tls_client_ca is required for security profile 3")
-    window = float(typed("store_batch_window_s", (int, float), 0.005))
-    if not 0.0 <= window <= 1.0:
-        raise OcppConfigError(f"ocpp.store_batch_window_s: must be within [0, 1] s, got {window}")
-    max_frame = typed("max_frame_bytes", int, 16 * 1024 * 1024)
-    if isinstance(max_frame, bool) or not 65_536 <= max_frame <= 1 << 30:
-        raise OcppConfigError(
-            f"ocpp.max_frame_bytes: must be within [65536, 1073741824] bytes, got {max_frame!r}"
-        )
-    port = typed("port", int, 9000)
-    if not 0 <= port <= 65535:
-        raise OcppConfigError(f"ocpp.port: expected 0..65535, got {port}")
-    prefix = typed("path_prefix", str, "/ocpp").rstrip("/")
-    if prefix and not prefix.startswith("/"):
-        raise OcppConfigError(f"ocpp.path_prefix: must start with '/', got {prefix!r}")
-    measurands = tuple(typed("measurands", list, list(DEFAULT_MEASURANDS)))
-    interval = typed("sample_interval_s", int, 10)
-    if interval < 1:
-        raise OcppConfigError(f"ocpp.sample_interval_s: must be >= 1, got {interval}")
-    timeout = float(typed("call_timeout_s", (int, float), 30.0))
-    if timeout <= 0:
-        raise OcppConfigError(f"ocpp.call_timeout_s: must be > 0, got {timeout}")
-    bound = typed("queue_bound", int, 32)
-    if bound < 1:
-        raise OcppConfigError(f"ocpp.queue_bound: must be >= 1, got {bound}")
+    if profile == 3 and tls["tls_client_ca"] is None:
+        raise OcppConfigError("[ocpp].tls_client_ca is required for security profile 3")
     return OcppConfig(
-        host=typed("host", str, "127.0.0.1"),
-        port=port,
-        path_prefix=prefix,
+        host=v["host"],
+        port=v["port"],
+        path_prefix=_path_prefix(v["path_prefix"]),
         security_profile=profile,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_client_ca=tls_ca,
+        tls_cert=tls["tls_cert"],
+        tls_key=tls["tls_key"],
+        tls_client_ca=tls["tls_client_ca"],
         credentials=creds,
-        data_transfer_vendor_ids=tuple(typed("data_transfer_vendor_ids", list, [])),
-        measurands=measurands,
-        sample_interval_s=interval,
-        heartbeat_interval_s=typed("heartbeat_interval_s", int, 300),
-        call_timeout_s=timeout,
-        queue_bound=bound,
-        whole_amperes=typed("whole_amperes", bool, True),
-        configure_on_boot=typed("configure_on_boot", bool, True),
-        stack_level=typed("stack_level", int, 1),
-        max_clock_skew_s=float(typed("max_clock_skew_s", (int, float), 300.0)),
-        store_batch_window_s=window,
-        max_frame_bytes=max_frame,
-        gc_tuning=typed("gc_tuning", bool, False),
+        data_transfer_vendor_ids=_strings(
+            "data_transfer_vendor_ids", v["data_transfer_vendor_ids"], non_empty=False
+        ),
+        measurands=_strings("measurands", v["measurands"], non_empty=True, csv=True),
+        sample_interval_s=v["sample_interval_s"],
+        heartbeat_interval_s=v["heartbeat_interval_s"],
+        call_timeout_s=v["call_timeout_s"],
+        queue_bound=v["queue_bound"],
+        whole_amperes=v["whole_amperes"],
+        configure_on_boot=v["configure_on_boot"],
+        stack_level=v["stack_level"],
+        max_clock_skew_s=v["max_clock_skew_s"],
+        store_batch_window_s=v["store_batch_window_s"],
+        max_frame_bytes=_frame_bytes(v["max_frame_bytes"]),
+        gc_tuning=v["gc_tuning"],
     )

@@ -32,7 +32,7 @@ from websockets.http11 import Request, Response
 from evcore.clock import Clock
 from evcore.ocpp import frames, v16, v201, validation
 from evcore.ocpp.clockskew import WARN_OFFSET_S, ClockOffset
-from evcore.ocpp.config import OcppConfig, parse_ocpp_section
+from evcore.ocpp.config import OcppConfig, OcppConfigError, parse_ocpp_section
 from evcore.ocpp.connection import HandlerError, StationConnection
 from evcore.ocpp.events import (
     BootEvent,
@@ -381,6 +381,9 @@ class CentralSystem:
                 sections.get("ocpp"), base_dir=path.parent if path is not None else None
             )
         self.config = config
+        # A missing TLS file is a configuration error at load, naming its key and path (it was
+        # a bare FileNotFoundError at start).
+        config.check_tls_files()
         self._chargers = {c.charger_id: c for c in chargers_of(site)}
         self._stations: dict[str, Station] = {}
         for c in self._chargers.values():
@@ -442,9 +445,23 @@ class CentralSystem:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         assert cfg.tls_cert is not None
-        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        cfg.check_tls_files()  # again: ``config`` may be replaced, files removed, since
+        try:
+            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            files = ", ".join(repr(f) for f in (cfg.tls_cert, cfg.tls_key) if f is not None)
+            raise OcppConfigError(
+                f"[ocpp].tls_cert, [ocpp].tls_key: cannot load {files} "
+                f"(a PEM certificate chain and its private key): {exc}"
+            ) from None
         if cfg.tls_client_ca:
-            ctx.load_verify_locations(cfg.tls_client_ca)
+            try:
+                ctx.load_verify_locations(cfg.tls_client_ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise OcppConfigError(
+                    f"[ocpp].tls_client_ca: cannot load {cfg.tls_client_ca!r} "
+                    f"(PEM CA certificates): {exc}"
+                ) from None
             profiles = {cfg.profile_for(s) for s in self._stations}
             ctx.verify_mode = ssl.CERT_REQUIRED if profiles == {3} else ssl.CERT_OPTIONAL
         return ctx
