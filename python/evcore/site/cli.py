@@ -1,9 +1,18 @@
-"""``evcore site check FILE``: validate a site file and print its tree with every limit."""
+"""``evcore site check FILE``: validate a site file as ``evcore edge`` does at start, and print its
+tree with every limit.
+
+It owns no section's rules: each room's own validator (the ones the edge runs before it opens a
+socket) says what is wrong, so a file this passes is one the edge loads. It never opens a socket, a
+store or a bus.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from evcore.errors import SiteConfigError
@@ -67,14 +76,107 @@ def render_tree(site: Site) -> str:
     return "\n".join(lines)
 
 
+#: The site file's top-level tables: the topology (the core's) and the section of every room the
+#: edge configures from it. Any other is refused: a typo such as ``[metric]`` for ``[metrics]``
+#: would leave that room at its defaults (no endpoint) without a word.
+SITE_TABLES: tuple[str, ...] = (
+    "site",
+    "nodes",
+    "chargers",
+    "edge",
+    "ocpp",
+    "bus",
+    "store",
+    "api",
+    "metrics",
+    "cloud",
+    "planner",
+)
+#: Tables of a digital-twin scenario (``evcore sim`` checks those), not of a site file.
+_TWIN_TABLES = ("scenario", "arrivals", "tariff", "demand_charge", "grid_signals", "faults")
+
+
+def _section_checks(base_dir: Path) -> dict[str, Callable[[Mapping[str, Any]], object]]:
+    """Per section, the validator ``evcore edge`` runs on it at start (edge/cli.py, EdgeApp),
+    given the whole site table; relative files are taken from ``base_dir`` as the edge does."""
+    from evcore.api import ApiConfig
+    from evcore.bus import parse_bus_config
+    from evcore.edge.cloudlink import CloudLinkConfig
+    from evcore.edge.config import EdgeConfig
+    from evcore.edge.planning import PlannerSection
+    from evcore.metrics import MetricsConfig
+    from evcore.ocpp import parse_ocpp_section
+    from evcore.store import StoreConfig
+
+    return {
+        # [edge] with what it takes from [ocpp] (whole_amperes against resolution_a).
+        "edge": EdgeConfig.from_site,
+        "ocpp": lambda t: parse_ocpp_section(t.get("ocpp"), base_dir=base_dir),
+        # The edge has no bus without [bus], and no API without [api]: nothing to check then.
+        "bus": lambda t: "bus" not in t or parse_bus_config(t["bus"]),
+        # Always: the edge opens the store [store] names, the embedded one without it.
+        "store": lambda t: StoreConfig.from_section(t.get("store")),
+        "api": lambda t: "api" not in t or ApiConfig.from_section(t["api"], base_dir),
+        "metrics": lambda t: MetricsConfig.from_section(t.get("metrics"), base_dir),
+        "cloud": lambda t: CloudLinkConfig.from_section(t.get("cloud"), base_dir),
+        "planner": lambda t: PlannerSection.from_table(t.get("planner")),
+    }
+
+
+def section_errors(table: Mapping[str, Any], base_dir: Path | str) -> list[str]:
+    """What ``evcore edge`` would refuse in the file's sections other than the topology: unknown
+    top-level tables, then each section's first error (in ``SITE_TABLES`` order)."""
+    errors: list[str] = []
+    unknown = [k for k in table if k not in SITE_TABLES]
+    if unknown:
+        twin = any(k in _TWIN_TABLES for k in unknown)
+        note = " (a twin scenario's tables: `evcore sim` checks those)" if twin else ""
+        errors.append(
+            f"unknown table{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(f'[{k}]' for k in unknown)}; known tables: "
+            f"{', '.join(f'[{k}]' for k in SITE_TABLES)}{note}"
+        )
+    checks = _section_checks(Path(base_dir))
+    for name, check in checks.items():
+        section = table.get(name)
+        if section is not None and not isinstance(section, Mapping):
+            errors.append(f"[{name}]: expected a table, got {type(section).__name__}")
+            continue
+        if name == "edge" and not isinstance(table.get("ocpp") or {}, Mapping):
+            continue  # said for [ocpp]
+        try:
+            check(table)
+        except (ValueError, KeyError) as e:  # every section's error is a ValueError
+            errors.append(str(e))
+    return errors
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
-        site = load_site(args.file)
+        site: Site | None = load_site(args.file)
+        topology_error = ""
     except SiteConfigError as e:
+        if getattr(e, "field", None) == "file":  # unreadable, not TOML: nothing more to check
+            print(f"error: {args.file}: {e}", file=sys.stderr)
+            return 1
+        site, topology_error = None, str(e)
+    path = Path(args.file)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:  # changed since loaded
         print(f"error: {args.file}: {e}", file=sys.stderr)
         return 1
-    print(render_tree(site))
-    print(f"ok: {len(site.nodes)} nodes, {len(site.chargers)} chargers")
+    errors = [topology_error] if topology_error else []
+    errors += section_errors(table, path.resolve().parent)
+    if site is not None:
+        print(render_tree(site))
+    for error in errors:
+        print(f"error: {args.file}: {error}", file=sys.stderr)
+    if errors or site is None:
+        return 1
+    sections = [f"[{k}]" for k in SITE_TABLES[3:] if k in table]
+    checked = f"; {', '.join(sections)} as the edge reads them" if sections else ""
+    print(f"ok: {len(site.nodes)} nodes, {len(site.chargers)} chargers{checked}")
     return 0
 
 
@@ -83,9 +185,12 @@ def register(sub: Any) -> None:
     ssub = p.add_subparsers(dest="site_command", metavar="SUBCOMMAND", required=True)
     c = ssub.add_parser(
         "check",
-        help="validate a site file and print its tree",
-        description="Load and validate a site file; print the tree with every limit. "
-        "Exits 1 with the error (naming the node and field) on a bad file.",
+        help="validate a site file as the edge does and print its tree",
+        description="Load and validate a site file as `evcore edge` does at start: the topology "
+        "and every section ([edge], [ocpp], [bus], [store], [api], [metrics], [cloud], "
+        "[planner]); an unknown top-level table is an error. Print the tree with every limit. "
+        "Exits 1 with each error (naming the node or section and the key) on a bad file. "
+        "Opens no socket, store or bus.",
     )
     c.add_argument("file", help="path to the site TOML file")
     c.set_defaults(func=_check)
