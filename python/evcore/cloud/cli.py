@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from typing import TYPE_CHECKING, Any
 
 from evcore.clock import WallClock
@@ -40,16 +41,18 @@ async def _main(args: argparse.Namespace) -> int:
         config = CloudConfig.from_file(args.config)
         store = open_cloud_store(config.store_url)
     except (CloudConfigError, StoreError) as exc:
-        print(f"evcore cloud: {args.config}: {exc}", flush=True)
+        print(f"evcore cloud: {args.config}: {exc}", file=sys.stderr, flush=True)
         return 2
     clock = WallClock()
     # One bus per site for the audit consumers and the fleet's grid publisher alike.
     site_buses = SiteBuses(config.bus, clock) if config.bus is not None else None
-    server = CloudApiServer(config, store, clock=clock, site_buses=site_buses)
     try:
+        # Inside: building the server reads the CA files ([tls] client_ca_file, [fleet]
+        # operator_ca_file); one missing is said, not a traceback.
+        server = CloudApiServer(config, store, clock=clock, site_buses=site_buses)
         port = await server.start()
     except (CloudConfigError, StoreError) as exc:
-        print(f"evcore cloud: {args.config}: {exc}", flush=True)
+        print(f"evcore cloud: {args.config}: {exc}", file=sys.stderr, flush=True)
         if site_buses is not None:
             await site_buses.close()
         await store.close()

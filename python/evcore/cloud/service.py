@@ -16,6 +16,7 @@ import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -265,6 +266,15 @@ class CloudApiService(pb_grpc.CloudApiServicer):
         return plan
 
 
+def _read_ca(key: str, path: Path) -> bytes:
+    """A CA file's bytes; one that cannot be read is a ``CloudConfigError`` naming the key and
+    the file (it ended ``evcore cloud serve`` in a traceback)."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CloudConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+
+
 class CloudApiServer:
     """The gRPC server around :class:`CloudApiService`, with site auth, health and reflection."""
 
@@ -309,18 +319,24 @@ class CloudApiServer:
                 ack_timeout_s=config.fleet.ack_timeout_s,
             )
             ca = config.fleet.operator_ca_file
+            ca_pem = None if ca is None else _read_ca("[fleet].operator_ca_file", ca)
             try:
-                ca_pem = ca.read_bytes() if ca is not None else None
-            except OSError as exc:
-                raise CloudConfigError(f"[fleet] operator_ca_file: {exc}") from exc
-            operators = OperatorAuth(config.fleet.operators, ca_pem)
+                operators = OperatorAuth(config.fleet.operators, ca_pem)
+            except ValueError as exc:  # not PEM certificates
+                raise CloudConfigError(
+                    f"[fleet].operator_ca_file: {str(ca)!r} holds no PEM CA certificate: {exc}"
+                ) from exc
             self._operator_ca_pem = ca_pem or b""
         sites: DirectIssuers | None = None
         if config.tls is not None and not config.insecure:
+            ca = config.tls.client_ca_file
+            sites_pem = _read_ca("[tls].client_ca_file", ca)
             try:
-                sites = DirectIssuers(config.tls.client_ca_file.read_bytes())
-            except (OSError, ValueError) as exc:
-                raise CloudConfigError(f"[tls] client_ca_file: {exc}") from exc
+                sites = DirectIssuers(sites_pem)
+            except ValueError as exc:  # not PEM certificates
+                raise CloudConfigError(
+                    f"[tls].client_ca_file: {str(ca)!r} holds no PEM CA certificate: {exc}"
+                ) from exc
         self.auth = SiteAuthInterceptor(insecure=config.insecure, operators=operators, sites=sites)
         #: ``[metrics]``: call and upload counters, served by ``metrics_server`` (None: none).
         self.metrics: CloudMetrics | None = None
