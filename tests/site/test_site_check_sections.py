@@ -86,6 +86,10 @@ BAD_SECTIONS = {
         _named("edge", "resolution_a"),
     ),
     "ocpp": ('[ocpp]\nport = "8443"\n', _named("ocpp", "port")),
+    "ocpp-tls": (
+        '[ocpp]\nsecurity_profile = 2\ntls_cert = "csms.pem"\ntls_key = "csms.key"\n',
+        _named("ocpp", "tls_cert"),
+    ),
     "bus": ('[bus]\nkind = "kafka"\n', _named("bus", "kind")),
     "store": ('[store]\nkind = "postgres"\n', _named("store", "(kind|dsn)")),
     "api": ('[api]\nlisten = "no-port"\n', _named("api", "listen")),
@@ -112,7 +116,7 @@ def _evcore() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "evcore"]
 
 
-@pytest.mark.parametrize("case", ["edge", "ocpp", "store", "api", "planner"])
+@pytest.mark.parametrize("case", ["edge", "ocpp", "ocpp-tls", "store", "api", "planner"])
 def test_the_edge_refuses_those_files_too(case: str, tmp_path: Path) -> None:
     """The same files stop ``evcore edge`` before it opens anything (exit 2): site check and
     the edge agree."""
@@ -165,17 +169,20 @@ def test_a_file_with_every_section_right_passes(
 def test_the_shipped_site_files_pass(
     path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The examples in edge/ pass; the production one's secrets (outside the site file, under
-    /etc/evcore on the machine) are stood in for."""
-    text = path.read_text()
-    creds = tmp_path / "ocpp-credentials.toml"
-    creds.write_text("".join(f'[stations.CP0{i}]\npassword = "{"x" * 16}"\n' for i in (1, 2)))
-    tokens = tmp_path / "api-tokens.toml"
-    tokens.write_text('[[tokens]]\nname = "ops"\ntoken = "' + "t" * 24 + '"\nroles = ["viewer"]\n')
-    text = text.replace("/etc/evcore/ocpp-credentials.toml", str(creds))
-    text = text.replace("/etc/evcore/api-tokens.toml", str(tokens))
+    """The examples in edge/ pass; the files the production one names under /etc/evcore (the
+    OCPP credentials, API tokens and TLS pair, on the machine) are stood in for."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "ocpp-credentials.toml").write_text(
+        "".join(f'[stations.CP0{i}]\npassword = "{"x" * 16}"\n' for i in (1, 2))
+    )
+    (etc / "api-tokens.toml").write_text(
+        '[[tokens]]\nname = "ops"\ntoken = "' + "t" * 24 + '"\nroles = ["viewer"]\n'
+    )
+    for name in ("csms.pem", "csms.key"):  # looked for, not loaded, at load
+        (etc / name).write_text("stand-in\n")
     copy = tmp_path / path.name
-    copy.write_text(text)
+    copy.write_text(path.read_text().replace("/etc/evcore/", f"{etc}/"))
     rc, out, err = _check(copy, capsys)
     assert rc == 0, err
     assert "ok:" in out

@@ -111,7 +111,8 @@ def _section_checks(base_dir: Path) -> dict[str, Callable[[Mapping[str, Any]], o
     return {
         # [edge] with what it takes from [ocpp] (whole_amperes against resolution_a).
         "edge": EdgeConfig.from_site,
-        "ocpp": lambda t: parse_ocpp_section(t.get("ocpp"), base_dir=base_dir),
+        # With the TLS files' check the central system makes when the edge loads the file.
+        "ocpp": lambda t: parse_ocpp_section(t.get("ocpp"), base_dir=base_dir).check_tls_files(),
         # The edge has no bus without [bus], and no API without [api]: nothing to check then.
         "bus": lambda t: "bus" not in t or parse_bus_config(t["bus"]),
         # Always: the edge opens the store [store] names, the embedded one without it.
