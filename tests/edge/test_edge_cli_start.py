@@ -129,3 +129,15 @@ async def test_an_audit_journal_that_cannot_be_written_stops_the_start(tmp_path:
     rc, out = await _run_until_exit(site_file, 45.0)
     assert rc == 1, out[-1500:]
     assert "[edge].audit_journal: cannot write in" in out and str(not_a_dir) in out
+
+
+async def test_an_unknown_table_is_refused_as_site_check_refuses_it(tmp_path: Path) -> None:
+    """Review of session 13: a `[metric]` typo (for `[metrics]`) ran without a metrics endpoint
+    and without a word; `evcore site check` refused it, the edge did not."""
+    table = depot_table(2, per_feeder=2)
+    table["ocpp"]["port"] = free_port()
+    table["metric"] = {"listen": "127.0.0.1:0"}
+    site_file = tmp_path / "site.toml"
+    site_file.write_text(to_toml(table))
+    rc, out = await _run_until_exit(site_file, 45.0)
+    assert rc == 2 and "unknown table [metric]" in out and "[metrics]" in out, out[-1500:]

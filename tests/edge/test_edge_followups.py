@@ -378,7 +378,11 @@ def test_the_cli_builds_its_config_through_from_site(tmp_path: Any) -> None:
     try:
         with pytest.raises(_Stop):
             asyncio.run(
-                cli._main(argparse.Namespace(config=str(site), policy=None, log_level="info"))
+                cli._main(
+                    argparse.Namespace(
+                        config=str(site), config_dir=str(tmp_path), policy=None, log_level="info"
+                    )
+                )
             )
     finally:
         app_mod.EdgeApp = real  # type: ignore[misc]

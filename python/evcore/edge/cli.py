@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -18,6 +19,8 @@ def _run(args: argparse.Namespace) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The site file's directory (relative paths in its sections), found before the event loop.
+    args.config_dir = os.path.dirname(os.path.abspath(args.config))
     return asyncio.run(_main(args))
 
 
@@ -27,6 +30,15 @@ async def _main(args: argparse.Namespace) -> int:
 
     clock = WallClock()
     table = read_site_table(args.config)
+    # What `evcore site check` refuses, the edge refuses too: an unknown top-level table (a
+    # `[metric]` typo ran without its metrics endpoint, silently) and every section's first error.
+    from evcore.site.cli import section_errors
+
+    problems = section_errors(table, args.config_dir)
+    if problems:
+        for problem in problems:
+            print(f"evcore edge: {args.config}: {problem}", file=sys.stderr)
+        return 2
     try:
         cfg = EdgeConfig.from_site(table, policy=args.policy or None)
     except EdgeConfigError as exc:
@@ -42,12 +54,6 @@ async def _main(args: argparse.Namespace) -> int:
             from evcore.bus import bus_from_config
 
             bus = bus_from_config(table.get("bus"), site["id"], clock)
-        if "api" in table:  # its errors before anything starts (the app reads it again)
-            from pathlib import Path
-
-            from evcore.api import ApiConfig
-
-            ApiConfig.from_section(table.get("api"), Path(args.config).parent)
         app = EdgeApp.from_file(args.config, clock, cfg=cfg, bus=bus)
     except (ValueError, KeyError) as exc:
         print(f"evcore edge: {args.config}: {exc}", file=sys.stderr)

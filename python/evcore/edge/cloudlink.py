@@ -103,7 +103,7 @@ _SECTION = Section(
     "[cloud]",
     {
         **dict.fromkeys(("enabled", "telemetry", "plans"), Key("bool", True)),
-        "url": Key("host_port", required=True, connect=True, example='url = "cloud:7443"'),
+        "url": Key("host_port", required=True, connect=True, example='url = "cloud:50061"'),
         **dict.fromkeys(_FILES, Key("file")),
         "server_name": Key("text"),
         "insecure": Key("bool", False),
