@@ -417,7 +417,7 @@ async def test_evcore_edge_refuses_a_wrong_cloud_section_before_starting(tmp_pat
     site_file.write_text(to_toml(table))
     rc, out, err = await run_evcore("edge", "--config", str(site_file))
     assert rc == 2, out + err
-    assert "[cloud].url: expected 'host:port'" in out and "got 'cloud.example.net'" in out
+    assert "[cloud].url: expected 'host:port'" in err and "got 'cloud.example.net'" in err
 
 
 def _new_sites_ca(folder: Path) -> tuple[Path, bytes, bytes]:

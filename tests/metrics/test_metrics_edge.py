@@ -281,7 +281,7 @@ def test_evcore_edge_refuses_a_bad_listen_before_starting(tmp_path: Path) -> Non
         check=False,
     )
     assert out.returncode == 2, out.stdout + out.stderr
-    assert "[metrics].listen: port must be a number" in out.stdout
+    assert "[metrics].listen: port must be a number" in out.stderr
 
 
 async def test_the_loop_does_not_spin_while_the_stations_are_away(tmp_path: Path) -> None:
@@ -380,4 +380,4 @@ def test_evcore_edge_refuses_a_missing_token_file_naming_the_key(tmp_path: Path)
         check=False,
     )
     assert out.returncode == 2, out.stdout + out.stderr
-    assert "[metrics].token_file: no such file" in out.stdout
+    assert "[metrics].token_file: no such file" in out.stderr
