@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import copy
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -13,6 +16,8 @@ from evcore.clock import WallClock
 from evcore.ocpp import CentralSystem, OcppEvent
 from evcore.sim.fleet import Fleet
 from evcore.site import Site, load_site
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 PASSWORDS = {
     "CPA": "password-of-cpa-16",
@@ -178,3 +183,54 @@ async def rig(
     finally:
         await fleet.stop()
         await cs.stop()
+
+
+class RawStation:
+    """A station speaking raw OCPP-J frames over a real WebSocket: ``call`` sends a CALL and
+    returns the answer frame; the central system's CALLs are answered with ``responder(action,
+    payload)`` (``{"status": "Accepted"}`` by default) and kept in ``calls``."""
+
+    def __init__(self, ws: Any, responder: Any = None) -> None:
+        self.ws = ws
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self._pending: dict[str, asyncio.Future[list[Any]]] = {}
+        self._n = 0
+        self.responder = responder or (lambda action, payload: {"status": "Accepted"})
+        self._task = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def open(
+        cls, port: int, ocpp_id: str, version: str = "2.0.1", responder: Any = None
+    ) -> RawStation:
+        token = base64.b64encode(f"{ocpp_id}:{PASSWORDS[ocpp_id]}".encode()).decode()
+        ws = await connect(
+            f"ws://127.0.0.1:{port}/ocpp/{ocpp_id}",
+            subprotocols=[Subprotocol("ocpp" + version)],
+            additional_headers={"Authorization": "Basic " + token},
+        )
+        return cls(ws, responder)
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            msg = json.loads(raw)
+            if msg[0] == 2:
+                self.calls.append((msg[2], msg[3]))
+                await self.ws.send(json.dumps([3, msg[1], self.responder(msg[2], msg[3])]))
+            else:
+                fut = self._pending.pop(msg[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+
+    async def call(self, action: str, payload: dict[str, Any]) -> list[Any]:
+        self._n += 1
+        uid = f"raw-{self._n}"
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._pending[uid] = fut
+        await self.ws.send(json.dumps([2, uid, action, payload]))
+        return await asyncio.wait_for(fut, 5)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task

@@ -583,7 +583,11 @@ async def recover(state: SiteState, store: Any, keeper: SessionKeeper | None = N
         c.needs_resend = True
         n += 1
     with contextlib.suppress(Exception):
-        for tx in await store.list_open_transactions():
+        # Newest first: a charger's newest open transaction is its session (an older one whose
+        # end was lost stays open in the store until the central system supersedes it).
+        open_txs = await store.list_open_transactions()
+        open_txs.sort(key=lambda t: (t.started_at_s or 0.0, t.transaction_id), reverse=True)
+        for tx in open_txs:
             c = state.chargers.get(tx.charger_id)
             if c is not None and c.transaction_id is None:
                 c.transaction_id = tx.transaction_id

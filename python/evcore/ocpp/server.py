@@ -248,6 +248,8 @@ class CompositeSchedule:
 #: (the central system's monotonic clock): a station's replay of its messages within it is still
 #: recognised as one; without an end the state of every session stayed for good.
 TX_KEEP_S = 24 * 3600.0
+#: The stop reason of a transaction ended because another started on its EVSE (``_supersede``).
+SUPERSEDED = "Superseded"
 #: 2.0.1 seqNos seen above the contiguous prefix kept one by one at most (beyond, the lowest
 #: half folds into the prefix: a gap that old is a message the station will not send).
 SEQ_KEEP = 4096
@@ -507,7 +509,9 @@ class CentralSystem:
         except Exception:
             LOG.exception("could not read open transactions from the store; starting without them")
             return
-        for rec in records:
+        # Oldest first: the newest open transaction of an EVSE is the one left active (store
+        # order, by id, left any of them).
+        for rec in sorted(records, key=lambda r: (r.started_at_s or 0.0, r.transaction_id)):
             charger = self._chargers.get(rec.charger_id)
             if charger is None:
                 continue
@@ -887,6 +891,48 @@ class CentralSystem:
         if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == tx.transaction_id:
             del st.active_tx[tx.evse_id]
 
+    async def _take_evse(self, st: Station, tx: TxState, at: float) -> None:
+        """``tx`` becomes its EVSE's active transaction, superseding older ones, unless a newer
+        one is active there (then this is a late message of an older transaction)."""
+        if tx.evse_id is None:
+            return
+        current = st.transactions.get(st.active_tx.get(tx.evse_id, ""))
+        if (
+            current is not None
+            and current is not tx
+            and not current.ended
+            and (current.started_at or 0.0) > (tx.started_at or 0.0)
+        ):
+            return
+        st.active_tx[tx.evse_id] = tx.transaction_id
+        await self._supersede(st, tx, at)
+
+    async def _supersede(self, st: Station, tx: TxState, at: float) -> None:
+        """A transaction starting (or going on) on ``tx``'s EVSE ends every other one still open
+        there, at ``at``, reason ``Superseded``: an EVSE has one transaction at a time, and one
+        whose end was lost (the station gave up its retries, lost power) stayed open for good,
+        in the store too, where a restart could take it back as the EVSE's active transaction
+        and every TxProfile then named a transaction the station did not have. An end set here
+        and not yet published (the bus or store refused it) is published again on the retry."""
+        started = tx.started_at or 0.0
+        for other in list(st.transactions.values()):
+            if other is tx or other.evse_id != tx.evse_id or other.charger_id is None:
+                continue
+            if (other.started_at or 0.0) > started:
+                continue  # a newer one: this is a late message of an older transaction
+            if not other.ended:
+                LOG.warning(
+                    "station %s: transaction %s starts on EVSE %s where %s was never ended: "
+                    "ended now (Superseded)",
+                    st.ocpp_id,
+                    tx.transaction_id,
+                    tx.evse_id,
+                    other.transaction_id,
+                )
+                self._end(st, other, at, SUPERSEDED)
+            if other.end_reason == SUPERSEDED and "ended" not in other.published:
+                await self._tx_event(st, other, "ended", other.ended_at or at, SUPERSEDED)
+
     def _forget_ended(self, st: Station) -> None:
         """Drop ``st``'s transactions that ended more than ``TX_KEEP_S`` ago and whose end the
         bus and store took (a new one starting is when: the work is per session)."""
@@ -895,7 +941,8 @@ class CentralSystem:
             tx_id
             for tx_id, tx in st.transactions.items()
             if tx.ended
-            and "ended" in tx.published
+            # (one never attributed to a charger publishes nothing: it waited for ever)
+            and ("ended" in tx.published or tx.charger_id is None)
             and tx.ended_mono is not None
             and now - tx.ended_mono > TX_KEEP_S
         ]
@@ -918,6 +965,8 @@ class CentralSystem:
         existing = st.start_keys.get(key)
         if existing is not None:  # a replay or a retry after a lost answer: same transaction
             known = st.transactions.get(existing)
+            if known is not None and not known.ended:
+                await self._supersede(st, known, at)  # an end it set that was not taken
             if known is not None and "started" not in known.published:
                 # The first attempt's publish failed (its CALLERROR made the station retry):
                 # publish it now, under the same event id.
@@ -934,6 +983,7 @@ class CentralSystem:
         )
         st.transactions[tx_id] = tx
         st.active_tx[connector_id] = tx_id
+        await self._supersede(st, tx, at)
         await self._tx_event(st, tx, "started", at)
         return int(tx_id)
 
@@ -1027,6 +1077,9 @@ class CentralSystem:
         tx = st.transactions.get(transaction_id)
         if tx is not None and tx.seq_seen(seq_no):
             return  # replayed message: already handled
+        if evse_id is not None and evse_id != 0 and evse_id not in st.chargers:
+            # (before any state: a TxState of an unknown EVSE was kept for ever)
+            raise HandlerError("PropertyConstraintViolation", f"unknown EVSE {evse_id}")
         if tx is None:
             if evse_id is None and len(st.chargers) == 1:
                 evse_id = next(iter(st.chargers))
@@ -1046,6 +1099,14 @@ class CentralSystem:
             new = False
             if id_tag and tx.id_tag is None:
                 tx.id_tag = id_tag
+            if tx.evse_id is None and evse_id is not None and not tx.ended:
+                # Started before its EVSE was known (TxStartPoint Authorized on a station of
+                # several EVSEs: the EVSE comes with the cable): attributed now, its start
+                # published below. Before, it stayed unattributed for good: no start or end
+                # published, no TxProfile possible, its meter values dropped.
+                charger = st.charger(evse_id)
+                if charger is not None:
+                    tx.evse_id, tx.charger_id = evse_id, charger.charger_id
         tx.see_seq(seq_no)
         try:
             for i, mv in enumerate(meter_values):
@@ -1058,10 +1119,12 @@ class CentralSystem:
                 self._end(st, tx, at, reason)
                 await self._tx_event(st, tx, "ended", at, reason, offline)
             elif new or "started" not in tx.published:
-                if tx.evse_id is not None:
-                    st.active_tx[tx.evse_id] = transaction_id
+                await self._take_evse(st, tx, at)
                 await self._tx_event(st, tx, "started", tx.started_at or at, None, offline)
             else:
+                # The EVSE's transaction is this one (a restart may have taken back an older one
+                # still open in the store as active).
+                await self._take_evse(st, tx, at)
                 await self._tx_event(st, tx, "updated", at, None, offline)
         except BaseException:
             # Not handled in full (a publish failed, or the handler was cancelled with its
@@ -1901,8 +1964,16 @@ class CentralSystem:
             p: dict[str, Any] = {"requestedMessage": message}
             if c is not None:
                 p["evse"] = {"id": c.evse_id}
+                if message == "StatusNotification":  # a status is a connector's (F06.FR.13)
+                    p["evse"]["connectorId"] = c.connector_id
             return "TriggerMessage", p
 
+        st, charger = self._target(target)
+        if message == "StatusNotification" and st.version == "2.0.1" and charger is None:
+            # 2.0.1 has no station-wide status: one trigger per connector (a station refuses
+            # one without evse.connectorId, F06.FR.12/13); the first not accepted is returned.
+            results = [await self._command(c.charger_id, b16, b201) for c in st.chargers.values()]
+            return next((r for r in results if r.response_status != "Accepted"), results[-1])
         return await self._command(target, b16, b201)
 
     async def get_configuration(self, target: str, keys: list[str] | None = None) -> CommandResult:

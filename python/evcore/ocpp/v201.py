@@ -94,8 +94,32 @@ class Connection201(SharedHandlers):
 
     @on(Action.notify_ev_charging_needs)
     async def on_ev_charging_needs(self, p: dict[str, Any]) -> dict[str, Any]:
+        # Accepted (K15.FR.03): the edge sends every session a TxProfile of its own.
         self.csms._on_notification(self.station, "NotifyEVChargingNeeds", p)
         return {"status": "Accepted"}
+
+    # The rest of the ISO 15118 exchange and a station's own limits are heard and passed on as
+    # notifications (they were CALLERRORs: NotImplemented). The edge's counting does not rest on
+    # them: a limit the station applies below ours only lowers what it draws.
+    @on(Action.notify_ev_charging_schedule)
+    async def on_ev_charging_schedule(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_notification(self.station, "NotifyEVChargingSchedule", p)
+        return {"status": "Accepted"}
+
+    @on(Action.notify_charging_limit)
+    async def on_notify_charging_limit(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_notification(self.station, "NotifyChargingLimit", p)
+        return {}
+
+    @on(Action.cleared_charging_limit)
+    async def on_cleared_charging_limit(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_notification(self.station, "ClearedChargingLimit", p)
+        return {}
+
+    @on(Action.notify_event)
+    async def on_notify_event(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.csms._on_notification(self.station, "NotifyEvent", p)
+        return {}
 
 
 def configure_calls(

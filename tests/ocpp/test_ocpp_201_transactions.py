@@ -1,0 +1,208 @@
+"""OCPP 2.0.1 transactions as stations run them (review of session 13), over a real WebSocket:
+a transaction started before its EVSE is known (TxStartPoint Authorized on a station of two
+EVSEs) is attributed when the EVSE comes; one whose end was lost is ended when the next starts on
+its EVSE, and a restart takes back the newest as the EVSE's transaction; a StatusNotification is
+triggered per connector (F06.FR.13)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from evcore.clock import WallClock
+from evcore.ocpp import CentralSystem, TransactionEvent
+from evcore.ocpp.events import MeterSample
+from evcore.ocpp.v16 import iso
+from evcore.store.sqlite import sqlite_store
+from ocpp_testsite import RawStation, make_site
+
+pytestmark = pytest.mark.timeout(60)
+
+BOOT = {"chargingStation": {"vendorName": "V", "model": "M"}, "reason": "PowerUp"}
+
+
+def tx_event(
+    tx_id: str, seq: int, event_type: str, trigger: str, at: float, **extra: Any
+) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "eventType": event_type,
+        "timestamp": iso(at),
+        "triggerReason": trigger,
+        "seqNo": seq,
+        "transactionInfo": {"transactionId": tx_id},
+    }
+    p.update(extra)
+    return p
+
+
+def meter(at: float, wh: float, amps: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "timestamp": iso(at),
+            "sampledValue": [
+                {"value": wh, "measurand": "Energy.Active.Import.Register"},
+                {"value": amps, "measurand": "Current.Import", "phase": "L1"},
+            ],
+        }
+    ]
+
+
+async def test_a_transaction_whose_evse_comes_after_its_start_is_attributed_then() -> None:
+    clock = WallClock()
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock)
+    events: list[Any] = []
+    cs.add_listener(events.append)
+    await cs.start()
+    try:
+        st = await RawStation.open(cs.port, "CPM")  # two EVSEs: cp-m1, cp-m2
+        assert (await st.call("BootNotification", BOOT))[0] == 3
+        t = clock.now() - 10
+        token = {"idToken": {"idToken": "TAG1", "type": "ISO14443"}}
+        steps = [
+            tx_event("T1", 0, "Started", "Authorized", t, **token),
+            tx_event(
+                "T1", 1, "Updated", "CablePluggedIn", t + 1,
+                evse={"id": 2, "connectorId": 1}, meterValue=meter(t + 1, 1000.0, 16.0),
+            ),
+            tx_event("T1", 2, "Updated", "MeterValuePeriodic", t + 2,
+                     meterValue=meter(t + 2, 1500.0, 16.0)),
+        ]  # fmt: skip
+        for p in steps:
+            assert (await st.call("TransactionEvent", p))[0] == 3
+        assert cs.station_state("CPM").active_transactions == {2: "T1"}
+        kinds = [(e.charger_id, e.kind) for e in events if isinstance(e, TransactionEvent)]
+        assert kinds[0] == ("cp-m2", "started")
+        assert len([e for e in events if isinstance(e, MeterSample)]) == 2
+        res = await cs.set_limit("cp-m2", limit_a=10.0)
+        assert res.accepted, res
+        sent = [p for a, p in st.calls if a == "SetChargingProfile"]
+        assert sent[-1]["chargingProfile"]["transactionId"] == "T1"
+        end = tx_event("T1", 3, "Ended", "EVDeparted", t + 3, meterValue=meter(t + 3, 2000.0, 0))
+        assert (await st.call("TransactionEvent", end))[0] == 3
+        ended = [e for e in events if isinstance(e, TransactionEvent) and e.kind == "ended"]
+        assert [(e.charger_id, e.session_energy_wh) for e in ended] == [("cp-m2", 1000.0)]
+        await st.close()
+    finally:
+        await cs.stop()
+
+
+async def test_a_transaction_whose_end_was_lost_is_ended_by_the_next_and_a_restart_keeps_the_newest(
+    tmp_path: Path,
+) -> None:
+    clock = WallClock()
+    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
+    await store.open()
+    site = make_site(configure_on_boot=False)
+    t = clock.now() - 600
+    evse = {"id": 1, "connectorId": 1}
+    try:
+        cs = CentralSystem(site, clock=clock, store=store)
+        events: list[Any] = []
+        cs.add_listener(events.append)
+        await cs.start()
+        st = await RawStation.open(cs.port, "CPB")
+        await st.call("BootNotification", BOOT)
+        # The old session's Ended never comes (the station gave up its retries). Its id sorts
+        # after the new one's: the store's order put it last.
+        old = tx_event("f-old", 0, "Started", "CablePluggedIn", t, evse=evse)
+        new = tx_event("a-new", 0, "Started", "CablePluggedIn", t + 300, evse=evse)
+        for p in (old, new):
+            assert (await st.call("TransactionEvent", p))[0] == 3
+        assert cs.station_state("CPB").active_transactions == {1: "a-new"}
+        ends = [(e.transaction_id, e.reason) for e in events if isinstance(e, TransactionEvent)]
+        assert ("f-old", "Superseded") in ends
+        assert [r.transaction_id for r in await store.list_open_transactions()] == ["a-new"]
+        await st.close()
+        await cs.stop()
+
+        # A store holding both open (as before this fix): a restart takes the newest.
+        await store._run(
+            store._records,
+            lambda tx: tx.execute(
+                "UPDATE transactions SET ended_at_s = NULL, stop_reason = ''"
+                " WHERE transaction_id = ?",
+                ("f-old",),
+            ),
+        )
+        assert len(await store.list_open_transactions()) == 2
+        cs = CentralSystem(site, clock=clock, store=store)
+        await cs.start()
+        assert cs.station_state("CPB").active_transactions == {1: "a-new"}
+        await cs.stop()
+    finally:
+        await store.close()
+
+
+async def test_a_status_notification_is_triggered_per_connector() -> None:
+    """F06.FR.12/13: a 2.0.1 station refuses a TriggerMessage(StatusNotification) without
+    evse.connectorId; there is no station-wide status."""
+
+    def responder(action: str, payload: dict[str, Any]) -> dict[str, Any]:
+        if action == "TriggerMessage" and payload.get("requestedMessage") == "StatusNotification":
+            ok = "connectorId" in payload.get("evse", {})
+            return {"status": "Accepted" if ok else "Rejected"}
+        return {"status": "Accepted"}
+
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=WallClock())
+    await cs.start()
+    try:
+        st = await RawStation.open(cs.port, "CPM", responder=responder)
+        await st.call("BootNotification", BOOT)
+        for target in ("CPM", "cp-m2"):
+            res = await cs.trigger_message(target, "StatusNotification")
+            assert res.response_status == "Accepted", (target, res)
+        evses = [p["evse"] for a, p in st.calls if a == "TriggerMessage"]
+        assert evses == [
+            {"id": 1, "connectorId": 1},
+            {"id": 2, "connectorId": 1},
+            {"id": 2, "connectorId": 1},
+        ]
+        await st.close()
+    finally:
+        await cs.stop()
+
+
+async def test_iso15118_schedules_and_station_limits_are_heard_not_refused() -> None:
+    """They were CALLERRORs (NotImplemented); now answered and passed on as notifications."""
+    clock = WallClock()
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock)
+    heard: list[Any] = []
+    cs.add_listener(heard.append)
+    await cs.start()
+    try:
+        st = await RawStation.open(cs.port, "CPB")
+        await st.call("BootNotification", BOOT)
+        now = iso(clock.now())
+        schedule = {
+            "id": 1,
+            "chargingRateUnit": "A",
+            "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 16.0}],
+        }
+        event = {
+            "eventId": 1,
+            "timestamp": now,
+            "trigger": "Delta",
+            "actualValue": "Unavailable",
+            "eventNotificationType": "HardWiredNotification",
+            "component": {"name": "EVSE", "evse": {"id": 1}},
+            "variable": {"name": "AvailabilityState"},
+        }
+        msgs = [
+            (
+                "NotifyEVChargingSchedule",
+                {"timeBase": now, "evseId": 1, "chargingSchedule": schedule},
+            ),
+            ("NotifyChargingLimit", {"chargingLimit": {"chargingLimitSource": "EMS"}, "evseId": 1}),
+            ("ClearedChargingLimit", {"chargingLimitSource": "EMS", "evseId": 1}),
+            ("NotifyEvent", {"generatedAt": now, "seqNo": 0, "eventData": [event]}),
+        ]
+        for action, payload in msgs:
+            answer = await st.call(action, payload)
+            assert answer[0] == 3, (action, answer)
+        actions = [getattr(e, "action", None) for e in heard]
+        for action, _ in msgs:
+            assert action in actions
+        await st.close()
+    finally:
+        await cs.stop()
