@@ -197,3 +197,19 @@ def grid_curtailment(
     sig.curtailment.start.FromNanoseconds(int(start * 1e9))
     sig.curtailment.end.FromNanoseconds(int(end * 1e9))
     return sig
+
+
+def planner_cfg(policy: str = "planner_cost", **changes: Any) -> EdgeConfig:
+    """The edge planning tests' config: a fast tick, no minimum on/off times, re-plans on events
+    only during a test (plus the first plan), a cloud or local plan fresh for 10 minutes."""
+    base: dict[str, Any] = {
+        "policy": policy,
+        "tick_s": 0.5,
+        "settle_s": 2.0,
+        "min_on_s": 0.0,
+        "min_off_s": 0.0,
+        "replan_every_s": 3600.0,
+        "plan_budget_s": 5.0,
+        "cloud_plan_fresh_s": 600.0,
+    }
+    return EdgeConfig(**{**base, **changes})

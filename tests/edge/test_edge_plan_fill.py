@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from evcore.edge.config import EdgeConfig
+from edge_testkit import planner_cfg
 from evcore.edge.planning import energy_first, schedule_rows
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
@@ -99,16 +99,7 @@ def test_the_fill_counts_the_energy_of_the_window_under_way() -> None:
     assert max(filled.values()) <= max(planned.values()) * (1 + 1e-6)
 
 
-CFG = EdgeConfig(
-    policy="planner_cost",
-    tick_s=0.5,
-    settle_s=2.0,
-    min_on_s=0.0,
-    min_off_s=0.0,
-    replan_every_s=3600.0,
-    plan_budget_s=5.0,
-    cloud_plan_fresh_s=600.0,
-)
+CFG = planner_cfg()
 
 
 async def test_the_plan_counts_the_building_in_kw_and_a_single_phase_car_at_its_phases() -> None:

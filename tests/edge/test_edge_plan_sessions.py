@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from bus_testkit import patient_nats_bus
+from edge_testkit import planner_cfg
 from evcore.bus import Subjects
-from evcore.edge.config import EdgeConfig
 from evcore.edge.grid import PricePoint
 from evcore.edge.rig import EdgeRig
 from evcore.edge.signals import subscribe_signals
@@ -22,16 +22,7 @@ from evcore.v1 import plan_pb2
 
 pytestmark = pytest.mark.timeout(150)
 
-CFG = EdgeConfig(
-    policy="planner_cost",
-    tick_s=0.5,
-    settle_s=2.0,
-    min_on_s=0.0,
-    min_off_s=0.0,
-    replan_every_s=3600.0,
-    plan_budget_s=5.0,
-    cloud_plan_fresh_s=900.0,
-)
+CFG = planner_cfg(cloud_plan_fresh_s=900.0)
 
 
 async def _deferred_car(rig: EdgeRig, cid: str) -> str:

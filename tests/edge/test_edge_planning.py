@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from edge_testkit import planner_cfg
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import PlanTargets
 from evcore.edge.grid import PricePoint
@@ -25,16 +26,7 @@ from evcore.sim.ev import EV
 
 pytestmark = pytest.mark.timeout(150)
 
-CFG = EdgeConfig(
-    policy="planner_cost",
-    tick_s=0.5,
-    settle_s=2.0,
-    min_on_s=0.0,
-    min_off_s=0.0,
-    replan_every_s=3600.0,  # only events re-plan during the test (plus the first plan)
-    plan_budget_s=5.0,
-    cloud_plan_fresh_s=600.0,
-)
+CFG = planner_cfg()
 
 
 async def test_local_plan_is_followed_replanned_on_events_and_a_fresh_cloud_plan_wins() -> None:

@@ -6,6 +6,7 @@ the chargers' energy registers show."""
 from __future__ import annotations
 
 import pytest
+from edge_testkit import planner_cfg
 from evcore.edge.config import EdgeConfig
 from evcore.edge.planning import DemandWindows
 from evcore.edge.rig import EdgeRig
@@ -17,16 +18,7 @@ pytestmark = pytest.mark.timeout(150)
 
 
 def _cfg(policy: str) -> EdgeConfig:
-    return EdgeConfig(
-        policy=policy,
-        tick_s=0.5,
-        settle_s=2.0,
-        min_on_s=0.0,
-        min_off_s=0.0,
-        replan_every_s=3600.0,
-        plan_budget_s=5.0,
-        cloud_plan_fresh_s=600.0,
-    )
+    return planner_cfg(policy)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ with the old plan left in force."""
 from __future__ import annotations
 
 import pytest
-from evcore.edge.config import EdgeConfig
+from edge_testkit import planner_cfg
 from evcore.edge.grid import Curtailment, PricePoint
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
@@ -13,16 +13,7 @@ from evcore.sim.ev import EV
 
 pytestmark = pytest.mark.timeout(150)
 
-CFG = EdgeConfig(
-    policy="planner_cost",
-    tick_s=0.5,
-    settle_s=2.0,
-    min_on_s=0.0,
-    min_off_s=0.0,
-    replan_every_s=3600.0,
-    plan_budget_s=5.0,
-    cloud_plan_fresh_s=600.0,
-)
+CFG = planner_cfg()
 
 _KW_PER_A = 3 * 230.0 / 1000.0
 

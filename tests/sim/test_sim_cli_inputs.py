@@ -15,6 +15,7 @@ from evcore.cli import main as evcore_main
 from evcore.sim import report, runner
 from evcore.sim.arrivals import generate
 from evcore.sim.scenario import ScenarioError, load_scenario, with_overrides
+from sim_testkit import one_charger_site
 
 SCENARIO = """
 [scenario]
@@ -34,25 +35,7 @@ phases = 3
 {tariff}
 """
 
-SITE = """
-[site]
-id = "inputs"
-phase_names = ["L1", "L2", "L3"]
-voltage_ln_v = 230.0
-
-[[nodes]]
-id = "grid"
-phase_limit_a = 63.0
-
-[[chargers]]
-id = "cp-1"
-parent = "grid"
-wiring = "three_phase"
-phases = ["L1", "L2", "L3"]
-voltage_v = 230.0
-min_a = 6.0
-max_a = 32.0
-"""
+SITE = "\n" + one_charger_site("inputs")
 
 # A run of a quarter of an hour, one policy, in process: under a second.
 QUICK = ["--hours", "0.25", "--backend", "in-process", "--no-progress", "--jobs", "1"]

@@ -9,32 +9,19 @@ from pathlib import Path
 import pytest
 from evcore.sim.arrivals import Arrivals, generate
 from evcore.sim.scenario import ScenarioError, parse_scenario
+from sim_testkit import one_charger_site
 
-SCENARIO = """
+SCENARIO = (
+    """
 [scenario]
 name = "csv"
 start = "2026-01-05T00:00:00Z"
 duration_h = 6
 seed = 3
 
-[site]
-id = "csv"
-phase_names = ["L1", "L2", "L3"]
-voltage_ln_v = 230.0
-
-[[nodes]]
-id = "grid"
-phase_limit_a = 63.0
-
-[[chargers]]
-id = "cp-1"
-parent = "grid"
-wiring = "three_phase"
-phases = ["L1", "L2", "L3"]
-voltage_v = 230.0
-min_a = 6.0
-max_a = 32.0
-
+"""
+    + one_charger_site("csv")
+    + """
 [arrivals]
 model = "csv"
 file = "sessions.csv"
@@ -46,6 +33,7 @@ battery_kwh = 60.0
 max_a = 32.0
 phases = 3
 """
+)
 
 HEADER = "id,charger,arrival_h,departure_h,energy_kwh,soc_arrival\n"
 GOOD = "a,cp-1,0.5,3.0,8.0,0.3\n"

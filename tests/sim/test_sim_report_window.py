@@ -9,8 +9,10 @@ from evcore.sim import report
 from evcore.sim.controllers import make_controller
 from evcore.sim.scenario import parse_scenario
 from evcore.sim.twin import compare
+from sim_testkit import one_charger_site
 
-SCENARIO = """
+SCENARIO = (
+    """
 [scenario]
 name = "window"
 start = "2026-01-05T12:00:00Z"
@@ -18,24 +20,9 @@ duration_h = 0.5
 seed = 1
 policies = ["uncontrolled"]
 
-[site]
-id = "window"
-phase_names = ["L1", "L2", "L3"]
-voltage_ln_v = 230.0
-
-[[nodes]]
-id = "grid"
-phase_limit_a = 63.0
-
-[[chargers]]
-id = "cp-1"
-parent = "grid"
-wiring = "three_phase"
-phases = ["L1", "L2", "L3"]
-voltage_v = 230.0
-min_a = 6.0
-max_a = 32.0
-
+"""
+    + one_charger_site("window")
+    + """
 [arrivals]
 arrival_mean_h = 0.0
 arrival_sd_h = 0.0
@@ -50,6 +37,7 @@ phases = 3
 [tariff]
 default_price_per_kwh = 0.2
 """
+)
 
 
 @pytest.mark.parametrize("window_min", [30, 15, 60])

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 from evcore.sim.scenario import ScenarioError, load_scenario
+from sim_testkit import one_charger_site
 
-BASE = """
+BASE = (
+    """
 [scenario]
 name = "keys"
 start = "2026-01-05T00:00:00Z"
@@ -18,25 +20,9 @@ duration_h = 6
 seed = 3
 meter_interval_s = 60
 
-[site]
-id = "keys"
-phase_names = ["L1", "L2", "L3"]
-voltage_ln_v = 230.0
-
-[[nodes]]
-id = "grid"
-phase_limit_a = 63.0
-power_limit_kw = 40.0
-
-[[chargers]]
-id = "cp-1"
-parent = "grid"
-wiring = "three_phase"
-phases = ["L1", "L2", "L3"]
-voltage_v = 230.0
-min_a = 6.0
-max_a = 32.0
-
+"""
+    + one_charger_site("keys", power_limit_kw=40.0)
+    + """
 [arrivals]
 model = "statistical"
 stay_mean_h = 4.0
@@ -68,6 +54,7 @@ limit_kw = 10
 kind = "edge_restart"
 at_h = 1
 """
+)
 
 
 def _load(tmp_path: Path, text: str) -> None:
