@@ -816,8 +816,8 @@ class LocalPlanner:
         if c.is_dc or c.ac_phases != 3 or c.transaction_id is None:
             return 1.0
         key = str(c.transaction_id)
-        seen = sum(1 for a in c.terminal_a if a is not None and math.isfinite(a) and a >= 0.5)
-        if seen > 0 and max(a for a in c.terminal_a if a is not None and math.isfinite(a)) >= 1.0:
+        seen = c.phases_drawing()
+        if seen is not None:
             self._phases_drawn[key] = min(seen, self._phases_drawn.get(key, 3))
         drawn = self._phases_drawn.get(key, 3)
         return 3.0 / drawn

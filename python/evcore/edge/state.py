@@ -201,11 +201,18 @@ class ChargerState:
         own phases). DC: 1 (its setpoint is in W)."""
         if self.is_dc:
             return 1.0
+        drawing = self.phases_drawing()
+        if drawing is None:
+            return self.ac_w_per_a
+        return self.ac_w_per_a / self.ac_phases * drawing
+
+    def phases_drawing(self) -> int | None:
+        """AC on more than one phase: how many of its phases the car draws on (terminals at
+        0.5 A or more, once one carries 1 A, every terminal measured); None until then."""
         vals = [v for v in self.terminal_a if v is not None and math.isfinite(v)]
-        if self.ac_phases > 1 and len(vals) == self.ac_phases and max(vals) >= 1.0:
-            drawing = sum(1 for v in vals if v >= 0.5)
-            return self.ac_w_per_a / self.ac_phases * drawing
-        return self.ac_w_per_a
+        if self.is_dc or self.ac_phases < 2 or len(vals) != self.ac_phases or max(vals) < 1.0:
+            return None
+        return sum(1 for v in vals if v >= 0.5)
 
     def clear_session_flags(self) -> None:
         """What one session leaves that the next must not inherit (its start and its end clear
