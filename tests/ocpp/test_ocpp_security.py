@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import subprocess
 import sys
@@ -13,11 +14,15 @@ import pytest
 from evcore.clock import WallClock
 from evcore.ocpp import CentralSystem, OcppConfigError, parse_ocpp_section
 from ocpp_certs import CertAuthority
-from ocpp_testsite import PASSWORDS, make_site
+from ocpp_testsite import PASSWORDS, RawStation, make_site
 from test_ocpp.client import check_connection
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
+
+BOOT_201 = {"chargingStation": {"vendorName": "V", "model": "M"}, "reason": "PowerUp"}
 
 
 def client_ctx(pki: CertAuthority, cert: tuple[str, str] | None = None) -> ssl.SSLContext:
@@ -194,5 +199,54 @@ async def test_profile_2_station_refused_on_plain_listener_and_hex_key() -> None
         assert exc.value.response.status_code == 403
         res = await check_connection(base, "CPB", ocpp="1.6", password=key_hex, timeout=5)
         assert res.boot_notification["status"] == "Accepted"
+    finally:
+        await cs.stop()
+
+
+async def test_basic_auth_scheme_is_case_insensitive_and_bad_headers_are_refused() -> None:
+    """RFC 7235 section 2.1 / RFC 7617: the scheme name is case-insensitive and one or more
+    spaces may follow it. Stations sending "basic ..." or "BASIC ..." with the right password
+    were refused with 401; wrong credentials and malformed headers still are, saying why."""
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=WallClock())
+    await cs.start()
+    try:
+
+        def b64(text: str) -> str:
+            return base64.b64encode(text.encode()).decode()
+
+        good = b64(f"CPB:{PASSWORDS['CPB']}")
+
+        async def open_with(*authorization: str) -> RawStation:
+            ws = await connect(
+                f"ws://127.0.0.1:{cs.port}/ocpp/CPB",
+                subprotocols=[Subprotocol("ocpp2.0.1")],
+                additional_headers=[("Authorization", a) for a in authorization],
+            )
+            return RawStation(ws)
+
+        for header in (f"basic {good}", f"BASIC {good}", f"bAsIc {good}", f"Basic   {good}"):
+            st = await open_with(header)
+            answer = await st.call("BootNotification", BOOT_201)
+            assert answer[0] == 3 and answer[2]["status"] == "Accepted", (header, answer)
+            await st.close()
+        refused = {
+            (f"basic {b64('CPB:not-the-password-0')}",): "wrong username or password",
+            (f"BASIC {b64('CPA:' + PASSWORDS['CPA'])}",): "wrong username or password",
+            (): "Basic authentication required",
+            (f"Bearer {good}",): "Basic authentication required",
+            (f"Basic{good}",): "Basic authentication required",
+            ("basic",): "malformed Authorization header",
+            ("Basic !!not-base64!!",): "malformed Authorization header",
+            (f"Basic {b64('CPB' + PASSWORDS['CPB'])}",): "malformed Authorization header",
+            (f"Basic {good}", f"Basic {good}"): "malformed Authorization header",
+        }
+        for headers, why in refused.items():
+            with pytest.raises(InvalidStatus) as exc:
+                await open_with(*headers)
+            response = exc.value.response
+            assert response.status_code == 401, headers
+            assert response.body == f"{why}\n".encode(), (headers, response.body)
+            assert response.headers["WWW-Authenticate"].startswith("Basic realm=")
+        assert cs.connected() == set()
     finally:
         await cs.stop()

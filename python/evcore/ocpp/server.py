@@ -611,13 +611,21 @@ class CentralSystem:
     def _check_basic_auth(
         self, connection: ServerConnection, request: Request, ocpp_id: str
     ) -> Response | None:
-        header = request.headers.get("Authorization")
-        if header is None or not header.startswith("Basic "):
+        headers = request.headers.get_all("Authorization")
+        if len(headers) > 1:  # (``headers.get`` raised: an HTTP 500)
+            return self._unauthorized(connection, "malformed Authorization header")
+        # The scheme name is case-insensitive and one or more spaces may follow it (RFC 7235
+        # section 2.1, RFC 7617): stations sending "basic" or "BASIC" were refused.
+        scheme, _, token = (headers[0] if headers else "").strip().partition(" ")
+        if scheme.lower() != "basic":
             return self._unauthorized(connection, "Basic authentication required")
         try:
-            user, _, password = base64.b64decode(header[6:], validate=True).partition(b":")
+            decoded = base64.b64decode(token.lstrip(" "), validate=True)
         except (binascii.Error, ValueError):
+            decoded = b""
+        if b":" not in decoded:  # RFC 7617: user-id ":" password
             return self._unauthorized(connection, "malformed Authorization header")
+        user, _, password = decoded.partition(b":")
         creds = self.config.credentials_for(ocpp_id)
         ok = False
         if creds is not None and user == ocpp_id.encode():
