@@ -4,6 +4,7 @@ reflection, and every denial (UNAUTHENTICATED / PERMISSION_DENIED, with nothing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,37 +46,42 @@ def auth(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
-@pytest.fixture
-async def edge(tmp_path: Path) -> AsyncIterator[Edge]:
+@contextlib.asynccontextmanager
+async def serving(store: SqlStore, tmp_path: Path, *, seed: bool = True) -> AsyncIterator[Edge]:
+    """An API server on 127.0.0.1 over ``store`` (seeded with two sessions, two setpoints and
+    three decisions unless ``seed`` is false) and a client channel to it; ``store`` is closed
+    at the end."""
     clock = ManualClock()
-    store = open_store({"path": str(tmp_path / "store")}, tmp_path)
-    await store.open()
     facade = StoreFacade(store, clock)
-    await store.upsert_session(
-        SessionRecord("S1", "C1", clock.now() - 600, transaction_id="T1", priority=1.0)
-    )
-    await store.upsert_session(
-        SessionRecord("S2", "DC1", clock.now() - 60, transaction_id="T2", priority=1.0)
-    )
-    await store.record_setpoint_sent(
-        Setpoint(charger_id="C1", setpoint_a=16.0, decision_id="D1"), clock.now()
-    )
-    await store.confirm_setpoint("C1", "D1", clock.now())
-    await store.record_setpoint_sent(
-        Setpoint(charger_id="DC1", setpoint_w=50_000.0, decision_id="D1"), clock.now()
-    )
-    log = AuditLog(store, clock=clock)
-    for i in range(3):
-        clock.advance(5)
-        await log.append(
-            Decision(
-                f"D{i}",
-                "tick",
-                setpoints=[
-                    Setpoint(charger_id="C1" if i != 1 else "C2", setpoint_a=16.0, reason=REASON)
-                ],
-            )
+    if seed:
+        await store.open()
+        await store.upsert_session(
+            SessionRecord("S1", "C1", clock.now() - 600, transaction_id="T1", priority=1.0)
         )
+        await store.upsert_session(
+            SessionRecord("S2", "DC1", clock.now() - 60, transaction_id="T2", priority=1.0)
+        )
+        await store.record_setpoint_sent(
+            Setpoint(charger_id="C1", setpoint_a=16.0, decision_id="D1"), clock.now()
+        )
+        await store.confirm_setpoint("C1", "D1", clock.now())
+        await store.record_setpoint_sent(
+            Setpoint(charger_id="DC1", setpoint_w=50_000.0, decision_id="D1"), clock.now()
+        )
+        log = AuditLog(store, clock=clock)
+        for i in range(3):
+            clock.advance(5)
+            await log.append(
+                Decision(
+                    f"D{i}",
+                    "tick",
+                    setpoints=[
+                        Setpoint(
+                            charger_id="C1" if i != 1 else "C2", setpoint_a=16.0, reason=REASON
+                        )
+                    ],
+                )
+            )
     (tmp_path / "tokens.toml").write_text(
         f'[[tokens]]\nname = "grid"\ntoken_sha256 = "{token_sha256(GRID)}"\n'
         'roles = ["grid_operator"]\n'
@@ -93,14 +99,22 @@ async def edge(tmp_path: Path) -> AsyncIterator[Edge]:
         tmp_path,
     )
     server = EdgeApiServer(facade, config, site_id="depot", clock=clock, store=store)
-    port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield Edge(server, facade, store, clock, channel, pb_grpc.EdgeApiStub(channel))
+        port = await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            yield Edge(server, facade, store, clock, channel, pb_grpc.EdgeApiStub(channel))
+        finally:
+            await channel.close()
+            await server.stop(0.5)
     finally:
-        await channel.close()
-        await server.stop(0.5)
         await store.close()
+
+
+@pytest.fixture
+async def edge(tmp_path: Path) -> AsyncIterator[Edge]:
+    async with serving(open_store({"path": str(tmp_path / "store")}, tmp_path), tmp_path) as e:
+        yield e
 
 
 async def code_of(call: Any) -> grpc.StatusCode:
