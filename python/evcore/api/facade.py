@@ -5,8 +5,10 @@ it over a store and in-memory state. Methods may be plain or ``async``; they ret
 ``TypedDict`` shapes below; extra keys are ignored, missing optional keys read as absent). A
 steering method either applies the change as an event for the next decision or raises
 :class:`FacadeError` (``ValueError``) naming what was wrong; it never sends a setpoint itself. A
-lookup of an unknown charger or node raises :class:`UnknownTarget`. The API never bypasses the
-facade.
+lookup of an unknown charger or node raises :class:`UnknownTarget`. Only these are taken for the
+caller's mistake: a plain ``ValueError``, ``KeyError`` or ``IndexError`` is a bug behind the facade
+(INTERNAL, logged with its traceback), and the store's ``StoreUnavailable`` an outage (UNAVAILABLE,
+which clients retry). The API never bypasses the facade.
 
 Times are seconds since the Unix epoch; ``unit`` is ``"A"`` (AC chargers, per phase) or ``"W"``.
 """

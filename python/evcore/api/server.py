@@ -18,7 +18,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc import aio
@@ -26,14 +26,14 @@ from grpc_health.v1.health import aio as health_aio
 
 from evcore.api import convert
 from evcore.api.auth import AuthInterceptor, Credentials, current_principal
-from evcore.api.facade import EdgeFacade, NotApplicable
+from evcore.api.facade import EdgeFacade, FacadeError, NotApplicable, UnknownTarget
 from evcore.api.serving import add_health, bind, start_serving, stop_serving
 from evcore.audit.log import record_from_mapping
 from evcore.clock import Clock
 from evcore.edge.state import priority_error
 from evcore.planner import PRICE_BOUND_PER_KWH
 from evcore.site.sections import Key, Section
-from evcore.store.base import Store
+from evcore.store.base import Store, StoreUnavailable
 from evcore.v1 import edge_api_pb2 as pb
 from evcore.v1 import edge_api_pb2_grpc as pb_grpc
 from evcore.v1.audit_pb2 import AuditRecord
@@ -114,11 +114,23 @@ async def _maybe(value: T | Any) -> Any:
     return value
 
 
+async def _abort_for(context: Any, where: str, exc: Exception) -> NoReturn:
+    """End the call for an error nothing more specific caught: a store that cannot be reached is
+    UNAVAILABLE (an outage: clients retry; its message names the store), anything else a bug,
+    INTERNAL with its traceback in the log (instead of gRPC's bare UNKNOWN)."""
+    if isinstance(exc, StoreUnavailable):
+        log.warning("api: %s: store unavailable: %s", where, exc)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{where}: store unavailable: {exc}")
+    else:
+        log.error("api: %s failed", where, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{where} failed: {exc!r}")
+    raise AssertionError("unreachable: abort raises") from exc
+
+
 def _guarded(
     method: Callable[[Any, Req, Any], Awaitable[Res]],
 ) -> Callable[[Any, Req, Any], Awaitable[Res]]:
-    """A unary handler whose unexpected errors (a bug in a conversion, say) become INTERNAL with a
-    logged traceback, instead of gRPC's bare UNKNOWN."""
+    """A unary handler whose unexpected errors become a status code (see :func:`_abort_for`)."""
 
     @functools.wraps(method)
     async def run(self: Any, request: Req, context: Any) -> Res:
@@ -127,9 +139,7 @@ def _guarded(
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            log.exception("api: %s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {exc!r}")
-            raise AssertionError("unreachable: abort raises") from exc
+            await _abort_for(context, method.__name__, exc)
 
     return run
 
@@ -166,24 +176,22 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
 
     # -- errors ---------------------------------------------------------------------------------
     async def _call(self, context: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run a facade call; its errors become status codes naming what was wrong."""
+        """Run a facade call; the facade's own refusals become status codes naming what was
+        wrong. Only those: a KeyError or ValueError from a bug behind the facade is not the
+        caller's unknown charger or bad value, it is INTERNAL (see :func:`_abort_for`)."""
         try:
             return await _maybe(fn(*args, **kwargs))
-        except LookupError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc).strip("'\""))
-        except NotApplicable as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
+        except UnknownTarget as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except NotApplicable as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except FacadeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:
-            # A bug behind the facade: logged with its traceback, the caller gets a clean INTERNAL.
-            log.exception("api: %s failed", getattr(fn, "__name__", fn))
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"{getattr(fn, '__name__', 'call')} failed: {exc!r}"
-            )
-        raise AssertionError("unreachable")
+            await _abort_for(context, getattr(fn, "__name__", "call"), exc)
+        raise AssertionError("unreachable: abort raises")
 
     @staticmethod
     async def _require(context: Any, ok: bool, message: str) -> None:
