@@ -4,7 +4,8 @@ A missing charger or node (the facade's ``UnknownTarget``) is NOT_FOUND, a bad v
 (``FacadeError``) INVALID_ARGUMENT; a store that cannot be reached is UNAVAILABLE, naming the store
 (clients retry on it); anything else is a bug: INTERNAL, with its traceback in the log. Review of
 the API's error mapping: a KeyError or IndexError from a bug was NOT_FOUND with a bare key as its
-message, a ValueError from a bug INVALID_ARGUMENT, both unlogged; PostgreSQL down was INTERNAL.
+message, a ValueError from a bug INVALID_ARGUMENT, both unlogged; PostgreSQL down was INTERNAL; a
+change feed that failed was UNAVAILABLE without a traceback and one that ended was a clean end.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,55 @@ async def test_a_store_bug_stays_internal_and_logged(
         )
     assert err.code() == grpc.StatusCode.INTERNAL, err.details()
     assert len(_tracebacks(caplog)) == 1
+
+
+def _feed_of(api: Edge, items: list[Mapping[str, Any]], end: BaseException | None) -> None:
+    """The facade's change feed: ``items``, then ``end`` raised (or the feed ends, when None)."""
+
+    async def watch() -> AsyncIterator[Mapping[str, Any]]:
+        for item in items:
+            yield item
+        if end is not None:
+            raise end
+
+    api.facade.watch = watch  # type: ignore[method-assign]
+
+
+async def test_a_change_feed_that_fails_by_a_bug_is_internal_and_logged(
+    api: Edge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: UNAVAILABLE "change feed ended" (a client would resubscribe into the same bug for
+    ever) and only the exception's repr in the log."""
+    _feed_of(api, [{"kind": "decision", "decision": 7}], KeyError("charger_id"))
+    got = []
+    with caplog.at_level(logging.ERROR, logger=API_LOG):
+        call = api.stub.WatchChanges(pb.WatchChangesRequest(), metadata=auth(VIEWER))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for change in call:
+                got.append(change.decision_id)
+    assert got == ["7"]  # what the feed gave before it failed still went out
+    assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
+    assert "KeyError('charger_id')" in (err.value.details() or "")
+    assert len(_tracebacks(caplog)) == 1
+
+
+@pytest.mark.parametrize("end", [None, "store"], ids=["ended", "store-unavailable"])
+async def test_a_change_feed_that_ends_or_loses_its_store_is_unavailable(
+    api: Edge, end: str | None
+) -> None:
+    """Before: a feed that ended was a clean end of the stream (OK: "there is no more"), though
+    the edge's changes go on (a client is to watch again); one that lost its store was only
+    "change feed ended"; and either lost the change it gave last."""
+    from evcore.store import StoreUnavailable
+
+    exc = StoreUnavailable("SQLite store records.sqlite: disk I/O error") if end else None
+    _feed_of(api, [{"kind": "decision", "decision": 7}], exc)
+    call = api.stub.WatchChanges(pb.WatchChangesRequest(), metadata=auth(VIEWER))
+    got = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for change in call:
+            got.append(change.decision_id)
+    assert got == ["7"]  # before, the change the feed gave last was lost with its end
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    if end:
+        assert "records.sqlite" in (err.value.details() or "")

@@ -15,7 +15,7 @@ import functools
 import inspect
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -144,6 +144,25 @@ def _guarded(
     return run
 
 
+def _guarded_stream(
+    method: Callable[[Any, Req, Any], AsyncGenerator[Res, None]],
+) -> Callable[[Any, Req, Any], AsyncGenerator[Res, None]]:
+    """:func:`_guarded` for a handler that streams its replies."""
+
+    @functools.wraps(method)
+    async def run(self: Any, request: Req, context: Any) -> AsyncGenerator[Res, None]:
+        try:
+            async with contextlib.aclosing(method(self, request, context)) as items:
+                async for item in items:
+                    yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _abort_for(context, method.__name__, exc)
+
+    return run
+
+
 def _loopback(listen: str) -> bool:
     """``host:port`` names a loopback address (127.0.0.0/8, ::1, localhost)."""
     import ipaddress
@@ -155,6 +174,15 @@ def _loopback(listen: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything
+
+
+def _wanted(request: pb.WatchChangesRequest, change: pb.Change) -> bool:
+    """A change the watch asked for: every one, or those of its charger and every decision."""
+    if not request.charger_id:
+        return True
+    if change.charger_id:
+        return change.charger_id == request.charger_id
+    return change.kind == "decision"
 
 
 def _actor() -> str:
@@ -281,9 +309,10 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 records = [r for r in records if convert.seconds(r.decided_at) >= since_s]
         return pb.ListDecisionsResponse(decisions=records)
 
+    @_guarded_stream
     async def WatchChanges(
         self, request: pb.WatchChangesRequest, context: Any
-    ) -> AsyncIterator[pb.Change]:
+    ) -> AsyncGenerator[pb.Change, None]:
         # Setpoint changes may come without a unit: take it from the charger (DC chargers are W).
         state = await self._call(context, self._facade.site_state)
         units = {str(c.get("charger_id")): c.get("unit") for c in state.get("chargers") or ()}
@@ -303,21 +332,21 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 get = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({get, pump_task}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
-                    get.cancel()
-                    if pump_task.exception() is not None:
-                        log.error("api: watch source failed: %r", pump_task.exception())
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, "change feed ended")
-                    return
-                change = get.result()
-                if (
-                    request.charger_id
-                    and change.charger_id
-                    and change.charger_id != request.charger_id
-                ):
-                    continue
-                if request.charger_id and not change.charger_id and change.kind != "decision":
-                    continue
-                yield change
+                    break
+                if _wanted(request, change := get.result()):
+                    yield change
+            # The feed ended: the changes it gave before go out (a cancelled get leaves its item
+            # in the queue), then the caller is told. The edge's changes go on, so an end is no
+            # clean end of the stream (OK would say there is no more): UNAVAILABLE, watch again.
+            get.cancel()
+            while not queue.empty():
+                if _wanted(request, change := queue.get_nowait()):
+                    yield change
+            failed = pump_task.exception()
+            if failed is not None:
+                raise failed  # a store outage or a bug: _guarded_stream says which
+            log.warning("api: the change feed ended")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "change feed ended; watch again")
         finally:
             self._watchers.discard(queue)
             if get is not None:
