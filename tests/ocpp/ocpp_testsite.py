@@ -14,6 +14,7 @@ from typing import Any
 
 from evcore.clock import WallClock
 from evcore.ocpp import CentralSystem, OcppEvent
+from evcore.ocpp.v16 import iso
 from evcore.sim.fleet import Fleet
 from evcore.site import Site, load_site
 from websockets.asyncio.client import connect
@@ -234,3 +235,38 @@ class RawStation:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
+
+
+#: A 2.0.1 BootNotification.
+BOOT_201: dict[str, Any] = {
+    "chargingStation": {"vendorName": "V", "model": "M"},
+    "reason": "PowerUp",
+}
+
+
+def tx_event(
+    tx_id: str, seq: int, event_type: str, trigger: str, at: float, **extra: Any
+) -> dict[str, Any]:
+    """A 2.0.1 TransactionEvent payload; ``extra`` adds fields (evse, meterValue, offline...)."""
+    p: dict[str, Any] = {
+        "eventType": event_type,
+        "timestamp": iso(at),
+        "triggerReason": trigger,
+        "seqNo": seq,
+        "transactionInfo": {"transactionId": tx_id},
+    }
+    p.update(extra)
+    return p
+
+
+def meter(at: float, wh: float, amps: float) -> list[dict[str, Any]]:
+    """A 2.0.1 meterValue list: the energy register and the L1 current at ``at``."""
+    return [
+        {
+            "timestamp": iso(at),
+            "sampledValue": [
+                {"value": wh, "measurand": "Energy.Active.Import.Register"},
+                {"value": amps, "measurand": "Current.Import", "phase": "L1"},
+            ],
+        }
+    ]

@@ -15,37 +15,10 @@ from evcore.ocpp import CentralSystem, TransactionEvent
 from evcore.ocpp.events import MeterSample
 from evcore.ocpp.v16 import iso
 from evcore.store.sqlite import sqlite_store
-from ocpp_testsite import RawStation, make_site
+from ocpp_testsite import BOOT_201 as BOOT
+from ocpp_testsite import RawStation, make_site, meter, tx_event
 
 pytestmark = pytest.mark.timeout(60)
-
-BOOT = {"chargingStation": {"vendorName": "V", "model": "M"}, "reason": "PowerUp"}
-
-
-def tx_event(
-    tx_id: str, seq: int, event_type: str, trigger: str, at: float, **extra: Any
-) -> dict[str, Any]:
-    p: dict[str, Any] = {
-        "eventType": event_type,
-        "timestamp": iso(at),
-        "triggerReason": trigger,
-        "seqNo": seq,
-        "transactionInfo": {"transactionId": tx_id},
-    }
-    p.update(extra)
-    return p
-
-
-def meter(at: float, wh: float, amps: float) -> list[dict[str, Any]]:
-    return [
-        {
-            "timestamp": iso(at),
-            "sampledValue": [
-                {"value": wh, "measurand": "Energy.Active.Import.Register"},
-                {"value": amps, "measurand": "Current.Import", "phase": "L1"},
-            ],
-        }
-    ]
 
 
 async def test_a_transaction_whose_evse_comes_after_its_start_is_attributed_then() -> None:

@@ -14,15 +14,13 @@ import pytest
 from evcore.clock import WallClock
 from evcore.ocpp import CentralSystem, OcppConfigError, parse_ocpp_section
 from ocpp_certs import CertAuthority
-from ocpp_testsite import PASSWORDS, RawStation, make_site
+from ocpp_testsite import BOOT_201, PASSWORDS, RawStation, make_site
 from test_ocpp.client import check_connection
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
-
-BOOT_201 = {"chargingStation": {"vendorName": "V", "model": "M"}, "reason": "PowerUp"}
 
 
 def client_ctx(pki: CertAuthority, cert: tuple[str, str] | None = None) -> ssl.SSLContext:

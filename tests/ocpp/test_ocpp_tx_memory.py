@@ -1,15 +1,23 @@
 """What the central system keeps per transaction stays bounded: an ended transaction whose end the
-bus and store took is forgotten ``TX_KEEP_S`` after it ended (a replay within it is still one),
+bus and store took is forgotten ``tx_keep_s`` after it ended (a replay within it is still one),
 and a 2.0.1 transaction's seqNos fold into a contiguous prefix instead of one set entry per
-message (a 10 s meter interval gave 2,900 entries per 8 h session, kept for good)."""
+message (a 10 s meter interval gave 2,900 entries per 8 h session, kept for good). Past the keep
+time a 2.0.1 station's retry or replay of an ended transaction's events never starts it again:
+the store's record says it ended; without a store, an Updated of a transaction unknown here
+starts it only when it shows it going on (online, current), over a real WebSocket."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
-from evcore.ocpp import server
-from evcore.ocpp.server import SEQ_KEEP, TxState
+from evcore.clock import WallClock
+from evcore.ocpp import CentralSystem, MeterSample, TransactionEvent
+from evcore.ocpp.server import SEQ_KEEP, TX_KEEP_S, TxState
 from evcore.sim.ev import EV
-from ocpp_testsite import rig
+from evcore.store.sqlite import sqlite_store
+from ocpp_testsite import BOOT_201, RawStation, make_site, meter, rig, tx_event
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,9 +52,7 @@ def test_seq_nos_that_never_close_a_gap_stay_bounded() -> None:
     assert tx.seq_seen(6 * SEQ_KEEP - 1) and not tx.seq_seen(6 * SEQ_KEEP)
 
 
-async def test_an_ended_transaction_is_forgotten_after_the_keep_time(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_an_ended_transaction_is_forgotten_after_the_keep_time() -> None:
     async with rig() as r:
         for cid, ocpp_id in (("cp-a", "CPA"), ("cp-b", "CPB")):  # 1.6 and 2.0.1
             st = r.cs._stations[ocpp_id]
@@ -68,11 +74,120 @@ async def test_an_ended_transaction_is_forgotten_after_the_keep_time(
             await r.until(lambda st=st, second=second: st.transactions[second].ended)
             await r.until(lambda st=st, second=second: "ended" in st.transactions[second].published)
             # Past it (made 0 s here): the next session's start forgets both.
-            monkeypatch.setattr(server, "TX_KEEP_S", 0.0)
+            r.cs.tx_keep_s = 0.0
             r.fleet.plug_in(cid, EV(soc=0.3))
             await r.until(lambda st=st, second=second: st.active_tx.get(1) not in (None, second))
             third = st.active_tx[1]
             assert set(st.transactions) == {third}
             assert set(st.start_keys.values()) <= {third}
-            monkeypatch.setattr(server, "TX_KEEP_S", 24 * 3600.0)
+            r.cs.tx_keep_s = TX_KEEP_S
             r.fleet.unplug(cid)
+
+
+def one_session(tx_id: str, t: float) -> list[dict[str, Any]]:
+    """A 2.0.1 session of ``tx_id`` on CPB's EVSE 1 from ``t``: Started, Updated, Ended."""
+    evse = {"id": 1, "connectorId": 1}
+    stopped = {"transactionId": tx_id, "stoppedReason": "EVDisconnected"}
+    return [
+        tx_event(tx_id, 0, "Started", "CablePluggedIn", t, evse=evse,
+                 meterValue=meter(t, 1000, 16)),
+        tx_event(tx_id, 1, "Updated", "MeterValuePeriodic", t + 60,
+                 meterValue=meter(t + 60, 1500, 16)),
+        tx_event(tx_id, 2, "Ended", "EVDeparted", t + 120, transactionInfo=stopped,
+                 meterValue=meter(t + 120, 2000, 0)),
+    ]  # fmt: skip
+
+
+def starts_and_ends(events: list[Any], tx_id: str) -> list[str]:
+    """The starts and ends of ``tx_id`` the listeners heard, in order."""
+    return [
+        e.kind
+        for e in events
+        if isinstance(e, TransactionEvent) and e.transaction_id == tx_id and e.kind != "updated"
+    ]
+
+
+async def test_a_replayed_event_of_a_forgotten_ended_transaction_never_starts_it_again(
+    tmp_path: Path,
+) -> None:
+    """With a store: its record says the transaction ended, so the station's retry or replay of
+    any of its events (a lost answer, then a day offline; here ``tx_keep_s=0``) is answered and
+    changes nothing. Before, the CSMS had forgotten it and took the event for a new transaction:
+    published as started again, the EVSE's transaction (TxProfiles), open in the store. The
+    timestamps are recent, so only the store can tell."""
+    clock = WallClock()
+    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
+    await store.open()
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, store=store, tx_keep_s=0.0)
+    events: list[Any] = []
+    cs.add_listener(events.append)
+    await cs.start()
+    try:
+        st = await RawStation.open(cs.port, "CPB")
+        assert (await st.call("BootNotification", BOOT_201))[0] == 3
+        t = clock.now() - 200
+        first = one_session("T1", t)
+        for p in first:
+            assert (await st.call("TransactionEvent", p))[0] == 3
+        # The next session's start forgets T1 (ended, its end stored, kept 0 s).
+        for p in one_session("T2", t + 130)[::2]:
+            assert (await st.call("TransactionEvent", p))[0] == 3
+        assert "T1" not in cs._stations["CPB"].transactions
+        for p in first:  # the station sends T1's events again
+            answer = await st.call("TransactionEvent", p)
+            assert answer[0] == 3, answer
+        assert starts_and_ends(events, "T1") == ["started", "ended"]
+        assert cs.station_state("CPB").active_transactions == {}
+        assert await store.list_open_transactions() == []
+        rec = await store.get_transaction("cp-b", "T1")
+        assert rec is not None and rec.ended_at_s == pytest.approx(t + 120, abs=1e-3)
+        assert rec.stop_reason == "EVDisconnected"
+        res = await cs.set_limit("cp-b", limit_a=10.0)
+        assert not res.accepted
+        assert [p for a, p in st.calls if a == "SetChargingProfile"] == []
+        await st.close()
+    finally:
+        await cs.stop()
+        await store.close()
+
+
+async def test_an_old_or_offline_update_of_an_unknown_transaction_does_not_start_it() -> None:
+    """Without a store: an Updated of a transaction unknown here starts it only when it shows
+    it going on (sent online, no older than ``max_clock_skew_s``). The station's retry of an
+    hour-old Updated of a transaction ended and forgotten is recorded (its samples published)
+    and not started; before, it was published as started and became the EVSE's transaction.
+    An online, current Updated of an unknown transaction (one started before a restart of the
+    CSMS) still starts it, as does the next online one of a transaction heard first offline."""
+    clock = WallClock()
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, tx_keep_s=0.0)
+    events: list[Any] = []
+    cs.add_listener(events.append)
+    await cs.start()
+    try:
+        st = await RawStation.open(cs.port, "CPB")
+        assert (await st.call("BootNotification", BOOT_201))[0] == 3
+        t = clock.now() - 3600
+        first = one_session("T1", t)
+        for p in first:
+            assert (await st.call("TransactionEvent", p))[0] == 3
+        now = clock.now()
+        for p in one_session("T2", now - 130)[::2]:
+            assert (await st.call("TransactionEvent", p))[0] == 3
+        assert "T1" not in cs._stations["CPB"].transactions
+        # T1's Updated again (its answer was lost): recorded, not started.
+        assert (await st.call("TransactionEvent", first[1]))[0] == 3
+        assert starts_and_ends(events, "T1") == ["started", "ended"]
+        assert cs.station_state("CPB").active_transactions == {}
+        samples = [e for e in events if isinstance(e, MeterSample) and e.transaction_id == "T1"]
+        assert [s.at for s in samples] == pytest.approx([t, t + 60, t + 120, t + 60], abs=1e-3)
+        # T3, unknown here: heard first in an event queued offline, then online and current.
+        offline = tx_event("T3", 5, "Updated", "MeterValuePeriodic", now - 20, offline=True)
+        assert (await st.call("TransactionEvent", offline))[0] == 3
+        assert starts_and_ends(events, "T3") == []
+        live = tx_event("T3", 6, "Updated", "MeterValuePeriodic", now - 1)
+        assert (await st.call("TransactionEvent", live))[0] == 3
+        assert starts_and_ends(events, "T3") == ["started"]
+        assert cs.station_state("CPB").active_transactions == {1: "T3"}
+        await st.close()
+    finally:
+        await cs.stop()

@@ -245,8 +245,10 @@ class CompositeSchedule:
 
 
 #: An ended transaction whose end the bus and store took is forgotten this long after it ended
-#: (the central system's monotonic clock): a station's replay of its messages within it is still
-#: recognised as one; without an end the state of every session stayed for good.
+#: (the central system's monotonic clock; ``CentralSystem(tx_keep_s=...)``): a station's replay of
+#: its messages within it is still recognised as one; without an end the state of every session
+#: stayed for good. Past it, a 2.0.1 event of the transaction is recognised from the store's record
+#: (``_stored_tx``); without one, only an event that shows it live starts it (``_shows_live``).
 TX_KEEP_S = 24 * 3600.0
 #: The stop reason of a transaction ended because another started on its EVSE (``_supersede``).
 SUPERSEDED = "Superseded"
@@ -268,7 +270,7 @@ class TxState:
     # 2.0.1 seqNos handled: every one up to ``seq_low``, and those in ``seen_seq`` (above it).
     seq_low: int = -1
     seen_seq: set[int] = field(default_factory=set)
-    # When it ended, by the central system's monotonic clock (for ``TX_KEEP_S``).
+    # When it ended, by the central system's monotonic clock (for ``tx_keep_s``).
     ended_mono: float | None = None
     # Event kinds ("started", "ended") handed to local listeners, and those the bus and store
     # took: a kind emitted but not yet taken is published again when the station retries.
@@ -277,6 +279,11 @@ class TxState:
     # Where and why it ended (for publishing the end again).
     ended_at: float | None = None
     end_reason: str | None = None
+    # 2.0.1: known only from events that did not show it live (an Updated of a transaction unknown
+    # here, queued offline or older than the clock tolerance: ``_shows_live``). Its samples are
+    # published, its end too; it is started (published, the EVSE's) only by an event that shows
+    # it live.
+    dormant: bool = False
 
     def session_energy_wh(self) -> float | None:
         if self.meter_start_wh is None or self.last_register_wh is None:
@@ -373,9 +380,13 @@ class CentralSystem:
         bus: Any = None,
         store: Any = None,
         config: OcppConfig | None = None,
+        tx_keep_s: float = TX_KEEP_S,
     ) -> None:
+        """``tx_keep_s``: how long an ended transaction whose end the bus and store took is kept
+        in memory after it ended (``TX_KEEP_S``, a day); tests shorten it."""
         self.site = site
         self.clock = clock
+        self.tx_keep_s = tx_keep_s
         sections = _get(site, "sections") or {}
         if config is None:
             path = _get(site, "path")
@@ -518,18 +529,7 @@ class CentralSystem:
             st = self._stations[charger.ocpp_id]
             if rec.transaction_id in st.transactions:
                 continue
-            tx = TxState(
-                rec.transaction_id,
-                charger.charger_id,
-                charger.evse_id,
-                rec.id_tag or None,
-                rec.meter_start_wh,
-                rec.meter_start_wh,
-                rec.started_at_s,
-            )
-            # Its start is in the store, so it was published and heard before the restart.
-            tx.emitted.add("started")
-            tx.published.add("started")
+            tx = self._tx_from_record(rec, charger)
             st.transactions[rec.transaction_id] = tx
             st.active_tx[charger.evse_id] = rec.transaction_id
             if rec.transaction_id.isdigit():  # 1.6 ids we assigned: never hand one out again
@@ -539,6 +539,69 @@ class CentralSystem:
                 st.start_keys[key] = rec.transaction_id
         if records:
             LOG.info("restored %d open transactions from the store", len(records))
+
+    def _tx_from_record(self, rec: Any, charger: ChargerInfo) -> TxState:
+        """The state of a transaction the store holds (``TransactionRecord``): its start (and
+        end) are in the store, so they were published and heard before."""
+        tx = TxState(
+            rec.transaction_id,
+            charger.charger_id,
+            charger.evse_id,
+            rec.id_tag or None,
+            rec.meter_start_wh,
+            rec.meter_start_wh,
+            rec.started_at_s,
+        )
+        tx.emitted.add("started")
+        tx.published.add("started")
+        if rec.ended_at_s is not None:
+            tx.ended = True
+            tx.ended_mono = self.clock.monotonic()
+            tx.ended_at, tx.end_reason = rec.ended_at_s, rec.stop_reason or None
+            if rec.meter_stop_wh is not None:
+                tx.last_register_wh = rec.meter_stop_wh
+            tx.emitted.add("ended")
+            tx.published.add("ended")
+        return tx
+
+    async def _stored_tx(self, st: Station, transaction_id: str) -> TxState | None:
+        """The store's record of a transaction of ``st`` not in memory (one ended and forgotten
+        ``tx_keep_s`` after: the memory is bounded, the store is not), taken back, or None. A
+        station retrying or replaying an event of it (a lost answer, then a day offline) gets it
+        as it was: an ended one stays ended, and is never started again (published as started,
+        sent TxProfiles, counted as charging). May raise (the store away): the handler's
+        CALLERROR makes the station send the event again, nothing booked."""
+        getter = getattr(self._publisher.store, "get_transaction", None)
+        if getter is None:
+            return None
+        for charger in st.chargers.values():  # ids are the station's: any of its chargers
+            rec = await getter(charger.charger_id, transaction_id)
+            if rec is not None:
+                tx = self._tx_from_record(rec, charger)
+                st.transactions[transaction_id] = tx
+                LOG.info(
+                    "station %s: transaction %s taken back from the store (%s)",
+                    st.ocpp_id,
+                    transaction_id,
+                    "ended" if tx.ended else "open",
+                )
+                return tx
+        return None
+
+    def _shows_live(self, st: Station, at: float, offline: bool) -> bool:
+        """Whether a 2.0.1 event of a transaction unknown here (timestamp ``at``) shows it going
+        on now: sent online when it happened (not ``offline``: E12, queued while offline) and
+        no older than ``max_clock_skew_s`` by the station's clock. An older one is a retry or
+        replay of the past (a transaction ended long ago and forgotten, ``tx_keep_s``): it is
+        recorded, not started; the station's next online event of a live transaction starts it.
+        """
+        if offline:
+            return False
+        age_s = self.clock.now() - at
+        offset = _offset(st.clock_offset)
+        if offset is not None and offset < 0:
+            age_s += offset  # its clock lags ours: its timestamps look that much older
+        return age_s <= self.config.max_clock_skew_s
 
     async def stop(self) -> None:
         for st in self._stations.values():
@@ -892,7 +955,7 @@ class CentralSystem:
 
     def _end(self, st: Station, tx: TxState, at: float, reason: str | None) -> None:
         """Book ``tx`` ended (at ``at`` by the station, now by our monotonic clock, for
-        ``TX_KEEP_S``); its EVSE no longer has it active."""
+        ``tx_keep_s``); its EVSE no longer has it active."""
         tx.ended = True
         tx.ended_mono = self.clock.monotonic()
         tx.ended_at, tx.end_reason = at, reason
@@ -942,7 +1005,7 @@ class CentralSystem:
                 await self._tx_event(st, other, "ended", other.ended_at or at, SUPERSEDED)
 
     def _forget_ended(self, st: Station) -> None:
-        """Drop ``st``'s transactions that ended more than ``TX_KEEP_S`` ago and whose end the
+        """Drop ``st``'s transactions that ended more than ``tx_keep_s`` ago and whose end the
         bus and store took (a new one starting is when: the work is per session)."""
         now = self.clock.monotonic()
         gone = [
@@ -952,7 +1015,7 @@ class CentralSystem:
             # (one never attributed to a charger publishes nothing: it waited for ever)
             and ("ended" in tx.published or tx.charger_id is None)
             and tx.ended_mono is not None
-            and now - tx.ended_mono > TX_KEEP_S
+            and now - tx.ended_mono > self.tx_keep_s
         ]
         if not gone:
             return
@@ -1088,6 +1151,9 @@ class CentralSystem:
         if evse_id is not None and evse_id != 0 and evse_id not in st.chargers:
             # (before any state: a TxState of an unknown EVSE was kept for ever)
             raise HandlerError("PropertyConstraintViolation", f"unknown EVSE {evse_id}")
+        new = False
+        if tx is None:
+            tx = await self._stored_tx(st, transaction_id)
         if tx is None:
             if evse_id is None and len(st.chargers) == 1:
                 evse_id = next(iter(st.chargers))
@@ -1099,12 +1165,23 @@ class CentralSystem:
                 id_tag,
                 None,
                 started_at=at,
+                # Only a Started begins a transaction of its own accord (E01, E12 offline too);
+                # an Updated of one unknown here (forgotten a day after its end, no store) that
+                # the station retries or replays must not open it again.
+                dormant=event_type == "Updated" and not self._shows_live(st, at, offline),
             )
+            if tx.dormant:
+                LOG.warning(
+                    "station %s: TransactionEvent(Updated) for unknown transaction %s, %s: "
+                    "recorded, not started until an event shows it going on",
+                    st.ocpp_id,
+                    transaction_id,
+                    "queued offline" if offline else f"{self.clock.now() - at:.0f} s old",
+                )
             self._forget_ended(st)
             st.transactions[transaction_id] = tx
             new = True
         else:
-            new = False
             if id_tag and tx.id_tag is None:
                 tx.id_tag = id_tag
             if tx.evse_id is None and evse_id is not None and not tx.ended:
@@ -1126,7 +1203,10 @@ class CentralSystem:
             if event_type == "Ended":
                 self._end(st, tx, at, reason)
                 await self._tx_event(st, tx, "ended", at, reason, offline)
+            elif tx.dormant and not self._shows_live(st, at, offline):
+                pass  # recorded (its samples above), not started: not shown going on
             elif new or "started" not in tx.published:
+                tx.dormant = False
                 await self._take_evse(st, tx, at)
                 await self._tx_event(st, tx, "started", tx.started_at or at, None, offline)
             else:
