@@ -97,3 +97,59 @@ async def test_a_reconnect_holds_resends_for_report_wait_s_and_bounds_the_report
     report = next(iter(ctrl._sends))
     await asyncio.wait_for(asyncio.shield(report), 10)
     assert gw.asked == [cid] and cid not in ctrl._report_due
+
+
+def test_a_local_plan_stays_in_force_until_the_next_re_plan() -> None:
+    """Re-plans further apart than ``cloud_plan_fresh_s``: the local plan is followed until the
+    next one replaces it, not dropped after ``cloud_plan_fresh_s`` (the allocator then ran alone
+    for the rest of every re-plan period); a cloud plan keeps its own bound."""
+    from evcore.edge.controller import PlanTargets
+
+    table = depot_table(2, per_feeder=2)
+    clock = ManualClock()
+    ctrl = build_controller(
+        table,
+        core=RustCore(load_site(table), table),
+        gateway=_SilentStation(),  # type: ignore[arg-type]
+        clock=clock,
+        cfg=EdgeConfig(policy="planner_cost", replan_every_s=1200.0, cloud_plan_fresh_s=900.0),
+    )
+    cid = "cp-0001"
+    t0 = clock.now()
+    rows = {cid: [(t0, 7200.0, 10.0)]}
+    ctrl.local_plan = PlanTargets("local", "edge-local@1", t0, rows)
+    assert ctrl.local_plan_fresh_s() == 2400.0
+    # 1000 s on: older than cloud_plan_fresh_s, before the next re-plan is even due.
+    assert ctrl._targets(t0 + 1000.0) is not None and ctrl.plan_in_use is ctrl.local_plan
+    # Past two re-plan periods without a new plan (a planner that stopped): not followed.
+    assert ctrl._targets(t0 + 2500.0) is None and ctrl.plan_in_use is None
+    # A cloud plan of the same age is not followed past its own bound.
+    ctrl.local_plan = None
+    ctrl.cloud_plan = PlanTargets("cloud", "c@1", t0, rows)
+    assert ctrl._targets(t0 + 800.0) is not None
+    assert ctrl._targets(t0 + 1000.0) is None
+    # Defaults unchanged: re-plans every 300 s, plans fresh for 900 s.
+    assert EdgeConfig().replan_every_s * 2 <= EdgeConfig().cloud_plan_fresh_s
+
+
+def test_a_dc_resolution_coarser_than_whole_watts_is_refused() -> None:
+    """The central system sends DC limits in whole watts. A coarser ``[edge].resolution_w`` makes
+    the dispatch hold back a decrease smaller than it, leaving the charger above the envelope's
+    setpoint: refused at load time, as a coarser ``resolution_a`` is."""
+    from evcore.edge.dispatch import plan_dispatch
+
+    with pytest.raises(EdgeConfigError, match=r"\[edge\]\.resolution_w: 100\.0 is coarser"):
+        EdgeConfig.from_site({"edge": {"resolution_w": 100.0}})
+    assert EdgeConfig.from_site({"edge": {"resolution_w": 0.5}}).resolution_w == 0.5
+    assert EdgeConfig.from_site({"edge": {}}).resolution_w == 1.0
+    # Why: a 60 W decrease at 100 W resolution is no change at all; at 1 W it leaves.
+    args: dict[str, Any] = {
+        "dc_ids": {"dc1"},
+        "deadband_a": 0.0,
+        "deadband_w": 0.0,
+        "now_s": 0.0,
+        "settle_s": 1.0,
+    }
+    coarse = plan_dispatch({"dc1": 50_030.0}, {"dc1": 50_090.0}, resolution_w=100.0, **args)
+    fine = plan_dispatch({"dc1": 50_030.0}, {"dc1": 50_090.0}, resolution_w=1.0, **args)
+    assert not coarse.decreases and [c.new for c in fine.decreases] == [50_030.0]

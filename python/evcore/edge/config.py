@@ -144,7 +144,17 @@ class EdgeConfig:
                 f"[edge].resolution_a: {given!r} is coarser than what the central system sends "
                 f"([ocpp] whole_amperes gives {wire_a:g} A): decreases would be suppressed"
             )
+        given_w = table.get("resolution_w")
+        if isinstance(given_w, int | float) and not isinstance(given_w, bool) and given_w > _WIRE_W:
+            raise EdgeConfigError(
+                f"[edge].resolution_w: {given_w!r} is coarser than what the central system sends "
+                f"(DC limits in whole watts, {_WIRE_W:g} W): decreases would be suppressed"
+            )
         return cls.from_table(table)
+
+
+#: The resolution of a DC (W) limit on the wire: the central system rounds it down to whole watts.
+_WIRE_W = 1.0
 
 
 #: Must be above zero (the other numbers may be zero).

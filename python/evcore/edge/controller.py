@@ -1502,17 +1502,24 @@ class EdgeController:
                 out.add(cid)
         return out
 
+    def local_plan_fresh_s(self) -> float:
+        """How long a local plan stays in force: ``cloud_plan_fresh_s``, or until the re-plan
+        after the next one is due when re-plans are further apart (a local plan judged by the
+        cloud plans' bound alone lapsed before the next re-plan replaced it: with
+        ``replan_every_s`` 3600 and ``cloud_plan_fresh_s`` 900, three quarters of every hour ran
+        on the allocator alone). A re-plan that fails drops the plan at once either way."""
+        return max(self.cfg.cloud_plan_fresh_s, 2.0 * self.cfg.replan_every_s)
+
     def _targets(self, now_w: float) -> dict[str, float] | None:
         """The targets of the plan in force: a fresh cloud plan, else a fresh local one."""
         self.plan_in_use = None
         if self.cfg.policy in ("fair_share", "least_laxity"):
             return None
-        for plan in (self.cloud_plan, self.local_plan):
-            if (
-                plan is not None
-                and now_w - plan.received_at <= self.cfg.cloud_plan_fresh_s
-                and plan.ends_at() > now_w
-            ):
+        for plan, fresh_s in (
+            (self.cloud_plan, self.cfg.cloud_plan_fresh_s),
+            (self.local_plan, self.local_plan_fresh_s()),
+        ):
+            if plan is not None and now_w - plan.received_at <= fresh_s and plan.ends_at() > now_w:
                 self.plan_in_use = plan
                 sessions = {cid: c.transaction_id for cid, c in self.state.chargers.items()}
                 return plan.targets_at(now_w, sessions)
