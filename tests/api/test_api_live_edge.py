@@ -302,6 +302,25 @@ async def test_every_denial_changes_nothing_on_the_live_edge(live: LiveEdge) -> 
     await asyncio.sleep(1.5)  # three ticks: time for a wrongly applied change to show
     assert steering_state(live) == before
     assert live.rig.limit_at(target) > 0.0  # still charging: not held at 0 A
+    # A grid operator's curtailment of a node the site does not have is NOT_FOUND naming it (it
+    # was INVALID_ARGUMENT on the real edge); one with a bad value is INVALID_ARGUMENT; neither
+    # is booked.
+    bad: list[tuple[str, float, grpc.StatusCode, str]] = [
+        ("no-such-node", 1.0, grpc.StatusCode.NOT_FOUND, "unknown node_id 'no-such-node'"),
+        ("grid", -1.0, grpc.StatusCode.INVALID_ARGUMENT, "max_kw"),
+    ]
+    for node_id, max_kw, code, text in bad:
+        sig = GridSignal(
+            curtailment=Curtailment(curtailment_id="c2", node_id=node_id, max_kw=max_kw)
+        )
+        sig.curtailment.start.FromSeconds(now)
+        sig.curtailment.end.FromSeconds(now + 600)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await live.stub.PostGridSignal(
+                pb.PostGridSignalRequest(signal=sig), metadata=auth(GRID)
+            )
+        assert err.value.code() == code and text in (err.value.details() or ""), err.value
+    assert steering_state(live) == before
 
 
 async def test_an_operator_clears_a_fault_and_the_charger_is_steered_again(

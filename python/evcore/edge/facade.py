@@ -16,7 +16,7 @@ from typing import Any
 from evcore.api.facade import FacadeError, NotApplicable, UnknownTarget
 from evcore.edge.controller import EdgeController, SentProfile
 from evcore.edge.faults import is_suspect
-from evcore.edge.grid import Curtailment, GridSignalError, PricePoint
+from evcore.edge.grid import Curtailment, GridSignalError, PricePoint, UnknownNode
 from evcore.edge.signals import BookWriter
 from evcore.edge.state import priority_error
 
@@ -212,6 +212,8 @@ class ControllerFacade:
         store that is down never refuses the signal (``curtailments_durable`` says so)."""
         try:
             self.ctrl.post_curtailment(Curtailment(signal_id, node_id, max_kw, start, end))
+        except UnknownNode as exc:
+            raise UnknownTarget(str(exc)) from exc
         except GridSignalError as exc:
             raise FacadeError(str(exc)) from exc
         await self._store_book()

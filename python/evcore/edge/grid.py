@@ -28,6 +28,10 @@ class GridSignalError(ValueError):
     """A grid signal is malformed; the message names the field."""
 
 
+class UnknownNode(GridSignalError):
+    """A grid signal names a node the site does not have."""
+
+
 @dataclass(frozen=True, slots=True)
 class Curtailment:
     signal_id: str
@@ -40,7 +44,7 @@ class Curtailment:
         if not self.signal_id:
             raise GridSignalError("curtailment.signal_id: must not be empty")
         if self.node_id not in node_ids:
-            raise GridSignalError(f"curtailment {self.signal_id}: unknown node_id {self.node_id!r}")
+            raise UnknownNode(f"curtailment {self.signal_id}: unknown node_id {self.node_id!r}")
         if not math.isfinite(self.max_kw) or self.max_kw < 0:
             raise GridSignalError(
                 f"curtailment {self.signal_id}: max_kw must be a finite number >= 0, "
