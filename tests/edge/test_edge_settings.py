@@ -62,6 +62,18 @@ class _SilentStation:
         await self.never.wait()
 
 
+def _controller(clock: ManualClock, cfg: EdgeConfig) -> Any:
+    """A controller of a two-charger depot on ``clock`` whose stations never answer."""
+    table = depot_table(2, per_feeder=2)
+    return build_controller(
+        table,
+        core=RustCore(load_site(table), table),
+        gateway=_SilentStation(),  # type: ignore[arg-type]
+        clock=clock,
+        cfg=cfg,
+    )
+
+
 async def test_a_reconnect_holds_resends_for_report_wait_s_and_bounds_the_report() -> None:
     from evcore.clock import WallClock
     from evcore.ocpp.events import ConnectionEvent
@@ -70,13 +82,7 @@ async def test_a_reconnect_holds_resends_for_report_wait_s_and_bounds_the_report
     cid = "cp-0001"
     # On the injected clock: re-sends to the station's chargers wait report_wait_s.
     clock = ManualClock()
-    ctrl = build_controller(
-        table,
-        core=RustCore(load_site(table), table),
-        gateway=_SilentStation(),  # type: ignore[arg-type]
-        clock=clock,
-        cfg=EdgeConfig(report_wait_s=7.5),
-    )
+    ctrl = _controller(clock, EdgeConfig(report_wait_s=7.5))
     ocpp_id = ctrl.state.chargers[cid].ocpp_id
     ctrl.on_event(ConnectionEvent(ocpp_id, True, "1.6", clock.now()))
     assert ctrl._report_due[cid] == pytest.approx(clock.monotonic() + 7.5)
@@ -105,14 +111,9 @@ def test_a_local_plan_stays_in_force_until_the_next_re_plan() -> None:
     for the rest of every re-plan period); a cloud plan keeps its own bound."""
     from evcore.edge.controller import PlanTargets
 
-    table = depot_table(2, per_feeder=2)
     clock = ManualClock()
-    ctrl = build_controller(
-        table,
-        core=RustCore(load_site(table), table),
-        gateway=_SilentStation(),  # type: ignore[arg-type]
-        clock=clock,
-        cfg=EdgeConfig(policy="planner_cost", replan_every_s=1200.0, cloud_plan_fresh_s=900.0),
+    ctrl = _controller(
+        clock, EdgeConfig(policy="planner_cost", replan_every_s=1200.0, cloud_plan_fresh_s=900.0)
     )
     cid = "cp-0001"
     t0 = clock.now()
