@@ -42,7 +42,9 @@ def record_hash(record: AuditRecord) -> str:
     h.update(DOMAIN)
     h.update(canonical_bytes(record))
     h.update(b"\n")
-    h.update(record.prev_hash.encode("ascii"))
+    # A real prev_hash is hex, the same bytes in ASCII and UTF-8; UTF-8 also takes the text of a
+    # forged one, so verify reports it as a changed record instead of failing as unreadable.
+    h.update(record.prev_hash.encode("utf-8"))
     return h.hexdigest()
 
 
@@ -177,7 +179,9 @@ def _check_row(report: VerifyReport, row: StoredAuditRow, prev_hash: str) -> Aud
     if record.hash != row.hash or record.prev_hash != row.prev_hash:
         report.add(f"seq {seq}: hash columns differ from the record")
     decided_at_s = record.decided_at.seconds + record.decided_at.nanos / 1e9
-    if abs(decided_at_s - row.decided_at_s) > 1e-6:
+    # Written so that a NaN column (PostgreSQL keeps one; it sorts above every time, so the
+    # decision drops out of `audit show --until`) is a difference too: NaN compares false.
+    if not abs(decided_at_s - row.decided_at_s) <= 1e-6:
         report.add(f"seq {seq}: time column differs from the record's decided_at")
     computed = record_hash(record)
     if computed != record.hash:

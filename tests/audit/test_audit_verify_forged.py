@@ -1,0 +1,83 @@
+"""``evcore audit verify`` on forgeries that slipped past it (review 2027-01): a NaN time column
+on PostgreSQL was taken as equal to the record's time (``abs(nan) > 1e-6`` is false) while it hid
+the decision from ``audit show --until``; a forged ``prev_hash`` that is not ASCII made the hash
+computation raise, so verify said "store cannot be read" (exit 2) instead of "chain broken" (1).
+
+Real stores (SQLite and PostgreSQL), tampered with through a second connection; verify through
+``evcore audit`` in a subprocess, as an operator runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from conftest import PG_DSN
+from evcore.audit import verify_chain
+from evcore.clock import ManualClock
+from evcore.store import SqlStore, open_store
+from evcore.v1.audit_pb2 import AuditRecord
+from test_audit_trail import fill, raw_sql, site_file
+
+
+async def cli_verify(
+    store_section: dict[str, object], tmp_path: Path
+) -> tuple[int, dict[str, object], str]:
+    site = site_file(tmp_path, store_section)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "evcore.audit.cli",
+        "verify",
+        "--config",
+        str(site),
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, (json.loads(out) if out.strip() else {}), err.decode()
+
+
+async def test_a_nan_time_column_is_reported_and_no_longer_hides_a_decision(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    section: dict[str, object] = {"kind": "postgres", "dsn": PG_DSN, "schema": pg_schema}
+    store = open_store(section, tmp_path)
+    try:
+        await fill(store, ManualClock(), 3)
+        raw_sql(section, tmp_path, "UPDATE audit_records SET decided_at_s = 'NaN' WHERE seq = 1")
+        # What the forgery does: decision D1 is no longer found before any time.
+        shown = await store.audit_records(until_s=4_000_000_000.0)
+        assert [r.decision_id for r in shown] == ["D0", "D2"]
+        report = await verify_chain(store)
+    finally:
+        await store.close()
+    assert not report.ok
+    assert report.problems == ["seq 1: time column differs from the record's decided_at"]
+    code, result, err = await cli_verify(section, tmp_path)
+    assert code == 1, err
+    assert result["problems"] == ["seq 1: time column differs from the record's decided_at"]
+
+
+async def test_a_forged_prev_hash_that_is_not_ascii_is_a_broken_chain(
+    store: SqlStore, store_section: dict[str, object], tmp_path: Path
+) -> None:
+    records = await fill(store, ManualClock(), 3)
+    forged = AuditRecord()
+    forged.CopyFrom(records[2])
+    forged.prev_hash = "é" * 64
+    raw_sql(
+        store_section,
+        tmp_path,
+        "UPDATE audit_records SET payload = ? WHERE seq = 2",
+        (forged.SerializeToString(),),
+    )
+    report = await verify_chain(store)
+    assert not report.ok
+    assert any(p.startswith("seq 2 (decision 'D2'): content changed") for p in report.problems)
+    code, result, err = await cli_verify(store_section, tmp_path)
+    assert code == 1, err  # broken, not "cannot be read" (2)
+    assert result["ok"] is False and result["records"] == 3
