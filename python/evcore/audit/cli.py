@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from evcore.audit.chain import verify_chain
+from evcore.audit.log import TIMESTAMP_MAX_S, TIMESTAMP_MIN_S
 from evcore.clock import Clock, WallClock
 from evcore.store import SqlStore, StoreError, open_store, open_store_url
 from evcore.v1.audit_pb2 import AuditRecord
@@ -105,11 +107,47 @@ def store_from_args(args: argparse.Namespace) -> SqlStore:
 
 
 def _iso(seconds: float) -> str:
-    return (
-        datetime.fromtimestamp(seconds, tz=UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    try:
+        return (
+            datetime.fromtimestamp(seconds, tz=UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
+    except (OverflowError, OSError, ValueError):
+        # A record written with such a time (before the audit log refused one) is still shown.
+        return f"{seconds:.3f}s-since-1970(not-a-calendar-time)"
+
+
+def _bad_time(ts: Timestamp) -> str | None:
+    """What ``json_format`` would refuse in this timestamp, said as text (None: it is valid)."""
+    if TIMESTAMP_MIN_S <= ts.seconds <= TIMESTAMP_MAX_S and 0 <= ts.nanos <= 999_999_999:
+        return None
+    return f"not a valid time: {ts.seconds} s {ts.nanos} ns since 1970-01-01T00:00:00Z"
+
+
+def record_json(record: AuditRecord) -> dict[str, Any]:
+    """The record as protobuf JSON; a timestamp outside years 1..9999 (which protobuf JSON cannot
+    write) becomes the string ``"not a valid time: S s N ns since 1970-01-01T00:00:00Z"``, so one
+    such record does not keep ``show --json`` from showing the others."""
+    try:
+        return dict(json_format.MessageToDict(record, preserving_proto_field_name=True))
+    except json_format.Error:
+        pass
+    fixed = AuditRecord()
+    fixed.CopyFrom(record)
+    said: dict[tuple[int | None, str], str] = {}
+    if fixed.HasField("decided_at") and (bad := _bad_time(fixed.decided_at)) is not None:
+        said[(None, "decided_at")] = bad
+        fixed.ClearField("decided_at")
+    for i, sp in enumerate(fixed.setpoints):
+        for name in ("decided_at", "valid_until"):
+            if sp.HasField(name) and (bad := _bad_time(getattr(sp, name))) is not None:
+                said[(i, name)] = bad
+                sp.ClearField(name)
+    out: dict[str, Any] = json_format.MessageToDict(fixed, preserving_proto_field_name=True)
+    for (at, name), text in said.items():
+        (out if at is None else out["setpoints"][at])[name] = text
+    return out
 
 
 def _binding_name(value: int) -> str:
@@ -199,9 +237,7 @@ async def _show(args: argparse.Namespace) -> int:
         await store.close()
     records.reverse()  # the newest `limit`, printed oldest first
     if args.json:
-        out: list[dict[str, Any]] = [
-            json_format.MessageToDict(r, preserving_proto_field_name=True) for r in records
-        ]
+        out: list[dict[str, Any]] = [record_json(r) for r in records]
         print(json.dumps(out))
         return 0
     if not records:
@@ -219,6 +255,15 @@ def _run(coro_fn: Any) -> Any:
             return int(asyncio.run(coro_fn(args)))
         except (StoreError, ValueError) as exc:
             print(f"evcore audit: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:
+            # Not a traceback for the operator (a store that holds what it should not, such as
+            # a text payload, fails inside its reader): one line naming it, and "cannot read".
+            print(
+                f"evcore audit: {args.audit_command} failed reading the store: "
+                f"{type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
             return 2
 
     return run

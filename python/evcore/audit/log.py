@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -87,7 +88,28 @@ def digest_inputs(inputs: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+#: The range of a ``google.protobuf.Timestamp`` (0001-01-01 .. 9999-12-31 UTC): a time outside it
+#: cannot be written as JSON (``audit show --json``, the cloud's views) nor as a calendar date.
+TIMESTAMP_MIN_S = -62_135_596_800
+TIMESTAMP_MAX_S = 253_402_300_799
+
+
+def _time_problem(ts: Timestamp) -> str | None:
+    if not TIMESTAMP_MIN_S <= ts.seconds <= TIMESTAMP_MAX_S:
+        return (
+            f"{ts.seconds} s since 1970 is outside years 1..9999 (milliseconds taken for seconds?)"
+        )
+    if not 0 <= ts.nanos <= 999_999_999:
+        return f"nanos {ts.nanos} is outside 0..999999999"
+    return None
+
+
 def _timestamp(seconds: float) -> Timestamp:
+    if not math.isfinite(seconds) or not TIMESTAMP_MIN_S <= seconds < TIMESTAMP_MAX_S + 1:
+        raise ValueError(
+            f"time {seconds!r} (epoch seconds) is not a time a record can hold: it must be "
+            "finite and within years 1..9999 (milliseconds taken for seconds?)"
+        )
     ts = Timestamp()
     whole = int(seconds // 1)
     ts.seconds = whole
@@ -127,6 +149,10 @@ def record_from_mapping(decision: Mapping[str, Any], *, edge_id: str = "") -> Au
         raise ValueError(
             f"decision {decision.get('decision')!r}: 'at' (epoch seconds) missing"
         ) from None
+    try:
+        decided_at = _timestamp(at_s)
+    except ValueError as exc:
+        raise ValueError(f"decision {decision.get('decision')!r}: 'at': {exc}") from None
     decision_id = str(decision.get("decision_id") or "")
     if not decision_id:
         if decision.get("decision") is None:
@@ -142,7 +168,7 @@ def record_from_mapping(decision: Mapping[str, Any], *, edge_id: str = "") -> Au
         config_version=str(decision.get("config_version") or ""),
         edge_id=str(decision.get("edge_id") or edge_id),
     )
-    record.decided_at.CopyFrom(_timestamp(at_s))
+    record.decided_at.CopyFrom(decided_at)
     for i, sp in enumerate(decision.get("setpoints") or ()):
         cid = str(sp.get("charger_id") or "")
         if not cid:
@@ -170,7 +196,12 @@ def record_from_mapping(decision: Mapping[str, Any], *, edge_id: str = "") -> Au
         out.decided_at.CopyFrom(record.decided_at)
         valid_to = sp.get("valid_to")
         if valid_to is not None:
-            out.valid_until.CopyFrom(_timestamp(float(valid_to)))
+            try:
+                out.valid_until.CopyFrom(_timestamp(float(valid_to)))
+            except ValueError as exc:
+                raise ValueError(
+                    f"decision {decision_id!r}: setpoint for {cid!r}: 'valid_to': {exc}"
+                ) from None
         record.setpoints.append(out)
     for b in decision.get("bindings") or ():
         record.bindings.append(
@@ -220,6 +251,9 @@ def build_record(
         raise ValueError(f"decision {record.decision_id!r} has no trigger")
     if not record.HasField("decided_at"):
         raise ValueError(f"decision {record.decision_id!r} has no decided_at")
+    problem = _time_problem(record.decided_at)
+    if problem is not None:
+        raise ValueError(f"decision {record.decision_id!r}: decided_at {problem}")
     explained = {b.charger_id for b in record.bindings if b.reason}
     for i, sp in enumerate(record.setpoints):
         if not sp.charger_id:
@@ -234,9 +268,25 @@ def build_record(
                 f"decision {record.decision_id!r}: setpoint for {sp.charger_id!r} belongs to "
                 f"decision {sp.decision_id!r}"
             )
+        for unit in ("setpoint_a", "setpoint_w"):
+            value = getattr(sp, unit)
+            if sp.HasField(unit) and not math.isfinite(value):
+                # No charger can be told it (OCPP's JSON has no NaN or infinity): not a value.
+                raise ValueError(
+                    f"decision {record.decision_id!r}: setpoint for {sp.charger_id!r}: {unit} "
+                    f"is {value!r}, not a finite number"
+                )
         sp.decision_id = record.decision_id
         if not sp.HasField("decided_at"):
             sp.decided_at.CopyFrom(record.decided_at)
+        for name in ("decided_at", "valid_until"):
+            if sp.HasField(name):
+                problem = _time_problem(getattr(sp, name))
+                if problem is not None:
+                    raise ValueError(
+                        f"decision {record.decision_id!r}: setpoint for {sp.charger_id!r}: "
+                        f"{name} {problem}"
+                    )
         if not sp.reason and sp.charger_id not in explained:
             raise ValueError(
                 f"decision {record.decision_id!r}: setpoint for {sp.charger_id!r} has no reason "
