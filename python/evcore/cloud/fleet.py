@@ -76,6 +76,9 @@ RESEND_UNSTORED_S = 30.0
 #: its acknowledgement says the edge applied (and stored) a signal.
 EDGE_GRID_DURABLE = "edge-grid"
 _ID_MAX = 200
+#: An issuer is a name ("DSO Nord"): one the bus could never carry in a signal (above the broker's
+#: max_payload) was stored as a revision and then failed to publish on every round.
+_ISSUER_MAX = 200
 #: Shares are whole watts: a difference below this is no change.
 _KW_EPS = 1e-6
 
@@ -592,15 +595,28 @@ _Signals = list[FleetSiteSignal]
 
 
 # -- the book -------------------------------------------------------------------------------------
-def validate_request(req: FleetCurtailment, *, now_s: float) -> None:
-    """``FleetInputError`` naming the field for a request that cannot be split."""
-    fid = req.fleet_curtailment_id
+def check_fleet_curtailment_id(fid: str) -> None:
+    """``FleetInputError`` for an id no fleet curtailment can have (Curtail refuses it, so
+    Resplit and Cancel do too: PostgreSQL cannot even look up text holding a NUL)."""
     if not fid:
         raise FleetInputError("fleet_curtailment_id: is required")
     if len(fid) > _ID_MAX or any(not ch.isprintable() for ch in fid):
         raise FleetInputError(
             f"fleet_curtailment_id: must be printable and at most {_ID_MAX} characters"
         )
+
+
+def check_site_ids(site_ids: Sequence[str]) -> None:
+    """``FleetInputError`` naming the first site id that no site can have: one holding a NUL,
+    which PostgreSQL cannot look up (it was INTERNAL there, a plain unknown site on SQLite)."""
+    for i, sid in enumerate(site_ids):
+        if "\x00" in sid:
+            raise FleetInputError(f"site_ids[{i}]: a site id cannot hold a NUL character")
+
+
+def validate_request(req: FleetCurtailment, *, now_s: float) -> None:
+    """``FleetInputError`` naming the field for a request that cannot be split."""
+    check_fleet_curtailment_id(req.fleet_curtailment_id)
     if not req.site_ids:
         raise FleetInputError("site_ids: name at least one site")
     seen: set[str] = set()
@@ -610,6 +626,9 @@ def validate_request(req: FleetCurtailment, *, now_s: float) -> None:
         if sid in seen:
             raise FleetInputError(f"site_ids[{i}]: site {sid!r} is named twice")
         seen.add(sid)
+    check_site_ids(req.site_ids)
+    if len(req.issuer) > _ISSUER_MAX or any(not ch.isprintable() for ch in req.issuer):
+        raise FleetInputError(f"issuer: must be printable and at most {_ISSUER_MAX} characters")
     if not math.isfinite(req.max_kw) or req.max_kw < 0:
         raise FleetInputError(f"max_kw: must be a finite number >= 0, got {req.max_kw!r}")
     if not req.HasField("start"):
@@ -1127,7 +1146,9 @@ class FleetCoordinator:
     async def site_statuses(self, site_ids: Sequence[str] = ()) -> ListSitesResponse:
         """What the cloud holds of each site (``site_ids``, or every site it holds anything of)
         and its share of every active (not cancelled, not ended) fleet curtailment.
-        ``FleetNotFound`` naming the sites asked for that the cloud holds nothing of."""
+        ``FleetNotFound`` naming the sites asked for that the cloud holds nothing of,
+        ``FleetInputError`` for a site id no site can have."""
+        check_site_ids(site_ids)
         now = self._clock.now()
         held = await self._store.site_activity(site_ids)
         unknown = [sid for sid in dict.fromkeys(site_ids) if sid not in held]
@@ -1223,8 +1244,7 @@ class FleetCoordinator:
         return await self._store.fleet_curtailments(include_cancelled=include_cancelled)
 
     async def _held(self, fleet_curtailment_id: str) -> FleetCurtailmentResult:
-        if not fleet_curtailment_id:
-            raise FleetInputError("fleet_curtailment_id: is required")
+        check_fleet_curtailment_id(fleet_curtailment_id)
         held = await self._store.fleet_curtailment(fleet_curtailment_id)
         if held is None:
             raise FleetNotFound(f"no fleet curtailment {fleet_curtailment_id!r}")

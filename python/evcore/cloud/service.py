@@ -33,7 +33,7 @@ from evcore.cloud.fleet_service import FLEET_SERVICE_NAME, FleetApiService
 from evcore.cloud.retention import run_retention
 from evcore.cloud.sitebuses import SiteBuses
 from evcore.cloud.store import CloudStore
-from evcore.cloud.topology import check_plausible, site_from_topology
+from evcore.cloud.topology import check_plausible, check_storable, site_from_topology
 from evcore.errors import SiteConfigError
 from evcore.metrics.cloud import CloudMetrics
 from evcore.metrics.server import MetricsServer
@@ -235,6 +235,7 @@ class CloudApiService(pb_grpc.CloudApiServicer):
         site = caller_site()
         try:
             # Off the event loop: a large site takes the core a while to validate.
+            check_storable(request)
             await asyncio.to_thread(lambda: check_plausible(site_from_topology(request)))
         except SiteConfigError as exc:
             node = str(getattr(exc, "node", "") or "")

@@ -716,6 +716,11 @@ def _put_one(tx: Tx, site_id: str, record: AuditRecord, now_s: float) -> bool:
         if not value.isascii():
             # Hashes are hex digests; this one could not even be hashed over.
             raise AuditRefused(seq, f"{name} is not ASCII (a hex digest is expected)")
+    for name, value in (("decision_id", record.decision_id), ("prev_hash", record.prev_hash)):
+        if "\x00" in value:
+            # Kept in a text column: PostgreSQL refused it (INTERNAL, retried for ever), SQLite
+            # took it. Refused alike on both.
+            raise AuditRefused(seq, f"{name} holds a NUL character, which the store cannot keep")
     computed = record_hash(record)
     if record.hash != computed:
         raise AuditRefused(

@@ -25,7 +25,13 @@ from evcore.v1.topology_pb2 import (
     Wiring,
 )
 
-__all__ = ["check_plausible", "site_from_topology", "site_tables", "topology_from_site"]
+__all__ = [
+    "check_plausible",
+    "check_storable",
+    "site_from_topology",
+    "site_tables",
+    "topology_from_site",
+]
 
 _NODE_KINDS = {
     NodeKind.NODE_KIND_GRID: "grid",
@@ -165,6 +171,14 @@ def check_plausible(site: Site) -> None:
             if (getattr(c, key) or 0.0) > MAX_POWER_KW * 1000.0:
                 watts = (0.0, MAX_POWER_KW * 1000.0)
                 raise _error(c.id, key, _beyond(getattr(c, key), "W", watts))
+
+
+def check_storable(topology: SiteTopology) -> None:
+    """``SiteConfigError`` for text of ``topology`` the cloud store keeps in a column of its own
+    and cannot hold: ``config_version`` with a NUL character (PostgreSQL refused it, INTERNAL;
+    SQLite took it). Everything else is kept in the message's bytes."""
+    if "\x00" in topology.config_version:
+        raise _error("site", "config_version", "holds a NUL character, which the store cannot keep")
 
 
 def _beyond(value: float | None, unit: str, bounds: tuple[float, float]) -> str:
