@@ -50,6 +50,13 @@ PUBLISHED_MARK_EVERY = 32
 COMPRESS_ABOVE_BYTES = 256 * 1024
 #: Back-off between attempts to publish a record the bus refused (doubling up to the last).
 REPUBLISH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+#: Sealed records kept in memory for the bus, at most (serialised bytes; at least one record).
+#: Past it the log keeps no copy: the publisher reads them back from the store, in seq order, a
+#: batch at a time. A bus that refuses for days (a full outbox disk) must not grow the edge's
+#: memory until it dies, nor a restart after such an outage read the whole backlog at once.
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
+#: Records read back from the store at a time for the bus.
+REFILL_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -310,6 +317,7 @@ class AuditLog:
         bus: Any | None = None,
         site_id: str = "",
         edge_id: str = "edge",
+        max_queued_bytes: int | None = None,
     ) -> None:
         if bus is not None and not site_id:
             raise ValueError("AuditLog: site_id is required to publish on the bus")
@@ -318,6 +326,7 @@ class AuditLog:
         self._bus = bus
         self._site_id = site_id
         self._edge_id = edge_id
+        self._max_queued_bytes = MAX_QUEUED_BYTES if max_queued_bytes is None else max_queued_bytes
         self._lock = asyncio.Lock()
         self._head_seq = -1
         self._head_hash = ""
@@ -330,13 +339,24 @@ class AuditLog:
         #: the cloud by its gRPC upload; see docs/audit.md).
         self.too_large_for_bus: list[int] = []
         # Sealed records waiting for the bus, oldest first, and the one task that publishes them.
+        # When ``_backlog_from`` is set, the records from that seq up to the head wait too, in
+        # the store only (they follow every record in ``_outgoing``).
         self._outgoing: collections.deque[AuditRecord] = collections.deque()
+        self._queued_bytes = 0
+        self._backlog_from: int | None = None
         self._publisher: asyncio.Task[None] | None = None
 
     @property
     def head_seq(self) -> int:
         """Seq of the last durable record (-1 when the chain is empty)."""
         return self._head_seq
+
+    @property
+    def publish_backlog(self) -> int:
+        """Records durable in the store and not yet taken by the bus (0 without a bus)."""
+        if self._bus is None:
+            return 0
+        return max(0, self._head_seq - self._published_seq)
 
     async def open(self) -> None:
         """Load the chain head; republish records the bus may not have accepted before a crash.
@@ -353,10 +373,13 @@ class AuditLog:
             return
         mark = await self._store.get_meta(PUBLISHED_MARK)
         self._published_seq = self._mark_written = int(mark) if mark else -1
-        pending = await self._store.audit_records(after_seq=self._published_seq)
-        if pending:
-            log.info("audit: republishing %d record(s) the bus had not accepted", len(pending))
-            self._outgoing.extend(pending)
+        if self._head_seq > self._published_seq:
+            log.info(
+                "audit: republishing %d record(s) the bus had not accepted",
+                self._head_seq - self._published_seq,
+            )
+            # Read back from the store by the publisher, a batch at a time.
+            self._backlog_from = self._published_seq + 1
             self._start_publisher()
 
     async def flush(self) -> None:
@@ -373,7 +396,7 @@ class AuditLog:
             log.warning(
                 "audit: bus did not take %d record(s) within %.0f s; they are republished on "
                 "the next start",
-                len(self._outgoing) + 1,
+                self.publish_backlog,
                 flush_timeout_s,
             )
             if self._publisher is not None:
@@ -406,19 +429,58 @@ class AuditLog:
                 # gives up after audit_timeout_s) committed after all: reload once and retry.
                 before = self._head_seq
                 await self._load_head()
-                if self._bus is not None and self._head_seq > before:
-                    # Records this log did not see commit were never queued for the bus; queue
-                    # them now (a repeat of another writer's is dropped by its event id).
-                    missed = await self._store.audit_records(after_seq=before)
-                    self._outgoing.extend(r for r in missed if r.seq <= self._head_seq)
+                if self._bus is not None and self._head_seq > before and self._backlog_from is None:
+                    # Records this log did not see commit were never queued for the bus: the
+                    # publisher reads them from the store after what is queued (a repeat of
+                    # another writer's is dropped by its event id).
+                    self._backlog_from = before + 1
                 sealed = seal(record, seq=self._head_seq + 1, prev_hash=self._head_hash)
                 await self._store.append_audit(sealed)
             self._head_seq = sealed.seq
             self._head_hash = sealed.hash
             if self._bus is not None:
-                self._outgoing.append(sealed)
+                self._queue(sealed)
                 self._start_publisher()
         return sealed
+
+    def _queue(self, record: AuditRecord) -> None:
+        """Keep a just-appended record for the bus, unless the memory budget is spent: it is then
+        read back from the store in its turn."""
+        if self._backlog_from is not None:
+            return  # records before it wait in the store: so does this one, after them
+        size = record.ByteSize()
+        if self._outgoing and self._queued_bytes + size > self._max_queued_bytes:
+            self._backlog_from = record.seq
+            return
+        self._outgoing.append(record)
+        self._queued_bytes += size
+
+    async def _refill(self) -> None:
+        """Read the next batch of the backlog from the store into the (empty) queue."""
+        start = self._backlog_from
+        assert start is not None
+        records = await self._store.audit_records(after_seq=start - 1, limit=REFILL_BATCH)
+        # No await from here on: an append cannot slip in between the read and the switch (one
+        # that committed but has not yet moved the head is queued by itself, so it is left out).
+        taken: list[AuditRecord] = []
+        for r in records:
+            if not start <= r.seq <= self._head_seq:
+                continue
+            size = r.ByteSize()
+            if taken and self._queued_bytes + size > self._max_queued_bytes:
+                break  # read again in the next batch
+            taken.append(r)
+            self._outgoing.append(r)
+            self._queued_bytes += size
+        following = taken[-1].seq + 1 if taken else self._head_seq + 1
+        first = taken[0].seq if taken else following
+        if first != start:
+            log.error(
+                "audit: records seq %d..%d are missing from the store; they cannot be published",
+                start,
+                first - 1,
+            )
+        self._backlog_from = None if following > self._head_seq else following
 
     def _start_publisher(self) -> None:
         if self._publisher is None or self._publisher.done():
@@ -428,7 +490,15 @@ class AuditLog:
 
     async def _publish_pending(self) -> None:
         failures = 0
-        while self._outgoing:
+        while self._outgoing or self._backlog_from is not None:
+            if not self._outgoing:
+                try:
+                    await self._refill()
+                except Exception:  # the store: tried again after a back-off
+                    failures += 1
+                    log.exception("audit: reading records for the bus from the store failed")
+                    await asyncio.sleep(_backoff_s(failures))
+                continue
             record = self._outgoing[0]
             if not await self._publish(record):
                 # Retried in order (the mark moves only over a gap-free prefix), after a
@@ -440,6 +510,7 @@ class AuditLog:
             failures = 0
             if self._outgoing and self._outgoing[0] is record:
                 self._outgoing.popleft()
+                self._queued_bytes -= record.ByteSize()
             try:
                 await self._write_mark(force=False)
             except Exception:  # the mark only saves republishing; it is retried with the next
