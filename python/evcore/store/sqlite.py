@@ -43,11 +43,15 @@ class SqliteBackend(Backend):
     def connect(self) -> None:
         if self._conn is not None:
             return
-        if self._must_exist and not self.path.exists():
-            raise StoreUnavailable(
-                f"no embedded store at {self.path.parent} ({self.path.name} missing)"
-            )
+        # An OSError too (the directory's parent a file, a read-only directory, no permission):
+        # the store cannot be opened, and the message names the file (an OSError's repr, all
+        # the edge's start-up said, named none).
+        conn: sqlite3.Connection | None = None
         try:
+            if self._must_exist and not self.path.exists():
+                raise StoreUnavailable(
+                    f"no embedded store at {self.path.parent} ({self.path.name} missing)"
+                )
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=30.0
@@ -57,7 +61,11 @@ class SqliteBackend(Backend):
                 raise StoreUnavailable(f"{self.path}: could not switch to WAL (got {mode!r})")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA busy_timeout=30000")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError, StoreUnavailable) as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, StoreUnavailable):
+                raise
             raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._conn = conn
 
