@@ -213,3 +213,27 @@ async def test_a_record_no_broker_can_take_does_not_hold_back_the_rest(tmp_path:
     finally:
         await store.close()
         server.kill()
+
+
+async def test_a_record_too_large_only_uncompressed_reaches_a_small_broker_compressed(
+    tmp_path: Path,
+) -> None:
+    """Review 2027-01: records up to 256 KiB went uncompressed, so a broker with a smaller
+    max_payload (64 KiB here) refused a 1000-charger decision of some 100 KB that compresses to a
+    few KB; the log called it "too large for the bus even compressed" (it never was compressed)
+    and it never reached the bus. Now a record the broker refuses as it is goes compressed."""
+    server = NatsServer(tmp_path / "js", max_payload=64 * 1024)
+    server.start()
+    site = f"audit-small-{uuid.uuid4().hex[:8]}"
+    store: SqlStore = open_store({"path": str(tmp_path / "store")}, tmp_path)
+    await store.open()
+    try:
+        decisions = [decision(0), big_decision(1, 1_000), decision(2)]
+        log, appended, got = await _audit_on_bus(server.url, site, store, tmp_path, decisions)
+        assert 64 * 1024 < appended[1].ByteSize() < 256 * 1024
+        assert log.too_large_for_bus == [] and log.publish_failures == 0
+        assert got == appended  # every record, in order, the big one equal field for field
+        assert await store.get_meta("audit.published_seq") == str(appended[-1].seq)
+    finally:
+        await store.close()
+        server.kill()

@@ -516,43 +516,57 @@ class AuditLog:
             except Exception:  # the mark only saves republishing; it is retried with the next
                 log.exception("audit: writing the publish mark failed")
 
-    async def _publish(self, record: AuditRecord) -> bool:
-        """Hand one record to the bus; False when the bus refused it for now (to be retried)."""
-        assert self._bus is not None
-        from evcore.bus.api import PayloadTooLarge
-        from evcore.bus.subjects import Subjects
-
+    async def _event(self, record: AuditRecord, *, compress: bool) -> Event:
+        """The bus event carrying ``record``: as it is, or zlib-compressed (``audit_zlib``)."""
         event = Event(
             event_id=f"audit-{record.hash}",
             site_id=self._site_id,
             source=f"edge:{record.edge_id or self._edge_id}",
         )
         event.time.CopyFrom(record.decided_at)
-        if record.ByteSize() > COMPRESS_ABOVE_BYTES:
+        if compress:
             data = record.SerializeToString()
             event.audit_zlib = await asyncio.to_thread(zlib.compress, data, 1)
         else:
             event.audit.CopyFrom(record)
-        try:
-            await self._bus.publish(
-                Subjects(self._site_id).audit, event, event_id=event.event_id, critical=True
-            )
-        except PayloadTooLarge as exc:
-            # No retry can succeed: the broker's max_payload is below even the compressed
-            # record. Holding it would hold every later record off the bus for good.
-            self.too_large_for_bus.append(record.seq)
-            log.error(
-                "audit: record seq %d (%d setpoints) is too large for the bus even compressed "
-                "(%s); it is kept in the store and goes to the cloud by its upload only. Raise "
-                "the NATS server's max_payload (docs/bus.md) to carry such records on the bus",
-                record.seq,
-                len(record.setpoints),
-                exc,
-            )
-        except Exception:  # the record is durable; retried after a back-off, in order
-            self.publish_failures += 1
-            log.exception("audit: publishing seq %d failed; it is retried", record.seq)
-            return False
+        return event
+
+    async def _publish(self, record: AuditRecord) -> bool:
+        """Hand one record to the bus; False when the bus refused it for now (to be retried)."""
+        assert self._bus is not None
+        from evcore.bus.api import PayloadTooLarge
+        from evcore.bus.subjects import Subjects
+
+        subject = Subjects(self._site_id).audit
+        compress = record.ByteSize() > COMPRESS_ABOVE_BYTES
+        while True:
+            event = await self._event(record, compress=compress)
+            try:
+                await self._bus.publish(subject, event, event_id=event.event_id, critical=True)
+                break
+            except PayloadTooLarge as exc:
+                if not compress:
+                    # A broker with a max_payload below COMPRESS_ABOVE_BYTES: the same record
+                    # compressed (same event id) is a fraction of it.
+                    compress = True
+                    continue
+                # No retry can succeed: the broker's max_payload is below even the compressed
+                # record. Holding it would hold every later record off the bus for good.
+                self.too_large_for_bus.append(record.seq)
+                log.error(
+                    "audit: record seq %d (%d setpoints) is too large for the bus even "
+                    "compressed (%s); it is kept in the store and goes to the cloud by its upload "
+                    "only. Raise the NATS server's max_payload (docs/bus.md) to carry such "
+                    "records on the bus",
+                    record.seq,
+                    len(record.setpoints),
+                    exc,
+                )
+                break
+            except Exception:  # the record is durable; retried after a back-off, in order
+                self.publish_failures += 1
+                log.exception("audit: publishing seq %d failed; it is retried", record.seq)
+                return False
         self._published_seq = max(self._published_seq, record.seq)
         return True
 
