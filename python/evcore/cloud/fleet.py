@@ -30,6 +30,7 @@ from evcore.bus.subjects import Subjects
 from evcore.clock import Clock
 from evcore.cloud.store import CloudStore, FleetRevisionConflict, FleetSiteSignal
 from evcore.cloud.topology import site_from_topology
+from evcore.errors import SiteConfigError
 from evcore.site import Site
 from evcore.store.base import StoreUnavailable
 from evcore.store.sql import ts_s
@@ -942,8 +943,9 @@ class FleetCoordinator:
                             self._store, sid, now_s=now, demand_window_s=self._demand_window_s
                         )
                     )
-                except ValueError as exc:
-                    # FleetInputError, or a figure the site sent that cannot be used.
+                except (FleetInputError, SiteConfigError) as exc:
+                    # Its own refusal, or a stored topology the core refuses now. Only these: a
+                    # ValueError from a bug here was answered as the operator's bad input.
                     raise FleetInputError(f"site_ids[{i}]: {exc}") from None
             split_at = issue_time(now, previous)
             split, counted = await self._split(req, inputs, at_s=ts_s(split_at))

@@ -2,10 +2,14 @@
 cloud process beside ``CloudApi``: thin handlers over :class:`evcore.cloud.fleet.FleetCoordinator`.
 
 Auth (an operator certificate with the method's role) runs in the interceptor before any handler
-(evcore.cloud.auth). Errors become status codes naming the field: bad input (and any other
-ValueError, e.g. a site's figures that cannot be split) INVALID_ARGUMENT, an
-unknown id NOT_FOUND, floors above a ``require_feasible`` limit FAILED_PRECONDITION, a concurrent
-split of the same id ABORTED, an unreachable database UNAVAILABLE.
+(evcore.cloud.auth). Only the coordinator's deliberate refusals are the caller's mistake, each
+naming the field or id: ``FleetInputError`` (bad input, a site's figures that cannot be split)
+INVALID_ARGUMENT, ``FleetNotFound`` (an unknown id or site) NOT_FOUND, ``FleetInfeasible``
+(floors above a ``require_feasible`` limit) FAILED_PRECONDITION, ``FleetRevisionConflict`` (a
+concurrent split of the same id) ABORTED. Anything else goes to
+:func:`evcore.cloud.status.abort_for`: an unreachable database UNAVAILABLE naming the store, any
+other error (a plain ``ValueError`` or ``KeyError`` included) a bug, INTERNAL with its traceback
+logged.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import grpc
 
 from evcore.cloud.auth import caller_operator
 from evcore.cloud.fleet import FleetCoordinator, FleetInfeasible, FleetInputError, FleetNotFound
+from evcore.cloud.status import abort_for
 from evcore.cloud.store import FleetRevisionConflict
-from evcore.store.base import StoreUnavailable
 from evcore.v1 import fleet_api_pb2 as fpb
 from evcore.v1 import fleet_api_pb2_grpc as fpb_grpc
 
@@ -50,14 +54,8 @@ def _codes(
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except FleetRevisionConflict as exc:
             await context.abort(grpc.StatusCode.ABORTED, f"{exc}; try again")
-        except StoreUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
-        except ValueError as exc:
-            # A figure no FleetInputError check caught (every one names its site or field).
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:
-            log.exception("fleet: %s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {exc!r}")
+            await abort_for(context, method.__name__, exc, log)
         raise AssertionError("unreachable: abort raises")
 
     return run

@@ -32,12 +32,12 @@ from evcore.cloud.fleet import BusGridPublisher, FleetCoordinator, GridPublisher
 from evcore.cloud.fleet_service import FLEET_SERVICE_NAME, FleetApiService
 from evcore.cloud.retention import run_retention
 from evcore.cloud.sitebuses import SiteBuses
+from evcore.cloud.status import abort_for
 from evcore.cloud.store import CloudStore
 from evcore.cloud.topology import check_plausible, check_storable, site_from_topology
 from evcore.errors import SiteConfigError
 from evcore.metrics.cloud import CloudMetrics
 from evcore.metrics.server import MetricsServer
-from evcore.store.base import StoreUnavailable
 from evcore.v1 import cloud_api_pb2 as pb
 from evcore.v1 import cloud_api_pb2_grpc as pb_grpc
 from evcore.v1 import fleet_api_pb2_grpc as fpb_grpc
@@ -68,8 +68,10 @@ Item = TypeVar("Item")
 def _guarded(
     method: Callable[[Any, Req, Any], Awaitable[Res]],
 ) -> Callable[[Any, Req, Any], Awaitable[Res]]:
-    """Store errors become status codes: bad input INVALID_ARGUMENT, an unreachable database
-    UNAVAILABLE (the edge retries; uploads are idempotent), anything else INTERNAL, logged."""
+    """A handler whose refusals of input are its own aborts (a refused record, batch or
+    topology; no plan): any error it raises is an unreachable database (UNAVAILABLE naming the
+    store: the edge retries, uploads are idempotent) or a bug (INTERNAL, logged with its
+    traceback), never the caller's bad input (:func:`evcore.cloud.status.abort_for`)."""
 
     @functools.wraps(method)
     async def run(self: Any, request: Req, context: Any) -> Res:
@@ -77,15 +79,8 @@ def _guarded(
             return await method(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except StoreUnavailable as exc:
-            log.warning("cloud: %s: store unavailable: %s", method.__name__, exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:
-            log.exception("cloud: %s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {exc!r}")
-        raise AssertionError("unreachable: abort raises")
+            await abort_for(context, method.__name__, exc, log)
 
     return run
 
