@@ -3,27 +3,44 @@ and a real PostgreSQL.
 
 ``StoreUnavailable`` is what the API answers UNAVAILABLE (clients retry); anything else reaches the
 caller as a bug (INTERNAL, with its traceback). Review of the API's error mapping: an embedded
-store whose directory could not be made raised a raw OSError.
+store whose directory could not be made raised a raw OSError; PostgreSQL errors that say the
+server cannot serve now were not all StoreUnavailable (a server turned read-only by a failover, a
+session timeout) while some that say the statement is wrong were (a program limit), and SQLite
+took its own syntax errors for an outage; a connection left inside a transaction took the next
+writes into it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from bus_testkit import free_port
+from conftest import PG_DSN
 from edge_testkit import spawn_edge
 from evcore.edge.sitegen import depot_table, to_toml
 from evcore.store import (
+    SessionRecord,
+    SqlStore,
     StoreUnavailable,
     open_store,
 )
+from evcore.store.postgres import PostgresBackend
+from psycopg import errors as pgerr
+from psycopg import sql as pgsql
+
+T0 = 1_767_225_600.0
+
 
 # -- 1. an embedded store whose directory cannot be made --------------------------------------
 
@@ -89,3 +106,188 @@ async def test_the_edge_names_the_store_it_cannot_open(tmp_path: Path) -> None:
     assert proc.returncode == 1, text[-2000:]
     assert "could not start: StoreUnavailable" in text, text[-2000:]
     assert f"cannot open SQLite store {tmp_path / 'var' / 'store' / 'records.sqlite'}" in text
+
+
+# -- 2. which driver errors are an outage, which a bug; a broken connection is reopened --------
+
+
+def _pg_store(schema: str, tmp_path: Path, **section: object) -> SqlStore:
+    return open_store({"kind": "postgres", "dsn": PG_DSN, "schema": schema, **section}, tmp_path)
+
+
+def _records_conn(store: SqlStore) -> psycopg.Connection[Any]:
+    """The records backend's connection (idle between calls): to break it as a server would."""
+    conn = store._records._conn  # type: ignore[attr-defined]
+    assert isinstance(conn, psycopg.Connection)
+    return conn
+
+
+def _sessions_in(schema: str) -> list[str]:
+    """Session ids committed in ``schema``, seen from another connection."""
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        rows = conn.execute(
+            pgsql.SQL("SELECT session_id FROM {}.sessions ORDER BY session_id").format(
+                pgsql.Identifier(schema)
+            )
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+UNAVAILABLE = [
+    pgerr.AdminShutdown("terminating connection due to administrator command"),
+    pgerr.CrashShutdown("terminating connection because of crash of another server process"),
+    pgerr.CannotConnectNow("the database system is starting up"),
+    pgerr.QueryCanceled("canceling statement due to statement timeout"),
+    pgerr.DiskFull("could not extend file: No space left on device"),
+    pgerr.TooManyConnections("sorry, too many clients already"),
+    pgerr.IoError("could not read block 0"),
+    pgerr.DeadlockDetected("deadlock detected"),
+    pgerr.SerializationFailure("could not serialize access"),
+    pgerr.LockNotAvailable("canceling statement due to lock timeout"),
+    pgerr.ReadOnlySqlTransaction("cannot execute INSERT in a read-only transaction"),
+    pgerr.IdleInTransactionSessionTimeout("terminating connection due to idle-in-transaction"),
+    psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly"),
+]
+BUGS = [
+    pgerr.SyntaxError('syntax error at or near "SELEC"'),
+    pgerr.UndefinedTable('relation "sessionz" does not exist'),
+    pgerr.UndefinedColumn('column "x" does not exist'),
+    pgerr.ProgramLimitExceeded("target lists can have at most 1664 entries"),
+    pgerr.NumericValueOutOfRange("integer out of range"),
+    pgerr.NotNullViolation('null value in column "charger_id"'),
+    pgerr.DataCorrupted("invalid page in block 7"),
+    psycopg.InterfaceError("the cursor is closed"),
+]
+
+
+def test_postgres_driver_errors_are_an_outage_or_a_bug_by_what_they_say(pg_schema: str) -> None:
+    """An outage (the server cannot serve now) is StoreUnavailable naming the schema, and the
+    connection is dropped (the next call reconnects); a bug stays itself, the connection kept.
+    Before: a server turned read-only (failover) and an idle-in-transaction timeout were raw
+    InternalErrors, a program limit (a bug) StoreUnavailable."""
+    backend = PostgresBackend(
+        PG_DSN, pg_schema, relaxed_commit=False, connect_timeout_s=2, name="records"
+    )
+    try:
+        for exc in UNAVAILABLE:
+            backend.connect()
+            mapped = backend.on_error(exc)
+            assert isinstance(mapped, StoreUnavailable), (exc, mapped)
+            assert f"PostgreSQL store (schema {pg_schema!r}): {exc}" in str(mapped)
+            assert backend._conn is None, exc  # reopened by the next call
+        backend.connect()
+        conn = backend._conn
+        for exc in BUGS:
+            assert backend.on_error(exc) is exc
+            assert backend._conn is conn, exc  # a bug's connection is fine
+        # Any error on a connection that is closed or broken after it is the connection's.
+        conn.close()
+        lost = psycopg.InterfaceError("cannot execute operations: the connection is in status 1")
+        assert isinstance(backend.on_error(lost), StoreUnavailable)
+        assert backend._conn is None
+    finally:
+        backend.close()
+
+
+async def test_a_server_turned_read_only_is_unavailable_and_the_next_call_reconnects(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    """The store's connection ends up on a standby (a failover; here its transactions made
+    read-only): a write is StoreUnavailable and the next call reconnects (a DSN listing the
+    hosts with target_session_attrs=read-write finds the new primary). Before: a raw
+    ReadOnlySqlTransaction, and on every later call for good (the connection was kept)."""
+    store = _pg_store(pg_schema, tmp_path)
+    await store.open()
+    try:
+        await store.upsert_session(SessionRecord("S1", "C1", T0))
+        _records_conn(store).execute("SET default_transaction_read_only = on")
+        with pytest.raises(StoreUnavailable, match=f"schema '{pg_schema}'.*read-only"):
+            await store.upsert_session(SessionRecord("S2", "C1", T0 + 1))
+        await store.upsert_session(SessionRecord("S2", "C1", T0 + 1))
+        assert _sessions_in(pg_schema) == ["S1", "S2"]
+    finally:
+        await store.close()
+
+
+async def test_a_connection_left_inside_a_transaction_is_reopened_not_written_into(
+    pg_schema: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the next write went into a savepoint of the transaction left open and returned
+    as committed; nobody committed it (lost when the connection closed)."""
+    store = _pg_store(pg_schema, tmp_path)
+    await store.open()
+    try:
+        _records_conn(store).execute("BEGIN")
+        with caplog.at_level(logging.WARNING, logger="evcore.store"):
+            await store.upsert_session(SessionRecord("S1", "C1", T0))
+        assert _sessions_in(pg_schema) == ["S1"]
+        assert "connection left INTRANS, not idle; reopened" in caplog.text
+    finally:
+        await store.close()
+
+
+async def test_a_syntax_error_stays_a_bug_and_the_store_goes_on(store: SqlStore) -> None:
+    """Before, on SQLite: StoreUnavailable (sqlite3 raises OperationalError for it too), which
+    the API answered UNAVAILABLE: clients retried a bug."""
+    with pytest.raises(Exception) as err:
+        await store._exec(store._records, lambda tx: tx.execute("SELEC 1"))
+    assert not isinstance(err.value, StoreUnavailable)
+    assert isinstance(err.value, sqlite3.OperationalError | pgerr.SyntaxError), repr(err.value)
+    await store.upsert_session(SessionRecord("S1", "C1", T0))
+    assert [s.session_id for s in await store.list_sessions()] == ["S1"]
+
+
+@contextlib.contextmanager
+def _table_locked(schema: str, table: str) -> Iterator[psycopg.Connection[Any]]:
+    """Another session holds ``table`` in ACCESS EXCLUSIVE mode (a migration, a VACUUM FULL):
+    every statement on it waits. Released on leaving."""
+    with psycopg.connect(PG_DSN) as conn:
+        conn.execute(
+            pgsql.SQL("LOCK TABLE {}.{} IN ACCESS EXCLUSIVE MODE").format(
+                pgsql.Identifier(schema), pgsql.Identifier(table)
+            )
+        )
+        try:
+            yield conn
+        finally:
+            conn.rollback()
+
+
+async def _wait_for_lock_waiter(schema: str) -> None:
+    app = f"evcore-store:{schema}:%"
+    for _ in range(200):
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            waiting = conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE %s"
+                " AND wait_event_type = 'Lock'",
+                (app,),
+            ).fetchone()
+        if waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the store's statement never waited for the lock")
+
+
+async def test_a_store_connection_terminated_mid_read_is_unavailable_then_reopened(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    """pg_terminate_backend (an administrator, a server shutting down) under a read: the read
+    is StoreUnavailable, the next one reconnects. (This one held before the review too.)"""
+    store = _pg_store(pg_schema, tmp_path)
+    await store.open()
+    try:
+        await store.upsert_session(SessionRecord("S1", "C1", T0))
+        with _table_locked(pg_schema, "sessions"):
+            read = asyncio.ensure_future(store.list_sessions())
+            await _wait_for_lock_waiter(pg_schema)
+            with psycopg.connect(PG_DSN, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = %s",
+                    (f"evcore-store:{pg_schema}:pg-records",),
+                )
+            with pytest.raises(StoreUnavailable, match="administrator command"):
+                await asyncio.wait_for(read, 10)
+        assert [s.session_id for s in await store.list_sessions()] == ["S1"]
+    finally:
+        await store.close()

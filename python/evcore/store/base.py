@@ -34,7 +34,9 @@ class StoreConfigError(StoreError, ValueError):
 
 
 class StoreUnavailable(StoreError):
-    """The database cannot be reached or opened."""
+    """The database cannot serve now: it cannot be reached or opened, is locked, full or
+    read-only; a later call may succeed. The message names the store. Any other error of a store
+    call is a bug (docs/store.md)."""
 
 
 class AuditChainConflict(StoreError):

@@ -3,9 +3,14 @@
 Two connections (records and telemetry), each owned by its worker thread. Record transactions commit
 with ``synchronous_commit = on`` (the server has flushed the WAL when a commit returns); telemetry
 transactions use ``SET LOCAL synchronous_commit = off``: a killed edge loses nothing committed, a
-crashed database server may lose the last fraction of a second of telemetry only. A broken
-connection is dropped and reopened on the next call; the failing call raises
-:class:`StoreUnavailable`.
+crashed database server may lose the last fraction of a second of telemetry only.
+
+A driver error that says the server cannot serve now (the connection lost or closed, the server
+shutting down, out of disk or connections, read-only after a failover, a deadlock, a timeout) is
+:class:`StoreUnavailable`, and the connection is dropped and reopened on the next call; one that
+says the statement is wrong (a syntax error, a missing table, bad data) stays what it is: a bug.
+A connection found in any state but idle is never reused (a write would go into a transaction
+nobody commits).
 """
 
 from __future__ import annotations
@@ -23,6 +28,49 @@ from evcore.store.migrations import POSTGRES, Migration
 from evcore.store.sql import Backend, SqlStore, Tx, qmark_to_format
 
 log = logging.getLogger("evcore.store")
+
+# SQLSTATE classes and codes that say the server cannot serve now, not that the statement is wrong
+# (https://www.postgresql.org/docs/current/errcodes-appendix.html). Everything else a statement
+# raises (42 syntax / undefined table, 22 data, 23 integrity, 54 program limit, XX internal) is a
+# bug, for the caller's traceback.
+_UNAVAILABLE_CLASSES = frozenset(
+    {
+        "08",  # connection exception
+        "53",  # insufficient resources: disk full, out of memory, too many connections
+        "57",  # operator intervention: admin/crash shutdown, cannot connect now, query canceled
+        "58",  # system error: I/O error
+    }
+)
+_UNAVAILABLE_CODES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "40003",  # statement_completion_unknown
+        "55P03",  # lock_not_available (lock_timeout)
+        "25006",  # read_only_sql_transaction: the server is a standby (after a failover)
+        "25P03",  # idle_in_transaction_session_timeout (the server closed the connection)
+        "25P04",  # transaction_timeout (likewise)
+    }
+)
+
+
+def is_unavailable(exc: psycopg.Error) -> bool:
+    """``exc`` says the server cannot serve now (retry later), not that the statement is wrong.
+    A client-side error without SQLSTATE is the connection's (lost, closed, reset)."""
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_CODES
+
+
+def usable(conn: psycopg.Connection[Any]) -> bool:
+    """Open, not broken, and idle: in any other state (inside a transaction nobody will commit,
+    a command still in progress) the next transaction must not run on it."""
+    return (
+        not conn.closed
+        and not conn.broken
+        and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    )
 
 
 class PostgresBackend(Backend):
@@ -44,9 +92,21 @@ class PostgresBackend(Backend):
         self._timeout_s = connect_timeout_s
         self._conn: psycopg.Connection[Any] | None = None
 
+    @property
+    def label(self) -> str:
+        return f"PostgreSQL store (schema {self._schema!r})"
+
     def connect(self) -> None:
-        if self._conn is not None and not self._conn.closed and not self._conn.broken:
-            return
+        conn = self._conn
+        if conn is not None:
+            if usable(conn):
+                return
+            if not conn.closed and not conn.broken:
+                log.warning(
+                    "store %s: connection left %s, not idle; reopened",
+                    self.name,
+                    conn.info.transaction_status.name,
+                )
         self.close()
         try:
             conn = psycopg.connect(
@@ -92,10 +152,10 @@ class PostgresBackend(Backend):
                 # idle timeout) shows up; nothing has run yet, so reconnecting once is safe.
                 stack.enter_context(conn.transaction())
                 break
-            except psycopg.OperationalError:
-                self.close()
-                if attempt == 2:
+            except psycopg.Error:
+                if usable(conn) or attempt == 2:
                     raise
+                self.close()
                 log.info("store %s: connection lost while idle; reconnected", self.name)
         assert conn is not None
         with stack, conn.cursor() as cur:
@@ -112,10 +172,13 @@ class PostgresBackend(Backend):
     def on_error(self, exc: BaseException) -> BaseException:
         if isinstance(exc, psycopg.errors.UniqueViolation):
             return AuditChainConflict(f"concurrent write lost a race: {exc}")
-        if isinstance(exc, psycopg.OperationalError):
-            self.close()
-            return StoreUnavailable(f"PostgreSQL store (schema {self._schema!r}): {exc}")
-        return exc
+        if not isinstance(exc, psycopg.Error):
+            return exc
+        lost = self._conn is not None and not usable(self._conn)
+        if not (lost or is_unavailable(exc)):
+            return exc  # a bug: the connection is fine, the statement is not
+        self.close()
+        return StoreUnavailable(f"{self.label}: {exc}")
 
 
 def postgres_store(

@@ -163,6 +163,11 @@ class Backend(abc.ABC):
         self.name = name
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcore-store-{name}")
 
+    @property
+    def label(self) -> str:
+        """The store as error messages name it (``SQLite store /var/…/records.sqlite``)."""
+        return f"store {self.name}"
+
     @abc.abstractmethod
     def connect(self) -> None:
         """Open the connection if it is not open (called in the worker thread)."""

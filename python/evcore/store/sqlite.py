@@ -6,6 +6,10 @@ neither a killed process nor a power cut loses it. ``telemetry.sqlite`` holds me
 status history with ``synchronous=NORMAL``: a killed process loses nothing committed, a power cut
 may lose the last few transactions (WAL: never corruption). Separate files also keep a telemetry
 burst from delaying an audit commit.
+
+An error SQLite reports as the file's or the system's (locked, busy, I/O, full, read-only, cannot
+open) is :class:`StoreUnavailable` naming the file; one in the statement (``SQLITE_ERROR``: a
+syntax error, a missing table) stays a bug.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class SqliteBackend(Backend):
         self._synchronous = synchronous
         self._migrations = migrations
         self._conn: sqlite3.Connection | None = None
+
+    @property
+    def label(self) -> str:
+        return f"SQLite store {self.path}"
 
     def connect(self) -> None:
         if self._conn is not None:
@@ -103,9 +111,14 @@ class SqliteBackend(Backend):
         pass  # BEGIN IMMEDIATE already excludes other writers
 
     def on_error(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, sqlite3.OperationalError):
-            return StoreUnavailable(f"SQLite store {self.path}: {exc}")
-        return exc
+        if not isinstance(exc, sqlite3.OperationalError):
+            return exc
+        # SQLITE_ERROR is the statement's (syntax, no such table or column): a bug, not an
+        # outage a retry would outlast. (Python's own OperationalErrors carry no code.)
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF == sqlite3.SQLITE_ERROR:
+            return exc
+        return StoreUnavailable(f"{self.label}: {exc}")
 
 
 def sqlite_store(
