@@ -43,9 +43,21 @@ def parse_time(text: str, clock: Clock) -> float:
     except ValueError:
         seconds = None
     if seconds is not None:
-        return _finite(seconds, text)
+        _finite(seconds, text)
+        if not TIMESTAMP_MIN_S <= seconds <= TIMESTAMP_MAX_S + 1:
+            # No record lies there (the audit log refuses such times), so the answer would be a
+            # silent "no decisions": say that it looks like milliseconds instead.
+            hint = ""
+            if TIMESTAMP_MIN_S <= seconds / 1000 <= TIMESTAMP_MAX_S:
+                hint = f"; as milliseconds it is {_iso(seconds / 1000)}, give {seconds / 1000:.3f}"
+            raise ValueError(
+                f"time {text!r} as epoch seconds is outside years 1..9999 (milliseconds?){hint}"
+            )
+        return seconds
+    if t[-1:] in ("Z", "z"):  # RFC 3339 allows a lowercase z
+        t = t[:-1] + "+00:00"
     try:
-        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(t)
     except ValueError:
         raise ValueError(
             f"time {text!r} is not ISO 8601 (2026-01-01T08:00:00Z), epoch seconds or an age "
