@@ -125,3 +125,29 @@ async def test_a_restart_after_a_long_outage_reads_the_backlog_a_batch_at_a_time
     assert [e.audit for e in bus.published] == appended  # each once, in seq order
     assert bus.peak_bytes <= CAP_BYTES + appended[0].ByteSize()
     assert await store.get_meta("audit.published_seq") == "100"
+
+
+@pytest.mark.parametrize("mark", ["x", "", "99"], ids=["unreadable", "empty", "past-the-head"])
+async def test_a_publish_mark_that_cannot_be_right_does_not_stop_decisions(
+    store: SqlStore, mark: str
+) -> None:
+    """Review 2027-01: the mark only saves republishing, but an unreadable one ('x') made
+    ``open()`` — and so every ``append`` — raise ValueError: no decision could be recorded, so
+    none could leave. A mark past the head (a store restored without its records) left the
+    records below it unpublished after a crash. Now such a mark is logged and everything the
+    store holds is republished (consumers drop repeats by event id)."""
+    clock = ManualClock()
+    plain = AuditLog(store, clock=clock)
+    appended = []
+    for i in range(3):
+        clock.advance(5)
+        appended.append(await plain.append(big_decision(i)))
+    await store.set_meta("audit.published_seq", mark)
+    bus = RefusingBus()
+    bus.ok.set()
+    log = AuditLog(store, clock=clock, bus=bus, site_id="depot")
+    clock.advance(5)
+    appended.append(await log.append(big_decision(3)))
+    await asyncio.wait_for(log.close(), 60)
+    assert [e.audit for e in bus.published] == appended
+    assert await store.get_meta("audit.published_seq") == "3"

@@ -371,8 +371,7 @@ class AuditLog:
         self._opened = True
         if self._bus is None:
             return
-        mark = await self._store.get_meta(PUBLISHED_MARK)
-        self._published_seq = self._mark_written = int(mark) if mark else -1
+        self._published_seq = self._mark_written = await self._read_mark()
         if self._head_seq > self._published_seq:
             log.info(
                 "audit: republishing %d record(s) the bus had not accepted",
@@ -381,6 +380,30 @@ class AuditLog:
             # Read back from the store by the publisher, a batch at a time.
             self._backlog_from = self._published_seq + 1
             self._start_publisher()
+
+    async def _read_mark(self) -> int:
+        """The publish mark, or -1 (republish everything) when it cannot be right: it only saves
+        republishing, so a bad one must never stop a decision from being recorded."""
+        mark = await self._store.get_meta(PUBLISHED_MARK)
+        if not mark:
+            return -1
+        try:
+            seq = int(mark)
+        except ValueError:
+            log.error("audit: publish mark %r is not a seq; republishing every record", mark)
+            return -1
+        if seq > self._head_seq:
+            await self._load_head()  # another writer may have appended and published since
+        if seq > self._head_seq:
+            # Records below it may never have reached the bus (a store restored without them).
+            log.error(
+                "audit: publish mark %d is past the chain's head (seq %d); republishing every "
+                "record",
+                seq,
+                self._head_seq,
+            )
+            return -1
+        return seq
 
     async def flush(self) -> None:
         """Wait until every record appended so far was handed to the bus (or failed to be)."""
