@@ -1,5 +1,5 @@
 """When the store is unavailable (retry later) and when its failure is a bug, on real SQLite files
-and a real PostgreSQL.
+and a real PostgreSQL (cut, stalled or locked).
 
 ``StoreUnavailable`` is what the API answers UNAVAILABLE (clients retry); anything else reaches the
 caller as a bug (INTERNAL, with its traceback). Review of the API's error mapping: an embedded
@@ -7,7 +7,8 @@ store whose directory could not be made raised a raw OSError; PostgreSQL errors 
 server cannot serve now were not all StoreUnavailable (a server turned read-only by a failover, a
 session timeout) while some that say the statement is wrong were (a program limit), and SQLite
 took its own syntax errors for an outage; a connection left inside a transaction took the next
-writes into it.
+writes into it; a read had no bound (a locked table, a server that stops answering: until the
+client's deadline; SQLite: 30 s for any writer of the file).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import os
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from evcore.edge.sitegen import depot_table, to_toml
 from evcore.store import (
     SessionRecord,
     SqlStore,
+    StoreConfigError,
     StoreUnavailable,
     open_store,
 )
@@ -40,6 +43,10 @@ from psycopg import errors as pgerr
 from psycopg import sql as pgsql
 
 T0 = 1_767_225_600.0
+
+
+def _elapsed(t0: float) -> float:
+    return time.monotonic() - t0
 
 
 # -- 1. an embedded store whose directory cannot be made --------------------------------------
@@ -187,6 +194,7 @@ def test_postgres_driver_errors_are_an_outage_or_a_bug_by_what_they_say(pg_schem
         assert backend._conn is None
     finally:
         backend.close()
+        backend.release()
 
 
 async def test_a_server_turned_read_only_is_unavailable_and_the_next_call_reconnects(
@@ -289,5 +297,226 @@ async def test_a_store_connection_terminated_mid_read_is_unavailable_then_reopen
             with pytest.raises(StoreUnavailable, match="administrator command"):
                 await asyncio.wait_for(read, 10)
         assert [s.session_id for s in await store.list_sessions()] == ["S1"]
+    finally:
+        await store.close()
+
+
+# -- 3. a bounded wait for reads --------------------------------------------------------------
+
+
+def test_read_timeout_s_is_a_store_key() -> None:
+    from evcore.store import StoreConfig
+
+    assert StoreConfig.from_section(None).read_timeout_s == 10.0
+    assert StoreConfig.from_section({"read_timeout_s": 2}).read_timeout_s == 2.0
+    for bad in (0, -1, "5", float("inf"), True):
+        with pytest.raises(StoreConfigError, match="read_timeout_s"):
+            StoreConfig.from_section({"read_timeout_s": bad})
+
+
+async def test_a_postgres_read_waiting_for_a_lock_ends_at_read_timeout_s_writes_wait_on(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    """A table locked by another session: a read is StoreUnavailable after read_timeout_s
+    (the server's statement_timeout), naming the store and the key; a write keeps waiting and
+    lands once the lock is released (writes are not bounded: an audit record must not be lost to
+    a timeout). Before: the read waited for the lock however long it was held."""
+    store = _pg_store(pg_schema, tmp_path, read_timeout_s=0.5)
+    await store.open()
+    try:
+        await store.upsert_session(SessionRecord("S1", "C1", T0))
+        with _table_locked(pg_schema, "sessions"):
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable) as err:
+                await asyncio.wait_for(store.list_sessions(), 15)
+            assert 0.4 < _elapsed(t0) < 5.0
+            assert f"PostgreSQL store (schema {pg_schema!r})" in str(err.value)
+            assert "statement timeout" in str(err.value)
+            assert "read_timeout_s = 0.5" in str(err.value)
+            write = asyncio.ensure_future(store.upsert_session(SessionRecord("S2", "C1", T0 + 1)))
+            await asyncio.sleep(1.5)  # three times the read bound
+            assert not write.done()
+        await asyncio.wait_for(write, 10)
+        assert sorted(s.session_id for s in await store.list_sessions()) == ["S1", "S2"]
+    finally:
+        await store.close()
+
+
+class StallingRelay:
+    """A TCP relay to PostgreSQL whose ``stall()`` stops forwarding in both directions without
+    closing anything (a network path or a server that stops answering): bytes sent are held, new
+    connections are accepted but not connected. ``resume()`` forwards again."""
+
+    def __init__(self) -> None:
+        pg = psycopg.conninfo.conninfo_to_dict(PG_DSN)
+        self.host = str(pg.get("host") or "127.0.0.1")
+        self.port = int(pg.get("port") or 5432)
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
+    async def close(self) -> None:
+        self.flowing.set()
+        if self._server is not None:
+            self._server.close()
+        for w in self._writers:
+            w.transport.abort()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        await self.flowing.wait()
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.add(up_writer)
+        for pipe in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
+            task = asyncio.ensure_future(pipe)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[StallingRelay]:
+    r = StallingRelay()
+    yield r
+    await r.close()
+
+
+async def test_a_postgres_server_that_stops_answering_mid_read_is_unavailable_then_reopened(
+    relay: StallingRelay, pg_schema: str, tmp_path: Path
+) -> None:
+    """The path to the server stalls (nothing closed, nothing answered): the server's
+    statement_timeout never hears of the read, so the store drops the connection itself, about
+    read_timeout_s (+ half the grace) later; once the path is back the next read reconnects.
+    Before: the read waited for ever (until the client's deadline), and every later call of the
+    connection behind it."""
+    pg = psycopg.conninfo.conninfo_to_dict(PG_DSN)
+    pg.update(host="127.0.0.1", port=str(await relay.start()))
+    dsn = psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in pg.items()})
+    store = open_store(
+        {
+            "kind": "postgres",
+            "dsn": dsn,
+            "schema": pg_schema,
+            "read_timeout_s": 0.5,
+            "connect_timeout_s": 1,
+        },
+        tmp_path,
+    )
+    await store.open()
+    try:
+        await store.upsert_session(SessionRecord("S1", "C1", T0))
+        relay.stall()
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable) as err:
+            await asyncio.wait_for(store.list_sessions(), 15)
+        assert 0.9 < _elapsed(t0) < 5.0
+        assert f"PostgreSQL store (schema {pg_schema!r}): no answer to a read within 1 s" in str(
+            err.value
+        )
+        relay.resume()
+        assert [s.session_id for s in await store.list_sessions()] == ["S1"]
+    finally:
+        relay.resume()
+        await store.close()
+
+
+@contextlib.contextmanager
+def _sqlite_writer(directory: Path) -> Iterator[sqlite3.Connection]:
+    """Another process's writer on ``records.sqlite`` (a second program on the same store, an
+    operator's UPDATE): holds the write lock, uncommitted, until leaving (rolled back)."""
+    conn = sqlite3.connect(directory / "records.sqlite", isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("DELETE FROM sessions")
+    try:
+        yield conn
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+async def test_a_sqlite_read_does_not_wait_for_another_writer_of_the_file(tmp_path: Path) -> None:
+    """A read sees the last commit at once while another writer holds the file's write lock
+    (WAL: a deferred read takes no lock a writer holds). Before: every read began IMMEDIATE,
+    taking the write lock, so it waited for the other writer (up to the 30 s busy timeout, then
+    "database is locked")."""
+    store = open_store({"path": str(tmp_path / "store")}, tmp_path)
+    await store.open()
+    try:
+        await store.upsert_session(SessionRecord("S1", "C1", T0))
+        with _sqlite_writer(tmp_path / "store"):
+            t0 = time.monotonic()
+            got = await asyncio.wait_for(store.list_sessions(), 10)
+            assert _elapsed(t0) < 1.0
+            assert [s.session_id for s in got] == ["S1"]
+    finally:
+        await store.close()
+
+
+@contextlib.contextmanager
+def _write_locked(section: dict[str, object], tmp_path: Path) -> Iterator[None]:
+    """The sessions table's writes held up by another session: SQLite's write lock on the file,
+    PostgreSQL's lock on the table."""
+    if section["kind"] == "postgres":
+        with _table_locked(str(section["schema"]), "sessions"):
+            yield
+    else:
+        with _sqlite_writer(Path(str(section["path"]))):
+            yield
+
+
+async def test_a_read_queued_behind_a_waiting_write_is_unavailable_the_write_lands(
+    store_section: dict[str, object], tmp_path: Path
+) -> None:
+    """A write waits for another session's lock (unbounded on PostgreSQL, 30 s on SQLite: left
+    so); a read of the same store then waits behind it on the backend's one connection, and is
+    StoreUnavailable after read_timeout_s + 1 s; the write lands once the lock is released.
+    Before: the read waited as long as the write."""
+    section = {**store_section, "read_timeout_s": 0.5}
+    store = open_store(section, tmp_path)
+    await store.open()
+    try:
+        await store.upsert_session(SessionRecord("S1", "C1", T0))
+        with _write_locked(section, tmp_path):
+            write = asyncio.ensure_future(store.upsert_session(SessionRecord("S2", "C1", T0 + 1)))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable) as err:
+                await asyncio.wait_for(store.get_session("S1"), 15)
+            assert 1.4 < _elapsed(t0) < 5.0
+            assert "a read got no answer within 1.5 s ([store] read_timeout_s = 0.5" in str(
+                err.value
+            )
+            assert ("records.sqlite" if section["kind"] == "embedded" else "PostgreSQL") in str(
+                err.value
+            )
+            assert not write.done()
+        await asyncio.wait_for(write, 35)
+        assert sorted(s.session_id for s in await store.list_sessions()) == ["S1", "S2"]
     finally:
         await store.close()

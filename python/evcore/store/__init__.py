@@ -65,6 +65,7 @@ def open_store(
             cfg.schema,
             telemetry_retention_s=cfg.telemetry_retention_s,
             connect_timeout_s=cfg.connect_timeout_s,
+            read_timeout_s=cfg.read_timeout_s,
             must_exist=must_exist,
         )
     from evcore.store.sqlite import sqlite_store
@@ -73,7 +74,10 @@ def open_store(
     if not directory.is_absolute():
         directory = Path(base_dir) / directory
     return sqlite_store(
-        directory, telemetry_retention_s=cfg.telemetry_retention_s, must_exist=must_exist
+        directory,
+        telemetry_retention_s=cfg.telemetry_retention_s,
+        must_exist=must_exist,
+        read_timeout_s=cfg.read_timeout_s,
     )
 
 

@@ -35,8 +35,8 @@ class StoreConfigError(StoreError, ValueError):
 
 class StoreUnavailable(StoreError):
     """The database cannot serve now: it cannot be reached or opened, is locked, full or
-    read-only; a later call may succeed. The message names the store. Any other error of a store
-    call is a bug (docs/store.md)."""
+    read-only, or did not answer a read within ``read_timeout_s``; a later call may succeed. The
+    message names the store. Any other error of a store call is a bug (docs/store.md)."""
 
 
 class AuditChainConflict(StoreError):
@@ -344,13 +344,24 @@ class StoreConfig:
     schema: str = "evcore"
     telemetry_retention_s: float = 7 * 24 * 3600.0
     connect_timeout_s: float = 5.0
+    # The longest a read waits (a lock, a server that does not answer) before StoreUnavailable;
+    # writes are not bounded by it.
+    read_timeout_s: float = 10.0
 
     @staticmethod
     def from_section(section: Mapping[str, object] | None) -> StoreConfig:
         if section is not None and not isinstance(section, Mapping):
             raise StoreConfigError(f"[store]: expected a table, got {type(section).__name__}")
         s = dict(section or {})
-        known = {"kind", "path", "dsn", "schema", "telemetry_retention_s", "connect_timeout_s"}
+        known = {
+            "kind",
+            "path",
+            "dsn",
+            "schema",
+            "telemetry_retention_s",
+            "connect_timeout_s",
+            "read_timeout_s",
+        }
         unknown = sorted(set(s) - known)
         if unknown:
             raise StoreConfigError(
@@ -374,6 +385,7 @@ class StoreConfig:
             )
         retention = _positive(s, "telemetry_retention_s", 7 * 24 * 3600.0)
         timeout = _positive(s, "connect_timeout_s", 5.0)
+        read_timeout = _positive(s, "read_timeout_s", 10.0)
         return StoreConfig(
             kind=str(kind),
             path=path,
@@ -381,6 +393,7 @@ class StoreConfig:
             schema=schema,
             telemetry_retention_s=retention,
             connect_timeout_s=timeout,
+            read_timeout_s=read_timeout,
         )
 
 

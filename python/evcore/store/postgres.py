@@ -10,13 +10,18 @@ shutting down, out of disk or connections, read-only after a failover, a deadloc
 :class:`StoreUnavailable`, and the connection is dropped and reopened on the next call; one that
 says the statement is wrong (a syntax error, a missing table, bad data) stays what it is: a bug.
 A connection found in any state but idle is never reused (a write would go into a transaction
-nobody commits).
+nobody commits). Reads are bounded by ``read_timeout_s``: the server's ``statement_timeout``, and
+a watchdog that drops the connection when the server does not answer at all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,7 +30,7 @@ from psycopg import sql as pgsql
 
 from evcore.store.base import AuditChainConflict, StoreUnavailable
 from evcore.store.migrations import POSTGRES, Migration
-from evcore.store.sql import Backend, SqlStore, Tx, qmark_to_format
+from evcore.store.sql import READ_GRACE_S, Backend, SqlStore, Tx, qmark_to_format
 
 log = logging.getLogger("evcore.store")
 
@@ -73,6 +78,90 @@ def usable(conn: psycopg.Connection[Any]) -> bool:
     )
 
 
+class ReadWatch:
+    """Drops the connection under a read the server does not answer.
+
+    A server that stops answering mid-query (a network path that stalls without a reset, a frozen
+    server) leaves the worker thread blocked in the driver, where ``statement_timeout`` (the
+    server's) cannot end it: every later call would queue behind it. From a thread of its own,
+    the watch shuts the connection's socket down once a read outlives ``bound_s``; the driver then
+    fails the read (the connection broken), and the next call reconnects. Only the socket
+    descriptor is touched from that thread (libpq's objects are the worker's), and the worker
+    detaches it before closing the connection, so the number is never one reused by another
+    socket."""
+
+    def __init__(self, name: str, bound_s: float) -> None:
+        self.name = name
+        self.bound_s = bound_s
+        self._cond = threading.Condition()
+        self._fd: int | None = None
+        self._deadline: float | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.fired = False
+
+    def attach(self, fd: int | None) -> None:
+        with self._cond:
+            self._fd = fd
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        with self._cond:
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"evcore-store-{self.name}-watch", daemon=True
+                )
+                self._thread.start()
+            self.fired = False
+            self._deadline = time.monotonic() + self.bound_s
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._deadline = None
+
+    def take_fired(self) -> bool:
+        """Whether the watch dropped the connection since the last read began (and forget it)."""
+        with self._cond:
+            fired, self.fired = self.fired, False
+        return fired
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._deadline = None
+                if self._fd is None:
+                    continue
+                self.fired = True
+                try:
+                    with socket.socket(fileno=os.dup(self._fd)) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+                except OSError as exc:
+                    log.warning("store %s: could not drop a silent connection: %s", self.name, exc)
+                    continue
+                log.warning(
+                    "store %s: no answer to a read within %g s; connection dropped",
+                    self.name,
+                    self.bound_s,
+                )
+
+
 class PostgresBackend(Backend):
     def __init__(
         self,
@@ -83,14 +172,21 @@ class PostgresBackend(Backend):
         connect_timeout_s: float,
         name: str,
         must_exist: bool = False,
+        read_timeout_s: float | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, read_timeout_s=read_timeout_s)
         self._must_exist = must_exist
         self._dsn = dsn
         self._schema = schema
         self._relaxed = relaxed_commit
         self._timeout_s = connect_timeout_s
         self._conn: psycopg.Connection[Any] | None = None
+        # The server's own cancel (statement_timeout) gets the first half of the grace.
+        self._watch = (
+            None if read_timeout_s is None else ReadWatch(name, read_timeout_s + READ_GRACE_S / 2)
+        )
+        # Whether the last transaction was a bounded read (for the message of its failure).
+        self._bounded_read = False
 
     @property
     def label(self) -> str:
@@ -133,35 +229,61 @@ class PostgresBackend(Backend):
                 f"cannot connect to PostgreSQL store (schema {self._schema!r}): {exc}"
             ) from exc
         self._conn = conn
+        if self._watch is not None:
+            self._watch.attach(conn.pgconn.socket)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.attach(None)  # before the descriptor is closed (and its number reused)
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
 
+    def release(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Tx]:
-        stack = contextlib.ExitStack()
-        for attempt in (1, 2):
-            self.connect()
-            conn = self._conn
+    def transaction(self, *, read_only: bool = False) -> Iterator[Tx]:
+        bounded = read_only and self._watch is not None
+        self._bounded_read = bounded
+        watch = (
+            self._watch.watching()
+            if bounded and self._watch is not None
+            else contextlib.nullcontext()
+        )
+        with watch:
+            stack = contextlib.ExitStack()
+            for attempt in (1, 2):
+                self.connect()
+                conn = self._conn
+                assert conn is not None
+                try:
+                    # BEGIN is where a connection the server dropped while idle (restart,
+                    # failover, idle timeout) shows up; nothing has run yet, so reconnecting
+                    # once is safe.
+                    stack.enter_context(conn.transaction())
+                    break
+                except psycopg.Error:
+                    if usable(conn) or attempt == 2 or (bounded and self._watch_fired()):
+                        raise
+                    self.close()
+                    log.info("store %s: connection lost while idle; reconnected", self.name)
             assert conn is not None
-            try:
-                # BEGIN is where a connection the server dropped while idle (restart, failover,
-                # idle timeout) shows up; nothing has run yet, so reconnecting once is safe.
-                stack.enter_context(conn.transaction())
-                break
-            except psycopg.Error:
-                if usable(conn) or attempt == 2:
-                    raise
-                self.close()
-                log.info("store %s: connection lost while idle; reconnected", self.name)
-        assert conn is not None
-        with stack, conn.cursor() as cur:
-            if self._relaxed:
-                cur.execute("SET LOCAL synchronous_commit TO off")
-            yield Tx(cur, qmark_to_format, copy=True)
+            with stack, conn.cursor() as cur:
+                if bounded:
+                    assert self.read_timeout_s is not None
+                    # Server side: a read waiting for a lock or running long is cancelled
+                    # (QueryCanceled), the connection kept.
+                    ms = max(1, round(self.read_timeout_s * 1000))
+                    cur.execute(f"SET LOCAL statement_timeout = {ms}")
+                if self._relaxed and not read_only:
+                    cur.execute("SET LOCAL synchronous_commit TO off")
+                yield Tx(cur, qmark_to_format, copy=True)
+
+    def _watch_fired(self) -> bool:
+        return self._watch is not None and self._watch.fired
 
     def migrations(self) -> Sequence[Migration]:
         return POSTGRES
@@ -174,11 +296,21 @@ class PostgresBackend(Backend):
             return AuditChainConflict(f"concurrent write lost a race: {exc}")
         if not isinstance(exc, psycopg.Error):
             return exc
+        fired = self._watch is not None and self._watch.take_fired()
         lost = self._conn is not None and not usable(self._conn)
-        if not (lost or is_unavailable(exc)):
+        if not (fired or lost or is_unavailable(exc)):
             return exc  # a bug: the connection is fine, the statement is not
         self.close()
-        return StoreUnavailable(f"{self.label}: {exc}")
+        why = str(exc)
+        if fired:
+            assert self._watch is not None
+            why = (
+                f"no answer to a read within {self._watch.bound_s:g} s ([store] read_timeout_s ="
+                f" {self.read_timeout_s:g}); connection dropped ({exc})"
+            )
+        elif isinstance(exc, psycopg.errors.QueryCanceled) and self._bounded_read:
+            why = f"{exc} (a read waits at most [store] read_timeout_s = {self.read_timeout_s:g} s)"
+        return StoreUnavailable(f"{self.label}: {why}")
 
 
 def postgres_store(
@@ -187,6 +319,7 @@ def postgres_store(
     *,
     telemetry_retention_s: float,
     connect_timeout_s: float = 5.0,
+    read_timeout_s: float | None = None,
     must_exist: bool = False,
 ) -> SqlStore:
     records = PostgresBackend(
@@ -196,6 +329,7 @@ def postgres_store(
         connect_timeout_s=connect_timeout_s,
         name="pg-records",
         must_exist=must_exist,
+        read_timeout_s=read_timeout_s,
     )
     telemetry = PostgresBackend(
         dsn,
@@ -204,6 +338,7 @@ def postgres_store(
         connect_timeout_s=connect_timeout_s,
         name="pg-telemetry",
         must_exist=must_exist,
+        read_timeout_s=read_timeout_s,
     )
     safe = psycopg.conninfo.conninfo_to_dict(dsn)
     where = f"{safe.get('host', '')}:{safe.get('port', 5432)}/{safe.get('dbname', '')}"

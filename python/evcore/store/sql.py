@@ -29,6 +29,7 @@ from evcore.store.base import (
     SetpointRecord,
     StoredAuditRow,
     StoreError,
+    StoreUnavailable,
     TransactionRecord,
 )
 from evcore.store.migrations import Migration, statements
@@ -43,6 +44,12 @@ log = logging.getLogger("evcore.store")
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
+#: How much longer than ``read_timeout_s`` a caller waits for a read at most: time for the
+#: backend's own bound to end it with a precise message (a PostgreSQL server's statement timeout,
+#: then the connection dropped when the server does not answer at all); past it the caller gets
+#: :class:`StoreUnavailable` even while the worker thread is still held (by a write waiting for a
+#: lock, or I/O that hangs).
+READ_GRACE_S = 1.0
 # Bound parameters per multi-row INSERT (SQLite allows 32766, PostgreSQL 65535).
 INSERT_CHUNK_PARAMS = 3000
 
@@ -157,10 +164,16 @@ class Tx:
 
 
 class Backend(abc.ABC):
-    """One database connection, its thread, and how to open a transaction on it."""
+    """One database connection, its thread, and how to open a transaction on it.
 
-    def __init__(self, name: str) -> None:
+    ``read_timeout_s`` (None: unbounded) bounds a read (``transaction(read_only=True)``): the
+    backend makes its own wait end about then, and :meth:`BackendStore._read` stops waiting
+    ``READ_GRACE_S`` later whatever the worker thread is doing. Writes are never bounded here: an
+    audit record's writer has its own budget and journal (``evcore.edge.recording``)."""
+
+    def __init__(self, name: str, *, read_timeout_s: float | None = None) -> None:
         self.name = name
+        self.read_timeout_s = read_timeout_s
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcore-store-{name}")
 
     @property
@@ -175,8 +188,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def release(self) -> None:  # noqa: B027 (optional hook; most backends run nothing beside)
+        """After the last ``close``: stop what the backend runs beside its worker thread."""
+
     @abc.abstractmethod
-    def transaction(self) -> contextlib.AbstractContextManager[Tx]: ...
+    def transaction(self, *, read_only: bool = False) -> contextlib.AbstractContextManager[Tx]:
+        """One transaction; ``read_only`` promises the body only reads (it may then wait less
+        for locks, and at most ``read_timeout_s`` when set)."""
 
     @abc.abstractmethod
     def migrations(self) -> Sequence[Migration]: ...
@@ -421,6 +439,7 @@ class BackendStore:
                 await loop.run_in_executor(b.executor, b.close)
             finally:
                 b.executor.shutdown(wait=True)
+                b.release()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -434,12 +453,33 @@ class BackendStore:
             await self.open()
         return await self._exec(b, fn)
 
-    async def _exec(self, b: Backend, fn: Callable[[Tx], T]) -> T:
+    async def _read(self, b: Backend, fn: Callable[[Tx], T]) -> T:
+        """``_run`` for ``fn`` that only reads: with ``b.read_timeout_s`` set, the caller waits at
+        most that plus ``READ_GRACE_S``, then gets :class:`StoreUnavailable` naming the store (a
+        read still queued behind an earlier call is then dropped, one under way runs on)."""
+        if not self._opened:
+            await self.open()
+        limit_s = b.read_timeout_s
+        if limit_s is None:
+            return await self._exec(b, fn, read_only=True)
+        wait_s = limit_s + READ_GRACE_S
+        try:
+            async with asyncio.timeout(wait_s) as bound:
+                return await self._exec(b, fn, read_only=True)
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise StoreUnavailable(
+                f"{b.label}: a read got no answer within {wait_s:g} s ([store] read_timeout_s ="
+                f" {limit_s:g}; the connection may be held by an earlier call)"
+            ) from None
+
+    async def _exec(self, b: Backend, fn: Callable[[Tx], T], *, read_only: bool = False) -> T:
         """``fn`` in one transaction of ``b`` on its worker thread (the store need not be open)."""
 
         def in_tx() -> T:
             b.connect()
-            with b.transaction() as tx:
+            with b.transaction(read_only=read_only) as tx:
                 return fn(tx)
 
         return await asyncio.get_running_loop().run_in_executor(b.executor, guarded(b, in_tx))
@@ -514,7 +554,7 @@ class SqlStore(BackendStore):
             )
             return None if row is None else _session(row)
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def list_open_sessions(self, charger_id: str | None = None) -> list[SessionRecord]:
         def op(tx: Tx) -> list[SessionRecord]:
@@ -525,7 +565,7 @@ class SqlStore(BackendStore):
                 params = (charger_id,)
             return [_session(r) for r in tx.all(sql + " ORDER BY started_at_s, session_id", params)]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def list_sessions(
         self, *, since_s: float | None = None, limit: int | None = None
@@ -542,7 +582,7 @@ class SqlStore(BackendStore):
                 params.append(int(limit))
             return [_session(r) for r in tx.all(sql, params)]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     # -- transactions ---------------------------------------------------------------------------
     async def record_transaction(self, tx_event: TransactionEvent) -> bool:
@@ -636,7 +676,7 @@ class SqlStore(BackendStore):
             )
             return None if row is None else _transaction(row)
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def list_open_transactions(self) -> list[TransactionRecord]:
         def op(tx: Tx) -> list[TransactionRecord]:
@@ -646,7 +686,7 @@ class SqlStore(BackendStore):
             )
             return [_transaction(r) for r in rows]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def transaction_events(
         self, charger_id: str, transaction_id: str
@@ -659,7 +699,7 @@ class SqlStore(BackendStore):
             )
             return [parse_message(TransactionEvent, r[0]) for r in rows]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     # -- setpoints ------------------------------------------------------------------------------
     async def record_setpoint_sent(self, setpoint: Setpoint, sent_at_s: float) -> None:
@@ -740,7 +780,7 @@ class SqlStore(BackendStore):
             )
             return None if row is None else _setpoint(row)
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def last_setpoints(self) -> dict[str, SetpointRecord]:
         def op(tx: Tx) -> dict[str, SetpointRecord]:
@@ -750,7 +790,7 @@ class SqlStore(BackendStore):
             )
             return {r[4]: _setpoint(r) for r in rows}
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     # -- telemetry ------------------------------------------------------------------------------
     async def append_meter_samples(self, samples: Iterable[MeterSample]) -> int:
@@ -831,7 +871,7 @@ class SqlStore(BackendStore):
         def op(tx: Tx) -> list[MeterSample]:
             return [parse_message(MeterSample, r[0]) for r in tx.all(sql, params)]
 
-        return await self._run(self._telemetry, op)
+        return await self._read(self._telemetry, op)
 
     async def status_history(
         self, charger_id: str, *, since_s: float | None = None, until_s: float | None = None
@@ -843,14 +883,14 @@ class SqlStore(BackendStore):
         def op(tx: Tx) -> list[ChargerStatus]:
             return [parse_message(ChargerStatus, r[0]) for r in tx.all(sql, params)]
 
-        return await self._run(self._telemetry, op)
+        return await self._read(self._telemetry, op)
 
     async def latest_statuses(self) -> dict[str, ChargerStatus]:
         def op(tx: Tx) -> dict[str, ChargerStatus]:
             rows = tx.all("SELECT charger_id, payload FROM status_latest ORDER BY charger_id")
             return {r[0]: parse_message(ChargerStatus, r[1]) for r in rows}
 
-        return await self._run(self._telemetry, op)
+        return await self._read(self._telemetry, op)
 
     async def purge_telemetry(self, older_than_s: float) -> int:
         cutoff = float(older_than_s)
@@ -922,7 +962,7 @@ class SqlStore(BackendStore):
         def op(tx: Tx) -> list[StationEvent]:
             return [parse_message(StationEvent, r[0]) for r in tx.all(sql, params)]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     # -- audit ----------------------------------------------------------------------------------
     async def append_audit(self, record: AuditRecord) -> None:
@@ -981,7 +1021,7 @@ class SqlStore(BackendStore):
             row = tx.one("SELECT seq, hash FROM audit_head WHERE id = 1")
             return None if row is None else AuditHead(seq=int(row[0]), hash=str(row[1]))
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def audit_records(
         self,
@@ -1011,7 +1051,7 @@ class SqlStore(BackendStore):
         def op(tx: Tx) -> list[AuditRecord]:
             return [parse_message(AuditRecord, r[0]) for r in tx.all(sql, params)]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def audit_rows(self, *, after_seq: int = -1, limit: int = 1000) -> list[StoredAuditRow]:
         def op(tx: Tx) -> list[StoredAuditRow]:
@@ -1025,7 +1065,7 @@ class SqlStore(BackendStore):
                 for r in rows
             ]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def audit_charger_index(self, *, after_seq: int, upto_seq: int) -> dict[int, list[str]]:
         def op(tx: Tx) -> dict[int, list[str]]:
@@ -1039,7 +1079,7 @@ class SqlStore(BackendStore):
                 out.setdefault(int(seq), []).append(str(charger_id))
             return out
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     # -- meta -----------------------------------------------------------------------------------
     async def get_meta(self, key: str) -> str | None:
@@ -1047,7 +1087,7 @@ class SqlStore(BackendStore):
             row = tx.one("SELECT value FROM meta WHERE key = ?", (key,))
             return None if row is None else str(row[0])
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def set_meta(self, key: str, value: str) -> None:
         def op(tx: Tx) -> None:
@@ -1082,7 +1122,7 @@ class SqlStore(BackendStore):
             )
             return row is not None
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def purge_processed(self, older_than_s: float) -> int:
         def op(tx: Tx) -> int:

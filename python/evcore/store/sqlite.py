@@ -7,9 +7,12 @@ status history with ``synchronous=NORMAL``: a killed process loses nothing commi
 may lose the last few transactions (WAL: never corruption). Separate files also keep a telemetry
 burst from delaying an audit commit.
 
-An error SQLite reports as the file's or the system's (locked, busy, I/O, full, read-only, cannot
-open) is :class:`StoreUnavailable` naming the file; one in the statement (``SQLITE_ERROR``: a
-syntax error, a missing table) stays a bug.
+A write begins ``IMMEDIATE`` (the write lock up front) and waits up to ``WRITE_BUSY_TIMEOUT_S`` for
+another process's writer; a read begins deferred, which in WAL mode takes no lock a writer holds
+(it reads the last commit), and waits for a lock at most ``read_timeout_s``. An error SQLite
+reports as the file's or the system's (locked, busy, I/O, full, read-only, cannot open) is
+:class:`StoreUnavailable` naming the file; one in the statement (``SQLITE_ERROR``: a syntax error,
+a missing table) stays a bug.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from evcore.store.sql import Backend, SqlStore, Tx, identity
 
 RECORDS_FILE = "records.sqlite"
 TELEMETRY_FILE = "telemetry.sqlite"
+#: How long a write waits for another process's write lock (an audit append never gives up early
+#: here: its writer bounds its own wait and journals the record).
+WRITE_BUSY_TIMEOUT_S = 30.0
 
 
 class SqliteBackend(Backend):
@@ -36,13 +42,16 @@ class SqliteBackend(Backend):
         migrations: Sequence[Migration],
         name: str,
         must_exist: bool = False,
+        read_timeout_s: float | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, read_timeout_s=read_timeout_s)
         self._must_exist = must_exist
         self.path = path
         self._synchronous = synchronous
         self._migrations = migrations
         self._conn: sqlite3.Connection | None = None
+        self._busy_ms = 0  # the connection's busy timeout
+        self._bounded_read = False  # the last transaction was a read with read_timeout_s
 
     @property
     def label(self) -> str:
@@ -62,13 +71,15 @@ class SqliteBackend(Backend):
                 )
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=WRITE_BUSY_TIMEOUT_S,
             )
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreUnavailable(f"{self.path}: could not switch to WAL (got {mode!r})")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute("PRAGMA busy_timeout=30000")
         except (sqlite3.Error, OSError, StoreUnavailable) as exc:
             if conn is not None:
                 conn.close()
@@ -76,21 +87,35 @@ class SqliteBackend(Backend):
                 raise
             raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._conn = conn
+        self._busy_ms = round(WRITE_BUSY_TIMEOUT_S * 1000)
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
+    def _wait_for_locks(self, conn: sqlite3.Connection, seconds: float) -> None:
+        ms = max(1, round(seconds * 1000))
+        if ms != self._busy_ms:
+            conn.execute(f"PRAGMA busy_timeout={ms}")
+            self._busy_ms = ms
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def transaction(self, *, read_only: bool = False) -> Iterator[Tx]:
         self.connect()
         conn = self._conn
         assert conn is not None
+        self._bounded_read = read_only and self.read_timeout_s is not None
+        if self._bounded_read:
+            assert self.read_timeout_s is not None
+            self._wait_for_locks(conn, self.read_timeout_s)
+        else:
+            self._wait_for_locks(conn, WRITE_BUSY_TIMEOUT_S)
         cur = conn.cursor()
-        # IMMEDIATE takes the write lock up front: a read-then-write (the audit head check) cannot
-        # be overtaken by another writer process.
-        cur.execute("BEGIN IMMEDIATE")
+        # A write takes the write lock up front (IMMEDIATE): a read-then-write (the audit head
+        # check) cannot be overtaken by another writer process. A read begins deferred: in WAL
+        # mode it then neither waits for another process's writer nor holds one up.
+        cur.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
         try:
             yield Tx(cur, identity)
         except BaseException:
@@ -118,11 +143,18 @@ class SqliteBackend(Backend):
         code = getattr(exc, "sqlite_errorcode", None)
         if code is not None and code & 0xFF == sqlite3.SQLITE_ERROR:
             return exc
-        return StoreUnavailable(f"{self.label}: {exc}")
+        note = ""
+        if self._bounded_read and code is not None and code & 0xFF == sqlite3.SQLITE_BUSY:
+            note = f" (a read waits at most [store] read_timeout_s = {self.read_timeout_s:g} s)"
+        return StoreUnavailable(f"{self.label}: {exc}{note}")
 
 
 def sqlite_store(
-    directory: Path, *, telemetry_retention_s: float, must_exist: bool = False
+    directory: Path,
+    *,
+    telemetry_retention_s: float,
+    must_exist: bool = False,
+    read_timeout_s: float | None = None,
 ) -> SqlStore:
     """The embedded store in ``directory``; ``must_exist`` refuses to create a new one (for tools
     that only read, so a mistyped path is an error rather than an empty store)."""
@@ -133,6 +165,7 @@ def sqlite_store(
         migrations=SQLITE_RECORDS,
         name="records",
         must_exist=must_exist,
+        read_timeout_s=read_timeout_s,
     )
     telemetry = SqliteBackend(
         directory / TELEMETRY_FILE,
@@ -140,6 +173,7 @@ def sqlite_store(
         migrations=SQLITE_TELEMETRY,
         name="telemetry",
         must_exist=must_exist,
+        read_timeout_s=read_timeout_s,
     )
     return SqlStore(
         records,
