@@ -28,6 +28,7 @@ from evcore.api.convert import timestamp
 from evcore.bus.api import Bus, BusError
 from evcore.bus.subjects import Subjects
 from evcore.clock import Clock
+from evcore.cloud.sitebuses import OUTBOX_FAILURES, SiteBusUnavailable, outbox_of
 from evcore.cloud.store import CloudStore, FleetRevisionConflict, FleetSiteSignal
 from evcore.cloud.topology import site_from_topology
 from evcore.errors import SiteConfigError
@@ -345,30 +346,40 @@ class GridPublisher(Protocol):
 
 class BusGridPublisher:
     """Publishes on each site's own bus, as ``open_bus`` gives it (``SiteBuses.get``: started,
-    opened once per site, closed by its owner)."""
+    opened once per site, closed by its owner; ``SiteBusUnavailable`` when it cannot be
+    started). A bus whose outbox cannot take a signal is ``SiteBusUnavailable`` naming the site
+    and the outbox (an outage: UNAVAILABLE over gRPC, not a bug)."""
 
     def __init__(self, open_bus: Callable[[str], Awaitable[Bus]]) -> None:
         self._bus = open_bus
 
     async def publish_grid(self, site_id: str, signal: GridSignal, *, event_id: str) -> None:
         bus = await self._bus(site_id)
-        # Critical: durable in the outbox on return, sent in order, never dropped.
-        await bus.publish(Subjects(site_id).grid, signal, event_id=event_id, critical=True)
+        try:
+            # Critical: durable in the outbox on return, sent in order, never dropped.
+            await bus.publish(Subjects(site_id).grid, signal, event_id=event_id, critical=True)
+        except OUTBOX_FAILURES as exc:
+            raise SiteBusUnavailable(
+                f"bus of site {site_id!r} unavailable: {outbox_of(bus)} cannot take the signal: "
+                f"{exc}"
+            ) from exc
 
     async def taken(self, site_id: str, event_id: str) -> bool:
-        bus = await self._bus(site_id)
         try:
+            bus = await self._bus(site_id)
             state = await bus.ack_state(Subjects(site_id).grid, event_id, durable=EDGE_GRID_DURABLE)
-        except BusError as exc:
+        except (BusError, SiteBusUnavailable) as exc:
+            # A bus that cannot be started raised here, so ListSites and a Curtail or Resplit
+            # naming the site failed as a whole (INTERNAL) instead of not knowing.
             log.debug("fleet: cannot tell whether %s took %s: %s", site_id, event_id, exc)
             return False
         return state.acknowledged
 
     async def stored(self, site_id: str, event_id: str) -> bool:
-        bus = await self._bus(site_id)
         try:
+            bus = await self._bus(site_id)
             state = await bus.ack_state(Subjects(site_id).grid, event_id, durable=EDGE_GRID_DURABLE)
-        except BusError:
+        except (BusError, SiteBusUnavailable):
             return True
         return state.stored
 
@@ -1015,7 +1026,7 @@ class FleetCoordinator:
                     result.revision,
                     result.detail,
                 )
-            progress = await self.advance(result)
+            progress = await self._advance_stored(result)
             if await self._not_asked(fid, asked):
                 # Signals sent since the bus was asked (another split in between): not asked
                 # under the lock; the republish task asks at once (an edge's take never unsets,
@@ -1122,7 +1133,7 @@ class FleetCoordinator:
                 if await self._store.fleet_published_revision(fleet_curtailment_id) < int(
                     held.revision
                 ):
-                    await self.advance(result)
+                    await self._advance_stored(result)
                 else:
                     # Cancelling again: the same cancels once more (a site that missed them).
                     for sh in [*result.shares, *result.dropped_shares]:
@@ -1141,7 +1152,7 @@ class FleetCoordinator:
                     del result.dropped_shares[:]
                 await self._store.put_fleet_curtailment(result, now_s=self._clock.now())
                 # The end of the limit: every cancel goes out at once.
-                await self.advance(result)
+                await self._advance_stored(result)
             log.info("fleet: %s cancelled at %d site(s)", fleet_curtailment_id, len(result.shares))
             return result
 
@@ -1421,6 +1432,17 @@ class FleetCoordinator:
             self._interims_out = {k for k in self._interims_out if k[0] != fid or k[2] > rev}
             progress.done = True
         return progress
+
+    async def _advance_stored(self, result: FleetCurtailmentResult) -> Progress:
+        """:meth:`advance` for a revision just stored by a call: a site's bus that cannot take
+        its signal says so with what the caller needs to know, that the revision stands."""
+        try:
+            return await self.advance(result)
+        except SiteBusUnavailable as exc:
+            raise SiteBusUnavailable(
+                f"{exc}; revision {result.revision} of {result.curtailment.fleet_curtailment_id!r}"
+                " is stored, and what did not go out is sent when the bus takes it"
+            ) from exc
 
     async def _send_interims(
         self, result: FleetCurtailmentResult, interims: Sequence[tuple[SiteShare, float]]

@@ -11,6 +11,8 @@ site besides. Here every site's bus is opened once, all over one NATS connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,24 @@ from evcore.clock import Clock
 if TYPE_CHECKING:
     from evcore.bus.api import Bus
     from evcore.bus.natsbus import NatsConnection
+
+
+#: What a site's bus raises when its outbox (one SQLite file per site) cannot be opened or
+#: written: a path that cannot be opened or created, a full disk, an I/O error, a lock held too
+#: long. An outage of that site's bus, not a bug.
+OUTBOX_FAILURES: tuple[type[Exception], ...] = (OSError, sqlite3.OperationalError)
+
+
+class SiteBusUnavailable(Exception):
+    """A site's bus cannot take a message now (its outbox cannot be opened or written); the
+    message names the site and the outbox. Over gRPC: UNAVAILABLE (evcore.cloud.status)."""
+
+
+def outbox_of(bus: object) -> str:
+    """``"outbox <path>"`` of a bus with an outbox file, else ``"its bus"``."""
+    outbox = getattr(bus, "outbox", None)
+    path = getattr(outbox, "path", None)
+    return f"outbox {path}" if path is not None else "its bus"
 
 
 class SiteBuses:
@@ -42,6 +62,8 @@ class SiteBuses:
             self._shared = Shared(cfg)
 
     async def get(self, site_id: str) -> Bus:
+        """The site's started bus; ``SiteBusUnavailable`` when it cannot be started (its outbox
+        cannot be opened)."""
         bus = self._buses.get(site_id)
         if bus is not None:
             return bus
@@ -51,7 +73,18 @@ class SiteBuses:
                 from evcore.bus import bus_from_config
 
                 bus = bus_from_config(self._section, site_id, self._clock, connection=self._shared)
-                await bus.start()
+                try:
+                    await bus.start()
+                except OUTBOX_FAILURES as exc:
+                    # Tried again on the next call; the outbox's worker thread goes now.
+                    outbox = getattr(bus, "outbox", None)
+                    if outbox is not None:
+                        with contextlib.suppress(Exception):
+                            await outbox.close()
+                    raise SiteBusUnavailable(
+                        f"bus of site {site_id!r} unavailable: {outbox_of(bus)} cannot be "
+                        f"opened: {exc}"
+                    ) from exc
                 self._buses[site_id] = bus
             return bus
 
