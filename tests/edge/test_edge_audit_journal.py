@@ -436,3 +436,33 @@ async def test_a_decisions_last_setpoints_are_stored_in_one_batch(store: Any) ->
     last = await store.last_setpoints()
     assert sorted(last) == sorted(f"C{i}" for i in range(50))
     assert {r.setpoint.decision_id for r in last.values()} == {recorder._ids[0]}
+
+
+async def test_a_restart_that_repeats_a_decision_number_and_time_does_not_wedge_the_journal(
+    store: Any, tmp_path: Path
+) -> None:
+    """Two runs of the edge on one store and journal each make decision 1 at the same instant (a
+    restart whose clock is back at a time already used: a clock stepped back, the twin's virtual
+    clock over a store kept between runs). Both are chained, nothing stays in the journal, and a
+    later decision goes straight to the store. Before, the ids were equal: the store refused the
+    second, the recorder took that for an outage and journaled it, the replay failed the same way
+    for ever and every later decision queued in the journal behind it."""
+    journal = tmp_path / "journal"
+    at = WallClock().now()
+    runs = []
+    for new_a in (16.0, 10.0):
+        recorder = AuditRecorder(
+            AuditLog(store, clock=WallClock()), store, journal_path=journal, store_backoff_s=0.0
+        )
+        await recorder.replay_journal(timeout_s=5.0)
+        await recorder.append(decision(1, at, new_a=new_a))
+        await recorder.drain()
+        runs.append(recorder)
+    last = runs[-1]
+    await last.append(decision(2, at + 1.0))
+    assert last.journal_pending == 0 and last.journaled == 0
+    assert journal_ids(journal) == []
+    ids = await chain_ids(store)
+    assert ids == [runs[0]._ids[1], runs[1]._ids[1], last._ids[2]], ids
+    report = await verify_chain(store)
+    assert report.ok, report.problems

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +256,12 @@ class AuditRecorder:
         self.audit_log = audit_log
         self.store = store
         self.edge_id = edge_id
+        # This run's tag in its decision ids: the decision number starts again at 1 with every
+        # start, so a restart whose clock comes back to a millisecond already used (a clock
+        # stepped back; the twin's virtual clock over a store kept between runs) made an id the
+        # chain already held. The store refused it, the recorder took that for an outage, and the
+        # journal replay never got past it: every later record queued behind it for good.
+        self.run_tag = secrets.token_hex(4)
         self.append_timeout_s = float(append_timeout_s)
         self.journal = AuditJournal(journal_path) if journal_path is not None else None
         # After the store failed, decisions are journaled at once (not after another wait on a
@@ -298,7 +305,9 @@ class AuditRecorder:
     async def append(self, record: Mapping[str, Any]) -> None:
         from evcore.audit.log import Decision
 
-        decision_id = f"{self.edge_id}-{record['decision']}-{int(float(record['at']) * 1000)}"
+        decision_id = (
+            f"{self.edge_id}-{self.run_tag}-{record['decision']}-{int(float(record['at']) * 1000)}"
+        )
         setpoints = setpoints_of(record, decision_id)
         plan_version = record.get("plan_version") or ""
         decision = Decision(
