@@ -158,7 +158,7 @@ async def test_a_fleet_limit_is_split_published_resplit_and_cancelled_by_id(
     async with f.channel("aggregator-1") as ch:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await f.fleet(ch).Resplit(FleetCurtailmentRef(fleet_curtailment_id="dso-evening-1"))
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await f.fleet(ch).Cancel(FleetCurtailmentRef(fleet_curtailment_id="nope"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND

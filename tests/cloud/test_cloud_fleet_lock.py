@@ -175,7 +175,7 @@ async def test_a_resplit_that_waited_for_the_broker_does_not_undo_a_cancel(
         slow.release.set()
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await asyncio.wait_for(resplit, 10.0)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "is cancelled" in (info.value.details() or "")
     held = await f.store.fleet_curtailment(FID)
     assert held is not None and held.cancelled and held.revision == 3

@@ -24,6 +24,7 @@ from cloud_testkit import T0, Cloud, TcpRelay, chain, stream
 from evcore.v1 import cloud_api_pb2 as pb
 from evcore.v1.fleet_api_pb2 import (
     FleetCurtailment,
+    FleetCurtailmentRef,
     ListFleetCurtailmentsRequest,
     ListSitesRequest,
 )
@@ -146,6 +147,32 @@ async def test_a_value_error_from_a_bug_under_fleet_api_is_internal_and_logged(
         assert err.code() == grpc.StatusCode.INTERNAL, err.details()
         assert (err.details() or "").startswith("ListSites failed: ValueError(")
         assert [r.getMessage() for r in _tracebacks(caplog)] == ["cloud: ListSites failed"]
+
+
+async def test_a_resplit_of_a_cancelled_or_ended_curtailment_is_failed_precondition(
+    fleet: FleetCloud,
+) -> None:
+    """The request is well formed; the curtailment's state refuses it. Before: INVALID_ARGUMENT
+    ("... is cancelled", and "end: has passed" naming a field the caller never sent)."""
+    f = fleet
+    for site in f.sites:
+        async with f.channel(site) as ch:
+            table = site_table(site, power_limit_kw=300.0, other_load_a=0.0)
+            await f.cloud(ch).PutTopology(topology(table))
+    async with f.channel("aggregator-1") as ch:
+        api = f.fleet(ch)
+        await api.Curtail(_request("cancelled", f.sites))
+        await api.Cancel(FleetCurtailmentRef(fleet_curtailment_id="cancelled"))
+        await api.Curtail(_request("ended", f.sites))
+        f.clock.advance(3600.0)
+        for fid, why in (("cancelled", "is cancelled; send Curtail again"), ("ended", "has ended")):
+            err = await _failure(api.Resplit(FleetCurtailmentRef(fleet_curtailment_id=fid)))
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, (fid, err.details())
+            assert (err.details() or "").startswith(f"fleet_curtailment_id: {fid!r} {why}"), err
+        # An unknown id is still NOT_FOUND, and cancelling the ended one still works.
+        err = await _failure(api.Resplit(FleetCurtailmentRef(fleet_curtailment_id="nope")))
+        assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
+        assert (await api.Cancel(FleetCurtailmentRef(fleet_curtailment_id="ended"))).cancelled
 
 
 @pytest.fixture

@@ -93,6 +93,11 @@ class FleetNotFound(LookupError):
     """No fleet curtailment with that id is held."""
 
 
+class FleetNotActive(Exception):
+    """The fleet curtailment to re-split is cancelled or its window has ended: the request is
+    well formed, the curtailment's state refuses it (send Curtail again)."""
+
+
 class FleetInfeasible(Exception):
     """The sites' floors alone exceed the fleet limit and the request said ``require_feasible``."""
 
@@ -743,7 +748,7 @@ class FleetCoordinator:
                 out.append(await self.resplit(fid))
             except StoreUnavailable:
                 raise
-            except (FleetInputError, FleetNotFound, FleetRevisionConflict) as exc:
+            except (FleetInputError, FleetNotActive, FleetNotFound, FleetRevisionConflict) as exc:
                 log.warning("fleet: %s re-split skipped: %s", fid, exc)
             except Exception:
                 log.exception("fleet: %s re-split failed", fid)
@@ -943,7 +948,7 @@ class FleetCoordinator:
             ):
                 return None
             if resplit and (previous is None or previous.cancelled):
-                raise FleetInputError(
+                raise FleetNotActive(
                     f"fleet_curtailment_id: {fid!r} is cancelled; send Curtail again"
                 )
             inputs = []
@@ -1081,8 +1086,8 @@ class FleetCoordinator:
     async def resplit(self, fleet_curtailment_id: str) -> FleetCurtailmentResult:
         """Split a held fleet curtailment again on the sites' current demand and topology. An
         infeasible split is applied at the floors (it is in force already; refusing would leave
-        the old split). ``FleetInputError`` when it is cancelled, also when a Cancel came while
-        this one asked the bus."""
+        the old split). ``FleetNotActive`` when it is cancelled (also when a Cancel came while
+        this one asked the bus) or its window has ended."""
         req = await self._resplit_request(fleet_curtailment_id)
         result = await self._curtail(req, resplit=True)
         assert result is not None
@@ -1115,8 +1120,15 @@ class FleetCoordinator:
     async def _resplit_request(self, fleet_curtailment_id: str) -> FleetCurtailment:
         held = await self._held(fleet_curtailment_id)
         if held.cancelled:
-            raise FleetInputError(
+            raise FleetNotActive(
                 f"fleet_curtailment_id: {fleet_curtailment_id!r} is cancelled; send Curtail again"
+            )
+        end_s, now = ts_s(held.curtailment.end), self._clock.now()
+        if end_s <= now:
+            # Was "end: has passed", INVALID_ARGUMENT, naming a field the caller never sent.
+            raise FleetNotActive(
+                f"fleet_curtailment_id: {fleet_curtailment_id!r} has ended ({end_s} <= now "
+                f"{now}); nothing to re-split"
             )
         req = FleetCurtailment()
         req.CopyFrom(held.curtailment)

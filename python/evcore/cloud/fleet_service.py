@@ -5,8 +5,9 @@ Auth (an operator certificate with the method's role) runs in the interceptor be
 (evcore.cloud.auth). Only the coordinator's deliberate refusals are the caller's mistake, each
 naming the field or id: ``FleetInputError`` (bad input, a site's figures that cannot be split)
 INVALID_ARGUMENT, ``FleetNotFound`` (an unknown id or site) NOT_FOUND, ``FleetInfeasible``
-(floors above a ``require_feasible`` limit) FAILED_PRECONDITION, ``FleetRevisionConflict`` (a
-concurrent split of the same id) ABORTED. Anything else goes to
+(floors above a ``require_feasible`` limit) and ``FleetNotActive`` (a re-split of one cancelled
+or ended) FAILED_PRECONDITION, ``FleetRevisionConflict`` (a concurrent split of the same id)
+ABORTED. Anything else goes to
 :func:`evcore.cloud.status.abort_for`: an unreachable database UNAVAILABLE naming the store, any
 other error (a plain ``ValueError`` or ``KeyError`` included) a bug, INTERNAL with its traceback
 logged.
@@ -23,7 +24,13 @@ from typing import Any, TypeVar
 import grpc
 
 from evcore.cloud.auth import caller_operator
-from evcore.cloud.fleet import FleetCoordinator, FleetInfeasible, FleetInputError, FleetNotFound
+from evcore.cloud.fleet import (
+    FleetCoordinator,
+    FleetInfeasible,
+    FleetInputError,
+    FleetNotActive,
+    FleetNotFound,
+)
 from evcore.cloud.status import abort_for
 from evcore.cloud.store import FleetRevisionConflict
 from evcore.v1 import fleet_api_pb2 as fpb
@@ -50,7 +57,7 @@ def _codes(
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except FleetNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except FleetInfeasible as exc:
+        except (FleetInfeasible, FleetNotActive) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except FleetRevisionConflict as exc:
             await context.abort(grpc.StatusCode.ABORTED, f"{exc}; try again")
