@@ -466,3 +466,52 @@ async def test_a_restart_that_repeats_a_decision_number_and_time_does_not_wedge_
     assert ids == [runs[0]._ids[1], runs[1]._ids[1], last._ids[2]], ids
     report = await verify_chain(store)
     assert report.ok, report.problems
+
+
+def _entries(n: int, at: float) -> list[JournalEntry]:
+    from evcore.audit.log import Decision, build_record
+    from evcore.edge.recording import setpoints_of
+
+    out = []
+    for k in range(n):
+        did = f"edge-r-{k}-{int((at + k) * 1000)}"
+        rec = decision(k, at + k)
+        record = build_record(
+            Decision(did, rec["trigger"], at + k, setpoints_of(rec, did)), edge_id="edge"
+        )
+        out.append(JournalEntry(did, -1, at + k, record.SerializeToString(deterministic=True)))
+    return out
+
+
+def test_moving_part_of_the_journal_counts_the_lines_instead_of_rewriting_it(
+    tmp_path: Path,
+) -> None:
+    """A partial move is a count beside the journal, not a rewrite of everything left (which ran
+    inside a decision's append budget: 0.69 s for 150 MB); a restart skips the counted lines; a
+    full move empties the file; a count left without its file skips nothing new."""
+    path = tmp_path / "journal"
+    entries = _entries(200, 1_767_225_600.0)
+    journal = AuditJournal(path)
+    for e in entries:
+        journal.append(e)
+    size, inode = path.stat().st_size, path.stat().st_ino
+    journal.drop_first(50)
+    assert (path.stat().st_size, path.stat().st_ino) == (size, inode)  # not rewritten
+    assert [e.decision_id for e in journal.entries] == [e.decision_id for e in entries[50:]]
+    again = AuditJournal(path)  # a restart
+    assert [e.decision_id for e in again.entries] == [e.decision_id for e in entries[50:]]
+    again.drop_first(100)
+    assert [e.decision_id for e in AuditJournal(path).entries] == [
+        e.decision_id for e in entries[150:]
+    ]
+    again.drop_first(50)
+    assert path.stat().st_size == 0 and AuditJournal(path).entries == []
+    new = _entries(1, 1_767_230_000.0)[0]
+    again.append(new)
+    assert [e.decision_id for e in AuditJournal(path).entries] == [new.decision_id]
+    # A count whose journal is gone (removed by hand) must not skip what is journaled next.
+    (tmp_path / "journal.moved").write_text("7\n")
+    path.unlink()
+    fresh = AuditJournal(path)
+    fresh.append(new)
+    assert [e.decision_id for e in AuditJournal(path).entries] == [new.decision_id]
