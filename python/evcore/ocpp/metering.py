@@ -1,8 +1,10 @@
 """Turning OCPP sampled values into SI numbers on the site's phases.
 
 Owns: units and multipliers (1.6 units such as ``kW``/``kWh``; 2.0.1 ``unitOfMeasure`` with a
-power-of-ten multiplier), the charger-terminal → site-phase mapping from the site file's wiring, and
-timestamp parsing (bad or zone-less timestamps are refused). Never keeps state.
+power-of-ten multiplier), the charger-terminal → site-phase mapping from the site file's wiring,
+where an energy register meters (its ``location``: the outlet, what goes to the car, or the inlet,
+the charger's grid side) and timestamp parsing (bad or zone-less timestamps are refused). Never
+keeps state.
 """
 
 from __future__ import annotations
@@ -51,7 +53,12 @@ class Reading:
     at: float
     terminal_a: list[float | None]
     power_w: float | None = None
+    #: The register of the energy to the car: ``location`` ``Outlet`` (OCPP's default, also when
+    #: none is given), else ``EV`` (the car's own measurement).
     energy_register_wh: float | None = None
+    #: The register at the charger's grid side (``location`` ``Inlet``): for a DC charger its AC
+    #: input, the rectifier's losses and the auxiliary load included.
+    inlet_energy_register_wh: float | None = None
     offered_a: float | None = None
     soc_percent: float | None = None
     context: str | None = None
@@ -104,6 +111,7 @@ def parse_meter_value(
     power_total: float | None = None
     inlet_total: float | None = None
     inlet_phases: list[float] = []
+    ev_register: float | None = None
     for i, sv in enumerate(meter_value.get("sampledValue") or ()):
         measurand = sv.get("measurand") or "Energy.Active.Import.Register"
         if measurand not in (
@@ -154,11 +162,22 @@ def parse_meter_value(
                 power_total = value
         elif measurand == "Energy.Active.Import.Register":
             if phase is None:
-                reading.energy_register_wh = value
+                # Ignoring the location took a DC charger's AC input (Inlet) for the energy
+                # into its car whenever it came last. A register of the cable or the charger's
+                # body is neither.
+                location = sv.get("location") or "Outlet"
+                if location == "Outlet":
+                    reading.energy_register_wh = value
+                elif location == "Inlet":
+                    reading.inlet_energy_register_wh = value
+                elif location == "EV":
+                    ev_register = value
         elif measurand == "Current.Offered":
             reading.offered_a = value
         elif measurand == "SoC":
             reading.soc_percent = value
+    if reading.energy_register_wh is None:
+        reading.energy_register_wh = ev_register
     if power_total is not None:
         reading.power_w = power_total
     elif power_phases:

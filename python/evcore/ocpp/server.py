@@ -2,7 +2,8 @@
 
 Owns: who may connect (known stations only, security profiles 0–3, subprotocol ``ocpp1.6`` or
 ``ocpp2.0.1``), one session per station (a second connection replaces the first), transactions
-(deduplicated across reconnects and offline replays; session energy from register differences),
+(deduplicated across reconnects and offline replays; session energy from register differences:
+the energy into the car, see ``TxState.session_energy_wh``),
 the per-station call queue and the typed command API the edge controller uses. It never decides a
 setpoint: ``set_limit`` sends what the edge asks, after the edge's envelope.
 """
@@ -95,6 +96,19 @@ class ChargerInfo:
         if not at_inlet:
             power_w = power_w / (self.efficiency or 1.0) + (self.aux_w or 0.0)
         return power_w / (3.0 * self.voltage_v)
+
+    def car_wh_from_inlet(self, inlet_wh: float, interval_s: float) -> float:
+        """DC: the energy into the car for ``inlet_wh`` counted at the charger's grid side over
+        ``interval_s`` (between two readings): less the auxiliary load over the interval, times
+        the efficiency (site file; 0.95 when it gives none). An approximation: the auxiliary
+        load is taken as drawn over the whole interval (a charger that charged only part of it
+        is counted short by ``aux_w`` x efficiency over the rest), the efficiency as the same
+        at every power. AC: as it is."""
+        if self.kind != "dc":
+            return inlet_wh
+        aux_wh = (self.aux_w or 0.0) * max(0.0, interval_s) / 3600.0
+        eff = self.efficiency if self.efficiency is not None else 0.95
+        return max(0.0, inlet_wh - aux_wh) * eff
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -284,11 +298,81 @@ class TxState:
     # published, its end too; it is started (published, the EVSE's) only by an event that shows
     # it live.
     dormant: bool = False
+    #: A register at the outlet (``location`` ``Outlet`` or none: what goes to the car) came with
+    #: the session's meter values.
+    outlet_seen: bool = False
+    # The register at the charger's grid side (``location`` ``Inlet``): its first and last
+    # reading (with its timestamp), and the energy into the car counted from it so far
+    # (``note_inlet``). The session energy comes from it only when no outlet register came.
+    inlet_start_wh: float | None = None
+    inlet_last_wh: float | None = None
+    inlet_last_at: float | None = None
+    inlet_car_wh: float = 0.0
+
+    @property
+    def inlet_only(self) -> bool:
+        """The session's registers are its station's inlet register only."""
+        return not self.outlet_seen and self.inlet_last_wh is not None
 
     def session_energy_wh(self) -> float | None:
+        """The energy into the car so far (Wh): the difference of the outlet register (1.6
+        meterStart / meterStop included: OCPP's default location), or, for a station that meters
+        only its inlet, the inlet register's converted for a DC charger (``note_inlet``). Not the
+        grid's: a DC charger's AC input is that over its efficiency plus its auxiliary load."""
+        if self.inlet_only:
+            return self.inlet_car_wh
         if self.meter_start_wh is None or self.last_register_wh is None:
             return None
         return self.last_register_wh - self.meter_start_wh
+
+    def registers_wh(self) -> tuple[float | None, float | None]:
+        """The register the session energy counts on: at the start, and now."""
+        if self.inlet_only:
+            return self.inlet_start_wh, self.inlet_last_wh
+        return self.meter_start_wh, self.last_register_wh
+
+    def note_outlet(self, register_wh: float) -> None:
+        """An outlet register reading of the session. The first after inlet readings only: the
+        session energy goes on from what they counted (it fell back to the outlet's from then)."""
+        if self.inlet_only and not self.ended:
+            self.meter_start_wh = register_wh - self.inlet_car_wh
+        self.outlet_seen = True
+        if self.meter_start_wh is None:
+            self.meter_start_wh = register_wh
+        if not self.ended:
+            self.last_register_wh = register_wh
+
+    def note_inlet(self, register_wh: float, at: float, charger: ChargerInfo | None) -> None:
+        """An inlet register reading of the session at ``at`` (the station's time). A DC
+        charger's energy into the car is converted interval by interval (between two readings)
+        with its efficiency and auxiliary load (``ChargerInfo.car_wh_from_inlet``); an interval
+        in which the register stood still counts nothing (a paused session draws no auxiliary
+        load here). A reading older than the last one (a replayed one) is skipped."""
+        if self.inlet_last_wh is None:
+            if self.meter_start_wh is not None and not self.outlet_seen:
+                # 1.6 meterStart (or the store's start after a restart) of a station that meters
+                # only its inlet: that register's.
+                self.inlet_start_wh = self.inlet_last_wh = self.meter_start_wh
+                self.inlet_last_at = self.started_at
+            else:
+                self.inlet_start_wh = self.inlet_last_wh = register_wh
+                self.inlet_last_at = at
+                return
+        if self.ended:
+            return
+        last_wh, last_at = self.inlet_last_wh, self.inlet_last_at
+        if last_at is not None and at < last_at:
+            return
+        assert last_wh is not None
+        interval_s = at - last_at if last_at is not None else 0.0
+        grown_wh = register_wh - last_wh
+        if grown_wh > 0.0:
+            self.inlet_car_wh += (
+                charger.car_wh_from_inlet(grown_wh, interval_s) if charger else grown_wh
+            )
+        elif charger is None or charger.kind != "dc":
+            self.inlet_car_wh += grown_wh  # AC: the difference as it is
+        self.inlet_last_wh, self.inlet_last_at = register_wh, at
 
     def seq_seen(self, seq: int) -> bool:
         return seq <= self.seq_low or seq in self.seen_seq
@@ -1071,6 +1155,7 @@ class CentralSystem:
             return
         if kind in tx.published:
             return
+        start_wh, now_wh = tx.registers_wh()
         ev = TransactionEvent(
             charger_id=tx.charger_id,
             ocpp_id=st.ocpp_id,
@@ -1078,8 +1163,8 @@ class CentralSystem:
             kind=kind,  # type: ignore[arg-type]
             at=at,
             id_tag=tx.id_tag,
-            meter_start_wh=tx.meter_start_wh,
-            meter_now_wh=tx.last_register_wh,
+            meter_start_wh=start_wh,
+            meter_now_wh=now_wh,
             session_energy_wh=tx.session_energy_wh(),
             reason=reason,
             offline=offline,
@@ -1127,7 +1212,12 @@ class CentralSystem:
             return
         if tx is None:
             tx = self._unknown_stop_1_6(st, tx_id)
-        tx.last_register_wh = meter_stop_wh
+        if tx.inlet_only:
+            # meterStop is the register the station reports: its inlet one, its only one.
+            charger = self._chargers.get(tx.charger_id) if tx.charger_id else None
+            tx.note_inlet(meter_stop_wh, at, charger)
+        else:
+            tx.last_register_wh = meter_stop_wh
         self._end(st, tx, at, reason)
         await self._tx_event(st, tx, "ended", at, reason)
 
@@ -1251,11 +1341,15 @@ class CentralSystem:
         if tx is None and tx_id is None:
             active = st.active_tx.get(charger.evse_id)
             tx = st.transactions.get(active) if active else None
-        if tx is not None and reading.energy_register_wh is not None:
-            if tx.meter_start_wh is None:
-                tx.meter_start_wh = reading.energy_register_wh
-            if not tx.ended:
-                tx.last_register_wh = reading.energy_register_wh
+        if tx is not None:
+            # The outlet's first: an inlet register counts only for a session without one.
+            if reading.energy_register_wh is not None:
+                tx.note_outlet(reading.energy_register_wh)
+            if reading.inlet_energy_register_wh is not None:
+                tx.note_inlet(reading.inlet_energy_register_wh, reading.at, charger)
+        register_wh = reading.energy_register_wh
+        if register_wh is None:
+            register_wh = reading.inlet_energy_register_wh
         t = reading.terminal_a
         sample = MeterSample(
             charger_id=charger.charger_id,
@@ -1264,7 +1358,7 @@ class CentralSystem:
             site_phase_a=charger.phase_map.to_site(t),
             terminal_a=(t[0], t[1], t[2]),
             power_w=reading.power_w,
-            energy_register_wh=reading.energy_register_wh,
+            energy_register_wh=register_wh,
             offered_a=reading.offered_a,
             soc_percent=reading.soc_percent,
             transaction_id=tx.transaction_id if tx is not None else tx_id,
