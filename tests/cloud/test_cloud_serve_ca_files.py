@@ -71,3 +71,16 @@ async def test_a_config_error_goes_to_stderr(tmp_path: Path) -> None:
     assert code == 2, (out, err)
     assert "listen" in err and str(config) in err
     assert out == ""
+
+
+async def test_a_sites_outbox_it_cannot_open_is_named_with_exit_2(tmp_path: Path) -> None:
+    """``[bus] sites`` whose outbox directory is a file: the site's bus cannot be opened at
+    start; said on stderr naming the site and the outbox, exit 2 (it ended in a traceback)."""
+    tls, _, _ = make_certs(tmp_path / "certs")
+    (tmp_path / "outbox").write_text("a file where the outbox directory goes\n")
+    bus = '[bus]\nurls = ["nats://127.0.0.1:4222"]\noutbox_dir = "outbox"\nsites = ["s1"]\n'
+    config = _config(tmp_path, tls, bus)
+    code, out, err = await _serve(config)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    assert "s1" in err and "outbox" in err and str(config) in err, err

@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     from evcore.cloud.config import CloudConfig, CloudConfigError
     from evcore.cloud.service import CloudApiServer
-    from evcore.cloud.sitebuses import SiteBuses
+    from evcore.cloud.sitebuses import SiteBuses, SiteBusUnavailable
     from evcore.cloud.store import open_cloud_store
     from evcore.store.base import StoreError
 
@@ -62,7 +62,18 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     consumers = AuditConsumers(config, store, clock, site_buses)
-    await consumers.start()
+    try:
+        await consumers.start()
+    except SiteBusUnavailable as exc:
+        # A site's outbox that cannot be opened at start (a directory it cannot write, a file
+        # where it goes): said, exit 2, as a configuration error (it ended in a traceback).
+        print(f"evcore cloud: {args.config}: {exc}", file=sys.stderr, flush=True)
+        await consumers.stop()
+        await server.stop()
+        if site_buses is not None:
+            await site_buses.close()
+        await store.close()
+        return 2
     fleet = "" if config.fleet is None else ", FleetApi for operators"
     print(f"evcore cloud: CloudApi on port {port}, store {store.description}{fleet}", flush=True)
     try:
