@@ -8,12 +8,14 @@ it converted with the site file's ``efficiency`` and ``aux_w`` (the auxiliary lo
 interval between two readings in which the register moved). An AC charger is as before: its
 outlet register, else its inlet one.
 
-Before (review, 2026-12): the location was ignored: a DC station's inlet register, when it came
-last in a meterValue, was taken for the energy into the car.
+Before (review, 2026-12): the location was ignored, and the simulator's DC charger counted its AC
+input on a register it reported as the outlet's: a DC session's energy at the edge was the grid's,
+about 5 % and the auxiliary load above what the car took.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -21,7 +23,8 @@ from evcore.clock import WallClock
 from evcore.ocpp import CentralSystem, MeterSample, TransactionEvent
 from evcore.ocpp.metering import parse_meter_value
 from evcore.ocpp.v16 import iso
-from ocpp_testsite import BOOT_201, DC_CHARGER, RawStation, make_site, tx_event
+from evcore.sim.ev import EV
+from ocpp_testsite import BOOT_201, DC_CHARGER, VERSIONS, RawStation, make_site, rig, tx_event
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,6 +45,36 @@ def register(wh: float, location: str | None = None) -> dict[str, Any]:
 
 def mv(at: float, *sampled: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"timestamp": iso(at), "sampledValue": list(sampled)}]
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.0.1"])
+async def test_a_simulated_dc_sessions_energy_is_what_its_battery_took(version: str) -> None:
+    """End to end: the simulated 50 kW DC charger (efficiency 0.95, 200 W aux) over real OCPP.
+    The session energy the central system publishes is the battery's gain (before: the AC
+    input, 50 / 0.95 + 0.2 kW for 50 kW into the car, 5.7 % more)."""
+    async with rig(extra_chargers=[DC_CHARGER], versions={**VERSIONS, "CPD": version}) as r:
+        ev = EV(capacity_kwh=1000.0, soc=0.2, max_dc_power_w=50_000.0)
+        r.fleet.plug_in("cp-d", ev)
+        await r.until(
+            lambda: any(s.charger_id == "cp-d" and s.session_energy_wh for s in r.of(MeterSample)),
+            6,
+        )
+        await asyncio.sleep(4.0)
+        r.fleet.unplug("cp-d")
+        await r.until(
+            lambda: any(
+                e.charger_id == "cp-d" and e.kind == "ended" for e in r.of(TransactionEvent)
+            ),
+            6,
+        )
+        battery_wh = (ev.soc - 0.2) * 1_000_000.0
+        assert battery_wh > 50.0  # it charged (about 14 Wh a second)
+        ended = next(e for e in r.of(TransactionEvent) if e.kind == "ended")
+        # 1.6 meterStart / meterStop are whole Wh.
+        assert ended.session_energy_wh == pytest.approx(battery_wh, abs=1.0)
+        sim = r.fleet.connector("cp-d")
+        # The station's AC input meter, reported at the Inlet, counted the losses and aux.
+        assert sim.inlet_register_wh - 1_000_000.0 > battery_wh / EFF
 
 
 async def test_dc_session_energy_comes_from_the_outlet_register_when_both_are_reported() -> None:

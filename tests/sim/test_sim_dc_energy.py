@@ -2,10 +2,10 @@
 plus the auxiliary load while charging), and what the battery gets is the DC output.
 
 Both backends price the AC input; the stack's simulated charger credits the battery with the input
-less the auxiliary load, times the efficiency; the edge is asked for the session's energy as the
-charger meters it, auxiliary load included, so that the session ends on the battery's target; the
-in-process reference controllers count the auxiliary load against kW caps too, and plan DC energy
-as the battery takes it."""
+less the auxiliary load, times the efficiency, and meters both: the energy into the car on its
+outlet register (what the central system takes for the session's energy), the AC input on its
+inlet register; the session ends on the battery's target; the in-process reference controllers
+count the auxiliary load against kW caps too, and plan DC energy as the battery takes it."""
 
 from __future__ import annotations
 
@@ -168,16 +168,20 @@ def test_sim_dc_charger_credits_the_battery_without_the_auxiliary_load() -> None
     c.tx_active = True
     cp = SimChargePoint.__new__(SimChargePoint)
     cp.limit_at = lambda evse, now: 50_000.0  # type: ignore[method-assign]
-    reg0, soc0 = c.register_wh, c.ev.soc
+    reg0, inlet0, soc0 = c.register_wh, c.inlet_register_wh, c.ev.soc
     SimChargePoint._advance(cp, c, 0.0, 0.0)
     for i in range(1, 3601):
         SimChargePoint._advance(cp, c, float(i), 1.0)
     assert c.power_w == pytest.approx(10_000.0 / EFF + AUX_W)
-    metered_kwh = (c.register_wh - reg0) / 1000.0
+    # The AC input meter (the inlet register).
+    metered_kwh = (c.inlet_register_wh - inlet0) / 1000.0
     battery_kwh = (c.ev.soc - soc0) * 200.0
     assert metered_kwh == pytest.approx(10.0 / EFF + 1.0, rel=1e-9)
     assert battery_kwh == pytest.approx(10.0, rel=1e-9)  # was 10.9: aux_w × efficiency credited
     assert battery_kwh == pytest.approx((metered_kwh - AUX_W / 1000.0) * EFF, rel=1e-9)
+    # The outlet register counts what the battery took (it counted the AC input, 12.1 kWh,
+    # reported as the outlet's: the central system took it for the car's).
+    assert (c.register_wh - reg0) / 1000.0 == pytest.approx(battery_kwh, rel=1e-9)
 
 
 ok, why = stack.available()
@@ -185,9 +189,11 @@ ok, why = stack.available()
 
 @pytest.mark.skipif(not ok, reason=f"stack backend unavailable: {why}")
 def test_stack_dc_session_ends_on_the_batterys_target(tmp_path: Path) -> None:
-    """A 10 kW car wants 20 kWh in 3 h: 2 h of charging, 2 kWh of auxiliary load on the meter.
-    The edge is asked for the metered energy with the auxiliary load, so it does not pause the car
-    before its battery has its 20 kWh; once it has them, the edge is told the metered energy."""
+    """A 10 kW car wants 20 kWh in 3 h: 2 h of charging, 2 kWh of auxiliary load on the AC
+    input meter. The edge counts the session on the outlet register, the energy into the car, and
+    does not pause the car before its battery has its 20 kWh; once it has them, the edge is told
+    the session's energy so far. (The twin still asks for the energy over the efficiency plus the
+    auxiliary load over the stay, sim/stack.py ``_metered_request_kwh``: more than it needs.)"""
     sc = dc_scenario(tmp_path, hours=3.0, policy="fair_share", energy_kwh=20.0, max_dc_kw=10.0)
     seen: dict[str, float] = {}
 
@@ -197,6 +203,7 @@ def test_stack_dc_session_ends_on_the_batterys_target(tmp_path: Path) -> None:
             run._app.controller.state.chargers["dc1"].energy_requested_kwh
         )
         seen["metered_kwh"] = (c.register_wh - c.tx_start_register_wh) / 1000.0
+        seen["inlet_kwh"] = (c.inlet_register_wh - 1_000_000.0) / 1000.0
         seen["soc"] = float(c.ev.soc)
 
     run = stack.StackRun(sc, "fair_share", generate(sc), probes=[(2.75 * 3600.0, probe)])
@@ -205,10 +212,12 @@ def test_stack_dc_session_ends_on_the_batterys_target(tmp_path: Path) -> None:
     assert res.violations == 0 and res.violations_kw == 0
     assert res.energy_delivered_kwh == pytest.approx(20.0, abs=0.05)  # met
     assert res.sessions_met == 1
-    # The battery's target was reached and the car stopped: the edge was told the metered energy.
+    # The battery's target was reached and the car stopped: the edge was told the session energy.
     assert seen["soc"] == pytest.approx(0.3, abs=1e-3)
     assert seen["requested_kwh"] == pytest.approx(seen["metered_kwh"], abs=1e-6)
-    # What the meter counted: 20 kWh / 0.9 plus at least 2 h × 1 kW of auxiliary load.
-    assert seen["metered_kwh"] >= 20.0 / EFF + 2.0 - 0.05  # was 22.2: no auxiliary energy
+    # The outlet register: the energy into the car (it counted the AC input, 22.2 kWh and more).
+    assert seen["metered_kwh"] == pytest.approx(20.0, abs=0.05)
+    # The AC input meter: 20 kWh / 0.9 plus at least 2 h × 1 kW of auxiliary load.
+    assert seen["inlet_kwh"] >= 20.0 / EFF + 2.0 - 0.05  # was 22.2: no auxiliary energy
     # The site meter priced all of it.
-    assert res.energy_cost == pytest.approx(seen["metered_kwh"], abs=0.05)
+    assert res.energy_cost == pytest.approx(seen["inlet_kwh"], abs=0.05)

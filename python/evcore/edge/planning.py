@@ -567,8 +567,11 @@ class DemandWindows:
     (the edge has no site meter): the energy in the clock-aligned window under way and the
     highest window average of the calendar month (UTC; the billing period the edge assumes).
 
-    Read every ``WINDOW_SAMPLE_S`` and at every plan; the energy between two readings counts in
-    the window of the later one (off by at most one reading's worth at a window's edge). With a
+    The windows are the grid's: a session's energy is the car's (the central system's session
+    energy, docs/ocpp.md), and a DC charger's grid draws that over its efficiency plus its
+    auxiliary load while it charges (``_grid_wh``). Read every ``WINDOW_SAMPLE_S`` and at every
+    plan; the energy between two readings counts in the window of the later one (off by at most
+    one reading's worth at a window's edge). With a
     store, ``LocalPlanner`` keeps the month's peak and the window under way in it
     (``snapshot`` / ``restore``): a restart used to forget the peak already paid for, and the
     plan then flattened more than it needed to."""
@@ -576,25 +579,35 @@ class DemandWindows:
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
         self.peak_kw = 0.0
-        self._seen: dict[str, tuple[str, float]] = {}  # charger -> (transaction, Wh read)
+        # charger -> (transaction, Wh read, when its reading came: ``measured_at``, monotonic)
+        self._seen: dict[str, tuple[str, float, float | None]] = {}
         self._window: int | None = None
         self._window_wh = 0.0
         self._month: tuple[int, int] | None = None
         self._read = False
+        self._last_at = 0.0  # the last sample's ``now``
 
     def sample(self, now: float, chargers: Mapping[str, ChargerState]) -> None:
         wh = 0.0
-        seen: dict[str, tuple[str, float]] = {}
+        seen: dict[str, tuple[str, float, float | None]] = {}
         for cid, c in chargers.items():
             if c.transaction_id is None or not math.isfinite(c.session_energy_wh):
                 continue
             tx = str(c.transaction_id)
             before = self._seen.get(cid)
             if before is not None and before[0] == tx:
-                wh += max(0.0, c.session_energy_wh - before[1])
+                grown_wh = c.session_energy_wh - before[1]
+                if before[2] is not None and c.measured_at is not None:
+                    interval_s = c.measured_at - before[2]
+                else:
+                    interval_s = max(0.0, now - self._last_at) if self._last_at else 0.0
+                wh += _grid_wh(c, grown_wh, interval_s)
             elif self._read:
-                wh += max(0.0, c.session_energy_wh)  # a session that started since the last read
-            seen[cid] = (tx, c.session_energy_wh)
+                # A session that started since the last read: its energy from its start.
+                since_s = now - c.session_started_at if c.session_started_at is not None else 0.0
+                wh += _grid_wh(c, c.session_energy_wh, since_s)
+            seen[cid] = (tx, c.session_energy_wh, c.measured_at)
+        self._last_at = now
         self._seen = seen
         self._read = True
         t = time.gmtime(now)
@@ -650,6 +663,20 @@ class DemandWindows:
 
     def window_kwh(self) -> float:
         return self._window_wh / 1000.0
+
+
+def _grid_wh(c: ChargerState, car_wh: float, interval_s: float) -> float:
+    """What the grid gave for ``car_wh`` into a car over ``interval_s`` (between two readings).
+    AC: the same. DC: over the efficiency, plus the auxiliary load over the interval when the
+    car took energy in it (an approximation: taken as drawn over the whole interval; none in an
+    interval the session stood still, as the allocator counts it only for a setpoint above 0).
+    The central system does not pass on an inlet register a station may report (the grid's own
+    count): ``MeterSample`` carries the session's energy to the car only."""
+    if car_wh <= 0.0:
+        return 0.0
+    if not c.is_dc:
+        return car_wh
+    return car_wh / c.dc_efficiency + c.dc_aux_w * max(0.0, interval_s) / 3600.0
 
 
 class LocalPlanner:

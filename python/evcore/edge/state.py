@@ -74,6 +74,8 @@ class ChargerState:
     terminal_a: tuple[float | None, float | None, float | None] = (None, None, None)
     measured_w: float | None = None
     measured_at: float | None = None  # monotonic
+    # The energy into the car this session (the central system's session energy: a DC
+    # charger's output, not its AC input; the demand windows convert, planning._grid_wh).
     session_energy_wh: float = 0.0
 
     # Setpoints (charger unit). ``sent``: the last TxProfile value that left; ``accepted``: whether

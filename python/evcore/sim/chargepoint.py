@@ -3,7 +3,7 @@
 Owns one simulated station: its WebSocket session to a central system, its connectors (EVSEs) with
 an EV model each, the charging profiles it holds (replaced or refused by its version's rules) and
 the composite schedule it applies (stack levels, purposes, validity, TxDefault fallback, after a
-settable delay), its meter (register, power, per-terminal current) and the MeterValues it reports,
+settable delay), its meter (registers, power, per-terminal current) and the MeterValues it reports,
 and misbehaviour on command (disconnect, go offline and replay, ignore profiles, send garbage, stop
 reporting, lose profiles on reboot). It validates every CALL the central system sends against the
 OCPP schemas and records violations.
@@ -157,7 +157,15 @@ class SimConnector:
     efficiency: float = 0.95
     aux_w: float = 0.0
     charger_id: str | None = None
+    #: The energy register to the car (``location`` Outlet, OCPP's default, reported without
+    #: one): a DC charger's DC output, what its battery takes.
     register_wh: float = 1_000_000.0
+    #: DC: the AC input meter (``location`` Inlet): the output over the efficiency plus the
+    #: auxiliary load while it charges.
+    inlet_register_wh: float = 1_000_000.0
+    #: DC: the registers it reports, ``Outlet`` and/or ``Inlet``; a 1.6 meterStart / meterStop
+    #: is the first one's. (AC: the outlet's only.)
+    dc_registers: tuple[str, ...] = ("Outlet", "Inlet")
     # state
     ev: EV | None = None
     id_tag: str = "EVCORE-SIM"
@@ -183,6 +191,14 @@ class SimConnector:
     @property
     def hardware_limit(self) -> float:
         return self.max_w if self.kind == "dc" else self.max_a
+
+    @property
+    def transaction_register_wh(self) -> float:
+        """The register a 1.6 meterStart / meterStop gives: the outlet's, or the inlet's for a
+        DC charger that reports only that one."""
+        if self.kind == "dc" and self.dc_registers and self.dc_registers[0] == "Inlet":
+            return self.inlet_register_wh
+        return self.register_wh
 
 
 @dataclass
@@ -631,10 +647,18 @@ class SimChargePoint:
     def _meter_value(self, c: SimConnector, context: str, *, full: bool = True) -> dict[str, Any]:
         sampled: list[dict[str, Any]] = []
 
-        def add(measurand: str, value: float, unit: str, phase: str | None = None) -> None:
+        def add(
+            measurand: str,
+            value: float,
+            unit: str,
+            phase: str | None = None,
+            location: str | None = None,
+        ) -> None:
             sv: dict[str, Any] = {"measurand": measurand, "context": context}
             if c.kind == "dc" and measurand in ("Current.Import", "Power.Active.Import"):
-                sv["location"] = "Inlet"  # the grid side: line currents, rectifier input
+                location = "Inlet"  # the grid side: line currents, rectifier input
+            if location is not None:
+                sv["location"] = location
             if self.version == "1.6":
                 sv["value"] = f"{value:.3f}"
                 sv["unit"] = unit
@@ -647,7 +671,13 @@ class SimChargePoint:
 
         measurands = set(self.measurands) if full else {"Energy.Active.Import.Register"}
         if "Energy.Active.Import.Register" in measurands:
-            add("Energy.Active.Import.Register", c.register_wh, "Wh")
+            if c.kind != "dc":
+                add("Energy.Active.Import.Register", c.register_wh, "Wh")
+            for where in c.dc_registers if c.kind == "dc" else ():
+                if where == "Outlet":  # the default location: the DC energy into the car
+                    add("Energy.Active.Import.Register", c.register_wh, "Wh")
+                else:
+                    add("Energy.Active.Import.Register", c.inlet_register_wh, "Wh", None, "Inlet")
         if "Power.Active.Import" in measurands:
             add("Power.Active.Import", c.power_w, "W")
         if "Current.Import" in measurands:
@@ -669,7 +699,7 @@ class SimChargePoint:
             payload = {
                 "connectorId": c.evse_id,
                 "idTag": c.id_tag,
-                "meterStart": int(c.register_wh),
+                "meterStart": int(c.transaction_register_wh),
                 "timestamp": iso(self.clock.now()),
             }
 
@@ -729,7 +759,7 @@ class SimChargePoint:
             if not (q.purpose == "tx" and q.evse == c.evse_id)
         ]
         if self.version == "1.6":
-            register = int(c.register_wh)
+            register = int(c.transaction_register_wh)
             at = iso(self.clock.now())
             ref = c.tx_ref
 
@@ -812,16 +842,20 @@ class SimChargePoint:
             if c.steps_a:
                 allowed = max((s for s in c.steps_a if s <= allowed + 1e-9), default=0.0)
             c.offered = allowed if allowed >= MIN_PILOT_A else 0.0
-        # Energy over the step at the draw of the previous state (explicit Euler). The register
-        # meters the AC input; a DC battery gets the input less the auxiliary load, times the
-        # efficiency (crediting aux_w × efficiency to it put 10.9 kWh into a 10 kW car in 1 h).
+        # Energy over the step at the draw of the previous state (explicit Euler). ``power_w``
+        # is the AC input. A DC charger's car gets the input less the auxiliary load, times the
+        # efficiency (crediting aux_w × efficiency to it put 10.9 kWh into a 10 kW car in 1 h):
+        # its outlet register counts that, its inlet register the input. (Its outlet register
+        # counted the input: the central system took the grid's energy for the car's.)
         if dt > 0 and c.power_w > 0:
-            c.register_wh += c.power_w * dt / 3600.0
+            if c.kind == "dc":
+                to_car_wh = max(0.0, c.power_w - c.aux_w) * c.efficiency * dt / 3600.0
+                c.inlet_register_wh += c.power_w * dt / 3600.0
+            else:
+                to_car_wh = c.power_w * dt / 3600.0
+            c.register_wh += to_car_wh
             if c.ev is not None:
-                if c.kind == "dc":
-                    c.ev.add_energy(max(0.0, c.power_w - c.aux_w) * c.efficiency * dt / 3600.0)
-                else:
-                    c.ev.add_energy(c.power_w * dt / 3600.0)
+                c.ev.add_energy(to_car_wh)
         if not c.tx_active or c.ev is None:
             c.terminal_a = [0.0, 0.0, 0.0]
             c.power_w = 0.0
