@@ -192,8 +192,8 @@ def test_stack_dc_session_ends_on_the_batterys_target(tmp_path: Path) -> None:
     """A 10 kW car wants 20 kWh in 3 h: 2 h of charging, 2 kWh of auxiliary load on the AC
     input meter. The edge counts the session on the outlet register, the energy into the car, and
     does not pause the car before its battery has its 20 kWh; once it has them, the edge is told
-    the session's energy so far. (The twin still asks for the energy over the efficiency plus the
-    auxiliary load over the stay, sim/stack.py ``_metered_request_kwh``: more than it needs.)"""
+    the session's energy so far. The twin asks for the battery's energy (sim/stack.py
+    ``_metered_request_kwh``), as a driver's app would."""
     sc = dc_scenario(tmp_path, hours=3.0, policy="fair_share", energy_kwh=20.0, max_dc_kw=10.0)
     seen: dict[str, float] = {}
 
@@ -207,6 +207,8 @@ def test_stack_dc_session_ends_on_the_batterys_target(tmp_path: Path) -> None:
         seen["soc"] = float(c.ev.soc)
 
     run = stack.StackRun(sc, "fair_share", generate(sc), probes=[(2.75 * 3600.0, probe)])
+    # Asked for the battery's 20 kWh (it was 20 / 0.9 + 3 h of auxiliary load: 25.2 kWh).
+    assert run._metered_request_kwh(run.arr.sessions[0]) == pytest.approx(20.0)
     asyncio.run(run.run())
     res = run.result(0.0)
     assert res.violations == 0 and res.violations_kw == 0

@@ -190,27 +190,21 @@ class StackRun:
         )
 
     def _metered_request_kwh(self, s: SessionSpec) -> float:
-        """The session's energy as the charger's meter counts it. The edge tracks a session by its
-        meter register, and pauses it once the register has counted what was asked. A DC
-        charger's register counts AC input: the battery's energy over the efficiency, plus the
-        auxiliary load for as long as it charges. How long that is depends on the policy, so the
-        request counts the auxiliary load over the whole stay (about 3 kWh on a depot bus's
-        190): the edge never pauses a car short of its target for want of requested energy. The
-        battery stops at its target state of charge by itself, and the twin then tells the edge
-        that the session's energy is in (``_report_batteries_full``)."""
+        """The session's energy as the edge tracks it: the energy into the car, what a driver's
+        app asks for. The edge counts a session by the charger's outlet register, which on a DC
+        charger counts the energy into the car (its AC input, auxiliary load included, is the
+        Inlet register: grid side). Before the central system read the register's location, the
+        simulated DC register counted AC input and the request was over-asked to match (energy
+        over the efficiency plus the auxiliary load over the whole stay); asked for the battery's
+        energy then, all 24 depot buses left short."""
         done = self._request_done.get(s.id)
-        if done is not None:
-            return done
-        ch = self.sc.site.charger(s.charger_id)
-        if ch.kind != "dc":
-            return s.energy_kwh
-        return s.energy_kwh / ch.efficiency + ch.aux_w * (s.departure_s - s.arrival_s) / 3.6e6
+        return s.energy_kwh if done is None else done
 
     def _report_batteries_full(self) -> None:
         """A DC car whose battery reached its target: what the driver's app tells the edge then,
-        the session's energy as metered so far (its request counted the auxiliary load over the
-        whole stay, more than the car took). An AC car's battery takes what the meter counts, so
-        its request is met on the meter as the battery reaches its target."""
+        the session's energy as metered so far (the battery may stop a hair short of the request
+        as it tapers near full). An AC car's battery takes what the meter counts, so its request
+        is met on the meter as the battery reaches its target."""
         for cid, (s, ev, _) in self.plugged.items():
             if cid not in self._dc or s.id in self._request_done or not ev.full:
                 continue
