@@ -27,7 +27,7 @@ from evcore.bus import (
 )
 from evcore.bus.config import default_streams
 from evcore.bus.natsbus import NatsBus
-from evcore.bus.outbox import Outbox
+from evcore.bus.outbox import Outbox, OutboxLoss
 from evcore.bus.streams import stream_for_pattern, stream_for_subject
 from evcore.bus.subjects import CRITICAL_KINDS, name_token, validate_subject
 from evcore.clock import ManualClock, WallClock
@@ -209,9 +209,119 @@ async def test_an_unreadable_outbox_is_moved_aside_and_an_empty_one_serves(
     await ob.open()
     assert ob.corrupt_moved_to is not None and ob.corrupt_moved_to.read_bytes().startswith(b"garb")
     assert ob.pending == 0
+    assert ob.loss is not None and ob.loss.salvaged == 0 and not ob.loss.complete
+    assert "file is not a database" in ob.loss.detail
     assert await ob.append("evcore.s.audit", "e1", b"1", 0.0) > 0
     assert [e.event_id for e in await ob.peek(10)] == ["e1"]
     await ob.close()
+    again = Outbox(path)
+    await again.open()
+    assert again.loss is None and [x.id for x in await again.losses()] == [ob.loss.id]
+    await again.close()
+
+
+def _payload(i: int) -> bytes:
+    return f"payload-{i:04d}|".encode() * 200  # 2.6 KB: about one entry a page
+
+
+async def _outbox_of(path: Path, n: int) -> None:
+    ob = Outbox(path)
+    await ob.open()
+    for i in range(n):
+        await ob.append("evcore.s.audit", f"ev-{i:04d}", _payload(i), float(i))
+    await ob.remember("broker_max_payload", "65536")
+    await ob.close()
+
+
+def _damage(path: Path, marker: bytes, *, tear: bool) -> None:
+    """Tear (0xFF) the table leaf page holding ``marker``, or change one byte after it there
+    (the file's structure intact, the entry's content not)."""
+    data = bytearray(path.read_bytes())
+    for page in range(len(data) // 4096):
+        start = page * 4096
+        at = data.find(marker, start, start + 4096)
+        if data[start + (100 if page == 0 else 0)] == 0x0D and at >= 0:
+            if tear:
+                data[start : start + 4096] = b"\xff" * 4096
+            else:
+                data[at + len(marker) + 20] ^= 0x01
+            path.write_bytes(bytes(data))
+            return
+    raise AssertionError(f"no leaf page holds {marker!r}")
+
+
+async def test_an_unreadable_outbox_keeps_every_entry_that_reads_and_checks_each(
+    tmp_path: Path,
+) -> None:
+    """Review 2027-01 (docs/audit.md): an unreadable outbox was set aside whole, and its audit
+    records never reached the bus. The new file keeps, in their order and under their seqs, the
+    entries that still read and match the CRC they were stored with (one changed byte drops its
+    entry: sent, it would take its event id's place for good), the broker's max_payload figure
+    and the notes of earlier losses; the loss names what could not be read."""
+    path = tmp_path / "ob.sqlite"
+    await _outbox_of(path, 40)
+    _damage(path, b"ev-0020", tear=True)
+    _damage(path, b"ev-0030", tear=False)
+    ob = Outbox(path)
+    await ob.open()
+    try:
+        loss = ob.loss
+        assert loss is not None and not loss.complete
+        kept = await ob.peek(100)
+        ids = [int(e.event_id[3:]) for e in kept]
+        assert 30 not in ids and 20 not in ids and ids == sorted(ids)
+        assert set(range(40)) - set(ids) <= {19, 20, 21, 30}
+        assert loss.salvaged == ob.pending == len(kept)
+        assert "1 entry damaged" in loss.detail and "rows after rowid" in loss.detail
+        assert [(e.seq, e.payload) for e in kept] == [(i + 1, _payload(i)) for i in ids]
+        assert await ob.recall("broker_max_payload") == "65536"
+        assert await ob.append("evcore.s.audit", "next", b"n", 99.0) > kept[-1].seq
+        assert (await ob.losses())[-1] == loss
+    finally:
+        await ob.close()
+    # Torn again: the note of the first loss is read back beside the second's.
+    _damage(path, b"ev-0010", tear=True)
+    third = Outbox(path)
+    await third.open()
+    try:
+        assert third.loss is not None
+        assert [x.id for x in await third.losses()] == [loss.id, third.loss.id]
+    finally:
+        await third.close()
+
+
+async def test_an_outbox_salvage_cut_short_is_finished_at_the_next_open(tmp_path: Path) -> None:
+    """The loss is noted before the salvage (a crash during it must not forget the file set
+    aside); a note left unfinished is finished at the next open. A file from before entries
+    carried a CRC is read back as it is."""
+    aside = tmp_path / "ob.sqlite.corrupt-1"
+    db = sqlite3.connect(aside)
+    db.executescript(
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL,"
+        " event_id TEXT NOT NULL, payload BLOB NOT NULL, accepted_at REAL NOT NULL);"
+        "INSERT INTO outbox VALUES (7, 'evcore.s.audit', 'old-7', x'07', 1.0);"
+        "INSERT INTO outbox VALUES (8, 'evcore.s.audit', 'old-8', x'08', 2.0);"
+    )
+    db.commit()
+    db.close()
+    path = tmp_path / "ob.sqlite"
+    first = Outbox(path)
+    await first.open()
+    note = OutboxLoss(id=aside.name, moved_to=str(aside), at=1.0, detail="torn")
+    await first.remember("loss:" + note.id, note.to_json())  # as a crash mid-salvage leaves it
+    await first.close()
+    ob = Outbox(path)
+    await ob.open()
+    try:
+        assert [(e.seq, e.event_id, e.payload) for e in await ob.peek(10)] == [
+            (7, "old-7", b"\x07"),
+            (8, "old-8", b"\x08"),
+        ]
+        [done] = await ob.losses()
+        assert done == ob.loss and done.salvaged == 2 and done.complete
+        assert done.detail == "torn"
+    finally:
+        await ob.close()
 
 
 async def test_a_full_outbox_reports_that_it_is_full(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from evcore.bus.api import (
     BusUnavailable,
     Handler,
     NoResponders,
+    OutboxReports,
     Payload,
     PayloadTooLarge,
     ProcessedIdStore,
@@ -30,6 +31,7 @@ from evcore.bus.api import (
 from evcore.bus.config import BusConfig, default_streams, parse_bus_config
 from evcore.bus.dedupe import ProcessedIds
 from evcore.bus.inprocess import InProcessBus
+from evcore.bus.outbox import OutboxLoss
 from evcore.bus.subjects import Subjects, escape_token, subject_matches, unescape_token
 from evcore.clock import Clock
 
@@ -48,6 +50,8 @@ __all__ = [
     "Handler",
     "InProcessBus",
     "NoResponders",
+    "OutboxLoss",
+    "OutboxReports",
     "Payload",
     "PayloadTooLarge",
     "ProcessedIdStore",

@@ -29,6 +29,8 @@ from typing import Protocol, TypeVar, runtime_checkable
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
+from evcore.bus.outbox import OutboxLoss
+
 log = logging.getLogger("evcore.bus")
 
 Payload = bytes | ProtoMessage
@@ -257,6 +259,29 @@ class Bus(Protocol):
 
         ``BusUnavailable`` when the broker cannot be asked; ``ValueError`` for a subject no
         stream stores."""
+        ...
+
+
+@runtime_checkable
+class OutboxReports(Protocol):
+    """What a bus with a disk outbox (NATS) tells a publisher that keeps its own copy of its
+    events (the audit log and its store) about those it accepted and will never send. Not part
+    of :class:`Bus`: the in-process bus never drops an accepted event; check with
+    ``isinstance(bus, OutboxReports)``."""
+
+    async def outbox_losses(self) -> list[OutboxLoss]:
+        """The outbox files found unreadable and replaced, oldest first (see ``OutboxLoss``)."""
+        ...
+
+    async def last_stored(
+        self, subject: str, *, before_loss: OutboxLoss | None = None
+    ) -> BusMessage | None:
+        """The last message the stream holds on the concrete ``subject`` (None: none), or with
+        ``before_loss`` the last one it held when the broker was first reached after that loss:
+        the events after it were in the unreadable outbox or came later. ``BusUnavailable``
+        while the broker cannot be asked or has not been reached since the loss; ``BusError``
+        when where the stream stood then is not known; ``ValueError`` for a subject no stream
+        stores."""
         ...
 
 

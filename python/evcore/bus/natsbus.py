@@ -8,6 +8,9 @@
 * Telemetry is coalesced per subject (latest wins) while the sender is behind or the broker is away;
   other events wait in a bounded queue. ``publish`` therefore never waits on the network.
 * Durable consumers are pull consumers with explicit acks, acknowledged after the handler returned.
+* An outbox file found unreadable is an ``OutboxLoss`` (``OutboxReports``), and the pump sends
+  nothing after one until it has noted where each stream stood, so that
+  ``last_stored(..., before_loss=)`` tells the publisher from where to send its own copies again.
 
 The first connection is made in the background: an edge starts and keeps controlling while the
 broker is down, and subscriptions/consumers registered meanwhile are attached once it is up.
@@ -49,7 +52,7 @@ from evcore.bus.api import (
     to_bytes,
 )
 from evcore.bus.config import BusConfig
-from evcore.bus.outbox import Outbox, OutboxEntry
+from evcore.bus.outbox import Outbox, OutboxEntry, OutboxLoss
 from evcore.bus.streams import RouteCache, durable_stream, stream_for_subject
 from evcore.bus.subjects import (
     CRITICAL_KINDS,
@@ -82,6 +85,9 @@ _MAX_PAYLOAD_KEY = "broker_max_payload"
 _SEQS_KEPT = 16_384
 # Header bytes besides the ids: "NATS/1.0\r\n", the two header names, separators, final CRLF.
 _HEADER_OVERHEAD = 64
+# Tries at noting where the streams stand after an outbox loss before the pump goes on without
+# (an edge user without $JS.API.STREAM.INFO must not hold every critical event back for ever).
+_PLACE_LOSS_TRIES = 10
 
 # An event the sender has taken from its queues: (from the normal queue?, (subject, data, id,
 # stream or None)).
@@ -498,6 +504,9 @@ class NatsBus:
         self.clock: Clock = clock or WallClock()
         self._stats = BusStats()
         self._max_payload = _DEFAULT_MAX_PAYLOAD
+        # Losses of unreadable outbox files whose stream positions are not noted yet: the pump
+        # sends nothing before it has noted them.
+        self._losses_to_place: list[OutboxLoss] = []
         self._specs = list(streams) if streams is not None else self.config.streams(site_id)
         self.outbox = Outbox(
             outbox_path or self.config.outbox_dir / f"{escape_token(site_id)}.sqlite"
@@ -553,6 +562,12 @@ class NatsBus:
             known = await self.outbox.recall(_MAX_PAYLOAD_KEY)
             if known is not None and int(known) > 0:
                 self._max_payload = int(known)
+        try:
+            losses = await self.outbox.losses()
+        except Exception as exc:  # the notes are in the file just opened; a read failing is odd
+            log.error("bus: cannot read the outbox's loss notes: %r", exc)
+            losses = []
+        self._losses_to_place = [x for x in losses if x.stream_last_seq is None]
         self._started = True
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -946,6 +961,25 @@ class NatsBus:
         failures = 0
         window = _PUMP_WINDOW
         while True:
+            if self._losses_to_place:
+                # Before anything is sent after an outbox loss: nothing of this outbox reached a
+                # stream since, so what a stream holds now is all the lost entries could follow
+                # (last_stored(..., before_loss=)).
+                if not self.connected:
+                    await self._wait_connected(0.5)
+                    continue
+                try:
+                    await self._place_losses()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    failures = await self._pump_failed(failures, "noting the streams", exc)
+                    if failures >= _PLACE_LOSS_TRIES:
+                        await self._place_losses(unknown=True)
+                        failures = 0
+                else:
+                    failures = 0
+                continue
             if ob.pending == 0:
                 ob.nonempty.clear()
                 await ob.nonempty.wait()
@@ -1053,6 +1087,105 @@ class NatsBus:
             why,
             self.outbox.path,
         )
+
+    # -- what the outbox will never send ---------------------------------------------------------
+    async def outbox_losses(self) -> list[OutboxLoss]:
+        self._require_started()
+        return await self.outbox.losses()
+
+    async def _place_losses(self, *, unknown: bool = False) -> None:
+        """Note, for every loss not placed yet, where each stream stands now (``unknown``: that
+        it cannot be told: the broker refused to say)."""
+        positions: dict[str, int] = {}
+        if not unknown:
+            assert self._js is not None
+            for spec in self._specs:
+                try:
+                    info = await self._js.stream_info(spec.name)
+                except nats.js.errors.NotFoundError:
+                    positions[spec.name] = 0  # (a stream not there holds nothing)
+                    continue
+                positions[spec.name] = int(info.state.last_seq or 0)
+        for loss in self._losses_to_place:
+            await self.outbox.note_stream_positions(loss.id, positions)
+            log.warning(
+                "bus: outbox loss %s (%s entries read back): the streams stood at %s when the "
+                "broker was reached again; what a publisher keeps a copy of and no stream held "
+                "then is for it to send again (last_stored)",
+                loss.id,
+                loss.salvaged,
+                positions or "an unknown place (the broker did not say)",
+            )
+        self._losses_to_place = []
+
+    async def last_stored(
+        self, subject: str, *, before_loss: OutboxLoss | None = None
+    ) -> BusMessage | None:
+        self._require_started()
+        _, spec = self._route(subject)
+        if spec is None:
+            raise ValueError(f"no stream stores {subject!r}; nothing there is stored")
+        upto: int | None = None
+        if before_loss is not None:
+            noted = {x.id: x for x in await self.outbox.losses()}.get(before_loss.id)
+            if noted is None:
+                raise BusError(f"outbox loss {before_loss.id} is no longer noted")
+            if noted.stream_last_seq is None:
+                raise BusUnavailable(
+                    f"the broker has not been reached since outbox loss {noted.id}: where the "
+                    "streams stood is not known yet"
+                )
+            if spec.name not in noted.stream_last_seq:
+                raise BusError(
+                    f"where stream {spec.name} stood at outbox loss {noted.id} is not known "
+                    "(the broker did not say)"
+                )
+            upto = noted.stream_last_seq[spec.name]
+        if not self.connected or self._js is None:
+            raise BusUnavailable(f"broker unreachable; cannot ask about {subject!r}")
+        try:
+            m = await self._last_on_subject(spec.name, subject, upto)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            if isinstance(exc, nats.js.errors.APIError) and not isinstance(
+                exc, nats.js.errors.ServiceUnavailableError
+            ):
+                raise BusError(f"last_stored on {subject!r}: {exc.description or exc!r}") from exc
+            raise BusUnavailable(f"last_stored on {subject!r}: {exc!r}") from exc
+        if m is None:
+            return None
+        headers = dict(m.headers or {})
+        return BusMessage(
+            subject=str(m.subject or subject),
+            data=bytes(m.data or b""),
+            event_id=headers.get(MSG_ID, ""),
+            headers=headers,
+        )
+
+    async def _last_on_subject(self, stream: str, subject: str, upto: int | None) -> Any:
+        """The stream's last message on ``subject`` at a sequence up to ``upto`` (None: any), or
+        None: the newest by subject, else a search (the first message at or after a sequence,
+        halving the range: a few dozen requests however long the stream)."""
+        js = self._js
+        try:
+            last = await js.get_msg(stream, subject=subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        if upto is None or int(last.seq or 0) <= upto:
+            return last
+        best: Any = None
+        lo, hi = 1, upto
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            try:
+                m = await js.get_msg(stream, seq=mid, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                m = None
+            found = int(m.seq or 0) if m is not None else 0
+            if m is None or found > upto or found < mid:
+                hi = mid - 1
+            else:
+                best, lo = m, found + 1
+        return best
 
     async def _pump_failed(self, failures: int, what: str, error: BaseException | None) -> int:
         """Count an outbox pump failure (``what``: read or publish), log the 1st, 10th and every

@@ -6,17 +6,27 @@ the order they were accepted and removed only after the broker confirmed them, s
 point either leaves an entry to be re-sent (under the same event id: JetStream's duplicate window
 and the consumers' processed-id stores drop the repeat) or it was already confirmed. All SQLite work
 runs on one worker thread so the event loop never waits on the disk.
+
+A file SQLite cannot read at open is moved aside and replaced by a new one holding every entry
+that can still be read from it (each checked against the CRC it was stored with); what could not
+be read is reported as an :class:`OutboxLoss`, kept in the new file until a later loss pushes it
+out, so that publishers with a source of their own (the audit log's store) can send again what
+the broker never stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import time
+import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("evcore.bus.outbox")
 
@@ -29,7 +39,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     subject TEXT NOT NULL,
     event_id TEXT NOT NULL,
     payload BLOB NOT NULL,
-    accepted_at REAL NOT NULL
+    accepted_at REAL NOT NULL,
+    -- entry_crc() of the entry (NULL: written before it was kept): an entry read back from a
+    -- damaged file is sent only if it still matches.
+    crc INTEGER
 );
 -- Entries the broker can never take (payload above its max_payload): out of the queue, so that
 -- what follows them is sent, and kept here for an operator (docs/bus.md).
@@ -42,12 +55,64 @@ CREATE TABLE IF NOT EXISTS outbox_set_aside (
     set_aside_at REAL NOT NULL,
     reason TEXT NOT NULL
 );
--- What the bus learnt of its broker (its max_payload), for a start before the broker answers.
+-- What the bus learnt of its broker (its max_payload), for a start before the broker answers;
+-- the losses of unreadable files this one replaced ('loss:<file set aside>', JSON).
 CREATE TABLE IF NOT EXISTS outbox_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
 """
+# Columns added since the first files were written: (table, column, declaration).
+_ADDED_COLUMNS = (("outbox", "crc", "INTEGER"),)
+_LOSS_KEY = "loss:"
+# The keys of the loss notes: from 'loss:' up to (not including) 'loss;'.
+_LOSS_KEYS = (_LOSS_KEY, "loss;")
+#: Loss notes kept in an outbox file (the oldest go first).
+LOSSES_KEPT = 16
+#: Problems a loss note names (the rest are counted).
+_PROBLEMS_NAMED = 5
+
+
+def entry_crc(subject: str, event_id: str, payload: bytes) -> int:
+    """The CRC-32 an entry is stored with."""
+    return zlib.crc32(payload, zlib.crc32(f"{subject}\0{event_id}\0".encode()))
+
+
+@dataclass(frozen=True)
+class OutboxLoss:
+    """An outbox file that SQLite could not read at open and that was replaced.
+
+    Its entries that could still be read (``salvaged``; each matching its CRC) were copied into
+    the new file and are sent in their order; any other entry it held never reached the broker
+    and is gone from the outbox. ``complete`` says every entry of its queue was read back, as
+    far as SQLite can tell. ``stream_last_seq`` is where each of the bus's streams stood when
+    the broker was first reached after the loss, before the outbox sent anything again (None
+    until then): whatever a stream holds past it was sent after the loss."""
+
+    id: str
+    moved_to: str
+    at: float
+    salvaged: int | None = None
+    complete: bool = False
+    detail: str = ""
+    stream_last_seq: dict[str, int] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> OutboxLoss:
+        raw = json.loads(text)
+        seqs = raw.get("stream_last_seq")
+        return cls(
+            id=str(raw["id"]),
+            moved_to=str(raw["moved_to"]),
+            at=float(raw["at"]),
+            salvaged=None if raw.get("salvaged") is None else int(raw["salvaged"]),
+            complete=bool(raw.get("complete", False)),
+            detail=str(raw.get("detail", "")),
+            stream_last_seq=None if seqs is None else {str(k): int(v) for k, v in seqs.items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -72,6 +137,8 @@ class Outbox:
         self.nonempty = asyncio.Event()
         #: Where an unreadable outbox file was moved at open (None: it was readable).
         self.corrupt_moved_to: Path | None = None
+        #: What that file's replacement could not keep of it (None: it was readable).
+        self.loss: OutboxLoss | None = None
 
     def _connect_sync(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -79,6 +146,14 @@ class Outbox:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            for table, column, decl in _ADDED_COLUMNS:
+                names = {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in names:
+                    try:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                    except sqlite3.OperationalError as exc:
+                        if "duplicate column" not in str(exc):
+                            raise  # (another opener of the file added it meanwhile)
             db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         except BaseException:
             db.close()
@@ -99,24 +174,42 @@ class Outbox:
                 # Not the file's fault (no file handles left, locked, an I/O error): what it
                 # holds is intact and must not be thrown away; the caller sees the error.
                 raise
-            # A file SQLite cannot read (a torn disk, a stray file): what it held cannot be sent
-            # anyway. Keep it aside for an investigation and start empty rather than leave the
-            # edge unable to start (audit records are republished from the store past its
-            # publish mark; docs/bus.md).
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            # A file SQLite cannot read (a torn disk, a stray file): keep it aside for an
+            # investigation, rather than leave the edge unable to start, and serve a new one
+            # holding what can still be read of it. What cannot is reported (OutboxLoss, kept
+            # in the new file): the broker never had it, and a publisher that keeps its own
+            # copy (the audit log, its store) must send it again; before, the audit log's
+            # publish mark covered it and it never reached the bus (docs/bus.md).
+            stamp = int(time.time())
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            n = 1
+            while any(Path(f"{aside}{sfx}").exists() for sfx in ("", "-wal", "-shm")):
+                n += 1
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
             for suffix in ("", "-wal", "-shm"):
                 src = Path(f"{self.path}{suffix}")
                 if src.exists():
                     src.rename(Path(f"{aside}{suffix}"))
-            log.error(
-                "outbox %s is unreadable (%s): moved to %s; starting an empty outbox (the events "
-                "it held are not sent)",
-                self.path,
-                exc,
-                aside,
-            )
             self.corrupt_moved_to = aside
             db = self._connect_sync()
+            # Noted before the salvage: a crash during it leaves the note, and the next open
+            # finishes the salvage from the file set aside.
+            noted: OutboxLoss | None = OutboxLoss(
+                id=aside.name, moved_to=str(aside), at=time.time(), detail=str(exc)
+            )
+        else:
+            noted = None
+        try:
+            if noted is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO outbox_meta (key, value) VALUES (?, ?)",
+                    (_LOSS_KEY + noted.id, noted.to_json()),
+                )
+            for unfinished in [x for x in self._losses_sync(db) if x.salvaged is None]:
+                self.loss = self._salvage_sync(db, unfinished)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
         # Removals need no fsync of their own: a removal lost in a crash only means a re-send under
         # the same event id (dropped as a duplicate); the next append's fsync covers it anyway.
@@ -125,6 +218,125 @@ class Outbox:
         self._lazy = lazy
         row = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         return int(row[0])
+
+    def _salvage_sync(self, db: sqlite3.Connection, loss: OutboxLoss) -> OutboxLoss:
+        """Copy what can be read of the file ``loss`` set aside into ``db`` (its queue with the
+        seqs it had, so the order holds; its set-aside entries; its notes, such as the broker's
+        max_payload and earlier losses), and finish the note, all in one commit."""
+        src: sqlite3.Connection | None = None
+        problems: list[str] = []
+        taken = dropped = 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            try:
+                src = _open_read_only(Path(loss.moved_to))
+            except (sqlite3.Error, OSError) as exc:
+                problems.append(f"cannot be opened: {exc}")
+            if src is not None:
+                for row in _readable_rows(src, "outbox", _QUEUE_COLUMNS, problems):
+                    if not _entry_ok(row):
+                        dropped += 1
+                        continue
+                    crc = row[5] if isinstance(row[5], int) else None
+                    if crc is not None and crc != entry_crc(row[1], row[2], row[3]):
+                        dropped += 1
+                        continue
+                    db.execute(
+                        "INSERT OR IGNORE INTO outbox(seq, subject, event_id, payload,"
+                        " accepted_at, crc) VALUES (?,?,?,?,?,?)",
+                        (*row[:4], float(row[4]), crc),
+                    )
+                    taken += 1
+                for row in _readable_rows(src, "outbox_set_aside", _SET_ASIDE_COLUMNS, problems):
+                    if _entry_ok(row) and isinstance(row[5], float | int):
+                        db.execute(
+                            "INSERT OR IGNORE INTO outbox_set_aside(seq, subject, event_id,"
+                            " payload, accepted_at, set_aside_at, reason) VALUES (?,?,?,?,?,?,?)",
+                            (*row[:6], str(row[6])),
+                        )
+                    else:
+                        problems.append(f"set-aside entry {row[0]!r} damaged")
+                for row in _readable_rows(src, "outbox_meta", _META_COLUMNS, problems):
+                    if isinstance(row[0], str) and isinstance(row[1], str):
+                        db.execute(
+                            "INSERT OR IGNORE INTO outbox_meta (key, value) VALUES (?, ?)", row
+                        )
+            if dropped:
+                problems.append(f"{dropped} entr{'y' if dropped == 1 else 'ies'} damaged")
+            done = OutboxLoss(
+                id=loss.id,
+                moved_to=loss.moved_to,
+                at=loss.at,
+                salvaged=taken,
+                complete=not problems,
+                detail="; ".join([loss.detail, *_named(problems)]),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO outbox_meta (key, value) VALUES (?, ?)",
+                (_LOSS_KEY + done.id, done.to_json()),
+            )
+            _forget_old_losses(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            if src is not None:
+                src.close()
+        (log.warning if done.complete else log.error)(
+            "outbox %s was unreadable (%s): moved to %s; %d entr%s read back from it and sent in "
+            "their order; %s",
+            self.path,
+            loss.detail,
+            loss.moved_to,
+            taken,
+            "y" if taken == 1 else "ies",
+            "nothing else was lost"
+            if done.complete
+            else "any other it held is lost from the outbox: " + "; ".join(_named(problems)),
+        )
+        return done
+
+    def _losses_sync(self, db: sqlite3.Connection) -> list[OutboxLoss]:
+        rows = db.execute(
+            "SELECT key, value FROM outbox_meta WHERE key >= ? AND key < ?", _LOSS_KEYS
+        ).fetchall()
+        out: list[OutboxLoss] = []
+        for key, value in rows:
+            try:
+                out.append(OutboxLoss.from_json(str(value)))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.error("outbox %s: loss note %s unreadable (%s)", self.path, key, exc)
+        return sorted(out, key=lambda x: (x.at, x.id))
+
+    async def losses(self) -> list[OutboxLoss]:
+        """The losses of unreadable files this file replaced, oldest first (at most
+        ``LOSSES_KEPT``)."""
+        assert self._db is not None
+        db = self._db
+        return await asyncio.get_running_loop().run_in_executor(self._exec, self._losses_sync, db)
+
+    async def note_stream_positions(self, loss_id: str, last_seqs: dict[str, int]) -> None:
+        """Keep where each stream stood when the broker was first reached after loss
+        ``loss_id`` (``OutboxLoss.stream_last_seq``)."""
+        assert self._db is not None
+        db = self._db
+
+        def note() -> None:
+            row = db.execute(
+                "SELECT value FROM outbox_meta WHERE key = ?", (_LOSS_KEY + loss_id,)
+            ).fetchone()
+            if row is None:
+                return
+            raw = json.loads(str(row[0]))
+            raw["stream_last_seq"] = dict(last_seqs)
+            db.execute(
+                "UPDATE outbox_meta SET value = ? WHERE key = ?",
+                (json.dumps(raw, sort_keys=True), _LOSS_KEY + loss_id),
+            )
+
+        await asyncio.get_running_loop().run_in_executor(self._exec, note)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -138,10 +350,17 @@ class Outbox:
         seqs: list[int] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for row in rows:
+            for subject, event_id, payload, accepted_at in rows:
                 cur = db.execute(
-                    "INSERT INTO outbox(subject, event_id, payload, accepted_at) VALUES (?,?,?,?)",
-                    row,
+                    "INSERT INTO outbox(subject, event_id, payload, accepted_at, crc)"
+                    " VALUES (?,?,?,?,?)",
+                    (
+                        subject,
+                        event_id,
+                        payload,
+                        accepted_at,
+                        entry_crc(subject, event_id, payload),
+                    ),
                 )
                 seqs.append(int(cur.lastrowid or 0))
             db.execute("COMMIT")
@@ -308,3 +527,156 @@ class Outbox:
             if conn is not None:
                 await loop.run_in_executor(self._exec, conn.close)
         self._exec.shutdown(wait=True)
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """``path`` (with its WAL, where the entries of the last commits may be) for reading only:
+    the file set aside stays as it was found."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is gone")
+    src = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    src.execute("PRAGMA query_only = ON")
+    return src
+
+
+# What a salvage reads of each table: (column, whether a file may lack it: older files did).
+_QUEUE_COLUMNS = (
+    ("seq", False),
+    ("subject", False),
+    ("event_id", False),
+    ("payload", False),
+    ("accepted_at", False),
+    ("crc", True),
+)
+_SET_ASIDE_COLUMNS = (
+    *_QUEUE_COLUMNS[:5],
+    ("set_aside_at", False),
+    ("reason", False),
+)
+_META_COLUMNS = (("key", False), ("value", False))
+
+
+def _named(problems: list[str]) -> list[str]:
+    if len(problems) <= _PROBLEMS_NAMED:
+        return problems
+    return [*problems[:_PROBLEMS_NAMED], f"{len(problems) - _PROBLEMS_NAMED} more"]
+
+
+def _entry_ok(row: tuple[Any, ...]) -> bool:
+    """Whether a row read back has an entry's types (seq, subject, event id, payload, time)."""
+    return (
+        isinstance(row[0], int)
+        and isinstance(row[1], str)
+        and isinstance(row[2], str)
+        and isinstance(row[3], bytes)
+        and isinstance(row[4], float | int)
+    )
+
+
+def _readable_rows(
+    src: sqlite3.Connection,
+    table: str,
+    wanted: tuple[tuple[str, bool], ...],
+    problems: list[str],
+) -> Iterator[tuple[Any, ...]]:
+    """The ``wanted`` columns of the rows of ``table`` SQLite can still read (NULL for an
+    optional column the file lacks), in rowid order, one at a time. A damaged part is stepped
+    over: the next rowid that reads again is searched for (doubling, then halving back) as far as
+    the largest rowid the table or ``sqlite_sequence`` still tells; each damaged part is named in
+    ``problems``."""
+    try:
+        have = {str(r[1]) for r in src.execute(f"PRAGMA table_info({table})")}
+    except sqlite3.DatabaseError as exc:
+        problems.append(f"{table}: unreadable ({exc})")
+        return
+    missing = [name for name, optional in wanted if not optional and name not in have]
+    if missing:
+        if have or table == "outbox":
+            problems.append(f"{table}: no column {', '.join(missing)}")
+        return  # (a file from before the table was added has nothing in it to lose)
+    columns = ", ".join(name if name in have else "NULL" for name, _ in wanted)
+    after = 0
+    ceiling: int | None = None
+    while True:
+        try:
+            # Row by row: the rows before a damaged page are read, not lost with a batch.
+            for row in src.execute(
+                f"SELECT rowid, {columns} FROM {table} WHERE rowid > ? ORDER BY rowid", (after,)
+            ):
+                after = int(row[0])
+                yield tuple(row[1:])
+        except sqlite3.DatabaseError as exc:
+            if ceiling is None:
+                ceiling = _largest_rowid(src, table)
+            resume = _next_readable(src, table, after, ceiling)
+            problems.append(
+                f"{table}: rows after rowid {after} "
+                + (f"up to {resume}" if resume is not None else "to the end")
+                + f" unreadable ({exc})"
+            )
+            if resume is None:
+                return
+            after = resume
+            continue
+        return
+
+
+def _largest_rowid(src: sqlite3.Connection, table: str) -> int:
+    """The largest rowid ``table`` may hold as far as what still reads tells (0: nothing)."""
+    best = 0
+    for query, args in (
+        (f"SELECT MAX(rowid) FROM {table}", ()),
+        ("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)),
+    ):
+        try:
+            row = src.execute(query, args).fetchone()
+        except sqlite3.DatabaseError:
+            continue
+        if row is not None and isinstance(row[0], int):
+            best = max(best, row[0])
+    return best
+
+
+def _next_readable(src: sqlite3.Connection, table: str, bad: int, ceiling: int) -> int | None:
+    """The smallest ``after`` above ``bad`` (reading the first row past ``bad`` failed) from
+    which the first row past it reads again, at most ``ceiling``; None when there is none."""
+
+    def reads(after: int) -> bool:
+        try:
+            src.execute(
+                f"SELECT * FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT 1", (after,)
+            ).fetchall()
+        except sqlite3.DatabaseError:
+            return False
+        return True
+
+    step = 1
+    while True:
+        good = min(bad + step, ceiling)
+        if good <= bad:
+            return None
+        if reads(good):
+            break
+        bad = good
+        step *= 2
+    while good - bad > 1:
+        mid = (bad + good) // 2
+        if reads(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def _forget_old_losses(db: sqlite3.Connection) -> None:
+    """Keep the newest ``LOSSES_KEPT`` loss notes (an unreadable note counts as the oldest)."""
+    dated: list[tuple[float, str]] = []
+    for key, value in db.execute(
+        "SELECT key, value FROM outbox_meta WHERE key >= ? AND key < ?", _LOSS_KEYS
+    ).fetchall():
+        try:
+            dated.append((OutboxLoss.from_json(str(value)).at, str(key)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            dated.append((float("-inf"), str(key)))
+    for _, key in sorted(dated)[: max(0, len(dated) - LOSSES_KEPT)]:
+        db.execute("DELETE FROM outbox_meta WHERE key = ?", (key,))
