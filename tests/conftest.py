@@ -18,6 +18,7 @@ import pytest
 from bus_testkit import streams_to_delete
 from evcore.store import SqlStore, open_store
 from hypothesis import settings
+from pg_testkit import PG_DSN
 from psycopg import sql
 
 # CI runs every property test on a fixed sequence of examples (EVCORE_HYPOTHESIS_PROFILE=ci, set by
@@ -120,9 +121,6 @@ def _jetstream_streams_cleaned_up() -> Iterator[None]:
             if delete:
                 asyncio.run(_delete_streams(delete))
             pending_file.write_text("\n".join(sorted(keep)))
-
-
-PG_DSN = os.environ.get("EVCORE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
 
 def pg_available() -> bool:

@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from conftest import PG_DSN
 from evcore.store import open_store
 from evcore.v1 import edge_api_pb2 as pb
+from pg_testkit import PG_DSN
 from test_api_edge import OPERATOR, VIEWER, Edge, auth, serving
 
 API_LOG = "evcore.api"

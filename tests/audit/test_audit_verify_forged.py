@@ -13,11 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-from conftest import PG_DSN
 from evcore.audit import verify_chain
 from evcore.clock import ManualClock
 from evcore.store import SqlStore, open_store
 from evcore.v1.audit_pb2 import AuditRecord
+from pg_testkit import PG_DSN
 from test_audit_trail import fill, raw_sql, site_file
 
 

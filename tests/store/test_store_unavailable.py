@@ -28,7 +28,6 @@ from typing import Any
 import psycopg
 import pytest
 from bus_testkit import free_port
-from conftest import PG_DSN
 from edge_testkit import spawn_edge
 from evcore.edge.sitegen import depot_table, to_toml
 from evcore.store import (
@@ -39,6 +38,7 @@ from evcore.store import (
     open_store,
 )
 from evcore.store.postgres import PostgresBackend
+from pg_testkit import PG_DSN
 from psycopg import errors as pgerr
 from psycopg import sql as pgsql
 
