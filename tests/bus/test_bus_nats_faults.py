@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from bus_testkit import SHARED_NATS, AuditSink, NatsServer, make_nats_bus, unique_site, wait_until
+from bus_testkit import (
+    SHARED_NATS,
+    AuditSink,
+    NatsServer,
+    free_port,
+    make_nats_bus,
+    unique_site,
+    wait_until,
+)
 from evcore.bus import BusMessage, BusUnavailable, Subjects
 from evcore.bus.natsbus import NatsBus
 from evcore.bus.outbox import Outbox
@@ -320,6 +328,27 @@ async def test_broker_unreachable_control_path_keeps_going_telemetry_sampled(
         assert bus.outbox.pending == 0
     finally:
         await bus.close()
+
+
+async def test_closing_a_bus_whose_broker_is_down_returns(tmp_path: Path) -> None:
+    """Found while testing the outbox reports (2027-01): ``close()`` of a bus whose broker was
+    down now and then never returned (the suite's 120 s timeout). nats-py tries each connection
+    under ``asyncio.wait_for``, which before Python 3.12 swallows a cancellation arriving as a
+    refused attempt completes: the connect task tried the next server and ``close()`` waited
+    for it. With no wait between attempts, 1 close in 2 hung; each close is cancelled again until
+    the task ends."""
+    url = f"nats://127.0.0.1:{free_port()}"  # nobody listens: every attempt is refused at once
+    for i in range(20):
+        bus = make_nats_bus(
+            unique_site(), url, tmp_path / "outbox", connect_timeout_s=0.05, reconnect_wait_s=0.0
+        )
+        await bus.start()
+        assert not bus.connected
+        await asyncio.sleep(0.005 * (i % 4))
+        try:
+            await asyncio.wait_for(asyncio.shield(bus.close()), 5)
+        except TimeoutError:
+            pytest.fail(f"close() of bus {i} did not return within 5 s")
 
 
 async def test_a_failing_handler_backs_off_warns_and_the_rest_follows_in_order(

@@ -125,6 +125,21 @@ async def _await_acks(futs: Sequence[asyncio.Future[Any]], timeout_s: float) -> 
     return out
 
 
+async def _end_tasks(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended, cancelling again every 0.1 s those still
+    running. Before Python 3.12, ``asyncio.wait_for`` swallows a cancellation that arrives as the
+    awaitable it wraps completes; nats-py runs each connection attempt under one, and a refused
+    attempt completes at once: the connect task took the cancellation for a failed attempt and
+    tried the next, and ``close()`` waited for it for ever (1 close in 2 while the broker was
+    down, with ``reconnect_wait_s`` 0)."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _reconnects(nc: NatsClient | None) -> int:
     """How often this connection reconnected so far (a changed count: the broker may be new)."""
     return int(nc.stats.get("reconnects", 0)) if nc is not None else 0
@@ -470,9 +485,7 @@ class NatsConnection:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await _end_tasks([self._task])
             self._task = None
         nc, self._nc = self._nc, None
         self._connected.clear()
@@ -752,9 +765,7 @@ class NatsBus:
             await s.stop()
         if self.connected:
             await self.flush(timeout_s=self.config.publish_timeout_s)
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _end_tasks(self._tasks)
         self._tasks = []
         nc, self._nc = self._nc, None
         if self._shared is not None:
