@@ -1,10 +1,13 @@
 """What the NATS bus's outbox accepted and will never send reaches its publisher, on a real
 nats-server of the test's own: an outbox file found unreadable keeps every entry that can still be
 read and says where the streams stood (review 2027-01, docs/audit.md: its audit records were lost
-from the bus, the publish mark covered them)."""
+from the bus, the publish mark covered them); an entry set aside for its size is handed to the
+publisher's listener (a record accepted against the 1 MiB default before the broker first
+answered was set aside without the audit log knowing)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 import zlib
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 from bus_testkit import NatsServer, make_nats_bus, wait_until
 from evcore.audit import AuditLog, Decision
 from evcore.audit.log import PUBLISHED_MARK
-from evcore.bus import BusUnavailable, OutboxReports, Subjects
+from evcore.bus import BusUnavailable, OutboxReports, SetAside, Subjects
 from evcore.bus.natsbus import NatsBus
 from evcore.bus.streams import stream_for_subject
 from evcore.clock import ManualClock
@@ -223,6 +226,90 @@ async def test_after_an_outbox_loss_the_publisher_learns_from_where_to_send_agai
             assert sorted(r.seq for r in got) == [r.seq for r in appended]  # each once
             assert sorted(got, key=lambda r: r.seq) == appended
             await log.close()
+        finally:
+            await bus.close()
+    finally:
+        await store.close()
+        srv.kill()
+
+
+async def test_a_record_set_aside_for_its_size_is_handed_to_its_publisher(tmp_path: Path) -> None:
+    """A broker with a 64 KiB max_payload, never reached before: the bus can only assume nats-
+    server's 1 MiB default and takes a 100 KB audit record (below the audit log's 256 KiB
+    compression threshold). Before, the pump set it aside once the broker answered and nobody was
+    told: not compressed, not in too_large_for_bus, never on the bus. Now it goes to the listener
+    of its subject (offered again while the listener cannot deal with it, and at the next start
+    until one does); the listener here does what the audit log is to do (docs/bus.md): send it
+    compressed under the same event id. An entry of another subject waits for its own listener."""
+    srv = NatsServer(tmp_path / "js", max_payload=64 * 1024)
+    site = f"size-{uuid.uuid4().hex[:8]}"
+    s = Subjects(site)
+    clock = ManualClock()
+    store: SqlStore = open_store({"path": str(tmp_path / "store")}, tmp_path)
+    await store.open()
+    outbox = tmp_path / "outbox"
+    offered: list[SetAside] = []
+    resent: list[str] = []
+    try:
+        bus = make_nats_bus(site, srv.url, outbox)
+        await bus.start()
+        assert not bus.connected and not bus.max_payload_known
+        assert bus.max_payload == 1024 * 1024
+        with pytest.raises(ValueError, match="nats-server's default: no broker has answered"):
+            await bus.publish(s.audit, b"x" * (1024 * 1024), event_id="far-too-big")
+
+        async def audit_listener(entry: SetAside) -> bool:
+            offered.append(entry)
+            if len(offered) == 1:
+                return False  # (the publisher's store away, say): offered again
+            event = Event.FromString(entry.payload)
+            assert event.WhichOneof("payload") == "audit"
+            event.audit_zlib = zlib.compress(event.audit.SerializeToString(), 1)
+            await bus.publish(entry.subject, event, event_id=entry.event_id, critical=True)
+            resent.append(entry.event_id)
+            return True
+
+        bus.on_set_aside(s.audit, audit_listener)
+        log = await open_audit(store, bus, site, clock)
+        appended = []
+        for i, chargers in enumerate((1, 2000, 1)):
+            clock.advance(1)
+            appended.append(await log.append(decision(i, chargers)))
+        await log.flush()
+        assert 64 * 1024 < appended[1].ByteSize() < 256 * 1024
+        await bus.publish(s.setpoint("C1"), b"s" * 100_000, event_id="big-setpoint")
+        assert bus.outbox.pending == 4
+
+        srv.start()
+        await wait_until(lambda: bool(resent), 30, "the set-aside record sent compressed")
+        assert bus.max_payload == 64 * 1024 and bus.max_payload_known
+        assert [e.event_id for e in offered] == [f"audit-{appended[1].hash}"] * 2
+        assert "max_payload of 65536" in offered[0].reason
+        assert await bus.flush(timeout_s=30)
+        assert await stored_records(bus, s.audit) == [appended[0], appended[2], appended[1]]
+        assert log.too_large_for_bus == []  # (the audit log was never told: docs/bus.md)
+        await log.close()
+        await bus.close()
+
+        # The next start, broker away: the figure is known, the record dealt with is not offered
+        # again; the setpoint no listener took is, to the first that listens for it.
+        srv.kill()
+        bus = make_nats_bus(site, srv.url, outbox)
+        await bus.start()
+        try:
+            assert bus.max_payload == 64 * 1024 and bus.max_payload_known
+            again: list[SetAside] = []
+
+            async def take(entry: SetAside) -> bool:
+                again.append(entry)
+                return True
+
+            bus.on_set_aside(s.audit, take)
+            bus.on_set_aside(s.setpoint(), take)
+            await wait_until(lambda: len(again) >= 1, 10, "the set-aside setpoint offered")
+            await asyncio.sleep(0.2)
+            assert [e.event_id for e in again] == ["big-setpoint"]
+            assert await bus.outbox.unreported_set_aside() == []
         finally:
             await bus.close()
     finally:

@@ -290,6 +290,39 @@ async def test_an_unreadable_outbox_keeps_every_entry_that_reads_and_checks_each
         await third.close()
 
 
+async def test_an_outbox_file_of_an_earlier_version_takes_crcs_and_reports(
+    tmp_path: Path,
+) -> None:
+    """A file written before entries carried a CRC and set-aside entries a reported time gets
+    both columns at open; what it holds is sent as it is, and an entry set aside in it is
+    offered until its publisher says it dealt with it."""
+    path = tmp_path / "ob.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL,"
+        " event_id TEXT NOT NULL, payload BLOB NOT NULL, accepted_at REAL NOT NULL);"
+        "CREATE TABLE outbox_set_aside (seq INTEGER PRIMARY KEY, subject TEXT NOT NULL,"
+        " event_id TEXT NOT NULL, payload BLOB NOT NULL, accepted_at REAL NOT NULL,"
+        " set_aside_at REAL NOT NULL, reason TEXT NOT NULL);"
+        "INSERT INTO outbox VALUES (1, 'evcore.s.audit', 'old-1', x'01', 1.0);"
+    )
+    db.commit()
+    db.close()
+    ob = Outbox(path)
+    await ob.open()
+    try:
+        seq = await ob.append("evcore.s.audit", "new-2", b"\x02", 2.0)
+        assert [e.event_id for e in await ob.peek(10)] == ["old-1", "new-2"]
+        await ob.set_aside(1, 3.0, "too large")
+        [aside] = await ob.unreported_set_aside()
+        assert (aside.event_id, aside.payload, aside.reason) == ("old-1", b"\x01", "too large")
+        await ob.mark_reported(aside.seq, 4.0)
+        assert await ob.unreported_set_aside() == []
+        assert [e.seq for e in await ob.peek(10)] == [seq]
+    finally:
+        await ob.close()
+
+
 async def test_an_outbox_salvage_cut_short_is_finished_at_the_next_open(tmp_path: Path) -> None:
     """The loss is noted before the salvage (a crash during it must not forget the file set
     aside); a note left unfinished is finished at the next open. A file from before entries

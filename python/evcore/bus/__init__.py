@@ -23,6 +23,7 @@ from evcore.bus.api import (
     Payload,
     PayloadTooLarge,
     ProcessedIdStore,
+    SetAsideListener,
     StreamSpec,
     Subscription,
     decode,
@@ -31,7 +32,7 @@ from evcore.bus.api import (
 from evcore.bus.config import BusConfig, default_streams, parse_bus_config
 from evcore.bus.dedupe import ProcessedIds
 from evcore.bus.inprocess import InProcessBus
-from evcore.bus.outbox import OutboxLoss
+from evcore.bus.outbox import OutboxLoss, SetAside
 from evcore.bus.subjects import Subjects, escape_token, subject_matches, unescape_token
 from evcore.clock import Clock
 
@@ -56,6 +57,8 @@ __all__ = [
     "PayloadTooLarge",
     "ProcessedIdStore",
     "ProcessedIds",
+    "SetAside",
+    "SetAsideListener",
     "StreamSpec",
     "Subjects",
     "Subscription",

@@ -29,7 +29,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
-from evcore.bus.outbox import OutboxLoss
+from evcore.bus.outbox import OutboxLoss, SetAside
 
 log = logging.getLogger("evcore.bus")
 
@@ -262,12 +262,26 @@ class Bus(Protocol):
         ...
 
 
+#: Told of an event its bus set aside (the broker can never take it); True once the publisher
+#: has dealt with it (sent it again in another form, or recorded that it is not on the bus).
+SetAsideListener = Callable[[SetAside], Awaitable[bool]]
+
+
 @runtime_checkable
 class OutboxReports(Protocol):
     """What a bus with a disk outbox (NATS) tells a publisher that keeps its own copy of its
     events (the audit log and its store) about those it accepted and will never send. Not part
     of :class:`Bus`: the in-process bus never drops an accepted event; check with
     ``isinstance(bus, OutboxReports)``."""
+
+    def on_set_aside(self, subject_pattern: str, listener: SetAsideListener) -> None:
+        """Hand every event on a matching subject that the broker can never take (above its
+        max_payload; accepted against an older figure or nats-server's default before any broker
+        answered) to ``listener``, in the order they were set aside: those of earlier runs not
+        yet dealt with, then each new one. An event is offered again, after a back-off and on
+        the next start, until every matching listener returned True: a listener must take a
+        repeat."""
+        ...
 
     async def outbox_losses(self) -> list[OutboxLoss]:
         """The outbox files found unreadable and replaced, oldest first (see ``OutboxLoss``)."""

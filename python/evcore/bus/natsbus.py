@@ -8,8 +8,10 @@
 * Telemetry is coalesced per subject (latest wins) while the sender is behind or the broker is away;
   other events wait in a bounded queue. ``publish`` therefore never waits on the network.
 * Durable consumers are pull consumers with explicit acks, acknowledged after the handler returned.
-* An outbox file found unreadable is an ``OutboxLoss`` (``OutboxReports``), and the pump sends
-  nothing after one until it has noted where each stream stood, so that
+* What the outbox accepted and will never send is told, never dropped in silence
+  (``OutboxReports``): an entry the broker can never take goes to the publisher's
+  ``on_set_aside`` listener; an outbox file found unreadable is an ``OutboxLoss``, and the pump
+  sends nothing after one until it has noted where each stream stood, so that
   ``last_stored(..., before_loss=)`` tells the publisher from where to send its own copies again.
 
 The first connection is made in the background: an edge starts and keeps controlling while the
@@ -46,13 +48,14 @@ from evcore.bus.api import (
     Payload,
     PayloadTooLarge,
     ProcessedIdStore,
+    SetAsideListener,
     StreamSpec,
     event_id_for,
     run_handler,
     to_bytes,
 )
 from evcore.bus.config import BusConfig
-from evcore.bus.outbox import Outbox, OutboxEntry, OutboxLoss
+from evcore.bus.outbox import Outbox, OutboxEntry, OutboxLoss, SetAside
 from evcore.bus.streams import RouteCache, durable_stream, stream_for_subject
 from evcore.bus.subjects import (
     CRITICAL_KINDS,
@@ -60,6 +63,7 @@ from evcore.bus.subjects import (
     Subjects,
     escape_token,
     name_token,
+    subject_matches,
     validate_subject,
 )
 from evcore.clock import Clock, WallClock
@@ -88,6 +92,8 @@ _HEADER_OVERHEAD = 64
 # Tries at noting where the streams stand after an outbox loss before the pump goes on without
 # (an edge user without $JS.API.STREAM.INFO must not hold every critical event back for ever).
 _PLACE_LOSS_TRIES = 10
+# Back-off between offers of set-aside entries a listener did not deal with (doubling to the last).
+_REPORT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 # An event the sender has taken from its queues: (from the normal queue?, (subject, data, id,
 # stream or None)).
@@ -517,6 +523,11 @@ class NatsBus:
         self.clock: Clock = clock or WallClock()
         self._stats = BusStats()
         self._max_payload = _DEFAULT_MAX_PAYLOAD
+        # The figure kept in the outbox file (None: none; the default is then only assumed).
+        self._max_payload_kept: int | None = None
+        # (subject pattern, listener) told of set-aside entries; woken when there may be more.
+        self._set_aside_listeners: list[tuple[str, SetAsideListener]] = []
+        self._report_wake = asyncio.Event()
         # Losses of unreadable outbox files whose stream positions are not noted yet: the pump
         # sends nothing before it has noted them.
         self._losses_to_place: list[OutboxLoss] = []
@@ -566,6 +577,19 @@ class NatsBus:
     def streams(self) -> list[StreamSpec]:
         return list(self._specs)
 
+    @property
+    def max_payload(self) -> int:
+        """The broker's max_payload that ``publish`` checks against: the connected broker's,
+        else the last one a broker gave (kept in the outbox file), else nats-server's default
+        (``max_payload_known`` False: a guess until a broker answers)."""
+        nc = self._nc
+        return int(nc.max_payload) if nc is not None and nc.max_payload else self._max_payload
+
+    @property
+    def max_payload_known(self) -> bool:
+        nc = self._nc
+        return bool(nc is not None and nc.max_payload) or self._max_payload_kept is not None
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._started:
@@ -574,7 +598,7 @@ class NatsBus:
         with contextlib.suppress(Exception):  # unknown: the default
             known = await self.outbox.recall(_MAX_PAYLOAD_KEY)
             if known is not None and int(known) > 0:
-                self._max_payload = int(known)
+                self._max_payload = self._max_payload_kept = int(known)
         try:
             losses = await self.outbox.losses()
         except Exception as exc:  # the notes are in the file just opened; a read failing is odd
@@ -587,6 +611,7 @@ class NatsBus:
             loop.create_task(self._connect_loop(), name="bus-nats-connect"),
             loop.create_task(self._pump(), name="bus-nats-outbox"),
             loop.create_task(self._sender(), name="bus-nats-sender"),
+            loop.create_task(self._report_set_aside(), name="bus-nats-set-aside"),
         ]
         # Wait briefly for the broker; without it the bus still accepts events (outbox, queues).
         with contextlib.suppress(TimeoutError):
@@ -604,13 +629,17 @@ class NatsBus:
     async def _learn_max_payload(self) -> None:
         """Keep the broker's max_payload (its INFO, on every connect) for a start without it."""
         nc = self._nc
-        if nc is None or not nc.max_payload or nc.max_payload == self._max_payload:
+        if nc is None or not nc.max_payload or nc.max_payload == self._max_payload_kept:
             return
         self._max_payload = int(nc.max_payload)
         try:
             await self.outbox.remember(_MAX_PAYLOAD_KEY, str(self._max_payload))
         except Exception as exc:  # the figure is only a default for the next start
             log.warning("bus: could not keep the broker's max_payload: %r", exc)
+        else:
+            # Kept even when it is nats-server's default: the next start without a broker then
+            # knows it rather than assumes it.
+            self._max_payload_kept = self._max_payload
 
     async def _reconnected_cb(self) -> None:
         log.info("bus: reconnected to NATS")
@@ -800,14 +829,20 @@ class NatsBus:
     def _too_large(self, subject: str, data: bytes, eid: str, stream: str | None) -> str | None:
         """Why the broker cannot take this message (headers plus payload above its
         max_payload: the connected broker's, else the last one learnt), or None."""
-        nc = self._nc
-        limit = nc.max_payload if nc is not None and nc.max_payload else self._max_payload
+        limit = self.max_payload
         headers = _HEADER_OVERHEAD + len(eid.encode()) + (len(stream) if stream else 0)
         if len(data) + headers <= limit:
             return None
+        nc = self._nc
+        if nc is not None and nc.max_payload:
+            whose = ""
+        elif self._max_payload_kept is not None:
+            whose = " (the figure it gave last, kept in the outbox: it is away)"
+        else:
+            whose = " (nats-server's default: no broker has answered yet)"
         return (
             f"payload of {len(data)} bytes on {subject!r} (event {eid}) exceeds the broker's "
-            f"max_payload of {limit} bytes with {headers} bytes of headers"
+            f"max_payload of {limit} bytes{whose} with {headers} bytes of headers"
         )
 
     async def publish(
@@ -1092,14 +1127,89 @@ class NatsBus:
     async def _set_aside(self, entry: OutboxEntry, why: str) -> None:
         await self.outbox.set_aside(entry.seq, self.clock.now(), why)
         self._stats.set_aside += 1
+        self._report_wake.set()
         log.error(
             "bus: %s: the broker can never take it; set aside in %s (table outbox_set_aside), "
-            "the events after it go on. Raise the broker's max_payload (docs/bus.md)",
+            "the events after it go on%s. Raise the broker's max_payload (docs/bus.md)",
             why,
             self.outbox.path,
+            ""
+            if any(subject_matches(p, entry.subject) for p, _ in self._set_aside_listeners)
+            else " (no publisher listens for it yet: it is offered to the first that does)",
         )
 
     # -- what the outbox will never send ---------------------------------------------------------
+    def on_set_aside(self, subject_pattern: str, listener: SetAsideListener) -> None:
+        validate_subject(subject_pattern, wildcards=True)
+        self._set_aside_listeners.append((subject_pattern, listener))
+        self._report_wake.set()
+
+    async def _report_set_aside(self) -> None:
+        """Offer every set-aside entry nobody has dealt with to the listeners of its subject; those
+        a listener did not deal with again after a back-off (real time: the broker and the
+        publisher's store are real even under a simulated clock)."""
+        failures = 0
+        while True:
+            self._report_wake.clear()
+            left = await self._offer_set_aside() if self._set_aside_listeners else False
+            if not left:
+                failures = 0
+                await self._report_wake.wait()
+                continue
+            failures += 1
+            delay = _REPORT_BACKOFF_S[min(failures, len(_REPORT_BACKOFF_S)) - 1]
+            # Not asyncio.wait_for: before Python 3.12 it can swallow the task's cancellation
+            # when the event is set in the same turn, and close() then waited for ever.
+            woken = asyncio.ensure_future(self._report_wake.wait())
+            try:
+                await asyncio.wait({woken}, timeout=delay)
+            finally:
+                woken.cancel()
+
+    async def _offer_set_aside(self) -> bool:
+        """One pass over the entries not dealt with; whether some matching one is left."""
+        left = False
+        after = 0
+        while True:
+            try:
+                batch = await self.outbox.unreported_set_aside(after)
+            except Exception as exc:
+                log.warning("bus: reading the set-aside entries failed: %r", exc)
+                return True
+            if not batch:
+                return left
+            for entry in batch:
+                after = entry.seq
+                if not await self._offer(entry):
+                    left = True
+
+    async def _offer(self, entry: SetAside) -> bool:
+        """Hand ``entry`` to each listener of its subject; True once all dealt with it (an
+        entry no listener matches is left for one that will)."""
+        listeners = [f for p, f in self._set_aside_listeners if subject_matches(p, entry.subject)]
+        if not listeners:
+            return True
+        dealt = True
+        for listener in listeners:
+            try:
+                dealt = bool(await listener(entry)) and dealt
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "bus: a listener failed on set-aside event %s (%s); offered again",
+                    entry.event_id,
+                    entry.subject,
+                )
+                dealt = False
+        if dealt:
+            try:
+                await self.outbox.mark_reported(entry.seq, self.clock.now())
+            except Exception as exc:  # offered again: a listener takes a repeat
+                log.warning("bus: marking set-aside entry %d dealt with failed: %r", entry.seq, exc)
+                return False
+        return dealt
+
     async def outbox_losses(self) -> list[OutboxLoss]:
         self._require_started()
         return await self.outbox.losses()

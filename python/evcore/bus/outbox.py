@@ -11,7 +11,8 @@ A file SQLite cannot read at open is moved aside and replaced by a new one holdi
 that can still be read from it (each checked against the CRC it was stored with); what could not
 be read is reported as an :class:`OutboxLoss`, kept in the new file until a later loss pushes it
 out, so that publishers with a source of their own (the audit log's store) can send again what
-the broker never stored.
+the broker never stored. An entry set aside because the broker can never take it is a
+:class:`SetAside` until its publisher says it has dealt with it (``mark_reported``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ CREATE TABLE IF NOT EXISTS outbox_set_aside (
     payload BLOB NOT NULL,
     accepted_at REAL NOT NULL,
     set_aside_at REAL NOT NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    -- When its publisher said it dealt with it (NULL: not yet; NatsBus.on_set_aside).
+    reported_at REAL
 );
 -- What the bus learnt of its broker (its max_payload), for a start before the broker answers;
 -- the losses of unreadable files this one replaced ('loss:<file set aside>', JSON).
@@ -63,7 +66,7 @@ CREATE TABLE IF NOT EXISTS outbox_meta (
 );
 """
 # Columns added since the first files were written: (table, column, declaration).
-_ADDED_COLUMNS = (("outbox", "crc", "INTEGER"),)
+_ADDED_COLUMNS = (("outbox", "crc", "INTEGER"), ("outbox_set_aside", "reported_at", "REAL"))
 _LOSS_KEY = "loss:"
 # The keys of the loss notes: from 'loss:' up to (not including) 'loss;'.
 _LOSS_KEYS = (_LOSS_KEY, "loss;")
@@ -113,6 +116,18 @@ class OutboxLoss:
             detail=str(raw.get("detail", "")),
             stream_last_seq=None if seqs is None else {str(k): int(v) for k, v in seqs.items()},
         )
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """An outbox entry the broker can never take, set aside (``outbox_set_aside``)."""
+
+    seq: int
+    subject: str
+    event_id: str
+    payload: bytes
+    reason: str
+    set_aside_at: float
 
 
 @dataclass(frozen=True)
@@ -251,8 +266,9 @@ class Outbox:
                     if _entry_ok(row) and isinstance(row[5], float | int):
                         db.execute(
                             "INSERT OR IGNORE INTO outbox_set_aside(seq, subject, event_id,"
-                            " payload, accepted_at, set_aside_at, reason) VALUES (?,?,?,?,?,?,?)",
-                            (*row[:6], str(row[6])),
+                            " payload, accepted_at, set_aside_at, reason, reported_at)"
+                            " VALUES (?,?,?,?,?,?,?,?)",
+                            (*row[:6], str(row[6]), row[7]),
                         )
                     else:
                         problems.append(f"set-aside entry {row[0]!r} damaged")
@@ -444,7 +460,8 @@ class Outbox:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute(
-                "INSERT OR IGNORE INTO outbox_set_aside SELECT seq, subject, event_id, payload,"
+                "INSERT OR IGNORE INTO outbox_set_aside (seq, subject, event_id, payload,"
+                " accepted_at, set_aside_at, reason) SELECT seq, subject, event_id, payload,"
                 " accepted_at, ?, ? FROM outbox WHERE seq = ?",
                 (at, reason, seq),
             )
@@ -479,6 +496,35 @@ class Outbox:
         return [
             (OutboxEntry(int(r[0]), str(r[1]), str(r[2]), bytes(r[3])), str(r[4])) for r in rows
         ]
+
+    async def unreported_set_aside(self, after_seq: int = 0, limit: int = 16) -> list[SetAside]:
+        """Set-aside entries after ``after_seq`` whose publisher has not said it dealt with
+        them, oldest first."""
+        assert self._db is not None
+        db = self._db
+        rows = await asyncio.get_running_loop().run_in_executor(
+            self._exec,
+            lambda: db.execute(
+                "SELECT seq, subject, event_id, payload, reason, set_aside_at FROM"
+                " outbox_set_aside WHERE seq > ? AND reported_at IS NULL ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall(),
+        )
+        return [
+            SetAside(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), str(r[4]), float(r[5]))
+            for r in rows
+        ]
+
+    async def mark_reported(self, seq: int, at: float) -> None:
+        """Set-aside entry ``seq`` was dealt with by its publisher: not offered again."""
+        assert self._db is not None
+        db = self._db
+        await asyncio.get_running_loop().run_in_executor(
+            self._exec,
+            lambda: db.execute(
+                "UPDATE outbox_set_aside SET reported_at = ? WHERE seq = ?", (at, seq)
+            ),
+        )
 
     async def remember(self, key: str, value: str) -> None:
         """Keep ``value`` under ``key`` in the outbox file (``recall`` reads it back)."""
@@ -552,6 +598,7 @@ _SET_ASIDE_COLUMNS = (
     *_QUEUE_COLUMNS[:5],
     ("set_aside_at", False),
     ("reason", False),
+    ("reported_at", True),
 )
 _META_COLUMNS = (("key", False), ("value", False))
 
