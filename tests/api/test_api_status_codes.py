@@ -10,19 +10,16 @@ change feed that failed was UNAVAILABLE without a traceback and one that ended w
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
 from evcore.store import open_store
 from evcore.v1 import edge_api_pb2 as pb
-from pg_testkit import PG_DSN
+from pg_testkit import TcpRelay
 from test_api_edge import OPERATOR, VIEWER, Edge, auth, serving
 
 API_LOG = "evcore.api"
@@ -108,61 +105,12 @@ async def test_a_value_error_from_a_bug_is_internal_and_logged_a_facade_error_in
     assert _tracebacks(caplog) == []
 
 
-class TcpRelay:
-    """A TCP relay to PostgreSQL on a fixed local port: ``cut`` is the database going away (every
-    connection reset, new ones refused), ``restore`` its return."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.listen_port = 0
-        self._server: asyncio.Server | None = None
-        self._transports: set[asyncio.WriteTransport] = set()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._transports |= {writer.transport, up_writer.transport}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.listen_port)
-        self.listen_port = self._server.sockets[0].getsockname()[1]
-        return self.listen_port
-
-    def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for t in self._transports:
-            t.abort()
-        self._transports.clear()
-
-    async def restore(self) -> None:
-        await self.start()
-
-
 @pytest.fixture
 async def relay() -> AsyncIterator[TcpRelay]:
-    pg = psycopg.conninfo.conninfo_to_dict(PG_DSN)
-    r = TcpRelay(str(pg.get("host") or "127.0.0.1"), int(pg.get("port") or 5432))
+    r = TcpRelay()
     await r.start()
     yield r
     r.cut()
-
-
-def _relayed_dsn(port: int) -> str:
-    pg = psycopg.conninfo.conninfo_to_dict(PG_DSN)
-    pg.update(host="127.0.0.1", port=str(port))
-    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in pg.items()})
 
 
 async def test_postgresql_going_away_is_unavailable_naming_the_store_and_a_retry_then_works(
@@ -171,7 +119,7 @@ async def test_postgresql_going_away_is_unavailable_naming_the_store_and_a_retry
     """The edge's PostgreSQL store goes away while the API serves, then comes back. Before: the
     decisions (read from the store by the API) and the site state (read by the facade) were
     INTERNAL "ListDecisions failed: StoreUnavailable(...)", which clients do not retry."""
-    section = {"kind": "postgres", "dsn": _relayed_dsn(relay.listen_port), "schema": pg_schema}
+    section = {"kind": "postgres", "dsn": relay.dsn(), "schema": pg_schema}
     store = open_store(section, tmp_path)
     async with serving(store, tmp_path) as edge:
         md = auth(VIEWER)

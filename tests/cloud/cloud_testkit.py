@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import os
 import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -22,9 +21,9 @@ from evcore.cloud import CloudApiServer, CloudConfig, CloudStore, open_cloud_sto
 from evcore.v1 import cloud_api_pb2_grpc as pb_grpc
 from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
 from evcore.v1.setpoint_pb2 import Setpoint
+from pg_testkit import PG_DSN
 
 T0 = 1_767_225_600.0
-PG_DSN = os.environ.get("EVCORE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 SITES = ("depot-1", "depot-2")
 
 
@@ -168,53 +167,3 @@ async def wait_until(pred: Callable[[], object], what: str, timeout_s: float = 2
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-class TcpRelay:
-    """A TCP relay to PostgreSQL on a local port of its own: ``cut`` is the database going away
-    (every connection reset, new ones refused), ``restore`` its return on the same port."""
-
-    def __init__(self) -> None:
-        info = psycopg.conninfo.conninfo_to_dict(PG_DSN)
-        self.host = str(info.get("host") or "127.0.0.1")
-        self.port = int(info.get("port") or 5432)
-        self.listen_port = 0
-        self._server: asyncio.Server | None = None
-        self._transports: set[asyncio.WriteTransport] = set()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._transports |= {writer.transport, up_writer.transport}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.listen_port)
-        self.listen_port = self._server.sockets[0].getsockname()[1]
-
-    def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for t in self._transports:
-            t.abort()
-        self._transports.clear()
-
-    async def restore(self) -> None:
-        await self.start()
-
-    def store_url(self, schema: str) -> str:
-        """The cloud store URL of ``schema`` through the relay."""
-        info = psycopg.conninfo.conninfo_to_dict(PG_DSN)
-        user, db = info.get("user", "postgres"), info.get("dbname", "test")
-        return f"postgresql://{user}@127.0.0.1:{self.listen_port}/{db}?schema={schema}"

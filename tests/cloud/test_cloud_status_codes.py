@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
-from cloud_testkit import T0, Cloud, TcpRelay, chain, stream
+from cloud_testkit import T0, Cloud, chain, stream
 from evcore.v1 import cloud_api_pb2 as pb
 from evcore.v1.fleet_api_pb2 import (
     FleetCurtailment,
@@ -30,6 +30,7 @@ from evcore.v1.fleet_api_pb2 import (
 )
 from evcore.v1.topology_pb2 import ChargerKind
 from fleet_testkit import FleetCloud, batch, site_table, start_fleet_cloud, topology
+from pg_testkit import TcpRelay
 
 pytestmark = pytest.mark.timeout(120)
 
