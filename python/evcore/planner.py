@@ -87,6 +87,9 @@ class PlanCharger:
     max_w: float | None = None
     min_w: float | None = None
     efficiency: float = 0.95
+    #: DC only: auxiliary load (W) drawn from the grid while a session with energy to deliver
+    #: is connected (counted as other load of the charger's node and those above it).
+    aux_w: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,7 @@ def network_from_site(
             min_w=c.min_w if c.kind == "dc" else None,
             max_w=c.max_w if c.kind == "dc" else None,
             efficiency=c.efficiency if c.efficiency is not None else 0.95,
+            aux_w=float(c.aux_w or 0.0) if c.kind == "dc" else 0.0,
         )
         for c in site.chargers
     ]

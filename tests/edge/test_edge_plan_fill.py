@@ -142,3 +142,47 @@ async def test_the_plan_counts_the_building_in_kw_and_a_single_phase_car_at_its_
                 if k < len(steps)
             )
             assert chargers_kw + 6.9 <= 22.0 + 1e-6
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_a_dc_chargers_auxiliary_load_counts_in_the_plan_and_the_fill(fill: bool) -> None:
+    """Two 50 kW DC chargers with a 3 kW auxiliary load each under 100 A per phase (69 kW at
+    230 V): the plan gave them 65.5 kW of output between them (69 kW over the efficiency),
+    which drew 75 kW (108.7 A) with the auxiliary loads; the fill counted them neither."""
+    now = 1_800_000_000.0 - (1_800_000_000.0 % W)
+    req = PlanRequest(
+        start=now,
+        step_s=step_grid(2 * 3600.0),
+        price_per_kwh=0.25,
+        nodes=[PlanNode("grid", 100.0)],
+        chargers=[
+            PlanCharger(
+                c,
+                "grid",
+                "three_phase",
+                ["L1", "L2", "L3"],
+                230.0,
+                kind="dc",
+                max_w=50_000.0,
+                min_w=5_000.0,
+                efficiency=0.95,
+                aux_w=3_000.0,
+            )
+            for c in ("d0", "d1")
+        ],
+        sessions=[
+            PlanSession(f"tx{i}", c, now, now + 2 * 3600.0, 200.0)
+            for i, c in enumerate(("d0", "d1"))
+        ],
+    )
+    res = Planner().plan(req, 5.0)
+    assert res.ok
+    rows = schedule_rows(req, res, fill=fill)
+    per_step: dict[float, float] = {}
+    for steps in rows.values():
+        for s, _d, w in steps:
+            # Independent count: output over the efficiency plus the auxiliary load, per phase.
+            per_step[s] = per_step.get(s, 0.0) + (w / 0.95 + 3_000.0) / (3 * 230.0)
+    assert per_step and max(per_step.values()) <= 100.0 + 1e-6, max(per_step.values())
+    # The plan still uses the room it has: 59.85 kW of output between them.
+    assert max(per_step.values()) >= 99.0

@@ -344,13 +344,22 @@ def _fill_spare(
     pv = [_at(req.pv_kw, k) for k in range(n_steps)] if req.pv_kw is not None else [0.0] * n_steps
     order = sorted(rate, key=lambda sid: (_epoch_s(sessions[sid].departure), sid))
     planned_kwh = {sid: 0.0 for sid in rate}
-    # The site's import per step as planned (kW): the chargers' plus the root's other load, less
-    # PV.
+
+    def aux_w(sid: str) -> float:
+        # A DC charger's auxiliary load, counted as the core planner counts it: in every step
+        # a session with energy to deliver is connected, whether planned to charge or not.
+        c = chargers[charger_of[sid]]
+        if c.kind != "dc" or float(sessions[sid].energy_requested_kwh) <= 0.0:
+            return 0.0
+        return float(getattr(c, "aux_w", 0.0) or 0.0)
+
+    # The site's import per step as planned (kW): the chargers' (with their auxiliary loads)
+    # plus the root's other load, less PV.
     site_kw = [_at(root.other_load_kw, k) - pv[k] for k in range(n_steps)]
     for sid, per_step in rate.items():
         kw = per_unit[charger_of[sid]][1]
         for k, x in per_step.items():
-            site_kw[k] += kw * x
+            site_kw[k] += kw * x + aux_w(sid) / 1000.0
     demand = (
         _DemandBudget(req, starts, site_kw, _at(root.other_load_kw, n_steps - 1) - pv[-1])
         if float(req.demand_charge_per_kw) > 0
@@ -375,12 +384,14 @@ def _fill_spare(
         for sid in present:
             amps, kw, _, _, _, up = per_unit[charger_of[sid]]
             x = rate[sid][k]
+            aux = aux_w(sid)
+            aux_a = aux / (3.0 * chargers[charger_of[sid]].voltage_v) if aux > 0 else 0.0
             for nid in up:
                 room = phase_room[nid]
                 for p in range(3):
-                    room[p] -= amps[p] * x
+                    room[p] -= amps[p] * x + (aux_a if amps[p] > 0 else 0.0)
                 if nid in kw_room:
-                    kw_room[nid] -= kw * x
+                    kw_room[nid] -= kw * x + aux / 1000.0
         for sid in present:
             sess = sessions[sid]
             amps, kw, kwh_per_h, lo, hi, up = per_unit[charger_of[sid]]

@@ -132,6 +132,7 @@ class TwinPlanner:
                         max_w=c.max_w,
                         min_w=c.min_w or None,
                         efficiency=c.efficiency,
+                        aux_w=float(c.aux_w or 0.0),
                     )
                 )
             else:

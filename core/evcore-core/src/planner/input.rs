@@ -93,6 +93,12 @@ pub struct PlanCharger {
     /// DC only: AC→DC efficiency.
     #[serde(default = "default_efficiency")]
     pub efficiency: f64,
+    /// DC only: auxiliary load (W: cooling, power electronics) the charger draws from the grid
+    /// on top of its output over the efficiency. Counted as other load of its node and every
+    /// node above it in each step a session with energy to deliver is connected to it, whether
+    /// the plan charges it or not (the plan does not model the on/off switch of that load).
+    #[serde(default)]
+    pub aux_w: f64,
 }
 
 /// A charging session, connected now (`arrival_s <= start_s`) or expected.
@@ -217,6 +223,7 @@ pub const BOUNDS: &[(&str, f64, &str)] = &[
     ("max_w", 1e7, "W"),
     ("min_w", 1e7, "W"),
     ("voltage_v", 1e4, "V"),
+    ("aux_w", 1e6, "W"),
     ("priority", 1e6, ""),
     ("non_delivery_per_kwh", 1e9, ""),
     ("charge_early_per_kwh", 1e9, ""),
@@ -457,6 +464,13 @@ impl PlanInput {
                     if max < min {
                         return Err(bad(format!("{f}.max_a"), "must be at least min_a"));
                     }
+                    if c.aux_w != 0.0 {
+                        return Err(bad(
+                            format!("{f}.aux_w"),
+                            "only DC chargers have an auxiliary load here (an AC charger's \
+                             own draw is part of its setpoint)",
+                        ));
+                    }
                 }
                 ChargerKind::Dc => {
                     let max = c
@@ -469,6 +483,7 @@ impl PlanInput {
                         return Err(bad(format!("{f}.max_w"), "must be at least min_w"));
                     }
                     check_num(&format!("{f}.efficiency"), c.efficiency, false)?;
+                    check_num(&format!("{f}.aux_w"), c.aux_w, false)?;
                     if c.efficiency <= 0.0 || c.efficiency > 1.0 {
                         return Err(bad(format!("{f}.efficiency"), "must be in (0, 1]"));
                     }
@@ -526,5 +541,73 @@ impl PlanInput {
             check_num(&format!("{f}.priority"), s.priority, false)?;
         }
         Ok(())
+    }
+}
+
+impl PlanInput {
+    /// The input with every DC charger's auxiliary load counted as other load (line current
+    /// and kW) of its node and each node above it, in every step a session with energy to
+    /// deliver is connected to it. Borrowed unchanged when no DC charger has one. Call after
+    /// `validate`.
+    ///
+    /// Before this the plan saw a DC charger's grid draw as its output over the efficiency
+    /// only: up to `aux_w` per charging DC session more than planned reached the limits, the
+    /// energy cost and the demand windows (about 7 kW on the example depot).
+    pub(crate) fn with_aux_load(&self) -> std::borrow::Cow<'_, PlanInput> {
+        use std::borrow::Cow;
+        let charger_at = first_index(self.chargers.iter().map(|c| c.id.as_str()));
+        let has_aux = self.sessions.iter().any(|s| {
+            charger_at.get(s.charger_id.as_str()).is_some_and(|&c| {
+                let c = &self.chargers[c];
+                c.kind == ChargerKind::Dc && c.aux_w > 0.0 && s.energy_requested_kwh > 0.0
+            })
+        });
+        if !has_aux {
+            return Cow::Borrowed(self);
+        }
+        let steps = self.step_s.len();
+        let node_at = first_index(self.nodes.iter().map(|n| n.id.as_str()));
+        let mut out = self.clone();
+        let expand = |s: &mut Series| {
+            if s.len() == 1 {
+                *s = vec![s[0]; steps];
+            }
+        };
+        for s in &self.sessions {
+            let Some(&ci) = charger_at.get(s.charger_id.as_str()) else {
+                continue;
+            };
+            let c = &self.chargers[ci];
+            if c.kind != ChargerKind::Dc || c.aux_w <= 0.0 || s.energy_requested_kwh <= 0.0 {
+                continue;
+            }
+            let line_a = c.aux_w / (3.0 * c.voltage_v);
+            let kw = c.aux_w / 1000.0;
+            let mut t = self.start_s;
+            for (k, &d) in self.step_s.iter().enumerate() {
+                let connected = t.max(s.arrival_s) < (t + d).min(s.departure_s);
+                t += d;
+                if !connected {
+                    continue;
+                }
+                let mut node = node_at.get(c.parent.as_str()).copied();
+                let mut hops = 0;
+                while let Some(ni) = node {
+                    let n = &mut out.nodes[ni];
+                    for &p in &c.phases {
+                        expand(&mut n.other_load_a[p]);
+                        n.other_load_a[p][k] += line_a;
+                    }
+                    expand(&mut n.other_load_kw);
+                    n.other_load_kw[k] += kw;
+                    hops += 1;
+                    node = match (&self.nodes[ni].parent, hops > self.nodes.len()) {
+                        (Some(p), false) => node_at.get(p.as_str()).copied(),
+                        _ => None,
+                    };
+                }
+            }
+        }
+        Cow::Owned(out)
     }
 }

@@ -258,6 +258,8 @@ impl Planner {
             });
         }
         input.validate()?;
+        let with_aux = input.with_aux_load();
+        let input: &PlanInput = &with_aux;
         let model = Model::build(input, self.settings.limit_margin_rel);
         let n_soc = model
             .cones
@@ -474,6 +476,8 @@ pub fn plan(
 /// exactly, independently of the solver. Returns the violations (limit, value, headroom).
 pub fn check_schedule(input: &PlanInput, rows: &[PlanRow]) -> Result<Vec<String>, PlanError> {
     input.validate()?;
+    let with_aux = input.with_aux_load();
+    let input: &PlanInput = &with_aux;
     let model = Model::build(input, 0.0);
     let mut y = vec![0.0; model.n_x];
     for r in rows {

@@ -28,6 +28,7 @@ fn ac(id: &str, parent: &str, wiring: Wiring, phases: &[usize], v: f64, max_a: f
         min_w: None,
         max_w: None,
         efficiency: 0.95,
+        aux_w: 0.0,
     }
 }
 
@@ -615,6 +616,7 @@ fn dc_sessions_are_planned_in_watts_with_the_conversion_loss() {
         min_w: Some(5_000.0),
         max_w: Some(50_000.0),
         efficiency: 0.95,
+        aux_w: 0.0,
     }];
     inp.sessions = vec![session("s1", "dc", 1.0, 25.0)];
     let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
@@ -625,6 +627,71 @@ fn dc_sessions_are_planned_in_watts_with_the_conversion_loss() {
         0.1 * 25.0 / 0.95,
         1e-5
     ));
+}
+
+fn dc(id: &str, aux_w: f64) -> PlanCharger {
+    PlanCharger {
+        id: id.into(),
+        parent: "root".into(),
+        kind: ChargerKind::Dc,
+        wiring: Wiring::ThreePhase,
+        phases: vec![0, 1, 2],
+        voltage_v: 230.0,
+        min_a: None,
+        max_a: None,
+        min_w: Some(5_000.0),
+        max_w: Some(150_000.0),
+        efficiency: 0.95,
+        aux_w,
+    }
+}
+
+#[test]
+fn a_dc_chargers_auxiliary_load_counts_against_the_limits_and_the_cost() {
+    // 100 A per phase at 230 V L-N: 69 kW from the grid. A 3 kW auxiliary load leaves
+    // (69 - 3) x 0.95 = 62.7 kW of output; without it the plan took 65.55 kW of output, which
+    // drew 72 kW (104.3 A) from the grid.
+    let mut inp = input(vec![3600.0], vec![0.1]);
+    inp.chargers = vec![dc("dc", 3_000.0), dc("idle", 3_000.0)];
+    // "idle" has a car that wants nothing: its auxiliary load is not counted.
+    inp.sessions = vec![
+        session("s1", "dc", 1.0, 500.0),
+        session("s2", "idle", 1.0, 0.0),
+    ];
+    let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+    let w = targets(&out, 0)[0];
+    let grid_a = (w / 0.95 + 3_000.0) / (3.0 * 230.0);
+    assert!(grid_a <= 100.0 + 1e-6, "{w} W out draws {grid_a} A");
+    assert!(w > 62_000.0, "{w}");
+    // The energy cost is the grid's: output over the efficiency plus the auxiliary load.
+    let kwh = w / 1000.0;
+    assert!(
+        close(
+            out.summary.terms.energy_cost,
+            0.1 * (kwh / 0.95 + 3.0),
+            1e-4
+        ),
+        "{:?}",
+        out.summary.terms
+    );
+    // The independent check counts it too: the old plan's 65.55 kW is over the limit.
+    let mut over = out.rows.clone();
+    let i = over.iter().position(|r| r.session == 0).unwrap();
+    over[i].target = 65_550.0;
+    assert_eq!(check_schedule(&inp, &over).unwrap().len(), 3); // one per phase
+    assert!(check_schedule(&inp, &out.rows).unwrap().is_empty());
+    // Refused where it means nothing, and when it is not a number.
+    let mut bad_ac = input(vec![3600.0], vec![0.1]);
+    let mut c = ac("a", "root", Wiring::ThreePhase, &[0, 1, 2], 230.0, 32.0);
+    c.aux_w = 50.0;
+    bad_ac.chargers = vec![c];
+    assert!(
+        matches!(bad_ac.validate(), Err(PlanError::Input { field, .. }) if field.ends_with(".aux_w"))
+    );
+    inp.chargers[0].aux_w = f64::NAN;
+    assert!(
+        matches!(inp.validate(), Err(PlanError::Input { field, .. }) if field.ends_with(".aux_w"))
+    );
 }
 
 /// Profiling aid, not a test: `EVCORE_PLAN_JSON=file cargo test --profile ci -p evcore-core --lib
