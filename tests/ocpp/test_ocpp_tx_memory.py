@@ -8,13 +8,15 @@ starts it only when it shows it going on (online, current), over a real WebSocke
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 from evcore.clock import WallClock
 from evcore.ocpp import CentralSystem, MeterSample, TransactionEvent
-from evcore.ocpp.server import SEQ_KEEP, TX_KEEP_S, TxState
+from evcore.ocpp.server import SEQ_KEEP, START_KEYS_KEEP, TX_KEEP_S, TxState
+from evcore.ocpp.v16 import iso
 from evcore.sim.ev import EV
 from evcore.store.sqlite import sqlite_store
 from ocpp_testsite import BOOT_201, RawStation, make_site, meter, rig, tx_event
@@ -79,7 +81,8 @@ async def test_an_ended_transaction_is_forgotten_after_the_keep_time() -> None:
             await r.until(lambda st=st, second=second: st.active_tx.get(1) not in (None, second))
             third = st.active_tx[1]
             assert set(st.transactions) == {third}
-            assert set(st.start_keys.values()) <= {third}
+            # 1.6 start keys outlive their transactions, bounded by count (START_KEYS_KEEP).
+            assert len(st.start_keys) <= START_KEYS_KEEP
             r.cs.tx_keep_s = TX_KEEP_S
             r.fleet.unplug(cid)
 
@@ -188,6 +191,158 @@ async def test_an_old_or_offline_update_of_an_unknown_transaction_does_not_start
         assert (await st.call("TransactionEvent", live))[0] == 3
         assert starts_and_ends(events, "T3") == ["started"]
         assert cs.station_state("CPB").active_transactions == {1: "T3"}
+        await st.close()
+    finally:
+        await cs.stop()
+
+
+BOOT_16 = {"chargePointVendor": "V", "chargePointModel": "M"}
+
+
+def start_16(t: float, meter_start_wh: int, id_tag: str = "TAG1") -> dict[str, Any]:
+    return {"connectorId": 1, "idTag": id_tag, "meterStart": meter_start_wh, "timestamp": iso(t)}
+
+
+def stop_16(tx_id: int, t: float, meter_stop_wh: int) -> dict[str, Any]:
+    return {
+        "transactionId": tx_id,
+        "meterStop": meter_stop_wh,
+        "timestamp": iso(t),
+        "reason": "EVDisconnected",
+    }
+
+
+async def test_a_1_6_start_resent_after_its_transaction_was_forgotten_gets_the_same_id() -> None:
+    """A 1.6 station that lost the answer to its StartTransaction resends it (it queues its
+    transaction messages): it must get the transactionId it got the first time, also once the
+    central system has forgotten the ended transaction (``tx_keep_s``, made 0 s here), and its
+    resent StopTransaction is a replay (no second end). Before, the start key was dropped with
+    the transaction: the resend got a new transactionId and was published as a new session,
+    open for good, and the resent stop published a second end."""
+    clock = WallClock()
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, tx_keep_s=0.0)
+    events: list[Any] = []
+    cs.add_listener(events.append)
+    await cs.start()
+    try:
+        st = await RawStation.open(cs.port, "CPA", version="1.6")
+        assert (await st.call("BootNotification", BOOT_16))[0] == 3
+        t = clock.now() - 600
+        first = await st.call("StartTransaction", start_16(t, 1000))
+        tx1 = first[2]["transactionId"]
+        assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
+        # The next session's start forgets the first (ended, kept 0 s).
+        second = await st.call("StartTransaction", start_16(t + 300, 3000))
+        tx2 = second[2]["transactionId"]
+        assert tx2 != tx1
+        assert str(tx1) not in cs._stations["CPA"].transactions
+        again = await st.call("StartTransaction", start_16(t, 1000))
+        assert again[2]["transactionId"] == tx1, (tx1, again)
+        assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
+        assert starts_and_ends(events, str(tx1)) == ["started", "ended"]
+        assert cs.station_state("CPA").active_transactions == {1: str(tx2)}
+        # The keys are bounded by count: the oldest go first.
+        for i in range(START_KEYS_KEEP):
+            assert (await st.call("StartTransaction", start_16(t + 400 + i, 4000 + i)))[0] == 3
+        keys = cs._stations["CPA"].start_keys
+        assert len(keys) == START_KEYS_KEEP and str(tx2) not in keys.values()
+        await st.close()
+    finally:
+        await cs.stop()
+
+
+async def test_a_1_6_start_resent_after_a_restart_gets_the_same_id(tmp_path: Path) -> None:
+    """With a store, also across a restart of the central system: the station's last start keys
+    are in the store (meta ``START_KEYS_META``) and the transaction's record says it ended, so
+    the resent StartTransaction gets its first transactionId and its resent StopTransaction is
+    a replay. Before, the restarted central system knew only the store's open transactions: a
+    new transactionId, a second session published and left open in the store for good."""
+    clock = WallClock()
+    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
+    await store.open()
+    events: list[Any] = []
+    site = make_site(configure_on_boot=False)
+    t = clock.now() - 600
+    try:
+        cs = CentralSystem(site, clock=clock, store=store)
+        await cs.start()
+        try:
+            st = await RawStation.open(cs.port, "CPA", version="1.6")
+            assert (await st.call("BootNotification", BOOT_16))[0] == 3
+            tx1 = (await st.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
+            assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
+            await st.close()
+        finally:
+            await cs.stop()
+        # A second later: a new central system's 1.6 ids start from its clock's second.
+        await asyncio.sleep(1.1)
+        cs = CentralSystem(site, clock=clock, store=store)
+        cs.add_listener(events.append)
+        await cs.start()
+        try:
+            st = await RawStation.open(cs.port, "CPA", version="1.6")
+            assert (await st.call("BootNotification", BOOT_16))[0] == 3
+            again = await st.call("StartTransaction", start_16(t, 1000))
+            assert again[2]["transactionId"] == tx1, (tx1, again)
+            assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
+            assert starts_and_ends(events, str(tx1)) == []
+            assert await store.list_open_transactions() == []
+            # A new session still gets a new id, never one handed out before.
+            tx2 = (await st.call("StartTransaction", start_16(t + 300, 3000)))[2]["transactionId"]
+            assert tx2 > tx1
+            await st.close()
+        finally:
+            await cs.stop()
+    finally:
+        await store.close()
+
+
+async def test_a_1_6_stop_resent_after_its_transaction_was_forgotten_is_a_replay(
+    tmp_path: Path,
+) -> None:
+    """With a store: a StopTransaction of a transaction forgotten since it ended (its start not
+    resent) is recognised from the store's record: no second end. Before, it was taken for a
+    transaction never seen started: the listeners heard a second `ended`, without a meter
+    start or session energy."""
+    clock = WallClock()
+    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
+    await store.open()
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, store=store, tx_keep_s=0.0)
+    events: list[Any] = []
+    cs.add_listener(events.append)
+    await cs.start()
+    try:
+        st = await RawStation.open(cs.port, "CPA", version="1.6")
+        assert (await st.call("BootNotification", BOOT_16))[0] == 3
+        t = clock.now() - 600
+        tx1 = (await st.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
+        assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
+        assert (await st.call("StartTransaction", start_16(t + 300, 3000)))[0] == 3
+        assert str(tx1) not in cs._stations["CPA"].transactions
+        assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
+        ended = [e for e in events if isinstance(e, TransactionEvent) and e.kind == "ended"]
+        assert [(e.transaction_id, e.session_energy_wh) for e in ended] == [(str(tx1), 2000.0)]
+        await st.close()
+    finally:
+        await cs.stop()
+        await store.close()
+
+
+async def test_a_late_1_6_start_of_an_older_transaction_leaves_the_evse_to_the_newer() -> None:
+    """A StartTransaction older than the connector's open transaction (a resend whose key was
+    no longer kept, an offline start delivered late) does not make it the connector's: the
+    TxProfiles go on naming the newer one, as on 2.0.1 (``_take_evse``). Before, the late start
+    took the connector, and every TxProfile named a transaction the station had ended."""
+    clock = WallClock()
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock)
+    await cs.start()
+    try:
+        st = await RawStation.open(cs.port, "CPA", version="1.6")
+        assert (await st.call("BootNotification", BOOT_16))[0] == 3
+        t = clock.now() - 600
+        newer = (await st.call("StartTransaction", start_16(t + 300, 3000)))[2]["transactionId"]
+        assert (await st.call("StartTransaction", start_16(t, 1000)))[0] == 3
+        assert cs.station_state("CPA").active_transactions == {1: str(newer)}
         await st.close()
     finally:
         await cs.stop()

@@ -17,6 +17,7 @@ import gc
 import hmac
 import inspect
 import itertools
+import json
 import logging
 import math
 import ssl
@@ -269,6 +270,16 @@ SUPERSEDED = "Superseded"
 #: 2.0.1 seqNos seen above the contiguous prefix kept one by one at most (beyond, the lowest
 #: half folds into the prefix: a gap that old is a message the station will not send).
 SEQ_KEEP = 4096
+#: 1.6 StartTransaction keys (connector, idTag, meterStart, timestamp) kept per station, newest
+#: last, whatever became of their transactions: a station resending a start whose answer it lost
+#: gets the transactionId of the first time, also once the transaction is forgotten
+#: (``tx_keep_s``). A station resends its queued transaction messages in order, so the start it
+#: resends is one of its last few; about 150 bytes a key.
+START_KEYS_KEEP = 64
+#: The store's meta key under which a station's kept 1.6 start keys are written (JSON: a list of
+#: [connectorId, idTag, meterStart, timestamp, transactionId], oldest first), so that a start
+#: resent after a restart of the central system also gets its first transactionId.
+START_KEYS_META = "ocpp.v16_start_keys.{ocpp_id}"
 
 
 @dataclass
@@ -413,6 +424,10 @@ class Station:
     configuration: dict[str, str] = field(default_factory=dict)
     transactions: dict[str, TxState] = field(default_factory=dict)
     start_keys: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    #: The store's copy of ``start_keys`` was read since this process started; ours has keys
+    #: it lacks (``_load_start_keys``, ``_save_start_keys``).
+    start_keys_loaded: bool = False
+    start_keys_unsaved: bool = False
     active_tx: dict[int, str] = field(default_factory=dict)
     status: dict[tuple[int, int], str] = field(default_factory=dict)
     last_seen: float | None = None
@@ -1101,13 +1116,10 @@ class CentralSystem:
             and tx.ended_mono is not None
             and now - tx.ended_mono > self.tx_keep_s
         ]
-        if not gone:
-            return
         for tx_id in gone:
             del st.transactions[tx_id]
-        dropped = set(gone)
-        for key in [k for k, v in st.start_keys.items() if v in dropped]:
-            del st.start_keys[key]
+        # The 1.6 start keys outlive their transactions (``START_KEYS_KEEP``, bounded by count):
+        # dropped with them, a resent StartTransaction got a new transactionId.
 
     def _next_tx_id(self) -> str:
         self._tx_counter += 1
@@ -1118,14 +1130,22 @@ class CentralSystem:
     ) -> int:
         key = (connector_id, id_tag, meter_start_wh, round(at, 3))
         existing = st.start_keys.get(key)
+        if existing is None and not st.start_keys_loaded:
+            await self._load_start_keys(st)  # the first unknown start since this process began
+            existing = st.start_keys.get(key)
         if existing is not None:  # a replay or a retry after a lost answer: same transaction
             known = st.transactions.get(existing)
+            if known is None:
+                # Ended and forgotten (``tx_keep_s``): taken back as it was, so that its resent
+                # StopTransaction and MeterValues are replays, not a new end.
+                known = await self._forgotten_start_1_6(st, existing, key)
             if known is not None and not known.ended:
                 await self._supersede(st, known, at)  # an end it set that was not taken
             if known is not None and "started" not in known.published:
                 # The first attempt's publish failed (its CALLERROR made the station retry):
                 # publish it now, under the same event id.
                 await self._tx_event(st, known, "started", known.started_at or at)
+            await self._save_start_keys(st)  # the first attempt's write failed
             return int(existing)
         charger = st.charger(connector_id)
         if charger is None:
@@ -1133,14 +1153,78 @@ class CentralSystem:
         self._forget_ended(st)
         tx_id = self._next_tx_id()
         st.start_keys[key] = tx_id
+        while len(st.start_keys) > START_KEYS_KEEP:
+            del st.start_keys[next(iter(st.start_keys))]
+        st.start_keys_unsaved = True
         tx = TxState(
             tx_id, charger.charger_id, connector_id, id_tag, meter_start_wh, meter_start_wh, at
         )
         st.transactions[tx_id] = tx
-        st.active_tx[connector_id] = tx_id
-        await self._supersede(st, tx, at)
+        await self._take_evse(st, tx, at)
         await self._tx_event(st, tx, "started", at)
+        # Before the answer: a failure is a CALLERROR, and the station's resend writes it again.
+        await self._save_start_keys(st)
         return int(tx_id)
+
+    async def _load_start_keys(self, st: Station) -> None:
+        """Take the store's copy of ``st``'s 1.6 start keys (``START_KEYS_META``) into memory,
+        behind those already there. May raise (the store away): the StartTransaction gets a
+        CALLERROR and the station sends it again."""
+        getter = getattr(self._publisher.store, "get_meta", None)
+        text = await getter(START_KEYS_META.format(ocpp_id=st.ocpp_id)) if getter else None
+        stored: dict[tuple[Any, ...], str] = {}
+        try:
+            for connector_id, id_tag, meter_start_wh, at, tx_id in json.loads(text or "[]"):
+                key = (int(connector_id), str(id_tag), float(meter_start_wh), float(at))
+                stored[key] = str(tx_id)
+        except (ValueError, TypeError) as exc:
+            LOG.warning("station %s: its stored 1.6 start keys are unreadable: %s", st.ocpp_id, exc)
+        for tx_id in stored.values():  # never hand one out again
+            if tx_id.isdigit():
+                self._tx_counter = max(self._tx_counter, int(tx_id))
+        merged = {**stored, **st.start_keys}
+        st.start_keys = dict(list(merged.items())[-START_KEYS_KEEP:])
+        st.start_keys_loaded = True
+
+    async def _save_start_keys(self, st: Station) -> None:
+        """Write ``st``'s 1.6 start keys to the store when it lacks some. May raise (as
+        ``_load_start_keys``)."""
+        setter = getattr(self._publisher.store, "set_meta", None)
+        if not st.start_keys_unsaved or setter is None:
+            return
+        if not st.start_keys_loaded:
+            await self._load_start_keys(st)
+        rows = [[*key, tx_id] for key, tx_id in st.start_keys.items()]
+        await setter(START_KEYS_META.format(ocpp_id=st.ocpp_id), json.dumps(rows))
+        st.start_keys_unsaved = False
+
+    async def _forgotten_start_1_6(
+        self, st: Station, tx_id: str, key: tuple[Any, ...]
+    ) -> TxState | None:
+        """The transaction a kept start key names, forgotten since it ended (``tx_keep_s``):
+        the store's record (``_stored_tx``), else rebuilt from the key as ended (only an ended
+        transaction whose end was published is forgotten). Kept again for ``tx_keep_s``."""
+        tx = await self._stored_tx(st, tx_id)
+        if tx is not None:
+            return tx
+        connector_id, id_tag, meter_start_wh, at = key
+        charger = st.charger(connector_id)
+        if charger is None:
+            return None
+        tx = TxState(
+            tx_id, charger.charger_id, connector_id, id_tag, meter_start_wh, meter_start_wh, at
+        )
+        tx.ended, tx.ended_mono = True, self.clock.monotonic()
+        tx.emitted.update(("started", "ended"))
+        tx.published.update(("started", "ended"))
+        st.transactions[tx_id] = tx
+        LOG.info(
+            "station %s: StartTransaction of transaction %s resent after it was forgotten: "
+            "same id, nothing published again",
+            st.ocpp_id,
+            tx_id,
+        )
+        return tx
 
     async def _tx_event(
         self,
@@ -1178,6 +1262,18 @@ class CentralSystem:
         await self._publisher.publish(ev)
         if kind != "updated":
             tx.published.add(kind)
+
+    async def _stop_target_1_6(self, st: Station, tx_id: str) -> TxState:
+        """The transaction a 1.6 StopTransaction names: in memory, else the store's record (one
+        ended and forgotten, ``tx_keep_s``: its resent stop is a replay, not a second end; one
+        left open is attributed to its charger whatever the station's EVSEs), else
+        ``_unknown_stop_1_6``."""
+        tx = st.transactions.get(tx_id)
+        if tx is None:
+            tx = await self._stored_tx(st, tx_id)
+        if tx is None:
+            tx = self._unknown_stop_1_6(st, tx_id)
+        return tx
 
     def _unknown_stop_1_6(self, st: Station, tx_id: str) -> TxState:
         """A StopTransaction for a transaction never seen started (another central system's, or

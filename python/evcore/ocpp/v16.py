@@ -71,10 +71,8 @@ class Connection16(SharedHandlers):
         at = self._ts(p["timestamp"])
         tx_id = str(p["transactionId"])
         ack = {"idTagInfo": {"status": "Accepted"}} if p.get("idTag") else {}
-        tx = self.station.transactions.get(tx_id)
-        if tx is None:
-            self.csms._unknown_stop_1_6(self.station, tx_id)
-        if tx is None or not tx.ended:
+        tx = await self.csms._stop_target_1_6(self.station, tx_id)
+        if not tx.ended:
             for i, mv in enumerate(p.get("transactionData") or ()):
                 where = f"transactionData[{i}]"
                 await self.csms._on_meter_value(self.station, None, mv, tx_id, where)
