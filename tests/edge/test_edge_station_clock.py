@@ -61,21 +61,26 @@ async def test_stations_30_s_behind_apply_every_profile_at_once(version: str) ->
 
 
 @pytest.mark.parametrize("compensated", [True, False])
-async def test_stations_30_s_ahead_are_counted_at_their_final_level_in_time(
+async def test_stations_ahead_are_counted_at_their_final_level_in_time(
     compensated: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Two of the four stations run 30 s ahead: each TxProfile they get (validTo at most 40 s
+    # Two of the four stations run 15 s ahead: each TxProfile they get (validTo at most 20 s
     # away, final period at the failsafe level, 12 A on the wire) would reach its final period
-    # 30 s before validTo by the edge's clock, above what the edge sent them (it gives the room
+    # 15 s before validTo by the edge's clock, above what the edge sent them (it gives the room
     # to the two high-priority sessions beside them). Counted at what it sent, the high-priority
     # cars got the rest of their feeder's room.
-    # Compensated (the edge as shipped): their validTo is sent 30 s later and their refresh
-    # comes 30 s earlier by their clock, so they never reach the final level while the edge
+    # Compensated (the edge as shipped): their validTo is sent 15 s later and their refresh
+    # comes 15 s earlier by their clock, so they never reach the final level while the edge
     # runs. Not compensated (the controller told nothing of their clocks, as with a lead not
     # yet measured): they do, and the edge's counting of the final level alone keeps the limits.
+    # FAST's profile timings halved (validTo 20 s, refresh 5 s before it): the same cycle in
+    # half the time (the test took 61 s with the 40 s validity and a 30 s lead).
     table = depot_table(4, per_feeder=2)
-    rig = EdgeRig(table, cfg=EdgeConfig(**FAST))
-    rig.prepare = _offsets(rig, {"cp-0002": 30.0, "cp-0004": 30.0})
+    cfg = EdgeConfig(
+        **{**FAST, "failsafe_after_s": 20.0, "refresh_lead_s": 5.0, "fallback_guard_s": 2.5}
+    )
+    rig = EdgeRig(table, cfg=cfg)
+    rig.prepare = _offsets(rig, {"cp-0002": 15.0, "cp-0004": 15.0})
     caplog.set_level(logging.WARNING, logger="evcore.ocpp")
     async with rig:
         ctrl = rig.controller
@@ -97,7 +102,7 @@ async def test_stations_30_s_ahead_are_counted_at_their_final_level_in_time(
         # final level early; a decrease on its way to the car lasts about the apply delay).
         above_run = dict.fromkeys(("cp-0002", "cp-0004"), 0.0)
         longest = 0.0
-        for _ in range(120):  # 60 s: two expiry cycles and more (spacing 40 - 10 - 5 = 25 s)
+        for _ in range(60):  # 30 s: two expiry cycles and more (spacing 20 - 5 - 2.5 = 12.5 s)
             for cid in ("cp-0002", "cp-0004"):
                 sent = ctrl.state.chargers[cid].sent
                 if sent is not None:
@@ -109,17 +114,19 @@ async def test_stations_30_s_ahead_are_counted_at_their_final_level_in_time(
                     above_run[cid] = above_run[cid] + 0.5 if over else 0.0
                     longest = max(longest, above_run[cid])
             await asyncio.sleep(0.5)
-        # Before: 345 violation samples in 60 s, worst excess about 9 A.
+        # Before (40 s validity, 30 s lead): 345 violation samples in 60 s, worst excess 9 A.
         assert rig.physics.violations == 0, (rig.physics.violations, rig.physics.worst_excess_a)
         if compensated:
             assert longest <= 3.0, longest  # never at its final level for long
         else:
             assert above_sent >= 2.0  # the scenario: a station at its final level early
-            assert longest >= 10.0, longest  # from validTo - 30 s to the refresh at - 10 s
+            assert longest >= 5.0, longest  # from validTo - 15 s to the refresh at - 5 s
         lead = rig.central.clock_offset_s("cp-0002")
-        assert lead is not None and 29.0 < lead <= 30.0
+        assert lead is not None and 14.0 < lead <= 15.0
         on_time = rig.central.clock_offset_s("cp-0001")
-        assert on_time is not None and abs(on_time) < 1.0
+        # An on-time station's samples are a little behind (network latency): a lag is only
+        # reported once two minutes of our clock show it, which 30 s may not span.
+        assert on_time is None or abs(on_time) < 1.0
     warned = [r.getMessage() for r in caplog.records if "Fix its NTP" in r.getMessage()]
     assert sorted(m.split(":")[0] for m in warned) == ["station CP0002", "station CP0004"]
-    assert all("30.0 s ahead of" in m for m in warned), warned
+    assert all("15.0 s ahead of" in m for m in warned), warned
