@@ -74,6 +74,10 @@ async def test_edge_user_limited_to_its_site(secured_server: int, tmp_path: Path
         assert await edge.flush(timeout_s=10)
         await wait_until(lambda: sink.count() == 20, what="the edge's own audit records")
         assert sink.applied() == list(range(20))
+        # ... and read its own stream's messages (STREAM.MSG.GET): what the audit log asks after
+        # an outbox loss, to know from where to send again (docs/bus.md).
+        last = await edge.last_stored(s.audit)
+        assert last is not None and last.event_id == "a19"
 
         # ... but another site's subjects are refused by the server.
         errors: list[Exception] = []

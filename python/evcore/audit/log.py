@@ -29,9 +29,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from evcore.audit.chain import VerifyReport, seal, verify_chain
+from evcore.bus.api import (
+    BusError,
+    BusMessage,
+    BusUnavailable,
+    OutboxReports,
+    PayloadTooLarge,
+)
+from evcore.bus.outbox import OutboxLoss, SetAside
+from evcore.bus.subjects import Subjects
 from evcore.clock import Clock
 from evcore.store.base import AuditChainConflict, Store
 from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
@@ -42,6 +52,11 @@ log = logging.getLogger("evcore.audit")
 
 # Meta key holding the highest seq known to have been accepted by the bus.
 PUBLISHED_MARK = "audit.published_seq"
+#: Meta key holding the ids of the bus's outbox losses (``OutboxLoss.id``) the log has handled:
+#: moved its mark back for and republished from, so that a restart does not do it again.
+LOSSES_HANDLED = "audit.outbox_losses_handled"
+#: The most an ``audit_zlib`` event is inflated to (as the cloud's consumer).
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
 # How often the publish mark is written (republishing a few records after a crash is harmless).
 PUBLISHED_MARK_EVERY = 32
 #: A record larger than this (serialised) goes on the bus zlib-compressed (``Event.audit_zlib``):
@@ -302,6 +317,20 @@ def build_record(
     return record
 
 
+def _record_of(event: Event) -> AuditRecord | None:
+    """The audit record an event carries (``audit``, or ``audit_zlib`` inflated), or None."""
+    kind = event.WhichOneof("payload")
+    if kind == "audit":
+        return event.audit
+    if kind != "audit_zlib":
+        return None
+    inflater = zlib.decompressobj()
+    data = inflater.decompress(event.audit_zlib, MAX_INFLATED_BYTES)
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError("audit_zlib does not inflate to a whole record within 256 MiB")
+    return AuditRecord.FromString(data)
+
+
 def _backoff_s(failures: int) -> float:
     return REPUBLISH_BACKOFF_S[min(failures, len(REPUBLISH_BACKOFF_S)) - 1]
 
@@ -345,6 +374,10 @@ class AuditLog:
         self._queued_bytes = 0
         self._backlog_from: int | None = None
         self._publisher: asyncio.Task[None] | None = None
+        # Outbox losses of the bus not handled yet: until the publisher has moved the mark back
+        # for them, nothing newer goes to the bus (it would move the mark past what was lost).
+        self._losses: list[OutboxLoss] = []
+        self._losses_handled: list[str] = []
 
     @property
     def head_seq(self) -> int:
@@ -372,6 +405,18 @@ class AuditLog:
         if self._bus is None:
             return
         self._published_seq = self._mark_written = await self._read_mark()
+        if isinstance(self._bus, OutboxReports):
+            # A record the broker turns out unable to take is set aside by the bus: sent again
+            # compressed, or listed as too large (docs/bus.md, "What the outbox will never send").
+            self._bus.on_set_aside(Subjects(self._site_id).audit, self._on_set_aside)
+            self._losses_handled = await self._read_losses_handled()
+            handled = set(self._losses_handled)
+            self._losses = [x for x in await self._bus.outbox_losses() if x.id not in handled]
+            if self._losses:
+                # Records appended from now on wait in the store (``_queue``) until the
+                # publisher has moved the mark back for the losses.
+                self._backlog_from = self._published_seq + 1
+                self._start_publisher()
         if self._head_seq > self._published_seq:
             log.info(
                 "audit: republishing %d record(s) the bus had not accepted",
@@ -404,6 +449,161 @@ class AuditLog:
             )
             return -1
         return seq
+
+    async def _read_losses_handled(self) -> list[str]:
+        text = await self._store.get_meta(LOSSES_HANDLED)
+        if not text:
+            return []
+        try:
+            ids = json.loads(text)
+        except ValueError:
+            ids = None
+        if not isinstance(ids, list):
+            # Only saves redoing a loss (a republish consumers drop by event id): never fatal.
+            log.error(
+                "audit: %s %r is not a list of loss ids; handling every loss again",
+                LOSSES_HANDLED,
+                text,
+            )
+            return []
+        return [str(x) for x in ids]
+
+    async def _handle_losses(self) -> None:
+        """Move the publish mark back to the last record the audit stream held before each of
+        the bus's outbox losses not handled yet, so that the publisher sends again what the lost
+        outbox file held (docs/bus.md); then note the losses as handled. Retried after a back-off
+        while the bus cannot say where the stream stood (the broker not reached since)."""
+        assert self._bus is not None
+        subject = Subjects(self._site_id).audit
+        failures = 0
+        lowest = self._published_seq
+        pending = list(self._losses)
+        while pending:
+            loss = pending[0]
+            try:
+                message = await self._bus.last_stored(subject, before_loss=loss)
+            except BusUnavailable as exc:
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning(
+                        "audit: cannot yet tell which records outbox loss %s took from the bus "
+                        "(%s); records wait in the store",
+                        loss.id,
+                        exc,
+                    )
+                await asyncio.sleep(_backoff_s(failures))
+                continue
+            except BusError as exc:  # where the stream stood is not known: send everything
+                log.error(
+                    "audit: where the audit stream stood at outbox loss %s is not known (%s); "
+                    "republishing every record",
+                    loss.id,
+                    exc,
+                )
+                seq = -1
+            else:
+                seq = self._seq_of(message)
+            lowest = min(lowest, seq)
+            pending.pop(0)
+        if lowest < self._published_seq:
+            log.warning(
+                "audit: the bus lost part of its outbox (%s); republishing from seq %d",
+                ", ".join(x.id for x in self._losses),
+                lowest + 1,
+            )
+            # Straight to the store: _write_mark never lowers the mark.
+            await self._store.set_meta(PUBLISHED_MARK, str(lowest))
+            self._published_seq = self._mark_written = lowest
+        # The backlog (records since the mark) is read back from the store by the publisher.
+        self._backlog_from = (
+            self._published_seq + 1 if self._head_seq > self._published_seq else None
+        )
+        # Only the ids the bus still notes are kept (it keeps the newest few).
+        known = {x.id for x in await self._bus.outbox_losses()}
+        handled = [i for i in self._losses_handled if i in known]
+        handled += [x.id for x in self._losses if x.id not in handled]
+        await self._store.set_meta(LOSSES_HANDLED, json.dumps(handled))
+        self._losses_handled = handled
+        self._losses = []
+
+    @staticmethod
+    def _seq_of(message: BusMessage | None) -> int:
+        """The seq of the audit record a stored bus message carries; -1 for none (or one that
+        cannot be read: everything is then republished, consumers drop the repeats)."""
+        if message is None:
+            return -1
+        try:
+            record = _record_of(Event.FromString(message.data))
+        except (DecodeError, ValueError, zlib.error) as exc:
+            log.error(
+                "audit: the audit stream's message %s cannot be read (%s); republishing "
+                "every record",
+                message.event_id,
+                exc,
+            )
+            return -1
+        return -1 if record is None else record.seq
+
+    async def _on_set_aside(self, entry: SetAside) -> bool:
+        """The bus set aside a record of ours the broker can never take as it is (accepted
+        against a larger max_payload than the broker's): send it compressed under the same
+        event id, or list it in ``too_large_for_bus`` when even that is too large. True once
+        dealt with; False (offered again by the bus) when the bus refused it for now."""
+        assert self._bus is not None
+        try:
+            event = Event.FromString(entry.payload)
+            kind = event.WhichOneof("payload")
+            record = _record_of(event)
+        except (DecodeError, ValueError, zlib.error) as exc:
+            log.error(
+                "audit: set-aside event %s is not an audit record (%s); left aside",
+                entry.event_id,
+                exc,
+            )
+            return True
+        if record is None:
+            log.error(
+                "audit: set-aside event %s carries no audit record (%s); left aside",
+                entry.event_id,
+                kind,
+            )
+            return True
+        if kind == "audit":
+            compressed = Event()
+            compressed.CopyFrom(event)
+            data = record.SerializeToString()
+            compressed.audit_zlib = await asyncio.to_thread(zlib.compress, data, 1)
+            try:
+                await self._bus.publish(
+                    entry.subject, compressed, event_id=entry.event_id, critical=True
+                )
+            except PayloadTooLarge as exc:
+                self._too_large(record, exc)
+            except Exception:  # offered again by the bus after a back-off
+                log.exception("audit: sending set-aside seq %d compressed failed", record.seq)
+                return False
+            else:
+                log.warning(
+                    "audit: record seq %d was set aside by the bus for its size (%s); sent "
+                    "again compressed",
+                    record.seq,
+                    entry.reason,
+                )
+            return True
+        self._too_large(record, entry.reason)
+        return True
+
+    def _too_large(self, record: AuditRecord, why: object) -> None:
+        if record.seq not in self.too_large_for_bus:
+            self.too_large_for_bus.append(record.seq)
+        log.error(
+            "audit: record seq %d (%d setpoints) is too large for the bus even compressed (%s); "
+            "it is kept in the store and goes to the cloud by its upload only. Raise the NATS "
+            "server's max_payload (docs/bus.md) to carry such records on the bus",
+            record.seq,
+            len(record.setpoints),
+            why,
+        )
 
     async def flush(self) -> None:
         """Wait until every record appended so far was handed to the bus (or failed to be)."""
@@ -513,6 +713,14 @@ class AuditLog:
 
     async def _publish_pending(self) -> None:
         failures = 0
+        while self._losses:
+            try:
+                await self._handle_losses()
+            except Exception:  # the store or the bus: tried again after a back-off
+                failures += 1
+                log.exception("audit: handling the bus's outbox losses failed")
+                await asyncio.sleep(_backoff_s(failures))
+        failures = 0
         while self._outgoing or self._backlog_from is not None:
             if not self._outgoing:
                 try:
@@ -557,9 +765,6 @@ class AuditLog:
     async def _publish(self, record: AuditRecord) -> bool:
         """Hand one record to the bus; False when the bus refused it for now (to be retried)."""
         assert self._bus is not None
-        from evcore.bus.api import PayloadTooLarge
-        from evcore.bus.subjects import Subjects
-
         subject = Subjects(self._site_id).audit
         compress = record.ByteSize() > COMPRESS_ABOVE_BYTES
         while True:
@@ -575,16 +780,7 @@ class AuditLog:
                     continue
                 # No retry can succeed: the broker's max_payload is below even the compressed
                 # record. Holding it would hold every later record off the bus for good.
-                self.too_large_for_bus.append(record.seq)
-                log.error(
-                    "audit: record seq %d (%d setpoints) is too large for the bus even "
-                    "compressed (%s); it is kept in the store and goes to the cloud by its upload "
-                    "only. Raise the NATS server's max_payload (docs/bus.md) to carry such "
-                    "records on the bus",
-                    record.seq,
-                    len(record.setpoints),
-                    exc,
-                )
+                self._too_large(record, exc)
                 break
             except Exception:  # the record is durable; retried after a back-off, in order
                 self.publish_failures += 1
