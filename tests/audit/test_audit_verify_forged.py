@@ -81,3 +81,35 @@ async def test_a_forged_prev_hash_that_is_not_ascii_is_a_broken_chain(
     code, result, err = await cli_verify(store_section, tmp_path)
     assert code == 1, err  # broken, not "cannot be read" (2)
     assert result["ok"] is False and result["records"] == 3
+
+
+async def test_a_column_holding_a_value_of_the_wrong_type_is_named_by_its_seq(
+    tmp_path: Path,
+) -> None:
+    """SQLite keeps what it is given: text in the REAL time column, text in the BLOB payload
+    column, a blob in the TEXT hash column. Before, the row reader raised on the first ("could
+    not convert string to float: 'yesterday'") and verify said the whole store could not be read
+    (exit 2); now each is a problem of its record, by seq, and the rest of the chain is checked."""
+    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
+    store = open_store(section, tmp_path)
+    try:
+        await fill(store, ManualClock(), 5)
+    finally:
+        await store.close()
+    raw_sql(section, tmp_path, "UPDATE audit_records SET decided_at_s = 'yesterday' WHERE seq = 1")
+    raw_sql(section, tmp_path, "UPDATE audit_records SET payload = 'forged' WHERE seq = 2")
+    raw_sql(section, tmp_path, "UPDATE audit_records SET hash = CAST(hash AS BLOB) WHERE seq = 3")
+    code, result, err = await cli_verify(section, tmp_path)
+    assert code == 1, err  # broken, not "cannot be read" (2)
+    assert result["ok"] is False and result["records"] == 5
+    problems = result["problems"]
+    assert isinstance(problems, list) and len(problems) == 4, problems
+    assert problems[0] == (
+        "seq 1: time column holds str 'yesterday', not a number (a value of the wrong type)"
+    )
+    assert problems[1] == (
+        "seq 2: payload column holds str 'forged', not bytes (a value of the wrong type)"
+    )
+    assert problems[2].startswith("seq 3: hash column holds bytes b'")
+    assert problems[2].endswith("not text (a value of the wrong type)")
+    assert problems[3].startswith("seq 4: prev_hash does not match the hash of the record before")

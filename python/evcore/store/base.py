@@ -136,6 +136,10 @@ class StoredAuditRow:
     prev_hash: str
     hash: str
     payload: bytes
+    #: Columns that hold a value of another type than theirs (SQLite keeps text in a REAL or
+    #: BLOB column), each in words: such a column is given as NaN (``decided_at_s``) or empty
+    #: (the others) rather than the reader failing on the whole chain.
+    problems: tuple[str, ...] = ()
 
 
 @runtime_checkable

@@ -350,6 +350,49 @@ def _select(
     return sql, params
 
 
+def stored_audit_row(r: Sequence[Any]) -> StoredAuditRow:
+    """An ``audit_records`` row (seq, decision_id, decided_at_s, prev_hash, hash, payload) as it
+    is, for verification. A column holding a value of another type (SQLite keeps whatever it is
+    given: text in the REAL or BLOB column, a blob in a TEXT one) is named in ``problems`` and
+    given as NaN or empty, so that verify reports that record by its seq and goes on; before, the
+    reader raised and verify said the whole store could not be read."""
+    problems: list[str] = []
+
+    def wrong(column: str, value: Any, want: str) -> None:
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        problems.append(
+            f"{column} column holds {type(value).__name__} {shown}, not {want} (a value of the "
+            "wrong type)"
+        )
+
+    decided_at_s = r[2]
+    if isinstance(decided_at_s, bool) or not isinstance(decided_at_s, int | float):
+        wrong("time", decided_at_s, "a number")
+        decided_at_s = math.nan
+    texts: list[str] = []
+    for column, value in (("decision id", r[1]), ("prev_hash", r[3]), ("hash", r[4])):
+        if isinstance(value, str):
+            texts.append(value)
+        else:
+            wrong(column, value, "text")
+            texts.append("")
+    payload = r[5]
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        wrong("payload", payload, "bytes")
+        payload = b""
+    return StoredAuditRow(
+        int(r[0]),
+        texts[0],
+        float(decided_at_s),
+        texts[1],
+        texts[2],
+        bytes(payload),
+        tuple(problems),
+    )
+
+
 def parse_message(cls: Callable[[], T], payload: Any) -> T:
     """A protobuf message of type ``cls`` from a stored payload (bytes or a driver's buffer)."""
     msg = cls()
@@ -1060,10 +1103,7 @@ class SqlStore(BackendStore):
                 " WHERE seq > ? ORDER BY seq LIMIT ?",
                 (int(after_seq), int(limit)),
             )
-            return [
-                StoredAuditRow(int(r[0]), str(r[1]), float(r[2]), str(r[3]), str(r[4]), bytes(r[5]))
-                for r in rows
-            ]
+            return [stored_audit_row(r) for r in rows]
 
         return await self._read(self._records, op)
 
