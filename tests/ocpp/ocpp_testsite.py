@@ -10,13 +10,16 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from evcore.clock import WallClock
-from evcore.ocpp import CentralSystem, OcppEvent
+from evcore.ocpp import CentralSystem, OcppEvent, TransactionEvent
+from evcore.ocpp.server import TX_KEEP_S
 from evcore.ocpp.v16 import iso
 from evcore.sim.fleet import Fleet
 from evcore.site import Site, load_site
+from evcore.store.sqlite import sqlite_store
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
@@ -186,6 +189,33 @@ async def rig(
         await cs.stop()
 
 
+def auth(ocpp_id: str, password: str | None = None) -> dict[str, str]:
+    """The Basic auth header of ``ocpp_id`` (its password in ``PASSWORDS`` unless given)."""
+    pw = PASSWORDS[ocpp_id] if password is None else password
+    return {"Authorization": "Basic " + base64.b64encode(f"{ocpp_id}:{pw}".encode()).decode()}
+
+
+async def raw_call(ws: Any, unique_id: str, action: str, payload: Any) -> list[Any]:
+    """Send one CALL on a bare WebSocket and return its answer; the central system's own CALLs
+    (the configuration at boot) go unanswered."""
+    await ws.send(json.dumps([2, unique_id, action, payload]))
+    while True:
+        msg: list[Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if msg[0] != 2 and msg[1] == unique_id:
+            return msg
+
+
+def station_ws(base_url: str, ocpp_id: str, version: str) -> Any:
+    """A bare WebSocket of ``ocpp_id`` to the central system at ``base_url`` (``ws://…/ocpp``),
+    with its password, offering ``version`` (``"1.6"``, ``"2.0.1"`` or the subprotocol's name):
+    ``await`` it or use it with ``async with``."""
+    return connect(
+        f"{base_url}/{ocpp_id}",
+        subprotocols=[Subprotocol(version if version.startswith("ocpp") else "ocpp" + version)],
+        additional_headers=auth(ocpp_id),
+    )
+
+
 class RawStation:
     """A station speaking raw OCPP-J frames over a real WebSocket: ``call`` sends a CALL and
     returns the answer frame; the central system's CALLs are answered with ``responder(action,
@@ -203,12 +233,7 @@ class RawStation:
     async def open(
         cls, port: int, ocpp_id: str, version: str = "2.0.1", responder: Any = None
     ) -> RawStation:
-        token = base64.b64encode(f"{ocpp_id}:{PASSWORDS[ocpp_id]}".encode()).decode()
-        ws = await connect(
-            f"ws://127.0.0.1:{port}/ocpp/{ocpp_id}",
-            subprotocols=[Subprotocol("ocpp" + version)],
-            additional_headers={"Authorization": "Basic " + token},
-        )
+        ws = await station_ws(f"ws://127.0.0.1:{port}/ocpp", ocpp_id, version)
         return cls(ws, responder)
 
     async def _read(self) -> None:
@@ -242,6 +267,59 @@ BOOT_201: dict[str, Any] = {
     "chargingStation": {"vendorName": "V", "model": "M"},
     "reason": "PowerUp",
 }
+#: A 1.6 BootNotification.
+BOOT_16: dict[str, Any] = {"chargePointVendor": "V", "chargePointModel": "M"}
+
+
+@dataclass
+class RawRig:
+    """A running central system (no fleet) for raw stations, and every event it emitted."""
+
+    cs: CentralSystem
+    clock: WallClock
+    events: list[Any] = field(default_factory=list)
+    stations: list[RawStation] = field(default_factory=list)
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    async def station(
+        self, ocpp_id: str, version: str = "2.0.1", responder: Any = None
+    ) -> RawStation:
+        """A ``RawStation`` for ``ocpp_id``, booted (closed when the rig ends)."""
+        st = await RawStation.open(self.cs.port, ocpp_id, version, responder)
+        self.stations.append(st)
+        answer = await st.call("BootNotification", BOOT_201 if version == "2.0.1" else BOOT_16)
+        assert answer[0] == 3, answer
+        return st
+
+
+@asynccontextmanager
+async def raw_csms(
+    *,
+    store: Any = None,
+    bus: Any = None,
+    tx_keep_s: float = TX_KEEP_S,
+    extra_chargers: list[dict[str, Any]] | None = None,
+    site: Site | None = None,
+    **ocpp: Any,
+) -> AsyncIterator[RawRig]:
+    """A central system on the shared test site (``configure_on_boot`` off unless given), its
+    events collected; stations come from ``RawRig.station``."""
+    ocpp.setdefault("configure_on_boot", False)
+    if site is None:
+        site = make_site(extra_chargers=extra_chargers, **ocpp)
+    clock = WallClock()
+    cs = CentralSystem(site, clock=clock, bus=bus, store=store, tx_keep_s=tx_keep_s)
+    r = RawRig(cs, clock)
+    cs.add_listener(r.events.append)
+    await cs.start()
+    try:
+        yield r
+    finally:
+        for st in r.stations:
+            await st.close()
+        await cs.stop()
 
 
 def tx_event(
@@ -270,3 +348,52 @@ def meter(at: float, wh: float, amps: float) -> list[dict[str, Any]]:
             ],
         }
     ]
+
+
+def one_session(tx_id: str, t: float) -> list[dict[str, Any]]:
+    """A 2.0.1 session of ``tx_id`` on CPB's EVSE 1 from ``t``: Started, Updated, Ended."""
+    evse = {"id": 1, "connectorId": 1}
+    stopped = {"transactionId": tx_id, "stoppedReason": "EVDisconnected"}
+    return [
+        tx_event(tx_id, 0, "Started", "CablePluggedIn", t, evse=evse,
+                 meterValue=meter(t, 1000, 16)),
+        tx_event(tx_id, 1, "Updated", "MeterValuePeriodic", t + 60,
+                 meterValue=meter(t + 60, 1500, 16)),
+        tx_event(tx_id, 2, "Ended", "EVDeparted", t + 120, transactionInfo=stopped,
+                 meterValue=meter(t + 120, 2000, 0)),
+    ]  # fmt: skip
+
+
+def starts_and_ends(events: list[Any], tx_id: str) -> list[str]:
+    """The starts and ends of ``tx_id`` the listeners heard, in order."""
+    return [
+        e.kind
+        for e in events
+        if isinstance(e, TransactionEvent) and e.transaction_id == tx_id and e.kind != "updated"
+    ]
+
+
+def start_16(t: float, meter_start_wh: int, id_tag: str = "TAG1") -> dict[str, Any]:
+    """A 1.6 StartTransaction payload on connector 1 at ``t``."""
+    return {"connectorId": 1, "idTag": id_tag, "meterStart": meter_start_wh, "timestamp": iso(t)}
+
+
+def stop_16(tx_id: int, t: float, meter_stop_wh: int) -> dict[str, Any]:
+    """A 1.6 StopTransaction payload of ``tx_id`` at ``t``."""
+    return {
+        "transactionId": tx_id,
+        "meterStop": meter_stop_wh,
+        "timestamp": iso(t),
+        "reason": "EVDisconnected",
+    }
+
+
+@asynccontextmanager
+async def open_sqlite(tmp_path: Path) -> AsyncIterator[Any]:
+    """An open embedded (SQLite) store under ``tmp_path``, closed at the end."""
+    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()

@@ -10,27 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from evcore.clock import WallClock
-from evcore.ocpp import CentralSystem, TransactionEvent
+from evcore.ocpp import TransactionEvent
 from evcore.ocpp.events import MeterSample
 from evcore.ocpp.v16 import iso
-from evcore.store.sqlite import sqlite_store
-from ocpp_testsite import BOOT_201 as BOOT
-from ocpp_testsite import RawStation, make_site, meter, tx_event
+from ocpp_testsite import make_site, meter, open_sqlite, raw_csms, tx_event
 
 pytestmark = pytest.mark.timeout(60)
 
 
 async def test_a_transaction_whose_evse_comes_after_its_start_is_attributed_then() -> None:
-    clock = WallClock()
-    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock)
-    events: list[Any] = []
-    cs.add_listener(events.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPM")  # two EVSEs: cp-m1, cp-m2
-        assert (await st.call("BootNotification", BOOT))[0] == 3
-        t = clock.now() - 10
+    async with raw_csms() as r:
+        cs, events = r.cs, r.events
+        st = await r.station("CPM")  # two EVSEs: cp-m1, cp-m2
+        t = r.clock.now() - 10
         token = {"idToken": {"idToken": "TAG1", "type": "ISO14443"}}
         steps = [
             tx_event("T1", 0, "Started", "Authorized", t, **token),
@@ -55,39 +47,27 @@ async def test_a_transaction_whose_evse_comes_after_its_start_is_attributed_then
         assert (await st.call("TransactionEvent", end))[0] == 3
         ended = [e for e in events if isinstance(e, TransactionEvent) and e.kind == "ended"]
         assert [(e.charger_id, e.session_energy_wh) for e in ended] == [("cp-m2", 1000.0)]
-        await st.close()
-    finally:
-        await cs.stop()
 
 
 async def test_a_transaction_whose_end_was_lost_is_ended_by_the_next_and_a_restart_keeps_the_newest(
     tmp_path: Path,
 ) -> None:
-    clock = WallClock()
-    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
-    await store.open()
     site = make_site(configure_on_boot=False)
-    t = clock.now() - 600
     evse = {"id": 1, "connectorId": 1}
-    try:
-        cs = CentralSystem(site, clock=clock, store=store)
-        events: list[Any] = []
-        cs.add_listener(events.append)
-        await cs.start()
-        st = await RawStation.open(cs.port, "CPB")
-        await st.call("BootNotification", BOOT)
-        # The old session's Ended never comes (the station gave up its retries). Its id sorts
-        # after the new one's: the store's order put it last.
-        old = tx_event("f-old", 0, "Started", "CablePluggedIn", t, evse=evse)
-        new = tx_event("a-new", 0, "Started", "CablePluggedIn", t + 300, evse=evse)
-        for p in (old, new):
-            assert (await st.call("TransactionEvent", p))[0] == 3
-        assert cs.station_state("CPB").active_transactions == {1: "a-new"}
-        ends = [(e.transaction_id, e.reason) for e in events if isinstance(e, TransactionEvent)]
-        assert ("f-old", "Superseded") in ends
-        assert [r.transaction_id for r in await store.list_open_transactions()] == ["a-new"]
-        await st.close()
-        await cs.stop()
+    async with open_sqlite(tmp_path) as store:
+        async with raw_csms(store=store, site=site) as r:
+            st = await r.station("CPB")
+            t = r.clock.now() - 600
+            # The old session's Ended never comes (the station gave up its retries). Its id
+            # sorts after the new one's: the store's order put it last.
+            old = tx_event("f-old", 0, "Started", "CablePluggedIn", t, evse=evse)
+            new = tx_event("a-new", 0, "Started", "CablePluggedIn", t + 300, evse=evse)
+            for p in (old, new):
+                assert (await st.call("TransactionEvent", p))[0] == 3
+            assert r.cs.station_state("CPB").active_transactions == {1: "a-new"}
+            ends = [(e.transaction_id, e.reason) for e in r.of(TransactionEvent)]
+            assert ("f-old", "Superseded") in ends
+            assert [o.transaction_id for o in await store.list_open_transactions()] == ["a-new"]
 
         # A store holding both open (as before this fix): a restart takes the newest.
         await store._run(
@@ -99,12 +79,8 @@ async def test_a_transaction_whose_end_was_lost_is_ended_by_the_next_and_a_resta
             ),
         )
         assert len(await store.list_open_transactions()) == 2
-        cs = CentralSystem(site, clock=clock, store=store)
-        await cs.start()
-        assert cs.station_state("CPB").active_transactions == {1: "a-new"}
-        await cs.stop()
-    finally:
-        await store.close()
+        async with raw_csms(store=store, site=site) as r:
+            assert r.cs.station_state("CPB").active_transactions == {1: "a-new"}
 
 
 async def test_a_status_notification_is_triggered_per_connector() -> None:
@@ -117,13 +93,10 @@ async def test_a_status_notification_is_triggered_per_connector() -> None:
             return {"status": "Accepted" if ok else "Rejected"}
         return {"status": "Accepted"}
 
-    cs = CentralSystem(make_site(configure_on_boot=False), clock=WallClock())
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPM", responder=responder)
-        await st.call("BootNotification", BOOT)
+    async with raw_csms() as r:
+        st = await r.station("CPM", responder=responder)
         for target in ("CPM", "cp-m2"):
-            res = await cs.trigger_message(target, "StatusNotification")
+            res = await r.cs.trigger_message(target, "StatusNotification")
             assert res.response_status == "Accepted", (target, res)
         evses = [p["evse"] for a, p in st.calls if a == "TriggerMessage"]
         assert evses == [
@@ -131,22 +104,14 @@ async def test_a_status_notification_is_triggered_per_connector() -> None:
             {"id": 2, "connectorId": 1},
             {"id": 2, "connectorId": 1},
         ]
-        await st.close()
-    finally:
-        await cs.stop()
 
 
 async def test_iso15118_schedules_and_station_limits_are_heard_not_refused() -> None:
     """They were CALLERRORs (NotImplemented); now answered and passed on as notifications."""
-    clock = WallClock()
-    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock)
-    heard: list[Any] = []
-    cs.add_listener(heard.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPB")
-        await st.call("BootNotification", BOOT)
-        now = iso(clock.now())
+    async with raw_csms() as r:
+        heard = r.events
+        st = await r.station("CPB")
+        now = iso(r.clock.now())
         schedule = {
             "id": 1,
             "chargingRateUnit": "A",
@@ -176,6 +141,3 @@ async def test_iso15118_schedules_and_station_limits_are_heard_not_refused() -> 
         actions = [getattr(e, "action", None) for e in heard]
         for action, _ in msgs:
             assert action in actions
-        await st.close()
-    finally:
-        await cs.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from typing import Any
 
@@ -20,27 +19,12 @@ from evcore.ocpp import (
 )
 from evcore.ocpp.v16 import iso
 from evcore.sim.ev import EV
-from ocpp_testsite import PASSWORDS, rig
+from ocpp_testsite import PASSWORDS, auth, raw_call, rig, station_ws
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def auth(ocpp_id: str, password: str | None = None) -> dict[str, str]:
-    pw = PASSWORDS[ocpp_id] if password is None else password
-    return {"Authorization": "Basic " + base64.b64encode(f"{ocpp_id}:{pw}".encode()).decode()}
-
-
-async def raw_call(ws: Any, unique_id: str, action: str, payload: Any) -> list[Any]:
-    await ws.send(json.dumps([2, unique_id, action, payload]))
-    while True:
-        msg: list[Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
-        if msg[0] == 2:  # the CSMS configures us at boot: answer and go on
-            continue
-        if msg[1] == unique_id:
-            return msg
 
 
 async def test_boot_configures_measurands_and_records_refusals() -> None:
@@ -163,9 +147,7 @@ async def test_malformed_frame_gets_callerror_and_connection_lives(
     sid: str, version: str, code: str
 ) -> None:
     async with rig(connect=False) as r:
-        async with connect(
-            f"{r.base_url}/{sid}", subprotocols=[Subprotocol(version)], additional_headers=auth(sid)
-        ) as ws:
+        async with station_ws(r.base_url, sid, version) as ws:
             assert ws.subprotocol == version
             for garbage in ("{not json", "[]", '{"a": 1}', '[2, "x1", "Heartbeat"]', '[3, "x2"]'):
                 await ws.send(garbage)
@@ -193,9 +175,7 @@ async def test_malformed_frame_gets_callerror_and_connection_lives(
 @pytest.mark.parametrize(("sid", "version"), [("CPA", "ocpp1.6"), ("CPB", "ocpp2.0.1")])
 async def test_unhandled_action_gets_not_implemented(sid: str, version: str) -> None:
     async with rig(connect=False) as r:
-        async with connect(
-            f"{r.base_url}/{sid}", subprotocols=[Subprotocol(version)], additional_headers=auth(sid)
-        ) as ws:
+        async with station_ws(r.base_url, sid, version) as ws:
             # An action the version defines but the CSMS does not handle, one of 2.1, one invented.
             for action in ("SignCertificate", "NotifyPeriodicEventStream", "MakeCoffee"):
                 msg = await raw_call(ws, action, action, {})
@@ -204,11 +184,7 @@ async def test_unhandled_action_gets_not_implemented(sid: str, version: str) -> 
 
 async def test_bad_timestamps_are_refused() -> None:
     async with rig(connect=False) as r:
-        async with connect(
-            f"{r.base_url}/CPA",
-            subprotocols=[Subprotocol("ocpp1.6")],
-            additional_headers=auth("CPA"),
-        ) as ws:
+        async with station_ws(r.base_url, "CPA", "ocpp1.6") as ws:
 
             def mv(ts: str) -> dict[str, Any]:
                 return {
@@ -244,19 +220,11 @@ async def test_bad_timestamps_are_refused() -> None:
 
 async def test_second_connection_replaces_first() -> None:
     async with rig(connect=False) as r:
-        first = await connect(
-            f"{r.base_url}/CPA",
-            subprotocols=[Subprotocol("ocpp1.6")],
-            additional_headers=auth("CPA"),
-        )
+        first = await station_ws(r.base_url, "CPA", "ocpp1.6")
         await raw_call(
             first, "b", "BootNotification", {"chargePointVendor": "v", "chargePointModel": "m"}
         )
-        second = await connect(
-            f"{r.base_url}/CPA",
-            subprotocols=[Subprotocol("ocpp1.6")],
-            additional_headers=auth("CPA"),
-        )
+        second = await station_ws(r.base_url, "CPA", "ocpp1.6")
         await asyncio.wait_for(first.wait_closed(), 5)
         assert first.close_code == 1001
         hb = await raw_call(second, "h", "Heartbeat", {})
@@ -344,11 +312,7 @@ async def test_a_stop_for_an_unknown_1_6_transaction_is_kept_where_it_can_be_att
             }
 
         for sid in ("CPA", "CPM"):
-            async with connect(
-                f"{r.base_url}/{sid}",
-                subprotocols=[Subprotocol("ocpp1.6")],
-                additional_headers=auth(sid),
-            ) as ws:
+            async with station_ws(r.base_url, sid, "ocpp1.6") as ws:
                 for attempt in ("s1", "s2"):  # the second is a replay
                     msg = await raw_call(ws, attempt, "StopTransaction", stop(4242))
                     assert msg[0] == 3, msg

@@ -19,12 +19,11 @@ import asyncio
 from typing import Any
 
 import pytest
-from evcore.clock import WallClock
-from evcore.ocpp import CentralSystem, MeterSample, TransactionEvent
+from evcore.ocpp import MeterSample, TransactionEvent
 from evcore.ocpp.metering import parse_meter_value
 from evcore.ocpp.v16 import iso
 from evcore.sim.ev import EV
-from ocpp_testsite import BOOT_201, DC_CHARGER, VERSIONS, RawStation, make_site, rig, tx_event
+from ocpp_testsite import DC_CHARGER, VERSIONS, raw_csms, rig, tx_event
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,14 +79,9 @@ async def test_a_simulated_dc_sessions_energy_is_what_its_battery_took(version: 
 async def test_dc_session_energy_comes_from_the_outlet_register_when_both_are_reported() -> None:
     """A 2.0.1 DC station reporting its DC (outlet, no location) and AC (Inlet) registers: the
     session energy is the outlet's difference (before: whichever came last, here the inlet's)."""
-    clock = WallClock()
-    cs = CentralSystem(make_site(extra_chargers=[DC_CHARGER], configure_on_boot=False), clock=clock)
-    events: list[Any] = []
-    cs.add_listener(events.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPD")
-        assert (await st.call("BootNotification", BOOT_201))[0] == 3
+    async with raw_csms(extra_chargers=[DC_CHARGER]) as r:
+        clock, events = r.clock, r.events
+        st = await r.station("CPD")
         t = clock.now() - 120
         evse = {"id": 1, "connectorId": 1}
         steps = [
@@ -117,23 +111,15 @@ async def test_dc_session_energy_comes_from_the_outlet_register_when_both_are_re
         assert samples[-1].energy_register_wh == 4_800.0  # the outlet register
         updated = [e for e in events if isinstance(e, TransactionEvent)][-1]
         assert (updated.meter_start_wh, updated.meter_now_wh) == (4_000.0, 4_800.0)
-        await st.close()
-    finally:
-        await cs.stop()
 
 
 async def test_a_dc_station_metering_only_its_inlet_is_converted_with_the_site_file() -> None:
     """A 2.0.1 DC station whose only register is at its Inlet: the energy into the car is
     (inlet energy less aux_w over the interval) x efficiency per interval between two readings;
     a pause (the register still) counts nothing, aux included."""
-    clock = WallClock()
-    cs = CentralSystem(make_site(extra_chargers=[DC_CHARGER], configure_on_boot=False), clock=clock)
-    events: list[Any] = []
-    cs.add_listener(events.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPD")
-        assert (await st.call("BootNotification", BOOT_201))[0] == 3
+    async with raw_csms(extra_chargers=[DC_CHARGER]) as r:
+        clock, events = r.clock, r.events
+        st = await r.station("CPD")
         t = clock.now() - 600
         evse = {"id": 1, "connectorId": 1}
         # 60 s at 40 kW into the car: 40 / 0.95 + 0.2 kW at the inlet.
@@ -159,22 +145,14 @@ async def test_a_dc_station_metering_only_its_inlet_is_converted_with_the_site_f
         got = [s.session_energy_wh for s in events if isinstance(s, MeterSample)]
         car_wh = 40_000.0 * 60.0 / 3600.0
         assert got == pytest.approx([0.0, car_wh, car_wh, 2 * car_wh])  # was grid_wh, ...
-        await st.close()
-    finally:
-        await cs.stop()
 
 
 async def test_an_outlet_register_that_comes_late_goes_on_from_the_inlets_count() -> None:
     """A 2.0.1 DC station that reports its outlet register only from some reading on: the
     session energy goes on from what its inlet register counted, then follows the outlet's."""
-    clock = WallClock()
-    cs = CentralSystem(make_site(extra_chargers=[DC_CHARGER], configure_on_boot=False), clock=clock)
-    events: list[Any] = []
-    cs.add_listener(events.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPD")
-        assert (await st.call("BootNotification", BOOT_201))[0] == 3
+    async with raw_csms(extra_chargers=[DC_CHARGER]) as r:
+        clock, events = r.clock, r.events
+        st = await r.station("CPD")
         t = clock.now() - 600
         grid_wh = (40_000.0 / EFF + AUX_W) * 60.0 / 3600.0
         car_wh = 40_000.0 * 60.0 / 3600.0
@@ -199,23 +177,14 @@ async def test_an_outlet_register_that_comes_late_goes_on_from_the_inlets_count(
             assert (await st.call("TransactionEvent", p))[0] == 3
         got = [s.session_energy_wh for s in events if isinstance(s, MeterSample)]
         assert got == pytest.approx([0.0, car_wh, car_wh, 2 * car_wh])
-        await st.close()
-    finally:
-        await cs.stop()
 
 
 async def test_1_6_meter_start_and_stop_of_an_inlet_only_dc_station() -> None:
     """1.6 meterStart / meterStop carry no location: they are the register the station's
     meter values report, here its Inlet one (its only one)."""
-    clock = WallClock()
-    cs = CentralSystem(make_site(extra_chargers=[DC_CHARGER], configure_on_boot=False), clock=clock)
-    events: list[Any] = []
-    cs.add_listener(events.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPD", version="1.6")
-        boot = {"chargePointVendor": "V", "chargePointModel": "M"}
-        assert (await st.call("BootNotification", boot))[0] == 3
+    async with raw_csms(extra_chargers=[DC_CHARGER]) as r:
+        clock, events = r.clock, r.events
+        st = await r.station("CPD", "1.6")
         t = clock.now() - 200
         grid_wh = (40_000.0 / EFF + AUX_W) * 60.0 / 3600.0
         start = await st.call(
@@ -247,22 +216,14 @@ async def test_1_6_meter_start_and_stop_of_an_inlet_only_dc_station() -> None:
         assert sample.session_energy_wh == pytest.approx(car_wh)
         ended = next(e for e in events if isinstance(e, TransactionEvent) and e.kind == "ended")
         assert ended.session_energy_wh == pytest.approx(2 * car_wh, abs=1.0)
-        await st.close()
-    finally:
-        await cs.stop()
 
 
 async def test_an_ac_charger_is_as_before_whatever_the_location() -> None:
     """AC: the outlet register (no location) as before; a station reporting only an Inlet
     register has it taken as it is (no conversion)."""
-    clock = WallClock()
-    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock)
-    events: list[Any] = []
-    cs.add_listener(events.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPB")
-        assert (await st.call("BootNotification", BOOT_201))[0] == 3
+    async with raw_csms() as r:
+        clock, events = r.clock, r.events
+        st = await r.station("CPB")
         t = clock.now() - 100
         for seq, wh in enumerate((1_000.0, 1_500.0)):
             p = tx_event(
@@ -277,9 +238,6 @@ async def test_an_ac_charger_is_as_before_whatever_the_location() -> None:
             assert (await st.call("TransactionEvent", p))[0] == 3
         got = [s.session_energy_wh for s in events if isinstance(s, MeterSample)]
         assert got == [0.0, 500.0]
-        await st.close()
-    finally:
-        await cs.stop()
 
 
 def test_the_register_location_is_read() -> None:

@@ -8,33 +8,16 @@ Both ended the station's session; a nested CALLRESULT to our call did too.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
-from typing import Any
 
 import pytest
 from evcore.ocpp import ConnectionEvent
-from ocpp_testsite import PASSWORDS, rig
-from websockets.asyncio.client import connect
-from websockets.typing import Subprotocol
+from ocpp_testsite import raw_call, rig, station_ws
 
 pytestmark = pytest.mark.timeout(60)
 
 VERSIONS = [("CPA", "ocpp1.6", "FormationViolation"), ("CPB", "ocpp2.0.1", "FormatViolation")]
-
-
-def auth(ocpp_id: str) -> dict[str, str]:
-    token = base64.b64encode(f"{ocpp_id}:{PASSWORDS[ocpp_id]}".encode()).decode()
-    return {"Authorization": "Basic " + token}
-
-
-async def raw_call(ws: Any, unique_id: str, action: str, payload: Any) -> list[Any]:
-    await ws.send(json.dumps([2, unique_id, action, payload]))
-    while True:
-        msg: list[Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
-        if msg[0] != 2 and msg[1] == unique_id:  # CALLs of ours (configuration) go unanswered
-            return msg
 
 
 def _nested(depth: int) -> str:
@@ -46,9 +29,7 @@ async def test_a_deeply_nested_call_gets_a_callerror_and_the_session_lives(
     sid: str, version: str, code: str
 ) -> None:
     async with rig(connect=False) as r:
-        async with connect(
-            f"{r.base_url}/{sid}", subprotocols=[Subprotocol(version)], additional_headers=auth(sid)
-        ) as ws:
+        async with station_ws(r.base_url, sid, version) as ws:
             for i, depth in enumerate((300, 5000)):
                 await ws.send(f'[2,"d{i}","Heartbeat",{{"x":{_nested(depth)}}}]')
                 msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
@@ -74,9 +55,7 @@ async def test_a_deeply_nested_answer_fails_our_call_at_once(
     del code
     async with rig(connect=False, call_timeout_s=10) as r:
         charger = "cp-a" if sid == "CPA" else "cp-b"
-        async with connect(
-            f"{r.base_url}/{sid}", subprotocols=[Subprotocol(version)], additional_headers=auth(sid)
-        ) as ws:
+        async with station_ws(r.base_url, sid, version) as ws:
             t0 = time.monotonic()
             res = asyncio.ensure_future(r.cs.set_limit(charger, limit_a=10, purpose="tx_default"))
             call = json.loads(await asyncio.wait_for(ws.recv(), 5))

@@ -6,7 +6,6 @@ reconnecting for ever and the session never ended."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from typing import Any
@@ -15,17 +14,10 @@ import pytest
 from evcore.ocpp import TransactionEvent
 from evcore.ocpp.config import OcppConfigError, parse_ocpp_section
 from evcore.ocpp.handlers import iso
-from ocpp_testsite import PASSWORDS, rig
-from websockets.asyncio.client import connect
+from ocpp_testsite import rig, station_ws
 from websockets.exceptions import ConnectionClosedError
-from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _auth(ocpp_id: str) -> dict[str, str]:
-    token = base64.b64encode(f"{ocpp_id}:{PASSWORDS[ocpp_id]}".encode()).decode()
-    return {"Authorization": "Basic " + token}
 
 
 def _sample(t: float, register_wh: float) -> dict[str, Any]:
@@ -66,11 +58,7 @@ async def _recv(ws: Any) -> list[Any]:
 
 async def test_a_2_mib_stop_transaction_ends_the_transaction() -> None:
     async with rig(connect=False) as r:
-        async with connect(
-            f"{r.base_url}/CPA",
-            subprotocols=[Subprotocol("ocpp1.6")],
-            additional_headers=_auth("CPA"),
-        ) as ws:
+        async with station_ws(r.base_url, "CPA", "ocpp1.6") as ws:
             t0 = time.time() - 5 * 3600
             start = {"connectorId": 1, "idTag": "T", "meterStart": 1000, "timestamp": iso(t0)}
             await ws.send(json.dumps([2, "s1", "StartTransaction", start]))
@@ -96,11 +84,7 @@ async def test_a_2_mib_stop_transaction_ends_the_transaction() -> None:
 
 async def test_a_frame_over_max_frame_bytes_closes_the_connection() -> None:
     async with rig(connect=False, max_frame_bytes=65_536) as r:
-        async with connect(
-            f"{r.base_url}/CPB",
-            subprotocols=[Subprotocol("ocpp2.0.1")],
-            additional_headers=_auth("CPB"),
-        ) as ws:
+        async with station_ws(r.base_url, "CPB", "ocpp2.0.1") as ws:
             big = {"vendorId": "x", "data": "y" * 70_000}
             await ws.send(json.dumps([2, "b1", "DataTransfer", big]))
             with pytest.raises(ConnectionClosedError) as closed:

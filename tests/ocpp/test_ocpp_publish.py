@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import math
 import os
 import uuid
@@ -23,16 +21,11 @@ from evcore.sim.ev import EV
 from evcore.store import open_store
 from evcore.store.sqlite import sqlite_store
 from evcore.v1 import meter_pb2, station_event_pb2, status_pb2, transaction_pb2
-from ocpp_testsite import PASSWORDS, make_site, rig
+from ocpp_testsite import auth, make_site, raw_call, rig, station_ws
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def auth(ocpp_id: str) -> dict[str, str]:
-    token = base64.b64encode(f"{ocpp_id}:{PASSWORDS[ocpp_id]}".encode()).decode()
-    return {"Authorization": "Basic " + token}
 
 
 async def _bus_and_store(
@@ -103,14 +96,6 @@ async def test_status_meter_and_transactions_are_published_and_stored(
         await bus.close()
 
 
-async def _raw(ws: Any, uid: str, action: str, payload: dict[str, Any]) -> list[Any]:
-    await ws.send(json.dumps([2, uid, action, payload]))
-    while True:
-        msg: list[Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
-        if msg[0] != 2 and msg[1] == uid:
-            return msg
-
-
 async def test_restart_with_the_store_never_duplicates_a_transaction(tmp_path: Path) -> None:
     """The edge restarts while cars charge: replays after the restart continue the transactions."""
     store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
@@ -143,20 +128,16 @@ async def test_restart_with_the_store_never_duplicates_a_transaction(tmp_path: P
         cs.add_listener(events.append)
         await cs.start()
         base = f"ws://127.0.0.1:{cs.port}/ocpp"
-        a = await connect(
-            f"{base}/CPA", subprotocols=[Subprotocol("ocpp1.6")], additional_headers=auth("CPA")
-        )
-        b = await connect(
-            f"{base}/CPB", subprotocols=[Subprotocol("ocpp2.0.1")], additional_headers=auth("CPB")
-        )
+        a = await station_ws(base, "CPA", "ocpp1.6")
+        b = await station_ws(base, "CPB", "ocpp2.0.1")
         return cs, a, b
 
     try:
         first: list[Any] = []
         cs, a, b = await session(first)
-        res = await _raw(a, "s1", "StartTransaction", start16)
+        res = await raw_call(a, "s1", "StartTransaction", start16)
         tx16 = res[2]["transactionId"]
-        assert (await _raw(b, "s2", "TransactionEvent", started201(0, 1000.0)))[0] == 3
+        assert (await raw_call(b, "s2", "TransactionEvent", started201(0, 1000.0)))[0] == 3
         assert [e.kind for e in first if isinstance(e, TransactionEvent)] == ["started"] * 2
         await a.close()
         await b.close()
@@ -166,12 +147,12 @@ async def test_restart_with_the_store_never_duplicates_a_transaction(tmp_path: P
         second: list[Any] = []
         cs, a, b = await session(second)
         assert cs.station_state("cp-a").active_transactions == {1: str(tx16)}
-        res = await _raw(a, "r1", "StartTransaction", start16)
+        res = await raw_call(a, "r1", "StartTransaction", start16)
         assert res[2]["transactionId"] == tx16
-        assert (await _raw(b, "r2", "TransactionEvent", started201(0, 1000.0)))[0] == 3
+        assert (await raw_call(b, "r2", "TransactionEvent", started201(0, 1000.0)))[0] == 3
         stop16 = {"transactionId": tx16, "meterStop": 7250, "timestamp": iso(clock.now())}
-        assert (await _raw(a, "r3", "StopTransaction", stop16))[0] == 3
-        assert (await _raw(b, "r4", "TransactionEvent", started201(1, 1500.0, "Ended")))[0] == 3
+        assert (await raw_call(a, "r3", "StopTransaction", stop16))[0] == 3
+        assert (await raw_call(b, "r4", "TransactionEvent", started201(1, 1500.0, "Ended")))[0] == 3
         txs = [e for e in second if isinstance(e, TransactionEvent)]
         assert "started" not in [e.kind for e in txs]
         ended = {e.charger_id: e for e in txs if e.kind == "ended"}
@@ -218,8 +199,8 @@ async def test_a_resent_meter_values_frame_is_stored_and_published_once(
         }
         status = {"connectorId": 1, "errorCode": "NoError", "status": "Charging", "timestamp": at}
         for uid in ("m1", "m2"):  # the second: a new message id, as a station's retry may use
-            assert (await _raw(ws, uid, "MeterValues", meter))[0] == 3
-            assert (await _raw(ws, "s" + uid, "StatusNotification", status))[0] == 3
+            assert (await raw_call(ws, uid, "MeterValues", meter))[0] == 3
+            assert (await raw_call(ws, "s" + uid, "StatusNotification", status))[0] == 3
         await ws.close()
         await bus.flush()
         stored = await store.meter_samples("cp-a")
@@ -378,12 +359,8 @@ async def test_a_transaction_event_the_bus_refused_goes_out_when_the_station_ret
     cs.add_listener(lambda e: heard.append(e) if isinstance(e, TransactionEvent) else None)
     await cs.start()
     base = f"ws://127.0.0.1:{cs.port}/ocpp"
-    a = await connect(
-        f"{base}/CPA", subprotocols=[Subprotocol("ocpp1.6")], additional_headers=auth("CPA")
-    )
-    b = await connect(
-        f"{base}/CPB", subprotocols=[Subprotocol("ocpp2.0.1")], additional_headers=auth("CPB")
-    )
+    a = await station_ws(base, "CPA", "ocpp1.6")
+    b = await station_ws(base, "CPB", "ocpp2.0.1")
     t0 = clock.now()
 
     def ev201(seq: int, event_type: str) -> dict[str, Any]:
@@ -398,9 +375,9 @@ async def test_a_transaction_event_the_bus_refused_goes_out_when_the_station_ret
 
     async def refused_then_taken(ws: Any, action: str, payload: dict[str, Any]) -> list[Any]:
         bus.refuse_next = True
-        first = await _raw(ws, f"{action}-1", action, payload)
+        first = await raw_call(ws, f"{action}-1", action, payload)
         assert first[0] == 4 and first[2] == "InternalError", first
-        again = await _raw(ws, f"{action}-2", action, payload)
+        again = await raw_call(ws, f"{action}-2", action, payload)
         assert again[0] == 3, again
         return again
 

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
-from evcore.clock import WallClock
-from evcore.ocpp import CentralSystem, MeterSample, TransactionEvent
+from evcore.ocpp import MeterSample, TransactionEvent
 from evcore.ocpp.server import SEQ_KEEP, START_KEYS_KEEP, TX_KEEP_S, TxState
-from evcore.ocpp.v16 import iso
 from evcore.sim.ev import EV
-from evcore.store.sqlite import sqlite_store
-from ocpp_testsite import BOOT_201, RawStation, make_site, meter, rig, tx_event
+from ocpp_testsite import (
+    make_site,
+    one_session,
+    open_sqlite,
+    raw_csms,
+    rig,
+    start_16,
+    starts_and_ends,
+    stop_16,
+    tx_event,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,29 +93,6 @@ async def test_an_ended_transaction_is_forgotten_after_the_keep_time() -> None:
             r.fleet.unplug(cid)
 
 
-def one_session(tx_id: str, t: float) -> list[dict[str, Any]]:
-    """A 2.0.1 session of ``tx_id`` on CPB's EVSE 1 from ``t``: Started, Updated, Ended."""
-    evse = {"id": 1, "connectorId": 1}
-    stopped = {"transactionId": tx_id, "stoppedReason": "EVDisconnected"}
-    return [
-        tx_event(tx_id, 0, "Started", "CablePluggedIn", t, evse=evse,
-                 meterValue=meter(t, 1000, 16)),
-        tx_event(tx_id, 1, "Updated", "MeterValuePeriodic", t + 60,
-                 meterValue=meter(t + 60, 1500, 16)),
-        tx_event(tx_id, 2, "Ended", "EVDeparted", t + 120, transactionInfo=stopped,
-                 meterValue=meter(t + 120, 2000, 0)),
-    ]  # fmt: skip
-
-
-def starts_and_ends(events: list[Any], tx_id: str) -> list[str]:
-    """The starts and ends of ``tx_id`` the listeners heard, in order."""
-    return [
-        e.kind
-        for e in events
-        if isinstance(e, TransactionEvent) and e.transaction_id == tx_id and e.kind != "updated"
-    ]
-
-
 async def test_a_replayed_event_of_a_forgotten_ended_transaction_never_starts_it_again(
     tmp_path: Path,
 ) -> None:
@@ -118,40 +101,28 @@ async def test_a_replayed_event_of_a_forgotten_ended_transaction_never_starts_it
     changes nothing. Before, the CSMS had forgotten it and took the event for a new transaction:
     published as started again, the EVSE's transaction (TxProfiles), open in the store. The
     timestamps are recent, so only the store can tell."""
-    clock = WallClock()
-    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
-    await store.open()
-    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, store=store, tx_keep_s=0.0)
-    events: list[Any] = []
-    cs.add_listener(events.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPB")
-        assert (await st.call("BootNotification", BOOT_201))[0] == 3
-        t = clock.now() - 200
+    async with open_sqlite(tmp_path) as store, raw_csms(store=store, tx_keep_s=0.0) as r:
+        st = await r.station("CPB")
+        t = r.clock.now() - 200
         first = one_session("T1", t)
         for p in first:
             assert (await st.call("TransactionEvent", p))[0] == 3
         # The next session's start forgets T1 (ended, its end stored, kept 0 s).
         for p in one_session("T2", t + 130)[::2]:
             assert (await st.call("TransactionEvent", p))[0] == 3
-        assert "T1" not in cs._stations["CPB"].transactions
+        assert "T1" not in r.cs._stations["CPB"].transactions
         for p in first:  # the station sends T1's events again
             answer = await st.call("TransactionEvent", p)
             assert answer[0] == 3, answer
-        assert starts_and_ends(events, "T1") == ["started", "ended"]
-        assert cs.station_state("CPB").active_transactions == {}
+        assert starts_and_ends(r.events, "T1") == ["started", "ended"]
+        assert r.cs.station_state("CPB").active_transactions == {}
         assert await store.list_open_transactions() == []
         rec = await store.get_transaction("cp-b", "T1")
         assert rec is not None and rec.ended_at_s == pytest.approx(t + 120, abs=1e-3)
         assert rec.stop_reason == "EVDisconnected"
-        res = await cs.set_limit("cp-b", limit_a=10.0)
+        res = await r.cs.set_limit("cp-b", limit_a=10.0)
         assert not res.accepted
         assert [p for a, p in st.calls if a == "SetChargingProfile"] == []
-        await st.close()
-    finally:
-        await cs.stop()
-        await store.close()
 
 
 async def test_an_old_or_offline_update_of_an_unknown_transaction_does_not_start_it() -> None:
@@ -161,55 +132,30 @@ async def test_an_old_or_offline_update_of_an_unknown_transaction_does_not_start
     and not started; before, it was published as started and became the EVSE's transaction.
     An online, current Updated of an unknown transaction (one started before a restart of the
     CSMS) still starts it, as does the next online one of a transaction heard first offline."""
-    clock = WallClock()
-    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, tx_keep_s=0.0)
-    events: list[Any] = []
-    cs.add_listener(events.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPB")
-        assert (await st.call("BootNotification", BOOT_201))[0] == 3
-        t = clock.now() - 3600
+    async with raw_csms(tx_keep_s=0.0) as r:
+        st = await r.station("CPB")
+        t = r.clock.now() - 3600
         first = one_session("T1", t)
         for p in first:
             assert (await st.call("TransactionEvent", p))[0] == 3
-        now = clock.now()
+        now = r.clock.now()
         for p in one_session("T2", now - 130)[::2]:
             assert (await st.call("TransactionEvent", p))[0] == 3
-        assert "T1" not in cs._stations["CPB"].transactions
+        assert "T1" not in r.cs._stations["CPB"].transactions
         # T1's Updated again (its answer was lost): recorded, not started.
         assert (await st.call("TransactionEvent", first[1]))[0] == 3
-        assert starts_and_ends(events, "T1") == ["started", "ended"]
-        assert cs.station_state("CPB").active_transactions == {}
-        samples = [e for e in events if isinstance(e, MeterSample) and e.transaction_id == "T1"]
+        assert starts_and_ends(r.events, "T1") == ["started", "ended"]
+        assert r.cs.station_state("CPB").active_transactions == {}
+        samples = [e for e in r.of(MeterSample) if e.transaction_id == "T1"]
         assert [s.at for s in samples] == pytest.approx([t, t + 60, t + 120, t + 60], abs=1e-3)
         # T3, unknown here: heard first in an event queued offline, then online and current.
         offline = tx_event("T3", 5, "Updated", "MeterValuePeriodic", now - 20, offline=True)
         assert (await st.call("TransactionEvent", offline))[0] == 3
-        assert starts_and_ends(events, "T3") == []
+        assert starts_and_ends(r.events, "T3") == []
         live = tx_event("T3", 6, "Updated", "MeterValuePeriodic", now - 1)
         assert (await st.call("TransactionEvent", live))[0] == 3
-        assert starts_and_ends(events, "T3") == ["started"]
-        assert cs.station_state("CPB").active_transactions == {1: "T3"}
-        await st.close()
-    finally:
-        await cs.stop()
-
-
-BOOT_16 = {"chargePointVendor": "V", "chargePointModel": "M"}
-
-
-def start_16(t: float, meter_start_wh: int, id_tag: str = "TAG1") -> dict[str, Any]:
-    return {"connectorId": 1, "idTag": id_tag, "meterStart": meter_start_wh, "timestamp": iso(t)}
-
-
-def stop_16(tx_id: int, t: float, meter_stop_wh: int) -> dict[str, Any]:
-    return {
-        "transactionId": tx_id,
-        "meterStop": meter_stop_wh,
-        "timestamp": iso(t),
-        "reason": "EVDisconnected",
-    }
+        assert starts_and_ends(r.events, "T3") == ["started"]
+        assert r.cs.station_state("CPB").active_transactions == {1: "T3"}
 
 
 async def test_a_1_6_start_resent_after_its_transaction_was_forgotten_gets_the_same_id() -> None:
@@ -219,15 +165,9 @@ async def test_a_1_6_start_resent_after_its_transaction_was_forgotten_gets_the_s
     resent StopTransaction is a replay (no second end). Before, the start key was dropped with
     the transaction: the resend got a new transactionId and was published as a new session,
     open for good, and the resent stop published a second end."""
-    clock = WallClock()
-    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, tx_keep_s=0.0)
-    events: list[Any] = []
-    cs.add_listener(events.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPA", version="1.6")
-        assert (await st.call("BootNotification", BOOT_16))[0] == 3
-        t = clock.now() - 600
+    async with raw_csms(tx_keep_s=0.0) as r:
+        st = await r.station("CPA", "1.6")
+        t = r.clock.now() - 600
         first = await st.call("StartTransaction", start_16(t, 1000))
         tx1 = first[2]["transactionId"]
         assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
@@ -235,20 +175,17 @@ async def test_a_1_6_start_resent_after_its_transaction_was_forgotten_gets_the_s
         second = await st.call("StartTransaction", start_16(t + 300, 3000))
         tx2 = second[2]["transactionId"]
         assert tx2 != tx1
-        assert str(tx1) not in cs._stations["CPA"].transactions
+        assert str(tx1) not in r.cs._stations["CPA"].transactions
         again = await st.call("StartTransaction", start_16(t, 1000))
         assert again[2]["transactionId"] == tx1, (tx1, again)
         assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
-        assert starts_and_ends(events, str(tx1)) == ["started", "ended"]
-        assert cs.station_state("CPA").active_transactions == {1: str(tx2)}
+        assert starts_and_ends(r.events, str(tx1)) == ["started", "ended"]
+        assert r.cs.station_state("CPA").active_transactions == {1: str(tx2)}
         # The keys are bounded by count: the oldest go first.
         for i in range(START_KEYS_KEEP):
             assert (await st.call("StartTransaction", start_16(t + 400 + i, 4000 + i)))[0] == 3
-        keys = cs._stations["CPA"].start_keys
+        keys = r.cs._stations["CPA"].start_keys
         assert len(keys) == START_KEYS_KEEP and str(tx2) not in keys.values()
-        await st.close()
-    finally:
-        await cs.stop()
 
 
 async def test_a_1_6_start_resent_after_a_restart_gets_the_same_id(tmp_path: Path) -> None:
@@ -257,44 +194,25 @@ async def test_a_1_6_start_resent_after_a_restart_gets_the_same_id(tmp_path: Pat
     the resent StartTransaction gets its first transactionId and its resent StopTransaction is
     a replay. Before, the restarted central system knew only the store's open transactions: a
     new transactionId, a second session published and left open in the store for good."""
-    clock = WallClock()
-    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
-    await store.open()
-    events: list[Any] = []
     site = make_site(configure_on_boot=False)
-    t = clock.now() - 600
-    try:
-        cs = CentralSystem(site, clock=clock, store=store)
-        await cs.start()
-        try:
-            st = await RawStation.open(cs.port, "CPA", version="1.6")
-            assert (await st.call("BootNotification", BOOT_16))[0] == 3
+    async with open_sqlite(tmp_path) as store:
+        async with raw_csms(store=store, site=site) as r:
+            st = await r.station("CPA", "1.6")
+            t = r.clock.now() - 600
             tx1 = (await st.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
             assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
-            await st.close()
-        finally:
-            await cs.stop()
         # A second later: a new central system's 1.6 ids start from its clock's second.
         await asyncio.sleep(1.1)
-        cs = CentralSystem(site, clock=clock, store=store)
-        cs.add_listener(events.append)
-        await cs.start()
-        try:
-            st = await RawStation.open(cs.port, "CPA", version="1.6")
-            assert (await st.call("BootNotification", BOOT_16))[0] == 3
+        async with raw_csms(store=store, site=site) as r:
+            st = await r.station("CPA", "1.6")
             again = await st.call("StartTransaction", start_16(t, 1000))
             assert again[2]["transactionId"] == tx1, (tx1, again)
             assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
-            assert starts_and_ends(events, str(tx1)) == []
+            assert starts_and_ends(r.events, str(tx1)) == []
             assert await store.list_open_transactions() == []
             # A new session still gets a new id, never one handed out before.
             tx2 = (await st.call("StartTransaction", start_16(t + 300, 3000)))[2]["transactionId"]
             assert tx2 > tx1
-            await st.close()
-        finally:
-            await cs.stop()
-    finally:
-        await store.close()
 
 
 async def test_a_1_6_stop_resent_after_its_transaction_was_forgotten_is_a_replay(
@@ -304,28 +222,16 @@ async def test_a_1_6_stop_resent_after_its_transaction_was_forgotten_is_a_replay
     resent) is recognised from the store's record: no second end. Before, it was taken for a
     transaction never seen started: the listeners heard a second `ended`, without a meter
     start or session energy."""
-    clock = WallClock()
-    store = sqlite_store(tmp_path / "store", telemetry_retention_s=3600)
-    await store.open()
-    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, store=store, tx_keep_s=0.0)
-    events: list[Any] = []
-    cs.add_listener(events.append)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPA", version="1.6")
-        assert (await st.call("BootNotification", BOOT_16))[0] == 3
-        t = clock.now() - 600
+    async with open_sqlite(tmp_path) as store, raw_csms(store=store, tx_keep_s=0.0) as r:
+        st = await r.station("CPA", "1.6")
+        t = r.clock.now() - 600
         tx1 = (await st.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
         assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
         assert (await st.call("StartTransaction", start_16(t + 300, 3000)))[0] == 3
-        assert str(tx1) not in cs._stations["CPA"].transactions
+        assert str(tx1) not in r.cs._stations["CPA"].transactions
         assert (await st.call("StopTransaction", stop_16(tx1, t + 120, 3000)))[0] == 3
-        ended = [e for e in events if isinstance(e, TransactionEvent) and e.kind == "ended"]
+        ended = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
         assert [(e.transaction_id, e.session_energy_wh) for e in ended] == [(str(tx1), 2000.0)]
-        await st.close()
-    finally:
-        await cs.stop()
-        await store.close()
 
 
 async def test_a_late_1_6_start_of_an_older_transaction_leaves_the_evse_to_the_newer() -> None:
@@ -333,16 +239,9 @@ async def test_a_late_1_6_start_of_an_older_transaction_leaves_the_evse_to_the_n
     no longer kept, an offline start delivered late) does not make it the connector's: the
     TxProfiles go on naming the newer one, as on 2.0.1 (``_take_evse``). Before, the late start
     took the connector, and every TxProfile named a transaction the station had ended."""
-    clock = WallClock()
-    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock)
-    await cs.start()
-    try:
-        st = await RawStation.open(cs.port, "CPA", version="1.6")
-        assert (await st.call("BootNotification", BOOT_16))[0] == 3
-        t = clock.now() - 600
+    async with raw_csms() as r:
+        st = await r.station("CPA", "1.6")
+        t = r.clock.now() - 600
         newer = (await st.call("StartTransaction", start_16(t + 300, 3000)))[2]["transactionId"]
         assert (await st.call("StartTransaction", start_16(t, 1000)))[0] == 3
-        assert cs.station_state("CPA").active_transactions == {1: str(newer)}
-        await st.close()
-    finally:
-        await cs.stop()
+        assert r.cs.station_state("CPA").active_transactions == {1: str(newer)}
