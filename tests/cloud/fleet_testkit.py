@@ -159,7 +159,8 @@ class FleetCloud:
         and outbox, with the same clock; the sites' edges go on as they were."""
         await self.server.stop(0.5)
         await self.store.close()
-        self.store = open_cloud_store(self.server.config.store_url)
+        config = self.server.config
+        self.store = open_cloud_store(config.store_url, read_timeout_s=config.store_read_timeout_s)
         self.server = CloudApiServer(self.server.config, self.store, clock=self.clock)
         self.port = await self.server.start()
 
@@ -273,6 +274,7 @@ async def start_fleet_cloud(
     clock: ManualClock | None = None,
     fleet: dict[str, Any] | None = None,
     edge_rules: bool = False,
+    store: dict[str, Any] | None = None,
 ) -> FleetCloud:
     tag = uuid.uuid4().hex[:8]
     sites = [f"fleet-{tag}-{chr(ord('a') + i)}" for i in range(n_sites)]
@@ -285,7 +287,7 @@ async def start_fleet_cloud(
                 "key_file": server_key,
                 "client_ca_file": str(site_ca.ca_path),
             },
-            "store": {"url": store_url},
+            "store": {"url": store_url, **(store or {})},
             "bus": {
                 "urls": [NATS_URL],
                 "outbox_dir": str(tmp_path / "cloud-outbox"),
@@ -300,9 +302,11 @@ async def start_fleet_cloud(
         },
         tmp_path,
     )
-    store = open_cloud_store(config.store_url, tmp_path)
+    cloud_store = open_cloud_store(
+        config.store_url, tmp_path, read_timeout_s=config.store_read_timeout_s
+    )
     clock = clock if clock is not None else ManualClock(now_s)
-    server = CloudApiServer(config, store, clock=clock)
+    server = CloudApiServer(config, cloud_store, clock=clock)
     port = await server.start()
     watches = {s: SiteWatch(s, clock=clock, edge_rules=edge_rules) for s in sites}
     buses = []
@@ -311,7 +315,7 @@ async def start_fleet_cloud(
         await bus.start()
         assert bus.connected, f"nats-server at {NATS_URL} unreachable"
         buses.append(bus)
-    f = FleetCloud(port, site_ca.ca_pem, certs, store, server, clock, sites, watches, buses)
+    f = FleetCloud(port, site_ca.ca_pem, certs, cloud_store, server, clock, sites, watches, buses)
     for s in sites:
         await f.edge_online(s)
     return f

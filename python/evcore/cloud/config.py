@@ -74,6 +74,8 @@ class CloudRetention:
 @dataclass(frozen=True)
 class CloudConfig:
     store_url: str
+    # ``[store] read_timeout_s``: a read waits at most this long, then UNAVAILABLE naming the store.
+    store_read_timeout_s: float = 10.0
     listen: str = DEFAULT_LISTEN
     tls: CloudTls | None = None
     # Local development only: no TLS, the site id taken from the `x-evcore-site-id` header.
@@ -98,7 +100,8 @@ class CloudConfig:
     def from_table(table: Mapping[str, Any], base_dir: Path | str = ".") -> CloudConfig:
         base = Path(base_dir)
         top = _TOP.read(table, base)
-        url = _STORE.read(top["store"])["url"]
+        store = _STORE.read(top["store"])
+        url = store["url"]
         if not url.startswith(("postgresql://", "postgres://")) and "://" not in url:
             path = Path(url.removeprefix("sqlite:").removeprefix("//"))
             if not path.is_absolute():
@@ -123,6 +126,7 @@ class CloudConfig:
         discover = sites == ("*",)
         return CloudConfig(
             store_url=url,
+            store_read_timeout_s=store["read_timeout_s"],
             listen=listen,
             tls=tls,
             insecure=insecure,
@@ -301,7 +305,10 @@ _TOP = Section(
 )
 _STORE = Section(
     "[store]",
-    {"url": Key("text", required=True, example='url = "sqlite:DIR" or "postgresql://…"')},
+    {
+        "url": Key("text", required=True, example='url = "sqlite:DIR" or "postgresql://…"'),
+        "read_timeout_s": Key("number", CloudConfig.store_read_timeout_s, lo=0, above=True),
+    },
     CloudConfigError,
 )
 _TLS = Section(

@@ -43,6 +43,8 @@ from evcore.v1.topology_pb2 import SiteTopology
 RECORDS_FILE = "cloud-records.sqlite"
 TELEMETRY_FILE = "cloud-telemetry.sqlite"
 DEFAULT_SCHEMA = "evcore_cloud"
+#: ``[store] read_timeout_s``: the longest a read waits (the edge store's default).
+DEFAULT_READ_TIMEOUT_S = 10.0
 
 
 class FleetRevisionConflict(Exception):
@@ -185,7 +187,7 @@ class CloudStore(BackendStore):
 
     async def contiguous_seq(self, site_id: str) -> int:
         """Highest seq of the site held without a gap from seq 0; -1 when seq 0 is not held."""
-        return await self._run(self._records, lambda tx: _contiguous(tx, site_id))
+        return await self._read(self._records, lambda tx: _contiguous(tx, site_id))
 
     async def audit_records(
         self, site_id: str, *, after_seq: int = -1, limit: int = 1000
@@ -200,7 +202,7 @@ class CloudStore(BackendStore):
             )
             return [parse_message(AuditRecord, r[0]) for r in rows]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     # -- telemetry ------------------------------------------------------------------------------
     async def put_telemetry(
@@ -254,7 +256,7 @@ class CloudStore(BackendStore):
             )
             return [parse_message(MeterSampleBatch, payload) for (payload,) in rows]
 
-        return await self._run(self._telemetry, op)
+        return await self._read(self._telemetry, op)
 
     # -- topology -------------------------------------------------------------------------------
     async def put_topology(
@@ -299,7 +301,7 @@ class CloudStore(BackendStore):
             t = parse_message(SiteTopology, row[2])
             return StoredTopology(int(row[0]), float(row[1]), t)
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def latest_samples(
         self, site_id: str, *, since_s: float, until_s: float = math.inf
@@ -326,11 +328,11 @@ class CloudStore(BackendStore):
                         newest[sample.charger_id] = (t, sample)
             return {cid: s for cid, (_, s) in newest.items()}
 
-        return await self._run(self._telemetry, op)
+        return await self._read(self._telemetry, op)
 
     # -- retention (never audit records) -------------------------------------------------------
     async def telemetry_sites(self) -> list[str]:
-        return await self._run(
+        return await self._read(
             self._telemetry,
             lambda tx: [
                 str(r[0]) for r in tx.all("SELECT DISTINCT site_id FROM cloud_telemetry_batches")
@@ -338,7 +340,7 @@ class CloudStore(BackendStore):
         )
 
     async def plan_sites(self) -> list[str]:
-        return await self._run(
+        return await self._read(
             self._records,
             lambda tx: [str(r[0]) for r in tx.all("SELECT DISTINCT site_id FROM cloud_plans")],
         )
@@ -398,7 +400,7 @@ class CloudStore(BackendStore):
                     out[str(site)] = (float(row[0]), float(row[1]))
             return out
 
-        telemetry = await self._run(self._telemetry, telemetry_op)
+        telemetry = await self._read(self._telemetry, telemetry_op)
 
         def records_op(tx: Tx) -> dict[str, SiteActivity]:
             sites = wanted or sorted(
@@ -437,7 +439,7 @@ class CloudStore(BackendStore):
                 )
             return out
 
-        return await self._run(self._records, records_op)
+        return await self._read(self._records, records_op)
 
     # -- fleet curtailments ---------------------------------------------------------------------
     async def put_fleet_curtailment(self, result: FleetCurtailmentResult, *, now_s: float) -> None:
@@ -481,7 +483,7 @@ class CloudStore(BackendStore):
             )
             return None if row is None else parse_message(FleetCurtailmentResult, row[0])
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def mark_fleet_published(self, fleet_curtailment_id: str, revision: int) -> bool:
         """Record that every signal of ``revision`` was accepted by the outbox. False when a
@@ -510,7 +512,7 @@ class CloudStore(BackendStore):
             )
             return 0 if row is None else int(row[0])
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def unpublished_fleet_curtailments(self, *, now_s: float) -> list[FleetCurtailmentResult]:
         """Fleet curtailments (cancelled ones too) whose latest revision is stored but not
@@ -525,7 +527,7 @@ class CloudStore(BackendStore):
             )
             return [parse_message(FleetCurtailmentResult, r[0]) for r in rows]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def fleet_curtailments(
         self, *, include_cancelled: bool = False
@@ -540,7 +542,7 @@ class CloudStore(BackendStore):
             )
             return [parse_message(FleetCurtailmentResult, r[0]) for r in rows]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def fleet_site_signals(self, fleet_curtailment_id: str) -> list[FleetSiteSignal]:
         """Every signal of the fleet curtailment to every site, by site then revision."""
@@ -569,7 +571,7 @@ class CloudStore(BackendStore):
                 for r in rows
             ]
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
     async def put_fleet_site_signals(
         self, fleet_curtailment_id: str, signals: Sequence[FleetSiteSignal]
@@ -664,7 +666,7 @@ class CloudStore(BackendStore):
 
     async def plan_versions(self, site_id: str) -> list[int]:
         """The versions of the site's plans held, ascending."""
-        return await self._run(
+        return await self._read(
             self._records,
             lambda tx: [
                 int(r[0])
@@ -689,7 +691,7 @@ class CloudStore(BackendStore):
             )
             return None if row is None else parse_message(Plan, row[0])
 
-        return await self._run(self._records, op)
+        return await self._read(self._records, op)
 
 
 def _require_site(site_id: str) -> None:
@@ -812,10 +814,22 @@ def _advance_contiguous(tx: Tx, site_id: str) -> int:
     return mark
 
 
-def open_cloud_store(url: str, base_dir: Path | str = ".") -> CloudStore:
+def open_cloud_store(
+    url: str,
+    base_dir: Path | str = ".",
+    *,
+    read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S,
+) -> CloudStore:
     """A cloud store from a URL: ``sqlite:DIR`` (or a plain directory; relative to ``base_dir``)
     or ``postgresql://user@host:port/db?schema=NAME`` (schema defaults to ``evcore_cloud``).
-    Nothing is opened until ``open()``."""
+    Nothing is opened until ``open()``.
+
+    Every read waits at most ``read_timeout_s`` (``[store] read_timeout_s``; None: unbounded),
+    then raises ``StoreUnavailable`` naming the store, as the edge store's reads do
+    (``evcore.store.sql.BackendStore._read``): a PostgreSQL server that stops answering held a
+    handler until its caller's deadline, and a background task (republish, re-split, retention)
+    for ever. Writes are not bounded: a commit cut short by a timeout would only be an unknown
+    one (every upload is idempotent, the caller's deadline ends its wait)."""
     if url.startswith(("postgresql://", "postgres://")):
         from evcore.store.postgres import PostgresBackend
 
@@ -827,9 +841,21 @@ def open_cloud_store(url: str, base_dir: Path | str = ".") -> CloudStore:
         dsn, schema = split_postgres_url(url, DEFAULT_SCHEMA)
         if not schema.replace("_", "").isalnum():
             raise StoreConfigError(f"store URL: schema {schema!r} must be an identifier")
-        records = _Pg(dsn, schema, relaxed_commit=False, connect_timeout_s=5.0, name="cloud-pg")
+        records = _Pg(
+            dsn,
+            schema,
+            relaxed_commit=False,
+            connect_timeout_s=5.0,
+            name="cloud-pg",
+            read_timeout_s=read_timeout_s,
+        )
         telemetry = _Pg(
-            dsn, schema, relaxed_commit=True, connect_timeout_s=5.0, name="cloud-pg-telemetry"
+            dsn,
+            schema,
+            relaxed_commit=True,
+            connect_timeout_s=5.0,
+            name="cloud-pg-telemetry",
+            read_timeout_s=read_timeout_s,
         )
         host = parts.hostname or ""
         where = f"postgresql://{host}:{parts.port or 5432}{parts.path}#{schema}"
@@ -845,12 +871,14 @@ def open_cloud_store(url: str, base_dir: Path | str = ".") -> CloudStore:
             synchronous="FULL",
             migrations=cloud_migrations.SQLITE_RECORDS,
             name="cloud-records",
+            read_timeout_s=read_timeout_s,
         ),
         SqliteBackend(
             directory / TELEMETRY_FILE,
             synchronous="NORMAL",
             migrations=cloud_migrations.SQLITE_TELEMETRY,
             name="cloud-telemetry",
+            read_timeout_s=read_timeout_s,
         ),
         description=f"sqlite:{directory}",
     )
