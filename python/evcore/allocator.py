@@ -48,6 +48,7 @@ class AllocatorParams:
     max_increase_a: float = INF
     margin_a: float = 2.0
     admission_hysteresis_s: float = 300.0
+    reclaim_ramp_s: float = 30.0
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}

@@ -169,6 +169,7 @@ def reference_allocate(
     max_sw = params.get("max_switches", math.inf)
     margin = params.get("margin_a", 2.0)
     hyst = params.get("admission_hysteresis_s", 300.0)
+    ramp_s = params.get("reclaim_ramp_s", RECLAIM_RAMP_S)
     with np.errstate(invalid="ignore"):
         # Counting: what each charger holds regardless of its new setpoint (max over terminals).
         age = _col(ch, "measured_age_s")
@@ -240,8 +241,8 @@ def reference_allocate(
         plan = ~np.isnan(t) & ~behind
         cand &= ~(plan & (t <= 0) & ~locked_on)
         u = np.where(plan & (t < u), np.maximum(t, f), u)
-        # Headroom reclaim: only from a reading taken RECLAIM_RAMP_S after the session turned on.
-        ramped = ~np.isfinite(on_t) | (now - age >= on_t + RECLAIM_RAMP_S)
+        # Headroom reclaim: only from a reading taken reclaim_ramp_s after the session turned on.
+        ramped = ~np.isfinite(on_t) | (now - age >= on_t + ramp_s)
         # A reading showing the car drawing (within margin / 2) the setpoint it was taken under
         # caps it at PROBE_GROWTH x its draw instead, where that is more.
         under_a = _col(ch, "read_under_a") if "read_under_a" in ch else np.full(n, np.nan)

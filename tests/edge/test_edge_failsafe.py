@@ -169,7 +169,7 @@ async def test_stale_telemetry_counts_at_the_last_allowed_maximum() -> None:
     from evcore.edge.config import EdgeConfig
 
     table = depot_table(5, per_feeder=5, feeder_share=0.5, grid_share=1.0)
-    rig = EdgeRig(table, cfg=EdgeConfig(**FAST), apply_delay_s=0.3)
+    rig = EdgeRig(table, cfg=EdgeConfig(**{**FAST, "reclaim_ramp_s": 5.0}), apply_delay_s=0.3)
     async with rig:
         ctrl = rig.controller
         assert ctrl is not None and rig.core is not None
@@ -178,9 +178,12 @@ async def test_stale_telemetry_counts_at_the_last_allowed_maximum() -> None:
         for cid in rig.fleet.charger_ids:
             rig.fleet.plug_in(cid, EV(soc=0.2, onboard_limit_a=8.0 if cid == quiet else 32.0))
         # The quiet car draws 8 A: its headroom is reclaimed (capped near its draw) for the others,
-        # from the first reading taken 30 s after its session turned on (allocator.rs
-        # RECLAIM_RAMP_S: an earlier one may show a car still ramping up).
+        # from the first reading taken reclaim_ramp_s (here 5 s, by default 30 s) after its
+        # session turned on (an earlier one may show a car still ramping up).
         await rig.wait_for(lambda: rig.limit_at(quiet) < 16.0, 45, "headroom reclaimed")
+        # The edge's [edge] reclaim_ramp_s reached the core: well before the default 30 s.
+        on_since = ctrl.state.chargers[quiet].on_since
+        assert on_since is not None and rig.clock.monotonic() - on_since < 20.0
         reclaimed = rig.limit_at(quiet)
         assert rig.core.last_codes[quiet] == "demand"
         sim, _ = rig.fleet.station(quiet)

@@ -2,7 +2,7 @@
 //!
 //! 1. Eligibility and caps: connected, unfaulted sessions that still want energy; a cap per session
 //!    from the charger maximum, the plan target (unless behind plan) and measured draw plus a
-//!    margin (headroom reclaim, only from fresh readings taken at least `RECLAIM_RAMP_S` after
+//!    margin (headroom reclaim, only from fresh readings taken at least `reclaim_ramp_s` after
 //!    the session turned on: one taken earlier may show the vehicle still ramping up). Where the
 //!    caller says which setpoint a reading was taken under (`Demand::read_under_a`), a reading
 //!    showing the car drawing it (within `margin_a / 2`) does not cap: a car that takes all it
@@ -40,6 +40,10 @@ pub struct AllocatorParams {
     pub margin_a: f64,
     /// Running sessions sort as if their laxity were this much smaller (admission hysteresis).
     pub admission_hysteresis_s: f64,
+    /// Headroom reclaim: a reading taken less than this long after the session turned on (start
+    /// or resume) may show the vehicle still ramping up and does not cap it (s; default
+    /// `RECLAIM_RAMP_S`).
+    pub reclaim_ramp_s: f64,
 }
 
 impl Default for AllocatorParams {
@@ -48,6 +52,7 @@ impl Default for AllocatorParams {
             envelope: EnvelopeParams::default(),
             margin_a: 2.0,
             admission_hysteresis_s: 300.0,
+            reclaim_ramp_s: RECLAIM_RAMP_S,
         }
     }
 }
@@ -459,14 +464,15 @@ fn add_row<T: Copy + std::ops::AddAssign>(v: &mut [T], par: usize, child: usize)
 }
 
 /// Headroom reclaim: a reading taken less than this long after the session turned on (start or
-/// resume) may show the vehicle still ramping up, so it does not cap the session (s).
+/// resume) may show the vehicle still ramping up, so it does not cap the session (s). The
+/// default of `AllocatorParams::reclaim_ramp_s`.
 pub const RECLAIM_RAMP_S: f64 = 30.0;
 
 /// Whether a reading taken at `read_at_s` may cap a session that turned on at `on_since_s`
-/// (NaN: unknown, long ago): taken at least `RECLAIM_RAMP_S` after it.
+/// (NaN: unknown, long ago): taken at least `ramp_s` after it.
 #[inline]
-pub fn ramped(read_at_s: f64, on_since_s: f64) -> bool {
-    !on_since_s.is_finite() || read_at_s >= on_since_s + RECLAIM_RAMP_S
+pub fn ramped(read_at_s: f64, on_since_s: f64, ramp_s: f64) -> bool {
+    !on_since_s.is_finite() || read_at_s >= on_since_s + ramp_s
 }
 
 /// Headroom reclaim after a raise: a reading taken less than this long after the setpoint rose
@@ -492,8 +498,9 @@ pub fn reclaim_cap(
     meas_a: f64,
     under_a: f64,
     margin_a: f64,
+    ramp_s: f64,
 ) -> f64 {
-    if !ramped(read_at_s, on_since_s) {
+    if !ramped(read_at_s, on_since_s, ramp_s) {
         return f64::INFINITY;
     }
     let cap = meas_a + margin_a;
@@ -619,7 +626,14 @@ impl Sessions<'_> {
                     .map(|v| if v.is_nan() { spec.max_a } else { v.abs() })
                     .fold(0.0, f64::max);
                 let under = spec.line_a(demand.read_under_a[c], demand.read_under_w[c]);
-                let rc = reclaim_cap(self.ep.now_s - age, on_t, mx, under, self.p.margin_a);
+                let rc = reclaim_cap(
+                    self.ep.now_s - age,
+                    on_t,
+                    mx,
+                    under,
+                    self.p.margin_a,
+                    self.p.reclaim_ramp_s,
+                );
                 if rc < u {
                     u = rc.max(f);
                     cb = Binding::Demand;
@@ -2163,6 +2177,13 @@ fn allocate_split(
     if p.admission_hysteresis_s.is_nan() {
         return Err(CoreError::input("admission_hysteresis_s", None, "is NaN"));
     }
+    if !(p.reclaim_ramp_s >= 0.0 && p.reclaim_ramp_s.is_finite()) {
+        return Err(CoreError::input(
+            "reclaim_ramp_s",
+            None,
+            format!("must be finite and >= 0, got {}", p.reclaim_ramp_s),
+        ));
+    }
     validate_demand(demand, n)?;
     let (m, admitted, binding, mut cnt) = model_and_admission(topo, ch, nodes, demand, p, halves);
     let (level, frozen_by) = water_fill_split(topo, &m, &admitted, halves);
@@ -2912,6 +2933,48 @@ mod tests {
             &alloc(&t, &x, &Want::new(1), &params()).decision.setpoint_a,
             &[14.0],
         );
+        // The ramp is a parameter (`[edge] reclaim_ramp_s`): with 60 s that reading (taken 30 s
+        // after it turned on) is still the ramp; with 5 s one taken 6 s after it caps.
+        let slow = AllocatorParams {
+            reclaim_ramp_s: 60.0,
+            ..params()
+        };
+        close(
+            &alloc(&t, &x, &Want::new(1), &slow).decision.setpoint_a,
+            &[32.0],
+        );
+        let quick = AllocatorParams {
+            reclaim_ramp_s: 5.0,
+            ..params()
+        };
+        x.on_since = vec![NOW - 7.0];
+        x.m_age = vec![1.0];
+        close(
+            &alloc(&t, &x, &Want::new(1), &quick).decision.setpoint_a,
+            &[14.0],
+        );
+        close(
+            &alloc(&t, &x, &Want::new(1), &params()).decision.setpoint_a,
+            &[32.0],
+        );
+        for bad in [f64::NAN, -1.0, f64::INFINITY] {
+            let p = AllocatorParams {
+                reclaim_ramp_s: bad,
+                ..params()
+            };
+            let err = allocate(
+                &t,
+                &x.chargers(),
+                &x.nodes(),
+                &Want::new(1).demand(),
+                &p,
+                true,
+            );
+            assert!(
+                matches!(&err, Err(e) if e.to_string().contains("reclaim_ramp_s")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -3357,6 +3420,7 @@ mod tests {
             },
             margin_a: g("margin_a"),
             admission_hysteresis_s: g("admission_hysteresis_s"),
+            reclaim_ramp_s: pj["reclaim_ramp_s"].as_f64().unwrap_or(RECLAIM_RAMP_S),
         };
         let x = Inputs {
             req_a: col("requested_a"),

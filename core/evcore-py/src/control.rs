@@ -137,6 +137,7 @@ const PARAM_NAMES: &[&str] = &[
     "max_increase_a",
     "margin_a",
     "admission_hysteresis_s",
+    "reclaim_ramp_s",
 ];
 
 fn env_params(d: Option<&Bound<'_, PyDict>>) -> PyResult<EnvelopeParams> {
@@ -343,6 +344,7 @@ pub fn allocate(
             "admission_hysteresis_s",
             def.admission_hysteresis_s,
         )?,
+        reclaim_ramp_s: param(params, "reclaim_ramp_s", def.reclaim_ramp_s)?,
     };
     let o = owned(&cb)?;
     let ci = charger_inputs(&cb, &o)?;

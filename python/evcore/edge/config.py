@@ -50,6 +50,11 @@ class EdgeConfig:
     fallback_guard_s: float = 10.0
     # Telemetry older than this is stale: the charger counts at its last allowed maximum.
     stale_after_s: float = 30.0
+    # Headroom reclaim (fed to the allocator): a running session is capped at its fresh measured
+    # draw plus reclaim_margin_a, only from a reading taken reclaim_ramp_s or more after it
+    # turned on (an earlier one may show the car still ramping up).
+    reclaim_margin_a: float = 2.0
+    reclaim_ramp_s: float = 30.0
     # Session switching (fed to the allocator / envelope).
     min_on_s: float = 60.0
     min_off_s: float = 180.0

@@ -416,6 +416,8 @@ class RustCore:
             "min_on_s": cfg.min_on_s,
             "min_off_s": cfg.min_off_s,
             "max_switches": float(cfg.max_switches),
+            "margin_a": cfg.reclaim_margin_a,
+            "reclaim_ramp_s": cfg.reclaim_ramp_s,
         }
         setpoints, why = self._call(self.topology(caps_kw), cols, nodes, demand, params, True)
         digest = inputs_digest(cols, nodes, demand, params, caps_kw)
