@@ -668,6 +668,22 @@ def _raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+def _raise_failures(failures: Sequence[tuple[str, Exception]], *, note: str = "") -> None:
+    """Raise for the sites whose signal could not go out (nothing when none failed): a bug (not
+    ``SiteBusUnavailable``) as it is; otherwise one ``SiteBusUnavailable`` naming every failed
+    site (only the first was named, so the operator could not tell which others to check), with
+    ``note`` after it."""
+    if not failures:
+        return
+    for _, exc in failures:
+        if not isinstance(exc, SiteBusUnavailable):
+            raise exc
+    what = "; ".join(str(exc) for _, exc in failures)
+    if len(failures) > 1:
+        what = f"{len(failures)} sites' buses unavailable: {what}"
+    raise SiteBusUnavailable(f"{what}; {note}" if note else what) from failures[0][1]
+
+
 class FleetCoordinator:
     """Splits, re-splits and cancels fleet curtailments; every split is stored as a new revision
     before its per-site curtailments are published."""
@@ -1147,9 +1163,27 @@ class FleetCoordinator:
                 ):
                     await self._advance_stored(result)
                 else:
-                    # Cancelling again: the same cancels once more (a site that missed them).
+                    # Cancelling again: the same cancels once more (a site that missed them),
+                    # to every site even when one's bus fails (it stopped at the first, so the
+                    # sites after it never got the cancel), each failed site named.
+                    failures: list[tuple[str, Exception]] = []
                     for sh in [*result.shares, *result.dropped_shares]:
-                        await self._publish(result, sh, cancelled=True)
+                        try:
+                            await self._publish(result, sh, cancelled=True)
+                        except Exception as exc:
+                            log.warning(
+                                "fleet: %s: cancelling again at %s failed: %r",
+                                fleet_curtailment_id,
+                                sh.site_id,
+                                exc,
+                            )
+                            failures.append((sh.site_id, exc))
+                    sent = len(result.shares) + len(result.dropped_shares) - len(failures)
+                    _raise_failures(
+                        failures,
+                        note=f"the cancel went out again to the {sent} other site(s); "
+                        "Cancel again once the bus takes it",
+                    )
             else:
                 result = FleetCurtailmentResult()
                 result.CopyFrom(held)
@@ -1530,8 +1564,8 @@ class FleetCoordinator:
         self, result: FleetCurtailmentResult, items: Sequence[tuple[SiteShare, bool]]
     ) -> None:
         """Send every one even when one fails (one site's outbox error holds back no other
-        site's decrease); then raise the first error."""
-        first: Exception | None = None
+        site's decrease); then raise naming every site that failed (:func:`_raise_failures`)."""
+        failures: list[tuple[str, Exception]] = []
         for sh, cancelled in items:
             try:
                 await self._send(result, sh, cancelled=cancelled)
@@ -1543,9 +1577,8 @@ class FleetCoordinator:
                     sh.site_id,
                     exc,
                 )
-                first = first or exc
-        if first is not None:
-            raise first
+                failures.append((sh.site_id, exc))
+        _raise_failures(failures)
 
     async def _send(
         self, result: FleetCurtailmentResult, share: SiteShare, *, cancelled: bool
