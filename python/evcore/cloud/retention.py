@@ -58,13 +58,23 @@ async def purge_once(store: CloudStore, retention: CloudRetention, *, now_s: flo
 
 async def run_retention(store: CloudStore, clock: Clock, retention: CloudRetention) -> None:
     """Purge now and then every ``retention.every_s`` until cancelled (the server owns it); a
-    failed purge is logged and retried at the next round."""
+    failed purge is logged and retried at the next round, whatever failed it: only an outage
+    was caught, so any other error (a statement the database refuses: a trigger, a permission
+    the cloud's role lacks, a damaged file) ended the task for good, silently, and the server's
+    stop re-raised it."""
     while True:
         try:
             done = await purge_once(store, retention, now_s=clock.now())
         except (StoreError, OSError) as exc:
             log.warning(
                 "cloud: retention purge failed (%s); retrying in %.0f s", exc, retention.every_s
+            )
+        except Exception as exc:
+            log.error(
+                "cloud: retention purge failed (%r); retrying in %.0f s",
+                exc,
+                retention.every_s,
+                exc_info=exc,
             )
         else:
             if done.telemetry_batches or done.plans:

@@ -432,8 +432,13 @@ class CloudApiServer:
         for task in (self._resplits, self._republish, self._retention):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # A task that ended in an error is said here, not raised: raised, it ended the
+                # stop before the gRPC server and the buses were stopped.
+                (ended,) = await asyncio.gather(task, return_exceptions=True)
+                if isinstance(ended, Exception):
+                    log.error(
+                        "cloud: task %s had ended: %r", task.get_name(), ended, exc_info=ended
+                    )
         self._resplits = self._republish = self._retention = None
         await stop_serving(
             self._server, self.health, self.config.stop_grace_s if grace_s is None else grace_s
