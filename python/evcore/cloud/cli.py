@@ -134,13 +134,29 @@ class AuditConsumers:
         self.by_site[site] = (consumer, bus)
 
     async def discover(self) -> list[str]:
-        """Start consumers for the sites the store knows and none reads yet; their ids."""
+        """Start consumers for the sites the store knows and none reads yet; their ids. A site
+        whose bus cannot be opened (``SiteBusUnavailable``: its outbox) is logged and looked for
+        again at the next round; the others are read (it ended the look, so every site after it
+        was never read, and with ``sites = "*"`` the command did not start)."""
+        from evcore.cloud.sitebuses import SiteBusUnavailable
+
         known = await self._store.site_activity()
-        new = sorted(set(known) - set(self.by_site))
-        for site in new:
-            await self.add(site)
+        added: list[str] = []
+        for site in sorted(set(known) - set(self.by_site)):
+            try:
+                await self.add(site)
+            except SiteBusUnavailable as exc:
+                log.warning(
+                    "cloud: cannot read the audit of site %r over the bus yet (looked for again "
+                    "in %g s): %s",
+                    site,
+                    self._config.discover_s,
+                    exc,
+                )
+                continue
             log.info("cloud: reading the audit of site %r over the bus (new site)", site)
-        return new
+            added.append(site)
+        return added
 
     async def _discover_loop(self) -> None:
         while True:
