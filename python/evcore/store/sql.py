@@ -16,7 +16,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Self, TypeVar
 
@@ -348,6 +348,12 @@ def _select(
         sql += " LIMIT ?"
         params.append(int(limit))
     return sql, params
+
+
+#: An audit read is taken in pieces of at most this many records ...
+AUDIT_PAGE_RECORDS = 256
+#: ... and about this many payload bytes (at least one record), each piece a read of its own.
+AUDIT_PAGE_BYTES = 1024 * 1024
 
 
 def stored_audit_row(r: Sequence[Any]) -> StoredAuditRow:
@@ -1076,36 +1082,92 @@ class SqlStore(BackendStore):
         limit: int | None = None,
         newest_first: bool = False,
     ) -> list[AuditRecord]:
-        sql = "SELECT r.payload FROM audit_records r"
+        base = "FROM audit_records r"
         if charger_id is not None:
-            sql += " JOIN audit_chargers c ON c.seq = r.seq"
-        sql, params = _select(
-            sql,
-            [
-                ("c.charger_id = ?", charger_id),
-                ("r.decided_at_s >= ?", None if since_s is None else float(since_s)),
-                ("r.decided_at_s < ?", None if until_s is None else float(until_s)),
-                ("r.seq > ?", None if after_seq is None else int(after_seq)),
-            ],
-            "r.seq" + (" DESC" if newest_first else ""),
-            limit,
-        )
-
-        def op(tx: Tx) -> list[AuditRecord]:
-            return [parse_message(AuditRecord, r[0]) for r in tx.all(sql, params)]
-
-        return await self._read(self._records, op)
+            base += " JOIN audit_chargers c ON c.seq = r.seq"
+        filters: list[tuple[str, Any]] = [
+            ("c.charger_id = ?", charger_id),
+            ("r.decided_at_s >= ?", None if since_s is None else float(since_s)),
+            ("r.decided_at_s < ?", None if until_s is None else float(until_s)),
+            ("r.seq > ?", None if after_seq is None else int(after_seq)),
+        ]
+        out: list[AuditRecord] = []
+        async for page in self._audit_pages(base, filters, "r.payload", limit, newest_first):
+            out += [parse_message(AuditRecord, r[0]) for r in page]
+        return out
 
     async def audit_rows(self, *, after_seq: int = -1, limit: int = 1000) -> list[StoredAuditRow]:
-        def op(tx: Tx) -> list[StoredAuditRow]:
-            rows = tx.all(
-                "SELECT seq, decision_id, decided_at_s, prev_hash, hash, payload FROM audit_records"
-                " WHERE seq > ? ORDER BY seq LIMIT ?",
-                (int(after_seq), int(limit)),
-            )
-            return [stored_audit_row(r) for r in rows]
+        out: list[StoredAuditRow] = []
+        async for page in self._audit_pages(
+            "FROM audit_records r",
+            [("r.seq > ?", int(after_seq))],
+            "r.seq, r.decision_id, r.decided_at_s, r.prev_hash, r.hash, r.payload",
+            limit,
+            False,
+        ):
+            out += [stored_audit_row(r) for r in page]
+        return out
 
-        return await self._read(self._records, op)
+    async def _audit_pages(
+        self,
+        base: str,
+        filters: list[tuple[str, Any]],
+        columns: str,
+        limit: int | None,
+        newest_first: bool,
+    ) -> AsyncIterator[list[Any]]:
+        """The audit rows ``base`` and ``filters`` select, in seq order (``newest_first``:
+        descending), at most ``limit``, read in pieces of at most ``AUDIT_PAGE_RECORDS`` records
+        and about ``AUDIT_PAGE_BYTES`` of payload, each piece its own read: a read is bounded by
+        ``read_timeout_s``, so a long backlog (the edge's journal check after a store outage,
+        ``audit show --limit`` of a whole chain, a page of ``verify`` over large records) read at
+        once could be cut by it however healthy the store. Pieces are taken by seq (keyset),
+        so records appended meanwhile are after them, never repeated or skipped."""
+        direction = " DESC" if newest_first else ""
+        beyond = "r.seq < ?" if newest_first else "r.seq > ?"
+        cursor: int | None = None
+        taken = 0
+        while limit is None or taken < limit:
+            want = AUDIT_PAGE_RECORDS if limit is None else min(AUDIT_PAGE_RECORDS, limit - taken)
+            where = [*filters, (beyond, cursor)]
+            sizes_sql, sizes_params = _select(
+                f"SELECT r.seq, length(r.payload) {base}", where, "r.seq" + direction, want
+            )
+
+            def op(
+                tx: Tx,
+                sizes_sql: str = sizes_sql,
+                sizes_params: list[Any] = sizes_params,
+                want: int = want,
+            ) -> tuple[list[Any], int | None, bool]:
+                sizes = tx.all(sizes_sql, sizes_params)
+                if not sizes:
+                    return [], None, False
+                # At least one record, however large; then as many as fit the byte budget.
+                n, total = 0, 0
+                for _seq, size in sizes:
+                    total += int(size or 0)
+                    if n and total > AUDIT_PAGE_BYTES:
+                        break
+                    n += 1
+                first, last = int(sizes[0][0]), int(sizes[n - 1][0])
+                low, high = min(first, last), max(first, last)
+                rows_sql, rows_params = _select(
+                    f"SELECT {columns} {base}",
+                    [*filters, ("r.seq >= ?", low), ("r.seq <= ?", high)],
+                    "r.seq" + direction,
+                    None,
+                )
+                more = n < len(sizes) or len(sizes) == want
+                return list(tx.all(rows_sql, rows_params)), last, more
+
+            rows, last, more = await self._read(self._records, op)
+            if rows:
+                yield rows
+            taken += len(rows)
+            if not more or last is None:
+                return
+            cursor = last
 
     async def audit_charger_index(self, *, after_seq: int, upto_seq: int) -> dict[int, list[str]]:
         def op(tx: Tx) -> dict[int, list[str]]:
