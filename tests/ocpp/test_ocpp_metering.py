@@ -119,6 +119,9 @@ def test_signed_1_6_values_are_skipped_not_refused() -> None:
         ("1.6", [{"value": "nan", "unit": "Wh"}], "not finite"),
         ("1.6", [{"value": "inf", "measurand": "Current.Import"}], "not finite"),
         ("2.0.1", [{"value": "5", "measurand": "Power.Active.Import"}], "not a number"),
+        # 10^400 overflows a float: it raised OverflowError (CALLERROR InternalError).
+        ("2.0.1", [{"value": 5, "unitOfMeasure": {"multiplier": 400}}], "multiplier: out of"),
+        ("2.0.1", [{"value": 1e307, "unitOfMeasure": {"unit": "kWh"}}], "not finite"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(

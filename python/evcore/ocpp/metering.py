@@ -9,8 +9,9 @@ keeps state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -64,30 +65,38 @@ class Reading:
     context: str | None = None
     #: ``power_w`` was measured at the charger's grid side (``location`` ``Inlet``).
     power_at_inlet: bool = False
+    #: Why each sampled value skipped as unreadable was (``lenient``).
+    skipped: list[str] = field(default_factory=list)
 
 
-def _number(version: str, sv: Mapping[str, Any], idx: int) -> float:
+def _number(version: str, sv: Mapping[str, Any], where: str) -> float:
     raw = sv.get("value")
     if version == "1.6":
         try:
             value = float(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise MeterValueError(f"sampledValue[{idx}].value: not a number: {raw!r}") from None
+            raise MeterValueError(f"{where}.value: not a number: {raw!r}") from None
         unit = sv.get("unit")
         scale = _SCALE.get(unit, 1.0) if unit else 1.0
     else:
         if not isinstance(raw, (int, float)):
-            raise MeterValueError(f"sampledValue[{idx}].value: not a number: {raw!r}")
+            raise MeterValueError(f"{where}.value: not a number: {raw!r}")
         value = float(raw)
         uom = sv.get("unitOfMeasure") or {}
         unit = uom.get("unit")
         scale = _SCALE.get(unit, 1.0) if unit else 1.0
         mult = uom.get("multiplier", 0)
         if mult:
-            scale *= 10.0 ** int(mult)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise MeterValueError(f"sampledValue[{idx}].value: not finite: {raw!r}")
-    return value * scale
+            try:
+                scale *= 10.0 ** int(mult)
+            except OverflowError:  # (it raised out of the handler: InternalError)
+                raise MeterValueError(
+                    f"{where}.unitOfMeasure.multiplier: out of range: {mult!r}"
+                ) from None
+    scaled = value * scale
+    if not math.isfinite(scaled):
+        raise MeterValueError(f"{where}.value: not finite: {raw!r}")
+    return scaled
 
 
 def parse_meter_value(
@@ -97,8 +106,14 @@ def parse_meter_value(
     terminals: int,
     field: str = "meterValue",
     dc: bool = False,
+    lenient: bool = False,
 ) -> Reading:
     """Read one ``meterValue`` entry. ``terminals`` is how many phase terminals the charger has.
+    A sampled value that cannot be read raises ``MeterValueError`` naming it; ``lenient``: it is
+    skipped instead, and why is listed in ``Reading.skipped`` (the timestamp still raises).
+
+    A current with a phase wins over one without (a phase-less current fills only the
+    terminals no phase current was reported for), whatever their order.
 
     ``dc``: a DC charger's ``Current.Import`` counts only at ``location`` ``Inlet`` (its grid
     side); at the outlet (the default location) it is the DC current to the car, not a line
@@ -112,6 +127,7 @@ def parse_meter_value(
     inlet_total: float | None = None
     inlet_phases: list[float] = []
     ev_register: float | None = None
+    phaseless_a: float | None = None
     for i, sv in enumerate(meter_value.get("sampledValue") or ()):
         measurand = sv.get("measurand") or "Energy.Active.Import.Register"
         if measurand not in (
@@ -126,7 +142,13 @@ def parse_meter_value(
             # A signed meter record (calibration-law chargers), not a number: the reading is in
             # the same meterValue's Raw entries. Refusing it would refuse the whole message.
             continue
-        value = _number(version, sv, i)
+        try:
+            value = _number(version, sv, f"{field}.sampledValue[{i}]")
+        except MeterValueError as exc:
+            if not lenient:
+                raise
+            reading.skipped.append(str(exc))
+            continue
         phase = sv.get("phase")
         if dc and measurand in ("Current.Import", "Power.Active.Import"):
             at_inlet = sv.get("location") == "Inlet"
@@ -142,11 +164,10 @@ def parse_meter_value(
             reading.context = sv.get("context")
         if measurand == "Current.Import":
             if phase is None:
-                if terminals == 1:
-                    reading.terminal_a[0] = value
-                else:
-                    # A phase-less current on a multi-phase charger: the same on every terminal.
-                    reading.terminal_a = [value, value, value]
+                # Applied below, where no phase current came: a station reporting both (the
+                # phase-less one their mean or sum) had its phase currents replaced by it when
+                # it came after them.
+                phaseless_a = value
             elif phase in _PHASE_INDEX:
                 if terminals == 1:
                     # One terminal: whatever the charger calls its phase, the site file says
@@ -176,6 +197,12 @@ def parse_meter_value(
             reading.offered_a = value
         elif measurand == "SoC":
             reading.soc_percent = value
+    if phaseless_a is not None:
+        # A phase-less current: on a multi-phase charger the same on every terminal.
+        n = 1 if terminals == 1 else 3
+        for k in range(n):
+            if reading.terminal_a[k] is None:
+                reading.terminal_a[k] = phaseless_a
     if reading.energy_register_wh is None:
         reading.energy_register_wh = ev_register
     if power_total is not None:

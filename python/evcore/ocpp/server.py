@@ -50,7 +50,7 @@ from evcore.ocpp.events import (
     TransactionEvent,
 )
 from evcore.ocpp.handlers import schedule_start
-from evcore.ocpp.metering import PhaseMap, parse_meter_value, phase_map_for
+from evcore.ocpp.metering import MeterValueError, PhaseMap, parse_meter_value, phase_map_for
 from evcore.ocpp.publish import EventPublisher
 from evcore.ocpp.queue import CallOutcome, QueuedCall, StationCallQueue, Then
 
@@ -1380,8 +1380,7 @@ class CentralSystem:
                     tx.evse_id, tx.charger_id = evse_id, charger.charger_id
         tx.see_seq(seq_no)
         try:
-            for i, mv in enumerate(meter_values):
-                await self._on_meter_value(st, tx.evse_id, mv, transaction_id, f"meterValue[{i}]")
+            await self._tx_meter_values(st, tx.evse_id, meter_values, transaction_id, "meterValue")
             if tx.ended:
                 # Ended already: only an end the bus or store did not take goes again.
                 await self._tx_event(st, tx, "ended", tx.ended_at or at, tx.end_reason, offline)
@@ -1414,7 +1413,10 @@ class CentralSystem:
         mv: dict[str, Any],
         tx_id: str | None,
         where: str,
+        lenient: bool = False,
     ) -> None:
+        """One meterValue entry: a ``MeterSample``, the transaction's registers. ``lenient``
+        (``_tx_meter_values``): a sampled value that cannot be read is skipped and logged."""
         tx = st.transactions.get(tx_id) if tx_id is not None else None
         if evse_id is None and tx is not None:
             evse_id = tx.evse_id
@@ -1425,8 +1427,15 @@ class CentralSystem:
             return  # station-level meter (connector 0): not a charger's draw
         dc = charger.kind == "dc"
         reading = parse_meter_value(
-            st.version or "1.6", mv, terminals=charger.phase_map.terminals, field=where, dc=dc
+            st.version or "1.6",
+            mv,
+            terminals=charger.phase_map.terminals,
+            field=where,
+            dc=dc,
+            lenient=lenient,
         )
+        for why in reading.skipped:
+            LOG.warning("station %s: sampled value skipped: %s", st.ocpp_id, why)
         if dc and reading.power_w is not None and reading.terminal_a == [None, None, None]:
             # No grid-side current reported: the line currents follow from the power.
             line = charger.dc_line_a(reading.power_w, at_inlet=reading.power_at_inlet)
@@ -1463,6 +1472,30 @@ class CentralSystem:
         )
         self._emit(sample)
         await self._publisher.publish(sample)
+
+    async def _tx_meter_values(
+        self,
+        st: Station,
+        evse_id: int | None,
+        meter_values: Sequence[dict[str, Any]],
+        tx_id: str,
+        field: str,
+    ) -> None:
+        """The meter values a transaction message carries (1.6 StopTransaction
+        ``transactionData``, 2.0.1 TransactionEvent ``meterValue``). What cannot be read (a
+        value, a timestamp, one too far ahead) is skipped and logged, never the message: the
+        station retries a refused transaction message a few times, then drops it, and with it
+        the transaction's start or end (before, a SoC of "" in a StopTransaction's
+        transactionData, or a multiplier of 400 in a TransactionEvent, left the session open
+        for good). Publishing failures still raise (the station's retry sends it again)."""
+        for i, mv in enumerate(meter_values):
+            where = f"{field}[{i}]"
+            try:
+                await self._on_meter_value(st, evse_id, mv, tx_id, where, lenient=True)
+            except (MeterValueError, HandlerError) as exc:
+                LOG.warning(
+                    "station %s: transaction %s: %s skipped: %s", st.ocpp_id, tx_id, where, exc
+                )
 
     async def _on_security(
         self, st: Station, kind: str, info: str | None, at: float, version: str = ""

@@ -73,9 +73,8 @@ class Connection16(SharedHandlers):
         ack = {"idTagInfo": {"status": "Accepted"}} if p.get("idTag") else {}
         tx = await self.csms._stop_target_1_6(self.station, tx_id)
         if not tx.ended:
-            for i, mv in enumerate(p.get("transactionData") or ()):
-                where = f"transactionData[{i}]"
-                await self.csms._on_meter_value(self.station, None, mv, tx_id, where)
+            data = p.get("transactionData") or ()
+            await self.csms._tx_meter_values(self.station, None, data, tx_id, "transactionData")
         # A replayed stop (ended already): its samples and its end were kept the first time, and
         # _on_stop publishes its end again only if that attempt's publish failed.
         await self.csms._on_stop(

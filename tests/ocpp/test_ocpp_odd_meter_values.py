@@ -1,0 +1,93 @@
+"""Meter values as stations in the field send them (review of the OCPP room, session 15), over a
+real WebSocket: a phase-less current beside per-phase ones, and a sample the central system
+cannot read inside a message that starts or ends a transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from evcore.ocpp import MeterSample, TransactionEvent
+from evcore.ocpp.v16 import iso
+from ocpp_testsite import meter, raw_csms, start_16, stop_16, tx_event
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def current(value: str, phase: str | None = None) -> dict[str, Any]:
+    sv = {"value": value, "measurand": "Current.Import", "unit": "A"}
+    if phase is not None:
+        sv["phase"] = phase
+    return sv
+
+
+@pytest.mark.parametrize("phaseless_first", [False, True])
+async def test_per_phase_currents_win_over_a_phaseless_one(phaseless_first: bool) -> None:
+    """A 1.6 three-phase station reporting its phase currents and a phase-less one (their mean
+    here): the phase currents are the reading, in whatever order they come. Before, a phase-less
+    current after them replaced them on all three terminals: 10.7 A on every phase instead of
+    16, 16 and 0 (the envelope counted 5.3 A too little on two phases and 10.7 A on an idle
+    one)."""
+    async with raw_csms() as r:
+        st = await r.station("CPA", "1.6")  # terminals L1, L2, L3 on site L2, L3, L1
+        phased = [current("16", "L1"), current("16", "L2"), current("0", "L3")]
+        sampled = [current("10.7"), *phased] if phaseless_first else [*phased, current("10.7")]
+        mv = [{"timestamp": iso(r.clock.now() - 5), "sampledValue": sampled}]
+        assert (await st.call("MeterValues", {"connectorId": 1, "meterValue": mv}))[0] == 3
+        [sample] = r.of(MeterSample)
+        assert sample.terminal_a == (16.0, 16.0, 0.0)
+        assert sample.site_phase_a == (0.0, 16.0, 16.0)
+
+
+async def test_a_1_6_stop_whose_transaction_data_holds_an_unreadable_sample_ends_it() -> None:
+    """A 1.6 StopTransaction's ``transactionData`` with a sample the central system cannot read
+    (a SoC of "" from a station that did not know it, one stamped an hour ahead): those are
+    skipped and the stop is taken. Before, the whole StopTransaction got a CALLERROR
+    (PropertyConstraintViolation), every retry too: the station gave up after its
+    TransactionMessageAttempts and the session stayed open for good."""
+    async with raw_csms() as r:
+        st = await r.station("CPA", "1.6")
+        t = r.clock.now() - 600
+        tx = (await st.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
+        register = {"value": "2000", "measurand": "Energy.Active.Import.Register", "unit": "Wh"}
+        stop = stop_16(tx, t + 120, 3000)
+        stop["transactionData"] = [
+            {"timestamp": iso(t + 60), "sampledValue": [register]},
+            {"timestamp": iso(t + 90), "sampledValue": [{"value": "", "measurand": "SoC"}]},
+            {"timestamp": iso(r.clock.now() + 3600), "sampledValue": [register]},
+        ]
+        answer = await st.call("StopTransaction", stop)
+        assert answer[0] == 3, answer
+        ended = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
+        assert [(e.transaction_id, e.session_energy_wh) for e in ended] == [(str(tx), 2000.0)]
+        registers = [s.energy_register_wh for s in r.of(MeterSample)]
+        assert [wh for wh in registers if wh is not None] == [2000.0]
+        assert r.cs.station_state("CPA").active_transactions == {}
+
+
+async def test_a_2_0_1_end_carrying_an_unreadable_sample_ends_the_transaction() -> None:
+    """A 2.0.1 TransactionEvent(Ended) whose meterValue holds a value the central system cannot
+    read (a SoC with a multiplier of 400: 10^400 overflows) and a reading stamped an hour ahead:
+    the SoC and that reading are skipped, the register beside the SoC counts, the transaction
+    ends. Before, the multiplier raised OverflowError out of the handler (CALLERROR
+    InternalError, 'could not be handled') and the future stamp refused the event: the
+    station's retries got the same and the transaction stayed open."""
+    async with raw_csms() as r:
+        st = await r.station("CPB")
+        t = r.clock.now() - 600
+        evse = {"id": 1, "connectorId": 1}
+        started = tx_event("T1", 0, "Started", "CablePluggedIn", t, evse=evse,
+                           meterValue=meter(t, 1000, 16))  # fmt: skip
+        assert (await st.call("TransactionEvent", started))[0] == 3
+        soc = {"value": 50, "measurand": "SoC", "unitOfMeasure": {"multiplier": 400}}
+        values = meter(t + 60, 2000, 0)
+        values[0]["sampledValue"].append(soc)
+        values += meter(r.clock.now() + 3600, 2500, 0)
+        stopped = {"transactionId": "T1", "stoppedReason": "EVDisconnected"}
+        ended = tx_event("T1", 1, "Ended", "EVDeparted", t + 60, transactionInfo=stopped,
+                         meterValue=values)  # fmt: skip
+        answer = await st.call("TransactionEvent", ended)
+        assert answer[0] == 3, answer
+        ends = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
+        assert [(e.transaction_id, e.session_energy_wh) for e in ends] == [("T1", 1000.0)]
+        assert r.cs.station_state("CPB").active_transactions == {}
