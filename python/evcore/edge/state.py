@@ -367,9 +367,14 @@ class SiteState:
         c.status = status
         c.online = True
         c.plugged = status in _PLUGGED
-        if status in _UNAVAILABLE:
-            c.plugged = False
-        if was and not c.plugged:
+        if status in _UNAVAILABLE and c.transaction_id is not None:
+            # Faulted or Unavailable ends no transaction (StopTransaction / Ended does): the
+            # charger may carry on with it under the TxProfile it holds for it. The session stays
+            # (no demand while so: its TxProfile goes to 0), counted at what it holds. Ended on
+            # the status, it was counted at its TxDefault while its car could draw that
+            # TxProfile again, and the transaction never got another one.
+            return was != c.plugged
+        if (was or c.transaction_id is not None) and not c.plugged:
             self._end_session(c)
         return was != c.plugged
 
