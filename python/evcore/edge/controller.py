@@ -235,8 +235,9 @@ class EdgeController:
         #: the local ones on the bus).
         self.on_plan: Callable[[PlanTargets], None] | None = None
         #: Called when a session starts, ends or is steered: (charger, transaction id that
-        #: ended or None). ``recording.SessionKeeper`` saves it in the store.
-        self.on_session: Callable[[ChargerState, str | None], None] | None = None
+        #: ended or None), and for an end the energy into the car it ended with (Wh) as a third
+        #: argument. ``recording.SessionKeeper`` saves it in the store.
+        self.on_session: Callable[..., None] | None = None
 
     # ---- events (synchronous: they only update state and wake the loop) --------------------
     def notify(self, trigger: str) -> None:
@@ -251,17 +252,26 @@ class EdgeController:
         kind = type(ev).__name__
         cs0 = self.state.chargers.get(getattr(ev, "charger_id", None) or "")
         tx_before = cs0.transaction_id if cs0 is not None else None
+        wh_before = cs0.session_energy_wh if cs0 is not None else 0.0
         self._apply_event(kind, ev)
         if cs0 is not None and cs0.transaction_id != tx_before:
             if tx_before is not None:
-                self._session_changed(cs0, tx_before)
+                # The ended session's energy: what its end carried (still on the charger), or,
+                # when the next session's start replaced it, what it had before.
+                ended_wh = cs0.session_energy_wh if cs0.transaction_id is None else wh_before
+                self._session_changed(cs0, tx_before, ended_wh)
             if cs0.transaction_id is not None:
                 self._session_changed(cs0, None)
 
-    def _session_changed(self, c: ChargerState, ended: str | None) -> None:
+    def _session_changed(
+        self, c: ChargerState, ended: str | None, ended_wh: float | None = None
+    ) -> None:
         if self.on_session is not None:
             try:
-                self.on_session(c, ended)
+                if ended is None:
+                    self.on_session(c, None)
+                else:
+                    self.on_session(c, ended, ended_wh)
             except Exception:
                 log.exception("saving the session at %s failed", c.charger_id)
 
@@ -298,7 +308,12 @@ class EdgeController:
                 self.notify("status")
         elif kind == "TransactionEvent":
             if st.on_transaction(
-                ev.charger_id, ev.kind, ev.transaction_id, self.clock.now(), now_m
+                ev.charger_id,
+                ev.kind,
+                ev.transaction_id,
+                self.clock.now(),
+                now_m,
+                session_energy_wh=getattr(ev, "session_energy_wh", None),
             ):
                 self.notify("transaction")
         elif kind == "ConnectionEvent":

@@ -700,7 +700,9 @@ class SessionKeeper:
         self._tasks: set[asyncio.Task[None]] = set()
         self.failures = 0
 
-    def __call__(self, c: ChargerState, ended: str | None) -> None:
+    def __call__(self, c: ChargerState, ended: str | None, ended_wh: float | None = None) -> None:
+        """Save ``c``'s session (``ended``: the transaction that ended, with ``ended_wh``, the
+        energy into the car it ended with)."""
         from dataclasses import replace
 
         from evcore.store.base import SessionRecord
@@ -710,10 +712,15 @@ class SessionKeeper:
         if ended is not None:
             if prev is None or prev.transaction_id != ended:
                 return
+            # The energy it ended with (before: the one saved last, at its start or when it was
+            # last steered: 0 kWh for most sessions).
+            delivered = prev.energy_delivered_kwh
+            if ended_wh is not None and math.isfinite(ended_wh):
+                delivered = max(delivered, ended_wh / 1000.0)
             rec = replace(
                 prev,
                 ended_at_s=now,
-                energy_delivered_kwh=prev.energy_delivered_kwh,
+                energy_delivered_kwh=delivered,
                 updated_at_s=now,
             )
             del self.open[c.charger_id]

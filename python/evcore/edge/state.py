@@ -406,10 +406,18 @@ class SiteState:
         transaction_id: str,
         now_wall: float,
         now_mono: float | None = None,
+        session_energy_wh: float | None = None,
     ) -> bool:
+        """Apply a transaction's start, update or end. ``session_energy_wh``: the energy into
+        the car the event carries (an end's is the session's last: StopTransaction's meterStop,
+        TransactionEvent(Ended)'s reading), taken for the charger's session."""
         c = self.chargers.get(charger_id)
         if c is None:
             return False
+        energy_ok = session_energy_wh is not None and math.isfinite(session_energy_wh)
+        if kind in ("ended", "updated") and c.transaction_id == transaction_id and energy_ok:
+            assert session_energy_wh is not None
+            c.session_energy_wh = max(c.session_energy_wh, session_energy_wh)
         if kind == "started":
             if c.transaction_id != transaction_id:
                 c.transaction_id = transaction_id
