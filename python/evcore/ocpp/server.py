@@ -438,6 +438,9 @@ class Station:
     busy: bool = False
     #: Its clock's offset from ours, from the timestamps it sends (``clockskew``).
     clock_offset: ClockOffset = field(default_factory=ClockOffset)
+    #: 2.0.1 TransactionEvents (transaction, seqNo) being handled, done when they are (a copy
+    #: resent on a newer connection waits: ``_on_transaction_event_2_0_1``).
+    handling: dict[tuple[str, int], asyncio.Future[None]] = field(default_factory=dict)
 
     def charger(self, evse_id: int | None) -> ChargerInfo | None:
         if evse_id is None:
@@ -1318,6 +1321,30 @@ class CentralSystem:
         await self._tx_event(st, tx, "ended", at, reason)
 
     async def _on_transaction_event_2_0_1(
+        self, st: Station, *, transaction_id: str, seq_no: int, **event: Any
+    ) -> None:
+        """A TransactionEvent, handled once any copy of the same message (transaction, seqNo)
+        still being handled has finished: one read on a connection that has since dropped, its
+        handler waiting on the bus or store while the station reconnected and resent it. Its
+        outcome decides: handled, the resend is a replay; failed (its CALLERROR could not even
+        be sent), the resend is handled. Before, the seqNo was booked while the first copy
+        waited, so the resend was answered at once as a replay; when the first copy's publish
+        then failed, the event reached neither bus nor store and the station, answered, never
+        sent it again (``tests/ocpp/test_ocpp_reconnect_retry.py``)."""
+        key = (transaction_id, seq_no)
+        while (earlier := st.handling.get(key)) is not None:
+            await asyncio.wait([earlier])
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        st.handling[key] = done
+        try:
+            await self._handle_transaction_event_2_0_1(
+                st, transaction_id=transaction_id, seq_no=seq_no, **event
+            )
+        finally:
+            del st.handling[key]
+            done.set_result(None)
+
+    async def _handle_transaction_event_2_0_1(
         self,
         st: Station,
         *,
