@@ -119,6 +119,28 @@ class Scene:
         await log.open()
         return log
 
+    async def lose_an_outbox(self) -> list[AuditRecord]:
+        """Records 0..2 reach the stream; 3..6 wait in the outbox (the broker killed: it is down
+        at the end) and are lost with it, its header gone; the publish mark covers all seven,
+        which are returned."""
+        self.srv.start()
+        appended: list[AuditRecord] = []
+        bus = self.bus()
+        await bus.start()
+        log = await self.audit(bus)
+        for i in range(7):
+            if i == 3:
+                await log.flush()
+                assert await bus.flush(timeout_s=10)
+                self.srv.kill()
+            self.clock.advance(1)
+            appended.append(await log.append(decision(i)))
+        await log.close()
+        path = bus.outbox.path
+        await bus.close()
+        unreadable_header(path)
+        return appended
+
     async def append_without_bus(self, d: Decision) -> AuditRecord:
         """``d`` appended to the chain by an audit log that has no bus."""
         return await AuditLog(self.store, clock=self.clock).append(d)

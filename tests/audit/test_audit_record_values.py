@@ -15,20 +15,17 @@ failure inside the store's reader is one line on stderr and exit 2."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from audit_testkit import decision, fill, filled_store, raw_sql, run_cli, site_file
 from evcore.audit import AuditLog, Decision, seal, verify_chain
 from evcore.audit.log import build_record
 from evcore.clock import ManualClock
-from evcore.store import SqlStore, open_store
+from evcore.store import SqlStore
 from evcore.v1.setpoint_pb2 import Setpoint
-from test_audit_trail import decision, fill, site_file
 
 MS_FOR_S = 1_767_225_605_123.0  # 2026-01-01T00:00:05.123Z in milliseconds
 
@@ -83,20 +80,6 @@ def test_a_sealed_record_with_such_a_time_is_refused_too() -> None:
         build_record(record)
 
 
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "evcore.audit.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_show_still_shows_a_stored_record_with_a_time_out_of_range(
     store: SqlStore, store_section: dict[str, object], tmp_path: Path
 ) -> None:
@@ -131,16 +114,8 @@ async def test_show_still_shows_a_stored_record_with_a_time_out_of_range(
 
 
 async def test_a_store_holding_a_text_payload_is_said_in_one_line(tmp_path: Path) -> None:
-    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
-    store = open_store(section, tmp_path)
-    try:
-        await fill(store, ManualClock(), 3)
-    finally:
-        await store.close()
-    conn = sqlite3.connect(tmp_path / "store" / "records.sqlite")
-    with conn:
-        conn.execute("UPDATE audit_records SET payload = 'forged' WHERE seq = 1")
-    conn.close()
+    section = await filled_store(tmp_path, 3)
+    raw_sql(section, tmp_path, "UPDATE audit_records SET payload = 'forged' WHERE seq = 1")
     code, out, err = await run_cli("show", "--store", str(tmp_path / "store"))
     assert code == 2, (out, err)
     assert "Traceback" not in err

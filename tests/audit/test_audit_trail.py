@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
+from audit_testkit import REASON_C1, broken, decision, fill, forge, raw_sql, run_cli, site_file
 from evcore.audit import AuditLog, Decision, record_hash, seal, verify_chain
 from evcore.audit.cli import main as audit_main
 from evcore.audit.log import build_record
@@ -21,59 +19,9 @@ from evcore.bus.inprocess import InProcessBus
 from evcore.bus.subjects import Subjects
 from evcore.clock import ManualClock
 from evcore.store import SqlStore, open_store
-from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
+from evcore.v1.audit_pb2 import AuditRecord
 from evcore.v1.event_pb2 import Event
-from evcore.v1.setpoint_pb2 import BindingReason, Setpoint
-from psycopg import sql as pgsql
-
-REASON_C1 = "held at 16 A: feeder F2 phase L1 at 63 of 63 A"
-
-
-def decision(i: int) -> Decision:
-    return Decision(
-        decision_id=f"D{i}",
-        trigger="meter:C1" if i % 2 else "tick",
-        inputs_digest=f"{i:064x}",
-        plan_version=3,
-        config_version="cfg-abc",
-        setpoints=[
-            Setpoint(
-                charger_id="C1",
-                setpoint_a=16.0,
-                binding=BindingReason.BINDING_REASON_NODE_PHASE_LIMIT,
-                binding_node_id="F2",
-                reason=REASON_C1,
-            ),
-            Setpoint(charger_id="C2", setpoint_a=0.0, reason=f"paused {i}: no session"),
-        ],
-        bindings=[ChargerBinding(charger_id="C3", reason="unchanged at 6 A: charger minimum")],
-    )
-
-
-async def fill(store: SqlStore, clock: ManualClock, n: int) -> list[AuditRecord]:
-    log = AuditLog(store, clock=clock)
-    out = []
-    for i in range(n):
-        clock.advance(10)
-        out.append(await log.append(decision(i)))
-    return out
-
-
-def raw_sql(
-    section: dict[str, object], tmp_path: Path, statement: str, params: tuple[Any, ...] = ()
-) -> None:
-    """Tamper with the database behind the store's back."""
-    if section["kind"] == "embedded":
-        conn = sqlite3.connect(Path(str(section["path"])) / "records.sqlite")
-        with conn:
-            conn.execute(statement, params)
-        conn.close()
-        return
-    with psycopg.connect(str(section["dsn"]), autocommit=True) as pg:
-        pg.execute(
-            pgsql.SQL("SET search_path TO {}").format(pgsql.Identifier(str(section["schema"])))
-        )
-        pg.execute(statement.replace("?", "%s"), params)
+from evcore.v1.setpoint_pb2 import Setpoint
 
 
 async def test_append_is_durable_and_chained(
@@ -106,18 +54,12 @@ async def test_verify_detects_changed_record(
     store: SqlStore, store_section: dict[str, object], tmp_path: Path
 ) -> None:
     records = await fill(store, ManualClock(), 5)
-    forged = AuditRecord()
-    forged.CopyFrom(records[2])
-    forged.setpoints[0].setpoint_a = 32.0  # someone claims a higher setpoint was sent
-    raw_sql(
-        store_section,
-        tmp_path,
-        "UPDATE audit_records SET payload = ? WHERE seq = 2",
-        (forged.SerializeToString(),),
-    )
-    report = await verify_chain(store)
-    assert not report.ok
-    assert any("seq 2" in p and "content changed" in p for p in report.problems)
+
+    def claim_a_higher_setpoint(r: AuditRecord) -> None:
+        r.setpoints[0].setpoint_a = 32.0  # someone claims a higher setpoint was sent
+
+    forge(store_section, tmp_path, records[2], claim_a_higher_setpoint)
+    assert any("seq 2" in p and "content changed" in p for p in await broken(store))
 
 
 async def test_verify_detects_rehashed_record(
@@ -125,20 +67,14 @@ async def test_verify_detects_rehashed_record(
 ) -> None:
     """Changing a record and recomputing its own hash still breaks the link from the next one."""
     records = await fill(store, ManualClock(), 5)
-    forged = AuditRecord()
-    forged.CopyFrom(records[1])
-    forged.trigger = "operator"
-    forged.hash = ""
-    forged.hash = record_hash(forged)
-    raw_sql(
+    forge(
         store_section,
         tmp_path,
-        "UPDATE audit_records SET payload = ?, hash = ? WHERE seq = 1",
-        (forged.SerializeToString(), forged.hash),
+        records[1],
+        lambda r: setattr(r, "trigger", "operator"),
+        rehash=True,
     )
-    report = await verify_chain(store)
-    assert not report.ok
-    assert any(p.startswith("seq 2: prev_hash does not match") for p in report.problems)
+    assert any(p.startswith("seq 2: prev_hash does not match") for p in await broken(store))
 
 
 async def test_verify_detects_removed_record(
@@ -146,9 +82,7 @@ async def test_verify_detects_removed_record(
 ) -> None:
     await fill(store, ManualClock(), 5)
     raw_sql(store_section, tmp_path, "DELETE FROM audit_records WHERE seq = 2")
-    report = await verify_chain(store)
-    assert not report.ok
-    assert any("seq 2: record(s) removed" in p for p in report.problems)
+    assert any("seq 2: record(s) removed" in p for p in await broken(store))
 
 
 async def test_verify_detects_truncation(
@@ -156,11 +90,8 @@ async def test_verify_detects_truncation(
 ) -> None:
     await fill(store, ManualClock(), 5)
     raw_sql(store_section, tmp_path, "DELETE FROM audit_records WHERE seq >= 3")
-    report = await verify_chain(store)
-    assert not report.ok
-    assert any(
-        "truncated: head says seq 4, last stored record is seq 2" in p for p in report.problems
-    )
+    truncated = "truncated: head says seq 4, last stored record is seq 2"
+    assert any(truncated in p for p in await broken(store))
 
 
 async def test_verify_detects_a_record_inserted_after_the_head(
@@ -187,9 +118,7 @@ async def test_verify_detects_a_record_inserted_after_the_head(
         ),
     )
     assert [r.decision_id for r in await store.audit_records()] == ["D0", "D1", "D2", "D3"]
-    report = await verify_chain(store)
-    assert not report.ok
-    assert any("seq 3: 1 record(s) after the head (seq 2)" in p for p in report.problems)
+    assert any("seq 3: 1 record(s) after the head (seq 2)" in p for p in await broken(store))
 
 
 async def test_verify_detects_an_edited_charger_index(
@@ -237,12 +166,10 @@ async def test_verify_detects_emptied_chain_and_lost_head(
 ) -> None:
     await fill(store, ManualClock(), 3)
     raw_sql(store_section, tmp_path, "DELETE FROM audit_head")
-    report = await verify_chain(store)
-    assert not report.ok and "head is missing" in report.problems[0]
+    assert "head is missing" in (await broken(store))[0]
     raw_sql(store_section, tmp_path, "INSERT INTO audit_head (id, seq, hash) VALUES (1, 2, 'x')")
     raw_sql(store_section, tmp_path, "DELETE FROM audit_records")
-    report = await verify_chain(store)
-    assert not report.ok and "every record was removed" in report.problems[0]
+    assert "every record was removed" in (await broken(store))[0]
 
 
 async def test_append_after_a_stale_head_relinks(store: SqlStore) -> None:
@@ -331,14 +258,6 @@ async def test_controller_mapping_is_recorded_with_its_reasons(store: SqlStore) 
     with pytest.raises(ValueError, match="plan_version"):
         await log.append(dict(controller_decision, at=clock.now() + 1, plan_version="cloud-p"))
     assert (await verify_chain(store)).ok
-
-
-def site_file(tmp_path: Path, section: dict[str, object]) -> Path:
-    lines = ["[site]", 'id = "depot"', "", "[store]"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in section.items()]
-    path = tmp_path / "site.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def test_show_lists_every_setpoint_a_decision_sent_a_charger() -> None:
@@ -577,18 +496,8 @@ async def test_evcore_cli_registers_audit(tmp_path: Path) -> None:
     store = open_store({"path": str(tmp_path / "s")}, tmp_path)
     await fill(store, ManualClock(), 2)
     await store.close()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "evcore.cli",
-        "audit",
-        "verify",
-        "--store",
-        str(tmp_path / "s"),
-        "--json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, out, err = await run_cli(
+        "audit", "verify", "--store", str(tmp_path / "s"), "--json", module="evcore.cli"
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
+    assert code == 0, err
     assert json.loads(out)["records"] == 2

@@ -8,37 +8,13 @@ Real stores (SQLite and PostgreSQL), tampered with through a second connection; 
 
 from __future__ import annotations
 
-import asyncio
-import json
-import sys
 from pathlib import Path
 
+from audit_testkit import cli_verify, fill, filled_store, forge, raw_sql
 from evcore.audit import verify_chain
 from evcore.clock import ManualClock
 from evcore.store import SqlStore, open_store
-from evcore.v1.audit_pb2 import AuditRecord
 from pg_testkit import PG_DSN
-from test_audit_trail import fill, raw_sql, site_file
-
-
-async def cli_verify(
-    store_section: dict[str, object], tmp_path: Path
-) -> tuple[int, dict[str, object], str]:
-    site = site_file(tmp_path, store_section)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "evcore.audit.cli",
-        "verify",
-        "--config",
-        str(site),
-        "--json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, (json.loads(out) if out.strip() else {}), err.decode()
 
 
 async def test_a_nan_time_column_is_reported_and_no_longer_hides_a_decision(
@@ -66,15 +42,7 @@ async def test_a_forged_prev_hash_that_is_not_ascii_is_a_broken_chain(
     store: SqlStore, store_section: dict[str, object], tmp_path: Path
 ) -> None:
     records = await fill(store, ManualClock(), 3)
-    forged = AuditRecord()
-    forged.CopyFrom(records[2])
-    forged.prev_hash = "é" * 64
-    raw_sql(
-        store_section,
-        tmp_path,
-        "UPDATE audit_records SET payload = ? WHERE seq = 2",
-        (forged.SerializeToString(),),
-    )
+    forge(store_section, tmp_path, records[2], lambda r: setattr(r, "prev_hash", "é" * 64))
     report = await verify_chain(store)
     assert not report.ok
     assert any(p.startswith("seq 2 (decision 'D2'): content changed") for p in report.problems)
@@ -90,12 +58,7 @@ async def test_a_column_holding_a_value_of_the_wrong_type_is_named_by_its_seq(
     column, a blob in the TEXT hash column. Before, the row reader raised on the first ("could
     not convert string to float: 'yesterday'") and verify said the whole store could not be read
     (exit 2); now each is a problem of its record, by seq, and the rest of the chain is checked."""
-    section: dict[str, object] = {"kind": "embedded", "path": str(tmp_path / "store")}
-    store = open_store(section, tmp_path)
-    try:
-        await fill(store, ManualClock(), 5)
-    finally:
-        await store.close()
+    section = await filled_store(tmp_path, 5)
     raw_sql(section, tmp_path, "UPDATE audit_records SET decided_at_s = 'yesterday' WHERE seq = 1")
     raw_sql(section, tmp_path, "UPDATE audit_records SET payload = 'forged' WHERE seq = 2")
     raw_sql(section, tmp_path, "UPDATE audit_records SET hash = CAST(hash AS BLOB) WHERE seq = 3")

@@ -23,7 +23,6 @@ from outbox_testkit import (
     scene,
     stored_records,
     tear_the_page_holding,
-    unreadable_header,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -93,26 +92,11 @@ async def test_after_an_outbox_loss_the_publisher_learns_from_where_to_send_agai
     can move its publish mark back to it (it does: tests/audit/test_audit_outbox_reports.py) and
     every record reaches the stream once."""
     async with scene(tmp_path, "loss") as sc:
-        sc.srv.start()
-        appended: list[AuditRecord] = []
-        bus = sc.bus()
-        await bus.start()
-        assert isinstance(bus, OutboxReports)
-        log = await sc.audit(bus)
-        for i in range(7):
-            if i == 3:  # 3..6 wait in the outbox, and are lost with it
-                await log.flush()
-                assert await bus.flush(timeout_s=30)
-                sc.srv.kill()
-            sc.clock.advance(1)
-            appended.append(await log.append(decision(i)))
-        await log.close()
-        path = bus.outbox.path
-        await bus.close()
-        unreadable_header(path)
+        appended = await sc.lose_an_outbox()
 
         bus = sc.bus()
         await bus.start()
+        assert isinstance(bus, OutboxReports)
         try:
             [loss] = await bus.outbox_losses()
             assert loss.salvaged == 0 and not loss.complete and loss.stream_last_seq is None
