@@ -70,7 +70,13 @@ class ControllerFacade:
             "curtailments_kw": ctrl.curtailments.caps_kw(now_w),
             "failsafe": dict(ctrl.failsafe),
             "chargers": [self.charger(cid) for cid in ctrl.state.chargers],
-            "faults": [{"charger_id": c, "reason": r} for c, r in ctrl.stats.faults_reported],
+            # The chargers faulted now (``stats.faults_reported`` is every fault reported since
+            # the start: one an operator cleared stayed listed, a repeat was listed again).
+            "faults": [
+                {"charger_id": c.charger_id, "reason": c.fault_reason}
+                for c in ctrl.state.chargers.values()
+                if c.faulted
+            ],
         }
 
     def charger(self, charger_id: str) -> dict[str, Any]:
