@@ -352,7 +352,8 @@ class AuditRecorder:
         self._journal_lock = asyncio.Lock()  # one journal file operation at a time
         self._tasks: set[asyncio.Task[None]] = set()
         self.store_failures = 0
-        #: Decision numbers whose record is durable (for tests: nothing leaves before its record).
+        #: Decision numbers whose record is durable (for tests: nothing leaves before its record):
+        #: the recent ones (at most ``2 * _KEEP_IDS``; it once held every decision of the run).
         self.durable: set[int] = set()
         #: Called with each record once durable (the facade's recent decisions and watchers).
         self.on_durable: Callable[[Mapping[str, Any]], None] | None = None
@@ -399,6 +400,8 @@ class AuditRecorder:
         self._ids[int(record["decision"])] = decision_id
         while len(self._ids) > _KEEP_IDS:
             del self._ids[next(iter(self._ids))]
+        if len(self.durable) > 2 * _KEEP_IDS:
+            self.durable = set(self._ids)  # the recent ones (their ids are kept as well)
         if self.on_durable is not None:
             self.on_durable(record)
         if self.store is not None:
