@@ -518,6 +518,8 @@ class SiteState:
         c.session_started_at = None
         c.energy_requested_kwh = None
         c.departure = None
+        # The operator's weight was this session's: the next car on the charger did not get it.
+        c.priority = 1.0
         c.suspect_since = None
         c.on_since = c.off_since = None
         c.switches = 0
