@@ -58,6 +58,19 @@ def test_every_site_is_sites_star_with_its_discovery_period(tmp_path: Path) -> N
     assert cfg.bus is not None and "discover_s" not in cfg.bus  # not an edge bus key
 
 
+def test_sites_star_stands_alone(tmp_path: Path) -> None:
+    listed = CloudConfig.from_table(
+        {"insecure": True, "store": {"url": "sqlite:x"}, "bus": {"sites": ["*"]}}, tmp_path
+    )
+    assert listed.bus_discover and listed.bus_sites == ()
+    # "*" beside other sites was taken for a site named "*" (no new site was ever read).
+    with pytest.raises(CloudConfigError, match=r'"\*" \(every site the cloud knows\) stands'):
+        CloudConfig.from_table(
+            {"insecure": True, "store": {"url": "sqlite:x"}, "bus": {"sites": ["*", "d1"]}},
+            tmp_path,
+        )
+
+
 @pytest.mark.parametrize(
     ("table", "named"),
     [

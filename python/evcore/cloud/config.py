@@ -180,6 +180,13 @@ def _bus_section(
         )
     if len(set(sites)) != len(sites):
         raise CloudConfigError("[bus] sites names a site twice")
+    if "*" in sites and len(sites) > 1:
+        # Read as a site named "*" (subject token %2A, which no edge uses): the other sites were
+        # consumed and no new one ever was, without a word.
+        raise CloudConfigError(
+            '[bus] sites: "*" (every site the cloud knows) stands alone, as sites = "*", '
+            "not in a list with other site ids"
+        )
     durable = section.get("audit_durable", "cloud-audit")
     if not isinstance(durable, str) or not durable:
         raise CloudConfigError(f"[bus] audit_durable must be a name, got {durable!r}")
