@@ -107,3 +107,24 @@ async def test_a_record_the_bus_set_aside_for_its_size_goes_compressed_or_is_lis
             assert await sc.store.get_meta(PUBLISHED_MARK) == "3"
         finally:
             await bus.close()
+
+
+async def test_a_bus_that_cannot_tell_its_losses_yet_never_stops_a_record(tmp_path: Path) -> None:
+    """The losses are the bus's outbox file's to tell; while it cannot (here: not started yet),
+    decisions are still recorded, and reach the bus once it can. Before, open() asked at once
+    and raised ("bus not started"), and with it every append: no decision could be recorded."""
+    async with scene(tmp_path, "audit-early") as sc:
+        sc.srv.start()
+        bus = sc.bus()
+        try:
+            log = await sc.audit(bus)
+            sc.clock.advance(1)
+            record = await log.append(decision(0))
+            assert bus.outbox.pending == 0  # waits in the store
+            await bus.start()
+            await wait_until(lambda: log.publish_backlog == 0, 10, "the record published")
+            assert await bus.flush(timeout_s=10)
+            assert await stored_records(bus, sc.s.audit) == [record]
+            await log.close()
+        finally:
+            await bus.close()

@@ -374,9 +374,10 @@ class AuditLog:
         self._queued_bytes = 0
         self._backlog_from: int | None = None
         self._publisher: asyncio.Task[None] | None = None
-        # Outbox losses of the bus not handled yet: until the publisher has moved the mark back
-        # for them, nothing newer goes to the bus (it would move the mark past what was lost).
-        self._losses: list[OutboxLoss] = []
+        # Outbox losses of the bus not handled yet (None: not read yet): until the publisher has
+        # moved the mark back for them, nothing newer goes to the bus (it would move the mark
+        # past what was lost).
+        self._losses: list[OutboxLoss] | None = []
         self._losses_handled: list[str] = []
 
     @property
@@ -409,14 +410,11 @@ class AuditLog:
             # A record the broker turns out unable to take is set aside by the bus: sent again
             # compressed, or listed as too large (docs/bus.md, "What the outbox will never send").
             self._bus.on_set_aside(Subjects(self._site_id).audit, self._on_set_aside)
-            self._losses_handled = await self._read_losses_handled()
-            handled = set(self._losses_handled)
-            self._losses = [x for x in await self._bus.outbox_losses() if x.id not in handled]
-            if self._losses:
-                # Records appended from now on wait in the store (``_queue``) until the
-                # publisher has moved the mark back for the losses.
-                self._backlog_from = self._published_seq + 1
-                self._start_publisher()
+            # The losses are read by the publisher (retried there: a failure must not keep a
+            # decision from being recorded); records appended meanwhile wait in the store.
+            self._losses = None
+            self._backlog_from = self._published_seq + 1
+            self._start_publisher()
         if self._head_seq > self._published_seq:
             log.info(
                 "audit: republishing %d record(s) the bus had not accepted",
@@ -474,6 +472,10 @@ class AuditLog:
         outbox file held (docs/bus.md); then note the losses as handled. Retried after a back-off
         while the bus cannot say where the stream stood (the broker not reached since)."""
         assert self._bus is not None
+        if self._losses is None:
+            self._losses_handled = await self._read_losses_handled()
+            done = set(self._losses_handled)
+            self._losses = [x for x in await self._bus.outbox_losses() if x.id not in done]
         subject = Subjects(self._site_id).audit
         failures = 0
         lowest = self._published_seq
@@ -505,6 +507,11 @@ class AuditLog:
                 seq = self._seq_of(message)
             lowest = min(lowest, seq)
             pending.pop(0)
+        if not self._losses:
+            self._backlog_from = (
+                self._published_seq + 1 if self._head_seq > self._published_seq else None
+            )
+            return
         if lowest < self._published_seq:
             log.warning(
                 "audit: the bus lost part of its outbox (%s); republishing from seq %d",
@@ -713,7 +720,7 @@ class AuditLog:
 
     async def _publish_pending(self) -> None:
         failures = 0
-        while self._losses:
+        while self._losses is None or self._losses:
             try:
                 await self._handle_losses()
             except Exception:  # the store or the bus: tried again after a back-off
