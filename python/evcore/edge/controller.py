@@ -219,7 +219,7 @@ class EdgeController:
         self._stopping = False
         # Profiles handed over and not yet answered (tasks or the central system's futures).
         self._sends: set[asyncio.Future[Any]] = set()
-        self._increase_tokens = cfg.restart_max_profiles_per_s
+        self._increase_tokens = _bucket_size(cfg.restart_max_profiles_per_s)
         self._tokens_at: float | None = None
         self._lock = asyncio.Lock()
         self._dc = frozenset(c.charger_id for c in state.chargers.values() if c.is_dc)
@@ -817,7 +817,7 @@ class EdgeController:
         rate = self.cfg.restart_max_profiles_per_s
         if self._tokens_at is not None:
             self._increase_tokens = min(
-                rate, self._increase_tokens + (now_m - self._tokens_at) * rate
+                _bucket_size(rate), self._increase_tokens + (now_m - self._tokens_at) * rate
             )
         self._tokens_at = now_m
         n = min(wanted, int(self._increase_tokens))
@@ -1641,6 +1641,12 @@ class EdgeController:
         if self.on_fault is not None:
             with contextlib.suppress(Exception):
                 self.on_fault(c.charger_id, c.fault_reason)
+
+
+def _bucket_size(rate: float) -> float:
+    """The profiles the pace may let leave at once: a second's worth, and at least one. (Sized
+    at the rate alone, a rate below 1/s never held a whole token: nothing paced ever left.)"""
+    return max(1.0, rate)
 
 
 def _gap_bound(c: ChargerState) -> float:
