@@ -8,11 +8,14 @@ in ``too_large_for_bus``."""
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import pytest
 from bus_testkit import wait_until
-from evcore.audit.log import PUBLISHED_MARK
+from evcore.audit import seal
+from evcore.audit.log import PUBLISHED_MARK, _record_of, build_record
+from evcore.v1.event_pb2 import Event
 from outbox_testkit import decision, scene, stored_events, stored_records
 
 pytestmark = pytest.mark.timeout(60)
@@ -128,3 +131,15 @@ async def test_a_bus_that_cannot_tell_its_losses_yet_never_stops_a_record(tmp_pa
             await log.close()
         finally:
             await bus.close()
+
+
+def test_the_record_a_stored_event_carries_is_read_compressed_or_not() -> None:
+    """What ``last_stored`` hands back may be a record sent compressed; an event inflating past
+    the limit (a zlib bomb) or carrying no record is not taken for one."""
+    record = seal(build_record(decision(4, 300), now_s=1e9), seq=4, prev_hash="")
+    plain = Event(event_id="a", audit=record)
+    packed = Event(event_id="a", audit_zlib=zlib.compress(record.SerializeToString(), 1))
+    assert _record_of(plain) == record == _record_of(packed)
+    assert _record_of(Event(event_id="x")) is None
+    with pytest.raises(ValueError, match="256 MiB"):
+        _record_of(Event(audit_zlib=zlib.compress(b"\0" * (257 * 1024 * 1024), 9)))
