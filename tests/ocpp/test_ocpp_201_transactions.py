@@ -141,3 +141,45 @@ async def test_iso15118_schedules_and_station_limits_are_heard_not_refused() -> 
         actions = [getattr(e, "action", None) for e in heard]
         for action, _ in msgs:
             assert action in actions
+
+
+async def test_a_station_that_numbers_its_events_from_0_again_after_a_reboot_is_heard() -> None:
+    """A 2.0.1 station rebooting in the middle of a transaction that goes on after the reboot
+    may number its TransactionEvents from 0 again (a counter kept in RAM; the lbbrhzn/ocpp Home
+    Assistant integration clears its seqNo record at BootNotification for it, PR 2141). A
+    seqNo seen before is a replay only if the event is no newer than the newest one handled:
+    a replay is a copy of an earlier event. Before, every event after the reboot whose seqNo
+    had been used was answered as a replay and dropped, the Ended too: its meter values lost
+    and the transaction open until the next one on the EVSE superseded it."""
+    async with raw_csms() as r:
+        evse = {"id": 1, "connectorId": 1}
+        t = r.clock.now() - 600
+        st = await r.station("CPB")
+        before = [
+            tx_event("T1", 0, "Started", "CablePluggedIn", t, evse=evse,
+                     meterValue=meter(t, 1000.0, 16.0)),
+            tx_event("T1", 1, "Updated", "MeterValuePeriodic", t + 60,
+                     meterValue=meter(t + 60, 1500.0, 16.0)),
+            tx_event("T1", 2, "Updated", "MeterValuePeriodic", t + 120,
+                     meterValue=meter(t + 120, 1800.0, 16.0)),
+        ]  # fmt: skip
+        for p in before:
+            assert (await st.call("TransactionEvent", p))[0] == 3
+        await st.close()
+        st = await r.station("CPB")  # rebooted: BootNotification, numbering from 0
+        stopped = {"transactionId": "T1", "stoppedReason": "EVDisconnected"}
+        after = [
+            tx_event("T1", 0, "Updated", "MeterValuePeriodic", t + 180,
+                     meterValue=meter(t + 180, 2100.0, 16.0)),
+            tx_event("T1", 1, "Ended", "EVDeparted", t + 240, transactionInfo=stopped,
+                     meterValue=meter(t + 240, 2400.0, 0.0)),
+        ]  # fmt: skip
+        for p in after:
+            assert (await st.call("TransactionEvent", p))[0] == 3
+        ended = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
+        assert [(e.transaction_id, e.session_energy_wh) for e in ended] == [("T1", 1400.0)]
+        assert r.cs.station_state("CPB").active_transactions == {}
+        # A copy of an event from before the reboot is still a replay: nothing more is heard.
+        heard = len(r.events)
+        assert (await st.call("TransactionEvent", before[1]))[0] == 3
+        assert len(r.events) == heard

@@ -295,6 +295,9 @@ class TxState:
     # 2.0.1 seqNos handled: every one up to ``seq_low``, and those in ``seen_seq`` (above it).
     seq_low: int = -1
     seen_seq: set[int] = field(default_factory=set)
+    # The newest 2.0.1 TransactionEvent timestamp handled (the station's clock): an event with a
+    # seqNo seen before is a replay only if it is no newer (``is_replay``).
+    last_event_at: float | None = None
     # When it ended, by the central system's monotonic clock (for ``tx_keep_s``).
     ended_mono: float | None = None
     # Event kinds ("started", "ended") handed to local listeners, and those the bus and store
@@ -387,6 +390,20 @@ class TxState:
 
     def seq_seen(self, seq: int) -> bool:
         return seq <= self.seq_low or seq in self.seen_seq
+
+    def is_replay(self, seq: int, at: float) -> bool:
+        """A 2.0.1 event (seqNo ``seq``, timestamp ``at``) handled before: its seqNo seen and
+        nothing newer than the newest event handled (a replay is a copy of an earlier event).
+        A station that numbers its events from 0 again after a reboot in the middle of the
+        transaction reuses seqNos with newer events; they were dropped as replays, its Ended
+        too, and the transaction stayed open."""
+        return self.seq_seen(seq) and (self.last_event_at is None or at <= self.last_event_at)
+
+    def see_event(self, seq: int, at: float) -> None:
+        """Book the event (seqNo ``seq``, timestamp ``at``) handled."""
+        self.see_seq(seq)
+        if self.last_event_at is None or at > self.last_event_at:
+            self.last_event_at = at
 
     def see_seq(self, seq: int) -> None:
         """Book ``seq`` handled; the contiguous prefix absorbs what it can, so a session's
@@ -1359,7 +1376,7 @@ class CentralSystem:
         offline: bool,
     ) -> None:
         tx = st.transactions.get(transaction_id)
-        if tx is not None and tx.seq_seen(seq_no):
+        if tx is not None and tx.is_replay(seq_no, at):
             return  # replayed message: already handled
         if evse_id is not None and evse_id != 0 and evse_id not in st.chargers:
             # (before any state: a TxState of an unknown EVSE was kept for ever)
@@ -1405,7 +1422,7 @@ class CentralSystem:
                 charger = st.charger(evse_id)
                 if charger is not None:
                     tx.evse_id, tx.charger_id = evse_id, charger.charger_id
-        tx.see_seq(seq_no)
+        tx.see_event(seq_no, at)
         try:
             await self._tx_meter_values(st, tx.evse_id, meter_values, transaction_id, "meterValue")
             if tx.ended:
