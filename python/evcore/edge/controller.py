@@ -279,6 +279,17 @@ class EdgeController:
         now_m = self.clock.monotonic()
         st = self.state
         if kind == "MeterSample":
+            sampled_at = getattr(ev, "at", None)
+            if st.sent_late(ev.charger_id, sampled_at, now_m, self.cfg.stale_after_s):
+                # Taken before the reading held (a station's queue replayed beside its live
+                # readings): an hour-old reading below a decrease showed the decrease in force
+                # and released the increases held behind it.
+                log.debug(
+                    "%s: a reading stamped %s, older than the one held, set aside",
+                    ev.charger_id,
+                    sampled_at,
+                )
+                return
             if st.on_meter(
                 ev.charger_id,
                 ev.site_phase_a,
@@ -286,6 +297,8 @@ class EdgeController:
                 ev.session_energy_wh,
                 now_m,
                 ev.terminal_a,
+                sampled_at=sampled_at,
+                transaction_id=getattr(ev, "transaction_id", None),
             ):
                 c = st.chargers[ev.charger_id]
                 c.note_limit(now_m)

@@ -74,6 +74,9 @@ class ChargerState:
     terminal_a: tuple[float | None, float | None, float | None] = (None, None, None)
     measured_w: float | None = None
     measured_at: float | None = None  # monotonic
+    # The station's own timestamp of that measurement (wall, its clock): a reading stamped
+    # before it is an old one sent late (a queue replayed beside live readings), not the draw now.
+    measured_station_at: float | None = None
     # The energy into the car this session (the central system's session energy: a DC
     # charger's output, not its AC input; the demand windows convert, planning._grid_wh).
     session_energy_wh: float = 0.0
@@ -386,7 +389,13 @@ class SiteState:
         session_energy_wh: float | None,
         now_mono: float,
         terminal_a: tuple[float | None, float | None, float | None] | None = None,
+        *,
+        sampled_at: float | None = None,
+        transaction_id: str | None = None,
     ) -> bool:
+        """Take a meter reading as the charger's draw now (``sampled_at``: the station's own
+        timestamp of it); its session energy counts for the charger's session only when it is
+        that session's (``transaction_id`` None or the charger's)."""
         c = self.chargers.get(charger_id)
         if c is None:
             return False
@@ -394,10 +403,29 @@ class SiteState:
         c.terminal_a = terminal_a if terminal_a is not None else site_phase_a
         c.measured_w = power_w
         c.measured_at = now_mono
+        c.measured_station_at = sampled_at
         c.online = True
-        if session_energy_wh is not None and math.isfinite(session_energy_wh):
+        ours = transaction_id is None or transaction_id == c.transaction_id
+        if ours and session_energy_wh is not None and math.isfinite(session_energy_wh):
             c.session_energy_wh = session_energy_wh
         return True
+
+    def sent_late(
+        self, charger_id: str, sampled_at: float | None, now_mono: float, fresh_s: float
+    ) -> bool:
+        """A reading stamped (by the station's clock) before the measurement held, while that
+        one is fresh (``fresh_s``): an old reading sent late, not the draw now. (Once the held
+        one is stale any reading is taken: a station whose clock stepped back is not ignored
+        for more than ``fresh_s``.)"""
+        c = self.chargers.get(charger_id)
+        return (
+            c is not None
+            and sampled_at is not None
+            and math.isfinite(sampled_at)
+            and c.measured_station_at is not None
+            and sampled_at < c.measured_station_at
+            and c.age_s(now_mono) <= fresh_s
+        )
 
     def on_transaction(
         self,
