@@ -48,6 +48,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeApi"].full_name
 DEFAULT_DECISIONS = 50
 MAX_DECISIONS = 1000
 WATCH_QUEUE = 1000
+#: The longest id a request may name (a charger, node, transaction, curtailment or signal): ids
+#: come from the site file, OCPP and grid operators, all far shorter. A longer one is refused
+#: before anything looks it up (an error quoting a 100 kB id was too large for the reply).
+MAX_ID_CHARS = 256
+#: The longest free text (an operator's reason): it is logged and echoed to every watcher.
+MAX_TEXT_CHARS = 1024
 
 
 class ApiConfigError(ValueError):
@@ -185,6 +191,9 @@ def _wanted(request: pb.WatchChangesRequest, change: pb.Change) -> bool:
     return change.kind == "decision"
 
 
+_SHUTTING_DOWN = "the edge API is shutting down; watch again (on this edge once it is back)"
+
+
 def _actor() -> str:
     p = current_principal.get()
     return "unknown" if p is None else p.name
@@ -201,6 +210,17 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self._clock = clock
         self._store = store
         self._watchers: set[asyncio.Queue[pb.Change]] = set()
+        #: Set by ``end_watches`` when the server stops: open watches end (UNAVAILABLE) at once
+        #: instead of holding the stop for its whole grace, and new ones are refused.
+        self._closing = asyncio.Event()
+
+    def end_watches(self) -> None:
+        """End every open ``WatchChanges`` with UNAVAILABLE (the server is stopping)."""
+        self._closing.set()
+
+    def allow_watches(self) -> None:
+        """Serve watches again (the server is starting)."""
+        self._closing.clear()
 
     # -- errors ---------------------------------------------------------------------------------
     async def _call(self, context: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -227,6 +247,29 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     @staticmethod
+    async def _bounded(context: Any, **fields: str) -> None:
+        """Each of ``fields`` (an id, or ``reason``) within its length; INVALID_ARGUMENT naming
+        the field (not quoting it) when not."""
+        for name, value in fields.items():
+            limit = MAX_TEXT_CHARS if name == "reason" else MAX_ID_CHARS
+            if len(value) > limit:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{name} is {len(value)} characters long; at most {limit}",
+                )
+
+    async def _known_charger(
+        self, context: Any, charger_id: str, state: Mapping[str, Any] | None = None
+    ) -> None:
+        """A charger a filter names is one of the site's: NOT_FOUND otherwise (an empty answer
+        would read as "nothing there" for a typo)."""
+        if state is None:
+            state = await self._call(context, self._facade.site_state)
+        known = {str(c.get("charger_id")) for c in state.get("chargers") or ()}
+        if charger_id not in known:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown charger_id {charger_id!r}")
+
+    @staticmethod
     async def _seconds(context: Any, ts: Any, field: str) -> float:
         """A Timestamp the caller sent, in seconds; INVALID_ARGUMENT when out of range (checked
         before anything is applied: a reply that failed after the change took effect told the
@@ -250,7 +293,11 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         view: Callable[[Mapping[str, Any]], _View],
         charger_id: str,
     ) -> list[_View]:
-        """The facade's rows as views, of ``charger_id`` only when one is named, by charger."""
+        """The facade's rows as views, of ``charger_id`` only when one is named (a charger of
+        the site: NOT_FOUND otherwise), by charger."""
+        if charger_id:
+            await self._bounded(context, charger_id=charger_id)
+            await self._known_charger(context, charger_id)
         rows = await self._call(context, rows_of)
         views = [view(r) for r in rows]
         if charger_id:
@@ -288,6 +335,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
     async def ListDecisions(
         self, request: pb.ListDecisionsRequest, context: Any
     ) -> pb.ListDecisionsResponse:
+        await self._bounded(context, charger_id=request.charger_id)
         limit = min(request.limit or DEFAULT_DECISIONS, MAX_DECISIONS)
         since_s = (
             await self._seconds(context, request.since, "since")
@@ -314,7 +362,12 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self, request: pb.WatchChangesRequest, context: Any
     ) -> AsyncGenerator[pb.Change, None]:
         # Setpoint changes may come without a unit: take it from the charger (DC chargers are W).
+        await self._bounded(context, charger_id=request.charger_id)
         state = await self._call(context, self._facade.site_state)
+        if request.charger_id:
+            await self._known_charger(context, request.charger_id, state)
+        if self._closing.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         units = {str(c.get("charger_id")): c.get("unit") for c in state.get("chargers") or ()}
         queue: asyncio.Queue[pb.Change] = asyncio.Queue(maxsize=WATCH_QUEUE)
         self._watchers.add(queue)
@@ -326,15 +379,21 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 self._offer(queue, convert.change(item, now_s=self._clock.now()))
 
         pump_task = asyncio.create_task(pump(), name="evcore-api-watch-pump")
+        closing = asyncio.ensure_future(self._closing.wait())
         get: asyncio.Future[pb.Change] | None = None
         try:
             while True:
                 get = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({get, pump_task}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {get, pump_task, closing}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if get not in done:
                     break
                 if _wanted(request, change := get.result()):
                     yield change
+            if closing.done():
+                get.cancel()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
             # The feed ended: the changes it gave before go out (a cancelled get leaves its item
             # in the queue), then the caller is told. The edge's changes go on, so an end is no
             # clean end of the stream (OK would say there is no more): UNAVAILABLE, watch again.
@@ -349,6 +408,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "change feed ended; watch again")
         finally:
             self._watchers.discard(queue)
+            closing.cancel()
             if get is not None:
                 get.cancel()  # a watch that ends (the caller gone) left its get pending for good
             pump_task.cancel()
@@ -371,6 +431,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
     async def _session_guard(self, context: Any, charger_id: str, transaction_id: str) -> None:
         """The charger has a session (and it is ``transaction_id`` when one was named)."""
         await self._require(context, bool(charger_id), "charger_id is required")
+        await self._bounded(context, charger_id=charger_id, transaction_id=transaction_id)
         sessions = await self._call(context, self._facade.sessions)
         current = [s for s in sessions if str(s.get("charger_id")) == charger_id]
         if not current:
@@ -393,6 +454,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self, request: pb.SetChargerAvailabilityRequest, context: Any
     ) -> pb.SteeringResponse:
         await self._require(context, bool(request.charger_id), "charger_id is required")
+        await self._bounded(context, charger_id=request.charger_id, reason=request.reason)
         await self._call(
             context, self._facade.set_availability, request.charger_id, request.available
         )
@@ -409,6 +471,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self, request: pb.ClearChargerFaultRequest, context: Any
     ) -> pb.SteeringResponse:
         await self._require(context, bool(request.charger_id), "charger_id is required")
+        await self._bounded(context, charger_id=request.charger_id, reason=request.reason)
         note = f"by {_actor()}" + (f": {request.reason}" if request.reason else "")
         was = await self._call(context, self._facade.clear_fault, request.charger_id, note)
         detail = f"fault of {request.charger_id} cleared {note} (it was: {was})"
@@ -465,8 +528,10 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         sig = request.signal
         which = sig.WhichOneof("signal")
         await self._require(context, which is not None, "signal has neither curtailment nor prices")
+        await self._bounded(context, signal_id=sig.signal_id)
         if which == "curtailment":
             c = sig.curtailment
+            await self._bounded(context, curtailment_id=c.curtailment_id, node_id=c.node_id)
             sid = c.curtailment_id or sig.signal_id
             await self._require(context, bool(sid), "curtailment_id (or signal_id) is required")
             if c.cancelled:
@@ -496,12 +561,23 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 )
         else:
             prices = sig.price_update.tariff.prices
+            await self._bounded(context, tariff_id=sig.price_update.tariff.tariff_id)
             await self._require(context, len(prices) > 0, "price update has no prices")
+            # An update replaces every point from its first start on: an interval without one
+            # (1970-01-01 as read) would replace the whole book.
+            for i, p in enumerate(prices):
+                await self._require(context, p.HasField("start"), f"prices[{i}].start is required")
             points = sorted(
                 [
                     (await self._seconds(context, p.start, f"prices[{i}].start"), p.price_per_kwh)
                     for i, p in enumerate(prices)
                 ]
+            )
+            starts = [t for t, _ in points]
+            await self._require(
+                context,
+                len(set(starts)) == len(starts),
+                "prices: an interval start is given twice (which price holds would be a guess)",
             )
             # Negative prices are normal in day-ahead markets and planned (docs/planner.md).
             await self._require(
@@ -547,6 +623,7 @@ class EdgeApiServer:
     async def start(self) -> int:
         """Bind and serve; returns the bound port."""
         server = aio.server(interceptors=[self.auth])
+        self.service.allow_watches()
         pb_grpc.add_EdgeApiServicer_to_server(self.service, server)
         add_health(server, self.health, [SERVICE_NAME], reflection_on=self.config.reflection)
         tls = self.config.tls
@@ -581,7 +658,11 @@ class EdgeApiServer:
         return self.port
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        """Health NOT_SERVING, open watches ended (UNAVAILABLE: they never end by themselves and
+        would hold the stop for all of ``grace_s``), then other calls get ``grace_s``."""
         if self._server is None:
             return
+        await self.health.enter_graceful_shutdown()
+        self.service.end_watches()
         await stop_serving(self._server, self.health, grace_s)
         self._server = None
