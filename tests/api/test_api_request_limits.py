@@ -127,3 +127,22 @@ async def test_a_filter_naming_an_unknown_charger_is_not_found(edge: Edge) -> No
     # A known charger without a session is still an empty list, not an error.
     sessions = await edge.stub.ListSessions(pb.ListSessionsRequest(charger_id="C2"), metadata=md)
     assert list(sessions.sessions) == []
+
+
+async def test_a_curtailment_that_already_ended_is_refused(edge: Edge) -> None:  # noqa: F811
+    """Before, it was answered "curtailment c1: at most 10 kW at GRID from … to …" and booked,
+    while nothing was curtailed: a local time sent as UTC reads as an order obeyed."""
+    now = int(edge.clock.now())
+    sig = GridSignal(signal_id="c1", curtailment=Curtailment(node_id="GRID", max_kw=10.0))
+    sig.curtailment.start.FromSeconds(now - 7200)
+    sig.curtailment.end.FromSeconds(now - 3600)
+    err = await _failure(
+        edge.stub.PostGridSignal(pb.PostGridSignalRequest(signal=sig), metadata=auth(GRID))
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert "already past" in (err.details() or "")
+    assert edge.facade.curtailments == {}
+    # One still in force (started an hour ago) is taken.
+    sig.curtailment.end.FromSeconds(now + 3600)
+    await edge.stub.PostGridSignal(pb.PostGridSignalRequest(signal=sig), metadata=auth(GRID))
+    assert edge.facade.curtailments["c1"] == ("GRID", 10.0, now - 7200, now + 3600)

@@ -52,6 +52,11 @@ WATCH_QUEUE = 1000
 #: come from the site file, OCPP and grid operators, all far shorter. A longer one is refused
 #: before anything looks it up (an error quoting a 100 kB id was too large for the reply).
 MAX_ID_CHARS = 256
+#: The most a ListDecisions reply carries: gRPC clients take 4 MiB by default, and on a site of
+#: a few hundred chargers (a setpoint and a reason each per record) 1000 records are tens of MB.
+MAX_REPLY_BYTES = 3_670_016  # 3.5 MiB
+#: Trailing metadata of a ListDecisions reply cut to MAX_REPLY_BYTES: how many were left out.
+LEFT_OUT_KEY = "evcore-decisions-left-out"
 #: The longest free text (an operator's reason): it is logged and echoed to every watcher.
 MAX_TEXT_CHARS = 1024
 
@@ -189,6 +194,22 @@ def _wanted(request: pb.WatchChangesRequest, change: pb.Change) -> bool:
     if change.charger_id:
         return change.charger_id == request.charger_id
     return change.kind == "decision"
+
+
+def _fitting(records: list[AuditRecord], budget: int) -> int:
+    """How many of ``records`` (from the first) fit in a reply of ``budget`` bytes (at least one:
+    a record too large alone is still the caller's to have)."""
+    total = 0
+    for n, record in enumerate(records):
+        size = record.ByteSize()
+        total += 1 + _varint_len(size) + size  # field tag, length, message
+        if total > budget and n > 0:
+            return n
+    return len(records)
+
+
+def _varint_len(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 _SHUTTING_DOWN = "the edge API is shutting down; watch again (on this edge once it is back)"
@@ -355,7 +376,18 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             records = [record_from_mapping(r) for r in rows]
             if since_s is not None:
                 records = [r for r in records if convert.seconds(r.decided_at) >= since_s]
-        return pb.ListDecisionsResponse(decisions=records)
+        kept = _fitting(records, MAX_REPLY_BYTES)
+        if kept < len(records):
+            # Newest first: the older ones go. More than a client takes would reach it as
+            # RESOURCE_EXHAUSTED, every time, with none of the records.
+            context.set_trailing_metadata(((LEFT_OUT_KEY, str(len(records) - kept)),))
+            log.info(
+                "api: ListDecisions: %d of %d records fit in %d bytes; the older ones left out",
+                kept,
+                len(records),
+                MAX_REPLY_BYTES,
+            )
+        return pb.ListDecisionsResponse(decisions=records[:kept])
 
     @_guarded_stream
     async def WatchChanges(
@@ -552,6 +584,13 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 start_s = await self._seconds(context, c.start, "curtailment start")
                 end_s = await self._seconds(context, c.end, "curtailment end")
                 await self._require(context, end_s > start_s, "curtailment end must be after start")
+                now_s = self._clock.now()
+                await self._require(
+                    context,
+                    end_s > now_s,
+                    f"curtailment end {convert.iso(end_s)} is already past (now "
+                    f"{convert.iso(now_s)}): it would curtail nothing (local time sent as UTC?)",
+                )
                 await self._call(
                     context, self._facade.post_curtailment, sid, c.node_id, c.max_kw, start_s, end_s
                 )
