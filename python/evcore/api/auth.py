@@ -38,7 +38,9 @@ _READ = frozenset({VIEWER, OPERATOR})
 _STEER = frozenset({OPERATOR})
 _GRID = frozenset({GRID_OPERATOR})
 
-#: Roles allowed per method; a method not listed (and not open) needs any valid identity.
+#: Roles allowed per method. A method of ``evcore.v1.EdgeApi`` not listed is denied to everyone (a
+#: new RPC is closed until it has its roles here); one of another service (reflection) needs any
+#: valid identity.
 METHOD_ROLES: Mapping[str, frozenset[str]] = {
     _SERVICE + "GetSiteState": _READ,
     _SERVICE + "ListSessions": _READ,
@@ -225,6 +227,14 @@ class AuthInterceptor(CheckingInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
             raise AssertionError("unreachable: abort raises")
         allowed = METHOD_ROLES.get(method)
+        if allowed is None and method.startswith(_SERVICE):
+            self.denied += 1
+            log.error("api: %s has no roles in METHOD_ROLES: denied to %s", method, principal.name)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method.rsplit('/', 1)[-1]} has no roles configured (denied to everyone)",
+            )
+            raise AssertionError("unreachable: abort raises")
         if allowed is not None and not (allowed & principal.roles):
             self.denied += 1
             log.warning(
