@@ -66,6 +66,7 @@ def open_store(
             telemetry_retention_s=cfg.telemetry_retention_s,
             connect_timeout_s=cfg.connect_timeout_s,
             read_timeout_s=cfg.read_timeout_s,
+            write_timeout_s=cfg.write_timeout_s,
             must_exist=must_exist,
         )
     from evcore.store.sqlite import sqlite_store
@@ -78,6 +79,7 @@ def open_store(
         telemetry_retention_s=cfg.telemetry_retention_s,
         must_exist=must_exist,
         read_timeout_s=cfg.read_timeout_s,
+        write_timeout_s=cfg.write_timeout_s,
     )
 
 

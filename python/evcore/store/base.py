@@ -35,8 +35,11 @@ class StoreConfigError(StoreError, ValueError):
 
 class StoreUnavailable(StoreError):
     """The database cannot serve now: it cannot be reached or opened, is locked, full or
-    read-only, or did not answer a read within ``read_timeout_s``; a later call may succeed. The
-    message names the store. Any other error of a store call is a bug (docs/store.md)."""
+    read-only, or did not answer a read within ``read_timeout_s`` or a write within
+    ``write_timeout_s``; a later call may succeed. The message names the store, and for a write
+    whether anything was committed ("nothing was committed", or the commit's "outcome is unknown":
+    every write of the store is idempotent, so repeating it is safe). Any other error of a store
+    call is a bug (docs/store.md)."""
 
 
 class AuditChainConflict(StoreError):
@@ -348,9 +351,12 @@ class StoreConfig:
     schema: str = "evcore"
     telemetry_retention_s: float = 7 * 24 * 3600.0
     connect_timeout_s: float = 5.0
-    # The longest a read waits (a lock, a server that does not answer) before StoreUnavailable;
-    # writes are not bounded by it.
+    # The longest a read waits (a lock, a server that does not answer) before StoreUnavailable.
     read_timeout_s: float = 10.0
+    # The longest a write waits (another writer's lock, a server that does not answer) before
+    # StoreUnavailable; PostgreSQL: also how long the server keeps a session of ours idle inside
+    # a transaction (one whose client went silent, holding its locks).
+    write_timeout_s: float = 30.0
 
     @staticmethod
     def from_section(section: Mapping[str, object] | None) -> StoreConfig:
@@ -365,6 +371,7 @@ class StoreConfig:
             "telemetry_retention_s",
             "connect_timeout_s",
             "read_timeout_s",
+            "write_timeout_s",
         }
         unknown = sorted(set(s) - known)
         if unknown:
@@ -390,6 +397,7 @@ class StoreConfig:
         retention = _positive(s, "telemetry_retention_s", 7 * 24 * 3600.0)
         timeout = _positive(s, "connect_timeout_s", 5.0)
         read_timeout = _positive(s, "read_timeout_s", 10.0)
+        write_timeout = _positive(s, "write_timeout_s", 30.0)
         return StoreConfig(
             kind=str(kind),
             path=path,
@@ -398,6 +406,7 @@ class StoreConfig:
             telemetry_retention_s=retention,
             connect_timeout_s=timeout,
             read_timeout_s=read_timeout,
+            write_timeout_s=write_timeout,
         )
 
 

@@ -10,8 +10,22 @@ shutting down, out of disk or connections, read-only after a failover, a deadloc
 :class:`StoreUnavailable`, and the connection is dropped and reopened on the next call; one that
 says the statement is wrong (a syntax error, a missing table, bad data) stays what it is: a bug.
 A connection found in any state but idle is never reused (a write would go into a transaction
-nobody commits). Reads are bounded by ``read_timeout_s``: the server's ``statement_timeout``, and
-a watchdog that drops the connection when the server does not answer at all.
+nobody commits).
+
+Reads are bounded by ``read_timeout_s`` and writes by ``write_timeout_s``, each two ways: the
+server's ``statement_timeout`` (a lock wait, a slow statement: cancelled, the connection kept), and
+a watchdog thread that shuts the connection's socket down when the server does not answer at all.
+Only the watchdog works against a silent peer (a partition, a frozen server): the server's own
+timeout never hears of the statement, a cancel request needs a new connection to that same
+server, and TCP's own means do not fire while the peer's kernel still acknowledges (keepalive
+probes are answered; ``tcp_user_timeout`` only counts unacknowledged data, and a request that
+reached the server and waits for its answer has none). A write cut short this way says whether
+its commit had been sent: if not, nothing was committed; if so, its outcome is unknown, and every
+write of the store is idempotent (an audit record appended again is a retry, keys make a repeated
+event a no-op), so the caller may repeat it. The server ends a session of ours left idle inside
+a transaction (its client gone silent, its commit lost on the way) after ``write_timeout_s``
+(``idle_in_transaction_session_timeout``): its row locks (the audit head's) would otherwise hold
+every later write until the server's TCP keepalive gave up on it, hours later.
 """
 
 from __future__ import annotations
@@ -78,21 +92,22 @@ def usable(conn: psycopg.Connection[Any]) -> bool:
     )
 
 
-class ReadWatch:
-    """Drops the connection under a read the server does not answer.
+class SilenceWatch:
+    """Drops the connection under a transaction the server does not answer.
 
     A server that stops answering mid-query (a network path that stalls without a reset, a frozen
     server) leaves the worker thread blocked in the driver, where ``statement_timeout`` (the
     server's) cannot end it: every later call would queue behind it. From a thread of its own,
-    the watch shuts the connection's socket down once a read outlives ``bound_s``; the driver then
-    fails the read (the connection broken), and the next call reconnects. Only the socket
+    the watch shuts the connection's socket down once a transaction outlives its bound; the driver
+    then fails it (the connection broken), and the next call reconnects. Only the socket
     descriptor is touched from that thread (libpq's objects are the worker's), and the worker
     detaches it before closing the connection, so the number is never one reused by another
     socket."""
 
-    def __init__(self, name: str, bound_s: float) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.bound_s = bound_s
+        self.bound_s = 0.0
+        self.what = "read"
         self._cond = threading.Condition()
         self._fd: int | None = None
         self._deadline: float | None = None
@@ -105,8 +120,11 @@ class ReadWatch:
             self._fd = fd
 
     @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
+    def watching(self, bound_s: float, what: str) -> Iterator[None]:
+        """Drop the connection if the body outlives ``bound_s`` (``what``: "read" or "write")."""
         with self._cond:
+            self.bound_s = bound_s
+            self.what = what
             if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(
                     target=self._run, name=f"evcore-store-{self.name}-watch", daemon=True
@@ -122,7 +140,8 @@ class ReadWatch:
                 self._deadline = None
 
     def take_fired(self) -> bool:
-        """Whether the watch dropped the connection since the last read began (and forget it)."""
+        """Whether the watch dropped the connection since the last transaction began (and
+        forget it)."""
         with self._cond:
             fired, self.fired = self.fired, False
         return fired
@@ -156,8 +175,9 @@ class ReadWatch:
                     log.warning("store %s: could not drop a silent connection: %s", self.name, exc)
                     continue
                 log.warning(
-                    "store %s: no answer to a read within %g s; connection dropped",
+                    "store %s: no answer to a %s within %g s; connection dropped",
                     self.name,
+                    self.what,
                     self.bound_s,
                 )
 
@@ -173,20 +193,23 @@ class PostgresBackend(Backend):
         name: str,
         must_exist: bool = False,
         read_timeout_s: float | None = None,
+        write_timeout_s: float | None = None,
     ) -> None:
-        super().__init__(name, read_timeout_s=read_timeout_s)
+        super().__init__(name, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s)
         self._must_exist = must_exist
         self._dsn = dsn
         self._schema = schema
         self._relaxed = relaxed_commit
         self._timeout_s = connect_timeout_s
         self._conn: psycopg.Connection[Any] | None = None
-        # The server's own cancel (statement_timeout) gets the first half of the grace.
         self._watch = (
-            None if read_timeout_s is None else ReadWatch(name, read_timeout_s + READ_GRACE_S / 2)
+            None if read_timeout_s is None and write_timeout_s is None else SilenceWatch(name)
         )
-        # Whether the last transaction was a bounded read (for the message of its failure).
-        self._bounded_read = False
+        # The last transaction: whether it only read, its bound (None: unbounded), and whether
+        # its COMMIT had been sent (for the message of its failure).
+        self._read_only = False
+        self._bound_s: float | None = None
+        self._commit_sent = False
 
     @property
     def label(self) -> str:
@@ -211,26 +234,44 @@ class PostgresBackend(Backend):
                 connect_timeout=max(1, int(self._timeout_s)),
                 application_name=f"evcore-store:{self._schema}:{self.name}",
             )
+        except psycopg.Error as exc:
+            raise StoreUnavailable(
+                f"cannot connect to PostgreSQL store (schema {self._schema!r}): {exc}"
+            ) from exc
+        if self._watch is not None:
+            # From here on the watch can end a silent server's wait (the set-up below included).
+            self._watch.attach(conn.pgconn.socket)
+        try:
             if self._must_exist:
                 found = conn.execute(
                     "SELECT 1 FROM information_schema.schemata WHERE schema_name = %s",
                     (self._schema,),
                 ).fetchone()
                 if found is None:
-                    conn.close()
                     raise StoreUnavailable(f"no evcore store in PostgreSQL schema {self._schema!r}")
             conn.execute(
                 pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(pgsql.Identifier(self._schema))
             )
             conn.execute(pgsql.SQL("SET search_path TO {}").format(pgsql.Identifier(self._schema)))
             conn.execute("SET synchronous_commit TO on")
-        except psycopg.Error as exc:
+            if self.write_timeout_s is not None:
+                # A session of ours idle inside a transaction for this long has a client that
+                # gave up on it (the watch) and went silent, or lost its COMMIT on the way: the
+                # server ends it, and with it the row locks every later write would wait for.
+                # (Idle: between statements, never while one runs; ours follow each other.)
+                ms = max(1, round(self.write_timeout_s * 1000))
+                conn.execute(f"SET idle_in_transaction_session_timeout = {ms}")
+        except (psycopg.Error, StoreUnavailable) as exc:
+            if self._watch is not None:
+                self._watch.attach(None)
+            with contextlib.suppress(Exception):
+                conn.close()
+            if isinstance(exc, StoreUnavailable):
+                raise
             raise StoreUnavailable(
                 f"cannot connect to PostgreSQL store (schema {self._schema!r}): {exc}"
             ) from exc
         self._conn = conn
-        if self._watch is not None:
-            self._watch.attach(conn.pgconn.socket)
 
     def close(self) -> None:
         if self._watch is not None:
@@ -245,14 +286,17 @@ class PostgresBackend(Backend):
             self._watch.stop()
 
     @contextlib.contextmanager
-    def transaction(self, *, read_only: bool = False) -> Iterator[Tx]:
-        bounded = read_only and self._watch is not None
-        self._bounded_read = bounded
-        watch = (
-            self._watch.watching()
-            if bounded and self._watch is not None
-            else contextlib.nullcontext()
-        )
+    def transaction(self, *, read_only: bool = False, bounded: bool = True) -> Iterator[Tx]:
+        limit_s = (self.read_timeout_s if read_only else self.write_timeout_s) if bounded else None
+        self._read_only = read_only
+        self._bound_s = limit_s
+        self._commit_sent = False
+        watch: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if limit_s is not None and self._watch is not None:
+            # The server's own cancel (statement_timeout) gets the first half of the grace.
+            watch = self._watch.watching(
+                limit_s + READ_GRACE_S / 2, "read" if read_only else "write"
+            )
         with watch:
             stack = contextlib.ExitStack()
             for attempt in (1, 2):
@@ -266,21 +310,27 @@ class PostgresBackend(Backend):
                     stack.enter_context(conn.transaction())
                     break
                 except psycopg.Error:
-                    if usable(conn) or attempt == 2 or (bounded and self._watch_fired()):
+                    if (
+                        usable(conn)
+                        or attempt == 2
+                        or (limit_s is not None and self._watch_fired())
+                    ):
                         raise
                     self.close()
                     log.info("store %s: connection lost while idle; reconnected", self.name)
             assert conn is not None
             with stack, conn.cursor() as cur:
-                if bounded:
-                    assert self.read_timeout_s is not None
-                    # Server side: a read waiting for a lock or running long is cancelled
-                    # (QueryCanceled), the connection kept.
-                    ms = max(1, round(self.read_timeout_s * 1000))
+                if limit_s is not None:
+                    # Server side: a statement waiting for a lock or running long is cancelled
+                    # (QueryCanceled), the connection kept, nothing committed.
+                    ms = max(1, round(limit_s * 1000))
                     cur.execute(f"SET LOCAL statement_timeout = {ms}")
                 if self._relaxed and not read_only:
                     cur.execute("SET LOCAL synchronous_commit TO off")
                 yield Tx(cur, qmark_to_format, copy=True)
+                # Leaving the block sends COMMIT: from here a lost connection leaves the outcome
+                # unknown.
+                self._commit_sent = True
 
     def _watch_fired(self) -> bool:
         return self._watch is not None and self._watch.fired
@@ -302,14 +352,25 @@ class PostgresBackend(Backend):
             return exc  # a bug: the connection is fine, the statement is not
         self.close()
         why = str(exc)
+        what = "read" if self._read_only else "write"
+        key = f"[store] {what}_timeout_s = {self._bound_s or 0:g}"
         if fired:
             assert self._watch is not None
             why = (
-                f"no answer to a read within {self._watch.bound_s:g} s ([store] read_timeout_s ="
-                f" {self.read_timeout_s:g}); connection dropped ({exc})"
+                f"no answer to a {what} within {self._watch.bound_s:g} s ({key}); connection"
+                f" dropped ({exc})"
             )
-        elif isinstance(exc, psycopg.errors.QueryCanceled) and self._bounded_read:
-            why = f"{exc} (a read waits at most [store] read_timeout_s = {self.read_timeout_s:g} s)"
+        elif isinstance(exc, psycopg.errors.QueryCanceled) and self._bound_s is not None:
+            why = f"{exc} (a {what} waits at most {key} s)"
+        if not self._read_only:
+            if self._commit_sent and (fired or lost):
+                why += (
+                    "; its COMMIT was sent but not answered, so its outcome is unknown (it may"
+                    " have been committed: repeating the write is safe, every store write is"
+                    " idempotent)"
+                )
+            else:
+                why += "; nothing was committed"
         return StoreUnavailable(f"{self.label}: {why}")
 
 
@@ -320,6 +381,7 @@ def postgres_store(
     telemetry_retention_s: float,
     connect_timeout_s: float = 5.0,
     read_timeout_s: float | None = None,
+    write_timeout_s: float | None = None,
     must_exist: bool = False,
 ) -> SqlStore:
     records = PostgresBackend(
@@ -330,6 +392,7 @@ def postgres_store(
         name="pg-records",
         must_exist=must_exist,
         read_timeout_s=read_timeout_s,
+        write_timeout_s=write_timeout_s,
     )
     telemetry = PostgresBackend(
         dsn,
@@ -339,6 +402,7 @@ def postgres_store(
         name="pg-telemetry",
         must_exist=must_exist,
         read_timeout_s=read_timeout_s,
+        write_timeout_s=write_timeout_s,
     )
     safe = psycopg.conninfo.conninfo_to_dict(dsn)
     where = f"{safe.get('host', '')}:{safe.get('port', 5432)}/{safe.get('dbname', '')}"

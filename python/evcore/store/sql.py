@@ -168,12 +168,22 @@ class Backend(abc.ABC):
 
     ``read_timeout_s`` (None: unbounded) bounds a read (``transaction(read_only=True)``): the
     backend makes its own wait end about then, and :meth:`BackendStore._read` stops waiting
-    ``READ_GRACE_S`` later whatever the worker thread is doing. Writes are never bounded here: an
-    audit record's writer has its own budget and journal (``evcore.edge.recording``)."""
+    ``READ_GRACE_S`` later whatever the worker thread is doing. ``write_timeout_s`` (None:
+    unbounded) bounds a write the same way inside the backend (a lock wait, a server that does not
+    answer), so that one write cannot hold the worker thread, and every call queued behind it,
+    for long; the caller is not cut short meanwhile (a write it stopped waiting for could still
+    commit). Migrations are never bounded (a large table's index may take its time)."""
 
-    def __init__(self, name: str, *, read_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        read_timeout_s: float | None = None,
+        write_timeout_s: float | None = None,
+    ) -> None:
         self.name = name
         self.read_timeout_s = read_timeout_s
+        self.write_timeout_s = write_timeout_s
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcore-store-{name}")
 
     @property
@@ -192,9 +202,12 @@ class Backend(abc.ABC):
         """After the last ``close``: stop what the backend runs beside its worker thread."""
 
     @abc.abstractmethod
-    def transaction(self, *, read_only: bool = False) -> contextlib.AbstractContextManager[Tx]:
+    def transaction(
+        self, *, read_only: bool = False, bounded: bool = True
+    ) -> contextlib.AbstractContextManager[Tx]:
         """One transaction; ``read_only`` promises the body only reads (it may then wait less
-        for locks, and at most ``read_timeout_s`` when set)."""
+        for locks). ``bounded``: it waits at most ``read_timeout_s`` (a read) or
+        ``write_timeout_s`` (a write) when set; migrations run unbounded."""
 
     @abc.abstractmethod
     def migrations(self) -> Sequence[Migration]: ...
@@ -209,7 +222,7 @@ class Backend(abc.ABC):
 
     def migrate(self) -> int:
         """Apply pending migrations, each in its own transaction; returns the schema version."""
-        with self.transaction() as tx:
+        with self.transaction(bounded=False) as tx:
             self.lock_for_migration(tx)
             tx.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -217,7 +230,7 @@ class Backend(abc.ABC):
             )
         version = 0
         for m in self.migrations():
-            with self.transaction() as tx:
+            with self.transaction(bounded=False) as tx:
                 self.lock_for_migration(tx)
                 if tx.one("SELECT 1 FROM schema_migrations WHERE version = ?", (m.version,)):
                     version = m.version
@@ -234,7 +247,7 @@ class Backend(abc.ABC):
         return version
 
     def schema_version(self) -> int:
-        with self.transaction() as tx:
+        with self.transaction(bounded=False) as tx:
             row = tx.one("SELECT MAX(version) FROM schema_migrations")
         return int(row[0]) if row and row[0] is not None else 0
 
@@ -527,7 +540,7 @@ class BackendStore:
         """``fn`` in one transaction of ``b`` on its worker thread (the store need not be open)."""
 
         def in_tx() -> T:
-            b.connect()
+            # (The transaction connects if need be, inside its bound.)
             with b.transaction(read_only=read_only) as tx:
                 return fn(tx)
 

@@ -7,8 +7,9 @@ status history with ``synchronous=NORMAL``: a killed process loses nothing commi
 may lose the last few transactions (WAL: never corruption). Separate files also keep a telemetry
 burst from delaying an audit commit.
 
-A write begins ``IMMEDIATE`` (the write lock up front) and waits up to ``WRITE_BUSY_TIMEOUT_S`` for
-another process's writer; a read begins deferred, which in WAL mode takes no lock a writer holds
+A write begins ``IMMEDIATE`` (the write lock up front) and waits up to ``write_timeout_s`` (30 s
+unless configured; migrations: ``WRITE_BUSY_TIMEOUT_S``) for another process's writer, then fails
+having written nothing; a read begins deferred, which in WAL mode takes no lock a writer holds
 (it reads the last commit), and waits for a lock at most ``read_timeout_s``. An error SQLite
 reports as the file's or the system's (locked, busy, I/O, full, read-only, cannot open) is
 :class:`StoreUnavailable` naming the file; one in the statement (``SQLITE_ERROR``: a syntax error,
@@ -28,8 +29,8 @@ from evcore.store.sql import Backend, SqlStore, Tx, identity
 
 RECORDS_FILE = "records.sqlite"
 TELEMETRY_FILE = "telemetry.sqlite"
-#: How long a write waits for another process's write lock (an audit append never gives up early
-#: here: its writer bounds its own wait and journals the record).
+#: How long a write waits for another process's write lock when ``write_timeout_s`` is not set, and
+#: a migration always (an audit record's writer bounds its own wait and journals the record).
 WRITE_BUSY_TIMEOUT_S = 30.0
 
 
@@ -43,15 +44,18 @@ class SqliteBackend(Backend):
         name: str,
         must_exist: bool = False,
         read_timeout_s: float | None = None,
+        write_timeout_s: float | None = None,
     ) -> None:
-        super().__init__(name, read_timeout_s=read_timeout_s)
+        super().__init__(name, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s)
         self._must_exist = must_exist
         self.path = path
         self._synchronous = synchronous
         self._migrations = migrations
         self._conn: sqlite3.Connection | None = None
         self._busy_ms = 0  # the connection's busy timeout
-        self._bounded_read = False  # the last transaction was a read with read_timeout_s
+        # The last transaction's bound ("read_timeout_s" or "write_timeout_s" and its value), for
+        # the message of its failure.
+        self._bound: tuple[str, float] | None = None
 
     @property
     def label(self) -> str:
@@ -101,14 +105,17 @@ class SqliteBackend(Backend):
             self._busy_ms = ms
 
     @contextlib.contextmanager
-    def transaction(self, *, read_only: bool = False) -> Iterator[Tx]:
+    def transaction(self, *, read_only: bool = False, bounded: bool = True) -> Iterator[Tx]:
         self.connect()
         conn = self._conn
         assert conn is not None
-        self._bounded_read = read_only and self.read_timeout_s is not None
-        if self._bounded_read:
-            assert self.read_timeout_s is not None
-            self._wait_for_locks(conn, self.read_timeout_s)
+        self._bound = None
+        if bounded and read_only and self.read_timeout_s is not None:
+            self._bound = ("read_timeout_s", self.read_timeout_s)
+        elif bounded and not read_only and self.write_timeout_s is not None:
+            self._bound = ("write_timeout_s", self.write_timeout_s)
+        if self._bound is not None:
+            self._wait_for_locks(conn, self._bound[1])
         else:
             self._wait_for_locks(conn, WRITE_BUSY_TIMEOUT_S)
         cur = conn.cursor()
@@ -144,8 +151,10 @@ class SqliteBackend(Backend):
         if code is not None and code & 0xFF == sqlite3.SQLITE_ERROR:
             return exc
         note = ""
-        if self._bounded_read and code is not None and code & 0xFF == sqlite3.SQLITE_BUSY:
-            note = f" (a read waits at most [store] read_timeout_s = {self.read_timeout_s:g} s)"
+        if self._bound is not None and code is not None and code & 0xFF == sqlite3.SQLITE_BUSY:
+            key, limit_s = self._bound
+            what = "read" if key == "read_timeout_s" else "write"
+            note = f" (a {what} waits at most [store] {key} = {limit_s:g} s)"
         return StoreUnavailable(f"{self.label}: {exc}{note}")
 
 
@@ -155,6 +164,7 @@ def sqlite_store(
     telemetry_retention_s: float,
     must_exist: bool = False,
     read_timeout_s: float | None = None,
+    write_timeout_s: float | None = None,
 ) -> SqlStore:
     """The embedded store in ``directory``; ``must_exist`` refuses to create a new one (for tools
     that only read, so a mistyped path is an error rather than an empty store)."""
@@ -166,6 +176,7 @@ def sqlite_store(
         name="records",
         must_exist=must_exist,
         read_timeout_s=read_timeout_s,
+        write_timeout_s=write_timeout_s,
     )
     telemetry = SqliteBackend(
         directory / TELEMETRY_FILE,
@@ -174,6 +185,7 @@ def sqlite_store(
         name="telemetry",
         must_exist=must_exist,
         read_timeout_s=read_timeout_s,
+        write_timeout_s=write_timeout_s,
     )
     return SqlStore(
         records,
