@@ -7,8 +7,10 @@ required with ``tls_client_ca_file``) that answers ``GET /metrics`` (and ``HEAD`
 with the registry rendered at that moment, 404 for any other path, 405 for another method on
 ``/metrics``, 400 for a request that is not HTTP/1.x or whose head is larger than
 ``max_request_bytes``, 408 for one that does not arrive within ``read_timeout_s``. One request per
-connection (``Connection: close``); at most ``max_connections`` at a time (more are closed at
-once). A collector that fails gives 500 and a logged traceback; the server lives on. With a
+connection (``Connection: close``); at most ``max_connections`` at a time: a new one makes room by
+closing the oldest that has not sent its request head yet, and is closed at once when every slot
+is answering (silent connections never lock Prometheus out). A collector that fails gives 500
+and a logged traceback; the server lives on. With a
 ``token_file``, a request without ``Authorization: Bearer <a token of the file>`` gets 401 (counted
 in ``evcore_metrics_scrapes_refused_total``; the file holds one token per line, old and new during
 a rotation); the file is read again when it changes, so a rotated token needs no restart. So are
@@ -386,6 +388,11 @@ class MetricsServer:
         self._token: _TokenFile | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[Any]] = set()
+        #: Connections whose request head has not arrived yet, oldest first: when every slot
+        #: is taken, the oldest makes room for a new connection.
+        self._silent: dict[asyncio.Task[Any], None] = {}
+        #: Silent connections closed to make room (for tests and the log).
+        self.evicted = 0
 
     @classmethod
     def from_config(cls, registry: Registry, cfg: MetricsConfig) -> MetricsServer:
@@ -445,9 +452,25 @@ class MetricsServer:
         task = asyncio.current_task()
         assert task is not None
         if len(self._conns) >= self.max_connections:
-            writer.close()
-            return
+            # Connecting needs no token: silent connections must not hold every slot until
+            # their 408 and lock Prometheus out. The oldest one still silent makes room; when
+            # every slot is answering a request, this one is closed.
+            oldest = next(iter(self._silent), None)
+            if oldest is None:
+                writer.close()
+                return
+            del self._silent[oldest]
+            oldest.cancel()
+            self.evicted += 1
+            if self.evicted in (1, 10, 100) or self.evicted % 1000 == 0:
+                log.warning(
+                    "metrics: %d connections that sent no request closed to make room "
+                    "(max_connections %d)",
+                    self.evicted,
+                    self.max_connections,
+                )
         self._conns.add(task)
+        self._silent[task] = None
         try:
             status, head_only, body, ctype, extra = await self._answer(reader)
             self.answered[status] = self.answered.get(status, 0) + 1
@@ -473,6 +496,7 @@ class MetricsServer:
             log.exception("metrics: a connection failed")
         finally:
             self._conns.discard(task)
+            self._silent.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
@@ -489,6 +513,10 @@ class MetricsServer:
             return 400, False, b"incomplete request\n", text, ""
         except TimeoutError:
             return 408, False, b"request not received in time\n", text, ""
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._silent.pop(task, None)  # its head is in (or never will be)
         parsed = _parse_head(raw)
         if parsed is None:
             return 400, False, b"malformed request\n", text, ""
