@@ -412,6 +412,33 @@ def stored_audit_row(r: Sequence[Any]) -> StoredAuditRow:
     )
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def audit_head_of(row: Sequence[Any], label: str) -> AuditHead:
+    """The chain head from its ``audit_head`` row (seq, hash). A column holding a value of another
+    type (SQLite keeps text, a fraction or a blob in the INTEGER seq column) raises
+    :class:`StoreError` naming the row, the column and the value: the head is the chain's anchor,
+    never guessed at (``int(4.5)`` is 4; ``int('four')`` raised a bare ValueError, which callers
+    take for bad input of theirs)."""
+    seq, hash_ = row[0], row[1]
+    for column, value, ok, want in (
+        ("seq", seq, _is_integer(seq), "an integer"),
+        ("hash", hash_, isinstance(hash_, str), "text"),
+    ):
+        if not ok:
+            shown = repr(value)
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
+            raise StoreError(
+                f"{label}: audit chain head (table audit_head, id 1): {column} column holds "
+                f"{type(value).__name__} {shown}, not {want} (a value of the wrong type), written "
+                "behind the store's back"
+            )
+    return AuditHead(seq=int(seq), hash=str(hash_))
+
+
 def parse_message(cls: Callable[[], T], payload: Any) -> T:
     """A protobuf message of type ``cls`` from a stored payload (bytes or a driver's buffer)."""
     msg = cls()
@@ -1036,6 +1063,7 @@ class SqlStore(BackendStore):
         payload = record.SerializeToString(deterministic=True)
         chargers = audit_charger_ids(record)
         seq = int(record.seq)
+        label = self._records.label
 
         def op(tx: Tx) -> None:
             same = tx.one(
@@ -1047,9 +1075,10 @@ class SqlStore(BackendStore):
                 raise AuditChainConflict(
                     f"decision {record.decision_id!r} is already recorded as seq {same[0]}"
                 )
-            head = tx.one("SELECT seq, hash FROM audit_head WHERE id = 1")
-            want_seq = 0 if head is None else int(head[0]) + 1
-            want_prev = "" if head is None else str(head[1])
+            row = tx.one("SELECT seq, hash FROM audit_head WHERE id = 1")
+            head = None if row is None else audit_head_of(row, label)
+            want_seq = 0 if head is None else head.seq + 1
+            want_prev = "" if head is None else head.hash
             if seq != want_seq or record.prev_hash != want_prev:
                 raise AuditChainConflict(
                     f"audit record {record.decision_id!r} (seq {seq}, "
@@ -1079,9 +1108,11 @@ class SqlStore(BackendStore):
         await self._run(self._records, op)
 
     async def audit_head(self) -> AuditHead | None:
+        label = self._records.label
+
         def op(tx: Tx) -> AuditHead | None:
             row = tx.one("SELECT seq, hash FROM audit_head WHERE id = 1")
-            return None if row is None else AuditHead(seq=int(row[0]), hash=str(row[1]))
+            return None if row is None else audit_head_of(row, label)
 
         return await self._read(self._records, op)
 
@@ -1191,7 +1222,10 @@ class SqlStore(BackendStore):
             )
             out: dict[int, list[str]] = {}
             for seq, charger_id in rows:
-                out.setdefault(int(seq), []).append(str(charger_id))
+                # A seq SQLite keeps as a fraction (2.5) is no index row of record 2: the
+                # charger lookup (a join on seq) does not find it either, so neither may verify.
+                if _is_integer(seq):
+                    out.setdefault(seq, []).append(str(charger_id))
             return out
 
         return await self._read(self._records, op)
