@@ -61,6 +61,14 @@ LEFT_OUT_KEY = "evcore-decisions-left-out"
 MAX_TEXT_CHARS = 1024
 
 
+class _WatchQueue(asyncio.Queue[pb.Change]):
+    """One watch's changes, and how many it lost (dropped, oldest first, while it did not read)."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize=maxsize)
+        self.lost = 0
+
+
 class ApiConfigError(ValueError):
     """The ``[api]`` section is wrong; the message names the key."""
 
@@ -230,7 +238,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self._site_id = site_id
         self._clock = clock
         self._store = store
-        self._watchers: set[asyncio.Queue[pb.Change]] = set()
+        self._watchers: set[_WatchQueue] = set()
         #: Set by ``end_watches`` when the server stops: open watches end (UNAVAILABLE) at once
         #: instead of holding the stop for its whole grace, and new ones are refused.
         self._closing = asyncio.Event()
@@ -401,7 +409,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         if self._closing.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         units = {str(c.get("charger_id")): c.get("unit") for c in state.get("chargers") or ()}
-        queue: asyncio.Queue[pb.Change] = asyncio.Queue(maxsize=WATCH_QUEUE)
+        queue = _WatchQueue(maxsize=WATCH_QUEUE)
         self._watchers.add(queue)
 
         async def pump() -> None:
@@ -421,6 +429,8 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 )
                 if get not in done:
                     break
+                if queue.lost:
+                    yield self._lost_change(queue)
                 if _wanted(request, change := get.result()):
                     yield change
             if closing.done():
@@ -431,6 +441,8 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             # clean end of the stream (OK would say there is no more): UNAVAILABLE, watch again.
             get.cancel()
             while not queue.empty():
+                if queue.lost:
+                    yield self._lost_change(queue)
                 if _wanted(request, change := queue.get_nowait()):
                     yield change
             failed = pump_task.exception()
@@ -448,10 +460,24 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 await pump_task
 
     @staticmethod
-    def _offer(queue: asyncio.Queue[pb.Change], change: pb.Change) -> None:
+    def _offer(queue: _WatchQueue, change: pb.Change) -> None:
         if queue.full():
             queue.get_nowait()  # a slow watcher loses its oldest change, never stalls anyone
+            queue.lost += 1
         queue.put_nowait(change)
+
+    def _lost_change(self, queue: _WatchQueue) -> pb.Change:
+        """The ``changes_lost`` change telling a watcher how many it lost since it last read
+        (counted over every charger: a filtered watch lost at most that many of its own)."""
+        n, queue.lost = queue.lost, 0
+        c = pb.Change(
+            kind="changes_lost",
+            detail=f"{n} changes dropped: this watch fell behind (at most {WATCH_QUEUE} are kept "
+            "for a watcher that does not read); read again with ListSetpoints/GetSiteState",
+        )
+        c.observed_at.CopyFrom(convert.timestamp(self._clock.now()))
+        log.info("api: a watcher fell behind and lost %d changes", n)
+        return c
 
     def _broadcast(self, kind: str, charger_id: str, detail: str) -> None:
         c = pb.Change(kind=kind, charger_id=charger_id, detail=detail)
