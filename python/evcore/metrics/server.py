@@ -525,7 +525,8 @@ class MetricsServer:
             # Before the path: without the token, nothing about the endpoint is answered.
             refused = self._refusal(authorization)
             if refused is not None:
-                return refused
+                status, _, body, ctype, extra = refused
+                return status, method == "HEAD", body, ctype, extra  # HEAD: never a body
         if path != "/metrics":
             return 404, method == "HEAD", b"not found; metrics are at /metrics\n", text, ""
         if method not in ("GET", "HEAD"):
