@@ -7,7 +7,8 @@ without the method's role gets PERMISSION_DENIED. Either way the handler never r
 changes. Health checks need no credentials; reflection needs any valid identity.
 
 Tokens are configured by their SHA-256 (``token_sha256``) so the site file holds no secret; a plain
-``token`` is accepted for tests and development. This module never logs a token.
+``token`` is accepted for tests and development. This module never logs a token. A tokens file
+(:class:`TokensFile`) is read again when it changes, so a token is revoked without a restart.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import contextvars
 import hashlib
 import hmac
 import logging
+import os
+import time
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -167,6 +170,66 @@ class Credentials:
         return found
 
 
+def _signature(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (device, inode, size, mtime, ctime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class TokensFile:
+    """The credentials in force: the site file's (``base``) and those of ``path`` (``[api]
+    tokens_file``), read again when the file changes (device, inode, size, mtime or ctime; at
+    every call while its mtime is under ``_SETTLE_S`` old, as two rewrites within the file
+    system's timestamp granularity keep them), so a token is revoked, or added, without a
+    restart. A file that cannot be read (removed, not valid TOML, a bad entry) leaves none of its
+    tokens or clients in force until it is fixed (never the old ones, which the edit may have
+    meant to retire); the site file's keep working. ``current`` is what the load read."""
+
+    _SETTLE_S = 2.0
+
+    def __init__(self, base: Credentials, path: Path, current: Credentials) -> None:
+        self.base = base
+        self.path = path
+        self.current = current
+        self._seen: tuple[int, ...] | None = None  # read again at the first call
+        self._failure = ""
+
+    def credentials(self) -> Credentials:
+        seen = _signature(self.path)
+        if (
+            seen is not None
+            and seen == self._seen
+            and time.time() - seen[3] / 1e9 > self._SETTLE_S
+            and not self._failure
+        ):
+            return self.current
+        self._seen = seen
+        fresh = Credentials(tokens=dict(self.base.tokens), clients=dict(self.base.clients))
+        try:
+            fresh.merge_file(self.path)
+        except AuthConfigError as exc:
+            if str(exc) != self._failure:
+                self._failure = str(exc)
+                log.error(
+                    "api: none of the tokens file's tokens is accepted until it is fixed: %s", exc
+                )
+            self.current = self.base
+            return self.current
+        if self._failure or fresh != self.current:
+            log.info(
+                "api: %s read again: %d token(s), %d client(s) in force",
+                self.path,
+                len(fresh.tokens),
+                len(fresh.clients),
+            )
+        self._failure = ""
+        self.current = fresh
+        return fresh
+
+
 def _tables(value: Any, where: str) -> list[Mapping[str, Any]]:
     """``value`` as a list of tables, or AuthConfigError naming ``where`` (a string or a table
     given where an array of tables belongs failed with an AttributeError)."""
@@ -194,25 +257,34 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
 class AuthInterceptor(CheckingInterceptor):
     """Authenticates every call and checks the method's roles before its handler runs."""
 
-    def __init__(self, credentials: Credentials, *, mtls: bool = False) -> None:
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        mtls: bool = False,
+        tokens_file: TokensFile | None = None,
+    ) -> None:
         self._creds = credentials
         self._mtls = mtls
+        #: When set, the credentials in force come from it (a tokens file read again on change).
+        self._tokens_file = tokens_file
         self.denied = 0
         self.unauthenticated = 0
 
     def _principal(self, metadata: Any, context: Any) -> tuple[Principal | None, str]:
+        creds = self._creds if self._tokens_file is None else self._tokens_file.credentials()
         token = bearer_token(metadata)
         if token is not None:
             if token == "":
                 return None, "malformed authorization header (expected 'Bearer <token>')"
-            p = self._creds.by_token(token)
+            p = creds.by_token(token)
             return p, "" if p is not None else "unknown token"
         if self._mtls:
             ctx = context.auth_context() if context is not None else {}
             names = ctx.get("x509_common_name") or []
             for raw in names:
                 cn = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-                p = self._creds.clients.get(cn)
+                p = creds.clients.get(cn)
                 if p is not None:
                     return p, ""
             if names:

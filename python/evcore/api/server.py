@@ -25,7 +25,7 @@ from grpc import aio
 from grpc_health.v1.health import aio as health_aio
 
 from evcore.api import convert
-from evcore.api.auth import AuthInterceptor, Credentials, current_principal
+from evcore.api.auth import AuthInterceptor, Credentials, TokensFile, current_principal
 from evcore.api.facade import EdgeFacade, FacadeError, NotApplicable, UnknownTarget
 from evcore.api.serving import add_health, bind, start_serving, stop_serving
 from evcore.audit.log import record_from_mapping
@@ -90,11 +90,15 @@ class ApiConfig:
     tls: TlsConfig | None = None
     reflection: bool = True
     enabled: bool = True
+    #: ``tokens_file`` (read again when it changes) and the site file's own credentials.
+    tokens_file: Path | None = None
+    site_credentials: Credentials | None = None
 
     @staticmethod
     def from_section(section: Mapping[str, Any] | None, base_dir: Path | str) -> ApiConfig:
         s = _SECTION.read(section or {}, base_dir)
         creds = Credentials.from_config(s["tokens"], s["clients"])
+        site_creds = Credentials(tokens=dict(creds.tokens), clients=dict(creds.clients))
         if "tokens_file" in s:
             creds.merge_file(s["tokens_file"])
         tls = TlsConfig(**_TLS_SECTION.read(s["tls"], base_dir)) if "tls" in s else None
@@ -102,7 +106,15 @@ class ApiConfig:
             raise ApiConfigError("[api] clients (mTLS identities) need [api.tls] client_ca_file")
         if not creds.tokens and not creds.clients:
             log.warning("[api]: no tokens or clients configured; every call will be refused")
-        return ApiConfig(s["listen"], creds, tls, s["reflection"], s["enabled"])
+        return ApiConfig(
+            s["listen"],
+            creds,
+            tls,
+            s["reflection"],
+            s["enabled"],
+            s.get("tokens_file"),
+            site_creds,
+        )
 
 
 _SECTION = Section(
@@ -680,7 +692,14 @@ class EdgeApiServer:
         self.config = config
         self.service = EdgeApiService(facade, site_id=site_id, clock=clock, store=store)
         mtls = config.tls is not None and config.tls.client_ca_file is not None
-        self.auth = AuthInterceptor(config.credentials, mtls=mtls)
+        tokens_file = (
+            None
+            if config.tokens_file is None
+            else TokensFile(
+                config.site_credentials or Credentials(), config.tokens_file, config.credentials
+            )
+        )
+        self.auth = AuthInterceptor(config.credentials, mtls=mtls, tokens_file=tokens_file)
         self.health = health_aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
