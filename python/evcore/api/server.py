@@ -677,6 +677,87 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         return pb.PostGridSignalResponse(signal_id=sid, detail=detail)
 
 
+def _file_signature(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _TlsFiles:
+    """The ``[api.tls]`` files, loaded again when they change, so a renewed certificate (or a new
+    client CA) serves from the next handshake without a restart. gRPC asks at every handshake
+    (``on_handshake``, in one of its threads); while a file's mtime is under ``_SETTLE_S`` old they
+    are loaded at every handshake (a renewal writes two files). Files that do not load together
+    (the certificate written, its key not yet; a broken file) leave the pair in force serving
+    until it expires: refusing every handshake would lock every operator out."""
+
+    _SETTLE_S = 2.0
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self.tls = tls
+        self.paths = tuple(p for p in (tls.cert_file, tls.key_file, tls.client_ca_file) if p)
+        self._seen = self._signatures()
+        self._failure = ""
+        #: Configurations loaded after the start (for tests and the log).
+        self.reloads = 0
+
+    def _signatures(self) -> tuple[tuple[int, ...] | None, ...]:
+        return tuple(_file_signature(p) for p in self.paths)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        """The files as a configuration; OSError or ssl.SSLError when they do not load
+        together (checked with the ssl module: gRPC would only fail the handshakes)."""
+        import ssl
+
+        tls = self.tls
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        check.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.client_ca_file is not None:
+            check.load_verify_locations(cafile=tls.client_ca_file)
+        return grpc.ssl_server_certificate_configuration(
+            [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+            root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
+        )
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        """What the start serves; OSError (``[api.tls]: cannot read certificate or key``) for
+        files that cannot be read or do not load together."""
+        return self._load()
+
+    def on_handshake(self) -> grpc.ServerCertificateConfiguration | None:
+        """A new configuration when the files changed and load, else None (keep the one in
+        force). Never raises: it runs inside gRPC's handshake."""
+        import time
+
+        try:
+            seen = self._signatures()
+            now = time.time()
+            settled = all(s is not None and now - s[3] / 1e9 > self._SETTLE_S for s in seen)
+            if seen == self._seen and settled:
+                return None
+            self._seen = seen
+            try:
+                fresh = self._load()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                if str(exc) != self._failure:
+                    self._failure = str(exc)
+                    log.warning(
+                        "api: the [api.tls] files changed but cannot be loaded; the certificate "
+                        "loaded before still serves: %s",
+                        exc,
+                    )
+                return None
+            self._failure = ""
+            self.reloads += 1
+            log.info("api: [api.tls] files loaded again; the new certificate serves")
+            return fresh
+        except Exception:  # a bug here must not fail every handshake
+            log.exception("api: checking the [api.tls] files failed")
+            return None
+
+
 class EdgeApiServer:
     """The gRPC server around :class:`EdgeApiService`, with auth, health and reflection."""
 
@@ -703,6 +784,8 @@ class EdgeApiServer:
         self.health = health_aio.HealthServicer()
         self._server: aio.Server | None = None
         self.port = 0
+        #: With [api.tls]: its files, loaded again when they change (no restart to renew).
+        self.tls_files: _TlsFiles | None = None
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port."""
@@ -715,10 +798,11 @@ class EdgeApiServer:
         def credentials() -> grpc.ServerCredentials | None:
             if tls is None:
                 return None
-            return grpc.ssl_server_credentials(
-                [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-                root_certificates=(tls.client_ca_file.read_bytes() if tls.client_ca_file else None),
-                require_client_auth=tls.client_ca_file is not None,
+            self.tls_files = _TlsFiles(tls)
+            return grpc.dynamic_ssl_server_credentials(
+                self.tls_files.initial(),
+                self.tls_files.on_handshake,
+                require_client_authentication=tls.client_ca_file is not None,
             )
 
         port = bind(
