@@ -327,6 +327,8 @@ class EdgeController:
                 self.clock.now(),
                 now_m,
                 session_energy_wh=getattr(ev, "session_energy_wh", None),
+                # A start queued while the station was away started then, not at its replay.
+                started_at=ev.at if getattr(ev, "offline", False) else None,
             ):
                 self.notify("transaction")
         elif kind == "ConnectionEvent":

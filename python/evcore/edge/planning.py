@@ -601,6 +601,17 @@ class DemandWindows:
     def sample(self, now: float, chargers: Mapping[str, ChargerState]) -> None:
         wh = 0.0
         seen: dict[str, tuple[str, float, float | None]] = {}
+        in_window_s = now - math.floor(now / self.window_s) * self.window_s
+
+        def this_window(grid_wh: float, interval_s: float) -> float:
+            # Energy taken over more than a window (a charger whose readings stopped for hours,
+            # its connection down, and came back with all of it): only this window's share of
+            # the interval counts here; the windows before are closed. Counted whole, three
+            # hours at 11 kW put 33 kWh into one 15-minute window, 132 kW, the month's peak.
+            if interval_s <= self.window_s:
+                return grid_wh
+            return grid_wh * min(interval_s, in_window_s) / interval_s
+
         for cid, c in chargers.items():
             if c.transaction_id is None or not math.isfinite(c.session_energy_wh):
                 continue
@@ -612,11 +623,11 @@ class DemandWindows:
                     interval_s = c.measured_at - before[2]
                 else:
                     interval_s = max(0.0, now - self._last_at) if self._last_at else 0.0
-                wh += _grid_wh(c, grown_wh, interval_s)
+                wh += this_window(_grid_wh(c, grown_wh, interval_s), interval_s)
             elif self._read:
                 # A session that started since the last read: its energy from its start.
                 since_s = now - c.session_started_at if c.session_started_at is not None else 0.0
-                wh += _grid_wh(c, c.session_energy_wh, since_s)
+                wh += this_window(_grid_wh(c, c.session_energy_wh, since_s), since_s)
             seen[cid] = (tx, c.session_energy_wh, c.measured_at)
         self._last_at = now
         self._seen = seen

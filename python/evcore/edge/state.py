@@ -435,10 +435,13 @@ class SiteState:
         now_wall: float,
         now_mono: float | None = None,
         session_energy_wh: float | None = None,
+        started_at: float | None = None,
     ) -> bool:
         """Apply a transaction's start, update or end. ``session_energy_wh``: the energy into
         the car the event carries (an end's is the session's last: StopTransaction's meterStop,
-        TransactionEvent(Ended)'s reading), taken for the charger's session."""
+        TransactionEvent(Ended)'s reading), taken for the charger's session. ``started_at``:
+        when a start the station queued while it was away happened (its timestamp; the start
+        is taken at ``now_wall`` otherwise, and never later)."""
         c = self.chargers.get(charger_id)
         if c is None:
             return False
@@ -450,6 +453,8 @@ class SiteState:
             if c.transaction_id != transaction_id:
                 c.transaction_id = transaction_id
                 c.session_started_at = now_wall
+                if started_at is not None and math.isfinite(started_at):
+                    c.session_started_at = min(now_wall, started_at)
                 c.session_energy_wh = 0.0
                 # Switching rules count per session, from what this session really did: it
                 # starts on (at its TxDefault) or off, with no history from the car before it.
