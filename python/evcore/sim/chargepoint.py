@@ -179,6 +179,9 @@ class SimConnector:
     offered: float = 0.0
     terminal_a: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     power_w: float = 0.0
+    #: When a transaction stopped between two steps, the instant its energy was counted to
+    #: (the next step counts from there); None: from the station's last step.
+    energy_to: float | None = None
 
     @property
     def tx_id(self) -> str | None:
@@ -747,6 +750,7 @@ class SimChargePoint:
 
     def _stop_transaction(self, c: SimConnector, reason: str) -> None:
         offline = self._ws is None
+        self._count_energy_to_now(c)
         c.tx_active = False
         # A TxProfile lives as long as its transaction (both versions say so): one sent without
         # a transactionId (1.6 allows it) must not carry over to the next session on this EVSE.
@@ -823,7 +827,9 @@ class SimChargePoint:
             for p in due:
                 self._install(p)
         for c in self.connectors.values():
-            self._advance(c, now, dt)
+            c_dt = dt if c.energy_to is None else max(0.0, now - c.energy_to)
+            c.energy_to = None
+            self._advance(c, now, c_dt)
         if self._last_sample is None:
             self._last_sample = now
         elif now - self._last_sample >= self.sample_interval_s - 1e-9:
@@ -842,20 +848,7 @@ class SimChargePoint:
             if c.steps_a:
                 allowed = max((s for s in c.steps_a if s <= allowed + 1e-9), default=0.0)
             c.offered = allowed if allowed >= MIN_PILOT_A else 0.0
-        # Energy over the step at the draw of the previous state (explicit Euler). ``power_w``
-        # is the AC input. A DC charger's car gets the input less the auxiliary load, times the
-        # efficiency (crediting aux_w × efficiency to it put 10.9 kWh into a 10 kW car in 1 h):
-        # its outlet register counts that, its inlet register the input. (Its outlet register
-        # counted the input: the central system took the grid's energy for the car's.)
-        if dt > 0 and c.power_w > 0:
-            if c.kind == "dc":
-                to_car_wh = max(0.0, c.power_w - c.aux_w) * c.efficiency * dt / 3600.0
-                c.inlet_register_wh += c.power_w * dt / 3600.0
-            else:
-                to_car_wh = c.power_w * dt / 3600.0
-            c.register_wh += to_car_wh
-            if c.ev is not None:
-                c.ev.add_energy(to_car_wh)
+        self._count_energy(c, dt)
         if not c.tx_active or c.ev is None:
             c.terminal_a = [0.0, 0.0, 0.0]
             c.power_w = 0.0
@@ -879,6 +872,34 @@ class SimChargePoint:
         )
         if c.status in ("Charging", "SuspendedEV", "SuspendedEVSE"):
             self._set_status(c, status)
+
+    @staticmethod
+    def _count_energy(c: SimConnector, dt: float) -> None:
+        """Energy over ``dt`` at the draw of the previous state (explicit Euler)."""
+        # ``power_w`` is the AC input. A DC charger's car gets the input less the auxiliary load,
+        # times the efficiency (crediting aux_w × efficiency to it put 10.9 kWh into a 10 kW car
+        # in 1 h): its outlet register counts that, its inlet register the input. (Its outlet
+        # register counted the input: the central system took the grid's energy for the car's.)
+        if dt > 0 and c.power_w > 0:
+            if c.kind == "dc":
+                to_car_wh = max(0.0, c.power_w - c.aux_w) * c.efficiency * dt / 3600.0
+                c.inlet_register_wh += c.power_w * dt / 3600.0
+            else:
+                to_car_wh = c.power_w * dt / 3600.0
+            c.register_wh += to_car_wh
+            if c.ev is not None:
+                c.ev.add_energy(to_car_wh)
+
+    def _count_energy_to_now(self, c: SimConnector) -> None:
+        """Count ``c``'s energy up to now, between two steps (a transaction stops): the car
+        drew until it left, not until the last step (the time since was lost from the battery
+        and the registers)."""
+        if self._last_tick is None:
+            return
+        now = self.clock.now()
+        since = self._last_tick if c.energy_to is None else max(self._last_tick, c.energy_to)
+        self._count_energy(c, max(0.0, now - since))
+        c.energy_to = now
 
     # ---- profiles and the composite schedule ---------------------------------------------
     def _install(self, p: HeldProfile) -> None:

@@ -173,6 +173,9 @@ class StackRun:
         self._request_done: dict[str, float] = {}
         self._triggers: list[asyncio.Future[Any]] = []
         self._fleet: Any = None
+        # The site meter: the instant (s after the start) recorded to, and the state held since.
+        self._meter_t = 0.0
+        self._meter_state: Any = None
 
     # -- the scenario's actions ------------------------------------------------------------------
     def _ev(self, s: SessionSpec) -> Any:
@@ -237,10 +240,12 @@ class StackRun:
                 )
                 self._replan.set()
             else:
+                self._meter_to_now()  # the load held until now, not until the next step
                 got = self.plugged.pop(s.charger_id, None)
+                self._fleet.unplug(s.charger_id)  # counts the car's energy up to now
                 if got is not None:
                     self.delivered[s.id] = self._delivered_kwh(s, got[1])
-                self._fleet.unplug(s.charger_id)
+                self._meter_state = self._sample_state()
                 self._replan.set()
 
     async def _sleep_until(self, t_s: float) -> None:
@@ -551,19 +556,35 @@ class StackRun:
                 lim[i] = min(lim[i], g.limit_kw)
         return lim
 
-    async def _metering(self, step_s: float) -> None:
-        end = self.sc.duration_s
-        t_prev = 0.0
-        state = self._sample_state()
-        sample_every = max(end / 200.0, step_s)
-        next_sample = 0.0
-        while t_prev < end - 1e-9:
-            await self._sleep_until(min(t_prev + step_s, end))
-            t = self.clock.now() - self.sc.start
-            cur, kw, charger_kw, offered, measured = state
+    def _meter_to_now(self) -> None:
+        """Record [last metered instant, now) with the state held over it, and take the state
+        again: at every physics step, and before a car leaves between two steps (its load ends
+        then, not at the next step: the meter priced up to a step of load nobody drew)."""
+        if self._meter_state is None:
+            return  # the meter has not started
+        t = min(self.clock.now() - self.sc.start, self.sc.duration_s)
+        t_prev = self._meter_t
+        if t > t_prev:
+            cur, kw, charger_kw, _, _ = self._meter_state
             self.meter.interval(
                 t_prev, t, np.zeros(0), self._limits_kw(t_prev), charger_kw, node_currents=(cur, kw)
             )
+            self._meter_t = t
+        self._meter_state = self._sample_state()
+
+    async def _metering(self, step_s: float) -> None:
+        end = self.sc.duration_s
+        self._meter_t = 0.0
+        self._meter_state = self._sample_state()
+        sample_every = max(end / 200.0, step_s)
+        next_sample = 0.0
+        t_step = 0.0
+        while t_step < end - 1e-9:
+            t_prev = t_step
+            await self._sleep_until(min(t_step + step_s, end))
+            t_step = self.clock.now() - self.sc.start
+            _, _, _, offered, measured = self._meter_state
+            self._meter_to_now()
             if t_prev >= next_sample:
                 s = self.meter.series
                 for _cid, (sess, ev, _) in self.plugged.items():
@@ -574,9 +595,7 @@ class StackRun:
                 next_sample += sample_every
                 if self.progress is not None:
                     self.progress(t_prev / end)
-            t_prev = t
             self._report_batteries_full()
-            state = self._sample_state()
 
     # -- one run ---------------------------------------------------------------------------------
     async def run(self) -> None:
