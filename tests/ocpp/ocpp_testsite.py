@@ -29,6 +29,7 @@ PASSWORDS = {
     "CPM": "password-of-cpm-multi",
     "CPC": "password-of-cpc-l2n",
     "CPD": "password-of-cpd-dc-50kw",
+    "CPE": "password-of-cpe-dc-no-efficiency",
 }
 
 SITE: dict[str, Any] = {

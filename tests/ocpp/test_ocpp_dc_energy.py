@@ -257,3 +257,44 @@ def test_the_register_location_is_read() -> None:
     assert reading(register(7.0, "EV"), register(8.0, "Outlet")).energy_register_wh == 8.0
     # A register of the cable or the charger's body is not the session's.
     assert reading(register(5.0, "Body"), dc=False).energy_register_wh is None
+
+
+def power(w: float, location: str | None = None) -> dict[str, Any]:
+    sv: dict[str, Any] = {
+        "value": w,
+        "measurand": "Power.Active.Import",
+        "unitOfMeasure": {"unit": "W"},
+    }
+    if location is not None:
+        sv["location"] = location
+    return sv
+
+
+async def test_a_dc_chargers_published_power_is_what_it_draws_from_the_grid() -> None:
+    """MeterSample.power_w is the import from the grid (what the edge compares with a DC
+    setpoint's input). A DC station's power at its outlet (no location) is converted with the
+    efficiency and aux_w, one at its Inlet is taken as it is; a DC charger whose site file gives
+    no efficiency is counted at the core's 0.95 (its line current was counted at 1.0). Before:
+    30 kW at the outlet went out as 30 kW (the grid gave 31.78 kW), and the line current of
+    the charger without an efficiency was 43.5 A instead of 45.8."""
+    bare = {**DC_CHARGER, "id": "cp-e", "ocpp_id": "CPE"}
+    del bare["efficiency"]
+    async with raw_csms(extra_chargers=[DC_CHARGER, bare]) as r:
+        clock, events = r.clock, r.events
+        evse = {"id": 1, "connectorId": 1}
+        t = clock.now() - 60
+        for ocpp_id, tx in (("CPD", "P1"), ("CPE", "P2")):
+            st = await r.station(ocpp_id)
+            readings = [mv(t, power(30_000.0)), mv(t + 10, power(32_000.0, "Inlet"))]
+            for seq, m in enumerate(readings):
+                kind = "Started" if seq == 0 else "Updated"
+                p = tx_event(tx, seq, kind, "MeterValuePeriodic", t + 10 * seq, evse=evse)
+                p["meterValue"] = m
+                assert (await st.call("TransactionEvent", p))[0] == 3
+        samples = [s for s in events if isinstance(s, MeterSample)]
+        d = [s for s in samples if s.charger_id == "cp-d"]
+        e = [s for s in samples if s.charger_id == "cp-e"]
+        assert [s.power_w for s in d] == pytest.approx([30_000.0 / EFF + AUX_W, 32_000.0])
+        assert [s.power_w for s in e] == pytest.approx([30_000.0 / 0.95 + AUX_W, 32_000.0])
+        line = (30_000.0 / 0.95 + AUX_W) / (3 * 230.0)
+        assert e[0].site_phase_a == pytest.approx((line, line, line))

@@ -70,6 +70,8 @@ class MeterSample:
     site_phase_a: tuple[float | None, float | None, float | None]
     #: Current per CHARGER terminal (its own L1, L2, L3), as reported.
     terminal_a: tuple[float | None, float | None, float | None]
+    #: Active power drawn from the grid (W, all phases): a DC charger's power reported at its
+    #: outlet is converted with its efficiency and auxiliary load.
     power_w: float | None
     energy_register_wh: float | None
     offered_a: float | None

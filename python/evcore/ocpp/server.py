@@ -68,6 +68,9 @@ Listener = Callable[[OcppEvent], "Awaitable[None] | None"]
 
 # ---- what the central system knows about the site --------------------------------------------
 
+#: A DC charger's efficiency when the site file gives none (the core's default: topology.rs).
+DC_EFFICIENCY_DEFAULT = 0.95
+
 
 @dataclass(frozen=True)
 class ChargerInfo:
@@ -89,13 +92,22 @@ class ChargerInfo:
     def number_phases(self) -> int:
         return self.phase_map.terminals
 
+    def dc_input_w(self, output_w: float) -> float:
+        """DC: the power drawn from the grid (W) for ``output_w`` delivered to the car: through
+        the rectifier (site file ``efficiency``, 0.95 when it gives none, as the core takes it),
+        plus the auxiliary load while it delivers; 0 for nothing delivered."""
+        if output_w <= 0:
+            return 0.0
+        eff = self.efficiency if self.efficiency is not None else DC_EFFICIENCY_DEFAULT
+        return output_w / eff + (self.aux_w or 0.0)
+
     def dc_line_a(self, power_w: float, *, at_inlet: bool) -> float:
         """DC: the AC line current per phase for a power measured at the outlet (delivered to
         the car: through the rectifier, plus auxiliaries) or at the inlet (the grid side)."""
         if power_w <= 0:
             return 0.0
         if not at_inlet:
-            power_w = power_w / (self.efficiency or 1.0) + (self.aux_w or 0.0)
+            power_w = self.dc_input_w(power_w)
         return power_w / (3.0 * self.voltage_v)
 
     def car_wh_from_inlet(self, inlet_wh: float, interval_s: float) -> float:
@@ -108,7 +120,7 @@ class ChargerInfo:
         if self.kind != "dc":
             return inlet_wh
         aux_wh = (self.aux_w or 0.0) * max(0.0, interval_s) / 3600.0
-        eff = self.efficiency if self.efficiency is not None else 0.95
+        eff = self.efficiency if self.efficiency is not None else DC_EFFICIENCY_DEFAULT
         return max(0.0, inlet_wh - aux_wh) * eff
 
 
@@ -1500,13 +1512,21 @@ class CentralSystem:
         if register_wh is None:
             register_wh = reading.inlet_energy_register_wh
         t = reading.terminal_a
+        # MeterSample.power_w is the charger's import from the grid (proto meter.proto; the edge
+        # compares it with what a DC setpoint draws at the inlet). A DC charger's power at its
+        # outlet (the default location) is what the car took: converted. Before, it went out as
+        # it was, below what the charger drew by its losses and auxiliary load, and a DC charger
+        # drawing above its setpoint had to go that much further before it was seen.
+        power_w = reading.power_w
+        if dc and power_w is not None and not reading.power_at_inlet:
+            power_w = charger.dc_input_w(power_w)
         sample = MeterSample(
             charger_id=charger.charger_id,
             ocpp_id=st.ocpp_id,
             at=reading.at,
             site_phase_a=charger.phase_map.to_site(t),
             terminal_a=(t[0], t[1], t[2]),
-            power_w=reading.power_w,
+            power_w=power_w,
             energy_register_wh=register_wh,
             offered_a=reading.offered_a,
             soc_percent=reading.soc_percent,
