@@ -232,6 +232,16 @@ def _varint_len(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
 
+def _log_orphan(name: str, actor: str, task: asyncio.Future[Any]) -> None:
+    """How a lever whose caller left ended (nobody else will hear of it)."""
+    if task.cancelled():
+        log.warning("api: %s by %s: its caller left and it was cancelled", name, actor)
+    elif (exc := task.exception()) is not None:
+        log.warning("api: %s by %s: its caller left, then it failed: %r", name, actor, exc)
+    else:
+        log.info("api: %s by %s: applied after its caller left (no answer sent)", name, actor)
+
+
 _SHUTTING_DOWN = "the edge API is shutting down; watch again (on this edge once it is back)"
 
 
@@ -251,6 +261,8 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self._clock = clock
         self._store = store
         self._watchers: set[_WatchQueue] = set()
+        #: Levers running (see ``_lever``): owned here, so none is left behind unseen.
+        self._levers: set[asyncio.Future[Any]] = set()
         #: Set by ``end_watches`` when the server stops: open watches end (UNAVAILABLE) at once
         #: instead of holding the stop for its whole grace, and new ones are refused.
         self._closing = asyncio.Event()
@@ -272,15 +284,50 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             return await _maybe(fn(*args, **kwargs))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except UnknownTarget as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except NotApplicable as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except FacadeError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:
-            await _abort_for(context, getattr(fn, "__name__", "call"), exc)
-        raise AssertionError("unreachable: abort raises")
+            await self._refuse_for(context, fn, exc)
+
+    async def _lever(self, context: Any, fn: Any, *args: Any) -> Any:
+        """:meth:`_call` for a lever: once called it runs to its end even when the caller
+        leaves (its deadline passes, it cancels, the server stops): cut between its steps (in
+        force, not yet stored) it would leave the edge half changed. The caller then hears
+        nothing; the log says how it ended. The service owns the task (``stop`` waits for it)."""
+        name = getattr(fn, "__name__", "lever")
+        try:
+            result = fn(*args)
+        except Exception as exc:  # a plain lever refusing (or failing) at once
+            await self._refuse_for(context, fn, exc)
+        if not inspect.isawaitable(result):
+            return result
+        task = asyncio.ensure_future(result)
+        self._levers.add(task)
+        task.add_done_callback(self._levers.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(_log_orphan, name, _actor()))
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await self._refuse_for(context, fn, exc)
+
+    async def wait_levers(self, timeout_s: float) -> None:
+        """Let levers whose callers left finish (at most ``timeout_s``)."""
+        if self._levers:
+            await asyncio.wait(set(self._levers), timeout=timeout_s)
+
+    @staticmethod
+    async def _refuse_for(context: Any, fn: Any, exc: Exception) -> NoReturn:
+        """The status code of a facade call's error: the facade's own refusals name what was
+        wrong; anything else is INTERNAL or UNAVAILABLE (:func:`_abort_for`)."""
+        if isinstance(exc, UnknownTarget):
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        elif isinstance(exc, NotApplicable):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        elif isinstance(exc, FacadeError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await _abort_for(context, getattr(fn, "__name__", "call"), exc)
 
     @staticmethod
     async def _require(context: Any, ok: bool, message: str) -> None:
@@ -525,7 +572,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
     ) -> pb.SteeringResponse:
         await self._require(context, bool(request.charger_id), "charger_id is required")
         await self._bounded(context, charger_id=request.charger_id, reason=request.reason)
-        await self._call(
+        await self._lever(
             context, self._facade.set_availability, request.charger_id, request.available
         )
         what = "available" if request.available else "unavailable (held at 0 A)"
@@ -543,7 +590,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         await self._require(context, bool(request.charger_id), "charger_id is required")
         await self._bounded(context, charger_id=request.charger_id, reason=request.reason)
         note = f"by {_actor()}" + (f": {request.reason}" if request.reason else "")
-        was = await self._call(context, self._facade.clear_fault, request.charger_id, note)
+        was = await self._lever(context, self._facade.clear_fault, request.charger_id, note)
         detail = f"fault of {request.charger_id} cleared {note} (it was: {was})"
         log.warning("api: %s", detail)
         self._broadcast("fault_cleared", request.charger_id, detail)
@@ -556,7 +603,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         why = priority_error(request.priority)
         await self._require(context, why is None, why or "")
         await self._session_guard(context, request.charger_id, request.transaction_id)
-        await self._call(context, self._facade.set_priority, request.charger_id, request.priority)
+        await self._lever(context, self._facade.set_priority, request.charger_id, request.priority)
         detail = f"priority of the session at {request.charger_id} set to {request.priority:g}"
         detail += f" by {_actor()}"
         log.info("api: %s", detail)
@@ -578,7 +625,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             )
         departure_s = await self._seconds(context, request.departure, "departure")
         await self._session_guard(context, request.charger_id, request.transaction_id)
-        await self._call(
+        await self._lever(
             context, self._facade.set_departure, request.charger_id, departure_s, energy
         )
         detail = f"departure of the session at {request.charger_id} set to " + convert.iso(
@@ -605,7 +652,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             sid = c.curtailment_id or sig.signal_id
             await self._require(context, bool(sid), "curtailment_id (or signal_id) is required")
             if c.cancelled:
-                found = await self._call(context, self._facade.cancel_curtailment, sid)
+                found = await self._lever(context, self._facade.cancel_curtailment, sid)
                 detail = f"curtailment {sid} " + ("cancelled" if found else "was not in force")
             else:
                 await self._require(context, bool(c.node_id), "curtailment node_id is required")
@@ -629,7 +676,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                     f"curtailment end {convert.iso(end_s)} is already past (now "
                     f"{convert.iso(now_s)}): it would curtail nothing (local time sent as UTC?)",
                 )
-                await self._call(
+                await self._lever(
                     context, self._facade.post_curtailment, sid, c.node_id, c.max_kw, start_s, end_s
                 )
                 detail = (
@@ -663,7 +710,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 f"price_per_kwh must be a finite number between -{PRICE_BOUND_PER_KWH:g} and "
                 f"{PRICE_BOUND_PER_KWH:g} (the planner's bound)",
             )
-            await self._call(context, self._facade.post_prices, points)
+            await self._lever(context, self._facade.post_prices, points)
             sid = sig.signal_id or sig.price_update.tariff.tariff_id
             detail = f"price update {sid}: {len(points)} interval(s)"
         durable = getattr(self._facade, "curtailments_durable", None)
@@ -833,4 +880,5 @@ class EdgeApiServer:
         await self.health.enter_graceful_shutdown()
         self.service.end_watches()
         await stop_serving(self._server, self.health, grace_s)
+        await self.service.wait_levers(grace_s or 0.0)
         self._server = None
