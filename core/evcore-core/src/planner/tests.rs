@@ -601,11 +601,9 @@ fn growing_steps_and_variables_only_inside_the_session_window() {
     assert!(close(out.summary.terms.energy_cost, 0.1 * kwh, 1e-6));
 }
 
-#[test]
-fn dc_sessions_are_planned_in_watts_with_the_conversion_loss() {
-    let mut inp = input(vec![3600.0], vec![0.1]);
-    inp.chargers = vec![PlanCharger {
-        id: "dc".into(),
+fn dc(id: &str, max_w: f64, aux_w: f64) -> PlanCharger {
+    PlanCharger {
+        id: id.into(),
         parent: "root".into(),
         kind: ChargerKind::Dc,
         wiring: Wiring::ThreePhase,
@@ -614,10 +612,16 @@ fn dc_sessions_are_planned_in_watts_with_the_conversion_loss() {
         min_a: None,
         max_a: None,
         min_w: Some(5_000.0),
-        max_w: Some(50_000.0),
+        max_w: Some(max_w),
         efficiency: 0.95,
-        aux_w: 0.0,
-    }];
+        aux_w,
+    }
+}
+
+#[test]
+fn dc_sessions_are_planned_in_watts_with_the_conversion_loss() {
+    let mut inp = input(vec![3600.0], vec![0.1]);
+    inp.chargers = vec![dc("dc", 50_000.0, 0.0)];
     inp.sessions = vec![session("s1", "dc", 1.0, 25.0)];
     let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
     assert!(out.rows[0].dc);
@@ -629,30 +633,13 @@ fn dc_sessions_are_planned_in_watts_with_the_conversion_loss() {
     ));
 }
 
-fn dc(id: &str, aux_w: f64) -> PlanCharger {
-    PlanCharger {
-        id: id.into(),
-        parent: "root".into(),
-        kind: ChargerKind::Dc,
-        wiring: Wiring::ThreePhase,
-        phases: vec![0, 1, 2],
-        voltage_v: 230.0,
-        min_a: None,
-        max_a: None,
-        min_w: Some(5_000.0),
-        max_w: Some(150_000.0),
-        efficiency: 0.95,
-        aux_w,
-    }
-}
-
 #[test]
 fn a_dc_chargers_auxiliary_load_counts_against_the_limits_and_the_cost() {
     // 100 A per phase at 230 V L-N: 69 kW from the grid. A 3 kW auxiliary load leaves
     // (69 - 3) x 0.95 = 62.7 kW of output; without it the plan took 65.55 kW of output, which
     // drew 72 kW (104.3 A) from the grid.
     let mut inp = input(vec![3600.0], vec![0.1]);
-    inp.chargers = vec![dc("dc", 3_000.0), dc("idle", 3_000.0)];
+    inp.chargers = vec![dc("dc", 150_000.0, 3_000.0), dc("idle", 150_000.0, 3_000.0)];
     // "idle" has a car that wants nothing: its auxiliary load is not counted.
     inp.sessions = vec![
         session("s1", "dc", 1.0, 500.0),
