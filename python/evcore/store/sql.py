@@ -449,6 +449,37 @@ def parse_message(cls: Callable[[], T], payload: Any) -> T:
 def _require_id(value: str, what: str) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    _text(value, what)
+
+
+def _text(value: str, what: str) -> str:
+    """``value``, for a text column of the store's own. A NUL character is refused, as PostgreSQL
+    refuses it (the driver's DataError, a bug for the API) where SQLite kept it, and so is a lone
+    surrogate (what ``json.loads`` makes of ``"\\ud800"``), which neither can encode: alike on
+    both stores, naming the field, before anything is written."""
+    if "\x00" in value:
+        raise ValueError(f"{what} holds a NUL character ({value!r}); nothing was stored")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{what} is not valid Unicode text ({value!r}: a lone surrogate); nothing was stored"
+        ) from None
+    return value
+
+
+def _finite(value: float, what: str) -> float:
+    """``value`` as a float, refused unless finite: SQLite turns NaN into NULL (a NOT NULL
+    column fails, a nullable one silently says "none"), PostgreSQL keeps NaN (above every time:
+    ``t < NaN`` holds for every row), and an infinite time or quantity means nothing here."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {value!r}; nothing was stored")
+    return number
+
+
+def _opt_finite(value: float | None, what: str) -> float | None:
+    return None if value is None else _finite(value, what)
 
 
 def audit_charger_ids(record: AuditRecord) -> list[str]:
@@ -607,21 +638,22 @@ class SqlStore(BackendStore):
     # -- sessions -------------------------------------------------------------------------------
     async def upsert_session(self, session: SessionRecord) -> None:
         _require_id(session.session_id, "session_id")
-        _require_id(session.charger_id, "charger_id of session " + repr(session.session_id))
+        of = f" of session {session.session_id!r}"
+        _require_id(session.charger_id, "charger_id" + of)
         s = session
         params = (
             s.session_id,
             s.charger_id,
-            float(s.started_at_s),
-            s.transaction_id,
-            s.id_tag,
-            _opt(s.departure_s),
-            _opt(s.energy_requested_kwh),
-            float(s.priority),
-            _opt(s.meter_start_wh),
-            float(s.energy_delivered_kwh),
-            _opt(s.ended_at_s),
-            float(s.updated_at_s),
+            _finite(s.started_at_s, "started_at_s" + of),
+            _text(s.transaction_id, "transaction_id" + of),
+            _text(s.id_tag, "id_tag" + of),
+            _opt_finite(s.departure_s, "departure_s" + of),
+            _opt_finite(s.energy_requested_kwh, "energy_requested_kwh" + of),
+            _finite(s.priority, "priority" + of),
+            _opt_finite(s.meter_start_wh, "meter_start_wh" + of),
+            _finite(s.energy_delivered_kwh, "energy_delivered_kwh" + of),
+            _opt_finite(s.ended_at_s, "ended_at_s" + of),
+            _finite(s.updated_at_s, "updated_at_s" + of),
         )
         updates = ", ".join(
             f"{c.strip()} = excluded.{c.strip()}" for c in _SESSION_COLS.split(",")[1:]
@@ -690,6 +722,9 @@ class SqlStore(BackendStore):
                 f"TransactionEvent {ev.transaction_id!r} of charger {ev.charger_id!r} "
                 "has no occurred_at"
             )
+        of = f" of TransactionEvent {ev.transaction_id!r} (charger {ev.charger_id!r})"
+        _text(ev.id_tag, "id_tag" + of)
+        _text(ev.stop_reason, "stop_reason" + of)
         occurred_s = ts_s(ev.occurred_at)
         key = (
             ev.charger_id,
@@ -798,6 +833,7 @@ class SqlStore(BackendStore):
         rows: dict[str, tuple[str, str, bytes, float, bool, None]] = {}
         for i, (setpoint, sent_at_s) in enumerate(sent):
             _require_id(setpoint.charger_id, f"Setpoint.charger_id (#{i})")
+            _text(setpoint.decision_id, f"Setpoint.decision_id (#{i})")
             if not setpoint.HasField("setpoint_a") and not setpoint.HasField("setpoint_w"):
                 raise ValueError(
                     f"Setpoint #{i} for charger {setpoint.charger_id!r} has neither setpoint_a "
@@ -844,7 +880,15 @@ class SqlStore(BackendStore):
         return await self.confirm_setpoints([(charger_id, decision_id, confirmed_at_s)]) > 0
 
     async def confirm_setpoints(self, confirmed: Iterable[tuple[str, str, float]]) -> int:
-        batch = [(True, float(at), cid, did) for cid, did, at in confirmed]
+        batch = [
+            (
+                True,
+                _finite(at, f"confirmed_at_s (#{i})"),
+                _text(cid, f"charger_id (#{i})"),
+                _text(did, f"decision_id (#{i})"),
+            )
+            for i, (cid, did, at) in enumerate(confirmed)
+        ]
         if not batch:
             return 0
 
@@ -887,6 +931,7 @@ class SqlStore(BackendStore):
         for i, s in enumerate(samples):
             if not s.charger_id:
                 raise ValueError(f"meter sample #{i} has no charger_id; nothing was stored")
+            _text(s.charger_id, f"charger_id of meter sample #{i}")
             rows.append((s.charger_id, sample_time_s(s), s.SerializeToString(deterministic=True)))
         if not rows:
             return 0
@@ -982,7 +1027,8 @@ class SqlStore(BackendStore):
         return await self._read(self._telemetry, op)
 
     async def purge_telemetry(self, older_than_s: float) -> int:
-        cutoff = float(older_than_s)
+        # (NaN: PostgreSQL deleted every row, t_s < NaN holding for all; SQLite none.)
+        cutoff = _finite(older_than_s, "older_than_s")
 
         def op(tx: Tx) -> int:
             n = tx.execute("DELETE FROM meter_samples WHERE t_s < ?", (cutoff,))
@@ -997,6 +1043,7 @@ class SqlStore(BackendStore):
     # -- station events -------------------------------------------------------------------------
     async def record_station_event(self, event: StationEvent) -> bool:
         _require_id(event.station_id, "StationEvent.station_id")
+        _text(event.code, f"code of StationEvent of station {event.station_id!r}")
         if event.kind == StationEventKind.STATION_EVENT_KIND_UNSPECIFIED:
             raise ValueError(f"StationEvent of station {event.station_id!r} has no kind")
         if event.HasField("occurred_at"):
@@ -1060,8 +1107,11 @@ class SqlStore(BackendStore):
         _require_id(record.decision_id, "AuditRecord.decision_id")
         if not record.HasField("decided_at"):
             raise ValueError(f"audit record {record.decision_id!r} has no decided_at")
+        of = f" of audit record {record.decision_id!r}"
+        _text(record.hash, "hash" + of)
+        _text(record.prev_hash, "prev_hash" + of)
         payload = record.SerializeToString(deterministic=True)
-        chargers = audit_charger_ids(record)
+        chargers = [_text(c, "charger_id" + of) for c in audit_charger_ids(record)]
         seq = int(record.seq)
         label = self._records.label
 
@@ -1239,6 +1289,9 @@ class SqlStore(BackendStore):
         return await self._read(self._records, op)
 
     async def set_meta(self, key: str, value: str) -> None:
+        _text(key, "meta key")
+        _text(value, f"value of meta key {key!r}")
+
         def op(tx: Tx) -> None:
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?)"
@@ -1252,12 +1305,13 @@ class SqlStore(BackendStore):
     async def mark_processed(self, consumer: str, event_id: str, at_s: float) -> bool:
         _require_id(consumer, "consumer")
         _require_id(event_id, "event_id")
+        at = _finite(at_s, f"at_s of event {event_id!r}")
 
         def op(tx: Tx) -> bool:
             n = tx.execute(
                 "INSERT INTO processed_events (consumer, event_id, processed_at_s) VALUES (?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
-                (consumer, event_id, float(at_s)),
+                (consumer, event_id, at),
             )
             return n > 0
 
@@ -1274,10 +1328,10 @@ class SqlStore(BackendStore):
         return await self._read(self._records, op)
 
     async def purge_processed(self, older_than_s: float) -> int:
+        cutoff = _finite(older_than_s, "older_than_s")
+
         def op(tx: Tx) -> int:
-            return tx.execute(
-                "DELETE FROM processed_events WHERE processed_at_s < ?", (float(older_than_s),)
-            )
+            return tx.execute("DELETE FROM processed_events WHERE processed_at_s < ?", (cutoff,))
 
         return await self._run(self._records, op)
 
