@@ -249,9 +249,17 @@ class PostgresBackend(Backend):
                 ).fetchone()
                 if found is None:
                     raise StoreUnavailable(f"no evcore store in PostgreSQL schema {self._schema!r}")
-            conn.execute(
-                pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(pgsql.Identifier(self._schema))
-            )
+            try:
+                conn.execute(
+                    pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                        pgsql.Identifier(self._schema)
+                    )
+                )
+            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema):
+                # IF NOT EXISTS is no guard against a concurrent CREATE (another edge, a tool
+                # starting at the same time; this runs before the migrations' advisory lock):
+                # the loser's insert into pg_namespace fails. The schema is there all the same.
+                pass
             conn.execute(pgsql.SQL("SET search_path TO {}").format(pgsql.Identifier(self._schema)))
             conn.execute("SET synchronous_commit TO on")
             if self.write_timeout_s is not None:
