@@ -73,7 +73,9 @@ def _priority_from_laxity(chargers: Sequence[ChargerState], now_wall: float) -> 
             lax.append((math.inf, c.charger_id))
             continue
         remaining_kwh = max(0.0, c.energy_requested_kwh - c.session_energy_wh / 1000.0)
-        rate_kw = c.max_value / 1000.0 if c.is_dc else c.max_value * 230.0 * 3 / 1000.0
+        # What the charger can give this car: its voltage and phases (a single-phase charger,
+        # a 208 V site, a single-phase car seen on three phases), not 230 V on three phases.
+        rate_kw = c.max_value * c.w_per_a_drawn() / 1000.0
         need_s = remaining_kwh / rate_kw * 3600.0 if rate_kw > 0 else math.inf
         lax.append((c.departure - now_wall - need_s, c.charger_id))
     finite = [x for x, _ in lax if math.isfinite(x)]
