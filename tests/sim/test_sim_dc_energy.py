@@ -168,6 +168,7 @@ def test_sim_dc_charger_credits_the_battery_without_the_auxiliary_load() -> None
     c.tx_active = True
     cp = SimChargePoint.__new__(SimChargePoint)
     cp.limit_at = lambda evse, now: 50_000.0  # type: ignore[method-assign]
+    cp.tick_s = 1.0  # the step _advance is called at
     reg0, inlet0, soc0 = c.register_wh, c.inlet_register_wh, c.ev.soc
     SimChargePoint._advance(cp, c, 0.0, 0.0)
     for i in range(1, 3601):

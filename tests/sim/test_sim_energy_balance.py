@@ -109,3 +109,48 @@ def test_stack_grid_energy_is_the_registers_and_the_batterys(tmp_path: Path) -> 
     assert res.energy_delivered_kwh < arr.sessions[0].energy_kwh - 0.5  # still charging
     assert res.energy_cost == pytest.approx(register_kwh, abs=1e-6)
     assert res.energy_delivered_kwh == pytest.approx(register_kwh, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kind", "soc", "target", "taper_start"),
+    [
+        ("ac", 0.2, 0.25, 0.8),  # a driver's target below the taper: full power up to it
+        ("dc", 0.2, 0.25, 0.8),
+        ("ac", 0.99, 1.0, 1.0),  # no taper: full power up to 100 %
+        ("dc", 0.99, 1.0, 1.0),
+    ],
+)
+def test_a_car_stops_at_its_target_and_the_registers_count_what_the_battery_took(
+    kind: str, soc: float, target: float, taper_start: float
+) -> None:
+    """The battery never takes more than its target, and never more than 100 %: the step that
+    reaches it draws only what fills it. (It drew a whole 5 s step at full power past the
+    target: 0.029 kWh more than asked at 22 kW; at 100 % the register counted energy that the
+    battery, capped at 100 %, never took.)"""
+    clock = VirtualClock(START)
+    conn = SimConnector(kind=kind, max_a=32.0, max_w=50_000.0, efficiency=0.9, aux_w=500.0)
+    cp = _station(clock, conn)
+    ev = EV(
+        capacity_kwh=10.0,
+        soc=soc,
+        onboard_limit_a=32.0,
+        phases=3,
+        target_soc=target,
+        taper_start_soc=taper_start,
+        max_dc_power_w=50_000.0,
+    )
+    cp.plug_in(1, ev)
+    conn.tx_ref.id = "1"
+    reg0, inlet0 = conn.register_wh, conn.inlet_register_wh
+    for i in range(200):
+        clock.set_time(START + 5.0 * i)
+        cp.step()
+    room_wh = (target - soc) * 10_000.0
+    assert ev.soc <= target + 1e-12
+    assert ev.full
+    assert conn.power_w == 0.0  # stopped
+    battery_wh = (ev.soc - soc) * 10_000.0
+    assert battery_wh == pytest.approx(room_wh, rel=1e-9)
+    assert conn.register_wh - reg0 == pytest.approx(battery_wh, rel=1e-9)
+    if kind == "dc":
+        assert conn.inlet_register_wh - inlet0 >= battery_wh / 0.9

@@ -853,20 +853,21 @@ class SimChargePoint:
             c.terminal_a = [0.0, 0.0, 0.0]
             c.power_w = 0.0
             return
+        # The step that reaches the battery's target draws only what fills it: the battery
+        # stops at its target (a whole step at full power went past it, and past 100 % the
+        # registers counted energy the battery never took).
+        fill_w = c.ev.room_wh * 3600.0 / self.tick_s if self.tick_s > 0 else math.inf
         if c.kind == "dc":
-            p_dc = c.ev.dc_draw_w(c.offered)
+            p_dc = min(c.ev.dc_draw_w(c.offered), fill_w)
             c.power_w = p_dc / c.efficiency + (c.aux_w if p_dc > 0 else 0.0)
             line = c.power_w / (3.0 * c.voltage_v)
             c.terminal_a = [line, line, line]
         else:
             draw = c.ev.ac_draw_a(c.offered)
-            if c.terminals == 1 or c.ev.phases == 1:
-                c.terminal_a = [draw, 0.0, 0.0]
-                c.power_w = draw * c.voltage_v
-            else:
-                n = min(3, c.ev.phases)
-                c.terminal_a = [draw if i < n else 0.0 for i in range(3)]
-                c.power_w = draw * c.voltage_v * n
+            n = 1 if c.terminals == 1 or c.ev.phases == 1 else min(3, c.ev.phases)
+            draw = min(draw, fill_w / (c.voltage_v * n))
+            c.terminal_a = [draw if i < n else 0.0 for i in range(3)]
+            c.power_w = draw * c.voltage_v * n
         status = (
             "Charging" if c.power_w > 0 else ("SuspendedEV" if c.offered > 0 else "SuspendedEVSE")
         )

@@ -64,6 +64,11 @@ class EV:
             return 0.0
         return min(offered_w, self.max_dc_power_w * self._taper())
 
+    @property
+    def room_wh(self) -> float:
+        """Energy the battery still takes before its target (Wh)."""
+        return max(0.0, (self.target_soc - self.soc) * self.capacity_kwh * 1000.0)
+
     def add_energy(self, energy_wh: float) -> None:
         self.soc = min(1.0, self.soc + energy_wh / 1000.0 / self.capacity_kwh)
 
