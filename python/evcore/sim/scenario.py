@@ -355,6 +355,15 @@ def _seed(table: Mapping[str, Any], key: str, where: str, default: int) -> int:
     return v if isinstance(v, int) else int(f)  # an integer as given, above 2**53 too
 
 
+def _whole(table: Mapping[str, Any], key: str, where: str, default: int) -> int:
+    """A count (windows in minutes, sessions): a whole number >= 1. ``int()`` of a fraction
+    made a 0.5-minute demand window 0 (the run died dividing by it) and 0.5 sessions none."""
+    f = _num(table, key, where, float(default))
+    if not f.is_integer() or f < 1:
+        raise ScenarioError(f"{where}.{key}: must be a whole number >= 1, got {table[key]!r}")
+    return int(f)
+
+
 def _twice(names: Sequence[Any]) -> str:
     """The first name that ``names`` holds twice, quoted."""
     seen: set[Any] = set()
@@ -561,9 +570,10 @@ def _vehicles(raw: Any, where: str) -> tuple[VehicleModel, ...]:
     out = []
     for w, v in _entries(raw, "[[arrivals.vehicles]]"):
         name = _str(v, "name", w)
-        phases = int(_num(v, "phases", w, 3.0))
-        if phases not in (1, 3):
-            raise ScenarioError(f"{w}.phases: must be 1 or 3, got {phases}")
+        phases_f = _num(v, "phases", w, 3.0)
+        if phases_f not in (1.0, 3.0):
+            raise ScenarioError(f"{w}.phases: must be 1 or 3, got {v['phases']!r}")
+        phases = int(phases_f)
         out.append(
             VehicleModel(
                 name,
@@ -604,7 +614,7 @@ def _arrivals(raw: Any, base: Path | None) -> ArrivalsSpec:
         model=model,  # type: ignore[arg-type]
         seed_offset=_seed(raw, "seed_offset", w, 0),
         occupancy=occ,
-        sessions_per_charger=int(_num(raw, "sessions_per_charger", w, 1.0, positive=True)),
+        sessions_per_charger=_whole(raw, "sessions_per_charger", w, 1),
         arrival_mean_h=_num(raw, "arrival_mean_h", w, 1.0, minimum=0.0),
         arrival_sd_h=_num(raw, "arrival_sd_h", w, 0.5, minimum=0.0),
         stay_mean_h=_num(raw, "stay_mean_h", w, 8.0, positive=True),
@@ -727,7 +737,7 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
     dc_raw = _known(doc.get("demand_charge", {}), "[demand_charge]")
     dc = DemandChargeSpec(
         price_per_kw=_num(dc_raw, "price_per_kw", "[demand_charge]", 0.0, minimum=0.0),
-        window_min=int(_num(dc_raw, "window_min", "[demand_charge]", 15.0, positive=True)),
+        window_min=_whole(dc_raw, "window_min", "[demand_charge]", 15),
         peak_floor_kw=_num(dc_raw, "peak_floor_kw", "[demand_charge]", 0.0, minimum=0.0),
     )
     node_ids = {n.id for n in site.nodes}
