@@ -74,3 +74,12 @@ def test_csv_soc_arrival_is_read_and_an_empty_one_takes_the_mean(tmp_path: Path)
     socs = {s.id: s.soc_arrival for s in arr.sessions}
     assert socs["a"] == pytest.approx(0.3)
     assert socs["b"] == pytest.approx(0.45)  # [arrivals].soc_arrival_mean
+
+
+def test_csv_session_id_listed_twice_is_an_error_naming_both_rows(tmp_path: Path) -> None:
+    """The twin keys each session's delivered energy by its id: two sessions with one id shared
+    one figure (the later one's), so both were met or both missed, and the delivered total
+    counted it twice."""
+    with pytest.raises(ScenarioError) as err:
+        _generate(tmp_path, "a,cp-1,3.5,5.0,8.0,0.3\n")
+    assert str(err.value) == "sessions.csv row 3.id: 'a' is listed twice (row 2)"

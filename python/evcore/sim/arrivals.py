@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -96,6 +97,9 @@ def place(sc: Scenario, raw: list[SessionSpec]) -> Arrivals:
     free_at = dict.fromkeys(order, -math.inf)
     out: list[SessionSpec] = []
     dropped = 0
+    twice = [sid for sid, n in Counter(s.id for s in raw).items() if n > 1]
+    if twice:  # each session's delivered energy is kept by its id
+        raise ScenarioError(f"[arrivals]: session id {twice[0]!r} is listed twice")
     for s in sorted(raw, key=lambda s: (s.arrival_s, s.id)):
         if s.departure_s <= 0 or s.arrival_s >= sc.duration_s:
             continue
@@ -128,10 +132,16 @@ def from_csv(sc: Scenario) -> Arrivals:
     assert path is not None
     vehicles = {v.name: v for v in sc.arrivals.vehicles}
     raw: list[SessionSpec] = []
+    # Each session's delivered energy is kept by its id: one id twice shared one figure.
+    rows_of: dict[str, int] = {}
     try:
         with path.open(newline="", encoding="utf-8") as f:
             for i, row in enumerate(csv.DictReader(f)):
                 w = f"{path.name} row {i + 2}"
+                sid = row.get("id") or f"csv{i + 1:04d}"
+                if sid in rows_of:
+                    raise ScenarioError(f"{w}.id: {sid!r} is listed twice (row {rows_of[sid]})")
+                rows_of[sid] = i + 2
                 t0 = _csv_time(row, "arrival", w, sc.start)
                 t1 = _csv_time(row, "departure", w, sc.start)
                 if t1 <= t0:
@@ -149,7 +159,7 @@ def from_csv(sc: Scenario) -> Arrivals:
                 )
                 raw.append(
                     SessionSpec(
-                        row.get("id") or f"csv{i + 1:04d}",
+                        sid,
                         row.get("charger") or "",
                         t0,
                         t1,
