@@ -566,9 +566,16 @@ class StackRun:
         t_prev = self._meter_t
         if t > t_prev:
             cur, kw, charger_kw, _, _ = self._meter_state
-            self.meter.interval(
-                t_prev, t, np.zeros(0), self._limits_kw(t_prev), charger_kw, node_currents=(cur, kw)
+            # A grid signal that starts or ends inside the interval splits it: its kW cap counts
+            # from its own instant (taken at the step's start for the whole step, the samples of
+            # a curtailment's first seconds were lost and those after its end counted).
+            edges = sorted(
+                {e for g in self.sc.grid_signals for e in (g.start_s, g.end_s) if t_prev < e < t}
             )
+            for a, b in zip([t_prev, *edges], [*edges, t], strict=True):
+                self.meter.interval(
+                    a, b, np.zeros(0), self._limits_kw(a), charger_kw, node_currents=(cur, kw)
+                )
             self._meter_t = t
         self._meter_state = self._sample_state()
 
