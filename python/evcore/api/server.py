@@ -48,6 +48,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeApi"].full_name
 DEFAULT_DECISIONS = 50
 MAX_DECISIONS = 1000
 WATCH_QUEUE = 1000
+#: Change streams one caller (one token or client certificate name) may hold open, and the server:
+#: each holds up to WATCH_QUEUE changes and a subscription the control loop feeds. A client that
+#: reconnects without cancelling its old stream would otherwise pile them up without end.
+MAX_WATCHES_PER_CALLER = 16
+MAX_WATCHES = 64
 #: The longest id a request may name (a charger, node, transaction, curtailment or signal): ids
 #: come from the site file, OCPP and grid operators, all far shorter. A longer one is refused
 #: before anything looks it up (an error quoting a 100 kB id was too large for the reply).
@@ -261,6 +266,8 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         self._clock = clock
         self._store = store
         self._watchers: set[_WatchQueue] = set()
+        #: Watches open per caller name (MAX_WATCHES_PER_CALLER).
+        self._watches_of: dict[str, int] = {}
         #: Levers running (see ``_lever``): owned here, so none is left behind unseen.
         self._levers: set[asyncio.Future[Any]] = set()
         #: Set by ``end_watches`` when the server stops: open watches end (UNAVAILABLE) at once
@@ -467,6 +474,22 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             await self._known_charger(context, request.charger_id, state)
         if self._closing.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+        caller = _actor()
+        if self._watches_of.get(caller, 0) >= MAX_WATCHES_PER_CALLER:
+            log.warning(
+                "api: %s holds %d watches already: one more refused", caller, MAX_WATCHES_PER_CALLER
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{caller} holds {MAX_WATCHES_PER_CALLER} watches already (the most one caller "
+                "may): cancel one (a client that reconnects must cancel its old stream)",
+            )
+        if len(self._watchers) >= MAX_WATCHES:
+            log.warning("api: %d watches open: one more refused", MAX_WATCHES)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_WATCHES} watches are open on this edge (the most it serves); try later",
+            )
         units = {str(c.get("charger_id")): c.get("unit") for c in state.get("chargers") or ()}
         queue = _WatchQueue(maxsize=WATCH_QUEUE)
         self._watchers.add(queue)
@@ -480,6 +503,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         pump_task = asyncio.create_task(pump(), name="evcore-api-watch-pump")
         closing = asyncio.ensure_future(self._closing.wait())
         get: asyncio.Future[pb.Change] | None = None
+        self._watches_of[caller] = self._watches_of.get(caller, 0) + 1
         try:
             while True:
                 get = asyncio.ensure_future(queue.get())
@@ -511,6 +535,9 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "change feed ended; watch again")
         finally:
             self._watchers.discard(queue)
+            left = self._watches_of.pop(caller, 1) - 1
+            if left > 0:
+                self._watches_of[caller] = left
             closing.cancel()
             if get is not None:
                 get.cancel()  # a watch that ends (the caller gone) left its get pending for good
