@@ -173,3 +173,29 @@ async def test_a_purge_before_nan_is_refused_not_everything_or_nothing(store: Sq
             await purge(math.nan)
     assert len(await store.meter_samples("C1")) == 1
     assert await store.is_processed("edge", "e1")
+
+
+READS: dict[str, tuple[Callable[[SqlStore], Awaitable[object]], object]] = {
+    "get_session": (lambda s: s.get_session("S" + NUL), None),
+    "list_open_sessions": (lambda s: s.list_open_sessions("C" + NUL), []),
+    "get_transaction": (lambda s: s.get_transaction("C1", "T" + NUL), None),
+    "transaction_events": (lambda s: s.transaction_events("C" + NUL, "T1"), []),
+    "last_setpoint": (lambda s: s.last_setpoint("C" + NUL), None),
+    "meter_samples": (lambda s: s.meter_samples("C" + NUL), []),
+    "status_history": (lambda s: s.status_history("C" + NUL), []),
+    "station_events": (lambda s: s.station_events("C" + NUL), []),
+    "audit_records": (lambda s: s.audit_records(charger_id="C" + NUL), []),
+    "get_meta": (lambda s: s.get_meta("k" + NUL), None),
+    "is_processed": (lambda s: s.is_processed("edge", "e" + NUL), False),
+}
+
+
+@pytest.mark.parametrize("read", list(READS))
+async def test_a_lookup_by_a_key_holding_a_nul_finds_nothing_on_both_stores(
+    store: SqlStore, read: str
+) -> None:
+    """No stored key holds a NUL (PostgreSQL never took one; now neither store does), so a
+    lookup by one (an API caller's charger_id filter) finds nothing. Before: PostgreSQL raised
+    the driver's DataError (the API: INTERNAL), SQLite found nothing."""
+    call, empty = READS[read]
+    assert await call(store) == empty

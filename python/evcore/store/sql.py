@@ -468,6 +468,13 @@ def _text(value: str, what: str) -> str:
     return value
 
 
+def _holds_nul(*keys: str | None) -> bool:
+    """A lookup key holding a NUL character: no stored key holds one (PostgreSQL never took one,
+    and ``_text`` refuses them on both stores), so the lookup finds nothing; PostgreSQL would
+    refuse the parameter itself (the driver's DataError, a bug for the API)."""
+    return any(k is not None and "\x00" in k for k in keys)
+
+
 def _finite(value: float, what: str) -> float:
     """``value`` as a float, refused unless finite: SQLite turns NaN into NULL (a NOT NULL
     column fails, a nullable one silently says "none"), PostgreSQL keeps NaN (above every time:
@@ -669,6 +676,9 @@ class SqlStore(BackendStore):
         await self._run(self._records, op)
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
+        if _holds_nul(session_id):
+            return None
+
         def op(tx: Tx) -> SessionRecord | None:
             row = tx.one(
                 f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)
@@ -678,6 +688,9 @@ class SqlStore(BackendStore):
         return await self._read(self._records, op)
 
     async def list_open_sessions(self, charger_id: str | None = None) -> list[SessionRecord]:
+        if _holds_nul(charger_id):
+            return []
+
         def op(tx: Tx) -> list[SessionRecord]:
             sql = f"SELECT {_SESSION_COLS} FROM sessions WHERE ended_at_s IS NULL"
             params: tuple[Any, ...] = ()
@@ -793,6 +806,9 @@ class SqlStore(BackendStore):
     async def get_transaction(
         self, charger_id: str, transaction_id: str
     ) -> TransactionRecord | None:
+        if _holds_nul(charger_id, transaction_id):
+            return None
+
         def op(tx: Tx) -> TransactionRecord | None:
             row = tx.one(
                 f"SELECT {_TX_COLS} FROM transactions WHERE charger_id = ? AND transaction_id = ?",
@@ -815,6 +831,9 @@ class SqlStore(BackendStore):
     async def transaction_events(
         self, charger_id: str, transaction_id: str
     ) -> list[TransactionEvent]:
+        if _holds_nul(charger_id, transaction_id):
+            return []
+
         def op(tx: Tx) -> list[TransactionEvent]:
             rows = tx.all(
                 "SELECT payload FROM transaction_events WHERE charger_id = ? AND transaction_id = ?"
@@ -905,6 +924,9 @@ class SqlStore(BackendStore):
         return await self._run(self._records, op)
 
     async def last_setpoint(self, charger_id: str) -> SetpointRecord | None:
+        if _holds_nul(charger_id):
+            return None
+
         def op(tx: Tx) -> SetpointRecord | None:
             row = tx.one(
                 "SELECT payload, sent_at_s, confirmed, confirmed_at_s FROM setpoints_last"
@@ -995,6 +1017,8 @@ class SqlStore(BackendStore):
         until_s: float | None = None,
         limit: int | None = None,
     ) -> list[MeterSample]:
+        if _holds_nul(charger_id):
+            return []
         sql, params = self._range(
             "SELECT payload FROM meter_samples WHERE charger_id = ?", charger_id, since_s, until_s
         )
@@ -1010,6 +1034,8 @@ class SqlStore(BackendStore):
     async def status_history(
         self, charger_id: str, *, since_s: float | None = None, until_s: float | None = None
     ) -> list[ChargerStatus]:
+        if _holds_nul(charger_id):
+            return []
         sql, params = self._range(
             "SELECT payload FROM status_history WHERE charger_id = ?", charger_id, since_s, until_s
         )
@@ -1083,6 +1109,8 @@ class SqlStore(BackendStore):
         until_s: float | None = None,
         limit: int | None = None,
     ) -> list[StationEvent]:
+        if _holds_nul(station_id):
+            return []
         sql, params = _select(
             "SELECT payload FROM station_events",
             [
@@ -1176,6 +1204,8 @@ class SqlStore(BackendStore):
         limit: int | None = None,
         newest_first: bool = False,
     ) -> list[AuditRecord]:
+        if _holds_nul(charger_id):
+            return []
         base = "FROM audit_records r"
         if charger_id is not None:
             base += " JOIN audit_chargers c ON c.seq = r.seq"
@@ -1282,6 +1312,9 @@ class SqlStore(BackendStore):
 
     # -- meta -----------------------------------------------------------------------------------
     async def get_meta(self, key: str) -> str | None:
+        if _holds_nul(key):
+            return None
+
         def op(tx: Tx) -> str | None:
             row = tx.one("SELECT value FROM meta WHERE key = ?", (key,))
             return None if row is None else str(row[0])
@@ -1318,6 +1351,9 @@ class SqlStore(BackendStore):
         return await self._run(self._records, op)
 
     async def is_processed(self, consumer: str, event_id: str) -> bool:
+        if _holds_nul(consumer, event_id):
+            return False
+
         def op(tx: Tx) -> bool:
             row = tx.one(
                 "SELECT 1 FROM processed_events WHERE consumer = ? AND event_id = ?",
