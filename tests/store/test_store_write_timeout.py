@@ -33,6 +33,7 @@ from evcore.store import (
     open_store,
 )
 from evcore.v1.audit_pb2 import AuditRecord
+from evcore.v1.meter_pb2 import MeterSample
 from pg_testkit import COMMIT, PG_DSN, StallingRelay
 from psycopg import sql as pgsql
 
@@ -220,3 +221,60 @@ async def test_a_sqlite_write_waits_for_another_writer_at_most_write_timeout_s(
         assert await store.get_session("S1") is not None
     finally:
         await store.close()
+
+
+async def test_a_purge_of_a_long_backlog_is_not_cut_short_by_write_timeout_s(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    """Telemetry retention deletes what expired in pieces, each a write of its own under the
+    bound, so a long backlog (a first purge after an outage, a shorter retention) is not refused
+    for being long. Before: one DELETE of everything expired, which, once writes were bounded,
+    was cancelled at write_timeout_s every time (nothing committed), so telemetry grew for good.
+    Scaled down: 300,000 samples, write_timeout_s = 0.05 (one DELETE of them takes about 0.1 s
+    here)."""
+    section: dict[str, object] = {"kind": "postgres", "dsn": PG_DSN, "schema": pg_schema}
+    filler = open_store(section, tmp_path)
+    try:
+        samples = []
+        for c in range(30):
+            for i in range(10_000):
+                s = MeterSample(charger_id=f"C{c}", current_a=[1.0])
+                s.sampled_at.FromSeconds(int(T0) + i)
+                samples.append(s)
+        await filler.append_meter_samples(samples)
+        await filler.mark_processed("edge", "e1", T0)
+    finally:
+        await filler.close()
+    store = open_store({**section, "write_timeout_s": 0.05}, tmp_path)
+    await store.open()
+    try:
+        assert await asyncio.wait_for(store.purge_telemetry(T0 + 9_000), 30) == 30 * 9_000
+        assert len(await store.meter_samples("C0")) == 1_000
+        assert await store.purge_processed(T0 + 1) == 1
+    finally:
+        await store.close()
+
+
+async def test_a_purge_in_pieces_removes_exactly_what_expired(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces of 3 rows over 5 chargers sampled at the same 4 times (rows sharing a time go
+    together): every expired row goes, none other, and the count is right, on both stores."""
+    import evcore.store.sql as sql_module
+
+    monkeypatch.setattr(sql_module, "PURGE_BATCH_ROWS", 3)
+    samples = []
+    for c in range(5):
+        for i in range(4):
+            s = MeterSample(charger_id=f"C{c}", current_a=[float(i)])
+            s.sampled_at.FromSeconds(int(T0) + i)
+            samples.append(s)
+    await store.append_meter_samples(samples)
+    for i in range(7):
+        await store.mark_processed("edge", f"e{i}", T0 + i)
+    assert await store.purge_telemetry(T0 + 3) == 15
+    for c in range(5):
+        assert [s.current_a[0] for s in await store.meter_samples(f"C{c}")] == [3.0]
+    assert await store.purge_telemetry(T0 + 3) == 0
+    assert await store.purge_processed(T0 + 5) == 5
+    assert [await store.is_processed("edge", f"e{i}") for i in range(7)] == [False] * 5 + [True] * 2

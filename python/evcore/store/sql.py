@@ -363,6 +363,8 @@ def _select(
     return sql, params
 
 
+#: A purge deletes expired rows about this many at a time, each piece its own transaction.
+PURGE_BATCH_ROWS = 10_000
 #: An audit read is taken in pieces of at most this many records ...
 AUDIT_PAGE_RECORDS = 256
 #: ... and about this many payload bytes (at least one record), each piece a read of its own.
@@ -1055,13 +1057,34 @@ class SqlStore(BackendStore):
     async def purge_telemetry(self, older_than_s: float) -> int:
         # (NaN: PostgreSQL deleted every row, t_s < NaN holding for all; SQLite none.)
         cutoff = _finite(older_than_s, "older_than_s")
+        n = await self._purge(self._telemetry, "meter_samples", "t_s", cutoff)
+        return n + await self._purge(self._telemetry, "status_history", "t_s", cutoff)
 
-        def op(tx: Tx) -> int:
-            n = tx.execute("DELETE FROM meter_samples WHERE t_s < ?", (cutoff,))
-            n += tx.execute("DELETE FROM status_history WHERE t_s < ?", (cutoff,))
-            return n
+    async def _purge(self, b: Backend, table: str, column: str, cutoff: float) -> int:
+        """Delete the rows of ``table`` whose ``column`` (a time, indexed) is below ``cutoff``,
+        oldest first, about ``PURGE_BATCH_ROWS`` at a time, each piece a write of its own: a
+        write waits at most ``write_timeout_s``, so one DELETE of a long backlog (the first purge
+        after an outage, a shortened retention) would be cancelled every time, nothing deleted,
+        however healthy the store. Returns how many rows went."""
+        total = 0
+        while True:
 
-        return await self._run(self._telemetry, op)
+            def op(tx: Tx) -> tuple[int, bool]:
+                # The time of the PURGE_BATCH_ROWS-th oldest expired row: everything up to it
+                # goes (rows sharing that time too: a few more at most), else all that is left.
+                edge = tx.one(
+                    f"SELECT {column} FROM {table} WHERE {column} < ?"
+                    f" ORDER BY {column} LIMIT 1 OFFSET ?",
+                    (cutoff, PURGE_BATCH_ROWS - 1),
+                )
+                if edge is None:
+                    return tx.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,)), True
+                return tx.execute(f"DELETE FROM {table} WHERE {column} <= ?", (edge[0],)), False
+
+            n, done = await self._run(b, op)
+            total += n
+            if done:
+                return total
 
     async def purge_expired(self, now_s: float) -> int:
         return await self.purge_telemetry(now_s - self._retention_s)
@@ -1365,11 +1388,7 @@ class SqlStore(BackendStore):
 
     async def purge_processed(self, older_than_s: float) -> int:
         cutoff = _finite(older_than_s, "older_than_s")
-
-        def op(tx: Tx) -> int:
-            return tx.execute("DELETE FROM processed_events WHERE processed_at_s < ?", (cutoff,))
-
-        return await self._run(self._records, op)
+        return await self._purge(self._records, "processed_events", "processed_at_s", cutoff)
 
 
 def identity(sql: str) -> str:
