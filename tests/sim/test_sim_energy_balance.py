@@ -10,6 +10,7 @@ pricing the car's load up to the next step: a 10 kW car that left 0.36 s after a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import tomllib
 from pathlib import Path
 
@@ -154,3 +155,35 @@ def test_a_car_stops_at_its_target_and_the_registers_count_what_the_battery_took
     assert conn.register_wh - reg0 == pytest.approx(battery_wh, rel=1e-9)
     if kind == "dc":
         assert conn.inlet_register_wh - inlet0 >= battery_wh / 0.9
+
+
+@pytest.mark.parametrize(("tick_s", "interval_s"), [(5.0, 12.0), (5.0, 60.0), (0.1, 60.0)])
+def test_meter_values_keep_their_interval_on_any_physics_step(
+    tick_s: float, interval_s: float
+) -> None:
+    """MeterValues go out every ``sample_interval_s`` on average, whatever the physics step: at
+    the first step at or after each due instant. (The next report was due an interval after the
+    step that sent the last: with 5 s steps a 12 s interval reported every 15 s; with 0.1 s
+    steps, float noise made some 60 s intervals 60.1 s.)"""
+    clock = VirtualClock(START)
+    conn = SimConnector(kind="ac", max_a=32.0)
+    cp = SimChargePoint(
+        "cp-1",
+        [conn],
+        url="ws://127.0.0.1:9/ocpp/cp-1",
+        clock=clock,
+        tick_s=tick_s,
+        sample_interval_s=interval_s,
+    )
+    cp.plug_in(1, EV(capacity_kwh=100.0, soc=0.2))
+    conn.tx_ref.id = "1"
+    sent: list[float] = []
+    cp._send_meter_values = lambda c, context="Sample.Periodic": sent.append(clock.now())  # type: ignore[method-assign]
+    t = START
+    for _ in range(round(1200.0 / tick_s) + 1):  # 0 to 1200 s, adding up steps as a clock does
+        clock.set_time(t)
+        cp.step()
+        t += tick_s
+    assert len(sent) == round(1200.0 / interval_s)
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert max(gaps) < interval_s + tick_s - 1e-6

@@ -830,10 +830,16 @@ class SimChargePoint:
             c_dt = dt if c.energy_to is None else max(0.0, now - c.energy_to)
             c.energy_to = None
             self._advance(c, now, c_dt)
+        # Reports fall due every sample_interval_s from the first step, and go out at the step
+        # nearest each due instant: counted from the step that sent the last one, a 12 s
+        # interval on 5 s steps reported every 15 s, and float noise on 0.1 s steps made some
+        # 60 s intervals 60.1 s.
         if self._last_sample is None:
             self._last_sample = now
-        elif now - self._last_sample >= self.sample_interval_s - 1e-9:
-            self._last_sample = now
+        elif now >= self._last_sample + self.sample_interval_s - self.tick_s / 2.0:
+            self._last_sample = max(
+                self._last_sample + self.sample_interval_s, now - self.sample_interval_s
+            )
             if not self.misbehaviour.stop_reporting:
                 for c in self.connectors.values():
                     if c.tx_active:
