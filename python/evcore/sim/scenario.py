@@ -9,6 +9,7 @@ This module parses and validates all of it into frozen dataclasses; every error 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import math
 import tomllib
@@ -238,6 +239,20 @@ class TariffSpec:
     periods: tuple[TouPeriod, ...] = ()
     series: tuple[tuple[float, float], ...] = ()  # (unix seconds, price) sorted
     default_price_per_kwh: float = 0.0
+
+    def next_change(self, t: float) -> float:
+        """The first instant after unix time ``t`` where the price may change (+inf: never)."""
+        if self.series:
+            i = bisect.bisect_right(self.series, t, key=lambda x: x[0])
+            return self.series[i][0] if i < len(self.series) else math.inf
+        day = math.floor(t / 86_400.0) * 86_400.0
+        edges = (
+            d + h * 3600.0
+            for d in (day, day + 86_400.0)
+            for p in self.periods
+            for h in (p.start_h, p.end_h)
+        )
+        return min((e for e in edges if e > t), default=math.inf)
 
     def price_at(self, t: float) -> float:
         """Energy price per kWh at unix time ``t``."""

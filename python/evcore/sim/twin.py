@@ -376,15 +376,19 @@ class Meter:
         dt_h = (t1 - t0) / 3600.0
         self._charger_energy_kwh += charger_kw * dt_h
         # Cost and demand windows use the site meter price times charger energy for cost (the
-        # building's own energy is not the fleet's), the whole site meter for the peak.
+        # building's own energy is not the fleet's), the whole site meter for the peak. Pieces
+        # end at window edges and at price changes (priced at the piece's start, a change inside
+        # an interval was billed from the interval's end).
+        tariff = self.sc.tariff
         t = t0
         while t < t1:
             w = int((self.sc.start + t) // self.window_s)
             w_end = (w + 1) * self.window_s - self.sc.start
-            seg_end = min(t1, w_end)
-            h = (seg_end - t) / 3600.0
+            seg_end = min(t1, w_end, tariff.next_change(self.sc.start + t) - self.sc.start)
+            seg_end = max(seg_end, t + 1e-9)  # float noise at an edge: never stall
+            h = (min(seg_end, t1) - t) / 3600.0
             self.window_kwh[w] = self.window_kwh.get(w, 0.0) + site_kw * h
-            price = self.sc.tariff.price_at(self.sc.start + t)
+            price = tariff.price_at(self.sc.start + t)
             self.energy_cost += charger_kw * h * price
             t = seg_end
         while self._next_series < t1:
