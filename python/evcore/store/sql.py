@@ -1329,7 +1329,10 @@ class SqlStore(BackendStore):
                 # charger lookup (a join on seq) does not find it either, so neither may verify.
                 if _is_integer(seq):
                     out.setdefault(seq, []).append(str(charger_id))
-            return out
+            # In code point order, as audit_charger_ids gives a record's: the SQL ORDER BY sorts
+            # by the database's collation, a language's on many PostgreSQL servers ("a1" before
+            # "B1"), and verify compared the two lists as they came.
+            return {seq: sorted(ids) for seq, ids in out.items()}
 
         return await self._read(self._records, op)
 
