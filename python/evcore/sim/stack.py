@@ -162,6 +162,8 @@ class StackRun:
         self._app: Any = None
         # The cloud side: outages in force, and what reached the edge when (s after the start).
         self.down: dict[str, int] = {"broker_down": 0, "cloud_down": 0}
+        # Charger faults in force, by (kind, charger).
+        self._faults_held: dict[tuple[str, str], int] = {}
         self.plan_log: list[float] = []
         self.signal_log: list[tuple[float, str]] = []
         self.plans_held = 0
@@ -281,13 +283,18 @@ class StackRun:
             return
         assert f.charger is not None
         sim, _ = self._fleet.station(f.charger)
+        # Faults of one kind on one charger may touch or overlap: it misbehaves until the last
+        # ends (the first one's end turned the station's flag off while another held it).
+        key = (f.kind, f.charger)
+        held = self._faults_held.get(key, 0) + (1 if on else -1)
+        self._faults_held[key] = held
         if f.kind == "charger_offline" and on:
             await sim.go_offline(max(f.duration_s, 1.0))
         elif f.kind == "meter_stuck":
             # The station stops sending meter values (the edge sees them go stale).
-            sim.misbehaviour.stop_reporting = on
+            sim.misbehaviour.stop_reporting = held > 0
         elif f.kind == "profile_ignored":
-            sim.misbehaviour.ignore_profiles = on
+            sim.misbehaviour.ignore_profiles = held > 0
         elif f.kind == "profiles_lost_on_reboot" and on:
             sim.misbehaviour.lose_profiles_on_reboot = True
             await sim.reboot()

@@ -524,6 +524,7 @@ class SitePlant:
         self.listeners: list[PlantListener] = []
         self.profiles_received = 0
         self.faults_injected: list[str] = []
+        self._faults_held: dict[tuple[str, int], int] = {}
         self.not_wired = sorted({f.kind for f in sc.faults if f.kind not in WIRED_FAULTS})
         self.node_index = {nid: i for i, nid in enumerate(self.lines.node_ids)}
         self._t = 0.0
@@ -763,12 +764,17 @@ class SitePlant:
         if on:
             self.faults_injected.append(f"{f.kind}@{f.at_s / 3600:.2f}h")
         p = self.points[k] if k >= 0 else None
+        # Faults of one kind on one charger may touch or overlap: it misbehaves until the last
+        # ends (the first one's end turned it off while another held it).
+        key = (f.kind, k)
+        self._faults_held[key] = self._faults_held.get(key, 0) + (1 if on else -1)
+        held = self._faults_held[key] > 0
         if f.kind == "charger_offline" and p is not None:
-            p.offline = on
+            p.offline = held
         elif f.kind == "meter_stuck" and p is not None:
-            p.meter_stuck = on
+            p.meter_stuck = held
         elif f.kind == "profile_ignored" and p is not None and p.car is not None:
-            p.car.ignores_profile = on
+            p.car.ignores_profile = held
         elif f.kind == "profiles_lost_on_reboot" and p is not None and on:
             # The charger reboots and forgets every profile: it allows its maximum until told.
             p.tx = p.tx_valid_to = p.tx_final = p.default = None
