@@ -971,7 +971,17 @@ class LocalPlanner:
             # has changed since): following it would hold cars to it until it goes stale.
             self.ctrl.drop_local_plan()
             return None
-        plan = self._targets(res, self.ctrl.clock.now(), req)
+        try:
+            plan = self._targets(res, self.ctrl.clock.now(), req)
+        except Exception:
+            # A plan that cannot be turned into targets is a failed plan. Unguarded, whatever
+            # this raised ended the planner's task, and with it the edge's task group (the
+            # control loop included).
+            self.failures += 1
+            self.last_status = "failed"
+            log.exception("local plan: reading its schedule failed; allocator alone")
+            self.ctrl.drop_local_plan()
+            return None
         self.plans += 1
         self.ctrl.set_plan(plan)
         return plan
@@ -1021,5 +1031,8 @@ class LocalPlanner:
                 if left <= 0:
                     break
                 await self._sleep(min(left, WINDOW_SAMPLE_S), ctrl.replan_wanted)
-                self.windows.sample(ctrl.clock.now(), ctrl.state.chargers)
+                try:
+                    self.windows.sample(ctrl.clock.now(), ctrl.state.chargers)
+                except Exception:  # (as in plan_now: a failed reading never ends the edge)
+                    log.exception("demand windows: reading the chargers' energy failed")
                 await self.save_windows()
