@@ -89,3 +89,54 @@ async def test_a_session_ends_in_the_store_with_the_energy_it_delivered(tmp_path
         assert abs(t2.energy_delivered_kwh - 2.0) < 1e-9, t2  # before: 0.0
     finally:
         await store.close()
+
+
+async def test_an_end_that_comes_after_the_status_keeps_its_energy(tmp_path: Path) -> None:
+    """The car unplugged: StatusNotification(Available) ended the session, and the transaction's
+    end (StopTransaction's meterStop, TransactionEvent(Ended)) came a moment later with the
+    energy since the last reading (up to a whole sampling interval, 15 min by many stations'
+    default): it was ignored, the session stayed in the store with its last reading's energy."""
+    from evcore.ocpp.events import StatusEvent
+
+    store = open_store({"kind": "embedded", "path": str(tmp_path / "store")}, tmp_path)
+    await store.open()
+    try:
+        table = depot_table(2, per_feeder=2)
+        clock = StepClock()
+        gateway: Any = None  # nothing is sent in this test
+        ctrl = build_controller(
+            table, core=RustCore(load_site(table), table), gateway=gateway, clock=clock
+        )
+        keeper = SessionKeeper(store, clock)
+        ctrl.on_session = keeper
+        cid = "cp-0001"
+        ctrl.on_event(_tx(cid, "T1", "started", clock.now(), 0.0))
+        clock.advance(1800)
+        ctrl.on_event(_meter(cid, clock.now(), 5_000.0))
+        clock.advance(600)
+        ctrl.on_event(
+            StatusEvent(
+                charger_id=cid,
+                ocpp_id="CP0001",
+                evse_id=1,
+                connector_id=1,
+                status="Available",
+                error_code="NoError",
+                at=clock.now(),
+            )
+        )
+        assert ctrl.state.chargers[cid].transaction_id is None
+        ctrl.on_event(_tx(cid, "T1", "ended", clock.now(), 6_500.0))
+        await keeper.drain()
+        got = await store.get_session(f"{cid}:T1")
+        assert got is not None and got.ended_at_s is not None
+        assert abs(got.energy_delivered_kwh - 6.5) < 1e-9, got  # before: 5.0
+        # A repeat of that end, or an end of a transaction long gone, changes nothing.
+        ctrl.on_event(_tx(cid, "T1", "ended", clock.now(), 6_500.0))
+        ctrl.on_event(_tx(cid, "T0", "ended", clock.now(), 9_000.0))
+        await keeper.drain()
+        again = await store.get_session(f"{cid}:T1")
+        assert again is not None and again.energy_delivered_kwh == got.energy_delivered_kwh
+        assert await store.get_session(f"{cid}:T0") is None
+    finally:
+        await store.close()

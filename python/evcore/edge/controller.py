@@ -253,7 +253,19 @@ class EdgeController:
         cs0 = self.state.chargers.get(getattr(ev, "charger_id", None) or "")
         tx_before = cs0.transaction_id if cs0 is not None else None
         wh_before = cs0.session_energy_wh if cs0 is not None else 0.0
+        # The end of the transaction whose session a status already ended (the car unplugged
+        # first): nothing changes in the state, but the session is saved with its last energy.
+        late_end = (
+            cs0 is not None
+            and kind == "TransactionEvent"
+            and ev.kind == "ended"
+            and ev.transaction_id != tx_before
+            and ev.transaction_id == cs0.ended_transaction_id
+        )
         self._apply_event(kind, ev)
+        if late_end and cs0 is not None:
+            cs0.ended_transaction_id = None  # (a repeat of this end changes nothing)
+            self._session_changed(cs0, ev.transaction_id, getattr(ev, "session_energy_wh", None))
         if cs0 is not None and cs0.transaction_id != tx_before:
             if tx_before is not None:
                 # The ended session's energy: what its end carried (still on the charger), or,

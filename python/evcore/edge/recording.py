@@ -700,6 +700,9 @@ class SessionKeeper:
         self.store = store
         self.clock = clock
         self.open: dict[str, Any] = {}  # charger id -> SessionRecord
+        # charger id -> the SessionRecord that ended last (its transaction's end may come after
+        # the status that ended it, with the energy since the last reading)
+        self.closed: dict[str, Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.failures = 0
 
@@ -714,6 +717,15 @@ class SessionKeeper:
         prev = self.open.get(c.charger_id)
         if ended is not None:
             if prev is None or prev.transaction_id != ended:
+                done = self.closed.get(c.charger_id)
+                if done is None or done.transaction_id != ended or ended_wh is None:
+                    return
+                # Its end, after the status that ended it: the energy it carries counts.
+                if not (math.isfinite(ended_wh) and ended_wh / 1000.0 > done.energy_delivered_kwh):
+                    return
+                rec = replace(done, energy_delivered_kwh=ended_wh / 1000.0, updated_at_s=now)
+                self.closed[c.charger_id] = rec
+                self._spawn(rec)
                 return
             # The energy it ended with (before: the one saved last, at its start or when it was
             # last steered: 0 kWh for most sessions).
@@ -727,6 +739,7 @@ class SessionKeeper:
                 updated_at_s=now,
             )
             del self.open[c.charger_id]
+            self.closed[c.charger_id] = rec
         else:
             tx = c.transaction_id or ""
             if prev is None or prev.transaction_id != tx:
@@ -745,6 +758,9 @@ class SessionKeeper:
                 updated_at_s=now,
             )
             self.open[c.charger_id] = rec
+        self._spawn(rec)
+
+    def _spawn(self, rec: Any) -> None:
         task = asyncio.ensure_future(self._save(rec))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -67,6 +67,9 @@ class ChargerState:
     plugged: bool = False
     transaction_id: str | None = None
     session_started_at: float | None = None  # wall
+    # The transaction of the session that ended last on the charger: ended by a status (the car
+    # unplugged), its own end may still come, with its last energy.
+    ended_transaction_id: str | None = None
 
     # Measurement per SITE phase and per charger TERMINAL (its L1..L3), A; None where not measured.
     # DC: measured_w as well.
@@ -547,6 +550,8 @@ class SiteState:
             c.needs_resend = True
 
     def _end_session(self, c: ChargerState) -> None:
+        if c.transaction_id is not None:
+            c.ended_transaction_id = c.transaction_id
         c.transaction_id = None
         c.session_started_at = None
         c.energy_requested_kwh = None
