@@ -820,6 +820,14 @@ def parse_scenario(doc: Mapping[str, Any], *, path: Path | None = None) -> Scena
         faults=tuple(faults),
         edge=_edge_table(doc.get("edge")),
     )
+    ids = [c.id for c in site.chargers]
+    for station, charger in scenario.arrivals.station_map.items():
+        if charger not in charger_ids:
+            # Kept, every session of the station went to the first free charger instead.
+            listed = ", ".join(ids[:5]) + (f", ... ({len(ids)} chargers)" if len(ids) > 5 else "")
+            raise ScenarioError(
+                f"[arrivals].station_map.{station}: unknown charger {charger!r} (site: {listed})"
+            )
     _check_edge(scenario)
     return scenario
 
