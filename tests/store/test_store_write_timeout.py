@@ -32,6 +32,7 @@ from evcore.store import (
     StoreUnavailable,
     open_store,
 )
+from evcore.store.sql import audit_charger_ids
 from evcore.v1.audit_pb2 import AuditRecord
 from evcore.v1.meter_pb2 import MeterSample
 from pg_testkit import COMMIT, PG_DSN, StallingRelay
@@ -278,3 +279,57 @@ async def test_a_purge_in_pieces_removes_exactly_what_expired(
     assert await store.purge_telemetry(T0 + 3) == 0
     assert await store.purge_processed(T0 + 5) == 5
     assert [await store.is_processed("edge", f"e{i}") for i in range(7)] == [False] * 5 + [True] * 2
+
+
+async def test_a_retried_append_racing_its_own_late_commit_is_no_conflict(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    """The first attempt's transaction is still open on the server (its session has not been
+    ended yet) when the retry's INSERT comes: the retry waits for its key, then the late COMMIT
+    arrives. The retry must take the record now stored as its own, as it does when it finds it
+    stored at once. Before: the retry failed with AuditChainConflict ("concurrent write lost a
+    race"), and the audit log, reloading the head, then refused the record as recorded already."""
+    store = open_store({"kind": "postgres", "dsn": PG_DSN, "schema": pg_schema}, tmp_path)
+    records = _chain(2)
+    await store.open()
+    try:
+        await store.append_audit(records[0])
+        r = records[1]
+        with psycopg.connect(PG_DSN) as first:  # the first attempt, its COMMIT late
+            first.execute(
+                pgsql.SQL(
+                    "INSERT INTO {}.audit_records"
+                    " (seq, decision_id, decided_at_s, prev_hash, hash, payload)"
+                    " VALUES (%s, %s, %s, %s, %s, %s)"
+                ).format(pgsql.Identifier(pg_schema)),
+                (
+                    r.seq,
+                    r.decision_id,
+                    r.decided_at.seconds + r.decided_at.nanos / 1e9,
+                    r.prev_hash,
+                    r.hash,
+                    r.SerializeToString(deterministic=True),
+                ),
+            )
+            for charger_id in audit_charger_ids(r):
+                first.execute(
+                    pgsql.SQL(
+                        "INSERT INTO {}.audit_chargers (charger_id, seq) VALUES (%s, %s)"
+                    ).format(pgsql.Identifier(pg_schema)),
+                    (charger_id, r.seq),
+                )
+            first.execute(
+                pgsql.SQL("UPDATE {}.audit_head SET seq = %s, hash = %s").format(
+                    pgsql.Identifier(pg_schema)
+                ),
+                (r.seq, r.hash),
+            )
+            retry = asyncio.ensure_future(store.append_audit(r))
+            await asyncio.sleep(0.5)
+            assert not retry.done()  # waiting for the first attempt's locks
+            first.commit()
+        await asyncio.wait_for(retry, 5)
+        report = await verify_chain(store)
+        assert report.ok and report.records == 2, report.problems
+    finally:
+        await store.close()

@@ -1186,10 +1186,10 @@ class SqlStore(BackendStore):
                     f"prev {record.prev_hash[:12]!r})"
                     f" does not extend the head (next seq {want_seq}, head {want_prev[:12]!r})"
                 )
-            tx.execute(
+            inserted = tx.execute(
                 "INSERT INTO audit_records"
                 " (seq, decision_id, decided_at_s, prev_hash, hash, payload)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (
                     seq,
                     record.decision_id,
@@ -1199,6 +1199,23 @@ class SqlStore(BackendStore):
                     payload,
                 ),
             )
+            if inserted == 0:
+                # PostgreSQL: another transaction held this seq or decision id uncommitted when
+                # we looked, and committed it while the INSERT waited; a new statement sees it.
+                # It is this very record when an earlier attempt of this append (cut short by
+                # write_timeout_s, its outcome unknown) committed late: a retry, done. (SQLite
+                # takes the write lock before looking: only a row put there behind the store's
+                # back gets here.)
+                same = tx.one(
+                    "SELECT seq, hash FROM audit_records WHERE decision_id = ?",
+                    (record.decision_id,),
+                )
+                if same is not None and int(same[0]) == seq and same[1] == record.hash:
+                    return
+                raise AuditChainConflict(
+                    f"audit record {record.decision_id!r} (seq {seq}): that seq or decision id"
+                    " was stored by another writer meanwhile"
+                )
             tx.insert_many("audit_chargers", ("charger_id", "seq"), [(c, seq) for c in chargers])
             tx.execute(
                 "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT (id)"
