@@ -53,6 +53,9 @@ from evcore.edge.grid import (
 from evcore.edge.ports import AuditSink, ChargerGateway, CorePort, EnforcedSetpoints
 from evcore.edge.state import ChargerState, SiteState, priority_error
 
+#: The most energy a session may ask for (kWh): the planner's plausibility bound for
+#: ``energy_requested_kwh`` (core/evcore-core/src/planner/input.rs).
+MAX_SESSION_KWH = 1e4
 log = logging.getLogger("evcore.edge")
 
 # Triggers that may require a decrease: decide at once rather than at the next tick.
@@ -463,6 +466,13 @@ class EdgeController:
                 raise ValueError(
                     f"set_session {charger_id}: {name} must be finite and >= 0, got {value!r}"
                 )
+        if energy_requested_kwh is not None and energy_requested_kwh > MAX_SESSION_KWH:
+            # The planner refuses it (its plausibility bound, docs/planner.md): taken, it made
+            # every re-plan of the site fail for as long as the session lasted.
+            raise ValueError(
+                f"set_session {charger_id}: energy_requested_kwh must be at most "
+                f"{MAX_SESSION_KWH:g} kWh, got {energy_requested_kwh!r} (Wh given as kWh?)"
+            )
         if energy_requested_kwh is not None:
             c.energy_requested_kwh = energy_requested_kwh
         if departure is not None:
