@@ -21,7 +21,7 @@ from evcore.cloud import CloudApiServer, CloudConfig, CloudStore, open_cloud_sto
 from evcore.v1 import cloud_api_pb2_grpc as pb_grpc
 from evcore.v1.audit_pb2 import AuditRecord, ChargerBinding
 from evcore.v1.setpoint_pb2 import Setpoint
-from pg_testkit import PG_DSN, TcpRelay
+from pg_testkit import PG_DSN
 
 T0 = 1_767_225_600.0
 SITES = ("depot-1", "depot-2")
@@ -36,43 +36,6 @@ def _load_cert_helpers() -> Any:
         sys.modules["ocpp_certs"] = module
         spec.loader.exec_module(module)
     return sys.modules["ocpp_certs"]
-
-
-class StallingRelay(TcpRelay):
-    """:class:`TcpRelay` whose ``stall()`` stops forwarding in both directions without closing
-    anything (a network path or a PostgreSQL server that stops answering): bytes are held, new
-    connections accepted but not connected. ``resume()`` forwards again."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-
-    def stall(self) -> None:
-        self.flowing.clear()
-
-    def resume(self) -> None:
-        self.flowing.set()
-
-    def cut(self) -> None:
-        self.flowing.set()
-        super().cut()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                await self.flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._transports.add(writer.transport)
-        await self.flowing.wait()
-        if self._server is None:  # cut while it waited
-            writer.transport.abort()
-            return
-        await super()._client(reader, writer)
 
 
 def pg_url(schema: str) -> str:
@@ -131,7 +94,12 @@ async def start_cloud(
         {"listen": "127.0.0.1:0", "tls": tls, "store": {"url": store_url, **(store or {})}},
         tmp_path,
     )
-    store = open_cloud_store(config.store_url, tmp_path, read_timeout_s=config.store_read_timeout_s)
+    store = open_cloud_store(
+        config.store_url,
+        tmp_path,
+        read_timeout_s=config.store_read_timeout_s,
+        write_timeout_s=config.store_write_timeout_s,
+    )
     clock = ManualClock(T0)
     server = CloudApiServer(config, store, clock=clock)
     port = await server.start()

@@ -160,7 +160,11 @@ class FleetCloud:
         await self.server.stop(0.5)
         await self.store.close()
         config = self.server.config
-        self.store = open_cloud_store(config.store_url, read_timeout_s=config.store_read_timeout_s)
+        self.store = open_cloud_store(
+            config.store_url,
+            read_timeout_s=config.store_read_timeout_s,
+            write_timeout_s=config.store_write_timeout_s,
+        )
         self.server = CloudApiServer(self.server.config, self.store, clock=self.clock)
         self.port = await self.server.start()
 
@@ -303,7 +307,10 @@ async def start_fleet_cloud(
         tmp_path,
     )
     cloud_store = open_cloud_store(
-        config.store_url, tmp_path, read_timeout_s=config.store_read_timeout_s
+        config.store_url,
+        tmp_path,
+        read_timeout_s=config.store_read_timeout_s,
+        write_timeout_s=config.store_write_timeout_s,
     )
     clock = clock if clock is not None else ManualClock(now_s)
     server = CloudApiServer(config, cloud_store, clock=clock)

@@ -1,4 +1,5 @@
-"""The cloud store's reads are bounded by ``[store] read_timeout_s``, as the edge store's are: a
+"""The cloud store's reads are bounded by ``[store] read_timeout_s`` and its writes by
+``write_timeout_s``, as the edge store's are: a
 PostgreSQL server that stops answering (the path to it stalls, nothing is closed) is UNAVAILABLE
 naming the call and the store within about that bound, and served again once it answers. Real
 PostgreSQL through a relay that stops forwarding, real mTLS (and the command as a process).
@@ -18,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from cloud_testkit import StallingRelay, cloud_serve
+from cloud_testkit import cloud_serve
 from evcore.cloud import CloudConfig, CloudConfigError
 from evcore.cloud.auth import SITE_HEADER
 from evcore.store.base import StoreUnavailable
@@ -26,6 +27,7 @@ from evcore.v1 import cloud_api_pb2 as pb
 from evcore.v1 import cloud_api_pb2_grpc as pb_grpc
 from evcore.v1.fleet_api_pb2 import ListFleetCurtailmentsRequest
 from fleet_testkit import site_table, start_fleet_cloud, topology
+from pg_testkit import COMMIT, StallingRelay
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,3 +150,39 @@ async def test_the_command_bounds_reads_by_its_config(
         assert details.startswith("GetPlan: store unavailable: PostgreSQL store"), details
         assert "read_timeout_s = 0.5" in details, details
         relay.resume()
+
+
+async def test_a_postgresql_silent_during_a_write_is_unavailable_within_the_write_timeout(
+    relay: StallingRelay, pg_schema: str, tmp_path: Path
+) -> None:
+    """A write whose COMMIT never reaches a server that stays silent: UNAVAILABLE naming the
+    store within about ``write_timeout_s``, then served again on a new connection. Before, the
+    cloud's writes had no bound: the store's one worker waited for TCP keepalive (about 2 h)
+    and the call ended at the client's deadline (DEADLINE_EXCEEDED at 8 s), every later call
+    queued behind it."""
+    f = await start_fleet_cloud(
+        tmp_path,
+        relay.store_url(pg_schema) + "&sslmode=disable",  # the marker is read in plain bytes
+        n_sites=1,
+        fleet={"resplit_every_s": 0, "republish_every_s": 0},
+        store={"read_timeout_s": 0.5, "write_timeout_s": 0.5},
+    )
+    try:
+        (site,) = f.sites
+        async with f.channel(site) as site_ch:
+            cloud = f.cloud(site_ch)
+            table = site_table(site, power_limit_kw=300.0, other_load_a=0.0)
+            assert (await cloud.PutTopology(topology(table))).topology_version == 1
+            relay.stall_on(COMMIT, deliver=False)
+            changed = site_table(site, power_limit_kw=250.0, other_load_a=0.0)
+            details, took = await _unavailable(
+                cloud.PutTopology(topology(changed), timeout=DEADLINE_S)
+            )
+            assert relay.stalled.is_set()
+            assert took < 4.0, took
+            assert details.startswith("PutTopology: store unavailable: PostgreSQL store"), details
+            assert "write_timeout_s = 0.5" in details, details
+            # Idempotent: the retry stores it (once).
+            assert (await cloud.PutTopology(topology(changed))).topology_version == 2
+    finally:
+        await f.close()

@@ -39,7 +39,11 @@ async def _main(args: argparse.Namespace) -> int:
 
     try:
         config = CloudConfig.from_file(args.config)
-        store = open_cloud_store(config.store_url, read_timeout_s=config.store_read_timeout_s)
+        store = open_cloud_store(
+            config.store_url,
+            read_timeout_s=config.store_read_timeout_s,
+            write_timeout_s=config.store_write_timeout_s,
+        )
     except (CloudConfigError, StoreError) as exc:
         print(f"evcore cloud: {args.config}: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -76,6 +76,9 @@ class CloudConfig:
     store_url: str
     # ``[store] read_timeout_s``: a read waits at most this long, then UNAVAILABLE naming the store.
     store_read_timeout_s: float = 10.0
+    # ``[store] write_timeout_s``: a write waits at most this long, then UNAVAILABLE naming the
+    # store (whether anything was committed: every upload is idempotent, a retry is safe).
+    store_write_timeout_s: float = 30.0
     listen: str = DEFAULT_LISTEN
     tls: CloudTls | None = None
     # Local development only: no TLS, the site id taken from the `x-evcore-site-id` header.
@@ -127,6 +130,7 @@ class CloudConfig:
         return CloudConfig(
             store_url=url,
             store_read_timeout_s=store["read_timeout_s"],
+            store_write_timeout_s=store["write_timeout_s"],
             listen=listen,
             tls=tls,
             insecure=insecure,
@@ -315,6 +319,7 @@ _STORE = Section(
     {
         "url": Key("text", required=True, example='url = "sqlite:DIR" or "postgresql://…"'),
         "read_timeout_s": Key("number", CloudConfig.store_read_timeout_s, lo=0, above=True),
+        "write_timeout_s": Key("number", CloudConfig.store_write_timeout_s, lo=0, above=True),
     },
     CloudConfigError,
 )

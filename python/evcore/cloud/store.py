@@ -45,6 +45,8 @@ TELEMETRY_FILE = "cloud-telemetry.sqlite"
 DEFAULT_SCHEMA = "evcore_cloud"
 #: ``[store] read_timeout_s``: the longest a read waits (the edge store's default).
 DEFAULT_READ_TIMEOUT_S = 10.0
+#: ``[store] write_timeout_s``: the longest a write waits (the edge store's default).
+DEFAULT_WRITE_TIMEOUT_S = 30.0
 
 
 class FleetRevisionConflict(Exception):
@@ -819,6 +821,7 @@ def open_cloud_store(
     base_dir: Path | str = ".",
     *,
     read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S,
+    write_timeout_s: float | None = DEFAULT_WRITE_TIMEOUT_S,
 ) -> CloudStore:
     """A cloud store from a URL: ``sqlite:DIR`` (or a plain directory; relative to ``base_dir``)
     or ``postgresql://user@host:port/db?schema=NAME`` (schema defaults to ``evcore_cloud``).
@@ -828,8 +831,11 @@ def open_cloud_store(
     then raises ``StoreUnavailable`` naming the store, as the edge store's reads do
     (``evcore.store.sql.BackendStore._read``): a PostgreSQL server that stops answering held a
     handler until its caller's deadline, and a background task (republish, re-split, retention)
-    for ever. Writes are not bounded: a commit cut short by a timeout would only be an unknown
-    one (every upload is idempotent, the caller's deadline ends its wait)."""
+    for ever. Every write waits at most ``write_timeout_s`` (``[store] write_timeout_s``; the
+    edge store's bound, docs/store.md): a server that went silent during a write held the
+    store's one worker for as long as TCP keepalive took (about 2 h with libpq's defaults), and
+    every later call queued behind it. A write cut short says whether anything was committed;
+    every upload is idempotent, so the caller's retry is safe."""
     if url.startswith(("postgresql://", "postgres://")):
         from evcore.store.postgres import PostgresBackend
 
@@ -848,6 +854,7 @@ def open_cloud_store(
             connect_timeout_s=5.0,
             name="cloud-pg",
             read_timeout_s=read_timeout_s,
+            write_timeout_s=write_timeout_s,
         )
         telemetry = _Pg(
             dsn,
@@ -856,6 +863,7 @@ def open_cloud_store(
             connect_timeout_s=5.0,
             name="cloud-pg-telemetry",
             read_timeout_s=read_timeout_s,
+            write_timeout_s=write_timeout_s,
         )
         host = parts.hostname or ""
         where = f"postgresql://{host}:{parts.port or 5432}{parts.path}#{schema}"
@@ -872,6 +880,7 @@ def open_cloud_store(
             migrations=cloud_migrations.SQLITE_RECORDS,
             name="cloud-records",
             read_timeout_s=read_timeout_s,
+            write_timeout_s=write_timeout_s,
         ),
         SqliteBackend(
             directory / TELEMETRY_FILE,
@@ -879,6 +888,7 @@ def open_cloud_store(
             migrations=cloud_migrations.SQLITE_TELEMETRY,
             name="cloud-telemetry",
             read_timeout_s=read_timeout_s,
+            write_timeout_s=write_timeout_s,
         ),
         description=f"sqlite:{directory}",
     )
