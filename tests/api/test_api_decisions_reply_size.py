@@ -3,7 +3,9 @@
 200 chargers a record is about 20 kB and ``limit`` = 1000 (which the API allows) asked for some
 20 MB. Before, the server sent it all and the client, which takes 4 MiB by default, failed with
 RESOURCE_EXHAUSTED: the NOC could not read the decisions at all. Now a reply holds the newest
-records that fit in 3.5 MiB and says in its trailing metadata how many more there were.
+records that fit in 3.5 MiB and says in its trailing metadata how many more there were, and
+``before_seq`` pages back through the rest (before it, the records past the first reply could not
+be reached at all).
 """
 
 from __future__ import annotations
@@ -48,3 +50,22 @@ async def test_many_large_decisions_come_back_as_many_as_fit(tmp_path: Path) -> 
         small = edge.stub.ListDecisions(pb.ListDecisionsRequest(limit=5), metadata=auth(VIEWER))
         assert len((await small).decisions) == 5
         assert "evcore-decisions-left-out" not in dict(await small.trailing_metadata() or ())
+
+        # Paging back: before_seq = the smallest seq received; every record once, newest first.
+        seqs = [d.seq for d in reply.decisions]
+        for _ in range(DECISIONS):
+            page = await edge.stub.ListDecisions(
+                pb.ListDecisionsRequest(limit=1000, before_seq=min(seqs)), metadata=auth(VIEWER)
+            )
+            if not page.decisions:
+                break
+            assert page.ByteSize() <= CLIENT_MAX_BYTES
+            seqs += [d.seq for d in page.decisions]
+        assert seqs == sorted(seqs, reverse=True)
+        assert len(seqs) == len(set(seqs)) == DECISIONS + 3
+        # With a charger filter and a small limit as well.
+        one = await edge.stub.ListDecisions(
+            pb.ListDecisionsRequest(charger_id="C007", limit=2, before_seq=seqs[10]),
+            metadata=auth(VIEWER),
+        )
+        assert [d.seq for d in one.decisions] == seqs[11:13]

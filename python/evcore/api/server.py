@@ -47,6 +47,9 @@ _View = TypeVar("_View", pb.SessionView, pb.SetpointView)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeApi"].full_name
 DEFAULT_DECISIONS = 50
 MAX_DECISIONS = 1000
+#: Without a store, paging back (``before_seq``) looks through every decision the edge keeps in
+#: memory (``ControllerFacade(keep_decisions=)``, 1,000 by default).
+MAX_RECENT_SCAN = 100_000
 WATCH_QUEUE = 1000
 #: Change streams one caller (one token or client certificate name) may hold open, and the server:
 #: each holds up to WATCH_QUEUE changes and a subscription the control loop feeds. A client that
@@ -438,16 +441,27 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             else None
         )
         charger = request.charger_id or None
+        before = request.before_seq if request.HasField("before_seq") else None
         records: list[AuditRecord]
         if self._store is not None:
             records = await self._store.audit_records(
-                charger_id=charger, since_s=since_s, limit=limit, newest_first=True
+                charger_id=charger,
+                since_s=since_s,
+                before_seq=before,
+                limit=limit,
+                newest_first=True,
             )
         else:
+            # The edge's recent decisions in memory (no store): as far back as they go.
             rows = await self._call(
-                context, self._facade.recent_decisions, charger_id=charger, limit=limit
+                context,
+                self._facade.recent_decisions,
+                charger_id=charger,
+                limit=limit if before is None else MAX_RECENT_SCAN,
             )
             records = [record_from_mapping(r) for r in rows]
+            if before is not None:
+                records = [r for r in records if r.seq < before][:limit]
             if since_s is not None:
                 records = [r for r in records if convert.seconds(r.decided_at) >= since_s]
         kept = _fitting(records, MAX_REPLY_BYTES)

@@ -311,6 +311,7 @@ class Store(Protocol):
         since_s: float | None = None,
         until_s: float | None = None,
         after_seq: int | None = None,
+        before_seq: int | None = None,
         limit: int | None = None,
         newest_first: bool = False,
     ) -> list[AuditRecord]: ...

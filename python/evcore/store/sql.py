@@ -1241,6 +1241,7 @@ class SqlStore(BackendStore):
         since_s: float | None = None,
         until_s: float | None = None,
         after_seq: int | None = None,
+        before_seq: int | None = None,
         limit: int | None = None,
         newest_first: bool = False,
     ) -> list[AuditRecord]:
@@ -1254,6 +1255,7 @@ class SqlStore(BackendStore):
             ("r.decided_at_s >= ?", None if since_s is None else float(since_s)),
             ("r.decided_at_s < ?", None if until_s is None else float(until_s)),
             ("r.seq > ?", None if after_seq is None else int(after_seq)),
+            ("r.seq < ?", None if before_seq is None else int(before_seq)),
         ]
         out: list[AuditRecord] = []
         async for page in self._audit_pages(base, filters, "r.payload", limit, newest_first):
