@@ -462,10 +462,21 @@ impl NodeLoads {
         }
     }
     pub fn line_a(&self, n: usize, p: usize) -> f64 {
-        // Currents are sanitised to finite amperes far from overflow: the plain square root is
-        // as exact as `hypot` here (within an ulp) and several times faster.
+        // The plain square root is as exact as `hypot` for finite amperes far from overflow
+        // (within an ulp) and several times faster. An infinite current counted as it is (an
+        // absurd measurement: the invariants hold for any input) makes a component infinite or
+        // NaN (inf x 0 on the phase whose unit phasor has no imaginary part), and the root NaN,
+        // which no limit check catches: it counts as infinite, as `hypot` takes it. Before
+        // (e2c95f3 to this), an infinite building load on L1 passed every check of its node
+        // (property test seed 4734383080977946574: a charger left on under an infinite
+        // unbalance).
         let (re, im) = (self.re[n][p], self.im[n][p]);
-        (re * re + im * im).sqrt()
+        let m = (re * re + im * im).sqrt();
+        if m.is_nan() {
+            f64::INFINITY
+        } else {
+            m
+        }
     }
 }
 
@@ -2649,6 +2660,30 @@ pub(crate) mod tests {
         let d = run(&t, &x, &EnvelopeParams::default());
         assert!((d.setpoint_a[0] - 10.0).abs() < 1e-6, "{d:?}");
         assert_eq!(d.binding[0], Binding::StaleTelemetry);
+    }
+
+    /// An infinite building load (an absurd reading, counted as it is) on L1 made the node's
+    /// counted L1 current NaN (inf x 0 in its phasor), which passed every check: a charger stayed
+    /// on under an infinite unbalance (property test seed 4734383080977946574).
+    #[test]
+    fn an_infinite_building_load_counts_as_infinite() {
+        for (phase, unbalance) in [("L2", r#", "unbalance_limit_a": 20"#), ("L1", "")] {
+            let t = site(
+                &format!(r#"{{"id": "g", "phase_limit_a": 100{unbalance}}}"#),
+                &ac("a", "g", "line_to_neutral", &format!(r#"["{phase}"]"#), ""),
+            );
+            let mut x = Inputs::quiet(&t);
+            x.req_a = vec![16.0];
+            x.o[0][0] = f64::INFINITY;
+            let d = run(&t, &x, &EnvelopeParams::default());
+            assert_eq!(d.setpoint_a[0], 0.0, "{phase}: {d:?}");
+            let chk = Check {
+                topo: &t,
+                x: &x,
+                p: EnvelopeParams::default(),
+            };
+            assert_eq!(chk.invariants(&d), Ok(()));
+        }
     }
 
     #[test]
