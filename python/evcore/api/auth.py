@@ -17,8 +17,6 @@ import contextvars
 import hashlib
 import hmac
 import logging
-import os
-import time
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from typing import Any
 import grpc
 
 from evcore.api.intercept import CheckingInterceptor
+from evcore.filewatch import FileWatch
 
 log = logging.getLogger("evcore.api.auth")
 
@@ -170,43 +169,25 @@ class Credentials:
         return found
 
 
-def _signature(path: Path) -> tuple[int, ...] | None:
-    """What changes when a file is replaced or rewritten (device, inode, size, mtime, ctime)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 class TokensFile:
     """The credentials in force: the site file's (``base``) and those of ``path`` (``[api]
-    tokens_file``), read again when the file changes (device, inode, size, mtime or ctime; at
-    every call while its mtime is under ``_SETTLE_S`` old, as two rewrites within the file
-    system's timestamp granularity keep them), so a token is revoked, or added, without a
-    restart. A file that cannot be read (removed, not valid TOML, a bad entry) leaves none of its
-    tokens or clients in force until it is fixed (never the old ones, which the edit may have
-    meant to retire); the site file's keep working. ``current`` is what the load read."""
-
-    _SETTLE_S = 2.0
+    tokens_file``), read again when the file changes (device, inode, size, mtime or ctime; at every
+    call while its mtime is under ``evcore.filewatch.SETTLE_S`` old, as two rewrites within the file
+    system's timestamp granularity keep them), so a token is revoked, or added, without a restart. A
+    file that cannot be read (removed, not valid TOML, a bad entry) leaves none of its tokens or
+    clients in force until it is fixed (never the old ones, which the edit may have meant to
+    retire); the site file's keep working. ``current`` is what the load read."""
 
     def __init__(self, base: Credentials, path: Path, current: Credentials) -> None:
         self.base = base
         self.path = path
         self.current = current
-        self._seen: tuple[int, ...] | None = None  # read again at the first call
+        self._watch = FileWatch(path, seen_now=False)  # read again at the first call
         self._failure = ""
 
     def credentials(self) -> Credentials:
-        seen = _signature(self.path)
-        if (
-            seen is not None
-            and seen == self._seen
-            and time.time() - seen[3] / 1e9 > self._SETTLE_S
-            and not self._failure
-        ):
+        if not self._watch.changed() and not self._failure:
             return self.current
-        self._seen = seen
         fresh = Credentials(tokens=dict(self.base.tokens), clients=dict(self.base.clients))
         try:
             fresh.merge_file(self.path)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evcore.filewatch import FileWatch, file_signature
 from evcore.metrics.exposition import CONTENT_TYPE, Counter, MetricFamily, Registry, render
 from evcore.site.sections import Key, Section, split_host_port
 
@@ -214,45 +215,24 @@ def _warn_if_readable_by_others(path: Path, key: str) -> None:
             )
 
 
-def _signature(path: Path) -> tuple[int, ...] | None:
-    """What changes when a file is replaced or rewritten (device, inode, size, mtime, ctime)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 class _TokenFile:
-    """The tokens in force (one per line: the old and the new one while a rotation is under
-    way), read again when the file changes (device, inode, size, mtime or ctime), so a rotated
-    token needs no restart. While its mtime is under ``_SETTLE_S`` old the file is read at every
-    scrape: a file rewritten in place twice within the file system's timestamp granularity keeps
-    its size and times. A file that cannot be read (missing, empty, malformed) leaves no token in
-    force: every scrape is refused until it is fixed (never the old tokens, which the rotation
-    meant to retire)."""
-
-    _SETTLE_S = 2.0
+    """The tokens in force (one per line: the old and the new one while a rotation is under way),
+    read again when the file changes (device, inode, size, mtime or ctime), so a rotated token needs
+    no restart. While its mtime is under ``evcore.filewatch.SETTLE_S`` old the file is read at every
+    scrape: a file rewritten in place twice within the file system's timestamp granularity keeps its
+    size and times. A file that cannot be read (missing, empty, malformed) leaves no token in force:
+    every scrape is refused until it is fixed (never the old tokens, which the rotation meant to
+    retire)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._seen = self._signature()
+        self._watch = FileWatch(path, seen_now=True)
         self.tokens: tuple[bytes, ...] | None = read_tokens(path)
         self._failure = ""
 
-    def _signature(self) -> tuple[int, ...] | None:
-        return _signature(self.path)
-
     def current(self) -> tuple[bytes, ...] | None:
-        seen = self._signature()
-        if (
-            seen is not None
-            and seen == self._seen
-            and time.time() - seen[3] / 1e9 > self._SETTLE_S
-            and not self._failure
-        ):
+        if not self._watch.changed() and not self._failure:
             return self.tokens
-        self._seen = seen
         try:
             tokens = read_tokens(self.path)
         except MetricsConfigError as exc:
@@ -304,7 +284,7 @@ class _TlsFiles:
         self.reloads = 0
 
     def _signatures(self) -> tuple[tuple[int, ...] | None, ...]:
-        return tuple(_signature(p) for p in self.paths)
+        return tuple(file_signature(p) for p in self.paths)
 
     def _settled(self, seen: tuple[tuple[int, ...] | None, ...]) -> bool:
         now = time.time()
