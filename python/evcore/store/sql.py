@@ -879,7 +879,10 @@ class SqlStore(BackendStore):
             )
         if not rows:
             return 0
-        batch = list(rows.values())
+        # In charger id order: PostgreSQL locks an upsert's rows in the order of its VALUES, so
+        # two writers naming the same chargers in different orders deadlocked (40P01), one of
+        # them failing as unavailable.
+        batch = [rows[c] for c in sorted(rows)]
 
         def op(tx: Tx) -> int:
             tx.upsert_many(
@@ -912,6 +915,8 @@ class SqlStore(BackendStore):
         ]
         if not batch:
             return 0
+        # Rows locked in charger id order, as add_setpoints locks them (no deadlock between two).
+        batch.sort(key=lambda row: (row[2], row[3]))
 
         def op(tx: Tx) -> int:
             n = 0
