@@ -91,3 +91,57 @@ async def test_a_2_0_1_end_carrying_an_unreadable_sample_ends_the_transaction() 
         ends = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
         assert [(e.transaction_id, e.session_energy_wh) for e in ends] == [("T1", 1000.0)]
         assert r.cs.station_state("CPB").active_transactions == {}
+
+
+def register(value: str, unit: str = "Wh") -> dict[str, Any]:
+    return {"value": value, "measurand": "Energy.Active.Import.Register", "unit": unit}
+
+
+async def test_an_implausible_reading_is_never_published() -> None:
+    """Values that parse as finite numbers but no meter reads: a negative energy register, one
+    of 10^33 Wh, a current of 10^9 A, a SoC of 250 %. A MeterValues carrying one is refused
+    naming the field; in a message that starts or ends a transaction it is skipped (and its
+    start or end taken), a 1.6 meterStart / meterStop among them too. Before, a register of
+    "-1e30" kWh went out as -1.0e33 Wh and a meterStart of -5 Wh as the session's start."""
+    async with raw_csms() as r:
+        st = await r.station("CPA", "1.6")
+        t = r.clock.now() - 600
+        bad = [register("-1e30", "kWh"), register("-5"), register("2e15"),
+               current("1e9", "L1"), {"value": "250", "measurand": "SoC"},
+               {"value": "-3e9", "measurand": "Power.Active.Import", "unit": "W"}]  # fmt: skip
+        for sv in bad:
+            mv = [{"timestamp": iso(t), "sampledValue": [sv]}]
+            answer = await st.call("MeterValues", {"connectorId": 1, "meterValue": mv})
+            assert answer[0] == 4 and answer[2] == "PropertyConstraintViolation", (sv, answer)
+            assert "meterValue[0].sampledValue[0].value" in answer[3], answer
+        tx = (await st.call("StartTransaction", start_16(t, -5)))[2]["transactionId"]
+        stop = stop_16(tx, t + 120, -1)
+        stop["transactionData"] = [
+            {"timestamp": iso(t + 30), "sampledValue": [register("1000")]},
+            {"timestamp": iso(t + 60), "sampledValue": bad},
+            {"timestamp": iso(t + 90), "sampledValue": [register("1500")]},
+        ]
+        assert (await st.call("StopTransaction", stop))[0] == 3
+        st2 = await r.station("CPB")
+        values = meter(t, 1000, 16)
+        values[0]["sampledValue"].insert(0, {"value": -1e30, "measurand": "SoC"})
+        values[0]["sampledValue"].append(
+            {"value": -1e30, "measurand": "Energy.Active.Import.Register"}
+        )
+        started = tx_event("T1", 0, "Started", "CablePluggedIn", t,
+                           evse={"id": 1, "connectorId": 1}, meterValue=values)  # fmt: skip
+        assert (await st2.call("TransactionEvent", started))[0] == 3
+        txs = [(e.transaction_id, e.kind, e.meter_start_wh, e.session_energy_wh)
+               for e in r.of(TransactionEvent)]  # fmt: skip
+        assert txs == [
+            (str(tx), "started", None, None),
+            (str(tx), "ended", 1000.0, 500.0),
+            ("T1", "started", 1000.0, 0.0),
+        ]
+        samples = r.of(MeterSample)
+        # The reading whose every value was skipped is not published (nothing is left of it).
+        assert [(s.energy_register_wh, s.soc_percent, s.power_w) for s in samples] == [
+            (1000.0, None, None),
+            (1500.0, None, None),
+            (1000.0, None, None),
+        ]

@@ -34,6 +34,28 @@ class MeterValueError(ValueError):
     """A sampled value could not be read; the message names the field."""
 
 
+#: The range a reading of each measurand can take (SI units, after unit and multiplier): beyond
+#: it a finite number is no measurement (a negative import register, 10^33 Wh, 10^9 A, a SoC of
+#: 250 %) and is refused like one that is not a number. Wide: a register counts a charger's
+#: lifetime (350 kW for 20 years is 6e10 Wh); currents and powers of a whole site fit.
+PLAUSIBLE: dict[str, tuple[float, float]] = {
+    "Energy.Active.Import.Register": (0.0, 1e12),
+    "Current.Import": (-1e4, 1e4),
+    "Current.Offered": (0.0, 1e4),
+    "Power.Active.Import": (-1e8, 1e8),
+    "SoC": (0.0, 100.0),
+}
+
+
+def check_plausible(measurand: str, value: float, where: str) -> float:
+    """``value`` if a reading of ``measurand`` can take it (``PLAUSIBLE``), else
+    ``MeterValueError`` naming ``where`` and the range."""
+    lo, hi = PLAUSIBLE.get(measurand, (-math.inf, math.inf))
+    if not lo <= value <= hi:
+        raise MeterValueError(f"{where}: {measurand} of {value:g} is outside [{lo:g}, {hi:g}]")
+    return value
+
+
 def parse_timestamp(value: Any, *, field: str = "timestamp") -> float:
     """An RFC 3339 timestamp with a zone → seconds since the epoch. Raises MeterValueError."""
     if not isinstance(value, str):
@@ -67,6 +89,18 @@ class Reading:
     power_at_inlet: bool = False
     #: Why each sampled value skipped as unreadable was (``lenient``).
     skipped: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing was read (every figure is missing)."""
+        return (
+            self.terminal_a == [None, None, None]
+            and self.power_w is None
+            and self.energy_register_wh is None
+            and self.inlet_energy_register_wh is None
+            and self.offered_a is None
+            and self.soc_percent is None
+        )
 
 
 def _number(version: str, sv: Mapping[str, Any], where: str) -> float:
@@ -143,7 +177,8 @@ def parse_meter_value(
             # the same meterValue's Raw entries. Refusing it would refuse the whole message.
             continue
         try:
-            value = _number(version, sv, f"{field}.sampledValue[{i}]")
+            where = f"{field}.sampledValue[{i}]"
+            value = check_plausible(measurand, _number(version, sv, where), where + ".value")
         except MeterValueError as exc:
             if not lenient:
                 raise

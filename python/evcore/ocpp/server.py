@@ -50,7 +50,13 @@ from evcore.ocpp.events import (
     TransactionEvent,
 )
 from evcore.ocpp.handlers import schedule_start
-from evcore.ocpp.metering import MeterValueError, PhaseMap, parse_meter_value, phase_map_for
+from evcore.ocpp.metering import (
+    MeterValueError,
+    PhaseMap,
+    check_plausible,
+    parse_meter_value,
+    phase_map_for,
+)
 from evcore.ocpp.publish import EventPublisher
 from evcore.ocpp.queue import CallOutcome, QueuedCall, StationCallQueue, Then
 
@@ -1188,9 +1194,8 @@ class CentralSystem:
         while len(st.start_keys) > START_KEYS_KEEP:
             del st.start_keys[next(iter(st.start_keys))]
         st.start_keys_unsaved = True
-        tx = TxState(
-            tx_id, charger.charger_id, connector_id, id_tag, meter_start_wh, meter_start_wh, at
-        )
+        start_wh = _plausible_register(st, tx_id, meter_start_wh, "meterStart")
+        tx = TxState(tx_id, charger.charger_id, connector_id, id_tag, start_wh, start_wh, at)
         st.transactions[tx_id] = tx
         await self._take_evse(st, tx, at)
         await self._tx_event(st, tx, "started", at)
@@ -1340,12 +1345,14 @@ class CentralSystem:
             return
         if tx is None:
             tx = self._unknown_stop_1_6(st, tx_id)
-        if tx.inlet_only:
+        # An implausible meterStop is skipped: the registers its meter values gave stand.
+        stop_wh = _plausible_register(st, tx_id, meter_stop_wh, "meterStop")
+        if stop_wh is not None and tx.inlet_only:
             # meterStop is the register the station reports: its inlet one, its only one.
             charger = self._chargers.get(tx.charger_id) if tx.charger_id else None
-            tx.note_inlet(meter_stop_wh, at, charger)
-        else:
-            tx.last_register_wh = meter_stop_wh
+            tx.note_inlet(stop_wh, at, charger)
+        elif stop_wh is not None:
+            tx.last_register_wh = stop_wh
         self._end(st, tx, at, reason)
         await self._tx_event(st, tx, "ended", at, reason)
 
@@ -1492,6 +1499,8 @@ class CentralSystem:
         )
         for why in reading.skipped:
             LOG.warning("station %s: sampled value skipped: %s", st.ocpp_id, why)
+        if reading.skipped and reading.empty:
+            return  # nothing left of it to publish (an empty sample is no reading of the draw)
         if dc and reading.power_w is not None and reading.terminal_a == [None, None, None]:
             # No grid-side current reported: the line currents follow from the power.
             line = charger.dc_line_a(reading.power_w, at_inlet=reading.power_at_inlet)
@@ -2456,6 +2465,17 @@ def _offset(est: ClockOffset) -> float | None:
     if offset is not None and offset < 0 and est.minutes < 2:
         return None
     return offset
+
+
+def _plausible_register(st: Station, tx_id: str, value: float, name: str) -> float | None:
+    """A 1.6 meterStart / meterStop ``value`` (Wh), or None (logged) when no register reads it
+    (``metering.PLAUSIBLE``): the transaction is taken, its energy counts from the registers of
+    its meter values instead."""
+    try:
+        return check_plausible("Energy.Active.Import.Register", value, name)
+    except MeterValueError as exc:
+        LOG.warning("station %s: transaction %s: %s skipped", st.ocpp_id, tx_id, exc)
+        return None
 
 
 def _answer(out: CallOutcome) -> str:
