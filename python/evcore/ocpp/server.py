@@ -49,7 +49,7 @@ from evcore.ocpp.events import (
     StatusEvent,
     TransactionEvent,
 )
-from evcore.ocpp.handlers import schedule_start
+from evcore.ocpp.handlers import iso, schedule_start
 from evcore.ocpp.metering import (
     MeterValueError,
     PhaseMap,
@@ -298,10 +298,15 @@ START_KEYS_KEEP = 64
 #: [connectorId, idTag, meterStart, timestamp, transactionId], oldest first), so that a start
 #: resent after a restart of the central system also gets its first transactionId.
 START_KEYS_META = "ocpp.v16_start_keys.{ocpp_id}"
+#: How many of a station's reused 2.0.1 transaction ids are kept (``Station.reused``).
+REUSED_IDS_KEEP = 64
+#: The store's meta key of a station's reused 2.0.1 transaction ids (JSON: {its id: [our ids]}).
+REUSED_IDS_META = "ocpp.v201_reused_tx_ids.{ocpp_id}"
 
 
 @dataclass
 class TxState:
+    #: Ours: the key in ``Station.transactions`` and what the events and the store name.
     transaction_id: str
     charger_id: str | None
     evse_id: int | None
@@ -340,6 +345,15 @@ class TxState:
     inlet_last_wh: float | None = None
     inlet_last_at: float | None = None
     inlet_car_wh: float = 0.0
+    #: The station's id of it when it is not ``transaction_id``: a 2.0.1 id the station used
+    #: again for a new session (after a reboot), which is ours under another id
+    #: (``CentralSystem._reused_id``). What goes on the wire (TxProfiles, RequestStop).
+    station_tx_id: str = ""
+
+    @property
+    def wire_id(self) -> str:
+        """The station's id of the transaction."""
+        return self.station_tx_id or self.transaction_id
 
     @property
     def inlet_only(self) -> bool:
@@ -476,11 +490,21 @@ class Station:
     #: 2.0.1 TransactionEvents (transaction, seqNo) being handled, done when they are (a copy
     #: resent on a newer connection waits: ``_on_transaction_event_2_0_1``).
     handling: dict[tuple[str, int], asyncio.Future[None]] = field(default_factory=dict)
+    #: 2.0.1 transaction ids the station used again for a new session: its id -> our ids of the
+    #: later sessions, oldest first (the first session has the station's id). Kept in the store
+    #: (``REUSED_IDS_META``) once read from it (``reused_loaded``).
+    reused: dict[str, list[str]] = field(default_factory=dict)
+    reused_loaded: bool = False
 
     def charger(self, evse_id: int | None) -> ChargerInfo | None:
         if evse_id is None:
             return None
         return self.chargers.get(evse_id)
+
+    def wire_tx_id(self, transaction_id: str) -> str:
+        """The station's id of our transaction ``transaction_id``."""
+        tx = self.transactions.get(transaction_id)
+        return tx.wire_id if tx is not None else transaction_id
 
 
 @dataclass
@@ -676,6 +700,12 @@ class CentralSystem:
                 st.start_keys[key] = rec.transaction_id
         if records:
             LOG.info("restored %d open transactions from the store", len(records))
+        for st in self._stations.values():
+            if st.transactions and not st.reused_loaded:
+                try:
+                    await self._load_reused(st)  # which are ours for an id the station reused
+                except Exception:
+                    LOG.exception("station %s: could not read its reused ids", st.ocpp_id)
 
     def _tx_from_record(self, rec: Any, charger: ChargerInfo) -> TxState:
         """The state of a transaction the store holds (``TransactionRecord``): its start (and
@@ -1394,7 +1424,10 @@ class CentralSystem:
         reason: str | None,
         offline: bool,
     ) -> None:
-        tx = st.transactions.get(transaction_id)
+        tx = self._tx_of_station_id(st, transaction_id, at)
+        if tx is None and not st.reused_loaded:
+            await self._load_reused(st)  # (after a restart: the id may be a reused one's)
+            tx = self._tx_of_station_id(st, transaction_id, at)
         if tx is not None and tx.is_replay(seq_no, at):
             return  # replayed message: already handled
         if evse_id is not None and evse_id != 0 and evse_id not in st.chargers:
@@ -1402,13 +1435,35 @@ class CentralSystem:
             raise HandlerError("PropertyConstraintViolation", f"unknown EVSE {evse_id}")
         new = False
         if tx is None:
-            tx = await self._stored_tx(st, transaction_id)
+            tx = await self._stored_tx_of_station_id(st, transaction_id, at)
+        ours = transaction_id
+        if (
+            tx is not None
+            and event_type == "Started"
+            and tx.ended
+            and tx.ended_at is not None
+            and at > tx.ended_at
+        ) or (tx is None and transaction_id in st.transactions):
+            # The station started a session under the id of one that ended before it (its
+            # counter began again after a reboot): a new session, under an id of ours. Before,
+            # it was taken for the ended one: nothing of it was published, no TxProfile could
+            # name it. (Or the station's id is one of ours for another reused id.)
+            ours = await self._reused_id(st, transaction_id)
+            LOG.warning(
+                "station %s: transaction id %s used again for a new session (started %s): "
+                "it is transaction %s here",
+                st.ocpp_id,
+                transaction_id,
+                iso(at),
+                ours,
+            )
+            tx = None
         if tx is None:
             if evse_id is None and len(st.chargers) == 1:
                 evse_id = next(iter(st.chargers))
             charger = st.charger(evse_id)
             tx = TxState(
-                transaction_id,
+                ours,
                 charger.charger_id if charger else None,
                 evse_id,
                 id_tag,
@@ -1418,6 +1473,7 @@ class CentralSystem:
                 # an Updated of one unknown here (forgotten a day after its end, no store) that
                 # the station retries or replays must not open it again.
                 dormant=event_type == "Updated" and not self._shows_live(st, at, offline),
+                station_tx_id=transaction_id if ours != transaction_id else "",
             )
             if tx.dormant:
                 LOG.warning(
@@ -1428,7 +1484,7 @@ class CentralSystem:
                     "queued offline" if offline else f"{self.clock.now() - at:.0f} s old",
                 )
             self._forget_ended(st)
-            st.transactions[transaction_id] = tx
+            st.transactions[ours] = tx
             new = True
         else:
             if id_tag and tx.id_tag is None:
@@ -1443,7 +1499,9 @@ class CentralSystem:
                     tx.evse_id, tx.charger_id = evse_id, charger.charger_id
         tx.see_event(seq_no, at)
         try:
-            await self._tx_meter_values(st, tx.evse_id, meter_values, transaction_id, "meterValue")
+            await self._tx_meter_values(
+                st, tx.evse_id, meter_values, tx.transaction_id, "meterValue"
+            )
             if tx.ended:
                 # Ended already: only an end the bus or store did not take goes again.
                 await self._tx_event(st, tx, "ended", tx.ended_at or at, tx.end_reason, offline)
@@ -1468,6 +1526,90 @@ class CentralSystem:
             # answered as a replay.
             tx.unsee_seq(seq_no)
             raise
+
+    def _tx_of_station_id(self, st: Station, station_id: str, at: float) -> TxState | None:
+        """The transaction in memory that the station's ``station_id`` names for an event
+        stamped ``at``: of the sessions under that id (``Station.reused``), the newest that
+        started by then (a late event of an earlier one is that one's), else the oldest."""
+        found = [
+            tx
+            for our_id in (station_id, *st.reused.get(station_id, ()))
+            if (tx := st.transactions.get(our_id)) is not None and tx.wire_id == station_id
+        ]
+        for tx in reversed(found):
+            if tx.started_at is None or at >= tx.started_at:
+                return tx
+        return found[0] if found else None
+
+    async def _stored_tx_of_station_id(
+        self, st: Station, station_id: str, at: float
+    ) -> TxState | None:
+        """``_tx_of_station_id`` for the store's records (``_stored_tx``)."""
+        others = {i for sid, ids in st.reused.items() if sid != station_id for i in ids}
+        for our_id in (*reversed(st.reused.get(station_id, ())), station_id):
+            if our_id in st.transactions or our_id in others:
+                continue  # in memory, not the station's (``_tx_of_station_id``); or ours
+            tx = await self._stored_tx(st, our_id)
+            if tx is None:
+                continue
+            if our_id != station_id:
+                tx.station_tx_id = station_id
+            if tx.started_at is None or at >= tx.started_at or our_id == station_id:
+                return tx
+        return None
+
+    async def _reused_id(self, st: Station, station_id: str) -> str:
+        """Our id for a new session under ``station_id``, which the station used before:
+        ``{station_id}#{n}`` (n from 2), one neither in memory nor in the store; booked in
+        ``Station.reused`` and the store (may raise: the event's CALLERROR, the station
+        resends it)."""
+        if not st.reused_loaded:
+            await self._load_reused(st)
+        ids = st.reused.setdefault(station_id, [])
+        n = len(ids) + 2
+        while True:
+            ours = f"{station_id}#{n}"
+            if ours not in st.transactions and not await self._in_store(st, ours):
+                break
+            n += 1
+        ids.append(ours)
+        st.reused[station_id] = st.reused.pop(station_id)  # the newest last
+        while len(st.reused) > REUSED_IDS_KEEP:
+            del st.reused[next(iter(st.reused))]
+        setter = getattr(self._publisher.store, "set_meta", None)
+        if setter is not None:
+            await setter(REUSED_IDS_META.format(ocpp_id=st.ocpp_id), json.dumps(st.reused))
+        return ours
+
+    async def _in_store(self, st: Station, transaction_id: str) -> bool:
+        getter = getattr(self._publisher.store, "get_transaction", None)
+        if getter is None:
+            return False
+        for charger in st.chargers.values():
+            if await getter(charger.charger_id, transaction_id) is not None:
+                return True
+        return False
+
+    async def _load_reused(self, st: Station) -> None:
+        """Take the store's copy of ``st``'s reused 2.0.1 ids (``REUSED_IDS_META``), and mark
+        the transactions in memory that are ours for them. May raise (the store away)."""
+        getter = getattr(self._publisher.store, "get_meta", None)
+        text = await getter(REUSED_IDS_META.format(ocpp_id=st.ocpp_id)) if getter else None
+        try:
+            stored = json.loads(text or "{}")
+            reused = {str(k): [str(i) for i in v] for k, v in dict(stored).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            LOG.warning("station %s: its stored reused ids are unreadable: %s", st.ocpp_id, exc)
+            reused = {}
+        for station_id, ids in st.reused.items():  # ours first: newer
+            reused[station_id] = list(dict.fromkeys([*reused.get(station_id, []), *ids]))
+        st.reused = reused
+        st.reused_loaded = True
+        for station_id, ids in reused.items():
+            for our_id in ids:
+                tx = st.transactions.get(our_id)
+                if tx is not None:
+                    tx.station_tx_id = station_id
 
     async def _on_meter_value(
         self,
@@ -1719,7 +1861,7 @@ class CentralSystem:
                 req,
                 profile_id=pid,
                 stack_level=self._stack_level(key) if level is None else level,
-                transaction_id=tx_id,
+                transaction_id=None if tx_id is None else st.wire_tx_id(tx_id),
                 start=self._schedule_start(st, self.clock.now()),
             )
 
@@ -1876,7 +2018,7 @@ class CentralSystem:
                         req,
                         profile_id=pid,
                         stack_level=self._stack_level((st.ocpp_id, evse_key, req.purpose)),
-                        transaction_id=st.active_tx.get(charger.evse_id),
+                        transaction_id=_wire_tx(st, st.active_tx.get(charger.evse_id)),
                         start=own,
                         start_iso=start_iso if own == start else v16.iso(own),
                     )
@@ -2300,11 +2442,12 @@ class CentralSystem:
     ) -> CommandResult:
         charger = self.charger(charger_id)
         st = self._stations[charger.ocpp_id]
-        tx = transaction_id or st.active_tx.get(charger.evse_id)
-        if tx is None:
+        ours = transaction_id or st.active_tx.get(charger.evse_id)
+        if ours is None:
             return CommandResult(
                 "RemoteStopTransaction", "NoTransaction", detail="no active transaction"
             )
+        tx = st.wire_tx_id(ours)  # the station's id of it (one it used again: not ours)
         return await self._command(
             charger_id,
             lambda st, c: ("RemoteStopTransaction", {"transactionId": int(tx)}),
@@ -2465,6 +2608,10 @@ def _offset(est: ClockOffset) -> float | None:
     if offset is not None and offset < 0 and est.minutes < 2:
         return None
     return offset
+
+
+def _wire_tx(st: Station, transaction_id: str | None) -> str | None:
+    return None if transaction_id is None else st.wire_tx_id(transaction_id)
 
 
 def _plausible_register(st: Station, tx_id: str, value: float, name: str) -> float | None:
