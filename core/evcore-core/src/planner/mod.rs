@@ -258,7 +258,7 @@ impl Planner {
             });
         }
         input.validate()?;
-        let with_aux = input.with_aux_load();
+        let with_aux = input.with_aux_load(true);
         let input: &PlanInput = &with_aux;
         let model = Model::build(input, self.settings.limit_margin_rel);
         let n_soc = model
@@ -476,7 +476,7 @@ pub fn plan(
 /// exactly, independently of the solver. Returns the violations (limit, value, headroom).
 pub fn check_schedule(input: &PlanInput, rows: &[PlanRow]) -> Result<Vec<String>, PlanError> {
     input.validate()?;
-    let with_aux = input.with_aux_load();
+    let with_aux = input.with_aux_load(false);
     let input: &PlanInput = &with_aux;
     let model = Model::build(input, 0.0);
     let mut y = vec![0.0; model.n_x];

@@ -681,6 +681,44 @@ fn a_dc_chargers_auxiliary_load_counts_against_the_limits_and_the_cost() {
     );
 }
 
+#[test]
+fn an_auxiliary_load_with_no_room_left_plans_zero_there_not_infeasible() {
+    // The edge lowers a limit to a hair above the other load where chargers outside the plan
+    // hold the rest. A waiting DC session's 300 W auxiliary load counted on top made the plan
+    // infeasible (example depot: 4 of 70 plans). It plans 0 in that step and charges after.
+    let base = || {
+        let mut inp = input(vec![900.0, 900.0], vec![0.1, 0.1]);
+        inp.chargers = vec![dc("dc", 90_000.0, 300.0)];
+        inp.sessions = vec![session("s1", "dc", 1.0, 20.0)];
+        inp
+    };
+    let mut by_kw = base();
+    by_kw.nodes[0].other_load_kw = vec![41.4];
+    by_kw.nodes[0].power_limit_kw = Some(vec![41.401, 141.4]);
+    let mut by_a = base();
+    by_a.nodes[0].other_load_a = [vec![60.0], vec![60.0], vec![60.0]];
+    by_a.nodes[0].phase_limit_a = [
+        vec![60.001, 100.0],
+        vec![60.001, 100.0],
+        vec![60.001, 100.0],
+    ];
+    for inp in [by_kw, by_a] {
+        let out = plan(&inp, PlannerSettings::default(), 5.0).unwrap();
+        assert_eq!(out.summary.status, PlanStatus::Optimal, "{:?}", out.summary);
+        let t = targets(&out, 0);
+        assert_eq!(t[0], 0.0, "{t:?}");
+        assert!(t[1] > 5_000.0, "{t:?}");
+        // The independent check counts the auxiliary load whole: step 0 is over by it.
+        assert!(!check_schedule(&inp, &out.rows).unwrap().is_empty());
+    }
+    // An other load over the limit before the auxiliary load is still infeasible.
+    let mut over = base();
+    over.nodes[0].other_load_kw = vec![41.4];
+    over.nodes[0].power_limit_kw = Some(vec![41.0, 141.4]);
+    let out = plan(&over, PlannerSettings::default(), 5.0).unwrap();
+    assert_eq!(out.summary.status, PlanStatus::Infeasible);
+}
+
 /// Profiling aid, not a test: `EVCORE_PLAN_JSON=file cargo test --profile ci -p evcore-core --lib
 /// profile_plan_from_json -- --ignored --nocapture` times build, setup and solve of one input
 /// (the core input JSON, as `evcore.planner.to_core_input` writes it), with and without
