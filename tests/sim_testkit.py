@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
+from evcore.sim.scenario import Scenario, parse_scenario
+
 
 def one_charger_site(site_id: str, *, power_limit_kw: float | None = None) -> str:
     """A scenario's ``[site]``: one 63 A grid connection (optionally a kW cap) and one 32 A
@@ -25,3 +30,51 @@ voltage_v = 230.0
 min_a = 6.0
 max_a = 32.0
 """
+
+
+def one_car_scenario(
+    tmp_path: Path,
+    name: str,
+    *,
+    duration_h: float,
+    policy: str,
+    departure_h: float | None = None,
+    soc_arrival: float = 0.2,
+    power_limit_kw: float | None = None,
+    extra: str = "",
+    start: str = "2026-01-05T12:00:00Z",
+) -> Scenario:
+    """A scenario on :func:`one_charger_site`: one 100 kWh three-phase 32 A car (``car``) on
+    ``cp-1`` from the start to ``departure_h`` (default: the end), asking for 40 kWh, from a CSV
+    file written to ``tmp_path``; one ``policy``, seed 1, starting at ``start`` (UTC).
+    ``extra``: TOML appended (faults, tariff, grid signals)."""
+    dep = duration_h if departure_h is None else departure_h
+    (tmp_path / "s.csv").write_text(
+        "id,charger,arrival_h,departure_h,energy_kwh,vehicle,soc_arrival\n"
+        f"a,cp-1,0,{dep},40,car,{soc_arrival}\n"
+    )
+    text = (
+        f"""[scenario]
+name = "{name}"
+start = "{start}"
+duration_h = {duration_h}
+seed = 1
+policies = ["{policy}"]
+
+"""
+        + one_charger_site(name, power_limit_kw=power_limit_kw)
+        + """
+[arrivals]
+model = "csv"
+file = "s.csv"
+
+[[arrivals.vehicles]]
+name = "car"
+battery_kwh = 100.0
+max_a = 32.0
+phases = 3
+
+"""
+        + extra
+    )
+    return parse_scenario(tomllib.loads(text), path=tmp_path / "s.toml")

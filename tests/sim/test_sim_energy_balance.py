@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,8 @@ from evcore.sim import stack
 from evcore.sim.arrivals import generate
 from evcore.sim.chargepoint import SimChargePoint, SimConnector
 from evcore.sim.ev import EV
-from evcore.sim.scenario import Scenario, parse_scenario
 from evcore.sim.vclock import VirtualClock
-from sim_testkit import one_charger_site
+from sim_testkit import one_car_scenario
 
 START = 1_767_614_400.0  # 2026-01-05T12:00:00Z
 
@@ -56,40 +54,6 @@ def test_unplug_between_steps_credits_the_energy_up_to_the_unplug() -> None:
     assert conn.register_wh - reg0 == pytest.approx(want_wh, rel=1e-9)
 
 
-def _scenario(tmp_path: Path, departure_h: float, charger_kind: str = "ac") -> Scenario:
-    (tmp_path / "s.csv").write_text(
-        "id,charger,arrival_h,departure_h,energy_kwh,vehicle,soc_arrival\n"
-        f"a,cp-1,0.0,{departure_h},40,car,0.2\n"
-    )
-    text = (
-        """[scenario]
-name = "balance"
-start = "2026-01-05T12:00:00Z"
-duration_h = 0.5
-seed = 1
-policies = ["fair_share"]
-
-"""
-        + one_charger_site("balance", power_limit_kw=10.0)
-        + """
-[arrivals]
-model = "csv"
-file = "s.csv"
-
-[[arrivals.vehicles]]
-name = "car"
-battery_kwh = 100.0
-max_a = 32.0
-phases = 3
-
-[tariff]
-currency = "EUR"
-default_price_per_kwh = 1.0
-"""
-    )
-    return parse_scenario(tomllib.loads(text), path=tmp_path / "s.toml")
-
-
 ok, why = stack.available()
 
 
@@ -98,7 +62,15 @@ def test_stack_grid_energy_is_the_registers_and_the_batterys(tmp_path: Path) -> 
     """Fair share under a 10 kW cap: the car still charges when it leaves at 900.36 s, between
     two 5 s physics steps. Priced at 1 per kWh, the energy cost is the grid's energy; it equals
     the register's difference and the battery's gain (it was 0.0134 kWh more: 5 s at 9.66 kW)."""
-    sc = _scenario(tmp_path, 0.2501)
+    sc = one_car_scenario(
+        tmp_path,
+        "balance",
+        duration_h=0.5,
+        policy="fair_share",
+        departure_h=0.2501,
+        power_limit_kw=10.0,
+        extra='[tariff]\ncurrency = "EUR"\ndefault_price_per_kwh = 1.0\n',
+    )
     arr = generate(sc)
     assert arr.sessions[0].departure_s % sc.physics_step_s > 0.1
     run = stack.StackRun(sc, "fair_share", arr)

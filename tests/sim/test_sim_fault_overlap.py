@@ -6,17 +6,16 @@ the flag off whatever else still held it)."""
 from __future__ import annotations
 
 import asyncio
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from evcore.sim import stack
 from evcore.sim.arrivals import generate
-from evcore.sim.scenario import Scenario, parse_scenario
+from evcore.sim.scenario import Scenario
 from evcore.sim.twin import SitePlant
 from evcore.sim.vclock import VirtualClock
-from sim_testkit import one_charger_site
+from sim_testkit import one_car_scenario
 
 ok, why = stack.available()
 
@@ -55,33 +54,7 @@ duration_min = 6
 
 
 def _scenario(tmp_path: Path) -> Scenario:
-    (tmp_path / "s.csv").write_text(
-        "id,charger,arrival_h,departure_h,energy_kwh,vehicle,soc_arrival\na,cp-1,0,0.4,40,car,0.2\n"
-    )
-    text = (
-        """[scenario]
-name = "overlap"
-start = "2026-01-05T12:00:00Z"
-duration_h = 0.4
-seed = 1
-policies = ["fair_share"]
-
-"""
-        + one_charger_site("overlap")
-        + """
-[arrivals]
-model = "csv"
-file = "s.csv"
-
-[[arrivals.vehicles]]
-name = "car"
-battery_kwh = 100.0
-max_a = 32.0
-phases = 3
-"""
-        + FAULTS
-    )
-    return parse_scenario(tomllib.loads(text), path=tmp_path / "s.toml")
+    return one_car_scenario(tmp_path, "overlap", duration_h=0.4, policy="fair_share", extra=FAULTS)
 
 
 # (hours, meter stuck, profiles ignored) expected

@@ -8,14 +8,12 @@ ending inside a step counted the samples after its end)."""
 from __future__ import annotations
 
 import asyncio
-import tomllib
 from pathlib import Path
 
 import pytest
 from evcore.sim import stack
 from evcore.sim.arrivals import generate
-from evcore.sim.scenario import parse_scenario
-from sim_testkit import one_charger_site
+from sim_testkit import one_car_scenario
 
 # The car draws 22 kW from 0 to about 1530 s; the 1 kW signal: 362.55 s to 717.45 s.
 START_S = 362.55
@@ -26,39 +24,16 @@ ok, why = stack.available()
 
 @pytest.mark.skipif(not ok, reason=f"stack backend unavailable: {why}")
 def test_kw_cap_samples_start_and_end_with_the_signal(tmp_path: Path) -> None:
-    (tmp_path / "s.csv").write_text(
-        "id,charger,arrival_h,departure_h,energy_kwh,vehicle,soc_arrival\na,cp-1,0,0.5,40,car,0.2\n"
-    )
-    text = (
-        """[scenario]
-name = "cap-edges"
-start = "2026-01-05T12:00:00Z"
-duration_h = 0.5
-seed = 1
-policies = ["uncontrolled"]
-
-"""
-        + one_charger_site("cap-edges")
-        + f"""
-[arrivals]
-model = "csv"
-file = "s.csv"
-
-[[arrivals.vehicles]]
-name = "car"
-battery_kwh = 100.0
-max_a = 32.0
-phases = 3
-
-[[grid_signals]]
+    signal = f"""[[grid_signals]]
 node = "grid"
 start_h = {START_S / 3600.0!r}
 end_h = {END_S / 3600.0!r}
 limit_kw = 1.0
 notice_min = 0
 """
+    sc = one_car_scenario(
+        tmp_path, "cap-edges", duration_h=0.5, policy="uncontrolled", extra=signal
     )
-    sc = parse_scenario(tomllib.loads(text), path=tmp_path / "s.toml")
     run = stack.StackRun(sc, "uncontrolled", generate(sc))
     asyncio.run(run.run())
     res = run.result(0.0)

@@ -7,47 +7,26 @@ past a minute was billed from the minute before."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
 from evcore.sim.controllers import make_controller
-from evcore.sim.scenario import Scenario, parse_scenario
+from evcore.sim.scenario import Scenario
 from evcore.sim.twin import run_policy
-from sim_testkit import one_charger_site
+from sim_testkit import one_car_scenario
 
 KW = 32.0 * 230.0 * 3 / 1000.0  # the car draws 22.08 kW from the start until it has its energy
 
 
 def _scenario(tmp_path: Path, tariff: str) -> Scenario:
-    (tmp_path / "s.csv").write_text(
-        "id,charger,arrival_h,departure_h,energy_kwh,vehicle,soc_arrival\na,cp-1,0,0.25,40,car,0.1\n"
+    return one_car_scenario(
+        tmp_path,
+        "price-edges",
+        duration_h=0.25,
+        policy="uncontrolled",
+        soc_arrival=0.1,
+        extra=tariff,
     )
-    text = (
-        """[scenario]
-name = "price-edges"
-start = "2026-01-05T12:00:00Z"
-duration_h = 0.25
-seed = 1
-policies = ["uncontrolled"]
-
-"""
-        + one_charger_site("price-edges")
-        + """
-[arrivals]
-model = "csv"
-file = "s.csv"
-
-[[arrivals.vehicles]]
-name = "car"
-battery_kwh = 100.0
-max_a = 32.0
-phases = 3
-
-"""
-        + tariff
-    )
-    return parse_scenario(tomllib.loads(text), path=tmp_path / "s.toml")
 
 
 def test_a_time_of_use_change_inside_an_interval_is_priced_from_its_instant(
