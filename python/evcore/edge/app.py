@@ -233,6 +233,7 @@ class EdgeApp:
 
             self.sessions = SessionKeeper(store, clock)
             self.controller.on_session = self.sessions
+            self.controller.on_session_energy = self.sessions.note_energy
         from evcore.edge.facade import ControllerFacade
         from evcore.edge.signals import BookWriter, book_fallback_path
 

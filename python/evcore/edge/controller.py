@@ -241,6 +241,10 @@ class EdgeController:
         #: ended or None), and for an end the energy into the car it ended with (Wh) as a third
         #: argument. ``recording.SessionKeeper`` saves it in the store.
         self.on_session: Callable[..., None] | None = None
+        #: Called with a charger in a session whose delivered energy a reading raised
+        #: (``recording.SessionKeeper.note_energy`` keeps it in the store, at most every
+        #: ``energy_save_s``): a restart takes it back from there (``recording.recover``).
+        self.on_session_energy: Callable[[ChargerState], None] | None = None
 
     # ---- events (synchronous: they only update state and wake the loop) --------------------
     def notify(self, trigger: str) -> None:
@@ -294,6 +298,8 @@ class EdgeController:
         now_m = self.clock.monotonic()
         st = self.state
         if kind == "MeterSample":
+            cs = st.chargers.get(ev.charger_id)
+            wh_before = cs.session_energy_wh if cs is not None else 0.0
             sampled_at = getattr(ev, "at", None)
             if st.sent_late(ev.charger_id, sampled_at, now_m, self.cfg.stale_after_s):
                 # Taken before the reading held (a station's queue replayed beside its live
@@ -316,6 +322,15 @@ class EdgeController:
                 transaction_id=getattr(ev, "transaction_id", None),
             ):
                 c = st.chargers[ev.charger_id]
+                if (
+                    c.transaction_id is not None
+                    and c.session_energy_wh != wh_before
+                    and self.on_session_energy is not None
+                ):
+                    try:
+                        self.on_session_energy(c)
+                    except Exception:
+                        log.exception("saving the session energy at %s failed", c.charger_id)
                 c.note_limit(now_m)
                 self._note_in_effect(c)
                 self._note_gap_followed(c, now_m)

@@ -684,6 +684,10 @@ async def recover(state: SiteState, store: Any, keeper: SessionKeeper | None = N
                 c.transaction_id = rec.transaction_id
                 c.plugged = True
             c.session_started_at = rec.started_at_s
+            # The energy it had delivered (saved as readings came, ``SessionKeeper.note_energy``):
+            # counted from 0 until the next reading, the car needed its whole request again.
+            if math.isfinite(rec.energy_delivered_kwh):
+                c.session_energy_wh = max(c.session_energy_wh, rec.energy_delivered_kwh * 1000.0)
             c.departure = rec.departure_s
             c.energy_requested_kwh = rec.energy_requested_kwh
             if priority_error(rec.priority) is None:
@@ -693,18 +697,32 @@ async def recover(state: SiteState, store: Any, keeper: SessionKeeper | None = N
     return n
 
 
-class SessionKeeper:
-    """Saves sessions in the store when they start, end or are steered (beside the loop)."""
+#: How often a session's delivered energy is saved as its readings raise it (s, per session).
+SESSION_ENERGY_SAVE_S = 60.0
 
-    def __init__(self, store: Any, clock: Any) -> None:
+
+class SessionKeeper:
+    """Saves sessions in the store when they start, end or are steered, and their delivered
+    energy as readings raise it, at most every ``energy_save_s`` per session (beside the loop)."""
+
+    def __init__(
+        self, store: Any, clock: Any, *, energy_save_s: float = SESSION_ENERGY_SAVE_S
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.energy_save_s = float(energy_save_s)
+        # charger id -> (transaction id, monotonic instant its energy was saved last)
+        self._energy_saved: dict[str, tuple[str, float]] = {}
         self.open: dict[str, Any] = {}  # charger id -> SessionRecord
         # charger id -> the SessionRecord that ended last (its transaction's end may come after
         # the status that ended it, with the energy since the last reading)
         self.closed: dict[str, Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.failures = 0
+        # Records waiting for the store, per session id, in the order they were made; one
+        # writer saves them one at a time (``_write``).
+        self._waiting: dict[str, Any] = {}
+        self._writer: asyncio.Task[None] | None = None
 
     def __call__(self, c: ChargerState, ended: str | None, ended_wh: float | None = None) -> None:
         """Save ``c``'s session (``ended``: the transaction that ended, with ``ended_wh``, the
@@ -760,10 +778,35 @@ class SessionKeeper:
             self.open[c.charger_id] = rec
         self._spawn(rec)
 
+    def note_energy(self, c: ChargerState) -> None:
+        """A reading raised ``c``'s session energy: saved when ``energy_save_s`` passed since it
+        was saved last (a restart takes it back, ``recover``; it was saved only at the start,
+        when steered and at the end, and a restarted edge counted 0 kWh delivered)."""
+        tx = c.transaction_id
+        if tx is None:
+            return
+        now = float(self.clock.monotonic())
+        last = self._energy_saved.get(c.charger_id)
+        if last is not None and last[0] == tx and now - last[1] < self.energy_save_s:
+            return
+        self._energy_saved[c.charger_id] = (tx, now)
+        self(c, None)
+
     def _spawn(self, rec: Any) -> None:
-        task = asyncio.ensure_future(self._save(rec))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # The latest record of a session replaces one still waiting (a store that is slow or
+        # down holds at most one record per session, not one per save).
+        self._waiting[rec.session_id] = rec
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+            self._tasks.add(self._writer)
+            self._writer.add_done_callback(self._tasks.discard)
+
+    async def _write(self) -> None:
+        """One save at a time, in the order they were made: an energy save made before the end
+        must not commit after it and reopen the session."""
+        while self._waiting:
+            sid = next(iter(self._waiting))
+            await self._save(self._waiting.pop(sid))
 
     async def _save(self, rec: Any) -> None:
         try:
@@ -773,5 +816,5 @@ class SessionKeeper:
             log.exception("store: saving session %s failed", rec.session_id)
 
     async def drain(self) -> None:
-        if self._tasks:
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -410,7 +410,10 @@ class SiteState:
         c.online = True
         ours = transaction_id is None or transaction_id == c.transaction_id
         if ours and session_energy_wh is not None and math.isfinite(session_energy_wh):
-            c.session_energy_wh = session_energy_wh
+            # A session's energy only grows: a reading with less is not the session's count (a
+            # central system restarted with the edge differences its register from this reading
+            # on, or has none to difference; the energy restored from the store stands).
+            c.session_energy_wh = max(c.session_energy_wh, session_energy_wh)
         return True
 
     def sent_late(
