@@ -130,3 +130,39 @@ async def test_a_refused_telemetry_stream_leaves_the_rest_of_the_bus_working(
     finally:
         await bus.close()
         server.kill()
+
+
+async def test_a_retention_shorter_than_the_duplicate_window_still_gets_its_streams(
+    tmp_path: Path,
+) -> None:
+    """JetStream refuses a stream whose duplicate window is longer than its max_age (err_code
+    10052). The bus gave TELEMETRY a window of min(duplicate_window_s, 30 s) and EVENTS
+    duplicate_window_s (120 s by default), so ``telemetry_max_age_s = 20`` left the site without a
+    TELEMETRY stream and ``events_max_age_s = 60`` without an EVENTS stream: every audit record
+    waited in the outbox for ever, and the log named err_code 10052, not the [bus] keys. Each
+    stream's window is now at most its max_age."""
+    from bus_testkit import wait_until
+
+    site = unique_site()
+    s = Subjects(site)
+    bus = make_nats_bus(
+        site, SHARED_NATS, tmp_path / "outbox", events_max_age_s=60.0, telemetry_max_age_s=20.0
+    )
+    await bus.start()
+    nc = await nats.connect(SHARED_NATS)
+    js = nc.jetstream()
+    try:
+        await wait_until(lambda: bus.connected, 5, "the bus ready")
+        await bus.publish(s.audit, b"record", event_id="a-1")
+        await bus.publish(s.telemetry("C1"), b"sample", event_id="t-1")
+        await wait_until(lambda: bus.stats.sent == 2, 5, "the audit record and sample sent")
+        events_name, tele_name = (spec.name for spec in bus.streams)
+        events = await js.stream_info(events_name)
+        tele = await js.stream_info(tele_name)
+        assert events.state.messages == 1 and tele.state.messages == 1
+        assert events.config.duplicate_window == 60.0
+        assert tele.config.duplicate_window == 20.0
+    finally:
+        await bus.delete_streams()
+        await bus.close()
+        await nc.close()

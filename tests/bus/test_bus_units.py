@@ -153,6 +153,10 @@ def test_parse_bus_config_defaults_and_errors(tmp_path: Path) -> None:
         ({"manage_streams": "yes"}, "true or false"),
         ({"jetstream_domain": "cloud one"}, "jetstream_domain must be a name"),
         ({"jetstream_domain": 5}, "jetstream_domain must be a name"),
+        (
+            {"duplicate_window_s": 120, "events_max_age_s": 60},
+            r"duplicate_window_s \(120\) must not exceed events_max_age_s \(60\)",
+        ),
     ]
     for section, msg in bad:
         with pytest.raises(ValueError, match=msg):

@@ -56,7 +56,11 @@ class BusConfig:
 
 
 def default_streams(site_id: str, cfg: BusConfig | None = None) -> list[StreamSpec]:
-    """Two streams per site: events (kept long) and telemetry (short, size-capped)."""
+    """Two streams per site: events (kept long) and telemetry (short, size-capped).
+
+    Each stream's duplicate window is at most its max_age: JetStream refuses a stream with a longer
+    one (err_code 10052), and ``telemetry_max_age_s = 20`` or ``events_max_age_s = 60`` left the
+    site without that stream (every audit record waited in the outbox for ever)."""
     c = cfg or BusConfig()
     s = Subjects(site_id)
     base = f"EVCORE_{name_token(site_id)}"
@@ -76,7 +80,7 @@ def default_streams(site_id: str, cfg: BusConfig | None = None) -> list[StreamSp
                 s.tariff,
             ),
             max_age_s=c.events_max_age_s,
-            duplicate_window_s=c.duplicate_window_s,
+            duplicate_window_s=min(c.duplicate_window_s, c.events_max_age_s),
             replicas=c.replicas,
             storage=c.storage,
         ),
@@ -85,7 +89,7 @@ def default_streams(site_id: str, cfg: BusConfig | None = None) -> list[StreamSp
             subjects=(s.telemetry(), s.node_load()),
             max_age_s=c.telemetry_max_age_s,
             max_bytes=c.telemetry_max_bytes,
-            duplicate_window_s=min(c.duplicate_window_s, 30.0),
+            duplicate_window_s=min(c.duplicate_window_s, 30.0, c.telemetry_max_age_s),
             replicas=c.replicas,
             storage=c.storage,
         ),
@@ -150,6 +154,16 @@ def parse_bus_config(section: Mapping[str, Any] | None) -> BusConfig:
     manage = sec.get("manage_streams", True)
     if not isinstance(manage, bool):
         raise ValueError(f"[bus] manage_streams must be true or false, got {manage!r}")
+    if "duplicate_window_s" in sec and "events_max_age_s" in sec:
+        # Both given: a window longer than the events' retention is a contradiction to name (a
+        # default window is only shortened to the retention, as for telemetry).
+        window = _num(sec, "duplicate_window_s", BusConfig.duplicate_window_s)
+        age = _num(sec, "events_max_age_s", BusConfig.events_max_age_s)
+        if window > age:
+            raise ValueError(
+                f"[bus] duplicate_window_s ({window:g}) must not exceed events_max_age_s "
+                f"({age:g}): JetStream refuses such a stream"
+            )
     return BusConfig(
         kind=kind,
         urls=tuple(raw_urls),
