@@ -94,6 +94,12 @@ class TransactionEvent:
     session_energy_wh: float | None
     reason: str | None = None
     offline: bool = False
+    #: The station's own timestamp of it (its clock), kept in the record (the bus message's
+    #: ``occurred_at``, the store). ``at`` is that bounded for the edge: never later than the
+    #: central system received it, a known offset of the station's clock taken out, an offline
+    #: event no earlier than the station's last disconnect (``CentralSystem._heard_at``).
+    #: None: the same as ``at``.
+    station_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

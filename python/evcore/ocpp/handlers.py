@@ -7,6 +7,7 @@ differs by version stays in ``v16`` / ``v201``. Like them, protocol only: it nev
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,8 @@ from evcore.ocpp.metering import parse_timestamp
 
 if TYPE_CHECKING:
     from evcore.ocpp.server import ChargerInfo, LimitRequest
+
+LOG = logging.getLogger("evcore.ocpp")
 
 
 def iso(t: float) -> str:
@@ -74,6 +77,24 @@ class SharedHandlers(StationConnection):
         at = parse_timestamp(value)
         if at > self.clock.now() + self.csms.config.max_clock_skew_s:
             raise HandlerError("PropertyConstraintViolation", f"timestamp in the future: {value}")
+        self.csms._station_timestamp(self.station, at)
+        return at
+
+    def _tx_ts(self, value: Any) -> float:
+        """The timestamp of a message that starts, updates or ends a transaction: one further
+        ahead than ``max_clock_skew_s`` is taken and logged, not refused (refused, the station
+        retried it a few times and dropped it, and with it the session's start or end); what
+        the edge hears is bounded (``CentralSystem._heard_at``)."""
+        at = parse_timestamp(value)
+        ahead_s = at - self.clock.now()
+        if ahead_s > self.csms.config.max_clock_skew_s:
+            LOG.warning(
+                "station %s: transaction message stamped %s, %.0f s ahead of the central "
+                "system's clock: taken as received (its clock is off; fix its NTP)",
+                self.station.ocpp_id,
+                value,
+                ahead_s,
+            )
         self.csms._station_timestamp(self.station, at)
         return at
 

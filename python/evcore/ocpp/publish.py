@@ -122,7 +122,8 @@ def transaction_to_proto(ev: TransactionEvent, received_at: float, evse_id: int)
         m.meter_start_wh = ev.meter_start_wh
     if ev.kind == "ended" and ev.meter_now_wh is not None:
         m.meter_stop_wh = ev.meter_now_wh
-    _ts(m.occurred_at, ev.at)
+    # The station's own time (the record): ``at`` is bounded for the edge (``station_at``).
+    _ts(m.occurred_at, ev.at if ev.station_at is None else ev.station_at)
     _ts(m.received_at, received_at)
     return m
 
@@ -254,8 +255,10 @@ class EventPublisher:
                 await self.bus.publish(
                     self._subjects.transaction(event.charger_id),
                     msg,
+                    # On the station's time: the same on every retry (``at`` is bounded by
+                    # the time of receipt).
                     event_id=f"tx:{event.charger_id}:{event.transaction_id}:{event.kind}:"
-                    f"{round(event.at * 1000)}",
+                    f"{round((event.at if event.station_at is None else event.station_at) * 1000)}",
                     critical=True,
                 )
             if self.store is not None:

@@ -49,7 +49,7 @@ from evcore.ocpp.events import (
     StatusEvent,
     TransactionEvent,
 )
-from evcore.ocpp.handlers import iso, schedule_start
+from evcore.ocpp.handlers import schedule_start
 from evcore.ocpp.metering import (
     MeterValueError,
     PhaseMap,
@@ -495,6 +495,8 @@ class Station:
     #: (``REUSED_IDS_META``) once read from it (``reused_loaded``).
     reused: dict[str, list[str]] = field(default_factory=dict)
     reused_loaded: bool = False
+    #: When its last connection ended (our clock; None: not since this process started).
+    gone_at: float | None = None
 
     def charger(self, evse_id: int | None) -> ChargerInfo | None:
         if evse_id is None:
@@ -924,6 +926,7 @@ class CentralSystem:
             conn.fail_pending("Disconnected")
             if st.connection is conn:
                 st.connection = None
+                st.gone_at = self.clock.now()
                 st.queue.fail_all("Disconnected", "station disconnected")
                 self._emit(ConnectionEvent(ocpp_id, False, version, self.clock.now(), reason))
 
@@ -1312,7 +1315,8 @@ class CentralSystem:
             ocpp_id=st.ocpp_id,
             transaction_id=tx.transaction_id,
             kind=kind,  # type: ignore[arg-type]
-            at=at,
+            at=self._heard_at(st, at, offline),
+            station_at=at,
             id_tag=tx.id_tag,
             meter_start_wh=start_wh,
             meter_now_wh=now_wh,
@@ -1329,6 +1333,22 @@ class CentralSystem:
         await self._publisher.publish(ev)
         if kind != "updated":
             tx.published.add(kind)
+
+    def _heard_at(self, st: Station, at: float, offline: bool) -> float:
+        """The time a transaction event stamped ``at`` by ``st`` is heard at (``TransactionEvent
+        .at``; the station's own stays in ``station_at`` and the record): its clock's known
+        offset taken out (``clock_offset_s``, beyond ``max_clock_skew_s``), an offline event
+        no earlier than the station's last disconnect (queued while it was away: not before it
+        went), and never later than now (it cannot have happened after it arrived). The edge
+        takes an offline start at this time: before, one stamped in 2000 by a clock that went
+        back was a session 26 years old, one stamped hours ahead was refused."""
+        heard = at
+        offset = _offset(st.clock_offset)
+        if offset is not None and abs(offset) > self.config.max_clock_skew_s:
+            heard = at - offset
+        if offline and st.gone_at is not None and heard < st.gone_at:
+            heard = st.gone_at
+        return min(heard, self.clock.now())
 
     async def _stop_target_1_6(self, st: Station, tx_id: str) -> TxState:
         """The transaction a 1.6 StopTransaction names: in memory, else the store's record (one
@@ -1450,11 +1470,11 @@ class CentralSystem:
             # name it. (Or the station's id is one of ours for another reused id.)
             ours = await self._reused_id(st, transaction_id)
             LOG.warning(
-                "station %s: transaction id %s used again for a new session (started %s): "
-                "it is transaction %s here",
+                "station %s: transaction id %s used again for a new session (started at %.3f, "
+                "after its last one ended): it is transaction %s here",
                 st.ocpp_id,
                 transaction_id,
-                iso(at),
+                at,
                 ours,
             )
             tx = None

@@ -56,7 +56,7 @@ class Connection16(SharedHandlers):
 
     @on(Action.start_transaction)
     async def on_start_transaction(self, p: dict[str, Any]) -> dict[str, Any]:
-        at = self._ts(p["timestamp"])
+        at = self._tx_ts(p["timestamp"])
         tx_id = await self.csms._on_start_1_6(
             self.station,
             connector_id=p["connectorId"],
@@ -68,7 +68,7 @@ class Connection16(SharedHandlers):
 
     @on(Action.stop_transaction)
     async def on_stop_transaction(self, p: dict[str, Any]) -> dict[str, Any]:
-        at = self._ts(p["timestamp"])
+        at = self._tx_ts(p["timestamp"])
         tx_id = str(p["transactionId"])
         ack = {"idTagInfo": {"status": "Accepted"}} if p.get("idTag") else {}
         tx = await self.csms._stop_target_1_6(self.station, tx_id)

@@ -56,7 +56,7 @@ class Connection201(SharedHandlers):
 
     @on(Action.transaction_event)
     async def on_transaction_event(self, p: dict[str, Any]) -> dict[str, Any]:
-        at = self._ts(p["timestamp"])
+        at = self._tx_ts(p["timestamp"])
         info = p["transactionInfo"]
         evse = p.get("evse") or {}
         id_token = (p.get("idToken") or {}).get("idToken")

@@ -1,0 +1,81 @@
+"""Transactions stamped by a station clock far from ours (review of the OCPP room, session 16),
+over a real WebSocket: a start or end stamped hours ahead is taken, not refused, and what the
+edge hears is never later than its receipt; an offline start stamped in 2000 is not taken as
+26 years old; the station's own time stays in the record."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from evcore.ocpp import TransactionEvent
+from ocpp_testsite import (
+    make_site,
+    meter,
+    open_sqlite,
+    raw_csms,
+    start_16,
+    stop_16,
+    tx_event,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+YEAR_2000 = 946_684_800.0
+
+
+async def test_a_start_and_end_stamped_an_hour_ahead_are_taken_as_received() -> None:
+    """A 1.6 station whose clock runs an hour ahead. Before, its StartTransaction got a CALLERROR
+    (PropertyConstraintViolation, timestamp in the future), every retry too: the station gave up
+    after its attempts and the session was never started nor ended."""
+    async with raw_csms() as r:
+        st = await r.station("CPA", "1.6")
+        ahead = r.clock.now() + 3600
+        answer = await st.call("StartTransaction", start_16(ahead, 1000))
+        assert answer[0] == 3, answer
+        tx = answer[2]["transactionId"]
+        answer = await st.call("StopTransaction", stop_16(tx, ahead + 60, 2000))
+        assert answer[0] == 3, answer
+        now = r.clock.now()
+        events = r.of(TransactionEvent)
+        assert [(e.kind, e.session_energy_wh) for e in events] == [
+            ("started", 0.0),
+            ("ended", 1000.0),
+        ]
+        for e in events:
+            assert now - 5 < e.at <= now  # never later than its receipt
+        assert [e.station_at for e in events] == [
+            pytest.approx(ahead, abs=0.01),
+            pytest.approx(ahead + 60, abs=0.01),
+        ]
+        offset = r.cs.clock_offset_s("CPA")
+        assert offset is not None and offset > 3500  # the skew is seen
+
+
+async def test_an_offline_start_stamped_in_2000_is_no_older_than_the_outage(
+    tmp_path: Path,
+) -> None:
+    """A 2.0.1 station whose clock went back to 2000 while it was away sends its offline start.
+    What the edge takes as the start (an offline start's time) is no earlier than when the
+    station dropped off; the store keeps the station's own time. Before, the edge heard a
+    session started 26 years ago."""
+    site = make_site(configure_on_boot=False)
+    async with open_sqlite(tmp_path) as store, raw_csms(store=store, site=site) as r:
+        st = await r.station("CPB")
+        await st.close()
+        for _ in range(250):
+            if not r.cs.is_connected("CPB"):
+                break
+            await asyncio.sleep(0.02)
+        gone = r.clock.now()
+        st = await r.station("CPB")
+        started = tx_event("T1", 0, "Started", "CablePluggedIn", YEAR_2000,
+                           evse={"id": 1, "connectorId": 1}, offline=True,
+                           meterValue=meter(YEAR_2000, 1000, 16))  # fmt: skip
+        assert (await st.call("TransactionEvent", started))[0] == 3
+        [ev] = r.of(TransactionEvent)
+        assert ev.offline and ev.station_at == YEAR_2000
+        assert gone - 1 <= ev.at <= r.clock.now()
+        rec = await store.get_transaction("cp-b", "T1")
+        assert rec is not None and rec.started_at_s == YEAR_2000
