@@ -29,7 +29,6 @@ import asyncio
 import copy
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -432,10 +431,12 @@ class StackRun:
         tariff = sig.price_update.tariff
         tariff.tariff_id = "twin"
         tariff.currency = self.sc.tariff.currency
-        for p in self._prices():
+        points = self._prices()
+        end = self.sc.start + self.sc.duration_s + self.sc.plan_horizon_h * 3600.0
+        for p, nxt in zip(points, [q.start for q in points[1:]] + [end], strict=True):
             iv = tariff.prices.add()
             iv.start.FromNanoseconds(int(p.start * 1e9))
-            iv.duration_s = 900.0
+            iv.duration_s = nxt - p.start  # until the next change
             iv.price_per_kwh = p.price_per_kwh
         sig.price_update.issuer = "twin"
         await self._bus.publish(self._bus.subjects.grid, sig)
@@ -470,17 +471,22 @@ class StackRun:
         )
 
     def _prices(self) -> list[Any]:
+        """The tariff as price points at the instants it changes, from the start to the end of
+        the run plus the plan horizon (what a planner at the end may look at). Sampled on a
+        15-minute grid from the start, a change at 12:07 (or on the hour, with a start at 12:05)
+        reached the edge up to 15 minutes late, and a shorter period between two grid points
+        not at all."""
         from evcore.edge.grid import PricePoint
 
-        step = 900.0
-        n = math.ceil(self.sc.duration_s / step) + 1
-        return [
-            PricePoint(
-                start=self.sc.start + i * step,
-                price_per_kwh=self.sc.tariff.price_at(self.sc.start + i * step),
-            )
-            for i in range(n)
-        ]
+        tariff = self.sc.tariff
+        t = self.sc.start
+        end = self.sc.start + self.sc.duration_s + self.sc.plan_horizon_h * 3600.0
+        points = [PricePoint(start=t, price_per_kwh=tariff.price_at(t))]
+        while (t := tariff.next_change(t)) < end:
+            price = tariff.price_at(t)
+            if price != points[-1].price_per_kwh:
+                points.append(PricePoint(start=t, price_per_kwh=price))
+        return points
 
     # -- planning (when the edge does not plan by itself) ---------------------------------------
     async def _planner(self) -> None:
