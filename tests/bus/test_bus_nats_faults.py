@@ -21,6 +21,7 @@ from bus_testkit import (
 from evcore.bus import BusMessage, BusUnavailable, Subjects
 from evcore.bus.natsbus import NatsBus
 from evcore.bus.outbox import Outbox
+from evcore.bus.subjects import escape_token
 from evcore.v1 import audit_pb2, meter_pb2
 
 
@@ -386,6 +387,46 @@ async def test_a_failing_handler_backs_off_warns_and_the_rest_follows_in_order(
         broken = False
         await wait_until(lambda: len(seen) == 4, 40, "the rest")
         assert seen == [b"1", b"stuck", b"3", b"4"]
+    finally:
+        await bus.delete_streams()
+        await bus.close()
+
+
+async def test_a_subject_longer_than_the_broker_reads_is_refused_and_an_old_one_set_aside(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """nats-server reads a protocol line of at most 4096 bytes (max_control_line) and closes the
+    connection over a longer one. A charger id escaped past that (5,000 characters here; a
+    non-ASCII id takes 9 characters a character) was accepted: the pump's publish cut the
+    connection, it reconnected, published again, and the critical events behind it stayed in
+    the outbox for ever (before: flush False, 2 pending, the connection dropped each try; on a
+    connection shared by a cloud's sites, every site's). A publish or subscribe on such a
+    subject is refused naming its length, and one an earlier version accepted into the outbox is
+    set aside, the events after it sent."""
+    site = unique_site()
+    s = Subjects(site)
+    long_subject = s.setpoint("C" * 5000)
+    outbox_dir = tmp_path / "outbox"
+    earlier = Outbox(outbox_dir / f"{escape_token(site)}.sqlite")
+    await earlier.open()
+    await earlier.append(s.setpoint("C1"), "before", b"16A", 0.0)
+    await earlier.append(long_subject, "long", b"16A", 0.0)
+    await earlier.append(s.setpoint("C2"), "after", b"16A", 0.0)
+    await earlier.close()
+    bus = make_nats_bus(site, nats_server.url, outbox_dir)
+    await bus.start()
+    try:
+        assert await bus.flush(timeout_s=10), "the events after the long subject stayed stuck"
+        info = await bus._js.stream_info(bus.streams[0].name)
+        assert info.state.messages == 2
+        aside = await bus.outbox.set_aside_entries()
+        assert [e.event_id for e, _ in aside] == ["long"]
+        assert f"subject of {len(long_subject)} bytes" in aside[0][1], aside[0][1]
+        with pytest.raises(ValueError, match=f"subject of {len(long_subject)} bytes"):
+            await bus.publish(long_subject, b"16A", event_id="long-2")
+        with pytest.raises(ValueError, match="bytes"):
+            await bus.subscribe(s.root + ".status." + "C" * 5000, lambda m: asyncio.sleep(0))
+        assert bus.connected
     finally:
         await bus.delete_streams()
         await bus.close()

@@ -99,6 +99,7 @@ def test_validate_subject_errors() -> None:
         ("a.b c", "whitespace"),
         ("a.>.b", "last token"),
         ("a.b*", "whole tokens"),
+        ("a." + "%C3%BC" * 700, "subject of 4202 bytes"),
     ]:
         with pytest.raises(ValueError, match=msg):
             validate_subject(bad, wildcards=True)

@@ -64,6 +64,7 @@ from evcore.bus.subjects import (
     escape_token,
     name_token,
     subject_matches,
+    subject_too_long,
     validate_subject,
 )
 from evcore.clock import Clock, WallClock
@@ -1052,8 +1053,9 @@ class NatsBus:
             futs: list[asyncio.Future[Any]] = []
             error: BaseException | None = None
             # An entry the connected broker can never take (its max_payload is below it: lowered
-            # since the entry was accepted, or learnt only now): sent after what is before it,
-            # then set aside. Before, it was retried for ever and nothing behind it left.
+            # since the entry was accepted, or learnt only now; or its subject is too long):
+            # sent after what is before it, then set aside. Before, it was retried for ever and
+            # nothing behind it left.
             oversize: tuple[OutboxEntry, str] | None = None
             try:
                 # Order in the stream: a window normally reaches the socket in one write (nats-py
@@ -1065,7 +1067,9 @@ class NatsBus:
                     if self._nc is None or not self._nc.is_connected:
                         break
                     stream = stream_for_subject(self._specs, e.subject)
-                    why = self._too_large(
+                    # A subject too long for the broker's protocol line (accepted by an earlier
+                    # version) cut the connection at each try: nothing behind it ever left.
+                    why = subject_too_long(e.subject) or self._too_large(
                         e.subject, e.payload, e.event_id, stream.name if stream else None
                     )
                     if why is not None:
@@ -1130,12 +1134,13 @@ class NatsBus:
         self._report_wake.set()
         log.error(
             "bus: %s: the broker can never take it; set aside in %s (table outbox_set_aside), "
-            "the events after it go on%s. Raise the broker's max_payload (docs/bus.md)",
+            "the events after it go on%s.%s (docs/bus.md)",
             why,
             self.outbox.path,
             ""
             if any(subject_matches(p, entry.subject) for p, _ in self._set_aside_listeners)
             else " (no publisher listens for it yet: it is offered to the first that does)",
+            " Raise the broker's max_payload" if "max_payload" in why else "",
         )
 
     # -- what the outbox will never send ---------------------------------------------------------

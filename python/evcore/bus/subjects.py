@@ -94,10 +94,31 @@ def tokens_match(p: Sequence[str], s: Sequence[str]) -> bool:
     return len(s) == len(p)
 
 
+# nats-server reads a protocol line of at most 4096 bytes (its max_control_line) and closes the
+# connection over a longer one; a publish's line holds the subject, a reply inbox (JetStream's,
+# about 50 bytes) and two sizes, a subscription's the subject, a queue group and an id.
+MAX_SUBJECT_BYTES = 4096 - 256
+
+
+def subject_too_long(subject: str) -> str | None:
+    """Why ``subject`` is too long for a NATS server to read, or None."""
+    size = len(subject.encode("utf-8", "surrogatepass"))
+    if size <= MAX_SUBJECT_BYTES:
+        return None
+    return (
+        f"subject of {size} bytes ({subject[:60]!r}...) is longer than the {MAX_SUBJECT_BYTES} "
+        f"bytes a NATS server takes (its protocol lines are at most 4096 bytes, "
+        f"max_control_line, and it closes the connection over a longer one): shorten the id in it"
+    )
+
+
 def validate_subject(subject: str, *, wildcards: bool) -> None:
     """Raise ``ValueError`` naming the problem when ``subject`` is not a valid NATS subject."""
     if not subject:
         raise ValueError("subject must not be empty")
+    too_long = subject_too_long(subject)
+    if too_long is not None:
+        raise ValueError(too_long)
     tokens = subject.split(".")
     for i, tok in enumerate(tokens):
         if tok == "":
