@@ -4,12 +4,13 @@ cannot read inside a message that starts or ends a transaction."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from evcore.ocpp import MeterSample, TransactionEvent
 from evcore.ocpp.v16 import iso
-from ocpp_testsite import meter, raw_csms, start_16, stop_16, tx_event
+from ocpp_testsite import meter, open_sqlite, raw_csms, start_16, stop_16, tx_event
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -145,3 +146,34 @@ async def test_an_implausible_reading_is_never_published() -> None:
             (1500.0, None, None),
             (1000.0, None, None),
         ]
+
+
+async def test_readings_of_one_instant_in_separate_entries_are_one_sample(tmp_path: Path) -> None:
+    """A station sending one meterValue entry per measurand, all stamped alike (the register in
+    one, the phase currents in the next): one sample with both. Before, each became a sample of
+    its own at the same time; the store keeps one sample per charger and time (and the bus one
+    per event id, charger and time), so the currents were lost there: the store held the
+    register alone."""
+    async with open_sqlite(tmp_path) as store, raw_csms(store=store) as r:
+        st = await r.station("CPA", "1.6")  # terminals L1, L2, L3 on site L2, L3, L1
+        at = iso(r.clock.now() - 5)
+        mv = [
+            {"timestamp": at, "sampledValue": [register("1234")]},
+            {"timestamp": at, "sampledValue": [current("16", p) for p in ("L1", "L2")]},
+            {"timestamp": at, "sampledValue": [current("8", "L3")]},
+        ]
+        answer = await st.call("MeterValues", {"connectorId": 1, "meterValue": mv})
+        assert answer[0] == 3, answer
+        [sample] = r.of(MeterSample)
+        assert (sample.energy_register_wh, sample.terminal_a) == (1234.0, (16.0, 16.0, 8.0))
+        rows = await store.meter_samples("cp-a")
+        assert [(s.energy_register_wh, list(s.current_a)) for s in rows] == [
+            (1234.0, [8.0, 16.0, 16.0])
+        ]
+        # A value the central system cannot read is still named by its place in the message.
+        mv[2]["sampledValue"].append(current("x", "L1"))
+        answer = await st.call("MeterValues", {"connectorId": 1, "meterValue": mv})
+        assert answer[2:4] == [
+            "PropertyConstraintViolation",
+            "meterValue[2].sampledValue[1].value: not a number: 'x'",
+        ], answer

@@ -133,6 +133,32 @@ def _number(version: str, sv: Mapping[str, Any], where: str) -> float:
     return scaled
 
 
+def same_time_merged(
+    meter_values: Sequence[Mapping[str, Any]], field: str
+) -> list[tuple[Mapping[str, Any], str, list[str]]]:
+    """The ``meterValue`` entries of one message, those stamped alike (the same timestamp text)
+    as one entry, in order of first appearance: (entry, its name, each of its sampled values'
+    names as the message places them). A station sending one entry per measurand at one instant
+    (the register in one, the currents in the next) sends one reading: as samples of their own
+    at the same time, the store and the bus (one sample per charger and time) kept the first."""
+    out: list[tuple[Mapping[str, Any], str, list[str]]] = []
+    by_time: dict[str, tuple[list[Any], list[str]]] = {}
+    for i, mv in enumerate(meter_values):
+        values = list(mv.get("sampledValue") or ())
+        names = [f"{field}[{i}].sampledValue[{j}]" for j in range(len(values))]
+        stamp = mv.get("timestamp")
+        earlier = by_time.get(stamp) if isinstance(stamp, str) else None
+        if earlier is not None:
+            earlier[0].extend(values)
+            earlier[1].extend(names)
+            continue
+        merged = {**mv, "sampledValue": values}
+        out.append((merged, f"{field}[{i}]", names))
+        if isinstance(stamp, str):
+            by_time[stamp] = (values, names)
+    return out
+
+
 def parse_meter_value(
     version: str,
     meter_value: Mapping[str, Any],
@@ -141,6 +167,7 @@ def parse_meter_value(
     field: str = "meterValue",
     dc: bool = False,
     lenient: bool = False,
+    names: Sequence[str] | None = None,
 ) -> Reading:
     """Read one ``meterValue`` entry. ``terminals`` is how many phase terminals the charger has.
     A sampled value that cannot be read raises ``MeterValueError`` naming it; ``lenient``: it is
@@ -153,6 +180,9 @@ def parse_meter_value(
     side); at the outlet (the default location) it is the DC current to the car, not a line
     current. Its power is the outlet's when reported there (what W limits are about), else the
     inlet's (``power_at_inlet``).
+
+    ``names``: each sampled value's name in errors (``same_time_merged``), else
+    ``{field}.sampledValue[i]``.
     """
     at = parse_timestamp(meter_value.get("timestamp"), field=f"{field}.timestamp")
     reading = Reading(at=at, terminal_a=[None, None, None])
@@ -177,7 +207,7 @@ def parse_meter_value(
             # the same meterValue's Raw entries. Refusing it would refuse the whole message.
             continue
         try:
-            where = f"{field}.sampledValue[{i}]"
+            where = names[i] if names is not None else f"{field}.sampledValue[{i}]"
             value = check_plausible(measurand, _number(version, sv, where), where + ".value")
         except MeterValueError as exc:
             if not lenient:

@@ -56,6 +56,7 @@ from evcore.ocpp.metering import (
     check_plausible,
     parse_meter_value,
     phase_map_for,
+    same_time_merged,
 )
 from evcore.ocpp.publish import EventPublisher
 from evcore.ocpp.queue import CallOutcome, QueuedCall, StationCallQueue, Then
@@ -1631,17 +1632,31 @@ class CentralSystem:
                 if tx is not None:
                     tx.station_tx_id = station_id
 
+    async def _on_meter_values(
+        self,
+        st: Station,
+        evse_id: int,
+        meter_values: Sequence[Mapping[str, Any]],
+        tx_id: str | None,
+    ) -> None:
+        """A MeterValues message's ``meterValue``: a sample per instant (``same_time_merged``).
+        A value that cannot be read refuses the message, naming it."""
+        for mv, where, names in same_time_merged(meter_values, "meterValue"):
+            await self._on_meter_value(st, evse_id, mv, tx_id, where, names=names)
+
     async def _on_meter_value(
         self,
         st: Station,
         evse_id: int | None,
-        mv: dict[str, Any],
+        mv: Mapping[str, Any],
         tx_id: str | None,
         where: str,
         lenient: bool = False,
+        names: Sequence[str] | None = None,
     ) -> None:
         """One meterValue entry: a ``MeterSample``, the transaction's registers. ``lenient``
-        (``_tx_meter_values``): a sampled value that cannot be read is skipped and logged."""
+        (``_tx_meter_values``): a sampled value that cannot be read is skipped and logged.
+        ``names``: its sampled values' names in the message (``same_time_merged``)."""
         tx = st.transactions.get(tx_id) if tx_id is not None else None
         if evse_id is None and tx is not None:
             evse_id = tx.evse_id
@@ -1658,6 +1673,7 @@ class CentralSystem:
             field=where,
             dc=dc,
             lenient=lenient,
+            names=names,
         )
         for why in reading.skipped:
             LOG.warning("station %s: sampled value skipped: %s", st.ocpp_id, why)
@@ -1723,10 +1739,9 @@ class CentralSystem:
         the transaction's start or end (before, a SoC of "" in a StopTransaction's
         transactionData, or a multiplier of 400 in a TransactionEvent, left the session open
         for good). Publishing failures still raise (the station's retry sends it again)."""
-        for i, mv in enumerate(meter_values):
-            where = f"{field}[{i}]"
+        for mv, where, names in same_time_merged(meter_values, field):
             try:
-                await self._on_meter_value(st, evse_id, mv, tx_id, where, lenient=True)
+                await self._on_meter_value(st, evse_id, mv, tx_id, where, lenient=True, names=names)
             except (MeterValueError, HandlerError) as exc:
                 LOG.warning(
                     "station %s: transaction %s: %s skipped: %s", st.ocpp_id, tx_id, where, exc

@@ -89,11 +89,8 @@ class Connection16(SharedHandlers):
     @on(Action.meter_values)
     async def on_meter_values(self, p: dict[str, Any]) -> dict[str, Any]:
         tx = p.get("transactionId")
-        evse = p["connectorId"]
-        for i, mv in enumerate(p["meterValue"]):
-            await self.csms._on_meter_value(
-                self.station, evse, mv, str(tx) if tx is not None else None, f"meterValue[{i}]"
-            )
+        tx_id = str(tx) if tx is not None else None
+        await self.csms._on_meter_values(self.station, p["connectorId"], p["meterValue"], tx_id)
         return {}
 
     # Heartbeat, SecurityEventNotification, FirmwareStatusNotification, LogStatusNotification

@@ -79,9 +79,7 @@ class Connection201(SharedHandlers):
 
     @on(Action.meter_values)
     async def on_meter_values(self, p: dict[str, Any]) -> dict[str, Any]:
-        evse = p["evseId"]
-        for i, mv in enumerate(p["meterValue"]):
-            await self.csms._on_meter_value(self.station, evse, mv, None, f"meterValue[{i}]")
+        await self.csms._on_meter_values(self.station, p["evseId"], p["meterValue"], None)
         return {}
 
     # Heartbeat, SecurityEventNotification, FirmwareStatusNotification, LogStatusNotification
