@@ -797,6 +797,7 @@ class NatsBus:
             await self.flush(timeout_s=self.config.publish_timeout_s)
         await _end_tasks(self._tasks)
         self._tasks = []
+        self._drop_unsent()
         nc, self._nc = self._nc, None
         if self._shared is not None:
             self._shared.leave(self)  # the connection stays for the other buses
@@ -806,6 +807,32 @@ class NatsBus:
         await self.outbox.close()
         self._ready.clear()
         self._started = False
+
+    def _drop_unsent(self) -> None:
+        """At close: the normal events and telemetry still in memory (broker away, or slower than
+        the flush) are lost with the process; count them as dropped and say so (they went
+        without a word), with the critical events that wait in the outbox for the next start."""
+        events, samples = len(self._queue), len(self._latest)
+        self._queue.clear()
+        self._latest.clear()
+        self._stats.queue_dropped += events
+        self._stats.telemetry_dropped += samples
+        if events or samples:
+            log.warning(
+                "bus: closing with %d event(s) and %d telemetry sample(s) not sent (broker %s): "
+                "dropped; %d critical event(s) wait in the outbox %s for the next start",
+                events,
+                samples,
+                "connected, the flush timed out" if self.connected else "unreachable",
+                self.outbox.pending,
+                self.outbox.path,
+            )
+        elif self.outbox.pending:
+            log.info(
+                "bus: closing; %d critical event(s) wait in the outbox %s for the next start",
+                self.outbox.pending,
+                self.outbox.path,
+            )
 
     # -- publishing ------------------------------------------------------------------------------
     def _route(self, subject: str) -> tuple[str, StreamSpec | None]:
