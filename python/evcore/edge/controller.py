@@ -1162,6 +1162,8 @@ class EdgeController:
         horizon = math.ceil(self.cfg.failsafe_after_s + self.cfg.fallback_guard_s)
         clear = getattr(gw, "clear_station_profiles", None)
         stale: list[ChargerState] = []
+        # What each charger's report showed it enforcing (its highest limit over the horizon).
+        reported: dict[str, float] = {}
         for c in self.state.station_chargers(ocpp_id):
             # A profile sent while the query is in flight is newer than the report: keep it.
             sent_at_before = c.sent_at
@@ -1184,6 +1186,8 @@ class EdgeController:
                 and unit_ok
                 and all(math.isfinite(v) and v >= 0 for v in limits)
             )
+            if usable:
+                reported[c.charger_id] = max(limits)
             if usable and c.transaction_id is None and clear is not None:
                 # Idle: what it enforces is its TxDefault. Above the failsafe level (no
                 # TxDefault at all, or an earlier controller's, which would override ours at a
@@ -1216,10 +1220,16 @@ class EdgeController:
             # for this report, so ours are sent after). Until a charger accepts ours again it is
             # counted at its maximum, in decisions and in the others' failsafe levels.
             self._forget_defaults(ocpp_id)
-            try:
-                await asyncio.wait_for(clear(ocpp_id, purpose="tx_default"), bound)
-            except Exception:
-                log.info("ClearChargingProfile %s: no usable answer", ocpp_id)
+            # Recorded first, as every limit sent is: durable before the clear leaves.
+            if await self._append_audit(self._clear_record(ocpp_id, reported)):
+                try:
+                    await asyncio.wait_for(clear(ocpp_id, purpose="tx_default"), bound)
+                except Exception:
+                    log.info("ClearChargingProfile %s: no usable answer", ocpp_id)
+            else:
+                # Not recorded, not sent. Its chargers count at their maximum; the station is
+                # asked again (and cleared then) after the report bound.
+                self._report_again_later(ocpp_id, bound)
             # Whatever of ours it accepted before the clear was answered is gone as well.
             self._forget_defaults(ocpp_id)
             for c in stale:
@@ -1228,6 +1238,69 @@ class EdgeController:
         for message in ("StatusNotification", "MeterValues"):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(gw.trigger_message(ocpp_id, message), bound)
+
+    def _clear_record(self, ocpp_id: str, reported: Mapping[str, float]) -> dict[str, Any]:
+        """The audit record of clearing every TxDefault of station ``ocpp_id``: per charger of
+        the station, what it may let a car draw once cleared (its maximum, until a TxDefault of
+        ours is in force; counted there meanwhile) and why, with what it reported before."""
+        self.stats.decisions += 1
+        now_w = self.clock.now()
+        setpoints: list[dict[str, Any]] = []
+        for c in self.state.station_chargers(ocpp_id):
+            unit = "W" if c.is_dc else "A"
+            cid = c.charger_id
+            level = self._plain_failsafe.get(cid)
+            before = reported.get(cid)
+            why = (
+                "no report"
+                if before is None
+                else f"reported {self.wire(cid, before):g} {unit} in force"
+                + ("" if level is None else f", failsafe level {level:g} {unit}")
+            )
+            setpoints.append(
+                {
+                    "charger_id": cid,
+                    "purpose": "tx_default_clear",
+                    "kind": "clear",
+                    "old": before,
+                    "new": c.max_value,
+                    "unit": unit,
+                    "valid_to": None,
+                    "failsafe": level,
+                    "binding": (
+                        f"station {ocpp_id}'s TxDefaults cleared (ClearChargingProfile: a stale "
+                        f"one above the failsafe level; {why}): up to its maximum "
+                        f"{c.max_value:g} {unit} until a TxDefault of ours is in force, counted "
+                        "there"
+                    ),
+                    "code": "failsafe",
+                    "binding_node": "",
+                }
+            )
+        return {
+            "decision": self.stats.decisions,
+            "at": now_w,
+            "trigger": "station-report,clear-stale-txdefaults",
+            "policy": self.cfg.policy,
+            "config_version": self.config_version,
+            "plan_version": "",
+            "inputs_digest": "",
+            "curtailments_kw": {},
+            "setpoints": setpoints,
+            "bindings": [],
+        }
+
+    def _report_again_later(self, ocpp_id: str, after_s: float) -> None:
+        """Ask station ``ocpp_id`` for its report again in ``after_s`` (beside the loop)."""
+
+        async def later() -> None:
+            await self.clock.sleep(after_s)
+            if not self._stopping and any(c.online for c in self.state.station_chargers(ocpp_id)):
+                self._ask_station(ocpp_id)
+
+        task = asyncio.ensure_future(later())
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     def _watch_default(self, c: ChargerState) -> None:
         """Ask the station, beside the loop, whether it applies the first TxDefault of ours that
