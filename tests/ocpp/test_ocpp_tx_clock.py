@@ -79,3 +79,29 @@ async def test_an_offline_start_stamped_in_2000_is_no_older_than_the_outage(
         assert gone - 1 <= ev.at <= r.clock.now()
         rec = await store.get_transaction("cp-b", "T1")
         assert rec is not None and rec.started_at_s == YEAR_2000
+
+
+async def test_a_timestamp_with_a_lowercase_t_and_z_is_read() -> None:
+    """RFC 3339 (section 5.6) lets "T" and "Z" be lowercase, and the OCPP schemas' date-time
+    format takes them. Before, the central system refused them (PropertyConstraintViolation,
+    not a valid RFC 3339 timestamp): a station stamping so had every StartTransaction and
+    TransactionEvent refused, no session started."""
+    async with raw_csms() as r:
+        st16 = await r.station("CPA", "1.6")
+        st201 = await r.station("CPB")
+        t = r.clock.now() - 60
+        start = start_16(t, 1000)
+        start["timestamp"] = start["timestamp"].replace("T", "t").replace("Z", "z")
+        assert (await st16.call("StartTransaction", start))[0] == 3
+        evse = {"id": 1, "connectorId": 1}
+        started = tx_event("T1", 0, "Started", "CablePluggedIn", t, evse=evse,
+                           meterValue=meter(t, 1000, 16))  # fmt: skip
+        for p in (started, started["meterValue"][0]):
+            p["timestamp"] = p["timestamp"].lower()
+        answer = await st201.call("TransactionEvent", started)
+        assert answer[0] == 3, answer
+        events = r.of(TransactionEvent)
+        assert [(e.charger_id, e.kind, e.station_at) for e in events] == [
+            ("cp-a", "started", pytest.approx(t, abs=0.001)),
+            ("cp-b", "started", pytest.approx(t, abs=0.001)),
+        ]

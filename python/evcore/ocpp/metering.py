@@ -61,7 +61,9 @@ def parse_timestamp(value: Any, *, field: str = "timestamp") -> float:
     if not isinstance(value, str):
         raise MeterValueError(f"{field}: expected an RFC 3339 string, got {value!r}")
     try:
-        dt = datetime.fromisoformat(value)
+        # RFC 3339 5.6: "T" and "Z" may be lowercase (the schemas' date-time takes them);
+        # fromisoformat does not.
+        dt = datetime.fromisoformat(value.upper())
     except ValueError:
         raise MeterValueError(f"{field}: not a valid RFC 3339 timestamp: {value!r}") from None
     if dt.tzinfo is None:
