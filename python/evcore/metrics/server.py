@@ -36,6 +36,7 @@ import ssl
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,15 +223,50 @@ class _TokenFile:
     scrape: a file rewritten in place twice within the file system's timestamp granularity keeps its
     size and times. A file that cannot be read (missing, empty, malformed) leaves no token in force:
     every scrape is refused until it is fixed (never the old tokens, which the rotation meant to
-    retire)."""
+    retire).
+
+    The file is looked at and read beside the event loop, on a thread of its own, one look at a
+    time (every request then waiting for it shares it): a read that blocks (a hung network file
+    system, a FIFO) must not stall the loop. A request that waits longer than ``READ_WAIT_S``
+    for it is refused with 503; the read goes on, and its outcome serves later requests."""
+
+    #: The longest a request waits for the token file to be looked at and read.
+    READ_WAIT_S = 1.0
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._watch = FileWatch(path, seen_now=True)
         self.tokens: tuple[bytes, ...] | None = read_tokens(path)
         self._failure = ""
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evcore-metrics-token")
+        self._pending: asyncio.Future[tuple[bytes, ...] | None] | None = None
 
-    def current(self) -> tuple[bytes, ...] | None:
+    @classmethod
+    async def load(cls, path: Path) -> _TokenFile:
+        """The first read, beside the loop too."""
+        return await asyncio.to_thread(cls, path)
+
+    async def current(self) -> tuple[bytes, ...] | None:
+        """The tokens in force; None when the file cannot be read, or not within
+        ``READ_WAIT_S`` (then TimeoutError)."""
+        if self._pending is None:
+            loop = asyncio.get_running_loop()
+            pending = asyncio.ensure_future(loop.run_in_executor(self._reader, self._look))
+            self._pending = pending
+
+            def done(_: object) -> None:
+                if self._pending is pending:
+                    self._pending = None
+
+            pending.add_done_callback(done)
+        return await asyncio.wait_for(asyncio.shield(self._pending), self.READ_WAIT_S)
+
+    def close(self) -> None:
+        # A read still blocked keeps its thread; nothing waits for it.
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
+    def _look(self) -> tuple[bytes, ...] | None:
+        """(On the reader thread.) Stat, and read when changed."""
         if not self._watch.changed() and not self._failure:
             return self.tokens
         try:
@@ -394,7 +430,7 @@ class MetricsServer:
         """Bind; MetricsConfigError (naming ``[metrics].token_file``) when the token file
         cannot be read now."""
         if self.token_file is not None:
-            self._token = _TokenFile(self.token_file)
+            self._token = await _TokenFile.load(self.token_file)
         self._server = await asyncio.start_server(
             self._connection,
             self.host,
@@ -421,6 +457,8 @@ class MetricsServer:
         if server is None:
             return
         server.close()
+        if self._token is not None:
+            self._token.close()
         for task in list(self._conns):
             task.cancel()
         if self._conns:
@@ -503,7 +541,7 @@ class MetricsServer:
         method, path, authorization = parsed
         if self._token is not None:
             # Before the path: without the token, nothing about the endpoint is answered.
-            refused = self._refusal(authorization)
+            refused = await self._refusal(authorization)
             if refused is not None:
                 status, _, body, ctype, extra = refused
                 return status, method == "HEAD", body, ctype, extra  # HEAD: never a body
@@ -522,11 +560,21 @@ class MetricsServer:
             return 500, method == "HEAD", b"collecting the metrics failed (see the log)\n", text, ""
         return 200, method == "HEAD", body, CONTENT_TYPE, ""
 
-    def _refusal(self, authorization: list[bytes]) -> tuple[int, bool, bytes, str, str] | None:
+    async def _refusal(
+        self, authorization: list[bytes]
+    ) -> tuple[int, bool, bytes, str, str] | None:
         """The answer refusing a request without the bearer token; None when it has it."""
         assert self._token is not None and self.refused is not None
         text = "text/plain; charset=utf-8"
-        tokens = self._token.current()
+        try:
+            tokens = await self._token.current()
+        except TimeoutError:
+            log.warning(
+                "metrics: the token file %s could not be read within %g s; scrape refused",
+                self._token.path,
+                self._token.READ_WAIT_S,
+            )
+            return 503, False, b"the endpoint's token file could not be read in time\n", text, ""
         if tokens is None:
             return 503, False, b"the endpoint's token file is unreadable (see the log)\n", text, ""
         presented = _bearer_credentials(authorization)
