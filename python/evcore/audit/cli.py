@@ -291,7 +291,13 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("audit", help="verify and explain the decision audit trail")
+    p = sub.add_parser(
+        "audit",
+        help="verify and explain the decision audit trail",
+        description="Check (verify) or explain (show) the hash-chained audit trail of the "
+        "edge's decisions, in the store of a site file's [store] (--config) or of a store URL "
+        "(--store). Only reads. See docs/audit.md.",
+    )
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = asub.add_parser(
         "verify",
@@ -301,7 +307,13 @@ def register(sub: Any) -> None:
     )
     _add_store_args(v)
     v.set_defaults(func=_run(_verify))
-    s = asub.add_parser("show", help="explain decisions: setpoints sent and what bound them")
+    s = asub.add_parser(
+        "show",
+        help="explain decisions: setpoints sent and what bound them",
+        description="Print the newest decisions (at most --limit, oldest first): each setpoint "
+        "sent and the constraint that bound it; --charger, --since and --until narrow them. "
+        "Exit 0 (also when none match), 2 when the store cannot be read.",
+    )
     _add_store_args(s)
     s.add_argument("--charger", metavar="ID", help="only decisions concerning this charger")
     s.add_argument(

@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
+from evcore.cli import add_log_level
 from evcore.clock import WallClock
 
 log = logging.getLogger("evcore.cloud")
@@ -196,7 +197,7 @@ def register(sub: Any) -> None:
         "SIGINT/SIGTERM, letting calls in flight finish (stop_grace_s).",
     )
     s.add_argument("--config", required=True, help="cloud.toml (see cloud/cloud.example.toml)")
-    s.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    add_log_level(s)
     s.set_defaults(func=_serve)
     from evcore.cloud.fleet_cli import register_curtail, register_sites
 

@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+from evcore.cli import add_log_level
 from evcore.clock import WallClock
 from evcore.edge.config import POLICIES
 
@@ -100,5 +101,5 @@ def register(sub: Any) -> None:
         choices=POLICIES,
         help="override [edge] policy",
     )
-    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    add_log_level(p)
     p.set_defaults(func=_run)

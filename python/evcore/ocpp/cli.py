@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from typing import Any
 
 
@@ -75,7 +76,23 @@ async def _simcp(args: argparse.Namespace) -> int:
         sample_interval_s=args.sample_interval,
     )
     await fleet.start()
-    await fleet.wait_connected(30)
+    try:
+        await fleet.wait_connected(args.connect_timeout)
+    except TimeoutError:
+        await fleet.stop()
+        missing = [
+            f"{sid} ({sim.last_error or 'no answer'})"
+            for sid, sim in fleet.stations.items()
+            if not sim.connected.is_set()
+        ]
+        print(
+            f"evcore simcp: {len(missing)} of {len(fleet.stations)} stations not connected to "
+            f"{url} within {args.connect_timeout:g} s: {', '.join(missing)}. Is the central "
+            "system running there, and does its [ocpp] section hold these stations' passwords?",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     if args.plug_in:
         for cid in fleet.charger_ids:
             fleet.plug_in(cid, EV(soc=0.3))
@@ -87,26 +104,81 @@ async def _simcp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ws_url(text: str) -> str:
+    if not text.startswith(("ws://", "wss://")):
+        raise argparse.ArgumentTypeError(f"must be a ws:// or wss:// URL, got {text!r}")
+    return text
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser("csms", help="run the OCPP central system alone (prints its events)")
+    from evcore.cli import port_arg, positive_seconds_arg, seconds_arg
+
+    p = sub.add_parser(
+        "csms",
+        help="run the OCPP central system alone (prints its events)",
+        description="Run the OCPP 1.6J / 2.0.1 central system of a site file's [ocpp] section "
+        "(no control loop: it sends no profiles) and print every event it publishes. Stations "
+        "connect to ws[s]://HOST:PORT/ocpp/<ocpp_id> with the security profile and credentials "
+        "of [ocpp]. Stops on SIGINT/SIGTERM or after --seconds. See docs/ocpp.md.",
+    )
     p.add_argument("--config", required=True, help="site file (TOML) with an [ocpp] section")
-    p.add_argument("--port", type=int, default=None, help="override [ocpp].port")
-    p.add_argument("--seconds", type=float, default=0, help="stop after this long (0: until ^C)")
+    p.add_argument("--port", type=port_arg, default=None, help="override [ocpp].port")
+    p.add_argument(
+        "--seconds", type=seconds_arg, default=0, help="stop after this long (0: until ^C)"
+    )
     p.add_argument("--quiet", action="store_true", help="do not print events")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=lambda a: _main(_csms, a))
+    p.add_argument("-v", "--verbose", action="store_true", help="log connections at INFO")
+    p.set_defaults(func=lambda a: _main(_csms, a, "evcore csms"))
 
-    s = sub.add_parser("simcp", help="run simulated OCPP stations for every charger of a site")
+    s = sub.add_parser(
+        "simcp",
+        help="run simulated OCPP stations for every charger of a site",
+        description="Connect one simulated charge point per OCPP id of a site file to a central "
+        "system (evcore csms or evcore edge), with the passwords of its [ocpp] credentials, "
+        "and keep them connected; with --plug-in an EV charges at every charger. Exits 1 when "
+        "a station is not connected within --connect-timeout. See docs/twin.md.",
+    )
     s.add_argument("--config", required=True, help="site file (TOML)")
-    s.add_argument("--url", default=None, help="ws[s]://host:port/prefix (default from [ocpp])")
-    s.add_argument("--ocpp", choices=("1.6", "2.0.1"), default="1.6")
+    s.add_argument(
+        "--url",
+        type=_ws_url,
+        default=None,
+        help="ws[s]://host:port/prefix (default from [ocpp])",
+    )
+    s.add_argument(
+        "--ocpp", choices=("1.6", "2.0.1"), default="1.6", help="OCPP version (default 1.6)"
+    )
     s.add_argument("--plug-in", action="store_true", help="plug an EV into every charger")
-    s.add_argument("--sample-interval", type=float, default=10.0)
-    s.add_argument("--seconds", type=float, default=0, help="stop after this long (0: until ^C)")
-    s.add_argument("-v", "--verbose", action="store_true")
-    s.set_defaults(func=lambda a: _main(_simcp, a))
+    s.add_argument(
+        "--sample-interval",
+        type=positive_seconds_arg,
+        default=10.0,
+        help="seconds between meter values (default 10)",
+    )
+    s.add_argument(
+        "--seconds", type=seconds_arg, default=0, help="stop after this long (0: until ^C)"
+    )
+    s.add_argument(
+        "--connect-timeout",
+        type=positive_seconds_arg,
+        default=30.0,
+        help="seconds for every station to connect (default 30)",
+    )
+    s.add_argument("-v", "--verbose", action="store_true", help="log connections at INFO")
+    s.set_defaults(func=lambda a: _main(_simcp, a, "evcore simcp"))
 
 
-def _main(fn: Any, args: argparse.Namespace) -> int:
+def _main(fn: Any, args: argparse.Namespace, prog: str) -> int:
+    from evcore.ocpp.config import OcppConfigError
+    from evcore.site import SiteConfigError
+
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    return int(asyncio.run(fn(args)))
+    try:
+        return int(asyncio.run(fn(args)))
+    except (SiteConfigError, OcppConfigError) as exc:
+        # A missing or malformed site file: the file, the node or section and the key.
+        print(f"{prog}: {args.config}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:  # the port taken, a TLS file that does not load
+        print(f"{prog}: {args.config}: could not start: {exc}", file=sys.stderr, flush=True)
+        return 1

@@ -1,0 +1,140 @@
+"""The operator's first contact with ``evcore``: every command's ``--help`` says what it does and
+what each option means; a wrong argument or a bad site file is named, with a non-zero exit and no
+traceback; the shipped example site's stations can connect (``evcore csms`` + ``evcore simcp``).
+Everything runs in process through ``evcore.cli.main`` (the same parser as the installed script)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bus_testkit import free_port
+from evcore.cli import build_parser, main
+from evcore.ocpp import cli as ocpp_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_SITE = ROOT / "edge" / "site.example.toml"
+
+
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
+
+
+def test_every_command_says_what_it_does_and_what_each_option_means() -> None:
+    undescribed, unexplained = [], []
+    for path, parser in _commands(build_parser()):
+        if not (parser.description or "").strip():
+            undescribed.append(" ".join(("evcore", *path)))
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            if action.help == argparse.SUPPRESS:
+                continue
+            if not (action.help or "").strip():
+                unexplained.append(
+                    f"{' '.join(('evcore', *path))} {action.option_strings or action.dest}"
+                )
+    assert undescribed == [], f"--help without a description: {undescribed}"
+    assert unexplained == [], f"options without help: {unexplained}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["csms", "--config", "SITE", "--port", "99999"], "--port"),
+        (["csms", "--config", "SITE", "--seconds", "-1"], "--seconds"),
+        (["simcp", "--config", "SITE", "--seconds", "nan"], "--seconds"),
+        (["simcp", "--config", "SITE", "--sample-interval", "0"], "--sample-interval"),
+        (["simcp", "--config", "SITE", "--url", "http://127.0.0.1:9000/ocpp"], "--url"),
+        (["edge", "--config", "SITE", "--log-level", "verbose"], "--log-level"),
+        (["cloud", "serve", "--config", "cloud.toml", "--log-level", "loud"], "--log-level"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_a_wrong_argument_is_named_and_exits_2(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(EXAMPLE_SITE) if a == "SITE" else a for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {named}" in err, err
+
+
+def _bad_site(tmp_path: Path) -> Path:
+    bad = tmp_path / "bad-site.toml"
+    bad.write_text(
+        EXAMPLE_SITE.read_text().replace("phase_limit_a = 125.0", 'phase_limit_a = "125 A"')
+    )
+    return bad
+
+
+@pytest.mark.parametrize("command", ["csms", "simcp"])
+@pytest.mark.parametrize("case", ["malformed", "missing"])
+def test_a_bad_site_file_is_named_without_a_traceback(
+    command: str, case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = _bad_site(tmp_path) if case == "malformed" else tmp_path / "no-such-site.toml"
+    rc = main([command, "--config", str(site), "--seconds", "0.1"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert str(site) in err
+    if case == "malformed":
+        assert "F1.phase_limit_a" in err  # the node and the field
+    else:
+        assert "not found" in err
+
+
+async def test_the_example_sites_simulated_stations_connect_to_its_central_system(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: `evcore csms` / `evcore simcp` on the example site file. With no [ocpp] section
+    the central system ran profile 1 (Basic auth) with no password for any station: every
+    station was refused (HTTP 401) and simcp waited 30 s, then a TimeoutError traceback."""
+    site = tmp_path / "site.toml"
+    shutil.copy(EXAMPLE_SITE, site)
+    port = free_port()
+    parser = build_parser()
+    csms = parser.parse_args(
+        ["csms", "--config", str(site), "--port", str(port), "--seconds", "8", "--quiet"]
+    )
+    simcp = parser.parse_args(
+        [
+            *("simcp", "--config", str(site), "--url", f"ws://127.0.0.1:{port}/ocpp"),
+            *("--seconds", "0.1", "--connect-timeout", "5"),
+        ]
+    )
+    server = asyncio.ensure_future(ocpp_cli._csms(csms))
+    try:
+        await asyncio.sleep(0.5)
+        assert await ocpp_cli._simcp(simcp) == 0
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+    assert "5 simulated stations connected" in capsys.readouterr().out
+
+
+async def test_simcp_that_cannot_connect_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()  # nothing listens there
+    args = build_parser().parse_args(
+        [
+            *("simcp", "--config", str(EXAMPLE_SITE), "--url", f"ws://127.0.0.1:{port}/ocpp"),
+            *("--seconds", "0.1", "--connect-timeout", "0.5"),
+        ]
+    )
+    assert await ocpp_cli._simcp(args) == 1
+    err = capsys.readouterr().err
+    assert f"ws://127.0.0.1:{port}/ocpp" in err and "CP01" in err, err
