@@ -295,3 +295,43 @@ async def test_publish_many_keeps_order_and_ids(bus: Bus) -> None:
     await bus.consume(s.setpoint(), durable="dispatch", handler=apply)
     await wait_until(lambda: len(got) == 50, what="50 setpoints")
     assert got == [f"C{i}" for i in range(50)]
+
+
+async def test_stopping_a_consumer_finishes_the_message_in_hand_and_returns_the_rest(
+    bus: Bus,
+) -> None:
+    """``stop()`` finishes the message in hand and leaves the rest to the durable's next
+    consumer. Before: NATS went on through the whole fetched batch (up to 64) until stop()
+    cancelled it after 3 s in the middle of a handler (a store write cut short; the stopped
+    consumer handled [0..4] and message 5 was cancelled mid-way), and the rest of the batch
+    waited for ack_wait (30 s in service); in-process cancelled the handler in hand at once."""
+    s = Subjects(bus.site_id)
+    handled: list[bytes] = []
+    cancelled: list[bytes] = []
+    started = asyncio.Event()
+
+    async def slow(m: BusMessage) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            cancelled.append(m.data)
+            raise
+        handled.append(m.data)
+
+    for i in range(10):
+        await bus.publish(s.audit, str(i).encode(), event_id=f"a{i}")
+    assert await bus.flush(timeout_s=10)
+    sub = await bus.consume(s.audit, durable="slow", handler=slow)
+    await asyncio.wait_for(started.wait(), 10)
+    await sub.stop()
+    assert cancelled == [], "a handler was cut short"
+    assert handled == [b"0"], "the consumer went on after stop()"
+    later: list[bytes] = []
+
+    async def quick(m: BusMessage) -> None:
+        later.append(m.data)
+
+    await bus.consume(s.audit, durable="slow", handler=quick)
+    await wait_until(lambda: len(later) == 9, 10, "the rest, for the next consumer")
+    assert later == [str(i).encode() for i in range(1, 10)]

@@ -41,6 +41,10 @@ from evcore.clock import Clock, WallClock
 
 log = logging.getLogger("evcore.bus.inprocess")
 
+# How long a durable consumer's stop() waits for the message in hand before cancelling it (as
+# the NATS bus: its fetch expiry and 2 s).
+_STOP_WAIT_S = 3.0
+
 
 @dataclass
 class _Stored:
@@ -168,6 +172,7 @@ class _DurableRun:
         self._dedupe = dedupe
         self._name = name
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def subject(self) -> str:
@@ -194,7 +199,7 @@ class _DurableRun:
     async def _run(self) -> None:
         stats = self._bus.stats
         attempt = 0
-        while True:
+        while not self._stopping:
             m = self._next()
             if m is None:
                 self._d.stream.changed.clear()
@@ -246,10 +251,18 @@ class _DurableRun:
             log.warning("consumer %s: processed-id store failed: %r; retrying", self._name, exc)
 
     async def stop(self) -> None:
+        """Finish the message in hand (for at most ``_STOP_WAIT_S``; it was cancelled at once,
+        a store write cut short), then stop; the durable keeps its place."""
         self._d.active = False
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self._stopping = True
+        task = self._task
+        if task is not None and task is not asyncio.current_task():
+            self._d.stream.changed.set()  # an idle loop wakes, sees it is stopping and ends
+            try:
+                await asyncio.wait_for(asyncio.shield(task), _STOP_WAIT_S)
+            except (TimeoutError, Exception):
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._bus._runs.discard(self)
 
 

@@ -306,6 +306,14 @@ class _NatsConsumer:
                             await m.nak()
                     break
                 for i, m in enumerate(msgs):
+                    if self.closed:
+                        # Stopped while handling the batch: the message in hand is done; hand
+                        # the rest back (it went on through the batch until stop() cancelled it
+                        # mid-handler, and the rest waited for ack_wait).
+                        for rest in msgs[i:]:
+                            with contextlib.suppress(Exception):
+                                await rest.nak()
+                        break
                     outcome = await self._handle(m, stats)
                     if outcome == "error":
                         # Keep order: hand back this one and the rest of the batch, then back off
