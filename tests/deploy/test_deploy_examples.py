@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from evcore.bus.config import parse_bus_config
+from evcore.cloud import CloudConfig
 from evcore.edge.config import EdgeConfig, EdgeConfigError
 from evcore.ocpp.config import OcppConfigError, parse_ocpp_section
 from evcore.site import load_site
+from evcore.site.cli import section_errors
 from evcore.store import StoreConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "metrics"))
+from metrics_testkit import cert_authority
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE_FILES = sorted((ROOT / "edge").glob("*.toml"))
+CLOUD_EXAMPLE = ROOT / "cloud" / "cloud.example.toml"
 NATS_CONFIGS = sorted([*(ROOT / "edge").glob("*.conf"), *(ROOT / "cloud").glob("**/node-*.conf")])
 
 
@@ -80,3 +89,94 @@ def test_systemd_unit_runs_the_edge_command_that_exists() -> None:
     )
     for opt in (a for a in argv if a.startswith("--")):
         assert opt in out.stdout
+
+
+# A commented key (`# key = value`, `# [table]`, `# [[array]]`) the examples offer to uncomment.
+_COMMENTED_KEY = re.compile(r"^# ?(\[\[?[\w.]+\]\]?\s*$|[a-z_]+ = \S.*$)")
+
+
+def _uncommented(text: str, etc: Path) -> str:
+    """The example with every commented key uncommented and /etc/evcore/ moved to ``etc``."""
+    lines = []
+    for line in text.splitlines():
+        m = _COMMENTED_KEY.match(line)
+        lines.append(m.group(1) if m else line)
+    return "\n".join(lines).replace("/etc/evcore/", f"{etc}/") + "\n"
+
+
+def _stand_in_secrets(etc: Path, table: dict[str, Any]) -> None:
+    """Files every path of the examples names, as an operator would install them: a real
+    certificate and key under each cert/key name, a CA for each CA name, 0600 secrets."""
+    etc.mkdir(parents=True, exist_ok=True)
+    ca = cert_authority(etc, "example CA")
+    cert, key = ca.issue("localhost", server=True)
+    for path in re.findall(rf"{re.escape(str(etc))}/[\w.-]+", tomllib_dumps_paths(table)):
+        p = Path(path)
+        name = p.name
+        if name.endswith((".pem", ".crt")) and "ca" in name.split(".")[0].split("-"):
+            p.write_bytes(ca.ca_path.read_bytes())
+        elif name.endswith((".pem", ".crt")):
+            p.write_bytes(Path(cert).read_bytes())
+        elif name.endswith(".key"):
+            p.write_bytes(Path(key).read_bytes())
+        elif name == "ocpp-credentials.toml":
+            p.write_text(
+                "".join(
+                    f'[stations.{c["ocpp_id"]}]\npassword = "{"x" * 16}"\n'
+                    for c in table["chargers"]
+                )
+            )
+        elif name == "api-tokens.toml":
+            p.write_text(
+                '[[tokens]]\nname = "ops"\ntoken = "' + "t" * 32 + '"\nroles = ["viewer"]\n'
+            )
+        else:
+            p.write_text("x" * 32 + "\n")
+        p.chmod(0o600)
+
+
+def tomllib_dumps_paths(table: Any) -> str:
+    """Every string of a parsed TOML table, one a line (where the example's paths are)."""
+    if isinstance(table, dict):
+        return "\n".join(tomllib_dumps_paths(v) for v in table.values())
+    if isinstance(table, list):
+        return "\n".join(tomllib_dumps_paths(v) for v in table)
+    return table if isinstance(table, str) else ""
+
+
+@pytest.mark.parametrize("path", SITE_FILES, ids=lambda p: p.name)
+def test_every_key_an_edge_example_offers_commented_out_is_one_the_edge_takes(
+    path: Path, tmp_path: Path
+) -> None:
+    """What the example shows as `# key = value` is a key of that section with a value it
+    takes: uncommented (and its files installed), the file passes the edge's own checks."""
+    etc = tmp_path / "etc"
+    site = tmp_path / path.name
+    site.write_text(_uncommented(path.read_text(), etc))
+    table = tomllib.loads(site.read_text())
+    _stand_in_secrets(etc, table)
+    load_site(site)
+    assert section_errors(table, tmp_path) == []
+
+
+def test_every_key_the_cloud_example_offers_commented_out_is_one_the_cloud_takes(
+    tmp_path: Path,
+) -> None:
+    etc = tmp_path / "etc"
+    text = _uncommented(CLOUD_EXAMPLE.read_text(), etc)
+    # `insecure = true` is the other choice to [tls] ("remove [tls] and set"): both at once are
+    # refused on purpose, so the secure variant leaves it out and the insecure one drops [tls].
+    secure = "\n".join(line for line in text.splitlines() if line != "insecure = true")
+    table = tomllib.loads(secure)
+    _stand_in_secrets(etc, table)
+    config = CloudConfig.from_table(table, tmp_path)
+    assert config.tls is not None and config.fleet is not None and config.bus is not None
+    assert config.metrics is not None
+    # The insecure variant as its comment says: [tls] removed, `insecure = true` set where the
+    # example has it (a key after a table header belongs to that table).
+    tls = re.search(r"^\[tls\]\n(?:\w+ = .*\n)+", text, flags=re.M)
+    assert tls is not None
+    insecure = tomllib.loads(
+        text.replace(tls.group(0), "").replace(f'operator_ca_file = "{etc}/operators-ca.pem"', "")
+    )
+    assert CloudConfig.from_table(insecure, tmp_path).insecure
