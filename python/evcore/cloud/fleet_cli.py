@@ -306,7 +306,11 @@ def register_curtail(cloud_sub: Any) -> None:
         "refused. See docs/cloud.md.",
     )
     _connection_args(p)
-    p.add_argument("--id", help="fleet curtailment id (the same id again replaces the split)")
+    p.add_argument(
+        "--id",
+        help="fleet curtailment id: a new one needs it with --sites, --max-kw, --start and --end "
+        "(the same id again replaces the split)",
+    )
     p.add_argument("--sites", type=_sites, help="comma-separated site ids")
     p.add_argument("--max-kw", type=float, help="most total power of the sites in kW")
     p.add_argument("--start", type=_time, help="ISO 8601 time with zone (T1)")
