@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 from evcore.bus.config import parse_bus_config
+from evcore.cli import build_parser
 from evcore.cloud import CloudConfig
 from evcore.edge.config import EdgeConfig, EdgeConfigError
 from evcore.ocpp.config import OcppConfigError, parse_ocpp_section
@@ -25,7 +27,7 @@ from metrics_testkit import cert_authority
 ROOT = Path(__file__).resolve().parents[2]
 SITE_FILES = sorted((ROOT / "edge").glob("*.toml"))
 CLOUD_EXAMPLE = ROOT / "cloud" / "cloud.example.toml"
-NATS_CONFIGS = sorted([*(ROOT / "edge").glob("*.conf"), *(ROOT / "cloud").glob("**/node-*.conf")])
+NATS_CONFIGS = sorted([*(ROOT / "edge").glob("*.conf"), *(ROOT / "cloud").glob("**/*.conf")])
 
 
 def test_examples_exist() -> None:
@@ -78,17 +80,64 @@ def test_nats_server_accepts_config(path: Path) -> None:
     assert out.returncode == 0, out.stderr + out.stdout
 
 
-def test_systemd_unit_runs_the_edge_command_that_exists() -> None:
-    unit = (ROOT / "edge" / "evcore-edge.service").read_text()
-    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    argv = exec_start.removeprefix("ExecStart=").split()
-    assert argv[1:3] == ["edge", "--config"]
-    # The options the unit passes are ones `evcore edge` accepts.
-    out = subprocess.run(
-        ["evcore", "edge", "--help"], capture_output=True, text=True, timeout=60, check=True
+UNITS = {"evcore-edge.service": ("edge", "--config"), "evcore-cloud.service": ("cloud", "serve")}
+
+
+def _unit(name: str) -> dict[str, list[str]]:
+    path = ROOT / ("edge" if "edge" in name else "cloud") / name
+    unit: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            unit.setdefault(key, []).append(value)
+    return unit
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_systemd_unit_runs_a_command_that_exists(name: str) -> None:
+    """ExecStart is a command ``evcore`` parses, every flag and value as given (a --log-level
+    it did not know ran at info before the CLI checked it)."""
+    argv = shlex.split(_unit(name)["ExecStart"][0])
+    assert argv[0].endswith("/evcore") and tuple(argv[1:3]) == UNITS[name]
+    args = build_parser().parse_args(argv[1:])
+    assert args.func is not None
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(Path(path).is_relative_to(r) for r in roots)
+
+
+def test_what_the_production_examples_write_is_writable_under_their_units() -> None:
+    """ProtectSystem=strict keeps /etc read-only: every path the edge and the cloud write lies
+    under the unit's ReadWritePaths (the audit journal beside /etc/evcore/site.toml could not)."""
+    edge_rw = _unit("evcore-edge.service")["ReadWritePaths"]
+    site = tomllib.loads((ROOT / "edge" / "site.production.example.toml").read_text())
+    for path in (site["edge"]["audit_journal"], site["bus"]["outbox_dir"]):
+        assert _under(path, edge_rw), (path, edge_rw)
+    cloud_rw = _unit("evcore-cloud.service")["ReadWritePaths"]
+    cloud = tomllib.loads(_uncommented(CLOUD_EXAMPLE.read_text(), Path("/etc/evcore")))
+    assert _under(cloud["bus"]["outbox_dir"], cloud_rw), cloud_rw
+
+
+def _nats_config(path: Path) -> str:
+    """The config with its comments dropped (what nats-server reads)."""
+    return "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
+
+
+def test_jetstream_is_where_the_streams_are() -> None:
+    """The cluster nodes hold the streams (JetStream, domain "cloud" as [bus] jetstream_domain
+    says); the edge's leaf node has none of its own (its events would stay on the edge)."""
+    site = tomllib.loads((ROOT / "edge" / "site.production.example.toml").read_text())
+    domain = site["bus"]["jetstream_domain"]
+    for node in sorted((ROOT / "cloud" / "nats").glob("node-*.conf")):
+        conf = _nats_config(node)
+        assert re.search(r"^jetstream\s*\{", conf, flags=re.M), node.name
+        assert re.search(rf"^\s*domain:\s*{domain}\s*$", conf, flags=re.M), node.name
+    edge = _nats_config(ROOT / "edge" / "nats-edge.conf")
+    assert "jetstream" not in edge and "leafnodes" in edge
+    assert "jetstream: enabled" in _nats_config(
+        ROOT / "cloud" / "nats" / "site-permissions.example.conf"
     )
-    for opt in (a for a in argv if a.startswith("--")):
-        assert opt in out.stdout
 
 
 # A commented key (`# key = value`, `# [table]`, `# [[array]]`) the examples offer to uncomment.
