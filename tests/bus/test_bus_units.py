@@ -600,6 +600,41 @@ async def test_an_in_process_durable_consumer_outlives_its_id_store_failing() ->
     await bus.close()
 
 
+async def test_a_nats_durable_consumer_waits_out_its_id_store_failing_in_order(
+    tmp_path: Path,
+) -> None:
+    """The NATS consumer's id store failing (a locked SQLite file) left the fetched batch
+    neither handled nor handed back: it waited for ack_wait (30 s in service) before anything
+    was delivered again (before: the 5 events not all handled within 10 s). Now, as in-process,
+    the message and those behind it are handed back and tried again after a back-off, in
+    order."""
+    from bus_testkit import make_nats_bus
+
+    site = unique_site()
+    bus = make_nats_bus(site, SHARED_NATS, tmp_path / "outbox", ack_wait_s=30.0)
+    await bus.start()
+    subject = f"{bus.subjects.root}.audit"
+    got: list[str] = []
+
+    async def handler(m: BusMessage) -> None:
+        got.append(m.event_id)
+
+    ids = _FlakyIds()
+    try:
+        for i in range(5):
+            await bus.publish(subject, b"x", event_id=f"e{i}")
+        assert await bus.flush(timeout_s=10)
+        await bus.consume(subject, durable="d", handler=handler, dedupe=ids)  # type: ignore[arg-type]
+        await wait_until(lambda: ids.ids == {f"e{i}" for i in range(5)}, 10, "every id booked")
+        # The add that failed left its event unbooked: handled again (at least once), in order.
+        assert sorted(set(got)) == [f"e{i}" for i in range(5)]
+        assert got == sorted(got)
+        assert bus.stats.handler_errors == 2
+    finally:
+        await bus.delete_streams()
+        await bus.close()
+
+
 async def test_the_nats_pump_outlives_an_outbox_read_failing(tmp_path: Path) -> None:
     """Review of session 12: an outbox read or removal raising (a locked file, an I/O error)
     ended the pump task for good and silently: publish() went on accepting critical events and

@@ -227,6 +227,7 @@ class _NatsConsumer:
         self._dedupe = dedupe
         self._task: asyncio.Task[None] | None = None
         self._reconnects_seen = -1
+        self._dedupe_failures = 0
         self.closed = False
 
     @property
@@ -365,7 +366,14 @@ class _NatsConsumer:
             delivered = int(m.metadata.num_delivered)
         except Exception:
             delivered = 1
-        if self._dedupe is not None and event_id and self._dedupe.contains(event_id):
+        try:
+            seen = self._dedupe is not None and bool(event_id) and self._dedupe.contains(event_id)
+        except Exception as exc:
+            # The id store failing (a locked SQLite file) left the fetched batch neither handled
+            # nor handed back: nothing came for ack_wait (30 s). As in-process: an error, the
+            # message and those behind it tried again after a back-off, in order.
+            return self._dedupe_failed(exc, stats, m)
+        if seen:
             stats.duplicates_dropped += 1
             await m.ack()
             return "ok"
@@ -380,12 +388,32 @@ class _NatsConsumer:
         if outcome == "error":
             return outcome
         if outcome == "ok" and self._dedupe is not None and event_id:
-            self._dedupe.add(event_id)
+            try:
+                self._dedupe.add(event_id)
+            except Exception as exc:
+                # Not booked: delivered again (at least once), as in-process.
+                return self._dedupe_failed(exc, stats, m)
         if outcome == "rejected":
             await m.term()
         else:
             await m.ack()
         return outcome
+
+    def _dedupe_failed(self, exc: Exception, stats: BusStats, m: NatsMsg) -> str:
+        stats.handler_errors += 1
+        self._dedupe_failures += 1
+        n = self._dedupe_failures
+        if n in (1, 10) or n % 100 == 0:
+            log.warning(
+                "consumer %s on %s: processed-id store failed on %s (%d time(s) so far): %r; "
+                "the message is tried again",
+                self._durable,
+                self._stream,
+                m.subject,
+                n,
+                exc,
+            )
+        return "error"
 
     async def stop(self) -> None:
         """Finish the message in hand, return any fetched ones, then stop (the durable stays)."""
