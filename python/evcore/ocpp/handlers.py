@@ -84,8 +84,11 @@ class SharedHandlers(StationConnection):
         """The timestamp of a message that starts, updates or ends a transaction: one further
         ahead than ``max_clock_skew_s`` is taken and logged, not refused (refused, the station
         retried it a few times and dropped it, and with it the session's start or end); what
-        the edge hears is bounded (``CentralSystem._heard_at``)."""
-        at = parse_timestamp(value)
+        the edge hears is bounded (``CentralSystem._heard_at``). It is not taken for the
+        station's clock (``clockskew``): a garbage year would be its offset for 10 minutes.
+        One outside the years the record holds is taken as the nearest it holds (the same on
+        every resend: a 1.6 start's key)."""
+        at = parse_timestamp(value, clamp=True)
         ahead_s = at - self.clock.now()
         if ahead_s > self.csms.config.max_clock_skew_s:
             LOG.warning(
@@ -95,7 +98,8 @@ class SharedHandlers(StationConnection):
                 value,
                 ahead_s,
             )
-        self.csms._station_timestamp(self.station, at)
+        else:
+            self.csms._station_timestamp(self.station, at)
         return at
 
 

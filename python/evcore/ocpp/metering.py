@@ -56,8 +56,16 @@ def check_plausible(measurand: str, value: float, where: str) -> float:
     return value
 
 
-def parse_timestamp(value: Any, *, field: str = "timestamp") -> float:
-    """An RFC 3339 timestamp with a zone → seconds since the epoch. Raises MeterValueError."""
+#: The times a protobuf Timestamp holds (the bus messages, the store): 0001-01-01T00:00:00Z to
+#: 9999-12-31T23:59:59Z. The schemas take times just outside (a zone offset past either end).
+TIME_MIN_S = -62_135_596_800.0
+TIME_MAX_S = 253_402_300_799.0
+
+
+def parse_timestamp(value: Any, *, field: str = "timestamp", clamp: bool = False) -> float:
+    """An RFC 3339 timestamp with a zone → seconds since the epoch. Raises MeterValueError, also
+    for a time outside ``TIME_MIN_S`` … ``TIME_MAX_S`` (it failed in the publisher:
+    InternalError on every retry), which ``clamp`` takes as the nearest end instead."""
     if not isinstance(value, str):
         raise MeterValueError(f"{field}: expected an RFC 3339 string, got {value!r}")
     try:
@@ -68,7 +76,12 @@ def parse_timestamp(value: Any, *, field: str = "timestamp") -> float:
         raise MeterValueError(f"{field}: not a valid RFC 3339 timestamp: {value!r}") from None
     if dt.tzinfo is None:
         raise MeterValueError(f"{field}: timestamp without a time zone: {value!r}")
-    return dt.timestamp()
+    t = dt.timestamp()
+    if not TIME_MIN_S <= t <= TIME_MAX_S:
+        if clamp:
+            return min(max(t, TIME_MIN_S), TIME_MAX_S)
+        raise MeterValueError(f"{field}: outside years 1 to 9999 UTC: {value!r}")
+    return t
 
 
 @dataclass(slots=True)
