@@ -115,6 +115,20 @@ def _rejected(reason_code: str, info: str) -> dict[str, Any]:
     return {"status": "Rejected", "statusInfo": {"reasonCode": reason_code, "additionalInfo": info}}
 
 
+def _water_fill(total: float, wants: dict[int, float]) -> dict[int, float]:
+    """Max-min fair shares of ``total`` among ``wants`` (none above its want)."""
+    out: dict[int, float] = {}
+    left = max(0.0, total)
+    pending = sorted(wants.items(), key=lambda kv: kv[1])
+    while pending:
+        fair = left / len(pending)
+        key, want = pending.pop(0)
+        give = min(max(0.0, want), fair)
+        out[key] = give
+        left -= give
+    return out
+
+
 class OffsetClock:
     """A station's own clock: ``base`` shifted by ``offset_s`` (> 0 runs ahead). Only the time
     of day is off (timestamps, profile schedules); it sleeps and measures ages like ``base``."""
@@ -154,6 +168,11 @@ class SimConnector:
     max_a: float = 32.0
     steps_a: tuple[float, ...] | None = None
     max_w: float = 50_000.0
+    #: DC: the lowest output the power stage runs at (0: none).
+    min_w: float = 0.0
+    #: DC: what it does with a limit above 0 but below ``min_w``: ``"stop"`` (offers nothing,
+    #: as an AC pilot below 6 A) or ``"minimum"`` (runs at ``min_w``, above the limit).
+    below_min_w: str = "stop"
     efficiency: float = 0.95
     aux_w: float = 0.0
     charger_id: str | None = None
@@ -339,6 +358,11 @@ class SimChargePoint:
     @clock_offset_s.setter
     def clock_offset_s(self, offset_s: float) -> None:
         self.clock = OffsetClock(self._base_clock, offset_s) if offset_s else self._base_clock
+
+    @property
+    def station_unit(self) -> str:
+        """The unit of the station's own composite schedule: W with a DC EVSE, else A."""
+        return "W" if any(c.kind == "dc" for c in self.connectors.values()) else "A"
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -826,10 +850,11 @@ class SimChargePoint:
             self._pending_profiles = [(t, p) for t, p in self._pending_profiles if t > now]
             for p in due:
                 self._install(p)
+        shares = self._station_shares(now)
         for c in self.connectors.values():
             c_dt = dt if c.energy_to is None else max(0.0, now - c.energy_to)
             c.energy_to = None
-            self._advance(c, now, c_dt)
+            self._advance(c, now, c_dt, shares.get(c.evse_id, math.inf))
         # Reports fall due every sample_interval_s from the first step, and go out at the step
         # nearest each due instant: counted from the step that sent the last one, a 12 s
         # interval on 5 s steps reported every 15 s, and float noise on 0.1 s steps made some
@@ -845,15 +870,24 @@ class SimChargePoint:
                     if c.tx_active:
                         self._send_meter_values(c)
 
-    def _advance(self, c: SimConnector, now: float, dt: float) -> None:
-        limit = self.limit_at(c.evse_id, now)
+    @staticmethod
+    def _offer(c: SimConnector, limit: float) -> float:
+        """What ``c`` offers under ``limit`` (its units): AC on its steps and 0 below the 6 A
+        pilot minimum; DC 0 below ``min_w``, or ``min_w`` when it runs at its minimum."""
+        if not c.available:
+            return 0.0
         if c.kind == "dc":
-            c.offered = max(0.0, min(limit, c.max_w)) if c.available else 0.0
-        else:
-            allowed = max(0.0, min(limit, c.max_a)) if c.available else 0.0
-            if c.steps_a:
-                allowed = max((s for s in c.steps_a if s <= allowed + 1e-9), default=0.0)
-            c.offered = allowed if allowed >= MIN_PILOT_A else 0.0
+            offered = max(0.0, min(limit, c.max_w))
+            if 0.0 < offered < c.min_w:
+                offered = c.min_w if c.below_min_w == "minimum" else 0.0
+            return offered
+        allowed = max(0.0, min(limit, c.max_a))
+        if c.steps_a:
+            allowed = max((s for s in c.steps_a if s <= allowed + 1e-9), default=0.0)
+        return allowed if allowed >= MIN_PILOT_A else 0.0
+
+    def _advance(self, c: SimConnector, now: float, dt: float, share: float = math.inf) -> None:
+        c.offered = self._offer(c, min(self.limit_at(c.evse_id, now), share))
         self._count_energy(c, dt)
         if not c.tx_active or c.ev is None:
             c.terminal_a = [0.0, 0.0, 0.0]
@@ -921,24 +955,34 @@ class SimChargePoint:
         ]
         self.profiles.append(p)
 
-    def _profile_value(self, p: HeldProfile, c: SimConnector, t: float) -> float | None:
+    @staticmethod
+    def _profile_period(
+        p: HeldProfile, c: SimConnector | None, t: float
+    ) -> tuple[float, int | None] | None:
+        """The period of ``p`` in force at ``t``: (limit in ``p.unit``, numberPhases), or None."""
         if p.valid_from is not None and t < p.valid_from:
             return None
         if p.valid_to is not None and t >= p.valid_to:
             return None
         start = p.start
         if start is None:
-            start = c.tx_started_at if p.kind == "Relative" and c.tx_started_at else p.received_at
+            relative = p.kind == "Relative" and c is not None and c.tx_started_at
+            start = c.tx_started_at if relative and c is not None else p.received_at
+        assert start is not None
         offset = t - start
         if p.kind == "Recurring" and offset >= 0:
             offset = offset % 86400.0
         if offset < 0 or (p.duration is not None and offset >= p.duration):
             return None
-        value = None
+        found = None
         for start_period, limit, phases in p.periods:
             if start_period <= offset:
-                value = self._to_unit(c, limit, p.unit, phases)
-        return value
+                found = (limit, phases)
+        return found
+
+    def _profile_value(self, p: HeldProfile, c: SimConnector, t: float) -> float | None:
+        period = self._profile_period(p, c, t)
+        return None if period is None else self._to_unit(c, period[0], p.unit, period[1])
 
     def _to_unit(self, c: SimConnector, limit: float, unit: str, phases: int | None) -> float:
         n = phases or (3 if c.terminals == 3 else 1)
@@ -949,7 +993,12 @@ class SimChargePoint:
         return limit / (c.voltage_v * n)
 
     def limit_at(self, evse_id: int, t: float) -> float:
-        """The composite limit of ``evse_id`` at ``t`` (A per phase for AC, W for DC)."""
+        """The composite limit of ``evse_id`` at ``t`` (A per phase for AC, W for DC): its
+        TxProfile (or TxDefault, of the EVSE or of 0) and the station maximum, under its hardware
+        maximum. The station maximum caps the EVSEs together too (``_station_shares``)."""
+        return self._limit_at(evse_id, t, with_max=True)
+
+    def _limit_at(self, evse_id: int, t: float, *, with_max: bool) -> float:
         c = self.connectors[evse_id]
 
         def best(cands: list[HeldProfile]) -> float | None:
@@ -976,17 +1025,100 @@ class SimChargePoint:
             )
         if tx_limit is None:
             tx_limit = best([p for p in self.profiles if p.purpose == "default" and p.evse == 0])
-        max_limit = best([p for p in self.profiles if p.purpose == "max"])
+        max_limit = best([p for p in self.profiles if p.purpose == "max"]) if with_max else None
         value = c.hardware_limit
         for v in (tx_limit, max_limit):
             if v is not None:
                 value = min(value, v)
         return value
 
-    def composite(self, evse_id: int, duration_s: int) -> list[tuple[int, float]]:
-        """The composite schedule from now for ``duration_s``: [(offset_s, limit)]."""
+    def station_max_at(self, t: float) -> tuple[float, str, int | None] | None:
+        """The station maximum (ChargePointMaxProfile / ChargingStationMaxProfile, on 0) in force
+        at ``t``: (limit, unit, numberPhases) of the highest stack level that has a period then."""
+        for p in sorted((q for q in self.profiles if q.purpose == "max"), key=lambda q: -q.stack):
+            period = self._profile_period(p, None, t)
+            if period is not None:
+                return period[0], p.unit, period[1]
+        return None
+
+    def _station_shares(self, now: float) -> dict[int, float]:
+        """Per EVSE, the most the station maximum leaves it now (its units; none: no maximum).
+
+        The maximum holds for the station as a whole, every EVSE together (OCPP 1.6 3.13.2,
+        2.0.1 K01): it is shared among the EVSEs with a car charging, max-min fair on what each
+        car takes under its own limit, then what is left up to each EVSE's own limit. An EVSE
+        whose share falls below its minimum (the 6 A pilot, a DC ``min_w``) cannot run on it:
+        the car that started last gets nothing and the rest share again, until each share is
+        0 or runs. An EVSE without a car is offered the whole maximum (a car plugging in is
+        shared at the next step)."""
+        cap = self.station_max_at(now)
+        if cap is None:
+            return {}
+        total, unit, phases = cap
+        total = max(0.0, total)
+        per_unit = {
+            e: self._to_unit(c, 1.0, unit, phases) for e, c in self.connectors.items()
+        }  # the EVSE's units per unit of the maximum
+        users = sorted(
+            (
+                c
+                for c in self.connectors.values()
+                if c.tx_active and c.ev is not None and c.available and per_unit[c.evse_id] > 0
+            ),
+            key=lambda c: (c.tx_started_at or 0.0, c.evse_id),
+        )
+        own: dict[int, float] = {}
+        want: dict[int, float] = {}
+        least: dict[int, float] = {}
+        for c in users:
+            k = per_unit[c.evse_id]
+            offered = self._offer(c, self._limit_at(c.evse_id, now, with_max=False))
+            assert c.ev is not None
+            takes = c.ev.dc_draw_w(offered) if c.kind == "dc" else c.ev.ac_draw_a(offered)
+            own[c.evse_id] = offered / k
+            want[c.evse_id] = min(takes, offered) / k
+            if c.kind == "dc":
+                least[c.evse_id] = c.min_w / k
+            else:
+                steps = [x for x in c.steps_a or () if x >= MIN_PILOT_A]
+                least[c.evse_id] = (min(steps) if steps else MIN_PILOT_A) / k
+        while True:
+            share = _water_fill(total, want)
+            left = total - sum(share.values())
+            extra = _water_fill(left, {e: own[e] - share[e] for e in share})
+            share = {e: share[e] + extra[e] for e in share}
+            # A car that takes nothing (full, or its EVSE offers nothing) need not run.
+            running = [c.evse_id for c in users if want.get(c.evse_id, 0.0) > 0.0]
+            if not any(share[e] < least[e] - 1e-9 for e in running):
+                break
+            want.pop(running[-1])
+            own.pop(running[-1])
+        out = {e: total * k for e, k in per_unit.items()}  # EVSEs without a car
+        for c in users:
+            out[c.evse_id] = share.get(c.evse_id, 0.0) * per_unit[c.evse_id]
+        return out
+
+    def station_limit_at(self, t: float, unit: str) -> float:
+        """The station's composite limit at ``t`` in ``unit`` (connector 0 / EVSE 0 of
+        GetCompositeSchedule, the grid connection's expected most): the sum of every EVSE's own
+        limit, under the station maximum."""
+        total = 0.0
+        for e, c in self.connectors.items():
+            total += self._limit_at(e, t, with_max=False) / self._to_unit(c, 1.0, unit, None)
+        cap = self.station_max_at(t)
+        if cap is not None:
+            c = next(iter(self.connectors.values()))
+            value, cap_unit, phases = cap
+            in_unit = self._to_unit(c, value, cap_unit, phases) / self._to_unit(c, 1.0, unit, None)
+            total = min(total, in_unit)
+        return total
+
+    def composite(
+        self, evse_id: int, duration_s: int, unit: str | None = None
+    ) -> list[tuple[int, float]]:
+        """The composite schedule from now for ``duration_s``: [(offset_s, limit)], in the
+        EVSE's units (A per phase for AC, W for DC); EVSE 0: the station's, in ``unit``."""
         now = self.clock.now()
-        c = self.connectors[evse_id]
         marks = {0.0}
         for p in self.profiles:
             start = p.start if p.start is not None else p.received_at
@@ -997,10 +1129,12 @@ class SimChargePoint:
                 marks.add(start + sp - now)
             if p.duration is not None:
                 marks.add(start + p.duration - now)
-        del c
         out: list[tuple[int, float]] = []
         for m in sorted(x for x in marks if 0 <= x < duration_s):
-            v = self.limit_at(evse_id, now + math.ceil(m))
+            if evse_id == 0:
+                v = self.station_limit_at(now + math.ceil(m), unit or self.station_unit)
+            else:
+                v = self.limit_at(evse_id, now + math.ceil(m))
             if not out or out[-1][1] != v:
                 out.append((math.ceil(m), v))
         return out
@@ -1164,16 +1298,21 @@ class SimChargePoint:
         self, p: dict[str, Any], after: list[Callable[[], None]]
     ) -> dict[str, Any]:
         evse = p["connectorId"] if self.version == "1.6" else p["evseId"]
-        if evse not in self.connectors:
+        if evse != 0 and evse not in self.connectors:
             return {"status": "Rejected"}
-        c = self.connectors[evse]
-        unit = p.get("chargingRateUnit") or ("W" if c.kind == "dc" else "A")
         periods = []
-        for offset, limit in self.composite(evse, int(p["duration"])):
-            value = limit
-            if c.kind == "ac" and unit == "W":
-                value = limit * c.voltage_v * c.terminals
-            periods.append({"startPeriod": offset, "limit": round(value, 1)})
+        if evse == 0:  # the station as a whole: the grid connection's expected most
+            unit = p.get("chargingRateUnit") or self.station_unit
+            for offset, limit in self.composite(0, int(p["duration"]), unit):
+                periods.append({"startPeriod": offset, "limit": round(limit, 1)})
+        else:
+            c = self.connectors[evse]
+            unit = p.get("chargingRateUnit") or ("W" if c.kind == "dc" else "A")
+            for offset, limit in self.composite(evse, int(p["duration"])):
+                value = limit
+                if c.kind == "ac" and unit == "W":
+                    value = limit * c.voltage_v * c.terminals
+                periods.append({"startPeriod": offset, "limit": round(value, 1)})
         now = iso(self.clock.now())
         if self.version == "1.6":
             return {

@@ -39,6 +39,7 @@ def connector_for(spec: Any) -> SimConnector:
         max_a=float(_get(spec, "max_a", 32.0) or 32.0),
         steps_a=tuple(_get(spec, "steps_a", ()) or ()) or None,
         max_w=float(_get(spec, "max_w", 50_000.0) or 50_000.0),
+        min_w=float(_get(spec, "min_w", 0.0) or 0.0),
         efficiency=float(_get(spec, "efficiency", 0.95) or 0.95),
         aux_w=float(_get(spec, "aux_w", 0.0) or 0.0),
         charger_id=_get(spec, "id"),
