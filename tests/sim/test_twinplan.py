@@ -5,9 +5,14 @@ each flip cost a switch)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from evcore.edge.state import ChargerState
+from evcore.planner import PlanSession
 from evcore.sim import twinplan
 from evcore.sim.scenario import load_scenario
+from sim_testkit import one_car_scenario
 
 
 def _charging(cid: str, **kw: object) -> ChargerState:
@@ -77,3 +82,38 @@ def test_the_twins_cloud_plan_binds_each_row_to_its_transaction() -> None:
     assert set(plan.targets_at(t, {"cp-01": "tx-cp-01", "cp-02": "tx-cp-02"})) == {"cp-01", "cp-02"}
     # Another car on cp-02: its rows are not this one's.
     assert set(plan.targets_at(t, {"cp-01": "tx-cp-01", "cp-02": "tx-other"})) == {"cp-01"}
+
+
+def test_the_cloud_plan_prices_and_caps_each_step_over_its_whole_span(tmp_path: Path) -> None:
+    """A step is priced at the time-weighted mean of the tariff over it, and carries every kW
+    cap in force at any moment of it (from the edge's lead before the signal), as the edge's
+    own planner does (``step_prices``, ``step_caps``). The twin's cloud planner took both at the
+    step's midpoint: the first 5-minute step, 0.10 until 12:03:20 and 0.50 after, was priced
+    0.10, and a 1 kW curtailment from 12:00:10 to 12:01:00 was not in the plan at all."""
+    tariff = f"""[tariff]
+default_price_per_kwh = 0.10
+[[tariff.periods]]
+start_h = {12.0 + 200.0 / 3600.0!r}
+end_h = 24.0
+price_per_kwh = 0.50
+
+[[grid_signals]]
+node = "grid"
+start_h = {10.0 / 3600.0!r}
+end_h = {60.0 / 3600.0!r}
+limit_kw = 1.0
+notice_min = 0
+"""
+    sc = one_car_scenario(
+        tmp_path, "plan-steps", duration_h=2.0, policy="planner_cost", extra=tariff
+    )
+    tp = twinplan.TwinPlanner(sc, "planner_cost")
+    session = PlanSession("tx-1", "cp-1", sc.start, sc.start + 7200.0, 20.0)
+    req = tp.request(sc.start, [session])
+    assert req.step_s[0] == 300.0
+    assert req.price_per_kwh[0] == pytest.approx((200.0 * 0.10 + 100.0 * 0.50) / 300.0)  # 0.10
+    assert req.price_per_kwh[1] == pytest.approx(0.50)
+    caps = req.nodes[0].power_limit_kw
+    assert isinstance(caps, list)  # was None: no cap at any step's midpoint
+    assert caps[0] == pytest.approx(1.0 * twinplan.KW_MARGIN)
+    assert caps[1] > 1e5  # none in the second step

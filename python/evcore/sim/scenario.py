@@ -254,6 +254,17 @@ class TariffSpec:
         )
         return min((e for e in edges if e > t), default=math.inf)
 
+    def changes(self, t0: float, t1: float) -> list[tuple[float, float]]:
+        """(instant, price per kWh): the price at ``t0``, then each change before ``t1`` at its
+        own instant (neighbours of equal price merged)."""
+        out = [(t0, self.price_at(t0))]
+        t = t0
+        while (t := self.next_change(t)) < t1:
+            price = self.price_at(t)
+            if price != out[-1][1]:
+                out.append((t, price))
+        return out
+
     def price_at(self, t: float) -> float:
         """Energy price per kWh at unix time ``t``."""
         if self.series:

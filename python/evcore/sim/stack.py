@@ -478,15 +478,8 @@ class StackRun:
         not at all."""
         from evcore.edge.grid import PricePoint
 
-        tariff = self.sc.tariff
-        t = self.sc.start
         end = self.sc.start + self.sc.duration_s + self.sc.plan_horizon_h * 3600.0
-        points = [PricePoint(start=t, price_per_kwh=tariff.price_at(t))]
-        while (t := tariff.next_change(t)) < end:
-            price = tariff.price_at(t)
-            if price != points[-1].price_per_kwh:
-                points.append(PricePoint(start=t, price_per_kwh=price))
-        return points
+        return [PricePoint(t, price) for t, price in self.sc.tariff.changes(self.sc.start, end)]
 
     # -- planning (when the edge does not plan by itself) ---------------------------------------
     async def _planner(self) -> None:

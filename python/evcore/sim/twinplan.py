@@ -66,12 +66,21 @@ class TwinPlanner:
         self.last_status = ""
         self.stale_after_s = max(30.0, 2.5 * sc.meter_interval_s)  # as the twin's edge
         self.phases_drawn: dict[str, int] = {}  # transaction id -> fewest phases seen drawing
+        from dataclasses import fields
+
+        from evcore.edge.config import EdgeConfig
+
+        # The edge enforces a curtailment from this long before it starts: so does the plan.
+        lead = next(f.default for f in fields(EdgeConfig) if f.name == "curtail_lead_s")
+        self.curtail_lead_s = float(sc.edge.get("curtail_lead_s", lead))
 
     def other_kw(self, node: Any) -> float:
         """A node's building load at its configured maximum, in kW."""
         return float(sum(node.other_load_max_a)) * self.sc.site.voltage_ln_v / 1000.0
 
     def request(self, now: float, sessions: list[Any]) -> Any:
+        from evcore.edge.grid import Curtailment, PricePoint
+        from evcore.edge.planning import step_caps, step_prices
         from evcore.planner import PlanCharger, PlanNode, PlanRequest, step_grid
 
         sc = self.sc
@@ -79,12 +88,16 @@ class TwinPlanner:
         last_departure = max((float(s.departure) for s in sessions), default=now + 3600.0)
         horizon = min(sc.plan_horizon_h * 3600.0, max(900.0, last_departure - now))
         steps = step_grid(horizon)
-        mids = []
+        spans: list[tuple[float, float]] = []
         t = now
         for d in steps:
-            mids.append(t + d / 2)
+            spans.append((t, t + d))
             t += d
-        prices = [sc.tariff.price_at(m) for m in mids]
+        # Each step at the tariff's time-weighted mean over it and under every cap in force at
+        # any moment of it, as the edge plans (at the step's midpoint, a price change or a
+        # curtailment away from it was missed).
+        points = [PricePoint(at, price) for at, price in sc.tariff.changes(now, t)]
+        prices = step_prices(points, spans, sc.tariff.price_at(now))
         dc = sc.demand_charge.price_per_kw
         if self.policy == "planner_peak":
             prices = [p * PEAK_PRICE_SCALE for p in prices]
@@ -92,17 +105,22 @@ class TwinPlanner:
         nodes = []
         for n in site.nodes:
             pl: float | list[float] | None = n.power_limit_kw
-            caps = [
-                min(
-                    [
-                        g.limit_kw
-                        for g in sc.grid_signals
-                        if g.node == n.id and sc.start + g.start_s <= m < sc.start + g.end_s
-                    ]
-                    + ([n.power_limit_kw] if n.power_limit_kw is not None else [math.inf])
-                )
-                for m in mids
-            ]
+            caps = step_caps(
+                [
+                    Curtailment(
+                        f"{g.node}@{g.start_s:.0f}",
+                        g.node,
+                        g.limit_kw,
+                        sc.start + g.start_s,
+                        sc.start + g.end_s,
+                    )
+                    for g in sc.grid_signals
+                    if g.node == n.id
+                ],
+                spans,
+                self.curtail_lead_s,
+                n.power_limit_kw if n.power_limit_kw is not None else math.inf,
+            )
             if any(math.isfinite(c) for c in caps):
                 big = 1e6
                 pl = [c * KW_MARGIN if math.isfinite(c) else big for c in caps]
