@@ -138,3 +138,18 @@ async def test_simcp_that_cannot_connect_says_so(
     assert await ocpp_cli._simcp(args) == 1
     err = capsys.readouterr().err
     assert f"ws://127.0.0.1:{port}/ocpp" in err and "CP01" in err, err
+
+
+def test_site_check_warns_of_a_station_without_the_password_its_profile_asks_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A station under profile 1 or 2 without a password is refused (HTTP 401) at every
+    connection: what the example site did to all 5 stations. `site check` said 'ok'."""
+    site = tmp_path / "site.toml"
+    site.write_text(EXAMPLE_SITE.read_text().replace('DC01 = "example', 'DC0l = "example'))
+    assert main(["site", "check", str(site)]) == 0  # a warning: the file loads
+    err = capsys.readouterr().err
+    assert "DC01 (dc-01)" in err and "HTTP 401" in err, err
+    assert "DC0l" in err and "no charger" in err, err
+    assert main(["site", "check", str(EXAMPLE_SITE)]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -152,6 +152,38 @@ def section_errors(table: Mapping[str, Any], base_dir: Path | str) -> list[str]:
     return errors
 
 
+def station_warnings(site: Site, table: Mapping[str, Any], base_dir: Path | str) -> list[str]:
+    """What would keep a station out though the file loads: a station whose security profile
+    (1 or 2) asks for a password the file does not give (refused, HTTP 401, at every
+    connection), and credentials of an OCPP id no charger has (a typo of one)."""
+    from evcore.ocpp import parse_ocpp_section
+
+    section = table.get("ocpp")
+    try:
+        cfg = parse_ocpp_section(section, base_dir=Path(base_dir))
+    except (ValueError, KeyError):
+        return []  # said as an error
+    chargers: dict[str, list[str]] = {}
+    for c in site.chargers:
+        chargers.setdefault(c.ocpp_id, []).append(c.id)
+    warnings = []
+    for ocpp_id, ids in chargers.items():
+        profile = cfg.profile_for(ocpp_id)
+        creds = cfg.credentials_for(ocpp_id)
+        if profile in (1, 2) and (creds is None or not creds.passwords()):
+            warnings.append(
+                f"[ocpp]: station {ocpp_id} ({', '.join(ids)}) has no password and security "
+                f"profile {profile} asks for one: it will be refused (HTTP 401); give it one in "
+                "[ocpp.credentials] or the credentials_file"
+            )
+    for ocpp_id in sorted(set(cfg.credentials) - set(chargers)):
+        warnings.append(
+            f"[ocpp]: credentials for station {ocpp_id}, which no charger has (a typo of an "
+            "ocpp_id?)"
+        )
+    return warnings
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
         site: Site | None = load_site(args.file)
@@ -175,6 +207,8 @@ def _check(args: argparse.Namespace) -> int:
         print(f"error: {args.file}: {error}", file=sys.stderr)
     if errors or site is None:
         return 1
+    for warning in station_warnings(site, table, path.resolve().parent):
+        print(f"warning: {args.file}: {warning}", file=sys.stderr)
     sections = [f"[{k}]" for k in SITE_TABLES[3:] if k in table]
     checked = f"; {', '.join(sections)} as the edge reads them" if sections else ""
     print(f"ok: {len(site.nodes)} nodes, {len(site.chargers)} chargers{checked}")
@@ -191,6 +225,7 @@ def register(sub: Any) -> None:
         "and every section ([edge], [ocpp], [bus], [store], [api], [metrics], [cloud], "
         "[planner]); an unknown top-level table is an error. Print the tree with every limit. "
         "Exits 1 with each error (naming the node or section and the key) on a bad file. "
+        "Warns of a station that will be refused for want of a password. "
         "Opens no socket, store or bus.",
     )
     c.add_argument("file", help="path to the site TOML file")
