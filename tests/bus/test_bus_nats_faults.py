@@ -459,3 +459,37 @@ async def test_closing_with_events_unsent_says_what_it_drops(
     assert len(lines) == 1, caplog.text
     assert "3 event(s)" in lines[0] and "2 telemetry sample(s)" in lines[0], lines[0]
     assert "1 critical event(s) wait in the outbox" in lines[0], lines[0]
+
+
+async def test_a_normal_event_the_broker_turns_out_unable_to_take_does_not_hold_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Accepted while no broker had answered (checked against nats-server's 1 MiB default), a
+    200 KB plan is above the broker's real max_payload (64 KiB). The sender's window failed at
+    it (nats-py's MaxPayloadError), put it back at the head of the queue and tried again for
+    ever: the grid signal and status behind it were never sent (before: 0 of them received in
+    10 s, send_failures climbing). It is dropped, counted in queue_dropped and logged naming
+    it; what follows is sent. (A critical event is set aside instead: the outbox's
+    test above.)"""
+    srv = NatsServer(tmp_path / "js", max_payload=64 * 1024)
+    site = unique_site()
+    s = Subjects(site)
+    bus = make_nats_bus(site, srv.url, tmp_path / "outbox")
+    try:
+        await bus.start()
+        assert not bus.connected
+        await bus.publish(s.plan, b"p" * 200_000, event_id="big-plan")
+        await bus.publish(s.grid, b"curtail", event_id="grid-1")
+        await bus.publish(s.telemetry("C1"), b"sample", event_id="t-1")
+        await bus.publish(s.status("C1"), b"ok", event_id="status-1")
+        caplog.set_level(logging.ERROR, logger="evcore.bus")
+        srv.start()
+        await wait_until(lambda: bus.connected, 10, "the bus connected")
+        assert await bus.flush(timeout_s=10), "events stayed stuck behind the large one"
+        info = await bus._js.stream_info(bus.streams[0].name)
+        assert info.state.messages == 2  # grid-1 and status-1; the plan never
+        assert bus.stats.queue_dropped == 1
+        assert "big-plan" in caplog.text and "max_payload of 65536" in caplog.text, caplog.text
+    finally:
+        await bus.close()
+        srv.kill()

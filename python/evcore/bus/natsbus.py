@@ -992,6 +992,7 @@ class NatsBus:
                 else:
                     subject, (data, eid, stream) = self._latest.popitem(last=False)
                     batch.append((False, (subject, data, eid, stream)))
+            batch = self._without_oversize(batch)
             self._in_flight += len(batch)
             try:
                 failed, error = await self._send_window(batch)
@@ -1003,6 +1004,31 @@ class NatsBus:
                 self._requeue(failed)
                 await self._restore_streams(error)
                 await self.clock.sleep(self.config.reconnect_wait_s)
+
+    def _without_oversize(self, batch: list[_Unsent]) -> list[_Unsent]:
+        """``batch`` less the events the connected broker can never take (accepted against a
+        larger max_payload: the default before any broker answered, or one lowered since):
+        dropped, counted and logged. Sent, each failed its window and went back to the head of
+        its queue for ever (nats-py's MaxPayloadError): nothing behind it left. Critical events
+        are set aside by the pump instead (they are on disk)."""
+        kept: list[_Unsent] = []
+        for item in batch:
+            from_queue, (subject, data, eid, stream) = item
+            why = self._too_large(subject, data, eid, stream)
+            if why is None:
+                kept.append(item)
+                continue
+            if from_queue:
+                self._stats.queue_dropped += 1
+            else:
+                self._stats.telemetry_dropped += 1
+            log.error(
+                "bus: %s: the broker can never take it; dropped (not a critical event: no "
+                "outbox keeps it), the events after it go on. Raise the broker's max_payload "
+                "(docs/bus.md)",
+                why,
+            )
+        return kept
 
     async def _send_window(
         self, batch: list[_Unsent]
