@@ -1,7 +1,8 @@
 """``evcore bench NAME``: runs a benchmark kept in the repository's ``bench/`` folder.
 
 Benchmarks are not part of the installed package; they live in ``bench/bench_<name>.py`` with a
-``main(argv) -> int`` function and print the JSON described in ``bench/README.md`` with ``--json``.
+``main(argv) -> int`` function and print machine-readable JSON with ``--json``. Outside a checkout,
+``EVCORE_BENCH_DIR`` names the folder.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import runpy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,12 @@ def _run(args: argparse.Namespace) -> int:
     name: str = args.name
     path = bench_dir() / f"bench_{name.replace('-', '_')}.py"
     if not path.exists():
-        raise SystemExit(
-            f"unknown benchmark {name!r}; available: {', '.join(available()) or 'none'}"
+        print(
+            f"evcore bench: unknown benchmark {name!r}; available: "
+            f"{', '.join(available()) or f'none (no bench_*.py in {bench_dir()})'}",
+            file=sys.stderr,
         )
+        return 2
     module: dict[str, Any] = runpy.run_path(str(path), run_name="evcore_bench")
     return int(module["main"](list(args.rest)))
 
@@ -42,7 +47,8 @@ def register(sub: Any) -> None:
         help="run a benchmark against its in-process reference",
         description="Run bench/bench_NAME.py. Pass --json for machine-readable output, "
         "--quick for a smoke run; other flags go to the benchmark "
-        "(see `evcore bench NAME --help`).",
+        "(see `evcore bench NAME --help`). Outside a repository checkout, set EVCORE_BENCH_DIR "
+        "to the bench/ folder.",
     )
     p.add_argument("name", help=f"one of: {', '.join(available()) or 'none found'}")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")

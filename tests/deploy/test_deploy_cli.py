@@ -153,3 +153,11 @@ def test_site_check_warns_of_a_station_without_the_password_its_profile_asks_for
     assert "DC0l" in err and "no charger" in err, err
     assert main(["site", "check", str(EXAMPLE_SITE)]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_an_unknown_benchmark_is_named_with_the_command_and_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "alocator"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evcore bench: unknown benchmark 'alocator'") and "allocator" in err
