@@ -234,6 +234,7 @@ class EdgeApp:
             self.sessions = SessionKeeper(store, clock)
             self.controller.on_session = self.sessions
             self.controller.on_session_energy = self.sessions.note_energy
+            self.controller.on_late_session = self.sessions.late
         from evcore.edge.facade import ControllerFacade
         from evcore.edge.signals import BookWriter, book_fallback_path
 

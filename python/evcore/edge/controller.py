@@ -245,6 +245,12 @@ class EdgeController:
         #: (``recording.SessionKeeper.note_energy`` keeps it in the store, at most every
         #: ``energy_save_s``): a restart takes it back from there (``recording.recover``).
         self.on_session_energy: Callable[[ChargerState], None] | None = None
+        #: Called when the end of an older transaction whose start came late (a station's
+        #: replay; never the charger's session) arrives: (charger id, transaction id, started
+        #: at, ended at, energy into the car in Wh or None). ``SessionKeeper.late`` saves it.
+        self.on_late_session: Callable[[str, str, float, float, float | None], None] | None = None
+        # (charger id, transaction id) -> start time of such a transaction, until its end.
+        self._late_starts: dict[tuple[str, str], float] = {}
 
     # ---- events (synchronous: they only update state and wake the loop) --------------------
     def notify(self, trigger: str) -> None:
@@ -359,8 +365,37 @@ class EdgeController:
                 session_energy_wh=getattr(ev, "session_energy_wh", None),
                 # A start queued while the station was away started then, not at its replay.
                 started_at=ev.at if getattr(ev, "offline", False) else None,
+                stamped_at=ev.at,
             ):
                 self.notify("transaction")
+            elif ev.kind == "started" and ev.charger_id in st.chargers:
+                log.warning(
+                    "%s: start of transaction %s stamped before the session's own (%s): an "
+                    "older transaction sent late, not the charger's session",
+                    ev.charger_id,
+                    ev.transaction_id,
+                    st.chargers[ev.charger_id].transaction_id,
+                )
+                # Its end (replayed behind it) saves it as a session of its own, ended.
+                self._late_starts[(ev.charger_id, ev.transaction_id)] = ev.at
+                while len(self._late_starts) > _LATE_STARTS_KEPT:
+                    del self._late_starts[next(iter(self._late_starts))]
+            if (
+                ev.kind == "ended"
+                and (started := self._late_starts.pop((ev.charger_id, ev.transaction_id), None))
+                is not None
+                and self.on_late_session is not None
+            ):
+                try:
+                    self.on_late_session(
+                        ev.charger_id,
+                        ev.transaction_id,
+                        started,
+                        ev.at,
+                        getattr(ev, "session_energy_wh", None),
+                    )
+                except Exception:
+                    log.exception("saving the late session at %s failed", ev.charger_id)
         elif kind == "ConnectionEvent":
             if st.on_connection(ev.ocpp_id, ev.connected):
                 self.notify("connection")
@@ -1766,6 +1801,10 @@ class EdgeController:
         if self.on_fault is not None:
             with contextlib.suppress(Exception):
                 self.on_fault(c.charger_id, c.fault_reason)
+
+
+#: Late starts of older transactions kept waiting for their ends (``on_late_session``).
+_LATE_STARTS_KEPT = 64
 
 
 def _bucket_size(rate: float) -> float:

@@ -778,6 +778,31 @@ class SessionKeeper:
             self.open[c.charger_id] = rec
         self._spawn(rec)
 
+    def late(
+        self,
+        charger_id: str,
+        transaction_id: str,
+        started_at_s: float,
+        ended_at_s: float,
+        energy_wh: float | None,
+    ) -> None:
+        """An older transaction a station replayed (its start came after the charger's session
+        began, so it never was the charger's session): saved as a session of its own, ended."""
+        from evcore.store.base import SessionRecord
+
+        delivered = energy_wh / 1000.0 if energy_wh is not None and math.isfinite(energy_wh) else 0
+        self._spawn(
+            SessionRecord(
+                session_id=f"{charger_id}:{transaction_id}",
+                charger_id=charger_id,
+                started_at_s=float(started_at_s),
+                transaction_id=transaction_id,
+                energy_delivered_kwh=max(0.0, float(delivered)),
+                ended_at_s=float(ended_at_s),
+                updated_at_s=float(self.clock.now()),
+            )
+        )
+
     def note_energy(self, c: ChargerState) -> None:
         """A reading raised ``c``'s session energy: saved when ``energy_save_s`` passed since it
         was saved last (a restart takes it back, ``recover``; it was saved only at the start,

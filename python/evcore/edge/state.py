@@ -67,6 +67,9 @@ class ChargerState:
     plugged: bool = False
     transaction_id: str | None = None
     session_started_at: float | None = None  # wall
+    # The time its transaction's start event carried (``TransactionEvent.at``): a start stamped
+    # before it is a late one of an older transaction (a station's replay), not the next session.
+    session_start_stamp: float | None = None
     # The transaction of the session that ended last on the charger: ended by a status (the car
     # unplugged), its own end may still come, with its last energy.
     ended_transaction_id: str | None = None
@@ -442,15 +445,35 @@ class SiteState:
         now_mono: float | None = None,
         session_energy_wh: float | None = None,
         started_at: float | None = None,
+        *,
+        stamped_at: float | None = None,
     ) -> bool:
         """Apply a transaction's start, update or end. ``session_energy_wh``: the energy into
         the car the event carries (an end's is the session's last: StopTransaction's meterStop,
         TransactionEvent(Ended)'s reading), taken for the charger's session. ``started_at``:
         when a start the station queued while it was away happened (its timestamp; the start
-        is taken at ``now_wall`` otherwise, and never later)."""
+        is taken at ``now_wall`` otherwise, and never later). ``stamped_at``: the time the
+        event carries; a start stamped before the session's own is an older transaction's, sent
+        late (a station replaying what it held while away): not the charger's session (False).
+        A later start ends the session before it, as its end would have."""
         c = self.chargers.get(charger_id)
         if c is None:
             return False
+        stamp = stamped_at if stamped_at is not None and math.isfinite(stamped_at) else None
+        if kind == "started" and c.transaction_id not in (None, transaction_id):
+            if (
+                stamp is not None
+                and c.session_start_stamp is not None
+                and stamp < c.session_start_stamp
+            ):
+                # The central system keeps the running one as the EVSE's transaction
+                # (``CentralSystem._take_evse``). Taken as the next session, it carried the
+                # running session's demand, and its replayed end left the charger idle to the
+                # edge while the running car drew what its TxProfile allowed.
+                return False
+            # The session before it ended (its end was lost): what was set for it ends too.
+            c.ended_transaction_id = c.transaction_id
+            self._end_demand(c)
         energy_ok = session_energy_wh is not None and math.isfinite(session_energy_wh)
         if kind in ("ended", "updated") and c.transaction_id == transaction_id and energy_ok:
             assert session_energy_wh is not None
@@ -458,6 +481,7 @@ class SiteState:
         if kind == "started":
             if c.transaction_id != transaction_id:
                 c.transaction_id = transaction_id
+                c.session_start_stamp = stamp
                 c.session_started_at = now_wall
                 if started_at is not None and math.isfinite(started_at):
                     c.session_started_at = min(now_wall, started_at)
@@ -556,11 +580,8 @@ class SiteState:
         if c.transaction_id is not None:
             c.ended_transaction_id = c.transaction_id
         c.transaction_id = None
-        c.session_started_at = None
-        c.energy_requested_kwh = None
-        c.departure = None
-        # The operator's weight was this session's: the next car on the charger did not get it.
-        c.priority = 1.0
+        c.session_started_at = c.session_start_stamp = None
+        self._end_demand(c)
         c.suspect_since = None
         c.on_since = c.off_since = None
         c.switches = 0
@@ -571,6 +592,14 @@ class SiteState:
         c.accepted = c.tx_default is not None
         c.expires_at = None
         c.final_level = c.final_sent = None
+
+    @staticmethod
+    def _end_demand(c: ChargerState) -> None:
+        """What was set for a session (energy wanted, departure, priority) ends with it."""
+        c.energy_requested_kwh = None
+        c.departure = None
+        # The operator's weight was this session's: the next car on the charger did not get it.
+        c.priority = 1.0
 
     def set_other_load(
         self, node_id: str, load_a: tuple[float, float, float], now_mono: float
