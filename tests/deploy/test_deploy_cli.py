@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +17,12 @@ from bus_testkit import free_port
 from evcore.cli import build_parser, main
 from evcore.ocpp import cli as ocpp_cli
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "metrics"))
+from metrics_testkit import cert_authority
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_SITE = ROOT / "edge" / "site.example.toml"
+PRODUCTION_SITE = ROOT / "edge" / "site.production.example.toml"
 
 
 def _commands(
@@ -161,3 +166,45 @@ def test_an_unknown_benchmark_is_named_with_the_command_and_exits_2(
     assert main(["bench", "alocator"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("evcore bench: unknown benchmark 'alocator'") and "allocator" in err
+
+
+async def test_simcp_reaches_a_tls_central_system_as_its_site_file_describes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The production example: [ocpp] host 0.0.0.0, security profile 2 (TLS + Basic auth),
+    passwords in a credentials_file. simcp's default URL was ws://0.0.0.0:PORT/ocpp whatever
+    the profile, so no station could connect to the TLS listener; now wss:// to a local
+    address, verifying the central system's certificate with --ca."""
+    ca = cert_authority(tmp_path, "csms CA")
+    cert, key = ca.issue("localhost", server=True)
+    creds = tmp_path / "ocpp-credentials.toml"
+    creds.write_text(
+        f'[stations.CP01]\npassword = "{"p" * 16}"\n[stations.CP02]\npassword = "{"q" * 16}"\n'
+    )
+    port = free_port()
+    site = tmp_path / "site.toml"
+    site.write_text(
+        PRODUCTION_SITE.read_text()
+        .replace("port = 8443", f"port = {port}")
+        .replace("/etc/evcore/csms.pem", cert)
+        .replace("/etc/evcore/csms.key", key)
+        .replace("/etc/evcore/ocpp-credentials.toml", str(creds))
+    )
+    parser = build_parser()
+    csms = parser.parse_args(["csms", "--config", str(site), "--seconds", "8", "--quiet"])
+    simcp = parser.parse_args(
+        [
+            *("simcp", "--config", str(site), "--ca", str(ca.ca_path)),
+            *("--seconds", "0.1", "--connect-timeout", "5"),
+        ]
+    )
+    server = asyncio.ensure_future(ocpp_cli._csms(csms))
+    try:
+        await asyncio.sleep(0.5)
+        assert await ocpp_cli._simcp(simcp) == 0, capsys.readouterr().err
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+    assert (
+        f"2 simulated stations connected to wss://127.0.0.1:{port}/ocpp" in capsys.readouterr().out
+    )

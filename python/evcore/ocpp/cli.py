@@ -66,13 +66,23 @@ async def _simcp(args: argparse.Namespace) -> int:
         site.sections.get("ocpp"), base_dir=site.path.parent if site.path else None
     )
     passwords = {k: c.password for k, c in cfg.credentials.items() if c.password}
-    url = args.url or f"ws://{cfg.host}:{cfg.port}{cfg.path_prefix}"
+    url = args.url or _default_url(cfg)
+    ssl_context = None
+    if url.startswith("wss://"):
+        import ssl
+
+        try:
+            ssl_context = ssl.create_default_context(cafile=args.ca)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"evcore simcp: --ca {args.ca}: {exc}", file=sys.stderr, flush=True)
+            return 2
     fleet = Fleet(
         site,
         url=url,
         clock=WallClock(),
         version=args.ocpp,
         passwords=passwords,
+        ssl_context=ssl_context,
         sample_interval_s=args.sample_interval,
     )
     await fleet.start()
@@ -102,6 +112,16 @@ async def _simcp(args: argparse.Namespace) -> int:
     finally:
         await fleet.stop()
     return 0
+
+
+def _default_url(cfg: Any) -> str:
+    """Where [ocpp] listens, as a station on this host reaches it: wss:// when it serves TLS
+    (security profile 2 or 3), a wildcard listen address as the loopback one."""
+    scheme = "wss" if cfg.tls_cert else "ws"
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(cfg.host, cfg.host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{cfg.port}{cfg.path_prefix}"
 
 
 def _ws_url(text: str) -> str:
@@ -135,15 +155,23 @@ def register(sub: Any) -> None:
         help="run simulated OCPP stations for every charger of a site",
         description="Connect one simulated charge point per OCPP id of a site file to a central "
         "system (evcore csms or evcore edge), with the passwords of its [ocpp] credentials, "
-        "and keep them connected; with --plug-in an EV charges at every charger. Exits 1 when "
-        "a station is not connected within --connect-timeout. See docs/twin.md.",
+        "and keep them connected; with --plug-in an EV charges at every charger. Security "
+        "profiles 0-2 (not 3: no station certificates). Exits 1 when a station is not "
+        "connected within --connect-timeout. See docs/twin.md.",
     )
     s.add_argument("--config", required=True, help="site file (TOML)")
     s.add_argument(
         "--url",
         type=_ws_url,
         default=None,
-        help="ws[s]://host:port/prefix (default from [ocpp])",
+        help="ws[s]://host:port/prefix (default: [ocpp] host, port and path_prefix; wss:// when "
+        "it has tls_cert)",
+    )
+    s.add_argument(
+        "--ca",
+        default=None,
+        help="CA bundle (PEM) to verify the central system's certificate over wss:// "
+        "(default: the system's)",
     )
     s.add_argument(
         "--ocpp", choices=("1.6", "2.0.1"), default="1.6", help="OCPP version (default 1.6)"
