@@ -208,3 +208,16 @@ async def test_simcp_reaches_a_tls_central_system_as_its_site_file_describes_it(
     assert (
         f"2 simulated stations connected to wss://127.0.0.1:{port}/ocpp" in capsys.readouterr().out
     )
+
+
+@pytest.mark.parametrize("command", ["curtail", "sites"])
+def test_an_unreadable_operator_certificate_names_its_option(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    argv = ["cloud", command, "--target", "127.0.0.1:1", "--ca", str(ca)]
+    argv += ["--cert", str(tmp_path / "operator.pem"), "--key", str(tmp_path / "operator.key")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--cert {tmp_path / 'operator.pem'}: No such file" in err, err

@@ -251,11 +251,14 @@ async def _call(args: argparse.Namespace) -> int:
 def _read_pems(args: argparse.Namespace, prog: str) -> bool:
     args.pems = None
     if not args.insecure and args.ca and args.cert and args.key:
-        try:
-            args.pems = tuple(Path(p).read_bytes() for p in (args.ca, args.cert, args.key))
-        except OSError as exc:
-            print(f"{prog}: {exc}", file=sys.stderr)
-            return False
+        pems = []
+        for option, path in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
+            try:
+                pems.append(Path(path).read_bytes())
+            except OSError as exc:
+                print(f"{prog}: {option} {path}: {exc.strerror or exc}", file=sys.stderr)
+                return False
+        args.pems = tuple(pems)
     return True
 
 
