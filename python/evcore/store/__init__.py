@@ -67,6 +67,7 @@ def open_store(
             connect_timeout_s=cfg.connect_timeout_s,
             read_timeout_s=cfg.read_timeout_s,
             write_timeout_s=cfg.write_timeout_s,
+            open_timeout_s=cfg.open_timeout_s,
             must_exist=must_exist,
         )
     from evcore.store.sqlite import sqlite_store
@@ -80,6 +81,7 @@ def open_store(
         must_exist=must_exist,
         read_timeout_s=cfg.read_timeout_s,
         write_timeout_s=cfg.write_timeout_s,
+        open_timeout_s=cfg.open_timeout_s,
     )
 
 

@@ -358,6 +358,10 @@ class StoreConfig:
     # StoreUnavailable; PostgreSQL: also how long the server keeps a session of ours idle inside
     # a transaction (one whose client went silent, holding its locks).
     write_timeout_s: float = 30.0
+    # The longest opening a database waits (connecting, applying migrations: another process's
+    # lock, a server or a file system that does not answer) before StoreUnavailable naming the
+    # step; a migration that legitimately takes longer needs a larger value.
+    open_timeout_s: float = 120.0
 
     @staticmethod
     def from_section(section: Mapping[str, object] | None) -> StoreConfig:
@@ -373,6 +377,7 @@ class StoreConfig:
             "connect_timeout_s",
             "read_timeout_s",
             "write_timeout_s",
+            "open_timeout_s",
         }
         unknown = sorted(set(s) - known)
         if unknown:
@@ -399,6 +404,7 @@ class StoreConfig:
         timeout = _positive(s, "connect_timeout_s", 5.0)
         read_timeout = _positive(s, "read_timeout_s", 10.0)
         write_timeout = _positive(s, "write_timeout_s", 30.0)
+        open_timeout = _positive(s, "open_timeout_s", 120.0)
         return StoreConfig(
             kind=str(kind),
             path=path,
@@ -408,6 +414,7 @@ class StoreConfig:
             connect_timeout_s=timeout,
             read_timeout_s=read_timeout,
             write_timeout_s=write_timeout,
+            open_timeout_s=open_timeout,
         )
 
 

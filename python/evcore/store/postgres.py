@@ -194,8 +194,14 @@ class PostgresBackend(Backend):
         must_exist: bool = False,
         read_timeout_s: float | None = None,
         write_timeout_s: float | None = None,
+        open_timeout_s: float | None = None,
     ) -> None:
-        super().__init__(name, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s)
+        super().__init__(
+            name,
+            read_timeout_s=read_timeout_s,
+            write_timeout_s=write_timeout_s,
+            open_timeout_s=open_timeout_s,
+        )
         self._must_exist = must_exist
         self._dsn = dsn
         self._schema = schema
@@ -203,12 +209,15 @@ class PostgresBackend(Backend):
         self._timeout_s = connect_timeout_s
         self._conn: psycopg.Connection[Any] | None = None
         self._watch = (
-            None if read_timeout_s is None and write_timeout_s is None else SilenceWatch(name)
+            None
+            if read_timeout_s is None and write_timeout_s is None and open_timeout_s is None
+            else SilenceWatch(name)
         )
-        # The last transaction: whether it only read, its bound (None: unbounded), and whether
-        # its COMMIT had been sent (for the message of its failure).
+        # The last transaction: whether it only read, its bound (the [store] key and its value;
+        # None: unbounded), and whether its COMMIT had been sent (for the message of its
+        # failure).
         self._read_only = False
-        self._bound_s: float | None = None
+        self._bound: tuple[str, float] | None = None
         self._commit_sent = False
 
     @property
@@ -276,8 +285,11 @@ class PostgresBackend(Backend):
                 conn.close()
             if isinstance(exc, StoreUnavailable):
                 raise
+            why = str(exc)
+            if self._watch is not None and self._watch.take_fired():
+                why = f"no answer within {self._watch.bound_s:g} s ({self._bound_text()}); {why}"
             raise StoreUnavailable(
-                f"cannot connect to PostgreSQL store (schema {self._schema!r}): {exc}"
+                f"cannot connect to PostgreSQL store (schema {self._schema!r}): {why}"
             ) from exc
         self._conn = conn
 
@@ -294,17 +306,17 @@ class PostgresBackend(Backend):
             self._watch.stop()
 
     @contextlib.contextmanager
-    def transaction(self, *, read_only: bool = False, bounded: bool = True) -> Iterator[Tx]:
-        limit_s = (self.read_timeout_s if read_only else self.write_timeout_s) if bounded else None
+    def transaction(
+        self, *, read_only: bool = False, bounded: bool = True, opening: bool = False
+    ) -> Iterator[Tx]:
+        self._bound = self.bound_of(read_only=read_only, bounded=bounded, opening=opening)
+        limit_s = None if self._bound is None else self._bound[1]
         self._read_only = read_only
-        self._bound_s = limit_s
         self._commit_sent = False
         watch: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if limit_s is not None and self._watch is not None:
             # The server's own cancel (statement_timeout) gets the first half of the grace.
-            watch = self._watch.watching(
-                limit_s + READ_GRACE_S / 2, "read" if read_only else "write"
-            )
+            watch = self._watch.watching(limit_s + READ_GRACE_S / 2, self._what())
         with watch:
             stack = contextlib.ExitStack()
             for attempt in (1, 2):
@@ -340,6 +352,15 @@ class PostgresBackend(Backend):
                 # unknown.
                 self._commit_sent = True
 
+    def _what(self) -> str:
+        if self._bound is not None and self._bound[0] == "open_timeout_s":
+            return f"opening ({self.step})"
+        return "read" if self._read_only else "write"
+
+    def _bound_text(self) -> str:
+        key, limit_s = self._bound if self._bound is not None else ("unbounded", 0.0)
+        return f"[store] {key} = {limit_s:g}"
+
     def _watch_fired(self) -> bool:
         return self._watch is not None and self._watch.fired
 
@@ -360,16 +381,17 @@ class PostgresBackend(Backend):
             return exc  # a bug: the connection is fine, the statement is not
         self.close()
         why = str(exc)
-        what = "read" if self._read_only else "write"
-        key = f"[store] {what}_timeout_s = {self._bound_s or 0:g}"
+        what = self._what()
+        a = "" if what.startswith("opening") else "a "
+        key = self._bound_text()
         if fired:
             assert self._watch is not None
             why = (
-                f"no answer to a {what} within {self._watch.bound_s:g} s ({key}); connection"
+                f"no answer to {a}{what} within {self._watch.bound_s:g} s ({key}); connection"
                 f" dropped ({exc})"
             )
-        elif isinstance(exc, psycopg.errors.QueryCanceled) and self._bound_s is not None:
-            why = f"{exc} (a {what} waits at most {key} s)"
+        elif isinstance(exc, psycopg.errors.QueryCanceled) and self._bound is not None:
+            why = f"{exc} ({a}{what} waits at most {key} s)"
         if not self._read_only:
             if self._commit_sent and (fired or lost):
                 why += (
@@ -390,6 +412,7 @@ def postgres_store(
     connect_timeout_s: float = 5.0,
     read_timeout_s: float | None = None,
     write_timeout_s: float | None = None,
+    open_timeout_s: float | None = None,
     must_exist: bool = False,
 ) -> SqlStore:
     records = PostgresBackend(
@@ -401,6 +424,7 @@ def postgres_store(
         must_exist=must_exist,
         read_timeout_s=read_timeout_s,
         write_timeout_s=write_timeout_s,
+        open_timeout_s=open_timeout_s,
     )
     telemetry = PostgresBackend(
         dsn,
@@ -411,6 +435,7 @@ def postgres_store(
         must_exist=must_exist,
         read_timeout_s=read_timeout_s,
         write_timeout_s=write_timeout_s,
+        open_timeout_s=open_timeout_s,
     )
     safe = psycopg.conninfo.conninfo_to_dict(dsn)
     where = f"{safe.get('host', '')}:{safe.get('port', 5432)}/{safe.get('dbname', '')}"

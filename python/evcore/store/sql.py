@@ -172,7 +172,9 @@ class Backend(abc.ABC):
     unbounded) bounds a write the same way inside the backend (a lock wait, a server that does not
     answer), so that one write cannot hold the worker thread, and every call queued behind it,
     for long; the caller is not cut short meanwhile (a write it stopped waiting for could still
-    commit). Migrations are never bounded (a large table's index may take its time)."""
+    commit). ``open_timeout_s`` (None: unbounded) bounds opening (connecting, each migration's
+    transaction) inside the backend, and :meth:`BackendStore.open` stops waiting for the whole
+    ``READ_GRACE_S`` later whatever the worker thread is doing (file I/O that hangs)."""
 
     def __init__(
         self,
@@ -180,11 +182,30 @@ class Backend(abc.ABC):
         *,
         read_timeout_s: float | None = None,
         write_timeout_s: float | None = None,
+        open_timeout_s: float | None = None,
     ) -> None:
         self.name = name
         self.read_timeout_s = read_timeout_s
         self.write_timeout_s = write_timeout_s
+        self.open_timeout_s = open_timeout_s
+        #: What opening is doing (for the message when it does not end in time).
+        self.step = "connecting"
+        #: Opening did not end in time: the worker thread may be held for good, so ``close``
+        #: does not wait for it.
+        self.stuck = False
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcore-store-{name}")
+
+    def bound_of(
+        self, *, read_only: bool, bounded: bool, opening: bool
+    ) -> tuple[str, float] | None:
+        """The ``[store]`` key bounding a transaction and its value; None: unbounded."""
+        if opening:
+            return None if self.open_timeout_s is None else ("open_timeout_s", self.open_timeout_s)
+        if not bounded:
+            return None
+        if read_only:
+            return None if self.read_timeout_s is None else ("read_timeout_s", self.read_timeout_s)
+        return None if self.write_timeout_s is None else ("write_timeout_s", self.write_timeout_s)
 
     @property
     def label(self) -> str:
@@ -203,11 +224,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def transaction(
-        self, *, read_only: bool = False, bounded: bool = True
+        self, *, read_only: bool = False, bounded: bool = True, opening: bool = False
     ) -> contextlib.AbstractContextManager[Tx]:
         """One transaction; ``read_only`` promises the body only reads (it may then wait less
         for locks). ``bounded``: it waits at most ``read_timeout_s`` (a read) or
-        ``write_timeout_s`` (a write) when set; migrations run unbounded."""
+        ``write_timeout_s`` (a write) when set; ``opening`` (a migration): ``open_timeout_s``."""
 
     @abc.abstractmethod
     def migrations(self) -> Sequence[Migration]: ...
@@ -221,8 +242,10 @@ class Backend(abc.ABC):
         return exc
 
     def migrate(self) -> int:
-        """Apply pending migrations, each in its own transaction; returns the schema version."""
-        with self.transaction(bounded=False) as tx:
+        """Connect and apply pending migrations, each in its own transaction (each waits at most
+        ``open_timeout_s``); returns the schema version."""
+        self.step = "connecting and creating schema_migrations"
+        with self.transaction(opening=True) as tx:
             self.lock_for_migration(tx)
             tx.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -230,7 +253,8 @@ class Backend(abc.ABC):
             )
         version = 0
         for m in self.migrations():
-            with self.transaction(bounded=False) as tx:
+            self.step = f"applying migration {m.version} ({m.name})"
+            with self.transaction(opening=True) as tx:
                 self.lock_for_migration(tx)
                 if tx.one("SELECT 1 FROM schema_migrations WHERE version = ?", (m.version,)):
                     version = m.version
@@ -244,10 +268,11 @@ class Backend(abc.ABC):
                 )
                 log.info("store %s: applied migration %d (%s)", self.name, m.version, m.name)
                 version = m.version
+        self.step = "opened"
         return version
 
     def schema_version(self) -> int:
-        with self.transaction(bounded=False) as tx:
+        with self.transaction(read_only=True) as tx:
             row = tx.one("SELECT MAX(version) FROM schema_migrations")
         return int(row[0]) if row and row[0] is not None else 0
 
@@ -548,12 +573,32 @@ class BackendStore:
                 raise StoreError(f"{self.kind} {self._description} is closed")
             if self._opened:
                 return
-            loop = asyncio.get_running_loop()
             for b in self._backends():
-                await loop.run_in_executor(b.executor, guarded(b, b.connect))
-                await loop.run_in_executor(b.executor, guarded(b, b.migrate))
+                await self._open_backend(b)
             await self._check_opened()
             self._opened = True
+
+    async def _open_backend(self, b: Backend) -> None:
+        """Connect ``b`` and apply its migrations; with ``open_timeout_s`` set, wait at most
+        that plus ``READ_GRACE_S`` (the backend's own bounds end a lock wait or a silent server
+        first, with a precise message; past it, e.g. file I/O that hangs, the worker thread is
+        left behind and the store cannot be used)."""
+        job = asyncio.get_running_loop().run_in_executor(b.executor, guarded(b, b.migrate))
+        if b.open_timeout_s is None:
+            await job
+            return
+        wait_s = b.open_timeout_s + READ_GRACE_S
+        try:
+            async with asyncio.timeout(wait_s) as bound:
+                await job
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            b.stuck = True
+            raise StoreUnavailable(
+                f"{b.label}: opening got no answer within {wait_s:g} s while {b.step}"
+                f" ([store] open_timeout_s = {b.open_timeout_s:g}); the store is not opened"
+            ) from None
 
     async def _check_opened(self) -> None:
         """Run after the migrations, before the store counts as open; raise to refuse it."""
@@ -564,6 +609,11 @@ class BackendStore:
         self._closed = True
         loop = asyncio.get_running_loop()
         for b in self._backends():
+            if b.stuck:
+                # Its worker is held (opening hung): closing would queue behind it for ever.
+                b.executor.shutdown(wait=False, cancel_futures=True)
+                b.release()
+                continue
             try:
                 await loop.run_in_executor(b.executor, b.close)
             finally:

@@ -8,12 +8,12 @@ may lose the last few transactions (WAL: never corruption). Separate files also 
 burst from delaying an audit commit.
 
 A write begins ``IMMEDIATE`` (the write lock up front) and waits up to ``write_timeout_s`` (30 s
-unless configured; migrations: ``WRITE_BUSY_TIMEOUT_S``) for another process's writer, then fails
-having written nothing; a read begins deferred, which in WAL mode takes no lock a writer holds
-(it reads the last commit), and waits for a lock at most ``read_timeout_s``. An error SQLite
-reports as the file's or the system's (locked, busy, I/O, full, read-only, cannot open) is
-:class:`StoreUnavailable` naming the file; one in the statement (``SQLITE_ERROR``: a syntax error,
-a missing table) stays a bug.
+unless configured; opening and migrations: ``open_timeout_s``) for another process's writer,
+then fails having written nothing; a read begins deferred, which in WAL mode takes no lock a
+writer holds (it reads the last commit), and waits for a lock at most ``read_timeout_s``. An
+error SQLite reports as the file's or the system's (locked, busy, I/O, full, read-only, cannot
+open) is :class:`StoreUnavailable` naming the file; one in the statement (``SQLITE_ERROR``: a
+syntax error, a missing table) stays a bug.
 """
 
 from __future__ import annotations
@@ -45,8 +45,14 @@ class SqliteBackend(Backend):
         must_exist: bool = False,
         read_timeout_s: float | None = None,
         write_timeout_s: float | None = None,
+        open_timeout_s: float | None = None,
     ) -> None:
-        super().__init__(name, read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s)
+        super().__init__(
+            name,
+            read_timeout_s=read_timeout_s,
+            write_timeout_s=write_timeout_s,
+            open_timeout_s=open_timeout_s,
+        )
         self._must_exist = must_exist
         self.path = path
         self._synchronous = synchronous
@@ -74,11 +80,15 @@ class SqliteBackend(Backend):
                     f"no embedded store at {self.path.parent} ({self.path.name} missing)"
                 )
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # (Switching to WAL may wait for another process's lock: opening's bound.)
+            busy_s = (
+                self.open_timeout_s if self.open_timeout_s is not None else WRITE_BUSY_TIMEOUT_S
+            )
             conn = sqlite3.connect(
                 self.path,
                 isolation_level=None,
                 check_same_thread=False,
-                timeout=WRITE_BUSY_TIMEOUT_S,
+                timeout=busy_s,
             )
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
@@ -89,9 +99,11 @@ class SqliteBackend(Backend):
                 conn.close()
             if isinstance(exc, StoreUnavailable):
                 raise
-            raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
+            raise StoreUnavailable(
+                f"cannot open SQLite store {self.path}: {exc}{self._busy_note(exc)}"
+            ) from exc
         self._conn = conn
-        self._busy_ms = round(WRITE_BUSY_TIMEOUT_S * 1000)
+        self._busy_ms = round(busy_s * 1000)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -105,15 +117,13 @@ class SqliteBackend(Backend):
             self._busy_ms = ms
 
     @contextlib.contextmanager
-    def transaction(self, *, read_only: bool = False, bounded: bool = True) -> Iterator[Tx]:
+    def transaction(
+        self, *, read_only: bool = False, bounded: bool = True, opening: bool = False
+    ) -> Iterator[Tx]:
+        self._bound = self.bound_of(read_only=read_only, bounded=bounded, opening=opening)
         self.connect()
         conn = self._conn
         assert conn is not None
-        self._bound = None
-        if bounded and read_only and self.read_timeout_s is not None:
-            self._bound = ("read_timeout_s", self.read_timeout_s)
-        elif bounded and not read_only and self.write_timeout_s is not None:
-            self._bound = ("write_timeout_s", self.write_timeout_s)
         if self._bound is not None:
             self._wait_for_locks(conn, self._bound[1])
         else:
@@ -150,12 +160,17 @@ class SqliteBackend(Backend):
         code = getattr(exc, "sqlite_errorcode", None)
         if code is not None and code & 0xFF == sqlite3.SQLITE_ERROR:
             return exc
-        note = ""
-        if self._bound is not None and code is not None and code & 0xFF == sqlite3.SQLITE_BUSY:
-            key, limit_s = self._bound
-            what = "read" if key == "read_timeout_s" else "write"
-            note = f" (a {what} waits at most [store] {key} = {limit_s:g} s)"
-        return StoreUnavailable(f"{self.label}: {exc}{note}")
+        return StoreUnavailable(f"{self.label}: {exc}{self._busy_note(exc)}")
+
+    def _busy_note(self, exc: BaseException) -> str:
+        """For a lock wait that ran out: the key bounding it (and opening's step)."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if self._bound is None or code is None or code & 0xFF != sqlite3.SQLITE_BUSY:
+            return ""
+        key, limit_s = self._bound
+        what = {"read_timeout_s": "a read", "write_timeout_s": "a write"}.get(key, "opening")
+        note = f" ({what} waits at most [store] {key} = {limit_s:g} s"
+        return note + (f", while {self.step})" if key == "open_timeout_s" else ")")
 
 
 def sqlite_store(
@@ -165,6 +180,7 @@ def sqlite_store(
     must_exist: bool = False,
     read_timeout_s: float | None = None,
     write_timeout_s: float | None = None,
+    open_timeout_s: float | None = None,
 ) -> SqlStore:
     """The embedded store in ``directory``; ``must_exist`` refuses to create a new one (for tools
     that only read, so a mistyped path is an error rather than an empty store)."""
@@ -177,6 +193,7 @@ def sqlite_store(
         must_exist=must_exist,
         read_timeout_s=read_timeout_s,
         write_timeout_s=write_timeout_s,
+        open_timeout_s=open_timeout_s,
     )
     telemetry = SqliteBackend(
         directory / TELEMETRY_FILE,
@@ -186,6 +203,7 @@ def sqlite_store(
         must_exist=must_exist,
         read_timeout_s=read_timeout_s,
         write_timeout_s=write_timeout_s,
+        open_timeout_s=open_timeout_s,
     )
     return SqlStore(
         records,
