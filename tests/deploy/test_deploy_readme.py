@@ -91,3 +91,18 @@ def test_every_readme_link_points_to_a_file() -> None:
     assert links
     missing = sorted({p for p in [*links, *paths] if not (ROOT / p).exists()})
     assert missing == []
+
+
+DEPLOYABLES = sorted(p for d in ("edge", "cloud") for p in (ROOT / d).rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("path", DEPLOYABLES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_what_a_deployable_points_to_exists(path: Path) -> None:
+    """Every repository file a config or unit names, and every section it cites as
+    `docs/X.md, "Heading"`, is there to be read."""
+    text = path.read_text(encoding="utf-8")
+    named = re.findall(r"\b((?:docs|tests|cloud|edge)/[\w./-]+\.(?:md|py|conf|toml|service))", text)
+    assert sorted(p for p in set(named) if not (ROOT / p).exists()) == []
+    for doc, heading in re.findall(r'(docs/[\w-]+\.md), "([^"]+)"', text):
+        headings = [h for h in (ROOT / doc).read_text().splitlines() if h.startswith("#")]
+        assert any(heading in h for h in headings), (doc, heading)
