@@ -214,6 +214,60 @@ async def test_a_resent_meter_values_frame_is_stored_and_published_once(
         await bus.close()
 
 
+async def test_a_resent_status_notification_of_a_station_is_stored_and_published_once(
+    tmp_path: Path,
+) -> None:
+    """A station resends a FirmwareStatusNotification and a LogStatusNotification after losing
+    our answer (a new message id, as a retry may use). They carry no time of their own: their
+    record's time was the time each copy arrived, so the bus (event id: station, kind, status,
+    time) and the store (keyed alike) took every copy, 2 of each status here. A copy of the
+    station's last notification of that action within an hour now keeps the first one's time:
+    once on the bus and in the store, once to the listeners; the next status is new."""
+    got: dict[str, list[BusMessage]] = {"station_event": []}
+    bus, store = await _bus_and_store({"kind": "embedded", "path": str(tmp_path)}, tmp_path, got)
+    clock = WallClock()
+    cs = CentralSystem(make_site(configure_on_boot=False), clock=clock, store=store, bus=bus)
+    heard: list[Any] = []
+    cs.add_listener(heard.append)
+    await cs.start()
+    try:
+        async with station_ws(f"ws://127.0.0.1:{cs.port}/ocpp", "CPB", "2.0.1") as ws:
+            downloaded = {"status": "Downloaded", "requestId": 7}
+            uploading = {"status": "Uploading", "requestId": 9}
+            steps = [
+                ("FirmwareStatusNotification", downloaded),
+                ("LogStatusNotification", uploading),
+                ("FirmwareStatusNotification", downloaded),  # resent
+                ("LogStatusNotification", uploading),  # resent
+                ("FirmwareStatusNotification", {"status": "Installing", "requestId": 7}),
+            ]
+            for n, (action, payload) in enumerate(steps):
+                assert (await raw_call(ws, f"n{n}", action, payload))[0] == 3
+                await asyncio.sleep(0.01)  # each copy arrives at another millisecond
+        await bus.flush()
+        # The bus dedupes by event id (JetStream's duplicate window; the in-process bus has no
+        # stream for station events, so it passes every copy on): one id per status.
+        by_id = {
+            m.event_id: station_event_pb2.StationEvent.FromString(m.data).code
+            for m in got["station_event"]
+        }
+        assert list(by_id.values()) == ["Downloaded", "Uploading", "Installing"]
+        assert [e.code for e in await store.station_events("CPB")] == [
+            "Downloaded",
+            "Uploading",
+            "Installing",
+        ]
+        assert [e.payload["status"] for e in heard if type(e).__name__ == "NotificationEvent"] == [
+            "Downloaded",
+            "Uploading",
+            "Installing",
+        ]
+    finally:
+        await cs.stop()
+        await store.close()
+        await bus.close()
+
+
 SHARED_NATS = os.environ.get("EVCORE_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 

@@ -266,7 +266,10 @@ class EventPublisher:
         elif isinstance(event, SecurityEvent) or (
             isinstance(event, NotificationEvent) and event.action in STATION_EVENT_KINDS
         ):
-            msg = station_event_to_proto(event, received)
+            # A status notification's time is when it came (a resend keeps the first's): the
+            # record's too, as the store keys it by that time.
+            at = event.at if isinstance(event, NotificationEvent) else received
+            msg = station_event_to_proto(event, at)
             if self.bus is not None:
                 await self.bus.publish(
                     self._subjects.station_event(event.ocpp_id),

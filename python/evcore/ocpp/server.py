@@ -299,6 +299,9 @@ START_KEYS_KEEP = 64
 #: [connectorId, idTag, meterStart, timestamp, transactionId], oldest first), so that a start
 #: resent after a restart of the central system also gets its first transactionId.
 START_KEYS_META = "ocpp.v16_start_keys.{ocpp_id}"
+#: A station's firmware / diagnostics / log status equal to its last of that action within this
+#: long is a resend of it (``_on_station_status``).
+STATUS_RESEND_S = 3600.0
 #: How many of a station's reused 2.0.1 transaction ids are kept (``Station.reused``).
 REUSED_IDS_KEEP = 64
 #: The store's meta key of a station's reused 2.0.1 transaction ids (JSON: {its id: [our ids]}).
@@ -498,6 +501,8 @@ class Station:
     reused_loaded: bool = False
     #: When its last connection ended (our clock; None: not since this process started).
     gone_at: float | None = None
+    #: Its last firmware / diagnostics / log status per action: (payload, when it came first).
+    status_notes: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
 
     def charger(self, evse_id: int | None) -> ChargerInfo | None:
         if evse_id is None:
@@ -1755,9 +1760,15 @@ class CentralSystem:
         await self._publisher.publish(ev)
 
     def _on_notification(
-        self, st: Station, action: str, payload: dict[str, Any], version: str = ""
+        self,
+        st: Station,
+        action: str,
+        payload: dict[str, Any],
+        version: str = "",
+        at: float | None = None,
     ) -> NotificationEvent:
-        ev = NotificationEvent(st.ocpp_id, self.clock.now(), action, dict(payload), version)
+        at = self.clock.now() if at is None else at
+        ev = NotificationEvent(st.ocpp_id, at, action, dict(payload), version)
         self._emit(ev)
         return ev
 
@@ -1765,8 +1776,21 @@ class CentralSystem:
         self, st: Station, action: str, payload: dict[str, Any], version: str
     ) -> None:
         """Firmware / diagnostics / log status: to the listeners, then published and stored
-        (``evcore.<site>.station_event.<station>``) before the station gets its answer."""
-        await self._publisher.publish(self._on_notification(st, action, payload, version))
+        (``evcore.<site>.station_event.<station>``) before the station gets its answer.
+
+        They carry no time of their own: a copy of the station's last one of that action
+        (the same payload) within ``STATUS_RESEND_S`` of it is a resend (our answer lost, or
+        refused when the store failed) and keeps its time, so the bus (event id: station,
+        kind, status, time) and the store (keyed alike) take it once; the listeners heard it
+        already. Before, every copy was a record of its own."""
+        now = self.clock.now()
+        last = st.status_notes.get(action)
+        if last is not None and last[0] == payload and 0.0 <= now - last[1] <= STATUS_RESEND_S:
+            ev = NotificationEvent(st.ocpp_id, last[1], action, dict(payload), version)
+        else:
+            st.status_notes[action] = (dict(payload), now)
+            ev = self._on_notification(st, action, payload, version, now)
+        await self._publisher.publish(ev)
 
     # ---- commands ------------------------------------------------------------------------
     async def _enqueue(
