@@ -134,6 +134,31 @@ class LinearLimits:
         return out
 
 
+def step_inputs(
+    sc: Scenario,
+    curtailments: Sequence[tuple[float, float, str, float]],
+    t0: float,
+    step_s: float,
+    steps: int,
+) -> tuple[F64, list[dict[str, float]]]:
+    """Per plan step from ``t0``: the tariff's time-weighted mean price over it, and per node
+    the lowest kW cap of the curtailments ((start, end, node, kW), unix s) in force at any
+    moment of it. At the step's midpoint a price change or a curtailment away from it was
+    missed, and of two curtailments on one node the later listed won, not the lower."""
+    prices = np.array(
+        [sc.tariff.mean_price(t0 + t * step_s, t0 + (t + 1) * step_s) for t in range(steps)]
+    )
+    lims: list[dict[str, float]] = []
+    for t in range(steps):
+        a, b = t0 + t * step_s, t0 + (t + 1) * step_s
+        step: dict[str, float] = {}
+        for start, end, node, kw in curtailments:
+            if start < b and a < end:
+                step[node] = min(kw, step.get(node, math.inf))
+        lims.append(step)
+    return prices, lims
+
+
 def _water_fill(G: F64, b: F64, upper: F64, weight: F64, active: npt.NDArray[np.bool_]) -> F64:
     """Weighted max-min fair rates: raise every unfrozen rate with one level until a row binds."""
     n = len(upper)
@@ -308,12 +333,10 @@ class ReferenceController:
         # and a plan that needs the last minutes at full power loses energy.
         cons.append(x <= PLAN_RATE_SHARE * self.upper[ks][:, None] * mask)
         G = self.lin.G[:, ks]
-        prices = np.array([sc.tariff.price_at(t0 + (t + 0.5) * step_s) for t in range(T)])
+        prices, step_lims = step_inputs(sc, view.curtailments, t0, step_s, T)
         B = np.empty((G.shape[0], T))
         for t in range(T):
-            tt = t0 + (t + 0.5) * step_s
-            lims = {n: lim for (a, b_, n, lim) in view.curtailments if a <= tt < b_}
-            B[:, t] = self.lin.caps(view, lims)
+            B[:, t] = self.lin.caps(view, step_lims[t])
         rows = np.isfinite(B).all(axis=1) & (G > 0).any(axis=1)
         cons.append(G[rows] @ x <= B[rows])
         kwp = self.lin.kw_per_unit[ks]  # grid side, for cost and peak

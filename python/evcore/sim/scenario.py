@@ -265,6 +265,15 @@ class TariffSpec:
                 out.append((t, price))
         return out
 
+    def mean_price(self, t0: float, t1: float) -> float:
+        """The time-weighted mean price per kWh over [``t0``, ``t1``) (the price at ``t0`` for
+        an empty span): what a constant load over it pays per kWh."""
+        if t1 <= t0:
+            return self.price_at(t0)
+        pts = self.changes(t0, t1)
+        ends = [t for t, _ in pts[1:]] + [t1]
+        return sum(p * (b - a) for (a, p), b in zip(pts, ends, strict=True)) / (t1 - t0)
+
     def price_at(self, t: float) -> float:
         """Energy price per kWh at unix time ``t``."""
         if self.series:
