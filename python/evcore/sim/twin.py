@@ -898,15 +898,23 @@ class TickDriver:
             measured=np.array([p.reported for p in pts]),
             measured_age_s=np.array([now - (sc.start + p.report_t) for p in pts]),
             last_setpoint=self.last_sent.copy(),
-            node_power_limit_kw={
-                g.node: g.limit_kw for g in sc.grid_signals if g.start_s <= now - sc.start < g.end_s
-            },
+            node_power_limit_kw=self._caps_in_force(now - sc.start),
             curtailments=[
                 (sc.start + g.start_s, sc.start + g.end_s, g.node, g.limit_kw)
                 for g in sc.grid_signals
             ],
             events=list(self._reasons),
         )
+
+    def _caps_in_force(self, t: float) -> dict[str, float]:
+        """Per node, the lowest cap of the grid signals in force at ``t`` (s after the start),
+        as the meter counts them (the one listed last won: a 10 kW curtailment inside a 20 kW
+        one was controlled to 20 kW)."""
+        caps: dict[str, float] = {}
+        for g in self.plant.sc.grid_signals:
+            if g.start_s <= t < g.end_s:
+                caps[g.node] = min(g.limit_kw, caps.get(g.node, math.inf))
+        return caps
 
     async def run(self) -> None:
         pl = self.plant
