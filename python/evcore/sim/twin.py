@@ -36,6 +36,7 @@ from evcore.sim.scenario import (
     CONTROLLED_POLICIES,
     ChargerSpec,
     FaultSpec,
+    GridSignal,
     Scenario,
     SessionSpec,
     SiteSpec,
@@ -543,7 +544,8 @@ class SitePlant:
                 if f.duration_s > 0:
                     events.append((f.at_s + f.duration_s, 2, "fault_end", f))
         for g in sc.grid_signals:
-            events.append((g.start_s, 3, "signal", g))
+            # The controllers hear of a cap early enough to have it in force by its start.
+            events.append((g.start_s - cap_lead_s(sc, g), 3, "signal", g))
             events.append((g.end_s, 3, "signal", g))
         events.sort(key=lambda e: (e[0], e[1]))
         self._events = events
@@ -842,6 +844,14 @@ def _progress_bar(
     return show
 
 
+def cap_lead_s(sc: Scenario, g: GridSignal) -> float:
+    """How long before a grid signal's start the in-process controllers hold its cap: a profile
+    delay and a second, so that the lower profile is in force by the start (a grid operator's
+    cap must be), within the signal's notice. From its start alone, every curtailment was
+    exceeded for the profile delay (eu-three-phase: 20 samples over its 45 kW cap)."""
+    return min(max(0.0, g.notice_s), sc.profile_delay_s + 1.0)
+
+
 class TickDriver:
     """Runs a ``Controller`` (``decide(SiteView)``) on the plant: on every plug, unplug, fault and
     grid signal at once, and every ``control_interval_s``. Lower before raise: decreases take
@@ -907,12 +917,14 @@ class TickDriver:
         )
 
     def _caps_in_force(self, t: float) -> dict[str, float]:
-        """Per node, the lowest cap of the grid signals in force at ``t`` (s after the start),
-        as the meter counts them (the one listed last won: a 10 kW curtailment inside a 20 kW
-        one was controlled to 20 kW)."""
+        """Per node, the lowest cap of the grid signals to hold at ``t`` (s after the start):
+        those in force, and those starting within their lead (``cap_lead_s``). The one listed
+        last won (a 10 kW curtailment inside a 20 kW one was controlled to 20 kW), and a cap
+        counted only from its start was in force a profile delay late."""
+        sc = self.plant.sc
         caps: dict[str, float] = {}
-        for g in self.plant.sc.grid_signals:
-            if g.start_s <= t < g.end_s:
+        for g in sc.grid_signals:
+            if g.start_s - cap_lead_s(sc, g) <= t < g.end_s:
                 caps[g.node] = min(g.limit_kw, caps.get(g.node, math.inf))
         return caps
 
