@@ -221,3 +221,14 @@ def test_an_unreadable_operator_certificate_names_its_option(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"--cert {tmp_path / 'operator.pem'}: No such file" in err, err
+
+
+@pytest.mark.parametrize("command", ["verify", "show"])
+def test_audit_names_the_site_file_of_a_malformed_store_section(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text('[site]\nid = "depot"\n[store]\nkind = "postgress"\n')
+    assert main(["audit", command, "--config", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert str(site) in err and "[store] kind" in err and "postgress" in err, err

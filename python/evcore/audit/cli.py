@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from evcore.audit.chain import verify_chain
 from evcore.audit.log import TIMESTAMP_MAX_S, TIMESTAMP_MIN_S
 from evcore.clock import Clock, WallClock
-from evcore.store import SqlStore, StoreError, open_store, open_store_url
+from evcore.store import SqlStore, StoreConfigError, StoreError, open_store, open_store_url
 from evcore.v1.audit_pb2 import AuditRecord
 from evcore.v1.setpoint_pb2 import BindingReason, Setpoint
 
@@ -115,7 +115,10 @@ def store_from_args(args: argparse.Namespace) -> SqlStore:
     section = doc.get("store")
     if section is not None and not isinstance(section, dict):
         raise StoreError(f"site file {path}: [store] must be a table")
-    return open_store(section, path.resolve().parent, must_exist=True)
+    try:
+        return open_store(section, path.resolve().parent, must_exist=True)
+    except StoreConfigError as exc:  # the key and value; the file they are in
+        raise StoreConfigError(f"site file {path}: {exc}") from None
 
 
 def _iso(seconds: float) -> str:
