@@ -335,3 +335,14 @@ async def test_stopping_a_consumer_finishes_the_message_in_hand_and_returns_the_
     await bus.consume(s.audit, durable="slow", handler=quick)
     await wait_until(lambda: len(later) == 9, 10, "the rest, for the next consumer")
     assert later == [str(i).encode() for i in range(1, 10)]
+
+
+async def test_a_queue_group_with_whitespace_is_refused_naming_it(bus: Bus) -> None:
+    """NATS cannot carry a queue group name with whitespace; both buses refuse it alike."""
+    s = Subjects(bus.site_id)
+
+    async def handler(m: BusMessage) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="queue group 'my workers'"):
+        await bus.subscribe(s.grid, handler, queue="my workers")

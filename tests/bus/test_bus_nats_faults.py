@@ -493,3 +493,37 @@ async def test_a_normal_event_the_broker_turns_out_unable_to_take_does_not_hold_
     finally:
         await bus.close()
         srv.kill()
+
+
+async def test_a_queue_group_nats_refuses_is_refused_at_subscribe_naming_it(
+    stopped_nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A queue group name with a space was taken while the broker was away; at the connection
+    nats-py refused it (BadSubjectError(), naming nothing) inside the bus's connect task, which
+    ended there: the well-formed subscriptions after it were never attached (before: 0 of the
+    2 messages received, connect task ended with BadSubjectError). Connected, the error named
+    nothing either. ``subscribe`` now refuses it with a ValueError naming the group."""
+    srv = stopped_nats_server
+    site = unique_site()
+    s = Subjects(site)
+    bus = make_nats_bus(site, srv.url, tmp_path / "outbox", connect_timeout_s=0.05)
+    await bus.start()
+    got: list[str] = []
+
+    async def on_msg(m: BusMessage) -> None:
+        got.append(m.subject)
+
+    try:
+        with pytest.raises(ValueError, match="queue group 'my workers'"):
+            await bus.subscribe(s.grid, on_msg, queue="my workers")
+        await bus.subscribe(s.status(), on_msg)
+        await bus.subscribe(s.grid, on_msg, queue="workers")
+        srv.start()
+        await wait_until(lambda: bus.connected, 10, "the bus connected")
+        await bus.publish(s.status("C1"), b"ok")
+        await bus.publish(s.grid, b"curtail")
+        await wait_until(lambda: len(got) == 2, 10, "both messages")
+        with pytest.raises(ValueError, match="queue group 'a\\\\tb'"):
+            await bus.subscribe(s.grid, on_msg, queue="a\tb")
+    finally:
+        await bus.close()

@@ -36,7 +36,7 @@ from evcore.bus.api import (
     to_bytes,
 )
 from evcore.bus.streams import RouteCache, durable_stream, stream_for_subject
-from evcore.bus.subjects import Subjects, subject_matches, validate_subject
+from evcore.bus.subjects import Subjects, subject_matches, validate_queue, validate_subject
 from evcore.clock import Clock, WallClock
 
 log = logging.getLogger("evcore.bus.inprocess")
@@ -414,6 +414,7 @@ class InProcessBus:
     ) -> _LiveSub:
         self._require_started()
         validate_subject(subject_pattern, wildcards=True)
+        validate_queue(queue)
         sub = _LiveSub(self, subject_pattern, handler, queue, self._queue_size)
         self._subs.append(sub)
         self._subs_version += 1

@@ -65,6 +65,7 @@ from evcore.bus.subjects import (
     name_token,
     subject_matches,
     subject_too_long,
+    validate_queue,
     validate_subject,
 )
 from evcore.clock import Clock, WallClock
@@ -1525,6 +1526,7 @@ class NatsBus:
     ) -> _NatsSub:
         self._require_started()
         validate_subject(subject_pattern, wildcards=True)
+        validate_queue(queue)
         sub = _NatsSub(self, subject_pattern, handler, queue)
         self._subs.add(sub)
         if self._ready.is_set() and self._nc is not None:

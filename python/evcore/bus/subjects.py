@@ -134,6 +134,13 @@ def validate_subject(subject: str, *, wildcards: bool) -> None:
             raise ValueError(f"subject {subject!r}: '*' and '>' must be whole tokens")
 
 
+def validate_queue(queue: str | None) -> None:
+    """Raise ``ValueError`` naming ``queue`` when NATS cannot carry it as a queue group name
+    (whitespace: a protocol line's separator). ``None`` or ``""``: no group."""
+    if queue and any(c.isspace() for c in queue):
+        raise ValueError(f"queue group {queue!r} contains whitespace, which NATS cannot carry")
+
+
 # Kinds whose events must not be lost: they go through the disk-backed outbox.
 CRITICAL_KINDS = frozenset({"audit", "transaction", "setpoint", "station_event"})
 # Kinds that may be sampled down (latest per subject wins) under backpressure.
