@@ -103,6 +103,23 @@ def test_systemd_unit_runs_a_command_that_exists(name: str) -> None:
     assert args.func is not None
 
 
+def test_the_leaf_node_unit_runs_nats_server_on_the_shipped_config() -> None:
+    """evcore-edge.service starts after nats-edge.service: that unit is shipped, and what it
+    runs (-c /etc/evcore/nats-edge.conf) is the config beside it, which nats-server accepts."""
+    assert "nats-edge.service" in _unit("evcore-edge.service")["After"][0]
+    argv = shlex.split(_unit("nats-edge.service")["ExecStart"][0])
+    assert Path(argv[0]).name == "nats-server" and argv[1:] == ["-c", "/etc/evcore/nats-edge.conf"]
+    if shutil.which("nats-server") is not None:
+        out = subprocess.run(
+            ["nats-server", "-t", "-c", str(ROOT / "edge" / "nats-edge.conf")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+
+
 def _under(path: str, roots: list[str]) -> bool:
     return any(Path(path).is_relative_to(r) for r in roots)
 
