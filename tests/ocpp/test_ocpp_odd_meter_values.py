@@ -177,3 +177,44 @@ async def test_readings_of_one_instant_in_separate_entries_are_one_sample(tmp_pa
             "PropertyConstraintViolation",
             "meterValue[2].sampledValue[1].value: not a number: 'x'",
         ], answer
+
+
+async def test_a_meter_value_the_schema_refuses_does_not_refuse_its_transaction_message() -> None:
+    """A sampled value that breaks the message's schema (a unit "kwh", a measurand the version
+    does not name, a property it does not have) inside a 1.6 StopTransaction's transactionData
+    or a 2.0.1 TransactionEvent's meterValue: that value is dropped (logged naming it) and the
+    message taken. Before, the whole message got the schema's CALLERROR on every retry; the
+    station gave up and the session never ended."""
+    async with raw_csms() as r:
+        st = await r.station("CPA", "1.6")
+        t = r.clock.now() - 600
+        tx = (await st.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
+        stop = stop_16(tx, t + 120, 2500)
+        stop["transactionData"] = [
+            {"timestamp": iso(t + 30), "sampledValue": [register("1500")]},
+            {"timestamp": iso(t + 60), "sampledValue": [register("1.8", "kwh")]},
+            {"timestamp": iso(t + 90),
+             "sampledValue": [register("2000"), {"value": "7", "measurand": "Vendor.Thing"},
+                              {"value": "3", "measurand": "SoC", "vendor": 1}]},
+        ]  # fmt: skip
+        answer = await st.call("StopTransaction", stop)
+        assert answer[0] == 3, answer
+        st2 = await r.station("CPB")
+        evse = {"id": 1, "connectorId": 1}
+        started = tx_event("T1", 0, "Started", "CablePluggedIn", t, evse=evse,
+                           meterValue=meter(t, 1000, 16))  # fmt: skip
+        assert (await st2.call("TransactionEvent", started))[0] == 3
+        values = meter(t + 60, 2000, 0)
+        values[0]["sampledValue"].append({"value": 50, "measurand": "Soc"})
+        values.append({"timestamp": "soon", "sampledValue": [{"value": 2100}]})
+        stopped = {"transactionId": "T1", "stoppedReason": "EVDisconnected"}
+        ended = tx_event("T1", 1, "Ended", "EVDeparted", t + 60, transactionInfo=stopped,
+                         meterValue=values)  # fmt: skip
+        answer = await st2.call("TransactionEvent", ended)
+        assert answer[0] == 3, answer
+        ends = [(e.transaction_id, e.session_energy_wh) for e in r.of(TransactionEvent)
+                if e.kind == "ended"]  # fmt: skip
+        assert ends == [(str(tx), 1500.0), ("T1", 1000.0)]
+        registers = [(s.charger_id, s.energy_register_wh) for s in r.of(MeterSample)]
+        assert registers == [("cp-a", 1500.0), ("cp-a", 2000.0), ("cp-b", 1000.0),
+                             ("cp-b", 2000.0)]  # fmt: skip

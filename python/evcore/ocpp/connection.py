@@ -234,8 +234,13 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
         try:
             validation.validate(self.version, action, payload, response=False)
         except validation.SchemaError as exc:
-            await self._send_error(unique_id, exc.code, exc.description)
-            return
+            taken = validation.without_refused_meter_values(self.version, action, payload, exc)
+            if taken is None:
+                await self._send_error(unique_id, exc.code, exc.description)
+                return
+            payload, dropped = taken
+            for why in dropped:
+                LOG.warning("%s: meter value dropped (its schema refuses it): %s", self.id, why)
         except KeyError:
             await self._send_error(
                 unique_id, "NotImplemented", f"{action} unknown in {self.version}"

@@ -10,6 +10,7 @@ code each version names.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -25,12 +26,14 @@ _cache: dict[tuple[str, str, bool], Validator | None] = {}
 
 
 class SchemaError(Exception):
-    """A payload broke its schema; ``code`` is the OCPP error code to answer with."""
+    """A payload broke its schema; ``code`` is the OCPP error code to answer with, ``path``
+    where in the payload (keys and list indices; empty: the payload as a whole)."""
 
-    def __init__(self, code: str, description: str) -> None:
+    def __init__(self, code: str, description: str, path: tuple[str | int, ...] = ()) -> None:
         super().__init__(description)
         self.code = code
         self.description = description
+        self.path = path
 
 
 def _schema_path(version: str, action: str, response: bool) -> str:
@@ -94,9 +97,62 @@ def validate(version: str, action: str, payload: Any, *, response: bool) -> None
         rule = str(path[-1]) if path else None
         where = "/".join(str(x) for x in exc.instance_path)
         raise SchemaError(
-            _code_for(version, rule), f"{action}: {where + ': ' if where else ''}{exc.message}"
+            _code_for(version, rule),
+            f"{action}: {where + ': ' if where else ''}{exc.message}",
+            tuple(exc.instance_path),
         ) from None
     except (ValueError, RecursionError) as exc:
         # jsonschema-rs gives up on a payload nested a few hundred levels deep ("Recursion limit
         # reached", a plain ValueError): no valid payload is, so it is a format error.
         raise SchemaError(_code_for(version, None), f"{action}: {exc}") from None
+
+
+#: The transaction messages' meter values: a part of them their schema refuses is dropped, not
+#: the message (``without_refused_meter_values``).
+_TX_METER_FIELD = {"StopTransaction": "transactionData", "TransactionEvent": "meterValue"}
+
+
+def without_refused_meter_values(
+    version: str, action: str, payload: dict[str, Any], error: SchemaError
+) -> tuple[dict[str, Any], list[str]] | None:
+    """A message that starts or ends a transaction (1.6 StopTransaction, 2.0.1 TransactionEvent)
+    whose schema ``error`` lies in its meter values: a copy without each sampled value (or
+    meterValue entry, where the fault is its own: its timestamp) the schema refuses, valid, and
+    why each was dropped. ``None`` when a fault lies elsewhere: the message is refused. Refused
+    whole, the station retried it a few times and dropped it, with the session's start or end
+    (a unit "kwh" in a StopTransaction's transactionData: the session never ended)."""
+    field = _TX_METER_FIELD.get(action)
+    if field is None or field not in payload:
+        return None
+    payload = copy.deepcopy(payload)
+    dropped: list[str] = []
+    while True:
+        path = error.path
+        entries = payload.get(field)
+        if len(path) < 2 or path[0] != field or not isinstance(path[1], int):
+            return None
+        if not isinstance(entries, list) or not 0 <= path[1] < len(entries):
+            return None
+        entry = entries[path[1]]
+        values = entry.get("sampledValue") if isinstance(entry, dict) else None
+        if (
+            len(path) >= 4
+            and path[2] == "sampledValue"
+            and isinstance(path[3], int)
+            and isinstance(values, list)
+            and 0 <= path[3] < len(values)
+        ):
+            del values[path[3]]
+            if not values:
+                del entries[path[1]]
+        else:
+            del entries[path[1]]
+        if not entries:
+            del payload[field]
+        dropped.append(error.description)
+        try:
+            validate(version, action, payload, response=False)
+        except SchemaError as exc:
+            error = exc  # each round drops one part: it ends
+        else:
+            return payload, dropped
