@@ -166,3 +166,34 @@ async def test_a_retention_shorter_than_the_duplicate_window_still_gets_its_stre
         await bus.delete_streams()
         await bus.close()
         await nc.close()
+
+
+async def test_streams_deleted_are_not_created_again_by_the_background_retry(
+    tmp_path: Path,
+) -> None:
+    """``delete_streams()`` (decommissioning, a test's clean-up) promises the bus never creates
+    the site's streams again. While one stream was refused (TELEMETRY on a broker short of
+    storage), the background retry went on after it and created the EVENTS stream again
+    (before: EVENTS back within 1 s of its deletion; such leftovers on the shared test server
+    reserve storage until nothing more fits)."""
+    from bus_testkit import NatsServer, wait_until
+
+    server = NatsServer(tmp_path / "js", max_file_store="100MB")
+    server.start()
+    site = "deleted-stays-deleted"
+    bus = make_nats_bus(site, server.url, tmp_path / "outbox")
+    nc = await nats.connect(server.url)
+    js = nc.jetstream()
+    try:
+        await bus.start()
+        await wait_until(lambda: bus.connected, 10, "the bus ready")
+        events = bus.streams[0].name
+        await js.stream_info(events)  # made; TELEMETRY (1 GiB) refused and retried
+        await bus.delete_streams()
+        await asyncio.sleep(1.0)  # ten tries of the background retry (reconnect_wait_s 0.1)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.stream_info(events)
+    finally:
+        await bus.close()
+        await nc.close()
+        server.kill()

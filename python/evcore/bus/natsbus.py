@@ -696,14 +696,16 @@ class NatsBus:
         self._nc = nc
         self._js = nc.jetstream(timeout=cfg.publish_timeout_s, domain=cfg.jetstream_domain or None)
         await self._learn_max_payload()
-        if cfg.manage_streams and not self._closing:
+        if cfg.manage_streams and not self._closing and not self._streams_deleted:
             # Tried at the reconnect pace for up to connect_timeout_s (a cluster still electing
             # its leaders refuses for a few seconds: start() then returns with the streams made).
             deadline = asyncio.get_running_loop().time() + cfg.connect_timeout_s
             failed: Exception | None = None
             while True:
                 try:
-                    await self._ensure_streams()
+                    async with self._streams_lock:
+                        if not self._streams_deleted:
+                            await self._ensure_streams()
                     failed = None
                     break
                 except Exception as error:
@@ -738,7 +740,7 @@ class NatsBus:
         doubling to 30 s; the warning on the 1st, 10th and every 100th failure) until all
         exist."""
         attempt = 0
-        while not self._closing:
+        while not self._closing and not self._streams_deleted:
             attempt += 1
             # At the connect loop's old pace for the first minute's worth of tries (a cluster
             # still electing its leaders refuses for a few seconds), then backing off to 30 s.
@@ -747,6 +749,10 @@ class NatsBus:
             await self.clock.sleep(delay)
             try:
                 async with self._streams_lock:
+                    if self._streams_deleted:
+                        # delete_streams() while this waited: never make them again (it went on
+                        # and made the deleted streams again while one was refused).
+                        return
                     created = await self._ensure_streams()
             except Exception as exc:
                 if attempt in (1, 10) or attempt % 100 == 0:
@@ -804,6 +810,8 @@ class NatsBus:
         ):
             return
         async with self._streams_lock:
+            if self._streams_deleted:
+                return
             try:
                 created = await self._ensure_streams()
             except Exception as exc:
@@ -818,9 +826,12 @@ class NatsBus:
         self._streams_deleted = True
         if self._js is None:
             return
-        for spec in self._specs:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await self._js.delete_stream(spec.name)
+        # Under the lock: a creation in progress (the background retry, a restore) finishes
+        # first, and none starts after (each checks the flag under it).
+        async with self._streams_lock:
+            for spec in self._specs:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await self._js.delete_stream(spec.name)
 
     async def close(self) -> None:
         if not self._started:
