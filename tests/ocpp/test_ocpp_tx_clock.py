@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from evcore.ocpp import TransactionEvent
+from evcore.ocpp.v16 import iso
 from ocpp_testsite import (
     make_site,
     meter,
@@ -137,3 +138,19 @@ async def test_a_time_the_record_cannot_hold_never_fails_the_message(tmp_path: P
         answer = await st.call("MeterValues", {"connectorId": 1, "meterValue": mv})
         assert answer[2] == "PropertyConstraintViolation", answer
         assert answer[3].startswith("meterValue[0].timestamp: "), answer
+
+
+async def test_a_security_event_stamped_an_hour_ahead_is_kept(tmp_path: Path) -> None:
+    """A security event from a station whose clock runs an hour ahead (as after a wrong time
+    setting: the very SettingSystemTime event that says so). Before, it got a CALLERROR
+    (timestamp in the future) on every retry and never reached the operator; now it is stored
+    with the station's time and logged as ahead."""
+    async with open_sqlite(tmp_path) as store, raw_csms(store=store) as r:
+        st = await r.station("CPB")
+        ahead = r.clock.now() + 3600
+        event = {"type": "SettingSystemTime", "timestamp": iso(ahead)}
+        answer = await st.call("SecurityEventNotification", event)
+        assert answer[0] == 3, answer
+        [stored] = await store.station_events("CPB")
+        assert stored.code == "SettingSystemTime"
+        assert stored.occurred_at.ToNanoseconds() / 1e9 == pytest.approx(ahead, abs=0.001)

@@ -48,9 +48,10 @@ class SharedHandlers(StationConnection):
 
     @on("SecurityEventNotification")
     async def on_security_event(self, p: dict[str, Any]) -> dict[str, Any]:
-        await self.csms._on_security(
-            self.station, p["type"], p.get("techInfo"), self._ts(p["timestamp"]), self.version
-        )
+        # Never refused for its time: an event an operator must see (a station whose clock was
+        # set wrong says so with one, stamped by that clock).
+        at = self._tx_ts(p["timestamp"], "security event")
+        await self.csms._on_security(self.station, p["type"], p.get("techInfo"), at, self.version)
         return {}
 
     @on("FirmwareStatusNotification")
@@ -80,21 +81,22 @@ class SharedHandlers(StationConnection):
         self.csms._station_timestamp(self.station, at)
         return at
 
-    def _tx_ts(self, value: Any) -> float:
-        """The timestamp of a message that starts, updates or ends a transaction: one further
-        ahead than ``max_clock_skew_s`` is taken and logged, not refused (refused, the station
-        retried it a few times and dropped it, and with it the session's start or end); what
-        the edge hears is bounded (``CentralSystem._heard_at``). It is not taken for the
-        station's clock (``clockskew``): a garbage year would be its offset for 10 minutes.
-        One outside the years the record holds is taken as the nearest it holds (the same on
-        every resend: a 1.6 start's key)."""
+    def _tx_ts(self, value: Any, what: str = "transaction message") -> float:
+        """The timestamp of a message that starts, updates or ends a transaction (or a security
+        event): one further ahead than ``max_clock_skew_s`` is taken and logged, not refused
+        (refused, the station retried it a few times and dropped it, and with it the session's
+        start or end); what the edge hears is bounded (``CentralSystem._heard_at``). It is not
+        taken for the station's clock (``clockskew``): a garbage year would be its offset for
+        10 minutes. One outside the years the record holds is taken as the nearest it holds
+        (the same on every resend: a 1.6 start's key)."""
         at = parse_timestamp(value, clamp=True)
         ahead_s = at - self.clock.now()
         if ahead_s > self.csms.config.max_clock_skew_s:
             LOG.warning(
-                "station %s: transaction message stamped %s, %.0f s ahead of the central "
-                "system's clock: taken as received (its clock is off; fix its NTP)",
+                "station %s: %s stamped %s, %.0f s ahead of the central system's clock: taken "
+                "as received (its clock is off; fix its NTP)",
                 self.station.ocpp_id,
+                what,
                 value,
                 ahead_s,
             )
