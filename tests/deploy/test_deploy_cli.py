@@ -232,3 +232,29 @@ def test_audit_names_the_site_file_of_a_malformed_store_section(
     assert main(["audit", command, "--config", str(site)]) == 2
     err = capsys.readouterr().err
     assert str(site) in err and "[store] kind" in err and "postgress" in err, err
+
+
+def _two_chargers_on_one_evse(tmp_path: Path) -> Path:
+    site = tmp_path / "site.toml"
+    site.write_text(EXAMPLE_SITE.read_text().replace('ocpp_id = "CP02"', 'ocpp_id = "CP01"'))
+    return site
+
+
+def test_site_check_refuses_two_chargers_on_one_station_evse_as_the_edge_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cp-01 and cp-02 both on station CP01, EVSE 1 (the default): the central system refuses
+    the site ('share station CP01 EVSE 1', evcore edge exits 2), `site check` said ok."""
+    site = _two_chargers_on_one_evse(tmp_path)
+    assert main(["site", "check", str(site)]) == 1
+    err = capsys.readouterr().err
+    assert "'cp-01' and 'cp-02' share station 'CP01' EVSE 1" in err, err
+
+
+def test_a_site_the_central_system_refuses_is_said_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = _two_chargers_on_one_evse(tmp_path)
+    rc = main(["csms", "--config", str(site), "--seconds", "0.1", "--port", str(free_port())])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{site}: chargers 'cp-01' and 'cp-02' share station 'CP01' EVSE 1" in err

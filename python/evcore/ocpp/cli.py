@@ -203,8 +203,9 @@ def _main(fn: Any, args: argparse.Namespace, prog: str) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         return int(asyncio.run(fn(args)))
-    except (SiteConfigError, OcppConfigError) as exc:
-        # A missing or malformed site file: the file, the node or section and the key.
+    except (SiteConfigError, OcppConfigError, ValueError) as exc:
+        # A missing or malformed site file: the file, the node or section and the key; or a
+        # site the central system refuses (two chargers on one station's EVSE).
         print(f"{prog}: {args.config}: {exc}", file=sys.stderr, flush=True)
         return 2
     except OSError as exc:  # the port taken, a TLS file that does not load
