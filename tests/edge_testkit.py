@@ -17,6 +17,7 @@ from evcore.edge.app import build_controller
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import EdgeController
 from evcore.edge.coreio import RustCore
+from evcore.ocpp.events import MeterSample, TransactionEvent
 from evcore.site import load_site
 from evcore.v1 import grid_pb2
 
@@ -213,3 +214,36 @@ def planner_cfg(policy: str = "planner_cost", **changes: Any) -> EdgeConfig:
         "cloud_plan_fresh_s": 600.0,
     }
     return EdgeConfig(**{**base, **changes})
+
+
+def session_tx(cid: str, tx: str, kind: str, at: float, energy_wh: float) -> TransactionEvent:
+    """A transaction event of ``cid`` (station ``CP`` + its last 4 characters), its register
+    counted from 100 kWh."""
+    return TransactionEvent(
+        charger_id=cid,
+        ocpp_id="CP" + cid[-4:],
+        transaction_id=tx,
+        kind=kind,  # type: ignore[arg-type]
+        at=at,
+        id_tag="tag",
+        meter_start_wh=100_000.0,
+        meter_now_wh=100_000.0 + energy_wh,
+        session_energy_wh=energy_wh,
+    )
+
+
+def session_meter(cid: str, at: float, energy_wh: float) -> MeterSample:
+    """A 16 A three-phase reading of ``cid`` with ``energy_wh`` into the car this session."""
+    return MeterSample(
+        charger_id=cid,
+        ocpp_id="CP" + cid[-4:],
+        at=at,
+        site_phase_a=(16.0, 16.0, 16.0),
+        terminal_a=(16.0, 16.0, 16.0),
+        power_w=11_040.0,
+        energy_register_wh=100_000.0 + energy_wh,
+        offered_a=16.0,
+        soc_percent=None,
+        transaction_id=None,
+        session_energy_wh=energy_wh,
+    )

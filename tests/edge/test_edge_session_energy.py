@@ -12,44 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edge_testkit import session_meter, session_tx
 from evcore.clock import StepClock
 from evcore.edge.app import build_controller
 from evcore.edge.coreio import RustCore
 from evcore.edge.recording import SessionKeeper
 from evcore.edge.sitegen import depot_table
-from evcore.ocpp.events import MeterSample, TransactionEvent
 from evcore.site import load_site
 from evcore.store import open_store
-
-
-def _tx(cid: str, tx: str, kind: str, at: float, energy_wh: float) -> TransactionEvent:
-    return TransactionEvent(
-        charger_id=cid,
-        ocpp_id="CP" + cid[-4:],
-        transaction_id=tx,
-        kind=kind,  # type: ignore[arg-type]
-        at=at,
-        id_tag="tag",
-        meter_start_wh=100_000.0,
-        meter_now_wh=100_000.0 + energy_wh,
-        session_energy_wh=energy_wh,
-    )
-
-
-def _meter(cid: str, at: float, energy_wh: float) -> MeterSample:
-    return MeterSample(
-        charger_id=cid,
-        ocpp_id="CP" + cid[-4:],
-        at=at,
-        site_phase_a=(16.0, 16.0, 16.0),
-        terminal_a=(16.0, 16.0, 16.0),
-        power_w=11_040.0,
-        energy_register_wh=100_000.0 + energy_wh,
-        offered_a=16.0,
-        soc_percent=None,
-        transaction_id=None,
-        session_energy_wh=energy_wh,
-    )
 
 
 async def test_a_session_ends_in_the_store_with_the_energy_it_delivered(tmp_path: Path) -> None:
@@ -66,23 +36,23 @@ async def test_a_session_ends_in_the_store_with_the_energy_it_delivered(tmp_path
         ctrl.on_session = keeper
         cid = "cp-0001"
 
-        ctrl.on_event(_tx(cid, "T1", "started", clock.now(), 0.0))
+        ctrl.on_event(session_tx(cid, "T1", "started", clock.now(), 0.0))
         ctrl.set_session(cid, energy_requested_kwh=20.0, departure=clock.now() + 7200)
         clock.advance(1800)
-        ctrl.on_event(_meter(cid, clock.now(), 5_000.0))
+        ctrl.on_event(session_meter(cid, clock.now(), 5_000.0))
         clock.advance(600)
         # The end carries the last register: 6.5 kWh into the car.
-        ctrl.on_event(_tx(cid, "T1", "ended", clock.now(), 6_500.0))
+        ctrl.on_event(session_tx(cid, "T1", "ended", clock.now(), 6_500.0))
         await keeper.drain()
         got = await store.get_session(f"{cid}:T1")
         assert got is not None and got.ended_at_s is not None
         assert abs(got.energy_delivered_kwh - 6.5) < 1e-9, got  # before: 0.0
 
         # A session ended by the next one's start (its end was lost) keeps its own energy.
-        ctrl.on_event(_tx(cid, "T2", "started", clock.now(), 0.0))
+        ctrl.on_event(session_tx(cid, "T2", "started", clock.now(), 0.0))
         clock.advance(600)
-        ctrl.on_event(_meter(cid, clock.now(), 2_000.0))
-        ctrl.on_event(_tx(cid, "T3", "started", clock.now(), 0.0))
+        ctrl.on_event(session_meter(cid, clock.now(), 2_000.0))
+        ctrl.on_event(session_tx(cid, "T3", "started", clock.now(), 0.0))
         await keeper.drain()
         t2 = await store.get_session(f"{cid}:T2")
         assert t2 is not None and t2.ended_at_s is not None
@@ -110,9 +80,9 @@ async def test_an_end_that_comes_after_the_status_keeps_its_energy(tmp_path: Pat
         keeper = SessionKeeper(store, clock)
         ctrl.on_session = keeper
         cid = "cp-0001"
-        ctrl.on_event(_tx(cid, "T1", "started", clock.now(), 0.0))
+        ctrl.on_event(session_tx(cid, "T1", "started", clock.now(), 0.0))
         clock.advance(1800)
-        ctrl.on_event(_meter(cid, clock.now(), 5_000.0))
+        ctrl.on_event(session_meter(cid, clock.now(), 5_000.0))
         clock.advance(600)
         ctrl.on_event(
             StatusEvent(
@@ -126,14 +96,14 @@ async def test_an_end_that_comes_after_the_status_keeps_its_energy(tmp_path: Pat
             )
         )
         assert ctrl.state.chargers[cid].transaction_id is None
-        ctrl.on_event(_tx(cid, "T1", "ended", clock.now(), 6_500.0))
+        ctrl.on_event(session_tx(cid, "T1", "ended", clock.now(), 6_500.0))
         await keeper.drain()
         got = await store.get_session(f"{cid}:T1")
         assert got is not None and got.ended_at_s is not None
         assert abs(got.energy_delivered_kwh - 6.5) < 1e-9, got  # before: 5.0
         # A repeat of that end, or an end of a transaction long gone, changes nothing.
-        ctrl.on_event(_tx(cid, "T1", "ended", clock.now(), 6_500.0))
-        ctrl.on_event(_tx(cid, "T0", "ended", clock.now(), 9_000.0))
+        ctrl.on_event(session_tx(cid, "T1", "ended", clock.now(), 6_500.0))
+        ctrl.on_event(session_tx(cid, "T0", "ended", clock.now(), 9_000.0))
         await keeper.drain()
         again = await store.get_session(f"{cid}:T1")
         assert again is not None and again.energy_delivered_kwh == got.energy_delivered_kwh

@@ -699,6 +699,9 @@ async def recover(state: SiteState, store: Any, keeper: SessionKeeper | None = N
 
 #: How often a session's delivered energy is saved as its readings raise it (s, per session).
 SESSION_ENERGY_SAVE_S = 60.0
+#: A session save the store refused is tried again after this, doubling up to the maximum (s).
+SESSION_RETRY_S = 1.0
+SESSION_RETRY_MAX_S = 30.0
 
 
 class SessionKeeper:
@@ -706,11 +709,20 @@ class SessionKeeper:
     energy as readings raise it, at most every ``energy_save_s`` per session (beside the loop)."""
 
     def __init__(
-        self, store: Any, clock: Any, *, energy_save_s: float = SESSION_ENERGY_SAVE_S
+        self,
+        store: Any,
+        clock: Any,
+        *,
+        energy_save_s: float = SESSION_ENERGY_SAVE_S,
+        retry_s: float = SESSION_RETRY_S,
     ) -> None:
         self.store = store
         self.clock = clock
         self.energy_save_s = float(energy_save_s)
+        # A save the store refused is tried again after this (s, real time), doubling up to
+        # ``SESSION_RETRY_MAX_S`` while it keeps failing.
+        self.retry_s = max(0.0, float(retry_s))
+        self._retry_wait = self.retry_s
         # charger id -> (transaction id, monotonic instant its energy was saved last)
         self._energy_saved: dict[str, tuple[str, float]] = {}
         self.open: dict[str, Any] = {}  # charger id -> SessionRecord
@@ -828,18 +840,45 @@ class SessionKeeper:
 
     async def _write(self) -> None:
         """One save at a time, in the order they were made: an energy save made before the end
-        must not commit after it and reopen the session."""
+        must not commit after it and reopen the session. A save the store refuses is kept
+        (unless a newer record of its session came meanwhile) and tried again after
+        ``retry_s``: dropped, a session that ended while the store was away stayed open there
+        for good, with the energy saved before, and a restart took it back as a session."""
         while self._waiting:
             sid = next(iter(self._waiting))
-            await self._save(self._waiting.pop(sid))
+            rec = self._waiting.pop(sid)
+            if await self._save(rec):
+                self._retry_wait = self.retry_s
+                continue
+            self._waiting.setdefault(sid, rec)
+            await asyncio.sleep(self._retry_wait)
+            self._retry_wait = min(SESSION_RETRY_MAX_S, max(self._retry_wait * 2.0, 0.01))
 
-    async def _save(self, rec: Any) -> None:
+    async def _save(self, rec: Any) -> bool:
         try:
             await self.store.upsert_session(rec)
+            return True
         except Exception:
             self.failures += 1
             log.exception("store: saving session %s failed", rec.session_id)
+            return False
 
-    async def drain(self) -> None:
-        while self._tasks:
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait for the saves made so far, at most ``timeout_s`` while the store refuses them
+        (then what is left is logged and given up)."""
+
+        async def settled() -> None:
+            while self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        try:
+            await asyncio.wait_for(settled(), timeout_s)
+        except TimeoutError:
+            log.error(
+                "store: %d session record(s) not saved (%s); given up",
+                len(self._waiting),
+                ", ".join(list(self._waiting)[:10]),
+            )
+            for task in list(self._tasks):
+                task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
