@@ -80,6 +80,21 @@ def test_nats_server_accepts_config(path: Path) -> None:
     assert out.returncode == 0, out.stderr + out.stdout
 
 
+@pytest.mark.skipif(shutil.which("nats-server") is None, reason="nats-server is not installed")
+@pytest.mark.parametrize("path", NATS_CONFIGS, ids=lambda p: p.name)
+def test_the_command_a_nats_config_gives_is_one_nats_server_takes(path: Path) -> None:
+    """The 'nats-server -c FILE ...' its header tells the operator to run, flags included,
+    with FILE this file (`-t`: test the configuration and exit)."""
+    m = re.search(r"nats-server (-c \S+(?: -\w+ \S+)*)", path.read_text())
+    assert m is not None, "no 'nats-server -c ...' line"
+    argv = m.group(1).split()
+    argv[1] = str(path)
+    out = subprocess.run(
+        ["nats-server", "-t", *argv], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert out.returncode == 0, out.stderr + out.stdout
+
+
 UNITS = {"evcore-edge.service": ("edge", "--config"), "evcore-cloud.service": ("cloud", "serve")}
 
 
