@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from evcore.ocpp import TransactionEvent
+from evcore.ocpp import LimitOrder, TransactionEvent
 from ocpp_testsite import BOOT_201, make_site, one_session, open_sqlite, raw_csms, tx_event
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,6 +49,15 @@ async def test_a_transaction_id_reused_after_a_reboot_is_a_new_session(tmp_path:
         assert res.accepted, res
         sent = [p for a, p in st.calls if a == "SetChargingProfile"]
         assert sent[-1]["chargingProfile"]["transactionId"] == "T1"  # the station's id
+        # The edge's direct path too.
+        [order] = r.cs.send_limits([LimitOrder("cp-b", limit_a=8.0, transaction_id=new_id)])
+        assert (await order.result).accepted
+        sent = [p for a, p in st.calls if a == "SetChargingProfile"]
+        assert sent[-1]["chargingProfile"]["transactionId"] == "T1"
+        assert (
+            sent[-1]["chargingProfile"]["chargingSchedule"][0]["chargingSchedulePeriod"][0]["limit"]
+            == 8.0
+        )
         # A late copy of the first session's Ended is still the first session's (a replay).
         assert (await st.call("TransactionEvent", one_session("T1", t)[2]))[0] == 3
         assert (await st.call("TransactionEvent", second[2]))[0] == 3
