@@ -18,6 +18,7 @@ from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import EdgeController
 from evcore.edge.coreio import RustCore
 from evcore.ocpp.events import MeterSample, TransactionEvent
+from evcore.sim.chargepoint import HeldProfile
 from evcore.site import load_site
 from evcore.v1 import grid_pb2
 
@@ -246,4 +247,26 @@ def session_meter(cid: str, at: float, energy_wh: float) -> MeterSample:
         soc_percent=None,
         transaction_id=None,
         session_energy_wh=energy_wh,
+    )
+
+
+def held_default(
+    now: float, pid: int, limit_a: float, *, evse: int = 1, stack: int = 1
+) -> HeldProfile:
+    """A TxDefault a station holds from ``now`` (one another controller, or an earlier
+    numbering, left): profile ``pid`` at ``limit_a`` on three phases, at stack level ``stack``."""
+    return HeldProfile(
+        id=pid,
+        evse=evse,
+        purpose="default",
+        stack=stack,
+        tx_id=None,
+        kind="Absolute",
+        valid_from=None,
+        valid_to=None,
+        start=now,
+        duration=None,
+        unit="A",
+        periods=[(0.0, limit_a, 3)],
+        received_at=now,
     )

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edge_testkit import FAST
+from edge_testkit import FAST, held_default
 from evcore.audit.log import AuditLog
 from evcore.clock import WallClock
 from evcore.edge.config import EdgeConfig
 from evcore.edge.recording import AuditRecorder
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
-from evcore.sim.chargepoint import HeldProfile
 from evcore.store import open_store
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,23 +49,7 @@ async def test_clearing_a_stations_stale_txdefaults_is_audited_before_it_leaves(
         sim, evse = rig.fleet.station("cp-0003")
         now = rig.clock.now()
         # An earlier controller's TxDefault at a higher stack level overrides ours: 32 A.
-        sim.profiles.append(
-            HeldProfile(
-                id=9001,
-                evse=evse,
-                purpose="default",
-                stack=9,
-                tx_id=None,
-                kind="Absolute",
-                valid_from=None,
-                valid_to=None,
-                start=now,
-                duration=None,
-                unit="A",
-                periods=[(0.0, 32.0, 3)],
-                received_at=now,
-            )
-        )
+        sim.profiles.append(held_default(now, 9001, 32.0, evse=evse, stack=9))
         sim.received = []
         seen: dict[str, float] = {}
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 from edge_testkit import FAST as BASE_FAST
+from edge_testkit import held_default
 from evcore.edge.config import EdgeConfig
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
-from evcore.sim.chargepoint import HeldProfile
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,23 +75,7 @@ async def test_txdefaults_an_earlier_controller_left_are_cleared_when_a_station_
         sim, evse = rig.fleet.station("cp-0003")
         now = rig.clock.now()
         # An earlier controller's TxDefault at a higher stack level overrides ours: 32 A.
-        sim.profiles.append(
-            HeldProfile(
-                id=9001,
-                evse=evse,
-                purpose="default",
-                stack=9,
-                tx_id=None,
-                kind="Absolute",
-                valid_from=None,
-                valid_to=None,
-                start=now,
-                duration=None,
-                unit="A",
-                periods=[(0.0, 32.0, 3)],
-                received_at=now,
-            )
-        )
+        sim.profiles.append(held_default(now, 9001, 32.0, evse=evse, stack=9))
         assert rig.limit_at("cp-0003") == 32.0
         await sim.disconnect()  # the station reconnects by itself
         await rig.wait_for(

@@ -14,12 +14,11 @@ import time
 from typing import Any
 
 import pytest
-from edge_testkit import FAST
+from edge_testkit import FAST, held_default
 from evcore.edge.config import EdgeConfig
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
 from evcore.ocpp import ProfileResult
-from evcore.sim.chargepoint import HeldProfile
 from evcore.sim.ev import EV
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,25 +26,6 @@ pytestmark = pytest.mark.timeout(120)
 OURS_TX_DEFAULT_EVSE1 = 1_000_003  # 1,000,000 + EVSE 1 x 3 + slot 0 (docs/ocpp.md)
 OLD_ID = 7  # a TxDefault id of an earlier numbering (ids by first use)
 SLOW_APPLY_S = 2.5
-
-
-def _held_default(sim: Any, pid: int, limit_a: float) -> HeldProfile:
-    now = sim.clock.now()
-    return HeldProfile(
-        id=pid,
-        evse=1,
-        purpose="default",
-        stack=1,
-        tx_id=None,
-        kind="Absolute",
-        valid_from=None,
-        valid_to=None,
-        start=now,
-        duration=None,
-        unit="A",
-        periods=[(0.0, limit_a, 3)],
-        received_at=now,
-    )
 
 
 async def test_a_txdefault_held_under_an_old_id_is_outranked_and_the_feeder_never_goes_over() -> (
@@ -66,8 +46,8 @@ async def test_a_txdefault_held_under_an_old_id_is_outranked_and_the_feeder_neve
         sim_a, _ = fleet.station(a)
         sim_b, _ = fleet.station(b)
         # What an earlier run left: ours (stable id) on A, an old-numbering id on B.
-        sim_a.hold_profile(_held_default(sim_a, OURS_TX_DEFAULT_EVSE1, 16.0))
-        sim_b.hold_profile(_held_default(sim_b, OLD_ID, 16.0))
+        sim_a.hold_profile(held_default(sim_a.clock.now(), OURS_TX_DEFAULT_EVSE1, 16.0))
+        sim_b.hold_profile(held_default(sim_b.clock.now(), OLD_ID, 16.0))
 
     rig = EdgeRig(
         table,
