@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -680,3 +681,38 @@ async def test_an_outbox_counts_again_what_another_took(tmp_path: Path) -> None:
     assert await b.recount() == 0 and b.pending == 0 and not b.nonempty.is_set()
     await a.close()
     await b.close()
+
+
+async def test_an_in_process_stream_is_bounded_in_bytes_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The in-process EVENTS stream holds every audit record the edge publishes, in memory, for
+    30 days or 100,000 messages: with no byte cap, a 100-charger site's records (5.3 KB each)
+    came to about 550 MB at the cap, a 1000-charger site's far more (before: all 1,000 records
+    of 100 KB below held, 100 MB). Each stream without a byte limit of its own is now capped at
+    max_bytes_per_stream (64 MiB by default; the oldest go first), and a durable consumer that
+    the cap overtook says what it missed."""
+    bus = InProcessBus("m")
+    await bus.start()
+    s = Subjects("m")
+    got: list[str] = []
+
+    async def handler(m: BusMessage) -> None:
+        got.append(m.event_id)
+
+    sub = await bus.consume(s.audit, durable="d", handler=handler)
+    await sub.stop()  # the durable stays, at the stream's start
+    for i in range(1000):
+        await bus.publish(s.audit, i.to_bytes(4, "big") * 25_000, event_id=f"a{i}")
+    held = sum(stream.bytes for stream in bus._streams.values())
+    assert held <= 64 * 1024 * 1024, f"{held} bytes held"
+    newest = await bus.ack_state(s.audit, "a999", durable="d")
+    assert newest.stored_seq == 1000
+    assert (await bus.ack_state(s.audit, "a0", durable="d")).stored_seq == 0
+    caplog.set_level(logging.WARNING, logger="evcore.bus")
+    await bus.consume(s.audit, durable="d", handler=handler)
+    await wait_until(lambda: got[-1:] == ["a999"], 5, "the newest record")
+    first = int(got[0][1:])
+    assert first > 0
+    assert f"consumer d: messages 1..{first} of stream" in caplog.text, caplog.text
+    await bus.close()

@@ -188,6 +188,19 @@ class _DurableRun:
         if not msgs:
             return None
         # Sequence numbers in the deque are contiguous: jump to the first unacknowledged one.
+        if self._d.next_seq < msgs[0].seq:
+            # The stream's limits dropped messages this durable had not taken: say so (it went
+            # on silently).
+            log.warning(
+                "consumer %s: messages %d..%d of stream %s were dropped by its limits (age, "
+                "count or bytes) before this consumer took them; it goes on from %d",
+                self._name,
+                self._d.next_seq,
+                msgs[0].seq - 1,
+                self._d.stream.spec.name,
+                msgs[0].seq,
+            )
+            self._d.next_seq = msgs[0].seq
         start = max(0, self._d.next_seq - msgs[0].seq)
         for i in range(start, len(msgs)):
             m = msgs[i]
@@ -278,6 +291,7 @@ class InProcessBus:
         subscriber_queue_size: int = 10_000,
         max_msgs_per_stream: int = 100_000,
         route_cache_size: int = 16_384,
+        max_bytes_per_stream: int = 64 * 1024 * 1024,
     ) -> None:
         from evcore.bus.config import default_streams
 
@@ -286,9 +300,17 @@ class InProcessBus:
         self.clock: Clock = clock or WallClock()
         self._stats = BusStats()
         specs = list(streams) if streams is not None else default_streams(site_id)
-        # Memory, not disk: cap every stream by count as well (the oldest go first).
+        # Memory, not disk: cap every stream by count and by bytes as well (the oldest go
+        # first). Without the byte cap, the EVENTS stream held 30 days or 100,000 of the edge's
+        # audit records: about 550 MB for a 100-charger site (5.3 KB a record).
         self._specs = [
-            s if s.max_msgs > 0 else dataclasses.replace(s, max_msgs=max_msgs_per_stream)
+            dataclasses.replace(
+                s,
+                max_msgs=s.max_msgs if s.max_msgs > 0 else max_msgs_per_stream,
+                max_bytes=min(s.max_bytes, max_bytes_per_stream)
+                if s.max_bytes > 0
+                else max_bytes_per_stream,
+            )
             for s in specs
         ]
         self._streams: dict[str, _Stream] = {}
