@@ -63,6 +63,8 @@ def test_every_command_says_what_it_does_and_what_each_option_means() -> None:
         (["simcp", "--config", "SITE", "--url", "http://127.0.0.1:9000/ocpp"], "--url"),
         (["edge", "--config", "SITE", "--log-level", "verbose"], "--log-level"),
         (["cloud", "serve", "--config", "cloud.toml", "--log-level", "loud"], "--log-level"),
+        (["cloud", "sites", "--target", "h:1", "--insecure", "--timeout", "-1"], "--timeout"),
+        (["cloud", "curtail", "--target", "h:1", "--list", "--timeout", "nan"], "--timeout"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else v,
 )

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from evcore.cli import positive_seconds_arg
+
 EXIT_INFEASIBLE = 3
 EXIT_REFUSED = 2
 
@@ -295,7 +297,12 @@ def register_sites(cloud_sub: Any) -> None:
     _connection_args(p)
     p.add_argument("--site", action="append", help="only this site (repeat for more)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
-    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the cloud")
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds_arg,
+        default=15.0,
+        help="seconds to wait for the cloud (default 15)",
+    )
     p.set_defaults(func=_run_sites)
 
 
@@ -330,5 +337,10 @@ def register_curtail(cloud_sub: Any) -> None:
     mode.add_argument("--list", action="store_true", help="list held fleet curtailments")
     p.add_argument("--all", action="store_true", help="with --list: include cancelled ones")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the cloud")
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds_arg,
+        default=15.0,
+        help="seconds to wait for the cloud (default 15)",
+    )
     p.set_defaults(func=_run)
