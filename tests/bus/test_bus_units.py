@@ -716,3 +716,19 @@ async def test_an_in_process_stream_is_bounded_in_bytes_too(
     assert first > 0
     assert f"consumer d: messages 1..{first} of stream" in caplog.text, caplog.text
     await bus.close()
+
+
+def test_a_site_id_too_long_for_nats_names_is_refused_naming_why(tmp_path: Path) -> None:
+    """JetStream refuses a stream name longer than 255 characters and the file system an outbox
+    file name longer than 255 bytes. A site id escaped past that (a 27-character Chinese name is
+    243 characters in a stream name, each character 9) was taken: on the real server its
+    streams were refused (err_code 10052) and retried for ever, every audit record waiting in
+    the outbox; at 250 characters the outbox did not open ('unable to open database file',
+    naming neither the file nor why). The bus now refuses such an id when it is made, naming
+    the stream and file and their lengths."""
+    conf = BusConfig(kind="nats", outbox_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"EVCORE_\S+_TELEMETRY has 260 characters"):
+        NatsBus("北" * 27, conf)
+    with pytest.raises(ValueError, match=r"outbox file name \S+ has 257 bytes"):
+        NatsBus("s" * 250, conf)
+    NatsBus("北" * 26, conf)  # 250 characters: taken, as before

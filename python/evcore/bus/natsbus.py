@@ -450,6 +450,36 @@ def stream_error(spec: StreamSpec, exc: nats.js.errors.APIError) -> str:
     return what
 
 
+# JetStream's longest stream name; the file system's longest file name (bytes), which must also
+# hold the outbox's "-wal" file beside it.
+_MAX_STREAM_NAME = 255
+_MAX_FILE_NAME = 255 - len("-wal")
+
+
+def _check_name_lengths(site_id: str, specs: Sequence[StreamSpec], outbox: Path) -> None:
+    """Refuse a site id whose stream names or outbox file name NATS or the file system cannot
+    hold (it was taken: the streams were refused and retried for ever, every critical event
+    waiting in the outbox; or the outbox did not open, 'unable to open database file')."""
+    problems = [
+        f"stream name {spec.name} has {len(spec.name)} characters (JetStream allows "
+        f"{_MAX_STREAM_NAME})"
+        for spec in specs
+        if len(spec.name) > _MAX_STREAM_NAME
+    ]
+    size = len(outbox.name.encode("utf-8", "surrogateescape"))
+    if size > _MAX_FILE_NAME:
+        problems.append(
+            f"outbox file name {outbox.name} has {size} bytes (the file system allows 255, "
+            f"with its -wal file {_MAX_FILE_NAME})"
+        )
+    if problems:
+        raise ValueError(
+            f"site id {site_id!r} ({len(site_id)} characters) is too long for the NATS bus: "
+            + "; ".join(problems)
+            + ": use a shorter site id (each character outside A-Z a-z 0-9 - takes 3 to 12)"
+        )
+
+
 def _connect_options(cfg: BusConfig, callbacks: Any) -> dict[str, Any]:
     """nats-py ``connect`` options for ``cfg``; ``callbacks`` has the three ``*_cb`` methods."""
     opts: dict[str, Any] = {
@@ -570,9 +600,9 @@ class NatsBus:
         # sends nothing before it has noted them.
         self._losses_to_place: list[OutboxLoss] = []
         self._specs = list(streams) if streams is not None else self.config.streams(site_id)
-        self.outbox = Outbox(
-            outbox_path or self.config.outbox_dir / f"{escape_token(site_id)}.sqlite"
-        )
+        path = outbox_path or self.config.outbox_dir / f"{escape_token(site_id)}.sqlite"
+        _check_name_lengths(site_id, self._specs, path)
+        self.outbox = Outbox(path)
         self.ack_wait_s = ack_wait_s
         self._nc: NatsClient | None = None
         self._js: Any = None
