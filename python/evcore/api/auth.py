@@ -235,6 +235,21 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
+#: Status codes of a call refused for what its caller sent (who, or what it asked), not for the
+#: edge's state (UNAVAILABLE, INTERNAL, ...).
+REFUSAL_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
 class AuthInterceptor(CheckingInterceptor):
     """Authenticates every call and checks the method's roles before its handler runs."""
 
@@ -251,6 +266,17 @@ class AuthInterceptor(CheckingInterceptor):
         self._tokens_file = tokens_file
         self.denied = 0
         self.unauthenticated = 0
+        #: Calls refused, by (method, reason): the reason is the status code's name in lower
+        #: case (``unauthenticated``, ``permission_denied``, ``invalid_argument``, ...), counted
+        #: for codes that say the caller asked wrong (:data:`REFUSAL_CODES`), whoever aborted:
+        #: this check or the handler. Exported as ``evcore_api_calls_refused_total``.
+        self.refused: dict[tuple[str, str], int] = {}
+
+    def aborted(self, method: str, code: grpc.StatusCode | None) -> None:
+        if code in REFUSAL_CODES:
+            assert code is not None
+            key = (method.rsplit("/", 1)[-1], code.name.lower())
+            self.refused[key] = self.refused.get(key, 0) + 1
 
     def _principal(self, metadata: Any, context: Any) -> tuple[Principal | None, str]:
         creds = self._creds if self._tokens_file is None else self._tokens_file.credentials()

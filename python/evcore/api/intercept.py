@@ -29,6 +29,9 @@ class CheckingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         """Abort the call (``await context.abort(...)``) to keep its handler from running."""
         raise NotImplementedError
 
+    def aborted(self, method: str, code: grpc.StatusCode | None) -> None:
+        """A call of ``method`` was aborted with ``code`` (by ``check`` or its handler)."""
+
     async def intercept_service(
         self,
         continuation: Callable[[Any], Awaitable[Any]],
@@ -43,7 +46,18 @@ class CheckingInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         def check(context: Any, request: Any) -> Awaitable[object]:
             return self.check(method, metadata, context, request)
 
-        return wrap_handler(handler, check)
+        def aborted(context: Any) -> None:
+            self.aborted(method, _code_of(context))
+
+        return wrap_handler(handler, check, aborted)
+
+
+def _code_of(context: Any) -> grpc.StatusCode | None:
+    code = context.code()
+    if code is None or isinstance(code, grpc.StatusCode):
+        return code
+    # (grpc.aio may give the code's number.)
+    return next((c for c in grpc.StatusCode if c.value[0] == code), None)
 
 
 class BadRequest:
@@ -80,10 +94,16 @@ async def _checked_items(request_iterator: Any, context: Any) -> Any:
         yield item
 
 
-def wrap_handler(handler: Any, check: Check) -> Any:
+def wrap_handler(handler: Any, check: Check, aborted: Callable[[Any], None] | None = None) -> Any:
     """The same handler with ``check`` run first, in the call's own task (so a context variable it
     sets reaches the handler). Unary requests are shown to ``check``; streamed ones are not. A
-    request (or streamed item) that does not decode is INVALID_ARGUMENT, after ``check``."""
+    request (or streamed item) that does not decode is INVALID_ARGUMENT, after ``check``.
+    ``aborted(context)`` is told of every abort (``check``'s or the handler's)."""
+    wrapped = _checked(handler, check)
+    return wrapped if aborted is None else _telling_aborts(wrapped, aborted)
+
+
+def _checked(handler: Any, check: Check) -> Any:
     kw = {
         "request_deserializer": _lenient(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
@@ -123,6 +143,39 @@ def wrap_handler(handler: Any, check: Check) -> Any:
             yield item
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+def _telling_aborts(handler: Any, aborted: Callable[[Any], None]) -> Any:
+    """``handler`` whose behaviours call ``aborted(context)`` when they abort the call."""
+
+    def unary(fn: Any) -> Any:
+        async def run(request: Any, context: Any) -> Any:
+            try:
+                return await fn(request, context)
+            except grpc.aio.AbortError:
+                aborted(context)
+                raise
+
+        return run
+
+    def streaming(fn: Any) -> Any:
+        async def run(request: Any, context: Any) -> Any:
+            try:
+                async for item in _stream(fn(request, context)):
+                    yield item
+            except grpc.aio.AbortError:
+                aborted(context)
+                raise
+
+        return run
+
+    # (grpc's RpcMethodHandler is a named tuple.)
+    return handler._replace(
+        unary_unary=handler.unary_unary and unary(handler.unary_unary),
+        stream_unary=handler.stream_unary and unary(handler.stream_unary),
+        unary_stream=handler.unary_stream and streaming(handler.unary_stream),
+        stream_stream=handler.stream_stream and streaming(handler.stream_stream),
+    )
 
 
 async def _stream(result: Any) -> Any:

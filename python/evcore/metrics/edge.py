@@ -18,7 +18,7 @@ bounded by the site file (one series per charger, node and phase); nothing per d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -30,6 +30,7 @@ __all__ = [
     "BUS_COUNTERS",
     "ChargerReading",
     "EdgeReading",
+    "api_families",
     "build_families",
     "edge_collector",
     "edge_families",
@@ -108,6 +109,8 @@ class EdgeReading:
     #: What the central system rounds limits down to (``EdgeController.wire``).
     resolution_a: float = 0.0
     resolution_w: float = 0.0
+    #: API calls refused, by (method, reason); None without an API.
+    api_refused: dict[tuple[str, str], int] | None = None
 
     def wire(self, c: ChargerReading, value: float) -> float:
         """``value`` as ``c`` is told it (``EdgeController.wire``)."""
@@ -197,6 +200,9 @@ def read_edge(app: Any) -> EdgeReading:
         out.bus = {k: int(getattr(stats_now, k, 0)) for k in (*BUS_COUNTERS, "outbox_pending")}
     out.stations = len({c.ocpp_id for c in states.values()})
     out.stations_connected = len(app.central.connected())
+    auth = getattr(getattr(app, "api", None), "auth", None)
+    if auth is not None:
+        out.api_refused = dict(auth.refused)
     return out
 
 
@@ -222,6 +228,7 @@ def build_families(r: EdgeReading) -> list[MetricFamily]:
         *_store_families(r),
         *_bus_families(r),
         *_ocpp_families(r),
+        *api_families(r.api_refused),
     ]
 
 
@@ -579,3 +586,19 @@ def _ocpp_families(r: EdgeReading) -> list[MetricFamily]:
             r.stations_connected,
         ),
     ]
+
+
+def api_families(refused: Mapping[tuple[str, str], int] | None) -> list[MetricFamily]:
+    """The edge API's refused calls (``EdgeApiServer.auth.refused``); none without an API."""
+    if refused is None:
+        return []
+    fam = MetricFamily(
+        "evcore_api_calls_refused_total",
+        "counter",
+        "Edge API calls refused for what the caller sent, by method and reason (the status "
+        "code: unauthenticated, permission_denied, invalid_argument, not_found, "
+        "failed_precondition, out_of_range, resource_exhausted).",
+    )
+    for (method, reason), n in sorted(refused.items()):
+        fam.add(n, {"method": method, "reason": reason})
+    return [fam]
