@@ -199,7 +199,7 @@ class SimConnector:
     terminal_a: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     power_w: float = 0.0
     #: When a transaction stopped between two steps, the instant its energy was counted to
-    #: (the next step counts from there); None: from the station's last step.
+    #: (monotonic; the next step counts from there); None: from the station's last step.
     energy_to: float | None = None
 
     @property
@@ -840,19 +840,25 @@ class SimChargePoint:
             self.step()
 
     def step(self) -> None:
-        """Advance the connectors to the clock's now: apply due profiles, charge, sample."""
+        """Advance the connectors to the clock's now: apply due profiles, charge, sample.
+
+        Elapsed time (energy, the apply delay, the reporting interval) is the clock's monotonic
+        time; the time of day (profile schedules, timestamps) the station's own clock. On the
+        time of day, a station clock set an hour ahead mid-run put an hour of energy into one
+        step, and one set back ten minutes waited ten minutes to apply a profile."""
         now = self.clock.now()
-        last = self._last_tick if self._last_tick is not None else now
-        dt = max(0.0, now - last)
-        self._last_tick = now
-        due = [p for t, p in self._pending_profiles if t <= now]
+        mono = self.clock.monotonic()
+        last = self._last_tick if self._last_tick is not None else mono
+        dt = max(0.0, mono - last)
+        self._last_tick = mono
+        due = [p for t, p in self._pending_profiles if t <= mono]
         if due:
-            self._pending_profiles = [(t, p) for t, p in self._pending_profiles if t > now]
+            self._pending_profiles = [(t, p) for t, p in self._pending_profiles if t > mono]
             for p in due:
                 self._install(p)
         shares = self._station_shares(now)
         for c in self.connectors.values():
-            c_dt = dt if c.energy_to is None else max(0.0, now - c.energy_to)
+            c_dt = dt if c.energy_to is None else max(0.0, mono - c.energy_to)
             c.energy_to = None
             self._advance(c, now, c_dt, shares.get(c.evse_id, math.inf))
         # Reports fall due every sample_interval_s from the first step, and go out at the step
@@ -860,10 +866,10 @@ class SimChargePoint:
         # interval on 5 s steps reported every 15 s, and float noise on 0.1 s steps made some
         # 60 s intervals 60.1 s.
         if self._last_sample is None:
-            self._last_sample = now
-        elif now >= self._last_sample + self.sample_interval_s - self.tick_s / 2.0:
+            self._last_sample = mono
+        elif mono >= self._last_sample + self.sample_interval_s - self.tick_s / 2.0:
             self._last_sample = max(
-                self._last_sample + self.sample_interval_s, now - self.sample_interval_s
+                self._last_sample + self.sample_interval_s, mono - self.sample_interval_s
             )
             if not self.misbehaviour.stop_reporting:
                 for c in self.connectors.values():
@@ -937,10 +943,10 @@ class SimChargePoint:
         and the registers)."""
         if self._last_tick is None:
             return
-        now = self.clock.now()
+        mono = self.clock.monotonic()
         since = self._last_tick if c.energy_to is None else max(self._last_tick, c.energy_to)
-        self._count_energy(c, max(0.0, now - since))
-        c.energy_to = now
+        self._count_energy(c, max(0.0, mono - since))
+        c.energy_to = mono
 
     # ---- profiles and the composite schedule ---------------------------------------------
     def _install(self, p: HeldProfile) -> None:
@@ -1196,7 +1202,8 @@ class SimChargePoint:
             if clash is not None:
                 return clash
         if not self.misbehaviour.ignore_profiles:
-            self._pending_profiles.append((self.clock.now() + self.apply_delay_s, profile))
+            due = self.clock.monotonic() + self.apply_delay_s  # elapsed time, not its clock's
+            self._pending_profiles.append((due, profile))
         return {"status": "Accepted"}
 
     def _conflict_2_0_1(self, p: HeldProfile) -> dict[str, Any] | None:
