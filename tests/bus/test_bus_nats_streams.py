@@ -12,7 +12,7 @@ import nats
 import nats.js.errors
 import pytest
 from bus_testkit import SHARED_NATS, make_nats_bus, unique_site
-from evcore.bus import Subjects
+from evcore.bus import BusMessage, Subjects
 from evcore.bus.subjects import escape_token
 from nats.js import api as jsapi
 
@@ -104,7 +104,7 @@ async def test_a_refused_telemetry_stream_leaves_the_rest_of_the_bus_working(
     no audit record left the outbox and no grid signal came in, although the EVENTS stream was
     there. Now the bus works with the streams it has and keeps trying for the missing one."""
     from bus_testkit import NatsServer, make_nats_bus, wait_until
-    from evcore.bus import BusMessage, Subjects
+    from evcore.bus import Subjects
 
     server = NatsServer(tmp_path / "js", max_file_store="100MB")
     server.start()
@@ -197,3 +197,48 @@ async def test_streams_deleted_are_not_created_again_by_the_background_retry(
         await bus.close()
         await nc.close()
         server.kill()
+
+
+async def test_a_durable_made_by_an_earlier_version_takes_the_current_ack_settings(
+    tmp_path: Path,
+) -> None:
+    """nats-py's pull_subscribe binds to an existing durable as it is. A durable created before
+    db4b66e kept max_ack_pending 1024 (that commit lowered it to 64 so that a batch lost in a
+    stream leader's failover is redelivered before later messages overtake it) and whatever
+    ack_wait it had: the fix never reached the consumers already there (before: 1024 and 5 s
+    after consume). The bus now brings the durable's ack settings to its own."""
+    from bus_testkit import wait_until
+
+    site = unique_site()
+    s = Subjects(site)
+    bus = make_nats_bus(site, SHARED_NATS, tmp_path / "outbox", ack_wait_s=30.0)
+    await bus.start()
+    nc = await nats.connect(SHARED_NATS)
+    js = nc.jetstream()
+    got: list[str] = []
+
+    async def handler(m: BusMessage) -> None:
+        got.append(m.event_id)
+
+    try:
+        await wait_until(lambda: bus.connected, 5, "the bus ready")
+        events = bus.streams[0].name
+        old = jsapi.ConsumerConfig(
+            durable_name="old-durable",
+            ack_policy=jsapi.AckPolicy.EXPLICIT,
+            deliver_policy=jsapi.DeliverPolicy.ALL,
+            ack_wait=5.0,
+            max_ack_pending=1024,
+            filter_subject=s.audit,
+        )
+        await js.add_consumer(events, old)
+        await bus.publish(s.audit, b"r", event_id="a1")
+        await bus.consume(s.audit, durable="old-durable", handler=handler)
+        await wait_until(lambda: got == ["a1"], 10, "the record")
+        info = await js.consumer_info(events, "old-durable")
+        assert info.config.max_ack_pending == 64
+        assert info.config.ack_wait == 30.0
+    finally:
+        await bus.delete_streams()
+        await bus.close()
+        await nc.close()

@@ -254,9 +254,51 @@ class _NatsConsumer:
             filter_subject=self._pattern,
         )
         self._reconnects_seen = _reconnects(bus._nc)
+        await self._update_ack_settings(cfg)
         return await bus._js.pull_subscribe(
             self._pattern, durable=self._durable, stream=self._stream, config=cfg
         )
+
+    async def _update_ack_settings(self, cfg: jsapi.ConsumerConfig) -> None:
+        """An existing durable (made by an earlier version, or with another ack_wait) gets this
+        bus's ack settings: pull_subscribe binds to it as it is, so a durable made before
+        max_ack_pending went from 1024 to 64 (ordering through a stream leader's failover) kept
+        1024 for ever."""
+        js = self._bus._js
+        try:
+            info = await js.consumer_info(self._stream, self._durable)
+        except nats.js.errors.NotFoundError:
+            return  # pull_subscribe creates it with cfg
+        have = info.config
+        if have.max_ack_pending == cfg.max_ack_pending and (
+            have.ack_wait is not None and abs(have.ack_wait - float(cfg.ack_wait or 0)) < 1e-3
+        ):
+            return
+        try:
+            await js.add_consumer(self._stream, cfg.evolve(name=self._durable))
+        except nats.js.errors.APIError as exc:
+            log.warning(
+                "consumer %s on %s: could not bring its ack settings to max_ack_pending %s, "
+                "ack_wait %s s (%s); it keeps %s, %s s",
+                self._durable,
+                self._stream,
+                cfg.max_ack_pending,
+                cfg.ack_wait,
+                exc.description or repr(exc),
+                have.max_ack_pending,
+                have.ack_wait,
+            )
+        else:
+            log.info(
+                "consumer %s on %s: ack settings brought from max_ack_pending %s, ack_wait %s s "
+                "to %s, %s s",
+                self._durable,
+                self._stream,
+                have.max_ack_pending,
+                have.ack_wait,
+                cfg.max_ack_pending,
+                cfg.ack_wait,
+            )
 
     async def _gone(self, sub: Any, idle: int) -> bool:
         """Whether the durable no longer exists on the broker (it came back without its store,
