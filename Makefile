@@ -29,8 +29,11 @@ proto:
 demo: setup build
 	evcore demo
 
+# Start NATS and PostgreSQL if needed; delete evcore streams that earlier test runs left on the
+# shared nats-server (each TELEMETRY stream reserves 1 GiB of its storage: sixty fill it).
 services:
 	bash .ci/services
+	$(PY) .ci/clean_nats_streams.py
 
 test: setup build services test-rust test-python
 

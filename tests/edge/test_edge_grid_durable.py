@@ -89,6 +89,7 @@ async def test_a_curtailment_published_while_the_edge_is_down_applies_when_it_st
             pub,
         )
     finally:
+        await pub.delete_streams()  # else each run leaves its site's streams on the server
         await pub.close()
 
 

@@ -70,6 +70,7 @@ async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[_
                 site, pub, lambda: patient_nats_bus(site, NATS_URL, tmp_path / "edge-outbox")
             )
         finally:
+            await pub.delete_streams()  # else each run leaves its site's streams on the server
             await pub.close()
         return
     bus = InProcessBus(site)
