@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -1319,7 +1321,8 @@ class EdgeController:
             "policy": self.cfg.policy,
             "config_version": self.config_version,
             "plan_version": "",
-            "inputs_digest": "",
+            # No core call made this: what it was decided on is the station's report.
+            "inputs_digest": _clear_digest(ocpp_id, reported, setpoints),
             "curtailments_kw": {},
             "setpoints": setpoints,
             "bindings": [],
@@ -1854,3 +1857,18 @@ def _overdraws(c: ChargerState, settle_s: float) -> bool:
     if over is None:
         return False
     return over > (c.holding or 0.0) * 0.05 + 500.0 if c.is_dc else over > 1.0
+
+
+def _clear_digest(
+    ocpp_id: str, reported: Mapping[str, float], setpoints: Sequence[Mapping[str, Any]]
+) -> str:
+    """The inputs digest of a TxDefault clear's audit record (sha256, hex): the station, what each
+    of its chargers reported in force and the failsafe levels, as the record states them. Every
+    record carries one (an empty digest left the record unexplained to the audit's checks)."""
+    body = {
+        "station": ocpp_id,
+        "reported": {k: reported[k] for k in sorted(reported)},
+        "failsafe": {str(sp["charger_id"]): sp.get("failsafe") for sp in setpoints},
+    }
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(("tx_default_clear\n" + text).encode()).hexdigest()
