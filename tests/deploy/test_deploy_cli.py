@@ -260,3 +260,30 @@ def test_a_site_the_central_system_refuses_is_said_without_a_traceback(
     rc = main(["csms", "--config", str(site), "--seconds", "0.1", "--port", str(free_port())])
     err = capsys.readouterr().err
     assert rc == 2 and f"{site}: chargers 'cp-01' and 'cp-02' share station 'CP01' EVSE 1" in err
+
+
+async def test_simcp_names_only_the_stations_that_did_not_connect(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text(EXAMPLE_SITE.read_text().replace('DC01 = "example-password-dc01"\n', ""))
+    port = free_port()
+    parser = build_parser()
+    csms = parser.parse_args(
+        ["csms", "--config", str(site), "--port", str(port), "--seconds", "8", "--quiet"]
+    )
+    simcp = parser.parse_args(
+        [
+            *("simcp", "--config", str(site), "--url", f"ws://127.0.0.1:{port}/ocpp"),
+            *("--seconds", "0.1", "--connect-timeout", "2"),
+        ]
+    )
+    server = asyncio.ensure_future(ocpp_cli._csms(csms))
+    try:
+        await asyncio.sleep(0.5)
+        assert await ocpp_cli._simcp(simcp) == 1
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+    err = capsys.readouterr().err
+    assert "1 of 5 stations not connected" in err and "DC01 (" in err and "401" in err, err

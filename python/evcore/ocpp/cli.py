@@ -89,12 +89,12 @@ async def _simcp(args: argparse.Namespace) -> int:
     try:
         await fleet.wait_connected(args.connect_timeout)
     except TimeoutError:
-        await fleet.stop()
-        missing = [
+        missing = [  # (before stop(), which clears every station's connected flag)
             f"{sid} ({sim.last_error or 'no answer'})"
             for sid, sim in fleet.stations.items()
             if not sim.connected.is_set()
         ]
+        await fleet.stop()
         print(
             f"evcore simcp: {len(missing)} of {len(fleet.stations)} stations not connected to "
             f"{url} within {args.connect_timeout:g} s: {', '.join(missing)}. Is the central "
