@@ -218,3 +218,31 @@ async def test_a_meter_value_the_schema_refuses_does_not_refuse_its_transaction_
         registers = [(s.charger_id, s.energy_register_wh) for s in r.of(MeterSample)]
         assert registers == [("cp-a", 1500.0), ("cp-a", 2000.0), ("cp-b", 1000.0),
                              ("cp-b", 2000.0)]  # fmt: skip
+
+
+async def test_a_reading_naming_another_connectors_transaction_leaves_that_one_alone() -> None:
+    """A 1.6 station of two connectors sends connector 2's reading with connector 1's
+    transactionId. The reading is connector 2's (its currents count there) and says nothing of
+    connector 1's session. Before, its register went into connector 1's transaction: that
+    reading and connector 1's next one (a current, no register) published 4,200 Wh as that
+    session's energy (5,200 Wh of connector 2's meter less connector 1's meterStart of 1,000)
+    for a session that had drawn nothing."""
+    async with raw_csms() as r:
+        st = await r.station("CPM", "1.6")
+        t = r.clock.now() - 600
+        a = (await st.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
+        start_b = {**start_16(t + 1, 5000, "TAG2"), "connectorId": 2}
+        assert (await st.call("StartTransaction", start_b))[0] == 3
+        wrong = {
+            "connectorId": 2,
+            "transactionId": a,
+            "meterValue": [{"timestamp": iso(t + 60), "sampledValue": [register("5200")]}],
+        }
+        mine = {
+            "connectorId": 1,
+            "meterValue": [{"timestamp": iso(t + 61), "sampledValue": [current("16")]}],
+        }
+        for payload in (wrong, mine):
+            assert (await st.call("MeterValues", payload))[0] == 3
+        got = [(s.charger_id, s.transaction_id, s.session_energy_wh) for s in r.of(MeterSample)]
+        assert got == [("cp-m2", str(a), None), ("cp-m1", str(a), 0.0)]

@@ -1676,6 +1676,20 @@ class CentralSystem:
         charger = st.charger(evse_id)
         if charger is None:
             return  # station-level meter (connector 0): not a charger's draw
+        if tx is not None and tx.evse_id is not None and tx.evse_id != charger.evse_id:
+            # The reading is its connector's; the transaction it names is another's. Before,
+            # its register went into that transaction: 4,200 Wh published for a session of
+            # another connector that had drawn nothing.
+            LOG.warning(
+                "station %s: %s of connector/EVSE %s names transaction %s of EVSE %s: "
+                "not counted for that transaction",
+                st.ocpp_id,
+                where,
+                charger.evse_id,
+                tx_id,
+                tx.evse_id,
+            )
+            tx = None
         dc = charger.kind == "dc"
         reading = parse_meter_value(
             st.version or "1.6",
