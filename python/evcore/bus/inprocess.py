@@ -193,7 +193,8 @@ class _DurableRun:
             # on silently).
             log.warning(
                 "consumer %s: messages %d..%d of stream %s were dropped by its limits (age, "
-                "count or bytes) before this consumer took them; it goes on from %d",
+                "count or bytes) before this consumer read them (those on its subjects are "
+                "lost to it); it goes on from %d",
                 self._name,
                 self._d.next_seq,
                 msgs[0].seq - 1,
