@@ -1248,6 +1248,7 @@ class FleetCoordinator:
                 if last is not None:
                     entry.site_revision = last.revision
                     entry.site_max_kw = last.max_kw or 0.0
+                    entry.site_cancel = last.max_kw is None  # (0.0 is a 0 kW limit)
                     entry.taken = last.taken_at_s is not None
                 since = pending_since_s(by_site.get(sh.site_id, []))
                 if since is not None:

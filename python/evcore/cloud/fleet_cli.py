@@ -136,7 +136,8 @@ def _print_sites(res: Any, *, as_json: bool) -> None:
             elif not fs.published:
                 state += ", NOT PUBLISHED YET"
             if fs.site_revision:
-                held = "cancel" if fs.site_max_kw == 0 else f"{fs.site_max_kw:.3f} kW"
+                # (site_max_kw is 0 for a cancel too: a 0 kW limit is no cancel.)
+                held = "cancel" if fs.site_cancel else f"{fs.site_max_kw:.3f} kW"
                 took = "taken by its edge" if fs.taken else "NOT TAKEN by its edge yet"
                 state += f"; site has r{fs.site_revision} ({held}), {took}"
             if fs.HasField("untaken_since"):
