@@ -102,7 +102,7 @@ node = "grid"
 start_h = {10.0 / 3600.0!r}
 end_h = {60.0 / 3600.0!r}
 limit_kw = 1.0
-notice_min = 0
+notice_min = 1
 """
     sc = one_car_scenario(
         tmp_path, "plan-steps", duration_h=2.0, policy="planner_cost", extra=tariff
@@ -117,3 +117,26 @@ notice_min = 0
     assert isinstance(caps, list)  # was None: no cap at any step's midpoint
     assert caps[0] == pytest.approx(1.0 * twinplan.KW_MARGIN)
     assert caps[1] > 1e5  # none in the second step
+
+
+def test_the_cloud_plan_knows_a_grid_signal_only_once_it_is_announced(tmp_path: Path) -> None:
+    """A curtailment announced an hour ahead is not in a plan made two hours before it: the
+    twin's cloud planner planned around every grid signal of the scenario from the start, a
+    foresight no cloud has (the edge hears of it notice_min ahead)."""
+    signal = """[[grid_signals]]
+node = "grid"
+start_h = 2.0
+end_h = 2.5
+limit_kw = 5.0
+notice_min = 60
+"""
+    sc = one_car_scenario(
+        tmp_path, "announced", duration_h=4.0, policy="planner_cost", extra=signal
+    )
+    tp = twinplan.TwinPlanner(sc, "planner_cost")
+    session = PlanSession("tx-1", "cp-1", sc.start, sc.start + 4 * 3600.0, 20.0)
+    before = tp.request(sc.start, [session])
+    assert before.nodes[0].power_limit_kw is None  # was 4.5 kW in the steps of 2-2.5 h
+    after = tp.request(sc.start + 3600.0, [session])  # announced now
+    caps = after.nodes[0].power_limit_kw
+    assert isinstance(caps, list) and min(caps) == pytest.approx(5.0 * twinplan.KW_MARGIN)

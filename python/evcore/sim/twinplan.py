@@ -115,7 +115,8 @@ class TwinPlanner:
                         sc.start + g.end_s,
                     )
                     for g in sc.grid_signals
-                    if g.node == n.id
+                    # Only what the grid operator has announced by now (notice_min ahead).
+                    if g.node == n.id and max(0.0, g.start_s - g.notice_s) <= now - sc.start
                 ],
                 spans,
                 self.curtail_lead_s,
