@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evcore.sim.arrivals import generate
 from evcore.sim.controllers import make_controller
-from evcore.sim.twin import run_policy
+from evcore.sim.twin import SitePlant, TickDriver, run_policy
+from evcore.sim.vclock import VirtualClock
 from sim_testkit import one_car_scenario
 
 
@@ -42,3 +44,16 @@ def test_the_lower_of_two_overlapping_caps_holds(tmp_path: Path) -> None:
 def test_an_announced_cap_is_in_force_by_its_start(tmp_path: Path) -> None:
     # Announced 30 minutes ahead: the lower profile is in force by 0.1 h.
     assert _violations_kw(tmp_path, _signal(0.1, 0.2, 10.0)) == 0  # was 20: 2 s, the delay
+
+
+def test_the_planners_see_a_grid_signal_only_once_it_is_announced(tmp_path: Path) -> None:
+    """The in-process view handed the planners every grid signal of the scenario from the start
+    (``SiteView.curtailments``), a foresight no controller has: now only those announced
+    (notice_min ahead of their start)."""
+    signal = _signal(2.0, 2.5, 5.0).replace("notice_min = 30", "notice_min = 60")
+    sc = one_car_scenario(tmp_path, "announced", duration_h=3.0, policy="fair_share", extra=signal)
+    clock = VirtualClock(sc.start)
+    driver = TickDriver(SitePlant(sc, generate(sc), clock), make_controller("fair_share", sc))
+    assert driver.view().curtailments == []  # was the 2 h signal, at 0 h
+    clock.set_time(sc.start + 3600.0)  # announced now
+    assert driver.view().curtailments == [(sc.start + 7200.0, sc.start + 9000.0, "grid", 5.0)]

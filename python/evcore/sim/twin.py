@@ -909,9 +909,11 @@ class TickDriver:
             measured_age_s=np.array([now - (sc.start + p.report_t) for p in pts]),
             last_setpoint=self.last_sent.copy(),
             node_power_limit_kw=self._caps_in_force(now - sc.start),
+            # Those announced by now (notice_min ahead): a planner has no other foresight.
             curtailments=[
                 (sc.start + g.start_s, sc.start + g.end_s, g.node, g.limit_kw)
                 for g in sc.grid_signals
+                if max(0.0, g.start_s - g.notice_s) <= now - sc.start
             ],
             events=list(self._reasons),
         )
