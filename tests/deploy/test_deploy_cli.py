@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -51,6 +52,16 @@ def test_every_command_says_what_it_does_and_what_each_option_means() -> None:
                 )
     assert undescribed == [], f"--help without a description: {undescribed}"
     assert unexplained == [], f"options without help: {unexplained}"
+
+
+def test_the_doc_a_help_text_points_to_exists_and_covers_the_command() -> None:
+    """simcp's --help said 'See docs/twin.md', which never mentions simcp."""
+    for path, parser in _commands(build_parser()):
+        for doc in re.findall(r"docs/[\w-]+\.md", parser.description or ""):
+            assert (ROOT / doc).exists(), (path, doc)
+            if path:
+                text = (ROOT / doc).read_text(encoding="utf-8")
+                assert f"evcore {path[0]}" in text, (" ".join(path), doc)
 
 
 @pytest.mark.parametrize(

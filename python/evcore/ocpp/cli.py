@@ -157,7 +157,7 @@ def register(sub: Any) -> None:
         "system (evcore csms or evcore edge), with the passwords of its [ocpp] credentials, "
         "and keep them connected; with --plug-in an EV charges at every charger. Security "
         "profiles 0-2 (not 3: no station certificates). Exits 1 when a station is not "
-        "connected within --connect-timeout. See docs/twin.md.",
+        "connected within --connect-timeout. See docs/ocpp.md.",
     )
     s.add_argument("--config", required=True, help="site file (TOML)")
     s.add_argument(
