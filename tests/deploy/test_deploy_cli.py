@@ -114,6 +114,24 @@ def test_a_bad_site_file_is_named_without_a_traceback(
         assert "not found" in err
 
 
+async def _simcp_against_csms(site: Path, port: int | None, *simcp_args: str) -> int:
+    """`evcore csms --config SITE` (on ``port``; [ocpp]'s when None) and, half a second later,
+    `evcore simcp --config SITE *simcp_args`, in this process: simcp's exit status."""
+    parser = build_parser()
+    port_args = ("--port", str(port)) if port is not None else ()
+    csms = parser.parse_args(
+        ["csms", "--config", str(site), *port_args, "--seconds", "8", "--quiet"]
+    )
+    simcp = parser.parse_args(["simcp", "--config", str(site), *simcp_args])
+    server = asyncio.ensure_future(ocpp_cli._csms(csms))
+    try:
+        await asyncio.sleep(0.5)
+        return await ocpp_cli._simcp(simcp)
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+
+
 async def test_the_example_sites_simulated_stations_connect_to_its_central_system(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -123,23 +141,9 @@ async def test_the_example_sites_simulated_stations_connect_to_its_central_syste
     site = tmp_path / "site.toml"
     shutil.copy(EXAMPLE_SITE, site)
     port = free_port()
-    parser = build_parser()
-    csms = parser.parse_args(
-        ["csms", "--config", str(site), "--port", str(port), "--seconds", "8", "--quiet"]
-    )
-    simcp = parser.parse_args(
-        [
-            *("simcp", "--config", str(site), "--url", f"ws://127.0.0.1:{port}/ocpp"),
-            *("--seconds", "0.1", "--connect-timeout", "5"),
-        ]
-    )
-    server = asyncio.ensure_future(ocpp_cli._csms(csms))
-    try:
-        await asyncio.sleep(0.5)
-        assert await ocpp_cli._simcp(simcp) == 0
-    finally:
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+    url = f"ws://127.0.0.1:{port}/ocpp"
+    simcp = ("--url", url, "--seconds", "0.1", "--connect-timeout", "5")
+    assert await _simcp_against_csms(site, port, *simcp) == 0
     assert "5 simulated stations connected" in capsys.readouterr().out
 
 
@@ -203,21 +207,8 @@ async def test_simcp_reaches_a_tls_central_system_as_its_site_file_describes_it(
         .replace("/etc/evcore/csms.key", key)
         .replace("/etc/evcore/ocpp-credentials.toml", str(creds))
     )
-    parser = build_parser()
-    csms = parser.parse_args(["csms", "--config", str(site), "--seconds", "8", "--quiet"])
-    simcp = parser.parse_args(
-        [
-            *("simcp", "--config", str(site), "--ca", str(ca.ca_path)),
-            *("--seconds", "0.1", "--connect-timeout", "5"),
-        ]
-    )
-    server = asyncio.ensure_future(ocpp_cli._csms(csms))
-    try:
-        await asyncio.sleep(0.5)
-        assert await ocpp_cli._simcp(simcp) == 0, capsys.readouterr().err
-    finally:
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+    simcp = ("--ca", str(ca.ca_path), "--seconds", "0.1", "--connect-timeout", "5")
+    assert await _simcp_against_csms(site, None, *simcp) == 0, capsys.readouterr().err
     assert (
         f"2 simulated stations connected to wss://127.0.0.1:{port}/ocpp" in capsys.readouterr().out
     )
@@ -279,22 +270,8 @@ async def test_simcp_names_only_the_stations_that_did_not_connect(
     site = tmp_path / "site.toml"
     site.write_text(EXAMPLE_SITE.read_text().replace('DC01 = "example-password-dc01"\n', ""))
     port = free_port()
-    parser = build_parser()
-    csms = parser.parse_args(
-        ["csms", "--config", str(site), "--port", str(port), "--seconds", "8", "--quiet"]
-    )
-    simcp = parser.parse_args(
-        [
-            *("simcp", "--config", str(site), "--url", f"ws://127.0.0.1:{port}/ocpp"),
-            *("--seconds", "0.1", "--connect-timeout", "2"),
-        ]
-    )
-    server = asyncio.ensure_future(ocpp_cli._csms(csms))
-    try:
-        await asyncio.sleep(0.5)
-        assert await ocpp_cli._simcp(simcp) == 1
-    finally:
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+    url = f"ws://127.0.0.1:{port}/ocpp"
+    simcp = ("--url", url, "--seconds", "0.1", "--connect-timeout", "2")
+    assert await _simcp_against_csms(site, port, *simcp) == 1
     err = capsys.readouterr().err
     assert "1 of 5 stations not connected" in err and "DC01 (" in err and "401" in err, err
