@@ -6,7 +6,6 @@ both: a site held at nothing looked free to draw. ``site_cancel`` (field 17) now
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,30 +18,23 @@ from evcore.v1.fleet_api_pb2 import (
     SiteFleetShare,
     SiteStatus,
 )
-from fleet_testkit import FleetCloud, site_table, start_fleet_cloud, topology
+from fleet_testkit import FleetCloud, site_table, topology
+from test_cloud_fleet_sites import fleet  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path, store_url: str) -> AsyncIterator[FleetCloud]:
-    f = await start_fleet_cloud(tmp_path, store_url)
-    try:
-        for site in f.sites[:2]:  # no other load: a floor of 0 kW
-            async with f.channel(site) as ch:
-                await f.cloud(ch).PutTopology(
-                    topology(site_table(site, power_limit_kw=300.0, other_load_a=0.0))
-                )
-        yield f
-    finally:
-        await f.close()
-
-
 async def test_a_zero_kw_share_is_shown_as_0_kw_not_as_a_cancel(
-    fleet: FleetCloud, tmp_path: Path
+    fleet: FleetCloud,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     f = fleet
     a, b, _ = f.sites
+    for site in (a, b):  # no other load: a floor of 0 kW
+        async with f.channel(site) as ch:
+            await f.cloud(ch).PutTopology(
+                topology(site_table(site, power_limit_kw=300.0, other_load_a=0.0))
+            )
     req = FleetCurtailment(fleet_curtailment_id="blackstart", site_ids=[a, b], max_kw=0.0)
     req.start.FromSeconds(int(T0))
     req.end.FromSeconds(int(T0 + 3600))

@@ -13,18 +13,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from evcore.metrics import MetricFamily, MetricsConfig, MetricsConfigError, MetricsServer, Registry
-from metrics_testkit import cert_authority, get, no_http_answer, parse, request, scrape
+from evcore.metrics import MetricsConfig, MetricsConfigError, MetricsServer
+from metrics_testkit import (
+    cert_authority,
+    get,
+    level_registry,
+    no_http_answer,
+    parse,
+    request,
+    scrape,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 REFUSED = "evcore_metrics_scrapes_refused_total"
-
-
-def _registry() -> Registry:
-    reg = Registry()
-    reg.register(lambda: [MetricFamily("evcore_level_amperes", "gauge", "A level.").add(16.0)])
-    return reg
 
 
 def _token_file(path: Path, token: str, mode: int = 0o600) -> Path:
@@ -36,7 +38,7 @@ def _token_file(path: Path, token: str, mode: int = 0o600) -> Path:
 async def _served(section: dict[str, object]) -> MetricsServer:
     cfg = MetricsConfig.from_section({"listen": "127.0.0.1:0", **section})
     assert cfg is not None
-    server = MetricsServer.from_config(_registry(), cfg)
+    server = MetricsServer.from_config(level_registry(), cfg)
     server.read_timeout_s = 2.0
     await server.start()
     return server
@@ -139,7 +141,7 @@ async def test_a_token_file_gone_before_the_start_stops_it(tmp_path: Path) -> No
     cfg = MetricsConfig.from_section({"listen": "127.0.0.1:0", "token_file": str(path)})
     assert cfg is not None
     path.unlink()
-    server = MetricsServer.from_config(_registry(), cfg)
+    server = MetricsServer.from_config(level_registry(), cfg)
     with pytest.raises(MetricsConfigError, match=r"\[metrics\]\.token_file: cannot read"):
         await server.start()
 

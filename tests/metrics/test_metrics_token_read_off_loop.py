@@ -17,18 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from evcore.metrics import MetricFamily, MetricsServer, Registry
-from metrics_testkit import Response, get
+from evcore.metrics import MetricsServer
+from metrics_testkit import Response, get, level_registry
 
 pytestmark = pytest.mark.timeout(60)
 
 TOKEN = "s3cret-token-A"
-
-
-def _registry() -> Registry:
-    reg = Registry()
-    reg.register(lambda: [MetricFamily("evcore_level_amperes", "gauge", "A level.").add(16.0)])
-    return reg
 
 
 class _Client(threading.Thread):
@@ -55,7 +49,7 @@ async def test_a_token_file_read_that_blocks_does_not_stall_other_requests(
     path = tmp_path / "metrics.token"
     path.write_text(TOKEN + "\n")
     path.chmod(0o600)
-    server = MetricsServer(_registry(), port=0, token_file=path)
+    server = MetricsServer(level_registry(), port=0, token_file=path)
     server.read_timeout_s = 2.0
     await server.start()
     fed = threading.Event()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,7 @@ import psycopg
 import pytest
 from evcore.store import SessionRecord, StoreConfig, StoreUnavailable, open_store
 from pg_testkit import PG_DSN, StallingRelay
-
-
-@pytest.fixture
-async def relay() -> AsyncIterator[StallingRelay]:
-    r = StallingRelay()
-    await r.start()
-    yield r
-    await r.close()
+from test_store_write_timeout import relay  # noqa: F401  (the fixture)
 
 
 async def _open_fails_within(store: Any, high_s: float) -> str:
@@ -70,7 +62,9 @@ async def test_a_migration_lock_held_elsewhere_ends_the_open_at_open_timeout_s(
 
 
 async def test_a_server_silent_while_the_connection_is_set_up_ends_the_open(
-    relay: StallingRelay, pg_schema: str, tmp_path: Path
+    relay: StallingRelay,  # noqa: F811
+    pg_schema: str,
+    tmp_path: Path,
 ) -> None:
     section = {
         "kind": "postgres",
