@@ -78,3 +78,14 @@ phases = 3
         + extra
     )
     return parse_scenario(tomllib.loads(text), path=tmp_path / "s.toml")
+
+
+#: A time-of-use tariff for runs starting 2026-01-05T12:00:00Z: 0.10 per kWh until 12:03:20 UTC,
+#: 0.50 after (a change 200 s in, away from a 5-minute step's midpoint).
+TARIFF_UP_AT_200_S = f"""[tariff]
+default_price_per_kwh = 0.10
+[[tariff.periods]]
+start_h = {12.0 + 200.0 / 3600.0!r}
+end_h = 24.0
+price_per_kwh = 0.50
+"""

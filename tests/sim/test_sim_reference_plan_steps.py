@@ -11,20 +11,12 @@ from pathlib import Path
 
 import pytest
 from evcore.sim.controllers import step_inputs
-from sim_testkit import one_car_scenario
-
-TARIFF = f"""[tariff]
-default_price_per_kwh = 0.10
-[[tariff.periods]]
-start_h = {12.0 + 200.0 / 3600.0!r}
-end_h = 24.0
-price_per_kwh = 0.50
-"""
+from sim_testkit import TARIFF_UP_AT_200_S, one_car_scenario
 
 
 def test_each_step_is_priced_and_capped_over_its_whole_span(tmp_path: Path) -> None:
     sc = one_car_scenario(
-        tmp_path, "reference-steps", duration_h=1.0, policy="planner_cost", extra=TARIFF
+        tmp_path, "reference-steps", duration_h=1.0, policy="planner_cost", extra=TARIFF_UP_AT_200_S
     )
     t0 = sc.start
     curtailments = [

@@ -12,7 +12,7 @@ from evcore.edge.state import ChargerState
 from evcore.planner import PlanSession
 from evcore.sim import twinplan
 from evcore.sim.scenario import load_scenario
-from sim_testkit import one_car_scenario
+from sim_testkit import TARIFF_UP_AT_200_S, one_car_scenario
 
 
 def _charging(cid: str, **kw: object) -> ChargerState:
@@ -90,13 +90,9 @@ def test_the_cloud_plan_prices_and_caps_each_step_over_its_whole_span(tmp_path: 
     own planner does (``step_prices``, ``step_caps``). The twin's cloud planner took both at the
     step's midpoint: the first 5-minute step, 0.10 until 12:03:20 and 0.50 after, was priced
     0.10, and a 1 kW curtailment from 12:00:10 to 12:01:00 was not in the plan at all."""
-    tariff = f"""[tariff]
-default_price_per_kwh = 0.10
-[[tariff.periods]]
-start_h = {12.0 + 200.0 / 3600.0!r}
-end_h = 24.0
-price_per_kwh = 0.50
-
+    tariff = (
+        TARIFF_UP_AT_200_S
+        + f"""
 [[grid_signals]]
 node = "grid"
 start_h = {10.0 / 3600.0!r}
@@ -104,6 +100,7 @@ end_h = {60.0 / 3600.0!r}
 limit_kw = 1.0
 notice_min = 1
 """
+    )
     sc = one_car_scenario(
         tmp_path, "plan-steps", duration_h=2.0, policy="planner_cost", extra=tariff
     )
