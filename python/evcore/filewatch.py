@@ -3,9 +3,15 @@ a process runs (the API's ``tokens_file``, the metrics token file)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 #: While a file's mtime is under this old it counts as changed at every look: two rewrites in
 #: place within the file system's timestamp granularity keep its size and times.
@@ -37,3 +43,34 @@ class FileWatch:
             return False
         self._seen = seen
         return True
+
+
+class OneAtATime(Generic[T]):
+    """``await reader()``: ``fn()`` run beside the event loop, on a thread of its own, one call at
+    a time; callers that come while a call runs share its outcome. Each caller waits at most
+    ``wait_s`` (then TimeoutError); the call goes on, and its outcome serves later callers. For a
+    file read on a request's path (a token file): a read that blocks (a hung network file system,
+    a FIFO) must hold neither the loop nor more than one thread."""
+
+    def __init__(self, fn: Callable[[], T], *, name: str, wait_s: float = 1.0) -> None:
+        self._fn = fn
+        self.wait_s = wait_s
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: asyncio.Future[T] | None = None
+
+    async def __call__(self) -> T:
+        if self._pending is None:
+            loop = asyncio.get_running_loop()
+            pending = asyncio.ensure_future(loop.run_in_executor(self._thread, self._fn))
+            self._pending = pending
+
+            def done(_: object) -> None:
+                if self._pending is pending:
+                    self._pending = None
+
+            pending.add_done_callback(done)
+        return await asyncio.wait_for(asyncio.shield(self._pending), self.wait_s)
+
+    def close(self) -> None:
+        """No more calls; a call still blocked keeps its thread, nothing waits for it."""
+        self._thread.shutdown(wait=False, cancel_futures=True)

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from evcore.api.intercept import CheckingInterceptor
-from evcore.filewatch import FileWatch
+from evcore.filewatch import FileWatch, OneAtATime
 
 log = logging.getLogger("evcore.api.auth")
 
@@ -184,8 +184,19 @@ class TokensFile:
         self.current = current
         self._watch = FileWatch(path, seen_now=False)  # read again at the first call
         self._failure = ""
+        #: The look and read, beside the event loop (the edge's control loop runs on it): a read
+        #: that blocks (a hung network file system, a FIFO) holds one thread, not the loop; a
+        #: call waits at most ``wait_s`` (1 s) for it, then TimeoutError.
+        self.reader = OneAtATime(self._look, name="evcore-api-tokens")
 
-    def credentials(self) -> Credentials:
+    async def credentials(self) -> Credentials:
+        return await self.reader()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def _look(self) -> Credentials:
+        """(On the reader thread.) Stat, and read when changed."""
         if not self._watch.changed() and not self._failure:
             return self.current
         fresh = Credentials(tokens=dict(self.base.tokens), clients=dict(self.base.clients))
@@ -278,8 +289,23 @@ class AuthInterceptor(CheckingInterceptor):
             key = (method.rsplit("/", 1)[-1], code.name.lower())
             self.refused[key] = self.refused.get(key, 0) + 1
 
-    def _principal(self, metadata: Any, context: Any) -> tuple[Principal | None, str]:
-        creds = self._creds if self._tokens_file is None else self._tokens_file.credentials()
+    async def _principal(self, metadata: Any, context: Any) -> tuple[Principal | None, str]:
+        if self._tokens_file is None:
+            creds = self._creds
+        else:
+            try:
+                creds = await self._tokens_file.credentials()
+            except TimeoutError:
+                log.warning(
+                    "api: the tokens file %s could not be read within %g s; call refused",
+                    self._tokens_file.path,
+                    self._tokens_file.reader.wait_s,
+                )
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the API's tokens file could not be read in time; try again",
+                )
+                raise AssertionError("unreachable: abort raises") from None
         token = bearer_token(metadata)
         if token is not None:
             if token == "":
@@ -299,7 +325,7 @@ class AuthInterceptor(CheckingInterceptor):
         return None, "no credentials (send 'authorization: Bearer <token>')"
 
     async def check(self, method: str, metadata: Any, context: Any, request: Any) -> Principal:
-        principal, why = self._principal(metadata, context)
+        principal, why = await self._principal(metadata, context)
         if principal is None:
             self.unauthenticated += 1
             log.info("api: %s refused: %s", method, why)

@@ -36,12 +36,11 @@ import ssl
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evcore.filewatch import FileWatch, file_signature
+from evcore.filewatch import FileWatch, OneAtATime, file_signature
 from evcore.metrics.exposition import CONTENT_TYPE, Counter, MetricFamily, Registry, render
 from evcore.site.sections import Key, Section, split_host_port
 
@@ -227,19 +226,16 @@ class _TokenFile:
 
     The file is looked at and read beside the event loop, on a thread of its own, one look at a
     time (every request then waiting for it shares it): a read that blocks (a hung network file
-    system, a FIFO) must not stall the loop. A request that waits longer than ``READ_WAIT_S``
-    for it is refused with 503; the read goes on, and its outcome serves later requests."""
-
-    #: The longest a request waits for the token file to be looked at and read.
-    READ_WAIT_S = 1.0
+    system, a FIFO) must not stall the loop. A request that waits longer than 1 s for it is
+    refused with 503; the read goes on, and its outcome serves later requests."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._watch = FileWatch(path, seen_now=True)
         self.tokens: tuple[bytes, ...] | None = read_tokens(path)
         self._failure = ""
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evcore-metrics-token")
-        self._pending: asyncio.Future[tuple[bytes, ...] | None] | None = None
+        #: The look, beside the loop; a request waits at most ``wait_s`` (1 s) for it.
+        self.reader = OneAtATime(self._look, name="evcore-metrics-token")
 
     @classmethod
     async def load(cls, path: Path) -> _TokenFile:
@@ -247,23 +243,12 @@ class _TokenFile:
         return await asyncio.to_thread(cls, path)
 
     async def current(self) -> tuple[bytes, ...] | None:
-        """The tokens in force; None when the file cannot be read, or not within
-        ``READ_WAIT_S`` (then TimeoutError)."""
-        if self._pending is None:
-            loop = asyncio.get_running_loop()
-            pending = asyncio.ensure_future(loop.run_in_executor(self._reader, self._look))
-            self._pending = pending
-
-            def done(_: object) -> None:
-                if self._pending is pending:
-                    self._pending = None
-
-            pending.add_done_callback(done)
-        return await asyncio.wait_for(asyncio.shield(self._pending), self.READ_WAIT_S)
+        """The tokens in force; None when the file cannot be read, TimeoutError when it was not
+        read in time."""
+        return await self.reader()
 
     def close(self) -> None:
-        # A read still blocked keeps its thread; nothing waits for it.
-        self._reader.shutdown(wait=False, cancel_futures=True)
+        self.reader.close()
 
     def _look(self) -> tuple[bytes, ...] | None:
         """(On the reader thread.) Stat, and read when changed."""
@@ -572,7 +557,7 @@ class MetricsServer:
             log.warning(
                 "metrics: the token file %s could not be read within %g s; scrape refused",
                 self._token.path,
-                self._token.READ_WAIT_S,
+                self._token.reader.wait_s,
             )
             return 503, False, b"the endpoint's token file could not be read in time\n", text, ""
         if tokens is None:
