@@ -279,9 +279,11 @@ class _TokenFile:
 
 class _TlsFiles:
     """The TLS context in force, built again when the certificate, key or client CA file
-    changes, so a renewed certificate needs no restart. Checked at every handshake (the
-    listening context's ``sni_callback``, which runs with or without SNI), and the handshake
-    continues on the context in force. While a file's mtime is under ``_SETTLE_S`` old they are
+    changes, so a renewed certificate needs no restart. Checked before every handshake
+    (``reader``: beside the event loop, on a thread of its own, one look at a time; a connection
+    waits at most 1 s for it, then is served with the context in force: a file whose read blocks,
+    a hung network file system, must not stall the loop), and the handshake runs on the context
+    in force. While a file's mtime is under ``_SETTLE_S`` old they are
     read at every handshake (a rotation writes two files). Files that cannot be loaded (a
     certificate without its new key yet, a broken file) leave the last good context in force:
     the old certificate still serves until it expires, where refusing every scrape would hide
@@ -303,6 +305,7 @@ class _TlsFiles:
         self._failure = ""
         #: Contexts built from changed files (for tests).
         self.reloads = 0
+        self.reader = OneAtATime(self.look, name="evcore-metrics-tls")
 
     def _signatures(self) -> tuple[tuple[int, ...] | None, ...]:
         return tuple(file_signature(p) for p in self.paths)
@@ -311,7 +314,14 @@ class _TlsFiles:
         now = time.time()
         return all(s is not None and now - s[3] / 1e9 > self._SETTLE_S for s in seen)
 
-    def on_hello(self, conn: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+    async def context(self) -> ssl.SSLContext:
+        """The context a new connection's handshake runs on, looked at first (at most 1 s)."""
+        with contextlib.suppress(TimeoutError):
+            await self.reader()
+        return self.current
+
+    def look(self) -> None:
+        """(On the reader thread.) Stat, and build again when changed."""
         seen = self._signatures()
         if seen != self._seen or not self._settled(seen):
             self._seen = seen
@@ -333,8 +343,15 @@ class _TlsFiles:
                         log.info("metrics: TLS files changed; the new certificate serves")
                     self._loaded = seen
                 self._failure = ""
-        if self.current is not self.listening:
-            conn.context = self.current
+
+
+class _HelloWaits(asyncio.StreamReaderProtocol):
+    """A stream whose connection reads nothing until TLS is started on it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()
+        super().connection_made(transport)
 
 
 class MetricsServer:
@@ -373,7 +390,6 @@ class MetricsServer:
         self.tls_watch: _TlsFiles | None = None
         if tls is not None and tls_files is not None:
             self.tls_watch = _TlsFiles(tls_files[0], tls_files[1], tls)
-            tls.sni_callback = self.tls_watch.on_hello
         #: Scrapes refused for their credentials, by reason (``missing``, ``wrong``); served
         #: beside the registry's families when a token is required.
         self.refused: Counter | None = None
@@ -416,14 +432,26 @@ class MetricsServer:
         cannot be read now."""
         if self.token_file is not None:
             self._token = await _TokenFile.load(self.token_file)
-        self._server = await asyncio.start_server(
-            self._connection,
-            self.host,
-            self.port,
-            limit=self.max_request_bytes,
-            ssl=self.tls,
-            ssl_handshake_timeout=self.read_timeout_s if self.tls is not None else None,
-        )
+        if self.tls_watch is None:
+            self._server = await asyncio.start_server(
+                self._connection,
+                self.host,
+                self.port,
+                limit=self.max_request_bytes,
+                ssl=self.tls,
+                ssl_handshake_timeout=self.read_timeout_s if self.tls is not None else None,
+            )
+        else:
+            # The handshake is started per connection (``_connection``), on the context in
+            # force once the files were looked at beside the loop; until then nothing is read
+            # (the client's hello must reach the TLS layer, not the stream's buffer).
+            limit = self.max_request_bytes
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(
+                lambda: _HelloWaits(asyncio.StreamReader(limit, loop), self._connection),
+                self.host,
+                self.port,
+            )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info(
             "metrics on %s://%s:%d/metrics%s%s",
@@ -475,6 +503,10 @@ class MetricsServer:
         self._conns.add(task)
         self._silent[task] = None
         try:
+            if self.tls_watch is not None:
+                await writer.start_tls(
+                    await self.tls_watch.context(), ssl_handshake_timeout=self.read_timeout_s
+                )
             status, head_only, body, ctype, extra = await self._answer(reader)
             self.answered[status] = self.answered.get(status, 0) + 1
             head = (
@@ -489,8 +521,8 @@ class MetricsServer:
             await asyncio.wait_for(writer.drain(), self.write_timeout_s)
             if status >= 400:
                 await self._linger(reader, writer)
-        except (ConnectionError, TimeoutError):
-            pass
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            pass  # (a failed handshake too: a plain HTTP request, no client certificate)
         except asyncio.CancelledError:
             # ``stop`` cancelled it: end quietly (a cancelled connection task is logged as an
             # error by asyncio's stream protocol).
