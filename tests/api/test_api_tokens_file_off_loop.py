@@ -9,20 +9,19 @@ second call got no answer meanwhile. Now such a call waits at most 1 s and gets 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 import time
 from pathlib import Path
 
 import grpc
 from api_test_facade import StoreFacade
-from evcore.api import ApiConfig, EdgeApiServer
+from evcore.api import EdgeApiServer
 from evcore.clock import ManualClock
 from evcore.store import open_store
 from evcore.v1 import edge_api_pb2 as pb
 from evcore.v1 import edge_api_pb2_grpc as pb_grpc
-from test_api_tokens_file_reload import LEAKED, SITE_VIEWER, _entry, _write
+from fifo_testkit import BlockingFile
+from test_api_tokens_file_reload import LEAKED, SITE_VIEWER, _entry, tokens_file_config
 
 
 class _Caller(threading.Thread):
@@ -56,48 +55,20 @@ class _Caller(threading.Thread):
 async def test_a_tokens_file_read_that_blocks_does_not_stall_other_calls(tmp_path: Path) -> None:
     import asyncio
 
-    tokens = tmp_path / "tokens.toml"
-    _write(tokens, _entry("leaked", LEAKED))
-    config = ApiConfig.from_section(
-        {
-            "listen": "127.0.0.1:0",
-            "tokens": [{"name": "dash", "token": SITE_VIEWER, "roles": ["viewer"]}],
-            "tokens_file": "tokens.toml",
-        },
-        tmp_path,
-    )
+    tokens, config = tokens_file_config(tmp_path)
     store = open_store({"path": str(tmp_path / "store")}, tmp_path)
     clock = ManualClock()
     server = EdgeApiServer(StoreFacade(store, clock), config, site_id="depot", clock=clock)
     port = await server.start()
-    fifo = tmp_path / "fifo"
-    fed, done, second_answered = threading.Event(), threading.Event(), threading.Event()
-
-    def feed() -> None:
-        # Only this ends a read of the FIFO: once the second call was answered (or 8 s passed),
-        # the file's text to every reader of it.
-        second_answered.wait(8.0)
-        fed.set()
-        while not done.is_set():
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:  # no reader now
-                time.sleep(0.02)
-                continue
-            with contextlib.suppress(OSError):  # (the reader may be gone: EPIPE)
-                os.write(fd, _entry("leaked", LEAKED).encode())
-            os.close(fd)
-
+    second_answered = threading.Event()
+    blocked = BlockingFile(tokens, _entry("leaked", LEAKED).encode())
+    fed = blocked.fed
     try:
         first = _Caller(port, fed, threading.Event())
         first.start()
         await asyncio.to_thread(first.join, 10)
         assert first.code == grpc.StatusCode.OK
-        os.mkfifo(fifo, 0o600)
-        os.link(fifo, tmp_path / "fifo.new")
-        os.replace(tmp_path / "fifo.new", tokens)  # the FIFO under the tokens file's name
-        feeder = threading.Thread(target=feed, daemon=True)
-        feeder.start()
+        blocked.block(release_after=second_answered)
         reading = _Caller(port, fed, threading.Event())  # finds the change, reads the FIFO
         reading.start()
         await asyncio.to_thread(time.sleep, 0.5)
@@ -118,9 +89,7 @@ async def test_a_tokens_file_read_that_blocks_does_not_stall_other_calls(tmp_pat
         else:
             raise AssertionError("the tokens file read never ended")
     finally:
-        # A regular file again, then no read is left blocked on the FIFO.
-        _write(tokens, _entry("leaked", LEAKED))
+        blocked.restore()
         await server.stop(0.5)
-        await asyncio.to_thread(time.sleep, 0.3)
-        done.set()
+        await asyncio.to_thread(blocked.stop)
         await store.close()

@@ -45,9 +45,9 @@ async def _code(stub: pb_grpc.EdgeApiStub, token: str) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-async def test_a_token_removed_from_the_tokens_file_is_refused_without_a_restart(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def tokens_file_config(tmp_path: Path) -> tuple[Path, ApiConfig]:
+    """``tokens.toml`` holding LEAKED (an operator) and the [api] naming it beside the site
+    file's own viewer token (SITE_VIEWER)."""
     tokens = tmp_path / "tokens.toml"
     _write(tokens, _entry("leaked", LEAKED))
     config = ApiConfig.from_section(
@@ -58,6 +58,13 @@ async def test_a_token_removed_from_the_tokens_file_is_refused_without_a_restart
         },
         tmp_path,
     )
+    return tokens, config
+
+
+async def test_a_token_removed_from_the_tokens_file_is_refused_without_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokens, config = tokens_file_config(tmp_path)
     clock = ManualClock()
     store = open_store({"path": str(tmp_path / "store")}, tmp_path)
     await store.open()

@@ -240,17 +240,23 @@ async def test_mtls_refuses_a_scrape_without_a_client_certificate_of_the_ca(
         await server.stop()
 
 
-async def test_a_renewed_certificate_serves_without_a_restart(
-    pki: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The certificate and key files are replaced (as a renewal does, by rename): the next
-    scrape's handshake is served with the new certificate. Before, only a restart took it."""
+def live_pair(pki: dict[str, str], tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the server's certificate and key under ``tmp_path/live``, to be replaced."""
     live = tmp_path / "live"
     live.mkdir()
     cert, key = live / "metrics.crt", live / "metrics.key"
     shutil.copy(pki["cert"], cert)
     shutil.copy(pki["key"], key)
     key.chmod(0o600)
+    return cert, key
+
+
+async def test_a_renewed_certificate_serves_without_a_restart(
+    pki: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The certificate and key files are replaced (as a renewal does, by rename): the next
+    scrape's handshake is served with the new certificate. Before, only a restart took it."""
+    cert, key = live_pair(pki, tmp_path)
     server = await _served({"tls_cert_file": str(cert), "tls_key_file": str(key)})
     try:
         assert (await get(server.port, tls=_client(pki["ca"]))).status == 200

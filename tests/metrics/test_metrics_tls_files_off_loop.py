@@ -11,15 +11,13 @@ certificate in force.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
 import threading
 import time
 from pathlib import Path
 
+from fifo_testkit import BlockingFile
 from metrics_testkit import Response, get
-from test_metrics_auth import _client, _served, pki  # noqa: F401  (the fixture)
+from test_metrics_auth import _client, _served, live_pair, pki  # noqa: F401  (the fixture)
 
 
 class _Scrape(threading.Thread):
@@ -42,40 +40,16 @@ async def test_a_tls_file_read_that_blocks_does_not_stall_other_scrapes(
     pki: dict[str, str],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    live = tmp_path / "live"
-    live.mkdir()
-    cert, key = live / "metrics.crt", live / "metrics.key"
-    shutil.copy(pki["cert"], cert)
-    shutil.copy(pki["key"], key)
-    key.chmod(0o600)
+    cert, key = live_pair(pki, tmp_path)
     with open(pki["cert"], "rb") as f:  # noqa: ASYNC230
         pem = f.read()
     server = await _served({"tls_cert_file": str(cert), "tls_key_file": str(key)})
-    fifo = tmp_path / "fifo"
-    fed, done, second_answered = threading.Event(), threading.Event(), threading.Event()
-
-    def feed() -> None:
-        # Only this ends a read of the FIFO: once the second scrape was answered (or 8 s
-        # passed), the certificate to every reader of it.
-        second_answered.wait(8.0)
-        fed.set()
-        while not done.is_set():
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:  # no reader now
-                time.sleep(0.02)
-                continue
-            with contextlib.suppress(OSError):  # (the reader may be gone: EPIPE)
-                os.write(fd, pem)
-            os.close(fd)
-
+    second_answered = threading.Event()
+    blocked = BlockingFile(cert, pem)
+    fed = blocked.fed
     try:
         assert (await get(server.port, tls=_client(pki["ca"]))).status == 200
-        os.mkfifo(fifo, 0o600)
-        os.link(fifo, tmp_path / "fifo.new")
-        os.replace(tmp_path / "fifo.new", cert)  # the FIFO under the certificate's name
-        feeder = threading.Thread(target=feed, daemon=True)
-        feeder.start()
+        blocked.block(release_after=second_answered)
         first = _Scrape(server.port, pki["ca"], fed, threading.Event())  # loads the FIFO
         first.start()
         await asyncio.to_thread(time.sleep, 0.5)
@@ -87,9 +61,6 @@ async def test_a_tls_file_read_that_blocks_does_not_stall_other_scrapes(
         # Served with the certificate in force meanwhile.
         assert second.response is not None and second.response.status == 200
     finally:
-        # A regular file again, then no load is left blocked on the FIFO.
-        shutil.copy(pki["cert"], tmp_path / "cert.new")
-        os.replace(tmp_path / "cert.new", cert)
+        blocked.restore()
         await server.stop()
-        await asyncio.to_thread(time.sleep, 0.3)
-        done.set()
+        await asyncio.to_thread(blocked.stop)

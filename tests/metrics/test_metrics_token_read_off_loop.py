@@ -10,14 +10,13 @@ until something wrote to it, and a second request got no answer meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from evcore.metrics import MetricsServer
+from fifo_testkit import BlockingFile
 from metrics_testkit import Response, get, level_registry
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,33 +51,12 @@ async def test_a_token_file_read_that_blocks_does_not_stall_other_requests(
     server = MetricsServer(level_registry(), port=0, token_file=path)
     server.read_timeout_s = 2.0
     await server.start()
-    fed = threading.Event()
-    fifo = tmp_path / "fifo"
-    done = threading.Event()
     second_answered = threading.Event()
-
-    def feed() -> None:
-        # Only this ends a read of the FIFO: once the second request was answered (or 8 s
-        # passed), the token to every reader of it.
-        second_answered.wait(8.0)
-        fed.set()
-        while not done.is_set():
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:  # no reader now
-                time.sleep(0.02)
-                continue
-            with contextlib.suppress(OSError):  # (the reader may be gone: EPIPE)
-                os.write(fd, (TOKEN + "\n").encode())
-            os.close(fd)
-
+    blocked = BlockingFile(path, (TOKEN + "\n").encode())
+    fed = blocked.fed
     try:
         assert (await get(server.port, token=TOKEN)).status == 200
-        os.mkfifo(fifo, 0o600)
-        os.link(fifo, tmp_path / "fifo.new")
-        os.replace(tmp_path / "fifo.new", path)  # the FIFO under the token file's name
-        feeder = threading.Thread(target=feed, daemon=True)
-        feeder.start()
+        blocked.block(release_after=second_answered)
         first = _Client(server.port, fed, threading.Event())  # finds the change and reads the FIFO
         first.start()
         await asyncio.to_thread(time.sleep, 0.5)
@@ -100,10 +78,6 @@ async def test_a_token_file_read_that_blocks_does_not_stall_other_requests(
         else:
             raise AssertionError("the token file read never ended")
     finally:
-        # A regular file again, then no read is left blocked on the FIFO (its thread would
-        # hold the interpreter's exit).
-        (tmp_path / "token.new").write_text(TOKEN + "\n")
-        os.replace(tmp_path / "token.new", path)
+        blocked.restore()
         await server.stop()
-        await asyncio.to_thread(time.sleep, 0.3)
-        done.set()
+        await asyncio.to_thread(blocked.stop)
