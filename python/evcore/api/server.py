@@ -31,6 +31,7 @@ from evcore.api.serving import add_health, bind, start_serving, stop_serving
 from evcore.audit.log import record_from_mapping
 from evcore.clock import Clock
 from evcore.edge.state import priority_error
+from evcore.filewatch import file_signature
 from evcore.planner import PRICE_BOUND_PER_KWH
 from evcore.site.sections import Key, Section
 from evcore.store.base import Store, StoreUnavailable
@@ -776,14 +777,6 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         return pb.PostGridSignalResponse(signal_id=sid, detail=detail)
 
 
-def _file_signature(path: Path) -> tuple[int, ...] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 class _TlsFiles:
     """The ``[api.tls]`` files, loaded again when they change, so a renewed certificate (or a new
     client CA) serves from the next handshake without a restart. gRPC asks at every handshake
@@ -803,7 +796,7 @@ class _TlsFiles:
         self.reloads = 0
 
     def _signatures(self) -> tuple[tuple[int, ...] | None, ...]:
-        return tuple(_file_signature(p) for p in self.paths)
+        return tuple(file_signature(p) for p in self.paths)
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         """The files as a configuration; OSError or ssl.SSLError when they do not load
