@@ -17,6 +17,7 @@ import pytest
 from bus_testkit import free_port
 from evcore.cli import build_parser, main
 from evcore.ocpp import cli as ocpp_cli
+from evcore.site import SiteConfigError, load_site
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "metrics"))
 from metrics_testkit import cert_authority
@@ -247,12 +248,16 @@ def _two_chargers_on_one_evse(tmp_path: Path) -> Path:
 def test_site_check_refuses_two_chargers_on_one_station_evse_as_the_edge_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """cp-01 and cp-02 both on station CP01, EVSE 1 (the default): the central system refuses
-    the site ('share station CP01 EVSE 1', evcore edge exits 2), `site check` said ok."""
+    """cp-01 and cp-02 both on station CP01, EVSE 1 (the default): the central system refused
+    the site only when evcore edge started, `site check` said ok. The site file itself is
+    refused now, naming the charger and field, whoever loads it."""
     site = _two_chargers_on_one_evse(tmp_path)
     assert main(["site", "check", str(site)]) == 1
     err = capsys.readouterr().err
-    assert "'cp-01' and 'cp-02' share station 'CP01' EVSE 1" in err, err
+    assert 'cp-02.evse_id: charger "cp-01" is on station "CP01" EVSE 1 already' in err, err
+    with pytest.raises(SiteConfigError) as e:
+        load_site(site)
+    assert (e.value.node, e.value.field) == ("cp-02", "evse_id")
 
 
 def test_a_site_the_central_system_refuses_is_said_without_a_traceback(
@@ -261,7 +266,7 @@ def test_a_site_the_central_system_refuses_is_said_without_a_traceback(
     site = _two_chargers_on_one_evse(tmp_path)
     rc = main(["csms", "--config", str(site), "--seconds", "0.1", "--port", str(free_port())])
     err = capsys.readouterr().err
-    assert rc == 2 and f"{site}: chargers 'cp-01' and 'cp-02' share station 'CP01' EVSE 1" in err
+    assert rc == 2 and 'cp-02.evse_id: charger "cp-01" is on station "CP01" EVSE 1' in err, err
 
 
 async def test_simcp_names_only_the_stations_that_did_not_connect(

@@ -735,6 +735,10 @@ impl Topology {
 
         // Chargers.
         let mut charger_index: HashMap<String, usize> = HashMap::new();
+        // (station, EVSE) -> the charger on it: one charger per EVSE (the 1.6 connector id). The
+        // central system refused a second one only when the edge started (`site check` and
+        // every other user of the site took it).
+        let mut on_evse: HashMap<(String, u32), String> = HashMap::new();
         let mut chargers: Vec<Charger> = Vec::with_capacity(raw_chargers.len());
         for (i, raw) in raw_chargers.iter().enumerate() {
             let (obj, id) = table_with_id(raw, "chargers", i, "charger")?;
@@ -748,6 +752,17 @@ impl Topology {
             }
             if charger_index.insert(id.clone(), i).is_some() {
                 return Err(CoreError::site(&id, "id", "duplicate charger id"));
+            }
+            if let Some(other) = on_evse.insert((c.ocpp_id.clone(), c.evse_id), id.clone()) {
+                return Err(CoreError::site(
+                    &id,
+                    "evse_id",
+                    format!(
+                        "charger {other:?} is on station {:?} EVSE {} already (give each its own \
+                         ocpp_id or evse_id)",
+                        c.ocpp_id, c.evse_id
+                    ),
+                ));
             }
             chargers.push(c);
         }
@@ -1400,6 +1415,32 @@ mod tests {
         assert!(e.to_string().contains("f.parent"), "{e}");
         let e = Topology::from_json(&site(&format!("{GRID}, {GRID}"), "")).unwrap_err();
         assert!(e.to_string().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn rejects_two_chargers_on_one_stations_evse() {
+        let two = |station: &str, evse: u32| {
+            site(
+                GRID,
+                &format!(
+                    r#"{{"id": "c1", "parent": "grid", "ocpp_id": "CP01", "wiring": "three_phase", "min_a": 6, "max_a": 32}},
+                       {{"id": "c2", "parent": "grid", "ocpp_id": "{station}", "evse_id": {evse}, "wiring": "three_phase", "min_a": 6, "max_a": 32}}"#
+                ),
+            )
+        };
+        let e = Topology::from_json(&two("CP01", 1)).unwrap_err();
+        assert!(
+            matches!(e, CoreError::SiteConfig { ref node, ref field, .. } if node == "c2" && field == "evse_id"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains(r#""c1" is on station "CP01" EVSE 1"#),
+            "{e}"
+        );
+        // Their own EVSEs, or their own stations: fine.
+        assert!(Topology::from_json(&two("CP01", 2)).is_ok());
+        assert!(Topology::from_json(&two("CP02", 1)).is_ok());
     }
 
     #[test]

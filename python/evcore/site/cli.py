@@ -152,21 +152,6 @@ def section_errors(table: Mapping[str, Any], base_dir: Path | str) -> list[str]:
     return errors
 
 
-def station_errors(site: Site) -> list[str]:
-    """What the central system refuses in a topology that loads: two chargers on one
-    station's EVSE (``CentralSystem`` raises it when ``evcore edge`` starts)."""
-    seen: dict[tuple[str, int], str] = {}
-    errors = []
-    for c in site.chargers:
-        other = seen.setdefault((c.ocpp_id, c.evse_id), c.id)
-        if other != c.id:
-            errors.append(
-                f"[[chargers]]: chargers {other!r} and {c.id!r} share station {c.ocpp_id!r} "
-                f"EVSE {c.evse_id} (give each its own ocpp_id or evse_id)"
-            )
-    return errors
-
-
 def station_warnings(site: Site, table: Mapping[str, Any], base_dir: Path | str) -> list[str]:
     """What would keep a station out though the file loads: a station whose security profile
     (1 or 2) asks for a password the file does not give (refused, HTTP 401, at every
@@ -216,8 +201,6 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     errors = [topology_error] if topology_error else []
     errors += section_errors(table, path.resolve().parent)
-    if site is not None:
-        errors += station_errors(site)
     if site is not None:
         print(render_tree(site))
     for error in errors:
