@@ -255,12 +255,27 @@ def held_default(
 ) -> HeldProfile:
     """A TxDefault a station holds from ``now`` (one another controller, or an earlier
     numbering, left): profile ``pid`` at ``limit_a`` on three phases, at stack level ``stack``."""
+    return held_profile(now, pid, "default", limit_a, evse=evse, stack=stack)
+
+
+def held_profile(
+    now: float,
+    pid: int,
+    purpose: str,
+    limit_a: float,
+    *,
+    evse: int = 1,
+    stack: int = 1,
+    tx: str | None = None,
+) -> HeldProfile:
+    """A profile of ``purpose`` ("default", "tx", "max") a station holds from ``now``: ``pid`` at
+    ``limit_a`` on three phases, Absolute, at stack level ``stack``, bound to transaction ``tx``."""
     return HeldProfile(
         id=pid,
         evse=evse,
-        purpose="default",
+        purpose=purpose,
         stack=stack,
-        tx_id=None,
+        tx_id=tx,
         kind="Absolute",
         valid_from=None,
         valid_to=None,

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from edge_testkit import held_profile
 from evcore.ocpp import LimitOrder, ProfileResult
 from evcore.sim.chargepoint import HeldProfile, SimChargePoint
 from evcore.sim.ev import EV
@@ -33,22 +34,7 @@ def held(
     stack: int = 1,
     tx: str | None = None,
 ) -> HeldProfile:
-    now = sim.clock.now()
-    return HeldProfile(
-        id=pid,
-        evse=evse,
-        purpose=purpose,
-        stack=stack,
-        tx_id=tx,
-        kind="Absolute",
-        valid_from=None,
-        valid_to=None,
-        start=now,
-        duration=None,
-        unit="A",
-        periods=[(0.0, limit_a, 3)],
-        received_at=now,
-    )
+    return held_profile(sim.clock.now(), pid, purpose, limit_a, evse=evse, stack=stack, tx=tx)
 
 
 PROFILE_ACTIONS = ("SetChargingProfile", "GetChargingProfiles", "ClearChargingProfile")
