@@ -44,6 +44,7 @@ async def _main(args: argparse.Namespace) -> int:
             config.store_url,
             read_timeout_s=config.store_read_timeout_s,
             write_timeout_s=config.store_write_timeout_s,
+            open_timeout_s=config.store_open_timeout_s,
         )
     except (CloudConfigError, StoreError) as exc:
         print(f"evcore cloud: {args.config}: {exc}", file=sys.stderr, flush=True)

@@ -79,6 +79,9 @@ class CloudConfig:
     # ``[store] write_timeout_s``: a write waits at most this long, then UNAVAILABLE naming the
     # store (whether anything was committed: every upload is idempotent, a retry is safe).
     store_write_timeout_s: float = 30.0
+    # ``[store] open_timeout_s``: connecting and applying migrations wait at most this long, then
+    # the cloud does not start, naming the store and the step that hung (as the edge store).
+    store_open_timeout_s: float = 120.0
     listen: str = DEFAULT_LISTEN
     tls: CloudTls | None = None
     # Local development only: no TLS, the site id taken from the `x-evcore-site-id` header.
@@ -131,6 +134,7 @@ class CloudConfig:
             store_url=url,
             store_read_timeout_s=store["read_timeout_s"],
             store_write_timeout_s=store["write_timeout_s"],
+            store_open_timeout_s=store["open_timeout_s"],
             listen=listen,
             tls=tls,
             insecure=insecure,
@@ -320,6 +324,7 @@ _STORE = Section(
         "url": Key("text", required=True, example='url = "sqlite:DIR" or "postgresql://…"'),
         "read_timeout_s": Key("number", CloudConfig.store_read_timeout_s, lo=0, above=True),
         "write_timeout_s": Key("number", CloudConfig.store_write_timeout_s, lo=0, above=True),
+        "open_timeout_s": Key("number", CloudConfig.store_open_timeout_s, lo=0, above=True),
     },
     CloudConfigError,
 )

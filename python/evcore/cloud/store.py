@@ -47,6 +47,8 @@ DEFAULT_SCHEMA = "evcore_cloud"
 DEFAULT_READ_TIMEOUT_S = 10.0
 #: ``[store] write_timeout_s``: the longest a write waits (the edge store's default).
 DEFAULT_WRITE_TIMEOUT_S = 30.0
+#: ``[store] open_timeout_s``: the longest connecting and migrating wait (the edge store's default).
+DEFAULT_OPEN_TIMEOUT_S = 120.0
 
 
 class FleetRevisionConflict(Exception):
@@ -822,6 +824,7 @@ def open_cloud_store(
     *,
     read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S,
     write_timeout_s: float | None = DEFAULT_WRITE_TIMEOUT_S,
+    open_timeout_s: float | None = DEFAULT_OPEN_TIMEOUT_S,
 ) -> CloudStore:
     """A cloud store from a URL: ``sqlite:DIR`` (or a plain directory; relative to ``base_dir``)
     or ``postgresql://user@host:port/db?schema=NAME`` (schema defaults to ``evcore_cloud``).
@@ -835,7 +838,10 @@ def open_cloud_store(
     edge store's bound, docs/store.md): a server that went silent during a write held the
     store's one worker for as long as TCP keepalive took (about 2 h with libpq's defaults), and
     every later call queued behind it. A write cut short says whether anything was committed;
-    every upload is idempotent, so the caller's retry is safe."""
+    every upload is idempotent, so the caller's retry is safe. Connecting and applying migrations
+    wait at most ``open_timeout_s`` (``[store] open_timeout_s``): another process holding the
+    migrations' lock, or a server silent while the connection is set up, held ``open()`` and the
+    cloud's start for ever."""
     if url.startswith(("postgresql://", "postgres://")):
         from evcore.store.postgres import PostgresBackend
 
@@ -855,6 +861,7 @@ def open_cloud_store(
             name="cloud-pg",
             read_timeout_s=read_timeout_s,
             write_timeout_s=write_timeout_s,
+            open_timeout_s=open_timeout_s,
         )
         telemetry = _Pg(
             dsn,
@@ -864,6 +871,7 @@ def open_cloud_store(
             name="cloud-pg-telemetry",
             read_timeout_s=read_timeout_s,
             write_timeout_s=write_timeout_s,
+            open_timeout_s=open_timeout_s,
         )
         host = parts.hostname or ""
         where = f"postgresql://{host}:{parts.port or 5432}{parts.path}#{schema}"
@@ -881,6 +889,7 @@ def open_cloud_store(
             name="cloud-records",
             read_timeout_s=read_timeout_s,
             write_timeout_s=write_timeout_s,
+            open_timeout_s=open_timeout_s,
         ),
         SqliteBackend(
             directory / TELEMETRY_FILE,
@@ -889,6 +898,7 @@ def open_cloud_store(
             name="cloud-telemetry",
             read_timeout_s=read_timeout_s,
             write_timeout_s=write_timeout_s,
+            open_timeout_s=open_timeout_s,
         ),
         description=f"sqlite:{directory}",
     )
