@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import inspect
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -1865,10 +1863,14 @@ def _clear_digest(
     """The inputs digest of a TxDefault clear's audit record (sha256, hex): the station, what each
     of its chargers reported in force and the failsafe levels, as the record states them. Every
     record carries one (an empty digest left the record unexplained to the audit's checks)."""
-    body = {
-        "station": ocpp_id,
-        "reported": {k: reported[k] for k in sorted(reported)},
-        "failsafe": {str(sp["charger_id"]): sp.get("failsafe") for sp in setpoints},
-    }
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(("tx_default_clear\n" + text).encode()).hexdigest()
+    from evcore.audit.log import digest_inputs
+
+    return digest_inputs(
+        {
+            "tx_default_clear": {
+                "station": ocpp_id,
+                "reported": dict(reported),
+                "failsafe": {str(sp["charger_id"]): sp.get("failsafe") for sp in setpoints},
+            }
+        }
+    )
