@@ -267,9 +267,14 @@ def held_profile(
     evse: int = 1,
     stack: int = 1,
     tx: str | None = None,
+    unit: str = "A",
+    phases: int | None = 3,
+    valid_to: float | None = None,
 ) -> HeldProfile:
     """A profile of ``purpose`` ("default", "tx", "max") a station holds from ``now``: ``pid`` at
-    ``limit_a`` on three phases, Absolute, at stack level ``stack``, bound to transaction ``tx``."""
+    ``limit_a`` on three phases, Absolute, at stack level ``stack``, bound to transaction ``tx``.
+    ``unit`` "W" makes ``limit_a`` watts; ``phases`` None sends no numberPhases (the station
+    takes its own); ``valid_to``: unix s it ends at (None: for good)."""
     return HeldProfile(
         id=pid,
         evse=evse,
@@ -278,10 +283,10 @@ def held_profile(
         tx_id=tx,
         kind="Absolute",
         valid_from=None,
-        valid_to=None,
+        valid_to=valid_to,
         start=now,
         duration=None,
-        unit="A",
-        periods=[(0.0, limit_a, 3)],
+        unit=unit,
+        periods=[(0.0, limit_a, phases)],
         received_at=now,
     )

@@ -11,13 +11,17 @@ station-level composite schedule and with a DC minimum power.
 from __future__ import annotations
 
 import pytest
+from edge_testkit import held_profile
 from evcore.ocpp import validation
-from evcore.sim.chargepoint import HeldProfile, SimChargePoint, SimConnector
+from evcore.sim.chargepoint import SimChargePoint, SimConnector
 from evcore.sim.ev import EV
 from evcore.sim.fleet import connector_for
 from evcore.sim.vclock import VirtualClock
 
 START = 1_767_614_400.0  # 2026-01-05T12:00:00Z
+#: When the tests' profiles were set: a minute before the start. They carry no numberPhases
+#: (the station takes its own).
+SET_AT = START - 60.0
 
 
 def _station(
@@ -25,25 +29,6 @@ def _station(
 ) -> SimChargePoint:
     return SimChargePoint(
         "cp-1", conns, url="ws://127.0.0.1:9/ocpp/cp-1", clock=clock, tick_s=5.0, version=version
-    )
-
-
-def _profile(
-    pid: int, purpose: str, evse: int, limit: float, unit: str = "A", valid_to: float | None = None
-) -> HeldProfile:
-    return HeldProfile(
-        id=pid,
-        evse=evse,
-        purpose=purpose,
-        stack=1,
-        tx_id=None,
-        kind="Absolute",
-        valid_from=None,
-        valid_to=valid_to,
-        start=START - 60.0,
-        duration=None,
-        unit=unit,
-        periods=[(0.0, limit, None)],
     )
 
 
@@ -64,7 +49,7 @@ def _drawn_a(cp: SimChargePoint) -> list[float]:
 def test_a_station_maximum_caps_the_evses_together() -> None:
     clock = VirtualClock(START)
     cp = _ac_station(clock, 2)
-    cp.hold_profile(_profile(1, "max", 0, 32.0))
+    cp.hold_profile(held_profile(SET_AT, 1, "max", 32.0, evse=0, phases=None))
     clock.set_time(START + 10.0)
     cp.step()
     assert _drawn_a(cp) == [16.0, 16.0]  # was [32.0, 32.0]: 64 A under a 32 A maximum
@@ -74,13 +59,13 @@ def test_a_station_maximum_caps_the_evses_together() -> None:
     cp.step()
     assert _drawn_a(cp) == [10.0, 22.0]
     # Its own TxDefault still holds each EVSE.
-    cp.hold_profile(_profile(2, "default", 2, 12.0))
+    cp.hold_profile(held_profile(SET_AT, 2, "default", 12.0, evse=2, phases=None))
     clock.set_time(START + 20.0)
     cp.step()
     assert _drawn_a(cp) == [10.0, 12.0]
     # In W (1.6 counts three phases of 230 V for an AC EVSE without numberPhases): 22,080 W is
     # 32 A in all.
-    cp.hold_profile(_profile(1, "max", 0, 22_080.0, unit="W"))
+    cp.hold_profile(held_profile(SET_AT, 1, "max", 22_080.0, evse=0, phases=None, unit="W"))
     cp.connectors[1].ev.onboard_limit_a = 32.0  # type: ignore[union-attr]
     clock.set_time(START + 25.0)
     cp.step()
@@ -92,7 +77,7 @@ def test_shares_below_the_pilot_minimum_pause_the_car_that_started_last() -> Non
     to start gets nothing and the first two 8 A each (was 16 A each: 48 A)."""
     clock = VirtualClock(START)
     cp = _ac_station(clock, 3)
-    cp.hold_profile(_profile(1, "max", 0, 16.0))
+    cp.hold_profile(held_profile(SET_AT, 1, "max", 16.0, evse=0, phases=None))
     clock.set_time(START + 10.0)
     cp.step()
     assert _drawn_a(cp) == [8.0, 8.0, 0.0]
@@ -109,8 +94,10 @@ def test_the_station_composite_schedule_sums_the_evses_under_the_maximum(version
     clock = VirtualClock(START)
     conns = [SimConnector(evse_id=e, kind="ac", max_a=32.0) for e in (1, 2)]
     cp = _station(clock, conns, version)
-    cp.hold_profile(_profile(1, "default", 1, 20.0))
-    cp.hold_profile(_profile(2, "max", 0, 40.0, valid_to=START + 300.0))
+    cp.hold_profile(held_profile(SET_AT, 1, "default", 20.0, evse=1, phases=None))
+    cp.hold_profile(
+        held_profile(SET_AT, 2, "max", 40.0, evse=0, phases=None, valid_to=START + 300.0)
+    )
     if version == "1.6":
         call = {"connectorId": 0, "duration": 600}
     else:
@@ -145,13 +132,13 @@ def test_a_dc_charger_below_its_minimum_stops_or_runs_at_it(below_min: str, want
     cp = _station(clock, [conn])
     cp.plug_in(1, EV(capacity_kwh=300.0, soc=0.2, max_dc_power_w=50_000.0))
     conn.tx_ref.id = "1"
-    cp.hold_profile(_profile(1, "default", 1, 3_000.0, unit="W"))
+    cp.hold_profile(held_profile(SET_AT, 1, "default", 3_000.0, evse=1, phases=None, unit="W"))
     clock.set_time(START + 5.0)
     cp.step()
     assert conn.offered == want_w  # was 3,000 W
     assert conn.power_w == pytest.approx(want_w / 0.95 + 200.0 if want_w else 0.0)
     # At or above its minimum it follows the limit.
-    cp.hold_profile(_profile(1, "default", 1, 6_000.0, unit="W"))
+    cp.hold_profile(held_profile(SET_AT, 1, "default", 6_000.0, evse=1, phases=None, unit="W"))
     clock.set_time(START + 10.0)
     cp.step()
     assert conn.offered == 6_000.0
