@@ -14,6 +14,12 @@ from evcore.cli import add_log_level
 from evcore.clock import WallClock
 from evcore.edge.config import POLICIES
 
+#: ``evcore edge``'s exit codes (docs/edge.md, "Exit codes"): 0 stopped by SIGINT/SIGTERM; 1 the
+#: start failed on what the machine holds (a port taken, a store that does not open), which a
+#: restart may cure; 2 a usage or configuration error (as argparse's own), which it will not.
+EXIT_START_FAILED = 1
+EXIT_CONFIG = 2
+
 
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
@@ -26,11 +32,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from evcore.edge.app import EdgeApp, read_site_table
+    from evcore.edge.app import EdgeApp
     from evcore.edge.config import EdgeConfig, EdgeConfigError
+    from evcore.site import SiteConfigError, read_site_file
 
     clock = WallClock()
-    table = read_site_table(args.config)
+    try:
+        table = read_site_file(args.config)
+    except SiteConfigError as exc:
+        # Missing, unreadable, not TOML: a configuration error, exit 2 like every other one
+        # (it exited 1, as a failed start does, through a SystemExit with a message).
+        print(f"evcore edge: {args.config}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     # What `evcore site check` refuses, the edge refuses too: an unknown top-level table (a
     # `[metric]` typo ran without its metrics endpoint, silently) and every section's first error.
     from evcore.site.cli import section_errors
@@ -39,16 +52,16 @@ async def _main(args: argparse.Namespace) -> int:
     if problems:
         for problem in problems:
             print(f"evcore edge: {args.config}: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     try:
         cfg = EdgeConfig.from_site(table, policy=args.policy or None)
     except EdgeConfigError as exc:
         print(f"evcore edge: {args.config}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     site = table.get("site")
     if not isinstance(site, dict) or not isinstance(site.get("id"), str) or not site["id"]:
         print(f"evcore edge: {args.config}: [site] id is required (a string)", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     bus: Any = None
     try:
         if "bus" in table:
@@ -58,7 +71,7 @@ async def _main(args: argparse.Namespace) -> int:
         app = EdgeApp.from_file(args.config, clock, cfg=cfg, bus=bus)
     except (ValueError, KeyError) as exc:
         print(f"evcore edge: {args.config}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, app.stop)
@@ -75,7 +88,7 @@ async def _main(args: argparse.Namespace) -> int:
             f"evcore edge: {args.config}: could not start: {error!r}", file=sys.stderr, flush=True
         )
         logging.getLogger("evcore.edge").error("start failed", exc_info=error)
-        return 1
+        return EXIT_START_FAILED
     api = f", API on port {app.api_port}" if app.api is not None else ""
     metrics = f", metrics on port {app.metrics_port}" if app.metrics is not None else ""
     print(
@@ -92,6 +105,9 @@ def register(sub: Any) -> None:
         help="run the edge controller for a site",
         description="Run the closed control loop (OCPP central system, allocator and envelope, "
         "failsafes, grid signals) for the site file. Stops on SIGINT/SIGTERM. See docs/edge.md.",
+        epilog="exit codes: 0: stopped by SIGINT or SIGTERM; 1: the start failed (a port "
+        "taken, a store that does not open: a restart may cure it); 2: a usage or configuration "
+        "error (a wrong argument; the site file missing, unreadable, not TOML or invalid).",
     )
     p.add_argument(
         "--config", required=True, help="site file (TOML) with an optional [edge] section"

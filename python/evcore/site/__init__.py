@@ -19,7 +19,7 @@ from typing import Any, Literal
 from evcore import _core
 from evcore.errors import SiteConfigError
 
-__all__ = ["ChargerSpec", "NodeSpec", "Site", "SiteConfigError", "load_site"]
+__all__ = ["ChargerSpec", "NodeSpec", "Site", "SiteConfigError", "load_site", "read_site_file"]
 
 TOPOLOGY_SECTIONS = ("site", "nodes", "chargers")
 
@@ -133,6 +133,24 @@ def _tuple3(x: list[float]) -> tuple[float, float, float]:
     return (float(x[0]), float(x[1]), float(x[2]))
 
 
+def read_site_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The site file's TOML as a dict, unchecked; ``SiteConfigError`` (node ``site``, field
+    ``file``) when it is missing, unreadable or not TOML, naming the file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise _error("site", "file", f"site file {path} not found") from None
+    except OSError as e:
+        # A directory, no permission, an I/O error: said as such, not a traceback.
+        raise _error("site", "file", f"cannot read site file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise _error("site", "file", f"{path}: not UTF-8 text as TOML must be ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise _error("site", "file", f"{path}: not valid TOML: {e}") from None
+
+
 def load_site(source: str | os.PathLike[str] | Mapping[str, Any]) -> Site:
     """Load and validate a site from a TOML file path or an already parsed dict.
 
@@ -143,18 +161,7 @@ def load_site(source: str | os.PathLike[str] | Mapping[str, Any]) -> Site:
         data: Mapping[str, Any] = source
     else:
         path = Path(source)
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise _error("site", "file", f"site file {path} not found") from None
-        except OSError as e:
-            # A directory, no permission, an I/O error: said as such, not a traceback.
-            raise _error("site", "file", f"cannot read site file {path}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise _error("site", "file", f"{path}: not UTF-8 text as TOML must be ({e})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise _error("site", "file", f"{path}: not valid TOML: {e}") from None
+        data = read_site_file(path)
     topo_part = {k: data[k] for k in TOPOLOGY_SECTIONS if k in data}
     try:
         text = json.dumps(_encode_non_finite(topo_part), allow_nan=False)
