@@ -72,6 +72,12 @@ async def _main(args: argparse.Namespace) -> int:
     except (ValueError, KeyError) as exc:
         print(f"evcore edge: {args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from evcore.site.cli import station_warnings
+
+    # What loads but an operator should know of at every start (in the journal): stations left
+    # open (security profile 0), stations that will be refused for want of a password.
+    for warning in station_warnings(app.site, table, args.config_dir):
+        print(f"evcore edge: {args.config}: warning: {warning}", file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, app.stop)

@@ -152,10 +152,22 @@ def section_errors(table: Mapping[str, Any], base_dir: Path | str) -> list[str]:
     return errors
 
 
+#: At most this many stations are named in one warning (the rest are counted).
+NAMED_STATIONS_MAX = 50
+
+
+def _named(stations: list[str]) -> str:
+    shown = ", ".join(stations[:NAMED_STATIONS_MAX])
+    rest = len(stations) - NAMED_STATIONS_MAX
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
 def station_warnings(site: Site, table: Mapping[str, Any], base_dir: Path | str) -> list[str]:
-    """What would keep a station out though the file loads: a station whose security profile
-    (1 or 2) asks for a password the file does not give (refused, HTTP 401, at every
-    connection), and credentials of an OCPP id no charger has (a typo of one)."""
+    """What the file lets through that an operator should know of, though it loads (``evcore
+    site check`` and ``evcore edge`` at start say them): stations under security profile 0,
+    open to any client that knows their id; a station whose security profile (1 or 2) asks
+    for a password the file does not give (refused, HTTP 401, at every connection); and
+    credentials of an OCPP id no charger has (a typo of one)."""
     from evcore.ocpp import parse_ocpp_section
 
     section = table.get("ocpp")
@@ -167,6 +179,20 @@ def station_warnings(site: Site, table: Mapping[str, Any], base_dir: Path | str)
     for c in site.chargers:
         chargers.setdefault(c.ocpp_id, []).append(c.id)
     warnings = []
+    open_stations = [
+        f"{ocpp_id} ({', '.join(ids)})"
+        for ocpp_id, ids in chargers.items()
+        if cfg.profile_for(ocpp_id) == 0
+    ]
+    if open_stations:
+        every = "every station" if len(open_stations) == len(chargers) else "stations"
+        warnings.append(
+            f"[ocpp]: security profile 0 (no authentication) leaves {every} open: "
+            f"{_named(open_stations)}; any client that reaches {cfg.host}:{cfg.port} with one "
+            "of these ids is taken for that station, no password asked (closed networks and "
+            "tests only: give them security_profile 1, 2 or 3 and a password in "
+            "[ocpp.credentials] or the credentials_file)"
+        )
     for ocpp_id, ids in chargers.items():
         profile = cfg.profile_for(ocpp_id)
         creds = cfg.credentials_for(ocpp_id)
@@ -225,7 +251,8 @@ def register(sub: Any) -> None:
         "and every section ([edge], [ocpp], [bus], [store], [api], [metrics], [cloud], "
         "[planner]); an unknown top-level table is an error. Print the tree with every limit. "
         "Exits 1 with each error (naming the node or section and the key) on a bad file. "
-        "Warns of a station that will be refused for want of a password. "
+        "Warns of stations left open (security profile 0: no password) and of a station that "
+        "will be refused for want of a password. "
         "Opens no socket, store or bus.",
     )
     c.add_argument("file", help="path to the site TOML file")
