@@ -100,10 +100,11 @@ def register(value: str, unit: str = "Wh") -> dict[str, Any]:
 
 async def test_an_implausible_reading_is_never_published() -> None:
     """Values that parse as finite numbers but no meter reads: a negative energy register, one
-    of 10^33 Wh, a current of 10^9 A, a SoC of 250 %. A MeterValues carrying one is refused
-    naming the field; in a message that starts or ends a transaction it is skipped (and its
-    start or end taken), a 1.6 meterStart / meterStop among them too. Before, a register of
-    "-1e30" kWh went out as -1.0e33 Wh and a meterStart of -5 Wh as the session's start."""
+    of 10^33 Wh, a current of 10^9 A, a SoC of 250 %. Each is skipped, logged naming the field:
+    a MeterValues carrying one alone is answered and publishes nothing; in a message that
+    starts or ends a transaction its start or end is taken, a 1.6 meterStart / meterStop among
+    them too. Before, a register of "-1e30" kWh went out as -1.0e33 Wh and a meterStart of -5 Wh
+    as the session's start."""
     async with raw_csms() as r:
         st = await r.station("CPA", "1.6")
         t = r.clock.now() - 600
@@ -113,8 +114,8 @@ async def test_an_implausible_reading_is_never_published() -> None:
         for sv in bad:
             mv = [{"timestamp": iso(t), "sampledValue": [sv]}]
             answer = await st.call("MeterValues", {"connectorId": 1, "meterValue": mv})
-            assert answer[0] == 4 and answer[2] == "PropertyConstraintViolation", (sv, answer)
-            assert "meterValue[0].sampledValue[0].value" in answer[3], answer
+            assert answer[0] == 3, (sv, answer)
+        assert r.of(MeterSample) == []
         tx = (await st.call("StartTransaction", start_16(t, -5)))[2]["transactionId"]
         stop = stop_16(tx, t + 120, -1)
         stop["transactionData"] = [
@@ -246,3 +247,51 @@ async def test_a_reading_naming_another_connectors_transaction_leaves_that_one_a
             assert (await st.call("MeterValues", payload))[0] == 3
         got = [(s.charger_id, s.transaction_id, s.session_energy_wh) for s in r.of(MeterSample)]
         assert got == [("cp-m2", str(a), None), ("cp-m1", str(a), 0.0)]
+
+
+async def test_one_implausible_value_does_not_cost_the_rest_of_a_meter_values(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A MeterValues (1.6 and 2.0.1) with one implausible sampled value beside good ones (a SoC of
+    -1, which some stations send for "unknown"; a register of 2e15 Wh): that value is skipped
+    (logged naming it, counted per station and measurand in ``CentralSystem.skipped_values``),
+    the currents and power of the same reading are published and stored, and the station gets
+    its CallResult. A register gone implausible in a session never becomes its energy. Before,
+    the whole message got CALLERROR PropertyConstraintViolation ("SoC of -1 is outside
+    [0, 100]"): the station's currents were lost with it."""
+    async with open_sqlite(tmp_path) as store, raw_csms(store=store) as r:
+        a = await r.station("CPA", "1.6")  # terminals L1, L2, L3 on site L2, L3, L1
+        t = r.clock.now() - 600
+        tx = (await a.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
+        sampled = [current("16", "L1"), current("15", "L2"), current("14", "L3"),
+                   {"value": "11000", "measurand": "Power.Active.Import", "unit": "W"},
+                   {"value": "-1", "measurand": "SoC", "unit": "Percent"},
+                   register("2e15")]  # fmt: skip
+        mv = [{"timestamp": iso(t + 60), "sampledValue": sampled}]
+        payload = {"connectorId": 1, "transactionId": tx, "meterValue": mv}
+        answer = await a.call("MeterValues", payload)
+        assert answer[0] == 3, answer
+        b = await r.station("CPB")
+        values = meter(t + 60, 1500, 16)
+        values[0]["sampledValue"].insert(0, {"value": -1, "measurand": "SoC"})
+        answer = await b.call("MeterValues", {"evseId": 1, "meterValue": values})
+        assert answer[0] == 3, answer
+        got = [(s.charger_id, s.terminal_a, s.power_w, s.soc_percent, s.energy_register_wh,
+                s.session_energy_wh) for s in r.of(MeterSample)]  # fmt: skip
+        assert got == [
+            ("cp-a", (16.0, 15.0, 14.0), 11000.0, None, None, 0.0),
+            ("cp-b", (16.0, None, None), None, None, 1500.0, None),
+        ]
+        rows = await store.meter_samples("cp-a")
+        assert [list(s.current_a) for s in rows] == [[14.0, 16.0, 15.0]]
+        assert [s.HasField("soc_percent") for s in rows] == [False]
+        assert "meterValue[0].sampledValue[4].value: SoC of -1 is outside [0, 100]" in caplog.text
+        assert r.cs.skipped_values == {
+            ("CPA", "SoC"): 1,
+            ("CPA", "Energy.Active.Import.Register"): 1,
+            ("CPB", "SoC"): 1,
+        }
+        stop = stop_16(tx, t + 120, 1200)
+        assert (await a.call("StopTransaction", stop))[0] == 3
+        [ended] = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
+        assert ended.session_energy_wh == 200.0

@@ -34,6 +34,15 @@ class MeterValueError(ValueError):
     """A sampled value could not be read; the message names the field."""
 
 
+class ImplausibleValue(MeterValueError):
+    """A sampled value read as a finite number that no meter gives (``PLAUSIBLE``);
+    ``measurand`` names what it claimed to be."""
+
+    def __init__(self, message: str, measurand: str) -> None:
+        super().__init__(message)
+        self.measurand = measurand
+
+
 #: The range a reading of each measurand can take (SI units, after unit and multiplier): beyond
 #: it a finite number is no measurement (a negative import register, 10^33 Wh, 10^9 A, a SoC of
 #: 250 %) and is refused like one that is not a number. Wide: a register counts a charger's
@@ -49,10 +58,12 @@ PLAUSIBLE: dict[str, tuple[float, float]] = {
 
 def check_plausible(measurand: str, value: float, where: str) -> float:
     """``value`` if a reading of ``measurand`` can take it (``PLAUSIBLE``), else
-    ``MeterValueError`` naming ``where`` and the range."""
+    ``ImplausibleValue`` naming ``where`` and the range."""
     lo, hi = PLAUSIBLE.get(measurand, (-math.inf, math.inf))
     if not lo <= value <= hi:
-        raise MeterValueError(f"{where}: {measurand} of {value:g} is outside [{lo:g}, {hi:g}]")
+        raise ImplausibleValue(
+            f"{where}: {measurand} of {value:g} is outside [{lo:g}, {hi:g}]", measurand
+        )
     return value
 
 
@@ -102,8 +113,8 @@ class Reading:
     context: str | None = None
     #: ``power_w`` was measured at the charger's grid side (``location`` ``Inlet``).
     power_at_inlet: bool = False
-    #: Why each sampled value skipped as unreadable was (``lenient``).
-    skipped: list[str] = field(default_factory=list)
+    #: Each sampled value skipped (``lenient``, ``skip_implausible``): its measurand and why.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -182,11 +193,14 @@ def parse_meter_value(
     field: str = "meterValue",
     dc: bool = False,
     lenient: bool = False,
+    skip_implausible: bool = False,
     names: Sequence[str] | None = None,
 ) -> Reading:
     """Read one ``meterValue`` entry. ``terminals`` is how many phase terminals the charger has.
     A sampled value that cannot be read raises ``MeterValueError`` naming it; ``lenient``: it is
     skipped instead, and why is listed in ``Reading.skipped`` (the timestamp still raises).
+    ``skip_implausible``: only a finite value outside ``PLAUSIBLE`` (``ImplausibleValue``) is
+    skipped so; one that is no number still raises.
 
     A current with a phase wins over one without (a phase-less current fills only the
     terminals no phase current was reported for), whatever their order.
@@ -225,9 +239,9 @@ def parse_meter_value(
             where = names[i] if names is not None else f"{field}.sampledValue[{i}]"
             value = check_plausible(measurand, _number(version, sv, where), where + ".value")
         except MeterValueError as exc:
-            if not lenient:
+            if not (lenient or (skip_implausible and isinstance(exc, ImplausibleValue))):
                 raise
-            reading.skipped.append(str(exc))
+            reading.skipped.append((measurand, str(exc)))
             continue
         phase = sv.get("phase")
         if dc and measurand in ("Current.Import", "Power.Active.Import"):

@@ -613,6 +613,10 @@ class CentralSystem:
         self._report_ids = itertools.count(int(clock.now()) % 1_000_000 * 1000 + 1)
         self._tx_counter = int(clock.now()) % 2_000_000 * 1000
         self._port = 0
+        #: Sampled values skipped since this process started (``metering.PLAUSIBLE``, or
+        #: unreadable inside a transaction message), by (station, measurand): a station
+        #: sending them steadily (a SoC of -1 for "unknown") shows here, not only in the log.
+        self.skipped_values: dict[tuple[str, str], int] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------
     @property
@@ -1239,7 +1243,7 @@ class CentralSystem:
         while len(st.start_keys) > START_KEYS_KEEP:
             del st.start_keys[next(iter(st.start_keys))]
         st.start_keys_unsaved = True
-        start_wh = _plausible_register(st, tx_id, meter_start_wh, "meterStart")
+        start_wh = self._plausible_register(st, tx_id, meter_start_wh, "meterStart")
         tx = TxState(tx_id, charger.charger_id, connector_id, id_tag, start_wh, start_wh, at)
         st.transactions[tx_id] = tx
         await self._take_evse(st, tx, at)
@@ -1408,7 +1412,7 @@ class CentralSystem:
         if tx is None:
             tx = self._unknown_stop_1_6(st, tx_id)
         # An implausible meterStop is skipped: the registers its meter values gave stand.
-        stop_wh = _plausible_register(st, tx_id, meter_stop_wh, "meterStop")
+        stop_wh = self._plausible_register(st, tx_id, meter_stop_wh, "meterStop")
         if stop_wh is not None and tx.inlet_only:
             # meterStop is the register the station reports: its inlet one, its only one.
             charger = self._chargers.get(tx.charger_id) if tx.charger_id else None
@@ -1651,9 +1655,14 @@ class CentralSystem:
         tx_id: str | None,
     ) -> None:
         """A MeterValues message's ``meterValue``: a sample per instant (``same_time_merged``).
-        A value that cannot be read refuses the message, naming it."""
+        A value that cannot be read refuses the message, naming it. One read as a number no
+        meter gives (``metering.PLAUSIBLE``: a SoC of -1 some stations send for "unknown") is
+        skipped, logged and counted (``skipped_values``), and the rest of its reading kept:
+        refusing the message lost the station's currents and power with it."""
         for mv, where, names in same_time_merged(meter_values, "meterValue"):
-            await self._on_meter_value(st, evse_id, mv, tx_id, where, names=names)
+            await self._on_meter_value(
+                st, evse_id, mv, tx_id, where, names=names, skip_implausible=True
+            )
 
     async def _on_meter_value(
         self,
@@ -1664,10 +1673,13 @@ class CentralSystem:
         where: str,
         lenient: bool = False,
         names: Sequence[str] | None = None,
+        skip_implausible: bool = False,
     ) -> None:
         """One meterValue entry: a ``MeterSample``, the transaction's registers. ``lenient``
-        (``_tx_meter_values``): a sampled value that cannot be read is skipped and logged.
-        ``names``: its sampled values' names in the message (``same_time_merged``)."""
+        (``_tx_meter_values``): a sampled value that cannot be read is skipped and logged;
+        ``skip_implausible``: only one outside ``metering.PLAUSIBLE`` is (a skipped register is
+        no reading: it never reaches the session's energy). ``names``: its sampled values'
+        names in the message (``same_time_merged``)."""
         tx = st.transactions.get(tx_id) if tx_id is not None else None
         if evse_id is None and tx is not None:
             evse_id = tx.evse_id
@@ -1698,9 +1710,11 @@ class CentralSystem:
             field=where,
             dc=dc,
             lenient=lenient,
+            skip_implausible=skip_implausible,
             names=names,
         )
-        for why in reading.skipped:
+        for measurand, why in reading.skipped:
+            self._count_skipped(st, measurand)
             LOG.warning("station %s: sampled value skipped: %s", st.ocpp_id, why)
         if reading.skipped and reading.empty:
             return  # nothing left of it to publish (an empty sample is no reading of the draw)
@@ -1771,6 +1785,21 @@ class CentralSystem:
                 LOG.warning(
                     "station %s: transaction %s: %s skipped: %s", st.ocpp_id, tx_id, where, exc
                 )
+
+    def _plausible_register(self, st: Station, tx_id: str, value: float, name: str) -> float | None:
+        """A 1.6 meterStart / meterStop ``value`` (Wh), or None (logged, counted) when no
+        register reads it (``metering.PLAUSIBLE``): the transaction is taken, its energy counts
+        from the registers of its meter values instead."""
+        try:
+            return check_plausible("Energy.Active.Import.Register", value, name)
+        except MeterValueError as exc:
+            self._count_skipped(st, "Energy.Active.Import.Register")
+            LOG.warning("station %s: transaction %s: %s skipped", st.ocpp_id, tx_id, exc)
+            return None
+
+    def _count_skipped(self, st: Station, measurand: str) -> None:
+        key = (st.ocpp_id, measurand)
+        self.skipped_values[key] = self.skipped_values.get(key, 0) + 1
 
     async def _on_security(
         self, st: Station, kind: str, info: str | None, at: float, version: str = ""
@@ -2691,17 +2720,6 @@ def _offset(est: ClockOffset) -> float | None:
 
 def _wire_tx(st: Station, transaction_id: str | None) -> str | None:
     return None if transaction_id is None else st.wire_tx_id(transaction_id)
-
-
-def _plausible_register(st: Station, tx_id: str, value: float, name: str) -> float | None:
-    """A 1.6 meterStart / meterStop ``value`` (Wh), or None (logged) when no register reads it
-    (``metering.PLAUSIBLE``): the transaction is taken, its energy counts from the registers of
-    its meter values instead."""
-    try:
-        return check_plausible("Energy.Active.Import.Register", value, name)
-    except MeterValueError as exc:
-        LOG.warning("station %s: transaction %s: %s skipped", st.ocpp_id, tx_id, exc)
-        return None
 
 
 def _answer(out: CallOutcome) -> str:
