@@ -32,7 +32,7 @@ from evcore.bus.api import (
 from evcore.bus.config import BusConfig, default_streams, parse_bus_config
 from evcore.bus.dedupe import ProcessedIds
 from evcore.bus.inprocess import InProcessBus
-from evcore.bus.outbox import OutboxLoss, SetAside
+from evcore.bus.outbox import OutboxFull, OutboxLoss, SetAside
 from evcore.bus.subjects import Subjects, escape_token, subject_matches, unescape_token
 from evcore.clock import Clock
 
@@ -51,6 +51,7 @@ __all__ = [
     "Handler",
     "InProcessBus",
     "NoResponders",
+    "OutboxFull",
     "OutboxLoss",
     "OutboxReports",
     "Payload",

@@ -127,6 +127,8 @@ class BusStats:
     send_failures: int = 0  # broker publish attempts that failed (retried for critical events)
     outbox_pending: int = 0  # gauge: critical events accepted but not yet confirmed by the broker
     set_aside: int = 0  # critical events the broker can never take (above its max_payload), kept
+    outbox_refused: int = 0  # critical events refused at outbox_max_bytes (OutboxFull)
+    outbox_bytes: int = 0  # gauge: what the outbox holds against outbox_max_bytes (bytes)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

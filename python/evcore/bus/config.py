@@ -25,6 +25,10 @@ class BusConfig:
     urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     # Directory of the disk-backed outbox for critical events (NATS only); one SQLite file per site.
     outbox_dir: Path = Path("var/outbox")
+    # The most a site's outbox holds while the broker is away or behind (subjects, event ids and
+    # payloads, bytes); past it a critical publish is refused naming this key (OutboxFull) and
+    # nothing held is dropped. The file takes somewhat more (SQLite's pages, its -wal file).
+    outbox_max_bytes: int = 1 << 30
     # Connection name shown in NATS monitoring.
     name: str = "evcore"
     # Stream retention.
@@ -168,6 +172,7 @@ def parse_bus_config(section: Mapping[str, Any] | None) -> BusConfig:
         kind=kind,
         urls=tuple(raw_urls),
         outbox_dir=Path(outbox),
+        outbox_max_bytes=_int(sec, "outbox_max_bytes", BusConfig.outbox_max_bytes),
         name=sec.get("name", "evcore"),
         events_max_age_s=_num(sec, "events_max_age_s", BusConfig.events_max_age_s),
         telemetry_max_age_s=_num(sec, "telemetry_max_age_s", BusConfig.telemetry_max_age_s),

@@ -644,7 +644,7 @@ class NatsBus:
         self._specs = list(streams) if streams is not None else self.config.streams(site_id)
         path = outbox_path or self.config.outbox_dir / f"{escape_token(site_id)}.sqlite"
         _check_name_lengths(site_id, self._specs, path)
-        self.outbox = Outbox(path)
+        self.outbox = Outbox(path, max_bytes=self.config.outbox_max_bytes)
         self.ack_wait_s = ack_wait_s
         self._nc: NatsClient | None = None
         self._js: Any = None
@@ -677,6 +677,8 @@ class NatsBus:
     @property
     def stats(self) -> BusStats:
         self._stats.outbox_pending = self.outbox.pending
+        self._stats.outbox_bytes = self.outbox.held_bytes
+        self._stats.outbox_refused = self.outbox.refused
         return self._stats
 
     @property

@@ -13,11 +13,17 @@ be read is reported as an :class:`OutboxLoss`, kept in the new file until a late
 out, so that publishers with a source of their own (the audit log's store) can send again what
 the broker never stored. An entry set aside because the broker can never take it is a
 :class:`SetAside` until its publisher says it has dealt with it (``mark_reported``).
+
+The queue is capped (``max_bytes``, ``[bus] outbox_max_bytes``): past it an append is refused
+whole with :class:`OutboxFull` naming the cap, nothing of it written, and nothing the outbox holds
+is ever dropped to make room (every kind it holds is critical). Without a cap a long broker outage
+grew the file until the disk was full and every write failed with SQLite's own error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import sqlite3
@@ -74,6 +80,28 @@ _LOSS_KEYS = (_LOSS_KEY, "loss;")
 LOSSES_KEPT = 16
 #: Problems a loss note names (the rest are counted).
 _PROBLEMS_NAMED = 5
+
+
+#: What an entry counts against the cap: its subject, event id and payload (bytes). The file takes
+#: somewhat more (SQLite's pages and row headers, its -wal file).
+_HELD_BYTES_SQL = (
+    "COALESCE(SUM(length(CAST(subject AS BLOB)) + length(CAST(event_id AS BLOB))"
+    " + length(payload)), 0)"
+)
+
+
+class OutboxFull(OSError):
+    """The outbox holds its cap (``[bus] outbox_max_bytes``) of events the broker has not taken
+    yet: the event was refused, nothing of it written (errno ENOSPC). Publishers with a copy of
+    their own (the audit log, its store) send it again later; what the outbox holds is kept."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+def entry_bytes(subject: str, event_id: str, payload: bytes) -> int:
+    """What one entry counts against the outbox's cap."""
+    return len(subject.encode()) + len(event_id.encode()) + len(payload)
 
 
 def entry_crc(subject: str, event_id: str, payload: bytes) -> int:
@@ -141,8 +169,18 @@ class OutboxEntry:
 class Outbox:
     """An ordered, durable queue of events waiting for the broker."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"outbox max_bytes must be > 0, got {max_bytes!r}")
         self.path = Path(path)
+        #: The most the queue holds (``entry_bytes`` summed, entries being written included);
+        #: None: no cap. An empty outbox takes any one append, so that an entry larger than the
+        #: cap cannot hold its publisher (and all behind it) off the bus for good.
+        self.max_bytes = max_bytes
+        self._held_bytes = 0
+        #: Entries refused at the cap (counted; ``BusStats.outbox_refused``).
+        self.refused = 0
+        self._refusing = False
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evcore-outbox")
         self._db: sqlite3.Connection | None = None
         self._lazy: sqlite3.Connection | None = None
@@ -179,6 +217,44 @@ class Outbox:
     def pending(self) -> int:
         """Entries accepted and not yet removed."""
         return self._count
+
+    @property
+    def held_bytes(self) -> int:
+        """What the entries accepted and not yet removed count against the cap (bytes)."""
+        return self._held_bytes
+
+    def _admit(self, rows: list[tuple[str, str, bytes, float]]) -> None:
+        """Count ``rows`` against the cap, or refuse them all (:class:`OutboxFull`)."""
+        size = sum(entry_bytes(subject, eid, payload) for subject, eid, payload, _ in rows)
+        cap = self.max_bytes
+        if cap is not None and self._held_bytes > 0 and self._held_bytes + size > cap:
+            self.refused += len(rows)
+            what = (
+                f"event {rows[0][1]} on {rows[0][0]!r}"
+                if len(rows) == 1
+                else f"{len(rows)} events ({rows[0][0]!r} first)"
+            )
+            message = (
+                f"outbox {self.path} is full: it holds {self._held_bytes} bytes of events the "
+                f"broker has not taken ({self._count} entries), and {what} of {size} bytes "
+                f"would pass [bus] outbox_max_bytes = {cap}; refused, nothing of it written "
+                "(room is made as the broker takes what the outbox holds)"
+            )
+            if not self._refusing:
+                self._refusing = True
+                log.error("%s. Refusing critical events until then (docs/bus.md)", message)
+            raise OutboxFull(message)
+        if self._refusing:
+            self._refusing = False
+            log.warning(
+                "outbox %s: taking events again (%d bytes held, outbox_max_bytes = %s); %d "
+                "refused so far",
+                self.path,
+                self._held_bytes,
+                cap,
+                self.refused,
+            )
+        self._held_bytes += size
 
     def _open_sync(self) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +307,8 @@ class Outbox:
         lazy = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         lazy.execute("PRAGMA synchronous=NORMAL")
         self._lazy = lazy
-        row = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        row = db.execute(f"SELECT COUNT(*), {_HELD_BYTES_SQL} FROM outbox").fetchone()
+        self._held_bytes = int(row[1])
         return int(row[0])
 
     def _salvage_sync(self, db: sqlite3.Connection, loss: OutboxLoss) -> OutboxLoss:
@@ -392,6 +469,7 @@ class Outbox:
         """Accept one entry; returns its sequence number once it is on disk."""
         if self._db is None:
             raise RuntimeError(f"outbox {self.path} is not open")
+        self._admit([(subject, event_id, payload, accepted_at)])
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((subject, event_id, payload, accepted_at, fut))
         if self._writer is None or self._writer.done():
@@ -402,6 +480,7 @@ class Outbox:
         """Accept several entries in order with one commit; their sequence numbers once on disk."""
         if self._db is None:
             raise RuntimeError(f"outbox {self.path} is not open")
+        self._admit(rows)  # all or none: a decision's setpoints are not split
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[int]] = []
         for subject, event_id, payload, accepted_at in rows:
@@ -421,6 +500,7 @@ class Outbox:
                     self._exec, self._insert_sync, [b[:4] for b in batch]
                 )
             except Exception as exc:
+                self._held_bytes -= sum(entry_bytes(b[0], b[1], b[2]) for b in batch)
                 for b in batch:
                     if not b[4].done():
                         b[4].set_exception(exc)
@@ -442,23 +522,33 @@ class Outbox:
         """The oldest entries, in acceptance order."""
         return await asyncio.get_running_loop().run_in_executor(self._exec, self._read_sync, limit)
 
-    def _delete_sync(self, upto_seq: int) -> int:
+    def _delete_sync(self, upto_seq: int) -> tuple[int, int]:
         assert self._lazy is not None
+        # (The worker thread runs one job at a time: nothing is added between the two.)
+        row = self._lazy.execute(
+            f"SELECT {_HELD_BYTES_SQL} FROM outbox WHERE seq <= ?", (upto_seq,)
+        ).fetchone()
         cur = self._lazy.execute("DELETE FROM outbox WHERE seq <= ?", (upto_seq,))
-        return int(cur.rowcount)
+        return int(cur.rowcount), int(row[0])
 
     async def remove_through(self, seq: int) -> None:
         """Remove every entry up to and including ``seq`` (they were confirmed in order)."""
-        n = await asyncio.get_running_loop().run_in_executor(self._exec, self._delete_sync, seq)
+        n, size = await asyncio.get_running_loop().run_in_executor(
+            self._exec, self._delete_sync, seq
+        )
         self._count = max(0, self._count - n)
+        self._held_bytes = max(0, self._held_bytes - size)
         if self._count == 0 and not self._pending:
             self.nonempty.clear()
 
-    def _set_aside_sync(self, seq: int, at: float, reason: str) -> int:
+    def _set_aside_sync(self, seq: int, at: float, reason: str) -> tuple[int, int]:
         assert self._db is not None
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            row = db.execute(
+                f"SELECT {_HELD_BYTES_SQL} FROM outbox WHERE seq = ?", (seq,)
+            ).fetchone()
             db.execute(
                 "INSERT OR IGNORE INTO outbox_set_aside (seq, subject, event_id, payload,"
                 " accepted_at, set_aside_at, reason) SELECT seq, subject, event_id, payload,"
@@ -471,15 +561,16 @@ class Outbox:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return n
+        return n, int(row[0])
 
     async def set_aside(self, seq: int, at: float, reason: str) -> None:
         """Move entry ``seq`` out of the queue into ``outbox_set_aside`` (one durable commit):
-        it is kept, and no longer sent."""
-        n = await asyncio.get_running_loop().run_in_executor(
+        it is kept, and no longer sent (nor counted against the cap: it has left the queue)."""
+        n, size = await asyncio.get_running_loop().run_in_executor(
             self._exec, self._set_aside_sync, seq, at, reason
         )
         self._count = max(0, self._count - n)
+        self._held_bytes = max(0, self._held_bytes - size)
         if self._count == 0 and not self._pending:
             self.nonempty.clear()
 
@@ -554,11 +645,14 @@ class Outbox:
         assert self._db is not None
         db = self._db
         row = await asyncio.get_running_loop().run_in_executor(
-            self._exec, lambda: db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            self._exec,
+            lambda: db.execute(f"SELECT COUNT(*), {_HELD_BYTES_SQL} FROM outbox").fetchone(),
         )
         # (A batch being written may be counted twice, once here and once by the writer: the
-        # next empty peek counts again.)
+        # next empty peek counts again. Its bytes were counted when it was accepted.)
         self._count = int(row[0])
+        pending = sum(entry_bytes(p[0], p[1], p[2]) for p in self._pending)
+        self._held_bytes = int(row[1]) + pending
         if self._count == 0 and not self._pending:
             self.nonempty.clear()
         return self._count
