@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bus_testkit import wait_until
 from evcore.bus import BusConfig, Subjects
 from evcore.bus.api import BusMessage
 from evcore.bus.inprocess import InProcessBus
@@ -469,3 +470,84 @@ async def test_a_transaction_event_the_bus_refused_goes_out_when_the_station_ret
         await cs.stop()
         await bus.close()
         await store.close()
+
+
+@pytest.mark.parametrize("bus_kind", ["inprocess", "nats"])
+async def test_readings_of_one_time_in_two_messages_both_reach_the_bus(
+    bus_kind: str, tmp_path: Path
+) -> None:
+    """Two MeterValues of one charger stamped alike (the register in one message, the phase
+    currents in the next: a station sending a clock-aligned and a periodic reading at the same
+    second) are two readings: both reach the bus (its duplicate window keeps one event per id),
+    while the station's resend of the first (our answer lost) is still kept once. Before, the
+    event id was charger and time only: the bus dropped the currents as a duplicate of the
+    register."""
+    bus: Any
+    if bus_kind == "nats":
+        conf = BusConfig(
+            kind="nats",
+            urls=(SHARED_NATS,),
+            outbox_dir=tmp_path / "outbox",
+            reconnect_wait_s=0.1,
+            connect_timeout_s=5.0,
+        )
+        bus = NatsBus("ocpp-test", conf, clock=WallClock())
+    else:
+        bus = InProcessBus("ocpp-test")
+    await bus.start()
+    if bus_kind == "nats":
+        assert bus.connected, f"nats-server at {SHARED_NATS} unreachable (run .ci/services)"
+    got: list[BusMessage] = []
+
+    async def collect(msg: BusMessage) -> None:
+        got.append(msg)
+
+    try:
+        # The stream may hold other runs' samples (shared NATS): a durable of this run's own.
+        await bus.consume(
+            Subjects("ocpp-test").telemetry("cp-a"),
+            durable=f"t-{uuid.uuid4().hex[:8]}",
+            handler=collect,
+        )
+        cs = CentralSystem(make_site(configure_on_boot=False), clock=WallClock(), bus=bus)
+        await cs.start()
+        try:
+            async with station_ws(f"ws://127.0.0.1:{cs.port}/ocpp", "CPA", "1.6") as ws:
+                t = cs.clock.now() - 5
+                at = iso(t)
+
+                def meter(*sampled: dict[str, str]) -> dict[str, Any]:
+                    return {
+                        "connectorId": 1,
+                        "meterValue": [{"timestamp": at, "sampledValue": list(sampled)}],
+                    }
+
+                register = meter({"value": "1234", "measurand": "Energy.Active.Import.Register"})
+                currents = meter(
+                    *(
+                        {"value": "16", "measurand": "Current.Import", "phase": p}
+                        for p in ("L1", "L2")
+                    )
+                )
+                for uid, payload in (("m1", register), ("m2", currents), ("m3", register)):
+                    assert (await raw_call(ws, uid, "MeterValues", payload))[0] == 3
+        finally:
+            await cs.stop()
+        await bus.flush()
+
+        def this_run() -> list[Any]:
+            samples = [meter_pb2.MeterSample.FromString(m.data) for m in got]
+            return [s for s in samples if abs(s.sampled_at.ToNanoseconds() / 1e9 - t) < 0.002]
+
+        await wait_until(lambda: len(this_run()) >= 1, 10.0, "the first sample on the bus")
+        await asyncio.sleep(0.5)  # the second, and a duplicate if any, would arrive now
+        published = this_run()
+        assert sorted(
+            (s.HasField("energy_register_wh"), [x for x in s.current_a if not math.isnan(x)])
+            for s in published
+        ) == [(False, [16.0, 16.0]), (True, [])], published
+        assert len({m.event_id for m in got}) == len(got)
+    finally:
+        if bus_kind == "nats":
+            await bus.delete_streams()
+        await bus.close()

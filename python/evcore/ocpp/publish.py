@@ -9,6 +9,7 @@ Switching bus or store implementations is a change here only. It never alters an
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 from typing import Any, Protocol
@@ -89,6 +90,18 @@ def meter_to_proto(ev: MeterSample, received_at: float) -> Any:
     if ev.soc_percent is not None:
         m.soc_percent = ev.soc_percent
     return m
+
+
+def meter_event_id(ev: MeterSample) -> str:
+    """The bus event id of a meter sample: charger, time (ms) and a digest of what it measured.
+    A station's resend of a message (our answer lost) measures the same: one id, kept once by
+    the duplicate window. Two messages stamped alike that measure different things (the register
+    in one, the phase currents in the next) are two readings: the id was charger and time only,
+    and the bus dropped the second as a duplicate. The transaction is left out: a resend after
+    the session ended names none, and is the same reading."""
+    measured = (ev.site_phase_a, ev.power_w, ev.energy_register_wh, ev.offered_a, ev.soc_percent)
+    digest = hashlib.blake2b(repr(measured).encode(), digest_size=6).hexdigest()
+    return f"meter:{ev.charger_id}:{round(ev.at * 1000)}:{digest}"
 
 
 def status_to_proto(ev: StatusEvent, received_at: float) -> Any:
@@ -229,11 +242,7 @@ class EventPublisher:
                 if subject is None:  # escaping costs more than the rest of a publish: once
                     subject = self._subjects.telemetry(event.charger_id)
                     self._telemetry_subject[event.charger_id] = subject
-                await self.bus.publish(
-                    subject,
-                    msg,
-                    event_id=f"meter:{event.charger_id}:{round(event.at * 1000)}",
-                )
+                await self.bus.publish(subject, msg, event_id=meter_event_id(event))
             if self._meter_writer is not None:
                 await self._meter_writer.append(msg)
         elif isinstance(event, StatusEvent):
