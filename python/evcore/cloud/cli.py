@@ -67,7 +67,7 @@ async def _main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    consumers = AuditConsumers(config, store, clock, site_buses)
+    consumers = AuditConsumers(config, store, clock, site_buses, config_file=args.config)
     try:
         await consumers.start()
     except SiteBusUnavailable as exc:
@@ -98,16 +98,27 @@ class AuditConsumers:
     """The cloud's durable audit consumers, one per site (``[bus] sites``), on the sites' buses
     of ``buses`` (every site's over one NATS connection, shared with the fleet's grid
     publisher); with ``sites = "*"`` every site the store knows, looked for again every
-    ``discover_s`` (a new site's audit is read without a restart)."""
+    ``discover_s`` (a new site's audit is read without a restart). With a list, a site the
+    store knows that the list does not name is an error in the log, once, naming the site and
+    ``[bus] sites`` (``unlisted``): the cloud neither makes its streams nor reads it."""
 
     def __init__(
-        self, config: CloudConfig, store: CloudStore, clock: WallClock, buses: SiteBuses | None
+        self,
+        config: CloudConfig,
+        store: CloudStore,
+        clock: WallClock,
+        buses: SiteBuses | None,
+        *,
+        config_file: str = "cloud.toml",
     ) -> None:
         self._config = config
         self._store = store
         self._clock = clock
         self._buses = buses
+        self._config_file = config_file
         self.by_site: dict[str, tuple[AuditConsumer, Bus]] = {}
+        #: Sites said by ``unlisted`` (each once per process).
+        self.unlisted_said: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -120,6 +131,12 @@ class AuditConsumers:
             await self.discover()
             self._task = asyncio.get_running_loop().create_task(
                 self._discover_loop(), name="cloud-audit-discover"
+            )
+        elif config.bus_sites:
+            # A site that reaches the cloud without being listed got nothing, without a word:
+            # no streams (an edge with manage_streams = false cannot make them), no audit read.
+            self._task = asyncio.get_running_loop().create_task(
+                self._unlisted_loop(), name="cloud-audit-unlisted"
             )
         log.info(
             "cloud: consuming audit of %d site(s) over the bus (durable %s)%s",
@@ -163,6 +180,33 @@ class AuditConsumers:
             log.info("cloud: reading the audit of site %r over the bus (new site)", site)
             added.append(site)
         return added
+
+    async def unlisted(self) -> list[str]:
+        """Sites the store knows (a topology, audit or telemetry stored) that ``[bus] sites``
+        does not list, not said before: each logged at ERROR, naming the site, the key and the
+        file. The cloud does not take them up by itself: the list is the operator's choice of
+        sites served over the bus (``sites = "*"`` takes every site)."""
+        known = await self._store.site_activity()
+        new = sorted(set(known) - set(self._config.bus_sites) - self.unlisted_said)
+        for site in new:
+            log.error(
+                "cloud: site %r reaches the cloud but is not in [bus] sites of %s: the cloud "
+                "does not make its NATS streams or read its audit over the bus (an edge with "
+                "[bus] manage_streams = false keeps its events in its outbox); add it to "
+                '[bus] sites, or set sites = "*" (every site the cloud knows), and restart',
+                site,
+                self._config_file,
+            )
+            self.unlisted_said.add(site)
+        return new
+
+    async def _unlisted_loop(self) -> None:
+        while True:
+            try:
+                await self.unlisted()
+            except Exception:  # the store is away: the next round looks again
+                log.warning("cloud: looking for unlisted sites failed", exc_info=True)
+            await self._clock.sleep(self._config.discover_s)
 
     async def _discover_loop(self) -> None:
         while True:
