@@ -523,6 +523,17 @@ class EdgeController:
                 f"set_session {charger_id}: energy_requested_kwh must be at most "
                 f"{MAX_SESSION_KWH:g} kWh, got {energy_requested_kwh!r} (Wh given as kWh?)"
             )
+        demand = energy_requested_kwh is not None or departure is not None or priority is not None
+        now_w = self.clock.now()
+        if c.transaction_id is None and departure is not None and not departure > now_w:
+            # For the next car: one already past would make it the most urgent car there is.
+            raise ValueError(
+                f"set_session {charger_id}: departure {departure!r} is not after now "
+                f"({now_w:.0f}) and no session is at the charger to take it"
+            )
+        if c.transaction_id is None and demand:
+            # The next session's only while it holds (``SiteState._take_preset_demand``).
+            c.demand_set_at = now_w
         if energy_requested_kwh is not None:
             c.energy_requested_kwh = energy_requested_kwh
         if departure is not None:
@@ -531,9 +542,7 @@ class EdgeController:
             c.priority = priority
         if available is not None:
             c.available = available
-        if c.transaction_id is not None and (
-            energy_requested_kwh is not None or departure is not None or priority is not None
-        ):
+        if c.transaction_id is not None and demand:
             self._session_changed(c, None)
         self.notify("operator")
 

@@ -10,6 +10,7 @@ ages and confirmation flags go to the core's envelope as they are.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,14 @@ def priority_error(priority: float) -> str | None:
         )
     return None
 
+
+log = logging.getLogger("evcore.edge")
+
+#: How long a demand set on a charger with no session waits for the next one (s): a session
+#: starting later does not take it (nor one starting after its departure). It is meant for the
+#: car about to plug in (the driver's app, the twin: set as the car plugs in, before the
+#: station's transaction start arrives), not for whoever comes next, hours later.
+PRESET_DEMAND_S = 900.0
 
 #: How long the send log keeps a TxProfile value once another replaced it (s): longer than any
 #: reading stays fresh.
@@ -170,6 +179,10 @@ class ChargerState:
     departure: float | None = None
     priority: float = 1.0
     available: bool = True  # operator availability
+    # When that demand was set while the charger had no session (wall; None: set for the
+    # session running then, or nothing set): the next session takes it only while it still
+    # holds (``SiteState._take_preset_demand``).
+    demand_set_at: float | None = None
 
     def measured_max_a(self) -> float | None:
         vals = [v for v in self.measured_a if v is not None and math.isfinite(v)]
@@ -480,6 +493,8 @@ class SiteState:
             c.session_energy_wh = max(c.session_energy_wh, session_energy_wh)
         if kind == "started":
             if c.transaction_id != transaction_id:
+                if c.transaction_id is None:
+                    self._take_preset_demand(c, transaction_id, now_wall)
                 c.transaction_id = transaction_id
                 c.session_start_stamp = stamp
                 c.session_started_at = now_wall
@@ -515,6 +530,7 @@ class SiteState:
             if c.transaction_id == transaction_id:
                 self._end_session(c)
         elif kind == "updated" and c.transaction_id is None:
+            self._take_preset_demand(c, transaction_id, now_wall)
             c.transaction_id = transaction_id
             c.plugged = True
         return True
@@ -600,6 +616,38 @@ class SiteState:
         c.departure = None
         # The operator's weight was this session's: the next car on the charger did not get it.
         c.priority = 1.0
+        c.demand_set_at = None
+
+    @classmethod
+    def _take_preset_demand(cls, c: ChargerState, transaction_id: str, now_wall: float) -> None:
+        """A session starts on a charger that had none: the demand set meanwhile is its own only
+        if its departure is still ahead and it was set at most ``PRESET_DEMAND_S`` ago; else it
+        is dropped (logged). Kept for good, a demand set for a car that never came went to the
+        next car, hours later: a departure long past (the most urgent car there is), another
+        car's energy (met: held at 0 A) and priority."""
+        set_at = c.demand_set_at
+        c.demand_set_at = None
+        has = c.energy_requested_kwh is not None or c.departure is not None or c.priority != 1.0
+        if not has:
+            return
+        why = None
+        if c.departure is not None and not c.departure > now_wall:
+            why = f"its departure ({c.departure:.0f}) passed {now_wall - c.departure:.0f} s ago"
+        elif set_at is not None and now_wall - set_at > PRESET_DEMAND_S:
+            why = f"set {now_wall - set_at:.0f} s before it, more than {PRESET_DEMAND_S:g} s"
+        if why is None:
+            return
+        log.warning(
+            "%s: the demand set while no car was there (energy %s kWh, departure %s, priority "
+            "%g) dropped at the start of transaction %s: %s",
+            c.charger_id,
+            c.energy_requested_kwh,
+            c.departure,
+            c.priority,
+            transaction_id,
+            why,
+        )
+        cls._end_demand(c)
 
     def set_other_load(
         self, node_id: str, load_a: tuple[float, float, float], now_mono: float
