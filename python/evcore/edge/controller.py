@@ -278,7 +278,10 @@ class EdgeController:
         self._apply_event(kind, ev)
         if late_end and cs0 is not None:
             cs0.ended_transaction_id = None  # (a repeat of this end changes nothing)
-            self._session_changed(cs0, ev.transaction_id, getattr(ev, "session_energy_wh", None))
+            end_wh = getattr(ev, "session_energy_wh", None)
+            if end_wh is not None and cs0.transaction_id is None:
+                end_wh += cs0.energy_carried_wh  # (its count since a restart: on what was before)
+            self._session_changed(cs0, ev.transaction_id, end_wh)
         if cs0 is not None and cs0.transaction_id != tx_before:
             if tx_before is not None:
                 # The ended session's energy: what its end carried (still on the charger), or,

@@ -688,6 +688,8 @@ async def recover(state: SiteState, store: Any, keeper: SessionKeeper | None = N
             # counted from 0 until the next reading, the car needed its whole request again.
             if math.isfinite(rec.energy_delivered_kwh):
                 c.session_energy_wh = max(c.session_energy_wh, rec.energy_delivered_kwh * 1000.0)
+                # The central system may count it from 0 again (``count_session_energy``).
+                c.energy_restored_wh = c.session_energy_wh
             c.departure = rec.departure_s
             c.energy_requested_kwh = rec.energy_requested_kwh
             if priority_error(rec.priority) is None:

@@ -95,6 +95,14 @@ class ChargerState:
     # The energy into the car this session (the central system's session energy: a DC
     # charger's output, not its AC input; the demand windows convert, planning._grid_wh).
     session_energy_wh: float = 0.0
+    # What the session had delivered before the central system's count of it began (Wh): its
+    # count starts again at 0 after a restart when the store holds no start register for the
+    # transaction (a start that carried none; a station metering only its inlet). The edge's
+    # session energy is this plus that count (``count_session_energy``).
+    energy_carried_wh: float = 0.0
+    # The energy a restart took back from the store for the session (``recording.recover``),
+    # until the central system's first count of it shows whether it counts from before.
+    energy_restored_wh: float | None = None
 
     # Setpoints (charger unit). ``sent``: the last TxProfile value that left; ``accepted``: whether
     # its CALLRESULT said Accepted; ``holding``: the last value the charger accepted.
@@ -183,6 +191,27 @@ class ChargerState:
     # session running then, or nothing set): the next session takes it only while it still
     # holds (``SiteState._take_preset_demand``).
     demand_set_at: float | None = None
+
+    def count_session_energy(self, count_wh: float) -> None:
+        """Take the central system's count of the session's energy (Wh, finite). A session's
+        energy only grows: a count below it is not the session's (a reading replayed late).
+        The first count after a restart that is 0 while the store gave back more is a count
+        begun again at the central system's first register since (its store held no start
+        register): what was restored carries on under it. Taken as it was, the restored energy
+        stood still until the new count passed it, and the session stayed short by it."""
+        restored = self.energy_restored_wh
+        if restored is not None:
+            self.energy_restored_wh = None
+            if count_wh <= 0.0 < restored:
+                self.energy_carried_wh = restored
+                log.info(
+                    "%s: transaction %s counted again from 0 Wh after the restart; the %.0f Wh "
+                    "delivered before it carry on",
+                    self.charger_id,
+                    self.transaction_id,
+                    restored,
+                )
+        self.session_energy_wh = max(self.session_energy_wh, self.energy_carried_wh + count_wh)
 
     def measured_max_a(self) -> float | None:
         vals = [v for v in self.measured_a if v is not None and math.isfinite(v)]
@@ -426,10 +455,9 @@ class SiteState:
         c.online = True
         ours = transaction_id is None or transaction_id == c.transaction_id
         if ours and session_energy_wh is not None and math.isfinite(session_energy_wh):
-            # A session's energy only grows: a reading with less is not the session's count (a
-            # central system restarted with the edge differences its register from this reading
-            # on, or has none to difference; the energy restored from the store stands).
-            c.session_energy_wh = max(c.session_energy_wh, session_energy_wh)
+            # A session's energy only grows; a count begun again after a restart adds to what
+            # the store gave back (``count_session_energy``).
+            c.count_session_energy(session_energy_wh)
         return True
 
     def sent_late(
@@ -490,7 +518,7 @@ class SiteState:
         energy_ok = session_energy_wh is not None and math.isfinite(session_energy_wh)
         if kind in ("ended", "updated") and c.transaction_id == transaction_id and energy_ok:
             assert session_energy_wh is not None
-            c.session_energy_wh = max(c.session_energy_wh, session_energy_wh)
+            c.count_session_energy(session_energy_wh)
         if kind == "started":
             if c.transaction_id != transaction_id:
                 if c.transaction_id is None:
@@ -500,7 +528,8 @@ class SiteState:
                 c.session_started_at = now_wall
                 if started_at is not None and math.isfinite(started_at):
                     c.session_started_at = min(now_wall, started_at)
-                c.session_energy_wh = 0.0
+                c.session_energy_wh = c.energy_carried_wh = 0.0
+                c.energy_restored_wh = None
                 # Switching rules count per session, from what this session really did: it
                 # starts on (at its TxDefault) or off, with no history from the car before it.
                 c.switches = 0
