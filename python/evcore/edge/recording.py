@@ -678,7 +678,20 @@ async def recover(state: SiteState, store: Any, keeper: SessionKeeper | None = N
     with contextlib.suppress(Exception):
         for rec in await store.list_open_sessions():
             c = state.chargers.get(rec.charger_id)
-            if c is None or (c.transaction_id not in (None, rec.transaction_id)):
+            if c is None:
+                # Taken out of the site file (or renamed) while a car charged on it: its car may
+                # still draw what its station's profiles allow, and nothing counts it now.
+                log.warning(
+                    "store: session %s (transaction %s, started at %s) is open at charger %r, "
+                    "which is not in the site file: if its car still charges, its draw is not "
+                    "counted (put the charger back, or stop the transaction at the station)",
+                    rec.session_id,
+                    rec.transaction_id,
+                    rec.started_at_s,
+                    rec.charger_id,
+                )
+                continue
+            if c.transaction_id not in (None, rec.transaction_id):
                 continue
             if c.transaction_id is None and rec.transaction_id:
                 c.transaction_id = rec.transaction_id
