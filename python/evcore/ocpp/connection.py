@@ -27,12 +27,15 @@ from websockets.protocol import State as _WsState
 from evcore.clock import Clock
 from evcore.ocpp import validation
 from evcore.ocpp.metering import MeterValueError
+from evcore.ocpp.oneline import install as install_one_line
 from evcore.ocpp.queue import CallOutcome
 
 if TYPE_CHECKING:
     from evcore.ocpp.server import CentralSystem, Station
 
 LOG = logging.getLogger("evcore.ocpp")
+# What stations choose (ids, event types) may hold CR/LF: every line of this logger stays one.
+install_one_line(LOG)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from evcore.ocpp.connection import HandlerError, StationConnection, on
 from evcore.ocpp.metering import parse_timestamp
+from evcore.ocpp.oneline import keepable
 
 if TYPE_CHECKING:
     from evcore.ocpp.server import ChargerInfo, LimitRequest
@@ -51,7 +52,14 @@ class SharedHandlers(StationConnection):
         # Never refused for its time: an event an operator must see (a station whose clock was
         # set wrong says so with one, stamped by that clock).
         at = self._tx_ts(p["timestamp"], "security event")
-        await self.csms._on_security(self.station, p["type"], p.get("techInfo"), at, self.version)
+        info = p.get("techInfo")
+        await self.csms._on_security(
+            self.station,
+            keepable(p["type"]),
+            None if info is None else keepable(info),
+            at,
+            self.version,
+        )
         return {}
 
     @on("FirmwareStatusNotification")

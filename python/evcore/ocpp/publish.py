@@ -3,7 +3,8 @@
 Converts :mod:`evcore.ocpp.events` to ``evcore.v1`` protobuf messages, publishes them on
 ``Subjects(site).telemetry|status|transaction(charger)`` and ``station_event(station)`` (security
 events, firmware / diagnostics / log status) and hands them to the store.
-Switching bus or store implementations is a change here only. It never alters an event.
+Switching bus or store implementations is a change here only. It never alters an event (a
+station's string in an event id is escaped there, ``oneline.id_part``; the message keeps it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from evcore.ocpp.events import (
     StatusEvent,
     TransactionEvent,
 )
+from evcore.ocpp.oneline import id_part
 
 LOG = logging.getLogger("evcore.ocpp")
 
@@ -266,7 +268,7 @@ class EventPublisher:
                     msg,
                     # On the station's time: the same on every retry (``at`` is bounded by
                     # the time of receipt).
-                    event_id=f"tx:{event.charger_id}:{event.transaction_id}:{event.kind}:"
+                    event_id=f"tx:{event.charger_id}:{id_part(event.transaction_id)}:{event.kind}:"
                     f"{round((event.at if event.station_at is None else event.station_at) * 1000)}",
                     critical=True,
                 )
@@ -283,7 +285,7 @@ class EventPublisher:
                 await self.bus.publish(
                     self._subjects.station_event(event.ocpp_id),
                     msg,
-                    event_id=f"station:{event.ocpp_id}:{msg.kind}:{msg.code}:"
+                    event_id=f"station:{event.ocpp_id}:{msg.kind}:{id_part(msg.code)}:"
                     f"{round(event.at * 1000)}",
                     critical=True,
                 )

@@ -14,6 +14,7 @@ from evcore.ocpp.connection import on
 from evcore.ocpp.handlers import SharedHandlers, composite_periods, schedule_periods
 from evcore.ocpp.handlers import iso as iso  # callers use v16.iso
 from evcore.ocpp.metering import parse_timestamp
+from evcore.ocpp.oneline import keepable
 
 if TYPE_CHECKING:
     from evcore.ocpp.server import ChargerInfo, LimitRequest
@@ -60,7 +61,7 @@ class Connection16(SharedHandlers):
         tx_id = await self.csms._on_start_1_6(
             self.station,
             connector_id=p["connectorId"],
-            id_tag=p["idTag"],
+            id_tag=keepable(p["idTag"]),
             meter_start_wh=float(p["meterStart"]),
             at=at,
         )

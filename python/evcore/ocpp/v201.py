@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from ocpp.v201.enums import Action
 
-from evcore.ocpp.connection import on
+from evcore.ocpp.connection import HandlerError, on
 from evcore.ocpp.handlers import SharedHandlers, composite_periods, iso, schedule_periods
 from evcore.ocpp.metering import parse_timestamp
+from evcore.ocpp.oneline import can_keep, keepable
 
 if TYPE_CHECKING:
     from evcore.ocpp.server import ChargerInfo, LimitRequest
@@ -56,17 +57,26 @@ class Connection201(SharedHandlers):
 
     @on(Action.transaction_event)
     async def on_transaction_event(self, p: dict[str, Any]) -> dict[str, Any]:
-        at = self._tx_ts(p["timestamp"])
         info = p["transactionInfo"]
+        transaction_id = info["transactionId"]
+        if not can_keep(transaction_id):
+            # The id the station is answered with (TxProfiles): an escaped copy would name no
+            # transaction of the station's. Refused before any state.
+            raise HandlerError(
+                "PropertyConstraintViolation",
+                f"transactionInfo.transactionId: {transaction_id!r} holds a NUL character or a "
+                "lone surrogate, which no record can keep",
+            )
+        at = self._tx_ts(p["timestamp"])
         evse = p.get("evse") or {}
         id_token = (p.get("idToken") or {}).get("idToken")
         await self.csms._on_transaction_event_2_0_1(
             self.station,
             event_type=p["eventType"],
-            transaction_id=info["transactionId"],
+            transaction_id=transaction_id,
             seq_no=p["seqNo"],
             evse_id=evse.get("id"),
-            id_tag=id_token,
+            id_tag=None if id_token is None else keepable(id_token),
             at=at,
             meter_values=p.get("meterValue") or [],
             reason=info.get("stoppedReason"),
