@@ -254,14 +254,18 @@ async def _call(args: argparse.Namespace) -> int:
 def _read_pems(args: argparse.Namespace, prog: str) -> bool:
     args.pems = None
     if not args.insecure and args.ca and args.cert and args.key:
-        pems = []
-        for option, path in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
+        files = [*(("--ca", ca) for ca in args.ca), ("--cert", args.cert), ("--key", args.key)]
+        pems: list[bytes] = []
+        for option, path in files:
             try:
                 pems.append(Path(path).read_bytes())
             except OSError as exc:
                 print(f"{prog}: {option} {path}: {exc.strerror or exc}", file=sys.stderr)
                 return False
-        args.pems = tuple(pems)
+        # Every --ca trusted: one bundle of their certificates (a repeated --ca kept only the
+        # last, without a word).
+        cas = b"".join(pem.rstrip(b"\n") + b"\n" for pem in pems[:-2])
+        args.pems = (cas, pems[-2], pems[-1])
     return True
 
 
@@ -279,7 +283,13 @@ def _run_sites(args: argparse.Namespace) -> int:
 
 def _connection_args(p: Any) -> None:
     p.add_argument("--target", required=True, help="host:port of evcore cloud serve")
-    p.add_argument("--ca", help="CA certificate of the cloud's server certificate (PEM)")
+    p.add_argument(
+        "--ca",
+        action="append",
+        help="CA certificate(s) the cloud's server certificate chains to (PEM; a bundle of "
+        "several is trusted whole; repeat the option for more files, e.g. the new and the old "
+        "CA during a rotation)",
+    )
     p.add_argument("--cert", help="operator client certificate (PEM, signed by the operator CA)")
     p.add_argument("--key", help="its private key (PEM)")
     p.add_argument("--insecure", action="store_true", help="plaintext development server")
