@@ -8,9 +8,12 @@ from pathlib import Path
 from evcore.sim.scenario import Scenario, parse_scenario
 
 
-def one_charger_site(site_id: str, *, power_limit_kw: float | None = None) -> str:
+def one_charger_site(
+    site_id: str, *, power_limit_kw: float | None = None, charger_extra: str = ""
+) -> str:
     """A scenario's ``[site]``: one 63 A grid connection (optionally a kW cap) and one 32 A
-    three-phase charger ``cp-1`` at 230 V, as TOML text."""
+    three-phase charger ``cp-1`` at 230 V, as TOML text; ``charger_extra``: TOML lines added to
+    the charger's table (``steps_a = [...]``)."""
     cap = f"power_limit_kw = {power_limit_kw}\n" if power_limit_kw is not None else ""
     return f"""[site]
 id = "{site_id}"
@@ -29,7 +32,7 @@ phases = ["L1", "L2", "L3"]
 voltage_v = 230.0
 min_a = 6.0
 max_a = 32.0
-"""
+{charger_extra}"""
 
 
 def one_car_scenario(
@@ -43,11 +46,13 @@ def one_car_scenario(
     power_limit_kw: float | None = None,
     extra: str = "",
     start: str = "2026-01-05T12:00:00Z",
+    charger_extra: str = "",
 ) -> Scenario:
     """A scenario on :func:`one_charger_site`: one 100 kWh three-phase 32 A car (``car``) on
     ``cp-1`` from the start to ``departure_h`` (default: the end), asking for 40 kWh, from a CSV
     file written to ``tmp_path``; one ``policy``, seed 1, starting at ``start`` (UTC).
-    ``extra``: TOML appended (faults, tariff, grid signals)."""
+    ``extra``: TOML appended (faults, tariff, grid signals); ``charger_extra``: TOML lines for
+    ``cp-1``'s table."""
     dep = duration_h if departure_h is None else departure_h
     (tmp_path / "s.csv").write_text(
         "id,charger,arrival_h,departure_h,energy_kwh,vehicle,soc_arrival\n"
@@ -62,7 +67,7 @@ seed = 1
 policies = ["{policy}"]
 
 """
-        + one_charger_site(name, power_limit_kw=power_limit_kw)
+        + one_charger_site(name, power_limit_kw=power_limit_kw, charger_extra=charger_extra)
         + """
 [arrivals]
 model = "csv"

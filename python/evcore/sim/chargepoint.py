@@ -223,6 +223,24 @@ class SimConnector:
         return self.register_wh
 
 
+def offer(c: SimConnector, limit: float) -> float:
+    """What ``c`` offers under ``limit`` (its units: A per phase for AC, W for DC): AC the
+    highest of its steps at or below the limit and 0 below the 6 A pilot minimum; DC 0 below
+    ``min_w``, or ``min_w`` when it runs at its minimum. The in-process twin's chargers offer
+    the same (``evcore.sim.twin.SitePlant``)."""
+    if not c.available:
+        return 0.0
+    if c.kind == "dc":
+        offered = max(0.0, min(limit, c.max_w))
+        if 0.0 < offered < c.min_w:
+            offered = c.min_w if c.below_min_w == "minimum" else 0.0
+        return offered
+    allowed = max(0.0, min(limit, c.max_a))
+    if c.steps_a:
+        allowed = max((s for s in c.steps_a if s <= allowed + 1e-9), default=0.0)
+    return allowed if allowed >= MIN_PILOT_A else 0.0
+
+
 @dataclass
 class Misbehaviour:
     ignore_profiles: bool = False  # answer Accepted, never apply
@@ -876,24 +894,8 @@ class SimChargePoint:
                     if c.tx_active:
                         self._send_meter_values(c)
 
-    @staticmethod
-    def _offer(c: SimConnector, limit: float) -> float:
-        """What ``c`` offers under ``limit`` (its units): AC on its steps and 0 below the 6 A
-        pilot minimum; DC 0 below ``min_w``, or ``min_w`` when it runs at its minimum."""
-        if not c.available:
-            return 0.0
-        if c.kind == "dc":
-            offered = max(0.0, min(limit, c.max_w))
-            if 0.0 < offered < c.min_w:
-                offered = c.min_w if c.below_min_w == "minimum" else 0.0
-            return offered
-        allowed = max(0.0, min(limit, c.max_a))
-        if c.steps_a:
-            allowed = max((s for s in c.steps_a if s <= allowed + 1e-9), default=0.0)
-        return allowed if allowed >= MIN_PILOT_A else 0.0
-
     def _advance(self, c: SimConnector, now: float, dt: float, share: float = math.inf) -> None:
-        c.offered = self._offer(c, min(self.limit_at(c.evse_id, now), share))
+        c.offered = offer(c, min(self.limit_at(c.evse_id, now), share))
         self._count_energy(c, dt)
         if not c.tx_active or c.ev is None:
             c.terminal_a = [0.0, 0.0, 0.0]
@@ -1078,7 +1080,7 @@ class SimChargePoint:
         least: dict[int, float] = {}
         for c in users:
             k = per_unit[c.evse_id]
-            offered = self._offer(c, self._limit_at(c.evse_id, now, with_max=False))
+            offered = offer(c, self._limit_at(c.evse_id, now, with_max=False))
             assert c.ev is not None
             takes = c.ev.dc_draw_w(offered) if c.kind == "dc" else c.ev.ac_draw_a(offered)
             own[c.evse_id] = offered / k

@@ -32,6 +32,8 @@ import numpy.typing as npt
 
 from evcore.clock import sleep_or_wake
 from evcore.sim.arrivals import Arrivals, generate, max_rate_kw
+from evcore.sim.chargepoint import offer
+from evcore.sim.fleet import connector_for
 from evcore.sim.scenario import (
     CONTROLLED_POLICIES,
     ChargerSpec,
@@ -519,6 +521,9 @@ class SitePlant:
         self.lines = LineModel(sc.site)
         self.meter = Meter(sc, self.lines, max(sc.duration_s / series_points, 1.0))
         self.points = [Point() for _ in range(self.n)]
+        # Each charger's electrical data as a simulated OCPP station holds it: what it offers
+        # under a limit is the stations' rule (``offered_of``).
+        self.connectors = [connector_for(c) for c in sc.site.chargers]
         self.delivered: dict[str, float] = {}
         self.chosen = chosen or _busiest_charger(arr, sc.site)
         self.chosen_k = self.cidx[self.chosen]
@@ -571,9 +576,17 @@ class SitePlant:
             return p.default
         return c.max_w if c.kind == "dc" else c.max_a
 
+    def offered_of(self, k: int, t: float) -> float:
+        """What charger k offers its car now under its limit, as a simulated OCPP station does
+        (``evcore.sim.chargepoint.offer``): AC the highest of its steps at or below it, nothing
+        below the 6 A pilot; DC nothing between 0 and its ``min_w``. (The limit as it was let a
+        14 A setpoint be drawn at 14 A between 13 A and 16 A steps, and 3 kW under a 5 kW DC
+        minimum.)"""
+        return offer(self.connectors[k], self.limit_of(k, t))
+
     def draw(self, k: int, t: float) -> float:
         car = self.points[k].car
-        return 0.0 if car is None else car.draw(self.limit_of(k, t))
+        return 0.0 if car is None else car.draw(self.offered_of(k, t))
 
     def _currents(self, t: float) -> tuple[F64, float, list[float]]:
         """Per-charger line current (A), the chargers' load in kW as the site meter counts it
@@ -586,7 +599,7 @@ class SitePlant:
         for k, p in enumerate(self.points):
             if p.car is None:
                 continue
-            d = p.car.draw(self.limit_of(k, t))
+            d = p.car.draw(self.offered_of(k, t))
             draws[k] = d
             ch = self.site.chargers[k]
             la[k] = dc_line_current_a(ch, d, v_ln) if ch.kind == "dc" else d
