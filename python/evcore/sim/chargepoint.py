@@ -964,6 +964,18 @@ class SimChargePoint:
         self.profiles.append(p)
 
     @staticmethod
+    def _schedule_start(p: HeldProfile, c: SimConnector | None) -> float:
+        """Where ``p``'s periods and duration count from on ``c``: its ``startSchedule``; without
+        one, a Relative profile from the start of ``c``'s transaction (OCPP 1.6
+        ChargingProfileKindType, 2.0.1 ChargingProfileKindEnumType: "relative to ... the start
+        of a transaction / session"), any other from its arrival."""
+        if p.start is not None:
+            return p.start
+        if p.kind == "Relative" and c is not None and c.tx_started_at:
+            return c.tx_started_at
+        return p.received_at
+
+    @staticmethod
     def _profile_period(
         p: HeldProfile, c: SimConnector | None, t: float
     ) -> tuple[float, int | None] | None:
@@ -972,12 +984,7 @@ class SimChargePoint:
             return None
         if p.valid_to is not None and t >= p.valid_to:
             return None
-        start = p.start
-        if start is None:
-            relative = p.kind == "Relative" and c is not None and c.tx_started_at
-            start = c.tx_started_at if relative and c is not None else p.received_at
-        assert start is not None
-        offset = t - start
+        offset = t - SimChargePoint._schedule_start(p, c)
         if p.kind == "Recurring" and offset >= 0:
             offset = offset % 86400.0
         if offset < 0 or (p.duration is not None and offset >= p.duration):
@@ -1128,15 +1135,20 @@ class SimChargePoint:
         EVSE's units (A per phase for AC, W for DC); EVSE 0: the station's, in ``unit``."""
         now = self.clock.now()
         marks = {0.0}
+        # A Relative profile's periods count from each EVSE's transaction start: the marks of
+        # every EVSE it may apply to, and of its arrival (a station maximum's). Counted from its
+        # arrival alone, a Relative profile's changes were reported as late as it had come after
+        # the transaction's start.
+        conns = list(self.connectors.values()) if evse_id == 0 else [self.connectors[evse_id]]
         for p in self.profiles:
-            start = p.start if p.start is not None else p.received_at
             for t in (p.valid_from, p.valid_to):
                 if t is not None:
                     marks.add(t - now)
-            for sp, _, _ in p.periods:
-                marks.add(start + sp - now)
-            if p.duration is not None:
-                marks.add(start + p.duration - now)
+            for start in {self._schedule_start(p, c) for c in (None, *conns)}:
+                for sp, _, _ in p.periods:
+                    marks.add(start + sp - now)
+                if p.duration is not None:
+                    marks.add(start + p.duration - now)
         out: list[tuple[int, float]] = []
         for m in sorted(x for x in marks if 0 <= x < duration_s):
             if evse_id == 0:

@@ -1,0 +1,92 @@
+"""A Relative charging profile (chargingProfileKind Relative, no startSchedule) counts its periods
+and its duration from the start of the transaction (OCPP 1.6 ChargingProfileKindType, 2.0.1
+ChargingProfileKindEnumType), on the simulated station's own limit and in the composite schedule
+it reports.
+
+The station applied a Relative TxProfile from its transaction's start, but its composite schedule
+counted the profile's periods from when the profile arrived: a profile received 100 s into the
+transaction, 16 A for 600 s then 8 A until 900 s, was reported to drop 600 s from then and end
+at 900 s, where the station itself dropped at 500 s and ended at 800 s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from evcore.ocpp import validation
+from evcore.sim.chargepoint import SimChargePoint, SimConnector
+from evcore.sim.ev import EV
+from evcore.sim.vclock import VirtualClock
+
+START = 1_767_614_400.0  # 2026-01-05T12:00:00Z: the transaction starts
+RECEIVED = START + 100.0  # the profile arrives (and applies: no apply delay)
+TX_ID = "7"
+
+
+def _relative_tx_profile(version: str) -> dict[str, Any]:
+    """SetChargingProfile: a Relative TxProfile, 16 A from the transaction's start, 8 A from
+    600 s, for 900 s (the charger's 32 A after it)."""
+    schedule: dict[str, Any] = {
+        "duration": 900,
+        "chargingRateUnit": "A",
+        "chargingSchedulePeriod": [
+            {"startPeriod": 0, "limit": 16.0},
+            {"startPeriod": 600, "limit": 8.0},
+        ],
+    }
+    profile: dict[str, Any] = {
+        "stackLevel": 1,
+        "chargingProfilePurpose": "TxProfile",
+        "chargingProfileKind": "Relative",
+    }
+    if version == "1.6":
+        call = {
+            "connectorId": 1,
+            "csChargingProfiles": profile
+            | {"chargingProfileId": 5, "transactionId": int(TX_ID), "chargingSchedule": schedule},
+        }
+    else:
+        call = {
+            "evseId": 1,
+            "chargingProfile": profile
+            | {"id": 5, "transactionId": TX_ID, "chargingSchedule": [schedule | {"id": 1}]},
+        }
+    validation.validate(version, "SetChargingProfile", call, response=False)
+    return call
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.0.1"])
+def test_a_relative_profile_counts_from_the_transaction_start(version: str) -> None:
+    clock = VirtualClock(START)
+    conn = SimConnector(kind="ac", max_a=32.0)
+    cp = SimChargePoint(
+        "cp-1",
+        [conn],
+        url="ws://127.0.0.1:9/ocpp/cp-1",
+        clock=clock,
+        version=version,
+        tick_s=1.0,
+        apply_delay_s=0.0,
+    )
+    cp.plug_in(1, EV(capacity_kwh=300.0, soc=0.2))
+    conn.tx_ref.id = TX_ID
+    clock.set_time(RECEIVED)
+    answer = cp._on_SetChargingProfile(_relative_tx_profile(version), [])
+    assert answer["status"] == "Accepted"
+    cp.step()
+    # What the station applies: 16 A, 8 A from 600 s after the transaction's start, 32 A from 900.
+    for t, want_a in [(RECEIVED, 16.0), (START + 599.0, 16.0), (START + 600.0, 8.0)]:
+        assert cp.limit_at(1, t) == want_a
+    assert cp.limit_at(1, START + 900.0) == 32.0
+
+    call = {"connectorId" if version == "1.6" else "evseId": 1, "duration": 1000}
+    validation.validate(version, "GetCompositeSchedule", call, response=False)
+    res = cp._on_GetCompositeSchedule(call, [])
+    validation.validate(version, "GetCompositeSchedule", res, response=True)
+    sched = res["chargingSchedule"] if version == "1.6" else res["schedule"]
+    # The same, from now (100 s into the transaction).
+    assert sched["chargingSchedulePeriod"] == [
+        {"startPeriod": 0, "limit": 16.0},
+        {"startPeriod": 500, "limit": 8.0},  # was 600: counted from the profile's arrival
+        {"startPeriod": 800, "limit": 32.0},  # was 900
+    ]
