@@ -100,3 +100,62 @@ async def test_a_restart_keeps_a_reused_id_apart(tmp_path: Path) -> None:
             ]
             rec = await store.get_transaction("cp-b", "T1")
             assert rec is not None and rec.ended_at_s == pytest.approx(t + 120, abs=0.01)
+
+
+async def test_a_reused_id_after_a_reboot_that_set_the_clock_back_is_a_new_session(
+    tmp_path: Path,
+) -> None:
+    """The station's clock went back an hour at the reboot: its new session under "T1" is
+    stamped before the first one's end (and its start). A BootNotification came between the
+    first session's end and the new Started, whose time is not the first Started's: a new
+    session. A copy of the first session's Started resent after the boot (its time that of the
+    first) is still a replay. Before, the new Started (seqNo 0, stamped no later than the first
+    session's last event) was answered as a replay: nothing of the new session was published,
+    the EVSE had no transaction, no TxProfile could name it."""
+    async with open_sqlite(tmp_path) as store, raw_csms(store=store) as r:
+        st = await r.station("CPB")
+        t = r.clock.now() - 900
+        first = one_session("T1", t)
+        for p in first:
+            assert (await st.call("TransactionEvent", p))[0] == 3
+        assert (await st.call("BootNotification", BOOT_201))[0] == 3
+        assert (await st.call("TransactionEvent", first[0]))[0] == 3  # a late copy: a replay
+        assert len(_txs(r.events)) == 3
+        second = one_session("T1", t - 3600)
+        for p in second[:2]:
+            assert (await st.call("TransactionEvent", p))[0] == 3
+        new_id = r.cs.station_state("CPB").active_transactions.get(1)
+        assert new_id is not None and new_id != "T1", _txs(r.events)
+        assert _txs(r.events)[3:] == [(new_id, "started", 0.0), (new_id, "updated", 500.0)]
+        res = await r.cs.set_limit("cp-b", limit_a=10.0, transaction_id=new_id)
+        assert res.accepted, res
+        sent = [p for a, p in st.calls if a == "SetChargingProfile"]
+        assert sent[-1]["chargingProfile"]["transactionId"] == "T1"
+        assert (await st.call("TransactionEvent", second[2]))[0] == 3
+        assert _txs(r.events)[5:] == [(new_id, "ended", 1000.0)]
+        rec = await store.get_transaction("cp-b", new_id)
+        assert rec is not None and rec.started_at_s == pytest.approx(t - 3600, abs=0.01)
+
+
+async def test_after_a_restart_a_reused_id_with_the_clock_set_back_is_a_new_session(
+    tmp_path: Path,
+) -> None:
+    """The same across a restart of the central system: the first session's end is in the
+    store only (taken back: it ended before any boot this process saw)."""
+    site = make_site(configure_on_boot=False)
+    async with open_sqlite(tmp_path) as store:
+        t = 0.0
+        async with raw_csms(store=store, site=site) as r:
+            st = await r.station("CPB")
+            t = r.clock.now() - 900
+            for p in one_session("T1", t):
+                assert (await st.call("TransactionEvent", p))[0] == 3
+        async with raw_csms(store=store, site=site) as r:
+            st = await r.station("CPB")  # its BootNotification
+            assert (await st.call("TransactionEvent", one_session("T1", t)[0]))[0] == 3
+            assert _txs(r.events) == []  # the first Started resent: a replay
+            for p in one_session("T1", t - 3600)[:2]:
+                assert (await st.call("TransactionEvent", p))[0] == 3
+            new_id = r.cs.station_state("CPB").active_transactions.get(1)
+            assert new_id is not None and new_id != "T1"
+            assert _txs(r.events) == [(new_id, "started", 0.0), (new_id, "updated", 500.0)]

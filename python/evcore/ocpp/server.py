@@ -329,6 +329,9 @@ class TxState:
     last_event_at: float | None = None
     # When it ended, by the central system's monotonic clock (for ``tx_keep_s``).
     ended_mono: float | None = None
+    #: When this process heard its end (monotonic); None: not heard here (open, or taken back
+    #: from the store: it ended before any boot this process saw). ``_new_after_boot``.
+    end_heard_mono: float | None = None
     # Event kinds ("started", "ended") handed to local listeners, and those the bus and store
     # took: a kind emitted but not yet taken is published again when the station retries.
     emitted: set[str] = field(default_factory=set)
@@ -507,6 +510,9 @@ class Station:
     reused_loaded: bool = False
     #: When its last connection ended (our clock; None: not since this process started).
     gone_at: float | None = None
+    #: When its last BootNotification came (our monotonic clock; None: none since this process
+    #: started). ``CentralSystem._new_after_boot``.
+    booted_mono: float | None = None
     #: Its last firmware / diagnostics / log status per action: (payload, when it came first).
     status_notes: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
 
@@ -1090,6 +1096,7 @@ class CentralSystem:
             st.ocpp_id, conn.version, self.clock.now(), vendor, model, serial, firmware, reason
         )
         st.boot = ev
+        st.booted_mono = self.clock.monotonic()
         self._emit(ev)
         if self.config.configure_on_boot:
             conn.after_reply(lambda: self._spawn(self._configure(st, conn)))
@@ -1143,7 +1150,7 @@ class CentralSystem:
         """Book ``tx`` ended (at ``at`` by the station, now by our monotonic clock, for
         ``tx_keep_s``); its EVSE no longer has it active."""
         tx.ended = True
-        tx.ended_mono = self.clock.monotonic()
+        tx.ended_mono = tx.end_heard_mono = self.clock.monotonic()
         tx.ended_at, tx.end_reason = at, reason
         if tx.evse_id is not None and st.active_tx.get(tx.evse_id) == tx.transaction_id:
             del st.active_tx[tx.evse_id]
@@ -1464,7 +1471,8 @@ class CentralSystem:
         if tx is None and not st.reused_loaded:
             await self._load_reused(st)  # (after a restart: the id may be a reused one's)
             tx = self._tx_of_station_id(st, transaction_id, at)
-        if tx is not None and tx.is_replay(seq_no, at):
+        after_boot = event_type == "Started" and tx is not None and self._new_after_boot(st, tx, at)
+        if tx is not None and not after_boot and tx.is_replay(seq_no, at):
             return  # replayed message: already handled
         if evse_id is not None and evse_id != 0 and evse_id not in st.chargers:
             # (before any state: a TxState of an unknown EVSE was kept for ever)
@@ -1472,13 +1480,15 @@ class CentralSystem:
         new = False
         if tx is None:
             tx = await self._stored_tx_of_station_id(st, transaction_id, at)
+            after_boot = (
+                event_type == "Started" and tx is not None and self._new_after_boot(st, tx, at)
+            )
         ours = transaction_id
         if (
             tx is not None
             and event_type == "Started"
             and tx.ended
-            and tx.ended_at is not None
-            and at > tx.ended_at
+            and ((tx.ended_at is not None and at > tx.ended_at) or after_boot)
         ) or (tx is None and transaction_id in st.transactions):
             # The station started a session under the id of one that ended before it (its
             # counter began again after a reboot): a new session, under an id of ours. Before,
@@ -1562,6 +1572,20 @@ class CentralSystem:
             # answered as a replay.
             tx.unsee_seq(seq_no)
             raise
+
+    def _new_after_boot(self, st: Station, tx: TxState, at: float) -> bool:
+        """A 2.0.1 Started stamped ``at`` under the id of ``tx`` begins a new session because
+        the station rebooted since ``tx`` ended: ``tx`` ended (heard before the station's last
+        BootNotification, or taken back from the store: before any boot this process saw) and
+        ``at`` is not ``tx``'s own start (a copy of that Started resent after the boot, our
+        answer lost, has its time: within 0.5 ms, what the record's nanoseconds keep of it). A
+        station whose clock went back at the reboot stamps its new session before the old end:
+        by time alone it was a replay of the old Started (same seqNo, no newer), and dropped."""
+        if not tx.ended or st.booted_mono is None:
+            return False
+        if tx.end_heard_mono is not None and tx.end_heard_mono >= st.booted_mono:
+            return False
+        return tx.started_at is None or abs(at - tx.started_at) > 0.0005
 
     def _tx_of_station_id(self, st: Station, station_id: str, at: float) -> TxState | None:
         """The transaction in memory that the station's ``station_id`` names for an event
