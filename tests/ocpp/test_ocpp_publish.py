@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import uuid
@@ -511,9 +512,14 @@ async def test_readings_of_one_time_in_two_messages_both_reach_the_bus(
         )
         cs = CentralSystem(make_site(configure_on_boot=False), clock=WallClock(), bus=bus)
         await cs.start()
+        t = cs.clock.now() - 5
+
+        def this_run() -> list[Any]:
+            samples = [meter_pb2.MeterSample.FromString(m.data) for m in got]
+            return [s for s in samples if abs(s.sampled_at.ToNanoseconds() / 1e9 - t) < 0.002]
+
         try:
             async with station_ws(f"ws://127.0.0.1:{cs.port}/ocpp", "CPA", "1.6") as ws:
-                t = cs.clock.now() - 5
                 at = iso(t)
 
                 def meter(*sampled: dict[str, str]) -> dict[str, Any]:
@@ -529,18 +535,21 @@ async def test_readings_of_one_time_in_two_messages_both_reach_the_bus(
                         for p in ("L1", "L2")
                     )
                 )
-                for uid, payload in (("m1", register), ("m2", currents), ("m3", register)):
+                # One at a time, each once the one before is on the bus or refused by it:
+                # NatsBus sends telemetry as samples (a newer one of a charger replaces one not
+                # yet sent when it falls behind), which is not what this test is about.
+                for n, (uid, payload) in enumerate(
+                    (("m1", register), ("m2", currents), ("m3", register))
+                ):
                     assert (await raw_call(ws, uid, "MeterValues", payload))[0] == 3
+                    await bus.flush()
+                    # The old code's second reading never arrives: the wait ends, the
+                    # assertion below says what did.
+                    with contextlib.suppress(AssertionError):
+                        await wait_until(lambda n=n: len(this_run()) > min(n, 1), 5.0)
         finally:
             await cs.stop()
-        await bus.flush()
-
-        def this_run() -> list[Any]:
-            samples = [meter_pb2.MeterSample.FromString(m.data) for m in got]
-            return [s for s in samples if abs(s.sampled_at.ToNanoseconds() / 1e9 - t) < 0.002]
-
-        await wait_until(lambda: len(this_run()) >= 1, 10.0, "the first sample on the bus")
-        await asyncio.sleep(0.5)  # the second, and a duplicate if any, would arrive now
+        await asyncio.sleep(0.3)  # a duplicate, if any, would arrive now
         published = this_run()
         assert sorted(
             (s.HasField("energy_register_wh"), [x for x in s.current_a if not math.isnan(x)])
