@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Self, TypeVar
@@ -171,10 +173,16 @@ class Backend(abc.ABC):
     ``READ_GRACE_S`` later whatever the worker thread is doing. ``write_timeout_s`` (None:
     unbounded) bounds a write the same way inside the backend (a lock wait, a server that does not
     answer), so that one write cannot hold the worker thread, and every call queued behind it,
-    for long; the caller is not cut short meanwhile (a write it stopped waiting for could still
-    commit). ``open_timeout_s`` (None: unbounded) bounds opening (connecting, each migration's
+    for long. A backend that cannot end a write's wait itself in every case
+    (``caller_bounds_writes``: SQLite, whose file I/O may hang) has the caller stop waiting
+    ``READ_GRACE_S`` after ``write_timeout_s`` (see :meth:`BackendStore._run`).
+    ``open_timeout_s`` (None: unbounded) bounds opening (connecting, each migration's
     transaction) inside the backend, and :meth:`BackendStore.open` stops waiting for the whole
     ``READ_GRACE_S`` later whatever the worker thread is doing (file I/O that hangs)."""
+
+    #: Whether the caller bounds a write's wait (``write_timeout_s`` plus ``READ_GRACE_S``): the
+    #: backend's own bound does not cover everything a write may wait for (SQLite: file I/O).
+    caller_bounds_writes = False
 
     def __init__(
         self,
@@ -185,6 +193,10 @@ class Backend(abc.ABC):
         open_timeout_s: float | None = None,
     ) -> None:
         self.name = name
+        #: Writes whose caller stopped waiting while they ran (they may still commit, before any
+        #: later write of this backend: one worker thread takes its calls in order); each is
+        #: logged when it ends. Close does not wait for one still running.
+        self.late_writes: set[concurrent.futures.Future[Any]] = set()
         self.read_timeout_s = read_timeout_s
         self.write_timeout_s = write_timeout_s
         self.open_timeout_s = open_timeout_s
@@ -609,8 +621,9 @@ class BackendStore:
         self._closed = True
         loop = asyncio.get_running_loop()
         for b in self._backends():
-            if b.stuck:
-                # Its worker is held (opening hung): closing would queue behind it for ever.
+            if b.stuck or any(not f.done() for f in b.late_writes):
+                # Its worker is held (opening hung, or a write its caller stopped waiting for):
+                # closing would queue behind it for ever.
                 b.executor.shutdown(wait=False, cancel_futures=True)
                 b.release()
                 continue
@@ -628,9 +641,76 @@ class BackendStore:
         await self.close()
 
     async def _run(self, b: Backend, fn: Callable[[Tx], T]) -> T:
+        """``fn``, a write, in one transaction of ``b``. With ``b.caller_bounds_writes`` and
+        ``write_timeout_s`` set, the caller waits at most that plus ``READ_GRACE_S``, then gets
+        :class:`StoreUnavailable` naming the store and the key: "nothing was committed" when the
+        write had not started (it is dropped: it queued behind an earlier call that holds the
+        worker thread), else "its outcome is unknown" (file I/O that hangs: it may still commit
+        once the file system answers, before any later write of the backend, and how it ended is
+        logged then). Before, such a write held its caller, and every write queued behind it,
+        for as long as the I/O hung."""
         if not self._opened:
             await self.open()
-        return await self._exec(b, fn)
+        limit_s = b.write_timeout_s
+        if not b.caller_bounds_writes or limit_s is None:
+            return await self._exec(b, fn)
+        job = self._submit(b, fn, read_only=False)
+        started_s = time.monotonic()
+        wait_s = limit_s + READ_GRACE_S
+        result = asyncio.wrap_future(job)
+        # Taken here whenever it ends: a write's outcome after its caller left is logged instead.
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            await asyncio.wait({result}, timeout=wait_s)
+        except asyncio.CancelledError:
+            # The caller gave up on its own (its own bound): a write not started is dropped; one
+            # under way runs on and is watched alike.
+            if not job.cancel():
+                self._watch_late_write(b, job, started_s)
+            raise
+        if job.done() and not job.cancelled():
+            return job.result()  # (it ended as the wait did)
+        if job.cancel():
+            raise StoreUnavailable(
+                f"{b.label}: a write got no answer within {wait_s:g} s ([store] "
+                f"write_timeout_s = {limit_s:g}): it waited behind an earlier call that holds "
+                "the connection and never started; nothing was committed"
+            )
+        self._watch_late_write(b, job, started_s)
+        raise StoreUnavailable(
+            f"{b.label}: a write got no answer within {wait_s:g} s ([store] write_timeout_s ="
+            f" {limit_s:g}; file I/O that hangs?): its outcome is unknown: it may still commit "
+            "once the file system answers, before any later write; how it ended is logged then"
+        )
+
+    @staticmethod
+    def _watch_late_write(
+        b: Backend, job: concurrent.futures.Future[Any], started_s: float
+    ) -> None:
+        """Log how a write its caller stopped waiting for ended (on its worker thread)."""
+        b.late_writes.add(job)
+
+        def ended(f: concurrent.futures.Future[Any]) -> None:
+            b.late_writes.discard(f)
+            took_s = time.monotonic() - started_s
+            exc = f.exception() if not f.cancelled() else None
+            if exc is None:
+                log.error(
+                    "%s: a write its caller stopped waiting for committed after all, %.1f s after"
+                    " it was asked for (before any later write)",
+                    b.label,
+                    took_s,
+                )
+            else:
+                log.error(
+                    "%s: a write its caller stopped waiting for failed after %.1f s, nothing "
+                    "committed: %s",
+                    b.label,
+                    took_s,
+                    exc,
+                )
+
+        job.add_done_callback(ended)
 
     async def _read(self, b: Backend, fn: Callable[[Tx], T]) -> T:
         """``_run`` for ``fn`` that only reads: with ``b.read_timeout_s`` set, the caller waits at
@@ -655,13 +735,18 @@ class BackendStore:
 
     async def _exec(self, b: Backend, fn: Callable[[Tx], T], *, read_only: bool = False) -> T:
         """``fn`` in one transaction of ``b`` on its worker thread (the store need not be open)."""
+        return await asyncio.wrap_future(self._submit(b, fn, read_only=read_only))
 
+    @staticmethod
+    def _submit(
+        b: Backend, fn: Callable[[Tx], T], *, read_only: bool
+    ) -> concurrent.futures.Future[T]:
         def in_tx() -> T:
             # (The transaction connects if need be, inside its bound.)
             with b.transaction(read_only=read_only) as tx:
                 return fn(tx)
 
-        return await asyncio.get_running_loop().run_in_executor(b.executor, guarded(b, in_tx))
+        return b.executor.submit(guarded(b, in_tx))
 
 
 class SqlStore(BackendStore):

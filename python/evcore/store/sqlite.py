@@ -35,6 +35,9 @@ WRITE_BUSY_TIMEOUT_S = 30.0
 
 
 class SqliteBackend(Backend):
+    # Its busy timeout ends a wait for another process's lock; nothing ends file I/O that hangs.
+    caller_bounds_writes = True
+
     def __init__(
         self,
         path: Path,
