@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from evcore.api import FacadeError
 from evcore.store import open_store
 from evcore.v1 import edge_api_pb2 as pb
 from pg_testkit import TcpRelay
@@ -97,8 +98,15 @@ async def test_a_value_error_from_a_bug_is_internal_and_logged_a_facade_error_in
     assert len(_tracebacks(caplog)) == 1
     # The facade's own refusal of a value stays INVALID_ARGUMENT, unlogged.
     caplog.clear()
+
+    async def set_departure(
+        charger_id: str, departure: float, energy_requested_kwh: float | None = None
+    ) -> None:
+        raise FacadeError(f"departure for {charger_id} is before the session started")
+
+    api.facade.set_departure = set_departure  # type: ignore[method-assign,assignment]
     early = pb.SetSessionDepartureRequest(charger_id="C1")
-    early.departure.FromSeconds(int(api.clock.now()) - 3600)
+    early.departure.FromSeconds(int(api.clock.now()) + 3600)
     with caplog.at_level(logging.ERROR, logger=API_LOG):
         err = await _failure(api.stub.SetSessionDeparture(early, metadata=auth(OPERATOR)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "before" in (err.details() or "")

@@ -677,6 +677,17 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 f"energy_requested_kwh must be a finite number >= 0, got {energy!r}",
             )
         departure_s = await self._seconds(context, request.departure, "departure")
+        now_s = self._clock.now()
+        # A departure already past gives the session no laxity at all: least_laxity's top
+        # weight, the most urgent car on the site, for as long as it charges. Hurrying a car is
+        # what its priority is for.
+        await self._require(
+            context,
+            departure_s > now_s,
+            f"departure {convert.iso(departure_s)} is not after now ({convert.iso(now_s)}): a "
+            "departure already past would make this car the most urgent on the site (to hurry "
+            "it, raise its priority; local time sent as UTC?)",
+        )
         await self._session_guard(context, request.charger_id, request.transaction_id)
         await self._lever(
             context, self._facade.set_departure, request.charger_id, departure_s, energy
