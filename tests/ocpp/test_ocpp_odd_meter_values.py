@@ -149,7 +149,9 @@ async def test_an_implausible_reading_is_never_published() -> None:
         ]
 
 
-async def test_readings_of_one_instant_in_separate_entries_are_one_sample(tmp_path: Path) -> None:
+async def test_readings_of_one_instant_in_separate_entries_are_one_sample(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A station sending one meterValue entry per measurand, all stamped alike (the register in
     one, the phase currents in the next): one sample with both. Before, each became a sample of
     its own at the same time; the store keeps one sample per charger and time (and the bus one
@@ -171,13 +173,12 @@ async def test_readings_of_one_instant_in_separate_entries_are_one_sample(tmp_pa
         assert [(s.energy_register_wh, list(s.current_a)) for s in rows] == [
             (1234.0, [8.0, 16.0, 16.0])
         ]
-        # A value the central system cannot read is still named by its place in the message.
+        # A value the central system cannot read (skipped) is still named by its place in the
+        # message.
         mv[2]["sampledValue"].append(current("x", "L1"))
         answer = await st.call("MeterValues", {"connectorId": 1, "meterValue": mv})
-        assert answer[2:4] == [
-            "PropertyConstraintViolation",
-            "meterValue[2].sampledValue[1].value: not a number: 'x'",
-        ], answer
+        assert answer[0] == 3, answer
+        assert "meterValue[2].sampledValue[1].value: not a number: 'x'" in caplog.text
 
 
 async def test_a_meter_value_the_schema_refuses_does_not_refuse_its_transaction_message() -> None:
@@ -291,6 +292,70 @@ async def test_one_implausible_value_does_not_cost_the_rest_of_a_meter_values(
             ("CPA", "Energy.Active.Import.Register"): 1,
             ("CPB", "SoC"): 1,
         }
+        stop = stop_16(tx, t + 120, 1200)
+        assert (await a.call("StopTransaction", stop))[0] == 3
+        [ended] = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
+        assert ended.session_energy_wh == 200.0
+
+
+async def test_an_unreadable_value_does_not_cost_the_rest_of_a_meter_values(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain MeterValues whose sampled values include ones that are no number: a 1.6 SoC of ""
+    and an offered current of "n/a" (stations that do not know them), an energy register of
+    "nan" mid-session; a 2.0.1 SoC whose multiplier of 400 overflows. Each is skipped (logged
+    naming its field, counted in ``CentralSystem.skipped_values``) as an implausible one is
+    (e368fa0); the currents and power of the same reading are published and stored and the
+    station gets its CallResult. The unreadable register is no reading: the session energy
+    stays on the registers read (100 Wh, then 200 Wh at the stop). Before, the whole message
+    got CALLERROR PropertyConstraintViolation ("not a number: ''") and the currents were lost.
+    A value the 2.0.1 schema refuses (a string) still refuses the message, naming it."""
+    async with open_sqlite(tmp_path) as store, raw_csms(store=store) as r:
+        a = await r.station("CPA", "1.6")  # terminals L1, L2, L3 on site L2, L3, L1
+        t = r.clock.now() - 600
+        tx = (await a.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
+        mv = [{"timestamp": iso(t + 30), "sampledValue": [register("1100")]}]
+        payload = {"connectorId": 1, "transactionId": tx, "meterValue": mv}
+        assert (await a.call("MeterValues", payload))[0] == 3
+        sampled = [current("16", "L1"), current("15", "L2"), current("14", "L3"),
+                   {"value": "11000", "measurand": "Power.Active.Import", "unit": "W"},
+                   {"value": "", "measurand": "SoC", "unit": "Percent"},
+                   {"value": "n/a", "measurand": "Current.Offered", "unit": "A"},
+                   register("nan")]  # fmt: skip
+        mv = [{"timestamp": iso(t + 60), "sampledValue": sampled}]
+        payload = {"connectorId": 1, "transactionId": tx, "meterValue": mv}
+        answer = await a.call("MeterValues", payload)
+        assert answer[0] == 3, answer
+        b = await r.station("CPB")
+        values = meter(t + 60, 1500, 16)
+        soc = {"value": 50, "measurand": "SoC", "unitOfMeasure": {"multiplier": 400}}
+        values[0]["sampledValue"].append(soc)
+        answer = await b.call("MeterValues", {"evseId": 1, "meterValue": values})
+        assert answer[0] == 3, answer
+        got = [(s.charger_id, s.terminal_a, s.power_w, s.offered_a, s.soc_percent,
+                s.energy_register_wh, s.session_energy_wh) for s in r.of(MeterSample)]  # fmt: skip
+        assert got == [
+            ("cp-a", (None, None, None), None, None, None, 1100.0, 100.0),
+            ("cp-a", (16.0, 15.0, 14.0), 11000.0, None, None, None, 100.0),
+            ("cp-b", (16.0, None, None), None, None, None, 1500.0, None),
+        ]
+        rows = await store.meter_samples("cp-a")
+        assert list(rows[1].current_a) == [14.0, 16.0, 15.0]
+        assert [s.HasField("energy_register_wh") for s in rows] == [True, False]
+        for field in ("sampledValue[4].value: not a number: ''",
+                      "sampledValue[5].value: not a number: 'n/a'",
+                      "sampledValue[6].value: not finite: 'nan'",
+                      "sampledValue[2].unitOfMeasure.multiplier: out of range: 400"):  # fmt: skip
+            assert f"sampled value skipped: meterValue[0].{field}" in caplog.text, field
+        assert r.cs.skipped_values == {
+            ("CPA", "SoC"): 1,
+            ("CPA", "Current.Offered"): 1,
+            ("CPA", "Energy.Active.Import.Register"): 1,
+            ("CPB", "SoC"): 1,
+        }
+        values[0]["sampledValue"][2] = {"value": "n/a", "measurand": "SoC"}
+        answer = await b.call("MeterValues", {"evseId": 1, "meterValue": values})
+        assert answer[0] == 4 and "sampledValue" in answer[3], answer
         stop = stop_16(tx, t + 120, 1200)
         assert (await a.call("StopTransaction", stop))[0] == 3
         [ended] = [e for e in r.of(TransactionEvent) if e.kind == "ended"]

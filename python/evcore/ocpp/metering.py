@@ -45,8 +45,9 @@ class ImplausibleValue(MeterValueError):
 
 #: The range a reading of each measurand can take (SI units, after unit and multiplier): beyond
 #: it a finite number is no measurement (a negative import register, 10^33 Wh, 10^9 A, a SoC of
-#: 250 %) and is refused like one that is not a number. Wide: a register counts a charger's
-#: lifetime (350 kW for 20 years is 6e10 Wh); currents and powers of a whole site fit.
+#: 250 %) and is treated like one that is not a number (``parse_meter_value``). Wide: a register
+#: counts a charger's lifetime (350 kW for 20 years is 6e10 Wh); currents and powers of a whole
+#: site fit.
 PLAUSIBLE: dict[str, tuple[float, float]] = {
     "Energy.Active.Import.Register": (0.0, 1e12),
     "Current.Import": (-1e4, 1e4),
@@ -113,7 +114,7 @@ class Reading:
     context: str | None = None
     #: ``power_w`` was measured at the charger's grid side (``location`` ``Inlet``).
     power_at_inlet: bool = False
-    #: Each sampled value skipped (``lenient``, ``skip_implausible``): its measurand and why.
+    #: Each sampled value skipped (``lenient``): its measurand and why.
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -193,14 +194,14 @@ def parse_meter_value(
     field: str = "meterValue",
     dc: bool = False,
     lenient: bool = False,
-    skip_implausible: bool = False,
     names: Sequence[str] | None = None,
 ) -> Reading:
     """Read one ``meterValue`` entry. ``terminals`` is how many phase terminals the charger has.
-    A sampled value that cannot be read raises ``MeterValueError`` naming it; ``lenient``: it is
-    skipped instead, and why is listed in ``Reading.skipped`` (the timestamp still raises).
-    ``skip_implausible``: only a finite value outside ``PLAUSIBLE`` (``ImplausibleValue``) is
-    skipped so; one that is no number still raises.
+    A sampled value that cannot be read (no number, not finite, a multiplier out of range) or
+    one no meter gives (``PLAUSIBLE``: ``ImplausibleValue``) raises ``MeterValueError`` naming
+    it; ``lenient``: it is skipped instead, and its measurand and why are listed in
+    ``Reading.skipped`` (the timestamp still raises: without it nothing of the entry is a
+    reading).
 
     A current with a phase wins over one without (a phase-less current fills only the
     terminals no phase current was reported for), whatever their order.
@@ -239,7 +240,7 @@ def parse_meter_value(
             where = names[i] if names is not None else f"{field}.sampledValue[{i}]"
             value = check_plausible(measurand, _number(version, sv, where), where + ".value")
         except MeterValueError as exc:
-            if not (lenient or (skip_implausible and isinstance(exc, ImplausibleValue))):
+            if not lenient:
                 raise
             reading.skipped.append((measurand, str(exc)))
             continue

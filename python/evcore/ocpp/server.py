@@ -1679,14 +1679,16 @@ class CentralSystem:
         tx_id: str | None,
     ) -> None:
         """A MeterValues message's ``meterValue``: a sample per instant (``same_time_merged``).
-        A value that cannot be read refuses the message, naming it. One read as a number no
-        meter gives (``metering.PLAUSIBLE``: a SoC of -1 some stations send for "unknown") is
-        skipped, logged and counted (``skipped_values``), and the rest of its reading kept:
-        refusing the message lost the station's currents and power with it."""
+        A sampled value that cannot be read (a 1.6 SoC of "" or "n/a", a value of "nan", a
+        2.0.1 multiplier out of range) or is read as a number no meter gives
+        (``metering.PLAUSIBLE``: a SoC of -1 some stations send for "unknown") is skipped,
+        logged naming its field and counted (``skipped_values``), and the rest of its reading
+        kept: refusing the message lost the station's currents and power with it. A skipped
+        register is no reading: the session energy stays on the registers read. What the
+        schema refuses (validated before this) and a timestamp that cannot be read or is too
+        far ahead still refuse the message."""
         for mv, where, names in same_time_merged(meter_values, "meterValue"):
-            await self._on_meter_value(
-                st, evse_id, mv, tx_id, where, names=names, skip_implausible=True
-            )
+            await self._on_meter_value(st, evse_id, mv, tx_id, where, lenient=True, names=names)
 
     async def _on_meter_value(
         self,
@@ -1697,13 +1699,12 @@ class CentralSystem:
         where: str,
         lenient: bool = False,
         names: Sequence[str] | None = None,
-        skip_implausible: bool = False,
     ) -> None:
         """One meterValue entry: a ``MeterSample``, the transaction's registers. ``lenient``
-        (``_tx_meter_values``): a sampled value that cannot be read is skipped and logged;
-        ``skip_implausible``: only one outside ``metering.PLAUSIBLE`` is (a skipped register is
-        no reading: it never reaches the session's energy). ``names``: its sampled values'
-        names in the message (``same_time_merged``)."""
+        (``_on_meter_values``, ``_tx_meter_values``): a sampled value that cannot be read or
+        is outside ``metering.PLAUSIBLE`` is skipped, logged and counted (a skipped register
+        is no reading: it never reaches the session's energy), else it raises. ``names``: its
+        sampled values' names in the message (``same_time_merged``)."""
         tx = st.transactions.get(tx_id) if tx_id is not None else None
         if evse_id is None and tx is not None:
             evse_id = tx.evse_id
@@ -1734,7 +1735,6 @@ class CentralSystem:
             field=where,
             dc=dc,
             lenient=lenient,
-            skip_implausible=skip_implausible,
             names=names,
         )
         for measurand, why in reading.skipped:
