@@ -403,9 +403,11 @@ class EdgeController:
             if st.on_connection(ev.ocpp_id, ev.connected):
                 self.notify("connection")
                 if ev.connected:
+                    self._await_first_defaults(ev.ocpp_id, now_m)
                     self._ask_station(ev.ocpp_id)
         elif kind == "BootEvent":
             if st.on_boot(ev.ocpp_id):
+                self._await_first_defaults(ev.ocpp_id, now_m)
                 self.notify("boot")
         elif kind == "ProfileResult":
             pass  # results come back through the awaited set_limit
@@ -1131,6 +1133,7 @@ class EdgeController:
             # acceptance, not of the decision (an answer arriving later than that after the
             # decision opened no gap at all: F3 of the 2026-12-05 review).
             applied_by = now_m + self.cfg.settle_s
+            c.default_awaited_until = None  # (the gap goes on as ``default_unapplied_until``)
             if c.tx_default is None:
                 # Its first TxDefault of ours (edge start, boot, stale ones cleared): before it
                 # the charger allowed a car its maximum. It counts there until the station shows
@@ -1160,6 +1163,10 @@ class EdgeController:
                 c.needs_resend = False
                 c.profile_unknown = False
         else:
+            # Refused or unanswered: no TxDefault of ours is on its way any more. Sent again,
+            # it opens no start-up gap: a station that never accepts one would leave every pause
+            # on the site uncounted (no min_off_s, no switch) for good.
+            c.default_awaited_until = None
             if c.tx_default_sent == sent.value:
                 c.tx_default_sent = None  # refused or lost: send again next decision
             if c.tx_default_reported:
@@ -1350,6 +1357,25 @@ class EdgeController:
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
+    def _first_default_wait_s(self) -> float:
+        """How long a charger left with no TxDefault of ours in force (a (re)connect, a boot,
+        its stale ones cleared) counts at its maximum as the start-up gap while its first one is
+        on its way: the station's report (its TxDefaults wait for it), then ``settle_s`` for
+        ours to leave and be answered. Not renewed by re-sends."""
+        return self._report_bound_s() + self.cfg.settle_s
+
+    def _await_first_defaults(self, ocpp_id: str, now_m: float) -> None:
+        """Station ``ocpp_id`` (re)connected or booted: those of its chargers that hold no
+        TxDefault of ours count at their maximum until one is accepted and applied. The
+        sessions held at 0 A for it meanwhile are the gap's (``SiteState.default_gap``), for
+        at most ``_first_default_wait_s`` (then the first-TxDefault gap takes over, or, if no
+        answer came or it was refused, nothing: a station that never accepts one must not
+        leave every pause on the site uncounted)."""
+        until = now_m + self._first_default_wait_s()
+        for c in self.state.station_chargers(ocpp_id):
+            if c.online and c.tx_default is None:
+                c.default_awaited_until = until
+
     def _watch_default(self, c: ChargerState) -> None:
         """Ask the station, beside the loop, whether it applies the first TxDefault of ours that
         ``c`` accepted, until it does or its gap ends (``default_unapplied_until``)."""
@@ -1446,7 +1472,7 @@ class EdgeController:
         c.tx_default = None
         c.tx_default_reported = False
         c.tx_default_old = c.tx_default_old_until = None
-        c.default_unapplied_until = None
+        c.default_unapplied_until = c.default_awaited_until = None
         c.profile_unknown = True
         if c.transaction_id is None:
             c.sent = c.holding = None
@@ -1456,10 +1482,13 @@ class EdgeController:
     def _forget_defaults(self, ocpp_id: str) -> None:
         """The station's TxDefaults are cleared (every EVSE's: one of another controller may
         apply station-wide): what held a charger by its TxDefault alone holds it no longer."""
+        now_m = self.clock.monotonic()
         for c in self.state.station_chargers(ocpp_id):
             c.tx_default = c.tx_default_sent = None
             c.tx_default_reported = False
             c.default_unapplied_until = None
+            # Ours go next: the chargers count at their maximum until one is in force.
+            c.default_awaited_until = now_m + self._first_default_wait_s()
             if c.transaction_id is None:
                 # Idle: its TxDefault was all it held; now nothing of ours (counted at max).
                 c.sent = c.holding = None

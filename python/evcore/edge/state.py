@@ -134,6 +134,14 @@ class ChargerState:
     # charger allows without it, its maximum. Monotonic instant until which it counts so (sent +
     # settle_s); None once the station's report showed it in force, or when none is on its way.
     default_unapplied_until: float | None = None
+    # Before that: no TxDefault of ours is known in force on it (none sent yet since the station
+    # connected or booted, one sent and not answered, or its stale ones were just cleared), so it
+    # counts at its maximum, and its first one is on its way. Monotonic instant until which that
+    # counts as the start-up gap (the edge sets it: report wait + ``settle_s`` after the
+    # (re)connect, boot or clear); None once one of ours is accepted (``default_unapplied_until``
+    # takes over), refused or unanswered, or the station went offline. Re-sends do not set it
+    # again: a station that never accepts one leaves the gap for good after that bound.
+    default_awaited_until: float | None = None
     # This session started while that was so: its car may draw the charger's maximum until the
     # TxDefault is applied. (A session running before it is held by the TxProfile it has, which
     # the station's report showed after a restart, or counted at its maximum after a boot.)
@@ -312,6 +320,12 @@ class ChargerState:
         until = self.default_unapplied_until
         return until is not None and now_mono < until
 
+    def default_awaited(self, now_mono: float) -> bool:
+        """Online, no TxDefault of ours known in force (counted at its maximum), and its first
+        one on its way or about to leave, within the bound (``default_awaited_until``)."""
+        until = self.default_awaited_until
+        return self.online and self.tx_default is None and until is not None and now_mono < until
+
     def replaced_default(self, now_mono: float) -> float | None:
         """The level of the TxDefault a lowered one replaced less than ``settle_s`` ago (accepted
         is not applied), else None."""
@@ -378,8 +392,13 @@ class SiteState:
         return self.chargers[charger_id]
 
     def default_gap(self, now_mono: float) -> bool:
-        """Some charger's first TxDefault of ours may not be applied yet."""
-        return any(c.default_unapplied(now_mono) for c in self.chargers.values())
+        """Some charger counts at its maximum for want of a TxDefault of ours known in force, for
+        a bounded while: its first one may not be applied yet (``default_unapplied``), or is on
+        its way (``default_awaited``). A pause made meanwhile is the gap's, not the allocator's."""
+        return any(
+            c.default_unapplied(now_mono) or c.default_awaited(now_mono)
+            for c in self.chargers.values()
+        )
 
     def station_chargers(self, ocpp_id: str) -> list[ChargerState]:
         return [c for c in self.chargers.values() if c.ocpp_id == ocpp_id]
@@ -392,6 +411,8 @@ class SiteState:
             # Whatever the charger holds after a (re)connect is unknown until we re-send.
             c.needs_resend = True
             c.tx_default_sent = None
+            if not connected:
+                c.default_awaited_until = None  # nothing on its way to a station away
             changed.append(c.charger_id)
         return changed
 
@@ -406,6 +427,7 @@ class SiteState:
             c.tx_default_sent = None
             c.tx_default_reported = False
             c.default_unapplied_until = None  # its next TxDefault of ours is a first one again
+            c.default_awaited_until = None  # (the edge opens that window: it knows the bound)
             c.tx_profile_held = False
             changed.append(c.charger_id)
         return changed
@@ -548,9 +570,10 @@ class SiteState:
                         # It starts under the TxDefault it holds.
                         c.log_sent(level, now_mono)
                     elif self.default_gap(now_mono):
-                        # At 0 A because another charger's first TxDefault may not be applied
-                        # (the failsafe levels count it at its maximum): not the allocator's
-                        # pause, so no min_off_s before it may start.
+                        # At 0 A because a charger (this one, or another in the failsafe levels)
+                        # counts at its maximum while its first TxDefault of ours is on its way
+                        # or may not be applied: not the allocator's pause, so no min_off_s
+                        # before it may start.
                         c.off_uncounted = True
                     else:
                         c.off_since = now_mono
