@@ -166,23 +166,37 @@ class StoreFacade:
         c["faulted"], c["fault_reason"] = False, None
         return was
 
-    async def _session(self, charger_id: str) -> Any:
+    async def _session(self, charger_id: str, transaction_id: str | None = None) -> Any:
+        """The open session at ``charger_id``; when ``transaction_id`` is given, only if it is
+        that one (read in the same step as the change that follows)."""
         self._charger(charger_id)
         open_ = await self.store.list_open_sessions(charger_id)
         if not open_:
             raise FacadeError(f"no session at {charger_id}")
+        if transaction_id is not None and open_[0].transaction_id != transaction_id:
+            raise NotApplicable(
+                f"transaction {transaction_id!r} is no longer at charger {charger_id!r} (now "
+                f"{open_[0].transaction_id!r})"
+            )
         return open_[0]
 
-    async def set_priority(self, charger_id: str, priority: float) -> None:
-        s = await self._session(charger_id)
+    async def set_priority(
+        self, charger_id: str, priority: float, *, transaction_id: str | None = None
+    ) -> None:
+        s = await self._session(charger_id, transaction_id)
         await self.store.upsert_session(
             replace(s, priority=priority, updated_at_s=self.clock.now())
         )
 
     async def set_departure(
-        self, charger_id: str, departure: float, energy_requested_kwh: float | None = None
+        self,
+        charger_id: str,
+        departure: float,
+        energy_requested_kwh: float | None = None,
+        *,
+        transaction_id: str | None = None,
     ) -> None:
-        s = await self._session(charger_id)
+        s = await self._session(charger_id, transaction_id)
         if departure <= s.started_at_s:
             raise FacadeError(f"departure for {charger_id} is before the session started")
         energy = s.energy_requested_kwh if energy_requested_kwh is None else energy_requested_kwh

@@ -1,13 +1,16 @@
 """Session steering over a real gRPC socket against a real edge controller (Rust core, stepped
 clock, ``ControllerFacade``): a departure applies to the session the request was meant for and
 is refused, with what was wrong named, when that session is gone or the departure is already past.
+The gap an asynchronous facade leaves between the API's look-up and the change is shown with the
+API tests' store facade over a real SQLite store (the in-process facade has none: plain calls).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,8 +24,10 @@ from evcore.edge.controller import EdgeController
 from evcore.edge.facade import ControllerFacade
 from evcore.edge.sitegen import depot_table
 from evcore.ocpp.events import TransactionEvent
+from evcore.store import SessionRecord, open_store
 from evcore.v1 import edge_api_pb2 as pb
 from evcore.v1 import edge_api_pb2_grpc as pb_grpc
+from test_api_edge import serving
 
 OPERATOR = "operator-token-0123456789"
 MD = (("authorization", f"Bearer {OPERATOR}"),)
@@ -116,3 +121,70 @@ async def test_a_departure_already_past_is_refused_naming_it() -> None:
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         await s.stub.SetSessionDeparture(_departure(s.a, now + 1, 10.0), metadata=MD)
         assert (ca.departure, ca.energy_requested_kwh) == (now + 1, 10.0)
+
+
+async def test_a_request_for_a_session_that_ended_names_it_and_changes_nothing() -> None:
+    """The car at A left (A1 ended) and the next one came (A2): a departure meant for A1 is
+    refused naming both and A2 keeps its own; once nobody is there, one meant for A1 is refused
+    naming A1 and nothing lands on the empty charger (it would be the next car's). Before, the
+    last was refused as "no session at charger 'cp-0001'", without the transaction it was for."""
+    async with steered() as s:
+        ca = s.ctrl.state.chargers[s.a]
+        s.ctrl.on_event(_tx(s.ctrl, s.a, "A1", "ended"))
+        s.ctrl.on_event(_tx(s.ctrl, s.a, "A2", "started"))
+        meant = _departure(s.a, s.clock.now() + 3600, 10.0, tx="A1")
+        err = await _refused(s.stub.SetSessionDeparture(meant, metadata=MD))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+        assert "'A1'" in (err.details() or "") and "'A2'" in (err.details() or ""), err.details()
+        assert (ca.departure, ca.energy_requested_kwh) == (None, None)
+        s.ctrl.on_event(_tx(s.ctrl, s.a, "A2", "ended"))
+        for request in (meant, _departure(s.a, s.clock.now() + 3600, 10.0)):
+            err = await _refused(s.stub.SetSessionDeparture(request, metadata=MD))
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+            assert f"no session at charger {s.a!r}" in (err.details() or ""), err.details()
+        err = await _refused(s.stub.SetSessionDeparture(meant, metadata=MD))
+        assert "transaction 'A1'" in (err.details() or ""), err.details()
+        assert (ca.departure, ca.energy_requested_kwh, ca.demand_set_at) == (None, None, None)
+        priority = pb.SetSessionPriorityRequest(charger_id=s.a, transaction_id="A1", priority=5.0)
+        err = await _refused(s.stub.SetSessionPriority(priority, metadata=MD))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+        assert "transaction 'A1'" in (err.details() or ""), err.details()
+        assert ca.priority == 1.0
+
+
+async def test_a_session_that_ends_while_the_api_looks_it_up_is_not_steered(
+    tmp_path: Path,
+) -> None:
+    """A facade that reads asynchronously (here the API tests' store facade, over a real SQLite
+    store) leaves a gap between the API's look-up of the session and its change: the car leaves
+    and the next one comes meanwhile. Before, the departure meant for T1 landed on the next
+    session, T2 (OK answered), and so did the priority meant for T2 on T3; now the API hands the
+    facade the transaction it looked up and the facade refuses, in the same step as the change,
+    naming both (FAILED_PRECONDITION), and the new session keeps its own demand."""
+    async with serving(open_store({"path": str(tmp_path / "store")}, tmp_path), tmp_path) as e:
+        read = e.facade.sessions
+        arrivals = iter(range(2, 10))
+
+        async def sessions_then_the_next_car_comes() -> Any:
+            rows = await read()
+            (gone,) = await e.store.list_open_sessions("C1")
+            await e.store.upsert_session(replace(gone, ended_at_s=e.clock.now()))
+            n = next(arrivals)
+            await e.store.upsert_session(
+                SessionRecord(f"S1.{n}", "C1", e.clock.now(), transaction_id=f"T{n}", priority=1.0)
+            )
+            return rows
+
+        e.facade.sessions = sessions_then_the_next_car_comes  # type: ignore[method-assign]
+        departure = _departure("C1", e.clock.now() + 3600, 10.0)
+        err = await _refused(e.stub.SetSessionDeparture(departure, metadata=MD))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+        assert "'T1'" in (err.details() or "") and "'T2'" in (err.details() or ""), err.details()
+        priority = pb.SetSessionPriorityRequest(charger_id="C1", priority=5.0)
+        err = await _refused(e.stub.SetSessionPriority(priority, metadata=MD))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+        assert "'T2'" in (err.details() or "") and "'T3'" in (err.details() or ""), err.details()
+        for sid in ("S1.2", "S1.3"):
+            s = await e.store.get_session(sid)
+            assert s is not None
+            assert (s.departure_s, s.energy_requested_kwh, s.priority) == (None, None, 1.0), s

@@ -136,6 +136,11 @@ class EdgeFacade(Protocol):
 
     def clear_fault(self, charger_id: str, note: str) -> MaybeAwaitable[str]: ...
 
+    # A session lever may also take a keyword ``transaction_id``: the API then passes the
+    # transaction it looked up (or the caller named), and the lever raises ``NotApplicable``
+    # naming it, in the same step as the change, when the charger's session is no longer that
+    # one (the car left, or the next one came, while the API looked). Not part of the signatures
+    # here, so that a facade without it still is an ``EdgeFacade``; the API checks for it.
     def set_priority(self, charger_id: str, priority: float) -> MaybeAwaitable[None]: ...
 
     def set_departure(

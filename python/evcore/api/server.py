@@ -262,6 +262,23 @@ def _log_orphan(name: str, actor: str, task: asyncio.Future[Any]) -> None:
         log.info("api: %s by %s: applied after its caller left (no answer sent)", name, actor)
 
 
+def _bound_to(lever: Any, transaction_id: str) -> dict[str, str]:
+    """``transaction_id=`` for a session lever that takes it (``EdgeFacade.set_priority``,
+    ``set_departure``): the facade then refuses (``NotApplicable``) in the same step as the change
+    when the charger's session is no longer that one. A facade that reads asynchronously has a gap
+    between the API's look-up of the session and the change, in which the car may leave and the
+    next one come: without it, a change meant for one car landed on the next. A lever without
+    the keyword relies on the look-up alone (sound only for a facade whose ``sessions`` and lever
+    are plain calls: both then run in one step of the event loop)."""
+    if not transaction_id:
+        return {}
+    try:
+        takes = "transaction_id" in inspect.signature(lever).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin, a C callable)
+        takes = False
+    return {"transaction_id": transaction_id} if takes else {}
+
+
 _SHUTTING_DOWN = "the edge API is shutting down; watch again (on this edge once it is back)"
 
 
@@ -309,14 +326,14 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         except Exception as exc:
             await self._refuse_for(context, fn, exc)
 
-    async def _lever(self, context: Any, fn: Any, *args: Any) -> Any:
+    async def _lever(self, context: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """:meth:`_call` for a lever: once called it runs to its end even when the caller
         leaves (its deadline passes, it cancels, the server stops): cut between its steps (in
         force, not yet stored) it would leave the edge half changed. The caller then hears
         nothing; the log says how it ended. The service owns the task (``stop`` waits for it)."""
         name = getattr(fn, "__name__", "lever")
         try:
-            result = fn(*args)
+            result = fn(*args, **kwargs)
         except Exception as exc:  # a plain lever refusing (or failing) at once
             await self._refuse_for(context, fn, exc)
         if not inspect.isawaitable(result):
@@ -598,8 +615,9 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             self._offer(q, c)
 
     # -- steering -------------------------------------------------------------------------------
-    async def _session_guard(self, context: Any, charger_id: str, transaction_id: str) -> None:
-        """The charger has a session (and it is ``transaction_id`` when one was named)."""
+    async def _session_guard(self, context: Any, charger_id: str, transaction_id: str) -> str:
+        """The charger has a session (and it is ``transaction_id`` when one was named); returns
+        its transaction id, which the lever is then bound to (:func:`_bound_to`)."""
         await self._require(context, bool(charger_id), "charger_id is required")
         await self._bounded(context, charger_id=charger_id, transaction_id=transaction_id)
         sessions = await self._call(context, self._facade.sessions)
@@ -609,8 +627,9 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             known = {str(c.get("charger_id")) for c in state.get("chargers") or ()}
             if charger_id not in known:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown charger_id {charger_id!r}")
+            meant = f"transaction {transaction_id!r} is over: " if transaction_id else ""
             await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"no session at charger {charger_id!r}"
+                grpc.StatusCode.FAILED_PRECONDITION, f"{meant}no session at charger {charger_id!r}"
             )
         tx = str(current[0].get("transaction_id") or "")
         if transaction_id and tx != transaction_id:
@@ -618,6 +637,7 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"charger {charger_id!r} now has transaction {tx!r}, not {transaction_id!r}",
             )
+        return tx
 
     @_guarded
     async def SetChargerAvailability(
@@ -655,8 +675,14 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
     ) -> pb.SteeringResponse:
         why = priority_error(request.priority)
         await self._require(context, why is None, why or "")
-        await self._session_guard(context, request.charger_id, request.transaction_id)
-        await self._lever(context, self._facade.set_priority, request.charger_id, request.priority)
+        tx = await self._session_guard(context, request.charger_id, request.transaction_id)
+        await self._lever(
+            context,
+            self._facade.set_priority,
+            request.charger_id,
+            request.priority,
+            **_bound_to(self._facade.set_priority, tx),
+        )
         detail = f"priority of the session at {request.charger_id} set to {request.priority:g}"
         detail += f" by {_actor()}"
         log.info("api: %s", detail)
@@ -688,9 +714,14 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             "departure already past would make this car the most urgent on the site (to hurry "
             "it, raise its priority; local time sent as UTC?)",
         )
-        await self._session_guard(context, request.charger_id, request.transaction_id)
+        tx = await self._session_guard(context, request.charger_id, request.transaction_id)
         await self._lever(
-            context, self._facade.set_departure, request.charger_id, departure_s, energy
+            context,
+            self._facade.set_departure,
+            request.charger_id,
+            departure_s,
+            energy,
+            **_bound_to(self._facade.set_departure, tx),
         )
         detail = f"departure of the session at {request.charger_id} set to " + convert.iso(
             departure_s
