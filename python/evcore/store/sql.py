@@ -202,6 +202,8 @@ class Backend(abc.ABC):
         self.open_timeout_s = open_timeout_s
         #: What opening is doing (for the message when it does not end in time).
         self.step = "connecting"
+        #: Migrations found at open that this code does not know (version, name): see migrate.
+        self.newer_migrations: list[tuple[int, str]] = []
         #: Opening did not end in time: the worker thread may be held for good, so ``close``
         #: does not wait for it.
         self.stuck = False
@@ -280,6 +282,14 @@ class Backend(abc.ABC):
                 )
                 log.info("store %s: applied migration %d (%s)", self.name, m.version, m.name)
                 version = m.version
+        self.step = "checking for migrations of a newer evcore"
+        known = max((m.version for m in self.migrations()), default=0)
+        with self.transaction(read_only=True, opening=True) as tx:
+            newer = tx.all(
+                "SELECT version, name FROM schema_migrations WHERE version > ? ORDER BY version",
+                (known,),
+            )
+        self.newer_migrations = [(int(r[0]), str(r[1])) for r in newer]
         self.step = "opened"
         return version
 
@@ -587,8 +597,28 @@ class BackendStore:
                 return
             for b in self._backends():
                 await self._open_backend(b)
+            self._say_newer_migrations()
             await self._check_opened()
             self._opened = True
+
+    def _say_newer_migrations(self) -> None:
+        """Log, once per database, the migrations a newer evcore applied (a rolled-back release).
+        Opened all the same: a newer release's migrations add (tables, columns, indexes), and an
+        edge that cannot open its store does not control. But writes this version makes may fail
+        (a column it does not fill) or leave out what the newer one keeps."""
+        said: set[str] = set()
+        for b in self._backends():
+            if not b.newer_migrations or b.label in said:
+                continue  # (PostgreSQL: both backends are one schema)
+            said.add(b.label)
+            log.error(
+                "%s was migrated by a newer evcore: it holds migration(s) %s, this version knows "
+                "up to %d. Writes may fail or leave out what the newer version keeps: run that "
+                "version again, or restore the store from before its upgrade (docs/store.md)",
+                b.label,
+                ", ".join(f"{v} ({name})" for v, name in b.newer_migrations),
+                max((m.version for m in b.migrations()), default=0),
+            )
 
     async def _open_backend(self, b: Backend) -> None:
         """Connect ``b`` and apply its migrations; with ``open_timeout_s`` set, wait at most
