@@ -179,17 +179,23 @@ async def scrape(
     return parse(resp.body.decode("utf-8"))
 
 
-def cert_authority(folder: Path, name: str) -> Any:
-    """A test CA from tests/ocpp/ocpp_certs.py (``issue(cn, server=True)`` → cert, key paths;
-    ``ca_path``), loaded by path so no other test folder joins ``sys.path``."""
-    if "ocpp_certs" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "ocpp" / "ocpp_certs.py"
-        spec = importlib.util.spec_from_file_location("ocpp_certs", path)
+def ocpp_helpers(name: str) -> Any:
+    """The module ``name`` of tests/ocpp/ (``ocpp_certs``, ``ocpp_testsite``), loaded by path so
+    no other test folder joins ``sys.path``."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "ocpp" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
-        sys.modules["ocpp_certs"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules["ocpp_certs"].CertAuthority(folder, name)
+    return sys.modules[name]
+
+
+def cert_authority(folder: Path, name: str) -> Any:
+    """A test CA from tests/ocpp/ocpp_certs.py (``issue(cn, server=True)`` → cert, key paths;
+    ``ca_path``)."""
+    return ocpp_helpers("ocpp_certs").CertAuthority(folder, name)
 
 
 def level_registry() -> Any:

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 from evcore.edge.dispatch import wire_value
 from evcore.edge.faults import is_suspect
 from evcore.metrics.exposition import MetricFamily
+from evcore.ocpp.metering import PLAUSIBLE
 
 __all__ = [
     "BUS_COUNTERS",
@@ -111,6 +112,10 @@ class EdgeReading:
     resolution_w: float = 0.0
     #: API calls refused, by (method, reason); None without an API.
     api_refused: dict[tuple[str, str], int] | None = None
+    #: Sampled values the central system skipped, by (ocpp_id, measurand)
+    #: (``CentralSystem.skipped_values``), those of the site file's stations and the measurands
+    #: it reads only.
+    ocpp_skipped: dict[tuple[str, str], int] | None = None
 
     def wire(self, c: ChargerReading, value: float) -> float:
         """``value`` as ``c`` is told it (``EdgeController.wire``)."""
@@ -200,6 +205,14 @@ def read_edge(app: Any) -> EdgeReading:
         out.bus = {k: int(getattr(stats_now, k, 0)) for k in (*BUS_COUNTERS, "outbox_pending")}
     out.stations = len({c.ocpp_id for c in states.values()})
     out.stations_connected = len(app.central.connected())
+    # Bounded by the site file: only its stations connect and only these measurands are read,
+    # but the labels come from what stations send, so the bound is enforced here too.
+    stations = {spec.ocpp_id for spec in site.chargers}
+    out.ocpp_skipped = {
+        (ocpp_id, measurand): int(n)
+        for (ocpp_id, measurand), n in getattr(app.central, "skipped_values", {}).items()
+        if ocpp_id in stations and measurand in PLAUSIBLE
+    }
     auth = getattr(getattr(app, "api", None), "auth", None)
     if auth is not None:
         out.api_refused = dict(auth.refused)
@@ -578,6 +591,14 @@ def _bus_families(r: EdgeReading) -> list[MetricFamily]:
 
 
 def _ocpp_families(r: EdgeReading) -> list[MetricFamily]:
+    skipped = MetricFamily(
+        "evcore_ocpp_values_skipped_total",
+        "counter",
+        "Sampled values the central system skipped (not a number, or outside what a meter "
+        "reads), by station and measurand; the rest of their reading was taken.",
+    )
+    for (ocpp_id, measurand), n in sorted((r.ocpp_skipped or {}).items()):
+        skipped.add(n, {"ocpp_id": ocpp_id, "measurand": measurand})
     return [
         _gauge("evcore_ocpp_stations", "Stations in the site file.", r.stations),
         _gauge(
@@ -585,6 +606,7 @@ def _ocpp_families(r: EdgeReading) -> list[MetricFamily]:
             "Stations connected to the central system now.",
             r.stations_connected,
         ),
+        skipped,
     ]
 
 
