@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -35,10 +36,20 @@ async def _csms(args: argparse.Namespace) -> int:
 
     site = load_site(args.config)
     cs = CentralSystem(site, clock=WallClock())
+    sections = dict(site.sections)
     if args.port is not None:
         from dataclasses import replace
 
         cs.config = replace(cs.config, port=args.port)
+        sections["ocpp"] = {**(sections.get("ocpp") or {}), "port": args.port}
+    from evcore.site.cli import station_warnings
+
+    # As evcore edge and evcore site check say at every start: stations left open (security
+    # profile 0: any client with their id is taken for them), stations that will be refused
+    # for want of a password, credentials of no charger. Before, csms said nothing.
+    base_dir = site.path.resolve().parent if site.path is not None else Path.cwd()
+    for warning in station_warnings(site, sections, base_dir):
+        print(f"evcore csms: {args.config}: warning: {warning}", file=sys.stderr, flush=True)
     if not args.quiet:
         cs.add_listener(lambda ev: print(ev, flush=True))
     await cs.start()
