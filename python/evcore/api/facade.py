@@ -129,7 +129,9 @@ class EdgeFacade(Protocol):
         ...
 
     def watch(self) -> AsyncIterator[Mapping[str, Any]]:
-        """Changes as they happen; ends when the consumer stops iterating."""
+        """Changes as they happen; ends when the consumer stops iterating. Subscribed by its
+        first step, before that step's first wait (the API then tells its caller the watch is
+        attached: a change made after that reaches it)."""
         ...
 
     def set_availability(self, charger_id: str, available: bool) -> MaybeAwaitable[None]: ...

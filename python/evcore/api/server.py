@@ -279,6 +279,8 @@ def _bound_to(lever: Any, transaction_id: str) -> dict[str, str]:
     return {"transaction_id": transaction_id} if takes else {}
 
 
+#: The headers (initial metadata) a watch sends once it is subscribed to the edge's changes.
+WATCH_ATTACHED = (("evcore-watch", "attached"),)
 _SHUTTING_DOWN = "the edge API is shutting down; watch again (on this edge once it is back)"
 
 
@@ -548,6 +550,12 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
         get: asyncio.Future[pb.Change] | None = None
         self._watches_of[caller] = self._watches_of.get(caller, 0) + 1
         try:
+            # The pump's first step subscribes it to the facade's changes (up to its first
+            # wait); then the caller is told (the stream's headers), so that it can read the
+            # state knowing every later change reaches it. gRPC sends the headers with the first
+            # message otherwise: on a quiet site a client had no way to know.
+            await asyncio.sleep(0)
+            await context.send_initial_metadata(WATCH_ATTACHED)
             while True:
                 get = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait(
