@@ -140,3 +140,43 @@ async def test_a_bus_whose_broker_is_away_refuses_at_outbox_max_bytes_and_sends_
             await bus.delete_streams()
         await bus.close()
         srv.kill()
+
+
+async def test_audit_records_yield_the_last_room_to_events_with_no_other_copy(
+    tmp_path: Path,
+) -> None:
+    """Audit records are in the audit log's store before the bus sees them (it sends a refused
+    one again); a transaction or a fault has no other copy. Audit records filling the outbox
+    refused every other critical event too; now they are refused at 90 % of the cap and the rest
+    stays for the others."""
+    srv = NatsServer(tmp_path / "js")  # never started: the broker is away
+    site = unique_site()
+    s = Subjects(site)
+    cfg = parse_bus_config(
+        {
+            "kind": "nats",
+            "urls": [srv.url],
+            "outbox_dir": str(tmp_path / "outbox"),
+            "outbox_max_bytes": 20_000,
+            "connect_timeout_s": 0.2,
+        }
+    )
+    bus = NatsBus(site, cfg, clock=WallClock())
+    await bus.start()
+    try:
+        with pytest.raises(OutboxFull, match=r"90% of \[bus\] outbox_max_bytes = 20000"):
+            for i in range(1000):
+                await bus.publish(s.audit, b"a" * 1000, event_id=f"audit-{i}")
+        held = bus.stats.outbox_bytes
+        assert 17_000 < held <= 18_000, held
+        taken = []
+        with pytest.raises(OutboxFull, match=r"\[bus\] outbox_max_bytes = 20000; refused"):
+            for i in range(1000):
+                taken.append(await bus.publish(s.transaction("C1"), b"t" * 500, event_id=f"tx-{i}"))
+        assert len(taken) >= 3 and bus.stats.outbox_bytes <= 20_000
+        # A batch of audit records alone yields too.
+        with pytest.raises(OutboxFull, match="90%"):
+            await bus.publish_many([(s.audit, b"x", "audit-m")], critical=True)
+    finally:
+        await bus.close()
+        srv.kill()

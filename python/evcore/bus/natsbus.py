@@ -94,6 +94,9 @@ _HEADER_OVERHEAD = 64
 # Tries at noting where the streams stand after an outbox loss before the pump goes on without
 # (an edge user without $JS.API.STREAM.INFO must not hold every critical event back for ever).
 _PLACE_LOSS_TRIES = 10
+# Critical kinds whose publisher keeps its own copy and sends a refused event again (the audit
+# log: its store): refused first when the outbox nears its cap (outbox.YIELDING_SHARE).
+YIELDING_KINDS = frozenset({"audit"})
 # Back-off between offers of set-aside entries a listener did not deal with (doubling to the last).
 _REPORT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -1011,7 +1014,11 @@ class NatsBus:
         if critical or kind in CRITICAL_KINDS:
             if stream is None:
                 raise ValueError(f"critical event on {subject!r}, which no stream stores")
-            await self.outbox.append(subject, eid, data, self.clock.now())
+            # Audit records are in the audit log's store before they are offered (it sends a
+            # refused one again): they yield the outbox's last room to events with no copy.
+            await self.outbox.append(
+                subject, eid, data, self.clock.now(), yields=kind in YIELDING_KINDS
+            )
             self._stats.published += 1
             return eid
         self._stats.published += 1
@@ -1034,6 +1041,7 @@ class NatsBus:
     ) -> list[str]:
         self._require_started()
         rows: list[tuple[str, str, bytes, float]] = []
+        yields = True  # every critical row's publisher keeps a copy of its own
         ids: list[str] = []
         rest: list[tuple[str, bytes, str]] = []
         now = self.clock.now()
@@ -1047,10 +1055,11 @@ class NatsBus:
                 if stream is None:
                     raise ValueError(f"critical event on {subject!r}, which no stream stores")
                 rows.append((subject, eid, data, now))
+                yields = yields and kind in YIELDING_KINDS
             else:
                 rest.append((subject, data, eid))
         if rows:
-            await self.outbox.append_many(rows)
+            await self.outbox.append_many(rows, yields=yields)
             self._stats.published += len(rows)
         for subject, data, eid in rest:
             await self.publish(subject, data, event_id=eid)

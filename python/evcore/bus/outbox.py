@@ -76,6 +76,10 @@ _ADDED_COLUMNS = (("outbox", "crc", "INTEGER"), ("outbox_set_aside", "reported_a
 _LOSS_KEY = "loss:"
 # The keys of the loss notes: from 'loss:' up to (not including) 'loss;'.
 _LOSS_KEYS = (_LOSS_KEY, "loss;")
+#: The share of the cap entries whose publisher keeps a copy of its own (the audit log: its store)
+#: may fill; the rest is kept for events with no other copy, so that an outage long enough to
+#: fill the outbox with audit records does not refuse a transaction or a fault as well.
+YIELDING_SHARE = 0.9
 #: Loss notes kept in an outbox file (the oldest go first).
 LOSSES_KEPT = 16
 #: Problems a loss note names (the rest are counted).
@@ -180,7 +184,8 @@ class Outbox:
         self._held_bytes = 0
         #: Entries refused at the cap (counted; ``BusStats.outbox_refused``).
         self.refused = 0
-        self._refusing = False
+        # Whether appends are being refused (logged once per spell): yielding ones, the others.
+        self._refusing = {True: False, False: False}
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evcore-outbox")
         self._db: sqlite3.Connection | None = None
         self._lazy: sqlite3.Connection | None = None
@@ -223,33 +228,44 @@ class Outbox:
         """What the entries accepted and not yet removed count against the cap (bytes)."""
         return self._held_bytes
 
-    def _admit(self, rows: list[tuple[str, str, bytes, float]]) -> None:
-        """Count ``rows`` against the cap, or refuse them all (:class:`OutboxFull`)."""
+    def _admit(self, rows: list[tuple[str, str, bytes, float]], *, yields: bool) -> None:
+        """Count ``rows`` against the cap, or refuse them all (:class:`OutboxFull`). ``yields``:
+        their publisher keeps a copy of its own (the audit log, its store), so they are refused
+        once the outbox holds ``YIELDING_SHARE`` of the cap, and the rest is kept for events with
+        no other copy (transactions, station events, faults, grid signals)."""
         size = sum(entry_bytes(subject, eid, payload) for subject, eid, payload, _ in rows)
         cap = self.max_bytes
-        if cap is not None and self._held_bytes > 0 and self._held_bytes + size > cap:
+        limit = None if cap is None else (int(cap * YIELDING_SHARE) if yields else cap)
+        if limit is not None and self._held_bytes > 0 and self._held_bytes + size > limit:
             self.refused += len(rows)
             what = (
                 f"event {rows[0][1]} on {rows[0][0]!r}"
                 if len(rows) == 1
                 else f"{len(rows)} events ({rows[0][0]!r} first)"
             )
+            over = (
+                f"{YIELDING_SHARE:.0%} of [bus] outbox_max_bytes = {cap} (the rest is kept for "
+                "events with no other copy; its publisher keeps this one)"
+                if yields
+                else f"[bus] outbox_max_bytes = {cap}"
+            )
             message = (
                 f"outbox {self.path} is full: it holds {self._held_bytes} bytes of events the "
                 f"broker has not taken ({self._count} entries), and {what} of {size} bytes "
-                f"would pass [bus] outbox_max_bytes = {cap}; refused, nothing of it written "
-                "(room is made as the broker takes what the outbox holds)"
+                f"would pass {over}; refused, nothing of it written (room is made as the broker "
+                "takes what the outbox holds)"
             )
-            if not self._refusing:
-                self._refusing = True
-                log.error("%s. Refusing critical events until then (docs/bus.md)", message)
+            if not self._refusing[yields]:
+                self._refusing[yields] = True
+                log.error("%s. Refusing such events until then (docs/bus.md)", message)
             raise OutboxFull(message)
-        if self._refusing:
-            self._refusing = False
+        if self._refusing[yields]:
+            self._refusing[yields] = False
             log.warning(
-                "outbox %s: taking events again (%d bytes held, outbox_max_bytes = %s); %d "
+                "outbox %s: taking %sevents again (%d bytes held, outbox_max_bytes = %s); %d "
                 "refused so far",
                 self.path,
+                "yielding " if yields else "",
                 self._held_bytes,
                 cap,
                 self.refused,
@@ -465,22 +481,33 @@ class Outbox:
             raise
         return seqs
 
-    async def append(self, subject: str, event_id: str, payload: bytes, accepted_at: float) -> int:
-        """Accept one entry; returns its sequence number once it is on disk."""
+    async def append(
+        self,
+        subject: str,
+        event_id: str,
+        payload: bytes,
+        accepted_at: float,
+        *,
+        yields: bool = False,
+    ) -> int:
+        """Accept one entry; returns its sequence number once it is on disk. ``yields``: its
+        publisher keeps a copy of its own (refused earlier at the cap: ``YIELDING_SHARE``)."""
         if self._db is None:
             raise RuntimeError(f"outbox {self.path} is not open")
-        self._admit([(subject, event_id, payload, accepted_at)])
+        self._admit([(subject, event_id, payload, accepted_at)], yields=yields)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((subject, event_id, payload, accepted_at, fut))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         return await fut
 
-    async def append_many(self, rows: list[tuple[str, str, bytes, float]]) -> list[int]:
+    async def append_many(
+        self, rows: list[tuple[str, str, bytes, float]], *, yields: bool = False
+    ) -> list[int]:
         """Accept several entries in order with one commit; their sequence numbers once on disk."""
         if self._db is None:
             raise RuntimeError(f"outbox {self.path} is not open")
-        self._admit(rows)  # all or none: a decision's setpoints are not split
+        self._admit(rows, yields=yields)  # all or none: a decision's setpoints are not split
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[int]] = []
         for subject, event_id, payload, accepted_at in rows:
