@@ -18,11 +18,14 @@ from evcore.edge.sitegen import depot_table, to_toml
 pytestmark = pytest.mark.timeout(90)
 
 
-async def _start_lines(site_file: Path) -> tuple[list[str], int | None]:
-    """``evcore csms --config site_file`` as a process: its output (stderr too) up to the line
-    saying it listens, then SIGTERM; those lines and its exit code."""
+async def _start_lines(
+    site_file: Path, *args: str, term_after_s: float = 0.0
+) -> tuple[list[str], int | None]:
+    """``evcore csms --config site_file --quiet *args`` as a process: its output (stderr too) up
+    to the line saying it listens, then SIGTERM (``term_after_s`` later); those lines and its
+    exit code."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "evcore.cli", "csms", "--config", str(site_file), "--quiet",
+        sys.executable, "-m", "evcore.cli", "csms", "--config", str(site_file), "--quiet", *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -35,6 +38,7 @@ async def _start_lines(site_file: Path) -> tuple[list[str], int | None]:
                 seen.append(line)
                 if line.startswith("central system for site"):
                     break
+        await asyncio.sleep(term_after_s)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -72,3 +76,19 @@ async def test_csms_with_every_station_behind_a_password_warns_of_nothing(
     }
     seen, _ = await _start_lines(_site(tmp_path, table))
     assert not any("warning" in line for line in seen), "".join(seen)
+
+
+@pytest.mark.parametrize(
+    ("args", "term_after_s"), [((), 0.0), (("--seconds", "60"), 0.5)], ids=["at-once", "seconds"]
+)
+async def test_csms_stopped_by_sigterm_stops_cleanly(
+    tmp_path: Path, args: tuple[str, ...], term_after_s: float
+) -> None:
+    """A supervisor's SIGTERM: the central system stops, exit 0. Before, the handler was
+    installed only after the start line and only without ``--seconds``: a SIGTERM right after
+    that line (2 runs of 3) or at any time under ``--seconds`` killed the process by the signal
+    (exit -15) without closing the stations' connections."""
+    _, rc = await _start_lines(
+        _site(tmp_path, depot_table(2, per_feeder=2)), *args, term_after_s=term_after_s
+    )
+    assert rc == 0

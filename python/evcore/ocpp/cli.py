@@ -12,21 +12,23 @@ from pathlib import Path
 from typing import Any
 
 
-async def _until_signal() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event SIGINT and SIGTERM set from now on (``_run_for`` ends on it). csms installs
+    it before it starts: installed only after the start line, and not at all under
+    ``--seconds``, a supervisor's SIGTERM right after that line killed the process by the
+    signal (exit -15) without closing the stations' connections."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
-async def _run_for(seconds: float) -> None:
-    """``--seconds``: run that long, or until SIGINT/SIGTERM when 0."""
-    if seconds:
-        await asyncio.sleep(seconds)
-    else:
-        await _until_signal()
+async def _run_for(seconds: float, stop: asyncio.Event) -> None:
+    """``--seconds``: run that long (0: for ever), or until ``stop`` (SIGINT/SIGTERM)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds or None)
 
 
 async def _csms(args: argparse.Namespace) -> int:
@@ -34,6 +36,7 @@ async def _csms(args: argparse.Namespace) -> int:
     from evcore.ocpp import CentralSystem
     from evcore.site import load_site
 
+    stop = _stop_on_signals()
     site = load_site(args.config)
     cs = CentralSystem(site, clock=WallClock())
     sections = dict(site.sections)
@@ -59,7 +62,7 @@ async def _csms(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        await _run_for(args.seconds)
+        await _run_for(args.seconds, stop)
     finally:
         await cs.stop()
     return 0
@@ -114,12 +117,14 @@ async def _simcp(args: argparse.Namespace) -> int:
             flush=True,
         )
         return 1
+    # (Not before: while the stations connect, ^C or SIGTERM ends the process at once.)
+    stop = _stop_on_signals()
     if args.plug_in:
         for cid in fleet.charger_ids:
             fleet.plug_in(cid, EV(soc=0.3))
     print(f"{len(fleet.stations)} simulated stations connected to {url}", flush=True)
     try:
-        await _run_for(args.seconds)
+        await _run_for(args.seconds, stop)
     finally:
         await fleet.stop()
     return 0
