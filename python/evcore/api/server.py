@@ -52,6 +52,8 @@ MAX_DECISIONS = 1000
 #: memory (``ControllerFacade(keep_decisions=)``, 1,000 by default).
 MAX_RECENT_SCAN = 100_000
 WATCH_QUEUE = 1000
+#: The largest audit seq a store holds (a signed 64-bit column).
+MAX_SEQ = 2**63 - 1
 #: Change streams one caller (one token or client certificate name) may hold open, and the server:
 #: each holds up to WATCH_QUEUE changes and a subscription the control loop feeds. A client that
 #: reconnects without cancelling its old stream would otherwise pile them up without end.
@@ -472,7 +474,9 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             else None
         )
         charger = request.charger_id or None
-        before = request.before_seq if request.HasField("before_seq") else None
+        # A uint64; a client paging "from the top" may send its largest. No seq reaches
+        # MAX_SEQ, so a larger bound is the same as it (SQLite cannot bind one past 2**63 - 1).
+        before = min(request.before_seq, MAX_SEQ) if request.HasField("before_seq") else None
         records: list[AuditRecord]
         if self._store is not None:
             records = await self._store.audit_records(
