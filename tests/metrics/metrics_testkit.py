@@ -192,6 +192,19 @@ def ocpp_helpers(name: str) -> Any:
     return sys.modules[name]
 
 
+def ocpp16_reading(at: float, soc: str) -> list[dict[str, Any]]:
+    """A 1.6 ``meterValue`` list at ``at`` (Unix time): 16 A on each phase and a SoC of ``soc``
+    (as the station sends it: any text)."""
+    from evcore.ocpp.v16 import iso
+
+    values: list[dict[str, Any]] = [
+        {"value": "16", "measurand": "Current.Import", "phase": p, "unit": "A"}
+        for p in ("L1", "L2", "L3")
+    ]
+    values.append({"value": soc, "measurand": "SoC", "unit": "Percent"})
+    return [{"timestamp": iso(at), "sampledValue": values}]
+
+
 def cert_authority(folder: Path, name: str) -> Any:
     """A test CA from tests/ocpp/ocpp_certs.py (``issue(cn, server=True)`` → cert, key paths;
     ``ca_path``)."""

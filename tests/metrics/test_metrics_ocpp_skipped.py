@@ -13,25 +13,14 @@ import pytest
 from evcore.clock import WallClock
 from evcore.edge.app import EdgeApp
 from evcore.edge.sitegen import depot_table
-from evcore.ocpp.v16 import iso
 from evcore.site import load_site
-from metrics_testkit import ocpp_helpers, scrape
+from metrics_testkit import ocpp16_reading, ocpp_helpers, scrape
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 pytestmark = pytest.mark.timeout(60)
 
 SKIPPED = "evcore_ocpp_values_skipped_total"
-
-
-def _reading(at: float, soc: str) -> list[dict[str, Any]]:
-    """A 1.6 meterValue: 16 A on each phase and a SoC of ``soc``."""
-    values: list[dict[str, Any]] = [
-        {"value": "16", "measurand": "Current.Import", "phase": p, "unit": "A"}
-        for p in ("L1", "L2", "L3")
-    ]
-    values.append({"value": soc, "measurand": "SoC", "unit": "Percent"})
-    return [{"timestamp": iso(at), "sampledValue": values}]
 
 
 async def test_skipped_sampled_values_are_scraped_by_station_and_measurand() -> None:
@@ -52,7 +41,7 @@ async def test_skipped_sampled_values_are_scraped_by_station_and_measurand() -> 
         boot = {"chargePointVendor": "V", "chargePointModel": "M"}
         assert (await station.call("BootNotification", boot))[0] == 3
         for soc in ("", "-1", "n/a"):
-            mv = {"connectorId": 1, "meterValue": _reading(clock.now() - 1, soc)}
+            mv = {"connectorId": 1, "meterValue": ocpp16_reading(clock.now() - 1, soc)}
             answer = await station.call("MeterValues", mv)
             assert answer[0] == 3, answer
             await asyncio.sleep(0.01)  # readings a few ms apart

@@ -74,6 +74,8 @@ class ChargerReading(NamedTuple):
     accepted: bool
     failsafe: float | None
     measured_a: _Phases  # per site phase
+    #: Seconds since its latest meter values arrived; None before the first.
+    meter_age_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -149,6 +151,7 @@ def read_edge(app: Any) -> EdgeReading:
                 c.accepted,
                 failsafe.get(c.charger_id),
                 c.measured_a,
+                None if c.measured_at is None else max(0.0, now_m - c.measured_at),
             )
         )
         if c.sent_at is not None and (newest_sent is None or c.sent_at > newest_sent):
@@ -416,9 +419,17 @@ def _charger_families(r: EdgeReading) -> list[MetricFamily]:
         "gauge",
         "The charger's current per site phase in its latest meter values (kept when stale).",
     )
+    age = MetricFamily(
+        "evcore_charger_meter_age_seconds",
+        "gauge",
+        "Seconds since the charger's latest meter values arrived (what its current shows); "
+        "absent before the first.",
+    )
     phases = r.phase_names
     for c in chargers:
         cid = {"charger_id": c.charger_id}
+        if c.meter_age_s is not None:
+            age.add(c.meter_age_s, cid)
         online.add(1 if c.online else 0, cid)
         faulted.add(1 if c.faulted else 0, cid)
         if c.sent is not None:
@@ -429,7 +440,7 @@ def _charger_families(r: EdgeReading) -> list[MetricFamily]:
         for name, value in zip(phases, c.measured_a, strict=True):
             if value is not None:
                 current.add(value, {"charger_id": c.charger_id, "phase": name})
-    out += [online, faulted, sp_a, sp_w, confirmed, fs_a, fs_w, current]
+    out += [online, faulted, sp_a, sp_w, confirmed, fs_a, fs_w, current, age]
     return out
 
 
