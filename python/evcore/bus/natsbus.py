@@ -213,6 +213,10 @@ class _NatsSub:
                 await sub.unsubscribe()
 
 
+class DurableFilterMismatch(ValueError):
+    """A durable consumer exists on the broker with another filter than the one asked for."""
+
+
 class _NatsConsumer:
     def __init__(
         self,
@@ -257,10 +261,29 @@ class _NatsConsumer:
             filter_subject=self._pattern,
         )
         self._reconnects_seen = _reconnects(bus._nc)
+        await self.check_filter()
         await self._update_ack_settings(cfg)
         return await bus._js.pull_subscribe(
             self._pattern, durable=self._durable, stream=self._stream, config=cfg
         )
+
+    async def check_filter(self) -> None:
+        """``ValueError`` when the durable exists on the broker with another filter (as the
+        in-process bus refuses it). Bound to as it was, it went on delivering what its old
+        filter took to a handler written for the new one (a transaction to a status handler)
+        and nothing the new filter names; and a change of ack settings made it take the new
+        filter in silence, skipping what the old one had not acknowledged."""
+        try:
+            info = await self._bus._js.consumer_info(self._stream, self._durable)
+        except nats.js.errors.NotFoundError:
+            return
+        have = info.config.filter_subject or ", ".join(info.config.filter_subjects or ())
+        if have != self._pattern:
+            raise DurableFilterMismatch(
+                f"durable {self._durable!r} on stream {self._stream} already filters "
+                f"{have or '(everything)'!r}, not {self._pattern!r} (another consumer's name, "
+                "or a changed filter: give it a durable name of its own)"
+            )
 
     async def _update_ack_settings(self, cfg: jsapi.ConsumerConfig) -> None:
         """An existing durable (made by an earlier version, or with another ack_wait) gets this
@@ -393,6 +416,13 @@ class _NatsConsumer:
                     failures = 0
             except asyncio.CancelledError:
                 raise
+            except DurableFilterMismatch as exc:
+                # The durable filters other subjects (attached once the broker came back): its
+                # messages are not this handler's. Nothing is taken; the consumer ends.
+                log.error("consumer %s on %s: %s; not consuming", self._durable, self._stream, exc)
+                self.closed = True
+                bus._consumers.discard(self)
+                break
             except Exception as exc:
                 attempt += 1
                 if attempt in (1, 10) or attempt % 100 == 0:
@@ -1654,6 +1684,11 @@ class NatsBus:
         self._require_started()
         spec = durable_stream(self._specs, subject_pattern, durable)
         c = _NatsConsumer(self, subject_pattern, spec.name, name_token(durable), handler, dedupe)
+        if self.connected:
+            # A durable of another filter is refused here, as in-process (the broker away: when
+            # the consumer attaches, logged and not consumed).
+            with contextlib.suppress(BusError, nats.errors.Error, TimeoutError):
+                await c.check_filter()
         self._consumers.add(c)
         c.start()
         return c
