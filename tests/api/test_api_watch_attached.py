@@ -11,9 +11,12 @@ the facade's private subscriber set).
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import pytest
 from edge_testkit import settle
 from evcore.v1 import edge_api_pb2 as pb
+from test_api_edge import VIEWER, Edge, auth, edge  # noqa: F401  (the fixture)
 from test_api_session_steering import MD, steered
 
 
@@ -35,3 +38,24 @@ async def test_a_watch_says_it_is_attached_and_then_misses_no_change() -> None:
             change = await asyncio.wait_for(watch.read(), 5)
         assert change.charger_id == s.b and change.setpoint_a == 0.0, change
         watch.cancel()
+
+
+async def test_a_watch_cancelled_at_once_ends_quietly(
+    edge: Edge,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Callers that cancel their watch before it is attached (a dashboard closed at once): the
+    headers cannot be sent any more. The first version of the attachment logged that as a failed
+    WatchChanges with a traceback (1 of 60 such watches in its first run)."""
+    with caplog.at_level(logging.INFO, logger="evcore.api"):
+        for i in range(120):
+            watch = edge.stub.WatchChanges(pb.WatchChangesRequest(), metadata=auth(VIEWER))
+            if i % 3:
+                await asyncio.sleep(0.001 * (i % 5))
+            watch.cancel()
+        for _ in range(200):
+            if not edge.server.service._watchers:
+                break
+            await asyncio.sleep(0.02)
+    assert not edge.server.service._watchers and not edge.server.service._watches_of
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -559,7 +559,11 @@ class EdgeApiService(pb_grpc.EdgeApiServicer):
             # state knowing every later change reaches it. gRPC sends the headers with the first
             # message otherwise: on a quiet site a client had no way to know.
             await asyncio.sleep(0)
-            await context.send_initial_metadata(WATCH_ATTACHED)
+            try:
+                await context.send_initial_metadata(WATCH_ATTACHED)
+            except Exception as exc:  # (grpc's ExecuteBatchError: the call is over already)
+                log.debug("api: a watch ended before it was attached (its caller left): %r", exc)
+                return
             while True:
                 get = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait(
