@@ -28,7 +28,7 @@ from evcore.bus import (
 )
 from evcore.bus.config import default_streams
 from evcore.bus.natsbus import NatsBus
-from evcore.bus.outbox import Outbox, OutboxLoss
+from evcore.bus.outbox import Outbox, OutboxFull, OutboxLoss, entry_bytes
 from evcore.bus.streams import stream_for_pattern, stream_for_subject
 from evcore.bus.subjects import CRITICAL_KINDS, name_token, validate_subject
 from evcore.clock import ManualClock, WallClock
@@ -365,15 +365,23 @@ async def test_an_outbox_salvage_cut_short_is_finished_at_the_next_open(tmp_path
 
 async def test_a_full_outbox_reports_that_it_is_full(tmp_path: Path) -> None:
     """Review 2026-12-05: after SQLITE_FULL the explicit ROLLBACK raised "cannot rollback - no
-    transaction is active" and hid the cause. (A page cap stands in for a full disk.)"""
-    ob = Outbox(tmp_path / "ob.sqlite")
+    transaction is active" and hid the cause. A disk that fills before the cap is OutboxFull
+    naming the file, the cap and what to change (it was SQLite's bare "database or disk is
+    full"). (A page cap stands in for a full disk.)"""
+    ob = Outbox(tmp_path / "ob.sqlite", max_bytes=1 << 30)
     await ob.open()
     assert ob._db is not None
     pages = ob._db.execute("PRAGMA page_count").fetchone()[0]
     ob._db.execute(f"PRAGMA max_page_count = {pages + 2}")
-    with pytest.raises(sqlite3.OperationalError, match="full"):
+    with pytest.raises(OutboxFull, match="the disk is full") as full:
         for i in range(100):
             await ob.append("evcore.s.audit", f"e{i}", b"x" * 8192, 0.0)
+    assert "database or disk is full" in str(full.value)
+    assert "outbox_max_bytes = 1073741824" in str(full.value) and str(tmp_path) in str(full.value)
+    assert isinstance(full.value.__cause__, sqlite3.OperationalError)
+    # What was refused is not counted as held.
+    held = [entry_bytes(e.subject, e.event_id, e.payload) for e in await ob.peek(100)]
+    assert ob.refused == 1 and ob.held_bytes == sum(held)
     await ob.close()
 
 

@@ -528,15 +528,35 @@ class Outbox:
                 )
             except Exception as exc:
                 self._held_bytes -= sum(entry_bytes(b[0], b[1], b[2]) for b in batch)
+                error = self._disk_full(exc, len(batch))
                 for b in batch:
                     if not b[4].done():
-                        b[4].set_exception(exc)
+                        b[4].set_exception(error)
                 continue
             self._count += len(batch)
             self.nonempty.set()
             for b, seq in zip(batch, seqs, strict=True):
                 if not b[4].done():
                     b[4].set_result(seq)
+
+    def _disk_full(self, exc: Exception, entries: int) -> Exception:
+        """``exc``, or for SQLite's "database or disk is full" an :class:`OutboxFull` that says
+        the disk filled before the cap and what to change (SQLite's words alone named neither
+        the file nor the cap)."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if not isinstance(exc, sqlite3.OperationalError) or code is None:
+            return exc
+        if code & 0xFF != sqlite3.SQLITE_FULL:
+            return exc
+        self.refused += entries
+        full = OutboxFull(
+            f"outbox {self.path}: the disk is full ({exc}) with {self._held_bytes} bytes of "
+            f"events held, below [bus] outbox_max_bytes = {self.max_bytes}: free space in "
+            f"{self.path.parent} or lower outbox_max_bytes; nothing of it written"
+        )
+        full.__cause__ = exc
+        log.error("%s", full.strerror)
+        return full
 
     def _read_sync(self, limit: int) -> list[OutboxEntry]:
         assert self._db is not None
