@@ -1237,21 +1237,30 @@ class SqlStore(BackendStore):
         after an outage, a shortened retention) would be cancelled every time, nothing deleted,
         however healthy the store. Returns how many rows went."""
         total = 0
+        # Each piece starts above the last one's edge: what went is gone from the table but not
+        # from PostgreSQL's index until a vacuum, so a piece that searched from the oldest time
+        # walked every entry deleted before it, O(n^2) over a backlog (one 300,000-row purge's
+        # later pieces ran into a 0.05 s statement timeout on a loaded machine).
+        after = -math.inf
+
+        def op(tx: Tx) -> tuple[int, bool, float]:
+            # The time of the PURGE_BATCH_ROWS-th oldest expired row: everything up to it goes
+            # (rows sharing that time too: a few more at most), else all that is left.
+            edge = tx.one(
+                f"SELECT {column} FROM {table} WHERE {column} > ? AND {column} < ?"
+                f" ORDER BY {column} LIMIT 1 OFFSET ?",
+                (after, cutoff, PURGE_BATCH_ROWS - 1),
+            )
+            if edge is None:
+                n = tx.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))
+                return n, True, after
+            n = tx.execute(
+                f"DELETE FROM {table} WHERE {column} > ? AND {column} <= ?", (after, edge[0])
+            )
+            return n, False, float(edge[0])
+
         while True:
-
-            def op(tx: Tx) -> tuple[int, bool]:
-                # The time of the PURGE_BATCH_ROWS-th oldest expired row: everything up to it
-                # goes (rows sharing that time too: a few more at most), else all that is left.
-                edge = tx.one(
-                    f"SELECT {column} FROM {table} WHERE {column} < ?"
-                    f" ORDER BY {column} LIMIT 1 OFFSET ?",
-                    (cutoff, PURGE_BATCH_ROWS - 1),
-                )
-                if edge is None:
-                    return tx.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,)), True
-                return tx.execute(f"DELETE FROM {table} WHERE {column} <= ?", (edge[0],)), False
-
-            n, done = await self._run(b, op)
+            n, done, after = await self._run(b, op)
             total += n
             if done:
                 return total
