@@ -530,11 +530,19 @@ class EdgeController:
             )
         demand = energy_requested_kwh is not None or departure is not None or priority is not None
         now_w = self.clock.now()
-        if c.transaction_id is None and departure is not None and not departure > now_w:
-            # For the next car: one already past would make it the most urgent car there is.
+        if departure is not None and not departure > now_w:
+            # One already past leaves the car no laxity: least_laxity's top weight, the most
+            # urgent car on the site for as long as it charges (for the next car too, hours
+            # later). Hurrying a car is what its priority is for.
+            whose = (
+                "and no session is at the charger to take it"
+                if c.transaction_id is None
+                else f"for session {c.transaction_id!r}: it would make this car the most urgent "
+                "on the site (to hurry it, raise its priority)"
+            )
             raise ValueError(
                 f"set_session {charger_id}: departure {departure!r} is not after now "
-                f"({now_w:.0f}) and no session is at the charger to take it"
+                f"({now_w:.0f}) {whose}"
             )
         if c.transaction_id is None and demand:
             # The next session's only while it holds (``SiteState._take_preset_demand``).

@@ -194,16 +194,23 @@ class ControllerFacade:
         except ValueError as exc:
             raise NotApplicable(str(exc)) from exc
 
-    def set_priority(self, charger_id: str, priority: float) -> None:
-        self._get(charger_id)
+    def set_priority(
+        self, charger_id: str, priority: float, *, transaction_id: str | None = None
+    ) -> None:
+        self._bound(charger_id, transaction_id)
         if (why := priority_error(priority)) is not None:
             raise FacadeError(f"{charger_id}: {why}")
         self.ctrl.set_session(charger_id, priority=priority)
 
     def set_departure(
-        self, charger_id: str, departure: float, energy_requested_kwh: float | None = None
+        self,
+        charger_id: str,
+        departure: float,
+        energy_requested_kwh: float | None = None,
+        *,
+        transaction_id: str | None = None,
     ) -> None:
-        self._get(charger_id)
+        self._bound(charger_id, transaction_id)
         try:
             self.ctrl.set_session(
                 charger_id, departure=departure, energy_requested_kwh=energy_requested_kwh
@@ -249,6 +256,22 @@ class ControllerFacade:
             self.ctrl.post_prices([PricePoint(t, p) for t, p in points])
         except GridSignalError as exc:
             raise FacadeError(str(exc)) from exc
+
+    def _bound(self, charger_id: str, transaction_id: str | None) -> Any:
+        """The charger, checked (when ``transaction_id`` is given) to hold that session now, in
+        the same step as the change that follows: the car it was meant for may have left, and
+        the next one come, since the caller looked (``NotApplicable`` naming both)."""
+        c = self._get(charger_id)
+        if transaction_id is not None and c.transaction_id != transaction_id:
+            now = (
+                "no session is at the charger"
+                if c.transaction_id is None
+                else f"it now has transaction {c.transaction_id!r}"
+            )
+            raise NotApplicable(
+                f"transaction {transaction_id!r} is no longer at charger {charger_id!r}: {now}"
+            )
+        return c
 
     def _get(self, charger_id: str) -> Any:
         c = self.ctrl.state.chargers.get(charger_id)
