@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -115,12 +115,13 @@ class Tx:
 
     def insert_new(
         self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], key: str
-    ) -> int:
+    ) -> list[Row]:
         """Multi-row ``INSERT … ON CONFLICT (key) DO NOTHING``: rows whose key is stored already
-        (or comes earlier in ``rows``) are skipped. Returns how many rows were inserted."""
+        (or comes earlier in ``rows``) are skipped. Returns the key columns of the rows inserted
+        (``RETURNING key``), so that the caller can tell which rows met a stored one."""
         if not rows:
-            return 0
-        tail = f" ON CONFLICT ({key}) DO NOTHING"
+            return []
+        tail = f" ON CONFLICT ({key}) DO NOTHING RETURNING {key}"
         if self._copy:
             # PostgreSQL: COPY into a temporary twin, then one INSERT … SELECT (10,000 meter
             # samples: about 85 ms against 150 ms by multi-row INSERTs; 60 ms by COPY alone).
@@ -134,14 +135,23 @@ class Tx:
                 for row in rows:
                     copy.write_row(row)
             self._cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {temp}" + tail)
-            return max(0, int(self._cur.rowcount))
-        return self._insert_values(table, columns, rows, tail)
+            return [tuple(r) for r in self._cur.fetchall()]
+        inserted: list[Row] = []
+        self._insert_values(table, columns, rows, tail, returned=inserted)
+        return inserted
 
     def _insert_values(
-        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], tail: str = ""
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        tail: str = "",
+        *,
+        returned: list[Row] | None = None,
     ) -> int:
         """Multi-row ``INSERT … VALUES (…), (…)`` + ``tail``, in chunks under the parameter cap;
-        returns the rows the statements changed."""
+        returns the rows the statements changed. With ``returned`` (``tail`` holding a
+        ``RETURNING``), what each chunk returns is added to it."""
         width = len(columns)
         per_chunk = max(1, INSERT_CHUNK_PARAMS // width)
         head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
@@ -152,7 +162,12 @@ class Tx:
             params = [v for row in chunk for v in row]
             sql = head + ", ".join([one] * len(chunk)) + tail
             self._cur.execute(self._translate(sql), params)
-            changed += max(0, int(self._cur.rowcount))
+            if returned is not None:
+                got = [tuple(r) for r in self._cur.fetchall()]
+                returned.extend(got)
+                changed += len(got)
+            else:
+                changed += max(0, int(self._cur.rowcount))
         return changed
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
@@ -329,6 +344,83 @@ def sample_time_s(msg: MeterSample | ChargerStatus) -> float:
         f"{type(msg).__name__} for charger {msg.charger_id!r} has neither "
         f"{'sampled_at' if isinstance(msg, MeterSample) else 'reported_at'} nor received_at"
     )
+
+
+#: A meter sample's optional measurements, merged one by one (``_merge_sample``).
+_SAMPLE_SCALARS: tuple[
+    Literal["power_w", "energy_register_wh", "offered_current_a", "offered_power_w", "soc_percent"],
+    ...,
+] = (
+    "power_w",
+    "energy_register_wh",
+    "offered_current_a",
+    "offered_power_w",
+    "soc_percent",
+)
+#: Its per-phase measurements (NaN: that phase not measured).
+_SAMPLE_PHASES = ("current_a", "voltage_v")
+
+
+def _copy_sample(s: MeterSample) -> MeterSample:
+    c = MeterSample()
+    c.CopyFrom(s)
+    return c
+
+
+def _same_value(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _merge_sample(kept: MeterSample, new: MeterSample) -> tuple[bool, list[str]]:
+    """Add to ``kept`` what ``new``, a reading of the same charger and time, measured and
+    ``kept`` did not: a station may send one instant's register in one MeterValues and its phase
+    currents in the next. A value both measured stays as ``kept`` has it (the first stored);
+    each that differs is named in the list returned. Also takes the transaction and EVSE when
+    ``kept`` names none. Returns whether ``kept`` changed, and the disagreements."""
+    changed = False
+    disagreements: list[str] = []
+    for name in _SAMPLE_SCALARS:
+        if not new.HasField(name):
+            continue
+        value = getattr(new, name)
+        if not kept.HasField(name):
+            setattr(kept, name, value)
+            changed = True
+        elif not _same_value(getattr(kept, name), value):
+            disagreements.append(f"{name} {getattr(kept, name)!r} kept, {value!r} not")
+    for per_phase in _SAMPLE_PHASES:
+        mine = getattr(kept, per_phase)
+        theirs = list(getattr(new, per_phase))
+        for phase, value in enumerate(theirs):
+            if math.isnan(value):
+                continue
+            if phase >= len(mine):
+                mine.extend([math.nan] * (phase + 1 - len(mine)))
+            if math.isnan(mine[phase]):
+                mine[phase] = value
+                changed = True
+            elif mine[phase] != value:
+                disagreements.append(f"{per_phase}[{phase}] {mine[phase]!r} kept, {value!r} not")
+    if not kept.transaction_id and new.transaction_id:
+        kept.transaction_id = new.transaction_id
+        changed = True
+    if not kept.evse_id and new.evse_id:
+        kept.evse_id = new.evse_id
+        changed = True
+    return changed, disagreements
+
+
+def _log_disagreements(kept: MeterSample, merged: tuple[bool, list[str]]) -> None:
+    """Name a second reading of one instant that measured a value otherwise: the first is kept
+    (one sample per charger and time); the bus has both."""
+    if merged[1]:
+        log.warning(
+            "meter sample of %s at %s measured again otherwise: %s (one sample per charger and"
+            " time; the first value stays)",
+            kept.charger_id,
+            sample_time_s(kept),
+            "; ".join(merged[1]),
+        )
 
 
 def _opt(v: Any) -> float | None:
@@ -1121,20 +1213,56 @@ class SqlStore(BackendStore):
 
     # -- telemetry ------------------------------------------------------------------------------
     async def append_meter_samples(self, samples: Iterable[MeterSample]) -> int:
-        rows: list[tuple[str, float, bytes]] = []
+        # One sample per charger and time: what a batch holds twice at one time is one reading
+        # (the register in one MeterValues, the phase currents in the next, stamped alike).
+        merged: dict[tuple[str, float], MeterSample] = {}
+        copied: set[tuple[str, float]] = set()
         for i, s in enumerate(samples):
             if not s.charger_id:
                 raise ValueError(f"meter sample #{i} has no charger_id; nothing was stored")
             _text(s.charger_id, f"charger_id of meter sample #{i}")
-            rows.append((s.charger_id, sample_time_s(s), s.SerializeToString(deterministic=True)))
-        if not rows:
+            key = (s.charger_id, sample_time_s(s))
+            kept = merged.get(key)
+            if kept is None:
+                merged[key] = s
+                continue
+            if key not in copied:  # the caller's message is not changed
+                kept = merged[key] = _copy_sample(kept)
+                copied.add(key)
+            _log_disagreements(kept, _merge_sample(kept, s))
+        if not merged:
             return 0
+        new_rows = [(c, t, m.SerializeToString(deterministic=True)) for (c, t), m in merged.items()]
 
         def op(tx: Tx) -> int:
-            # A sample stored before (a station's resend after a lost answer) is not stored twice.
-            return tx.insert_new(
-                "meter_samples", ("charger_id", "t_s", "payload"), rows, "charger_id, t_s"
+            inserted = tx.insert_new(
+                "meter_samples", ("charger_id", "t_s", "payload"), new_rows, "charger_id, t_s"
             )
+            if len(inserted) == len(new_rows):
+                return len(inserted)
+            # Some met a sample stored before at their time: a station's resend after a lost
+            # answer (adds nothing: stored once) or another message's reading of that instant
+            # (adds what it measured to the stored sample).
+            fresh = {(str(c), float(t)) for c, t in inserted}
+            stored = len(inserted)
+            for key, sample in merged.items():
+                if key in fresh:
+                    continue
+                row = tx.one(
+                    "SELECT payload FROM meter_samples WHERE charger_id = ? AND t_s = ?", key
+                )
+                if row is None:  # purged meanwhile (a DO NOTHING saw it; a purge took it)
+                    continue
+                kept = parse_message(MeterSample, row[0])
+                changed, disagreements = _merge_sample(kept, sample)
+                _log_disagreements(kept, (changed, disagreements))
+                if changed:
+                    tx.execute(
+                        "UPDATE meter_samples SET payload = ? WHERE charger_id = ? AND t_s = ?",
+                        (kept.SerializeToString(deterministic=True), *key),
+                    )
+                    stored += 1
+            return stored
 
         return await self._run(self._telemetry, op)
 
