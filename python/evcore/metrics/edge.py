@@ -29,6 +29,7 @@ from evcore.ocpp.metering import PLAUSIBLE
 
 __all__ = [
     "BUS_COUNTERS",
+    "BUS_GAUGES",
     "ChargerReading",
     "EdgeReading",
     "api_families",
@@ -39,7 +40,7 @@ __all__ = [
     "read_edge",
 ]
 
-#: ``BusStats`` counters and what each counts (``outbox_pending`` is a gauge, below).
+#: ``BusStats`` counters and what each counts (``BUS_GAUGES`` are gauges, below).
 BUS_COUNTERS: dict[str, str] = {
     "published": "Messages accepted by publish().",
     "sent": "Messages handed to the broker or stream (and confirmed where it confirms).",
@@ -52,7 +53,10 @@ BUS_COUNTERS: dict[str, str] = {
     "slow_consumer_dropped": "Messages a slow subscriber lost (its queue was full).",
     "send_failures": "Broker publish attempts that failed (critical events are retried).",
     "set_aside": "Critical events the broker can never take (above its max_payload), kept aside.",
+    "outbox_refused": "Critical events the outbox refused at [bus] outbox_max_bytes (OutboxFull).",
 }
+#: ``BusStats`` gauges (not counters): read as they are at the scrape.
+BUS_GAUGES = ("outbox_pending", "outbox_bytes")
 
 # A charger "draws" when its latest meter values show at least this on some phase.
 _DRAWING_A = 1.0
@@ -205,7 +209,11 @@ def read_edge(app: Any) -> EdgeReading:
         out.recorder["too_large_for_bus"] = len(getattr(audit_log, "too_large_for_bus", ()))
     if app.bus is not None:
         stats_now = app.bus.stats
-        out.bus = {k: int(getattr(stats_now, k, 0)) for k in (*BUS_COUNTERS, "outbox_pending")}
+        out.bus = {k: int(getattr(stats_now, k, 0)) for k in (*BUS_COUNTERS, *BUS_GAUGES)}
+        # The outbox's cap (a NatsBus's [bus] outbox_max_bytes; the in-process bus has none).
+        cap = getattr(getattr(app.bus, "config", None), "outbox_max_bytes", None)
+        if isinstance(cap, int) and not isinstance(cap, bool):
+            out.bus["outbox_max_bytes"] = cap
     out.stations = len({c.ocpp_id for c in states.values()})
     out.stations_connected = len(app.central.connected())
     # Bounded by the site file: only its stations connect and only these measurands are read,
@@ -598,6 +606,21 @@ def _bus_families(r: EdgeReading) -> list[MetricFamily]:
             r.bus["outbox_pending"],
         )
     )
+    out.append(
+        _gauge(
+            "evcore_bus_outbox_bytes",
+            "What the outbox holds (bytes), counted against [bus] outbox_max_bytes.",
+            r.bus["outbox_bytes"],
+        )
+    )
+    if "outbox_max_bytes" in r.bus:
+        out.append(
+            _gauge(
+                "evcore_bus_outbox_max_bytes",
+                "[bus] outbox_max_bytes: past it critical events are refused (audit at 90 %).",
+                r.bus["outbox_max_bytes"],
+            )
+        )
     return out
 
 
