@@ -40,6 +40,10 @@ class ControllerFacade:
         self.book = book
         self._decisions: deque[dict[str, Any]] = deque(maxlen=keep_decisions)
         self._watchers: set[asyncio.Queue[dict[str, Any]]] = set()
+        #: Decision number -> the audit trail's decision id, for the recent decisions (a record
+        #: is durable before anything of its decision is sent, so a setpoint finds its id here).
+        self._decision_ids: dict[int, str] = {}
+        self._keep_ids = max(1, keep_decisions)
         prev = controller.on_sent
 
         def _on_sent(sent: SentProfile) -> None:
@@ -52,6 +56,7 @@ class ControllerFacade:
                     "purpose": sent.purpose,
                     "value": sent.value,
                     "decision": sent.decision,
+                    **self._decision_id(sent.decision),
                 }
             )
 
@@ -160,9 +165,21 @@ class ControllerFacade:
         return out
 
     def record_decision(self, record: Mapping[str, Any]) -> None:
-        """Called with every audit record the controller appends (see ``AuditTee``)."""
+        """Called with every audit record the controller appends (see ``AuditTee``), once
+        durable; its ``decision_id`` (when it has one: the audit trail's) names the decision on
+        the watch, for this record's change and its setpoints' (else the counter does)."""
         self._decisions.append(dict(record))
-        self._broadcast({"kind": "decision", "decision": record.get("decision")})
+        number, decision_id = record.get("decision"), record.get("decision_id")
+        if isinstance(number, int) and decision_id:
+            self._decision_ids[number] = str(decision_id)
+            while len(self._decision_ids) > self._keep_ids:
+                del self._decision_ids[next(iter(self._decision_ids))]
+        self._broadcast({"kind": "decision", "decision": number, **self._decision_id(number)})
+
+    def _decision_id(self, number: Any) -> dict[str, str]:
+        """``{"decision_id": ...}`` of decision ``number`` when its audit id is known."""
+        found = self._decision_ids.get(number) if isinstance(number, int) else None
+        return {} if found is None else {"decision_id": found}
 
     async def watch(self) -> AsyncIterator[dict[str, Any]]:
         """Changes as they happen (setpoints sent, decisions); ends when the consumer stops."""

@@ -355,7 +355,8 @@ class AuditRecorder:
         #: Decision numbers whose record is durable (for tests: nothing leaves before its record):
         #: the recent ones (at most ``2 * _KEEP_IDS``; it once held every decision of the run).
         self.durable: set[int] = set()
-        #: Called with each record once durable (the facade's recent decisions and watchers).
+        #: Called with each record once durable (the facade's recent decisions and watchers),
+        #: its ``decision_id`` the audit trail's (what ``ListDecisions`` returns).
         self.on_durable: Callable[[Mapping[str, Any]], None] | None = None
         self._ids: dict[int, str] = {}  # decision number -> decision id (recent ones)
         self.confirmations = 0
@@ -403,7 +404,9 @@ class AuditRecorder:
         if len(self.durable) > 2 * _KEEP_IDS:
             self.durable = set(self._ids)  # the recent ones (their ids are kept as well)
         if self.on_durable is not None:
-            self.on_durable(record)
+            # With the audit trail's id: the counter alone ("24") named no record a client of
+            # the API could fetch (review 2026-12-06).
+            self.on_durable({**record, "decision_id": decision_id})
         if self.store is not None:
             # Last-setpoint bookkeeping is for restart recovery, not for this decision's safety
             # (the audit record above is): it runs beside the send, owned here.
