@@ -379,6 +379,16 @@ class EdgeApp:
                     link = tg.create_task(self.cloud.run())
                 self.ready.set()
                 await self._stop.wait()
+                if self.api is not None:
+                    # First, while the controller still decides: health NOT_SERVING, watches
+                    # ended, calls in flight (a lever among them) finished within the grace.
+                    # Stopped after the controller (and the planner's wait for a plan mid-solve,
+                    # up to plan_budget_s + 2 s), a lever was answered OK and applied to a state
+                    # no decision read again, while health said SERVING (review 2026-12-06).
+                    try:
+                        await self.api.stop(grace_s=2.0)
+                    except Exception:
+                        log.exception("api: stopping the edge API failed")
                 ctrl.stop()
                 self.planner.stop()
                 if link is not None:
