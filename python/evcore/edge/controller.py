@@ -283,6 +283,11 @@ class EdgeController:
                 end_wh += cs0.energy_carried_wh  # (its count since a restart: on what was before)
             self._session_changed(cs0, ev.transaction_id, end_wh)
         if cs0 is not None and cs0.transaction_id != tx_before:
+            if tx_before is not None and cs0.transaction_id is None and cs0.default_unchecked:
+                # Idle now: its report shows its TxDefault, and a stale one above the failsafe
+                # level is cleared (it stayed, unseen under the session, and applied from now
+                # on while the edge counted the charger at its own TxDefault).
+                self._ask_station(cs0.ocpp_id)
             if tx_before is not None:
                 # The ended session's energy: what its end carried (still on the charger), or,
                 # when the next session's start replaced it, what it had before.
@@ -1250,6 +1255,8 @@ class EdgeController:
             )
             if usable:
                 reported[c.charger_id] = max(limits)
+                # In a session the report is its TxProfile's: its TxDefault stays unchecked.
+                c.default_unchecked = c.transaction_id is not None and clear is not None
             if usable and c.transaction_id is None and clear is not None:
                 # Idle: what it enforces is its TxDefault. Above the failsafe level (no
                 # TxDefault at all, or an earlier controller's, which would override ours at a

@@ -125,6 +125,11 @@ class ChargerState:
     # disturbed (a 2.0.1 clash clears it). Dropped then: counted at the maximum until one of
     # ours is accepted and applied (the first-TxDefault gap).
     tx_default_reported: bool = False
+    # Its station's last report came while it was in a session: the report then shows the
+    # TxProfile, so a TxDefault it holds above the failsafe level (another controller's, at a
+    # stack level above ours) went unseen and would apply once the session ends. The station is
+    # asked again when the session ends (``EdgeController.on_event``).
+    default_unchecked: bool = False
     # A lowered TxDefault the charger accepted but may not have applied yet: the level it replaced
     # still counts for an idle charger until ``tx_default_old_until`` (monotonic; sent + settle_s).
     tx_default_old: float | None = None

@@ -1,0 +1,81 @@
+"""A stale TxDefault found on a charger that is in a session when its station reports (review of
+the edge room, 2026-12-06). The report (``GetCompositeSchedule``) tells a charger's TxDefault only
+while it is idle: in a session it shows the TxProfile, so a stale TxDefault above the failsafe
+level there (an earlier controller's, at a stack level above ours) was never cleared. Once the
+session ended it applied again while the edge counted the charger at its own TxDefault.
+
+Real parts: the controller on the Rust core, the OCPP central system on loopback and simulated
+2.0.1 stations over WebSockets (``EdgeRig``)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from edge_testkit import FAST, held_default
+from evcore.edge.config import EdgeConfig
+from evcore.edge.rig import EdgeRig
+from evcore.edge.sitegen import depot_table
+from evcore.sim.ev import EV
+
+pytestmark = pytest.mark.timeout(120)
+
+STALE_ID = 9001
+
+
+async def test_a_stale_txdefault_of_a_charger_in_session_at_the_report_is_cleared() -> None:
+    """Station A drops off while its car charges; meanwhile another central system (a backup
+    backend it failed over to, a maintenance tool) leaves a 32 A TxDefault at stack level 9,
+    above ours; A reconnects with the session still running and is asked for its report."""
+    # F1 of 32 A per phase with two 32 A chargers: failsafe levels about 16 A each, below the
+    # stale 32 A TxDefault.
+    table = depot_table(2, per_feeder=2, feeder_share=0.5, grid_share=1.0)
+    ids = [c["id"] for c in table["chargers"]]
+    rig = EdgeRig(table, cfg=EdgeConfig(**FAST), version="2.0.1", apply_delay_s=0.1)
+    async with rig:
+        ctrl = rig.controller
+        assert ctrl is not None
+        chargers = [ctrl.state.chargers[cid] for cid in ids]
+        for cid in ids:
+            rig.fleet.plug_in(cid, EV(soc=0.2))
+        await rig.wait_for(
+            lambda: all(c.transaction_id is not None for c in chargers), 30, "both sessions"
+        )
+        await rig.wait_for(rig.tx_default_at_failsafe, 30, "our TxDefaults at the failsafe")
+        a = ids[0]
+        ca = ctrl.state.chargers[a]
+        sim, evse = rig.fleet.station(a)
+        connections = sim.connections
+        await sim.go_offline(2.0)
+        await rig.wait_for(lambda: not ca.online, 10, "A offline at the edge")
+        sim.profiles.append(held_default(time.time(), STALE_ID, 32.0, evse=evse, stack=9))
+        await rig.wait_for(lambda: sim.connections > connections and ca.online, 20, "A back")
+        await rig.wait_for(
+            lambda: a not in ctrl._report_due and ca.tx_default is not None,
+            30,
+            "A's report taken and a TxDefault of ours known at A",
+        )
+        assert ca.transaction_id is not None  # the session ran through the report
+        rig.fleet.unplug(a)
+        await rig.wait_for(lambda: ca.transaction_id is None, 30, "the session at A ended")
+
+        def as_counted() -> bool:
+            """The idle charger holds no more than the edge counts it at: its TxDefault (or,
+            with none known in force, its maximum)."""
+            counted = ca.max_value if ca.tx_default is None else ctrl.wire(a, ca.tx_default)
+            return rig.limit_at(a) <= counted + 1e-6
+
+        try:
+            await rig.wait_for(as_counted, 20, "the idle charger held as the edge counts it")
+        except Exception as exc:
+            held = [(p.id, p.purpose, p.stack) for p in sim.profiles if p.evse == evse]
+            raise AssertionError(
+                f"idle {a} enforces {rig.limit_at(a):g} A, the edge counts it at its TxDefault "
+                f"{ca.tx_default!r} A (failsafe {ctrl.failsafe.get(a)!r}); held {held}"
+            ) from exc
+        # Ours is in force at A afterwards.
+        await rig.wait_for(
+            lambda: ca.tx_default is not None and rig.limit_at(a) <= ca.tx_default + 1e-6,
+            30,
+            "our TxDefault in force at A",
+        )
