@@ -334,11 +334,14 @@ class StackRun:
                     )
                 )
         for cid, (s, _, _) in self.plugged.items():
-            # Session demand comes back from the store / the drivers' apps in a real restart.
+            # Session demand comes back from the store / the drivers' apps in a real restart. A
+            # departure not after now is refused on a running session (7ae297a): a car still
+            # plugged in at its departure (a restart at that instant) keeps its energy only.
+            departure = self.sc.start + s.departure_s
             new.set_session(
                 cid,
                 energy_requested_kwh=self._metered_request_kwh(s),
-                departure=self.sc.start + s.departure_s,
+                departure=departure if departure > self.clock.now() else None,
             )
         for c in self._signals_delivered:
             new.post_curtailment(self._curtailment(c))
