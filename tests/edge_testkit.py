@@ -217,6 +217,22 @@ def planner_cfg(policy: str = "planner_cost", **changes: Any) -> EdgeConfig:
     return EdgeConfig(**{**base, **changes})
 
 
+def controller_tx(ctrl: EdgeController, cid: str, tx: str, kind: str) -> TransactionEvent:
+    """A transaction event of ``cid`` at ``ctrl``'s clock, with its station id from ``ctrl``'s
+    site and no energy counted."""
+    return TransactionEvent(
+        charger_id=cid,
+        ocpp_id=ctrl.state.chargers[cid].ocpp_id,
+        transaction_id=tx,
+        kind=kind,  # type: ignore[arg-type]
+        at=ctrl.clock.now(),
+        id_tag=None,
+        meter_start_wh=0.0,
+        meter_now_wh=0.0,
+        session_energy_wh=0.0,
+    )
+
+
 def session_tx(cid: str, tx: str, kind: str, at: float, energy_wh: float) -> TransactionEvent:
     """A transaction event of ``cid`` (station ``CP`` + its last 4 characters), its register
     counted from 100 kWh."""

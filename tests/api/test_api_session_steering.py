@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from edge_testkit import FAST, ToldGateway, settle, stepped_controller
+from edge_testkit import controller_tx as _tx
 from evcore.api import ApiConfig, EdgeApiServer
 from evcore.api.convert import iso, timestamp
 from evcore.clock import StepClock
@@ -23,7 +24,6 @@ from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import EdgeController
 from evcore.edge.facade import ControllerFacade
 from evcore.edge.sitegen import depot_table
-from evcore.ocpp.events import TransactionEvent
 from evcore.store import SessionRecord, open_store
 from evcore.v1 import edge_api_pb2 as pb
 from evcore.v1 import edge_api_pb2_grpc as pb_grpc
@@ -40,20 +40,6 @@ class Steered:
     stub: pb_grpc.EdgeApiStub
     a: str
     b: str
-
-
-def _tx(ctrl: EdgeController, cid: str, tx: str, kind: str) -> TransactionEvent:
-    return TransactionEvent(
-        charger_id=cid,
-        ocpp_id=ctrl.state.chargers[cid].ocpp_id,
-        transaction_id=tx,
-        kind=kind,  # type: ignore[arg-type]
-        at=ctrl.clock.now(),
-        id_tag=None,
-        meter_start_wh=0.0,
-        meter_now_wh=0.0,
-        session_energy_wh=0.0,
-    )
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_testkit import ToldGateway, counted, settle, stepped_controller
+from edge_testkit import ToldGateway, controller_tx, counted, settle, stepped_controller
 from evcore.edge.sitegen import depot_table
 from evcore.ocpp.events import StatusEvent, TransactionEvent
 
@@ -31,17 +31,7 @@ def _status(ctrl: Any, cid: str, status: str) -> StatusEvent:
 
 
 def _tx(ctrl: Any, cid: str, kind: str) -> TransactionEvent:
-    return TransactionEvent(
-        charger_id=cid,
-        ocpp_id=ctrl.state.chargers[cid].ocpp_id,
-        transaction_id=f"T-{cid}",
-        kind=kind,  # type: ignore[arg-type]
-        at=ctrl.clock.now(),
-        id_tag=None,
-        meter_start_wh=0.0,
-        meter_now_wh=0.0,
-        session_energy_wh=0.0,
-    )
+    return controller_tx(ctrl, cid, f"T-{cid}", kind)
 
 
 async def test_a_fault_status_mid_transaction_keeps_the_session_and_its_txprofile_counted() -> None:

@@ -18,24 +18,10 @@ from typing import Any
 
 import pytest
 from edge_testkit import ToldGateway, settle, stepped_controller
+from edge_testkit import controller_tx as _tx
 from evcore.edge.facade import ControllerFacade
 from evcore.edge.sitegen import depot_table
 from evcore.edge.state import PRESET_DEMAND_S
-from evcore.ocpp.events import TransactionEvent
-
-
-def _tx(ctrl: Any, cid: str, tx: str, kind: str) -> TransactionEvent:
-    return TransactionEvent(
-        charger_id=cid,
-        ocpp_id=ctrl.state.chargers[cid].ocpp_id,
-        transaction_id=tx,
-        kind=kind,  # type: ignore[arg-type]
-        at=ctrl.clock.now(),
-        id_tag=None,
-        meter_start_wh=0.0,
-        meter_now_wh=0.0,
-        session_energy_wh=0.0,
-    )
 
 
 def _pair() -> tuple[Any, Any, ControllerFacade, str, str]:

@@ -8,26 +8,10 @@ had steered it.
 
 from __future__ import annotations
 
-from typing import Any
-
 from edge_testkit import ToldGateway, settle, stepped_controller
+from edge_testkit import controller_tx as _tx
 from evcore.edge.facade import ControllerFacade
 from evcore.edge.sitegen import depot_table
-from evcore.ocpp.events import TransactionEvent
-
-
-def _tx(ctrl: Any, cid: str, tx: str, kind: str) -> TransactionEvent:
-    return TransactionEvent(
-        charger_id=cid,
-        ocpp_id=ctrl.state.chargers[cid].ocpp_id,
-        transaction_id=tx,
-        kind=kind,  # type: ignore[arg-type]
-        at=ctrl.clock.now(),
-        id_tag=None,
-        meter_start_wh=0.0,
-        meter_now_wh=0.0,
-        session_energy_wh=0.0,
-    )
 
 
 async def test_the_next_car_does_not_inherit_the_last_ones_priority() -> None:
