@@ -6,14 +6,13 @@ process on the shared nats-server (127.0.0.1:4222), on a real SQLite cloud store
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import uuid
 from pathlib import Path
 
 import nats
 import pytest
-from cloud_testkit import chain
+from cloud_testkit import chain, cloud_serve
 from evcore.cloud import open_cloud_store
 
 pytestmark = pytest.mark.timeout(90)
@@ -40,31 +39,21 @@ async def test_a_site_not_in_bus_sites_is_named_with_the_key_once(tmp_path: Path
         f'[bus]\nurl = "{NATS_URL}"\nsites = ["{listed}"]\ndiscover_s = 0.2\n'
         'outbox_dir = "outbox"\n'
     )
-    exe = shutil.which("evcore")
-    assert exe is not None, "the evcore console script is not installed"
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        "cloud",
-        "serve",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    store = open_cloud_store(f"sqlite:{tmp_path / 'store'}")
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert "CloudApi on port" in line, line
-        # Both sites reach the cloud (their first record stored, as an upload stores it).
-        records = chain(1)
-        await store.put_audit(listed, records, now_s=1.0)
-        await store.put_audit(unlisted, records, now_s=1.0)
-        await asyncio.sleep(2.0)  # ten rounds of discover_s
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err_bytes = await asyncio.wait_for(proc.communicate(), 30)
-        await store.close()
+    async with cloud_serve(config) as proc:
+        store = open_cloud_store(f"sqlite:{tmp_path / 'store'}")
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert "CloudApi on port" in line, line
+            # Both sites reach the cloud (their first record stored, as an upload stores it).
+            records = chain(1)
+            await store.put_audit(listed, records, now_s=1.0)
+            await store.put_audit(unlisted, records, now_s=1.0)
+            await asyncio.sleep(2.0)  # ten rounds of discover_s
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err_bytes = await asyncio.wait_for(proc.communicate(), 30)
+            await store.close()
     err = err_bytes.decode()
     said = [ln for ln in err.splitlines() if "is not in [bus] sites" in ln]
     assert len(said) == 1, err[-3000:]
