@@ -41,7 +41,7 @@ test-rust:
 	cargo test -p evcore-core --profile $(CARGO_PROFILE)
 
 test-python:
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30
 
 lint:
 	ruff check python tests bench

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import subprocess
 import sys
 import tomllib
@@ -443,8 +444,21 @@ def test_sim_cli_scenario_error_names_the_field(tmp_path: Path) -> None:
     assert "[scenario].duration_h" in out.stderr
 
 
+# CI runs the demo's scenario (depot, 52 s here); the other two shipped scenarios (41-43 s each)
+# run with EVCORE_FULL_SCENARIOS=1: the whole CI run took 29.5 min of its 30 at session 17's end.
+_FULL = os.environ.get("EVCORE_FULL_SCENARIOS") == "1"
+_NOT_IN_CI = pytest.mark.skipif(not _FULL, reason="full-length scenario: EVCORE_FULL_SCENARIOS=1")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["eu-three-phase", "workplace-208v", "depot"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("eu-three-phase", marks=_NOT_IN_CI),
+        pytest.param("workplace-208v", marks=_NOT_IN_CI),
+        "depot",
+    ],
+)
 def test_sim_planners_deliver_at_least_least_laxity(name: str) -> None:
     """Issue 8: on every shipped scenario, full length, the planner policies deliver the energy
     of least laxity first (at least 97 % of it), with no violation (about 25-45 s each with 2
