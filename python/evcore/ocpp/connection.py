@@ -28,6 +28,7 @@ from evcore.clock import Clock
 from evcore.ocpp import validation
 from evcore.ocpp.metering import MeterValueError
 from evcore.ocpp.oneline import install as install_one_line
+from evcore.ocpp.publish import NotRecorded
 from evcore.ocpp.queue import CallOutcome
 
 if TYPE_CHECKING:
@@ -257,6 +258,16 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
             return
         except MeterValueError as exc:
             await self._send_error(unique_id, "PropertyConstraintViolation", str(exc))
+            self._after_reply.clear()
+            return
+        except NotRecorded as exc:
+            # Not a fault of the message: the station is told why and sends it again later.
+            LOG.warning(
+                "%s: %s not recorded, answered InternalError: %s", self.id, action, exc.__cause__
+            )
+            await self._send_error(
+                unique_id, "InternalError", f"{action} not recorded: {exc.why}; send it again"
+            )
             self._after_reply.clear()
             return
         except Exception:  # a bug in a handler must not end the connection

@@ -15,6 +15,7 @@ import logging
 import math
 from typing import Any, Protocol
 
+from evcore.bus.outbox import OutboxFull
 from evcore.ocpp.events import (
     MeterSample,
     NotificationEvent,
@@ -24,6 +25,7 @@ from evcore.ocpp.events import (
     TransactionEvent,
 )
 from evcore.ocpp.oneline import id_part
+from evcore.store.base import StoreUnavailable
 
 LOG = logging.getLogger("evcore.ocpp")
 
@@ -163,6 +165,16 @@ def station_event_to_proto(ev: SecurityEvent | NotificationEvent, received_at: f
     return m
 
 
+class NotRecorded(Exception):
+    """An event the bus or the store could not take now (the bus outbox at its cap, the store
+    unavailable): the message carrying it is answered CALLERROR ``InternalError`` naming
+    ``why``, and the station's resend publishes what was not taken (same event id)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
 class _GroupCommit:
     """Meter samples that arrive while a store write is running go to the store in one write.
 
@@ -234,8 +246,22 @@ class EventPublisher:
         return self.bus is not None or self.store is not None
 
     async def publish(self, event: OcppEvent) -> None:
+        """Publish ``event`` on the bus, then store it; returns once both took it. The bus
+        first: a record in the store is one the bus took (a restart takes the store's
+        transactions as published). Raises :class:`NotRecorded` when the bus outbox is at its
+        cap or the store is unavailable (the station is told so, and resends)."""
         if self.bus is None and self.store is None:
             return
+        try:
+            await self._publish(event)
+        except OutboxFull as exc:
+            raise NotRecorded(
+                "the central system's bus outbox is full (its broker has not taken what it holds)"
+            ) from exc
+        except StoreUnavailable as exc:
+            raise NotRecorded("the central system's store is unavailable") from exc
+
+    async def _publish(self, event: OcppEvent) -> None:
         received = self._now() if self._now is not None else event.at  # type: ignore[union-attr]
         if isinstance(event, MeterSample):
             msg = meter_to_proto(event, received)
