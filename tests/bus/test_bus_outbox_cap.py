@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 from pathlib import Path
 
 import nats.js.errors
 import pytest
-from bus_testkit import NatsServer, unique_site
+from bus_testkit import NatsServer, unique_site, wait_until
 from evcore.bus import OutboxFull, Subjects, parse_bus_config
 from evcore.bus.natsbus import NatsBus
-from evcore.bus.outbox import Outbox, entry_bytes
+from evcore.bus.outbox import Outbox, SetAside, entry_bytes
 from evcore.bus.streams import stream_for_subject
 from evcore.clock import WallClock
 
@@ -180,3 +181,94 @@ async def test_audit_records_yield_the_last_room_to_events_with_no_other_copy(
     finally:
         await bus.close()
         srv.kill()
+
+
+def _on_disk(path: Path) -> tuple[int, int]:
+    """What the outbox file holds, as the cap counts it: (queue bytes, set-aside bytes)."""
+    db = sqlite3.connect(path)
+    try:
+        return tuple(  # type: ignore[return-value]
+            int(
+                db.execute(
+                    "SELECT COALESCE(SUM(length(CAST(subject AS BLOB))"
+                    f" + length(CAST(event_id AS BLOB)) + length(payload)), 0) FROM {table}"
+                ).fetchone()[0]
+            )
+            for table in ("outbox", "outbox_set_aside")
+        )
+    finally:
+        db.close()
+
+
+async def test_set_aside_entries_count_against_the_cap_until_their_publisher_dealt_with_them(
+    tmp_path: Path,
+) -> None:
+    """An entry the broker can never take is moved to ``outbox_set_aside`` and kept on disk. It
+    left the cap's count when it left the queue, so the queue took the cap again beside it: a
+    200,000-byte transaction set aside under a 300,000-byte cap, and the outbox took 286 more
+    entries of 1,046 bytes (499,199 bytes in the file; now 95). It counts until its publisher
+    says it dealt with it (its payload is then dropped, the row kept)."""
+    srv = NatsServer(tmp_path / "js", max_payload=64 * 1024)  # not started yet
+    site = unique_site()
+    s = Subjects(site)
+    cap = 300_000
+    cfg = parse_bus_config(
+        {
+            "kind": "nats",
+            "urls": [srv.url],
+            "outbox_dir": str(tmp_path / "outbox"),
+            "outbox_max_bytes": cap,
+            "connect_timeout_s": 0.2,
+            "reconnect_wait_s": 0.1,
+            "publish_timeout_s": 1.0,
+        }
+    )
+    bus = NatsBus(site, cfg, clock=WallClock(), ack_wait_s=2.0)
+    await bus.start()
+    path = bus.outbox.path
+    try:
+        # Accepted against nats-server's default max_payload (1 MiB): no broker answered yet.
+        await bus.publish(s.transaction("C1"), b"B" * 200_000, event_id="big")
+        srv.start()
+        assert await bus.flush(timeout_s=20), bus.stats
+        assert bus.stats.set_aside == 1
+        big = entry_bytes(s.transaction("C1"), "big", b"B" * 200_000)
+        assert _on_disk(path) == (0, big)
+        assert bus.stats.outbox_bytes == big
+        srv.kill()
+        await wait_until(lambda: not bus.connected, 10, "the bus to see the broker gone")
+        taken = 0
+        with pytest.raises(OutboxFull, match="set aside") as refused:
+            for i in range(1000):
+                await bus.publish(s.transaction("C2"), b"t" * 1000, event_id=f"tx-{i:03}")
+                taken += 1
+        assert "outbox_max_bytes = 300000" in str(refused.value)
+        queue, aside = _on_disk(path)
+        assert aside == big and queue + aside <= cap, (taken, queue, aside)
+        assert bus.stats.outbox_bytes == queue + aside
+        # Its publisher deals with it (sends it otherwise, or records that it is not on the
+        # bus): the payload goes, the row stays, and the room comes back.
+        dealt: list[SetAside] = []
+
+        async def listener(entry: SetAside) -> bool:
+            dealt.append(entry)
+            return True
+
+        bus.on_set_aside(s.transaction(), listener)
+        await wait_until(lambda: bus.stats.outbox_bytes < queue + aside, 10, "the room back")
+        assert [e.event_id for e in dealt] == ["big"] and len(dealt[0].payload) == 200_000
+        rows = [(e.event_id, e.payload) for e, _ in await bus.outbox.set_aside_entries()]
+        assert rows == [("big", b"")]
+        assert _on_disk(path) == (queue, entry_bytes(s.transaction("C1"), "big", b""))
+        await bus.publish(s.transaction("C2"), b"t" * 1000, event_id="tx-more")
+        assert sum(_on_disk(path)) == bus.stats.outbox_bytes <= cap
+    finally:
+        await bus.close()
+        srv.kill()
+    # Counted again from the file at the next open, the set-aside row included.
+    again = Outbox(path, max_bytes=cap)
+    await again.open()
+    try:
+        assert again.held_bytes == sum(_on_disk(path))
+    finally:
+        await again.close()

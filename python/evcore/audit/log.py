@@ -563,14 +563,16 @@ class AuditLog:
             record = _record_of(event)
         except (DecodeError, ValueError, zlib.error) as exc:
             log.error(
-                "audit: set-aside event %s is not an audit record (%s); left aside",
+                "audit: set-aside event %s is not an audit record (%s); not sent again, its "
+                "payload dropped from the outbox (its outbox_set_aside row names it)",
                 entry.event_id,
                 exc,
             )
             return True
         if record is None:
             log.error(
-                "audit: set-aside event %s carries no audit record (%s); left aside",
+                "audit: set-aside event %s carries no audit record (%s); not sent again, its "
+                "payload dropped from the outbox (its outbox_set_aside row names it)",
                 entry.event_id,
                 kind,
             )

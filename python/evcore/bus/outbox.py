@@ -14,10 +14,12 @@ out, so that publishers with a source of their own (the audit log's store) can s
 the broker never stored. An entry set aside because the broker can never take it is a
 :class:`SetAside` until its publisher says it has dealt with it (``mark_reported``).
 
-The queue is capped (``max_bytes``, ``[bus] outbox_max_bytes``): past it an append is refused
+The outbox is capped (``max_bytes``, ``[bus] outbox_max_bytes``): past it an append is refused
 whole with :class:`OutboxFull` naming the cap, nothing of it written, and nothing the outbox holds
 is ever dropped to make room (every kind it holds is critical). Without a cap a long broker outage
-grew the file until the disk was full and every write failed with SQLite's own error.
+grew the file until the disk was full and every write failed with SQLite's own error. The cap
+counts everything the file keeps of the entries: the queue and the set-aside entries (whose
+payload is dropped once their publisher dealt with them: it holds the copy).
 """
 
 from __future__ import annotations
@@ -177,11 +179,13 @@ class Outbox:
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"outbox max_bytes must be > 0, got {max_bytes!r}")
         self.path = Path(path)
-        #: The most the queue holds (``entry_bytes`` summed, entries being written included);
-        #: None: no cap. An empty outbox takes any one append, so that an entry larger than the
-        #: cap cannot hold its publisher (and all behind it) off the bus for good.
+        #: The most the outbox holds (``entry_bytes`` summed over the queue, entries being
+        #: written included, and the set-aside entries); None: no cap. An empty queue takes any
+        #: one append, so that an entry larger than the cap, or set-aside entries filling it,
+        #: cannot hold its publisher (and all behind it) off the bus for good.
         self.max_bytes = max_bytes
-        self._held_bytes = 0
+        self._held_bytes = 0  # the queue's
+        self._aside_bytes = 0  # the set-aside entries' (a dealt-with one's payload dropped)
         #: Entries refused at the cap (counted; ``BusStats.outbox_refused``).
         self.refused = 0
         # Whether appends are being refused (logged once per spell): yielding ones, the others.
@@ -225,8 +229,20 @@ class Outbox:
 
     @property
     def held_bytes(self) -> int:
-        """What the entries accepted and not yet removed count against the cap (bytes)."""
+        """What the outbox holds against the cap (bytes): the entries accepted and not yet
+        removed, and the set-aside entries."""
+        return self._held_bytes + self._aside_bytes
+
+    @property
+    def queue_bytes(self) -> int:
+        """What the entries accepted and not yet removed (nor set aside) count (bytes)."""
         return self._held_bytes
+
+    @property
+    def set_aside_bytes(self) -> int:
+        """What the set-aside entries count against the cap (bytes; a payload its publisher
+        dealt with is dropped, its subject and event id stay)."""
+        return self._aside_bytes
 
     def _admit(self, rows: list[tuple[str, str, bytes, float]], *, yields: bool) -> None:
         """Count ``rows`` against the cap, or refuse them all (:class:`OutboxFull`). ``yields``:
@@ -236,7 +252,10 @@ class Outbox:
         size = sum(entry_bytes(subject, eid, payload) for subject, eid, payload, _ in rows)
         cap = self.max_bytes
         limit = None if cap is None else (int(cap * YIELDING_SHARE) if yields else cap)
-        if limit is not None and self._held_bytes > 0 and self._held_bytes + size > limit:
+        held = self._held_bytes + self._aside_bytes
+        # (An empty queue takes one append whatever the set-aside entries hold: they slow the
+        # critical events to one at a time while they fill the cap, never stop them.)
+        if limit is not None and self._held_bytes > 0 and held + size > limit:
             self.refused += len(rows)
             what = (
                 f"event {rows[0][1]} on {rows[0][0]!r}"
@@ -249,11 +268,17 @@ class Outbox:
                 if yields
                 else f"[bus] outbox_max_bytes = {cap}"
             )
+            aside = (
+                f", {self._aside_bytes} of them set aside (the broker can never take them; "
+                "table outbox_set_aside, docs/bus.md)"
+                if self._aside_bytes
+                else ""
+            )
             message = (
-                f"outbox {self.path} is full: it holds {self._held_bytes} bytes of events the "
-                f"broker has not taken ({self._count} entries), and {what} of {size} bytes "
-                f"would pass {over}; refused, nothing of it written (room is made as the broker "
-                "takes what the outbox holds)"
+                f"outbox {self.path} is full: it holds {held} bytes of events the broker has "
+                f"not taken ({self._count} entries in its queue{aside}), and {what} of {size} "
+                f"bytes would pass {over}; refused, nothing of it written (room is made as the "
+                "broker takes what the outbox holds)"
             )
             if not self._refusing[yields]:
                 self._refusing[yields] = True
@@ -266,7 +291,7 @@ class Outbox:
                 "refused so far",
                 self.path,
                 "yielding " if yields else "",
-                self._held_bytes,
+                held,
                 cap,
                 self.refused,
             )
@@ -325,6 +350,7 @@ class Outbox:
         self._lazy = lazy
         row = db.execute(f"SELECT COUNT(*), {_HELD_BYTES_SQL} FROM outbox").fetchone()
         self._held_bytes = int(row[1])
+        self._aside_bytes = _aside_bytes_sync(db)
         return int(row[0])
 
     def _salvage_sync(self, db: sqlite3.Connection, loss: OutboxLoss) -> OutboxLoss:
@@ -550,7 +576,7 @@ class Outbox:
             return exc
         self.refused += entries
         full = OutboxFull(
-            f"outbox {self.path}: the disk is full ({exc}) with {self._held_bytes} bytes of "
+            f"outbox {self.path}: the disk is full ({exc}) with {self.held_bytes} bytes of "
             f"events held, below [bus] outbox_max_bytes = {self.max_bytes}: free space in "
             f"{self.path.parent} or lower outbox_max_bytes; nothing of it written"
         )
@@ -612,12 +638,14 @@ class Outbox:
 
     async def set_aside(self, seq: int, at: float, reason: str) -> None:
         """Move entry ``seq`` out of the queue into ``outbox_set_aside`` (one durable commit):
-        it is kept, and no longer sent (nor counted against the cap: it has left the queue)."""
+        it is kept, and no longer sent. It still counts against the cap (it is on disk) until
+        its publisher dealt with it (``mark_reported``)."""
         n, size = await asyncio.get_running_loop().run_in_executor(
             self._exec, self._set_aside_sync, seq, at, reason
         )
         self._count = max(0, self._count - n)
         self._held_bytes = max(0, self._held_bytes - size)
+        self._aside_bytes += size
         if self._count == 0 and not self._pending:
             self.nonempty.clear()
 
@@ -653,16 +681,34 @@ class Outbox:
             for r in rows
         ]
 
-    async def mark_reported(self, seq: int, at: float) -> None:
-        """Set-aside entry ``seq`` was dealt with by its publisher: not offered again."""
+    def _mark_reported_sync(self, seq: int, at: float) -> int:
         assert self._db is not None
         db = self._db
-        await asyncio.get_running_loop().run_in_executor(
-            self._exec,
-            lambda: db.execute(
-                "UPDATE outbox_set_aside SET reported_at = ? WHERE seq = ?", (at, seq)
-            ),
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute(
+                "SELECT length(payload) FROM outbox_set_aside WHERE seq = ?", (seq,)
+            ).fetchone()
+            db.execute(
+                "UPDATE outbox_set_aside SET reported_at = COALESCE(reported_at, ?),"
+                " payload = X'' WHERE seq = ?",
+                (at, seq),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return 0 if row is None else int(row[0])
+
+    async def mark_reported(self, seq: int, at: float) -> None:
+        """Set-aside entry ``seq`` was dealt with by its publisher: not offered again, and its
+        payload dropped (its publisher has the copy; the row stays, naming the event and why it
+        was set aside), which gives its room back under the cap."""
+        freed = await asyncio.get_running_loop().run_in_executor(
+            self._exec, self._mark_reported_sync, seq, at
         )
+        self._aside_bytes = max(0, self._aside_bytes - freed)
 
     async def remember(self, key: str, value: str) -> None:
         """Keep ``value`` under ``key`` in the outbox file (``recall`` reads it back)."""
@@ -691,12 +737,16 @@ class Outbox:
         pump does when the file holds none while the count says some are pending."""
         assert self._db is not None
         db = self._db
-        row = await asyncio.get_running_loop().run_in_executor(
+        row, aside = await asyncio.get_running_loop().run_in_executor(
             self._exec,
-            lambda: db.execute(f"SELECT COUNT(*), {_HELD_BYTES_SQL} FROM outbox").fetchone(),
+            lambda: (
+                db.execute(f"SELECT COUNT(*), {_HELD_BYTES_SQL} FROM outbox").fetchone(),
+                _aside_bytes_sync(db),
+            ),
         )
         # (A batch being written may be counted twice, once here and once by the writer: the
         # next empty peek counts again. Its bytes were counted when it was accepted.)
+        self._aside_bytes = aside
         self._count = int(row[0])
         pending = sum(entry_bytes(p[0], p[1], p[2]) for p in self._pending)
         self._held_bytes = int(row[1]) + pending
@@ -714,6 +764,11 @@ class Outbox:
             if conn is not None:
                 await loop.run_in_executor(self._exec, conn.close)
         self._exec.shutdown(wait=True)
+
+
+def _aside_bytes_sync(db: sqlite3.Connection) -> int:
+    """What the set-aside entries of ``db`` count against the cap (bytes)."""
+    return int(db.execute(f"SELECT {_HELD_BYTES_SQL} FROM outbox_set_aside").fetchone()[0])
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:
