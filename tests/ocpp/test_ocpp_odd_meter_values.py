@@ -309,7 +309,8 @@ async def test_an_unreadable_value_does_not_cost_the_rest_of_a_meter_values(
     station gets its CallResult. The unreadable register is no reading: the session energy
     stays on the registers read (100 Wh, then 200 Wh at the stop). Before, the whole message
     got CALLERROR PropertyConstraintViolation ("not a number: ''") and the currents were lost.
-    A value the 2.0.1 schema refuses (a string) still refuses the message, naming it."""
+    (A value the 2.0.1 schema refuses, a string, is skipped too:
+    ``test_a_value_the_schema_refuses_is_skipped_and_counted_in_every_meter_message``.)"""
     async with open_sqlite(tmp_path) as store, raw_csms(store=store) as r:
         a = await r.station("CPA", "1.6")  # terminals L1, L2, L3 on site L2, L3, L1
         t = r.clock.now() - 600
@@ -353,10 +354,68 @@ async def test_an_unreadable_value_does_not_cost_the_rest_of_a_meter_values(
             ("CPA", "Energy.Active.Import.Register"): 1,
             ("CPB", "SoC"): 1,
         }
-        values[0]["sampledValue"][2] = {"value": "n/a", "measurand": "SoC"}
-        answer = await b.call("MeterValues", {"evseId": 1, "meterValue": values})
-        assert answer[0] == 4 and "sampledValue" in answer[3], answer
         stop = stop_16(tx, t + 120, 1200)
         assert (await a.call("StopTransaction", stop))[0] == 3
         [ended] = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
         assert ended.session_energy_wh == 200.0
+
+
+async def test_a_value_the_schema_refuses_is_skipped_and_counted_in_every_meter_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sampled value of the wrong JSON type, as some stations send it: a 2.0.1 value as a
+    string ("n/a", "16"), a 1.6 value as a number (the 1.6 schema wants a string). In a plain
+    MeterValues that value is skipped, logged naming its field and counted
+    (``skipped_values``, evcore_ocpp_values_skipped_total) like one that is no number, and the
+    rest of the reading is taken; so in a TransactionEvent (dropped there already, but not
+    counted); a MeterValues with nothing left is answered and publishes nothing. Before, the
+    plain MeterValues got CALLERROR TypeConstraintViolation and lost its currents with it,
+    while the same value inside a TransactionEvent was dropped uncounted."""
+    async with raw_csms() as r:
+        b = await r.station("CPB")
+        t = r.clock.now() - 600
+        values = meter(t, 1500, 16)
+        values[0]["sampledValue"] += [{"value": "n/a", "measurand": "SoC"},
+                                      {"value": "15", "measurand": "Current.Import",
+                                       "phase": "L2"}]  # fmt: skip
+        answer = await b.call("MeterValues", {"evseId": 1, "meterValue": values})
+        assert answer[0] == 3, answer
+        nothing = [{"timestamp": iso(t + 1), "sampledValue": [{"value": "7"}]}]
+        answer = await b.call("MeterValues", {"evseId": 1, "meterValue": nothing})
+        assert answer[0] == 3, answer
+        sampled = [{"value": 1600}, {"value": "x", "measurand": "SoC"}]
+        mv = [{"timestamp": iso(t + 2), "sampledValue": sampled}]
+        evse = {"id": 1, "connectorId": 1}
+        started = tx_event("T1", 0, "Started", "CablePluggedIn", t + 2, evse=evse, meterValue=mv)
+        assert (await b.call("TransactionEvent", started))[0] == 3
+        a = await r.station("CPA", "1.6")
+        power = {"value": 7.5, "measurand": "Power.Active.Import", "unit": "W"}
+        mv = [{"timestamp": iso(t + 3), "sampledValue": [current("9", "L1"), power]}]
+        assert (await a.call("MeterValues", {"connectorId": 1, "meterValue": mv}))[0] == 3
+        # A fault outside the meter values still refuses the message, naming that field.
+        bad = {"evseId": "1", "meterValue": meter(t + 4, 1700, 16)}
+        answer = await b.call("MeterValues", bad)
+        assert answer[0] == 4 and answer[2] == "TypeConstraintViolation", answer
+        assert "evseId" in answer[3], answer
+        bad["meterValue"][0]["sampledValue"][0]["value"] = "1700"
+        answer = await b.call("MeterValues", bad)
+        assert answer[0] == 4 and "evseId" in answer[3], answer
+        # So does a reading's own fault in a plain MeterValues: nothing of it is a reading.
+        soon = [{"timestamp": "soon", "sampledValue": [{"value": 1800}]}]
+        answer = await b.call("MeterValues", {"evseId": 1, "meterValue": soon})
+        assert answer[0] == 4 and "meterValue/0/timestamp" in answer[3], answer
+        got = [(s.charger_id, s.terminal_a, s.power_w, s.soc_percent, s.energy_register_wh)
+               for s in r.of(MeterSample)]  # fmt: skip
+        assert got == [
+            ("cp-b", (16.0, None, None), None, None, 1500.0),
+            ("cp-b", (None, None, None), None, None, 1600.0),
+            ("cp-a", (9.0, None, None), None, None, None),
+        ]
+        assert r.cs.skipped_values == {
+            ("CPB", "SoC"): 2,
+            ("CPB", "Current.Import"): 1,
+            ("CPB", "Energy.Active.Import.Register"): 1,
+            ("CPA", "Power.Active.Import"): 1,
+        }
+        assert "meterValue/0/sampledValue/3/value" in caplog.text
+        assert "meterValue/0/sampledValue/1/value" in caplog.text

@@ -238,13 +238,18 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
         try:
             validation.validate(self.version, action, payload, response=False)
         except validation.SchemaError as exc:
-            taken = validation.without_refused_meter_values(self.version, action, payload, exc)
-            if taken is None:
-                await self._send_error(unique_id, exc.code, exc.description)
+            try:
+                payload, dropped = validation.without_refused_meter_values(
+                    self.version, action, payload, exc
+                )
+            except validation.SchemaError as refused:  # a fault outside the meter values
+                await self._send_error(unique_id, refused.code, refused.description)
                 return
-            payload, dropped = taken
-            for why in dropped:
-                LOG.warning("%s: meter value dropped (its schema refuses it): %s", self.id, why)
+            # Skipped and counted as a value that is no number is (``_on_meter_value``).
+            for measurand, why in dropped:
+                LOG.warning("%s: sampled value skipped (its schema refuses it): %s", self.id, why)
+                if measurand is not None:
+                    self.csms._count_skipped(self.station, measurand)
         except KeyError:
             await self._send_error(
                 unique_id, "NotImplemented", f"{action} unknown in {self.version}"

@@ -18,11 +18,17 @@ from typing import Any
 
 import jsonschema_rs
 import ocpp
+from ocpp.v16.enums import Measurand as _Measurand16
+from ocpp.v201.enums import MeasurandEnumType as _Measurand201
 
 Validator = Callable[[Any], Any]
 
 _SCHEMA_ROOT = os.path.dirname(os.path.realpath(ocpp.__file__))
 _cache: dict[tuple[str, str, bool], Validator | None] = {}
+_MEASURANDS: dict[str, frozenset[str]] = {
+    "1.6": frozenset(m.value for m in _Measurand16),
+    "2.0.1": frozenset(m.value for m in _Measurand201),
+}
 
 
 class SchemaError(Exception):
@@ -107,52 +113,101 @@ def validate(version: str, action: str, payload: Any, *, response: bool) -> None
         raise SchemaError(_code_for(version, None), f"{action}: {exc}") from None
 
 
-#: The transaction messages' meter values: a part of them their schema refuses is dropped, not
-#: the message (``without_refused_meter_values``).
-_TX_METER_FIELD = {"StopTransaction": "transactionData", "TransactionEvent": "meterValue"}
+#: Each message's meter values: a part of them its schema refuses is dropped, not the message
+#: (``without_refused_meter_values``).
+_METER_FIELD = {
+    "MeterValues": "meterValue",
+    "StopTransaction": "transactionData",
+    "TransactionEvent": "meterValue",
+}
+#: A sampled value each version's schema takes: in place of one it refuses while the rest of the
+#: message is checked (removed after: the names in later errors stay the message's own).
+_VALID_VALUE: dict[str, Any] = {"1.6": "0", "2.0.1": 0}
+#: The label a dropped value is counted under when its measurand is none the version names.
+UNKNOWN_MEASURAND = "unknown"
+
+
+def _measurand(version: str, value: Any) -> str:
+    """What a dropped sampled value measured, for its count: its measurand if the version
+    names it (absent: the energy register, OCPP's default), else ``UNKNOWN_MEASURAND`` (a
+    station's own string is no metric label)."""
+    m = value.get("measurand", "Energy.Active.Import.Register") if isinstance(value, dict) else None
+    return m if isinstance(m, str) and m in _MEASURANDS.get(version, ()) else UNKNOWN_MEASURAND
 
 
 def without_refused_meter_values(
     version: str, action: str, payload: dict[str, Any], error: SchemaError
-) -> tuple[dict[str, Any], list[str]] | None:
-    """A message that starts or ends a transaction (1.6 StopTransaction, 2.0.1 TransactionEvent)
-    whose schema ``error`` lies in its meter values: a copy without each sampled value (or
-    meterValue entry, where the fault is its own: its timestamp) the schema refuses, valid, and
-    why each was dropped. ``None`` when a fault lies elsewhere: the message is refused. Refused
-    whole, the station retried it a few times and dropped it, with the session's start or end
-    (a unit "kwh" in a StopTransaction's transactionData: the session never ended)."""
-    field = _TX_METER_FIELD.get(action)
+) -> tuple[dict[str, Any], list[tuple[str | None, str]]]:
+    """A message carrying meter values (MeterValues, 1.6 StopTransaction, 2.0.1
+    TransactionEvent) whose schema ``error`` lies in its meter values: a copy without each
+    sampled value the schema refuses (in a transaction message also a meterValue entry whose
+    fault is its own: its timestamp), and each dropped value's measurand (``_measurand``; None
+    for an entry that held none) and why. Raises the ``SchemaError`` that refuses the message
+    when a fault lies elsewhere (``error`` itself for another action): it names that field, by
+    its index in the message. A MeterValues left with no entry is taken with an empty list.
+    Refused whole, a transaction message was retried a few times and dropped, with the
+    session's start or end (a unit "kwh" in a StopTransaction's transactionData: the session
+    never ended); a MeterValues lost the station's currents with one SoC of "n/a" (a 2.0.1
+    value as a string)."""
+    field = _METER_FIELD.get(action)
     if field is None or field not in payload:
-        return None
+        raise error
     payload = copy.deepcopy(payload)
-    dropped: list[str] = []
+    dropped: list[tuple[str | None, str]] = []
+    # What was refused is replaced by something valid, so that each later error names the
+    # message's own index; the stand-ins go once the message is valid.
+    stand_ins: set[int] = set()
     while True:
         path = error.path
         entries = payload.get(field)
         if len(path) < 2 or path[0] != field or not isinstance(path[1], int):
-            return None
+            raise error
         if not isinstance(entries, list) or not 0 <= path[1] < len(entries):
-            return None
+            raise error
         entry = entries[path[1]]
         values = entry.get("sampledValue") if isinstance(entry, dict) else None
+        if id(entry) in stand_ins:
+            raise error  # (not ours to drop twice: never, a stand-in is valid)
         if (
             len(path) >= 4
             and path[2] == "sampledValue"
             and isinstance(path[3], int)
             and isinstance(values, list)
             and 0 <= path[3] < len(values)
+            and id(values[path[3]]) not in stand_ins
         ):
-            del values[path[3]]
-            if not values:
-                del entries[path[1]]
+            dropped.append((_measurand(version, values[path[3]]), error.description))
+            values[path[3]] = stand_in = {"value": _VALID_VALUE[version]}
+        elif action == "MeterValues":
+            # A reading's own fault (its timestamp): nothing of it is a reading, and a plain
+            # MeterValues carries no session's start or end to keep: refused, naming it.
+            raise error
         else:
-            del entries[path[1]]
-        if not entries:
-            del payload[field]
-        dropped.append(error.description)
+            # The entry's own fault (its timestamp): each of its values goes with it.
+            gone = [v for v in values if id(v) not in stand_ins] if isinstance(values, list) else []
+            dropped += [(_measurand(version, v), error.description) for v in gone]
+            if not gone:
+                dropped.append((None, error.description))
+            entries[path[1]] = stand_in = {
+                "timestamp": "2000-01-01T00:00:00Z",
+                "sampledValue": [{"value": _VALID_VALUE[version]}],
+            }
+        stand_ins.add(id(stand_in))
         try:
             validate(version, action, payload, response=False)
         except SchemaError as exc:
-            error = exc  # each round drops one part: it ends
+            error = exc  # each round replaces one part: it ends
         else:
-            return payload, dropped
+            break
+    kept: list[Any] = []
+    for entry in entries:
+        if id(entry) in stand_ins:
+            continue
+        entry["sampledValue"] = [v for v in entry["sampledValue"] if id(v) not in stand_ins]
+        if entry["sampledValue"]:
+            kept.append(entry)
+    if kept or action == "MeterValues":  # required there: an empty list, nothing to read
+        payload[field] = kept
+    else:
+        del payload[field]
+    return payload, dropped
