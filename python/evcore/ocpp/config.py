@@ -88,6 +88,11 @@ class OcppConfig:
     #: (1009). A 1.6 StopTransaction carries the session's transactionData: 4 h of 10 s samples
     #: of the default measurands is 1.9 MiB (websockets' default, 1 MiB, refused it for ever).
     max_frame_bytes: int = 16 * 1024 * 1024
+    #: A WebSocket ping to each station this often; one not answered within as long again ends
+    #: the connection (the station is reported gone). 0: no pings. Without them a link that died
+    #: without a close (power cut, a modem or NAT dropping the flow) kept the station connected
+    #: for good.
+    ping_interval_s: float = 30.0
     #: At start, freeze what is allocated so far out of the cyclic GC's reach and collect the
     #: young generation less often (full collections over a large heap stall every station).
     #: Process-wide, so opt-in: the process that owns the event loop decides.
@@ -210,6 +215,7 @@ _SECTION = Section(
         "max_clock_skew_s": Key("number", default=300.0, lo=0, hi=86_400),
         "store_batch_window_s": Key("number", default=0.005, lo=0, hi=1),
         "max_frame_bytes": Key("any", default=16 * 1024 * 1024),
+        "ping_interval_s": Key("number", default=30.0, lo=0, hi=3_600),
         "gc_tuning": Key("bool", default=False),
     },
     OcppConfigError,
@@ -313,5 +319,6 @@ def parse_ocpp_section(
         max_clock_skew_s=v["max_clock_skew_s"],
         store_batch_window_s=v["store_batch_window_s"],
         max_frame_bytes=_frame_bytes(v["max_frame_bytes"]),
+        ping_interval_s=v["ping_interval_s"],
         gc_tuning=v["gc_tuning"],
     )

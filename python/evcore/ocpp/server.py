@@ -682,7 +682,12 @@ class CentralSystem:
             subprotocols=list(SUBPROTOCOLS),  # type: ignore[arg-type]
             ssl=self._tls,
             compression=None,
-            ping_interval=None,
+            # A link that died without a close is found by its unanswered ping: websockets
+            # fails it (1011) and, no close frame coming back on a dead link, drops it after
+            # close_timeout; the session ends and the station is reported gone.
+            ping_interval=self.config.ping_interval_s or None,
+            ping_timeout=self.config.ping_interval_s or None,
+            close_timeout=min(10.0, self.config.ping_interval_s or 10.0),
             max_queue=64,
             max_size=self.config.max_frame_bytes,
         )
