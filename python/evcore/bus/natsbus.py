@@ -83,6 +83,11 @@ _FETCH_EXPIRY_S = 1.0
 _FETCH_BATCH = 64
 # Idle pulls (each _FETCH_EXPIRY_S) between checks that a durable still exists on the broker.
 _IDLE_PULLS_PER_CHECK = 10
+# A durable another consumer pulls: how long to look again (a pull request of a process just gone
+# lasts its expiry at most; a live consumer has pulled again by then), and how long a consumer
+# that found it in use waits before it tries again.
+_IN_USE_RECHECK_S = _FETCH_EXPIRY_S + 0.25
+_IN_USE_RETRY_S = 2.0
 # nats-server's default max_payload, used until the broker's own figure is known (first connect;
 # the outbox file keeps the last figure learnt, for a start while the broker is away).
 _DEFAULT_MAX_PAYLOAD = 1024 * 1024
@@ -217,6 +222,12 @@ class DurableFilterMismatch(ValueError):
     """A durable consumer exists on the broker with another filter than the one asked for."""
 
 
+class DurableInUse(ValueError):
+    """Another consumer (another process: a second edge of one site) is pulling the durable now.
+    JetStream would share its messages between the two, each getting only part of them and out
+    of order across the two; the in-process bus refuses a second consumer of a durable too."""
+
+
 class _NatsConsumer:
     def __init__(
         self,
@@ -236,6 +247,7 @@ class _NatsConsumer:
         self._task: asyncio.Task[None] | None = None
         self._reconnects_seen = -1
         self._dedupe_failures = 0
+        self._in_use_seen = 0
         self.closed = False
 
     @property
@@ -262,6 +274,7 @@ class _NatsConsumer:
         )
         self._reconnects_seen = _reconnects(bus._nc)
         await self.check_filter()
+        await self.check_free()
         await self._update_ack_settings(cfg)
         return await bus._js.pull_subscribe(
             self._pattern, durable=self._durable, stream=self._stream, config=cfg
@@ -283,6 +296,49 @@ class _NatsConsumer:
                 f"durable {self._durable!r} on stream {self._stream} already filters "
                 f"{have or '(everything)'!r}, not {self._pattern!r} (another consumer's name, "
                 "or a changed filter: give it a durable name of its own)"
+            )
+
+    async def check_free(self) -> None:
+        """:class:`DurableInUse` when another consumer is pulling the durable (a pull request
+        waiting on the broker: ``num_waiting``, looked at again after a pull's expiry so that a
+        process just gone is not taken for a live one) or a push consumer of that name is bound
+        (``push_bound``). Before, a second process bound to it and JetStream shared the messages
+        between the two."""
+        js = self._bus._js
+        for look in range(2):
+            if look:
+                await asyncio.sleep(_IN_USE_RECHECK_S)  # broker time: real, not the bus's clock
+            try:
+                info = await js.consumer_info(self._stream, self._durable)
+            except nats.js.errors.NotFoundError:
+                return
+            if not info.num_waiting and not info.push_bound:
+                return
+        raise DurableInUse(
+            f"durable {self._durable!r} on stream {self._stream} is being consumed by another "
+            f"consumer ({info.num_waiting or 0} pull request(s) waiting"
+            f"{', a push subscriber bound' if info.push_bound else ''}): another process of "
+            "this site (a second edge with the same site file?) or a tool; JetStream would share "
+            "the messages between the two, each getting part of them. Stop the other, or give "
+            "this one a site id of its own"
+        )
+
+    def _in_use_meanwhile(self, info: Any) -> None:
+        """Say so when another consumer pulls the durable beside this one (both attached while
+        neither saw the other: at one instant, or while this one was busy with a batch)."""
+        if not getattr(info, "num_waiting", 0):
+            return
+        self._in_use_seen += 1
+        n = self._in_use_seen
+        if n in (1, 10) or n % 100 == 0:
+            log.error(
+                "consumer %s on %s: another consumer pulls this durable too (%d pull request(s) "
+                "waiting besides this one's; seen %d time(s)): each gets only part of its "
+                "messages. Stop the other process (a second edge of this site?)",
+                self._durable,
+                self._stream,
+                info.num_waiting,
+                n,
             )
 
     async def _update_ack_settings(self, cfg: jsapi.ConsumerConfig) -> None:
@@ -335,7 +391,8 @@ class _NatsConsumer:
             return False
         self._reconnects_seen = reconnects
         try:
-            await sub.consumer_info()
+            # (Asked after a pull of ours expired: a pull request waiting is another's.)
+            self._in_use_meanwhile(await sub.consumer_info())
         except nats.js.errors.NotFoundError:
             log.warning(
                 "consumer %s on %s: gone from the broker; creating it again",
@@ -423,6 +480,19 @@ class _NatsConsumer:
                 self.closed = True
                 bus._consumers.discard(self)
                 break
+            except DurableInUse as exc:
+                # Found in use when it attaches (the broker was away at consume()): it takes
+                # nothing and tries again, taking over once the other stops (a standby).
+                attempt += 1
+                if attempt in (1, 10) or attempt % 100 == 0:
+                    log.error(
+                        "consumer %s on %s: %s; not consuming, trying again every %.0f s",
+                        self._durable,
+                        self._stream,
+                        exc,
+                        _IN_USE_RETRY_S,
+                    )
+                await bus.clock.sleep(_IN_USE_RETRY_S)
             except Exception as exc:
                 attempt += 1
                 if attempt in (1, 10) or attempt % 100 == 0:
@@ -1686,9 +1756,11 @@ class NatsBus:
         c = _NatsConsumer(self, subject_pattern, spec.name, name_token(durable), handler, dedupe)
         if self.connected:
             # A durable of another filter is refused here, as in-process (the broker away: when
-            # the consumer attaches, logged and not consumed).
+            # the consumer attaches, logged and not consumed); so is one another consumer pulls
+            # (the broker away: when it attaches, logged, and it waits for the durable).
             with contextlib.suppress(BusError, nats.errors.Error, TimeoutError):
                 await c.check_filter()
+                await c.check_free()
         self._consumers.add(c)
         c.start()
         return c
