@@ -252,7 +252,7 @@ def test_site_check_refuses_two_chargers_on_one_station_evse_as_the_edge_does(
     the site only when evcore edge started, `site check` said ok. The site file itself is
     refused now, naming the charger and field, whoever loads it."""
     site = _two_chargers_on_one_evse(tmp_path)
-    assert main(["site", "check", str(site)]) == 1
+    assert main(["site", "check", str(site)]) == 2
     err = capsys.readouterr().err
     assert 'cp-02.evse_id: charger "cp-01" is on station "CP01" EVSE 1 already' in err, err
     with pytest.raises(SiteConfigError) as e:

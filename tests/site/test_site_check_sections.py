@@ -52,7 +52,7 @@ def test_the_reviewed_file_is_refused_naming_each_error(
         '[edge]\ntick_s = 0\n[metric]\nlisten = "127.0.0.1:9464"\n[ocpp]\nport = "8443"\n',
     )
     rc, out, err = _check(path, capsys)
-    assert rc == 1
+    assert rc == 2
     assert "ok:" not in out
     assert re.search(_named("edge", "tick_s"), err)
     assert re.search(_named("ocpp", "port"), err)
@@ -64,7 +64,7 @@ def test_a_misspelt_table_alone_is_refused_with_the_known_tables(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rc, out, err = _check(_site(tmp_path, '[metric]\nlisten = "127.0.0.1:9464"\n'), capsys)
-    assert rc == 1 and "ok:" not in out
+    assert rc == 2 and "ok:" not in out
     assert "unknown table [metric]; known tables:" in err
     for known in ("[site]", "[edge]", "[ocpp]", "[bus]", "[store]", "[api]", "[metrics]"):
         assert known in err
@@ -106,7 +106,7 @@ def test_each_section_is_checked_as_the_edge_checks_it(
 ) -> None:
     sections, said = BAD_SECTIONS[case]
     rc, out, err = _check(_site(tmp_path, sections), capsys)
-    assert rc == 1, out
+    assert rc == 2, out
     assert re.search(said, err), err
     assert "ok:" not in out and "Traceback" not in err
 
@@ -148,7 +148,7 @@ def test_relative_files_are_taken_from_the_site_files_directory(
     assert "ok: 1 nodes, 1 chargers; [api] as the edge reads them" in out
     (site_dir / "api-tokens.toml").unlink()
     rc, out, err = _check(path, capsys)
-    assert rc == 1 and "api-tokens.toml" in err
+    assert rc == 2 and "api-tokens.toml" in err
 
 
 def test_a_file_with_every_section_right_passes(

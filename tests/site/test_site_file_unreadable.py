@@ -37,6 +37,6 @@ def test_an_unreadable_site_file_is_a_site_config_error(
         load_site(path)
     assert str(path) in str(info.value) and said in str(info.value)
     assert info.value.field == "file"
-    assert evcore_main(["site", "check", str(path)]) == 1
+    assert evcore_main(["site", "check", str(path)]) == 2  # as evcore edge
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err

@@ -18,6 +18,11 @@ from typing import Any
 from evcore.errors import SiteConfigError
 from evcore.site import ChargerSpec, NodeSpec, Site, load_site
 
+#: ``evcore site check``'s exit code for a site file ``evcore edge`` would refuse: the edge's own
+#: (``evcore.edge.cli.EXIT_CONFIG``, argparse's for a usage error), so that a deploy script that
+#: checks the file first sees the code the unit would (it was 1 here, 2 there).
+EXIT_BAD_FILE = 2
+
 
 def _fmt3(x: tuple[float, float, float]) -> str:
     if x[0] == x[1] == x[2]:
@@ -217,14 +222,14 @@ def _check(args: argparse.Namespace) -> int:
     except SiteConfigError as e:
         if getattr(e, "field", None) == "file":  # unreadable, not TOML: nothing more to check
             print(f"error: {args.file}: {e}", file=sys.stderr)
-            return 1
+            return EXIT_BAD_FILE
         site, topology_error = None, str(e)
     path = Path(args.file)
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:  # changed since loaded
         print(f"error: {args.file}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_FILE
     errors = [topology_error] if topology_error else []
     errors += section_errors(table, path.resolve().parent)
     if site is not None:
@@ -232,7 +237,7 @@ def _check(args: argparse.Namespace) -> int:
     for error in errors:
         print(f"error: {args.file}: {error}", file=sys.stderr)
     if errors or site is None:
-        return 1
+        return EXIT_BAD_FILE
     for warning in station_warnings(site, table, path.resolve().parent):
         print(f"warning: {args.file}: {warning}", file=sys.stderr)
     sections = [f"[{k}]" for k in SITE_TABLES[3:] if k in table]
@@ -249,11 +254,15 @@ def register(sub: Any) -> None:
         help="validate a site file as the edge does and print its tree",
         description="Load and validate a site file as `evcore edge` does at start: the topology "
         "and every section ([edge], [ocpp], [bus], [store], [api], [metrics], [cloud], "
-        "[planner]); an unknown top-level table is an error. Print the tree with every limit. "
-        "Exits 1 with each error (naming the node or section and the key) on a bad file. "
+        "[planner]); an unknown top-level table is an error. Print the tree with every limit, "
+        "or each error (naming the node or section and the key) on a bad file. "
         "Warns of stations left open (security profile 0: no password) and of a station that "
         "will be refused for want of a password. "
-        "Opens no socket, store or bus.",
+        "Opens no socket, store or bus. See docs/site-file.md.",
+        epilog="exit codes: 0: the edge loads the file (warnings do not change it); 2: a usage "
+        "error or a bad site file (missing, unreadable, not UTF-8 or not TOML, an invalid "
+        "topology or section, an unknown table), the code `evcore edge` exits with on the same "
+        "file.",
     )
     c.add_argument("file", help="path to the site TOML file")
     c.set_defaults(func=_check)
