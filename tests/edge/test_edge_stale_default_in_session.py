@@ -9,10 +9,12 @@ Real parts: the controller on the Rust core, the OCPP central system on loopback
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import pytest
-from edge_testkit import FAST, held_default
+from edge_testkit import FAST, counted, held_default
 from evcore.edge.config import EdgeConfig
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
@@ -74,6 +76,77 @@ async def test_a_stale_txdefault_of_a_charger_in_session_at_the_report_is_cleare
                 f"{ca.tx_default!r} A (failsafe {ctrl.failsafe.get(a)!r}); held {held}"
             ) from exc
         # Ours is in force at A afterwards.
+        await rig.wait_for(
+            lambda: ca.tx_default is not None and rig.limit_at(a) <= ca.tx_default + 1e-6,
+            30,
+            "our TxDefault in force at A",
+        )
+
+
+async def test_between_the_session_end_and_the_report_the_charger_counts_at_its_maximum() -> None:
+    """The window af24306 left: once the session at A ends, the station is asked again, and
+    until it answers (one round trip; held back here, as a slow link holds it) the stale 32 A
+    TxDefault unseen under the session may be in force. Counted at the edge's own 16 A
+    TxDefault there, B was given the room A's car could take; the envelope counts a charger
+    whose profile state is unknown at its maximum."""
+    table = depot_table(2, per_feeder=2, feeder_share=0.5, grid_share=1.0)
+    ids = [c["id"] for c in table["chargers"]]
+    rig = EdgeRig(table, cfg=EdgeConfig(**FAST), version="2.0.1", apply_delay_s=0.1)
+    async with rig:
+        ctrl = rig.controller
+        assert ctrl is not None
+        a, b = ids
+        ca, cb = ctrl.state.chargers[a], ctrl.state.chargers[b]
+        for cid in ids:
+            rig.fleet.plug_in(cid, EV(soc=0.2))
+        await rig.wait_for(
+            lambda: ca.transaction_id is not None and cb.transaction_id is not None,
+            30,
+            "both sessions",
+        )
+        await rig.wait_for(rig.tx_default_at_failsafe, 30, "our TxDefaults at the failsafe")
+        sim, evse = rig.fleet.station(a)
+        connections = sim.connections
+        await sim.go_offline(2.0)
+        await rig.wait_for(lambda: not ca.online, 10, "A offline at the edge")
+        sim.profiles.append(held_default(time.time(), STALE_ID, 32.0, evse=evse, stack=9))
+        await rig.wait_for(lambda: sim.connections > connections and ca.online, 20, "A back")
+        await rig.wait_for(
+            lambda: a not in ctrl._report_due and ca.default_unchecked,
+            30,
+            "A's report taken in session",
+        )
+        # The station's next report is held back until released (a slow link).
+        gw: Any = ctrl.gateway
+        report = gw.get_composite_schedule
+        released = asyncio.Event()
+        asked: list[str] = []
+
+        async def slow_report(charger_id: str, **kwargs: Any) -> Any:
+            asked.append(charger_id)
+            await released.wait()
+            return await report(charger_id, **kwargs)
+
+        gw.get_composite_schedule = slow_report
+        try:
+            rig.fleet.unplug(a)
+            await rig.wait_for(lambda: ca.transaction_id is None, 30, "the session at A ended")
+            await rig.wait_for(lambda: a in asked, 5, "A's station asked again")
+            value, _, unknown = counted(ctrl, a)
+            assert unknown or value >= ca.max_value - 1e-6, (
+                f"idle {a} may enforce the stale 32 A TxDefault until its report, counted at "
+                f"{value:g} A (unknown {unknown}; its TxDefault {ca.tx_default!r} A)"
+            )
+            # A decision in the window leaves B no more than A's maximum leaves on F1 (32 A).
+            await rig.wait_for(
+                lambda: cb.sent is not None and cb.sent + ca.max_value <= 32.0 + 1e-6,
+                5,
+                "B lowered beside A at its maximum",
+            )
+        finally:
+            released.set()
+            gw.get_composite_schedule = report
+        # Once the report is in, A's stale TxDefault is cleared and ours applies.
         await rig.wait_for(
             lambda: ca.tx_default is not None and rig.limit_at(a) <= ca.tx_default + 1e-6,
             30,

@@ -283,6 +283,11 @@ class EdgeController:
                 end_wh += cs0.energy_carried_wh  # (its count since a restart: on what was before)
             self._session_changed(cs0, ev.transaction_id, end_wh)
         if cs0 is not None and cs0.transaction_id != tx_before:
+            if tx_before is not None and cs0.default_unchecked:
+                # A stale TxDefault unseen under the session may apply from now on: counted at
+                # its maximum until an idle report shows what it enforces (it was counted at
+                # the edge's own TxDefault for that round trip).
+                cs0.default_unknown = True
             if tx_before is not None and cs0.transaction_id is None and cs0.default_unchecked:
                 # Idle now: its report shows its TxDefault, and a stale one above the failsafe
                 # level is cleared (it stayed, unseen under the session, and applied from now
@@ -1257,6 +1262,8 @@ class EdgeController:
                 reported[c.charger_id] = max(limits)
                 # In a session the report is its TxProfile's: its TxDefault stays unchecked.
                 c.default_unchecked = c.transaction_id is not None and clear is not None
+                if c.transaction_id is None:
+                    c.default_unknown = False  # shown below (a stale one: cleared, at max)
             if usable and c.transaction_id is None and clear is not None:
                 # Idle: what it enforces is its TxDefault. Above the failsafe level (no
                 # TxDefault at all, or an earlier controller's, which would override ours at a
@@ -1304,6 +1311,13 @@ class EdgeController:
             for c in stale:
                 self._report_due.pop(c.charger_id, None)
             self.notify("reported")
+        if not self._stopping and any(
+            c.default_unknown and c.transaction_id is None and c.online
+            for c in self.state.station_chargers(ocpp_id)
+        ):
+            # No usable report of an idle charger a stale TxDefault may hold: still counted at
+            # its maximum, asked again.
+            self._report_again_later(ocpp_id, bound)
         for message in ("StatusNotification", "MeterValues"):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(gw.trigger_message(ocpp_id, message), bound)
@@ -1568,7 +1582,7 @@ class EdgeController:
         at_max = frozenset(
             cid
             for cid, c in self.state.chargers.items()
-            if c.tx_default is None or c.default_unapplied(now_m)
+            if c.tx_default is None or c.default_unapplied(now_m) or c.default_unknown
         )
         try:
             fs_key = self._failsafe_key

@@ -219,6 +219,9 @@ class RustCore:
             cols["profile_unknown"][i] = (
                 c.profile_unknown
                 or cid in ignoring
+                # A stale TxDefault may hold it (unseen under its last session): until a
+                # TxProfile of ours holds this session, its car may draw up to its maximum.
+                or (c.transaction_id is not None and c.default_unknown and not c.tx_profile_held)
                 or (
                     c.transaction_id is not None
                     and c.session_in_gap

@@ -130,6 +130,11 @@ class ChargerState:
     # stack level above ours) went unseen and would apply once the session ends. The station is
     # asked again when the session ends (``EdgeController.on_event``).
     default_unchecked: bool = False
+    # Such a session ended (and its station was asked again): from then the stale TxDefault may
+    # be in force, at any level up to the maximum. Counted there (idle, or a next session held
+    # by no TxProfile of ours) until an idle report shows what it enforces. Between the end and
+    # that report (one round trip) it was counted at the edge's own TxDefault.
+    default_unknown: bool = False
     # A lowered TxDefault the charger accepted but may not have applied yet: the level it replaced
     # still counts for an idle charger until ``tx_default_old_until`` (monotonic; sent + settle_s).
     tx_default_old: float | None = None
@@ -360,7 +365,7 @@ class ChargerState:
             levels.append(replaced)
         if now_mono is not None and self.default_unapplied(now_mono):
             levels.append(self.max_value)
-        if self.tx_default is None and reported is None:
+        if (self.tx_default is None and reported is None) or self.default_unknown:
             levels.append(self.max_value)
         return max(levels)
 
