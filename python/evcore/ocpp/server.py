@@ -1139,6 +1139,20 @@ class CentralSystem:
     ) -> None:
         charger = st.charger(evse_id)
         st.status[(evse_id, connector_id)] = status
+        if charger is None and evse_id != 0:
+            # An EVSE / connector the site file does not list: no charger's, and not the
+            # station's own (``charger_id`` None is connector / EVSE 0). Before, it was published
+            # and stored as the station's and overwrote it (an unmanaged connector's Faulted was
+            # the station's). Answered all the same: a station retries a refused one.
+            LOG.warning(
+                "station %s: StatusNotification of EVSE/connector %s, which the site file does "
+                "not list: %s %s, not recorded",
+                st.ocpp_id,
+                evse_id,
+                status,
+                error,
+            )
+            return
         ev = StatusEvent(
             charger.charger_id if charger else None,
             st.ocpp_id,
