@@ -42,6 +42,15 @@ HOLD_ROOM = True
 # Plan under 90 % of each kW cap: the allocator counts a node's power more conservatively than
 # the planner (on the EU scenario it holds the site about 6 kW under a 110 kW cap the planner
 # fills), and a session planned on power the allocator will not grant falls behind for good.
+# Taken of the cap less the room held outside the plan (idle chargers at their failsafe level,
+# counted as the allocator counts them), never below the node's other load: as before when
+# nothing is held. Taken of the whole cap and the held room subtracted after (until 2026-12-06),
+# the margin could exceed what was left: on the depot, 23 idle chargers at 27.44 kW each hold
+# 631.2 kW of the 700 kW cap and the building is planned at 41.4 kW; 630 kW less both is
+# nothing, so the first four cloud plans (17:40-17:58) planned 0 kWh for the whole night and
+# held the first bus at 0 W for 26 minutes while the allocator alone granted it 48 kW (now
+# 0.9 x 68.8 - 41.4 = 20.5 kW AC, 19.4 kW DC). On eu-three-phase (91 kW held of 110, a 12.7 kW
+# building) the first three plans were 0 kWh too (now a first car at 6.4 A).
 KW_MARGIN = 0.9
 # A car that draws clearly less than its charger allows (its onboard charger, the CC-CV taper) is
 # planned at what it draws plus this much: a plan that counts on the charger's maximum reserves
@@ -51,6 +60,24 @@ DRAW_SLACK_W = 1000.0
 # ... judged only on a measurement this long after the setpoint went out (the charger applies a
 # profile a few seconds after accepting it, the car follows within about 5 s).
 DRAW_SETTLE_S = 20.0
+# A step without a kW cap on a node that has one in other steps.
+_NO_CAP_KW = 1e6
+_ROOM_FLOOR_KW = 1e-3  # as evcore.edge.planning's _ROOM_FLOOR
+
+
+def _with_kw_margin(node: Any) -> Any:
+    """``node`` (``PlanNode``) with its kW caps at ``KW_MARGIN`` of what is left of them once
+    ``leave_held_room`` has taken off what chargers outside the plan hold, never below the
+    node's other load (plus the hair ``leave_held_room`` keeps: a limit at it plans 0 there)."""
+    caps = node.power_limit_kw
+    if caps is None:
+        return node
+    other = float(node.other_load_kw)
+    out = [
+        c if c >= _NO_CAP_KW else max(other + _ROOM_FLOOR_KW, c * KW_MARGIN)
+        for c in ([caps] if isinstance(caps, int | float) else caps)
+    ]
+    return replace(node, power_limit_kw=out if not isinstance(caps, int | float) else out[0])
 
 
 class TwinPlanner:
@@ -78,9 +105,16 @@ class TwinPlanner:
         """A node's building load at its configured maximum, in kW."""
         return float(sum(node.other_load_max_a)) * self.sc.site.voltage_ln_v / 1000.0
 
-    def request(self, now: float, sessions: list[Any]) -> Any:
+    def request(
+        self,
+        now: float,
+        sessions: list[Any],
+        held: Mapping[str, tuple[list[float], float]] | None = None,
+    ) -> Any:
+        """The plan's request at ``now``; with ``held`` (``held_outside_plan``) that room is
+        left free, then each kW cap is taken at ``KW_MARGIN`` of what is left."""
         from evcore.edge.grid import Curtailment, PricePoint
-        from evcore.edge.planning import step_caps, step_prices
+        from evcore.edge.planning import leave_held_room, step_caps, step_prices
         from evcore.planner import PlanCharger, PlanNode, PlanRequest, step_grid
 
         sc = self.sc
@@ -123,8 +157,7 @@ class TwinPlanner:
                 n.power_limit_kw if n.power_limit_kw is not None else math.inf,
             )
             if any(math.isfinite(c) for c in caps):
-                big = 1e6
-                pl = [c * KW_MARGIN if math.isfinite(c) else big for c in caps]
+                pl = [c if math.isfinite(c) else _NO_CAP_KW for c in caps]
             nodes.append(
                 PlanNode(
                     id=n.id,
@@ -166,6 +199,9 @@ class TwinPlanner:
                         min_a=c.min_a,
                     )
                 )
+        if held is not None:
+            nodes = leave_held_room(nodes, held)
+        nodes = [_with_kw_margin(n) for n in nodes]
         return PlanRequest(
             start=now,
             step_s=steps,
@@ -296,7 +332,7 @@ class TwinPlanner:
         allocator's counting is left free (``evcore.edge.planning.held_outside_plan``)."""
         from evcore.edge import planning
         from evcore.edge.controller import PlanTargets
-        from evcore.edge.planning import held_outside_plan, leave_held_room, schedule_rows
+        from evcore.edge.planning import held_outside_plan, schedule_rows
 
         sessions = self.sessions_from_state(now, state, mono_now)
         if not sessions:
@@ -306,12 +342,12 @@ class TwinPlanner:
         other_kw = self.other_kw(self.sc.site.root)
         window_s = self.sc.demand_charge.window_min * 60.0
         in_window_h = (now - max(math.floor(now / window_s) * window_s, self.sc.start)) / 3600.0
-        req = self.request(now, sessions)
+        held = None
         if edge_site is not None and HOLD_ROOM:
             held = held_outside_plan(
                 edge_site, state.chargers, failsafe or {}, {s.charger_id for s in sessions}
             )
-            req = replace(req, nodes=leave_held_room(req.nodes, held))
+        req = self.request(now, sessions, held)
         req = energy_first(
             req,
             peak_floor_kw=max(0.0, peak_floor_kw) + other_kw,
