@@ -149,7 +149,9 @@ async def test_malformed_frame_gets_callerror_and_connection_lives(
     async with rig(connect=False) as r:
         async with station_ws(r.base_url, sid, version) as ws:
             assert ws.subprotocol == version
-            for garbage in ("{not json", "[]", '{"a": 1}', '[2, "x1", "Heartbeat"]', '[3, "x2"]'):
+            # (A malformed answer, '[3, "x2"]', is not answered: an answer never is;
+            # test_a_malformed_answer_fails_our_call_at_once_and_is_not_answered.)
+            for garbage in ("{not json", "[]", '{"a": 1}', '[2, "x1", "Heartbeat"]'):
                 await ws.send(garbage)
                 msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
                 assert msg[0] == 4 and msg[2] == code, (garbage, msg)

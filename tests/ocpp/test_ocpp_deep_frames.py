@@ -69,3 +69,30 @@ async def test_a_deeply_nested_answer_fails_our_call_at_once(
             hb = await raw_call(ws, "h1", "Heartbeat", {})
             assert hb[0] == 3 and "currentTime" in hb[2]
             assert r.cs.is_connected(sid)
+
+
+@pytest.mark.parametrize(("sid", "version", "code"), VERSIONS)
+@pytest.mark.parametrize("answer", ['[3,"{id}"]', '[4,"{id}","GenericError"]'])
+async def test_a_malformed_answer_fails_our_call_at_once_and_is_not_answered(
+    sid: str, version: str, code: str, answer: str
+) -> None:
+    """A CALLRESULT without its payload, a CALLERROR without its description: our CALL fails at
+    once (CallError naming the malformed answer), and nothing is sent back (an answer is never
+    answered). Before, the station got a CALLERROR under our CALL's id and the limit waited
+    ``call_timeout_s`` for a Timeout."""
+    del code
+    async with rig(connect=False, call_timeout_s=10) as r:
+        charger = "cp-a" if sid == "CPA" else "cp-b"
+        async with station_ws(r.base_url, sid, version) as ws:
+            t0 = time.monotonic()
+            res = asyncio.ensure_future(r.cs.set_limit(charger, limit_a=10, purpose="tx_default"))
+            call = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert call[2] == "SetChargingProfile"
+            await ws.send(answer.replace("{id}", call[1]))
+            out = await asyncio.wait_for(res, 5)
+            assert out.status == "CallError" and "malformed" in out.detail, out
+            assert time.monotonic() - t0 < 3.0
+            # The next frame the station gets is its Heartbeat's answer: nothing came before.
+            await ws.send('[2,"h1","Heartbeat",{}]')
+            nxt = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert nxt[:2] == [3, "h1"], nxt

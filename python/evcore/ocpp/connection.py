@@ -2,7 +2,8 @@
 
 Built on the ``ocpp`` library's ``ChargePoint`` (its ``@on`` routing, action enums, schemas and
 error codes) but with its slow or unsafe defaults replaced: schema validators are compiled once and
-run inline (no thread pool), a malformed frame gets a CALLERROR and the connection lives on, an
+run inline (no thread pool), a malformed CALL or frame gets a CALLERROR (a malformed answer fails
+our CALL: an answer is never answered) and the connection lives on, an
 unhandled action gets ``NotImplemented`` in every version, and outgoing CALLs are matched by id with
 a timeout on the injected clock. Handlers receive the validated camelCase payload, return a
 camelCase dict, and must never await an outgoing call (they enqueue; see ``queue.py``).
@@ -207,9 +208,15 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
                 _guess_id(msg), self.unknown_type_code, f"unknown message type {kind}"
             )
         else:
-            await self._send_error(
-                _guess_id(msg), self.frame_error_code, f"malformed message of type {kind}"
-            )
+            # A malformed answer (a CALLRESULT without its payload, a CALLERROR without its
+            # description): an answer is never answered (before, the station got a CALLERROR
+            # under our CALL's id); one naming a CALL of ours fails it at once, not at its
+            # timeout.
+            unique_id = _guess_id(msg)
+            detail = f"malformed answer: message type {kind} of {len(msg)} elements"
+            LOG.warning("%s: %s, to %s", self.id, detail, unique_id)
+            if unique_id in self._pending:
+                self._resolve_error(unique_id, self.format_error_code, detail)
 
     async def _unreadable(self, raw: str | bytes, detail: str) -> None:
         """A frame that is not JSON we can read. If its head names a message id: an answer to a
