@@ -90,3 +90,88 @@ def test_a_relative_profile_counts_from_the_transaction_start(version: str) -> N
         {"startPeriod": 500, "limit": 8.0},  # was 600: counted from the profile's arrival
         {"startPeriod": 800, "limit": 32.0},  # was 900
     ]
+
+
+def _relative_tx_default(version: str) -> dict[str, Any]:
+    """SetChargingProfile: a Relative TxDefaultProfile on EVSE 1, 6 A for the first 1800 s of a
+    session, 16 A after."""
+    schedule: dict[str, Any] = {
+        "chargingRateUnit": "A",
+        "chargingSchedulePeriod": [
+            {"startPeriod": 0, "limit": 6.0},
+            {"startPeriod": 1800, "limit": 16.0},
+        ],
+    }
+    profile: dict[str, Any] = {
+        "stackLevel": 0,
+        "chargingProfilePurpose": "TxDefaultProfile",
+        "chargingProfileKind": "Relative",
+    }
+    if version == "1.6":
+        call = {
+            "connectorId": 1,
+            "csChargingProfiles": profile | {"chargingProfileId": 9, "chargingSchedule": schedule},
+        }
+    else:
+        call = {
+            "evseId": 1,
+            "chargingProfile": profile | {"id": 9, "chargingSchedule": [schedule | {"id": 1}]},
+        }
+    validation.validate(version, "SetChargingProfile", call, response=False)
+    return call
+
+
+def _composite(cp: SimChargePoint, version: str) -> list[dict[str, Any]]:
+    call = {"connectorId" if version == "1.6" else "evseId": 1, "duration": 3600}
+    res = cp._on_GetCompositeSchedule(call, [])
+    validation.validate(version, "GetCompositeSchedule", res, response=True)
+    sched = res["chargingSchedule"] if version == "1.6" else res["schedule"]
+    periods: list[dict[str, Any]] = sched["chargingSchedulePeriod"]
+    return periods
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.0.1"])
+@pytest.mark.parametrize("used_before", [True, False])
+def test_a_relative_tx_default_on_an_idle_evse_counts_from_now(
+    version: str, used_before: bool
+) -> None:
+    """With no transaction on the EVSE a Relative profile's schedule starts now, as EVerest's
+    libocpp computes it (``calculate_start``: "if there isn't a session start then assume the
+    session starts now"): its composite schedule shows what a car plugging in now gets. The twin
+    counted it from the EVSE's last transaction's start (its ``tx_started_at`` was never
+    cleared) or, on an EVSE without one, from the profile's arrival: 2000 s after either, an idle
+    EVSE reported 16 A only, where the next car starts at 6 A (the edge takes an idle charger's
+    composite schedule as what it enforces)."""
+    clock = VirtualClock(START)
+    conn = SimConnector(kind="ac", max_a=32.0)
+    cp = SimChargePoint(
+        "cp-1",
+        [conn],
+        url="ws://127.0.0.1:9/ocpp/cp-1",
+        clock=clock,
+        version=version,
+        tick_s=1.0,
+        apply_delay_s=0.0,
+    )
+    if used_before:
+        cp.plug_in(1, EV(capacity_kwh=300.0, soc=0.2))
+        conn.tx_ref.id = TX_ID
+        clock.set_time(START + 100.0)
+        cp.unplug(1)
+    else:
+        assert cp._on_SetChargingProfile(_relative_tx_default(version), [])["status"] == "Accepted"
+    clock.set_time(START + 2000.0)
+    if used_before:
+        assert cp._on_SetChargingProfile(_relative_tx_default(version), [])["status"] == "Accepted"
+    cp.step()
+    assert cp.limit_at(1, clock.now()) == 6.0  # was 16 A
+    assert _composite(cp, version) == [
+        {"startPeriod": 0, "limit": 6.0},
+        {"startPeriod": 1800, "limit": 16.0},
+    ]  # was [16 A from 0]
+    # A car plugs in: the schedule counts from its transaction's start.
+    clock.set_time(START + 2500.0)
+    cp.plug_in(1, EV(capacity_kwh=300.0, soc=0.2))
+    cp.step()
+    assert cp.limit_at(1, START + 2500.0 + 1799.0) == 6.0
+    assert cp.limit_at(1, START + 2500.0 + 1800.0) == 16.0

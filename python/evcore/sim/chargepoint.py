@@ -963,28 +963,31 @@ class SimChargePoint:
         ]
         self.profiles.append(p)
 
-    @staticmethod
-    def _schedule_start(p: HeldProfile, c: SimConnector | None) -> float:
+    def _schedule_start(self, p: HeldProfile, c: SimConnector | None) -> float:
         """Where ``p``'s periods and duration count from on ``c``: its ``startSchedule``; without
-        one, a Relative profile from the start of ``c``'s transaction (OCPP 1.6
+        one, a Relative profile from the start of ``c``'s transaction in progress (OCPP 1.6
         ChargingProfileKindType, 2.0.1 ChargingProfileKindEnumType: "relative to ... the start
-        of a transaction / session"), any other from its arrival."""
+        of a transaction / session"), and with none in progress from now, as if one started now
+        (the spec leaves it open; EVerest's libocpp, ``calculate_start``, does this): its first
+        period is what a car plugging in now gets, and the composite schedule of an idle EVSE
+        shows that. Any other profile from its arrival."""
         if p.start is not None:
             return p.start
-        if p.kind == "Relative" and c is not None and c.tx_started_at:
-            return c.tx_started_at
+        if p.kind == "Relative":
+            if c is not None and c.tx_active and c.tx_started_at is not None:
+                return c.tx_started_at
+            return self.clock.now()
         return p.received_at
 
-    @staticmethod
     def _profile_period(
-        p: HeldProfile, c: SimConnector | None, t: float
+        self, p: HeldProfile, c: SimConnector | None, t: float
     ) -> tuple[float, int | None] | None:
         """The period of ``p`` in force at ``t``: (limit in ``p.unit``, numberPhases), or None."""
         if p.valid_from is not None and t < p.valid_from:
             return None
         if p.valid_to is not None and t >= p.valid_to:
             return None
-        offset = t - SimChargePoint._schedule_start(p, c)
+        offset = t - self._schedule_start(p, c)
         if p.kind == "Recurring" and offset >= 0:
             offset = offset % 86400.0
         if offset < 0 or (p.duration is not None and offset >= p.duration):
