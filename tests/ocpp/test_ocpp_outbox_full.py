@@ -18,7 +18,7 @@ from evcore.bus.streams import stream_for_subject
 from evcore.ocpp import TransactionEvent
 from evcore.store import open_store
 from evcore.v1 import meter_pb2, transaction_pb2
-from ocpp_testsite import meter, open_sqlite, raw_csms, tx_event
+from ocpp_testsite import meter, open_sqlite, raw_csms, start_16, tx_event
 from pg_testkit import PG_DSN
 from psycopg import sql
 
@@ -138,4 +138,35 @@ async def test_a_store_away_is_named_to_the_station_and_its_resend_is_kept_once(
     finally:
         await locker.close()
         await bus.close()
+        await store.close()
+
+
+async def test_a_store_away_on_a_read_is_named_to_the_station_too(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    """A 1.6 StartTransaction reads the station's start keys from the store first (the first
+    start since this process began): with that read timing out, the answer names the store as
+    well. Before, 'StartTransaction could not be handled' and a traceback, as for a bug."""
+    store = open_store(
+        {"kind": "postgres", "dsn": PG_DSN, "schema": pg_schema, "read_timeout_s": 0.3}, tmp_path
+    )
+    await store.open()
+    locker = await psycopg.AsyncConnection.connect(PG_DSN)
+    try:
+        async with raw_csms(store=store) as r:
+            st = await r.station("CPA", "1.6")
+            await locker.execute(
+                sql.SQL("LOCK TABLE {}.meta IN ACCESS EXCLUSIVE MODE").format(
+                    sql.Identifier(pg_schema)
+                )
+            )
+            start = start_16(r.clock.now() - 5, 1000)
+            refused = await st.call("StartTransaction", start)
+            assert refused[0] == 4 and refused[2] == "InternalError", refused
+            assert "not recorded" in refused[3] and "store is unavailable" in refused[3], refused
+            await locker.rollback()
+            answer = await st.call("StartTransaction", start)
+            assert answer[0] == 3 and answer[2]["idTagInfo"]["status"] == "Accepted", answer
+    finally:
+        await locker.close()
         await store.close()

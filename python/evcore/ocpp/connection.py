@@ -29,8 +29,9 @@ from evcore.clock import Clock
 from evcore.ocpp import validation
 from evcore.ocpp.metering import MeterValueError
 from evcore.ocpp.oneline import install as install_one_line
-from evcore.ocpp.publish import NotRecorded
+from evcore.ocpp.publish import STORE_UNAVAILABLE, NotRecorded
 from evcore.ocpp.queue import CallOutcome
+from evcore.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
     from evcore.ocpp.server import CentralSystem, Station
@@ -272,13 +273,16 @@ class StationConnection(_LibChargePoint):  # type: ignore[misc]
             await self._send_error(unique_id, "PropertyConstraintViolation", str(exc))
             self._after_reply.clear()
             return
-        except NotRecorded as exc:
-            # Not a fault of the message: the station is told why and sends it again later.
-            LOG.warning(
-                "%s: %s not recorded, answered InternalError: %s", self.id, action, exc.__cause__
-            )
+        except (NotRecorded, StoreUnavailable) as exc:
+            # Not a fault of the message (the bus outbox full, the store away on a write or on a
+            # read the handler needed): the station is told why and sends it again later.
+            if isinstance(exc, NotRecorded):
+                why, cause = exc.why, exc.__cause__
+            else:
+                why, cause = STORE_UNAVAILABLE, exc
+            LOG.warning("%s: %s not recorded, answered InternalError: %s", self.id, action, cause)
             await self._send_error(
-                unique_id, "InternalError", f"{action} not recorded: {exc.why}; send it again"
+                unique_id, "InternalError", f"{action} not recorded: {why}; send it again"
             )
             self._after_reply.clear()
             return

@@ -165,6 +165,10 @@ def station_event_to_proto(ev: SecurityEvent | NotificationEvent, received_at: f
     return m
 
 
+#: What a station is told when the store could not serve its message (``NotRecorded``).
+STORE_UNAVAILABLE = "the central system's store is unavailable"
+
+
 class NotRecorded(Exception):
     """An event the bus or the store could not take now (the bus outbox at its cap, the store
     unavailable): the message carrying it is answered CALLERROR ``InternalError`` naming
@@ -259,7 +263,7 @@ class EventPublisher:
                 "the central system's bus outbox is full (its broker has not taken what it holds)"
             ) from exc
         except StoreUnavailable as exc:
-            raise NotRecorded("the central system's store is unavailable") from exc
+            raise NotRecorded(STORE_UNAVAILABLE) from exc
 
     async def _publish(self, event: OcppEvent) -> None:
         received = self._now() if self._now is not None else event.at  # type: ignore[union-attr]
