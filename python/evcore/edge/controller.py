@@ -91,6 +91,11 @@ _BEHIND_MARGIN = 0.1
 # Triggers after which the local planner should plan again (sessions, prices, limits, operator).
 REPLAN = frozenset({"transaction", "grid", "prices", "operator"})
 
+# Triggers of a change a caller was told was taken (an operator's lever, a grid signal or node
+# load reading through the API or the bus) and that change what a charger may draw now: one not
+# decided yet when the controller stops is decided before it ends (``EdgeController.run``).
+DECIDED_ON_STOP = frozenset({"operator", "grid", "overdraw"})
+
 
 @dataclass(frozen=True, slots=True)
 class PlanTargets:
@@ -589,6 +594,18 @@ class EdgeController:
                     if not _is_core_failure(exc):
                         raise
                     log.exception("decision failed (triggers %s)", sorted(triggers))
+            if self._stopping and self._triggers & DECIDED_ON_STOP:
+                # Taken and not decided: a lever answered OK while a decision was in progress
+                # (its record on its way to the store) or before the loop woke. The API stops
+                # before the controller, so nothing comes after this decision. The loop ended
+                # without it: told OK, the charger went on as before (review 2026-12-06).
+                triggers, self._triggers = self._triggers, set()
+                try:
+                    await self.decide(",".join(sorted(triggers | {"stop"})))
+                except BaseException as exc:
+                    if not _is_core_failure(exc):
+                        raise
+                    log.exception("last decision failed (triggers %s)", sorted(triggers))
         finally:
             for t in list(self._sends):
                 t.cancel()
