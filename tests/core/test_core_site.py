@@ -299,5 +299,5 @@ def test_site_check_cli_prints_the_tree_and_fails_with_node_and_field(tmp_path: 
     res = subprocess.run(
         [*_evcore(), "site", "check", str(bad)], capture_output=True, text=True, timeout=120
     )
-    assert res.returncode == 1
+    assert res.returncode == 2  # a bad site file: 2, as evcore edge (dab6e11)
     assert "cp1.min_a" in res.stderr
