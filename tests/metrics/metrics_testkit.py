@@ -1,16 +1,19 @@
 """Shared by the metrics tests: an HTTP/1.1 request over a real socket, and a strict reader of
 the Prometheus text format (0.0.4) written from the format's description, not from the
 renderer: every sample must belong to the family its ``# TYPE`` announced. ``tls``: the same
-over HTTPS; ``token``: with ``Authorization: Bearer``."""
+over HTTPS; ``token``: with ``Authorization: Bearer``. ``running_edge``: a real ``EdgeApp``
+with ``[metrics]``; ``ocpp16_station``: a 1.6 station booted on it over a real WebSocket."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import math
 import re
 import ssl
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,3 +221,43 @@ def level_registry() -> Any:
     reg = Registry()
     reg.register(lambda: [MetricFamily("evcore_level_amperes", "gauge", "A level.").add(16.0)])
     return reg
+
+
+@contextlib.asynccontextmanager
+async def running_edge(table: dict[str, Any], **app_kwargs: Any) -> AsyncIterator[Any]:
+    """A running ``EdgeApp`` of ``table`` (a site table; ``[metrics]`` on a free loopback port
+    unless it has one), ready; stopped (and awaited) on exit. ``app_kwargs`` go to ``EdgeApp``
+    (``store``, ``bus``; a ``WallClock`` unless ``clock``)."""
+    from evcore.clock import WallClock
+    from evcore.edge.app import EdgeApp
+    from evcore.site import load_site
+
+    table.setdefault("metrics", {"listen": "127.0.0.1:0"})
+    app_kwargs.setdefault("clock", WallClock())
+    app = EdgeApp(load_site(table), table, **app_kwargs)
+    runner = asyncio.create_task(app.run())
+    try:
+        await asyncio.wait_for(app.ready.wait(), 20)
+        yield app
+    finally:
+        app.stop()
+        await asyncio.wait_for(runner, 20)
+
+
+@contextlib.asynccontextmanager
+async def ocpp16_station(app: Any, ocpp_id: str) -> AsyncIterator[Any]:
+    """A 1.6 station ``ocpp_id`` of ``app``'s site file, connected to its central system over a
+    real WebSocket and booted (answered with a CALLRESULT): a ``RawStation`` of
+    tests/ocpp/ocpp_testsite.py, closed on exit."""
+    from websockets.asyncio.client import connect
+    from websockets.typing import Subprotocol
+
+    url = f"ws://127.0.0.1:{app.central.port}{app.central.config.path_prefix}/{ocpp_id}"
+    ws = await connect(url, subprotocols=[Subprotocol("ocpp1.6")])
+    station = ocpp_helpers("ocpp_testsite").RawStation(ws)
+    try:
+        boot = {"chargePointVendor": "V", "chargePointModel": "M"}
+        assert (await station.call("BootNotification", boot))[0] == 3
+        yield station
+    finally:
+        await station.close()
