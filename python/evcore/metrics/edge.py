@@ -22,14 +22,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ocpp.v16.enums import Measurand as _Measurand16
+from ocpp.v201.enums import MeasurandEnumType as _Measurand201
+
 from evcore.edge.dispatch import wire_value
 from evcore.edge.faults import is_suspect
 from evcore.metrics.exposition import MetricFamily
-from evcore.ocpp.metering import PLAUSIBLE
+from evcore.ocpp.validation import UNKNOWN_MEASURAND
 
 __all__ = [
     "BUS_COUNTERS",
     "BUS_GAUGES",
+    "SKIPPED_MEASURANDS",
     "ChargerReading",
     "EdgeReading",
     "api_families",
@@ -57,6 +61,15 @@ BUS_COUNTERS: dict[str, str] = {
 }
 #: ``BusStats`` gauges (not counters): read as they are at the scrape.
 BUS_GAUGES = ("outbox_pending", "outbox_bytes")
+
+#: The ``measurand`` labels of ``evcore_ocpp_values_skipped_total``: every measurand OCPP 1.6 or
+#: 2.0.1 names (a value the central system reads, or one the schema refused, counted under its
+#: own) and ``unknown`` (refused, naming none the version has). Before, only the five it reads
+#: (``metering.PLAUSIBLE``) passed: the counts of schema-refused values of other measurands and
+#: of ``unknown`` were held by the central system and never scraped.
+SKIPPED_MEASURANDS: frozenset[str] = frozenset(
+    {*(m.value for m in _Measurand16), *(m.value for m in _Measurand201), UNKNOWN_MEASURAND}
+)
 
 # A charger "draws" when its latest meter values show at least this on some phase.
 _DRAWING_A = 1.0
@@ -119,8 +132,8 @@ class EdgeReading:
     #: API calls refused, by (method, reason); None without an API.
     api_refused: dict[tuple[str, str], int] | None = None
     #: Sampled values the central system skipped, by (ocpp_id, measurand)
-    #: (``CentralSystem.skipped_values``), those of the site file's stations and the measurands
-    #: it reads only.
+    #: (``CentralSystem.skipped_values``), those of the site file's stations and
+    #: ``SKIPPED_MEASURANDS`` only.
     ocpp_skipped: dict[tuple[str, str], int] | None = None
 
     def wire(self, c: ChargerReading, value: float) -> float:
@@ -216,13 +229,14 @@ def read_edge(app: Any) -> EdgeReading:
             out.bus["outbox_max_bytes"] = cap
     out.stations = len({c.ocpp_id for c in states.values()})
     out.stations_connected = len(app.central.connected())
-    # Bounded by the site file: only its stations connect and only these measurands are read,
-    # but the labels come from what stations send, so the bound is enforced here too.
+    # Bounded by the site file and OCPP: only its stations connect and the central system counts
+    # a measurand the version names or ``unknown``; the labels come from what stations send, so
+    # the bound is enforced here too.
     stations = {spec.ocpp_id for spec in site.chargers}
     out.ocpp_skipped = {
         (ocpp_id, measurand): int(n)
         for (ocpp_id, measurand), n in getattr(app.central, "skipped_values", {}).items()
-        if ocpp_id in stations and measurand in PLAUSIBLE
+        if ocpp_id in stations and measurand in SKIPPED_MEASURANDS
     }
     auth = getattr(getattr(app, "api", None), "auth", None)
     if auth is not None:
@@ -628,8 +642,9 @@ def _ocpp_families(r: EdgeReading) -> list[MetricFamily]:
     skipped = MetricFamily(
         "evcore_ocpp_values_skipped_total",
         "counter",
-        "Sampled values the central system skipped (not a number, or outside what a meter "
-        "reads), by station and measurand; the rest of their reading was taken.",
+        "Sampled values the central system skipped (not a number, outside what a meter "
+        "reads, or refused by the schema), by station and measurand (unknown: one OCPP does "
+        "not name); the rest of their reading was taken.",
     )
     for (ocpp_id, measurand), n in sorted((r.ocpp_skipped or {}).items()):
         skipped.add(n, {"ocpp_id": ocpp_id, "measurand": measurand})
