@@ -190,3 +190,19 @@ def parse_bus_config(section: Mapping[str, Any] | None) -> BusConfig:
         manage_streams=manage,
         jetstream_domain=domain,
     )
+
+
+def check_creds_file(cfg: BusConfig) -> None:
+    """Refuse a ``creds_file`` that cannot be read (``ValueError`` naming the key): nats-py reads
+    it at every connect, and a bus given one that is not there never connected, its error
+    logged at DEBUG only. A relative path is the working directory's, as nats-py takes it."""
+    if not cfg.creds_file:
+        return
+    try:
+        with open(cfg.creds_file, "rb") as creds:
+            creds.read(1)
+    except OSError as exc:
+        raise ValueError(
+            f"[bus] creds_file {cfg.creds_file!r} cannot be read ({exc.strerror or exc}); a "
+            f"relative path is taken from the working directory ({Path.cwd()})"
+        ) from None

@@ -54,7 +54,7 @@ from evcore.bus.api import (
     run_handler,
     to_bytes,
 )
-from evcore.bus.config import BusConfig
+from evcore.bus.config import BusConfig, check_creds_file
 from evcore.bus.outbox import Outbox, OutboxEntry, OutboxLoss, SetAside
 from evcore.bus.streams import RouteCache, durable_stream, stream_for_subject
 from evcore.bus.subjects import (
@@ -87,6 +87,9 @@ _IDLE_PULLS_PER_CHECK = 10
 # lasts its expiry at most; a live consumer has pulled again by then), and how long a consumer
 # that found it in use waits before it tries again.
 _IN_USE_RECHECK_S = _FETCH_EXPIRY_S + 0.25
+# A second look when the first saw no pull waiting: a consumer between two pulls has none for
+# an instant.
+_IN_USE_SECOND_LOOK_S = 0.1
 _IN_USE_RETRY_S = 2.0
 # nats-server's default max_payload, used until the broker's own figure is known (first connect;
 # the outbox file keeps the last figure learnt, for a start while the broker is away).
@@ -248,6 +251,8 @@ class _NatsConsumer:
         self._reconnects_seen = -1
         self._dedupe_failures = 0
         self._in_use_seen = 0
+        #: Set once the durable is bound and pulled from (``consume`` waits for it).
+        self.attached = asyncio.Event()
         self.closed = False
 
     @property
@@ -305,15 +310,23 @@ class _NatsConsumer:
         (``push_bound``). Before, a second process bound to it and JetStream shared the messages
         between the two."""
         js = self._bus._js
-        for look in range(2):
+        seen = 0  # looks in a row that saw another consumer
+        for look in range(3):
             if look:
-                await asyncio.sleep(_IN_USE_RECHECK_S)  # broker time: real, not the bus's clock
+                # (Broker time: real, not the bus's clock.)
+                await asyncio.sleep(_IN_USE_RECHECK_S if seen else _IN_USE_SECOND_LOOK_S)
             try:
                 info = await js.consumer_info(self._stream, self._durable)
             except nats.js.errors.NotFoundError:
                 return
-            if not info.num_waiting and not info.push_bound:
-                return
+            if info.num_waiting or info.push_bound:
+                seen += 1
+                if seen == 2:
+                    break
+            elif seen or look:
+                return  # free at two looks, or what was seen was a pull of a process gone
+        else:
+            return
         raise DurableInUse(
             f"durable {self._durable!r} on stream {self._stream} is being consumed by another "
             f"consumer ({info.num_waiting or 0} pull request(s) waiting"
@@ -417,6 +430,7 @@ class _NatsConsumer:
             try:
                 if sub is None:
                     sub = await self._subscribe()
+                    self.attached.set()
                 try:
                     msgs = await sub.fetch(batch=_FETCH_BATCH, timeout=_FETCH_EXPIRY_S)
                 except nats.errors.TimeoutError:
@@ -625,6 +639,45 @@ def _check_name_lengths(site_id: str, specs: Sequence[StreamSpec], outbox: Path)
         )
 
 
+def _without_userinfo(url: str) -> str:
+    """``url`` without a user and password (``nats://user:pass@host``): never logged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+
+
+class _ConnectionErrors:
+    """What nats-py hands the error callback (a refused token, a creds file it cannot read, a
+    permissions violation, a broker that cannot be reached), logged at WARNING on the 1st, 10th
+    and every 100th of a kind since the last connect; it logged them at DEBUG, so a bus with a
+    wrong token never connected and said nothing."""
+
+    def __init__(self, cfg: BusConfig) -> None:
+        self._servers = ", ".join(_without_userinfo(u) for u in cfg.urls)
+        self._retry_s = cfg.reconnect_wait_s
+        self._seen: dict[str, int] = {}
+
+    def connected(self) -> None:
+        self._seen.clear()
+
+    def note(self, exc: Exception, connected: bool) -> None:
+        kind = type(exc).__name__
+        n = self._seen[kind] = self._seen.get(kind, 0) + 1
+        if n not in (1, 10) and n % 100:
+            return
+        log.warning(
+            "bus: NATS at %s: %s (%s, %d time(s)%s)%s",
+            self._servers,
+            str(exc) or kind,
+            kind,
+            n,
+            "" if connected else f"; retrying every {self._retry_s:g} s",
+            "" if connected else "; critical events wait in the outbox until it connects",
+        )
+
+
 def _connect_options(cfg: BusConfig, callbacks: Any) -> dict[str, Any]:
     """nats-py ``connect`` options for ``cfg``; ``callbacks`` has the three ``*_cb`` methods."""
     opts: dict[str, Any] = {
@@ -656,7 +709,9 @@ class NatsConnection:
     the others; ``close()`` ends it."""
 
     def __init__(self, config: BusConfig) -> None:
+        check_creds_file(config)
         self.config = config
+        self._errors = _ConnectionErrors(config)
         self._nc: NatsClient | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -686,19 +741,24 @@ class NatsConnection:
         # With max_reconnect_attempts=-1, connect() keeps trying until a server answers.
         await nc.connect(**_connect_options(self.config, self))
         self._nc = nc
+        self._errors.connected()
         self._connected.set()
 
     async def _error_cb(self, exc: Exception) -> None:
+        if not isinstance(exc, nats.errors.SlowConsumerError):
+            # Logged once for the connection, not once per site.
+            self._errors.note(exc, self._nc is not None and bool(self._nc.is_connected))
+            return
         for bus in list(self._buses):
             await bus._error_cb(exc)
-            if isinstance(exc, nats.errors.SlowConsumerError):
-                return  # counted once
+            return  # counted once
 
     async def _disconnected_cb(self) -> None:
         for bus in list(self._buses):
             await bus._disconnected_cb()
 
     async def _reconnected_cb(self) -> None:
+        self._errors.connected()
         for bus in list(self._buses):
             await bus._reconnected_cb()
 
@@ -732,6 +792,9 @@ class NatsBus:
         # A connection shared with other sites' buses, or None: this bus connects on its own.
         self._shared = connection
         self.config = config or BusConfig(kind="nats")
+        if connection is None:
+            check_creds_file(self.config)
+        self._errors = _ConnectionErrors(self.config)
         self.subjects = Subjects(site_id)
         self.clock: Clock = clock or WallClock()
         self._stats = BusStats()
@@ -836,7 +899,7 @@ class NatsBus:
         if isinstance(exc, nats.errors.SlowConsumerError):
             self._stats.slow_consumer_dropped += 1
             return
-        log.debug("nats error: %r", exc)
+        self._errors.note(exc, self._nc is not None and bool(self._nc.is_connected))
 
     async def _disconnected_cb(self) -> None:
         log.info("bus: disconnected from NATS; critical events wait in the outbox")
@@ -858,6 +921,7 @@ class NatsBus:
 
     async def _reconnected_cb(self) -> None:
         log.info("bus: reconnected to NATS")
+        self._errors.connected()
         await self._learn_max_payload()
         self.outbox.nonempty.set() if self.outbox.pending else None
         self._send_wake.set()
@@ -871,6 +935,7 @@ class NatsBus:
             # With max_reconnect_attempts=-1, connect() keeps trying until a server answers.
             await nc.connect(**_connect_options(cfg, self))
         self._nc = nc
+        self._errors.connected()
         self._js = nc.jetstream(timeout=cfg.publish_timeout_s, domain=cfg.jetstream_domain or None)
         await self._learn_max_payload()
         if cfg.manage_streams and not self._closing and not self._streams_deleted:
@@ -1763,6 +1828,18 @@ class NatsBus:
                 await c.check_free()
         self._consumers.add(c)
         c.start()
+        if self.connected and c._task is not None:
+            # Returned once attached (the durable made and pulled from), so that a second process
+            # started after this one returned finds it in use.
+            attached = asyncio.ensure_future(c.attached.wait())
+            try:
+                await asyncio.wait(
+                    {attached, c._task},
+                    timeout=self.config.connect_timeout_s + _IN_USE_RECHECK_S,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                attached.cancel()
         return c
 
     def new_inbox(self) -> str:

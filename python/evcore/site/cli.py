@@ -105,7 +105,6 @@ def _section_checks(base_dir: Path) -> dict[str, Callable[[Mapping[str, Any]], o
     """Per section, the validator ``evcore edge`` runs on it at start (edge/cli.py, EdgeApp),
     given the whole site table; relative files are taken from ``base_dir`` as the edge does."""
     from evcore.api import ApiConfig
-    from evcore.bus import parse_bus_config
     from evcore.edge.cloudlink import CloudLinkConfig
     from evcore.edge.config import EdgeConfig
     from evcore.edge.planning import PlannerSection
@@ -119,7 +118,7 @@ def _section_checks(base_dir: Path) -> dict[str, Callable[[Mapping[str, Any]], o
         # With the TLS files' check the central system makes when the edge loads the file.
         "ocpp": lambda t: parse_ocpp_section(t.get("ocpp"), base_dir=base_dir).check_tls_files(),
         # The edge has no bus without [bus], and no API without [api]: nothing to check then.
-        "bus": lambda t: "bus" not in t or parse_bus_config(t["bus"]),
+        "bus": lambda t: "bus" not in t or _bus_check(t["bus"]),
         # Always: the edge opens the store [store] names, the embedded one without it.
         "store": lambda t: StoreConfig.from_section(t.get("store")),
         "api": lambda t: "api" not in t or ApiConfig.from_section(t["api"], base_dir),
@@ -127,6 +126,18 @@ def _section_checks(base_dir: Path) -> dict[str, Callable[[Mapping[str, Any]], o
         "cloud": lambda t: CloudLinkConfig.from_section(t.get("cloud"), base_dir),
         "planner": lambda t: PlannerSection.from_table(t.get("planner")),
     }
+
+
+def _bus_check(section: Any) -> object:
+    """``[bus]`` as the edge reads it; a ``creds_file`` given by an absolute path must be
+    readable (a relative one is the edge's working directory's, unknown here)."""
+    from evcore.bus import parse_bus_config
+    from evcore.bus.config import check_creds_file
+
+    cfg = parse_bus_config(section)
+    if cfg.kind == "nats" and Path(cfg.creds_file).is_absolute():
+        check_creds_file(cfg)
+    return cfg
 
 
 def section_errors(table: Mapping[str, Any], base_dir: Path | str) -> list[str]:
