@@ -429,6 +429,15 @@ class AuditRecorder:
         self.journal_skipped = 0
         self.journal_failures = 0
         self._order = asyncio.Lock()  # one append or replay at a time: the chain keeps order
+        # What the moves of the journal read of the chain so far (``_recorded_ids``), so that a
+        # move reads only what came after: the highest seq read (None: nothing yet), the ids
+        # read that a pending record may repeat, and the seqs of the records the last move
+        # appended and dropped from the journal itself (not repeats of anything pending). Each
+        # move read the chain from the head the pending records were journaled at: after a long
+        # outage every move read again every record moved since it began.
+        self._chain_read_upto: int | None = None
+        self._chain_found: set[str] = set()
+        self._moved_seqs: set[int] = set()
         self._journal_lock = asyncio.Lock()  # one journal file operation at a time
         self._tasks: set[asyncio.Task[None]] = set()
         self.store_failures = 0
@@ -620,6 +629,8 @@ class AuditRecorder:
             return
         recorded = await asyncio.wait_for(self._recorded_ids(after_seq, since_s), left())
         done = 0
+        appended: list[int] = []  # seqs of the records this move appended
+        skipped: list[str] = []
         try:
             while done < total:
                 async with self._journal_lock:
@@ -631,15 +642,28 @@ class AuditRecorder:
                 for entry in part:
                     if entry.decision_id in recorded:
                         self.journal_skipped += 1
+                        skipped.append(entry.decision_id)
                     else:
-                        await asyncio.wait_for(
+                        sealed = await asyncio.wait_for(
                             self.audit_log.append(AuditRecord.FromString(entry.payload)), left()
                         )
+                        seq = getattr(sealed, "seq", None)
+                        if isinstance(seq, int):
+                            appended.append(seq)
                         self.journal_moved += 1
                     done += 1
         finally:
+            # Until they are dropped from the journal, the records appended count as found (a
+            # failed drop leaves them pending, and they must not be appended twice).
+            self._moved_seqs = set()
             if done:
                 await self._journal_op(journal.drop_first, done)
+                self._moved_seqs = set(appended)
+                recorded.difference_update(skipped)
+                if not len(journal):
+                    self._chain_read_upto = None
+                    self._chain_found.clear()
+                    self._moved_seqs.clear()
                 log.info(
                     "audit: moved %d journaled record(s) into the audit log, %d still pending",
                     done,
@@ -650,12 +674,22 @@ class AuditRecorder:
         """Decision ids already in the chain that a journaled record might repeat: those after
         the earliest head a pending record was journaled at (``after_seq``; or, when that head
         was not known, decided since the earliest pending record ``since_s``, less a minute for
-        clock steps)."""
-        if after_seq >= 0:
-            records = await self.store.audit_records(after_seq=after_seq)
-        else:
+        clock steps). What an earlier move read is not read again: only the records after it,
+        but for the ones that move appended itself, join the ids it found."""
+        upto = self._chain_read_upto
+        if upto is None and after_seq < 0:
             records = await self.store.audit_records(since_s=since_s - 60.0)
-        return {r.decision_id for r in records}
+        else:
+            start = after_seq if upto is None else max(upto, after_seq)
+            records = await self.store.audit_records(after_seq=start)
+            upto = start
+        found = self._chain_found
+        for r in records:
+            if r.seq not in self._moved_seqs:
+                found.add(r.decision_id)
+            upto = r.seq if upto is None else max(upto, r.seq)
+        self._chain_read_upto = upto
+        return found
 
     async def replay_journal(self, timeout_s: float = 30.0) -> int:
         """Move what the journal holds (records left by a crash, or by a store outage) into the
