@@ -88,10 +88,12 @@ async def test_between_the_session_end_and_the_report_the_charger_counts_at_its_
     until it answers (one round trip; held back here, as a slow link holds it) the stale 32 A
     TxDefault unseen under the session may be in force. Counted at the edge's own 16 A
     TxDefault there, B was given the room A's car could take; the envelope counts a charger
-    whose profile state is unknown at its maximum."""
+    whose profile state is unknown at its maximum. A report that gets no answer within its
+    bound (1 s here) leaves it so, and the station is asked again."""
     table = depot_table(2, per_feeder=2, feeder_share=0.5, grid_share=1.0)
     ids = [c["id"] for c in table["chargers"]]
-    rig = EdgeRig(table, cfg=EdgeConfig(**FAST), version="2.0.1", apply_delay_s=0.1)
+    cfg = EdgeConfig(**{**FAST, "report_wait_s": 1.0})
+    rig = EdgeRig(table, cfg=cfg, version="2.0.1", apply_delay_s=0.1)
     async with rig:
         ctrl = rig.controller
         assert ctrl is not None
@@ -143,6 +145,10 @@ async def test_between_the_session_end_and_the_report_the_charger_counts_at_its_
                 5,
                 "B lowered beside A at its maximum",
             )
+            # No answer within the bound: still counted at its maximum, asked again.
+            await rig.wait_for(lambda: asked.count(a) >= 2, 10, "A's station asked once more")
+            value, _, unknown = counted(ctrl, a)
+            assert unknown or value >= ca.max_value - 1e-6, (value, unknown)
         finally:
             released.set()
             gw.get_composite_schedule = report
