@@ -250,6 +250,52 @@ async def test_a_reading_naming_another_connectors_transaction_leaves_that_one_a
         assert got == [("cp-m2", str(a), None), ("cp-m1", str(a), 0.0)]
 
 
+async def _started_1_6(r: Any) -> tuple[Any, Any, float]:
+    """Station CPA (1.6; terminals L1, L2, L3 on site L2, L3, L1) with a transaction started
+    10 min ago at a register of 1000 Wh: the station, its transactionId and its start."""
+    a = await r.station("CPA", "1.6")
+    t = r.clock.now() - 600
+    tx = (await a.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
+    return a, tx, t
+
+
+async def _readings_with_odd_values(
+    r: Any,
+    a: Any,
+    tx: Any,
+    t: float,
+    odd_16: list[dict[str, Any]],
+    soc_201: dict[str, Any],
+    *,
+    soc_first: bool,
+) -> None:
+    """Both answered with a CALLRESULT, at ``t`` + 60: CPA's reading in its session (16, 15 and
+    14 A, 11,000 W, then ``odd_16``), then CPB's (2.0.1: 1500 Wh and 16 A on L1, with
+    ``soc_201`` first or last)."""
+    sampled = [current("16", "L1"), current("15", "L2"), current("14", "L3"),
+               {"value": "11000", "measurand": "Power.Active.Import", "unit": "W"},
+               *odd_16]  # fmt: skip
+    mv = [{"timestamp": iso(t + 60), "sampledValue": sampled}]
+    payload = {"connectorId": 1, "transactionId": tx, "meterValue": mv}
+    answer = await a.call("MeterValues", payload)
+    assert answer[0] == 3, answer
+    b = await r.station("CPB")
+    values = meter(t + 60, 1500, 16)
+    b_sampled = values[0]["sampledValue"]
+    b_sampled.insert(0 if soc_first else len(b_sampled), soc_201)
+    answer = await b.call("MeterValues", {"evseId": 1, "meterValue": values})
+    assert answer[0] == 3, answer
+
+
+async def _stop_counts_the_registers_read(r: Any, a: Any, tx: Any, t: float) -> None:
+    """CPA's StopTransaction at ``t`` + 120, meterStop 1200 Wh: taken, and its session's energy
+    is 200 Wh (no skipped register counted in it)."""
+    stop = stop_16(tx, t + 120, 1200)
+    assert (await a.call("StopTransaction", stop))[0] == 3
+    [ended] = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
+    assert ended.session_energy_wh == 200.0
+
+
 async def test_one_implausible_value_does_not_cost_the_rest_of_a_meter_values(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -261,22 +307,10 @@ async def test_one_implausible_value_does_not_cost_the_rest_of_a_meter_values(
     the whole message got CALLERROR PropertyConstraintViolation ("SoC of -1 is outside
     [0, 100]"): the station's currents were lost with it."""
     async with open_sqlite(tmp_path) as store, raw_csms(store=store) as r:
-        a = await r.station("CPA", "1.6")  # terminals L1, L2, L3 on site L2, L3, L1
-        t = r.clock.now() - 600
-        tx = (await a.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
-        sampled = [current("16", "L1"), current("15", "L2"), current("14", "L3"),
-                   {"value": "11000", "measurand": "Power.Active.Import", "unit": "W"},
-                   {"value": "-1", "measurand": "SoC", "unit": "Percent"},
-                   register("2e15")]  # fmt: skip
-        mv = [{"timestamp": iso(t + 60), "sampledValue": sampled}]
-        payload = {"connectorId": 1, "transactionId": tx, "meterValue": mv}
-        answer = await a.call("MeterValues", payload)
-        assert answer[0] == 3, answer
-        b = await r.station("CPB")
-        values = meter(t + 60, 1500, 16)
-        values[0]["sampledValue"].insert(0, {"value": -1, "measurand": "SoC"})
-        answer = await b.call("MeterValues", {"evseId": 1, "meterValue": values})
-        assert answer[0] == 3, answer
+        a, tx, t = await _started_1_6(r)
+        odd_16 = [{"value": "-1", "measurand": "SoC", "unit": "Percent"}, register("2e15")]
+        soc_201 = {"value": -1, "measurand": "SoC"}
+        await _readings_with_odd_values(r, a, tx, t, odd_16, soc_201, soc_first=True)
         got = [(s.charger_id, s.terminal_a, s.power_w, s.soc_percent, s.energy_register_wh,
                 s.session_energy_wh) for s in r.of(MeterSample)]  # fmt: skip
         assert got == [
@@ -292,10 +326,7 @@ async def test_one_implausible_value_does_not_cost_the_rest_of_a_meter_values(
             ("CPA", "Energy.Active.Import.Register"): 1,
             ("CPB", "SoC"): 1,
         }
-        stop = stop_16(tx, t + 120, 1200)
-        assert (await a.call("StopTransaction", stop))[0] == 3
-        [ended] = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
-        assert ended.session_energy_wh == 200.0
+        await _stop_counts_the_registers_read(r, a, tx, t)
 
 
 async def test_an_unreadable_value_does_not_cost_the_rest_of_a_meter_values(
@@ -312,27 +343,15 @@ async def test_an_unreadable_value_does_not_cost_the_rest_of_a_meter_values(
     (A value the 2.0.1 schema refuses, a string, is skipped too:
     ``test_a_value_the_schema_refuses_is_skipped_and_counted_in_every_meter_message``.)"""
     async with open_sqlite(tmp_path) as store, raw_csms(store=store) as r:
-        a = await r.station("CPA", "1.6")  # terminals L1, L2, L3 on site L2, L3, L1
-        t = r.clock.now() - 600
-        tx = (await a.call("StartTransaction", start_16(t, 1000)))[2]["transactionId"]
+        a, tx, t = await _started_1_6(r)
         mv = [{"timestamp": iso(t + 30), "sampledValue": [register("1100")]}]
         payload = {"connectorId": 1, "transactionId": tx, "meterValue": mv}
         assert (await a.call("MeterValues", payload))[0] == 3
-        sampled = [current("16", "L1"), current("15", "L2"), current("14", "L3"),
-                   {"value": "11000", "measurand": "Power.Active.Import", "unit": "W"},
-                   {"value": "", "measurand": "SoC", "unit": "Percent"},
-                   {"value": "n/a", "measurand": "Current.Offered", "unit": "A"},
-                   register("nan")]  # fmt: skip
-        mv = [{"timestamp": iso(t + 60), "sampledValue": sampled}]
-        payload = {"connectorId": 1, "transactionId": tx, "meterValue": mv}
-        answer = await a.call("MeterValues", payload)
-        assert answer[0] == 3, answer
-        b = await r.station("CPB")
-        values = meter(t + 60, 1500, 16)
-        soc = {"value": 50, "measurand": "SoC", "unitOfMeasure": {"multiplier": 400}}
-        values[0]["sampledValue"].append(soc)
-        answer = await b.call("MeterValues", {"evseId": 1, "meterValue": values})
-        assert answer[0] == 3, answer
+        odd_16 = [{"value": "", "measurand": "SoC", "unit": "Percent"},
+                  {"value": "n/a", "measurand": "Current.Offered", "unit": "A"},
+                  register("nan")]  # fmt: skip
+        soc_201 = {"value": 50, "measurand": "SoC", "unitOfMeasure": {"multiplier": 400}}
+        await _readings_with_odd_values(r, a, tx, t, odd_16, soc_201, soc_first=False)
         got = [(s.charger_id, s.terminal_a, s.power_w, s.offered_a, s.soc_percent,
                 s.energy_register_wh, s.session_energy_wh) for s in r.of(MeterSample)]  # fmt: skip
         assert got == [
@@ -354,10 +373,7 @@ async def test_an_unreadable_value_does_not_cost_the_rest_of_a_meter_values(
             ("CPA", "Energy.Active.Import.Register"): 1,
             ("CPB", "SoC"): 1,
         }
-        stop = stop_16(tx, t + 120, 1200)
-        assert (await a.call("StopTransaction", stop))[0] == 3
-        [ended] = [e for e in r.of(TransactionEvent) if e.kind == "ended"]
-        assert ended.session_energy_wh == 200.0
+        await _stop_counts_the_registers_read(r, a, tx, t)
 
 
 async def test_a_value_the_schema_refuses_is_skipped_and_counted_in_every_meter_message(
