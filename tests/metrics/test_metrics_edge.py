@@ -268,9 +268,11 @@ def test_a_bad_listen_is_refused_at_load_naming_the_key(listen: str) -> None:
         EdgeApp(load_site(table), table, clock=WallClock())
 
 
-def test_evcore_edge_refuses_a_bad_listen_before_starting(tmp_path: Path) -> None:
+def _evcore_edge_refuses(metrics: dict[str, str], tmp_path: Path) -> str:
+    """``evcore edge`` on a two-charger site file with ``[metrics]`` = ``metrics``: it exits 2
+    (a config error) before starting; its stderr."""
     table = depot_table(2, per_feeder=2)
-    table["metrics"] = {"listen": "127.0.0.1:port"}
+    table["metrics"] = metrics
     site_file = tmp_path / "site.toml"
     site_file.write_text(to_toml(table))
     out = subprocess.run(
@@ -281,7 +283,12 @@ def test_evcore_edge_refuses_a_bad_listen_before_starting(tmp_path: Path) -> Non
         check=False,
     )
     assert out.returncode == 2, out.stdout + out.stderr
-    assert "[metrics].listen: port must be a number" in out.stderr
+    return out.stderr
+
+
+def test_evcore_edge_refuses_a_bad_listen_before_starting(tmp_path: Path) -> None:
+    stderr = _evcore_edge_refuses({"listen": "127.0.0.1:port"}, tmp_path)
+    assert "[metrics].listen: port must be a number" in stderr
 
 
 async def test_the_loop_does_not_spin_while_the_stations_are_away(tmp_path: Path) -> None:
@@ -368,16 +375,5 @@ async def test_an_edges_endpoint_with_a_token_over_https(tmp_path: Path) -> None
 
 
 def test_evcore_edge_refuses_a_missing_token_file_naming_the_key(tmp_path: Path) -> None:
-    table = depot_table(2, per_feeder=2)
-    table["metrics"] = {"listen": "127.0.0.1:0", "token_file": str(tmp_path / "absent.token")}
-    site_file = tmp_path / "site.toml"
-    site_file.write_text(to_toml(table))
-    out = subprocess.run(
-        [sys.executable, "-m", "evcore.cli", "edge", "--config", str(site_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "[metrics].token_file: no such file" in out.stderr
+    metrics = {"listen": "127.0.0.1:0", "token_file": str(tmp_path / "absent.token")}
+    assert "[metrics].token_file: no such file" in _evcore_edge_refuses(metrics, tmp_path)
