@@ -387,6 +387,22 @@ class StoreConfig:
         kind = s.get("kind", "embedded")
         if kind not in ("embedded", "postgres"):
             raise StoreConfigError(f"[store] kind must be 'embedded' or 'postgres', got {kind!r}")
+        # A key of the other kind was taken in silence: dsn without kind = "postgres" opened the
+        # embedded store (the default), and the database the operator looked at stayed empty.
+        other = ("dsn", "schema") if kind == "embedded" else ("path",)
+        stray = [k for k in other if k in s]
+        if stray:
+            given = "" if "kind" in s else " (the default)"
+            fix = (
+                "set kind = 'postgres' to use the database, or remove it"
+                if kind == "embedded"
+                else "remove it (the database keeps everything)"
+            )
+            raise StoreConfigError(
+                f"[store] {stray[0]} is for kind = "
+                f"{'postgres' if kind == 'embedded' else 'embedded'}, and this [store] is kind "
+                f"= {kind!r}{given}: {fix}"
+            )
         path = s.get("path", "var/store")
         if not isinstance(path, str) or not path:
             raise StoreConfigError(f"[store] path must be a non-empty string, got {path!r}")
