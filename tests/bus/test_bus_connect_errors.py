@@ -107,3 +107,20 @@ def test_site_check_refuses_a_creds_file_that_is_not_there(
     assert main(["site", "check", str(site)]) == 2
     err = capsys.readouterr().err
     assert "[bus] creds_file" in err and str(missing) in err, err
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["nats://", "nats://:4222", "nats://127.0.0.1:99999", "nats://127.0.0.1:42x2", "tls://:0"],
+)
+def test_a_url_nats_py_cannot_connect_to_is_refused_naming_it(url: str) -> None:
+    """nats-py raises at the first connect for a URL without a host or with a port out of
+    range ('nats: invalid hostname in connect url'): the bus's connect task ended on it, and
+    the bus never connected and said nothing. Refused at load now, naming the key and URL."""
+    with pytest.raises(ValueError, match=r"\[bus\] url") as refused:
+        parse_bus_config({"kind": "nats", "url": url})
+    assert repr(url) in str(refused.value)
+    with pytest.raises(ValueError, match=r"\[bus\] urls"):
+        parse_bus_config({"kind": "nats", "urls": ["nats://127.0.0.1:4222", url]})
+    for good in ("nats://10.0.0.5:4222", "nats://nats.example", "tls://u:p@[::1]:4443"):
+        assert parse_bus_config({"kind": "nats", "url": good}).urls == (good,)

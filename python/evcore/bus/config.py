@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from evcore.bus.api import StreamSpec
 from evcore.bus.subjects import Subjects, name_token
@@ -135,9 +136,11 @@ def parse_bus_config(section: Mapping[str, Any] | None) -> BusConfig:
         raw_urls = [raw_urls]
     if not isinstance(raw_urls, list | tuple) or not raw_urls:
         raise ValueError(f"[bus] urls must be a non-empty list of nats:// URLs, got {raw_urls!r}")
+    key = "urls" if "urls" in sec else "url"
     for u in raw_urls:
         if not isinstance(u, str) or not u.startswith(("nats://", "tls://", "ws://", "wss://")):
             raise ValueError(f"[bus] url {u!r} must start with nats://, tls://, ws:// or wss://")
+        _check_url(key, u)
     storage = sec.get("storage", "file")
     if storage not in ("file", "memory"):
         raise ValueError(f"[bus] storage must be 'file' or 'memory', got {storage!r}")
@@ -190,6 +193,21 @@ def parse_bus_config(section: Mapping[str, Any] | None) -> BusConfig:
         manage_streams=manage,
         jetstream_domain=domain,
     )
+
+
+def _check_url(key: str, url: str) -> None:
+    """A URL nats-py can connect to: a host, and a port (if any) in 1..65535. nats-py raised at
+    the first connect otherwise ('nats: invalid hostname in connect url'), which ended the bus's
+    connect task: it never connected, and said nothing."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"[bus] {key}: {url!r} is not a URL nats-py can use ({exc})") from None
+    if not parts.hostname:
+        raise ValueError(f"[bus] {key}: {url!r} names no host (e.g. nats://10.0.0.5:4222)")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"[bus] {key}: {url!r} has port {port}, not in 1..65535")
 
 
 def check_creds_file(cfg: BusConfig) -> None:
