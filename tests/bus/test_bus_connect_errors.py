@@ -124,3 +124,25 @@ def test_a_url_nats_py_cannot_connect_to_is_refused_naming_it(url: str) -> None:
         parse_bus_config({"kind": "nats", "urls": ["nats://127.0.0.1:4222", url]})
     for good in ("nats://10.0.0.5:4222", "nats://nats.example", "tls://u:p@[::1]:4443"):
         assert parse_bus_config({"kind": "nats", "url": good}).urls == (good,)
+
+
+async def test_a_connect_nats_py_gives_up_on_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A BusConfig made in code (not through parse_bus_config) with a URL nats-py cannot use: its
+    connect task ended on nats-py's error without a word; now it is logged at ERROR."""
+    from evcore.bus import BusConfig
+
+    cfg = BusConfig(kind="nats", urls=("nats://:4222",), outbox_dir=tmp_path, connect_timeout_s=0.2)
+    bus = NatsBus(unique_site(), cfg, clock=WallClock())
+    with caplog.at_level(logging.ERROR, logger="evcore.bus.nats"):
+        await bus.start()
+        try:
+            await wait_until(
+                lambda: any("cannot connect to NATS" in r.getMessage() for r in caplog.records),
+                5,
+                "the error",
+            )
+        finally:
+            await bus.close()
+    assert any("invalid hostname" in r.getMessage() for r in caplog.records)

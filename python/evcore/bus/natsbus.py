@@ -933,7 +933,18 @@ class NatsBus:
         else:
             nc = NatsClient()
             # With max_reconnect_attempts=-1, connect() keeps trying until a server answers.
-            await nc.connect(**_connect_options(cfg, self))
+            try:
+                await nc.connect(**_connect_options(cfg, self))
+            except Exception as exc:
+                # What nats-py does not retry (a URL it cannot use) ended this task without a
+                # word: the bus never connected.
+                log.error(
+                    "bus: cannot connect to NATS at %s: %s; the bus stays unconnected, critical "
+                    "events wait in the outbox (fix [bus] and restart)",
+                    ", ".join(_without_userinfo(u) for u in cfg.urls),
+                    str(exc) or type(exc).__name__,
+                )
+                raise
         self._nc = nc
         self._errors.connected()
         self._js = nc.jetstream(timeout=cfg.publish_timeout_s, domain=cfg.jetstream_domain or None)
