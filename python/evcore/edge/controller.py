@@ -1599,7 +1599,7 @@ class EdgeController:
         at_max = frozenset(
             cid
             for cid, c in self.state.chargers.items()
-            if c.tx_default is None or c.default_unapplied(now_m) or c.default_unknown
+            if c.tx_default is None or c.default_unapplied(now_m)
         )
         try:
             fs_key = self._failsafe_key
