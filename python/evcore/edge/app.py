@@ -250,7 +250,7 @@ class EdgeApp:
                 ),
             )
         )
-        self.facade = ControllerFacade(self.controller, site=site, book=self.book)
+        self.facade = ControllerFacade(self.controller, site=site, book=self.book, store=store)
         if self.recorder is not None:
             self.recorder.on_durable = self.facade.record_decision
         from evcore.edge.planning import LocalPlanner, PlannerSection
@@ -301,10 +301,12 @@ class EdgeApp:
             if journal is not None:
                 writable_dir(journal.parent, "[edge].audit_journal")
         if self.store is not None:
-            from evcore.edge.recording import recover
+            from evcore.edge.recording import recover, recover_unavailable
 
             await self.store.open()
             n = await recover(ctrl.state, self.store, self.sessions)
+            # Chargers an operator made unavailable stay held at 0 A (a restart gave them back).
+            await recover_unavailable(ctrl.state, self.store)
             if n:
                 log.info("recovered %d last setpoints from the store", n)
             # Curtailments in force that the grid consumer acknowledged before a restart are in

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 from evcore.api.facade import FacadeError, NotApplicable, UnknownTarget
@@ -33,9 +33,13 @@ class ControllerFacade:
         site: Any = None,
         keep_decisions: int = 1000,
         book: BookWriter | None = None,
+        store: Any = None,
     ) -> None:
         self.ctrl = controller
         self.site = site
+        #: Where the chargers an operator made unavailable are kept across restarts (None: not).
+        self.store = store
+        self._availability_saves = asyncio.Lock()  # one at a time: the last one holds them all
         #: Writes the curtailment book to the edge's store after an API grid signal (None: none).
         self.book = book
         self._decisions: deque[dict[str, Any]] = deque(maxlen=keep_decisions)
@@ -199,9 +203,21 @@ class ControllerFacade:
             q.put_nowait(item)
 
     # ---- steering -----------------------------------------------------------------------------
-    def set_availability(self, charger_id: str, available: bool) -> None:
+    def set_availability(self, charger_id: str, available: bool) -> Awaitable[None] | None:
+        """In force at once (the next decision holds the charger at 0 A or gives it back);
+        with ``store``, answered once the store keeps it (``StoreUnavailable`` when it does
+        not: the caller sets it again). Kept only in memory, a restart gave the charger back."""
         self._get(charger_id)
         self.ctrl.set_session(charger_id, available=available)
+        if self.store is None:
+            return None
+        return self._save_unavailable()
+
+    async def _save_unavailable(self) -> None:
+        from evcore.edge.recording import save_unavailable
+
+        async with self._availability_saves:
+            await save_unavailable(self.store, self.ctrl.state)
 
     def clear_fault(self, charger_id: str, note: str = "") -> str:
         """Reset a fault the edge marked (operator); returns the reason it had been faulted."""

@@ -771,6 +771,60 @@ class AuditRecorder:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+#: The store's meta key holding the chargers an operator made unavailable (a JSON list of ids).
+UNAVAILABLE_KEY = "edge.unavailable_chargers"
+#: How long saving them waits for the store (s) before the lever is answered UNAVAILABLE.
+AVAILABILITY_SAVE_S = 5.0
+
+
+async def save_unavailable(
+    store: Any, state: SiteState, timeout_s: float = AVAILABILITY_SAVE_S
+) -> list[str]:
+    """Store which chargers an operator made unavailable (all of them, as they are now: the
+    last save wins); returns them. ``StoreUnavailable`` when the store does not take it in
+    ``timeout_s``."""
+    from evcore.store.base import StoreUnavailable
+
+    ids = sorted(c.charger_id for c in state.chargers.values() if not c.available)
+    try:
+        await asyncio.wait_for(store.set_meta(UNAVAILABLE_KEY, json.dumps(ids)), timeout_s)
+    except TimeoutError as exc:
+        raise StoreUnavailable(
+            f"saving the chargers made unavailable: no answer within {timeout_s:g} s"
+        ) from exc
+    return ids
+
+
+async def recover_unavailable(state: SiteState, store: Any) -> list[str]:
+    """Hold the chargers an operator made unavailable before a restart unavailable again
+    (``save_unavailable``); returns those found in the site."""
+    try:
+        text = await store.get_meta(UNAVAILABLE_KEY)
+        ids = [] if text is None else json.loads(text)
+        if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
+            raise ValueError(f"not a list of charger ids: {text!r}")
+    except Exception as exc:
+        log.error(
+            "store: the chargers an operator made unavailable could not be read (%s): every "
+            "charger starts available (set them again: SetChargerAvailability)",
+            exc,
+        )
+        return []
+    held = []
+    for cid in ids:
+        c = state.chargers.get(cid)
+        if c is None:
+            log.warning(
+                "store: charger %r was made unavailable but is not in the site file; ignored", cid
+            )
+            continue
+        c.available = False
+        held.append(cid)
+    if held:
+        log.info("held unavailable as an operator set them before the restart: %s", held)
+    return held
+
+
 async def recover(state: SiteState, store: Any, keeper: SessionKeeper | None = None) -> int:
     """Load last setpoints and open sessions from the store into ``state``; returns how many.
 
