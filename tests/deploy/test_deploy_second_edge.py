@@ -39,21 +39,27 @@ def _site_file(tmp_path: Path, site: str, name: str) -> Path:
 async def test_a_second_edge_of_a_running_site_does_not_start(tmp_path: Path) -> None:
     site = f"second-edge-{uuid.uuid4().hex[:8]}"
     first = await start_edge(_site_file(tmp_path, site, "first"))
+    assert first.stdout is not None
+    # Its output read on (a full pipe would stop the first edge, and its pulls with it).
+    drain = asyncio.ensure_future(first.stdout.read())
     try:
         second = await spawn_edge(_site_file(tmp_path, site, "second"))
+        assert second.stdout is not None
+        said = asyncio.ensure_future(second.stdout.read())  # kept when it has to be killed
         try:
-            out, _ = await asyncio.wait_for(second.communicate(), 45)
+            await asyncio.wait_for(second.wait(), 45)
         except TimeoutError:
             second.send_signal(signal.SIGKILL)
-            out, _ = await second.communicate()
-        text = out.decode()
+            await second.wait()
+        text = (await said).decode()
         assert second.returncode == 1, text[-2000:]
         assert "could not start" in text and "DurableInUse" in text, text[-2000:]
         assert "'edge-grid'" in text and "another consumer" in text, text[-2000:]
         assert first.returncode is None, "the first edge stopped"
     finally:
         first.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(first.communicate(), 30)
+        await asyncio.wait_for(first.wait(), 30)
+        await drain
         bus = NatsBus(
             site,
             parse_bus_config({"kind": "nats", "url": SHARED_NATS, "outbox_dir": str(tmp_path)}),

@@ -87,9 +87,11 @@ _IDLE_PULLS_PER_CHECK = 10
 # lasts its expiry at most; a live consumer has pulled again by then), and how long a consumer
 # that found it in use waits before it tries again.
 _IN_USE_RECHECK_S = _FETCH_EXPIRY_S + 0.25
-# A second look when the first saw no pull waiting: a consumer between two pulls has none for
-# an instant.
-_IN_USE_SECOND_LOOK_S = 0.1
+# Looks again, this far apart, when none saw a pull waiting: a consumer between two pulls has
+# none for an instant, longer when its process is busy (a loaded edge: 1 run in 4 of
+# test_deploy_second_edge, two looks 0.1 s apart both fell in such a gap).
+_IN_USE_LOOK_AGAIN_S = 0.25
+_IN_USE_LOOKS = 3
 _IN_USE_RETRY_S = 2.0
 # nats-server's default max_payload, used until the broker's own figure is known (first connect;
 # the outbox file keeps the last figure learnt, for a start while the broker is away).
@@ -310,23 +312,23 @@ class _NatsConsumer:
         (``push_bound``). Before, a second process bound to it and JetStream shared the messages
         between the two."""
         js = self._bus._js
-        seen = 0  # looks in a row that saw another consumer
-        for look in range(3):
-            if look:
+        seen = False  # a look saw another consumer: confirmed by one a pull's expiry later
+        looks = 0
+        while True:
+            if looks:
                 # (Broker time: real, not the bus's clock.)
-                await asyncio.sleep(_IN_USE_RECHECK_S if seen else _IN_USE_SECOND_LOOK_S)
+                await asyncio.sleep(_IN_USE_RECHECK_S if seen else _IN_USE_LOOK_AGAIN_S)
+            looks += 1
             try:
                 info = await js.consumer_info(self._stream, self._durable)
             except nats.js.errors.NotFoundError:
                 return
             if info.num_waiting or info.push_bound:
-                seen += 1
-                if seen == 2:
+                if seen:
                     break
-            elif seen or look:
-                return  # free at two looks, or what was seen was a pull of a process gone
-        else:
-            return
+                seen = True
+            elif seen or looks >= _IN_USE_LOOKS:
+                return  # free at every look, or what was seen was a pull of a process gone
         raise DurableInUse(
             f"durable {self._durable!r} on stream {self._stream} is being consumed by another "
             f"consumer ({info.num_waiting or 0} pull request(s) waiting"
