@@ -574,3 +574,52 @@ async def test_moving_a_long_journal_reads_the_chain_once_not_once_a_round(
     report = await verify_chain(store)
     assert report.ok, report.problems
     await recorder.drain()
+
+
+class PagedStore(RefusingStore):
+    """``RefusingStore`` that keeps how many records each ``audit_records`` call returned."""
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.pages: list[int] = []
+
+    async def audit_records(self, **kwargs: Any) -> list[AuditRecord]:
+        records: list[AuditRecord] = await self._store.audit_records(**kwargs)
+        self.pages.append(len(records))
+        return records
+
+
+async def test_after_a_restart_mid_move_the_chain_is_read_a_page_at_a_time(
+    store: Any, tmp_path: Path
+) -> None:
+    """A restart while a long journal is being moved: the chain after the head its pending
+    records were journaled at holds every record the run before moved (here 600). The first
+    move read them all in one call, every record parsed and held at once (17 KB each for a
+    100-charger site: 10 MB for 600; a decision a second for a day, 1.5 GB); they are
+    read ``_CHAIN_PAGE`` at a time, only their ids kept. (Parsed protobuf messages live outside
+    Python's allocator, so the calls' sizes are what the test checks.)"""
+    from evcore.edge.recording import _CHAIN_PAGE
+
+    audit_log = AuditLog(store, clock=WallClock())
+    t0 = WallClock().now()
+    from evcore.audit.log import Decision
+
+    head = await audit_log.append(Decision("edge-before-0", "tick", t0, []))
+    moved = 2 * _CHAIN_PAGE + 88
+    for k in range(moved):
+        await audit_log.append(Decision(f"edge-moved-{k}", "tick", t0 + 1 + k * 0.001, []))
+    journal = tmp_path / "journal"
+    pending = _entries(1, t0 + 2)[0]
+    AuditJournal(journal).append(
+        JournalEntry(pending.decision_id, head.seq, pending.decided_at_s, pending.payload)
+    )
+    paged = PagedStore(store)
+    recorder = AuditRecorder(AuditLog(paged, clock=WallClock()), paged, journal_path=journal)
+    assert await recorder.replay_journal(60.0) == 0
+    assert recorder.journal_moved == 1
+    assert (await chain_ids(store))[-1] == pending.decision_id
+    assert max(paged.pages) <= _CHAIN_PAGE, paged.pages
+    assert sum(paged.pages) == moved, paged.pages
+    report = await verify_chain(store)
+    assert report.ok, report.problems
+    await recorder.drain()

@@ -36,6 +36,8 @@ log = logging.getLogger("evcore.edge")
 _KEEP_IDS = 4096
 # Journaled records read from the journal file at a time while they are moved.
 _REPLAY_PART = 64
+# Chain records read at a time for the ids a journaled record may repeat.
+_CHAIN_PAGE = 256
 
 # Core binding codes (``evcore._core.binding_codes()``) → the contract's BindingReason.
 _REASON = {
@@ -675,21 +677,27 @@ class AuditRecorder:
         the earliest head a pending record was journaled at (``after_seq``; or, when that head
         was not known, decided since the earliest pending record ``since_s``, less a minute for
         clock steps). What an earlier move read is not read again: only the records after it,
-        but for the ones that move appended itself, join the ids it found."""
-        upto = self._chain_read_upto
-        if upto is None and after_seq < 0:
-            records = await self.store.audit_records(since_s=since_s - 60.0)
-        else:
-            start = after_seq if upto is None else max(upto, after_seq)
-            records = await self.store.audit_records(after_seq=start)
-            upto = start
+        but for the ones that move appended itself, join the ids it found. Read
+        ``_CHAIN_PAGE`` records at a time, keeping only ids: after a restart in the middle of
+        moving a long journal, everything the run before moved lies after that head, and was
+        read at once."""
         found = self._chain_found
-        for r in records:
-            if r.seq not in self._moved_seqs:
-                found.add(r.decision_id)
-            upto = r.seq if upto is None else max(upto, r.seq)
-        self._chain_read_upto = upto
-        return found
+        while True:
+            upto = self._chain_read_upto
+            if upto is None and after_seq < 0:
+                records = await self.store.audit_records(since_s=since_s - 60.0, limit=_CHAIN_PAGE)
+            else:
+                start = after_seq if upto is None else max(upto, after_seq)
+                records = await self.store.audit_records(after_seq=start, limit=_CHAIN_PAGE)
+                upto = start
+            for r in records:
+                if r.seq not in self._moved_seqs:
+                    found.add(r.decision_id)
+                upto = r.seq if upto is None else max(upto, r.seq)
+            # Kept page by page: a move whose budget ends mid-read leaves the next to go on.
+            self._chain_read_upto = upto
+            if len(records) < _CHAIN_PAGE:
+                return found
 
     async def replay_journal(self, timeout_s: float = 30.0) -> int:
         """Move what the journal holds (records left by a crash, or by a store outage) into the
