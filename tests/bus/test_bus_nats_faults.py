@@ -353,6 +353,34 @@ async def test_closing_a_bus_whose_broker_is_down_returns(tmp_path: Path) -> Non
             pytest.fail(f"close() of bus {i} did not return within 5 s")
 
 
+async def test_stopping_a_consumer_whose_broker_never_came_up_returns_at_once(
+    tmp_path: Path,
+) -> None:
+    """A consumer that never attached holds no message: its stop returns at once. It waited for
+    the consume task 1 s + 2 s (room for a pull in flight to be handed back) and then cancelled
+    it: an edge whose broker never came up took 3 s to stop, for its grid consumer alone."""
+    url = f"nats://127.0.0.1:{free_port()}"  # nobody listens
+    bus = make_nats_bus(unique_site(), url, tmp_path / "outbox", connect_timeout_s=0.05)
+    await bus.start()
+    try:
+        assert not bus.connected
+
+        async def handler(m: BusMessage) -> None:
+            return None
+
+        consumer = await bus.consume(Subjects(bus.site_id).grid, durable="grid", handler=handler)
+        await asyncio.sleep(0.05)  # the consume task is waiting for the broker
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.wait_for(consumer.stop(), 5)
+        took = loop.time() - t0
+        assert took < 0.5, f"stop() of a consumer with nothing in hand took {took:.2f} s"
+    finally:
+        t0 = asyncio.get_running_loop().time()
+        await bus.close()
+    assert asyncio.get_running_loop().time() - t0 < 1.0, "close() of the bus dawdled"
+
+
 async def test_a_failing_handler_backs_off_warns_and_the_rest_follows_in_order(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -253,6 +253,11 @@ class _NatsConsumer:
         self._reconnects_seen = -1
         self._dedupe_failures = 0
         self._in_use_seen = 0
+        # True from a pull's start until its batch is handled or handed back: what stop() waits
+        # for. Otherwise (waiting for the broker, attaching, backing off) nothing is in hand and
+        # stop() cancels the task at once.
+        self._in_hand = False
+        self._pull_sub: Any = None  # the last bound, for a stop that cancels the task
         #: Set once the durable is bound and pulled from (``consume`` waits for it).
         self.attached = asyncio.Event()
         self.closed = False
@@ -431,11 +436,15 @@ class _NatsConsumer:
         while not self.closed:
             try:
                 if sub is None:
-                    sub = await self._subscribe()
+                    sub = self._pull_sub = await self._subscribe()
                     self.attached.set()
+                if self.closed:
+                    break  # stopped while attaching: no pull started
+                self._in_hand = True
                 try:
                     msgs = await sub.fetch(batch=_FETCH_BATCH, timeout=_FETCH_EXPIRY_S)
                 except nats.errors.TimeoutError:
+                    self._in_hand = False
                     idle += 1
                     if await self._gone(sub, idle):
                         sub = None
@@ -484,9 +493,11 @@ class _NatsConsumer:
                         for rest in msgs[i:]:
                             with contextlib.suppress(Exception):
                                 await rest.nak()
+                        self._in_hand = False
                         await bus.clock.sleep(delay)
                         break
                     failures = 0
+                self._in_hand = False
             except asyncio.CancelledError:
                 raise
             except DurableFilterMismatch as exc:
@@ -510,6 +521,7 @@ class _NatsConsumer:
                     )
                 await bus.clock.sleep(_IN_USE_RETRY_S)
             except Exception as exc:
+                self._in_hand = False
                 attempt += 1
                 if attempt in (1, 10) or attempt % 100 == 0:
                     log.warning("consumer %s on %s: %r; retrying", self._durable, self._stream, exc)
@@ -578,11 +590,21 @@ class _NatsConsumer:
         return "error"
 
     async def stop(self) -> None:
-        """Finish the message in hand, return any fetched ones, then stop (the durable stays)."""
+        """Finish the message in hand, return any fetched ones, then stop (the durable stays).
+        With nothing in hand (waiting for the broker, attaching, backing off) the task is
+        cancelled at once: it waited 3 s, an edge whose broker never came up took that long to
+        stop."""
         self.closed = True
         self._bus._consumers.discard(self)
         task = self._task
-        if task is not None and task is not asyncio.current_task():
+        if task is not None and task is not asyncio.current_task() and not self._in_hand:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            sub, self._pull_sub = self._pull_sub, None
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        elif task is not None and task is not asyncio.current_task():
             # A pull request in flight may still bring messages: let the loop receive and nak
             # them (bounded by the fetch expiry) rather than leave them to the ack timeout.
             try:
