@@ -513,6 +513,11 @@ class Station:
     #: When its last BootNotification came (our monotonic clock; None: none since this process
     #: started). ``CentralSystem._new_after_boot``.
     booted_mono: float | None = None
+    #: The configuration round after its last BootNotification, while it runs (one at a time:
+    #: ``CentralSystem._configure_after_boot``), and the connection of a Boot that came during
+    #: it (the round starts again on it).
+    configuring: asyncio.Task[None] | None = None
+    configure_again: StationConnection | None = None
     #: Its last firmware / diagnostics / log status per action: (payload, when it came first).
     status_notes: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
 
@@ -997,10 +1002,11 @@ class CentralSystem:
                 outcome = CallOutcome("CallError", error_code="InternalError", detail=str(exc))
         _resolve(item, outcome)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _emit(self, event: OcppEvent) -> None:
         for cb in self._listeners:
@@ -1104,35 +1110,73 @@ class CentralSystem:
         st.booted_mono = self.clock.monotonic()
         self._emit(ev)
         if self.config.configure_on_boot:
-            conn.after_reply(lambda: self._spawn(self._configure(st, conn)))
+            conn.after_reply(lambda: self._configure_after_boot(st, conn))
+
+    def _configure_after_boot(self, st: Station, conn: StationConnection) -> None:
+        """A round of configuration after a Boot, one at a time per station. A Boot means the
+        station may have lost its settings, so each is followed by a complete round; one that
+        comes during a round (a second Boot on the connection, or a reboot and reconnect) makes
+        that round start again from its first call once the call in flight is answered. Before,
+        each Boot spawned a round of its own: two interleaved on the station's call slot (each
+        call twice) and the first reported results from before the second Boot."""
+        if st.configuring is not None and not st.configuring.done():
+            st.configure_again = conn
+            return
+        st.configure_again = None
+        st.configuring = self._spawn(self._configure(st, conn))
 
     async def _configure(self, st: Station, conn: StationConnection) -> None:
+        while True:
+            st.configure_again = None
+            results, whole = await self._configure_round(st, conn)
+            again = st.configure_again
+            if not whole and again is not None and again is st.connection and not again.closed:
+                conn = again  # a Boot came during the round: all of it again, on its connection
+                continue
+            if not whole:
+                # The connection ended or was replaced and no Boot came on the new one (yet):
+                # nothing more is sent before the station boots there (its Boot starts a round).
+                LOG.info("station %s: configuration round cut off: %s", st.ocpp_id, results)
+            st.configuration = results
+            self._emit(ConfigurationEvent(st.ocpp_id, self.clock.now(), results))
+            return
+
+    async def _configure_round(
+        self, st: Station, conn: StationConnection
+    ) -> tuple[dict[str, str], bool]:
+        """One round on ``conn``: what the station answered per key, and whether the round was
+        whole. Cut off (False) when a Boot came during it (the round starts again) or ``conn``
+        ended or was replaced: the keys not sent then are ``Disconnected``."""
         mod = v16 if conn.version == "1.6" else v201
         calls = mod.configure_calls(self.config.measurands, self.config.sample_interval_s)
         results: dict[str, str] = {}
+        whole = True
         for action, payload in calls:
-            out = await self._enqueue(st, _fixed(action, payload), label=action)
             if action == "ChangeConfiguration":
-                key = payload["key"]
-                results[key] = (
-                    out.payload.get("status", "?")
-                    if out.status == "Result" and out.payload
-                    else out.status
-                )
+                names = [str(payload["key"])]
             else:
                 names = [
                     f"{d['component']['name']}.{d['variable']['name']}"
                     for d in payload["setVariableData"]
                 ]
-                if out.status == "Result" and out.payload:
-                    for r in out.payload.get("setVariableResult", []):
-                        results[f"{r['component']['name']}.{r['variable']['name']}"] = r[
-                            "attributeStatus"
-                        ]
-                else:
-                    results.update(dict.fromkeys(names, out.status))
-        st.configuration = results
-        self._emit(ConfigurationEvent(st.ocpp_id, self.clock.now(), results))
+            if st.configure_again is not None or st.connection is not conn or conn.closed:
+                whole = False
+            if not whole:
+                results.update(dict.fromkeys(names, "Disconnected"))
+                continue
+            out = await self._enqueue(st, _on_conn(st, conn, action, payload), label=action)
+            if out.status == "Result" and out.payload and action == "ChangeConfiguration":
+                results[names[0]] = str(out.payload.get("status", "?"))
+            elif out.status == "Result" and out.payload:
+                for r in out.payload.get("setVariableResult", []):
+                    results[f"{r['component']['name']}.{r['variable']['name']}"] = r[
+                        "attributeStatus"
+                    ]
+            else:
+                results.update(dict.fromkeys(names, out.status))
+        if st.configure_again is not None:
+            whole = False
+        return results, whole
 
     async def _on_status(
         self, st: Station, evse_id: int, connector_id: int, status: str, error: str, at: float
@@ -2747,6 +2791,20 @@ def _fixed(
     action: str, payload: dict[str, Any]
 ) -> Callable[[], tuple[str, dict[str, Any]] | CallOutcome]:
     def build() -> tuple[str, dict[str, Any]] | CallOutcome:
+        return action, payload
+
+    return build
+
+
+def _on_conn(
+    st: Station, conn: StationConnection, action: str, payload: dict[str, Any]
+) -> Callable[[], tuple[str, dict[str, Any]] | CallOutcome]:
+    """A call for ``conn`` only: one still queued when the station reconnected is not sent on
+    the new connection (before its Boot; the new Boot's round sends its own)."""
+
+    def build() -> tuple[str, dict[str, Any]] | CallOutcome:
+        if st.connection is not conn or conn.closed:
+            return CallOutcome("Disconnected", detail="the connection it was for ended")
         return action, payload
 
     return build
