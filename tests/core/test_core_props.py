@@ -268,8 +268,7 @@ def assert_safe(
     for v in violations:
         key = (v.node, v.kind, v.phase)
         if (
-            v.kind != "unbalance"
-            and site.node(v.node).unbalance_limit_a is None
+            (v.kind == "unbalance" or site.node(v.node).unbalance_limit_a is None)
             and key in held_alone
             and key not in over_followed
         ):

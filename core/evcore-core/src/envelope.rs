@@ -785,6 +785,62 @@ fn single_node_followed(
     single_node_value_as(topo, cnt, sub, n, k, scratch, terminal_followed)
 }
 
+/// Whether constraint `k` of node `n` is over its limit (beyond the followed rule's tolerance)
+/// on what is held alone: every charger below the node at 0 (restored on return).
+fn held_alone_over(
+    topo: &Topology,
+    cnt: &mut Counting,
+    sub: &SubtreeOther,
+    n: usize,
+    k: Constraint,
+    limit: f64,
+    scratch: &mut NodeLoads,
+) -> bool {
+    let below = topo.chargers_below(n);
+    let saved: Vec<f64> = below.iter().map(|&c| cnt.s[c]).collect();
+    for &c in below {
+        cnt.s[c] = 0.0;
+    }
+    let v = single_node_value(topo, cnt, sub, n, k, scratch);
+    for (j, &c) in below.iter().enumerate() {
+        cnt.s[c] = saved[j];
+    }
+    violated(v, limit) && v > limit + FOLLOW_TOL * (1.0 + limit.abs())
+}
+
+/// Whether node `n`'s counted unbalance is over `limit` at a pair of lines whose contributors
+/// (the chargers lowering which helps that pair), at 0, would bring it within.
+fn contributors_cure(
+    topo: &Topology,
+    cnt: &mut Counting,
+    sub: &SubtreeOther,
+    n: usize,
+    limit: f64,
+    scratch: &mut NodeLoads,
+) -> bool {
+    let v = single_node_value(topo, cnt, sub, n, Constraint::Unbalance(0, 0), scratch);
+    if !violated(v, limit) {
+        return false;
+    }
+    let (_, h, l) = unbalance_of(scratch, 0, topo.node_has_line_to_line(n));
+    let k = Constraint::Unbalance(h, l);
+    let members: Vec<usize> = topo
+        .chargers_below(n)
+        .iter()
+        .copied()
+        .filter(|&c| cnt.s[c] > 0.0 && contributes(topo, c, k))
+        .collect();
+    let saved: Vec<f64> = members.iter().map(|&c| cnt.s[c]).collect();
+    for &c in &members {
+        cnt.s[c] = 0.0;
+    }
+    let floor = single_node_value(topo, cnt, sub, n, k, scratch);
+    for (j, &c) in members.iter().enumerate() {
+        cnt.s[c] = saved[j];
+    }
+    !members.is_empty() && !violated(floor, limit)
+}
+
 /// The largest common cap `x` such that constraint `k` of node `n` holds (`value <= limit`) with
 /// every member `members.0[j]` at `min(members.1[j], x)` (they are at 0 on entry, where the
 /// value is `floor`; they are left at their capped values). A phase or kW constraint is solved
@@ -1122,10 +1178,42 @@ pub(crate) fn enforce_limits(
     let mut exempt = vec![[false; 5]; nn];
     let sub = subtree_other(topo, cnt);
     let mut rounds = 0;
-    loop {
+    // Nodes whose unbalance, over on what is held alone, was sized to fit when followed (and
+    // exempted), and nodes where that did not last: there the plain rule (all below at 0).
+    let mut followed_unb: Vec<usize> = Vec::new();
+    let mut no_follow = vec![false; nn];
+    'settle: loop {
         node_loads(topo, cnt, &mut loads);
         let viol = find_violations(topo, &loads, &exempt);
         if viol.is_empty() {
+            // A later fix (a node above lowering chargers below one of these) may have broken
+            // a followed unbalance fit: pause all below that node then, and settle again.
+            let mut again = false;
+            for &n in &followed_unb {
+                let k = Constraint::Unbalance(0, 0);
+                let limit = topo.nodes[n].unbalance_limit_a.unwrap_or(f64::INFINITY);
+                if violated(
+                    single_node_followed(topo, cnt, &sub, n, k, &mut scratch),
+                    limit,
+                ) {
+                    no_follow[n] = true;
+                    again = true;
+                    for &c in topo.chargers_below(n) {
+                        if cnt.s[c] > 0.0 {
+                            cnt.s[c] = 0.0;
+                            dec.binding[c] = Binding::Unbalance;
+                            dec.binding_node[c] = Some(n);
+                            dec.binding_phase[c] = None;
+                            dec.binding_value[c] = f64::NAN;
+                            dec.binding_limit[c] = limit;
+                        }
+                    }
+                }
+            }
+            followed_unb.retain(|&n| !no_follow[n]);
+            if again {
+                continue 'settle;
+            }
             break;
         }
         rounds += 1;
@@ -1186,10 +1274,12 @@ pub(crate) fn enforce_limits(
                 Constraint::Phase(p) | Constraint::Unbalance(p, _) => Some(p),
                 Constraint::Power => None,
             };
+            let unb = matches!(k, Constraint::Unbalance(_, _));
             if violated(floor, limit)
-                && !matches!(k, Constraint::Unbalance(_, _))
-                && topo.nodes[n].unbalance_limit_a.is_none()
+                && (unb || topo.nodes[n].unbalance_limit_a.is_none())
+                && !no_follow[n]
                 && floor > limit + FOLLOW_TOL * (1.0 + limit.abs())
+                && (!unb || held_alone_over(topo, cnt, &sub, n, k, limit, &mut scratch))
             {
                 // Even 0 cannot bring the counted load within the limit: what is held (measured
                 // draw above all) is over it. Pausing everything would only bring everything
@@ -1198,6 +1288,11 @@ pub(crate) fn enforce_limits(
                 // that way, keep the constraint out of later rounds (its counted value cannot
                 // hold) and name it, with its measured value, for every member.
                 for (j, &c) in members.iter().enumerate() {
+                    if unb {
+                        // Nothing rises (below): sized on that, or a charger on the low line
+                        // counted at its request would make room it never takes.
+                        saved[j] = saved[j].min(cnt.last_a[c]);
+                    }
                     cnt.s[c] = saved[j];
                 }
                 let fits = |cnt: &Counting, scratch: &mut NodeLoads| {
@@ -1239,7 +1334,26 @@ pub(crate) fn enforce_limits(
                     for &c in &members {
                         cnt.s[c] = snap_down(topo, c, cnt.s[c].min(cnt.last_a[c]));
                     }
-                    exempt[n][exempt_slot(k)] = true;
+                }
+                // Unbalance is not monotone in the setpoints (lowering a charger on the low
+                // line raises it): what the caps and steps left must fit when followed too, or
+                // the plain rule applies (every member at 0).
+                let fixed = fixed && (!unb || fits(cnt, &mut scratch));
+                if unb && !fixed {
+                    for &c in &members {
+                        cnt.s[c] = 0.0;
+                    }
+                }
+                if fixed {
+                    // Unbalance: lowering may still cure the counted value at another pair of
+                    // lines (a charger kept on the low line holds it up): then the next round
+                    // lowers those as usual; exempt only when it cannot.
+                    if !unb || !contributors_cure(topo, cnt, &sub, n, limit, &mut scratch) {
+                        if unb {
+                            followed_unb.push(n);
+                        }
+                        exempt[n][exempt_slot(k)] = true;
+                    }
                     let measured = single_node_value(topo, cnt, &sub, n, k, &mut scratch);
                     for &c in &members {
                         if dec.binding_node[c] == Some(n) && violated(dec.binding_value[c], limit) {
@@ -1548,10 +1662,11 @@ pub(crate) fn reason(topo: &Topology, cnt: &Counting, dec: &Decision, c: usize) 
                 }
                 Binding::Unbalance => write!(
                     s,
-                    "{lead}: {} unbalance (phase {ph} highest) at {} of {} A",
+                    "{lead}: {} unbalance (phase {ph} highest) at {} of {} A{}",
                     node_desc(n),
                     fmt_a(v),
-                    fmt_a(l)
+                    fmt_a(l),
+                    if over { stale } else { "" }
                 ),
                 _ if dec.binding_phase[c].is_none() => {
                     write!(
@@ -2170,9 +2285,10 @@ pub(crate) mod tests {
                 // Where what is held alone (0 for every charger below) is over a phase or kW
                 // limit, the counted load cannot hold: then it must hold when every charger
                 // below follows its setpoint (or everything contributing is 0).
-                // (Not at a node with an unbalance cap: there the plain rule stays.)
-                let (mag0, kw0, _) = self.node(n, &zero);
-                let (mag_f, kw_f, _) = self.node_followed(n, s);
+                // (Not for a phase or kW limit of a node with an unbalance cap: there the plain
+                // rule stays. The unbalance itself, over on what is held alone, may go either way.)
+                let (mag0, kw0, unb0) = self.node(n, &zero);
+                let (mag_f, kw_f, unb_f) = self.node_followed(n, s);
                 let no_unb = node.unbalance_limit_a.is_none();
                 // And there nothing below it rises above what it was last sent.
                 let none_rises = |f: &dyn Fn(usize) -> bool| {
@@ -2200,7 +2316,9 @@ pub(crate) mod tests {
                     }
                 }
                 if let Some(l) = node.unbalance_limit_a {
-                    if !(unb <= l + tol(l)) && !off_below(&|_| true) {
+                    let held_over = !(unb0 <= l + tol(l));
+                    let followed = held_over && unb_f <= l + tol(l) && none_rises(&|_| true);
+                    if !(unb <= l + tol(l)) && !followed && !off_below(&|_| true) {
                         return Err(format!("node {n}: unbalance {unb} > {l} A"));
                     }
                 }
@@ -2743,6 +2861,66 @@ pub(crate) mod tests {
         let d = run(&t, &x, &EnvelopeParams::default());
         assert!((d.setpoint_a[0] - 16.0).abs() < 1e-6, "{d:?}");
         assert_eq!(d.binding[0], Binding::Unbalance);
+    }
+
+    /// The e2e start-up of session 18 (the shipped example site's grid: 20 A unbalance cap, a
+    /// line-to-line charger below): two three-phase cars read at 9 A each, an unbalance of 23 A
+    /// on what is held alone, because a single-phase load on the low line had just stopped.
+    fn grid_unbalance_measured_over() -> (Topology, Inputs) {
+        let spc = r#", "single_phase_car": true"#;
+        let t = site(
+            r#"{"id": "g", "phase_limit_a": 200, "unbalance_limit_a": 20}"#,
+            &[
+                ac("a", "g", "three_phase", r#"["L1","L2","L3"]"#, spc),
+                ac("b", "g", "three_phase", r#"["L2","L3","L1"]"#, spc),
+                ac("c", "g", "line_to_line", r#"["L1","L2"]"#, ""),
+                ac("d", "g", "line_to_neutral", r#"["L3"]"#, ""),
+            ]
+            .join(","),
+        );
+        let mut x = Inputs::quiet(&t);
+        // c and d ask for 32 A (they were sent 0, as the allocator asks): sized as if d came
+        // on, the low line L3 would seem to hold the unbalance down.
+        x.req_a = vec![9.07, 9.07, 32.0, 32.0];
+        x.last_a = vec![9.0, 9.0, 0.0, 0.0];
+        for k in 0..3 {
+            x.m[k] = vec![9.0, 9.0, 0.0, 0.0];
+        }
+        x.o = [vec![20.0], vec![15.0], vec![15.0]];
+        (t, x)
+    }
+
+    #[test]
+    fn an_unbalance_over_on_what_is_held_alone_is_sized_to_fit_when_followed() {
+        // Before: both cars paused ("grid unbalance at 23 of 20 A"), and the allocator's
+        // minimum off time then kept them at 0 A for 3 minutes. Followed, a + b on the high line
+        // over the 15 A low line (single-phase cars taken off it) fit at 7.5 A each: 7 A.
+        let (t, x) = grid_unbalance_measured_over();
+        let p = EnvelopeParams::default();
+        let d = run(&t, &x, &p);
+        assert!(d.setpoint_a[0] >= 6.0 && d.setpoint_a[1] >= 6.0, "{d:?}");
+        assert!(d.setpoint_a[0] + d.setpoint_a[1] <= 15.0 + 1e-6, "{d:?}");
+        assert_eq!(d.binding[0], Binding::Unbalance);
+        let why = &d.reason[0];
+        assert!(
+            why.contains("at 23 of 20 A measured: sized to fit when"),
+            "{why}"
+        );
+        let chk = Check { topo: &t, x: &x, p };
+        chk.invariants(&d).unwrap();
+        // The checker holds it to the followed fit: 8 A each would be 21 A when followed.
+        let mut more = d.clone();
+        more.setpoint_a[0] = 8.0;
+        more.setpoint_a[1] = 8.0;
+        assert!(chk.invariants(&more).is_err());
+        // And nothing rises: c, off, may not start on the room the cars' setpoints leave (d on
+        // the low line would hold the counted unbalance down, so the checker lets it).
+        assert_eq!(d.setpoint_a[2..], [0.0, 0.0], "{d:?}");
+        let mut risen = d.clone();
+        risen.setpoint_a[2] = 6.0;
+        assert!(chk.invariants(&risen).is_err());
+        let d2 = run(&t, &as_request(&t, &x, &d), &p);
+        assert_eq!(d2.setpoint_a, d.setpoint_a);
     }
 
     #[test]
