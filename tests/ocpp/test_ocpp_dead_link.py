@@ -52,7 +52,7 @@ class Blackhole:
 
 
 async def test_a_station_gone_silent_is_taken_as_gone_after_its_pings() -> None:
-    async with raw_csms(ping_interval_s=0.5) as r:
+    async with raw_csms(ping_interval_s=0.5, ping_timeout_s=0.5) as r:
         relay = Blackhole(r.cs.port)
         port = await relay.start()
         st = RawStation(await station_ws(f"ws://127.0.0.1:{port}/ocpp", "CPB", "2.0.1"))

@@ -88,15 +88,29 @@ class OcppConfig:
     #: (1009). A 1.6 StopTransaction carries the session's transactionData: 4 h of 10 s samples
     #: of the default measurands is 1.9 MiB (websockets' default, 1 MiB, refused it for ever).
     max_frame_bytes: int = 16 * 1024 * 1024
-    #: A WebSocket ping to each station this often; one not answered within as long again ends
-    #: the connection (the station is reported gone). 0: no pings. Without them a link that died
-    #: without a close (power cut, a modem or NAT dropping the flow) kept the station connected
-    #: for good.
+    #: A WebSocket ping to each station this often; one not answered within ``pong_timeout_s``
+    #: ends the connection (the station is reported gone). 0: no pings. Without them a link that
+    #: died without a close (power cut, a modem or NAT dropping the flow) kept the station
+    #: connected for good.
     ping_interval_s: float = 30.0
+    #: How long a ping's pong may take before the connection is failed (1011). None: the time
+    #: ``max_frame_bytes`` takes at ``SLOW_LINK_BYTES_PER_S`` (at least ``ping_interval_s``): a
+    #: station's pong waits behind the frame it is sending, and websockets does not count
+    #: received data as a sign of life, so a shorter wait failed a large StopTransaction over a
+    #: slow cellular link mid-frame, and the station resent it after reconnecting, for ever.
+    ping_timeout_s: float | None = None
     #: At start, freeze what is allocated so far out of the cyclic GC's reach and collect the
     #: young generation less often (full collections over a large heap stall every station).
     #: Process-wide, so opt-in: the process that owns the event loop decides.
     gc_tuning: bool = False
+
+    @property
+    def pong_timeout_s(self) -> float:
+        """The wait for a pong in force: ``ping_timeout_s``, or the time ``max_frame_bytes``
+        takes at ``SLOW_LINK_BYTES_PER_S`` (at least ``ping_interval_s``)."""
+        if self.ping_timeout_s is not None:
+            return self.ping_timeout_s
+        return max(self.ping_interval_s, self.max_frame_bytes / SLOW_LINK_BYTES_PER_S)
 
     def credentials_for(self, ocpp_id: str) -> StationCredentials | None:
         return self.credentials.get(ocpp_id)
@@ -182,6 +196,9 @@ def load_credentials_file(path: str | Path) -> dict[str, StationCredentials]:
     }
 
 
+#: The slow link the default ``ping_timeout_s`` allows for: a cellular uplink at 20 kB/s (16 MiB
+#: then takes 839 s, the 1.9 MiB of a 4 h StopTransaction 100 s).
+SLOW_LINK_BYTES_PER_S = 20_000.0
 #: The largest ``max_frame_bytes`` range (checked here: ``Section`` prints 2**30 as 1.07374e+09).
 _FRAME_BYTES = (65_536, 1 << 30)
 #: OCPP's ``CiString255`` (1.6 DataTransfer.vendorId; 2.0.1 vendorId and measurand maxLength).
@@ -216,6 +233,8 @@ _SECTION = Section(
         "store_batch_window_s": Key("number", default=0.005, lo=0, hi=1),
         "max_frame_bytes": Key("any", default=16 * 1024 * 1024),
         "ping_interval_s": Key("number", default=30.0, lo=0, hi=3_600),
+        # No default: derived from max_frame_bytes (OcppConfig.pong_timeout_s).
+        "ping_timeout_s": Key("number", lo=0, above=True, hi=86_400),
         "gc_tuning": Key("bool", default=False),
     },
     OcppConfigError,
@@ -320,5 +339,6 @@ def parse_ocpp_section(
         store_batch_window_s=v["store_batch_window_s"],
         max_frame_bytes=_frame_bytes(v["max_frame_bytes"]),
         ping_interval_s=v["ping_interval_s"],
+        ping_timeout_s=v.get("ping_timeout_s"),
         gc_tuning=v["gc_tuning"],
     )

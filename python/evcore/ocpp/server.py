@@ -689,9 +689,11 @@ class CentralSystem:
             compression=None,
             # A link that died without a close is found by its unanswered ping: websockets
             # fails it (1011) and, no close frame coming back on a dead link, drops it after
-            # close_timeout; the session ends and the station is reported gone.
+            # close_timeout; the session ends and the station is reported gone. The pong's wait
+            # is its own (pong_timeout_s): a station's pong waits behind the frame it is
+            # sending, and received data does not count as a pong in websockets.
             ping_interval=self.config.ping_interval_s or None,
-            ping_timeout=self.config.ping_interval_s or None,
+            ping_timeout=self.config.pong_timeout_s if self.config.ping_interval_s else None,
             close_timeout=min(10.0, self.config.ping_interval_s or 10.0),
             max_queue=64,
             max_size=self.config.max_frame_bytes,
