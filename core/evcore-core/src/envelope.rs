@@ -1186,8 +1186,10 @@ pub(crate) fn enforce_limits(
         node_loads(topo, cnt, &mut loads);
         let viol = find_violations(topo, &loads, &exempt);
         if viol.is_empty() {
-            // A later fix (a node above lowering chargers below one of these) may have broken
-            // a followed unbalance fit: pause all below that node then, and settle again.
+            // A later fix (a node above or below lowering chargers below one of these) may
+            // have broken a followed unbalance fit: pause all below that node then. Or it may
+            // have moved the worst pair of lines to one that lowering cures: lower as usual
+            // then (a second call on the output would). Each node once; settle again.
             let mut again = false;
             for &n in &followed_unb {
                 let k = Constraint::Unbalance(0, 0);
@@ -1198,16 +1200,23 @@ pub(crate) fn enforce_limits(
                 ) {
                     no_follow[n] = true;
                     again = true;
+                    // The high line, for the reason.
+                    single_node_value(topo, cnt, &sub, n, k, &mut scratch);
+                    let (_, h, _) = unbalance_of(&scratch, 0, topo.node_has_line_to_line(n));
                     for &c in topo.chargers_below(n) {
                         if cnt.s[c] > 0.0 {
                             cnt.s[c] = 0.0;
                             dec.binding[c] = Binding::Unbalance;
                             dec.binding_node[c] = Some(n);
-                            dec.binding_phase[c] = None;
+                            dec.binding_phase[c] = Some(h);
                             dec.binding_value[c] = f64::NAN;
                             dec.binding_limit[c] = limit;
                         }
                     }
+                } else if contributors_cure(topo, cnt, &sub, n, limit, &mut scratch) {
+                    no_follow[n] = true;
+                    again = true;
+                    exempt[n][exempt_slot(k)] = false;
                 }
             }
             followed_unb.retain(|&n| !no_follow[n]);
