@@ -58,6 +58,10 @@ from evcore.edge.state import ChargerState, SiteState, priority_error
 MAX_SESSION_KWH = 1e4
 log = logging.getLogger("evcore.edge")
 
+#: The longest wait between two asks of a station for the report of an idle charger a stale
+#: TxDefault may hold (counted at its maximum meanwhile); the first wait is the report bound.
+_UNKNOWN_DEFAULT_RETRY_MAX_S = 300.0
+
 # Triggers that may require a decrease: decide at once rather than at the next tick.
 URGENT = frozenset(
     {
@@ -233,6 +237,12 @@ class EdgeController:
         self._dc = frozenset(c.charger_id for c in state.chargers.values() if c.is_dc)
         # Chargers whose station was asked what it enforces: charger id -> until (monotonic).
         self._report_due: dict[str, float] = {}
+        # Stations asked again because an idle charger of theirs gave no usable report while a
+        # stale TxDefault may hold it: the next wait (doubling from the report bound up to
+        # _UNKNOWN_DEFAULT_RETRY_MAX_S) and the re-ask in hand; the chargers warned about.
+        self._unknown_default_retry_s: dict[str, float] = {}
+        self._unknown_default_reask: dict[str, asyncio.Future[None]] = {}
+        self._unknown_default_warned: set[str] = set()
         self._increases_held = False
         # Some charger's first TxDefault of ours may not be applied yet (this decision): a pause
         # now may be that gap's, and is not counted as a switch (``SiteState.on_sent``).
@@ -1328,13 +1338,40 @@ class EdgeController:
             for c in stale:
                 self._report_due.pop(c.charger_id, None)
             self.notify("reported")
-        if not self._stopping and any(
-            c.default_unknown and c.transaction_id is None and c.online
+        unknown = [
+            c
             for c in self.state.station_chargers(ocpp_id)
-        ):
+            if c.default_unknown and c.transaction_id is None and c.online
+        ]
+        if not self._stopping and unknown:
             # No usable report of an idle charger a stale TxDefault may hold: still counted at
-            # its maximum, asked again.
-            self._report_again_later(ocpp_id, bound)
+            # its maximum, asked again, less and less often (a station that never gives a
+            # usable idle report was asked every bound, for ever).
+            for c in unknown:
+                if c.charger_id not in self._unknown_default_warned:
+                    self._unknown_default_warned.add(c.charger_id)
+                    log.warning(
+                        "charger %s (station %s): no usable report of what it enforces while "
+                        "idle (a stale TxDefault may hold it); counted at its maximum %g %s "
+                        "until a usable report, asked again with back-off up to %g s",
+                        c.charger_id,
+                        ocpp_id,
+                        c.max_value,
+                        "W" if c.is_dc else "A",
+                        max(bound, _UNKNOWN_DEFAULT_RETRY_MAX_S),
+                    )
+            reask = self._unknown_default_reask.get(ocpp_id)
+            if reask is None or reask.done():
+                wait = self._unknown_default_retry_s.get(ocpp_id, bound)
+                self._unknown_default_retry_s[ocpp_id] = min(
+                    2 * wait, max(bound, _UNKNOWN_DEFAULT_RETRY_MAX_S)
+                )
+                self._unknown_default_reask[ocpp_id] = self._report_again_later(ocpp_id, wait)
+        elif not unknown:
+            self._unknown_default_retry_s.pop(ocpp_id, None)
+            for c in self.state.station_chargers(ocpp_id):
+                if not c.default_unknown:
+                    self._unknown_default_warned.discard(c.charger_id)
         for message in ("StatusNotification", "MeterValues"):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(gw.trigger_message(ocpp_id, message), bound)
@@ -1391,7 +1428,7 @@ class EdgeController:
             "bindings": [],
         }
 
-    def _report_again_later(self, ocpp_id: str, after_s: float) -> None:
+    def _report_again_later(self, ocpp_id: str, after_s: float) -> asyncio.Future[None]:
         """Ask station ``ocpp_id`` for its report again in ``after_s`` (beside the loop)."""
 
         async def later() -> None:
@@ -1402,6 +1439,7 @@ class EdgeController:
         task = asyncio.ensure_future(later())
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
+        return task
 
     def _first_default_wait_s(self) -> float:
         """How long a charger left with no TxDefault of ours in force (a (re)connect, a boot,
