@@ -17,11 +17,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 import pytest
 from evcore.bus import Bus, BusConfig, BusMessage, InProcessBus, ProcessedIds
 from evcore.bus.natsbus import NatsBus
+from evcore.bus.streams import stream_for_subject
 from evcore.clock import WallClock
 from evcore.v1 import audit_pb2
+from nats.js.api import RawStreamMsg
 
 SHARED_NATS = os.environ.get("EVCORE_TEST_NATS_URL", "nats://127.0.0.1:4222")
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
@@ -161,6 +164,24 @@ async def wait_until(pred: object, timeout_s: float = 10.0, what: str = "conditi
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def stored_msgs(bus: NatsBus, subject: str) -> list[RawStreamMsg]:
+    """Every message the stream holds on ``subject``, in stream order."""
+    spec = stream_for_subject(bus.streams, subject)
+    assert spec is not None
+    info = await bus._js.stream_info(spec.name)
+    out: list[RawStreamMsg] = []
+    if not info.state.messages:
+        return out
+    for seq in range(max(1, info.state.first_seq), info.state.last_seq + 1):
+        try:
+            m = await bus._js.get_msg(spec.name, seq=seq)
+        except nats.js.errors.NotFoundError:
+            continue
+        if m.subject == subject:
+            out.append(m)
+    return out
 
 
 @contextlib.contextmanager

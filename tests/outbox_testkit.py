@@ -13,12 +13,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import nats.js.errors
-from bus_testkit import NatsServer, make_nats_bus
+from bus_testkit import NatsServer, make_nats_bus, stored_msgs
 from evcore.audit import AuditLog, Decision
 from evcore.bus import Subjects
 from evcore.bus.natsbus import NatsBus
-from evcore.bus.streams import stream_for_subject
 from evcore.clock import ManualClock
 from evcore.store import SqlStore, open_store
 from evcore.v1.audit_pb2 import AuditRecord
@@ -57,20 +55,7 @@ def record_of(event: Event) -> AuditRecord:
 
 async def stored_events(bus: NatsBus, subject: str) -> list[Event]:
     """Every event the stream holds on ``subject``, in stream order."""
-    spec = stream_for_subject(bus.streams, subject)
-    assert spec is not None
-    info = await bus._js.stream_info(spec.name)
-    out: list[Event] = []
-    if not info.state.messages:
-        return out
-    for seq in range(max(1, info.state.first_seq), info.state.last_seq + 1):
-        try:
-            m = await bus._js.get_msg(spec.name, seq=seq)
-        except nats.js.errors.NotFoundError:
-            continue
-        if m.subject == subject:
-            out.append(Event.FromString(m.data or b""))
-    return out
+    return [Event.FromString(m.data or b"") for m in await stored_msgs(bus, subject)]
 
 
 async def stored_records(bus: NatsBus, subject: str) -> list[AuditRecord]:

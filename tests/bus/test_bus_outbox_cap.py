@@ -10,13 +10,11 @@ import logging
 import sqlite3
 from pathlib import Path
 
-import nats.js.errors
 import pytest
-from bus_testkit import NatsServer, unique_site, wait_until
+from bus_testkit import NatsServer, stored_msgs, unique_site, wait_until
 from evcore.bus import OutboxFull, Subjects, parse_bus_config
 from evcore.bus.natsbus import NatsBus
 from evcore.bus.outbox import Outbox, SetAside, entry_bytes
-from evcore.bus.streams import stream_for_subject
 from evcore.clock import WallClock
 
 SUBJECT = "evcore.s.audit"
@@ -81,18 +79,7 @@ def test_outbox_max_bytes_is_a_bus_key_with_a_default(tmp_path: Path) -> None:
 
 
 async def _stored_ids(bus: NatsBus, subject: str) -> list[str]:
-    spec = stream_for_subject(bus.streams, subject)
-    assert spec is not None
-    info = await bus._js.stream_info(spec.name)
-    ids: list[str] = []
-    for seq in range(max(1, info.state.first_seq), info.state.last_seq + 1):
-        try:
-            m = await bus._js.get_msg(spec.name, seq=seq)
-        except nats.js.errors.NotFoundError:
-            continue
-        if m.subject == subject:
-            ids.append((m.headers or {}).get("Nats-Msg-Id", ""))
-    return ids
+    return [(m.headers or {}).get("Nats-Msg-Id", "") for m in await stored_msgs(bus, subject)]
 
 
 async def test_a_bus_whose_broker_is_away_refuses_at_outbox_max_bytes_and_sends_all_it_took(

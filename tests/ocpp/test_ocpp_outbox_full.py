@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nats.js.errors
 import psycopg
 import pytest
-from bus_testkit import NatsServer, make_nats_bus
+from bus_testkit import NatsServer, make_nats_bus, stored_msgs
 from evcore.bus import BusMessage, InProcessBus, OutboxFull, Subjects
 from evcore.bus.natsbus import NatsBus
-from evcore.bus.streams import stream_for_subject
 from evcore.ocpp import TransactionEvent
 from evcore.store import open_store
 from evcore.v1 import meter_pb2, transaction_pb2
@@ -27,18 +25,7 @@ pytestmark = pytest.mark.timeout(30)
 
 async def stream_payloads(bus: NatsBus, subject: str) -> list[bytes]:
     """What the stream holds on ``subject``, in stream order."""
-    spec = stream_for_subject(bus.streams, subject)
-    assert spec is not None
-    info = await bus._js.stream_info(spec.name)
-    out: list[bytes] = []
-    for seq in range(max(1, info.state.first_seq), info.state.last_seq + 1):
-        try:
-            m = await bus._js.get_msg(spec.name, seq=seq)
-        except nats.js.errors.NotFoundError:
-            continue
-        if m.subject == subject:
-            out.append(m.data or b"")
-    return out
+    return [m.data or b"" for m in await stored_msgs(bus, subject)]
 
 
 async def test_a_full_outbox_is_named_to_the_station_and_its_resend_is_published_once(
