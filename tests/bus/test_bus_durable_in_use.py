@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -21,20 +21,31 @@ from bus_testkit import SHARED_NATS, free_port, make_nats_bus, unique_site, wait
 from evcore.bus import BusMessage, Subjects
 from evcore.bus.natsbus import DurableInUse
 
+Handler = Callable[[BusMessage], Awaitable[None]]
+
+
+def _site() -> tuple[str, Subjects]:
+    """A site of its own and its subjects."""
+    site = unique_site()
+    return site, Subjects(site)
+
+
+def _recorder() -> tuple[list[str], Handler]:
+    """A handler and the event ids it was given, in order."""
+    got: list[str] = []
+
+    async def handler(m: BusMessage) -> None:
+        got.append(m.event_id)
+
+    return got, handler
+
 
 async def test_a_durable_another_process_consumes_is_refused_and_free_once_it_stops(
     tmp_path: Path,
 ) -> None:
-    site = unique_site()
-    s = Subjects(site)
-    first_got: list[str] = []
-    second_got: list[str] = []
-
-    async def first_handler(m: BusMessage) -> None:
-        first_got.append(m.event_id)
-
-    async def second_handler(m: BusMessage) -> None:
-        second_got.append(m.event_id)
+    site, s = _site()
+    first_got, first_handler = _recorder()
+    second_got, second_handler = _recorder()
 
     # Two edges of one site: two processes' buses, each with its own outbox.
     first = make_nats_bus(site, SHARED_NATS, tmp_path / "first")
@@ -99,16 +110,9 @@ async def test_a_consumer_attaching_later_to_a_durable_in_use_waits_for_it(
     """``consume`` while the broker is away returns at once; the consumer attaches when the
     broker is there. Another process pulling the durable by then: logged at ERROR naming it,
     nothing taken, and it takes over once the other stops (a standby)."""
-    site = unique_site()
-    s = Subjects(site)
-    first_got: list[str] = []
-    second_got: list[str] = []
-
-    async def first_handler(m: BusMessage) -> None:
-        first_got.append(m.event_id)
-
-    async def second_handler(m: BusMessage) -> None:
-        second_got.append(m.event_id)
+    site, s = _site()
+    first_got, first_handler = _recorder()
+    second_got, second_handler = _recorder()
 
     first = make_nats_bus(site, SHARED_NATS, tmp_path / "first")
     port = free_port()
