@@ -23,41 +23,78 @@ RECEIVED = START + 100.0  # the profile arrives (and applies: no apply delay)
 TX_ID = "7"
 
 
-def _relative_tx_profile(version: str) -> dict[str, Any]:
-    """SetChargingProfile: a Relative TxProfile, 16 A from the transaction's start, 8 A from
-    600 s, for 900 s (the charger's 32 A after it)."""
-    schedule: dict[str, Any] = {
-        "duration": 900,
+def _relative_call(
+    version: str,
+    *,
+    purpose: str,
+    stack: int,
+    profile_id: int,
+    periods: list[tuple[int, float]],
+    duration: int | None = None,
+    tx: bool = False,
+) -> dict[str, Any]:
+    """SetChargingProfile on connector/EVSE 1: a Relative profile of ``purpose`` with the given
+    (startPeriod, limit) periods in A, validated against the version's schema."""
+    schedule: dict[str, Any] = {} if duration is None else {"duration": duration}
+    schedule |= {
         "chargingRateUnit": "A",
-        "chargingSchedulePeriod": [
-            {"startPeriod": 0, "limit": 16.0},
-            {"startPeriod": 600, "limit": 8.0},
-        ],
+        "chargingSchedulePeriod": [{"startPeriod": s, "limit": lim} for s, lim in periods],
     }
     profile: dict[str, Any] = {
-        "stackLevel": 1,
-        "chargingProfilePurpose": "TxProfile",
+        "stackLevel": stack,
+        "chargingProfilePurpose": purpose,
         "chargingProfileKind": "Relative",
     }
     if version == "1.6":
+        tx_16: dict[str, Any] = {"transactionId": int(TX_ID)} if tx else {}
         call = {
             "connectorId": 1,
             "csChargingProfiles": profile
-            | {"chargingProfileId": 5, "transactionId": int(TX_ID), "chargingSchedule": schedule},
+            | {"chargingProfileId": profile_id}
+            | tx_16
+            | {"chargingSchedule": schedule},
         }
     else:
+        tx_201: dict[str, Any] = {"transactionId": TX_ID} if tx else {}
         call = {
             "evseId": 1,
             "chargingProfile": profile
-            | {"id": 5, "transactionId": TX_ID, "chargingSchedule": [schedule | {"id": 1}]},
+            | {"id": profile_id}
+            | tx_201
+            | {"chargingSchedule": [schedule | {"id": 1}]},
         }
     validation.validate(version, "SetChargingProfile", call, response=False)
     return call
 
 
-@pytest.mark.parametrize("version", ["1.6", "2.0.1"])
-def test_a_relative_profile_counts_from_the_transaction_start(version: str) -> None:
-    clock = VirtualClock(START)
+def _relative_tx_profile(version: str) -> dict[str, Any]:
+    """SetChargingProfile: a Relative TxProfile, 16 A from the transaction's start, 8 A from
+    600 s, for 900 s (the charger's 32 A after it)."""
+    return _relative_call(
+        version,
+        purpose="TxProfile",
+        stack=1,
+        profile_id=5,
+        periods=[(0, 16.0), (600, 8.0)],
+        duration=900,
+        tx=True,
+    )
+
+
+def _composite(cp: SimChargePoint, version: str, duration: int = 3600) -> list[dict[str, Any]]:
+    """The station's composite schedule periods on connector/EVSE 1 for ``duration`` s, request
+    and response validated against the version's schema."""
+    call = {"connectorId" if version == "1.6" else "evseId": 1, "duration": duration}
+    validation.validate(version, "GetCompositeSchedule", call, response=False)
+    res = cp._on_GetCompositeSchedule(call, [])
+    validation.validate(version, "GetCompositeSchedule", res, response=True)
+    sched = res["chargingSchedule"] if version == "1.6" else res["schedule"]
+    periods: list[dict[str, Any]] = sched["chargingSchedulePeriod"]
+    return periods
+
+
+def _station(clock: VirtualClock, version: str) -> tuple[SimChargePoint, SimConnector]:
+    """One 32 A AC connector station at ``clock``, 1 s steps, profiles applied at once."""
     conn = SimConnector(kind="ac", max_a=32.0)
     cp = SimChargePoint(
         "cp-1",
@@ -68,6 +105,13 @@ def test_a_relative_profile_counts_from_the_transaction_start(version: str) -> N
         tick_s=1.0,
         apply_delay_s=0.0,
     )
+    return cp, conn
+
+
+@pytest.mark.parametrize("version", ["1.6", "2.0.1"])
+def test_a_relative_profile_counts_from_the_transaction_start(version: str) -> None:
+    clock = VirtualClock(START)
+    cp, conn = _station(clock, version)
     cp.plug_in(1, EV(capacity_kwh=300.0, soc=0.2))
     conn.tx_ref.id = TX_ID
     clock.set_time(RECEIVED)
@@ -79,13 +123,8 @@ def test_a_relative_profile_counts_from_the_transaction_start(version: str) -> N
         assert cp.limit_at(1, t) == want_a
     assert cp.limit_at(1, START + 900.0) == 32.0
 
-    call = {"connectorId" if version == "1.6" else "evseId": 1, "duration": 1000}
-    validation.validate(version, "GetCompositeSchedule", call, response=False)
-    res = cp._on_GetCompositeSchedule(call, [])
-    validation.validate(version, "GetCompositeSchedule", res, response=True)
-    sched = res["chargingSchedule"] if version == "1.6" else res["schedule"]
     # The same, from now (100 s into the transaction).
-    assert sched["chargingSchedulePeriod"] == [
+    assert _composite(cp, version, 1000) == [
         {"startPeriod": 0, "limit": 16.0},
         {"startPeriod": 500, "limit": 8.0},  # was 600: counted from the profile's arrival
         {"startPeriod": 800, "limit": 32.0},  # was 900
@@ -95,39 +134,13 @@ def test_a_relative_profile_counts_from_the_transaction_start(version: str) -> N
 def _relative_tx_default(version: str) -> dict[str, Any]:
     """SetChargingProfile: a Relative TxDefaultProfile on EVSE 1, 6 A for the first 1800 s of a
     session, 16 A after."""
-    schedule: dict[str, Any] = {
-        "chargingRateUnit": "A",
-        "chargingSchedulePeriod": [
-            {"startPeriod": 0, "limit": 6.0},
-            {"startPeriod": 1800, "limit": 16.0},
-        ],
-    }
-    profile: dict[str, Any] = {
-        "stackLevel": 0,
-        "chargingProfilePurpose": "TxDefaultProfile",
-        "chargingProfileKind": "Relative",
-    }
-    if version == "1.6":
-        call = {
-            "connectorId": 1,
-            "csChargingProfiles": profile | {"chargingProfileId": 9, "chargingSchedule": schedule},
-        }
-    else:
-        call = {
-            "evseId": 1,
-            "chargingProfile": profile | {"id": 9, "chargingSchedule": [schedule | {"id": 1}]},
-        }
-    validation.validate(version, "SetChargingProfile", call, response=False)
-    return call
-
-
-def _composite(cp: SimChargePoint, version: str) -> list[dict[str, Any]]:
-    call = {"connectorId" if version == "1.6" else "evseId": 1, "duration": 3600}
-    res = cp._on_GetCompositeSchedule(call, [])
-    validation.validate(version, "GetCompositeSchedule", res, response=True)
-    sched = res["chargingSchedule"] if version == "1.6" else res["schedule"]
-    periods: list[dict[str, Any]] = sched["chargingSchedulePeriod"]
-    return periods
+    return _relative_call(
+        version,
+        purpose="TxDefaultProfile",
+        stack=0,
+        profile_id=9,
+        periods=[(0, 6.0), (1800, 16.0)],
+    )
 
 
 @pytest.mark.parametrize("version", ["1.6", "2.0.1"])
@@ -143,16 +156,7 @@ def test_a_relative_tx_default_on_an_idle_evse_counts_from_now(
     EVSE reported 16 A only, where the next car starts at 6 A (the edge takes an idle charger's
     composite schedule as what it enforces)."""
     clock = VirtualClock(START)
-    conn = SimConnector(kind="ac", max_a=32.0)
-    cp = SimChargePoint(
-        "cp-1",
-        [conn],
-        url="ws://127.0.0.1:9/ocpp/cp-1",
-        clock=clock,
-        version=version,
-        tick_s=1.0,
-        apply_delay_s=0.0,
-    )
+    cp, conn = _station(clock, version)
     if used_before:
         cp.plug_in(1, EV(capacity_kwh=300.0, soc=0.2))
         conn.tx_ref.id = TX_ID
