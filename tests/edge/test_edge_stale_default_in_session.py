@@ -18,11 +18,27 @@ from edge_testkit import FAST, counted, held_default
 from evcore.edge.config import EdgeConfig
 from evcore.edge.rig import EdgeRig
 from evcore.edge.sitegen import depot_table
+from evcore.edge.state import ChargerState
+from evcore.sim.chargepoint import SimChargePoint
 from evcore.sim.ev import EV
 
 pytestmark = pytest.mark.timeout(120)
 
 STALE_ID = 9001
+
+
+async def _stale_default_over_a_reconnect(
+    rig: EdgeRig, a: str, ca: ChargerState
+) -> tuple[SimChargePoint, int]:
+    """Station A goes offline; while it is away another backend leaves a 32 A TxDefault
+    (``STALE_ID``) at stack level 9, above ours; A comes back. Returns A's station and EVSE."""
+    sim, evse = rig.fleet.station(a)
+    connections = sim.connections
+    await sim.go_offline(2.0)
+    await rig.wait_for(lambda: not ca.online, 10, "A offline at the edge")
+    sim.profiles.append(held_default(time.time(), STALE_ID, 32.0, evse=evse, stack=9))
+    await rig.wait_for(lambda: sim.connections > connections and ca.online, 20, "A back")
+    return sim, evse
 
 
 async def test_a_stale_txdefault_of_a_charger_in_session_at_the_report_is_cleared() -> None:
@@ -46,12 +62,7 @@ async def test_a_stale_txdefault_of_a_charger_in_session_at_the_report_is_cleare
         await rig.wait_for(rig.tx_default_at_failsafe, 30, "our TxDefaults at the failsafe")
         a = ids[0]
         ca = ctrl.state.chargers[a]
-        sim, evse = rig.fleet.station(a)
-        connections = sim.connections
-        await sim.go_offline(2.0)
-        await rig.wait_for(lambda: not ca.online, 10, "A offline at the edge")
-        sim.profiles.append(held_default(time.time(), STALE_ID, 32.0, evse=evse, stack=9))
-        await rig.wait_for(lambda: sim.connections > connections and ca.online, 20, "A back")
+        sim, evse = await _stale_default_over_a_reconnect(rig, a, ca)
         await rig.wait_for(
             lambda: a not in ctrl._report_due and ca.tx_default is not None,
             30,
@@ -107,12 +118,7 @@ async def test_between_the_session_end_and_the_report_the_charger_counts_at_its_
             "both sessions",
         )
         await rig.wait_for(rig.tx_default_at_failsafe, 30, "our TxDefaults at the failsafe")
-        sim, evse = rig.fleet.station(a)
-        connections = sim.connections
-        await sim.go_offline(2.0)
-        await rig.wait_for(lambda: not ca.online, 10, "A offline at the edge")
-        sim.profiles.append(held_default(time.time(), STALE_ID, 32.0, evse=evse, stack=9))
-        await rig.wait_for(lambda: sim.connections > connections and ca.online, 20, "A back")
+        await _stale_default_over_a_reconnect(rig, a, ca)
         await rig.wait_for(
             lambda: a not in ctrl._report_due and ca.default_unchecked,
             30,
