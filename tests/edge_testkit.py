@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 from evcore.clock import StepClock
-from evcore.edge.app import build_controller
+from evcore.edge.app import EdgeApp, build_controller
 from evcore.edge.config import EdgeConfig
 from evcore.edge.controller import EdgeController
 from evcore.edge.coreio import RustCore
+from evcore.edge.rig import EdgeRig
 from evcore.ocpp.events import MeterSample, TransactionEvent
 from evcore.sim.chargepoint import HeldProfile
 from evcore.site import load_site
@@ -306,3 +307,18 @@ def held_profile(
         periods=[(0.0, limit_a, phases)],
         received_at=now,
     )
+
+
+async def fleet_on(app: EdgeApp, table: dict[str, Any]) -> EdgeRig:
+    """Once ``app`` (running) is ready, within 30 s: the simulated stations of ``table`` (no
+    edge of their own) started and connecting to the app's central system. Stopped again if
+    their start fails; the caller stops them otherwise."""
+    await asyncio.wait_for(app.ready.wait(), 30)
+    prefix = app.central.config.path_prefix
+    rig = EdgeRig(table, with_edge=False, url=f"ws://127.0.0.1:{app.central.port}{prefix}")
+    try:
+        await rig.start()
+    except BaseException:
+        await rig.stop()
+        raise
+    return rig

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from edge_testkit import until
+from edge_testkit import fleet_on, until
 from evcore.clock import WallClock
 from evcore.edge.app import EdgeApp
 from evcore.edge.rig import EdgeRig
@@ -128,10 +128,7 @@ async def test_a_lever_answered_ok_before_the_stop_is_decided_before_the_control
     runner = asyncio.create_task(app.run())
     rig: EdgeRig | None = None
     try:
-        await asyncio.wait_for(app.ready.wait(), 30)
-        prefix = app.central.config.path_prefix
-        rig = EdgeRig(table, with_edge=False, url=f"ws://127.0.0.1:{app.central.port}{prefix}")
-        await rig.start()
+        rig = await fleet_on(app, table)
         a, b = rig.fleet.charger_ids
         ca = ctrl.state.chargers[a]
         await rig.wait_for(ctrl.failsafe_is_plain, 30, "the final failsafe levels")
