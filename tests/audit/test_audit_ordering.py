@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from edge_testkit import fleet_on
 from evcore.audit import AuditLog, verify_chain
 from evcore.clock import WallClock
 from evcore.edge.app import EdgeApp
@@ -156,10 +157,7 @@ async def test_setpoints_leave_only_after_their_record_is_committed(
     runner = asyncio.create_task(app.run())
     rig: EdgeRig | None = None
     try:
-        await asyncio.wait_for(app.ready.wait(), 30)
-        prefix = app.central.config.path_prefix
-        rig = EdgeRig(table, with_edge=False, url=f"ws://127.0.0.1:{app.central.port}{prefix}")
-        await rig.start()
+        rig = await fleet_on(app, table)
         await rig.wait_for(rig.defaults_held, 30, "a TxDefaultProfile on every station")
         # The failsafe levels count a charger whose first TxDefault is not yet known applied at
         # its maximum (a car plugged in then may draw that): wait for the final levels.
