@@ -398,3 +398,46 @@ async def open_sqlite(tmp_path: Path) -> AsyncIterator[Any]:
         yield store
     finally:
         await store.close()
+
+
+class TcpRelay:
+    """A TCP relay to ``port`` on a port of its own. ``uplink_rate``: the station's bytes reach
+    the central system at that many bytes/s (in order: a pong sent after a frame comes after it);
+    the other way at once. ``cut`` makes it drop every byte both ways while both connections stay
+    open (a link gone silent)."""
+
+    def __init__(self, port: int, uplink_rate: int | None = None) -> None:
+        self.port = port
+        self.rate = uplink_rate
+        self.cut = False
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: int | None
+    ) -> None:
+        chunk = 65536 if rate is None else max(1, rate // 20)
+        with contextlib.suppress(OSError):
+            while data := await reader.read(chunk):
+                if not self.cut:
+                    writer.write(data)
+                    await writer.drain()
+                if rate is not None:
+                    await asyncio.sleep(len(data) / rate)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._writers += [writer, up_writer]
+        await asyncio.gather(
+            self._pipe(reader, up_writer, self.rate), self._pipe(up_reader, writer, None)
+        )
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        for w in self._writers:
+            w.transport.abort()
+        if self._server is not None:
+            self._server.close()

@@ -13,47 +13,14 @@ import contextlib
 import pytest
 from evcore.ocpp import ConnectionEvent
 from evcore.ocpp.config import OcppConfigError, parse_ocpp_section
-from ocpp_testsite import BOOT_201, RawStation, raw_csms, station_ws
+from ocpp_testsite import BOOT_201, RawStation, TcpRelay, raw_csms, station_ws
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class Blackhole:
-    """A TCP relay to ``port`` on a port of its own; ``cut`` makes it drop every byte both ways
-    while both connections stay open (a link gone silent)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.cut = False
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                if not self.cut:
-                    writer.write(data)
-                    await writer.drain()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self._writers += [writer, up_writer]
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        for w in self._writers:
-            w.transport.abort()
-        if self._server is not None:
-            self._server.close()
-
-
 async def test_a_station_gone_silent_is_taken_as_gone_after_its_pings() -> None:
     async with raw_csms(ping_interval_s=0.5, ping_timeout_s=0.5) as r:
-        relay = Blackhole(r.cs.port)
+        relay = TcpRelay(r.cs.port)
         port = await relay.start()
         st = RawStation(await station_ws(f"ws://127.0.0.1:{port}/ocpp", "CPB", "2.0.1"))
         try:

@@ -7,54 +7,14 @@ that carries the station's bytes at a slow rate."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import pytest
 from evcore.ocpp import ConnectionEvent
 from evcore.ocpp.config import OcppConfigError, parse_ocpp_section
-from ocpp_testsite import BOOT_201, RawStation, raw_csms, station_ws
+from ocpp_testsite import BOOT_201, RawStation, TcpRelay, raw_csms, station_ws
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class SlowUplink:
-    """A TCP relay to ``port``: the station's bytes reach the central system at ``rate`` bytes/s
-    (in order: a pong sent after a frame comes after it); the other way at once."""
-
-    def __init__(self, port: int, rate: int) -> None:
-        self.port = port
-        self.rate = rate
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: int | None
-    ) -> None:
-        chunk = 65536 if rate is None else max(1, rate // 20)
-        with contextlib.suppress(OSError):
-            while data := await reader.read(chunk):
-                writer.write(data)
-                await writer.drain()
-                if rate is not None:
-                    await asyncio.sleep(len(data) / rate)
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self._writers += [writer, up_writer]
-        await asyncio.gather(
-            self._pipe(reader, up_writer, self.rate), self._pipe(up_reader, writer, None)
-        )
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        for w in self._writers:
-            w.transport.abort()
-        if self._server is not None:
-            self._server.close()
 
 
 async def test_a_pong_behind_a_slow_large_frame_keeps_the_station_connected() -> None:
@@ -62,7 +22,7 @@ async def test_a_pong_behind_a_slow_large_frame_keeps_the_station_connected() ->
     # 20 kB/s, 3.3 s. Before: 0.3 s, and the station was dropped (1011) mid-frame.
     async with raw_csms(ping_interval_s=0.3, max_frame_bytes=65_536) as r:
         assert r.cs.config.pong_timeout_s == pytest.approx(65_536 / 20_000)
-        relay = SlowUplink(r.cs.port, rate=30_000)
+        relay = TcpRelay(r.cs.port, uplink_rate=30_000)
         port = await relay.start()
         st = RawStation(await station_ws(f"ws://127.0.0.1:{port}/ocpp", "CPB", "2.0.1"))
         try:
