@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from evcore.ocpp import ConnectionEvent
-from ocpp_testsite import raw_call, rig, station_ws
+from evcore.ocpp import ConnectionEvent, ProfileResult
+from ocpp_testsite import Rig, raw_call, rig, station_ws
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,6 +24,20 @@ VERSIONS = [("CPA", "ocpp1.6", "FormationViolation"), ("CPB", "ocpp2.0.1", "Form
 
 def _nested(depth: int) -> str:
     return '{"a":' * depth + "1" + "}" * depth
+
+
+async def _our_call_answered(
+    r: Rig, ws: Any, sid: str, answer: Callable[[str], str]
+) -> tuple[ProfileResult, float]:
+    """Our SetChargingProfile to station ``sid`` on ``ws``, answered with ``answer(its id)``: its
+    result, and when it was made (``time.monotonic()``)."""
+    charger = "cp-a" if sid == "CPA" else "cp-b"
+    t0 = time.monotonic()
+    res = asyncio.ensure_future(r.cs.set_limit(charger, limit_a=10, purpose="tx_default"))
+    call = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert call[2] == "SetChargingProfile"
+    await ws.send(answer(call[1]))
+    return await asyncio.wait_for(res, 5), t0
 
 
 @pytest.mark.parametrize(("sid", "version", "code"), VERSIONS)
@@ -54,14 +70,10 @@ async def test_a_deeply_nested_answer_fails_our_call_at_once(
 ) -> None:
     del code
     async with rig(connect=False, call_timeout_s=10) as r:
-        charger = "cp-a" if sid == "CPA" else "cp-b"
         async with station_ws(r.base_url, sid, version) as ws:
-            t0 = time.monotonic()
-            res = asyncio.ensure_future(r.cs.set_limit(charger, limit_a=10, purpose="tx_default"))
-            call = json.loads(await asyncio.wait_for(ws.recv(), 5))
-            assert call[2] == "SetChargingProfile"
-            await ws.send(f'[3,"{call[1]}",{{"status":{_nested(depth)}}}]')
-            out = await asyncio.wait_for(res, 5)
+            out, t0 = await _our_call_answered(
+                r, ws, sid, lambda id_: f'[3,"{id_}",{{"status":{_nested(depth)}}}]'
+            )
             # Before: the session ended (set_limit: Disconnected; the review's station, which
             # kept its socket open, saw Timeout after call_timeout_s).
             assert out.status == "CallError" and not out.accepted, out
@@ -82,14 +94,8 @@ async def test_a_malformed_answer_fails_our_call_at_once_and_is_not_answered(
     ``call_timeout_s`` for a Timeout."""
     del code
     async with rig(connect=False, call_timeout_s=10) as r:
-        charger = "cp-a" if sid == "CPA" else "cp-b"
         async with station_ws(r.base_url, sid, version) as ws:
-            t0 = time.monotonic()
-            res = asyncio.ensure_future(r.cs.set_limit(charger, limit_a=10, purpose="tx_default"))
-            call = json.loads(await asyncio.wait_for(ws.recv(), 5))
-            assert call[2] == "SetChargingProfile"
-            await ws.send(answer.replace("{id}", call[1]))
-            out = await asyncio.wait_for(res, 5)
+            out, t0 = await _our_call_answered(r, ws, sid, lambda id_: answer.replace("{id}", id_))
             assert out.status == "CallError" and "malformed" in out.detail, out
             assert time.monotonic() - t0 < 3.0
             # The next frame the station gets is its Heartbeat's answer: nothing came before.
