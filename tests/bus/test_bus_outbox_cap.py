@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from bus_testkit import NatsServer, stored_msgs, unique_site, wait_until
+from bus_testkit import NatsServer, make_nats_bus, stored_msgs, unique_site, wait_until
 from evcore.bus import OutboxFull, Subjects, parse_bus_config
 from evcore.bus.natsbus import NatsBus
 from evcore.bus.outbox import Outbox, SetAside, entry_bytes
@@ -88,18 +88,9 @@ async def test_a_bus_whose_broker_is_away_refuses_at_outbox_max_bytes_and_sends_
     srv = NatsServer(tmp_path / "js")  # not started: the broker is away from the start
     site = unique_site()
     subject = Subjects(site).transaction("C1")
-    cfg = parse_bus_config(
-        {
-            "kind": "nats",
-            "urls": [srv.url],
-            "outbox_dir": str(tmp_path / "outbox"),
-            "outbox_max_bytes": 20_000,
-            "connect_timeout_s": 0.5,
-            "reconnect_wait_s": 0.1,
-            "publish_timeout_s": 1.0,
-        }
+    bus = make_nats_bus(
+        site, srv.url, tmp_path / "outbox", outbox_max_bytes=20_000, connect_timeout_s=0.5
     )
-    bus = NatsBus(site, cfg, clock=WallClock(), ack_wait_s=2.0)
     await bus.start()
     try:
         assert not bus.connected
@@ -199,18 +190,9 @@ async def test_set_aside_entries_count_against_the_cap_until_their_publisher_dea
     site = unique_site()
     s = Subjects(site)
     cap = 300_000
-    cfg = parse_bus_config(
-        {
-            "kind": "nats",
-            "urls": [srv.url],
-            "outbox_dir": str(tmp_path / "outbox"),
-            "outbox_max_bytes": cap,
-            "connect_timeout_s": 0.2,
-            "reconnect_wait_s": 0.1,
-            "publish_timeout_s": 1.0,
-        }
+    bus = make_nats_bus(
+        site, srv.url, tmp_path / "outbox", outbox_max_bytes=cap, connect_timeout_s=0.2
     )
-    bus = NatsBus(site, cfg, clock=WallClock(), ack_wait_s=2.0)
     await bus.start()
     path = bus.outbox.path
     try:
