@@ -184,6 +184,17 @@ async def stored_msgs(bus: NatsBus, subject: str) -> list[RawStreamMsg]:
     return out
 
 
+async def collecting(bus: Bus, subject_pattern: str) -> list[BusMessage]:
+    """A list that gets every message ``bus`` delivers live on ``subject_pattern``, in order."""
+    got: list[BusMessage] = []
+
+    async def collect(m: BusMessage) -> None:
+        got.append(m)
+
+    await bus.subscribe(subject_pattern, collect)
+    return got
+
+
 @contextlib.contextmanager
 def killed_on_exit(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
     try:

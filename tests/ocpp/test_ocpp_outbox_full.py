@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from bus_testkit import NatsServer, make_nats_bus, stored_msgs
-from evcore.bus import BusMessage, InProcessBus, OutboxFull, Subjects
+from bus_testkit import NatsServer, collecting, make_nats_bus, stored_msgs
+from evcore.bus import InProcessBus, OutboxFull, Subjects
 from evcore.bus.natsbus import NatsBus
 from evcore.ocpp import TransactionEvent
 from evcore.store import open_store
@@ -95,12 +95,7 @@ async def test_a_store_away_is_named_to_the_station_and_its_resend_is_kept_once(
     locker = await psycopg.AsyncConnection.connect(PG_DSN)
     bus = InProcessBus("ocpp-test")
     await bus.start()
-    got: list[BusMessage] = []
-
-    async def collect(m: BusMessage) -> None:
-        got.append(m)
-
-    await bus.subscribe("evcore.ocpp-test.transaction.*", collect)
+    got = await collecting(bus, "evcore.ocpp-test.transaction.*")
     try:
         async with raw_csms(bus=bus, store=store) as r:
             st = await r.station("CPB")

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from evcore.bus.api import BusMessage
+from bus_testkit import collecting
 from evcore.bus.inprocess import InProcessBus
 from evcore.ocpp import TransactionEvent
 from evcore.v1 import station_event_pb2, transaction_pb2
@@ -32,12 +32,7 @@ async def test_control_characters_in_station_strings_keep_ids_and_logs_one_line(
     name them were split in two (a forged line)."""
     bus = InProcessBus("ocpp-test")
     await bus.start()
-    got: list[BusMessage] = []
-
-    async def collect(msg: BusMessage) -> None:
-        got.append(msg)
-
-    await bus.subscribe("evcore.ocpp-test.>", collect)
+    got = await collecting(bus, "evcore.ocpp-test.>")
     caplog.set_level(logging.INFO, logger="evcore.ocpp")
     try:
         async with open_sqlite(tmp_path) as store, raw_csms(store=store, bus=bus) as r:
