@@ -785,8 +785,29 @@ fn single_node_followed(
     single_node_value_as(topo, cnt, sub, n, k, scratch, terminal_followed)
 }
 
-/// Whether constraint `k` of node `n` is over its limit (beyond the followed rule's tolerance)
-/// on what is held alone: every charger below the node at 0 (restored on return).
+/// Constraint `k`'s value at node `n` with the chargers `off` at 0 (restored on return).
+fn value_with_off(
+    topo: &Topology,
+    cnt: &mut Counting,
+    sub: &SubtreeOther,
+    n: usize,
+    k: Constraint,
+    off: &[usize],
+    scratch: &mut NodeLoads,
+) -> f64 {
+    let saved: Vec<f64> = off.iter().map(|&c| cnt.s[c]).collect();
+    for &c in off {
+        cnt.s[c] = 0.0;
+    }
+    let v = single_node_value(topo, cnt, sub, n, k, scratch);
+    for (&c, &x) in off.iter().zip(&saved) {
+        cnt.s[c] = x;
+    }
+    v
+}
+
+/// Whether constraint `k` of node `n` is over its limit beyond the followed rule's tolerance
+/// on what is held alone: every charger below the node at 0.
 fn held_alone_over(
     topo: &Topology,
     cnt: &mut Counting,
@@ -796,16 +817,8 @@ fn held_alone_over(
     limit: f64,
     scratch: &mut NodeLoads,
 ) -> bool {
-    let below = topo.chargers_below(n);
-    let saved: Vec<f64> = below.iter().map(|&c| cnt.s[c]).collect();
-    for &c in below {
-        cnt.s[c] = 0.0;
-    }
-    let v = single_node_value(topo, cnt, sub, n, k, scratch);
-    for (j, &c) in below.iter().enumerate() {
-        cnt.s[c] = saved[j];
-    }
-    violated(v, limit) && v > limit + FOLLOW_TOL * (1.0 + limit.abs())
+    let v = value_with_off(topo, cnt, sub, n, k, topo.chargers_below(n), scratch);
+    v > limit + FOLLOW_TOL * (1.0 + limit.abs())
 }
 
 /// Whether node `n`'s counted unbalance is over `limit` at a pair of lines whose contributors
@@ -830,15 +843,11 @@ fn contributors_cure(
         .copied()
         .filter(|&c| cnt.s[c] > 0.0 && contributes(topo, c, k))
         .collect();
-    let saved: Vec<f64> = members.iter().map(|&c| cnt.s[c]).collect();
-    for &c in &members {
-        cnt.s[c] = 0.0;
-    }
-    let floor = single_node_value(topo, cnt, sub, n, k, scratch);
-    for (j, &c) in members.iter().enumerate() {
-        cnt.s[c] = saved[j];
-    }
-    !members.is_empty() && !violated(floor, limit)
+    !members.is_empty()
+        && !violated(
+            value_with_off(topo, cnt, sub, n, k, &members, scratch),
+            limit,
+        )
 }
 
 /// The largest common cap `x` such that constraint `k` of node `n` holds (`value <= limit`) with
